@@ -1,0 +1,71 @@
+"""Backend registry.
+
+A backend module defines ``NAME``, ``DEVICE`` (``"cpu"`` or ``"cuda"``), ``available()``,
+``why_unavailable()`` and ``launch(rule, flags, param, grad, states, k)`` running the
+per-element rule ``rule`` (a name in ``kernels.RULES``) with the variant ``flags`` over flat
+arrays in one fused pass; ``states`` holds one array or ``None`` per rule slot, ``k`` the
+host scalars as Python floats. Modules are imported only when asked for, so ``import fastopt``
+imports no optional dependency.
+"""
+import importlib
+
+__all__ = ["BACKENDS", "available_backends", "get_backend", "resolve", "is_device_array"]
+
+#: backend name -> module, in the order ``available_backends()`` lists them
+BACKENDS = {
+    "numpy": "fastopt.backends.numpy_backend",
+    "numba": "fastopt.backends.numba_backend",
+    "numba-cuda": "fastopt.backends.numba_cuda_backend",
+    "cupy": "fastopt.backends.cupy_backend",
+}
+_loaded = {}
+
+
+def _module(name):
+    if name not in _loaded:
+        try:
+            _loaded[name] = importlib.import_module(BACKENDS[name])
+        except ImportError as exc:  # a backend whose module cannot even import is unavailable
+            _loaded[name] = exc
+    return _loaded[name]
+
+
+def available_backends():
+    """Names of the backends that can run here, e.g. ``["numpy", "numba"]``."""
+    out = []
+    for name in BACKENDS:
+        mod = _module(name)
+        if not isinstance(mod, ImportError) and mod.available():
+            out.append(name)
+    return out
+
+
+def get_backend(name):
+    """The backend module called ``name``; raises if it is unknown or cannot run here."""
+    if name not in BACKENDS:
+        raise ValueError(f"unknown backend {name!r}; expected 'auto' or one of {list(BACKENDS)}")
+    mod = _module(name)
+    if isinstance(mod, ImportError):
+        raise RuntimeError(f"backend {name!r} is not available: {mod}")
+    if not mod.available():
+        raise RuntimeError(f"backend {name!r} is not available: {mod.why_unavailable()}")
+    return mod
+
+
+def is_device_array(a):
+    """True for GPU arrays (CuPy, Numba device arrays, anything with __cuda_array_interface__)."""
+    return hasattr(a, "__cuda_array_interface__")
+
+
+def resolve(backend, array=None):
+    """A backend module from a name, ``"auto"`` (chosen from the array's type) or a module."""
+    if not isinstance(backend, str):
+        return backend
+    if backend != "auto":
+        return get_backend(backend)
+    if array is not None and is_device_array(array):
+        return get_backend("cupy")
+    mod = _module("numba")
+    if not isinstance(mod, ImportError) and mod.available():
+        return mod
+    return get_backend("numpy")

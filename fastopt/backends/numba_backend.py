@@ -1,0 +1,101 @@
+"""CPU backend: each rule from ``kernels/`` inlined into one Numba ``prange`` loop.
+
+One compiled loop per (rule, flag variant, state slots written, parallel or serial), cached on
+disk (``cache=True``) so a second process does not recompile. Flags and the slots written are
+closure constants, so each variant is branch-free; the host scalars arrive as one tuple in the
+buffer dtype. Absent state slots are filled with the param array (read, never written).
+"""
+import numpy as np
+
+from ..kernels import RULES
+
+NAME = "numba"
+DEVICE = "cpu"
+
+#: below this many elements a serial loop beats waking the thread pool
+PARALLEL_MIN = 1 << 15
+
+try:
+    import numba
+    from numba.extending import register_jitable
+except ImportError as _exc:  # numba is a core dependency; this only guards a broken install
+    numba = None
+    _import_error = _exc
+
+_compiled = {}
+
+
+def available():
+    return numba is not None
+
+
+def why_unavailable():
+    return "" if numba is not None else f"numba cannot be imported: {_import_error}"
+
+
+def _loop1(rule, parallel):
+    elem = register_jitable(inline="always")(rule)
+    rng = numba.prange if parallel else range
+
+    def loop1(p, g, s0, k):
+        for i in rng(p.shape[0]):
+            p[i], s0[i] = elem(p[i], g[i], s0[i], k)
+
+    return loop1
+
+
+def _loop3(rule, parallel, w0, w1, w2):
+    elem = register_jitable(inline="always")(rule)
+    rng = numba.prange if parallel else range
+
+    def loop3(p, g, s0, s1, s2, k):
+        for i in rng(p.shape[0]):
+            pi, a, b, c = elem(p[i], g[i], s0[i], s1[i], s2[i], k)
+            p[i] = pi
+            if w0:
+                s0[i] = a
+            if w1:
+                s1[i] = b
+            if w2:
+                s2[i] = c
+
+    return loop3
+
+
+def _loop1_nostate(rule, parallel):
+    # SGD without momentum: the single slot is a placeholder and is never written
+    elem = register_jitable(inline="always")(rule)
+    rng = numba.prange if parallel else range
+
+    def loop1_nostate(p, g, s0, k):
+        for i in rng(p.shape[0]):
+            p[i] = elem(p[i], g[i], s0[i], k)[0]
+
+    return loop1_nostate
+
+
+def kernel(rule, flags, writes, parallel):
+    """The compiled loop for one variant (compiled, or loaded from the disk cache, once)."""
+    key = (rule, tuple(sorted(flags.items())), writes, parallel)
+    fn = _compiled.get(key)
+    if fn is None:
+        elem = RULES[rule].make_rule(**flags)
+        if len(writes) == 3:
+            py = _loop3(elem, parallel, *writes)
+        elif writes[0]:
+            py = _loop1(elem, parallel)
+        else:
+            py = _loop1_nostate(elem, parallel)
+        fn = _compiled[key] = numba.njit(parallel=parallel, cache=True, nogil=True)(py)
+    return fn
+
+
+def launch(rule, flags, param, grad, states, k):
+    n = param.shape[0]
+    if n == 0:
+        return
+    writes = tuple(s is not None for s in states)
+    slots = tuple(param if s is None else s for s in states)
+    scalar = param.dtype.type
+    fn = kernel(rule, flags, writes, n >= PARALLEL_MIN)
+    fn(param, grad, *slots, tuple(scalar(x) for x in k))

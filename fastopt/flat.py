@@ -1,0 +1,114 @@
+"""``FlatBuffer``: many parameters packed into one contiguous buffer per dtype.
+
+Every parameter is a view into its group's ``data`` (and its gradient a view into ``grad``), so an
+optimizer steps all of them with one fused kernel call per dtype. Segments start on
+``ALIGN``-byte boundaries (vectorised loads stay possible); the padding between them holds zeros
+in params, grads and state, which every optimizer maps to zero again.
+"""
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from ._arrays import array_module
+
+__all__ = ["FlatBuffer", "ALIGN"]
+
+#: byte alignment of every segment (a cache line; at least the 16 bytes vector loads need)
+ALIGN = 64
+
+
+@dataclass
+class Group:
+    """One dtype's flat buffers and where each parameter lives in them."""
+
+    dtype: np.dtype
+    data: object
+    grad: object
+    #: name -> (offset, size, shape), in elements
+    slots: dict = field(default_factory=dict)
+
+
+class FlatBuffer:
+    """Pack ``params`` (a dict name -> float array) into one flat buffer per dtype.
+
+    The values are copied in; afterwards ``buf.params[name]`` and ``buf.grads[name]`` are views
+    of the flat ``data`` / ``grad`` buffers, shaped like the originals. Write gradients into
+    ``buf.grads`` (or ``buf.grad``) and call ``opt.step(buf)``. Host arrays give NumPy buffers,
+    CuPy arrays give buffers on the current device.
+    """
+
+    def __init__(self, params, *, align=ALIGN):
+        if not isinstance(params, dict) or not params:
+            raise TypeError("FlatBuffer expects a non-empty dict name -> array")
+        if align < 16 or align & (align - 1):
+            raise ValueError(f"align must be a power of two >= 16 bytes, got {align}")
+        arrays = dict(params)
+        xps = {array_module(a) for a in arrays.values()}
+        if len(xps) > 1:
+            raise ValueError("FlatBuffer got host and device arrays together; put them on one device")
+        xp = xps.pop()
+        self.xp = xp
+        order = {}
+        for name, a in arrays.items():
+            dt = np.dtype(getattr(a, "dtype", None) or np.float64)
+            if dt.kind != "f":
+                raise TypeError(f"parameter {name!r} has dtype {dt}; expected a floating dtype")
+            order.setdefault(dt, []).append(name)
+        self.groups = []
+        self.params, self.grads = {}, {}
+        for dt, names in order.items():
+            step = max(1, align // dt.itemsize)
+            offset, slots = 0, {}
+            for name in names:
+                shape = tuple(arrays[name].shape)
+                size = int(np.prod(shape, dtype=np.int64))
+                slots[name] = (offset, size, shape)
+                offset += -(-size // step) * step if size else 0
+            group = Group(dt, xp.zeros(offset, dt), xp.zeros(offset, dt), slots)
+            for name, (off, size, shape) in slots.items():
+                group.data[off:off + size] = xp.asarray(arrays[name], dtype=dt).reshape(-1)
+            self.groups.append(group)
+        for group in self.groups:
+            for name, (off, size, shape) in group.slots.items():
+                self.params[name] = group.data[off:off + size].reshape(shape)
+                self.grads[name] = group.grad[off:off + size].reshape(shape)
+        self.params = {n: self.params[n] for n in arrays}
+        self.grads = {n: self.grads[n] for n in arrays}
+
+    def _single(self, attr):
+        if len(self.groups) != 1:
+            raise ValueError(
+                f"this FlatBuffer holds {len(self.groups)} dtypes "
+                f"({', '.join(str(g.dtype) for g in self.groups)}); use buf.groups[i].{attr}")
+        return getattr(self.groups[0], attr)
+
+    @property
+    def data(self):
+        """The flat parameter buffer (one dtype only; else see ``groups``)."""
+        return self._single("data")
+
+    @property
+    def grad(self):
+        """The flat gradient buffer (one dtype only; else see ``groups``)."""
+        return self._single("grad")
+
+    @property
+    def names(self):
+        return list(self.params)
+
+    @property
+    def layout(self):
+        """(dtype, name, offset, size, shape) of every parameter: what an optimizer binds to."""
+        return tuple((str(g.dtype), n, *s) for g in self.groups for n, s in g.slots.items())
+
+    def zero_grad(self):
+        for g in self.groups:
+            g.grad.fill(0)
+
+    def __len__(self):
+        return len(self.params)
+
+    def __repr__(self):
+        parts = ", ".join(f"{g.dtype}: {len(g.slots)} params / {g.data.size} elements"
+                          for g in self.groups)
+        return f"FlatBuffer({parts})"

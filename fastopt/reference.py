@@ -1,0 +1,88 @@
+"""The NumPy oracle: PyTorch's ``torch.optim`` formulas, array at a time.
+
+Written independently of the per-element rules in ``kernels/``: whole-array NumPy expressions
+in the order ``torch.optim``'s single-tensor code uses, in the arrays' own dtype (float64 inputs
+give the float64 reference the tests compare against). Every function updates ``param`` and the
+arrays of ``state`` in place; ``step`` is the 1-based step count (incremented before use).
+"""
+import numpy as np
+
+__all__ = ["sgd", "adagrad", "rmsprop", "adam", "lion"]
+
+
+def _grad(grad, param, weight_decay, maximize):
+    g = -grad if maximize else grad.copy()
+    if weight_decay != 0:
+        g = g + weight_decay * param
+    return g
+
+
+def sgd(param, grad, state, *, step, lr, momentum=0.0, dampening=0.0, weight_decay=0.0,
+        nesterov=False, maximize=False):
+    g = _grad(grad, param, weight_decay, maximize)
+    if momentum != 0:
+        buf = state["momentum_buffer"]
+        if step == 1:
+            buf[...] = g  # the first step copies the gradient: no dampening
+        else:
+            buf[...] = momentum * buf + (1 - dampening) * g
+        g = g + momentum * buf if nesterov else buf
+    param -= lr * g
+
+
+def adagrad(param, grad, state, *, step, lr, lr_decay=0.0, weight_decay=0.0, eps=1e-10,
+            maximize=False):
+    g = _grad(grad, param, weight_decay, maximize)
+    clr = lr / (1 + (step - 1) * lr_decay)
+    s = state["sum"]
+    s += g * g
+    param -= clr * (g / (np.sqrt(s) + eps))
+
+
+def rmsprop(param, grad, state, *, step, lr, alpha=0.99, eps=1e-8, weight_decay=0.0,
+            momentum=0.0, centered=False, maximize=False):
+    g = _grad(grad, param, weight_decay, maximize)
+    v = state["square_avg"]
+    v[...] = alpha * v + (1 - alpha) * g * g
+    if centered:
+        ga = state["grad_avg"]
+        ga += (1 - alpha) * (g - ga)
+        avg = np.sqrt(v - ga * ga) + eps
+    else:
+        avg = np.sqrt(v) + eps
+    if momentum > 0:
+        buf = state["momentum_buffer"]
+        buf[...] = momentum * buf + g / avg
+        param -= lr * buf
+    else:
+        param -= lr * (g / avg)
+
+
+def adam(param, grad, state, *, step, lr, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0,
+         amsgrad=False, maximize=False, decoupled=False):
+    beta1, beta2 = betas
+    if decoupled:
+        param *= 1 - lr * weight_decay
+        g = _grad(grad, param, 0.0, maximize)
+    else:
+        g = _grad(grad, param, weight_decay, maximize)
+    m, v = state["exp_avg"], state["exp_avg_sq"]
+    m[...] = beta1 * m + (1 - beta1) * g
+    v[...] = beta2 * v + (1 - beta2) * g * g
+    bc1 = 1 - beta1 ** step
+    bc2 = 1 - beta2 ** step
+    if amsgrad:
+        vmax = state["max_exp_avg_sq"]
+        np.maximum(vmax, v, out=vmax)
+        v = vmax
+    denom = np.sqrt(v) / np.sqrt(bc2) + eps
+    param -= (lr / bc1) * m / denom
+
+
+def lion(param, grad, state, *, step, lr, betas=(0.9, 0.99), weight_decay=0.0, maximize=False):
+    beta1, beta2 = betas
+    g = -grad if maximize else grad
+    param *= 1 - lr * weight_decay
+    m = state["exp_avg"]
+    param -= lr * np.sign(beta1 * m + (1 - beta1) * g)
+    m[...] = beta2 * m + (1 - beta2) * g
