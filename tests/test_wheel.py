@@ -1,0 +1,52 @@
+"""The wheel ships kernels/ as fastopt.kernels, and a non-editable install imports and steps."""
+import os
+import subprocess
+import sys
+import zipfile
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def wheel(tmp_path_factory):
+    pytest.importorskip("setuptools")
+    out = tmp_path_factory.mktemp("wheel")
+    subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation",
+                    "-q", "-w", str(out), str(ROOT)], check=True)
+    (whl,) = out.glob("fastopt-*.whl")
+    return whl
+
+
+def test_wheel_contains_kernel_sources(wheel):
+    names = set(zipfile.ZipFile(wheel).namelist())
+    rules = {p.name for p in (ROOT / "kernels").glob("*.py")}
+    bodies = {p.name for p in (ROOT / "kernels").glob("*.cu")}
+    assert rules, "no kernel rules in the source tree"
+    for name in rules | bodies:
+        assert f"fastopt/kernels/{name}" in names, f"{name} missing from {wheel.name}"
+
+
+def test_installed_wheel_imports_and_steps(wheel, tmp_path):
+    target = tmp_path / "site"
+    subprocess.run([sys.executable, "-m", "pip", "install", "--no-deps", "-q", "--target",
+                    str(target), str(wheel)], check=True)
+    code = (
+        "import numpy as np, fastopt, fastopt.kernels as k\n"
+        "assert fastopt.__file__.startswith(%r), fastopt.__file__\n"
+        "assert k.__file__.startswith(%r), k.__file__\n"
+        "p = {'w': np.ones(1000, np.float32)}; g = {'w': np.full(1000, 0.5, np.float32)}\n"
+        "ref = {'w': p['w'].copy()}\n"
+        "fastopt.Adam(lr=0.1, backend='numba').update(p, g)\n"
+        "fastopt.Adam(lr=0.1, backend='numpy').update(ref, g)\n"
+        "assert not np.array_equal(p['w'], np.ones(1000, np.float32))\n"
+        "np.testing.assert_allclose(p['w'], ref['w'], rtol=1e-6)\n"
+        "print('ok', fastopt.available_backends())\n"
+    ) % (str(target), str(target))
+    env = dict(os.environ, PYTHONPATH=str(target), NUMBA_CACHE_DIR=str(tmp_path / "nbcache"))
+    res = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, env=env,
+                         capture_output=True, text=True)
+    assert res.returncode == 0, res.stderr
+    assert res.stdout.startswith("ok")
