@@ -1,0 +1,111 @@
+"""The demo's two figures (matplotlib is imported by the caller, never at ``import fastopt``)."""
+import numpy as np
+
+from ._demo_problems import VALLEY_START, valley
+
+__all__ = ["plot_valley", "plot_training", "fmt_lr", "smooth"]
+
+#: one colour per optimizer, the same in both figures
+COLORS = ("#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd", "#8c564b", "#e377c2", "#17becf")
+
+
+#: the window of the valley figure: the paths stay well inside it
+XLIM, YLIM = (-8, 8), (-3, 3)
+
+#: how the other hyperparameters are written in the panel titles
+_NAMES = {"momentum": "momentum", "alpha": "α", "weight_decay": "wd", "betas": "β"}
+
+
+def _extras(kwargs):
+    parts = [f"{_NAMES.get(k, k)} {v if not isinstance(v, tuple) else '/'.join(map(str, v))}"
+             for k, v in kwargs.items() if k != "lr"]
+    return ", " + ", ".join(parts) if parts else ""
+
+
+def _num(v, digits=2):
+    """``v`` rounded, without the "-0.00" of a tiny negative."""
+    out = f"{v:.{digits}f}"
+    return out[1:] if float(out) == 0 and out.startswith("-") else out
+
+
+def fmt_lr(lr):
+    """0.95 -> '0.95', 0.001 -> '1e-3': short and exact for the values the demo uses."""
+    if lr >= 0.01:
+        return f"{lr:g}"
+    mant, exp = f"{lr:.0e}".split("e")
+    return f"{mant}e{int(exp)}"
+
+
+def smooth(y, window):
+    """Trailing moving average (the first points average what exists so far)."""
+    c = np.cumsum(np.insert(np.asarray(y, dtype=np.float64), 0, 0.0))
+    n = np.arange(1, len(y) + 1)
+    lo = np.maximum(n - window, 0)
+    return (c[n] - c[lo]) / (n - lo)
+
+
+def plot_valley(plt, paths, specs, path, *, backend="", dpi=120):
+    """One panel per optimizer: its path over the contours of f(x, y) = x²/20 + y²."""
+    xs, ys = np.linspace(*XLIM, 400), np.linspace(*YLIM, 160)
+    X, Y = np.meshgrid(xs, ys)
+    Z = valley(X, Y)
+    levels = np.geomspace(0.02, Z.max(), 14)
+    ncol = 4
+    nrow = -(-len(specs) // ncol)
+    fig, axes = plt.subplots(nrow, ncol, figsize=(4.6 * ncol, 2.25 * nrow + 1.0),
+                             sharex=True, sharey=True, squeeze=False)
+    steps = len(next(iter(paths.values()))) - 1
+    for ax, spec, color in zip(axes.flat, specs, COLORS):
+        pts = paths[spec.name]
+        ax.contourf(X, Y, Z, levels=levels, cmap="Blues_r", alpha=0.55)
+        ax.contour(X, Y, Z, levels=levels, colors="0.45", linewidths=0.5)
+        ax.plot(pts[:, 0], pts[:, 1], "-o", color=color, ms=3, lw=1.4, label="path")
+        ax.plot(*VALLEY_START, "s", color="black", ms=6, label="start (−7, 2)")
+        ax.plot(0, 0, "*", color="gold", mec="black", ms=12, zorder=1.5, label="minimum (0, 0)")
+        end = pts[-1]
+        ax.set_title(f"{spec.name}: lr {fmt_lr(spec.valley['lr'])}"
+                     f"{' (chapter)' if spec.source == 'chapter' else ''}{_extras(spec.valley)}\n"
+                     f"end ({_num(end[0])}, {_num(end[1])}), distance {np.hypot(*end):.3g}",
+                     fontsize=10)
+        ax.set_xlim(*XLIM)
+        ax.set_ylim(*YLIM)
+        ax.set_xticks(np.arange(XLIM[0], XLIM[1] + 1, 2))
+        ax.set_aspect("equal")
+    for ax in axes.flat[len(specs):]:
+        ax.set_visible(False)
+    for ax in axes[-1]:
+        ax.set_xlabel("x")
+    for ax in axes[:, 0]:
+        ax.set_ylabel("y")
+    handles, labels = axes.flat[0].get_legend_handles_labels()
+    fig.legend(handles, labels, loc="lower center", ncol=3, frameon=False)
+    fig.suptitle(f"f(x, y) = x²/20 + y²: {steps} steps from (−7, 2), analytic gradients, "
+                 f"updates by fastopt" + (f" (backend {backend})" if backend else ""),
+                 fontsize=13)
+    fig.tight_layout(rect=(0, 0.05, 1, 1))
+    fig.savefig(path, dpi=dpi)
+    return fig
+
+
+def plot_training(plt, results, specs, path, *, title, window=20, dpi=120):
+    """Training loss per iteration (moving average) of every optimizer, in one axes."""
+    fig, ax = plt.subplots(figsize=(10, 6))
+    for spec, color in zip(specs, COLORS):
+        r = results[spec.name]
+        it = np.arange(1, len(r.losses) + 1)
+        ax.plot(it, r.losses, color=color, lw=0.5, alpha=0.18)
+        # AdamW's small decoupled decay can leave it on top of Adam: dash it to keep both seen
+        ax.plot(it, smooth(r.losses, window), color=color, lw=1.8,
+                ls="--" if spec.name == "AdamW" else "-",
+                label=f"{spec.name} (lr={fmt_lr(spec.mlp['lr'])}): "
+                      f"test acc {100 * r.test_accuracy:.1f}%")
+    ax.set_yscale("log")
+    ax.set_xlabel("iteration")
+    ax.set_ylabel(f"training loss (mini-batch; bold: mean of last {window})")
+    ax.set_xlim(1, max(len(r.losses) for r in results.values()))
+    ax.grid(True, which="both", alpha=0.3)
+    ax.legend(loc="upper right", fontsize=9)
+    ax.set_title(title)
+    fig.tight_layout()
+    fig.savefig(path, dpi=dpi)
+    return fig
