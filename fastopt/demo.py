@@ -111,18 +111,18 @@ def main(argv=None):
     if iters < 1 or args.valley_steps < 1 or args.batch < 1:
         print("fastopt demo: --steps, --valley-steps and --batch must be >= 1", file=sys.stderr)
         return 2
-    missing = _missing_deps()
-    if missing:
-        print(f"fastopt demo needs {' and '.join(DEMO_DEPS.values())}; missing: "
-              f"{', '.join(missing)}.\nInstall the demo extra:  pip install \"fastopt[demo]\"",
-              file=sys.stderr)
-        return 2
     if args.backend != "auto":
         try:
             backends.get_backend(args.backend)
         except (ValueError, RuntimeError) as exc:
             print(f"fastopt demo: {exc}", file=sys.stderr)
             return 2
+    missing = _missing_deps()
+    if missing:
+        print(f"fastopt demo needs {' and '.join(DEMO_DEPS.values())}; missing: "
+              f"{', '.join(missing)}.\nInstall the demo extra:  pip install \"fastopt[demo]\"",
+              file=sys.stderr)
+        return 2
 
     import matplotlib
 
