@@ -94,17 +94,17 @@ def plot_training(plt, results, specs, path, *, title, window=20, dpi=120):
         r = results[spec.name]
         it = np.arange(1, len(r.losses) + 1)
         ax.plot(it, r.losses, color=color, lw=0.5, alpha=0.18)
-        # AdamW's small decoupled decay can leave it on top of Adam: dash it to keep both seen
+        # Nesterov and AdamW can run on top of Momentum and Adam: dash them so both show
         ax.plot(it, smooth(r.losses, window), color=color, lw=1.8,
-                ls="--" if spec.name == "AdamW" else "-",
-                label=f"{spec.name} (lr={fmt_lr(spec.mlp['lr'])}): "
+                ls="--" if spec.name in ("Nesterov", "AdamW") else "-",
+                label=f"{spec.name} (lr {fmt_lr(spec.mlp['lr'])}{_extras(spec.mlp)}): "
                       f"test acc {100 * r.test_accuracy:.1f}%")
     ax.set_yscale("log")
     ax.set_xlabel("iteration")
     ax.set_ylabel(f"training loss (mini-batch; bold: mean of last {window})")
     ax.set_xlim(1, max(len(r.losses) for r in results.values()))
     ax.grid(True, which="both", alpha=0.3)
-    ax.legend(loc="upper right", fontsize=9)
+    ax.legend(loc="lower left", fontsize=9)
     ax.set_title(title)
     fig.tight_layout()
     fig.savefig(path, dpi=dpi)
