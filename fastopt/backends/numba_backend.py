@@ -86,7 +86,11 @@ def kernel(rule, flags, writes, parallel):
             py = _loop1(elem, parallel)
         else:
             py = _loop1_nostate(elem, parallel)
-        fn = _compiled[key] = numba.njit(parallel=parallel, cache=True, nogil=True)(py)
+        # error_model="numpy": x/0 gives inf/nan like NumPy and PyTorch instead of a per-element
+        # ZeroDivisionError check, whose branch keeps LLVM from vectorising the serial loop
+        # (prange bodies already compile this way).
+        fn = _compiled[key] = numba.njit(parallel=parallel, cache=True, nogil=True,
+                                         error_model="numpy")(py)
     return fn
 
 
