@@ -158,6 +158,9 @@ def main(argv=None):
             spec, data, iters, args.batch, args.backend, xp,
             progress=lambda it, loss, tag=tag: say(f"{tag}: iter {it}/{iters}, "
                                                    f"loss {loss:.4f}"))
+        r = results[spec.name]
+        say(f"{tag}: train loss {r.train_loss:.4f}, test accuracy "
+            f"{100 * r.test_accuracy:.1f}%, {r.ms_per_step:.3f} ms/step", done=True)
     say(f"[mlp] {len(SPECS)} runs of {iters} iterations", done=True)
     curves_png = os.path.join(args.out, "training_curves.png")
     title = (f"MLP 64-100-10 (ReLU, softmax cross-entropy) on scikit-learn's digits\n"
