@@ -1,17 +1,41 @@
-"""Array-module helpers: NumPy on the host, CuPy for device arrays (imported only when met)."""
+"""Array normalisation: NumPy on the host, CuPy views for device arrays from anywhere.
+
+fastopt updates arrays in place, so nothing here ever copies data. A device array from any
+producer (CuPy, Numba device arrays, PyTorch CUDA tensors, anything with
+``__cuda_array_interface__`` or a CUDA DLPack capsule) becomes a zero-copy ``cupy.ndarray`` view
+of the same memory; a host object that exports DLPack (e.g. a PyTorch CPU tensor) becomes a
+zero-copy NumPy view. CuPy is imported only when a device array is met.
+"""
+import contextlib
+import functools
+import sys
+
 import numpy as np
 
 from .backends import is_device_array
 
-__all__ = ["array_module", "to_numpy", "is_device_array"]
+__all__ = ["array_module", "to_numpy", "is_device_array", "as_xp_array", "as_xp_dicts",
+           "check_one_device", "device_id", "on_device",
+           "device_arrays_update", "device_arrays_step"]
+
+# DLPack device types (dlpack.h): kDLCPU, kDLCUDA, kDLCUDAHost, kDLCUDAManaged
+_DL_CPU, _DL_CUDA, _DL_CUDA_HOST, _DL_CUDA_MANAGED = 1, 2, 3, 13
+
+
+def _cupy():
+    try:
+        import cupy
+    except ImportError as exc:
+        raise ImportError("a device array needs CuPy to be stepped through the optimizer classes "
+                          "(install fastopt[cuda12] or fastopt[cuda13] for your CUDA major "
+                          f"version): {exc}") from exc
+    return cupy
 
 
 def array_module(a):
     """``numpy`` for host arrays, ``cupy`` for device arrays."""
     if is_device_array(a) and not isinstance(a, np.ndarray):
-        import cupy  # a device array can only be handled through CuPy
-
-        return cupy
+        return _cupy()
     return np
 
 
@@ -21,3 +45,105 @@ def to_numpy(a):
         return a.copy()
     xp = array_module(a)
     return xp.asnumpy(xp.asarray(a))
+
+
+def _dlpack_device(a):
+    try:
+        return tuple(a.__dlpack_device__())
+    except Exception:  # not a DLPack producer, or one that cannot say
+        return None
+
+
+def as_xp_array(a):
+    """``a`` as a NumPy array (host) or a CuPy array (device) sharing its memory.
+
+    NumPy and CuPy arrays come back as they are. Other device arrays become CuPy views: through
+    DLPack when the producer speaks it (stream-ordered: the producer's pending work is ordered
+    before CuPy's current stream without a host sync), else through
+    ``__cuda_array_interface__``. Host DLPack producers become NumPy views. Anything else comes
+    back unchanged, for the caller's validation to reject with a message naming it.
+    """
+    if isinstance(a, np.ndarray):
+        return a
+    cp = sys.modules.get("cupy")  # a CuPy array exists only once CuPy is imported
+    if cp is not None and isinstance(a, cp.ndarray):
+        return a
+    dev = _dlpack_device(a)
+    if dev is not None and int(dev[0]) in (_DL_CUDA, _DL_CUDA_MANAGED):
+        return _cupy().from_dlpack(a)
+    if hasattr(a, "__cuda_array_interface__"):
+        return _cupy().asarray(a)  # a view: asarray never copies a CUDA-array-interface array
+    if dev is not None and int(dev[0]) in (_DL_CPU, _DL_CUDA_HOST):
+        return np.from_dlpack(a)
+    return a
+
+
+def device_id(a):
+    """The CUDA device ordinal of a CuPy array, or None for host arrays and other objects."""
+    if isinstance(a, np.ndarray) or not is_device_array(a):
+        return None
+    return getattr(getattr(a, "device", None), "id", None)
+
+
+def as_xp_dicts(params, grads):
+    """``(params, grads)`` with every array normalised by ``as_xp_array`` (no copies).
+
+    Raises ``ValueError`` when the arrays live on more than one GPU, naming one array on each;
+    host/device mixing is left to the caller's validation. Non-dict inputs come back unchanged.
+    """
+    if not isinstance(params, dict) or not isinstance(grads, dict):
+        return params, grads
+    params = {n: as_xp_array(a) for n, a in params.items()}
+    grads = {n: as_xp_array(a) for n, a in grads.items()}
+    check_one_device([(f"parameter {n!r}", a) for n, a in params.items()]
+                     + [(f"grad of parameter {n!r}", a) for n, a in grads.items()])
+    return params, grads
+
+
+def check_one_device(labelled):
+    """Raise ``ValueError`` if the device arrays of ``[(label, array), ...]`` span two GPUs."""
+    seen = {}
+    for label, a in labelled:
+        dev = device_id(a)
+        if dev is not None:
+            seen.setdefault(dev, label)
+    if len(seen) > 1:
+        (d0, l0), (d1, l1) = list(seen.items())[:2]
+        raise ValueError(f"{l0} is on cuda:{d0} but {l1} is on cuda:{d1}; all params and "
+                         "grads of one optimizer must live on one device")
+
+
+def on_device(a):
+    """A context that makes ``a``'s GPU current (CuPy allocations and launches go there);
+    a no-op for host arrays."""
+    dev = device_id(a)
+    if dev is None:
+        return contextlib.nullcontext()
+    return _cupy().cuda.Device(dev)
+
+
+def _first_array(d):
+    return next(iter(d.values()), None) if isinstance(d, dict) else None
+
+
+def device_arrays_update(method):
+    """Decorate ``Optimizer.update``: arrays from any producer are normalised (zero-copy) and
+    the step (state allocation and launches) runs with the params' GPU current."""
+    @functools.wraps(method)
+    def update(self, params, grads):
+        params, grads = as_xp_dicts(params, grads)
+        with on_device(_first_array(params)):
+            return method(self, params, grads)
+
+    return update
+
+
+def device_arrays_step(method):
+    """Decorate ``Optimizer.step``: the step runs with the FlatBuffer's GPU current."""
+    @functools.wraps(method)
+    def step(self, buf):
+        groups = getattr(buf, "groups", None)
+        with on_device(groups[0].data if groups else None):
+            return method(self, buf)
+
+    return step

@@ -9,7 +9,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from ._arrays import array_module
+from ._arrays import array_module, as_xp_array, check_one_device, on_device
 
 __all__ = ["FlatBuffer", "ALIGN"]
 
@@ -34,7 +34,7 @@ class FlatBuffer:
     The values are copied in; afterwards ``buf.params[name]`` and ``buf.grads[name]`` are views
     of the flat ``data`` / ``grad`` buffers, shaped like the originals. Write gradients into
     ``buf.grads`` (or ``buf.grad``) and call ``opt.step(buf)``. Host arrays give NumPy buffers,
-    CuPy arrays give buffers on the current device.
+    CuPy arrays (or any device arrays) give buffers on their GPU.
     """
 
     def __init__(self, params, *, align=ALIGN):
@@ -42,7 +42,10 @@ class FlatBuffer:
             raise TypeError("FlatBuffer expects a non-empty dict name -> array")
         if align < 16 or align & (align - 1):
             raise ValueError(f"align must be a power of two >= 16 bytes, got {align}")
-        arrays = dict(params)
+        # arrays from any producer (PyTorch tensors, Numba device arrays...) as NumPy/CuPy views
+        arrays = {n: as_xp_array(a) for n, a in params.items()}
+        check_one_device([(f"parameter {n!r}", a) for n, a in arrays.items()])
+        first = next(iter(arrays.values()))
         xps = {array_module(a) for a in arrays.values()}
         if len(xps) > 1:
             raise ValueError("FlatBuffer got host and device arrays together; put them on one device")
@@ -64,7 +67,8 @@ class FlatBuffer:
                 size = int(np.prod(shape, dtype=np.int64))
                 slots[name] = (offset, size, shape)
                 offset += -(-size // step) * step if size else 0
-            group = Group(dt, xp.zeros(offset, dt), xp.zeros(offset, dt), slots)
+            with on_device(first):  # the buffers live on the params' GPU, not the current one
+                group = Group(dt, xp.zeros(offset, dt), xp.zeros(offset, dt), slots)
             for name, (off, size, shape) in slots.items():
                 group.data[off:off + size] = xp.asarray(arrays[name], dtype=dt).reshape(-1)
             self.groups.append(group)

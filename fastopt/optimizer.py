@@ -8,7 +8,7 @@ A subclass declares its hyperparameters (``_hyper``), which state buffers it kee
 import numpy as np
 
 from . import backends
-from ._arrays import array_module, to_numpy
+from ._arrays import array_module, device_arrays_step, device_arrays_update, to_numpy
 from .flat import FlatBuffer
 
 __all__ = ["Optimizer"]
@@ -51,6 +51,7 @@ class Optimizer:
         out = {h: getattr(self, h) for h in self._hyper + self._flags}
         return {k: tuple(v) if isinstance(v, list) else v for k, v in out.items()}
 
+    @device_arrays_update
     def update(self, params, grads):
         """Update the arrays of ``params`` (dict name -> array) in place from ``grads``.
 
@@ -68,6 +69,7 @@ class Optimizer:
             self._run(p.reshape(-1), g, {s: a.reshape(-1) for s, a in self.state[name].items()})
         return True
 
+    @device_arrays_step
     def step(self, buf):
         """One fused step over a ``FlatBuffer``: one kernel call per dtype. Returns True."""
         if not isinstance(buf, FlatBuffer):

@@ -27,7 +27,6 @@ __all__ = ["NAME", "DEVICE", "available", "why_unavailable", "launch", "kernel",
            "launch_config", "variants", "python_kernel", "THREADS", "BLOCKS_PER_SM", "SIMULATOR"]
 
 NAME = "numba-cuda"
-DEVICE = "cuda"
 
 #: threads per block; a multiple of the warp size that keeps occupancy full on sm_80/sm_90
 THREADS = 256
@@ -35,6 +34,8 @@ THREADS = 256
 BLOCKS_PER_SM = 8
 #: True when Numba runs CUDA kernels in its Python simulator
 SIMULATOR = os.environ.get("NUMBA_ENABLE_CUDASIM", "0") not in ("", "0")
+#: where the arrays live: GPU memory, or host memory when the simulator runs the kernels on the CPU
+DEVICE = "cpu" if SIMULATOR else "cuda"
 # The simulator runs one Python thread per CUDA thread: a tiny grid keeps it fast, and a grid
 # smaller than n makes the grid-stride loop take several trips, which is what CI must see.
 _SIM_THREADS, _SIM_BLOCKS = 32, 4
@@ -211,7 +212,9 @@ def launch(rule, flags, param, grad, states, k):
     fn = kernel(rule, flags, writes)
     blocks, threads = launch_config(n)
     if SIMULATOR and isinstance(param, np.ndarray):
-        arrays = [param, grad] + [param if s is None else s for s in states]
+        # the simulator copies every host argument in and back out, so the param array must not
+        # fill an absent slot (its stale copy would land last); an empty view never indexed does
+        arrays = [param, grad] + [param[:0] if s is None else s for s in states]
         fn[blocks, threads](*arrays, scalars)
         return
     ptr = _stream_ptr(param)
