@@ -172,7 +172,8 @@ def main(argv=None):
     rows = []
     for spec in SPECS:
         end, r = paths[spec.name][-1], results[spec.name]
-        rows.append([spec.name, fmt_lr(spec.valley["lr"]), f"({_num(end[0], 3)}, {_num(end[1], 3)})",
+        rows.append([spec.name, fmt_lr(spec.valley["lr"]),
+                     f"({_num(end[0], 3)}, {_num(end[1], 3)})",
                      f"{np.hypot(*end):.3g}", fmt_lr(spec.mlp["lr"]), f"{r.train_loss:.4f}",
                      f"{100 * r.test_accuracy:.1f}%", f"{r.ms_per_step:.3f}",
                      f"{r.ms_per_iter:.3f}"])

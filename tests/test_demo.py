@@ -71,7 +71,7 @@ def test_valley_sgd_has_the_closed_form():
 
 
 def test_valley_momentum_is_the_textbook_heavy_ball():
-    # the chapter's form: v = μ·v − lr·g; p += v (v starts at 0), same trajectory at constant lr
+    # the chapter's form: v = μ·v − lr·g; p += v (v starts at 0); same path at constant lr
     spec = next(s for s in SPECS if s.name == "Momentum")
     lr, mu = spec.valley["lr"], spec.valley["momentum"]
     p, v = np.array(VALLEY_START), np.zeros(2)
@@ -123,7 +123,8 @@ def test_mlp_gradient_matches_finite_differences():
             down = float(mlp_loss(params, X, y))
             flat[i] = old
             out[i] = (up - down) / (2 * h)
-        err = np.linalg.norm(num - grads[name]) / (np.linalg.norm(num) + np.linalg.norm(grads[name]))
+        ana = grads[name]
+        err = np.linalg.norm(num - ana) / (np.linalg.norm(num) + np.linalg.norm(ana))
         assert err < 1e-6, f"{name}: relative error {err:.2e}"
         assert np.abs(grads[name]).max() > 0
 
