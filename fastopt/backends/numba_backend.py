@@ -4,6 +4,11 @@ One compiled loop per (rule, flag variant, state slots written, parallel or seri
 disk (``cache=True``) so a second process does not recompile. Flags and the slots written are
 closure constants, so each variant is branch-free; the host scalars arrive as one tuple in the
 buffer dtype. Absent state slots are filled with the param array (read, never written).
+
+Both loops vectorise (packed ``vmulps``/``vsqrtps``/``vdivps`` for float32; check with
+``kernel(...).inspect_asm(sig)`` on a fresh ``NUMBA_CACHE_DIR``) and hold no float64 math in the
+float32 variants. No ``fastmath``: results follow PyTorch's formulas operation by operation. The
+parallel loop uses Numba's thread pool (``NUMBA_NUM_THREADS``, by default one thread per core).
 """
 import numpy as np
 
@@ -12,7 +17,8 @@ from ..kernels import RULES
 NAME = "numba"
 DEVICE = "cpu"
 
-#: below this many elements a serial loop beats waking the thread pool
+#: below this many elements a serial loop beats waking the thread pool (measured on 2 cores:
+#: the two break even near 2**14 elements for Adam and 2**15 for SGD with momentum)
 PARALLEL_MIN = 1 << 15
 
 try:
