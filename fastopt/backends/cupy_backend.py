@@ -1,0 +1,131 @@
+"""CuPy backend: one ``ElementwiseKernel`` per rule and flag variant, its body in ``kernels/*.cu``.
+
+A variant is the rule's CUDA C body behind one ``#define`` per flag (``kernels.cuda_source``):
+branch-free, reading each array once and writing param and the state it uses once. The kernel is
+built once per (rule, flags) and CuPy compiles it once per dtype; the host scalars are kernel
+arguments (NumPy scalars of the buffer dtype, so float32 kernels stay float32), so a new lr or
+step never recompiles. Kernels run on CuPy's current stream.
+
+Arrays must already be on the GPU: CuPy arrays, or any ``__cuda_array_interface__`` / DLPack
+producer (Numba device arrays, PyTorch CUDA tensors), viewed by CuPy without a copy and updated
+in place.
+"""
+import numpy as np
+
+from ..kernels import RULES, cuda_source
+
+__all__ = ["NAME", "DEVICE", "available", "why_unavailable", "launch", "kernel", "cuda_source_for"]
+
+NAME = "cupy"
+DEVICE = "cuda"
+
+try:
+    import cupy
+except ImportError as _exc:
+    cupy = None
+    _import_error = f"cupy cannot be imported: {_exc} (install fastopt[cuda12] or fastopt[cuda13])"
+else:
+    _import_error = ""
+
+_kernels = {}
+_device_error = None
+
+
+def _probe():
+    global _device_error
+    if _device_error is None:
+        try:
+            n = cupy.cuda.runtime.getDeviceCount()
+            _device_error = "" if n > 0 else "CUDA reports no GPU (getDeviceCount() == 0)"
+        except Exception as exc:  # no driver, driver too old for the runtime, ...
+            _device_error = f"no usable CUDA GPU: {exc}"
+    return _device_error
+
+
+def available():
+    return cupy is not None and _probe() == ""
+
+
+def why_unavailable():
+    if cupy is None:
+        return _import_error
+    return _probe()
+
+
+def _key(rule, flags):
+    return rule, tuple(sorted((k, bool(v)) for k, v in flags.items()))
+
+
+def kernel(rule, flags):
+    """The ``cupy.ElementwiseKernel`` of one variant (built once; CuPy compiles per dtype)."""
+    key = _key(rule, flags)
+    k = _kernels.get(key)
+    if k is None:
+        in_p, out_p, op, name, pre = cuda_source.elementwise_args(rule, flags)
+        k = _kernels[key] = cupy.ElementwiseKernel(in_p, out_p, op, name, preamble=pre,
+                                                   no_return=True)
+    return k
+
+
+def cuda_source_for(rule, flags, dtype):
+    """The complete CUDA source CuPy compiles for one variant and dtype, and the NVRTC options
+    it compiles with (without the ``-arch``), built without a GPU (for compile checks).
+
+    Uses CuPy's own code generator for a 1-D contiguous launch, so the text is what CuPy runs.
+    Returns ``(source, options)``."""
+    if cupy is None:
+        raise RuntimeError(_import_error)
+    from cupy._core import _carray, _kernel
+    from cupy._core import core as _core
+
+    dtype = np.dtype(dtype)
+    in_p, out_p, op, name, pre = cuda_source.elementwise_args(rule, flags)
+    ek = cupy.ElementwiseKernel(in_p, out_p, op, name, preamble=pre, no_return=True)
+    ndarray, indexer, scalar = 1, 2, 3  # CuPy's _ArgInfo kinds
+    infos = []
+    for p in ek.params[:-1]:
+        if p.name in RULES[rule].SCALARS:
+            infos.append(_kernel._ArgInfo(scalar, dtype.type, dtype, 0, True, True))
+        else:
+            infos.append(_kernel._ArgInfo(ndarray, cupy.ndarray, dtype, 1, True, True))
+    infos.append(_kernel._ArgInfo(indexer, _carray.Indexer, None, 1, True, True))
+    type_map = _kernel._TypeMap((("T", dtype.type),))
+    code = _kernel._get_elementwise_kernel_code(tuple(infos), type_map, ek.params, op, name,
+                                                pre)
+    headers = "\n".join(f"#include <{h}>" for h in _core._cupy_header_list)
+    options = _core.assemble_cupy_compiler_options(()) + ("--device-as-default-execution-space",)
+    return headers + "\n" + code, options
+
+
+def _as_cupy(a, what):
+    if isinstance(a, cupy.ndarray):
+        return a
+    if hasattr(a, "__cuda_array_interface__"):
+        return cupy.asarray(a)  # a view of the same device memory, no copy
+    if hasattr(a, "__dlpack__"):
+        return cupy.from_dlpack(a)
+    raise TypeError(f"{what}: expected a GPU array (CuPy, __cuda_array_interface__ or DLPack), "
+                    f"got {type(a).__name__}")
+
+
+def launch(rule, flags, param, grad, states, k):
+    names = RULES[rule].STATE
+    used = cuda_source.slots_used(rule, flags)
+    p = _as_cupy(param, "param")
+    if p.dtype not in (np.float32, np.float64):
+        raise TypeError(f"param: dtype {p.dtype}, expected float32 or float64")
+    arrays = [_as_cupy(grad, "grad")]
+    for name, s, u in zip(names, states, used):
+        if not u:
+            continue  # this variant never touches the slot: not even a kernel argument
+        if s is None:
+            raise ValueError(f"{name}: required by {rule} with {flags}, got None")
+        arrays.append(_as_cupy(s, name))
+    for name, a in zip(("grad",) + tuple(n for n, u in zip(names, used) if u), arrays):
+        if a.shape != p.shape or a.dtype != p.dtype:
+            raise ValueError(f"{name}: shape {a.shape} dtype {a.dtype}, expected shape {p.shape} "
+                             f"dtype {p.dtype} like param")
+    if p.size == 0:
+        return
+    scalar = p.dtype.type
+    kernel(rule, flags)(arrays[0], *(scalar(x) for x in k), p, *arrays[1:])

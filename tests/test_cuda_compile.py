@@ -1,0 +1,143 @@
+"""Compile checks without a GPU: every CuPy kernel variant compiles for sm_80 and sm_90.
+
+The source is what CuPy itself generates for each variant (``cupy_backend.cuda_source_for``:
+CuPy's code generator, headers and compiler options), compiled by NVRTC from the PyPI wheels
+(``cuda.bindings.nvrtc``) to a cubin for each architecture. The PTX of every float32 variant must
+hold no float64 instruction (a stray double literal or ``pow`` would show as ``.f64`` / ``cvt``);
+the float64 variants must, which proves the check can see one. Needs ``pip install
+cupy-cuda13x numba-cuda[cu13]`` (or ``fastopt[cuda13]``); skipped when the compiler is missing.
+"""
+import re
+
+import numpy as np
+import pytest
+
+cupy = pytest.importorskip("cupy")
+nvrtc = pytest.importorskip("cuda.bindings.nvrtc")
+
+from fastopt.backends import cupy_backend  # noqa: E402
+from fastopt.kernels import RULES, cuda_source  # noqa: E402
+
+ARCHS = ("sm_80", "sm_90")
+DTYPES = (np.float32, np.float64)
+VARIANTS = [(rule, flags) for rule in RULES for flags in cuda_source.variants(rule)]
+
+#: PTX that computes in double: f64 arithmetic, or any conversion to or from f64
+F64 = re.compile(r"\.f64\b")
+
+
+def _nvrtc_ok():
+    try:
+        err, major, minor = nvrtc.nvrtcVersion()
+    except Exception as exc:  # the NVRTC shared library is not installed
+        return f"NVRTC cannot be loaded: {exc}"
+    return "" if err == nvrtc.nvrtcResult.NVRTC_SUCCESS else f"nvrtcVersion: {err}"
+
+
+def _tag(i):
+    return f"__v{i}"
+
+
+def _program(dtype):
+    """One translation unit holding every variant for ``dtype``: each in its own namespace (its
+    rule template is redefined per variant), its kernel renamed ``fastopt_<rule>__v<i>``, its
+    flag macros undefined after it."""
+    parts, options = [], None
+    for i, (rule, flags) in enumerate(VARIANTS):
+        src, options = cupy_backend.cuda_source_for(rule, flags, dtype)
+        head, sep, code = src.partition("typedef ")  # the CuPy headers, included once
+        if not parts:
+            parts.append(head)
+        name = cuda_source.kernel_name(rule)
+        code = re.sub(rf"\b{name}\(", f"{name}{_tag(i)}(", sep + code, count=1)
+        undef = "\n".join(f"#undef {m}" for m in cuda_source.defines(rule, flags))
+        parts.append(f"namespace fastopt_v{i} {{\n{code}\n}}\n{undef}\n")
+    return "\n".join(parts), options
+
+
+def _check(result, prog, what):
+    err = result[0]
+    if err != nvrtc.nvrtcResult.NVRTC_SUCCESS:
+        _, size = nvrtc.nvrtcGetProgramLogSize(prog)
+        log = b" " * size
+        nvrtc.nvrtcGetProgramLog(prog, log)
+        pytest.fail(f"{what}: {err}\n{log.decode(errors='replace')[:4000]}")
+    return result[1:]
+
+
+@pytest.fixture(scope="module", params=[(a, np.dtype(d).name) for a in ARCHS for d in DTYPES],
+                ids=lambda p: f"{p[0]}-{p[1]}")
+def compiled(request):
+    """``(arch, dtype, ptx, cubin size)`` of the all-variant program."""
+    reason = _nvrtc_ok()
+    if reason:
+        pytest.skip(reason)
+    arch, dtype = request.param
+    source, options = _program(dtype)
+    (prog,) = _check(nvrtc.nvrtcCreateProgram(source.encode(), b"fastopt.cu", 0, [], []), None,
+                     "nvrtcCreateProgram")
+    opts = [o.encode() for o in options + (f"-arch={arch}",)]
+    _check(nvrtc.nvrtcCompileProgram(prog, len(opts), opts), prog, f"NVRTC {arch} {dtype}")
+    (n,) = _check(nvrtc.nvrtcGetPTXSize(prog), prog, "nvrtcGetPTXSize")
+    ptx = b" " * n
+    _check(nvrtc.nvrtcGetPTX(prog, ptx), prog, "nvrtcGetPTX")
+    (cubin,) = _check(nvrtc.nvrtcGetCUBINSize(prog), prog, "nvrtcGetCUBINSize")
+    nvrtc.nvrtcDestroyProgram(prog)
+    return arch, dtype, ptx.decode().rstrip("\x00 "), cubin
+
+
+def _entries(ptx):
+    """kernel name -> its PTX text (from its ``.entry`` line to the next one)."""
+    heads = list(re.finditer(r"\.entry\s+(\w+)\s*\(", ptx))
+    ends = [m.start() for m in heads[1:]] + [len(ptx)]
+    return {m.group(1): ptx[m.start():end] for m, end in zip(heads, ends)}
+
+
+def _describe(entry):
+    """``fastopt_adam__v3`` -> ``adam {flags}``, for failure messages."""
+    rule, flags = VARIANTS[int(entry.rsplit("__v", 1)[1])]
+    return f"{rule} {flags}"
+
+
+def test_every_variant_compiles(compiled):
+    arch, dtype, ptx, cubin = compiled
+    assert cubin > 0, f"no {arch} cubin for {dtype}"
+    entries = _entries(ptx)
+    want = {f"{cuda_source.kernel_name(r)}{_tag(i)}" for i, (r, _) in enumerate(VARIANTS)}
+    assert set(entries) == want, f"{arch} {dtype}: kernels missing {sorted(want - set(entries))}"
+    assert f".target {arch}" in ptx
+
+
+def test_float32_kernels_hold_no_float64(compiled):
+    arch, dtype, ptx, _ = compiled
+    entries = _entries(ptx)
+    f64 = {name: F64.findall(text) for name, text in entries.items()}
+    if dtype == "float32":
+        bad = {_describe(n): f"{len(v)} f64 ops, e.g. " + next(
+            line.strip() for line in entries[n].splitlines() if F64.search(line))
+            for n, v in f64.items() if v}
+        assert not bad, f"float32 kernels with float64 instructions ({arch}): {bad}"
+    else:  # the detector sees double math where there is some
+        assert all(f64.values()), f"float64 kernels without f64 ops? {[n for n, v in f64.items() if not v]}"
+
+
+@pytest.mark.parametrize("rule", list(RULES))
+def test_slots_unused_by_a_variant_are_not_parameters(rule):
+    """A variant passes only the state it reads and writes: no placeholder traffic."""
+    for flags in cuda_source.variants(rule):
+        used = cuda_source.slots_used(rule, flags)
+        src, _ = cupy_backend.cuda_source_for(rule, flags, np.float32)
+        for slot, u in zip(RULES[rule].STATE, used):
+            assert (f"_raw_{slot}" in src) == u, (rule, flags, slot)
+
+
+def test_source_depends_on_variant_not_on_scalars():
+    """Scalars are kernel arguments: one source (one compile) per variant and dtype, whatever
+    lr or the step; and distinct variants really differ."""
+    rule = "adam"
+    sources = {cupy_backend.cuda_source_for(rule, f, np.float32)[0]
+               for f in cuda_source.variants(rule)}
+    assert len(sources) == len(cuda_source.variants(rule))
+    src = cupy_backend.cuda_source_for(rule, dict(amsgrad=True), np.float32)[0]
+    for name in RULES[rule].SCALARS:
+        assert re.search(rf"const float {name}\b", src), f"scalar {name} is not a float parameter"
