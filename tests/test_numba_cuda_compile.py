@@ -1,0 +1,107 @@
+"""Every numba-cuda kernel variant compiles for sm_80 and sm_90, without a GPU.
+
+``numba.cuda.compile_ptx`` runs NVVM on the host; nvJitLink (when present) then assembles the
+PTX into a cubin, which is what a driver would load. Float32 variants must hold no float64
+instruction (a float64 literal or a float64 scalar would promote the whole expression), and
+each variant must load and store exactly the buffers it uses: an absent state slot costs no
+traffic.
+
+Needs NVVM and nvJitLink from PyPI, no GPU or driver: ``pip install "numba-cuda[cu13]"``
+(nvidia-nvvm, nvidia-nvjitlink, cuda-bindings 13) or ``pip install "numba-cuda[cu12]"``
+(the CUDA 12 toolkit wheels, NVVM inside nvidia-cuda-nvcc). Skips cleanly without them.
+"""
+import os
+import re
+
+import pytest
+
+from fastopt.kernels import RULES
+
+CCS = [(8, 0), (9, 0)]
+
+
+def _toolchain():
+    """(numba.cuda, backend module, nvjitlink or None), or a skip reason string."""
+    if os.environ.get("NUMBA_ENABLE_CUDASIM", "0") not in ("", "0"):
+        return "the CUDA simulator is on: it compiles nothing"
+    try:
+        from numba import cuda, types
+        from fastopt.backends import numba_cuda_backend as ncb
+        cuda.compile_ptx(lambda a: None, (types.float32[::1],), cc=(8, 0))
+    except Exception as exc:  # numba.cuda, NVVM or libdevice missing
+        return f"numba-cuda with NVVM is not installed ({type(exc).__name__}: {exc})"
+    try:
+        from cuda.bindings import nvjitlink
+    except ImportError:
+        nvjitlink = None
+    return cuda, ncb, nvjitlink
+
+
+_TC = _toolchain()
+pytestmark = pytest.mark.skipif(isinstance(_TC, str), reason=str(_TC))
+VARIANTS = [] if isinstance(_TC, str) else _TC[1].variants()
+
+
+def _signature(rule, writes, dtype):
+    from numba import types
+    t = getattr(types, dtype)
+    return (t[::1],) * (2 + len(writes)) + (types.UniTuple(t, len(RULES[rule].SCALARS)),)
+
+
+def _assemble(nvjitlink, ptx, cc):
+    arch = f"-arch=sm_{cc[0]}{cc[1]}"
+    h = nvjitlink.create(1, [arch])
+    try:
+        data = ptx.encode()
+        nvjitlink.add_data(h, nvjitlink.InputType.PTX, data, len(data), "fastopt")
+        nvjitlink.complete(h)
+        cubin = bytearray(nvjitlink.get_linked_cubin_size(h))
+        nvjitlink.get_linked_cubin(h, cubin)
+    finally:
+        nvjitlink.destroy(h)
+    return bytes(cubin)
+
+
+def _instructions(ptx):
+    # instruction lines only: drop comments and the header, which may mention any type name
+    return [ln.split("//")[0] for ln in ptx.splitlines() if ln.startswith("\t")]
+
+
+@pytest.mark.parametrize("dtype", ["float32", "float64"])
+@pytest.mark.parametrize("variant", VARIANTS,
+                         ids=[f"{r}-" + "-".join(k for k, v in f.items() if v) for r, f, _ in VARIANTS])
+def test_variant_compiles_for_sm80_and_sm90(variant, dtype):
+    cuda, ncb, nvjitlink = _TC
+    rule, flags, writes = variant
+    for cc in CCS:
+        ptx, _ = cuda.compile_ptx(ncb.python_kernel(rule, flags, writes),
+                                  _signature(rule, writes, dtype), cc=cc)
+        assert f".target sm_{cc[0]}{cc[1]}" in ptx
+        body = _instructions(ptx)
+        f64 = [ln.strip() for ln in body if re.search(r"\.f64\b", ln)]
+        if dtype == "float32":
+            assert not f64, f"float64 instructions in a float32 kernel: {f64[:5]}"
+        else:
+            assert f64, "a float64 kernel without float64 arithmetic"
+        # NVVM unrolls the grid-stride loop, so count per trip: each trip loads param, grad and
+        # each present slot once and stores param and each present slot once
+        loads = sum(bool(re.search(r"\bld\.global\.", ln)) for ln in body)
+        stores = sum(bool(re.search(r"\bst\.global\.", ln)) for ln in body)
+        w = sum(writes)
+        assert loads and stores
+        assert loads * (1 + w) == stores * (2 + w), (
+            f"{loads} loads / {stores} stores: not (2 + {w}) loads per (1 + {w}) stores")
+        if nvjitlink is not None:
+            cubin = _assemble(nvjitlink, ptx, cc)
+            assert cubin[:4] == b"\x7fELF"
+
+
+def test_every_rule_and_flag_has_a_variant():
+    rules = {r for r, _, _ in VARIANTS}
+    assert rules == set(RULES)
+    import inspect
+    for rule, mod in RULES.items():
+        nflags = len(inspect.signature(mod.make_rule).parameters)
+        count = sum(r == rule for r, _, _ in VARIANTS)
+        # every flag combination, less SGD's nesterov-without-momentum (4 of 16)
+        assert count == 2 ** nflags - (4 if rule == "sgd" else 0)
