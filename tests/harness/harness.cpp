@@ -1,0 +1,20 @@
+// CPU harness for the CuPy kernel bodies (kernels/*.cu), compiled by g++ as plain C++.
+//
+// The CUDA qualifiers become ordinary inline functions and sqrt / max resolve to the C++
+// overloads for T, so float stays float as on the GPU. variants.inc (written by
+// tests/test_cuda_harness.py) then holds, per kernel variant: its flag #defines, the rule's .cu
+// body inside its own namespace, and an extern "C" loop that binds each element the way CuPy's
+// generated ElementwiseKernel does (`const T &grad = ...; T &param = ...; const T lr = ...;`)
+// and runs the kernel's operation text verbatim.
+#include <algorithm>
+#include <cmath>
+
+#define __device__
+#define __forceinline__ inline
+
+using std::max;
+using std::sqrt;
+
+typedef FASTOPT_T T;
+
+#include "variants.inc"
