@@ -4,29 +4,46 @@ Each class holds hyperparameters and state; the math runs in ``fastopt.functiona
 scalars) and ``kernels/`` (the per-element rule). ``t`` counts steps from 1. With
 ``maximize=True`` the gradient is negated first.
 """
+import numpy as np
+
 from . import functional as F
+from ._validate import check_number
 from .optimizer import Optimizer
 
 __all__ = ["SGD", "Momentum", "Nesterov", "AdaGrad", "Adagrad", "RMSProp", "RMSprop", "Adam",
            "AdamW", "Lion"]
 
 
-def _nonneg(name, value):
-    if not isinstance(value, (int, float)) or isinstance(value, bool) or not value >= 0:
-        raise ValueError(f"invalid {name}: {value!r} (expected a number >= 0)")
-    return float(value)
+def _nonneg(hp, *names):
+    for name in names:
+        hp[name] = check_number(name, hp[name], lo=0)
 
 
-def _unit(name, value):
-    if not isinstance(value, (int, float)) or isinstance(value, bool) or not 0 <= value < 1:
-        raise ValueError(f"invalid {name}: {value!r} (expected 0 <= {name} < 1)")
-    return float(value)
+def _unit(hp, name, value=None):
+    return check_number(name, hp[name] if value is None else value, lo=0, hi=1, hi_open=True)
 
 
-def _betas(betas):
+def _betas(hp):
+    betas = hp["betas"]
     if not isinstance(betas, (tuple, list)) or len(betas) != 2:
-        raise ValueError(f"invalid betas: {betas!r} (expected a pair (beta1, beta2))")
-    return (_unit("beta1", betas[0]), _unit("beta2", betas[1]))
+        raise ValueError(f"invalid betas: {betas!r}; expected a pair (beta1, beta2) with "
+                         "0 <= beta < 1")
+    hp["betas"] = (_unit(hp, "beta1", betas[0]), _unit(hp, "beta2", betas[1]))
+
+
+def _bools(hp, *names):
+    for name in names:
+        if not isinstance(hp[name], (bool, np.bool_)):
+            raise TypeError(f"invalid {name}: {hp[name]!r}; expected True or False")
+        hp[name] = bool(hp[name])
+
+
+def _momentum_fixed(opt, has_momentum):
+    if hasattr(opt, "_has_momentum") and has_momentum != opt._has_momentum:
+        raise ValueError("momentum cannot be switched between zero and non-zero after "
+                         "construction (it decides whether a momentum buffer exists); "
+                         f"this optimizer was built with {'non-zero' if opt._has_momentum else 'zero'} "
+                         "momentum")
 
 
 class SGD(Optimizer):
@@ -45,24 +62,26 @@ class SGD(Optimizer):
     _flags = ("nesterov", "maximize")
 
     def __init__(self, lr=1e-3, momentum=0.0, dampening=0.0, weight_decay=0.0, nesterov=False,
-                 *, maximize=False, backend="auto"):
-        self.lr = _nonneg("lr", lr)
-        self.momentum = _nonneg("momentum", momentum)
-        self.dampening = float(dampening)
-        self.weight_decay = _nonneg("weight_decay", weight_decay)
-        if nesterov and (self.momentum <= 0 or self.dampening != 0):
-            raise ValueError("Nesterov momentum requires a momentum > 0 and zero dampening")
-        self.nesterov, self.maximize = bool(nesterov), bool(maximize)
+                 *, maximize=False, backend="auto", nonfinite=None):
+        self._init(dict(lr=lr, momentum=momentum, dampening=dampening, weight_decay=weight_decay,
+                        nesterov=nesterov, maximize=maximize))
         self._has_momentum = self.momentum != 0
-        super().__init__(backend)
+        super().__init__(backend, nonfinite=nonfinite)
+
+    def _check_hyper(self, hp):
+        _nonneg(hp, "lr", "momentum", "dampening", "weight_decay")
+        _bools(hp, "nesterov", "maximize")
+        if hp["nesterov"] and (hp["momentum"] <= 0 or hp["dampening"] != 0):
+            raise ValueError(f"invalid nesterov=True with momentum={hp['momentum']!r} and "
+                             f"dampening={hp['dampening']!r}; Nesterov momentum requires "
+                             "momentum > 0 and dampening = 0")
+        _momentum_fixed(self, hp["momentum"] != 0)
+        return hp
 
     def _state_names(self):
         return ("momentum_buffer",) if self._has_momentum else ()
 
     def _apply(self, param, grad, states, step, backend):
-        if (self.momentum != 0) != self._has_momentum:
-            raise ValueError("momentum cannot be switched between zero and non-zero after "
-                             "construction (it decides whether a momentum buffer exists)")
         F.sgd(param, grad, states.get("momentum_buffer"), step=step, lr=self.lr,
               momentum=self.momentum, dampening=self.dampening, weight_decay=self.weight_decay,
               nesterov=self.nesterov, maximize=self.maximize, backend=backend)
@@ -77,11 +96,10 @@ class Momentum(SGD):
     """
 
     def __init__(self, lr=0.01, momentum=0.9, dampening=0.0, weight_decay=0.0, *,
-                 maximize=False, backend="auto"):
-        if momentum <= 0:
-            raise ValueError(f"invalid momentum: {momentum!r} (Momentum needs momentum > 0)")
+                 maximize=False, backend="auto", nonfinite=None):
+        check_number("momentum", momentum, lo=0, lo_open=True)
         super().__init__(lr, momentum, dampening, weight_decay, False, maximize=maximize,
-                         backend=backend)
+                         backend=backend, nonfinite=nonfinite)
 
 
 class Nesterov(SGD):
@@ -93,11 +111,10 @@ class Nesterov(SGD):
     """
 
     def __init__(self, lr=0.01, momentum=0.9, weight_decay=0.0, *, maximize=False,
-                 backend="auto"):
-        if momentum <= 0:
-            raise ValueError(f"invalid momentum: {momentum!r} (Nesterov needs momentum > 0)")
+                 backend="auto", nonfinite=None):
+        check_number("momentum", momentum, lo=0, lo_open=True)
         super().__init__(lr, momentum, 0.0, weight_decay, True, maximize=maximize,
-                         backend=backend)
+                         backend=backend, nonfinite=nonfinite)
 
 
 class AdaGrad(Optimizer):
@@ -114,15 +131,15 @@ class AdaGrad(Optimizer):
     _flags = ("initial_accumulator_value", "maximize")
 
     def __init__(self, lr=1e-2, lr_decay=0.0, weight_decay=0.0, initial_accumulator_value=0.0,
-                 eps=1e-10, *, maximize=False, backend="auto"):
-        self.lr = _nonneg("lr", lr)
-        self.lr_decay = _nonneg("lr_decay", lr_decay)
-        self.weight_decay = _nonneg("weight_decay", weight_decay)
-        self.initial_accumulator_value = _nonneg("initial_accumulator_value",
-                                                 initial_accumulator_value)
-        self.eps = _nonneg("eps", eps)
-        self.maximize = bool(maximize)
-        super().__init__(backend)
+                 eps=1e-10, *, maximize=False, backend="auto", nonfinite=None):
+        self._init(dict(lr=lr, lr_decay=lr_decay, weight_decay=weight_decay, eps=eps,
+                        initial_accumulator_value=initial_accumulator_value, maximize=maximize))
+        super().__init__(backend, nonfinite=nonfinite)
+
+    def _check_hyper(self, hp):
+        _nonneg(hp, "lr", "lr_decay", "weight_decay", "eps", "initial_accumulator_value")
+        _bools(hp, "maximize")
+        return hp
 
     def _state_names(self):
         return ("sum",)
@@ -153,24 +170,24 @@ class RMSProp(Optimizer):
     _flags = ("centered", "maximize")
 
     def __init__(self, lr=1e-2, alpha=0.99, eps=1e-8, weight_decay=0.0, momentum=0.0,
-                 centered=False, *, maximize=False, backend="auto"):
-        self.lr = _nonneg("lr", lr)
-        self.alpha = _unit("alpha", alpha)
-        self.eps = _nonneg("eps", eps)
-        self.weight_decay = _nonneg("weight_decay", weight_decay)
-        self.momentum = _nonneg("momentum", momentum)
-        self.centered, self.maximize = bool(centered), bool(maximize)
+                 centered=False, *, maximize=False, backend="auto", nonfinite=None):
+        self._init(dict(lr=lr, alpha=alpha, eps=eps, weight_decay=weight_decay,
+                        momentum=momentum, centered=centered, maximize=maximize))
         self._has_momentum = self.momentum > 0
-        super().__init__(backend)
+        super().__init__(backend, nonfinite=nonfinite)
+
+    def _check_hyper(self, hp):
+        _nonneg(hp, "lr", "eps", "weight_decay", "momentum")
+        hp["alpha"] = _unit(hp, "alpha")
+        _bools(hp, "centered", "maximize")
+        _momentum_fixed(self, hp["momentum"] > 0)
+        return hp
 
     def _state_names(self):
         return (("square_avg",) + (("grad_avg",) if self.centered else ())
                 + (("momentum_buffer",) if self._has_momentum else ()))
 
     def _apply(self, param, grad, states, step, backend):
-        if (self.momentum > 0) != self._has_momentum:
-            raise ValueError("momentum cannot be switched between zero and non-zero after "
-                             "construction (it decides whether a momentum buffer exists)")
         F.rmsprop(param, grad, states["square_avg"], states.get("grad_avg"),
                   states.get("momentum_buffer"), step=step, lr=self.lr, alpha=self.alpha,
                   eps=self.eps, weight_decay=self.weight_decay, momentum=self.momentum,
@@ -196,13 +213,16 @@ class Adam(Optimizer):
     _decoupled = False
 
     def __init__(self, lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0, amsgrad=False,
-                 *, maximize=False, backend="auto"):
-        self.lr = _nonneg("lr", lr)
-        self.betas = _betas(betas)
-        self.eps = _nonneg("eps", eps)
-        self.weight_decay = _nonneg("weight_decay", weight_decay)
-        self.amsgrad, self.maximize = bool(amsgrad), bool(maximize)
-        super().__init__(backend)
+                 *, maximize=False, backend="auto", nonfinite=None):
+        self._init(dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay,
+                        amsgrad=amsgrad, maximize=maximize))
+        super().__init__(backend, nonfinite=nonfinite)
+
+    def _check_hyper(self, hp):
+        _nonneg(hp, "lr", "eps", "weight_decay")
+        _betas(hp)
+        _bools(hp, "amsgrad", "maximize")
+        return hp
 
     def _state_names(self):
         return ("exp_avg", "exp_avg_sq") + (("max_exp_avg_sq",) if self.amsgrad else ())
@@ -225,9 +245,9 @@ class AdamW(Adam):
     _decoupled = True
 
     def __init__(self, lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=1e-2, amsgrad=False,
-                 *, maximize=False, backend="auto"):
+                 *, maximize=False, backend="auto", nonfinite=None):
         super().__init__(lr, betas, eps, weight_decay, amsgrad, maximize=maximize,
-                         backend=backend)
+                         backend=backend, nonfinite=nonfinite)
 
 
 class Lion(Optimizer):
@@ -244,12 +264,15 @@ class Lion(Optimizer):
     _flags = ("maximize",)
 
     def __init__(self, lr=1e-4, betas=(0.9, 0.99), weight_decay=0.0, *, maximize=False,
-                 backend="auto"):
-        self.lr = _nonneg("lr", lr)
-        self.betas = _betas(betas)
-        self.weight_decay = _nonneg("weight_decay", weight_decay)
-        self.maximize = bool(maximize)
-        super().__init__(backend)
+                 backend="auto", nonfinite=None):
+        self._init(dict(lr=lr, betas=betas, weight_decay=weight_decay, maximize=maximize))
+        super().__init__(backend, nonfinite=nonfinite)
+
+    def _check_hyper(self, hp):
+        _nonneg(hp, "lr", "weight_decay")
+        _betas(hp)
+        _bools(hp, "maximize")
+        return hp
 
     def _state_names(self):
         return ("exp_avg",)
