@@ -1,0 +1,302 @@
+"""Measurement core shared by ``fastopt bench`` and the pytest-benchmark suite in ``bench/``.
+
+The optimizer step is memory-bound, so every figure is a bandwidth. One step reads the param,
+the grad and every state buffer once and writes the param and every state buffer once:
+
+    bytes per step = (3 + 2·n_state) · itemsize · n
+
+which gives DESIGN.md §6's float32 table (SGD 12, Momentum 20, Adam 28, AMSGrad 36, ...).
+Effective bandwidth = bytes ÷ median step time; it is compared with two ceilings measured in the
+same run on the same backend: a copy (``2·itemsize·n`` bytes) and a same-traffic kernel that
+touches exactly the optimizer's buffers with trivial math (``_bench_cpu`` / ``_bench_gpu``).
+
+Timing: after a warm-up that absorbs compilation and first-touch page faults, each repetition
+is timed alone and the median is reported. Host work uses ``time.perf_counter``; GPU work uses
+device events recorded around the call (``_bench_gpu.EventTimer``).
+"""
+import os
+import platform
+import statistics
+import time
+from dataclasses import dataclass, field
+
+import numpy as np
+
+__all__ = ["Case", "CASES", "CASE_NAMES", "DESIGN_BYTES_F32", "GRID", "bytes_per_step",
+           "transformer_shapes", "HostTimer", "Runner", "measure", "measure_group", "timed_call", "median",
+           "host_data", "cpu_model", "device_info", "versions", "percent", "fmt_n"]
+
+
+@dataclass(frozen=True)
+class Case:
+    """One benchmarked optimizer variant: the fastopt class and the matching ``torch.optim`` call."""
+
+    name: str
+    cls: str
+    kwargs: tuple = ()
+    #: state buffers read and written per element (the traffic beyond param and grad)
+    n_state: int = 0
+    #: ``torch.optim`` class name and kwargs, or None when torch has no such optimizer
+    torch_cls: str = None
+    torch_kwargs: tuple = ()
+
+    @property
+    def fastopt_kwargs(self):
+        return dict(self.kwargs)
+
+
+#: The sweep: every optimizer with its defaults, plus the flags that add traffic.
+CASES = {c.name: c for c in (
+    Case("sgd", "SGD", (), 0, "SGD", (("lr", 1e-3),)),
+    Case("momentum", "Momentum", (), 1, "SGD", (("lr", 1e-2), ("momentum", 0.9))),
+    Case("nesterov", "Nesterov", (), 1, "SGD",
+         (("lr", 1e-2), ("momentum", 0.9), ("nesterov", True))),
+    Case("adagrad", "AdaGrad", (), 1, "Adagrad", (("lr", 1e-2),)),
+    Case("rmsprop", "RMSProp", (), 1, "RMSprop", (("lr", 1e-2),)),
+    Case("rmsprop-centered-momentum", "RMSProp", (("centered", True), ("momentum", 0.9)), 3,
+         "RMSprop", (("lr", 1e-2), ("centered", True), ("momentum", 0.9))),
+    Case("adam", "Adam", (), 2, "Adam", (("lr", 1e-3),)),
+    Case("adam-amsgrad", "Adam", (("amsgrad", True),), 3, "Adam",
+         (("lr", 1e-3), ("amsgrad", True))),
+    Case("adamw", "AdamW", (), 2, "AdamW", (("lr", 1e-3), ("weight_decay", 1e-2))),
+    Case("lion", "Lion", (), 1, None),
+)}
+CASE_NAMES = tuple(CASES)
+
+#: DESIGN.md §6, bytes per element in float32 (kept here so a test can hold the formula to it)
+DESIGN_BYTES_F32 = {"sgd": 12, "momentum": 20, "nesterov": 20, "adagrad": 20, "rmsprop": 20,
+                    "rmsprop-centered-momentum": 36, "adam": 28, "adam-amsgrad": 36,
+                    "adamw": 28, "lion": 20}
+
+#: The default sweep per device: (sizes, dtypes). GPU sizes reach far beyond the L2 cache.
+GRID = {"cpu": ((1 << 20, 10 ** 7), ("float32", "float64")),
+        "cuda": ((1 << 20, 1 << 24, 1 << 28), ("float32",))}
+
+
+def bytes_per_step(n_state, n, dtype):
+    """Bytes one step moves: param, grad and the state read; param and the state written."""
+    return (3 + 2 * n_state) * np.dtype(dtype).itemsize * int(n)
+
+
+def transformer_shapes(n, layers=16):
+    """~200 parameter shapes of a small pre-LN transformer whose sizes add up to exactly ``n``.
+
+    Per layer: two LayerNorms (weight, bias), fused QKV (weight, bias), output projection, a
+    4x MLP; then a final LayerNorm and a token embedding that absorbs the rest (plus a 1-D tail
+    when the rest is not a multiple of the width). Returns None when ``n`` is too small.
+    """
+    def per_layer(d):
+        return 12 * d * d + 13 * d
+
+    d = 8
+    while layers * per_layer(d + 8) + 2 * (d + 8) <= 0.8 * n:
+        d += 8
+    if layers * per_layer(d) + 2 * d > n:
+        d = 1
+        while layers * per_layer(d + 1) + 2 * (d + 1) <= 0.8 * n:
+            d += 1
+        if layers * per_layer(d) + 2 * d > n:
+            return None
+    shapes = []
+    for _ in range(layers):
+        shapes += [(d,), (d,), (3 * d, d), (3 * d,), (d, d), (d,), (d,), (d,),
+                   (4 * d, d), (4 * d,), (d, 4 * d), (d,)]
+    shapes += [(d,), (d,)]
+    rest = n - sum(int(np.prod(s)) for s in shapes)
+    if rest // d:
+        shapes.append((rest // d, d))
+    if rest % d:
+        shapes.append((rest % d,))
+    return shapes
+
+
+def host_data(n, dtype, seed=0):
+    """Random params and grads (never zeros: denormal-free, realistic magnitudes)."""
+    rng = np.random.default_rng(seed)
+    dtype = np.dtype(dtype)
+    p = rng.standard_normal(n, dtype=dtype)
+    g = rng.standard_normal(n, dtype=dtype)
+    g *= dtype.type(1e-2)
+    return p, g
+
+
+class HostTimer:
+    """Wall-clock time of one call on the host (everything it launched has finished)."""
+
+    device = "cpu"
+
+    def sync(self):
+        pass
+
+    def time(self, fn):
+        t0 = time.perf_counter()
+        fn()
+        return time.perf_counter() - t0
+
+
+@dataclass
+class Runner:
+    """Something to time: ``fn`` moves ``bytes`` per call, timed by ``timer``."""
+
+    label: str
+    fn: object
+    timer: object
+    bytes: int
+    info: dict = field(default_factory=dict)
+    #: objects the call needs alive (buffers, optimizers)
+    keep: object = None
+
+
+def _reps_for(t_first, reps, min_reps, budget_s):
+    if budget_s is None or t_first <= 0:
+        return reps
+    return max(min_reps, min(reps, int(budget_s / t_first)))
+
+
+def measure(runner, reps=30, warmup=3, min_reps=5, budget_s=None):
+    """Warm up, then time ``reps`` calls one by one (fewer when one call would blow
+    ``budget_s``, never fewer than ``min_reps``); returns the list of seconds per call."""
+    for _ in range(warmup):
+        runner.fn()
+    runner.timer.sync()
+    times = [runner.timer.time(runner.fn)]
+    for _ in range(_reps_for(times[0], reps, min_reps, budget_s) - 1):
+        times.append(runner.timer.time(runner.fn))
+    return times
+
+
+def measure_group(factories, reps=30, warmup=3, min_reps=5, budget_s=None, together=True,
+                  progress=None):
+    """Time several runners that will be compared with each other.
+
+    ``factories`` maps a key to a zero-argument callable building a ``Runner`` (or returning
+    None when that runner cannot exist here). Each runner is timed in contiguous blocks of
+    repetitions: interleaving single calls of different runners would time their thread pools
+    fighting (an OpenMP pool spins for a while after its parallel region), not the runners.
+    ``together`` (the CPU default): all runners are built first and timed in two passes, the
+    second in reverse order, so that slow drifts of a shared machine hit them alike. Otherwise
+    (the GPU default, where memory for all of them at once may lack and the device is not
+    shared) each is built, timed in one pass and freed in turn. A runner gets ``reps``
+    repetitions, fewer when they would exceed its share of ``budget_s`` (never fewer than
+    ``min_reps``). Returns ``{key: (runner, times)}``.
+    """
+    runners = {}
+    if together:
+        for key, make in factories.items():
+            runner = make()
+            if runner is not None:
+                runners[key] = runner
+    share = None if budget_s is None else budget_s / max(1, len(runners or factories))
+    passes = 2 if together else 1
+    times, count = {}, {}
+    for pass_ in range(passes):
+        keys = list(runners or factories) if pass_ == 0 else list(reversed(list(runners)))
+        for key in keys:
+            runner = runners.get(key) if together else factories[key]()
+            if runner is None or (pass_ and count[key][pass_] <= 0):
+                continue
+            if pass_ == 0 and progress:
+                progress(key, runner)
+            for _ in range(warmup if pass_ == 0 else 1):
+                runner.fn()
+            runner.timer.sync()
+            if pass_ == 0:
+                times[key] = [runner.timer.time(runner.fn)]
+                total = _reps_for(times[key][0], reps, min_reps, share)
+                first = -(-total // passes)       # the first pass's share, first call included
+                count[key] = (first - 1, total - first)
+            for _ in range(count[key][pass_]):
+                times[key].append(runner.timer.time(runner.fn))
+            if not together:
+                runners[key] = runner
+                runner.keep, runner.fn = None, None
+    for runner in runners.values():
+        runner.keep, runner.fn = None, None
+    return {key: (runners[key], times[key]) for key in times}
+
+
+def timed_call(runner, warmup=3):
+    """Warm ``runner`` up (compilation, first-touch), then return what an outside timer such as
+    pytest-benchmark should time: the call, followed on a GPU by a synchronize inside the timed
+    region, so that the device work is counted and not just its launch."""
+    for _ in range(warmup):
+        runner.fn()
+    runner.timer.sync()
+    if runner.timer.device == "cpu":
+        return runner.fn
+    fn, sync = runner.fn, runner.timer.sync
+
+    def call():
+        fn()
+        sync()
+
+    return call
+
+
+def median(times):
+    return statistics.median(times)
+
+
+def percent(x, ceiling):
+    return None if not ceiling else 100.0 * x / ceiling
+
+
+def fmt_n(n):
+    """``2^20`` for powers of two, ``10^7`` for powers of ten, else the plain number."""
+    n = int(n)
+    if n >= 1024 and n & (n - 1) == 0:
+        return f"2^{n.bit_length() - 1}"
+    k = len(str(n)) - 1
+    if n >= 1000 and n == 10 ** k:
+        return f"10^{k}"
+    return str(n)
+
+
+def cpu_model():
+    """The CPU's model name (from /proc/cpuinfo on Linux)."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def device_info(gpu_name=None):
+    """Where the numbers come from: CPU model and cores, memory, and the GPU when one was used."""
+    info = {"cpu": cpu_model(), "cores": os.cpu_count(), "machine": platform.machine(),
+            "system": platform.system()}
+    try:
+        info["cores_usable"] = len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):
+        pass
+    try:
+        info["memory_gib"] = round(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+                                   / 2 ** 30, 1)
+    except (ValueError, OSError, AttributeError):
+        pass
+    try:
+        import numba
+
+        info["numba_threads"] = numba.get_num_threads()
+    except ImportError:
+        pass
+    info["gpu"] = gpu_name
+    return info
+
+
+def versions():
+    """Versions of everything that shaped the numbers (optional packages only when present)."""
+    from importlib import metadata
+
+    from . import __version__
+
+    out = {"python": platform.python_version(), "numpy": np.__version__, "fastopt": __version__}
+    for dist in ("numba", "numba-cuda", "cupy-cuda12x", "cupy-cuda13x", "cupy", "torch"):
+        try:
+            out[dist] = metadata.version(dist)
+        except metadata.PackageNotFoundError:
+            pass
+    return out

@@ -1,0 +1,158 @@
+"""Runners for every measured thing, and the sweep that turns them into JSON records.
+
+A *group* is one (device, optimizer case, dtype, n): the fastopt backends on that device, the
+ceilings of each (same-traffic kernel and copy, on the same backend) and the torch peers, timed
+together (``_bench.measure_group``) so that the ratios between them are fair. Records are plain
+dicts, the schema of ``bench/results/*.json``; ``finalize`` adds the cross-group ratios
+(× NumPy oracle, × torch).
+"""
+from ._bench import HostTimer, Runner, bytes_per_step, host_data, measure_group, median, percent
+from .backends import BACKENDS, get_backend
+
+__all__ = ["device_of", "ceiling_backend", "fastopt_runner", "ceiling_runner", "copy_runner",
+           "group_factories", "run_group", "finalize"]
+
+
+def device_of(backend):
+    """"cpu" or "cuda" for a fastopt backend name."""
+    return get_backend(backend).DEVICE
+
+
+def ceiling_backend(device, backends):
+    """The backend whose kernels measure ``device``'s ceilings: ``numba`` on the CPU, the first
+    GPU backend present on CUDA (CuPy before Numba CUDA)."""
+    if device == "cpu":
+        return "numba"
+    for name in ("cupy", "numba-cuda"):
+        if name in backends:
+            return name
+    return None
+
+
+def fastopt_runner(case, backend, p0, g0):
+    """``opt.step(buf)`` of the fastopt optimizer of ``case`` on ``backend``, over a FlatBuffer
+    holding one parameter of ``p0.size`` elements (the fused one-launch path users call)."""
+    import fastopt
+
+    be = get_backend(backend)
+    if be.DEVICE == "cuda":
+        from ._bench_gpu import timer_for, to_device
+
+        params, grad, timer = {"w": to_device(p0)}, to_device(g0), timer_for(backend)
+    else:
+        params, grad, timer = {"w": p0}, g0, HostTimer()
+    buf = fastopt.FlatBuffer(params)
+    buf.grads["w"][...] = grad
+    del params, grad
+    opt = getattr(fastopt, case.cls)(**case.fastopt_kwargs, backend=backend)
+    return Runner(backend, lambda: opt.step(buf), timer,
+                  bytes_per_step(case.n_state, p0.size, p0.dtype), keep=(buf, opt))
+
+
+def ceiling_runner(backend, n_state, p0, g0):
+    """Same-traffic kernel with ``n_state`` state buffers on ``backend``."""
+    if backend == "numba":
+        from . import _bench_cpu
+
+        return _bench_cpu.traffic_runner(n_state, p0, g0)
+    from . import _bench_gpu
+
+    return _bench_gpu.traffic_runner(backend, n_state, p0, g0)
+
+
+def copy_runner(backend, p0):
+    """Copy of an ``p0``-sized buffer on ``backend``."""
+    if backend == "numba":
+        from . import _bench_cpu
+
+        return _bench_cpu.copy_runner(p0)
+    from . import _bench_gpu
+
+    return _bench_gpu.copy_runner(backend, p0)
+
+
+def group_factories(case, device, n, dtype, backends, torch_modes=(), layouts=("flat", "list"),
+                    seed=0):
+    """Factories for ``measure_group``: keys ("step", backend), ("ceiling", backend),
+    ("copy", backend), ("torch", mode, layout)."""
+    p0, g0 = host_data(n, dtype, seed)
+    ceil = ceiling_backend(device, backends)
+    facs = {}
+    for b in backends:
+        facs[("step", b)] = lambda b=b: fastopt_runner(case, b, p0, g0)
+    if ceil is not None:
+        facs[("ceiling", ceil)] = lambda: ceiling_runner(ceil, case.n_state, p0, g0)
+        facs[("copy", ceil)] = lambda: copy_runner(ceil, p0)
+    if torch_modes:
+        from ._bench_torch import torch_runner
+
+        for mode in torch_modes:
+            for layout in layouts:
+                facs[("torch", mode, layout)] = (
+                    lambda m=mode, lay=layout: torch_runner(case, m, device, p0, g0, lay))
+    return facs
+
+
+def _record(case, device, n, dtype, runner, times, backend, layout="flat"):
+    med = median(times)
+    rec = {"optimizer": case.name, "class": case.cls, "flags": case.fastopt_kwargs,
+           "backend": backend, "device": device, "layout": layout,
+           "n_tensors": runner.info.get("n_tensors", 1), "dtype": str(dtype), "n": int(n),
+           "reps": len(times), "median_s": med, "min_s": min(times),
+           "times_s": [float(t) for t in times], "bytes": runner.bytes,
+           "gbps": runner.bytes / med / 1e9}
+    if "peer" in runner.info:
+        rec["peer"] = runner.info["peer"]
+    return rec
+
+
+def run_group(case, device, n, dtype, backends, torch_modes=(), layouts=("flat", "list"),
+              reps=30, warmup=3, budget_s=None, progress=None):
+    """Measure one group; returns its records (fastopt backends first, then torch peers), each
+    carrying the ceilings measured alongside."""
+    facs = group_factories(case, device, n, dtype, backends, torch_modes, layouts)
+    res = measure_group(facs, reps=reps, warmup=warmup, budget_s=budget_s,
+                        together=device == "cpu", progress=progress)
+    ceil = {}
+    for key, (runner, times) in res.items():
+        if key[0] in ("ceiling", "copy"):
+            ceil[key[0]] = (key[1], median(times), runner.bytes / median(times) / 1e9)
+    records = []
+    for key, (runner, times) in res.items():
+        if key[0] == "step":
+            rec = _record(case, device, n, dtype, runner, times, key[1])
+        elif key[0] == "torch":
+            rec = _record(case, device, n, dtype, runner, times, f"torch-{key[1]}", key[2])
+        else:
+            continue
+        if "ceiling" in ceil:
+            rec["ceiling_backend"], rec["ceiling_s"], rec["ceiling_gbps"] = ceil["ceiling"]
+        else:
+            rec["ceiling_backend"] = rec["ceiling_s"] = rec["ceiling_gbps"] = None
+        rec["copy_gbps"] = ceil["copy"][2] if "copy" in ceil else None
+        rec["pct_of_ceiling"] = percent(rec["gbps"], rec["ceiling_gbps"])
+        records.append(rec)
+    return records
+
+
+def finalize(records):
+    """Add ``speedup_vs_numpy`` (NumPy oracle time ÷ this time, same optimizer, dtype and n)
+    and, for fastopt rows, ``speedup_vs_torch`` (the fastest torch peer on the same device ÷
+    this time) with the peer's name in ``torch_peer``. Returns ``records``."""
+    oracle, torch_best = {}, {}
+    for r in records:
+        key = (r["optimizer"], r["dtype"], r["n"])
+        if r["backend"] == "numpy" and r["layout"] == "flat":
+            oracle[key] = r["median_s"]
+        if r["backend"].startswith("torch-"):
+            k = key + (r["device"],)
+            if k not in torch_best or r["median_s"] < torch_best[k]["median_s"]:
+                torch_best[k] = r
+    for r in records:
+        key = (r["optimizer"], r["dtype"], r["n"])
+        r["speedup_vs_numpy"] = oracle[key] / r["median_s"] if key in oracle else None
+        if r["backend"] in BACKENDS:
+            peer = torch_best.get(key + (r["device"],))
+            r["speedup_vs_torch"] = peer["median_s"] / r["median_s"] if peer else None
+            r["torch_peer"] = f"{peer['backend']} ({peer['layout']})" if peer else None
+    return records

@@ -1,0 +1,92 @@
+"""``torch.optim`` peers on the same data, when torch is importable (it is never a dependency).
+
+CPU: ``fused=True`` where torch implements it for that optimizer, else ``foreach=True``.
+CUDA: both ``fused=True`` (where it exists) and ``foreach=True``. Each on one flat tensor and
+on the ~200 parameter tensors of a small transformer with the same total size
+(``_bench.transformer_shapes``), the list a training loop really hands torch.
+"""
+import importlib.util
+
+import numpy as np
+
+from ._bench import HostTimer, Runner, bytes_per_step, transformer_shapes
+
+__all__ = ["available", "cuda_available", "modes", "torch_runner"]
+
+
+def available():
+    return importlib.util.find_spec("torch") is not None
+
+
+def cuda_available():
+    if not available():
+        return False
+    import torch
+
+    return torch.cuda.is_available()
+
+
+def _make(case, params, mode):
+    import torch
+
+    return getattr(torch.optim, case.torch_cls)(params, **dict(case.torch_kwargs), **{mode: True})
+
+
+def modes(case, device):
+    """The torch implementations to compare with, best first (empty: torch has no such optimizer)."""
+    if case.torch_cls is None or not available():
+        return []
+    import torch
+
+    usable = []
+    for mode in ("fused", "foreach"):
+        p = torch.nn.Parameter(torch.ones(4, device=device))
+        p.grad = torch.ones(4, device=device)
+        try:
+            _make(case, [p], mode).step()
+        except (TypeError, RuntimeError, ValueError):  # this torch has no such implementation
+            continue
+        usable.append(mode)
+    # the CPU gets one peer: the fastest torch has (fused, else foreach)
+    return usable if device == "cuda" else usable[:1]
+
+
+def torch_runner(case, mode, device, p0, g0, layout="flat"):
+    """``torch.optim`` (``mode`` = "fused" or "foreach") stepping copies of ``p0``/``g0`` on
+    ``device``, as one tensor (``layout="flat"``) or as a transformer's parameter list
+    (``"list"``; None when ``p0`` is too small to hold one)."""
+    import torch
+
+    dtype = {np.dtype(np.float32): torch.float32, np.dtype(np.float64): torch.float64}[p0.dtype]
+    flat_p = torch.from_numpy(p0).to(device=device, dtype=dtype, copy=True)
+    flat_g = torch.from_numpy(g0).to(device=device, dtype=dtype, copy=True)
+    if layout == "flat":
+        pieces = [(flat_p, flat_g)]
+    else:
+        shapes = transformer_shapes(p0.size)
+        if shapes is None:
+            return None
+        pieces, off = [], 0
+        for shape in shapes:
+            size = int(np.prod(shape))
+            # clone: each tensor owns its storage, as a model's parameters do
+            pieces.append((flat_p[off:off + size].view(shape).clone(),
+                           flat_g[off:off + size].view(shape).clone()))
+            off += size
+        del flat_p, flat_g
+    params = []
+    for p, g in pieces:
+        p = torch.nn.Parameter(p)
+        p.grad = g
+        params.append(p)
+    opt = _make(case, params, mode)
+    if device == "cuda":
+        from ._bench_gpu import timer_for
+
+        timer = timer_for("torch")
+    else:
+        timer = HostTimer()
+    return Runner(f"torch-{mode}", opt.step, timer, bytes_per_step(case.n_state, p0.size, p0.dtype),
+                  info={"layout": layout, "n_tensors": len(params),
+                        "peer": f"torch.optim.{case.torch_cls}({mode}=True)"},
+                  keep=(params, opt))

@@ -1,0 +1,319 @@
+"""``fastopt bench``: measure every optimizer on every backend here against the memory roofline.
+
+For each optimizer, dtype and size it times one fused step (``opt.step(buf)`` on a FlatBuffer),
+the NumPy oracle, ``torch.optim`` when torch is installed, and two ceilings on the same backend:
+a copy and a same-traffic kernel. It prints a table (ms/step, GB/s, % of the same-traffic
+ceiling, speed-up over the NumPy oracle and over torch) and can write the raw timings as JSON
+and a bar chart as PNG. Progress goes to stderr, the table to stdout.
+
+    fastopt bench --quick
+    fastopt bench --optimizers adam,adamw --sizes 2^24 --json bench/results/run.json
+"""
+import argparse
+import datetime
+import json
+import os
+import sys
+import time
+
+import numpy as np
+
+from . import _bench
+from ._bench import CASE_NAMES, CASES, GRID, fmt_n
+from .backends import BACKENDS, get_backend
+
+__all__ = ["main", "build_parser", "format_table"]
+
+#: --quick: one size per device, float32 only
+QUICK = {"cpu": (1 << 20,), "cuda": (1 << 24,)}
+DTYPES = ("float32", "float64")
+PEER = "torch"
+
+
+def _csv(choices, what):
+    def parse(text):
+        items = [s.strip() for s in text.split(",") if s.strip()]
+        if not items:
+            raise argparse.ArgumentTypeError(f"empty {what} list")
+        if items == ["all"]:
+            return list(choices)
+        bad = [s for s in items if s not in choices]
+        if bad:
+            raise argparse.ArgumentTypeError(
+                f"unknown {what} {', '.join(map(repr, bad))}; choose from {', '.join(choices)}"
+                " (or 'all')")
+        return list(dict.fromkeys(items))
+    return parse
+
+
+def _size(text):
+    t = text.strip().replace("_", "")
+    try:
+        if "^" in t:
+            base, exp = t.split("^")
+            n = int(base) ** int(exp)
+        elif "<<" in t:
+            a, b = t.split("<<")
+            n = int(a) << int(b)
+        elif "e" in t.lower():
+            n = float(t)
+            if n != int(n):
+                raise ValueError
+            n = int(n)
+        else:
+            n = int(t)
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"invalid size {text!r}; expected an integer such as 1048576, 2^20, 1<<20 or 1e7")
+    if n < 1:
+        raise argparse.ArgumentTypeError(f"invalid size {text!r}; sizes must be >= 1")
+    return n
+
+
+def _sizes(text):
+    items = [s for s in text.split(",") if s.strip()]
+    if not items:
+        raise argparse.ArgumentTypeError("empty size list")
+    return list(dict.fromkeys(_size(s) for s in items))
+
+
+def _positive(kind):
+    def parse(text):
+        try:
+            v = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"invalid value {text!r}; expected a positive "
+                                             f"{kind.__name__}")
+        if v <= 0:
+            raise argparse.ArgumentTypeError(f"invalid value {text!r}; must be > 0")
+        return v
+    return parse
+
+
+def build_parser():
+    ap = argparse.ArgumentParser(
+        prog="fastopt bench", description=__doc__.split("\n\n")[0],
+        epilog="Sizes accept 1048576, 2^20, 1<<20 or 1e7. The ceiling is the same-traffic "
+               "kernel on the same backend (numba on the CPU); 'x numpy' is the NumPy oracle's "
+               "time over this row's; 'x torch' the fastest torch.optim peer's time over it.")
+    ap.add_argument("--quick", action="store_true",
+                    help="a short sweep (float32, CPU n=2^20, GPU n=2^24, few repetitions)")
+    ap.add_argument("--optimizers", type=_csv(CASE_NAMES, "optimizer"), metavar="LIST",
+                    help=f"comma-separated, from: {', '.join(CASE_NAMES)} (default: all)")
+    ap.add_argument("--backends", type=_csv(tuple(BACKENDS) + (PEER,), "backend"),
+                    metavar="LIST",
+                    help=f"comma-separated, from: {', '.join(BACKENDS)}, {PEER} (default: all "
+                         "that can run here; 'torch' adds the torch.optim peers)")
+    ap.add_argument("--sizes", type=_sizes, metavar="LIST",
+                    help="elements per buffer, comma-separated (default: CPU 2^20,10^7; "
+                         "GPU 2^20,2^24,2^28)")
+    ap.add_argument("--dtypes", type=_csv(DTYPES, "dtype"), metavar="LIST",
+                    help="float32 and/or float64 (default: both on the CPU, float32 on a GPU)")
+    ap.add_argument("--reps", type=_positive(int), metavar="N",
+                    help="timed repetitions per measurement (default 30, 10 with --quick)")
+    ap.add_argument("--budget", type=_positive(float), metavar="SECONDS",
+                    help="time budget of one group's timed repetitions; slow runners (the NumPy "
+                         "oracle) get fewer, never fewer than 5 (default 6, 1 with --quick)")
+    ap.add_argument("--json", metavar="PATH", help="write device, versions and every record "
+                                                  "(with raw timings) as JSON")
+    ap.add_argument("--plot", metavar="PATH", help="write a PNG bar chart of GB/s against the "
+                                                  "ceiling (needs matplotlib: pip install "
+                                                  "'fastopt[plot]')")
+    return ap
+
+
+def _plan(args, ap):
+    """[(device, case, dtype, n, fastopt backends, torch modes)], after checking availability."""
+    from . import _bench_torch
+    from .backends import available_backends
+
+    avail = available_backends()
+    torch_ok = _bench_torch.available()
+    if args.backends is None:
+        chosen = list(avail) + ([PEER] if torch_ok else [])
+    else:
+        chosen = args.backends
+        for b in chosen:
+            if b == PEER:
+                if not torch_ok:
+                    ap.error("backend 'torch' needs PyTorch installed (for example "
+                             "pip install torch==2.13.0); it is only a peer, never required")
+            elif b not in avail:
+                try:
+                    get_backend(b)
+                except RuntimeError as exc:
+                    ap.error(str(exc))
+    fast = [b for b in chosen if b != PEER]
+    devices = {}
+    for b in fast:
+        devices.setdefault(get_backend(b).DEVICE, []).append(b)
+    if PEER in chosen and _bench_torch.cuda_available():
+        devices.setdefault("cuda", [])
+    if PEER in chosen:
+        devices.setdefault("cpu", [])
+    cases = [CASES[c] for c in (args.optimizers or CASE_NAMES)]
+    plan = []
+    for device in ("cpu", "cuda"):
+        if device not in devices:
+            continue
+        sizes = args.sizes or (QUICK[device] if args.quick else GRID[device][0])
+        dtypes = args.dtypes or (["float32"] if args.quick else GRID[device][1])
+        for n in sizes:
+            for dtype in dtypes:
+                for case in cases:
+                    modes = _bench_torch.modes(case, device) if PEER in chosen else []
+                    if devices[device] or modes:
+                        plan.append((device, case, dtype, n, devices[device], modes))
+    return plan
+
+
+def _fmt(x, spec, none="-"):
+    return none if x is None else format(x, spec)
+
+
+def format_table(records):
+    """The human-readable table: one row per record, grouped by device, size and dtype."""
+    cols = ("optimizer", "backend", "n", "dtype", "ms/step", "GB/s", "% ceil", "x numpy",
+            "x torch")
+    rows = []
+    for r in records:
+        backend = r["backend"] if r["layout"] == "flat" else f"{r['backend']}[{r['n_tensors']}]"
+        rows.append((r["optimizer"], backend, fmt_n(r["n"]), r["dtype"],
+                     f"{r['median_s'] * 1e3:.3f}", f"{r['gbps']:.1f}",
+                     _fmt(r.get("pct_of_ceiling"), ".0f"),
+                     _fmt(r.get("speedup_vs_numpy"), ".1f"),
+                     _fmt(r.get("speedup_vs_torch"), ".2f")))
+    width = [max(len(c), *(len(row[i]) for row in rows)) if rows else len(c)
+             for i, c in enumerate(cols)]
+    left = {0, 1, 3}
+
+    def line(vals):
+        return "  ".join(v.ljust(w) if i in left else v.rjust(w)
+                         for i, (v, w) in enumerate(zip(vals, width))).rstrip()
+
+    out = [line(cols), line(["-" * w for w in width])]
+    prev = None
+    for r, row in zip(records, rows):
+        block = (r["device"], r["n"], r["dtype"])
+        if prev is not None and block != prev:
+            out.append("")
+        prev = block
+        out.append(line(row))
+    return "\n".join(out)
+
+
+def _ceiling_lines(records):
+    seen = {}
+    for r in records:
+        if r.get("copy_gbps") is None:
+            continue
+        key = (r["ceiling_backend"], r["dtype"], r["n"])
+        seen.setdefault(key, {"copy": r["copy_gbps"], "traffic": {}})
+        seen[key]["traffic"].setdefault(r["bytes"] // r["n"], r["ceiling_gbps"])
+    out = []
+    for (backend, dtype, n), v in seen.items():
+        traffic = ", ".join(f"{b} B/elem {g:.1f}" for b, g in sorted(v["traffic"].items()))
+        out.append(f"  {backend} {dtype} n={fmt_n(n)}: copy {v['copy']:.1f} GB/s; "
+                   f"same-traffic {traffic} GB/s")
+    return out
+
+
+def _plot(records, path):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    blocks = {}
+    for r in records:
+        blocks.setdefault((r["device"], r["dtype"], r["n"]), []).append(r)
+    fig, axes = plt.subplots(len(blocks), 1, squeeze=False,
+                             figsize=(max(8, 0.45 * max(len(v) for v in blocks.values())),
+                                      3.6 * len(blocks)))
+    for ax, ((device, dtype, n), recs) in zip(axes[:, 0], blocks.items()):
+        x = np.arange(len(recs))
+        colors = ["tab:blue" if r["backend"] in BACKENDS and r["backend"] != "numpy"
+                  else "tab:gray" if r["backend"] == "numpy" else "tab:orange" for r in recs]
+        ax.bar(x, [r["gbps"] for r in recs], color=colors)
+        ceil = [(i, r["ceiling_gbps"]) for i, r in enumerate(recs) if r.get("ceiling_gbps")]
+        if ceil:
+            ax.scatter(*zip(*ceil), marker="_", s=300, color="black", zorder=3,
+                       label="same-traffic ceiling")
+            ax.legend(loc="upper right", fontsize=8)
+        ax.set_xticks(x)
+        ax.set_xticklabels([f"{r['optimizer']}\n{r['backend']}"
+                            + ("" if r["layout"] == "flat" else f"[{r['n_tensors']}]")
+                            for r in recs], rotation=90, fontsize=7)
+        ax.set_ylabel("GB/s")
+        ax.set_title(f"{device} {dtype} n={fmt_n(n)}: fastopt (blue), NumPy oracle (gray), "
+                     "torch (orange)", fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def _progress(i, total, device, case, dtype, n):
+    print(f"[{i:>{len(str(total))}}/{total}] {case.name:<25} {device:<4} {dtype:<7} "
+          f"n={fmt_n(n):<8}", end="", file=sys.stderr, flush=True)
+
+
+def main(argv=None):
+    ap = build_parser()
+    args = ap.parse_args(argv)
+    if args.plot:
+        try:
+            import matplotlib  # noqa: F401
+        except ImportError:
+            print("fastopt bench: --plot needs matplotlib; install it with "
+                  "pip install 'fastopt[plot]'", file=sys.stderr)
+            return 2
+    plan = _plan(args, ap)
+    if not plan:
+        ap.error("nothing to measure: no selected backend can run these optimizers here")
+    reps = args.reps or (10 if args.quick else 30)
+    budget = args.budget or (1.0 if args.quick else 6.0)
+    gpu_name = None
+    if any(device == "cuda" for device, *_ in plan):
+        from ._bench_gpu import gpu_name as _gpu_name
+
+        gpu_name = _gpu_name()
+    print(f"fastopt bench: {len(plan)} groups on {_bench.cpu_model()}"
+          + (f" + {gpu_name}" if gpu_name else "") + f", {reps} reps", file=sys.stderr)
+    from ._bench_run import finalize, run_group
+
+    records, t_start = [], time.perf_counter()
+    for i, (device, case, dtype, n, backends, modes) in enumerate(plan, 1):
+        _progress(i, len(plan), device, case, dtype, n)
+        t0 = time.perf_counter()
+        recs = run_group(case, device, n, dtype, backends, modes, reps=reps, budget_s=budget)
+        summary = "  ".join(f"{r['backend']}{'' if r['layout'] == 'flat' else '[list]'} "
+                            f"{r['median_s'] * 1e3:.3g} ms" for r in recs)
+        print(f" {summary}  ({time.perf_counter() - t0:.1f} s)", file=sys.stderr, flush=True)
+        records += recs
+    finalize(records)
+    print(format_table(records))
+    lines = _ceiling_lines(records)
+    if lines:
+        print("\nceilings, measured in the same run on the same backend:")
+        print("\n".join(lines))
+    print(f"\n{len(records)} records in {time.perf_counter() - t_start:.0f} s", file=sys.stderr)
+    if args.json:
+        doc = {"schema": "fastopt-bench/1",
+               "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+               "command": "fastopt bench " + " ".join(argv if argv is not None else sys.argv[1:]),
+               "device": _bench.device_info(gpu_name), "versions": _bench.versions(),
+               "config": {"reps": reps, "budget_s": budget, "quick": args.quick},
+               "records": records}
+        os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
+        with open(args.json, "w") as f:
+            json.dump(doc, f, indent=1)
+        print(f"wrote {args.json}", file=sys.stderr)
+    if args.plot:
+        os.makedirs(os.path.dirname(os.path.abspath(args.plot)), exist_ok=True)
+        _plot(records, args.plot)
+        print(f"wrote {args.plot}", file=sys.stderr)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
