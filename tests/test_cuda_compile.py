@@ -38,13 +38,13 @@ def _tag(i):
     return f"__v{i}"
 
 
-def _program(dtype):
+def _program(dtype, index_32_bits=True):
     """One translation unit holding every variant for ``dtype``: each in its own namespace (its
     rule template is redefined per variant), its kernel renamed ``fastopt_<rule>__v<i>``, its
     flag macros undefined after it."""
     parts, options = [], None
     for i, (rule, flags) in enumerate(VARIANTS):
-        src, options = cupy_backend.cuda_source_for(rule, flags, dtype)
+        src, options = cupy_backend.cuda_source_for(rule, flags, dtype, index_32_bits)
         head, sep, code = src.partition("typedef ")  # the CuPy headers, included once
         if not parts:
             parts.append(head)
@@ -53,6 +53,20 @@ def _program(dtype):
         undef = "\n".join(f"#undef {m}" for m in cuda_source.defines(rule, flags))
         parts.append(f"namespace fastopt_v{i} {{\n{code}\n}}\n{undef}\n")
     return "\n".join(parts), options
+
+
+def _compile(source, options, arch, what):
+    """NVRTC ``source`` for ``arch``: ``(ptx text, cubin size)``; fails with NVRTC's log."""
+    (prog,) = _check(nvrtc.nvrtcCreateProgram(source.encode(), b"fastopt.cu", 0, [], []), None,
+                     "nvrtcCreateProgram")
+    opts = [o.encode() for o in options + (f"-arch={arch}",)]
+    _check(nvrtc.nvrtcCompileProgram(prog, len(opts), opts), prog, what)
+    (n,) = _check(nvrtc.nvrtcGetPTXSize(prog), prog, "nvrtcGetPTXSize")
+    ptx = b" " * n
+    _check(nvrtc.nvrtcGetPTX(prog, ptx), prog, "nvrtcGetPTX")
+    (cubin,) = _check(nvrtc.nvrtcGetCUBINSize(prog), prog, "nvrtcGetCUBINSize")
+    nvrtc.nvrtcDestroyProgram(prog)
+    return ptx.decode().rstrip("\x00 "), cubin
 
 
 def _check(result, prog, what):
@@ -73,17 +87,8 @@ def compiled(request):
     if reason:
         pytest.skip(reason)
     arch, dtype = request.param
-    source, options = _program(dtype)
-    (prog,) = _check(nvrtc.nvrtcCreateProgram(source.encode(), b"fastopt.cu", 0, [], []), None,
-                     "nvrtcCreateProgram")
-    opts = [o.encode() for o in options + (f"-arch={arch}",)]
-    _check(nvrtc.nvrtcCompileProgram(prog, len(opts), opts), prog, f"NVRTC {arch} {dtype}")
-    (n,) = _check(nvrtc.nvrtcGetPTXSize(prog), prog, "nvrtcGetPTXSize")
-    ptx = b" " * n
-    _check(nvrtc.nvrtcGetPTX(prog, ptx), prog, "nvrtcGetPTX")
-    (cubin,) = _check(nvrtc.nvrtcGetCUBINSize(prog), prog, "nvrtcGetCUBINSize")
-    nvrtc.nvrtcDestroyProgram(prog)
-    return arch, dtype, ptx.decode().rstrip("\x00 "), cubin
+    ptx, cubin = _compile(*_program(dtype), arch, f"NVRTC {arch} {dtype}")
+    return arch, dtype, ptx, cubin
 
 
 def _entries(ptx):
@@ -141,3 +146,14 @@ def test_source_depends_on_variant_not_on_scalars():
     src = cupy_backend.cuda_source_for(rule, dict(amsgrad=True), np.float32)[0]
     for name in RULES[rule].SCALARS:
         assert re.search(rf"const float {name}\b", src), f"scalar {name} is not a float parameter"
+
+
+def test_64_bit_indexing_variants_compile():
+    """Arrays of 2**31 elements or more get CuPy's 64-bit index form: it compiles too, and its
+    float32 kernels stay free of float64."""
+    reason = _nvrtc_ok()
+    if reason:
+        pytest.skip(reason)
+    ptx, cubin = _compile(*_program("float32", index_32_bits=False), "sm_90", "NVRTC 64-bit")
+    assert cubin > 0 and len(_entries(ptx)) == len(VARIANTS)
+    assert not F64.search(ptx), "float64 instructions in 64-bit-index float32 kernels"

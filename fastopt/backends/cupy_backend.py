@@ -67,11 +67,12 @@ def kernel(rule, flags):
     return k
 
 
-def cuda_source_for(rule, flags, dtype):
+def cuda_source_for(rule, flags, dtype, index_32_bits=True):
     """The complete CUDA source CuPy compiles for one variant and dtype, and the NVRTC options
     it compiles with (without the ``-arch``), built without a GPU (for compile checks).
 
-    Uses CuPy's own code generator for a 1-D contiguous launch, so the text is what CuPy runs.
+    Uses CuPy's own code generator for a 1-D contiguous launch, so the text is what CuPy runs;
+    ``index_32_bits=False`` is the form CuPy picks for arrays of 2**31 elements or more.
     Returns ``(source, options)``."""
     if cupy is None:
         raise RuntimeError(_import_error)
@@ -85,10 +86,10 @@ def cuda_source_for(rule, flags, dtype):
     infos = []
     for p in ek.params[:-1]:
         if p.name in RULES[rule].SCALARS:
-            infos.append(_kernel._ArgInfo(scalar, dtype.type, dtype, 0, True, True))
+            infos.append(_kernel._ArgInfo(scalar, dtype.type, dtype, 0, True, index_32_bits))
         else:
-            infos.append(_kernel._ArgInfo(ndarray, cupy.ndarray, dtype, 1, True, True))
-    infos.append(_kernel._ArgInfo(indexer, _carray.Indexer, None, 1, True, True))
+            infos.append(_kernel._ArgInfo(ndarray, cupy.ndarray, dtype, 1, True, index_32_bits))
+    infos.append(_kernel._ArgInfo(indexer, _carray.Indexer, None, 1, True, index_32_bits))
     type_map = _kernel._TypeMap((("T", dtype.type),))
     code = _kernel._get_elementwise_kernel_code(tuple(infos), type_map, ek.params, op, name,
                                                 pre)
@@ -122,10 +123,11 @@ def launch(rule, flags, param, grad, states, k):
             raise ValueError(f"{name}: required by {rule} with {flags}, got None")
         arrays.append(_as_cupy(s, name))
     for name, a in zip(("grad",) + tuple(n for n, u in zip(names, used) if u), arrays):
-        if a.shape != p.shape or a.dtype != p.dtype:
-            raise ValueError(f"{name}: shape {a.shape} dtype {a.dtype}, expected shape {p.shape} "
-                             f"dtype {p.dtype} like param")
+        if a.shape != p.shape or a.dtype != p.dtype or a.device != p.device:
+            raise ValueError(f"{name}: shape {a.shape} dtype {a.dtype} on {a.device}, expected "
+                             f"shape {p.shape} dtype {p.dtype} on {p.device} like param")
     if p.size == 0:
         return
     scalar = p.dtype.type
-    kernel(rule, flags)(arrays[0], *(scalar(x) for x in k), p, *arrays[1:])
+    with p.device:  # run where the data lives, whatever device is current
+        kernel(rule, flags)(arrays[0], *(scalar(x) for x in k), p, *arrays[1:])
