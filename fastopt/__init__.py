@@ -14,7 +14,9 @@ if not _os.path.isdir(_os.path.join(__path__[0], "kernels")):
     if _os.path.isfile(_os.path.join(_root, "kernels", "__init__.py")):
         __path__.append(_root)
 
+from ._validate import NonFiniteGradientError  # noqa: E402
 from .backends import available_backends  # noqa: E402
+from .checkpoint import CheckpointError, load_checkpoint, save_checkpoint  # noqa: E402
 from .flat import FlatBuffer  # noqa: E402
 from .optimizer import Optimizer  # noqa: E402
 from .optimizers import (SGD, AdaGrad, Adagrad, Adam, AdamW, Lion, Momentum,  # noqa: E402
@@ -23,4 +25,6 @@ from .optimizers import (SGD, AdaGrad, Adagrad, Adam, AdamW, Lion, Momentum,  # 
 __version__ = "0.1.0"
 
 __all__ = ["SGD", "Momentum", "Nesterov", "AdaGrad", "Adagrad", "RMSProp", "RMSprop", "Adam",
-           "AdamW", "Lion", "FlatBuffer", "Optimizer", "available_backends", "__version__"]
+           "AdamW", "Lion", "FlatBuffer", "Optimizer", "available_backends",
+           "save_checkpoint", "load_checkpoint", "CheckpointError", "NonFiniteGradientError",
+           "__version__"]

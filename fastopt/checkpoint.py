@@ -1,0 +1,239 @@
+"""Checkpoints: parameters and optimizer in one file, written atomically, verified on load.
+
+File layout (all integers little-endian)::
+
+    magic      8 bytes   b"FOPTCKPT"
+    version    u32       FORMAT_VERSION
+    header_len u64       bytes of the JSON header
+    payload_len u64      bytes of the array payload
+    sha256     32 bytes  over everything else in the file (magic .. payload, this field excluded)
+    header     JSON      optimizer kind, step, hyperparameters, and per array: role (param or
+                         state), parameter name, state name, dtype ("<f4"/"<f8"), shape, offset,
+                         nbytes
+    payload    the arrays' raw bytes, C order, one after the other
+
+No pickle anywhere: the header is JSON, the arrays are raw little-endian floats, so loading a
+file from anywhere runs no code. ``save_checkpoint`` writes a temporary file in the target's
+directory, flushes and fsyncs it, renames it over the target (``os.replace``, atomic on POSIX
+and Windows) and fsyncs the directory: a crash or an error leaves either the old file or the
+new one, never a mix. ``load_checkpoint`` reads and verifies the whole file (magic, version,
+size, checksum, header, then names, shapes and dtypes against the given parameters and
+optimizer) before it writes a single byte.
+"""
+import contextlib
+import hashlib
+import json
+import math
+import os
+import struct
+import tempfile
+
+import numpy as np
+
+from ._arrays import array_module, as_xp_array, to_numpy
+from ._validate import SUPPORTED_DTYPES, check_array, check_names, describe, dtype_of
+from .flat import FlatBuffer
+from .optimizer import Optimizer
+
+__all__ = ["save_checkpoint", "load_checkpoint", "CheckpointError", "FORMAT_VERSION", "MAGIC"]
+
+MAGIC = b"FOPTCKPT"
+FORMAT_VERSION = 1
+_PREFIX = struct.Struct("<8sIQQ")          # magic, version, header_len, payload_len
+_DIGEST = 32
+_HEAD = _PREFIX.size + _DIGEST
+_DTYPES = {np.dtype(d).newbyteorder("<").str: np.dtype(d).newbyteorder("<")
+           for d in SUPPORTED_DTYPES}
+
+
+class CheckpointError(ValueError):
+    """A checkpoint file that is truncated, corrupted, foreign or of an unknown version."""
+
+
+def _named_params(params):
+    if isinstance(params, FlatBuffer):
+        return dict(params.params)
+    if not isinstance(params, dict):
+        raise TypeError(f"params must be a dict name -> array or a fastopt.FlatBuffer, got "
+                        f"{type(params).__name__}")
+    out = {}
+    for name, a in params.items():
+        if not isinstance(name, str):
+            raise TypeError(f"parameter names must be strings, got {name!r}")
+        a = as_xp_array(a)
+        check_array(name, "param", a)
+        out[name] = a
+    return out
+
+
+def save_checkpoint(path, optimizer, params):
+    """Write ``params`` (dict name -> array, or a ``FlatBuffer``) and ``optimizer`` (kind,
+    hyperparameters, flags, step, every state buffer) to ``path``, atomically.
+
+    Device arrays are copied to the host for writing. On any error the previous file at
+    ``path`` is left as it was and no temporary file remains.
+    """
+    if not isinstance(optimizer, Optimizer):
+        raise TypeError(f"optimizer must be a fastopt optimizer, got {type(optimizer).__name__}")
+    named = _named_params(params)
+    sd = optimizer.state_dict()
+    if sd["state"]:
+        check_names(sd["state"], named, "the optimizer's parameter names",
+                    "the names of the params being saved")
+    arrays = [("param", n, None, to_numpy(a)) for n, a in named.items()]
+    arrays += [("state", n, s, a) for n, st in sd["state"].items() for s, a in st.items()]
+    entries, blobs, offset = [], [], 0
+    for role, name, slot, a in arrays:
+        a = np.ascontiguousarray(a, dtype=a.dtype.newbyteorder("<"))
+        blob = a.tobytes()
+        entries.append({"role": role, "name": name, "slot": slot, "dtype": a.dtype.str,
+                        "shape": list(a.shape), "offset": offset, "nbytes": len(blob)})
+        blobs.append(blob)
+        offset += len(blob)
+    header = json.dumps({"format": "fastopt-checkpoint", "optimizer": sd["optimizer"],
+                         "step": sd["step"], "hyperparams": sd["hyperparams"],
+                         "arrays": entries}, allow_nan=False, sort_keys=True).encode()
+    prefix = _PREFIX.pack(MAGIC, FORMAT_VERSION, len(header), offset)
+    h = hashlib.sha256(prefix)
+    h.update(header)
+    for blob in blobs:
+        h.update(blob)
+    _atomic_write(os.fspath(path), [prefix, h.digest(), header, *blobs])
+
+
+def _atomic_write(path, chunks):
+    directory = os.path.dirname(os.path.abspath(path))
+    fd, tmp = tempfile.mkstemp(prefix="." + os.path.basename(path) + ".", suffix=".tmp",
+                               dir=directory)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            for chunk in chunks:
+                f.write(chunk)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
+    _fsync_dir(directory)
+
+
+def _fsync_dir(directory):
+    """Make the rename itself durable (POSIX); a no-op where directories cannot be opened."""
+    try:
+        fd = os.open(directory, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def _read(path):
+    """The verified header and the arrays of a checkpoint file (host, read-only views)."""
+    with open(path, "rb") as f:
+        blob = f.read()
+    where_ = f"checkpoint {os.fspath(path)!r}"
+    if len(blob) < _HEAD:
+        if not MAGIC.startswith(blob[:len(MAGIC)]):
+            raise CheckpointError(f"{where_} is not a fastopt checkpoint (bad magic bytes)")
+        raise CheckpointError(f"{where_} is truncated: {len(blob)} bytes, shorter than the "
+                              f"{_HEAD}-byte prefix")
+    magic, version, header_len, payload_len = _PREFIX.unpack_from(blob)
+    if magic != MAGIC:
+        raise CheckpointError(f"{where_} is not a fastopt checkpoint (magic {magic!r}, "
+                              f"expected {MAGIC!r})")
+    if version != FORMAT_VERSION:
+        raise CheckpointError(f"{where_} has format version {version}; this fastopt reads "
+                              f"version {FORMAT_VERSION}")
+    expected = _HEAD + header_len + payload_len
+    if len(blob) != expected:
+        raise CheckpointError(f"{where_} is {len(blob)} bytes but its prefix says {expected} "
+                              f"({'truncated' if len(blob) < expected else 'trailing data'})")
+    h = hashlib.sha256(blob[:_PREFIX.size])
+    h.update(memoryview(blob)[_HEAD:])
+    if h.digest() != blob[_PREFIX.size:_HEAD]:
+        raise CheckpointError(f"{where_} is corrupted: sha256 checksum mismatch")
+    try:
+        header = json.loads(blob[_HEAD:_HEAD + header_len].decode())
+    except (UnicodeDecodeError, ValueError) as exc:
+        raise CheckpointError(f"{where_} has an unreadable header: {exc}") from None
+    payload = memoryview(blob)[_HEAD + header_len:]
+    return header, _arrays(header, payload, where_)
+
+
+def _arrays(header, payload, where_):
+    def bad(msg):
+        return CheckpointError(f"{where_} has a malformed header: {msg}")
+
+    if not isinstance(header, dict) or header.get("format") != "fastopt-checkpoint":
+        raise bad("not a fastopt checkpoint header")
+    for key in ("optimizer", "step", "hyperparams", "arrays"):
+        if key not in header:
+            raise bad(f"missing {key!r}")
+    params, state, end = {}, {}, 0
+    for e in header["arrays"]:
+        if not isinstance(e, dict) or e.get("dtype") not in _DTYPES \
+                or e.get("role") not in ("param", "state") or not isinstance(e.get("name"), str):
+            raise bad(f"bad array entry {e!r}")
+        dt, shape = _DTYPES[e["dtype"]], e.get("shape")
+        if not isinstance(shape, list) or not all(isinstance(n, int) and n >= 0 for n in shape):
+            raise bad(f"bad shape in {e!r}")
+        nbytes = math.prod(shape) * dt.itemsize
+        if e.get("offset") != end or e.get("nbytes") != nbytes or end + nbytes > len(payload):
+            raise bad(f"array {e['name']!r} does not fit the payload")
+        a = np.frombuffer(payload, dt, math.prod(shape), end).reshape(shape)
+        a = a.astype(dt.newbyteorder("="), copy=False)
+        end += nbytes
+        if e["role"] == "param":
+            if e["name"] in params:
+                raise bad(f"parameter {e['name']!r} twice")
+            params[e["name"]] = a
+        else:
+            if not isinstance(e.get("slot"), str) or e["slot"] in state.get(e["name"], {}):
+                raise bad(f"bad or repeated state entry {e!r}")
+            state.setdefault(e["name"], {})[e["slot"]] = a
+    if end != len(payload):
+        raise bad("payload holds bytes no array claims")
+    return params, state
+
+
+def load_checkpoint(path, optimizer, params):
+    """Restore a ``save_checkpoint`` file in place into ``params`` (dict name -> array, or a
+    ``FlatBuffer``) and ``optimizer``.
+
+    Verifies everything before writing anything: magic, version, size, checksum and header of
+    the file; then that the parameter names, shapes and dtypes are those of ``params`` and that
+    the optimizer kind, flags, hyperparameters and state fit ``optimizer``. A refused file
+    raises ``CheckpointError`` (a ``ValueError``), or ``KeyError``/``ValueError``/``TypeError``
+    for a mismatch, and changes nothing. Device arrays are restored on their device.
+    """
+    if not isinstance(optimizer, Optimizer):
+        raise TypeError(f"optimizer must be a fastopt optimizer, got {type(optimizer).__name__}")
+    named = _named_params(params)
+    header, (saved, state) = _read(path)
+    check_names(saved, named, "the checkpoint's parameter names",
+                "the names of the params being restored")
+    for name, a in saved.items():
+        p = named[name]
+        if tuple(p.shape) != a.shape or dtype_of(p) != a.dtype:
+            raise ValueError(f"checkpoint parameter {name!r} is {a.dtype}{list(a.shape)} but "
+                             f"the param is {describe(p)}; expected the same shape and dtype")
+        if isinstance(p, np.ndarray) and not p.flags.writeable:
+            raise ValueError(f"param {name!r} ({describe(p)}) is read-only; cannot restore "
+                             "into it")
+    if state:
+        check_names(state, named, "the checkpoint's optimizer state names",
+                    "the names of the params being restored")
+    sd = {"optimizer": header["optimizer"], "step": header["step"],
+          "hyperparams": header["hyperparams"], "state": state}
+    plan = optimizer._check_state_dict(sd)   # kind, flags, values, names, shapes, dtypes
+    # everything is verified: from here on nothing can be refused
+    for name, a in saved.items():
+        p = named[name]
+        p[...] = array_module(p).asarray(a) if not isinstance(p, np.ndarray) else a
+    optimizer._commit_state_dict(*plan)
