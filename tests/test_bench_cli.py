@@ -1,0 +1,169 @@
+"""``fastopt bench`` on tiny sizes: the table, the JSON schema, the traffic model, bad options.
+
+Timings are never asserted (they depend on the machine); what is checked is that every number
+the command reports is derived correctly from the raw timings it recorded.
+"""
+import json
+import math
+import os
+import statistics
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from fastopt import _bench, cli
+from fastopt._bench import CASES, DESIGN_BYTES_F32, bytes_per_step, transformer_shapes
+from fastopt.backends import BACKENDS, available_backends
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TINY = ["--sizes", "4096", "--dtypes", "float32", "--reps", "3"]
+RECORD_KEYS = {"optimizer", "backend", "dtype", "n", "median_s", "bytes", "gbps", "ceiling_gbps",
+               "copy_gbps", "times_s", "device", "layout", "pct_of_ceiling", "speedup_vs_numpy"}
+
+
+def test_traffic_model_is_design_table():
+    """bytes/elem = (3 + 2·states)·itemsize reproduces DESIGN.md §6 and scales with the dtype."""
+    assert set(DESIGN_BYTES_F32) == set(CASES)
+    for name, case in CASES.items():
+        assert bytes_per_step(case.n_state, 1, np.float32) == DESIGN_BYTES_F32[name], name
+        assert bytes_per_step(case.n_state, 1000, np.float64) == 2000 * DESIGN_BYTES_F32[name]
+
+
+@pytest.mark.parametrize("n", [4096, 1 << 20, 10 ** 7 + 3, 1 << 24])
+def test_transformer_shapes_add_up(n):
+    shapes = transformer_shapes(n)
+    assert sum(math.prod(s) for s in shapes) == n
+    assert 190 <= len(shapes) <= 200
+    assert all(math.prod(s) > 0 for s in shapes)
+
+
+def test_transformer_shapes_too_small():
+    assert transformer_shapes(100) is None
+
+
+@pytest.mark.parametrize("text, n", [("1048576", 1 << 20), ("2^20", 1 << 20), ("1<<20", 1 << 20),
+                                     ("1e7", 10 ** 7), ("10_000", 10000)])
+def test_size_syntax(text, n):
+    from fastopt.bench import _size
+
+    assert _size(text) == n
+    assert _bench.fmt_n(1 << 20) == "2^20" and _bench.fmt_n(10 ** 7) == "10^7"
+
+
+@pytest.fixture(scope="module")
+def tiny_run(tmp_path_factory):
+    """One tiny sweep through the public entry point (``fastopt bench ...``)."""
+    path = tmp_path_factory.mktemp("bench") / "run.json"
+    argv = ["bench", "--optimizers", "sgd,adam-amsgrad,lion", *TINY, "--json", str(path)]
+    import contextlib
+    import io
+
+    out, err = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        rc = cli.main(argv)
+    with open(path) as f:
+        doc = json.load(f)
+    return rc, out.getvalue(), err.getvalue(), doc
+
+
+def test_tiny_run_prints_table(tiny_run):
+    rc, out, err, doc = tiny_run
+    assert rc == 0
+    header = out.splitlines()[0].split()
+    assert header == ["optimizer", "backend", "n", "dtype", "ms/step", "GB/s", "%", "ceil",
+                      "x", "numpy", "x", "torch"]
+    for name in ("sgd", "adam-amsgrad", "lion"):
+        assert any(line.split()[:2] == [name, "numba"] for line in out.splitlines()), name
+    assert "[1/3]" in err and "[3/3]" in err        # progress went to stderr
+    assert "[1/3]" not in out
+
+
+def test_tiny_run_json_schema(tiny_run):
+    _, _, _, doc = tiny_run
+    assert {"device", "versions", "records"} <= set(doc)
+    assert doc["device"]["cores"] == os.cpu_count() and doc["device"]["cpu"]
+    assert {"python", "numpy", "numba", "fastopt"} <= set(doc["versions"])
+    recs = doc["records"]
+    backends = {r["backend"] for r in recs}
+    assert {"numpy", "numba"} <= backends
+    for r in recs:
+        assert RECORD_KEYS <= set(r), r["backend"]
+        assert r["n"] == 4096 and r["dtype"] == "float32"
+        assert r["bytes"] == bytes_per_step(CASES[r["optimizer"]].n_state, 4096, np.float32)
+        assert len(r["times_s"]) == r["reps"] >= 3
+        assert r["median_s"] == pytest.approx(statistics.median(r["times_s"]))
+        assert r["gbps"] == pytest.approx(r["bytes"] / r["median_s"] / 1e9)
+        assert r["ceiling_gbps"] > 0 and r["copy_gbps"] > 0 and r["ceiling_backend"] == "numba"
+        assert r["pct_of_ceiling"] == pytest.approx(100 * r["gbps"] / r["ceiling_gbps"])
+    by = {(r["optimizer"], r["backend"], r["layout"]): r for r in recs}
+    for name in ("sgd", "adam-amsgrad", "lion"):
+        fast, oracle = by[(name, "numba", "flat")], by[(name, "numpy", "flat")]
+        assert fast["speedup_vs_numpy"] == pytest.approx(oracle["median_s"] / fast["median_s"])
+
+
+def test_tiny_run_torch_peers(tiny_run):
+    pytest.importorskip("torch")
+    _, _, _, doc = tiny_run
+    recs = doc["records"]
+    peers = [r for r in recs if r["backend"].startswith("torch-")]
+    assert {r["optimizer"] for r in peers} == {"sgd", "adam-amsgrad"}   # torch has no Lion
+    assert {r["layout"] for r in peers} == {"flat", "list"}
+    assert all(r["n_tensors"] > 150 for r in peers if r["layout"] == "list")
+    for r in recs:
+        if r["backend"] == "numba" and r["optimizer"] != "lion":
+            best = min(p["median_s"] for p in peers if p["optimizer"] == r["optimizer"])
+            assert r["speedup_vs_torch"] == pytest.approx(best / r["median_s"])
+    assert "torch" in doc["versions"]
+
+
+def test_plot(tmp_path):
+    pytest.importorskip("matplotlib")
+    path = tmp_path / "bars.png"
+    assert cli.main(["bench", "--optimizers", "sgd", "--backends", "numba", *TINY,
+                     "--plot", str(path)]) == 0
+    assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_plot_without_matplotlib(monkeypatch, capsys):
+    monkeypatch.setitem(sys.modules, "matplotlib", None)   # import matplotlib -> ImportError
+    assert cli.main(["bench", "--optimizers", "sgd", *TINY, "--plot", "x.png"]) == 2
+    assert "matplotlib" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("argv, words", [
+    (["--optimizers", "adamm"], "unknown optimizer 'adamm'"),
+    (["--backends", "cuda"], "unknown backend 'cuda'"),
+    (["--sizes", "big"], "invalid size 'big'"),
+    (["--sizes", "0"], "sizes must be >= 1"),
+    (["--dtypes", "float16"], "unknown dtype 'float16'"),
+    (["--reps", "0"], "must be > 0"),
+    (["--frobnicate"], "unrecognized arguments"),
+])
+def test_bad_options_exit_2(argv, words, capsys):
+    with pytest.raises(SystemExit) as exc:
+        cli.main(["bench", *argv])
+    assert exc.value.code == 2
+    assert words in capsys.readouterr().err
+
+
+def test_unavailable_backend_exit_2(capsys):
+    missing = [b for b in BACKENDS if b not in available_backends()]
+    if not missing:
+        pytest.skip("every backend can run here")
+    with pytest.raises(SystemExit) as exc:
+        cli.main(["bench", "--backends", missing[0], *TINY])
+    assert exc.value.code == 2
+    assert f"backend {missing[0]!r} is not available" in capsys.readouterr().err
+
+
+def test_console_entry_point_runs():
+    """``python -m fastopt bench`` in a fresh process: table on stdout, progress on stderr."""
+    proc = subprocess.run([sys.executable, "-m", "fastopt", "bench", "--optimizers", "momentum",
+                           "--backends", "numpy,numba", *TINY], cwd=ROOT, capture_output=True,
+                          text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    rows = [line.split() for line in proc.stdout.splitlines()]
+    assert ["momentum", "numba", "2^12", "float32"] in [r[:4] for r in rows]
+    assert "[1/1] momentum" in proc.stderr
