@@ -217,6 +217,15 @@ def launch(rule, flags, param, grad, states, k):
         arrays = [param, grad] + [param[:0] if s is None else s for s in states]
         fn[blocks, threads](*arrays, scalars)
         return
+    dev = getattr(getattr(param, "device", None), "id", None)  # CuPy arrays say which GPU
+    if isinstance(dev, int) and dev != cuda.get_current_device().id:
+        with cuda.gpus[dev]:  # launch where the arrays live, not on Numba's current device
+            _launch_device(fn, blocks, threads, param, grad, states, scalars)
+    else:
+        _launch_device(fn, blocks, threads, param, grad, states, scalars)
+
+
+def _launch_device(fn, blocks, threads, param, grad, states, scalars):
     ptr = _stream_ptr(param)
     p = _device_view(param, "param")
     arrays = [p, _device_view(grad, "grad")]
