@@ -26,6 +26,10 @@ def sgd(param, grad, momentum_buffer=None, *, step, lr=1e-3, momentum=0.0, dampe
         weight_decay=0.0, nesterov=False, maximize=False, backend="auto"):
     """SGD / Momentum / Nesterov; ``momentum_buffer`` is required when ``momentum != 0``."""
     first = step == 1
+    if first and momentum != 0 and momentum_buffer is not None:
+        # the rule computes b = 0·b + g on the first step; 0·NaN is NaN, so an uninitialised
+        # buffer (PyTorch has none before step 1) must be cleared for b = g to hold exactly
+        momentum_buffer[...] = 0
     k = (weight_decay, 0.0 if first else momentum, 1.0 if first else 1.0 - dampening, momentum, lr)
     flags = dict(maximize=maximize, decay=weight_decay != 0, momentum=momentum != 0,
                  nesterov=nesterov)

@@ -62,15 +62,22 @@ def _config_id(cfg):
 
 
 def _inputs(rng, name, n, steps):
-    """Parameters and a gradient per step, random and non-zero. Lion's gradients keep one
-    sign per element across steps: sign(β1·m + (1−β1)·g) then never sits on a rounding
-    tie between float32 and float64, where the two would legitimately step apart by 2·lr."""
-    p0 = rng.standard_normal(n)
-    if name == "Lion":
-        sign = np.where(rng.random(n) < 0.5, -1.0, 1.0)
-        grads = [sign * rng.uniform(0.25, 2.0, n) for _ in range(steps)]
-    else:
-        grads = [rng.standard_normal(n) for _ in range(steps)]
+    """Parameters and a gradient per step, random and bounded away from zero.
+
+    Why bounded: at step 1 the normalising optimizers move by about ±lr·g/|g| (Adam, AdaGrad,
+    RMSProp) or ±lr (Lion), so where g = ±grad + wd·p cancels to a few ulps the float32 and
+    float64 results legitimately step in different directions. |grad| >= 0.6 > |wd·p| (wd <= 0.1,
+    |p| <= 3 plus a small drift) rules that out. Lion's gradients also keep one sign per element
+    across steps, so sign(β1·m + (1−β1)·g) never sits on a rounding tie in later steps either.
+    """
+    p0 = rng.uniform(-3.0, 3.0, n)
+
+    def sign():
+        return np.where(rng.random(n) < 0.5, -1.0, 1.0)
+
+    fixed = sign()
+    grads = [(fixed if name == "Lion" else sign()) * rng.uniform(0.6, 2.0, n)
+             for _ in range(steps)]
     return p0, grads
 
 
@@ -145,3 +152,22 @@ def test_parity(cfg, dtype, n, steps, api, backend):
     for s, ref in state_ref.items():
         assert state[s].dtype == dtype, f"{s} dtype"
         assert_close(state[s], ref, dtype, f"{name} {s}")
+
+
+@pytest.mark.parametrize("backend", backend_params())
+@pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: np.dtype(d).name)
+@pytest.mark.parametrize("kw", [dict(), dict(dampening=0.5), dict(nesterov=True),
+                                dict(weight_decay=0.1, maximize=True)],
+                         ids=["plain", "dampening", "nesterov", "wd-maximize"])
+def test_first_momentum_step_overwrites_a_poisoned_buffer(kw, dtype, backend):
+    """Step 1 sets b = g (PyTorch creates the buffer then): whatever the buffer held before,
+    NaN included, must not leak into the result."""
+    rng = np.random.default_rng(7)
+    n = 1001
+    p0 = rng.uniform(-3.0, 3.0, n).astype(dtype)
+    g = (np.where(rng.random(n) < 0.5, -1.0, 1.0) * rng.uniform(0.6, 2.0, n)).astype(dtype)
+    p, buf = p0.copy(), np.full(n, np.nan, dtype)
+    fastopt.functional.sgd(p, g, buf, step=1, lr=0.05, momentum=0.9, backend=backend, **kw)
+    p_ref, s_ref = run_oracle("SGD", dict(lr=0.05, momentum=0.9, **kw), p0, [g])
+    assert_close(p, p_ref, dtype, "SGD param")
+    assert_close(buf, s_ref["momentum_buffer"], dtype, "SGD momentum_buffer")
