@@ -5,13 +5,14 @@ repetition measures the device time of everything the call launched, not the lau
 CuPy and Numba are recorded on the legacy default stream, which orders itself with every other
 blocking stream. The same-traffic kernels mirror ``_bench_cpu``: one per number of state
 buffers, one multiply-add per buffer, on the backend being measured (a CuPy
-``ElementwiseKernel`` or a ``numba.cuda`` kernel), plus a device-to-device copy.
+``ElementwiseKernel`` here, ``numba.cuda`` kernels in ``_bench_numba_cuda``), plus a
+device-to-device copy.
 """
 from ._bench import Runner, bytes_per_step
 
 __all__ = ["EventTimer", "timer_for", "gpu_name", "to_device", "traffic_runner", "copy_runner"]
 
-_kernels = {}
+_cupy_kernels = {}
 
 
 class EventTimer:
@@ -41,7 +42,7 @@ def timer_for(kind):
     if kind == "numba-cuda":
         from numba import cuda
 
-        return EventTimer(lambda: cuda.event(timing=True), cuda.event_elapsed_time,
+        return EventTimer(cuda.event, lambda a, b: a.elapsed_time(b),  # timing=True by default
                           cuda.synchronize)
     if kind == "torch":
         import torch
@@ -86,69 +87,6 @@ def _cupy_traffic(n_state):
     return cupy.ElementwiseKernel("T g, T c", outs, body, f"fastopt_traffic{n_state}")
 
 
-def _numba_cuda_kernels():
-    from numba import cuda
-
-    @cuda.jit
-    def traffic0(p, g, c):
-        i, step = cuda.grid(1), cuda.gridsize(1)
-        while i < p.shape[0]:
-            p[i] = p[i] + c * g[i]
-            i += step
-
-    @cuda.jit
-    def traffic1(p, g, s0, c):
-        i, step = cuda.grid(1), cuda.gridsize(1)
-        while i < p.shape[0]:
-            gi = g[i]
-            p[i] = p[i] + c * gi
-            s0[i] = s0[i] + c * gi
-            i += step
-
-    @cuda.jit
-    def traffic2(p, g, s0, s1, c):
-        i, step = cuda.grid(1), cuda.gridsize(1)
-        while i < p.shape[0]:
-            gi = g[i]
-            p[i] = p[i] + c * gi
-            s0[i] = s0[i] + c * gi
-            s1[i] = s1[i] + c * gi
-            i += step
-
-    @cuda.jit
-    def traffic3(p, g, s0, s1, s2, c):
-        i, step = cuda.grid(1), cuda.gridsize(1)
-        while i < p.shape[0]:
-            gi = g[i]
-            p[i] = p[i] + c * gi
-            s0[i] = s0[i] + c * gi
-            s1[i] = s1[i] + c * gi
-            s2[i] = s2[i] + c * gi
-            i += step
-
-    @cuda.jit
-    def copy(dst, src):
-        i, step = cuda.grid(1), cuda.gridsize(1)
-        while i < src.shape[0]:
-            dst[i] = src[i]
-            i += step
-
-    return {0: traffic0, 1: traffic1, 2: traffic2, 3: traffic3, "copy": copy}
-
-
-def _numba_cuda_launch(kernel, n, *args):
-    """``kernel`` over ``n`` elements: 256 threads a block, enough blocks to fill every SM
-    several times over (grid-stride loops cover the rest)."""
-    from numba import cuda
-
-    if "numba-cuda" not in _kernels:
-        _kernels["numba-cuda"] = _numba_cuda_kernels()
-    sms = cuda.get_current_device().MULTIPROCESSOR_COUNT
-    blocks = max(1, min(-(-n // 256), 32 * sms))
-    kern = _kernels["numba-cuda"][kernel]
-    return lambda: kern[blocks, 256](*args)
-
-
 def traffic_runner(backend, n_state, p0, g0):
     """Same-traffic kernel on ``backend`` ("cupy" or "numba-cuda") over device copies of the
     host arrays ``p0``/``g0`` and ``n_state`` zeroed state buffers."""
@@ -159,15 +97,17 @@ def traffic_runner(backend, n_state, p0, g0):
     c = p0.dtype.type(1e-3)
     if backend == "cupy":
         key = ("cupy", n_state)
-        if key not in _kernels:
-            _kernels[key] = _cupy_traffic(n_state)
-        kern = _kernels[key]
+        if key not in _cupy_kernels:
+            _cupy_kernels[key] = _cupy_traffic(n_state)
+        kern = _cupy_kernels[key]
         fn = lambda: kern(g, c, p, *states)  # noqa: E731
     elif backend == "numba-cuda":
         from numba import cuda
 
         arrs = [cuda.as_cuda_array(a) for a in (p, g, *states)]
-        fn = _numba_cuda_launch(n_state, p.size, *arrs, c)
+        from ._bench_numba_cuda import launcher
+
+        fn = launcher(n_state, p.size, *arrs, c)
     else:
         raise ValueError(f"no GPU ceiling for backend {backend!r}")
     return Runner(f"ceiling:{backend}", fn, timer_for(backend),
@@ -185,8 +125,9 @@ def copy_runner(backend, p0):
     elif backend == "numba-cuda":
         from numba import cuda
 
-        fn = _numba_cuda_launch("copy", src.size, cuda.as_cuda_array(dst),
-                                cuda.as_cuda_array(src))
+        from ._bench_numba_cuda import launcher
+
+        fn = launcher("copy", src.size, cuda.as_cuda_array(dst), cuda.as_cuda_array(src))
     else:
         raise ValueError(f"no GPU copy for backend {backend!r}")
     return Runner(f"copy:{backend}", fn, timer_for(backend), 2 * src.nbytes, keep=(src, dst))

@@ -7,7 +7,7 @@ dicts, the schema of ``bench/results/*.json``; ``finalize`` adds the cross-group
 (× NumPy oracle, × torch).
 """
 from ._bench import HostTimer, Runner, bytes_per_step, host_data, measure_group, median, percent
-from .backends import BACKENDS, get_backend
+from .backends import BACKENDS, available_backends, get_backend
 
 __all__ = ["device_of", "ceiling_backend", "fastopt_runner", "ceiling_runner", "copy_runner",
            "group_factories", "run_group", "finalize"]
@@ -76,7 +76,7 @@ def group_factories(case, device, n, dtype, backends, torch_modes=(), layouts=("
     """Factories for ``measure_group``: keys ("step", backend), ("ceiling", backend),
     ("copy", backend), ("torch", mode, layout)."""
     p0, g0 = host_data(n, dtype, seed)
-    ceil = ceiling_backend(device, backends)
+    ceil = ceiling_backend(device, available_backends())
     facs = {}
     for b in backends:
         facs[("step", b)] = lambda b=b: fastopt_runner(case, b, p0, g0)

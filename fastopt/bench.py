@@ -11,6 +11,7 @@ and a bar chart as PNG. Progress goes to stderr, the table to stdout.
 """
 import argparse
 import datetime
+import importlib.util
 import json
 import os
 import sys
@@ -151,6 +152,9 @@ def _plan(args, ap):
         devices.setdefault("cuda", [])
     if PEER in chosen:
         devices.setdefault("cpu", [])
+    if devices.get("cuda") and importlib.util.find_spec("cupy") is None:
+        ap.error("the GPU benchmarks allocate their buffers with CuPy, which is not installed: "
+                 "pip install 'fastopt[cuda12]' (or [cuda13])")
     cases = [CASES[c] for c in (args.optimizers or CASE_NAMES)]
     plan = []
     for device in ("cpu", "cuda"):

@@ -167,3 +167,53 @@ def test_console_entry_point_runs():
     rows = [line.split() for line in proc.stdout.splitlines()]
     assert ["momentum", "numba", "2^12", "float32"] in [r[:4] for r in rows]
     assert "[1/1] momentum" in proc.stderr
+
+
+def test_cpu_ceiling_kernels_touch_every_buffer():
+    """The same-traffic kernels read and write param and every state buffer (else the ceiling
+    would be measured on less traffic than the optimizer moves)."""
+    from fastopt._bench_cpu import TRAFFIC, copy_runner, traffic_runner
+
+    p0, g0 = _bench.host_data(1001, np.float32)
+    for n_state in TRAFFIC:
+        runner = traffic_runner(n_state, p0, g0)
+        runner.fn()
+        p, g, states = runner.keep
+        c = np.float32(1e-3)
+        np.testing.assert_array_equal(p, p0 + c * g0)
+        for s in states:
+            np.testing.assert_array_equal(s, c * g0)
+        assert runner.bytes == bytes_per_step(n_state, 1001, np.float32)
+    runner = copy_runner(p0)
+    runner.fn()
+    np.testing.assert_array_equal(runner.keep[1], p0)
+
+
+SIM_CHECK = """
+import numpy as np
+from fastopt._bench_numba_cuda import KERNELS, launcher
+rng = np.random.default_rng(3)
+n = 1000
+p0 = rng.standard_normal(n).astype(np.float32); g = rng.standard_normal(n).astype(np.float32)
+c = np.float32(0.5)
+for k in range(4):
+    p = p0.copy(); s = [rng.standard_normal(n).astype(np.float32) for _ in range(k)]
+    s0 = [x.copy() for x in s]
+    launcher(k, n, p, g, *s, c)()
+    np.testing.assert_array_equal(p, p0 + c * g)
+    for a, b in zip(s, s0):
+        np.testing.assert_array_equal(a, b + c * g)
+d = np.zeros(n, np.float32)
+launcher("copy", n, d, g)()
+np.testing.assert_array_equal(d, g)
+print("sim-ok")
+"""
+
+
+def test_numba_cuda_ceiling_kernels_in_simulator():
+    """The Numba CUDA ceiling kernels' indexing, under the CUDA simulator (no GPU needed)."""
+    pytest.importorskip("numba.cuda")
+    env = dict(os.environ, NUMBA_ENABLE_CUDASIM="1")
+    proc = subprocess.run([sys.executable, "-c", SIM_CHECK], cwd=ROOT, env=env,
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0 and "sim-ok" in proc.stdout, proc.stderr
