@@ -106,7 +106,7 @@ def _env():
     env = {"python": platform.python_version(), "numpy": np.__version__,
            "numba": numba.__version__, "numba_threads": numba.get_num_threads(),
            "fastopt": fastopt.__version__, "cpu": platform.processor() or platform.machine(),
-           "cores": os.cpu_count()}
+           "cores": os.cpu_count(), "loadavg_1min": os.getloadavg()[0]}
     try:
         with open("/proc/cpuinfo") as f:
             env["cpu"] = next(line.split(":", 1)[1].strip() for line in f
@@ -147,7 +147,8 @@ def main(argv=None):
         names_t = names
     env = _env()
     print(f"# n={args.n} float32, reps={args.reps}, cpu={env['cpu']}, cores={env['cores']}, "
-          f"numba {env['numba']} ({env['numba_threads']} threads), torch {env['torch']}")
+          f"numba {env['numba']} ({env['numba_threads']} threads), torch {env['torch']}, "
+          f"load {env['loadavg_1min']:.2f} (other work on these cores inflates every time)")
     hdr = (f"{'optimizer':10} {'numba ms':>9} {'torch ms':>9} {'numpy ms':>9} "
            f"{'torch/numba':>11} {'numpy/numba':>11}  torch variant")
     print(hdr)
@@ -163,6 +164,8 @@ def main(argv=None):
         tr = f"{res['speedup_vs_torch']:10.2f}x" if "torch" in m else f"{'-':>11}"
         print(f"{name:10} {m['numba']:9.2f} {tm} {m['numpy']:9.2f} {tr} "
               f"{res['speedup_vs_numpy']:10.1f}x  {res['torch'] or '-'}", flush=True)
+    env["loadavg_1min_after"] = os.getloadavg()[0]
+    print(f"# load after: {env['loadavg_1min_after']:.2f}")
     if args.json:
         os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
         with open(args.json, "w") as f:
