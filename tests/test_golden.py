@@ -47,7 +47,7 @@ CASES = {
          (0.9 - 0.1 * 1.0, {"momentum_buffer": 0.5 * 1.0 + 0.5 * 1.0}),
          (0.8 - 0.1 * 1.5, {"momentum_buffer": 0.5 * 1.0 + 0.5 * 2.0})],
         wrong=[1 - 0.1 * 0.5]),
-    # Momentum class: b = μ·b + g; p -= lr·b  (textbook v = μv − lr·g; p += v: v = −0.1, −0.25)
+    # Momentum: b = μ·b + g; p -= lr·b  (textbook v = μv − lr·g; p += v: v = −0.1, −0.25)
     "momentum": Case("Momentum", dict(lr=0.1, momentum=0.5), 1.0, [1.0, 2.0],
                      [(1 - 0.1, {"momentum_buffer": 1.0}),
                       (1 - 0.1 - 0.25, {"momentum_buffer": 0.5 * 1.0 + 2.0})]),
@@ -96,7 +96,7 @@ CASES = {
                    {"exp_avg": 0.5 * 2.0, "exp_avg_sq": 0.25 * 4.0}),
                   (0.9 - (0.1 / 0.75) * 1.0 / (sqrt(1.0) / sqrt(0.4375)),
                    {"exp_avg": 0.5 * 1.0 + 0.5 * 1.0, "exp_avg_sq": 0.75 * 1.0 + 0.25 * 1.0})]),
-    # trap: eps after the bias correction: d = √v/√bc2 + eps = 2 + 1 (before: (√v + eps)/√bc2 = 4)
+    # trap: eps after the bias correction: d = √v/√bc2 + eps = 2 + 1, not (√v + eps)/√bc2 = 4
     "adam_eps_after_bias_correction": Case(
         "Adam", dict(lr=0.1, betas=(0.5, 0.75), eps=1.0), 1.0, [2.0],
         [(1 - (0.1 / 0.5) * 1.0 / (sqrt(1.0) / sqrt(0.25) + 1.0),

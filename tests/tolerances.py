@@ -33,5 +33,6 @@ def assert_close(actual, ref, dtype, what):
     actual = np.asarray(actual)
     ref = np.asarray(ref, dtype=np.float64)
     assert actual.shape == ref.shape, f"{what}: shape {actual.shape} != oracle shape {ref.shape}"
-    assert np.isfinite(actual).all(), f"{what}: non-finite values {actual[~np.isfinite(actual)][:5]}"
+    bad = ~np.isfinite(actual)
+    assert not bad.any(), f"{what}: {bad.sum()} non-finite values, e.g. {actual[bad][:5]}"
     np.testing.assert_allclose(actual.astype(np.float64), ref, err_msg=what, **tol(dtype))
