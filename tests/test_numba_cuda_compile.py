@@ -20,16 +20,28 @@ from fastopt.kernels import RULES
 CCS = [(8, 0), (9, 0)]
 
 
+def _signature(rule, writes, dtype):
+    from numba import types
+    t = getattr(types, dtype)
+    return (t[::1],) * (2 + len(writes)) + (types.UniTuple(t, len(RULES[rule].SCALARS)),)
+
+
 def _toolchain():
     """(numba.cuda, backend module, nvjitlink or None), or a skip reason string."""
     if os.environ.get("NUMBA_ENABLE_CUDASIM", "0") not in ("", "0"):
         return "the CUDA simulator is on: it compiles nothing"
     try:
-        from numba import cuda, types
+        from numba import cuda
         from fastopt.backends import numba_cuda_backend as ncb
-        cuda.compile_ptx(lambda a: None, (types.float32[::1],), cc=(8, 0))
-    except Exception as exc:  # numba.cuda, NVVM or libdevice missing
-        return f"numba-cuda with NVVM is not installed ({type(exc).__name__}: {exc})"
+        rule, flags, writes = ncb.variants(["sgd"])[0]
+        # a real variant: numba's built-in CUDA target compiles a trivial kernel without a GPU
+        # but needs a driver for one that calls a device function
+        cuda.compile_ptx(ncb.python_kernel(rule, flags, writes),
+                         _signature(rule, writes, "float32"), cc=(8, 0))
+    except Exception as exc:  # numba-cuda, NVVM or libdevice missing
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+        return (f"numba-cuda with NVVM is not installed ({type(exc).__name__}: {first}); "
+                'pip install "numba-cuda[cu13]"')
     try:
         from cuda.bindings import nvjitlink
     except ImportError:
@@ -40,12 +52,6 @@ def _toolchain():
 _TC = _toolchain()
 pytestmark = pytest.mark.skipif(isinstance(_TC, str), reason=str(_TC))
 VARIANTS = [] if isinstance(_TC, str) else _TC[1].variants()
-
-
-def _signature(rule, writes, dtype):
-    from numba import types
-    t = getattr(types, dtype)
-    return (t[::1],) * (2 + len(writes)) + (types.UniTuple(t, len(RULES[rule].SCALARS)),)
 
 
 def _assemble(nvjitlink, ptx, cc):
