@@ -207,18 +207,23 @@ def format_table(records):
 
 
 def _ceiling_lines(records):
+    """One line per (backend, dtype, n): the median over the run's groups of the copy and of
+    each same-traffic ceiling (each group measured its own, next to the optimizers)."""
+    import statistics
+
     seen = {}
     for r in records:
-        if r.get("copy_gbps") is None:
+        if r.get("copy_gbps") is None or r["backend"].startswith("torch-"):
             continue
-        key = (r["ceiling_backend"], r["dtype"], r["n"])
-        seen.setdefault(key, {"copy": r["copy_gbps"], "traffic": {}})
-        seen[key]["traffic"].setdefault(r["bytes"] // r["n"], r["ceiling_gbps"])
+        v = seen.setdefault((r["ceiling_backend"], r["dtype"], r["n"]), {"copy": [], "traffic": {}})
+        v["copy"].append(r["copy_gbps"])
+        v["traffic"].setdefault(r["bytes"] // r["n"], []).append(r["ceiling_gbps"])
     out = []
     for (backend, dtype, n), v in seen.items():
-        traffic = ", ".join(f"{b} B/elem {g:.1f}" for b, g in sorted(v["traffic"].items()))
-        out.append(f"  {backend} {dtype} n={fmt_n(n)}: copy {v['copy']:.1f} GB/s; "
-                   f"same-traffic {traffic} GB/s")
+        traffic = ", ".join(f"{b} B/elem {statistics.median(g):.1f}"
+                            for b, g in sorted(v["traffic"].items()))
+        out.append(f"  {backend} {dtype} n={fmt_n(n)}: copy {statistics.median(v['copy']):.1f} "
+                   f"GB/s; same-traffic {traffic} GB/s")
     return out
 
 
@@ -261,6 +266,13 @@ def _progress(i, total, device, case, dtype, n):
           f"n={fmt_n(n):<8}", end="", file=sys.stderr, flush=True)
 
 
+def _loadavg():
+    try:
+        return round(os.getloadavg()[0], 2)
+    except (AttributeError, OSError):
+        return None
+
+
 def main(argv=None):
     ap = build_parser()
     args = ap.parse_args(argv)
@@ -285,6 +297,7 @@ def main(argv=None):
           + (f" + {gpu_name}" if gpu_name else "") + f", {reps} reps", file=sys.stderr)
     from ._bench_run import finalize, run_group
 
+    load_start = _loadavg()
     records, t_start = [], time.perf_counter()
     for i, (device, case, dtype, n, backends, modes) in enumerate(plan, 1):
         _progress(i, len(plan), device, case, dtype, n)
@@ -298,7 +311,7 @@ def main(argv=None):
     print(format_table(records))
     lines = _ceiling_lines(records)
     if lines:
-        print("\nceilings, measured in the same run on the same backend:")
+        print("\nceilings (median over the groups; each measured beside its optimizers, same backend):")
         print("\n".join(lines))
     print(f"\n{len(records)} records in {time.perf_counter() - t_start:.0f} s", file=sys.stderr)
     if args.json:
@@ -306,7 +319,9 @@ def main(argv=None):
                "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
                "command": "fastopt bench " + " ".join(argv if argv is not None else sys.argv[1:]),
                "device": _bench.device_info(gpu_name), "versions": _bench.versions(),
-               "config": {"reps": reps, "budget_s": budget, "quick": args.quick},
+               "config": {"reps": reps, "budget_s": budget, "quick": args.quick,
+                          # other work on the machine shows here (1-minute load averages)
+                          "loadavg_start": load_start, "loadavg_end": _loadavg()},
                "records": records}
         os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
         with open(args.json, "w") as f:
