@@ -84,7 +84,6 @@ class Optimizer:
         return {k: tuple(v) if isinstance(v, list) else v for k, v in out.items()}
 
     @device_arrays_update
-    @device_arrays_update
     def update(self, params, grads):
         """Update the arrays of ``params`` (dict name -> array) in place from ``grads``.
 
@@ -105,7 +104,6 @@ class Optimizer:
             self._run(p.reshape(-1), g, {s: a.reshape(-1) for s, a in self.state[name].items()})
         return True
 
-    @device_arrays_step
     @device_arrays_step
     def step(self, buf):
         """One fused step over a ``FlatBuffer``: one kernel call per dtype.
