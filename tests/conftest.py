@@ -1,8 +1,8 @@
 """Shared fixtures: the backend parametrization, seeded inputs and a float64 oracle runner.
 
-``backend_params()`` lists every backend ``fastopt`` knows. CPU backends run everywhere; those
-whose module says ``DEVICE == "cuda"`` carry the ``gpu`` marker and skip cleanly when they cannot
-run here, so a GPU suite (``-m gpu``) reuses the same parametrized tests.
+``backend_params()`` lists the host backends by default: these tests feed NumPy arrays, which a
+GPU backend rightly refuses. ``backend_params(names)`` with CUDA backends named (as ``tests/gpu/``
+does, on device arrays) marks them ``gpu`` and skips them cleanly when they cannot run here.
 
 ``run_oracle`` steps ``fastopt.reference`` directly (not through the optimizer classes) on
 float64 copies, with hyperparameters resolved from ``DEFAULTS`` (the table of DESIGN.md §3,
@@ -18,7 +18,6 @@ import fastopt
 from fastopt import backends as _backends
 from fastopt import reference
 
-#: CPU-only for now; a GPU backend joins by being listed in fastopt.backends.BACKENDS.
 #: "numpy" is the oracle itself: in float32 it is still checked against the float64 oracle.
 
 
@@ -30,10 +29,13 @@ def _device(name):
 
 
 def backend_params(names=None):
-    """``pytest.param`` per backend: CUDA backends get the ``gpu`` mark and a skip when absent."""
+    """``pytest.param`` per backend (default: the host ones); CUDA backends get the ``gpu`` mark
+    and a skip when absent."""
     avail = set(fastopt.available_backends())
     out = []
-    for name in names or list(_backends.BACKENDS):
+    if names is None:
+        names = [b for b in _backends.BACKENDS if _device(b) == "cpu"]
+    for name in names:
         marks = []
         if _device(name) == "cuda":
             marks.append(pytest.mark.gpu)
@@ -45,7 +47,7 @@ def backend_params(names=None):
 
 def kernel_backend_params():
     """The backends that run the per-element rules (everything but the NumPy oracle)."""
-    return backend_params([b for b in _backends.BACKENDS if b != "numpy"])
+    return backend_params([b for b in _backends.BACKENDS if b != "numpy" and _device(b) == "cpu"])
 
 
 @pytest.fixture(params=backend_params())
