@@ -228,6 +228,13 @@ class Optimizer:
         if not isinstance(buf, FlatBuffer):
             raise TypeError(f"step() expects a fastopt.FlatBuffer, got {type(buf).__name__}; "
                             "use update(params, grads) for dicts of arrays")
+        arrays_now = tuple((id(g.data), id(g.grad)) for g in buf.groups)
+        checked = getattr(self, "_checked_flat", None)
+        if checked is not None and checked[0] is buf and checked[1] == arrays_now:
+            # the same buffer with the same arrays already passed the structural checks below
+            # (a FlatBuffer's layout is fixed at construction); only hyperparameters can change
+            self._check_hyper(self.hyperparams)
+            return
         layout = buf.layout
         if self._layout is not None:
             if self._layout[0] != "flat":
@@ -277,6 +284,8 @@ class Optimizer:
                 for s, a in self._flat_state[i].items():
                     entries.append((f"state {s!r} of the {label}", a, True))
         check_no_overlap(entries)
+        if self._flat_state is not None:
+            self._checked_flat = (buf, arrays_now)
 
     def _finite(self, named_grads):
         """Apply the non-finite policy: True to go on, False to skip, or raise."""
