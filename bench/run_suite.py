@@ -1,6 +1,6 @@
 """Run the pytest-benchmark suite and write its results in fastopt's result schema.
 
-    python bench/run_suite.py                         # whole suite -> bench/results/suite-<date>.json
+    python bench/run_suite.py                # whole suite -> bench/results/suite-<date>.json
     python bench/run_suite.py --out r.json -- -k "adam and float32"   # args after -- go to pytest
 
 pytest-benchmark's own JSON (kept next to the output as ``*.pytest-benchmark.json``) becomes

@@ -23,13 +23,14 @@ from dataclasses import dataclass, field
 import numpy as np
 
 __all__ = ["Case", "CASES", "CASE_NAMES", "DESIGN_BYTES_F32", "GRID", "bytes_per_step",
-           "transformer_shapes", "HostTimer", "Runner", "measure", "measure_group", "timed_call", "median",
+           "transformer_shapes", "HostTimer", "Runner", "measure", "measure_group", "timed_call",
+           "median",
            "host_data", "cpu_model", "device_info", "versions", "percent", "fmt_n"]
 
 
 @dataclass(frozen=True)
 class Case:
-    """One benchmarked optimizer variant: the fastopt class and the matching ``torch.optim`` call."""
+    """One benchmarked optimizer variant: the fastopt class and the matching torch.optim call."""
 
     name: str
     cls: str

@@ -104,9 +104,9 @@ def traffic_runner(backend, n_state, p0, g0):
     elif backend == "numba-cuda":
         from numba import cuda
 
-        arrs = [cuda.as_cuda_array(a) for a in (p, g, *states)]
         from ._bench_numba_cuda import launcher
 
+        arrs = [cuda.as_cuda_array(a) for a in (p, g, *states)]
         fn = launcher(n_state, p.size, *arrs, c)
     else:
         raise ValueError(f"no GPU ceiling for backend {backend!r}")

@@ -33,7 +33,7 @@ def _make(case, params, mode):
 
 
 def modes(case, device):
-    """The torch implementations to compare with, best first (empty: torch has no such optimizer)."""
+    """The torch implementations to compare with, best first (none: torch lacks the optimizer)."""
     if case.torch_cls is None or not available():
         return []
     import torch

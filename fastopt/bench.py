@@ -311,12 +311,14 @@ def main(argv=None):
     print(format_table(records))
     lines = _ceiling_lines(records)
     if lines:
-        print("\nceilings (median over the groups; each measured beside its optimizers, same backend):")
+        print("\nceilings (median over the groups; each measured beside its optimizers, "
+              "on the same backend):")
         print("\n".join(lines))
     print(f"\n{len(records)} records in {time.perf_counter() - t_start:.0f} s", file=sys.stderr)
     if args.json:
         doc = {"schema": "fastopt-bench/1",
-               "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+               "created": datetime.datetime.now(datetime.timezone.utc).isoformat(
+                   timespec="seconds"),
                "command": "fastopt bench " + " ".join(argv if argv is not None else sys.argv[1:]),
                "device": _bench.device_info(gpu_name), "versions": _bench.versions(),
                "config": {"reps": reps, "budget_s": budget, "quick": args.quick,
