@@ -93,7 +93,7 @@ def _positive(kind):
 
 def build_parser():
     ap = argparse.ArgumentParser(
-        prog="fastopt bench", description=__doc__.split("\n\n")[0],
+        prog="fastopt bench", description=__doc__.split("\n\n")[0].replace("``", ""),
         epilog="Sizes accept 1048576, 2^20, 1<<20 or 1e7. The ceiling is the same-traffic "
                "kernel on the same backend (numba on the CPU); 'x numpy' is the NumPy oracle's "
                "time over this row's; 'x torch' the fastest torch.optim peer's time over it.")
