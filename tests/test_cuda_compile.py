@@ -157,3 +157,93 @@ def test_64_bit_indexing_variants_compile():
     ptx, cubin = _compile(*_program("float32", index_32_bits=False), "sm_90", "NVRTC 64-bit")
     assert cubin > 0 and len(_entries(ptx)) == len(VARIANTS)
     assert not F64.search(ptx), "float64 instructions in 64-bit-index float32 kernels"
+
+
+# -- the raw kernels (the CuPy backend's default form) -------------------------------------------
+
+#: at most 64 registers per thread: 4 resident blocks of 256 threads per SM (half the threads an
+#: SM holds), ample for a streaming kernel with one 16-byte load per buffer in flight per thread
+MAX_REGISTERS = 64
+
+
+def _raw_program(ctype):
+    """Every variant's raw kernel in both widths, for element type ``ctype``, in one unit."""
+    parts, names = [], {}
+    for i, (rule, flags) in enumerate(VARIANTS):
+        for width in sorted({1, cuda_source.VECTOR_WIDTH[ctype]}):
+            name = f"fastopt_{rule}__r{i}_w{width}"
+            names[name] = (rule, flags, width)
+            src = cuda_source.raw_source(rule, flags, ctype, width, name=name)
+            undef = "\n".join(f"#undef {m}" for m in cuda_source.defines(rule, flags))
+            parts.append(f"namespace r{i}_w{width} {{\n{src}\n}}\n{undef}\n")
+    return "\n".join(parts), names
+
+
+def _compile_log(source, arch, what):
+    """NVRTC ``source`` for ``arch`` with ptxas' resource report: ``(ptx, log)``."""
+    (prog,) = _check(nvrtc.nvrtcCreateProgram(source.encode(), b"fastopt_raw.cu", 0, [], []),
+                     None, "nvrtcCreateProgram")
+    opts = [f"-arch={arch}".encode(), b"--ptxas-options=-v"]
+    _check(nvrtc.nvrtcCompileProgram(prog, len(opts), opts), prog, what)
+    (n,) = _check(nvrtc.nvrtcGetPTXSize(prog), prog, "nvrtcGetPTXSize")
+    ptx = b" " * n
+    _check(nvrtc.nvrtcGetPTX(prog, ptx), prog, "nvrtcGetPTX")
+    _, size = nvrtc.nvrtcGetProgramLogSize(prog)
+    log = b" " * size
+    nvrtc.nvrtcGetProgramLog(prog, log)
+    nvrtc.nvrtcDestroyProgram(prog)
+    return ptx.decode().rstrip("\x00 "), log.decode(errors="replace")
+
+
+def _report(log):
+    """kernel name -> (registers, spill stores, spill loads, stack bytes)."""
+    out = {}
+    for m in re.finditer(r"Compiling entry function '(\w+)'.*?(\d+) bytes stack frame, (\d+) "
+                         r"bytes spill stores, (\d+) bytes spill loads.*?Used (\d+) registers",
+                         log, re.S):
+        out[m.group(1)] = (int(m.group(5)), int(m.group(3)), int(m.group(4)), int(m.group(2)))
+    return out
+
+
+@pytest.fixture(scope="module", params=[(a, c) for a in ARCHS for c in ("float", "double")],
+                ids=lambda p: f"{p[0]}-{p[1]}")
+def raw_compiled(request):
+    reason = _nvrtc_ok()
+    if reason:
+        pytest.skip(reason)
+    arch, ctype = request.param
+    source, names = _raw_program(ctype)
+    ptx, log = _compile_log(source, arch, f"NVRTC raw {arch} {ctype}")
+    return arch, ctype, names, ptx, log
+
+
+def test_raw_kernels_compile_without_spills(raw_compiled):
+    arch, ctype, names, ptx, log = raw_compiled
+    entries = _entries(ptx)
+    # extern "C" inside a namespace keeps the plain name
+    assert set(entries) == set(names), f"missing: {sorted(set(names) - set(entries))}"
+    report = _report(log)
+    assert set(report) == set(names), f"no ptxas report for {sorted(set(names) - set(report))}"
+    bad = {n: r for n, r in report.items() if r[0] > MAX_REGISTERS or r[1:] != (0, 0, 0)}
+    assert not bad, f"{arch} {ctype}: (registers, spill st, spill ld, stack) over budget: {bad}"
+
+
+def test_raw_kernels_use_16_byte_loads_and_no_float64_in_float(raw_compiled):
+    arch, ctype, names, ptx, _ = raw_compiled
+    entries = _entries(ptx)
+    vec = {"float": r"\.v4\.(f32|b32|u32)", "double": r"\.v2\.(f64|b64|u64)"}[ctype]
+    for name, (rule, flags, width) in names.items():
+        text = entries[name]
+        arrays, _ = cuda_source.raw_args(rule, flags)
+        loads = len(re.findall(rf"\bld\.global(\.nc)?{vec}", text))
+        stores = len(re.findall(rf"\bst\.global{vec}", text))
+        if width > 1:
+            # per trip of the (unrolled) vector loop: one 16-byte load per buffer and one
+            # 16-byte store per written buffer
+            written = sum(w for _, w in arrays)
+            assert loads and loads % len(arrays) == 0, f"{rule} {flags}: {loads} vector loads"
+            assert stores * len(arrays) == loads * written, f"{rule} {flags}: {stores} stores"
+        else:
+            assert loads == stores == 0, f"{rule} {flags}: vector access in the scalar form"
+        if ctype == "float":
+            assert not F64.search(text), f"{rule} {flags} w={width}: float64 instructions"

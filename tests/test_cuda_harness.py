@@ -2,7 +2,11 @@
 
 ``tests/harness/harness.cpp`` turns every variant of every rule into a CPU loop that binds the
 elements the way CuPy's ``ElementwiseKernel`` does and runs the very operation text and body the
-CuPy backend compiles (``kernels.cuda_source``). The loops are driven through
+CuPy backend compiles (``kernels.cuda_source``). The raw kernels of the same variants (the CuPy
+backend's default form: ``cuda_source.raw_source``, scalar and 16-byte-vector widths) are
+compiled verbatim too and run over every (block, thread) of a grid smaller than the data, so
+their vector loop, scalar tail and grid-stride trips are exercised as well. The loops are driven
+through
 ``fastopt.functional`` (so the host scalars are the ones a GPU launch gets) for T = float and
 double, over several steps with a changing lr, and params and every state slot are compared with
 the float64 oracle under the shared tolerance table. Skipped only when g++ is missing.
@@ -29,6 +33,11 @@ KERNELS = Path(cuda_source.__file__).parent
 CTYPE = {np.float32: "float", np.float64: "double"}
 VARIANTS = [(rule, flags) for rule in RULES for flags in cuda_source.variants(rule)]
 N, STEPS = 1001, 7
+#: the kernel forms checked: CuPy's ElementwiseKernel operation, and the raw kernel's scalar
+#: (width 1) and vector (16-byte) forms
+FORMS = ("elementwise", "raw-scalar", "raw-vector")
+#: the small grid the raw kernels run on: 3 blocks of 32 threads, far fewer threads than N
+GRID, BLOCK = 3, 32
 
 
 def _key(rule, flags):
@@ -52,17 +61,47 @@ def _variant_code(i, rule, flags):
         + [f"#undef {m}" for m in macros])
 
 
+def _width(ctype, form):
+    return cuda_source.VECTOR_WIDTH[ctype] if form == "raw-vector" else 1
+
+
+def _raw_code(i, rule, flags, ctype, width):
+    """One raw kernel verbatim (in its own namespace) and a loop launching it over the grid."""
+    name = f"fastopt_{rule}__r{i}_w{width}"
+    arrays, scalars = cuda_source.raw_args(rule, flags)
+    slot = {"param": 0, "grad": 1}
+    slot.update({s: 2 + j for j, s in enumerate(RULES[rule].STATE)})
+    args = [f"a[{slot[a]}]" for a, _ in arrays] + [f"k[{j}]" for j in range(len(scalars))]
+    return "\n".join([
+        f"namespace r{i}_w{width} {{",
+        cuda_source.raw_source(rule, flags, ctype, width, name=name),
+        "}",
+        f'extern "C" void launch_r{i}_w{width}(T *const *a, const T *k, long long n) {{',
+        f"    gridDim.x = {GRID}; blockDim.x = {BLOCK};",
+        "    for (unsigned b = 0; b < gridDim.x; ++b) {",
+        "        for (unsigned t = 0; t < blockDim.x; ++t) {",
+        "            blockIdx.x = b; threadIdx.x = t;",
+        f"            r{i}_w{width}::{name}({', '.join(args + ['n'])});",
+        "        }", "    }", "}"]
+        + [f"#undef {m}" for m in cuda_source.defines(rule, flags)])
+
+
 @pytest.fixture(scope="module")
 def harness(tmp_path_factory):
-    """dtype -> ctypes library holding ``run_v<i>`` for every variant."""
+    """dtype -> ctypes library holding ``run_v<i>`` (elementwise) and ``launch_r<i>_w<width>``
+    (raw, widths 1 and 16 bytes) for every variant."""
     out = tmp_path_factory.mktemp("cuda_harness")
     (out / "variants.inc").write_text(
         "\n\n".join(_variant_code(i, r, f) for i, (r, f) in enumerate(VARIANTS)) + "\n")
     libs = {}
     for dtype, ctype in CTYPE.items():
+        raw = [_raw_code(i, r, f, ctype, w) for i, (r, f) in enumerate(VARIANTS)
+               for w in sorted({1, cuda_source.VECTOR_WIDTH[ctype]})]
+        (out / f"raw_{ctype}.inc").write_text("\n\n".join(raw) + "\n")
         so = out / f"harness_{ctype}.so"
-        cmd = [GXX, "-std=c++17", "-O2", "-shared", "-fPIC", "-ffp-contract=off", "-Wall",
-               "-Werror", f"-DFASTOPT_T={ctype}", f"-I{out}", str(HARNESS), "-o", str(so)]
+        cmd = [GXX, "-std=c++17", "-O1", "-shared", "-fPIC", "-ffp-contract=off", "-Wall",
+               "-Werror", f"-DFASTOPT_T={ctype}", f'-DFASTOPT_RAW="raw_{ctype}.inc"', f"-I{out}",
+               str(HARNESS), "-o", str(so)]
         res = subprocess.run(cmd, capture_output=True, text=True)
         assert res.returncode == 0, f"g++ failed for T={ctype}:\n{res.stderr[:4000]}"
         libs[np.dtype(dtype)] = ctypes.CDLL(str(so))
@@ -74,8 +113,9 @@ class HarnessBackend:
     NAME = "cuda-c-harness"
     DEVICE = "cpu"
 
-    def __init__(self, libs):
+    def __init__(self, libs, form="elementwise"):
         self.libs = libs
+        self.form = form
         self.index = {_key(r, f): i for i, (r, f) in enumerate(VARIANTS)}
         self.seen = set()
 
@@ -90,8 +130,15 @@ class HarnessBackend:
             assert a is None or (a.dtype == dtype and a.flags.c_contiguous)
         ptrs = (ctypes.c_void_p * 5)(*[None if a is None else a.ctypes.data for a in arrays])
         ks = np.array(k, dtype=dtype)  # one cast of the float64 host scalars, as the GPU gets
-        fn = getattr(self.libs[dtype], f"run_v{i}")
-        fn.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_long]
+        if self.form == "elementwise":
+            fn = getattr(self.libs[dtype], f"run_v{i}")
+            fn.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_long]
+        else:
+            width = _width(CTYPE[dtype.type], self.form)
+            assert width == 1 or all(a is None or a.ctypes.data % 16 == 0 for a in arrays), \
+                "the vector form needs 16-byte aligned buffers"
+            fn = getattr(self.libs[dtype], f"launch_r{i}_w{width}")
+            fn.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_longlong]
         fn(ctypes.cast(ptrs, ctypes.c_void_p), ks.ctypes.data, param.shape[0])
 
 
@@ -136,16 +183,17 @@ def _initial_state(rule, rng):
 CASES = [(rule, hp) for rule in RULES for hp in _cases(rule)]
 
 
+@pytest.mark.parametrize("form", FORMS)
 @pytest.mark.parametrize("dtype", [np.float32, np.float64], ids=["float", "double"])
 @pytest.mark.parametrize("rule,hp", CASES,
                          ids=[f"{r}-" + "-".join(f"{k}={v}" for k, v in hp.items()
                                                   if k not in ("lr", "betas", "alpha"))
                               for r, hp in CASES])
-def test_body_matches_oracle(harness, rule, hp, dtype):
+def test_body_matches_oracle(harness, rule, hp, dtype, form):
     rng = np.random.default_rng(zlib.crc32(repr((rule, hp, np.dtype(dtype).name)).encode()))
     p0, st0 = rng.standard_normal(N), _initial_state(rule, rng)
     grads = [rng.standard_normal(N) * 2 for _ in range(STEPS)]
-    be = HarnessBackend(harness)
+    be = HarnessBackend(harness, form)
     p, st = p0.astype(dtype), {s: a.astype(dtype) for s, a in st0.items()}
     # the oracle starts from the very same (rounded) values
     rp, rst = p.astype(np.float64), {s: a.astype(np.float64) for s, a in st.items()}

@@ -4,7 +4,7 @@
 PTX into a cubin, which is what a driver would load. Float32 variants must hold no float64
 instruction (a float64 literal or a float64 scalar would promote the whole expression), and
 each variant must load and store exactly the buffers it uses: an absent state slot costs no
-traffic.
+traffic. The sm_90 assembly's resource report gates registers and spills (``MAX_REGISTERS``).
 
 Needs NVVM and nvJitLink from PyPI, no GPU or driver: ``pip install "numba-cuda[cu13]"``
 (nvidia-nvvm, nvidia-nvjitlink, cuda-bindings 13) or ``pip install "numba-cuda[cu12]"``
@@ -18,6 +18,10 @@ import pytest
 from fastopt.kernels import RULES
 
 CCS = [(8, 0), (9, 0)]
+#: at most 64 registers per thread: 4 resident blocks of 256 threads per SM (half the threads an
+#: SM holds), ample for a streaming kernel with one load per buffer in flight per thread; a rule
+#: change that crosses it would silently cost occupancy (the grid is sized from the real count)
+MAX_REGISTERS = 64
 
 
 def _signature(rule, writes, dtype):
@@ -55,17 +59,29 @@ VARIANTS = [] if isinstance(_TC, str) else _TC[1].variants()
 
 
 def _assemble(nvjitlink, ptx, cc):
+    """``(cubin, ptxas resource report)``."""
     arch = f"-arch=sm_{cc[0]}{cc[1]}"
-    h = nvjitlink.create(1, [arch])
+    h = nvjitlink.create(2, [arch, "-verbose"])
     try:
         data = ptx.encode()
         nvjitlink.add_data(h, nvjitlink.InputType.PTX, data, len(data), "fastopt")
         nvjitlink.complete(h)
         cubin = bytearray(nvjitlink.get_linked_cubin_size(h))
         nvjitlink.get_linked_cubin(h, cubin)
+        log = bytearray(nvjitlink.get_info_log_size(h))
+        nvjitlink.get_info_log(h, log)
     finally:
         nvjitlink.destroy(h)
-    return bytes(cubin)
+    return bytes(cubin), bytes(log).decode(errors="replace")
+
+
+def resources(log):
+    """``(registers, spill store bytes, spill load bytes, stack bytes)`` from a ptxas report."""
+    regs = re.search(r"[Uu]sed (\d+) registers", log)
+    spill = re.search(r"(\d+) bytes spill stores, (\d+) bytes spill loads", log)
+    stack = re.search(r"(\d+) bytes stack frame", log)
+    assert regs and spill and stack, f"no resource report in:\n{log[:2000]}"
+    return (int(regs.group(1)), int(spill.group(1)), int(spill.group(2)), int(stack.group(1)))
 
 
 def _instructions(ptx):
@@ -102,8 +118,11 @@ def test_variant_compiles_for_sm80_and_sm90(variant, dtype):
         assert loads * (1 + w) == stores * (2 + w), (
             f"{loads} loads / {stores} stores: not (2 + {w}) loads per (1 + {w}) stores")
         if nvjitlink is not None:
-            cubin = _assemble(nvjitlink, ptx, cc)
+            cubin, log = _assemble(nvjitlink, ptx, cc)
             assert cubin[:4] == b"\x7fELF"
+            regs, spill_st, spill_ld, stack = resources(log)
+            assert regs <= MAX_REGISTERS, f"{regs} registers > {MAX_REGISTERS} (sm_{cc[0]}{cc[1]})"
+            assert (spill_st, spill_ld, stack) == (0, 0, 0), f"spills or stack:\n{log[-800:]}"
 
 
 def test_every_rule_and_flag_has_a_variant():

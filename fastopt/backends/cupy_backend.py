@@ -1,20 +1,33 @@
-"""CuPy backend: one ``ElementwiseKernel`` per rule and flag variant, its body in ``kernels/*.cu``.
+"""CuPy backend: the rule's CUDA C body (``kernels/*.cu``) compiled once per flag variant.
 
-A variant is the rule's CUDA C body behind one ``#define`` per flag (``kernels.cuda_source``):
-branch-free, reading each array once and writing param and the state it uses once. The kernel is
-built once per (rule, flags) and CuPy compiles it once per dtype; the host scalars are kernel
-arguments (NumPy scalars of the buffer dtype, so float32 kernels stay float32), so a new lr or
-step never recompiles. Kernels run on CuPy's current stream.
+A variant is the body behind one ``#define`` per flag (``kernels.cuda_source``): branch-free,
+reading each array once and writing param and the state it uses once. Two kernel forms exist:
+
+- ``"raw"`` (default): a ``RawKernel`` with a grid-stride loop over 16-byte vectors (4 x
+  float32, 2 x float64) and a scalar tail (``cuda_source.raw_source``), used when every buffer
+  is 16-byte aligned (FlatBuffer segments always are), else its scalar form. The grid is one
+  full wave of resident blocks, sized from the compiled kernel's register count.
+- ``"elementwise"``: a ``cupy.ElementwiseKernel`` around the same body (scalar loads).
+
+``KERNEL_FORM`` (from ``FASTOPT_CUPY_KERNEL``, default ``"raw"``) picks one. Kernels are compiled
+once per (variant, dtype, width); the host scalars are kernel arguments (NumPy scalars of the
+buffer dtype, so float32 kernels stay float32), so a new lr or step never recompiles. A launch
+runs on the array's device and on its producer's stream: CuPy's current stream for CuPy arrays,
+PyTorch's current stream for tensors (``_launch.producer_stream``).
 
 Arrays must already be on the GPU: CuPy arrays, or any ``__cuda_array_interface__`` / DLPack
-producer (Numba device arrays, PyTorch CUDA tensors), viewed by CuPy without a copy and updated
-in place.
+producer (Numba device arrays, PyTorch CUDA tensors, also ones that require grad), viewed by
+CuPy without a copy and updated in place.
 """
+import os
+
 import numpy as np
 
 from ..kernels import RULES, cuda_source
+from . import _launch
 
-__all__ = ["NAME", "DEVICE", "available", "why_unavailable", "launch", "kernel", "cuda_source_for"]
+__all__ = ["NAME", "DEVICE", "KERNEL_FORMS", "KERNEL_FORM", "available", "why_unavailable",
+           "launch", "kernel", "raw_kernel", "cuda_source_for"]
 
 NAME = "cupy"
 DEVICE = "cuda"
@@ -27,7 +40,16 @@ except ImportError as _exc:
 else:
     _import_error = ""
 
+#: the kernel forms this backend can launch (see the module docstring)
+KERNEL_FORMS = ("raw", "elementwise")
+KERNEL_FORM = os.environ.get("FASTOPT_CUPY_KERNEL", "raw")
+if KERNEL_FORM not in KERNEL_FORMS:
+    raise ImportError(f"FASTOPT_CUPY_KERNEL={KERNEL_FORM!r}; expected one of {KERNEL_FORMS}")
+
 _kernels = {}
+_raw = {}
+_grid = {}      # (raw kernel key, device id) -> resident blocks per SM x SMs
+_streams = {}   # stream handle -> cupy.cuda.ExternalStream
 _device_error = None
 
 
@@ -98,15 +120,48 @@ def cuda_source_for(rule, flags, dtype, index_32_bits=True):
     return headers + "\n" + code, options
 
 
+def raw_kernel(rule, flags, dtype, width):
+    """The ``cupy.RawKernel`` of one variant, dtype and vector width (built once)."""
+    dtype = np.dtype(dtype)
+    key = _key(rule, flags) + (dtype.name, width)
+    k = _raw.get(key)
+    if k is None:
+        src = cuda_source.raw_source(rule, flags, cuda_source.CTYPES[dtype.name], width)
+        k = _raw[key] = cupy.RawKernel(src, cuda_source.kernel_name(rule))
+    return k
+
+
+def _waves(key, k):
+    dev = cupy.cuda.Device()
+    slot = (key, dev.id)
+    blocks = _grid.get(slot)
+    if blocks is None:
+        sms = dev.attributes["MultiProcessorCount"]
+        blocks = _grid[slot] = sms * _launch.blocks_per_sm(k.num_regs, _launch.THREADS)
+    return blocks
+
+
 def _as_cupy(a, what):
     if isinstance(a, cupy.ndarray):
         return a
+    a = _launch.plain_view(a)
     if hasattr(a, "__cuda_array_interface__"):
         return cupy.asarray(a)  # a view of the same device memory, no copy
     if hasattr(a, "__dlpack__"):
         return cupy.from_dlpack(a)
     raise TypeError(f"{what}: expected a GPU array (CuPy, __cuda_array_interface__ or DLPack), "
                     f"got {type(a).__name__}")
+
+
+def _stream_for(ptr):
+    if ptr is None or ptr == cupy.cuda.get_current_stream().ptr:
+        return None
+    st = _streams.get(ptr)
+    if st is None:
+        if len(_streams) > 64:  # short-lived streams: do not keep wrappers forever
+            _streams.clear()
+        st = _streams[ptr] = cupy.cuda.ExternalStream(ptr)
+    return st
 
 
 def launch(rule, flags, param, grad, states, k):
@@ -126,8 +181,34 @@ def launch(rule, flags, param, grad, states, k):
         if a.shape != p.shape or a.dtype != p.dtype or a.device != p.device:
             raise ValueError(f"{name}: shape {a.shape} dtype {a.dtype} on {a.device}, expected "
                              f"shape {p.shape} dtype {p.dtype} on {p.device} like param")
+        if not a.flags.c_contiguous:
+            raise ValueError(f"{name}: not C-contiguous; a fused step updates flat memory")
+    if not p.flags.c_contiguous:
+        raise ValueError("param: not C-contiguous; a fused step updates flat memory")
     if p.size == 0:
         return
     scalar = p.dtype.type
+    scalars = tuple(scalar(x) for x in k)
+    # the producer's stream: a torch tensor passed straight in orders on torch's current stream
+    stream = _stream_for(_launch.producer_stream(param))
     with p.device:  # run where the data lives, whatever device is current
-        kernel(rule, flags)(arrays[0], *(scalar(x) for x in k), p, *arrays[1:])
+        if stream is not None:
+            with stream:
+                _launch_on_device(rule, flags, p, arrays, scalars)
+        else:
+            _launch_on_device(rule, flags, p, arrays, scalars)
+
+
+def _launch_on_device(rule, flags, p, arrays, scalars):
+    if KERNEL_FORM == "elementwise":
+        kernel(rule, flags)(arrays[0], *scalars, p, *arrays[1:])
+        return
+    width = cuda_source.VECTOR_WIDTH[cuda_source.CTYPES[p.dtype.name]]
+    if any(a.data.ptr % 16 for a in (p, *arrays)):
+        width = 1  # a misaligned buffer: the scalar form of the same kernel
+    k = raw_kernel(rule, flags, p.dtype, width)
+    key = _key(rule, flags) + (p.dtype.name, width)
+    n = p.size
+    blocks = _launch.grid_size(n // width or 1, 1, _waves(key, k))
+    # argument order of cuda_source.raw_args: grad, param, used state slots, scalars, n
+    k((blocks,), (_launch.THREADS,), (arrays[0], p, *arrays[1:], *scalars, np.int64(n)))

@@ -5,33 +5,38 @@ compiled here by ``numba.cuda.jit(device=True)``; one kernel per (rule, flag var
 present) is built once and cached. Absent state slots cost no memory traffic: the kernel variant
 never loads or stores them (the param array only fills the argument position). The host scalars
 arrive as one tuple in the buffer dtype, so float32 kernels stay float32 and a new lr or step
-never recompiles. The grid is sized from the device's multiprocessor count and every thread
-walks the buffer with a grid-stride loop on 64-bit indices, so any n works with one launch.
+never recompiles. The grid is one full wave of resident blocks (the device's multiprocessor
+count times the blocks that fit per multiprocessor, from the compiled kernel's register count)
+and every thread walks the buffer with a grid-stride loop on 64-bit indices, so any n works with
+one launch.
 
-Arrays must already live on the GPU (CuPy, Numba device arrays, PyTorch CUDA tensors, anything
-with ``__cuda_array_interface__``): a launch copies nothing between host and device. Kernels run
-on CuPy's current stream for CuPy arrays, on the producer's stream for other arrays that export
-one, else on the default stream. Under the Numba CUDA simulator (``NUMBA_ENABLE_CUDASIM=1``) host
+Arrays must already live on the GPU (CuPy, Numba device arrays, PyTorch CUDA tensors, also ones
+that require grad, anything with ``__cuda_array_interface__``): a launch copies nothing between
+host and device. Kernels run on the producer's stream (``_launch.producer_stream``: CuPy's
+current stream for CuPy arrays, PyTorch's current stream for tensors, the interface's stream for
+others), else on the default stream, and on the arrays' GPU whatever device is current.
+
+``available()`` compiles one small variant the first time it is asked: numba-cuda needs NVVM and
+libdevice besides a driver, and a machine that has the driver but not those reports why here
+instead of failing every launch. Under the Numba CUDA simulator (``NUMBA_ENABLE_CUDASIM=1``) host
 NumPy arrays are accepted, which is how CI checks these kernels without a GPU.
 """
 import inspect
 import itertools
 import os
-import sys
 
 import numpy as np
 
 from ..kernels import RULES
+from . import _launch
 
 __all__ = ["NAME", "DEVICE", "available", "why_unavailable", "launch", "kernel",
-           "launch_config", "variants", "python_kernel", "THREADS", "BLOCKS_PER_SM", "SIMULATOR"]
+           "launch_config", "variants", "python_kernel", "THREADS", "SIMULATOR"]
 
 NAME = "numba-cuda"
 
-#: threads per block; a multiple of the warp size that keeps occupancy full on sm_80/sm_90
-THREADS = 256
-#: resident blocks per multiprocessor the grid is sized for (2048 threads / 256 on sm_80+)
-BLOCKS_PER_SM = 8
+#: threads per block (shared with the CuPy backend)
+THREADS = _launch.THREADS
 #: True when Numba runs CUDA kernels in its Python simulator
 SIMULATOR = os.environ.get("NUMBA_ENABLE_CUDASIM", "0") not in ("", "0")
 #: where the arrays live: GPU memory, or host memory when the simulator runs the kernels on the CPU
@@ -50,25 +55,46 @@ else:
 
 _compiled = {}
 _sm_count = {}
+_grid = {}      # (variant key, dtype, device id) -> (specialised kernel, blocks of one wave)
 _streams = {}
+_probe_error = None
+
+
+def _probe():
+    """'' when a kernel calling a device function compiles here, else why not (once)."""
+    global _probe_error
+    if _probe_error is None:
+        try:
+            if not cuda.is_available():
+                _probe_error = ("numba.cuda finds no usable CUDA GPU and driver "
+                                "(cuda.is_available() is False; cuda.detect() says why)")
+            elif not SIMULATOR:
+                from numba import types
+
+                rule, flags, writes = variants(["sgd"])[0]
+                t = types.float32
+                sig = (t[::1],) * (2 + len(writes)) + (types.UniTuple(t, len(RULES[rule].SCALARS)),)
+                cc = cuda.get_current_device().compute_capability
+                cuda.compile_ptx(python_kernel(rule, flags, writes), sig, cc=cc)
+                _probe_error = ""
+            else:
+                _probe_error = ""
+        except Exception as exc:  # noqa: BLE001 - no driver, no NVVM/libdevice, ...
+            first = (str(exc).strip().splitlines() or [""])[0]
+            _probe_error = (f"numba-cuda cannot compile a kernel here ({type(exc).__name__}: "
+                            f"{first}); it needs NVVM and libdevice: pip install "
+                            "'numba-cuda[cu13]' (or [cu12]), or set CUDA_HOME to a CUDA toolkit")
+    return _probe_error
 
 
 def available():
-    if cuda is None:
-        return False
-    try:
-        return bool(cuda.is_available())
-    except Exception:  # a broken driver install reads as "no GPU"
-        return False
+    return cuda is not None and _probe() == ""
 
 
 def why_unavailable():
     if cuda is None:
         return _import_error + " (install fastopt[cuda12] or fastopt[cuda13])"
-    if not available():
-        return ("numba.cuda finds no usable CUDA GPU and driver "
-                "(cuda.is_available() is False; cuda.detect() says why)")
-    return ""
+    return _probe()
 
 
 def _kernel1(elem, write):
@@ -156,27 +182,25 @@ def kernel(rule, flags, writes):
     return fn
 
 
-def launch_config(n):
-    """(blocks, threads) for ``n`` elements: enough blocks to fill every multiprocessor, no more
-    than the work needs; the grid-stride loop covers the rest."""
+def launch_config(n, regs_per_thread=None):
+    """(blocks, threads) for ``n`` elements on the current device: one full wave of resident
+    blocks of a kernel using ``regs_per_thread`` registers (None: as many as the thread limit
+    allows), no more than the work needs; the grid-stride loop covers the rest."""
     if SIMULATOR:
         return max(1, min(_SIM_BLOCKS, -(-n // _SIM_THREADS))), _SIM_THREADS
     dev = cuda.get_current_device()
     sms = _sm_count.get(dev.id)
     if sms is None:
         sms = _sm_count[dev.id] = int(dev.MULTIPROCESSOR_COUNT)
-    return max(1, min(sms * BLOCKS_PER_SM, -(-n // THREADS))), THREADS
+    per_sm = _launch.blocks_per_sm(regs_per_thread or 1, THREADS)
+    return _launch.grid_size(n, sms, per_sm), THREADS
 
 
 def _stream_ptr(a):
     """The CUDA stream handle work on ``a`` should be ordered on (0: the default stream)."""
-    cp = sys.modules.get("cupy")
-    if cp is not None and isinstance(a, cp.ndarray):
-        return cp.cuda.get_current_stream().ptr
-    # __cuda_array_interface__ v3: "stream" is the producer's stream; 1 and 2 name the legacy and
-    # per-thread default streams, None means the producer promises no pending work
-    s = a.__cuda_array_interface__.get("stream")
-    return s if isinstance(s, int) and s > 2 else 0
+    s = _launch.producer_stream(a)
+    # 1 and 2 (legacy and per-thread default streams) both order with the legacy default stream
+    return 0 if s is None or s <= 2 else s
 
 
 def _stream(ptr):
@@ -191,6 +215,7 @@ def _stream(ptr):
 
 
 def _device_view(a, name):
+    a = _launch.plain_view(a)
     if isinstance(a, np.ndarray) or not hasattr(a, "__cuda_array_interface__"):
         raise TypeError(f"the numba-cuda backend updates device arrays in place; {name} is a "
                         f"host {type(a).__name__} of shape {tuple(a.shape)} and dtype {a.dtype}. "
@@ -202,33 +227,63 @@ def _device_view(a, name):
     return cuda.as_cuda_array(a, sync=False)
 
 
+def _dtype(a):
+    try:
+        return np.dtype(a.dtype)
+    except TypeError:  # a framework's own dtype object (torch.float32): ask the interface
+        return np.dtype(a.__cuda_array_interface__["typestr"])
+
+
+def _device_index(a):
+    """The GPU ordinal an array lives on (CuPy: .device.id; PyTorch: .device.index), or None."""
+    dev = getattr(a, "device", None)
+    for attr in ("id", "index"):
+        i = getattr(dev, attr, None)
+        if isinstance(i, int):
+            return i
+    return None
+
+
 def launch(rule, flags, param, grad, states, k):
     n = int(param.shape[0])
     if n == 0:
         return
     writes = tuple(s is not None for s in states)
-    dtype = np.dtype(param.dtype)
+    dtype = _dtype(param)
     scalars = tuple(dtype.type(x) for x in k)
     fn = kernel(rule, flags, writes)
-    blocks, threads = launch_config(n)
     if SIMULATOR and isinstance(param, np.ndarray):
         # the simulator copies every host argument in and back out, so the param array must not
         # fill an absent slot (its stale copy would land last); an empty view never indexed does
+        blocks, threads = launch_config(n)
         arrays = [param, grad] + [param[:0] if s is None else s for s in states]
         fn[blocks, threads](*arrays, scalars)
         return
-    dev = getattr(getattr(param, "device", None), "id", None)  # CuPy arrays say which GPU
+    key = (rule, tuple(sorted(flags.items())), writes, dtype.name)
+    dev = _device_index(param)
     if isinstance(dev, int) and dev != cuda.get_current_device().id:
         with cuda.gpus[dev]:  # launch where the arrays live, not on Numba's current device
-            _launch_device(fn, blocks, threads, param, grad, states, scalars)
+            _launch_device(fn, key, n, param, grad, states, scalars)
     else:
-        _launch_device(fn, blocks, threads, param, grad, states, scalars)
+        _launch_device(fn, key, n, param, grad, states, scalars)
 
 
-def _launch_device(fn, blocks, threads, param, grad, states, scalars):
+def _launch_device(fn, key, n, param, grad, states, scalars):
+    # everything below runs with the arrays' device current: its SM count, its CuPy stream
     ptr = _stream_ptr(param)
     p = _device_view(param, "param")
     arrays = [p, _device_view(grad, "grad")]
     arrays += [p if s is None else _device_view(s, f"state slot {i}") for i, s in enumerate(states)]
-    fn[blocks, threads, _stream(ptr)](*arrays, scalars)
+    dev = cuda.get_current_device().id
+    entry = _grid.get(key + (dev,))
+    if entry is None:
+        spec = fn.specialize(*arrays, scalars)  # compiled for these types, once
+        blocks, _ = launch_config(1 << 62, spec.get_regs_per_thread())
+        entry = _grid[key + (dev,)] = (spec, blocks)
+    spec, wave = entry
+    config = (min(wave, -(-n // THREADS)), THREADS, _stream(ptr))
+    try:
+        spec[config](*arrays, scalars)
+    except TypeError:  # other array types than the specialisation's (layout, readonly): generic
+        fn[config](*arrays, scalars)
 

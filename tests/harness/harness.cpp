@@ -5,12 +5,20 @@
 // tests/test_cuda_harness.py) then holds, per kernel variant: its flag #defines, the rule's .cu
 // body inside its own namespace, and an extern "C" loop that binds each element the way CuPy's
 // generated ElementwiseKernel does (`const T &grad = ...; T &param = ...; const T lr = ...;`)
-// and runs the kernel's operation text verbatim.
+// and runs the kernel's operation text verbatim. FASTOPT_RAW names a second file holding the
+// raw (grid-stride, vectorised) kernels of the same variants, each run by a loop over every
+// (block, thread) of a small grid, so their indexing (vectors, tail, several trips) runs too.
 #include <algorithm>
 #include <cmath>
 
 #define __device__
 #define __forceinline__ inline
+#define __global__
+
+struct Dim3 { unsigned x; };
+static Dim3 blockIdx, threadIdx, blockDim, gridDim;
+struct alignas(16) float4 { float x, y, z, w; };
+struct alignas(16) double2 { double x, y; };
 
 using std::max;
 using std::sqrt;
@@ -18,3 +26,4 @@ using std::sqrt;
 typedef FASTOPT_T T;
 
 #include "variants.inc"
+#include FASTOPT_RAW
