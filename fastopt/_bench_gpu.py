@@ -6,13 +6,24 @@ CuPy and Numba are recorded on the legacy default stream, which orders itself wi
 blocking stream. The same-traffic kernels mirror ``_bench_cpu``: one per number of state
 buffers, one multiply-add per buffer, on the backend being measured (a CuPy
 ``ElementwiseKernel`` here, ``numba.cuda`` kernels in ``_bench_numba_cuda``), plus a
-device-to-device copy.
+device-to-device copy; CuPy also gets a vectorised same-traffic kernel (16-byte loads, the
+skeleton of the optimizer's raw kernel: ``kernels.cuda_source.grid_stride_kernel``), the ceiling
+its vectorised optimizer kernels are held to. ``latency`` measures small steps against an empty
+kernel launch, per call and back to back.
+
+Data for GPU groups is drawn on the device (``device_data``) and cached per size, so a 2^28
+group does not spend seconds drawing 2^28 normal numbers on the host.
 """
+import statistics
+import time
+
 from ._bench import Runner, bytes_per_step
 
-__all__ = ["EventTimer", "timer_for", "gpu_name", "to_device", "traffic_runner", "copy_runner"]
+__all__ = ["EventTimer", "timer_for", "gpu_name", "to_device", "device_data", "traffic_runner",
+           "vector_traffic_runner", "copy_runner", "empty_runner", "latency"]
 
 _cupy_kernels = {}
+_data = {}
 
 
 class EventTimer:
@@ -73,10 +84,27 @@ def gpu_name():
 
 
 def to_device(a):
-    """A CuPy copy of the host array ``a`` (the buffers FlatBuffer and both backends accept)."""
+    """A CuPy copy of ``a`` (host or device; never the same memory)."""
     import cupy
 
-    return cupy.asarray(a)
+    return cupy.array(a, copy=True)
+
+
+def device_data(n, dtype, seed=0):
+    """Random params and grads on the GPU (as ``_bench.host_data``: standard normal params,
+    grads scaled by 1e-2; never zeros), drawn once per (n, dtype, seed) and cached; callers
+    copy them (``to_device``) before writing."""
+    import cupy
+
+    key = (int(n), str(dtype), seed)
+    if key not in _data:
+        _data.clear()  # one size at a time: a 2^28 pair is 2 GiB
+        rng = cupy.random.default_rng(seed)
+        p = rng.standard_normal(int(n), dtype=dtype)
+        g = rng.standard_normal(int(n), dtype=dtype)
+        g *= g.dtype.type(1e-2)
+        _data[key] = (p, g)
+    return _data[key]
 
 
 def _cupy_traffic(n_state):
@@ -92,7 +120,7 @@ def traffic_runner(backend, n_state, p0, g0):
     host arrays ``p0``/``g0`` and ``n_state`` zeroed state buffers."""
     import cupy
 
-    p, g = cupy.asarray(p0), cupy.asarray(g0)
+    p, g = to_device(p0), to_device(g0)
     states = [cupy.zeros_like(p) for _ in range(n_state)]
     c = p0.dtype.type(1e-3)
     if backend == "cupy":
@@ -114,11 +142,97 @@ def traffic_runner(backend, n_state, p0, g0):
                   bytes_per_step(n_state, p.size, p.dtype), keep=(p, g, states))
 
 
+def _vector_traffic(n_state, ctype):
+    import cupy
+
+    from .backends import _launch
+    from .kernels import cuda_source
+
+    key = ("vec", n_state, ctype)
+    if key not in _cupy_kernels:
+        width = cuda_source.VECTOR_WIDTH[ctype]
+        arrays = [("g", False), ("p", True)] + [(f"s{j}", True) for j in range(n_state)]
+
+        def lane(ref):
+            return [f"const T g_ = {ref('g')};"] + [
+                f"{ref(a)} = {ref(a)} + c * g_;" for a, w in arrays if w]
+
+        name = f"fastopt_traffic{n_state}_vec"
+        src = (f"typedef {ctype} T;\n"
+               + cuda_source.grid_stride_kernel(name, ctype, width, arrays, ("c",), lane))
+        kern = cupy.RawKernel(src, name)
+        per_sm = _launch.blocks_per_sm(kern.num_regs)
+        sms = cupy.cuda.Device().attributes["MultiProcessorCount"]
+        _cupy_kernels[key] = (kern, width, sms * per_sm)
+    return _cupy_kernels[key]
+
+
+def vector_traffic_runner(n_state, p0, g0):
+    """The same traffic as ``traffic_runner`` through CuPy with 16-byte vector loads and a
+    scalar tail, one wave of resident blocks: the ceiling of the vectorised optimizer kernels."""
+    import cupy
+    import numpy as np
+
+    from .backends import _launch
+    from .kernels import cuda_source
+
+    p, g = to_device(p0), to_device(g0)
+    states = [cupy.zeros_like(p) for _ in range(n_state)]
+    kern, width, wave = _vector_traffic(n_state, cuda_source.CTYPES[p.dtype.name])
+    c, n = p.dtype.type(1e-3), np.int64(p.size)
+    blocks = _launch.grid_size(max(1, p.size // width), 1, wave)
+    fn = lambda: kern((blocks,), (_launch.THREADS,), (g, p, *states, c, n))  # noqa: E731
+    return Runner("ceiling-vec:cupy", fn, timer_for("cupy"),
+                  bytes_per_step(n_state, p.size, p.dtype), keep=(p, g, states))
+
+
+def empty_runner(backend="cupy"):
+    """An empty kernel, one block of one thread: the floor of any launch."""
+    import cupy
+
+    if "empty" not in _cupy_kernels:
+        _cupy_kernels["empty"] = cupy.RawKernel(
+            'extern "C" __global__ void fastopt_empty() {}', "fastopt_empty")
+    kern = _cupy_kernels["empty"]
+    return Runner(f"empty:{backend}", lambda: kern((1,), (1,), ()), timer_for("cupy"), 0)
+
+
+def latency(runners, calls=200, rounds=7):
+    """Small-step latency of each ``Runner`` (label -> runner), two ways: ``event_s`` (median
+    device time between events around one call, which includes any time the GPU waited for the
+    host) and ``pipelined_s`` (``calls`` calls back to back, then one synchronize, per call: what
+    a training loop sees when the host and the GPU overlap). Returns label -> dict."""
+    out = {}
+    for label, r in runners.items():
+        for _ in range(10):
+            r.fn()
+        r.timer.sync()
+        ev = [r.timer.time(r.fn) for _ in range(calls)]
+        piped = []
+        for _ in range(rounds):
+            r.timer.sync()
+            t0 = time.perf_counter()
+            for _ in range(calls):
+                r.fn()
+            r.timer.sync()
+            piped.append((time.perf_counter() - t0) / calls)
+        host = []
+        for _ in range(rounds):  # host time of issuing one call (the launch path alone)
+            t0 = time.perf_counter()
+            r.fn()
+            host.append(time.perf_counter() - t0)
+            r.timer.sync()
+        out[label] = {"event_s": statistics.median(ev), "event_times_s": ev,
+                      "pipelined_s": statistics.median(piped), "pipelined_times_s": piped,
+                      "host_issue_s": statistics.median(host), "bytes": r.bytes}
+    return out
+
+
 def copy_runner(backend, p0):
     """A device-to-device copy on ``backend`` (bytes = read + written)."""
     import cupy
 
-    src = cupy.asarray(p0)
+    src = to_device(p0)
     dst = cupy.empty_like(src)
     if backend == "cupy":
         fn = lambda: cupy.copyto(dst, src)  # noqa: E731

@@ -36,14 +36,13 @@ def fastopt_runner(case, backend, p0, g0):
 
     be = get_backend(backend)
     if be.DEVICE == "cuda":
-        from ._bench_gpu import timer_for, to_device
+        from ._bench_gpu import timer_for
 
-        params, grad, timer = {"w": to_device(p0)}, to_device(g0), timer_for(backend)
+        timer = timer_for(backend)
     else:
-        params, grad, timer = {"w": p0}, g0, HostTimer()
-    buf = fastopt.FlatBuffer(params)
-    buf.grads["w"][...] = grad
-    del params, grad
+        timer = HostTimer()
+    buf = fastopt.FlatBuffer({"w": p0})  # copies the values in (p0 itself is never written)
+    buf.grads["w"][...] = g0
     opt = getattr(fastopt, case.cls)(**case.fastopt_kwargs, backend=backend)
     return Runner(backend, lambda: opt.step(buf), timer,
                   bytes_per_step(case.n_state, p0.size, p0.dtype), keep=(buf, opt))
@@ -71,18 +70,38 @@ def copy_runner(backend, p0):
     return _bench_gpu.copy_runner(backend, p0)
 
 
+def ceiling_backends(device, backends):
+    """The backends whose ceilings a group measures: on a GPU each GPU backend measured gets its
+    own (its rows are scored against kernels of the same compiler), else the device's default
+    (``ceiling_backend``), e.g. numba's for the CPU rows and the NumPy oracle."""
+    if device == "cuda":
+        own = [b for b in backends if get_backend(b).DEVICE == "cuda"]
+        if own:
+            return own
+    ceil = ceiling_backend(device, available_backends())
+    return [ceil] if ceil is not None else []
+
+
 def group_factories(case, device, n, dtype, backends, torch_modes=(), layouts=("flat", "list"),
                     seed=0):
     """Factories for ``measure_group``: keys ("step", backend), ("ceiling", backend),
-    ("copy", backend), ("torch", mode, layout)."""
-    p0, g0 = host_data(n, dtype, seed)
-    ceil = ceiling_backend(device, available_backends())
+    ("ceiling-vec", "cupy"), ("copy", backend), ("torch", mode, layout)."""
+    if device == "cuda":
+        from ._bench_gpu import device_data
+
+        p0, g0 = device_data(n, dtype, seed)
+    else:
+        p0, g0 = host_data(n, dtype, seed)
     facs = {}
     for b in backends:
         facs[("step", b)] = lambda b=b: fastopt_runner(case, b, p0, g0)
-    if ceil is not None:
-        facs[("ceiling", ceil)] = lambda: ceiling_runner(ceil, case.n_state, p0, g0)
-        facs[("copy", ceil)] = lambda: copy_runner(ceil, p0)
+    for ceil in ceiling_backends(device, backends):
+        facs[("ceiling", ceil)] = lambda c=ceil: ceiling_runner(c, case.n_state, p0, g0)
+        facs[("copy", ceil)] = lambda c=ceil: copy_runner(c, p0)
+        if ceil == "cupy":
+            from ._bench_gpu import vector_traffic_runner
+
+            facs[("ceiling-vec", ceil)] = lambda: vector_traffic_runner(case.n_state, p0, g0)
     if torch_modes:
         from ._bench_torch import torch_runner
 
@@ -113,24 +132,29 @@ def run_group(case, device, n, dtype, backends, torch_modes=(), layouts=("flat",
     facs = group_factories(case, device, n, dtype, backends, torch_modes, layouts)
     res = measure_group(facs, reps=reps, warmup=warmup, budget_s=budget_s,
                         together=device == "cpu", progress=progress)
-    ceil = {}
+    ceil = {}  # (kind, backend) -> (median s, GB/s)
     for key, (runner, times) in res.items():
-        if key[0] in ("ceiling", "copy"):
-            ceil[key[0]] = (key[1], median(times), runner.bytes / median(times) / 1e9)
+        if key[0] in ("ceiling", "ceiling-vec", "copy"):
+            ceil[key] = (median(times), runner.bytes / median(times) / 1e9)
+    own = [k[1] for k in ceil if k[0] == "ceiling"]
     records = []
     for key, (runner, times) in res.items():
         if key[0] == "step":
             rec = _record(case, device, n, dtype, runner, times, key[1])
+            scored = key[1] if ("ceiling", key[1]) in ceil else (own[0] if own else None)
         elif key[0] == "torch":
             rec = _record(case, device, n, dtype, runner, times, f"torch-{key[1]}", key[2])
+            scored = own[0] if own else None
         else:
             continue
-        if "ceiling" in ceil:
-            rec["ceiling_backend"], rec["ceiling_s"], rec["ceiling_gbps"] = ceil["ceiling"]
-        else:
-            rec["ceiling_backend"] = rec["ceiling_s"] = rec["ceiling_gbps"] = None
-        rec["copy_gbps"] = ceil["copy"][2] if "copy" in ceil else None
+        t, gbps = ceil.get(("ceiling", scored), (None, None))
+        rec["ceiling_backend"], rec["ceiling_s"], rec["ceiling_gbps"] = (
+            scored if t else None, t, gbps)
+        rec["copy_gbps"] = ceil.get(("copy", scored), (None, None))[1]
+        rec["ceiling_vec_gbps"] = ceil.get(("ceiling-vec", scored), (None, None))[1]
         rec["pct_of_ceiling"] = percent(rec["gbps"], rec["ceiling_gbps"])
+        rec["pct_of_copy"] = percent(rec["gbps"], rec["copy_gbps"])
+        rec["pct_of_vec_ceiling"] = percent(rec["gbps"], rec["ceiling_vec_gbps"])
         records.append(rec)
     return records
 

@@ -51,15 +51,21 @@ def modes(case, device):
     return usable if device == "cuda" else usable[:1]
 
 
+def _tensor(torch, a, device):
+    """A torch copy of ``a`` (a NumPy array, or a GPU array through its interface) on
+    ``device``."""
+    if isinstance(a, np.ndarray):
+        return torch.from_numpy(a).to(device=device, copy=True)
+    return torch.as_tensor(a, device=device).clone()
+
+
 def torch_runner(case, mode, device, p0, g0, layout="flat"):
     """``torch.optim`` (``mode`` = "fused" or "foreach") stepping copies of ``p0``/``g0`` on
     ``device``, as one tensor (``layout="flat"``) or as a transformer's parameter list
     (``"list"``; None when ``p0`` is too small to hold one)."""
     import torch
 
-    dtype = {np.dtype(np.float32): torch.float32, np.dtype(np.float64): torch.float64}[p0.dtype]
-    flat_p = torch.from_numpy(p0).to(device=device, dtype=dtype, copy=True)
-    flat_g = torch.from_numpy(g0).to(device=device, dtype=dtype, copy=True)
+    flat_p, flat_g = _tensor(torch, p0, device), _tensor(torch, g0, device)
     if layout == "flat":
         pieces = [(flat_p, flat_g)]
     else:

@@ -23,7 +23,7 @@ from . import _bench
 from ._bench import CASE_NAMES, CASES, GRID, fmt_n
 from .backends import BACKENDS, get_backend
 
-__all__ = ["main", "build_parser", "format_table"]
+__all__ = ["main", "build_parser", "format_table", "write_json_atomic"]
 
 #: --quick: one size per device, float32 only
 QUICK = {"cpu": (1 << 20,), "cuda": (1 << 24,)}
@@ -266,6 +266,17 @@ def _progress(i, total, device, case, dtype, n):
           f"n={fmt_n(n):<8}", end="", file=sys.stderr, flush=True)
 
 
+def write_json_atomic(path, doc):
+    """Write ``doc`` as JSON to ``path`` through a temporary file and a rename, so a reader (or a
+    run killed mid-write) never sees half a file."""
+    path = os.path.abspath(path)
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    tmp = f"{path}.tmp{os.getpid()}"
+    with open(tmp, "w") as f:
+        json.dump(doc, f, indent=1)
+    os.replace(tmp, path)
+
+
 def _loadavg():
     try:
         return round(os.getloadavg()[0], 2)
@@ -299,6 +310,20 @@ def main(argv=None):
 
     load_start = _loadavg()
     records, t_start = [], time.perf_counter()
+    command = "fastopt bench " + " ".join(argv if argv is not None else sys.argv[1:])
+
+    def write_json(complete):
+        doc = {"schema": "fastopt-bench/1",
+               "created": datetime.datetime.now(datetime.timezone.utc).isoformat(
+                   timespec="seconds"),
+               "command": command, "complete": complete,
+               "device": _bench.device_info(gpu_name), "versions": _bench.versions(),
+               "config": {"reps": reps, "budget_s": budget, "quick": args.quick,
+                          # other work on the machine shows here (1-minute load averages)
+                          "loadavg_start": load_start, "loadavg_end": _loadavg()},
+               "records": records}
+        write_json_atomic(args.json, doc)
+
     for i, (device, case, dtype, n, backends, modes) in enumerate(plan, 1):
         _progress(i, len(plan), device, case, dtype, n)
         t0 = time.perf_counter()
@@ -307,6 +332,9 @@ def main(argv=None):
                             f"{r['median_s'] * 1e3:.3g} ms" for r in recs)
         print(f" {summary}  ({time.perf_counter() - t0:.1f} s)", file=sys.stderr, flush=True)
         records += recs
+        if args.json:  # after every group: a run cut short still leaves what it measured
+            finalize(records)
+            write_json(complete=i == len(plan))
     finalize(records)
     print(format_table(records))
     lines = _ceiling_lines(records)
@@ -316,18 +344,7 @@ def main(argv=None):
         print("\n".join(lines))
     print(f"\n{len(records)} records in {time.perf_counter() - t_start:.0f} s", file=sys.stderr)
     if args.json:
-        doc = {"schema": "fastopt-bench/1",
-               "created": datetime.datetime.now(datetime.timezone.utc).isoformat(
-                   timespec="seconds"),
-               "command": "fastopt bench " + " ".join(argv if argv is not None else sys.argv[1:]),
-               "device": _bench.device_info(gpu_name), "versions": _bench.versions(),
-               "config": {"reps": reps, "budget_s": budget, "quick": args.quick,
-                          # other work on the machine shows here (1-minute load averages)
-                          "loadavg_start": load_start, "loadavg_end": _loadavg()},
-               "records": records}
-        os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
-        with open(args.json, "w") as f:
-            json.dump(doc, f, indent=1)
+        write_json(complete=True)
         print(f"wrote {args.json}", file=sys.stderr)
     if args.plot:
         os.makedirs(os.path.dirname(os.path.abspath(args.plot)), exist_ok=True)

@@ -57,7 +57,8 @@ def producer_stream(a):
     and per-thread default streams, valid handles as they are)."""
     mod = type(a).__module__
     if mod.startswith("cupy"):
-        return sys.modules["cupy"].cuda.get_current_stream().ptr
+        with a.device:  # the current stream of the array's device, not of the current one
+            return sys.modules["cupy"].cuda.get_current_stream().ptr
     if mod.startswith("torch"):
         torch = sys.modules["torch"]
         return torch.cuda.current_stream(a.device).cuda_stream

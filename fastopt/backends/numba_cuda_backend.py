@@ -248,6 +248,8 @@ def launch(rule, flags, param, grad, states, k):
     n = int(param.shape[0])
     if n == 0:
         return
+    param, grad = _launch.plain_view(param), _launch.plain_view(grad)
+    states = tuple(None if s is None else _launch.plain_view(s) for s in states)
     writes = tuple(s is not None for s in states)
     dtype = _dtype(param)
     scalars = tuple(dtype.type(x) for x in k)
