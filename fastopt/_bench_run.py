@@ -6,6 +6,8 @@ together (``_bench.measure_group``) so that the ratios between them are fair. Re
 dicts, the schema of ``bench/results/*.json``; ``finalize`` adds the cross-group ratios
 (× NumPy oracle, × torch).
 """
+import numpy as np
+
 from ._bench import HostTimer, Runner, bytes_per_step, host_data, measure_group, median, percent
 from .backends import BACKENDS, available_backends, get_backend
 
@@ -36,9 +38,11 @@ def fastopt_runner(case, backend, p0, g0):
 
     be = get_backend(backend)
     if be.DEVICE == "cuda":
-        from ._bench_gpu import timer_for
+        from ._bench_gpu import timer_for, to_device
 
         timer = timer_for(backend)
+        if isinstance(p0, np.ndarray):  # host data: the buffer must live on the GPU
+            p0, g0 = to_device(p0), to_device(g0)
     else:
         timer = HostTimer()
     buf = fastopt.FlatBuffer({"w": p0})  # copies the values in (p0 itself is never written)

@@ -266,6 +266,22 @@ def _progress(i, total, device, case, dtype, n):
           f"n={fmt_n(n):<8}", end="", file=sys.stderr, flush=True)
 
 
+def measure_host_path(cases, reps=300):
+    """Host time of ``opt.step(buf)`` (one parameter) and ``opt.update()`` (one array) for each
+    case on the null backend (``_bench_host``): the Python path alone. Returns records."""
+    from ._bench import measure, median
+    from ._bench_host import host_runner, null_backend
+
+    out = []
+    with null_backend():
+        for case in cases:
+            for api in ("step", "update"):
+                times = measure(host_runner(case, api=api), reps=reps, warmup=20)
+                out.append({"optimizer": case.name, "api": api, "n_params": 1, "size": 256,
+                            "median_s": median(times), "times_s": times})
+    return out
+
+
 def write_json_atomic(path, doc):
     """Write ``doc`` as JSON to ``path`` through a temporary file and a rename, so a reader (or a
     run killed mid-write) never sees half a file."""
@@ -309,7 +325,7 @@ def main(argv=None):
     from ._bench_run import finalize, run_group
 
     load_start = _loadavg()
-    records, t_start = [], time.perf_counter()
+    records, host_path, t_start = [], [], time.perf_counter()
     command = "fastopt bench " + " ".join(argv if argv is not None else sys.argv[1:])
 
     def write_json(complete):
@@ -321,7 +337,7 @@ def main(argv=None):
                "config": {"reps": reps, "budget_s": budget, "quick": args.quick,
                           # other work on the machine shows here (1-minute load averages)
                           "loadavg_start": load_start, "loadavg_end": _loadavg()},
-               "records": records}
+               "records": records, "host_path": host_path}
         write_json_atomic(args.json, doc)
 
     for i, (device, case, dtype, n, backends, modes) in enumerate(plan, 1):
@@ -336,12 +352,19 @@ def main(argv=None):
             finalize(records)
             write_json(complete=i == len(plan))
     finalize(records)
+    if any(device == "cpu" for device, *_ in plan):
+        host_path += measure_host_path(dict.fromkeys(case for _, case, *_ in plan))
     print(format_table(records))
     lines = _ceiling_lines(records)
     if lines:
         print("\nceilings (median over the groups; each measured beside its optimizers, "
               "on the same backend):")
         print("\n".join(lines))
+    if host_path:
+        print("\nhost path of one step, no kernel (null backend; what a GPU step costs the host "
+              "before its launch):")
+        print("  " + ", ".join(f"{h['optimizer']} {h['api']}() {h['median_s'] * 1e6:.1f} us"
+                               for h in host_path))
     print(f"\n{len(records)} records in {time.perf_counter() - t_start:.0f} s", file=sys.stderr)
     if args.json:
         write_json(complete=True)

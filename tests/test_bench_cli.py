@@ -217,3 +217,26 @@ def test_numba_cuda_ceiling_kernels_in_simulator():
     proc = subprocess.run([sys.executable, "-c", SIM_CHECK], cwd=ROOT, env=env,
                           capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0 and "sim-ok" in proc.stdout, proc.stderr
+
+
+def test_host_path_rows_use_the_null_backend():
+    """The host-path measurement runs the real optimizer code on a backend that launches
+    nothing, and the null backend exists only inside its block."""
+    from fastopt import backends
+    from fastopt._bench import CASES
+    from fastopt._bench_host import NAME, host_runner, null_backend
+    from fastopt.bench import measure_host_path
+
+    rows = measure_host_path([CASES["adam"]], reps=5)
+    assert [(r["optimizer"], r["api"]) for r in rows] == [("adam", "step"), ("adam", "update")]
+    assert all(0 < r["median_s"] < 0.1 and len(r["times_s"]) == 5 for r in rows)
+    assert NAME not in backends.BACKENDS
+    with pytest.raises(ValueError, match="unknown backend"):
+        backends.get_backend(NAME)
+    with null_backend():
+        runner = host_runner(CASES["sgd"], n_params=3, api="update")
+        params = runner.keep[0]
+        before = {k: v.copy() for k, v in params.items()}
+        runner.fn()
+        assert runner.keep[-1].step_count == 1
+        assert all((params[k] == before[k]).all() for k in params)  # nothing launched
