@@ -45,11 +45,17 @@ DEVICE = "cpu" if SIMULATOR else "cuda"
 # smaller than n makes the grid-stride loop take several trips, which is what CI must see.
 _SIM_THREADS, _SIM_BLOCKS = 32, 4
 
+if not hasattr(np, "row_stack"):
+    # numba-cuda (<= 0.30 at least) registers an overload of np.row_stack whenever NumPy >= 2.0;
+    # NumPy 2.5 removed that alias of np.vstack, so its first compile fails with AttributeError.
+    # Restoring the alias (what it always was) lets numba-cuda run beside a current NumPy.
+    np.row_stack = np.vstack
+
 try:
     from numba import cuda
-except ImportError as _exc:  # numba-cuda (or numba's built-in CUDA target) is missing
+except Exception as _exc:  # noqa: BLE001 - missing, or broken against this NumPy / driver
     cuda = None
-    _import_error = f"numba.cuda cannot be imported: {_exc}"
+    _import_error = f"numba.cuda cannot be imported: {type(_exc).__name__}: {_exc}"
 else:
     _import_error = ""
 

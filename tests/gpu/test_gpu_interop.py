@@ -190,3 +190,50 @@ def test_state_lives_on_the_params_device():
         opt.update({"w": p}, {"w": g})
     assert all(a.device.id == 1 for a in opt.state["w"].values())
     _check(to_host(p), opt.state["w"], p0, grads[:1])
+
+
+@pytest.mark.parametrize("backend", gpu_backend_params())
+def test_torch_parameters_that_require_grad(backend):
+    """nn.Parameter (requires_grad) is updated in place, as torch.optim does under no_grad."""
+    torch = pytest.importorskip("torch")
+    if not torch.cuda.is_available():
+        pytest.skip("PyTorch has no CUDA here")
+    p0, grads = _inputs(9)
+    p = torch.nn.Parameter(torch.tensor(p0, device="cuda"))
+    ptr = p.data_ptr()
+    opt = fastopt.Adam(**KW, backend=backend)
+    for g in grads:
+        p.grad = torch.tensor(g, device="cuda")
+        opt.update({"w": p}, {"w": p.grad})
+    torch.cuda.synchronize()
+    assert p.data_ptr() == ptr and p.requires_grad
+    _check(p.detach().cpu().numpy(), opt.state["w"], p0, grads)
+    # the functional API takes them too
+    from fastopt import functional as F
+    q = torch.nn.Parameter(torch.ones(1000, device="cuda"))
+    F.sgd(q, torch.full((1000,), 0.5, device="cuda"), step=1, lr=0.1, backend=backend)
+    torch.cuda.synchronize()
+    assert torch.all(q.detach() == 0.95)
+
+
+@pytest.mark.parametrize("backend", gpu_backend_params())
+def test_functional_orders_on_torchs_current_stream(backend):
+    """A torch tensor stepped through the functional API on a side stream: the step must run
+    after the work queued before it on that stream and before the work queued after it. A long
+    sleep kernel ahead of the gradient's write would expose a launch on any other stream."""
+    torch = pytest.importorskip("torch")
+    if not torch.cuda.is_available():
+        pytest.skip("PyTorch has no CUDA here")
+    from fastopt import functional as F
+    n = 1 << 22
+    side = torch.cuda.Stream()
+    with torch.cuda.stream(side):
+        p = torch.ones(n, device="cuda")
+        g = torch.zeros(n, device="cuda")
+        torch.cuda._sleep(200_000_000)  # ~0.1 s of GPU time on the side stream
+        g.fill_(0.5)
+        F.sgd(p, g, step=1, lr=0.1, backend=backend)
+        after = p * 2  # queued on the side stream after the step
+    torch.cuda.synchronize()
+    assert torch.all(p == 0.95), "the step did not see the gradient written before it"
+    assert torch.all(after == 1.9), "work after the step did not see its result"

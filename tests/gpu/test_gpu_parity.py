@@ -20,6 +20,11 @@ pytestmark = needs_gpu
 GUARD = 16
 POISON = -7.25e3
 
+#: one xdist group per config: with ``pytest -n N --dist loadgroup`` every test of a config runs
+#: in one worker, so each kernel variant is compiled by one process, not by all of them
+CFG_PARAMS = [pytest.param(i, id=_config_id(c), marks=pytest.mark.xdist_group(f"cfg{i}"))
+              for i, c in enumerate(CONFIGS)]
+
 
 def _run_dict(name, kwargs, backend, dtype, p0, grads):
     import cupy
@@ -74,7 +79,7 @@ def _run_flat(name, kwargs, backend, dtype, p0, grads):
 @pytest.mark.parametrize("steps", STEPS)
 @pytest.mark.parametrize("n", SIZES)
 @pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: np.dtype(d).name)
-@pytest.mark.parametrize("cfg", range(len(CONFIGS)), ids=[_config_id(c) for c in CONFIGS])
+@pytest.mark.parametrize("cfg", CFG_PARAMS)
 def test_gpu_parity(cfg, dtype, n, steps, api, backend):
     name = CONFIGS[cfg][0]
     kwargs, p0, grads, (p_ref, state_ref) = _case(cfg, dtype, n, steps)
@@ -90,7 +95,7 @@ def test_gpu_parity(cfg, dtype, n, steps, api, backend):
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: np.dtype(d).name)
-@pytest.mark.parametrize("cfg", range(len(CONFIGS)), ids=[_config_id(c) for c in CONFIGS])
+@pytest.mark.parametrize("cfg", CFG_PARAMS)
 def test_cupy_and_numba_cuda_agree(cfg, dtype):
     if "numba-cuda" not in fastopt.available_backends():
         pytest.skip("backend 'numba-cuda' is not available here")
@@ -104,3 +109,52 @@ def test_cupy_and_numba_cuda_agree(cfg, dtype):
     assert set(s_c) == set(s_n)
     for s in s_c:
         assert_close(s_n[s], s_c[s], dtype, f"{name} {s}: numba-cuda vs cupy")
+
+
+UNALIGNED = [i for i, (name, kw) in enumerate(CONFIGS)
+             if name in ("Adam", "SGD", "RMSProp") and kw.get("weight_decay")][:6]
+
+
+@pytest.mark.parametrize("backend", gpu_backend_params())
+@pytest.mark.parametrize("offset", [1, 3])
+@pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: np.dtype(d).name)
+@pytest.mark.parametrize("cfg", UNALIGNED, ids=[_config_id(CONFIGS[i]) for i in UNALIGNED])
+def test_gpu_parity_on_misaligned_views(cfg, dtype, offset, backend):
+    """Params, grads and state views that start off a 16-byte boundary take the CuPy backend's
+    scalar kernel form (and numba-cuda's only form): same results, nothing written outside."""
+    import cupy
+    name = CONFIGS[cfg][0]
+    n = 100_003
+    kwargs, p0, grads, (p_ref, state_ref) = _case(cfg, dtype, n, 7)
+    store = cupy.full(n + 2 * GUARD, POISON, dtype=dtype)
+    p = store[offset:offset + n]
+    p[...] = to_device(p0)
+    assert p.data.ptr % 16
+    gstore = cupy.empty(n + offset, dtype=dtype)
+    opt = getattr(fastopt, name)(**kwargs, backend=backend)
+    for g in grads:
+        gv = gstore[offset:]
+        gv[...] = to_device(g.astype(dtype))
+        assert opt.update({"w": p}, {"w": gv}) is True
+    host = to_host(store)
+    assert (host[:offset] == POISON).all() and (host[offset + n:] == POISON).all()
+    assert_close(host[offset:offset + n], p_ref, dtype, f"{name} param ({backend})")
+    for s, ref in state_ref.items():
+        assert_close(to_host(opt.state["w"][s]).reshape(-1), ref, dtype, f"{name} {s}")
+
+
+def test_occupancy_formula_matches_the_driver():
+    """The grid of the CuPy raw kernels comes from ``_launch.blocks_per_sm`` and the kernel's
+    register count; the driver's own occupancy calculator must agree for every Adam variant."""
+    import cupy
+
+    from fastopt.backends import _launch, cupy_backend
+    from fastopt.kernels import cuda_source
+    occ = getattr(cupy.cuda.driver, "occupancyMaxActiveBlocksPerMultiprocessor", None)
+    if occ is None:
+        pytest.skip("this CuPy has no driver occupancy binding")
+    for flags in cuda_source.variants("adam"):
+        for dtype, width in ((np.float32, 4), (np.float32, 1), (np.float64, 2)):
+            k = cupy_backend.raw_kernel("adam", flags, dtype, width)
+            want = occ(k.kernel.ptr, _launch.THREADS, 0)
+            assert _launch.blocks_per_sm(k.num_regs) == want, (flags, dtype, width, k.num_regs)
