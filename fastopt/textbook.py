@@ -39,7 +39,7 @@ from ._validate import check_array, where
 from .backends import get_backend, resolve
 from .kernels import RULES
 
-__all__ = ["SGD", "Momentum", "Nesterov", "AdaGrad", "RMSprop", "Adam", "EPS"]
+__all__ = ["EPS", "SGD", "AdaGrad", "Adam", "Momentum", "Nesterov", "RMSprop"]
 
 #: the chapter's epsilon, added outside the square root (AdaGrad, RMSprop, Adam)
 EPS = 1e-7
@@ -80,7 +80,7 @@ def _is_number(a):
 class _Entry:
     """One parameter of one update, checked and flattened: what the kernel reads and writes."""
 
-    __slots__ = ("key", "shape", "dtype", "xp", "param", "grad", "back", "scalar")
+    __slots__ = ("back", "dtype", "grad", "key", "param", "scalar", "shape", "xp")
 
     def __init__(self, key, p, g):
         self.key = key
@@ -237,9 +237,12 @@ class _Textbook:
         return f"{type(self).__name__}({hp}{be})"
 
 
-_SGD = dict(maximize=False, decay=False, momentum=False, nesterov=False)
+_SGD = {"maximize": False, "decay": False, "momentum": False, "nesterov": False}
 _MOMENTUM = dict(_SGD, momentum=True)
 _NESTEROV = dict(_SGD, momentum=True, nesterov=True)
+_ADAGRAD = {"maximize": False, "decay": False}
+_RMSPROP = {"maximize": False, "decay": False, "centered": False, "momentum": False}
+_ADAM = {"maximize": False, "decay": False, "decoupled": False, "amsgrad": False}
 
 
 class SGD(_Textbook):
@@ -337,7 +340,7 @@ class AdaGrad(_Textbook):
 
     def _launches(self, hp):
         k = _scalars("adagrad", wd=0, clr=hp["lr"], eps=EPS)
-        return [("adagrad", dict(maximize=False, decay=False), (0,), k)]
+        return [("adagrad", _ADAGRAD, (0,), k)]
 
 
 class RMSprop(_Textbook):
@@ -361,8 +364,7 @@ class RMSprop(_Textbook):
     def _launches(self, hp):
         dr = hp["decay_rate"]
         k = _scalars("rmsprop", wd=0, alpha=dr, oma=1 - dr, eps=EPS, mu=0, lr=hp["lr"])
-        return [("rmsprop", dict(maximize=False, decay=False, centered=False, momentum=False),
-                 (0, None, None), k)]
+        return [("rmsprop", _RMSPROP, (0, None, None), k)]
 
 
 class Adam(_Textbook):
@@ -394,5 +396,4 @@ class Adam(_Textbook):
         lr_t = lr * np.sqrt(1.0 - b2 ** t) / (1.0 - b1 ** t)
         k = _scalars("adam", wd=0, decay=1, beta1=b1, omb1=1 - b1, beta2=b2, omb2=1 - b2,
                      step_size=lr_t, inv_sqrt_bc2=1, eps=EPS)
-        return [("adam", dict(maximize=False, decay=False, decoupled=False, amsgrad=False),
-                 (0, 1, None), k)]
+        return [("adam", _ADAM, (0, 1, None), k)]

@@ -7,6 +7,7 @@ weights within 1e-9 after 150 mini-batch steps (float64), with the network's arr
 place.
 """
 import inspect
+import itertools
 import math
 
 import numpy as np
@@ -14,7 +15,7 @@ import pytest
 
 from fastopt import textbook
 from fastopt.backends import numba_backend
-from fastopt.textbook import SGD, AdaGrad, Adam, Momentum, Nesterov, RMSprop
+from fastopt.textbook import SGD, AdaGrad, Adam, Momentum, RMSprop
 
 NAMES = ("SGD", "Momentum", "Nesterov", "AdaGrad", "RMSprop", "Adam")
 VALLEY_TOL = 1e-12  # absolute, on coordinates of size <= 7
@@ -102,10 +103,10 @@ class BookAdam(_Book):
 BOOK = {"SGD": BookSGD, "Momentum": BookMomentum, "Nesterov": BookNesterov,
         "AdaGrad": BookAdaGrad, "RMSprop": BookRMSprop, "Adam": BookAdam}
 #: the chapter's constructor defaults, written out
-DEFAULTS = {"SGD": dict(lr=0.01), "Momentum": dict(lr=0.01, momentum=0.9),
-            "Nesterov": dict(lr=0.01, momentum=0.9), "AdaGrad": dict(lr=0.01),
-            "RMSprop": dict(lr=0.01, decay_rate=0.99),
-            "Adam": dict(lr=0.001, beta1=0.9, beta2=0.999)}
+DEFAULTS = {"SGD": {"lr": 0.01}, "Momentum": {"lr": 0.01, "momentum": 0.9},
+            "Nesterov": {"lr": 0.01, "momentum": 0.9}, "AdaGrad": {"lr": 0.01},
+            "RMSprop": {"lr": 0.01, "decay_rate": 0.99},
+            "Adam": {"lr": 0.001, "beta1": 0.9, "beta2": 0.999}}
 
 
 def pair(name, **kw):
@@ -192,7 +193,7 @@ class Net:
     def __init__(self, sizes, seed):
         rng = np.random.default_rng(seed)
         self.params, self.layers = {}, []
-        for i, (a, b) in enumerate(zip(sizes[:-1], sizes[1:]), 1):
+        for i, (a, b) in enumerate(itertools.pairwise(sizes), 1):
             self.params[f"W{i}"] = rng.normal(0, math.sqrt(2.0 / a), (a, b))
             self.params[f"b{i}"] = np.zeros(b)
             self.layers.append(Affine(self.params[f"W{i}"], self.params[f"b{i}"]))
@@ -259,7 +260,7 @@ def mlp_runs():
 
 @pytest.mark.parametrize("name", NAMES)
 def test_network_weights_match_the_chapter_after_150_steps(name, mlp_runs):
-    (net, arrays, losses), (bnet, _, blosses) = mlp_runs[name]
+    (net, _arrays, losses), (bnet, _, blosses) = mlp_runs[name]
     dev = max(float(np.abs(net.params[k] - bnet.params[k]).max()) for k in net.params)
     assert dev <= MLP_TOL, f"{name}: max weight deviation {dev:.3g}"
     assert np.mean(losses[-20:]) < 0.7 * np.mean(losses[:20]), f"{name} did not train"
