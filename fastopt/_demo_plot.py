@@ -3,7 +3,7 @@ import numpy as np
 
 from ._demo_problems import VALLEY_START, valley
 
-__all__ = ["plot_valley", "plot_training", "fmt_lr", "smooth"]
+__all__ = ["plot_valley", "plot_textbook_valley", "plot_training", "fmt_lr", "smooth"]
 
 #: one colour per optimizer, the same in both figures
 COLORS = ("#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd", "#8c564b", "#e377c2", "#17becf")
@@ -83,6 +83,38 @@ def plot_valley(plt, paths, specs, path, *, backend="", dpi=120):
                  f"updates by fastopt" + (f" (backend {backend})" if backend else ""),
                  fontsize=13)
     fig.tight_layout(rect=(0, 0.05, 1, 1))
+    fig.savefig(path, dpi=dpi)
+    return fig
+
+
+def plot_textbook_valley(plt, paths, lrs, path, *, backend="", dpi=120):
+    """The chapter's figure: each optimizer's path (red) over the contour lines of the valley,
+    on the chapter's window x, y in [−10, 10], one panel each."""
+    xs, ys = np.arange(-10, 10, 0.01), np.arange(-5, 5, 0.01)
+    X, Y = np.meshgrid(xs, ys)
+    Z = valley(X, Y)
+    Z[Z > 7] = 0  # as the chapter draws it: only the inner ellipses
+    ncol = 3
+    nrow = -(-len(paths) // ncol)
+    fig, axes = plt.subplots(nrow, ncol, figsize=(4.2 * ncol, 4.0 * nrow), squeeze=False)
+    steps = len(next(iter(paths.values()))) - 1
+    for ax, (name, pts) in zip(axes.flat, paths.items()):
+        ax.plot(pts[:, 0], pts[:, 1], "o-", color="red", ms=3.5, lw=1.2)
+        ax.contour(X, Y, Z)
+        ax.plot(0, 0, "+", color="black", ms=10)
+        ax.set_xlim(-10, 10)
+        ax.set_ylim(-10, 10)
+        end = pts[-1]
+        ax.set_title(f"{name} (lr {fmt_lr(lrs[name])})\nend ({_num(end[0])}, {_num(end[1])})",
+                     fontsize=11)
+        ax.set_xlabel("x")
+        ax.set_ylabel("y")
+    for ax in axes.flat[len(paths):]:
+        ax.set_visible(False)
+    fig.suptitle(f"fastopt.textbook: {steps} steps on f(x, y) = x²/20 + y² from (−7, 2), "
+                 "the chapter's formulas on fused kernels"
+                 + (f" (backend {backend})" if backend else ""), fontsize=12)
+    fig.tight_layout()
     fig.savefig(path, dpi=dpi)
     return fig
 

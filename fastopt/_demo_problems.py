@@ -25,6 +25,7 @@ from ._arrays import array_module, to_numpy
 from .flat import FlatBuffer
 
 __all__ = ["Spec", "SPECS", "VALLEY_START", "valley", "valley_grad", "valley_path",
+           "TEXTBOOK_VALLEY", "textbook_valley_path",
            "init_mlp", "mlp_loss", "mlp_loss_and_grad", "mlp_accuracy", "train_mlp",
            "TrainResult"]
 
@@ -92,6 +93,39 @@ def valley_path(spec, steps=30, backend="auto", xp=np, dtype=np.float64):
         opt.step(buf)
         path.append(to_numpy(xy))
     return np.stack(path)
+
+
+#: the chapter's figure, drawn with ``fastopt.textbook``: class name -> keyword arguments. The
+#: chapter's learning rates for SGD, Momentum, AdaGrad and Adam; Nesterov and RMSprop (not in
+#: the chapter's figure) at values that show their character in 30 steps.
+TEXTBOOK_VALLEY = {
+    "SGD": {"lr": 0.95},
+    "Momentum": {"lr": 0.1},
+    "Nesterov": {"lr": 0.1},
+    "AdaGrad": {"lr": 1.5},
+    "RMSprop": {"lr": 0.15},
+    "Adam": {"lr": 0.3},
+}
+
+
+def textbook_valley_path(name, steps=30, backend="auto", xp=np):
+    """The chapter's script with ``fastopt.textbook.<name>``: the ``steps + 1`` points (shape
+    (steps + 1, 2)) from (−7, 2).
+
+    On the host, ``params["x"]`` and ``params["y"]`` are Python floats, replaced in the dict at
+    every update as in the chapter; on a GPU (``xp`` CuPy) they are 1-element device arrays.
+    """
+    from . import textbook
+
+    opt = getattr(textbook, name)(**TEXTBOOK_VALLEY[name], backend=backend)
+    x0, y0 = VALLEY_START
+    params = {"x": x0, "y": y0} if xp is np else {"x": xp.asarray([x0]), "y": xp.asarray([y0])}
+    path = [(x0, y0)]
+    for _ in range(steps):
+        opt.update(params, {"x": params["x"] / 10.0, "y": 2.0 * params["y"]})
+        path.append(tuple(float(to_numpy(xp.asarray(params[k])).reshape(-1)[0])
+                          for k in ("x", "y")))
+    return np.array(path)
 
 
 # -- the MLP ------------------------------------------------------------------------------------

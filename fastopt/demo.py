@@ -1,12 +1,17 @@
 """``fastopt demo``: see how the eight optimizers move, and train a small network with each.
 
     fastopt demo --out DIR [--backend B] [--steps N] [--valley-steps N] [--quick] [--show]
+    fastopt demo --textbook --out DIR [--backend B] [--valley-steps N] [--show]
 
 writes ``DIR/valley_paths.png`` (the first 30 steps of each optimizer on
 f(x, y) = x²/20 + y² from (−7, 2), one panel each) and ``DIR/training_curves.png`` (an MLP
 64-100-10 trained on scikit-learn's bundled digits with each optimizer, all weights in one
 ``FlatBuffer``), and prints a summary table. Every update runs through fastopt's kernels.
 Needs the ``demo`` extra (matplotlib, scikit-learn), imported only when the demo runs.
+
+``--textbook`` draws the chapter's figure instead, ``DIR/textbook_valley.png``: the chapter's
+valley script (params as Python floats) with the classes of ``fastopt.textbook`` (the chapter's
+formulas on the same kernels), and prints where each path ends; it needs matplotlib only.
 """
 import argparse
 import importlib
@@ -16,7 +21,7 @@ import sys
 import numpy as np
 
 from . import backends
-from ._demo_problems import SPECS, train_mlp, valley_path
+from ._demo_problems import SPECS, TEXTBOOK_VALLEY, textbook_valley_path, train_mlp, valley_path
 
 __all__ = ["main", "load_data", "DEMO_DEPS"]
 
@@ -24,9 +29,11 @@ __all__ = ["main", "load_data", "DEMO_DEPS"]
 DEMO_DEPS = {"matplotlib": "matplotlib", "sklearn": "scikit-learn"}
 
 
-def _missing_deps():
+def _missing_deps(textbook=False):
     missing = []
     for mod, dist in DEMO_DEPS.items():
+        if textbook and mod != "matplotlib":
+            continue
         try:
             importlib.import_module(mod)
         except ImportError:
@@ -66,6 +73,9 @@ def _parser():
                    help="a fast, rough run (100 iterations, lower-resolution figures)")
     p.add_argument("--show", action="store_true",
                    help="also open the figures in a window (default: only write PNGs)")
+    p.add_argument("--textbook", action="store_true",
+                   help="draw the chapter's valley figure with fastopt.textbook (the chapter's "
+                        "own formulas) as DIR/textbook_valley.png, instead of the two figures")
     return p
 
 
@@ -105,6 +115,29 @@ def _table(rows, header):
     return "\n".join([line(cells[0]), sep] + [line(r) for r in cells[1:]])
 
 
+def _textbook(args, plt, xp, be_name, say):
+    """``--textbook``: the chapter's valley figure with ``fastopt.textbook``."""
+    from ._demo_plot import _num, fmt_lr, plot_textbook_valley
+
+    paths = {}
+    for i, name in enumerate(TEXTBOOK_VALLEY, 1):
+        say(f"[textbook {i}/{len(TEXTBOOK_VALLEY)}] {name}")
+        paths[name] = textbook_valley_path(name, args.valley_steps, args.backend, xp)
+    lrs = {name: kw["lr"] for name, kw in TEXTBOOK_VALLEY.items()}
+    png = os.path.join(args.out, "textbook_valley.png")
+    plot_textbook_valley(plt, paths, lrs, png, backend=be_name, dpi=70 if args.quick else 120)
+    say(f"wrote {png}", done=True)
+    rows = [[name, fmt_lr(lrs[name]), f"({_num(p[-1][0], 3)}, {_num(p[-1][1], 3)})",
+             f"{np.hypot(*p[-1]):.3g}"] for name, p in paths.items()]
+    print(f"fastopt.textbook on the valley: {args.valley_steps} steps from (-7, 2), "
+          f"backend {be_name}")
+    print(_table(rows, ["optimizer", "lr", "end (x, y)", "distance to min"]))
+    if args.show:
+        plt.show()
+    plt.close("all")
+    return 0
+
+
 def main(argv=None):
     args = _parser().parse_args(argv)
     iters = args.steps if args.steps is not None else (100 if args.quick else 2000)
@@ -117,9 +150,15 @@ def main(argv=None):
         except (ValueError, RuntimeError) as exc:
             print(f"fastopt demo: {exc}", file=sys.stderr)
             return 2
-    missing = _missing_deps()
+    if args.textbook and args.backend == "numpy":
+        print("fastopt demo: --textbook runs the chapter's formulas on the kernels; backend "
+              "'numpy' is the torch.optim oracle (use auto, numba, cupy or numba-cuda)",
+              file=sys.stderr)
+        return 2
+    missing = _missing_deps(args.textbook)
     if missing:
-        print(f"fastopt demo needs {' and '.join(DEMO_DEPS.values())}; missing: "
+        need = ["matplotlib"] if args.textbook else list(DEMO_DEPS.values())
+        print(f"fastopt demo needs {' and '.join(need)}; missing: "
               f"{', '.join(missing)}.\nInstall the demo extra:  pip install \"fastopt[demo]\"",
               file=sys.stderr)
         return 2
@@ -138,6 +177,8 @@ def main(argv=None):
     say = _Progress()
     device = "GPU (CuPy)" if xp is not np else "CPU (NumPy)"
     say(f"fastopt demo: backend {be_name}, arrays on the {device}", done=True)
+    if args.textbook:
+        return _textbook(args, plt, xp, be_name, say)
 
     paths = {}
     for i, spec in enumerate(SPECS, 1):

@@ -201,3 +201,49 @@ def test_import_fastopt_loads_no_demo_dependency():
             "bad = [m for m in ('matplotlib', 'sklearn') if m in sys.modules]; "
             "sys.exit(f'imported at import time: {bad}' if bad else 0)")
     subprocess.run([sys.executable, "-c", code], check=True)
+
+
+# -- the chapter's figure with fastopt.textbook -------------------------------------------------
+def test_textbook_valley_path_is_the_chapter_script():
+    from fastopt import textbook
+    from fastopt._demo_problems import TEXTBOOK_VALLEY, textbook_valley_path
+
+    path = textbook_valley_path("SGD", 30)
+    lr = TEXTBOOK_VALLEY["SGD"]["lr"]
+    t = np.arange(31)  # p -= lr·(x/10, 2y), written by hand
+    want = np.stack([VALLEY_START[0] * (1 - lr / 10) ** t, VALLEY_START[1] * (1 - 2 * lr) ** t],
+                    axis=1)
+    np.testing.assert_allclose(path, want, rtol=0, atol=1e-12)
+    assert set(TEXTBOOK_VALLEY) == set(textbook.__all__) - {"EPS"}
+
+
+def test_demo_textbook_draws_the_chapters_figure(tmp_path, capsys):
+    pytest.importorskip("matplotlib")
+    out = tmp_path / "figs"
+    rc = cli.main(["demo", "--textbook", "--out", str(out), "--valley-steps", "5", "--quick",
+                   "--backend", "numba"])
+    assert rc == 0
+    png = (out / "textbook_valley.png").read_bytes()
+    assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 10_000
+    assert sorted(p.name for p in out.iterdir()) == ["textbook_valley.png"]  # no MLP figures
+    captured = capsys.readouterr()
+    rows = [line for line in captured.out.splitlines() if line.startswith("| ")]
+    names = ("SGD", "Momentum", "Nesterov", "AdaGrad", "RMSprop", "Adam")
+    assert len(rows) == 1 + len(names)
+    for name in names:
+        assert any(r.startswith(f"| {name} ") for r in rows)
+    assert "textbook_valley.png" in captured.err
+
+
+def test_demo_textbook_needs_matplotlib_only(tmp_path, monkeypatch, capsys):
+    monkeypatch.setitem(sys.modules, "sklearn", None)  # scikit-learn is not needed
+    monkeypatch.setitem(sys.modules, "matplotlib", None)
+    assert cli.main(["demo", "--textbook", "--out", str(tmp_path / "x")]) == 2
+    err = capsys.readouterr().err
+    assert "missing: matplotlib" in err and "scikit-learn" not in err
+
+
+def test_demo_textbook_refuses_the_numpy_backend(tmp_path, capsys):
+    assert cli.main(["demo", "--textbook", "--out", str(tmp_path / "x"),
+                     "--backend", "numpy"]) == 2
+    assert "torch.optim oracle" in capsys.readouterr().err
