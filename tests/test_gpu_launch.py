@@ -165,9 +165,8 @@ class FakeCuda:
     def is_cuda_array(self, a):
         return hasattr(a, "__cuda_array_interface__")
 
-    def as_cuda_array(self, a, sync=True):
-        cai = a.__cuda_array_interface__  # raises for a tensor that requires grad
-        assert sync is False
+    def from_cuda_array_interface(self, cai, owner=None, sync=True):
+        assert sync is False and owner is None
         return np.frombuffer((np.ctypeslib.as_array(
             (np.ctypeslib.ctypes.c_char * (int(np.prod(cai["shape"])) * 4)).from_address(
                 cai["data"][0]))), dtype=cai["typestr"])
@@ -207,7 +206,7 @@ def ncb(monkeypatch):
     monkeypatch.setattr(mod, "cuda", fake)
     monkeypatch.setattr(mod, "SIMULATOR", False)
     monkeypatch.setattr(mod, "kernel", lambda rule, flags, writes: fake.kernel())
-    for cache in ("_grid", "_sm_count", "_streams"):
+    for cache in ("_grid", "_sm_count", "_streams", "_views"):
         monkeypatch.setattr(mod, cache, {})
     return mod, fake
 
@@ -268,3 +267,60 @@ def test_numba_cuda_refuses_host_arrays_with_a_clear_message(ncb):
         mod.launch("sgd", dict(maximize=False, decay=False, momentum=False, nesterov=False),
                    np.ones(4, np.float32), np.ones(4, np.float32), (None,),
                    (0.0, 0.0, 1.0, 0.0, 0.1))
+
+
+# -- the CuPy backend's launch plan: the argument block cuLaunchKernel reads --------------------
+
+@pytest.mark.parametrize("dtype,ctype", [(np.float32, "c_float"), (np.float64, "c_double")])
+def test_cupy_launch_plan_argument_block(monkeypatch, dtype, ctype):
+    """Every kernel argument is read back through the pointer the plan hands the driver: the
+    buffers' device pointers, each host scalar cast once to the buffer dtype, then n; a second
+    call with new scalars launches the same buffers with the new values."""
+    import ctypes
+    cb = pytest.importorskip("fastopt.backends.cupy_backend")
+    if cb.cupy is None:
+        pytest.skip("CuPy is not installed")
+    seen = []
+    ok = object()
+
+    def cuLaunchKernel(f, gx, gy, gz, bx, by, bz, shmem, stream, params, extra):
+        slots = (ctypes.c_uint64 * 14).from_address(params)
+        arrays = [ctypes.c_uint64.from_address(slots[i]).value for i in range(4)]
+        scalars = [getattr(ctypes, ctype).from_address(slots[4 + i]).value for i in range(9)]
+        n = ctypes.c_int64.from_address(slots[13]).value
+        seen.append((f, (gx, gy, gz), (bx, by, bz), shmem, stream, arrays, scalars, n, extra))
+        return (ok,)
+
+    driver = types.SimpleNamespace(cuLaunchKernel=cuLaunchKernel,
+                                   CUresult=types.SimpleNamespace(CUDA_SUCCESS=ok))
+    fake_cupy = types.SimpleNamespace(cuda=types.SimpleNamespace(
+        runtime=types.SimpleNamespace(getDevice=lambda: 0)))
+    monkeypatch.setattr(cb, "_driver", driver)
+    monkeypatch.setattr(cb, "cupy", fake_cupy)
+    ptrs = [0x7F0000001000, 0x7F0000002000, 0x7F0000003000, 0x7F0000004000]
+    n = (1 << 28) + 3
+    plan = cb.Plan("fn", 660, ptrs, 9, dtype, n, "stream", 0)
+    k1 = (0.0, 0.99999, 0.9, 0.1, 0.999, 1e-3, 0.01, 31.6227766, 1e-8)
+    plan(k1)
+    k2 = tuple(x * 1.5 for x in k1)
+    plan(k2)
+    for call, k in zip(seen, (k1, k2)):
+        f, grid, block, shmem, stream, arrays, scalars, got_n, extra = call
+        assert (f, grid, block, shmem, stream, extra) == ("fn", (660, 1, 1), (256, 1, 1), 0,
+                                                          "stream", 0)
+        assert arrays == ptrs and got_n == n
+        assert scalars == [float(dtype(x)) for x in k]  # one rounding, to the buffer dtype
+
+
+def test_cupy_launch_plan_refuses_a_failed_launch(monkeypatch):
+    cb = pytest.importorskip("fastopt.backends.cupy_backend")
+    if cb.cupy is None:
+        pytest.skip("CuPy is not installed")
+    driver = types.SimpleNamespace(cuLaunchKernel=lambda *a: ("CUDA_ERROR_INVALID_VALUE",),
+                                   CUresult=types.SimpleNamespace(CUDA_SUCCESS="ok"))
+    monkeypatch.setattr(cb, "_driver", driver)
+    monkeypatch.setattr(cb, "cupy", types.SimpleNamespace(cuda=types.SimpleNamespace(
+        runtime=types.SimpleNamespace(getDevice=lambda: 0))))
+    plan = cb.Plan("fn", 1, [1, 2], 5, np.float32, 10, "s", 0)
+    with pytest.raises(RuntimeError, match="cuLaunchKernel failed"):
+        plan((0.0,) * 5)

@@ -20,6 +20,7 @@ producer (Numba device arrays, PyTorch CUDA tensors, also ones that require grad
 CuPy without a copy and updated in place.
 """
 import os
+import warnings
 
 import numpy as np
 
@@ -27,7 +28,7 @@ from ..kernels import RULES, cuda_source
 from . import _launch
 
 __all__ = ["NAME", "DEVICE", "KERNEL_FORMS", "KERNEL_FORM", "available", "why_unavailable",
-           "launch", "kernel", "raw_kernel", "cuda_source_for"]
+           "launch", "kernel", "raw_kernel", "cuda_source_for", "Plan"]
 
 NAME = "cupy"
 DEVICE = "cuda"
@@ -160,11 +161,20 @@ def _stream_for(ptr):
     if st is None:
         if len(_streams) > 64:  # short-lived streams: do not keep wrappers forever
             _streams.clear()
-        st = _streams[ptr] = cupy.cuda.ExternalStream(ptr)
+        with warnings.catch_warnings():
+            # CuPy 14 prefers Stream.from_external(obj with __cuda_stream__); a raw handle (all
+            # PyTorch and __cuda_array_interface__ give) still needs ExternalStream
+            warnings.simplefilter("ignore", DeprecationWarning)
+            st = _streams[ptr] = cupy.cuda.ExternalStream(ptr)
     return st
 
 
 def launch(rule, flags, param, grad, states, k):
+    if KERNEL_FORM == "raw" and _driver is not None and type(param) is _ndarray:
+        plan = _plans.get(_plan_key(rule, flags, param, grad, states))
+        if plan is not None:  # the same buffers as a checked launch before: scalars and go
+            plan(k)
+            return
     names = RULES[rule].STATE
     used = cuda_source.slots_used(rule, flags)
     p = _as_cupy(param, "param")
@@ -190,25 +200,113 @@ def launch(rule, flags, param, grad, states, k):
     scalar = p.dtype.type
     scalars = tuple(scalar(x) for x in k)
     # the producer's stream: a torch tensor passed straight in orders on torch's current stream
-    stream = _stream_for(_launch.producer_stream(param))
+    stream_ptr = _launch.producer_stream(param)
+    stream = _stream_for(stream_ptr)
     with p.device:  # run where the data lives, whatever device is current
         if stream is not None:
             with stream:
                 _launch_on_device(rule, flags, p, arrays, scalars)
         else:
             _launch_on_device(rule, flags, p, arrays, scalars)
+        if KERNEL_FORM == "raw" and _driver is not None and type(param) is _ndarray:
+            # checked and launched once: later launches over the same buffers skip to the plan
+            if len(_plans) >= _MAX_PLANS:
+                _plans.clear()
+            if stream_ptr is None:
+                stream_ptr = cupy.cuda.get_current_stream().ptr
+            _plans[_plan_key(rule, flags, param, grad, states)] = _plan_for(
+                rule, flags, p, arrays, stream_ptr)
 
 
 def _launch_on_device(rule, flags, p, arrays, scalars):
     if KERNEL_FORM == "elementwise":
         kernel(rule, flags)(arrays[0], *scalars, p, *arrays[1:])
         return
+    k, blocks, _ = _raw_for(rule, flags, p, arrays)
+    # argument order of cuda_source.raw_args: grad, param, used state slots, scalars, n
+    k((blocks,), (_launch.THREADS,), (arrays[0], p, *arrays[1:], *scalars, np.int64(p.size)))
+
+
+def _raw_for(rule, flags, p, arrays):
+    """(raw kernel, blocks, width) for these buffers on the current device."""
     width = cuda_source.VECTOR_WIDTH[cuda_source.CTYPES[p.dtype.name]]
     if any(a.data.ptr % 16 for a in (p, *arrays)):
         width = 1  # a misaligned buffer: the scalar form of the same kernel
     k = raw_kernel(rule, flags, p.dtype, width)
     key = _key(rule, flags) + (p.dtype.name, width)
-    n = p.size
-    blocks = _launch.grid_size(n // width or 1, 1, _waves(key, k))
-    # argument order of cuda_source.raw_args: grad, param, used state slots, scalars, n
-    k((blocks,), (_launch.THREADS,), (arrays[0], p, *arrays[1:], *scalars, np.int64(n)))
+    blocks = _launch.grid_size(p.size // width or 1, 1, _waves(key, k))
+    return k, blocks, width
+
+
+# -- launch plans: the steady state of a step --------------------------------------------------
+#
+# A step over the same buffers as an earlier, fully checked launch needs nothing but the new
+# host scalars. A plan holds the kernel's argument block (the buffers' device pointers, the
+# scalars, n) and a pointer to each argument, and launches with one driver call
+# (``cuLaunchKernel``), skipping CuPy's per-argument handling. Plans are keyed by everything
+# they depend on: the variant, and each buffer's device pointer, size, strides and dtype, the
+# device and the stream; so a key can only match buffers the plan is right for. Plans hold no
+# reference to any array (a freed buffer cannot be reached through a key that no live array
+# produces).
+
+try:
+    from cuda.bindings import driver as _driver
+except ImportError:  # cuda-python absent: every launch goes through CuPy
+    _driver = None
+_ndarray = cupy.ndarray if cupy is not None else None
+_plans = {}
+_MAX_PLANS = 4096
+
+
+def _plan_key(rule, flags, param, grad, states):
+    arrays = (param, grad) + tuple(s for s in states if s is not None)
+    try:
+        bufs = tuple((a.data.ptr, a.size, a.strides, a.dtype.char) for a in arrays)
+        dev = param.data.device_id
+        stream = cupy.cuda.get_current_stream(dev).ptr
+    except AttributeError:  # a foreign array: no plan, the checked path converts it
+        return None
+    return (rule, tuple(flags.items()), dev, stream) + bufs
+
+
+class Plan:
+    """One raw-kernel launch with everything fixed but the host scalars (see above).
+
+    The argument block is one array of 8-byte slots: the device pointers of the buffers (in
+    ``cuda_source.raw_args`` order), the host scalars (a float32 in the low 4 bytes of its slot
+    on a little-endian host, a float64 in all 8) and ``n`` as int64; ``pointers`` holds each
+    slot's address, which is what ``cuLaunchKernel`` reads the arguments through."""
+
+    def __init__(self, function, blocks, pointers, n_scalars, dtype, n, stream, device):
+        n_arr = len(pointers)
+        self.values = np.zeros(n_arr + n_scalars + 1, dtype=np.uint64)
+        self.values[:n_arr] = pointers
+        self.values[-1] = n
+        scal = self.values[n_arr:n_arr + n_scalars]
+        self.scalars = scal.view(np.float64) if np.dtype(dtype) == np.float64 else \
+            scal.view(np.float32)[::2]
+        base = self.values.ctypes.data
+        self.pointers = np.array([base + 8 * i for i in range(self.values.size)],
+                                 dtype=np.uint64)
+        self._params = self.pointers.ctypes.data
+        self.function, self.blocks, self.stream, self.device = function, blocks, stream, device
+
+    def __call__(self, k):
+        self.scalars[:] = k  # one cast of the float64 host scalars to the buffer dtype
+        if cupy.cuda.runtime.getDevice() != self.device:
+            with cupy.cuda.Device(self.device):
+                return self._launch()
+        return self._launch()
+
+    def _launch(self):
+        (err,) = _driver.cuLaunchKernel(self.function, self.blocks, 1, 1, _launch.THREADS, 1, 1,
+                                        0, self.stream, self._params, 0)
+        if err != _driver.CUresult.CUDA_SUCCESS:
+            raise RuntimeError(f"cuLaunchKernel failed: {err}")
+
+
+def _plan_for(rule, flags, p, arrays, stream_ptr):
+    k, blocks, _ = _raw_for(rule, flags, p, arrays)
+    ptrs = [arrays[0].data.ptr, p.data.ptr] + [a.data.ptr for a in arrays[1:]]
+    return Plan(_driver.CUfunction(k.kernel.ptr), blocks, ptrs, len(RULES[rule].SCALARS),
+                p.dtype, p.size, _driver.CUstream(stream_ptr), p.data.device_id)

@@ -63,6 +63,7 @@ _compiled = {}
 _sm_count = {}
 _grid = {}      # (variant key, dtype, device id) -> (specialised kernel, blocks of one wave)
 _streams = {}
+_views = {}     # (pointer, shape, strides, typestr) -> numba device array view, no owner
 _probe_error = None
 
 
@@ -227,10 +228,19 @@ def _device_view(a, name):
                         f"host {type(a).__name__} of shape {tuple(a.shape)} and dtype {a.dtype}. "
                         "Pass CuPy arrays, Numba device arrays or CUDA tensors, or use "
                         "backend='numba' for host arrays")
-    if cuda.is_cuda_array(a) and type(a).__module__.startswith("numba"):
+    if type(a).__module__.startswith("numba") and cuda.is_cuda_array(a):
         return a
-    # sync=False: ordering comes from launching on the producer's stream, not from a host sync
-    return cuda.as_cuda_array(a, sync=False)
+    desc = a.__cuda_array_interface__
+    key = (desc["data"][0], tuple(desc["shape"]), desc.get("strides"), desc["typestr"])
+    view = _views.get(key)
+    if view is None:
+        if len(_views) >= 4096:
+            _views.clear()
+        # owner=None: the view keeps no reference to the producer, so the cache holds no memory
+        # alive; it is only ever used for an array that has this very pointer, shape and type.
+        # sync=False: ordering comes from launching on the producer's stream, not a host sync
+        view = _views[key] = cuda.from_cuda_array_interface(desc, owner=None, sync=False)
+    return view
 
 
 def _dtype(a):
