@@ -7,7 +7,8 @@ arrays of ``state`` in place; ``step`` is the 1-based step count (incremented be
 """
 import numpy as np
 
-__all__ = ["sgd", "adagrad", "rmsprop", "adam", "lion"]
+__all__ = ["sgd", "adagrad", "rmsprop", "adam", "lion", "adamax", "nadam", "radam", "adadelta",
+           "rprop", "asgd"]
 
 
 def _grad(grad, param, weight_decay, maximize):
@@ -86,3 +87,103 @@ def lion(param, grad, state, *, step, lr, betas=(0.9, 0.99), weight_decay=0.0, m
     m = state["exp_avg"]
     param -= lr * np.sign(beta1 * m + (1 - beta1) * g)
     m[...] = beta2 * m + (1 - beta2) * g
+
+
+def adamax(param, grad, state, *, step, lr, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0,
+           maximize=False):
+    beta1, beta2 = betas
+    g = _grad(grad, param, weight_decay, maximize)
+    m, u = state["exp_avg"], state["exp_inf"]
+    m[...] = beta1 * m + (1 - beta1) * g
+    u[...] = np.maximum(beta2 * u, np.abs(g) + eps)  # NaN propagates, as torch.maximum does
+    param -= (lr / (1 - beta1 ** step)) * m / u
+
+
+def _nadam_mu(beta1, momentum_decay, step):
+    return beta1 * (1.0 - 0.5 * 0.96 ** (step * momentum_decay))
+
+
+def nadam(param, grad, state, *, step, lr, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0,
+          momentum_decay=4e-3, decoupled_weight_decay=False, maximize=False):
+    """``state["mu_product"]`` is a 0-d array: the product of the momentum schedule so far, in
+    torch's scalar dtype (float32 unless torch's default dtype is float64), as torch keeps it."""
+    beta1, beta2 = betas
+    if decoupled_weight_decay:
+        param *= 1 - lr * weight_decay
+        g = _grad(grad, param, 0.0, maximize)
+    else:
+        g = _grad(grad, param, weight_decay, maximize)
+    mu = _nadam_mu(beta1, momentum_decay, step)
+    mu_next = _nadam_mu(beta1, momentum_decay, step + 1)
+    mu_product = state["mu_product"]
+    mu_product[...] = mu_product * mu
+    mu_product_next = float(mu_product) * mu_next
+    m, v = state["exp_avg"], state["exp_avg_sq"]
+    m[...] = beta1 * m + (1 - beta1) * g
+    v[...] = beta2 * v + (1 - beta2) * g * g
+    denom = np.sqrt(v / (1 - beta2 ** step)) + eps
+    param -= (lr * (1 - mu) / (1 - float(mu_product))) * g / denom
+    param -= (lr * mu_next / (1 - mu_product_next)) * m / denom
+
+
+def radam(param, grad, state, *, step, lr, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0,
+          decoupled_weight_decay=False, maximize=False):
+    beta1, beta2 = betas
+    if decoupled_weight_decay:
+        param *= 1 - lr * weight_decay
+        g = _grad(grad, param, 0.0, maximize)
+    else:
+        g = _grad(grad, param, weight_decay, maximize)
+    m, v = state["exp_avg"], state["exp_avg_sq"]
+    m[...] = beta1 * m + (1 - beta1) * g
+    v[...] = beta2 * v + (1 - beta2) * g * g
+    bc1, bc2 = 1 - beta1 ** step, 1 - beta2 ** step
+    rho_inf = 2 / (1 - beta2) - 1
+    rho_t = rho_inf - 2 * step * beta2 ** step / bc2
+    if rho_t > 5.0:
+        rect = ((rho_t - 4) * (rho_t - 2) * rho_inf / ((rho_inf - 4) * (rho_inf - 2) * rho_t)) ** 0.5
+        param -= (m / bc1) * lr * (bc2 ** 0.5 / (np.sqrt(v) + eps)) * rect
+    else:
+        param -= (m / bc1) * lr
+
+
+def adadelta(param, grad, state, *, step, lr, rho=0.9, eps=1e-6, weight_decay=0.0,
+             maximize=False):
+    g = _grad(grad, param, weight_decay, maximize)
+    v, acc = state["square_avg"], state["acc_delta"]
+    v[...] = rho * v + (1 - rho) * g * g
+    delta = np.sqrt(acc + eps) / np.sqrt(v + eps) * g
+    acc[...] = rho * acc + (1 - rho) * delta * delta
+    param -= lr * delta
+
+
+def rprop(param, grad, state, *, step, lr, etas=(0.5, 1.2), step_sizes=(1e-6, 50.0),
+          maximize=False):
+    """``state["step_size"]`` starts at lr (``state_fill``), ``state["prev"]`` at 0."""
+    etaminus, etaplus = etas
+    lo, hi = step_sizes
+    g = -grad if maximize else grad.copy()
+    prev, size = state["prev"], state["step_size"]
+    s = np.sign(g * prev)
+    factor = np.where(s > 0, etaplus, np.where(s < 0, etaminus, 1.0))
+    size[...] = np.clip(size * factor, lo, hi)
+    g = np.where(factor == etaminus, 0.0, g)  # torch's test: equal to etaminus, not s < 0
+    param -= np.sign(g) * size
+    prev[...] = g
+
+
+def asgd(param, grad, state, *, step, lr, lambd=1e-4, alpha=0.75, t0=1e6, weight_decay=0.0,
+         maximize=False):
+    """``state["eta"]`` and ``state["mu"]`` are 0-d arrays (lr and 1 before the first step) in
+    torch's scalar dtype (float32 by default), rewritten at the end of each step as torch does;
+    ``state["ax"]`` is the average."""
+    g = _grad(grad, param, weight_decay, maximize)
+    eta, mu, ax = state["eta"], state["mu"], state["ax"]
+    param *= 1 - lambd * float(eta)
+    param -= float(eta) * g
+    if float(mu) != 1:
+        ax += (param - ax) * float(mu)
+    else:
+        ax[...] = param
+    eta[...] = lr / ((1 + lambd * lr * step) ** alpha)
+    mu[...] = 1 / max(1, step - t0)
