@@ -253,7 +253,7 @@ def test_host_device_mix_refused(monkeypatch):
     import fastopt._arrays as arrays_mod
 
     # keep the device-array normaliser from importing CuPy: the fake object stays as it is
-    monkeypatch.setattr(arrays_mod, "as_xp_array", lambda a: a)
+    monkeypatch.setattr(arrays_mod, "as_xp_array", lambda a, label=None: a)
     rng = np.random.default_rng(6)
     params = {"a": rng.standard_normal(3), "b": rng.standard_normal(3)}
     grads = {"a": rng.standard_normal(3), "b": _FakeDeviceArray(rng.standard_normal(3))}
@@ -315,11 +315,12 @@ def test_momentum_switched_off_refused():
     opt = fastopt.SGD(lr=0.1, momentum=0.9)
     opt.update(params, _grads(rng, params))
     snap = _snapshot(opt, params)
-    opt.momentum = 0.0
-    with pytest.raises(ValueError, match="momentum"):
-        opt.update(params, _grads(rng, params))
-    opt.momentum = 0.9
+    with pytest.raises(ValueError, match="momentum"):  # refused when assigned, not later
+        opt.momentum = 0.0
+    assert opt.momentum == 0.9
     _assert_unchanged(opt, params, snap)
+    opt.momentum = 0.5  # non-zero to non-zero is a schedule, not a structural change
+    assert opt.update(params, _grads(rng, params)) is True
 
 
 # --- FlatBuffer -------------------------------------------------------------------------------

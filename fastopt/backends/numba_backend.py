@@ -100,12 +100,29 @@ def kernel(rule, flags, writes, parallel):
     return fn
 
 
+def prepare(rule, flags, writes, k, dtype):
+    """``run(param, grad, states)`` for one step of one variant on flat ``dtype`` arrays whose
+    present state slots are ``writes``: the host scalars are cast once, the serial or parallel
+    loop is picked per array by its length. Like ``launch``, it trusts its caller
+    (``fastopt.functional`` and the optimizer classes check lengths, dtypes and writability
+    before any launch): a loop indexes every array by the param's length."""
+    kc = tuple(np.dtype(dtype).type(x) for x in k)
+    fns = [None, None]
+
+    def run(param, grad, states):
+        n = param.shape[0]
+        if n == 0:
+            return
+        par = n >= PARALLEL_MIN
+        fn = fns[par]
+        if fn is None:
+            fn = fns[par] = kernel(rule, flags, writes, par)
+        fn(param, grad, *[param if s is None else s for s in states], kc)
+
+    return run
+
+
 def launch(rule, flags, param, grad, states, k):
-    n = param.shape[0]
-    if n == 0:
-        return
-    writes = tuple(s is not None for s in states)
-    slots = tuple(param if s is None else s for s in states)
-    scalar = param.dtype.type
-    fn = kernel(rule, flags, writes, n >= PARALLEL_MIN)
-    fn(param, grad, *slots, tuple(scalar(x) for x in k))
+    """One fused pass over flat arrays, unchecked (see ``prepare``)."""
+    prepare(rule, flags, tuple(s is not None for s in states), k, param.dtype)(param, grad,
+                                                                             states)
