@@ -13,6 +13,7 @@ parallel loop uses Numba's thread pool (``NUMBA_NUM_THREADS``, by default one th
 import numpy as np
 
 from ..kernels import RULES
+from ..kernels.fma import fma
 
 NAME = "numba"
 DEVICE = "cpu"
@@ -23,10 +24,27 @@ PARALLEL_MIN = 1 << 15
 
 try:
     import numba
-    from numba.extending import register_jitable
+    from numba.core import types
+    from numba.extending import intrinsic, overload, register_jitable
 except ImportError as _exc:  # numba is a core dependency; this only guards a broken install
     numba = None
     _import_error = _exc
+else:
+    @intrinsic
+    def _llvm_fma(typingctx, a, b, c):
+        if isinstance(a, types.Float) and a == b == c:
+            def codegen(context, builder, sig, args):
+                return builder.fma(*args)
+
+            return a(a, b, c), codegen
+        return None
+
+    @overload(fma, target="cpu", inline="always")
+    def _fma_cpu(a, b, c):
+        # the rules' fused multiply-add (kernels/fma.py): llvm.fma, one rounding
+        if isinstance(a, types.Float) and a == b == c:
+            return lambda a, b, c: _llvm_fma(a, b, c)
+        return None
 
 _compiled = {}
 

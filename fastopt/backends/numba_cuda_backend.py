@@ -22,6 +22,7 @@ import sys
 import numpy as np
 
 from ..kernels import RULES
+from ..kernels.fma import fma
 
 __all__ = ["NAME", "DEVICE", "available", "why_unavailable", "launch", "kernel",
            "launch_config", "variants", "python_kernel", "THREADS", "BLOCKS_PER_SM", "SIMULATOR"]
@@ -40,6 +41,32 @@ DEVICE = "cpu" if SIMULATOR else "cuda"
 # smaller than n makes the grid-stride loop take several trips, which is what CI must see.
 _SIM_THREADS, _SIM_BLOCKS = 32, 4
 
+def _register_fma():
+    """The rules' fused multiply-add (kernels/fma.py) as one PTX ``fma.rn`` (typed and lowered
+    directly: an overload would be compiled as a separate device function, which needs a
+    driver even to compile PTX)."""
+    try:
+        from numba.cuda import types
+        from numba.cuda.extending import lower_builtin, type_callable
+    except ImportError:  # numba's built-in CUDA target: the core registries serve it
+        from numba.core import types
+        from numba.core.imputils import lower_builtin
+        from numba.extending import type_callable
+
+    @type_callable(fma)
+    def _type_fma(context):
+        def typer(a, b, c):
+            if isinstance(a, types.Float) and a == b == c:
+                return a
+            return None
+
+        return typer
+
+    @lower_builtin(fma, types.Float, types.Float, types.Float)
+    def _lower_fma(context, builder, sig, args):
+        return builder.fma(*args)
+
+
 try:
     from numba import cuda
 except ImportError as _exc:  # numba-cuda (or numba's built-in CUDA target) is missing
@@ -47,6 +74,8 @@ except ImportError as _exc:  # numba-cuda (or numba's built-in CUDA target) is m
     _import_error = f"numba.cuda cannot be imported: {_exc}"
 else:
     _import_error = ""
+    if not SIMULATOR:  # the simulator runs the rules as Python: kernels/fma.py itself
+        _register_fma()
 
 _compiled = {}
 _sm_count = {}
