@@ -144,8 +144,9 @@ def _checked(rule, flags, backend, param, grad, states):
     be = resolve(backend, param if is_array(param) else None)
     for (name, a), used in zip(states.items(), slots_used(rule, flags)):
         if used and a is None:
-            flag = OPTIONAL[rule][name]
-            raise ValueError(f"{who}: state {name!r} is required with {flag} on "
+            flag = OPTIONAL.get(rule, {}).get(name)
+            why = "always" if flag is None else f"with {flag} on"
+            raise ValueError(f"{who}: state {name!r} is required {why} "
                              f"({', '.join(f'{k}={v}' for k, v in flags.items())}), got None")
     supported = tuple(getattr(be, "DTYPES", SUPPORTED_DTYPES))
     _, entries = check_param_arrays(None, param, grad, states.items(), supported, who=who)

@@ -15,6 +15,7 @@ user may have rebound — and fall back to the full checks when anything differs
 step's host cost O(1) per array.
 """
 import bisect
+import contextlib
 import functools
 import sys
 import threading
@@ -240,6 +241,16 @@ class Optimizer:
         """The current hyperparameters and flags, as plain Python values."""
         out = {h: getattr(self, h) for h in self._hyper + self._flags}
         return {k: tuple(v) if isinstance(v, list) else v for k, v in out.items()}
+
+    @contextlib.contextmanager
+    def _exclusive_use(self, what):
+        """``_exclusive`` for a caller outside the class (``load_checkpoint``)."""
+        if not self._lock.acquire(False):
+            raise RuntimeError(_BUSY.format(cls=type(self).__name__, what=what))
+        try:
+            yield
+        finally:
+            self._lock.release()
 
     def __getstate__(self):
         d = dict(self.__dict__)

@@ -22,7 +22,8 @@ def fma(a, b, c):
     """``a*b + c`` with a single rounding, in the dtype of the arguments."""
     to = np.result_type(a, b, c).type
     if not (isfinite(a) and isfinite(b)):
-        return to(to(a) * to(b) + to(c))  # inf/NaN factors: the fused and plain results agree
+        with np.errstate(invalid="ignore"):  # inf/NaN factors: fused and plain results agree
+            return to(to(a) * to(b) + to(c))
     if not isfinite(c):
         return to(c)  # a finite product never cancels an infinite or NaN addend
     exact = Fraction(float(a)) * Fraction(float(b)) + Fraction(float(c))

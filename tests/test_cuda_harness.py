@@ -187,3 +187,52 @@ def test_first_sgd_momentum_step_ignores_dampening(harness):
                    backend=HarnessBackend(harness))
     np.testing.assert_array_equal(b, g)
     np.testing.assert_allclose(p, p0 - 0.1 * g, rtol=1e-15)
+
+
+def _same_nonfinite(actual, ref, dtype, what):
+    """NaN, +inf and -inf in the same places, the finite values within tolerance."""
+    actual, ref = np.asarray(actual, np.float64), np.asarray(ref, np.float64)
+    for test in (np.isnan, np.isposinf, np.isneginf):
+        assert np.array_equal(test(actual), test(ref)), f"{what}: {test.__name__} differs"
+    fin = np.isfinite(ref)
+    assert_close(actual[fin], ref[fin], dtype, what)
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64], ids=["float", "double"])
+def test_nonfinite_values_like_torch(harness, dtype):
+    """torch's non-finite behaviour in the C bodies: centered RMSProp computes v - ga*ga as one
+    fused multiply-add (v = inf stays inf where ga*ga overflows, so the param stays finite),
+    and AMSGrad's max propagates NaN from either operand (CUDA's max/fmax would drop it). The
+    oracle runs in the same dtype, so both overflow alike."""
+    be, n = HarnessBackend(harness), 8
+    big = dtype(1e20 if dtype == np.float32 else 1e160)
+    p = np.linspace(1, 2, n).astype(dtype)
+    st = {"square_avg": np.full(n, np.inf, dtype), "grad_avg": np.full(n, big * dtype(0.9)),
+          "momentum_buffer": np.zeros(n, dtype)}
+    g = np.full(n, big, dtype)
+    rp, rst = p.copy(), {s: a.copy() for s, a in st.items()}
+    with np.errstate(over="ignore", invalid="ignore"):
+        assert np.isinf(st["grad_avg"] * st["grad_avg"]).all()  # the square overflows
+        functional.rmsprop(p, g, *st.values(), step=3, lr=0.01, centered=True, momentum=0.5,
+                           backend=be)
+        reference.rmsprop(rp, g, rst, step=3, lr=0.01, centered=True, momentum=0.5)
+    assert np.isfinite(p).all()
+    _same_nonfinite(p, rp, dtype, "centered rmsprop param")
+    for s in st:
+        _same_nonfinite(st[s], rst[s], dtype, f"centered rmsprop {s}")
+    rng = np.random.default_rng(11)
+    p = rng.standard_normal(n).astype(dtype)
+    st = {"exp_avg": rng.standard_normal(n).astype(dtype),
+          "exp_avg_sq": rng.uniform(0.1, 1, n).astype(dtype),
+          "max_exp_avg_sq": rng.uniform(1, 2, n).astype(dtype)}
+    st["max_exp_avg_sq"][1] = np.nan  # NaN in the running max, a finite v
+    st["exp_avg_sq"][2] = np.nan      # NaN in v, a finite running max
+    g = rng.standard_normal(n).astype(dtype)
+    g[3] = np.nan                     # NaN in the gradient
+    rp, rst = p.copy(), {s: a.copy() for s, a in st.items()}
+    functional.adam(p, g, *st.values(), step=2, lr=0.01, amsgrad=True, backend=be)
+    reference.adam(rp, g, rst, step=2, lr=0.01, amsgrad=True)
+    assert np.isnan(st["max_exp_avg_sq"][1:4]).all() and np.isnan(p[1:4]).all()
+    _same_nonfinite(p, rp, dtype, "amsgrad param")
+    for s in st:
+        _same_nonfinite(st[s], rst[s], dtype, f"amsgrad {s}")
