@@ -14,8 +14,16 @@ import numpy as np
 
 from .backends import is_device_array
 
-__all__ = ["array_module", "to_numpy", "is_device_array", "as_xp_array", "as_xp_dicts",
-           "check_one_device", "device_id", "on_device"]
+__all__ = [
+    "array_module",
+    "as_xp_array",
+    "as_xp_dicts",
+    "check_one_device",
+    "device_id",
+    "is_device_array",
+    "on_device",
+    "to_numpy",
+]
 
 # DLPack device types (dlpack.h): kDLCPU, kDLCUDA, kDLCUDAHost, kDLCUDAManaged
 _DL_CPU, _DL_CUDA, _DL_CUDA_HOST, _DL_CUDA_MANAGED = 1, 2, 3, 13
@@ -49,7 +57,7 @@ def to_numpy(a):
 def _dlpack_device(a):
     try:
         return tuple(a.__dlpack_device__())
-    except Exception:  # not a DLPack producer, or one that cannot say
+    except Exception:  # noqa: BLE001 - not a DLPack producer, or one that cannot say
         return None
 
 

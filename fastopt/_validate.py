@@ -12,11 +12,29 @@ import numpy as np
 
 from .backends import is_device_array
 
-__all__ = ["NonFiniteGradientError", "SUPPORTED_DTYPES", "is_array", "where", "dtype_of",
-           "dtype_name", "describe", "check_array", "check_writable", "check_like",
-           "check_param_arrays", "check_state_arrays", "check_reach", "check_no_overlap", "all_finite", "check_names",
-           "check_str_names", "check_number", "check_step", "check_hyperparams",
-           "normalise_hyper"]
+__all__ = [
+    "SUPPORTED_DTYPES",
+    "NonFiniteGradientError",
+    "all_finite",
+    "check_array",
+    "check_hyperparams",
+    "check_like",
+    "check_names",
+    "check_no_overlap",
+    "check_number",
+    "check_param_arrays",
+    "check_reach",
+    "check_state_arrays",
+    "check_step",
+    "check_str_names",
+    "check_writable",
+    "describe",
+    "dtype_name",
+    "dtype_of",
+    "is_array",
+    "normalise_hyper",
+    "where",
+]
 
 #: dtypes every backend steps (a backend module may narrow or widen this with ``DTYPES``)
 SUPPORTED_DTYPES = ("float32", "float64")
@@ -239,7 +257,7 @@ def check_no_overlap(entries):
     spans.sort(key=lambda s: (s[0], s[1]))
     active = []
     for span in spans:
-        space, lo, hi, label, a, written = span
+        space, lo, _, label, a, written = span
         active = [s for s in active if s[0] == space and s[2] > lo]
         for other in active:
             if (written or other[5]) and _shares(a, other[4]):

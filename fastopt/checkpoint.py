@@ -41,7 +41,7 @@ from ._validate import SUPPORTED_DTYPES, check_array, check_names, describe, dty
 from .flat import FlatBuffer
 from .optimizer import Optimizer
 
-__all__ = ["save_checkpoint", "load_checkpoint", "CheckpointError", "FORMAT_VERSION", "MAGIC"]
+__all__ = ["FORMAT_VERSION", "MAGIC", "CheckpointError", "load_checkpoint", "save_checkpoint"]
 
 MAGIC = b"FOPTCKPT"
 FORMAT_VERSION = 1

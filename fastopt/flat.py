@@ -13,7 +13,7 @@ import numpy as np
 from ._arrays import array_module, as_xp_array, check_one_device, on_device
 from ._validate import check_str_names
 
-__all__ = ["FlatBuffer", "ALIGN", "ReadOnlyViews"]
+__all__ = ["ALIGN", "FlatBuffer", "ReadOnlyViews"]
 
 #: byte alignment of every segment (a cache line; at least the 16 bytes vector loads need)
 ALIGN = 64
@@ -86,7 +86,8 @@ class FlatBuffer:
         first = next(iter(arrays.values()))
         xps = {array_module(a) for a in arrays.values()}
         if len(xps) > 1:
-            raise ValueError("FlatBuffer got host and device arrays together; put them on one device")
+            raise ValueError("FlatBuffer got host and device arrays together; put them on one "
+                             "device")
         xp = xps.pop()
         self.xp = xp
         order = {}

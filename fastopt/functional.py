@@ -23,13 +23,21 @@ import numpy as np
 
 from . import reference
 from ._arrays import as_xp_array
-from ._validate import (SUPPORTED_DTYPES, check_hyperparams, check_no_overlap, check_param_arrays,
-                        check_reach, check_step, dtype_of, is_array)
+from ._validate import (
+    SUPPORTED_DTYPES,
+    check_hyperparams,
+    check_no_overlap,
+    check_param_arrays,
+    check_reach,
+    check_step,
+    dtype_of,
+    is_array,
+)
 from .backends import resolve
 from .kernels import RULES
 from .kernels.cuda_source import OPTIONAL, slots_used
 
-__all__ = ["sgd", "adagrad", "rmsprop", "adam", "lion", "Launch", "plan"]
+__all__ = ["Launch", "adagrad", "adam", "lion", "plan", "rmsprop", "sgd"]
 
 
 # -- per-step scalars and flag variants, one function per rule ------------------------------------
@@ -37,18 +45,18 @@ __all__ = ["sgd", "adagrad", "rmsprop", "adam", "lion", "Launch", "plan"]
 def _sgd_plan(step, lr, momentum, dampening, weight_decay, nesterov, maximize):
     first = step == 1
     k = (weight_decay, 0.0 if first else momentum, 1.0 if first else 1.0 - dampening, momentum, lr)
-    return dict(maximize=maximize, decay=weight_decay != 0, momentum=momentum != 0,
-                nesterov=nesterov), k
+    return {"maximize": maximize, "decay": weight_decay != 0, "momentum": momentum != 0,
+            "nesterov": nesterov}, k
 
 
 def _adagrad_plan(step, lr, lr_decay, weight_decay, eps, maximize):
-    return (dict(maximize=maximize, decay=weight_decay != 0),
+    return ({"maximize": maximize, "decay": weight_decay != 0},
             (weight_decay, lr / (1.0 + (step - 1) * lr_decay), eps))
 
 
 def _rmsprop_plan(step, lr, alpha, eps, weight_decay, momentum, centered, maximize):
-    return (dict(maximize=maximize, decay=weight_decay != 0, centered=centered,
-                 momentum=momentum > 0),
+    return ({"maximize": maximize, "decay": weight_decay != 0, "centered": centered,
+             "momentum": momentum > 0},
             (weight_decay, alpha, 1.0 - alpha, eps, momentum, lr))
 
 
@@ -56,15 +64,15 @@ def _adam_plan(step, lr, betas, eps, weight_decay, amsgrad, maximize, decoupled)
     beta1, beta2 = betas
     bc1 = 1.0 - beta1 ** step
     bc2 = 1.0 - beta2 ** step
-    return (dict(maximize=maximize, decay=weight_decay != 0, decoupled=decoupled,
-                 amsgrad=amsgrad),
+    return ({"maximize": maximize, "decay": weight_decay != 0, "decoupled": decoupled,
+             "amsgrad": amsgrad},
             (weight_decay, 1.0 - lr * weight_decay, beta1, 1.0 - beta1, beta2, 1.0 - beta2,
              lr / bc1, 1.0 / math.sqrt(bc2), eps))
 
 
 def _lion_plan(step, lr, betas, weight_decay, maximize):
     beta1, beta2 = betas
-    return (dict(maximize=maximize, decay=weight_decay != 0),
+    return ({"maximize": maximize, "decay": weight_decay != 0},
             (1.0 - lr * weight_decay, beta1, 1.0 - beta1, beta2, 1.0 - beta2, lr))
 
 
@@ -83,7 +91,7 @@ class Launch:
     then ``runner(dtype, writes)(param, grad, states)`` launches it on any number of flat
     arrays. Trusts its caller: the arrays must already have passed ``check_param_arrays``."""
 
-    __slots__ = ("be", "rule", "step", "hp", "flags", "k", "_runners")
+    __slots__ = ("_runners", "be", "flags", "hp", "k", "rule", "step")
 
     def __init__(self, be, rule, step, hp):
         self.be, self.rule, self.step, self.hp = be, rule, step, hp
@@ -171,17 +179,18 @@ def _run(rule, backend, step, hp, param, grad, states):
 def sgd(param, grad, momentum_buffer=None, *, step, lr=1e-3, momentum=0.0, dampening=0.0,
         weight_decay=0.0, nesterov=False, maximize=False, backend="auto"):
     """SGD / Momentum / Nesterov; ``momentum_buffer`` is required when ``momentum != 0``."""
-    _run("sgd", backend, step, dict(lr=lr, momentum=momentum, dampening=dampening,
-                                    weight_decay=weight_decay, nesterov=nesterov,
-                                    maximize=maximize),
+    _run("sgd", backend, step, {"lr": lr, "momentum": momentum, "dampening": dampening,
+                                "weight_decay": weight_decay, "nesterov": nesterov,
+                                "maximize": maximize},
          param, grad, {"momentum_buffer": momentum_buffer})
 
 
 def adagrad(param, grad, state_sum, *, step, lr=1e-2, lr_decay=0.0, weight_decay=0.0,
             eps=1e-10, maximize=False, backend="auto"):
     """AdaGrad with PyTorch's ``clr = lr / (1 + (t - 1) * lr_decay)``."""
-    _run("adagrad", backend, step, dict(lr=lr, lr_decay=lr_decay, weight_decay=weight_decay,
-                                        eps=eps, maximize=maximize),
+    _run("adagrad", backend, step, {"lr": lr, "lr_decay": lr_decay,
+                                    "weight_decay": weight_decay, "eps": eps,
+                                    "maximize": maximize},
          param, grad, {"sum": state_sum})
 
 
@@ -189,9 +198,9 @@ def rmsprop(param, grad, square_avg, grad_avg=None, momentum_buffer=None, *, ste
             alpha=0.99, eps=1e-8, weight_decay=0.0, momentum=0.0, centered=False,
             maximize=False, backend="auto"):
     """RMSProp; ``grad_avg`` is required when centered, ``momentum_buffer`` when momentum > 0."""
-    _run("rmsprop", backend, step, dict(lr=lr, alpha=alpha, eps=eps, weight_decay=weight_decay,
-                                        momentum=momentum, centered=centered,
-                                        maximize=maximize),
+    _run("rmsprop", backend, step, {"lr": lr, "alpha": alpha, "eps": eps,
+                                    "weight_decay": weight_decay, "momentum": momentum,
+                                    "centered": centered, "maximize": maximize},
          param, grad, {"square_avg": square_avg, "grad_avg": grad_avg,
                        "momentum_buffer": momentum_buffer})
 
@@ -200,8 +209,9 @@ def adam(param, grad, exp_avg, exp_avg_sq, max_exp_avg_sq=None, *, step, lr=1e-3
          betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0, amsgrad=False, maximize=False,
          decoupled=False, backend="auto"):
     """Adam (``decoupled=True``: AdamW); ``max_exp_avg_sq`` is required with amsgrad."""
-    _run("adam", backend, step, dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay,
-                                     amsgrad=amsgrad, maximize=maximize, decoupled=decoupled),
+    _run("adam", backend, step, {"lr": lr, "betas": betas, "eps": eps,
+                                 "weight_decay": weight_decay, "amsgrad": amsgrad,
+                                 "maximize": maximize, "decoupled": decoupled},
          param, grad, {"exp_avg": exp_avg, "exp_avg_sq": exp_avg_sq,
                        "max_exp_avg_sq": max_exp_avg_sq})
 
@@ -209,6 +219,6 @@ def adam(param, grad, exp_avg, exp_avg_sq, max_exp_avg_sq=None, *, step, lr=1e-3
 def lion(param, grad, exp_avg, *, step, lr=1e-4, betas=(0.9, 0.99), weight_decay=0.0,
          maximize=False, backend="auto"):
     """Lion: sign of the interpolated momentum, decoupled weight decay."""
-    _run("lion", backend, step, dict(lr=lr, betas=betas, weight_decay=weight_decay,
-                                     maximize=maximize),
+    _run("lion", backend, step, {"lr": lr, "betas": betas, "weight_decay": weight_decay,
+                                 "maximize": maximize},
          param, grad, {"exp_avg": exp_avg})

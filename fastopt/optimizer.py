@@ -25,15 +25,30 @@ import numpy as np
 
 from . import backends
 from ._arrays import array_module, as_xp_dicts, on_device, to_numpy
-from ._validate import (SUPPORTED_DTYPES, NonFiniteGradientError, _extent, all_finite,
-                        check_array, check_names, check_no_overlap, check_param_arrays,
-                        check_reach, check_state_arrays, check_str_names, check_writable,
-                        describe, dtype_name, dtype_of, is_array, normalise_hyper)
+from ._validate import (
+    SUPPORTED_DTYPES,
+    NonFiniteGradientError,
+    _extent,
+    all_finite,
+    check_array,
+    check_names,
+    check_no_overlap,
+    check_param_arrays,
+    check_reach,
+    check_state_arrays,
+    check_str_names,
+    check_writable,
+    describe,
+    dtype_name,
+    dtype_of,
+    is_array,
+    normalise_hyper,
+)
 from .flat import FlatBuffer, ReadOnlyViews
 from .functional import Launch
 from .kernels import RULES
 
-__all__ = ["Optimizer", "NONFINITE_POLICIES"]
+__all__ = ["NONFINITE_POLICIES", "Optimizer"]
 
 #: what ``nonfinite=`` accepts: None (PyTorch: NaN/inf flow through), "raise", "skip"
 NONFINITE_POLICIES = (None, "raise", "skip")
@@ -74,13 +89,13 @@ def _root(a):
 class _Entry:
     """One parameter of the dict API as the last full validation saw it."""
 
-    __slots__ = ("name", "p", "shape", "dtype", "pflat", "st", "nst", "sarrs", "sflat")
+    __slots__ = ("dtype", "name", "nst", "p", "pflat", "sarrs", "sflat", "shape", "st")
 
 
 class _DictCache:
     """What a full validation of ``update()`` established, to re-check cheaply next step."""
 
-    __slots__ = ("entries", "n", "state", "be", "writes", "fast", "roots", "los", "spans")
+    __slots__ = ("be", "entries", "fast", "los", "n", "roots", "spans", "state", "writes")
 
     def __init__(self, entries, state, be, writes):
         self.entries, self.n, self.state, self.be = entries, len(entries), state, be
@@ -118,8 +133,20 @@ class _DictCache:
 class _FlatCache:
     """What a full validation of ``step(buf)`` established, to re-check cheaply next step."""
 
-    __slots__ = ("buf", "n", "groups", "datas", "grads", "shapes", "dtypes", "states", "be",
-                 "writes", "host", "fast")
+    __slots__ = (
+        "be",
+        "buf",
+        "datas",
+        "dtypes",
+        "fast",
+        "grads",
+        "groups",
+        "host",
+        "n",
+        "shapes",
+        "states",
+        "writes",
+    )
 
 
 class Optimizer:
@@ -524,7 +551,7 @@ class Optimizer:
         c.grads = tuple(g.grad for g in buf.groups)
         c.shapes = tuple(d.shape for d in c.datas)
         c.dtypes = tuple(d.dtype for d in c.datas)
-        c.states = tuple(tuple(f[s] if s in f else None for s in slots)
+        c.states = tuple(tuple(f.get(s, None) for s in slots)
                          for f in self._flat_state)
         c.be, c.writes = be, tuple(s in names for s in slots)
         arrays = c.datas + c.grads
@@ -638,7 +665,7 @@ class Optimizer:
             raise ValueError(f"state_dict step is {step!r}; expected an integer >= 0")
         hp = sd["hyperparams"]
         if not isinstance(hp, dict):
-            raise ValueError(f"state_dict hyperparams is a {type(hp).__name__}; expected a dict")
+            raise TypeError(f"state_dict hyperparams is a {type(hp).__name__}; expected a dict")
         check_names(hp, self._hyper + self._flags, "state_dict hyperparameters",
                     f"those of {kind}")
         hp = {k: normalise_hyper(v) for k, v in hp.items()}
@@ -650,14 +677,14 @@ class Optimizer:
         hp = self._check_hyper(hp)
         state = sd["state"]
         if not isinstance(state, dict):
-            raise ValueError(f"state_dict state is a {type(state).__name__}; expected a dict")
+            raise TypeError(f"state_dict state is a {type(state).__name__}; expected a dict")
         check_str_names(state, "state_dict parameter names")
         want = self._state_names()
         host = {}
         for name, st in state.items():
             if not isinstance(st, dict):
-                raise ValueError(f"state of parameter {name!r} is a {type(st).__name__}; "
-                                 "expected a dict state name -> array")
+                raise TypeError(f"state of parameter {name!r} is a {type(st).__name__}; "
+                                "expected a dict state name -> array")
             check_names(st, want, f"state buffers of parameter {name!r}", f"those {kind} keeps")
             host[name] = {}
             for s in want:
@@ -683,8 +710,9 @@ class Optimizer:
             for name, st in host.items():
                 kinds = {(a.shape, a.dtype) for a in st.values()}
                 if len(kinds) > 1:
+                    got = sorted((s, a.dtype.name, a.shape) for s, a in st.items())
                     raise ValueError(f"state buffers of parameter {name!r} differ in shape or "
-                                     f"dtype: {sorted((s, a.dtype.name, a.shape) for s, a in st.items())}")
+                                     f"dtype: {got}")
         return hp, int(step), host
 
     def _commit_state_dict(self, hp, step, host):

@@ -7,8 +7,18 @@ scalars) and ``kernels/`` (the per-element rule). ``t`` counts steps from 1. Wit
 from ._validate import check_hyperparams, check_number
 from .optimizer import Optimizer, _momentum_fixed
 
-__all__ = ["SGD", "Momentum", "Nesterov", "AdaGrad", "Adagrad", "RMSProp", "RMSprop", "Adam",
-           "AdamW", "Lion"]
+__all__ = [
+    "SGD",
+    "AdaGrad",
+    "Adagrad",
+    "Adam",
+    "AdamW",
+    "Lion",
+    "Momentum",
+    "Nesterov",
+    "RMSProp",
+    "RMSprop",
+]
 
 
 class SGD(Optimizer):
@@ -29,8 +39,8 @@ class SGD(Optimizer):
 
     def __init__(self, lr=1e-3, momentum=0.0, dampening=0.0, weight_decay=0.0, nesterov=False,
                  *, maximize=False, backend="auto", nonfinite=None):
-        self._init(dict(lr=lr, momentum=momentum, dampening=dampening, weight_decay=weight_decay,
-                        nesterov=nesterov, maximize=maximize))
+        self._init({"lr": lr, "momentum": momentum, "dampening": dampening,
+                    "weight_decay": weight_decay, "nesterov": nesterov, "maximize": maximize})
         self._has_momentum = self.momentum != 0
         super().__init__(backend, nonfinite=nonfinite)
 
@@ -89,8 +99,9 @@ class AdaGrad(Optimizer):
 
     def __init__(self, lr=1e-2, lr_decay=0.0, weight_decay=0.0, initial_accumulator_value=0.0,
                  eps=1e-10, *, maximize=False, backend="auto", nonfinite=None):
-        self._init(dict(lr=lr, lr_decay=lr_decay, weight_decay=weight_decay, eps=eps,
-                        initial_accumulator_value=initial_accumulator_value, maximize=maximize))
+        self._init({"lr": lr, "lr_decay": lr_decay, "weight_decay": weight_decay, "eps": eps,
+                    "initial_accumulator_value": initial_accumulator_value,
+                    "maximize": maximize})
         super().__init__(backend, nonfinite=nonfinite)
 
     def _check_hyper(self, hp):
@@ -125,8 +136,8 @@ class RMSProp(Optimizer):
 
     def __init__(self, lr=1e-2, alpha=0.99, eps=1e-8, weight_decay=0.0, momentum=0.0,
                  centered=False, *, maximize=False, backend="auto", nonfinite=None):
-        self._init(dict(lr=lr, alpha=alpha, eps=eps, weight_decay=weight_decay,
-                        momentum=momentum, centered=centered, maximize=maximize))
+        self._init({"lr": lr, "alpha": alpha, "eps": eps, "weight_decay": weight_decay,
+                    "momentum": momentum, "centered": centered, "maximize": maximize})
         self._has_momentum = self.momentum > 0
         super().__init__(backend, nonfinite=nonfinite)
 
@@ -164,8 +175,8 @@ class Adam(Optimizer):
 
     def __init__(self, lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0, amsgrad=False,
                  *, maximize=False, backend="auto", nonfinite=None):
-        self._init(dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay,
-                        amsgrad=amsgrad, maximize=maximize))
+        self._init({"lr": lr, "betas": betas, "eps": eps, "weight_decay": weight_decay,
+                    "amsgrad": amsgrad, "maximize": maximize})
         super().__init__(backend, nonfinite=nonfinite)
 
     def _check_hyper(self, hp):
@@ -210,7 +221,7 @@ class Lion(Optimizer):
 
     def __init__(self, lr=1e-4, betas=(0.9, 0.99), weight_decay=0.0, *, maximize=False,
                  backend="auto", nonfinite=None):
-        self._init(dict(lr=lr, betas=betas, weight_decay=weight_decay, maximize=maximize))
+        self._init({"lr": lr, "betas": betas, "weight_decay": weight_decay, "maximize": maximize})
         super().__init__(backend, nonfinite=nonfinite)
 
     def _check_hyper(self, hp):

@@ -7,7 +7,7 @@ arrays of ``state`` in place; ``step`` is the 1-based step count (incremented be
 """
 import numpy as np
 
-__all__ = ["sgd", "adagrad", "rmsprop", "adam", "lion"]
+__all__ = ["adagrad", "adam", "lion", "rmsprop", "sgd"]
 
 
 def _grad(grad, param, weight_decay, maximize):

@@ -23,7 +23,7 @@ __device__ __forceinline__ void adam_elem(T &p, T g, T &m, T &v, T &vmax,
 #if AMSGRAD
     // torch.maximum: NaN in either operand gives NaN (CUDA's max and fmax would return the
     // other operand)
-    if (v > vmax || v != v) {
+    if (v > vmax || isnan(v)) {
         vmax = v;
     }
     const T d = sqrt(vmax) * inv_sqrt_bc2 + eps;

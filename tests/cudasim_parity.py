@@ -11,11 +11,11 @@ import os
 
 import numpy as np
 import pytest
+from conftest import resolve, run_oracle, state_names
+from tolerances import assert_close
 
 import fastopt
-from conftest import run_oracle, state_names, resolve
 from fastopt.backends import numba_cuda_backend as ncb
-from tolerances import assert_close
 
 pytestmark = pytest.mark.skipif(
     os.environ.get("NUMBA_ENABLE_CUDASIM") != "1" or not ncb.available(),
@@ -25,30 +25,30 @@ pytestmark = pytest.mark.skipif(
 #: combined), with non-default hyperparameters so that each scalar matters
 CASES = [
     ("SGD", {}),
-    ("SGD", dict(weight_decay=0.1, maximize=True)),
-    ("SGD", dict(momentum=0.8, dampening=0.3)),
-    ("SGD", dict(momentum=0.8, weight_decay=0.05, maximize=True)),
-    ("SGD", dict(momentum=0.7, nesterov=True, weight_decay=0.05)),
-    ("SGD", dict(momentum=0.7, nesterov=True, maximize=True)),
+    ("SGD", {"weight_decay": 0.1, "maximize": True}),
+    ("SGD", {"momentum": 0.8, "dampening": 0.3}),
+    ("SGD", {"momentum": 0.8, "weight_decay": 0.05, "maximize": True}),
+    ("SGD", {"momentum": 0.7, "nesterov": True, "weight_decay": 0.05}),
+    ("SGD", {"momentum": 0.7, "nesterov": True, "maximize": True}),
     ("Momentum", {}),
     ("Nesterov", {}),
     ("AdaGrad", {}),
-    ("AdaGrad", dict(lr_decay=0.1, weight_decay=0.1, initial_accumulator_value=0.5)),
-    ("AdaGrad", dict(maximize=True)),
+    ("AdaGrad", {"lr_decay": 0.1, "weight_decay": 0.1, "initial_accumulator_value": 0.5}),
+    ("AdaGrad", {"maximize": True}),
     ("RMSProp", {}),
-    ("RMSProp", dict(centered=True)),
-    ("RMSProp", dict(momentum=0.6)),
-    ("RMSProp", dict(centered=True, momentum=0.6, weight_decay=0.1, maximize=True)),
-    ("RMSProp", dict(weight_decay=0.1, alpha=0.9)),
+    ("RMSProp", {"centered": True}),
+    ("RMSProp", {"momentum": 0.6}),
+    ("RMSProp", {"centered": True, "momentum": 0.6, "weight_decay": 0.1, "maximize": True}),
+    ("RMSProp", {"weight_decay": 0.1, "alpha": 0.9}),
     ("Adam", {}),
-    ("Adam", dict(amsgrad=True)),
-    ("Adam", dict(weight_decay=0.1, maximize=True)),
-    ("Adam", dict(amsgrad=True, weight_decay=0.1, maximize=True, betas=(0.8, 0.9))),
+    ("Adam", {"amsgrad": True}),
+    ("Adam", {"weight_decay": 0.1, "maximize": True}),
+    ("Adam", {"amsgrad": True, "weight_decay": 0.1, "maximize": True, "betas": (0.8, 0.9)}),
     ("AdamW", {}),
-    ("AdamW", dict(amsgrad=True, maximize=True)),
-    ("AdamW", dict(weight_decay=0.0)),
+    ("AdamW", {"amsgrad": True, "maximize": True}),
+    ("AdamW", {"weight_decay": 0.0}),
     ("Lion", {}),
-    ("Lion", dict(weight_decay=0.5, maximize=True)),
+    ("Lion", {"weight_decay": 0.5, "maximize": True}),
 ]
 CLASSES = {"SGD": fastopt.SGD, "Momentum": fastopt.Momentum, "Nesterov": fastopt.Nesterov,
            "AdaGrad": fastopt.AdaGrad, "RMSProp": fastopt.RMSProp, "Adam": fastopt.Adam,
@@ -103,7 +103,7 @@ def test_flat_buffer_step_matches_oracle(rng):
             buf.grads[k][...] = g
         opt.step(buf)
     for k, p0 in params.items():
-        ref_p, ref_state = run_oracle("Adam", dict(lr=0.05, amsgrad=True, weight_decay=0.1),
+        ref_p, ref_state = run_oracle("Adam", {"lr": 0.05, "amsgrad": True, "weight_decay": 0.1},
                                       p0, [gs[k] for gs in grads])
         assert_close(buf.params[k], ref_p, p0.dtype, f"param {k}")
         for s, ref in ref_state.items():

@@ -16,10 +16,10 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-
-from fastopt import functional, reference
 from fastopt.kernels import RULES, cuda_source
 from tolerances import assert_close
+
+from fastopt import functional, reference
 
 GXX = shutil.which("g++")
 pytestmark = pytest.mark.skipif(GXX is None, reason="g++ is not installed")
@@ -63,7 +63,7 @@ def harness(tmp_path_factory):
         so = out / f"harness_{ctype}.so"
         cmd = [GXX, "-std=c++17", "-O2", "-shared", "-fPIC", "-ffp-contract=off", "-Wall",
                "-Werror", f"-DFASTOPT_T={ctype}", f"-I{out}", str(HARNESS), "-o", str(so)]
-        res = subprocess.run(cmd, capture_output=True, text=True)
+        res = subprocess.run(cmd, capture_output=True, text=True, check=False)
         assert res.returncode == 0, f"g++ failed for T={ctype}:\n{res.stderr[:4000]}"
         libs[np.dtype(dtype)] = ctypes.CDLL(str(so))
     return libs
@@ -99,21 +99,23 @@ def _cases(rule):
     """Hyperparameters that reach every flag variant of ``rule`` with every term visible."""
     B = (False, True)
     if rule == "sgd":  # Nesterov needs momentum and no dampening (fastopt.functional checks)
-        return [dict(lr=0.05, maximize=mx, weight_decay=wd, momentum=mu,
-                     dampening=0.0 if nv else 0.1, nesterov=nv)
+        return [{"lr": 0.05, "maximize": mx, "weight_decay": wd, "momentum": mu,
+                 "dampening": 0.0 if nv else 0.1, "nesterov": nv}
                 for mx, wd, mu, nv in itertools.product(B, (0.0, 0.1), (0.0, 0.9), B)
                 if mu or not nv]
     if rule == "adagrad":
-        return [dict(lr=0.05, maximize=mx, weight_decay=wd, lr_decay=0.05)
+        return [{"lr": 0.05, "maximize": mx, "weight_decay": wd, "lr_decay": 0.05}
                 for mx, wd in itertools.product(B, (0.0, 0.1))]
     if rule == "rmsprop":
-        return [dict(lr=0.01, alpha=0.9, maximize=mx, weight_decay=wd, centered=c, momentum=mu)
+        return [{"lr": 0.01, "alpha": 0.9, "maximize": mx, "weight_decay": wd, "centered": c,
+                 "momentum": mu}
                 for mx, wd, c, mu in itertools.product(B, (0.0, 0.1), B, (0.0, 0.9))]
     if rule == "adam":
-        return [dict(lr=0.01, betas=(0.8, 0.95), maximize=mx, weight_decay=wd, decoupled=dc,
-                     amsgrad=am) for mx, wd, dc, am in itertools.product(B, (0.0, 0.1), B, B)]
+        return [{"lr": 0.01, "betas": (0.8, 0.95), "maximize": mx, "weight_decay": wd,
+                 "decoupled": dc, "amsgrad": am}
+                for mx, wd, dc, am in itertools.product(B, (0.0, 0.1), B, B)]
     if rule == "lion":
-        return [dict(lr=0.01, betas=(0.8, 0.95), maximize=mx, weight_decay=wd)
+        return [{"lr": 0.01, "betas": (0.8, 0.95), "maximize": mx, "weight_decay": wd}
                 for mx, wd in itertools.product(B, (0.0, 0.1))]
     raise KeyError(rule)
 
@@ -218,8 +220,8 @@ def test_nonfinite_values_like_torch(harness, dtype):
         reference.rmsprop(rp, g, rst, step=3, lr=0.01, centered=True, momentum=0.5)
     assert np.isfinite(p).all()
     _same_nonfinite(p, rp, dtype, "centered rmsprop param")
-    for s in st:
-        _same_nonfinite(st[s], rst[s], dtype, f"centered rmsprop {s}")
+    for s, a in st.items():
+        _same_nonfinite(a, rst[s], dtype, f"centered rmsprop {s}")
     rng = np.random.default_rng(11)
     p = rng.standard_normal(n).astype(dtype)
     st = {"exp_avg": rng.standard_normal(n).astype(dtype),
@@ -234,5 +236,5 @@ def test_nonfinite_values_like_torch(harness, dtype):
     reference.adam(rp, g, rst, step=2, lr=0.01, amsgrad=True)
     assert np.isnan(st["max_exp_avg_sq"][1:4]).all() and np.isnan(p[1:4]).all()
     _same_nonfinite(p, rp, dtype, "amsgrad param")
-    for s in st:
-        _same_nonfinite(st[s], rst[s], dtype, f"amsgrad {s}")
+    for s, a in st.items():
+        _same_nonfinite(a, rst[s], dtype, f"amsgrad {s}")

@@ -5,12 +5,19 @@ import sys
 
 import numpy as np
 import pytest
+from tolerances import TOL  # the suite's one table, keyed by dtype
 
 from fastopt import cli, reference
-from fastopt._demo_problems import (SPECS, VALLEY_START, init_mlp, mlp_loss, mlp_loss_and_grad,
-                                    train_mlp, valley_path)
+from fastopt._demo_problems import (
+    SPECS,
+    VALLEY_START,
+    init_mlp,
+    mlp_loss,
+    mlp_loss_and_grad,
+    train_mlp,
+    valley_path,
+)
 from fastopt.backends import numba_backend
-from tolerances import TOL  # the suite's one table, keyed by dtype
 
 #: how each demo optimizer maps onto the oracle: function, extra flags, state slots
 ORACLE = {

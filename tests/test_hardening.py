@@ -16,18 +16,18 @@ import time
 
 import numpy as np
 import pytest
+from conftest import run_oracle
+from tolerances import assert_close
 
 import fastopt
 from fastopt import functional as F
 from fastopt import reference
-from conftest import run_oracle
-from tolerances import assert_close
 
 CPU = [b for b in ("numpy", "numba") if b in fastopt.available_backends()]
 KINDS = [fastopt.SGD, fastopt.Momentum, fastopt.Nesterov, fastopt.AdaGrad, fastopt.RMSProp,
          fastopt.Adam, fastopt.AdamW, fastopt.Lion]
-FULL = [(fastopt.SGD, dict(momentum=0.9)), (fastopt.AdaGrad, {}),
-        (fastopt.RMSProp, dict(centered=True, momentum=0.5)), (fastopt.Adam, dict(amsgrad=True)),
+FULL = [(fastopt.SGD, {"momentum": 0.9}), (fastopt.AdaGrad, {}),
+        (fastopt.RMSProp, {"centered": True, "momentum": 0.5}), (fastopt.Adam, {"amsgrad": True}),
         (fastopt.Lion, {})]
 FULL_IDS = [c.__name__ for c, _ in FULL]
 
@@ -56,7 +56,7 @@ def _dict_setup(backend, cls=fastopt.Adam, kw=None, n=64, steps=2, seed=0):
     rng = np.random.default_rng(seed)
     params = {"a": rng.standard_normal(5).astype(np.float32),
               "w": rng.standard_normal((8, n // 8)).astype(np.float32)}
-    opt = cls(backend=backend, **(dict(amsgrad=True) if kw is None else kw))
+    opt = cls(backend=backend, **({"amsgrad": True} if kw is None else kw))
     for _ in range(steps):
         assert opt.update(params, {k: rng.standard_normal(v.shape).astype(v.dtype)
                                    for k, v in params.items()}) is True
@@ -219,8 +219,8 @@ def _fn_case(rule, n=16, dtype=np.float32, seed=0):
     slots = {"sgd": ("momentum_buffer",), "adagrad": ("sum",),
              "rmsprop": ("square_avg", "grad_avg", "momentum_buffer"),
              "adam": ("exp_avg", "exp_avg_sq", "max_exp_avg_sq"), "lion": ("exp_avg",)}[rule]
-    kw = {"sgd": dict(momentum=0.9), "rmsprop": dict(centered=True, momentum=0.5),
-          "adam": dict(amsgrad=True)}.get(rule, {})
+    kw = {"sgd": {"momentum": 0.9}, "rmsprop": {"centered": True, "momentum": 0.5},
+          "adam": {"amsgrad": True}}.get(rule, {})
     return p, g, [np.zeros(n, dtype) for _ in slots], kw, slots
 
 
@@ -420,14 +420,14 @@ def test_06_flags_are_read_only_after_construction(cls, flag, value):
 
 
 def test_06_exact_reproducer_amsgrad_after_step_one():
-    opt, params, grads = _dict_setup("numba", kw={}, steps=1)
+    opt, _, _ = _dict_setup("numba", kw={}, steps=1)
     with pytest.raises(AttributeError, match="amsgrad"):
         opt.amsgrad = True
     assert opt.amsgrad is False and set(opt.state["w"]) == {"exp_avg", "exp_avg_sq"}
 
 
-@pytest.mark.parametrize("cls, kw", [(fastopt.SGD, dict(momentum=0.9)), (fastopt.SGD, {}),
-                                     (fastopt.RMSProp, dict(momentum=0.5)), (fastopt.RMSProp, {}),
+@pytest.mark.parametrize("cls, kw", [(fastopt.SGD, {"momentum": 0.9}), (fastopt.SGD, {}),
+                                     (fastopt.RMSProp, {"momentum": 0.5}), (fastopt.RMSProp, {}),
                                      (fastopt.Momentum, {}), (fastopt.Nesterov, {})])
 def test_06_momentum_cannot_be_switched_on_or_off(cls, kw):
     opt = cls(**kw)
@@ -536,7 +536,7 @@ def test_12_stale_temporary_file_of_a_killed_save_is_removed(tmp_path):
     env = dict(os.environ, PYTHONPATH=os.pathsep.join(
         [os.path.dirname(os.path.dirname(fastopt.__file__)), os.environ.get("PYTHONPATH", "")]))
     proc = subprocess.run([sys.executable, "-c", _KILLED_SAVE, str(path)], env=env,
-                          capture_output=True, timeout=120)
+                          capture_output=True, timeout=120, check=False)
     assert proc.returncode == -signal.SIGKILL, proc.stderr.decode()[-2000:]
     left = os.listdir(tmp_path)
     assert len(left) == 1 and left[0].startswith(".ckpt.fastopt-tmp."), left
@@ -825,7 +825,7 @@ def test_fast_path_matches_the_oracle(backend, cls, kw):
         opt.update(params, g)
     name = {fastopt.SGD: "SGD", fastopt.AdaGrad: "AdaGrad", fastopt.RMSProp: "RMSProp",
             fastopt.Adam: "Adam", fastopt.Lion: "Lion"}[cls]
-    for k in p0:
-        ref, _ = run_oracle(name, dict(kw, lr=0.05), p0[k].reshape(-1),
+    for k, p in p0.items():
+        ref, _ = run_oracle(name, dict(kw, lr=0.05), p.reshape(-1),
                             [g[k].reshape(-1) for g in gs])
         assert_close(params[k].reshape(-1), ref, np.float64, f"{name} {k}")

@@ -4,13 +4,11 @@ Each failing call is made against an optimizer that has already stepped (so stat
 the bad entry placed *last* among several good ones, and afterwards every parameter byte, every
 state byte and the step counter are compared with a snapshot taken before the call.
 """
-import math
 
 import numpy as np
 import pytest
 
 import fastopt
-from conftest import backend_params
 
 CPU = [b for b in ("numpy", "numba") if b in fastopt.available_backends()]
 KINDS = [fastopt.SGD, fastopt.Momentum, fastopt.Nesterov, fastopt.AdaGrad, fastopt.RMSProp,
@@ -104,7 +102,7 @@ def test_bad_param_dtype_kinds():
 def test_names_missing_extra_changed(stepped):
     opt, params, grads, rng = stepped
     snap = _snapshot(opt, params)
-    first = list(params)[0]
+    first = next(iter(params))
     # grads lack a name
     g = dict(grads)
     del g[first]
@@ -204,8 +202,8 @@ def test_grads_may_share_memory_with_each_other():
     params = {"a": rng.standard_normal(4), "b": rng.standard_normal(4)}
     expect = {k: v - 0.5 * g for k, v in params.items()}
     assert fastopt.SGD(lr=0.5, backend="numpy").update(params, {"a": g, "b": g}) is True
-    for k in params:
-        np.testing.assert_allclose(params[k], expect[k], rtol=1e-15)
+    for k, p in params.items():
+        np.testing.assert_allclose(p, expect[k], rtol=1e-15)
 
 
 def test_non_contiguous_param_refused(stepped):
@@ -413,7 +411,7 @@ def _state_bytes(opt):
     (lambda sd: sd["state"]["w3"].update(exp_avg=[1.0] * 8), TypeError, "exp_avg"),
 ])
 def test_load_state_dict_refused_changes_nothing(stepped, mutate, exc, word):
-    opt, params, grads, _ = stepped
+    opt, params, _, _ = stepped
     sd = opt.state_dict()
     sd["hyperparams"] = dict(sd["hyperparams"], lr=0.5)  # a value that would change if applied
     sd["state"] = {n: {s: a * 2 + 1 for s, a in st.items()} for n, st in sd["state"].items()}

@@ -24,8 +24,20 @@ import numpy as np
 from ..kernels import RULES
 from ..kernels.fma import fma
 
-__all__ = ["NAME", "DEVICE", "available", "why_unavailable", "launch", "kernel",
-           "launch_config", "variants", "python_kernel", "THREADS", "BLOCKS_PER_SM", "SIMULATOR"]
+__all__ = [
+    "BLOCKS_PER_SM",
+    "DEVICE",
+    "NAME",
+    "SIMULATOR",
+    "THREADS",
+    "available",
+    "kernel",
+    "launch",
+    "launch_config",
+    "python_kernel",
+    "variants",
+    "why_unavailable",
+]
 
 NAME = "numba-cuda"
 
@@ -87,7 +99,7 @@ def available():
         return False
     try:
         return bool(cuda.is_available())
-    except Exception:  # a broken driver install reads as "no GPU"
+    except Exception:  # noqa: BLE001 - a broken driver install reads as "no GPU"
         return False
 
 

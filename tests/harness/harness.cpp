@@ -1,7 +1,7 @@
 // CPU harness for the CuPy kernel bodies (kernels/*.cu), compiled by g++ as plain C++.
 //
-// The CUDA qualifiers become ordinary inline functions and sqrt / max / fma resolve to the C++
-// overloads for T, so float stays float as on the GPU. variants.inc (written by
+// The CUDA qualifiers become ordinary inline functions and sqrt / max / fma / isnan resolve to
+// the C++ overloads for T, so float stays float as on the GPU. variants.inc (written by
 // tests/test_cuda_harness.py) then holds, per kernel variant: its flag #defines, the rule's .cu
 // body inside its own namespace, and an extern "C" loop that binds each element the way CuPy's
 // generated ElementwiseKernel does (`const T &grad = ...; T &param = ...; const T lr = ...;`)
@@ -13,6 +13,7 @@
 #define __forceinline__ inline
 
 using std::fma;
+using std::isnan;
 using std::max;
 using std::sqrt;
 
