@@ -93,6 +93,8 @@ def as_xp_array(a, label=None):
                             f"(shape {list(a.shape)}, device {a.device}); fastopt steps float32 "
                             "and float64 (keep a float32 master copy, or cast explicitly)")
         a = a.detach()
+        if a.device.type == "cpu":
+            return a.numpy()  # a view of the tensor's memory (the fast path to DLPack's view)
     try:
         return _view(a)
     except (BufferError, RuntimeError, TypeError, ValueError) as exc:

@@ -209,6 +209,9 @@ def _extent(a):
     if isinstance(a, np.ndarray):
         if a.size == 0:
             return None
+        if a.flags.c_contiguous:
+            lo = a.ctypes.data
+            return lo, lo + a.nbytes
         return tuple(int(x) for x in np.lib.array_utils.byte_bounds(a))
     cai = a.__cuda_array_interface__
     shape = tuple(int(n) for n in cai["shape"])

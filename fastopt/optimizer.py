@@ -24,7 +24,7 @@ from collections.abc import Mapping
 import numpy as np
 
 from . import backends
-from ._arrays import array_module, as_xp_dicts, on_device, to_numpy
+from ._arrays import array_module, as_xp_array, as_xp_dicts, on_device, to_numpy
 from ._validate import (
     SUPPORTED_DTYPES,
     NonFiniteGradientError,
@@ -89,7 +89,8 @@ def _root(a):
 class _Entry:
     """One parameter of the dict API as the last full validation saw it."""
 
-    __slots__ = ("dtype", "name", "nst", "p", "pflat", "sarrs", "sflat", "shape", "st")
+    __slots__ = ("dtype", "name", "nst", "p", "pflat", "ptr", "sarrs", "sflat", "shape", "src",
+                 "st", "tdtype")
 
 
 class _DictCache:
@@ -104,13 +105,16 @@ class _DictCache:
         for e in entries:
             written.append(e.p)
             written += [a for _, a in e.sarrs]
-        # the cheap re-checks read NumPy flags and memory owners: host NumPy arrays whose
-        # memory NumPy owns; anything else (device arrays, memory maps, DLPack views) is
-        # validated in full at every step
-        self.fast = all(type(a) is np.ndarray and _root(a) is not None for a in written)
+        # the cheap re-checks read NumPy flags: host arrays (NumPy, or NumPy views of host
+        # tensors); device arrays are validated in full at every step
+        self.fast = all(type(a) is np.ndarray for a in written)
         if not self.fast:
             return
-        self.roots = {id(_root(a)) for a in written}
+        roots = [_root(a) for a in written]
+        # memory NumPy owns can be shared only through views of its owner, so a grad whose
+        # owner is no parameter's or state's owner needs no byte-range check; with any other
+        # owner (a memory map, a DLPack producer) every grad's byte range is checked
+        self.roots = None if any(r is None for r in roots) else {id(r) for r in roots}
         spans = sorted((ext[0], ext[1], a) for a in written if (ext := _extent(a)) is not None)
         self.los = [s[0] for s in spans]
         self.spans = spans
@@ -121,8 +125,9 @@ class _DictCache:
         if ext is None:
             return False
         lo, hi = ext
-        i = max(bisect.bisect_right(self.los, lo) - 1, 0)
-        for slo, shi, a in self.spans[i:]:
+        spans = self.spans
+        for i in range(max(bisect.bisect_right(self.los, lo) - 1, 0), len(spans)):
+            slo, shi, a = spans[i]
             if slo >= hi:
                 break
             if shi > lo and np.shares_memory(g, a):
@@ -376,8 +381,14 @@ class Optimizer:
         for e in c.entries:
             name = e.name
             p = params.get(name)
-            if p is not e.p or p.shape != e.shape or p.dtype is not e.dtype \
-                    or not p.flags.carray:
+            if p is not e.src:
+                return None
+            if e.ptr is not None:  # a host tensor: still the same memory, shape and dtype?
+                if p.data_ptr() != e.ptr or p.shape != e.shape or p.dtype is not e.tdtype \
+                        or not p.is_contiguous():
+                    return None
+                p = e.p
+            if p.shape != e.shape or p.dtype is not e.dtype or not p.flags.carray:
                 return None
             st = state.get(name)
             if st is not e.st or len(st) != e.nst:
@@ -386,12 +397,19 @@ class Optimizer:
                 if st.get(s) is not a or not a.flags.carray:
                     return None
             g = grads.get(name)
-            if type(g) is not np.ndarray or g.shape != e.shape \
-                    or (g.dtype is not e.dtype and g.dtype != e.dtype):
+            if type(g) is not np.ndarray:
+                g = as_xp_array(g, f"grad of parameter {name!r}")
+                if type(g) is not np.ndarray:
+                    return None
+            if g.shape != e.shape or (g.dtype is not e.dtype and g.dtype != e.dtype):
                 return None
-            r = _root(g)
-            if (r is None or id(r) in roots) and c.overlaps(g):
-                return None
+            if roots is None:
+                if c.overlaps(g):
+                    return None
+            else:
+                r = _root(g)
+                if (r is None or id(r) in roots) and c.overlaps(g):
+                    return None
             if not g.flags.c_contiguous:
                 g = np.ascontiguousarray(g)
             todo.append((e, g if g.ndim == 1 else g.reshape(-1)))
@@ -422,6 +440,7 @@ class Optimizer:
         if not params:
             raise ValueError("update() got no parameters: params is an empty dict (as "
                              "torch.optim refuses an empty parameter list)")
+        sources = params
         params, grads = as_xp_dicts(params, grads)
         with on_device(next(iter(params.values()))):
             be, pairs, hp = self._validate_dict(params, grads)
@@ -430,20 +449,23 @@ class Optimizer:
             if self._layout is None:
                 self._bind(("dict", tuple((n, tuple(p.shape), str(dtype_of(p)))
                                           for n, p, _ in pairs)), {n: p for n, p, _ in pairs})
-            c = self._dict_cache = self._build_dict_cache(pairs, be)
+            c = self._dict_cache = self._build_dict_cache(pairs, sources, be)
             todo = []
             for e, (_, _, g) in zip(c.entries, pairs):
                 g = array_module(g).ascontiguousarray(g)
                 todo.append((e, g.reshape(-1)))
             return self._apply_dict(todo, hp)
 
-    def _build_dict_cache(self, pairs, be):
+    def _build_dict_cache(self, pairs, sources, be):
         names, slots = self._state_names(), RULES[self._rule].STATE
         entries = []
         for name, p, _ in pairs:
             e = _Entry()
             st = self._state[name]
-            e.name, e.p, e.shape, e.dtype = name, p, p.shape, p.dtype
+            e.name, e.p, e.shape, e.dtype, e.src = name, p, p.shape, p.dtype, sources[name]
+            e.ptr = e.tdtype = None
+            if e.src is not p and hasattr(e.src, "data_ptr") and type(p) is np.ndarray:
+                e.ptr, e.tdtype = e.src.data_ptr(), e.src.dtype  # a torch tensor's NumPy view
             e.pflat, e.st, e.nst = p.reshape(-1), st, len(st)
             e.sarrs = tuple((s, st[s]) for s in names)
             e.sflat = tuple(st[s].reshape(-1) if s in st else None for s in slots)

@@ -594,6 +594,26 @@ def test_10_torch_parameters_are_updated_in_place(backend):
     np.testing.assert_allclose(w.detach().numpy(), ref - 0.5 * g0, rtol=1e-6)
 
 
+@pytest.mark.parametrize("backend", CPU)
+def test_10_torch_tensors_rechecked_on_later_steps(backend):
+    torch = pytest.importorskip("torch")
+    w = torch.nn.Parameter(torch.linspace(-1, 1, 8))
+    opt = fastopt.SGD(lr=0.5, momentum=0.9, backend=backend)
+    for _ in range(2):
+        opt.update({"w": w}, {"w": torch.ones(8)})
+    snap = w.detach().clone()
+    w.data = torch.ones(9)  # the parameter's storage swapped for one of another shape
+    with pytest.raises(ValueError, match="'w'"):
+        opt.update({"w": w}, {"w": torch.ones(9)})
+    assert opt.step_count == 2
+    w.data = snap.clone()  # new memory of the same shape and dtype: stepped in place
+    with pytest.raises(ValueError, match="share memory"):
+        opt.update({"w": w}, {"w": w.detach()})  # a grad aliasing its parameter
+    assert torch.equal(w.detach(), snap)
+    assert opt.update({"w": w}, {"w": torch.ones(8)}) is True
+    assert not torch.equal(w.detach(), snap)
+
+
 @pytest.mark.parametrize("dtype", ["bfloat16", "float16", "int32", "complex64"])
 def test_10_torch_unsupported_dtypes_name_the_parameter(dtype):
     torch = pytest.importorskip("torch")
