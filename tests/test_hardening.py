@@ -567,6 +567,9 @@ def test_09_numpy_scalar_hyperparameters_become_python_floats(backend, tmp_path)
     snap = _snap(opt, params)
     with pytest.raises(TypeError, match="lr"):
         opt.update(params, grads)
+    with pytest.raises(TypeError, match="lr"):  # nor is a file that could never load written
+        fastopt.save_checkpoint(tmp_path / "d", opt, params)
+    assert not (tmp_path / "d").exists()
     _unchanged(opt, params, snap)
 
 
