@@ -7,16 +7,23 @@ of the same memory; a host object that exports DLPack (e.g. a PyTorch CPU tensor
 zero-copy NumPy view. CuPy is imported only when a device array is met.
 """
 import contextlib
-import functools
 import sys
+from collections.abc import Mapping
 
 import numpy as np
 
 from .backends import is_device_array
 
-__all__ = ["array_module", "to_numpy", "is_device_array", "as_xp_array", "as_xp_dicts",
-           "check_one_device", "device_id", "on_device",
-           "device_arrays_update", "device_arrays_step"]
+__all__ = [
+    "array_module",
+    "as_xp_array",
+    "as_xp_dicts",
+    "check_one_device",
+    "device_id",
+    "is_device_array",
+    "on_device",
+    "to_numpy",
+]
 
 # DLPack device types (dlpack.h): kDLCPU, kDLCUDA, kDLCUDAHost, kDLCUDAManaged
 _DL_CPU, _DL_CUDA, _DL_CUDA_HOST, _DL_CUDA_MANAGED = 1, 2, 3, 13
@@ -50,24 +57,53 @@ def to_numpy(a):
 def _dlpack_device(a):
     try:
         return tuple(a.__dlpack_device__())
-    except Exception:  # not a DLPack producer, or one that cannot say
+    except Exception:  # noqa: BLE001 - not a DLPack producer, or one that cannot say
         return None
 
 
-def as_xp_array(a):
+def _is_torch(a):
+    return type(a).__module__.startswith("torch") and hasattr(a, "detach")
+
+
+#: the torch dtypes fastopt can view; any other tensor is refused before DLPack is tried
+_TORCH_FLOATS = ("torch.float32", "torch.float64")
+
+
+def as_xp_array(a, label=None):
     """``a`` as a NumPy array (host) or a CuPy array (device) sharing its memory.
 
-    NumPy and CuPy arrays come back as they are. Other device arrays become CuPy views: through
-    DLPack when the producer speaks it (stream-ordered: the producer's pending work is ordered
-    before CuPy's current stream without a host sync), else through
-    ``__cuda_array_interface__``. Host DLPack producers become NumPy views. Anything else comes
-    back unchanged, for the caller's validation to reject with a message naming it.
+    NumPy and CuPy arrays come back as they are. A PyTorch tensor is detached first (a view of
+    the same memory without autograd: a parameter that requires grad is updated in place
+    under no-grad semantics, as ``torch.optim`` does); one of another dtype than float32 or
+    float64 is refused with a ``TypeError`` naming ``label`` (e.g. ``"parameter 'w'"``). Other
+    device arrays become CuPy views: through DLPack when the producer speaks it
+    (stream-ordered: the producer's pending work is ordered before CuPy's current stream
+    without a host sync), else through ``__cuda_array_interface__``. Host DLPack producers
+    become NumPy views. Anything else comes back unchanged, for the caller's validation to
+    reject with a message naming it.
     """
     if isinstance(a, np.ndarray):
         return a
     cp = sys.modules.get("cupy")  # a CuPy array exists only once CuPy is imported
     if cp is not None and isinstance(a, cp.ndarray):
         return a
+    if _is_torch(a):
+        if str(a.dtype) not in _TORCH_FLOATS:
+            raise TypeError(f"{label or 'a tensor'} is a torch.Tensor of dtype {a.dtype} "
+                            f"(shape {list(a.shape)}, device {a.device}); fastopt steps float32 "
+                            "and float64 (keep a float32 master copy, or cast explicitly)")
+        a = a.detach()
+        if a.device.type == "cpu":
+            return a.numpy()  # a view of the tensor's memory (the fast path to DLPack's view)
+    try:
+        return _view(a)
+    except (BufferError, RuntimeError, TypeError, ValueError) as exc:
+        raise TypeError(f"{label or 'an array'} ({type(a).__name__}, dtype "
+                        f"{getattr(a, 'dtype', '?')}) cannot be viewed in place as a NumPy or "
+                        f"CuPy array: {exc}") from exc
+
+
+def _view(a):
     dev = _dlpack_device(a)
     if dev is not None and int(dev[0]) in (_DL_CUDA, _DL_CUDA_MANAGED):
         return _cupy().from_dlpack(a)
@@ -91,10 +127,10 @@ def as_xp_dicts(params, grads):
     Raises ``ValueError`` when the arrays live on more than one GPU, naming one array on each;
     host/device mixing is left to the caller's validation. Non-dict inputs come back unchanged.
     """
-    if not isinstance(params, dict) or not isinstance(grads, dict):
+    if not isinstance(params, Mapping) or not isinstance(grads, Mapping):
         return params, grads
-    params = {n: as_xp_array(a) for n, a in params.items()}
-    grads = {n: as_xp_array(a) for n, a in grads.items()}
+    params = {n: as_xp_array(a, f"parameter {n!r}") for n, a in params.items()}
+    grads = {n: as_xp_array(a, f"grad of parameter {n!r}") for n, a in grads.items()}
     check_one_device([(f"parameter {n!r}", a) for n, a in params.items()]
                      + [(f"grad of parameter {n!r}", a) for n, a in grads.items()])
     return params, grads
@@ -120,30 +156,3 @@ def on_device(a):
     if dev is None:
         return contextlib.nullcontext()
     return _cupy().cuda.Device(dev)
-
-
-def _first_array(d):
-    return next(iter(d.values()), None) if isinstance(d, dict) else None
-
-
-def device_arrays_update(method):
-    """Decorate ``Optimizer.update``: arrays from any producer are normalised (zero-copy) and
-    the step (state allocation and launches) runs with the params' GPU current."""
-    @functools.wraps(method)
-    def update(self, params, grads):
-        params, grads = as_xp_dicts(params, grads)
-        with on_device(_first_array(params)):
-            return method(self, params, grads)
-
-    return update
-
-
-def device_arrays_step(method):
-    """Decorate ``Optimizer.step``: the step runs with the FlatBuffer's GPU current."""
-    @functools.wraps(method)
-    def step(self, buf):
-        groups = getattr(buf, "groups", None)
-        with on_device(groups[0].data if groups else None):
-            return method(self, buf)
-
-    return step

@@ -12,9 +12,29 @@ import numpy as np
 
 from .backends import is_device_array
 
-__all__ = ["NonFiniteGradientError", "SUPPORTED_DTYPES", "is_array", "where", "dtype_of",
-           "describe", "check_array", "check_writable", "check_no_overlap", "all_finite",
-           "check_names", "check_number"]
+__all__ = [
+    "SUPPORTED_DTYPES",
+    "NonFiniteGradientError",
+    "all_finite",
+    "check_array",
+    "check_hyperparams",
+    "check_like",
+    "check_names",
+    "check_no_overlap",
+    "check_number",
+    "check_param_arrays",
+    "check_reach",
+    "check_state_arrays",
+    "check_step",
+    "check_str_names",
+    "check_writable",
+    "describe",
+    "dtype_name",
+    "dtype_of",
+    "is_array",
+    "normalise_hyper",
+    "where",
+]
 
 #: dtypes every backend steps (a backend module may narrow or widen this with ``DTYPES``)
 SUPPORTED_DTYPES = ("float32", "float64")
@@ -44,11 +64,20 @@ def dtype_of(a):
         return np.dtype(a.__cuda_array_interface__["typestr"])
 
 
+def dtype_name(dt):
+    """``float32``; a non-native byte order is spelled out: ``>f4 (big-endian float32)``."""
+    dt = np.dtype(dt)
+    if dt.isnative:
+        return dt.name
+    order = "big-endian" if dt.byteorder == ">" else "little-endian"
+    return f"{dt.str} ({order} {dt.name})"
+
+
 def describe(a):
     """``float32[3, 4] on host``: what an error message says an array is."""
     if not is_array(a):
         return f"a {type(a).__name__}"
-    return f"{dtype_of(a)}{list(a.shape)} on {where(a)}"
+    return f"{dtype_name(dtype_of(a))}{list(a.shape)} on {where(a)}"
 
 
 _KIND = {"i": "integer", "u": "unsigned integer", "c": "complex", "b": "boolean",
@@ -56,18 +85,28 @@ _KIND = {"i": "integer", "u": "unsigned integer", "c": "complex", "b": "boolean"
          "m": "timedelta", "f": "floating"}
 
 
-def check_array(name, role, a, supported=SUPPORTED_DTYPES):
-    """``a`` is a NumPy or device array of a supported float dtype (``role``: param/grad/...)."""
+def _who(name, who):
+    return f"parameter {name!r}" if who is None else who
+
+
+def check_array(name, role, a, supported=SUPPORTED_DTYPES, who=None):
+    """``a`` is a NumPy or device array of a supported float dtype in native byte order
+    (``role``: param/grad/...; ``who``: what the message names, by default the parameter)."""
+    who = _who(name, who)
     if not is_array(a):
-        raise TypeError(f"{role} of parameter {name!r} is a {type(a).__name__}; expected a "
-                        "NumPy array or a device (__cuda_array_interface__) array")
+        raise TypeError(f"{role} of {who} is a {type(a).__name__}; expected a NumPy array or a "
+                        "device (__cuda_array_interface__) array")
     dt = dtype_of(a)
     if dt.kind != "f":
-        raise TypeError(f"{role} of parameter {name!r} is {describe(a)} "
+        raise TypeError(f"{role} of {who} is {describe(a)} "
                         f"({_KIND.get(dt.kind, dt.kind)} dtype); expected a floating dtype "
                         f"({' or '.join(supported)})")
+    if not dt.isnative:
+        raise TypeError(f"{role} of {who} is {describe(a)}: non-native byte order; the kernels "
+                        f"read native-endian {' and '.join(supported)} (convert it first, e.g. "
+                        "a.astype(a.dtype.newbyteorder('=')))")
     if dt.name not in supported:
-        raise TypeError(f"{role} of parameter {name!r} is {describe(a)}; this backend steps "
+        raise TypeError(f"{role} of {who} is {describe(a)}; this backend steps "
                         f"{' and '.join(supported)} only")
     return dt
 
@@ -80,15 +119,81 @@ def _c_contiguous(a):
         cai["shape"], np.dtype(cai["typestr"]).itemsize)
 
 
-def check_writable(name, role, a):
+def check_writable(name, role, a, who=None):
     """``a`` can be updated in place by a flat kernel: C-contiguous and writeable."""
+    who = _who(name, who)
     if not _c_contiguous(a):
-        raise ValueError(f"{role} of parameter {name!r} ({describe(a)}) is not C-contiguous; "
+        raise ValueError(f"{role} of {who} ({describe(a)}) is not C-contiguous; "
                          "a fused step updates flat contiguous memory in place (pass a "
                          "contiguous array, or pack the parameters into a fastopt.FlatBuffer)")
     if isinstance(a, np.ndarray) and not a.flags.writeable:
-        raise ValueError(f"{role} of parameter {name!r} ({describe(a)}) is read-only; "
+        raise ValueError(f"{role} of {who} ({describe(a)}) is read-only; "
                          "expected a writeable array")
+
+
+def check_like(name, role, a, param, who=None, exc=ValueError):
+    """``a`` (a state buffer) has its parameter's shape and dtype (byte order included)."""
+    if not is_array(a) or tuple(a.shape) != tuple(param.shape) \
+            or dtype_of(a) != dtype_of(param):
+        raise exc(f"{role} of {_who(name, who)} is {describe(a)}; expected "
+                  f"{describe(param)}, like the parameter it belongs to")
+
+
+def check_param_arrays(name, param, grad, states, supported=SUPPORTED_DTYPES, who=None):
+    """Everything one parameter's fused launch needs of its arrays, before anything runs.
+
+    ``param`` and every present state buffer (``states``: ``(state name, array or None)``) are
+    of a supported native float dtype, C-contiguous and writeable, shaped and typed like the
+    param; ``grad`` has the param's shape and dtype (any strides). Returns the param's dtype and
+    the ``check_no_overlap`` entries of the arrays (the caller checks them all at once). The one
+    place both the optimizer classes and ``fastopt.functional`` check a launch's arrays.
+    """
+    pd = check_array(name, "param", param, supported, who)
+    gd = check_array(name, "grad", grad, supported, who)
+    who = _who(name, who)
+    if pd != gd:
+        raise TypeError(f"{who} is {describe(param)} but its grad is {describe(grad)}; expected "
+                        "the same dtype (cast the gradient explicitly: a silent cast would hide "
+                        "a precision loss)")
+    if tuple(grad.shape) != tuple(param.shape):
+        raise ValueError(f"{who} is {describe(param)} but its grad is {describe(grad)}; "
+                         "expected the grad shaped like the param")
+    check_writable(name, "param", param, who)
+    entries = [(who, param, True), (f"grad of {who}", grad, False)]
+    return pd, entries + check_state_arrays(name, param, states, who)
+
+
+def check_state_arrays(name, param, states, who=None):
+    """Each present state buffer (``(state name, array or None)``) shaped and typed like its
+    (already checked) param, C-contiguous and writeable; returns their overlap entries."""
+    who = _who(name, who)
+    entries = []
+    for s, a in states:
+        if a is None:
+            continue
+        role = f"state {s!r}"
+        check_like(name, role, a, param, who)
+        check_writable(name, role, a, who)
+        entries.append((f"{role} of {who}", a, True))
+    return entries
+
+
+def check_reach(be, arrays, what, exc=ValueError):
+    """All of ``arrays`` (``(label, array)``) live in one address space that backend module
+    ``be`` can reach (host arrays for a CPU backend, device arrays for a GPU one)."""
+    spaces = {}
+    for label, a in arrays:
+        spaces.setdefault(where(a), label)
+    if len(spaces) > 1:
+        raise exc(f"{spaces['host']} is a host array but {spaces['device']} is a device array; "
+                  f"{what} must all live on one device")
+    if arrays:
+        device = getattr(be, "DEVICE", "cpu")
+        label, first = arrays[0]
+        if (device == "cpu") != (where(first) == "host"):
+            raise exc(f"backend {be.NAME!r} runs on the {device} but {label} is "
+                      f"{describe(first)}; pass arrays where the backend runs or use "
+                      "backend='auto'")
 
 
 def _c_strides(shape, itemsize):
@@ -104,6 +209,9 @@ def _extent(a):
     if isinstance(a, np.ndarray):
         if a.size == 0:
             return None
+        if a.flags.c_contiguous:
+            lo = a.ctypes.data
+            return lo, lo + a.nbytes
         return tuple(int(x) for x in np.lib.array_utils.byte_bounds(a))
     cai = a.__cuda_array_interface__
     shape = tuple(int(n) for n in cai["shape"])
@@ -136,6 +244,14 @@ def check_no_overlap(entries):
     byte ranges sorted by start finds the candidates in O(n log n); a candidate is confirmed
     exactly with ``np.shares_memory`` on the host.
     """
+    if len(entries) <= 8 and all(isinstance(a, np.ndarray) for _, a, _ in entries):
+        # a few host arrays (one functional call): pairwise bounds checks beat sorting extents
+        for i, (label, a, written) in enumerate(entries):
+            for other, b, other_written in entries[:i]:
+                if (written or other_written) and np.may_share_memory(a, b) \
+                        and np.shares_memory(a, b):
+                    _overlap_error(other, other_written, label)
+        return
     spans = []
     for label, a, written in entries:
         ext = _extent(a)
@@ -144,15 +260,19 @@ def check_no_overlap(entries):
     spans.sort(key=lambda s: (s[0], s[1]))
     active = []
     for span in spans:
-        space, lo, hi, label, a, written = span
+        space, lo, _, label, a, written = span
         active = [s for s in active if s[0] == space and s[2] > lo]
         for other in active:
             if (written or other[5]) and _shares(a, other[4]):
-                raise ValueError(f"{other[3]} and {label} share memory; a step writes "
-                                 f"{other[3] if other[5] else label} in place, so every "
-                                 "parameter, gradient and state buffer must be a separate "
-                                 "array (copy the gradient first)")
+                _overlap_error(other[3], other[5], label)
         active.append(span)
+
+
+def _overlap_error(first, first_written, second):
+    raise ValueError(f"{first} and {second} share memory; a step writes "
+                     f"{first if first_written else second} in place, so every parameter, "
+                     "gradient and state buffer must be a separate array (copy the gradient "
+                     "first)")
 
 
 def all_finite(a):
@@ -168,8 +288,16 @@ def check_names(got, expected, what, where_):
     """Same names, or a ``KeyError`` listing the missing and the unexpected ones."""
     got, expected = set(got), set(expected)
     if got != expected:
-        raise KeyError(f"{what} differ from {where_}: missing {sorted(expected - got)}, "
-                       f"unexpected {sorted(got - expected)}")
+        raise KeyError(f"{what} differ from {where_}: missing {sorted(expected - got, key=str)}, "
+                       f"unexpected {sorted(got - expected, key=str)}")
+
+
+def check_str_names(names, what):
+    """Every parameter name is a ``str`` (state dicts and checkpoints are keyed by them)."""
+    for n in names:
+        if not isinstance(n, str):
+            raise TypeError(f"{what} must be strings, got {n!r} ({type(n).__name__}); name "
+                            "every parameter with a str (state_dict and checkpoints key on it)")
 
 
 def check_number(name, value, lo=None, hi=None, lo_open=False, hi_open=False):
@@ -193,3 +321,62 @@ def check_number(name, value, lo=None, hi=None, lo_open=False, hi_open=False):
         raise ValueError(f"invalid {name}: {value!r}; expected {' and '.join(rng)}"
                          + ("" if math.isfinite(v) else " (NaN and inf are not valid values)"))
     return v
+
+
+def check_step(step):
+    """The 1-based step count of a functional call, as an int."""
+    if isinstance(step, (bool, np.bool_)) or not isinstance(step, (int, np.integer)):
+        raise TypeError(f"invalid step: {step!r} is a {type(step).__name__}; expected an integer "
+                        ">= 1 (the 1-based step count)")
+    if step < 1:
+        raise ValueError(f"invalid step: {step!r}; expected an integer >= 1 (the 1-based step "
+                         "count, incremented before use as in torch.optim)")
+    return int(step)
+
+
+def normalise_hyper(value):
+    """A hyperparameter as a host value: real numbers (NumPy scalars too) become Python floats,
+    a sequence of them (betas) a tuple of floats; anything else is returned unchanged for the
+    validation to refuse with a message."""
+    if isinstance(value, (float, int, np.integer, np.floating)) \
+            and not isinstance(value, (bool, np.bool_)):
+        return float(value)
+    if isinstance(value, (tuple, list)) and all(
+            isinstance(v, (float, int, np.integer, np.floating))
+            and not isinstance(v, (bool, np.bool_)) for v in value):
+        return tuple(float(v) for v in value)
+    return value
+
+
+#: hyperparameter name -> how it is checked (shared by the classes and fastopt.functional)
+_NONNEG = ("lr", "momentum", "dampening", "weight_decay", "lr_decay", "eps",
+           "initial_accumulator_value")
+_UNIT = ("alpha",)
+_BOOLS = ("nesterov", "maximize", "centered", "amsgrad", "decoupled")
+
+
+def check_hyperparams(hp):
+    """Validate and normalise the hyperparameters in ``hp`` (any subset of the names above and
+    ``betas``): numbers >= 0, ``alpha`` and each beta in [0, 1), flags booleans, Nesterov with
+    momentum > 0 and no dampening. Returns a new dict of Python floats, tuples and bools."""
+    hp = dict(hp)
+    for name, value in hp.items():
+        if name in _NONNEG:
+            hp[name] = check_number(name, value, lo=0)
+        elif name in _UNIT:
+            hp[name] = check_number(name, value, lo=0, hi=1, hi_open=True)
+        elif name == "betas":
+            if not isinstance(value, (tuple, list)) or len(value) != 2:
+                raise ValueError(f"invalid betas: {value!r}; expected a pair (beta1, beta2) "
+                                 "with 0 <= beta < 1")
+            hp[name] = tuple(check_number(f"beta{i + 1}", b, lo=0, hi=1, hi_open=True)
+                             for i, b in enumerate(value))
+        elif name in _BOOLS:
+            if not isinstance(value, (bool, np.bool_)):
+                raise TypeError(f"invalid {name}: {value!r}; expected True or False")
+            hp[name] = bool(value)
+    if hp.get("nesterov") and (hp.get("momentum", 0.0) <= 0 or hp.get("dampening", 0.0) != 0):
+        raise ValueError(f"invalid nesterov=True with momentum={hp.get('momentum')!r} and "
+                         f"dampening={hp.get('dampening')!r}; Nesterov momentum requires "
+                         "momentum > 0 and dampening = 0")
+    return hp

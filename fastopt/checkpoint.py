@@ -13,20 +13,26 @@ File layout (all integers little-endian)::
     payload    the arrays' raw bytes, C order, one after the other
 
 No pickle anywhere: the header is JSON, the arrays are raw little-endian floats, so loading a
-file from anywhere runs no code. ``save_checkpoint`` writes a temporary file in the target's
-directory, flushes and fsyncs it, renames it over the target (``os.replace``, atomic on POSIX
-and Windows) and fsyncs the directory: a crash or an error leaves either the old file or the
-new one, never a mix. ``load_checkpoint`` reads and verifies the whole file (magic, version,
-size, checksum, header, then names, shapes and dtypes against the given parameters and
-optimizer) before it writes a single byte.
+file from anywhere runs no code. ``save_checkpoint`` resolves a symbolic link to the file it
+points to and refuses a path that exists but is not a regular file (a directory, a FIFO, a
+device); it writes a temporary file in that file's directory, flushes and fsyncs it, gives it
+the permission mode of the file it replaces (a new file gets the mode the umask allows),
+renames it over the target (``os.replace``, atomic on POSIX and Windows) and fsyncs the
+directory: a crash or an error leaves either the old file or the new one, never a mix. A
+temporary file left by a save that was killed (``.<name>.fastopt-tmp.<host>.<pid>.<token>``,
+its process gone) is removed by the next save to the same target. ``load_checkpoint`` reads
+and verifies the whole file (magic, version, size, checksum, header, then names, shapes and
+dtypes against the given parameters and optimizer) before it writes a single byte.
 """
 import contextlib
 import hashlib
 import json
 import math
 import os
+import secrets
+import socket
+import stat
 import struct
-import tempfile
 
 import numpy as np
 
@@ -35,7 +41,7 @@ from ._validate import SUPPORTED_DTYPES, check_array, check_names, describe, dty
 from .flat import FlatBuffer
 from .optimizer import Optimizer
 
-__all__ = ["save_checkpoint", "load_checkpoint", "CheckpointError", "FORMAT_VERSION", "MAGIC"]
+__all__ = ["FORMAT_VERSION", "MAGIC", "CheckpointError", "load_checkpoint", "save_checkpoint"]
 
 MAGIC = b"FOPTCKPT"
 FORMAT_VERSION = 1
@@ -77,6 +83,7 @@ def save_checkpoint(path, optimizer, params):
         raise TypeError(f"optimizer must be a fastopt optimizer, got {type(optimizer).__name__}")
     named = _named_params(params)
     sd = optimizer.state_dict()
+    optimizer._check_hyper(dict(sd["hyperparams"]))  # a file that could never be loaded: refuse
     if sd["state"]:
         check_names(sd["state"], named, "the optimizer's parameter names",
                     "the names of the params being saved")
@@ -101,17 +108,84 @@ def save_checkpoint(path, optimizer, params):
     _atomic_write(os.fspath(path), [prefix, h.digest(), header, *blobs])
 
 
+_TMP = ".fastopt-tmp."
+
+
+def _kind(mode):
+    for test, what in ((stat.S_ISDIR, "a directory"), (stat.S_ISFIFO, "a FIFO"),
+                       (stat.S_ISCHR, "a character device"), (stat.S_ISBLK, "a block device"),
+                       (stat.S_ISSOCK, "a socket")):
+        if test(mode):
+            return what
+    return "not a regular file"
+
+
+def _target(path):
+    """The regular file a save replaces (a symbolic link's final target) and its ``stat``, or
+    None when it does not exist yet; anything else is refused before a byte is written."""
+    real = os.path.realpath(path)
+    try:
+        st = os.stat(real)
+    except FileNotFoundError:
+        return real, None
+    if not stat.S_ISREG(st.st_mode):
+        shown = path if real == os.path.abspath(path) else f"{path} (-> {real})"
+        raise ValueError(f"checkpoint path {shown!r} is {_kind(st.st_mode)}; a checkpoint "
+                         "replaces a regular file, nothing else (pass the path of a file)")
+    return real, st
+
+
+def _host():
+    return socket.gethostname().replace(os.sep, "_") or "localhost"
+
+
+def _alive(pid):
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except OSError:  # e.g. EPERM: it exists, under another user
+        return True
+    return True
+
+
+def _remove_stale_temps(directory, base):
+    """Remove this target's temporary files whose saving process no longer runs here."""
+    if os.name != "posix":
+        return  # os.kill(pid, 0) would not be a harmless probe
+    prefix, host = "." + base + _TMP, _host()
+    with contextlib.suppress(OSError):
+        for name in os.listdir(directory):
+            if not name.startswith(prefix):
+                continue
+            parts = name[len(prefix):].rsplit(".", 2)  # host, pid, token
+            if len(parts) != 3 or parts[0] != host or not parts[1].isdigit():
+                continue
+            pid = int(parts[1])
+            if pid != os.getpid() and not _alive(pid):
+                with contextlib.suppress(OSError):
+                    os.unlink(os.path.join(directory, name))
+
+
 def _atomic_write(path, chunks):
-    directory = os.path.dirname(os.path.abspath(path))
-    fd, tmp = tempfile.mkstemp(prefix="." + os.path.basename(path) + ".", suffix=".tmp",
-                               dir=directory)
+    target, old = _target(path)
+    directory, base = os.path.split(target)
+    _remove_stale_temps(directory, base)
+    tmp = os.path.join(directory, f".{base}{_TMP}{_host()}.{os.getpid()}.{secrets.token_hex(4)}")
+    flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_BINARY", 0) \
+        | getattr(os, "O_CLOEXEC", 0)
+    # a new file gets 0o666 less the umask, as open() would give it; a replaced file keeps its
+    # mode (set below, once the file is private to this process)
+    fd = os.open(tmp, flags, 0o666 if old is None else 0o600)
     try:
         with os.fdopen(fd, "wb") as f:
+            if old is not None and hasattr(os, "fchmod"):
+                os.fchmod(f.fileno(), stat.S_IMODE(old.st_mode))
             for chunk in chunks:
                 f.write(chunk)
             f.flush()
             os.fsync(f.fileno())
-        os.replace(tmp, path)
+        os.replace(tmp, target)
     except BaseException:
         with contextlib.suppress(OSError):
             os.unlink(tmp)
@@ -135,9 +209,12 @@ def _fsync_dir(directory):
 
 def _read(path):
     """The verified header and the arrays of a checkpoint file (host, read-only views)."""
+    where_ = f"checkpoint {os.fspath(path)!r}"
+    mode = os.stat(path).st_mode
+    if not stat.S_ISREG(mode):  # a FIFO or a device could block or never end
+        raise CheckpointError(f"{where_} is {_kind(mode)}, not a checkpoint file")
     with open(path, "rb") as f:
         blob = f.read()
-    where_ = f"checkpoint {os.fspath(path)!r}"
     if len(blob) < _HEAD:
         if not MAGIC.startswith(blob[:len(MAGIC)]):
             raise CheckpointError(f"{where_} is not a fastopt checkpoint (bad magic bytes)")
@@ -231,9 +308,10 @@ def load_checkpoint(path, optimizer, params):
                     "the names of the params being restored")
     sd = {"optimizer": header["optimizer"], "step": header["step"],
           "hyperparams": header["hyperparams"], "state": state}
-    plan = optimizer._check_state_dict(sd)   # kind, flags, values, names, shapes, dtypes
-    # everything is verified: from here on nothing can be refused
-    for name, a in saved.items():
-        p = named[name]
-        p[...] = array_module(p).asarray(a) if not isinstance(p, np.ndarray) else a
-    optimizer._commit_state_dict(*plan)
+    with optimizer._exclusive_use("load_checkpoint"):
+        plan = optimizer._check_state_dict(sd)   # kind, flags, values, names, shapes, dtypes
+        # everything is verified: from here on nothing can be refused
+        for name, a in saved.items():
+            p = named[name]
+            p[...] = array_module(p).asarray(a) if not isinstance(p, np.ndarray) else a
+        optimizer._commit_state_dict(*plan)

@@ -5,16 +5,52 @@ optimizer steps all of them with one fused kernel call per dtype. Segments start
 ``ALIGN``-byte boundaries (vectorised loads stay possible); the padding between them holds zeros
 in params, grads and state, which every optimizer maps to zero again.
 """
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 
 import numpy as np
 
 from ._arrays import array_module, as_xp_array, check_one_device, on_device
+from ._validate import check_str_names
 
-__all__ = ["FlatBuffer", "ALIGN"]
+__all__ = ["ALIGN", "FlatBuffer", "ReadOnlyViews"]
 
 #: byte alignment of every segment (a cache line; at least the 16 bytes vector loads need)
 ALIGN = 64
+
+
+class ReadOnlyViews(Mapping):
+    """A read-only mapping name -> array view: the views are live (write *into* them), the
+    mapping cannot be rebound, since a new array under a name would silently not be the memory
+    that is stepped."""
+
+    __slots__ = ("_d", "_what")
+
+    def __init__(self, d, what):
+        self._d, self._what = d, what
+
+    def __getitem__(self, name):
+        return self._d[name]
+
+    def __iter__(self):
+        return iter(self._d)
+
+    def __len__(self):
+        return len(self._d)
+
+    def __contains__(self, name):
+        return name in self._d
+
+    def __setitem__(self, name, value):
+        raise TypeError(f"{self._what} is read-only: its arrays are views into the memory that "
+                        f"is stepped; write into the view instead of rebinding it "
+                        f"({self._what}[{name!r}][...] = value)")
+
+    def __delitem__(self, name):
+        raise TypeError(f"{self._what} is read-only: its names are fixed")
+
+    def __repr__(self):
+        return f"{type(self).__name__}({self._d!r})"
 
 
 @dataclass
@@ -38,25 +74,32 @@ class FlatBuffer:
     """
 
     def __init__(self, params, *, align=ALIGN):
-        if not isinstance(params, dict) or not params:
+        if not isinstance(params, Mapping) or not params:
             raise TypeError("FlatBuffer expects a non-empty dict name -> array")
-        if align < 16 or align & (align - 1):
-            raise ValueError(f"align must be a power of two >= 16 bytes, got {align}")
+        check_str_names(params, "FlatBuffer parameter names")
+        if isinstance(align, bool) or not isinstance(align, (int, np.integer)) \
+                or align < 16 or align & (align - 1):
+            raise ValueError(f"align must be a power of two >= 16 bytes, got {align!r}")
         # arrays from any producer (PyTorch tensors, Numba device arrays...) as NumPy/CuPy views
-        arrays = {n: as_xp_array(a) for n, a in params.items()}
+        arrays = {n: as_xp_array(a, f"parameter {n!r}") for n, a in params.items()}
         check_one_device([(f"parameter {n!r}", a) for n, a in arrays.items()])
         first = next(iter(arrays.values()))
         xps = {array_module(a) for a in arrays.values()}
         if len(xps) > 1:
-            raise ValueError("FlatBuffer got host and device arrays together; put them on one device")
+            raise ValueError("FlatBuffer got host and device arrays together; put them on one "
+                             "device")
         xp = xps.pop()
         self.xp = xp
         order = {}
         for name, a in arrays.items():
-            dt = np.dtype(getattr(a, "dtype", None) or np.float64)
+            if not hasattr(a, "shape") or not hasattr(a, "dtype"):
+                raise TypeError(f"parameter {name!r} is a {type(a).__name__}; expected an "
+                                "array")
+            dt = np.dtype(a.dtype)
             if dt.kind != "f":
                 raise TypeError(f"parameter {name!r} has dtype {dt}; expected a floating dtype")
-            order.setdefault(dt, []).append(name)
+            # the buffers are native-endian whatever the input (the values are copied in)
+            order.setdefault(dt.newbyteorder("="), []).append(name)
         self.groups = []
         self.params, self.grads = {}, {}
         for dt, names in order.items():
@@ -76,8 +119,8 @@ class FlatBuffer:
             for name, (off, size, shape) in group.slots.items():
                 self.params[name] = group.data[off:off + size].reshape(shape)
                 self.grads[name] = group.grad[off:off + size].reshape(shape)
-        self.params = {n: self.params[n] for n in arrays}
-        self.grads = {n: self.grads[n] for n in arrays}
+        self.params = ReadOnlyViews({n: self.params[n] for n in arrays}, "buf.params")
+        self.grads = ReadOnlyViews({n: self.grads[n] for n in arrays}, "buf.grads")
 
     def _single(self, attr):
         if len(self.groups) != 1:

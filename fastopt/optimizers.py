@@ -4,46 +4,21 @@ Each class holds hyperparameters and state; the math runs in ``fastopt.functiona
 scalars) and ``kernels/`` (the per-element rule). ``t`` counts steps from 1. With
 ``maximize=True`` the gradient is negated first.
 """
-import numpy as np
+from ._validate import check_hyperparams, check_number
+from .optimizer import Optimizer, _momentum_fixed
 
-from . import functional as F
-from ._validate import check_number
-from .optimizer import Optimizer
-
-__all__ = ["SGD", "Momentum", "Nesterov", "AdaGrad", "Adagrad", "RMSProp", "RMSprop", "Adam",
-           "AdamW", "Lion"]
-
-
-def _nonneg(hp, *names):
-    for name in names:
-        hp[name] = check_number(name, hp[name], lo=0)
-
-
-def _unit(hp, name, value=None):
-    return check_number(name, hp[name] if value is None else value, lo=0, hi=1, hi_open=True)
-
-
-def _betas(hp):
-    betas = hp["betas"]
-    if not isinstance(betas, (tuple, list)) or len(betas) != 2:
-        raise ValueError(f"invalid betas: {betas!r}; expected a pair (beta1, beta2) with "
-                         "0 <= beta < 1")
-    hp["betas"] = (_unit(hp, "beta1", betas[0]), _unit(hp, "beta2", betas[1]))
-
-
-def _bools(hp, *names):
-    for name in names:
-        if not isinstance(hp[name], (bool, np.bool_)):
-            raise TypeError(f"invalid {name}: {hp[name]!r}; expected True or False")
-        hp[name] = bool(hp[name])
-
-
-def _momentum_fixed(opt, has_momentum):
-    if hasattr(opt, "_has_momentum") and has_momentum != opt._has_momentum:
-        raise ValueError("momentum cannot be switched between zero and non-zero after "
-                         "construction (it decides whether a momentum buffer exists); "
-                         f"this optimizer was built with {'non-zero' if opt._has_momentum else 'zero'} "
-                         "momentum")
+__all__ = [
+    "SGD",
+    "AdaGrad",
+    "Adagrad",
+    "Adam",
+    "AdamW",
+    "Lion",
+    "Momentum",
+    "Nesterov",
+    "RMSProp",
+    "RMSprop",
+]
 
 
 class SGD(Optimizer):
@@ -60,31 +35,22 @@ class SGD(Optimizer):
 
     _hyper = ("lr", "momentum", "dampening", "weight_decay")
     _flags = ("nesterov", "maximize")
+    _rule = "sgd"
 
     def __init__(self, lr=1e-3, momentum=0.0, dampening=0.0, weight_decay=0.0, nesterov=False,
                  *, maximize=False, backend="auto", nonfinite=None):
-        self._init(dict(lr=lr, momentum=momentum, dampening=dampening, weight_decay=weight_decay,
-                        nesterov=nesterov, maximize=maximize))
+        self._init({"lr": lr, "momentum": momentum, "dampening": dampening,
+                    "weight_decay": weight_decay, "nesterov": nesterov, "maximize": maximize})
         self._has_momentum = self.momentum != 0
         super().__init__(backend, nonfinite=nonfinite)
 
     def _check_hyper(self, hp):
-        _nonneg(hp, "lr", "momentum", "dampening", "weight_decay")
-        _bools(hp, "nesterov", "maximize")
-        if hp["nesterov"] and (hp["momentum"] <= 0 or hp["dampening"] != 0):
-            raise ValueError(f"invalid nesterov=True with momentum={hp['momentum']!r} and "
-                             f"dampening={hp['dampening']!r}; Nesterov momentum requires "
-                             "momentum > 0 and dampening = 0")
+        hp = check_hyperparams(hp)
         _momentum_fixed(self, hp["momentum"] != 0)
         return hp
 
     def _state_names(self):
         return ("momentum_buffer",) if self._has_momentum else ()
-
-    def _apply(self, param, grad, states, step, backend):
-        F.sgd(param, grad, states.get("momentum_buffer"), step=step, lr=self.lr,
-              momentum=self.momentum, dampening=self.dampening, weight_decay=self.weight_decay,
-              nesterov=self.nesterov, maximize=self.maximize, backend=backend)
 
 
 class Momentum(SGD):
@@ -129,17 +95,17 @@ class AdaGrad(Optimizer):
 
     _hyper = ("lr", "lr_decay", "weight_decay", "eps")
     _flags = ("initial_accumulator_value", "maximize")
+    _rule = "adagrad"
 
     def __init__(self, lr=1e-2, lr_decay=0.0, weight_decay=0.0, initial_accumulator_value=0.0,
                  eps=1e-10, *, maximize=False, backend="auto", nonfinite=None):
-        self._init(dict(lr=lr, lr_decay=lr_decay, weight_decay=weight_decay, eps=eps,
-                        initial_accumulator_value=initial_accumulator_value, maximize=maximize))
+        self._init({"lr": lr, "lr_decay": lr_decay, "weight_decay": weight_decay, "eps": eps,
+                    "initial_accumulator_value": initial_accumulator_value,
+                    "maximize": maximize})
         super().__init__(backend, nonfinite=nonfinite)
 
     def _check_hyper(self, hp):
-        _nonneg(hp, "lr", "lr_decay", "weight_decay", "eps", "initial_accumulator_value")
-        _bools(hp, "maximize")
-        return hp
+        return check_hyperparams(hp)
 
     def _state_names(self):
         return ("sum",)
@@ -147,10 +113,8 @@ class AdaGrad(Optimizer):
     def _state_fill(self, name):
         return self.initial_accumulator_value
 
-    def _apply(self, param, grad, states, step, backend):
-        F.adagrad(param, grad, states["sum"], step=step, lr=self.lr, lr_decay=self.lr_decay,
-                  weight_decay=self.weight_decay, eps=self.eps, maximize=self.maximize,
-                  backend=backend)
+    def _rule_hp(self, hp):
+        return {k: v for k, v in hp.items() if k != "initial_accumulator_value"}
 
 
 Adagrad = AdaGrad
@@ -168,30 +132,26 @@ class RMSProp(Optimizer):
 
     _hyper = ("lr", "alpha", "eps", "weight_decay", "momentum")
     _flags = ("centered", "maximize")
+    _rule = "rmsprop"
 
     def __init__(self, lr=1e-2, alpha=0.99, eps=1e-8, weight_decay=0.0, momentum=0.0,
                  centered=False, *, maximize=False, backend="auto", nonfinite=None):
-        self._init(dict(lr=lr, alpha=alpha, eps=eps, weight_decay=weight_decay,
-                        momentum=momentum, centered=centered, maximize=maximize))
+        self._init({"lr": lr, "alpha": alpha, "eps": eps, "weight_decay": weight_decay,
+                    "momentum": momentum, "centered": centered, "maximize": maximize})
         self._has_momentum = self.momentum > 0
         super().__init__(backend, nonfinite=nonfinite)
 
     def _check_hyper(self, hp):
-        _nonneg(hp, "lr", "eps", "weight_decay", "momentum")
-        hp["alpha"] = _unit(hp, "alpha")
-        _bools(hp, "centered", "maximize")
+        hp = check_hyperparams(hp)
         _momentum_fixed(self, hp["momentum"] > 0)
         return hp
+
+    def _momentum_on(self, momentum):
+        return momentum > 0
 
     def _state_names(self):
         return (("square_avg",) + (("grad_avg",) if self.centered else ())
                 + (("momentum_buffer",) if self._has_momentum else ()))
-
-    def _apply(self, param, grad, states, step, backend):
-        F.rmsprop(param, grad, states["square_avg"], states.get("grad_avg"),
-                  states.get("momentum_buffer"), step=step, lr=self.lr, alpha=self.alpha,
-                  eps=self.eps, weight_decay=self.weight_decay, momentum=self.momentum,
-                  centered=self.centered, maximize=self.maximize, backend=backend)
 
 
 RMSprop = RMSProp
@@ -210,28 +170,23 @@ class Adam(Optimizer):
 
     _hyper = ("lr", "betas", "eps", "weight_decay")
     _flags = ("amsgrad", "maximize")
+    _rule = "adam"
     _decoupled = False
 
     def __init__(self, lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0, amsgrad=False,
                  *, maximize=False, backend="auto", nonfinite=None):
-        self._init(dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay,
-                        amsgrad=amsgrad, maximize=maximize))
+        self._init({"lr": lr, "betas": betas, "eps": eps, "weight_decay": weight_decay,
+                    "amsgrad": amsgrad, "maximize": maximize})
         super().__init__(backend, nonfinite=nonfinite)
 
     def _check_hyper(self, hp):
-        _nonneg(hp, "lr", "eps", "weight_decay")
-        _betas(hp)
-        _bools(hp, "amsgrad", "maximize")
-        return hp
+        return check_hyperparams(hp)
 
     def _state_names(self):
         return ("exp_avg", "exp_avg_sq") + (("max_exp_avg_sq",) if self.amsgrad else ())
 
-    def _apply(self, param, grad, states, step, backend):
-        F.adam(param, grad, states["exp_avg"], states["exp_avg_sq"],
-               states.get("max_exp_avg_sq"), step=step, lr=self.lr, betas=tuple(self.betas),
-               eps=self.eps, weight_decay=self.weight_decay, amsgrad=self.amsgrad,
-               maximize=self.maximize, decoupled=self._decoupled, backend=backend)
+    def _rule_hp(self, hp):
+        return dict(hp, decoupled=self._decoupled)
 
 
 class AdamW(Adam):
@@ -262,21 +217,15 @@ class Lion(Optimizer):
 
     _hyper = ("lr", "betas", "weight_decay")
     _flags = ("maximize",)
+    _rule = "lion"
 
     def __init__(self, lr=1e-4, betas=(0.9, 0.99), weight_decay=0.0, *, maximize=False,
                  backend="auto", nonfinite=None):
-        self._init(dict(lr=lr, betas=betas, weight_decay=weight_decay, maximize=maximize))
+        self._init({"lr": lr, "betas": betas, "weight_decay": weight_decay, "maximize": maximize})
         super().__init__(backend, nonfinite=nonfinite)
 
     def _check_hyper(self, hp):
-        _nonneg(hp, "lr", "weight_decay")
-        _betas(hp)
-        _bools(hp, "maximize")
-        return hp
+        return check_hyperparams(hp)
 
     def _state_names(self):
         return ("exp_avg",)
-
-    def _apply(self, param, grad, states, step, backend):
-        F.lion(param, grad, states["exp_avg"], step=step, lr=self.lr, betas=tuple(self.betas),
-               weight_decay=self.weight_decay, maximize=self.maximize, backend=backend)

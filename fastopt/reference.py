@@ -40,6 +40,22 @@ def adagrad(param, grad, state, *, step, lr, lr_decay=0.0, weight_decay=0.0, eps
     param -= clr * (g / (np.sqrt(s) + eps))
 
 
+def _minus_square(v, ga):
+    """``v - ga*ga`` rounded once, as torch's ``v.addcmul(ga, ga, value=-1)`` is (one fused
+    multiply-add on FMA hardware): ``inf`` stays ``inf`` where ``ga*ga`` overflows."""
+    if v.dtype == np.float32:  # float64 holds the exact square of a float32 and its range
+        return (v.astype(np.float64) - np.square(ga.astype(np.float64))).astype(np.float32)
+    # float64: Dekker's exact product sq + err = ga*ga (Veltkamp's split), then (v - sq) - err
+    with np.errstate(over="ignore", invalid="ignore"):
+        sq = ga * ga
+        c = 134217729.0 * ga  # 2**27 + 1
+        hi = c - (c - ga)
+        lo = ga - hi
+        err = ((hi * hi - sq) + 2.0 * hi * lo) + lo * lo
+        out = (v - sq) - np.where(np.isfinite(err), err, 0.0)
+    return np.where(np.isinf(sq) & np.isfinite(ga) & (v == np.inf), np.inf, out)
+
+
 def rmsprop(param, grad, state, *, step, lr, alpha=0.99, eps=1e-8, weight_decay=0.0,
             momentum=0.0, centered=False, maximize=False):
     g = _grad(grad, param, weight_decay, maximize)
@@ -48,7 +64,7 @@ def rmsprop(param, grad, state, *, step, lr, alpha=0.99, eps=1e-8, weight_decay=
     if centered:
         ga = state["grad_avg"]
         ga += (1 - alpha) * (g - ga)
-        avg = np.sqrt(v - ga * ga) + eps
+        avg = np.sqrt(_minus_square(v, ga)) + eps
     else:
         avg = np.sqrt(v) + eps
     if momentum > 0:
@@ -74,7 +90,7 @@ def adam(param, grad, state, *, step, lr, betas=(0.9, 0.999), eps=1e-8, weight_d
     bc2 = 1 - beta2 ** step
     if amsgrad:
         vmax = state["max_exp_avg_sq"]
-        np.maximum(vmax, v, out=vmax)
+        np.maximum(vmax, v, out=vmax)  # NaN in either gives NaN, as torch.maximum
         v = vmax
     denom = np.sqrt(v) / np.sqrt(bc2) + eps
     param -= (lr / bc1) * m / denom

@@ -21,7 +21,11 @@ __device__ __forceinline__ void adam_elem(T &p, T g, T &m, T &v, T &vmax,
     m = beta1 * m + omb1 * g;
     v = beta2 * v + omb2 * g * g;
 #if AMSGRAD
-    vmax = max(vmax, v);
+    // torch.maximum: NaN in either operand gives NaN (CUDA's max and fmax would return the
+    // other operand)
+    if (v > vmax || isnan(v)) {
+        vmax = v;
+    }
     const T d = sqrt(vmax) * inv_sqrt_bc2 + eps;
 #else
     const T d = sqrt(v) * inv_sqrt_bc2 + eps;

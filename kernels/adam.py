@@ -3,8 +3,9 @@
     g = -g if maximize
     decoupled (AdamW): p = p * decay  (decay = 1 - lr*wd)    else g = g + wd*p
     m = beta1*m + omb1*g;  v = beta2*v + omb2*g*g
-    amsgrad: vmax = max(vmax, v);  d = sqrt(vmax or v) * inv_sqrt_bc2 + eps
-    p = p - step_size*m / d          (step_size = lr / (1 - beta1^t), inv_sqrt_bc2 = 1/sqrt(1 - beta2^t))
+    amsgrad: vmax = max(vmax, v) (NaN if either is);  d = sqrt(vmax or v) * inv_sqrt_bc2 + eps
+    p = p - step_size*m / d
+    (step_size = lr / (1 - beta1^t), inv_sqrt_bc2 = 1/sqrt(1 - beta2^t))
 """
 import math
 
@@ -25,7 +26,10 @@ def make_rule(maximize=False, decay=False, decoupled=False, amsgrad=False):
         m = beta1 * m + omb1 * g
         v = beta2 * v + omb2 * g * g
         if amsgrad:
-            vmax = max(vmax, v)
+            # torch.maximum: NaN in either operand gives NaN (Python's max and CUDA's fmax
+            # would return the other operand)
+            if v > vmax or math.isnan(v):
+                vmax = v
             d = math.sqrt(vmax) * inv_sqrt_bc2 + eps
         else:
             d = math.sqrt(v) * inv_sqrt_bc2 + eps

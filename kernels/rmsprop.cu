@@ -1,5 +1,6 @@
 // RMSProp (eps outside the square root, optional centering and momentum): the body of the CuPy
-// kernel fastopt_rmsprop. Same statements, names and order as rmsprop_elem in rmsprop.py.
+// kernel fastopt_rmsprop. Same statements, names and order as rmsprop_elem in rmsprop.py; v - ga*ga
+// is one fused multiply-add, as torch's addcmul (inf stays inf where ga*ga overflows).
 template <typename T>
 __device__ __forceinline__ void rmsprop_elem(T &p, T g, T &v, T &ga, T &b,
                                              const T wd, const T alpha, const T oma, const T eps,
@@ -14,7 +15,7 @@ __device__ __forceinline__ void rmsprop_elem(T &p, T g, T &v, T &ga, T &b,
     v = alpha * v + oma * g * g;
 #if CENTERED
     ga = ga + oma * (g - ga);
-    const T d = sqrt(v - ga * ga) + eps;
+    const T d = sqrt(fma(-ga, ga, v)) + eps;
 #else
     const T d = sqrt(v) + eps;
 #endif

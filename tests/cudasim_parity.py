@@ -11,11 +11,11 @@ import os
 
 import numpy as np
 import pytest
+from conftest import resolve, run_oracle, state_names
+from tolerances import assert_close
 
 import fastopt
-from conftest import run_oracle, state_names, resolve
 from fastopt.backends import numba_cuda_backend as ncb
-from tolerances import assert_close
 
 pytestmark = pytest.mark.skipif(
     os.environ.get("NUMBA_ENABLE_CUDASIM") != "1" or not ncb.available(),
@@ -25,30 +25,30 @@ pytestmark = pytest.mark.skipif(
 #: combined), with non-default hyperparameters so that each scalar matters
 CASES = [
     ("SGD", {}),
-    ("SGD", dict(weight_decay=0.1, maximize=True)),
-    ("SGD", dict(momentum=0.8, dampening=0.3)),
-    ("SGD", dict(momentum=0.8, weight_decay=0.05, maximize=True)),
-    ("SGD", dict(momentum=0.7, nesterov=True, weight_decay=0.05)),
-    ("SGD", dict(momentum=0.7, nesterov=True, maximize=True)),
+    ("SGD", {"weight_decay": 0.1, "maximize": True}),
+    ("SGD", {"momentum": 0.8, "dampening": 0.3}),
+    ("SGD", {"momentum": 0.8, "weight_decay": 0.05, "maximize": True}),
+    ("SGD", {"momentum": 0.7, "nesterov": True, "weight_decay": 0.05}),
+    ("SGD", {"momentum": 0.7, "nesterov": True, "maximize": True}),
     ("Momentum", {}),
     ("Nesterov", {}),
     ("AdaGrad", {}),
-    ("AdaGrad", dict(lr_decay=0.1, weight_decay=0.1, initial_accumulator_value=0.5)),
-    ("AdaGrad", dict(maximize=True)),
+    ("AdaGrad", {"lr_decay": 0.1, "weight_decay": 0.1, "initial_accumulator_value": 0.5}),
+    ("AdaGrad", {"maximize": True}),
     ("RMSProp", {}),
-    ("RMSProp", dict(centered=True)),
-    ("RMSProp", dict(momentum=0.6)),
-    ("RMSProp", dict(centered=True, momentum=0.6, weight_decay=0.1, maximize=True)),
-    ("RMSProp", dict(weight_decay=0.1, alpha=0.9)),
+    ("RMSProp", {"centered": True}),
+    ("RMSProp", {"momentum": 0.6}),
+    ("RMSProp", {"centered": True, "momentum": 0.6, "weight_decay": 0.1, "maximize": True}),
+    ("RMSProp", {"weight_decay": 0.1, "alpha": 0.9}),
     ("Adam", {}),
-    ("Adam", dict(amsgrad=True)),
-    ("Adam", dict(weight_decay=0.1, maximize=True)),
-    ("Adam", dict(amsgrad=True, weight_decay=0.1, maximize=True, betas=(0.8, 0.9))),
+    ("Adam", {"amsgrad": True}),
+    ("Adam", {"weight_decay": 0.1, "maximize": True}),
+    ("Adam", {"amsgrad": True, "weight_decay": 0.1, "maximize": True, "betas": (0.8, 0.9)}),
     ("AdamW", {}),
-    ("AdamW", dict(amsgrad=True, maximize=True)),
-    ("AdamW", dict(weight_decay=0.0)),
+    ("AdamW", {"amsgrad": True, "maximize": True}),
+    ("AdamW", {"weight_decay": 0.0}),
     ("Lion", {}),
-    ("Lion", dict(weight_decay=0.5, maximize=True)),
+    ("Lion", {"weight_decay": 0.5, "maximize": True}),
 ]
 CLASSES = {"SGD": fastopt.SGD, "Momentum": fastopt.Momentum, "Nesterov": fastopt.Nesterov,
            "AdaGrad": fastopt.AdaGrad, "RMSProp": fastopt.RMSProp, "Adam": fastopt.Adam,
@@ -103,7 +103,7 @@ def test_flat_buffer_step_matches_oracle(rng):
             buf.grads[k][...] = g
         opt.step(buf)
     for k, p0 in params.items():
-        ref_p, ref_state = run_oracle("Adam", dict(lr=0.05, amsgrad=True, weight_decay=0.1),
+        ref_p, ref_state = run_oracle("Adam", {"lr": 0.05, "amsgrad": True, "weight_decay": 0.1},
                                       p0, [gs[k] for gs in grads])
         assert_close(buf.params[k], ref_p, p0.dtype, f"param {k}")
         for s, ref in ref_state.items():
@@ -149,3 +149,83 @@ def test_launch_config_is_a_grid_stride_grid():
     blocks, threads = ncb.launch_config(10_000)
     assert blocks * threads < 10_000, "the simulator grid must be smaller than n"
     assert ncb.launch_config(1) == (1, threads)
+
+
+# -- the checks every public door makes, on this backend -------------------------------------------
+
+def test_functional_refuses_bad_input_before_any_launch():
+    from fastopt import functional as F
+    p = np.ones(64, np.float32)
+    g, st = np.ones_like(p), [np.zeros_like(p) for _ in range(3)]
+    before = [a.copy() for a in (p, *st)]
+    cases = [
+        (lambda: F.adam(p, g, np.zeros(16, np.float32), st[1], step=1, backend="numba-cuda"),
+         ValueError, "exp_avg"),
+        (lambda: F.adam(p, g, st[0], st[1], amsgrad=True, step=1, backend="numba-cuda"),
+         ValueError, "max_exp_avg_sq"),
+        (lambda: F.sgd(p, g, momentum=0.9, step=1, backend="numba-cuda"),
+         ValueError, "momentum_buffer"),
+        (lambda: F.sgd(p, g, st[0], momentum=0.9, lr=-1.0, step=1, backend="numba-cuda"),
+         ValueError, "lr"),
+        (lambda: F.adagrad(p.astype(">f4"), g, st[0], step=1, backend="numba-cuda"),
+         TypeError, "big-endian"),
+        (lambda: F.lion(np.ones(64, np.int32), g, st[0], step=1, backend="numba-cuda"),
+         TypeError, "int32"),
+        (lambda: F.rmsprop(p, g[:-1], st[0], step=1, backend="numba-cuda"),
+         ValueError, "grad"),
+    ]
+    for call, exc, word in cases:
+        with pytest.raises(exc, match=word):
+            call()
+    for a, b in zip((p, *st), before):
+        assert np.array_equal(a, b)
+
+
+def test_dict_state_rebound_and_flat_rebound_are_refused():
+    rng = np.random.default_rng(5)
+    params = {"w": rng.standard_normal(64).astype(np.float32)}
+    opt = fastopt.Adam(backend="numba-cuda")
+    for _ in range(2):
+        opt.update(params, {"w": rng.standard_normal(64).astype(np.float32)})
+    w0, st0 = params["w"].copy(), opt.state["w"]["exp_avg"]
+    opt.state["w"]["exp_avg"] = np.zeros(4, np.float32)
+    with pytest.raises(ValueError, match="'exp_avg'"):
+        opt.update(params, {"w": np.ones(64, np.float32)})
+    opt.state["w"]["exp_avg"] = st0
+    assert np.array_equal(params["w"], w0) and opt.step_count == 2
+    buf = fastopt.FlatBuffer({"a": rng.standard_normal(33).astype(np.float32)})
+    opt = fastopt.Adam(backend="numba-cuda")
+    opt.step(buf)
+    opt.step(buf)
+    data = buf.groups[0].data
+    buf.groups[0].data = np.ones(data.shape[0] + 256, np.float32)
+    with pytest.raises(ValueError, match="FlatBuffer"):
+        opt.step(buf)
+    assert opt.step_count == 2
+
+
+def test_nonfinite_values_like_the_oracle():
+    # the rules run as plain Python here: kernels/fma.py's fused multiply-add and the
+    # NaN-propagating AMSGrad max
+    n = 8
+    p = {be: np.linspace(1, 2, n).astype(np.float32) for be in ("numpy", "numba-cuda")}
+    for be, arr in p.items():
+        opt = fastopt.RMSProp(lr=0.01, centered=True, backend=be)
+        for _ in range(250):  # grad_avg**2 overflows float32 after ~200 steps
+            opt.update({"w": arr}, {"w": np.full(n, 1e20, np.float32)})
+    assert np.isfinite(p["numba-cuda"]).all()
+    np.testing.assert_allclose(p["numba-cuda"], p["numpy"], rtol=1e-6)
+    out = {}
+    for be in ("numpy", "numba-cuda"):
+        w = np.linspace(-1, 1, n).astype(np.float32)
+        opt = fastopt.Adam(lr=0.1, amsgrad=True, backend=be)
+        opt.update({"w": w}, {"w": np.ones(n, np.float32)})
+        opt.state["w"]["max_exp_avg_sq"][1] = np.nan
+        opt.state["w"]["exp_avg_sq"][2] = np.nan
+        g = np.ones(n, np.float32)
+        g[3] = np.nan
+        opt.update({"w": w}, {"w": g})
+        out[be] = (w, opt.state["w"]["max_exp_avg_sq"].copy())
+    for a, b in zip(out["numba-cuda"], out["numpy"]):
+        assert np.array_equal(np.isnan(a), np.isnan(b)) and np.isnan(a[1:4]).all()
+        np.testing.assert_allclose(a[~np.isnan(a)], b[~np.isnan(b)], rtol=1e-6)

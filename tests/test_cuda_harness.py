@@ -20,10 +20,10 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-
-from fastopt import functional, reference
 from fastopt.kernels import RULES, cuda_source
 from tolerances import assert_close
+
+from fastopt import functional, reference
 
 GXX = shutil.which("g++")
 pytestmark = pytest.mark.skipif(GXX is None, reason="g++ is not installed")
@@ -102,7 +102,7 @@ def harness(tmp_path_factory):
         cmd = [GXX, "-std=c++17", "-O1", "-shared", "-fPIC", "-ffp-contract=off", "-Wall",
                "-Werror", f"-DFASTOPT_T={ctype}", f'-DFASTOPT_RAW="raw_{ctype}.inc"', f"-I{out}",
                str(HARNESS), "-o", str(so)]
-        res = subprocess.run(cmd, capture_output=True, text=True)
+        res = subprocess.run(cmd, capture_output=True, text=True, check=False)
         assert res.returncode == 0, f"g++ failed for T={ctype}:\n{res.stderr[:4000]}"
         libs[np.dtype(dtype)] = ctypes.CDLL(str(so))
     return libs
@@ -145,21 +145,24 @@ class HarnessBackend:
 def _cases(rule):
     """Hyperparameters that reach every flag variant of ``rule`` with every term visible."""
     B = (False, True)
-    if rule == "sgd":
-        return [dict(lr=0.05, maximize=mx, weight_decay=wd, momentum=mu, dampening=0.1,
-                     nesterov=nv) for mx, wd, mu, nv in itertools.product(B, (0.0, 0.1),
-                                                                          (0.0, 0.9), B)]
+    if rule == "sgd":  # Nesterov needs momentum and no dampening (fastopt.functional checks)
+        return [{"lr": 0.05, "maximize": mx, "weight_decay": wd, "momentum": mu,
+                 "dampening": 0.0 if nv else 0.1, "nesterov": nv}
+                for mx, wd, mu, nv in itertools.product(B, (0.0, 0.1), (0.0, 0.9), B)
+                if mu or not nv]
     if rule == "adagrad":
-        return [dict(lr=0.05, maximize=mx, weight_decay=wd, lr_decay=0.05)
+        return [{"lr": 0.05, "maximize": mx, "weight_decay": wd, "lr_decay": 0.05}
                 for mx, wd in itertools.product(B, (0.0, 0.1))]
     if rule == "rmsprop":
-        return [dict(lr=0.01, alpha=0.9, maximize=mx, weight_decay=wd, centered=c, momentum=mu)
+        return [{"lr": 0.01, "alpha": 0.9, "maximize": mx, "weight_decay": wd, "centered": c,
+                 "momentum": mu}
                 for mx, wd, c, mu in itertools.product(B, (0.0, 0.1), B, (0.0, 0.9))]
     if rule == "adam":
-        return [dict(lr=0.01, betas=(0.8, 0.95), maximize=mx, weight_decay=wd, decoupled=dc,
-                     amsgrad=am) for mx, wd, dc, am in itertools.product(B, (0.0, 0.1), B, B)]
+        return [{"lr": 0.01, "betas": (0.8, 0.95), "maximize": mx, "weight_decay": wd,
+                 "decoupled": dc, "amsgrad": am}
+                for mx, wd, dc, am in itertools.product(B, (0.0, 0.1), B, B)]
     if rule == "lion":
-        return [dict(lr=0.01, betas=(0.8, 0.95), maximize=mx, weight_decay=wd)
+        return [{"lr": 0.01, "betas": (0.8, 0.95), "maximize": mx, "weight_decay": wd}
                 for mx, wd in itertools.product(B, (0.0, 0.1))]
     raise KeyError(rule)
 
@@ -217,7 +220,11 @@ def test_cases_reach_every_variant(harness):
         st = _initial_state(rule, rng)
         getattr(functional, rule)(rng.standard_normal(N), rng.standard_normal(N),
                                   *(st[s] for s in RULES[rule].STATE), step=2, backend=be, **hp)
-    missing = [VARIANTS[i] for i in range(len(VARIANTS)) if i not in be.seen]
+    # SGD's Nesterov variants without momentum are compiled but unreachable: nesterov=True
+    # without momentum is refused before any launch
+    missing = [VARIANTS[i] for i in range(len(VARIANTS)) if i not in be.seen
+               and not (VARIANTS[i][0] == "sgd" and VARIANTS[i][1]["nesterov"]
+                        and not VARIANTS[i][1]["momentum"])]
     assert not missing, f"variants never exercised: {missing}"
 
 
@@ -230,3 +237,52 @@ def test_first_sgd_momentum_step_ignores_dampening(harness):
                    backend=HarnessBackend(harness))
     np.testing.assert_array_equal(b, g)
     np.testing.assert_allclose(p, p0 - 0.1 * g, rtol=1e-15)
+
+
+def _same_nonfinite(actual, ref, dtype, what):
+    """NaN, +inf and -inf in the same places, the finite values within tolerance."""
+    actual, ref = np.asarray(actual, np.float64), np.asarray(ref, np.float64)
+    for test in (np.isnan, np.isposinf, np.isneginf):
+        assert np.array_equal(test(actual), test(ref)), f"{what}: {test.__name__} differs"
+    fin = np.isfinite(ref)
+    assert_close(actual[fin], ref[fin], dtype, what)
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64], ids=["float", "double"])
+def test_nonfinite_values_like_torch(harness, dtype):
+    """torch's non-finite behaviour in the C bodies: centered RMSProp computes v - ga*ga as one
+    fused multiply-add (v = inf stays inf where ga*ga overflows, so the param stays finite),
+    and AMSGrad's max propagates NaN from either operand (CUDA's max/fmax would drop it). The
+    oracle runs in the same dtype, so both overflow alike."""
+    be, n = HarnessBackend(harness), 8
+    big = dtype(1e20 if dtype == np.float32 else 1e160)
+    p = np.linspace(1, 2, n).astype(dtype)
+    st = {"square_avg": np.full(n, np.inf, dtype), "grad_avg": np.full(n, big * dtype(0.9)),
+          "momentum_buffer": np.zeros(n, dtype)}
+    g = np.full(n, big, dtype)
+    rp, rst = p.copy(), {s: a.copy() for s, a in st.items()}
+    with np.errstate(over="ignore", invalid="ignore"):
+        assert np.isinf(st["grad_avg"] * st["grad_avg"]).all()  # the square overflows
+        functional.rmsprop(p, g, *st.values(), step=3, lr=0.01, centered=True, momentum=0.5,
+                           backend=be)
+        reference.rmsprop(rp, g, rst, step=3, lr=0.01, centered=True, momentum=0.5)
+    assert np.isfinite(p).all()
+    _same_nonfinite(p, rp, dtype, "centered rmsprop param")
+    for s, a in st.items():
+        _same_nonfinite(a, rst[s], dtype, f"centered rmsprop {s}")
+    rng = np.random.default_rng(11)
+    p = rng.standard_normal(n).astype(dtype)
+    st = {"exp_avg": rng.standard_normal(n).astype(dtype),
+          "exp_avg_sq": rng.uniform(0.1, 1, n).astype(dtype),
+          "max_exp_avg_sq": rng.uniform(1, 2, n).astype(dtype)}
+    st["max_exp_avg_sq"][1] = np.nan  # NaN in the running max, a finite v
+    st["exp_avg_sq"][2] = np.nan      # NaN in v, a finite running max
+    g = rng.standard_normal(n).astype(dtype)
+    g[3] = np.nan                     # NaN in the gradient
+    rp, rst = p.copy(), {s: a.copy() for s, a in st.items()}
+    functional.adam(p, g, *st.values(), step=2, lr=0.01, amsgrad=True, backend=be)
+    reference.adam(rp, g, rst, step=2, lr=0.01, amsgrad=True)
+    assert np.isnan(st["max_exp_avg_sq"][1:4]).all() and np.isnan(p[1:4]).all()
+    _same_nonfinite(p, rp, dtype, "amsgrad param")
+    for s, a in st.items():
+        _same_nonfinite(a, rst[s], dtype, f"amsgrad {s}")

@@ -5,12 +5,19 @@ import sys
 
 import numpy as np
 import pytest
+from tolerances import TOL  # the suite's one table, keyed by dtype
 
 from fastopt import cli, reference
-from fastopt._demo_problems import (SPECS, VALLEY_START, init_mlp, mlp_loss, mlp_loss_and_grad,
-                                    train_mlp, valley_path)
+from fastopt._demo_problems import (
+    SPECS,
+    VALLEY_START,
+    init_mlp,
+    mlp_loss,
+    mlp_loss_and_grad,
+    train_mlp,
+    valley_path,
+)
 from fastopt.backends import numba_backend
-from tolerances import TOL  # the suite's one table, keyed by dtype
 
 #: how each demo optimizer maps onto the oracle: function, extra flags, state slots
 ORACLE = {
@@ -86,13 +93,18 @@ def test_valley_momentum_is_the_textbook_heavy_ball():
 
 def test_valley_updates_run_through_the_kernels(monkeypatch):
     calls = []
-    real = numba_backend.launch
+    real = numba_backend.prepare
 
-    def counting(rule, flags, param, grad, states, k):
-        calls.append((rule, param.shape))
-        return real(rule, flags, param, grad, states, k)
+    def counting(rule, flags, writes, k, dtype):
+        run = real(rule, flags, writes, k, dtype)
 
-    monkeypatch.setattr(numba_backend, "launch", counting)
+        def counted(param, grad, states):
+            calls.append((rule, param.shape))
+            return run(param, grad, states)
+
+        return counted
+
+    monkeypatch.setattr(numba_backend, "prepare", counting)
     spec = next(s for s in SPECS if s.name == "Adam")
     valley_path(spec, 5, backend="numba")
     # one fused launch per step, over the FlatBuffer's whole (padded) buffer

@@ -13,6 +13,7 @@ parallel loop uses Numba's thread pool (``NUMBA_NUM_THREADS``, by default one th
 import numpy as np
 
 from ..kernels import RULES
+from ..kernels.fma import fma
 
 NAME = "numba"
 DEVICE = "cpu"
@@ -23,10 +24,27 @@ PARALLEL_MIN = 1 << 15
 
 try:
     import numba
-    from numba.extending import register_jitable
+    from numba.core import types
+    from numba.extending import intrinsic, overload, register_jitable
 except ImportError as _exc:  # numba is a core dependency; this only guards a broken install
     numba = None
     _import_error = _exc
+else:
+    @intrinsic
+    def _llvm_fma(typingctx, a, b, c):
+        if isinstance(a, types.Float) and a == b == c:
+            def codegen(context, builder, sig, args):
+                return builder.fma(*args)
+
+            return a(a, b, c), codegen
+        return None
+
+    @overload(fma, target="cpu", inline="always")
+    def _fma_cpu(a, b, c):
+        # the rules' fused multiply-add (kernels/fma.py): llvm.fma, one rounding
+        if isinstance(a, types.Float) and a == b == c:
+            return lambda a, b, c: _llvm_fma(a, b, c)
+        return None
 
 _compiled = {}
 
@@ -100,12 +118,29 @@ def kernel(rule, flags, writes, parallel):
     return fn
 
 
+def prepare(rule, flags, writes, k, dtype):
+    """``run(param, grad, states)`` for one step of one variant on flat ``dtype`` arrays whose
+    present state slots are ``writes``: the host scalars are cast once, the serial or parallel
+    loop is picked per array by its length. Like ``launch``, it trusts its caller
+    (``fastopt.functional`` and the optimizer classes check lengths, dtypes and writability
+    before any launch): a loop indexes every array by the param's length."""
+    kc = tuple(np.dtype(dtype).type(x) for x in k)
+    fns = [None, None]
+
+    def run(param, grad, states):
+        n = param.shape[0]
+        if n == 0:
+            return
+        par = n >= PARALLEL_MIN
+        fn = fns[par]
+        if fn is None:
+            fn = fns[par] = kernel(rule, flags, writes, par)
+        fn(param, grad, *[param if s is None else s for s in states], kc)
+
+    return run
+
+
 def launch(rule, flags, param, grad, states, k):
-    n = param.shape[0]
-    if n == 0:
-        return
-    writes = tuple(s is not None for s in states)
-    slots = tuple(param if s is None else s for s in states)
-    scalar = param.dtype.type
-    fn = kernel(rule, flags, writes, n >= PARALLEL_MIN)
-    fn(param, grad, *slots, tuple(scalar(x) for x in k))
+    """One fused pass over flat arrays, unchecked (see ``prepare``)."""
+    prepare(rule, flags, tuple(s is not None for s in states), k, param.dtype)(param, grad,
+                                                                             states)

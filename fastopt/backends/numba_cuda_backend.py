@@ -28,6 +28,7 @@ import os
 import numpy as np
 
 from ..kernels import RULES
+from ..kernels.fma import fma
 from . import _launch
 
 __all__ = ["NAME", "DEVICE", "available", "why_unavailable", "launch", "kernel",
@@ -51,6 +52,33 @@ if not hasattr(np, "row_stack"):
     # Restoring the alias (what it always was) lets numba-cuda run beside a current NumPy.
     np.row_stack = np.vstack
 
+
+def _register_fma():
+    """The rules' fused multiply-add (kernels/fma.py) as one PTX ``fma.rn`` (typed and lowered
+    directly: an overload would be compiled as a separate device function, which needs a
+    driver even to compile PTX)."""
+    try:
+        from numba.cuda import types
+        from numba.cuda.extending import lower_builtin, type_callable
+    except ImportError:  # numba's built-in CUDA target: the core registries serve it
+        from numba.core import types
+        from numba.core.imputils import lower_builtin
+        from numba.extending import type_callable
+
+    @type_callable(fma)
+    def _type_fma(context):
+        def typer(a, b, c):
+            if isinstance(a, types.Float) and a == b == c:
+                return a
+            return None
+
+        return typer
+
+    @lower_builtin(fma, types.Float, types.Float, types.Float)
+    def _lower_fma(context, builder, sig, args):
+        return builder.fma(*args)
+
+
 try:
     from numba import cuda
 except Exception as _exc:  # noqa: BLE001 - missing, or broken against this NumPy / driver
@@ -58,6 +86,8 @@ except Exception as _exc:  # noqa: BLE001 - missing, or broken against this NumP
     _import_error = f"numba.cuda cannot be imported: {type(_exc).__name__}: {_exc}"
 else:
     _import_error = ""
+    if not SIMULATOR:  # the simulator runs the rules as Python: kernels/fma.py itself
+        _register_fma()
 
 _compiled = {}
 _sm_count = {}

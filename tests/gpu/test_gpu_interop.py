@@ -7,16 +7,16 @@ two GPUs, is refused before anything changes.
 """
 import numpy as np
 import pytest
-
-import fastopt
 from conftest import run_oracle
 from gpu_common import gpu_backend_params, needs_gpu, to_device, to_host
 from tolerances import assert_close
 
+import fastopt
+
 pytestmark = needs_gpu
 
 N = 10_007
-KW = dict(lr=0.01, amsgrad=True, weight_decay=0.1)
+KW = {"lr": 0.01, "amsgrad": True, "weight_decay": 0.1}
 STEPS = 3
 
 
@@ -51,6 +51,61 @@ def test_torch_cuda_tensor_updated_in_place(backend):
     for s, a in opt.state["w"].items():
         assert isinstance(a, cupy.ndarray) and a.device.id == p.device.index, s
     _check(p.cpu().numpy(), opt.state["w"], p0, grads)
+
+
+@pytest.mark.parametrize("backend", gpu_backend_params())
+def test_torch_cuda_parameter_updated_in_place(backend):
+    # a parameter that requires grad is stepped through a detached view (no-grad semantics,
+    # as torch.optim); an unsupported dtype is refused naming the parameter
+    torch = pytest.importorskip("torch")
+    if not torch.cuda.is_available():
+        pytest.skip("PyTorch has no CUDA here")
+    p0, grads = _inputs(9)
+    p = torch.nn.Parameter(torch.tensor(p0, device="cuda"))
+    ptr = p.data_ptr()
+    opt = fastopt.Adam(**KW, backend=backend)
+    for g in grads:
+        opt.update({"w": p}, {"w": torch.tensor(g, device="cuda", requires_grad=True)})
+    torch.cuda.synchronize()
+    assert p.data_ptr() == ptr and p.requires_grad
+    _check(p.detach().cpu().numpy(), opt.state["w"], p0, grads)
+    bad = torch.zeros(4, device="cuda", dtype=torch.bfloat16)
+    with pytest.raises(TypeError, match="parameter 'b'.*bfloat16"):
+        fastopt.Adam(backend=backend).update({"b": bad}, {"b": bad.clone()})
+
+
+@pytest.mark.parametrize("backend", gpu_backend_params())
+def test_nonfinite_values_like_the_oracle_on_the_gpu(backend):
+    # centered RMSProp whose grad_avg**2 overflows stays finite (a fused multiply-add), and
+    # AMSGrad's max propagates NaN from either operand (CUDA's max would drop it)
+    n = 8
+    out = {}
+    for be in ("numpy", backend):
+        dev = be != "numpy"
+        w = np.linspace(1, 2, n).astype(np.float32)
+        p = to_device(w) if dev else w
+        opt = fastopt.RMSProp(lr=0.01, centered=True, backend=be)
+        for _ in range(250):
+            g = np.full(n, 1e20, np.float32)
+            opt.update({"w": p}, {"w": to_device(g) if dev else g})
+        out[be] = to_host(p) if dev else p
+    assert np.isfinite(out[backend]).all()
+    np.testing.assert_allclose(out[backend], out["numpy"], rtol=1e-5)
+    for be in ("numpy", backend):
+        dev = be != "numpy"
+        w = np.linspace(-1, 1, n).astype(np.float32)
+        p = to_device(w) if dev else w
+        opt = fastopt.Adam(lr=0.1, amsgrad=True, backend=be)
+        ones = np.ones(n, np.float32)
+        opt.update({"w": p}, {"w": to_device(ones) if dev else ones})
+        opt.state["w"]["max_exp_avg_sq"][1] = np.nan
+        opt.state["w"]["exp_avg_sq"][2] = np.nan
+        g = ones.copy()
+        g[3] = np.nan
+        opt.update({"w": p}, {"w": to_device(g) if dev else g})
+        out[be] = (to_host(p) if dev else p, to_host(opt.state["w"]["max_exp_avg_sq"]))
+    for a, b in zip(out[backend], out["numpy"]):
+        assert np.array_equal(np.isnan(a), np.isnan(b)) and np.isnan(a[1:4]).all()
 
 
 @pytest.mark.parametrize("backend", gpu_backend_params())
