@@ -17,7 +17,6 @@ __all__ = [
     "NonFiniteGradientError",
     "all_finite",
     "check_array",
-    "check_hyperparams",
     "check_like",
     "check_names",
     "check_no_overlap",
@@ -346,37 +345,3 @@ def normalise_hyper(value):
             and not isinstance(v, (bool, np.bool_)) for v in value):
         return tuple(float(v) for v in value)
     return value
-
-
-#: hyperparameter name -> how it is checked (shared by the classes and fastopt.functional)
-_NONNEG = ("lr", "momentum", "dampening", "weight_decay", "lr_decay", "eps",
-           "initial_accumulator_value")
-_UNIT = ("alpha",)
-_BOOLS = ("nesterov", "maximize", "centered", "amsgrad", "decoupled")
-
-
-def check_hyperparams(hp):
-    """Validate and normalise the hyperparameters in ``hp`` (any subset of the names above and
-    ``betas``): numbers >= 0, ``alpha`` and each beta in [0, 1), flags booleans, Nesterov with
-    momentum > 0 and no dampening. Returns a new dict of Python floats, tuples and bools."""
-    hp = dict(hp)
-    for name, value in hp.items():
-        if name in _NONNEG:
-            hp[name] = check_number(name, value, lo=0)
-        elif name in _UNIT:
-            hp[name] = check_number(name, value, lo=0, hi=1, hi_open=True)
-        elif name == "betas":
-            if not isinstance(value, (tuple, list)) or len(value) != 2:
-                raise ValueError(f"invalid betas: {value!r}; expected a pair (beta1, beta2) "
-                                 "with 0 <= beta < 1")
-            hp[name] = tuple(check_number(f"beta{i + 1}", b, lo=0, hi=1, hi_open=True)
-                             for i, b in enumerate(value))
-        elif name in _BOOLS:
-            if not isinstance(value, (bool, np.bool_)):
-                raise TypeError(f"invalid {name}: {value!r}; expected True or False")
-            hp[name] = bool(value)
-    if hp.get("nesterov") and (hp.get("momentum", 0.0) <= 0 or hp.get("dampening", 0.0) != 0):
-        raise ValueError(f"invalid nesterov=True with momentum={hp.get('momentum')!r} and "
-                         f"dampening={hp.get('dampening')!r}; Nesterov momentum requires "
-                         "momentum > 0 and dampening = 0")
-    return hp

@@ -17,7 +17,7 @@ raises ``TypeError``/``ValueError`` and changes nothing.
 The classes validate once per parameter and then only re-check what can change, so they launch
 through ``Launch`` (the same scalars and kernels, without the per-call checks).
 """
-import math
+import inspect
 
 import numpy as np
 
@@ -25,7 +25,6 @@ from . import reference
 from ._arrays import as_xp_array
 from ._validate import (
     SUPPORTED_DTYPES,
-    check_hyperparams,
     check_no_overlap,
     check_param_arrays,
     check_reach,
@@ -35,55 +34,15 @@ from ._validate import (
 )
 from .backends import resolve
 from .kernels import RULES
-from .kernels.cuda_source import OPTIONAL, slots_used
 
-__all__ = ["Launch", "adagrad", "adam", "lion", "plan", "rmsprop", "sgd"]
-
-
-# -- per-step scalars and flag variants, one function per rule ------------------------------------
-
-def _sgd_plan(step, lr, momentum, dampening, weight_decay, nesterov, maximize):
-    first = step == 1
-    k = (weight_decay, 0.0 if first else momentum, 1.0 if first else 1.0 - dampening, momentum, lr)
-    return {"maximize": maximize, "decay": weight_decay != 0, "momentum": momentum != 0,
-            "nesterov": nesterov}, k
+__all__ = ["Launch", "plan", "run", *RULES]
 
 
-def _adagrad_plan(step, lr, lr_decay, weight_decay, eps, maximize):
-    return ({"maximize": maximize, "decay": weight_decay != 0},
-            (weight_decay, lr / (1.0 + (step - 1) * lr_decay), eps))
-
-
-def _rmsprop_plan(step, lr, alpha, eps, weight_decay, momentum, centered, maximize):
-    return ({"maximize": maximize, "decay": weight_decay != 0, "centered": centered,
-             "momentum": momentum > 0},
-            (weight_decay, alpha, 1.0 - alpha, eps, momentum, lr))
-
-
-def _adam_plan(step, lr, betas, eps, weight_decay, amsgrad, maximize, decoupled):
-    beta1, beta2 = betas
-    bc1 = 1.0 - beta1 ** step
-    bc2 = 1.0 - beta2 ** step
-    return ({"maximize": maximize, "decay": weight_decay != 0, "decoupled": decoupled,
-             "amsgrad": amsgrad},
-            (weight_decay, 1.0 - lr * weight_decay, beta1, 1.0 - beta1, beta2, 1.0 - beta2,
-             lr / bc1, 1.0 / math.sqrt(bc2), eps))
-
-
-def _lion_plan(step, lr, betas, weight_decay, maximize):
-    beta1, beta2 = betas
-    return ({"maximize": maximize, "decay": weight_decay != 0},
-            (1.0 - lr * weight_decay, beta1, 1.0 - beta1, beta2, 1.0 - beta2, lr))
-
-
-_PLANS = {"sgd": _sgd_plan, "adagrad": _adagrad_plan, "rmsprop": _rmsprop_plan,
-          "adam": _adam_plan, "lion": _lion_plan}
-
-
-def plan(rule, step, hp):
+def plan(rule, step, hp, hs=None):
     """``(flags, k)``: the compiled variant and the host scalars of one step of ``rule`` with
-    the (already validated) hyperparameters ``hp``."""
-    return _PLANS[rule](step, **hp)
+    the (already validated) hyperparameters ``hp`` and host state ``hs`` (the rule spec's
+    ``flags_of`` and ``scalars_of``)."""
+    return RULES[rule].plan(hp, step, hs)
 
 
 class Launch:
@@ -91,11 +50,14 @@ class Launch:
     then ``runner(dtype, writes)(param, grad, states)`` launches it on any number of flat
     arrays. Trusts its caller: the arrays must already have passed ``check_param_arrays``."""
 
-    __slots__ = ("_runners", "be", "flags", "hp", "k", "rule", "step")
+    __slots__ = ("_runners", "be", "flags", "hp", "hs", "k", "rule", "step")
 
-    def __init__(self, be, rule, step, hp):
-        self.be, self.rule, self.step, self.hp = be, rule, step, hp
-        self.flags, self.k = plan(rule, step, hp)
+    def __init__(self, be, rule, step, hp, hs=None):
+        spec = RULES[rule]
+        if hs is None and spec.host_state:
+            hs = spec.replay_host_state(hp, step)
+        self.be, self.rule, self.step, self.hp, self.hs = be, rule, step, hp, hs
+        self.flags, self.k = spec.plan(hp, step, hs)
         self._runners = {}
 
     def runner(self, dtype, writes):
@@ -109,24 +71,37 @@ class Launch:
 
     def _make(self, dtype, writes):
         be, rule, flags, k = self.be, self.rule, self.flags, self.k
+        spec = RULES[rule]
         if be.NAME == "numpy":
-            oracle, names = getattr(reference, rule), RULES[rule].STATE
-            kw = dict(self.hp, step=self.step)
+            oracle, names = getattr(reference, rule), spec.state
+            # the oracle takes the hyperparameters that shape a step (not, say, the initial
+            # accumulator value, which only shapes the state it is handed)
+            takes = inspect.signature(oracle).parameters
+            kw = {h: v for h, v in self.hp.items() if h in takes}
+            kw["step"] = self.step
+            hs = self.hs or {}
 
             def run(param, grad, states):
-                oracle(param, grad, {n: s for n, s in zip(names, states) if s is not None}, **kw)
+                st = {n: s for n, s in zip(names, states) if s is not None}
+                # host state as the oracle keeps it (torch's 0-d tensors), this step's copy
+                st.update({n: np.array(v, dtype=np.float32) for n, v in hs.items()})
+                oracle(param, grad, st, **kw)
         elif hasattr(be, "prepare"):
             run = be.prepare(rule, flags, writes, k, dtype)
         else:
             def run(param, grad, states):
                 be.launch(rule, flags, param, grad, tuple(states), k)
-        if rule == "sgd" and self.step == 1 and flags["momentum"] and writes[0]:
+        used = spec.slots_used(flags)
+        fresh = [(j, spec.initial(s.name, self.hp)) for j, s in enumerate(spec.slots)
+                 if s.fresh and writes[j] and used[j]] if self.step == 1 else []
+        if fresh:
             inner = run
 
             def run(param, grad, states):
-                # the rule computes b = 0·b + g on the first step; 0·NaN is NaN, so an
-                # uninitialised buffer (PyTorch has none before step 1) is cleared for b = g
-                states[0][...] = 0
+                # a slot the rule reads on step 1, where torch has no such buffer yet: reset to
+                # its initial value (0·NaN is NaN), whatever the caller's array held
+                for j, value in fresh:
+                    states[j][...] = value
                 inner(param, grad, states)
         return run
 
@@ -150,10 +125,10 @@ def _checked(rule, flags, backend, param, grad, states):
     param, grad = _array(param), _array(grad)
     states = {n: _array(a) for n, a in states.items()}
     be = resolve(backend, param if is_array(param) else None)
-    for (name, a), used in zip(states.items(), slots_used(rule, flags)):
+    spec = RULES[rule]
+    for (name, a), slot, used in zip(states.items(), spec.slots, spec.slots_used(flags)):
         if used and a is None:
-            flag = OPTIONAL.get(rule, {}).get(name)
-            why = "always" if flag is None else f"with {flag} on"
+            why = "always" if slot.when is None else f"with {slot.when} on"
             raise ValueError(f"{who}: state {name!r} is required {why} "
                              f"({', '.join(f'{k}={v}' for k, v in flags.items())}), got None")
     supported = tuple(getattr(be, "DTYPES", SUPPORTED_DTYPES))
@@ -167,58 +142,62 @@ def _checked(rule, flags, backend, param, grad, states):
     return be, param, grad, tuple(states.values())
 
 
-def _run(rule, backend, step, hp, param, grad, states):
+def run(rule, param, grad, states, *, step, hp, backend="auto", host_state=None):
+    """One checked, fused step of ``rule`` over flat arrays: ``states`` maps each of the rule's
+    slots to its array (or None where the variant does not use it), ``hp`` holds every
+    hyperparameter of the rule, ``host_state`` the rule's host scalars before this step (None:
+    those of a run with these hyperparameters from step 1)."""
+    spec = RULES[rule]
     step = check_step(step)
-    hp = check_hyperparams(hp)
-    flags, _ = plan(rule, step, hp)
-    be, param, grad, states = _checked(rule, flags, backend, param, grad, states)
-    writes = tuple(s is not None for s in states)
-    Launch(be, rule, step, hp).runner(dtype_of(param), writes)(param, grad, states)
+    missing = set(spec.hyper_names) - set(hp)
+    if missing or set(hp) - set(spec.hyper_names):
+        raise TypeError(f"fastopt.functional.{rule}(): hyperparameters {sorted(hp)}; expected "
+                        f"{list(spec.hyper_names)}")
+    if set(states) != set(spec.state):
+        raise TypeError(f"fastopt.functional.{rule}(): state {sorted(states)}; expected "
+                        f"{list(spec.state)}")
+    hp = spec.validate(hp)
+    flags, _ = spec.plan(hp, step, host_state or (spec.initial_host_state(hp)
+                                                   if spec.host_state else None))
+    be, param, grad, arrays = _checked(rule, flags, backend, param, grad,
+                                       {s: states[s] for s in spec.state})
+    writes = tuple(a is not None for a in arrays)
+    Launch(be, rule, step, hp, host_state).runner(dtype_of(param), writes)(param, grad, arrays)
 
 
-def sgd(param, grad, momentum_buffer=None, *, step, lr=1e-3, momentum=0.0, dampening=0.0,
-        weight_decay=0.0, nesterov=False, maximize=False, backend="auto"):
-    """SGD / Momentum / Nesterov; ``momentum_buffer`` is required when ``momentum != 0``."""
-    _run("sgd", backend, step, {"lr": lr, "momentum": momentum, "dampening": dampening,
-                                "weight_decay": weight_decay, "nesterov": nesterov,
-                                "maximize": maximize},
-         param, grad, {"momentum_buffer": momentum_buffer})
+def _entry(spec):
+    """The named functional entry point of one rule, its signature read from the spec:
+    ``name(param, grad, <slots>, *, step, <hyperparameters with torch's defaults>,
+    backend="auto")``; optional slots default to None."""
+    P = inspect.Parameter
+    params = [P("param", P.POSITIONAL_OR_KEYWORD), P("grad", P.POSITIONAL_OR_KEYWORD)]
+    params += [P(s.name, P.POSITIONAL_OR_KEYWORD, default=None if s.when else P.empty)
+               for s in spec.slots]
+    params.append(P("step", P.KEYWORD_ONLY))
+    params += [P(h.name, P.KEYWORD_ONLY, default=h.default) for h in spec.hyper]
+    params.append(P("backend", P.KEYWORD_ONLY, default="auto"))
+    sig = inspect.Signature(params)
+
+    def entry(*args, **kwargs):
+        try:
+            bound = sig.bind(*args, **kwargs)
+        except TypeError as exc:
+            raise TypeError(f"fastopt.functional.{spec.name}(): {exc}; signature: "
+                            f"{spec.name}{sig}") from None
+        bound.apply_defaults()
+        a = bound.arguments
+        run(spec.name, a["param"], a["grad"], {s: a[s] for s in spec.state}, step=a["step"],
+            hp={h: a[h] for h in spec.hyper_names}, backend=a["backend"])
+
+    entry.__name__ = entry.__qualname__ = spec.name
+    entry.__signature__ = sig
+    slots = ", ".join(f"``{s.name}``" + (f" (with {s.when})" if s.when else "")
+                      for s in spec.slots)
+    entry.__doc__ = (f"One fused in-place step of {spec.name} over flat arrays: the param, its "
+                     f"grad and the state {slots}; ``step`` counts from 1. Hyperparameters "
+                     "and defaults are torch.optim's. Every input is checked before anything "
+                     "is written.")
+    return entry
 
 
-def adagrad(param, grad, state_sum, *, step, lr=1e-2, lr_decay=0.0, weight_decay=0.0,
-            eps=1e-10, maximize=False, backend="auto"):
-    """AdaGrad with PyTorch's ``clr = lr / (1 + (t - 1) * lr_decay)``."""
-    _run("adagrad", backend, step, {"lr": lr, "lr_decay": lr_decay,
-                                    "weight_decay": weight_decay, "eps": eps,
-                                    "maximize": maximize},
-         param, grad, {"sum": state_sum})
-
-
-def rmsprop(param, grad, square_avg, grad_avg=None, momentum_buffer=None, *, step, lr=1e-2,
-            alpha=0.99, eps=1e-8, weight_decay=0.0, momentum=0.0, centered=False,
-            maximize=False, backend="auto"):
-    """RMSProp; ``grad_avg`` is required when centered, ``momentum_buffer`` when momentum > 0."""
-    _run("rmsprop", backend, step, {"lr": lr, "alpha": alpha, "eps": eps,
-                                    "weight_decay": weight_decay, "momentum": momentum,
-                                    "centered": centered, "maximize": maximize},
-         param, grad, {"square_avg": square_avg, "grad_avg": grad_avg,
-                       "momentum_buffer": momentum_buffer})
-
-
-def adam(param, grad, exp_avg, exp_avg_sq, max_exp_avg_sq=None, *, step, lr=1e-3,
-         betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0, amsgrad=False, maximize=False,
-         decoupled=False, backend="auto"):
-    """Adam (``decoupled=True``: AdamW); ``max_exp_avg_sq`` is required with amsgrad."""
-    _run("adam", backend, step, {"lr": lr, "betas": betas, "eps": eps,
-                                 "weight_decay": weight_decay, "amsgrad": amsgrad,
-                                 "maximize": maximize, "decoupled": decoupled},
-         param, grad, {"exp_avg": exp_avg, "exp_avg_sq": exp_avg_sq,
-                       "max_exp_avg_sq": max_exp_avg_sq})
-
-
-def lion(param, grad, exp_avg, *, step, lr=1e-4, betas=(0.9, 0.99), weight_decay=0.0,
-         maximize=False, backend="auto"):
-    """Lion: sign of the interpolated momentum, decoupled weight decay."""
-    _run("lion", backend, step, {"lr": lr, "betas": betas, "weight_decay": weight_decay,
-                                 "maximize": maximize},
-         param, grad, {"exp_avg": exp_avg})
+globals().update({name: _entry(spec) for name, spec in RULES.items()})

@@ -177,8 +177,11 @@ class Optimizer:
     #: numeric hyperparameters (changeable between steps) and structural flags (fixed)
     _hyper = ()
     _flags = ()
-    #: the per-element rule this optimizer runs (a name in ``kernels.RULES``)
+    #: the per-element rule this optimizer runs (a name in ``kernels.RULES``) and the rule's
+    #: hyperparameters this class pins (AdamW: ``decoupled=True``); ``_hyper`` and ``_flags``
+    #: are derived from the rule spec (``__init_subclass__``)
     _rule = None
+    _pinned = {}
 
     def __init__(self, backend="auto", nonfinite=None):
         self._lock = threading.Lock()
@@ -195,28 +198,56 @@ class Optimizer:
         self._hyper_ok = True    # the constructor validated every hyperparameter
         self._frozen = True
 
-    # -- what a subclass provides ------------------------------------------------------------
-    def _check_hyper(self, hp):
-        """Validate ``hp`` (every name of ``_hyper + _flags``); return it normalised."""
-        return hp
+    # -- what the rule spec provides ----------------------------------------------------------
+    def __init_subclass__(cls, **kwargs):
+        super().__init_subclass__(**kwargs)
+        if cls._rule is not None:  # hyperparameters and flags: the rule's, less the pinned
+            spec = RULES[cls._rule]
+            cls._hyper = tuple(h.name for h in spec.hyper
+                               if not h.fixed and h.name not in cls._pinned)
+            cls._flags = tuple(h.name for h in spec.hyper
+                               if h.fixed and h.name not in cls._pinned)
 
-    def _state_names(self):
-        return ()
-
-    def _state_fill(self, name):
-        return 0.0
+    @property
+    def _spec(self):
+        return RULES[self._rule]
 
     def _rule_hp(self, hp):
-        """The keyword arguments of the rule's plan (``functional.plan``) from ``hp``."""
-        return hp
+        """The rule's hyperparameters: the class's, plus the ones the class pins."""
+        return {**hp, **self._pinned} if self._pinned else hp
 
-    def _momentum_on(self, momentum):
-        return momentum != 0
+    def _check_hyper(self, hp):
+        """Validate ``hp`` (every name of ``_hyper + _flags``) against the rule spec's domains
+        and constraints; after construction, also refuse values that would change which state
+        buffers exist. Returns ``hp`` normalised."""
+        spec = self._spec
+        full = spec.validate(self._rule_hp(dict(hp)))
+        slots = self.__dict__.get("_slots")
+        if slots is not None:
+            now = spec.state_names(full)
+            if now != slots:
+                changed = [h for h in self._hyper if hp.get(h) != getattr(self, h, None)]
+                raise ValueError(
+                    f"{', '.join(changed) or 'these hyperparameters'} would change the state "
+                    f"buffers of this {type(self).__name__} from {list(slots)} to {list(now)}; "
+                    "the state buffers are fixed at construction (momentum cannot be switched "
+                    "between zero and non-zero, for example): create a new optimizer instead")
+        return {k: full[k] for k in hp}
+
+    def _state_names(self):
+        return self._slots
+
+    def _state_fill(self, name):
+        return self._spec.initial(name, self._rule_hp(self.hyperparams))
 
     def _init(self, hp):
-        """Validate the constructor's hyperparameters and set them as attributes."""
-        for k, v in self._check_hyper(dict(hp)).items():
+        """Validate the constructor's hyperparameters, set them as attributes, and fix the
+        state buffers they imply."""
+        hp = {k: v for k, v in hp.items() if k not in self._pinned}  # a subclass's pins win
+        hp = self._check_hyper(hp)
+        for k, v in hp.items():
             setattr(self, k, v)
+        self._slots = self._spec.state_names(self._rule_hp(hp))
 
     # -- attributes ------------------------------------------------------------------------------
     def __setattr__(self, name, value):
@@ -226,13 +257,12 @@ class Optimizer:
         cls = type(self)
         if name in cls._hyper:
             value = normalise_hyper(value)
-            if name == "momentum" and "_has_momentum" in self.__dict__ \
-                    and isinstance(value, float) and value >= 0:
-                _momentum_fixed(self, self._momentum_on(value))
+            if "_slots" in self.__dict__:  # a value that would add or drop a state buffer
+                self._refuse_slot_change(name, value)
             object.__setattr__(self, name, value)
             object.__setattr__(self, "_hyper_ok", False)  # validated before the next step
             return
-        if name in cls._flags and self.__dict__.get("_frozen"):
+        if (name in cls._flags or name in cls._pinned) and self.__dict__.get("_frozen"):
             current = getattr(self, name)
             if normalise_hyper(value) == current and type(value) is not str:
                 return  # the value it already has: nothing changes
@@ -261,6 +291,27 @@ class Optimizer:
                 raise ValueError(f"step_count must be >= 0, got {value!r}")
             value = int(value)
         object.__setattr__(self, name, value)
+
+    def __getattr__(self, name):
+        # the rule hyperparameters a class pins (Nesterov's nesterov=True) read as attributes
+        pinned = type(self)._pinned
+        if name in pinned:
+            return pinned[name]
+        raise AttributeError(f"{type(self).__name__!r} object has no attribute {name!r}")
+
+    def _refuse_slot_change(self, name, value):
+        hp = self._rule_hp({h: getattr(self, h) for h in self._hyper + self._flags})
+        hp[name] = value
+        try:
+            now = self._spec.state_names(hp)
+        except (TypeError, ValueError, KeyError):
+            return  # an invalid value: the validation before the next step refuses it
+        if now != self._slots:
+            raise ValueError(
+                f"{name}={value!r} would change the state buffers of this "
+                f"{type(self).__name__} from {list(self._slots)} to {list(now)}; they are fixed "
+                "at construction (momentum cannot be switched between zero and non-zero, for "
+                "example): create a new optimizer instead")
 
     @property
     def state(self):
@@ -793,11 +844,3 @@ class Optimizer:
         hp = ", ".join(f"{k}={v!r}" for k, v in self.hyperparams.items())
         extra = f", nonfinite={self.nonfinite!r}" if self.nonfinite is not None else ""
         return f"{type(self).__name__}({hp}, backend={self.backend!r}{extra})"
-
-
-def _momentum_fixed(opt, has_momentum):
-    if hasattr(opt, "_has_momentum") and has_momentum != opt._has_momentum:
-        raise ValueError("momentum cannot be switched between zero and non-zero after "
-                         "construction (it decides whether a momentum buffer exists); "
-                         f"this optimizer was built with "
-                         f"{'non-zero' if opt._has_momentum else 'zero'} momentum")

@@ -4,8 +4,8 @@ Each class holds hyperparameters and state; the math runs in ``fastopt.functiona
 scalars) and ``kernels/`` (the per-element rule). ``t`` counts steps from 1. With
 ``maximize=True`` the gradient is negated first.
 """
-from ._validate import check_hyperparams, check_number
-from .optimizer import Optimizer, _momentum_fixed
+from ._validate import check_number
+from .optimizer import Optimizer
 
 __all__ = [
     "SGD",
@@ -33,24 +33,13 @@ class SGD(Optimizer):
     (``torch.optim.SGD``; Nesterov form of Sutskever et al. 2013 as PyTorch writes it).
     """
 
-    _hyper = ("lr", "momentum", "dampening", "weight_decay")
-    _flags = ("nesterov", "maximize")
     _rule = "sgd"
 
     def __init__(self, lr=1e-3, momentum=0.0, dampening=0.0, weight_decay=0.0, nesterov=False,
                  *, maximize=False, backend="auto", nonfinite=None):
         self._init({"lr": lr, "momentum": momentum, "dampening": dampening,
                     "weight_decay": weight_decay, "nesterov": nesterov, "maximize": maximize})
-        self._has_momentum = self.momentum != 0
         super().__init__(backend, nonfinite=nonfinite)
-
-    def _check_hyper(self, hp):
-        hp = check_hyperparams(hp)
-        _momentum_fixed(self, hp["momentum"] != 0)
-        return hp
-
-    def _state_names(self):
-        return ("momentum_buffer",) if self._has_momentum else ()
 
 
 class Momentum(SGD):
@@ -60,6 +49,8 @@ class Momentum(SGD):
 
     Defaults: lr=0.01, momentum=0.9. Same trajectory as the textbook form at constant lr.
     """
+
+    _pinned = {"nesterov": False}
 
     def __init__(self, lr=0.01, momentum=0.9, dampening=0.0, weight_decay=0.0, *,
                  maximize=False, backend="auto", nonfinite=None):
@@ -75,6 +66,8 @@ class Nesterov(SGD):
 
     Defaults: lr=0.01, momentum=0.9.
     """
+
+    _pinned = {"nesterov": True, "dampening": 0.0}
 
     def __init__(self, lr=0.01, momentum=0.9, weight_decay=0.0, *, maximize=False,
                  backend="auto", nonfinite=None):
@@ -93,8 +86,6 @@ class AdaGrad(Optimizer):
     Defaults: lr=1e-2, lr_decay=0, weight_decay=0, initial_accumulator_value=0, eps=1e-10.
     """
 
-    _hyper = ("lr", "lr_decay", "weight_decay", "eps")
-    _flags = ("initial_accumulator_value", "maximize")
     _rule = "adagrad"
 
     def __init__(self, lr=1e-2, lr_decay=0.0, weight_decay=0.0, initial_accumulator_value=0.0,
@@ -104,17 +95,6 @@ class AdaGrad(Optimizer):
                     "maximize": maximize})
         super().__init__(backend, nonfinite=nonfinite)
 
-    def _check_hyper(self, hp):
-        return check_hyperparams(hp)
-
-    def _state_names(self):
-        return ("sum",)
-
-    def _state_fill(self, name):
-        return self.initial_accumulator_value
-
-    def _rule_hp(self, hp):
-        return {k: v for k, v in hp.items() if k != "initial_accumulator_value"}
 
 
 Adagrad = AdaGrad
@@ -130,28 +110,13 @@ class RMSProp(Optimizer):
     Defaults: lr=1e-2, alpha=0.99, eps=1e-8, weight_decay=0, momentum=0, centered=False.
     """
 
-    _hyper = ("lr", "alpha", "eps", "weight_decay", "momentum")
-    _flags = ("centered", "maximize")
     _rule = "rmsprop"
 
     def __init__(self, lr=1e-2, alpha=0.99, eps=1e-8, weight_decay=0.0, momentum=0.0,
                  centered=False, *, maximize=False, backend="auto", nonfinite=None):
         self._init({"lr": lr, "alpha": alpha, "eps": eps, "weight_decay": weight_decay,
                     "momentum": momentum, "centered": centered, "maximize": maximize})
-        self._has_momentum = self.momentum > 0
         super().__init__(backend, nonfinite=nonfinite)
-
-    def _check_hyper(self, hp):
-        hp = check_hyperparams(hp)
-        _momentum_fixed(self, hp["momentum"] > 0)
-        return hp
-
-    def _momentum_on(self, momentum):
-        return momentum > 0
-
-    def _state_names(self):
-        return (("square_avg",) + (("grad_avg",) if self.centered else ())
-                + (("momentum_buffer",) if self._has_momentum else ()))
 
 
 RMSprop = RMSProp
@@ -168,10 +133,8 @@ class Adam(Optimizer):
     eps is added after the bias correction, outside the root, as PyTorch does.
     """
 
-    _hyper = ("lr", "betas", "eps", "weight_decay")
-    _flags = ("amsgrad", "maximize")
     _rule = "adam"
-    _decoupled = False
+    _pinned = {"decoupled": False}
 
     def __init__(self, lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0, amsgrad=False,
                  *, maximize=False, backend="auto", nonfinite=None):
@@ -179,14 +142,6 @@ class Adam(Optimizer):
                     "amsgrad": amsgrad, "maximize": maximize})
         super().__init__(backend, nonfinite=nonfinite)
 
-    def _check_hyper(self, hp):
-        return check_hyperparams(hp)
-
-    def _state_names(self):
-        return ("exp_avg", "exp_avg_sq") + (("max_exp_avg_sq",) if self.amsgrad else ())
-
-    def _rule_hp(self, hp):
-        return dict(hp, decoupled=self._decoupled)
 
 
 class AdamW(Adam):
@@ -197,7 +152,7 @@ class AdamW(Adam):
     Defaults: lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=1e-2, amsgrad=False.
     """
 
-    _decoupled = True
+    _pinned = {"decoupled": True}
 
     def __init__(self, lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=1e-2, amsgrad=False,
                  *, maximize=False, backend="auto", nonfinite=None):
@@ -215,17 +170,9 @@ class Lion(Optimizer):
     Defaults: lr=1e-4, betas=(0.9, 0.99), weight_decay=0.
     """
 
-    _hyper = ("lr", "betas", "weight_decay")
-    _flags = ("maximize",)
     _rule = "lion"
 
     def __init__(self, lr=1e-4, betas=(0.9, 0.99), weight_decay=0.0, *, maximize=False,
                  backend="auto", nonfinite=None):
         self._init({"lr": lr, "betas": betas, "weight_decay": weight_decay, "maximize": maximize})
         super().__init__(backend, nonfinite=nonfinite)
-
-    def _check_hyper(self, hp):
-        return check_hyperparams(hp)
-
-    def _state_names(self):
-        return ("exp_avg",)

@@ -394,6 +394,6 @@ class Adam(_Textbook):
     def _launches(self, hp):
         lr, b1, b2, t = hp["lr"], hp["beta1"], hp["beta2"], self.iter
         lr_t = lr * np.sqrt(1.0 - b2 ** t) / (1.0 - b1 ** t)
-        k = _scalars("adam", wd=0, decay=1, beta1=b1, omb1=1 - b1, beta2=b2, omb2=1 - b2,
+        k = _scalars("adam", wd=0, decay_f=1, beta1=b1, omb1=1 - b1, beta2=b2, omb2=1 - b2,
                      step_size=lr_t, inv_sqrt_bc2=1, eps=EPS)
         return [("adam", _ADAM, (0, 1, None), k)]

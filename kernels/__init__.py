@@ -1,21 +1,23 @@
 """Per-element update rules: the math of every optimizer, once, in plain Python.
 
-Each module defines ``make_rule(**flags)`` returning a function
+Each rule module declares ``RULE`` (a ``spec.Rule``: hyperparameters, state slots, flags, host
+scalars and the per-element function ``make_rule(**flags)``), and its CUDA C body lives beside
+it (``<name>.cu``), the same statements with the same names in the same order. The per-element
+function
 
-    rule(p, g, s0[, s1, s2], k) -> (p, s0[, s1, s2])
+    rule(p, g, s0, .., s{k-1}, k) -> (p, s0, .., s{k-1})
 
-over *scalars* of one element. ``k`` is a tuple of host-computed scalars in the buffer dtype
-(see ``fastopt.functional``); flags are closure constants, so every flag combination compiles to
-its own branch-free variant. The same function is compiled by ``numba.njit(inline="always")``
-for the CPU loop and by ``numba.cuda.jit(device=True)`` for the GPU kernel. Rules hold no float
-literals: a Python float is float64 and would promote float32 math.
+works on *scalars* of one element; ``k`` is the tuple of host scalars in the buffer dtype. Flags
+are closure constants, so every flag combination compiles to its own branch-free variant; the
+same function is compiled by ``numba.njit`` (inlined) for the CPU loop and by
+``numba.cuda.jit(device=True)`` for the GPU kernel. Rules hold no float literals: a Python float
+is float64 and would promote float32 math.
 
-The CUDA C bodies of the CuPy kernels live beside them (``<name>.cu``) and use the same
-statements, names and order.
+``RULES`` maps each rule's name to its ``Rule``; a new rule module needs one line here.
 """
 from . import adagrad, adam, lion, rmsprop, sgd
 
-#: rule name -> module; each module has ``make_rule``, ``STATE`` (slot names) and ``SCALARS``.
-RULES = {"sgd": sgd, "adagrad": adagrad, "rmsprop": rmsprop, "adam": adam, "lion": lion}
+#: rule name -> its spec (``spec.Rule``)
+RULES = {m.RULE.name: m.RULE for m in (sgd, adagrad, rmsprop, adam, lion)}
 
-__all__ = ["RULES", "adagrad", "adam", "lion", "rmsprop", "sgd"]
+__all__ = ["RULES"]

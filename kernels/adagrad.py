@@ -6,8 +6,7 @@
 """
 import math
 
-STATE = ("sum",)
-SCALARS = ("wd", "clr", "eps")
+from .spec import Hyper, Rule, Slot
 
 
 def make_rule(maximize=False, decay=False):
@@ -23,3 +22,23 @@ def make_rule(maximize=False, decay=False):
         return p, s
 
     return adagrad_elem
+
+
+def _flags_of(hp, step):
+    return {"maximize": hp["maximize"], "decay": hp["weight_decay"] != 0}
+
+
+def _scalars_of(hp, step, hs):
+    return {"wd": hp["weight_decay"], "clr": hp["lr"] / (1.0 + (step - 1) * hp["lr_decay"]),
+            "eps": hp["eps"]}
+
+
+RULE = Rule(
+    name="adagrad",
+    hyper=(Hyper("lr", 1e-2), Hyper("lr_decay", 0.0), Hyper("weight_decay", 0.0),
+           Hyper("initial_accumulator_value", 0.0, fixed=True), Hyper("eps", 1e-10),
+           Hyper("maximize", False, "bool", fixed=True)),
+    slots=(Slot("sum", init="initial_accumulator_value"),),
+    scalars=("wd", "clr", "eps"),
+    make_rule=make_rule, flags_of=_flags_of, scalars_of=_scalars_of,
+)

@@ -12,44 +12,48 @@ A slot the variant never touches (the momentum buffer of plain SGD, ``max_exp_av
 AMSGRAD, ...) is not a kernel parameter at all, so it costs no memory traffic. Nothing here
 imports CuPy: the CPU harness and the compile checks build the same text.
 """
-import inspect
-import itertools
+import re
 from pathlib import Path
 
 from . import RULES
 
-__all__ = ["OPTIONAL", "flag_names", "variants", "slots_used", "body", "defines", "preamble",
-           "in_params", "out_params", "operation", "kernel_name", "elementwise_args",
+__all__ = ["flag_names", "variants", "slots_used", "body", "body_signature", "defines",
+           "preamble", "in_params", "out_params", "operation", "kernel_name", "elementwise_args",
            "CTYPES", "VECTOR_WIDTH", "grid_stride_kernel", "raw_args", "raw_source"]
-
-#: optional state slot -> the flag whose variants read and write it; other slots always are
-OPTIONAL = {
-    "sgd": {"momentum_buffer": "momentum"},
-    "rmsprop": {"grad_avg": "centered", "momentum_buffer": "momentum"},
-    "adam": {"max_exp_avg_sq": "amsgrad"},
-}
 
 
 def flag_names(rule):
-    """The variant flags of ``rule``: the keyword arguments of its ``make_rule``."""
-    return tuple(inspect.signature(RULES[rule].make_rule).parameters)
+    """The variant flags of ``rule`` (its spec's ``flags``)."""
+    return RULES[rule].flags
 
 
 def variants(rule):
-    """Every flag combination of ``rule`` (dicts), each of which compiles to its own kernel."""
-    names = flag_names(rule)
-    return [dict(zip(names, bits)) for bits in itertools.product((False, True), repeat=len(names))]
+    """Every flag combination of ``rule`` that can be launched, each its own kernel."""
+    return RULES[rule].variants()
 
 
 def slots_used(rule, flags):
     """One bool per state slot of ``rule``: does the ``flags`` variant read and write it?"""
-    opt = OPTIONAL.get(rule, {})
-    return tuple(bool(flags.get(opt[s], False)) if s in opt else True for s in RULES[rule].STATE)
+    return RULES[rule].slots_used(flags)
 
 
 def body(rule):
     """The text of ``kernels/<rule>.cu``."""
     return Path(__file__).with_name(f"{rule}.cu").read_text()
+
+
+def body_signature(rule):
+    """``(state slot parameters, scalar parameters)`` of ``<rule>_elem`` in ``<rule>.cu``, as
+    written: the names a test holds to the spec's ``slots`` (count) and ``scalars`` (names,
+    order)."""
+    text = re.sub(r"//[^\n]*", "", body(rule))
+    m = re.search(rf"void\s+{rule}_elem\s*\(([^)]*)\)", text)
+    if m is None:
+        raise ValueError(f"kernels/{rule}.cu defines no {rule}_elem(...)")
+    params = [" ".join(a.split()) for a in m.group(1).split(",")]
+    slots = [a.split("&")[1].strip() for a in params[2:] if "&" in a]
+    scalars = [a.split()[-1] for a in params[2:] if "&" not in a]
+    return slots, scalars
 
 
 def defines(rule, flags):

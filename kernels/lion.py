@@ -6,8 +6,7 @@
     m = beta2*m + omb2*g
 """
 
-STATE = ("exp_avg",)
-SCALARS = ("decay", "beta1", "omb1", "beta2", "omb2", "lr")
+from .spec import Hyper, Rule, Slot
 
 
 def make_rule(maximize=False, decay=False):
@@ -29,3 +28,23 @@ def make_rule(maximize=False, decay=False):
         return p, m
 
     return lion_elem
+
+
+def _flags_of(hp, step):
+    return {"maximize": hp["maximize"], "decay": hp["weight_decay"] != 0}
+
+
+def _scalars_of(hp, step, hs):
+    beta1, beta2 = hp["betas"]
+    return {"decay_f": 1.0 - hp["lr"] * hp["weight_decay"], "beta1": beta1, "omb1": 1.0 - beta1,
+            "beta2": beta2, "omb2": 1.0 - beta2, "lr": hp["lr"]}
+
+
+RULE = Rule(
+    name="lion",
+    hyper=(Hyper("lr", 1e-4), Hyper("betas", (0.9, 0.99), "betas"), Hyper("weight_decay", 0.0),
+           Hyper("maximize", False, "bool", fixed=True)),
+    slots=(Slot("exp_avg"),),
+    scalars=("decay_f", "beta1", "omb1", "beta2", "omb2", "lr"),
+    make_rule=make_rule, flags_of=_flags_of, scalars_of=_scalars_of,
+)

@@ -6,8 +6,7 @@
     p = p - lr*g
 """
 
-STATE = ("momentum_buffer",)
-SCALARS = ("wd", "mu_b", "omd_b", "mu", "lr")
+from .spec import Hyper, Rule, Slot
 
 
 def make_rule(maximize=False, decay=False, momentum=False, nesterov=False):
@@ -27,3 +26,35 @@ def make_rule(maximize=False, decay=False, momentum=False, nesterov=False):
         return p, b
 
     return sgd_elem
+
+
+def _flags_of(hp, step):
+    return {"maximize": hp["maximize"], "decay": hp["weight_decay"] != 0,
+            "momentum": hp["momentum"] != 0, "nesterov": hp["nesterov"]}
+
+
+def _scalars_of(hp, step, hs):
+    first = step == 1  # torch's first momentum step copies the gradient: no dampening
+    return {"wd": hp["weight_decay"], "mu_b": 0.0 if first else hp["momentum"],
+            "omd_b": 1.0 if first else 1.0 - hp["dampening"], "mu": hp["momentum"],
+            "lr": hp["lr"]}
+
+
+def _check(hp):
+    if hp.get("nesterov") and (hp.get("momentum", 0.0) <= 0 or hp.get("dampening", 0.0) != 0):
+        raise ValueError(f"invalid nesterov=True with momentum={hp.get('momentum')!r} and "
+                         f"dampening={hp.get('dampening')!r}; Nesterov momentum requires "
+                         "momentum > 0 and dampening = 0")
+
+
+RULE = Rule(
+    name="sgd",
+    hyper=(Hyper("lr", 1e-3), Hyper("momentum", 0.0), Hyper("dampening", 0.0),
+           Hyper("weight_decay", 0.0), Hyper("nesterov", False, "bool", fixed=True),
+           Hyper("maximize", False, "bool", fixed=True)),
+    # b = 0*b + g on step 1: the buffer is reset first, so whatever it held (NaN) cannot leak
+    slots=(Slot("momentum_buffer", when="momentum", fresh=True),),
+    scalars=("wd", "mu_b", "omd_b", "mu", "lr"),
+    make_rule=make_rule, flags_of=_flags_of, scalars_of=_scalars_of, check=_check,
+    excluded=((("nesterov", True), ("momentum", False)),),
+)

@@ -247,3 +247,31 @@ def test_raw_kernels_use_16_byte_loads_and_no_float64_in_float(raw_compiled):
             assert loads == stores == 0, f"{rule} {flags}: vector access in the scalar form"
         if ctype == "float":
             assert not F64.search(text), f"{rule} {flags} w={width}: float64 instructions"
+
+
+@pytest.mark.parametrize("rule", list(RULES))
+def test_cuda_body_takes_the_specs_slots_and_scalars(rule):
+    """The hand-written CUDA C body (kernels/<rule>.cu) takes one reference per state slot of the
+    rule spec and the spec's host scalars by name, in order: the Python rule and the C body
+    cannot drift apart in what they are handed."""
+    slots, scalars = cuda_source.body_signature(rule)
+    spec = RULES[rule]
+    assert len(slots) == len(spec.slots), f"{rule}.cu takes state {slots}, spec {spec.state}"
+    assert tuple(scalars) == spec.scalars, f"{rule}.cu takes scalars {scalars}, spec {spec.scalars}"
+
+
+@pytest.mark.parametrize("rule", list(RULES))
+def test_python_rule_unpacks_the_specs_scalars(rule):
+    """The Python rule unpacks ``k`` into the spec's scalar names, in order (the CUDA C body's
+    parameter names, checked above), so all three read ``k`` alike."""
+    import ast
+    import inspect
+    import textwrap
+
+    spec = RULES[rule]
+    tree = ast.parse(textwrap.dedent(inspect.getsource(spec.make_rule)))
+    unpacks = [n for n in ast.walk(tree) if isinstance(n, ast.Assign)
+               and isinstance(n.value, ast.Name) and n.value.id == "k"]
+    assert len(unpacks) == 1, f"{rule}: expected one '<names> = k' line"
+    names = tuple(t.id for t in unpacks[0].targets[0].elts)
+    assert names == spec.scalars, f"{rule}: unpacks {names}, spec {spec.scalars}"

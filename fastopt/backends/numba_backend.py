@@ -1,9 +1,10 @@
 """CPU backend: each rule from ``kernels/`` inlined into one Numba ``prange`` loop.
 
 One compiled loop per (rule, flag variant, state slots written, parallel or serial), cached on
-disk (``cache=True``) so a second process does not recompile. Flags and the slots written are
-closure constants, so each variant is branch-free; the host scalars arrive as one tuple in the
-buffer dtype. Absent state slots are filled with the param array (read, never written).
+disk (``fastopt._numba_cache``) so a second process does not recompile. The loop is generated
+for any number of state slots (``loop_source``); flags and the slots written are closure
+constants, so each variant is branch-free; the host scalars arrive as one tuple in the buffer
+dtype. Absent state slots are filled with the param array (read, never written).
 
 Both loops vectorise (packed ``vmulps``/``vsqrtps``/``vdivps`` for float32; check with
 ``kernel(...).inspect_asm(sig)`` on a fresh ``NUMBA_CACHE_DIR``) and hold no float64 math in the
@@ -12,6 +13,7 @@ parallel loop uses Numba's thread pool (``NUMBA_NUM_THREADS``, by default one th
 """
 import numpy as np
 
+from .._numba_cache import njit_cached
 from ..kernels import RULES
 from ..kernels.fma import fma
 
@@ -57,45 +59,32 @@ def why_unavailable():
     return "" if numba is not None else f"numba cannot be imported: {_import_error}"
 
 
-def _loop1(rule, parallel):
-    elem = register_jitable(inline="always")(rule)
-    rng = numba.prange if parallel else range
-
-    def loop1(p, g, s0, k):
-        for i in rng(p.shape[0]):
-            p[i], s0[i] = elem(p[i], g[i], s0[i], k)
-
-    return loop1
-
-
-def _loop3(rule, parallel, w0, w1, w2):
-    elem = register_jitable(inline="always")(rule)
-    rng = numba.prange if parallel else range
-
-    def loop3(p, g, s0, s1, s2, k):
-        for i in rng(p.shape[0]):
-            pi, a, b, c = elem(p[i], g[i], s0[i], s1[i], s2[i], k)
-            p[i] = pi
-            if w0:
-                s0[i] = a
-            if w1:
-                s1[i] = b
-            if w2:
-                s2[i] = c
-
-    return loop3
+def loop_source(nslots, writes):
+    """Python source of the loop factory for a rule with ``nslots`` state slots, of which the
+    ones marked in ``writes`` are present (read and written back); an absent slot's argument is
+    the param array, read as a placeholder the rule never uses and never written. One source
+    per (slot count, present slots): rules of any arity share the generator."""
+    slots = [f"s{j}" for j in range(nslots)]
+    outs = ["pi"] + [f"o{j}" for j in range(nslots)]
+    lines = ["def factory(elem, rng):",
+             f"    def loop(p, g, {''.join(s + ', ' for s in slots)}k):",
+             "        for i in rng(p.shape[0]):",
+             f"            {', '.join(outs)}{',' if nslots == 0 else ''} = elem("
+             f"p[i], g[i], {''.join(s + '[i], ' for s in slots)}k)",
+             "            p[i] = pi"]
+    lines += [f"            {s}[i] = o{j}" for j, s in enumerate(slots) if writes[j]]
+    lines += ["    return loop"]
+    return "\n".join(lines) + "\n"
 
 
-def _loop1_nostate(rule, parallel):
-    # SGD without momentum: the single slot is a placeholder and is never written
-    elem = register_jitable(inline="always")(rule)
-    rng = numba.prange if parallel else range
-
-    def loop1_nostate(p, g, s0, k):
-        for i in rng(p.shape[0]):
-            p[i] = elem(p[i], g[i], s0[i], k)[0]
-
-    return loop1_nostate
+def python_loop(elem, writes, parallel):
+    """The uncompiled loop of one variant: the generated source, with the rule and the range
+    (``prange`` or ``range``) as closure cells, so that numba's disk cache tells variants apart
+    by their cell contents (the flags live in the rule's own closure)."""
+    ns = {"__name__": __name__}  # the cache resolves the function's module by this name
+    exec(compile(loop_source(len(writes), writes), __file__, "exec"), ns)  # noqa: S102
+    return ns["factory"](register_jitable(inline="always")(elem),
+                         numba.prange if parallel else range)
 
 
 def kernel(rule, flags, writes, parallel):
@@ -103,18 +92,13 @@ def kernel(rule, flags, writes, parallel):
     key = (rule, tuple(sorted(flags.items())), writes, parallel)
     fn = _compiled.get(key)
     if fn is None:
-        elem = RULES[rule].make_rule(**flags)
-        if len(writes) == 3:
-            py = _loop3(elem, parallel, *writes)
-        elif writes[0]:
-            py = _loop1(elem, parallel)
-        else:
-            py = _loop1_nostate(elem, parallel)
+        py = python_loop(RULES[rule].make_rule(**flags), writes, parallel)
         # error_model="numpy": x/0 gives inf/nan like NumPy and PyTorch instead of a per-element
         # ZeroDivisionError check, whose branch keeps LLVM from vectorising the serial loop
-        # (prange bodies already compile this way).
-        fn = _compiled[key] = numba.njit(parallel=parallel, cache=True, nogil=True,
-                                         error_model="numpy")(py)
+        # (prange bodies already compile this way). The cache lives per user, never in the
+        # installed package (fastopt._numba_cache).
+        fn = _compiled[key] = njit_cached(parallel=parallel, nogil=True,
+                                          error_model="numpy")(py)
     return fn
 
 

@@ -21,8 +21,6 @@ libdevice besides a driver, and a machine that has the driver but not those repo
 instead of failing every launch. Under the Numba CUDA simulator (``NUMBA_ENABLE_CUDASIM=1``) host
 NumPy arrays are accepted, which is how CI checks these kernels without a GPU.
 """
-import inspect
-import itertools
 import os
 
 import numpy as np
@@ -134,80 +132,48 @@ def why_unavailable():
     return _probe()
 
 
-def _kernel1(elem, write):
-    # rules with one state slot: sgd (momentum_buffer), adagrad (sum), lion (exp_avg)
-    def fastopt_kernel1(p, g, s0, k):
-        start = cuda.grid(1)
-        stride = cuda.gridsize(1)
-        for i in range(start, p.shape[0], stride):
-            pi = p[i]
-            a = s0[i] if write else pi
-            pi, a = elem(pi, g[i], a, k)
-            p[i] = pi
-            if write:
-                s0[i] = a
-
-    return fastopt_kernel1
-
-
-def _kernel3(elem, w0, w1, w2):
-    # rules with three state slots: rmsprop (square_avg, grad_avg, momentum_buffer) and
-    # adam (exp_avg, exp_avg_sq, max_exp_avg_sq); an absent slot is neither loaded nor stored
-    def fastopt_kernel3(p, g, s0, s1, s2, k):
-        start = cuda.grid(1)
-        stride = cuda.gridsize(1)
-        for i in range(start, p.shape[0], stride):
-            pi = p[i]
-            a = s0[i] if w0 else pi
-            b = s1[i] if w1 else pi
-            c = s2[i] if w2 else pi
-            pi, a, b, c = elem(pi, g[i], a, b, c, k)
-            p[i] = pi
-            if w0:
-                s0[i] = a
-            if w1:
-                s1[i] = b
-            if w2:
-                s2[i] = c
-
-    return fastopt_kernel3
+def kernel_source(name, nslots, writes):
+    """Python source of the kernel factory for a rule with ``nslots`` state slots, of which the
+    ones marked in ``writes`` are present: a grid-stride loop that loads param, grad and each
+    present slot once into locals, calls the rule, and stores param and each present slot once;
+    an absent slot is neither loaded nor stored (the rule never uses it: its local is the
+    param's value). One source per (slot count, present slots), for rules of any arity."""
+    lines = ["def factory(elem):",
+             f"    def {name}(p, g, {''.join(f's{j}, ' for j in range(nslots))}k):",
+             "        start = cuda.grid(1)",
+             "        stride = cuda.gridsize(1)",
+             "        for i in range(start, p.shape[0], stride):",
+             "            pi = p[i]"]
+    lines += [f"            a{j} = s{j}[i]" if w else f"            a{j} = pi"
+              for j, w in enumerate(writes)]
+    outs = ", ".join(["pi"] + [f"a{j}" for j in range(nslots)])
+    lines += [f"            {outs}{',' if nslots == 0 else ''} = elem(pi, g[i], "
+              f"{''.join(f'a{j}, ' for j in range(nslots))}k)",
+              "            p[i] = pi"]
+    lines += [f"            s{j}[i] = a{j}" for j, w in enumerate(writes) if w]
+    lines += [f"    return {name}"]
+    return "\n".join(lines) + "\n"
 
 
 def python_kernel(rule, flags, writes):
     """The uncompiled kernel function of one variant (what ``kernel`` hands to ``cuda.jit``)."""
-    mod = RULES[rule]
-    if len(writes) != len(mod.STATE):
-        raise ValueError(f"rule {rule!r} has {len(mod.STATE)} state slots {mod.STATE}, "
+    spec = RULES[rule]
+    if len(writes) != len(spec.state):
+        raise ValueError(f"rule {rule!r} has {len(spec.state)} state slots {spec.state}, "
                          f"got {len(writes)} write flags")
-    elem = cuda.jit(device=True, inline="always")(mod.make_rule(**flags))
-    if len(writes) == 1:
-        return _kernel1(elem, writes[0])
-    return _kernel3(elem, *writes)
-
-
-def _slots_present(rule, flags):
-    # which state slots fastopt.functional passes for a flag variant (None for the others)
-    if rule == "sgd":
-        return (flags["momentum"],)
-    if rule == "rmsprop":
-        return (True, flags["centered"], flags["momentum"])
-    if rule == "adam":
-        return (True, True, flags["amsgrad"])
-    return (True,) * len(RULES[rule].STATE)
+    elem = cuda.jit(device=True, inline="always")(spec.make_rule(**flags))
+    # ``cuda`` is a global of the kernel, not a cell: the simulator swaps a kernel's globals
+    ns = {"__name__": __name__, "cuda": cuda}
+    name = f"fastopt_{rule}"
+    exec(compile(kernel_source(name, len(writes), writes), __file__, "exec"), ns)  # noqa: S102
+    return ns["factory"](elem)
 
 
 def variants(rules=None):
-    """Every (rule, flags, writes) variant ``fastopt.functional`` can launch: all flag
-    combinations of each rule (Nesterov only with momentum), with the state slots they use."""
-    out = []
-    for rule in rules or RULES:
-        names = list(inspect.signature(RULES[rule].make_rule).parameters)
-        for values in itertools.product((False, True), repeat=len(names)):
-            flags = dict(zip(names, values))
-            if rule == "sgd" and flags["nesterov"] and not flags["momentum"]:
-                continue
-            out.append((rule, flags, _slots_present(rule, flags)))
-    return out
+    """Every (rule, flags, writes) variant ``fastopt.functional`` can launch: the launchable
+    flag combinations of each rule (its spec's ``variants``), with the slots they use."""
+    return [(rule, flags, RULES[rule].slots_used(flags))
+            for rule in rules or RULES for flags in RULES[rule].variants()]
 
 
 def kernel(rule, flags, writes):

@@ -1,0 +1,224 @@
+"""The rule spec: everything fastopt knows about one optimizer's update, declared once.
+
+Each ``kernels/<name>.py`` declares ``RULE = Rule(...)``:
+
+- ``hyper``: the hyperparameters (``torch.optim``'s names), each with its default and domain,
+  and whether it is fixed at construction (it decides a state slot or the math's form);
+- ``slots``: the per-element state buffers (``torch.optim``'s state names), each with the flag
+  whose variants keep it and its value before the first step;
+- ``make_rule(**flags)``: the per-element rule, ``rule(p, g, s0, .., s{k-1}, k) -> (p, s0, ..)``
+  over scalars, one argument per slot (an absent slot's argument is a placeholder it never
+  uses), ``k`` the host scalars as one tuple; its keyword arguments are the rule's flags, each
+  combination a compiled variant;
+- ``scalars``: the names of the host scalars in ``k``'s order (the CUDA C body takes them by
+  these names, in this order);
+- ``flags_of(hp, step)``: the compiled variant of a step (a dict of the flags);
+- ``scalars_of(hp, step, hs)``: the host scalars of a step, by name, in float64 (cast once to
+  the buffer dtype by the backends);
+- ``host_state``: per-optimizer scalars carried from step to step on the host (NAdam's
+  ``mu_product``, ASGD's ``eta`` and ``mu``), each with its initial value, and
+  ``advance(hp, step, hs)``, their values after a step.
+
+The backends, the classes, ``fastopt.functional``, the benchmark's byte counts, the demo's list
+and the tests' matrices read these fields; only the CUDA C body (``kernels/<name>.cu``) is
+written beside the rule, and a test holds its signature to ``slots`` and ``scalars``.
+"""
+import inspect
+import itertools
+import math
+from dataclasses import dataclass, field
+
+__all__ = ["DOMAINS", "Hyper", "Rule", "Slot", "check_value"]
+
+#: hyperparameter domains: name -> (description, predicate on a normalised value)
+DOMAINS = {
+    "nonneg": ("a real number >= 0", lambda v: v >= 0),
+    "positive": ("a real number > 0", lambda v: v > 0),
+    "unit": ("a real number in [0, 1)", lambda v: 0 <= v < 1),
+    "real": ("a finite real number", lambda v: True),
+    "betas": ("a pair (beta1, beta2) with 0 <= beta < 1", lambda v: all(0 <= b < 1 for b in v)),
+    "etas": ("a pair (etaminus, etaplus) with 0 < etaminus < 1 < etaplus",
+             lambda v: 0 < v[0] < 1 < v[1]),
+    "range": ("a pair (min, max) with 0 <= min <= max", lambda v: 0 <= v[0] <= v[1]),
+    "bool": ("True or False", None),
+}
+_PAIRS = ("betas", "etas", "range")
+
+
+def check_value(name, value, domain):
+    """``value`` normalised (Python float, tuple of floats or bool) and checked against
+    ``domain``; raises TypeError/ValueError naming ``name`` and what was expected."""
+    import numpy as np
+
+    what, ok = DOMAINS[domain]
+    if domain == "bool":
+        if not isinstance(value, (bool, np.bool_)):
+            raise TypeError(f"invalid {name}: {value!r}; expected True or False")
+        return bool(value)
+
+    def real(v, label):
+        if isinstance(v, (bool, np.bool_)) or not isinstance(v, (int, float, np.integer,
+                                                                  np.floating)):
+            raise TypeError(f"invalid {label}: {v!r} is a {type(v).__name__}; expected a real "
+                            "number")
+        f = float(v)
+        if not math.isfinite(f):
+            raise ValueError(f"invalid {label}: {v!r}; expected {what} (NaN and inf are not "
+                             "valid values)")
+        return f
+
+    if domain in _PAIRS:
+        if not isinstance(value, (tuple, list)) or len(value) != 2:
+            raise ValueError(f"invalid {name}: {value!r}; expected {what}")
+        v = tuple(real(x, name) for x in value)
+    else:
+        v = real(value, name)
+    if not ok(v):
+        raise ValueError(f"invalid {name}: {value!r}; expected {what}")
+    return v
+
+
+@dataclass(frozen=True)
+class Hyper:
+    """One hyperparameter: its name, its default (``torch.optim``'s), its domain (a key of
+    ``DOMAINS``) and whether it is fixed once an optimizer is built."""
+
+    name: str
+    default: object
+    domain: str = "nonneg"
+    fixed: bool = False
+
+    def __post_init__(self):
+        if self.domain not in DOMAINS:
+            raise ValueError(f"hyperparameter {self.name}: unknown domain {self.domain!r}")
+
+
+@dataclass(frozen=True)
+class Slot:
+    """One per-element state buffer: its name, the flag whose variants keep it (None: every
+    variant) and its value before the first step (a number, or a hyperparameter's name)."""
+
+    name: str
+    when: str = None
+    init: object = 0.0
+    #: reset to ``init`` right before step 1 (the rule reads it on step 1, where torch has
+    #: no such buffer yet: whatever a caller's array held must not leak into the result)
+    fresh: bool = False
+
+
+@dataclass(frozen=True)
+class Rule:
+    """One optimizer rule (see the module docstring)."""
+
+    name: str
+    hyper: tuple
+    slots: tuple
+    scalars: tuple
+    make_rule: object
+    flags_of: object
+    scalars_of: object
+    #: per-optimizer host scalars carried between steps: ((name, initial value), ...)
+    host_state: tuple = ()
+    #: ``advance(hp, step, hs) -> hs`` after a step (rules with host state)
+    advance: object = None
+    #: ``check(hp)``: constraints between hyperparameters (raise ValueError), or None
+    check: object = None
+    #: flag -> values of the variant that are never launched (e.g. nesterov without momentum)
+    excluded: tuple = field(default=())
+
+    def __post_init__(self):
+        flags = self.flags
+        for s in self.slots:
+            if s.when is not None and s.when not in flags:
+                raise ValueError(f"rule {self.name}: slot {s.name} is kept by flag {s.when!r}, "
+                                 f"which is not one of its flags {flags}")
+        nargs = len(inspect.signature(self.make_rule(**dict.fromkeys(flags, False))).parameters)
+        if nargs != 3 + len(self.slots):
+            raise ValueError(f"rule {self.name}: the per-element rule takes {nargs} arguments; "
+                             f"expected p, g, one per slot {self.state} and k")
+
+    # -- derived names -----------------------------------------------------------------------
+    @property
+    def flags(self):
+        """The compiled-variant flags: ``make_rule``'s keyword arguments, in order."""
+        return tuple(inspect.signature(self.make_rule).parameters)
+
+    @property
+    def state(self):
+        """Every slot name, in the rule's argument order."""
+        return tuple(s.name for s in self.slots)
+
+    # the names older code reads from a rule module
+    STATE = state
+
+    @property
+    def SCALARS(self):  # noqa: N802 - the constant name rule modules used to export
+        return self.scalars
+
+    @property
+    def hyper_names(self):
+        return tuple(h.name for h in self.hyper)
+
+    @property
+    def defaults(self):
+        return {h.name: h.default for h in self.hyper}
+
+    def hyper_spec(self, name):
+        for h in self.hyper:
+            if h.name == name:
+                return h
+        raise KeyError(f"rule {self.name} has no hyperparameter {name!r}")
+
+    # -- variants and slots ------------------------------------------------------------------
+    def variants(self):
+        """Every flag combination that can be launched (dicts, in ``flags`` order)."""
+        out = []
+        for bits in itertools.product((False, True), repeat=len(self.flags)):
+            flags = dict(zip(self.flags, bits))
+            if not any(all(flags[k] == v for k, v in ex) for ex in self.excluded):
+                out.append(flags)
+        return out
+
+    def slots_used(self, flags):
+        """One bool per slot: does the ``flags`` variant read and write it?"""
+        return tuple(s.when is None or bool(flags.get(s.when, False)) for s in self.slots)
+
+    def state_names(self, hp):
+        """The slots an optimizer with hyperparameters ``hp`` keeps (the step-1 variant's)."""
+        flags = self.flags_of(hp, 1)
+        return tuple(s.name for s, u in zip(self.slots, self.slots_used(flags)) if u)
+
+    def initial(self, slot, hp):
+        """A slot's value before the first step, from ``hp`` where it names a hyperparameter."""
+        s = next(x for x in self.slots if x.name == slot)
+        return float(hp[s.init]) if isinstance(s.init, str) else float(s.init)
+
+    def initial_host_state(self, hp):
+        return {n: (float(hp[v]) if isinstance(v, str) else float(v))
+                for n, v in self.host_state}
+
+    # -- one step ----------------------------------------------------------------------------
+    def plan(self, hp, step, hs=None):
+        """``(flags, k)``: the variant and the host scalars (a tuple in ``scalars`` order) of
+        step ``step`` with the validated hyperparameters ``hp`` and host state ``hs``."""
+        if hs is None and self.host_state:
+            hs = self.replay_host_state(hp, step)
+        values = self.scalars_of(hp, step, hs)
+        return self.flags_of(hp, step), tuple(float(values[n]) for n in self.scalars)
+
+    def replay_host_state(self, hp, step):
+        """The host state before step ``step`` of a run with constant ``hp`` (what a
+        functional call without an explicit host state assumes)."""
+        hs = self.initial_host_state(hp)
+        for t in range(1, step):
+            hs = self.advance(hp, t, hs)
+        return hs
+
+    def validate(self, hp):
+        """``hp`` (any subset of the rule's hyperparameters) normalised and checked."""
+        out = {}
+        for name, value in hp.items():
+            out[name] = check_value(name, value, self.hyper_spec(name).domain)
+        if self.check is not None:
+            self.check(out)
+        return out
