@@ -4,12 +4,12 @@ Not collected by a plain ``pytest`` (``testpaths = ["tests"]``). Every point is 
 × backend × size × dtype: CPU backends at 2^20 and 10^7 elements in float32 and float64, GPU
 backends at 2^20, 2^24 and 2^28 in float32. Points of a backend that cannot run here are
 skipped with the backend's own reason, so a GPU machine picks them up with no flag. The
-measurement code is fastopt's own (``fastopt._bench*``), shared with ``fastopt bench``.
+measurement code is fastopt's own (``fastopt.bench.measure*``), shared with ``fastopt bench``.
 """
 import pytest
 
-from fastopt._bench import CASE_NAMES, CASES, GRID, host_data, measure_group, median
-from fastopt._bench_run import ceiling_backend, ceiling_runner, copy_runner
+from fastopt.bench.measure import CASE_NAMES, CASES, GRID, host_data, measure_group, median
+from fastopt.bench.groups import ceiling_backend, ceiling_runner, copy_runner
 from fastopt.backends import BACKENDS, available_backends, get_backend
 
 GPU_BACKENDS = ("cupy", "numba-cuda")

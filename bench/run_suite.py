@@ -23,8 +23,8 @@ __all__ = ["convert", "main"]
 
 def convert(raw):
     """pytest-benchmark JSON (a dict) -> fastopt's result schema (a dict)."""
-    from fastopt._bench import device_info, percent, versions
-    from fastopt._bench_run import finalize
+    from fastopt.bench.measure import device_info, percent, versions
+    from fastopt.bench.groups import finalize
 
     records = []
     for b in raw["benchmarks"]:
@@ -44,7 +44,7 @@ def convert(raw):
         records.append(rec)
     gpu = None
     if any(r["device"] == "cuda" for r in records):
-        from fastopt._bench_gpu import gpu_name
+        from fastopt.bench.gpu import gpu_name
 
         gpu = gpu_name()
     return {"schema": "fastopt-bench/1", "created": raw.get("datetime"),

@@ -1,4 +1,4 @@
-"""The host path of a step alone (no kernel: the null backend of ``fastopt._bench_host``).
+"""The host path of a step alone (no kernel: the null backend of ``fastopt.bench.host``).
 
 ``opt.step(buf)`` over one FlatBuffer and ``opt.update()`` over dicts of 1, 100 and 2,000
 small arrays: what a GPU step costs the host before its kernel launches, and what the textbook
@@ -6,8 +6,8 @@ interface costs per parameter.
 """
 import pytest
 
-from fastopt._bench import CASES
-from fastopt._bench_host import host_runner, null_backend
+from fastopt.bench.measure import CASES
+from fastopt.bench.host import host_runner, null_backend
 
 
 @pytest.mark.parametrize("case", ["sgd", "adam"])

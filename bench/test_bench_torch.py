@@ -6,11 +6,11 @@ size. Same sizes, dtypes, extra_info and sanity check as ``test_bench_optimizers
 """
 import pytest
 
-from fastopt._bench import CASE_NAMES, CASES, GRID, host_data, timed_call
+from fastopt.bench.measure import CASE_NAMES, CASES, GRID, host_data, timed_call
 
 torch = pytest.importorskip("torch")
 
-from fastopt._bench_torch import modes, torch_runner  # noqa: E402
+from fastopt.bench.torch_peers import modes, torch_runner  # noqa: E402
 
 
 def _points():

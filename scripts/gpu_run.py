@@ -89,7 +89,7 @@ def check_plan():
         if s["limit_s"] < s["est_s"]:
             problems.append(f"step {s['name']!r}: limit {s['limit_s']} s < estimate")
     # nothing CPU-only or undersized in the benchmark groups
-    from fastopt._bench import CASES
+    from fastopt.bench.measure import CASES
     from fastopt.backends import BACKENDS, get_backend  # noqa: F401  (importable here)
 
     for group in bench_groups("headline") + bench_groups("sweep"):
@@ -117,7 +117,7 @@ def bench_groups(step):
                         form="elementwise"))
         return out
     if step == "sweep":
-        from fastopt._bench import CASE_NAMES
+        from fastopt.bench.measure import CASE_NAMES
 
         return [dict(case=c, n=n, backends=list(GPU_BACKENDS), torch=n == SIZES[-1] or
                      c == "adam", form="raw")
@@ -299,7 +299,7 @@ def child_facts(out):
     except Exception as exc:  # noqa: BLE001
         res["device"] = f"cupy sees no GPU: {exc}"
     # probe: one optimizer of each rule and its main flags, both backends, vs the oracle
-    from fastopt._bench import CASES
+    from fastopt.bench.measure import CASES
 
     probe = {}
     rng = np.random.default_rng(0)
@@ -336,13 +336,13 @@ def child_facts(out):
 
 def _bench_child(out, step):
     """Run the benchmark groups of ``step``, appending records to bench-gpu.json after each."""
-    from fastopt import _bench
-    from fastopt._bench import CASES
-    from fastopt._bench_gpu import gpu_name
-    from fastopt._bench_run import finalize, run_group
-    from fastopt._bench_torch import modes
+    from fastopt.bench import measure as _bench
+    from fastopt.bench.measure import CASES
+    from fastopt.bench.gpu import gpu_name
+    from fastopt.bench.groups import finalize, run_group
+    from fastopt.bench.torch_peers import modes
     from fastopt.backends import available_backends, cupy_backend
-    from fastopt.bench import write_json_atomic
+    from fastopt.bench.cli import write_json_atomic
 
     path = Path(out) / "bench-gpu.json"
     if path.exists():
@@ -405,10 +405,10 @@ def child_latency(out):
     import numpy as np
 
     import fastopt
-    from fastopt._bench import CASES
-    from fastopt._bench_gpu import device_data, empty_runner, latency, timer_for
-    from fastopt._bench_run import fastopt_runner
-    from fastopt._bench_torch import torch_runner
+    from fastopt.bench.measure import CASES
+    from fastopt.bench.gpu import device_data, empty_runner, latency, timer_for
+    from fastopt.bench.groups import fastopt_runner
+    from fastopt.bench.torch_peers import torch_runner
     from fastopt.backends import available_backends
 
     n = 1 << 20
@@ -426,7 +426,7 @@ def child_latency(out):
 
         opt = fastopt.Adam(backend="cupy")
         pd, gd = {"w": cupy.array(p0)}, {"w": cupy.array(g0)}
-        from fastopt._bench import Runner
+        from fastopt.bench.measure import Runner
 
         runners["adam-cupy-update"] = Runner("update", lambda: opt.update(pd, gd),
                                              timer_for("cupy"), 28 * n, keep=(opt, pd, gd))

@@ -13,8 +13,9 @@ import sys
 import numpy as np
 import pytest
 
-from fastopt import _bench, cli
-from fastopt._bench import CASES, DESIGN_BYTES_F32, bytes_per_step, transformer_shapes
+from fastopt import cli
+from fastopt.bench import measure as _bench
+from fastopt.bench.measure import CASES, DESIGN_BYTES_F32, bytes_per_step, transformer_shapes
 from fastopt.backends import BACKENDS, available_backends
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -46,7 +47,7 @@ def test_transformer_shapes_too_small():
 @pytest.mark.parametrize("text, n", [("1048576", 1 << 20), ("2^20", 1 << 20), ("1<<20", 1 << 20),
                                      ("1e7", 10 ** 7), ("10_000", 10000)])
 def test_size_syntax(text, n):
-    from fastopt.bench import _size
+    from fastopt.bench.cli import _size
 
     assert _size(text) == n
     assert _bench.fmt_n(1 << 20) == "2^20" and _bench.fmt_n(10 ** 7) == "10^7"
@@ -172,7 +173,7 @@ def test_console_entry_point_runs():
 def test_cpu_ceiling_kernels_touch_every_buffer():
     """The same-traffic kernels read and write param and every state buffer (else the ceiling
     would be measured on less traffic than the optimizer moves)."""
-    from fastopt._bench_cpu import TRAFFIC, copy_runner, traffic_runner
+    from fastopt.bench.ceilings_cpu import TRAFFIC, copy_runner, traffic_runner
 
     p0, g0 = _bench.host_data(1001, np.float32)
     for n_state in TRAFFIC:
@@ -191,7 +192,7 @@ def test_cpu_ceiling_kernels_touch_every_buffer():
 
 SIM_CHECK = """
 import numpy as np
-from fastopt._bench_numba_cuda import KERNELS, launcher
+from fastopt.bench.ceilings_numba_cuda import KERNELS, launcher
 rng = np.random.default_rng(3)
 n = 1000
 p0 = rng.standard_normal(n).astype(np.float32); g = rng.standard_normal(n).astype(np.float32)
@@ -223,9 +224,9 @@ def test_host_path_rows_use_the_null_backend():
     """The host-path measurement runs the real optimizer code on a backend that launches
     nothing, and the null backend exists only inside its block."""
     from fastopt import backends
-    from fastopt._bench import CASES
-    from fastopt._bench_host import NAME, host_runner, null_backend
-    from fastopt.bench import measure_host_path
+    from fastopt.bench.measure import CASES
+    from fastopt.bench.host import NAME, host_runner, null_backend
+    from fastopt.bench.cli import measure_host_path
 
     rows = measure_host_path([CASES["adam"]], reps=5)
     assert [(r["optimizer"], r["api"]) for r in rows] == [("adam", "step"), ("adam", "update")]

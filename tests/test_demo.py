@@ -8,7 +8,7 @@ import pytest
 from tolerances import TOL  # the suite's one table, keyed by dtype
 
 from fastopt import cli, reference
-from fastopt._demo_problems import (
+from fastopt.demo.problems import (
     SPECS,
     VALLEY_START,
     init_mlp,
@@ -144,7 +144,7 @@ def test_mlp_gradient_matches_finite_differences():
 @pytest.fixture(scope="module")
 def digits():
     pytest.importorskip("sklearn")
-    from fastopt.demo import load_data
+    from fastopt.demo.cli import load_data
 
     return load_data()
 
@@ -209,7 +209,7 @@ def test_bad_arguments_exit_2(argv, message, tmp_path, capsys):
 
 
 def test_import_fastopt_loads_no_demo_dependency():
-    code = ("import sys, fastopt, fastopt.demo, fastopt._demo_plot; "
+    code = ("import sys, fastopt, fastopt.demo, fastopt.demo.plot; "
             "bad = [m for m in ('matplotlib', 'sklearn') if m in sys.modules]; "
             "sys.exit(f'imported at import time: {bad}' if bad else 0)")
     subprocess.run([sys.executable, "-c", code], check=True)
@@ -218,7 +218,7 @@ def test_import_fastopt_loads_no_demo_dependency():
 # -- the chapter's figure with fastopt.textbook -------------------------------------------------
 def test_textbook_valley_path_is_the_chapter_script():
     from fastopt import textbook
-    from fastopt._demo_problems import TEXTBOOK_VALLEY, textbook_valley_path
+    from fastopt.demo.problems import TEXTBOOK_VALLEY, textbook_valley_path
 
     path = textbook_valley_path("SGD", 30)
     lr = TEXTBOOK_VALLEY["SGD"]["lr"]

@@ -10,7 +10,7 @@ import pytest
 from gpu_common import gpu_backend_params, needs_gpu, to_device, to_host
 
 from fastopt import textbook
-from fastopt._demo_problems import textbook_valley_path
+from fastopt.demo.problems import textbook_valley_path
 
 pytestmark = needs_gpu
 

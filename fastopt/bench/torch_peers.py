@@ -3,13 +3,13 @@
 CPU: ``fused=True`` where torch implements it for that optimizer, else ``foreach=True``.
 CUDA: both ``fused=True`` (where it exists) and ``foreach=True``. Each on one flat tensor and
 on the ~200 parameter tensors of a small transformer with the same total size
-(``_bench.transformer_shapes``), the list a training loop really hands torch.
+(``measure.transformer_shapes``), the list a training loop really hands torch.
 """
 import importlib.util
 
 import numpy as np
 
-from ._bench import HostTimer, Runner, bytes_per_step, transformer_shapes
+from .measure import HostTimer, Runner, bytes_per_step, transformer_shapes
 
 __all__ = ["available", "cuda_available", "modes", "torch_runner"]
 
@@ -87,7 +87,7 @@ def torch_runner(case, mode, device, p0, g0, layout="flat"):
         params.append(p)
     opt = _make(case, params, mode)
     if device == "cuda":
-        from ._bench_gpu import timer_for
+        from .gpu import timer_for
 
         timer = timer_for("torch")
     else:

@@ -1,7 +1,7 @@
 """The demo's two figures (matplotlib is imported by the caller, never at ``import fastopt``)."""
 import numpy as np
 
-from ._demo_problems import VALLEY_START, valley
+from .problems import VALLEY_START, valley
 
 __all__ = ["plot_valley", "plot_textbook_valley", "plot_training", "fmt_lr", "smooth"]
 

@@ -20,9 +20,9 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from . import optimizers
-from ._arrays import array_module, to_numpy
-from .flat import FlatBuffer
+from .. import optimizers
+from .._arrays import array_module, to_numpy
+from ..flat import FlatBuffer
 
 __all__ = ["Spec", "SPECS", "VALLEY_START", "valley", "valley_grad", "valley_path",
            "TEXTBOOK_VALLEY", "textbook_valley_path",
@@ -115,7 +115,7 @@ def textbook_valley_path(name, steps=30, backend="auto", xp=np):
     On the host, ``params["x"]`` and ``params["y"]`` are Python floats, replaced in the dict at
     every update as in the chapter; on a GPU (``xp`` CuPy) they are 1-element device arrays.
     """
-    from . import textbook
+    from .. import textbook
 
     opt = getattr(textbook, name)(**TEXTBOOK_VALLEY[name], backend=backend)
     x0, y0 = VALLEY_START

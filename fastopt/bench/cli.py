@@ -19,9 +19,9 @@ import time
 
 import numpy as np
 
-from . import _bench
-from ._bench import CASE_NAMES, CASES, GRID, fmt_n
-from .backends import BACKENDS, get_backend
+from . import measure
+from .measure import CASE_NAMES, CASES, GRID, fmt_n
+from ..backends import BACKENDS, get_backend
 
 __all__ = ["main", "build_parser", "format_table", "write_json_atomic"]
 
@@ -125,11 +125,11 @@ def build_parser():
 
 def _plan(args, ap):
     """[(device, case, dtype, n, fastopt backends, torch modes)], after checking availability."""
-    from . import _bench_torch
-    from .backends import available_backends
+    from . import torch_peers
+    from ..backends import available_backends
 
     avail = available_backends()
-    torch_ok = _bench_torch.available()
+    torch_ok = torch_peers.available()
     if args.backends is None:
         chosen = list(avail) + ([PEER] if torch_ok else [])
     else:
@@ -148,7 +148,7 @@ def _plan(args, ap):
     devices = {}
     for b in fast:
         devices.setdefault(get_backend(b).DEVICE, []).append(b)
-    if PEER in chosen and _bench_torch.cuda_available():
+    if PEER in chosen and torch_peers.cuda_available():
         devices.setdefault("cuda", [])
     if PEER in chosen:
         devices.setdefault("cpu", [])
@@ -165,7 +165,7 @@ def _plan(args, ap):
         for n in sizes:
             for dtype in dtypes:
                 for case in cases:
-                    modes = _bench_torch.modes(case, device) if PEER in chosen else []
+                    modes = torch_peers.modes(case, device) if PEER in chosen else []
                     if devices[device] or modes:
                         plan.append((device, case, dtype, n, devices[device], modes))
     return plan
@@ -269,8 +269,8 @@ def _progress(i, total, device, case, dtype, n):
 def measure_host_path(cases, reps=300):
     """Host time of ``opt.step(buf)`` (one parameter) and ``opt.update()`` (one array) for each
     case on the null backend (``_bench_host``): the Python path alone. Returns records."""
-    from ._bench import measure, median
-    from ._bench_host import host_runner, null_backend
+    from .measure import measure, median
+    from .host import host_runner, null_backend
 
     out = []
     with null_backend():
@@ -317,12 +317,12 @@ def main(argv=None):
     budget = args.budget or (1.0 if args.quick else 6.0)
     gpu_name = None
     if any(device == "cuda" for device, *_ in plan):
-        from ._bench_gpu import gpu_name as _gpu_name
+        from .gpu import gpu_name as _gpu_name
 
         gpu_name = _gpu_name()
-    print(f"fastopt bench: {len(plan)} groups on {_bench.cpu_model()}"
+    print(f"fastopt bench: {len(plan)} groups on {measure.cpu_model()}"
           + (f" + {gpu_name}" if gpu_name else "") + f", {reps} reps", file=sys.stderr)
-    from ._bench_run import finalize, run_group
+    from .groups import finalize, run_group
 
     load_start = _loadavg()
     records, host_path, t_start = [], [], time.perf_counter()
@@ -333,7 +333,7 @@ def main(argv=None):
                "created": datetime.datetime.now(datetime.timezone.utc).isoformat(
                    timespec="seconds"),
                "command": command, "complete": complete,
-               "device": _bench.device_info(gpu_name), "versions": _bench.versions(),
+               "device": measure.device_info(gpu_name), "versions": measure.versions(),
                "config": {"reps": reps, "budget_s": budget, "quick": args.quick,
                           # other work on the machine shows here (1-minute load averages)
                           "loadavg_start": load_start, "loadavg_end": _loadavg()},

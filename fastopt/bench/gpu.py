@@ -17,7 +17,7 @@ group does not spend seconds drawing 2^28 normal numbers on the host.
 import statistics
 import time
 
-from ._bench import Runner, bytes_per_step
+from .measure import Runner, bytes_per_step
 
 __all__ = ["EventTimer", "timer_for", "gpu_name", "to_device", "device_data", "traffic_runner",
            "vector_traffic_runner", "copy_runner", "empty_runner", "latency"]
@@ -115,7 +115,7 @@ def to_device(a):
 
 
 def device_data(n, dtype, seed=0):
-    """Random params and grads on the GPU (as ``_bench.host_data``: standard normal params,
+    """Random params and grads on the GPU (as ``measure.host_data``: standard normal params,
     grads scaled by 1e-2; never zeros), drawn once per (n, dtype, seed) and cached; callers
     copy them (``to_device``) before writing."""
     import cupy
@@ -156,7 +156,7 @@ def traffic_runner(backend, n_state, p0, g0):
     elif backend == "numba-cuda":
         from numba import cuda
 
-        from ._bench_numba_cuda import launcher
+        from .ceilings_numba_cuda import launcher
 
         arrs = [cuda.as_cuda_array(a) for a in (p, g, *states)]
         fn = launcher(n_state, p.size, *arrs, c)
@@ -169,8 +169,8 @@ def traffic_runner(backend, n_state, p0, g0):
 def _vector_traffic(n_state, ctype):
     import cupy
 
-    from .backends import _launch
-    from .kernels import cuda_source
+    from ..backends import _launch
+    from ..kernels import cuda_source
 
     key = ("vec", n_state, ctype)
     if key not in _cupy_kernels:
@@ -197,8 +197,8 @@ def vector_traffic_runner(n_state, p0, g0):
     import cupy
     import numpy as np
 
-    from .backends import _launch
-    from .kernels import cuda_source
+    from ..backends import _launch
+    from ..kernels import cuda_source
 
     p, g = to_device(p0), to_device(g0)
     states = [cupy.zeros_like(p) for _ in range(n_state)]
@@ -263,7 +263,7 @@ def copy_runner(backend, p0):
     elif backend == "numba-cuda":
         from numba import cuda
 
-        from ._bench_numba_cuda import launcher
+        from .ceilings_numba_cuda import launcher
 
         fn = launcher("copy", src.size, cuda.as_cuda_array(dst), cuda.as_cuda_array(src))
     else:

@@ -20,8 +20,8 @@ import sys
 
 import numpy as np
 
-from . import backends
-from ._demo_problems import SPECS, TEXTBOOK_VALLEY, textbook_valley_path, train_mlp, valley_path
+from .. import backends
+from .problems import SPECS, TEXTBOOK_VALLEY, textbook_valley_path, train_mlp, valley_path
 
 __all__ = ["main", "load_data", "DEMO_DEPS"]
 
@@ -117,7 +117,7 @@ def _table(rows, header):
 
 def _textbook(args, plt, xp, be_name, say):
     """``--textbook``: the chapter's valley figure with ``fastopt.textbook``."""
-    from ._demo_plot import _num, fmt_lr, plot_textbook_valley
+    from .plot import _num, fmt_lr, plot_textbook_valley
 
     paths = {}
     for i, name in enumerate(TEXTBOOK_VALLEY, 1):
@@ -169,7 +169,7 @@ def main(argv=None):
         matplotlib.use("Agg")  # files only: no display needed
     import matplotlib.pyplot as plt
 
-    from ._demo_plot import _num, fmt_lr, plot_training, plot_valley
+    from .plot import _num, fmt_lr, plot_training, plot_valley
 
     xp = _array_module(args.backend)
     be_name = backends.resolve(args.backend, xp.zeros(1)).NAME

@@ -12,7 +12,7 @@ touches exactly the optimizer's buffers with trivial math (``_bench_cpu`` / ``_b
 
 Timing: after a warm-up that absorbs compilation and first-touch page faults, each repetition
 is timed alone and the median is reported. Host work uses ``time.perf_counter``; GPU work uses
-device events recorded around the call (``_bench_gpu.EventTimer``).
+device events recorded around the call (``gpu.EventTimer``).
 """
 import os
 import platform
@@ -292,7 +292,7 @@ def versions():
     """Versions of everything that shaped the numbers (optional packages only when present)."""
     from importlib import metadata
 
-    from . import __version__
+    from .. import __version__
 
     out = {"python": platform.python_version(), "numpy": np.__version__, "fastopt": __version__}
     for dist in ("numba", "numba-cuda", "cupy-cuda12x", "cupy-cuda13x", "cupy", "torch"):

@@ -8,7 +8,7 @@ arithmetic, not memory. Both use ``prange`` like the backend, and are cached on 
 import numba
 import numpy as np
 
-from ._bench import HostTimer, Runner, bytes_per_step
+from .measure import HostTimer, Runner, bytes_per_step
 
 __all__ = ["copy_runner", "traffic_runner", "TRAFFIC"]
 

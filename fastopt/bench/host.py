@@ -9,7 +9,7 @@ launches nothing, so ``host_runner`` times exactly the Python path of ``step(buf
 """
 import contextlib
 
-from ._bench import HostTimer, Runner
+from .measure import HostTimer, Runner
 
 __all__ = ["null_backend", "host_runner", "NAME"]
 
@@ -38,7 +38,7 @@ class _Null:
 @contextlib.contextmanager
 def null_backend():
     """Make ``backend="null"`` resolvable inside the block (and only there)."""
-    from . import backends
+    from .. import backends
 
     backends.BACKENDS[NAME] = __name__
     backends._loaded[NAME] = _Null

@@ -2,14 +2,14 @@
 
 A *group* is one (device, optimizer case, dtype, n): the fastopt backends on that device, the
 ceilings of each (same-traffic kernel and copy, on the same backend) and the torch peers, timed
-together (``_bench.measure_group``) so that the ratios between them are fair. Records are plain
+together (``measure.measure_group``) so that the ratios between them are fair. Records are plain
 dicts, the schema of ``bench/results/*.json``; ``finalize`` adds the cross-group ratios
 (× NumPy oracle, × torch).
 """
 import numpy as np
 
-from ._bench import HostTimer, Runner, bytes_per_step, host_data, measure_group, median, percent
-from .backends import BACKENDS, available_backends, get_backend
+from .measure import HostTimer, Runner, bytes_per_step, host_data, measure_group, median, percent
+from ..backends import BACKENDS, available_backends, get_backend
 
 __all__ = ["device_of", "ceiling_backend", "fastopt_runner", "ceiling_runner", "copy_runner",
            "group_factories", "run_group", "finalize"]
@@ -38,7 +38,7 @@ def fastopt_runner(case, backend, p0, g0):
 
     be = get_backend(backend)
     if be.DEVICE == "cuda":
-        from ._bench_gpu import timer_for, to_device
+        from .gpu import timer_for, to_device
 
         timer = timer_for(backend)
         if isinstance(p0, np.ndarray):  # host data: the buffer must live on the GPU
@@ -55,23 +55,23 @@ def fastopt_runner(case, backend, p0, g0):
 def ceiling_runner(backend, n_state, p0, g0):
     """Same-traffic kernel with ``n_state`` state buffers on ``backend``."""
     if backend == "numba":
-        from . import _bench_cpu
+        from . import ceilings_cpu
 
-        return _bench_cpu.traffic_runner(n_state, p0, g0)
-    from . import _bench_gpu
+        return ceilings_cpu.traffic_runner(n_state, p0, g0)
+    from . import gpu
 
-    return _bench_gpu.traffic_runner(backend, n_state, p0, g0)
+    return gpu.traffic_runner(backend, n_state, p0, g0)
 
 
 def copy_runner(backend, p0):
     """Copy of an ``p0``-sized buffer on ``backend``."""
     if backend == "numba":
-        from . import _bench_cpu
+        from . import ceilings_cpu
 
-        return _bench_cpu.copy_runner(p0)
-    from . import _bench_gpu
+        return ceilings_cpu.copy_runner(p0)
+    from . import gpu
 
-    return _bench_gpu.copy_runner(backend, p0)
+    return gpu.copy_runner(backend, p0)
 
 
 def ceiling_backends(device, backends):
@@ -91,7 +91,7 @@ def group_factories(case, device, n, dtype, backends, torch_modes=(), layouts=("
     """Factories for ``measure_group``: keys ("step", backend), ("ceiling", backend),
     ("ceiling-vec", "cupy"), ("copy", backend), ("torch", mode, layout)."""
     if device == "cuda":
-        from ._bench_gpu import device_data
+        from .gpu import device_data
 
         p0, g0 = device_data(n, dtype, seed)
     else:
@@ -103,11 +103,11 @@ def group_factories(case, device, n, dtype, backends, torch_modes=(), layouts=("
         facs[("ceiling", ceil)] = lambda c=ceil: ceiling_runner(c, case.n_state, p0, g0)
         facs[("copy", ceil)] = lambda c=ceil: copy_runner(c, p0)
         if ceil == "cupy":
-            from ._bench_gpu import vector_traffic_runner
+            from .gpu import vector_traffic_runner
 
             facs[("ceiling-vec", ceil)] = lambda: vector_traffic_runner(case.n_state, p0, g0)
     if torch_modes:
-        from ._bench_torch import torch_runner
+        from .torch_peers import torch_runner
 
         for mode in torch_modes:
             for layout in layouts:
