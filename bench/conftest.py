@@ -8,9 +8,9 @@ measurement code is fastopt's own (``fastopt.bench.measure*``), shared with ``fa
 """
 import pytest
 
-from fastopt.bench.measure import CASE_NAMES, CASES, GRID, host_data, measure_group, median
-from fastopt.bench.groups import ceiling_backend, ceiling_runner, copy_runner
 from fastopt.backends import BACKENDS, available_backends, get_backend
+from fastopt.bench.groups import ceiling_backend, ceiling_runner, copy_runner
+from fastopt.bench.measure import CASE_NAMES, CASES, GRID, host_data, measure_group, median
 
 GPU_BACKENDS = ("cupy", "numba-cuda")
 WARMUP = 3

@@ -25,9 +25,9 @@ import numpy as np
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
-import fastopt  # noqa: E402
+import fastopt
 
-__all__ = ["CASES", "run_case", "main"]
+__all__ = ["CASES", "main", "run_case"]
 
 #: name -> (fastopt class, fastopt kwargs, torch.optim class name, torch kwargs, torch mode)
 CASES = {

@@ -23,8 +23,8 @@ __all__ = ["convert", "main"]
 
 def convert(raw):
     """pytest-benchmark JSON (a dict) -> fastopt's result schema (a dict)."""
-    from fastopt.bench.measure import device_info, percent, versions
     from fastopt.bench.groups import finalize
+    from fastopt.bench.measure import device_info, percent, versions
 
     records = []
     for b in raw["benchmarks"]:

@@ -6,8 +6,8 @@ interface costs per parameter.
 """
 import pytest
 
-from fastopt.bench.measure import CASES
 from fastopt.bench.host import host_runner, null_backend
+from fastopt.bench.measure import CASES
 
 
 @pytest.mark.parametrize("case", ["sgd", "adam"])

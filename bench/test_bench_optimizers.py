@@ -7,8 +7,8 @@ the step ran and moved the parameters; correctness is tested in ``tests/``.
 import numpy as np
 
 from fastopt._arrays import to_numpy
-from fastopt.bench.measure import CASES, host_data, timed_call
 from fastopt.bench.groups import device_of, fastopt_runner
+from fastopt.bench.measure import CASES, host_data, timed_call
 
 
 def test_step(benchmark, record, point):

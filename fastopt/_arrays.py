@@ -57,7 +57,7 @@ def to_numpy(a):
 def _dlpack_device(a):
     try:
         return tuple(a.__dlpack_device__())
-    except Exception:  # noqa: BLE001 - not a DLPack producer, or one that cannot say
+    except Exception:
         return None
 
 

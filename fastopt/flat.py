@@ -112,7 +112,7 @@ class FlatBuffer:
                 offset += -(-size // step) * step if size else 0
             with on_device(first):  # the buffers live on the params' GPU, not the current one
                 group = Group(dt, xp.zeros(offset, dt), xp.zeros(offset, dt), slots)
-            for name, (off, size, shape) in slots.items():
+            for name, (off, size, _shape) in slots.items():
                 group.data[off:off + size] = xp.asarray(arrays[name], dtype=dt).reshape(-1)
             self.groups.append(group)
         for group in self.groups:

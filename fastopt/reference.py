@@ -7,8 +7,19 @@ arrays of ``state`` in place; ``step`` is the 1-based step count (incremented be
 """
 import numpy as np
 
-__all__ = ["sgd", "adagrad", "rmsprop", "adam", "lion", "adamax", "nadam", "radam", "adadelta",
-           "rprop", "asgd"]
+__all__ = [
+    "adadelta",
+    "adagrad",
+    "adam",
+    "adamax",
+    "asgd",
+    "lion",
+    "nadam",
+    "radam",
+    "rmsprop",
+    "rprop",
+    "sgd",
+]
 
 
 def _grad(grad, param, weight_decay, maximize):
@@ -157,7 +168,8 @@ def radam(param, grad, state, *, step, lr, betas=(0.9, 0.999), eps=1e-8, weight_
     rho_inf = 2 / (1 - beta2) - 1
     rho_t = rho_inf - 2 * step * beta2 ** step / bc2
     if rho_t > 5.0:
-        rect = ((rho_t - 4) * (rho_t - 2) * rho_inf / ((rho_inf - 4) * (rho_inf - 2) * rho_t)) ** 0.5
+        rect = ((rho_t - 4) * (rho_t - 2) * rho_inf
+                / ((rho_inf - 4) * (rho_inf - 2) * rho_t)) ** 0.5
         param -= (m / bc1) * lr * (bc2 ** 0.5 / (np.sqrt(v) + eps)) * rect
     else:
         param -= (m / bc1) * lr

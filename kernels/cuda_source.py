@@ -17,9 +17,25 @@ from pathlib import Path
 
 from . import RULES
 
-__all__ = ["flag_names", "variants", "slots_used", "body", "body_signature", "defines",
-           "preamble", "in_params", "out_params", "operation", "kernel_name", "elementwise_args",
-           "CTYPES", "VECTOR_WIDTH", "grid_stride_kernel", "raw_args", "raw_source"]
+__all__ = [
+    "CTYPES",
+    "VECTOR_WIDTH",
+    "body",
+    "body_signature",
+    "defines",
+    "elementwise_args",
+    "flag_names",
+    "grid_stride_kernel",
+    "in_params",
+    "kernel_name",
+    "operation",
+    "out_params",
+    "preamble",
+    "raw_args",
+    "raw_source",
+    "slots_used",
+    "variants",
+]
 
 
 def flag_names(rule):

@@ -152,7 +152,7 @@ class Rule:
     STATE = state
 
     @property
-    def SCALARS(self):  # noqa: N802 - the constant name rule modules used to export
+    def SCALARS(self):
         return self.scalars
 
     @property

@@ -89,8 +89,8 @@ def check_plan():
         if s["limit_s"] < s["est_s"]:
             problems.append(f"step {s['name']!r}: limit {s['limit_s']} s < estimate")
     # nothing CPU-only or undersized in the benchmark groups
-    from fastopt.bench.measure import CASES
     from fastopt.backends import BACKENDS, get_backend  # noqa: F401  (importable here)
+    from fastopt.bench.measure import CASES
 
     for group in bench_groups("headline") + bench_groups("sweep"):
         case, n, backends = group["case"], group["n"], group["backends"]
@@ -144,7 +144,7 @@ class Run:
         self.doc = {"schema": "fastopt-gpu-run/1", "started": _utc(), "budget_s": budget,
                     "steps": {}, "plan": [{k: v for k, v in s.items() if k != "files"}
                                           for s in PLAN]}
-        self.log = open(self.out / "run.log", "a")
+        self.log = open(self.out / "run.log", "a")  # noqa: SIM115 - open for the whole run
 
     def left(self):
         return self.budget - (time.monotonic() - self.t0)
@@ -269,13 +269,13 @@ def child_facts(out):
                              timeout=20)
         res["nvidia_smi"] = smi.stdout.strip()
         res["gpu"], res["driver"] = [x.strip() for x in smi.stdout.split(",")[:2]]
-    except Exception as exc:  # noqa: BLE001
+    except Exception as exc:
         res["nvidia_smi"] = f"failed: {exc}"
     versions = {}
     for m in ("numpy", "numba", "numba_cuda", "cupy", "torch", "pytest", "xdist"):
         try:
             versions[m] = getattr(importlib.import_module(m), "__version__", "?")
-        except Exception as exc:  # noqa: BLE001
+        except Exception as exc:
             versions[m] = f"missing ({type(exc).__name__})"
     res["versions"] = versions
     res["cuda_home"] = os.environ.get("CUDA_HOME")
@@ -296,7 +296,7 @@ def child_facts(out):
                          "memory_bytes": props["totalGlobalMem"],
                          "cuda_runtime": cupy.cuda.runtime.runtimeGetVersion(),
                          "cuda_driver": cupy.cuda.runtime.driverGetVersion()}
-    except Exception as exc:  # noqa: BLE001
+    except Exception as exc:
         res["device"] = f"cupy sees no GPU: {exc}"
     # probe: one optimizer of each rule and its main flags, both backends, vs the oracle
     from fastopt.bench.measure import CASES
@@ -323,7 +323,7 @@ def child_facts(out):
                 got = cupy.asnumpy(pd["w"]).astype(np.float64)
                 err = float(np.abs(got - pr["w"]).max() / np.abs(pr["w"]).max())
                 errs[name] = err if np.isfinite(err) else f"non-finite: {err}"
-            except Exception as exc:  # noqa: BLE001
+            except Exception as exc:
                 errs[name] = f"{type(exc).__name__}: {str(exc)[:300]}"
         probe[b] = errs
     res["probe"] = probe
@@ -336,13 +336,13 @@ def child_facts(out):
 
 def _bench_child(out, step):
     """Run the benchmark groups of ``step``, appending records to bench-gpu.json after each."""
+    from fastopt.backends import available_backends, cupy_backend
     from fastopt.bench import measure as _bench
-    from fastopt.bench.measure import CASES
+    from fastopt.bench.cli import write_json_atomic
     from fastopt.bench.gpu import gpu_name
     from fastopt.bench.groups import finalize, run_group
+    from fastopt.bench.measure import CASES
     from fastopt.bench.torch_peers import modes
-    from fastopt.backends import available_backends, cupy_backend
-    from fastopt.bench.cli import write_json_atomic
 
     path = Path(out) / "bench-gpu.json"
     if path.exists():
@@ -364,7 +364,7 @@ def _bench_child(out, step):
         try:
             recs = run_group(case, "cuda", g["n"], "float32", backends, torch_modes,
                              reps=20, warmup=3, budget_s=4.0)
-        except Exception as exc:  # noqa: BLE001 - one broken group must not end the step
+        except Exception as exc:
             print(f"group {g['case']} n={g['n']}: {type(exc).__name__}: {exc}", flush=True)
             doc.setdefault("errors", []).append(f"{g['case']} n={g['n']}: {exc}")
             continue
@@ -405,11 +405,11 @@ def child_latency(out):
     import numpy as np
 
     import fastopt
-    from fastopt.bench.measure import CASES
+    from fastopt.backends import available_backends
     from fastopt.bench.gpu import device_data, empty_runner, latency, timer_for
     from fastopt.bench.groups import fastopt_runner
+    from fastopt.bench.measure import CASES
     from fastopt.bench.torch_peers import torch_runner
-    from fastopt.backends import available_backends
 
     n = 1 << 20
     p0, g0 = device_data(n, "float32")
@@ -419,7 +419,7 @@ def child_latency(out):
             runners[f"adam-{b}"] = fastopt_runner(CASES["adam"], b, p0, g0)
     try:
         runners["adam-torch-fused"] = torch_runner(CASES["adam"], "fused", "cuda", p0, g0)
-    except Exception as exc:  # noqa: BLE001
+    except Exception as exc:
         print(f"torch fused: {exc}")
     if "cupy" in available_backends():  # the dict API: one parameter, update()
         import cupy
@@ -439,7 +439,7 @@ def child_latency(out):
                        f" us" + ("" if label == "empty-launch" else
                                  f"; x empty (event) {r['event_s'] / empty['event_s']:.2f}"))
         print(summary[-1], flush=True)
-    slim = {k: {kk: vv for kk, vv in v.items()} for k, v in res.items()}
+    slim = {k: dict(v.items()) for k, v in res.items()}
     _save_result(out, "latency", {"n": n, "runs": slim, "summary": summary,
                                   "floor_s": float(np.float64(28 * n) / 3.0e12)})
 

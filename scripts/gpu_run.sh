@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The one prepared GPU run (scripts/gpu_run.py holds the plan): on a machine with an NVIDIA GPU,
 # with numpy, numba, numba-cuda, cupy, pytest (and optionally pytest-xdist and torch) installed.
-# Installs nothing; uses this checkout through PYTHONPATH.
+# Installs nothing but this checkout itself (editable, no dependencies) when it is not importable.
 #
 #   bash scripts/gpu_run.sh              # results under $OUT (default ./gpu-results)
 #   bash scripts/gpu_run.sh --dry-run    # the plan with a time estimate per step, checked
@@ -15,6 +15,11 @@ export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
 export PYTHONDONTWRITEBYTECODE=1 PYTHONUNBUFFERED=1
 if [ -z "${CUDA_HOME:-}" ] && [ -d /usr/local/cuda/nvvm ]; then
   export CUDA_HOME=/usr/local/cuda
+fi
+# fastopt.kernels is the repository's kernels/ folder, mapped by the package configuration: an
+# editable install (no dependencies, no build isolation: the image has setuptools) provides it
+if ! "$PY" -c "import fastopt.kernels" >/dev/null 2>&1; then
+  "$PY" -m pip install -q --no-deps --no-build-isolation -e . || exit 2
 fi
 # numba's on-disk cache where a reinstall cannot leave it behind
 export NUMBA_CACHE_DIR="${NUMBA_CACHE_DIR:-${TMPDIR:-/tmp}/fastopt-numba-cache}"

@@ -7,11 +7,11 @@ import sys
 
 import numpy as np
 import pytest
+from conftest import DEFAULTS, backend_params, oracle_step, resolve, run_oracle, state_names
+from tolerances import assert_close
 
 import fastopt
 from fastopt import functional as F
-from conftest import DEFAULTS, backend_params, oracle_step, resolve, run_oracle, state_names
-from tolerances import assert_close
 
 #: one configuration per optimizer that uses every state buffer it can have
 FULL = [

@@ -14,9 +14,9 @@ import numpy as np
 import pytest
 
 from fastopt import cli
+from fastopt.backends import BACKENDS, available_backends
 from fastopt.bench import measure as _bench
 from fastopt.bench.measure import CASES, DESIGN_BYTES_F32, bytes_per_step, transformer_shapes
-from fastopt.backends import BACKENDS, available_backends
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY = ["--sizes", "4096", "--dtypes", "float32", "--reps", "3"]
@@ -70,7 +70,7 @@ def tiny_run(tmp_path_factory):
 
 
 def test_tiny_run_prints_table(tiny_run):
-    rc, out, err, doc = tiny_run
+    rc, out, err, _doc = tiny_run
     assert rc == 0
     header = out.splitlines()[0].split()
     assert header == ["optimizer", "backend", "n", "dtype", "ms/step", "GB/s", "%", "ceil",
@@ -90,7 +90,7 @@ def test_tiny_run_json_schema(tiny_run):
     backends = {r["backend"] for r in recs}
     assert {"numpy", "numba"} <= backends
     for r in recs:
-        assert RECORD_KEYS <= set(r), r["backend"]
+        assert set(r) >= RECORD_KEYS, r["backend"]
         assert r["n"] == 4096 and r["dtype"] == "float32"
         assert r["bytes"] == bytes_per_step(CASES[r["optimizer"]].n_state, 4096, np.float32)
         assert len(r["times_s"]) == r["reps"] >= 3
@@ -179,7 +179,7 @@ def test_cpu_ceiling_kernels_touch_every_buffer():
     for n_state in TRAFFIC:
         runner = traffic_runner(n_state, p0, g0)
         runner.fn()
-        p, g, states = runner.keep
+        p, _g, states = runner.keep
         c = np.float32(1e-3)
         np.testing.assert_array_equal(p, p0 + c * g0)
         for s in states:
@@ -224,9 +224,9 @@ def test_host_path_rows_use_the_null_backend():
     """The host-path measurement runs the real optimizer code on a backend that launches
     nothing, and the null backend exists only inside its block."""
     from fastopt import backends
-    from fastopt.bench.measure import CASES
-    from fastopt.bench.host import NAME, host_runner, null_backend
     from fastopt.bench.cli import measure_host_path
+    from fastopt.bench.host import NAME, host_runner, null_backend
+    from fastopt.bench.measure import CASES
 
     rows = measure_host_path([CASES["adam"]], reps=5)
     assert [(r["optimizer"], r["api"]) for r in rows] == [("adam", "step"), ("adam", "update")]

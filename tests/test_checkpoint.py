@@ -129,7 +129,7 @@ def saved(tmp_path):
 def _fresh_target(opt):
     """A stepped optimizer and params, different from the file's, to prove nothing changes."""
     params = _params(np.random.default_rng(7))
-    target = type(opt)(**{k: v for k, v in opt.hyperparams.items()})
+    target = type(opt)(**dict(opt.hyperparams.items()))
     target.update(params, _grad_seq(3)[2])
     return target, params
 
@@ -241,7 +241,7 @@ def _failing(chunks):
 
 
 def test_file_holds_no_pickle_and_says_what_it_is(saved):
-    path, opt, params = saved
+    path, _opt, _params = saved
     blob = path.read_bytes()
     assert blob.startswith(ckpt.MAGIC)
     assert b"\x80\x04\x95" not in blob[:200] and b"RMSProp" in blob

@@ -15,8 +15,9 @@ import pytest
 cupy = pytest.importorskip("cupy")
 nvrtc = pytest.importorskip("cuda.bindings.nvrtc")
 
-from fastopt.backends import cupy_backend  # noqa: E402
 from fastopt.kernels import RULES, cuda_source  # noqa: E402
+
+from fastopt.backends import cupy_backend  # noqa: E402
 
 ARCHS = ("sm_80", "sm_90")
 DTYPES = (np.float32, np.float64)
@@ -28,7 +29,7 @@ F64 = re.compile(r"\.f64\b")
 
 def _nvrtc_ok():
     try:
-        err, major, minor = nvrtc.nvrtcVersion()
+        err, _major, _minor = nvrtc.nvrtcVersion()
     except Exception as exc:  # the NVRTC shared library is not installed
         return f"NVRTC cannot be loaded: {exc}"
     return "" if err == nvrtc.nvrtcResult.NVRTC_SUCCESS else f"nvrtcVersion: {err}"
@@ -123,7 +124,8 @@ def test_float32_kernels_hold_no_float64(compiled):
             for n, v in f64.items() if v}
         assert not bad, f"float32 kernels with float64 instructions ({arch}): {bad}"
     else:  # the detector sees double math where there is some
-        assert all(f64.values()), f"float64 kernels without f64 ops? {[n for n, v in f64.items() if not v]}"
+        none = [n for n, v in f64.items() if not v]
+        assert all(f64.values()), f"float64 kernels without f64 ops? {none}"
 
 
 @pytest.mark.parametrize("rule", list(RULES))
@@ -229,7 +231,7 @@ def test_raw_kernels_compile_without_spills(raw_compiled):
 
 
 def test_raw_kernels_use_16_byte_loads_and_no_float64_in_float(raw_compiled):
-    arch, ctype, names, ptx, _ = raw_compiled
+    _arch, ctype, names, ptx, _ = raw_compiled
     entries = _entries(ptx)
     vec = {"float": r"\.v4\.(f32|b32|u32)", "double": r"\.v2\.(f64|b64|u64)"}[ctype]
     for name, (rule, flags, width) in names.items():

@@ -8,6 +8,7 @@ import pytest
 from tolerances import TOL  # the suite's one table, keyed by dtype
 
 from fastopt import cli, reference
+from fastopt.backends import numba_backend
 from fastopt.demo.problems import (
     SPECS,
     VALLEY_START,
@@ -17,7 +18,6 @@ from fastopt.demo.problems import (
     train_mlp,
     valley_path,
 )
-from fastopt.backends import numba_backend
 
 #: how each demo optimizer maps onto the oracle: function, extra flags, state slots
 ORACLE = {

@@ -11,10 +11,10 @@ from dataclasses import dataclass, field
 
 import numpy as np
 import pytest
-
-import fastopt
 from conftest import backend_params, run_oracle
 from tolerances import tol
+
+import fastopt
 
 sqrt = math.sqrt
 

@@ -14,7 +14,6 @@ import os
 import re
 
 import pytest
-
 from fastopt.kernels import RULES
 
 CCS = [(8, 0), (9, 0)]
@@ -36,6 +35,7 @@ def _toolchain():
         return "the CUDA simulator is on: it compiles nothing"
     try:
         from numba import cuda
+
         from fastopt.backends import numba_cuda_backend as ncb
         rule, flags, writes = ncb.variants(["sgd"])[0]
         # a real variant: numba's built-in CUDA target compiles a trivial kernel without a GPU

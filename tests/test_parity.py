@@ -11,10 +11,10 @@ import itertools
 
 import numpy as np
 import pytest
-
-import fastopt
 from conftest import backend_params, resolve, run_oracle, state_names
 from tolerances import assert_close
+
+import fastopt
 
 SIZES = (1, 1001, 278011)
 STEPS = (1, 7)
@@ -116,7 +116,7 @@ def _run_flat(name, kwargs, backend, dtype, p0, grads):
     for off, size, _ in group.slots.values():
         used[off:off + size] = True
     assert (group.data[~used] == 0).all(), "a step changed the padding between segments"
-    cat = lambda d: np.concatenate([np.asarray(d[k]).reshape(-1) for k in parts])  # noqa: E731
+    cat = lambda d: np.concatenate([np.asarray(d[k]).reshape(-1) for k in parts])
     return cat(buf.params), {s: cat({k: opt.state[k][s] for k in parts})
                              for s in opt.state["a"]}
 

@@ -5,12 +5,12 @@ import tempfile
 
 import numpy as np
 import pytest
+from conftest import resolve, run_oracle, state_names
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from tolerances import assert_close
 
 import fastopt
-from conftest import run_oracle, state_names, resolve
-from tolerances import assert_close
 
 CPU = [b for b in ("numpy", "numba") if b in fastopt.available_backends()]
 SETTINGS = settings(max_examples=25, deadline=None,

@@ -8,10 +8,10 @@ torch's state names.
 """
 import numpy as np
 import pytest
-
-import fastopt
 from conftest import backend_params
 from tolerances import assert_close
+
+import fastopt
 
 torch = pytest.importorskip("torch")
 
@@ -45,7 +45,7 @@ CASES = [
 
 
 def _case_id(case):
-    ours, theirs, kw = case
+    ours, _theirs, kw = case
     flags = [k if v is True else f"{k}={v}" for k, v in kw.items() if k != "lr"]
     return ours + ("[" + ",".join(flags) + "]" if flags else "")
 

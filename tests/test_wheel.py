@@ -35,8 +35,8 @@ def test_installed_wheel_imports_and_steps(wheel, tmp_path):
                     str(target), str(wheel)], check=True)
     code = (
         "import numpy as np, fastopt, fastopt.kernels as k\n"
-        "assert fastopt.__file__.startswith(%r), fastopt.__file__\n"
-        "assert k.__file__.startswith(%r), k.__file__\n"
+        f"assert fastopt.__file__.startswith({str(target)!r}), fastopt.__file__\n"
+        f"assert k.__file__.startswith({str(target)!r}), k.__file__\n"
         "p = {'w': np.ones(1000, np.float32)}; g = {'w': np.full(1000, 0.5, np.float32)}\n"
         "ref = {'w': p['w'].copy()}\n"
         "fastopt.Adam(lr=0.1, backend='numba').update(p, g)\n"
@@ -44,7 +44,7 @@ def test_installed_wheel_imports_and_steps(wheel, tmp_path):
         "assert not np.array_equal(p['w'], np.ones(1000, np.float32))\n"
         "np.testing.assert_allclose(p['w'], ref['w'], rtol=1e-6)\n"
         "print('ok', fastopt.available_backends())\n"
-    ) % (str(target), str(target))
+    )
     env = dict(os.environ, PYTHONPATH=str(target), NUMBA_CACHE_DIR=str(tmp_path / "nbcache"))
     res = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, env=env,
                          capture_output=True, text=True)

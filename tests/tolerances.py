@@ -14,7 +14,7 @@ not bit for bit.
 """
 import numpy as np
 
-__all__ = ["TOL", "tol", "assert_close"]
+__all__ = ["TOL", "assert_close", "tol"]
 
 TOL = {
     np.dtype(np.float64): dict(rtol=1e-12, atol=1e-13),

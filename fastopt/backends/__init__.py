@@ -9,7 +9,7 @@ imports no optional dependency.
 """
 import importlib
 
-__all__ = ["BACKENDS", "available_backends", "get_backend", "resolve", "is_device_array"]
+__all__ = ["BACKENDS", "available_backends", "get_backend", "is_device_array", "resolve"]
 
 #: backend name -> module, in the order ``available_backends()`` lists them
 BACKENDS = {

@@ -13,7 +13,7 @@
 """
 import sys
 
-__all__ = ["THREADS", "LIMITS", "blocks_per_sm", "grid_size", "producer_stream", "plain_view"]
+__all__ = ["LIMITS", "THREADS", "blocks_per_sm", "grid_size", "plain_view", "producer_stream"]
 
 #: threads per block of every fastopt kernel: a multiple of the warp, 8 warps
 THREADS = 256
@@ -64,7 +64,7 @@ def producer_stream(a):
         return torch.cuda.current_stream(a.device).cuda_stream
     try:
         s = a.__cuda_array_interface__.get("stream")
-    except Exception:  # noqa: BLE001 - no interface, or one that refuses (checked elsewhere)
+    except Exception:
         return None
     return s if isinstance(s, int) and not isinstance(s, bool) and s > 0 else None
 

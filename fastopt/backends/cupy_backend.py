@@ -27,8 +27,19 @@ import numpy as np
 from ..kernels import RULES, cuda_source
 from . import _launch
 
-__all__ = ["NAME", "DEVICE", "KERNEL_FORMS", "KERNEL_FORM", "available", "why_unavailable",
-           "launch", "kernel", "raw_kernel", "cuda_source_for", "Plan"]
+__all__ = [
+    "DEVICE",
+    "KERNEL_FORM",
+    "KERNEL_FORMS",
+    "NAME",
+    "Plan",
+    "available",
+    "cuda_source_for",
+    "kernel",
+    "launch",
+    "raw_kernel",
+    "why_unavailable",
+]
 
 NAME = "cupy"
 DEVICE = "cuda"

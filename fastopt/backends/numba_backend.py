@@ -82,7 +82,7 @@ def python_loop(elem, writes, parallel):
     (``prange`` or ``range``) as closure cells, so that numba's disk cache tells variants apart
     by their cell contents (the flags live in the rule's own closure)."""
     ns = {"__name__": __name__}  # the cache resolves the function's module by this name
-    exec(compile(loop_source(len(writes), writes), __file__, "exec"), ns)  # noqa: S102
+    exec(compile(loop_source(len(writes), writes), __file__, "exec"), ns)
     return ns["factory"](register_jitable(inline="always")(elem),
                          numba.prange if parallel else range)
 

@@ -29,8 +29,19 @@ from ..kernels import RULES
 from ..kernels.fma import fma
 from . import _launch
 
-__all__ = ["NAME", "DEVICE", "available", "why_unavailable", "launch", "kernel",
-           "launch_config", "variants", "python_kernel", "THREADS", "SIMULATOR"]
+__all__ = [
+    "DEVICE",
+    "NAME",
+    "SIMULATOR",
+    "THREADS",
+    "available",
+    "kernel",
+    "launch",
+    "launch_config",
+    "python_kernel",
+    "variants",
+    "why_unavailable",
+]
 
 NAME = "numba-cuda"
 
@@ -79,7 +90,7 @@ def _register_fma():
 
 try:
     from numba import cuda
-except Exception as _exc:  # noqa: BLE001 - missing, or broken against this NumPy / driver
+except Exception as _exc:
     cuda = None
     _import_error = f"numba.cuda cannot be imported: {type(_exc).__name__}: {_exc}"
 else:
@@ -114,7 +125,7 @@ def _probe():
                 _probe_error = ""
             else:
                 _probe_error = ""
-        except Exception as exc:  # noqa: BLE001 - no driver, no NVVM/libdevice, ...
+        except Exception as exc:
             first = (str(exc).strip().splitlines() or [""])[0]
             _probe_error = (f"numba-cuda cannot compile a kernel here ({type(exc).__name__}: "
                             f"{first}); it needs NVVM and libdevice: pip install "
@@ -165,7 +176,7 @@ def python_kernel(rule, flags, writes):
     # ``cuda`` is a global of the kernel, not a cell: the simulator swaps a kernel's globals
     ns = {"__name__": __name__, "cuda": cuda}
     name = f"fastopt_{rule}"
-    exec(compile(kernel_source(name, len(writes), writes), __file__, "exec"), ns)  # noqa: S102
+    exec(compile(kernel_source(name, len(writes), writes), __file__, "exec"), ns)
     return ns["factory"](elem)
 
 

@@ -10,7 +10,7 @@ import numpy as np
 
 from .measure import HostTimer, Runner, bytes_per_step
 
-__all__ = ["copy_runner", "traffic_runner", "TRAFFIC"]
+__all__ = ["TRAFFIC", "copy_runner", "traffic_runner"]
 
 
 @numba.njit(parallel=True, cache=True, nogil=True)

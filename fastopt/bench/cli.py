@@ -19,11 +19,11 @@ import time
 
 import numpy as np
 
+from ..backends import BACKENDS, get_backend
 from . import measure
 from .measure import CASE_NAMES, CASES, GRID, fmt_n
-from ..backends import BACKENDS, get_backend
 
-__all__ = ["main", "build_parser", "format_table", "write_json_atomic"]
+__all__ = ["build_parser", "format_table", "main", "write_json_atomic"]
 
 #: --quick: one size per device, float32 only
 QUICK = {"cpu": (1 << 20,), "cuda": (1 << 24,)}
@@ -65,7 +65,8 @@ def _size(text):
             n = int(t)
     except ValueError:
         raise argparse.ArgumentTypeError(
-            f"invalid size {text!r}; expected an integer such as 1048576, 2^20, 1<<20 or 1e7")
+            f"invalid size {text!r}; expected an integer such as 1048576, 2^20, 1<<20 or 1e7"
+        ) from None
     if n < 1:
         raise argparse.ArgumentTypeError(f"invalid size {text!r}; sizes must be >= 1")
     return n
@@ -84,7 +85,7 @@ def _positive(kind):
             v = kind(text)
         except ValueError:
             raise argparse.ArgumentTypeError(f"invalid value {text!r}; expected a positive "
-                                             f"{kind.__name__}")
+                                             f"{kind.__name__}") from None
         if v <= 0:
             raise argparse.ArgumentTypeError(f"invalid value {text!r}; must be > 0")
         return v
@@ -125,8 +126,8 @@ def build_parser():
 
 def _plan(args, ap):
     """[(device, case, dtype, n, fastopt backends, torch modes)], after checking availability."""
-    from . import torch_peers
     from ..backends import available_backends
+    from . import torch_peers
 
     avail = available_backends()
     torch_ok = torch_peers.available()
@@ -269,8 +270,8 @@ def _progress(i, total, device, case, dtype, n):
 def measure_host_path(cases, reps=300):
     """Host time of ``opt.step(buf)`` (one parameter) and ``opt.update()`` (one array) for each
     case on the null backend (``_bench_host``): the Python path alone. Returns records."""
-    from .measure import measure, median
     from .host import host_runner, null_backend
+    from .measure import measure, median
 
     out = []
     with null_backend():

@@ -19,8 +19,18 @@ import time
 
 from .measure import Runner, bytes_per_step
 
-__all__ = ["EventTimer", "timer_for", "gpu_name", "to_device", "device_data", "traffic_runner",
-           "vector_traffic_runner", "copy_runner", "empty_runner", "latency"]
+__all__ = [
+    "EventTimer",
+    "copy_runner",
+    "device_data",
+    "empty_runner",
+    "gpu_name",
+    "latency",
+    "timer_for",
+    "to_device",
+    "traffic_runner",
+    "vector_traffic_runner",
+]
 
 _cupy_kernels = {}
 _data = {}
@@ -94,7 +104,7 @@ def gpu_name():
 
         name = cupy.cuda.runtime.getDeviceProperties(cupy.cuda.Device().id)["name"]
         return name.decode() if isinstance(name, bytes) else str(name)
-    except Exception:  # noqa: BLE001 - no CuPy, no driver or no device: try Numba next
+    except Exception:
         pass
     try:
         from numba import cuda
@@ -102,7 +112,7 @@ def gpu_name():
         if cuda.is_available():
             name = cuda.get_current_device().name
             return name.decode() if isinstance(name, bytes) else str(name)
-    except Exception:  # noqa: BLE001
+    except Exception:
         pass
     return None
 
@@ -152,7 +162,7 @@ def traffic_runner(backend, n_state, p0, g0):
         if key not in _cupy_kernels:
             _cupy_kernels[key] = _cupy_traffic(n_state)
         kern = _cupy_kernels[key]
-        fn = lambda: kern(g, c, p, *states)  # noqa: E731
+        fn = lambda: kern(g, c, p, *states)
     elif backend == "numba-cuda":
         from numba import cuda
 
@@ -205,7 +215,7 @@ def vector_traffic_runner(n_state, p0, g0):
     kern, width, wave = _vector_traffic(n_state, cuda_source.CTYPES[p.dtype.name])
     c, n = p.dtype.type(1e-3), np.int64(p.size)
     blocks = _launch.grid_size(max(1, p.size // width), 1, wave)
-    fn = lambda: kern((blocks,), (_launch.THREADS,), (g, p, *states, c, n))  # noqa: E731
+    fn = lambda: kern((blocks,), (_launch.THREADS,), (g, p, *states, c, n))
     return Runner("ceiling-vec:cupy", fn, timer_for("cupy"),
                   bytes_per_step(n_state, p.size, p.dtype), keep=(p, g, states))
 
@@ -259,7 +269,7 @@ def copy_runner(backend, p0):
     src = to_device(p0)
     dst = cupy.empty_like(src)
     if backend == "cupy":
-        fn = lambda: cupy.copyto(dst, src)  # noqa: E731
+        fn = lambda: cupy.copyto(dst, src)
     elif backend == "numba-cuda":
         from numba import cuda
 

@@ -8,11 +8,19 @@ dicts, the schema of ``bench/results/*.json``; ``finalize`` adds the cross-group
 """
 import numpy as np
 
-from .measure import HostTimer, Runner, bytes_per_step, host_data, measure_group, median, percent
 from ..backends import BACKENDS, available_backends, get_backend
+from .measure import HostTimer, Runner, bytes_per_step, host_data, measure_group, median, percent
 
-__all__ = ["device_of", "ceiling_backend", "fastopt_runner", "ceiling_runner", "copy_runner",
-           "group_factories", "run_group", "finalize"]
+__all__ = [
+    "ceiling_backend",
+    "ceiling_runner",
+    "copy_runner",
+    "device_of",
+    "fastopt_runner",
+    "finalize",
+    "group_factories",
+    "run_group",
+]
 
 
 def device_of(backend):

@@ -11,7 +11,7 @@ import contextlib
 
 from .measure import HostTimer, Runner
 
-__all__ = ["null_backend", "host_runner", "NAME"]
+__all__ = ["NAME", "host_runner", "null_backend"]
 
 NAME = "null"
 

@@ -14,6 +14,7 @@ Timing: after a warm-up that absorbs compilation and first-touch page faults, ea
 is timed alone and the median is reported. Host work uses ``time.perf_counter``; GPU work uses
 device events recorded around the call (``gpu.EventTimer``).
 """
+import contextlib
 import os
 import platform
 import statistics
@@ -22,10 +23,27 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-__all__ = ["Case", "CASES", "CASE_NAMES", "DESIGN_BYTES_F32", "GRID", "bytes_per_step",
-           "transformer_shapes", "HostTimer", "Runner", "measure", "measure_group", "timed_call",
-           "median",
-           "host_data", "cpu_model", "device_info", "versions", "percent", "fmt_n"]
+__all__ = [
+    "CASES",
+    "CASE_NAMES",
+    "DESIGN_BYTES_F32",
+    "GRID",
+    "Case",
+    "HostTimer",
+    "Runner",
+    "bytes_per_step",
+    "cpu_model",
+    "device_info",
+    "fmt_n",
+    "host_data",
+    "measure",
+    "measure_group",
+    "median",
+    "percent",
+    "timed_call",
+    "transformer_shapes",
+    "versions",
+]
 
 
 @dataclass(frozen=True)
@@ -269,15 +287,11 @@ def device_info(gpu_name=None):
     """Where the numbers come from: CPU model and cores, memory, and the GPU when one was used."""
     info = {"cpu": cpu_model(), "cores": os.cpu_count(), "machine": platform.machine(),
             "system": platform.system()}
-    try:
+    with contextlib.suppress(AttributeError, OSError):
         info["cores_usable"] = len(os.sched_getaffinity(0))
-    except (AttributeError, OSError):
-        pass
-    try:
+    with contextlib.suppress(ValueError, OSError, AttributeError):
         info["memory_gib"] = round(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
                                    / 2 ** 30, 1)
-    except (ValueError, OSError, AttributeError):
-        pass
     try:
         import numba
 
@@ -296,8 +310,6 @@ def versions():
 
     out = {"python": platform.python_version(), "numpy": np.__version__, "fastopt": __version__}
     for dist in ("numba", "numba-cuda", "cupy-cuda12x", "cupy-cuda13x", "cupy", "torch"):
-        try:
+        with contextlib.suppress(metadata.PackageNotFoundError):
             out[dist] = metadata.version(dist)
-        except metadata.PackageNotFoundError:
-            pass
     return out

@@ -23,7 +23,7 @@ import numpy as np
 from .. import backends
 from .problems import SPECS, TEXTBOOK_VALLEY, textbook_valley_path, train_mlp, valley_path
 
-__all__ = ["main", "load_data", "DEMO_DEPS"]
+__all__ = ["DEMO_DEPS", "load_data", "main"]
 
 #: import name -> distribution name, for the message when one is missing
 DEMO_DEPS = {"matplotlib": "matplotlib", "sklearn": "scikit-learn"}
@@ -108,7 +108,7 @@ def _table(rows, header):
     cells = [header] + [[str(c) for c in r] for r in rows]
     width = [max(len(r[i]) for r in cells) for i in range(len(header))]
     right = [i > 0 for i in range(len(header))]
-    line = lambda r: "| " + " | ".join(c.rjust(w) if rj else c.ljust(w)  # noqa: E731
+    line = lambda r: "| " + " | ".join(c.rjust(w) if rj else c.ljust(w)
                                        for c, w, rj in zip(r, width, right)) + " |"
     sep = "|" + "|".join("-" * (w + 1) + ":" if rj else "-" * (w + 2)
                          for w, rj in zip(width, right)) + "|"

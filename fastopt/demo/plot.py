@@ -3,7 +3,7 @@ import numpy as np
 
 from .problems import VALLEY_START, valley
 
-__all__ = ["plot_valley", "plot_textbook_valley", "plot_training", "fmt_lr", "smooth"]
+__all__ = ["fmt_lr", "plot_textbook_valley", "plot_training", "plot_valley", "smooth"]
 
 #: one colour per optimizer, the same in both figures
 COLORS = ("#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd", "#8c564b", "#e377c2", "#17becf")

@@ -15,6 +15,7 @@
 
 Nothing here imports matplotlib or scikit-learn; ``fastopt.demo`` loads the data and draws.
 """
+import itertools
 import time
 from dataclasses import dataclass
 
@@ -24,10 +25,22 @@ from .. import optimizers
 from .._arrays import array_module, to_numpy
 from ..flat import FlatBuffer
 
-__all__ = ["Spec", "SPECS", "VALLEY_START", "valley", "valley_grad", "valley_path",
-           "TEXTBOOK_VALLEY", "textbook_valley_path",
-           "init_mlp", "mlp_loss", "mlp_loss_and_grad", "mlp_accuracy", "train_mlp",
-           "TrainResult"]
+__all__ = [
+    "SPECS",
+    "TEXTBOOK_VALLEY",
+    "VALLEY_START",
+    "Spec",
+    "TrainResult",
+    "init_mlp",
+    "mlp_accuracy",
+    "mlp_loss",
+    "mlp_loss_and_grad",
+    "textbook_valley_path",
+    "train_mlp",
+    "valley",
+    "valley_grad",
+    "valley_path",
+]
 
 #: where every valley path starts, as in the textbook figure
 VALLEY_START = (-7.0, 2.0)
@@ -133,7 +146,7 @@ def init_mlp(sizes=(64, 100, 10), seed=0, xp=np, dtype=np.float32):
     """He-initialised weights (``W1, b1, W2, b2``), the same for every optimizer."""
     rng = np.random.default_rng(seed)
     params = {}
-    for i, (n_in, n_out) in enumerate(zip(sizes[:-1], sizes[1:]), start=1):
+    for i, (n_in, n_out) in enumerate(itertools.pairwise(sizes), start=1):
         params[f"W{i}"] = xp.asarray(rng.standard_normal((n_in, n_out)) * np.sqrt(2.0 / n_in),
                                      dtype=dtype)
         params[f"b{i}"] = xp.zeros(n_out, dtype=dtype)

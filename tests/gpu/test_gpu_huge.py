@@ -7,9 +7,9 @@ over the whole buffer checks that every other element moved by exactly lr·g.
 """
 import numpy as np
 import pytest
+from gpu_common import gpu_backend_params, needs_gpu
 
 import fastopt
-from gpu_common import gpu_backend_params, needs_gpu
 
 pytestmark = needs_gpu
 

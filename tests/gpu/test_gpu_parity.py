@@ -8,12 +8,12 @@ CuPy arrays, whose buffers and state must live on the GPU.
 """
 import numpy as np
 import pytest
-
-import fastopt
 from conftest import resolve, state_names
 from gpu_common import gpu_backend_params, needs_gpu, to_device, to_host
 from test_parity import CONFIGS, DTYPES, SIZES, STEPS, _case, _config_id
 from tolerances import assert_close
+
+import fastopt
 
 pytestmark = needs_gpu
 
@@ -69,7 +69,7 @@ def _run_flat(name, kwargs, backend, dtype, p0, grads):
     for st in opt.state.values():
         for s, a in st.items():
             assert isinstance(a, cupy.ndarray), f"state {s} is not on the GPU"
-    cat = lambda d: np.concatenate([to_host(d[k]).reshape(-1) for k in parts])  # noqa: E731
+    cat = lambda d: np.concatenate([to_host(d[k]).reshape(-1) for k in parts])
     return cat(buf.params), {s: cat({k: opt.state[k][s] for k in parts})
                              for s in opt.state["a"]}
 
@@ -147,9 +147,9 @@ def test_occupancy_formula_matches_the_driver():
     """The grid of the CuPy raw kernels comes from ``_launch.blocks_per_sm`` and the kernel's
     register count; the driver's own occupancy calculator must agree for every Adam variant."""
     import cupy
+    from fastopt.kernels import cuda_source
 
     from fastopt.backends import _launch, cupy_backend
-    from fastopt.kernels import cuda_source
     occ = getattr(cupy.cuda.driver, "occupancyMaxActiveBlocksPerMultiprocessor", None)
     if occ is None:
         pytest.skip("this CuPy has no driver occupancy binding")
