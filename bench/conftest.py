@@ -6,6 +6,7 @@ backends at 2^20, 2^24 and 2^28 in float32. Points of a backend that cannot run 
 skipped with the backend's own reason, so a GPU machine picks them up with no flag. The
 measurement code is fastopt's own (``fastopt.bench.measure*``), shared with ``fastopt bench``.
 """
+
 import pytest
 
 from fastopt.backends import BACKENDS, available_backends, get_backend
@@ -36,8 +37,13 @@ def points():
         for n in sizes:
             for dtype in dtypes:
                 for case in CASE_NAMES:
-                    out.append(pytest.param((case, backend, n, dtype), marks=marks,
-                                            id=f"{case}-{backend}-{n}-{dtype}"))
+                    out.append(
+                        pytest.param(
+                            (case, backend, n, dtype),
+                            marks=marks,
+                            id=f"{case}-{backend}-{n}-{dtype}",
+                        )
+                    )
     return out
 
 
@@ -57,12 +63,19 @@ def ceilings():
         key = (backend, n_state, n, dtype)
         if key not in cache:
             p0, g0 = host_data(n, dtype)
-            res = measure_group({"ceiling": lambda: ceiling_runner(backend, n_state, p0, g0),
-                                 "copy": lambda: copy_runner(backend, p0)},
-                                reps=20, warmup=WARMUP, budget_s=4.0,
-                                together=device == "cpu")
-            cache[key] = (backend,) + tuple(r.bytes / median(t) / 1e9
-                                            for r, t in (res["ceiling"], res["copy"]))
+            res = measure_group(
+                {
+                    "ceiling": lambda: ceiling_runner(backend, n_state, p0, g0),
+                    "copy": lambda: copy_runner(backend, p0),
+                },
+                reps=20,
+                warmup=WARMUP,
+                budget_s=4.0,
+                together=device == "cpu",
+            )
+            cache[key] = (backend,) + tuple(
+                r.bytes / median(t) / 1e9 for r, t in (res["ceiling"], res["copy"])
+            )
         return cache[key]
 
     return get
@@ -79,9 +92,18 @@ def record(benchmark, ceilings):
 def _record(benchmark, ceilings, runner, case, backend, device, n, dtype, **extra):
     ceil_backend, ceil_gbps, copy_gbps = ceilings(device, CASES[case].n_state, n, dtype)
     info = benchmark.extra_info
-    info.update(optimizer=case, backend=backend, device=device, dtype=dtype, n=n,
-                bytes=runner.bytes, ceiling_backend=ceil_backend, ceiling_gbps=ceil_gbps,
-                copy_gbps=copy_gbps, **extra)
+    info.update(
+        optimizer=case,
+        backend=backend,
+        device=device,
+        dtype=dtype,
+        n=n,
+        bytes=runner.bytes,
+        ceiling_backend=ceil_backend,
+        ceiling_gbps=ceil_gbps,
+        copy_gbps=copy_gbps,
+        **extra,
+    )
     stats = getattr(benchmark, "stats", None)
     if stats is not None:  # None under --benchmark-disable
         med = stats.stats.median

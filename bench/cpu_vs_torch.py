@@ -13,6 +13,7 @@ torch's CPU ``fused=True`` exists for Adam, AdamW, SGD and Adagrad; RMSprop has 
 implementation, so it is compared with ``foreach=True``. Lion has no torch counterpart (only
 the oracle ratio is reported).
 """
+
 import argparse
 import json
 import os
@@ -32,15 +33,30 @@ __all__ = ["CASES", "main", "run_case"]
 #: name -> (fastopt class, fastopt kwargs, torch.optim class name, torch kwargs, torch mode)
 CASES = {
     "adam": ("Adam", {"lr": 1e-3}, "Adam", {"lr": 1e-3}, "fused"),
-    "adamw": ("AdamW", {"lr": 1e-3, "weight_decay": 1e-2}, "AdamW",
-              {"lr": 1e-3, "weight_decay": 1e-2}, "fused"),
-    "momentum": ("SGD", {"lr": 1e-2, "momentum": 0.9}, "SGD", {"lr": 1e-2, "momentum": 0.9},
-                 "fused"),
+    "adamw": (
+        "AdamW",
+        {"lr": 1e-3, "weight_decay": 1e-2},
+        "AdamW",
+        {"lr": 1e-3, "weight_decay": 1e-2},
+        "fused",
+    ),
+    "momentum": (
+        "SGD",
+        {"lr": 1e-2, "momentum": 0.9},
+        "SGD",
+        {"lr": 1e-2, "momentum": 0.9},
+        "fused",
+    ),
     "adagrad": ("AdaGrad", {"lr": 1e-2}, "Adagrad", {"lr": 1e-2}, "fused"),
     "rmsprop": ("RMSProp", {"lr": 1e-2}, "RMSprop", {"lr": 1e-2}, "foreach"),
     "sgd": ("SGD", {"lr": 1e-2}, "SGD", {"lr": 1e-2}, "fused"),
-    "nesterov": ("SGD", {"lr": 1e-2, "momentum": 0.9, "nesterov": True}, "SGD",
-                 {"lr": 1e-2, "momentum": 0.9, "nesterov": True}, "fused"),
+    "nesterov": (
+        "SGD",
+        {"lr": 1e-2, "momentum": 0.9, "nesterov": True},
+        "SGD",
+        {"lr": 1e-2, "momentum": 0.9, "nesterov": True},
+        "fused",
+    ),
     "lion": ("Lion", {"lr": 1e-4, "weight_decay": 1e-2}, None, None, None),
 }
 DEFAULT = ("adam", "adamw", "momentum", "adagrad", "rmsprop")
@@ -77,7 +93,7 @@ def run_case(name, n, reps, numpy_every=3, warmup=3, seed=0):
         runners["torch"] = topt.step
         torch_label = f"torch.optim.{tcls}({mode}=True)"
 
-    for _ in range(warmup):                      # compile / load from cache, allocate state
+    for _ in range(warmup):  # compile / load from cache, allocate state
         for b, fn in runners.items():
             if b != "numpy":
                 fn()
@@ -86,15 +102,22 @@ def run_case(name, n, reps, numpy_every=3, warmup=3, seed=0):
     times = {b: [] for b in runners}
     for r in range(reps):
         order = [b for b in runners if b != "numpy" or r % numpy_every == 0]
-        if r % 2:                                # alternate who goes first
+        if r % 2:  # alternate who goes first
             order.reverse()
         for b in order:
             times[b].append(_timed(runners[b]))
 
     med = {b: statistics.median(t) * 1e3 for b, t in times.items()}
-    out = {"optimizer": name, "fastopt": f"fastopt.{cls}({kw})", "torch": torch_label,
-           "n": n, "dtype": "float32", "median_ms": med, "times_s": times,
-           "speedup_vs_numpy": med["numpy"] / med["numba"]}
+    out = {
+        "optimizer": name,
+        "fastopt": f"fastopt.{cls}({kw})",
+        "torch": torch_label,
+        "n": n,
+        "dtype": "float32",
+        "median_ms": med,
+        "times_s": times,
+        "speedup_vs_numpy": med["numpy"] / med["numba"],
+    }
     if "torch" in med:
         out["speedup_vs_torch"] = med["torch"] / med["numba"]
     return out
@@ -103,14 +126,21 @@ def run_case(name, n, reps, numpy_every=3, warmup=3, seed=0):
 def _env():
     import numba
 
-    env = {"python": platform.python_version(), "numpy": np.__version__,
-           "numba": numba.__version__, "numba_threads": numba.get_num_threads(),
-           "fastopt": fastopt.__version__, "cpu": platform.processor() or platform.machine(),
-           "cores": os.cpu_count(), "loadavg_1min": os.getloadavg()[0]}
+    env = {
+        "python": platform.python_version(),
+        "numpy": np.__version__,
+        "numba": numba.__version__,
+        "numba_threads": numba.get_num_threads(),
+        "fastopt": fastopt.__version__,
+        "cpu": platform.processor() or platform.machine(),
+        "cores": os.cpu_count(),
+        "loadavg_1min": os.getloadavg()[0],
+    }
     try:
         with open("/proc/cpuinfo") as f:
-            env["cpu"] = next(line.split(":", 1)[1].strip() for line in f
-                              if line.startswith("model name"))
+            env["cpu"] = next(
+                line.split(":", 1)[1].strip() for line in f if line.startswith("model name")
+            )
     except (OSError, StopIteration):
         pass
     try:
@@ -127,10 +157,15 @@ def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--n", type=int, default=10_000_000, help="elements (float32)")
     ap.add_argument("--reps", type=int, default=21, help="timed repetitions (numba and torch)")
-    ap.add_argument("--numpy-every", type=int, default=3,
-                    help="time the (slow) NumPy oracle on every k-th repetition only")
-    ap.add_argument("--optimizers", default=",".join(DEFAULT),
-                    help=f"comma-separated, from {','.join(CASES)}")
+    ap.add_argument(
+        "--numpy-every",
+        type=int,
+        default=3,
+        help="time the (slow) NumPy oracle on every k-th repetition only",
+    )
+    ap.add_argument(
+        "--optimizers", default=",".join(DEFAULT), help=f"comma-separated, from {','.join(CASES)}"
+    )
     ap.add_argument("--json", metavar="PATH", help="also write the raw timings here")
     args = ap.parse_args(argv)
     names = [s.strip() for s in args.optimizers.split(",") if s.strip()]
@@ -140,17 +175,24 @@ def main(argv=None):
     try:
         import torch  # noqa: F401
     except ImportError:
-        print("torch is not installed: only the NumPy oracle ratios are reported "
-              "(pip install torch==2.13.0 for the comparison)", file=sys.stderr)
+        print(
+            "torch is not installed: only the NumPy oracle ratios are reported "
+            "(pip install torch==2.13.0 for the comparison)",
+            file=sys.stderr,
+        )
         names_t = []
     else:
         names_t = names
     env = _env()
-    print(f"# n={args.n} float32, reps={args.reps}, cpu={env['cpu']}, cores={env['cores']}, "
-          f"numba {env['numba']} ({env['numba_threads']} threads), torch {env['torch']}, "
-          f"load {env['loadavg_1min']:.2f} (other work on these cores inflates every time)")
-    hdr = (f"{'optimizer':10} {'numba ms':>9} {'torch ms':>9} {'numpy ms':>9} "
-           f"{'torch/numba':>11} {'numpy/numba':>11}  torch variant")
+    print(
+        f"# n={args.n} float32, reps={args.reps}, cpu={env['cpu']}, cores={env['cores']}, "
+        f"numba {env['numba']} ({env['numba_threads']} threads), torch {env['torch']}, "
+        f"load {env['loadavg_1min']:.2f} (other work on these cores inflates every time)"
+    )
+    hdr = (
+        f"{'optimizer':10} {'numba ms':>9} {'torch ms':>9} {'numpy ms':>9} "
+        f"{'torch/numba':>11} {'numpy/numba':>11}  torch variant"
+    )
     print(hdr)
     results = []
     for name in names:
@@ -162,8 +204,11 @@ def main(argv=None):
         m = res["median_ms"]
         tm = f"{m['torch']:9.2f}" if "torch" in m else f"{'-':>9}"
         tr = f"{res['speedup_vs_torch']:10.2f}x" if "torch" in m else f"{'-':>11}"
-        print(f"{name:10} {m['numba']:9.2f} {tm} {m['numpy']:9.2f} {tr} "
-              f"{res['speedup_vs_numpy']:10.1f}x  {res['torch'] or '-'}", flush=True)
+        print(
+            f"{name:10} {m['numba']:9.2f} {tm} {m['numpy']:9.2f} {tr} "
+            f"{res['speedup_vs_numpy']:10.1f}x  {res['torch'] or '-'}",
+            flush=True,
+        )
     env["loadavg_1min_after"] = os.getloadavg()[0]
     print(f"# load after: {env['loadavg_1min_after']:.2f}")
     if args.json:

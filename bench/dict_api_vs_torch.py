@@ -17,6 +17,7 @@ p -= lr_t*m/(sqrt(v)+eps)`` over the dict) and torch's fused Adam.
 
 ``bench/test_bench_dict_api.py`` runs the same contenders under pytest-benchmark.
 """
+
 import argparse
 import json
 import os
@@ -35,8 +36,18 @@ __all__ = ["MLP_SHAPES", "TextbookAdam", "case_arrays", "contenders", "main", "m
 LR = 1e-3
 
 #: a 784-41-41-41-41-10 MLP: 10 arrays, 37,771 weights
-MLP_SHAPES = {"W1": (784, 41), "b1": (41,), "W2": (41, 41), "b2": (41,), "W3": (41, 41),
-              "b3": (41,), "W4": (41, 41), "b4": (41,), "W5": (41, 10), "b5": (10,)}
+MLP_SHAPES = {
+    "W1": (784, 41),
+    "b1": (41,),
+    "W2": (41, 41),
+    "b2": (41,),
+    "W3": (41, 41),
+    "b3": (41,),
+    "W4": (41, 41),
+    "b4": (41,),
+    "W5": (41, 10),
+    "b5": (10,),
+}
 
 
 class TextbookAdam:
@@ -51,7 +62,7 @@ class TextbookAdam:
             self.m = {k: np.zeros_like(v) for k, v in params.items()}
             self.v = {k: np.zeros_like(v) for k, v in params.items()}
         self.iter += 1
-        lr_t = self.lr * np.sqrt(1.0 - self.beta2 ** self.iter) / (1.0 - self.beta1 ** self.iter)
+        lr_t = self.lr * np.sqrt(1.0 - self.beta2**self.iter) / (1.0 - self.beta1**self.iter)
         for key in params:
             self.m[key] += (1 - self.beta1) * (grads[key] - self.m[key])
             self.v[key] += (1 - self.beta2) * (grads[key] ** 2 - self.v[key])
@@ -61,10 +72,11 @@ class TextbookAdam:
 def case_arrays(case, seed=0):
     """``(params, [grads, grads])`` of a case: two sets of grad arrays, to alternate."""
     rng = np.random.default_rng(seed)
-    shapes = ({f"p{i}": (256,) for i in range(2000)} if case == "many" else MLP_SHAPES)
+    shapes = {f"p{i}": (256,) for i in range(2000)} if case == "many" else MLP_SHAPES
     params = {k: rng.standard_normal(s).astype(np.float32) for k, s in shapes.items()}
-    grads = [{k: rng.standard_normal(s).astype(np.float32) for k, s in shapes.items()}
-             for _ in range(2)]
+    grads = [
+        {k: rng.standard_normal(s).astype(np.float32) for k, s in shapes.items()} for _ in range(2)
+    ]
     return params, grads
 
 
@@ -114,7 +126,7 @@ def measure(fns, reps, warmup=5):
     times = {name: [] for name in fns}
     names = list(fns)
     for r in range(reps):
-        for name in (names if r % 2 == 0 else names[::-1]):
+        for name in names if r % 2 == 0 else names[::-1]:
             t0 = time.perf_counter()
             fns[name]()
             times[name].append(time.perf_counter() - t0)
@@ -129,16 +141,21 @@ def main(argv=None):
     ap.add_argument("--json", metavar="PATH", help="also write the raw timings here")
     args = ap.parse_args(argv)
     load = os.getloadavg()
-    print(f"# Adam float32, reps={args.reps}, cores={os.cpu_count()}, numpy {np.__version__}, "
-          f"fastopt {fastopt.__version__}, load average {load[0]:.2f} {load[1]:.2f} "
-          f"{load[2]:.2f}")
+    print(
+        f"# Adam float32, reps={args.reps}, cores={os.cpu_count()}, numpy {np.__version__}, "
+        f"fastopt {fastopt.__version__}, load average {load[0]:.2f} {load[1]:.2f} "
+        f"{load[2]:.2f}"
+    )
     results = {}
     for case in [c.strip() for c in args.cases.split(",") if c.strip()]:
         times = measure(contenders(case, not args.no_torch), args.reps)
         med = {k: statistics.median(v) * 1e3 for k, v in times.items()}
         results[case] = {"median_ms": med, "times_s": times}
-        title = ("2,000 arrays x 256" if case == "many"
-                 else "784-41-41-41-41-10 MLP, 10 arrays, 37,771 weights")
+        title = (
+            "2,000 arrays x 256"
+            if case == "many"
+            else "784-41-41-41-41-10 MLP, 10 arrays, 37,771 weights"
+        )
         print(f"\n{case}: {title}")
         for name, ms in med.items():
             print(f"  {name:32} {ms:9.3f} ms")
@@ -147,8 +164,16 @@ def main(argv=None):
     if args.json:
         os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
         with open(args.json, "w") as f:
-            json.dump({"loadavg_before": load, "loadavg_after": after, "reps": args.reps,
-                       "results": results}, f, indent=1)
+            json.dump(
+                {
+                    "loadavg_before": load,
+                    "loadavg_after": after,
+                    "reps": args.reps,
+                    "results": results,
+                },
+                f,
+                indent=1,
+            )
         print(f"# wrote {args.json}")
     return 0
 

@@ -8,6 +8,7 @@ pytest-benchmark's own JSON (kept next to the output as ``*.pytest-benchmark.jso
 with optimizer, backend, dtype, n, median_s, bytes, gbps, ceiling_gbps, copy_gbps, the raw
 per-round timings and the × NumPy / × torch ratios.
 """
+
 import argparse
 import datetime
 import json
@@ -30,14 +31,25 @@ def convert(raw):
     for b in raw["benchmarks"]:
         info, stats = b["extra_info"], b["stats"]
         med = stats["median"]
-        rec = {"optimizer": info["optimizer"], "backend": info["backend"],
-               "device": info["device"], "layout": info.get("layout", "flat"),
-               "n_tensors": info.get("n_tensors", 1), "dtype": info["dtype"], "n": info["n"],
-               "reps": stats["rounds"], "median_s": med, "min_s": stats["min"],
-               "times_s": stats.get("data", []), "bytes": info["bytes"],
-               "gbps": info["bytes"] / med / 1e9, "ceiling_backend": info["ceiling_backend"],
-               "ceiling_gbps": info["ceiling_gbps"], "copy_gbps": info["copy_gbps"],
-               "test": b["fullname"]}
+        rec = {
+            "optimizer": info["optimizer"],
+            "backend": info["backend"],
+            "device": info["device"],
+            "layout": info.get("layout", "flat"),
+            "n_tensors": info.get("n_tensors", 1),
+            "dtype": info["dtype"],
+            "n": info["n"],
+            "reps": stats["rounds"],
+            "median_s": med,
+            "min_s": stats["min"],
+            "times_s": stats.get("data", []),
+            "bytes": info["bytes"],
+            "gbps": info["bytes"] / med / 1e9,
+            "ceiling_backend": info["ceiling_backend"],
+            "ceiling_gbps": info["ceiling_gbps"],
+            "copy_gbps": info["copy_gbps"],
+            "test": b["fullname"],
+        }
         rec["pct_of_ceiling"] = percent(rec["gbps"], rec["ceiling_gbps"])
         if "peer" in info:
             rec["peer"] = info["peer"]
@@ -47,10 +59,15 @@ def convert(raw):
         from fastopt.bench.gpu import gpu_name
 
         gpu = gpu_name()
-    return {"schema": "fastopt-bench/1", "created": raw.get("datetime"),
-            "command": "python bench/run_suite.py", "source": "pytest-benchmark "
-            + str(raw.get("version")), "device": device_info(gpu), "versions": versions(),
-            "records": finalize(records)}
+    return {
+        "schema": "fastopt-bench/1",
+        "created": raw.get("datetime"),
+        "command": "python bench/run_suite.py",
+        "source": "pytest-benchmark " + str(raw.get("version")),
+        "device": device_info(gpu),
+        "versions": versions(),
+        "records": finalize(records),
+    }
 
 
 def main(argv=None):
@@ -59,16 +76,26 @@ def main(argv=None):
     extra = []
     if "--" in argv:
         i = argv.index("--")
-        argv, extra = argv[:i], argv[i + 1:]
+        argv, extra = argv[:i], argv[i + 1 :]
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     date = datetime.date.today().isoformat()
-    ap.add_argument("--out", default=os.path.join(HERE, "results", f"suite-{date}.json"),
-                    help="where to write the converted results (default: %(default)s)")
+    ap.add_argument(
+        "--out",
+        default=os.path.join(HERE, "results", f"suite-{date}.json"),
+        help="where to write the converted results (default: %(default)s)",
+    )
     args = ap.parse_args(argv)
     raw_path = os.path.splitext(args.out)[0] + ".pytest-benchmark.json"
     os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
-    cmd = [sys.executable, "-m", "pytest", os.path.join(HERE), "-q",
-           f"--benchmark-json={raw_path}", *extra]
+    cmd = [
+        sys.executable,
+        "-m",
+        "pytest",
+        os.path.join(HERE),
+        "-q",
+        f"--benchmark-json={raw_path}",
+        *extra,
+    ]
     print("+", " ".join(cmd), file=sys.stderr)
     rc = subprocess.call(cmd, cwd=ROOT)
     if not os.path.exists(raw_path):

@@ -6,6 +6,7 @@ values (``many``) and over the 10 arrays of a 784-41-41-41-41-10 MLP (``mlp``): 
 textbook NumPy Adam (``mlp``) and ``torch.optim.Adam(fused=True)`` when torch is installed.
 Compare the medians within one benchmark group; the side-by-side script interleaves them.
 """
+
 import pytest
 from dict_api_vs_torch import contenders
 

@@ -4,6 +4,7 @@
 small arrays: what a GPU step costs the host before its kernel launches, and what the textbook
 interface costs per parameter.
 """
+
 import pytest
 
 from fastopt.bench.host import host_runner, null_backend
@@ -11,8 +12,9 @@ from fastopt.bench.measure import CASES
 
 
 @pytest.mark.parametrize("case", ["sgd", "adam"])
-@pytest.mark.parametrize("api,n_params", [("step", 1), ("update", 1), ("update", 100),
-                                          ("update", 2000)])
+@pytest.mark.parametrize(
+    "api,n_params", [("step", 1), ("update", 1), ("update", 100), ("update", 2000)]
+)
 def test_host_path(benchmark, case, api, n_params):
     with null_backend():
         runner = host_runner(CASES[case], n_params=n_params, api=api)

@@ -4,6 +4,7 @@
 same-traffic ceiling measured on the same backend. The only assertion is a sanity check that
 the step ran and moved the parameters; correctness is tested in ``tests/``.
 """
+
 import numpy as np
 
 from fastopt._arrays import to_numpy

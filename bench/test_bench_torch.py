@@ -4,6 +4,7 @@ CPU: fused where torch has it, else foreach; CUDA (when torch sees a GPU): fused
 Each on one flat tensor and on a small transformer's ~200 parameter tensors of the same total
 size. Same sizes, dtypes, extra_info and sanity check as ``test_bench_optimizers.py``.
 """
+
 import pytest
 
 from fastopt.bench.measure import CASE_NAMES, CASES, GRID, host_data, timed_call
@@ -23,9 +24,17 @@ def _points():
                 for case in CASE_NAMES:
                     for mode in modes(CASES[case], device):
                         for layout in ("flat", "list"):
-                            out.append(pytest.param(case, device, mode, layout, n, dtype,
-                                                    id=f"{case}-torch-{mode}-{device}-{layout}"
-                                                       f"-{n}-{dtype}"))
+                            out.append(
+                                pytest.param(
+                                    case,
+                                    device,
+                                    mode,
+                                    layout,
+                                    n,
+                                    dtype,
+                                    id=f"{case}-torch-{mode}-{device}-{layout}-{n}-{dtype}",
+                                )
+                            )
     return out
 
 
@@ -37,6 +46,15 @@ def test_torch_step(benchmark, record, case, device, mode, layout, n, dtype):
     first = params[0].detach().clone()
     benchmark.group = f"{case} {dtype} n={n}"
     benchmark(timed_call(runner))
-    record(runner, case, f"torch-{mode}", device, n, dtype, layout=layout,
-           n_tensors=len(params), peer=runner.info["peer"])
+    record(
+        runner,
+        case,
+        f"torch-{mode}",
+        device,
+        n,
+        dtype,
+        layout=layout,
+        n_tensors=len(params),
+        peer=runner.info["peer"],
+    )
     assert not torch.equal(params[0].detach(), first)

@@ -1,47 +1,48 @@
 """fastopt: fused optimizer update kernels for NumPy, CuPy and PyTorch arrays.
 
-    opt = fastopt.Adam(lr=1e-3)
-    opt.update(params, grads)          # dicts name -> array, updated in place
-    buf = fastopt.FlatBuffer(params)   # one contiguous buffer per dtype
-    opt.step(buf)                      # one fused kernel call per dtype
+opt = fastopt.Adam(lr=1e-3)
+opt.update(params, grads)          # dicts name -> array, updated in place
+buf = fastopt.FlatBuffer(params)   # one contiguous buffer per dtype
+opt.step(buf)                      # one fused kernel call per dtype
 """
+
 from ._validate import NonFiniteGradientError
 from .backends import available_backends
 from .checkpoint import CheckpointError, load_checkpoint, save_checkpoint
 from .flat import FlatBuffer
 from .optimizer import Optimizer
 from .optimizers import (
-                         SGD,
-                         AdaGrad,
-                         Adagrad,
-                         Adam,
-                         AdamW,
-                         Lion,
-                         Momentum,
-                         Nesterov,
-                         RMSProp,
-                         RMSprop,
+    SGD,
+    AdaGrad,
+    Adagrad,
+    Adam,
+    AdamW,
+    Lion,
+    Momentum,
+    Nesterov,
+    RMSProp,
+    RMSprop,
 )
 
 __version__ = "0.1.0"
 
 __all__ = [
-                         "SGD",
-                         "AdaGrad",
-                         "Adagrad",
-                         "Adam",
-                         "AdamW",
-                         "CheckpointError",
-                         "FlatBuffer",
-                         "Lion",
-                         "Momentum",
-                         "Nesterov",
-                         "NonFiniteGradientError",
-                         "Optimizer",
-                         "RMSProp",
-                         "RMSprop",
-                         "__version__",
-                         "available_backends",
-                         "load_checkpoint",
-                         "save_checkpoint",
+    "SGD",
+    "AdaGrad",
+    "Adagrad",
+    "Adam",
+    "AdamW",
+    "CheckpointError",
+    "FlatBuffer",
+    "Lion",
+    "Momentum",
+    "Nesterov",
+    "NonFiniteGradientError",
+    "Optimizer",
+    "RMSProp",
+    "RMSprop",
+    "__version__",
+    "available_backends",
+    "load_checkpoint",
+    "save_checkpoint",
 ]

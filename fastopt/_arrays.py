@@ -6,6 +6,7 @@ producer (CuPy, Numba device arrays, PyTorch CUDA tensors, anything with
 of the same memory; a host object that exports DLPack (e.g. a PyTorch CPU tensor) becomes a
 zero-copy NumPy view. CuPy is imported only when a device array is met.
 """
+
 import contextlib
 import sys
 from collections.abc import Mapping
@@ -33,9 +34,11 @@ def _cupy():
     try:
         import cupy
     except ImportError as exc:
-        raise ImportError("a device array needs CuPy to be stepped through the optimizer classes "
-                          "(install fastopt[cuda12] or fastopt[cuda13] for your CUDA major "
-                          f"version): {exc}") from exc
+        raise ImportError(
+            "a device array needs CuPy to be stepped through the optimizer classes "
+            "(install fastopt[cuda12] or fastopt[cuda13] for your CUDA major "
+            f"version): {exc}"
+        ) from exc
     return cupy
 
 
@@ -89,18 +92,22 @@ def as_xp_array(a, label=None):
         return a
     if _is_torch(a):
         if str(a.dtype) not in _TORCH_FLOATS:
-            raise TypeError(f"{label or 'a tensor'} is a torch.Tensor of dtype {a.dtype} "
-                            f"(shape {list(a.shape)}, device {a.device}); fastopt steps float32 "
-                            "and float64 (keep a float32 master copy, or cast explicitly)")
+            raise TypeError(
+                f"{label or 'a tensor'} is a torch.Tensor of dtype {a.dtype} "
+                f"(shape {list(a.shape)}, device {a.device}); fastopt steps float32 "
+                "and float64 (keep a float32 master copy, or cast explicitly)"
+            )
         a = a.detach()
         if a.device.type == "cpu":
             return a.numpy()  # a view of the tensor's memory (the fast path to DLPack's view)
     try:
         return _view(a)
     except (BufferError, RuntimeError, TypeError, ValueError) as exc:
-        raise TypeError(f"{label or 'an array'} ({type(a).__name__}, dtype "
-                        f"{getattr(a, 'dtype', '?')}) cannot be viewed in place as a NumPy or "
-                        f"CuPy array: {exc}") from exc
+        raise TypeError(
+            f"{label or 'an array'} ({type(a).__name__}, dtype "
+            f"{getattr(a, 'dtype', '?')}) cannot be viewed in place as a NumPy or "
+            f"CuPy array: {exc}"
+        ) from exc
 
 
 def _view(a):
@@ -131,8 +138,10 @@ def as_xp_dicts(params, grads):
         return params, grads
     params = {n: as_xp_array(a, f"parameter {n!r}") for n, a in params.items()}
     grads = {n: as_xp_array(a, f"grad of parameter {n!r}") for n, a in grads.items()}
-    check_one_device([(f"parameter {n!r}", a) for n, a in params.items()]
-                     + [(f"grad of parameter {n!r}", a) for n, a in grads.items()])
+    check_one_device(
+        [(f"parameter {n!r}", a) for n, a in params.items()]
+        + [(f"grad of parameter {n!r}", a) for n, a in grads.items()]
+    )
     return params, grads
 
 
@@ -145,8 +154,10 @@ def check_one_device(labelled):
             seen.setdefault(dev, label)
     if len(seen) > 1:
         (d0, l0), (d1, l1) = list(seen.items())[:2]
-        raise ValueError(f"{l0} is on cuda:{d0} but {l1} is on cuda:{d1}; all params and "
-                         "grads of one optimizer must live on one device")
+        raise ValueError(
+            f"{l0} is on cuda:{d0} but {l1} is on cuda:{d1}; all params and "
+            "grads of one optimizer must live on one device"
+        )
 
 
 def on_device(a):

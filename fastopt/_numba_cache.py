@@ -8,6 +8,7 @@ own functions are cached under ``$XDG_CACHE_HOME/fastopt/numba`` (``~/.cache/fas
 instead, unless ``NUMBA_CACHE_DIR`` is set, which always wins. Only the functions decorated by
 ``njit_cached`` are affected; numba's setting for everything else is restored at once.
 """
+
 import contextlib
 import os
 

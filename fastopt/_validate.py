@@ -6,6 +6,7 @@ Errors are ``TypeError`` (wrong kind of object or dtype), ``ValueError`` (wrong 
 memory, value) or ``KeyError`` (wrong names); each names the parameter, what it got and what
 was expected.
 """
+
 import math
 
 import numpy as np
@@ -79,9 +80,19 @@ def describe(a):
     return f"{dtype_name(dtype_of(a))}{list(a.shape)} on {where(a)}"
 
 
-_KIND = {"i": "integer", "u": "unsigned integer", "c": "complex", "b": "boolean",
-         "O": "object", "U": "string", "S": "bytes", "V": "void", "M": "datetime",
-         "m": "timedelta", "f": "floating"}
+_KIND = {
+    "i": "integer",
+    "u": "unsigned integer",
+    "c": "complex",
+    "b": "boolean",
+    "O": "object",
+    "U": "string",
+    "S": "bytes",
+    "V": "void",
+    "M": "datetime",
+    "m": "timedelta",
+    "f": "floating",
+}
 
 
 def _who(name, who):
@@ -93,20 +104,27 @@ def check_array(name, role, a, supported=SUPPORTED_DTYPES, who=None):
     (``role``: param/grad/...; ``who``: what the message names, by default the parameter)."""
     who = _who(name, who)
     if not is_array(a):
-        raise TypeError(f"{role} of {who} is a {type(a).__name__}; expected a NumPy array or a "
-                        "device (__cuda_array_interface__) array")
+        raise TypeError(
+            f"{role} of {who} is a {type(a).__name__}; expected a NumPy array or a "
+            "device (__cuda_array_interface__) array"
+        )
     dt = dtype_of(a)
     if dt.kind != "f":
-        raise TypeError(f"{role} of {who} is {describe(a)} "
-                        f"({_KIND.get(dt.kind, dt.kind)} dtype); expected a floating dtype "
-                        f"({' or '.join(supported)})")
+        raise TypeError(
+            f"{role} of {who} is {describe(a)} "
+            f"({_KIND.get(dt.kind, dt.kind)} dtype); expected a floating dtype "
+            f"({' or '.join(supported)})"
+        )
     if not dt.isnative:
-        raise TypeError(f"{role} of {who} is {describe(a)}: non-native byte order; the kernels "
-                        f"read native-endian {' and '.join(supported)} (convert it first, e.g. "
-                        "a.astype(a.dtype.newbyteorder('=')))")
+        raise TypeError(
+            f"{role} of {who} is {describe(a)}: non-native byte order; the kernels "
+            f"read native-endian {' and '.join(supported)} (convert it first, e.g. "
+            "a.astype(a.dtype.newbyteorder('=')))"
+        )
     if dt.name not in supported:
-        raise TypeError(f"{role} of {who} is {describe(a)}; this backend steps "
-                        f"{' and '.join(supported)} only")
+        raise TypeError(
+            f"{role} of {who} is {describe(a)}; this backend steps {' and '.join(supported)} only"
+        )
     return dt
 
 
@@ -115,27 +133,32 @@ def _c_contiguous(a):
         return bool(a.flags.c_contiguous)
     cai = a.__cuda_array_interface__
     return cai.get("strides") is None or tuple(cai["strides"]) == _c_strides(
-        cai["shape"], np.dtype(cai["typestr"]).itemsize)
+        cai["shape"], np.dtype(cai["typestr"]).itemsize
+    )
 
 
 def check_writable(name, role, a, who=None):
     """``a`` can be updated in place by a flat kernel: C-contiguous and writeable."""
     who = _who(name, who)
     if not _c_contiguous(a):
-        raise ValueError(f"{role} of {who} ({describe(a)}) is not C-contiguous; "
-                         "a fused step updates flat contiguous memory in place (pass a "
-                         "contiguous array, or pack the parameters into a fastopt.FlatBuffer)")
+        raise ValueError(
+            f"{role} of {who} ({describe(a)}) is not C-contiguous; "
+            "a fused step updates flat contiguous memory in place (pass a "
+            "contiguous array, or pack the parameters into a fastopt.FlatBuffer)"
+        )
     if isinstance(a, np.ndarray) and not a.flags.writeable:
-        raise ValueError(f"{role} of {who} ({describe(a)}) is read-only; "
-                         "expected a writeable array")
+        raise ValueError(
+            f"{role} of {who} ({describe(a)}) is read-only; expected a writeable array"
+        )
 
 
 def check_like(name, role, a, param, who=None, exc=ValueError):
     """``a`` (a state buffer) has its parameter's shape and dtype (byte order included)."""
-    if not is_array(a) or tuple(a.shape) != tuple(param.shape) \
-            or dtype_of(a) != dtype_of(param):
-        raise exc(f"{role} of {_who(name, who)} is {describe(a)}; expected "
-                  f"{describe(param)}, like the parameter it belongs to")
+    if not is_array(a) or tuple(a.shape) != tuple(param.shape) or dtype_of(a) != dtype_of(param):
+        raise exc(
+            f"{role} of {_who(name, who)} is {describe(a)}; expected "
+            f"{describe(param)}, like the parameter it belongs to"
+        )
 
 
 def check_param_arrays(name, param, grad, states, supported=SUPPORTED_DTYPES, who=None):
@@ -151,12 +174,16 @@ def check_param_arrays(name, param, grad, states, supported=SUPPORTED_DTYPES, wh
     gd = check_array(name, "grad", grad, supported, who)
     who = _who(name, who)
     if pd != gd:
-        raise TypeError(f"{who} is {describe(param)} but its grad is {describe(grad)}; expected "
-                        "the same dtype (cast the gradient explicitly: a silent cast would hide "
-                        "a precision loss)")
+        raise TypeError(
+            f"{who} is {describe(param)} but its grad is {describe(grad)}; expected "
+            "the same dtype (cast the gradient explicitly: a silent cast would hide "
+            "a precision loss)"
+        )
     if tuple(grad.shape) != tuple(param.shape):
-        raise ValueError(f"{who} is {describe(param)} but its grad is {describe(grad)}; "
-                         "expected the grad shaped like the param")
+        raise ValueError(
+            f"{who} is {describe(param)} but its grad is {describe(grad)}; "
+            "expected the grad shaped like the param"
+        )
     check_writable(name, "param", param, who)
     entries = [(who, param, True), (f"grad of {who}", grad, False)]
     return pd, entries + check_state_arrays(name, param, states, who)
@@ -184,15 +211,19 @@ def check_reach(be, arrays, what, exc=ValueError):
     for label, a in arrays:
         spaces.setdefault(where(a), label)
     if len(spaces) > 1:
-        raise exc(f"{spaces['host']} is a host array but {spaces['device']} is a device array; "
-                  f"{what} must all live on one device")
+        raise exc(
+            f"{spaces['host']} is a host array but {spaces['device']} is a device array; "
+            f"{what} must all live on one device"
+        )
     if arrays:
         device = getattr(be, "DEVICE", "cpu")
         label, first = arrays[0]
         if (device == "cpu") != (where(first) == "host"):
-            raise exc(f"backend {be.NAME!r} runs on the {device} but {label} is "
-                      f"{describe(first)}; pass arrays where the backend runs or use "
-                      "backend='auto'")
+            raise exc(
+                f"backend {be.NAME!r} runs on the {device} but {label} is "
+                f"{describe(first)}; pass arrays where the backend runs or use "
+                "backend='auto'"
+            )
 
 
 def _c_strides(shape, itemsize):
@@ -247,8 +278,11 @@ def check_no_overlap(entries):
         # a few host arrays (one functional call): pairwise bounds checks beat sorting extents
         for i, (label, a, written) in enumerate(entries):
             for other, b, other_written in entries[:i]:
-                if (written or other_written) and np.may_share_memory(a, b) \
-                        and np.shares_memory(a, b):
+                if (
+                    (written or other_written)
+                    and np.may_share_memory(a, b)
+                    and np.shares_memory(a, b)
+                ):
                     _overlap_error(other, other_written, label)
         return
     spans = []
@@ -268,10 +302,12 @@ def check_no_overlap(entries):
 
 
 def _overlap_error(first, first_written, second):
-    raise ValueError(f"{first} and {second} share memory; a step writes "
-                     f"{first if first_written else second} in place, so every parameter, "
-                     "gradient and state buffer must be a separate array (copy the gradient "
-                     "first)")
+    raise ValueError(
+        f"{first} and {second} share memory; a step writes "
+        f"{first if first_written else second} in place, so every parameter, "
+        "gradient and state buffer must be a separate array (copy the gradient "
+        "first)"
+    )
 
 
 def all_finite(a):
@@ -287,24 +323,30 @@ def check_names(got, expected, what, where_):
     """Same names, or a ``KeyError`` listing the missing and the unexpected ones."""
     got, expected = set(got), set(expected)
     if got != expected:
-        raise KeyError(f"{what} differ from {where_}: missing {sorted(expected - got, key=str)}, "
-                       f"unexpected {sorted(got - expected, key=str)}")
+        raise KeyError(
+            f"{what} differ from {where_}: missing {sorted(expected - got, key=str)}, "
+            f"unexpected {sorted(got - expected, key=str)}"
+        )
 
 
 def check_str_names(names, what):
     """Every parameter name is a ``str`` (state dicts and checkpoints are keyed by them)."""
     for n in names:
         if not isinstance(n, str):
-            raise TypeError(f"{what} must be strings, got {n!r} ({type(n).__name__}); name "
-                            "every parameter with a str (state_dict and checkpoints key on it)")
+            raise TypeError(
+                f"{what} must be strings, got {n!r} ({type(n).__name__}); name "
+                "every parameter with a str (state_dict and checkpoints key on it)"
+            )
 
 
 def check_number(name, value, lo=None, hi=None, lo_open=False, hi_open=False):
     """A real, non-NaN number inside the given bounds, as a float."""
-    if isinstance(value, (bool, np.bool_)) or not isinstance(value, (int, float, np.integer,
-                                                                      np.floating)):
-        raise TypeError(f"invalid {name}: {value!r} is a {type(value).__name__}; expected a "
-                        "real number")
+    if isinstance(value, (bool, np.bool_)) or not isinstance(
+        value, (int, float, np.integer, np.floating)
+    ):
+        raise TypeError(
+            f"invalid {name}: {value!r} is a {type(value).__name__}; expected a real number"
+        )
     v = float(value)
     ok = math.isfinite(v)
     if ok and lo is not None:
@@ -317,19 +359,25 @@ def check_number(name, value, lo=None, hi=None, lo_open=False, hi_open=False):
             rng.append(f"{lo} {'<' if lo_open else '<='} {name}")
         if hi is not None:
             rng.append(f"{name} {'<' if hi_open else '<='} {hi}")
-        raise ValueError(f"invalid {name}: {value!r}; expected {' and '.join(rng)}"
-                         + ("" if math.isfinite(v) else " (NaN and inf are not valid values)"))
+        raise ValueError(
+            f"invalid {name}: {value!r}; expected {' and '.join(rng)}"
+            + ("" if math.isfinite(v) else " (NaN and inf are not valid values)")
+        )
     return v
 
 
 def check_step(step):
     """The 1-based step count of a functional call, as an int."""
     if isinstance(step, (bool, np.bool_)) or not isinstance(step, (int, np.integer)):
-        raise TypeError(f"invalid step: {step!r} is a {type(step).__name__}; expected an integer "
-                        ">= 1 (the 1-based step count)")
+        raise TypeError(
+            f"invalid step: {step!r} is a {type(step).__name__}; expected an integer "
+            ">= 1 (the 1-based step count)"
+        )
     if step < 1:
-        raise ValueError(f"invalid step: {step!r}; expected an integer >= 1 (the 1-based step "
-                         "count, incremented before use as in torch.optim)")
+        raise ValueError(
+            f"invalid step: {step!r}; expected an integer >= 1 (the 1-based step "
+            "count, incremented before use as in torch.optim)"
+        )
     return int(step)
 
 
@@ -337,11 +385,13 @@ def normalise_hyper(value):
     """A hyperparameter as a host value: real numbers (NumPy scalars too) become Python floats,
     a sequence of them (betas) a tuple of floats; anything else is returned unchanged for the
     validation to refuse with a message."""
-    if isinstance(value, (float, int, np.integer, np.floating)) \
-            and not isinstance(value, (bool, np.bool_)):
+    if isinstance(value, (float, int, np.integer, np.floating)) and not isinstance(
+        value, (bool, np.bool_)
+    ):
         return float(value)
     if isinstance(value, (tuple, list)) and all(
-            isinstance(v, (float, int, np.integer, np.floating))
-            and not isinstance(v, (bool, np.bool_)) for v in value):
+        isinstance(v, (float, int, np.integer, np.floating)) and not isinstance(v, (bool, np.bool_))
+        for v in value
+    ):
         return tuple(float(v) for v in value)
     return value

@@ -24,6 +24,7 @@ its process gone) is removed by the next save to the same target. ``load_checkpo
 and verifies the whole file (magic, version, size, checksum, header, then names, shapes and
 dtypes against the given parameters and optimizer) before it writes a single byte.
 """
+
 import contextlib
 import hashlib
 import json
@@ -45,11 +46,12 @@ __all__ = ["FORMAT_VERSION", "MAGIC", "CheckpointError", "load_checkpoint", "sav
 
 MAGIC = b"FOPTCKPT"
 FORMAT_VERSION = 1
-_PREFIX = struct.Struct("<8sIQQ")          # magic, version, header_len, payload_len
+_PREFIX = struct.Struct("<8sIQQ")  # magic, version, header_len, payload_len
 _DIGEST = 32
 _HEAD = _PREFIX.size + _DIGEST
-_DTYPES = {np.dtype(d).newbyteorder("<").str: np.dtype(d).newbyteorder("<")
-           for d in SUPPORTED_DTYPES}
+_DTYPES = {
+    np.dtype(d).newbyteorder("<").str: np.dtype(d).newbyteorder("<") for d in SUPPORTED_DTYPES
+}
 
 
 class CheckpointError(ValueError):
@@ -60,8 +62,10 @@ def _named_params(params):
     if isinstance(params, FlatBuffer):
         return dict(params.params)
     if not isinstance(params, dict):
-        raise TypeError(f"params must be a dict name -> array or a fastopt.FlatBuffer, got "
-                        f"{type(params).__name__}")
+        raise TypeError(
+            f"params must be a dict name -> array or a fastopt.FlatBuffer, got "
+            f"{type(params).__name__}"
+        )
     out = {}
     for name, a in params.items():
         if not isinstance(name, str):
@@ -85,21 +89,42 @@ def save_checkpoint(path, optimizer, params):
     sd = optimizer.state_dict()
     optimizer._check_hyper(dict(sd["hyperparams"]))  # a file that could never be loaded: refuse
     if sd["state"]:
-        check_names(sd["state"], named, "the optimizer's parameter names",
-                    "the names of the params being saved")
+        check_names(
+            sd["state"],
+            named,
+            "the optimizer's parameter names",
+            "the names of the params being saved",
+        )
     arrays = [("param", n, None, to_numpy(a)) for n, a in named.items()]
     arrays += [("state", n, s, a) for n, st in sd["state"].items() for s, a in st.items()]
     entries, blobs, offset = [], [], 0
     for role, name, slot, a in arrays:
         a = np.ascontiguousarray(a, dtype=a.dtype.newbyteorder("<"))
         blob = a.tobytes()
-        entries.append({"role": role, "name": name, "slot": slot, "dtype": a.dtype.str,
-                        "shape": list(a.shape), "offset": offset, "nbytes": len(blob)})
+        entries.append(
+            {
+                "role": role,
+                "name": name,
+                "slot": slot,
+                "dtype": a.dtype.str,
+                "shape": list(a.shape),
+                "offset": offset,
+                "nbytes": len(blob),
+            }
+        )
         blobs.append(blob)
         offset += len(blob)
-    header = json.dumps({"format": "fastopt-checkpoint", "optimizer": sd["optimizer"],
-                         "step": sd["step"], "hyperparams": sd["hyperparams"],
-                         "arrays": entries}, allow_nan=False, sort_keys=True).encode()
+    header = json.dumps(
+        {
+            "format": "fastopt-checkpoint",
+            "optimizer": sd["optimizer"],
+            "step": sd["step"],
+            "hyperparams": sd["hyperparams"],
+            "arrays": entries,
+        },
+        allow_nan=False,
+        sort_keys=True,
+    ).encode()
     prefix = _PREFIX.pack(MAGIC, FORMAT_VERSION, len(header), offset)
     h = hashlib.sha256(prefix)
     h.update(header)
@@ -112,9 +137,13 @@ _TMP = ".fastopt-tmp."
 
 
 def _kind(mode):
-    for test, what in ((stat.S_ISDIR, "a directory"), (stat.S_ISFIFO, "a FIFO"),
-                       (stat.S_ISCHR, "a character device"), (stat.S_ISBLK, "a block device"),
-                       (stat.S_ISSOCK, "a socket")):
+    for test, what in (
+        (stat.S_ISDIR, "a directory"),
+        (stat.S_ISFIFO, "a FIFO"),
+        (stat.S_ISCHR, "a character device"),
+        (stat.S_ISBLK, "a block device"),
+        (stat.S_ISSOCK, "a socket"),
+    ):
         if test(mode):
             return what
     return "not a regular file"
@@ -130,8 +159,10 @@ def _target(path):
         return real, None
     if not stat.S_ISREG(st.st_mode):
         shown = path if real == os.path.abspath(path) else f"{path} (-> {real})"
-        raise ValueError(f"checkpoint path {shown!r} is {_kind(st.st_mode)}; a checkpoint "
-                         "replaces a regular file, nothing else (pass the path of a file)")
+        raise ValueError(
+            f"checkpoint path {shown!r} is {_kind(st.st_mode)}; a checkpoint "
+            "replaces a regular file, nothing else (pass the path of a file)"
+        )
     return real, st
 
 
@@ -158,7 +189,7 @@ def _remove_stale_temps(directory, base):
         for name in os.listdir(directory):
             if not name.startswith(prefix):
                 continue
-            parts = name[len(prefix):].rsplit(".", 2)  # host, pid, token
+            parts = name[len(prefix) :].rsplit(".", 2)  # host, pid, token
             if len(parts) != 3 or parts[0] != host or not parts[1].isdigit():
                 continue
             pid = int(parts[1])
@@ -172,8 +203,13 @@ def _atomic_write(path, chunks):
     directory, base = os.path.split(target)
     _remove_stale_temps(directory, base)
     tmp = os.path.join(directory, f".{base}{_TMP}{_host()}.{os.getpid()}.{secrets.token_hex(4)}")
-    flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_BINARY", 0) \
+    flags = (
+        os.O_WRONLY
+        | os.O_CREAT
+        | os.O_EXCL
+        | getattr(os, "O_BINARY", 0)
         | getattr(os, "O_CLOEXEC", 0)
+    )
     # a new file gets 0o666 less the umask, as open() would give it; a replaced file keeps its
     # mode (set below, once the file is private to this process)
     fd = os.open(tmp, flags, 0o666 if old is None else 0o600)
@@ -216,30 +252,35 @@ def _read(path):
     with open(path, "rb") as f:
         blob = f.read()
     if len(blob) < _HEAD:
-        if not MAGIC.startswith(blob[:len(MAGIC)]):
+        if not MAGIC.startswith(blob[: len(MAGIC)]):
             raise CheckpointError(f"{where_} is not a fastopt checkpoint (bad magic bytes)")
-        raise CheckpointError(f"{where_} is truncated: {len(blob)} bytes, shorter than the "
-                              f"{_HEAD}-byte prefix")
+        raise CheckpointError(
+            f"{where_} is truncated: {len(blob)} bytes, shorter than the {_HEAD}-byte prefix"
+        )
     magic, version, header_len, payload_len = _PREFIX.unpack_from(blob)
     if magic != MAGIC:
-        raise CheckpointError(f"{where_} is not a fastopt checkpoint (magic {magic!r}, "
-                              f"expected {MAGIC!r})")
+        raise CheckpointError(
+            f"{where_} is not a fastopt checkpoint (magic {magic!r}, expected {MAGIC!r})"
+        )
     if version != FORMAT_VERSION:
-        raise CheckpointError(f"{where_} has format version {version}; this fastopt reads "
-                              f"version {FORMAT_VERSION}")
+        raise CheckpointError(
+            f"{where_} has format version {version}; this fastopt reads version {FORMAT_VERSION}"
+        )
     expected = _HEAD + header_len + payload_len
     if len(blob) != expected:
-        raise CheckpointError(f"{where_} is {len(blob)} bytes but its prefix says {expected} "
-                              f"({'truncated' if len(blob) < expected else 'trailing data'})")
-    h = hashlib.sha256(blob[:_PREFIX.size])
+        raise CheckpointError(
+            f"{where_} is {len(blob)} bytes but its prefix says {expected} "
+            f"({'truncated' if len(blob) < expected else 'trailing data'})"
+        )
+    h = hashlib.sha256(blob[: _PREFIX.size])
     h.update(memoryview(blob)[_HEAD:])
-    if h.digest() != blob[_PREFIX.size:_HEAD]:
+    if h.digest() != blob[_PREFIX.size : _HEAD]:
         raise CheckpointError(f"{where_} is corrupted: sha256 checksum mismatch")
     try:
-        header = json.loads(blob[_HEAD:_HEAD + header_len].decode())
+        header = json.loads(blob[_HEAD : _HEAD + header_len].decode())
     except (UnicodeDecodeError, ValueError) as exc:
         raise CheckpointError(f"{where_} has an unreadable header: {exc}") from None
-    payload = memoryview(blob)[_HEAD + header_len:]
+    payload = memoryview(blob)[_HEAD + header_len :]
     return header, _arrays(header, payload, where_)
 
 
@@ -254,8 +295,12 @@ def _arrays(header, payload, where_):
             raise bad(f"missing {key!r}")
     params, state, end = {}, {}, 0
     for e in header["arrays"]:
-        if not isinstance(e, dict) or e.get("dtype") not in _DTYPES \
-                or e.get("role") not in ("param", "state") or not isinstance(e.get("name"), str):
+        if (
+            not isinstance(e, dict)
+            or e.get("dtype") not in _DTYPES
+            or e.get("role") not in ("param", "state")
+            or not isinstance(e.get("name"), str)
+        ):
             raise bad(f"bad array entry {e!r}")
         dt, shape = _DTYPES[e["dtype"]], e.get("shape")
         if not isinstance(shape, list) or not all(isinstance(n, int) and n >= 0 for n in shape):
@@ -293,23 +338,33 @@ def load_checkpoint(path, optimizer, params):
         raise TypeError(f"optimizer must be a fastopt optimizer, got {type(optimizer).__name__}")
     named = _named_params(params)
     header, (saved, state) = _read(path)
-    check_names(saved, named, "the checkpoint's parameter names",
-                "the names of the params being restored")
+    check_names(
+        saved, named, "the checkpoint's parameter names", "the names of the params being restored"
+    )
     for name, a in saved.items():
         p = named[name]
         if tuple(p.shape) != a.shape or dtype_of(p) != a.dtype:
-            raise ValueError(f"checkpoint parameter {name!r} is {a.dtype}{list(a.shape)} but "
-                             f"the param is {describe(p)}; expected the same shape and dtype")
+            raise ValueError(
+                f"checkpoint parameter {name!r} is {a.dtype}{list(a.shape)} but "
+                f"the param is {describe(p)}; expected the same shape and dtype"
+            )
         if isinstance(p, np.ndarray) and not p.flags.writeable:
-            raise ValueError(f"param {name!r} ({describe(p)}) is read-only; cannot restore "
-                             "into it")
+            raise ValueError(f"param {name!r} ({describe(p)}) is read-only; cannot restore into it")
     if state:
-        check_names(state, named, "the checkpoint's optimizer state names",
-                    "the names of the params being restored")
-    sd = {"optimizer": header["optimizer"], "step": header["step"],
-          "hyperparams": header["hyperparams"], "state": state}
+        check_names(
+            state,
+            named,
+            "the checkpoint's optimizer state names",
+            "the names of the params being restored",
+        )
+    sd = {
+        "optimizer": header["optimizer"],
+        "step": header["step"],
+        "hyperparams": header["hyperparams"],
+        "state": state,
+    }
     with optimizer._exclusive_use("load_checkpoint"):
-        plan = optimizer._check_state_dict(sd)   # kind, flags, values, names, shapes, dtypes
+        plan = optimizer._check_state_dict(sd)  # kind, flags, values, names, shapes, dtypes
         # everything is verified: from here on nothing can be refused
         for name, a in saved.items():
             p = named[name]

@@ -1,4 +1,5 @@
 """``fastopt`` command line: ``fastopt bench`` (the main job) and ``fastopt demo``."""
+
 import sys
 
 __all__ = ["main"]

@@ -5,6 +5,7 @@ optimizer steps all of them with one fused kernel call per dtype. Segments start
 ``ALIGN``-byte boundaries (vectorised loads stay possible); the padding between them holds zeros
 in params, grads and state, which every optimizer maps to zero again.
 """
+
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 
@@ -42,9 +43,11 @@ class ReadOnlyViews(Mapping):
         return name in self._d
 
     def __setitem__(self, name, value):
-        raise TypeError(f"{self._what} is read-only: its arrays are views into the memory that "
-                        f"is stepped; write into the view instead of rebinding it "
-                        f"({self._what}[{name!r}][...] = value)")
+        raise TypeError(
+            f"{self._what} is read-only: its arrays are views into the memory that "
+            f"is stepped; write into the view instead of rebinding it "
+            f"({self._what}[{name!r}][...] = value)"
+        )
 
     def __delitem__(self, name):
         raise TypeError(f"{self._what} is read-only: its names are fixed")
@@ -77,8 +80,12 @@ class FlatBuffer:
         if not isinstance(params, Mapping) or not params:
             raise TypeError("FlatBuffer expects a non-empty dict name -> array")
         check_str_names(params, "FlatBuffer parameter names")
-        if isinstance(align, bool) or not isinstance(align, (int, np.integer)) \
-                or align < 16 or align & (align - 1):
+        if (
+            isinstance(align, bool)
+            or not isinstance(align, (int, np.integer))
+            or align < 16
+            or align & (align - 1)
+        ):
             raise ValueError(f"align must be a power of two >= 16 bytes, got {align!r}")
         # arrays from any producer (PyTorch tensors, Numba device arrays...) as NumPy/CuPy views
         arrays = {n: as_xp_array(a, f"parameter {n!r}") for n, a in params.items()}
@@ -86,15 +93,15 @@ class FlatBuffer:
         first = next(iter(arrays.values()))
         xps = {array_module(a) for a in arrays.values()}
         if len(xps) > 1:
-            raise ValueError("FlatBuffer got host and device arrays together; put them on one "
-                             "device")
+            raise ValueError(
+                "FlatBuffer got host and device arrays together; put them on one device"
+            )
         xp = xps.pop()
         self.xp = xp
         order = {}
         for name, a in arrays.items():
             if not hasattr(a, "shape") or not hasattr(a, "dtype"):
-                raise TypeError(f"parameter {name!r} is a {type(a).__name__}; expected an "
-                                "array")
+                raise TypeError(f"parameter {name!r} is a {type(a).__name__}; expected an array")
             dt = np.dtype(a.dtype)
             if dt.kind != "f":
                 raise TypeError(f"parameter {name!r} has dtype {dt}; expected a floating dtype")
@@ -113,12 +120,12 @@ class FlatBuffer:
             with on_device(first):  # the buffers live on the params' GPU, not the current one
                 group = Group(dt, xp.zeros(offset, dt), xp.zeros(offset, dt), slots)
             for name, (off, size, _shape) in slots.items():
-                group.data[off:off + size] = xp.asarray(arrays[name], dtype=dt).reshape(-1)
+                group.data[off : off + size] = xp.asarray(arrays[name], dtype=dt).reshape(-1)
             self.groups.append(group)
         for group in self.groups:
             for name, (off, size, shape) in group.slots.items():
-                self.params[name] = group.data[off:off + size].reshape(shape)
-                self.grads[name] = group.grad[off:off + size].reshape(shape)
+                self.params[name] = group.data[off : off + size].reshape(shape)
+                self.grads[name] = group.grad[off : off + size].reshape(shape)
         self.params = ReadOnlyViews({n: self.params[n] for n in arrays}, "buf.params")
         self.grads = ReadOnlyViews({n: self.grads[n] for n in arrays}, "buf.grads")
 
@@ -126,7 +133,8 @@ class FlatBuffer:
         if len(self.groups) != 1:
             raise ValueError(
                 f"this FlatBuffer holds {len(self.groups)} dtypes "
-                f"({', '.join(str(g.dtype) for g in self.groups)}); use buf.groups[i].{attr}")
+                f"({', '.join(str(g.dtype) for g in self.groups)}); use buf.groups[i].{attr}"
+            )
         return getattr(self.groups[0], attr)
 
     @property
@@ -156,6 +164,7 @@ class FlatBuffer:
         return len(self.params)
 
     def __repr__(self):
-        parts = ", ".join(f"{g.dtype}: {len(g.slots)} params / {g.data.size} elements"
-                          for g in self.groups)
+        parts = ", ".join(
+            f"{g.dtype}: {len(g.slots)} params / {g.data.size} elements" for g in self.groups
+        )
         return f"FlatBuffer({parts})"

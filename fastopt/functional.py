@@ -17,6 +17,7 @@ raises ``TypeError``/``ValueError`` and changes nothing.
 The classes validate once per parameter and then only re-check what can change, so they launch
 through ``Launch`` (the same scalars and kernels, without the per-call checks).
 """
+
 import inspect
 
 import numpy as np
@@ -89,11 +90,20 @@ class Launch:
         elif hasattr(be, "prepare"):
             run = be.prepare(rule, flags, writes, k, dtype)
         else:
+
             def run(param, grad, states):
                 be.launch(rule, flags, param, grad, tuple(states), k)
+
         used = spec.slots_used(flags)
-        fresh = [(j, spec.initial(s.name, self.hp)) for j, s in enumerate(spec.slots)
-                 if s.fresh and writes[j] and used[j]] if self.step == 1 else []
+        fresh = (
+            [
+                (j, spec.initial(s.name, self.hp))
+                for j, s in enumerate(spec.slots)
+                if s.fresh and writes[j] and used[j]
+            ]
+            if self.step == 1
+            else []
+        )
         if fresh:
             inner = run
 
@@ -103,10 +113,12 @@ class Launch:
                 for j, value in fresh:
                     states[j][...] = value
                 inner(param, grad, states)
+
         return run
 
 
 # -- the checked public door ----------------------------------------------------------------------
+
 
 def _array(a):
     """Host DLPack producers (PyTorch CPU tensors) as NumPy views; a torch tensor that requires
@@ -129,12 +141,15 @@ def _checked(rule, flags, backend, param, grad, states):
     for (name, a), slot, used in zip(states.items(), spec.slots, spec.slots_used(flags)):
         if used and a is None:
             why = "always" if slot.when is None else f"with {slot.when} on"
-            raise ValueError(f"{who}: state {name!r} is required {why} "
-                             f"({', '.join(f'{k}={v}' for k, v in flags.items())}), got None")
+            raise ValueError(
+                f"{who}: state {name!r} is required {why} "
+                f"({', '.join(f'{k}={v}' for k, v in flags.items())}), got None"
+            )
     supported = tuple(getattr(be, "DTYPES", SUPPORTED_DTYPES))
     _, entries = check_param_arrays(None, param, grad, states.items(), supported, who=who)
-    check_reach(be, [(label, a) for label, a, _ in entries], "the arrays of one step",
-                exc=TypeError)
+    check_reach(
+        be, [(label, a) for label, a, _ in entries], "the arrays of one step", exc=TypeError
+    )
     check_no_overlap(entries)
     if param.ndim != 1:  # validated: same shape, param and state contiguous (views, no copy)
         param, grad = param.reshape(-1), grad.reshape(-1)
@@ -151,16 +166,21 @@ def run(rule, param, grad, states, *, step, hp, backend="auto", host_state=None)
     step = check_step(step)
     missing = set(spec.hyper_names) - set(hp)
     if missing or set(hp) - set(spec.hyper_names):
-        raise TypeError(f"fastopt.functional.{rule}(): hyperparameters {sorted(hp)}; expected "
-                        f"{list(spec.hyper_names)}")
+        raise TypeError(
+            f"fastopt.functional.{rule}(): hyperparameters {sorted(hp)}; expected "
+            f"{list(spec.hyper_names)}"
+        )
     if set(states) != set(spec.state):
-        raise TypeError(f"fastopt.functional.{rule}(): state {sorted(states)}; expected "
-                        f"{list(spec.state)}")
+        raise TypeError(
+            f"fastopt.functional.{rule}(): state {sorted(states)}; expected {list(spec.state)}"
+        )
     hp = spec.validate(hp)
-    flags, _ = spec.plan(hp, step, host_state or (spec.initial_host_state(hp)
-                                                   if spec.host_state else None))
-    be, param, grad, arrays = _checked(rule, flags, backend, param, grad,
-                                       {s: states[s] for s in spec.state})
+    flags, _ = spec.plan(
+        hp, step, host_state or (spec.initial_host_state(hp) if spec.host_state else None)
+    )
+    be, param, grad, arrays = _checked(
+        rule, flags, backend, param, grad, {s: states[s] for s in spec.state}
+    )
     writes = tuple(a is not None for a in arrays)
     Launch(be, rule, step, hp, host_state).runner(dtype_of(param), writes)(param, grad, arrays)
 
@@ -171,8 +191,9 @@ def _entry(spec):
     backend="auto")``; optional slots default to None."""
     P = inspect.Parameter
     params = [P("param", P.POSITIONAL_OR_KEYWORD), P("grad", P.POSITIONAL_OR_KEYWORD)]
-    params += [P(s.name, P.POSITIONAL_OR_KEYWORD, default=None if s.when else P.empty)
-               for s in spec.slots]
+    params += [
+        P(s.name, P.POSITIONAL_OR_KEYWORD, default=None if s.when else P.empty) for s in spec.slots
+    ]
     params.append(P("step", P.KEYWORD_ONLY))
     params += [P(h.name, P.KEYWORD_ONLY, default=h.default) for h in spec.hyper]
     params.append(P("backend", P.KEYWORD_ONLY, default="auto"))
@@ -182,21 +203,30 @@ def _entry(spec):
         try:
             bound = sig.bind(*args, **kwargs)
         except TypeError as exc:
-            raise TypeError(f"fastopt.functional.{spec.name}(): {exc}; signature: "
-                            f"{spec.name}{sig}") from None
+            raise TypeError(
+                f"fastopt.functional.{spec.name}(): {exc}; signature: {spec.name}{sig}"
+            ) from None
         bound.apply_defaults()
         a = bound.arguments
-        run(spec.name, a["param"], a["grad"], {s: a[s] for s in spec.state}, step=a["step"],
-            hp={h: a[h] for h in spec.hyper_names}, backend=a["backend"])
+        run(
+            spec.name,
+            a["param"],
+            a["grad"],
+            {s: a[s] for s in spec.state},
+            step=a["step"],
+            hp={h: a[h] for h in spec.hyper_names},
+            backend=a["backend"],
+        )
 
     entry.__name__ = entry.__qualname__ = spec.name
     entry.__signature__ = sig
-    slots = ", ".join(f"``{s.name}``" + (f" (with {s.when})" if s.when else "")
-                      for s in spec.slots)
-    entry.__doc__ = (f"One fused in-place step of {spec.name} over flat arrays: the param, its "
-                     f"grad and the state {slots}; ``step`` counts from 1. Hyperparameters "
-                     "and defaults are torch.optim's. Every input is checked before anything "
-                     "is written.")
+    slots = ", ".join(f"``{s.name}``" + (f" (with {s.when})" if s.when else "") for s in spec.slots)
+    entry.__doc__ = (
+        f"One fused in-place step of {spec.name} over flat arrays: the param, its "
+        f"grad and the state {slots}; ``step`` counts from 1. Hyperparameters "
+        "and defaults are torch.optim's. Every input is checked before anything "
+        "is written."
+    )
     return entry
 
 

@@ -14,6 +14,7 @@ of each array, its shape and dtype, its flags (writeable, contiguous), the state
 user may have rebound — and fall back to the full checks when anything differs. That keeps a
 step's host cost O(1) per array.
 """
+
 import bisect
 import contextlib
 import functools
@@ -53,14 +54,17 @@ __all__ = ["NONFINITE_POLICIES", "Optimizer"]
 #: what ``nonfinite=`` accepts: None (PyTorch: NaN/inf flow through), "raise", "skip"
 NONFINITE_POLICIES = (None, "raise", "skip")
 
-_BUSY = ("{cls}.{what}() was called while another thread is using this optimizer; one "
-         "optimizer is stepped by one thread at a time (guard it with a lock, or give each "
-         "thread its own optimizer)")
+_BUSY = (
+    "{cls}.{what}() was called while another thread is using this optimizer; one "
+    "optimizer is stepped by one thread at a time (guard it with a lock, or give each "
+    "thread its own optimizer)"
+)
 
 
 def _exclusive(method):
     """One thread at a time: a second concurrent call is refused (RuntimeError), not queued,
     and changes nothing."""
+
     @functools.wraps(method)
     def guarded(self, *args):
         lock = self._lock
@@ -89,8 +93,20 @@ def _root(a):
 class _Entry:
     """One parameter of the dict API as the last full validation saw it."""
 
-    __slots__ = ("dtype", "name", "nst", "p", "pflat", "ptr", "sarrs", "sflat", "shape", "src",
-                 "st", "tdtype")
+    __slots__ = (
+        "dtype",
+        "name",
+        "nst",
+        "p",
+        "pflat",
+        "ptr",
+        "sarrs",
+        "sflat",
+        "shape",
+        "src",
+        "st",
+        "tdtype",
+    )
 
 
 class _DictCache:
@@ -188,14 +204,14 @@ class Optimizer:
         self.backend = backend
         self.nonfinite = nonfinite
         self.step_count = 0
-        self._state = {}         # name -> {state name -> array view}
-        self._layout = None      # ("dict", ((name, shape, dtype), ...)) or ("flat", buf.layout)
-        self._bound = None       # name -> (shape, dtype name) of the first step
+        self._state = {}  # name -> {state name -> array view}
+        self._layout = None  # ("dict", ((name, shape, dtype), ...)) or ("flat", buf.layout)
+        self._bound = None  # name -> (shape, dtype name) of the first step
         self._flat_state = None  # per FlatBuffer group: {state name -> flat array}
-        self._pending = None     # state loaded before the first step
+        self._pending = None  # state loaded before the first step
         self._dict_cache = None
         self._flat_cache = None
-        self._hyper_ok = True    # the constructor validated every hyperparameter
+        self._hyper_ok = True  # the constructor validated every hyperparameter
         self._frozen = True
 
     # -- what the rule spec provides ----------------------------------------------------------
@@ -203,10 +219,10 @@ class Optimizer:
         super().__init_subclass__(**kwargs)
         if cls._rule is not None:  # hyperparameters and flags: the rule's, less the pinned
             spec = RULES[cls._rule]
-            cls._hyper = tuple(h.name for h in spec.hyper
-                               if not h.fixed and h.name not in cls._pinned)
-            cls._flags = tuple(h.name for h in spec.hyper
-                               if h.fixed and h.name not in cls._pinned)
+            cls._hyper = tuple(
+                h.name for h in spec.hyper if not h.fixed and h.name not in cls._pinned
+            )
+            cls._flags = tuple(h.name for h in spec.hyper if h.fixed and h.name not in cls._pinned)
 
     @property
     def _spec(self):
@@ -231,7 +247,8 @@ class Optimizer:
                     f"{', '.join(changed) or 'these hyperparameters'} would change the state "
                     f"buffers of this {type(self).__name__} from {list(slots)} to {list(now)}; "
                     "the state buffers are fixed at construction (momentum cannot be switched "
-                    "between zero and non-zero, for example): create a new optimizer instead")
+                    "between zero and non-zero, for example): create a new optimizer instead"
+                )
         return {k: full[k] for k in hp}
 
     def _state_names(self):
@@ -269,11 +286,14 @@ class Optimizer:
             raise AttributeError(
                 f"{name} is fixed at construction ({cls.__name__} was built with "
                 f"{name}={current!r}): it decides which state buffers exist and which compiled "
-                f"variant runs; create a new optimizer with {name}={value!r} instead")
+                f"variant runs; create a new optimizer with {name}={value!r} instead"
+            )
         if name == "state":
-            raise AttributeError("state is managed by the optimizer: write into its arrays "
-                                 "(opt.state[name][buf][...] = x), rebind one of them, or use "
-                                 "load_state_dict()")
+            raise AttributeError(
+                "state is managed by the optimizer: write into its arrays "
+                "(opt.state[name][buf][...] = x), rebind one of them, or use "
+                "load_state_dict()"
+            )
         if name == "backend":
             if not isinstance(value, str):
                 raise TypeError(f"backend must be a string, got {type(value).__name__}")
@@ -282,8 +302,9 @@ class Optimizer:
             self._dict_cache = self._flat_cache = None
         elif name == "nonfinite":
             if value not in NONFINITE_POLICIES:
-                raise ValueError(f"invalid nonfinite={value!r}; expected one of "
-                                 f"{list(NONFINITE_POLICIES)}")
+                raise ValueError(
+                    f"invalid nonfinite={value!r}; expected one of {list(NONFINITE_POLICIES)}"
+                )
         elif name == "step_count":
             if isinstance(value, (bool, np.bool_)) or not isinstance(value, (int, np.integer)):
                 raise TypeError(f"step_count must be an integer, got {value!r}")
@@ -311,7 +332,8 @@ class Optimizer:
                 f"{name}={value!r} would change the state buffers of this "
                 f"{type(self).__name__} from {list(self._slots)} to {list(now)}; they are fixed "
                 "at construction (momentum cannot be switched between zero and non-zero, for "
-                "example): create a new optimizer instead")
+                "example): create a new optimizer instead"
+            )
 
     @property
     def state(self):
@@ -372,8 +394,10 @@ class Optimizer:
             with on_device(None if c.host else c.datas[0]):
                 return self._apply_flat(buf, c)
         if not isinstance(buf, FlatBuffer):
-            raise TypeError(f"step() expects a fastopt.FlatBuffer, got {type(buf).__name__}; "
-                            "use update(params, grads) for dicts of arrays")
+            raise TypeError(
+                f"step() expects a fastopt.FlatBuffer, got {type(buf).__name__}; "
+                "use update(params, grads) for dicts of arrays"
+            )
         groups = buf.groups
         with on_device(groups[0].data if groups else None):
             be = self._validate_flat(buf)
@@ -391,8 +415,12 @@ class Optimizer:
         state = {n: {s: to_numpy(a) for s, a in st.items()} for n, st in self._state.items()}
         if self._pending is not None and not state:
             state = {n: {s: a.copy() for s, a in st.items()} for n, st in self._pending.items()}
-        return {"optimizer": type(self).__name__, "step": self.step_count,
-                "hyperparams": self.hyperparams, "state": state}
+        return {
+            "optimizer": type(self).__name__,
+            "step": self.step_count,
+            "hyperparams": self.hyperparams,
+            "state": state,
+        }
 
     @_exclusive
     def load_state_dict(self, sd):
@@ -424,8 +452,13 @@ class Optimizer:
         """The launches of a step whose inputs differ from the last fully validated step only
         in what cannot break it — or None, and the full validation decides."""
         c = self._dict_cache
-        if self._state is not c.state or not isinstance(params, Mapping) \
-                or not isinstance(grads, Mapping) or len(params) != c.n or len(grads) != c.n:
+        if (
+            self._state is not c.state
+            or not isinstance(params, Mapping)
+            or not isinstance(grads, Mapping)
+            or len(params) != c.n
+            or len(grads) != c.n
+        ):
             return None
         state, roots = c.state, c.roots
         todo = []
@@ -435,8 +468,12 @@ class Optimizer:
             if p is not e.src:
                 return None
             if e.ptr is not None:  # a host tensor: still the same memory, shape and dtype?
-                if p.data_ptr() != e.ptr or p.shape != e.shape or p.dtype is not e.tdtype \
-                        or not p.is_contiguous():
+                if (
+                    p.data_ptr() != e.ptr
+                    or p.shape != e.shape
+                    or p.dtype is not e.tdtype
+                    or not p.is_contiguous()
+                ):
                     return None
                 p = e.p
             if p.shape != e.shape or p.dtype is not e.dtype or not p.flags.carray:
@@ -485,12 +522,16 @@ class Optimizer:
 
     def _update_full(self, params, grads):
         if not isinstance(params, Mapping) or not isinstance(grads, Mapping):
-            raise TypeError("update() expects two dicts name -> array (params, grads), got "
-                            f"{type(params).__name__} and {type(grads).__name__}")
+            raise TypeError(
+                "update() expects two dicts name -> array (params, grads), got "
+                f"{type(params).__name__} and {type(grads).__name__}"
+            )
         check_str_names(params, "parameter names")
         if not params:
-            raise ValueError("update() got no parameters: params is an empty dict (as "
-                             "torch.optim refuses an empty parameter list)")
+            raise ValueError(
+                "update() got no parameters: params is an empty dict (as "
+                "torch.optim refuses an empty parameter list)"
+            )
         sources = params
         params, grads = as_xp_dicts(params, grads)
         with on_device(next(iter(params.values()))):
@@ -498,8 +539,10 @@ class Optimizer:
             if not self._finite((n, g) for n, _, g in pairs):
                 return False
             if self._layout is None:
-                self._bind(("dict", tuple((n, tuple(p.shape), str(dtype_of(p)))
-                                          for n, p, _ in pairs)), {n: p for n, p, _ in pairs})
+                self._bind(
+                    ("dict", tuple((n, tuple(p.shape), str(dtype_of(p))) for n, p, _ in pairs)),
+                    {n: p for n, p, _ in pairs},
+                )
             c = self._dict_cache = self._build_dict_cache(pairs, sources, be)
             todo = []
             for e, (_, _, g) in zip(c.entries, pairs):
@@ -534,26 +577,33 @@ class Optimizer:
         if self._bound is not None:
             ref = self._bound[name]
             if (shape, dtype) != ref:
-                raise ValueError(f"parameter {name!r} is {dtype_name(dtype)}{list(shape)} but "
-                                 f"this optimizer was first stepped with "
-                                 f"{dtype_name(ref[1])}{list(ref[0])}; create a new optimizer "
-                                 "or load a matching state_dict")
+                raise ValueError(
+                    f"parameter {name!r} is {dtype_name(dtype)}{list(shape)} but "
+                    f"this optimizer was first stepped with "
+                    f"{dtype_name(ref[1])}{list(ref[0])}; create a new optimizer "
+                    "or load a matching state_dict"
+                )
         elif self._pending is not None:
             for s, a in self._pending[name].items():
                 if a.shape != shape or a.dtype != dtype:
-                    raise ValueError(f"loaded state {s!r} of parameter {name!r} is "
-                                     f"{dtype_name(a.dtype)}{list(a.shape)}, but the parameter "
-                                     f"is {dtype_name(dtype)}{list(shape)}")
+                    raise ValueError(
+                        f"loaded state {s!r} of parameter {name!r} is "
+                        f"{dtype_name(a.dtype)}{list(a.shape)}, but the parameter "
+                        f"is {dtype_name(dtype)}{list(shape)}"
+                    )
 
     def _validate_dict(self, params, grads):
         check_names(grads, params, "the names of grads", "the names of params")
         bound = self._layout is not None
         if bound:
             if self._layout[0] != "dict":
-                raise ValueError("this optimizer steps a FlatBuffer; call step(buf), not "
-                                 "update()")
-            check_names(params, self._state, "parameter names",
-                        "those of the first step (create a new optimizer for other parameters)")
+                raise ValueError("this optimizer steps a FlatBuffer; call step(buf), not update()")
+            check_names(
+                params,
+                self._state,
+                "parameter names",
+                "those of the first step (create a new optimizer for other parameters)",
+            )
         elif self._pending is not None:
             check_names(params, self._pending, "parameter names", "those of the loaded state")
         hp = self._step_hp()  # schedules may have changed them since the last step
@@ -561,8 +611,10 @@ class Optimizer:
         for name, p in params.items():
             for role, a in (("param", p), ("grad", grads[name])):
                 if not is_array(a):
-                    raise TypeError(f"{role} of parameter {name!r} is a {type(a).__name__}; "
-                                    "expected a NumPy array or a device array")
+                    raise TypeError(
+                        f"{role} of parameter {name!r} is a {type(a).__name__}; "
+                        "expected a NumPy array or a device array"
+                    )
                 arrays.append((f"{role} of parameter {name!r}", a))
         be = self._backend_for(arrays, "params and grads")
         supported = tuple(getattr(be, "DTYPES", SUPPORTED_DTYPES))
@@ -575,10 +627,13 @@ class Optimizer:
             if bound:
                 st = self._state[name]
                 if not isinstance(st, Mapping):
-                    raise ValueError(f"opt.state[{name!r}] is a {type(st).__name__}; expected "
-                                     "a dict state name -> array")
-                check_names(st, names, f"state buffers of parameter {name!r}",
-                            f"those {kind} keeps")
+                    raise ValueError(
+                        f"opt.state[{name!r}] is a {type(st).__name__}; expected "
+                        "a dict state name -> array"
+                    )
+                check_names(
+                    st, names, f"state buffers of parameter {name!r}", f"those {kind} keeps"
+                )
                 ents += check_state_arrays(name, p, [(s, st[s]) for s in names])
             pairs.append((name, p, g))
             entries += ents
@@ -594,13 +649,22 @@ class Optimizer:
             return False
         for i, g in enumerate(groups):
             d, gr = g.data, g.grad
-            if g is not c.groups[i] or d is not c.datas[i] or gr is not c.grads[i] \
-                    or d.shape != c.shapes[i] or gr.shape != c.shapes[i] \
-                    or d.dtype is not c.dtypes[i] or gr.dtype is not c.dtypes[i]:
+            if (
+                g is not c.groups[i]
+                or d is not c.datas[i]
+                or gr is not c.grads[i]
+                or d.shape != c.shapes[i]
+                or gr.shape != c.shapes[i]
+                or d.dtype is not c.dtypes[i]
+                or gr.dtype is not c.dtypes[i]
+            ):
                 return False
             if c.host:
-                if not d.flags.carray or not gr.flags.c_contiguous \
-                        or not all(s.flags.carray for s in c.states[i] if s is not None):
+                if (
+                    not d.flags.carray
+                    or not gr.flags.c_contiguous
+                    or not all(s.flags.carray for s in c.states[i] if s is not None)
+                ):
                     return False
             elif not d.flags.c_contiguous or not gr.flags.c_contiguous:
                 return False
@@ -624,8 +688,7 @@ class Optimizer:
         c.grads = tuple(g.grad for g in buf.groups)
         c.shapes = tuple(d.shape for d in c.datas)
         c.dtypes = tuple(d.dtype for d in c.datas)
-        c.states = tuple(tuple(f.get(s, None) for s in slots)
-                         for f in self._flat_state)
+        c.states = tuple(tuple(f.get(s, None) for s in slots) for f in self._flat_state)
         c.be, c.writes = be, tuple(s in names for s in slots)
         arrays = c.datas + c.grads
         c.host = all(type(a) is np.ndarray for a in arrays)
@@ -638,24 +701,37 @@ class Optimizer:
         layout = buf.layout
         if self._layout is not None:
             if self._layout[0] != "flat":
-                raise ValueError("this optimizer steps dicts of arrays; call update(params, "
-                                 "grads), not step(buf)")
+                raise ValueError(
+                    "this optimizer steps dicts of arrays; call update(params, "
+                    "grads), not step(buf)"
+                )
             if self._layout[1] != layout:
-                check_names(buf.params, self._state, "the FlatBuffer's parameter names",
-                            "those of the first step")
-                old = {n: (dt, off, size, tuple(shape))
-                       for dt, n, off, size, shape in self._layout[1]}
+                check_names(
+                    buf.params,
+                    self._state,
+                    "the FlatBuffer's parameter names",
+                    "those of the first step",
+                )
+                old = {
+                    n: (dt, off, size, tuple(shape)) for dt, n, off, size, shape in self._layout[1]
+                }
                 for dt, n, off, size, shape in layout:
                     if old[n] != (dt, off, size, tuple(shape)):
                         o = old[n]
-                        raise ValueError(f"parameter {n!r} is {dt}{list(shape)} at offset "
-                                         f"{off} but this optimizer was first stepped with "
-                                         f"{o[0]}{list(o[3])} at offset {o[1]}; create a new "
-                                         "optimizer or load a matching state_dict")
+                        raise ValueError(
+                            f"parameter {n!r} is {dt}{list(shape)} at offset "
+                            f"{off} but this optimizer was first stepped with "
+                            f"{o[0]}{list(o[3])} at offset {o[1]}; create a new "
+                            "optimizer or load a matching state_dict"
+                        )
                 raise ValueError("this FlatBuffer's layout differs from the first step's")
         elif self._pending is not None:
-            check_names(buf.params, self._pending, "the FlatBuffer's parameter names",
-                        "those of the loaded state")
+            check_names(
+                buf.params,
+                self._pending,
+                "the FlatBuffer's parameter names",
+                "those of the loaded state",
+            )
             for dt, n, _, _, shape in layout:
                 self._check_against(n, tuple(shape), np.dtype(dt))
         self._step_hp()
@@ -663,8 +739,9 @@ class Optimizer:
         for i, g in enumerate(buf.groups):
             for role, a in (("data", g.data), ("grad", g.grad)):
                 if not is_array(a):
-                    raise TypeError(f"{role} of FlatBuffer group {i} is a {type(a).__name__}; "
-                                    "expected an array")
+                    raise TypeError(
+                        f"{role} of FlatBuffer group {i} is a {type(a).__name__}; expected an array"
+                    )
                 arrays.append((f"FlatBuffer group {i} {role}", a))
         be = self._backend_for(arrays, "the FlatBuffer's groups")
         supported = tuple(getattr(be, "DTYPES", SUPPORTED_DTYPES))
@@ -676,17 +753,21 @@ class Optimizer:
             for role, a in (("data", group.data), ("grad", group.grad)):
                 check_array(None, role, a, supported, who)
                 if dtype_of(a) != dt or a.ndim != 1 or a.shape[0] < n:
-                    raise ValueError(f"{role} of {who} is {describe(a)}; expected a 1-D "
-                                     f"{dtype_name(dt)} array of at least {n} elements")
+                    raise ValueError(
+                        f"{role} of {who} is {describe(a)}; expected a 1-D "
+                        f"{dtype_name(dt)} array of at least {n} elements"
+                    )
             states = ()
             if self._flat_state is not None:
                 states = tuple(self._flat_state[i].items())
                 size = next(iter(self._flat_state[i].values())).shape[0] if states else None
                 if size is not None and group.data.shape[0] != size:
-                    raise ValueError(f"data of {who} is {describe(group.data)} but this "
-                                     f"optimizer's state for the group holds {size} elements "
-                                     "(sized at the first step); a FlatBuffer's buffers cannot "
-                                     "be resized: create a new FlatBuffer and optimizer")
+                    raise ValueError(
+                        f"data of {who} is {describe(group.data)} but this "
+                        f"optimizer's state for the group holds {size} elements "
+                        "(sized at the first step); a FlatBuffer's buffers cannot "
+                        "be resized: create a new FlatBuffer and optimizer"
+                    )
             _, ents = check_param_arrays(None, group.data, group.grad, states, supported, who)
             entries += ents
         check_no_overlap(entries)
@@ -707,9 +788,14 @@ class Optimizer:
             return True
         for group in buf.groups:
             if not all_finite(group.grad):  # one reduction over the whole dtype group
-                bad = next((n for n, (off, size, _) in group.slots.items()
-                            if not all_finite(group.grad[off:off + size])),
-                           "(padding between parameters)")
+                bad = next(
+                    (
+                        n
+                        for n, (off, size, _) in group.slots.items()
+                        if not all_finite(group.grad[off : off + size])
+                    ),
+                    "(padding between parameters)",
+                )
                 return self._nonfinite_found(bad, buf.grads.get(bad, group.grad))
         return True
 
@@ -720,33 +806,39 @@ class Optimizer:
         raise NonFiniteGradientError(
             f"gradient of parameter {name!r} ({describe(g)}) holds {int(np.isnan(h).sum())} "
             f"NaN and {int(np.isinf(h).sum())} inf values; nonfinite='raise' refused the step "
-            "(nothing was changed)")
+            "(nothing was changed)"
+        )
 
     # -- state dicts ----------------------------------------------------------------------------
     def _check_state_dict(self, sd):
         keys = {"optimizer", "step", "hyperparams", "state"}
         if not isinstance(sd, dict) or set(sd) != keys:
             got = sorted(sd, key=str) if isinstance(sd, dict) else type(sd).__name__
-            raise ValueError(f"not a fastopt state_dict: got {got}, expected a dict with "
-                             f"keys {sorted(keys)}")
+            raise ValueError(
+                f"not a fastopt state_dict: got {got}, expected a dict with keys {sorted(keys)}"
+            )
         kind = type(self).__name__
         if sd["optimizer"] != kind:
             raise ValueError(f"state_dict is for optimizer {sd['optimizer']!r}, this is {kind}")
         step = sd["step"]
-        if isinstance(step, (bool, np.bool_)) or not isinstance(step, (int, np.integer)) \
-                or step < 0:
+        if (
+            isinstance(step, (bool, np.bool_))
+            or not isinstance(step, (int, np.integer))
+            or step < 0
+        ):
             raise ValueError(f"state_dict step is {step!r}; expected an integer >= 0")
         hp = sd["hyperparams"]
         if not isinstance(hp, dict):
             raise TypeError(f"state_dict hyperparams is a {type(hp).__name__}; expected a dict")
-        check_names(hp, self._hyper + self._flags, "state_dict hyperparameters",
-                    f"those of {kind}")
+        check_names(hp, self._hyper + self._flags, "state_dict hyperparameters", f"those of {kind}")
         hp = {k: normalise_hyper(v) for k, v in hp.items()}
         for f in self._flags:
             if hp[f] != getattr(self, f):
-                raise ValueError(f"state_dict has {f}={hp[f]!r} but this optimizer has "
-                                 f"{f}={getattr(self, f)!r}; flags decide the state buffers "
-                                 "and the math, so they must match")
+                raise ValueError(
+                    f"state_dict has {f}={hp[f]!r} but this optimizer has "
+                    f"{f}={getattr(self, f)!r}; flags decide the state buffers "
+                    "and the math, so they must match"
+                )
         hp = self._check_hyper(hp)
         state = sd["state"]
         if not isinstance(state, dict):
@@ -756,8 +848,10 @@ class Optimizer:
         host = {}
         for name, st in state.items():
             if not isinstance(st, dict):
-                raise TypeError(f"state of parameter {name!r} is a {type(st).__name__}; "
-                                "expected a dict state name -> array")
+                raise TypeError(
+                    f"state of parameter {name!r} is a {type(st).__name__}; "
+                    "expected a dict state name -> array"
+                )
             check_names(st, want, f"state buffers of parameter {name!r}", f"those {kind} keeps")
             host[name] = {}
             for s in want:
@@ -765,27 +859,31 @@ class Optimizer:
                 check_array(name, f"state {s!r}", a, SUPPORTED_DTYPES)
                 host[name][s] = np.array(to_numpy(a), copy=True)
         if self._layout is not None:
-            check_names(state, self._state, "state_dict parameter names",
-                        "those this optimizer steps")
+            check_names(
+                state, self._state, "state_dict parameter names", "those this optimizer steps"
+            )
             for name, st in host.items():
                 cur_st = self._state[name]
-                check_names(cur_st, want, f"state buffers of parameter {name!r}",
-                            f"those {kind} keeps")
+                check_names(
+                    cur_st, want, f"state buffers of parameter {name!r}", f"those {kind} keeps"
+                )
                 for s, a in st.items():
                     cur = cur_st[s]
-                    if not is_array(cur) or a.shape != tuple(cur.shape) \
-                            or a.dtype != dtype_of(cur):
-                        raise ValueError(f"state {s!r} of parameter {name!r} is "
-                                         f"{dtype_name(a.dtype)}{list(a.shape)}, expected "
-                                         f"{describe(cur)}")
+                    if not is_array(cur) or a.shape != tuple(cur.shape) or a.dtype != dtype_of(cur):
+                        raise ValueError(
+                            f"state {s!r} of parameter {name!r} is "
+                            f"{dtype_name(a.dtype)}{list(a.shape)}, expected "
+                            f"{describe(cur)}"
+                        )
                     check_writable(name, f"state {s!r}", cur)
         else:
             for name, st in host.items():
                 kinds = {(a.shape, a.dtype) for a in st.values()}
                 if len(kinds) > 1:
                     got = sorted((s, a.dtype.name, a.shape) for s, a in st.items())
-                    raise ValueError(f"state buffers of parameter {name!r} differ in shape or "
-                                     f"dtype: {got}")
+                    raise ValueError(
+                        f"state buffers of parameter {name!r} differ in shape or dtype: {got}"
+                    )
         return hp, int(step), host
 
     def _commit_state_dict(self, hp, step, host):
@@ -823,16 +921,20 @@ class Optimizer:
     def _bind_flat(self, buf):
         flat_state, state = [], {}
         for group in buf.groups:
-            flat = {s: array_module(group.data).full(group.data.shape, self._state_fill(s),
-                                                     dtype=group.dtype)
-                    for s in self._state_names()}
+            flat = {
+                s: array_module(group.data).full(
+                    group.data.shape, self._state_fill(s), dtype=group.dtype
+                )
+                for s in self._state_names()
+            }
             for name, (off, size, shape) in group.slots.items():
-                views = {s: a[off:off + size].reshape(shape) for s, a in flat.items()}
+                views = {s: a[off : off + size].reshape(shape) for s, a in flat.items()}
                 if self._pending is not None:
                     for s, v in views.items():
                         v[...] = array_module(v).asarray(self._pending[name][s])
                 state[name] = ReadOnlyViews(
-                    views, f"opt.state[{name!r}] (views into the optimizer's flat state)")
+                    views, f"opt.state[{name!r}] (views into the optimizer's flat state)"
+                )
             flat_state.append(flat)
         self._flat_state = flat_state
         self._state = ReadOnlyViews(state, "opt.state of an optimizer stepping a FlatBuffer")

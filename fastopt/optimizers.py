@@ -4,6 +4,7 @@ Each class holds hyperparameters and state; the math runs in ``fastopt.functiona
 scalars) and ``kernels/`` (the per-element rule). ``t`` counts steps from 1. With
 ``maximize=True`` the gradient is negated first.
 """
+
 from ._validate import check_number
 from .optimizer import Optimizer
 
@@ -35,10 +36,28 @@ class SGD(Optimizer):
 
     _rule = "sgd"
 
-    def __init__(self, lr=1e-3, momentum=0.0, dampening=0.0, weight_decay=0.0, nesterov=False,
-                 *, maximize=False, backend="auto", nonfinite=None):
-        self._init({"lr": lr, "momentum": momentum, "dampening": dampening,
-                    "weight_decay": weight_decay, "nesterov": nesterov, "maximize": maximize})
+    def __init__(
+        self,
+        lr=1e-3,
+        momentum=0.0,
+        dampening=0.0,
+        weight_decay=0.0,
+        nesterov=False,
+        *,
+        maximize=False,
+        backend="auto",
+        nonfinite=None,
+    ):
+        self._init(
+            {
+                "lr": lr,
+                "momentum": momentum,
+                "dampening": dampening,
+                "weight_decay": weight_decay,
+                "nesterov": nesterov,
+                "maximize": maximize,
+            }
+        )
         super().__init__(backend, nonfinite=nonfinite)
 
 
@@ -52,11 +71,28 @@ class Momentum(SGD):
 
     _pinned = {"nesterov": False}
 
-    def __init__(self, lr=0.01, momentum=0.9, dampening=0.0, weight_decay=0.0, *,
-                 maximize=False, backend="auto", nonfinite=None):
+    def __init__(
+        self,
+        lr=0.01,
+        momentum=0.9,
+        dampening=0.0,
+        weight_decay=0.0,
+        *,
+        maximize=False,
+        backend="auto",
+        nonfinite=None,
+    ):
         check_number("momentum", momentum, lo=0, lo_open=True)
-        super().__init__(lr, momentum, dampening, weight_decay, False, maximize=maximize,
-                         backend=backend, nonfinite=nonfinite)
+        super().__init__(
+            lr,
+            momentum,
+            dampening,
+            weight_decay,
+            False,
+            maximize=maximize,
+            backend=backend,
+            nonfinite=nonfinite,
+        )
 
 
 class Nesterov(SGD):
@@ -69,11 +105,27 @@ class Nesterov(SGD):
 
     _pinned = {"nesterov": True, "dampening": 0.0}
 
-    def __init__(self, lr=0.01, momentum=0.9, weight_decay=0.0, *, maximize=False,
-                 backend="auto", nonfinite=None):
+    def __init__(
+        self,
+        lr=0.01,
+        momentum=0.9,
+        weight_decay=0.0,
+        *,
+        maximize=False,
+        backend="auto",
+        nonfinite=None,
+    ):
         check_number("momentum", momentum, lo=0, lo_open=True)
-        super().__init__(lr, momentum, 0.0, weight_decay, True, maximize=maximize,
-                         backend=backend, nonfinite=nonfinite)
+        super().__init__(
+            lr,
+            momentum,
+            0.0,
+            weight_decay,
+            True,
+            maximize=maximize,
+            backend=backend,
+            nonfinite=nonfinite,
+        )
 
 
 class AdaGrad(Optimizer):
@@ -88,13 +140,29 @@ class AdaGrad(Optimizer):
 
     _rule = "adagrad"
 
-    def __init__(self, lr=1e-2, lr_decay=0.0, weight_decay=0.0, initial_accumulator_value=0.0,
-                 eps=1e-10, *, maximize=False, backend="auto", nonfinite=None):
-        self._init({"lr": lr, "lr_decay": lr_decay, "weight_decay": weight_decay, "eps": eps,
-                    "initial_accumulator_value": initial_accumulator_value,
-                    "maximize": maximize})
+    def __init__(
+        self,
+        lr=1e-2,
+        lr_decay=0.0,
+        weight_decay=0.0,
+        initial_accumulator_value=0.0,
+        eps=1e-10,
+        *,
+        maximize=False,
+        backend="auto",
+        nonfinite=None,
+    ):
+        self._init(
+            {
+                "lr": lr,
+                "lr_decay": lr_decay,
+                "weight_decay": weight_decay,
+                "eps": eps,
+                "initial_accumulator_value": initial_accumulator_value,
+                "maximize": maximize,
+            }
+        )
         super().__init__(backend, nonfinite=nonfinite)
-
 
 
 Adagrad = AdaGrad
@@ -112,10 +180,30 @@ class RMSProp(Optimizer):
 
     _rule = "rmsprop"
 
-    def __init__(self, lr=1e-2, alpha=0.99, eps=1e-8, weight_decay=0.0, momentum=0.0,
-                 centered=False, *, maximize=False, backend="auto", nonfinite=None):
-        self._init({"lr": lr, "alpha": alpha, "eps": eps, "weight_decay": weight_decay,
-                    "momentum": momentum, "centered": centered, "maximize": maximize})
+    def __init__(
+        self,
+        lr=1e-2,
+        alpha=0.99,
+        eps=1e-8,
+        weight_decay=0.0,
+        momentum=0.0,
+        centered=False,
+        *,
+        maximize=False,
+        backend="auto",
+        nonfinite=None,
+    ):
+        self._init(
+            {
+                "lr": lr,
+                "alpha": alpha,
+                "eps": eps,
+                "weight_decay": weight_decay,
+                "momentum": momentum,
+                "centered": centered,
+                "maximize": maximize,
+            }
+        )
         super().__init__(backend, nonfinite=nonfinite)
 
 
@@ -136,12 +224,29 @@ class Adam(Optimizer):
     _rule = "adam"
     _pinned = {"decoupled": False}
 
-    def __init__(self, lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0, amsgrad=False,
-                 *, maximize=False, backend="auto", nonfinite=None):
-        self._init({"lr": lr, "betas": betas, "eps": eps, "weight_decay": weight_decay,
-                    "amsgrad": amsgrad, "maximize": maximize})
+    def __init__(
+        self,
+        lr=1e-3,
+        betas=(0.9, 0.999),
+        eps=1e-8,
+        weight_decay=0.0,
+        amsgrad=False,
+        *,
+        maximize=False,
+        backend="auto",
+        nonfinite=None,
+    ):
+        self._init(
+            {
+                "lr": lr,
+                "betas": betas,
+                "eps": eps,
+                "weight_decay": weight_decay,
+                "amsgrad": amsgrad,
+                "maximize": maximize,
+            }
+        )
         super().__init__(backend, nonfinite=nonfinite)
-
 
 
 class AdamW(Adam):
@@ -154,10 +259,28 @@ class AdamW(Adam):
 
     _pinned = {"decoupled": True}
 
-    def __init__(self, lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=1e-2, amsgrad=False,
-                 *, maximize=False, backend="auto", nonfinite=None):
-        super().__init__(lr, betas, eps, weight_decay, amsgrad, maximize=maximize,
-                         backend=backend, nonfinite=nonfinite)
+    def __init__(
+        self,
+        lr=1e-3,
+        betas=(0.9, 0.999),
+        eps=1e-8,
+        weight_decay=1e-2,
+        amsgrad=False,
+        *,
+        maximize=False,
+        backend="auto",
+        nonfinite=None,
+    ):
+        super().__init__(
+            lr,
+            betas,
+            eps,
+            weight_decay,
+            amsgrad,
+            maximize=maximize,
+            backend=backend,
+            nonfinite=nonfinite,
+        )
 
 
 class Lion(Optimizer):
@@ -172,7 +295,15 @@ class Lion(Optimizer):
 
     _rule = "lion"
 
-    def __init__(self, lr=1e-4, betas=(0.9, 0.99), weight_decay=0.0, *, maximize=False,
-                 backend="auto", nonfinite=None):
+    def __init__(
+        self,
+        lr=1e-4,
+        betas=(0.9, 0.99),
+        weight_decay=0.0,
+        *,
+        maximize=False,
+        backend="auto",
+        nonfinite=None,
+    ):
         self._init({"lr": lr, "betas": betas, "weight_decay": weight_decay, "maximize": maximize})
         super().__init__(backend, nonfinite=nonfinite)

@@ -5,6 +5,7 @@ in the order ``torch.optim``'s single-tensor code uses, in the arrays' own dtype
 give the float64 reference the tests compare against). Every function updates ``param`` and the
 arrays of ``state`` in place; ``step`` is the 1-based step count (incremented before use).
 """
+
 import numpy as np
 
 __all__ = [
@@ -29,8 +30,19 @@ def _grad(grad, param, weight_decay, maximize):
     return g
 
 
-def sgd(param, grad, state, *, step, lr, momentum=0.0, dampening=0.0, weight_decay=0.0,
-        nesterov=False, maximize=False):
+def sgd(
+    param,
+    grad,
+    state,
+    *,
+    step,
+    lr,
+    momentum=0.0,
+    dampening=0.0,
+    weight_decay=0.0,
+    nesterov=False,
+    maximize=False,
+):
     g = _grad(grad, param, weight_decay, maximize)
     if momentum != 0:
         buf = state["momentum_buffer"]
@@ -42,8 +54,9 @@ def sgd(param, grad, state, *, step, lr, momentum=0.0, dampening=0.0, weight_dec
     param -= lr * g
 
 
-def adagrad(param, grad, state, *, step, lr, lr_decay=0.0, weight_decay=0.0, eps=1e-10,
-            maximize=False):
+def adagrad(
+    param, grad, state, *, step, lr, lr_decay=0.0, weight_decay=0.0, eps=1e-10, maximize=False
+):
     g = _grad(grad, param, weight_decay, maximize)
     clr = lr / (1 + (step - 1) * lr_decay)
     s = state["sum"]
@@ -67,8 +80,20 @@ def _minus_square(v, ga):
     return np.where(np.isinf(sq) & np.isfinite(ga) & (v == np.inf), np.inf, out)
 
 
-def rmsprop(param, grad, state, *, step, lr, alpha=0.99, eps=1e-8, weight_decay=0.0,
-            momentum=0.0, centered=False, maximize=False):
+def rmsprop(
+    param,
+    grad,
+    state,
+    *,
+    step,
+    lr,
+    alpha=0.99,
+    eps=1e-8,
+    weight_decay=0.0,
+    momentum=0.0,
+    centered=False,
+    maximize=False,
+):
     g = _grad(grad, param, weight_decay, maximize)
     v = state["square_avg"]
     v[...] = alpha * v + (1 - alpha) * g * g
@@ -86,8 +111,20 @@ def rmsprop(param, grad, state, *, step, lr, alpha=0.99, eps=1e-8, weight_decay=
         param -= lr * (g / avg)
 
 
-def adam(param, grad, state, *, step, lr, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0,
-         amsgrad=False, maximize=False, decoupled=False):
+def adam(
+    param,
+    grad,
+    state,
+    *,
+    step,
+    lr,
+    betas=(0.9, 0.999),
+    eps=1e-8,
+    weight_decay=0.0,
+    amsgrad=False,
+    maximize=False,
+    decoupled=False,
+):
     beta1, beta2 = betas
     if decoupled:
         param *= 1 - lr * weight_decay
@@ -97,8 +134,8 @@ def adam(param, grad, state, *, step, lr, betas=(0.9, 0.999), eps=1e-8, weight_d
     m, v = state["exp_avg"], state["exp_avg_sq"]
     m[...] = beta1 * m + (1 - beta1) * g
     v[...] = beta2 * v + (1 - beta2) * g * g
-    bc1 = 1 - beta1 ** step
-    bc2 = 1 - beta2 ** step
+    bc1 = 1 - beta1**step
+    bc2 = 1 - beta2**step
     if amsgrad:
         vmax = state["max_exp_avg_sq"]
         np.maximum(vmax, v, out=vmax)  # NaN in either gives NaN, as torch.maximum
@@ -116,22 +153,35 @@ def lion(param, grad, state, *, step, lr, betas=(0.9, 0.99), weight_decay=0.0, m
     m[...] = beta2 * m + (1 - beta2) * g
 
 
-def adamax(param, grad, state, *, step, lr, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0,
-           maximize=False):
+def adamax(
+    param, grad, state, *, step, lr, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0, maximize=False
+):
     beta1, beta2 = betas
     g = _grad(grad, param, weight_decay, maximize)
     m, u = state["exp_avg"], state["exp_inf"]
     m[...] = beta1 * m + (1 - beta1) * g
     u[...] = np.maximum(beta2 * u, np.abs(g) + eps)  # NaN propagates, as torch.maximum does
-    param -= (lr / (1 - beta1 ** step)) * m / u
+    param -= (lr / (1 - beta1**step)) * m / u
 
 
 def _nadam_mu(beta1, momentum_decay, step):
     return beta1 * (1.0 - 0.5 * 0.96 ** (step * momentum_decay))
 
 
-def nadam(param, grad, state, *, step, lr, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0,
-          momentum_decay=4e-3, decoupled_weight_decay=False, maximize=False):
+def nadam(
+    param,
+    grad,
+    state,
+    *,
+    step,
+    lr,
+    betas=(0.9, 0.999),
+    eps=1e-8,
+    weight_decay=0.0,
+    momentum_decay=4e-3,
+    decoupled_weight_decay=False,
+    maximize=False,
+):
     """``state["mu_product"]`` is a 0-d array: the product of the momentum schedule so far, in
     torch's scalar dtype (float32 unless torch's default dtype is float64), as torch keeps it."""
     beta1, beta2 = betas
@@ -148,13 +198,24 @@ def nadam(param, grad, state, *, step, lr, betas=(0.9, 0.999), eps=1e-8, weight_
     m, v = state["exp_avg"], state["exp_avg_sq"]
     m[...] = beta1 * m + (1 - beta1) * g
     v[...] = beta2 * v + (1 - beta2) * g * g
-    denom = np.sqrt(v / (1 - beta2 ** step)) + eps
+    denom = np.sqrt(v / (1 - beta2**step)) + eps
     param -= (lr * (1 - mu) / (1 - float(mu_product))) * g / denom
     param -= (lr * mu_next / (1 - mu_product_next)) * m / denom
 
 
-def radam(param, grad, state, *, step, lr, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0,
-          decoupled_weight_decay=False, maximize=False):
+def radam(
+    param,
+    grad,
+    state,
+    *,
+    step,
+    lr,
+    betas=(0.9, 0.999),
+    eps=1e-8,
+    weight_decay=0.0,
+    decoupled_weight_decay=False,
+    maximize=False,
+):
     beta1, beta2 = betas
     if decoupled_weight_decay:
         param *= 1 - lr * weight_decay
@@ -164,19 +225,19 @@ def radam(param, grad, state, *, step, lr, betas=(0.9, 0.999), eps=1e-8, weight_
     m, v = state["exp_avg"], state["exp_avg_sq"]
     m[...] = beta1 * m + (1 - beta1) * g
     v[...] = beta2 * v + (1 - beta2) * g * g
-    bc1, bc2 = 1 - beta1 ** step, 1 - beta2 ** step
+    bc1, bc2 = 1 - beta1**step, 1 - beta2**step
     rho_inf = 2 / (1 - beta2) - 1
-    rho_t = rho_inf - 2 * step * beta2 ** step / bc2
+    rho_t = rho_inf - 2 * step * beta2**step / bc2
     if rho_t > 5.0:
-        rect = ((rho_t - 4) * (rho_t - 2) * rho_inf
-                / ((rho_inf - 4) * (rho_inf - 2) * rho_t)) ** 0.5
-        param -= (m / bc1) * lr * (bc2 ** 0.5 / (np.sqrt(v) + eps)) * rect
+        rect = (
+            (rho_t - 4) * (rho_t - 2) * rho_inf / ((rho_inf - 4) * (rho_inf - 2) * rho_t)
+        ) ** 0.5
+        param -= (m / bc1) * lr * (bc2**0.5 / (np.sqrt(v) + eps)) * rect
     else:
         param -= (m / bc1) * lr
 
 
-def adadelta(param, grad, state, *, step, lr, rho=0.9, eps=1e-6, weight_decay=0.0,
-             maximize=False):
+def adadelta(param, grad, state, *, step, lr, rho=0.9, eps=1e-6, weight_decay=0.0, maximize=False):
     g = _grad(grad, param, weight_decay, maximize)
     v, acc = state["square_avg"], state["acc_delta"]
     v[...] = rho * v + (1 - rho) * g * g
@@ -185,8 +246,9 @@ def adadelta(param, grad, state, *, step, lr, rho=0.9, eps=1e-6, weight_decay=0.
     param -= lr * delta
 
 
-def rprop(param, grad, state, *, step, lr, etas=(0.5, 1.2), step_sizes=(1e-6, 50.0),
-          maximize=False):
+def rprop(
+    param, grad, state, *, step, lr, etas=(0.5, 1.2), step_sizes=(1e-6, 50.0), maximize=False
+):
     """``state["step_size"]`` starts at lr (``state_fill``), ``state["prev"]`` at 0."""
     etaminus, etaplus = etas
     lo, hi = step_sizes
@@ -200,8 +262,19 @@ def rprop(param, grad, state, *, step, lr, etas=(0.5, 1.2), step_sizes=(1e-6, 50
     prev[...] = g
 
 
-def asgd(param, grad, state, *, step, lr, lambd=1e-4, alpha=0.75, t0=1e6, weight_decay=0.0,
-         maximize=False):
+def asgd(
+    param,
+    grad,
+    state,
+    *,
+    step,
+    lr,
+    lambd=1e-4,
+    alpha=0.75,
+    t0=1e6,
+    weight_decay=0.0,
+    maximize=False,
+):
     """``state["eta"]`` and ``state["mu"]`` are 0-d arrays (lr and 1 before the first step) in
     torch's scalar dtype (float32 by default), rewritten at the end of each step as torch does;
     ``state["ax"]`` is the average."""

@@ -29,6 +29,7 @@ Every update runs on fastopt's fused kernels: each formula is an existing per-el
 to its dtype, as the chapter's NumPy expressions do. Everything is checked before anything is
 written: a refused call leaves ``params`` and the state as they were.
 """
+
 import math
 import numbers
 
@@ -57,19 +58,22 @@ def _launch(backend, rule, flags, param, grad, states, k):
     """One fused pass of ``rule`` over flat arrays with explicit host scalars ``k``."""
     be = resolve(backend, param)
     if be.NAME == "numpy":  # "auto" falls back to the oracle only when numba cannot run
-        raise RuntimeError("fastopt.textbook runs on the per-element kernels, and no kernel "
-                           f"backend can run here: {get_backend('numba').why_unavailable()}")
+        raise RuntimeError(
+            "fastopt.textbook runs on the per-element kernels, and no kernel "
+            f"backend can run here: {get_backend('numba').why_unavailable()}"
+        )
     if (be.DEVICE == "cpu") != (where(param) == "host"):
-        raise ValueError(f"backend {be.NAME!r} runs on the {be.DEVICE} but the parameter is on "
-                         f"the {where(param)}; pass arrays where the backend runs or use "
-                         "backend='auto'")
+        raise ValueError(
+            f"backend {be.NAME!r} runs on the {be.DEVICE} but the parameter is on "
+            f"the {where(param)}; pass arrays where the backend runs or use "
+            "backend='auto'"
+        )
     be.launch(rule, flags, param, grad, states, k)
 
 
 def _number(name, value):
     if isinstance(value, (bool, np.bool_)) or not isinstance(value, numbers.Real):
-        raise TypeError(f"{name} must be a real number, got {value!r} "
-                        f"({type(value).__name__})")
+        raise TypeError(f"{name} must be a real number, got {value!r} ({type(value).__name__})")
     return float(value)
 
 
@@ -87,22 +91,31 @@ class _Entry:
         self.back = []  # (original array, contiguous copy) pairs to write back after the step
         self.scalar = _is_number(p)
         if self.scalar:
-            if isinstance(p, (bool, np.bool_)) or not isinstance(p, (numbers.Real, np.number)) \
-                    or isinstance(p, np.complexfloating):
-                raise TypeError(f"parameter {key!r} is {p!r} ({type(p).__name__}); expected a "
-                                "real number or a float32/float64 array")
+            if (
+                isinstance(p, (bool, np.bool_))
+                or not isinstance(p, (numbers.Real, np.number))
+                or isinstance(p, np.complexfloating)
+            ):
+                raise TypeError(
+                    f"parameter {key!r} is {p!r} ({type(p).__name__}); expected a "
+                    "real number or a float32/float64 array"
+                )
             dt = np.dtype(p.dtype) if isinstance(p, np.floating) else np.dtype(np.float64)
             if dt.name not in ("float32", "float64"):
-                raise TypeError(f"parameter {key!r} is a {dt.name} scalar; fastopt.textbook "
-                                "steps float32 and float64 (pass float(x) or an array)")
+                raise TypeError(
+                    f"parameter {key!r} is a {dt.name} scalar; fastopt.textbook "
+                    "steps float32 and float64 (pass float(x) or an array)"
+                )
             self.shape, self.dtype, self.xp = (), dt, np
             self.param = np.array([p], dtype=dt)
         else:
             p = as_xp_array(p)
             check_array(key, "param", p)
             if isinstance(p, np.ndarray) and not p.flags.writeable:
-                raise ValueError(f"parameter {key!r} ({p.dtype}{list(p.shape)}) is read-only; "
-                                 "it is updated in place")
+                raise ValueError(
+                    f"parameter {key!r} ({p.dtype}{list(p.shape)}) is read-only; "
+                    "it is updated in place"
+                )
             self.shape, self.dtype, self.xp = tuple(p.shape), np.dtype(p.dtype), array_module(p)
             self.param = self.flat(p)
         self.grad = self._grad(g)
@@ -115,21 +128,26 @@ class _Entry:
         try:
             g = xp.asarray(g)
         except (TypeError, ValueError) as exc:
-            raise TypeError(f"grad of parameter {key!r} is a {type(g).__name__} that cannot be "
-                            f"read as an array: {exc}") from exc
+            raise TypeError(
+                f"grad of parameter {key!r} is a {type(g).__name__} that cannot be "
+                f"read as an array: {exc}"
+            ) from exc
         if g.dtype.kind not in "fiu":
-            raise TypeError(f"grad of parameter {key!r} has dtype {g.dtype}; expected real "
-                            "numbers")
+            raise TypeError(f"grad of parameter {key!r} has dtype {g.dtype}; expected real numbers")
         if self.scalar:
             if g.size != 1:
-                raise ValueError(f"parameter {key!r} is a number but its grad has shape "
-                                 f"{tuple(g.shape)}; expected a number")
+                raise ValueError(
+                    f"parameter {key!r} is a number but its grad has shape "
+                    f"{tuple(g.shape)}; expected a number"
+                )
             g = g.reshape(())
         try:
             g = xp.broadcast_to(g, self.shape)
         except ValueError:
-            raise ValueError(f"grad of parameter {key!r} has shape {tuple(g.shape)}, which does "
-                             f"not broadcast to the parameter's shape {list(self.shape)}") from None
+            raise ValueError(
+                f"grad of parameter {key!r} has shape {tuple(g.shape)}, which does "
+                f"not broadcast to the parameter's shape {list(self.shape)}"
+            ) from None
         g = xp.ascontiguousarray(g, dtype=self.dtype).reshape(-1)
         if g is self.param or xp.may_share_memory(g, self.param):
             g = g.copy()  # the kernel writes the param while it reads the grad
@@ -145,16 +163,22 @@ class _Entry:
 
     def check_state(self, name, s):
         if s is None:
-            raise KeyError(f"no state {name}[{self.key!r}]: the state is created on the first "
-                           "update for the keys of that update's params; create a new "
-                           "optimizer to step other keys")
+            raise KeyError(
+                f"no state {name}[{self.key!r}]: the state is created on the first "
+                "update for the keys of that update's params; create a new "
+                "optimizer to step other keys"
+            )
         if tuple(s.shape) != self.shape or np.dtype(s.dtype) != self.dtype:
-            raise ValueError(f"state {name}[{self.key!r}] is {np.dtype(s.dtype)}"
-                             f"{list(s.shape)} but the parameter is {self.dtype}"
-                             f"{list(self.shape)}; create a new optimizer")
+            raise ValueError(
+                f"state {name}[{self.key!r}] is {np.dtype(s.dtype)}"
+                f"{list(s.shape)} but the parameter is {self.dtype}"
+                f"{list(self.shape)}; create a new optimizer"
+            )
         if where(s) != where(self.param):
-            raise ValueError(f"state {name}[{self.key!r}] is on the {where(s)} but the "
-                             f"parameter is on the {where(self.param)}")
+            raise ValueError(
+                f"state {name}[{self.key!r}] is on the {where(s)} but the "
+                f"parameter is on the {where(self.param)}"
+            )
 
     def zeros(self):
         return self.xp.zeros(self.shape, dtype=self.dtype)
@@ -178,9 +202,11 @@ class _Textbook:
         if not isinstance(backend, str):
             raise TypeError(f"backend must be a string, got {type(backend).__name__}")
         if backend == "numpy":
-            raise ValueError("backend 'numpy' runs torch.optim's formulas (fastopt.reference); "
-                             "fastopt.textbook runs the chapter's formulas on the kernels: use "
-                             "'auto', 'numba', 'cupy' or 'numba-cuda'")
+            raise ValueError(
+                "backend 'numpy' runs torch.optim's formulas (fastopt.reference); "
+                "fastopt.textbook runs the chapter's formulas on the kernels: use "
+                "'auto', 'numba', 'cupy' or 'numba-cuda'"
+            )
         if backend != "auto":
             get_backend(backend)  # unknown or unavailable: raise now, not at the first update
         self.backend = backend
@@ -192,8 +218,10 @@ class _Textbook:
     def update(self, params, grads):
         """Step every key of ``params`` with ``grads[key]``, by the chapter's formula."""
         if not isinstance(params, dict) or not hasattr(grads, "__getitem__"):
-            raise TypeError("update() expects dicts key -> array or number (params, grads), "
-                            f"got {type(params).__name__} and {type(grads).__name__}")
+            raise TypeError(
+                "update() expects dicts key -> array or number (params, grads), "
+                f"got {type(params).__name__} and {type(grads).__name__}"
+            )
         hp = {h: _number(h, getattr(self, h)) for h in self._hyper}
         entries = []
         for key, p in params.items():
@@ -217,8 +245,15 @@ class _Textbook:
         launches = self._launches(hp)
         for e, row in zip(entries, states):
             for rule, flags, slots, k in launches:
-                _launch(self.backend, rule, flags, e.param, e.grad,
-                        tuple(None if i is None else row[i] for i in slots), k)
+                _launch(
+                    self.backend,
+                    rule,
+                    flags,
+                    e.param,
+                    e.grad,
+                    tuple(None if i is None else row[i] for i in slots),
+                    k,
+                )
             e.write_back(params)
 
     def _begin(self):
@@ -314,11 +349,18 @@ class Nesterov(_Textbook):
         c = (1 + mu) * lr
         mu_k = -(mu * mu) / c if c != 0 else math.inf
         if math.isfinite(mu_k):
-            return [("sgd", _NESTEROV, (0,),
-                     _scalars("sgd", wd=0, mu_b=mu, omd_b=-lr, mu=mu_k, lr=c))]
-        return [("sgd", _MOMENTUM, (0,), _scalars("sgd", wd=0, mu_b=mu, omd_b=-lr, mu=0,
-                                                   lr=-(mu * mu))),
-                ("sgd", _SGD, (None,), _scalars("sgd", wd=0, mu_b=0, omd_b=0, mu=0, lr=c))]
+            return [
+                ("sgd", _NESTEROV, (0,), _scalars("sgd", wd=0, mu_b=mu, omd_b=-lr, mu=mu_k, lr=c))
+            ]
+        return [
+            (
+                "sgd",
+                _MOMENTUM,
+                (0,),
+                _scalars("sgd", wd=0, mu_b=mu, omd_b=-lr, mu=0, lr=-(mu * mu)),
+            ),
+            ("sgd", _SGD, (None,), _scalars("sgd", wd=0, mu_b=0, omd_b=0, mu=0, lr=c)),
+        ]
 
 
 class AdaGrad(_Textbook):
@@ -393,7 +435,17 @@ class Adam(_Textbook):
 
     def _launches(self, hp):
         lr, b1, b2, t = hp["lr"], hp["beta1"], hp["beta2"], self.iter
-        lr_t = lr * np.sqrt(1.0 - b2 ** t) / (1.0 - b1 ** t)
-        k = _scalars("adam", wd=0, decay_f=1, beta1=b1, omb1=1 - b1, beta2=b2, omb2=1 - b2,
-                     step_size=lr_t, inv_sqrt_bc2=1, eps=EPS)
+        lr_t = lr * np.sqrt(1.0 - b2**t) / (1.0 - b1**t)
+        k = _scalars(
+            "adam",
+            wd=0,
+            decay_f=1,
+            beta1=b1,
+            omb1=1 - b1,
+            beta2=b2,
+            omb2=1 - b2,
+            step_size=lr_t,
+            inv_sqrt_bc2=1,
+            eps=EPS,
+        )
         return [("adam", _ADAM, (0, 1, None), k)]

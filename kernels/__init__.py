@@ -15,6 +15,7 @@ is float64 and would promote float32 math.
 
 ``RULES`` maps each rule's name to its ``Rule``; a new rule module needs one line here.
 """
+
 from . import adagrad, adam, lion, rmsprop, sgd
 
 #: rule name -> its spec (``spec.Rule``)

@@ -12,6 +12,7 @@ A slot the variant never touches (the momentum buffer of plain SGD, ``max_exp_av
 AMSGRAD, ...) is not a kernel parameter at all, so it costs no memory traffic. Nothing here
 imports CuPy: the CPU harness and the compile checks build the same text.
 """
+
 import re
 from pathlib import Path
 
@@ -123,8 +124,13 @@ def kernel_name(rule):
 def elementwise_args(rule, flags):
     """``(in_params, out_params, operation, name, preamble)`` for ``cupy.ElementwiseKernel``."""
     used = slots_used(rule, flags)
-    return (in_params(rule), out_params(rule, used), operation(rule, used), kernel_name(rule),
-            preamble(rule, flags))
+    return (
+        in_params(rule),
+        out_params(rule, used),
+        operation(rule, used),
+        kernel_name(rule),
+        preamble(rule, flags),
+    )
 
 
 # -- the vectorised raw kernel ------------------------------------------------------------------
@@ -156,14 +162,19 @@ def grid_stride_kernel(name, ctype, width, arrays, scalars, lane):
         raise ValueError(f"no {width}-wide vector of {ctype}; widths: {VECTOR_WIDTH}")
     params = [f"{'' if w else 'const '}T *__restrict__ {a}" for a, w in arrays]
     params += [f"const T {s}" for s in scalars] + ["const long long n"]
-    out = [f'extern "C" __global__ void {name}({", ".join(params)})', "{",
-           "    const long long stride = (long long)gridDim.x * blockDim.x;",
-           "    const long long first = (long long)blockIdx.x * blockDim.x + threadIdx.x;",
-           "    long long tail = 0;"]
+    out = [
+        f'extern "C" __global__ void {name}({", ".join(params)})',
+        "{",
+        "    const long long stride = (long long)gridDim.x * blockDim.x;",
+        "    const long long first = (long long)blockIdx.x * blockDim.x + threadIdx.x;",
+        "    long long tail = 0;",
+    ]
     if width > 1:
         vt = _VECTOR_TYPE[(ctype, width)]
-        out += [f"    const long long nv = n / {width};",
-                "    for (long long i = first; i < nv; i += stride) {"]
+        out += [
+            f"    const long long nv = n / {width};",
+            "    for (long long i = first; i < nv; i += stride) {",
+        ]
         for a, w in arrays:
             q = "" if w else "const "
             out.append(f"        {q}{vt} {a}_v = reinterpret_cast<{q}{vt} *>({a})[i];")

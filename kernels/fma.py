@@ -10,6 +10,7 @@ plain Python (the CUDA simulator, tests) it computes the exact value with ``frac
 rounds it to the arguments' dtype (float32 via float64: within the one rounding except at
 float32 ties).
 """
+
 from fractions import Fraction
 from math import isfinite
 

@@ -1,9 +1,9 @@
 """Lion (Chen et al. 2023, "Symbolic Discovery of Optimization Algorithms").
 
-    g = -g if maximize
-    p = p * decay                      (decay = 1 - lr*wd)
-    c = beta1*m + omb1*g;  p = p - lr*sign(c)
-    m = beta2*m + omb2*g
+g = -g if maximize
+p = p * decay                      (decay = 1 - lr*wd)
+c = beta1*m + omb1*g;  p = p - lr*sign(c)
+m = beta2*m + omb2*g
 """
 
 from .spec import Hyper, Rule, Slot
@@ -36,15 +36,27 @@ def _flags_of(hp, step):
 
 def _scalars_of(hp, step, hs):
     beta1, beta2 = hp["betas"]
-    return {"decay_f": 1.0 - hp["lr"] * hp["weight_decay"], "beta1": beta1, "omb1": 1.0 - beta1,
-            "beta2": beta2, "omb2": 1.0 - beta2, "lr": hp["lr"]}
+    return {
+        "decay_f": 1.0 - hp["lr"] * hp["weight_decay"],
+        "beta1": beta1,
+        "omb1": 1.0 - beta1,
+        "beta2": beta2,
+        "omb2": 1.0 - beta2,
+        "lr": hp["lr"],
+    }
 
 
 RULE = Rule(
     name="lion",
-    hyper=(Hyper("lr", 1e-4), Hyper("betas", (0.9, 0.99), "betas"), Hyper("weight_decay", 0.0),
-           Hyper("maximize", False, "bool", fixed=True)),
+    hyper=(
+        Hyper("lr", 1e-4),
+        Hyper("betas", (0.9, 0.99), "betas"),
+        Hyper("weight_decay", 0.0),
+        Hyper("maximize", False, "bool", fixed=True),
+    ),
     slots=(Slot("exp_avg"),),
     scalars=("decay_f", "beta1", "omb1", "beta2", "omb2", "lr"),
-    make_rule=make_rule, flags_of=_flags_of, scalars_of=_scalars_of,
+    make_rule=make_rule,
+    flags_of=_flags_of,
+    scalars_of=_scalars_of,
 )

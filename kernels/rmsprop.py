@@ -9,6 +9,7 @@
 ``addcmul(v, ga, ga, value=-1)`` is on FMA hardware: where ``ga*ga`` overflows, ``v = inf``
 gives ``d = inf`` (the param stays finite), not ``inf - inf = NaN``.
 """
+
 import math
 
 from .fma import fma
@@ -39,23 +40,43 @@ def make_rule(maximize=False, decay=False, centered=False, momentum=False):
 
 
 def _flags_of(hp, step):
-    return {"maximize": hp["maximize"], "decay": hp["weight_decay"] != 0,
-            "centered": hp["centered"], "momentum": hp["momentum"] > 0}
+    return {
+        "maximize": hp["maximize"],
+        "decay": hp["weight_decay"] != 0,
+        "centered": hp["centered"],
+        "momentum": hp["momentum"] > 0,
+    }
 
 
 def _scalars_of(hp, step, hs):
-    return {"wd": hp["weight_decay"], "alpha": hp["alpha"], "oma": 1.0 - hp["alpha"],
-            "eps": hp["eps"], "mu": hp["momentum"], "lr": hp["lr"]}
+    return {
+        "wd": hp["weight_decay"],
+        "alpha": hp["alpha"],
+        "oma": 1.0 - hp["alpha"],
+        "eps": hp["eps"],
+        "mu": hp["momentum"],
+        "lr": hp["lr"],
+    }
 
 
 RULE = Rule(
     name="rmsprop",
-    hyper=(Hyper("lr", 1e-2), Hyper("alpha", 0.99, "unit"), Hyper("eps", 1e-8),
-           Hyper("weight_decay", 0.0), Hyper("momentum", 0.0),
-           Hyper("centered", False, "bool", fixed=True),
-           Hyper("maximize", False, "bool", fixed=True)),
-    slots=(Slot("square_avg"), Slot("grad_avg", when="centered"),
-           Slot("momentum_buffer", when="momentum")),
+    hyper=(
+        Hyper("lr", 1e-2),
+        Hyper("alpha", 0.99, "unit"),
+        Hyper("eps", 1e-8),
+        Hyper("weight_decay", 0.0),
+        Hyper("momentum", 0.0),
+        Hyper("centered", False, "bool", fixed=True),
+        Hyper("maximize", False, "bool", fixed=True),
+    ),
+    slots=(
+        Slot("square_avg"),
+        Slot("grad_avg", when="centered"),
+        Slot("momentum_buffer", when="momentum"),
+    ),
     scalars=("wd", "alpha", "oma", "eps", "mu", "lr"),
-    make_rule=make_rule, flags_of=_flags_of, scalars_of=_scalars_of,
+    make_rule=make_rule,
+    flags_of=_flags_of,
+    scalars_of=_scalars_of,
 )

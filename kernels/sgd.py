@@ -1,9 +1,9 @@
 """SGD with optional momentum / Nesterov (PyTorch's form).
 
-    g = -g if maximize;  g = g + wd*p
-    b = mu_b*b + omd_b*g          (mu_b = 0, omd_b = 1 on the first step: b = g)
-    g = g + mu*b if nesterov else b
-    p = p - lr*g
+g = -g if maximize;  g = g + wd*p
+b = mu_b*b + omd_b*g          (mu_b = 0, omd_b = 1 on the first step: b = g)
+g = g + mu*b if nesterov else b
+p = p - lr*g
 """
 
 from .spec import Hyper, Rule, Slot
@@ -29,32 +29,50 @@ def make_rule(maximize=False, decay=False, momentum=False, nesterov=False):
 
 
 def _flags_of(hp, step):
-    return {"maximize": hp["maximize"], "decay": hp["weight_decay"] != 0,
-            "momentum": hp["momentum"] != 0, "nesterov": hp["nesterov"]}
+    return {
+        "maximize": hp["maximize"],
+        "decay": hp["weight_decay"] != 0,
+        "momentum": hp["momentum"] != 0,
+        "nesterov": hp["nesterov"],
+    }
 
 
 def _scalars_of(hp, step, hs):
     first = step == 1  # torch's first momentum step copies the gradient: no dampening
-    return {"wd": hp["weight_decay"], "mu_b": 0.0 if first else hp["momentum"],
-            "omd_b": 1.0 if first else 1.0 - hp["dampening"], "mu": hp["momentum"],
-            "lr": hp["lr"]}
+    return {
+        "wd": hp["weight_decay"],
+        "mu_b": 0.0 if first else hp["momentum"],
+        "omd_b": 1.0 if first else 1.0 - hp["dampening"],
+        "mu": hp["momentum"],
+        "lr": hp["lr"],
+    }
 
 
 def _check(hp):
     if hp.get("nesterov") and (hp.get("momentum", 0.0) <= 0 or hp.get("dampening", 0.0) != 0):
-        raise ValueError(f"invalid nesterov=True with momentum={hp.get('momentum')!r} and "
-                         f"dampening={hp.get('dampening')!r}; Nesterov momentum requires "
-                         "momentum > 0 and dampening = 0")
+        raise ValueError(
+            f"invalid nesterov=True with momentum={hp.get('momentum')!r} and "
+            f"dampening={hp.get('dampening')!r}; Nesterov momentum requires "
+            "momentum > 0 and dampening = 0"
+        )
 
 
 RULE = Rule(
     name="sgd",
-    hyper=(Hyper("lr", 1e-3), Hyper("momentum", 0.0), Hyper("dampening", 0.0),
-           Hyper("weight_decay", 0.0), Hyper("nesterov", False, "bool", fixed=True),
-           Hyper("maximize", False, "bool", fixed=True)),
+    hyper=(
+        Hyper("lr", 1e-3),
+        Hyper("momentum", 0.0),
+        Hyper("dampening", 0.0),
+        Hyper("weight_decay", 0.0),
+        Hyper("nesterov", False, "bool", fixed=True),
+        Hyper("maximize", False, "bool", fixed=True),
+    ),
     # b = 0*b + g on step 1: the buffer is reset first, so whatever it held (NaN) cannot leak
     slots=(Slot("momentum_buffer", when="momentum", fresh=True),),
     scalars=("wd", "mu_b", "omd_b", "mu", "lr"),
-    make_rule=make_rule, flags_of=_flags_of, scalars_of=_scalars_of, check=_check,
+    make_rule=make_rule,
+    flags_of=_flags_of,
+    scalars_of=_scalars_of,
+    check=_check,
     excluded=((("nesterov", True), ("momentum", False)),),
 )

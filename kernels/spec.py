@@ -23,6 +23,7 @@ The backends, the classes, ``fastopt.functional``, the benchmark's byte counts, 
 and the tests' matrices read these fields; only the CUDA C body (``kernels/<name>.cu``) is
 written beside the rule, and a test holds its signature to ``slots`` and ``scalars``.
 """
+
 import inspect
 import itertools
 import math
@@ -37,8 +38,10 @@ DOMAINS = {
     "unit": ("a real number in [0, 1)", lambda v: 0 <= v < 1),
     "real": ("a finite real number", lambda v: True),
     "betas": ("a pair (beta1, beta2) with 0 <= beta < 1", lambda v: all(0 <= b < 1 for b in v)),
-    "etas": ("a pair (etaminus, etaplus) with 0 < etaminus < 1 < etaplus",
-             lambda v: 0 < v[0] < 1 < v[1]),
+    "etas": (
+        "a pair (etaminus, etaplus) with 0 < etaminus < 1 < etaplus",
+        lambda v: 0 < v[0] < 1 < v[1],
+    ),
     "range": ("a pair (min, max) with 0 <= min <= max", lambda v: 0 <= v[0] <= v[1]),
     "bool": ("True or False", None),
 }
@@ -57,14 +60,17 @@ def check_value(name, value, domain):
         return bool(value)
 
     def real(v, label):
-        if isinstance(v, (bool, np.bool_)) or not isinstance(v, (int, float, np.integer,
-                                                                  np.floating)):
-            raise TypeError(f"invalid {label}: {v!r} is a {type(v).__name__}; expected a real "
-                            "number")
+        if isinstance(v, (bool, np.bool_)) or not isinstance(
+            v, (int, float, np.integer, np.floating)
+        ):
+            raise TypeError(
+                f"invalid {label}: {v!r} is a {type(v).__name__}; expected a real number"
+            )
         f = float(v)
         if not math.isfinite(f):
-            raise ValueError(f"invalid {label}: {v!r}; expected {what} (NaN and inf are not "
-                             "valid values)")
+            raise ValueError(
+                f"invalid {label}: {v!r}; expected {what} (NaN and inf are not valid values)"
+            )
         return f
 
     if domain in _PAIRS:
@@ -130,12 +136,16 @@ class Rule:
         flags = self.flags
         for s in self.slots:
             if s.when is not None and s.when not in flags:
-                raise ValueError(f"rule {self.name}: slot {s.name} is kept by flag {s.when!r}, "
-                                 f"which is not one of its flags {flags}")
+                raise ValueError(
+                    f"rule {self.name}: slot {s.name} is kept by flag {s.when!r}, "
+                    f"which is not one of its flags {flags}"
+                )
         nargs = len(inspect.signature(self.make_rule(**dict.fromkeys(flags, False))).parameters)
         if nargs != 3 + len(self.slots):
-            raise ValueError(f"rule {self.name}: the per-element rule takes {nargs} arguments; "
-                             f"expected p, g, one per slot {self.state} and k")
+            raise ValueError(
+                f"rule {self.name}: the per-element rule takes {nargs} arguments; "
+                f"expected p, g, one per slot {self.state} and k"
+            )
 
     # -- derived names -----------------------------------------------------------------------
     @property
@@ -194,8 +204,7 @@ class Rule:
         return float(hp[s.init]) if isinstance(s.init, str) else float(s.init)
 
     def initial_host_state(self, hp):
-        return {n: (float(hp[v]) if isinstance(v, str) else float(v))
-                for n, v in self.host_state}
+        return {n: (float(hp[v]) if isinstance(v, str) else float(v)) for n, v in self.host_state}
 
     # -- one step ----------------------------------------------------------------------------
     def plan(self, hp, step, hs=None):

@@ -4,6 +4,7 @@
     python3 scripts/gpu_report.py bench/results/gpu-h200-2026-11-26.json \
         [--run bench/results/gpu-run-h200-2026-11-26.json] [--n 2^28]
 """
+
 import argparse
 import json
 import sys
@@ -26,22 +27,26 @@ def throughput_table(doc, n, steps=("headline", "sweep")):
     for r in recs:
         if r["backend"] == "torch-fused":
             torch[(r["optimizer"], r["layout"])] = r["median_s"]
-    rows = ["| optimizer | backend | GB/s | % vec ceiling | % own ceiling | % copy | "
-            "x torch fused | x torch fused, ~200 tensors |",
-            "|---|---|---:|---:|---:|---:|---:|---:|"]
+    rows = [
+        "| optimizer | backend | GB/s | % vec ceiling | % own ceiling | % copy | "
+        "x torch fused | x torch fused, ~200 tensors |",
+        "|---|---|---:|---:|---:|---:|---:|---:|",
+    ]
     seen = set()
     for r in recs:
         if r["backend"].startswith("torch") or (r["optimizer"], r["backend"]) in seen:
             continue
         seen.add((r["optimizer"], r["backend"]))
         t = r["median_s"]
-        x_flat, x_list = (("-" if peer is None else f"{peer / t:.2f}")
-                          for peer in (torch.get((r["optimizer"], "flat")),
-                                       torch.get((r["optimizer"], "list"))))
+        x_flat, x_list = (
+            ("-" if peer is None else f"{peer / t:.2f}")
+            for peer in (torch.get((r["optimizer"], "flat")), torch.get((r["optimizer"], "list")))
+        )
         rows.append(
             f"| {r['optimizer']} | {r['backend']} | {r['gbps']:.0f} | "
             f"{_pct(r.get('pct_of_vec_ceiling'))} | {_pct(r.get('pct_of_ceiling'))} | "
-            f"{_pct(r.get('pct_of_copy'))} | {x_flat} | {x_list} |")
+            f"{_pct(r.get('pct_of_copy'))} | {x_flat} | {x_list} |"
+        )
     return "\n".join(rows)
 
 
@@ -50,7 +55,8 @@ def ceiling_lines(doc, n):
     for r in doc["records"]:
         if r["n"] == n and r.get("ceiling_backend") and not r["backend"].startswith("torch"):
             out.setdefault(r["ceiling_backend"], []).append(
-                (r.get("copy_gbps"), r.get("ceiling_vec_gbps")))
+                (r.get("copy_gbps"), r.get("ceiling_vec_gbps"))
+            )
     lines = []
     for b, vals in out.items():
         copies = sorted(v[0] for v in vals if v[0])
@@ -67,11 +73,15 @@ def latency_table(run):
     if not lat:
         return ""
     empty = lat["empty-launch"]["event_s"]
-    rows = ["| 2^20 float32 | event time (us) | x empty launch | back to back (us) | "
-            "host issue (us) |", "|---|---:|---:|---:|---:|"]
+    rows = [
+        "| 2^20 float32 | event time (us) | x empty launch | back to back (us) | host issue (us) |",
+        "|---|---:|---:|---:|---:|",
+    ]
     for label, r in lat.items():
-        rows.append(f"| {label} | {r['event_s'] * 1e6:.1f} | {r['event_s'] / empty:.1f} | "
-                    f"{r['pipelined_s'] * 1e6:.1f} | {r['host_issue_s'] * 1e6:.1f} |")
+        rows.append(
+            f"| {label} | {r['event_s'] * 1e6:.1f} | {r['event_s'] / empty:.1f} | "
+            f"{r['pipelined_s'] * 1e6:.1f} | {r['host_issue_s'] * 1e6:.1f} |"
+        )
     return "\n".join(rows)
 
 
@@ -86,9 +96,11 @@ def main(argv=None):
     dev = doc["device"]
     v = doc["versions"]
     cupy = v.get("cupy-cuda13x") or v.get("cupy-cuda12x") or v.get("cupy")
-    print(f"{dev.get('gpu')}, n = {args.n:,} float32; CuPy {cupy}"
-          f", numba-cuda {v.get('numba-cuda')}, torch {v.get('torch')}; medians of "
-          f"{doc['config'].get('reps')} repetitions\n")
+    print(
+        f"{dev.get('gpu')}, n = {args.n:,} float32; CuPy {cupy}"
+        f", numba-cuda {v.get('numba-cuda')}, torch {v.get('torch')}; medians of "
+        f"{doc['config'].get('reps')} repetitions\n"
+    )
     print(throughput_table(doc, args.n))
     print("\nCeilings measured in the same run:\n")
     print(ceiling_lines(doc, args.n))

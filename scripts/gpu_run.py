@@ -14,6 +14,7 @@ step and every benchmark group.
 Output (at most 8 files, all small): gpu_run.json, bench-gpu.json, pytest-interop.xml,
 pytest-parity.xml, ncu.txt, run.log, summary.txt.
 """
+
 import argparse
 import json
 import os
@@ -42,27 +43,67 @@ def _step(name, est_s, limit_s, what, files=()):
 
 #: the plan, by value: what a first GPU run must not come back without comes first
 PLAN = [
-    _step("facts", 35, 90, "device, driver, versions, backends and why not; a probe step of "
-          "every optimizer on both GPU backends against the oracle"),
-    _step("headline", 45, 120, f"{', '.join(HEADLINE)} at 2^28 float32 on both backends, each "
-          "with its own same-traffic ceiling (CuPy also vectorised) and copy; torch fused and "
-          "foreach on one flat tensor and on a ~200-tensor list; CuPy's ElementwiseKernel form "
-          "of Adam beside its vectorised form", files=("bench-gpu.json",)),
-    _step("latency", 15, 60, "2^20 Adam step vs an empty kernel launch: event time, "
-          "back-to-back time, host issue time (cupy, numba-cuda, torch fused)"),
-    _step("interop", 45, 120, "pytest -m gpu: interop (torch, numba, streams, nn.Parameter), "
-          "2^31+7 elements", files=("pytest-interop.xml",)),
-    _step("parity", 110, 200, "pytest -m gpu: the parity matrix on both backends, parallel "
-          "workers, --tb=line, capped failures", files=("pytest-parity.xml",)),
-    _step("sweep", 100, 150, "every optimizer at 2^20, 2^24, 2^28 float32 on both backends "
-          "with ceilings and torch peers", files=("bench-gpu.json",)),
-    _step("ncu", 30, 60, "Nsight Compute on one Adam step (2^24, cupy): DRAM throughput and "
-          "achieved occupancy, if ncu can read the counters", files=("ncu.txt",)),
+    _step(
+        "facts",
+        35,
+        90,
+        "device, driver, versions, backends and why not; a probe step of "
+        "every optimizer on both GPU backends against the oracle",
+    ),
+    _step(
+        "headline",
+        45,
+        120,
+        f"{', '.join(HEADLINE)} at 2^28 float32 on both backends, each "
+        "with its own same-traffic ceiling (CuPy also vectorised) and copy; torch fused and "
+        "foreach on one flat tensor and on a ~200-tensor list; CuPy's ElementwiseKernel form "
+        "of Adam beside its vectorised form",
+        files=("bench-gpu.json",),
+    ),
+    _step(
+        "latency",
+        15,
+        60,
+        "2^20 Adam step vs an empty kernel launch: event time, "
+        "back-to-back time, host issue time (cupy, numba-cuda, torch fused)",
+    ),
+    _step(
+        "interop",
+        45,
+        120,
+        "pytest -m gpu: interop (torch, numba, streams, nn.Parameter), 2^31+7 elements",
+        files=("pytest-interop.xml",),
+    ),
+    _step(
+        "parity",
+        110,
+        200,
+        "pytest -m gpu: the parity matrix on both backends, parallel "
+        "workers, --tb=line, capped failures",
+        files=("pytest-parity.xml",),
+    ),
+    _step(
+        "sweep",
+        100,
+        150,
+        "every optimizer at 2^20, 2^24, 2^28 float32 on both backends "
+        "with ceilings and torch peers",
+        files=("bench-gpu.json",),
+    ),
+    _step(
+        "ncu",
+        30,
+        60,
+        "Nsight Compute on one Adam step (2^24, cupy): DRAM throughput and "
+        "achieved occupancy, if ncu can read the counters",
+        files=("ncu.txt",),
+    ),
 ]
 ALWAYS_FILES = ("gpu_run.json", "run.log", "summary.txt")
 
 
 # -- the parent: runs the plan --------------------------------------------------------------------
+
 
 def _out_files():
     files = set(ALWAYS_FILES)
@@ -101,8 +142,11 @@ def check_plan():
             problems.append(f"{case} n={n}: CPU backends {bad} in a GPU group")
         if n < 1 << 20:
             problems.append(f"{case} n={n}: below 2^20, launch-bound")
-    for path in ("tests/gpu/test_gpu_parity.py", "tests/gpu/test_gpu_interop.py",
-                 "tests/gpu/test_gpu_huge.py"):
+    for path in (
+        "tests/gpu/test_gpu_parity.py",
+        "tests/gpu/test_gpu_interop.py",
+        "tests/gpu/test_gpu_huge.py",
+    ):
         if not (ROOT / path).is_file():
             problems.append(f"missing {path}")
     return problems
@@ -111,18 +155,29 @@ def check_plan():
 def bench_groups(step):
     """The benchmark groups of a step: dicts case, n, backends, torch, form."""
     if step == "headline":
-        out = [dict(case=c, n=HEADLINE_N, backends=list(GPU_BACKENDS), torch=True, form="raw")
-               for c in HEADLINE]
-        out.append(dict(case="adam", n=HEADLINE_N, backends=["cupy"], torch=False,
-                        form="elementwise"))
+        out = [
+            dict(case=c, n=HEADLINE_N, backends=list(GPU_BACKENDS), torch=True, form="raw")
+            for c in HEADLINE
+        ]
+        out.append(
+            dict(case="adam", n=HEADLINE_N, backends=["cupy"], torch=False, form="elementwise")
+        )
         return out
     if step == "sweep":
         from fastopt.bench.measure import CASE_NAMES
 
-        return [dict(case=c, n=n, backends=list(GPU_BACKENDS), torch=n == SIZES[-1] or
-                     c == "adam", form="raw")
-                for n in SIZES for c in CASE_NAMES
-                if not (n == HEADLINE_N and c in HEADLINE)]
+        return [
+            dict(
+                case=c,
+                n=n,
+                backends=list(GPU_BACKENDS),
+                torch=n == SIZES[-1] or c == "adam",
+                form="raw",
+            )
+            for n in SIZES
+            for c in CASE_NAMES
+            if not (n == HEADLINE_N and c in HEADLINE)
+        ]
     return []
 
 
@@ -131,8 +186,10 @@ def print_plan():
     print(f"gpu_run plan (budget {BUDGET_S} s of command time, {MAX_FILES} output files):")
     for s in PLAN:
         t += s["est_s"]
-        print(f"  {s['name']:<9} ~{s['est_s']:>3} s (limit {s['limit_s']:>3} s, cumulative "
-              f"{t:>3} s)  {s['what']}")
+        print(
+            f"  {s['name']:<9} ~{s['est_s']:>3} s (limit {s['limit_s']:>3} s, cumulative "
+            f"{t:>3} s)  {s['what']}"
+        )
     groups = bench_groups("headline") + bench_groups("sweep")
     print(f"  benchmark groups: {len(groups)}; output files: {', '.join(_out_files())}")
 
@@ -141,9 +198,13 @@ class Run:
     def __init__(self, out, budget):
         self.out, self.budget, self.t0 = Path(out), budget, time.monotonic()
         self.out.mkdir(parents=True, exist_ok=True)
-        self.doc = {"schema": "fastopt-gpu-run/1", "started": _utc(), "budget_s": budget,
-                    "steps": {}, "plan": [{k: v for k, v in s.items() if k != "files"}
-                                          for s in PLAN]}
+        self.doc = {
+            "schema": "fastopt-gpu-run/1",
+            "started": _utc(),
+            "budget_s": budget,
+            "steps": {},
+            "plan": [{k: v for k, v in s.items() if k != "files"} for s in PLAN],
+        }
         self.log = open(self.out / "run.log", "a")  # noqa: SIM115 - open for the whole run
 
     def left(self):
@@ -156,25 +217,38 @@ class Run:
     def run_step(self, step):
         name = step["name"]
         if step["est_s"] > self.left():
-            self.doc["steps"][name] = {"status": "skipped", "why": f"{self.left():.0f} s left, "
-                                       f"estimate {step['est_s']} s"}
+            self.doc["steps"][name] = {
+                "status": "skipped",
+                "why": f"{self.left():.0f} s left, estimate {step['est_s']} s",
+            }
             self.save()
             print(f"== {name}: skipped ({self.left():.0f} s left)", flush=True)
             return
         limit = min(step["limit_s"], max(10, self.left()))
         print(f"== {name} (limit {limit:.0f} s): {step['what']}", flush=True)
         t = time.monotonic()
-        cmd = [sys.executable, str(Path(__file__).resolve()), "--child", name, "--out",
-               str(self.out)]
+        cmd = [
+            sys.executable,
+            str(Path(__file__).resolve()),
+            "--child",
+            name,
+            "--out",
+            str(self.out),
+        ]
         try:
             proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=limit)
             rc, text = proc.returncode, proc.stdout + proc.stderr
         except subprocess.TimeoutExpired as exc:
             rc = "timeout"
-            text = ((exc.stdout or b"").decode(errors="replace") if isinstance(exc.stdout, bytes)
-                    else (exc.stdout or "")) + ((exc.stderr or b"").decode(errors="replace")
-                                                if isinstance(exc.stderr, bytes)
-                                                else (exc.stderr or ""))
+            text = (
+                (exc.stdout or b"").decode(errors="replace")
+                if isinstance(exc.stdout, bytes)
+                else (exc.stdout or "")
+            ) + (
+                (exc.stderr or b"").decode(errors="replace")
+                if isinstance(exc.stderr, bytes)
+                else (exc.stderr or "")
+            )
         wall = time.monotonic() - t
         self.log.write(f"\n===== {name} rc={rc} {wall:.1f} s\n{text}\n")
         self.log.flush()
@@ -183,9 +257,13 @@ class Run:
         if res_file.exists():
             result = json.loads(res_file.read_text())
             res_file.unlink()
-        self.doc["steps"][name] = {"status": "ok" if rc == 0 else "failed", "rc": rc,
-                                   "wall_s": round(wall, 1), "result": result,
-                                   "tail": text[-3000:]}
+        self.doc["steps"][name] = {
+            "status": "ok" if rc == 0 else "failed",
+            "rc": rc,
+            "wall_s": round(wall, 1),
+            "result": result,
+            "tail": text[-3000:],
+        }
         self.save()
         tail = "\n".join(text.strip().splitlines()[-12:])
         print(f"   rc={rc} in {wall:.1f} s\n{_indent(tail)}", flush=True)
@@ -212,15 +290,18 @@ def summary(doc):
     lines = [f"fastopt GPU run, {doc.get('elapsed_s')} s of {doc['budget_s']} s"]
     facts = doc["steps"].get("facts", {}).get("result", {})
     if facts:
-        lines.append(f"device: {facts.get('gpu')} | driver {facts.get('driver')} | "
-                     f"backends {facts.get('backends')}")
+        lines.append(
+            f"device: {facts.get('gpu')} | driver {facts.get('driver')} | "
+            f"backends {facts.get('backends')}"
+        )
         for b, why in (facts.get("unavailable") or {}).items():
             lines.append(f"  {b} unavailable: {why}")
         for b, errs in (facts.get("probe") or {}).items():
             worst = max((e for e in errs.values() if isinstance(e, float)), default=None)
             bad = {k: v for k, v in errs.items() if not isinstance(v, float)}
-            lines.append(f"  probe {b}: worst rel. error {worst}" + (f"; failed {bad}" if bad
-                                                                     else ""))
+            lines.append(
+                f"  probe {b}: worst rel. error {worst}" + (f"; failed {bad}" if bad else "")
+            )
     for name, st in doc["steps"].items():
         lines.append(f"{name:<9} {st['status']:<8} {st.get('wall_s', '')}")
         res = st.get("result") or {}
@@ -248,6 +329,7 @@ def parent(args):
 
 # -- the children: one per step, each writes .<step>.json ------------------------------------------
 
+
 def _save_result(out, name, result):
     _write_json(Path(out) / f".{name}.json", result)
 
@@ -263,10 +345,17 @@ def child_facts(out):
 
     res = {"python": platform.python_version(), "platform": platform.platform()}
     try:
-        smi = subprocess.run(["nvidia-smi", "--query-gpu=name,driver_version,memory.total,"
-                              "clocks.max.sm,clocks.max.memory,power.limit",
-                              "--format=csv,noheader"], capture_output=True, text=True,
-                             timeout=20)
+        smi = subprocess.run(
+            [
+                "nvidia-smi",
+                "--query-gpu=name,driver_version,memory.total,"
+                "clocks.max.sm,clocks.max.memory,power.limit",
+                "--format=csv,noheader",
+            ],
+            capture_output=True,
+            text=True,
+            timeout=20,
+        )
         res["nvidia_smi"] = smi.stdout.strip()
         res["gpu"], res["driver"] = [x.strip() for x in smi.stdout.split(",")[:2]]
     except Exception as exc:
@@ -284,18 +373,23 @@ def child_facts(out):
     for b in B.BACKENDS:
         if b not in res["backends"]:
             mod = B._module(b)
-            res["unavailable"][b] = str(mod) if isinstance(mod, ImportError) else \
-                mod.why_unavailable()
+            res["unavailable"][b] = (
+                str(mod) if isinstance(mod, ImportError) else mod.why_unavailable()
+            )
     try:
         import cupy
 
         dev = cupy.cuda.Device()
         props = cupy.cuda.runtime.getDeviceProperties(dev.id)
-        res["device"] = {"name": props["name"].decode(), "cc": dev.compute_capability,
-                         "sms": props["multiProcessorCount"], "l2_bytes": props["l2CacheSize"],
-                         "memory_bytes": props["totalGlobalMem"],
-                         "cuda_runtime": cupy.cuda.runtime.runtimeGetVersion(),
-                         "cuda_driver": cupy.cuda.runtime.driverGetVersion()}
+        res["device"] = {
+            "name": props["name"].decode(),
+            "cc": dev.compute_capability,
+            "sms": props["multiProcessorCount"],
+            "l2_bytes": props["l2CacheSize"],
+            "memory_bytes": props["totalGlobalMem"],
+            "cuda_runtime": cupy.cuda.runtime.runtimeGetVersion(),
+            "cuda_driver": cupy.cuda.runtime.driverGetVersion(),
+        }
     except Exception as exc:
         res["device"] = f"cupy sees no GPU: {exc}"
     # probe: one optimizer of each rule and its main flags, both backends, vs the oracle
@@ -327,9 +421,11 @@ def child_facts(out):
                 errs[name] = f"{type(exc).__name__}: {str(exc)[:300]}"
         probe[b] = errs
     res["probe"] = probe
-    res["summary"] = [f"{b}: " + ", ".join(f"{k} {v:.1e}" if isinstance(v, float) else
-                                           f"{k} FAILED" for k, v in e.items())
-                      for b, e in probe.items()]
+    res["summary"] = [
+        f"{b}: "
+        + ", ".join(f"{k} {v:.1e}" if isinstance(v, float) else f"{k} FAILED" for k, v in e.items())
+        for b, e in probe.items()
+    ]
     _save_result(out, "facts", res)
     print(json.dumps({k: v for k, v in res.items() if k != "summary"}, indent=1, default=str))
 
@@ -348,9 +444,15 @@ def _bench_child(out, step):
     if path.exists():
         doc = json.loads(path.read_text())
     else:
-        doc = {"schema": "fastopt-bench/1", "created": _utc(),
-               "command": "scripts/gpu_run.sh", "device": _bench.device_info(gpu_name()),
-               "versions": _bench.versions(), "config": {"reps": 20}, "records": []}
+        doc = {
+            "schema": "fastopt-bench/1",
+            "created": _utc(),
+            "command": "scripts/gpu_run.sh",
+            "device": _bench.device_info(gpu_name()),
+            "versions": _bench.versions(),
+            "config": {"reps": 20},
+            "records": [],
+        }
     avail = available_backends()
     summary = []
     for g in bench_groups(step):
@@ -362,8 +464,17 @@ def _bench_child(out, step):
         cupy_backend.KERNEL_FORM = g["form"]
         t = time.monotonic()
         try:
-            recs = run_group(case, "cuda", g["n"], "float32", backends, torch_modes,
-                             reps=20, warmup=3, budget_s=4.0)
+            recs = run_group(
+                case,
+                "cuda",
+                g["n"],
+                "float32",
+                backends,
+                torch_modes,
+                reps=20,
+                warmup=3,
+                budget_s=4.0,
+            )
         except Exception as exc:
             print(f"group {g['case']} n={g['n']}: {type(exc).__name__}: {exc}", flush=True)
             doc.setdefault("errors", []).append(f"{g['case']} n={g['n']}: {exc}")
@@ -377,17 +488,23 @@ def _bench_child(out, step):
         doc["records"] += recs
         finalize(doc["records"])
         write_json_atomic(path, doc)
-        line = (f"{g['case']} 2^{g['n'].bit_length() - 1}: " + ", ".join(
+        line = f"{g['case']} 2^{g['n'].bit_length() - 1}: " + ", ".join(
             f"{r['backend']}{'' if r['layout'] == 'flat' else '[list]'} {r['gbps']:.0f} GB/s"
             + (f" ({r['pct_of_ceiling']:.0f}% ceil" if r.get("pct_of_ceiling") else " (")
             + (f", {r['pct_of_vec_ceiling']:.0f}% vec" if r.get("pct_of_vec_ceiling") else "")
             + (f", {r['pct_of_copy']:.0f}% copy)" if r.get("pct_of_copy") else ")")
-            for r in recs))
-        ceil = {r["ceiling_backend"]: (r["ceiling_gbps"], r.get("ceiling_vec_gbps"),
-                                       r["copy_gbps"]) for r in recs if r.get("ceiling_backend")}
+            for r in recs
+        )
+        ceil = {
+            r["ceiling_backend"]: (r["ceiling_gbps"], r.get("ceiling_vec_gbps"), r["copy_gbps"])
+            for r in recs
+            if r.get("ceiling_backend")
+        }
         line += " | ceilings " + ", ".join(
             f"{b}: same {c[0]:.0f}" + (f" vec {c[1]:.0f}" if c[1] else "") + f" copy {c[2]:.0f}"
-            for b, c in ceil.items() if c[0])
+            for b, c in ceil.items()
+            if c[0]
+        )
         summary.append(line)
         print(line + f"  [{time.monotonic() - t:.1f} s]", flush=True)
     _save_result(out, step, {"summary": summary})
@@ -428,38 +545,62 @@ def child_latency(out):
         pd, gd = {"w": cupy.array(p0)}, {"w": cupy.array(g0)}
         from fastopt.bench.measure import Runner
 
-        runners["adam-cupy-update"] = Runner("update", lambda: opt.update(pd, gd),
-                                             timer_for("cupy"), 28 * n, keep=(opt, pd, gd))
+        runners["adam-cupy-update"] = Runner(
+            "update", lambda: opt.update(pd, gd), timer_for("cupy"), 28 * n, keep=(opt, pd, gd)
+        )
     res = latency(runners)
     empty = res["empty-launch"]
     summary = []
     for label, r in res.items():
-        summary.append(f"{label}: event {r['event_s'] * 1e6:.1f} us, back-to-back "
-                       f"{r['pipelined_s'] * 1e6:.1f} us, host issue {r['host_issue_s'] * 1e6:.1f}"
-                       f" us" + ("" if label == "empty-launch" else
-                                 f"; x empty (event) {r['event_s'] / empty['event_s']:.2f}"))
+        summary.append(
+            f"{label}: event {r['event_s'] * 1e6:.1f} us, back-to-back "
+            f"{r['pipelined_s'] * 1e6:.1f} us, host issue {r['host_issue_s'] * 1e6:.1f}"
+            f" us"
+            + (
+                ""
+                if label == "empty-launch"
+                else f"; x empty (event) {r['event_s'] / empty['event_s']:.2f}"
+            )
+        )
         print(summary[-1], flush=True)
     slim = {k: dict(v.items()) for k, v in res.items()}
-    _save_result(out, "latency", {"n": n, "runs": slim, "summary": summary,
-                                  "floor_s": float(np.float64(28 * n) / 3.0e12)})
+    _save_result(
+        out,
+        "latency",
+        {"n": n, "runs": slim, "summary": summary, "floor_s": float(np.float64(28 * n) / 3.0e12)},
+    )
 
 
 def _pytest(out, name, args, xml):
-    cmd = [sys.executable, "-m", "pytest", "-m", "gpu", "-q", "-p", "no:cacheprovider",
-           "-rfE", "--tb=line", f"--junitxml={Path(out) / xml}"] + args
+    cmd = [
+        sys.executable,
+        "-m",
+        "pytest",
+        "-m",
+        "gpu",
+        "-q",
+        "-p",
+        "no:cacheprovider",
+        "-rfE",
+        "--tb=line",
+        f"--junitxml={Path(out) / xml}",
+    ] + args
     print(" ".join(cmd), flush=True)
     proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True)
     text = proc.stdout + proc.stderr
     print(text[-20000:], flush=True)
-    last = [ln for ln in text.splitlines() if " passed" in ln or " failed" in ln
-            or " error" in ln]
+    last = [ln for ln in text.splitlines() if " passed" in ln or " failed" in ln or " error" in ln]
     _save_result(out, name, {"rc": proc.returncode, "summary": last[-1:] or [text[-300:]]})
     return proc.returncode
 
 
 def child_interop(out):
-    rc = _pytest(out, "interop", ["tests/gpu/test_gpu_interop.py", "tests/gpu/test_gpu_huge.py",
-                                  "--maxfail=20"], "pytest-interop.xml")
+    rc = _pytest(
+        out,
+        "interop",
+        ["tests/gpu/test_gpu_interop.py", "tests/gpu/test_gpu_huge.py", "--maxfail=20"],
+        "pytest-interop.xml",
+    )
     sys.exit(rc)
 
 
@@ -470,8 +611,9 @@ def child_parity(out):
         par = ["-n", str(min(12, os.cpu_count() or 2)), "--dist", "loadgroup"]
     except ImportError:
         par = []
-    rc = _pytest(out, "parity", ["tests/gpu/test_gpu_parity.py", "--maxfail=50"] + par,
-                 "pytest-parity.xml")
+    rc = _pytest(
+        out, "parity", ["tests/gpu/test_gpu_parity.py", "--maxfail=50"] + par, "pytest-parity.xml"
+    )
     sys.exit(rc)
 
 
@@ -491,37 +633,70 @@ def child_ncu(out):
     import shutil
 
     ncu = shutil.which("ncu") or next(
-        (str(p) for p in Path("/opt/nvidia").glob("nsight-compute/*/ncu")), None)
+        (str(p) for p in Path("/opt/nvidia").glob("nsight-compute/*/ncu")), None
+    )
     if ncu is None:
         _save_result(out, "ncu", {"summary": ["ncu not found"]})
         return
     script = Path(out) / ".ncu_step.py"
     script.write_text(NCU_SCRIPT)
-    cmd = [ncu, "--clock-control", "none", "-k", "regex:fastopt_adam", "-c", "2",
-           "--section", "SpeedOfLight", "--section", "Occupancy", "--section", "LaunchStats",
-           sys.executable, str(script)]
-    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True,
-                          env=dict(os.environ, PYTHONPATH=str(ROOT)))
+    cmd = [
+        ncu,
+        "--clock-control",
+        "none",
+        "-k",
+        "regex:fastopt_adam",
+        "-c",
+        "2",
+        "--section",
+        "SpeedOfLight",
+        "--section",
+        "Occupancy",
+        "--section",
+        "LaunchStats",
+        sys.executable,
+        str(script),
+    ]
+    proc = subprocess.run(
+        cmd, cwd=ROOT, capture_output=True, text=True, env=dict(os.environ, PYTHONPATH=str(ROOT))
+    )
     script.unlink()
     text = proc.stdout + proc.stderr
     (Path(out) / "ncu.txt").write_text(text[-60000:])
-    keys = ("DRAM Throughput", "Memory Throughput", "Achieved Occupancy", "Registers Per Thread",
-            "Duration", "Grid Size", "Theoretical Occupancy")
+    keys = (
+        "DRAM Throughput",
+        "Memory Throughput",
+        "Achieved Occupancy",
+        "Registers Per Thread",
+        "Duration",
+        "Grid Size",
+        "Theoretical Occupancy",
+    )
     lines = [ln.strip() for ln in text.splitlines() if any(k in ln for k in keys)]
     _save_result(out, "ncu", {"rc": proc.returncode, "summary": lines[:14] or [text[-300:]]})
     print(text[-4000:])
 
 
-CHILDREN = {"facts": child_facts, "headline": child_headline, "latency": child_latency,
-            "interop": child_interop, "parity": child_parity, "sweep": child_sweep,
-            "ncu": child_ncu}
+CHILDREN = {
+    "facts": child_facts,
+    "headline": child_headline,
+    "latency": child_latency,
+    "interop": child_interop,
+    "parity": child_parity,
+    "sweep": child_sweep,
+    "ncu": child_ncu,
+}
 
 
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--out", default=os.environ.get("OUT") or str(ROOT / "gpu-results"))
-    ap.add_argument("--budget", type=float, default=BUDGET_S,
-                    help=f"seconds of command time (default {BUDGET_S})")
+    ap.add_argument(
+        "--budget",
+        type=float,
+        default=BUDGET_S,
+        help=f"seconds of command time (default {BUDGET_S})",
+    )
     ap.add_argument("--dry-run", action="store_true", help="print and check the plan")
     ap.add_argument("--only", nargs="*", help="run only these steps")
     ap.add_argument("--child", help=argparse.SUPPRESS)

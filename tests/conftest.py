@@ -8,6 +8,7 @@ does, on device arrays) marks them ``gpu`` and skips them cleanly when they cann
 float64 copies, with hyperparameters resolved from ``DEFAULTS`` (the table of DESIGN.md §3,
 written out here independently of the classes).
 """
+
 import importlib
 import zlib
 
@@ -65,20 +66,37 @@ def rng(request):
 
 #: torch.optim defaults (DESIGN.md §3); the classes are checked against this table in test_api
 DEFAULTS = {
-    "SGD": dict(lr=1e-3, momentum=0.0, dampening=0.0, weight_decay=0.0, nesterov=False,
-                maximize=False),
+    "SGD": dict(
+        lr=1e-3, momentum=0.0, dampening=0.0, weight_decay=0.0, nesterov=False, maximize=False
+    ),
     "Momentum": dict(lr=0.01, momentum=0.9, dampening=0.0, weight_decay=0.0, maximize=False),
     "Nesterov": dict(lr=0.01, momentum=0.9, weight_decay=0.0, maximize=False),
-    "AdaGrad": dict(lr=1e-2, lr_decay=0.0, weight_decay=0.0, initial_accumulator_value=0.0,
-                    eps=1e-10, maximize=False),
-    "RMSProp": dict(lr=1e-2, alpha=0.99, eps=1e-8, weight_decay=0.0, momentum=0.0,
-                    centered=False, maximize=False),
-    "Adam": dict(lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0, amsgrad=False,
-                 maximize=False),
-    "AdamW": dict(lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=1e-2, amsgrad=False,
-                  maximize=False),
+    "AdaGrad": dict(
+        lr=1e-2,
+        lr_decay=0.0,
+        weight_decay=0.0,
+        initial_accumulator_value=0.0,
+        eps=1e-10,
+        maximize=False,
+    ),
+    "RMSProp": dict(
+        lr=1e-2,
+        alpha=0.99,
+        eps=1e-8,
+        weight_decay=0.0,
+        momentum=0.0,
+        centered=False,
+        maximize=False,
+    ),
+    "Adam": dict(
+        lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0, amsgrad=False, maximize=False
+    ),
+    "AdamW": dict(
+        lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=1e-2, amsgrad=False, maximize=False
+    ),
     "Lion": dict(lr=1e-4, betas=(0.9, 0.99), weight_decay=0.0, maximize=False),
 }
+
 
 #: the state buffers PyTorch keeps for each optimizer and options
 def state_names(name, hp):
@@ -87,8 +105,11 @@ def state_names(name, hp):
     if name == "AdaGrad":
         return ("sum",)
     if name == "RMSProp":
-        return (("square_avg",) + (("grad_avg",) if hp["centered"] else ())
-                + (("momentum_buffer",) if hp["momentum"] > 0 else ()))
+        return (
+            ("square_avg",)
+            + (("grad_avg",) if hp["centered"] else ())
+            + (("momentum_buffer",) if hp["momentum"] > 0 else ())
+        )
     if name in ("Adam", "AdamW"):
         return ("exp_avg", "exp_avg_sq") + (("max_exp_avg_sq",) if hp["amsgrad"] else ())
     if name == "Lion":
@@ -109,25 +130,69 @@ def oracle_step(name, hp, param, grad, state, step):
     """One step of the reference formulas for ``name`` (in place on float64 arrays)."""
     hp = dict(hp)
     if name in ("SGD", "Momentum", "Nesterov"):
-        reference.sgd(param, grad, state, step=step, lr=hp["lr"], momentum=hp["momentum"],
-                      dampening=hp.get("dampening", 0.0), weight_decay=hp["weight_decay"],
-                      nesterov=hp.get("nesterov", name == "Nesterov"), maximize=hp["maximize"])
+        reference.sgd(
+            param,
+            grad,
+            state,
+            step=step,
+            lr=hp["lr"],
+            momentum=hp["momentum"],
+            dampening=hp.get("dampening", 0.0),
+            weight_decay=hp["weight_decay"],
+            nesterov=hp.get("nesterov", name == "Nesterov"),
+            maximize=hp["maximize"],
+        )
     elif name == "AdaGrad":
-        reference.adagrad(param, grad, state, step=step, lr=hp["lr"], lr_decay=hp["lr_decay"],
-                          weight_decay=hp["weight_decay"], eps=hp["eps"],
-                          maximize=hp["maximize"])
+        reference.adagrad(
+            param,
+            grad,
+            state,
+            step=step,
+            lr=hp["lr"],
+            lr_decay=hp["lr_decay"],
+            weight_decay=hp["weight_decay"],
+            eps=hp["eps"],
+            maximize=hp["maximize"],
+        )
     elif name == "RMSProp":
-        reference.rmsprop(param, grad, state, step=step, lr=hp["lr"], alpha=hp["alpha"],
-                          eps=hp["eps"], weight_decay=hp["weight_decay"],
-                          momentum=hp["momentum"], centered=hp["centered"],
-                          maximize=hp["maximize"])
+        reference.rmsprop(
+            param,
+            grad,
+            state,
+            step=step,
+            lr=hp["lr"],
+            alpha=hp["alpha"],
+            eps=hp["eps"],
+            weight_decay=hp["weight_decay"],
+            momentum=hp["momentum"],
+            centered=hp["centered"],
+            maximize=hp["maximize"],
+        )
     elif name in ("Adam", "AdamW"):
-        reference.adam(param, grad, state, step=step, lr=hp["lr"], betas=tuple(hp["betas"]),
-                       eps=hp["eps"], weight_decay=hp["weight_decay"], amsgrad=hp["amsgrad"],
-                       maximize=hp["maximize"], decoupled=name == "AdamW")
+        reference.adam(
+            param,
+            grad,
+            state,
+            step=step,
+            lr=hp["lr"],
+            betas=tuple(hp["betas"]),
+            eps=hp["eps"],
+            weight_decay=hp["weight_decay"],
+            amsgrad=hp["amsgrad"],
+            maximize=hp["maximize"],
+            decoupled=name == "AdamW",
+        )
     elif name == "Lion":
-        reference.lion(param, grad, state, step=step, lr=hp["lr"], betas=tuple(hp["betas"]),
-                       weight_decay=hp["weight_decay"], maximize=hp["maximize"])
+        reference.lion(
+            param,
+            grad,
+            state,
+            step=step,
+            lr=hp["lr"],
+            betas=tuple(hp["betas"]),
+            weight_decay=hp["weight_decay"],
+            maximize=hp["maximize"],
+        )
     else:
         raise KeyError(name)
 
@@ -138,8 +203,7 @@ def run_oracle(name, kwargs, param0, grads, lrs=None):
     hp = resolve(name, kwargs)
     param = np.array(param0, dtype=np.float64)
     fill = hp.get("initial_accumulator_value", 0.0)
-    state = {s: np.full_like(param, fill if s == "sum" else 0.0)
-             for s in state_names(name, hp)}
+    state = {s: np.full_like(param, fill if s == "sum" else 0.0) for s in state_names(name, hp)}
     for t, g in enumerate(grads, start=1):
         if lrs is not None:
             hp["lr"] = lrs[t - 1]

@@ -7,6 +7,7 @@ Every optimizer and flag variant runs through the public classes with
 ``backend="numba-cuda"`` on host arrays, which the simulator executes thread by thread: the
 grid (4 blocks of 32 threads) is smaller than n, so the grid-stride loop takes several trips.
 """
+
 import os
 
 import numpy as np
@@ -19,7 +20,8 @@ from fastopt.backends import numba_cuda_backend as ncb
 
 pytestmark = pytest.mark.skipif(
     os.environ.get("NUMBA_ENABLE_CUDASIM") != "1" or not ncb.available(),
-    reason="run by tests/test_cudasim.py with NUMBA_ENABLE_CUDASIM=1")
+    reason="run by tests/test_cudasim.py with NUMBA_ENABLE_CUDASIM=1",
+)
 
 #: every flag variant of every optimizer (each flag that selects a compiled variant, alone and
 #: combined), with non-default hyperparameters so that each scalar matters
@@ -50,9 +52,16 @@ CASES = [
     ("Lion", {}),
     ("Lion", {"weight_decay": 0.5, "maximize": True}),
 ]
-CLASSES = {"SGD": fastopt.SGD, "Momentum": fastopt.Momentum, "Nesterov": fastopt.Nesterov,
-           "AdaGrad": fastopt.AdaGrad, "RMSProp": fastopt.RMSProp, "Adam": fastopt.Adam,
-           "AdamW": fastopt.AdamW, "Lion": fastopt.Lion}
+CLASSES = {
+    "SGD": fastopt.SGD,
+    "Momentum": fastopt.Momentum,
+    "Nesterov": fastopt.Nesterov,
+    "AdaGrad": fastopt.AdaGrad,
+    "RMSProp": fastopt.RMSProp,
+    "Adam": fastopt.Adam,
+    "AdamW": fastopt.AdamW,
+    "Lion": fastopt.Lion,
+}
 STEPS = 7
 
 
@@ -96,15 +105,18 @@ def test_flat_buffer_step_matches_oracle(rng):
     params["d"] = rng.standard_normal(33)
     buf = fastopt.FlatBuffer(params)
     opt = fastopt.Adam(lr=0.05, amsgrad=True, weight_decay=0.1, backend="numba-cuda")
-    grads = [{k: rng.standard_normal(np.shape(v)).astype(v.dtype) for k, v in params.items()}
-             for _ in range(3)]
+    grads = [
+        {k: rng.standard_normal(np.shape(v)).astype(v.dtype) for k, v in params.items()}
+        for _ in range(3)
+    ]
     for gs in grads:
         for k, g in gs.items():
             buf.grads[k][...] = g
         opt.step(buf)
     for k, p0 in params.items():
-        ref_p, ref_state = run_oracle("Adam", {"lr": 0.05, "amsgrad": True, "weight_decay": 0.1},
-                                      p0, [gs[k] for gs in grads])
+        ref_p, ref_state = run_oracle(
+            "Adam", {"lr": 0.05, "amsgrad": True, "weight_decay": 0.1}, p0, [gs[k] for gs in grads]
+        )
         assert_close(buf.params[k], ref_p, p0.dtype, f"param {k}")
         for s, ref in ref_state.items():
             assert_close(opt.state[k][s], ref, p0.dtype, f"state {s} of {k}")
@@ -123,8 +135,12 @@ def test_every_kernel_variant_writes_every_element(variant):
     # small gradients and non-negative states keep every square root real (|grad_avg| <= 0.2,
     # square_avg >= 0.05), so the plain-Python run below never hits a math domain error
     g = rng.uniform(-0.2, 0.2, n).astype(np.float32)
-    states = [rng.uniform(0.5, 1.5, n).astype(np.float32) if j == 0 else
-              rng.uniform(0.0, 0.2, n).astype(np.float32) for j in range(len(writes))]
+    states = [
+        rng.uniform(0.5, 1.5, n).astype(np.float32)
+        if j == 0
+        else rng.uniform(0.0, 0.2, n).astype(np.float32)
+        for j in range(len(writes))
+    ]
     states = [s if w else None for s, w in zip(states, writes)]
     # reference: the same rule run element by element in plain Python (float32 scalars)
     elem = fastopt.kernels.RULES[rule].make_rule(**flags)
@@ -153,26 +169,45 @@ def test_launch_config_is_a_grid_stride_grid():
 
 # -- the checks every public door makes, on this backend -------------------------------------------
 
+
 def test_functional_refuses_bad_input_before_any_launch():
     from fastopt import functional as F
+
     p = np.ones(64, np.float32)
     g, st = np.ones_like(p), [np.zeros_like(p) for _ in range(3)]
     before = [a.copy() for a in (p, *st)]
     cases = [
-        (lambda: F.adam(p, g, np.zeros(16, np.float32), st[1], step=1, backend="numba-cuda"),
-         ValueError, "exp_avg"),
-        (lambda: F.adam(p, g, st[0], st[1], amsgrad=True, step=1, backend="numba-cuda"),
-         ValueError, "max_exp_avg_sq"),
-        (lambda: F.sgd(p, g, momentum=0.9, step=1, backend="numba-cuda"),
-         ValueError, "momentum_buffer"),
-        (lambda: F.sgd(p, g, st[0], momentum=0.9, lr=-1.0, step=1, backend="numba-cuda"),
-         ValueError, "lr"),
-        (lambda: F.adagrad(p.astype(">f4"), g, st[0], step=1, backend="numba-cuda"),
-         TypeError, "big-endian"),
-        (lambda: F.lion(np.ones(64, np.int32), g, st[0], step=1, backend="numba-cuda"),
-         TypeError, "int32"),
-        (lambda: F.rmsprop(p, g[:-1], st[0], step=1, backend="numba-cuda"),
-         ValueError, "grad"),
+        (
+            lambda: F.adam(p, g, np.zeros(16, np.float32), st[1], step=1, backend="numba-cuda"),
+            ValueError,
+            "exp_avg",
+        ),
+        (
+            lambda: F.adam(p, g, st[0], st[1], amsgrad=True, step=1, backend="numba-cuda"),
+            ValueError,
+            "max_exp_avg_sq",
+        ),
+        (
+            lambda: F.sgd(p, g, momentum=0.9, step=1, backend="numba-cuda"),
+            ValueError,
+            "momentum_buffer",
+        ),
+        (
+            lambda: F.sgd(p, g, st[0], momentum=0.9, lr=-1.0, step=1, backend="numba-cuda"),
+            ValueError,
+            "lr",
+        ),
+        (
+            lambda: F.adagrad(p.astype(">f4"), g, st[0], step=1, backend="numba-cuda"),
+            TypeError,
+            "big-endian",
+        ),
+        (
+            lambda: F.lion(np.ones(64, np.int32), g, st[0], step=1, backend="numba-cuda"),
+            TypeError,
+            "int32",
+        ),
+        (lambda: F.rmsprop(p, g[:-1], st[0], step=1, backend="numba-cuda"), ValueError, "grad"),
     ]
     for call, exc, word in cases:
         with pytest.raises(exc, match=word):

@@ -1,5 +1,6 @@
 """The public surface (DESIGN.md §2): both calling conventions, checkpoints, schedules, state
 names, aliases, backend selection, lazy imports and the functional entry points."""
+
 import copy
 import pickle
 import subprocess
@@ -49,8 +50,10 @@ def _make(name, kwargs, backend):
 
 # --- dict API == flat API, bit for bit ---------------------------------------------------------
 
-@pytest.mark.parametrize("dtypes", [(np.float32,), (np.float64,), (np.float32, np.float64)],
-                         ids=["f32", "f64", "mixed"])
+
+@pytest.mark.parametrize(
+    "dtypes", [(np.float32,), (np.float64,), (np.float32, np.float64)], ids=["f32", "f64", "mixed"]
+)
 @pytest.mark.parametrize("backend", backend_params())
 @pytest.mark.parametrize("cfg", FULL, ids=FULL_IDS)
 def test_dict_and_flat_api_agree_bit_for_bit(cfg, backend, dtypes, rng):
@@ -72,8 +75,9 @@ def test_dict_and_flat_api_agree_bit_for_bit(cfg, backend, dtypes, rng):
         assert np.array_equal(buf.params[n], d_params[n]), f"param {n}"
         assert set(f_opt.state[n]) == set(d_opt.state[n])
         for s in d_opt.state[n]:
-            assert np.array_equal(np.asarray(f_opt.state[n][s]), np.asarray(d_opt.state[n][s])), \
+            assert np.array_equal(np.asarray(f_opt.state[n][s]), np.asarray(d_opt.state[n][s])), (
                 f"state {s} of {n}"
+            )
 
 
 def test_flatbuffer_layout_and_alignment(rng):
@@ -105,6 +109,7 @@ def test_flatbuffer_layout_and_alignment(rng):
 
 
 # --- state_dict --------------------------------------------------------------------------------
+
 
 def _run(opt, api, params, grads):
     """Step ``opt`` through ``grads`` with the dict or flat API; params are updated in place."""
@@ -183,6 +188,7 @@ def test_state_dict_is_rejected_by_the_wrong_optimizer(rng):
 
 # --- schedules ---------------------------------------------------------------------------------
 
+
 @pytest.mark.parametrize("backend", backend_params())
 @pytest.mark.parametrize("cfg", FULL, ids=FULL_IDS)
 def test_lr_changed_mid_run_takes_effect(cfg, backend, rng):
@@ -223,6 +229,7 @@ def test_changing_hyperparameters_does_not_recompile(rng):
 
 # --- state names, defaults, aliases ------------------------------------------------------------
 
+
 @pytest.mark.parametrize("api", ["dict", "flat"])
 @pytest.mark.parametrize("cfg", FULL, ids=FULL_IDS)
 def test_state_is_exposed_as_live_views_under_pytorch_names(cfg, api, rng):
@@ -250,8 +257,10 @@ def test_state_is_exposed_as_live_views_under_pytorch_names(cfg, api, rng):
     _run(opt, api, buf, [g])
     hp = resolve(name, kwargs)
     for k in params:
-        p_ref, st_ref = start[k].reshape(-1).copy(), {s: planted[k][s].reshape(-1).copy()
-                                                      for s in expected}
+        p_ref, st_ref = (
+            start[k].reshape(-1).copy(),
+            {s: planted[k][s].reshape(-1).copy() for s in expected},
+        )
         oracle_step(name, hp, p_ref, g[k].reshape(-1), st_ref, 2)
         assert_close(np.asarray(ps[k]).reshape(-1), p_ref, np.float64, f"{name} param {k}")
 
@@ -268,13 +277,26 @@ def test_defaults_are_pytorch_defaults(name):
 def test_aliases():
     assert fastopt.Adagrad is fastopt.AdaGrad
     assert fastopt.RMSprop is fastopt.RMSProp
-    for name in ("SGD", "Momentum", "Nesterov", "AdaGrad", "Adagrad", "RMSProp", "RMSprop",
-                 "Adam", "AdamW", "Lion", "FlatBuffer", "available_backends"):
+    for name in (
+        "SGD",
+        "Momentum",
+        "Nesterov",
+        "AdaGrad",
+        "Adagrad",
+        "RMSProp",
+        "RMSprop",
+        "Adam",
+        "AdamW",
+        "Lion",
+        "FlatBuffer",
+        "available_backends",
+    ):
         assert name in fastopt.__all__ and hasattr(fastopt, name)
     assert issubclass(fastopt.Momentum, fastopt.SGD) and issubclass(fastopt.AdamW, fastopt.Adam)
 
 
 # --- backends ----------------------------------------------------------------------------------
+
 
 def test_available_backends():
     from fastopt.backends import BACKENDS
@@ -309,15 +331,18 @@ def test_auto_picks_numba_for_numpy_arrays():
 
 
 def test_import_fastopt_imports_no_optional_module():
-    code = ("import sys, fastopt\n"
-            "bad = [m for m in ('cupy', 'numba.cuda', 'torch', 'matplotlib', 'sklearn', "
-            "'cuda', 'pytest') if m in sys.modules]\n"
-            "print(','.join(bad))\n")
+    code = (
+        "import sys, fastopt\n"
+        "bad = [m for m in ('cupy', 'numba.cuda', 'torch', 'matplotlib', 'sklearn', "
+        "'cuda', 'pytest') if m in sys.modules]\n"
+        "print(','.join(bad))\n"
+    )
     res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert res.stdout.strip() == "", f"import fastopt imported {res.stdout.strip()}"
 
 
 # --- functional entry points -------------------------------------------------------------------
+
 
 @pytest.mark.parametrize("backend", backend_params())
 @pytest.mark.parametrize("dtype", [np.float32, np.float64], ids=["f32", "f64"])
@@ -325,14 +350,24 @@ def test_functional_entry_points(backend, dtype, rng):
     n, steps = 1001, 3
     p0 = rng.standard_normal(n).astype(dtype)
     # bounded away from zero, so float32 and float64 never step in opposite directions
-    grads = [(np.where(rng.random(n) < 0.5, -1.0, 1.0) * rng.uniform(0.6, 2.0, n)).astype(dtype)
-             for _ in range(steps)]
+    grads = [
+        (np.where(rng.random(n) < 0.5, -1.0, 1.0) * rng.uniform(0.6, 2.0, n)).astype(dtype)
+        for _ in range(steps)
+    ]
     cases = [
-        ("SGD", F.sgd, dict(lr=0.05, momentum=0.9, dampening=0.1, nesterov=False),
-         ("momentum_buffer",)),
+        (
+            "SGD",
+            F.sgd,
+            dict(lr=0.05, momentum=0.9, dampening=0.1, nesterov=False),
+            ("momentum_buffer",),
+        ),
         ("AdaGrad", F.adagrad, dict(lr=0.05, lr_decay=0.1), ("sum",)),
-        ("RMSProp", F.rmsprop, dict(lr=0.01, centered=True, momentum=0.5),
-         ("square_avg", "grad_avg", "momentum_buffer")),
+        (
+            "RMSProp",
+            F.rmsprop,
+            dict(lr=0.01, centered=True, momentum=0.5),
+            ("square_avg", "grad_avg", "momentum_buffer"),
+        ),
         ("Adam", F.adam, dict(lr=0.01, amsgrad=True), ("exp_avg", "exp_avg_sq", "max_exp_avg_sq")),
         ("Lion", F.lion, dict(lr=0.01, weight_decay=0.1), ("exp_avg",)),
     ]

@@ -3,6 +3,7 @@
 Timings are never asserted (they depend on the machine); what is checked is that every number
 the command reports is derived correctly from the raw timings it recorded.
 """
+
 import json
 import math
 import os
@@ -20,8 +21,22 @@ from fastopt.bench.measure import CASES, DESIGN_BYTES_F32, bytes_per_step, trans
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY = ["--sizes", "4096", "--dtypes", "float32", "--reps", "3"]
-RECORD_KEYS = {"optimizer", "backend", "dtype", "n", "median_s", "bytes", "gbps", "ceiling_gbps",
-               "copy_gbps", "times_s", "device", "layout", "pct_of_ceiling", "speedup_vs_numpy"}
+RECORD_KEYS = {
+    "optimizer",
+    "backend",
+    "dtype",
+    "n",
+    "median_s",
+    "bytes",
+    "gbps",
+    "ceiling_gbps",
+    "copy_gbps",
+    "times_s",
+    "device",
+    "layout",
+    "pct_of_ceiling",
+    "speedup_vs_numpy",
+}
 
 
 def test_traffic_model_is_design_table():
@@ -32,7 +47,7 @@ def test_traffic_model_is_design_table():
         assert bytes_per_step(case.n_state, 1000, np.float64) == 2000 * DESIGN_BYTES_F32[name]
 
 
-@pytest.mark.parametrize("n", [4096, 1 << 20, 10 ** 7 + 3, 1 << 24])
+@pytest.mark.parametrize("n", [4096, 1 << 20, 10**7 + 3, 1 << 24])
 def test_transformer_shapes_add_up(n):
     shapes = transformer_shapes(n)
     assert sum(math.prod(s) for s in shapes) == n
@@ -44,13 +59,21 @@ def test_transformer_shapes_too_small():
     assert transformer_shapes(100) is None
 
 
-@pytest.mark.parametrize("text, n", [("1048576", 1 << 20), ("2^20", 1 << 20), ("1<<20", 1 << 20),
-                                     ("1e7", 10 ** 7), ("10_000", 10000)])
+@pytest.mark.parametrize(
+    "text, n",
+    [
+        ("1048576", 1 << 20),
+        ("2^20", 1 << 20),
+        ("1<<20", 1 << 20),
+        ("1e7", 10**7),
+        ("10_000", 10000),
+    ],
+)
 def test_size_syntax(text, n):
     from fastopt.bench.cli import _size
 
     assert _size(text) == n
-    assert _bench.fmt_n(1 << 20) == "2^20" and _bench.fmt_n(10 ** 7) == "10^7"
+    assert _bench.fmt_n(1 << 20) == "2^20" and _bench.fmt_n(10**7) == "10^7"
 
 
 @pytest.fixture(scope="module")
@@ -73,11 +96,23 @@ def test_tiny_run_prints_table(tiny_run):
     rc, out, err, _doc = tiny_run
     assert rc == 0
     header = out.splitlines()[0].split()
-    assert header == ["optimizer", "backend", "n", "dtype", "ms/step", "GB/s", "%", "ceil",
-                      "x", "numpy", "x", "torch"]
+    assert header == [
+        "optimizer",
+        "backend",
+        "n",
+        "dtype",
+        "ms/step",
+        "GB/s",
+        "%",
+        "ceil",
+        "x",
+        "numpy",
+        "x",
+        "torch",
+    ]
     for name in ("sgd", "adam-amsgrad", "lion"):
         assert any(line.split()[:2] == [name, "numba"] for line in out.splitlines()), name
-    assert "[1/3]" in err and "[3/3]" in err        # progress went to stderr
+    assert "[1/3]" in err and "[3/3]" in err  # progress went to stderr
     assert "[1/3]" not in out
 
 
@@ -109,7 +144,7 @@ def test_tiny_run_torch_peers(tiny_run):
     _, _, _, doc = tiny_run
     recs = doc["records"]
     peers = [r for r in recs if r["backend"].startswith("torch-")]
-    assert {r["optimizer"] for r in peers} == {"sgd", "adam-amsgrad"}   # torch has no Lion
+    assert {r["optimizer"] for r in peers} == {"sgd", "adam-amsgrad"}  # torch has no Lion
     assert {r["layout"] for r in peers} == {"flat", "list"}
     assert all(r["n_tensors"] > 150 for r in peers if r["layout"] == "list")
     for r in recs:
@@ -122,26 +157,33 @@ def test_tiny_run_torch_peers(tiny_run):
 def test_plot(tmp_path):
     pytest.importorskip("matplotlib")
     path = tmp_path / "bars.png"
-    assert cli.main(["bench", "--optimizers", "sgd", "--backends", "numba", *TINY,
-                     "--plot", str(path)]) == 0
+    assert (
+        cli.main(
+            ["bench", "--optimizers", "sgd", "--backends", "numba", *TINY, "--plot", str(path)]
+        )
+        == 0
+    )
     assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
 def test_plot_without_matplotlib(monkeypatch, capsys):
-    monkeypatch.setitem(sys.modules, "matplotlib", None)   # import matplotlib -> ImportError
+    monkeypatch.setitem(sys.modules, "matplotlib", None)  # import matplotlib -> ImportError
     assert cli.main(["bench", "--optimizers", "sgd", *TINY, "--plot", "x.png"]) == 2
     assert "matplotlib" in capsys.readouterr().err
 
 
-@pytest.mark.parametrize("argv, words", [
-    (["--optimizers", "adamm"], "unknown optimizer 'adamm'"),
-    (["--backends", "cuda"], "unknown backend 'cuda'"),
-    (["--sizes", "big"], "invalid size 'big'"),
-    (["--sizes", "0"], "sizes must be >= 1"),
-    (["--dtypes", "float16"], "unknown dtype 'float16'"),
-    (["--reps", "0"], "must be > 0"),
-    (["--frobnicate"], "unrecognized arguments"),
-])
+@pytest.mark.parametrize(
+    "argv, words",
+    [
+        (["--optimizers", "adamm"], "unknown optimizer 'adamm'"),
+        (["--backends", "cuda"], "unknown backend 'cuda'"),
+        (["--sizes", "big"], "invalid size 'big'"),
+        (["--sizes", "0"], "sizes must be >= 1"),
+        (["--dtypes", "float16"], "unknown dtype 'float16'"),
+        (["--reps", "0"], "must be > 0"),
+        (["--frobnicate"], "unrecognized arguments"),
+    ],
+)
 def test_bad_options_exit_2(argv, words, capsys):
     with pytest.raises(SystemExit) as exc:
         cli.main(["bench", *argv])
@@ -161,9 +203,23 @@ def test_unavailable_backend_exit_2(capsys):
 
 def test_console_entry_point_runs():
     """``python -m fastopt bench`` in a fresh process: table on stdout, progress on stderr."""
-    proc = subprocess.run([sys.executable, "-m", "fastopt", "bench", "--optimizers", "momentum",
-                           "--backends", "numpy,numba", *TINY], cwd=ROOT, capture_output=True,
-                          text=True, timeout=120)
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "fastopt",
+            "bench",
+            "--optimizers",
+            "momentum",
+            "--backends",
+            "numpy,numba",
+            *TINY,
+        ],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert proc.returncode == 0, proc.stderr
     rows = [line.split() for line in proc.stdout.splitlines()]
     assert ["momentum", "numba", "2^12", "float32"] in [r[:4] for r in rows]
@@ -215,8 +271,14 @@ def test_numba_cuda_ceiling_kernels_in_simulator():
     """The Numba CUDA ceiling kernels' indexing, under the CUDA simulator (no GPU needed)."""
     pytest.importorskip("numba.cuda")
     env = dict(os.environ, NUMBA_ENABLE_CUDASIM="1")
-    proc = subprocess.run([sys.executable, "-c", SIM_CHECK], cwd=ROOT, env=env,
-                          capture_output=True, text=True, timeout=120)
+    proc = subprocess.run(
+        [sys.executable, "-c", SIM_CHECK],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert proc.returncode == 0 and "sim-ok" in proc.stdout, proc.stderr
 
 

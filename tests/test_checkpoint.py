@@ -1,4 +1,5 @@
 """Checkpoints: bit-identical resume, atomic save, refusal of damaged or mismatched files."""
+
 import os
 
 import numpy as np
@@ -23,8 +24,13 @@ IDS = [f"{c.__name__}{sorted(kw)}" for c, kw in CONFIGS]
 
 
 def _shapes():
-    return {"w": ((3, 4), np.float32), "b": ((4,), np.float32), "one": ((1,), np.float64),
-            "empty": ((0,), np.float64), "big": ((300,), np.float64)}
+    return {
+        "w": ((3, 4), np.float32),
+        "b": ((4,), np.float32),
+        "one": ((1,), np.float64),
+        "empty": ((0,), np.float64),
+        "big": ((300,), np.float64),
+    }
 
 
 def _params(rng):
@@ -37,8 +43,10 @@ def _poisoned():
 
 def _grad_seq(n_steps):
     rng = np.random.default_rng(99)
-    return [{n: rng.standard_normal(s).astype(d) for n, (s, d) in _shapes().items()}
-            for _ in range(n_steps)]
+    return [
+        {n: rng.standard_normal(s).astype(d) for n, (s, d) in _shapes().items()}
+        for _ in range(n_steps)
+    ]
 
 
 def _step(opt, target, g, flat):
@@ -148,9 +156,22 @@ def _snap(target, params):
     return {n: a.copy() for n, a in params.items()}, target.state_dict()
 
 
-@pytest.mark.parametrize("damage", ["truncate-prefix", "truncate-payload", "append", "flip-magic",
-                                    "flip-version", "flip-length", "flip-digest",
-                                    "flip-header", "flip-payload", "empty", "foreign"])
+@pytest.mark.parametrize(
+    "damage",
+    [
+        "truncate-prefix",
+        "truncate-payload",
+        "append",
+        "flip-magic",
+        "flip-version",
+        "flip-length",
+        "flip-digest",
+        "flip-header",
+        "flip-payload",
+        "empty",
+        "foreign",
+    ],
+)
 def test_damaged_file_refused(saved, damage):
     path, opt, _ = saved
     blob = bytearray(path.read_bytes())
@@ -167,8 +188,14 @@ def test_damaged_file_refused(saved, damage):
     elif damage == "foreign":
         blob = b"PK\x03\x04" + bytes(200)
     else:
-        at = {"flip-magic": 2, "flip-version": 8, "flip-length": 21, "flip-digest": 40,
-              "flip-header": head + hlen // 2, "flip-payload": len(blob) - 3}[damage]
+        at = {
+            "flip-magic": 2,
+            "flip-version": 8,
+            "flip-length": 21,
+            "flip-digest": 40,
+            "flip-header": head + hlen // 2,
+            "flip-payload": len(blob) - 3,
+        }[damage]
         blob[at] ^= 0x10
     path.write_bytes(bytes(blob))
     target, params = _fresh_target(opt)
@@ -214,8 +241,9 @@ def test_failed_save_keeps_previous_file(saved, monkeypatch, fail_at):
         raise OSError(f"simulated {fail_at} failure")
 
     if fail_at == "write":  # the write itself fails half-way through the chunks
-        monkeypatch.setattr(ckpt, "_atomic_write",
-                            lambda p, chunks: _original_atomic_write(p, _failing(chunks)))
+        monkeypatch.setattr(
+            ckpt, "_atomic_write", lambda p, chunks: _original_atomic_write(p, _failing(chunks))
+        )
     else:
         monkeypatch.setattr(ckpt.os, fail_at, boom)
     with pytest.raises(OSError, match="simulated"):

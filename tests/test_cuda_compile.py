@@ -7,6 +7,7 @@ hold no float64 instruction (a stray double literal or ``pow`` would show as ``.
 the float64 variants must, which proves the check can see one. Needs ``pip install
 cupy-cuda13x numba-cuda[cu13]`` (or ``fastopt[cuda13]``); skipped when the compiler is missing.
 """
+
 import re
 
 import numpy as np
@@ -58,8 +59,11 @@ def _program(dtype, index_32_bits=True):
 
 def _compile(source, options, arch, what):
     """NVRTC ``source`` for ``arch``: ``(ptx text, cubin size)``; fails with NVRTC's log."""
-    (prog,) = _check(nvrtc.nvrtcCreateProgram(source.encode(), b"fastopt.cu", 0, [], []), None,
-                     "nvrtcCreateProgram")
+    (prog,) = _check(
+        nvrtc.nvrtcCreateProgram(source.encode(), b"fastopt.cu", 0, [], []),
+        None,
+        "nvrtcCreateProgram",
+    )
     opts = [o.encode() for o in options + (f"-arch={arch}",)]
     _check(nvrtc.nvrtcCompileProgram(prog, len(opts), opts), prog, what)
     (n,) = _check(nvrtc.nvrtcGetPTXSize(prog), prog, "nvrtcGetPTXSize")
@@ -80,8 +84,11 @@ def _check(result, prog, what):
     return result[1:]
 
 
-@pytest.fixture(scope="module", params=[(a, np.dtype(d).name) for a in ARCHS for d in DTYPES],
-                ids=lambda p: f"{p[0]}-{p[1]}")
+@pytest.fixture(
+    scope="module",
+    params=[(a, np.dtype(d).name) for a in ARCHS for d in DTYPES],
+    ids=lambda p: f"{p[0]}-{p[1]}",
+)
 def compiled(request):
     """``(arch, dtype, ptx, cubin size)`` of the all-variant program."""
     reason = _nvrtc_ok()
@@ -96,7 +103,7 @@ def _entries(ptx):
     """kernel name -> its PTX text (from its ``.entry`` line to the next one)."""
     heads = list(re.finditer(r"\.entry\s+(\w+)\s*\(", ptx))
     ends = [m.start() for m in heads[1:]] + [len(ptx)]
-    return {m.group(1): ptx[m.start():end] for m, end in zip(heads, ends)}
+    return {m.group(1): ptx[m.start() : end] for m, end in zip(heads, ends)}
 
 
 def _describe(entry):
@@ -119,9 +126,12 @@ def test_float32_kernels_hold_no_float64(compiled):
     entries = _entries(ptx)
     f64 = {name: F64.findall(text) for name, text in entries.items()}
     if dtype == "float32":
-        bad = {_describe(n): f"{len(v)} f64 ops, e.g. " + next(
-            line.strip() for line in entries[n].splitlines() if F64.search(line))
-            for n, v in f64.items() if v}
+        bad = {
+            _describe(n): f"{len(v)} f64 ops, e.g. "
+            + next(line.strip() for line in entries[n].splitlines() if F64.search(line))
+            for n, v in f64.items()
+            if v
+        }
         assert not bad, f"float32 kernels with float64 instructions ({arch}): {bad}"
     else:  # the detector sees double math where there is some
         none = [n for n, v in f64.items() if not v]
@@ -142,8 +152,9 @@ def test_source_depends_on_variant_not_on_scalars():
     """Scalars are kernel arguments: one source (one compile) per variant and dtype, whatever
     lr or the step; and distinct variants really differ."""
     rule = "adam"
-    sources = {cupy_backend.cuda_source_for(rule, f, np.float32)[0]
-               for f in cuda_source.variants(rule)}
+    sources = {
+        cupy_backend.cuda_source_for(rule, f, np.float32)[0] for f in cuda_source.variants(rule)
+    }
     assert len(sources) == len(cuda_source.variants(rule))
     src = cupy_backend.cuda_source_for(rule, dict(amsgrad=True), np.float32)[0]
     for name in RULES[rule].SCALARS:
@@ -183,8 +194,11 @@ def _raw_program(ctype):
 
 def _compile_log(source, arch, what):
     """NVRTC ``source`` for ``arch`` with ptxas' resource report: ``(ptx, log)``."""
-    (prog,) = _check(nvrtc.nvrtcCreateProgram(source.encode(), b"fastopt_raw.cu", 0, [], []),
-                     None, "nvrtcCreateProgram")
+    (prog,) = _check(
+        nvrtc.nvrtcCreateProgram(source.encode(), b"fastopt_raw.cu", 0, [], []),
+        None,
+        "nvrtcCreateProgram",
+    )
     opts = [f"-arch={arch}".encode(), b"--ptxas-options=-v"]
     _check(nvrtc.nvrtcCompileProgram(prog, len(opts), opts), prog, what)
     (n,) = _check(nvrtc.nvrtcGetPTXSize(prog), prog, "nvrtcGetPTXSize")
@@ -200,15 +214,21 @@ def _compile_log(source, arch, what):
 def _report(log):
     """kernel name -> (registers, spill stores, spill loads, stack bytes)."""
     out = {}
-    for m in re.finditer(r"Compiling entry function '(\w+)'.*?(\d+) bytes stack frame, (\d+) "
-                         r"bytes spill stores, (\d+) bytes spill loads.*?Used (\d+) registers",
-                         log, re.S):
+    for m in re.finditer(
+        r"Compiling entry function '(\w+)'.*?(\d+) bytes stack frame, (\d+) "
+        r"bytes spill stores, (\d+) bytes spill loads.*?Used (\d+) registers",
+        log,
+        re.S,
+    ):
         out[m.group(1)] = (int(m.group(5)), int(m.group(3)), int(m.group(4)), int(m.group(2)))
     return out
 
 
-@pytest.fixture(scope="module", params=[(a, c) for a in ARCHS for c in ("float", "double")],
-                ids=lambda p: f"{p[0]}-{p[1]}")
+@pytest.fixture(
+    scope="module",
+    params=[(a, c) for a in ARCHS for c in ("float", "double")],
+    ids=lambda p: f"{p[0]}-{p[1]}",
+)
 def raw_compiled(request):
     reason = _nvrtc_ok()
     if reason:
@@ -272,8 +292,11 @@ def test_python_rule_unpacks_the_specs_scalars(rule):
 
     spec = RULES[rule]
     tree = ast.parse(textwrap.dedent(inspect.getsource(spec.make_rule)))
-    unpacks = [n for n in ast.walk(tree) if isinstance(n, ast.Assign)
-               and isinstance(n.value, ast.Name) and n.value.id == "k"]
+    unpacks = [
+        n
+        for n in ast.walk(tree)
+        if isinstance(n, ast.Assign) and isinstance(n.value, ast.Name) and n.value.id == "k"
+    ]
     assert len(unpacks) == 1, f"{rule}: expected one '<names> = k' line"
     names = tuple(t.id for t in unpacks[0].targets[0].elts)
     assert names == spec.scalars, f"{rule}: unpacks {names}, spec {spec.scalars}"

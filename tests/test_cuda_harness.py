@@ -11,6 +11,7 @@ through
 double, over several steps with a changing lr, and params and every state slot are compared with
 the float64 oracle under the shared tolerance table. Skipped only when g++ is missing.
 """
+
 import ctypes
 import itertools
 import shutil
@@ -55,10 +56,18 @@ def _variant_code(i, rule, flags):
     body = "\n".join(bind + [cuda_source.operation(rule, used)])
     return "\n".join(
         [f"#define {m} {v}" for m, v in macros.items()]
-        + [f"namespace v{i} {{", f'#include "{KERNELS / (rule + ".cu")}"',
-           f'extern "C" void run_v{i}(T *const *a, const T *k, long n) {{',
-           "    for (long i = 0; i < n; ++i) {", body, "    }", "}", "}"]
-        + [f"#undef {m}" for m in macros])
+        + [
+            f"namespace v{i} {{",
+            f'#include "{KERNELS / (rule + ".cu")}"',
+            f'extern "C" void run_v{i}(T *const *a, const T *k, long n) {{',
+            "    for (long i = 0; i < n; ++i) {",
+            body,
+            "    }",
+            "}",
+            "}",
+        ]
+        + [f"#undef {m}" for m in macros]
+    )
 
 
 def _width(ctype, form):
@@ -72,18 +81,23 @@ def _raw_code(i, rule, flags, ctype, width):
     slot = {"param": 0, "grad": 1}
     slot.update({s: 2 + j for j, s in enumerate(RULES[rule].STATE)})
     args = [f"a[{slot[a]}]" for a, _ in arrays] + [f"k[{j}]" for j in range(len(scalars))]
-    return "\n".join([
-        f"namespace r{i}_w{width} {{",
-        cuda_source.raw_source(rule, flags, ctype, width, name=name),
-        "}",
-        f'extern "C" void launch_r{i}_w{width}(T *const *a, const T *k, long long n) {{',
-        f"    gridDim.x = {GRID}; blockDim.x = {BLOCK};",
-        "    for (unsigned b = 0; b < gridDim.x; ++b) {",
-        "        for (unsigned t = 0; t < blockDim.x; ++t) {",
-        "            blockIdx.x = b; threadIdx.x = t;",
-        f"            r{i}_w{width}::{name}({', '.join(args + ['n'])});",
-        "        }", "    }", "}"]
-        + [f"#undef {m}" for m in cuda_source.defines(rule, flags)])
+    return "\n".join(
+        [
+            f"namespace r{i}_w{width} {{",
+            cuda_source.raw_source(rule, flags, ctype, width, name=name),
+            "}",
+            f'extern "C" void launch_r{i}_w{width}(T *const *a, const T *k, long long n) {{',
+            f"    gridDim.x = {GRID}; blockDim.x = {BLOCK};",
+            "    for (unsigned b = 0; b < gridDim.x; ++b) {",
+            "        for (unsigned t = 0; t < blockDim.x; ++t) {",
+            "            blockIdx.x = b; threadIdx.x = t;",
+            f"            r{i}_w{width}::{name}({', '.join(args + ['n'])});",
+            "        }",
+            "    }",
+            "}",
+        ]
+        + [f"#undef {m}" for m in cuda_source.defines(rule, flags)]
+    )
 
 
 @pytest.fixture(scope="module")
@@ -92,16 +106,33 @@ def harness(tmp_path_factory):
     (raw, widths 1 and 16 bytes) for every variant."""
     out = tmp_path_factory.mktemp("cuda_harness")
     (out / "variants.inc").write_text(
-        "\n\n".join(_variant_code(i, r, f) for i, (r, f) in enumerate(VARIANTS)) + "\n")
+        "\n\n".join(_variant_code(i, r, f) for i, (r, f) in enumerate(VARIANTS)) + "\n"
+    )
     libs = {}
     for dtype, ctype in CTYPE.items():
-        raw = [_raw_code(i, r, f, ctype, w) for i, (r, f) in enumerate(VARIANTS)
-               for w in sorted({1, cuda_source.VECTOR_WIDTH[ctype]})]
+        raw = [
+            _raw_code(i, r, f, ctype, w)
+            for i, (r, f) in enumerate(VARIANTS)
+            for w in sorted({1, cuda_source.VECTOR_WIDTH[ctype]})
+        ]
         (out / f"raw_{ctype}.inc").write_text("\n\n".join(raw) + "\n")
         so = out / f"harness_{ctype}.so"
-        cmd = [GXX, "-std=c++17", "-O1", "-shared", "-fPIC", "-ffp-contract=off", "-Wall",
-               "-Werror", f"-DFASTOPT_T={ctype}", f'-DFASTOPT_RAW="raw_{ctype}.inc"', f"-I{out}",
-               str(HARNESS), "-o", str(so)]
+        cmd = [
+            GXX,
+            "-std=c++17",
+            "-O1",
+            "-shared",
+            "-fPIC",
+            "-ffp-contract=off",
+            "-Wall",
+            "-Werror",
+            f"-DFASTOPT_T={ctype}",
+            f'-DFASTOPT_RAW="raw_{ctype}.inc"',
+            f"-I{out}",
+            str(HARNESS),
+            "-o",
+            str(so),
+        ]
         res = subprocess.run(cmd, capture_output=True, text=True, check=False)
         assert res.returncode == 0, f"g++ failed for T={ctype}:\n{res.stderr[:4000]}"
         libs[np.dtype(dtype)] = ctypes.CDLL(str(so))
@@ -110,6 +141,7 @@ def harness(tmp_path_factory):
 
 class HarnessBackend:
     """A backend object for ``fastopt.functional``: runs the g++-compiled CuPy operation."""
+
     NAME = "cuda-c-harness"
     DEVICE = "cpu"
 
@@ -135,8 +167,9 @@ class HarnessBackend:
             fn.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_long]
         else:
             width = _width(CTYPE[dtype.type], self.form)
-            assert width == 1 or all(a is None or a.ctypes.data % 16 == 0 for a in arrays), \
+            assert width == 1 or all(a is None or a.ctypes.data % 16 == 0 for a in arrays), (
                 "the vector form needs 16-byte aligned buffers"
+            )
             fn = getattr(self.libs[dtype], f"launch_r{i}_w{width}")
             fn.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_longlong]
         fn(ctypes.cast(ptrs, ctypes.c_void_p), ks.ctypes.data, param.shape[0])
@@ -146,24 +179,52 @@ def _cases(rule):
     """Hyperparameters that reach every flag variant of ``rule`` with every term visible."""
     B = (False, True)
     if rule == "sgd":  # Nesterov needs momentum and no dampening (fastopt.functional checks)
-        return [{"lr": 0.05, "maximize": mx, "weight_decay": wd, "momentum": mu,
-                 "dampening": 0.0 if nv else 0.1, "nesterov": nv}
-                for mx, wd, mu, nv in itertools.product(B, (0.0, 0.1), (0.0, 0.9), B)
-                if mu or not nv]
+        return [
+            {
+                "lr": 0.05,
+                "maximize": mx,
+                "weight_decay": wd,
+                "momentum": mu,
+                "dampening": 0.0 if nv else 0.1,
+                "nesterov": nv,
+            }
+            for mx, wd, mu, nv in itertools.product(B, (0.0, 0.1), (0.0, 0.9), B)
+            if mu or not nv
+        ]
     if rule == "adagrad":
-        return [{"lr": 0.05, "maximize": mx, "weight_decay": wd, "lr_decay": 0.05}
-                for mx, wd in itertools.product(B, (0.0, 0.1))]
+        return [
+            {"lr": 0.05, "maximize": mx, "weight_decay": wd, "lr_decay": 0.05}
+            for mx, wd in itertools.product(B, (0.0, 0.1))
+        ]
     if rule == "rmsprop":
-        return [{"lr": 0.01, "alpha": 0.9, "maximize": mx, "weight_decay": wd, "centered": c,
-                 "momentum": mu}
-                for mx, wd, c, mu in itertools.product(B, (0.0, 0.1), B, (0.0, 0.9))]
+        return [
+            {
+                "lr": 0.01,
+                "alpha": 0.9,
+                "maximize": mx,
+                "weight_decay": wd,
+                "centered": c,
+                "momentum": mu,
+            }
+            for mx, wd, c, mu in itertools.product(B, (0.0, 0.1), B, (0.0, 0.9))
+        ]
     if rule == "adam":
-        return [{"lr": 0.01, "betas": (0.8, 0.95), "maximize": mx, "weight_decay": wd,
-                 "decoupled": dc, "amsgrad": am}
-                for mx, wd, dc, am in itertools.product(B, (0.0, 0.1), B, B)]
+        return [
+            {
+                "lr": 0.01,
+                "betas": (0.8, 0.95),
+                "maximize": mx,
+                "weight_decay": wd,
+                "decoupled": dc,
+                "amsgrad": am,
+            }
+            for mx, wd, dc, am in itertools.product(B, (0.0, 0.1), B, B)
+        ]
     if rule == "lion":
-        return [{"lr": 0.01, "betas": (0.8, 0.95), "maximize": mx, "weight_decay": wd}
-                for mx, wd in itertools.product(B, (0.0, 0.1))]
+        return [
+            {"lr": 0.01, "betas": (0.8, 0.95), "maximize": mx, "weight_decay": wd}
+            for mx, wd in itertools.product(B, (0.0, 0.1))
+        ]
     raise KeyError(rule)
 
 
@@ -188,10 +249,14 @@ CASES = [(rule, hp) for rule in RULES for hp in _cases(rule)]
 
 @pytest.mark.parametrize("form", FORMS)
 @pytest.mark.parametrize("dtype", [np.float32, np.float64], ids=["float", "double"])
-@pytest.mark.parametrize("rule,hp", CASES,
-                         ids=[f"{r}-" + "-".join(f"{k}={v}" for k, v in hp.items()
-                                                  if k not in ("lr", "betas", "alpha"))
-                              for r, hp in CASES])
+@pytest.mark.parametrize(
+    "rule,hp",
+    CASES,
+    ids=[
+        f"{r}-" + "-".join(f"{k}={v}" for k, v in hp.items() if k not in ("lr", "betas", "alpha"))
+        for r, hp in CASES
+    ],
+)
 def test_body_matches_oracle(harness, rule, hp, dtype, form):
     rng = np.random.default_rng(zlib.crc32(repr((rule, hp, np.dtype(dtype).name)).encode()))
     p0, st0 = rng.standard_normal(N), _initial_state(rule, rng)
@@ -218,13 +283,26 @@ def test_cases_reach_every_variant(harness):
     rng = np.random.default_rng(0)
     for rule, hp in CASES:
         st = _initial_state(rule, rng)
-        getattr(functional, rule)(rng.standard_normal(N), rng.standard_normal(N),
-                                  *(st[s] for s in RULES[rule].STATE), step=2, backend=be, **hp)
+        getattr(functional, rule)(
+            rng.standard_normal(N),
+            rng.standard_normal(N),
+            *(st[s] for s in RULES[rule].STATE),
+            step=2,
+            backend=be,
+            **hp,
+        )
     # SGD's Nesterov variants without momentum are compiled but unreachable: nesterov=True
     # without momentum is refused before any launch
-    missing = [VARIANTS[i] for i in range(len(VARIANTS)) if i not in be.seen
-               and not (VARIANTS[i][0] == "sgd" and VARIANTS[i][1]["nesterov"]
-                        and not VARIANTS[i][1]["momentum"])]
+    missing = [
+        VARIANTS[i]
+        for i in range(len(VARIANTS))
+        if i not in be.seen
+        and not (
+            VARIANTS[i][0] == "sgd"
+            and VARIANTS[i][1]["nesterov"]
+            and not VARIANTS[i][1]["momentum"]
+        )
+    ]
     assert not missing, f"variants never exercised: {missing}"
 
 
@@ -233,8 +311,9 @@ def test_first_sgd_momentum_step_ignores_dampening(harness):
     rng = np.random.default_rng(1)
     p, g, b = rng.standard_normal(N), rng.standard_normal(N), rng.standard_normal(N)
     p0 = p.copy()
-    functional.sgd(p, g, b, step=1, lr=0.1, momentum=0.9, dampening=0.5,
-                   backend=HarnessBackend(harness))
+    functional.sgd(
+        p, g, b, step=1, lr=0.1, momentum=0.9, dampening=0.5, backend=HarnessBackend(harness)
+    )
     np.testing.assert_array_equal(b, g)
     np.testing.assert_allclose(p, p0 - 0.1 * g, rtol=1e-15)
 
@@ -257,14 +336,18 @@ def test_nonfinite_values_like_torch(harness, dtype):
     be, n = HarnessBackend(harness), 8
     big = dtype(1e20 if dtype == np.float32 else 1e160)
     p = np.linspace(1, 2, n).astype(dtype)
-    st = {"square_avg": np.full(n, np.inf, dtype), "grad_avg": np.full(n, big * dtype(0.9)),
-          "momentum_buffer": np.zeros(n, dtype)}
+    st = {
+        "square_avg": np.full(n, np.inf, dtype),
+        "grad_avg": np.full(n, big * dtype(0.9)),
+        "momentum_buffer": np.zeros(n, dtype),
+    }
     g = np.full(n, big, dtype)
     rp, rst = p.copy(), {s: a.copy() for s, a in st.items()}
     with np.errstate(over="ignore", invalid="ignore"):
         assert np.isinf(st["grad_avg"] * st["grad_avg"]).all()  # the square overflows
-        functional.rmsprop(p, g, *st.values(), step=3, lr=0.01, centered=True, momentum=0.5,
-                           backend=be)
+        functional.rmsprop(
+            p, g, *st.values(), step=3, lr=0.01, centered=True, momentum=0.5, backend=be
+        )
         reference.rmsprop(rp, g, rst, step=3, lr=0.01, centered=True, momentum=0.5)
     assert np.isfinite(p).all()
     _same_nonfinite(p, rp, dtype, "centered rmsprop param")
@@ -272,13 +355,15 @@ def test_nonfinite_values_like_torch(harness, dtype):
         _same_nonfinite(a, rst[s], dtype, f"centered rmsprop {s}")
     rng = np.random.default_rng(11)
     p = rng.standard_normal(n).astype(dtype)
-    st = {"exp_avg": rng.standard_normal(n).astype(dtype),
-          "exp_avg_sq": rng.uniform(0.1, 1, n).astype(dtype),
-          "max_exp_avg_sq": rng.uniform(1, 2, n).astype(dtype)}
+    st = {
+        "exp_avg": rng.standard_normal(n).astype(dtype),
+        "exp_avg_sq": rng.uniform(0.1, 1, n).astype(dtype),
+        "max_exp_avg_sq": rng.uniform(1, 2, n).astype(dtype),
+    }
     st["max_exp_avg_sq"][1] = np.nan  # NaN in the running max, a finite v
-    st["exp_avg_sq"][2] = np.nan      # NaN in v, a finite running max
+    st["exp_avg_sq"][2] = np.nan  # NaN in v, a finite running max
     g = rng.standard_normal(n).astype(dtype)
-    g[3] = np.nan                     # NaN in the gradient
+    g[3] = np.nan  # NaN in the gradient
     rp, rst = p.copy(), {s: a.copy() for s, a in st.items()}
     functional.adam(p, g, *st.values(), step=2, lr=0.01, amsgrad=True, backend=be)
     reference.adam(rp, g, rst, step=2, lr=0.01, amsgrad=True)

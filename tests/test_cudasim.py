@@ -6,6 +6,7 @@ against the float64 oracle, params and every state buffer, n <= 1001) runs in a 
 Needs a ``numba.cuda`` with a simulator: numba <= 0.6x's built-in target or the ``numba-cuda``
 package (``pip install numba-cuda``); no GPU, driver or CUDA toolkit.
 """
+
 import importlib.util
 import os
 import subprocess
@@ -24,18 +25,34 @@ def _has_simulator():
         return True  # the numba-cuda package (it ships the simulator)
     spec = importlib.util.find_spec("numba")
     return spec is not None and any(
-        (Path(p) / "cuda" / "simulator").is_dir() for p in spec.submodule_search_locations or ())
+        (Path(p) / "cuda" / "simulator").is_dir() for p in spec.submodule_search_locations or ()
+    )
 
 
-@pytest.mark.skipif(not _has_simulator(),
-                    reason="no Numba CUDA simulator: pip install numba-cuda")
+@pytest.mark.skipif(not _has_simulator(), reason="no Numba CUDA simulator: pip install numba-cuda")
 def test_numba_cuda_kernels_under_the_simulator():
     env = dict(os.environ, NUMBA_ENABLE_CUDASIM="1")
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), env.get("PYTHONPATH")]))
     proc = subprocess.run(
-        [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-p", "no:randomly",
-         "--rootdir", str(ROOT), str(HERE / "cudasim_parity.py")],
-        cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
+        [
+            sys.executable,
+            "-m",
+            "pytest",
+            "-q",
+            "-p",
+            "no:cacheprovider",
+            "-p",
+            "no:randomly",
+            "--rootdir",
+            str(ROOT),
+            str(HERE / "cudasim_parity.py"),
+        ],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=900,
+    )
     out = proc.stdout + proc.stderr
     assert proc.returncode == 0, f"simulator suite failed (exit {proc.returncode}):\n{out[-6000:]}"
     # the child must have run the matrix, not skipped it (a missing simulator would skip all)

@@ -1,5 +1,6 @@
 """``fastopt demo``: the valley paths against the oracle, the MLP's gradients against finite
 differences, every optimizer training, the command end to end, and the missing-extra message."""
+
 import subprocess
 import sys
 
@@ -62,8 +63,10 @@ def test_valley_path_matches_oracle_point_for_point(spec, dtype):
     assert not np.array_equal(got[-1], got[0]), "the path did not move"
     np.testing.assert_allclose(got, oracle, **TOL[np.dtype(dtype)])
     # backend "numpy" is the oracle behind the same FlatBuffer + opt.step plumbing: identical
-    np.testing.assert_array_equal(valley_path(spec, steps, backend="numpy", dtype=dtype),
-                                  oracle_valley_path(spec, steps, dtype))
+    np.testing.assert_array_equal(
+        valley_path(spec, steps, backend="numpy", dtype=dtype),
+        oracle_valley_path(spec, steps, dtype),
+    )
 
 
 def test_valley_sgd_has_the_closed_form():
@@ -71,10 +74,12 @@ def test_valley_sgd_has_the_closed_form():
     spec = next(s for s in SPECS if s.name == "SGD")
     lr = spec.valley["lr"]
     t = np.arange(31)
-    want = np.stack([VALLEY_START[0] * (1 - lr / 10) ** t, VALLEY_START[1] * (1 - 2 * lr) ** t],
-                    axis=1)
-    np.testing.assert_allclose(valley_path(spec, 30, backend="numba"), want,
-                               **TOL[np.dtype(np.float64)])
+    want = np.stack(
+        [VALLEY_START[0] * (1 - lr / 10) ** t, VALLEY_START[1] * (1 - 2 * lr) ** t], axis=1
+    )
+    np.testing.assert_allclose(
+        valley_path(spec, 30, backend="numba"), want, **TOL[np.dtype(np.float64)]
+    )
 
 
 def test_valley_momentum_is_the_textbook_heavy_ball():
@@ -87,8 +92,9 @@ def test_valley_momentum_is_the_textbook_heavy_ball():
         v = mu * v - lr * np.array([p[0] / 10, 2 * p[1]])
         p = p + v
         want.append(p)
-    np.testing.assert_allclose(valley_path(spec, 30, backend="numba"), np.stack(want),
-                               **TOL[np.dtype(np.float64)])
+    np.testing.assert_allclose(
+        valley_path(spec, 30, backend="numba"), np.stack(want), **TOL[np.dtype(np.float64)]
+    )
 
 
 def test_valley_updates_run_through_the_kernels(monkeypatch):
@@ -174,8 +180,22 @@ def test_demo_end_to_end(tmp_path, capsys):
     pytest.importorskip("matplotlib")
     pytest.importorskip("sklearn")
     out = tmp_path / "figs"
-    rc = cli.main(["demo", "--out", str(out), "--steps", "4", "--valley-steps", "3",
-                   "--batch", "32", "--quick", "--backend", "numba"])
+    rc = cli.main(
+        [
+            "demo",
+            "--out",
+            str(out),
+            "--steps",
+            "4",
+            "--valley-steps",
+            "3",
+            "--batch",
+            "32",
+            "--quick",
+            "--backend",
+            "numba",
+        ]
+    )
     assert rc == 0
     for name in ("valley_paths.png", "training_curves.png"):
         png = (out / name).read_bytes()
@@ -199,19 +219,24 @@ def test_missing_extra_exits_2_with_the_install_line(module, tmp_path, monkeypat
     assert not out.exists()
 
 
-@pytest.mark.parametrize("argv, message", [
-    (["--steps", "0"], "--steps"),
-    (["--backend", "nonsense"], "unknown backend 'nonsense'"),
-])
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["--steps", "0"], "--steps"),
+        (["--backend", "nonsense"], "unknown backend 'nonsense'"),
+    ],
+)
 def test_bad_arguments_exit_2(argv, message, tmp_path, capsys):
     assert cli.main(["demo", "--out", str(tmp_path / "x"), *argv]) == 2
     assert message in capsys.readouterr().err
 
 
 def test_import_fastopt_loads_no_demo_dependency():
-    code = ("import sys, fastopt, fastopt.demo, fastopt.demo.plot; "
-            "bad = [m for m in ('matplotlib', 'sklearn') if m in sys.modules]; "
-            "sys.exit(f'imported at import time: {bad}' if bad else 0)")
+    code = (
+        "import sys, fastopt, fastopt.demo, fastopt.demo.plot; "
+        "bad = [m for m in ('matplotlib', 'sklearn') if m in sys.modules]; "
+        "sys.exit(f'imported at import time: {bad}' if bad else 0)"
+    )
     subprocess.run([sys.executable, "-c", code], check=True)
 
 
@@ -223,8 +248,9 @@ def test_textbook_valley_path_is_the_chapter_script():
     path = textbook_valley_path("SGD", 30)
     lr = TEXTBOOK_VALLEY["SGD"]["lr"]
     t = np.arange(31)  # p -= lr·(x/10, 2y), written by hand
-    want = np.stack([VALLEY_START[0] * (1 - lr / 10) ** t, VALLEY_START[1] * (1 - 2 * lr) ** t],
-                    axis=1)
+    want = np.stack(
+        [VALLEY_START[0] * (1 - lr / 10) ** t, VALLEY_START[1] * (1 - 2 * lr) ** t], axis=1
+    )
     np.testing.assert_allclose(path, want, rtol=0, atol=1e-12)
     assert set(TEXTBOOK_VALLEY) == set(textbook.__all__) - {"EPS"}
 
@@ -232,8 +258,19 @@ def test_textbook_valley_path_is_the_chapter_script():
 def test_demo_textbook_draws_the_chapters_figure(tmp_path, capsys):
     pytest.importorskip("matplotlib")
     out = tmp_path / "figs"
-    rc = cli.main(["demo", "--textbook", "--out", str(out), "--valley-steps", "5", "--quick",
-                   "--backend", "numba"])
+    rc = cli.main(
+        [
+            "demo",
+            "--textbook",
+            "--out",
+            str(out),
+            "--valley-steps",
+            "5",
+            "--quick",
+            "--backend",
+            "numba",
+        ]
+    )
     assert rc == 0
     png = (out / "textbook_valley.png").read_bytes()
     assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 10_000
@@ -256,6 +293,5 @@ def test_demo_textbook_needs_matplotlib_only(tmp_path, monkeypatch, capsys):
 
 
 def test_demo_textbook_refuses_the_numpy_backend(tmp_path, capsys):
-    assert cli.main(["demo", "--textbook", "--out", str(tmp_path / "x"),
-                     "--backend", "numpy"]) == 2
+    assert cli.main(["demo", "--textbook", "--out", str(tmp_path / "x"), "--backend", "numpy"]) == 2
     assert "torch.optim oracle" in capsys.readouterr().err

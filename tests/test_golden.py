@@ -6,6 +6,7 @@ case is checked against the oracle (``fastopt.reference``) and against the optim
 backend. The ``trap`` cases pin the places where a plausible implementation differs from
 PyTorch: each also states the value the wrong formula would give, and asserts it is not that.
 """
+
 import math
 from dataclasses import dataclass, field
 
@@ -33,110 +34,261 @@ class Case:
 
 CASES = {
     # p -= lr*g, three times
-    "sgd": Case("SGD", dict(lr=0.1), 1.0, [0.5, 0.25, 1.0],
-                [(1 - 0.1 * 0.5, {}), (0.95 - 0.1 * 0.25, {}), (0.925 - 0.1 * 1.0, {})]),
+    "sgd": Case(
+        "SGD",
+        dict(lr=0.1),
+        1.0,
+        [0.5, 0.25, 1.0],
+        [(1 - 0.1 * 0.5, {}), (0.95 - 0.1 * 0.25, {}), (0.925 - 0.1 * 1.0, {})],
+    ),
     # L2 decay: g = grad + wd*p, with p of that step
-    "sgd_wd": Case("SGD", dict(lr=0.1, weight_decay=0.5), 1.0, [0.5, 0.25, 1.0],
-                   [(1 - 0.1 * (0.5 + 0.5 * 1.0), {}),            # 0.9
-                    (0.9 - 0.1 * (0.25 + 0.5 * 0.9), {}),         # 0.83
-                    (0.83 - 0.1 * (1.0 + 0.5 * 0.83), {})]),      # 0.6885
+    "sgd_wd": Case(
+        "SGD",
+        dict(lr=0.1, weight_decay=0.5),
+        1.0,
+        [0.5, 0.25, 1.0],
+        [
+            (1 - 0.1 * (0.5 + 0.5 * 1.0), {}),  # 0.9
+            (0.9 - 0.1 * (0.25 + 0.5 * 0.9), {}),  # 0.83
+            (0.83 - 0.1 * (1.0 + 0.5 * 0.83), {}),
+        ],
+    ),  # 0.6885
     # trap: the first momentum step copies g (no dampening): b = 1, not (1 - 0.5)*1
     "sgd_momentum_dampening": Case(
-        "SGD", dict(lr=0.1, momentum=0.5, dampening=0.5), 1.0, [1.0, 1.0, 2.0],
-        [(1 - 0.1 * 1.0, {"momentum_buffer": 1.0}),
-         (0.9 - 0.1 * 1.0, {"momentum_buffer": 0.5 * 1.0 + 0.5 * 1.0}),
-         (0.8 - 0.1 * 1.5, {"momentum_buffer": 0.5 * 1.0 + 0.5 * 2.0})],
-        wrong=[1 - 0.1 * 0.5]),
+        "SGD",
+        dict(lr=0.1, momentum=0.5, dampening=0.5),
+        1.0,
+        [1.0, 1.0, 2.0],
+        [
+            (1 - 0.1 * 1.0, {"momentum_buffer": 1.0}),
+            (0.9 - 0.1 * 1.0, {"momentum_buffer": 0.5 * 1.0 + 0.5 * 1.0}),
+            (0.8 - 0.1 * 1.5, {"momentum_buffer": 0.5 * 1.0 + 0.5 * 2.0}),
+        ],
+        wrong=[1 - 0.1 * 0.5],
+    ),
     # Momentum: b = μ·b + g; p -= lr·b  (textbook v = μv − lr·g; p += v: v = −0.1, −0.25)
-    "momentum": Case("Momentum", dict(lr=0.1, momentum=0.5), 1.0, [1.0, 2.0],
-                     [(1 - 0.1, {"momentum_buffer": 1.0}),
-                      (1 - 0.1 - 0.25, {"momentum_buffer": 0.5 * 1.0 + 2.0})]),
+    "momentum": Case(
+        "Momentum",
+        dict(lr=0.1, momentum=0.5),
+        1.0,
+        [1.0, 2.0],
+        [
+            (1 - 0.1, {"momentum_buffer": 1.0}),
+            (1 - 0.1 - 0.25, {"momentum_buffer": 0.5 * 1.0 + 2.0}),
+        ],
+    ),
     # PyTorch's Nesterov: p -= lr·(g + μ·b) with the updated b
-    "nesterov": Case("Nesterov", dict(lr=0.1, momentum=0.5), 1.0, [1.0, 2.0],
-                     [(1 - 0.1 * (1.0 + 0.5 * 1.0), {"momentum_buffer": 1.0}),
-                      (0.85 - 0.1 * (2.0 + 0.5 * 2.5), {"momentum_buffer": 0.5 * 1.0 + 2.0})]),
+    "nesterov": Case(
+        "Nesterov",
+        dict(lr=0.1, momentum=0.5),
+        1.0,
+        [1.0, 2.0],
+        [
+            (1 - 0.1 * (1.0 + 0.5 * 1.0), {"momentum_buffer": 1.0}),
+            (0.85 - 0.1 * (2.0 + 0.5 * 2.5), {"momentum_buffer": 0.5 * 1.0 + 2.0}),
+        ],
+    ),
     # trap: clr = lr / (1 + (t−1)·lr_decay): the first step uses the full lr
     "adagrad_lr_decay": Case(
-        "AdaGrad", dict(lr=0.5, lr_decay=1.0, eps=0.0), 1.0, [3.0, 4.0],
-        [(1 - 0.5 / (1 + 0 * 1.0) * 3.0 / sqrt(9.0), {"sum": 9.0}),
-         (0.5 - 0.5 / (1 + 1 * 1.0) * 4.0 / sqrt(25.0), {"sum": 9.0 + 16.0})],
-        wrong=[1 - 0.5 / (1 + 1 * 1.0) * 3.0 / 3.0]),
+        "AdaGrad",
+        dict(lr=0.5, lr_decay=1.0, eps=0.0),
+        1.0,
+        [3.0, 4.0],
+        [
+            (1 - 0.5 / (1 + 0 * 1.0) * 3.0 / sqrt(9.0), {"sum": 9.0}),
+            (0.5 - 0.5 / (1 + 1 * 1.0) * 4.0 / sqrt(25.0), {"sum": 9.0 + 16.0}),
+        ],
+        wrong=[1 - 0.5 / (1 + 1 * 1.0) * 3.0 / 3.0],
+    ),
     "adagrad_initial_accumulator": Case(
-        "AdaGrad", dict(lr=0.5, initial_accumulator_value=7.0, eps=0.0), 1.0, [3.0],
-        [(1 - 0.5 * 3.0 / sqrt(7.0 + 9.0), {"sum": 16.0})]),
+        "AdaGrad",
+        dict(lr=0.5, initial_accumulator_value=7.0, eps=0.0),
+        1.0,
+        [3.0],
+        [(1 - 0.5 * 3.0 / sqrt(7.0 + 9.0), {"sum": 16.0})],
+    ),
     # trap: eps outside the root: s = 1, eps = 1 -> d = √1 + 1 = 2 (inside: √2)
     "adagrad_eps_outside": Case(
-        "AdaGrad", dict(lr=0.5, eps=1.0), 1.0, [1.0],
+        "AdaGrad",
+        dict(lr=0.5, eps=1.0),
+        1.0,
+        [1.0],
         [(1 - 0.5 * 1.0 / (sqrt(1.0) + 1.0), {"sum": 1.0})],
-        wrong=[1 - 0.5 * 1.0 / sqrt(1.0 + 1.0)]),
+        wrong=[1 - 0.5 * 1.0 / sqrt(1.0 + 1.0)],
+    ),
     # v = α·v + (1−α)·g²;  p -= lr·g/(√v + eps)
-    "rmsprop": Case("RMSProp", dict(lr=0.1, alpha=0.75, eps=0.0), 1.0, [2.0, 4.0],
-                    [(1 - 0.1 * 2.0 / sqrt(0.25 * 4.0), {"square_avg": 1.0}),
-                     (0.8 - 0.1 * 4.0 / sqrt(0.75 + 0.25 * 16.0), {"square_avg": 4.75})]),
+    "rmsprop": Case(
+        "RMSProp",
+        dict(lr=0.1, alpha=0.75, eps=0.0),
+        1.0,
+        [2.0, 4.0],
+        [
+            (1 - 0.1 * 2.0 / sqrt(0.25 * 4.0), {"square_avg": 1.0}),
+            (0.8 - 0.1 * 4.0 / sqrt(0.75 + 0.25 * 16.0), {"square_avg": 4.75}),
+        ],
+    ),
     # trap: eps outside the root: v = 1, eps = 1 -> d = 2
     "rmsprop_eps_outside": Case(
-        "RMSProp", dict(lr=0.1, alpha=0.75, eps=1.0), 1.0, [2.0],
+        "RMSProp",
+        dict(lr=0.1, alpha=0.75, eps=1.0),
+        1.0,
+        [2.0],
         [(1 - 0.1 * 2.0 / (sqrt(1.0) + 1.0), {"square_avg": 1.0})],
-        wrong=[1 - 0.1 * 2.0 / sqrt(1.0 + 1.0)]),
+        wrong=[1 - 0.1 * 2.0 / sqrt(1.0 + 1.0)],
+    ),
     # centered: ḡ = ḡ + (1−α)(g − ḡ); d = √(v − ḡ²) + eps
     "rmsprop_centered": Case(
-        "RMSProp", dict(lr=0.1, alpha=0.75, eps=0.0, centered=True), 1.0, [2.0, -2.0],
-        [(1 - 0.1 * 2.0 / sqrt(1.0 - 0.5 ** 2), {"square_avg": 1.0, "grad_avg": 0.5}),
-         (1 - 0.1 * 2.0 / sqrt(0.75) - 0.1 * -2.0 / sqrt(1.75 - (0.5 + 0.25 * -2.5) ** 2),
-          {"square_avg": 0.75 + 0.25 * 4.0, "grad_avg": 0.5 + 0.25 * (-2.0 - 0.5)})]),
+        "RMSProp",
+        dict(lr=0.1, alpha=0.75, eps=0.0, centered=True),
+        1.0,
+        [2.0, -2.0],
+        [
+            (1 - 0.1 * 2.0 / sqrt(1.0 - 0.5**2), {"square_avg": 1.0, "grad_avg": 0.5}),
+            (
+                1 - 0.1 * 2.0 / sqrt(0.75) - 0.1 * -2.0 / sqrt(1.75 - (0.5 + 0.25 * -2.5) ** 2),
+                {"square_avg": 0.75 + 0.25 * 4.0, "grad_avg": 0.5 + 0.25 * (-2.0 - 0.5)},
+            ),
+        ],
+    ),
     # momentum: b = μ·b + g/d; p -= lr·b
     "rmsprop_momentum": Case(
-        "RMSProp", dict(lr=0.1, alpha=0.75, eps=0.0, momentum=0.5), 1.0, [2.0, 1.0],
-        [(1 - 0.1 * 2.0, {"square_avg": 1.0, "momentum_buffer": 2.0 / 1.0}),
-         (0.8 - 0.1 * (0.5 * 2.0 + 1.0 / 1.0),
-          {"square_avg": 0.75 + 0.25 * 1.0, "momentum_buffer": 2.0})]),
+        "RMSProp",
+        dict(lr=0.1, alpha=0.75, eps=0.0, momentum=0.5),
+        1.0,
+        [2.0, 1.0],
+        [
+            (1 - 0.1 * 2.0, {"square_avg": 1.0, "momentum_buffer": 2.0 / 1.0}),
+            (
+                0.8 - 0.1 * (0.5 * 2.0 + 1.0 / 1.0),
+                {"square_avg": 0.75 + 0.25 * 1.0, "momentum_buffer": 2.0},
+            ),
+        ],
+    ),
     # Adam, β = (0.5, 0.75): bc1 = 0.5, 0.75; bc2 = 0.25, 0.4375
-    "adam": Case("Adam", dict(lr=0.1, betas=(0.5, 0.75), eps=0.0), 1.0, [2.0, 1.0],
-                 [(1 - (0.1 / 0.5) * 1.0 / (sqrt(1.0) / sqrt(0.25)),
-                   {"exp_avg": 0.5 * 2.0, "exp_avg_sq": 0.25 * 4.0}),
-                  (0.9 - (0.1 / 0.75) * 1.0 / (sqrt(1.0) / sqrt(0.4375)),
-                   {"exp_avg": 0.5 * 1.0 + 0.5 * 1.0, "exp_avg_sq": 0.75 * 1.0 + 0.25 * 1.0})]),
+    "adam": Case(
+        "Adam",
+        dict(lr=0.1, betas=(0.5, 0.75), eps=0.0),
+        1.0,
+        [2.0, 1.0],
+        [
+            (
+                1 - (0.1 / 0.5) * 1.0 / (sqrt(1.0) / sqrt(0.25)),
+                {"exp_avg": 0.5 * 2.0, "exp_avg_sq": 0.25 * 4.0},
+            ),
+            (
+                0.9 - (0.1 / 0.75) * 1.0 / (sqrt(1.0) / sqrt(0.4375)),
+                {"exp_avg": 0.5 * 1.0 + 0.5 * 1.0, "exp_avg_sq": 0.75 * 1.0 + 0.25 * 1.0},
+            ),
+        ],
+    ),
     # trap: eps after the bias correction: d = √v/√bc2 + eps = 2 + 1, not (√v + eps)/√bc2 = 4
     "adam_eps_after_bias_correction": Case(
-        "Adam", dict(lr=0.1, betas=(0.5, 0.75), eps=1.0), 1.0, [2.0],
-        [(1 - (0.1 / 0.5) * 1.0 / (sqrt(1.0) / sqrt(0.25) + 1.0),
-          {"exp_avg": 1.0, "exp_avg_sq": 1.0})],
-        wrong=[1 - (0.1 / 0.5) * 1.0 / ((sqrt(1.0) + 1.0) / sqrt(0.25))]),
+        "Adam",
+        dict(lr=0.1, betas=(0.5, 0.75), eps=1.0),
+        1.0,
+        [2.0],
+        [
+            (
+                1 - (0.1 / 0.5) * 1.0 / (sqrt(1.0) / sqrt(0.25) + 1.0),
+                {"exp_avg": 1.0, "exp_avg_sq": 1.0},
+            )
+        ],
+        wrong=[1 - (0.1 / 0.5) * 1.0 / ((sqrt(1.0) + 1.0) / sqrt(0.25))],
+    ),
     # trap: AMSGrad keeps the max of the raw v (1.0 after step 1), not of v/bc2 (4.0)
     "adam_amsgrad_raw_max": Case(
-        "Adam", dict(lr=0.1, betas=(0.5, 0.75), eps=0.0, amsgrad=True), 1.0, [2.0, 0.5],
-        [(0.9, {"exp_avg": 1.0, "exp_avg_sq": 1.0, "max_exp_avg_sq": 1.0}),
-         (0.9 - (0.1 / 0.75) * 0.75 / (sqrt(1.0) / sqrt(0.4375)),
-          {"exp_avg": 0.5 * 1.0 + 0.5 * 0.5, "exp_avg_sq": 0.75 * 1.0 + 0.25 * 0.25,
-           "max_exp_avg_sq": 1.0})],
-        wrong=[None, 0.9 - (0.1 / 0.75) * 0.75 / (sqrt(0.8125) / sqrt(0.4375))]),
+        "Adam",
+        dict(lr=0.1, betas=(0.5, 0.75), eps=0.0, amsgrad=True),
+        1.0,
+        [2.0, 0.5],
+        [
+            (0.9, {"exp_avg": 1.0, "exp_avg_sq": 1.0, "max_exp_avg_sq": 1.0}),
+            (
+                0.9 - (0.1 / 0.75) * 0.75 / (sqrt(1.0) / sqrt(0.4375)),
+                {
+                    "exp_avg": 0.5 * 1.0 + 0.5 * 0.5,
+                    "exp_avg_sq": 0.75 * 1.0 + 0.25 * 0.25,
+                    "max_exp_avg_sq": 1.0,
+                },
+            ),
+        ],
+        wrong=[None, 0.9 - (0.1 / 0.75) * 0.75 / (sqrt(0.8125) / sqrt(0.4375))],
+    ),
     # Adam's L2 decay enters the moments: g = 2 + 0.5·1 = 2.5
-    "adam_l2": Case("Adam", dict(lr=0.1, betas=(0.5, 0.75), eps=0.0, weight_decay=0.5), 1.0,
-                    [2.0], [(1 - 0.2 * 1.25 / (sqrt(0.25 * 6.25) / 0.5),
-                             {"exp_avg": 1.25, "exp_avg_sq": 0.25 * 6.25})]),
+    "adam_l2": Case(
+        "Adam",
+        dict(lr=0.1, betas=(0.5, 0.75), eps=0.0, weight_decay=0.5),
+        1.0,
+        [2.0],
+        [
+            (
+                1 - 0.2 * 1.25 / (sqrt(0.25 * 6.25) / 0.5),
+                {"exp_avg": 1.25, "exp_avg_sq": 0.25 * 6.25},
+            )
+        ],
+    ),
     # trap: AdamW decays by lr·wd (p *= 1 − 0.1·0.5), not by wd, and before the Adam step
     "adamw_decay_scaled_by_lr": Case(
-        "AdamW", dict(lr=0.1, betas=(0.5, 0.75), eps=0.0, weight_decay=0.5), 1.0, [2.0, 1.0],
-        [(1.0 * (1 - 0.1 * 0.5) - 0.1, {"exp_avg": 1.0, "exp_avg_sq": 1.0}),
-         (0.85 * (1 - 0.1 * 0.5) - (0.1 / 0.75) * 1.0 / (sqrt(1.0) / sqrt(0.4375)),
-          {"exp_avg": 1.0, "exp_avg_sq": 1.0})],
-        wrong=[1.0 * (1 - 0.5) - 0.1]),
+        "AdamW",
+        dict(lr=0.1, betas=(0.5, 0.75), eps=0.0, weight_decay=0.5),
+        1.0,
+        [2.0, 1.0],
+        [
+            (1.0 * (1 - 0.1 * 0.5) - 0.1, {"exp_avg": 1.0, "exp_avg_sq": 1.0}),
+            (
+                0.85 * (1 - 0.1 * 0.5) - (0.1 / 0.75) * 1.0 / (sqrt(1.0) / sqrt(0.4375)),
+                {"exp_avg": 1.0, "exp_avg_sq": 1.0},
+            ),
+        ],
+        wrong=[1.0 * (1 - 0.5) - 0.1],
+    ),
     # Lion: c uses β1, the stored momentum β2
-    "lion": Case("Lion", dict(lr=0.1, betas=(0.5, 0.75), weight_decay=0.5), 1.0, [2.0, -8.0],
-                 [(1.0 * 0.95 - 0.1 * np.sign(0.5 * 0.0 + 0.5 * 2.0), {"exp_avg": 0.25 * 2.0}),
-                  (0.85 * 0.95 - 0.1 * np.sign(0.5 * 0.5 + 0.5 * -8.0),
-                   {"exp_avg": 0.75 * 0.5 + 0.25 * -8.0})]),
+    "lion": Case(
+        "Lion",
+        dict(lr=0.1, betas=(0.5, 0.75), weight_decay=0.5),
+        1.0,
+        [2.0, -8.0],
+        [
+            (1.0 * 0.95 - 0.1 * np.sign(0.5 * 0.0 + 0.5 * 2.0), {"exp_avg": 0.25 * 2.0}),
+            (
+                0.85 * 0.95 - 0.1 * np.sign(0.5 * 0.5 + 0.5 * -8.0),
+                {"exp_avg": 0.75 * 0.5 + 0.25 * -8.0},
+            ),
+        ],
+    ),
     # trap: maximize negates the gradient before the L2 term: g = −1 + 0.5·1 (not −(1 + 0.5))
-    "sgd_maximize_wd": Case("SGD", dict(lr=0.1, weight_decay=0.5, maximize=True), 1.0, [1.0],
-                            [(1 - 0.1 * (-1.0 + 0.5 * 1.0), {})], wrong=[1 + 0.1 * 1.5]),
-    "adam_maximize": Case("Adam", dict(lr=0.1, betas=(0.5, 0.75), eps=0.0, maximize=True), 1.0,
-                          [2.0], [(1 + 0.1, {"exp_avg": -1.0, "exp_avg_sq": 1.0})]),
-    "lion_maximize": Case("Lion", dict(lr=0.1, betas=(0.5, 0.75), maximize=True), 1.0, [2.0],
-                          [(1 + 0.1, {"exp_avg": -0.5})]),
-    "adagrad_maximize": Case("AdaGrad", dict(lr=0.5, eps=0.0, maximize=True), 1.0, [3.0],
-                             [(1 + 0.5, {"sum": 9.0})]),
-    "rmsprop_maximize": Case("RMSProp", dict(lr=0.1, alpha=0.75, eps=0.0, maximize=True), 1.0,
-                             [2.0], [(1 + 0.2, {"square_avg": 1.0})]),
+    "sgd_maximize_wd": Case(
+        "SGD",
+        dict(lr=0.1, weight_decay=0.5, maximize=True),
+        1.0,
+        [1.0],
+        [(1 - 0.1 * (-1.0 + 0.5 * 1.0), {})],
+        wrong=[1 + 0.1 * 1.5],
+    ),
+    "adam_maximize": Case(
+        "Adam",
+        dict(lr=0.1, betas=(0.5, 0.75), eps=0.0, maximize=True),
+        1.0,
+        [2.0],
+        [(1 + 0.1, {"exp_avg": -1.0, "exp_avg_sq": 1.0})],
+    ),
+    "lion_maximize": Case(
+        "Lion",
+        dict(lr=0.1, betas=(0.5, 0.75), maximize=True),
+        1.0,
+        [2.0],
+        [(1 + 0.1, {"exp_avg": -0.5})],
+    ),
+    "adagrad_maximize": Case(
+        "AdaGrad", dict(lr=0.5, eps=0.0, maximize=True), 1.0, [3.0], [(1 + 0.5, {"sum": 9.0})]
+    ),
+    "rmsprop_maximize": Case(
+        "RMSProp",
+        dict(lr=0.1, alpha=0.75, eps=0.0, maximize=True),
+        1.0,
+        [2.0],
+        [(1 + 0.2, {"square_avg": 1.0})],
+    ),
 }
 
 EIGHT = {"SGD", "Momentum", "Nesterov", "AdaGrad", "RMSProp", "Adam", "AdamW", "Lion"}
@@ -164,8 +316,12 @@ def _check(case, t, p, state):
 def test_oracle_matches_hand_computation(key):
     case = CASES[key]
     for t in range(len(case.grads)):
-        p, state = run_oracle(case.name, case.kwargs, np.array([case.p0]),
-                              [np.array([g]) for g in case.grads[:t + 1]])
+        p, state = run_oracle(
+            case.name,
+            case.kwargs,
+            np.array([case.p0]),
+            [np.array([g]) for g in case.grads[: t + 1]],
+        )
         _check(case, t, p[0], {s: a[0] for s, a in state.items()})
 
 

@@ -4,6 +4,7 @@ No GPU is needed: ``numba.cuda`` and PyTorch are replaced by small fakes that re
 numba-cuda backend asks of them, and array producers are fakes with a non-NumPy ``dtype``
 object, ``requires_grad`` (whose interface refuses, as PyTorch's does) and an interface stream.
 """
+
 import contextlib
 import sys
 import types
@@ -14,8 +15,10 @@ import pytest
 from fastopt.backends import _launch
 
 
-@pytest.mark.parametrize("regs,blocks", [(16, 8), (32, 8), (37, 6), (46, 5), (51, 4), (64, 4),
-                                         (65, 3), (128, 2), (255, 1)])
+@pytest.mark.parametrize(
+    "regs,blocks",
+    [(16, 8), (32, 8), (37, 6), (46, 5), (51, 4), (64, 4), (65, 3), (128, 2), (255, 1)],
+)
 def test_blocks_per_sm_follows_the_register_file(regs, blocks):
     # 65536 registers per SM, allocated per warp in units of 256, at most 2048 threads per SM
     assert _launch.blocks_per_sm(regs, 256) == blocks
@@ -53,10 +56,16 @@ class FakeTensor:
     @property
     def __cuda_array_interface__(self):
         if self.requires_grad:
-            raise RuntimeError("Can't get __cuda_array_interface__ on Variable that requires "
-                               "grad. Use var.detach().__cuda_array_interface__ instead.")
-        return {"shape": self.shape, "typestr": self.host.dtype.str,
-                "data": (self.host.ctypes.data, False), "version": 2}
+            raise RuntimeError(
+                "Can't get __cuda_array_interface__ on Variable that requires "
+                "grad. Use var.detach().__cuda_array_interface__ instead."
+            )
+        return {
+            "shape": self.shape,
+            "typestr": self.host.dtype.str,
+            "data": (self.host.ctypes.data, False),
+            "version": 2,
+        }
 
     def detach(self):
         return FakeTensor(self.host, False, self.device.index)
@@ -71,15 +80,21 @@ class CAIArray:
 
     @property
     def __cuda_array_interface__(self):
-        return {"shape": self.shape, "typestr": self.host.dtype.str,
-                "data": (self.host.ctypes.data, False), "version": 3, "stream": self.stream}
+        return {
+            "shape": self.shape,
+            "typestr": self.host.dtype.str,
+            "data": (self.host.ctypes.data, False),
+            "version": 3,
+            "stream": self.stream,
+        }
 
 
 @pytest.fixture
 def fake_torch(monkeypatch):
     streams = {0: 0x7000, 1: 0x7001}
     cuda = types.SimpleNamespace(
-        current_stream=lambda device: types.SimpleNamespace(cuda_stream=streams[device.index]))
+        current_stream=lambda device: types.SimpleNamespace(cuda_stream=streams[device.index])
+    )
     monkeypatch.setitem(sys.modules, "torch", types.SimpleNamespace(cuda=cuda))
     return streams
 
@@ -109,8 +124,11 @@ def test_producer_stream_of_cupy_arrays_is_their_devices(monkeypatch):
         def __exit__(self, *exc):
             current["dev"] = self.prev
 
-    fake = types.SimpleNamespace(cuda=types.SimpleNamespace(
-        get_current_stream=lambda: types.SimpleNamespace(ptr=stream_of[current["dev"]])))
+    fake = types.SimpleNamespace(
+        cuda=types.SimpleNamespace(
+            get_current_stream=lambda: types.SimpleNamespace(ptr=stream_of[current["dev"]])
+        )
+    )
     monkeypatch.setitem(sys.modules, "cupy", fake)
     Arr = type("ndarray", (), {"__module__": "cupy._core.core"})
     a = Arr()
@@ -130,6 +148,7 @@ def test_plain_view_detaches_only_what_requires_grad():
 
 # -- the numba-cuda backend's launch, against a fake numba.cuda ---------------------------------
 
+
 class FakeCuda:
     """Records devices, streams and launch configurations; 'compiles' kernels using 46 registers
     (Adam's count on sm_90), i.e. 5 resident blocks of 256 threads per SM."""
@@ -143,8 +162,9 @@ class FakeCuda:
         self.external = []
 
     def get_current_device(self):
-        return types.SimpleNamespace(id=self.current, MULTIPROCESSOR_COUNT=self.sms[self.current],
-                                     compute_capability=(9, 0))
+        return types.SimpleNamespace(
+            id=self.current, MULTIPROCESSOR_COUNT=self.sms[self.current], compute_capability=(9, 0)
+        )
 
     @property
     def gpus(self):
@@ -159,7 +179,9 @@ class FakeCuda:
                         yield
                     finally:
                         fake.current = prev
+
                 return ctx()
+
         return Gpus()
 
     def is_cuda_array(self, a):
@@ -167,9 +189,16 @@ class FakeCuda:
 
     def from_cuda_array_interface(self, cai, owner=None, sync=True):
         assert sync is False and owner is None
-        return np.frombuffer((np.ctypeslib.as_array(
-            (np.ctypeslib.ctypes.c_char * (int(np.prod(cai["shape"])) * 4)).from_address(
-                cai["data"][0]))), dtype=cai["typestr"])
+        return np.frombuffer(
+            (
+                np.ctypeslib.as_array(
+                    (np.ctypeslib.ctypes.c_char * (int(np.prod(cai["shape"])) * 4)).from_address(
+                        cai["data"][0]
+                    )
+                )
+            ),
+            dtype=cai["typestr"],
+        )
 
     def default_stream(self):
         return ("stream", 0)
@@ -195,13 +224,16 @@ class FakeCuda:
             def __getitem__(self, config):
                 def run(*args):
                     fake.launches.append((fake.current, config, args))
+
                 return run
+
         return Kernel()
 
 
 @pytest.fixture
 def ncb(monkeypatch):
     from fastopt.backends import numba_cuda_backend as mod
+
     fake = FakeCuda()
     monkeypatch.setattr(mod, "cuda", fake)
     monkeypatch.setattr(mod, "SIMULATOR", False)
@@ -216,8 +248,14 @@ def test_numba_cuda_launch_on_torch_tensors(ncb, fake_torch):
     n = 1 << 20
     p = FakeTensor(np.ones(n, np.float32), requires_grad=True)  # an nn.Parameter
     g = FakeTensor(np.full(n, 0.5, np.float32))
-    mod.launch("sgd", dict(maximize=False, decay=False, momentum=False, nesterov=False),
-               p, g, (None,), (0.0, 0.0, 1.0, 0.0, 0.1))
+    mod.launch(
+        "sgd",
+        dict(maximize=False, decay=False, momentum=False, nesterov=False),
+        p,
+        g,
+        (None,),
+        (0.0, 0.0, 1.0, 0.0, 0.1),
+    )
     (dev, (blocks, threads, stream), args) = fake.launches[0]
     assert dev == 0 and threads == 256
     assert blocks == 132 * 5  # one wave at 46 registers, not 8 blocks per SM
@@ -233,18 +271,28 @@ def test_numba_cuda_launches_where_the_arrays_live(ncb, fake_torch):
     p = FakeTensor(np.ones(n, np.float32), device_index=1)
     g = FakeTensor(np.ones(n, np.float32), device_index=1)
     assert fake.current == 0
-    mod.launch("sgd", dict(maximize=False, decay=False, momentum=False, nesterov=False),
-               p, g, (None,), (0.0, 0.0, 1.0, 0.0, 0.1))
+    mod.launch(
+        "sgd",
+        dict(maximize=False, decay=False, momentum=False, nesterov=False),
+        p,
+        g,
+        (None,),
+        (0.0, 0.0, 1.0, 0.0, 0.1),
+    )
     (dev, (blocks, _, stream), _) = fake.launches[0]
     assert dev == 1 and fake.current == 0  # launched on device 1, current device restored
-    assert stream == ("stream", 0x7001)   # device 1's torch stream
-    assert blocks == 4                     # 1000 elements need 4 blocks of 256
+    assert stream == ("stream", 0x7001)  # device 1's torch stream
+    assert blocks == 4  # 1000 elements need 4 blocks of 256
     # the grid of a big launch on device 1 uses device 1's SM count (114), not device 0's
     big = 1 << 24
-    mod.launch("sgd", dict(maximize=False, decay=False, momentum=False, nesterov=False),
-               FakeTensor(np.ones(big, np.float32), device_index=1),
-               FakeTensor(np.ones(big, np.float32), device_index=1), (None,),
-               (0.0, 0.0, 1.0, 0.0, 0.1))
+    mod.launch(
+        "sgd",
+        dict(maximize=False, decay=False, momentum=False, nesterov=False),
+        FakeTensor(np.ones(big, np.float32), device_index=1),
+        FakeTensor(np.ones(big, np.float32), device_index=1),
+        (None,),
+        (0.0, 0.0, 1.0, 0.0, 0.1),
+    )
     assert fake.launches[1][1][0] == 114 * 5
 
 
@@ -252,11 +300,16 @@ def test_numba_cuda_interface_streams(ncb):
     mod, fake = ncb
     flags = dict(maximize=False, decay=False, momentum=False, nesterov=False)
     k = (0.0, 0.0, 1.0, 0.0, 0.1)
-    for stream, want in ((0xBEEF, ("stream", 0xBEEF)), (1, ("stream", 0)), (2, ("stream", 0)),
-                         (None, ("stream", 0))):
+    for stream, want in (
+        (0xBEEF, ("stream", 0xBEEF)),
+        (1, ("stream", 0)),
+        (2, ("stream", 0)),
+        (None, ("stream", 0)),
+    ):
         h = np.ones(8, np.float32)
-        mod.launch("sgd", flags, CAIArray(h, stream), CAIArray(np.ones(8, np.float32), None),
-                   (None,), k)
+        mod.launch(
+            "sgd", flags, CAIArray(h, stream), CAIArray(np.ones(8, np.float32), None), (None,), k
+        )
         assert fake.launches[-1][1][2] == want, stream
     assert fake.external == [0xBEEF]  # wrapped once, cached
 
@@ -264,12 +317,18 @@ def test_numba_cuda_interface_streams(ncb):
 def test_numba_cuda_refuses_host_arrays_with_a_clear_message(ncb):
     mod, _ = ncb
     with pytest.raises(TypeError, match="host ndarray"):
-        mod.launch("sgd", dict(maximize=False, decay=False, momentum=False, nesterov=False),
-                   np.ones(4, np.float32), np.ones(4, np.float32), (None,),
-                   (0.0, 0.0, 1.0, 0.0, 0.1))
+        mod.launch(
+            "sgd",
+            dict(maximize=False, decay=False, momentum=False, nesterov=False),
+            np.ones(4, np.float32),
+            np.ones(4, np.float32),
+            (None,),
+            (0.0, 0.0, 1.0, 0.0, 0.1),
+        )
 
 
 # -- the CuPy backend's launch plan: the argument block cuLaunchKernel reads --------------------
+
 
 @pytest.mark.parametrize("dtype,ctype", [(np.float32, "c_float"), (np.float64, "c_double")])
 def test_cupy_launch_plan_argument_block(monkeypatch, dtype, ctype):
@@ -277,6 +336,7 @@ def test_cupy_launch_plan_argument_block(monkeypatch, dtype, ctype):
     buffers' device pointers, each host scalar cast once to the buffer dtype, then n; a second
     call with new scalars launches the same buffers with the new values."""
     import ctypes
+
     cb = pytest.importorskip("fastopt.backends.cupy_backend")
     if cb.cupy is None:
         pytest.skip("CuPy is not installed")
@@ -291,10 +351,12 @@ def test_cupy_launch_plan_argument_block(monkeypatch, dtype, ctype):
         seen.append((f, (gx, gy, gz), (bx, by, bz), shmem, stream, arrays, scalars, n, extra))
         return (ok,)
 
-    driver = types.SimpleNamespace(cuLaunchKernel=cuLaunchKernel,
-                                   CUresult=types.SimpleNamespace(CUDA_SUCCESS=ok))
-    fake_cupy = types.SimpleNamespace(cuda=types.SimpleNamespace(
-        runtime=types.SimpleNamespace(getDevice=lambda: 0)))
+    driver = types.SimpleNamespace(
+        cuLaunchKernel=cuLaunchKernel, CUresult=types.SimpleNamespace(CUDA_SUCCESS=ok)
+    )
+    fake_cupy = types.SimpleNamespace(
+        cuda=types.SimpleNamespace(runtime=types.SimpleNamespace(getDevice=lambda: 0))
+    )
     monkeypatch.setattr(cb, "_driver", driver)
     monkeypatch.setattr(cb, "cupy", fake_cupy)
     ptrs = [0x7F0000001000, 0x7F0000002000, 0x7F0000003000, 0x7F0000004000]
@@ -306,8 +368,14 @@ def test_cupy_launch_plan_argument_block(monkeypatch, dtype, ctype):
     plan(k2)
     for call, k in zip(seen, (k1, k2)):
         f, grid, block, shmem, stream, arrays, scalars, got_n, extra = call
-        assert (f, grid, block, shmem, stream, extra) == ("fn", (660, 1, 1), (256, 1, 1), 0,
-                                                          "stream", 0)
+        assert (f, grid, block, shmem, stream, extra) == (
+            "fn",
+            (660, 1, 1),
+            (256, 1, 1),
+            0,
+            "stream",
+            0,
+        )
         assert arrays == ptrs and got_n == n
         assert scalars == [float(dtype(x)) for x in k]  # one rounding, to the buffer dtype
 
@@ -316,11 +384,18 @@ def test_cupy_launch_plan_refuses_a_failed_launch(monkeypatch):
     cb = pytest.importorskip("fastopt.backends.cupy_backend")
     if cb.cupy is None:
         pytest.skip("CuPy is not installed")
-    driver = types.SimpleNamespace(cuLaunchKernel=lambda *a: ("CUDA_ERROR_INVALID_VALUE",),
-                                   CUresult=types.SimpleNamespace(CUDA_SUCCESS="ok"))
+    driver = types.SimpleNamespace(
+        cuLaunchKernel=lambda *a: ("CUDA_ERROR_INVALID_VALUE",),
+        CUresult=types.SimpleNamespace(CUDA_SUCCESS="ok"),
+    )
     monkeypatch.setattr(cb, "_driver", driver)
-    monkeypatch.setattr(cb, "cupy", types.SimpleNamespace(cuda=types.SimpleNamespace(
-        runtime=types.SimpleNamespace(getDevice=lambda: 0))))
+    monkeypatch.setattr(
+        cb,
+        "cupy",
+        types.SimpleNamespace(
+            cuda=types.SimpleNamespace(runtime=types.SimpleNamespace(getDevice=lambda: 0))
+        ),
+    )
     plan = cb.Plan("fn", 1, [1, 2], 5, np.float32, 10, "s", 0)
     with pytest.raises(RuntimeError, match="cuLaunchKernel failed"):
         plan((0.0,) * 5)

@@ -5,6 +5,7 @@ the device window (estimated command time, output files), names a step with no c
 or puts a CPU backend or a launch-bound size into a GPU benchmark group. The parent/child
 machinery runs for real on the steps that need no GPU, and must leave its JSON behind.
 """
+
 import json
 import subprocess
 import sys
@@ -20,8 +21,9 @@ import gpu_run  # noqa: E402
 
 
 def test_dry_run_passes_and_fits_the_window():
-    proc = subprocess.run(["bash", str(SCRIPT), "--dry-run"], capture_output=True, text=True,
-                          timeout=120, cwd=ROOT)
+    proc = subprocess.run(
+        ["bash", str(SCRIPT), "--dry-run"], capture_output=True, text=True, timeout=120, cwd=ROOT
+    )
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert "dry run: ok" in proc.stdout
     for step in gpu_run.PLAN:
@@ -30,13 +32,21 @@ def test_dry_run_passes_and_fits_the_window():
     assert len(gpu_run._out_files()) <= 8
 
 
-@pytest.mark.parametrize("mutate,problem", [
-    (lambda plan: plan[0].update(est_s=500), "budget"),
-    (lambda plan: plan.append(gpu_run._step("bogus", 1, 2, "x")), "no child function"),
-    (lambda plan: plan.append(gpu_run._step("facts", 1, 2, "x")), "duplicate"),
-    (lambda plan: [plan.append(gpu_run._step(f"x{i}", 0, 1, "x", files=(f"f{i}.txt",)))
-                   for i in range(3)], "output files"),
-])
+@pytest.mark.parametrize(
+    "mutate,problem",
+    [
+        (lambda plan: plan[0].update(est_s=500), "budget"),
+        (lambda plan: plan.append(gpu_run._step("bogus", 1, 2, "x")), "no child function"),
+        (lambda plan: plan.append(gpu_run._step("facts", 1, 2, "x")), "duplicate"),
+        (
+            lambda plan: [
+                plan.append(gpu_run._step(f"x{i}", 0, 1, "x", files=(f"f{i}.txt",)))
+                for i in range(3)
+            ],
+            "output files",
+        ),
+    ],
+)
 def test_plan_problems_are_caught(monkeypatch, mutate, problem):
     plan = [dict(s) for s in gpu_run.PLAN]
     mutate(plan)
@@ -46,8 +56,13 @@ def test_plan_problems_are_caught(monkeypatch, mutate, problem):
 
 def test_cpu_backends_in_gpu_groups_are_caught(monkeypatch):
     real = gpu_run.bench_groups
-    monkeypatch.setattr(gpu_run, "bench_groups", lambda step: real(step) + [
-        dict(case="adam", n=1 << 10, backends=["numba"], torch=False, form="raw")])
+    monkeypatch.setattr(
+        gpu_run,
+        "bench_groups",
+        lambda step: (
+            real(step) + [dict(case="adam", n=1 << 10, backends=["numba"], torch=False, form="raw")]
+        ),
+    )
     problems = gpu_run.check_plan()
     assert any("CPU backends ['numba']" in p for p in problems)
     assert any("below 2^20" in p for p in problems)
@@ -56,8 +71,13 @@ def test_cpu_backends_in_gpu_groups_are_caught(monkeypatch):
 def test_the_run_leaves_json_after_each_step(tmp_path):
     """The parent runs a child per step and rewrites gpu_run.json after each one; a step that
     needs a GPU fails (or skips its groups) here without ending the run."""
-    proc = subprocess.run(["bash", str(SCRIPT), "--out", str(tmp_path), "--only", "facts",
-                           "latency"], capture_output=True, text=True, timeout=300, cwd=ROOT)
+    proc = subprocess.run(
+        ["bash", str(SCRIPT), "--out", str(tmp_path), "--only", "facts", "latency"],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        cwd=ROOT,
+    )
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     doc = json.loads((tmp_path / "gpu_run.json").read_text())
     assert set(doc["steps"]) == {"facts", "latency"}

@@ -5,6 +5,7 @@ listed them) and then walks its family. A refused call must raise a clear ``Type
 ``ValueError`` or ``KeyError`` naming the parameter and change no byte of any parameter or
 state buffer, nor the step counter. Every CPU backend runs each case.
 """
+
 import os
 import signal
 import socket
@@ -24,19 +25,34 @@ from fastopt import functional as F
 from fastopt import reference
 
 CPU = [b for b in ("numpy", "numba") if b in fastopt.available_backends()]
-KINDS = [fastopt.SGD, fastopt.Momentum, fastopt.Nesterov, fastopt.AdaGrad, fastopt.RMSProp,
-         fastopt.Adam, fastopt.AdamW, fastopt.Lion]
-FULL = [(fastopt.SGD, {"momentum": 0.9}), (fastopt.AdaGrad, {}),
-        (fastopt.RMSProp, {"centered": True, "momentum": 0.5}), (fastopt.Adam, {"amsgrad": True}),
-        (fastopt.Lion, {})]
+KINDS = [
+    fastopt.SGD,
+    fastopt.Momentum,
+    fastopt.Nesterov,
+    fastopt.AdaGrad,
+    fastopt.RMSProp,
+    fastopt.Adam,
+    fastopt.AdamW,
+    fastopt.Lion,
+]
+FULL = [
+    (fastopt.SGD, {"momentum": 0.9}),
+    (fastopt.AdaGrad, {}),
+    (fastopt.RMSProp, {"centered": True, "momentum": 0.5}),
+    (fastopt.Adam, {"amsgrad": True}),
+    (fastopt.Lion, {}),
+]
 FULL_IDS = [c.__name__ for c, _ in FULL]
 
 
 def _snap(opt, arrays):
-    return ({n: np.array(a, copy=True) for n, a in arrays.items()},
-            {n: {s: np.array(a, copy=True) for s, a in st.items()} for n, st in opt.state.items()},
-            [{s: a.copy() for s, a in f.items()} for f in (opt._flat_state or [])],
-            opt.step_count, opt.hyperparams)
+    return (
+        {n: np.array(a, copy=True) for n, a in arrays.items()},
+        {n: {s: np.array(a, copy=True) for s, a in st.items()} for n, st in opt.state.items()},
+        [{s: a.copy() for s, a in f.items()} for f in (opt._flat_state or [])],
+        opt.step_count,
+        opt.hyperparams,
+    )
 
 
 def _unchanged(opt, arrays, snap):
@@ -54,19 +70,30 @@ def _unchanged(opt, arrays, snap):
 
 def _dict_setup(backend, cls=fastopt.Adam, kw=None, n=64, steps=2, seed=0):
     rng = np.random.default_rng(seed)
-    params = {"a": rng.standard_normal(5).astype(np.float32),
-              "w": rng.standard_normal((8, n // 8)).astype(np.float32)}
+    params = {
+        "a": rng.standard_normal(5).astype(np.float32),
+        "w": rng.standard_normal((8, n // 8)).astype(np.float32),
+    }
     opt = cls(backend=backend, **({"amsgrad": True} if kw is None else kw))
     for _ in range(steps):
-        assert opt.update(params, {k: rng.standard_normal(v.shape).astype(v.dtype)
-                                   for k, v in params.items()}) is True
+        assert (
+            opt.update(
+                params, {k: rng.standard_normal(v.shape).astype(v.dtype) for k, v in params.items()}
+            )
+            is True
+        )
     return opt, params, {k: rng.standard_normal(v.shape).astype(v.dtype) for k, v in params.items()}
 
 
 def _flat_setup(backend, steps=2):
     rng = np.random.default_rng(1)
-    buf = fastopt.FlatBuffer({"a": rng.standard_normal(40), "b": rng.standard_normal((3, 7)),
-                              "c": rng.standard_normal(30).astype(np.float32)})
+    buf = fastopt.FlatBuffer(
+        {
+            "a": rng.standard_normal(40),
+            "b": rng.standard_normal((3, 7)),
+            "c": rng.standard_normal(30).astype(np.float32),
+        }
+    )
     opt = fastopt.Adam(amsgrad=True, backend=backend)
     for _ in range(steps):
         for g in buf.groups:
@@ -84,11 +111,14 @@ def _flat_arrays(buf):
 REBIND = {
     "data-longer": lambda g: setattr(g, "data", np.concatenate([g.data, np.ones(4096, g.dtype)])),
     "grad-longer": lambda g: setattr(g, "grad", np.ones(g.grad.shape[0] + 4096, g.dtype)),
-    "both-longer": lambda g: (setattr(g, "data", np.ones(g.data.shape[0] + 64, g.dtype)),
-                              setattr(g, "grad", np.ones(g.grad.shape[0] + 64, g.dtype))),
+    "both-longer": lambda g: (
+        setattr(g, "data", np.ones(g.data.shape[0] + 64, g.dtype)),
+        setattr(g, "grad", np.ones(g.grad.shape[0] + 64, g.dtype)),
+    ),
     "data-shorter": lambda g: setattr(g, "data", g.data[:-16].copy()),
-    "grad-dtype": lambda g: setattr(g, "grad", g.grad.astype(np.float32 if g.dtype == np.float64
-                                                              else np.float64)),
+    "grad-dtype": lambda g: setattr(
+        g, "grad", g.grad.astype(np.float32 if g.dtype == np.float64 else np.float64)
+    ),
     "data-big-endian": lambda g: setattr(g, "data", g.data.astype(g.data.dtype.newbyteorder())),
     "data-2d": lambda g: setattr(g, "data", g.data.reshape(-1, 1)),
 }
@@ -135,10 +165,16 @@ STATE_REBIND = {
     "dtype": (lambda a: a.astype(np.float64), ValueError, "float64"),
     "big-endian": (lambda a: a.astype(a.dtype.newbyteorder()), ValueError, "big-endian"),
     "integer": (lambda a: np.zeros(a.shape, np.int32), ValueError, "int32"),
-    "read-only": (lambda a: np.lib.stride_tricks.as_strided(a.copy(), writeable=False),
-                  ValueError, "read-only"),
-    "strided": (lambda a: np.zeros((a.shape[0], 2 * a.shape[1]), a.dtype)[:, ::2], ValueError,
-                "contiguous"),
+    "read-only": (
+        lambda a: np.lib.stride_tricks.as_strided(a.copy(), writeable=False),
+        ValueError,
+        "read-only",
+    ),
+    "strided": (
+        lambda a: np.zeros((a.shape[0], 2 * a.shape[1]), a.dtype)[:, ::2],
+        ValueError,
+        "contiguous",
+    ),
     "list": (lambda a: a.tolist(), ValueError, "list"),
 }
 
@@ -213,14 +249,22 @@ def test_02_valid_rebound_state_is_used(backend):
 
 # -- 3: the functional API checks its inputs on every backend -----------------------------------
 
+
 def _fn_case(rule, n=16, dtype=np.float32, seed=0):
     rng = np.random.default_rng(seed)
     p, g = rng.standard_normal(n).astype(dtype), rng.standard_normal(n).astype(dtype)
-    slots = {"sgd": ("momentum_buffer",), "adagrad": ("sum",),
-             "rmsprop": ("square_avg", "grad_avg", "momentum_buffer"),
-             "adam": ("exp_avg", "exp_avg_sq", "max_exp_avg_sq"), "lion": ("exp_avg",)}[rule]
-    kw = {"sgd": {"momentum": 0.9}, "rmsprop": {"centered": True, "momentum": 0.5},
-          "adam": {"amsgrad": True}}.get(rule, {})
+    slots = {
+        "sgd": ("momentum_buffer",),
+        "adagrad": ("sum",),
+        "rmsprop": ("square_avg", "grad_avg", "momentum_buffer"),
+        "adam": ("exp_avg", "exp_avg_sq", "max_exp_avg_sq"),
+        "lion": ("exp_avg",),
+    }[rule]
+    kw = {
+        "sgd": {"momentum": 0.9},
+        "rmsprop": {"centered": True, "momentum": 0.5},
+        "adam": {"amsgrad": True},
+    }.get(rule, {})
     return p, g, [np.zeros(n, dtype) for _ in slots], kw, slots
 
 
@@ -248,20 +292,27 @@ def test_03_functional_exact_reproducer(backend):
 
 BAD_FUNCTIONAL = {
     "short-state": (lambda p, g, st: (p, g, [s[:-1] for s in st]), ValueError),
-    "long-state": (lambda p, g, st: (p, g, [np.zeros(p.size + 3, p.dtype)] + st[1:]),
-                   ValueError),
+    "long-state": (lambda p, g, st: (p, g, [np.zeros(p.size + 3, p.dtype)] + st[1:]), ValueError),
     "short-grad": (lambda p, g, st: (p, g[:-1], st), ValueError),
     "grad-dtype": (lambda p, g, st: (p, g.astype(np.float64), st), TypeError),
     "state-dtype": (lambda p, g, st: (p, g, [st[0].astype(np.float64)] + st[1:]), ValueError),
     "big-endian": (lambda p, g, st: (p.astype(p.dtype.newbyteorder()), g, st), TypeError),
-    "read-only": (lambda p, g, st: (np.lib.stride_tricks.as_strided(p, writeable=False), g, st),
-                  ValueError),
+    "read-only": (
+        lambda p, g, st: (np.lib.stride_tricks.as_strided(p, writeable=False), g, st),
+        ValueError,
+    ),
     "strided-param": (lambda p, g, st: (np.repeat(p, 2)[::2], g, st), ValueError),
     "state-is-param": (lambda p, g, st: (p, g, [p] + st[1:]), ValueError),
     "grad-is-state": (lambda p, g, st: (p, st[0], st), ValueError),
     "list": (lambda p, g, st: (p.tolist(), g, st), TypeError),
-    "float16": (lambda p, g, st: (p.astype(np.float16), g.astype(np.float16),
-                                  [s.astype(np.float16) for s in st]), TypeError),
+    "float16": (
+        lambda p, g, st: (
+            p.astype(np.float16),
+            g.astype(np.float16),
+            [s.astype(np.float16) for s in st],
+        ),
+        TypeError,
+    ),
 }
 
 
@@ -299,18 +350,27 @@ def test_03_functional_required_state_and_hyperparameters(backend, rule):
     with pytest.raises(TypeError, match="step"):
         fn(p, g, *st, step=1.5, backend=backend, **kw)
     assert np.array_equal(p, before)
-    fn(p.reshape(4, 4), g.reshape(4, 4), *(s.reshape(4, 4) for s in st), step=1,
-       backend=backend, **kw)  # n-D arrays of one shape are stepped as their flat views
+    fn(
+        p.reshape(4, 4),
+        g.reshape(4, 4),
+        *(s.reshape(4, 4) for s in st),
+        step=1,
+        backend=backend,
+        **kw,
+    )  # n-D arrays of one shape are stepped as their flat views
     assert not np.array_equal(p, before)
 
 
 # -- 4: big-endian arrays and byte order in messages --------------------------------------------
 
+
 @pytest.mark.parametrize("backend", CPU)
 def test_04_big_endian_refused_up_front_on_the_first_step(backend):
     rng = np.random.default_rng(4)
-    params = {"a": rng.standard_normal(6).astype(np.float32),
-              "b": rng.standard_normal(6).astype(">f4")}
+    params = {
+        "a": rng.standard_normal(6).astype(np.float32),
+        "b": rng.standard_normal(6).astype(">f4"),
+    }
     grads = {k: rng.standard_normal(6).astype(v.dtype) for k, v in params.items()}
     a0 = params["a"].copy()
     opt = fastopt.Adam(backend=backend)
@@ -341,6 +401,7 @@ def test_04_big_endian_family(backend):
 
 def test_04_messages_distinguish_byte_order():
     from fastopt._validate import describe, dtype_name
+
     assert dtype_name(np.dtype(">f8")) == ">f8 (big-endian float64)"
     assert dtype_name(np.dtype("=f8")) == "float64"
     assert "big-endian" in describe(np.zeros(3, ">f8"))
@@ -352,6 +413,7 @@ def test_04_messages_distinguish_byte_order():
 
 
 # -- 5: flags changed in place between steps ----------------------------------------------------
+
 
 @pytest.mark.parametrize("backend", CPU)
 def test_05_group_made_read_only_after_two_steps(backend):
@@ -398,15 +460,21 @@ def test_05_dict_param_flags_and_shape_changed_in_place(backend):
 
 # -- 6: structural flags are fixed at construction ----------------------------------------------
 
-FLAG_CASES = [(fastopt.Adam, "amsgrad", True), (fastopt.AdamW, "amsgrad", True),
-              (fastopt.RMSProp, "centered", True), (fastopt.SGD, "nesterov", True),
-              (fastopt.Nesterov, "nesterov", False), (fastopt.Lion, "maximize", True),
-              (fastopt.AdaGrad, "initial_accumulator_value", 0.5),
-              (fastopt.Momentum, "maximize", True)]
+FLAG_CASES = [
+    (fastopt.Adam, "amsgrad", True),
+    (fastopt.AdamW, "amsgrad", True),
+    (fastopt.RMSProp, "centered", True),
+    (fastopt.SGD, "nesterov", True),
+    (fastopt.Nesterov, "nesterov", False),
+    (fastopt.Lion, "maximize", True),
+    (fastopt.AdaGrad, "initial_accumulator_value", 0.5),
+    (fastopt.Momentum, "maximize", True),
+]
 
 
-@pytest.mark.parametrize("cls, flag, value", FLAG_CASES,
-                         ids=[f"{c.__name__}.{f}" for c, f, _ in FLAG_CASES])
+@pytest.mark.parametrize(
+    "cls, flag, value", FLAG_CASES, ids=[f"{c.__name__}.{f}" for c, f, _ in FLAG_CASES]
+)
 def test_06_flags_are_read_only_after_construction(cls, flag, value):
     opt = cls(backend="numpy")
     params = {"w": np.linspace(-1, 1, 8)}
@@ -426,9 +494,17 @@ def test_06_exact_reproducer_amsgrad_after_step_one():
     assert opt.amsgrad is False and set(opt.state["w"]) == {"exp_avg", "exp_avg_sq"}
 
 
-@pytest.mark.parametrize("cls, kw", [(fastopt.SGD, {"momentum": 0.9}), (fastopt.SGD, {}),
-                                     (fastopt.RMSProp, {"momentum": 0.5}), (fastopt.RMSProp, {}),
-                                     (fastopt.Momentum, {}), (fastopt.Nesterov, {})])
+@pytest.mark.parametrize(
+    "cls, kw",
+    [
+        (fastopt.SGD, {"momentum": 0.9}),
+        (fastopt.SGD, {}),
+        (fastopt.RMSProp, {"momentum": 0.5}),
+        (fastopt.RMSProp, {}),
+        (fastopt.Momentum, {}),
+        (fastopt.Nesterov, {}),
+    ],
+)
 def test_06_momentum_cannot_be_switched_on_or_off(cls, kw):
     opt = cls(**kw)
     on = opt.momentum != 0
@@ -441,6 +517,7 @@ def test_06_momentum_cannot_be_switched_on_or_off(cls, kw):
 
 
 # -- 7: parameter names are strings; an empty dict is refused -----------------------------------
+
 
 @pytest.mark.parametrize("backend", CPU)
 def test_07_names_must_be_strings(backend, tmp_path):
@@ -461,6 +538,7 @@ def test_07_names_must_be_strings(backend, tmp_path):
 
 
 # -- 8, 12: checkpoint files: symlinks, special files, permissions, stale temporary files --------
+
 
 def _saved(tmp_path, name="ckpt"):
     opt, params, _ = _dict_setup("numba", kw={}, steps=1)
@@ -492,8 +570,12 @@ def test_08_save_refuses_special_files(tmp_path):
     os.mkfifo(fifo)
     (tmp_path / "dir").mkdir()
     (tmp_path / "to-fifo").symlink_to(fifo)
-    for path, word in ((fifo, "FIFO"), (tmp_path / "dir", "directory"),
-                       (tmp_path / "to-fifo", "FIFO"), ("/dev/null", "character device")):
+    for path, word in (
+        (fifo, "FIFO"),
+        (tmp_path / "dir", "directory"),
+        (tmp_path / "to-fifo", "FIFO"),
+        ("/dev/null", "character device"),
+    ):
         with pytest.raises(ValueError, match=word):
             fastopt.save_checkpoint(path, opt, params)
         with pytest.raises((fastopt.CheckpointError, IsADirectoryError)):
@@ -533,10 +615,19 @@ fastopt.save_checkpoint(sys.argv[1], opt, {"w": np.ones(3)})
 
 def test_12_stale_temporary_file_of_a_killed_save_is_removed(tmp_path):
     opt, params, path = _saved(tmp_path)
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join(
-        [os.path.dirname(os.path.dirname(fastopt.__file__)), os.environ.get("PYTHONPATH", "")]))
-    proc = subprocess.run([sys.executable, "-c", _KILLED_SAVE, str(path)], env=env,
-                          capture_output=True, timeout=120, check=False)
+    env = dict(
+        os.environ,
+        PYTHONPATH=os.pathsep.join(
+            [os.path.dirname(os.path.dirname(fastopt.__file__)), os.environ.get("PYTHONPATH", "")]
+        ),
+    )
+    proc = subprocess.run(
+        [sys.executable, "-c", _KILLED_SAVE, str(path)],
+        env=env,
+        capture_output=True,
+        timeout=120,
+        check=False,
+    )
     assert proc.returncode == -signal.SIGKILL, proc.stderr.decode()[-2000:]
     left = os.listdir(tmp_path)
     assert len(left) == 1 and left[0].startswith(".ckpt.fastopt-tmp."), left
@@ -549,6 +640,7 @@ def test_12_stale_temporary_file_of_a_killed_save_is_removed(tmp_path):
 
 
 # -- 9: NumPy scalar hyperparameters --------------------------------------------------------------
+
 
 @pytest.mark.parametrize("backend", CPU)
 def test_09_numpy_scalar_hyperparameters_become_python_floats(backend, tmp_path):
@@ -574,6 +666,7 @@ def test_09_numpy_scalar_hyperparameters_become_python_floats(backend, tmp_path)
 
 
 # -- 10: PyTorch tensors ------------------------------------------------------------------------
+
 
 @pytest.mark.parametrize("backend", CPU)
 def test_10_torch_parameters_are_updated_in_place(backend):
@@ -633,6 +726,7 @@ def test_10_torch_unsupported_dtypes_name_the_parameter(dtype):
 
 
 # -- 11: non-finite values as torch.optim --------------------------------------------------------
+
 
 def _masks_and_values(a, b, what, dtype):
     a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
@@ -704,14 +798,19 @@ def test_11_amsgrad_max_propagates_nan_like_torch_maximum(backend, plant):
     tp.grad = torch.tensor(g2)
     topt.step()
     _masks_and_values(p, tp.detach().numpy(), "param vs torch", np.float32)
-    _masks_and_values(st["max_exp_avg_sq"], topt.state[tp]["max_exp_avg_sq"].numpy(),
-                      "max_exp_avg_sq vs torch", np.float32)
+    _masks_and_values(
+        st["max_exp_avg_sq"],
+        topt.state[tp]["max_exp_avg_sq"].numpy(),
+        "max_exp_avg_sq vs torch",
+        np.float32,
+    )
 
 
 def test_11_plain_python_fma_rounds_once():
     from fastopt.kernels.fma import fma
-    a = np.float64(1 + 2.0 ** -30)
-    assert fma(a, a, -np.float64(1 + 2.0 ** -29)) == 2.0 ** -60  # a*a + c cancels: exact
+
+    a = np.float64(1 + 2.0**-30)
+    assert fma(a, a, -np.float64(1 + 2.0**-29)) == 2.0**-60  # a*a + c cancels: exact
     assert fma(np.float32(-1e20), np.float32(1e20), np.float32(np.inf)) == np.inf
     assert type(fma(np.float32(1), np.float32(2), np.float32(3))) is np.float32
     r = fma(np.float32(2e19), np.float32(2e19), np.float32(-3e38))  # a*b alone overflows
@@ -720,6 +819,7 @@ def test_11_plain_python_fma_rounds_once():
 
 
 # -- 12: read-only mappings, threads ------------------------------------------------------------
+
 
 def test_12_flatbuffer_and_flat_state_mappings_are_read_only():
     buf = fastopt.FlatBuffer({"w": np.zeros(3)})
@@ -752,8 +852,11 @@ def test_12_a_second_thread_is_refused_and_changes_nothing():
     t.start()
     held.wait(10)
     try:
-        for call in (lambda: opt.update(params, grads), opt.state_dict,
-                     lambda: opt.load_state_dict(sd)):
+        for call in (
+            lambda: opt.update(params, grads),
+            opt.state_dict,
+            lambda: opt.load_state_dict(sd),
+        ):
             with pytest.raises(RuntimeError, match="another thread"):
                 call()
     finally:
@@ -797,12 +900,15 @@ def test_12_concurrent_steps_never_tear_a_step():
 
 # -- speed: after the first step, update() re-checks in O(1) per array --------------------------
 
+
 def test_update_revalidates_only_what_changed(monkeypatch):
     from fastopt.optimizer import Optimizer
+
     calls = []
     real = Optimizer._validate_dict
-    monkeypatch.setattr(Optimizer, "_validate_dict",
-                        lambda self, p, g: calls.append(1) or real(self, p, g))
+    monkeypatch.setattr(
+        Optimizer, "_validate_dict", lambda self, p, g: calls.append(1) or real(self, p, g)
+    )
     opt, params, grads = _dict_setup("numba", kw={}, steps=1)
     assert len(calls) == 1
     for _ in range(3):
@@ -846,9 +952,13 @@ def test_fast_path_matches_the_oracle(backend, cls, kw):
     opt = cls(lr=0.05, backend=backend, **kw)
     for g in gs:
         opt.update(params, g)
-    name = {fastopt.SGD: "SGD", fastopt.AdaGrad: "AdaGrad", fastopt.RMSProp: "RMSProp",
-            fastopt.Adam: "Adam", fastopt.Lion: "Lion"}[cls]
+    name = {
+        fastopt.SGD: "SGD",
+        fastopt.AdaGrad: "AdaGrad",
+        fastopt.RMSProp: "RMSProp",
+        fastopt.Adam: "Adam",
+        fastopt.Lion: "Lion",
+    }[cls]
     for k, p in p0.items():
-        ref, _ = run_oracle(name, dict(kw, lr=0.05), p.reshape(-1),
-                            [g[k].reshape(-1) for g in gs])
+        ref, _ = run_oracle(name, dict(kw, lr=0.05), p.reshape(-1), [g[k].reshape(-1) for g in gs])
         assert_close(params[k].reshape(-1), ref, np.float64, f"{name} {k}")

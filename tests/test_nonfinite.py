@@ -1,17 +1,29 @@
 """nonfinite=None (PyTorch: NaN/inf flow through), "raise" and "skip", on both APIs."""
+
 import numpy as np
 import pytest
 
 import fastopt
 
 CPU = [b for b in ("numpy", "numba") if b in fastopt.available_backends()]
-KINDS = [fastopt.SGD, fastopt.Momentum, fastopt.Nesterov, fastopt.AdaGrad, fastopt.RMSProp,
-         fastopt.Adam, fastopt.AdamW, fastopt.Lion]
+KINDS = [
+    fastopt.SGD,
+    fastopt.Momentum,
+    fastopt.Nesterov,
+    fastopt.AdaGrad,
+    fastopt.RMSProp,
+    fastopt.Adam,
+    fastopt.AdamW,
+    fastopt.Lion,
+]
 
 
 def _setup(rng):
-    params = {"a": rng.standard_normal(6), "b": rng.standard_normal((2, 3)),
-              "c": rng.standard_normal(5)}
+    params = {
+        "a": rng.standard_normal(6),
+        "b": rng.standard_normal((2, 3)),
+        "c": rng.standard_normal(5),
+    }
     return params, {k: rng.standard_normal(v.shape) for k, v in params.items()}
 
 
@@ -72,9 +84,13 @@ def test_raise_names_parameter_and_changes_nothing(backend):
 @pytest.mark.parametrize("backend", CPU)
 def test_flat_api_multi_dtype(backend, policy):
     rng = np.random.default_rng(4)
-    buf = fastopt.FlatBuffer({"a": rng.standard_normal(5),
-                              "b": rng.standard_normal(7).astype(np.float32),
-                              "c": rng.standard_normal((2, 2)).astype(np.float32)})
+    buf = fastopt.FlatBuffer(
+        {
+            "a": rng.standard_normal(5),
+            "b": rng.standard_normal(7).astype(np.float32),
+            "c": rng.standard_normal((2, 2)).astype(np.float32),
+        }
+    )
     opt = fastopt.Adam(amsgrad=True, backend=backend, nonfinite=policy)
     for g in buf.groups:
         g.grad[...] = rng.standard_normal(g.grad.shape)

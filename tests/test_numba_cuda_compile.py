@@ -10,6 +10,7 @@ Needs NVVM and nvJitLink from PyPI, no GPU or driver: ``pip install "numba-cuda[
 (nvidia-nvvm, nvidia-nvjitlink, cuda-bindings 13) or ``pip install "numba-cuda[cu12]"``
 (the CUDA 12 toolkit wheels, NVVM inside nvidia-cuda-nvcc). Skips cleanly without them.
 """
+
 import os
 import re
 
@@ -25,6 +26,7 @@ MAX_REGISTERS = 64
 
 def _signature(rule, writes, dtype):
     from numba import types
+
     t = getattr(types, dtype)
     return (t[::1],) * (2 + len(writes)) + (types.UniTuple(t, len(RULES[rule].SCALARS)),)
 
@@ -37,15 +39,19 @@ def _toolchain():
         from numba import cuda
 
         from fastopt.backends import numba_cuda_backend as ncb
+
         rule, flags, writes = ncb.variants(["sgd"])[0]
         # a real variant: numba's built-in CUDA target compiles a trivial kernel without a GPU
         # but needs a driver for one that calls a device function
-        cuda.compile_ptx(ncb.python_kernel(rule, flags, writes),
-                         _signature(rule, writes, "float32"), cc=(8, 0))
+        cuda.compile_ptx(
+            ncb.python_kernel(rule, flags, writes), _signature(rule, writes, "float32"), cc=(8, 0)
+        )
     except Exception as exc:  # numba-cuda, NVVM or libdevice missing
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
-        return (f"numba-cuda with NVVM is not installed ({type(exc).__name__}: {first}); "
-                'pip install "numba-cuda[cu13]"')
+        return (
+            f"numba-cuda with NVVM is not installed ({type(exc).__name__}: {first}); "
+            'pip install "numba-cuda[cu13]"'
+        )
     try:
         from cuda.bindings import nvjitlink
     except ImportError:
@@ -100,8 +106,9 @@ def test_variant_compiles_for_sm80_and_sm90(variant, dtype):
     cuda, ncb, nvjitlink = _TC
     rule, flags, writes = variant
     for cc in CCS:
-        ptx, _ = cuda.compile_ptx(ncb.python_kernel(rule, flags, writes),
-                                  _signature(rule, writes, dtype), cc=cc)
+        ptx, _ = cuda.compile_ptx(
+            ncb.python_kernel(rule, flags, writes), _signature(rule, writes, dtype), cc=cc
+        )
         assert f".target sm_{cc[0]}{cc[1]}" in ptx
         body = _instructions(ptx)
         f64 = [ln.strip() for ln in body if re.search(r"\.f64\b", ln)]
@@ -116,7 +123,8 @@ def test_variant_compiles_for_sm80_and_sm90(variant, dtype):
         w = sum(writes)
         assert loads and stores
         assert loads * (1 + w) == stores * (2 + w), (
-            f"{loads} loads / {stores} stores: not (2 + {w}) loads per (1 + {w}) stores")
+            f"{loads} loads / {stores} stores: not (2 + {w}) loads per (1 + {w}) stores"
+        )
         if nvjitlink is not None:
             cubin, log = _assemble(nvjitlink, ptx, cc)
             assert cubin[:4] == b"\x7fELF"
@@ -129,8 +137,9 @@ def test_every_rule_and_flag_has_a_variant():
     rules = {r for r, _, _ in VARIANTS}
     assert rules == set(RULES)
     import inspect
+
     for rule, mod in RULES.items():
         nflags = len(inspect.signature(mod.make_rule).parameters)
         count = sum(r == rule for r, _, _ in VARIANTS)
         # every flag combination, less SGD's nesterov-without-momentum (4 of 16)
-        assert count == 2 ** nflags - (4 if rule == "sgd" else 0)
+        assert count == 2**nflags - (4 if rule == "sgd" else 0)

@@ -6,6 +6,7 @@ same inputs. The dict API works on a parameter sliced out of a guarded array (th
 must stay untouched: no write outside the parameter); the flat API packs the parameter in two
 segments of a FlatBuffer, so the padding between segments must stay zero too.
 """
+
 import functools
 import itertools
 
@@ -22,9 +23,13 @@ DTYPES = (np.float32, np.float64)
 
 #: hyperparameters that make every term of every update visible (lr large enough to move p)
 BASE = {
-    "SGD": dict(lr=0.05), "Momentum": dict(lr=0.05), "Nesterov": dict(lr=0.05),
-    "AdaGrad": dict(lr=0.05), "RMSProp": dict(lr=0.01, alpha=0.9),
-    "Adam": dict(lr=0.01, betas=(0.8, 0.95)), "AdamW": dict(lr=0.01, betas=(0.8, 0.95)),
+    "SGD": dict(lr=0.05),
+    "Momentum": dict(lr=0.05),
+    "Nesterov": dict(lr=0.05),
+    "AdaGrad": dict(lr=0.05),
+    "RMSProp": dict(lr=0.01, alpha=0.9),
+    "Adam": dict(lr=0.01, betas=(0.8, 0.95)),
+    "AdamW": dict(lr=0.01, betas=(0.8, 0.95)),
     "Lion": dict(lr=0.01, betas=(0.8, 0.95)),
 }
 
@@ -76,8 +81,7 @@ def _inputs(rng, name, n, steps):
         return np.where(rng.random(n) < 0.5, -1.0, 1.0)
 
     fixed = sign()
-    grads = [(fixed if name == "Lion" else sign()) * rng.uniform(0.6, 2.0, n)
-             for _ in range(steps)]
+    grads = [(fixed if name == "Lion" else sign()) * rng.uniform(0.6, 2.0, n) for _ in range(steps)]
     return p0, grads
 
 
@@ -88,13 +92,14 @@ POISON = -7.25e3  # a value no step produces near here, so an errant write shows
 def _run_dict(name, kwargs, backend, dtype, p0, grads):
     n = p0.size
     store = np.full(n + 2 * GUARD, POISON, dtype=dtype)
-    p = store[GUARD:GUARD + n]
+    p = store[GUARD : GUARD + n]
     p[...] = p0
     opt = getattr(fastopt, name)(**kwargs, backend=backend)
     for g in grads:
         assert opt.update({"w": p}, {"w": g.astype(dtype)}) is True
-    assert (store[:GUARD] == POISON).all() and (store[GUARD + n:] == POISON).all(), \
+    assert (store[:GUARD] == POISON).all() and (store[GUARD + n :] == POISON).all(), (
         "a step wrote outside the parameter"
+    )
     return p.copy(), {s: np.asarray(a).reshape(-1).copy() for s, a in opt.state["w"].items()}
 
 
@@ -114,11 +119,10 @@ def _run_flat(name, kwargs, backend, dtype, p0, grads):
     (group,) = buf.groups
     used = np.zeros(group.data.size, dtype=bool)
     for off, size, _ in group.slots.values():
-        used[off:off + size] = True
+        used[off : off + size] = True
     assert (group.data[~used] == 0).all(), "a step changed the padding between segments"
     cat = lambda d: np.concatenate([np.asarray(d[k]).reshape(-1) for k in parts])
-    return cat(buf.params), {s: cat({k: opt.state[k][s] for k in parts})
-                             for s in opt.state["a"]}
+    return cat(buf.params), {s: cat({k: opt.state[k][s] for k in parts}) for s in opt.state["a"]}
 
 
 @functools.lru_cache(maxsize=1)
@@ -156,9 +160,11 @@ def test_parity(cfg, dtype, n, steps, api, backend):
 
 @pytest.mark.parametrize("backend", backend_params())
 @pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: np.dtype(d).name)
-@pytest.mark.parametrize("kw", [dict(), dict(dampening=0.5), dict(nesterov=True),
-                                dict(weight_decay=0.1, maximize=True)],
-                         ids=["plain", "dampening", "nesterov", "wd-maximize"])
+@pytest.mark.parametrize(
+    "kw",
+    [dict(), dict(dampening=0.5), dict(nesterov=True), dict(weight_decay=0.1, maximize=True)],
+    ids=["plain", "dampening", "nesterov", "wd-maximize"],
+)
 def test_first_momentum_step_overwrites_a_poisoned_buffer(kw, dtype, backend):
     """Step 1 sets b = g (PyTorch creates the buffer then): whatever the buffer held before,
     NaN included, must not leak into the result."""

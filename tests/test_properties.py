@@ -1,5 +1,6 @@
 """Property-based tests (hypothesis): random shapes (sizes 0 and 1 included), dtypes,
 hyperparameters and step counts."""
+
 import os
 import tempfile
 
@@ -13,8 +14,7 @@ from tolerances import assert_close
 import fastopt
 
 CPU = [b for b in ("numpy", "numba") if b in fastopt.available_backends()]
-SETTINGS = settings(max_examples=25, deadline=None,
-                    suppress_health_check=[HealthCheck.too_slow])
+SETTINGS = settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 
 unit = st.floats(0.5, 0.999)
 pos = st.floats(1e-4, 0.1)
@@ -23,23 +23,38 @@ pos = st.floats(1e-4, 0.1)
 @st.composite
 def configs(draw):
     """(optimizer name, constructor kwargs) over every optimizer and flag."""
-    name = draw(st.sampled_from(["SGD", "Momentum", "Nesterov", "AdaGrad", "RMSProp", "Adam",
-                                 "AdamW", "Lion"]))
+    name = draw(
+        st.sampled_from(
+            ["SGD", "Momentum", "Nesterov", "AdaGrad", "RMSProp", "Adam", "AdamW", "Lion"]
+        )
+    )
     wd = draw(st.sampled_from([0.0, 1e-2]))
     maximize = draw(st.booleans())
     if name == "SGD":
         mom = draw(st.sampled_from([0.0, 0.9]))
         nest = mom > 0 and draw(st.booleans())
-        kw = dict(lr=draw(pos), momentum=mom, nesterov=nest,
-                  dampening=0.0 if nest or mom == 0 else draw(st.floats(0, 0.5)))
+        kw = dict(
+            lr=draw(pos),
+            momentum=mom,
+            nesterov=nest,
+            dampening=0.0 if nest or mom == 0 else draw(st.floats(0, 0.5)),
+        )
     elif name in ("Momentum", "Nesterov"):
         kw = dict(lr=draw(pos), momentum=draw(unit))
     elif name == "AdaGrad":
-        kw = dict(lr=draw(pos), lr_decay=draw(st.floats(0, 0.1)), eps=1e-10,
-                  initial_accumulator_value=draw(st.sampled_from([0.0, 0.1])))
+        kw = dict(
+            lr=draw(pos),
+            lr_decay=draw(st.floats(0, 0.1)),
+            eps=1e-10,
+            initial_accumulator_value=draw(st.sampled_from([0.0, 0.1])),
+        )
     elif name == "RMSProp":
-        kw = dict(lr=draw(pos), alpha=draw(unit), centered=draw(st.booleans()),
-                  momentum=draw(st.sampled_from([0.0, 0.5])))
+        kw = dict(
+            lr=draw(pos),
+            alpha=draw(unit),
+            centered=draw(st.booleans()),
+            momentum=draw(st.sampled_from([0.0, 0.5])),
+        )
     elif name in ("Adam", "AdamW"):
         kw = dict(lr=draw(pos), betas=(draw(unit), draw(unit)), amsgrad=draw(st.booleans()))
     else:
@@ -56,9 +71,15 @@ def _cls(name):
 
 
 @SETTINGS
-@given(cfg=configs(), shape=shapes, dtype=st.sampled_from([np.float32, np.float64]),
-       steps=st.integers(1, 5), seed=st.integers(0, 2**32 - 1),
-       backend=st.sampled_from(CPU), flat=st.booleans())
+@given(
+    cfg=configs(),
+    shape=shapes,
+    dtype=st.sampled_from([np.float32, np.float64]),
+    steps=st.integers(1, 5),
+    seed=st.integers(0, 2**32 - 1),
+    backend=st.sampled_from(CPU),
+    flat=st.booleans(),
+)
 def test_every_cpu_backend_agrees_with_oracle(cfg, shape, dtype, steps, seed, backend, flat):
     name, kw = cfg
     rng = np.random.default_rng(seed)
@@ -84,16 +105,23 @@ def test_every_cpu_backend_agrees_with_oracle(cfg, shape, dtype, steps, seed, ba
 
 
 @SETTINGS
-@given(cfg=configs(), shape=shapes, dtype=st.sampled_from([np.float32, np.float64]),
-       steps=st.integers(0, 4), seed=st.integers(0, 2**32 - 1), backend=st.sampled_from(CPU))
+@given(
+    cfg=configs(),
+    shape=shapes,
+    dtype=st.sampled_from([np.float32, np.float64]),
+    steps=st.integers(0, 4),
+    seed=st.integers(0, 2**32 - 1),
+    backend=st.sampled_from(CPU),
+)
 def test_state_dict_round_trip_is_lossless(cfg, shape, dtype, steps, seed, backend):
     name, kw = cfg
     rng = np.random.default_rng(seed)
     params = {"a": rng.standard_normal(shape).astype(dtype), "b": rng.standard_normal(3)}
     opt = _cls(name)(backend=backend, **kw)
     for _ in range(steps):
-        opt.update(params, {k: rng.standard_normal(v.shape).astype(v.dtype)
-                            for k, v in params.items()})
+        opt.update(
+            params, {k: rng.standard_normal(v.shape).astype(v.dtype) for k, v in params.items()}
+        )
     sd = opt.state_dict()
     copy = _cls(name)(backend=backend, **kw)
     copy.load_state_dict(sd)
@@ -122,12 +150,16 @@ def _checkpoint_bytes():
     """One checkpoint (Adam with AMSGrad, three parameters, two steps), built once."""
     if not _SAVED:
         rng = np.random.default_rng(5)
-        params = {"w": rng.standard_normal((4, 3)), "b": rng.standard_normal(3).astype(np.float32),
-                  "e": np.zeros(0)}
+        params = {
+            "w": rng.standard_normal((4, 3)),
+            "b": rng.standard_normal(3).astype(np.float32),
+            "e": np.zeros(0),
+        }
         opt = fastopt.Adam(amsgrad=True)
         for _ in range(2):
-            opt.update(params, {k: rng.standard_normal(v.shape).astype(v.dtype)
-                                for k, v in params.items()})
+            opt.update(
+                params, {k: rng.standard_normal(v.shape).astype(v.dtype) for k, v in params.items()}
+            )
         with tempfile.TemporaryDirectory() as d:
             path = os.path.join(d, "c")
             fastopt.save_checkpoint(path, opt, params)
@@ -141,7 +173,7 @@ def damage(draw):
     blob = bytearray(_checkpoint_bytes())
     kind = draw(st.sampled_from(["truncate", "flip", "flips", "insert"]))
     if kind == "truncate":
-        return bytes(blob[:draw(st.integers(0, len(blob) - 1))])
+        return bytes(blob[: draw(st.integers(0, len(blob) - 1))])
     if kind == "insert":
         at = draw(st.integers(0, len(blob)))
         return bytes(blob[:at] + draw(st.binary(min_size=1, max_size=8)) + blob[at:])
@@ -157,11 +189,13 @@ def damage(draw):
 @given(blob=damage())
 def test_damaged_checkpoint_always_refused(blob):
     rng = np.random.default_rng(6)
-    params = {"w": rng.standard_normal((4, 3)), "b": rng.standard_normal(3).astype(np.float32),
-              "e": np.zeros(0)}
+    params = {
+        "w": rng.standard_normal((4, 3)),
+        "b": rng.standard_normal(3).astype(np.float32),
+        "e": np.zeros(0),
+    }
     opt = fastopt.Adam(amsgrad=True)
-    opt.update(params, {k: rng.standard_normal(v.shape).astype(v.dtype)
-                        for k, v in params.items()})
+    opt.update(params, {k: rng.standard_normal(v.shape).astype(v.dtype) for k, v in params.items()})
     p0, sd0 = {k: v.copy() for k, v in params.items()}, opt.state_dict()
     with tempfile.TemporaryDirectory() as d:
         path = os.path.join(d, "c")

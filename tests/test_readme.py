@@ -1,4 +1,5 @@
 """The README's examples run, and CI runs the README's test command verbatim."""
+
 import re
 from pathlib import Path
 

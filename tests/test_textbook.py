@@ -6,6 +6,7 @@ Adam's ``lr_t``. The valley trajectories must match it within 1e-12 and a 3-laye
 weights within 1e-9 after 150 mini-batch steps (float64), with the network's arrays updated in
 place.
 """
+
 import inspect
 import itertools
 import math
@@ -19,7 +20,7 @@ from fastopt.textbook import SGD, AdaGrad, Adam, Momentum, RMSprop
 
 NAMES = ("SGD", "Momentum", "Nesterov", "AdaGrad", "RMSprop", "Adam")
 VALLEY_TOL = 1e-12  # absolute, on coordinates of size <= 7
-MLP_TOL = 1e-9      # absolute, on weights of size ~0.1–1
+MLP_TOL = 1e-9  # absolute, on weights of size ~0.1–1
 
 
 # -- the chapter's formulas, written out independently ------------------------------------------
@@ -30,14 +31,15 @@ class _Book:
 
     def update(self, params, grads):
         if self.state is None:
-            self.state = {k: [np.zeros_like(p) for _ in range(self.n_state)]
-                          for k, p in params.items()}
+            self.state = {
+                k: [np.zeros_like(p) for _ in range(self.n_state)] for k, p in params.items()
+            }
         self.begin()
         for k in params:
             new = self.step(params[k], grads[k], self.state[k])
             if isinstance(params[k], np.ndarray):  # `params[k] -= ...`: arrays in place
                 params[k][...] = new
-            else:                                  # numbers: a new value in the dict
+            else:  # numbers: a new value in the dict
                 params[k] = new
 
     def begin(self):
@@ -92,21 +94,31 @@ class BookAdam(_Book):
 
     def begin(self):
         self.t += 1
-        self.lr_t = self.lr * np.sqrt(1.0 - self.beta2 ** self.t) / (1.0 - self.beta1 ** self.t)
+        self.lr_t = self.lr * np.sqrt(1.0 - self.beta2**self.t) / (1.0 - self.beta1**self.t)
 
     def step(self, p, g, s):
         s[0] = s[0] + (1 - self.beta1) * (g - s[0])
-        s[1] = s[1] + (1 - self.beta2) * (g ** 2 - s[1])
+        s[1] = s[1] + (1 - self.beta2) * (g**2 - s[1])
         return p - self.lr_t * s[0] / (np.sqrt(s[1]) + 1e-7)
 
 
-BOOK = {"SGD": BookSGD, "Momentum": BookMomentum, "Nesterov": BookNesterov,
-        "AdaGrad": BookAdaGrad, "RMSprop": BookRMSprop, "Adam": BookAdam}
+BOOK = {
+    "SGD": BookSGD,
+    "Momentum": BookMomentum,
+    "Nesterov": BookNesterov,
+    "AdaGrad": BookAdaGrad,
+    "RMSprop": BookRMSprop,
+    "Adam": BookAdam,
+}
 #: the chapter's constructor defaults, written out
-DEFAULTS = {"SGD": {"lr": 0.01}, "Momentum": {"lr": 0.01, "momentum": 0.9},
-            "Nesterov": {"lr": 0.01, "momentum": 0.9}, "AdaGrad": {"lr": 0.01},
-            "RMSprop": {"lr": 0.01, "decay_rate": 0.99},
-            "Adam": {"lr": 0.001, "beta1": 0.9, "beta2": 0.999}}
+DEFAULTS = {
+    "SGD": {"lr": 0.01},
+    "Momentum": {"lr": 0.01, "momentum": 0.9},
+    "Nesterov": {"lr": 0.01, "momentum": 0.9},
+    "AdaGrad": {"lr": 0.01},
+    "RMSprop": {"lr": 0.01, "decay_rate": 0.99},
+    "Adam": {"lr": 0.001, "beta1": 0.9, "beta2": 0.999},
+}
 
 
 def pair(name, **kw):
@@ -116,8 +128,14 @@ def pair(name, **kw):
 
 
 # -- the valley: f(x, y) = x²/20 + y² from (−7, 2), the chapter's learning rates --------------
-VALLEY_LR = {"SGD": 0.95, "Momentum": 0.1, "Nesterov": 0.1, "AdaGrad": 1.5, "RMSprop": 0.15,
-             "Adam": 0.3}
+VALLEY_LR = {
+    "SGD": 0.95,
+    "Momentum": 0.1,
+    "Nesterov": 0.1,
+    "AdaGrad": 1.5,
+    "RMSprop": 0.15,
+    "Adam": 0.3,
+}
 
 
 def df(x, y):
@@ -219,8 +237,11 @@ class Net:
             d = self.layers[i].backward(d)
             if i > 0:
                 d = d * self.masks[i - 1]
-        return {k: v for i, layer in enumerate(self.layers, 1)
-                for k, v in ((f"W{i}", layer.dW), (f"b{i}", layer.db))}
+        return {
+            k: v
+            for i, layer in enumerate(self.layers, 1)
+            for k, v in ((f"W{i}", layer.dW), (f"b{i}", layer.db))
+        }
 
 
 def dataset(n=600, dim=20, classes=10, seed=0):
@@ -232,8 +253,14 @@ def dataset(n=600, dim=20, classes=10, seed=0):
 
 
 #: learning rates for the network: large enough that every class trains noticeably in 150 steps
-MLP_LR = {"SGD": 0.1, "Momentum": 0.05, "Nesterov": 0.05, "AdaGrad": 0.05, "RMSprop": 0.005,
-          "Adam": 0.005}
+MLP_LR = {
+    "SGD": 0.1,
+    "Momentum": 0.05,
+    "Nesterov": 0.05,
+    "AdaGrad": 0.05,
+    "RMSprop": 0.005,
+    "Adam": 0.005,
+}
 
 
 def train(opt, steps=150, batch=32):
@@ -281,8 +308,7 @@ def test_network_arrays_are_updated_in_place(name, mlp_runs):
 def test_signature_and_defaults_are_the_chapters(name):
     cls = getattr(textbook, name)
     sig = inspect.signature(cls)
-    positional = [p.name for p in sig.parameters.values()
-                  if p.kind is p.POSITIONAL_OR_KEYWORD]
+    positional = [p.name for p in sig.parameters.values() if p.kind is p.POSITIONAL_OR_KEYWORD]
     assert positional == list(DEFAULTS[name])
     assert {k: sig.parameters[k].default for k in positional} == DEFAULTS[name]
     opt = cls()
@@ -293,9 +319,17 @@ def test_signature_and_defaults_are_the_chapters(name):
     assert {k: getattr(cls(*kw.values()), k) for k in kw} == kw
 
 
-@pytest.mark.parametrize("name, attrs", [("SGD", ()), ("Momentum", ("v",)),
-                                         ("Nesterov", ("v",)), ("AdaGrad", ("h",)),
-                                         ("RMSprop", ("h",)), ("Adam", ("m", "v"))])
+@pytest.mark.parametrize(
+    "name, attrs",
+    [
+        ("SGD", ()),
+        ("Momentum", ("v",)),
+        ("Nesterov", ("v",)),
+        ("AdaGrad", ("h",)),
+        ("RMSprop", ("h",)),
+        ("Adam", ("m", "v")),
+    ],
+)
 def test_state_is_the_chapters(name, attrs):
     opt = getattr(textbook, name)()
     for a in attrs:
@@ -343,8 +377,9 @@ def test_non_contiguous_arrays_are_stepped_and_written_back(name):
     assert params["a"] is view and params["f"] is fortran
     np.testing.assert_allclose(view, want["a"], rtol=0, atol=1e-14)
     np.testing.assert_allclose(fortran, want["f"], rtol=0, atol=1e-14)
-    np.testing.assert_array_equal(base[:, 1::2], np.random.default_rng(4).normal(0, 1, (8, 10))
-                                  [:, 1::2])  # the elements between the view's are untouched
+    np.testing.assert_array_equal(
+        base[:, 1::2], np.random.default_rng(4).normal(0, 1, (8, 10))[:, 1::2]
+    )  # the elements between the view's are untouched
 
 
 def test_grads_broadcast_and_cast_like_the_chapters_expressions():
@@ -368,9 +403,17 @@ def test_nesterov_with_lr_zero_keeps_the_chapters_formula():
     assert not np.array_equal(a["p"], b["p"] * 0)
 
 
-@pytest.mark.parametrize("name, rules", [("SGD", ["sgd"]), ("Momentum", ["sgd"]),
-                                         ("Nesterov", ["sgd"]), ("AdaGrad", ["adagrad"]),
-                                         ("RMSprop", ["rmsprop"]), ("Adam", ["adam"])])
+@pytest.mark.parametrize(
+    "name, rules",
+    [
+        ("SGD", ["sgd"]),
+        ("Momentum", ["sgd"]),
+        ("Nesterov", ["sgd"]),
+        ("AdaGrad", ["adagrad"]),
+        ("RMSprop", ["rmsprop"]),
+        ("Adam", ["adam"]),
+    ],
+)
 def test_each_update_is_one_fused_launch_per_parameter(name, rules, monkeypatch):
     calls = []
     real = numba_backend.launch
@@ -386,14 +429,17 @@ def test_each_update_is_one_fused_launch_per_parameter(name, rules, monkeypatch)
 
 
 # -- refusals: clear errors, nothing written -----------------------------------------------------
-@pytest.mark.parametrize("bad, error, message", [
-    (np.arange(3), TypeError, "integer"),
-    (np.ones(3, np.complex128), TypeError, "complex"),
-    (np.ones(3, np.float16), TypeError, "float32"),
-    (True, TypeError, "real number"),
-    ("1.0", TypeError, "str"),
-    (np.ones(3), ValueError, "read-only"),
-])
+@pytest.mark.parametrize(
+    "bad, error, message",
+    [
+        (np.arange(3), TypeError, "integer"),
+        (np.ones(3, np.complex128), TypeError, "complex"),
+        (np.ones(3, np.float16), TypeError, "float32"),
+        (True, TypeError, "real number"),
+        ("1.0", TypeError, "str"),
+        (np.ones(3), ValueError, "read-only"),
+    ],
+)
 def test_bad_params_are_refused_before_anything_is_written(bad, error, message):
     if isinstance(bad, np.ndarray) and bad.dtype == np.float64:
         bad.flags.writeable = False
@@ -406,12 +452,15 @@ def test_bad_params_are_refused_before_anything_is_written(bad, error, message):
     assert opt.v is None and params["bad"] is bad
 
 
-@pytest.mark.parametrize("grads, error, message", [
-    ({"p": np.ones(4)}, ValueError, "broadcast"),
-    ({"p": None}, TypeError, "None"),
-    ({"p": np.ones(3, np.complex64)}, TypeError, "complex64"),
-    ({}, KeyError, "no entry"),
-])
+@pytest.mark.parametrize(
+    "grads, error, message",
+    [
+        ({"p": np.ones(4)}, ValueError, "broadcast"),
+        ({"p": None}, TypeError, "None"),
+        ({"p": np.ones(3, np.complex64)}, TypeError, "complex64"),
+        ({}, KeyError, "no entry"),
+    ],
+)
 def test_bad_grads_are_refused(grads, error, message):
     p = np.ones(3)
     opt = Adam()

@@ -11,8 +11,16 @@ import pytest
 import fastopt
 
 CPU = [b for b in ("numpy", "numba") if b in fastopt.available_backends()]
-KINDS = [fastopt.SGD, fastopt.Momentum, fastopt.Nesterov, fastopt.AdaGrad, fastopt.RMSProp,
-         fastopt.Adam, fastopt.AdamW, fastopt.Lion]
+KINDS = [
+    fastopt.SGD,
+    fastopt.Momentum,
+    fastopt.Nesterov,
+    fastopt.AdaGrad,
+    fastopt.RMSProp,
+    fastopt.Adam,
+    fastopt.AdamW,
+    fastopt.Lion,
+]
 
 
 def _params(rng, n=4, dtype=np.float64):
@@ -25,9 +33,12 @@ def _grads(rng, params):
 
 
 def _snapshot(opt, arrays):
-    return ({n: a.copy() for n, a in arrays.items()},
-            {n: {s: a.copy() for s, a in st.items()} for n, st in opt.state.items()},
-            opt.step_count, dict(opt.hyperparams))
+    return (
+        {n: a.copy() for n, a in arrays.items()},
+        {n: {s: a.copy() for s, a in st.items()} for n, st in opt.state.items()},
+        opt.step_count,
+        dict(opt.hyperparams),
+    )
 
 
 def _assert_unchanged(opt, arrays, snap):
@@ -242,9 +253,13 @@ class _FakeDeviceArray:
     def __init__(self, host):
         self._host = host
         self.shape, self.dtype = host.shape, host.dtype
-        self.__cuda_array_interface__ = {"shape": host.shape, "typestr": host.dtype.str,
-                                         "data": (host.ctypes.data, False), "strides": None,
-                                         "version": 3}
+        self.__cuda_array_interface__ = {
+            "shape": host.shape,
+            "typestr": host.dtype.str,
+            "data": (host.ctypes.data, False),
+            "strides": None,
+            "version": 3,
+        }
 
 
 def test_host_device_mix_refused(monkeypatch):
@@ -261,37 +276,40 @@ def test_host_device_mix_refused(monkeypatch):
     assert np.array_equal(params["a"], a0)
 
 
-@pytest.mark.parametrize("make, exc, word", [
-    (lambda: fastopt.SGD(lr=-0.1), ValueError, "lr"),
-    (lambda: fastopt.SGD(lr=float("nan")), ValueError, "NaN"),
-    (lambda: fastopt.SGD(lr=float("inf")), ValueError, "lr"),
-    (lambda: fastopt.SGD(lr="0.1"), TypeError, "lr"),
-    (lambda: fastopt.SGD(momentum=-0.9), ValueError, "momentum"),
-    (lambda: fastopt.SGD(weight_decay=-1e-4), ValueError, "weight_decay"),
-    (lambda: fastopt.SGD(dampening=-0.1), ValueError, "dampening"),
-    (lambda: fastopt.SGD(momentum=0.9, dampening=0.1, nesterov=True), ValueError, "nesterov"),
-    (lambda: fastopt.SGD(momentum=0.0, nesterov=True), ValueError, "nesterov"),
-    (lambda: fastopt.Momentum(momentum=0.0), ValueError, "momentum"),
-    (lambda: fastopt.Nesterov(momentum=-1.0), ValueError, "momentum"),
-    (lambda: fastopt.AdaGrad(lr_decay=-0.1), ValueError, "lr_decay"),
-    (lambda: fastopt.AdaGrad(eps=-1e-10), ValueError, "eps"),
-    (lambda: fastopt.AdaGrad(initial_accumulator_value=-1.0), ValueError, "initial_accum"),
-    (lambda: fastopt.RMSProp(alpha=1.0), ValueError, "alpha"),
-    (lambda: fastopt.RMSProp(alpha=-0.1), ValueError, "alpha"),
-    (lambda: fastopt.RMSProp(momentum=-0.5), ValueError, "momentum"),
-    (lambda: fastopt.Adam(betas=(0.9, 1.0)), ValueError, "beta2"),
-    (lambda: fastopt.Adam(betas=(-0.1, 0.999)), ValueError, "beta1"),
-    (lambda: fastopt.Adam(betas=(float("nan"), 0.999)), ValueError, "beta1"),
-    (lambda: fastopt.Adam(betas=0.9), ValueError, "betas"),
-    (lambda: fastopt.Adam(eps=-1e-8), ValueError, "eps"),
-    (lambda: fastopt.AdamW(weight_decay=-0.01), ValueError, "weight_decay"),
-    (lambda: fastopt.Adam(amsgrad="yes"), TypeError, "amsgrad"),
-    (lambda: fastopt.Lion(betas=(0.9, 1.5)), ValueError, "beta2"),
-    (lambda: fastopt.Lion(lr=-1e-4), ValueError, "lr"),
-    (lambda: fastopt.Adam(backend="tpu"), ValueError, "unknown backend"),
-    (lambda: fastopt.Adam(backend=3), TypeError, "backend"),
-    (lambda: fastopt.Adam(nonfinite="ignore"), ValueError, "nonfinite"),
-])
+@pytest.mark.parametrize(
+    "make, exc, word",
+    [
+        (lambda: fastopt.SGD(lr=-0.1), ValueError, "lr"),
+        (lambda: fastopt.SGD(lr=float("nan")), ValueError, "NaN"),
+        (lambda: fastopt.SGD(lr=float("inf")), ValueError, "lr"),
+        (lambda: fastopt.SGD(lr="0.1"), TypeError, "lr"),
+        (lambda: fastopt.SGD(momentum=-0.9), ValueError, "momentum"),
+        (lambda: fastopt.SGD(weight_decay=-1e-4), ValueError, "weight_decay"),
+        (lambda: fastopt.SGD(dampening=-0.1), ValueError, "dampening"),
+        (lambda: fastopt.SGD(momentum=0.9, dampening=0.1, nesterov=True), ValueError, "nesterov"),
+        (lambda: fastopt.SGD(momentum=0.0, nesterov=True), ValueError, "nesterov"),
+        (lambda: fastopt.Momentum(momentum=0.0), ValueError, "momentum"),
+        (lambda: fastopt.Nesterov(momentum=-1.0), ValueError, "momentum"),
+        (lambda: fastopt.AdaGrad(lr_decay=-0.1), ValueError, "lr_decay"),
+        (lambda: fastopt.AdaGrad(eps=-1e-10), ValueError, "eps"),
+        (lambda: fastopt.AdaGrad(initial_accumulator_value=-1.0), ValueError, "initial_accum"),
+        (lambda: fastopt.RMSProp(alpha=1.0), ValueError, "alpha"),
+        (lambda: fastopt.RMSProp(alpha=-0.1), ValueError, "alpha"),
+        (lambda: fastopt.RMSProp(momentum=-0.5), ValueError, "momentum"),
+        (lambda: fastopt.Adam(betas=(0.9, 1.0)), ValueError, "beta2"),
+        (lambda: fastopt.Adam(betas=(-0.1, 0.999)), ValueError, "beta1"),
+        (lambda: fastopt.Adam(betas=(float("nan"), 0.999)), ValueError, "beta1"),
+        (lambda: fastopt.Adam(betas=0.9), ValueError, "betas"),
+        (lambda: fastopt.Adam(eps=-1e-8), ValueError, "eps"),
+        (lambda: fastopt.AdamW(weight_decay=-0.01), ValueError, "weight_decay"),
+        (lambda: fastopt.Adam(amsgrad="yes"), TypeError, "amsgrad"),
+        (lambda: fastopt.Lion(betas=(0.9, 1.5)), ValueError, "beta2"),
+        (lambda: fastopt.Lion(lr=-1e-4), ValueError, "lr"),
+        (lambda: fastopt.Adam(backend="tpu"), ValueError, "unknown backend"),
+        (lambda: fastopt.Adam(backend=3), TypeError, "backend"),
+        (lambda: fastopt.Adam(nonfinite="ignore"), ValueError, "nonfinite"),
+    ],
+)
 def test_invalid_hyperparameters(make, exc, word):
     with pytest.raises(exc, match=word):
         make()
@@ -323,16 +341,23 @@ def test_momentum_switched_off_refused():
 
 # --- FlatBuffer -------------------------------------------------------------------------------
 
+
 def _multi_flat(rng):
-    params = {"a": rng.standard_normal(5), "b": rng.standard_normal((3, 2)).astype(np.float32),
-              "c": rng.standard_normal(9), "d": rng.standard_normal(4).astype(np.float32)}
+    params = {
+        "a": rng.standard_normal(5),
+        "b": rng.standard_normal((3, 2)).astype(np.float32),
+        "c": rng.standard_normal(9),
+        "d": rng.standard_normal(4).astype(np.float32),
+    }
     return fastopt.FlatBuffer(params)
 
 
 def _flat_snapshot(opt, buf):
-    return ([g.data.copy() for g in buf.groups],
-            [{s: a.copy() for s, a in f.items()} for f in (opt._flat_state or [])],
-            opt.step_count)
+    return (
+        [g.data.copy() for g in buf.groups],
+        [{s: a.copy() for s, a in f.items()} for f in (opt._flat_state or [])],
+        opt.step_count,
+    )
 
 
 def _flat_unchanged(opt, buf, snap):
@@ -378,8 +403,9 @@ def test_flat_layout_changed_refused():
     snap = _flat_snapshot(opt, buf)
     with pytest.raises(KeyError, match="'c'"):
         opt.step(other)
-    bigger = fastopt.FlatBuffer({k: (np.zeros(8) if k == "d" else v)
-                                 for k, v in buf.params.items()})
+    bigger = fastopt.FlatBuffer(
+        {k: (np.zeros(8) if k == "d" else v) for k, v in buf.params.items()}
+    )
     with pytest.raises(ValueError, match="'d'"):
         opt.step(bigger)
     with pytest.raises(ValueError, match="FlatBuffer"):
@@ -391,25 +417,34 @@ def test_flat_layout_changed_refused():
 
 # --- load_state_dict --------------------------------------------------------------------------
 
+
 def _state_bytes(opt):
     return {n: {s: a.copy() for s, a in st.items()} for n, st in opt.state.items()}
 
 
-@pytest.mark.parametrize("mutate, exc, word", [
-    (lambda sd: sd.update(optimizer="AdamW"), ValueError, "AdamW"),
-    (lambda sd: sd["hyperparams"].update(amsgrad=False), ValueError, "amsgrad"),
-    (lambda sd: sd["hyperparams"].update(lr=-1.0), ValueError, "lr"),
-    (lambda sd: sd["hyperparams"].pop("eps"), KeyError, "eps"),
-    (lambda sd: sd.update(step=-3), ValueError, "step"),
-    (lambda sd: sd.pop("state"), ValueError, "state"),
-    (lambda sd: sd["state"].pop("w3"), KeyError, "w3"),
-    (lambda sd: sd["state"].update(extra=sd["state"]["w0"]), KeyError, "extra"),
-    (lambda sd: sd["state"]["w3"].pop("max_exp_avg_sq"), KeyError, "max_exp_avg_sq"),
-    (lambda sd: sd["state"]["w3"].update(exp_avg=np.zeros(5)), ValueError, "exp_avg"),
-    (lambda sd: sd["state"]["w3"].update(
-        exp_avg_sq=sd["state"]["w3"]["exp_avg_sq"].astype(np.float32)), ValueError, "float32"),
-    (lambda sd: sd["state"]["w3"].update(exp_avg=[1.0] * 8), TypeError, "exp_avg"),
-])
+@pytest.mark.parametrize(
+    "mutate, exc, word",
+    [
+        (lambda sd: sd.update(optimizer="AdamW"), ValueError, "AdamW"),
+        (lambda sd: sd["hyperparams"].update(amsgrad=False), ValueError, "amsgrad"),
+        (lambda sd: sd["hyperparams"].update(lr=-1.0), ValueError, "lr"),
+        (lambda sd: sd["hyperparams"].pop("eps"), KeyError, "eps"),
+        (lambda sd: sd.update(step=-3), ValueError, "step"),
+        (lambda sd: sd.pop("state"), ValueError, "state"),
+        (lambda sd: sd["state"].pop("w3"), KeyError, "w3"),
+        (lambda sd: sd["state"].update(extra=sd["state"]["w0"]), KeyError, "extra"),
+        (lambda sd: sd["state"]["w3"].pop("max_exp_avg_sq"), KeyError, "max_exp_avg_sq"),
+        (lambda sd: sd["state"]["w3"].update(exp_avg=np.zeros(5)), ValueError, "exp_avg"),
+        (
+            lambda sd: sd["state"]["w3"].update(
+                exp_avg_sq=sd["state"]["w3"]["exp_avg_sq"].astype(np.float32)
+            ),
+            ValueError,
+            "float32",
+        ),
+        (lambda sd: sd["state"]["w3"].update(exp_avg=[1.0] * 8), TypeError, "exp_avg"),
+    ],
+)
 def test_load_state_dict_refused_changes_nothing(stepped, mutate, exc, word):
     opt, params, _, _ = stepped
     sd = opt.state_dict()

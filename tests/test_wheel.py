@@ -1,4 +1,5 @@
 """The wheel ships kernels/ as fastopt.kernels, and a non-editable install imports and steps."""
+
 import os
 import subprocess
 import sys
@@ -14,8 +15,21 @@ ROOT = Path(__file__).resolve().parents[1]
 def wheel(tmp_path_factory):
     pytest.importorskip("setuptools")
     out = tmp_path_factory.mktemp("wheel")
-    subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation",
-                    "-q", "-w", str(out), str(ROOT)], check=True)
+    subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "pip",
+            "wheel",
+            "--no-deps",
+            "--no-build-isolation",
+            "-q",
+            "-w",
+            str(out),
+            str(ROOT),
+        ],
+        check=True,
+    )
     (whl,) = out.glob("fastopt-*.whl")
     return whl
 
@@ -31,8 +45,20 @@ def test_wheel_contains_kernel_sources(wheel):
 
 def test_installed_wheel_imports_and_steps(wheel, tmp_path):
     target = tmp_path / "site"
-    subprocess.run([sys.executable, "-m", "pip", "install", "--no-deps", "-q", "--target",
-                    str(target), str(wheel)], check=True)
+    subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "pip",
+            "install",
+            "--no-deps",
+            "-q",
+            "--target",
+            str(target),
+            str(wheel),
+        ],
+        check=True,
+    )
     code = (
         "import numpy as np, fastopt, fastopt.kernels as k\n"
         f"assert fastopt.__file__.startswith({str(target)!r}), fastopt.__file__\n"
@@ -46,7 +72,8 @@ def test_installed_wheel_imports_and_steps(wheel, tmp_path):
         "print('ok', fastopt.available_backends())\n"
     )
     env = dict(os.environ, PYTHONPATH=str(target), NUMBA_CACHE_DIR=str(tmp_path / "nbcache"))
-    res = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, env=env,
-                         capture_output=True, text=True)
+    res = subprocess.run(
+        [sys.executable, "-c", code], cwd=tmp_path, env=env, capture_output=True, text=True
+    )
     assert res.returncode == 0, res.stderr
     assert res.stdout.startswith("ok")

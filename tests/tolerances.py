@@ -12,6 +12,7 @@ float64: the backends reorder a few operations against the oracle (``sqrt(v)*(1/
 instead of ``sqrt(v)/sqrt(bc2)``, host-folded ``lr/bc1``), so results agree to a few ulps,
 not bit for bit.
 """
+
 import numpy as np
 
 __all__ = ["TOL", "assert_close", "tol"]

@@ -7,6 +7,7 @@ arrays in one fused pass; ``states`` holds one array or ``None`` per rule slot, 
 host scalars as Python floats. Modules are imported only when asked for, so ``import fastopt``
 imports no optional dependency.
 """
+
 import importlib
 
 __all__ = ["BACKENDS", "available_backends", "get_backend", "is_device_array", "resolve"]

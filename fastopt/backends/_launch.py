@@ -11,6 +11,7 @@
 - ``plain_view``: a tensor that requires grad as the plain tensor of the same memory (PyTorch's
   optimizers update parameters under ``no_grad``; the interchange protocols refuse them).
 """
+
 import sys
 
 __all__ = ["LIMITS", "THREADS", "blocks_per_sm", "grid_size", "plain_view", "producer_stream"]
@@ -19,18 +20,26 @@ __all__ = ["LIMITS", "THREADS", "blocks_per_sm", "grid_size", "plain_view", "pro
 THREADS = 256
 
 #: per-multiprocessor limits of sm_80 and sm_90 (CUDA C Programming Guide, compute capabilities)
-LIMITS = dict(regs_per_sm=65536, max_threads_per_sm=2048, max_blocks_per_sm=32,
-              reg_alloc_unit=256, warp=32, max_regs_per_thread=255)
+LIMITS = dict(
+    regs_per_sm=65536,
+    max_threads_per_sm=2048,
+    max_blocks_per_sm=32,
+    reg_alloc_unit=256,
+    warp=32,
+    max_regs_per_thread=255,
+)
 
 
-def blocks_per_sm(regs_per_thread, threads=THREADS, limits=None, shared_per_block=0,
-                  shared_per_sm=228 * 1024):
+def blocks_per_sm(
+    regs_per_thread, threads=THREADS, limits=None, shared_per_block=0, shared_per_sm=228 * 1024
+):
     """Resident blocks of ``threads`` threads per multiprocessor for a kernel that uses
     ``regs_per_thread`` registers (registers are allocated per warp in units of 256)."""
     lim = dict(LIMITS, **(limits or {}))
     if not 0 < regs_per_thread <= lim["max_regs_per_thread"]:
-        raise ValueError(f"regs_per_thread={regs_per_thread}: expected 1.."
-                         f"{lim['max_regs_per_thread']}")
+        raise ValueError(
+            f"regs_per_thread={regs_per_thread}: expected 1..{lim['max_regs_per_thread']}"
+        )
     if threads <= 0 or threads % lim["warp"]:
         raise ValueError(f"threads={threads}: expected a positive multiple of {lim['warp']}")
     unit = lim["reg_alloc_unit"]

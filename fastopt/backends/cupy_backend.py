@@ -19,6 +19,7 @@ Arrays must already be on the GPU: CuPy arrays, or any ``__cuda_array_interface_
 producer (Numba device arrays, PyTorch CUDA tensors, also ones that require grad), viewed by
 CuPy without a copy and updated in place.
 """
+
 import os
 import warnings
 
@@ -60,8 +61,8 @@ if KERNEL_FORM not in KERNEL_FORMS:
 
 _kernels = {}
 _raw = {}
-_grid = {}      # (raw kernel key, device id) -> resident blocks per SM x SMs
-_streams = {}   # stream handle -> cupy.cuda.ExternalStream
+_grid = {}  # (raw kernel key, device id) -> resident blocks per SM x SMs
+_streams = {}  # stream handle -> cupy.cuda.ExternalStream
 _device_error = None
 
 
@@ -96,8 +97,9 @@ def kernel(rule, flags):
     k = _kernels.get(key)
     if k is None:
         in_p, out_p, op, name, pre = cuda_source.elementwise_args(rule, flags)
-        k = _kernels[key] = cupy.ElementwiseKernel(in_p, out_p, op, name, preamble=pre,
-                                                   no_return=True)
+        k = _kernels[key] = cupy.ElementwiseKernel(
+            in_p, out_p, op, name, preamble=pre, no_return=True
+        )
     return k
 
 
@@ -125,8 +127,7 @@ def cuda_source_for(rule, flags, dtype, index_32_bits=True):
             infos.append(_kernel._ArgInfo(ndarray, cupy.ndarray, dtype, 1, True, index_32_bits))
     infos.append(_kernel._ArgInfo(indexer, _carray.Indexer, None, 1, True, index_32_bits))
     type_map = _kernel._TypeMap((("T", dtype.type),))
-    code = _kernel._get_elementwise_kernel_code(tuple(infos), type_map, ek.params, op, name,
-                                                pre)
+    code = _kernel._get_elementwise_kernel_code(tuple(infos), type_map, ek.params, op, name, pre)
     headers = "\n".join(f"#include <{h}>" for h in _core._cupy_header_list)
     options = _core.assemble_cupy_compiler_options(()) + ("--device-as-default-execution-space",)
     return headers + "\n" + code, options
@@ -161,8 +162,10 @@ def _as_cupy(a, what):
         return cupy.asarray(a)  # a view of the same device memory, no copy
     if hasattr(a, "__dlpack__"):
         return cupy.from_dlpack(a)
-    raise TypeError(f"{what}: expected a GPU array (CuPy, __cuda_array_interface__ or DLPack), "
-                    f"got {type(a).__name__}")
+    raise TypeError(
+        f"{what}: expected a GPU array (CuPy, __cuda_array_interface__ or DLPack), "
+        f"got {type(a).__name__}"
+    )
 
 
 def _stream_for(ptr):
@@ -200,8 +203,10 @@ def launch(rule, flags, param, grad, states, k):
         arrays.append(_as_cupy(s, name))
     for name, a in zip(("grad",) + tuple(n for n, u in zip(names, used) if u), arrays):
         if a.shape != p.shape or a.dtype != p.dtype or a.device != p.device:
-            raise ValueError(f"{name}: shape {a.shape} dtype {a.dtype} on {a.device}, expected "
-                             f"shape {p.shape} dtype {p.dtype} on {p.device} like param")
+            raise ValueError(
+                f"{name}: shape {a.shape} dtype {a.dtype} on {a.device}, expected "
+                f"shape {p.shape} dtype {p.dtype} on {p.device} like param"
+            )
         if not a.flags.c_contiguous:
             raise ValueError(f"{name}: not C-contiguous; a fused step updates flat memory")
     if not p.flags.c_contiguous:
@@ -226,7 +231,8 @@ def launch(rule, flags, param, grad, states, k):
             if stream_ptr is None:
                 stream_ptr = cupy.cuda.get_current_stream().ptr
             _plans[_plan_key(rule, flags, param, grad, states)] = _plan_for(
-                rule, flags, p, arrays, stream_ptr)
+                rule, flags, p, arrays, stream_ptr
+            )
 
 
 def _launch_on_device(rule, flags, p, arrays, scalars):
@@ -293,12 +299,12 @@ class Plan:
         self.values = np.zeros(n_arr + n_scalars + 1, dtype=np.uint64)
         self.values[:n_arr] = pointers
         self.values[-1] = n
-        scal = self.values[n_arr:n_arr + n_scalars]
-        self.scalars = scal.view(np.float64) if np.dtype(dtype) == np.float64 else \
-            scal.view(np.float32)[::2]
+        scal = self.values[n_arr : n_arr + n_scalars]
+        self.scalars = (
+            scal.view(np.float64) if np.dtype(dtype) == np.float64 else scal.view(np.float32)[::2]
+        )
         base = self.values.ctypes.data
-        self.pointers = np.array([base + 8 * i for i in range(self.values.size)],
-                                 dtype=np.uint64)
+        self.pointers = np.array([base + 8 * i for i in range(self.values.size)], dtype=np.uint64)
         self._params = self.pointers.ctypes.data
         self.function, self.blocks, self.stream, self.device = function, blocks, stream, device
 
@@ -310,8 +316,9 @@ class Plan:
         return self._launch()
 
     def _launch(self):
-        (err,) = _driver.cuLaunchKernel(self.function, self.blocks, 1, 1, _launch.THREADS, 1, 1,
-                                        0, self.stream, self._params, 0)
+        (err,) = _driver.cuLaunchKernel(
+            self.function, self.blocks, 1, 1, _launch.THREADS, 1, 1, 0, self.stream, self._params, 0
+        )
         if err != _driver.CUresult.CUDA_SUCCESS:
             raise RuntimeError(f"cuLaunchKernel failed: {err}")
 
@@ -319,5 +326,13 @@ class Plan:
 def _plan_for(rule, flags, p, arrays, stream_ptr):
     k, blocks, _ = _raw_for(rule, flags, p, arrays)
     ptrs = [arrays[0].data.ptr, p.data.ptr] + [a.data.ptr for a in arrays[1:]]
-    return Plan(_driver.CUfunction(k.kernel.ptr), blocks, ptrs, len(RULES[rule].SCALARS),
-                p.dtype, p.size, _driver.CUstream(stream_ptr), p.data.device_id)
+    return Plan(
+        _driver.CUfunction(k.kernel.ptr),
+        blocks,
+        ptrs,
+        len(RULES[rule].SCALARS),
+        p.dtype,
+        p.size,
+        _driver.CUstream(stream_ptr),
+        p.data.device_id,
+    )

@@ -11,6 +11,7 @@ Both loops vectorise (packed ``vmulps``/``vsqrtps``/``vdivps`` for float32; chec
 float32 variants. No ``fastmath``: results follow PyTorch's formulas operation by operation. The
 parallel loop uses Numba's thread pool (``NUMBA_NUM_THREADS``, by default one thread per core).
 """
+
 import numpy as np
 
 from .._numba_cache import njit_cached
@@ -32,9 +33,11 @@ except ImportError as _exc:  # numba is a core dependency; this only guards a br
     numba = None
     _import_error = _exc
 else:
+
     @intrinsic
     def _llvm_fma(typingctx, a, b, c):
         if isinstance(a, types.Float) and a == b == c:
+
             def codegen(context, builder, sig, args):
                 return builder.fma(*args)
 
@@ -47,6 +50,7 @@ else:
         if isinstance(a, types.Float) and a == b == c:
             return lambda a, b, c: _llvm_fma(a, b, c)
         return None
+
 
 _compiled = {}
 
@@ -66,12 +70,14 @@ def loop_source(nslots, writes):
     per (slot count, present slots): rules of any arity share the generator."""
     slots = [f"s{j}" for j in range(nslots)]
     outs = ["pi"] + [f"o{j}" for j in range(nslots)]
-    lines = ["def factory(elem, rng):",
-             f"    def loop(p, g, {''.join(s + ', ' for s in slots)}k):",
-             "        for i in rng(p.shape[0]):",
-             f"            {', '.join(outs)}{',' if nslots == 0 else ''} = elem("
-             f"p[i], g[i], {''.join(s + '[i], ' for s in slots)}k)",
-             "            p[i] = pi"]
+    lines = [
+        "def factory(elem, rng):",
+        f"    def loop(p, g, {''.join(s + ', ' for s in slots)}k):",
+        "        for i in rng(p.shape[0]):",
+        f"            {', '.join(outs)}{',' if nslots == 0 else ''} = elem("
+        f"p[i], g[i], {''.join(s + '[i], ' for s in slots)}k)",
+        "            p[i] = pi",
+    ]
     lines += [f"            {s}[i] = o{j}" for j, s in enumerate(slots) if writes[j]]
     lines += ["    return loop"]
     return "\n".join(lines) + "\n"
@@ -83,8 +89,9 @@ def python_loop(elem, writes, parallel):
     by their cell contents (the flags live in the rule's own closure)."""
     ns = {"__name__": __name__}  # the cache resolves the function's module by this name
     exec(compile(loop_source(len(writes), writes), __file__, "exec"), ns)
-    return ns["factory"](register_jitable(inline="always")(elem),
-                         numba.prange if parallel else range)
+    return ns["factory"](
+        register_jitable(inline="always")(elem), numba.prange if parallel else range
+    )
 
 
 def kernel(rule, flags, writes, parallel):
@@ -97,8 +104,7 @@ def kernel(rule, flags, writes, parallel):
         # ZeroDivisionError check, whose branch keeps LLVM from vectorising the serial loop
         # (prange bodies already compile this way). The cache lives per user, never in the
         # installed package (fastopt._numba_cache).
-        fn = _compiled[key] = njit_cached(parallel=parallel, nogil=True,
-                                          error_model="numpy")(py)
+        fn = _compiled[key] = njit_cached(parallel=parallel, nogil=True, error_model="numpy")(py)
     return fn
 
 
@@ -126,5 +132,4 @@ def prepare(rule, flags, writes, k, dtype):
 
 def launch(rule, flags, param, grad, states, k):
     """One fused pass over flat arrays, unchecked (see ``prepare``)."""
-    prepare(rule, flags, tuple(s is not None for s in states), k, param.dtype)(param, grad,
-                                                                             states)
+    prepare(rule, flags, tuple(s is not None for s in states), k, param.dtype)(param, grad, states)

@@ -21,6 +21,7 @@ libdevice besides a driver, and a machine that has the driver but not those repo
 instead of failing every launch. Under the Numba CUDA simulator (``NUMBA_ENABLE_CUDASIM=1``) host
 NumPy arrays are accepted, which is how CI checks these kernels without a GPU.
 """
+
 import os
 
 import numpy as np
@@ -100,9 +101,9 @@ else:
 
 _compiled = {}
 _sm_count = {}
-_grid = {}      # (variant key, dtype, device id) -> (specialised kernel, blocks of one wave)
+_grid = {}  # (variant key, dtype, device id) -> (specialised kernel, blocks of one wave)
 _streams = {}
-_views = {}     # (pointer, shape, strides, typestr) -> numba device array view, no owner
+_views = {}  # (pointer, shape, strides, typestr) -> numba device array view, no owner
 _probe_error = None
 
 
@@ -112,8 +113,10 @@ def _probe():
     if _probe_error is None:
         try:
             if not cuda.is_available():
-                _probe_error = ("numba.cuda finds no usable CUDA GPU and driver "
-                                "(cuda.is_available() is False; cuda.detect() says why)")
+                _probe_error = (
+                    "numba.cuda finds no usable CUDA GPU and driver "
+                    "(cuda.is_available() is False; cuda.detect() says why)"
+                )
             elif not SIMULATOR:
                 from numba import types
 
@@ -127,9 +130,11 @@ def _probe():
                 _probe_error = ""
         except Exception as exc:
             first = (str(exc).strip().splitlines() or [""])[0]
-            _probe_error = (f"numba-cuda cannot compile a kernel here ({type(exc).__name__}: "
-                            f"{first}); it needs NVVM and libdevice: pip install "
-                            "'numba-cuda[cu13]' (or [cu12]), or set CUDA_HOME to a CUDA toolkit")
+            _probe_error = (
+                f"numba-cuda cannot compile a kernel here ({type(exc).__name__}: "
+                f"{first}); it needs NVVM and libdevice: pip install "
+                "'numba-cuda[cu13]' (or [cu12]), or set CUDA_HOME to a CUDA toolkit"
+            )
     return _probe_error
 
 
@@ -149,18 +154,24 @@ def kernel_source(name, nslots, writes):
     present slot once into locals, calls the rule, and stores param and each present slot once;
     an absent slot is neither loaded nor stored (the rule never uses it: its local is the
     param's value). One source per (slot count, present slots), for rules of any arity."""
-    lines = ["def factory(elem):",
-             f"    def {name}(p, g, {''.join(f's{j}, ' for j in range(nslots))}k):",
-             "        start = cuda.grid(1)",
-             "        stride = cuda.gridsize(1)",
-             "        for i in range(start, p.shape[0], stride):",
-             "            pi = p[i]"]
-    lines += [f"            a{j} = s{j}[i]" if w else f"            a{j} = pi"
-              for j, w in enumerate(writes)]
+    lines = [
+        "def factory(elem):",
+        f"    def {name}(p, g, {''.join(f's{j}, ' for j in range(nslots))}k):",
+        "        start = cuda.grid(1)",
+        "        stride = cuda.gridsize(1)",
+        "        for i in range(start, p.shape[0], stride):",
+        "            pi = p[i]",
+    ]
+    lines += [
+        f"            a{j} = s{j}[i]" if w else f"            a{j} = pi"
+        for j, w in enumerate(writes)
+    ]
     outs = ", ".join(["pi"] + [f"a{j}" for j in range(nslots)])
-    lines += [f"            {outs}{',' if nslots == 0 else ''} = elem(pi, g[i], "
-              f"{''.join(f'a{j}, ' for j in range(nslots))}k)",
-              "            p[i] = pi"]
+    lines += [
+        f"            {outs}{',' if nslots == 0 else ''} = elem(pi, g[i], "
+        f"{''.join(f'a{j}, ' for j in range(nslots))}k)",
+        "            p[i] = pi",
+    ]
     lines += [f"            s{j}[i] = a{j}" for j, w in enumerate(writes) if w]
     lines += [f"    return {name}"]
     return "\n".join(lines) + "\n"
@@ -170,8 +181,10 @@ def python_kernel(rule, flags, writes):
     """The uncompiled kernel function of one variant (what ``kernel`` hands to ``cuda.jit``)."""
     spec = RULES[rule]
     if len(writes) != len(spec.state):
-        raise ValueError(f"rule {rule!r} has {len(spec.state)} state slots {spec.state}, "
-                         f"got {len(writes)} write flags")
+        raise ValueError(
+            f"rule {rule!r} has {len(spec.state)} state slots {spec.state}, "
+            f"got {len(writes)} write flags"
+        )
     elem = cuda.jit(device=True, inline="always")(spec.make_rule(**flags))
     # ``cuda`` is a global of the kernel, not a cell: the simulator swaps a kernel's globals
     ns = {"__name__": __name__, "cuda": cuda}
@@ -183,8 +196,11 @@ def python_kernel(rule, flags, writes):
 def variants(rules=None):
     """Every (rule, flags, writes) variant ``fastopt.functional`` can launch: the launchable
     flag combinations of each rule (its spec's ``variants``), with the slots they use."""
-    return [(rule, flags, RULES[rule].slots_used(flags))
-            for rule in rules or RULES for flags in RULES[rule].variants()]
+    return [
+        (rule, flags, RULES[rule].slots_used(flags))
+        for rule in rules or RULES
+        for flags in RULES[rule].variants()
+    ]
 
 
 def kernel(rule, flags, writes):
@@ -231,10 +247,12 @@ def _stream(ptr):
 def _device_view(a, name):
     a = _launch.plain_view(a)
     if isinstance(a, np.ndarray) or not hasattr(a, "__cuda_array_interface__"):
-        raise TypeError(f"the numba-cuda backend updates device arrays in place; {name} is a "
-                        f"host {type(a).__name__} of shape {tuple(a.shape)} and dtype {a.dtype}. "
-                        "Pass CuPy arrays, Numba device arrays or CUDA tensors, or use "
-                        "backend='numba' for host arrays")
+        raise TypeError(
+            f"the numba-cuda backend updates device arrays in place; {name} is a "
+            f"host {type(a).__name__} of shape {tuple(a.shape)} and dtype {a.dtype}. "
+            "Pass CuPy arrays, Numba device arrays or CUDA tensors, or use "
+            "backend='numba' for host arrays"
+        )
     if type(a).__module__.startswith("numba") and cuda.is_cuda_array(a):
         return a
     desc = a.__cuda_array_interface__
@@ -311,4 +329,3 @@ def _launch_device(fn, key, n, param, grad, states, scalars):
         spec[config](*arrays, scalars)
     except TypeError:  # other array types than the specialisation's (layout, readonly): generic
         fn[config](*arrays, scalars)
-

@@ -1,4 +1,5 @@
 """The NumPy oracle as a backend: ``fastopt.reference``, array at a time (also the fallback)."""
+
 NAME = "numpy"
 DEVICE = "cpu"
 

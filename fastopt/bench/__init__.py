@@ -11,6 +11,7 @@ the repository's ``bench/`` folder and by ``scripts/gpu_run.sh``).
 - ``host``: the host path of a step alone (the null backend);
 - ``cli``: the command line.
 """
+
 __all__ = ["main"]
 
 

@@ -5,6 +5,7 @@ every state buffer and writes param and every state buffer, exactly like the opt
 but its math is one multiply-add per buffer: whatever the optimizer costs beyond that kernel is
 arithmetic, not memory. Both use ``prange`` like the backend, and are cached on disk.
 """
+
 import numba
 import numpy as np
 
@@ -62,12 +63,18 @@ def traffic_runner(n_state, p0, g0):
     states = [np.zeros_like(p) for _ in range(n_state)]
     c = p.dtype.type(1e-3)  # in the buffer dtype: no float64 math in a float32 loop
     kern = TRAFFIC[n_state]
-    return Runner("ceiling:numba", lambda: kern(p, g, *states, c), HostTimer(),
-                  bytes_per_step(n_state, p.size, p.dtype), keep=(p, g, states))
+    return Runner(
+        "ceiling:numba",
+        lambda: kern(p, g, *states, c),
+        HostTimer(),
+        bytes_per_step(n_state, p.size, p.dtype),
+        keep=(p, g, states),
+    )
 
 
 def copy_runner(p0):
     """A parallel copy of ``p0`` into another buffer (bytes = read + written)."""
     src, dst = p0.copy(), np.zeros_like(p0)
-    return Runner("copy:numba", lambda: _copy(dst, src), HostTimer(),
-                  2 * src.nbytes, keep=(src, dst))
+    return Runner(
+        "copy:numba", lambda: _copy(dst, src), HostTimer(), 2 * src.nbytes, keep=(src, dst)
+    )

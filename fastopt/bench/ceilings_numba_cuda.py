@@ -3,6 +3,7 @@
 Like ``_bench_cpu``'s loops: one multiply-add per buffer over param, grad and ``n_state``
 state buffers, written as grid-stride loops so that any launch covers any ``n``.
 """
+
 from numba import cuda
 
 __all__ = ["KERNELS", "launcher"]

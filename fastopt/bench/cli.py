@@ -9,6 +9,7 @@ and a bar chart as PNG. Progress goes to stderr, the table to stdout.
     fastopt bench --quick
     fastopt bench --optimizers adam,adamw --sizes 2^24 --json bench/results/run.json
 """
+
 import argparse
 import datetime
 import importlib.util
@@ -42,8 +43,10 @@ def _csv(choices, what):
         if bad:
             raise argparse.ArgumentTypeError(
                 f"unknown {what} {', '.join(map(repr, bad))}; choose from {', '.join(choices)}"
-                " (or 'all')")
+                " (or 'all')"
+            )
         return list(dict.fromkeys(items))
+
     return parse
 
 
@@ -84,43 +87,79 @@ def _positive(kind):
         try:
             v = kind(text)
         except ValueError:
-            raise argparse.ArgumentTypeError(f"invalid value {text!r}; expected a positive "
-                                             f"{kind.__name__}") from None
+            raise argparse.ArgumentTypeError(
+                f"invalid value {text!r}; expected a positive {kind.__name__}"
+            ) from None
         if v <= 0:
             raise argparse.ArgumentTypeError(f"invalid value {text!r}; must be > 0")
         return v
+
     return parse
 
 
 def build_parser():
     ap = argparse.ArgumentParser(
-        prog="fastopt bench", description=__doc__.split("\n\n")[0].replace("``", ""),
+        prog="fastopt bench",
+        description=__doc__.split("\n\n")[0].replace("``", ""),
         epilog="Sizes accept 1048576, 2^20, 1<<20 or 1e7. The ceiling is the same-traffic "
-               "kernel on the same backend (numba on the CPU); 'x numpy' is the NumPy oracle's "
-               "time over this row's; 'x torch' the fastest torch.optim peer's time over it.")
-    ap.add_argument("--quick", action="store_true",
-                    help="a short sweep (float32, CPU n=2^20, GPU n=2^24, few repetitions)")
-    ap.add_argument("--optimizers", type=_csv(CASE_NAMES, "optimizer"), metavar="LIST",
-                    help=f"comma-separated, from: {', '.join(CASE_NAMES)} (default: all)")
-    ap.add_argument("--backends", type=_csv(tuple(BACKENDS) + (PEER,), "backend"),
-                    metavar="LIST",
-                    help=f"comma-separated, from: {', '.join(BACKENDS)}, {PEER} (default: all "
-                         "that can run here; 'torch' adds the torch.optim peers)")
-    ap.add_argument("--sizes", type=_sizes, metavar="LIST",
-                    help="elements per buffer, comma-separated (default: CPU 2^20,10^7; "
-                         "GPU 2^20,2^24,2^28)")
-    ap.add_argument("--dtypes", type=_csv(DTYPES, "dtype"), metavar="LIST",
-                    help="float32 and/or float64 (default: both on the CPU, float32 on a GPU)")
-    ap.add_argument("--reps", type=_positive(int), metavar="N",
-                    help="timed repetitions per measurement (default 30, 10 with --quick)")
-    ap.add_argument("--budget", type=_positive(float), metavar="SECONDS",
-                    help="time budget of one group's timed repetitions; slow runners (the NumPy "
-                         "oracle) get fewer, never fewer than 5 (default 6, 1 with --quick)")
-    ap.add_argument("--json", metavar="PATH", help="write device, versions and every record "
-                                                  "(with raw timings) as JSON")
-    ap.add_argument("--plot", metavar="PATH", help="write a PNG bar chart of GB/s against the "
-                                                  "ceiling (needs matplotlib: pip install "
-                                                  "'fastopt[plot]')")
+        "kernel on the same backend (numba on the CPU); 'x numpy' is the NumPy oracle's "
+        "time over this row's; 'x torch' the fastest torch.optim peer's time over it.",
+    )
+    ap.add_argument(
+        "--quick",
+        action="store_true",
+        help="a short sweep (float32, CPU n=2^20, GPU n=2^24, few repetitions)",
+    )
+    ap.add_argument(
+        "--optimizers",
+        type=_csv(CASE_NAMES, "optimizer"),
+        metavar="LIST",
+        help=f"comma-separated, from: {', '.join(CASE_NAMES)} (default: all)",
+    )
+    ap.add_argument(
+        "--backends",
+        type=_csv(tuple(BACKENDS) + (PEER,), "backend"),
+        metavar="LIST",
+        help=f"comma-separated, from: {', '.join(BACKENDS)}, {PEER} (default: all "
+        "that can run here; 'torch' adds the torch.optim peers)",
+    )
+    ap.add_argument(
+        "--sizes",
+        type=_sizes,
+        metavar="LIST",
+        help="elements per buffer, comma-separated (default: CPU 2^20,10^7; GPU 2^20,2^24,2^28)",
+    )
+    ap.add_argument(
+        "--dtypes",
+        type=_csv(DTYPES, "dtype"),
+        metavar="LIST",
+        help="float32 and/or float64 (default: both on the CPU, float32 on a GPU)",
+    )
+    ap.add_argument(
+        "--reps",
+        type=_positive(int),
+        metavar="N",
+        help="timed repetitions per measurement (default 30, 10 with --quick)",
+    )
+    ap.add_argument(
+        "--budget",
+        type=_positive(float),
+        metavar="SECONDS",
+        help="time budget of one group's timed repetitions; slow runners (the NumPy "
+        "oracle) get fewer, never fewer than 5 (default 6, 1 with --quick)",
+    )
+    ap.add_argument(
+        "--json",
+        metavar="PATH",
+        help="write device, versions and every record (with raw timings) as JSON",
+    )
+    ap.add_argument(
+        "--plot",
+        metavar="PATH",
+        help="write a PNG bar chart of GB/s against the "
+        "ceiling (needs matplotlib: pip install "
+        "'fastopt[plot]')",
+    )
     return ap
 
 
@@ -138,8 +177,10 @@ def _plan(args, ap):
         for b in chosen:
             if b == PEER:
                 if not torch_ok:
-                    ap.error("backend 'torch' needs PyTorch installed (for example "
-                             "pip install torch==2.13.0); it is only a peer, never required")
+                    ap.error(
+                        "backend 'torch' needs PyTorch installed (for example "
+                        "pip install torch==2.13.0); it is only a peer, never required"
+                    )
             elif b not in avail:
                 try:
                     get_backend(b)
@@ -154,8 +195,10 @@ def _plan(args, ap):
     if PEER in chosen:
         devices.setdefault("cpu", [])
     if devices.get("cuda") and importlib.util.find_spec("cupy") is None:
-        ap.error("the GPU benchmarks allocate their buffers with CuPy, which is not installed: "
-                 "pip install 'fastopt[cuda12]' (or [cuda13])")
+        ap.error(
+            "the GPU benchmarks allocate their buffers with CuPy, which is not installed: "
+            "pip install 'fastopt[cuda12]' (or [cuda13])"
+        )
     cases = [CASES[c] for c in (args.optimizers or CASE_NAMES)]
     plan = []
     for device in ("cpu", "cuda"):
@@ -178,23 +221,32 @@ def _fmt(x, spec, none="-"):
 
 def format_table(records):
     """The human-readable table: one row per record, grouped by device, size and dtype."""
-    cols = ("optimizer", "backend", "n", "dtype", "ms/step", "GB/s", "% ceil", "x numpy",
-            "x torch")
+    cols = ("optimizer", "backend", "n", "dtype", "ms/step", "GB/s", "% ceil", "x numpy", "x torch")
     rows = []
     for r in records:
         backend = r["backend"] if r["layout"] == "flat" else f"{r['backend']}[{r['n_tensors']}]"
-        rows.append((r["optimizer"], backend, fmt_n(r["n"]), r["dtype"],
-                     f"{r['median_s'] * 1e3:.3f}", f"{r['gbps']:.1f}",
-                     _fmt(r.get("pct_of_ceiling"), ".0f"),
-                     _fmt(r.get("speedup_vs_numpy"), ".1f"),
-                     _fmt(r.get("speedup_vs_torch"), ".2f")))
-    width = [max(len(c), *(len(row[i]) for row in rows)) if rows else len(c)
-             for i, c in enumerate(cols)]
+        rows.append(
+            (
+                r["optimizer"],
+                backend,
+                fmt_n(r["n"]),
+                r["dtype"],
+                f"{r['median_s'] * 1e3:.3f}",
+                f"{r['gbps']:.1f}",
+                _fmt(r.get("pct_of_ceiling"), ".0f"),
+                _fmt(r.get("speedup_vs_numpy"), ".1f"),
+                _fmt(r.get("speedup_vs_torch"), ".2f"),
+            )
+        )
+    width = [
+        max(len(c), *(len(row[i]) for row in rows)) if rows else len(c) for i, c in enumerate(cols)
+    ]
     left = {0, 1, 3}
 
     def line(vals):
-        return "  ".join(v.ljust(w) if i in left else v.rjust(w)
-                         for i, (v, w) in enumerate(zip(vals, width))).rstrip()
+        return "  ".join(
+            v.ljust(w) if i in left else v.rjust(w) for i, (v, w) in enumerate(zip(vals, width))
+        ).rstrip()
 
     out = [line(cols), line(["-" * w for w in width])]
     prev = None
@@ -221,10 +273,13 @@ def _ceiling_lines(records):
         v["traffic"].setdefault(r["bytes"] // r["n"], []).append(r["ceiling_gbps"])
     out = []
     for (backend, dtype, n), v in seen.items():
-        traffic = ", ".join(f"{b} B/elem {statistics.median(g):.1f}"
-                            for b, g in sorted(v["traffic"].items()))
-        out.append(f"  {backend} {dtype} n={fmt_n(n)}: copy {statistics.median(v['copy']):.1f} "
-                   f"GB/s; same-traffic {traffic} GB/s")
+        traffic = ", ".join(
+            f"{b} B/elem {statistics.median(g):.1f}" for b, g in sorted(v["traffic"].items())
+        )
+        out.append(
+            f"  {backend} {dtype} n={fmt_n(n)}: copy {statistics.median(v['copy']):.1f} "
+            f"GB/s; same-traffic {traffic} GB/s"
+        )
     return out
 
 
@@ -237,34 +292,61 @@ def _plot(records, path):
     blocks = {}
     for r in records:
         blocks.setdefault((r["device"], r["dtype"], r["n"]), []).append(r)
-    fig, axes = plt.subplots(len(blocks), 1, squeeze=False,
-                             figsize=(max(8, 0.45 * max(len(v) for v in blocks.values())),
-                                      3.6 * len(blocks)))
+    fig, axes = plt.subplots(
+        len(blocks),
+        1,
+        squeeze=False,
+        figsize=(max(8, 0.45 * max(len(v) for v in blocks.values())), 3.6 * len(blocks)),
+    )
     for ax, ((device, dtype, n), recs) in zip(axes[:, 0], blocks.items()):
         x = np.arange(len(recs))
-        colors = ["tab:blue" if r["backend"] in BACKENDS and r["backend"] != "numpy"
-                  else "tab:gray" if r["backend"] == "numpy" else "tab:orange" for r in recs]
+        colors = [
+            "tab:blue"
+            if r["backend"] in BACKENDS and r["backend"] != "numpy"
+            else "tab:gray"
+            if r["backend"] == "numpy"
+            else "tab:orange"
+            for r in recs
+        ]
         ax.bar(x, [r["gbps"] for r in recs], color=colors)
         ceil = [(i, r["ceiling_gbps"]) for i, r in enumerate(recs) if r.get("ceiling_gbps")]
         if ceil:
-            ax.scatter(*zip(*ceil), marker="_", s=300, color="black", zorder=3,
-                       label="same-traffic ceiling")
+            ax.scatter(
+                *zip(*ceil),
+                marker="_",
+                s=300,
+                color="black",
+                zorder=3,
+                label="same-traffic ceiling",
+            )
             ax.legend(loc="upper right", fontsize=8)
         ax.set_xticks(x)
-        ax.set_xticklabels([f"{r['optimizer']}\n{r['backend']}"
-                            + ("" if r["layout"] == "flat" else f"[{r['n_tensors']}]")
-                            for r in recs], rotation=90, fontsize=7)
+        ax.set_xticklabels(
+            [
+                f"{r['optimizer']}\n{r['backend']}"
+                + ("" if r["layout"] == "flat" else f"[{r['n_tensors']}]")
+                for r in recs
+            ],
+            rotation=90,
+            fontsize=7,
+        )
         ax.set_ylabel("GB/s")
-        ax.set_title(f"{device} {dtype} n={fmt_n(n)}: fastopt (blue), NumPy oracle (gray), "
-                     "torch (orange)", fontsize=9)
+        ax.set_title(
+            f"{device} {dtype} n={fmt_n(n)}: fastopt (blue), NumPy oracle (gray), torch (orange)",
+            fontsize=9,
+        )
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
 
 
 def _progress(i, total, device, case, dtype, n):
-    print(f"[{i:>{len(str(total))}}/{total}] {case.name:<25} {device:<4} {dtype:<7} "
-          f"n={fmt_n(n):<8}", end="", file=sys.stderr, flush=True)
+    print(
+        f"[{i:>{len(str(total))}}/{total}] {case.name:<25} {device:<4} {dtype:<7} n={fmt_n(n):<8}",
+        end="",
+        file=sys.stderr,
+        flush=True,
+    )
 
 
 def measure_host_path(cases, reps=300):
@@ -278,8 +360,16 @@ def measure_host_path(cases, reps=300):
         for case in cases:
             for api in ("step", "update"):
                 times = measure(host_runner(case, api=api), reps=reps, warmup=20)
-                out.append({"optimizer": case.name, "api": api, "n_params": 1, "size": 256,
-                            "median_s": median(times), "times_s": times})
+                out.append(
+                    {
+                        "optimizer": case.name,
+                        "api": api,
+                        "n_params": 1,
+                        "size": 256,
+                        "median_s": median(times),
+                        "times_s": times,
+                    }
+                )
     return out
 
 
@@ -308,8 +398,11 @@ def main(argv=None):
         try:
             import matplotlib  # noqa: F401
         except ImportError:
-            print("fastopt bench: --plot needs matplotlib; install it with "
-                  "pip install 'fastopt[plot]'", file=sys.stderr)
+            print(
+                "fastopt bench: --plot needs matplotlib; install it with "
+                "pip install 'fastopt[plot]'",
+                file=sys.stderr,
+            )
             return 2
     plan = _plan(args, ap)
     if not plan:
@@ -321,8 +414,12 @@ def main(argv=None):
         from .gpu import gpu_name as _gpu_name
 
         gpu_name = _gpu_name()
-    print(f"fastopt bench: {len(plan)} groups on {measure.cpu_model()}"
-          + (f" + {gpu_name}" if gpu_name else "") + f", {reps} reps", file=sys.stderr)
+    print(
+        f"fastopt bench: {len(plan)} groups on {measure.cpu_model()}"
+        + (f" + {gpu_name}" if gpu_name else "")
+        + f", {reps} reps",
+        file=sys.stderr,
+    )
     from .groups import finalize, run_group
 
     load_start = _loadavg()
@@ -330,23 +427,35 @@ def main(argv=None):
     command = "fastopt bench " + " ".join(argv if argv is not None else sys.argv[1:])
 
     def write_json(complete):
-        doc = {"schema": "fastopt-bench/1",
-               "created": datetime.datetime.now(datetime.timezone.utc).isoformat(
-                   timespec="seconds"),
-               "command": command, "complete": complete,
-               "device": measure.device_info(gpu_name), "versions": measure.versions(),
-               "config": {"reps": reps, "budget_s": budget, "quick": args.quick,
-                          # other work on the machine shows here (1-minute load averages)
-                          "loadavg_start": load_start, "loadavg_end": _loadavg()},
-               "records": records, "host_path": host_path}
+        doc = {
+            "schema": "fastopt-bench/1",
+            "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+            "command": command,
+            "complete": complete,
+            "device": measure.device_info(gpu_name),
+            "versions": measure.versions(),
+            "config": {
+                "reps": reps,
+                "budget_s": budget,
+                "quick": args.quick,
+                # other work on the machine shows here (1-minute load averages)
+                "loadavg_start": load_start,
+                "loadavg_end": _loadavg(),
+            },
+            "records": records,
+            "host_path": host_path,
+        }
         write_json_atomic(args.json, doc)
 
     for i, (device, case, dtype, n, backends, modes) in enumerate(plan, 1):
         _progress(i, len(plan), device, case, dtype, n)
         t0 = time.perf_counter()
         recs = run_group(case, device, n, dtype, backends, modes, reps=reps, budget_s=budget)
-        summary = "  ".join(f"{r['backend']}{'' if r['layout'] == 'flat' else '[list]'} "
-                            f"{r['median_s'] * 1e3:.3g} ms" for r in recs)
+        summary = "  ".join(
+            f"{r['backend']}{'' if r['layout'] == 'flat' else '[list]'} "
+            f"{r['median_s'] * 1e3:.3g} ms"
+            for r in recs
+        )
         print(f" {summary}  ({time.perf_counter() - t0:.1f} s)", file=sys.stderr, flush=True)
         records += recs
         if args.json:  # after every group: a run cut short still leaves what it measured
@@ -358,14 +467,22 @@ def main(argv=None):
     print(format_table(records))
     lines = _ceiling_lines(records)
     if lines:
-        print("\nceilings (median over the groups; each measured beside its optimizers, "
-              "on the same backend):")
+        print(
+            "\nceilings (median over the groups; each measured beside its optimizers, "
+            "on the same backend):"
+        )
         print("\n".join(lines))
     if host_path:
-        print("\nhost path of one step, no kernel (null backend; what a GPU step costs the host "
-              "before its launch):")
-        print("  " + ", ".join(f"{h['optimizer']} {h['api']}() {h['median_s'] * 1e6:.1f} us"
-                               for h in host_path))
+        print(
+            "\nhost path of one step, no kernel (null backend; what a GPU step costs the host "
+            "before its launch):"
+        )
+        print(
+            "  "
+            + ", ".join(
+                f"{h['optimizer']} {h['api']}() {h['median_s'] * 1e6:.1f} us" for h in host_path
+            )
+        )
     print(f"\n{len(records)} records in {time.perf_counter() - t_start:.0f} s", file=sys.stderr)
     if args.json:
         write_json(complete=True)

@@ -14,6 +14,7 @@ kernel launch, per call and back to back.
 Data for GPU groups is drawn on the device (``device_data``) and cached per size, so a 2^28
 group does not spend seconds drawing 2^28 normal numbers on the host.
 """
+
 import statistics
 import time
 
@@ -82,18 +83,25 @@ def timer_for(kind):
     if kind == "cupy":
         import cupy
 
-        return EventTimer(cupy.cuda.Event, cupy.cuda.get_elapsed_time,
-                          cupy.cuda.Device().synchronize)
+        return EventTimer(
+            cupy.cuda.Event, cupy.cuda.get_elapsed_time, cupy.cuda.Device().synchronize
+        )
     if kind == "numba-cuda":
         from numba import cuda
 
-        return EventTimer(cuda.event, lambda a, b: a.elapsed_time(b),  # timing=True by default
-                          cuda.synchronize)
+        return EventTimer(
+            cuda.event,
+            lambda a, b: a.elapsed_time(b),  # timing=True by default
+            cuda.synchronize,
+        )
     if kind == "torch":
         import torch
 
-        return EventTimer(lambda: torch.cuda.Event(enable_timing=True),
-                          lambda a, b: a.elapsed_time(b), torch.cuda.synchronize)
+        return EventTimer(
+            lambda: torch.cuda.Event(enable_timing=True),
+            lambda a, b: a.elapsed_time(b),
+            torch.cuda.synchronize,
+        )
     raise ValueError(f"no GPU timer for {kind!r}; expected 'cupy', 'numba-cuda' or 'torch'")
 
 
@@ -172,8 +180,13 @@ def traffic_runner(backend, n_state, p0, g0):
         fn = launcher(n_state, p.size, *arrs, c)
     else:
         raise ValueError(f"no GPU ceiling for backend {backend!r}")
-    return Runner(f"ceiling:{backend}", fn, timer_for(backend),
-                  bytes_per_step(n_state, p.size, p.dtype), keep=(p, g, states))
+    return Runner(
+        f"ceiling:{backend}",
+        fn,
+        timer_for(backend),
+        bytes_per_step(n_state, p.size, p.dtype),
+        keep=(p, g, states),
+    )
 
 
 def _vector_traffic(n_state, ctype):
@@ -189,11 +202,13 @@ def _vector_traffic(n_state, ctype):
 
         def lane(ref):
             return [f"const T g_ = {ref('g')};"] + [
-                f"{ref(a)} = {ref(a)} + c * g_;" for a, w in arrays if w]
+                f"{ref(a)} = {ref(a)} + c * g_;" for a, w in arrays if w
+            ]
 
         name = f"fastopt_traffic{n_state}_vec"
-        src = (f"typedef {ctype} T;\n"
-               + cuda_source.grid_stride_kernel(name, ctype, width, arrays, ("c",), lane))
+        src = f"typedef {ctype} T;\n" + cuda_source.grid_stride_kernel(
+            name, ctype, width, arrays, ("c",), lane
+        )
         kern = cupy.RawKernel(src, name)
         per_sm = _launch.blocks_per_sm(kern.num_regs)
         sms = cupy.cuda.Device().attributes["MultiProcessorCount"]
@@ -216,8 +231,13 @@ def vector_traffic_runner(n_state, p0, g0):
     c, n = p.dtype.type(1e-3), np.int64(p.size)
     blocks = _launch.grid_size(max(1, p.size // width), 1, wave)
     fn = lambda: kern((blocks,), (_launch.THREADS,), (g, p, *states, c, n))
-    return Runner("ceiling-vec:cupy", fn, timer_for("cupy"),
-                  bytes_per_step(n_state, p.size, p.dtype), keep=(p, g, states))
+    return Runner(
+        "ceiling-vec:cupy",
+        fn,
+        timer_for("cupy"),
+        bytes_per_step(n_state, p.size, p.dtype),
+        keep=(p, g, states),
+    )
 
 
 def empty_runner(backend="cupy"):
@@ -226,7 +246,8 @@ def empty_runner(backend="cupy"):
 
     if "empty" not in _cupy_kernels:
         _cupy_kernels["empty"] = cupy.RawKernel(
-            'extern "C" __global__ void fastopt_empty() {}', "fastopt_empty")
+            'extern "C" __global__ void fastopt_empty() {}', "fastopt_empty"
+        )
     kern = _cupy_kernels["empty"]
     return Runner(f"empty:{backend}", lambda: kern((1,), (1,), ()), timer_for("cupy"), 0)
 
@@ -256,9 +277,14 @@ def latency(runners, calls=200, rounds=7):
             r.fn()
             host.append(time.perf_counter() - t0)
             r.timer.sync()
-        out[label] = {"event_s": statistics.median(ev), "event_times_s": ev,
-                      "pipelined_s": statistics.median(piped), "pipelined_times_s": piped,
-                      "host_issue_s": statistics.median(host), "bytes": r.bytes}
+        out[label] = {
+            "event_s": statistics.median(ev),
+            "event_times_s": ev,
+            "pipelined_s": statistics.median(piped),
+            "pipelined_times_s": piped,
+            "host_issue_s": statistics.median(host),
+            "bytes": r.bytes,
+        }
     return out
 
 

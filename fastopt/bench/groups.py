@@ -6,6 +6,7 @@ together (``measure.measure_group``) so that the ratios between them are fair. R
 dicts, the schema of ``bench/results/*.json``; ``finalize`` adds the cross-group ratios
 (× NumPy oracle, × torch).
 """
+
 import numpy as np
 
 from ..backends import BACKENDS, available_backends, get_backend
@@ -24,7 +25,7 @@ __all__ = [
 
 
 def device_of(backend):
-    """"cpu" or "cuda" for a fastopt backend name."""
+    """ "cpu" or "cuda" for a fastopt backend name."""
     return get_backend(backend).DEVICE
 
 
@@ -56,8 +57,13 @@ def fastopt_runner(case, backend, p0, g0):
     buf = fastopt.FlatBuffer({"w": p0})  # copies the values in (p0 itself is never written)
     buf.grads["w"][...] = g0
     opt = getattr(fastopt, case.cls)(**case.fastopt_kwargs, backend=backend)
-    return Runner(backend, lambda: opt.step(buf), timer,
-                  bytes_per_step(case.n_state, p0.size, p0.dtype), keep=(buf, opt))
+    return Runner(
+        backend,
+        lambda: opt.step(buf),
+        timer,
+        bytes_per_step(case.n_state, p0.size, p0.dtype),
+        keep=(buf, opt),
+    )
 
 
 def ceiling_runner(backend, n_state, p0, g0):
@@ -94,8 +100,9 @@ def ceiling_backends(device, backends):
     return [ceil] if ceil is not None else []
 
 
-def group_factories(case, device, n, dtype, backends, torch_modes=(), layouts=("flat", "list"),
-                    seed=0):
+def group_factories(
+    case, device, n, dtype, backends, torch_modes=(), layouts=("flat", "list"), seed=0
+):
     """Factories for ``measure_group``: keys ("step", backend), ("ceiling", backend),
     ("ceiling-vec", "cupy"), ("copy", backend), ("torch", mode, layout)."""
     if device == "cuda":
@@ -119,31 +126,60 @@ def group_factories(case, device, n, dtype, backends, torch_modes=(), layouts=("
 
         for mode in torch_modes:
             for layout in layouts:
-                facs[("torch", mode, layout)] = (
-                    lambda m=mode, lay=layout: torch_runner(case, m, device, p0, g0, lay))
+                facs[("torch", mode, layout)] = lambda m=mode, lay=layout: torch_runner(
+                    case, m, device, p0, g0, lay
+                )
     return facs
 
 
 def _record(case, device, n, dtype, runner, times, backend, layout="flat"):
     med = median(times)
-    rec = {"optimizer": case.name, "class": case.cls, "flags": case.fastopt_kwargs,
-           "backend": backend, "device": device, "layout": layout,
-           "n_tensors": runner.info.get("n_tensors", 1), "dtype": str(dtype), "n": int(n),
-           "reps": len(times), "median_s": med, "min_s": min(times),
-           "times_s": [float(t) for t in times], "bytes": runner.bytes,
-           "gbps": runner.bytes / med / 1e9}
+    rec = {
+        "optimizer": case.name,
+        "class": case.cls,
+        "flags": case.fastopt_kwargs,
+        "backend": backend,
+        "device": device,
+        "layout": layout,
+        "n_tensors": runner.info.get("n_tensors", 1),
+        "dtype": str(dtype),
+        "n": int(n),
+        "reps": len(times),
+        "median_s": med,
+        "min_s": min(times),
+        "times_s": [float(t) for t in times],
+        "bytes": runner.bytes,
+        "gbps": runner.bytes / med / 1e9,
+    }
     if "peer" in runner.info:
         rec["peer"] = runner.info["peer"]
     return rec
 
 
-def run_group(case, device, n, dtype, backends, torch_modes=(), layouts=("flat", "list"),
-              reps=30, warmup=3, budget_s=None, progress=None):
+def run_group(
+    case,
+    device,
+    n,
+    dtype,
+    backends,
+    torch_modes=(),
+    layouts=("flat", "list"),
+    reps=30,
+    warmup=3,
+    budget_s=None,
+    progress=None,
+):
     """Measure one group; returns its records (fastopt backends first, then torch peers), each
     carrying the ceilings measured alongside."""
     facs = group_factories(case, device, n, dtype, backends, torch_modes, layouts)
-    res = measure_group(facs, reps=reps, warmup=warmup, budget_s=budget_s,
-                        together=device == "cpu", progress=progress)
+    res = measure_group(
+        facs,
+        reps=reps,
+        warmup=warmup,
+        budget_s=budget_s,
+        together=device == "cpu",
+        progress=progress,
+    )
     ceil = {}  # (kind, backend) -> (median s, GB/s)
     for key, (runner, times) in res.items():
         if key[0] in ("ceiling", "ceiling-vec", "copy"):
@@ -161,7 +197,10 @@ def run_group(case, device, n, dtype, backends, torch_modes=(), layouts=("flat",
             continue
         t, gbps = ceil.get(("ceiling", scored), (None, None))
         rec["ceiling_backend"], rec["ceiling_s"], rec["ceiling_gbps"] = (
-            scored if t else None, t, gbps)
+            scored if t else None,
+            t,
+            gbps,
+        )
         rec["copy_gbps"] = ceil.get(("copy", scored), (None, None))[1]
         rec["ceiling_vec_gbps"] = ceil.get(("ceiling-vec", scored), (None, None))[1]
         rec["pct_of_ceiling"] = percent(rec["gbps"], rec["ceiling_gbps"])

@@ -7,6 +7,7 @@ the duration of a ``with`` block, a backend named ``"null"`` that accepts everyt
 launches nothing, so ``host_runner`` times exactly the Python path of ``step(buf)`` (or of
 ``update()`` over a dict of arrays) with the same optimizer code a real backend goes through.
 """
+
 import contextlib
 
 from .measure import HostTimer, Runner
@@ -70,5 +71,11 @@ def host_runner(case, n_params=1, size=256, api="step", dtype="float32"):
         fn, keep = (lambda: opt.update(params, grads)), (params, grads, opt)
     else:
         raise ValueError(f"api={api!r}; expected 'step' or 'update'")
-    return Runner(f"host:{api}", fn, HostTimer(), 0,
-                  info={"n_params": n_params, "size": size, "api": api}, keep=keep)
+    return Runner(
+        f"host:{api}",
+        fn,
+        HostTimer(),
+        0,
+        info={"n_params": n_params, "size": size, "api": api},
+        keep=keep,
+    )

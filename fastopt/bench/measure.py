@@ -14,6 +14,7 @@ Timing: after a warm-up that absorbs compilation and first-touch page faults, ea
 is timed alone and the median is reported. Host work uses ``time.perf_counter``; GPU work uses
 device events recorded around the call (``gpu.EventTimer``).
 """
+
 import contextlib
 import os
 import platform
@@ -65,31 +66,63 @@ class Case:
 
 
 #: The sweep: every optimizer with its defaults, plus the flags that add traffic.
-CASES = {c.name: c for c in (
-    Case("sgd", "SGD", (), 0, "SGD", (("lr", 1e-3),)),
-    Case("momentum", "Momentum", (), 1, "SGD", (("lr", 1e-2), ("momentum", 0.9))),
-    Case("nesterov", "Nesterov", (), 1, "SGD",
-         (("lr", 1e-2), ("momentum", 0.9), ("nesterov", True))),
-    Case("adagrad", "AdaGrad", (), 1, "Adagrad", (("lr", 1e-2),)),
-    Case("rmsprop", "RMSProp", (), 1, "RMSprop", (("lr", 1e-2),)),
-    Case("rmsprop-centered-momentum", "RMSProp", (("centered", True), ("momentum", 0.9)), 3,
-         "RMSprop", (("lr", 1e-2), ("centered", True), ("momentum", 0.9))),
-    Case("adam", "Adam", (), 2, "Adam", (("lr", 1e-3),)),
-    Case("adam-amsgrad", "Adam", (("amsgrad", True),), 3, "Adam",
-         (("lr", 1e-3), ("amsgrad", True))),
-    Case("adamw", "AdamW", (), 2, "AdamW", (("lr", 1e-3), ("weight_decay", 1e-2))),
-    Case("lion", "Lion", (), 1, None),
-)}
+CASES = {
+    c.name: c
+    for c in (
+        Case("sgd", "SGD", (), 0, "SGD", (("lr", 1e-3),)),
+        Case("momentum", "Momentum", (), 1, "SGD", (("lr", 1e-2), ("momentum", 0.9))),
+        Case(
+            "nesterov",
+            "Nesterov",
+            (),
+            1,
+            "SGD",
+            (("lr", 1e-2), ("momentum", 0.9), ("nesterov", True)),
+        ),
+        Case("adagrad", "AdaGrad", (), 1, "Adagrad", (("lr", 1e-2),)),
+        Case("rmsprop", "RMSProp", (), 1, "RMSprop", (("lr", 1e-2),)),
+        Case(
+            "rmsprop-centered-momentum",
+            "RMSProp",
+            (("centered", True), ("momentum", 0.9)),
+            3,
+            "RMSprop",
+            (("lr", 1e-2), ("centered", True), ("momentum", 0.9)),
+        ),
+        Case("adam", "Adam", (), 2, "Adam", (("lr", 1e-3),)),
+        Case(
+            "adam-amsgrad",
+            "Adam",
+            (("amsgrad", True),),
+            3,
+            "Adam",
+            (("lr", 1e-3), ("amsgrad", True)),
+        ),
+        Case("adamw", "AdamW", (), 2, "AdamW", (("lr", 1e-3), ("weight_decay", 1e-2))),
+        Case("lion", "Lion", (), 1, None),
+    )
+}
 CASE_NAMES = tuple(CASES)
 
 #: DESIGN.md §6, bytes per element in float32 (kept here so a test can hold the formula to it)
-DESIGN_BYTES_F32 = {"sgd": 12, "momentum": 20, "nesterov": 20, "adagrad": 20, "rmsprop": 20,
-                    "rmsprop-centered-momentum": 36, "adam": 28, "adam-amsgrad": 36,
-                    "adamw": 28, "lion": 20}
+DESIGN_BYTES_F32 = {
+    "sgd": 12,
+    "momentum": 20,
+    "nesterov": 20,
+    "adagrad": 20,
+    "rmsprop": 20,
+    "rmsprop-centered-momentum": 36,
+    "adam": 28,
+    "adam-amsgrad": 36,
+    "adamw": 28,
+    "lion": 20,
+}
 
 #: The default sweep per device: (sizes, dtypes). GPU sizes reach far beyond the L2 cache.
-GRID = {"cpu": ((1 << 20, 10 ** 7), ("float32", "float64")),
-        "cuda": ((1 << 20, 1 << 24, 1 << 28), ("float32",))}
+GRID = {
+    "cpu": ((1 << 20, 10**7), ("float32", "float64")),
+    "cuda": ((1 << 20, 1 << 24, 1 << 28), ("float32",)),
+}
 
 
 def bytes_per_step(n_state, n, dtype):
@@ -104,6 +137,7 @@ def transformer_shapes(n, layers=16):
     4x MLP; then a final LayerNorm and a token embedding that absorbs the rest (plus a 1-D tail
     when the rest is not a multiple of the width). Returns None when ``n`` is too small.
     """
+
     def per_layer(d):
         return 12 * d * d + 13 * d
 
@@ -118,8 +152,20 @@ def transformer_shapes(n, layers=16):
             return None
     shapes = []
     for _ in range(layers):
-        shapes += [(d,), (d,), (3 * d, d), (3 * d,), (d, d), (d,), (d,), (d,),
-                   (4 * d, d), (4 * d,), (d, 4 * d), (d,)]
+        shapes += [
+            (d,),
+            (d,),
+            (3 * d, d),
+            (3 * d,),
+            (d, d),
+            (d,),
+            (d,),
+            (d,),
+            (4 * d, d),
+            (4 * d,),
+            (d, 4 * d),
+            (d,),
+        ]
     shapes += [(d,), (d,)]
     rest = n - sum(int(np.prod(s)) for s in shapes)
     if rest // d:
@@ -184,8 +230,9 @@ def measure(runner, reps=30, warmup=3, min_reps=5, budget_s=None):
     return times
 
 
-def measure_group(factories, reps=30, warmup=3, min_reps=5, budget_s=None, together=True,
-                  progress=None):
+def measure_group(
+    factories, reps=30, warmup=3, min_reps=5, budget_s=None, together=True, progress=None
+):
     """Time several runners that will be compared with each other.
 
     ``factories`` maps a key to a zero-argument callable building a ``Runner`` (or returning
@@ -222,7 +269,7 @@ def measure_group(factories, reps=30, warmup=3, min_reps=5, budget_s=None, toget
             if pass_ == 0:
                 times[key] = [runner.timer.time(runner.fn)]
                 total = _reps_for(times[key][0], reps, min_reps, share)
-                first = -(-total // passes)       # the first pass's share, first call included
+                first = -(-total // passes)  # the first pass's share, first call included
                 count[key] = (first - 1, total - first)
             for _ in range(count[key][pass_]):
                 times[key].append(runner.timer.time(runner.fn))
@@ -266,7 +313,7 @@ def fmt_n(n):
     if n >= 1024 and n & (n - 1) == 0:
         return f"2^{n.bit_length() - 1}"
     k = len(str(n)) - 1
-    if n >= 1000 and n == 10 ** k:
+    if n >= 1000 and n == 10**k:
         return f"10^{k}"
     return str(n)
 
@@ -285,13 +332,18 @@ def cpu_model():
 
 def device_info(gpu_name=None):
     """Where the numbers come from: CPU model and cores, memory, and the GPU when one was used."""
-    info = {"cpu": cpu_model(), "cores": os.cpu_count(), "machine": platform.machine(),
-            "system": platform.system()}
+    info = {
+        "cpu": cpu_model(),
+        "cores": os.cpu_count(),
+        "machine": platform.machine(),
+        "system": platform.system(),
+    }
     with contextlib.suppress(AttributeError, OSError):
         info["cores_usable"] = len(os.sched_getaffinity(0))
     with contextlib.suppress(ValueError, OSError, AttributeError):
-        info["memory_gib"] = round(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
-                                   / 2 ** 30, 1)
+        info["memory_gib"] = round(
+            os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30, 1
+        )
     try:
         import numba
 

@@ -5,6 +5,7 @@ CUDA: both ``fused=True`` (where it exists) and ``foreach=True``. Each on one fl
 on the ~200 parameter tensors of a small transformer with the same total size
 (``measure.transformer_shapes``), the list a training loop really hands torch.
 """
+
 import importlib.util
 
 import numpy as np
@@ -76,8 +77,12 @@ def torch_runner(case, mode, device, p0, g0, layout="flat"):
         for shape in shapes:
             size = int(np.prod(shape))
             # clone: each tensor owns its storage, as a model's parameters do
-            pieces.append((flat_p[off:off + size].view(shape).clone(),
-                           flat_g[off:off + size].view(shape).clone()))
+            pieces.append(
+                (
+                    flat_p[off : off + size].view(shape).clone(),
+                    flat_g[off : off + size].view(shape).clone(),
+                )
+            )
             off += size
         del flat_p, flat_g
     params = []
@@ -92,7 +97,15 @@ def torch_runner(case, mode, device, p0, g0, layout="flat"):
         timer = timer_for("torch")
     else:
         timer = HostTimer()
-    return Runner(f"torch-{mode}", opt.step, timer, bytes_per_step(case.n_state, p0.size, p0.dtype),
-                  info={"layout": layout, "n_tensors": len(params),
-                        "peer": f"torch.optim.{case.torch_cls}({mode}=True)"},
-                  keep=(params, opt))
+    return Runner(
+        f"torch-{mode}",
+        opt.step,
+        timer,
+        bytes_per_step(case.n_state, p0.size, p0.dtype),
+        info={
+            "layout": layout,
+            "n_tensors": len(params),
+            "peer": f"torch.optim.{case.torch_cls}({mode}=True)",
+        },
+        keep=(params, opt),
+    )

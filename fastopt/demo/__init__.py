@@ -4,6 +4,7 @@
 - ``plot``: the figures (matplotlib, an optional extra);
 - ``cli``: the command line.
 """
+
 __all__ = ["main"]
 
 

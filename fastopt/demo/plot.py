@@ -1,4 +1,5 @@
 """The demo's two figures (matplotlib is imported by the caller, never at ``import fastopt``)."""
+
 import numpy as np
 
 from .problems import VALLEY_START, valley
@@ -17,8 +18,11 @@ _NAMES = {"momentum": "momentum", "alpha": "α", "weight_decay": "wd", "betas": 
 
 
 def _extras(kwargs):
-    parts = [f"{_NAMES.get(k, k)} {v if not isinstance(v, tuple) else '/'.join(map(str, v))}"
-             for k, v in kwargs.items() if k != "lr"]
+    parts = [
+        f"{_NAMES.get(k, k)} {v if not isinstance(v, tuple) else '/'.join(map(str, v))}"
+        for k, v in kwargs.items()
+        if k != "lr"
+    ]
     return ", " + ", ".join(parts) if parts else ""
 
 
@@ -52,8 +56,9 @@ def plot_valley(plt, paths, specs, path, *, backend="", dpi=120):
     levels = np.geomspace(0.02, Z.max(), 14)
     ncol = 4
     nrow = -(-len(specs) // ncol)
-    fig, axes = plt.subplots(nrow, ncol, figsize=(4.6 * ncol, 2.25 * nrow + 1.0),
-                             sharex=True, sharey=True, squeeze=False)
+    fig, axes = plt.subplots(
+        nrow, ncol, figsize=(4.6 * ncol, 2.25 * nrow + 1.0), sharex=True, sharey=True, squeeze=False
+    )
     steps = len(next(iter(paths.values()))) - 1
     for ax, spec, color in zip(axes.flat, specs, COLORS):
         pts = paths[spec.name]
@@ -63,15 +68,17 @@ def plot_valley(plt, paths, specs, path, *, backend="", dpi=120):
         ax.plot(*VALLEY_START, "s", color="black", ms=6, label="start (−7, 2)")
         ax.plot(0, 0, "*", color="gold", mec="black", ms=12, zorder=1.5, label="minimum (0, 0)")
         end = pts[-1]
-        ax.set_title(f"{spec.name}: lr {fmt_lr(spec.valley['lr'])}"
-                     f"{' (chapter)' if spec.source == 'chapter' else ''}{_extras(spec.valley)}\n"
-                     f"end ({_num(end[0])}, {_num(end[1])}), distance {np.hypot(*end):.3g}",
-                     fontsize=10)
+        ax.set_title(
+            f"{spec.name}: lr {fmt_lr(spec.valley['lr'])}"
+            f"{' (chapter)' if spec.source == 'chapter' else ''}{_extras(spec.valley)}\n"
+            f"end ({_num(end[0])}, {_num(end[1])}), distance {np.hypot(*end):.3g}",
+            fontsize=10,
+        )
         ax.set_xlim(*XLIM)
         ax.set_ylim(*YLIM)
         ax.set_xticks(np.arange(XLIM[0], XLIM[1] + 1, 2))
         ax.set_aspect("equal")
-    for ax in axes.flat[len(specs):]:
+    for ax in axes.flat[len(specs) :]:
         ax.set_visible(False)
     for ax in axes[-1]:
         ax.set_xlabel("x")
@@ -79,9 +86,11 @@ def plot_valley(plt, paths, specs, path, *, backend="", dpi=120):
         ax.set_ylabel("y")
     handles, labels = axes.flat[0].get_legend_handles_labels()
     fig.legend(handles, labels, loc="lower center", ncol=3, frameon=False)
-    fig.suptitle(f"f(x, y) = x²/20 + y²: {steps} steps from (−7, 2), analytic gradients, "
-                 f"updates by fastopt" + (f" (backend {backend})" if backend else ""),
-                 fontsize=13)
+    fig.suptitle(
+        f"f(x, y) = x²/20 + y²: {steps} steps from (−7, 2), analytic gradients, "
+        f"updates by fastopt" + (f" (backend {backend})" if backend else ""),
+        fontsize=13,
+    )
     fig.tight_layout(rect=(0, 0.05, 1, 1))
     fig.savefig(path, dpi=dpi)
     return fig
@@ -105,15 +114,18 @@ def plot_textbook_valley(plt, paths, lrs, path, *, backend="", dpi=120):
         ax.set_xlim(-10, 10)
         ax.set_ylim(-10, 10)
         end = pts[-1]
-        ax.set_title(f"{name} (lr {fmt_lr(lrs[name])})\nend ({_num(end[0])}, {_num(end[1])})",
-                     fontsize=11)
+        ax.set_title(
+            f"{name} (lr {fmt_lr(lrs[name])})\nend ({_num(end[0])}, {_num(end[1])})", fontsize=11
+        )
         ax.set_xlabel("x")
         ax.set_ylabel("y")
-    for ax in axes.flat[len(paths):]:
+    for ax in axes.flat[len(paths) :]:
         ax.set_visible(False)
-    fig.suptitle(f"fastopt.textbook: {steps} steps on f(x, y) = x²/20 + y² from (−7, 2), "
-                 "the chapter's formulas on fused kernels"
-                 + (f" (backend {backend})" if backend else ""), fontsize=12)
+    fig.suptitle(
+        f"fastopt.textbook: {steps} steps on f(x, y) = x²/20 + y² from (−7, 2), "
+        "the chapter's formulas on fused kernels" + (f" (backend {backend})" if backend else ""),
+        fontsize=12,
+    )
     fig.tight_layout()
     fig.savefig(path, dpi=dpi)
     return fig
@@ -127,10 +139,15 @@ def plot_training(plt, results, specs, path, *, title, window=20, dpi=120):
         it = np.arange(1, len(r.losses) + 1)
         ax.plot(it, r.losses, color=color, lw=0.5, alpha=0.18)
         # Nesterov and AdamW can run on top of Momentum and Adam: dash them so both show
-        ax.plot(it, smooth(r.losses, window), color=color, lw=1.8,
-                ls="--" if spec.name in ("Nesterov", "AdamW") else "-",
-                label=f"{spec.name} (lr {fmt_lr(spec.mlp['lr'])}{_extras(spec.mlp)}): "
-                      f"test acc {100 * r.test_accuracy:.1f}%")
+        ax.plot(
+            it,
+            smooth(r.losses, window),
+            color=color,
+            lw=1.8,
+            ls="--" if spec.name in ("Nesterov", "AdamW") else "-",
+            label=f"{spec.name} (lr {fmt_lr(spec.mlp['lr'])}{_extras(spec.mlp)}): "
+            f"test acc {100 * r.test_accuracy:.1f}%",
+        )
     ax.set_yscale("log")
     ax.set_xlabel("iteration")
     ax.set_ylabel(f"training loss (mini-batch; bold: mean of last {window})")

@@ -15,6 +15,7 @@
 
 Nothing here imports matplotlib or scikit-learn; ``fastopt.demo`` loads the data and draws.
 """
+
 import itertools
 import time
 from dataclasses import dataclass
@@ -74,8 +75,11 @@ SPECS = (
     Spec("RMSProp", dict(lr=0.2, alpha=0.99), dict(lr=1e-3, alpha=0.99)),
     Spec("Adam", dict(lr=0.3), dict(lr=1e-3), "chapter"),
     Spec("AdamW", dict(lr=0.3, weight_decay=0.1), dict(lr=1e-3, weight_decay=1e-2)),
-    Spec("Lion", dict(lr=0.25, betas=(0.9, 0.99)), dict(lr=3e-4, betas=(0.9, 0.99),
-                                                          weight_decay=3e-2)),
+    Spec(
+        "Lion",
+        dict(lr=0.25, betas=(0.9, 0.99)),
+        dict(lr=3e-4, betas=(0.9, 0.99), weight_decay=3e-2),
+    ),
 )
 
 
@@ -136,8 +140,9 @@ def textbook_valley_path(name, steps=30, backend="auto", xp=np):
     path = [(x0, y0)]
     for _ in range(steps):
         opt.update(params, {"x": params["x"] / 10.0, "y": 2.0 * params["y"]})
-        path.append(tuple(float(to_numpy(xp.asarray(params[k])).reshape(-1)[0])
-                          for k in ("x", "y")))
+        path.append(
+            tuple(float(to_numpy(xp.asarray(params[k])).reshape(-1)[0]) for k in ("x", "y"))
+        )
     return np.array(path)
 
 
@@ -147,8 +152,9 @@ def init_mlp(sizes=(64, 100, 10), seed=0, xp=np, dtype=np.float32):
     rng = np.random.default_rng(seed)
     params = {}
     for i, (n_in, n_out) in enumerate(itertools.pairwise(sizes), start=1):
-        params[f"W{i}"] = xp.asarray(rng.standard_normal((n_in, n_out)) * np.sqrt(2.0 / n_in),
-                                     dtype=dtype)
+        params[f"W{i}"] = xp.asarray(
+            rng.standard_normal((n_in, n_out)) * np.sqrt(2.0 / n_in), dtype=dtype
+        )
         params[f"b{i}"] = xp.zeros(n_out, dtype=dtype)
     return params
 
@@ -176,7 +182,7 @@ def mlp_loss_and_grad(params, X, y, grads):
     xp = array_module(X)
     h, a, z = _logits(params, X)
     zs, lse, loss = _cross_entropy(z, y)
-    dz = xp.exp(zs - lse[:, None])        # softmax
+    dz = xp.exp(zs - lse[:, None])  # softmax
     dz[xp.arange(X.shape[0]), y] -= 1
     dz /= X.shape[0]
     grads["W2"][...] = a.T @ dz
@@ -201,15 +207,24 @@ def _sync(xp):
 @dataclass
 class TrainResult:
     name: str
-    losses: np.ndarray      # training loss of every iteration's mini-batch
-    train_loss: float       # on the whole training set, after the last step
+    losses: np.ndarray  # training loss of every iteration's mini-batch
+    train_loss: float  # on the whole training set, after the last step
     test_accuracy: float
-    ms_per_step: float      # median time of one opt.step(buf): the fused update alone
-    ms_per_iter: float      # median time of forward + backward + step
+    ms_per_step: float  # median time of one opt.step(buf): the fused update alone
+    ms_per_iter: float  # median time of forward + backward + step
 
 
-def train_mlp(spec, data, iters=1000, batch=128, backend="auto", xp=np, dtype=np.float32,
-              seed=0, progress=None):
+def train_mlp(
+    spec,
+    data,
+    iters=1000,
+    batch=128,
+    backend="auto",
+    xp=np,
+    dtype=np.float32,
+    seed=0,
+    progress=None,
+):
     """Train the MLP on ``data = (X_train, y_train, X_test, y_test)`` with ``spec``.
 
     Every optimizer gets the same initial weights and the same sequence of mini-batches.
@@ -226,7 +241,7 @@ def train_mlp(spec, data, iters=1000, batch=128, backend="auto", xp=np, dtype=np
     for i in range(iters):
         if pos + batch > n:
             order, pos = rng.permutation(n), 0
-        idx = xp.asarray(order[pos:pos + batch])
+        idx = xp.asarray(order[pos : pos + batch])
         pos += batch
         _sync(xp)
         t0 = time.perf_counter()
@@ -244,6 +259,11 @@ def train_mlp(spec, data, iters=1000, batch=128, backend="auto", xp=np, dtype=np
     losses = to_numpy(xp.stack(losses)).astype(np.float64)
     # the first step compiles (or loads) the kernel: leave it out of the timings
     t_step, t_iter = (np.array(t[1:] or t) * 1e3 for t in (t_step, t_iter))
-    return TrainResult(spec.name, losses, float(mlp_loss(buf.params, X_tr, y_tr)),
-                       mlp_accuracy(buf.params, X_te, y_te), float(np.median(t_step)),
-                       float(np.median(t_iter)))
+    return TrainResult(
+        spec.name,
+        losses,
+        float(mlp_loss(buf.params, X_tr, y_tr)),
+        mlp_accuracy(buf.params, X_te, y_te),
+        float(np.median(t_step)),
+        float(np.median(t_iter)),
+    )

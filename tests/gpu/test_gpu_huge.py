@@ -5,6 +5,7 @@ before the buffer); here every element must be stepped exactly once: the first a
 elements and those around 2^31 get their own gradients and are checked one by one, and a count
 over the whole buffer checks that every other element moved by exactly lr·g.
 """
+
 import numpy as np
 import pytest
 from gpu_common import gpu_backend_params, needs_gpu
@@ -13,15 +14,16 @@ import fastopt
 
 pytestmark = needs_gpu
 
-N = 2 ** 31 + 7
+N = 2**31 + 7
 LR = 0.25
 #: index -> gradient: the ends and both sides of the 2^31 boundary
-SPECIAL = {0: 4.0, 2 ** 31 - 1: -2.0, 2 ** 31: 6.0, 2 ** 31 + 1: -6.0, N - 2: 8.0, N - 1: -4.0}
+SPECIAL = {0: 4.0, 2**31 - 1: -2.0, 2**31: 6.0, 2**31 + 1: -6.0, N - 2: 8.0, N - 1: -4.0}
 
 
 @pytest.mark.parametrize("backend", gpu_backend_params())
 def test_sgd_on_more_than_2_31_elements(backend):
     import cupy
+
     need = 2 * N * 4 + N  # param and grad, and the bool mask of the final count
     free, _ = cupy.cuda.runtime.memGetInfo()
     if free < need + (1 << 30):

@@ -5,6 +5,7 @@ stepped without a copy (the data pointer is unchanged and the values match the o
 ``FlatBuffer`` built from device arrays lives on the GPU; mixing host and device arrays, or
 two GPUs, is refused before anything changes.
 """
+
 import numpy as np
 import pytest
 from conftest import run_oracle
@@ -40,6 +41,7 @@ def test_torch_cuda_tensor_updated_in_place(backend):
     if not torch.cuda.is_available():
         pytest.skip("PyTorch has no CUDA here")
     import cupy
+
     p0, grads = _inputs(1)
     p = torch.tensor(p0, device="cuda")
     ptr = p.data_ptr()
@@ -111,6 +113,7 @@ def test_nonfinite_values_like_the_oracle_on_the_gpu(backend):
 @pytest.mark.parametrize("backend", gpu_backend_params())
 def test_numba_device_array_updated_in_place(backend):
     from numba import cuda
+
     p0, grads = _inputs(2)
     p = cuda.to_device(p0)
     ptr = p.__cuda_array_interface__["data"][0]
@@ -129,13 +132,23 @@ def test_functional_on_torch_tensors_directly(backend):
     if not torch.cuda.is_available():
         pytest.skip("PyTorch has no CUDA here")
     from fastopt import functional as F
+
     p0, grads = _inputs(3)
     p = torch.tensor(p0, device="cuda")
     st = {s: torch.zeros_like(p) for s in ("exp_avg", "exp_avg_sq", "max_exp_avg_sq")}
     for t, g in enumerate(grads, start=1):
-        F.adam(p, torch.tensor(g, device="cuda"), st["exp_avg"], st["exp_avg_sq"],
-               st["max_exp_avg_sq"], step=t, lr=KW["lr"], weight_decay=KW["weight_decay"],
-               amsgrad=True, backend=backend)
+        F.adam(
+            p,
+            torch.tensor(g, device="cuda"),
+            st["exp_avg"],
+            st["exp_avg_sq"],
+            st["max_exp_avg_sq"],
+            step=t,
+            lr=KW["lr"],
+            weight_decay=KW["weight_decay"],
+            amsgrad=True,
+            backend=backend,
+        )
     torch.cuda.synchronize()
     _check(p.cpu().numpy(), {s: a.cpu().numpy() for s, a in st.items()}, p0, grads)
 
@@ -145,6 +158,7 @@ def test_cupy_non_default_stream_is_ordered(backend):
     # launches go on CuPy's current stream: the gradient written on that stream just before the
     # step is the one the step reads, with no synchronisation in between
     import cupy
+
     p0, grads = _inputs(4)
     opt = fastopt.Adam(**KW, backend=backend)
     stream = cupy.cuda.Stream(non_blocking=True)
@@ -163,6 +177,7 @@ def test_cupy_non_default_stream_is_ordered(backend):
 @pytest.mark.parametrize("backend", gpu_backend_params())
 def test_flat_buffer_from_cupy_arrays_lives_on_the_gpu(backend):
     import cupy
+
     rng = np.random.default_rng(5)
     shapes = {"w1": (64, 33), "b1": (33,), "w2": (33, 7)}
     host = {k: rng.standard_normal(s).astype(np.float32) for k, s in shapes.items()}
@@ -170,16 +185,19 @@ def test_flat_buffer_from_cupy_arrays_lives_on_the_gpu(backend):
     assert isinstance(buf.data, cupy.ndarray) and isinstance(buf.grad, cupy.ndarray)
     assert all(isinstance(v, cupy.ndarray) for v in buf.params.values())
     opt = fastopt.Adam(**KW, backend=backend)
-    grads = [{k: rng.standard_normal(s).astype(np.float32) for k, s in shapes.items()}
-             for _ in range(STEPS)]
+    grads = [
+        {k: rng.standard_normal(s).astype(np.float32) for k, s in shapes.items()}
+        for _ in range(STEPS)
+    ]
     for gs in grads:
         for k, g in gs.items():
             buf.grads[k][...] = to_device(g)
         opt.step(buf)
     for k, p0 in host.items():
         assert isinstance(opt.state[k]["exp_avg"], cupy.ndarray)
-        ref_p, ref_state = run_oracle("Adam", KW, p0.reshape(-1), [gs[k].reshape(-1)
-                                                                    for gs in grads])
+        ref_p, ref_state = run_oracle(
+            "Adam", KW, p0.reshape(-1), [gs[k].reshape(-1) for gs in grads]
+        )
         assert_close(to_host(buf.params[k]).reshape(-1), ref_p, np.float32, f"param {k}")
         for s, ref in ref_state.items():
             assert_close(to_host(opt.state[k][s]).reshape(-1), ref, np.float32, f"{s} of {k}")
@@ -187,6 +205,7 @@ def test_flat_buffer_from_cupy_arrays_lives_on_the_gpu(backend):
 
 def test_auto_picks_cupy_for_device_arrays():
     from fastopt.backends import resolve
+
     assert resolve("auto", to_device(np.ones(3, np.float32))).NAME == "cupy"
 
 
@@ -210,6 +229,7 @@ def test_numba_cuda_refuses_host_arrays():
     if "numba-cuda" not in fastopt.available_backends():
         pytest.skip("backend 'numba-cuda' is not available here")
     from fastopt import functional as F
+
     p = np.ones(4, np.float32)
     with pytest.raises(TypeError, match="host"):
         F.sgd(p, np.ones(4, np.float32), step=1, lr=0.1, backend="numba-cuda")
@@ -218,6 +238,7 @@ def test_numba_cuda_refuses_host_arrays():
 
 def test_two_devices_are_refused_before_any_change():
     import cupy
+
     if cupy.cuda.runtime.getDeviceCount() < 2:
         pytest.skip("needs two GPUs")
     p0, grads = _inputs(7)
@@ -235,6 +256,7 @@ def test_two_devices_are_refused_before_any_change():
 
 def test_state_lives_on_the_params_device():
     import cupy
+
     if cupy.cuda.runtime.getDeviceCount() < 2:
         pytest.skip("needs two GPUs")
     p0, grads = _inputs(8)
@@ -265,6 +287,7 @@ def test_torch_parameters_that_require_grad(backend):
     _check(p.detach().cpu().numpy(), opt.state["w"], p0, grads)
     # the functional API takes them too
     from fastopt import functional as F
+
     q = torch.nn.Parameter(torch.ones(1000, device="cuda"))
     F.sgd(q, torch.full((1000,), 0.5, device="cuda"), step=1, lr=0.1, backend=backend)
     torch.cuda.synchronize()
@@ -280,6 +303,7 @@ def test_functional_orders_on_torchs_current_stream(backend):
     if not torch.cuda.is_available():
         pytest.skip("PyTorch has no CUDA here")
     from fastopt import functional as F
+
     n = 1 << 22
     side = torch.cuda.Stream()
     with torch.cuda.stream(side):

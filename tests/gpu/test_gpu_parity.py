@@ -6,6 +6,7 @@ state buffer. The dict API steps a parameter sliced out of a guarded device arra
 cells must keep their poison); the flat API packs it in two segments of a FlatBuffer built from
 CuPy arrays, whose buffers and state must live on the GPU.
 """
+
 import numpy as np
 import pytest
 from conftest import resolve, state_names
@@ -22,15 +23,18 @@ POISON = -7.25e3
 
 #: one xdist group per config: with ``pytest -n N --dist loadgroup`` every test of a config runs
 #: in one worker, so each kernel variant is compiled by one process, not by all of them
-CFG_PARAMS = [pytest.param(i, id=_config_id(c), marks=pytest.mark.xdist_group(f"cfg{i}"))
-              for i, c in enumerate(CONFIGS)]
+CFG_PARAMS = [
+    pytest.param(i, id=_config_id(c), marks=pytest.mark.xdist_group(f"cfg{i}"))
+    for i, c in enumerate(CONFIGS)
+]
 
 
 def _run_dict(name, kwargs, backend, dtype, p0, grads):
     import cupy
+
     n = p0.size
     store = cupy.full(n + 2 * GUARD, POISON, dtype=dtype)
-    p = store[GUARD:GUARD + n]
+    p = store[GUARD : GUARD + n]
     p[...] = to_device(p0)
     opt = getattr(fastopt, name)(**kwargs, backend=backend)
     ptr = p.data.ptr
@@ -38,15 +42,17 @@ def _run_dict(name, kwargs, backend, dtype, p0, grads):
         assert opt.update({"w": p}, {"w": to_device(g.astype(dtype))}) is True
     assert p.data.ptr == ptr
     host = to_host(store)
-    assert (host[:GUARD] == POISON).all() and (host[GUARD + n:] == POISON).all(), \
+    assert (host[:GUARD] == POISON).all() and (host[GUARD + n :] == POISON).all(), (
         "a step wrote outside the parameter"
+    )
     for s, a in opt.state["w"].items():
         assert isinstance(a, cupy.ndarray), f"state {s} is not on the GPU"
-    return host[GUARD:GUARD + n], {s: to_host(a).reshape(-1) for s, a in opt.state["w"].items()}
+    return host[GUARD : GUARD + n], {s: to_host(a).reshape(-1) for s, a in opt.state["w"].items()}
 
 
 def _run_flat(name, kwargs, backend, dtype, p0, grads):
     import cupy
+
     n = p0.size
     cut = max(1, n // 3) if n > 1 else n
     parts = {"a": to_device(p0[:cut].astype(dtype))}
@@ -64,14 +70,13 @@ def _run_flat(name, kwargs, backend, dtype, p0, grads):
     data = to_host(group.data)
     used = np.zeros(data.size, dtype=bool)
     for off, size, _ in group.slots.values():
-        used[off:off + size] = True
+        used[off : off + size] = True
     assert (data[~used] == 0).all(), "a step changed the padding between segments"
     for st in opt.state.values():
         for s, a in st.items():
             assert isinstance(a, cupy.ndarray), f"state {s} is not on the GPU"
     cat = lambda d: np.concatenate([to_host(d[k]).reshape(-1) for k in parts])
-    return cat(buf.params), {s: cat({k: opt.state[k][s] for k in parts})
-                             for s in opt.state["a"]}
+    return cat(buf.params), {s: cat({k: opt.state[k][s] for k in parts}) for s in opt.state["a"]}
 
 
 @pytest.mark.parametrize("backend", gpu_backend_params())
@@ -111,8 +116,11 @@ def test_cupy_and_numba_cuda_agree(cfg, dtype):
         assert_close(s_n[s], s_c[s], dtype, f"{name} {s}: numba-cuda vs cupy")
 
 
-UNALIGNED = [i for i, (name, kw) in enumerate(CONFIGS)
-             if name in ("Adam", "SGD", "RMSProp") and kw.get("weight_decay")][:6]
+UNALIGNED = [
+    i
+    for i, (name, kw) in enumerate(CONFIGS)
+    if name in ("Adam", "SGD", "RMSProp") and kw.get("weight_decay")
+][:6]
 
 
 @pytest.mark.parametrize("backend", gpu_backend_params())
@@ -123,11 +131,12 @@ def test_gpu_parity_on_misaligned_views(cfg, dtype, offset, backend):
     """Params, grads and state views that start off a 16-byte boundary take the CuPy backend's
     scalar kernel form (and numba-cuda's only form): same results, nothing written outside."""
     import cupy
+
     name = CONFIGS[cfg][0]
     n = 100_003
     kwargs, p0, grads, (p_ref, state_ref) = _case(cfg, dtype, n, 7)
     store = cupy.full(n + 2 * GUARD, POISON, dtype=dtype)
-    p = store[offset:offset + n]
+    p = store[offset : offset + n]
     p[...] = to_device(p0)
     assert p.data.ptr % 16
     gstore = cupy.empty(n + offset, dtype=dtype)
@@ -137,8 +146,8 @@ def test_gpu_parity_on_misaligned_views(cfg, dtype, offset, backend):
         gv[...] = to_device(g.astype(dtype))
         assert opt.update({"w": p}, {"w": gv}) is True
     host = to_host(store)
-    assert (host[:offset] == POISON).all() and (host[offset + n:] == POISON).all()
-    assert_close(host[offset:offset + n], p_ref, dtype, f"{name} param ({backend})")
+    assert (host[:offset] == POISON).all() and (host[offset + n :] == POISON).all()
+    assert_close(host[offset : offset + n], p_ref, dtype, f"{name} param ({backend})")
     for s, ref in state_ref.items():
         assert_close(to_host(opt.state["w"][s]).reshape(-1), ref, dtype, f"{name} {s}")
 
@@ -150,6 +159,7 @@ def test_occupancy_formula_matches_the_driver():
     from fastopt.kernels import cuda_source
 
     from fastopt.backends import _launch, cupy_backend
+
     occ = getattr(cupy.cuda.driver, "occupancyMaxActiveBlocksPerMultiprocessor", None)
     if occ is None:
         pytest.skip("this CuPy has no driver occupancy binding")

@@ -5,6 +5,7 @@ GPU run must follow it (float64; the CUDA compilers may contract a multiply-add 
 so the two agree to rounding, not bit for bit), update the CuPy arrays in place (a strided view
 included) and keep its state on the GPU.
 """
+
 import numpy as np
 import pytest
 from gpu_common import gpu_backend_params, needs_gpu, to_device, to_host
@@ -15,8 +16,14 @@ from fastopt.demo.problems import textbook_valley_path
 pytestmark = needs_gpu
 
 NAMES = ("SGD", "Momentum", "Nesterov", "AdaGrad", "RMSprop", "Adam")
-STATE = {"SGD": (), "Momentum": ("v",), "Nesterov": ("v",), "AdaGrad": ("h",),
-         "RMSprop": ("h",), "Adam": ("m", "v")}
+STATE = {
+    "SGD": (),
+    "Momentum": ("v",),
+    "Nesterov": ("v",),
+    "AdaGrad": ("h",),
+    "RMSprop": ("h",),
+    "Adam": ("m", "v"),
+}
 
 
 @pytest.mark.parametrize("backend", gpu_backend_params())
@@ -25,8 +32,11 @@ def test_device_arrays_follow_the_host_run(name, backend):
     import cupy
 
     rng = np.random.default_rng(5)
-    host = {"W": rng.normal(0, 1, (50, 20)), "b": rng.normal(0, 1, 20),
-            "s": rng.normal(0, 1, (8, 6))}
+    host = {
+        "W": rng.normal(0, 1, (50, 20)),
+        "b": rng.normal(0, 1, 20),
+        "s": rng.normal(0, 1, (8, 6)),
+    }
     grads = [{k: rng.normal(0, 1, v.shape) for k, v in host.items()} for _ in range(20)]
     s0 = host["s"].copy()
     base = to_device(s0.repeat(2, axis=1))  # "s" on the GPU is a strided view of base
