@@ -8,9 +8,9 @@ opt.step(buf)                      # one fused kernel call per dtype
 
 from ._validate import NonFiniteGradientError
 from .backends import available_backends
+from .base import Optimizer
 from .checkpoint import CheckpointError, load_checkpoint, save_checkpoint
 from .flat import FlatBuffer
-from .optimizer import Optimizer
 from .optimizers import (
     SGD,
     AdaGrad,

@@ -39,8 +39,8 @@ import numpy as np
 
 from ._arrays import array_module, as_xp_array, to_numpy
 from ._validate import SUPPORTED_DTYPES, check_array, check_names, describe, dtype_of
+from .base import Optimizer
 from .flat import FlatBuffer
-from .optimizer import Optimizer
 
 __all__ = ["FORMAT_VERSION", "MAGIC", "CheckpointError", "load_checkpoint", "save_checkpoint"]
 

@@ -6,7 +6,7 @@ scalars) and ``kernels/`` (the per-element rule). ``t`` counts steps from 1. Wit
 """
 
 from ._validate import check_number
-from .optimizer import Optimizer
+from .base import Optimizer
 
 __all__ = [
     "SGD",

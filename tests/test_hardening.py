@@ -902,7 +902,7 @@ def test_12_concurrent_steps_never_tear_a_step():
 
 
 def test_update_revalidates_only_what_changed(monkeypatch):
-    from fastopt.optimizer import Optimizer
+    from fastopt.base import Optimizer
 
     calls = []
     real = Optimizer._validate_dict

@@ -1,0 +1,162 @@
+"""The optimizer's state: creating it (bound to the first step's arrays), ``state_dict`` checks
+and restores. A mixin of ``fastopt.base.Optimizer``.
+
+State buffers are created at the first step, shaped and typed like their parameters (views
+into flat per-group buffers for a ``FlatBuffer``), filled with the rule's initial values or
+with a state loaded before the first step. ``load_state_dict`` checks everything first (kind,
+flags, hyperparameters, step, names, shapes, dtypes) and only then writes.
+"""
+
+import numpy as np
+
+from ._arrays import array_module, to_numpy
+from ._validate import (
+    SUPPORTED_DTYPES,
+    check_array,
+    check_names,
+    check_str_names,
+    check_writable,
+    describe,
+    dtype_name,
+    dtype_of,
+    is_array,
+    normalise_hyper,
+)
+from .flat import ReadOnlyViews
+
+__all__ = ["StateMachinery"]
+
+
+class StateMachinery:
+    """State creation, binding and ``state_dict`` checks (see the module docstring)."""
+
+    def _check_state_dict(self, sd):
+        keys = {"optimizer", "step", "hyperparams", "state"}
+        if not isinstance(sd, dict) or set(sd) != keys:
+            got = sorted(sd, key=str) if isinstance(sd, dict) else type(sd).__name__
+            raise ValueError(
+                f"not a fastopt state_dict: got {got}, expected a dict with keys {sorted(keys)}"
+            )
+        kind = type(self).__name__
+        if sd["optimizer"] != kind:
+            raise ValueError(f"state_dict is for optimizer {sd['optimizer']!r}, this is {kind}")
+        step = sd["step"]
+        if (
+            isinstance(step, (bool, np.bool_))
+            or not isinstance(step, (int, np.integer))
+            or step < 0
+        ):
+            raise ValueError(f"state_dict step is {step!r}; expected an integer >= 0")
+        hp = sd["hyperparams"]
+        if not isinstance(hp, dict):
+            raise TypeError(f"state_dict hyperparams is a {type(hp).__name__}; expected a dict")
+        check_names(hp, self._hyper + self._flags, "state_dict hyperparameters", f"those of {kind}")
+        hp = {k: normalise_hyper(v) for k, v in hp.items()}
+        for f in self._flags:
+            if hp[f] != getattr(self, f):
+                raise ValueError(
+                    f"state_dict has {f}={hp[f]!r} but this optimizer has "
+                    f"{f}={getattr(self, f)!r}; flags decide the state buffers "
+                    "and the math, so they must match"
+                )
+        hp = self._check_hyper(hp)
+        state = sd["state"]
+        if not isinstance(state, dict):
+            raise TypeError(f"state_dict state is a {type(state).__name__}; expected a dict")
+        check_str_names(state, "state_dict parameter names")
+        want = self._state_names()
+        host = {}
+        for name, st in state.items():
+            if not isinstance(st, dict):
+                raise TypeError(
+                    f"state of parameter {name!r} is a {type(st).__name__}; "
+                    "expected a dict state name -> array"
+                )
+            check_names(st, want, f"state buffers of parameter {name!r}", f"those {kind} keeps")
+            host[name] = {}
+            for s in want:
+                a = st[s]
+                check_array(name, f"state {s!r}", a, SUPPORTED_DTYPES)
+                host[name][s] = np.array(to_numpy(a), copy=True)
+        if self._layout is not None:
+            check_names(
+                state, self._state, "state_dict parameter names", "those this optimizer steps"
+            )
+            for name, st in host.items():
+                cur_st = self._state[name]
+                check_names(
+                    cur_st, want, f"state buffers of parameter {name!r}", f"those {kind} keeps"
+                )
+                for s, a in st.items():
+                    cur = cur_st[s]
+                    if not is_array(cur) or a.shape != tuple(cur.shape) or a.dtype != dtype_of(cur):
+                        raise ValueError(
+                            f"state {s!r} of parameter {name!r} is "
+                            f"{dtype_name(a.dtype)}{list(a.shape)}, expected "
+                            f"{describe(cur)}"
+                        )
+                    check_writable(name, f"state {s!r}", cur)
+        else:
+            for name, st in host.items():
+                kinds = {(a.shape, a.dtype) for a in st.values()}
+                if len(kinds) > 1:
+                    got = sorted((s, a.dtype.name, a.shape) for s, a in st.items())
+                    raise ValueError(
+                        f"state buffers of parameter {name!r} differ in shape or dtype: {got}"
+                    )
+        return hp, int(step), host
+
+    def _commit_state_dict(self, hp, step, host):
+        if self._layout is not None:
+            for name, st in host.items():
+                for s, a in st.items():
+                    cur = self._state[name][s]
+                    cur[...] = array_module(cur).asarray(a)
+        else:
+            self._pending = host if host else None
+        for h in self._hyper:
+            setattr(self, h, hp[h])
+        self._hyper_ok = True  # validated by _check_state_dict
+        self.step_count = step
+
+    def _new_state(self, name, like):
+        xp = array_module(like)
+        out = {}
+        pending = (self._pending or {}).get(name)
+        for s in self._state_names():
+            if pending is not None:
+                out[s] = xp.asarray(pending[s]).reshape(like.shape).copy()
+            else:
+                out[s] = xp.full(like.shape, self._state_fill(s), dtype=dtype_of(like))
+        return out
+
+    def _bind(self, layout, params):
+        # validated already: the pending state's names, shapes and dtypes match ``params``
+        self._state = {n: self._new_state(n, p) for n, p in params.items()}
+        self._bound = {n: (shape, np.dtype(dt)) for n, shape, dt in layout[1]}
+        self._layout = layout
+        self._pending = None
+
+    def _bind_flat(self, buf):
+        flat_state, state = [], {}
+        for group in buf.groups:
+            flat = {
+                s: array_module(group.data).full(
+                    group.data.shape, self._state_fill(s), dtype=group.dtype
+                )
+                for s in self._state_names()
+            }
+            for name, (off, size, shape) in group.slots.items():
+                views = {s: a[off : off + size].reshape(shape) for s, a in flat.items()}
+                if self._pending is not None:
+                    for s, v in views.items():
+                        v[...] = array_module(v).asarray(self._pending[name][s])
+                state[name] = ReadOnlyViews(
+                    views, f"opt.state[{name!r}] (views into the optimizer's flat state)"
+                )
+            flat_state.append(flat)
+        self._flat_state = flat_state
+        self._state = ReadOnlyViews(state, "opt.state of an optimizer stepping a FlatBuffer")
+        self._layout = ("flat", buf.layout)
+        self._bound = {n: (tuple(shape), np.dtype(dt)) for dt, n, _, _, shape in buf.layout}
+        self._pending = None

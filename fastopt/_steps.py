@@ -1,0 +1,509 @@
+"""How a step's inputs are checked and launched: the machinery behind ``update`` and ``step``.
+
+The first step over a set of arrays validates everything (``fastopt._validate``, the checks
+``fastopt.functional`` makes too) and records what it established in a cache; later steps
+re-check, per array, only what can change without the optimizer seeing it (the identity of each
+array, its shape and dtype, its flags, the state buffers the user may have rebound) and fall
+back to the full validation when anything differs: O(1) host work per array. Then one
+``functional.Launch`` per step runs the rule over every parameter (dict API) or every dtype
+group (``FlatBuffer``). A mixin of ``fastopt.base.Optimizer``.
+"""
+
+import bisect
+import sys
+from collections.abc import Mapping
+
+import numpy as np
+
+from . import backends
+from ._arrays import array_module, as_xp_array, as_xp_dicts, on_device, to_numpy
+from ._validate import (
+    SUPPORTED_DTYPES,
+    NonFiniteGradientError,
+    _extent,
+    all_finite,
+    check_array,
+    check_names,
+    check_no_overlap,
+    check_param_arrays,
+    check_reach,
+    check_state_arrays,
+    check_str_names,
+    describe,
+    dtype_name,
+    dtype_of,
+    is_array,
+)
+from .functional import Launch
+from .kernels import RULES
+
+__all__ = ["StepMachinery"]
+
+
+def _root(a):
+    """The NumPy array that owns ``a``'s memory, or None when the memory belongs to something
+    else (a buffer, a memory map, a DLPack producer): two host arrays can share memory only if
+    they have the same owner, or a foreign one."""
+    b = a.base
+    while b is not None:
+        if type(b) is not np.ndarray:
+            return None
+        a, b = b, b.base
+    return a
+
+
+class _Entry:
+    """One parameter of the dict API as the last full validation saw it."""
+
+    __slots__ = (
+        "dtype",
+        "name",
+        "nst",
+        "p",
+        "pflat",
+        "ptr",
+        "sarrs",
+        "sflat",
+        "shape",
+        "src",
+        "st",
+        "tdtype",
+    )
+
+
+class _DictCache:
+    """What a full validation of ``update()`` established, to re-check cheaply next step."""
+
+    __slots__ = ("be", "entries", "fast", "los", "n", "roots", "spans", "state", "writes")
+
+    def __init__(self, entries, state, be, writes):
+        self.entries, self.n, self.state, self.be = entries, len(entries), state, be
+        self.writes = writes
+        written = []
+        for e in entries:
+            written.append(e.p)
+            written += [a for _, a in e.sarrs]
+        # the cheap re-checks read NumPy flags: host arrays (NumPy, or NumPy views of host
+        # tensors); device arrays are validated in full at every step
+        self.fast = all(type(a) is np.ndarray for a in written)
+        if not self.fast:
+            return
+        roots = [_root(a) for a in written]
+        # memory NumPy owns can be shared only through views of its owner, so a grad whose
+        # owner is no parameter's or state's owner needs no byte-range check; with any other
+        # owner (a memory map, a DLPack producer) every grad's byte range is checked
+        self.roots = None if any(r is None for r in roots) else {id(r) for r in roots}
+        spans = sorted((ext[0], ext[1], a) for a in written if (ext := _extent(a)) is not None)
+        self.los = [s[0] for s in spans]
+        self.spans = spans
+
+    def overlaps(self, g):
+        """Does grad ``g`` share memory with a parameter or state buffer (exact)?"""
+        ext = _extent(g)
+        if ext is None:
+            return False
+        lo, hi = ext
+        spans = self.spans
+        for i in range(max(bisect.bisect_right(self.los, lo) - 1, 0), len(spans)):
+            slo, shi, a = spans[i]
+            if slo >= hi:
+                break
+            if shi > lo and np.shares_memory(g, a):
+                return True
+        return False
+
+
+class _FlatCache:
+    """What a full validation of ``step(buf)`` established, to re-check cheaply next step."""
+
+    __slots__ = (
+        "be",
+        "buf",
+        "datas",
+        "dtypes",
+        "fast",
+        "grads",
+        "groups",
+        "host",
+        "n",
+        "shapes",
+        "states",
+        "writes",
+    )
+
+
+class StepMachinery:
+    """``update``/``step``'s checks and launches (see the module docstring)."""
+
+    def _step_hp(self):
+        """This step's hyperparameters: a snapshot, validated when any was set since the last
+        validation (a refused value raises before anything changes)."""
+        dirty = not self._hyper_ok
+        self._hyper_ok = True
+        hp = {h: getattr(self, h) for h in self._hyper + self._flags}
+        if dirty:
+            try:
+                hp = self._check_hyper(hp)
+            except BaseException:
+                self._hyper_ok = False
+                raise
+        return hp
+
+    def _recheck_dict(self, params, grads):
+        """The launches of a step whose inputs differ from the last fully validated step only
+        in what cannot break it — or None, and the full validation decides."""
+        c = self._dict_cache
+        if (
+            self._state is not c.state
+            or not isinstance(params, Mapping)
+            or not isinstance(grads, Mapping)
+            or len(params) != c.n
+            or len(grads) != c.n
+        ):
+            return None
+        state, roots = c.state, c.roots
+        todo = []
+        for e in c.entries:
+            name = e.name
+            p = params.get(name)
+            if p is not e.src:
+                return None
+            if e.ptr is not None:  # a host tensor: still the same memory, shape and dtype?
+                if (
+                    p.data_ptr() != e.ptr
+                    or p.shape != e.shape
+                    or p.dtype is not e.tdtype
+                    or not p.is_contiguous()
+                ):
+                    return None
+                p = e.p
+            if p.shape != e.shape or p.dtype is not e.dtype or not p.flags.carray:
+                return None
+            st = state.get(name)
+            if st is not e.st or len(st) != e.nst:
+                return None
+            for s, a in e.sarrs:
+                if st.get(s) is not a or not a.flags.carray:
+                    return None
+            g = grads.get(name)
+            if type(g) is not np.ndarray:
+                g = as_xp_array(g, f"grad of parameter {name!r}")
+                if type(g) is not np.ndarray:
+                    return None
+            if g.shape != e.shape or (g.dtype is not e.dtype and g.dtype != e.dtype):
+                return None
+            if roots is None:
+                if c.overlaps(g):
+                    return None
+            else:
+                r = _root(g)
+                if (r is None or id(r) in roots) and c.overlaps(g):
+                    return None
+            if not g.flags.c_contiguous:
+                g = np.ascontiguousarray(g)
+            todo.append((e, g if g.ndim == 1 else g.reshape(-1)))
+        return todo
+
+    def _apply_dict(self, todo, hp=None):
+        if hp is None:
+            hp = self._step_hp()
+        if self.nonfinite is not None:
+            for e, g in todo:
+                if not all_finite(g):
+                    return self._nonfinite_found(e.name, g)
+        self.step_count += 1
+        c = self._dict_cache
+        launch = Launch(c.be, self._rule, self.step_count, self._rule_hp(hp))
+        run, last, writes = None, None, c.writes
+        for e, g in todo:
+            if e.dtype is not last:
+                run, last = launch.runner(e.dtype, writes), e.dtype
+            run(e.pflat, g, e.sflat)
+        return True
+
+    def _update_full(self, params, grads):
+        if not isinstance(params, Mapping) or not isinstance(grads, Mapping):
+            raise TypeError(
+                "update() expects two dicts name -> array (params, grads), got "
+                f"{type(params).__name__} and {type(grads).__name__}"
+            )
+        check_str_names(params, "parameter names")
+        if not params:
+            raise ValueError(
+                "update() got no parameters: params is an empty dict (as "
+                "torch.optim refuses an empty parameter list)"
+            )
+        sources = params
+        params, grads = as_xp_dicts(params, grads)
+        with on_device(next(iter(params.values()))):
+            be, pairs, hp = self._validate_dict(params, grads)
+            if not self._finite((n, g) for n, _, g in pairs):
+                return False
+            if self._layout is None:
+                self._bind(
+                    ("dict", tuple((n, tuple(p.shape), str(dtype_of(p))) for n, p, _ in pairs)),
+                    {n: p for n, p, _ in pairs},
+                )
+            c = self._dict_cache = self._build_dict_cache(pairs, sources, be)
+            todo = []
+            for e, (_, _, g) in zip(c.entries, pairs):
+                g = array_module(g).ascontiguousarray(g)
+                todo.append((e, g.reshape(-1)))
+            return self._apply_dict(todo, hp)
+
+    def _build_dict_cache(self, pairs, sources, be):
+        names, slots = self._state_names(), RULES[self._rule].STATE
+        entries = []
+        for name, p, _ in pairs:
+            e = _Entry()
+            st = self._state[name]
+            e.name, e.p, e.shape, e.dtype, e.src = name, p, p.shape, p.dtype, sources[name]
+            e.ptr = e.tdtype = None
+            if e.src is not p and hasattr(e.src, "data_ptr") and type(p) is np.ndarray:
+                e.ptr, e.tdtype = e.src.data_ptr(), e.src.dtype  # a torch tensor's NumPy view
+            e.pflat, e.st, e.nst = p.reshape(-1), st, len(st)
+            e.sarrs = tuple((s, st[s]) for s in names)
+            e.sflat = tuple(st[s].reshape(-1) if s in st else None for s in slots)
+            entries.append(e)
+        return _DictCache(entries, self._state, be, tuple(s in names for s in slots))
+
+    def _backend_for(self, arrays, what):
+        """The backend module that will run, after checking it can reach ``arrays``."""
+        be = backends.resolve(self.backend, arrays[0][1] if arrays else None)
+        check_reach(be, arrays, what)
+        return be
+
+    def _check_against(self, name, shape, dtype):
+        """Shape/dtype of parameter ``name`` against the bound layout or the loaded state."""
+        if self._bound is not None:
+            ref = self._bound[name]
+            if (shape, dtype) != ref:
+                raise ValueError(
+                    f"parameter {name!r} is {dtype_name(dtype)}{list(shape)} but "
+                    f"this optimizer was first stepped with "
+                    f"{dtype_name(ref[1])}{list(ref[0])}; create a new optimizer "
+                    "or load a matching state_dict"
+                )
+        elif self._pending is not None:
+            for s, a in self._pending[name].items():
+                if a.shape != shape or a.dtype != dtype:
+                    raise ValueError(
+                        f"loaded state {s!r} of parameter {name!r} is "
+                        f"{dtype_name(a.dtype)}{list(a.shape)}, but the parameter "
+                        f"is {dtype_name(dtype)}{list(shape)}"
+                    )
+
+    def _validate_dict(self, params, grads):
+        check_names(grads, params, "the names of grads", "the names of params")
+        bound = self._layout is not None
+        if bound:
+            if self._layout[0] != "dict":
+                raise ValueError("this optimizer steps a FlatBuffer; call step(buf), not update()")
+            check_names(
+                params,
+                self._state,
+                "parameter names",
+                "those of the first step (create a new optimizer for other parameters)",
+            )
+        elif self._pending is not None:
+            check_names(params, self._pending, "parameter names", "those of the loaded state")
+        hp = self._step_hp()  # schedules may have changed them since the last step
+        arrays = []
+        for name, p in params.items():
+            for role, a in (("param", p), ("grad", grads[name])):
+                if not is_array(a):
+                    raise TypeError(
+                        f"{role} of parameter {name!r} is a {type(a).__name__}; "
+                        "expected a NumPy array or a device array"
+                    )
+                arrays.append((f"{role} of parameter {name!r}", a))
+        be = self._backend_for(arrays, "params and grads")
+        supported = tuple(getattr(be, "DTYPES", SUPPORTED_DTYPES))
+        kind, names = type(self).__name__, self._state_names()
+        pairs, entries = [], []
+        for name, p in params.items():
+            g = grads[name]
+            pd, ents = check_param_arrays(name, p, g, (), supported)
+            self._check_against(name, tuple(p.shape), pd)
+            if bound:
+                st = self._state[name]
+                if not isinstance(st, Mapping):
+                    raise ValueError(
+                        f"opt.state[{name!r}] is a {type(st).__name__}; expected "
+                        "a dict state name -> array"
+                    )
+                check_names(
+                    st, names, f"state buffers of parameter {name!r}", f"those {kind} keeps"
+                )
+                ents += check_state_arrays(name, p, [(s, st[s]) for s in names])
+            pairs.append((name, p, g))
+            entries += ents
+        check_no_overlap(entries)
+        return be, pairs, hp
+
+    def _recheck_flat(self, c):
+        """Are the FlatBuffer's groups the arrays the last full validation saw, with the same
+        lengths and flags?"""
+        groups = c.buf.groups
+        if len(groups) != c.n:
+            return False
+        for i, g in enumerate(groups):
+            d, gr = g.data, g.grad
+            if (
+                g is not c.groups[i]
+                or d is not c.datas[i]
+                or gr is not c.grads[i]
+                or d.shape != c.shapes[i]
+                or gr.shape != c.shapes[i]
+                or d.dtype is not c.dtypes[i]
+                or gr.dtype is not c.dtypes[i]
+            ):
+                return False
+            if c.host:
+                if (
+                    not d.flags.carray
+                    or not gr.flags.c_contiguous
+                    or not all(s.flags.carray for s in c.states[i] if s is not None)
+                ):
+                    return False
+            elif not d.flags.c_contiguous or not gr.flags.c_contiguous:
+                return False
+        return True
+
+    def _apply_flat(self, buf, c):
+        hp = self._step_hp()
+        if not self._finite_flat(buf):
+            return False
+        self.step_count += 1
+        launch = Launch(c.be, self._rule, self.step_count, self._rule_hp(hp))
+        for d, gr, states in zip(c.datas, c.grads, c.states):
+            launch.runner(d.dtype, c.writes)(d, gr, states)
+        return True
+
+    def _build_flat_cache(self, buf, be):
+        c = _FlatCache()
+        names, slots = self._state_names(), RULES[self._rule].STATE
+        c.buf, c.n, c.groups = buf, len(buf.groups), tuple(buf.groups)
+        c.datas = tuple(g.data for g in buf.groups)
+        c.grads = tuple(g.grad for g in buf.groups)
+        c.shapes = tuple(d.shape for d in c.datas)
+        c.dtypes = tuple(d.dtype for d in c.datas)
+        c.states = tuple(tuple(f.get(s, None) for s in slots) for f in self._flat_state)
+        c.be, c.writes = be, tuple(s in names for s in slots)
+        arrays = c.datas + c.grads
+        c.host = all(type(a) is np.ndarray for a in arrays)
+        # the cheap re-checks read NumPy or CuPy flags; other kinds are validated in full
+        cp = sys.modules.get("cupy")
+        c.fast = c.host or (cp is not None and all(type(a) is cp.ndarray for a in arrays))
+        return c
+
+    def _validate_flat(self, buf):
+        layout = buf.layout
+        if self._layout is not None:
+            if self._layout[0] != "flat":
+                raise ValueError(
+                    "this optimizer steps dicts of arrays; call update(params, "
+                    "grads), not step(buf)"
+                )
+            if self._layout[1] != layout:
+                check_names(
+                    buf.params,
+                    self._state,
+                    "the FlatBuffer's parameter names",
+                    "those of the first step",
+                )
+                old = {
+                    n: (dt, off, size, tuple(shape)) for dt, n, off, size, shape in self._layout[1]
+                }
+                for dt, n, off, size, shape in layout:
+                    if old[n] != (dt, off, size, tuple(shape)):
+                        o = old[n]
+                        raise ValueError(
+                            f"parameter {n!r} is {dt}{list(shape)} at offset "
+                            f"{off} but this optimizer was first stepped with "
+                            f"{o[0]}{list(o[3])} at offset {o[1]}; create a new "
+                            "optimizer or load a matching state_dict"
+                        )
+                raise ValueError("this FlatBuffer's layout differs from the first step's")
+        elif self._pending is not None:
+            check_names(
+                buf.params,
+                self._pending,
+                "the FlatBuffer's parameter names",
+                "those of the loaded state",
+            )
+            for dt, n, _, _, shape in layout:
+                self._check_against(n, tuple(shape), np.dtype(dt))
+        self._step_hp()
+        arrays = []
+        for i, g in enumerate(buf.groups):
+            for role, a in (("data", g.data), ("grad", g.grad)):
+                if not is_array(a):
+                    raise TypeError(
+                        f"{role} of FlatBuffer group {i} is a {type(a).__name__}; expected an array"
+                    )
+                arrays.append((f"FlatBuffer group {i} {role}", a))
+        be = self._backend_for(arrays, "the FlatBuffer's groups")
+        supported = tuple(getattr(be, "DTYPES", SUPPORTED_DTYPES))
+        entries = []
+        for i, group in enumerate(buf.groups):
+            dt = np.dtype(group.dtype)
+            who = f"the FlatBuffer {dtype_name(dt)} group"
+            n = max((off + size for off, size, _ in group.slots.values()), default=0)
+            for role, a in (("data", group.data), ("grad", group.grad)):
+                check_array(None, role, a, supported, who)
+                if dtype_of(a) != dt or a.ndim != 1 or a.shape[0] < n:
+                    raise ValueError(
+                        f"{role} of {who} is {describe(a)}; expected a 1-D "
+                        f"{dtype_name(dt)} array of at least {n} elements"
+                    )
+            states = ()
+            if self._flat_state is not None:
+                states = tuple(self._flat_state[i].items())
+                size = next(iter(self._flat_state[i].values())).shape[0] if states else None
+                if size is not None and group.data.shape[0] != size:
+                    raise ValueError(
+                        f"data of {who} is {describe(group.data)} but this "
+                        f"optimizer's state for the group holds {size} elements "
+                        "(sized at the first step); a FlatBuffer's buffers cannot "
+                        "be resized: create a new FlatBuffer and optimizer"
+                    )
+            _, ents = check_param_arrays(None, group.data, group.grad, states, supported, who)
+            entries += ents
+        check_no_overlap(entries)
+        return be
+
+    def _finite(self, named_grads):
+        """Apply the non-finite policy: True to go on, False to skip, or raise."""
+        if self.nonfinite is None:
+            return True
+        for name, g in named_grads:
+            if not all_finite(g):
+                return self._nonfinite_found(name, g)
+        return True
+
+    def _finite_flat(self, buf):
+        if self.nonfinite is None:
+            return True
+        for group in buf.groups:
+            if not all_finite(group.grad):  # one reduction over the whole dtype group
+                bad = next(
+                    (
+                        n
+                        for n, (off, size, _) in group.slots.items()
+                        if not all_finite(group.grad[off : off + size])
+                    ),
+                    "(padding between parameters)",
+                )
+                return self._nonfinite_found(bad, buf.grads.get(bad, group.grad))
+        return True
+
+    def _nonfinite_found(self, name, g):
+        if self.nonfinite == "skip":
+            return False
+        h = to_numpy(g)
+        raise NonFiniteGradientError(
+            f"gradient of parameter {name!r} ({describe(g)}) holds {int(np.isnan(h).sum())} "
+            f"NaN and {int(np.isinf(h).sum())} inf values; nonfinite='raise' refused the step "
+            "(nothing was changed)"
+        )
