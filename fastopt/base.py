@@ -118,6 +118,30 @@ class Optimizer(StepMachinery, StateMachinery):
     def _spec(self):
         return RULES[self._rule]
 
+    @classmethod
+    def probes(cls):
+        """``{hyperparameter: (off, on)}`` for this class's hyperparameters whose spec names a
+        probe value: the rule's default and the value that switches a variant or brings a term
+        into play (tests and benchmarks sweep them)."""
+        spec = RULES[cls._rule]
+        own = set(cls._hyper + cls._flags)
+        return {
+            h.name: (h.default, h.probe)
+            for h in spec.hyper
+            if h.name in own and h.probe is not None
+        }
+
+    @classmethod
+    def slots_for(cls, **kwargs):
+        """The state buffers an instance built with ``kwargs`` (else the defaults) keeps."""
+        import inspect
+
+        sig = inspect.signature(cls.__init__).parameters
+        hp = {k: v.default for k, v in sig.items() if k in cls._hyper + cls._flags}
+        hp.update(kwargs)
+        hp = {**{h.name: h.default for h in RULES[cls._rule].hyper}, **hp, **cls._pinned}
+        return RULES[cls._rule].state_names(hp)
+
     def _rule_hp(self, hp):
         """The rule's hyperparameters: the class's, plus the ones the class pins."""
         return {**hp, **self._pinned} if self._pinned else hp

@@ -9,6 +9,7 @@ from ._validate import check_number
 from .base import Optimizer
 
 __all__ = [
+    "CLASSES",
     "SGD",
     "AdaGrad",
     "Adagrad",
@@ -307,3 +308,20 @@ class Lion(Optimizer):
     ):
         self._init({"lr": lr, "betas": betas, "weight_decay": weight_decay, "maximize": maximize})
         super().__init__(backend, nonfinite=nonfinite)
+
+
+def _registry():
+    """Every optimizer class of this module by its own name (aliases such as ``Adagrad`` are
+    left out): what the benchmark, the demo and the tests sweep."""
+    return {
+        name: obj
+        for name, obj in globals().items()
+        if isinstance(obj, type)
+        and issubclass(obj, Optimizer)
+        and obj.__name__ == name
+        and obj._rule is not None
+    }
+
+
+#: class name -> class, in definition order
+CLASSES = _registry()

@@ -41,9 +41,9 @@ RULE = Rule(
     name="adagrad",
     hyper=(
         Hyper("lr", 1e-2),
-        Hyper("lr_decay", 0.0),
-        Hyper("weight_decay", 0.0),
-        Hyper("initial_accumulator_value", 0.0, fixed=True),
+        Hyper("lr_decay", 0.0, probe=0.3),
+        Hyper("weight_decay", 0.0, probe=0.1),
+        Hyper("initial_accumulator_value", 0.0, fixed=True, probe=0.2),
         Hyper("eps", 1e-10),
         Hyper("maximize", False, "bool", fixed=True),
     ),

@@ -71,7 +71,7 @@ RULE = Rule(
         Hyper("lr", 1e-3),
         Hyper("betas", (0.9, 0.999), "betas"),
         Hyper("eps", 1e-8),
-        Hyper("weight_decay", 0.0),
+        Hyper("weight_decay", 0.0, probe=0.1),
         Hyper("amsgrad", False, "bool", fixed=True),
         Hyper("maximize", False, "bool", fixed=True),
         Hyper("decoupled", False, "bool", fixed=True),

@@ -51,7 +51,7 @@ RULE = Rule(
     hyper=(
         Hyper("lr", 1e-4),
         Hyper("betas", (0.9, 0.99), "betas"),
-        Hyper("weight_decay", 0.0),
+        Hyper("weight_decay", 0.0, probe=0.1),
         Hyper("maximize", False, "bool", fixed=True),
     ),
     slots=(Slot("exp_avg"),),

@@ -61,9 +61,9 @@ RULE = Rule(
     name="sgd",
     hyper=(
         Hyper("lr", 1e-3),
-        Hyper("momentum", 0.0),
-        Hyper("dampening", 0.0),
-        Hyper("weight_decay", 0.0),
+        Hyper("momentum", 0.0, probe=0.9),
+        Hyper("dampening", 0.0, probe=0.3),
+        Hyper("weight_decay", 0.0, probe=0.1),
         Hyper("nesterov", False, "bool", fixed=True),
         Hyper("maximize", False, "bool", fixed=True),
     ),

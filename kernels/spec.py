@@ -93,10 +93,15 @@ class Hyper:
     default: object
     domain: str = "nonneg"
     fixed: bool = False
+    #: a value that switches the rule to another variant or brings a term into play (tests and
+    #: benchmarks sweep default and probe); None for a bool: its negation
+    probe: object = None
 
     def __post_init__(self):
         if self.domain not in DOMAINS:
             raise ValueError(f"hyperparameter {self.name}: unknown domain {self.domain!r}")
+        if self.probe is None and self.domain == "bool":
+            object.__setattr__(self, "probe", not self.default)
 
 
 @dataclass(frozen=True)

@@ -65,43 +65,91 @@ class Case:
         return dict(self.kwargs)
 
 
-#: The sweep: every optimizer with its defaults, plus the flags that add traffic.
-CASES = {
-    c.name: c
-    for c in (
-        Case("sgd", "SGD", (), 0, "SGD", (("lr", 1e-3),)),
-        Case("momentum", "Momentum", (), 1, "SGD", (("lr", 1e-2), ("momentum", 0.9))),
-        Case(
-            "nesterov",
-            "Nesterov",
-            (),
-            1,
-            "SGD",
-            (("lr", 1e-2), ("momentum", 0.9), ("nesterov", True)),
-        ),
-        Case("adagrad", "AdaGrad", (), 1, "Adagrad", (("lr", 1e-2),)),
-        Case("rmsprop", "RMSProp", (), 1, "RMSprop", (("lr", 1e-2),)),
-        Case(
-            "rmsprop-centered-momentum",
-            "RMSProp",
-            (("centered", True), ("momentum", 0.9)),
-            3,
-            "RMSprop",
-            (("lr", 1e-2), ("centered", True), ("momentum", 0.9)),
-        ),
-        Case("adam", "Adam", (), 2, "Adam", (("lr", 1e-3),)),
-        Case(
-            "adam-amsgrad",
-            "Adam",
-            (("amsgrad", True),),
-            3,
-            "Adam",
-            (("lr", 1e-3), ("amsgrad", True)),
-        ),
-        Case("adamw", "AdamW", (), 2, "AdamW", (("lr", 1e-3), ("weight_decay", 1e-2))),
-        Case("lion", "Lion", (), 1, None),
-    )
-}
+def _torch_name(cls):
+    """The ``torch.optim`` class an optimizer class stands for: its own name or an ancestor's,
+    matched case-insensitively (AdaGrad -> Adagrad, Momentum -> SGD), else None (Lion)."""
+    import importlib.util
+
+    if importlib.util.find_spec("torch") is None:
+        names = _TORCH_OPTIM
+    else:
+        import torch.optim
+
+        names = [n for n in dir(torch.optim) if n[:1].isupper()]
+    lower = {n.lower(): n for n in names}
+    for klass in cls.__mro__:
+        if klass.__name__ == "Optimizer":  # fastopt's base: no optimizer of its own
+            break
+        if klass.__name__.lower() in lower:
+            return lower[klass.__name__.lower()]
+    return None
+
+
+#: torch.optim's optimizer classes, for naming peers when torch is not installed
+_TORCH_OPTIM = (
+    "ASGD",
+    "Adadelta",
+    "Adafactor",
+    "Adagrad",
+    "Adam",
+    "AdamW",
+    "Adamax",
+    "LBFGS",
+    "NAdam",
+    "RAdam",
+    "RMSprop",
+    "Rprop",
+    "SGD",
+    "SparseAdam",
+)
+
+
+def derive_cases():
+    """The sweep, from the optimizer registry: every class with its defaults, then the variant
+    with every hyperparameter probe that adds a state buffer switched on (AMSGrad, centered
+    RMSProp with momentum, ...) unless a case with the same rule and state buffers exists."""
+    from ..kernels import RULES
+    from ..optimizers import CLASSES
+
+    cases, seen = [], set()
+    for cls in CLASSES.values():
+        slots = cls.slots_for()
+        cases.append(_case(cls.__name__.lower(), cls, {}, slots))
+        seen.add((cls._rule, slots))
+    for cls in CLASSES.values():
+        base = cls.slots_for()
+        adds = {h: on for h, (_, on) in cls.probes().items() if cls.slots_for(**{h: on}) != base}
+        if not adds:
+            continue
+        order = RULES[cls._rule].state  # name the variant in the order of the slots it adds
+        first_new = {
+            h: min(order.index(x) for x in cls.slots_for(**{h: on}) if x not in base)
+            for h, on in adds.items()
+        }
+        adds = {h: adds[h] for h in sorted(adds, key=first_new.get)}
+        slots = cls.slots_for(**adds)
+        if (cls._rule, slots) in seen:
+            continue
+        seen.add((cls._rule, slots))
+        cases.append(_case(f"{cls.__name__.lower()}-{'-'.join(adds)}", cls, adds, slots))
+    return {c.name: c for c in cases}
+
+
+def _case(name, cls, kwargs, slots):
+    import inspect
+
+    torch_cls = _torch_name(cls)
+    torch_kwargs = ()
+    if torch_cls is not None:
+        sig = inspect.signature(cls.__init__).parameters
+        hp = {k: v.default for k, v in sig.items() if k in cls._hyper + cls._flags}
+        hp.update(kwargs, **cls._pinned)
+        torch_kwargs = tuple((k, v) for k, v in hp.items() if k != "decoupled")
+    return Case(name, cls.__name__, tuple(kwargs.items()), len(slots), torch_cls, torch_kwargs)
+
+
+#: The sweep: every optimizer with its defaults, plus the variants that add traffic.
+CASES = derive_cases()
 CASE_NAMES = tuple(CASES)
 
 #: DESIGN.md §6, bytes per element in float32 (kept here so a test can hold the formula to it)
