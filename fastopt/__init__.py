@@ -12,35 +12,47 @@ from .base import Optimizer
 from .checkpoint import CheckpointError, load_checkpoint, save_checkpoint
 from .flat import FlatBuffer
 from .optimizers import (
+    ASGD,
     SGD,
+    Adadelta,
     AdaGrad,
     Adagrad,
     Adam,
+    Adamax,
     AdamW,
     Lion,
     Momentum,
+    NAdam,
     Nesterov,
+    RAdam,
     RMSProp,
     RMSprop,
+    Rprop,
 )
 
 __version__ = "0.1.0"
 
 __all__ = [
+    "ASGD",
     "SGD",
     "AdaGrad",
+    "Adadelta",
     "Adagrad",
     "Adam",
     "AdamW",
+    "Adamax",
     "CheckpointError",
     "FlatBuffer",
     "Lion",
     "Momentum",
+    "NAdam",
     "Nesterov",
     "NonFiniteGradientError",
     "Optimizer",
+    "RAdam",
     "RMSProp",
     "RMSprop",
+    "Rprop",
     "__version__",
     "available_backends",
     "load_checkpoint",

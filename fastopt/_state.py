@@ -5,6 +5,12 @@ State buffers are created at the first step, shaped and typed like their paramet
 into flat per-group buffers for a ``FlatBuffer``), filled with the rule's initial values or
 with a state loaded before the first step. ``load_state_dict`` checks everything first (kind,
 flags, hyperparameters, step, names, shapes, dtypes) and only then writes.
+
+A rule's host state (``Rule.host_state``: NAdam's ``mu_product``, ASGD's ``eta`` and ``mu``) is
+one set of float32 values per optimizer (``_host``), created with the state buffers and
+advanced after every applied step. A state dict carries it as torch does: per parameter, under
+torch's names, as 0-d float32 arrays (every parameter holds the same values; a loaded state
+dict whose parameters disagree is refused).
 """
 
 import numpy as np
@@ -65,19 +71,34 @@ class StateMachinery:
             raise TypeError(f"state_dict state is a {type(state).__name__}; expected a dict")
         check_str_names(state, "state_dict parameter names")
         want = self._state_names()
-        host = {}
+        hnames = self._spec.host_names
+        host, hs, first = {}, None, None
         for name, st in state.items():
             if not isinstance(st, dict):
                 raise TypeError(
                     f"state of parameter {name!r} is a {type(st).__name__}; "
                     "expected a dict state name -> array"
                 )
-            check_names(st, want, f"state buffers of parameter {name!r}", f"those {kind} keeps")
+            check_names(
+                st, want + hnames, f"state buffers of parameter {name!r}", f"those {kind} keeps"
+            )
             host[name] = {}
             for s in want:
                 a = st[s]
                 check_array(name, f"state {s!r}", a, SUPPORTED_DTYPES)
                 host[name][s] = np.array(to_numpy(a), copy=True)
+            if hnames:
+                mine = self._spec.check_host_state(
+                    {h: to_numpy(st[h]) if is_array(st[h]) else st[h] for h in hnames},
+                    who=f"host state of parameter {name!r}",
+                )
+                if hs is None:
+                    hs, first = mine, name
+                elif mine != hs:
+                    raise ValueError(
+                        f"host state of parameter {name!r} is {mine} but that of parameter "
+                        f"{first!r} is {hs}; {kind} steps every parameter with one host state"
+                    )
         if self._layout is not None:
             check_names(
                 state, self._state, "state_dict parameter names", "those this optimizer steps"
@@ -104,16 +125,18 @@ class StateMachinery:
                     raise ValueError(
                         f"state buffers of parameter {name!r} differ in shape or dtype: {got}"
                     )
-        return hp, int(step), host
+        return hp, int(step), host, hs
 
-    def _commit_state_dict(self, hp, step, host):
+    def _commit_state_dict(self, hp, step, host, hs):
         if self._layout is not None:
             for name, st in host.items():
                 for s, a in st.items():
                     cur = self._state[name][s]
                     cur[...] = array_module(cur).asarray(a)
+            self._host = hs if hs is not None else self._host
         else:
             self._pending = host if host else None
+            self._pending_host = hs
         for h in self._hyper:
             setattr(self, h, hp[h])
         self._hyper_ok = True  # validated by _check_state_dict
@@ -130,14 +153,24 @@ class StateMachinery:
                 out[s] = xp.full(like.shape, self._state_fill(s), dtype=dtype_of(like))
         return out
 
+    def _bind_host(self):
+        """The host state, created with the state buffers: the loaded one, else the rule's
+        initial values from the hyperparameters of this (first) step."""
+        hs = self._pending_host
+        if hs is None:
+            hs = self._spec.initial_host_state(self._rule_hp(self.hyperparams))
+        self._host, self._pending_host = dict(hs), None
+
     def _bind(self, layout, params):
         # validated already: the pending state's names, shapes and dtypes match ``params``
+        self._bind_host()
         self._state = {n: self._new_state(n, p) for n, p in params.items()}
         self._bound = {n: (shape, np.dtype(dt)) for n, shape, dt in layout[1]}
         self._layout = layout
         self._pending = None
 
     def _bind_flat(self, buf):
+        self._bind_host()
         flat_state, state = [], {}
         for group in buf.groups:
             flat = {

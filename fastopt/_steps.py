@@ -213,12 +213,15 @@ class StepMachinery:
                     return self._nonfinite_found(e.name, g)
         self.step_count += 1
         c = self._dict_cache
-        launch = Launch(c.be, self._rule, self.step_count, self._rule_hp(hp))
+        hp = self._rule_hp(hp)
+        launch = Launch(c.be, self._rule, self.step_count, hp, self._host)
         run, last, writes = None, None, c.writes
         for e, g in todo:
             if e.dtype is not last:
                 run, last = launch.runner(e.dtype, writes), e.dtype
             run(e.pflat, g, e.sflat)
+        if self._host:
+            self._host = RULES[self._rule].advance_host_state(hp, self.step_count, self._host)
         return True
 
     def _update_full(self, params, grads):
@@ -375,9 +378,12 @@ class StepMachinery:
         if not self._finite_flat(buf):
             return False
         self.step_count += 1
-        launch = Launch(c.be, self._rule, self.step_count, self._rule_hp(hp))
+        hp = self._rule_hp(hp)
+        launch = Launch(c.be, self._rule, self.step_count, hp, self._host)
         for d, gr, states in zip(c.datas, c.grads, c.states):
             launch.runner(d.dtype, c.writes)(d, gr, states)
+        if self._host:
+            self._host = RULES[self._rule].advance_host_state(hp, self.step_count, self._host)
         return True
 
     def _build_flat_cache(self, buf, be):

@@ -100,6 +100,8 @@ class Optimizer(StepMachinery, StateMachinery):
         self._bound = None  # name -> (shape, dtype name) of the first step
         self._flat_state = None  # per FlatBuffer group: {state name -> flat array}
         self._pending = None  # state loaded before the first step
+        self._host = None  # the rule's host state ({} without one), created with the state
+        self._pending_host = None  # host state loaded before the first step
         self._dict_cache = None
         self._flat_cache = None
         self._hyper_ok = True  # the constructor validated every hyperparameter
@@ -255,6 +257,14 @@ class Optimizer(StepMachinery, StateMachinery):
         return self._state
 
     @property
+    def host_state(self):
+        """The rule's host scalars carried between steps (NAdam's ``mu_product``, ASGD's
+        ``eta`` and ``mu``) as a new dict of float32 values under torch's names: ``{}`` for a
+        rule without any, and before the first step (they are created with the state)."""
+        hs = self._host if self._host is not None else self._pending_host
+        return dict(hs or {})
+
+    @property
     def hyperparams(self):
         """The current hyperparameters and flags, as plain Python values."""
         out = {h: getattr(self, h) for h in self._hyper + self._flags}
@@ -323,10 +333,15 @@ class Optimizer(StepMachinery, StateMachinery):
     @_exclusive
     def state_dict(self):
         """Plain data: optimizer kind, step count, hyperparameters and per-parameter state
-        (``{name: {state name: numpy array}}``, host copies shaped like the parameters)."""
+        (``{name: {state name: numpy array}}``, host copies shaped like the parameters, plus
+        the rule's host state as 0-d float32 arrays, as torch keeps it)."""
         state = {n: {s: to_numpy(a) for s, a in st.items()} for n, st in self._state.items()}
+        hs = self._host
         if self._pending is not None and not state:
             state = {n: {s: a.copy() for s, a in st.items()} for n, st in self._pending.items()}
+            hs = self._pending_host
+        for st in state.values():  # torch's form: 0-d float32 tensors in every parameter's state
+            st.update({h: np.array(v, dtype=np.float32) for h, v in (hs or {}).items()})
         return {
             "optimizer": type(self).__name__,
             "step": self.step_count,

@@ -160,8 +160,10 @@ def _checked(rule, flags, backend, param, grad, states):
 def run(rule, param, grad, states, *, step, hp, backend="auto", host_state=None):
     """One checked, fused step of ``rule`` over flat arrays: ``states`` maps each of the rule's
     slots to its array (or None where the variant does not use it), ``hp`` holds every
-    hyperparameter of the rule, ``host_state`` the rule's host scalars before this step (None:
-    those of a run with these hyperparameters from step 1)."""
+    hyperparameter of the rule, ``host_state`` (rules with host state only) a dict of the
+    rule's host scalars before this step, updated in place to their values after it (a 0-d
+    array in it is written into), as torch's functional API advances ``mu_products`` or
+    ``etas``; None: those of a run with these hyperparameters from step 1, nothing advanced."""
     spec = RULES[rule]
     step = check_step(step)
     missing = set(spec.hyper_names) - set(hp)
@@ -175,14 +177,39 @@ def run(rule, param, grad, states, *, step, hp, backend="auto", host_state=None)
             f"fastopt.functional.{rule}(): state {sorted(states)}; expected {list(spec.state)}"
         )
     hp = spec.validate(hp)
-    flags, _ = spec.plan(
-        hp, step, host_state or (spec.initial_host_state(hp) if spec.host_state else None)
-    )
+    who = f"fastopt.functional.{rule}()"
+    if host_state is None:
+        hs = spec.replay_host_state(hp, step)
+    elif not spec.host_state:
+        raise TypeError(f"{who}: {rule} keeps no host state; got host_state={host_state!r}")
+    else:
+        hs = spec.check_host_state(host_state, who=f"{who}: host_state")
+        _check_writable_host_state(host_state, who)
+    flags, _ = spec.plan(hp, step, hs)
     be, param, grad, arrays = _checked(
         rule, flags, backend, param, grad, {s: states[s] for s in spec.state}
     )
     writes = tuple(a is not None for a in arrays)
-    Launch(be, rule, step, hp, host_state).runner(dtype_of(param), writes)(param, grad, arrays)
+    Launch(be, rule, step, hp, hs).runner(dtype_of(param), writes)(param, grad, arrays)
+    if host_state is not None:
+        for name, value in spec.advance_host_state(hp, step, hs).items():
+            if isinstance(host_state[name], np.ndarray):
+                host_state[name][...] = value
+            else:
+                host_state[name] = value
+
+
+def _check_writable_host_state(host_state, who):
+    """A ``host_state`` the step can advance in place: a mutable mapping whose 0-d arrays are
+    writeable (checked before anything is written)."""
+    if not callable(getattr(host_state, "__setitem__", None)):
+        raise TypeError(
+            f"{who}: host_state is a {type(host_state).__name__}; expected a dict (it is updated "
+            "in place to the values after the step)"
+        )
+    for name, v in host_state.items():
+        if isinstance(v, np.ndarray) and not v.flags.writeable:
+            raise ValueError(f"{who}: host_state[{name!r}] is a read-only array")
 
 
 def _entry(spec):
@@ -196,6 +223,8 @@ def _entry(spec):
     ]
     params.append(P("step", P.KEYWORD_ONLY))
     params += [P(h.name, P.KEYWORD_ONLY, default=h.default) for h in spec.hyper]
+    if spec.host_state:
+        params.append(P("host_state", P.KEYWORD_ONLY, default=None))
     params.append(P("backend", P.KEYWORD_ONLY, default="auto"))
     sig = inspect.Signature(params)
 
@@ -216,15 +245,24 @@ def _entry(spec):
             step=a["step"],
             hp={h: a[h] for h in spec.hyper_names},
             backend=a["backend"],
+            host_state=a.get("host_state"),
         )
 
     entry.__name__ = entry.__qualname__ = spec.name
     entry.__signature__ = sig
     slots = ", ".join(f"``{s.name}``" + (f" (with {s.when})" if s.when else "") for s in spec.slots)
+    host = ""
+    if spec.host_state:
+        names = ", ".join(f"``{n}``" for n in spec.host_names)
+        host = (
+            f" ``host_state``: a dict of the host state ({names}) before this step, updated "
+            "in place to its values after it (None: that of a run with these "
+            "hyperparameters from step 1)."
+        )
     entry.__doc__ = (
         f"One fused in-place step of {spec.name} over flat arrays: the param, its "
         f"grad and the state {slots}; ``step`` counts from 1. Hyperparameters "
-        "and defaults are torch.optim's. Every input is checked before anything "
+        f"and defaults are torch.optim's.{host} Every input is checked before anything "
         "is written."
     )
     return entry

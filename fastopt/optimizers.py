@@ -1,4 +1,4 @@
-"""The eight optimizers, with ``torch.optim``'s names, defaults and formulas.
+"""The optimizers, with ``torch.optim``'s names, defaults and formulas.
 
 Each class holds hyperparameters and state; the math runs in ``fastopt.functional`` (host
 scalars) and ``kernels/`` (the per-element rule). ``t`` counts steps from 1. With
@@ -9,17 +9,23 @@ from ._validate import check_number
 from .base import Optimizer
 
 __all__ = [
+    "ASGD",
     "CLASSES",
     "SGD",
     "AdaGrad",
+    "Adadelta",
     "Adagrad",
     "Adam",
     "AdamW",
+    "Adamax",
     "Lion",
     "Momentum",
+    "NAdam",
     "Nesterov",
+    "RAdam",
     "RMSProp",
     "RMSprop",
+    "Rprop",
 ]
 
 
@@ -307,6 +313,221 @@ class Lion(Optimizer):
         nonfinite=None,
     ):
         self._init({"lr": lr, "betas": betas, "weight_decay": weight_decay, "maximize": maximize})
+        super().__init__(backend, nonfinite=nonfinite)
+
+
+class Adamax(Optimizer):
+    """Adamax (Kingma & Ba 2015, §7.1): Adam with the infinity norm in place of the second moment.
+
+        g = grad + wd·p;  m = β1·m + (1−β1)·g
+        u = max(β2·u, |g| + eps)
+        p = p − (lr / (1−β1^t)) · m / u
+
+    Defaults: lr=2e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=0 (``torch.optim.Adamax``).
+    """
+
+    _rule = "adamax"
+
+    def __init__(
+        self,
+        lr=2e-3,
+        betas=(0.9, 0.999),
+        eps=1e-8,
+        weight_decay=0.0,
+        *,
+        maximize=False,
+        backend="auto",
+        nonfinite=None,
+    ):
+        self._init(
+            {
+                "lr": lr,
+                "betas": betas,
+                "eps": eps,
+                "weight_decay": weight_decay,
+                "maximize": maximize,
+            }
+        )
+        super().__init__(backend, nonfinite=nonfinite)
+
+
+class NAdam(Optimizer):
+    """NAdam (Dozat 2016, "Incorporating Nesterov Momentum into Adam"): Adam with Nesterov
+    momentum through a warming-up momentum schedule μ_t.
+
+        g = grad + wd·p   (decoupled_weight_decay: p = p·(1 − lr·wd) instead)
+        m = β1·m + (1−β1)·g;  v = β2·v + (1−β2)·g²;  d = √(v / (1−β2^t)) + eps
+        μ_t = β1·(1 − 0.96^(t·ψ)/2);  Π_t = Π_{t−1}·μ_t   (``mu_product``, float32 as torch)
+        p = p − lr·(1−μ_t)/(1−Π_t) · g/d − lr·μ_{t+1}/(1−Π_t·μ_{t+1}) · m/d
+
+    Defaults: lr=2e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=0, momentum_decay=4e-3 (ψ),
+    decoupled_weight_decay=False (``torch.optim.NAdam``).
+    """
+
+    _rule = "nadam"
+
+    def __init__(
+        self,
+        lr=2e-3,
+        betas=(0.9, 0.999),
+        eps=1e-8,
+        weight_decay=0.0,
+        momentum_decay=4e-3,
+        decoupled_weight_decay=False,
+        *,
+        maximize=False,
+        backend="auto",
+        nonfinite=None,
+    ):
+        self._init(
+            {
+                "lr": lr,
+                "betas": betas,
+                "eps": eps,
+                "weight_decay": weight_decay,
+                "momentum_decay": momentum_decay,
+                "decoupled_weight_decay": decoupled_weight_decay,
+                "maximize": maximize,
+            }
+        )
+        super().__init__(backend, nonfinite=nonfinite)
+
+
+class RAdam(Optimizer):
+    """RAdam (Liu et al. 2020, "On the Variance of the Adaptive Learning Rate and Beyond"): Adam
+    whose adaptive step is rectified, and used only once its variance is tractable.
+
+        g = grad + wd·p   (decoupled_weight_decay: p = p·(1 − lr·wd) instead)
+        m = β1·m + (1−β1)·g;  v = β2·v + (1−β2)·g²;  ρ_t = ρ∞ − 2t·β2^t/(1−β2^t)
+        ρ_t > 5: p = p − lr · m/(1−β1^t) · r_t · √(1−β2^t) / (√v + eps)
+        else:    p = p − lr · m/(1−β1^t)
+
+    with ρ∞ = 2/(1−β2) − 1 and r_t = √((ρ_t−4)(ρ_t−2)ρ∞ / ((ρ∞−4)(ρ∞−2)ρ_t)). Defaults:
+    lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=0, decoupled_weight_decay=False
+    (``torch.optim.RAdam``).
+    """
+
+    _rule = "radam"
+
+    def __init__(
+        self,
+        lr=1e-3,
+        betas=(0.9, 0.999),
+        eps=1e-8,
+        weight_decay=0.0,
+        decoupled_weight_decay=False,
+        *,
+        maximize=False,
+        backend="auto",
+        nonfinite=None,
+    ):
+        self._init(
+            {
+                "lr": lr,
+                "betas": betas,
+                "eps": eps,
+                "weight_decay": weight_decay,
+                "decoupled_weight_decay": decoupled_weight_decay,
+                "maximize": maximize,
+            }
+        )
+        super().__init__(backend, nonfinite=nonfinite)
+
+
+class Adadelta(Optimizer):
+    """Adadelta (Zeiler 2012): steps scaled by the ratio of two running RMS, no tuned lr needed.
+
+        g = grad + wd·p;  v = ρ·v + (1−ρ)·g²
+        Δ = √(a + eps) / √(v + eps) · g
+        a = ρ·a + (1−ρ)·Δ²;  p = p − lr·Δ
+
+    Defaults: lr=1.0, rho=0.9, eps=1e-6, weight_decay=0 (``torch.optim.Adadelta``; state
+    ``square_avg`` = v, ``acc_delta`` = a).
+    """
+
+    _rule = "adadelta"
+
+    def __init__(
+        self,
+        lr=1.0,
+        rho=0.9,
+        eps=1e-6,
+        weight_decay=0.0,
+        *,
+        maximize=False,
+        backend="auto",
+        nonfinite=None,
+    ):
+        self._init(
+            {"lr": lr, "rho": rho, "eps": eps, "weight_decay": weight_decay, "maximize": maximize}
+        )
+        super().__init__(backend, nonfinite=nonfinite)
+
+
+class Rprop(Optimizer):
+    """Rprop (Riedmiller & Braun 1993): per-element step sizes driven by gradient signs only.
+
+        s = sign(g·prev):  η = η+ (s > 0), η− (s < 0), 1 (s = 0)
+        step_size = clamp(step_size·η, step_size_min, step_size_max);  g = 0 where s < 0
+        p = p − sign(g)·step_size;  prev = g
+
+    Defaults: lr=1e-2 (every step size's first value), etas=(0.5, 1.2), step_sizes=(1e-6, 50)
+    (``torch.optim.Rprop``).
+    """
+
+    _rule = "rprop"
+
+    def __init__(
+        self,
+        lr=1e-2,
+        etas=(0.5, 1.2),
+        step_sizes=(1e-6, 50.0),
+        *,
+        maximize=False,
+        backend="auto",
+        nonfinite=None,
+    ):
+        self._init({"lr": lr, "etas": etas, "step_sizes": step_sizes, "maximize": maximize})
+        super().__init__(backend, nonfinite=nonfinite)
+
+
+class ASGD(Optimizer):
+    """Averaged SGD (Polyak & Juditsky 1992): SGD with a decaying step and an average of the
+    iterates, kept as state ``ax``.
+
+        g = grad + wd·p;  p = p·(1 − λ·η_t) − η_t·g
+        ax = ax + μ_t·(p − ax)   (ax = p while μ_t = 1)
+        η_{t+1} = lr / (1 + λ·lr·t)^α;  μ_{t+1} = 1 / max(1, t − t0)
+
+    η (``eta``, lr before the first step) and μ (``mu``, 1) are float32 host state, as torch
+    keeps them. Defaults: lr=1e-2, lambd=1e-4, alpha=0.75, t0=1e6, weight_decay=0
+    (``torch.optim.ASGD``).
+    """
+
+    _rule = "asgd"
+
+    def __init__(
+        self,
+        lr=1e-2,
+        lambd=1e-4,
+        alpha=0.75,
+        t0=1e6,
+        weight_decay=0.0,
+        *,
+        maximize=False,
+        backend="auto",
+        nonfinite=None,
+    ):
+        self._init(
+            {
+                "lr": lr,
+                "lambd": lambd,
+                "alpha": alpha,
+                "t0": t0,
+                "weight_decay": weight_decay,
+                "maximize": maximize,
+            }
+        )
         super().__init__(backend, nonfinite=nonfinite)
 
 

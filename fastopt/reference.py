@@ -249,15 +249,18 @@ def adadelta(param, grad, state, *, step, lr, rho=0.9, eps=1e-6, weight_decay=0.
 def rprop(
     param, grad, state, *, step, lr, etas=(0.5, 1.2), step_sizes=(1e-6, 50.0), maximize=False
 ):
-    """``state["step_size"]`` starts at lr (``state_fill``), ``state["prev"]`` at 0."""
-    etaminus, etaplus = etas
-    lo, hi = step_sizes
+    """``state["step_size"]`` starts at lr, ``state["prev"]`` at 0 (torch fills them when it
+    creates the state, at the first step)."""
+    dt = param.dtype.type  # torch writes the etas and clamps with the bounds in the param dtype
+    etaminus, etaplus = dt(etas[0]), dt(etas[1])
+    lo, hi = dt(step_sizes[0]), dt(step_sizes[1])
     g = -grad if maximize else grad.copy()
     prev, size = state["prev"], state["step_size"]
     s = np.sign(g * prev)
-    factor = np.where(s > 0, etaplus, np.where(s < 0, etaminus, 1.0))
-    size[...] = np.clip(size * factor, lo, hi)
-    g = np.where(factor == etaminus, 0.0, g)  # torch's test: equal to etaminus, not s < 0
+    # torch rewrites the sign in place: > 0 -> etaplus, < 0 -> etaminus, 0 -> 1; NaN stays NaN
+    factor = np.where(s > 0, etaplus, np.where(s < 0, etaminus, np.where(s == 0, dt(1), s)))
+    size[...] = np.clip(size * factor, lo, hi)  # NaN stays NaN, as torch's clamp
+    g[factor == etaminus] = 0  # torch's test: the factor equal to etaminus
     param -= np.sign(g) * size
     prev[...] = g
 

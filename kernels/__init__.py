@@ -16,9 +16,26 @@ is float64 and would promote float32 math.
 ``RULES`` maps each rule's name to its ``Rule``; a new rule module needs one line here.
 """
 
-from . import adagrad, adam, lion, rmsprop, sgd
+from . import (  # noqa: F401 (one line per rule module: RULES reads them all)
+    adadelta,
+    adagrad,
+    adam,
+    adamax,
+    asgd,
+    lion,
+    nadam,
+    radam,
+    rmsprop,
+    rprop,
+    sgd,
+)
+from .spec import Rule
 
-#: rule name -> its spec (``spec.Rule``)
-RULES = {m.RULE.name: m.RULE for m in (sgd, adagrad, rmsprop, adam, lion)}
+#: rule name -> its spec (``spec.Rule``): the ``RULE`` of every module imported above
+RULES = {
+    m.RULE.name: m.RULE
+    for m in tuple(globals().values())
+    if isinstance(getattr(m, "RULE", None), Rule)
+}
 
 __all__ = ["RULES"]

@@ -30,7 +30,7 @@ def make_rule(maximize=False, decay=False):
     return lion_elem
 
 
-def _flags_of(hp, step):
+def _flags_of(hp, step, hs):
     return {"maximize": hp["maximize"], "decay": hp["weight_decay"] != 0}
 
 

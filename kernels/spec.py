@@ -12,12 +12,19 @@ Each ``kernels/<name>.py`` declares ``RULE = Rule(...)``:
   combination a compiled variant;
 - ``scalars``: the names of the host scalars in ``k``'s order (the CUDA C body takes them by
   these names, in this order);
-- ``flags_of(hp, step)``: the compiled variant of a step (a dict of the flags);
+- ``flags_of(hp, step, hs)``: the compiled variant of a step (a dict of the flags), from the
+  hyperparameters, the step and the host state before it (RAdam's rectification switches on
+  at a step, ASGD's averaging when its ``mu`` leaves 1): a flag is never a per-element branch on
+  a value;
 - ``scalars_of(hp, step, hs)``: the host scalars of a step, by name, in float64 (cast once to
   the buffer dtype by the backends);
 - ``host_state``: per-optimizer scalars carried from step to step on the host (NAdam's
-  ``mu_product``, ASGD's ``eta`` and ``mu``), each with its initial value, and
-  ``advance(hp, step, hs)``, their values after a step.
+  ``mu_product``, ASGD's ``eta`` and ``mu``), each with its initial value (a number, or a
+  hyperparameter's name), and ``advance(hp, step, hs)``, their values after step ``step``.
+  ``torch.optim`` keeps them as 0-d tensors of its scalar dtype (float32 by default), so they
+  are float32 values here too: every value is rounded to float32 (``f32``) when it is set, and
+  an ``advance`` that multiplies two of them rounds the factor first, as torch's in-place
+  arithmetic on a float32 tensor does (``f32(f32(a) * f32(b))``).
 
 The backends, the classes, ``fastopt.functional``, the benchmark's byte counts, the demo's list
 and the tests' matrices read these fields; only the CUDA C body (``kernels/<name>.cu``) is
@@ -29,13 +36,14 @@ import itertools
 import math
 from dataclasses import dataclass, field
 
-__all__ = ["DOMAINS", "Hyper", "Rule", "Slot", "check_value"]
+__all__ = ["DOMAINS", "Hyper", "Rule", "Slot", "check_value", "f32"]
 
 #: hyperparameter domains: name -> (description, predicate on a normalised value)
 DOMAINS = {
     "nonneg": ("a real number >= 0", lambda v: v >= 0),
     "positive": ("a real number > 0", lambda v: v > 0),
     "unit": ("a real number in [0, 1)", lambda v: 0 <= v < 1),
+    "closed_unit": ("a real number in [0, 1]", lambda v: 0 <= v <= 1),
     "real": ("a finite real number", lambda v: True),
     "betas": ("a pair (beta1, beta2) with 0 <= beta < 1", lambda v: all(0 <= b < 1 for b in v)),
     "etas": (
@@ -46,6 +54,13 @@ DOMAINS = {
     "bool": ("True or False", None),
 }
 _PAIRS = ("betas", "etas", "range")
+
+
+def f32(x):
+    """``x`` rounded to float32 (torch's default scalar dtype), as a Python float."""
+    import numpy as np
+
+    return float(np.float32(x))
 
 
 def check_value(name, value, domain):
@@ -130,7 +145,7 @@ class Rule:
     scalars_of: object
     #: per-optimizer host scalars carried between steps: ((name, initial value), ...)
     host_state: tuple = ()
-    #: ``advance(hp, step, hs) -> hs`` after a step (rules with host state)
+    #: ``advance(hp, step, hs) -> hs``: the host state after step ``step`` (rules with host state)
     advance: object = None
     #: ``check(hp)``: constraints between hyperparameters (raise ValueError), or None
     check: object = None
@@ -200,7 +215,7 @@ class Rule:
 
     def state_names(self, hp):
         """The slots an optimizer with hyperparameters ``hp`` keeps (the step-1 variant's)."""
-        flags = self.flags_of(hp, 1)
+        flags = self.flags_of(hp, 1, self.initial_host_state(hp))
         return tuple(s.name for s, u in zip(self.slots, self.slots_used(flags)) if u)
 
     def initial(self, slot, hp):
@@ -208,8 +223,45 @@ class Rule:
         s = next(x for x in self.slots if x.name == slot)
         return float(hp[s.init]) if isinstance(s.init, str) else float(s.init)
 
+    @property
+    def host_names(self):
+        """The names of the host state, in declaration order (torch's state names)."""
+        return tuple(n for n, _ in self.host_state)
+
     def initial_host_state(self, hp):
-        return {n: (float(hp[v]) if isinstance(v, str) else float(v)) for n, v in self.host_state}
+        """The host state before step 1 (float32 values, from ``hp`` where one names a
+        hyperparameter); ``{}`` for a rule without host state."""
+        return {n: f32(hp[v] if isinstance(v, str) else v) for n, v in self.host_state}
+
+    def advance_host_state(self, hp, step, hs):
+        """The host state after step ``step`` (float32 values): ``advance``, rounded."""
+        if not self.host_state:
+            return {}
+        out = self.advance(hp, step, dict(hs))
+        return {n: f32(out[n]) for n in self.host_names}
+
+    def check_host_state(self, hs, who="host_state"):
+        """``hs`` (a mapping of every host-state name to a finite real, a NumPy scalar or a
+        0-d array) as a dict of float32 values; raises TypeError/ValueError naming what is
+        wrong."""
+        import numpy as np
+
+        names = self.host_names
+        if not hasattr(hs, "keys") or set(hs.keys()) != set(names):
+            got = sorted(hs.keys()) if hasattr(hs, "keys") else type(hs).__name__
+            raise TypeError(f"{who}: got {got}; expected a dict with the keys {list(names)}")
+        out = {}
+        for n in names:
+            v = hs[n]
+            if isinstance(v, np.ndarray):
+                if v.shape != () or v.dtype.kind != "f":
+                    raise ValueError(
+                        f"{who}[{n!r}] is a {v.dtype.name} array of shape {v.shape}; expected "
+                        "a real number or a 0-d float array"
+                    )
+                v = v[()]
+            out[n] = f32(check_value(f"{who}[{n!r}]", v, "real"))
+        return out
 
     # -- one step ----------------------------------------------------------------------------
     def plan(self, hp, step, hs=None):
@@ -218,14 +270,14 @@ class Rule:
         if hs is None and self.host_state:
             hs = self.replay_host_state(hp, step)
         values = self.scalars_of(hp, step, hs)
-        return self.flags_of(hp, step), tuple(float(values[n]) for n in self.scalars)
+        return self.flags_of(hp, step, hs), tuple(float(values[n]) for n in self.scalars)
 
     def replay_host_state(self, hp, step):
         """The host state before step ``step`` of a run with constant ``hp`` (what a
         functional call without an explicit host state assumes)."""
         hs = self.initial_host_state(hp)
         for t in range(1, step):
-            hs = self.advance(hp, t, hs)
+            hs = self.advance_host_state(hp, t, hs)
         return hs
 
     def validate(self, hp):

@@ -1,0 +1,19 @@
+// Adadelta: the body of the CuPy kernel fastopt_adadelta. Same statements, names and order as
+// adadelta_elem in adadelta.py.
+template <typename T>
+__device__ __forceinline__ void adadelta_elem(T &p, T g, T &v, T &acc,
+                                              const T wd, const T rho, const T omr, const T eps,
+                                              const T lr)
+{
+#if MAXIMIZE
+    g = -g;
+#endif
+#if DECAY
+    g = g + wd * p;
+#endif
+    v = rho * v + omr * g * g;
+    const T denom = sqrt(v + eps);
+    const T delta = sqrt(acc + eps) / denom * g;
+    acc = rho * acc + omr * delta * delta;
+    p = p - lr * delta;
+}

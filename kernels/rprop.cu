@@ -1,0 +1,37 @@
+// Rprop: the body of the CuPy kernel fastopt_rprop. Same statements, names and order as
+// rprop_elem in rprop.py; T(0) would do for zero, which the Python rule takes from the host.
+template <typename T>
+__device__ __forceinline__ void rprop_elem(T &p, T g, T &prev, T &size,
+                                           const T etaminus, const T etaplus,
+                                           const T step_size_min, const T step_size_max,
+                                           const T zero)
+{
+#if MAXIMIZE
+    g = -g;
+#endif
+    const T s = g * prev;
+    if (s > T(0)) {
+        size = size * etaplus;
+    } else if (s < T(0)) {
+        size = size * etaminus;
+        g = zero;  // torch zeroes the gradient where its sign flipped
+    } else if (isnan(s)) {
+        size = s;
+    }
+    // torch's clamp: NaN stays NaN (CUDA's fmin/fmax would drop it)
+    if (size < step_size_min) {
+        size = step_size_min;
+    }
+    if (size > step_size_max) {
+        size = step_size_max;
+    }
+    // p - sign(g)*size as -+size, and g*size (0 or NaN, like sign(g)*size) when g is 0 or NaN
+    if (g > T(0)) {
+        p = p - size;
+    } else if (g < T(0)) {
+        p = p + size;
+    } else {
+        p = p - g * size;
+    }
+    prev = g;
+}

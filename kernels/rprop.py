@@ -1,0 +1,78 @@
+"""Rprop (PyTorch's form: per-element step sizes grown or shrunk by the sign of g*prev).
+
+g = -g if maximize
+s = g*prev
+s > 0: size = size*etaplus;  s < 0: size = size*etaminus, g = 0;  s = 0: size unchanged
+(s NaN: size NaN, as torch's sign(NaN) is NaN)
+size = clamp(size, step_size_min, step_size_max)    (NaN stays NaN)
+p = p - sign(g)*size;  prev = g
+"""
+
+import math
+
+from .spec import Hyper, Rule, Slot
+
+
+def make_rule(maximize=False):
+    def rprop_elem(p, g, prev, size, k):
+        etaminus, etaplus, step_size_min, step_size_max, zero = k
+        if maximize:
+            g = -g
+        s = g * prev
+        if s > 0:
+            size = size * etaplus
+        elif s < 0:
+            size = size * etaminus
+            g = zero  # torch zeroes the gradient where its sign flipped
+        elif math.isnan(s):
+            size = s
+        # torch's clamp: NaN stays NaN (Python's min/max would drop it)
+        if size < step_size_min:
+            size = step_size_min
+        if size > step_size_max:
+            size = step_size_max
+        # p - sign(g)*size without a literal: -+size, and g*size (0 or NaN, like
+        # sign(g)*size) when g is 0 or NaN
+        if g > 0:
+            p = p - size
+        elif g < 0:
+            p = p + size
+        else:
+            p = p - g * size
+        prev = g
+        return p, prev, size
+
+    return rprop_elem
+
+
+def _flags_of(hp, step, hs):
+    return {"maximize": hp["maximize"]}
+
+
+def _scalars_of(hp, step, hs):
+    etaminus, etaplus = hp["etas"]
+    lo, hi = hp["step_sizes"]
+    return {
+        "etaminus": etaminus,
+        "etaplus": etaplus,
+        "step_size_min": lo,
+        "step_size_max": hi,
+        "zero": 0.0,  # a literal in the rule would be a float64
+    }
+
+
+RULE = Rule(
+    name="rprop",
+    hyper=(
+        Hyper("lr", 1e-2),
+        Hyper("etas", (0.5, 1.2), "etas"),
+        Hyper("step_sizes", (1e-6, 50.0), "range"),
+        Hyper("maximize", False, "bool", fixed=True),
+    ),
+    # every step size starts at lr (torch fills it when it creates the state, at the first step)
+    slots=(Slot("prev"), Slot("step_size", init="lr")),
+    scalars=("etaminus", "etaplus", "step_size_min", "step_size_max", "zero"),
+    make_rule=make_rule,
+    flags_of=_flags_of,
+    scalars_of=_scalars_of,
+)
