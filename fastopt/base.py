@@ -240,8 +240,10 @@ class Optimizer(StepMachinery, StateMachinery):
         hp[name] = value
         try:
             now = self._spec.state_names(hp)
-        except (TypeError, ValueError, KeyError):
-            return  # an invalid value: the validation before the next step refuses it
+        except (TypeError, ValueError, KeyError, ArithmeticError):
+            # an invalid value (a rule's flags_of may divide by one outside its domain): the
+            # validation before the next step refuses it
+            return
         if now != self._slots:
             raise ValueError(
                 f"{name}={value!r} would change the state buffers of this "

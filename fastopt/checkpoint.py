@@ -99,7 +99,8 @@ def save_checkpoint(path, optimizer, params):
     arrays += [("state", n, s, a) for n, st in sd["state"].items() for s, a in st.items()]
     entries, blobs, offset = [], [], 0
     for role, name, slot, a in arrays:
-        a = np.ascontiguousarray(a, dtype=a.dtype.newbyteorder("<"))
+        # reshaped back: ascontiguousarray makes a 0-d array (a host-state scalar) 1-d
+        a = np.ascontiguousarray(a, dtype=a.dtype.newbyteorder("<")).reshape(a.shape)
         blob = a.tobytes()
         entries.append(
             {

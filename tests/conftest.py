@@ -4,20 +4,26 @@
 GPU backend rightly refuses. ``backend_params(names)`` with CUDA backends named (as ``tests/gpu/``
 does, on device arrays) marks them ``gpu`` and skips them cleanly when they cannot run here.
 
-``run_oracle`` steps ``fastopt.reference`` directly (not through the optimizer classes) on
-float64 copies, with hyperparameters resolved from ``DEFAULTS`` (the table of DESIGN.md §3,
-written out here independently of the classes).
+The oracle runner, the tolerance table and the optimizer matrix live in ``tests/support/``
+(``from support.matrix import MATRIX``): this directory is on ``sys.path``, put there below so
+that every test module, the GPU tests and the simulator's child process import them alike.
 """
 
 import importlib
+import sys
 import zlib
+from pathlib import Path
 
 import numpy as np
 import pytest
 
+if str(Path(__file__).parent) not in sys.path:  # tests/: the ``support`` package
+    sys.path.insert(0, str(Path(__file__).parent))
+
+from support.oracle import run_oracle
+
 import fastopt
 from fastopt import backends as _backends
-from fastopt import reference
 
 #: "numpy" is the oracle itself: in float32 it is still checked against the float64 oracle.
 
@@ -62,153 +68,7 @@ def rng(request):
     return np.random.default_rng(zlib.crc32(request.node.nodeid.encode()))
 
 
-# --- the float64 oracle ------------------------------------------------------------------------
-
-#: torch.optim defaults (DESIGN.md §3); the classes are checked against this table in test_api
-DEFAULTS = {
-    "SGD": dict(
-        lr=1e-3, momentum=0.0, dampening=0.0, weight_decay=0.0, nesterov=False, maximize=False
-    ),
-    "Momentum": dict(lr=0.01, momentum=0.9, dampening=0.0, weight_decay=0.0, maximize=False),
-    "Nesterov": dict(lr=0.01, momentum=0.9, weight_decay=0.0, maximize=False),
-    "AdaGrad": dict(
-        lr=1e-2,
-        lr_decay=0.0,
-        weight_decay=0.0,
-        initial_accumulator_value=0.0,
-        eps=1e-10,
-        maximize=False,
-    ),
-    "RMSProp": dict(
-        lr=1e-2,
-        alpha=0.99,
-        eps=1e-8,
-        weight_decay=0.0,
-        momentum=0.0,
-        centered=False,
-        maximize=False,
-    ),
-    "Adam": dict(
-        lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0, amsgrad=False, maximize=False
-    ),
-    "AdamW": dict(
-        lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=1e-2, amsgrad=False, maximize=False
-    ),
-    "Lion": dict(lr=1e-4, betas=(0.9, 0.99), weight_decay=0.0, maximize=False),
-}
-
-
-#: the state buffers PyTorch keeps for each optimizer and options
-def state_names(name, hp):
-    if name in ("SGD", "Momentum", "Nesterov"):
-        return ("momentum_buffer",) if hp["momentum"] != 0 else ()
-    if name == "AdaGrad":
-        return ("sum",)
-    if name == "RMSProp":
-        return (
-            ("square_avg",)
-            + (("grad_avg",) if hp["centered"] else ())
-            + (("momentum_buffer",) if hp["momentum"] > 0 else ())
-        )
-    if name in ("Adam", "AdamW"):
-        return ("exp_avg", "exp_avg_sq") + (("max_exp_avg_sq",) if hp["amsgrad"] else ())
-    if name == "Lion":
-        return ("exp_avg",)
-    raise KeyError(name)
-
-
-def resolve(name, kwargs):
-    """Full hyperparameters of optimizer ``name`` built with ``kwargs``."""
-    hp = dict(DEFAULTS[name])
-    unknown = set(kwargs) - set(hp)
-    assert not unknown, f"{name} has no hyperparameter {unknown}"
-    hp.update(kwargs)
-    return hp
-
-
-def oracle_step(name, hp, param, grad, state, step):
-    """One step of the reference formulas for ``name`` (in place on float64 arrays)."""
-    hp = dict(hp)
-    if name in ("SGD", "Momentum", "Nesterov"):
-        reference.sgd(
-            param,
-            grad,
-            state,
-            step=step,
-            lr=hp["lr"],
-            momentum=hp["momentum"],
-            dampening=hp.get("dampening", 0.0),
-            weight_decay=hp["weight_decay"],
-            nesterov=hp.get("nesterov", name == "Nesterov"),
-            maximize=hp["maximize"],
-        )
-    elif name == "AdaGrad":
-        reference.adagrad(
-            param,
-            grad,
-            state,
-            step=step,
-            lr=hp["lr"],
-            lr_decay=hp["lr_decay"],
-            weight_decay=hp["weight_decay"],
-            eps=hp["eps"],
-            maximize=hp["maximize"],
-        )
-    elif name == "RMSProp":
-        reference.rmsprop(
-            param,
-            grad,
-            state,
-            step=step,
-            lr=hp["lr"],
-            alpha=hp["alpha"],
-            eps=hp["eps"],
-            weight_decay=hp["weight_decay"],
-            momentum=hp["momentum"],
-            centered=hp["centered"],
-            maximize=hp["maximize"],
-        )
-    elif name in ("Adam", "AdamW"):
-        reference.adam(
-            param,
-            grad,
-            state,
-            step=step,
-            lr=hp["lr"],
-            betas=tuple(hp["betas"]),
-            eps=hp["eps"],
-            weight_decay=hp["weight_decay"],
-            amsgrad=hp["amsgrad"],
-            maximize=hp["maximize"],
-            decoupled=name == "AdamW",
-        )
-    elif name == "Lion":
-        reference.lion(
-            param,
-            grad,
-            state,
-            step=step,
-            lr=hp["lr"],
-            betas=tuple(hp["betas"]),
-            weight_decay=hp["weight_decay"],
-            maximize=hp["maximize"],
-        )
-    else:
-        raise KeyError(name)
-
-
-def run_oracle(name, kwargs, param0, grads, lrs=None):
-    """Run the float64 oracle of ``name(**kwargs)`` from ``param0`` over the gradient sequence
-    ``grads`` (``lrs``: optional lr per step). Returns ``(param, {state name: array})``."""
-    hp = resolve(name, kwargs)
-    param = np.array(param0, dtype=np.float64)
-    fill = hp.get("initial_accumulator_value", 0.0)
-    state = {s: np.full_like(param, fill if s == "sum" else 0.0) for s in state_names(name, hp)}
-    for t, g in enumerate(grads, start=1):
-        if lrs is not None:
-            hp["lr"] = lrs[t - 1]
-        oracle_step(name, hp, param, np.array(g, dtype=np.float64), state, t)
-    return param, state
+# --- the float64 oracle (tests/support/oracle.py) -------------------------------------------
 
 
 @pytest.fixture

@@ -13,7 +13,7 @@ import os
 import numpy as np
 import pytest
 from conftest import resolve, run_oracle, state_names
-from tolerances import assert_close
+from support.tolerances import assert_close
 
 import fastopt
 from fastopt.backends import numba_cuda_backend as ncb

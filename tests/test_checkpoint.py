@@ -4,23 +4,16 @@ import os
 
 import numpy as np
 import pytest
+from support.matrix import FULL, config_id
 
 import fastopt
 from fastopt import checkpoint as ckpt
+from fastopt.optimizers import CLASSES
 
 CPU = [b for b in ("numpy", "numba") if b in fastopt.available_backends()]
-CONFIGS = [
-    (fastopt.SGD, dict(lr=0.05)),
-    (fastopt.SGD, dict(lr=0.05, momentum=0.9, dampening=0.1, weight_decay=1e-3)),
-    (fastopt.Momentum, {}),
-    (fastopt.Nesterov, dict(weight_decay=1e-2)),
-    (fastopt.AdaGrad, dict(lr_decay=0.01, initial_accumulator_value=0.1)),
-    (fastopt.RMSProp, dict(centered=True, momentum=0.5)),
-    (fastopt.Adam, dict(amsgrad=True, weight_decay=1e-2)),
-    (fastopt.AdamW, dict(maximize=True)),
-    (fastopt.Lion, dict(weight_decay=0.1)),
-]
-IDS = [f"{c.__name__}{sorted(kw)}" for c, kw in CONFIGS]
+#: every class, in its fullest configuration (every state buffer, its host state)
+CONFIGS = [(CLASSES[name], kw) for name, kw in FULL]
+IDS = [config_id(c) for c in FULL]
 
 
 def _shapes():

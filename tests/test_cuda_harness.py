@@ -22,7 +22,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 from fastopt.kernels import RULES, cuda_source
-from tolerances import assert_close
+from support.tolerances import assert_close
 
 from fastopt import functional, reference
 

@@ -6,7 +6,7 @@ import sys
 
 import numpy as np
 import pytest
-from tolerances import TOL  # the suite's one table, keyed by dtype
+from support.tolerances import TOL  # the suite's one table, keyed by dtype
 
 from fastopt import cli, reference
 from fastopt.backends import numba_backend

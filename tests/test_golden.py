@@ -12,12 +12,30 @@ from dataclasses import dataclass, field
 
 import numpy as np
 import pytest
-from conftest import backend_params, run_oracle
-from tolerances import tol
+from conftest import backend_params
+from support.oracle import run_oracle
+from support.tolerances import tol
 
 import fastopt
+from fastopt.optimizers import CLASSES
 
 sqrt = math.sqrt
+
+
+def _f32(x):
+    return float(np.float32(x))
+
+
+#: RAdam's rectification term at step 6 with β2 = 0.9 (ρ∞ = 19)
+_RHO6 = 19 - 12 * 0.9**6 / (1 - 0.9**6)
+_RECT6 = sqrt((_RHO6 - 4) * (_RHO6 - 2) * 19 / ((19 - 4) * (19 - 2) * _RHO6))
+#: ASGD's params after steps 2 and 3 (η of float32, see the case)
+_ASGD_P2 = 0.25 * (1 - 0.5 * _f32(0.5 / 1.25)) - _f32(0.5 / 1.25) * 2.0
+_ASGD_P3 = _ASGD_P2 * (1 - 0.5 * _f32(0.5 / 1.5)) - _f32(0.5 / 1.5) * -1.0
+
+
+#: the state buffers even in (p, g) (the rest are odd): squares, maxima of magnitudes, step sizes
+EVEN = ("sum", "square_avg", "exp_avg_sq", "max_exp_avg_sq", "exp_inf", "acc_delta", "step_size")
 
 
 @dataclass
@@ -289,13 +307,137 @@ CASES = {
         [2.0],
         [(1 + 0.2, {"square_avg": 1.0})],
     ),
+    # Adamax, β = (0.5, 0.75): u = max(β2·u, |g|) decays (2 → 1.5), clr = lr / (1 − β1^t)
+    "adamax": Case(
+        "Adamax",
+        dict(lr=0.1, betas=(0.5, 0.75), eps=0.0),
+        1.0,
+        [2.0, 0.5],
+        [
+            (1 - (0.1 / 0.5) * 1.0 / 2.0, {"exp_avg": 1.0, "exp_inf": 2.0}),
+            (
+                0.9 - (0.1 / 0.75) * 0.75 / 1.5,
+                {"exp_avg": 0.5 * 1.0 + 0.5 * 0.5, "exp_inf": max(0.75 * 2.0, 0.5)},
+            ),
+        ],
+        wrong=[None, 0.9 - (0.1 / 0.75) * 0.75 / 2.0],  # an undecayed max
+    ),
+    # NAdam with ψ = 0: μ_t = β1·(1 − 0.5) = 0.25 every step, Π = 0.25, 0.0625 (exact in
+    # float32); bc2 = 0.25, 0.4375
+    "nadam": Case(
+        "NAdam",
+        dict(lr=0.1, betas=(0.5, 0.75), eps=0.0, momentum_decay=0.0),
+        1.0,
+        [2.0, 1.0],
+        [
+            (
+                1 - 0.1 * 0.75 / 0.75 * 2.0 / 2.0 - 0.1 * 0.25 / (1 - 0.0625) * 1.0 / 2.0,
+                {"exp_avg": 1.0, "exp_avg_sq": 1.0},
+            ),
+            (
+                (1 - 0.1 - 0.1 * 0.25 / 0.9375 / 2.0)
+                - 0.1 * 0.75 / (1 - 0.0625) * 1.0 / sqrt(1.0 / 0.4375)
+                - 0.1 * 0.25 / (1 - 0.0625 * 0.25) * 1.0 / sqrt(1.0 / 0.4375),
+                {"exp_avg": 1.0, "exp_avg_sq": 1.0},
+            ),
+        ],
+    ),
+    # NAdam's schedule with 0.96^ψ = 0.5: μ1 = 0.5·(1 − 0.25) = 0.375, μ2 = 0.4375; trap: the
+    # momentum term takes μ_{t+1} and Π_t·μ_{t+1}, not μ_t and Π_t
+    "nadam_schedule": Case(
+        "NAdam",
+        dict(lr=0.1, betas=(0.5, 0.75), eps=0.0, momentum_decay=math.log(0.5) / math.log(0.96)),
+        1.0,
+        [2.0],
+        [
+            (
+                1 - 0.1 * 0.625 / 0.625 * 2.0 / 2.0 - 0.1 * 0.4375 / (1 - 0.375 * 0.4375) / 2.0,
+                {"exp_avg": 1.0, "exp_avg_sq": 1.0},
+            )
+        ],
+        wrong=[1 - 0.1 - 0.1 * 0.375 / (1 - 0.375) / 2.0],
+    ),
+    # RAdam, β = (0.5, 0.9), g = 1 throughout: m/bc1 = 1 and √v/√bc2 = 1, so the step is lr
+    # while ρ_t <= 5 (steps 1..5) and lr·r_6 once rectified: ρ∞ = 19, ρ_6 = 19 − 12·0.9⁶/(1 − 0.9⁶)
+    "radam_rectification": Case(
+        "RAdam",
+        dict(lr=0.1, betas=(0.5, 0.9), eps=0.0),
+        1.0,
+        [1.0] * 6,
+        [(1 - 0.1 * t, {"exp_avg": 1 - 0.5**t, "exp_avg_sq": 1 - 0.9**t}) for t in range(1, 6)]
+        + [
+            (
+                0.5 - 0.1 * _RECT6,
+                {"exp_avg": 1 - 0.5**6, "exp_avg_sq": 1 - 0.9**6},
+            )
+        ],
+        wrong=[None] * 5 + [0.4],  # unrectified at step 6
+    ),
+    # RAdam's decoupled decay: p = 2·(1 − 0.1·0.5), then the plain step; the moments never see
+    # wd·p (L2 decay would give m = 0.5·3)
+    "radam_decoupled": Case(
+        "RAdam",
+        dict(lr=0.1, betas=(0.5, 0.9), eps=0.0, weight_decay=0.5, decoupled_weight_decay=True),
+        2.0,
+        [2.0],
+        [(2.0 * 0.95 - 0.1 * 1.0 / 0.5, {"exp_avg": 1.0, "exp_avg_sq": 0.1 * 4.0})],
+    ),
+    # Adadelta, ρ = 0.5, eps = 0.25: Δ = √(a + eps)/√(v + eps)·g = 0.5/1.5·2; trap: eps inside
+    # both roots, not added to them
+    "adadelta": Case(
+        "Adadelta",
+        dict(lr=1.0, rho=0.5, eps=0.25),
+        1.0,
+        [2.0, 1.0],
+        [
+            (1 - 2.0 / 3.0, {"square_avg": 2.0, "acc_delta": 0.5 * (2.0 / 3.0) ** 2}),
+            (
+                1 / 3 - sqrt(2.0 / 9.0 + 0.25) / sqrt(1.5 + 0.25),
+                {
+                    "square_avg": 0.5 * 2.0 + 0.5 * 1.0,
+                    "acc_delta": 0.5 * 2.0 / 9.0 + 0.5 * (sqrt(2.0 / 9.0 + 0.25) / sqrt(1.75)) ** 2,
+                },
+            ),
+        ],
+        wrong=[1 - 0.25 / (sqrt(2.0) + 0.25) * 2.0],
+    ),
+    # Rprop, η = (0.5, 2), sizes in [0.1, 1.5], lr = 0.5: grow on the same sign, shrink on a flip
+    # (where the gradient counts as 0: no move, prev = 0), clamp at 1.5
+    "rprop": Case(
+        "Rprop",
+        dict(lr=0.5, etas=(0.5, 2.0), step_sizes=(0.1, 1.5)),
+        1.0,
+        [1.0, 2.0, -1.0, 3.0, 3.0, 3.0],
+        [
+            (0.5, {"prev": 1.0, "step_size": 0.5}),
+            (-0.5, {"prev": 2.0, "step_size": 1.0}),
+            (-0.5, {"prev": 0.0, "step_size": 0.5}),
+            (-1.0, {"prev": 3.0, "step_size": 0.5}),
+            (-2.0, {"prev": 3.0, "step_size": 1.0}),
+            (-3.5, {"prev": 3.0, "step_size": 1.5}),
+        ],
+        wrong=[None, None, 0.0],  # the flipped step taken with the shrunk size
+    ),
+    # ASGD, lr = 0.5, λ = 0.5, α = 1, t0 = 0: η = 0.5, then f32(0.5/1.25), f32(0.5/1.5) (torch keeps
+    # η in float32); μ = 1, 1, then 1/2: ax copies p twice, then averages; trap: step 1 uses the
+    # initial η = lr, not the decayed one
+    "asgd": Case(
+        "ASGD",
+        dict(lr=0.5, lambd=0.5, alpha=1.0, t0=0.0),
+        1.0,
+        [1.0, 2.0, -1.0],
+        [
+            (0.25, {"ax": 0.25}),
+            (_ASGD_P2, {"ax": _ASGD_P2}),
+            (_ASGD_P3, {"ax": _ASGD_P2 + (_ASGD_P3 - _ASGD_P2) * 0.5}),
+        ],
+        wrong=[1.0 * (1 - 0.5 * 0.4) - 0.4],
+    ),
 }
-
-EIGHT = {"SGD", "Momentum", "Nesterov", "AdaGrad", "RMSProp", "Adam", "AdamW", "Lion"}
 
 
 def test_every_optimizer_has_golden_values():
-    assert {c.name for c in CASES.values()} == EIGHT
+    assert {c.name for c in CASES.values()} == set(CLASSES)
 
 
 def _close(actual, expected, what):
@@ -340,5 +482,5 @@ def test_optimizer_matches_hand_computation(key, backend):
         want_p, want_state = case.expected[t]
         _close(p[1], -want_p, "mirrored param")
         for s, v in want_state.items():
-            even = s in ("sum", "square_avg", "exp_avg_sq", "max_exp_avg_sq")
+            even = s in EVEN
             _close(state[s][1], v if even else -v, f"mirrored {s}")

@@ -17,32 +17,20 @@ import time
 
 import numpy as np
 import pytest
-from conftest import run_oracle
-from tolerances import assert_close
+from fastopt.kernels import RULES
+from support.matrix import FIXED, RULE_FULL, config_id
+from support.matrix import FULL as MATRIX_FULL
+from support.oracle import run_oracle
+from support.tolerances import assert_close
 
 import fastopt
 from fastopt import functional as F
 from fastopt import reference
+from fastopt.optimizers import CLASSES
 
 CPU = [b for b in ("numpy", "numba") if b in fastopt.available_backends()]
-KINDS = [
-    fastopt.SGD,
-    fastopt.Momentum,
-    fastopt.Nesterov,
-    fastopt.AdaGrad,
-    fastopt.RMSProp,
-    fastopt.Adam,
-    fastopt.AdamW,
-    fastopt.Lion,
-]
-FULL = [
-    (fastopt.SGD, {"momentum": 0.9}),
-    (fastopt.AdaGrad, {}),
-    (fastopt.RMSProp, {"centered": True, "momentum": 0.5}),
-    (fastopt.Adam, {"amsgrad": True}),
-    (fastopt.Lion, {}),
-]
-FULL_IDS = [c.__name__ for c, _ in FULL]
+FULL = [(CLASSES[name], kw) for name, kw in MATRIX_FULL]
+FULL_IDS = [config_id(c) for c in MATRIX_FULL]
 
 
 def _snap(opt, arrays):
@@ -251,24 +239,14 @@ def test_02_valid_rebound_state_is_used(backend):
 
 
 def _fn_case(rule, n=16, dtype=np.float32, seed=0):
+    """A functional call of ``rule`` with every state slot in use (its fullest hyperparameters),
+    each slot at its initial value."""
     rng = np.random.default_rng(seed)
     p, g = rng.standard_normal(n).astype(dtype), rng.standard_normal(n).astype(dtype)
-    slots = {
-        "sgd": ("momentum_buffer",),
-        "adagrad": ("sum",),
-        "rmsprop": ("square_avg", "grad_avg", "momentum_buffer"),
-        "adam": ("exp_avg", "exp_avg_sq", "max_exp_avg_sq"),
-        "lion": ("exp_avg",),
-    }[rule]
-    kw = {
-        "sgd": {"momentum": 0.9},
-        "rmsprop": {"centered": True, "momentum": 0.5},
-        "adam": {"amsgrad": True},
-    }.get(rule, {})
-    return p, g, [np.zeros(n, dtype) for _ in slots], kw, slots
-
-
-RULES = ["sgd", "adagrad", "rmsprop", "adam", "lion"]
+    spec, kw = RULES[rule], RULE_FULL[rule]
+    slots = spec.state
+    assert spec.state_names(kw) == slots, "the fullest configuration uses every slot"
+    return p, g, [np.full(n, spec.initial(s, kw), dtype) for s in slots], kw, slots
 
 
 @pytest.mark.parametrize("backend", CPU)
@@ -317,7 +295,7 @@ BAD_FUNCTIONAL = {
 
 
 @pytest.mark.parametrize("bad", sorted(BAD_FUNCTIONAL))
-@pytest.mark.parametrize("rule", RULES)
+@pytest.mark.parametrize("rule", list(RULES))
 @pytest.mark.parametrize("backend", CPU)
 def test_03_functional_family(backend, rule, bad):
     p, g, st, kw, _ = _fn_case(rule)
@@ -330,7 +308,7 @@ def test_03_functional_family(backend, rule, bad):
         assert np.array_equal(a, b)
 
 
-@pytest.mark.parametrize("rule", RULES)
+@pytest.mark.parametrize("rule", list(RULES))
 @pytest.mark.parametrize("backend", CPU)
 def test_03_functional_required_state_and_hyperparameters(backend, rule):
     p, g, st, kw, slots = _fn_case(rule)
@@ -460,21 +438,8 @@ def test_05_dict_param_flags_and_shape_changed_in_place(backend):
 
 # -- 6: structural flags are fixed at construction ----------------------------------------------
 
-FLAG_CASES = [
-    (fastopt.Adam, "amsgrad", True),
-    (fastopt.AdamW, "amsgrad", True),
-    (fastopt.RMSProp, "centered", True),
-    (fastopt.SGD, "nesterov", True),
-    (fastopt.Nesterov, "nesterov", False),
-    (fastopt.Lion, "maximize", True),
-    (fastopt.AdaGrad, "initial_accumulator_value", 0.5),
-    (fastopt.Momentum, "maximize", True),
-]
 
-
-@pytest.mark.parametrize(
-    "cls, flag, value", FLAG_CASES, ids=[f"{c.__name__}.{f}" for c, f, _ in FLAG_CASES]
-)
+@pytest.mark.parametrize("cls, flag, value", FIXED, ids=[f"{c.__name__}.{f}" for c, f, _ in FIXED])
 def test_06_flags_are_read_only_after_construction(cls, flag, value):
     opt = cls(backend="numpy")
     params = {"w": np.linspace(-1, 1, 8)}
@@ -949,16 +914,10 @@ def test_fast_path_matches_the_oracle(backend, cls, kw):
     gs = [{k: rng.standard_normal(v.shape) for k, v in p0.items()} for _ in range(4)]
     gs[2] = gs[1]  # the same grad objects twice
     params = {k: v.copy() for k, v in p0.items()}
-    opt = cls(lr=0.05, backend=backend, **kw)
+    opt = cls(backend=backend, **kw)
     for g in gs:
         opt.update(params, g)
-    name = {
-        fastopt.SGD: "SGD",
-        fastopt.AdaGrad: "AdaGrad",
-        fastopt.RMSProp: "RMSProp",
-        fastopt.Adam: "Adam",
-        fastopt.Lion: "Lion",
-    }[cls]
+    name = cls.__name__
     for k, p in p0.items():
-        ref, _ = run_oracle(name, dict(kw, lr=0.05), p.reshape(-1), [g[k].reshape(-1) for g in gs])
+        ref, _ = run_oracle(name, kw, p.reshape(-1), [g[k].reshape(-1) for g in gs])
         assert_close(params[k].reshape(-1), ref, np.float64, f"{name} {k}")

@@ -2,20 +2,13 @@
 
 import numpy as np
 import pytest
+from support.matrix import FULL, config_id
 
 import fastopt
+from fastopt.optimizers import CLASSES
 
 CPU = [b for b in ("numpy", "numba") if b in fastopt.available_backends()]
-KINDS = [
-    fastopt.SGD,
-    fastopt.Momentum,
-    fastopt.Nesterov,
-    fastopt.AdaGrad,
-    fastopt.RMSProp,
-    fastopt.Adam,
-    fastopt.AdamW,
-    fastopt.Lion,
-]
+KINDS = list(CLASSES.values())
 
 
 def _setup(rng):
@@ -80,9 +73,13 @@ def test_raise_names_parameter_and_changes_nothing(backend):
             assert np.array_equal(a, sd0["state"][n][s])
 
 
+@pytest.mark.parametrize("cfg", FULL, ids=[config_id(c) for c in FULL])
 @pytest.mark.parametrize("policy", ["raise", "skip"])
 @pytest.mark.parametrize("backend", CPU)
-def test_flat_api_multi_dtype(backend, policy):
+def test_flat_api_multi_dtype(backend, policy, cfg):
+    """A refused or skipped step changes no parameter, no state buffer, neither the step count
+    nor the host state (which the next applied step then advances)."""
+    name, kw = cfg
     rng = np.random.default_rng(4)
     buf = fastopt.FlatBuffer(
         {
@@ -91,10 +88,11 @@ def test_flat_api_multi_dtype(backend, policy):
             "c": rng.standard_normal((2, 2)).astype(np.float32),
         }
     )
-    opt = fastopt.Adam(amsgrad=True, backend=backend, nonfinite=policy)
+    opt = getattr(fastopt, name)(**kw, backend=backend, nonfinite=policy)
     for g in buf.groups:
         g.grad[...] = rng.standard_normal(g.grad.shape)
     assert opt.step(buf) is True
+    host0 = opt.host_state
     data0 = [g.data.copy() for g in buf.groups]
     state0 = [{s: a.copy() for s, a in f.items()} for f in opt._flat_state]
     buf.grads["c"][1, 1] = np.nan  # last parameter of the last dtype group
@@ -103,11 +101,16 @@ def test_flat_api_multi_dtype(backend, policy):
     else:
         with pytest.raises(fastopt.NonFiniteGradientError, match="'c'"):
             opt.step(buf)
-    assert opt.step_count == 1
+    assert opt.step_count == 1 and opt.host_state == host0
     for g, d in zip(buf.groups, data0):
         assert np.array_equal(g.data, d)
     for f, f0 in zip(opt._flat_state, state0):
         assert all(np.array_equal(f[s], f0[s]) for s in f)
+    buf.grads["c"][1, 1] = 0.5
+    assert opt.step(buf) is True and opt.step_count == 2
+    spec = fastopt.kernels.RULES[opt._rule]
+    hp = {**opt.hyperparams, **opt._pinned}
+    assert opt.host_state == spec.advance_host_state(hp, 2, host0)
 
 
 @pytest.mark.parametrize("backend", CPU)

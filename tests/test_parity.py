@@ -1,88 +1,64 @@
-"""The parity matrix: every optimizer × flag combination × backend × dtype × n × steps.
+"""The parity matrix: every optimizer × probe combination × backend × dtype × n × steps.
 
-Each case steps an optimizer on random non-zero data and compares the parameters and every
-state buffer (under its PyTorch name) with the float64 oracle run on float64 copies of the
-same inputs. The dict API works on a parameter sliced out of a guarded array (the guard cells
-must stay untouched: no write outside the parameter); the flat API packs the parameter in two
-segments of a FlatBuffer, so the padding between segments must stay zero too.
+Each case (``support.matrix.MATRIX`` × ``support.parity``) steps an optimizer on random non-zero
+data and compares the parameters, every state buffer (under its PyTorch name) and the host state
+with the float64 oracle run on float64 copies of the same inputs. The dict API works on a
+parameter sliced out of a guarded array (the guard cells must stay untouched: no write outside
+the parameter); the flat API packs the parameter in two segments of a FlatBuffer, so the padding
+between segments must stay zero too. The largest size runs only where a backend has a parallel
+loop for it to reach (numba's ``PARALLEL_MIN``), for each class's fullest configuration.
 """
 
-import functools
-import itertools
+import importlib
 
 import numpy as np
 import pytest
-from conftest import backend_params, resolve, run_oracle, state_names
-from tolerances import assert_close
+from conftest import backend_params
+from support.matrix import FULL, MATRIX, config_id
+from support.oracle import resolve, run_oracle, state_names
+from support.parity import DTYPES, SIZES_STEPS, case
+from support.tolerances import assert_close
 
 import fastopt
-
-SIZES = (1, 1001, 278011)
-STEPS = (1, 7)
-DTYPES = (np.float32, np.float64)
-
-#: hyperparameters that make every term of every update visible (lr large enough to move p)
-BASE = {
-    "SGD": dict(lr=0.05),
-    "Momentum": dict(lr=0.05),
-    "Nesterov": dict(lr=0.05),
-    "AdaGrad": dict(lr=0.05),
-    "RMSProp": dict(lr=0.01, alpha=0.9),
-    "Adam": dict(lr=0.01, betas=(0.8, 0.95)),
-    "AdamW": dict(lr=0.01, betas=(0.8, 0.95)),
-    "Lion": dict(lr=0.01, betas=(0.8, 0.95)),
-}
+from fastopt.backends import BACKENDS
 
 
-def _configs():
-    """(name, kwargs) for every flag combination of every optimizer."""
+def _parallel_min(backend):
+    try:
+        return getattr(importlib.import_module(BACKENDS[backend]), "PARALLEL_MIN", None)
+    except ImportError:
+        return None
+
+
+def _params():
+    """(cfg, dtype, n, steps, backend) of every case, the backend varying fastest (one cached
+    oracle run serves them all). Sizes up to 1001 run everywhere; a larger size exists to reach
+    a backend's parallel loop, so it runs only on a backend that has one (numba: the same
+    generated loop around the same inlined rule as its serial loop), for the fullest
+    configuration of each class (every state buffer it can have), at both dtypes and APIs."""
+    full = {MATRIX.index(c) for c in FULL}
     out = []
-    wd_max = list(itertools.product((0.0, 0.1), (False, True)))
-    for wd, mx in wd_max:
-        common = dict(weight_decay=wd, maximize=mx)
-        out.append(("SGD", dict(common)))
-        out.append(("SGD", dict(common, momentum=0.9)))
-        out.append(("SGD", dict(common, momentum=0.9, dampening=0.3)))
-        out.append(("SGD", dict(common, momentum=0.9, nesterov=True)))
-        out.append(("Momentum", dict(common, dampening=0.3 if mx else 0.0)))
-        out.append(("Nesterov", dict(common)))
-        for lr_decay, iav in itertools.product((0.0, 0.3), (0.0, 0.2)):
-            out.append(("AdaGrad", dict(common, lr_decay=lr_decay, initial_accumulator_value=iav)))
-        for centered, mom in itertools.product((False, True), (0.0, 0.8)):
-            out.append(("RMSProp", dict(common, centered=centered, momentum=mom)))
-        for ams in (False, True):
-            out.append(("Adam", dict(common, amsgrad=ams)))
-            out.append(("AdamW", dict(common, amsgrad=ams)))
-        out.append(("Lion", dict(common)))
+    for cfg, c in enumerate(MATRIX):
+        for dtype in DTYPES:
+            for n, steps in SIZES_STEPS:
+                for p in backend_params():
+                    (backend,) = p.values
+                    if n > 1001:
+                        limit = _parallel_min(backend)
+                        if cfg not in full or limit is None or n < limit:
+                            continue
+                    out.append(
+                        pytest.param(
+                            cfg,
+                            dtype,
+                            n,
+                            steps,
+                            backend,
+                            marks=p.marks,
+                            id=f"{config_id(c)}-{np.dtype(dtype).name}-{n}-{steps}-{p.id}",
+                        )
+                    )
     return out
-
-
-CONFIGS = _configs()
-
-
-def _config_id(cfg):
-    name, kw = cfg
-    flags = [k if v is True else f"{k}={v}" for k, v in kw.items() if v not in (False, 0.0)]
-    return name + ("[" + ",".join(flags) + "]" if flags else "")
-
-
-def _inputs(rng, name, n, steps):
-    """Parameters and a gradient per step, random and bounded away from zero.
-
-    Why bounded: at step 1 the normalising optimizers move by about ±lr·g/|g| (Adam, AdaGrad,
-    RMSProp) or ±lr (Lion), so where g = ±grad + wd·p cancels to a few ulps the float32 and
-    float64 results legitimately step in different directions. |grad| >= 0.6 > |wd·p| (wd <= 0.1,
-    |p| <= 3 plus a small drift) rules that out. Lion's gradients also keep one sign per element
-    across steps, so sign(β1·m + (1−β1)·g) never sits on a rounding tie in later steps either.
-    """
-    p0 = rng.uniform(-3.0, 3.0, n)
-
-    def sign():
-        return np.where(rng.random(n) < 0.5, -1.0, 1.0)
-
-    fixed = sign()
-    grads = [(fixed if name == "Lion" else sign()) * rng.uniform(0.6, 2.0, n) for _ in range(steps)]
-    return p0, grads
 
 
 GUARD = 16
@@ -100,7 +76,8 @@ def _run_dict(name, kwargs, backend, dtype, p0, grads):
     assert (store[:GUARD] == POISON).all() and (store[GUARD + n :] == POISON).all(), (
         "a step wrote outside the parameter"
     )
-    return p.copy(), {s: np.asarray(a).reshape(-1).copy() for s, a in opt.state["w"].items()}
+    state = {s: np.asarray(a).reshape(-1).copy() for s, a in opt.state["w"].items()}
+    return p.copy(), state, opt.host_state
 
 
 def _run_flat(name, kwargs, backend, dtype, p0, grads):
@@ -122,33 +99,17 @@ def _run_flat(name, kwargs, backend, dtype, p0, grads):
         used[off : off + size] = True
     assert (group.data[~used] == 0).all(), "a step changed the padding between segments"
     cat = lambda d: np.concatenate([np.asarray(d[k]).reshape(-1) for k in parts])
-    return cat(buf.params), {s: cat({k: opt.state[k][s] for k in parts}) for s in opt.state["a"]}
+    state = {s: cat({k: opt.state[k][s] for k in parts}) for s in opt.state["a"]}
+    return cat(buf.params), state, opt.host_state
 
 
-@functools.lru_cache(maxsize=1)
-def _case(cfg_index, dtype, n, steps):
-    """Inputs and the float64 oracle's result for one case, shared by every backend and API
-    (the parametrization varies those fastest, so one cached case serves them all)."""
-    name, kw = CONFIGS[cfg_index]
-    kwargs = dict(BASE[name], **kw)
-    rng = np.random.default_rng([cfg_index, np.dtype(dtype).itemsize, n, steps])
-    p0, grads = _inputs(rng, name, n, steps)
-    # the oracle sees the inputs the backend sees: rounded to dtype, then widened
-    p0, grads = p0.astype(dtype), [g.astype(dtype) for g in grads]
-    return kwargs, p0, grads, run_oracle(name, kwargs, p0, grads)
-
-
-@pytest.mark.parametrize("backend", backend_params())
 @pytest.mark.parametrize("api", ["dict", "flat"])
-@pytest.mark.parametrize("steps", STEPS)
-@pytest.mark.parametrize("n", SIZES)
-@pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: np.dtype(d).name)
-@pytest.mark.parametrize("cfg", range(len(CONFIGS)), ids=[_config_id(c) for c in CONFIGS])
-def test_parity(cfg, dtype, n, steps, api, backend):
-    name = CONFIGS[cfg][0]
-    kwargs, p0, grads, (p_ref, state_ref) = _case(cfg, dtype, n, steps)
+@pytest.mark.parametrize("cfg, dtype, n, steps, backend", _params())
+def test_parity(cfg, dtype, n, steps, backend, api):
+    name = MATRIX[cfg][0]
+    kwargs, p0, grads, (p_ref, state_ref, host_ref) = case(cfg, dtype, n, steps)
     run = _run_dict if api == "dict" else _run_flat
-    p, state = run(name, kwargs, backend, dtype, p0, grads)
+    p, state, host = run(name, kwargs, backend, dtype, p0, grads)
     assert p.dtype == dtype
     assert set(state) == set(state_names(name, resolve(name, kwargs))), "state buffer names"
     assert not np.array_equal(p, p0), "the step did not move the parameters"
@@ -156,6 +117,7 @@ def test_parity(cfg, dtype, n, steps, api, backend):
     for s, ref in state_ref.items():
         assert state[s].dtype == dtype, f"{s} dtype"
         assert_close(state[s], ref, dtype, f"{name} {s}")
+    assert host == host_ref, "host state"  # float32 values, computed alike: exactly equal
 
 
 @pytest.mark.parametrize("backend", backend_params())

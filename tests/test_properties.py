@@ -6,60 +6,24 @@ import tempfile
 
 import numpy as np
 import pytest
-from conftest import resolve, run_oracle, state_names
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from tolerances import assert_close
+from support.matrix import MATRIX
+from support.oracle import resolve, run_oracle, state_names
+from support.tolerances import assert_close
 
 import fastopt
 
 CPU = [b for b in ("numpy", "numba") if b in fastopt.available_backends()]
 SETTINGS = settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 
-unit = st.floats(0.5, 0.999)
-pos = st.floats(1e-4, 0.1)
-
 
 @st.composite
 def configs(draw):
-    """(optimizer name, constructor kwargs) over every optimizer and flag."""
-    name = draw(
-        st.sampled_from(
-            ["SGD", "Momentum", "Nesterov", "AdaGrad", "RMSProp", "Adam", "AdamW", "Lion"]
-        )
-    )
-    wd = draw(st.sampled_from([0.0, 1e-2]))
-    maximize = draw(st.booleans())
-    if name == "SGD":
-        mom = draw(st.sampled_from([0.0, 0.9]))
-        nest = mom > 0 and draw(st.booleans())
-        kw = dict(
-            lr=draw(pos),
-            momentum=mom,
-            nesterov=nest,
-            dampening=0.0 if nest or mom == 0 else draw(st.floats(0, 0.5)),
-        )
-    elif name in ("Momentum", "Nesterov"):
-        kw = dict(lr=draw(pos), momentum=draw(unit))
-    elif name == "AdaGrad":
-        kw = dict(
-            lr=draw(pos),
-            lr_decay=draw(st.floats(0, 0.1)),
-            eps=1e-10,
-            initial_accumulator_value=draw(st.sampled_from([0.0, 0.1])),
-        )
-    elif name == "RMSProp":
-        kw = dict(
-            lr=draw(pos),
-            alpha=draw(unit),
-            centered=draw(st.booleans()),
-            momentum=draw(st.sampled_from([0.0, 0.5])),
-        )
-    elif name in ("Adam", "AdamW"):
-        kw = dict(lr=draw(pos), betas=(draw(unit), draw(unit)), amsgrad=draw(st.booleans()))
-    else:
-        kw = dict(lr=draw(pos), betas=(draw(unit), draw(unit)))
-    kw.update(weight_decay=wd, maximize=maximize)
+    """(optimizer name, constructor kwargs): any configuration of the optimizer matrix (every
+    class, every probe combination), at a random fraction or multiple of its lr."""
+    name, kw = draw(st.sampled_from(MATRIX))
+    kw = dict(kw, lr=resolve(name, kw)["lr"] * draw(st.floats(0.1, 2.0)))
     return name, kw
 
 

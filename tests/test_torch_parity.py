@@ -10,7 +10,7 @@ torch's state names.
 import numpy as np
 import pytest
 from conftest import backend_params
-from tolerances import assert_close
+from support.tolerances import assert_close
 
 import fastopt
 

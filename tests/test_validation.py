@@ -7,20 +7,14 @@ state byte and the step counter are compared with a snapshot taken before the ca
 
 import numpy as np
 import pytest
+from support.matrix import FULL, config_id
+from support.oracle import spec_of
 
 import fastopt
+from fastopt.optimizers import CLASSES
 
 CPU = [b for b in ("numpy", "numba") if b in fastopt.available_backends()]
-KINDS = [
-    fastopt.SGD,
-    fastopt.Momentum,
-    fastopt.Nesterov,
-    fastopt.AdaGrad,
-    fastopt.RMSProp,
-    fastopt.Adam,
-    fastopt.AdamW,
-    fastopt.Lion,
-]
+KINDS = list(CLASSES.values())
 
 
 def _params(rng, n=4, dtype=np.float64):
@@ -315,6 +309,53 @@ def test_invalid_hyperparameters(make, exc, word):
         make()
 
 
+#: per spec domain: values outside it, and the error each gets
+OUTSIDE = {
+    "nonneg": [(-0.5, ValueError), (float("nan"), ValueError), ("0.1", TypeError)],
+    "positive": [(0.0, ValueError), (float("inf"), ValueError)],
+    "unit": [(1.0, ValueError), (-0.1, ValueError)],
+    "closed_unit": [(1.5, ValueError), (-0.1, ValueError)],
+    "real": [(float("inf"), ValueError), (float("nan"), ValueError), (None, TypeError)],
+    "betas": [((0.9, 1.0), ValueError), ((-0.1, 0.9), ValueError), (0.9, ValueError)],
+    "etas": [((1.5, 1.2), ValueError), ((0.5, 0.9), ValueError), ((0.0, 1.2), ValueError)],
+    "range": [((2.0, 1.0), ValueError), ((-1.0, 1.0), ValueError), ((0.1,), ValueError)],
+    "bool": [("yes", TypeError), (1, TypeError)],
+}
+
+
+def _outside_cases():
+    out = []
+    for name, cls in CLASSES.items():
+        spec = spec_of(name)
+        for h in cls._hyper + cls._flags:
+            for value, exc in OUTSIDE[spec.hyper_spec(h).domain]:
+                out.append(pytest.param(cls, h, value, exc, id=f"{name}.{h}={value!r}"))
+    return out
+
+
+@pytest.mark.parametrize("cls, hyper, value, exc", _outside_cases())
+def test_every_hyperparameter_refuses_values_outside_its_domain(cls, hyper, value, exc):
+    """Each hyperparameter of each class, at the constructor and when set between steps: a
+    value outside its spec domain is refused by name, and a refused step changes nothing."""
+    with pytest.raises(exc, match=hyper):
+        cls(**{hyper: value}, backend="numpy")
+    if hyper not in cls._hyper:  # a fixed flag: assigning it is refused outright (test_hardening)
+        return
+    opt = cls(backend="numpy")
+    params = {"w": np.linspace(-1.0, 1.0, 5)}
+    opt.update(params, {"w": np.ones(5)})
+    snap = _snapshot(opt, params)
+    try:
+        setattr(opt, hyper, value)
+    except (TypeError, ValueError) as e:  # refused when assigned
+        assert hyper in str(e)
+    else:
+        with pytest.raises(exc, match=hyper):  # or before the next step writes anything
+            opt.update(params, {"w": np.ones(5)})
+        setattr(opt, hyper, snap[3][hyper])
+    _assert_unchanged(opt, params, snap)
+
+
 def test_hyperparameter_changed_to_invalid_between_steps(stepped):
     opt, params, grads, _ = stepped
     snap = _snapshot(opt, params)
@@ -474,6 +515,47 @@ def test_load_state_dict_from_another_model_into_fresh_optimizer():
     renamed = {k + "_": v for k, v in a.items()}
     with pytest.raises(KeyError, match="loaded state"):
         opt.update(renamed, _grads(rng, renamed))
+
+
+HOST = [c for c in FULL if spec_of(c[0]).host_names]
+
+
+@pytest.mark.parametrize("cfg", HOST, ids=[config_id(c) for c in HOST])
+def test_load_state_dict_refuses_bad_host_state(cfg):
+    """The host state (NAdam's mu_product, ASGD's eta and mu) in a state dict: 0-d float
+    arrays, one value for every parameter; anything else is refused, changing nothing."""
+    name, kw = cfg
+    hnames = spec_of(name).host_names
+    rng = np.random.default_rng(13)
+    params = _params(rng)
+    opt = getattr(fastopt, name)(**kw, backend="numpy")
+    for _ in range(2):
+        opt.update(params, _grads(rng, params))
+    good = opt.state_dict()
+    h, first, last = hnames[0], "w0", "w3"
+    assert all(good["state"][n][h].shape == () for n in good["state"])
+    assert good["state"][first][h].dtype == np.float32
+    bad = {
+        "missing": lambda sd: sd["state"][last].pop(h),
+        "differs": lambda sd: sd["state"][last].update({h: np.array(0.125, np.float32)}),
+        "shape": lambda sd: sd["state"][last].update({h: np.full(1, sd["state"][last][h])}),
+        "nan": lambda sd: sd["state"][last].update({h: np.array(np.nan, np.float32)}),
+        "int": lambda sd: sd["state"][last].update({h: np.array(1, np.int64)}),
+    }
+    host0 = opt.host_state
+    for what, mutate in bad.items():
+        sd = opt.state_dict()
+        sd["step"] = 99
+        mutate(sd)
+        snap = _snapshot(opt, params)
+        with pytest.raises((KeyError, TypeError, ValueError), match=h):
+            opt.load_state_dict(sd)
+        _assert_unchanged(opt, params, snap)
+        assert opt.host_state == host0, what
+    # a good one restores it, before and after the first step
+    for target in (getattr(fastopt, name)(**kw, backend="numpy"), opt):
+        target.load_state_dict(good)
+        assert target.host_state == host0
 
 
 def test_load_state_dict_kind_refused_for_every_optimizer():

@@ -12,7 +12,7 @@ import pytest
 from conftest import resolve, state_names
 from gpu_common import gpu_backend_params, needs_gpu, to_device, to_host
 from test_parity import CONFIGS, DTYPES, SIZES, STEPS, _case, _config_id
-from tolerances import assert_close
+from support.tolerances import assert_close
 
 import fastopt
 
