@@ -4,11 +4,15 @@ variance of the adaptive learning rate is tractable, rho_t > 5).
 g = -g if maximize
 decoupled: p = p * decay  (decay = 1 - lr*wd)    else g = g + wd*p
 m = beta1*m + omb1*g;  v = beta2*v + omb2*g*g
-rectify (rho_t > 5): p = p - (m/bc1)*lr * (sqrt_bc2 / (sqrt(v) + eps)) * rect
-otherwise:           p = p - (m/bc1)*lr
+rectify (rho_t > 5): p = p - step_size*m / (sqrt(v) + eps)   (step_size = lr*rect*sqrt(bc2)/bc1)
+otherwise:           p = p - step_size*m                      (step_size = lr/bc1)
 (rho_inf = 2/(1 - beta2) - 1, rho_t = rho_inf - 2t*beta2^t/bc2,
 rect = sqrt((rho_t - 4)(rho_t - 2)rho_inf / ((rho_inf - 4)(rho_inf - 2)rho_t)); whether a step
-rectifies is a flag from the host, so each step runs a branch-free variant)
+rectifies is a flag from the host, so each step runs a branch-free variant. torch multiplies
+m/bc1, lr, sqrt(bc2)/(sqrt(v) + eps) and rect element by element; the host folds them into one
+step size, as Adam's rule does, which leaves one division per element: float64 divisions are
+long instruction sequences, and three of them cost the double kernels registers beyond the
+64-register budget.)
 """
 
 import math
@@ -18,7 +22,7 @@ from .spec import Hyper, Rule, Slot
 
 def make_rule(maximize=False, decay=False, decoupled=False, rectify=False):
     def radam_elem(p, g, m, v, k):
-        wd, decay_f, beta1, omb1, beta2, omb2, bc1, lr, sqrt_bc2, eps, rect = k
+        wd, decay_f, beta1, omb1, beta2, omb2, step_size, eps = k
         if maximize:
             g = -g
         if decay:
@@ -29,9 +33,9 @@ def make_rule(maximize=False, decay=False, decoupled=False, rectify=False):
         m = beta1 * m + omb1 * g
         v = beta2 * v + omb2 * g * g
         if rectify:
-            p = p - m / bc1 * lr * (sqrt_bc2 / (math.sqrt(v) + eps)) * rect
+            p = p - step_size * m / (math.sqrt(v) + eps)
         else:
-            p = p - m / bc1 * lr
+            p = p - step_size * m
         return p, m, v
 
     return radam_elem
@@ -55,13 +59,14 @@ def _flags_of(hp, step, hs):
 
 def _scalars_of(hp, step, hs):
     beta1, beta2 = hp["betas"]
-    bc2 = 1.0 - beta2**step
+    bc1, bc2 = 1.0 - beta1**step, 1.0 - beta2**step
     rho_inf, rho_t = _rho(hp, step)
-    rect = 0.0
+    step_size = hp["lr"] / bc1
     if rho_t > 5.0:
         rect = (
             (rho_t - 4.0) * (rho_t - 2.0) * rho_inf / ((rho_inf - 4.0) * (rho_inf - 2.0) * rho_t)
         ) ** 0.5
+        step_size = hp["lr"] * rect * bc2**0.5 / bc1
     return {
         "wd": hp["weight_decay"],
         "decay_f": 1.0 - hp["lr"] * hp["weight_decay"],
@@ -69,11 +74,8 @@ def _scalars_of(hp, step, hs):
         "omb1": 1.0 - beta1,
         "beta2": beta2,
         "omb2": 1.0 - beta2,
-        "bc1": 1.0 - beta1**step,
-        "lr": hp["lr"],
-        "sqrt_bc2": bc2**0.5,
+        "step_size": step_size,
         "eps": hp["eps"],
-        "rect": rect,
     }
 
 
@@ -88,19 +90,7 @@ RULE = Rule(
         Hyper("maximize", False, "bool", fixed=True),
     ),
     slots=(Slot("exp_avg"), Slot("exp_avg_sq")),
-    scalars=(
-        "wd",
-        "decay_f",
-        "beta1",
-        "omb1",
-        "beta2",
-        "omb2",
-        "bc1",
-        "lr",
-        "sqrt_bc2",
-        "eps",
-        "rect",
-    ),
+    scalars=("wd", "decay_f", "beta1", "omb1", "beta2", "omb2", "step_size", "eps"),
     make_rule=make_rule,
     flags_of=_flags_of,
     scalars_of=_scalars_of,

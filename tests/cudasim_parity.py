@@ -12,7 +12,9 @@ import os
 
 import numpy as np
 import pytest
-from conftest import resolve, run_oracle, state_names
+from support.matrix import config_id, variant_cover
+from support.oracle import resolve, run_oracle, state_names
+from support.parity import inputs
 from support.tolerances import assert_close
 
 import fastopt
@@ -23,79 +25,37 @@ pytestmark = pytest.mark.skipif(
     reason="run by tests/test_cudasim.py with NUMBA_ENABLE_CUDASIM=1",
 )
 
-#: every flag variant of every optimizer (each flag that selects a compiled variant, alone and
-#: combined), with non-default hyperparameters so that each scalar matters
-CASES = [
-    ("SGD", {}),
-    ("SGD", {"weight_decay": 0.1, "maximize": True}),
-    ("SGD", {"momentum": 0.8, "dampening": 0.3}),
-    ("SGD", {"momentum": 0.8, "weight_decay": 0.05, "maximize": True}),
-    ("SGD", {"momentum": 0.7, "nesterov": True, "weight_decay": 0.05}),
-    ("SGD", {"momentum": 0.7, "nesterov": True, "maximize": True}),
-    ("Momentum", {}),
-    ("Nesterov", {}),
-    ("AdaGrad", {}),
-    ("AdaGrad", {"lr_decay": 0.1, "weight_decay": 0.1, "initial_accumulator_value": 0.5}),
-    ("AdaGrad", {"maximize": True}),
-    ("RMSProp", {}),
-    ("RMSProp", {"centered": True}),
-    ("RMSProp", {"momentum": 0.6}),
-    ("RMSProp", {"centered": True, "momentum": 0.6, "weight_decay": 0.1, "maximize": True}),
-    ("RMSProp", {"weight_decay": 0.1, "alpha": 0.9}),
-    ("Adam", {}),
-    ("Adam", {"amsgrad": True}),
-    ("Adam", {"weight_decay": 0.1, "maximize": True}),
-    ("Adam", {"amsgrad": True, "weight_decay": 0.1, "maximize": True, "betas": (0.8, 0.9)}),
-    ("AdamW", {}),
-    ("AdamW", {"amsgrad": True, "maximize": True}),
-    ("AdamW", {"weight_decay": 0.0}),
-    ("Lion", {}),
-    ("Lion", {"weight_decay": 0.5, "maximize": True}),
-]
-CLASSES = {
-    "SGD": fastopt.SGD,
-    "Momentum": fastopt.Momentum,
-    "Nesterov": fastopt.Nesterov,
-    "AdaGrad": fastopt.AdaGrad,
-    "RMSProp": fastopt.RMSProp,
-    "Adam": fastopt.Adam,
-    "AdamW": fastopt.AdamW,
-    "Lion": fastopt.Lion,
-}
+#: configurations of the optimizer matrix that together reach every variant the classes launch
+#: (support.matrix.variant_cover): each one reaches a variant no earlier one does
+CASES = variant_cover()
 STEPS = 7
 
 
-def _case_id(case):
-    name, kw = case
-    return name + "".join(f"-{k}={v}" for k, v in kw.items())
-
-
-def _inputs(rng, n, dtype):
-    # lr scaled up so that 7 steps move the params visibly (a kernel that skips the update fails)
-    p0 = rng.standard_normal(n).astype(dtype)
-    grads = [rng.standard_normal(n).astype(dtype) for _ in range(STEPS)]
-    return p0, grads
+def _inputs(rng, name, n, dtype):
+    p0, grads = inputs(rng, name, n, STEPS)
+    return p0.astype(dtype), [g.astype(dtype) for g in grads]
 
 
 @pytest.mark.parametrize("dtype", [np.float32, np.float64], ids=["f32", "f64"])
-@pytest.mark.parametrize("n", [1, 1001])
-@pytest.mark.parametrize("case", CASES, ids=[_case_id(c) for c in CASES])
+@pytest.mark.parametrize("n", [1, 301])
+@pytest.mark.parametrize("case", CASES, ids=[config_id(c) for c in CASES])
 def test_dict_update_matches_oracle(case, n, dtype, rng):
+    # n = 301: more elements than the simulated grid has threads (4 x 32), so the grid-stride
+    # loop takes three trips, the last one partial
     name, kw = case
-    kw = dict(kw)
-    kw.setdefault("lr", 0.05)
-    p0, grads = _inputs(rng, n, dtype)
-    opt = CLASSES[name](backend="numba-cuda", **kw)
+    p0, grads = _inputs(rng, name, n, dtype)
+    opt = getattr(fastopt, name)(backend="numba-cuda", **kw)
     p = p0.copy()
     for g in grads:
         opt.update({"w": p}, {"w": g})
-    ref_p, ref_state = run_oracle(name, kw, p0, grads)
+    ref_p, ref_state, ref_host = run_oracle(name, kw, p0, grads, host=True)
     assert not np.array_equal(p, p0), "the parameters did not move"
     assert_close(p, ref_p, dtype, f"{name}{kw} param")
     want = state_names(name, resolve(name, kw))
     assert set(opt.state["w"]) == set(want)
     for s in want:
         assert_close(opt.state["w"][s], ref_state[s], dtype, f"{name}{kw} state {s}")
+    assert opt.host_state == ref_host
 
 
 def test_flat_buffer_step_matches_oracle(rng):
@@ -124,12 +84,12 @@ def test_flat_buffer_step_matches_oracle(rng):
 
 @pytest.mark.parametrize("variant", ncb.variants(), ids=lambda v: f"{v[0]}-{v[1]}")
 def test_every_kernel_variant_writes_every_element(variant):
-    # each compiled variant (all 52), straight through the backend, against the same rule run
+    # each compiled variant, straight through the backend, against the same rule run
     # element by element in plain Python: every element's expected value differs from its input,
     # so an index the grid-stride loop skipped or a slot stored from the wrong variable shows
     rule, flags, writes = variant
     rng = np.random.default_rng(len(ncb.variants()) + ncb.variants().index(variant))
-    n = 1000
+    n = 300
     k = tuple(float(x) for x in rng.uniform(0.1, 0.9, len(fastopt.kernels.RULES[rule].SCALARS)))
     p = rng.standard_normal(n).astype(np.float32)
     # small gradients and non-negative states keep every square root real (|grad_avg| <= 0.2,

@@ -40,9 +40,11 @@ RECORD_KEYS = {
 
 
 def test_traffic_model_is_design_table():
-    """bytes/elem = (3 + 2·states)·itemsize reproduces DESIGN.md §6 and scales with the dtype."""
-    assert set(DESIGN_BYTES_F32) == set(CASES)
-    for name, case in CASES.items():
+    """bytes/elem = (3 + 2·states)·itemsize reproduces DESIGN.md §6 (the optimizers it lists;
+    later ones get the same formula from their slots) and scales with the dtype."""
+    assert set(DESIGN_BYTES_F32) <= set(CASES)
+    for name in DESIGN_BYTES_F32:
+        case = CASES[name]
         assert bytes_per_step(case.n_state, 1, np.float32) == DESIGN_BYTES_F32[name], name
         assert bytes_per_step(case.n_state, 1000, np.float64) == 2000 * DESIGN_BYTES_F32[name]
 

@@ -13,7 +13,7 @@ the float64 oracle under the shared tolerance table. Skipped only when g++ is mi
 """
 
 import ctypes
-import itertools
+import inspect
 import shutil
 import subprocess
 import zlib
@@ -22,6 +22,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 from fastopt.kernels import RULES, cuda_source
+from support.matrix import RULE_MATRIX, STEPS, rule_config_id
 from support.tolerances import assert_close
 
 from fastopt import functional, reference
@@ -33,7 +34,7 @@ HARNESS = Path(__file__).with_name("harness") / "harness.cpp"
 KERNELS = Path(cuda_source.__file__).parent
 CTYPE = {np.float32: "float", np.float64: "double"}
 VARIANTS = [(rule, flags) for rule in RULES for flags in cuda_source.variants(rule)]
-N, STEPS = 1001, 7
+N = 1001
 #: the kernel forms checked: CuPy's ElementwiseKernel operation, and the raw kernel's scalar
 #: (width 1) and vector (16-byte) forms
 FORMS = ("elementwise", "raw-scalar", "raw-vector")
@@ -175,67 +176,18 @@ class HarnessBackend:
         fn(ctypes.cast(ptrs, ctypes.c_void_p), ks.ctypes.data, param.shape[0])
 
 
-def _cases(rule):
-    """Hyperparameters that reach every flag variant of ``rule`` with every term visible."""
-    B = (False, True)
-    if rule == "sgd":  # Nesterov needs momentum and no dampening (fastopt.functional checks)
-        return [
-            {
-                "lr": 0.05,
-                "maximize": mx,
-                "weight_decay": wd,
-                "momentum": mu,
-                "dampening": 0.0 if nv else 0.1,
-                "nesterov": nv,
-            }
-            for mx, wd, mu, nv in itertools.product(B, (0.0, 0.1), (0.0, 0.9), B)
-            if mu or not nv
-        ]
-    if rule == "adagrad":
-        return [
-            {"lr": 0.05, "maximize": mx, "weight_decay": wd, "lr_decay": 0.05}
-            for mx, wd in itertools.product(B, (0.0, 0.1))
-        ]
-    if rule == "rmsprop":
-        return [
-            {
-                "lr": 0.01,
-                "alpha": 0.9,
-                "maximize": mx,
-                "weight_decay": wd,
-                "centered": c,
-                "momentum": mu,
-            }
-            for mx, wd, c, mu in itertools.product(B, (0.0, 0.1), B, (0.0, 0.9))
-        ]
-    if rule == "adam":
-        return [
-            {
-                "lr": 0.01,
-                "betas": (0.8, 0.95),
-                "maximize": mx,
-                "weight_decay": wd,
-                "decoupled": dc,
-                "amsgrad": am,
-            }
-            for mx, wd, dc, am in itertools.product(B, (0.0, 0.1), B, B)
-        ]
-    if rule == "lion":
-        return [
-            {"lr": 0.01, "betas": (0.8, 0.95), "maximize": mx, "weight_decay": wd}
-            for mx, wd in itertools.product(B, (0.0, 0.1))
-        ]
-    raise KeyError(rule)
+#: state slots whose values may take either sign (moments, momentum, the previous gradient,
+#: the average of the iterates); every other slot is a square, a maximum of magnitudes or a step
+#: size and starts positive
+SIGNED = ("exp_avg", "momentum_buffer", "grad_avg", "prev", "ax")
 
 
 def _initial_state(rule, rng):
-    """Random non-zero state: squares positive, and v >= ga^2 so centered RMSProp stays real."""
+    """Random non-zero state: positive where a slot must be, v >= ga^2 so centered RMSProp
+    stays real, AMSGrad's running max above v."""
     st = {}
     for s in RULES[rule].STATE:
-        st[s] = rng.standard_normal(N)
-    for s in ("sum", "exp_avg_sq", "max_exp_avg_sq"):
-        if s in st:
-            st[s] = rng.uniform(0.1, 2.0, N)
+        st[s] = rng.standard_normal(N) if s in SIGNED else rng.uniform(0.1, 2.0, N)
     if rule == "rmsprop":
         st["grad_avg"] = 0.5 * rng.standard_normal(N)
         st["square_avg"] = st["grad_avg"] ** 2 + rng.uniform(0.1, 2.0, N)
@@ -244,65 +196,65 @@ def _initial_state(rule, rng):
     return st
 
 
-CASES = [(rule, hp) for rule in RULES for hp in _cases(rule)]
+def _oracle_kwargs(rule, hp):
+    """The hyperparameters the oracle function of ``rule`` takes."""
+    takes = inspect.signature(getattr(reference, rule)).parameters
+    return {k: v for k, v in hp.items() if k in takes}
+
+
+#: every probe combination of every rule (support.matrix.RULE_MATRIX): every compiled variant
+CASES = RULE_MATRIX
 
 
 @pytest.mark.parametrize("form", FORMS)
 @pytest.mark.parametrize("dtype", [np.float32, np.float64], ids=["float", "double"])
-@pytest.mark.parametrize(
-    "rule,hp",
-    CASES,
-    ids=[
-        f"{r}-" + "-".join(f"{k}={v}" for k, v in hp.items() if k not in ("lr", "betas", "alpha"))
-        for r, hp in CASES
-    ],
-)
+@pytest.mark.parametrize("rule,hp", CASES, ids=[rule_config_id(c) for c in CASES])
 def test_body_matches_oracle(harness, rule, hp, dtype, form):
     rng = np.random.default_rng(zlib.crc32(repr((rule, hp, np.dtype(dtype).name)).encode()))
     p0, st0 = rng.standard_normal(N), _initial_state(rule, rng)
     grads = [rng.standard_normal(N) * 2 for _ in range(STEPS)]
     be = HarnessBackend(harness, form)
+    spec = RULES[rule]
     p, st = p0.astype(dtype), {s: a.astype(dtype) for s, a in st0.items()}
-    # the oracle starts from the very same (rounded) values
+    # the oracle starts from the very same (rounded) values and host state
     rp, rst = p.astype(np.float64), {s: a.astype(np.float64) for s, a in st.items()}
+    hs = spec.initial_host_state(hp)
+    rst.update({h: np.array(v, np.float32) for h, v in hs.items()})
+    extra = {"host_state": hs} if hs else {}
     fn, ref = getattr(functional, rule), getattr(reference, rule)
     for t in range(1, STEPS + 1):
         kw = dict(hp, lr=hp["lr"] * (1 + 0.1 * t))  # a new lr each step: no stale scalar
         g = grads[t - 1].astype(dtype)
-        fn(p, g, *(st[s] for s in RULES[rule].STATE), step=t, backend=be, **kw)
-        ref(rp, g.astype(np.float64), rst, step=t, **kw)
+        fn(p, g, *(st[s] for s in spec.STATE), step=t, backend=be, **kw, **extra)
+        ref(rp, g.astype(np.float64), rst, step=t, **_oracle_kwargs(rule, kw))
     assert be.seen, "the harness never ran"
     assert_close(p, rp, dtype, f"{rule} param")
-    for s in RULES[rule].STATE:
+    for s in spec.STATE:
         assert_close(st[s], rst[s], dtype, f"{rule} {s}")
+    assert hs == {h: float(rst[h]) for h in hs}, "host state"
 
 
 def test_cases_reach_every_variant(harness):
-    """The cases above drive every compiled variant of every rule at least once."""
+    """The cases above drive every compiled variant of every rule at least once, per-step
+    variants (RAdam's rectification, ASGD's averaging) included."""
     be = HarnessBackend(harness)
     rng = np.random.default_rng(0)
     for rule, hp in CASES:
         st = _initial_state(rule, rng)
-        getattr(functional, rule)(
-            rng.standard_normal(N),
-            rng.standard_normal(N),
-            *(st[s] for s in RULES[rule].STATE),
-            step=2,
-            backend=be,
-            **hp,
-        )
-    # SGD's Nesterov variants without momentum are compiled but unreachable: nesterov=True
-    # without momentum is refused before any launch
-    missing = [
-        VARIANTS[i]
-        for i in range(len(VARIANTS))
-        if i not in be.seen
-        and not (
-            VARIANTS[i][0] == "sgd"
-            and VARIANTS[i][1]["nesterov"]
-            and not VARIANTS[i][1]["momentum"]
-        )
-    ]
+        hs = RULES[rule].initial_host_state(hp)
+        extra = {"host_state": hs} if hs else {}
+        p = rng.standard_normal(N)
+        for t in range(1, STEPS + 1):
+            getattr(functional, rule)(
+                p,
+                rng.standard_normal(N),
+                *(st[s] for s in RULES[rule].STATE),
+                step=t,
+                backend=be,
+                **hp,
+                **extra,
+            )
+    missing = [VARIANTS[i] for i in range(len(VARIANTS)) if i not in be.seen]
     assert not missing, f"variants never exercised: {missing}"
 
 

@@ -8,8 +8,8 @@ two GPUs, is refused before anything changes.
 
 import numpy as np
 import pytest
-from support.oracle import run_oracle
 from gpu_common import gpu_backend_params, needs_gpu, to_device, to_host
+from support.oracle import run_oracle
 from support.tolerances import assert_close
 
 import fastopt

@@ -1,17 +1,19 @@
 """The parity matrix on the GPU: both GPU backends against the float64 oracle, and each other.
 
-Every optimizer × flag combination × dtype × n × steps of ``tests/test_parity.py``, with the
-inputs copied to the GPU once and the results copied back only to compare: params and every
-state buffer. The dict API steps a parameter sliced out of a guarded device array (the guard
+Every configuration of the optimizer matrix (``support.matrix.MATRIX``: every class × probe
+combination) × dtype × (n, steps) of ``support.parity``, with the inputs copied to the GPU once
+and the results copied back only to compare: params, every state buffer and the host state.
+The dict API steps a parameter sliced out of a guarded device array (the guard
 cells must keep their poison); the flat API packs it in two segments of a FlatBuffer built from
 CuPy arrays, whose buffers and state must live on the GPU.
 """
 
 import numpy as np
 import pytest
-from conftest import resolve, state_names
 from gpu_common import gpu_backend_params, needs_gpu, to_device, to_host
-from test_parity import CONFIGS, DTYPES, SIZES, STEPS, _case, _config_id
+from support.matrix import FULL, MATRIX, STEPS, config_id
+from support.oracle import resolve, state_names
+from support.parity import DTYPES, SIZES_STEPS, case
 from support.tolerances import assert_close
 
 import fastopt
@@ -24,8 +26,8 @@ POISON = -7.25e3
 #: one xdist group per config: with ``pytest -n N --dist loadgroup`` every test of a config runs
 #: in one worker, so each kernel variant is compiled by one process, not by all of them
 CFG_PARAMS = [
-    pytest.param(i, id=_config_id(c), marks=pytest.mark.xdist_group(f"cfg{i}"))
-    for i, c in enumerate(CONFIGS)
+    pytest.param(i, id=config_id(c), marks=pytest.mark.xdist_group(f"cfg{i}"))
+    for i, c in enumerate(MATRIX)
 ]
 
 
@@ -47,7 +49,8 @@ def _run_dict(name, kwargs, backend, dtype, p0, grads):
     )
     for s, a in opt.state["w"].items():
         assert isinstance(a, cupy.ndarray), f"state {s} is not on the GPU"
-    return host[GUARD : GUARD + n], {s: to_host(a).reshape(-1) for s, a in opt.state["w"].items()}
+    state = {s: to_host(a).reshape(-1) for s, a in opt.state["w"].items()}
+    return host[GUARD : GUARD + n], state, opt.host_state
 
 
 def _run_flat(name, kwargs, backend, dtype, p0, grads):
@@ -76,20 +79,20 @@ def _run_flat(name, kwargs, backend, dtype, p0, grads):
         for s, a in st.items():
             assert isinstance(a, cupy.ndarray), f"state {s} is not on the GPU"
     cat = lambda d: np.concatenate([to_host(d[k]).reshape(-1) for k in parts])
-    return cat(buf.params), {s: cat({k: opt.state[k][s] for k in parts}) for s in opt.state["a"]}
+    state = {s: cat({k: opt.state[k][s] for k in parts}) for s in opt.state["a"]}
+    return cat(buf.params), state, opt.host_state
 
 
 @pytest.mark.parametrize("backend", gpu_backend_params())
 @pytest.mark.parametrize("api", ["dict", "flat"])
-@pytest.mark.parametrize("steps", STEPS)
-@pytest.mark.parametrize("n", SIZES)
+@pytest.mark.parametrize("n, steps", SIZES_STEPS, ids=[f"{n}-{s}" for n, s in SIZES_STEPS])
 @pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: np.dtype(d).name)
 @pytest.mark.parametrize("cfg", CFG_PARAMS)
 def test_gpu_parity(cfg, dtype, n, steps, api, backend):
-    name = CONFIGS[cfg][0]
-    kwargs, p0, grads, (p_ref, state_ref) = _case(cfg, dtype, n, steps)
+    name = MATRIX[cfg][0]
+    kwargs, p0, grads, (p_ref, state_ref, host_ref) = case(cfg, dtype, n, steps)
     run = _run_dict if api == "dict" else _run_flat
-    p, state = run(name, kwargs, backend, dtype, p0, grads)
+    p, state, host = run(name, kwargs, backend, dtype, p0, grads)
     assert p.dtype == dtype
     assert set(state) == set(state_names(name, resolve(name, kwargs))), "state buffer names"
     assert not np.array_equal(p, p0), "the step did not move the parameters"
@@ -97,6 +100,7 @@ def test_gpu_parity(cfg, dtype, n, steps, api, backend):
     for s, ref in state_ref.items():
         assert state[s].dtype == dtype, f"{s} dtype"
         assert_close(state[s], ref, dtype, f"{name} {s} ({backend})")
+    assert host == host_ref, "host state"
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: np.dtype(d).name)
@@ -104,10 +108,10 @@ def test_gpu_parity(cfg, dtype, n, steps, api, backend):
 def test_cupy_and_numba_cuda_agree(cfg, dtype):
     if "numba-cuda" not in fastopt.available_backends():
         pytest.skip("backend 'numba-cuda' is not available here")
-    name = CONFIGS[cfg][0]
-    kwargs, p0, grads, _ = _case(cfg, dtype, 278011, 7)
-    p_c, s_c = _run_dict(name, kwargs, "cupy", dtype, p0, grads)
-    p_n, s_n = _run_dict(name, kwargs, "numba-cuda", dtype, p0, grads)
+    name = MATRIX[cfg][0]
+    kwargs, p0, grads, _ = case(cfg, dtype, 278011, STEPS)
+    p_c, s_c, _ = _run_dict(name, kwargs, "cupy", dtype, p0, grads)
+    p_n, s_n, _ = _run_dict(name, kwargs, "numba-cuda", dtype, p0, grads)
     # the same float ops in the same order: the two compilers may still contract a*b+c into
     # an FMA differently, so agreement is to the dtype's tolerance, not bit for bit
     assert_close(p_n, p_c, dtype, f"{name} param: numba-cuda vs cupy")
@@ -116,25 +120,22 @@ def test_cupy_and_numba_cuda_agree(cfg, dtype):
         assert_close(s_n[s], s_c[s], dtype, f"{name} {s}: numba-cuda vs cupy")
 
 
-UNALIGNED = [
-    i
-    for i, (name, kw) in enumerate(CONFIGS)
-    if name in ("Adam", "SGD", "RMSProp") and kw.get("weight_decay")
-][:6]
+#: the fullest configuration of each class
+UNALIGNED = [MATRIX.index(c) for c in FULL]
 
 
 @pytest.mark.parametrize("backend", gpu_backend_params())
 @pytest.mark.parametrize("offset", [1, 3])
 @pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: np.dtype(d).name)
-@pytest.mark.parametrize("cfg", UNALIGNED, ids=[_config_id(CONFIGS[i]) for i in UNALIGNED])
+@pytest.mark.parametrize("cfg", UNALIGNED, ids=[config_id(MATRIX[i]) for i in UNALIGNED])
 def test_gpu_parity_on_misaligned_views(cfg, dtype, offset, backend):
     """Params, grads and state views that start off a 16-byte boundary take the CuPy backend's
     scalar kernel form (and numba-cuda's only form): same results, nothing written outside."""
     import cupy
 
-    name = CONFIGS[cfg][0]
+    name = MATRIX[cfg][0]
     n = 100_003
-    kwargs, p0, grads, (p_ref, state_ref) = _case(cfg, dtype, n, 7)
+    kwargs, p0, grads, (p_ref, state_ref, _) = case(cfg, dtype, n, STEPS)
     store = cupy.full(n + 2 * GUARD, POISON, dtype=dtype)
     p = store[offset : offset + n]
     p[...] = to_device(p0)

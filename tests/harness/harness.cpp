@@ -1,7 +1,7 @@
 // CPU harness for the CuPy kernel bodies (kernels/*.cu), compiled by g++ as plain C++.
 //
-// The CUDA qualifiers become ordinary inline functions and sqrt / max / fma / isnan resolve to
-// the C++ overloads for T, so float stays float as on the GPU. variants.inc (written by
+// The CUDA qualifiers become ordinary inline functions and abs / sqrt / max / fma / isnan
+// resolve to the C++ overloads for T, so float stays float as on the GPU. variants.inc (written by
 // tests/test_cuda_harness.py) then holds, per kernel variant: its flag #defines, the rule's .cu
 // body inside its own namespace, and an extern "C" loop that binds each element the way CuPy's
 // generated ElementwiseKernel does (`const T &grad = ...; T &param = ...; const T lr = ...;`)
@@ -20,6 +20,7 @@ static Dim3 blockIdx, threadIdx, blockDim, gridDim;
 struct alignas(16) float4 { float x, y, z, w; };
 struct alignas(16) double2 { double x, y; };
 
+using std::abs;
 using std::fma;
 using std::isnan;
 using std::max;

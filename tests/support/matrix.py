@@ -30,6 +30,7 @@ __all__ = [
     "full_config",
     "rule_config_id",
     "settings",
+    "slots_read",
     "variant_cover",
     "variants_reached",
 ]
@@ -196,6 +197,26 @@ def rule_config_id(cfg):
         if h.probe is not None and hp[h.name] == h.probe
     ]
     return rule + ("[" + ",".join(parts) + "]" if parts else "")
+
+
+def slots_read(rule, flags):
+    """The state slots the ``flags`` variant of ``rule`` reads, found by running its rule in
+    plain Python with NaN in one slot at a time: a slot it reads taints an output (ASGD's ``ax``
+    is only written while it copies p: a compiler drops its load)."""
+    import math
+
+    spec = RULES[rule]
+    elem = spec.make_rule(**flags)
+    k = tuple(0.5 for _ in spec.scalars)
+    out = []
+    for j, (slot, used) in enumerate(zip(spec.state, spec.slots_used(flags))):
+        if not used:
+            continue
+        args = [1.0] * len(spec.slots)
+        args[j] = math.nan
+        if any(math.isnan(x) for x in elem(1.0, 0.5, *args, k)):
+            out.append(slot)
+    return tuple(out)
 
 
 def _check():
