@@ -12,7 +12,7 @@ import os
 
 import numpy as np
 import pytest
-from support.matrix import config_id, variant_cover
+from support.matrix import FULL, config_id, steps_to_reach, variant_cover
 from support.oracle import resolve, run_oracle, state_names
 from support.parity import inputs
 from support.tolerances import assert_close
@@ -28,22 +28,27 @@ pytestmark = pytest.mark.skipif(
 #: configurations of the optimizer matrix that together reach every variant the classes launch
 #: (support.matrix.variant_cover): each one reaches a variant no earlier one does
 CASES = variant_cover()
-STEPS = 7
 
 
-def _inputs(rng, name, n, dtype):
-    p0, grads = inputs(rng, name, n, STEPS)
+def _inputs(rng, name, kw, n, dtype):
+    """Inputs for as many steps as the configuration needs to reach all its variants, two at
+    least (state carried from one launch to the next): every simulated launch runs each of
+    its threads in Python, and the CPU parity matrix runs every configuration seven steps."""
+    p0, grads = inputs(rng, name, n, max(2, steps_to_reach(name, kw)))
     return p0.astype(dtype), [g.astype(dtype) for g in grads]
 
 
+#: (configuration, n): the cover at n = 301, more elements than the simulated grid has threads
+#: (4 x 32), so the grid-stride loop takes three trips, the last one partial; each class's
+#: fullest configuration at n = 1 too (a one-thread launch)
+SIZED = [(c, 301) for c in CASES] + [(c, 1) for c in FULL]
+
+
 @pytest.mark.parametrize("dtype", [np.float32, np.float64], ids=["f32", "f64"])
-@pytest.mark.parametrize("n", [1, 301])
-@pytest.mark.parametrize("case", CASES, ids=[config_id(c) for c in CASES])
+@pytest.mark.parametrize("case, n", SIZED, ids=[f"{config_id(c)}-{n}" for c, n in SIZED])
 def test_dict_update_matches_oracle(case, n, dtype, rng):
-    # n = 301: more elements than the simulated grid has threads (4 x 32), so the grid-stride
-    # loop takes three trips, the last one partial
     name, kw = case
-    p0, grads = _inputs(rng, name, n, dtype)
+    p0, grads = _inputs(rng, name, kw, n, dtype)
     opt = getattr(fastopt, name)(backend="numba-cuda", **kw)
     p = p0.copy()
     for g in grads:

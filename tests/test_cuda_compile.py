@@ -8,7 +8,10 @@ the float64 variants must, which proves the check can see one. Needs ``pip insta
 cupy-cuda13x numba-cuda[cu13]`` (or ``fastopt[cuda13]``); skipped when the compiler is missing.
 """
 
+import functools
+import os
 import re
+from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import pytest
@@ -85,6 +88,38 @@ def _check(result, prog, what):
     return result[1:]
 
 
+@functools.cache
+def _all_programs():
+    """Every program this module checks, compiled at once: the all-variant ElementwiseKernel
+    program and the all-variant raw program, per arch and element type. NVRTC releases the
+    GIL, so one thread per core compiles them side by side. ``{key: result or exception}``."""
+    jobs = {}
+    for a in ARCHS:
+        for d in DTYPES:
+            name = np.dtype(d).name
+            jobs[("elementwise", a, name)] = lambda a=a, name=name: _compile(
+                *_program(name), a, f"NVRTC {a} {name}"
+            )
+        for c in ("float", "double"):
+            jobs[("raw", a, c)] = lambda a=a, c=c: _raw_compile(a, c)
+
+    def run(job):
+        try:
+            return job()
+        except BaseException as exc:  # pytest.fail inside a worker: re-raised by its test
+            return exc
+
+    with ThreadPoolExecutor(max_workers=os.cpu_count() or 1) as pool:
+        return dict(zip(jobs, pool.map(run, jobs.values())))
+
+
+def _result(key):
+    out = _all_programs()[key]
+    if isinstance(out, BaseException):
+        raise out
+    return out
+
+
 @pytest.fixture(
     scope="module",
     params=[(a, np.dtype(d).name) for a in ARCHS for d in DTYPES],
@@ -96,7 +131,7 @@ def compiled(request):
     if reason:
         pytest.skip(reason)
     arch, dtype = request.param
-    ptx, cubin = _compile(*_program(dtype), arch, f"NVRTC {arch} {dtype}")
+    ptx, cubin = _result(("elementwise", arch, dtype))
     return arch, dtype, ptx, cubin
 
 
@@ -235,9 +270,14 @@ def raw_compiled(request):
     if reason:
         pytest.skip(reason)
     arch, ctype = request.param
+    names, ptx, log = _result(("raw", arch, ctype))
+    return arch, ctype, names, ptx, log
+
+
+def _raw_compile(arch, ctype):
     source, names = _raw_program(ctype)
     ptx, log = _compile_log(source, arch, f"NVRTC raw {arch} {ctype}")
-    return arch, ctype, names, ptx, log
+    return names, ptx, log
 
 
 def test_raw_kernels_compile_without_spills(raw_compiled):

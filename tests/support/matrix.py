@@ -31,6 +31,7 @@ __all__ = [
     "rule_config_id",
     "settings",
     "slots_read",
+    "steps_to_reach",
     "variant_cover",
     "variants_reached",
 ]
@@ -137,6 +138,15 @@ def variants_reached(rule, hp, steps=STEPS):
             out.append(flags)
         hs = spec.advance_host_state(hp, t, hs)
     return out
+
+
+def steps_to_reach(name, kw, steps=STEPS):
+    """The fewest steps in which class ``name`` built with ``kw`` reaches every variant it
+    reaches in ``steps`` (1 unless a flag switches per step: RAdam 6, ASGD with t0 = 0: 3)."""
+    rule = class_of(name)._rule
+    hp = rule_hp(name, resolve(name, kw))
+    every = set(variants_reached(rule, hp, steps))
+    return next(t for t in range(1, steps + 1) if set(variants_reached(rule, hp, t)) == every)
 
 
 @functools.cache
