@@ -32,17 +32,17 @@ __all__ = [
     "VALLEY_START",
     "Spec",
     "TrainResult",
+    "auto_spec",
     "init_mlp",
     "mlp_accuracy",
     "mlp_loss",
     "mlp_loss_and_grad",
+    "specs",
     "textbook_valley_path",
     "train_mlp",
     "valley",
     "valley_grad",
     "valley_path",
-    "specs",
-    "auto_spec",
 ]
 
 #: where every valley path starts, as in the textbook figure
