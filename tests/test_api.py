@@ -1,5 +1,5 @@
-"""The public surface (DESIGN.md §2): both calling conventions, checkpoints, schedules, state
-names, aliases, backend selection, lazy imports and the functional entry points."""
+"""The public surface (the README's Use section): both calling conventions, checkpoints,
+schedules, state names, aliases, backend selection, lazy imports and the functional entry points."""
 
 import copy
 import pickle
