@@ -16,9 +16,13 @@ user may have rebound — and fall back to the full checks when anything differs
 step's host cost O(1) per array.
 """
 
+from __future__ import annotations
+
 import contextlib
 import functools
 import threading
+from collections.abc import Mapping
+from typing import Any
 
 import numpy as np
 
@@ -249,13 +253,13 @@ class Optimizer(StepMachinery, StateMachinery):
             )
 
     @property
-    def state(self):
+    def state(self) -> Mapping[str, Mapping[str, Any]]:
         """Per-parameter state, ``{name: {state name: array}}`` under PyTorch's names (views
         into the flat state buffers for a ``FlatBuffer``, where the mappings are read-only)."""
         return self._state
 
     @property
-    def hyperparams(self):
+    def hyperparams(self) -> dict[str, Any]:
         """The current hyperparameters and flags, as plain Python values."""
         out = {h: getattr(self, h) for h in self._hyper + self._flags}
         return {k: tuple(v) if isinstance(v, list) else v for k, v in out.items()}
@@ -281,7 +285,7 @@ class Optimizer(StepMachinery, StateMachinery):
         self.__dict__["_lock"] = threading.Lock()
 
     @_exclusive
-    def update(self, params, grads):
+    def update(self, params: Mapping[str, Any], grads: Mapping[str, Any]) -> bool:
         """Update the arrays of ``params`` (dict name -> array) in place from ``grads``.
 
         State is created on the first call; later calls must pass the same names, shapes and
@@ -296,7 +300,7 @@ class Optimizer(StepMachinery, StateMachinery):
         return self._update_full(params, grads)
 
     @_exclusive
-    def step(self, buf):
+    def step(self, buf: FlatBuffer) -> bool:
         """One fused step over a ``FlatBuffer``: one kernel call per dtype.
 
         Returns True when the step was applied, False when ``nonfinite="skip"`` skipped it.
@@ -321,7 +325,7 @@ class Optimizer(StepMachinery, StateMachinery):
             return self._apply_flat(buf, c)
 
     @_exclusive
-    def state_dict(self):
+    def state_dict(self) -> dict[str, Any]:
         """Plain data: optimizer kind, step count, hyperparameters and per-parameter state
         (``{name: {state name: numpy array}}``, host copies shaped like the parameters)."""
         state = {n: {s: to_numpy(a) for s, a in st.items()} for n, st in self._state.items()}
@@ -335,7 +339,7 @@ class Optimizer(StepMachinery, StateMachinery):
         }
 
     @_exclusive
-    def load_state_dict(self, sd):
+    def load_state_dict(self, sd: Mapping[str, Any]) -> None:
         """Restore ``state_dict()`` output, so that a resumed run continues bit-identically.
 
         Everything is checked first — optimizer kind, flags, hyperparameter values, step,
