@@ -2,10 +2,10 @@
 ``load_state_dict``, hyperparameters as attributes) of every optimizer.
 
 A subclass names the rule it runs (``_rule``, a name in ``kernels.RULES``), the rule
-hyperparameters it pins (``_pinned``, e.g. AdamW's ``decoupled=True``) and its constructor with
-``torch.optim``'s signature; its hyperparameters, fixed flags, domains, state buffers and their
-initial values all come from the rule spec. How a step checks and launches lives in
-``fastopt._steps``; state creation and ``state_dict`` checks in ``fastopt._state``.
+hyperparameters it pins (``_pinned``, e.g. AdamW's ``decoupled_weight_decay=True``) and its
+constructor with ``torch.optim``'s signature; its hyperparameters, fixed flags, domains, state
+buffers and their initial values all come from the rule spec. How a step checks and launches lives
+in ``fastopt._steps``; state creation and ``state_dict`` checks in ``fastopt._state``.
 
 Every public call validates all of its inputs before it writes anything: a refused call leaves
 every parameter, every state buffer and the step counter exactly as they were. The first step
@@ -89,8 +89,8 @@ class Optimizer(StepMachinery, StateMachinery):
     _hyper = ()
     _flags = ()
     #: the per-element rule this optimizer runs (a name in ``kernels.RULES``) and the rule's
-    #: hyperparameters this class pins (AdamW: ``decoupled=True``); ``_hyper`` and ``_flags``
-    #: are derived from the rule spec (``__init_subclass__``)
+    #: hyperparameters this class pins (AdamW: ``decoupled_weight_decay=True``); ``_hyper`` and
+    #: ``_flags`` are derived from the rule spec (``__init_subclass__``)
     _rule = None
     _pinned = {}
 

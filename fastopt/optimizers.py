@@ -218,12 +218,12 @@ class Adam(Optimizer):
         amsgrad: v̂ = max(v̂, v)  (of the raw v)
         p = p − (lr / (1−β1^t)) · m / (√(v̂ or v) / √(1−β2^t) + eps)
 
-    Defaults: lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=0, amsgrad=False.
-    eps is added after the bias correction, outside the root, as PyTorch does.
+    Defaults: lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=0, amsgrad=False,
+    decoupled_weight_decay=False (True: AdamW). eps is added after the bias correction, outside
+    the root, as PyTorch does.
     """
 
     _rule = "adam"
-    _pinned = {"decoupled": False}
 
     def __init__(
         self,
@@ -234,6 +234,7 @@ class Adam(Optimizer):
         amsgrad: bool = False,
         *,
         maximize: bool = False,
+        decoupled_weight_decay: bool = False,
         backend: str = "auto",
         nonfinite: str | None = None,
     ) -> None:
@@ -245,6 +246,7 @@ class Adam(Optimizer):
                 "weight_decay": weight_decay,
                 "amsgrad": amsgrad,
                 "maximize": maximize,
+                "decoupled_weight_decay": decoupled_weight_decay,
             }
         )
         super().__init__(backend, nonfinite=nonfinite)
@@ -258,7 +260,7 @@ class AdamW(Adam):
     Defaults: lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=1e-2, amsgrad=False.
     """
 
-    _pinned = {"decoupled": True}
+    _pinned = {"decoupled_weight_decay": True}
 
     def __init__(
         self,

@@ -180,7 +180,7 @@ def oracle_step(name, hp, param, grad, state, step):
             weight_decay=hp["weight_decay"],
             amsgrad=hp["amsgrad"],
             maximize=hp["maximize"],
-            decoupled=name == "AdamW",
+            decoupled_weight_decay=name == "AdamW",
         )
     elif name == "Lion":
         reference.lion(

@@ -28,7 +28,7 @@ SPEC_IDS = [s.name for s in SPECS]
 
 def oracle(spec):
     """How a demo optimizer maps onto the oracle: its rule's function, the flags its class pins
-    (Nesterov's nesterov=True, AdamW's decoupled=True) and the state slots it keeps."""
+    (Nesterov's nesterov=True, AdamW's decoupled_weight_decay=True) and the state slots it keeps."""
     import inspect
 
     cls = getattr(optimizers, spec.name)

@@ -143,7 +143,7 @@ def _case(name, cls, kwargs, slots):
         sig = inspect.signature(cls.__init__).parameters
         hp = {k: v.default for k, v in sig.items() if k in cls._hyper + cls._flags}
         hp.update(kwargs, **cls._pinned)
-        torch_kwargs = tuple((k, v) for k, v in hp.items() if k != "decoupled")
+        torch_kwargs = tuple(hp.items())
     return Case(name, cls.__name__, tuple(kwargs.items()), len(slots), torch_cls, torch_kwargs)
 
 
