@@ -11,7 +11,6 @@ dicts, Rosenbrock) hold.
 import copy
 import itertools
 
-import numpy as np
 import pytest
 
 torch = pytest.importorskip("torch")

@@ -232,9 +232,7 @@ class FusedOptimizer(torch.optim.Optimizer):
         be = get_backend(self._backend_for(device))
         views = []
         for p, g, slots in tensors:
-            views.append(
-                [_plain(p), _plain(g)] + [None if s is None else _plain(s) for s in slots]
-            )
+            views.append([_plain(p), _plain(g)] + [None if s is None else _plain(s) for s in slots])
         if be.NAME == "numba" and hasattr(be, "launch_many"):
             for row in views:
                 for a in row:
@@ -295,9 +293,7 @@ def _array(t):
 def _make(cls):
     """The torch.optim face of the fastopt class ``cls``: torch's signature, its defaults."""
     sig = inspect.signature(cls.__init__)
-    own = [
-        p for name, p in sig.parameters.items() if name not in ("self", "backend", "nonfinite")
-    ]
+    own = [p for name, p in sig.parameters.items() if name not in ("self", "backend", "nonfinite")]
     torch_defaults = _torch_defaults(cls)
     extra = [
         inspect.Parameter(k, inspect.Parameter.KEYWORD_ONLY, default=v)
