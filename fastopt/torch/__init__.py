@@ -110,17 +110,17 @@ class FusedOptimizer(torch.optim.Optimizer):
         super().add_param_group(param_group)
 
     # -- state -----------------------------------------------------------------------------------
-    def _init_state(self, p, group, spec, hp):
+    def _init_state(self, p, spec, hp, slots):
         """``state[p]`` as torch creates it on a parameter's first step (torch's keys: a step
-        count where torch keeps one, the state buffers, host scalars as 0-d tensors); a
-        parameter that needs none gets no entry, as in torch (SGD without momentum)."""
+        count where torch keeps one, the state buffers ``slots``, host scalars as 0-d
+        tensors); a parameter that needs none gets no entry, as in torch (SGD without
+        momentum)."""
         state = self.state.get(p)
         if state:
             return state
         new = {}
         if type(self)._keeps_step:
             new["step"] = torch.tensor(0.0, dtype=torch.float32)
-        slots = type(self)._fastopt.slots_for(**{h: group[h] for h in group if h != "params"})
         for s in spec.slots:
             if s.name in slots and not s.fresh:
                 new[s.name] = torch.full_like(
@@ -156,6 +156,7 @@ class FusedOptimizer(torch.optim.Optimizer):
         cls = type(self)
         spec = RULES[cls._fastopt._rule]
         hp = cls._rule_hp(group)
+        slots = spec.state_names(hp)
         buckets = {}
         for p in group["params"]:
             g = p.grad
@@ -173,7 +174,7 @@ class FusedOptimizer(torch.optim.Optimizer):
                     f"{cls.__name__}: a gradient is {g.dtype}{list(g.shape)} on {g.device}, its "
                     f"parameter {p.dtype}{list(p.shape)} on {p.device}; expected them alike"
                 )
-            state = self._init_state(p, group, spec, hp)
+            state = self._init_state(p, spec, hp, slots)
             if "step" in state:
                 step = int(state["step"]) + 1
             else:  # torch keeps no step count (SGD): step 1 is the one without a fresh buffer
@@ -230,20 +231,19 @@ class FusedOptimizer(torch.optim.Optimizer):
 
     def _launch(self, spec, hp, step, hs, device, dtype, used, tensors):
         be = get_backend(self._backend_for(device))
-        views = []
-        for p, g, slots in tensors:
-            views.append([_plain(p), _plain(g)] + [None if s is None else _plain(s) for s in slots])
-        if be.NAME == "numba" and hasattr(be, "launch_many"):
-            for row in views:
-                for a in row:
-                    if a is not None and not a.is_contiguous():
-                        return self._launch_each(be, spec, hp, step, hs, dtype, used, views)
-            table = np.zeros((len(views), 3 + len(spec.slots)), dtype=np.int64)
-            for i, row in enumerate(views):
-                table[i, 0] = row[0].numel()
-                for j, a in enumerate(row):
-                    if a is not None:
-                        table[i, 1 + j] = a.data_ptr()
+        if be.NAME == "numba" and all(
+            a is None or a.is_contiguous() for p, g, slots in tensors for a in (p, g, *slots)
+        ):
+            # one launch over every tensor: a table of their lengths and addresses (checked
+            # above: same device, dtype and shape as their parameter, contiguous, alive)
+            table = np.array(
+                [
+                    [p.numel(), p.data_ptr(), g.data_ptr()]
+                    + [0 if a is None else a.data_ptr() for a in slots]
+                    for p, g, slots in tensors
+                ],
+                dtype=np.int64,
+            ).reshape(len(tensors), 3 + len(spec.slots))
             launch = Launch(be, spec.name, step, hp, hs)
             be.launch_many(
                 spec.name,
@@ -254,8 +254,12 @@ class FusedOptimizer(torch.optim.Optimizer):
                 be.chunks_for(table[:, 0].tolist()),
                 launch.k,
             )
-            return None
-        return self._launch_each(be, spec, hp, step, hs, dtype, used, views)
+            return
+        views = [
+            [_plain(p), _plain(g)] + [None if a is None else _plain(a) for a in slots]
+            for p, g, slots in tensors
+        ]
+        self._launch_each(be, spec, hp, step, hs, dtype, used, views)
 
     def _launch_each(self, be, spec, hp, step, hs, dtype, used, views):
         """One launch per tensor (GPU backends, non-contiguous tensors: through contiguous
