@@ -262,23 +262,39 @@ class FusedOptimizer(torch.optim.Optimizer):
         self._launch_each(be, spec, hp, step, hs, dtype, used, views)
 
     def _launch_each(self, be, spec, hp, step, hs, dtype, used, views):
-        """One launch per tensor (GPU backends, non-contiguous tensors: through contiguous
-        copies written back)."""
+        """One launch per tensor (GPU backends; non-contiguous tensors through contiguous
+        copies written back). CUDA tensors are stepped on torch's current stream of their
+        device, so the step is ordered after the backward that wrote the gradients."""
         launch = Launch(be, spec.name, step, hp, hs)
         writes = tuple(a is not None for a in views[0][2:])
         run = launch.runner(_DTYPES[dtype], writes)
-        for row in views:
-            arrays = [a if a is None or a.is_contiguous() else a.contiguous() for a in row]
-            flat = [None if a is None else _array(a.view(-1)) for a in arrays]
-            run(flat[0], flat[1], tuple(flat[2:]))
-            for orig, a in zip(row, arrays):
-                if orig is not None and a is not orig:
-                    orig.copy_(a)
+        device = views[0][0].device
+        with _torch_stream(device):
+            for row in views:
+                arrays = [a if a is None or a.is_contiguous() else a.contiguous() for a in row]
+                flat = [None if a is None else _array(a.view(-1)) for a in arrays]
+                run(flat[0], flat[1], tuple(flat[2:]))
+                for orig, a in zip(row, arrays):
+                    if orig is not None and a is not orig:
+                        orig.copy_(a)
 
     def _backend_for(self, device):
         if self.backend != "auto":
             return self.backend
         return "cupy" if device.type == "cuda" else "numba"
+
+
+def _torch_stream(device):
+    """CuPy's current stream set to torch's current stream on ``device`` (CUDA tensors), so a
+    CuPy launch is ordered with torch's work; a no-op on the CPU."""
+    import contextlib
+
+    if device.type != "cuda":
+        return contextlib.nullcontext()
+    from ..backends.cupy_backend import _stream_for
+
+    stream = _stream_for(torch.cuda.current_stream(device).cuda_stream)
+    return stream if stream is not None else contextlib.nullcontext()
 
 
 def _plain(t):
