@@ -2,10 +2,10 @@
 ``load_state_dict``, hyperparameters as attributes) of every optimizer.
 
 A subclass names the rule it runs (``_rule``, a name in ``kernels.RULES``), the rule
-hyperparameters it pins (``_pinned``, e.g. AdamW's ``decoupled=True``) and its constructor with
-``torch.optim``'s signature; its hyperparameters, fixed flags, domains, state buffers and their
-initial values all come from the rule spec. How a step checks and launches lives in
-``fastopt._steps``; state creation and ``state_dict`` checks in ``fastopt._state``.
+hyperparameters it pins (``_pinned``, e.g. AdamW's ``decoupled_weight_decay=True``) and its
+constructor with ``torch.optim``'s signature; its hyperparameters, fixed flags, domains, state
+buffers and their initial values all come from the rule spec. How a step checks and launches lives
+in ``fastopt._steps``; state creation and ``state_dict`` checks in ``fastopt._state``.
 
 Every public call validates all of its inputs before it writes anything: a refused call leaves
 every parameter, every state buffer and the step counter exactly as they were. The first step
@@ -16,9 +16,13 @@ user may have rebound — and fall back to the full checks when anything differs
 step's host cost O(1) per array.
 """
 
+from __future__ import annotations
+
 import contextlib
 import functools
 import threading
+from collections.abc import Mapping
+from typing import Any
 
 import numpy as np
 
@@ -85,8 +89,8 @@ class Optimizer(StepMachinery, StateMachinery):
     _hyper = ()
     _flags = ()
     #: the per-element rule this optimizer runs (a name in ``kernels.RULES``) and the rule's
-    #: hyperparameters this class pins (AdamW: ``decoupled=True``); ``_hyper`` and ``_flags``
-    #: are derived from the rule spec (``__init_subclass__``)
+    #: hyperparameters this class pins (AdamW: ``decoupled_weight_decay=True``); ``_hyper`` and
+    #: ``_flags`` are derived from the rule spec (``__init_subclass__``)
     _rule = None
     _pinned = {}
 
@@ -253,13 +257,13 @@ class Optimizer(StepMachinery, StateMachinery):
             )
 
     @property
-    def state(self):
+    def state(self) -> Mapping[str, Mapping[str, Any]]:
         """Per-parameter state, ``{name: {state name: array}}`` under PyTorch's names (views
         into the flat state buffers for a ``FlatBuffer``, where the mappings are read-only)."""
         return self._state
 
     @property
-    def host_state(self):
+    def host_state(self) -> dict[str, float]:
         """The rule's host scalars carried between steps (NAdam's ``mu_product``, ASGD's
         ``eta`` and ``mu``) as a new dict of float32 values under torch's names: ``{}`` for a
         rule without any, and before the first step (they are created with the state)."""
@@ -267,7 +271,7 @@ class Optimizer(StepMachinery, StateMachinery):
         return dict(hs or {})
 
     @property
-    def hyperparams(self):
+    def hyperparams(self) -> dict[str, Any]:
         """The current hyperparameters and flags, as plain Python values."""
         out = {h: getattr(self, h) for h in self._hyper + self._flags}
         return {k: tuple(v) if isinstance(v, list) else v for k, v in out.items()}
@@ -293,7 +297,7 @@ class Optimizer(StepMachinery, StateMachinery):
         self.__dict__["_lock"] = threading.Lock()
 
     @_exclusive
-    def update(self, params, grads):
+    def update(self, params: Mapping[str, Any], grads: Mapping[str, Any]) -> bool:
         """Update the arrays of ``params`` (dict name -> array) in place from ``grads``.
 
         State is created on the first call; later calls must pass the same names, shapes and
@@ -308,7 +312,7 @@ class Optimizer(StepMachinery, StateMachinery):
         return self._update_full(params, grads)
 
     @_exclusive
-    def step(self, buf):
+    def step(self, buf: FlatBuffer) -> bool:
         """One fused step over a ``FlatBuffer``: one kernel call per dtype.
 
         Returns True when the step was applied, False when ``nonfinite="skip"`` skipped it.
@@ -333,7 +337,7 @@ class Optimizer(StepMachinery, StateMachinery):
             return self._apply_flat(buf, c)
 
     @_exclusive
-    def state_dict(self):
+    def state_dict(self) -> dict[str, Any]:
         """Plain data: optimizer kind, step count, hyperparameters and per-parameter state
         (``{name: {state name: numpy array}}``, host copies shaped like the parameters, plus
         the rule's host state as 0-d float32 arrays, as torch keeps it)."""
@@ -352,7 +356,7 @@ class Optimizer(StepMachinery, StateMachinery):
         }
 
     @_exclusive
-    def load_state_dict(self, sd):
+    def load_state_dict(self, sd: Mapping[str, Any]) -> None:
         """Restore ``state_dict()`` output, so that a resumed run continues bit-identically.
 
         Everything is checked first — optimizer kind, flags, hyperparameter values, step,

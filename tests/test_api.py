@@ -1,5 +1,5 @@
-"""The public surface (DESIGN.md §2): both calling conventions, checkpoints, schedules, state
-names, aliases, backend selection, lazy imports and the functional entry points."""
+"""The public surface (the README's Use section): both calling conventions, checkpoints,
+schedules, state names, aliases, backend selection, lazy imports and the functional entry points."""
 
 import copy
 import pickle
@@ -354,8 +354,9 @@ def test_import_fastopt_imports_no_optional_module():
 @pytest.mark.parametrize("cfg", FULL, ids=FULL_IDS)
 def test_functional_entry_points(cfg, backend, dtype, rng):
     """Each class's fullest configuration through its rule's functional entry point (AdamW as
-    ``adam(decoupled=True)``), every state slot passed, host state carried in a dict that each
-    call advances in place; params, every slot and the host state against the oracle."""
+    ``adam(decoupled_weight_decay=True)``), every state slot passed, host state carried in a
+    dict that each call advances in place; params, every slot and the host state against the
+    oracle."""
     name, kw = cfg
     n, steps = 1001, 7
     p0 = rng.standard_normal(n).astype(dtype)

@@ -34,14 +34,15 @@ LR_FACTORS = [1.0 + 0.1 * t for t in range(STEPS)]
 
 def _torch_kwargs(name, kw):
     """torch's constructor arguments for fastopt's ``name(**kw)``, or None when torch refuses
-    them (fastopt's pinned rule flags are torch's keywords, less Adam's internal ``decoupled``,
-    which torch spells as a class: AdamW)."""
+    them: the class's hyperparameters and pins (Nesterov's nesterov=True), those the torch
+    class takes (AdamW is decoupled by its name, not by a keyword)."""
     cls = class_of(name)
-    tk = {**resolve(name, kw), **cls._pinned}
-    tk.pop("decoupled", None)
+    tcls = getattr(torch.optim, _torch_name(cls))
+    takes = inspect.signature(tcls.__init__).parameters
+    tk = {k: v for k, v in {**resolve(name, kw), **cls._pinned}.items() if k in takes}
     tk["foreach"] = False
     try:
-        getattr(torch.optim, _torch_name(cls))([torch.zeros(1, requires_grad=True)], **tk)
+        tcls([torch.zeros(1, requires_grad=True)], **tk)
     except (ValueError, TypeError):
         return None
     return tk

@@ -115,7 +115,8 @@ def full_config(name):
 FULL = [full_config(name) for name in CLASSES]
 
 #: (class, fixed hyperparameter, a value other than its default): every structural flag of
-#: every class, and every hyperparameter a class pins (Nesterov's nesterov, AdamW's decoupled)
+#: every class, and every hyperparameter a class pins (Nesterov's nesterov, AdamW's
+#: decoupled_weight_decay)
 FIXED = [
     (cls, h, on)
     for name, cls in CLASSES.items()

@@ -58,7 +58,13 @@ TORCH_DEFAULTS = {
         maximize=False,
     ),
     "Adam": dict(
-        lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0, amsgrad=False, maximize=False
+        lr=1e-3,
+        betas=(0.9, 0.999),
+        eps=1e-8,
+        weight_decay=0.0,
+        amsgrad=False,
+        maximize=False,
+        decoupled_weight_decay=False,
     ),
     "AdamW": dict(
         lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=1e-2, amsgrad=False, maximize=False
@@ -116,7 +122,7 @@ def resolve(name, kwargs):
 
 def rule_hp(name, hp):
     """The rule's hyperparameters for the class's ``hp``: the rule's defaults, ``hp``, then the
-    class's pins (AdamW's ``decoupled=True``, Nesterov's ``nesterov=True``)."""
+    class's pins (AdamW's ``decoupled_weight_decay=True``, Nesterov's ``nesterov=True``)."""
     cls = class_of(name)
     return {**spec_of(name).defaults, **hp, **cls._pinned}
 
