@@ -10,9 +10,17 @@ that every test module, the GPU tests and the simulator's child process import t
 """
 
 import importlib
+import os
 import sys
 import zlib
 from pathlib import Path
+
+# numba's parallel loops and torch each run their own OpenMP runtime; with both spinning while
+# they wait (OpenMP's default), every switch between a numba launch and a torch op on 2 cores
+# waits out the other runtime's spin (fastopt.torch's training tests took 7 s instead of 0.1 s
+# once a numba parallel loop had run in the process). Passive waiting, set before either
+# runtime starts, keeps the suite's time to its work.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 import numpy as np
 import pytest
