@@ -7,6 +7,15 @@ hyperparameters it pins (``_pinned``, e.g. AdamW's ``decoupled=True``) and its c
 initial values all come from the rule spec. How a step checks and launches lives in
 ``fastopt._steps``; state creation and ``state_dict`` checks in ``fastopt._state``.
 
+Every optimizer also takes the mixed-precision keywords (``fastopt.precision``):
+``state_dtype`` (None: the param dtype; "float32"; "bfloat16"), ``master_weights`` (an fp32
+master copy of every 16-bit param, kept as the state buffer ``"master_param"``),
+``stochastic_rounding`` and ``seed`` (bfloat16 params without a master), and ``capturable``
+(the step count and lr on the device, so a step can be captured in a CUDA graph; on the CPU
+accepted and equivalent). Every subclass's constructor accepts them (``__init_subclass__``
+adds them to its signature), and ``update``/``step`` take the loss-scale keywords
+``grad_scale``, ``found_inf`` and ``unscale_grads``.
+
 Every public call validates all of its inputs before it writes anything: a refused call leaves
 every parameter, every state buffer and the step counter exactly as they were. The first step
 checks everything (``fastopt._validate``, the checks ``fastopt.functional`` makes too); later
@@ -18,11 +27,12 @@ step's host cost O(1) per array.
 
 import contextlib
 import functools
+import inspect
 import threading
 
 import numpy as np
 
-from . import backends
+from . import backends, precision
 from ._arrays import on_device, to_numpy
 from ._state import StateMachinery
 from ._steps import StepMachinery
@@ -49,16 +59,47 @@ def _exclusive(method):
     and changes nothing."""
 
     @functools.wraps(method)
-    def guarded(self, *args):
+    def guarded(self, *args, **kwargs):
         lock = self._lock
         if not lock.acquire(False):
             raise RuntimeError(_BUSY.format(cls=type(self).__name__, what=method.__name__))
         try:
-            return method(self, *args)
+            return method(self, *args, **kwargs)
         finally:
             lock.release()
 
     return guarded
+
+
+#: the mixed-precision keywords every optimizer constructor takes, with their defaults
+PRECISION_DEFAULTS = {
+    "state_dtype": None,
+    "master_weights": False,
+    "stochastic_rounding": False,
+    "seed": 0,
+    "capturable": False,
+}
+
+
+def _with_precision(init):
+    """``init`` taking the mixed-precision keywords too: they are set once it has run (a
+    subclass calling its parent's constructor sets them again, last)."""
+    sig = inspect.signature(init)
+    if any(n in sig.parameters for n in PRECISION_DEFAULTS):
+        return init
+
+    @functools.wraps(init)
+    def __init__(self, *args, **kwargs):
+        prec = {n: kwargs.pop(n, d) for n, d in PRECISION_DEFAULTS.items()}
+        init(self, *args, **kwargs)
+        self._set_precision(**prec)
+
+    P = inspect.Parameter
+    params = [p for p in sig.parameters.values() if p.kind is not P.VAR_KEYWORD]
+    var_kw = [p for p in sig.parameters.values() if p.kind is P.VAR_KEYWORD]
+    extra = [P(n, P.KEYWORD_ONLY, default=d) for n, d in PRECISION_DEFAULTS.items()]
+    __init__.__signature__ = sig.replace(parameters=params + extra + var_kw)
+    return __init__
 
 
 class Optimizer(StepMachinery, StateMachinery):
@@ -103,16 +144,102 @@ class Optimizer(StepMachinery, StateMachinery):
         self._dict_cache = None
         self._flat_cache = None
         self._hyper_ok = True  # the constructor validated every hyperparameter
+        self._set_precision(**PRECISION_DEFAULTS)
         self._frozen = True
 
     def __init_subclass__(cls, **kwargs):
         super().__init_subclass__(**kwargs)
+        if "__init__" in cls.__dict__:
+            cls.__init__ = _with_precision(cls.__dict__["__init__"])
         if cls._rule is not None:  # hyperparameters and flags: the rule's, less the pinned
             spec = RULES[cls._rule]
             cls._hyper = tuple(
                 h.name for h in spec.hyper if not h.fixed and h.name not in cls._pinned
             )
             cls._flags = tuple(h.name for h in spec.hyper if h.fixed and h.name not in cls._pinned)
+
+    def _set_precision(
+        self,
+        state_dtype=None,
+        master_weights=False,
+        stochastic_rounding=False,
+        seed=0,
+        capturable=False,
+    ):
+        if self.__dict__.get("_layout") is not None:
+            raise RuntimeError("the precision settings are fixed once an optimizer has stepped")
+        state_dtype = precision.check_state_dtype(state_dtype)
+        for name, v in (
+            ("master_weights", master_weights),
+            ("stochastic_rounding", stochastic_rounding),
+            ("capturable", capturable),
+        ):
+            if not isinstance(v, (bool, np.bool_)):
+                raise TypeError(f"invalid {name}={v!r}; expected True or False")
+        if isinstance(seed, (bool, np.bool_)) or not isinstance(seed, (int, np.integer)):
+            raise TypeError(f"invalid seed={seed!r}; expected an integer in [0, 2**32)")
+        if not 0 <= int(seed) < 1 << 32:
+            raise ValueError(f"invalid seed={seed!r}; expected an integer in [0, 2**32)")
+        if master_weights and stochastic_rounding:
+            raise ValueError(
+                "stochastic_rounding=True rounds bfloat16 params that have no master copy; "
+                "with master_weights=True each param is the nearest rounding of its fp32 "
+                "master: choose one"
+            )
+        self._prec = {
+            "state_dtype": state_dtype,
+            "master_weights": bool(master_weights),
+            "stochastic_rounding": bool(stochastic_rounding),
+            "seed": int(seed),
+            "capturable": bool(capturable),
+        }
+
+    @property
+    def state_dtype(self):
+        """The state dtype policy: None (the param dtype; float32 with a master copy),
+        "float32" or "bfloat16" (fixed at construction)."""
+        return self._prec["state_dtype"]
+
+    @property
+    def master_weights(self):
+        """Does every 16-bit param keep an fp32 master copy (state ``"master_param"``)?"""
+        return self._prec["master_weights"]
+
+    @property
+    def stochastic_rounding(self):
+        """Are bfloat16 params (without a master) rounded stochastically?"""
+        return self._prec["stochastic_rounding"]
+
+    @property
+    def seed(self):
+        """The seed of stochastic rounding's hash."""
+        return self._prec["seed"]
+
+    @property
+    def capturable(self):
+        """Are the step count and lr kept on the device (CUDA-graph capturable steps)?"""
+        return self._prec["capturable"]
+
+    def _state_kind(self, param_kind):
+        """The storage dtype of the state buffers of a param of ``param_kind``."""
+        return precision.resolve_state_kind(self.state_dtype, param_kind, self.master_weights)
+
+    def _names_for(self, param_kind):
+        """The state buffer names of a param of ``param_kind``: the rule's, and the master
+        copy of a 16-bit param when ``master_weights``."""
+        if self.master_weights and param_kind in precision.storage.BITS16:
+            return self._slots + (precision.MASTER,)
+        return self._slots
+
+    def _io_base(self, param_kind, grad_kind):
+        """The storage plan of a param's launches (without a step's loss-scale extras)."""
+        return precision.io_of(
+            param_kind,
+            grad_kind,
+            self._state_kind(param_kind),
+            self.master_weights,
+            self.stochastic_rounding,
+        )
 
     @property
     def _spec(self):
@@ -281,30 +408,45 @@ class Optimizer(StepMachinery, StateMachinery):
         self.__dict__["_lock"] = threading.Lock()
 
     @_exclusive
-    def update(self, params, grads):
+    def update(self, params, grads, *, grad_scale=None, found_inf=None, unscale_grads=False):
         """Update the arrays of ``params`` (dict name -> array) in place from ``grads``.
 
         State is created on the first call; later calls must pass the same names, shapes and
         dtypes. Every input is validated before anything is written. Returns True when the step
-        was applied, False when ``nonfinite="skip"`` skipped it.
+        was applied, False when ``nonfinite="skip"`` or ``found_inf`` skipped it.
+
+        Loss scaling (what ``torch.amp.GradScaler`` hands a fused optimizer): ``grad_scale``
+        (a number, or a 1-element array: host, or device on a GPU backend, read in the kernel)
+        multiplies every grad by 1/scale inside the pass; ``unscale_grads=True`` also stores
+        the unscaled grads. ``found_inf`` (a number or 1-element array) nonzero makes the step
+        change nothing: params, state and step count.
         """
+        ls = self._loss_scale(grad_scale, found_inf, unscale_grads)
         c = self._dict_cache
-        if c is not None and c.fast:
+        if c is not None and c.fast and not ls.write_grad:
             todo = self._recheck_dict(params, grads)
             if todo is not None:
-                return self._apply_dict(todo)
-        return self._update_full(params, grads)
+                return self._apply_dict(todo, ls=ls)
+        return self._update_full(params, grads, ls)
 
     @_exclusive
-    def step(self, buf):
+    def step(self, buf, *, grad_scale=None, found_inf=None, unscale_grads=False):
         """One fused step over a ``FlatBuffer``: one kernel call per dtype.
 
-        Returns True when the step was applied, False when ``nonfinite="skip"`` skipped it.
+        Returns True when the step was applied, False when ``nonfinite="skip"`` or
+        ``found_inf`` skipped it. The loss-scale keywords are ``update``'s.
         """
+        ls = self._loss_scale(grad_scale, found_inf, unscale_grads)
         c = self._flat_cache
-        if c is not None and c.fast and buf is c.buf and self._recheck_flat(c):
+        if (
+            c is not None
+            and c.fast
+            and buf is c.buf
+            and not ls.write_grad
+            and self._recheck_flat(c)
+        ):
             with on_device(None if c.host else c.datas[0]):
-                return self._apply_flat(buf, c)
+                return self._apply_flat(buf, c, ls)
         if not isinstance(buf, FlatBuffer):
             raise TypeError(
                 f"step() expects a fastopt.FlatBuffer, got {type(buf).__name__}; "
@@ -312,13 +454,13 @@ class Optimizer(StepMachinery, StateMachinery):
             )
         groups = buf.groups
         with on_device(groups[0].data if groups else None):
-            be = self._validate_flat(buf)
+            be = self._validate_flat(buf, ls.write_grad)
             if not self._finite_flat(buf):
                 return False
             if self._layout is None:
                 self._bind_flat(buf)
             c = self._flat_cache = self._build_flat_cache(buf, be)
-            return self._apply_flat(buf, c)
+            return self._apply_flat(buf, c, ls)
 
     @_exclusive
     def state_dict(self):
@@ -348,4 +490,7 @@ class Optimizer(StepMachinery, StateMachinery):
     def __repr__(self):
         hp = ", ".join(f"{k}={v!r}" for k, v in self.hyperparams.items())
         extra = f", nonfinite={self.nonfinite!r}" if self.nonfinite is not None else ""
+        extra += "".join(
+            f", {k}={v!r}" for k, v in self._prec.items() if v != PRECISION_DEFAULTS[k]
+        )
         return f"{type(self).__name__}({hp}, backend={self.backend!r}{extra})"

@@ -305,10 +305,11 @@ BAD_FUNCTIONAL = {
     "state-is-param": (lambda p, g, st: (p, g, [p] + st[1:]), ValueError),
     "grad-is-state": (lambda p, g, st: (p, st[0], st), ValueError),
     "list": (lambda p, g, st: (p.tolist(), g, st), TypeError),
-    "float16": (
+    # float16 params take float16 or float32 grads, never float64 ones
+    "float16-param-float64-grad": (
         lambda p, g, st: (
             p.astype(np.float16),
-            g.astype(np.float16),
+            g.astype(np.float64),
             [s.astype(np.float16) for s in st],
         ),
         TypeError,
@@ -710,7 +711,7 @@ def test_10_torch_tensors_rechecked_on_later_steps(backend):
     assert not torch.equal(w.detach(), snap)
 
 
-@pytest.mark.parametrize("dtype", ["bfloat16", "float16", "int32", "complex64"])
+@pytest.mark.parametrize("dtype", ["int32", "complex64"])
 def test_10_torch_unsupported_dtypes_name_the_parameter(dtype):
     torch = pytest.importorskip("torch")
     t = torch.zeros(4, dtype=getattr(torch, dtype))
