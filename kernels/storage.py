@@ -120,11 +120,14 @@ def f16_store(x):
     a = u & 0x7FFFFFFF
     # |x| >= 65536: inf, or NaN
     big = (0x7E00 | ((a >> 13) & 0x3FF)) if a > 0x7F800000 else 0x7C00
-    # below 2**-14: a float16 subnormal or zero, aligned by one float addition
-    sub = f32_bits(bits_f32(a) + _F16_DENORM) - _F16_DENORM_BITS
     # normal: rebias the exponent (-112 << 23) and round half to even (+ 0xFFF, + 1 if odd)
     norm = (a - 0x38000000 + 0xFFF + ((a >> 13) & 1)) >> 13
-    o = big if a >= 0x47800000 else (sub if a < 0x38800000 else norm)
+    # below 2**-14: a float16 subnormal or zero, aligned by one float addition
+    o = (
+        big
+        if a >= 0x47800000
+        else ((f32_bits(bits_f32(a) + _F16_DENORM) - _F16_DENORM_BITS) if a < 0x38800000 else norm)
+    )
     return o | ((u >> 16) & 0x8000)
 
 
