@@ -9,9 +9,10 @@ milliseconds per step and the ratios ``torch / numba`` (>1: fastopt is faster) a
 
     python bench/cpu_vs_torch.py --n 10000000 --reps 21 --json bench/results/cpu_vs_torch.json
 
-torch's CPU ``fused=True`` exists for Adam, AdamW, SGD and Adagrad; RMSprop has no fused
-implementation, so it is compared with ``foreach=True``. Lion has no torch counterpart (only
-the oracle ratio is reported).
+The optimizers are the benchmark's cases (``fastopt.bench.measure.CASES``, derived from the
+registry). torch is run ``fused=True`` where its CPU build has it (Adam, AdamW, SGD, Adagrad),
+else ``foreach=True``; an optimizer with no torch counterpart (Lion) reports the oracle ratio
+only.
 """
 
 import argparse
@@ -27,37 +28,18 @@ import numpy as np
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
 import fastopt
+from fastopt.bench.measure import CASES as BENCH_CASES
+from fastopt.bench.torch_peers import modes
 
 __all__ = ["CASES", "main", "run_case"]
 
-#: name -> (fastopt class, fastopt kwargs, torch.optim class name, torch kwargs, torch mode)
+#: the benchmark's cases (every optimizer of the registry, and the variants that add traffic;
+#: ``fastopt.bench.measure.CASES``): name -> (fastopt class, fastopt kwargs, torch.optim class
+#: name or None, torch kwargs); torch's mode (fused where it has it, else foreach) is found at
+#: run time
 CASES = {
-    "adam": ("Adam", {"lr": 1e-3}, "Adam", {"lr": 1e-3}, "fused"),
-    "adamw": (
-        "AdamW",
-        {"lr": 1e-3, "weight_decay": 1e-2},
-        "AdamW",
-        {"lr": 1e-3, "weight_decay": 1e-2},
-        "fused",
-    ),
-    "momentum": (
-        "SGD",
-        {"lr": 1e-2, "momentum": 0.9},
-        "SGD",
-        {"lr": 1e-2, "momentum": 0.9},
-        "fused",
-    ),
-    "adagrad": ("AdaGrad", {"lr": 1e-2}, "Adagrad", {"lr": 1e-2}, "fused"),
-    "rmsprop": ("RMSProp", {"lr": 1e-2}, "RMSprop", {"lr": 1e-2}, "foreach"),
-    "sgd": ("SGD", {"lr": 1e-2}, "SGD", {"lr": 1e-2}, "fused"),
-    "nesterov": (
-        "SGD",
-        {"lr": 1e-2, "momentum": 0.9, "nesterov": True},
-        "SGD",
-        {"lr": 1e-2, "momentum": 0.9, "nesterov": True},
-        "fused",
-    ),
-    "lion": ("Lion", {"lr": 1e-4, "weight_decay": 1e-2}, None, None, None),
+    name: (c.cls, c.fastopt_kwargs, c.torch_cls, dict(c.torch_kwargs))
+    for name, c in BENCH_CASES.items()
 }
 DEFAULT = ("adam", "adamw", "momentum", "adagrad", "rmsprop")
 
@@ -70,7 +52,11 @@ def _timed(fn):
 
 def run_case(name, n, reps, numpy_every=3, warmup=3, seed=0):
     """Time one optimizer; returns a dict of raw timings (seconds) and medians (ms)."""
-    cls, kw, tcls, tkw, mode = CASES[name]
+    cls, kw, tcls, tkw = CASES[name]
+    usable = modes(BENCH_CASES[name], "cpu") if tcls is not None else []
+    if not usable:
+        tcls = None
+    mode = usable[0] if usable else None
     rng = np.random.default_rng(seed)
     p0 = rng.standard_normal(n, dtype=np.float32)
     g0 = rng.standard_normal(n, dtype=np.float32)
@@ -198,7 +184,7 @@ def main(argv=None):
     for name in names:
         if name not in names_t:
             saved = CASES[name]
-            CASES[name] = saved[:2] + (None, None, None)
+            CASES[name] = saved[:2] + (None, None)
         res = run_case(name, args.n, args.reps, args.numpy_every)
         results.append(res)
         m = res["median_ms"]

@@ -2,10 +2,10 @@
 ``load_state_dict``, hyperparameters as attributes) of every optimizer.
 
 A subclass names the rule it runs (``_rule``, a name in ``kernels.RULES``), the rule
-hyperparameters it pins (``_pinned``, e.g. AdamW's ``decoupled=True``) and its constructor with
-``torch.optim``'s signature; its hyperparameters, fixed flags, domains, state buffers and their
-initial values all come from the rule spec. How a step checks and launches lives in
-``fastopt._steps``; state creation and ``state_dict`` checks in ``fastopt._state``.
+hyperparameters it pins (``_pinned``, e.g. AdamW's ``decoupled_weight_decay=True``) and its
+constructor with ``torch.optim``'s signature; its hyperparameters, fixed flags, domains, state
+buffers and their initial values all come from the rule spec. How a step checks and launches lives
+in ``fastopt._steps``; state creation and ``state_dict`` checks in ``fastopt._state``.
 
 Every optimizer also takes the mixed-precision keywords (``fastopt.precision``):
 ``state_dtype`` (None: the param dtype; "float32"; "bfloat16"), ``master_weights`` (an fp32
@@ -25,10 +25,14 @@ user may have rebound — and fall back to the full checks when anything differs
 step's host cost O(1) per array.
 """
 
+from __future__ import annotations
+
 import contextlib
 import functools
 import inspect
 import threading
+from collections.abc import Mapping
+from typing import Any
 
 import numpy as np
 
@@ -126,8 +130,8 @@ class Optimizer(StepMachinery, StateMachinery):
     _hyper = ()
     _flags = ()
     #: the per-element rule this optimizer runs (a name in ``kernels.RULES``) and the rule's
-    #: hyperparameters this class pins (AdamW: ``decoupled=True``); ``_hyper`` and ``_flags``
-    #: are derived from the rule spec (``__init_subclass__``)
+    #: hyperparameters this class pins (AdamW: ``decoupled_weight_decay=True``); ``_hyper`` and
+    #: ``_flags`` are derived from the rule spec (``__init_subclass__``)
     _rule = None
     _pinned = {}
 
@@ -376,13 +380,13 @@ class Optimizer(StepMachinery, StateMachinery):
             )
 
     @property
-    def state(self):
+    def state(self) -> Mapping[str, Mapping[str, Any]]:
         """Per-parameter state, ``{name: {state name: array}}`` under PyTorch's names (views
         into the flat state buffers for a ``FlatBuffer``, where the mappings are read-only)."""
         return self._state
 
     @property
-    def hyperparams(self):
+    def hyperparams(self) -> dict[str, Any]:
         """The current hyperparameters and flags, as plain Python values."""
         out = {h: getattr(self, h) for h in self._hyper + self._flags}
         return {k: tuple(v) if isinstance(v, list) else v for k, v in out.items()}
@@ -408,7 +412,15 @@ class Optimizer(StepMachinery, StateMachinery):
         self.__dict__["_lock"] = threading.Lock()
 
     @_exclusive
-    def update(self, params, grads, *, grad_scale=None, found_inf=None, unscale_grads=False):
+    def update(
+        self,
+        params: Mapping[str, Any],
+        grads: Mapping[str, Any],
+        *,
+        grad_scale: Any = None,
+        found_inf: Any = None,
+        unscale_grads: bool = False,
+    ) -> bool:
         """Update the arrays of ``params`` (dict name -> array) in place from ``grads``.
 
         State is created on the first call; later calls must pass the same names, shapes and
@@ -430,7 +442,14 @@ class Optimizer(StepMachinery, StateMachinery):
         return self._update_full(params, grads, ls)
 
     @_exclusive
-    def step(self, buf, *, grad_scale=None, found_inf=None, unscale_grads=False):
+    def step(
+        self,
+        buf: FlatBuffer,
+        *,
+        grad_scale: Any = None,
+        found_inf: Any = None,
+        unscale_grads: bool = False,
+    ) -> bool:
         """One fused step over a ``FlatBuffer``: one kernel call per dtype.
 
         Returns True when the step was applied, False when ``nonfinite="skip"`` or
@@ -463,7 +482,7 @@ class Optimizer(StepMachinery, StateMachinery):
             return self._apply_flat(buf, c, ls)
 
     @_exclusive
-    def state_dict(self):
+    def state_dict(self) -> dict[str, Any]:
         """Plain data: optimizer kind, step count, hyperparameters and per-parameter state
         (``{name: {state name: numpy array}}``, host copies shaped like the parameters)."""
         state = {n: {s: to_numpy(a) for s, a in st.items()} for n, st in self._state.items()}
@@ -477,7 +496,7 @@ class Optimizer(StepMachinery, StateMachinery):
         }
 
     @_exclusive
-    def load_state_dict(self, sd):
+    def load_state_dict(self, sd: Mapping[str, Any]) -> None:
         """Restore ``state_dict()`` output, so that a resumed run continues bit-identically.
 
         Everything is checked first — optimizer kind, flags, hyperparameter values, step,

@@ -25,6 +25,8 @@ and verifies the whole file (magic, version, size, checksum, header, then names,
 dtypes against the given parameters and optimizer) before it writes a single byte.
 """
 
+from __future__ import annotations
+
 import contextlib
 import hashlib
 import json
@@ -34,6 +36,7 @@ import secrets
 import socket
 import stat
 import struct
+from typing import Any
 
 import numpy as np
 
@@ -98,7 +101,7 @@ def _named_params(params):
     return out
 
 
-def save_checkpoint(path, optimizer, params):
+def save_checkpoint(path: str | os.PathLike, optimizer: Optimizer, params: Any) -> None:
     """Write ``params`` (dict name -> array, or a ``FlatBuffer``) and ``optimizer`` (kind,
     hyperparameters, flags, step, every state buffer) to ``path``, atomically.
 
@@ -349,7 +352,7 @@ def _arrays(header, payload, where_):
     return params, state
 
 
-def load_checkpoint(path, optimizer, params):
+def load_checkpoint(path: str | os.PathLike, optimizer: Optimizer, params: Any) -> None:
     """Restore a ``save_checkpoint`` file in place into ``params`` (dict name -> array, or a
     ``FlatBuffer``) and ``optimizer``.
 

@@ -6,8 +6,11 @@ optimizer steps all of them with one fused kernel call per dtype. Segments start
 in params, grads and state, which every optimizer maps to zero again.
 """
 
+from __future__ import annotations
+
 from collections.abc import Mapping
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 
@@ -78,7 +81,9 @@ class FlatBuffer:
     float32 (default: the params' dtype).
     """
 
-    def __init__(self, params, *, align=ALIGN, grad_dtype=None):
+    def __init__(
+        self, params: Mapping[str, Any], *, align: int = ALIGN, grad_dtype: Any = None
+    ) -> None:
         if not isinstance(params, Mapping) or not params:
             raise TypeError("FlatBuffer expects a non-empty dict name -> array")
         check_str_names(params, "FlatBuffer parameter names")

@@ -1,4 +1,4 @@
-"""The eight optimizers, with ``torch.optim``'s names, defaults and formulas.
+"""The optimizers, with ``torch.optim``'s names, defaults and formulas.
 
 Each class holds hyperparameters and state; the math runs in ``fastopt.functional`` (host
 scalars) and ``kernels/`` (the per-element rule). ``t`` counts steps from 1. With
@@ -39,16 +39,16 @@ class SGD(Optimizer):
 
     def __init__(
         self,
-        lr=1e-3,
-        momentum=0.0,
-        dampening=0.0,
-        weight_decay=0.0,
-        nesterov=False,
+        lr: float = 1e-3,
+        momentum: float = 0.0,
+        dampening: float = 0.0,
+        weight_decay: float = 0.0,
+        nesterov: bool = False,
         *,
-        maximize=False,
-        backend="auto",
-        nonfinite=None,
-    ):
+        maximize: bool = False,
+        backend: str = "auto",
+        nonfinite: str | None = None,
+    ) -> None:
         self._init(
             {
                 "lr": lr,
@@ -74,15 +74,15 @@ class Momentum(SGD):
 
     def __init__(
         self,
-        lr=0.01,
-        momentum=0.9,
-        dampening=0.0,
-        weight_decay=0.0,
+        lr: float = 0.01,
+        momentum: float = 0.9,
+        dampening: float = 0.0,
+        weight_decay: float = 0.0,
         *,
-        maximize=False,
-        backend="auto",
-        nonfinite=None,
-    ):
+        maximize: bool = False,
+        backend: str = "auto",
+        nonfinite: str | None = None,
+    ) -> None:
         check_number("momentum", momentum, lo=0, lo_open=True)
         super().__init__(
             lr,
@@ -108,14 +108,14 @@ class Nesterov(SGD):
 
     def __init__(
         self,
-        lr=0.01,
-        momentum=0.9,
-        weight_decay=0.0,
+        lr: float = 0.01,
+        momentum: float = 0.9,
+        weight_decay: float = 0.0,
         *,
-        maximize=False,
-        backend="auto",
-        nonfinite=None,
-    ):
+        maximize: bool = False,
+        backend: str = "auto",
+        nonfinite: str | None = None,
+    ) -> None:
         check_number("momentum", momentum, lo=0, lo_open=True)
         super().__init__(
             lr,
@@ -143,16 +143,16 @@ class AdaGrad(Optimizer):
 
     def __init__(
         self,
-        lr=1e-2,
-        lr_decay=0.0,
-        weight_decay=0.0,
-        initial_accumulator_value=0.0,
-        eps=1e-10,
+        lr: float = 1e-2,
+        lr_decay: float = 0.0,
+        weight_decay: float = 0.0,
+        initial_accumulator_value: float = 0.0,
+        eps: float = 1e-10,
         *,
-        maximize=False,
-        backend="auto",
-        nonfinite=None,
-    ):
+        maximize: bool = False,
+        backend: str = "auto",
+        nonfinite: str | None = None,
+    ) -> None:
         self._init(
             {
                 "lr": lr,
@@ -183,17 +183,17 @@ class RMSProp(Optimizer):
 
     def __init__(
         self,
-        lr=1e-2,
-        alpha=0.99,
-        eps=1e-8,
-        weight_decay=0.0,
-        momentum=0.0,
-        centered=False,
+        lr: float = 1e-2,
+        alpha: float = 0.99,
+        eps: float = 1e-8,
+        weight_decay: float = 0.0,
+        momentum: float = 0.0,
+        centered: bool = False,
         *,
-        maximize=False,
-        backend="auto",
-        nonfinite=None,
-    ):
+        maximize: bool = False,
+        backend: str = "auto",
+        nonfinite: str | None = None,
+    ) -> None:
         self._init(
             {
                 "lr": lr,
@@ -218,25 +218,26 @@ class Adam(Optimizer):
         amsgrad: v̂ = max(v̂, v)  (of the raw v)
         p = p − (lr / (1−β1^t)) · m / (√(v̂ or v) / √(1−β2^t) + eps)
 
-    Defaults: lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=0, amsgrad=False.
-    eps is added after the bias correction, outside the root, as PyTorch does.
+    Defaults: lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=0, amsgrad=False,
+    decoupled_weight_decay=False (True: AdamW). eps is added after the bias correction, outside
+    the root, as PyTorch does.
     """
 
     _rule = "adam"
-    _pinned = {"decoupled": False}
 
     def __init__(
         self,
-        lr=1e-3,
-        betas=(0.9, 0.999),
-        eps=1e-8,
-        weight_decay=0.0,
-        amsgrad=False,
+        lr: float = 1e-3,
+        betas: tuple[float, float] = (0.9, 0.999),
+        eps: float = 1e-8,
+        weight_decay: float = 0.0,
+        amsgrad: bool = False,
         *,
-        maximize=False,
-        backend="auto",
-        nonfinite=None,
-    ):
+        maximize: bool = False,
+        decoupled_weight_decay: bool = False,
+        backend: str = "auto",
+        nonfinite: str | None = None,
+    ) -> None:
         self._init(
             {
                 "lr": lr,
@@ -245,6 +246,7 @@ class Adam(Optimizer):
                 "weight_decay": weight_decay,
                 "amsgrad": amsgrad,
                 "maximize": maximize,
+                "decoupled_weight_decay": decoupled_weight_decay,
             }
         )
         super().__init__(backend, nonfinite=nonfinite)
@@ -258,20 +260,20 @@ class AdamW(Adam):
     Defaults: lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=1e-2, amsgrad=False.
     """
 
-    _pinned = {"decoupled": True}
+    _pinned = {"decoupled_weight_decay": True}
 
     def __init__(
         self,
-        lr=1e-3,
-        betas=(0.9, 0.999),
-        eps=1e-8,
-        weight_decay=1e-2,
-        amsgrad=False,
+        lr: float = 1e-3,
+        betas: tuple[float, float] = (0.9, 0.999),
+        eps: float = 1e-8,
+        weight_decay: float = 1e-2,
+        amsgrad: bool = False,
         *,
-        maximize=False,
-        backend="auto",
-        nonfinite=None,
-    ):
+        maximize: bool = False,
+        backend: str = "auto",
+        nonfinite: str | None = None,
+    ) -> None:
         super().__init__(
             lr,
             betas,
@@ -298,14 +300,14 @@ class Lion(Optimizer):
 
     def __init__(
         self,
-        lr=1e-4,
-        betas=(0.9, 0.99),
-        weight_decay=0.0,
+        lr: float = 1e-4,
+        betas: tuple[float, float] = (0.9, 0.99),
+        weight_decay: float = 0.0,
         *,
-        maximize=False,
-        backend="auto",
-        nonfinite=None,
-    ):
+        maximize: bool = False,
+        backend: str = "auto",
+        nonfinite: str | None = None,
+    ) -> None:
         self._init({"lr": lr, "betas": betas, "weight_decay": weight_decay, "maximize": maximize})
         super().__init__(backend, nonfinite=nonfinite)
 

@@ -123,10 +123,10 @@ def adam(
     weight_decay=0.0,
     amsgrad=False,
     maximize=False,
-    decoupled=False,
+    decoupled_weight_decay=False,
 ):
     beta1, beta2 = betas
-    if decoupled:
+    if decoupled_weight_decay:
         param *= 1 - lr * weight_decay
         g = _grad(grad, param, 0.0, maximize)
     else:

@@ -43,7 +43,7 @@ def _flags_of(hp, step):
     return {
         "maximize": hp["maximize"],
         "decay": hp["weight_decay"] != 0,
-        "decoupled": hp["decoupled"],
+        "decoupled": hp["decoupled_weight_decay"],
         "amsgrad": hp["amsgrad"],
     }
 
@@ -74,7 +74,7 @@ RULE = Rule(
         Hyper("weight_decay", 0.0, probe=0.1),
         Hyper("amsgrad", False, "bool", fixed=True),
         Hyper("maximize", False, "bool", fixed=True),
-        Hyper("decoupled", False, "bool", fixed=True),
+        Hyper("decoupled_weight_decay", False, "bool", fixed=True),
     ),
     slots=(Slot("exp_avg"), Slot("exp_avg_sq"), Slot("max_exp_avg_sq", when="amsgrad")),
     scalars=("wd", "decay_f", "beta1", "omb1", "beta2", "omb2", "step_size", "inv_sqrt_bc2", "eps"),

@@ -71,7 +71,8 @@ PLAN = [
         "interop",
         45,
         120,
-        "pytest -m gpu: interop (torch, numba, streams, nn.Parameter), 2^31+7 elements",
+        "pytest -m gpu: every GPU test but the parity matrix (interop, streams, "
+        "nn.Parameter, 2^31+7 elements, fastopt.torch, textbook)",
         files=("pytest-interop.xml",),
     ),
     _step(
@@ -595,10 +596,12 @@ def _pytest(out, name, args, xml):
 
 
 def child_interop(out):
+    # every GPU test file but the parity matrix (its own step): interop, streams, 2^31 + 7
+    # elements, fastopt.torch, the textbook classes, and whatever tests/gpu gains
     rc = _pytest(
         out,
         "interop",
-        ["tests/gpu/test_gpu_interop.py", "tests/gpu/test_gpu_huge.py", "--maxfail=20"],
+        ["tests/gpu", "--ignore=tests/gpu/test_gpu_parity.py", "--maxfail=30"],
         "pytest-interop.xml",
     )
     sys.exit(rc)

@@ -5,7 +5,7 @@ GPU backend rightly refuses. ``backend_params(names)`` with CUDA backends named 
 does, on device arrays) marks them ``gpu`` and skips them cleanly when they cannot run here.
 
 ``run_oracle`` steps ``fastopt.reference`` directly (not through the optimizer classes) on
-float64 copies, with hyperparameters resolved from ``DEFAULTS`` (the table of DESIGN.md §3,
+float64 copies, with hyperparameters resolved from ``DEFAULTS`` (torch.optim's defaults,
 written out here independently of the classes).
 """
 
@@ -64,7 +64,7 @@ def rng(request):
 
 # --- the float64 oracle ------------------------------------------------------------------------
 
-#: torch.optim defaults (DESIGN.md §3); the classes are checked against this table in test_api
+#: torch.optim defaults; the classes are checked against this table in test_api
 DEFAULTS = {
     "SGD": dict(
         lr=1e-3, momentum=0.0, dampening=0.0, weight_decay=0.0, nesterov=False, maximize=False
@@ -180,7 +180,7 @@ def oracle_step(name, hp, param, grad, state, step):
             weight_decay=hp["weight_decay"],
             amsgrad=hp["amsgrad"],
             maximize=hp["maximize"],
-            decoupled=name == "AdamW",
+            decoupled_weight_decay=name == "AdamW",
         )
     elif name == "Lion":
         reference.lion(

@@ -1,5 +1,5 @@
-"""The public surface (DESIGN.md §2): both calling conventions, checkpoints, schedules, state
-names, aliases, backend selection, lazy imports and the functional entry points."""
+"""The public surface (the README's Use section): both calling conventions, checkpoints,
+schedules, state names, aliases, backend selection, lazy imports and the functional entry points."""
 
 import copy
 import pickle
@@ -383,7 +383,17 @@ def test_functional_entry_points(backend, dtype, rng):
     # AdamW through the functional Adam
     p, m, v = p0.copy(), np.zeros(n, dtype), np.zeros(n, dtype)
     for t, g in enumerate(grads, start=1):
-        F.adam(p, g, m, v, step=t, lr=0.01, weight_decay=0.1, decoupled=True, backend=backend)
+        F.adam(
+            p,
+            g,
+            m,
+            v,
+            step=t,
+            lr=0.01,
+            weight_decay=0.1,
+            decoupled_weight_decay=True,
+            backend=backend,
+        )
     p_ref, s_ref = run_oracle("AdamW", dict(lr=0.01, weight_decay=0.1), p0, grads)
     assert_close(p, p_ref, dtype, "functional AdamW param")
     assert_close(m, s_ref["exp_avg"], dtype, "functional AdamW exp_avg")

@@ -215,7 +215,7 @@ def _cases(rule):
                 "betas": (0.8, 0.95),
                 "maximize": mx,
                 "weight_decay": wd,
-                "decoupled": dc,
+                "decoupled_weight_decay": dc,
                 "amsgrad": am,
             }
             for mx, wd, dc, am in itertools.product(B, (0.0, 0.1), B, B)

@@ -8,10 +8,10 @@ import numpy as np
 import pytest
 from tolerances import TOL  # the suite's one table, keyed by dtype
 
-from fastopt import cli, reference
+from fastopt import cli, optimizers, reference
 from fastopt.backends import numba_backend
 from fastopt.demo.problems import (
-    SPECS,
+    CHOSEN,
     VALLEY_START,
     init_mlp,
     mlp_loss,
@@ -20,23 +20,26 @@ from fastopt.demo.problems import (
     valley_path,
 )
 
-#: how each demo optimizer maps onto the oracle: function, extra flags, state slots
-ORACLE = {
-    "SGD": (reference.sgd, {}, ()),
-    "Momentum": (reference.sgd, {}, ("momentum_buffer",)),
-    "Nesterov": (reference.sgd, {"nesterov": True}, ("momentum_buffer",)),
-    "AdaGrad": (reference.adagrad, {}, ("sum",)),
-    "RMSProp": (reference.rmsprop, {}, ("square_avg",)),
-    "Adam": (reference.adam, {}, ("exp_avg", "exp_avg_sq")),
-    "AdamW": (reference.adam, {"decoupled": True}, ("exp_avg", "exp_avg_sq")),
-    "Lion": (reference.lion, {}, ("exp_avg",)),
-}
+#: the settings chosen by hand (the searched ones are tested in
+#: test_every_registered_optimizer_is_in_the_demo)
+SPECS = tuple(CHOSEN.values())
 SPEC_IDS = [s.name for s in SPECS]
+
+
+def oracle(spec):
+    """How a demo optimizer maps onto the oracle: its rule's function, the flags its class pins
+    (Nesterov's nesterov=True, AdamW's decoupled_weight_decay=True) and the state slots it keeps."""
+    import inspect
+
+    cls = getattr(optimizers, spec.name)
+    fn = getattr(reference, cls._rule)
+    flags = {k: v for k, v in cls._pinned.items() if k in inspect.signature(fn).parameters}
+    return fn, flags, cls.slots_for(**spec.valley)
 
 
 def oracle_valley_path(spec, steps, dtype=np.float64):
     """The valley path computed with ``fastopt.reference`` alone: no FlatBuffer, no class."""
-    fn, flags, slots = ORACLE[spec.name]
+    fn, flags, slots = oracle(spec)
     p = np.array(VALLEY_START, dtype=dtype)
     state = {s: np.zeros(2, dtype) for s in slots}
     path = [p.copy()]
@@ -47,9 +50,9 @@ def oracle_valley_path(spec, steps, dtype=np.float64):
     return np.stack(path)
 
 
-def test_oracle_table_covers_every_demo_optimizer():
-    assert set(ORACLE) == {s.name for s in SPECS}
-    assert len(SPECS) == 8
+def test_chosen_settings_name_registered_optimizers():
+    assert set(CHOSEN) <= set(optimizers.CLASSES)
+    assert all(s.name == name for name, s in CHOSEN.items())
 
 
 # -- the valley ---------------------------------------------------------------------------------
@@ -295,3 +298,30 @@ def test_demo_textbook_needs_matplotlib_only(tmp_path, monkeypatch, capsys):
 def test_demo_textbook_refuses_the_numpy_backend(tmp_path, capsys):
     assert cli.main(["demo", "--textbook", "--out", str(tmp_path / "x"), "--backend", "numpy"]) == 2
     assert "torch.optim oracle" in capsys.readouterr().err
+
+
+def test_every_registered_optimizer_is_in_the_demo(monkeypatch):
+    """The demo's list is the registry: a new optimizer class shows up with settings searched
+    on the valley (the lr that ends closest to the minimum) and its own default lr on the MLP,
+    and gets a color of its own."""
+    import fastopt
+    from fastopt import optimizers
+    from fastopt.demo import plot, problems
+
+    class Shrink(fastopt.SGD):
+        """A new optimizer nobody chose demo settings for."""
+
+    registry = dict(optimizers.CLASSES, Shrink=Shrink)
+    monkeypatch.setattr(optimizers, "CLASSES", registry)
+    monkeypatch.setattr(optimizers, "Shrink", Shrink, raising=False)
+    specs = problems.specs()
+    assert [s.name for s in specs] == list(registry)
+    auto = specs[-1]
+    assert auto.source == "searched" and auto.mlp == {"lr": 1e-3}
+    assert auto.valley["lr"] in problems.VALLEY_LRS
+    # the searched lr is the best of the grid: none ends closer to the minimum
+    end = problems.valley_path(auto, backend="numpy")[-1]
+    for lr in problems.VALLEY_LRS:
+        other = problems.valley_path(problems.Spec("Shrink", {"lr": lr}, {}), backend="numpy")[-1]
+        assert np.hypot(*end) <= np.hypot(*other) or not np.isfinite(np.hypot(*other))
+    assert len(set(plot.colors(len(specs)))) == len(specs)

@@ -1,9 +1,9 @@
 """Golden values: a few steps of every optimizer worked out by hand on tiny float64 inputs.
 
 Each expected value is written as the arithmetic done on paper (the numbers plugged into the
-formulas of DESIGN.md §3), with hyperparameters chosen so most of it is exact in binary. Every
-case is checked against the oracle (``fastopt.reference``) and against the optimizers on every
-backend. The ``trap`` cases pin the places where a plausible implementation differs from
+formulas of the README's Conventions), with hyperparameters chosen so most of it is exact in
+binary. Every case is checked against the oracle (``fastopt.reference``) and against the optimizers
+on every backend. The ``trap`` cases pin the places where a plausible implementation differs from
 PyTorch: each also states the value the wrong formula would give, and asserts it is not that.
 """
 

@@ -31,7 +31,7 @@ def _module(name):
     return _loaded[name]
 
 
-def available_backends():
+def available_backends() -> list[str]:
     """Names of the backends that can run here, e.g. ``["numpy", "numba"]``."""
     out = []
     for name in BACKENDS:

@@ -353,6 +353,99 @@ def kernel(rule, flags, writes, parallel, io=None):
     return fn
 
 
+# -- many tensors in one launch ---------------------------------------------------------------
+#
+# ``launch_many`` runs one variant over many separate tensors (a model's parameter list) in one
+# parallel loop: a table holds, per tensor, its length and the addresses of its param, grad and
+# state buffers; the loop walks chunks of (tensor, start, stop), so big and small tensors share
+# the threads. The caller guarantees every address (validated, contiguous, native float buffers
+# of that length, alive for the call): the table is built only by fastopt's own checked code.
+
+#: elements per chunk of ``launch_many``: big enough to amortise the table lookups, small
+#: enough to balance the threads over tensors of very different sizes
+CHUNK = 1 << 14
+
+if numba is not None:
+
+    @intrinsic
+    def _address_as(typingctx, address, like):
+        # an int64 address as a typed pointer to ``like``'s element type
+        if not isinstance(like, types.Array) or not isinstance(address, types.Integer):
+            return None
+        ptr = types.CPointer(like.dtype)
+
+        def codegen(context, builder, sig, args):
+            return builder.inttoptr(args[0], context.get_value_type(ptr))
+
+        return ptr(address, like), codegen
+
+
+def many_source(nslots, writes):
+    """Python source of the many-tensor loop factory (see ``loop_source``): the table's row of
+    a tensor is ``(n, param address, grad address, slot addresses...)``."""
+    # each chunk is viewed as arrays that start at 0, so the element loop runs over
+    # range(m) like the one-tensor loop: no negative-index wraparound, and it vectorises
+    lines = [
+        "def factory(elem, rng):",
+        "    def loop(table, chunks, like, k):",
+        "        for c in rng(chunks.shape[0]):",
+        "            j = chunks[c, 0]",
+        "            off = chunks[c, 1] * like.itemsize",
+        "            m = chunks[c, 2] - chunks[c, 1]",
+        "            p = carray(address_as(table[j, 1] + off, like), m)",
+        "            g = carray(address_as(table[j, 2] + off, like), m)",
+    ]
+    for j in range(nslots):
+        lines.append(
+            f"            s{j} = carray(address_as(table[j, {3 + j}] + off, like), m)"
+            if writes[j]
+            else f"            s{j} = p"
+        )
+    outs = ", ".join(["pi"] + [f"o{j}" for j in range(nslots)])
+    lines += [
+        "            for i in range(m):",
+        f"                {outs}{',' if nslots == 0 else ''} = elem("
+        f"p[i], g[i], {''.join(f's{j}[i], ' for j in range(nslots))}k)",
+        "                p[i] = pi",
+    ]
+    lines += [f"                s{j}[i] = o{j}" for j in range(nslots) if writes[j]]
+    lines += ["    return loop"]
+    return "\n".join(lines) + "\n"
+
+
+def many_kernel(rule, flags, writes, parallel):
+    """The compiled many-tensor loop of one variant (compiled, or loaded from the cache, once)."""
+    key = ("many", rule, tuple(sorted(flags.items())), writes, parallel)
+    fn = _compiled.get(key)
+    if fn is None:
+        ns = {"__name__": __name__, "carray": numba.carray, "address_as": _address_as}
+        exec(compile(many_source(len(writes), writes), __file__, "exec"), ns)
+        py = ns["factory"](
+            register_jitable(inline="always")(RULES[rule].make_rule(**flags)),
+            numba.prange if parallel else range,
+        )
+        fn = _compiled[key] = njit_cached(parallel=parallel, nogil=True, error_model="numpy")(py)
+    return fn
+
+
+def chunks_for(lengths, chunk=CHUNK):
+    """``(tensor, start, stop)`` rows covering every element of tensors of ``lengths``."""
+    rows = [(t, lo, min(lo + chunk, n)) for t, n in enumerate(lengths) for lo in range(0, n, chunk)]
+    return np.array(rows, dtype=np.int64).reshape(-1, 3)
+
+
+def launch_many(rule, flags, writes, dtype, table, chunks, k):
+    """One fused pass of one variant over every tensor of ``table`` (int64 rows ``(n, param,
+    grad, slot...)`` of addresses; absent slots' columns are ignored) in ``chunks`` (from
+    ``chunks_for``). Unchecked: the caller owns the table's validity (see above)."""
+    if chunks.shape[0] == 0:
+        return
+    dtype = np.dtype(dtype)
+    total = int(table[:, 0].sum())
+    fn = many_kernel(rule, flags, tuple(writes), total >= PARALLEL_MIN)
+    fn(table, chunks, np.empty(1, dtype), tuple(dtype.type(x) for x in k))
+
+
 def prepare(rule, flags, writes, k, dtype, io=None, extras=None):
     """``run(param, grad, states)`` for one step of one variant on flat ``dtype`` arrays whose
     present state slots are ``writes``: the host scalars are cast once, the serial or parallel

@@ -3,30 +3,32 @@
 The same-traffic kernel for an optimizer with ``n_state`` state buffers reads param, grad and
 every state buffer and writes param and every state buffer, exactly like the optimizer's loop,
 but its math is one multiply-add per buffer: whatever the optimizer costs beyond that kernel is
-arithmetic, not memory. Both use ``prange`` like the backend, and are cached on disk.
+arithmetic, not memory. Both use ``prange`` like the backend, and are cached on disk per user
+(``fastopt._numba_cache``).
 """
 
 import numba
 import numpy as np
 
+from .._numba_cache import njit_cached
 from .measure import HostTimer, Runner, bytes_per_step
 
 __all__ = ["TRAFFIC", "copy_runner", "traffic_runner"]
 
 
-@numba.njit(parallel=True, cache=True, nogil=True)
+@njit_cached(parallel=True, nogil=True)
 def _copy(dst, src):
     for i in numba.prange(src.shape[0]):
         dst[i] = src[i]
 
 
-@numba.njit(parallel=True, cache=True, nogil=True)
+@njit_cached(parallel=True, nogil=True)
 def _traffic0(p, g, c):
     for i in numba.prange(p.shape[0]):
         p[i] = p[i] + c * g[i]
 
 
-@numba.njit(parallel=True, cache=True, nogil=True)
+@njit_cached(parallel=True, nogil=True)
 def _traffic1(p, g, s0, c):
     for i in numba.prange(p.shape[0]):
         gi = g[i]
@@ -34,7 +36,7 @@ def _traffic1(p, g, s0, c):
         s0[i] = s0[i] + c * gi
 
 
-@numba.njit(parallel=True, cache=True, nogil=True)
+@njit_cached(parallel=True, nogil=True)
 def _traffic2(p, g, s0, s1, c):
     for i in numba.prange(p.shape[0]):
         gi = g[i]
@@ -43,7 +45,7 @@ def _traffic2(p, g, s0, s1, c):
         s1[i] = s1[i] + c * gi
 
 
-@numba.njit(parallel=True, cache=True, nogil=True)
+@njit_cached(parallel=True, nogil=True)
 def _traffic3(p, g, s0, s1, s2, c):
     for i in numba.prange(p.shape[0]):
         gi = g[i]

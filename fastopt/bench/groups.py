@@ -122,13 +122,15 @@ def group_factories(
 
             facs[("ceiling-vec", ceil)] = lambda: vector_traffic_runner(case.n_state, p0, g0)
     if torch_modes:
-        from .torch_peers import torch_runner
+        from .torch_peers import ADAPTER, torch_runner
 
         for mode in torch_modes:
             for layout in layouts:
                 facs[("torch", mode, layout)] = lambda m=mode, lay=layout: torch_runner(
                     case, m, device, p0, g0, lay
                 )
+        if device == "cpu" and "list" in layouts:  # fastopt's torch.optim face, same list
+            facs[("adapter", "list")] = lambda: torch_runner(case, ADAPTER, device, p0, g0, "list")
     return facs
 
 
@@ -193,6 +195,9 @@ def run_group(
         elif key[0] == "torch":
             rec = _record(case, device, n, dtype, runner, times, f"torch-{key[1]}", key[2])
             scored = own[0] if own else None
+        elif key[0] == "adapter":
+            rec = _record(case, device, n, dtype, runner, times, "fastopt.torch", key[1])
+            scored = own[0] if own else None
         else:
             continue
         t, gbps = ceil.get(("ceiling", scored), (None, None))
@@ -220,14 +225,21 @@ def finalize(records):
         if r["backend"] == "numpy" and r["layout"] == "flat":
             oracle[key] = r["median_s"]
         if r["backend"].startswith("torch-"):
-            k = key + (r["device"],)
-            if k not in torch_best or r["median_s"] < torch_best[k]["median_s"]:
-                torch_best[k] = r
+            for k in (key + (r["device"],), key + (r["device"], r["layout"])):
+                if k not in torch_best or r["median_s"] < torch_best[k]["median_s"]:
+                    torch_best[k] = r
     for r in records:
         key = (r["optimizer"], r["dtype"], r["n"])
         r["speedup_vs_numpy"] = oracle[key] / r["median_s"] if key in oracle else None
+        # fastopt's flat rows against torch's best on any layout; fastopt.torch's list rows
+        # against torch on the very same list
+        peer_key = None
         if r["backend"] in BACKENDS:
-            peer = torch_best.get(key + (r["device"],))
+            peer_key = key + (r["device"],)
+        elif r["backend"] == "fastopt.torch":
+            peer_key = key + (r["device"], r["layout"])
+        if peer_key is not None:
+            peer = torch_best.get(peer_key)
             r["speedup_vs_torch"] = peer["median_s"] / r["median_s"] if peer else None
             r["torch_peer"] = f"{peer['backend']} ({peer['layout']})" if peer else None
     return records

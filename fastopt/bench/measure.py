@@ -5,7 +5,7 @@ the grad and every state buffer once and writes the param and every state buffer
 
     bytes per step = (3 + 2·n_state) · itemsize · n
 
-which gives DESIGN.md §6's float32 table (SGD 12, Momentum 20, Adam 28, AMSGrad 36, ...).
+which gives the README's float32 table (SGD 12, Momentum 20, Adam 28, AMSGrad 36, ...).
 Effective bandwidth = bytes ÷ median step time; it is compared with two ceilings measured in the
 same run on the same backend: a copy (``2·itemsize·n`` bytes) and a same-traffic kernel that
 touches exactly the optimizer's buffers with trivial math (``_bench_cpu`` / ``_bench_gpu``).
@@ -27,7 +27,6 @@ import numpy as np
 __all__ = [
     "CASES",
     "CASE_NAMES",
-    "DESIGN_BYTES_F32",
     "GRID",
     "Case",
     "HostTimer",
@@ -144,7 +143,7 @@ def _case(name, cls, kwargs, slots):
         sig = inspect.signature(cls.__init__).parameters
         hp = {k: v.default for k, v in sig.items() if k in cls._hyper + cls._flags}
         hp.update(kwargs, **cls._pinned)
-        torch_kwargs = tuple((k, v) for k, v in hp.items() if k != "decoupled")
+        torch_kwargs = tuple(hp.items())
     return Case(name, cls.__name__, tuple(kwargs.items()), len(slots), torch_cls, torch_kwargs)
 
 
@@ -152,19 +151,6 @@ def _case(name, cls, kwargs, slots):
 CASES = derive_cases()
 CASE_NAMES = tuple(CASES)
 
-#: DESIGN.md §6, bytes per element in float32 (kept here so a test can hold the formula to it)
-DESIGN_BYTES_F32 = {
-    "sgd": 12,
-    "momentum": 20,
-    "nesterov": 20,
-    "adagrad": 20,
-    "rmsprop": 20,
-    "rmsprop-centered-momentum": 36,
-    "adam": 28,
-    "adam-amsgrad": 36,
-    "adamw": 28,
-    "lion": 20,
-}
 
 #: The default sweep per device: (sizes, dtypes). GPU sizes reach far beyond the L2 cache.
 GRID = {

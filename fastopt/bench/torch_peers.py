@@ -27,9 +27,18 @@ def cuda_available():
     return torch.cuda.is_available()
 
 
+#: the mode that runs fastopt's own ``fastopt.torch`` class on the same tensors (same data,
+#: same list, torch's interface)
+ADAPTER = "fastopt"
+
+
 def _make(case, params, mode):
     import torch
 
+    if mode == ADAPTER:
+        import fastopt.torch as fot
+
+        return getattr(fot, case.cls)(params, **case.fastopt_kwargs)
     return getattr(torch.optim, case.torch_cls)(params, **dict(case.torch_kwargs), **{mode: True})
 
 
@@ -98,14 +107,16 @@ def torch_runner(case, mode, device, p0, g0, layout="flat"):
     else:
         timer = HostTimer()
     return Runner(
-        f"torch-{mode}",
+        "fastopt.torch" if mode == ADAPTER else f"torch-{mode}",
         opt.step,
         timer,
         bytes_per_step(case.n_state, p0.size, p0.dtype),
         info={
             "layout": layout,
             "n_tensors": len(params),
-            "peer": f"torch.optim.{case.torch_cls}({mode}=True)",
+            "peer": f"fastopt.torch.{case.cls}"
+            if mode == ADAPTER
+            else f"torch.optim.{case.torch_cls}({mode}=True)",
         },
         keep=(params, opt),
     )

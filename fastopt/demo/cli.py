@@ -22,7 +22,7 @@ import sys
 import numpy as np
 
 from .. import backends
-from .problems import SPECS, TEXTBOOK_VALLEY, textbook_valley_path, train_mlp, valley_path
+from .problems import TEXTBOOK_VALLEY, specs, textbook_valley_path, train_mlp, valley_path
 
 __all__ = ["DEMO_DEPS", "load_data", "main"]
 
@@ -223,6 +223,7 @@ def main(argv=None):
         return _textbook(args, plt, xp, be_name, say)
 
     paths = {}
+    SPECS = specs()
     for i, spec in enumerate(SPECS, 1):
         say(f"[valley {i}/{len(SPECS)}] {spec.name}, lr={fmt_lr(spec.valley['lr'])}")
         paths[spec.name] = valley_path(spec, args.valley_steps, args.backend, xp)

@@ -2,12 +2,37 @@
 
 import numpy as np
 
+from .. import optimizers
 from .problems import VALLEY_START, valley
 
 __all__ = ["fmt_lr", "plot_textbook_valley", "plot_training", "plot_valley", "smooth"]
 
 #: one colour per optimizer, the same in both figures
-COLORS = ("#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd", "#8c564b", "#e377c2", "#17becf")
+#: a qualitative palette (matplotlib's tab10, then tab20's lighter shades): one color per
+#: optimizer, cycling if there are ever more
+PALETTE = (
+    "#1f77b4",
+    "#ff7f0e",
+    "#2ca02c",
+    "#d62728",
+    "#9467bd",
+    "#8c564b",
+    "#e377c2",
+    "#17becf",
+    "#bcbd22",
+    "#7f7f7f",
+    "#aec7e8",
+    "#ffbb78",
+    "#98df8a",
+    "#ff9896",
+    "#c5b0d5",
+    "#c49c94",
+)
+
+
+def colors(n):
+    """``n`` colors from ``PALETTE``, in order."""
+    return [PALETTE[i % len(PALETTE)] for i in range(n)]
 
 
 #: the window of the valley figure: the paths stay well inside it
@@ -60,7 +85,7 @@ def plot_valley(plt, paths, specs, path, *, backend="", dpi=120):
         nrow, ncol, figsize=(4.6 * ncol, 2.25 * nrow + 1.0), sharex=True, sharey=True, squeeze=False
     )
     steps = len(next(iter(paths.values()))) - 1
-    for ax, spec, color in zip(axes.flat, specs, COLORS):
+    for ax, spec, color in zip(axes.flat, specs, colors(len(specs))):
         pts = paths[spec.name]
         ax.contourf(X, Y, Z, levels=levels, cmap="Blues_r", alpha=0.55)
         ax.contour(X, Y, Z, levels=levels, colors="0.45", linewidths=0.5)
@@ -70,7 +95,8 @@ def plot_valley(plt, paths, specs, path, *, backend="", dpi=120):
         end = pts[-1]
         ax.set_title(
             f"{spec.name}: lr {fmt_lr(spec.valley['lr'])}"
-            f"{' (chapter)' if spec.source == 'chapter' else ''}{_extras(spec.valley)}\n"
+            f"{f' ({spec.source})' if spec.source in ('chapter', 'searched') else ''}"
+            f"{_extras(spec.valley)}\n"
             f"end ({_num(end[0])}, {_num(end[1])}), distance {np.hypot(*end):.3g}",
             fontsize=10,
         )
@@ -134,7 +160,14 @@ def plot_textbook_valley(plt, paths, lrs, path, *, backend="", dpi=120):
 def plot_training(plt, results, specs, path, *, title, window=20, dpi=120):
     """Training loss per iteration (moving average) of every optimizer, in one axes."""
     fig, ax = plt.subplots(figsize=(10, 6))
-    for spec, color in zip(specs, COLORS):
+    # an optimizer that runs an earlier one's rule (Nesterov, AdamW) can lie on top of it: dash
+    rules, shared = set(), set()
+    for spec in specs:
+        rule = getattr(optimizers, spec.name)._rule
+        if rule in rules:
+            shared.add(spec.name)
+        rules.add(rule)
+    for spec, color in zip(specs, colors(len(specs))):
         r = results[spec.name]
         it = np.arange(1, len(r.losses) + 1)
         ax.plot(it, r.losses, color=color, lw=0.5, alpha=0.18)
@@ -144,7 +177,7 @@ def plot_training(plt, results, specs, path, *, title, window=20, dpi=120):
             smooth(r.losses, window),
             color=color,
             lw=1.8,
-            ls="--" if spec.name in ("Nesterov", "AdamW") else "-",
+            ls="--" if spec.name in shared else "-",
             label=f"{spec.name} (lr {fmt_lr(spec.mlp['lr'])}{_extras(spec.mlp)}): "
             f"test acc {100 * r.test_accuracy:.1f}%",
         )

@@ -27,15 +27,17 @@ from .._arrays import array_module, to_numpy
 from ..flat import FlatBuffer
 
 __all__ = [
-    "SPECS",
+    "CHOSEN",
     "TEXTBOOK_VALLEY",
     "VALLEY_START",
     "Spec",
     "TrainResult",
+    "auto_spec",
     "init_mlp",
     "mlp_accuracy",
     "mlp_loss",
     "mlp_loss_and_grad",
+    "specs",
     "textbook_valley_path",
     "train_mlp",
     "valley",
@@ -56,7 +58,7 @@ class Spec:
     valley: dict
     #: keyword arguments for the MLP on digits
     mlp: dict
-    #: where the valley lr comes from
+    #: where the valley lr comes from: "chapter", "tuned" (chosen by hand) or "searched"
     source: str = "tuned"
 
     def make(self, problem, backend):
@@ -64,23 +66,54 @@ class Spec:
         return cls(**(self.valley if problem == "valley" else self.mlp), backend=backend)
 
 
-#: The eight optimizers. Valley lrs: the chapter's (SGD 0.95, Momentum 0.1, AdaGrad 1.5,
-#: Adam 0.3) and, for the others, values chosen so that 30 steps show the method's character
-#: without diverging. MLP lrs: the usual defaults of each method's family, checked on digits.
-SPECS = (
-    Spec("SGD", dict(lr=0.95), dict(lr=0.1), "chapter"),
-    Spec("Momentum", dict(lr=0.1, momentum=0.9), dict(lr=0.02, momentum=0.9), "chapter"),
-    Spec("Nesterov", dict(lr=0.08, momentum=0.9), dict(lr=0.02, momentum=0.9)),
-    Spec("AdaGrad", dict(lr=1.5), dict(lr=0.05), "chapter"),
-    Spec("RMSProp", dict(lr=0.2, alpha=0.99), dict(lr=1e-3, alpha=0.99)),
-    Spec("Adam", dict(lr=0.3), dict(lr=1e-3), "chapter"),
-    Spec("AdamW", dict(lr=0.3, weight_decay=0.1), dict(lr=1e-3, weight_decay=1e-2)),
-    Spec(
+#: Settings chosen by hand for the optimizers the chapter discusses. Valley lrs: the chapter's
+#: (SGD 0.95, Momentum 0.1, AdaGrad 1.5, Adam 0.3) and, for the others, values chosen so that 30
+#: steps show the method's character without diverging. MLP lrs: the usual defaults of each
+#: method's family, checked on digits. Every other optimizer of the registry gets ``auto_spec``.
+CHOSEN = {
+    "SGD": Spec("SGD", dict(lr=0.95), dict(lr=0.1), "chapter"),
+    "Momentum": Spec(
+        "Momentum", dict(lr=0.1, momentum=0.9), dict(lr=0.02, momentum=0.9), "chapter"
+    ),
+    "Nesterov": Spec("Nesterov", dict(lr=0.08, momentum=0.9), dict(lr=0.02, momentum=0.9)),
+    "AdaGrad": Spec("AdaGrad", dict(lr=1.5), dict(lr=0.05), "chapter"),
+    "RMSProp": Spec("RMSProp", dict(lr=0.2, alpha=0.99), dict(lr=1e-3, alpha=0.99)),
+    "Adam": Spec("Adam", dict(lr=0.3), dict(lr=1e-3), "chapter"),
+    "AdamW": Spec("AdamW", dict(lr=0.3, weight_decay=0.1), dict(lr=1e-3, weight_decay=1e-2)),
+    "Lion": Spec(
         "Lion",
         dict(lr=0.25, betas=(0.9, 0.99)),
         dict(lr=3e-4, betas=(0.9, 0.99), weight_decay=3e-2),
     ),
-)
+}
+
+#: the learning rates ``auto_spec`` tries on the valley
+VALLEY_LRS = tuple(float(f"{x:.3g}") for x in np.geomspace(1e-3, 3.0, 22))
+
+
+def auto_spec(name, steps=30):
+    """Settings for an optimizer nobody chose them for: on the valley, the lr of ``VALLEY_LRS``
+    that ends closest to the minimum after ``steps`` steps (the NumPy oracle runs the search);
+    on the MLP, the class's own default lr (``torch.optim``'s)."""
+    import inspect
+
+    cls = getattr(optimizers, name)
+    best = None
+    for lr in VALLEY_LRS:
+        spec = Spec(name, dict(lr=lr), {}, "searched")
+        with np.errstate(all="ignore"):
+            end = valley_path(spec, steps, backend="numpy")[-1]
+        dist = float(np.hypot(*end))
+        if np.isfinite(dist) and (best is None or dist < best[0]):
+            best = (dist, lr)
+    lr_default = inspect.signature(cls.__init__).parameters["lr"].default
+    return Spec(name, dict(lr=best[1] if best else VALLEY_LRS[0]), dict(lr=lr_default), "searched")
+
+
+def specs():
+    """The demo's optimizers: every class of the registry, in its order; chosen settings where
+    they exist, searched ones (``auto_spec``) elsewhere."""
+    return tuple(CHOSEN.get(name) or auto_spec(name) for name in optimizers.CLASSES)
 
 
 # -- the valley ---------------------------------------------------------------------------------

@@ -1,0 +1,359 @@
+"""``fastopt.torch``: ``torch.optim`` drop-ins running fastopt's fused kernels.
+
+    import fastopt.torch as fot
+    opt = fot.AdamW(model.parameters(), lr=1e-3, weight_decay=0.01)
+    sched = torch.optim.lr_scheduler.StepLR(opt, step_size=10)
+    scaler = torch.amp.GradScaler("cuda")      # or "cpu"
+    ...
+    scaler.scale(loss).backward(); scaler.step(opt); scaler.update(); opt.zero_grad()
+
+Every fastopt optimizer (``fastopt.optimizers.CLASSES``) has a class here of the same name: a
+subclass of ``torch.optim.Optimizer`` with ``torch.optim``'s signature (``params`` as tensors or
+param-group dicts, the same keyword names and defaults) plus ``backend="auto"`` (numba for CPU
+tensors, cupy for CUDA tensors; "numba-cuda" on request). Param groups, ``add_param_group``,
+``zero_grad``, every learning-rate scheduler, closures and hooks are torch's own.
+
+The state is torch's: ``state[p]`` holds the same keys, shapes and dtypes (``step`` a float32
+0-d tensor where torch keeps one), so ``state_dict()`` loads into ``torch.optim`` and the
+reverse, mid-run. Parameters whose ``.grad`` is None are skipped and keep their state and step.
+
+A step launches once per (device, dtype, variant, step count) over all the parameters of a
+param group that have a gradient, in place: on the CPU one parallel loop walks a table of the
+tensors' addresses (``numba_backend.launch_many``); on a GPU each tensor is one launch of the
+CuPy kernel. Parameters stay where they are: nothing is repacked, so ``zero_grad``,
+``.to()``, ``load_state_dict`` and parameters added later need no care. Every tensor is
+checked (device, dtype, shape, contiguity) before anything is written.
+
+AMP: the classes declare ``_step_supports_amp_scaling``, so ``torch.amp.GradScaler`` hands
+them its scale and found-inf flag instead of unscaling the gradients itself; a step with
+``found_inf`` set changes nothing (params, state, step counts), and the gradients are
+unscaled in the same pass as the update.
+"""
+
+import inspect
+
+import numpy as np
+import torch
+
+from .. import optimizers as _optimizers
+from ..backends import get_backend
+from ..functional import Launch
+from ..kernels import RULES
+
+__all__ = ["FusedOptimizer", *_optimizers.CLASSES, "Adagrad", "RMSprop"]
+
+#: torch dtypes the kernels run on, and their NumPy names
+_DTYPES = {torch.float32: np.float32, torch.float64: np.float64}
+#: keyword arguments of torch.optim constructors that select torch's own implementation
+_TORCH_IMPL = ("foreach", "fused", "capturable", "differentiable")
+
+
+def _torch_defaults(cls):
+    """The param-group keys torch's counterpart of ``cls`` keeps that fastopt's has not
+    (``foreach``, ``fused``, ...), with torch's defaults: so state dicts load both ways."""
+    from ..bench.measure import _torch_name
+
+    name = _torch_name(cls)
+    if name is None:
+        return {}
+    tcls = getattr(torch.optim, name)
+    probe = tcls([torch.nn.Parameter(torch.zeros(1))])
+    return dict(probe.defaults)
+
+
+class FusedOptimizer(torch.optim.Optimizer):
+    """The ``torch.optim.Optimizer`` face of a fastopt optimizer class (``_fastopt``)."""
+
+    _fastopt = None
+    _step_supports_amp_scaling = True
+
+    def __init__(self, params, defaults, backend="auto"):
+        if not isinstance(backend, str):
+            raise TypeError(f"backend must be a string, got {type(backend).__name__}")
+        if backend != "auto":
+            get_backend(backend)  # unknown or unavailable: refuse now
+        for key in ("differentiable", "capturable"):
+            if defaults.get(key):
+                raise NotImplementedError(
+                    f"{type(self).__name__}({key}=True) is not supported by fastopt.torch; "
+                    f"use torch.optim.{type(self).__name__} for {key} steps"
+                )
+        self._check_group(defaults, "the defaults")
+        self.backend = backend
+        super().__init__(params, defaults)
+
+    # -- hyperparameters -------------------------------------------------------------------------
+    @classmethod
+    def _rule_hp(cls, group):
+        """The rule's hyperparameters of a param group (tensor lr as a float; the class's
+        pinned values; torch's ``decoupled_weight_decay`` when the group carries it)."""
+        fo = cls._fastopt
+        spec = RULES[fo._rule]
+        hp = {}
+        for h in spec.hyper_names:
+            if h in fo._pinned:
+                hp[h] = fo._pinned[h]
+            elif h in group:
+                v = group[h]
+                hp[h] = float(v) if isinstance(v, torch.Tensor) else v
+        return spec.validate(hp)
+
+    def _check_group(self, group, what):
+        try:
+            type(self)._rule_hp(group)
+        except (TypeError, ValueError) as exc:
+            raise type(exc)(f"{type(self).__name__}: {what}: {exc}") from None
+
+    def add_param_group(self, param_group):
+        merged = dict(self.defaults, **{k: v for k, v in param_group.items() if k != "params"})
+        self._check_group(merged, "a param group")
+        super().add_param_group(param_group)
+
+    # -- state -----------------------------------------------------------------------------------
+    def _init_state(self, p, spec, hp, slots):
+        """``state[p]`` as torch creates it on a parameter's first step (torch's keys: a step
+        count where torch keeps one, the state buffers ``slots``, host scalars as 0-d
+        tensors); a parameter that needs none gets no entry, as in torch (SGD without
+        momentum)."""
+        state = self.state.get(p)
+        if state:
+            return state
+        new = {}
+        if type(self)._keeps_step:
+            new["step"] = torch.tensor(0.0, dtype=torch.float32)
+        for s in spec.slots:
+            if s.name in slots and not s.fresh:
+                new[s.name] = torch.full_like(
+                    p, spec.initial(s.name, hp), memory_format=torch.preserve_format
+                )
+        for name, value in spec.initial_host_state(hp).items():
+            new[name] = torch.tensor(value, dtype=torch.float32)
+        if new:
+            self.state[p].update(new)
+            return self.state[p]
+        return new
+
+    # -- the step --------------------------------------------------------------------------------
+    @torch.no_grad()
+    def step(self, closure=None):
+        """One fused step over every parameter with a gradient (``closure`` as in torch)."""
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        found_inf = getattr(self, "found_inf", None)
+        if found_inf is not None and float(found_inf) != 0:
+            return loss  # GradScaler found inf/NaN: nothing changes, as torch's fused step
+        grad_scale = getattr(self, "grad_scale", None)
+        inv_scale = None if grad_scale is None else 1.0 / float(grad_scale)
+        plans = [self._plan_group(group, inv_scale) for group in self.param_groups]
+        for plan in plans:  # every group checked before any is stepped
+            self._run_group(*plan)
+        return loss
+
+    def _plan_group(self, group, inv_scale):
+        """Check one group's tensors and state; returns what ``_run_group`` launches."""
+        cls = type(self)
+        spec = RULES[cls._fastopt._rule]
+        hp = cls._rule_hp(group)
+        slots = spec.state_names(hp)
+        buckets = {}
+        for p in group["params"]:
+            g = p.grad
+            if g is None:
+                continue
+            if g.is_sparse:
+                raise RuntimeError(f"{cls.__name__} does not support sparse gradients")
+            if p.dtype not in _DTYPES:
+                raise TypeError(
+                    f"{cls.__name__}: a parameter is {p.dtype}; fastopt.torch steps "
+                    f"{', '.join(str(d) for d in _DTYPES)} parameters"
+                )
+            if g.dtype != p.dtype or g.shape != p.shape or g.device != p.device:
+                raise ValueError(
+                    f"{cls.__name__}: a gradient is {g.dtype}{list(g.shape)} on {g.device}, its "
+                    f"parameter {p.dtype}{list(p.shape)} on {p.device}; expected them alike"
+                )
+            state = self._init_state(p, spec, hp, slots)
+            if "step" in state:
+                step = int(state["step"]) + 1
+            else:  # torch keeps no step count (SGD): step 1 is the one without a fresh buffer
+                fresh = [x.name for x in spec.slots if x.fresh]
+                step = 1 if any(state.get(n) is None for n in fresh) else 2
+            self._check_state(p, state, spec)
+            bucket = buckets.setdefault((p.device, p.dtype, step), [])
+            bucket.append((p, g, state))
+        return spec, hp, buckets, inv_scale
+
+    @staticmethod
+    def _check_state(p, state, spec):
+        """Every state tensor a kernel will touch is shaped, typed and placed like its
+        parameter and contiguous (a state dict from elsewhere may not be)."""
+        for s in spec.slots:
+            buf = state.get(s.name)
+            if buf is None:
+                continue
+            if buf.shape != p.shape or buf.dtype != p.dtype or buf.device != p.device:
+                raise ValueError(
+                    f"state {s.name!r} of a parameter is {buf.dtype}{list(buf.shape)} on "
+                    f"{buf.device}; expected {p.dtype}{list(p.shape)} on {p.device} like the "
+                    "parameter (a state dict of another model?)"
+                )
+
+    def _run_group(self, spec, hp, buckets, inv_scale):
+        for (device, dtype, t), items in buckets.items():
+            hs = None
+            if spec.host_state:
+                hs = {n: float(items[0][2][n]) for n, _ in spec.host_state}
+            flags, _ = spec.plan(hp, t, hs)
+            used = spec.slots_used(flags)
+            tensors = []
+            for p, g, state in items:
+                if inv_scale is not None:
+                    g = g * inv_scale  # unscaled in a temporary: p.grad stays as GradScaler left it
+                slots = []
+                for s, u in zip(spec.slots, used):
+                    if not u:
+                        slots.append(None)
+                        continue
+                    buf = state.get(s.name)
+                    if buf is None:  # a fresh slot (SGD's momentum buffer) on its first step
+                        buf = self.state[p][s.name] = torch.zeros_like(p)
+                    slots.append(buf)
+                tensors.append((p, g, slots))
+            self._launch(spec, hp, t, hs, device, dtype, used, tensors)
+            for _, _, state in items:
+                if "step" in state:
+                    state["step"] += 1
+                if spec.host_state:
+                    for n, v in spec.advance(hp, t, hs).items():
+                        state[n].fill_(v)
+
+    def _launch(self, spec, hp, step, hs, device, dtype, used, tensors):
+        be = get_backend(self._backend_for(device))
+        if be.NAME == "numba" and all(
+            a is None or a.is_contiguous() for p, g, slots in tensors for a in (p, g, *slots)
+        ):
+            # one launch over every tensor: a table of their lengths and addresses (checked
+            # above: same device, dtype and shape as their parameter, contiguous, alive)
+            table = np.array(
+                [
+                    [p.numel(), p.data_ptr(), g.data_ptr()]
+                    + [0 if a is None else a.data_ptr() for a in slots]
+                    for p, g, slots in tensors
+                ],
+                dtype=np.int64,
+            ).reshape(len(tensors), 3 + len(spec.slots))
+            launch = Launch(be, spec.name, step, hp, hs)
+            be.launch_many(
+                spec.name,
+                launch.flags,
+                used,
+                _DTYPES[dtype],
+                table,
+                be.chunks_for(table[:, 0].tolist()),
+                launch.k,
+            )
+            return
+        views = [
+            [_plain(p), _plain(g)] + [None if a is None else _plain(a) for a in slots]
+            for p, g, slots in tensors
+        ]
+        self._launch_each(be, spec, hp, step, hs, dtype, used, views)
+
+    def _launch_each(self, be, spec, hp, step, hs, dtype, used, views):
+        """One launch per tensor (GPU backends; non-contiguous tensors through contiguous
+        copies written back). CUDA tensors are stepped on torch's current stream of their
+        device, so the step is ordered after the backward that wrote the gradients."""
+        launch = Launch(be, spec.name, step, hp, hs)
+        writes = tuple(a is not None for a in views[0][2:])
+        run = launch.runner(_DTYPES[dtype], writes)
+        device = views[0][0].device
+        with _torch_stream(device):
+            for row in views:
+                arrays = [a if a is None or a.is_contiguous() else a.contiguous() for a in row]
+                flat = [None if a is None else _array(a.view(-1)) for a in arrays]
+                run(flat[0], flat[1], tuple(flat[2:]))
+                for orig, a in zip(row, arrays):
+                    if orig is not None and a is not orig:
+                        orig.copy_(a)
+
+    def _backend_for(self, device):
+        if self.backend != "auto":
+            return self.backend
+        return "cupy" if device.type == "cuda" else "numba"
+
+
+def _torch_stream(device):
+    """CuPy's current stream set to torch's current stream on ``device`` (CUDA tensors), so a
+    CuPy launch is ordered with torch's work; a no-op on the CPU."""
+    import contextlib
+
+    if device.type != "cuda":
+        return contextlib.nullcontext()
+    from ..backends.cupy_backend import _stream_for
+
+    stream = _stream_for(torch.cuda.current_stream(device).cuda_stream)
+    return stream if stream is not None else contextlib.nullcontext()
+
+
+def _plain(t):
+    return t.detach() if t.requires_grad else t
+
+
+def _array(t):
+    """A NumPy (CPU) or CuPy (CUDA) view of a contiguous tensor, no copy."""
+    if t.device.type == "cpu":
+        return t.numpy()
+    import cupy
+
+    return cupy.from_dlpack(t)
+
+
+def _make(cls):
+    """The torch.optim face of the fastopt class ``cls``: torch's signature, its defaults."""
+    sig = inspect.signature(cls.__init__)
+    own = [p for name, p in sig.parameters.items() if name not in ("self", "backend", "nonfinite")]
+    torch_defaults = _torch_defaults(cls)
+    extra = [
+        inspect.Parameter(k, inspect.Parameter.KEYWORD_ONLY, default=v)
+        for k, v in torch_defaults.items()
+        if k in _TORCH_IMPL and k not in sig.parameters
+    ]
+    params = (
+        [inspect.Parameter("self", inspect.Parameter.POSITIONAL_OR_KEYWORD)]
+        + [inspect.Parameter("params", inspect.Parameter.POSITIONAL_OR_KEYWORD)]
+        + own
+        + extra
+        + [inspect.Parameter("backend", inspect.Parameter.KEYWORD_ONLY, default="auto")]
+    )
+    new_sig = inspect.Signature(params)
+
+    def __init__(self, *args, **kwargs):
+        bound = new_sig.bind(self, *args, **kwargs)
+        bound.apply_defaults()
+        a = dict(bound.arguments)
+        a.pop("self")
+        params_, backend = a.pop("params"), a.pop("backend")
+        defaults = {**torch_defaults, **dict(cls._pinned), **a}
+        FusedOptimizer.__init__(self, params_, defaults, backend)
+
+    __init__.__signature__ = new_sig
+    doc = (cls.__doc__ or "").split("\n\n")
+    return type(
+        cls.__name__,
+        (FusedOptimizer,),
+        {
+            "__init__": __init__,
+            "__doc__": f"{doc[0]}\n\nfastopt's fused kernels behind torch.optim's interface "
+            f"(see fastopt.torch).\n\n" + "\n\n".join(doc[1:]),
+            "__module__": __name__,
+            "_fastopt": cls,
+            "_keeps_step": not any(s.fresh for s in RULES[cls._rule].slots),
+        },
+    )
+
+
+globals().update({name: _make(cls) for name, cls in _optimizers.CLASSES.items()})
+Adagrad = globals()["AdaGrad"]
+RMSprop = globals()["RMSProp"]

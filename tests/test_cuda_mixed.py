@@ -1,0 +1,326 @@
+"""The mixed-precision CUDA C kernels (``cuda_source.mixed_source``) compiled by g++ and run on the
+CPU, against the fp32-math oracle with low-precision storage and, bit for bit, the numba CPU loop.
+
+The kernel text is the one the CuPy backend compiles (the rule's ``.cu`` body, the conversions
+of ``kernels/storage.cuh``, the 16-byte vector loop and the scalar tail), run over every
+(block, thread) of a grid smaller than the data by ``tests/harness/harness.cpp``. Each case
+steps through ``fastopt.functional`` (so scalars, flags and the storage plan are the ones a GPU
+launch gets) in two forms: host scalars, and the capturable form, where the scalars come from a
+device buffer, the loss scale and a zero found-inf flag from device pointers (a found-inf flag
+of one must change nothing). Skipped only when g++ is missing.
+"""
+
+import ctypes
+import dataclasses
+import shutil
+import subprocess
+from pathlib import Path
+
+import numpy as np
+import pytest
+from fastopt.kernels import RULES, cuda_source, storage
+from tolerances import assert_close
+
+from fastopt import functional, precision
+
+ml_dtypes = pytest.importorskip("ml_dtypes")
+GXX = shutil.which("g++")
+pytestmark = pytest.mark.skipif(GXX is None, reason="g++ is not installed")
+
+HARNESS = Path(__file__).with_name("harness") / "harness.cpp"
+BF16 = np.dtype(ml_dtypes.bfloat16)
+NP = {
+    "bfloat16": BF16,
+    "float16": np.dtype("f2"),
+    "float32": np.dtype("f4"),
+    "float64": np.dtype("f8"),
+}
+N, STEPS, GRID, BLOCK = 1001, 3, 3, 32
+
+#: storage plans: (param, grad, state, master, stochastic rounding, grad_scale, unscale_grads)
+PLANS = {
+    "bf16": ("bfloat16", "bfloat16", "bfloat16", False, False, None, False),
+    "f16": ("float16", "float16", "float16", False, False, None, False),
+    "bf16-master-f32grad-scaled": ("bfloat16", "float32", "float32", True, False, 8.0, True),
+    "bf16-sr-f32state": ("bfloat16", "bfloat16", "float32", False, True, None, False),
+    "f32-bf16state": ("float32", "float32", "bfloat16", False, False, None, False),
+    "f64-f32grad-f32state-scaled": ("float64", "float32", "float32", False, False, 0.25, False),
+    "f32-scaled": ("float32", "float32", "float32", False, False, 4.0, False),
+}
+
+
+def _hp(rule, probes):
+    """Hyperparameters of ``rule``: the defaults (a larger lr), or with every probe on that the
+    rule's constraints allow (each flag variant's terms visible)."""
+    spec = RULES[rule]
+    hp = dict(spec.defaults, lr=0.05)
+    if probes:
+        for h in spec.hyper:
+            trial = dict(hp, **{h.name: h.probe}) if h.probe is not None else hp
+            try:
+                spec.validate(trial)
+            except ValueError:
+                continue
+            hp = trial
+    return spec.validate(hp)
+
+
+CASES = [
+    (rule, probes, plan)
+    for rule in RULES
+    for probes in (False, True)
+    for plan in PLANS
+    if probes or plan in ("bf16", "bf16-master-f32grad-scaled")
+]
+
+
+def _io(rule, hp, plan, device):
+    """The storage plan of a case's launches (as functional.run derives it), and its flags."""
+    pk, gk, sk, master, sr, scale, unscale = PLANS[plan]
+    spec = RULES[rule]
+    flags = spec.flags_of(hp, 2)
+    io = precision.io_of(pk, gk, sk, master, sr, scale="host" if scale else None)
+    io = dataclasses.replace(io, write_grad=unscale)
+    if device:
+        io = dataclasses.replace(io, kbuf=True, found_inf=True, scale="device" if scale else None)
+    return flags, io
+
+
+def _key(rule, flags, io):
+    return rule, tuple(sorted(flags.items())), io
+
+
+def _arg_cast(t, j, pointer):
+    base = t.replace("__restrict__", "").strip()
+    return f"({base})ptrs[{j}]" if pointer else f"({base.replace('const ', '')})k[{j}]"
+
+
+def _kernel_code(i, rule, flags, io):
+    name = f"fastopt_{rule}__m{i}"
+    arrays, scalars = cuda_source.mixed_args(rule, flags, io)
+    args = [f"({cuda_source.STORAGE_CTYPES[k]} *)a[{j}]" for j, (_, k, _) in enumerate(arrays)]
+    pi = ki = 0
+    for t, _ in scalars:
+        if "*" in t:
+            args.append(_arg_cast(t, pi, True))
+            pi += 1
+        else:
+            args.append(_arg_cast(t, ki, False))
+            ki += 1
+    return "\n".join(
+        [
+            f"namespace m{i} {{",
+            cuda_source.mixed_source(rule, flags, io, name=name),
+            f'extern "C" void launch_m{i}(void *const *a, void *const *ptrs, const double *k, '
+            "long long n) {",
+            f"    gridDim.x = {GRID}; blockDim.x = {BLOCK};",
+            "    for (unsigned b = 0; b < gridDim.x; ++b) {",
+            "        for (unsigned t = 0; t < blockDim.x; ++t) {",
+            "            blockIdx.x = b; threadIdx.x = t;",
+            f"            {name}({', '.join(args + ['n'])});",
+            "        }",
+            "    }",
+            "}",
+            "}",
+        ]
+        + [f"#undef {m}" for m in cuda_source.defines(rule, flags)]
+    )
+
+
+@pytest.fixture(scope="module")
+def harness(tmp_path_factory):
+    """(ctypes library, index (rule, flags, io) -> kernel number) of every case's kernels."""
+    out = tmp_path_factory.mktemp("cuda_mixed")
+    index = {}
+    for rule, probes, plan in CASES:
+        hp = _hp(rule, probes)
+        for device in (False, True):
+            key = _key(rule, *_io(rule, hp, plan, device))
+            index.setdefault(key, len(index))
+    code = [_kernel_code(i, r, dict(f), io) for (r, f, io), i in index.items()]
+    (out / "variants.inc").write_text("\n")
+    (out / "mixed.inc").write_text("\n\n".join(code) + "\n")
+    so = out / "mixed.so"
+    cmd = [GXX, "-std=c++17", "-O1", "-shared", "-fPIC", "-ffp-contract=off", "-Wall", "-Werror"]
+    cmd += [
+        "-DFASTOPT_T=float",
+        '-DFASTOPT_RAW="mixed.inc"',
+        f"-I{out}",
+        str(HARNESS),
+        "-o",
+        str(so),
+    ]
+    res = subprocess.run(cmd, capture_output=True, text=True, check=False)
+    assert res.returncode == 0, f"g++ failed:\n{res.stderr[:4000]}"
+    return ctypes.CDLL(str(so)), index
+
+
+class MixedHarness:
+    """A backend for ``fastopt.functional``: runs the g++-compiled mixed kernel of a launch.
+    ``device=True``: the capturable form (scalars from a buffer, device-pointer loss scale and
+    found-inf flag); ``found_inf`` is the flag it passes."""
+
+    NAME = "cuda-c-mixed"
+    DEVICE = "cpu"
+
+    def __init__(self, harness, device=False, found_inf=0.0):
+        self.lib, self.index = harness
+        self.device, self.found_inf = device, found_inf
+        self.seen = set()
+
+    def launch(self, rule, flags, param, grad, states, k, io=None, master=None, extras=None):
+        extras = extras or {}
+        if io is None:
+            io = storage.IO(*(precision.kind(a.dtype) for a in (param, grad, param)))
+            io = dataclasses.replace(
+                io,
+                state=precision.kind(next((s.dtype for s in states if s is not None), param.dtype)),
+            )
+        if self.device:
+            io = dataclasses.replace(
+                io, kbuf=True, found_inf=True, scale="device" if io.scale else None
+            )
+        i = self.index[_key(rule, flags, io)]
+        self.seen.add(i)
+        arrays, scalars = cuda_source.mixed_args(rule, flags, io)
+        named = {"grad": grad, "param": param, "master": master}
+        named.update({s: a for s, a in zip(RULES[rule].STATE, states) if a is not None})
+        bufs = [named[a] for a, _, _ in arrays]
+        for b in bufs:
+            assert b.flags.c_contiguous and b.ctypes.data % 16 == 0, "16-byte aligned buffers"
+        c = np.dtype(io.compute)
+        values = {
+            "kbuf": np.array(k, dtype=c),
+            "gscale": np.array([1.0 / (extras.get("inv_scale") or 1.0)], np.float32),
+            "found_inf": np.array([self.found_inf], np.float32),
+            "keyp": np.array([extras.get("key", 0)], np.uint32),
+            "inv_scale": extras.get("inv_scale"),
+            "salt": extras.get("salt", 0),
+            "key": extras.get("key", 0),
+        }
+        ptrs, ks = [], [] if io.kbuf else list(k)
+        for t, n in scalars:
+            if "*" in t:
+                ptrs.append(values[n])
+            elif n not in RULES[rule].SCALARS:
+                ks.append(values[n])
+        pa = (ctypes.c_void_p * len(bufs))(*[b.ctypes.data for b in bufs])
+        pp = (ctypes.c_void_p * max(1, len(ptrs)))(*[p.ctypes.data for p in ptrs])
+        kk = np.array(ks + [0.0], dtype=np.float64)
+        fn = getattr(self.lib, f"launch_m{i}")
+        fn.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_longlong]
+        fn(
+            ctypes.cast(pa, ctypes.c_void_p),
+            ctypes.cast(pp, ctypes.c_void_p),
+            kk.ctypes.data,
+            param.shape[0],
+        )
+
+
+def _aligned(a):
+    """A 64-byte aligned copy of ``a`` (the vector loop's 16-byte loads need aligned buffers)."""
+    raw = np.empty(a.nbytes + 64, np.uint8)
+    off = -raw.ctypes.data % 64
+    out = raw[off : off + a.nbytes].view(a.dtype)
+    out[...] = a
+    return out
+
+
+def _inputs(rule, plan, seed):
+    pk, gk, sk, master, *_ = PLANS[plan]
+    rng = np.random.default_rng(seed)
+    p = rng.standard_normal(N)
+    st = {s: rng.uniform(0.1, 1.0, N) for s in RULES[rule].STATE}
+    if "grad_avg" in st:  # centered RMSProp: square_avg >= grad_avg**2 keeps the root real
+        st["grad_avg"] = 0.3 * rng.standard_normal(N)
+        st["square_avg"] = st["grad_avg"] ** 2 + rng.uniform(0.1, 1.0, N)
+    grads = [rng.standard_normal(N) for _ in range(STEPS)]
+    arrs = {"param": _aligned(p.astype(NP[pk]))}
+    arrs.update({s: _aligned(a.astype(NP[sk])) for s, a in st.items()})
+    arrs["master"] = _aligned(arrs["param"].astype(np.float32)) if master else None
+    return arrs, [g.astype(NP[gk]) for g in grads]
+
+
+def _run(rule, hp, plan, backend, arrs, grads):
+    _, _, _, _, sr, scale, unscale = PLANS[plan]
+    spec = RULES[rule]
+    out = []
+    for t, g0 in enumerate(grads, start=2):  # from step 2: no fresh-slot reset
+        g = _aligned(g0 * (scale or 1.0)) if scale else _aligned(g0)
+        ok = functional.run(
+            rule,
+            arrs["param"],
+            g,
+            {s: arrs[s] for s in spec.state},
+            step=t,
+            hp=dict(hp, lr=hp["lr"] * (1 + 0.1 * t)),
+            backend=backend,
+            master_param=arrs["master"],
+            stochastic_rounding=sr,
+            seed=7,
+            salt=3,
+            grad_scale=scale,
+            unscale_grads=unscale,
+        )
+        assert ok
+        out.append(g)
+    return out
+
+
+def _compare(a, b, what):
+    kind = precision.kind(a.dtype)
+    assert not np.isnan(a.astype(np.float32)).any(), f"{what}: NaN"
+    if kind in storage.BITS16:
+        o = lambda x: x.view(np.uint16).astype(np.int64)  # noqa: E731
+        sa, sb = o(a), o(b)
+        d = np.abs(np.where(sa >> 15, -(sa & 0x7FFF), sa) - np.where(sb >> 15, -(sb & 0x7FFF), sb))
+        assert d.max() <= 1 and (d > 0).sum() <= N // 50, f"{what}: {d.max()} ulps, {(d > 0).sum()}"
+    else:
+        assert_close(a, b.astype(np.float64), np.dtype(kind), what)
+
+
+@pytest.mark.parametrize("device", [False, True], ids=["host-scalars", "capturable"])
+@pytest.mark.parametrize(
+    "rule,probes,plan",
+    CASES,
+    ids=[f"{r}-{'probes' if p else 'defaults'}-{pl}" for r, p, pl in CASES],
+)
+def test_mixed_kernel_matches_the_oracle(harness, rule, probes, plan, device):
+    hp = _hp(rule, probes)
+    arrs, grads = _inputs(rule, plan, seed=len(rule) + 10 * probes)
+    ref, _ = _inputs(rule, plan, seed=len(rule) + 10 * probes)
+    be = MixedHarness(harness, device)
+    got_g = _run(rule, hp, plan, be, arrs, grads)
+    want_g = _run(rule, hp, plan, "numpy", ref, grads)
+    assert be.seen, "the harness never ran"
+    for name in arrs:
+        if arrs[name] is not None:
+            _compare(arrs[name], ref[name], f"{rule} {plan} {name}")
+    for a, b in zip(got_g, want_g):  # the unscaled grads, where they were written back
+        _compare(a, b, f"{rule} {plan} grad")
+
+
+def test_found_inf_on_the_device_changes_nothing(harness):
+    rule, plan = "adam", "bf16-master-f32grad-scaled"
+    hp = _hp(rule, True)
+    arrs, grads = _inputs(rule, plan, seed=1)
+    before = {k: None if v is None else v.copy() for k, v in arrs.items()}
+    got = _run(rule, hp, plan, MixedHarness(harness, device=True, found_inf=1.0), arrs, grads)
+    for k, v in arrs.items():
+        if v is not None:
+            assert np.array_equal(v.view(np.uint8), before[k].view(np.uint8)), k
+    assert all(np.array_equal(g, g0 * 8.0) for g, g0 in zip(got, grads))  # grads untouched
+
+
+@pytest.mark.parametrize("plan", ["bf16", "bf16-sr-f32state", "bf16-master-f32grad-scaled"])
+def test_mixed_kernel_is_bit_identical_to_the_cpu_loop(harness, plan):
+    """The C body and the Python rule run the same operations in the same order, and the
+    conversions are exact: the CUDA C kernel and the numba CPU loop agree bit for bit."""
+    rule, hp = "adam", _hp("adam", True)
+    a, grads = _inputs(rule, plan, seed=2)
+    b, _ = _inputs(rule, plan, seed=2)
+    _run(rule, hp, plan, MixedHarness(harness), a, grads)
+    _run(rule, hp, plan, "numba", b, grads)
+    for k, v in a.items():
+        if v is not None:
+            assert np.array_equal(v.view(np.uint8), b[k].view(np.uint8)), k

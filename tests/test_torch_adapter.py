@@ -1,0 +1,354 @@
+"""``fastopt.torch`` against ``torch.optim`` 2.13 in training loops (CPU; skipped without torch).
+
+Every class of the registry that torch has (derived by name) trains the same small MLP as its
+torch counterpart for 40+ steps with a StepLR schedule, two param groups and a layer frozen
+mid-run; params, every state tensor and step counts agree. State dicts load both ways mid-run
+and training continues identically; GradScaler with an injected inf skips the same step;
+PyTorch's own optimizer-test ideas (right direction, no-op without grads, deterministic state
+dicts, Rosenbrock) hold.
+"""
+
+import copy
+import itertools
+
+import pytest
+
+torch = pytest.importorskip("torch")
+
+import fastopt.torch as fot  # noqa: E402
+from fastopt.bench.measure import _torch_name  # noqa: E402
+from fastopt.optimizers import CLASSES  # noqa: E402
+
+#: (class name, torch class, main options) for every registered optimizer torch has; the
+#: options are the class's probes switched on (the variants torch exposes), one at a time
+PAIRS = []
+for _name, _cls in CLASSES.items():
+    _tname = _torch_name(_cls)
+    if _tname is None:
+        continue
+    _options = [{}]
+    for _h, (_off, _on) in _cls.probes().items():
+        if _h in ("weight_decay", "maximize", "momentum", "amsgrad", "centered", "nesterov"):
+            _options.append({_h: _on})
+    for _opt in _options:
+        try:  # combinations the class refuses (Nesterov without momentum) are no pair
+            _cls(**_opt)
+        except ValueError:
+            continue
+        PAIRS.append((_name, _tname, _opt))
+
+
+def _ids(pairs):
+    return [f"{n}" + "".join(f"-{k}" for k in o) for n, _, o in pairs]
+
+
+LR = {"SGD": 0.05, "Momentum": 0.05, "Nesterov": 0.05, "AdaGrad": 0.05, "RMSProp": 0.01}
+
+
+def _model(seed=0, dtype=torch.float64):
+    torch.manual_seed(seed)
+    return torch.nn.Sequential(
+        torch.nn.Linear(6, 12),
+        torch.nn.Tanh(),
+        torch.nn.Linear(12, 12),
+        torch.nn.Tanh(),
+        torch.nn.Linear(12, 3),
+    ).to(dtype)
+
+
+def _torch_kwargs(name, options, torch_side=False):
+    """The fastopt class's defaults plus ``options`` (and, for torch, the values the class
+    pins: Momentum is torch's SGD with nesterov=False)."""
+    import inspect
+
+    cls = CLASSES[name]
+    sig = inspect.signature(cls.__init__).parameters
+    kw = {k: v.default for k, v in sig.items() if k in cls._hyper + cls._flags}
+    if torch_side:
+        kw.update(cls._pinned)
+    kw.update(options)
+    kw["lr"] = LR.get(name, 0.01)
+    return kw
+
+
+def _make(which, name, tname, options, model):
+    kw = _torch_kwargs(name, options, torch_side=which == "torch")
+    head, body = (
+        list(model[4].parameters()),
+        [p for m in (model[0], model[2]) for p in m.parameters()],
+    )
+    groups = [{"params": body}, {"params": head, "lr": kw["lr"] / 2}]
+    if which == "fastopt":
+        return getattr(fot, name)(groups, **kw)
+    import inspect
+
+    accepted = inspect.signature(getattr(torch.optim, tname).__init__).parameters
+    kw = {k: v for k, v in kw.items() if k in accepted}
+    return getattr(torch.optim, tname)(groups, **kw, foreach=False)
+
+
+def _train(which, name, tname, options, steps=42, freeze_at=20, unfreeze_at=30, dtype=None):
+    dtype = dtype or torch.float64
+    model = _model(dtype=dtype)
+    opt = _make(which, name, tname, options, model)
+    sched = torch.optim.lr_scheduler.StepLR(opt, step_size=10, gamma=0.5)
+    g = torch.Generator().manual_seed(1)
+    x, y = (
+        torch.randn(64, 6, generator=g, dtype=dtype),
+        torch.randn(64, 3, generator=g, dtype=dtype),
+    )
+    for t in range(steps):
+        frozen = freeze_at <= t < unfreeze_at
+        for p in model[2].parameters():
+            p.requires_grad_(not frozen)
+        opt.zero_grad()
+        loss = ((model(x) - y) ** 2).mean()
+        loss.backward()
+        opt.step()
+        sched.step()
+    return model, opt
+
+
+def _state_close(sa, sb, rtol, atol):
+    assert sa["state"].keys() == sb["state"].keys()
+    for k in sa["state"]:
+        assert sa["state"][k].keys() == sb["state"][k].keys(), k
+        for s, a in sa["state"][k].items():
+            b = sb["state"][k][s]
+            if a is None or b is None:
+                assert a is b, (k, s)
+                continue
+            torch.testing.assert_close(a, b, rtol=rtol, atol=atol, msg=f"state {k}/{s}")
+    for ga, gb in zip(sa["param_groups"], sb["param_groups"]):
+        assert set(ga) == set(gb), set(ga) ^ set(gb)
+        for key in ga:  # torch's implementation selectors (foreach=False here) aside
+            if key not in ("params", "foreach", "fused", "capturable", "differentiable"):
+                assert ga[key] == gb[key], key
+
+
+@pytest.mark.parametrize("name,tname,options", PAIRS, ids=_ids(PAIRS))
+def test_training_matches_torch(name, tname, options):
+    ma, oa = _train("fastopt", name, tname, options)
+    mb, ob = _train("torch", name, tname, options)
+    for pa, pb in zip(ma.parameters(), mb.parameters()):
+        torch.testing.assert_close(pa, pb, rtol=1e-9, atol=1e-11)
+    _state_close(oa.state_dict(), ob.state_dict(), rtol=1e-9, atol=1e-11)
+
+
+@pytest.mark.parametrize(
+    "name,tname,options",
+    PAIRS[:: max(1, len(PAIRS) // 8)],
+    ids=_ids(PAIRS[:: max(1, len(PAIRS) // 8)]),
+)
+def test_float32_training_matches_torch(name, tname, options):
+    ma, _ = _train("fastopt", name, tname, options, steps=12, dtype=torch.float32)
+    mb, _ = _train("torch", name, tname, options, steps=12, dtype=torch.float32)
+    for pa, pb in zip(ma.parameters(), mb.parameters()):
+        torch.testing.assert_close(pa, pb, rtol=2e-5, atol=2e-6)
+
+
+@pytest.mark.parametrize("direction", ["fastopt->torch", "torch->fastopt"])
+@pytest.mark.parametrize(
+    "name,tname,options",
+    [p for p in PAIRS if p[2] == {}],
+    ids=_ids([p for p in PAIRS if p[2] == {}]),
+)
+def test_state_dict_round_trip_mid_run(name, tname, options, direction):
+    """Train 15 steps with one library, move the optimizer's state dict into the other, train
+    15 more: the result equals 30 steps in the second library."""
+    first, second = direction.split("->")
+    model = _model()
+    g = torch.Generator().manual_seed(2)
+    x, y = (
+        torch.randn(64, 6, generator=g, dtype=torch.float64),
+        torch.randn(64, 3, generator=g, dtype=torch.float64),
+    )
+
+    def run(opt, model, steps):
+        for _ in range(steps):
+            opt.zero_grad()
+            ((model(x) - y) ** 2).mean().backward()
+            opt.step()
+
+    ref_model = copy.deepcopy(model)
+    ref = _make(second, name, tname, options, ref_model)
+    run(ref, ref_model, 30)
+    opt1 = _make(first, name, tname, options, model)
+    run(opt1, model, 15)
+    sd = copy.deepcopy(opt1.state_dict())
+    opt2 = _make(second, name, tname, options, model)
+    opt2.load_state_dict(sd)
+    run(opt2, model, 15)
+    for pa, pb in zip(model.parameters(), ref_model.parameters()):
+        torch.testing.assert_close(pa, pb, rtol=1e-9, atol=1e-11)
+
+
+def test_gradscaler_injected_inf_skips_like_torch():
+    """GradScaler on the CPU drives fastopt through torch's fused-optimizer protocol: a step
+    with an inf gradient is skipped (params, state, step counts), the scale backs off the same,
+    and the other steps equal torch.optim's with unscaled gradients."""
+    results = []
+    for which in ("fastopt", "torch"):
+        model = _model(dtype=torch.float32)
+        opt = (fot.Adam if which == "fastopt" else torch.optim.Adam)(model.parameters(), lr=1e-2)
+        scaler = torch.amp.GradScaler("cpu", init_scale=2.0**10)
+        g = torch.Generator().manual_seed(3)
+        x, y = torch.randn(32, 6, generator=g), torch.randn(32, 3, generator=g)
+        scales = []
+        for t in range(8):
+            opt.zero_grad()
+            loss = ((model(x) - y) ** 2).mean()
+            scaler.scale(loss).backward()
+            if t == 3:
+                next(model.parameters()).grad[0, 0] = float("inf")
+            scaler.step(opt)
+            scaler.update()
+            scales.append(scaler.get_scale())
+        results.append((model, opt, scales))
+    (ma, oa, sa), (mb, ob, sb) = results
+    assert sa == sb and sa[3] < sa[2]  # the inf step backed the scale off, alike
+    for pa, pb in zip(ma.parameters(), mb.parameters()):
+        torch.testing.assert_close(pa, pb, rtol=2e-5, atol=2e-6)
+    assert [int(s["step"]) for s in oa.state.values()] == [7] * len(oa.state)
+    _state_close(oa.state_dict(), ob.state_dict(), rtol=2e-5, atol=2e-6)
+
+
+# -- PyTorch's own optimizer-test ideas --------------------------------------------------------
+@pytest.mark.parametrize("name", [n for n in CLASSES if _torch_name(CLASSES[n])])
+def test_step_is_noop_when_params_have_no_grad(name):
+    model = _model()
+    before = [p.detach().clone() for p in model.parameters()]
+    opt = getattr(fot, name)(model.parameters())
+    for _ in range(3):
+        opt.step()
+    assert all(torch.equal(a, b) for a, b in zip(before, model.parameters()))
+    assert not opt.state
+
+
+@pytest.mark.parametrize("name", [n for n in CLASSES if _torch_name(CLASSES[n])])
+def test_steps_go_downhill(name):
+    """A few steps on a convex quadratic lower the loss (the update has the right sign), and
+    maximize=True raises it."""
+    for maximize in (False, True):
+        w = torch.nn.Parameter(torch.tensor([1.5, -2.0, 0.5], dtype=torch.float64))
+        opt = getattr(fot, name)([w], lr=0.01, maximize=maximize)
+        start = (w**2).sum().item()
+        for _ in range(5):
+            opt.zero_grad()
+            (w**2).sum().backward()
+            opt.step()
+        end = (w**2).sum().item()
+        assert (end < start) != maximize, (name, maximize, start, end)
+
+
+@pytest.mark.parametrize(
+    "name,tname,options",
+    [p for p in PAIRS if p[2] == {}],
+    ids=_ids([p for p in PAIRS if p[2] == {}]),
+)
+def test_rosenbrock_trajectory_matches_torch(name, tname, options):
+    paths = []
+    for which in ("fastopt", "torch"):
+        xy = torch.nn.Parameter(torch.tensor([-1.5, 2.0], dtype=torch.float64))
+        kw = _torch_kwargs(name, options, torch_side=which == "torch")
+        kw["lr"] = 1e-3
+        if which == "torch":
+            import inspect
+
+            accepted = inspect.signature(getattr(torch.optim, tname).__init__).parameters
+            opt = getattr(torch.optim, tname)(
+                [xy], **{k: v for k, v in kw.items() if k in accepted}, foreach=False
+            )
+        else:
+            opt = getattr(fot, name)([xy], **kw)
+        path = []
+        for _ in range(50):
+            opt.zero_grad()
+            ((1 - xy[0]) ** 2 + 100 * (xy[1] - xy[0] ** 2) ** 2).backward()
+            opt.step()
+            path.append(xy.detach().clone())
+        paths.append(torch.stack(path))
+    torch.testing.assert_close(paths[0], paths[1], rtol=1e-9, atol=1e-12)
+
+
+def test_state_dict_is_deterministic():
+    sds = []
+    for _ in range(2):
+        _, opt = _train("fastopt", "Adam", "Adam", {}, steps=5)
+        sds.append(opt.state_dict())
+    _state_close(sds[0], sds[1], rtol=0, atol=0)
+
+
+# -- parameters as they come -------------------------------------------------------------------
+def test_parameters_tensor_lr_zero_grad_and_to():
+    """nn.Parameter straight from the model, a tensor lr, zero_grad(set_to_none=True) every
+    step, a param group added later, .to(float64) mid-run: all as torch.optim."""
+    results = []
+    for which in ("fastopt", "torch"):
+        torch.manual_seed(4)
+        a, b = torch.nn.Linear(4, 4), torch.nn.Linear(4, 2)
+        kw = dict(lr=torch.tensor(0.01))
+        opt = (
+            fot.Adam(a.parameters(), **kw)
+            if which == "fastopt"
+            else torch.optim.Adam(a.parameters(), **kw, foreach=False)
+        )
+        x = torch.randn(8, 4)
+        for t in range(6):
+            if t == 2:
+                opt.add_param_group({"params": b.parameters(), "lr": 0.02})
+            opt.zero_grad(set_to_none=True)
+            out = b(a(x)) if t >= 2 else a(x)
+            out.square().mean().backward()
+            opt.step()
+        results.append(
+            [p.detach().clone() for p in itertools.chain(a.parameters(), b.parameters())]
+        )
+    for pa, pb in zip(*results):
+        torch.testing.assert_close(pa, pb, rtol=2e-5, atol=2e-6)
+
+
+def test_non_contiguous_parameter_is_stepped_in_place():
+    base = torch.randn(6, 8, dtype=torch.float64)
+    results = []
+    for which in ("fastopt", "torch"):
+        w = torch.nn.Parameter(base.clone().t())  # a transposed view: not contiguous
+        assert not w.is_contiguous()
+        opt = (
+            fot.Adam([w], lr=0.01)
+            if which == "fastopt"
+            else torch.optim.Adam([w], lr=0.01, foreach=False)
+        )
+        for _ in range(3):
+            w.grad = torch.arange(48, dtype=torch.float64).reshape(8, 6) / 10
+            opt.step()
+        results.append(w.detach().clone())
+    torch.testing.assert_close(results[0], results[1], rtol=1e-12, atol=1e-14)
+
+
+def test_refusals_change_nothing():
+    """A state buffer that does not fit its parameter (a state dict from another model, a
+    rebound entry) is refused before any parameter of any group is written."""
+    model = _model(dtype=torch.float32)
+    opt = fot.Adam(model.parameters(), lr=0.01)
+    for p in model.parameters():
+        p.grad = torch.ones_like(p)
+    opt.step()
+    snap = copy.deepcopy(opt.state_dict())
+    params = [p.detach().clone() for p in model.parameters()]
+    last = list(model.parameters())[-1]
+    opt.state[last]["exp_avg"] = torch.zeros(7)  # too short for its parameter: refused
+    with pytest.raises(ValueError, match="exp_avg"):
+        opt.step()
+    assert all(torch.equal(a, b) for a, b in zip(params, model.parameters()))
+    after = opt.state_dict()
+    for k, st in snap["state"].items():
+        for s, a in st.items():
+            if not (k == len(params) - 1 and s == "exp_avg"):
+                assert torch.equal(after["state"][k][s], a), (k, s)
+    with pytest.raises((TypeError, ValueError)):
+        fot.Adam(model.parameters(), lr=-1.0)
+    with pytest.raises(NotImplementedError):
+        fot.Adam(model.parameters(), capturable=True)
+    with pytest.raises(ValueError, match="unknown backend"):
+        fot.Adam(model.parameters(), backend="nope")
