@@ -271,8 +271,7 @@ def _compare(a, b, what):
     kind = precision.kind(a.dtype)
     assert not np.isnan(a.astype(np.float32)).any(), f"{what}: NaN"
     if kind in storage.BITS16:
-        o = lambda x: x.view(np.uint16).astype(np.int64)  # noqa: E731
-        sa, sb = o(a), o(b)
+        sa, sb = (x.view(np.uint16).astype(np.int64) for x in (a, b))
         d = np.abs(np.where(sa >> 15, -(sa & 0x7FFF), sa) - np.where(sb >> 15, -(sb & 0x7FFF), sb))
         assert d.max() <= 1 and (d > 0).sum() <= N // 50, f"{what}: {d.max()} ulps, {(d > 0).sum()}"
     else:

@@ -7,6 +7,8 @@ widened, a large sample of float32 patterns narrowed), in both their Python form
 (``kernels/storage.py``: what the simulator runs) and as the numba CPU backend compiles them.
 """
 
+import inspect
+
 import numpy as np
 import pytest
 from conftest import backend_params
@@ -181,9 +183,11 @@ def test_master_weights_track_an_fp32_torch_run(case, backend):
     n, rng = 4096, np.random.default_rng(5)
     p0 = rng.standard_normal(n).astype(BF16)
     grads = [rng.standard_normal(n).astype(BF16) for _ in range(STEPS)]
-    kw = dict(case.torch_kwargs, lr=1e-2)
+    tcls = getattr(torch.optim, case.torch_cls)
+    takes = inspect.signature(tcls).parameters
+    kw = {k: v for k, v in dict(case.torch_kwargs, lr=1e-2).items() if k in takes}
     w = torch.tensor(p0.astype(np.float32), requires_grad=True)
-    topt = getattr(torch.optim, case.torch_cls)([w], **kw)
+    topt = tcls([w], **kw)
     ours = {"w": p0.copy()}
     opt = getattr(fastopt, case.cls)(lr=1e-2, master_weights=True, backend=backend)
     for g in grads:
