@@ -323,3 +323,62 @@ def test_mixed_kernel_is_bit_identical_to_the_cpu_loop(harness, plan):
     for k, v in a.items():
         if v is not None:
             assert np.array_equal(v.view(np.uint8), b[k].view(np.uint8)), k
+
+
+# -- NVRTC: the same kernels compile for the GPU, without float64 where the math is float32 ----------
+
+F64 = r"\.f64\b"
+
+
+def _nvrtc(source, arch):
+    """PTX of ``source`` compiled by NVRTC for ``arch`` (skips without NVRTC)."""
+    nvrtc = pytest.importorskip("cuda.bindings.nvrtc")
+    try:
+        err, *_ = nvrtc.nvrtcVersion()
+    except Exception as exc:  # the NVRTC shared library is not installed
+        pytest.skip(f"NVRTC cannot be loaded: {exc}")
+    err, prog = nvrtc.nvrtcCreateProgram(source.encode(), b"mixed.cu", 0, [], [])
+    opts = [f"-arch={arch}".encode()]
+    (err,) = nvrtc.nvrtcCompileProgram(prog, len(opts), opts)
+    if err != nvrtc.nvrtcResult.NVRTC_SUCCESS:
+        _, size = nvrtc.nvrtcGetProgramLogSize(prog)
+        log = b" " * size
+        nvrtc.nvrtcGetProgramLog(prog, log)
+        pytest.fail(f"NVRTC {arch}: {err}\n{log.decode(errors='replace')[:4000]}")
+    _, n = nvrtc.nvrtcGetPTXSize(prog)
+    ptx = b" " * n
+    nvrtc.nvrtcGetPTX(prog, ptx)
+    nvrtc.nvrtcDestroyProgram(prog)
+    return ptx.decode().rstrip("\x00 ")
+
+
+def test_mixed_kernels_compile_without_float64_and_with_16_byte_loads(harness):
+    """Every kernel of the harness matrix, vector and scalar forms, compiled for sm_90: the
+    float32-math ones (float16, bfloat16, float32 storage) hold no float64 instruction (the
+    float64 ones do: the check sees them), the vector forms load 16 bytes at a time."""
+    import re
+
+    arch = "sm_90"
+    _, index = harness
+    parts, names = [], {}
+    for (rule, flags, io), i in index.items():
+        for vector in (True, False):
+            name = f"fastopt_{rule}__m{i}_{'v' if vector else 's'}"
+            names[name] = (rule, dict(flags), io, vector)
+            src = cuda_source.mixed_source(rule, dict(flags), io, vector=vector, name=name)
+            undef = "\n".join(f"#undef {m}" for m in cuda_source.defines(rule, dict(flags)))
+            parts.append(f"namespace m{i}{'v' if vector else 's'} {{\n{src}\n}}\n{undef}\n")
+    ptx = _nvrtc("\n".join(parts), arch)
+    heads = list(re.finditer(r"\.entry\s+(\w+)\s*\(", ptx))
+    ends = [m.start() for m in heads[1:]] + [len(ptx)]
+    entries = {m.group(1): ptx[m.start() : e] for m, e in zip(heads, ends)}
+    assert set(entries) == set(names)
+    for name, (rule, _flags, io, vector) in names.items():
+        text = entries[name]
+        bad = [ln.strip() for ln in text.splitlines() if re.search(F64, ln)]
+        if io.compute == "float32":
+            assert not bad, f"{name} ({rule} {io}): float64 instructions {bad[:3]}"
+        else:
+            assert bad, f"{name}: a float64 kernel without float64 instructions?"
+        loads = len(re.findall(r"\bld\.global(\.nc)?\.v4\.(u32|b32|f32)", text))
+        assert (loads > 0) == vector, f"{name}: {loads} 16-byte loads (vector={vector})"
