@@ -325,7 +325,7 @@ def test_mixed_kernel_is_bit_identical_to_the_cpu_loop(harness, plan):
             assert np.array_equal(v.view(np.uint8), b[k].view(np.uint8)), k
 
 
-# -- NVRTC: the same kernels compile for the GPU, without float64 where the math is float32 ----------
+# -- NVRTC: the same kernels compile for the GPU, no float64 where the math is float32 ------------
 
 F64 = r"\.f64\b"
 
