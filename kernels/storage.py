@@ -50,6 +50,7 @@ __all__ = [
     "f16_store",
     "f32_bits",
     "io_for",
+    "make_converters",
     "mix32",
     "sr_bits",
     "step_key",
@@ -147,10 +148,91 @@ def step_key(seed, step):
 
 
 def sr_bits(i, salt, key):
-    """16 random bits for element ``i`` of the array with ``salt`` under the step ``key``."""
-    h = mix32((i & 0xFFFFFFFF) ^ salt)
-    h = mix32((h + (i >> 32)) ^ key)
-    return h >> 16
+    """16 random bits for element ``i`` of the array with ``salt`` under the step ``key``:
+    ``mix32(mix32(i_lo ^ salt) + i_hi ^ key) >> 16`` (``mix32`` written out twice, so that
+    the function calls nothing a compiler must resolve)."""
+    x = ((i & 0xFFFFFFFF) ^ salt) & 0xFFFFFFFF
+    x = x ^ (x >> 16)
+    x = (x * 0x21F0AAAD) & 0xFFFFFFFF
+    x = x ^ (x >> 15)
+    x = (x * 0x735A2D97) & 0xFFFFFFFF
+    x = x ^ (x >> 15)
+    x = ((x + (i >> 32)) ^ key) & 0xFFFFFFFF
+    x = x ^ (x >> 16)
+    x = (x * 0x21F0AAAD) & 0xFFFFFFFF
+    x = x ^ (x >> 15)
+    x = (x * 0x735A2D97) & 0xFFFFFFFF
+    x = x ^ (x >> 15)
+    return x >> 16
+
+
+def make_converters(dev, compute):
+    """The per-array loads and stores of a compiled loop, for a compiler that compiles a Python
+    function with ``dev`` (``numba.cuda.jit(device=True)``, or the identity where the functions
+    are registered already): ``{"load": {kind: fn(bits or value)}, "store": {kind: fn(value)},
+    "param": {kind or "bfloat16-sr": fn(value, i, salt, key)}}``, each a closure over the leaf
+    conversions above (no call resolved by global name)."""
+    np_c = np.float64 if compute == "float64" else np.float32
+    leaf = {
+        n: dev(globals()[n])
+        for n in ("bf16_load", "bf16_store", "bf16_store_sr", "f16_load", "f16_store", "sr_bits")
+    }
+    bf16_store, bf16_store_sr, f16_store = (
+        leaf["bf16_store"],
+        leaf["bf16_store_sr"],
+        leaf["f16_store"],
+    )
+    sr_bits_ = leaf["sr_bits"]
+
+    def same(x):
+        return x
+
+    def to_compute(x):
+        return np_c(x)
+
+    def to_f32(x):
+        return np.float32(x)
+
+    def p_same(x, i, salt, key):
+        return x
+
+    def p_f32(x, i, salt, key):
+        return np.float32(x)
+
+    def p_bf16(x, i, salt, key):
+        return bf16_store(x)
+
+    def p_bf16_sr(x, i, salt, key):
+        return bf16_store_sr(x, sr_bits_(i, salt, key))
+
+    def p_f16(x, i, salt, key):
+        return f16_store(x)
+
+    w = {
+        f.__name__: dev(f)
+        for f in (same, to_compute, to_f32, p_same, p_f32, p_bf16, p_bf16_sr, p_f16)
+    }
+    return {
+        "load": {
+            compute: w["same"],
+            "float32": w["to_compute"] if compute == "float64" else w["same"],
+            "bfloat16": leaf["bf16_load"],
+            "float16": leaf["f16_load"],
+        },
+        "store": {
+            compute: w["same"],
+            "float32": w["to_f32"] if compute == "float64" else w["same"],
+            "bfloat16": leaf["bf16_store"],
+            "float16": leaf["f16_store"],
+        },
+        "param": {
+            compute: w["p_same"],
+            "float32": w["p_f32"] if compute == "float64" else w["p_same"],
+            "bfloat16": w["p_bf16"],
+            "bfloat16-sr": w["p_bf16_sr"],
+            "float16": w["p_f16"],
+        },
+    }
 
 
 # -- the plan of one launch ------------------------------------------------------------------------

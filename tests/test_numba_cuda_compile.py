@@ -143,3 +143,48 @@ def test_every_rule_and_flag_has_a_variant():
         count = sum(r == rule for r, _, _ in VARIANTS)
         # every flag combination, less SGD's nesterov-without-momentum (4 of 16)
         assert count == 2**nflags - (4 if rule == "sgd" else 0)
+
+
+#: storage plans of the mixed-precision kernels (kernels.storage.IO keyword arguments)
+MIXED_PLANS = {
+    "bf16": dict(param="bfloat16", grad="bfloat16", state="bfloat16"),
+    "f16": dict(param="float16", grad="float16", state="float16"),
+    "bf16-master-capturable": dict(
+        param="bfloat16",
+        grad="float32",
+        state="float32",
+        master=True,
+        scale="device",
+        found_inf=True,
+        kbuf=True,
+    ),
+    "bf16-sr-scaled": dict(
+        param="bfloat16", grad="bfloat16", state="float32", sr=True, scale="host", write_grad=True
+    ),
+    "f32-bf16-state": dict(param="float32", grad="float32", state="bfloat16"),
+    "f64-f32": dict(param="float64", grad="float32", state="float32"),
+}
+
+
+@pytest.mark.parametrize("plan", list(MIXED_PLANS))
+@pytest.mark.parametrize("rule", list(RULES))
+def test_mixed_kernels_compile_without_float64(rule, plan):
+    """The kernels generated per storage plan compile for sm_90; where the math is float32
+    (16-bit and float32 storage) no float64 instruction appears, and each trip loads param,
+    grad and every present slot (and the master) once."""
+    from fastopt.kernels.storage import IO
+
+    cuda, ncb, _ = _TC
+    io = IO(**MIXED_PLANS[plan])
+    flags = dict.fromkeys(RULES[rule].flags, False)
+    writes = RULES[rule].slots_used(flags)
+    ptx, _ = cuda.compile_ptx(
+        ncb.python_kernel(rule, flags, writes, io), ncb.mixed_signature(rule, writes, io), cc=(9, 0)
+    )
+    body = _instructions(ptx)
+    f64 = [ln.strip() for ln in body if re.search(r"\.f64\b", ln)]
+    if io.compute == "float32":
+        assert not f64, f"float64 instructions in a float32-math kernel: {f64[:5]}"
+    else:
+        assert f64
+    assert any(re.search(r"\bst\.global\.", ln) for ln in body)
