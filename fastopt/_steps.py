@@ -16,7 +16,7 @@ from dataclasses import replace
 
 import numpy as np
 
-from . import backends, precision
+from . import _capture, backends, precision
 from ._arrays import array_module, as_xp_array, as_xp_dicts, on_device, to_numpy
 from ._validate import (
     SUPPORTED_DTYPES,
@@ -35,7 +35,7 @@ from ._validate import (
     dtype_of,
     is_array,
 )
-from .functional import Launch, found, loss_scale
+from .functional import Launch, device_flag, found, loss_scale
 from .kernels import RULES
 
 __all__ = ["StepMachinery"]
@@ -76,14 +76,17 @@ class _Entry:
         "tdtype",
     )
 
-    def io_for(self, ls):
+    def io_for(self, ls, kbuf=False):
         """This parameter's storage plan with the loss-scale extras of a step (None: plain,
-        every array in the compute dtype and nothing extra)."""
-        key = (ls.scale, ls.write_grad, ls.found_dev is not None)
+        every array in the compute dtype and nothing extra); ``kbuf``: a capturable step (the
+        scalars in device memory)."""
+        key = (ls.scale, ls.write_grad, ls.found_dev is not None, kbuf)
         try:
             return self.ios[key]
         except KeyError:
-            io = replace(self.io, scale=ls.scale, write_grad=ls.write_grad, found_inf=key[2])
+            io = replace(
+                self.io, scale=ls.scale, write_grad=ls.write_grad, found_inf=key[2], kbuf=kbuf
+            )
             io = self.ios[key] = None if io.plain else io
             return io
 
@@ -239,7 +242,9 @@ class StepMachinery:
         return todo
 
     def _loss_scale(self, grad_scale, found_inf, unscale_grads):
-        """The loss-scale keywords of a call, checked before anything runs."""
+        """The loss-scale keywords of a call, checked before anything runs. A device
+        ``found_inf`` of a capturable optimizer is read in the kernels (no synchronisation);
+        otherwise it is read here."""
         if grad_scale is None and found_inf is None and unscale_grads is False:
             return NO_LOSS
         if not isinstance(unscale_grads, (bool, np.bool_)):
@@ -247,23 +252,56 @@ class StepMachinery:
         scale, inv_scale, scale_dev = loss_scale(grad_scale)
         if unscale_grads and scale is None:
             raise ValueError("unscale_grads=True needs a grad_scale (there is nothing to unscale)")
-        return _Loss(scale, inv_scale, scale_dev, found(found_inf), None, bool(unscale_grads))
+        found_dev = device_flag(found_inf) if self.capturable else None
+        skip = False if found_dev is not None else found(found_inf)
+        return _Loss(scale, inv_scale, scale_dev, skip, found_dev, bool(unscale_grads))
 
-    def _launch(self, be, hp, ls):
-        """The ``Launch`` of this step (the step count already advanced)."""
+    def _launch(self, be, hp, ls, like):
+        """The ``Launch`` of this step, and whether its scalars live on the device (a
+        capturable step on a GPU backend: the scalar kernel has been launched). The step count
+        advances here (on the host, or on the device)."""
         if ls.scale_dev is not None and getattr(be, "DEVICE", "cpu") == "cpu":
             raise TypeError(
                 f"grad_scale is a device array but backend {be.NAME!r} runs on the CPU; pass a "
                 "number or a host array"
             )
-        return Launch(
-            be,
-            self._rule,
-            self.step_count,
-            self._rule_hp(hp),
-            inv_scale=ls.inv_scale,
-            scale=ls.scale_dev,
-            seed=self.seed,
+        rhp = self._rule_hp(hp)
+        if self.capturable and _capture.supports(be):
+            ds = self.__dict__.get("_dev")
+            if ds is None:
+                ds = self._dev = _capture.DeviceScalars(
+                    be, self._rule, rhp, self._step_count, None, self.seed, like
+                )
+            ds.upload(rhp)
+            ds.advance(like, ls.found_dev)
+            self._step_count += 1  # the steps issued (the device holds the steps taken)
+            spec = RULES[self._rule]
+            hs = spec.initial_host_state(rhp) if spec.host_state else None
+            launch = Launch(
+                be,
+                self._rule,
+                self._step_count,
+                rhp,
+                hs,
+                inv_scale=ls.inv_scale,
+                scale=ls.scale_dev,
+                seed=self.seed,
+                device=ds,
+                found_inf=ls.found_dev,
+            )
+            return launch, True
+        self.step_count += 1
+        return (
+            Launch(
+                be,
+                self._rule,
+                self.step_count,
+                rhp,
+                inv_scale=ls.inv_scale,
+                scale=ls.scale_dev,
+                seed=self.seed,
+            ),
+            False,
         )
 
     def _apply_dict(self, todo, hp=None, ls=NO_LOSS):
@@ -275,12 +313,11 @@ class StepMachinery:
                     return self._nonfinite_found(e.name, g)
         if ls.skip:
             return False
-        self.step_count += 1
         c = self._dict_cache
-        launch = self._launch(c.be, hp, ls)
+        launch, kbuf = self._launch(c.be, hp, ls, todo[0][0].pflat)
         writes = c.writes
         for e, g in todo:
-            io = e.io_for(ls)
+            io = e.io_for(ls, kbuf)
             if io is None:
                 launch.runner(e.dtype, writes)(e.pflat, g, e.sflat)
             else:
@@ -464,10 +501,9 @@ class StepMachinery:
             return False
         if ls.skip:
             return False
-        self.step_count += 1
-        launch = self._launch(c.be, hp, ls)
+        launch, kbuf = self._launch(c.be, hp, ls, c.datas[0])
         for d, gr, states, m, e in zip(c.datas, c.grads, c.states, c.masters, c.entries):
-            io = e.io_for(ls)
+            io = e.io_for(ls, kbuf)
             if io is None:
                 launch.runner(d.dtype, c.writes)(d, gr, states)
             else:

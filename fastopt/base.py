@@ -198,6 +198,30 @@ class Optimizer(StepMachinery, StateMachinery):
             "capturable": bool(capturable),
         }
 
+    def _upload_hyper(self):
+        """A capturable optimizer's new hyperparameter value, written into device memory at
+        once (on the current stream), so the replays of a captured step see it; an invalid
+        value is left for the next step to refuse."""
+        try:
+            hp = self._check_hyper({h: getattr(self, h) for h in self._hyper + self._flags})
+        except (TypeError, ValueError):
+            return
+        self._dev.upload(self._rule_hp(hp))
+
+    @property
+    def step_count(self) -> int:
+        """Steps taken. A capturable optimizer on a GPU keeps the count on the device (a step
+        skipped there by ``found_inf`` does not count): reading it synchronises once."""
+        ds = self.__dict__.get("_dev")
+        return self._step_count if ds is None else ds.step()
+
+    @step_count.setter
+    def step_count(self, value):
+        object.__setattr__(self, "_step_count", value)
+        ds = self.__dict__.get("_dev")
+        if ds is not None:
+            ds.set_step(value)
+
     @property
     def state_dtype(self):
         """The state dtype policy: None (the param dtype; float32 with a master copy),
@@ -322,6 +346,8 @@ class Optimizer(StepMachinery, StateMachinery):
                 self._refuse_slot_change(name, value)
             object.__setattr__(self, name, value)
             object.__setattr__(self, "_hyper_ok", False)  # validated before the next step
+            if self.__dict__.get("_dev") is not None:
+                self._upload_hyper()
             return
         if (name in cls._flags or name in cls._pinned) and self.__dict__.get("_frozen"):
             current = getattr(self, name)
@@ -405,6 +431,8 @@ class Optimizer(StepMachinery, StateMachinery):
         d = dict(self.__dict__)
         del d["_lock"]
         d["_dict_cache"] = d["_flat_cache"] = None
+        if d.pop("_dev", None) is not None:  # device-held count: pickled as the host value
+            d["_step_count"] = self.step_count
         return d
 
     def __setstate__(self, d):

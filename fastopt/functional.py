@@ -73,7 +73,9 @@ class Launch:
     __slots__ = (
         "_runners",
         "be",
+        "device",
         "flags",
+        "found_inf",
         "hp",
         "hs",
         "inv_scale",
@@ -84,7 +86,20 @@ class Launch:
         "step",
     )
 
-    def __init__(self, be, rule, step, hp, hs=None, *, inv_scale=None, scale=None, seed=0):
+    def __init__(
+        self,
+        be,
+        rule,
+        step,
+        hp,
+        hs=None,
+        *,
+        inv_scale=None,
+        scale=None,
+        seed=0,
+        device=None,
+        found_inf=None,
+    ):
         spec = RULES[rule]
         if hs is None and spec.host_state:
             hs = spec.replay_host_state(hp, step)
@@ -92,6 +107,8 @@ class Launch:
         self.flags, self.k = spec.plan(hp, step, hs)
         self.inv_scale, self.scale = inv_scale, scale
         self.key = storage.step_key(int(seed), step)
+        # a capturable step: the scalars in device memory (fastopt._capture.DeviceScalars)
+        self.device, self.found_inf = device, found_inf
         self._runners = {}
 
     def runner(self, dtype, writes, io=None):
@@ -152,6 +169,8 @@ class Launch:
                 )
         else:
             extras = {"inv_scale": self.inv_scale, "key": self.key, "scale": self.scale}
+            if self.device is not None and io is not None and io.kbuf:
+                extras.update(self.device.extras(io.compute, self.found_inf))
 
             def run(param, grad, states, master=None, salt=0):
                 if io is None:
@@ -221,6 +240,17 @@ def loss_scale(grad_scale, what="grad_scale"):
     if not np.isfinite(v) or v <= 0:
         raise ValueError(f"invalid {what}: {v!r}; expected a finite number > 0")
     return "host", 1.0 / v, None
+
+
+def device_flag(found_inf):
+    """A ``found_inf=`` given as a 1-element float32 device array, as that array (read in the
+    kernels of a capturable step); None for anything else."""
+    if found_inf is None or isinstance(found_inf, (bool, int, float, np.number)):
+        return None
+    a = _array(found_inf)
+    if is_array(a) and where(a) == "device" and a.size == 1 and dtype_of(a) == np.float32:
+        return a.reshape(1)
+    return None
 
 
 def found(found_inf):

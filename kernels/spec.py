@@ -29,7 +29,7 @@ import itertools
 import math
 from dataclasses import dataclass, field
 
-__all__ = ["DOMAINS", "Hyper", "Rule", "Slot", "check_value"]
+__all__ = ["DOMAINS", "Hyper", "Rule", "Slot", "check_value", "maximum", "sqrt", "where"]
 
 #: hyperparameter domains: name -> (description, predicate on a normalised value)
 DOMAINS = {
@@ -46,6 +46,31 @@ DOMAINS = {
     "bool": ("True or False", None),
 }
 _PAIRS = ("betas", "etas", "range")
+
+
+# -- the math ``scalars_of`` and ``advance`` may use --------------------------------------------
+#
+# Plain Python on numbers. Capturable steps compute the host scalars on the device from the step
+# count and hyperparameters held there: ``kernels.device_scalars`` runs ``scalars_of`` once on
+# symbols to record its arithmetic, so a branch on the step or a hyperparameter must be written
+# with ``where`` (Python's ``if`` cannot be recorded) and a root with ``sqrt``.
+
+
+def sqrt(x):
+    """``math.sqrt`` (correctly rounded), recordable."""
+    f = getattr(x, "__fastopt_sqrt__", None)
+    return f() if f is not None else math.sqrt(x)
+
+
+def where(cond, a, b):
+    """``a if cond else b``, recordable."""
+    f = getattr(cond, "__fastopt_where__", None)
+    return f(a, b) if f is not None else (a if cond else b)
+
+
+def maximum(a, b):
+    """``max(a, b)``, recordable."""
+    return where(a >= b, a, b)
 
 
 def check_value(name, value, domain):

@@ -188,6 +188,31 @@ def _stream_for(ptr):
 
 
 _mixed = {}
+_scalar = {}
+
+
+def scalar_kernel(program):
+    """The one-thread kernel computing a capturable step's scalars on the device
+    (``kernels.device_scalars.c_source``), as ``run(like, ctl, k32, k64, keyp, fi, seed)``
+    launched on ``like``'s producer stream."""
+    from ..kernels import device_scalars
+
+    src = device_scalars.c_source(program)
+    kern = _scalar.get(src)
+    if kern is None:
+        kern = _scalar[src] = cupy.RawKernel(src, "fastopt_scalars")
+
+    def run(like, ctl, k32, k64, keyp, fi, seed):
+        stream = _stream_for(_launch.producer_stream(like))
+        args = (ctl, k32, k64, keyp, _as_cupy(fi, "found_inf"), np.uint32(seed))
+        with ctl.device:
+            if stream is not None:
+                with stream:
+                    kern((1,), (1,), args)
+            else:
+                kern((1,), (1,), args)
+
+    return run
 
 
 def mixed_kernel(rule, flags, io, vector):

@@ -324,6 +324,35 @@ def mixed_signature(rule, writes, io):
     return sig
 
 
+_scalar = {}
+
+
+def scalar_kernel(program):
+    """The one-thread kernel computing a capturable step's scalars on the device
+    (``kernels.device_scalars.python_source``), as ``run(like, ctl, k32, k64, keyp, fi,
+    seed)`` launched on ``like``'s producer stream (plain Python under the simulator)."""
+    import math
+
+    from ..kernels import device_scalars
+
+    src = device_scalars.python_source(program)
+    fn = _scalar.get(src)
+    if fn is None:
+        ns = {"__name__": __name__, "cuda": cuda, "math": math}
+        exec(compile(src, __file__, "exec"), ns)
+        mix = cuda.jit(device=True, inline="always")(storage.mix32)
+        fn = _scalar[src] = cuda.jit(ns["factory"](mix))
+
+    def run(like, ctl, k32, k64, keyp, fi, seed):
+        if SIMULATOR and isinstance(like, np.ndarray):
+            fn[1, 1](ctl, k32, k64, keyp, fi, np.uint32(seed))
+            return
+        views = [_device_view(a, "device scalars") for a in (ctl, k32, k64, keyp, fi)]
+        fn[1, 1, _stream(_stream_ptr(like))](*views, np.uint32(seed))
+
+    return run
+
+
 def kernel(rule, flags, writes, io=None):
     """The cached ``cuda.jit`` kernel of one variant (compiled lazily per argument types)."""
     if io is not None and io.plain:

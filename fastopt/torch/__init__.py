@@ -37,6 +37,7 @@ import torch
 
 from .. import optimizers as _optimizers
 from ..backends import get_backend
+from ..base import PRECISION_DEFAULTS
 from ..functional import Launch
 from ..kernels import RULES
 
@@ -313,12 +314,14 @@ def _array(t):
 def _make(cls):
     """The torch.optim face of the fastopt class ``cls``: torch's signature, its defaults."""
     sig = inspect.signature(cls.__init__)
-    own = [p for name, p in sig.parameters.items() if name not in ("self", "backend", "nonfinite")]
+    # the core's own keywords (backend, non-finite policy, mixed precision) are not torch's
+    skip = ("self", "backend", "nonfinite", *PRECISION_DEFAULTS)
+    own = [p for name, p in sig.parameters.items() if name not in skip]
     torch_defaults = _torch_defaults(cls)
     extra = [
         inspect.Parameter(k, inspect.Parameter.KEYWORD_ONLY, default=v)
         for k, v in torch_defaults.items()
-        if k in _TORCH_IMPL and k not in sig.parameters
+        if k in _TORCH_IMPL and k not in {p.name for p in own}
     ]
     params = (
         [inspect.Parameter("self", inspect.Parameter.POSITIONAL_OR_KEYWORD)]
