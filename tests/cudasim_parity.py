@@ -387,3 +387,37 @@ def test_capturable_form_reads_scalars_scale_and_found_inf_from_device_memory():
     for s in st0:
         assert np.array_equal(st0[s], st1[s])
     assert np.array_equal(b2.view(np.uint16), p2.view(np.uint16))
+
+
+@pytest.mark.parametrize(
+    "name,kw",
+    [("Adam", dict(lr=0.05, weight_decay=0.1)), ("SGD", dict(lr=0.05, momentum=0.9))],
+)
+def test_capturable_optimizer_steps_like_the_host_path(name, kw):
+    """capturable=True on numba-cuda: the step count and scalars live in (simulated) device
+    memory, the scalar kernel computes them, an lr set between steps is written there; the
+    results are the host path's, bit for bit (bfloat16 params, stochastic rounding, loss
+    scale)."""
+    import ml_dtypes
+
+    res = {}
+    for cap in (False, True):
+        r = np.random.default_rng(1)
+        p = {
+            "w": r.standard_normal(100).astype(ml_dtypes.bfloat16),
+            "v": r.standard_normal(50).astype(np.float32),
+        }
+        opt = CLASSES[name](
+            **kw, capturable=cap, backend="numba-cuda", stochastic_rounding=True, seed=3
+        )
+        for t in range(4):
+            g = {k: r.standard_normal(v.shape).astype(v.dtype) for k, v in p.items()}
+            assert opt.update(p, g, grad_scale=2.0)
+            if t == 1:
+                opt.lr = kw["lr"] * 0.5
+        assert (opt.__dict__.get("_dev") is not None) is cap
+        res[cap] = (p, opt.step_count, opt.state_dict())
+    assert res[True][1] == res[False][1] == 4
+    for k in res[False][0]:
+        assert np.array_equal(res[True][0][k].view(np.uint8), res[False][0][k].view(np.uint8))
+    assert res[True][2]["step"] == 4

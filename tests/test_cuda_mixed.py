@@ -382,3 +382,68 @@ def test_mixed_kernels_compile_without_float64_and_with_16_byte_loads(harness):
             assert bad, f"{name}: a float64 kernel without float64 instructions?"
         loads = len(re.findall(r"\bld\.global(\.nc)?\.v4\.(u32|b32|f32)", text))
         assert (loads > 0) == vector, f"{name}: {loads} 16-byte loads (vector={vector})"
+
+
+# -- the scalar kernel of capturable steps (kernels.device_scalars.c_source) ----------------------
+
+
+def test_scalar_kernel_in_c_computes_the_host_scalars(tmp_path):
+    """Every rule's recorded program as CUDA C, compiled by g++ and run step after step: the
+    scalars it writes (float64 and float32) are the host's, the step key is the host's, and a
+    found-inf flag leaves the count where it was."""
+    import math
+
+    from fastopt.kernels import device_scalars
+
+    rng = np.random.default_rng(0)
+    cases = []
+    for rule, spec in RULES.items():
+        hp = dict(_hp(rule, True))
+        for h in spec.hyper:
+            if h.name == "lr":
+                hp["lr"] = float(rng.uniform(1e-3, 0.1))
+        cases.append((rule, spec.validate(hp)))
+    code = []
+    for i, (rule, hp) in enumerate(cases):
+        src = device_scalars.c_source(device_scalars.trace(rule, hp), name=f"scalars_{i}")
+        code.append(
+            f"namespace s{i} {{\n{src}\n"
+            f'extern "C" void run_s{i}(double *c, float *k32, double *k64, unsigned int *kp, '
+            "const float *fi, unsigned int seed) {\n"
+            "    gridDim.x = 1; blockDim.x = 1; blockIdx.x = 0; threadIdx.x = 0;\n"
+            f"    scalars_{i}(c, k32, k64, kp, fi, seed);\n}}\n}}"
+        )
+    out = tmp_path
+    (out / "variants.inc").write_text("\n")
+    (out / "scalars.inc").write_text("\n\n".join(code) + "\n")
+    so = out / "scalars.so"
+    cmd = [GXX, "-std=c++17", "-O1", "-shared", "-fPIC", "-ffp-contract=off", "-Wall", "-Werror"]
+    cmd += ["-Wno-unused-variable", "-DFASTOPT_T=float", '-DFASTOPT_RAW="scalars.inc"']
+    cmd += [f"-I{out}", str(HARNESS), "-o", str(so)]
+    res = subprocess.run(cmd, capture_output=True, text=True, check=False)
+    assert res.returncode == 0, f"g++ failed:\n{res.stderr[:4000]}"
+    lib = ctypes.CDLL(str(so))
+    for i, (rule, hp) in enumerate(cases):
+        spec = RULES[rule]
+        fn = getattr(lib, f"run_s{i}")
+        ctl = np.array(device_scalars.ctl_values(rule, hp, 0), np.float64)
+        m = len(spec.scalars)
+        k32, k64, kp = np.zeros(m, np.float32), np.zeros(m), np.zeros(1, np.uint32)
+        hs = spec.initial_host_state(hp) if spec.host_state else None
+        for t, fi in [(t, 0.0) for t in range(1, 25)] + [(24, 1.0)]:
+            flag = np.array([fi], np.float32)
+            fn(
+                *(ctypes.c_void_p(a.ctypes.data) for a in (ctl, k32, k64, kp, flag)),
+                ctypes.c_uint(9),
+            )
+            if fi:
+                assert ctl[0] == 24, f"{rule}: a skipped step counted"
+                continue
+            _, k = spec.plan(hp, t, hs)
+            # glibc's pow/sqrt: the same functions as Python's, so the same bits
+            assert np.array_equal(k64, np.array(k)), (rule, t, k64, k)
+            assert np.array_equal(k32, np.array(k, np.float32)), (rule, t)
+            assert kp[0] == storage.step_key(9, t) and ctl[0] == t
+            if spec.host_state:
+                hs = spec.advance(hp, t, hs)
+        assert math.isfinite(float(k64.sum()))
