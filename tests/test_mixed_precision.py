@@ -358,3 +358,28 @@ def test_mixed_precision_refusals():
     with pytest.raises(TypeError, match="float16"):  # a bf16 param's grad: bf16 or float32
         F.sgd(bf.copy(), np.ones(8, np.float16), step=1)
     assert (m == 0).all() and (v == 0).all()
+
+
+def test_fastopt_runs_without_ml_dtypes():
+    """ml_dtypes is optional: without it fastopt imports, steps float16, and refuses bfloat16
+    with the fix in the message."""
+    import subprocess
+    import sys
+
+    code = """
+import sys
+sys.modules["ml_dtypes"] = None  # as if not installed
+import numpy as np
+import fastopt
+p = {"w": np.ones(8, np.float16)}
+assert fastopt.Adam(lr=0.5).update(p, {"w": np.ones(8, np.float16)})
+assert (p["w"] < 1).all()
+try:
+    fastopt.precision.bfloat16()
+except ImportError as exc:
+    assert "pip install ml_dtypes" in str(exc)
+else:
+    raise AssertionError("bfloat16 without ml_dtypes")
+"""
+    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=False)
+    assert res.returncode == 0, res.stderr[-3000:]

@@ -244,6 +244,17 @@ def _precision_plan(args, plan):
     if args.precisions == ["none"]:
         return []
     precisions = [p for p in (args.precisions or DEFAULT_PRECISIONS) if p != "none"]
+    if importlib.util.find_spec("ml_dtypes") is None:  # bfloat16 arrays need it
+        skipped = [p for p in precisions if "bfloat16" in p]
+        if skipped and args.precisions:
+            print(
+                f"fastopt bench: {', '.join(skipped)} skipped: bfloat16 needs ml_dtypes "
+                "(pip install 'fastopt[bf16]')",
+                file=sys.stderr,
+            )
+        precisions = [p for p in precisions if "bfloat16" not in p]
+        if precisions == ["float32"]:
+            return []
     chosen = args.optimizers or CASE_NAMES
     names = args.precision_optimizers or [c for c in PRECISION_OPTIMIZERS if c in chosen]
     sizes = args.sizes or (QUICK["cpu"] if args.quick else GRID["cpu"][0])
