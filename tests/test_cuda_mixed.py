@@ -353,7 +353,7 @@ def _nvrtc(source, arch):
 
 
 def test_mixed_kernels_compile_without_float64_and_with_16_byte_loads(harness):
-    """Every kernel of the harness matrix, vector and scalar forms, compiled for sm_90: the
+    """Every kernel of the harness matrix (vector forms; scalar forms of a few), for sm_90: the
     float32-math ones (float16, bfloat16, float32 storage) hold no float64 instruction (the
     float64 ones do: the check sees them), the vector forms load 16 bytes at a time."""
     import re
@@ -362,7 +362,8 @@ def test_mixed_kernels_compile_without_float64_and_with_16_byte_loads(harness):
     _, index = harness
     parts, names = [], {}
     for (rule, flags, io), i in index.items():
-        for vector in (True, False):
+        # the vector form holds the scalar tail too; the scalar-only form of a few suffices
+        for vector in (True, False) if i < 6 else (True,):
             name = f"fastopt_{rule}__m{i}_{'v' if vector else 's'}"
             names[name] = (rule, dict(flags), io, vector)
             src = cuda_source.mixed_source(rule, dict(flags), io, vector=vector, name=name)
