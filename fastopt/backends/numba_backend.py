@@ -155,7 +155,8 @@ else:
                     return _ir.Constant(_I32, v)
 
                 u = builder.bitcast(args[0], _I32)
-                nan = builder.icmp_unsigned(">", builder.and_(u, c(0x7FFFFFFF)), c(0x7F800000))
+                # NaN tested on the float (one compare), the same set as the bits' test
+                nan = builder.fcmp_unordered("uno", args[0], args[0])
                 hi = builder.lshr(u, c(16))
                 up = builder.add(builder.add(u, c(0x7FFF)), builder.and_(hi, c(1)))
                 r = builder.select(nan, builder.or_(hi, c(0x40)), builder.lshr(up, c(16)))

@@ -131,3 +131,23 @@ def test_whole_step_captured_in_a_cuda_graph(backend):
         hopt.lr = 5e-4 if t >= 4 else 1e-3
         hopt.update(ref, {"w": cupy.asarray(g)}, grad_scale=1024.0, found_inf=float(flags[t]))
     assert _ulps16(to_host(ref["w"]), to_host(twin["w"])).max() <= 1
+
+
+@pytest.mark.parametrize("backend", gpu_backend_params())
+def test_device_grad_scale_and_found_inf_without_capturable(backend):
+    """Device scalars on a non-capturable optimizer: the scale is read in the kernel, the flag
+    once on the host (the step count lives there); the result is the host values' one."""
+    import cupy
+
+    rng = np.random.default_rng(2)
+    p0 = rng.standard_normal(4099).astype(np.float32)
+    g = (rng.standard_normal(4099) * 256).astype(np.float32)
+    a, b = {"w": to_device(p0)}, {"w": to_device(p0)}
+    oa, ob = fastopt.Adam(lr=0.01, backend=backend), fastopt.Adam(lr=0.01, backend=backend)
+    scale, flag = cupy.full(1, 256.0, cupy.float32), cupy.zeros(1, cupy.float32)
+    assert oa.update(a, {"w": to_device(g)}, grad_scale=scale, found_inf=flag)
+    assert ob.update(b, {"w": to_device(g)}, grad_scale=256.0, found_inf=0.0)
+    flag.fill(1)
+    assert not oa.update(a, {"w": to_device(g)}, grad_scale=scale, found_inf=flag)
+    assert oa.step_count == ob.step_count == 1
+    np.testing.assert_array_equal(to_host(a["w"]), to_host(b["w"]))
