@@ -256,6 +256,11 @@ class StepMachinery:
         skip = False if found_dev is not None else found(found_inf)
         return _Loss(scale, inv_scale, scale_dev, skip, found_dev, bool(unscale_grads))
 
+    def _device_flag_set(self, be, ls):
+        """A device found-inf flag that no kernel will read (the backend keeps no scalars on
+        the device): read here, on the host."""
+        return ls.found_dev is not None and not _capture.supports(be) and found(ls.found_dev)
+
     def _launch(self, be, hp, ls, like):
         """The ``Launch`` of this step, and whether its scalars live on the device (a
         capturable step on a GPU backend: the scalar kernel has been launched). The step count
@@ -311,9 +316,9 @@ class StepMachinery:
             for e, g in todo:
                 if not all_finite(g):
                     return self._nonfinite_found(e.name, g)
-        if ls.skip:
-            return False
         c = self._dict_cache
+        if ls.skip or self._device_flag_set(c.be, ls):
+            return False
         launch, kbuf = self._launch(c.be, hp, ls, todo[0][0].pflat)
         writes = c.writes
         for e, g in todo:
@@ -499,7 +504,7 @@ class StepMachinery:
         hp = self._step_hp()
         if not self._finite_flat(buf):
             return False
-        if ls.skip:
+        if ls.skip or self._device_flag_set(c.be, ls):
             return False
         launch, kbuf = self._launch(c.be, hp, ls, c.datas[0])
         for d, gr, states, m, e in zip(c.datas, c.grads, c.states, c.masters, c.entries):

@@ -436,6 +436,9 @@ class Optimizer(StepMachinery, StateMachinery):
         return d
 
     def __setstate__(self, d):
+        if "step_count" in d:  # pickled before the count became a property
+            d["_step_count"] = d.pop("step_count")
+        d.setdefault("_prec", dict(PRECISION_DEFAULTS))
         self.__dict__.update(d)
         self.__dict__["_lock"] = threading.Lock()
 
