@@ -930,15 +930,15 @@ def test_update_cost_is_linear_in_the_number_of_arrays():
         opt = fastopt.Adam(backend="numba")
         opt.update(params, grads)
         best = float("inf")
-        for _ in range(5):
+        for _ in range(11):  # the best of many: other work on shared cores only adds time
             t0 = time.perf_counter()
             opt.update(params, grads)
             best = min(best, time.perf_counter() - t0)
         return best
 
     small, large = per_step(200), per_step(2000)
-    # O(k): ~10x; the former O(k^2) revalidation was ~100x
-    assert large / small < 25, f"200 arrays: {small * 1e3:.2f} ms, 2000: {large * 1e3:.2f} ms"
+    # O(k): ~10x; the former O(k^2) revalidation was ~100x (the bound leaves room for noise)
+    assert large / small < 40, f"200 arrays: {small * 1e3:.2f} ms, 2000: {large * 1e3:.2f} ms"
 
 
 @pytest.mark.parametrize("cls, kw", FULL, ids=FULL_IDS)
