@@ -69,7 +69,7 @@ def _is_torch(a):
 
 
 #: the torch dtypes fastopt can view; any other tensor is refused before DLPack is tried
-_TORCH_FLOATS = ("torch.float32", "torch.float64")
+_TORCH_FLOATS = ("torch.float32", "torch.float64", "torch.float16", "torch.bfloat16")
 
 
 def as_xp_array(a, label=None):
@@ -77,8 +77,10 @@ def as_xp_array(a, label=None):
 
     NumPy and CuPy arrays come back as they are. A PyTorch tensor is detached first (a view of
     the same memory without autograd: a parameter that requires grad is updated in place
-    under no-grad semantics, as ``torch.optim`` does); one of another dtype than float32 or
-    float64 is refused with a ``TypeError`` naming ``label`` (e.g. ``"parameter 'w'"``). Other
+    under no-grad semantics, as ``torch.optim`` does); one of another dtype than float16,
+    bfloat16, float32 or float64 is refused with a ``TypeError`` naming ``label`` (e.g.
+    ``"parameter 'w'"``). A bfloat16 tensor becomes an ``ml_dtypes.bfloat16`` view of its
+    memory (through its int16 view: no copy). Other
     device arrays become CuPy views: through DLPack when the producer speaks it
     (stream-ordered: the producer's pending work is ordered before CuPy's current stream
     without a host sync), else through ``__cuda_array_interface__``. Host DLPack producers
@@ -94,10 +96,12 @@ def as_xp_array(a, label=None):
         if str(a.dtype) not in _TORCH_FLOATS:
             raise TypeError(
                 f"{label or 'a tensor'} is a torch.Tensor of dtype {a.dtype} "
-                f"(shape {list(a.shape)}, device {a.device}); fastopt steps float32 "
-                "and float64 (keep a float32 master copy, or cast explicitly)"
+                f"(shape {list(a.shape)}, device {a.device}); fastopt steps float16, "
+                "bfloat16, float32 and float64 (cast explicitly)"
             )
         a = a.detach()
+        if str(a.dtype) == "torch.bfloat16":
+            return _torch_bf16(a, label)
         if a.device.type == "cpu":
             return a.numpy()  # a view of the tensor's memory (the fast path to DLPack's view)
     try:
@@ -108,6 +112,22 @@ def as_xp_array(a, label=None):
             f"{getattr(a, 'dtype', '?')}) cannot be viewed in place as a NumPy or "
             f"CuPy array: {exc}"
         ) from exc
+
+
+def _torch_bf16(a, label):
+    """A bfloat16 tensor as a NumPy (host) or CuPy (device) array of ``ml_dtypes.bfloat16``
+    sharing its memory: its int16 view, viewed again as bfloat16 (neither NumPy nor every
+    DLPack consumer knows torch's bfloat16)."""
+    from .precision import bfloat16
+
+    try:
+        bf16 = bfloat16()
+    except ImportError as exc:
+        raise TypeError(f"{label or 'a tensor'} is a bfloat16 tensor: {exc}") from None
+    bits = a.view(sys.modules["torch"].int16)
+    if a.device.type == "cpu":
+        return bits.numpy().view(bf16)
+    return _view(bits).view(bf16)
 
 
 def _view(a):

@@ -15,6 +15,7 @@ dict whose parameters disagree is refused).
 
 import numpy as np
 
+from . import precision
 from ._arrays import array_module, to_numpy
 from ._validate import (
     SUPPORTED_DTYPES,
@@ -70,7 +71,6 @@ class StateMachinery:
         if not isinstance(state, dict):
             raise TypeError(f"state_dict state is a {type(state).__name__}; expected a dict")
         check_str_names(state, "state_dict parameter names")
-        want = self._state_names()
         hnames = self._spec.host_names
         host, hs, first = {}, None, None
         for name, st in state.items():
@@ -79,6 +79,11 @@ class StateMachinery:
                     f"state of parameter {name!r} is a {type(st).__name__}; "
                     "expected a dict state name -> array"
                 )
+            want = self._state_names()
+            if self._bound is not None and name in self._bound:
+                want = self._names_for(precision.kind(self._bound[name][1]))
+            elif self.master_weights and precision.MASTER in st:
+                want = want + (precision.MASTER,)  # a 16-bit param's: checked at binding
             check_names(
                 st, want + hnames, f"state buffers of parameter {name!r}", f"those {kind} keeps"
             )
@@ -119,8 +124,12 @@ class StateMachinery:
                     check_writable(name, f"state {s!r}", cur)
         else:
             for name, st in host.items():
-                kinds = {(a.shape, a.dtype) for a in st.values()}
-                if len(kinds) > 1:
+                kinds = {(a.shape, a.dtype) for s, a in st.items() if s != precision.MASTER}
+                kinds |= {(a.shape, None) for s, a in st.items() if s == precision.MASTER}
+                if (
+                    len({shape for shape, _ in kinds}) > 1
+                    or len({d for _, d in kinds} - {None}) > 1
+                ):
                     got = sorted((s, a.dtype.name, a.shape) for s, a in st.items())
                     raise ValueError(
                         f"state buffers of parameter {name!r} differ in shape or dtype: {got}"
@@ -134,6 +143,9 @@ class StateMachinery:
                     cur = self._state[name][s]
                     cur[...] = array_module(cur).asarray(a)
             self._host = hs if hs is not None else self._host
+            ds = self.__dict__.get("_dev")
+            if ds is not None and hs:  # a capturable optimizer's host state lives on the device
+                ds.set_host_state(hs)
         else:
             self._pending = host if host else None
             self._pending_host = hs
@@ -146,11 +158,15 @@ class StateMachinery:
         xp = array_module(like)
         out = {}
         pending = (self._pending or {}).get(name)
-        for s in self._state_names():
+        pk = precision.kind(dtype_of(like))
+        sdt = precision.storage_dtype(self._state_kind(pk))
+        for s in self._names_for(pk):
             if pending is not None:
                 out[s] = xp.asarray(pending[s]).reshape(like.shape).copy()
+            elif s == precision.MASTER:
+                out[s] = like.astype(np.float32)  # the fp32 copy: exact
             else:
-                out[s] = xp.full(like.shape, self._state_fill(s), dtype=dtype_of(like))
+                out[s] = xp.full(like.shape, self._state_fill(s), dtype=sdt)
         return out
 
     def _bind_host(self):
@@ -173,11 +189,14 @@ class StateMachinery:
         self._bind_host()
         flat_state, state = [], {}
         for group in buf.groups:
+            xp = array_module(group.data)
+            pk = precision.kind(group.dtype)
+            sdt = precision.storage_dtype(self._state_kind(pk))
             flat = {
-                s: array_module(group.data).full(
-                    group.data.shape, self._state_fill(s), dtype=group.dtype
-                )
-                for s in self._state_names()
+                s: group.data.astype(np.float32)
+                if s == precision.MASTER
+                else xp.full(group.data.shape, self._state_fill(s), dtype=sdt)
+                for s in self._names_for(pk)
             }
             for name, (off, size, shape) in group.slots.items():
                 views = {s: a[off : off + size].reshape(shape) for s, a in flat.items()}

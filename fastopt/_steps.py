@@ -12,10 +12,11 @@ group (``FlatBuffer``). A mixin of ``fastopt.base.Optimizer``.
 import bisect
 import sys
 from collections.abc import Mapping
+from dataclasses import replace
 
 import numpy as np
 
-from . import backends
+from . import _capture, backends, precision
 from ._arrays import array_module, as_xp_array, as_xp_dicts, on_device, to_numpy
 from ._validate import (
     SUPPORTED_DTYPES,
@@ -34,7 +35,7 @@ from ._validate import (
     dtype_of,
     is_array,
 )
-from .functional import Launch
+from .functional import Launch, device_flag, found, loss_scale
 from .kernels import RULES
 
 __all__ = ["StepMachinery"]
@@ -57,11 +58,16 @@ class _Entry:
 
     __slots__ = (
         "dtype",
+        "gdtype",
+        "io",
+        "ios",
+        "mflat",
         "name",
         "nst",
         "p",
         "pflat",
         "ptr",
+        "salt",
         "sarrs",
         "sflat",
         "shape",
@@ -69,6 +75,34 @@ class _Entry:
         "st",
         "tdtype",
     )
+
+    def io_for(self, ls, kbuf=False):
+        """This parameter's storage plan with the loss-scale extras of a step (None: plain,
+        every array in the compute dtype and nothing extra); ``kbuf``: a capturable step (the
+        scalars in device memory)."""
+        key = (ls.scale, ls.write_grad, ls.found_dev is not None, kbuf)
+        try:
+            return self.ios[key]
+        except KeyError:
+            io = replace(
+                self.io, scale=ls.scale, write_grad=ls.write_grad, found_inf=key[2], kbuf=kbuf
+            )
+            io = self.ios[key] = None if io.plain else io
+            return io
+
+
+class _Loss:
+    """The loss-scale keywords of one ``update``/``step`` call, checked."""
+
+    __slots__ = ("found_dev", "inv_scale", "scale", "scale_dev", "skip", "write_grad")
+
+    def __init__(self, scale, inv_scale, scale_dev, skip, found_dev, write_grad):
+        self.scale, self.inv_scale, self.scale_dev = scale, inv_scale, scale_dev
+        self.skip, self.found_dev, self.write_grad = skip, found_dev, write_grad
+
+
+#: no loss scaling: what a call without the keywords carries
+NO_LOSS = _Loss(None, None, None, False, None, False)
 
 
 class _DictCache:
@@ -121,10 +155,13 @@ class _FlatCache:
         "buf",
         "datas",
         "dtypes",
+        "entries",
         "fast",
+        "gdtypes",
         "grads",
         "groups",
         "host",
+        "masters",
         "n",
         "shapes",
         "states",
@@ -190,7 +227,7 @@ class StepMachinery:
                 g = as_xp_array(g, f"grad of parameter {name!r}")
                 if type(g) is not np.ndarray:
                     return None
-            if g.shape != e.shape or (g.dtype is not e.dtype and g.dtype != e.dtype):
+            if g.shape != e.shape or (g.dtype is not e.gdtype and g.dtype != e.gdtype):
                 return None
             if roots is None:
                 if c.overlaps(g):
@@ -204,27 +241,100 @@ class StepMachinery:
             todo.append((e, g if g.ndim == 1 else g.reshape(-1)))
         return todo
 
-    def _apply_dict(self, todo, hp=None):
+    def _loss_scale(self, grad_scale, found_inf, unscale_grads):
+        """The loss-scale keywords of a call, checked before anything runs. A device
+        ``found_inf`` of a capturable optimizer is read in the kernels (no synchronisation);
+        otherwise it is read here."""
+        if grad_scale is None and found_inf is None and unscale_grads is False:
+            return NO_LOSS
+        if not isinstance(unscale_grads, (bool, np.bool_)):
+            raise TypeError(f"invalid unscale_grads={unscale_grads!r}; expected True or False")
+        scale, inv_scale, scale_dev = loss_scale(grad_scale)
+        if unscale_grads and scale is None:
+            raise ValueError("unscale_grads=True needs a grad_scale (there is nothing to unscale)")
+        found_dev = device_flag(found_inf) if self.capturable else None
+        skip = False if found_dev is not None else found(found_inf)
+        return _Loss(scale, inv_scale, scale_dev, skip, found_dev, bool(unscale_grads))
+
+    def _device_flag_set(self, be, ls):
+        """A device found-inf flag that no kernel will read (the backend keeps no scalars on
+        the device): read here, on the host."""
+        return ls.found_dev is not None and not _capture.supports(be) and found(ls.found_dev)
+
+    def _launch(self, be, hp, ls, like):
+        """The ``Launch`` of this step, and whether its scalars live on the device (a
+        capturable step on a GPU backend: the scalar kernel has been launched). The step count
+        advances here (on the host, or on the device)."""
+        if ls.scale_dev is not None and getattr(be, "DEVICE", "cpu") == "cpu":
+            raise TypeError(
+                f"grad_scale is a device array but backend {be.NAME!r} runs on the CPU; pass a "
+                "number or a host array"
+            )
+        rhp = self._rule_hp(hp)
+        if self.capturable and _capture.supports(be):
+            ds = self.__dict__.get("_dev")
+            if ds is None:
+                ds = self._dev = _capture.DeviceScalars(
+                    be, self._rule, rhp, self._step_count, self._host, self.seed, like
+                )
+            ds.upload(rhp)
+            ds.advance(like, ls.found_dev)
+            self._step_count += 1  # the steps issued (the device holds the steps taken)
+            launch = Launch(
+                be,
+                self._rule,
+                self._step_count,
+                rhp,
+                self._host,  # the variant only: the device holds and advances the host state
+                inv_scale=ls.inv_scale,
+                scale=ls.scale_dev,
+                seed=self.seed,
+                device=ds,
+                found_inf=ls.found_dev,
+            )
+            return launch, True
+        self.step_count += 1
+        return (
+            Launch(
+                be,
+                self._rule,
+                self.step_count,
+                rhp,
+                self._host,
+                inv_scale=ls.inv_scale,
+                scale=ls.scale_dev,
+                seed=self.seed,
+            ),
+            False,
+        )
+
+    def _apply_dict(self, todo, hp=None, ls=NO_LOSS):
         if hp is None:
             hp = self._step_hp()
         if self.nonfinite is not None:
             for e, g in todo:
                 if not all_finite(g):
                     return self._nonfinite_found(e.name, g)
-        self.step_count += 1
         c = self._dict_cache
-        hp = self._rule_hp(hp)
-        launch = Launch(c.be, self._rule, self.step_count, hp, self._host)
-        run, last, writes = None, None, c.writes
+        if ls.skip or self._device_flag_set(c.be, ls):
+            return False
+        launch, kbuf = self._launch(c.be, hp, ls, todo[0][0].pflat)
+        writes = c.writes
         for e, g in todo:
-            if e.dtype is not last:
-                run, last = launch.runner(e.dtype, writes), e.dtype
-            run(e.pflat, g, e.sflat)
-        if self._host:
-            self._host = RULES[self._rule].advance_host_state(hp, self.step_count, self._host)
+            io = e.io_for(ls, kbuf)
+            if io is None:
+                launch.runner(e.dtype, writes)(e.pflat, g, e.sflat)
+            else:
+                launch.runner(e.dtype, writes, io)(e.pflat, g, e.sflat, e.mflat, e.salt)
+        self._advance_host(launch, kbuf)
         return True
 
-    def _update_full(self, params, grads):
+    def _advance_host(self, launch, on_device):
+        """The host state after an applied step (a capturable step advances it on the device)."""
+        if self._host and not on_device:
+            self._host = RULES[self._rule].advance_host_state(launch.hp, launch.step, self._host)
+
+    def _update_full(self, params, grads, ls=NO_LOSS):
         if not isinstance(params, Mapping) or not isinstance(grads, Mapping):
             raise TypeError(
                 "update() expects two dicts name -> array (params, grads), got "
@@ -239,7 +349,10 @@ class StepMachinery:
         sources = params
         params, grads = as_xp_dicts(params, grads)
         with on_device(next(iter(params.values()))):
-            be, pairs, hp = self._validate_dict(params, grads)
+            if ls.write_grad:  # the grads are written too: checked like the params
+                be, pairs, hp = self._validate_dict(params, grads, True)
+            else:
+                be, pairs, hp = self._validate_dict(params, grads)
             if not self._finite((n, g) for n, _, g in pairs):
                 return False
             if self._layout is None:
@@ -252,21 +365,27 @@ class StepMachinery:
             for e, (_, _, g) in zip(c.entries, pairs):
                 g = array_module(g).ascontiguousarray(g)
                 todo.append((e, g.reshape(-1)))
-            return self._apply_dict(todo, hp)
+            return self._apply_dict(todo, hp, ls)
 
     def _build_dict_cache(self, pairs, sources, be):
         names, slots = self._state_names(), RULES[self._rule].STATE
         entries = []
-        for name, p, _ in pairs:
+        for name, p, g in pairs:
             e = _Entry()
             st = self._state[name]
             e.name, e.p, e.shape, e.dtype, e.src = name, p, p.shape, p.dtype, sources[name]
+            e.gdtype = g.dtype
             e.ptr = e.tdtype = None
             if e.src is not p and hasattr(e.src, "data_ptr") and type(p) is np.ndarray:
                 e.ptr, e.tdtype = e.src.data_ptr(), e.src.dtype  # a torch tensor's NumPy view
             e.pflat, e.st, e.nst = p.reshape(-1), st, len(st)
-            e.sarrs = tuple((s, st[s]) for s in names)
+            pk = precision.kind(p.dtype)
+            e.sarrs = tuple((s, st[s]) for s in self._names_for(pk))
             e.sflat = tuple(st[s].reshape(-1) if s in st else None for s in slots)
+            m = st.get(precision.MASTER) if self.master_weights else None
+            e.mflat = None if m is None else m.reshape(-1)
+            e.io = self._io_base(pk, precision.kind(g.dtype))
+            e.ios, e.salt = {}, precision.param_salt(name)
             entries.append(e)
         return _DictCache(entries, self._state, be, tuple(s in names for s in slots))
 
@@ -288,15 +407,25 @@ class StepMachinery:
                     "or load a matching state_dict"
                 )
         elif self._pending is not None:
+            pk = precision.kind(dtype)
+            check_names(
+                self._pending[name],
+                self._names_for(pk),
+                f"loaded state buffers of parameter {name!r}",
+                f"those {type(self).__name__} keeps for a {pk} parameter",
+            )
+            sk = precision.storage_dtype(self._state_kind(pk))
             for s, a in self._pending[name].items():
-                if a.shape != shape or a.dtype != dtype:
+                want = np.dtype(np.float32) if s == precision.MASTER else sk
+                if a.shape != shape or a.dtype != want:
                     raise ValueError(
                         f"loaded state {s!r} of parameter {name!r} is "
                         f"{dtype_name(a.dtype)}{list(a.shape)}, but the parameter "
-                        f"is {dtype_name(dtype)}{list(shape)}"
+                        f"is {dtype_name(dtype)}{list(shape)}, its state "
+                        f"{dtype_name(want)}{list(shape)}"
                     )
 
-    def _validate_dict(self, params, grads):
+    def _validate_dict(self, params, grads, write_grad=False):
         check_names(grads, params, "the names of grads", "the names of params")
         bound = self._layout is not None
         if bound:
@@ -322,12 +451,14 @@ class StepMachinery:
                 arrays.append((f"{role} of parameter {name!r}", a))
         be = self._backend_for(arrays, "params and grads")
         supported = tuple(getattr(be, "DTYPES", SUPPORTED_DTYPES))
-        kind, names = type(self).__name__, self._state_names()
+        kind = type(self).__name__
         pairs, entries = [], []
         for name, p in params.items():
             g = grads[name]
-            pd, ents = check_param_arrays(name, p, g, (), supported)
+            pd, ents = check_param_arrays(name, p, g, (), supported, grad_written=write_grad)
             self._check_against(name, tuple(p.shape), pd)
+            pk = precision.kind(pd)
+            sk = self._state_kind(pk)  # refuses a state dtype this param cannot keep
             if bound:
                 st = self._state[name]
                 if not isinstance(st, Mapping):
@@ -335,10 +466,11 @@ class StepMachinery:
                         f"opt.state[{name!r}] is a {type(st).__name__}; expected "
                         "a dict state name -> array"
                     )
-                check_names(
-                    st, names, f"state buffers of parameter {name!r}", f"those {kind} keeps"
+                want = self._names_for(pk)
+                check_names(st, want, f"state buffers of parameter {name!r}", f"those {kind} keeps")
+                ents += check_state_arrays(
+                    name, p, [(s, st[s]) for s in want], state_dtype=precision.storage_dtype(sk)
                 )
-                ents += check_state_arrays(name, p, [(s, st[s]) for s in names])
             pairs.append((name, p, g))
             entries += ents
         check_no_overlap(entries)
@@ -359,7 +491,7 @@ class StepMachinery:
                 or d.shape != c.shapes[i]
                 or gr.shape != c.shapes[i]
                 or d.dtype is not c.dtypes[i]
-                or gr.dtype is not c.dtypes[i]
+                or gr.dtype is not c.gdtypes[i]
             ):
                 return False
             if c.host:
@@ -373,17 +505,20 @@ class StepMachinery:
                 return False
         return True
 
-    def _apply_flat(self, buf, c):
+    def _apply_flat(self, buf, c, ls=NO_LOSS):
         hp = self._step_hp()
         if not self._finite_flat(buf):
             return False
-        self.step_count += 1
-        hp = self._rule_hp(hp)
-        launch = Launch(c.be, self._rule, self.step_count, hp, self._host)
-        for d, gr, states in zip(c.datas, c.grads, c.states):
-            launch.runner(d.dtype, c.writes)(d, gr, states)
-        if self._host:
-            self._host = RULES[self._rule].advance_host_state(hp, self.step_count, self._host)
+        if ls.skip or self._device_flag_set(c.be, ls):
+            return False
+        launch, kbuf = self._launch(c.be, hp, ls, c.datas[0])
+        for d, gr, states, m, e in zip(c.datas, c.grads, c.states, c.masters, c.entries):
+            io = e.io_for(ls, kbuf)
+            if io is None:
+                launch.runner(d.dtype, c.writes)(d, gr, states)
+            else:
+                launch.runner(d.dtype, c.writes, io)(d, gr, states, m, e.salt)
+        self._advance_host(launch, kbuf)
         return True
 
     def _build_flat_cache(self, buf, be):
@@ -394,7 +529,15 @@ class StepMachinery:
         c.grads = tuple(g.grad for g in buf.groups)
         c.shapes = tuple(d.shape for d in c.datas)
         c.dtypes = tuple(d.dtype for d in c.datas)
+        c.gdtypes = tuple(g.dtype for g in c.grads)
         c.states = tuple(tuple(f.get(s, None) for s in slots) for f in self._flat_state)
+        c.masters = tuple(f.get(precision.MASTER) for f in self._flat_state)
+        c.entries = []
+        for i, (d, g) in enumerate(zip(c.datas, c.grads)):
+            e = _Entry()  # the group's storage plan and salt
+            e.io = self._io_base(precision.kind(d.dtype), precision.kind(g.dtype))
+            e.ios, e.salt = {}, precision.param_salt(f"group {i}")
+            c.entries.append(e)
         c.be, c.writes = be, tuple(s in names for s in slots)
         arrays = c.datas + c.grads
         c.host = all(type(a) is np.ndarray for a in arrays)
@@ -403,7 +546,7 @@ class StepMachinery:
         c.fast = c.host or (cp is not None and all(type(a) is cp.ndarray for a in arrays))
         return c
 
-    def _validate_flat(self, buf):
+    def _validate_flat(self, buf, write_grad=False):
         layout = buf.layout
         if self._layout is not None:
             if self._layout[0] != "flat":
@@ -457,11 +600,12 @@ class StepMachinery:
             who = f"the FlatBuffer {dtype_name(dt)} group"
             n = max((off + size for off, size, _ in group.slots.values()), default=0)
             for role, a in (("data", group.data), ("grad", group.grad)):
-                check_array(None, role, a, supported, who)
-                if dtype_of(a) != dt or a.ndim != 1 or a.shape[0] < n:
+                ok = (dt,) if role == "data" else (dt, np.dtype(np.float32))
+                check_array(None, role, a, supported + ("float32",), who)
+                if dtype_of(a) not in ok or a.ndim != 1 or a.shape[0] < n:
                     raise ValueError(
                         f"{role} of {who} is {describe(a)}; expected a 1-D "
-                        f"{dtype_name(dt)} array of at least {n} elements"
+                        f"{' or '.join(dtype_name(d) for d in ok)} array of at least {n} elements"
                     )
             states = ()
             if self._flat_state is not None:
@@ -474,7 +618,17 @@ class StepMachinery:
                         "(sized at the first step); a FlatBuffer's buffers cannot "
                         "be resized: create a new FlatBuffer and optimizer"
                     )
-            _, ents = check_param_arrays(None, group.data, group.grad, states, supported, who)
+            sk = precision.storage_dtype(self._state_kind(precision.kind(dt)))
+            _, ents = check_param_arrays(
+                None,
+                group.data,
+                group.grad,
+                states,
+                supported,
+                who,
+                state_dtype=sk,
+                grad_written=write_grad,
+            )
             entries += ents
         check_no_overlap(entries)
         return be

@@ -36,8 +36,11 @@ __all__ = [
     "where",
 ]
 
-#: dtypes every backend steps (a backend module may narrow or widen this with ``DTYPES``)
-SUPPORTED_DTYPES = ("float32", "float64")
+#: param dtypes every backend steps (a backend module may narrow this with ``DTYPES``); the math
+#: runs in float32 for the 16-bit ones (``fastopt.precision``)
+SUPPORTED_DTYPES = ("float16", "bfloat16", "float32", "float64")
+#: what ``check_array`` accepts unless told otherwise (callers without mixed precision)
+FULL_PRECISION = ("float32", "float64")
 
 
 class NonFiniteGradientError(FloatingPointError, ValueError):
@@ -62,6 +65,11 @@ def dtype_of(a):
         return np.dtype(a.dtype)
     except (TypeError, AttributeError):  # e.g. a framework dtype object: use the interface
         return np.dtype(a.__cuda_array_interface__["typestr"])
+
+
+def _is_float(dt):
+    """A floating dtype: NumPy's, or ml_dtypes' bfloat16 (a NumPy "void" kind)."""
+    return dt.kind == "f" or (dt.name == "bfloat16" and dt.itemsize == 2)
 
 
 def dtype_name(dt):
@@ -99,7 +107,7 @@ def _who(name, who):
     return f"parameter {name!r}" if who is None else who
 
 
-def check_array(name, role, a, supported=SUPPORTED_DTYPES, who=None):
+def check_array(name, role, a, supported=FULL_PRECISION, who=None):
     """``a`` is a NumPy or device array of a supported float dtype in native byte order
     (``role``: param/grad/...; ``who``: what the message names, by default the parameter)."""
     who = _who(name, who)
@@ -109,7 +117,7 @@ def check_array(name, role, a, supported=SUPPORTED_DTYPES, who=None):
             "device (__cuda_array_interface__) array"
         )
     dt = dtype_of(a)
-    if dt.kind != "f":
+    if not _is_float(dt):
         raise TypeError(
             f"{role} of {who} is {describe(a)} "
             f"({_KIND.get(dt.kind, dt.kind)} dtype); expected a floating dtype "
@@ -152,32 +160,48 @@ def check_writable(name, role, a, who=None):
         )
 
 
-def check_like(name, role, a, param, who=None, exc=ValueError):
-    """``a`` (a state buffer) has its parameter's shape and dtype (byte order included)."""
-    if not is_array(a) or tuple(a.shape) != tuple(param.shape) or dtype_of(a) != dtype_of(param):
+def check_like(name, role, a, param, who=None, exc=ValueError, dtype=None):
+    """``a`` (a state buffer) has its parameter's shape and dtype (byte order included), or
+    the storage dtype ``dtype`` when one is given."""
+    want = dtype_of(param) if dtype is None else np.dtype(dtype)
+    if not is_array(a) or tuple(a.shape) != tuple(param.shape) or dtype_of(a) != want:
+        expected = describe(param) if dtype is None else f"{dtype_name(want)}{list(param.shape)}"
         raise exc(
             f"{role} of {_who(name, who)} is {describe(a)}; expected "
-            f"{describe(param)}, like the parameter it belongs to"
+            f"{expected}, like the parameter it belongs to"
+            + ("" if dtype is None else f" (its state is stored in {dtype_name(want)})")
         )
 
 
-def check_param_arrays(name, param, grad, states, supported=SUPPORTED_DTYPES, who=None):
+def check_param_arrays(
+    name,
+    param,
+    grad,
+    states,
+    supported=SUPPORTED_DTYPES,
+    who=None,
+    state_dtype=None,
+    grad_written=False,
+):
     """Everything one parameter's fused launch needs of its arrays, before anything runs.
 
     ``param`` and every present state buffer (``states``: ``(state name, array or None)``) are
-    of a supported native float dtype, C-contiguous and writeable, shaped and typed like the
-    param; ``grad`` has the param's shape and dtype (any strides). Returns the param's dtype and
-    the ``check_no_overlap`` entries of the arrays (the caller checks them all at once). The one
-    place both the optimizer classes and ``fastopt.functional`` check a launch's arrays.
+    of a supported native float dtype, C-contiguous and writeable, shaped like the param; the
+    state buffers typed ``state_dtype`` (default: the param's dtype); ``grad`` has the param's
+    shape, and its dtype or float32 (any strides; C-contiguous and writeable when
+    ``grad_written``). Returns the param's dtype and the ``check_no_overlap`` entries of the
+    arrays (the caller checks them all at once). The one place both the optimizer classes and
+    ``fastopt.functional`` check a launch's arrays.
     """
     pd = check_array(name, "param", param, supported, who)
-    gd = check_array(name, "grad", grad, supported, who)
+    gd = check_array(name, "grad", grad, supported + ("float32",), who)
     who = _who(name, who)
-    if pd != gd:
+    if gd != pd and gd != np.dtype(np.float32):
         raise TypeError(
             f"{who} is {describe(param)} but its grad is {describe(grad)}; expected "
-            "the same dtype (cast the gradient explicitly: a silent cast would hide "
-            "a precision loss)"
+            f"{dtype_name(pd)}"
+            + ("" if pd == np.float32 else " or float32")
+            + " (cast the gradient explicitly: a silent cast would hide a precision loss)"
         )
     if tuple(grad.shape) != tuple(param.shape):
         raise ValueError(
@@ -185,20 +209,25 @@ def check_param_arrays(name, param, grad, states, supported=SUPPORTED_DTYPES, wh
             "expected the grad shaped like the param"
         )
     check_writable(name, "param", param, who)
-    entries = [(who, param, True), (f"grad of {who}", grad, False)]
-    return pd, entries + check_state_arrays(name, param, states, who)
+    if grad_written:
+        check_writable(name, "grad", grad, who)
+    entries = [(who, param, True), (f"grad of {who}", grad, grad_written)]
+    return pd, entries + check_state_arrays(name, param, states, who, state_dtype)
 
 
-def check_state_arrays(name, param, states, who=None):
-    """Each present state buffer (``(state name, array or None)``) shaped and typed like its
-    (already checked) param, C-contiguous and writeable; returns their overlap entries."""
+def check_state_arrays(name, param, states, who=None, state_dtype=None):
+    """Each present state buffer (``(state name, array or None)``) shaped like its (already
+    checked) param and typed ``state_dtype`` (default: the param's dtype; the fp32 master copy
+    ``"master_param"`` always float32), C-contiguous and writeable; returns their overlap
+    entries."""
     who = _who(name, who)
     entries = []
     for s, a in states:
         if a is None:
             continue
         role = f"state {s!r}"
-        check_like(name, role, a, param, who)
+        dt = np.float32 if s == "master_param" else state_dtype
+        check_like(name, role, a, param, who, dtype=dt)
         check_writable(name, role, a, who)
         entries.append((f"{role} of {who}", a, True))
     return entries

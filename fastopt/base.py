@@ -7,6 +7,15 @@ constructor with ``torch.optim``'s signature; its hyperparameters, fixed flags, 
 buffers and their initial values all come from the rule spec. How a step checks and launches lives
 in ``fastopt._steps``; state creation and ``state_dict`` checks in ``fastopt._state``.
 
+Every optimizer also takes the mixed-precision keywords (``fastopt.precision``):
+``state_dtype`` (None: the param dtype; "float32"; "bfloat16"), ``master_weights`` (an fp32
+master copy of every 16-bit param, kept as the state buffer ``"master_param"``),
+``stochastic_rounding`` and ``seed`` (bfloat16 params without a master), and ``capturable``
+(the step count and lr on the device, so a step can be captured in a CUDA graph; on the CPU
+accepted and equivalent). Every subclass's constructor accepts them (``__init_subclass__``
+adds them to its signature), and ``update``/``step`` take the loss-scale keywords
+``grad_scale``, ``found_inf`` and ``unscale_grads``.
+
 Every public call validates all of its inputs before it writes anything: a refused call leaves
 every parameter, every state buffer and the step counter exactly as they were. The first step
 checks everything (``fastopt._validate``, the checks ``fastopt.functional`` makes too); later
@@ -20,13 +29,14 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import inspect
 import threading
 from collections.abc import Mapping
 from typing import Any
 
 import numpy as np
 
-from . import backends
+from . import backends, precision
 from ._arrays import on_device, to_numpy
 from ._state import StateMachinery
 from ._steps import StepMachinery
@@ -53,16 +63,47 @@ def _exclusive(method):
     and changes nothing."""
 
     @functools.wraps(method)
-    def guarded(self, *args):
+    def guarded(self, *args, **kwargs):
         lock = self._lock
         if not lock.acquire(False):
             raise RuntimeError(_BUSY.format(cls=type(self).__name__, what=method.__name__))
         try:
-            return method(self, *args)
+            return method(self, *args, **kwargs)
         finally:
             lock.release()
 
     return guarded
+
+
+#: the mixed-precision keywords every optimizer constructor takes, with their defaults
+PRECISION_DEFAULTS = {
+    "state_dtype": None,
+    "master_weights": False,
+    "stochastic_rounding": False,
+    "seed": 0,
+    "capturable": False,
+}
+
+
+def _with_precision(init):
+    """``init`` taking the mixed-precision keywords too: they are set once it has run (a
+    subclass calling its parent's constructor sets them again, last)."""
+    sig = inspect.signature(init)
+    if any(n in sig.parameters for n in PRECISION_DEFAULTS):
+        return init
+
+    @functools.wraps(init)
+    def __init__(self, *args, **kwargs):
+        prec = {n: kwargs.pop(n, d) for n, d in PRECISION_DEFAULTS.items()}
+        init(self, *args, **kwargs)
+        self._set_precision(**prec)
+
+    P = inspect.Parameter
+    params = [p for p in sig.parameters.values() if p.kind is not P.VAR_KEYWORD]
+    var_kw = [p for p in sig.parameters.values() if p.kind is P.VAR_KEYWORD]
+    extra = [P(n, P.KEYWORD_ONLY, default=d) for n, d in PRECISION_DEFAULTS.items()]
+    __init__.__signature__ = sig.replace(parameters=params + extra + var_kw)
+    return __init__
 
 
 class Optimizer(StepMachinery, StateMachinery):
@@ -109,16 +150,134 @@ class Optimizer(StepMachinery, StateMachinery):
         self._dict_cache = None
         self._flat_cache = None
         self._hyper_ok = True  # the constructor validated every hyperparameter
+        self._set_precision(**PRECISION_DEFAULTS)
         self._frozen = True
 
     def __init_subclass__(cls, **kwargs):
         super().__init_subclass__(**kwargs)
+        if "__init__" in cls.__dict__:
+            cls.__init__ = _with_precision(cls.__dict__["__init__"])
         if cls._rule is not None:  # hyperparameters and flags: the rule's, less the pinned
             spec = RULES[cls._rule]
             cls._hyper = tuple(
                 h.name for h in spec.hyper if not h.fixed and h.name not in cls._pinned
             )
             cls._flags = tuple(h.name for h in spec.hyper if h.fixed and h.name not in cls._pinned)
+
+    def _set_precision(
+        self,
+        state_dtype=None,
+        master_weights=False,
+        stochastic_rounding=False,
+        seed=0,
+        capturable=False,
+    ):
+        if self.__dict__.get("_layout") is not None:
+            raise RuntimeError("the precision settings are fixed once an optimizer has stepped")
+        state_dtype = precision.check_state_dtype(state_dtype)
+        for name, v in (
+            ("master_weights", master_weights),
+            ("stochastic_rounding", stochastic_rounding),
+            ("capturable", capturable),
+        ):
+            if not isinstance(v, (bool, np.bool_)):
+                raise TypeError(f"invalid {name}={v!r}; expected True or False")
+        if isinstance(seed, (bool, np.bool_)) or not isinstance(seed, (int, np.integer)):
+            raise TypeError(f"invalid seed={seed!r}; expected an integer in [0, 2**32)")
+        if not 0 <= int(seed) < 1 << 32:
+            raise ValueError(f"invalid seed={seed!r}; expected an integer in [0, 2**32)")
+        if master_weights and stochastic_rounding:
+            raise ValueError(
+                "stochastic_rounding=True rounds bfloat16 params that have no master copy; "
+                "with master_weights=True each param is the nearest rounding of its fp32 "
+                "master: choose one"
+            )
+        if capturable and self._rule is not None:
+            from .kernels import device_scalars
+
+            hp = self._rule_hp({h: getattr(self, h) for h in self._hyper + self._flags})
+            try:  # a rule the device cannot compute the scalars of: refused up front
+                device_scalars.trace(self._rule, hp)
+            except device_scalars.NotCapturable as exc:
+                raise ValueError(f"{type(self).__name__}(capturable=True): {exc}") from None
+        self._prec = {
+            "state_dtype": state_dtype,
+            "master_weights": bool(master_weights),
+            "stochastic_rounding": bool(stochastic_rounding),
+            "seed": int(seed),
+            "capturable": bool(capturable),
+        }
+
+    def _upload_hyper(self):
+        """A capturable optimizer's new hyperparameter value, written into device memory at
+        once (on the current stream), so the replays of a captured step see it; an invalid
+        value is left for the next step to refuse."""
+        try:
+            hp = self._check_hyper({h: getattr(self, h) for h in self._hyper + self._flags})
+        except (TypeError, ValueError):
+            return
+        self._dev.upload(self._rule_hp(hp))
+
+    @property
+    def step_count(self) -> int:
+        """Steps taken. A capturable optimizer on a GPU keeps the count on the device (a step
+        skipped there by ``found_inf`` does not count): reading it synchronises once."""
+        ds = self.__dict__.get("_dev")
+        return self._step_count if ds is None else ds.step()
+
+    @step_count.setter
+    def step_count(self, value):
+        object.__setattr__(self, "_step_count", value)
+        ds = self.__dict__.get("_dev")
+        if ds is not None:
+            ds.set_step(value)
+
+    @property
+    def state_dtype(self):
+        """The state dtype policy: None (the param dtype; float32 with a master copy),
+        "float32" or "bfloat16" (fixed at construction)."""
+        return self._prec["state_dtype"]
+
+    @property
+    def master_weights(self):
+        """Does every 16-bit param keep an fp32 master copy (state ``"master_param"``)?"""
+        return self._prec["master_weights"]
+
+    @property
+    def stochastic_rounding(self):
+        """Are bfloat16 params (without a master) rounded stochastically?"""
+        return self._prec["stochastic_rounding"]
+
+    @property
+    def seed(self):
+        """The seed of stochastic rounding's hash."""
+        return self._prec["seed"]
+
+    @property
+    def capturable(self):
+        """Are the step count and lr kept on the device (CUDA-graph capturable steps)?"""
+        return self._prec["capturable"]
+
+    def _state_kind(self, param_kind):
+        """The storage dtype of the state buffers of a param of ``param_kind``."""
+        return precision.resolve_state_kind(self.state_dtype, param_kind, self.master_weights)
+
+    def _names_for(self, param_kind):
+        """The state buffer names of a param of ``param_kind``: the rule's, and the master
+        copy of a 16-bit param when ``master_weights``."""
+        if self.master_weights and param_kind in precision.storage.BITS16:
+            return self._slots + (precision.MASTER,)
+        return self._slots
+
+    def _io_base(self, param_kind, grad_kind):
+        """The storage plan of a param's launches (without a step's loss-scale extras)."""
+        return precision.io_of(
+            param_kind,
+            grad_kind,
+            self._state_kind(param_kind),
+            self.master_weights,
+            self.stochastic_rounding,
+        )
 
     @property
     def _spec(self):
@@ -197,6 +356,8 @@ class Optimizer(StepMachinery, StateMachinery):
                 self._refuse_slot_change(name, value)
             object.__setattr__(self, name, value)
             object.__setattr__(self, "_hyper_ok", False)  # validated before the next step
+            if self.__dict__.get("_dev") is not None:
+                self._upload_hyper()
             return
         if (name in cls._flags or name in cls._pinned) and self.__dict__.get("_frozen"):
             current = getattr(self, name)
@@ -267,8 +428,15 @@ class Optimizer(StepMachinery, StateMachinery):
         """The rule's host scalars carried between steps (NAdam's ``mu_product``, ASGD's
         ``eta`` and ``mu``) as a new dict of float32 values under torch's names: ``{}`` for a
         rule without any, and before the first step (they are created with the state)."""
-        hs = self._host if self._host is not None else self._pending_host
-        return dict(hs or {})
+        return dict(self._current_host() or {})
+
+    def _current_host(self):
+        """The host state now: the device's for a capturable optimizer stepping on a GPU (read
+        back: one synchronisation), else the host's (a pending one before the first step)."""
+        ds = self.__dict__.get("_dev")
+        if ds is not None and self._host:
+            return ds.host_state()
+        return self._host if self._host is not None else self._pending_host
 
     @property
     def hyperparams(self) -> dict[str, Any]:
@@ -290,37 +458,74 @@ class Optimizer(StepMachinery, StateMachinery):
         d = dict(self.__dict__)
         del d["_lock"]
         d["_dict_cache"] = d["_flat_cache"] = None
+        if d.pop("_dev", None) is not None:  # device-held count: pickled as the host value
+            d["_step_count"] = self.step_count
+            if d.get("_host"):  # and so is the host state
+                d["_host"] = self._current_host()
         return d
 
     def __setstate__(self, d):
+        if "step_count" in d:  # pickled before the count became a property
+            d["_step_count"] = d.pop("step_count")
+        d.setdefault("_prec", dict(PRECISION_DEFAULTS))
         self.__dict__.update(d)
         self.__dict__["_lock"] = threading.Lock()
 
     @_exclusive
-    def update(self, params: Mapping[str, Any], grads: Mapping[str, Any]) -> bool:
+    def update(
+        self,
+        params: Mapping[str, Any],
+        grads: Mapping[str, Any],
+        *,
+        grad_scale: Any = None,
+        found_inf: Any = None,
+        unscale_grads: bool = False,
+    ) -> bool:
         """Update the arrays of ``params`` (dict name -> array) in place from ``grads``.
 
         State is created on the first call; later calls must pass the same names, shapes and
         dtypes. Every input is validated before anything is written. Returns True when the step
-        was applied, False when ``nonfinite="skip"`` skipped it.
+        was applied, False when ``nonfinite="skip"`` or ``found_inf`` skipped it.
+
+        Loss scaling (what ``torch.amp.GradScaler`` hands a fused optimizer): ``grad_scale``
+        (a number, or a 1-element array: host, or device on a GPU backend, read in the kernel)
+        multiplies every grad by 1/scale inside the pass; ``unscale_grads=True`` also stores
+        the unscaled grads. ``found_inf`` (a number or 1-element array) nonzero makes the step
+        change nothing: params, state and step count.
         """
+        ls = self._loss_scale(grad_scale, found_inf, unscale_grads)
         c = self._dict_cache
-        if c is not None and c.fast:
+        if c is not None and c.fast and not ls.write_grad:
             todo = self._recheck_dict(params, grads)
             if todo is not None:
-                return self._apply_dict(todo)
-        return self._update_full(params, grads)
+                return self._apply_dict(todo, ls=ls)
+        return self._update_full(params, grads, ls)
 
     @_exclusive
-    def step(self, buf: FlatBuffer) -> bool:
+    def step(
+        self,
+        buf: FlatBuffer,
+        *,
+        grad_scale: Any = None,
+        found_inf: Any = None,
+        unscale_grads: bool = False,
+    ) -> bool:
         """One fused step over a ``FlatBuffer``: one kernel call per dtype.
 
-        Returns True when the step was applied, False when ``nonfinite="skip"`` skipped it.
+        Returns True when the step was applied, False when ``nonfinite="skip"`` or
+        ``found_inf`` skipped it. The loss-scale keywords are ``update``'s.
         """
+        ls = self._loss_scale(grad_scale, found_inf, unscale_grads)
         c = self._flat_cache
-        if c is not None and c.fast and buf is c.buf and self._recheck_flat(c):
+        if (
+            c is not None
+            and c.fast
+            and buf is c.buf
+            and not ls.write_grad
+            and self._recheck_flat(c)
+        ):
             with on_device(None if c.host else c.datas[0]):
-                return self._apply_flat(buf, c)
+                return self._apply_flat(buf, c, ls)
         if not isinstance(buf, FlatBuffer):
             raise TypeError(
                 f"step() expects a fastopt.FlatBuffer, got {type(buf).__name__}; "
@@ -328,13 +533,13 @@ class Optimizer(StepMachinery, StateMachinery):
             )
         groups = buf.groups
         with on_device(groups[0].data if groups else None):
-            be = self._validate_flat(buf)
+            be = self._validate_flat(buf, ls.write_grad)
             if not self._finite_flat(buf):
                 return False
             if self._layout is None:
                 self._bind_flat(buf)
             c = self._flat_cache = self._build_flat_cache(buf, be)
-            return self._apply_flat(buf, c)
+            return self._apply_flat(buf, c, ls)
 
     @_exclusive
     def state_dict(self) -> dict[str, Any]:
@@ -342,7 +547,7 @@ class Optimizer(StepMachinery, StateMachinery):
         (``{name: {state name: numpy array}}``, host copies shaped like the parameters, plus
         the rule's host state as 0-d float32 arrays, as torch keeps it)."""
         state = {n: {s: to_numpy(a) for s, a in st.items()} for n, st in self._state.items()}
-        hs = self._host
+        hs = self._current_host()
         if self._pending is not None and not state:
             state = {n: {s: a.copy() for s, a in st.items()} for n, st in self._pending.items()}
             hs = self._pending_host
@@ -369,4 +574,7 @@ class Optimizer(StepMachinery, StateMachinery):
     def __repr__(self):
         hp = ", ".join(f"{k}={v!r}" for k, v in self.hyperparams.items())
         extra = f", nonfinite={self.nonfinite!r}" if self.nonfinite is not None else ""
+        extra += "".join(
+            f", {k}={v!r}" for k, v in self._prec.items() if v != PRECISION_DEFAULTS[k]
+        )
         return f"{type(self).__name__}({hp}, backend={self.backend!r}{extra})"

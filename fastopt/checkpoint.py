@@ -8,8 +8,8 @@ File layout (all integers little-endian)::
     payload_len u64      bytes of the array payload
     sha256     32 bytes  over everything else in the file (magic .. payload, this field excluded)
     header     JSON      optimizer kind, step, hyperparameters, and per array: role (param or
-                         state), parameter name, state name, dtype ("<f4"/"<f8"), shape, offset,
-                         nbytes
+                         state), parameter name, state name, dtype ("<f2"/"<f4"/"<f8" or
+                         "bfloat16": its 16 bits, little-endian), shape, offset, nbytes
     payload    the arrays' raw bytes, C order, one after the other
 
 No pickle anywhere: the header is JSON, the arrays are raw little-endian floats, so loading a
@@ -40,6 +40,7 @@ from typing import Any
 
 import numpy as np
 
+from . import precision
 from ._arrays import array_module, as_xp_array, to_numpy
 from ._validate import SUPPORTED_DTYPES, check_array, check_names, describe, dtype_of
 from .base import Optimizer
@@ -53,8 +54,30 @@ _PREFIX = struct.Struct("<8sIQQ")  # magic, version, header_len, payload_len
 _DIGEST = 32
 _HEAD = _PREFIX.size + _DIGEST
 _DTYPES = {
-    np.dtype(d).newbyteorder("<").str: np.dtype(d).newbyteorder("<") for d in SUPPORTED_DTYPES
+    np.dtype(d).newbyteorder("<").str: np.dtype(d).newbyteorder("<")
+    for d in SUPPORTED_DTYPES
+    if d != "bfloat16"
 }
+_DTYPES["bfloat16"] = "bfloat16"  # ml_dtypes' dtype, resolved when a file holds one
+
+
+def _file_dtype(name):
+    """The NumPy dtype of a header's dtype entry (bfloat16 needs ml_dtypes)."""
+    if name == "bfloat16":
+        try:
+            return precision.bfloat16()
+        except ImportError as exc:
+            raise CheckpointError(f"the checkpoint holds bfloat16 arrays: {exc}") from None
+    return _DTYPES[name]
+
+
+def _le_bytes(a):
+    """``(header dtype, little-endian bytes)`` of a host array."""
+    if precision.kind(a.dtype) == "bfloat16":
+        return "bfloat16", np.ascontiguousarray(a).view(np.uint16).astype("<u2").tobytes()
+    # reshaped back: ascontiguousarray makes a 0-d array (a host-state scalar) 1-d
+    a = np.ascontiguousarray(a, dtype=a.dtype.newbyteorder("<")).reshape(a.shape)
+    return a.dtype.str, a.tobytes()
 
 
 class CheckpointError(ValueError):
@@ -74,7 +97,7 @@ def _named_params(params):
         if not isinstance(name, str):
             raise TypeError(f"parameter names must be strings, got {name!r}")
         a = as_xp_array(a)
-        check_array(name, "param", a)
+        check_array(name, "param", a, SUPPORTED_DTYPES)
         out[name] = a
     return out
 
@@ -102,15 +125,13 @@ def save_checkpoint(path: str | os.PathLike, optimizer: Optimizer, params: Any) 
     arrays += [("state", n, s, a) for n, st in sd["state"].items() for s, a in st.items()]
     entries, blobs, offset = [], [], 0
     for role, name, slot, a in arrays:
-        # reshaped back: ascontiguousarray makes a 0-d array (a host-state scalar) 1-d
-        a = np.ascontiguousarray(a, dtype=a.dtype.newbyteorder("<")).reshape(a.shape)
-        blob = a.tobytes()
+        dtype, blob = _le_bytes(a)
         entries.append(
             {
                 "role": role,
                 "name": name,
                 "slot": slot,
-                "dtype": a.dtype.str,
+                "dtype": dtype,
                 "shape": list(a.shape),
                 "offset": offset,
                 "nbytes": len(blob),
@@ -306,14 +327,18 @@ def _arrays(header, payload, where_):
             or not isinstance(e.get("name"), str)
         ):
             raise bad(f"bad array entry {e!r}")
-        dt, shape = _DTYPES[e["dtype"]], e.get("shape")
+        dt, shape = _file_dtype(e["dtype"]), e.get("shape")
         if not isinstance(shape, list) or not all(isinstance(n, int) and n >= 0 for n in shape):
             raise bad(f"bad shape in {e!r}")
         nbytes = math.prod(shape) * dt.itemsize
         if e.get("offset") != end or e.get("nbytes") != nbytes or end + nbytes > len(payload):
             raise bad(f"array {e['name']!r} does not fit the payload")
-        a = np.frombuffer(payload, dt, math.prod(shape), end).reshape(shape)
-        a = a.astype(dt.newbyteorder("="), copy=False)
+        if e["dtype"] == "bfloat16":
+            a = np.frombuffer(payload, "<u2", math.prod(shape), end).astype(np.uint16).view(dt)
+            a = a.reshape(shape)
+        else:
+            a = np.frombuffer(payload, dt, math.prod(shape), end).reshape(shape)
+            a = a.astype(dt.newbyteorder("="), copy=False)
         end += nbytes
         if e["role"] == "param":
             if e["name"] in params:

@@ -76,10 +76,14 @@ class FlatBuffer:
     The values are copied in; afterwards ``buf.params[name]`` and ``buf.grads[name]`` are views
     of the flat ``data`` / ``grad`` buffers, shaped like the originals. Write gradients into
     ``buf.grads`` (or ``buf.grad``) and call ``opt.step(buf)``. Host arrays give NumPy buffers,
-    CuPy arrays (or any device arrays) give buffers on their GPU.
+    CuPy arrays (or any device arrays) give buffers on their GPU. Params may be float16,
+    bfloat16, float32 or float64; ``grad_dtype="float32"`` keeps the grads of 16-bit groups in
+    float32 (default: the params' dtype).
     """
 
-    def __init__(self, params: Mapping[str, Any], *, align: int = ALIGN) -> None:
+    def __init__(
+        self, params: Mapping[str, Any], *, align: int = ALIGN, grad_dtype: Any = None
+    ) -> None:
         if not isinstance(params, Mapping) or not params:
             raise TypeError("FlatBuffer expects a non-empty dict name -> array")
         check_str_names(params, "FlatBuffer parameter names")
@@ -101,12 +105,16 @@ class FlatBuffer:
             )
         xp = xps.pop()
         self.xp = xp
+        if grad_dtype is not None and np.dtype(grad_dtype) != np.float32:
+            raise ValueError(
+                f"grad_dtype={grad_dtype!r}; expected None (the params' dtype) or 'float32'"
+            )
         order = {}
         for name, a in arrays.items():
             if not hasattr(a, "shape") or not hasattr(a, "dtype"):
                 raise TypeError(f"parameter {name!r} is a {type(a).__name__}; expected an array")
             dt = np.dtype(a.dtype)
-            if dt.kind != "f":
+            if dt.kind != "f" and dt.name != "bfloat16":
                 raise TypeError(f"parameter {name!r} has dtype {dt}; expected a floating dtype")
             # the buffers are native-endian whatever the input (the values are copied in)
             order.setdefault(dt.newbyteorder("="), []).append(name)
@@ -120,8 +128,10 @@ class FlatBuffer:
                 size = int(np.prod(shape, dtype=np.int64))
                 slots[name] = (offset, size, shape)
                 offset += -(-size // step) * step if size else 0
+            # float32 grads for 16-bit params when asked (never narrower than the params')
+            gdt = np.dtype(np.float32) if grad_dtype is not None and dt.itemsize == 2 else dt
             with on_device(first):  # the buffers live on the params' GPU, not the current one
-                group = Group(dt, xp.zeros(offset, dt), xp.zeros(offset, dt), slots)
+                group = Group(dt, xp.zeros(offset, dt), xp.zeros(offset, gdt), slots)
             for name, (off, size, _shape) in slots.items():
                 group.data[off : off + size] = xp.asarray(arrays[name], dtype=dt).reshape(-1)
             self.groups.append(group)

@@ -14,6 +14,16 @@ grad of that shape and dtype; a state the variant uses present (``amsgrad=True``
 another input; every array where the backend runs; hyperparameters in range. A refused call
 raises ``TypeError``/``ValueError`` and changes nothing.
 
+Mixed precision (``fastopt.precision``): the param may be float16, bfloat16, float32 or
+float64, the grad in the param dtype or float32, the state buffers (all in one dtype) in the
+param dtype, float32 or bfloat16; ``master_param=`` (an fp32 array) keeps the master copy of a
+16-bit param, ``stochastic_rounding=True`` (with ``seed=``, ``salt=``) rounds a bfloat16 param
+stochastically. Loss scaling: ``grad_scale=`` (a number, or a 1-element array: host, or device
+for the GPU backends, read in the kernel) multiplies the grad by 1/scale inside the pass
+(``unscale_grads=True`` also stores the unscaled grad); ``found_inf=`` (a number or 1-element
+array) nonzero makes the call change nothing. Each entry point returns True when the step was
+applied, False when ``found_inf`` skipped it.
+
 The classes validate once per parameter and then only re-check what can change, so they launch
 through ``Launch`` (the same scalars and kernels, without the per-call checks).
 """
@@ -22,7 +32,7 @@ import inspect
 
 import numpy as np
 
-from . import reference
+from . import precision, reference
 from ._arrays import as_xp_array
 from ._validate import (
     SUPPORTED_DTYPES,
@@ -30,11 +40,14 @@ from ._validate import (
     check_param_arrays,
     check_reach,
     check_step,
+    check_writable,
+    describe,
     dtype_of,
     is_array,
+    where,
 )
 from .backends import resolve
-from .kernels import RULES
+from .kernels import RULES, storage
 
 __all__ = ["Launch", "plan", "run", *RULES]
 
@@ -48,29 +61,69 @@ def plan(rule, step, hp, hs=None):
 
 class Launch:
     """One step of one rule on one backend: the variant and host scalars are computed once,
-    then ``runner(dtype, writes)(param, grad, states)`` launches it on any number of flat
-    arrays. Trusts its caller: the arrays must already have passed ``check_param_arrays``."""
+    then ``runner(dtype, writes, io)(param, grad, states, master, salt)`` launches it on any
+    number of flat arrays. Trusts its caller: the arrays must already have passed
+    ``check_param_arrays``.
 
-    __slots__ = ("_runners", "be", "flags", "hp", "hs", "k", "rule", "step")
+    ``io`` (``kernels.storage.IO``, None: every array in ``dtype``) is a launch's storage plan;
+    ``inv_scale`` the host value of 1/grad_scale (``io.scale == "host"``), ``scale`` the device
+    array holding grad_scale (``io.scale == "device"``), ``seed`` the stochastic rounding seed
+    (the step's hash key follows from it and the step)."""
 
-    def __init__(self, be, rule, step, hp, hs=None):
+    __slots__ = (
+        "_runners",
+        "be",
+        "device",
+        "flags",
+        "found_inf",
+        "hp",
+        "hs",
+        "inv_scale",
+        "k",
+        "key",
+        "rule",
+        "scale",
+        "step",
+    )
+
+    def __init__(
+        self,
+        be,
+        rule,
+        step,
+        hp,
+        hs=None,
+        *,
+        inv_scale=None,
+        scale=None,
+        seed=0,
+        device=None,
+        found_inf=None,
+    ):
         spec = RULES[rule]
         if hs is None and spec.host_state:
             hs = spec.replay_host_state(hp, step)
         self.be, self.rule, self.step, self.hp, self.hs = be, rule, step, hp, hs
         self.flags, self.k = spec.plan(hp, step, hs)
+        self.inv_scale, self.scale = inv_scale, scale
+        self.key = storage.step_key(int(seed), step)
+        # a capturable step: the scalars in device memory (fastopt._capture.DeviceScalars)
+        self.device, self.found_inf = device, found_inf
         self._runners = {}
 
-    def runner(self, dtype, writes):
-        """``run(param, grad, states)`` for arrays of ``dtype`` whose present state slots are
-        ``writes`` (one bool per slot of the rule)."""
-        key = (dtype, writes)
+    def runner(self, dtype, writes, io=None):
+        """``run(param, grad, states, master=None, salt=0)`` for arrays of ``dtype`` whose
+        present state slots are ``writes`` (one bool per slot of the rule), stored as ``io``
+        says."""
+        if io is not None and io.plain:
+            io = None
+        key = (dtype, writes, io)
         run = self._runners.get(key)
         if run is None:
-            run = self._runners[key] = self._make(np.dtype(dtype), writes)
+            run = self._runners[key] = self._make(np.dtype(dtype), writes, io)
         return run
 
-    def _make(self, dtype, writes):
+    def _make(self, dtype, writes, io):
         be, rule, flags, k = self.be, self.rule, self.flags, self.k
         spec = RULES[rule]
         if be.NAME == "numpy":
@@ -82,17 +135,58 @@ class Launch:
             kw["step"] = self.step
             hs = self.hs or {}
 
-            def run(param, grad, states):
-                st = {n: s for n, s in zip(names, states) if s is not None}
-                # host state as the oracle keeps it (torch's 0-d tensors), this step's copy
-                st.update({n: np.array(v, dtype=np.float32) for n, v in hs.items()})
-                oracle(param, grad, st, **kw)
-        elif hasattr(be, "prepare"):
-            run = be.prepare(rule, flags, writes, k, dtype)
-        else:
+            if io is None:
 
-            def run(param, grad, states):
-                be.launch(rule, flags, param, grad, tuple(states), k)
+                def run(param, grad, states, master=None, salt=0):
+                    st = {n: s for n, s in zip(names, states) if s is not None}
+                    # host state as the oracle keeps it (torch's 0-d tensors), this step's copy
+                    st.update({n: np.array(v, dtype=np.float32) for n, v in hs.items()})
+                    oracle(param, grad, st, **kw)
+            else:
+                step, hp, inv, key = self.step, self.hp, self.inv_scale, self.key
+
+                def run(param, grad, states, master=None, salt=0):
+                    precision.oracle_step(
+                        rule,
+                        param,
+                        grad,
+                        {n: s for n, s in zip(names, states) if s is not None},
+                        io=io,
+                        step=step,
+                        hp=hp,
+                        hs=hs,
+                        master=master,
+                        salt=salt,
+                        inv_scale=inv,
+                        key=key,
+                    )
+        elif hasattr(be, "prepare"):
+            if io is None:
+                run = be.prepare(rule, flags, writes, k, dtype)
+            else:
+                run = be.prepare(
+                    rule, flags, writes, k, dtype, io=io, extras=(self.inv_scale, self.key)
+                )
+        else:
+            extras = {"inv_scale": self.inv_scale, "key": self.key, "scale": self.scale}
+            if self.device is not None and io is not None and io.kbuf:
+                extras.update(self.device.extras(io.compute, self.found_inf))
+
+            def run(param, grad, states, master=None, salt=0):
+                if io is None:
+                    be.launch(rule, flags, param, grad, tuple(states), k)
+                else:
+                    be.launch(
+                        rule,
+                        flags,
+                        param,
+                        grad,
+                        tuple(states),
+                        k,
+                        io=io,
+                        master=master,
+                        extras=dict(extras, salt=salt),
+                    )
 
         used = spec.slots_used(flags)
         fresh = (
@@ -107,14 +201,77 @@ class Launch:
         if fresh:
             inner = run
 
-            def run(param, grad, states):
+            def run(param, grad, states, master=None, salt=0):
                 # a slot the rule reads on step 1, where torch has no such buffer yet: reset to
                 # its initial value (0·NaN is NaN), whatever the caller's array held
                 for j, value in fresh:
                     states[j][...] = value
-                inner(param, grad, states)
+                inner(param, grad, states, master, salt)
 
         return run
+
+
+# -- loss scaling ----------------------------------------------------------------------------------
+
+
+def loss_scale(grad_scale, what="grad_scale"):
+    """``(io.scale, inv_scale, device array)`` of a ``grad_scale=`` argument: None (no
+    scaling); a positive finite number or 1-element host array (1/scale computed once, in
+    float64, here); a 1-element device array (read in the kernel: no host synchronisation)."""
+    if grad_scale is None:
+        return None, None, None
+    a = _array(grad_scale) if not isinstance(grad_scale, (int, float, np.number)) else None
+    if a is not None and is_array(a):
+        if a.size != 1 or not precision.kind(dtype_of(a)):
+            raise ValueError(
+                f"invalid {what}: {describe(a)}; expected a number or a 1-element float array"
+            )
+        if where(a) == "device":
+            return "device", None, a.reshape(1)
+        grad_scale = a.reshape(-1)[0]
+    if isinstance(grad_scale, (bool, np.bool_)) or not isinstance(
+        grad_scale, (int, float, np.number)
+    ):
+        raise TypeError(
+            f"invalid {what}: {grad_scale!r} is a {type(grad_scale).__name__}; expected a "
+            "number or a 1-element array"
+        )
+    v = float(grad_scale)
+    if not np.isfinite(v) or v <= 0:
+        raise ValueError(f"invalid {what}: {v!r}; expected a finite number > 0")
+    return "host", 1.0 / v, None
+
+
+def device_flag(found_inf):
+    """A ``found_inf=`` given as a 1-element float32 device array, as that array (read in the
+    kernels of a capturable step); None for anything else."""
+    if found_inf is None or isinstance(found_inf, (bool, int, float, np.number)):
+        return None
+    a = _array(found_inf)
+    if is_array(a) and where(a) == "device" and a.size == 1 and dtype_of(a) == np.float32:
+        return a.reshape(1)
+    return None
+
+
+def found(found_inf):
+    """True when a ``found_inf=`` argument (None, a number, a 1-element host or device array)
+    says the gradients hold a non-finite value. A device array is read here: one host
+    synchronisation (capturable optimizers read it in the kernel instead)."""
+    if found_inf is None:
+        return False
+    if isinstance(found_inf, (bool, int, float, np.number)):
+        return float(found_inf) != 0
+    a = _array(found_inf)
+    if not is_array(a) or a.size != 1:
+        raise ValueError(
+            f"invalid found_inf: {describe(a) if is_array(a) else repr(found_inf)}; expected "
+            "a number or a 1-element array"
+        )
+    if where(a) == "device":
+        import cupy
+
+        return bool(cupy.asnumpy(cupy.asarray(a)).reshape(-1)[0] != 0)
+    return bool(np.asarray(a).reshape(-1)[0] != 0)
 
 
 # -- the checked public door ----------------------------------------------------------------------
@@ -131,10 +288,11 @@ def _array(a):
     return a if is_array(a) else as_xp_array(a)
 
 
-def _checked(rule, flags, backend, param, grad, states):
-    """Validate one functional call; returns ``(be, param, grad, states)`` ready to launch."""
+def _checked(rule, flags, backend, param, grad, states, master=None, grad_written=False):
+    """Validate one functional call; returns ``(be, param, grad, states, master, io)`` ready to
+    launch (``io`` from the arrays' storage dtypes)."""
     who = f"fastopt.functional.{rule}()"
-    param, grad = _array(param), _array(grad)
+    param, grad, master = _array(param), _array(grad), _array(master)
     states = {n: _array(a) for n, a in states.items()}
     be = resolve(backend, param if is_array(param) else None)
     spec = RULES[rule]
@@ -146,7 +304,44 @@ def _checked(rule, flags, backend, param, grad, states):
                 f"({', '.join(f'{k}={v}' for k, v in flags.items())}), got None"
             )
     supported = tuple(getattr(be, "DTYPES", SUPPORTED_DTYPES))
-    _, entries = check_param_arrays(None, param, grad, states.items(), supported, who=who)
+    present = [a for a in states.values() if is_array(a)]
+    state_dtype = dtype_of(present[0]) if present else None
+    pk = precision.kind(dtype_of(param)) if is_array(param) else None
+    if state_dtype is not None and pk is not None:
+        sk = precision.kind(state_dtype)
+        if sk not in precision.state_kinds(pk):
+            raise ValueError(
+                f"{who}: the state is {describe(present[0])} but the param is "
+                f"{describe(param)}; a {pk} param keeps its state in "
+                f"{' or '.join(precision.state_kinds(pk))}"
+            )
+    _, entries = check_param_arrays(
+        None,
+        param,
+        grad,
+        states.items(),
+        supported,
+        who=who,
+        state_dtype=state_dtype,
+        grad_written=grad_written,
+    )
+    if master is not None:
+        if pk not in storage.BITS16:
+            raise ValueError(
+                f"{who}: master_param is for float16/bfloat16 params; the param is "
+                f"{describe(param)}"
+            )
+        if (
+            not is_array(master)
+            or tuple(master.shape) != tuple(param.shape)
+            or dtype_of(master) != np.float32
+        ):
+            raise ValueError(
+                f"{who}: master_param is {describe(master)}; expected "
+                f"float32{list(param.shape)}, the fp32 copy of the param"
+            )
+        check_writable(None, "master_param", master, who)
+        entries.append((f"master_param of {who}", master, True))
     check_reach(
         be, [(label, a) for label, a, _ in entries], "the arrays of one step", exc=TypeError
     )
@@ -154,16 +349,40 @@ def _checked(rule, flags, backend, param, grad, states):
     if param.ndim != 1:  # validated: same shape, param and state contiguous (views, no copy)
         param, grad = param.reshape(-1), grad.reshape(-1)
         states = {n: None if a is None else a.reshape(-1) for n, a in states.items()}
-    return be, param, grad, tuple(states.values())
+        master = None if master is None else master.reshape(-1)
+    gk = precision.kind(dtype_of(grad))
+    sk = precision.kind(state_dtype) if state_dtype is not None else pk
+    io = storage.IO(pk, gk, sk, master=master is not None)
+    return be, param, grad, tuple(states.values()), master, io
 
 
-def run(rule, param, grad, states, *, step, hp, backend="auto", host_state=None):
+def run(
+    rule,
+    param,
+    grad,
+    states,
+    *,
+    step,
+    hp,
+    backend="auto",
+    host_state=None,
+    master_param=None,
+    stochastic_rounding=False,
+    seed=0,
+    salt=0,
+    grad_scale=None,
+    found_inf=None,
+    unscale_grads=False,
+):
     """One checked, fused step of ``rule`` over flat arrays: ``states`` maps each of the rule's
     slots to its array (or None where the variant does not use it), ``hp`` holds every
     hyperparameter of the rule, ``host_state`` (rules with host state only) a dict of the
     rule's host scalars before this step, updated in place to their values after it (a 0-d
     array in it is written into), as torch's functional API advances ``mu_products`` or
-    ``etas``; None: those of a run with these hyperparameters from step 1, nothing advanced."""
+    ``etas``; None: those of a run with these hyperparameters from step 1, nothing advanced.
+    The mixed-precision and loss-scale keywords are the module docstring's. Returns False
+    when ``found_inf`` skipped the step (nothing was changed, the host state included), else
+    True."""
     spec = RULES[rule]
     step = check_step(step)
     missing = set(spec.hyper_names) - set(hp)
@@ -185,18 +404,45 @@ def run(rule, param, grad, states, *, step, hp, backend="auto", host_state=None)
     else:
         hs = spec.check_host_state(host_state, who=f"{who}: host_state")
         _check_writable_host_state(host_state, who)
+    sr = _check_bool("stochastic_rounding", stochastic_rounding)
+    unscale_grads = _check_bool("unscale_grads", unscale_grads)
+    seed, salt = _check_u32("seed", seed), _check_u32("salt", salt)
+    scale, inv_scale, scale_dev = loss_scale(grad_scale)
+    if unscale_grads and scale is None:
+        raise ValueError("unscale_grads=True needs a grad_scale (there is nothing to unscale)")
     flags, _ = spec.plan(hp, step, hs)
-    be, param, grad, arrays = _checked(
-        rule, flags, backend, param, grad, {s: states[s] for s in spec.state}
+    be, param, grad, arrays, master, io = _checked(
+        rule,
+        flags,
+        backend,
+        param,
+        grad,
+        {s: states[s] for s in spec.state},
+        master_param,
+        grad_written=unscale_grads,
     )
+    if sr and (io.param != "bfloat16" or io.master):
+        raise ValueError(
+            "stochastic_rounding=True rounds bfloat16 params without a master copy; the "
+            f"param is {io.param}" + (" with a master_param" if io.master else "")
+        )
+    if scale_dev is not None:
+        check_reach(be, [("grad_scale", scale_dev), ("param", param)], "grad_scale and the params")
+    io = precision.io_of(
+        io.param, io.grad, io.state, io.master, sr, scale=scale, write_grad=unscale_grads
+    )
+    if found(found_inf):
+        return False
     writes = tuple(a is not None for a in arrays)
-    Launch(be, rule, step, hp, hs).runner(dtype_of(param), writes)(param, grad, arrays)
+    launch = Launch(be, rule, step, hp, hs, inv_scale=inv_scale, scale=scale_dev, seed=seed)
+    launch.runner(dtype_of(param), writes, io)(param, grad, arrays, master, salt)
     if host_state is not None:
         for name, value in spec.advance_host_state(hp, step, hs).items():
             if isinstance(host_state[name], np.ndarray):
                 host_state[name][...] = value
             else:
                 host_state[name] = value
+    return True
 
 
 def _check_writable_host_state(host_state, who):
@@ -210,6 +456,32 @@ def _check_writable_host_state(host_state, who):
     for name, v in host_state.items():
         if isinstance(v, np.ndarray) and not v.flags.writeable:
             raise ValueError(f"{who}: host_state[{name!r}] is a read-only array")
+
+
+def _check_bool(name, value):
+    if not isinstance(value, (bool, np.bool_)):
+        raise TypeError(f"invalid {name}: {value!r}; expected True or False")
+    return bool(value)
+
+
+def _check_u32(name, value):
+    if isinstance(value, (bool, np.bool_)) or not isinstance(value, (int, np.integer)):
+        raise TypeError(f"invalid {name}: {value!r}; expected an integer in [0, 2**32)")
+    if not 0 <= int(value) < 1 << 32:
+        raise ValueError(f"invalid {name}: {value!r}; expected an integer in [0, 2**32)")
+    return int(value)
+
+
+#: the mixed-precision and loss-scale keywords of every entry point, with their defaults
+_MIXED_KW = {
+    "master_param": None,
+    "stochastic_rounding": False,
+    "seed": 0,
+    "salt": 0,
+    "grad_scale": None,
+    "found_inf": None,
+    "unscale_grads": False,
+}
 
 
 def _entry(spec):
@@ -226,6 +498,7 @@ def _entry(spec):
     if spec.host_state:
         params.append(P("host_state", P.KEYWORD_ONLY, default=None))
     params.append(P("backend", P.KEYWORD_ONLY, default="auto"))
+    params += [P(n, P.KEYWORD_ONLY, default=d) for n, d in _MIXED_KW.items()]
     sig = inspect.Signature(params)
 
     def entry(*args, **kwargs):
@@ -237,7 +510,7 @@ def _entry(spec):
             ) from None
         bound.apply_defaults()
         a = bound.arguments
-        run(
+        return run(
             spec.name,
             a["param"],
             a["grad"],
@@ -246,6 +519,7 @@ def _entry(spec):
             hp={h: a[h] for h in spec.hyper_names},
             backend=a["backend"],
             host_state=a.get("host_state"),
+            **{n: a[n] for n in _MIXED_KW},
         )
 
     entry.__name__ = entry.__qualname__ = spec.name
@@ -263,7 +537,8 @@ def _entry(spec):
         f"One fused in-place step of {spec.name} over flat arrays: the param, its "
         f"grad and the state {slots}; ``step`` counts from 1. Hyperparameters "
         f"and defaults are torch.optim's.{host} Every input is checked before anything "
-        "is written."
+        "is written. Mixed precision and loss scaling: see fastopt.functional. Returns "
+        "False when found_inf skipped the step, else True."
     )
     return entry
 

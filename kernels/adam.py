@@ -10,7 +10,7 @@ p = p - step_size*m / d
 
 import math
 
-from .spec import Hyper, Rule, Slot
+from .spec import Hyper, Rule, Slot, sqrt
 
 
 def make_rule(maximize=False, decay=False, decoupled=False, amsgrad=False):
@@ -60,7 +60,7 @@ def _scalars_of(hp, step, hs):
         "beta2": beta2,
         "omb2": 1.0 - beta2,
         "step_size": hp["lr"] / bc1,
-        "inv_sqrt_bc2": 1.0 / math.sqrt(bc2),
+        "inv_sqrt_bc2": 1.0 / sqrt(bc2),
         "eps": hp["eps"],
     }
 

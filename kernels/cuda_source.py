@@ -29,12 +29,16 @@ __all__ = [
     "grid_stride_kernel",
     "in_params",
     "kernel_name",
+    "mixed_args",
+    "mixed_source",
+    "mixed_width",
     "operation",
     "out_params",
     "preamble",
     "raw_args",
     "raw_source",
     "slots_used",
+    "storage_source",
     "variants",
 ]
 
@@ -219,3 +223,180 @@ def raw_source(rule, flags, ctype, width, name=None):
 
     kernel = grid_stride_kernel(name or kernel_name(rule), ctype, width, arrays, scalars, lane)
     return f"typedef {ctype} T;\n{preamble(rule, flags)}\n{kernel}\n"
+
+
+# -- mixed precision: per-array storage dtypes (kernels.storage.IO) -------------------------------
+#
+# A launch whose arrays are not all in the compute dtype, or that carries a master copy,
+# stochastic rounding, a loss scale, a found-inf flag, device-held scalars or a grad write-back,
+# runs this kernel: each array has its own element type (16-bit floats as ``unsigned short``,
+# converted by kernels/storage.cuh), every element is widened to the compute type ``C`` on load
+# and rounded to its storage type on store, the rule runs in ``C`` (float32; float64 for float64
+# params, the only case with double math). The vector loop moves W elements per trip, W = 16
+# bytes / the narrowest element (8 with a 16-bit array, else 4, or 2 for all-double): every
+# array is read as W * itemsize / 16 aligned 16-byte loads into a local array.
+
+#: storage dtype -> element type of the array in the kernel
+STORAGE_CTYPES = {
+    "float64": "double",
+    "float32": "float",
+    "float16": "unsigned short",
+    "bfloat16": "unsigned short",
+}
+
+
+def storage_source():
+    """The text of ``kernels/storage.cuh`` (pasted into each mixed kernel)."""
+    return Path(__file__).with_name("storage.cuh").read_text()
+
+
+def _ld(kind, compute, ref):
+    if kind == "bfloat16":
+        return f"fastopt_bf16_load({ref})"
+    if kind == "float16":
+        return f"fastopt_f16_load({ref})"
+    return ref if kind == compute else f"(C)({ref})"
+
+
+def _st(kind, compute, value, sr=None):
+    if kind == "bfloat16":
+        return f"fastopt_bf16_store_sr({value}, {sr})" if sr else f"fastopt_bf16_store({value})"
+    if kind == "float16":
+        return f"fastopt_f16_store({value})"
+    return value if kind == compute else f"({STORAGE_CTYPES[kind]})({value})"
+
+
+def mixed_args(rule, flags, io):
+    """``(arrays, scalars)`` of the mixed kernel of one variant and storage plan ``io``:
+    ``arrays`` is ``[(name, storage dtype, written)]`` (grad, param, the used state slots, the
+    master), ``scalars`` is ``[(C type, name)]`` in argument order (the rule's host scalars or
+    the device buffer ``kbuf`` holding them; ``inv_scale`` or the device ``gscale``; the device
+    ``found_inf``; ``salt`` and ``key`` or the device ``keyp``), then ``n``."""
+    used = slots_used(rule, flags)
+    c = "C"
+    arrays = [("grad", io.grad, io.write_grad), ("param", io.param, True)]
+    arrays += [(s, io.state, True) for s, u in zip(RULES[rule].STATE, used) if u]
+    if io.master:
+        arrays.append(("master", "float32", True))
+    scalars = []
+    if io.kbuf:
+        scalars.append(("const C *__restrict__", "kbuf"))
+    else:
+        scalars += [(f"const {c}", n) for n in RULES[rule].SCALARS]
+    if io.scale == "host":
+        scalars.append((f"const {c}", "inv_scale"))
+    elif io.scale == "device":
+        scalars.append(("const float *__restrict__", "gscale"))
+    if io.found_inf:
+        scalars.append(("const float *__restrict__", "found_inf"))
+    if io.sr:
+        scalars.append(("const unsigned int", "salt"))
+        if io.kbuf:
+            scalars.append(("const unsigned int *__restrict__", "keyp"))
+        else:
+            scalars.append(("const unsigned int", "key"))
+    return arrays, scalars
+
+
+def mixed_width(io, rule, flags):
+    """Elements per trip of the vector loop: 16 bytes over the narrowest array's element."""
+    from .storage import ITEMSIZE
+
+    arrays, _ = mixed_args(rule, flags, io)
+    return 16 // min(ITEMSIZE[k] for _, k, _ in arrays)
+
+
+def mixed_source(rule, flags, io, vector=True, name=None):
+    """The complete CUDA C translation unit of one variant under storage plan ``io``: the
+    compute type ``C``, the flag ``#define``s, the rule's body, the storage conversions and the
+    kernel ``name`` (default ``fastopt_<rule>``) with arguments ``mixed_args``; ``vector``:
+    with the 16-byte vector loop (every array 16-byte aligned), else the scalar loop alone."""
+    from .storage import ITEMSIZE
+
+    used = slots_used(rule, flags)
+    state = RULES[rule].STATE
+    compute = io.compute
+    arrays, scalars = mixed_args(rule, flags, io)
+    params = [f"{'' if w else 'const '}{STORAGE_CTYPES[k]} *__restrict__ {a}" for a, k, w in arrays]
+    params += [f"{t} {n}" for t, n in scalars] + ["const long long n"]
+    width = mixed_width(io, rule, flags) if vector else 1
+    sr_ref = "fastopt_sr_bits(i_, salt, key_)" if io.sr else None
+
+    def lane(ref, index):
+        p_src = ref("master") if io.master else _ld(io.param, compute, ref("param"))
+        g_src = _ld(io.grad, compute, ref("grad")) + (" * inv_scale_" if io.scale else "")
+        lines = [f"const long long i_ = {index};"] if io.sr else []
+        lines += [f"C p_ = {p_src};", f"C g_ = {g_src};"]
+        if io.write_grad:
+            lines.append(f"{ref('grad')} = {_st(io.grad, compute, 'g_')};")
+        for j, (s, u) in enumerate(zip(state, used)):
+            lines.append(
+                f"C s{j}_ = {_ld(io.state, compute, ref(s))};" if u else f"C s{j}_ = C(0);"
+            )
+        args = ["p_", "g_"] + [f"s{j}_" for j in range(len(state))]
+        args += [f"{x}_" if io.kbuf else x for x in RULES[rule].SCALARS]
+        lines.append(f"{rule}_elem<C>({', '.join(args)});")
+        if io.master:
+            lines.append(f"{ref('master')} = p_;")
+        lines.append(f"{ref('param')} = {_st(io.param, compute, 'p_', sr_ref)};")
+        lines += [
+            f"{ref(s)} = {_st(io.state, compute, f's{j}_')};"
+            for j, (s, u) in enumerate(zip(state, used))
+            if u
+        ]
+        return lines
+
+    out = [
+        f'extern "C" __global__ void {name or kernel_name(rule)}({", ".join(params)})',
+        "{",
+    ]
+    if io.found_inf:
+        out.append("    if (*found_inf != 0.0f) return;  // a skipped step changes nothing")
+    if io.kbuf:
+        out += [f"    const C {x}_ = kbuf[{j}];" for j, x in enumerate(RULES[rule].SCALARS)]
+    if io.scale == "device":
+        out.append("    const C inv_scale_ = C(1) / (C)(*gscale);")
+    elif io.scale == "host":
+        out.append("    const C inv_scale_ = inv_scale;")
+    if io.sr:
+        out.append(f"    const unsigned int key_ = {'*keyp' if io.kbuf else 'key'};")
+    out += [
+        "    const long long stride = (long long)gridDim.x * blockDim.x;",
+        "    const long long first = (long long)blockIdx.x * blockDim.x + threadIdx.x;",
+        "    long long tail = 0;",
+    ]
+    if width > 1:
+        out += [
+            f"    const long long nv = n / {width};",
+            "    for (long long v = first; v < nv; v += stride) {",
+        ]
+        for a, k, _ in arrays:
+            q = ITEMSIZE[k] * width // 16
+            out += [
+                f"        alignas(16) {STORAGE_CTYPES[k]} {a}_v[{width}];",
+                "        FASTOPT_UNROLL",
+                f"        for (int q = 0; q < {q}; ++q) {{",
+                f"            reinterpret_cast<uint4 *>({a}_v)[q] = "
+                f"reinterpret_cast<const uint4 *>({a})[v * {q} + q];",
+                "        }",
+            ]
+        out += ["        FASTOPT_UNROLL", f"        for (int l = 0; l < {width}; ++l) {{"]
+        out += [f"            {ln}" for ln in lane(lambda a: f"{a}_v[l]", f"v * {width} + l")]
+        out.append("        }")
+        for a, k, w in arrays:
+            if not w:
+                continue
+            q = ITEMSIZE[k] * width // 16
+            out += [
+                "        FASTOPT_UNROLL",
+                f"        for (int q = 0; q < {q}; ++q) {{",
+                f"            reinterpret_cast<uint4 *>({a})[v * {q} + q] = "
+                f"reinterpret_cast<const uint4 *>({a}_v)[q];",
+                "        }",
+            ]
+        out += ["    }", f"    tail = nv * {width};"]
+    out.append("    for (long long i = tail + first; i < n; i += stride) {")
+    out += [f"        {ln}" for ln in lane(lambda a: f"{a}[i]", "i")]
+    out += ["    }", "}"]
+    head = f"typedef {'double' if compute == 'float64' else 'float'} C;\n"
+    return head + preamble(rule, flags) + "\n" + storage_source() + "\n" + "\n".join(out) + "\n"

@@ -6,7 +6,7 @@ g = g + mu*b if nesterov else b
 p = p - lr*g
 """
 
-from .spec import Hyper, Rule, Slot
+from .spec import Hyper, Rule, Slot, where
 
 
 def make_rule(maximize=False, decay=False, momentum=False, nesterov=False):
@@ -41,8 +41,8 @@ def _scalars_of(hp, step, hs):
     first = step == 1  # torch's first momentum step copies the gradient: no dampening
     return {
         "wd": hp["weight_decay"],
-        "mu_b": 0.0 if first else hp["momentum"],
-        "omd_b": 1.0 if first else 1.0 - hp["dampening"],
+        "mu_b": where(first, 0.0, hp["momentum"]),
+        "omd_b": where(first, 1.0, 1.0 - hp["dampening"]),
         "mu": hp["momentum"],
         "lr": hp["lr"],
     }

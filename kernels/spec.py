@@ -36,7 +36,7 @@ import itertools
 import math
 from dataclasses import dataclass, field
 
-__all__ = ["DOMAINS", "Hyper", "Rule", "Slot", "check_value", "f32"]
+__all__ = ["DOMAINS", "Hyper", "Rule", "Slot", "check_value", "f32", "maximum", "sqrt", "where"]
 
 #: hyperparameter domains: name -> (description, predicate on a normalised value)
 DOMAINS = {
@@ -56,8 +56,38 @@ DOMAINS = {
 _PAIRS = ("betas", "etas", "range")
 
 
+# -- the math ``scalars_of`` and ``advance`` may use --------------------------------------------
+#
+# Plain Python on numbers. Capturable steps compute the host scalars on the device from the step
+# count and hyperparameters held there: ``kernels.device_scalars`` runs ``scalars_of`` once on
+# symbols to record its arithmetic, so a branch on the step or a hyperparameter must be written
+# with ``where`` (Python's ``if`` cannot be recorded), a root with ``sqrt``, a rounding to
+# float32 (host state) with ``f32``.
+
+
+def sqrt(x):
+    """``math.sqrt`` (correctly rounded), recordable."""
+    f = getattr(x, "__fastopt_sqrt__", None)
+    return f() if f is not None else math.sqrt(x)
+
+
+def where(cond, a, b):
+    """``a if cond else b``, recordable."""
+    f = getattr(cond, "__fastopt_where__", None)
+    return f(a, b) if f is not None else (a if cond else b)
+
+
+def maximum(a, b):
+    """``max(a, b)``, recordable."""
+    return where(a >= b, a, b)
+
+
 def f32(x):
-    """``x`` rounded to float32 (torch's default scalar dtype), as a Python float."""
+    """``x`` rounded to float32 (torch's default scalar dtype, that of the host state), as a
+    Python float; recordable."""
+    f = getattr(x, "__fastopt_f32__", None)
+    if f is not None:
+        return f()
     import numpy as np
 
     return float(np.float32(x))

@@ -69,10 +69,11 @@ PLAN = [
     ),
     _step(
         "interop",
-        45,
-        120,
+        60,
+        150,
         "pytest -m gpu: every GPU test but the parity matrix (interop, streams, "
-        "nn.Parameter, 2^31+7 elements, fastopt.torch, textbook)",
+        "nn.Parameter, 2^31+7 elements, fastopt.torch, textbook, mixed precision on both "
+        "backends, a whole capturable step in a CUDA graph)",
         files=("pytest-interop.xml",),
     ),
     _step(

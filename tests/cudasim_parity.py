@@ -12,8 +12,9 @@ import os
 
 import numpy as np
 import pytest
+from fastopt.kernels import device_scalars
 from support.matrix import FULL, config_id, steps_to_reach, variant_cover
-from support.oracle import resolve, run_oracle, state_names
+from support.oracle import class_of, resolve, rule_hp, run_oracle, spec_of, state_names
 from support.parity import inputs
 from support.tolerances import assert_close
 
@@ -229,3 +230,208 @@ def test_nonfinite_values_like_the_oracle():
     for a, b in zip(out["numba-cuda"], out["numpy"]):
         assert np.array_equal(np.isnan(a), np.isnan(b)) and np.isnan(a[1:4]).all()
         np.testing.assert_allclose(a[~np.isnan(a)], b[~np.isnan(b)], rtol=1e-6)
+
+
+# -- mixed precision: the numba-cuda kernels generated per storage plan ---------------------------
+
+#: (rule, hyperparameters, param, grad, state, master, stochastic rounding, grad_scale)
+MIXED = [
+    (
+        "adam",
+        dict(lr=0.05, amsgrad=True, weight_decay=0.1),
+        "bfloat16",
+        "bfloat16",
+        "bfloat16",
+        False,
+        False,
+        None,
+    ),
+    ("adam", dict(lr=0.05), "bfloat16", "float32", "float32", True, False, 8.0),
+    ("sgd", dict(lr=0.05, momentum=0.9), "bfloat16", "bfloat16", "float32", False, True, None),
+    ("rmsprop", dict(lr=0.01, centered=True), "float16", "float16", "float16", False, False, None),
+    ("lion", dict(lr=0.01), "float64", "float32", "float32", False, False, 0.5),
+]
+
+
+def _mixed_arrays(rule, pk, gk, sk, master, rng, n=257):
+    import ml_dtypes
+
+    dt = {
+        "bfloat16": ml_dtypes.bfloat16,
+        "float16": np.float16,
+        "float32": np.float32,
+        "float64": np.float64,
+    }
+    spec = fastopt.kernels.RULES[rule]
+    p = rng.standard_normal(n).astype(dt[pk])
+    st = {s: rng.uniform(0.1, 1.0, n) for s in spec.state}
+    if "grad_avg" in st:  # centered RMSProp: square_avg >= grad_avg**2 keeps the root real
+        st["grad_avg"] = 0.3 * rng.standard_normal(n)
+        st["square_avg"] = st["grad_avg"] ** 2 + rng.uniform(0.1, 1.0, n)
+    st = {s: a.astype(dt[sk]) for s, a in st.items()}
+    grads = [rng.standard_normal(n).astype(dt[gk]) for _ in range(3)]
+    m = p.astype(np.float32) if master else None
+    return p, st, grads, m
+
+
+def _ulps16(a, b):
+    o = [x.view(np.uint16).astype(np.int64) for x in (a, b)]
+    o = [np.where(x >> 15, -(x & 0x7FFF), x) for x in o]
+    return np.abs(o[0] - o[1])
+
+
+@pytest.mark.parametrize("case", MIXED, ids=lambda c: f"{c[0]}-{c[2]}-{c[4]}")
+def test_mixed_precision_kernels_match_the_oracle(case):
+    from fastopt import functional as F
+
+    rule, hp, pk, gk, sk, master, sr, scale = case
+    spec = fastopt.kernels.RULES[rule]
+    out = {}
+    for backend in ("numba-cuda", "numpy"):
+        p, st, grads, m = _mixed_arrays(rule, pk, gk, sk, master, np.random.default_rng(3))
+        for t, g in enumerate(grads, start=2):
+            F.run(
+                rule,
+                p,
+                g * (scale or 1),
+                st,
+                step=t,
+                hp=dict(spec.defaults, **hp),
+                backend=backend,
+                master_param=m,
+                stochastic_rounding=sr,
+                seed=4,
+                salt=1,
+                grad_scale=scale,
+            )
+        out[backend] = (p, st, m)
+    (p, st, m), (rp, rst, rm) = out["numba-cuda"], out["numpy"]
+    for a, b, what in [(p, rp, "param")] + [(st[s], rst[s], s) for s in st] + [(m, rm, "master")]:
+        if a is None:
+            continue
+        if a.dtype.itemsize == 2:
+            d = _ulps16(a, b)
+            assert d.max() <= 1 and (d > 0).sum() <= 5, f"{rule} {what}: {d.max()} ulps"
+        else:
+            np.testing.assert_allclose(a, b, rtol=2e-5, atol=2e-6, err_msg=f"{rule} {what}")
+
+
+def test_capturable_form_reads_scalars_scale_and_found_inf_from_device_memory():
+    """The kernel of a capturable step: the host scalars, the grad scale, the found-inf flag
+    and the rounding key come from (simulated) device memory; a zero flag gives the host form's
+    result, a nonzero one changes nothing."""
+    import dataclasses
+
+    from fastopt.kernels import storage
+
+    rule, spec = "adam", fastopt.kernels.RULES["adam"]
+    hp = dict(spec.defaults, lr=0.05, weight_decay=0.1)
+    flags, k = spec.plan(hp, 3)
+    writes = spec.slots_used(flags)
+    host = storage.IO("bfloat16", "bfloat16", "float32", sr=True, scale="host")
+    dev = dataclasses.replace(host, kbuf=True, found_inf=True, scale="device")
+    key = storage.step_key(9, 3)
+    results = []
+    for io, flag in ((host, 0.0), (dev, 0.0), (dev, 1.0)):
+        p, st, grads, _ = _mixed_arrays(
+            rule, "bfloat16", "bfloat16", "float32", False, np.random.default_rng(5)
+        )
+        states = tuple(st[s] if w else None for s, w in zip(spec.state, writes))
+        extras = {"inv_scale": 0.25, "salt": 2, "key": key}
+        if io.kbuf:
+            extras.update(
+                kbuf=np.array(k, np.float32),
+                scale=np.array([4.0], np.float32),
+                found_inf=np.array([flag], np.float32),
+                keyp=np.array([key], np.uint32),
+            )
+        before = p.copy()
+        ncb.launch(rule, flags, p, grads[0] * 4, states, k, io=io, extras=extras)
+        results.append((before, p, st))
+    (_, p0, st0), (_, p1, st1), (b2, p2, _) = results
+    assert np.array_equal(p0.view(np.uint16), p1.view(np.uint16))
+    for s in st0:
+        assert np.array_equal(st0[s], st1[s])
+    assert np.array_equal(b2.view(np.uint16), p2.view(np.uint16))
+
+
+@pytest.mark.parametrize(
+    "name,kw",
+    [("Adam", dict(lr=0.05, weight_decay=0.1)), ("SGD", dict(lr=0.05, momentum=0.9))],
+)
+def test_capturable_optimizer_steps_like_the_host_path(name, kw):
+    """capturable=True on numba-cuda: the step count and scalars live in (simulated) device
+    memory, the scalar kernel computes them, an lr set between steps is written there; the
+    results are the host path's, bit for bit (bfloat16 params, stochastic rounding, loss
+    scale)."""
+    import ml_dtypes
+
+    res = {}
+    for cap in (False, True):
+        r = np.random.default_rng(1)
+        p = {
+            "w": r.standard_normal(100).astype(ml_dtypes.bfloat16),
+            "v": r.standard_normal(50).astype(np.float32),
+        }
+        opt = getattr(fastopt, name)(
+            **kw, capturable=cap, backend="numba-cuda", stochastic_rounding=True, seed=3
+        )
+        for t in range(4):
+            g = {k: r.standard_normal(v.shape).astype(v.dtype) for k, v in p.items()}
+            assert opt.update(p, g, grad_scale=2.0)
+            if t == 1:
+                opt.lr = kw["lr"] * 0.5
+        assert (opt.__dict__.get("_dev") is not None) is cap
+        res[cap] = (p, opt.step_count, opt.state_dict())
+    assert res[True][1] == res[False][1] == 4
+    for k in res[False][0]:
+        assert np.array_equal(res[True][0][k].view(np.uint8), res[False][0][k].view(np.uint8))
+    assert res[True][2]["step"] == 4
+
+
+#: the fullest configuration of each class that carries host state and can step capturably
+HOST_CAPTURABLE = [
+    c
+    for c in FULL
+    if spec_of(c[0]).host_names
+    and device_scalars.capturable(class_of(c[0])._rule, rule_hp(c[0], resolve(*c)))
+]
+
+
+@pytest.mark.parametrize("case", HOST_CAPTURABLE, ids=[config_id(c) for c in HOST_CAPTURABLE])
+def test_capturable_host_state_lives_on_the_device(case):
+    """A capturable optimizer with host state (NAdam's mu_product) advances it on the device:
+    the same params and host state as the host path, bit for bit; ``state_dict`` reads it back
+    and ``load_state_dict`` writes it there (before or after the first step), so a resumed run
+    continues identically."""
+    name, kw = case
+    rng = np.random.default_rng(9)
+    p0 = rng.standard_normal(64).astype(np.float32)
+    grads = [rng.standard_normal(64).astype(np.float32) for _ in range(6)]
+
+    def make(cap):
+        return getattr(fastopt, name)(**kw, capturable=cap, backend="numba-cuda")
+
+    runs = {}
+    for cap in (False, True):
+        opt, p = make(cap), p0.copy()
+        for g in grads[:3]:
+            assert opt.update({"w": p}, {"w": g})
+        sd, p3 = opt.state_dict(), p.copy()
+        assert sd["state"]["w"][spec_of(name).host_names[0]].shape == ()
+        for g in grads[3:]:
+            assert opt.update({"w": p}, {"w": g})
+        fresh, q = make(cap), p3.copy()
+        fresh.load_state_dict(sd)  # before its first step: seeds the device's copy
+        used, r = make(cap), p0.copy()
+        used.update({"w": r}, {"w": grads[0]})
+        used.load_state_dict(sd)  # after it: written into the device's copy
+        r[...] = p3
+        for g in grads[3:]:
+            assert fresh.update({"w": q}, {"w": g}) and used.update({"w": r}, {"w": g})
+        assert (opt.__dict__.get("_dev") is not None) is cap
+        assert np.array_equal(q, p) and np.array_equal(r, p)
+        assert opt.host_state == fresh.host_state == used.host_state
+        runs[cap] = (p, opt.host_state)
+    assert np.array_equal(runs[True][0], runs[False][0])
+    assert runs[True][1] == runs[False][1]

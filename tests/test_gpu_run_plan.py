@@ -7,6 +7,7 @@ machinery runs for real on the steps that need no GPU, and must leave its JSON b
 """
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -15,6 +16,8 @@ import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
 SCRIPT = ROOT / "scripts" / "gpu_run.sh"
+#: the script runs this interpreter (the one running the tests, where fastopt is installed)
+ENV = dict(os.environ, PYTHON=sys.executable)
 sys.path.insert(0, str(ROOT / "scripts"))
 
 import gpu_run  # noqa: E402
@@ -22,7 +25,12 @@ import gpu_run  # noqa: E402
 
 def test_dry_run_passes_and_fits_the_window():
     proc = subprocess.run(
-        ["bash", str(SCRIPT), "--dry-run"], capture_output=True, text=True, timeout=120, cwd=ROOT
+        ["bash", str(SCRIPT), "--dry-run"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        cwd=ROOT,
+        env=ENV,
     )
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert "dry run: ok" in proc.stdout
@@ -77,6 +85,7 @@ def test_the_run_leaves_json_after_each_step(tmp_path):
         text=True,
         timeout=300,
         cwd=ROOT,
+        env=ENV,
     )
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     doc = json.loads((tmp_path / "gpu_run.json").read_text())

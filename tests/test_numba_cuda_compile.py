@@ -159,3 +159,56 @@ def test_every_rule_and_flag_has_a_variant():
         assert sorted(map(sorted, map(dict.items, flags))) == sorted(
             map(sorted, map(dict.items, spec.variants()))
         ), rule
+
+
+#: storage plans of the mixed-precision kernels (kernels.storage.IO keyword arguments)
+MIXED_PLANS = {
+    "bf16": dict(param="bfloat16", grad="bfloat16", state="bfloat16"),
+    "f16": dict(param="float16", grad="float16", state="float16"),
+    "bf16-master-capturable": dict(
+        param="bfloat16",
+        grad="float32",
+        state="float32",
+        master=True,
+        scale="device",
+        found_inf=True,
+        kbuf=True,
+    ),
+    "bf16-sr-scaled": dict(
+        param="bfloat16", grad="bfloat16", state="float32", sr=True, scale="host", write_grad=True
+    ),
+    "f32-bf16-state": dict(param="float32", grad="float32", state="bfloat16"),
+    "f64-f32": dict(param="float64", grad="float32", state="float32"),
+}
+
+
+#: every rule under the 16-bit and capturable plans, Adam under all of them
+MIXED_CASES = [
+    (rule, plan)
+    for plan in MIXED_PLANS
+    for rule in RULES
+    if rule == "adam" or plan in ("bf16", "bf16-master-capturable")
+]
+
+
+@pytest.mark.parametrize("rule,plan", MIXED_CASES, ids=[f"{r}-{p}" for r, p in MIXED_CASES])
+def test_mixed_kernels_compile_without_float64(rule, plan):
+    """The kernels generated per storage plan compile for sm_90; where the math is float32
+    (16-bit and float32 storage) no float64 instruction appears, and each trip loads param,
+    grad and every present slot (and the master) once."""
+    from fastopt.kernels.storage import IO
+
+    cuda, ncb, _ = _TC
+    io = IO(**MIXED_PLANS[plan])
+    flags = dict.fromkeys(RULES[rule].flags, False)
+    writes = RULES[rule].slots_used(flags)
+    ptx, _ = cuda.compile_ptx(
+        ncb.python_kernel(rule, flags, writes, io), ncb.mixed_signature(rule, writes, io), cc=(9, 0)
+    )
+    body = _instructions(ptx)
+    f64 = [ln.strip() for ln in body if re.search(r"\.f64\b", ln)]
+    if io.compute == "float32":
+        assert not f64, f"float64 instructions in a float32-math kernel: {f64[:5]}"
+    else:
+        assert f64
+    assert any(re.search(r"\bst\.global\.", ln) for ln in body)

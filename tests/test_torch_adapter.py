@@ -352,3 +352,68 @@ def test_refusals_change_nothing():
         fot.Adam(model.parameters(), capturable=True)
     with pytest.raises(ValueError, match="unknown backend"):
         fot.Adam(model.parameters(), backend="nope")
+
+
+# -- 16-bit parameters -------------------------------------------------------------------------
+def test_bf16_params_with_master_equal_the_bf16_rounding_of_an_fp32_torch_run():
+    """bfloat16 parameters with ``master_weights=True``: an fp32 copy and fp32 state, stepped
+    in one pass, the parameter stored from it: after 20 steps the bf16 parameter equals the
+    bf16 rounding of an fp32 torch.optim.AdamW run on the same (bf16) gradients."""
+    torch.manual_seed(0)
+    w0 = torch.randn(4096).to(torch.bfloat16)
+    runs = {}
+    for which in ("fastopt", "torch"):
+        if which == "fastopt":
+            p = torch.nn.Parameter(w0.clone())
+            opt = fot.AdamW([p], lr=1e-2, master_weights=True)
+        else:
+            p = torch.nn.Parameter(w0.float())
+            opt = torch.optim.AdamW([p], lr=1e-2, foreach=False)
+        g = torch.Generator().manual_seed(1)
+        for _ in range(20):
+            p.grad = torch.randn(4096, generator=g).to(torch.bfloat16).to(p.dtype)
+            opt.step()
+        runs[which] = (p.detach(), opt)
+    (pf, of), (pt, _) = runs["fastopt"], runs["torch"]
+    assert pf.dtype == torch.bfloat16
+    assert int((pf != pt.to(torch.bfloat16)).sum()) <= 2
+    state = of.state[next(iter(of.state))]
+    assert state["master_param"].dtype == torch.float32
+    assert state["exp_avg"].dtype == torch.float32
+    torch.testing.assert_close(state["master_param"], pt, rtol=1e-6, atol=1e-7)
+
+
+def test_gradscaler_fp16_model_with_master_on_the_cpu():
+    """An fp16 model with an fp32 master under GradScaler("cpu"): the fp16 gradients are
+    unscaled inside the pass (``p.grad`` keeps GradScaler's scale), the step with an inf is
+    skipped entirely, and the master follows an fp32 torch.optim.Adam fed the unscaled grads."""
+    torch.manual_seed(0)
+    model = torch.nn.Linear(16, 4).to(torch.float16)
+    opt = fot.Adam(model.parameters(), lr=1e-2, master_weights=True)
+    refs = [torch.nn.Parameter(p.detach().float().clone()) for p in model.parameters()]
+    ref = torch.optim.Adam(refs, lr=1e-2, foreach=False)
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0**8)
+    g = torch.Generator().manual_seed(2)
+    x, y = torch.randn(32, 16, generator=g), torch.randn(32, 4, generator=g)
+    for t in range(6):
+        opt.zero_grad()
+        out = model(x.to(torch.float16)).float()
+        scaler.scale(((out - y) ** 2).mean()).backward()
+        if t == 3:
+            model.weight.grad[0, 0] = float("inf")
+        scale = scaler.get_scale()
+        before = [p.detach().clone() for p in model.parameters()]
+        grads = [p.grad.detach().clone() for p in model.parameters()]
+        scaler.step(opt)
+        scaler.update()
+        if t == 3:  # skipped: nothing moved, the step count stayed
+            assert all(torch.equal(a, b) for a, b in zip(before, model.parameters()))
+            assert all(int(s["step"]) == 3 for s in opt.state.values())
+            continue
+        assert all(torch.equal(a, p.grad) for a, p in zip(grads, model.parameters()))
+        for r, gr in zip(refs, grads):
+            r.grad = gr.float() * (1.0 / scale)
+        ref.step()
+    for p, r in zip(model.parameters(), refs):
+        torch.testing.assert_close(opt.state[p]["master_param"], r.detach(), rtol=2e-6, atol=1e-7)
+        assert torch.equal(p.detach(), r.detach().to(torch.float16))

@@ -75,7 +75,7 @@ BAD_GRADS = {
     "scalar": (lambda g: 1.0, TypeError, "float"),
     "integer": (lambda g: np.ones(g.shape, np.int64), TypeError, "integer"),
     "complex": (lambda g: np.ones(g.shape, np.complex128), TypeError, "complex"),
-    "float32": (lambda g: g.astype(np.float32), TypeError, "float32"),
+    # float64 params take float64 or float32 grads (fastopt.precision), never float16 ones
     "float16": (lambda g: g.astype(np.float16), TypeError, "float16"),
 }
 

@@ -9,7 +9,11 @@ reading each array once and writing param and the state it uses once. Two kernel
   full wave of resident blocks, sized from the compiled kernel's register count.
 - ``"elementwise"``: a ``cupy.ElementwiseKernel`` around the same body (scalar loads).
 
-``KERNEL_FORM`` (from ``FASTOPT_CUPY_KERNEL``, default ``"raw"``) picks one. Kernels are compiled
+``KERNEL_FORM`` (from ``FASTOPT_CUPY_KERNEL``, default ``"raw"``) picks one. A launch with a
+mixed-precision storage plan (``kernels.storage.IO``: 16-bit or mixed storage dtypes, a master
+copy, stochastic rounding, a loss scale, device-held scalars of a capturable step) always runs
+the raw form generated for that plan (``cuda_source.mixed_source``: W elements per trip, W = 16
+bytes over the narrowest element, 8 for any 16-bit array). Kernels are compiled
 once per (variant, dtype, width); the host scalars are kernel arguments (NumPy scalars of the
 buffer dtype, so float32 kernels stay float32), so a new lr or step never recompiles. A launch
 runs on the array's device and on its producer's stream: CuPy's current stream for CuPy arrays,
@@ -183,7 +187,107 @@ def _stream_for(ptr):
     return st
 
 
-def launch(rule, flags, param, grad, states, k):
+_mixed = {}
+_scalar = {}
+
+
+def scalar_kernel(program):
+    """The one-thread kernel computing a capturable step's scalars on the device
+    (``kernels.device_scalars.c_source``), as ``run(like, ctl, k32, k64, keyp, fi, seed)``
+    launched on ``like``'s producer stream."""
+    from ..kernels import device_scalars
+
+    src = device_scalars.c_source(program)
+    kern = _scalar.get(src)
+    if kern is None:
+        kern = _scalar[src] = cupy.RawKernel(src, "fastopt_scalars")
+
+    def run(like, ctl, k32, k64, keyp, fi, seed):
+        stream = _stream_for(_launch.producer_stream(like))
+        args = (ctl, k32, k64, keyp, _as_cupy(fi, "found_inf"), np.uint32(seed))
+        with ctl.device:
+            if stream is not None:
+                with stream:
+                    kern((1,), (1,), args)
+            else:
+                kern((1,), (1,), args)
+
+    return run
+
+
+def mixed_kernel(rule, flags, io, vector):
+    """The ``cupy.RawKernel`` of one variant under the storage plan ``io`` (built once)."""
+    key = _key(rule, flags) + (io, vector)
+    k = _mixed.get(key)
+    if k is None:
+        src = cuda_source.mixed_source(rule, flags, io, vector=vector)
+        k = _mixed[key] = cupy.RawKernel(src, cuda_source.kernel_name(rule))
+    return k
+
+
+def mixed_arguments(rule, flags, io, named, k, extras):
+    """The argument tuple of the mixed kernel: the arrays of ``named`` in ``mixed_args`` order,
+    the host scalars (or the device buffer holding them) and the extras, typed as the kernel
+    declares them (``extras``: host ``inv_scale``, ``salt``, ``key``; device ``kbuf``,
+    ``scale``, ``found_inf``, ``keyp``). Built without a GPU (the arrays are passed through)."""
+    arrays, scalars = cuda_source.mixed_args(rule, flags, io)
+    ct = np.float64 if io.compute == "float64" else np.float32
+    host = {
+        "inv_scale": lambda: ct(extras["inv_scale"]),
+        "salt": lambda: np.uint32(extras.get("salt", 0)),
+        "key": lambda: np.uint32(extras.get("key", 0)),
+    }
+    device = {"kbuf": "kbuf", "gscale": "scale", "found_inf": "found_inf", "keyp": "keyp"}
+    rule_scalars = dict(zip(RULES[rule].SCALARS, k))
+    args = []
+    for a, _, _ in arrays:
+        if named.get(a) is None:
+            raise ValueError(f"{a}: required by {rule} with {flags} and {io}, got None")
+        args.append(named[a])
+    for _, n in scalars:
+        if n in rule_scalars:
+            args.append(ct(rule_scalars[n]))
+        elif n in host:
+            args.append(host[n]())
+        else:
+            args.append(extras[device[n]])
+    return args
+
+
+def launch_mixed(rule, flags, param, grad, states, k, io, master=None, extras=None):
+    """One launch under the storage plan ``io`` (see ``mixed_arguments`` for ``extras``)."""
+    extras = extras or {}
+    p = _as_cupy(param, "param")
+    if p.size == 0:
+        return
+    named = {"param": p, "grad": _as_cupy(grad, "grad")}
+    named["master"] = None if master is None else _as_cupy(master, "master")
+    for name, s in zip(RULES[rule].STATE, states):
+        named[name] = None if s is None else _as_cupy(s, name)
+    ex = dict(extras)
+    for d in ("kbuf", "scale", "found_inf", "keyp"):
+        if ex.get(d) is not None:
+            ex[d] = _as_cupy(ex[d], d)
+    args = mixed_arguments(rule, flags, io, named, k, ex)
+    bufs = [a for a in args if isinstance(a, cupy.ndarray) and a.size == p.size]
+    vector = all(b.data.ptr % 16 == 0 for b in bufs)
+    width = cuda_source.mixed_width(io, rule, flags) if vector else 1
+    stream = _stream_for(_launch.producer_stream(param))
+    with p.device:
+        kern = mixed_kernel(rule, flags, io, vector)
+        blocks = _launch.grid_size(p.size // width or 1, 1, _waves(_key(rule, flags) + (io,), kern))
+        call = (kern, (blocks,), (_launch.THREADS,), (*args, np.int64(p.size)))
+        if stream is not None:
+            with stream:
+                call[0](*call[1:])
+        else:
+            call[0](*call[1:])
+
+
+def launch(rule, flags, param, grad, states, k, io=None, master=None, extras=None):
+    if io is not None and not io.plain:
+        launch_mixed(rule, flags, param, grad, states, k, io, master, extras)
+        return
     if KERNEL_FORM == "raw" and _driver is not None and type(param) is _ndarray:
         plan = _plans.get(_plan_key(rule, flags, param, grad, states))
         if plan is not None:  # the same buffers as a checked launch before: scalars and go
@@ -193,7 +297,10 @@ def launch(rule, flags, param, grad, states, k):
     used = cuda_source.slots_used(rule, flags)
     p = _as_cupy(param, "param")
     if p.dtype not in (np.float32, np.float64):
-        raise TypeError(f"param: dtype {p.dtype}, expected float32 or float64")
+        raise TypeError(
+            f"param: dtype {p.dtype}, expected float32 or float64 (16-bit params run with a "
+            "storage plan: launch(..., io=...))"
+        )
     arrays = [_as_cupy(grad, "grad")]
     for name, s, u in zip(names, states, used):
         if not u:

@@ -6,6 +6,13 @@ for any number of state slots (``loop_source``); flags and the slots written are
 constants, so each variant is branch-free; the host scalars arrive as one tuple in the buffer
 dtype. Absent state slots are filled with the param array (read, never written).
 
+Mixed precision (``kernels.storage.IO``): for a launch whose arrays are not all stored in the
+compute dtype, or that carries a master copy, stochastic rounding, a loss scale or a grad
+write-back, ``loop_source`` generates the loads and stores per array: 16-bit arrays arrive as
+``uint16`` views and are converted on their bits (``kernels/storage.py``, exact), float32/float64
+arrays are cast; the rule itself sees compute-dtype scalars only. The extras arrive as one tuple
+``x = (1/grad_scale, salt, step key)``.
+
 Both loops vectorise (packed ``vmulps``/``vsqrtps``/``vdivps`` for float32; check with
 ``kernel(...).inspect_asm(sig)`` on a fresh ``NUMBA_CACHE_DIR``) and hold no float64 math in the
 float32 variants. No ``fastmath``: results follow PyTorch's formulas operation by operation. The
@@ -15,8 +22,9 @@ parallel loop uses Numba's thread pool (``NUMBA_NUM_THREADS``, by default one th
 import numpy as np
 
 from .._numba_cache import njit_cached
-from ..kernels import RULES
+from ..kernels import RULES, storage
 from ..kernels.fma import fma
+from ..kernels.storage import BITS16, bits_f32, f32_bits
 
 NAME = "numba"
 DEVICE = "cpu"
@@ -24,6 +32,16 @@ DEVICE = "cpu"
 #: below this many elements a serial loop beats waking the thread pool (measured on 2 cores:
 #: the two break even near 2**14 elements for Adam and 2**15 for SGD with momentum)
 PARALLEL_MIN = 1 << 15
+
+
+def _cpu_has(flag):
+    """Does this CPU report ``flag`` (Linux /proc/cpuinfo; False where unknown)?"""
+    try:
+        with open("/proc/cpuinfo") as f:
+            return any(line.startswith("flags") and flag in line.split() for line in f)
+    except OSError:
+        return False
+
 
 try:
     import numba
@@ -50,6 +68,185 @@ else:
         if isinstance(a, types.Float) and a == b == c:
             return lambda a, b, c: _llvm_fma(a, b, c)
         return None
+
+    @intrinsic
+    def _f32_to_bits(typingctx, x):
+        if x == types.float32:
+
+            def codegen(context, builder, sig, args):
+                i32 = builder.bitcast(args[0], context.get_value_type(types.int32))
+                return builder.zext(i32, context.get_value_type(types.int64))
+
+            return types.int64(x), codegen
+        return None
+
+    @intrinsic
+    def _bits_to_f32(typingctx, u):
+        if isinstance(u, types.Integer):
+
+            def codegen(context, builder, sig, args):
+                v = context.cast(builder, args[0], sig.args[0], types.int64)
+                i32 = builder.trunc(v, context.get_value_type(types.int32))
+                return builder.bitcast(i32, context.get_value_type(types.float32))
+
+            return types.float32(u), codegen
+        return None
+
+    @overload(f32_bits, target="cpu", inline="always")
+    def _f32_bits_cpu(x):
+        # kernels/storage.py's bit casts: no instruction, the register read as the other type
+        if x == types.float32:
+            return lambda x: _f32_to_bits(x)
+        return None
+
+    @overload(bits_f32, target="cpu", inline="always")
+    def _bits_f32_cpu(u):
+        if isinstance(u, types.Integer):
+            return lambda u: _bits_to_f32(u)
+        return None
+
+    def _same(x):
+        return x
+
+    def _to_f32(x):
+        return np.float32(x)
+
+    def _to_f64(x):
+        return np.float64(x)
+
+    def _p_same(x, i, salt, key):
+        return x
+
+    def _p_f32(x, i, salt, key):
+        return np.float32(x)
+
+    def _p_bf16(x, i, salt, key):
+        return storage.bf16_store(x)
+
+    def _p_bf16_sr(x, i, salt, key):
+        return storage.bf16_store_sr(x, storage.sr_bits(i, salt, key))
+
+    def _p_f16(x, i, salt, key):
+        return storage.f16_store(x)
+
+    from llvmlite import ir as _ir
+
+    _I16, _I32, _F32, _F16 = _ir.IntType(16), _ir.IntType(32), _ir.FloatType(), _ir.HalfType()
+
+    @intrinsic
+    def _bf16_load_ir(typingctx, h):
+        # zero-extend, shift up 16, reinterpret: what storage.bf16_load computes, in 32 bits
+        if isinstance(h, types.Integer) and h.bitwidth == 16:
+
+            def codegen(context, builder, sig, args):
+                u = builder.shl(builder.zext(args[0], _I32), _ir.Constant(_I32, 16))
+                return builder.bitcast(u, _F32)
+
+            return types.float32(h), codegen
+        return None
+
+    @intrinsic
+    def _bf16_store_ir(typingctx, x):
+        # storage.bf16_store in 32-bit lanes: round half to even on the bits, NaN made quiet
+        if x == types.float32:
+
+            def codegen(context, builder, sig, args):
+                def c(v):
+                    return _ir.Constant(_I32, v)
+
+                u = builder.bitcast(args[0], _I32)
+                # NaN tested on the float (one compare), the same set as the bits' test
+                nan = builder.fcmp_unordered("uno", args[0], args[0])
+                hi = builder.lshr(u, c(16))
+                up = builder.add(builder.add(u, c(0x7FFF)), builder.and_(hi, c(1)))
+                r = builder.select(nan, builder.or_(hi, c(0x40)), builder.lshr(up, c(16)))
+                return builder.trunc(r, _I16)
+
+            return types.uint16(x), codegen
+        return None
+
+    @intrinsic
+    def _f16_load_ir(typingctx, h):
+        # the hardware conversion (F16C: vcvtph2ps), exact like storage.f16_load
+        if isinstance(h, types.Integer) and h.bitwidth == 16:
+
+            def codegen(context, builder, sig, args):
+                return builder.fpext(builder.bitcast(args[0], _F16), _F32)
+
+            return types.float32(h), codegen
+        return None
+
+    @intrinsic
+    def _f16_store_ir(typingctx, x):
+        # the hardware conversion (F16C: vcvtps2ph), round to nearest even like storage.f16_store
+        if x == types.float32:
+
+            def codegen(context, builder, sig, args):
+                return builder.bitcast(builder.fptrunc(args[0], _F16), _I16)
+
+            return types.uint16(x), codegen
+        return None
+
+    def _overload_with(fn, impl, arg_ok):
+        @overload(fn, target="cpu", inline="always")
+        def _ov(a):
+            if arg_ok(a):
+                return lambda a: impl(a)
+            return None
+
+    def _is16(a):
+        return isinstance(a, types.Integer) and a.bitwidth == 16
+
+    _overload_with(storage.bf16_load, _bf16_load_ir, _is16)
+    _overload_with(storage.bf16_store, _bf16_store_ir, lambda a: a == types.float32)
+    #: x86 CPUs with F16C convert float16 in hardware (exactly, round to nearest even); others
+    #: run kernels/storage.py's bit form
+    F16C = _cpu_has("f16c")
+    if F16C:
+        _overload_with(storage.f16_load, _f16_load_ir, _is16)
+        _overload_with(storage.f16_store, _f16_store_ir, lambda a: a == types.float32)
+    for _f in (
+        storage.bf16_store_sr,
+        storage.mix32,
+        storage.sr_bits,
+        _same,
+        _to_f32,
+        _to_f64,
+        _p_same,
+        _p_f32,
+        _p_bf16,
+        _p_bf16_sr,
+        _p_f16,
+    ):
+        register_jitable(inline="always")(_f)
+    if not F16C:
+        register_jitable(inline="always")(storage.f16_load)
+        register_jitable(inline="always")(storage.f16_store)
+
+    def _loader(kind, compute):
+        """The jitable load of one element of storage ``kind`` as a compute-dtype scalar."""
+        if kind == compute:
+            return _same
+        return {
+            "bfloat16": storage.bf16_load,
+            "float16": storage.f16_load,
+            "float32": _to_f32,
+            "float64": _to_f64,
+        }[kind if kind in BITS16 else compute]
+
+    def _storer(kind, compute):
+        if kind == compute:
+            return _same
+        return {"bfloat16": storage.bf16_store, "float16": storage.f16_store, "float32": _to_f32}[
+            kind
+        ]
+
+    def _param_storer(kind, compute, sr):
+        if kind == compute:
+            return _p_same
+        if sr:
+            return _p_bf16_sr
+        return {"bfloat16": _p_bf16, "float16": _p_f16, "float32": _p_f32}[kind]
 
 
 _compiled = {}
@@ -83,23 +280,72 @@ def loop_source(nslots, writes):
     return "\n".join(lines) + "\n"
 
 
-def python_loop(elem, writes, parallel):
+def mixed_loop_source(nslots, writes, io):
+    """``loop_source`` for a launch with the storage plan ``io`` (``kernels.storage.IO``): the
+    loop takes ``(p, g, s0.., m, k, x)``, ``m`` the fp32 master (the param array when there is
+    none), ``x = (1/grad_scale, salt, step key)``; each array is loaded into a compute-dtype
+    local once and stored once through the factory's conversions (``lp``/``lg``/``ls`` load,
+    ``sp``/``sg``/``ss`` store: closure cells, so the disk cache tells storage plans apart).
+    Absent slots are placeholders holding the param's value, never read or written."""
+    slots = [f"s{j}" for j in range(nslots)]
+    outs = ["pi"] + [f"o{j}" for j in range(nslots)]
+    lines = [
+        "def factory(elem, rng, lp, lg, ls, sp, sg, ss):",
+        f"    def loop(p, g, {''.join(s + ', ' for s in slots)}m, k, x):",
+        "        for i in rng(p.shape[0]):",
+        f"            pv = {'m[i]' if io.master else 'lp(p[i])'}",
+        f"            gv = lg(g[i]){' * x[0]' if io.scale else ''}",
+    ]
+    if io.write_grad:
+        lines.append("            g[i] = sg(gv)")
+    lines += [
+        f"            a{j} = ls(s{j}[i])" if w else f"            a{j} = pv"
+        for j, w in enumerate(writes)
+    ]
+    lines.append(
+        f"            {', '.join(outs)}{',' if nslots == 0 else ''} = elem("
+        f"pv, gv, {''.join(f'a{j}, ' for j in range(nslots))}k)"
+    )
+    if io.master:
+        lines.append("            m[i] = pi")
+    lines.append("            p[i] = sp(pi, i, x[1], x[2])")
+    lines += [f"            {s}[i] = ss(o{j})" for j, s in enumerate(slots) if writes[j]]
+    lines += ["    return loop"]
+    return "\n".join(lines) + "\n"
+
+
+def python_loop(elem, writes, parallel, io=None):
     """The uncompiled loop of one variant: the generated source, with the rule and the range
     (``prange`` or ``range``) as closure cells, so that numba's disk cache tells variants apart
     by their cell contents (the flags live in the rule's own closure)."""
     ns = {"__name__": __name__}  # the cache resolves the function's module by this name
-    exec(compile(loop_source(len(writes), writes), __file__, "exec"), ns)
+    elem = register_jitable(inline="always")(elem)
+    rng = numba.prange if parallel else range
+    if io is None or io.plain:
+        exec(compile(loop_source(len(writes), writes), __file__, "exec"), ns)
+        return ns["factory"](elem, rng)
+    exec(compile(mixed_loop_source(len(writes), writes, io), __file__, "exec"), ns)
+    c = io.compute
     return ns["factory"](
-        register_jitable(inline="always")(elem), numba.prange if parallel else range
+        elem,
+        rng,
+        _loader(io.param, c),
+        _loader(io.grad, c),
+        _loader(io.state, c),
+        _param_storer(io.param, c, io.sr),
+        _storer(io.grad, c),
+        _storer(io.state, c),
     )
 
 
-def kernel(rule, flags, writes, parallel):
+def kernel(rule, flags, writes, parallel, io=None):
     """The compiled loop for one variant (compiled, or loaded from the disk cache, once)."""
-    key = (rule, tuple(sorted(flags.items())), writes, parallel)
+    if io is not None and io.plain:
+        io = None
+    key = (rule, tuple(sorted(flags.items())), writes, parallel, io)
     fn = _compiled.get(key)
     if fn is None:
-        py = python_loop(RULES[rule].make_rule(**flags), writes, parallel)
+        py = python_loop(RULES[rule].make_rule(**flags), writes, parallel, io)
         # error_model="numpy": x/0 gives inf/nan like NumPy and PyTorch instead of a per-element
         # ZeroDivisionError check, whose branch keeps LLVM from vectorising the serial loop
         # (prange bodies already compile this way). The cache lives per user, never in the
@@ -201,16 +447,22 @@ def launch_many(rule, flags, writes, dtype, table, chunks, k):
     fn(table, chunks, np.empty(1, dtype), tuple(dtype.type(x) for x in k))
 
 
-def prepare(rule, flags, writes, k, dtype):
+def prepare(rule, flags, writes, k, dtype, io=None, extras=None):
     """``run(param, grad, states)`` for one step of one variant on flat ``dtype`` arrays whose
     present state slots are ``writes``: the host scalars are cast once, the serial or parallel
     loop is picked per array by its length. Like ``launch``, it trusts its caller
     (``fastopt.functional`` and the optimizer classes check lengths, dtypes and writability
-    before any launch): a loop indexes every array by the param's length."""
+    before any launch): a loop indexes every array by the param's length.
+
+    With a storage plan ``io`` that is not plain, ``run(param, grad, states, master=None,
+    salt=0)`` takes the arrays in their storage dtypes (16-bit ones are viewed as uint16 here)
+    and ``extras`` is ``(1/grad_scale, step key)`` of this step (host values)."""
+    if io is not None and not io.plain:
+        return _prepare_mixed(rule, flags, writes, k, io, extras)
     kc = tuple(np.dtype(dtype).type(x) for x in k)
     fns = [None, None]
 
-    def run(param, grad, states):
+    def run(param, grad, states, master=None, salt=0):
         n = param.shape[0]
         if n == 0:
             return
@@ -219,6 +471,39 @@ def prepare(rule, flags, writes, k, dtype):
         if fn is None:
             fn = fns[par] = kernel(rule, flags, writes, par)
         fn(param, grad, *[param if s is None else s for s in states], kc)
+
+    return run
+
+
+def _bits(a):
+    """A 16-bit float array as the uint16 view the loops convert; others as they are."""
+    return a.view(np.uint16) if a.dtype.itemsize == 2 else a
+
+
+def _prepare_mixed(rule, flags, writes, k, io, extras):
+    ct = np.dtype(io.compute).type
+    kc = tuple(ct(x) for x in k)
+    inv_scale, key = extras if extras is not None else (1.0, 0)
+    fns = [None, None]
+
+    def run(param, grad, states, master=None, salt=0):
+        n = param.shape[0]
+        if n == 0:
+            return
+        par = n >= PARALLEL_MIN
+        fn = fns[par]
+        if fn is None:
+            fn = fns[par] = kernel(rule, flags, writes, par, io)
+        p = _bits(param)
+        x = (ct(inv_scale), np.int64(salt), np.int64(key))
+        fn(
+            p,
+            _bits(grad),
+            *[p if s is None else _bits(s) for s in states],
+            p if master is None else master,
+            kc,
+            x,
+        )
 
     return run
 

@@ -10,6 +10,12 @@ count times the blocks that fit per multiprocessor, from the compiled kernel's r
 and every thread walks the buffer with a grid-stride loop on 64-bit indices, so any n works with
 one launch.
 
+Mixed precision (``kernels.storage.IO``): a launch whose arrays are not all in the compute dtype,
+or that carries a master copy, stochastic rounding, a loss scale, a device found-inf flag or
+device-held scalars (capturable steps), runs a kernel generated for its storage plan
+(``mixed_kernel_source``): 16-bit arrays are passed as uint16 views and converted on their bits
+by ``kernels/storage.py``'s functions compiled as device functions (bit casts lowered here).
+
 Arrays must already live on the GPU (CuPy, Numba device arrays, PyTorch CUDA tensors, also ones
 that require grad, anything with ``__cuda_array_interface__``): a launch copies nothing between
 host and device. Kernels run on the producer's stream (``_launch.producer_stream``: CuPy's
@@ -26,8 +32,9 @@ import os
 
 import numpy as np
 
-from ..kernels import RULES
+from ..kernels import RULES, storage
 from ..kernels.fma import fma
+from ..kernels.storage import bits_f32, f32_bits
 from . import _launch
 
 __all__ = [
@@ -87,6 +94,37 @@ def _register_fma():
     @lower_builtin(fma, types.Float, types.Float, types.Float)
     def _lower_fma(context, builder, sig, args):
         return builder.fma(*args)
+
+    # kernels/storage.py's bit casts: the register read as the other type
+    from llvmlite import ir
+
+    @type_callable(f32_bits)
+    def _type_f32_bits(context):
+        def typer(x):
+            return types.int64 if x == types.float32 else None
+
+        return typer
+
+    @lower_builtin(f32_bits, types.float32)
+    def _lower_f32_bits(context, builder, sig, args):
+        return builder.zext(builder.bitcast(args[0], ir.IntType(32)), ir.IntType(64))
+
+    @type_callable(bits_f32)
+    def _type_bits_f32(context):
+        def typer(u):
+            return types.float32 if isinstance(u, types.Integer) else None
+
+        return typer
+
+    @lower_builtin(bits_f32, types.Integer)
+    def _lower_bits_f32(context, builder, sig, args):
+        v = args[0]
+        width = sig.args[0].bitwidth
+        if width > 32:
+            v = builder.trunc(v, ir.IntType(32))
+        elif width < 32:
+            v = builder.zext(v, ir.IntType(32))
+        return builder.bitcast(v, ir.FloatType())
 
 
 try:
@@ -177,8 +215,58 @@ def kernel_source(name, nslots, writes):
     return "\n".join(lines) + "\n"
 
 
-def python_kernel(rule, flags, writes):
-    """The uncompiled kernel function of one variant (what ``kernel`` hands to ``cuda.jit``)."""
+def mixed_kernel_source(name, nslots, writes, io, nscalars):
+    """``kernel_source`` for a launch with the storage plan ``io``: the kernel takes ``(p, g,
+    s0.., m, k, x, kb, gs, fi, kp)``: ``m`` the fp32 master, ``k`` the host scalars, ``x =
+    (1/grad_scale, salt, step key)`` (host values), ``kb`` the scalars in device memory
+    (capturable), ``gs`` the device grad_scale, ``fi`` the device found-inf flag, ``kp`` the
+    device step key; the arguments a plan does not use are placeholders never read. Each array
+    is loaded once into a compute-dtype local and stored once, converted by its storage dtype
+    (``lp``/``lg``/``ls`` load, ``sp``/``sg``/``ss`` store: the factory's arguments)."""
+    slots = [f"s{j}" for j in range(nslots)]
+    outs = ", ".join(["pi"] + [f"o{j}" for j in range(nslots)])
+    lines = [
+        "def factory(elem, lp, lg, ls, sp, sg, ss, CT):",
+        f"    def {name}(p, g, {''.join(s + ', ' for s in slots)}m, k, x, kb, gs, fi, kp):",
+    ]
+    if io.found_inf:
+        lines.append("        if fi[0] != 0:")
+        lines.append("            return")
+    if io.kbuf:
+        lines.append(f"        k = ({''.join(f'kb[{j}], ' for j in range(nscalars))})")
+    if io.scale == "device":
+        lines.append("        inv = CT(1) / CT(gs[0])")
+    elif io.scale == "host":
+        lines.append("        inv = x[0]")
+    lines.append(f"        key = {'kp[0]' if io.kbuf and io.sr else 'x[2]'}")
+    lines += [
+        "        start = cuda.grid(1)",
+        "        stride = cuda.gridsize(1)",
+        "        for i in range(start, p.shape[0], stride):",
+        f"            pv = {'m[i]' if io.master else 'lp(p[i])'}",
+        f"            gv = lg(g[i]){' * inv' if io.scale else ''}",
+    ]
+    if io.write_grad:
+        lines.append("            g[i] = sg(gv)")
+    lines += [
+        f"            a{j} = ls(s{j}[i])" if w else f"            a{j} = pv"
+        for j, w in enumerate(writes)
+    ]
+    lines.append(
+        f"            {outs}{',' if nslots == 0 else ''} = elem("
+        f"pv, gv, {''.join(f'a{j}, ' for j in range(nslots))}k)"
+    )
+    if io.master:
+        lines.append("            m[i] = pi")
+    lines.append("            p[i] = sp(pi, i, x[1], key)")
+    lines += [f"            {s}[i] = ss(o{j})" for j, s in enumerate(slots) if writes[j]]
+    lines += [f"    return {name}"]
+    return "\n".join(lines) + "\n"
+
+
+def python_kernel(rule, flags, writes, io=None):
+    """The uncompiled kernel function of one variant (what ``kernel`` hands to ``cuda.jit``),
+    for the storage plan ``io`` when it is not plain."""
     spec = RULES[rule]
     if len(writes) != len(spec.state):
         raise ValueError(
@@ -189,8 +277,23 @@ def python_kernel(rule, flags, writes):
     # ``cuda`` is a global of the kernel, not a cell: the simulator swaps a kernel's globals
     ns = {"__name__": __name__, "cuda": cuda}
     name = f"fastopt_{rule}"
-    exec(compile(kernel_source(name, len(writes), writes), __file__, "exec"), ns)
-    return ns["factory"](elem)
+    if io is None or io.plain:
+        exec(compile(kernel_source(name, len(writes), writes), __file__, "exec"), ns)
+        return ns["factory"](elem)
+    src = mixed_kernel_source(name, len(writes), writes, io, len(spec.scalars))
+    exec(compile(src, __file__, "exec"), ns)
+    conv = storage.make_converters(lambda f: cuda.jit(device=True, inline="always")(f), io.compute)
+    param = "bfloat16-sr" if io.sr else io.param
+    return ns["factory"](
+        elem,
+        conv["load"][io.param],
+        conv["load"][io.grad],
+        conv["load"][io.state],
+        conv["param"][param],
+        conv["store"][io.grad],
+        conv["store"][io.state],
+        getattr(np, io.compute),
+    )
 
 
 def variants(rules=None):
@@ -203,12 +306,61 @@ def variants(rules=None):
     ]
 
 
-def kernel(rule, flags, writes):
+def mixed_signature(rule, writes, io):
+    """The numba argument types of the mixed kernel of one variant under ``io`` (unused
+    positions typed as the param), for ``cuda.compile_ptx`` checks without a GPU."""
+    from numba import types
+
+    def arr(kind):
+        return types.uint16[::1] if kind in storage.BITS16 else getattr(types, kind)[::1]
+
+    p = arr(io.param)
+    c = getattr(types, io.compute)
+    sig = (p, arr(io.grad)) + tuple(arr(io.state) if w else p for w in writes)
+    sig += (types.float32[::1] if io.master else p,)
+    sig += (types.UniTuple(c, len(RULES[rule].scalars)), types.Tuple((c, types.int64, types.int64)))
+    sig += (c[::1] if io.kbuf else p, types.float32[::1] if io.scale == "device" else p)
+    sig += (types.float32[::1] if io.found_inf else p, types.uint32[::1] if io.kbuf else p)
+    return sig
+
+
+_scalar = {}
+
+
+def scalar_kernel(program):
+    """The one-thread kernel computing a capturable step's scalars on the device
+    (``kernels.device_scalars.python_source``), as ``run(like, ctl, k32, k64, keyp, fi,
+    seed)`` launched on ``like``'s producer stream (plain Python under the simulator)."""
+    import math
+
+    from ..kernels import device_scalars
+
+    src = device_scalars.python_source(program)
+    fn = _scalar.get(src)
+    if fn is None:
+        ns = {"__name__": __name__, "cuda": cuda, "math": math}
+        exec(compile(src, __file__, "exec"), ns)
+        mix = cuda.jit(device=True, inline="always")(storage.mix32)
+        fn = _scalar[src] = cuda.jit(ns["factory"](mix))
+
+    def run(like, ctl, k32, k64, keyp, fi, seed):
+        if SIMULATOR and isinstance(like, np.ndarray):
+            fn[1, 1](ctl, k32, k64, keyp, fi, np.uint32(seed))
+            return
+        views = [_device_view(a, "device scalars") for a in (ctl, k32, k64, keyp, fi)]
+        fn[1, 1, _stream(_stream_ptr(like))](*views, np.uint32(seed))
+
+    return run
+
+
+def kernel(rule, flags, writes, io=None):
     """The cached ``cuda.jit`` kernel of one variant (compiled lazily per argument types)."""
-    key = (rule, tuple(sorted(flags.items())), tuple(writes))
+    if io is not None and io.plain:
+        io = None
+    key = (rule, tuple(sorted(flags.items())), tuple(writes), io)
     fn = _compiled.get(key)
     if fn is None:
-        fn = _compiled[key] = cuda.jit(python_kernel(rule, flags, tuple(writes)))
+        fn = _compiled[key] = cuda.jit(python_kernel(rule, flags, tuple(writes), io))
     return fn
 
 
@@ -285,7 +437,69 @@ def _device_index(a):
     return None
 
 
-def launch(rule, flags, param, grad, states, k):
+def _bits16(a):
+    """A 16-bit float device (or simulator host) array as its uint16 view."""
+    if _dtype(a).itemsize == 2:
+        return a.view(np.uint16)
+    return a
+
+
+def launch_mixed(rule, flags, param, grad, states, k, io, master=None, extras=None):
+    """One launch under the storage plan ``io`` (``kernels.storage.IO``): ``extras`` holds the
+    host values ``inv_scale``, ``salt``, ``key`` and the device arrays ``scale`` (grad_scale),
+    ``found_inf``, ``kbuf`` (the scalars, in the compute dtype) and ``keyp`` (the step key)."""
+    n = int(param.shape[0])
+    if n == 0:
+        return
+    extras = extras or {}
+    param, grad = _launch.plain_view(param), _launch.plain_view(grad)
+    states = tuple(None if s is None else _launch.plain_view(s) for s in states)
+    writes = tuple(s is not None for s in states)
+    ct = np.dtype(io.compute).type
+    scalars = tuple(ct(x) for x in k)
+    inv = extras.get("inv_scale")
+    x = (
+        ct(1.0 if inv is None else inv),
+        np.int64(extras.get("salt", 0)),
+        np.int64(extras.get("key", 0)),
+    )
+    fn = kernel(rule, flags, writes, io)
+    dev = [extras.get(name) for name in ("kbuf", "scale", "found_inf", "keyp")]
+    p = _bits16(param)
+    if SIMULATOR and isinstance(param, np.ndarray):
+        # empty views fill the unused positions (see ``launch``)
+        blocks, threads = launch_config(n)
+        hole = p[:0]
+        arrays = [p, _bits16(grad)] + [hole if s is None else _bits16(s) for s in states]
+        arrays += [hole if master is None else master]
+        fn[blocks, threads](*arrays, scalars, x, *[hole if d is None else d for d in dev])
+        return
+    devi = _device_index(param)
+    if isinstance(devi, int) and devi != cuda.get_current_device().id:
+        with cuda.gpus[devi]:
+            _launch_mixed_device(fn, n, param, grad, states, master, scalars, x, dev)
+    else:
+        _launch_mixed_device(fn, n, param, grad, states, master, scalars, x, dev)
+
+
+def _launch_mixed_device(fn, n, param, grad, states, master, scalars, x, dev):
+    ptr = _stream_ptr(param)
+    p = _device_view(_bits16(param), "param")
+    arrays = [p, _device_view(_bits16(grad), "grad")]
+    arrays += [
+        p if s is None else _device_view(_bits16(s), f"state slot {i}")
+        for i, s in enumerate(states)
+    ]
+    arrays.append(p if master is None else _device_view(master, "master"))
+    devs = [p if d is None else _device_view(d, "device scalar") for d in dev]
+    blocks, threads = launch_config(n)
+    fn[min(blocks, -(-n // threads)), threads, _stream(ptr)](*arrays, scalars, x, *devs)
+
+
+def launch(rule, flags, param, grad, states, k, io=None, master=None, extras=None):
+    if io is not None and not io.plain:
+        launch_mixed(rule, flags, param, grad, states, k, io, master, extras)
+        return
     n = int(param.shape[0])
     if n == 0:
         return

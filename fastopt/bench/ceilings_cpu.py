@@ -13,7 +13,7 @@ import numpy as np
 from .._numba_cache import njit_cached
 from .measure import HostTimer, Runner, bytes_per_step
 
-__all__ = ["TRAFFIC", "copy_runner", "traffic_runner"]
+__all__ = ["TRAFFIC", "copy_runner", "mixed_traffic_runner", "traffic_runner"]
 
 
 @njit_cached(parallel=True, nogil=True)
@@ -79,4 +79,100 @@ def copy_runner(p0):
     src, dst = p0.copy(), np.zeros_like(p0)
     return Runner(
         "copy:numba", lambda: _copy(dst, src), HostTimer(), 2 * src.nbytes, keep=(src, dst)
+    )
+
+
+# -- mixed precision: the same traffic in each array's storage dtype -----------------------------
+
+
+def _same(x):
+    return x
+
+
+def _to_u16(x):
+    return np.uint16(np.int32(x))
+
+
+def _to_f32(x):
+    return np.float32(x)
+
+
+def _to_f64(x):
+    return np.float64(x)
+
+
+for _f in (_same, _to_u16, _to_f32, _to_f64):
+    numba.extending.register_jitable(inline="always")(_f)
+
+
+def _cvt(src, dst):
+    """A trivial conversion of a grad value (storage ``src``) into storage ``dst``: the
+    ceiling's math is one add per buffer, whatever the types."""
+    small = ("float16", "bfloat16")
+    if (src in small) == (dst in small) and (src == dst or src in small):
+        return _same
+    return {"float32": _to_f32, "float64": _to_f64}.get(dst, _to_u16)
+
+
+_mixed = {}
+
+
+def _mixed_source(n_state, master):
+    slots = "".join(f"s{j}, " for j in range(n_state))
+    lines = [
+        "def factory(cp, cs, cm):",
+        f"    def traffic(p, g, {slots}m):",
+        "        for i in numba.prange(p.shape[0]):",
+        "            gi = g[i]",
+    ]
+    if master:  # the master read and written, the param written only (as the optimizer)
+        lines += [
+            "            mi = m[i] + cm(gi)",
+            "            m[i] = mi",
+            "            p[i] = cp(mi)",
+        ]
+    else:
+        lines.append("            p[i] = p[i] + cp(gi)")
+    lines += [f"            s{j}[i] = s{j}[i] + cs(gi)" for j in range(n_state)]
+    lines.append("    return traffic")
+    return "\n".join(lines) + "\n"
+
+
+def mixed_traffic_kernel(io, n_state):
+    """The compiled same-traffic loop of a storage plan: the buffers the optimizer touches, in
+    their storage dtypes (16-bit ones as uint16), read and written as the optimizer does."""
+    key = (io.param, io.grad, io.state, io.master, n_state)
+    fn = _mixed.get(key)
+    if fn is None:
+        from .._numba_cache import njit_cached
+
+        ns = {"__name__": __name__, "numba": numba}
+        exec(compile(_mixed_source(n_state, io.master), __file__, "exec"), ns)
+        master_src = "float32"
+        py = ns["factory"](
+            _cvt(master_src if io.master else io.grad, io.param),
+            _cvt(io.grad, io.state),
+            _cvt(io.grad, "float32"),
+        )
+        fn = _mixed[key] = njit_cached(parallel=True, nogil=True)(py)
+    return fn
+
+
+def mixed_traffic_runner(io, n_state, n):
+    """The same-traffic kernel of storage plan ``io`` over fresh buffers of ``n`` elements."""
+
+    def buf(kind, fill=0):
+        dt = np.uint16 if kind in ("float16", "bfloat16") else np.dtype(kind)
+        return np.full(n, fill, dtype=dt)
+
+    p, g = buf(io.param, 0 if io.master else 1), buf(io.grad, 1)
+    states = [buf(io.state) for _ in range(n_state)]
+    m = buf("float32") if io.master else p
+    kern = mixed_traffic_kernel(io, n_state)
+    return Runner(
+        "ceiling:numba",
+        lambda: kern(p, g, *states, m),
+        HostTimer(),
+        bytes_per_step(n_state, n, io=io),
+        keep=(p, g, states, m),
     )

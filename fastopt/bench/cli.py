@@ -2,12 +2,17 @@
 
 For each optimizer, dtype and size it times one fused step (``opt.step(buf)`` on a FlatBuffer),
 the NumPy oracle, ``torch.optim`` when torch is installed, and two ceilings on the same backend:
-a copy and a same-traffic kernel. It prints a table (ms/step, GB/s, % of the same-traffic
-ceiling, speed-up over the NumPy oracle and over torch) and can write the raw timings as JSON
-and a bar chart as PNG. Progress goes to stderr, the table to stdout.
+a copy and a same-traffic kernel. On the CPU it adds mixed-precision rows: Adam (of the chosen
+optimizers, those in ``--precision-optimizers``) in each storage plan of ``--precisions``
+(float32; bfloat16 params, grads and state; bfloat16 with float32 state; with float32 state and
+an fp32 master), timed side by side in one group, each against the same-traffic kernel of its
+own byte count, with its speed-up and bytes relative to float32. It prints a table (ms/step,
+GB/s, % of the same-traffic ceiling, speed-up over the NumPy oracle and over torch) and can write
+the raw timings as JSON and a bar chart as PNG. Progress goes to stderr, the table to stdout.
 
     fastopt bench --quick
     fastopt bench --optimizers adam,adamw --sizes 2^24 --json bench/results/run.json
+    fastopt bench --optimizers adam --sizes 1e7 --dtypes float32 --backends numba --reps 40
 """
 
 import argparse
@@ -22,7 +27,7 @@ import numpy as np
 
 from ..backends import BACKENDS, get_backend
 from . import measure
-from .measure import CASE_NAMES, CASES, GRID, fmt_n
+from .measure import CASE_NAMES, CASES, GRID, PRECISIONS, fmt_n
 
 __all__ = ["build_parser", "format_table", "main", "write_json_atomic"]
 
@@ -30,6 +35,9 @@ __all__ = ["build_parser", "format_table", "main", "write_json_atomic"]
 QUICK = {"cpu": (1 << 20,), "cuda": (1 << 24,)}
 DTYPES = ("float32", "float64")
 PEER = "torch"
+#: the mixed-precision rows by default: these optimizers, these storage plans (CPU)
+PRECISION_OPTIMIZERS = ("adam",)
+DEFAULT_PRECISIONS = ("float32", "bfloat16", "bfloat16+fp32-state", "bfloat16+master")
 
 
 def _csv(choices, what):
@@ -136,6 +144,20 @@ def build_parser():
         help="float32 and/or float64 (default: both on the CPU, float32 on a GPU)",
     )
     ap.add_argument(
+        "--precisions",
+        type=_csv(tuple(PRECISIONS) + ("none",), "precision"),
+        metavar="LIST",
+        help="storage plans of the CPU mixed-precision rows, from: "
+        f"{', '.join(PRECISIONS)}; 'none' for no such rows (default: "
+        f"{','.join(DEFAULT_PRECISIONS)})",
+    )
+    ap.add_argument(
+        "--precision-optimizers",
+        type=_csv(CASE_NAMES, "optimizer"),
+        metavar="LIST",
+        help="optimizers with mixed-precision rows (default: adam, when selected)",
+    )
+    ap.add_argument(
         "--reps",
         type=_positive(int),
         metavar="N",
@@ -213,6 +235,53 @@ def _plan(args, ap):
                     if devices[device] or modes:
                         plan.append((device, case, dtype, n, devices[device], modes))
     return plan
+
+
+def _precision_plan(args, plan):
+    """[(case, n, precisions)] of the CPU mixed-precision groups (after the main plan's)."""
+    if not any(device == "cpu" and backends for device, _, _, _, backends, _ in plan):
+        return []
+    if args.precisions == ["none"]:
+        return []
+    precisions = [p for p in (args.precisions or DEFAULT_PRECISIONS) if p != "none"]
+    if importlib.util.find_spec("ml_dtypes") is None:  # bfloat16 arrays need it
+        skipped = [p for p in precisions if "bfloat16" in p]
+        if skipped and args.precisions:
+            print(
+                f"fastopt bench: {', '.join(skipped)} skipped: bfloat16 needs ml_dtypes "
+                "(pip install 'fastopt[bf16]')",
+                file=sys.stderr,
+            )
+        precisions = [p for p in precisions if "bfloat16" not in p]
+        if precisions == ["float32"]:
+            return []
+    chosen = args.optimizers or CASE_NAMES
+    names = args.precision_optimizers or [c for c in PRECISION_OPTIMIZERS if c in chosen]
+    sizes = args.sizes or (QUICK["cpu"] if args.quick else GRID["cpu"][0])
+    if args.backends is not None and "numba" not in args.backends:
+        return []
+    return [(CASES[c], n, precisions) for c in names for n in sizes]
+
+
+def _precision_lines(records):
+    """One line per mixed-precision row: bytes and time against float32, % of its ceiling."""
+    out = []
+    for r in records:
+        if "precision" not in r:
+            continue
+        vs = ""
+        if r.get("speedup_vs_float32") is not None and r["dtype"] != "float32":
+            vs = (
+                f", {r['bytes_vs_float32']:.2f}x float32's bytes, "
+                f"{r['speedup_vs_float32']:.2f}x faster than float32"
+            )
+        out.append(
+            f"  {r['optimizer']} n={fmt_n(r['n'])} {r['dtype']}: {r['bytes'] // r['n']} B/elem, "
+            f"{r['median_s'] * 1e3:.3f} ms ({r['reps']} reps){vs}; "
+            f"{_fmt(r.get('pct_of_ceiling'), '.0f')} % of its same-traffic ceiling "
+            f"({_fmt(r.get('ceiling_gbps'), '.1f')} GB/s)"
+        )
+    return out
 
 
 def _fmt(x, spec, none="-"):
@@ -405,7 +474,8 @@ def main(argv=None):
             )
             return 2
     plan = _plan(args, ap)
-    if not plan:
+    mixed = _precision_plan(args, plan)
+    if not plan and not mixed:
         ap.error("nothing to measure: no selected backend can run these optimizers here")
     reps = args.reps or (10 if args.quick else 30)
     budget = args.budget or (1.0 if args.quick else 6.0)
@@ -420,7 +490,7 @@ def main(argv=None):
         + f", {reps} reps",
         file=sys.stderr,
     )
-    from .groups import finalize, run_group
+    from .groups import finalize, run_group, run_precision_group
 
     load_start = _loadavg()
     records, host_path, t_start = [], [], time.perf_counter()
@@ -448,7 +518,7 @@ def main(argv=None):
         write_json_atomic(args.json, doc)
 
     for i, (device, case, dtype, n, backends, modes) in enumerate(plan, 1):
-        _progress(i, len(plan), device, case, dtype, n)
+        _progress(i, len(plan) + len(mixed), device, case, dtype, n)
         t0 = time.perf_counter()
         recs = run_group(case, device, n, dtype, backends, modes, reps=reps, budget_s=budget)
         summary = "  ".join(
@@ -460,7 +530,18 @@ def main(argv=None):
         records += recs
         if args.json:  # after every group: a run cut short still leaves what it measured
             finalize(records)
-            write_json(complete=i == len(plan))
+            write_json(complete=i == len(plan) + len(mixed))
+    for i, (case, n, precisions) in enumerate(mixed, len(plan) + 1):
+        _progress(i, len(plan) + len(mixed), "cpu", case, "mixed", n)
+        t0 = time.perf_counter()
+        # side by side in one group, twice the repetitions: the ratios are the point
+        recs = run_precision_group(case, n, precisions, reps=2 * reps, budget_s=2 * budget)
+        summary = "  ".join(f"{r['dtype']} {r['median_s'] * 1e3:.3g} ms" for r in recs)
+        print(f" {summary}  ({time.perf_counter() - t0:.1f} s)", file=sys.stderr, flush=True)
+        records += recs
+        if args.json:
+            finalize(records)
+            write_json(complete=i == len(plan) + len(mixed))
     finalize(records)
     if any(device == "cpu" for device, *_ in plan):
         host_path += measure_host_path(dict.fromkeys(case for _, case, *_ in plan))
@@ -470,6 +551,13 @@ def main(argv=None):
         print(
             "\nceilings (median over the groups; each measured beside its optimizers, "
             "on the same backend):"
+        )
+        print("\n".join(lines))
+    lines = _precision_lines(records)
+    if lines:
+        print(
+            "\nmixed precision (numba, one group per optimizer and size, timed side by side; "
+            f"load average {load_start} at the start, {_loadavg()} at the end):"
         )
         print("\n".join(lines))
     if host_path:

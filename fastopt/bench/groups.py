@@ -10,7 +10,16 @@ dicts, the schema of ``bench/results/*.json``; ``finalize`` adds the cross-group
 import numpy as np
 
 from ..backends import BACKENDS, available_backends, get_backend
-from .measure import HostTimer, Runner, bytes_per_step, host_data, measure_group, median, percent
+from .measure import (
+    PRECISIONS,
+    HostTimer,
+    Runner,
+    bytes_per_step,
+    host_data,
+    measure_group,
+    median,
+    percent,
+)
 
 __all__ = [
     "ceiling_backend",
@@ -20,7 +29,9 @@ __all__ = [
     "fastopt_runner",
     "finalize",
     "group_factories",
+    "precision_factories",
     "run_group",
+    "run_precision_group",
 ]
 
 
@@ -40,9 +51,11 @@ def ceiling_backend(device, backends):
     return None
 
 
-def fastopt_runner(case, backend, p0, g0):
+def fastopt_runner(case, backend, p0, g0, kwargs=(), io=None):
     """``opt.step(buf)`` of the fastopt optimizer of ``case`` on ``backend``, over a FlatBuffer
-    holding one parameter of ``p0.size`` elements (the fused one-launch path users call)."""
+    holding one parameter of ``p0.size`` elements (the fused one-launch path users call);
+    ``kwargs``: mixed-precision keywords of the optimizer, ``io`` its storage plan (the bytes
+    moved count each array's own dtype)."""
     import fastopt
 
     be = get_backend(backend)
@@ -54,16 +67,16 @@ def fastopt_runner(case, backend, p0, g0):
             p0, g0 = to_device(p0), to_device(g0)
     else:
         timer = HostTimer()
-    buf = fastopt.FlatBuffer({"w": p0})  # copies the values in (p0 itself is never written)
+    gdt = None if g0.dtype == p0.dtype else "float32"
+    buf = fastopt.FlatBuffer({"w": p0}, grad_dtype=gdt)  # copies the values in
     buf.grads["w"][...] = g0
-    opt = getattr(fastopt, case.cls)(**case.fastopt_kwargs, backend=backend)
-    return Runner(
-        backend,
-        lambda: opt.step(buf),
-        timer,
-        bytes_per_step(case.n_state, p0.size, p0.dtype),
-        keep=(buf, opt),
+    opt = getattr(fastopt, case.cls)(**case.fastopt_kwargs, **dict(kwargs), backend=backend)
+    nbytes = (
+        bytes_per_step(case.n_state, p0.size, p0.dtype)
+        if io is None
+        else bytes_per_step(case.n_state, p0.size, io=io)
     )
+    return Runner(backend, lambda: opt.step(buf), timer, nbytes, keep=(buf, opt))
 
 
 def ceiling_runner(backend, n_state, p0, g0):
@@ -242,4 +255,69 @@ def finalize(records):
             peer = torch_best.get(peer_key)
             r["speedup_vs_torch"] = peer["median_s"] / r["median_s"] if peer else None
             r["torch_peer"] = f"{peer['backend']} ({peer['layout']})" if peer else None
+    return records
+
+
+# -- mixed-precision rows: one optimizer across storage plans, side by side ----------------------
+
+
+def precision_factories(case, n, precisions, backend="numba", seed=0):
+    """Factories for ``measure_group``: ("step", precision) and ("ceiling", precision) for each
+    name of ``measure.PRECISIONS`` (CPU: the numba backend and its same-traffic kernels)."""
+    from . import ceilings_cpu
+
+    facs = {}
+    for name in precisions:
+        pr = PRECISIONS[name]
+        io = pr.io()
+        p0, g0 = host_data(n, pr.param, seed, pr.grad)
+        facs[("step", name)] = lambda p0=p0, g0=g0, pr=pr, io=io: fastopt_runner(
+            case, backend, p0, g0, pr.kwargs, io
+        )
+        if io.plain:
+            facs[("ceiling", name)] = lambda p0=p0, g0=g0: ceilings_cpu.traffic_runner(
+                case.n_state, p0, g0
+            )
+        else:
+            facs[("ceiling", name)] = lambda io=io: ceilings_cpu.mixed_traffic_runner(
+                io, case.n_state, n
+            )
+    return facs
+
+
+def run_precision_group(
+    case, n, precisions, backend="numba", reps=60, warmup=3, budget_s=None, progress=None
+):
+    """Measure one optimizer at size ``n`` in each storage plan of ``precisions``, with each
+    plan's same-traffic ceiling, all in one group (built together, timed in two passes, the
+    second in reverse order: the ratios compare runs of the same minutes). Returns records
+    (``dtype`` holds the plan's name) with ``ceiling_gbps``, ``pct_of_ceiling`` and, against
+    the float32 row when there is one, ``speedup_vs_float32`` and ``bytes_vs_float32``."""
+    res = measure_group(
+        precision_factories(case, n, precisions, backend),
+        reps=reps,
+        warmup=warmup,
+        budget_s=budget_s,
+        together=True,
+        progress=progress,
+    )
+    records = []
+    for name in precisions:
+        if ("step", name) not in res:
+            continue
+        runner, times = res[("step", name)]
+        rec = _record(case, "cpu", n, name, runner, times, backend)
+        rec["precision"] = dict(PRECISIONS[name].kwargs, param=PRECISIONS[name].param)
+        ceil = res.get(("ceiling", name))
+        if ceil is not None:
+            t = median(ceil[1])
+            rec["ceiling_backend"], rec["ceiling_s"] = "numba", t
+            rec["ceiling_gbps"] = ceil[0].bytes / t / 1e9
+            rec["pct_of_ceiling"] = percent(rec["gbps"], rec["ceiling_gbps"])
+            rec["copy_gbps"] = None
+        records.append(rec)
+    base = next((r for r in records if r["dtype"] == "float32"), None)
+    for r in records:
+        r["speedup_vs_float32"] = base["median_s"] / r["median_s"] if base else None
+        r["bytes_vs_float32"] = r["bytes"] / base["bytes"] if base else None
     return records

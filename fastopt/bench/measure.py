@@ -5,7 +5,13 @@ the grad and every state buffer once and writes the param and every state buffer
 
     bytes per step = (3 + 2·n_state) · itemsize · n
 
-which gives the README's float32 table (SGD 12, Momentum 20, Adam 28, AMSGrad 36, ...).
+with every array in one dtype, which gives the README's float32 table (SGD 12, Momentum 20,
+Adam 28, AMSGrad 36, ...).
+With mixed precision each array counts its own itemsize (``bytes_per_step(..., io=)``): param
+read (not when an fp32 master is read instead) and written, grad read (and written back when
+unscaled in place), every state buffer read and written, the master read and written. The
+mixed-precision rows (``PRECISIONS``) compare one optimizer across storage plans side by side.
+
 Effective bandwidth = bytes ÷ median step time; it is compared with two ceilings measured in the
 same run on the same backend: a copy (``2·itemsize·n`` bytes) and a same-traffic kernel that
 touches exactly the optimizer's buffers with trivial math (``_bench_cpu`` / ``_bench_gpu``).
@@ -28,8 +34,10 @@ __all__ = [
     "CASES",
     "CASE_NAMES",
     "GRID",
+    "PRECISIONS",
     "Case",
     "HostTimer",
+    "Precision",
     "Runner",
     "bytes_per_step",
     "cpu_model",
@@ -159,9 +167,51 @@ GRID = {
 }
 
 
-def bytes_per_step(n_state, n, dtype):
-    """Bytes one step moves: param, grad and the state read; param and the state written."""
-    return (3 + 2 * n_state) * np.dtype(dtype).itemsize * int(n)
+def bytes_per_step(n_state, n, dtype=None, io=None):
+    """Bytes one step moves: param, grad and the state read; param and the state written; all
+    in ``dtype``, or each array in its storage dtype of ``io`` (``kernels.storage.IO``)."""
+    if io is None:
+        return (3 + 2 * n_state) * np.dtype(dtype).itemsize * int(n)
+    size = io.itemsizes()
+    per = size["param"] * (1 if io.master else 2) + size["grad"] * (2 if io.write_grad else 1)
+    per += 2 * n_state * size["state"] + (2 * size["master"] if io.master else 0)
+    return per * int(n)
+
+
+@dataclass(frozen=True)
+class Precision:
+    """One storage plan of the mixed-precision rows: the params' and grads' dtypes and the
+    optimizer keywords that choose the state dtype and the master copy."""
+
+    name: str
+    param: str
+    grad: str
+    kwargs: tuple = ()
+
+    def io(self, n_state=None):
+        """The storage plan (``kernels.storage.IO``) of this precision's launches."""
+        from ..precision import io_of, resolve_state_kind
+
+        kw = dict(self.kwargs)
+        master = kw.get("master_weights", False)
+        state = resolve_state_kind(kw.get("state_dtype"), self.param, master)
+        return io_of(self.param, self.grad, state, master, kw.get("stochastic_rounding", False))
+
+
+#: the mixed-precision rows: float32 (the baseline), bfloat16 params and grads with bfloat16
+#: state (torch's fused default for bf16 models), with float32 state, and with float32 state and
+#: an fp32 master copy (what mixed-precision training keeps); float16 likewise
+PRECISIONS = {
+    p.name: p
+    for p in (
+        Precision("float32", "float32", "float32"),
+        Precision("bfloat16", "bfloat16", "bfloat16"),
+        Precision("bfloat16+fp32-state", "bfloat16", "bfloat16", (("state_dtype", "float32"),)),
+        Precision("bfloat16+master", "bfloat16", "bfloat16", (("master_weights", True),)),
+        Precision("float16", "float16", "float16"),
+        Precision("float16+master", "float16", "float16", (("master_weights", True),)),
+    )
+}
 
 
 def transformer_shapes(n, layers=16):
@@ -209,10 +259,18 @@ def transformer_shapes(n, layers=16):
     return shapes
 
 
-def host_data(n, dtype, seed=0):
-    """Random params and grads (never zeros: denormal-free, realistic magnitudes)."""
+def host_data(n, dtype, seed=0, grad_dtype=None):
+    """Random params and grads (never zeros: denormal-free, realistic magnitudes); 16-bit
+    dtypes (``"bfloat16"`` through ml_dtypes) are drawn in float32 and rounded."""
+    from ..precision import storage_dtype
+
     rng = np.random.default_rng(seed)
-    dtype = np.dtype(dtype)
+    dtype = storage_dtype(dtype) if isinstance(dtype, str) else np.dtype(dtype)
+    gdt = dtype if grad_dtype is None else storage_dtype(grad_dtype)
+    if dtype.itemsize == 2 or gdt != dtype:
+        p = rng.standard_normal(n, dtype=np.float32).astype(dtype)
+        g = (rng.standard_normal(n, dtype=np.float32) * np.float32(1e-2)).astype(gdt)
+        return p, g
     p = rng.standard_normal(n, dtype=dtype)
     g = rng.standard_normal(n, dtype=dtype)
     g *= dtype.type(1e-2)

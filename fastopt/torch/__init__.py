@@ -27,7 +27,11 @@ checked (device, dtype, shape, contiguity) before anything is written.
 AMP: the classes declare ``_step_supports_amp_scaling``, so ``torch.amp.GradScaler`` hands
 them its scale and found-inf flag instead of unscaling the gradients itself; a step with
 ``found_inf`` set changes nothing (params, state, step counts), and the gradients are
-unscaled in the same pass as the update.
+unscaled in the same pass as the update (``p.grad`` keeps GradScaler's scale, as with torch's
+fused optimizers). float16 and bfloat16 parameters are stepped in their storage dtype (math in
+float32, round to nearest even) with state in the parameter's dtype, or, with
+``master_weights=True``, through an fp32 copy (``state[p]["master_param"]``) with fp32 state,
+the parameter stored from the copy in the same pass.
 """
 
 import inspect
@@ -36,13 +40,23 @@ import numpy as np
 import torch
 
 from .. import optimizers as _optimizers
+from .._arrays import as_xp_array
 from ..backends import get_backend
+from ..base import PRECISION_DEFAULTS
 from ..functional import Launch
 from ..kernels import RULES
+from ..kernels.storage import io_for
 
 __all__ = ["FusedOptimizer", *_optimizers.CLASSES, "Adagrad", "RMSprop"]
 
-#: torch dtypes the kernels run on, and their NumPy names
+#: torch dtypes the kernels run on, and their storage kinds (``kernels.storage``)
+_KINDS = {
+    torch.float32: "float32",
+    torch.float64: "float64",
+    torch.float16: "float16",
+    torch.bfloat16: "bfloat16",
+}
+#: the plain dtypes: one many-tensor launch on the CPU
 _DTYPES = {torch.float32: np.float32, torch.float64: np.float64}
 #: keyword arguments of torch.optim constructors that select torch's own implementation
 _TORCH_IMPL = ("foreach", "fused", "capturable", "differentiable")
@@ -110,7 +124,7 @@ class FusedOptimizer(torch.optim.Optimizer):
         super().add_param_group(param_group)
 
     # -- state -----------------------------------------------------------------------------------
-    def _init_state(self, p, spec, hp, slots):
+    def _init_state(self, p, spec, hp, slots, master=False):
         """``state[p]`` as torch creates it on a parameter's first step (torch's keys: a step
         count where torch keeps one, the state buffers ``slots``, host scalars as 0-d
         tensors); a parameter that needs none gets no entry, as in torch (SGD without
@@ -121,13 +135,17 @@ class FusedOptimizer(torch.optim.Optimizer):
         new = {}
         if type(self)._keeps_step:
             new["step"] = torch.tensor(0.0, dtype=torch.float32)
+        # with a master copy the state is float32 too (16-bit states would undo the master)
+        sdtype = torch.float32 if master else p.dtype
         for s in spec.slots:
             if s.name in slots and not s.fresh:
                 new[s.name] = torch.full_like(
-                    p, spec.initial(s.name, hp), memory_format=torch.preserve_format
+                    p, spec.initial(s.name, hp), dtype=sdtype, memory_format=torch.preserve_format
                 )
         for name, value in spec.initial_host_state(hp).items():
             new[name] = torch.tensor(value, dtype=torch.float32)
+        if master:  # the fp32 copy a 16-bit parameter is stepped through
+            new["master_param"] = p.detach().to(torch.float32, copy=True)
         if new:
             self.state[p].update(new)
             return self.state[p]
@@ -157,6 +175,7 @@ class FusedOptimizer(torch.optim.Optimizer):
         spec = RULES[cls._fastopt._rule]
         hp = cls._rule_hp(group)
         slots = spec.state_names(hp)
+        want_master = getattr(self, "master_weights", False)
         buckets = {}
         for p in group["params"]:
             g = p.grad
@@ -164,17 +183,18 @@ class FusedOptimizer(torch.optim.Optimizer):
                 continue
             if g.is_sparse:
                 raise RuntimeError(f"{cls.__name__} does not support sparse gradients")
-            if p.dtype not in _DTYPES:
+            if p.dtype not in _KINDS:
                 raise TypeError(
                     f"{cls.__name__}: a parameter is {p.dtype}; fastopt.torch steps "
-                    f"{', '.join(str(d) for d in _DTYPES)} parameters"
+                    f"{', '.join(str(d) for d in _KINDS)} parameters"
                 )
             if g.dtype != p.dtype or g.shape != p.shape or g.device != p.device:
                 raise ValueError(
                     f"{cls.__name__}: a gradient is {g.dtype}{list(g.shape)} on {g.device}, its "
                     f"parameter {p.dtype}{list(p.shape)} on {p.device}; expected them alike"
                 )
-            state = self._init_state(p, spec, hp, slots)
+            master = want_master and _KINDS[p.dtype] in ("float16", "bfloat16")
+            state = self._init_state(p, spec, hp, slots, master)
             if "step" in state:
                 step = int(state["step"]) + 1
             else:  # torch keeps no step count (SGD): step 1 is the one without a fresh buffer
@@ -187,18 +207,28 @@ class FusedOptimizer(torch.optim.Optimizer):
 
     @staticmethod
     def _check_state(p, state, spec):
-        """Every state tensor a kernel will touch is shaped, typed and placed like its
-        parameter and contiguous (a state dict from elsewhere may not be)."""
+        """Every state tensor a kernel will touch is shaped and placed like its parameter and
+        typed like it (float32 beside an fp32 master copy): a state dict from elsewhere may not
+        be."""
+        sdtype = torch.float32 if "master_param" in state else p.dtype
         for s in spec.slots:
             buf = state.get(s.name)
             if buf is None:
                 continue
-            if buf.shape != p.shape or buf.dtype != p.dtype or buf.device != p.device:
+            if buf.shape != p.shape or buf.dtype != sdtype or buf.device != p.device:
                 raise ValueError(
                     f"state {s.name!r} of a parameter is {buf.dtype}{list(buf.shape)} on "
-                    f"{buf.device}; expected {p.dtype}{list(p.shape)} on {p.device} like the "
-                    "parameter (a state dict of another model?)"
+                    f"{buf.device}; expected {sdtype}{list(p.shape)} on {p.device} (a state "
+                    "dict of another model?)"
                 )
+        m = state.get("master_param")
+        if m is not None and (
+            m.shape != p.shape or m.dtype != torch.float32 or m.device != p.device
+        ):
+            raise ValueError(
+                f"state 'master_param' of a parameter is {m.dtype}{list(m.shape)} on "
+                f"{m.device}; expected float32{list(p.shape)} on {p.device}"
+            )
 
     def _run_group(self, spec, hp, buckets, inv_scale):
         for (device, dtype, t), items in buckets.items():
@@ -207,10 +237,17 @@ class FusedOptimizer(torch.optim.Optimizer):
                 hs = {n: float(items[0][2][n]) for n, _ in spec.host_state}
             flags, _ = spec.plan(hp, t, hs)
             used = spec.slots_used(flags)
+            kind = _KINDS[dtype]
+            master = "master_param" in items[0][2]
+            io = io_for(
+                kind,
+                kind,
+                "float32" if master else kind,  # beside a master copy the state is float32
+                master=master,
+                scale=None if inv_scale is None else "host",
+            )
             tensors = []
             for p, g, state in items:
-                if inv_scale is not None:
-                    g = g * inv_scale  # unscaled in a temporary: p.grad stays as GradScaler left it
                 slots = []
                 for s, u in zip(spec.slots, used):
                     if not u:
@@ -218,10 +255,15 @@ class FusedOptimizer(torch.optim.Optimizer):
                         continue
                     buf = state.get(s.name)
                     if buf is None:  # a fresh slot (SGD's momentum buffer) on its first step
-                        buf = self.state[p][s.name] = torch.zeros_like(p)
+                        buf = self.state[p][s.name] = torch.zeros_like(
+                            p, dtype=torch.float32 if master else p.dtype
+                        )
                     slots.append(buf)
-                tensors.append((p, g, slots))
-            self._launch(spec, hp, t, hs, device, dtype, used, tensors)
+                tensors.append((p, g, slots, state.get("master_param")))
+            if io.plain:
+                self._launch(spec, hp, t, hs, device, dtype, used, tensors)
+            else:  # 16-bit storage, a master copy or the loss scale: the storage-plan kernels
+                self._launch_io(spec, hp, t, hs, device, used, tensors, io, inv_scale)
             for _, _, state in items:
                 if "step" in state:
                     state["step"] += 1
@@ -234,7 +276,7 @@ class FusedOptimizer(torch.optim.Optimizer):
     def _launch(self, spec, hp, step, hs, device, dtype, used, tensors):
         be = get_backend(self._backend_for(device))
         if be.NAME == "numba" and all(
-            a is None or a.is_contiguous() for p, g, slots in tensors for a in (p, g, *slots)
+            a is None or a.is_contiguous() for p, g, slots, _ in tensors for a in (p, g, *slots)
         ):
             # one launch over every tensor: a table of their lengths and addresses (checked
             # above: same device, dtype and shape as their parameter, contiguous, alive)
@@ -242,7 +284,7 @@ class FusedOptimizer(torch.optim.Optimizer):
                 [
                     [p.numel(), p.data_ptr(), g.data_ptr()]
                     + [0 if a is None else a.data_ptr() for a in slots]
-                    for p, g, slots in tensors
+                    for p, g, slots, _ in tensors
                 ],
                 dtype=np.int64,
             ).reshape(len(tensors), 3 + len(spec.slots))
@@ -259,9 +301,27 @@ class FusedOptimizer(torch.optim.Optimizer):
             return
         views = [
             [_plain(p), _plain(g)] + [None if a is None else _plain(a) for a in slots]
-            for p, g, slots in tensors
+            for p, g, slots, _ in tensors
         ]
         self._launch_each(be, spec, hp, step, hs, dtype, used, views)
+
+    def _launch_io(self, spec, hp, step, hs, device, used, tensors, io, inv_scale):
+        """One launch per tensor with a storage plan (``kernels.storage.IO``): 16-bit
+        storage, an fp32 master copy, the gradient unscaled by ``inv_scale`` in the same pass
+        (``p.grad`` stays as GradScaler left it)."""
+        be = get_backend(self._backend_for(device))
+        launch = Launch(be, spec.name, step, hp, hs, inv_scale=inv_scale)
+        writes = tuple(a is not None for a in tensors[0][2])
+        with _torch_stream(device):
+            for p, g, slots, master in tensors:
+                row = [p, g, *slots, master]
+                arrays = [a if a is None or a.is_contiguous() else a.contiguous() for a in row]
+                flat = [None if a is None else as_xp_array(_plain(a).view(-1)) for a in arrays]
+                run = launch.runner(flat[0].dtype, writes, io)
+                run(flat[0], flat[1], tuple(flat[2:-1]), flat[-1], 0)
+                for orig, a in zip(row, arrays):
+                    if orig is not None and a is not orig:
+                        orig.copy_(a)
 
     def _launch_each(self, be, spec, hp, step, hs, dtype, used, views):
         """One launch per tensor (GPU backends; non-contiguous tensors through contiguous
@@ -315,19 +375,24 @@ def _array(t):
 def _make(cls):
     """The torch.optim face of the fastopt class ``cls``: torch's signature, its defaults."""
     sig = inspect.signature(cls.__init__)
-    own = [p for name, p in sig.parameters.items() if name not in ("self", "backend", "nonfinite")]
+    # the core's own keywords (backend, non-finite policy, mixed precision) are not torch's
+    skip = ("self", "backend", "nonfinite", *PRECISION_DEFAULTS)
+    own = [p for name, p in sig.parameters.items() if name not in skip]
     torch_defaults = _torch_defaults(cls)
     extra = [
         inspect.Parameter(k, inspect.Parameter.KEYWORD_ONLY, default=v)
         for k, v in torch_defaults.items()
-        if k in _TORCH_IMPL and k not in sig.parameters
+        if k in _TORCH_IMPL and k not in {p.name for p in own}
     ]
     params = (
         [inspect.Parameter("self", inspect.Parameter.POSITIONAL_OR_KEYWORD)]
         + [inspect.Parameter("params", inspect.Parameter.POSITIONAL_OR_KEYWORD)]
         + own
         + extra
-        + [inspect.Parameter("backend", inspect.Parameter.KEYWORD_ONLY, default="auto")]
+        + [
+            inspect.Parameter("master_weights", inspect.Parameter.KEYWORD_ONLY, default=False),
+            inspect.Parameter("backend", inspect.Parameter.KEYWORD_ONLY, default="auto"),
+        ]
     )
     new_sig = inspect.Signature(params)
 
@@ -337,6 +402,8 @@ def _make(cls):
         a = dict(bound.arguments)
         a.pop("self")
         params_, backend = a.pop("params"), a.pop("backend")
+        # not a param-group key: the groups stay torch's, so state dicts load both ways
+        self.master_weights = bool(a.pop("master_weights"))
         defaults = {**torch_defaults, **dict(cls._pinned), **a}
         FusedOptimizer.__init__(self, params_, defaults, backend)
 

@@ -10,6 +10,7 @@
 // (block, thread) of a small grid, so their indexing (vectors, tail, several trips) runs too.
 #include <algorithm>
 #include <cmath>
+#include <cstring>
 
 #define __device__
 #define __forceinline__ inline
@@ -19,6 +20,11 @@ struct Dim3 { unsigned x; };
 static Dim3 blockIdx, threadIdx, blockDim, gridDim;
 struct alignas(16) float4 { float x, y, z, w; };
 struct alignas(16) double2 { double x, y; };
+// the mixed-precision kernels (kernels/storage.cuh): 16-byte loads and CUDA's bit casts
+struct alignas(16) uint4 { unsigned int x, y, z, w; };
+inline unsigned int __float_as_uint(float x) { unsigned int u; std::memcpy(&u, &x, 4); return u; }
+inline float __uint_as_float(unsigned int u) { float x; std::memcpy(&x, &u, 4); return x; }
+#define FASTOPT_UNROLL
 
 using std::abs;
 using std::fma;

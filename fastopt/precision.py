@@ -1,0 +1,212 @@
+"""Mixed precision: storage dtypes, the state dtype policy, and the oracle that defines them.
+
+Params may be stored in float16, bfloat16, float32 or float64; grads in the param dtype or
+float32; state buffers in the param dtype (the default, what ``torch.optim``'s fused path
+does), in float32 or in bfloat16 (``state_dtype=``). The math of a step runs in float32, or
+float64 for float64 params; each value is widened exactly when loaded and rounded to nearest
+even when stored. ``master_weights=True`` keeps an fp32 copy of every 16-bit param as a state
+buffer (``"master_param"``): the step updates the copy and stores the param rounded from it,
+in the same pass. ``stochastic_rounding=True`` rounds bfloat16 params (without a master)
+stochastically instead, from a counter-based hash of (seed, step, element index)
+(``kernels/storage.py``).
+
+bfloat16 host arrays are NumPy arrays of ``ml_dtypes.bfloat16`` (``pip install ml_dtypes``,
+the ``fastopt[bf16]`` extra) or torch tensors (viewed, never copied); fastopt imports without
+ml_dtypes and asks for it only when a bfloat16 array is met.
+
+``oracle_step`` is the semantics: the NumPy oracle (``fastopt.reference``) run in the compute
+dtype on widened copies, its results rounded to the storage dtypes. Every backend's mixed
+precision is tested against it.
+"""
+
+import zlib
+
+import numpy as np
+
+from .kernels import storage
+from .kernels.storage import COMPUTE, IO
+
+__all__ = [
+    "MASTER",
+    "STATE_DTYPES",
+    "bfloat16",
+    "check_state_dtype",
+    "grad_kinds",
+    "io_of",
+    "kind",
+    "oracle_step",
+    "param_salt",
+    "resolve_state_kind",
+    "round_to",
+    "sr_round_bf16",
+    "state_kinds",
+    "storage_dtype",
+    "widen",
+]
+
+#: the state buffer name of the fp32 master copy of a 16-bit param
+MASTER = "master_param"
+#: what ``state_dtype=`` accepts (None: the param dtype; float32 with a master copy)
+STATE_DTYPES = (None, "float32", "bfloat16")
+
+
+def bfloat16():
+    """The NumPy dtype of bfloat16 (``ml_dtypes.bfloat16``); ImportError with the fix when
+    ml_dtypes is not installed."""
+    try:
+        import ml_dtypes
+    except ImportError as exc:
+        raise ImportError(
+            "bfloat16 arrays need ml_dtypes (NumPy's bfloat16 dtype): pip install ml_dtypes "
+            f"(or fastopt[bf16]): {exc}"
+        ) from exc
+    return np.dtype(ml_dtypes.bfloat16)
+
+
+def storage_dtype(name):
+    """The NumPy dtype of a storage dtype name (``"bfloat16"`` through ml_dtypes)."""
+    return bfloat16() if name == "bfloat16" else np.dtype(name)
+
+
+def kind(dtype):
+    """The storage dtype name of a NumPy dtype (native byte order), or None when it is none of
+    float16, bfloat16, float32, float64."""
+    try:
+        dt = np.dtype(dtype)
+    except TypeError:
+        return None
+    if dt.name == "bfloat16" and dt.itemsize == 2:
+        return "bfloat16"
+    if dt.kind == "f" and dt.isnative and dt.name in storage.ITEMSIZE:
+        return dt.name
+    return None
+
+
+def grad_kinds(param_kind):
+    """The grad storage dtypes a param of ``param_kind`` accepts: its own, or float32."""
+    return (param_kind,) if param_kind == "float32" else (param_kind, "float32")
+
+
+def state_kinds(param_kind):
+    """The state storage dtypes a param of ``param_kind`` can keep: its own, float32, and
+    bfloat16 unless the math is float64 (bfloat16 from float64 would round twice)."""
+    out = [param_kind, "float32"]
+    if COMPUTE[param_kind] == "float32":
+        out.append("bfloat16")
+    return tuple(dict.fromkeys(out))
+
+
+def check_state_dtype(value):
+    """``state_dtype=`` normalised (None, "float32" or "bfloat16"); NumPy dtypes accepted."""
+    if value is None:
+        return None
+    name = kind(value) if not isinstance(value, str) else value
+    if name not in STATE_DTYPES[1:]:
+        raise ValueError(
+            f"invalid state_dtype={value!r}; expected None (the param dtype), 'float32' or "
+            "'bfloat16'"
+        )
+    return name
+
+
+def resolve_state_kind(policy, param_kind, master=False):
+    """The storage dtype of the state buffers of a param: ``policy`` (``state_dtype=``), or
+    the param dtype when None (float32 when a master copy is kept: the stepped param is fp32).
+    Raises TypeError for bfloat16 state of float64 params."""
+    if policy is None:
+        return "float32" if master and param_kind in storage.BITS16 else param_kind
+    if policy not in state_kinds(param_kind):
+        raise TypeError(
+            f"state_dtype={policy!r} with {param_kind} params: their math is float64, and "
+            "bfloat16 state would round it twice; use 'float32' or the param dtype"
+        )
+    return policy
+
+
+def io_of(param_kind, grad_kind, state_kind, master=False, sr=False, **extras):
+    """The ``kernels.storage.IO`` of a launch (master and stochastic rounding only where
+    they apply: a 16-bit param; a bfloat16 param without a master)."""
+    master = bool(master) and param_kind in storage.BITS16
+    sr = bool(sr) and param_kind == "bfloat16" and not master
+    return IO(param_kind, grad_kind, state_kind, master=master, sr=sr, **extras)
+
+
+def param_salt(name):
+    """The per-parameter salt of stochastic rounding's hash (a stable function of the name)."""
+    return zlib.crc32(str(name).encode()) & 0xFFFFFFFF
+
+
+# -- host conversions (the oracle's loads and stores) ----------------------------------------------
+
+
+def widen(a, compute):
+    """A compute-dtype copy of ``a`` (exact: every float16/bfloat16/float32 value is a
+    float32 value, every float32 value a float64 one)."""
+    return np.asarray(a).astype(compute)
+
+
+def round_to(x, dtype):
+    """``x`` rounded to nearest even into ``dtype`` (NumPy's and ml_dtypes' casts)."""
+    with np.errstate(over="ignore", invalid="ignore"):
+        return np.asarray(x).astype(dtype)
+
+
+def _mix32(x):
+    x = x & 0xFFFFFFFF
+    x = x ^ (x >> 16)
+    x = (x * 0x21F0AAAD) & 0xFFFFFFFF
+    x = x ^ (x >> 15)
+    x = (x * 0x735A2D97) & 0xFFFFFFFF
+    return x ^ (x >> 15)
+
+
+def sr_round_bf16(x, salt, key):
+    """float32 array ``x`` rounded stochastically to bfloat16 bits (uint16), the random bits
+    of element ``i`` being ``storage.sr_bits(i, salt, key)``: ``kernels/storage.py`` array at a
+    time."""
+    x = np.ascontiguousarray(x, dtype=np.float32)
+    i = np.arange(x.size, dtype=np.uint64)
+    h = _mix32((i & 0xFFFFFFFF) ^ np.uint64(salt))
+    h = _mix32((h + (i >> np.uint64(32))) ^ np.uint64(key))
+    r = h >> np.uint64(16)
+    u = x.view(np.uint32).astype(np.uint64)
+    nan = (u & 0x7FFFFFFF) > 0x7F800000
+    out = np.where(nan, (u >> 16) | 0x40, (u + r) >> 16)
+    return out.astype(np.uint16)
+
+
+def oracle_step(
+    rule, param, grad, state, *, io, step, hp, hs=None, master=None, salt=0, inv_scale=None, key=0
+):
+    """One step of ``rule`` with the storage plan ``io``: the NumPy oracle
+    (``fastopt.reference.<rule>``, in the compute dtype on widened copies), its results
+    rounded back into ``param``, ``state`` (name -> array) and ``master`` in place.
+
+    ``inv_scale`` multiplies the widened grad first (and the product is stored back when
+    ``io.write_grad``); ``salt``/``key`` seed stochastic rounding; ``hs``: the rule's host
+    state before the step, as the oracle keeps it."""
+    import inspect
+
+    from . import reference
+
+    c = np.dtype(io.compute)
+    oracle = getattr(reference, rule)
+    p = master.astype(np.float32) if io.master else widen(param, c)
+    g = widen(grad, c)
+    if inv_scale is not None:
+        g = g * c.type(inv_scale)
+        if io.write_grad:
+            grad[...] = round_to(g, grad.dtype)
+    st = {n: widen(a, c) for n, a in state.items()}
+    st.update({n: np.array(v, dtype=np.float32) for n, v in (hs or {}).items()})
+    takes = inspect.signature(oracle).parameters
+    kw = {h: v for h, v in hp.items() if h in takes}
+    oracle(p, g, st, step=step, **kw)
+    if io.master:
+        master[...] = p
+    if io.sr:
+        param.view(np.uint16)[...] = sr_round_bf16(p, salt, key).reshape(param.shape)
+    else:
+        param[...] = round_to(p, param.dtype)
+    for n, a in state.items():
+        a[...] = round_to(st[n], a.dtype)

@@ -1,0 +1,284 @@
+"""Storage dtypes: how one fused pass loads and stores each array, and the bit conversions.
+
+The per-element rules compute in one *compute dtype*: float32, or float64 for float64 params.
+The arrays of a step may be stored narrower or wider than that; the backends' generated loads
+widen each value to the compute dtype before the rule sees it and their stores round the rule's
+result back to the array's storage dtype, so every rule gets mixed precision without an edit.
+
+``IO`` is the plan of one launch: the storage dtype of the param, the grad and the state slots,
+whether an fp32 master copy of the param is kept (``master``), whether the param store rounds
+stochastically (``sr``), and the extras a launch may carry: the gradient's loss scale
+(``scale``: a host scalar, or a device scalar read in the kernel), a device ``found_inf`` flag
+read in the kernel, host scalars read from a device buffer (``kbuf``, capturable steps), and a
+write-back of the unscaled gradient (``write_grad``). ``IO()`` with every array in the compute
+dtype and no extra is ``plain``: the backends run their original kernels for it.
+
+Neither the CPU compiler nor Python has float16/bfloat16 arithmetic, so the conversions below
+work on bit patterns (the backends hand 16-bit arrays to them as ``uint16``), exactly:
+
+- bfloat16 -> float32: the 16 bits shifted up (exact, NaN payloads kept);
+- float32 -> bfloat16: round to nearest even on the bits; NaN stays NaN, made quiet;
+- float16 <-> float32: exact both ways on every value (subnormals, ±0, ±inf), round to nearest
+  even, NaN kept quiet (F. Giesen's branch-light forms);
+- stochastic rounding to bfloat16: 16 random bits added below the kept bits, then truncated
+  (unbiased: a value rounds up with probability equal to its distance from the lower
+  neighbour); the random bits are a counter-based hash of (seed, step, element index), so no
+  RNG state exists anywhere and a run is reproducible from its seed.
+
+They are plain Python over integers and NumPy float32 scalars: ``numba.njit`` (CPU) and
+``numba.cuda.jit`` (GPU) compile them, the CUDA simulator and the tests run them as they are.
+``f32_bits``/``bits_f32`` (bit casts) are the two primitives each compiler lowers itself (like
+``fma``). ``kernels/storage.cuh`` holds the same functions in CUDA C, operation for operation.
+Integers are int64 holding unsigned 32-bit values (the compilers promote small integers to 64
+bits anyway); every product of the hash stays below 2**63.
+"""
+
+from dataclasses import dataclass
+
+import numpy as np
+
+__all__ = [
+    "COMPUTE",
+    "IO",
+    "ITEMSIZE",
+    "KINDS",
+    "bf16_load",
+    "bf16_store",
+    "bf16_store_sr",
+    "bits_f32",
+    "f16_load",
+    "f16_store",
+    "f32_bits",
+    "io_for",
+    "make_converters",
+    "mix32",
+    "sr_bits",
+    "step_key",
+]
+
+#: storage dtype names, widest first
+KINDS = ("float64", "float32", "float16", "bfloat16")
+ITEMSIZE = {"float64": 8, "float32": 4, "float16": 2, "bfloat16": 2}
+#: 16-bit kinds are handed to the compiled loops as uint16 views
+BITS16 = ("float16", "bfloat16")
+#: compute dtype of a param storage dtype
+COMPUTE = {"float64": "float64", "float32": "float32", "float16": "float32", "bfloat16": "float32"}
+#: 2**-14 as float32 (F. Giesen's renormalisation constant of float16 subnormals)
+_F16_MAGIC = np.float32(6.103515625e-05)
+#: F. Giesen's alignment constant of float16 subnormals: ((127 - 15) + (23 - 10) + 1) << 23, 0.5
+_F16_DENORM = np.float32(0.5)
+_F16_DENORM_BITS = 0x3F000000
+
+
+def f32_bits(x):
+    """The bit pattern of float32 ``x`` as a non-negative integer (each compiler lowers this
+    to a bit cast)."""
+    return int(np.float32(x).view(np.uint32))
+
+
+def bits_f32(u):
+    """The float32 whose bit pattern is the low 32 bits of ``u`` (a bit cast when compiled)."""
+    return np.uint32(int(u) & 0xFFFFFFFF).view(np.float32)
+
+
+def bf16_load(h):
+    """bfloat16 bits -> float32, exactly."""
+    return bits_f32(np.int64(h) << 16)
+
+
+def bf16_store(x):
+    """float32 -> bfloat16 bits, round to nearest even; NaN stays NaN (quiet, payload kept)."""
+    u = f32_bits(x)
+    nan = (u & 0x7FFFFFFF) > 0x7F800000
+    return ((u >> 16) | 0x40) if nan else ((u + 0x7FFF + ((u >> 16) & 1)) >> 16)
+
+
+def bf16_store_sr(x, r):
+    """float32 -> bfloat16 bits, rounded stochastically with the 16 random bits ``r``: up
+    (away from zero) with probability (dropped bits) / 2**16, else down; NaN as ``bf16_store``.
+    """
+    u = f32_bits(x)
+    nan = (u & 0x7FFFFFFF) > 0x7F800000
+    return ((u >> 16) | 0x40) if nan else ((u + r) >> 16)
+
+
+def f16_load(h):
+    """float16 bits -> float32, exactly (subnormals, ±0, ±inf, NaN payloads)."""
+    h = np.int64(h)
+    o = ((h & 0x7FFF) << 13) + 0x38000000  # exponent rebiased from 15 to 127
+    e = h & 0x7C00
+    # zero or subnormal: renormalised by one exact float subtraction
+    sub = f32_bits(bits_f32(o + 0x00800000) - _F16_MAGIC)
+    # inf or NaN: the exponent is all ones again
+    o = (o + 0x38000000) if e == 0x7C00 else (sub if e == 0 else o)
+    return bits_f32(o | ((h & 0x8000) << 16))
+
+
+def f16_store(x):
+    """float32 -> float16 bits, round to nearest even (overflow to ±inf, subnormals exact);
+    NaN stays NaN (quiet, the top of its payload kept)."""
+    u = f32_bits(x)
+    a = u & 0x7FFFFFFF
+    # |x| >= 65536: inf, or NaN
+    big = (0x7E00 | ((a >> 13) & 0x3FF)) if a > 0x7F800000 else 0x7C00
+    # normal: rebias the exponent (-112 << 23) and round half to even (+ 0xFFF, + 1 if odd)
+    norm = (a - 0x38000000 + 0xFFF + ((a >> 13) & 1)) >> 13
+    # below 2**-14: a float16 subnormal or zero, aligned by one float addition
+    o = (
+        big
+        if a >= 0x47800000
+        else ((f32_bits(bits_f32(a) + _F16_DENORM) - _F16_DENORM_BITS) if a < 0x38800000 else norm)
+    )
+    return o | ((u >> 16) & 0x8000)
+
+
+def mix32(x):
+    """A 32-bit integer hash (bijective, full avalanche: C. Wellons' lowbias32 family)."""
+    x = x & 0xFFFFFFFF
+    x = x ^ (x >> 16)
+    x = (x * 0x21F0AAAD) & 0xFFFFFFFF
+    x = x ^ (x >> 15)
+    x = (x * 0x735A2D97) & 0xFFFFFFFF
+    return x ^ (x >> 15)
+
+
+def step_key(seed, step):
+    """The per-step key of the rounding hash: one value per (seed, step)."""
+    return mix32((seed & 0xFFFFFFFF) ^ mix32(step))
+
+
+def sr_bits(i, salt, key):
+    """16 random bits for element ``i`` of the array with ``salt`` under the step ``key``:
+    ``mix32(mix32(i_lo ^ salt) + i_hi ^ key) >> 16`` (``mix32`` written out twice, so that
+    the function calls nothing a compiler must resolve)."""
+    x = ((i & 0xFFFFFFFF) ^ salt) & 0xFFFFFFFF
+    x = x ^ (x >> 16)
+    x = (x * 0x21F0AAAD) & 0xFFFFFFFF
+    x = x ^ (x >> 15)
+    x = (x * 0x735A2D97) & 0xFFFFFFFF
+    x = x ^ (x >> 15)
+    x = ((x + (i >> 32)) ^ key) & 0xFFFFFFFF
+    x = x ^ (x >> 16)
+    x = (x * 0x21F0AAAD) & 0xFFFFFFFF
+    x = x ^ (x >> 15)
+    x = (x * 0x735A2D97) & 0xFFFFFFFF
+    x = x ^ (x >> 15)
+    return x >> 16
+
+
+def make_converters(dev, compute):
+    """The per-array loads and stores of a compiled loop, for a compiler that compiles a Python
+    function with ``dev`` (``numba.cuda.jit(device=True)``, or the identity where the functions
+    are registered already): ``{"load": {kind: fn(bits or value)}, "store": {kind: fn(value)},
+    "param": {kind or "bfloat16-sr": fn(value, i, salt, key)}}``, each a closure over the leaf
+    conversions above (no call resolved by global name)."""
+    np_c = np.float64 if compute == "float64" else np.float32
+    leaf = {
+        n: dev(globals()[n])
+        for n in ("bf16_load", "bf16_store", "bf16_store_sr", "f16_load", "f16_store", "sr_bits")
+    }
+    bf16_store, bf16_store_sr, f16_store = (
+        leaf["bf16_store"],
+        leaf["bf16_store_sr"],
+        leaf["f16_store"],
+    )
+    sr_bits_ = leaf["sr_bits"]
+
+    def same(x):
+        return x
+
+    def to_compute(x):
+        return np_c(x)
+
+    def to_f32(x):
+        return np.float32(x)
+
+    def p_same(x, i, salt, key):
+        return x
+
+    def p_f32(x, i, salt, key):
+        return np.float32(x)
+
+    def p_bf16(x, i, salt, key):
+        return bf16_store(x)
+
+    def p_bf16_sr(x, i, salt, key):
+        return bf16_store_sr(x, sr_bits_(i, salt, key))
+
+    def p_f16(x, i, salt, key):
+        return f16_store(x)
+
+    w = {
+        f.__name__: dev(f)
+        for f in (same, to_compute, to_f32, p_same, p_f32, p_bf16, p_bf16_sr, p_f16)
+    }
+    return {
+        "load": {
+            compute: w["same"],
+            "float32": w["to_compute"] if compute == "float64" else w["same"],
+            "bfloat16": leaf["bf16_load"],
+            "float16": leaf["f16_load"],
+        },
+        "store": {
+            compute: w["same"],
+            "float32": w["to_f32"] if compute == "float64" else w["same"],
+            "bfloat16": leaf["bf16_store"],
+            "float16": leaf["f16_store"],
+        },
+        "param": {
+            compute: w["p_same"],
+            "float32": w["p_f32"] if compute == "float64" else w["p_same"],
+            "bfloat16": w["p_bf16"],
+            "bfloat16-sr": w["p_bf16_sr"],
+            "float16": w["p_f16"],
+        },
+    }
+
+
+# -- the plan of one launch ------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class IO:
+    """How one launch stores its arrays and what else it carries (see the module docstring)."""
+
+    param: str = "float32"
+    grad: str = "float32"
+    state: str = "float32"
+    #: an fp32 master copy of the param is read, stepped and written, the param stored from it
+    master: bool = False
+    #: the param store rounds stochastically (bfloat16 params without a master)
+    sr: bool = False
+    #: the grad is multiplied by 1/scale first: None, "host" (a scalar), "device" (a pointer)
+    scale: str = None
+    #: a device flag read in the kernel: nonzero leaves every array as it was
+    found_inf: bool = False
+    #: the host scalars come from a device buffer (capturable steps)
+    kbuf: bool = False
+    #: the unscaled grad is stored back into the grad array
+    write_grad: bool = False
+
+    @property
+    def compute(self):
+        return COMPUTE[self.param]
+
+    @property
+    def plain(self):
+        c = self.compute
+        return (
+            self.param == self.grad == self.state == c
+            and not (self.master or self.sr or self.scale or self.found_inf or self.kbuf)
+            and not self.write_grad
+        )
+
+    def kind(self, role):
+        """Storage dtype of ``role``: "param", "grad", "state" or "master"."""
+        return "float32" if role == "master" else getattr(self, role)
+
+    def itemsizes(self):
+        return {r: ITEMSIZE[self.kind(r)] for r in ("param", "grad", "state", "master")}
+
+
+def io_for(param, grad=None, state=None, **extras):
+    """The ``IO`` of a launch from storage dtype names (grad and state default to the param's)."""
+    return IO(param=param, grad=grad or param, state=state or param, **extras)
