@@ -159,7 +159,7 @@ def adamax(
     beta1, beta2 = betas
     g = _grad(grad, param, weight_decay, maximize)
     m, u = state["exp_avg"], state["exp_inf"]
-    m[...] = beta1 * m + (1 - beta1) * g
+    m += (1 - beta1) * (g - m)  # torch's lerp (weight 1 - beta1 < 0.5 for beta1 > 0.5)
     u[...] = np.maximum(beta2 * u, np.abs(g) + eps)  # NaN propagates, as torch.maximum does
     param -= (lr / (1 - beta1**step)) * m / u
 
@@ -196,7 +196,7 @@ def nadam(
     mu_product[...] = mu_product * mu
     mu_product_next = float(mu_product) * mu_next
     m, v = state["exp_avg"], state["exp_avg_sq"]
-    m[...] = beta1 * m + (1 - beta1) * g
+    m += (1 - beta1) * (g - m)  # torch's lerp (weight 1 - beta1 < 0.5 for beta1 > 0.5)
     v[...] = beta2 * v + (1 - beta2) * g * g
     denom = np.sqrt(v / (1 - beta2**step)) + eps
     param -= (lr * (1 - mu) / (1 - float(mu_product))) * g / denom
@@ -223,7 +223,7 @@ def radam(
     else:
         g = _grad(grad, param, weight_decay, maximize)
     m, v = state["exp_avg"], state["exp_avg_sq"]
-    m[...] = beta1 * m + (1 - beta1) * g
+    m += (1 - beta1) * (g - m)  # torch's lerp (weight 1 - beta1 < 0.5 for beta1 > 0.5)
     v[...] = beta2 * v + (1 - beta2) * g * g
     bc1, bc2 = 1 - beta1**step, 1 - beta2**step
     rho_inf = 2 / (1 - beta2) - 1
@@ -256,13 +256,19 @@ def rprop(
     lo, hi = dt(step_sizes[0]), dt(step_sizes[1])
     g = -grad if maximize else grad.copy()
     prev, size = state["prev"], state["step_size"]
-    s = np.sign(g * prev)
-    # torch rewrites the sign in place: > 0 -> etaplus, < 0 -> etaminus, 0 -> 1; NaN stays NaN
-    factor = np.where(s > 0, etaplus, np.where(s < 0, etaminus, np.where(s == 0, dt(1), s)))
-    size[...] = np.clip(size * factor, lo, hi)  # NaN stays NaN, as torch's clamp
+    s = _torch_sign(g * prev)
+    # torch rewrites the sign in place: > 0 -> etaplus, < 0 -> etaminus, 0 -> 1
+    factor = np.where(s > 0, etaplus, np.where(s < 0, etaminus, dt(1)))
+    size[...] = np.clip(size * factor, lo, hi)
     g[factor == etaminus] = 0  # torch's test: the factor equal to etaminus
-    param -= np.sign(g) * size
+    param -= _torch_sign(g) * size
     prev[...] = g
+
+
+def _torch_sign(x):
+    """``torch.sign``: NumPy's, except that the sign of NaN is 0."""
+    with np.errstate(invalid="ignore"):
+        return np.where(np.isnan(x), 0, np.sign(x)).astype(x.dtype)
 
 
 def asgd(

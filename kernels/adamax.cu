@@ -2,8 +2,8 @@
 // adamax_elem in adamax.py; clr = lr / (1 - beta1^t) comes from the host.
 template <typename T>
 __device__ __forceinline__ void adamax_elem(T &p, T g, T &m, T &u,
-                                            const T wd, const T beta1, const T omb1,
-                                            const T beta2, const T eps, const T clr)
+                                            const T wd, const T omb1, const T beta2,
+                                            const T eps, const T clr)
 {
 #if MAXIMIZE
     g = -g;
@@ -11,7 +11,7 @@ __device__ __forceinline__ void adamax_elem(T &p, T g, T &m, T &u,
 #if DECAY
     g = g + wd * p;
 #endif
-    m = beta1 * m + omb1 * g;
+    m = m + omb1 * (g - m);
     const T a = beta2 * u;
     const T b = abs(g) + eps;
     // torch.maximum: NaN in either operand gives NaN (CUDA's max and fmax would return the

@@ -1,7 +1,7 @@
 """Adamax (PyTorch's form: the infinity norm of the gradients instead of Adam's second moment).
 
 g = -g if maximize;  g = g + wd*p
-m = beta1*m + omb1*g
+m = m + omb1*(g - m)               (torch's lerp: an inf moment meets a finite g as NaN)
 u = max(beta2*u, |g| + eps)        (NaN if either is, as torch.maximum)
 p = p - clr*m / u                  (clr = lr / (1 - beta1^t))
 """
@@ -13,12 +13,12 @@ from .spec import Hyper, Rule, Slot
 
 def make_rule(maximize=False, decay=False):
     def adamax_elem(p, g, m, u, k):
-        wd, beta1, omb1, beta2, eps, clr = k
+        wd, omb1, beta2, eps, clr = k
         if maximize:
             g = -g
         if decay:
             g = g + wd * p
-        m = beta1 * m + omb1 * g
+        m = m + omb1 * (g - m)
         a = beta2 * u
         b = abs(g) + eps
         # torch.maximum: NaN in either operand gives NaN (Python's max and CUDA's fmax would
@@ -41,7 +41,6 @@ def _scalars_of(hp, step, hs):
     beta1, beta2 = hp["betas"]
     return {
         "wd": hp["weight_decay"],
-        "beta1": beta1,
         "omb1": 1.0 - beta1,
         "beta2": beta2,
         "eps": hp["eps"],
@@ -59,7 +58,7 @@ RULE = Rule(
         Hyper("maximize", False, "bool", fixed=True),
     ),
     slots=(Slot("exp_avg"), Slot("exp_inf")),
-    scalars=("wd", "beta1", "omb1", "beta2", "eps", "clr"),
+    scalars=("wd", "omb1", "beta2", "eps", "clr"),
     make_rule=make_rule,
     flags_of=_flags_of,
     scalars_of=_scalars_of,

@@ -3,9 +3,9 @@
 // schedule and its running product) come from the host.
 template <typename T>
 __device__ __forceinline__ void nadam_elem(T &p, T g, T &m, T &v,
-                                           const T wd, const T decay_f, const T beta1,
-                                           const T omb1, const T beta2, const T omb2,
-                                           const T bc2, const T eps, const T c_g, const T c_m)
+                                           const T wd, const T decay_f, const T omb1,
+                                           const T beta2, const T omb2, const T bc2,
+                                           const T eps, const T c_g, const T c_m)
 {
 #if MAXIMIZE
     g = -g;
@@ -17,7 +17,7 @@ __device__ __forceinline__ void nadam_elem(T &p, T g, T &m, T &v,
     g = g + wd * p;
 #endif
 #endif
-    m = beta1 * m + omb1 * g;
+    m = m + omb1 * (g - m);
     v = beta2 * v + omb2 * g * g;
     const T d = sqrt(v / bc2) + eps;
     p = p - c_g * g / d;

@@ -2,7 +2,7 @@
 
 g = -g if maximize
 decoupled: p = p * decay  (decay = 1 - lr*wd)    else g = g + wd*p
-m = beta1*m + omb1*g;  v = beta2*v + omb2*g*g
+m = m + omb1*(g - m);  v = beta2*v + omb2*g*g       (torch's lerp for m)
 d = sqrt(v / bc2) + eps
 p = p - c_g*g / d;  p = p - c_m*m / d
 (mu_t = beta1*(1 - 0.96^(t*psi)/2), P_t = P_{t-1}*mu_t kept in float32 as torch's
@@ -16,7 +16,7 @@ from .spec import Hyper, Rule, Slot, f32
 
 def make_rule(maximize=False, decay=False, decoupled=False):
     def nadam_elem(p, g, m, v, k):
-        wd, decay_f, beta1, omb1, beta2, omb2, bc2, eps, c_g, c_m = k
+        wd, decay_f, omb1, beta2, omb2, bc2, eps, c_g, c_m = k
         if maximize:
             g = -g
         if decay:
@@ -24,7 +24,7 @@ def make_rule(maximize=False, decay=False, decoupled=False):
                 p = p * decay_f
             else:
                 g = g + wd * p
-        m = beta1 * m + omb1 * g
+        m = m + omb1 * (g - m)
         v = beta2 * v + omb2 * g * g
         d = math.sqrt(v / bc2) + eps
         p = p - c_g * g / d
@@ -59,7 +59,6 @@ def _scalars_of(hp, step, hs):
     return {
         "wd": hp["weight_decay"],
         "decay_f": 1.0 - lr * hp["weight_decay"],
-        "beta1": beta1,
         "omb1": 1.0 - beta1,
         "beta2": beta2,
         "omb2": 1.0 - beta2,
@@ -86,7 +85,7 @@ RULE = Rule(
         Hyper("maximize", False, "bool", fixed=True),
     ),
     slots=(Slot("exp_avg"), Slot("exp_avg_sq")),
-    scalars=("wd", "decay_f", "beta1", "omb1", "beta2", "omb2", "bc2", "eps", "c_g", "c_m"),
+    scalars=("wd", "decay_f", "omb1", "beta2", "omb2", "bc2", "eps", "c_g", "c_m"),
     make_rule=make_rule,
     flags_of=_flags_of,
     scalars_of=_scalars_of,

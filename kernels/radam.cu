@@ -4,9 +4,9 @@
 // folded) comes from the host: one division per element.
 template <typename T>
 __device__ __forceinline__ void radam_elem(T &p, T g, T &m, T &v,
-                                           const T wd, const T decay_f, const T beta1,
-                                           const T omb1, const T beta2, const T omb2,
-                                           const T step_size, const T eps)
+                                           const T wd, const T decay_f, const T omb1,
+                                           const T beta2, const T omb2, const T step_size,
+                                           const T eps)
 {
 #if MAXIMIZE
     g = -g;
@@ -18,7 +18,7 @@ __device__ __forceinline__ void radam_elem(T &p, T g, T &m, T &v,
     g = g + wd * p;
 #endif
 #endif
-    m = beta1 * m + omb1 * g;
+    m = m + omb1 * (g - m);
     v = beta2 * v + omb2 * g * g;
 #if RECTIFY
     p = p - step_size * m / (sqrt(v) + eps);

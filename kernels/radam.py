@@ -3,7 +3,7 @@ variance of the adaptive learning rate is tractable, rho_t > 5).
 
 g = -g if maximize
 decoupled: p = p * decay  (decay = 1 - lr*wd)    else g = g + wd*p
-m = beta1*m + omb1*g;  v = beta2*v + omb2*g*g
+m = m + omb1*(g - m);  v = beta2*v + omb2*g*g       (torch's lerp for m)
 rectify (rho_t > 5): p = p - step_size*m / (sqrt(v) + eps)   (step_size = lr*rect*sqrt(bc2)/bc1)
 otherwise:           p = p - step_size*m                      (step_size = lr/bc1)
 (rho_inf = 2/(1 - beta2) - 1, rho_t = rho_inf - 2t*beta2^t/bc2,
@@ -22,7 +22,7 @@ from .spec import Hyper, Rule, Slot
 
 def make_rule(maximize=False, decay=False, decoupled=False, rectify=False):
     def radam_elem(p, g, m, v, k):
-        wd, decay_f, beta1, omb1, beta2, omb2, step_size, eps = k
+        wd, decay_f, omb1, beta2, omb2, step_size, eps = k
         if maximize:
             g = -g
         if decay:
@@ -30,7 +30,7 @@ def make_rule(maximize=False, decay=False, decoupled=False, rectify=False):
                 p = p * decay_f
             else:
                 g = g + wd * p
-        m = beta1 * m + omb1 * g
+        m = m + omb1 * (g - m)
         v = beta2 * v + omb2 * g * g
         if rectify:
             p = p - step_size * m / (math.sqrt(v) + eps)
@@ -70,7 +70,6 @@ def _scalars_of(hp, step, hs):
     return {
         "wd": hp["weight_decay"],
         "decay_f": 1.0 - hp["lr"] * hp["weight_decay"],
-        "beta1": beta1,
         "omb1": 1.0 - beta1,
         "beta2": beta2,
         "omb2": 1.0 - beta2,
@@ -90,7 +89,7 @@ RULE = Rule(
         Hyper("maximize", False, "bool", fixed=True),
     ),
     slots=(Slot("exp_avg"), Slot("exp_avg_sq")),
-    scalars=("wd", "decay_f", "beta1", "omb1", "beta2", "omb2", "step_size", "eps"),
+    scalars=("wd", "decay_f", "omb1", "beta2", "omb2", "step_size", "eps"),
     make_rule=make_rule,
     flags_of=_flags_of,
     scalars_of=_scalars_of,

@@ -15,23 +15,18 @@ __device__ __forceinline__ void rprop_elem(T &p, T g, T &prev, T &size,
     } else if (s < T(0)) {
         size = size * etaminus;
         g = zero;  // torch zeroes the gradient where its sign flipped
-    } else if (isnan(s)) {
-        size = s;
     }
-    // torch's clamp: NaN stays NaN (CUDA's fmin/fmax would drop it)
     if (size < step_size_min) {
         size = step_size_min;
     }
     if (size > step_size_max) {
         size = step_size_max;
     }
-    // p - sign(g)*size as -+size, and g*size (0 or NaN, like sign(g)*size) when g is 0 or NaN
+    // p - sign(g)*size: no step where g is 0 or NaN (torch's sign of both is 0)
     if (g > T(0)) {
         p = p - size;
     } else if (g < T(0)) {
         p = p + size;
-    } else {
-        p = p - g * size;
     }
     prev = g;
 }

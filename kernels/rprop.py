@@ -3,12 +3,11 @@
 g = -g if maximize
 s = g*prev
 s > 0: size = size*etaplus;  s < 0: size = size*etaminus, g = 0;  s = 0: size unchanged
-(s NaN: size NaN, as torch's sign(NaN) is NaN)
-size = clamp(size, step_size_min, step_size_max)    (NaN stays NaN)
+size = clamp(size, step_size_min, step_size_max)
 p = p - sign(g)*size;  prev = g
+(torch's sign(NaN) is 0: a NaN product leaves the step size, a NaN gradient leaves p, and prev
+keeps the NaN)
 """
-
-import math
 
 from .spec import Hyper, Rule, Slot
 
@@ -24,21 +23,15 @@ def make_rule(maximize=False):
         elif s < 0:
             size = size * etaminus
             g = zero  # torch zeroes the gradient where its sign flipped
-        elif math.isnan(s):
-            size = s
-        # torch's clamp: NaN stays NaN (Python's min/max would drop it)
         if size < step_size_min:
             size = step_size_min
         if size > step_size_max:
             size = step_size_max
-        # p - sign(g)*size without a literal: -+size, and g*size (0 or NaN, like
-        # sign(g)*size) when g is 0 or NaN
+        # p - sign(g)*size: no step where g is 0 or NaN (torch's sign of both is 0)
         if g > 0:
             p = p - size
         elif g < 0:
             p = p + size
-        else:
-            p = p - g * size
         prev = g
         return p, prev, size
 

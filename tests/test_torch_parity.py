@@ -16,7 +16,7 @@ import inspect
 import numpy as np
 import pytest
 from conftest import backend_params
-from support.matrix import MATRIX, STEPS, config_id
+from support.matrix import FULL, MATRIX, STEPS, config_id
 from support.oracle import class_of, host_names, resolve
 from support.parity import DTYPES, inputs
 from support.tolerances import assert_close
@@ -156,3 +156,50 @@ def test_defaults_match_torch(name):
         if isinstance(b, torch.Tensor):
             b = b.item()
         assert a == b or (isinstance(a, tuple) and tuple(a) == tuple(b)), f"{name}.{k}: {a} != {b}"
+
+
+FULL_PEERED = [c for c in FULL if _torch_name(class_of(c[0])) and _torch_kwargs(*c) is not None]
+
+
+@pytest.mark.parametrize("backend", backend_params())
+@pytest.mark.parametrize("cfg", FULL_PEERED, ids=[config_id(c) for c in FULL_PEERED])
+def test_nonfinite_values_like_torch(cfg, backend):
+    """NaN, +inf and -inf in the gradients flow through every optimizer as through torch's
+    (a max or a clamp that dropped NaN, or a sign that made it 0, would show): the same
+    non-finite entries in params and state after a few steps (NaN where torch has NaN in the
+    params), the finite ones close. A state buffer may hold inf where torch holds NaN: torch
+    updates the first moment with ``lerp``, m + w·(g − m), which turns an inf moment into
+    inf − inf on the next finite gradient; the rules write β·m + (1 − β)·g (Adam's form)."""
+    name, kw = cfg
+    rng = np.random.default_rng(5)
+    n, steps = 64, 4
+    p0 = rng.uniform(-3.0, 3.0, n)
+    grads = [
+        np.where(rng.random(n) < 0.5, -1.0, 1.0) * rng.uniform(0.6, 2.0, n) for _ in range(steps)
+    ]
+    for t, (i, v) in enumerate([(3, np.nan), (7, np.inf), (11, -np.inf), (3, 1.0)]):
+        grads[t % steps][i] = v
+    grads[2][20] = np.nan  # a later one, into state that has history
+
+    tk = _torch_kwargs(name, kw)
+    tp = torch.tensor(p0.copy(), requires_grad=True)
+    topt = getattr(torch.optim, _torch_name(class_of(name)))([tp], **tk)
+    opt = getattr(fastopt, name)(**kw, backend=backend)
+    p = p0.copy()
+    with np.errstate(all="ignore"):
+        for g in grads:
+            tp.grad = torch.tensor(g)
+            topt.step()
+            opt.update({"w": p}, {"w": g})
+    pairs = [("param", p, tp.detach().numpy())]
+    pairs += [
+        (s, opt.state["w"][s], v.detach().numpy())
+        for s, v in topt.state[tp].items()
+        if s in opt.state["w"]
+    ]
+    for what, ours, theirs in pairs:
+        fin = np.isfinite(theirs)
+        assert np.array_equal(np.isfinite(ours), fin), f"{name} {what}: non-finite entries"
+        if what == "param":
+            assert np.array_equal(np.isnan(ours), np.isnan(theirs)), f"{name} param: NaN"
+        assert_close(ours[fin], theirs[fin], np.float64, f"{name} {what} (finite entries)")

@@ -7,10 +7,12 @@ state byte and the step counter are compared with a snapshot taken before the ca
 
 import numpy as np
 import pytest
+from fastopt.kernels import RULES
 from support.matrix import FULL, config_id
 from support.oracle import spec_of
 
 import fastopt
+from fastopt import functional as F
 from fastopt.optimizers import CLASSES
 
 CPU = [b for b in ("numpy", "numba") if b in fastopt.available_backends()]
@@ -569,3 +571,42 @@ def test_load_state_dict_kind_refused_for_every_optimizer():
         with pytest.raises(ValueError):
             dst.load_state_dict(src.state_dict())
         assert dst.step_count == 0 and dst.state == {} and dst._pending is None
+
+
+HOST_RULES = [r for r, spec in RULES.items() if spec.host_names]
+
+
+@pytest.mark.parametrize("rule", HOST_RULES)
+def test_functional_host_state_refused_before_anything_is_written(rule):
+    """``host_state=`` of a functional entry point: a dict of every host-state name to a
+    finite real or a writeable 0-d float array; anything else is refused by name, changing
+    nothing (the arrays and the dict); a good one is advanced in place."""
+    spec, fn = RULES[rule], getattr(F, rule)
+    rng = np.random.default_rng(3)
+    hp = dict(spec.defaults, lr=0.05)
+    p, g = rng.standard_normal(9), rng.standard_normal(9)
+    states = [np.full(9, spec.initial(s, hp)) for s in spec.state]
+    good = spec.initial_host_state(hp)
+    first = spec.host_names[0]
+    ro = np.array(good[first], np.float32)
+    ro.flags.writeable = False
+    bad = [
+        ({k: v for k, v in good.items() if k != first}, TypeError),
+        (dict(good, extra=1.0), TypeError),
+        (dict(good, **{first: float("nan")}), ValueError),
+        (dict(good, **{first: np.ones(2, np.float32)}), ValueError),
+        (dict(good, **{first: ro}), ValueError),
+        (tuple(good.values()), TypeError),
+    ]
+    before = [a.copy() for a in (p, *states)]
+    for hs, exc in bad:
+        kept = dict(hs) if isinstance(hs, dict) else hs
+        with pytest.raises(exc, match="host_state"):
+            fn(p, g, *states, step=2, host_state=hs, **hp)
+        assert all(np.array_equal(a, b) for a, b in zip((p, *states), before))
+        assert (hs == kept) if isinstance(hs, tuple) else all(hs[k] is kept[k] for k in hs)
+    hs = {k: np.array(v, np.float32) for k, v in good.items()}
+    fn(p, g, *states, step=1, host_state=hs, **hp)
+    assert {k: float(v) for k, v in hs.items()} == spec.advance_host_state(hp, 1, good)
+    with pytest.raises(TypeError, match="host_state"):  # a rule without any: no such keyword
+        F.adam(p, g, *(np.zeros(9) for _ in range(2)), step=1, host_state={})
