@@ -212,21 +212,33 @@ def rule_config_id(cfg):
 
 def slots_read(rule, flags):
     """The state slots the ``flags`` variant of ``rule`` reads, found by running its rule in
-    plain Python with NaN in one slot at a time: a slot it reads taints an output (ASGD's ``ax``
-    is only written while it copies p: a compiler drops its load)."""
-    import math
+    plain Python on random inputs with another value (of either sign) in one slot at a time: a
+    slot it reads changes an output (or fails it: a root of a negative square) in some trial;
+    one it only writes never does (ASGD's ``ax`` while it copies p: a compiler drops its
+    load)."""
+    import random
 
     spec = RULES[rule]
     elem = spec.make_rule(**flags)
-    k = tuple(0.5 for _ in spec.scalars)
+    rng = random.Random(rule)
+    n = len(spec.slots)
     out = []
     for j, (slot, used) in enumerate(zip(spec.state, spec.slots_used(flags))):
         if not used:
             continue
-        args = [1.0] * len(spec.slots)
-        args[j] = math.nan
-        if any(math.isnan(x) for x in elem(1.0, 0.5, *args, k)):
-            out.append(slot)
+        for _ in range(8):
+            k = tuple(rng.uniform(0.1, 0.9) for _ in spec.scalars)
+            args = [rng.uniform(0.5, 2.0) for _ in range(n)]
+            p, g = rng.uniform(-2.0, 2.0), rng.uniform(-2.0, 2.0)
+            other = list(args)
+            other[j] = -args[j] if rng.random() < 0.5 else args[j] * rng.uniform(0.1, 3.0)
+            try:
+                changed = elem(p, g, *other, k) != elem(p, g, *args, k)
+            except (ValueError, ZeroDivisionError):
+                changed = True
+            if changed:
+                out.append(slot)
+                break
     return tuple(out)
 
 
