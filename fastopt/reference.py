@@ -260,7 +260,7 @@ def rprop(
     # torch rewrites the sign in place: > 0 -> etaplus, < 0 -> etaminus, 0 -> 1
     factor = np.where(s > 0, etaplus, np.where(s < 0, etaminus, dt(1)))
     size[...] = np.clip(size * factor, lo, hi)
-    g[factor == etaminus] = 0  # torch's test: the factor equal to etaminus
+    g = np.where(factor == etaminus, dt(0), g)  # torch's test: the factor equal to etaminus
     param -= _torch_sign(g) * size
     prev[...] = g
 
