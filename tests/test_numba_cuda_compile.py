@@ -11,8 +11,10 @@ Needs NVVM and nvJitLink from PyPI, no GPU or driver: ``pip install "numba-cuda[
 (the CUDA 12 toolkit wheels, NVVM inside nvidia-cuda-nvcc). Skips cleanly without them.
 """
 
+import functools
 import os
 import re
+from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 from fastopt.kernels import RULES
@@ -117,15 +119,43 @@ def _ptx_per_cc(cuda, kernel, sig):
     return [p[0] for p in out]
 
 
-@pytest.mark.parametrize("dtype", ["float32", "float64"])
-@pytest.mark.parametrize("variant", VARIANTS, ids=[_variant_id(v) for v in VARIANTS])
-def test_variant_compiles_for_sm80_and_sm90(variant, dtype):
+DTYPES = ("float32", "float64")
+
+
+@functools.cache
+def _compiled():
+    """``{(variant index, dtype): ([ptx per cc], [(cubin, log) per cc or None]) or the
+    exception}`` for every variant: numba's front end runs under its compiler lock, NVVM and
+    nvJitLink release the GIL, so one thread per core overlaps them."""
     cuda, ncb, nvjitlink = _TC
-    rule, flags, writes = variant
-    ptxs = _ptx_per_cc(
-        cuda, ncb.python_kernel(rule, flags, writes), _signature(rule, writes, dtype)
-    )
-    for cc, ptx in zip(CCS, ptxs):
+
+    def job(i, dtype):
+        rule, flags, writes = VARIANTS[i]
+        try:
+            kernel = ncb.python_kernel(rule, flags, writes)
+            ptxs = _ptx_per_cc(cuda, kernel, _signature(rule, writes, dtype))
+            links = [
+                None if nvjitlink is None else _assemble(nvjitlink, ptx, cc)
+                for cc, ptx in zip(CCS, ptxs)
+            ]
+            return ptxs, links
+        except Exception as exc:  # re-raised by the variant's own test
+            return exc
+
+    keys = [(i, d) for i in range(len(VARIANTS)) for d in DTYPES]
+    with ThreadPoolExecutor(max_workers=os.cpu_count() or 1) as pool:
+        return dict(zip(keys, pool.map(lambda key: job(*key), keys)))
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("variant", range(len(VARIANTS)), ids=[_variant_id(v) for v in VARIANTS])
+def test_variant_compiles_for_sm80_and_sm90(variant, dtype):
+    rule, flags, writes = VARIANTS[variant]
+    out = _compiled()[(variant, dtype)]
+    if isinstance(out, Exception):
+        raise out
+    ptxs, links = out
+    for cc, ptx, link in zip(CCS, ptxs, links):
         assert f".target sm_{cc[0]}{cc[1]}" in ptx
         body = _instructions(ptx)
         f64 = [ln.strip() for ln in body if re.search(r"\.f64\b", ln)]
@@ -142,8 +172,8 @@ def test_variant_compiles_for_sm80_and_sm90(variant, dtype):
         assert loads * (1 + w) == stores * (2 + r), (
             f"{loads} loads / {stores} stores: not (2 + {r}) loads per (1 + {w}) stores"
         )
-        if nvjitlink is not None:
-            cubin, log = _assemble(nvjitlink, ptx, cc)
+        if link is not None:
+            cubin, log = link
             assert cubin[:4] == b"\x7fELF"
             regs, spill_st, spill_ld, stack = resources(log)
             assert regs <= MAX_REGISTERS, f"{regs} registers > {MAX_REGISTERS} (sm_{cc[0]}{cc[1]})"
