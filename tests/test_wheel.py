@@ -43,6 +43,18 @@ def test_wheel_contains_kernel_sources(wheel):
         assert f"fastopt/kernels/{name}" in names, f"{name} missing from {wheel.name}"
 
 
+def test_wheel_contains_every_package(wheel):
+    """Every package under fastopt/ ships: a subpackage left out of pyproject's list imports in
+    an editable install and fails only after a real one."""
+    names = set(zipfile.ZipFile(wheel).namelist())
+    packages = sorted(p.parent for p in (ROOT / "fastopt").rglob("__init__.py"))
+    assert len(packages) > 1
+    for pkg in packages:
+        for src in pkg.glob("*.py"):
+            rel = src.relative_to(ROOT).as_posix()
+            assert rel in names, f"{rel} missing from {wheel.name}"
+
+
 def test_installed_wheel_imports_and_steps(wheel, tmp_path):
     target = tmp_path / "site"
     subprocess.run(
@@ -60,7 +72,7 @@ def test_installed_wheel_imports_and_steps(wheel, tmp_path):
         check=True,
     )
     code = (
-        "import numpy as np, fastopt, fastopt.kernels as k\n"
+        "import numpy as np, fastopt, fastopt.kernels as k, fastopt.bench, fastopt.demo\n"
         f"assert fastopt.__file__.startswith({str(target)!r}), fastopt.__file__\n"
         f"assert k.__file__.startswith({str(target)!r}), k.__file__\n"
         "p = {'w': np.ones(1000, np.float32)}; g = {'w': np.full(1000, 0.5, np.float32)}\n"
