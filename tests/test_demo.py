@@ -16,6 +16,7 @@ from fastopt.demo.problems import (
     init_mlp,
     mlp_loss,
     mlp_loss_and_grad,
+    specs,
     train_mlp,
     valley_path,
 )
@@ -205,8 +206,9 @@ def test_demo_end_to_end(tmp_path, capsys):
         assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 10_000, name
     captured = capsys.readouterr()
     rows = [line for line in captured.out.splitlines() if line.startswith("| ")]
-    assert len(rows) == 1 + len(SPECS)  # header + one row per optimizer
-    for spec in SPECS:
+    shown = specs()  # every optimizer of the registry, chosen or searched settings
+    assert len(rows) == 1 + len(shown) == 1 + len(optimizers.CLASSES)  # header + one per optimizer
+    for spec in shown:
         assert any(r.startswith(f"| {spec.name} ") for r in rows)
     assert "[mlp]" in captured.err and "valley_paths.png" in captured.err
 
