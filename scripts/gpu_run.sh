@@ -17,9 +17,18 @@ if [ -z "${CUDA_HOME:-}" ] && [ -d /usr/local/cuda/nvvm ]; then
   export CUDA_HOME=/usr/local/cuda
 fi
 # fastopt.kernels is the repository's kernels/ folder, mapped by the package configuration: an
-# editable install (no dependencies, no build isolation: the image has setuptools) provides it
+# editable install (no dependencies, no build isolation: the image has setuptools) provides it.
+# Where that install fails (a setuptools older than the package metadata needs), the package is
+# staged in a temporary folder with kernels/ copied in as fastopt/kernels.
 if ! "$PY" -c "import fastopt.kernels" >/dev/null 2>&1; then
-  "$PY" -m pip install -q --no-deps --no-build-isolation -e . || exit 2
+  if ! "$PY" -m pip install -q --no-deps --no-build-isolation -e . ||
+    ! "$PY" -c "import fastopt.kernels" >/dev/null 2>&1; then
+    stage="$(mktemp -d)"
+    cp -r fastopt "$stage/" && cp -r kernels "$stage/fastopt/kernels" || exit 2
+    export PYTHONPATH="$stage:$PYTHONPATH"
+    "$PY" -c "import fastopt.kernels" || exit 2
+    echo "gpu_run.sh: editable install failed; fastopt staged in $stage" >&2
+  fi
 fi
 # numba's on-disk cache where a reinstall cannot leave it behind
 export NUMBA_CACHE_DIR="${NUMBA_CACHE_DIR:-${TMPDIR:-/tmp}/fastopt-numba-cache}"
