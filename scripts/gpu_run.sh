@@ -18,18 +18,25 @@ if [ -z "${CUDA_HOME:-}" ] && [ -d /usr/local/cuda/nvvm ]; then
 fi
 # fastopt.kernels is the repository's kernels/ folder, mapped by the package configuration: an
 # editable install (no dependencies, no build isolation: the image has setuptools) provides it.
-# Where that install fails (a setuptools older than the package metadata needs), the package is
-# staged in a temporary folder with kernels/ copied in as fastopt/kernels.
+# Where that install fails (a setuptools older than the package metadata needs), a link
+# fastopt/kernels -> ../kernels stands in for the mapping for this run and is removed after it.
+link=""
 if ! "$PY" -c "import fastopt.kernels" >/dev/null 2>&1; then
   if ! "$PY" -m pip install -q --no-deps --no-build-isolation -e . ||
     ! "$PY" -c "import fastopt.kernels" >/dev/null 2>&1; then
-    stage="$(mktemp -d)"
-    cp -r fastopt "$stage/" && cp -r kernels "$stage/fastopt/kernels" || exit 2
-    export PYTHONPATH="$stage:$PYTHONPATH"
-    "$PY" -c "import fastopt.kernels" || exit 2
-    echo "gpu_run.sh: editable install failed; fastopt staged in $stage" >&2
+    if [ ! -e fastopt/kernels ]; then
+      ln -s ../kernels fastopt/kernels && link=fastopt/kernels
+    fi
+    "$PY" -c "import fastopt.kernels" || { [ -n "$link" ] && rm -f "$link"; exit 2; }
+    echo "gpu_run.sh: the editable install failed; fastopt/kernels linked for this run" >&2
   fi
 fi
 # numba's on-disk cache where a reinstall cannot leave it behind
 export NUMBA_CACHE_DIR="${NUMBA_CACHE_DIR:-${TMPDIR:-/tmp}/fastopt-numba-cache}"
-exec "$PY" scripts/gpu_run.py "$@"
+if [ -z "$link" ]; then
+  exec "$PY" scripts/gpu_run.py "$@"
+fi
+"$PY" scripts/gpu_run.py "$@"
+rc=$?
+rm -f "$link"
+exit $rc
