@@ -59,13 +59,29 @@ def test_mixed_precision_matches_the_cpu_loop(plan, backend):
         gpu.update(dev, {"w": to_device(g)}, grad_scale=64.0)
     got = to_host(dev["w"])
     if pdt.itemsize == 2:
-        d = _ulps16(got, host["w"])
-        assert d.max() <= 2 and (d > 0).mean() < 0.01, f"{d.max()} ulps, {(d > 0).mean():.4f}"
+        _assert_within_16_bit_ulps(got, host["w"])
     else:
-        np.testing.assert_allclose(got, host["w"], rtol=1e-5, atol=1e-6)
+        # float32 params: equal to float32 rounding, except where a 16-bit state rounded the
+        # other way on one side (a fused multiply-add moved the value before rounding by an
+        # ulp); such a flip changes that step's update by about lr·2^-8 relative to it
+        flips = ~np.isclose(got, host["w"], rtol=1e-5, atol=1e-6)
+        assert flips.mean() < 0.01, f"{flips.mean():.4f} of the elements differ"
+        atol = 1e-6 if "state_dtype" not in kw else len(grads) * 1e-3 * 2**-6
+        np.testing.assert_allclose(got, host["w"], rtol=1e-5, atol=atol)
+    assert cpu.state["w"].keys() == gpu.state["w"].keys()
     for s, a in cpu.state["w"].items():
         b = to_host(gpu.state["w"][s])
         assert b.dtype == a.dtype, s
+        if a.dtype.itemsize == 2:
+            _assert_within_16_bit_ulps(b, a, what=s)
+        else:
+            np.testing.assert_allclose(b, a, rtol=1e-5, atol=1e-6, err_msg=s)
+
+
+def _assert_within_16_bit_ulps(got, want, what="param"):
+    """At most 2 ulps of the 16-bit dtype apart, and in under 1 % of the elements."""
+    d = _ulps16(got, want)
+    assert d.max() <= 2 and (d > 0).mean() < 0.01, f"{what}: {d.max()} ulps, {(d > 0).mean():.4f}"
 
 
 def test_torch_bf16_cuda_tensors_are_stepped_in_place():
