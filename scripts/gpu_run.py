@@ -65,7 +65,8 @@ PLAN = [
         15,
         60,
         "2^20 Adam step vs an empty kernel launch: event time, "
-        "back-to-back time, host issue time (cupy, numba-cuda, torch fused)",
+        "back-to-back time, host issue time (cupy, numba-cuda, torch fused, a CuPy step "
+        "captured in a CUDA graph)",
     ),
     _step(
         "interop",
@@ -525,7 +526,7 @@ def child_latency(out):
 
     import fastopt
     from fastopt.backends import available_backends
-    from fastopt.bench.gpu import device_data, empty_runner, latency, timer_for
+    from fastopt.bench.gpu import device_data, empty_runner, graph_runner, latency, timer_for
     from fastopt.bench.groups import fastopt_runner
     from fastopt.bench.measure import CASES
     from fastopt.bench.torch_peers import torch_runner
@@ -540,6 +541,11 @@ def child_latency(out):
         runners["adam-torch-fused"] = torch_runner(CASES["adam"], "fused", "cuda", p0, g0)
     except Exception as exc:
         print(f"torch fused: {exc}")
+    if "cupy" in available_backends():  # the whole step captured in a CUDA graph, replayed
+        try:
+            runners["adam-cupy-graph"] = graph_runner(CASES["adam"], p0, g0)
+        except Exception as exc:
+            print(f"graph capture: {type(exc).__name__}: {exc}", flush=True)
     if "cupy" in available_backends():  # the dict API: one parameter, update()
         import cupy
 

@@ -8,6 +8,7 @@ object, ``requires_grad`` (whose interface refuses, as PyTorch's does) and an in
 import contextlib
 import sys
 import types
+import warnings
 
 import numpy as np
 import pytest
@@ -160,6 +161,10 @@ class FakeCuda:
         self.sms = sms
         self.launches = []
         self.external = []
+        self.configured = []
+        from fastopt.backends.numba_cuda_backend import _performance_warnings
+
+        self.warning = _performance_warnings()[0]
 
     def get_current_device(self):
         return types.SimpleNamespace(
@@ -222,6 +227,11 @@ class FakeCuda:
                 return fake.REGS
 
             def __getitem__(self, config):
+                fake.configured.append(config)
+                if config[0] < 128:  # as numba-cuda warns of a grid under 128 blocks
+                    msg = f"Grid size {config[0]} will likely result in GPU under-utilization"
+                    warnings.warn(fake.warning(msg), stacklevel=2)
+
                 def run(*args):
                     fake.launches.append((fake.current, config, args))
 
@@ -238,7 +248,7 @@ def ncb(monkeypatch):
     monkeypatch.setattr(mod, "cuda", fake)
     monkeypatch.setattr(mod, "SIMULATOR", False)
     monkeypatch.setattr(mod, "kernel", lambda rule, flags, writes: fake.kernel())
-    for cache in ("_grid", "_sm_count", "_streams", "_views"):
+    for cache in ("_grid", "_sm_count", "_streams", "_views", "_configs"):
         monkeypatch.setattr(mod, cache, {})
     return mod, fake
 
@@ -399,3 +409,19 @@ def test_cupy_launch_plan_refuses_a_failed_launch(monkeypatch):
     plan = cb.Plan("fn", 1, [1, 2], 5, np.float32, 10, "s", 0)
     with pytest.raises(RuntimeError, match="cuLaunchKernel failed"):
         plan((0.0,) * 5)
+
+
+def test_numba_cuda_small_grids_do_not_warn_and_configurations_are_reused(ncb, fake_torch):
+    # a 1000-element param gets a 4-block grid on purpose: numba-cuda's low-occupancy warning
+    # is not the user's concern; the launch configuration is built once and reused
+    mod, fake = ncb
+    flags = dict(maximize=False, decay=False, momentum=False, nesterov=False)
+    p = FakeTensor(np.ones(1000, np.float32))
+    g = FakeTensor(np.ones(1000, np.float32))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        for _ in range(3):
+            mod.launch("sgd", flags, p, g, (None,), (0.0, 0.0, 1.0, 0.0, 0.1))
+    assert len(fake.launches) == 3 and len(fake.configured) == 1
+    with pytest.warns(fake.warning):  # the user's own small launches still warn
+        fake.kernel()[4, 256]

@@ -28,7 +28,9 @@ instead of failing every launch. Under the Numba CUDA simulator (``NUMBA_ENABLE_
 NumPy arrays are accepted, which is how CI checks these kernels without a GPU.
 """
 
+import contextlib
 import os
+import warnings
 
 import numpy as np
 
@@ -348,7 +350,7 @@ def scalar_kernel(program):
             fn[1, 1](ctl, k32, k64, keyp, fi, np.uint32(seed))
             return
         views = [_device_view(a, "device scalars") for a in (ctl, k32, k64, keyp, fi)]
-        fn[1, 1, _stream(_stream_ptr(like))](*views, np.uint32(seed))
+        _configured(fn, 1, 1, _stream_ptr(like))(*views, np.uint32(seed))
 
     return run
 
@@ -394,6 +396,39 @@ def _stream(ptr):
             _streams.clear()
         st = _streams[ptr] = cuda.external_stream(ptr)
     return st
+
+
+_configs = {}  # (kernel, blocks, threads, stream handle, device) -> launch configuration
+
+
+def _configured(fn, blocks, threads, ptr, dev=None):
+    """``fn[blocks, threads, stream]``, made once per grid and stream and reused: a configuration
+    costs host time to build, and building one for a grid under 128 blocks warns
+    (NumbaPerformanceWarning). Small arrays get small grids on purpose (no more blocks than the
+    work needs), so that warning is silenced here, for fastopt's own launches only. ``dev``: the
+    current device's id (a stream handle of 0 means each device's own default stream)."""
+    if dev is None:
+        dev = cuda.get_current_device().id
+    key = (fn, blocks, threads, ptr, dev)
+    cfg = _configs.get(key)
+    if cfg is None:
+        if len(_configs) > 512:  # many sizes or short-lived streams: do not grow forever
+            _configs.clear()
+        with warnings.catch_warnings():
+            for category in _performance_warnings():
+                warnings.simplefilter("ignore", category)
+            cfg = _configs[key] = fn[blocks, threads, _stream(ptr)]
+    return cfg
+
+
+def _performance_warnings():
+    """NumbaPerformanceWarning as numba-cuda raises it (its own class in recent releases,
+    numba's in older ones)."""
+    found = []
+    for mod in ("numba.cuda.core.errors", "numba.core.errors"):
+        with contextlib.suppress(ImportError, AttributeError):
+            found.append(__import__(mod, fromlist=["x"]).NumbaPerformanceWarning)
+    return found
 
 
 def _device_view(a, name):
@@ -493,7 +528,7 @@ def _launch_mixed_device(fn, n, param, grad, states, master, scalars, x, dev):
     arrays.append(p if master is None else _device_view(master, "master"))
     devs = [p if d is None else _device_view(d, "device scalar") for d in dev]
     blocks, threads = launch_config(n)
-    fn[min(blocks, -(-n // threads)), threads, _stream(ptr)](*arrays, scalars, x, *devs)
+    _configured(fn, min(blocks, -(-n // threads)), threads, ptr)(*arrays, scalars, x, *devs)
 
 
 def launch(rule, flags, param, grad, states, k, io=None, master=None, extras=None):
@@ -538,8 +573,8 @@ def _launch_device(fn, key, n, param, grad, states, scalars):
         blocks, _ = launch_config(1 << 62, spec.get_regs_per_thread())
         entry = _grid[key + (dev,)] = (spec, blocks)
     spec, wave = entry
-    config = (min(wave, -(-n // THREADS)), THREADS, _stream(ptr))
+    blocks = min(wave, -(-n // THREADS))
     try:
-        spec[config](*arrays, scalars)
+        _configured(spec, blocks, THREADS, ptr, dev)(*arrays, scalars)
     except TypeError:  # other array types than the specialisation's (layout, readonly): generic
-        fn[config](*arrays, scalars)
+        _configured(fn, blocks, THREADS, ptr, dev)(*arrays, scalars)

@@ -252,6 +252,37 @@ def empty_runner(backend="cupy"):
     return Runner(f"empty:{backend}", lambda: kern((1,), (1,), ()), timer_for("cupy"), 0)
 
 
+def graph_runner(case, p0, g0, backend="cupy"):
+    """One ``capturable=True`` step of ``case`` over a FlatBuffer of ``p0``, captured in a CUDA
+    graph (on a side stream, after two eager warm-up steps) and replayed on the current stream:
+    a whole step issued with one graph launch, its scalars computed on the device. What a
+    training loop that captures its step (as with ``torch.cuda.graphs``) pays per step."""
+    import cupy
+
+    import fastopt
+
+    from .measure import Runner, bytes_per_step
+
+    stream = cupy.cuda.Stream(non_blocking=True)
+    with stream:
+        buf = fastopt.FlatBuffer({"w": to_device(p0)})
+        buf.grads["w"][...] = g0
+        opt = getattr(fastopt, case.cls)(**case.fastopt_kwargs, capturable=True, backend=backend)
+        for _ in range(2):  # kernels compiled, state and device scalars created
+            opt.step(buf)
+        stream.begin_capture()
+        opt.step(buf)
+        graph = stream.end_capture()
+    stream.synchronize()
+    return Runner(
+        f"graph:{backend}",
+        lambda: graph.launch(),
+        timer_for("cupy"),
+        bytes_per_step(case.n_state, p0.size, p0.dtype),
+        keep=(buf, opt, graph, stream),
+    )
+
+
 def latency(runners, calls=200, rounds=7):
     """Small-step latency of each ``Runner`` (label -> runner), two ways: ``event_s`` (median
     device time between events around one call, which includes any time the GPU waited for the
