@@ -73,9 +73,23 @@ def test_mixed_precision_matches_the_cpu_loop(plan, backend):
         b = to_host(gpu.state["w"][s])
         assert b.dtype == a.dtype, s
         if a.dtype.itemsize == 2:
-            _assert_within_16_bit_ulps(b, a, what=s)
+            _assert_close_16_bit_state(b, a, what=s)
         else:
             np.testing.assert_allclose(b, a, rtol=1e-5, atol=1e-6, err_msg=s)
+
+
+def _assert_close_16_bit_state(got, want, what):
+    """A 16-bit state slot: within 4 of its ulps (a rounding flipped on one side in some of
+    the steps) of the larger magnitude, plus 2 ulps of the slot's rms where a moment cancels
+    near zero (there an ulp count is meaningless: +1e-7 and -1e-7 are 26,000 bfloat16 ulps
+    apart); the elements that differ at all under 1 %."""
+    g, w = (np.asarray(x).astype(np.float64) for x in (got, want))
+    eps = 2.0**-7 if got.dtype == BF16 else 2.0**-10  # an ulp, relative, at most
+    rms = float(np.sqrt(np.mean(w * w)))
+    tol = 4 * eps * np.maximum(np.abs(g), np.abs(w)) + 2 * eps * rms
+    worst = float(np.max(np.abs(g - w) - tol))
+    assert worst <= 0, f"{what}: off by {worst:.3g} beyond the tolerance"
+    assert (g != w).mean() < 0.01, f"{what}: {(g != w).mean():.4f} of the elements differ"
 
 
 def _assert_within_16_bit_ulps(got, want, what="param"):
