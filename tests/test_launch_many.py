@@ -75,3 +75,14 @@ def test_chunks_cover_every_element_once():
         seen[t][lo:hi] += 1
     assert all((v == 1).all() for v in seen.values())
     assert nb.chunks_for([]).shape == (0, 3)
+
+
+def test_add_at_adds_to_each_address_and_nothing_else():
+    buf = np.arange(8, dtype=np.float32)
+    picked = [1, 4, 4, 7]  # an address twice: added twice, as two ``+= 1`` would
+    nb.add_at(np.array([buf.ctypes.data + 4 * i for i in picked], dtype=np.int64), 1.0)
+    want = np.arange(8, dtype=np.float32)
+    np.add.at(want, picked, np.float32(1.0))
+    assert np.array_equal(buf, want)
+    nb.add_at(np.zeros(0, dtype=np.int64), 1.0)  # nothing to do
+    assert np.array_equal(buf, want)

@@ -417,3 +417,27 @@ def test_gradscaler_fp16_model_with_master_on_the_cpu():
     for p, r in zip(model.parameters(), refs):
         torch.testing.assert_close(opt.state[p]["master_param"], r.detach(), rtol=2e-6, atol=1e-7)
         assert torch.equal(p.detach(), r.detach().to(torch.float16))
+
+
+def test_step_counts_advance_together_and_one_by_one():
+    # float32 CPU step tensors (torch's format) advance through their addresses in one call;
+    # steps a loaded state dict left in float64 advance one by one; the counts equal torch's
+    torch.manual_seed(0)
+    shapes = [(3, 4), (5,), (2, 2, 2)]
+    ours = [torch.nn.Parameter(torch.randn(s)) for s in shapes]
+    theirs = [torch.nn.Parameter(p.detach().clone()) for p in ours]
+    a, b = fot.Adam(ours, lr=1e-2), torch.optim.Adam(theirs, lr=1e-2)
+    for _ in range(3):
+        for p, q in zip(ours, theirs):
+            p.grad = torch.randn_like(p)
+            q.grad = p.grad.clone()
+        a.step()
+        b.step()
+    for p, q in zip(ours, theirs):
+        assert a.state[p]["step"].dtype == torch.float32
+        assert torch.equal(a.state[p]["step"], b.state[q]["step"])
+        torch.testing.assert_close(p, q, rtol=1e-6, atol=1e-7)  # float32 rounding apart
+    for p in ours:
+        a.state[p]["step"] = a.state[p]["step"].to(torch.float64)
+    a.step()
+    assert all(a.state[p]["step"].item() == 4.0 for p in ours)

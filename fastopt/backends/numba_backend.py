@@ -429,10 +429,29 @@ def many_kernel(rule, flags, writes, parallel):
     return fn
 
 
+def _add_at(addresses, like, value):
+    for i in range(addresses.shape[0]):
+        x = numba.carray(_address_as(addresses[i], like), 1)
+        x[0] += value
+
+
+def add_at(addresses, value):
+    """``x += value`` for the float32 scalar at each int64 address of ``addresses``: the 0-d
+    step counts of a many-tensor step (``fastopt.torch``), in one call instead of one torch op
+    per tensor. Unchecked, like ``launch_many``: the caller guarantees float32 scalars, alive."""
+    fn = _compiled.get("add_at")
+    if fn is None:
+        fn = _compiled["add_at"] = njit_cached(nogil=True)(_add_at)
+    fn(addresses, np.empty(1, np.float32), np.float32(value))
+
+
 def chunks_for(lengths, chunk=CHUNK):
     """``(tensor, start, stop)`` rows covering every element of tensors of ``lengths``."""
-    rows = [(t, lo, min(lo + chunk, n)) for t, n in enumerate(lengths) for lo in range(0, n, chunk)]
-    return np.array(rows, dtype=np.int64).reshape(-1, 3)
+    n = np.asarray(lengths, dtype=np.int64).reshape(-1)
+    per = -(-n // chunk)  # chunks of each tensor (none for an empty one)
+    t = np.repeat(np.arange(n.size, dtype=np.int64), per)
+    lo = (np.arange(t.size, dtype=np.int64) - np.repeat(np.cumsum(per) - per, per)) * chunk
+    return np.stack([t, lo, np.minimum(lo + chunk, n[t])], axis=1).reshape(-1, 3)
 
 
 def launch_many(rule, flags, writes, dtype, table, chunks, k):

@@ -176,6 +176,7 @@ class FusedOptimizer(torch.optim.Optimizer):
         hp = cls._rule_hp(group)
         slots = spec.state_names(hp)
         want_master = getattr(self, "master_weights", False)
+        names = spec.state
         buckets = {}
         for p in group["params"]:
             g = p.grad
@@ -200,37 +201,40 @@ class FusedOptimizer(torch.optim.Optimizer):
             else:  # torch keeps no step count (SGD): step 1 is the one without a fresh buffer
                 fresh = [x.name for x in spec.slots if x.fresh]
                 step = 1 if any(state.get(n) is None for n in fresh) else 2
-            self._check_state(p, state, spec)
+            bufs = self._check_state(p, state, names)
             bucket = buckets.setdefault((p.device, p.dtype, step), [])
-            bucket.append((p, g, state))
+            bucket.append((p, g, state, bufs))
         return spec, hp, buckets, inv_scale
 
     @staticmethod
-    def _check_state(p, state, spec):
+    def _check_state(p, state, names):
         """Every state tensor a kernel will touch is shaped and placed like its parameter and
         typed like it (float32 beside an fp32 master copy): a state dict from elsewhere may not
-        be."""
-        sdtype = torch.float32 if "master_param" in state else p.dtype
-        for s in spec.slots:
-            buf = state.get(s.name)
+        be. Returns the state tensors of ``names`` (None where absent)."""
+        m = state.get("master_param")
+        sdtype = p.dtype if m is None else torch.float32
+        shape, device = p.shape, p.device
+        bufs = [state.get(name) for name in names]
+        for name, buf in zip(names, bufs):
             if buf is None:
                 continue
-            if buf.shape != p.shape or buf.dtype != sdtype or buf.device != p.device:
+            if buf.shape != shape or buf.dtype is not sdtype or buf.device != device:
                 raise ValueError(
-                    f"state {s.name!r} of a parameter is {buf.dtype}{list(buf.shape)} on "
-                    f"{buf.device}; expected {sdtype}{list(p.shape)} on {p.device} (a state "
+                    f"state {name!r} of a parameter is {buf.dtype}{list(buf.shape)} on "
+                    f"{buf.device}; expected {sdtype}{list(shape)} on {device} (a state "
                     "dict of another model?)"
                 )
-        m = state.get("master_param")
         if m is not None and (
-            m.shape != p.shape or m.dtype != torch.float32 or m.device != p.device
+            m.shape != shape or m.dtype is not torch.float32 or m.device != device
         ):
             raise ValueError(
                 f"state 'master_param' of a parameter is {m.dtype}{list(m.shape)} on "
-                f"{m.device}; expected float32{list(p.shape)} on {p.device}"
+                f"{m.device}; expected float32{list(shape)} on {device}"
             )
+        return bufs
 
     def _run_group(self, spec, hp, buckets, inv_scale):
+        names = spec.state
         for (device, dtype, t), items in buckets.items():
             hs = None
             if spec.host_state:
@@ -247,26 +251,20 @@ class FusedOptimizer(torch.optim.Optimizer):
                 scale=None if inv_scale is None else "host",
             )
             tensors = []
-            for p, g, state in items:
-                slots = []
-                for s, u in zip(spec.slots, used):
-                    if not u:
-                        slots.append(None)
-                        continue
-                    buf = state.get(s.name)
-                    if buf is None:  # a fresh slot (SGD's momentum buffer) on its first step
-                        buf = self.state[p][s.name] = torch.zeros_like(
+            for p, g, state, bufs in items:
+                slots = [b if u else None for b, u in zip(bufs, used)]
+                for j, u in enumerate(used):
+                    if u and slots[j] is None:  # a fresh slot (SGD's momentum buffer), step 1
+                        slots[j] = self.state[p][names[j]] = torch.zeros_like(
                             p, dtype=torch.float32 if master else p.dtype
                         )
-                    slots.append(buf)
                 tensors.append((p, g, slots, state.get("master_param")))
             if io.plain:
                 self._launch(spec, hp, t, hs, device, dtype, used, tensors)
             else:  # 16-bit storage, a master copy or the loss scale: the storage-plan kernels
                 self._launch_io(spec, hp, t, hs, device, used, tensors, io, inv_scale)
-            for _, _, state in items:
-                if "step" in state:
-                    state["step"] += 1
+            _increment([state["step"] for _, _, state, _ in items if "step" in state])
+            for _, _, state, _ in items:
                 if spec.host_state:
                     # float32 values (torch's scalar dtype), whatever dtype a loaded state
                     # dict left the 0-d tensor in
@@ -275,19 +273,10 @@ class FusedOptimizer(torch.optim.Optimizer):
 
     def _launch(self, spec, hp, step, hs, device, dtype, used, tensors):
         be = get_backend(self._backend_for(device))
-        if be.NAME == "numba" and all(
-            a is None or a.is_contiguous() for p, g, slots, _ in tensors for a in (p, g, *slots)
-        ):
+        table = _address_table(tensors, len(spec.slots)) if be.NAME == "numba" else None
+        if table is not None:
             # one launch over every tensor: a table of their lengths and addresses (checked
-            # above: same device, dtype and shape as their parameter, contiguous, alive)
-            table = np.array(
-                [
-                    [p.numel(), p.data_ptr(), g.data_ptr()]
-                    + [0 if a is None else a.data_ptr() for a in slots]
-                    for p, g, slots, _ in tensors
-                ],
-                dtype=np.int64,
-            ).reshape(len(tensors), 3 + len(spec.slots))
+            # above: same device, dtype and shape as their parameter; contiguous, alive)
             launch = Launch(be, spec.name, step, hp, hs)
             be.launch_many(
                 spec.name,
@@ -357,6 +346,42 @@ def _torch_stream(device):
 
     stream = _stream_for(torch.cuda.current_stream(device).cuda_stream)
     return stream if stream is not None else contextlib.nullcontext()
+
+
+def _address_table(tensors, nslots):
+    """int64 rows ``(n, param, grad, slot...)`` of the tensors' lengths and addresses (0 for an
+    absent slot), or None when one of them is not contiguous (the per-tensor path takes it)."""
+    rows = []
+    for p, g, slots, _ in tensors:
+        if not (p.is_contiguous() and g.is_contiguous()):
+            return None
+        row = [p.numel(), p.data_ptr(), g.data_ptr()]
+        for a in slots:
+            if a is None:
+                row.append(0)
+            elif a.is_contiguous():
+                row.append(a.data_ptr())
+            else:
+                return None
+        rows.append(row)
+    return np.array(rows, dtype=np.int64).reshape(len(tensors), 3 + nslots)
+
+
+def _increment(steps):
+    """``step += 1`` for each of torch's 0-d step tensors: float32 CPU ones (torch's format, and
+    what a state dict loads as) through their addresses in one Numba call, others one by one."""
+    if not steps:
+        return
+    if len(steps) > 1 and all(
+        t.dtype is torch.float32 and t.is_cpu and t.numel() == 1 and not t.requires_grad
+        for t in steps
+    ):
+        from ..backends.numba_backend import add_at
+
+        add_at(np.array([t.data_ptr() for t in steps], dtype=np.int64), 1.0)
+        return
+    for t in steps:
+        t += 1
 
 
 def _plain(t):
