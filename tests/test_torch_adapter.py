@@ -441,3 +441,72 @@ def test_step_counts_advance_together_and_one_by_one():
         a.state[p]["step"] = a.state[p]["step"].to(torch.float64)
     a.step()
     assert all(a.state[p]["step"].item() == 4.0 for p in ours)
+
+
+def test_steady_steps_see_every_change_torch_would():
+    # After a checked step, a group's later steps reuse its cached launch after re-checks only
+    # (fastopt/torch/_steady.py). Every change below must be seen: the trajectory stays torch's.
+    torch.manual_seed(0)
+    ps = [torch.nn.Parameter(torch.randn(s)) for s in [(4, 3), (7,), (2, 5)]]
+    qs = [torch.nn.Parameter(p.detach().clone()) for p in ps]
+    a, b = fot.Adam(ps, lr=1e-2), torch.optim.Adam(qs, lr=1e-2)
+
+    def step(skip=None):
+        for i, (p, q) in enumerate(zip(ps, qs)):
+            g = None if i == skip else torch.randn_like(p)
+            p.grad, q.grad = g, None if g is None else g.clone()
+        a.step()
+        b.step()
+        for p, q in zip(ps, qs):
+            torch.testing.assert_close(p.detach(), q.detach(), rtol=1e-5, atol=1e-6)
+        for p, q in zip(ps, qs):
+            for key, value in b.state[q].items():
+                torch.testing.assert_close(a.state[p][key], value, rtol=1e-5, atol=1e-6)
+
+    def steps_to(value):  # every step count set in place, on both sides
+        for opt in (a, b):
+            for st in opt.state.values():
+                st["step"].fill_(value)
+
+    step()
+    step()
+    cached = a._steady[0]
+    for opt in (a, b):  # a new lr, the same variant: the cached launch, with the new lr
+        opt.param_groups[0]["lr"] = 5e-3
+    step()
+    assert a._steady[0] is cached and cached.t == 3
+    changes = {
+        "weight decay on (another variant)": lambda: [
+            opt.param_groups[0].__setitem__("weight_decay", 0.1) for opt in (a, b)
+        ],
+        "a state tensor replaced": lambda: a.state[ps[0]].__setitem__(
+            "exp_avg", a.state[ps[0]]["exp_avg"].clone()
+        ),
+        "every step count edited in place": lambda: steps_to(10.0),
+        "a parameter's storage replaced": lambda: setattr(ps[0], "data", ps[0].data.clone()),
+        "torch's state loaded": lambda: a.load_state_dict(copy.deepcopy(b.state_dict())),
+    }
+    for what, change in changes.items():
+        change()
+        step()  # the change is seen: a full step, which caches the group anew
+        assert a._steady[0] is not cached, what
+        cached = a._steady[0]
+    a.state[ps[2]]["step"].fill_(30.0)  # one step count apart: two launches, nothing cached
+    b.state[qs[2]]["step"].fill_(30.0)
+    step()
+    assert 0 not in a._steady
+    steps_to(40.0)
+    step()
+    step(skip=1)  # a parameter without a gradient keeps its state and step count
+    assert 0 not in a._steady
+    steps_to(50.0)
+    step()
+    assert 0 in a._steady
+    # a state tensor shrunk in place after steady steps: refused before anything is written
+    before = [p.detach().clone() for p in ps]
+    a.state[ps[1]]["exp_avg_sq"].resize_(1)
+    for p in ps:
+        p.grad = torch.randn_like(p)
+    with pytest.raises(ValueError, match="exp_avg_sq"):
+        a.step()
+    assert all(torch.equal(p.detach(), x) for p, x in zip(ps, before))

@@ -46,6 +46,7 @@ from ..base import PRECISION_DEFAULTS
 from ..functional import Launch
 from ..kernels import RULES
 from ..kernels.storage import io_for
+from ._steady import Steady
 
 __all__ = ["FusedOptimizer", *_optimizers.CLASSES, "Adagrad", "RMSprop"]
 
@@ -164,9 +165,20 @@ class FusedOptimizer(torch.optim.Optimizer):
             return loss  # GradScaler found inf/NaN: nothing changes, as torch's fused step
         grad_scale = getattr(self, "grad_scale", None)
         inv_scale = None if grad_scale is None else 1.0 / float(grad_scale)
-        plans = [self._plan_group(group, inv_scale) for group in self.param_groups]
-        for plan in plans:  # every group checked before any is stepped
-            self._run_group(*plan)
+        steady = self.__dict__.setdefault("_steady", {})
+        plans = []
+        for i, group in enumerate(self.param_groups):
+            cached = steady.get(i) if inv_scale is None else None
+            if cached is not None:  # the same tensors as a checked step before: re-checks only
+                spec = RULES[type(self)._fastopt._rule]
+                k = cached.check(self, group, spec, type(self)._rule_hp(group))
+                if k is not None:
+                    plans.append((cached.run, (spec, k)))
+                    continue
+            steady.pop(i, None)
+            plans.append((self._run_group, (*self._plan_group(group, inv_scale), i)))
+        for run, args in plans:  # every group checked before any is stepped
+            run(*args)
         return loss
 
     def _plan_group(self, group, inv_scale):
@@ -233,8 +245,9 @@ class FusedOptimizer(torch.optim.Optimizer):
             )
         return bufs
 
-    def _run_group(self, spec, hp, buckets, inv_scale):
+    def _run_group(self, spec, hp, buckets, inv_scale, index=None):
         names = spec.state
+        self._steady_candidate = (index, len(buckets) == 1 and inv_scale is None)
         for (device, dtype, t), items in buckets.items():
             hs = None
             if spec.host_state:
@@ -278,15 +291,24 @@ class FusedOptimizer(torch.optim.Optimizer):
             # one launch over every tensor: a table of their lengths and addresses (checked
             # above: same device, dtype and shape as their parameter; contiguous, alive)
             launch = Launch(be, spec.name, step, hp, hs)
-            be.launch_many(
-                spec.name,
-                launch.flags,
-                used,
-                _DTYPES[dtype],
-                table,
-                be.chunks_for(table[:, 0].tolist()),
-                launch.k,
-            )
+            chunks = be.chunks_for(table[:, 0].tolist())
+            be.launch_many(spec.name, launch.flags, used, _DTYPES[dtype], table, chunks, launch.k)
+            index, alone = self.__dict__.pop("_steady_candidate", (None, False))
+            if index is not None and alone:  # the group's next step may reuse this launch
+                cached = Steady.build(
+                    self,
+                    self.param_groups[index],
+                    spec,
+                    step,
+                    launch.flags,
+                    used,
+                    tensors,
+                    table,
+                    chunks,
+                    _DTYPES[dtype],
+                )
+                if cached is not None:
+                    self.__dict__.setdefault("_steady", {})[index] = cached
             return
         views = [
             [_plain(p), _plain(g)] + [None if a is None else _plain(a) for a in slots]

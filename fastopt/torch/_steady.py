@@ -1,0 +1,152 @@
+"""The steady state of a CPU step of ``fastopt.torch``: a param group stepped before, over the
+same tensors, relaunched from its cached address table after re-checks that cost a few
+attribute reads per tensor.
+
+After a fully checked step of a group (``FusedOptimizer._plan_group``) that went through one
+many-tensor launch (float32 or float64 on the numba backend; every parameter had a gradient; no
+master copy, no loss scale, no host state), the group keeps a ``Steady``: its parameters, their
+state dicts and state tensors, each tensor's address and shape, the step count and the variant.
+The next step re-checks every one of these by identity, address, shape, dtype and contiguity,
+and each gradient by dtype, shape, layout, contiguity and device (its address goes into the
+table); the step count is read back from each step tensor, so an edit in place is seen. Any
+difference and ``check`` returns None: the step takes the full path, which rebuilds the cache.
+A state dict loaded, a parameter moved (``.to()``), a gradient set to None, a hyperparameter
+that changes the variant: each ends the steady state.
+"""
+
+import numpy as np
+import torch
+
+from ..backends import numba_backend
+
+
+class Steady:
+    """One param group's cached launch (see the module docstring)."""
+
+    __slots__ = (
+        "chunks",
+        "container",
+        "device",
+        "dtype",
+        "flags",
+        "group",
+        "np_dtype",
+        "params",
+        "plist",
+        "pptrs",
+        "shapes",
+        "slots",
+        "states",
+        "step_ptrs",
+        "steps",
+        "t",
+        "table",
+        "used",
+    )
+
+    @classmethod
+    def build(cls, opt, group, spec, t, flags, used, tensors, table, chunks, np_dtype):
+        """The cache of a group just launched through ``table``, or None where the group's
+        step cannot be repeated this way (a parameter without a gradient, host state, steps
+        that are not float32 CPU scalars)."""
+        plist = group["params"]
+        if spec.host_state or len(tensors) != len(plist):
+            return None
+        self = cls()
+        self.group, self.plist, self.container = group, plist, opt.state
+        self.params = tuple(p for p, _, _, _ in tensors)
+        if any(a is not b for a, b in zip(self.params, plist)):
+            return None
+        p0 = self.params[0]
+        self.dtype, self.device, self.np_dtype = p0.dtype, p0.device, np_dtype
+        self.shapes = tuple(p.shape for p in self.params)
+        self.pptrs = tuple(int(r) for r in table[:, 1])
+        self.states = tuple(opt.state.get(p) for p in self.params)  # None: no state (SGD)
+        names = spec.state
+        self.slots = tuple(
+            tuple((names[j], a, a.data_ptr()) for j, a in enumerate(slots) if a is not None)
+            for _, _, slots, _ in tensors
+        )
+        steps = [None if st is None else st.get("step") for st in self.states]
+        if all(s is None for s in steps):
+            # no step count (SGD): every step after the first is step 2 (its fresh buffers
+            # exist), as ``_plan_group`` counts
+            self.steps, self.step_ptrs, t = None, None, 2
+        elif all(
+            s is not None and s.dtype is torch.float32 and s.is_cpu and s.numel() == 1
+            for s in steps
+        ):
+            self.steps = tuple(steps)
+            self.step_ptrs = np.array([s.data_ptr() for s in steps], dtype=np.int64)
+        else:
+            return None
+        self.t, self.flags, self.used = t, flags, used
+        self.table, self.chunks = table, chunks
+        return self
+
+    def check(self, opt, group, spec, hp):
+        """This step's host scalars ``k`` when every tensor is still the one cached (see the
+        module docstring), else None. Writes the gradients' addresses into the table."""
+        plist = group["params"]
+        if (
+            group is not self.group
+            or plist is not self.plist
+            or len(plist) != len(self.params)
+            or opt.state is not self.container
+        ):
+            return None
+        t = self.t + 1 if self.steps is not None else self.t
+        flags, k = spec.plan(hp, t, None)
+        if flags != self.flags:
+            return None
+        dt, dev, state = self.dtype, self.device, opt.state
+        gptrs = []
+        for i, p in enumerate(plist):
+            shape = self.shapes[i]
+            g = p.grad
+            if (
+                p is not self.params[i]
+                or g is None
+                or g.dtype is not dt
+                or g.shape != shape
+                or g.layout is not torch.strided
+                or not g.is_contiguous()
+                or g.device != dev
+                or p.data_ptr() != self.pptrs[i]
+                or p.shape != shape
+                or p.dtype is not dt
+                or not p.is_contiguous()
+            ):
+                return None
+            st = self.states[i]
+            if state.get(p) is not st:
+                return None
+            for name, buf, ptr in self.slots[i]:
+                if (
+                    st.get(name) is not buf
+                    or buf.data_ptr() != ptr
+                    or buf.shape != shape
+                    or buf.dtype is not dt
+                    or not buf.is_contiguous()
+                ):
+                    return None
+            if self.steps is not None:
+                s = self.steps[i]
+                if (
+                    st.get("step") is not s
+                    or s.data_ptr() != self.step_ptrs[i]
+                    or float(s) != self.t
+                ):
+                    return None
+            gptrs.append(g.data_ptr())
+        self.table[:, 2] = gptrs
+        return k
+
+    def run(self, spec, k):
+        """The launch ``check`` cleared, then the step counts advanced."""
+        numba_backend.launch_many(
+            spec.name, self.flags, self.used, self.np_dtype, self.table, self.chunks, k
+        )
+        if self.steps is not None:
+            numba_backend.add_at(self.step_ptrs, 1.0)
+            self.t += 1
