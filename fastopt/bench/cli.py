@@ -273,7 +273,7 @@ def _precision_lines(records):
         if r.get("speedup_vs_float32") is not None and r["dtype"] != "float32":
             vs = (
                 f", {r['bytes_vs_float32']:.2f}x float32's bytes, "
-                f"{r['speedup_vs_float32']:.2f}x faster than float32"
+                f"{r['speedup_vs_float32']:.2f}x float32's speed"
             )
         out.append(
             f"  {r['optimizer']} n={fmt_n(r['n'])} {r['dtype']}: {r['bytes'] // r['n']} B/elem, "
