@@ -24,3 +24,12 @@ def test_readme_python_examples_run():
     ns = {}
     for block in blocks:  # examples build on each other, in order
         exec(compile(block, "README.md", "exec"), ns)
+
+
+def test_readme_lists_every_optimizer():
+    # the table at the top names every class of the registry (and nothing the registry lacks)
+    from fastopt.optimizers import CLASSES
+
+    table = README.split("| optimizer | in one line |")[1].split("\n\n")[0]
+    listed = re.findall(r"^\| `(\w+)`", table, flags=re.M)
+    assert sorted(listed) == sorted(CLASSES)

@@ -1,4 +1,4 @@
-"""``fastopt demo``: see how the eight optimizers move, and train a small network with each.
+"""``fastopt demo``: see how every optimizer moves, and train a small network with each.
 
     fastopt demo --out DIR [--backend B] [--steps N] [--valley-steps N] [--quick] [--show]
     fastopt demo --textbook --out DIR [--backend B] [--valley-steps N] [--show]
