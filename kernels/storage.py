@@ -282,3 +282,30 @@ class IO:
 def io_for(param, grad=None, state=None, **extras):
     """The ``IO`` of a launch from storage dtype names (grad and state default to the param's)."""
     return IO(param=param, grad=grad or param, state=state or param, **extras)
+
+
+def element_source(nslots, writes, io, scale, key, indent):
+    """The per-element body of a launch with the storage plan ``io``, as Python source lines
+    at ``indent``: each array loaded once into a compute-dtype local (``lp``/``lg``/``ls``), the
+    rule (``elem``) called, each result stored once (``sp``/``sg``/``ss``). ``scale``: the
+    expression of 1/grad_scale, ``key``: that of the step key (the loop variable is ``i``, the
+    salt ``x[1]``). The numba CPU loop and the numba-cuda kernel share it."""
+    pad = " " * indent
+    slots = [f"s{j}" for j in range(nslots)]
+    outs = ", ".join(["pi"] + [f"o{j}" for j in range(nslots)])
+    lines = [
+        f"pv = {'m[i]' if io.master else 'lp(p[i])'}",
+        f"gv = lg(g[i]){' * ' + scale if io.scale else ''}",
+    ]
+    if io.write_grad:
+        lines.append("g[i] = sg(gv)")
+    lines += [f"a{j} = ls(s{j}[i])" if w else f"a{j} = pv" for j, w in enumerate(writes)]
+    lines.append(
+        f"{outs}{',' if nslots == 0 else ''} = elem("
+        f"pv, gv, {''.join(f'a{j}, ' for j in range(nslots))}k)"
+    )
+    if io.master:
+        lines.append("m[i] = pi")
+    lines.append(f"p[i] = sp(pi, i, x[1], {key})")
+    lines += [f"{s}[i] = ss(o{j})" for j, s in enumerate(slots) if writes[j]]
+    return [pad + line for line in lines]

@@ -288,29 +288,13 @@ def mixed_loop_source(nslots, writes, io):
     ``sp``/``sg``/``ss`` store: closure cells, so the disk cache tells storage plans apart).
     Absent slots are placeholders holding the param's value, never read or written."""
     slots = [f"s{j}" for j in range(nslots)]
-    outs = ["pi"] + [f"o{j}" for j in range(nslots)]
     lines = [
         "def factory(elem, rng, lp, lg, ls, sp, sg, ss):",
         f"    def loop(p, g, {''.join(s + ', ' for s in slots)}m, k, x):",
         "        for i in rng(p.shape[0]):",
-        f"            pv = {'m[i]' if io.master else 'lp(p[i])'}",
-        f"            gv = lg(g[i]){' * x[0]' if io.scale else ''}",
+        *storage.element_source(nslots, writes, io, "x[0]", "x[2]", 12),
+        "    return loop",
     ]
-    if io.write_grad:
-        lines.append("            g[i] = sg(gv)")
-    lines += [
-        f"            a{j} = ls(s{j}[i])" if w else f"            a{j} = pv"
-        for j, w in enumerate(writes)
-    ]
-    lines.append(
-        f"            {', '.join(outs)}{',' if nslots == 0 else ''} = elem("
-        f"pv, gv, {''.join(f'a{j}, ' for j in range(nslots))}k)"
-    )
-    if io.master:
-        lines.append("            m[i] = pi")
-    lines.append("            p[i] = sp(pi, i, x[1], x[2])")
-    lines += [f"            {s}[i] = ss(o{j})" for j, s in enumerate(slots) if writes[j]]
-    lines += ["    return loop"]
     return "\n".join(lines) + "\n"
 
 

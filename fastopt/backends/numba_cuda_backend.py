@@ -226,7 +226,6 @@ def mixed_kernel_source(name, nslots, writes, io, nscalars):
     is loaded once into a compute-dtype local and stored once, converted by its storage dtype
     (``lp``/``lg``/``ls`` load, ``sp``/``sg``/``ss`` store: the factory's arguments)."""
     slots = [f"s{j}" for j in range(nslots)]
-    outs = ", ".join(["pi"] + [f"o{j}" for j in range(nslots)])
     lines = [
         "def factory(elem, lp, lg, ls, sp, sg, ss, CT):",
         f"    def {name}(p, g, {''.join(s + ', ' for s in slots)}m, k, x, kb, gs, fi, kp):",
@@ -245,24 +244,9 @@ def mixed_kernel_source(name, nslots, writes, io, nscalars):
         "        start = cuda.grid(1)",
         "        stride = cuda.gridsize(1)",
         "        for i in range(start, p.shape[0], stride):",
-        f"            pv = {'m[i]' if io.master else 'lp(p[i])'}",
-        f"            gv = lg(g[i]){' * inv' if io.scale else ''}",
+        *storage.element_source(nslots, writes, io, "inv", "key", 12),
+        f"    return {name}",
     ]
-    if io.write_grad:
-        lines.append("            g[i] = sg(gv)")
-    lines += [
-        f"            a{j} = ls(s{j}[i])" if w else f"            a{j} = pv"
-        for j, w in enumerate(writes)
-    ]
-    lines.append(
-        f"            {outs}{',' if nslots == 0 else ''} = elem("
-        f"pv, gv, {''.join(f'a{j}, ' for j in range(nslots))}k)"
-    )
-    if io.master:
-        lines.append("            m[i] = pi")
-    lines.append("            p[i] = sp(pi, i, x[1], key)")
-    lines += [f"            {s}[i] = ss(o{j})" for j, s in enumerate(slots) if writes[j]]
-    lines += [f"    return {name}"]
     return "\n".join(lines) + "\n"
 
 
