@@ -247,7 +247,8 @@ class FusedOptimizer(torch.optim.Optimizer):
 
     def _run_group(self, spec, hp, buckets, inv_scale, index=None):
         names = spec.state
-        self._steady_candidate = (index, len(buckets) == 1 and inv_scale is None)
+        # a group launched whole (one bucket, no loss scale) may cache its launch
+        cache_as = index if len(buckets) == 1 and inv_scale is None else None
         for (device, dtype, t), items in buckets.items():
             hs = None
             if spec.host_state:
@@ -273,7 +274,7 @@ class FusedOptimizer(torch.optim.Optimizer):
                         )
                 tensors.append((p, g, slots, state.get("master_param")))
             if io.plain:
-                self._launch(spec, hp, t, hs, device, dtype, used, tensors)
+                self._launch(spec, hp, t, hs, device, dtype, used, tensors, cache_as)
             else:  # 16-bit storage, a master copy or the loss scale: the storage-plan kernels
                 self._launch_io(spec, hp, t, hs, device, used, tensors, io, inv_scale)
             _increment([state["step"] for _, _, state, _ in items if "step" in state])
@@ -284,7 +285,7 @@ class FusedOptimizer(torch.optim.Optimizer):
                     for n, v in spec.advance_host_state(hp, t, hs).items():
                         state[n].fill_(v)
 
-    def _launch(self, spec, hp, step, hs, device, dtype, used, tensors):
+    def _launch(self, spec, hp, step, hs, device, dtype, used, tensors, cache_as=None):
         be = get_backend(self._backend_for(device))
         table = _address_table(tensors, len(spec.slots)) if be.NAME == "numba" else None
         if table is not None:
@@ -293,11 +294,10 @@ class FusedOptimizer(torch.optim.Optimizer):
             launch = Launch(be, spec.name, step, hp, hs)
             chunks = be.chunks_for(table[:, 0].tolist())
             be.launch_many(spec.name, launch.flags, used, _DTYPES[dtype], table, chunks, launch.k)
-            index, alone = self.__dict__.pop("_steady_candidate", (None, False))
-            if index is not None and alone:  # the group's next step may reuse this launch
+            if cache_as is not None:  # the group's next step may reuse this launch
                 cached = Steady.build(
                     self,
-                    self.param_groups[index],
+                    self.param_groups[cache_as],
                     spec,
                     step,
                     launch.flags,
@@ -308,7 +308,7 @@ class FusedOptimizer(torch.optim.Optimizer):
                     _DTYPES[dtype],
                 )
                 if cached is not None:
-                    self.__dict__.setdefault("_steady", {})[index] = cached
+                    self.__dict__.setdefault("_steady", {})[cache_as] = cached
             return
         views = [
             [_plain(p), _plain(g)] + [None if a is None else _plain(a) for a in slots]
