@@ -18,6 +18,8 @@ work on bit patterns (the backends hand 16-bit arrays to them as ``uint16``), ex
 
 - bfloat16 -> float32: the 16 bits shifted up (exact, NaN payloads kept);
 - float32 -> bfloat16: round to nearest even on the bits; NaN stays NaN, made quiet;
+- two neighbouring bfloat16 as one 32-bit word (``bf16_lo``/``bf16_hi``/``bf16_pair_store``):
+  the same conversions, for the CPU loop that walks all-bfloat16 arrays a word at a time;
 - float16 <-> float32: exact both ways on every value (subnormals, ±0, ±inf), round to nearest
   even, NaN kept quiet (F. Giesen's branch-light forms);
 - stochastic rounding to bfloat16: 16 random bits added below the kept bits, then truncated
@@ -42,7 +44,10 @@ __all__ = [
     "IO",
     "ITEMSIZE",
     "KINDS",
+    "bf16_hi",
+    "bf16_lo",
     "bf16_load",
+    "bf16_pair_store",
     "bf16_store",
     "bf16_store_sr",
     "bits_f32",
@@ -91,6 +96,25 @@ def bf16_store(x):
     u = f32_bits(x)
     nan = (u & 0x7FFFFFFF) > 0x7F800000
     return ((u >> 16) | 0x40) if nan else ((u + 0x7FFF + ((u >> 16) & 1)) >> 16)
+
+
+def bf16_lo(w):
+    """The bfloat16 in the low half of the 32-bit word ``w`` (the first of two neighbouring
+    elements on a little-endian machine) -> float32, exactly."""
+    return bits_f32((np.int64(w) & 0xFFFF) << 16)
+
+
+def bf16_hi(w):
+    """The bfloat16 in the high half of ``w`` (the second element) -> float32, exactly."""
+    return bits_f32(np.int64(w) & 0xFFFF0000)
+
+
+def bf16_pair_store(a, b):
+    """Two float32 -> one 32-bit word of two bfloat16, ``a`` in the low half: exactly
+    ``bf16_store(a) | bf16_store(b) << 16``. The CPU lowering rounds both in 32-bit lanes and
+    keeps their high halves (no narrowing shuffle): the loop over word pairs that uses it
+    moves no element across vector lanes."""
+    return bf16_store(a) | (bf16_store(b) << 16)
 
 
 def bf16_store_sr(x, r):

@@ -113,6 +113,118 @@ def test_compiled_cpu_conversions_are_exact(kind):
     _check_stores(store_bits, kind, _float32_sample())
 
 
+def test_bf16_word_conversions_are_the_element_conversions():
+    """The word-at-a-time forms (two bfloat16 in one 32-bit word, the CPU loop over
+    all-bfloat16 arrays) against the element forms: every 16-bit pattern in each half of a
+    word, the float32 sample paired both ways, in Python and as the numba backend compiles them."""
+    numba = pytest.importorskip("numba")
+    from fastopt.backends import numba_backend  # noqa: F401  (registers the CPU lowerings)
+
+    rng = np.random.default_rng(11)
+    h = np.arange(1 << 16, dtype=np.uint32)
+    words = h | (rng.permutation(h) << 16)
+    x = _float32_sample()
+    a, b = x, rng.permutation(x)
+
+    @numba.njit
+    def split(w, lo, hi):
+        for i in range(w.shape[0]):
+            lo[i] = storage.bf16_lo(w[i])
+            hi[i] = storage.bf16_hi(w[i])
+
+    @numba.njit
+    def join(a, b, out):
+        for i in range(a.shape[0]):
+            out[i] = storage.bf16_pair_store(a[i], b[i])
+
+    @numba.njit
+    def one_by_one(a, b, out):
+        for i in range(a.shape[0]):
+            out[i] = storage.bf16_store(a[i]) | (np.uint32(storage.bf16_store(b[i])) << 16)
+
+    lo, hi = np.empty(h.size, np.float32), np.empty(h.size, np.float32)
+    split(words, lo, hi)
+    halves = words.view(np.uint16).reshape(-1, 2)
+    for got, bits in ((lo, halves[:, 0]), (hi, halves[:, 1])):
+        _check_loads(lambda _, got=got, bits=bits: got[np.argsort(bits)], "bfloat16")
+    joined, ref = np.empty(x.size, np.uint32), np.empty(x.size, np.uint32)
+    join(a, b, joined)
+    one_by_one(a, b, ref)
+    assert np.array_equal(joined, ref)
+    _check_stores(lambda v: joined.view(np.uint16)[0::2], "bfloat16", a)
+    _check_stores(lambda v: joined.view(np.uint16)[1::2], "bfloat16", b)
+    py = slice(0, 4000)  # the Python forms, on a slice (they run one element per call)
+    assert [storage.bf16_pair_store(u, v) for u, v in zip(a[py], b[py])] == list(ref[py])
+    sample = words[:: 1 << 4]
+    lo_py = np.array([storage.bf16_lo(w) for w in sample], np.float32)
+    hi_py = np.array([storage.bf16_hi(w) for w in sample], np.float32)
+    assert np.array_equal(lo_py.view(np.uint32), lo[:: 1 << 4].view(np.uint32))
+    assert np.array_equal(hi_py.view(np.uint32), hi[:: 1 << 4].view(np.uint32))
+
+
+def _bf16_wild(rng, n):
+    """Normal-ish bfloat16 values, one in ten replaced by a random bit pattern (NaN, ±inf,
+    subnormals, huge values)."""
+    bits = rng.standard_normal(n).astype(np.float32).astype(BF16).view(np.uint16)
+    wild = rng.random(n) < 0.1
+    bits[wild] = rng.integers(0, 1 << 16, int(wild.sum()), dtype=np.uint16)
+    return bits.view(BF16)
+
+
+@pytest.mark.parametrize("name", list(CLASSES))
+def test_bf16_word_loop_matches_the_element_loop(name, monkeypatch):
+    """All-bfloat16 steps on the CPU walk the arrays a 32-bit word (two elements) at a time;
+    arrays that do not start on a 4-byte boundary take the element loop. Both give the same
+    bits, params and every state buffer, NaN and subnormals included, over an odd length (the
+    last element goes through the element loop), with the grad unscaled in the pass and
+    stored back."""
+    from fastopt.backends import numba_backend
+
+    calls = []
+    real = numba_backend.kernel
+
+    def spy(*a, **kw):
+        calls.append(kw.get("pairs", False))
+        return real(*a, **kw)
+
+    monkeypatch.setattr(numba_backend, "kernel", spy)
+    rng = np.random.default_rng(12)
+    n, steps = 1001, 3
+    p0 = _bf16_wild(rng, n)
+    grads = [_bf16_wild(rng, n) for _ in range(steps)]
+
+    def run(offset):
+        def place(a):
+            out = np.empty(n + offset, BF16)[offset:]
+            out[...] = a
+            return out
+
+        p, opt, unscaled = place(p0), CLASSES[name](backend="numba"), []
+        for g in grads:
+            g = place(g)
+            opt.update({"w": p}, {"w": g}, grad_scale=2.0, unscale_grads=True)
+            unscaled.append(g)
+        return p, opt, unscaled
+
+    with np.errstate(all="ignore"):
+        calls.clear()
+        p_words, opt_words, g_words = run(0)
+        assert True in calls, "the aligned arrays did not take the word loop"
+        calls.clear()
+        p_elems, opt_elems, g_elems = run(1)
+        assert calls and True not in calls, "misaligned arrays must take the element loop"
+        halved = [(g.astype(np.float32) * np.float32(0.5)).astype(BF16) for g in grads]
+    assert np.array_equal(p_words.view(np.uint16), p_elems.view(np.uint16))
+    assert opt_words.state["w"].keys() == opt_elems.state["w"].keys()
+    for s, a in opt_words.state["w"].items():
+        assert np.array_equal(a.view(np.uint16), opt_elems.state["w"][s].view(np.uint16)), s
+    for gw, ge, ref in zip(g_words, g_elems, halved):
+        assert np.array_equal(gw.view(np.uint16), ge.view(np.uint16))
+        nan = np.isnan(ref.astype(np.float32))
+        assert np.isnan(gw[nan].astype(np.float32)).all()
+        assert np.array_equal(gw.view(np.uint16)[~nan], ref.view(np.uint16)[~nan])
+
+
 # -- every optimizer, 16-bit storage ---------------------------------------------------------------
 
 STEPS = 30

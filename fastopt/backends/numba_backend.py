@@ -11,7 +11,10 @@ compute dtype, or that carries a master copy, stochastic rounding, a loss scale 
 write-back, ``loop_source`` generates the loads and stores per array: 16-bit arrays arrive as
 ``uint16`` views and are converted on their bits (``kernels/storage.py``, exact), float32/float64
 arrays are cast; the rule itself sees compute-dtype scalars only. The extras arrive as one tuple
-``x = (1/grad_scale, salt, step key)``.
+``x = (1/grad_scale, salt, step key)``. A plan that stores every array as bfloat16 (no master,
+no stochastic rounding) walks 4-byte-aligned arrays a 32-bit word, two elements, at a time
+(``pair_loop_source``): the same bits with fewer conversion instructions, which is what a
+compute-bound bfloat16 step costs.
 
 Both loops vectorise (packed ``vmulps``/``vsqrtps``/``vdivps`` for float32; check with
 ``kernel(...).inspect_asm(sig)`` on a fresh ``NUMBA_CACHE_DIR``) and hold no float64 math in the
@@ -145,24 +148,63 @@ else:
             return types.float32(h), codegen
         return None
 
+    def _bf16_round_ir(builder, x):
+        # storage.bf16_store's rounding left in place: the result's high 16 bits are the
+        # bfloat16 (round half to even; a NaN gets its quiet bit, payload kept)
+        u = builder.bitcast(x, _I32)
+        nan = builder.fcmp_unordered("uno", x, x)
+        lsb = builder.and_(builder.lshr(u, _ir.Constant(_I32, 16)), _ir.Constant(_I32, 1))
+        up = builder.add(builder.add(u, _ir.Constant(_I32, 0x7FFF)), lsb)
+        return builder.select(nan, builder.or_(u, _ir.Constant(_I32, 0x400000)), up)
+
     @intrinsic
     def _bf16_store_ir(typingctx, x):
         # storage.bf16_store in 32-bit lanes: round half to even on the bits, NaN made quiet
         if x == types.float32:
 
             def codegen(context, builder, sig, args):
-                def c(v):
-                    return _ir.Constant(_I32, v)
-
-                u = builder.bitcast(args[0], _I32)
-                # NaN tested on the float (one compare), the same set as the bits' test
-                nan = builder.fcmp_unordered("uno", args[0], args[0])
-                hi = builder.lshr(u, c(16))
-                up = builder.add(builder.add(u, c(0x7FFF)), builder.and_(hi, c(1)))
-                r = builder.select(nan, builder.or_(hi, c(0x40)), builder.lshr(up, c(16)))
-                return builder.trunc(r, _I16)
+                r = _bf16_round_ir(builder, args[0])
+                return builder.trunc(builder.lshr(r, _ir.Constant(_I32, 16)), _I16)
 
             return types.uint16(x), codegen
+        return None
+
+    def _is32(w):
+        return isinstance(w, types.Integer) and w.bitwidth == 32
+
+    @intrinsic
+    def _bf16_lo_ir(typingctx, w):
+        # the low half shifted up: storage.bf16_lo
+        if _is32(w):
+
+            def codegen(context, builder, sig, args):
+                return builder.bitcast(builder.shl(args[0], _ir.Constant(_I32, 16)), _F32)
+
+            return types.float32(w), codegen
+        return None
+
+    @intrinsic
+    def _bf16_hi_ir(typingctx, w):
+        # the high half in place, the low half cleared: storage.bf16_hi
+        if _is32(w):
+
+            def codegen(context, builder, sig, args):
+                return builder.bitcast(builder.and_(args[0], _ir.Constant(_I32, 0xFFFF0000)), _F32)
+
+            return types.float32(w), codegen
+        return None
+
+    @intrinsic
+    def _bf16_pair_store_ir(typingctx, a, b):
+        # storage.bf16_pair_store: both rounded in 32-bit lanes, the high halves joined
+        if a == b == types.float32:
+
+            def codegen(context, builder, sig, args):
+                lo = builder.lshr(_bf16_round_ir(builder, args[0]), _ir.Constant(_I32, 16))
+                hi = builder.and_(_bf16_round_ir(builder, args[1]), _ir.Constant(_I32, 0xFFFF0000))
+                return builder.or_(lo, hi)
+
+            return types.uint32(a, b), codegen
         return None
 
     @intrinsic
@@ -198,6 +240,15 @@ else:
         return isinstance(a, types.Integer) and a.bitwidth == 16
 
     _overload_with(storage.bf16_load, _bf16_load_ir, _is16)
+    _overload_with(storage.bf16_lo, _bf16_lo_ir, _is32)
+    _overload_with(storage.bf16_hi, _bf16_hi_ir, _is32)
+
+    @overload(storage.bf16_pair_store, target="cpu", inline="always")
+    def _bf16_pair_store_cpu(a, b):
+        if a == b == types.float32:
+            return lambda a, b: _bf16_pair_store_ir(a, b)
+        return None
+
     _overload_with(storage.bf16_store, _bf16_store_ir, lambda a: a == types.float32)
     #: x86 CPUs with F16C convert float16 in hardware (exactly, round to nearest even); others
     #: run kernels/storage.py's bit form
@@ -298,13 +349,69 @@ def mixed_loop_source(nslots, writes, io):
     return "\n".join(lines) + "\n"
 
 
-def python_loop(elem, writes, parallel, io=None):
+def pairs_fit(io, writes):
+    """Does the plan ``io`` store every array the loop touches as bfloat16 (param, grad and the
+    present state slots), with no master and no stochastic rounding? Then the loop may walk the
+    arrays a 32-bit word (two elements) at a time (``pair_loop_source``)."""
+    return (
+        io.param == io.grad == "bfloat16"
+        and (io.state == "bfloat16" or not any(writes))
+        and not (io.master or io.sr)
+    )
+
+
+def pair_loop_source(nslots, writes, io):
+    """``mixed_loop_source`` for an all-bfloat16 plan (``pairs_fit``), a word at a time: the
+    loop takes the arrays as ``uint32`` views (``(p, g, s0.., k, x)``; no master), splits each
+    word into its two elements (``lo``/``hi``: a shift and a mask, no shuffle), runs the rule on
+    each and joins the two rounded results (``join``: ``storage.bf16_pair_store``). The
+    element-at-a-time loop widens each 16-bit element into a 32-bit lane and narrows it back;
+    here a vector of words is two vectors of elements in place, which takes about a quarter of
+    the conversions' instructions off a compute-bound step. Results are bit for bit the
+    element loop's (the index ``i`` is used by stochastic rounding only, which is excluded)."""
+    slots = [f"s{j}" for j in range(nslots)]
+    body = []
+    for h, half in (("0", "lo"), ("1", "hi")):
+        body += [
+            f"pv{h} = {half}(p[w])",
+            f"gv{h} = {half}(g[w]){' * x[0]' if io.scale else ''}",
+        ]
+        body += [
+            f"a{j}{h} = {half}(s{j}[w])" if wr else f"a{j}{h} = pv{h}"
+            for j, wr in enumerate(writes)
+        ]
+        outs = ", ".join([f"pi{h}"] + [f"o{j}{h}" for j in range(nslots)])
+        body.append(
+            f"{outs}{',' if nslots == 0 else ''} = elem("
+            f"pv{h}, gv{h}, {''.join(f'a{j}{h}, ' for j in range(nslots))}k)"
+        )
+    if io.write_grad:
+        body.append("g[w] = join(gv0, gv1)")
+    body.append("p[w] = join(pi0, pi1)")
+    body += [f"{s}[w] = join(o{j}0, o{j}1)" for j, s in enumerate(slots) if writes[j]]
+    lines = [
+        "def factory(elem, rng, lo, hi, join):",
+        f"    def loop(p, g, {''.join(s + ', ' for s in slots)}k, x):",
+        "        for w in rng(p.shape[0]):",
+        *("            " + b for b in body),
+        "    return loop",
+    ]
+    return "\n".join(lines) + "\n"
+
+
+def python_loop(elem, writes, parallel, io=None, pairs=False):
     """The uncompiled loop of one variant: the generated source, with the rule and the range
     (``prange`` or ``range``) as closure cells, so that numba's disk cache tells variants apart
     by their cell contents (the flags live in the rule's own closure)."""
     ns = {"__name__": __name__}  # the cache resolves the function's module by this name
-    elem = register_jitable(inline="always")(elem)
     rng = numba.prange if parallel else range
+    if pairs:
+        # called twice per word: left to LLVM's inliner (numba's IR inlining of a rule twice into
+        # one function trips its SSA checks' warnings); the loop vectorises the same
+        elem = register_jitable(elem)
+        exec(compile(pair_loop_source(len(writes), writes, io), __file__, "exec"), ns)
+        return ns["factory"](elem, rng, storage.bf16_lo, storage.bf16_hi, storage.bf16_pair_store)
+    elem = register_jitable(inline="always")(elem)
     if io is None or io.plain:
         exec(compile(loop_source(len(writes), writes), __file__, "exec"), ns)
         return ns["factory"](elem, rng)
@@ -322,14 +429,17 @@ def python_loop(elem, writes, parallel, io=None):
     )
 
 
-def kernel(rule, flags, writes, parallel, io=None):
-    """The compiled loop for one variant (compiled, or loaded from the disk cache, once)."""
+def kernel(rule, flags, writes, parallel, io=None, pairs=False):
+    """The compiled loop for one variant (compiled, or loaded from the disk cache, once);
+    ``pairs``: the word-at-a-time loop of an all-bfloat16 plan (``pair_loop_source``)."""
     if io is not None and io.plain:
         io = None
-    key = (rule, tuple(sorted(flags.items())), writes, parallel, io)
+    if pairs and (io is None or not pairs_fit(io, writes)):
+        raise ValueError(f"no word-pair loop for the storage plan {io}")
+    key = (rule, tuple(sorted(flags.items())), writes, parallel, io, pairs)
     fn = _compiled.get(key)
     if fn is None:
-        py = python_loop(RULES[rule].make_rule(**flags), writes, parallel, io)
+        py = python_loop(RULES[rule].make_rule(**flags), writes, parallel, io, pairs)
         # error_model="numpy": x/0 gives inf/nan like NumPy and PyTorch instead of a per-element
         # ZeroDivisionError check, whose branch keeps LLVM from vectorising the serial loop
         # (prange bodies already compile this way). The cache lives per user, never in the
@@ -483,22 +593,58 @@ def _bits(a):
     return a.view(np.uint16) if a.dtype.itemsize == 2 else a
 
 
+def _words(arrays, n):
+    """The first ``n`` (even) elements of each 16-bit array as ``uint32`` words, or None when
+    one of them does not start on a 4-byte boundary (the word loop's loads are aligned)."""
+    out = []
+    for a in arrays:
+        w = a[:n].view(np.uint32)
+        if not w.flags.aligned:
+            return None
+        out.append(w)
+    return out
+
+
 def _prepare_mixed(rule, flags, writes, k, io, extras):
     ct = np.dtype(io.compute).type
     kc = tuple(ct(x) for x in k)
     inv_scale, key = extras if extras is not None else (1.0, 0)
     fns = [None, None]
+    pair_fns = [None, None] if pairs_fit(io, writes) else None
 
     def run(param, grad, states, master=None, salt=0):
         n = param.shape[0]
         if n == 0:
             return
+        x = (ct(inv_scale), np.int64(salt), np.int64(key))
+        if pair_fns is not None and n >= 2:
+            h = n & ~1
+            present = [s for s in states if s is not None]
+            words = _words([param, grad, *present], h)
+            if words is not None:
+                par = h >= PARALLEL_MIN
+                fn = pair_fns[par]
+                if fn is None:
+                    fn = pair_fns[par] = kernel(rule, flags, writes, par, io, pairs=True)
+                it = iter(words[2:])
+                fn(
+                    words[0],
+                    words[1],
+                    *[words[0] if s is None else next(it) for s in states],
+                    kc,
+                    x,
+                )
+                if h == n:
+                    return
+                # an odd length leaves one element for the element loop (no index is used)
+                param, grad = param[h:], grad[h:]
+                states = [None if s is None else s[h:] for s in states]
+                n = 1
         par = n >= PARALLEL_MIN
         fn = fns[par]
         if fn is None:
             fn = fns[par] = kernel(rule, flags, writes, par, io)
         p = _bits(param)
-        x = (ct(inv_scale), np.int64(salt), np.int64(key))
         fn(
             p,
             _bits(grad),
