@@ -1,6 +1,7 @@
 """The wheel ships kernels/ as fastopt.kernels, and a non-editable install imports and steps."""
 
 import os
+import shutil
 import subprocess
 import sys
 import zipfile
@@ -15,6 +16,16 @@ ROOT = Path(__file__).resolve().parents[1]
 def wheel(tmp_path_factory):
     pytest.importorskip("setuptools")
     out = tmp_path_factory.mktemp("wheel")
+    # built from a copy: setuptools writes build/ and *.egg-info into the tree it builds, and
+    # pytest-xdist may run this fixture in two workers at once
+    src = tmp_path_factory.mktemp("src") / "fastopt"
+    shutil.copytree(
+        ROOT,
+        src,
+        ignore=shutil.ignore_patterns(
+            ".*", "build", "dist", "*.egg-info", "__pycache__", "results", "figures"
+        ),
+    )
     subprocess.run(
         [
             sys.executable,
@@ -26,7 +37,7 @@ def wheel(tmp_path_factory):
             "-q",
             "-w",
             str(out),
-            str(ROOT),
+            str(src),
         ],
         check=True,
     )
