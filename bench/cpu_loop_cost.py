@@ -1,0 +1,100 @@
+"""What the numba CPU loops cost per element when memory is not the limit.
+
+    python bench/cpu_loop_cost.py [--optimizer adam] [--n 65536] [--reps 400] [--rounds 5]
+
+The serial loop of one optimizer (its default hyperparameters, step 2) in each storage plan,
+over ``n`` elements that stay in the L2 cache, called ``reps`` times per round; the rounds
+interleave the plans (so a busy minute hits them all) and the figure is the median over rounds
+of each round's median, in ns per element and core. Plans: float32; bfloat16 params, grads and
+state through the element loop and through the word loop (two elements per 32-bit word, what
+an aligned all-bfloat16 step runs); float16; bfloat16 with float32 state. A plan whose cost is
+above its bytes' time at the machine's bandwidth per core is compute-bound on this CPU.
+"""
+
+import argparse
+import os
+import time
+
+import numpy as np
+from fastopt.kernels import RULES
+from fastopt.kernels.storage import IO
+
+from fastopt.backends import numba_backend as nb
+
+#: plan name -> (storage plan or None for plain float32, word loop?)
+PLANS = {
+    "float32": (None, False),
+    "bfloat16 (element loop)": (IO(param="bfloat16", grad="bfloat16", state="bfloat16"), False),
+    "bfloat16 (word loop)": (IO(param="bfloat16", grad="bfloat16", state="bfloat16"), True),
+    "float16": (IO(param="float16", grad="float16", state="float16"), False),
+    "bfloat16, float32 state": (IO(param="bfloat16", grad="bfloat16", state="float32"), False),
+}
+
+
+def _bits(kind, values):
+    if kind == "float32":
+        return values.astype(np.float32)
+    if kind == "float16":
+        return values.astype(np.float16).view(np.uint16)
+    return ((values.astype(np.float32).view(np.uint32) + 0x8000) >> 16).astype(np.uint16)
+
+
+def runner(optimizer, plan, n, seed=0):
+    """A no-argument call of the serial loop of ``optimizer`` in ``plan`` over ``n`` elements."""
+    rule = RULES[optimizer]
+    flags, k = rule.plan(rule.validate(rule.defaults), 2)
+    writes = rule.slots_used(flags)
+    io, pairs = PLANS[plan]
+    rng = np.random.default_rng(seed)
+    p, g = rng.standard_normal(n), rng.standard_normal(n) * 1e-2
+    states = [np.abs(rng.standard_normal(n)) * 1e-3 for _ in writes]
+    if io is None:
+        fn = nb.kernel(optimizer, flags, writes, False)
+        p, g = p.astype(np.float32), g.astype(np.float32)
+        st = [s.astype(np.float32) if w else p for s, w in zip(states, writes)]
+        kc = tuple(np.float32(x) for x in k)
+        return lambda: fn(p, g, *st, kc)
+    fn = nb.kernel(optimizer, flags, writes, False, io, pairs=pairs)
+    p, g = _bits(io.param, p), _bits(io.grad, g)
+    st = [_bits(io.state, s) if w else p for s, w in zip(states, writes)]
+    kc = tuple(np.float32(x) for x in k)
+    x = (np.float32(1), np.int64(0), np.int64(0))
+    if pairs:
+        p, g = p.view(np.uint32), g.view(np.uint32)
+        st = [s.view(np.uint32) if w else p for s, w in zip(st, writes)]
+        return lambda: fn(p, g, *st, kc, x)
+    return lambda: fn(p, g, *st, p, kc, x)
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--optimizer", default="adam", choices=sorted(RULES))
+    ap.add_argument("--n", type=int, default=1 << 16, help="elements (even; default 65536)")
+    ap.add_argument("--reps", type=int, default=400, help="calls per round")
+    ap.add_argument("--rounds", type=int, default=5)
+    args = ap.parse_args(argv)
+    calls = {}
+    for plan in PLANS:
+        print(f"compiling {plan} ...", flush=True)
+        calls[plan] = runner(args.optimizer, plan, args.n)
+        calls[plan]()
+    res = {plan: [] for plan in calls}
+    for r in range(args.rounds):
+        for plan, call in calls.items():
+            ts = []
+            for _ in range(args.reps):
+                t = time.perf_counter()
+                call()
+                ts.append(time.perf_counter() - t)
+            res[plan].append(float(np.median(ts)))
+        print(f"round {r + 1}/{args.rounds}", flush=True)
+    load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
+    print(f"\n{args.optimizer}, serial loop, n={args.n}, load average {load:.2f}")
+    base = np.median(res["float32"])
+    for plan, v in res.items():
+        t = np.median(v)
+        print(f"  {plan:26s} {t * 1e9 / args.n:6.3f} ns/element  ({t / base:.2f}x float32's time)")
+
+
+if __name__ == "__main__":
+    main()
