@@ -323,3 +323,17 @@ def test_host_path_rows_use_the_null_backend():
         runner.fn()
         assert runner.keep[-1].step_count == 1
         assert all((params[k] == before[k]).all() for k in params)  # nothing launched
+
+
+def test_cpu_loop_cost_script_times_every_plan(capsys):
+    """``bench/cpu_loop_cost.py`` (quoted in the README) runs every storage plan's loop and
+    prints one positive cost per plan."""
+    pytest.importorskip("numba")
+    import runpy
+
+    mod = runpy.run_path(os.path.join(ROOT, "bench", "cpu_loop_cost.py"))
+    mod["main"](["--optimizer", "adam", "--n", "256", "--reps", "3", "--rounds", "1"])
+    out = capsys.readouterr().out
+    for plan in mod["PLANS"]:
+        (line,) = [ln for ln in out.splitlines() if ln.strip().startswith(plan + " ")]
+        assert float(line.split(" ns/element")[0].split()[-1]) > 0, line
