@@ -308,12 +308,14 @@ def io_for(param, grad=None, state=None, **extras):
     return IO(param=param, grad=grad or param, state=state or param, **extras)
 
 
-def element_source(nslots, writes, io, scale, key, indent):
+def element_source(nslots, writes, io, scale, key, indent, index="i"):
     """The per-element body of a launch with the storage plan ``io``, as Python source lines
     at ``indent``: each array loaded once into a compute-dtype local (``lp``/``lg``/``ls``), the
     rule (``elem``) called, each result stored once (``sp``/``sg``/``ss``). ``scale``: the
     expression of 1/grad_scale, ``key``: that of the step key (the loop variable is ``i``, the
-    salt ``x[1]``). The numba CPU loop and the numba-cuda kernel share it."""
+    salt ``x[1]``; ``index``: the element's index in its array, which stochastic rounding
+    hashes, when the loop runs over a slice of it). The numba CPU loops and the numba-cuda
+    kernel share it."""
     pad = " " * indent
     slots = [f"s{j}" for j in range(nslots)]
     outs = ", ".join(["pi"] + [f"o{j}" for j in range(nslots)])
@@ -330,6 +332,6 @@ def element_source(nslots, writes, io, scale, key, indent):
     )
     if io.master:
         lines.append("m[i] = pi")
-    lines.append(f"p[i] = sp(pi, i, x[1], {key})")
+    lines.append(f"p[i] = sp(pi, {index}, x[1], {key})")
     lines += [f"{s}[i] = ss(o{j})" for j, s in enumerate(slots) if writes[j]]
     return [pad + line for line in lines]

@@ -86,3 +86,113 @@ def test_add_at_adds_to_each_address_and_nothing_else():
     assert np.array_equal(buf, want)
     nb.add_at(np.zeros(0, dtype=np.int64), 1.0)  # nothing to do
     assert np.array_equal(buf, want)
+
+
+# -- storage plans (mixed precision): launch_many_io ---------------------------------------------
+
+POISON16 = 0x7E01  # a bfloat16 NaN pattern: any write over a guard shows
+
+
+def _bits16(x, kind):
+    """float32 values as the uint16 patterns of ``kind`` (bfloat16 rounded on the bits)."""
+    if kind == "float16":
+        return x.astype(np.float16).view(np.uint16)
+    return ((x.astype(np.float32).view(np.uint32) + 0x8000) >> 16).astype(np.uint16)
+
+
+def _store(rng, n, kind, lead, positive=False):
+    """A guarded buffer of ``n`` elements stored as ``kind`` after ``lead`` guard elements."""
+    x = rng.uniform(0.5, 2.0, n) * (1 if positive else np.where(rng.random(n) < 0.5, -1, 1))
+    if kind in ("bfloat16", "float16"):
+        store = np.full(n + lead + 4, POISON16, np.uint16)
+        store[lead:-4] = _bits16(x, kind)
+    else:
+        store = np.full(n + lead + 4, POISON, np.dtype(kind))
+        store[lead:-4] = x
+    return store
+
+
+#: (name, rule, IO keywords, first-element offset): every storage plan fastopt.torch launches,
+#: stochastic rounding (its hash index counts from the tensor's start, not the chunk's), the
+#: loss scale with the grads stored back, and arrays that are not 4-byte aligned (no word loop)
+IO_CASES = [
+    ("bf16-words", "adam", {}, 4),
+    ("bf16-misaligned", "adam", {}, 5),
+    ("bf16-words-sgd", "sgd", {}, 4),
+    ("bf16-words-rprop", "rprop", {}, 4),
+    ("f16", "adam", {"param": "float16", "grad": "float16", "state": "float16"}, 4),
+    ("bf16-master", "adam", {"state": "float32", "master": True}, 4),
+    (
+        "f16-master",
+        "adam",
+        {"param": "float16", "grad": "float16", "state": "float32", "master": True},
+        4,
+    ),
+    ("bf16-words-scale-grads", "adam", {"scale": "host", "write_grad": True}, 4),
+    ("bf16-sr", "adam", {"sr": True}, 4),
+]
+
+
+@pytest.mark.parametrize("name,rule,kw,lead", IO_CASES, ids=[c[0] for c in IO_CASES])
+def test_many_io_equals_one_by_one(name, rule, kw, lead):
+    from fastopt.kernels.storage import IO
+
+    io = IO(**{"param": "bfloat16", "grad": "bfloat16", "state": "bfloat16", **kw})
+    spec = RULES[rule]
+    rng = np.random.default_rng(len(name))
+    flags = spec.variants()[-1] if rule == "adam" else spec.variants()[0]
+    used = spec.slots_used(flags)
+    nslots = len(spec.slots)
+    _, k = spec.plan(spec.validate(spec.defaults), 3)
+    inv_scale, key, salt = (0.5 if io.scale else 1.0), 0x5EED1234, 77
+    sizes = SIZES if lead == 4 else (C + 1, 70_001)
+
+    def buffers(n):
+        arrs = [_store(rng, n, io.param, lead), _store(rng, n, io.grad, lead)]
+        arrs += [_store(rng, n, io.state, lead, positive=True) for _ in range(nslots)]
+        arrs.append(_store(rng, n, "float32", lead) if io.master else None)
+        return arrs
+
+    stores = [buffers(n) for n in sizes]
+    twins = [[None if s is None else s.copy() for s in st] for st in stores]
+    grads0 = [st[1].copy() for st in stores]
+
+    def addr(a):
+        return a[lead:].ctypes.data
+
+    table = np.array(
+        [
+            [n, addr(st[0]), addr(st[1])]
+            + [addr(st[2 + j]) if used[j] else 0 for j in range(nslots)]
+            + ([addr(st[-1])] if io.master else [])
+            for n, st in zip(sizes, stores)
+        ],
+        dtype=np.int64,
+    )
+    spy = []
+    real = nb.many_io_kernel
+    try:
+        nb.many_io_kernel = lambda *a: spy.append(a[-1]) or real(*a)
+        nb.launch_many_io(
+            rule, flags, used, io, table, nb.chunks_for(sizes), k, inv_scale, key, salt
+        )
+    finally:
+        nb.many_io_kernel = real
+    assert spy == [name.startswith("bf16-words")], "word loop taken where it must (not) be"
+    run = nb.prepare(rule, flags, used, k, None, io=io, extras=(inv_scale, key))
+    for tw in twins:
+        body = [None if a is None else a[lead:-4] for a in tw]
+        states = tuple(body[2 + j] if used[j] else None for j in range(nslots))
+        run(body[0], body[1], states, body[-1], salt)
+    for n, st, tw in zip(sizes, stores, twins):
+        for a, b in zip(st, tw):
+            if a is None:
+                continue
+            np.testing.assert_array_equal(a, b, err_msg=f"{name} n={n}")
+            guard = POISON16 if a.dtype == np.uint16 else POISON
+            assert (a[:lead] == guard).all() and (a[-4:] == guard).all(), f"{name} n={n}"
+    if io.write_grad:  # the grads were stored back unscaled (x 0.5: exact in bfloat16)
+        for n, st, g0 in zip(sizes, stores, grads0):
+            got = (st[1][lead:-4].astype(np.uint32) << 16).view(np.float32)
+            want = (g0[lead:-4].astype(np.uint32) << 16).view(np.float32) * np.float32(0.5)
+            np.testing.assert_array_equal(got, want, err_msg=f"unscaled grads n={n}")

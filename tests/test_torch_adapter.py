@@ -510,3 +510,159 @@ def test_steady_steps_see_every_change_torch_would():
     with pytest.raises(ValueError, match="exp_avg_sq"):
         a.step()
     assert all(torch.equal(p.detach(), x) for p, x in zip(ps, before))
+
+
+def _bits(x):
+    """The storage bits of a tensor or array (NaN-proof equality)."""
+    import numpy as np
+
+    if isinstance(x, torch.Tensor):
+        x = x.detach().contiguous()
+        return x.view({2: torch.int16, 4: torch.int32, 8: torch.int64}[x.element_size()]).numpy()
+    x = np.asarray(x)
+    return x.view({2: np.int16, 4: np.int32, 8: np.int64}[x.dtype.itemsize])
+
+
+@pytest.mark.parametrize(
+    "dtype,master",
+    [(torch.bfloat16, False), (torch.float16, False), (torch.bfloat16, True)],
+    ids=["bf16", "f16", "bf16-master"],
+)
+def test_16_bit_models_step_in_one_launch_like_the_dict_api(dtype, master):
+    """A 16-bit model's step is one launch over every tensor (odd lengths, tensors split over
+    chunks, the parallel loop): params, every state tensor and the master copy equal, bit for
+    bit, fastopt's dict API stepping each tensor on its own."""
+    import fastopt
+
+    sizes = (1, 7, 4097, 16385, 40001)
+    g = torch.Generator().manual_seed(3)
+    w0 = [torch.randn(n, generator=g).to(dtype) for n in sizes]
+    params = [torch.nn.Parameter(w.clone()) for w in w0]
+    opt = fot.Adam(params, lr=1e-2, weight_decay=0.1, master_weights=master)
+    ref_p = {str(i): w.clone() for i, w in enumerate(w0)}
+    ref = fastopt.Adam(lr=1e-2, weight_decay=0.1, master_weights=master, backend="numba")
+    for _ in range(3):
+        grads = [torch.randn(n, generator=g).to(dtype) for n in sizes]
+        for p, gr in zip(params, grads):
+            p.grad = gr.clone()
+        opt.step()
+        ref.update(ref_p, {str(i): gr for i, gr in enumerate(grads)})
+    for i, p in enumerate(params):
+        assert (_bits(p) == _bits(ref_p[str(i)])).all(), f"param {i}"
+        mine, theirs = opt.state[p], ref.state[str(i)]
+        names = ["exp_avg", "exp_avg_sq"] + (["master_param"] if master else [])
+        for s in names:
+            assert mine[s].dtype == (torch.float32 if master else dtype)
+            assert (_bits(mine[s]) == _bits(theirs[s])).all(), f"{s} of param {i}"
+
+
+def test_16_bit_params_with_and_without_a_master_copy_in_one_group():
+    """A state dict from a run without master copies, loaded into ``master_weights=True``:
+    the parameters it covers keep their 16-bit state and no master, a parameter it does not
+    cover gets a master and fp32 state; one step steps each as its own kind (two launches,
+    never one launch over mixed storage)."""
+    torch.manual_seed(4)
+    w0 = [torch.randn(n).to(torch.bfloat16) for n in (300, 301)]
+    g = [torch.randn(n).to(torch.bfloat16) for n in (300, 301)]
+
+    def model():
+        return [torch.nn.Parameter(w.clone()) for w in w0]
+
+    a = model()
+    first = fot.Adam(a, lr=1e-2)
+    a[0].grad = g[0].clone()  # the second parameter has no grad: no state
+    first.step()
+    b = model()
+    b[0].data.copy_(a[0].detach())
+    opt = fot.Adam(b, lr=1e-2, master_weights=True)
+    sd = copy.deepcopy(first.state_dict())  # a deep copy: torch's load would share tensors
+    # step counts of 0 (as a state dict saved before any step would hold): the loaded
+    # parameter's step is the fresh one's, so both fall in one step's launches
+    sd["state"][0]["step"].zero_()
+    first.state[a[0]]["step"].zero_()
+    opt.load_state_dict(sd)
+    for p, gr in zip(b, g):
+        p.grad = gr.clone()
+    opt.step()
+    assert (
+        "master_param" not in opt.state[b[0]] and opt.state[b[0]]["exp_avg"].dtype == torch.bfloat16
+    )
+    assert opt.state[b[1]]["master_param"].dtype == torch.float32
+    # each as its own optimizer would step it
+    first.param_groups[0]["params"][0].grad = g[0].clone()
+    first.step()
+    alone = torch.nn.Parameter(w0[1].clone())
+    solo = fot.Adam([alone], lr=1e-2, master_weights=True)
+    alone.grad = g[1].clone()
+    solo.step()
+    assert (_bits(b[0]) == _bits(a[0])).all()
+    assert (_bits(b[1]) == _bits(alone)).all()
+    for s in ("exp_avg", "exp_avg_sq"):
+        assert (_bits(opt.state[b[0]][s]) == _bits(first.state[a[0]][s])).all()
+        assert (_bits(opt.state[b[1]][s]) == _bits(solo.state[alone][s])).all()
+
+
+def test_steady_16_bit_steps_with_a_master_and_a_loss_scale():
+    """A bfloat16 group with fp32 master copies reuses its cached launch (16-bit storage, the
+    master column) after re-checks; a step with a loss scale follows only one with a loss scale
+    (each with its own scale's value), a replaced master copy is seen, a removed one refused.
+    Every step equals, bit for bit, fastopt's dict API on the same tensors."""
+    import fastopt
+
+    torch.manual_seed(5)
+    sizes = (5, 300, 16385)
+    w0 = [torch.randn(n).to(torch.bfloat16) for n in sizes]
+    ps = [torch.nn.Parameter(w.clone()) for w in w0]
+    a = fot.Adam(ps, lr=1e-2, master_weights=True)
+    ref_p = {str(i): w.clone() for i, w in enumerate(w0)}
+    ref = fastopt.Adam(lr=1e-2, master_weights=True, backend="numba")
+
+    def step(scale=None):
+        grads = [torch.randn(n).to(torch.bfloat16) for n in sizes]
+        for p, g in zip(ps, grads):
+            p.grad = g.clone()
+        if scale is not None:  # what GradScaler hands an optimizer that unscales itself
+            a.grad_scale, a.found_inf = torch.tensor(scale), torch.tensor(0.0)
+        a.step()
+        if scale is not None:
+            del a.grad_scale, a.found_inf
+        ref.update(ref_p, {str(i): g for i, g in enumerate(grads)}, grad_scale=scale)
+        for i, p in enumerate(ps):
+            assert (_bits(p) == _bits(ref_p[str(i)])).all(), f"param {i}"
+            for s in ("exp_avg", "exp_avg_sq", "master_param"):
+                assert (_bits(a.state[p][s]) == _bits(ref.state[str(i)][s])).all(), s
+
+    step()
+    step()
+    cached = a._steady[0]
+    assert cached.io is not None and cached.io.master
+    step()
+    assert a._steady[0] is cached
+    for scale, same in ((4.0, False), (8.0, True), (None, False), (None, True)):
+        step(scale)
+        assert (a._steady[0] is cached) == same, (scale, same)
+        cached = a._steady[0]
+    # a master copy replaced (a new tensor, the same values): seen, the launch rebuilt
+    st = a.state[ps[1]]
+    st["master_param"] = st["master_param"].clone()
+    step()
+    assert a._steady[0] is not cached
+    # a master copy removed: the fp32 state no longer fits a bf16 parameter without one
+    before = [p.detach().clone() for p in ps]
+    del a.state[ps[2]]["master_param"]
+    for p in ps:
+        p.grad = torch.randn_like(p)
+    with pytest.raises(ValueError, match="expected torch.bfloat16"):
+        a.step()
+    assert all(torch.equal(p.detach(), x) for p, x in zip(ps, before))
+    # and the other way: a master copy added to a group cached without one is refused too
+    qs = [torch.nn.Parameter(w.clone()) for w in w0]
+    b = fot.Adam(qs, lr=1e-2)
+    for _ in range(3):
+        for q in qs:
+            q.grad = torch.randn_like(q)
+        b.step()
+    assert b._steady[0].io is not None and not b._steady[0].io.master
+    b.state[qs[0]]["master_param"] = qs[0].detach().float()
+    with pytest.raises(ValueError, match="expected torch.float32"):
+        b.step()

@@ -360,6 +360,35 @@ def pairs_fit(io, writes):
     )
 
 
+def pair_body(nslots, writes, io, suffix=""):
+    """The body of one 32-bit word of an all-bfloat16 plan (``pair_loop_source``), as source
+    lines: word ``w`` of the uint32 arrays ``p{suffix}``, ``g{suffix}``, ``s0{suffix}``.. split
+    into its two elements (``lo``/``hi``), the rule (``elem``) run on each, the results joined
+    (``join``)."""
+    slots = [f"s{j}{suffix}" for j in range(nslots)]
+    p, g = f"p{suffix}", f"g{suffix}"
+    body = []
+    for h, half in (("0", "lo"), ("1", "hi")):
+        body += [
+            f"pv{h} = {half}({p}[w])",
+            f"gv{h} = {half}({g}[w]){' * x[0]' if io.scale else ''}",
+        ]
+        body += [
+            f"a{j}{h} = {half}({s}[w])" if wr else f"a{j}{h} = pv{h}"
+            for j, (s, wr) in enumerate(zip(slots, writes))
+        ]
+        outs = ", ".join([f"pi{h}"] + [f"o{j}{h}" for j in range(nslots)])
+        body.append(
+            f"{outs}{',' if nslots == 0 else ''} = elem("
+            f"pv{h}, gv{h}, {''.join(f'a{j}{h}, ' for j in range(nslots))}k)"
+        )
+    if io.write_grad:
+        body.append(f"{g}[w] = join(gv0, gv1)")
+    body.append(f"{p}[w] = join(pi0, pi1)")
+    body += [f"{s}[w] = join(o{j}0, o{j}1)" for j, s in enumerate(slots) if writes[j]]
+    return body
+
+
 def pair_loop_source(nslots, writes, io):
     """``mixed_loop_source`` for an all-bfloat16 plan (``pairs_fit``), a word at a time: the
     loop takes the arrays as ``uint32`` views (``(p, g, s0.., k, x)``; no master), splits each
@@ -370,30 +399,11 @@ def pair_loop_source(nslots, writes, io):
     the conversions' instructions off a compute-bound step. Results are bit for bit the
     element loop's (the index ``i`` is used by stochastic rounding only, which is excluded)."""
     slots = [f"s{j}" for j in range(nslots)]
-    body = []
-    for h, half in (("0", "lo"), ("1", "hi")):
-        body += [
-            f"pv{h} = {half}(p[w])",
-            f"gv{h} = {half}(g[w]){' * x[0]' if io.scale else ''}",
-        ]
-        body += [
-            f"a{j}{h} = {half}(s{j}[w])" if wr else f"a{j}{h} = pv{h}"
-            for j, wr in enumerate(writes)
-        ]
-        outs = ", ".join([f"pi{h}"] + [f"o{j}{h}" for j in range(nslots)])
-        body.append(
-            f"{outs}{',' if nslots == 0 else ''} = elem("
-            f"pv{h}, gv{h}, {''.join(f'a{j}{h}, ' for j in range(nslots))}k)"
-        )
-    if io.write_grad:
-        body.append("g[w] = join(gv0, gv1)")
-    body.append("p[w] = join(pi0, pi1)")
-    body += [f"{s}[w] = join(o{j}0, o{j}1)" for j, s in enumerate(slots) if writes[j]]
     lines = [
         "def factory(elem, rng, lo, hi, join):",
         f"    def loop(p, g, {''.join(s + ', ' for s in slots)}k, x):",
         "        for w in rng(p.shape[0]):",
-        *("            " + b for b in body),
+        *("            " + b for b in pair_body(nslots, writes, io)),
         "    return loop",
     ]
     return "\n".join(lines) + "\n"
@@ -558,6 +568,118 @@ def launch_many(rule, flags, writes, dtype, table, chunks, k):
     total = int(table[:, 0].sum())
     fn = many_kernel(rule, flags, tuple(writes), total >= PARALLEL_MIN)
     fn(table, chunks, np.empty(1, dtype), tuple(dtype.type(x) for x in k))
+
+
+def many_io_source(nslots, writes, io, pairs):
+    """``many_source`` for a storage plan ``io`` (``kernels.storage.IO``): the table's row of
+    a tensor is ``(n, param, grad, slot..., master)`` (addresses; 0 where absent) and each
+    array is read through a typed pointer of its storage dtype (``p_like``.. ``m_like``:
+    1-element arrays of the dtypes the loop is compiled for); the per-element body is
+    ``storage.element_source``'s (the index stochastic rounding hashes is the element's index
+    in its tensor). With ``pairs`` (an all-bfloat16 plan, every address 4-byte aligned) a chunk
+    walks 32-bit words like ``pair_loop_source`` and its odd last element, if any, goes
+    through the element body."""
+    lines = [
+        "def factory(elem, rng, lp, lg, ls, sp, sg, ss, lo, hi, join):",
+        "    def loop(table, chunks, k, x, p_like, g_like, s_like, m_like, w_like):",
+        "        for c in rng(chunks.shape[0]):",
+        "            j = chunks[c, 0]",
+        "            base = chunks[c, 1]",
+        "            cnt = chunks[c, 2] - base",
+    ]
+
+    def view(col, like, size="cnt", item=None):
+        item = item or f"{like}.itemsize"
+        return f"carray(address_as(table[j, {col}] + base * {item}, {like}), {size})"
+
+    lines += [f"            p = {view(1, 'p_like')}", f"            g = {view(2, 'g_like')}"]
+    lines += [
+        f"            s{j} = {view(3 + j, 's_like')}" if writes[j] else f"            s{j} = p"
+        for j in range(nslots)
+    ]
+    lines.append("            m = " + (view(3 + nslots, "m_like") if io.master else "p"))
+    if pairs:
+        # the chunk's words (chunks start at multiples of CHUNK, an even number of elements)
+        lines.append("            half = cnt // 2")
+        lines += [
+            f"            pw = {view(1, 'w_like', 'half', '2')}",
+            f"            gw = {view(2, 'w_like', 'half', '2')}",
+        ]
+        lines += [
+            f"            s{j}w = {view(3 + j, 'w_like', 'half', '2')}"
+            if writes[j]
+            else f"            s{j}w = pw"
+            for j in range(nslots)
+        ]
+        lines.append("            for w in range(half):")
+        lines += ["                " + b for b in pair_body(nslots, writes, io, "w")]
+        lines.append("            for i in range(2 * half, cnt):")
+    else:
+        lines.append("            for i in range(cnt):")
+    lines += storage.element_source(nslots, writes, io, "x[0]", "x[2]", 16, index="base + i")
+    lines.append("    return loop")
+    return "\n".join(lines) + "\n"
+
+
+def many_io_kernel(rule, flags, writes, io, parallel, pairs):
+    """The compiled many-tensor loop of one variant and storage plan (compiled, or loaded from
+    the cache, once)."""
+    key = ("many-io", rule, tuple(sorted(flags.items())), writes, io, parallel, pairs)
+    fn = _compiled.get(key)
+    if fn is None:
+        ns = {"__name__": __name__, "carray": numba.carray, "address_as": _address_as}
+        exec(compile(many_io_source(len(writes), writes, io, pairs), __file__, "exec"), ns)
+        elem = RULES[rule].make_rule(**flags)
+        # with pairs the rule is called three times: inlined by LLVM, not numba (see
+        # python_loop)
+        elem = register_jitable(elem) if pairs else register_jitable(inline="always")(elem)
+        c = io.compute
+        py = ns["factory"](
+            elem,
+            numba.prange if parallel else range,
+            _loader(io.param, c),
+            _loader(io.grad, c),
+            _loader(io.state, c),
+            _param_storer(io.param, c, io.sr),
+            _storer(io.grad, c),
+            _storer(io.state, c),
+            storage.bf16_lo,
+            storage.bf16_hi,
+            storage.bf16_pair_store,
+        )
+        fn = _compiled[key] = njit_cached(parallel=parallel, nogil=True, error_model="numpy")(py)
+    return fn
+
+
+def _like(kind):
+    """A 1-element array of the dtype a loop reads storage ``kind`` as (16-bit: uint16)."""
+    return np.empty(1, np.uint16 if kind in BITS16 else np.dtype(kind))
+
+
+def launch_many_io(rule, flags, writes, io, table, chunks, k, inv_scale=1.0, key=0, salt=0):
+    """``launch_many`` with the storage plan ``io``: one fused pass over every tensor of
+    ``table`` (int64 rows ``(n, param, grad, slot..., master)`` of addresses, 0 where absent)
+    in ``chunks``; ``inv_scale`` is 1/grad_scale, ``key`` the step key and ``salt`` the salt
+    of stochastic rounding (one for every tensor). All-bfloat16 plans walk 32-bit words when
+    every address is 4-byte aligned. Unchecked, like ``launch_many``."""
+    if chunks.shape[0] == 0:
+        return
+    writes = tuple(writes)
+    total = int(table[:, 0].sum())
+    pairs = pairs_fit(io, writes) and not (table[:, 1:] & 3).any()
+    fn = many_io_kernel(rule, flags, writes, io, total >= PARALLEL_MIN, pairs)
+    ct = np.dtype(io.compute).type
+    fn(
+        table,
+        chunks,
+        tuple(ct(v) for v in k),
+        (ct(inv_scale), np.int64(salt), np.int64(key)),
+        _like(io.param),
+        _like(io.grad),
+        _like(io.state),
+        _like("float32"),
+        np.empty(1, np.uint32),
+    )
 
 
 def prepare(rule, flags, writes, k, dtype, io=None, extras=None):

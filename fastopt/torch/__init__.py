@@ -168,12 +168,12 @@ class FusedOptimizer(torch.optim.Optimizer):
         steady = self.__dict__.setdefault("_steady", {})
         plans = []
         for i, group in enumerate(self.param_groups):
-            cached = steady.get(i) if inv_scale is None else None
+            cached = steady.get(i)
             if cached is not None:  # the same tensors as a checked step before: re-checks only
                 spec = RULES[type(self)._fastopt._rule]
-                k = cached.check(self, group, spec, type(self)._rule_hp(group))
+                k = cached.check(self, group, spec, type(self)._rule_hp(group), inv_scale)
                 if k is not None:
-                    plans.append((cached.run, (spec, k)))
+                    plans.append((cached.run, (spec, k, inv_scale)))
                     continue
             steady.pop(i, None)
             plans.append((self._run_group, (*self._plan_group(group, inv_scale), i)))
@@ -214,7 +214,10 @@ class FusedOptimizer(torch.optim.Optimizer):
                 fresh = [x.name for x in spec.slots if x.fresh]
                 step = 1 if any(state.get(n) is None for n in fresh) else 2
             bufs = self._check_state(p, state, names)
-            bucket = buckets.setdefault((p.device, p.dtype, step), [])
+            # with or without a master copy (a loaded state dict may mix them): one storage
+            # plan per launch, which its address table's loop trusts
+            key = (p.device, p.dtype, step, "master_param" in state)
+            bucket = buckets.setdefault(key, [])
             bucket.append((p, g, state, bufs))
         return spec, hp, buckets, inv_scale
 
@@ -247,16 +250,15 @@ class FusedOptimizer(torch.optim.Optimizer):
 
     def _run_group(self, spec, hp, buckets, inv_scale, index=None):
         names = spec.state
-        # a group launched whole (one bucket, no loss scale) may cache its launch
-        cache_as = index if len(buckets) == 1 and inv_scale is None else None
-        for (device, dtype, t), items in buckets.items():
+        # a group launched whole (one bucket) may cache its launch
+        cache_as = index if len(buckets) == 1 else None
+        for (device, dtype, t, master), items in buckets.items():
             hs = None
             if spec.host_state:
                 hs = {n: float(items[0][2][n]) for n, _ in spec.host_state}
             flags, _ = spec.plan(hp, t, hs)
             used = spec.slots_used(flags)
             kind = _KINDS[dtype]
-            master = "master_param" in items[0][2]
             io = io_for(
                 kind,
                 kind,
@@ -276,7 +278,7 @@ class FusedOptimizer(torch.optim.Optimizer):
             if io.plain:
                 self._launch(spec, hp, t, hs, device, dtype, used, tensors, cache_as)
             else:  # 16-bit storage, a master copy or the loss scale: the storage-plan kernels
-                self._launch_io(spec, hp, t, hs, device, used, tensors, io, inv_scale)
+                self._launch_io(spec, hp, t, hs, device, used, tensors, io, inv_scale, cache_as)
             _increment([state["step"] for _, _, state, _ in items if "step" in state])
             for _, _, state, _ in items:
                 if spec.host_state:
@@ -316,13 +318,48 @@ class FusedOptimizer(torch.optim.Optimizer):
         ]
         self._launch_each(be, spec, hp, step, hs, dtype, used, views)
 
-    def _launch_io(self, spec, hp, step, hs, device, used, tensors, io, inv_scale):
+    def _launch_io(self, spec, hp, step, hs, device, used, tensors, io, inv_scale, cache_as=None):
         """One launch per tensor with a storage plan (``kernels.storage.IO``): 16-bit
         storage, an fp32 master copy, the gradient unscaled by ``inv_scale`` in the same pass
         (``p.grad`` stays as GradScaler left it)."""
         be = get_backend(self._backend_for(device))
         launch = Launch(be, spec.name, step, hp, hs, inv_scale=inv_scale)
         writes = tuple(a is not None for a in tensors[0][2])
+        table = (
+            _address_table(tensors, len(spec.slots), master=io.master)
+            if be.NAME == "numba"
+            else None
+        )
+        if table is not None:  # one launch over every tensor, as _launch
+            chunks = be.chunks_for(table[:, 0].tolist())
+            be.launch_many_io(
+                spec.name,
+                launch.flags,
+                writes,
+                io,
+                table,
+                chunks,
+                launch.k,
+                inv_scale=1.0 if inv_scale is None else inv_scale,
+                key=launch.key,
+            )
+            if cache_as is not None:
+                cached = Steady.build(
+                    self,
+                    self.param_groups[cache_as],
+                    spec,
+                    step,
+                    launch.flags,
+                    used,
+                    tensors,
+                    table,
+                    chunks,
+                    None,
+                    io,
+                )
+                if cached is not None:
+                    self.__dict__.setdefault("_steady", {})[cache_as] = cached
+            return
         with _torch_stream(device):
             for p, g, slots, master in tensors:
                 row = [p, g, *slots, master]
@@ -370,15 +407,16 @@ def _torch_stream(device):
     return stream if stream is not None else contextlib.nullcontext()
 
 
-def _address_table(tensors, nslots):
+def _address_table(tensors, nslots, master=False):
     """int64 rows ``(n, param, grad, slot...)`` of the tensors' lengths and addresses (0 for an
-    absent slot), or None when one of them is not contiguous (the per-tensor path takes it)."""
+    absent slot), with ``master`` the fp32 master copy's last, or None when one of them is not
+    contiguous (the per-tensor path takes it)."""
     rows = []
-    for p, g, slots, _ in tensors:
+    for p, g, slots, m in tensors:
         if not (p.is_contiguous() and g.is_contiguous()):
             return None
         row = [p.numel(), p.data_ptr(), g.data_ptr()]
-        for a in slots:
+        for a in (*slots, m) if master else slots:
             if a is None:
                 row.append(0)
             elif a.is_contiguous():
@@ -386,7 +424,7 @@ def _address_table(tensors, nslots):
             else:
                 return None
         rows.append(row)
-    return np.array(rows, dtype=np.int64).reshape(len(tensors), 3 + nslots)
+    return np.array(rows, dtype=np.int64).reshape(len(tensors), 3 + nslots + master)
 
 
 def _increment(steps):

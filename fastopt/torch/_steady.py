@@ -3,12 +3,14 @@ same tensors, relaunched from its cached address table after re-checks that cost
 attribute reads per tensor.
 
 After a fully checked step of a group (``FusedOptimizer._plan_group``) that went through one
-many-tensor launch (float32 or float64 on the numba backend; every parameter had a gradient; no
-master copy, no loss scale, no host state), the group keeps a ``Steady``: its parameters, their
-state dicts and state tensors, each tensor's address and shape, the step count and the variant.
+many-tensor launch (the numba backend; every parameter had a gradient; no host state), the
+group keeps a ``Steady``: its parameters, their state dicts, state tensors and master copies,
+each tensor's address, shape and dtype, the step count, the variant and the storage plan (16-bit
+storage, a master copy, a loss scale: ``kernels.storage.IO``, None for plain float32/float64).
 The next step re-checks every one of these by identity, address, shape, dtype and contiguity,
 and each gradient by dtype, shape, layout, contiguity and device (its address goes into the
-table); the step count is read back from each step tensor, so an edit in place is seen. Any
+table); the step count is read back from each step tensor, so an edit in place is seen; a step
+with a loss scale only follows one with a loss scale (the scale's value is the step's own). Any
 difference and ``check`` returns None: the step takes the full path, which rebuilds the cache.
 A state dict loaded, a parameter moved (``.to()``), a gradient set to None, a hyperparameter
 that changes the variant: each ends the steady state.
@@ -18,6 +20,7 @@ import numpy as np
 import torch
 
 from ..backends import numba_backend
+from ..kernels import storage
 
 
 class Steady:
@@ -30,6 +33,7 @@ class Steady:
         "dtype",
         "flags",
         "group",
+        "io",
         "np_dtype",
         "params",
         "plist",
@@ -45,10 +49,10 @@ class Steady:
     )
 
     @classmethod
-    def build(cls, opt, group, spec, t, flags, used, tensors, table, chunks, np_dtype):
-        """The cache of a group just launched through ``table``, or None where the group's
-        step cannot be repeated this way (a parameter without a gradient, host state, steps
-        that are not float32 CPU scalars)."""
+    def build(cls, opt, group, spec, t, flags, used, tensors, table, chunks, np_dtype, io=None):
+        """The cache of a group just launched through ``table`` (with the storage plan ``io``,
+        None for a plain launch), or None where the group's step cannot be repeated this way (a
+        parameter without a gradient, host state, steps that are not float32 CPU scalars)."""
         plist = group["params"]
         if spec.host_state or len(tensors) != len(plist):
             return None
@@ -63,10 +67,15 @@ class Steady:
         self.pptrs = tuple(int(r) for r in table[:, 1])
         self.states = tuple(opt.state.get(p) for p in self.params)  # None: no state (SGD)
         names = spec.state
+        # (state key, tensor, address, dtype) of every state tensor the launch touches
         self.slots = tuple(
-            tuple((names[j], a, a.data_ptr()) for j, a in enumerate(slots) if a is not None)
-            for _, _, slots, _ in tensors
+            tuple(
+                (names[j], a, a.data_ptr(), a.dtype) for j, a in enumerate(slots) if a is not None
+            )
+            + (() if m is None else (("master_param", m, m.data_ptr(), m.dtype),))
+            for _, _, slots, m in tensors
         )
+        self.io = io
         steps = [None if st is None else st.get("step") for st in self.states]
         if all(s is None for s in steps):
             # no step count (SGD): every step after the first is step 2 (its fresh buffers
@@ -84,12 +93,14 @@ class Steady:
         self.table, self.chunks = table, chunks
         return self
 
-    def check(self, opt, group, spec, hp):
+    def check(self, opt, group, spec, hp, inv_scale=None):
         """This step's host scalars ``k`` when every tensor is still the one cached (see the
         module docstring), else None. Writes the gradients' addresses into the table."""
         plist = group["params"]
+        scaled = self.io is not None and self.io.scale is not None
         if (
-            group is not self.group
+            (inv_scale is not None) != scaled
+            or group is not self.group
             or plist is not self.plist
             or len(plist) != len(self.params)
             or opt.state is not self.container
@@ -100,6 +111,7 @@ class Steady:
         if flags != self.flags:
             return None
         dt, dev, state = self.dtype, self.device, opt.state
+        master = self.io is not None and self.io.master
         gptrs = []
         for i, p in enumerate(plist):
             shape = self.shapes[i]
@@ -119,14 +131,14 @@ class Steady:
             ):
                 return None
             st = self.states[i]
-            if state.get(p) is not st:
+            if state.get(p) is not st or (st is not None and ("master_param" in st) != master):
                 return None
-            for name, buf, ptr in self.slots[i]:
+            for name, buf, ptr, bdt in self.slots[i]:
                 if (
                     st.get(name) is not buf
                     or buf.data_ptr() != ptr
                     or buf.shape != shape
-                    or buf.dtype is not dt
+                    or buf.dtype is not bdt
                     or not buf.is_contiguous()
                 ):
                     return None
@@ -142,11 +154,25 @@ class Steady:
         self.table[:, 2] = gptrs
         return k
 
-    def run(self, spec, k):
+    def run(self, spec, k, inv_scale=None):
         """The launch ``check`` cleared, then the step counts advanced."""
-        numba_backend.launch_many(
-            spec.name, self.flags, self.used, self.np_dtype, self.table, self.chunks, k
-        )
+        if self.io is None:
+            numba_backend.launch_many(
+                spec.name, self.flags, self.used, self.np_dtype, self.table, self.chunks, k
+            )
+        else:
+            t = self.t + 1 if self.steps is not None else self.t
+            numba_backend.launch_many_io(
+                spec.name,
+                self.flags,
+                self.used,
+                self.io,
+                self.table,
+                self.chunks,
+                k,
+                inv_scale=1.0 if inv_scale is None else inv_scale,
+                key=storage.step_key(0, t),
+            )
         if self.steps is not None:
             numba_backend.add_at(self.step_ptrs, 1.0)
             self.t += 1
