@@ -7,7 +7,8 @@ Two measurements, each timed side by side in one process (interleaved blocks, me
   ``torch.optim.Adam(fused=True)``: what a training loop sees, Numba's and torch's thread pools
   both at work;
 - **the step alone** over the ~200 parameter tensors of a small transformer of the same size
-  (``fastopt.bench.measure.transformer_shapes``).
+  (``fastopt.bench.measure.transformer_shapes``), in float32 and in bfloat16 (``--step-dtypes``:
+  parameters, gradients and state in that dtype, as torch's fused Adam keeps a bf16 model).
 
     python bench/torch_training.py --reps 21 --json bench/results/torch_training.json
 """
@@ -71,7 +72,13 @@ def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--reps", type=int, default=15)
     ap.add_argument("--json", metavar="PATH")
+    ap.add_argument(
+        "--step-dtypes",
+        default="float32,bfloat16",
+        help="dtypes of the step-alone lists (comma-separated; default float32,bfloat16)",
+    )
     args = ap.parse_args(argv)
+    step_dtypes = [getattr(torch, d.strip()) for d in args.step_dtypes.split(",") if d.strip()]
     load0 = os.getloadavg()[0]
     g = torch.Generator().manual_seed(0)
     x = torch.randn(BATCH, SIZES[0], generator=g)
@@ -91,28 +98,31 @@ def main(argv=None):
             fn()
 
     shapes = transformer_shapes(n_params)
-    lists = {}
-    for k in ("fastopt.torch.Adam", "torch.optim.Adam(fused=True)"):
-        torch.manual_seed(2)
-        ps = [torch.nn.Parameter(torch.randn(s)) for s in shapes]
-        for p in ps:
-            p.grad = torch.randn_like(p) * 1e-2
-        lists[k] = (
-            fot.Adam(ps, lr=1e-3)
-            if k.startswith("fastopt")
-            else torch.optim.Adam(ps, lr=1e-3, fused=True)
-        )
-    step = {k: lists[k].step for k in lists}
-    for fn in step.values():
-        for _ in range(3):
-            fn()
+    steps = {}
+    for dtype in step_dtypes:
+        lists = {}
+        for k in ("fastopt.torch.Adam", "torch.optim.Adam(fused=True)"):
+            torch.manual_seed(2)
+            ps = [torch.nn.Parameter(torch.randn(s).to(dtype)) for s in shapes]
+            for p in ps:
+                p.grad = torch.randn_like(p) * 1e-2
+            lists[k] = (
+                fot.Adam(ps, lr=1e-3)
+                if k.startswith("fastopt")
+                else torch.optim.Adam(ps, lr=1e-3, fused=True)
+            )
+        # "step" is float32's (the key earlier results used), "step-<dtype>" any other's
+        name = "step" if dtype is torch.float32 else f"step-{str(dtype).split('.')[-1]}"
+        steps[name] = {k: lists[k].step for k in lists}
+        for fn in steps[name].values():
+            for _ in range(3):
+                fn()
 
     t_train = _time(train, args.reps)
-    t_step = _time(step, args.reps)
-    med = {
-        "iteration": {k: statistics.median(v) for k, v in t_train.items()},
-        "step": {k: statistics.median(v) for k, v in t_step.items()},
-    }
+    t_steps = {name: _time(fns, args.reps) for name, fns in steps.items()}
+    med = {"iteration": {k: statistics.median(v) for k, v in t_train.items()}}
+    for name, t in t_steps.items():
+        med[name] = {k: statistics.median(v) for k, v in t.items()}
     load1 = os.getloadavg()[0]
     print(
         f"# MLP {'-'.join(map(str, SIZES))} ({n_params:,} params), batch {BATCH}; step-only list "
@@ -122,7 +132,7 @@ def main(argv=None):
     for what, m in med.items():
         f, t = m["fastopt.torch.Adam"], m["torch.optim.Adam(fused=True)"]
         print(
-            f"{what:<10} fastopt.torch {f * 1e3:8.2f} ms  torch fused {t * 1e3:8.2f} ms  "
+            f"{what:<14} fastopt.torch {f * 1e3:8.2f} ms  torch fused {t * 1e3:8.2f} ms  "
             f"torch/fastopt {t / f:5.2f}x"
         )
     if args.json:
@@ -138,7 +148,7 @@ def main(argv=None):
                     "reps": args.reps,
                     "loadavg": [load0, load1],
                     "median_s": med,
-                    "times_s": {"iteration": t_train, "step": t_step},
+                    "times_s": {"iteration": t_train, **t_steps},
                 },
                 fh,
                 indent=1,

@@ -17,10 +17,11 @@ The state is torch's: ``state[p]`` holds the same keys, shapes and dtypes (``ste
 0-d tensor where torch keeps one), so ``state_dict()`` loads into ``torch.optim`` and the
 reverse, mid-run. Parameters whose ``.grad`` is None are skipped and keep their state and step.
 
-A step launches once per (device, dtype, variant, step count) over all the parameters of a
-param group that have a gradient, in place: on the CPU one parallel loop walks a table of the
-tensors' addresses (``numba_backend.launch_many``); on a GPU each tensor is one launch of the
-CuPy kernel. Parameters stay where they are: nothing is repacked, so ``zero_grad``,
+A step launches once per (device, dtype, variant, step count, master copy or not) over all the
+parameters of a param group that have a gradient, in place: on the CPU one parallel loop walks
+a table of the tensors' addresses (``numba_backend.launch_many``, or ``launch_many_io`` for
+16-bit storage, master copies and loss scales); on a GPU each tensor is one launch of the CuPy
+kernel. Parameters stay where they are: nothing is repacked, so ``zero_grad``,
 ``.to()``, ``load_state_dict`` and parameters added later need no care. Every tensor is
 checked (device, dtype, shape, contiguity) before anything is written.
 
@@ -319,9 +320,10 @@ class FusedOptimizer(torch.optim.Optimizer):
         self._launch_each(be, spec, hp, step, hs, dtype, used, views)
 
     def _launch_io(self, spec, hp, step, hs, device, used, tensors, io, inv_scale, cache_as=None):
-        """One launch per tensor with a storage plan (``kernels.storage.IO``): 16-bit
-        storage, an fp32 master copy, the gradient unscaled by ``inv_scale`` in the same pass
-        (``p.grad`` stays as GradScaler left it)."""
+        """The launch of a storage plan (``kernels.storage.IO``): 16-bit storage, an fp32
+        master copy, the gradient unscaled by ``inv_scale`` in the same pass (``p.grad`` stays
+        as GradScaler left it). On the CPU one launch over every tensor (cached like
+        ``_launch``'s), else one per tensor."""
         be = get_backend(self._backend_for(device))
         launch = Launch(be, spec.name, step, hp, hs, inv_scale=inv_scale)
         writes = tuple(a is not None for a in tensors[0][2])
