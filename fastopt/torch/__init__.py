@@ -297,21 +297,7 @@ class FusedOptimizer(torch.optim.Optimizer):
             launch = Launch(be, spec.name, step, hp, hs)
             chunks = be.chunks_for(table[:, 0].tolist())
             be.launch_many(spec.name, launch.flags, used, _DTYPES[dtype], table, chunks, launch.k)
-            if cache_as is not None:  # the group's next step may reuse this launch
-                cached = Steady.build(
-                    self,
-                    self.param_groups[cache_as],
-                    spec,
-                    step,
-                    launch.flags,
-                    used,
-                    tensors,
-                    table,
-                    chunks,
-                    _DTYPES[dtype],
-                )
-                if cached is not None:
-                    self.__dict__.setdefault("_steady", {})[cache_as] = cached
+            self._cache(cache_as, spec, step, launch.flags, used, tensors, table, chunks, dtype)
             return
         views = [
             [_plain(p), _plain(g)] + [None if a is None else _plain(a) for a in slots]
@@ -345,22 +331,7 @@ class FusedOptimizer(torch.optim.Optimizer):
                 inv_scale=1.0 if inv_scale is None else inv_scale,
                 key=launch.key,
             )
-            if cache_as is not None:
-                cached = Steady.build(
-                    self,
-                    self.param_groups[cache_as],
-                    spec,
-                    step,
-                    launch.flags,
-                    used,
-                    tensors,
-                    table,
-                    chunks,
-                    None,
-                    io,
-                )
-                if cached is not None:
-                    self.__dict__.setdefault("_steady", {})[cache_as] = cached
+            self._cache(cache_as, spec, step, launch.flags, used, tensors, table, chunks, None, io)
             return
         with _torch_stream(device):
             for p, g, slots, master in tensors:
@@ -372,6 +343,19 @@ class FusedOptimizer(torch.optim.Optimizer):
                 for orig, a in zip(row, arrays):
                     if orig is not None and a is not orig:
                         orig.copy_(a)
+
+    def _cache(self, index, spec, step, flags, used, tensors, table, chunks, dtype, io=None):
+        """Keep the launch just made over ``table`` for param group ``index``'s next step
+        (``Steady``), when the group was launched whole (``index`` not None) and can be."""
+        if index is None:
+            return
+        np_dtype = None if dtype is None else _DTYPES[dtype]
+        group = self.param_groups[index]
+        cached = Steady.build(
+            self, group, spec, step, flags, used, tensors, table, chunks, np_dtype, io
+        )
+        if cached is not None:
+            self.__dict__.setdefault("_steady", {})[index] = cached
 
     def _launch_each(self, be, spec, hp, step, hs, dtype, used, views):
         """One launch per tensor (GPU backends; non-contiguous tensors through contiguous
