@@ -243,6 +243,34 @@ class Rule:
         """One bool per slot: does the ``flags`` variant read and write it?"""
         return tuple(s.when is None or bool(flags.get(s.when, False)) for s in self.slots)
 
+    def slots_read(self, flags):
+        """One bool per slot: does the ``flags`` variant read the slot's value from before the
+        step, rather than only overwrite it (ASGD's ``ax`` while it does not average: ``ax =
+        p``)? Derived from the rule itself, run in plain Python on probe values: a slot is read
+        when some output changes with its input (or the rule raises on one, as a root of a
+        negative value does). A read the probes cannot reach would have to hide behind a
+        comparison with a value none of them crosses. The benchmark's byte counts use it."""
+        rule = self.make_rule(**flags)
+        k = tuple(0.1 + 0.07 * i for i in range(len(self.scalars)))
+        probes = (-2.0, 1e-3, 3.0, 1e30, -1e30, math.nan, math.inf)
+
+        def outputs(args):
+            try:
+                return tuple(repr(float(x)) for x in rule(*args, k))
+            except (ArithmeticError, ValueError):
+                return None
+
+        def reads(j):
+            for p, g in ((0.75, 0.5), (-0.75, -0.5)):
+                base = [p, g] + [0.25] * len(self.slots)
+                ref = outputs(base)
+                for v in probes:
+                    if outputs(base[: 2 + j] + [v] + base[3 + j :]) != ref:
+                        return True
+            return False
+
+        return tuple(u and reads(j) for j, u in enumerate(self.slots_used(flags)))
+
     def state_names(self, hp):
         """The slots an optimizer with hyperparameters ``hp`` keeps (the step-1 variant's)."""
         flags = self.flags_of(hp, 1, self.initial_host_state(hp))

@@ -50,21 +50,66 @@ DOCUMENTED_BYTES_F32 = {
     "adam-amsgrad": 36,
     "adamw": 28,
     "lion": 20,
+    "asgd": 16,  # before its averaging starts (t0): ax = p, written without being read
 }
 
 
 def test_traffic_model_is_design_table():
-    """bytes/elem = (3 + 2·states)·itemsize reproduces the documented table and scales with the
-    dtype; every case's state count is its class's state buffers (from the rule spec)."""
+    """bytes/elem = (3 + states written + states read)·itemsize reproduces the documented table
+    and scales with the dtype; every case's state count is its class's state buffers (from the
+    rule spec), and every one is read but ASGD's ax before its averaging starts."""
     import fastopt
 
     assert set(DOCUMENTED_BYTES_F32) <= set(CASES)
     for case in CASES.values():
         cls = getattr(fastopt, case.cls)
         assert case.n_state == len(cls.slots_for(**case.fastopt_kwargs)), case.name
+        assert case.n_read == (0 if case.name == "asgd" else case.n_state), case.name
     for name, case in ((n, CASES[n]) for n in DOCUMENTED_BYTES_F32):
-        assert bytes_per_step(case.n_state, 1, np.float32) == DOCUMENTED_BYTES_F32[name], name
-        assert bytes_per_step(case.n_state, 1000, np.float64) == 2000 * DOCUMENTED_BYTES_F32[name]
+        b = DOCUMENTED_BYTES_F32[name]
+        assert bytes_per_step(case.n_state, 1, np.float32, n_read=case.n_read) == b, name
+        assert bytes_per_step(case.n_state, 1000, np.float64, n_read=case.n_read) == 2000 * b
+
+
+def test_slots_a_rule_does_not_read_are_not_read_by_its_kernel():
+    """``Rule.slots_read`` (derived by probing the rule in Python) against the compiled CPU
+    loop: a slot it calls unread leaves every output the same whether it holds NaN, 0, -3 or 3;
+    a slot it calls read changes an output with one of them (each rule's variant with every flag on,
+    and every variant with an unread slot: one compile each)."""
+    from fastopt.kernels import RULES
+
+    from fastopt.backends import numba_backend as nb
+
+    unread = 0
+    for name, spec in RULES.items():
+        variants = spec.variants()
+        for flags in variants:
+            used, read = spec.slots_used(flags), spec.slots_read(flags)
+            assert all(u or not r for u, r in zip(used, read)), (name, flags)
+            if read == used and flags != variants[-1]:
+                continue
+            _, k = spec.plan(spec.validate(spec.defaults), 3)
+            kc = tuple(np.float32(v) for v in k)
+            for j in (j for j, u in enumerate(used) if u):
+                if read[j] and j != 0:
+                    continue  # the first read slot of each variant is enough to see reads
+                outs = []
+                for fill in (np.nan, 0.0, -3.0, 3.0):
+                    arrs = [np.full(8, 0.5, np.float32), np.full(8, 0.25, np.float32)]
+                    arrs += [
+                        np.full(8, fill if i == j else 0.5, np.float32) for i in range(len(used))
+                    ]
+                    fn = nb.kernel(name, flags, used, False)
+                    fn(*arrs, kc)
+                    outs.append([a.copy() for i, a in enumerate(arrs) if i != 1])
+                same = all(
+                    np.array_equal(a, b, equal_nan=True)
+                    for other in outs[1:]
+                    for a, b in zip(outs[0], other)
+                )
+                assert same == (not read[j]), (name, flags, spec.state[j])
+                unread += not read[j]
+    assert unread == 4  # ASGD's four variants that do not average
 
 
 @pytest.mark.parametrize("n", [4096, 1 << 20, 10**7 + 3, 1 << 24])
@@ -147,7 +192,8 @@ def test_tiny_run_json_schema(tiny_run):
     for r in recs:
         assert set(r) >= RECORD_KEYS, r["backend"]
         assert r["n"] == 4096 and r["dtype"] == "float32"
-        assert r["bytes"] == bytes_per_step(CASES[r["optimizer"]].n_state, 4096, np.float32)
+        case = CASES[r["optimizer"]]
+        assert r["bytes"] == bytes_per_step(case.n_state, 4096, np.float32, n_read=case.n_read)
         assert len(r["times_s"]) == r["reps"] >= 3
         assert r["median_s"] == pytest.approx(statistics.median(r["times_s"]))
         assert r["gbps"] == pytest.approx(r["bytes"] / r["median_s"] / 1e9)

@@ -339,7 +339,8 @@ def _ceiling_lines(records):
             continue
         v = seen.setdefault((r["ceiling_backend"], r["dtype"], r["n"]), {"copy": [], "traffic": {}})
         v["copy"].append(r["copy_gbps"])
-        v["traffic"].setdefault(r["bytes"] // r["n"], []).append(r["ceiling_gbps"])
+        moved = r.get("ceiling_bytes") or r["bytes"]
+        v["traffic"].setdefault(moved // r["n"], []).append(r["ceiling_gbps"])
     out = []
     for (backend, dtype, n), v in seen.items():
         traffic = ", ".join(

@@ -278,7 +278,7 @@ def graph_runner(case, p0, g0, backend="cupy"):
         f"graph:{backend}",
         lambda: graph.launch(),
         timer_for("cupy"),
-        bytes_per_step(case.n_state, p0.size, p0.dtype),
+        bytes_per_step(case.n_state, p0.size, p0.dtype, n_read=case.n_read),
         keep=(buf, opt, graph, stream),
     )
 

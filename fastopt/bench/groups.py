@@ -71,10 +71,8 @@ def fastopt_runner(case, backend, p0, g0, kwargs=(), io=None):
     buf = fastopt.FlatBuffer({"w": p0}, grad_dtype=gdt)  # copies the values in
     buf.grads["w"][...] = g0
     opt = getattr(fastopt, case.cls)(**case.fastopt_kwargs, **dict(kwargs), backend=backend)
-    nbytes = (
-        bytes_per_step(case.n_state, p0.size, p0.dtype)
-        if io is None
-        else bytes_per_step(case.n_state, p0.size, io=io)
+    nbytes = bytes_per_step(
+        case.n_state, p0.size, None if io is not None else p0.dtype, io=io, n_read=case.n_read
     )
     return Runner(backend, lambda: opt.step(buf), timer, nbytes, keep=(buf, opt))
 
@@ -196,9 +194,11 @@ def run_group(
         progress=progress,
     )
     ceil = {}  # (kind, backend) -> (median s, GB/s)
+    ceil_bytes = {}  # (kind, backend) -> bytes the ceiling kernel moves
     for key, (runner, times) in res.items():
         if key[0] in ("ceiling", "ceiling-vec", "copy"):
             ceil[key] = (median(times), runner.bytes / median(times) / 1e9)
+            ceil_bytes[key] = runner.bytes
     own = [k[1] for k in ceil if k[0] == "ceiling"]
     records = []
     for key, (runner, times) in res.items():
@@ -219,6 +219,9 @@ def run_group(
             t,
             gbps,
         )
+        # the ceiling kernel reads every state buffer it writes: more than a step that only
+        # overwrites one (ASGD before t0) moves, so its bytes are its own
+        rec["ceiling_bytes"] = ceil_bytes.get(("ceiling", scored))
         rec["copy_gbps"] = ceil.get(("copy", scored), (None, None))[1]
         rec["ceiling_vec_gbps"] = ceil.get(("ceiling-vec", scored), (None, None))[1]
         rec["pct_of_ceiling"] = percent(rec["gbps"], rec["ceiling_gbps"])
@@ -313,6 +316,7 @@ def run_precision_group(
             t = median(ceil[1])
             rec["ceiling_backend"], rec["ceiling_s"] = "numba", t
             rec["ceiling_gbps"] = ceil[0].bytes / t / 1e9
+            rec["ceiling_bytes"] = ceil[0].bytes
             rec["pct_of_ceiling"] = percent(rec["gbps"], rec["ceiling_gbps"])
             rec["copy_gbps"] = None
         records.append(rec)

@@ -1,15 +1,19 @@
 """Measurement core shared by ``fastopt bench`` and the pytest-benchmark suite in ``bench/``.
 
 The optimizer step is memory-bound, so every figure is a bandwidth. One step reads the param,
-the grad and every state buffer once and writes the param and every state buffer once:
+the grad and every state buffer it reads (``n_read``) once and writes the param and every state
+buffer (``n_state``) once:
 
-    bytes per step = (3 + 2·n_state) · itemsize · n
+    bytes per step = (3 + n_state + n_read) · itemsize · n
 
 with every array in one dtype, which gives the README's float32 table (SGD 12, Momentum 20,
-Adam 28, AMSGrad 36, ...).
+Adam 28, AMSGrad 36, ...). A step reads every state buffer it writes but one case: ASGD before
+its averaging starts (``t0``, 10^6 steps by default) writes ``ax = p`` without reading ``ax``
+(16 B/element, not 20); the rule spec says which (``Rule.slots_read``), for the variant the
+benchmark's steps run.
 With mixed precision each array counts its own itemsize (``bytes_per_step(..., io=)``): param
 read (not when an fp32 master is read instead) and written, grad read (and written back when
-unscaled in place), every state buffer read and written, the master read and written. The
+unscaled in place), the state buffers read and written, the master read and written. The
 mixed-precision rows (``PRECISIONS``) compare one optimizer across storage plans side by side.
 
 Effective bandwidth = bytes ÷ median step time; it is compared with two ceilings measured in the
@@ -61,11 +65,17 @@ class Case:
     name: str
     cls: str
     kwargs: tuple = ()
-    #: state buffers read and written per element (the traffic beyond param and grad)
+    #: state buffers written per element (the traffic beyond param and grad)
     n_state: int = 0
     #: ``torch.optim`` class name and kwargs, or None when torch has no such optimizer
     torch_cls: str = None
     torch_kwargs: tuple = ()
+    #: of those, the ones the benchmark's steps read first (None: every one)
+    n_read: int = None
+
+    def __post_init__(self):
+        if self.n_read is None:
+            object.__setattr__(self, "n_read", self.n_state)
 
     @property
     def fastopt_kwargs(self):
@@ -142,17 +152,27 @@ def derive_cases():
     return {c.name: c for c in cases}
 
 
+#: the step whose variant stands for a benchmark's timed steps (past every warm-up switch the
+#: rules have: RAdam's rectification from step 6, ASGD's averaging only from t0 on)
+STEADY_STEP = 100
+
+
 def _case(name, cls, kwargs, slots):
     import inspect
 
+    from ..kernels import RULES
+
+    sig = inspect.signature(cls.__init__).parameters
+    hp = {k: v.default for k, v in sig.items() if k in cls._hyper + cls._flags}
+    hp.update(kwargs, **cls._pinned)
     torch_cls = _torch_name(cls)
-    torch_kwargs = ()
-    if torch_cls is not None:
-        sig = inspect.signature(cls.__init__).parameters
-        hp = {k: v.default for k, v in sig.items() if k in cls._hyper + cls._flags}
-        hp.update(kwargs, **cls._pinned)
-        torch_kwargs = tuple(hp.items())
-    return Case(name, cls.__name__, tuple(kwargs.items()), len(slots), torch_cls, torch_kwargs)
+    torch_kwargs = tuple(hp.items()) if torch_cls is not None else ()
+    spec = RULES[cls._rule]
+    flags, _ = spec.plan(spec.validate({**spec.defaults, **hp}), STEADY_STEP)
+    n_read = sum(spec.slots_read(flags))
+    return Case(
+        name, cls.__name__, tuple(kwargs.items()), len(slots), torch_cls, torch_kwargs, n_read
+    )
 
 
 #: The sweep: every optimizer with its defaults, plus the variants that add traffic.
@@ -167,14 +187,16 @@ GRID = {
 }
 
 
-def bytes_per_step(n_state, n, dtype=None, io=None):
-    """Bytes one step moves: param, grad and the state read; param and the state written; all
-    in ``dtype``, or each array in its storage dtype of ``io`` (``kernels.storage.IO``)."""
+def bytes_per_step(n_state, n, dtype=None, io=None, n_read=None):
+    """Bytes one step moves: param, grad and ``n_read`` state buffers read (default: all
+    ``n_state``); param and the ``n_state`` state buffers written; all in ``dtype``, or each
+    array in its storage dtype of ``io`` (``kernels.storage.IO``)."""
+    n_read = n_state if n_read is None else n_read
     if io is None:
-        return (3 + 2 * n_state) * np.dtype(dtype).itemsize * int(n)
+        return (3 + n_state + n_read) * np.dtype(dtype).itemsize * int(n)
     size = io.itemsizes()
     per = size["param"] * (1 if io.master else 2) + size["grad"] * (2 if io.write_grad else 1)
-    per += 2 * n_state * size["state"] + (2 * size["master"] if io.master else 0)
+    per += (n_state + n_read) * size["state"] + (2 * size["master"] if io.master else 0)
     return per * int(n)
 
 

@@ -110,7 +110,7 @@ def torch_runner(case, mode, device, p0, g0, layout="flat"):
         "fastopt.torch" if mode == ADAPTER else f"torch-{mode}",
         opt.step,
         timer,
-        bytes_per_step(case.n_state, p0.size, p0.dtype),
+        bytes_per_step(case.n_state, p0.size, p0.dtype, n_read=case.n_read),
         info={
             "layout": layout,
             "n_tensors": len(params),
