@@ -463,8 +463,10 @@ def kernel(rule, flags, writes, parallel, io=None, pairs=False):
 # ``launch_many`` runs one variant over many separate tensors (a model's parameter list) in one
 # parallel loop: a table holds, per tensor, its length and the addresses of its param, grad and
 # state buffers; the loop walks chunks of (tensor, start, stop), so big and small tensors share
-# the threads. The caller guarantees every address (validated, contiguous, native float buffers
-# of that length, alive for the call): the table is built only by fastopt's own checked code.
+# the threads. ``launch_many_io`` does the same for a storage plan (16-bit storage, master
+# copies, a loss scale), each array read in its own storage dtype. The caller guarantees every
+# address (validated, contiguous, native buffers of that length and of the dtypes the plan says,
+# alive for the call): the table is built only by fastopt's own checked code.
 
 #: elements per chunk of ``launch_many``: big enough to amortise the table lookups, small
 #: enough to balance the threads over tensors of very different sizes
