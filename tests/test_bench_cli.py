@@ -220,6 +220,19 @@ def test_tiny_run_torch_peers(tiny_run):
     assert "torch" in doc["versions"]
 
 
+def test_every_optimizer_torch_has_gets_a_torch_peer():
+    """Each case whose class torch.optim has (by name) makes a working torch peer on the CPU:
+    its keywords are ones torch's class takes (AdamW's pinned ``decoupled_weight_decay`` is
+    torch's AdamW itself, and torch's AdamW refuses the keyword)."""
+    pytest.importorskip("torch")
+    from fastopt.bench import torch_peers
+
+    named = [c for c in CASES.values() if c.torch_cls is not None]
+    assert {c.name for c in named} >= {"sgd", "momentum", "adam", "adamw", "asgd"}
+    for case in named:
+        assert torch_peers.modes(case, "cpu"), f"no torch peer for {case.name}"
+
+
 def test_plot(tmp_path):
     pytest.importorskip("matplotlib")
     path = tmp_path / "bars.png"

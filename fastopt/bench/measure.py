@@ -26,6 +26,7 @@ device events recorded around the call (``gpu.EventTimer``).
 """
 
 import contextlib
+import inspect
 import os
 import platform
 import statistics
@@ -152,21 +153,34 @@ def derive_cases():
     return {c.name: c for c in cases}
 
 
+def _torch_kwargs(cls, torch_cls, hp):
+    """``hp`` as ``torch.optim.<torch_cls>`` takes it: a value the fastopt class pins that the
+    torch class has no argument for is the torch class's own (AdamW pins
+    ``decoupled_weight_decay=True``, which torch's AdamW is and does not take), so it is left
+    out; anything else is passed as it is (a torch that lacks it makes no peer)."""
+    import importlib.util
+
+    if importlib.util.find_spec("torch") is None:
+        return hp
+    import torch.optim
+
+    takes = inspect.signature(getattr(torch.optim, torch_cls).__init__).parameters
+    return {k: v for k, v in hp.items() if k in takes or k not in cls._pinned}
+
+
 #: the step whose variant stands for a benchmark's timed steps (past every warm-up switch the
 #: rules have: RAdam's rectification from step 6, ASGD's averaging only from t0 on)
 STEADY_STEP = 100
 
 
 def _case(name, cls, kwargs, slots):
-    import inspect
-
     from ..kernels import RULES
 
     sig = inspect.signature(cls.__init__).parameters
     hp = {k: v.default for k, v in sig.items() if k in cls._hyper + cls._flags}
     hp.update(kwargs, **cls._pinned)
     torch_cls = _torch_name(cls)
-    torch_kwargs = tuple(hp.items()) if torch_cls is not None else ()
+    torch_kwargs = tuple(_torch_kwargs(cls, torch_cls, hp).items()) if torch_cls else ()
     spec = RULES[cls._rule]
     flags, _ = spec.plan(spec.validate({**spec.defaults, **hp}), STEADY_STEP)
     n_read = sum(spec.slots_read(flags))
