@@ -666,3 +666,50 @@ def test_steady_16_bit_steps_with_a_master_and_a_loss_scale():
     b.state[qs[0]]["master_param"] = qs[0].detach().float()
     with pytest.raises(ValueError, match="expected torch.float32"):
         b.step()
+
+
+@pytest.mark.parametrize("name", ["NAdam", "ASGD"])
+def test_steady_steps_carry_the_host_state(name):
+    """Host state (NAdam's ``mu_product``, ASGD's ``eta`` and ``mu``) rides the cached launch:
+    read from the state each step, advanced after it. ASGD's averaging switching on at ``t0``
+    (another variant), a host-state tensor edited in place, one replaced: every step stays
+    torch.optim's, params and every state tensor."""
+    torch.manual_seed(6)
+    kw = {"t0": 3.0} if name == "ASGD" else {}
+    host = {"NAdam": ["mu_product"], "ASGD": ["eta", "mu"]}[name]
+    ps = [torch.nn.Parameter(torch.randn(s)) for s in [(4, 3), (7,), (2, 5)]]
+    qs = [torch.nn.Parameter(p.detach().clone()) for p in ps]
+    a = getattr(fot, name)(ps, lr=1e-2, **kw)
+    b = getattr(torch.optim, name)(qs, lr=1e-2, foreach=False, **kw)
+
+    def step():
+        for p, q in zip(ps, qs):
+            g = torch.randn_like(p)
+            p.grad, q.grad = g, g.clone()
+        a.step()
+        b.step()
+        for p, q in zip(ps, qs):
+            torch.testing.assert_close(p.detach(), q.detach(), rtol=1e-5, atol=1e-6)
+            assert a.state[p].keys() == b.state[q].keys()
+            for key, value in b.state[q].items():
+                torch.testing.assert_close(a.state[p][key], value, rtol=1e-5, atol=1e-6)
+
+    for _ in range(3):
+        step()
+    cached = a._steady[0]
+    for _ in range(3):  # ASGD averages from step 4 on: a new variant, then steady again
+        step()
+    assert a._steady[0] is not cached if name == "ASGD" else a._steady[0] is cached
+    cached = a._steady[0]
+    step()
+    assert a._steady[0] is cached
+    for opt in (a, b):  # edited in place: read back, the same launch
+        for st in opt.state.values():
+            st[host[0]].mul_(0.5)
+    step()
+    assert a._steady[0] is cached
+    for opt in (a, b):  # replaced: seen, the launch rebuilt
+        for st in opt.state.values():
+            st[host[-1]] = st[host[-1]].clone()
+    step()
+    assert a._steady[0] is not cached

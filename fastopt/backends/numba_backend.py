@@ -551,6 +551,21 @@ def add_at(addresses, value):
     fn(addresses, np.empty(1, np.float32), np.float32(value))
 
 
+def _fill_at(addresses, like, value):
+    for i in range(addresses.shape[0]):
+        x = numba.carray(_address_as(addresses[i], like), 1)
+        x[0] = value
+
+
+def fill_at(addresses, value):
+    """``x = value`` for the float32 scalar at each int64 address of ``addresses`` (a
+    many-tensor step's host state, ``fastopt.torch``); unchecked, like ``add_at``."""
+    fn = _compiled.get("fill_at")
+    if fn is None:
+        fn = _compiled["fill_at"] = njit_cached(nogil=True)(_fill_at)
+    fn(addresses, np.empty(1, np.float32), np.float32(value))
+
+
 def chunks_for(lengths, chunk=CHUNK):
     """``(tensor, start, stop)`` rows covering every element of tensors of ``lengths``."""
     n = np.asarray(lengths, dtype=np.int64).reshape(-1)

@@ -172,9 +172,10 @@ class FusedOptimizer(torch.optim.Optimizer):
             cached = steady.get(i)
             if cached is not None:  # the same tensors as a checked step before: re-checks only
                 spec = RULES[type(self)._fastopt._rule]
-                k = cached.check(self, group, spec, type(self)._rule_hp(group), inv_scale)
-                if k is not None:
-                    plans.append((cached.run, (spec, k, inv_scale)))
+                hp = type(self)._rule_hp(group)
+                checked = cached.check(self, group, spec, hp, inv_scale)
+                if checked is not None:
+                    plans.append((cached.run, (spec, hp, *checked, inv_scale)))
                     continue
             steady.pop(i, None)
             plans.append((self._run_group, (*self._plan_group(group, inv_scale), i)))
@@ -281,12 +282,11 @@ class FusedOptimizer(torch.optim.Optimizer):
             else:  # 16-bit storage, a master copy or the loss scale: the storage-plan kernels
                 self._launch_io(spec, hp, t, hs, device, used, tensors, io, inv_scale, cache_as)
             _increment([state["step"] for _, _, state, _ in items if "step" in state])
-            for _, _, state, _ in items:
-                if spec.host_state:
-                    # float32 values (torch's scalar dtype), whatever dtype a loaded state
-                    # dict left the 0-d tensor in
-                    for n, v in spec.advance_host_state(hp, t, hs).items():
-                        state[n].fill_(v)
+            if spec.host_state:
+                # float32 values (torch's scalar dtype), whatever dtype a loaded state dict
+                # left the 0-d tensors in
+                for n, v in spec.advance_host_state(hp, t, hs).items():
+                    _fill([state[n] for _, _, state, _ in items], v)
 
     def _launch(self, spec, hp, step, hs, device, dtype, used, tensors, cache_as=None):
         be = get_backend(self._backend_for(device))
@@ -413,21 +413,42 @@ def _address_table(tensors, nslots, master=False):
     return np.array(rows, dtype=np.int64).reshape(len(tensors), 3 + nslots + master)
 
 
+def float32_scalars(tensors):
+    """Are ``tensors`` all float32 CPU scalars (torch's format of step counts and host state,
+    and what a state dict loads as), which Numba may write through their addresses?"""
+    return all(
+        t is not None
+        and t.dtype is torch.float32
+        and t.is_cpu
+        and t.numel() == 1
+        and not t.requires_grad
+        for t in tensors
+    )
+
+
 def _increment(steps):
-    """``step += 1`` for each of torch's 0-d step tensors: float32 CPU ones (torch's format, and
-    what a state dict loads as) through their addresses in one Numba call, others one by one."""
+    """``step += 1`` for each of torch's 0-d step tensors: float32 CPU ones through their
+    addresses in one Numba call, others one by one."""
     if not steps:
         return
-    if len(steps) > 1 and all(
-        t.dtype is torch.float32 and t.is_cpu and t.numel() == 1 and not t.requires_grad
-        for t in steps
-    ):
+    if len(steps) > 1 and float32_scalars(steps):
         from ..backends.numba_backend import add_at
 
         add_at(np.array([t.data_ptr() for t in steps], dtype=np.int64), 1.0)
         return
     for t in steps:
         t += 1
+
+
+def _fill(tensors, value):
+    """``t.fill_(value)`` for each 0-d host-state tensor, float32 CPU ones in one Numba call."""
+    if len(tensors) > 1 and float32_scalars(tensors):
+        from ..backends.numba_backend import fill_at
+
+        fill_at(np.array([t.data_ptr() for t in tensors], dtype=np.int64), value)
+        return
+    for t in tensors:
+        t.fill_(value)
 
 
 def _plain(t):

@@ -3,13 +3,15 @@ same tensors, relaunched from its cached address table after re-checks that cost
 attribute reads per tensor.
 
 After a fully checked step of a group (``FusedOptimizer._plan_group``) that went through one
-many-tensor launch (the numba backend; every parameter had a gradient; no host state), the
-group keeps a ``Steady``: its parameters, their state dicts, state tensors and master copies,
-each tensor's address, shape and dtype, the step count, the variant and the storage plan (16-bit
-storage, a master copy, a loss scale: ``kernels.storage.IO``, None for plain float32/float64).
+many-tensor launch (the numba backend; every parameter had a gradient), the group keeps a
+``Steady``: its parameters, their state dicts, state tensors and master copies, each tensor's
+address, shape and dtype, the step count, the host state's 0-d tensors (NAdam's ``mu_product``,
+ASGD's ``eta`` and ``mu``), the variant and the storage plan (16-bit storage, a master copy, a
+loss scale: ``kernels.storage.IO``, None for plain float32/float64).
 The next step re-checks every one of these by identity, address, shape, dtype and contiguity,
 and each gradient by dtype, shape, layout, contiguity and device (its address goes into the
-table); the step count is read back from each step tensor, so an edit in place is seen; a step
+table); the step count is read back from each step tensor and the host state from the first
+parameter's (as the full path reads it), so an edit in place is seen; a step
 with a loss scale only follows one with a loss scale (the scale's value is the step's own). Any
 difference and ``check`` returns None: the step takes the full path, which rebuilds the cache.
 A state dict loaded, a parameter moved (``.to()``), a gradient set to None, a hyperparameter
@@ -33,6 +35,7 @@ class Steady:
         "dtype",
         "flags",
         "group",
+        "host",
         "io",
         "np_dtype",
         "params",
@@ -52,9 +55,12 @@ class Steady:
     def build(cls, opt, group, spec, t, flags, used, tensors, table, chunks, np_dtype, io=None):
         """The cache of a group just launched through ``table`` (with the storage plan ``io``,
         None for a plain launch), or None where the group's step cannot be repeated this way (a
-        parameter without a gradient, host state, steps that are not float32 CPU scalars)."""
+        parameter without a gradient, step counts or host state that are not float32 CPU
+        scalars)."""
+        from . import float32_scalars
+
         plist = group["params"]
-        if spec.host_state or len(tensors) != len(plist):
+        if len(tensors) != len(plist):
             return None
         self = cls()
         self.group, self.plist, self.container = group, plist, opt.state
@@ -81,21 +87,27 @@ class Steady:
             # no step count (SGD): every step after the first is step 2 (its fresh buffers
             # exist), as ``_plan_group`` counts
             self.steps, self.step_ptrs, t = None, None, 2
-        elif all(
-            s is not None and s.dtype is torch.float32 and s.is_cpu and s.numel() == 1
-            for s in steps
-        ):
+        elif float32_scalars(steps):
             self.steps = tuple(steps)
             self.step_ptrs = np.array([s.data_ptr() for s in steps], dtype=np.int64)
         else:
             return None
+        # the host state: (name, each parameter's 0-d tensor, their addresses)
+        host = []
+        for name in spec.host_names:
+            ts = [None if st is None else st.get(name) for st in self.states]
+            if not float32_scalars(ts):
+                return None
+            host.append((name, tuple(ts), np.array([x.data_ptr() for x in ts], dtype=np.int64)))
+        self.host = tuple(host)
         self.t, self.flags, self.used = t, flags, used
         self.table, self.chunks = table, chunks
         return self
 
     def check(self, opt, group, spec, hp, inv_scale=None):
-        """This step's host scalars ``k`` when every tensor is still the one cached (see the
-        module docstring), else None. Writes the gradients' addresses into the table."""
+        """``(k, hs)``, this step's host scalars and host state before it, when every tensor is
+        still the one cached (see the module docstring), else None. Writes the gradients'
+        addresses into the table."""
         plist = group["params"]
         scaled = self.io is not None and self.io.scale is not None
         if (
@@ -107,9 +119,10 @@ class Steady:
         ):
             return None
         t = self.t + 1 if self.steps is not None else self.t
-        flags, k = spec.plan(hp, t, None)
-        if flags != self.flags:
-            return None
+        if not self.host:  # without host state the variant is known before the tensors
+            flags, k = spec.plan(hp, t, None)
+            if flags != self.flags:
+                return None
         dt, dev, state = self.dtype, self.device, opt.state
         master = self.io is not None and self.io.master
         gptrs = []
@@ -150,18 +163,28 @@ class Steady:
                     or float(s) != self.t
                 ):
                     return None
+            for name, ts, ptrs in self.host:
+                x = ts[i]
+                if st.get(name) is not x or x.data_ptr() != ptrs[i]:
+                    return None
             gptrs.append(g.data_ptr())
+        hs = None
+        if self.host:
+            hs = {name: float(ts[0]) for name, ts, _ in self.host}
+            flags, k = spec.plan(hp, t, hs)
+            if flags != self.flags:
+                return None
         self.table[:, 2] = gptrs
-        return k
+        return k, hs
 
-    def run(self, spec, k, inv_scale=None):
-        """The launch ``check`` cleared, then the step counts advanced."""
+    def run(self, spec, hp, k, hs, inv_scale=None):
+        """The launch ``check`` cleared, then the step counts and the host state advanced."""
+        t = self.t + 1 if self.steps is not None else self.t
         if self.io is None:
             numba_backend.launch_many(
                 spec.name, self.flags, self.used, self.np_dtype, self.table, self.chunks, k
             )
         else:
-            t = self.t + 1 if self.steps is not None else self.t
             numba_backend.launch_many_io(
                 spec.name,
                 self.flags,
@@ -176,3 +199,7 @@ class Steady:
         if self.steps is not None:
             numba_backend.add_at(self.step_ptrs, 1.0)
             self.t += 1
+        if self.host:
+            new = spec.advance_host_state(hp, t, hs)
+            for name, _, ptrs in self.host:
+                numba_backend.fill_at(ptrs, new[name])
