@@ -8,7 +8,9 @@ Two measurements, each timed side by side in one process (interleaved blocks, me
   both at work;
 - **the step alone** over the ~200 parameter tensors of a small transformer of the same size
   (``fastopt.bench.measure.transformer_shapes``), in float32 and in bfloat16 (``--step-dtypes``:
-  parameters, gradients and state in that dtype, as torch's fused Adam keeps a bf16 model).
+  parameters, gradients and state in that dtype, as torch's fused Adam keeps a bf16 model), and
+  for NAdam and ASGD in float32 (``--step-optimizers``; torch's fused version where it has
+  one, else foreach).
 
     python bench/torch_training.py --reps 21 --json bench/results/torch_training.json
 """
@@ -68,6 +70,19 @@ def _time(fns, reps, block=3):
     return times
 
 
+def _torch_best(name, ps):
+    """``(mode, optimizer)``: torch.optim's ``name`` over ``ps``, fused where this torch has a
+    fused CPU version of it, else foreach."""
+    cls = getattr(torch.optim, name)
+    probe = torch.nn.Parameter(torch.ones(4))
+    probe.grad = torch.ones(4)
+    try:
+        cls([probe], lr=1e-3, fused=True).step()
+    except (RuntimeError, TypeError, ValueError):
+        return "foreach", cls(ps, lr=1e-3, foreach=True)
+    return "fused", cls(ps, lr=1e-3, fused=True)
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--reps", type=int, default=15)
@@ -75,10 +90,17 @@ def main(argv=None):
     ap.add_argument(
         "--step-dtypes",
         default="float32,bfloat16",
-        help="dtypes of the step-alone lists (comma-separated; default float32,bfloat16)",
+        help="dtypes of Adam's step-alone lists (comma-separated; default float32,bfloat16)",
+    )
+    ap.add_argument(
+        "--step-optimizers",
+        default="NAdam,ASGD",
+        help="more optimizers (torch.optim names) timed alone over the float32 list, each "
+        "against torch's fused version where it has one, else foreach (default NAdam,ASGD)",
     )
     args = ap.parse_args(argv)
     step_dtypes = [getattr(torch, d.strip()) for d in args.step_dtypes.split(",") if d.strip()]
+    step_optimizers = [o.strip() for o in args.step_optimizers.split(",") if o.strip()]
     load0 = os.getloadavg()[0]
     g = torch.Generator().manual_seed(0)
     x = torch.randn(BATCH, SIZES[0], generator=g)
@@ -98,23 +120,35 @@ def main(argv=None):
             fn()
 
     shapes = transformer_shapes(n_params)
-    steps = {}
+
+    def params(dtype):
+        torch.manual_seed(2)
+        ps = [torch.nn.Parameter(torch.randn(s).to(dtype)) for s in shapes]
+        for p in ps:
+            p.grad = torch.randn_like(p) * 1e-2
+        return ps
+
+    steps = {}  # name -> {label: step}, fastopt.torch's first
+    # "step" is Adam's in float32 (the key earlier results used), "step-<dtype>" another
+    # dtype's, "step-<optimizer>" another optimizer's in float32
     for dtype in step_dtypes:
-        lists = {}
-        for k in ("fastopt.torch.Adam", "torch.optim.Adam(fused=True)"):
-            torch.manual_seed(2)
-            ps = [torch.nn.Parameter(torch.randn(s).to(dtype)) for s in shapes]
-            for p in ps:
-                p.grad = torch.randn_like(p) * 1e-2
-            lists[k] = (
-                fot.Adam(ps, lr=1e-3)
-                if k.startswith("fastopt")
-                else torch.optim.Adam(ps, lr=1e-3, fused=True)
-            )
-        # "step" is float32's (the key earlier results used), "step-<dtype>" any other's
         name = "step" if dtype is torch.float32 else f"step-{str(dtype).split('.')[-1]}"
-        steps[name] = {k: lists[k].step for k in lists}
-        for fn in steps[name].values():
+        steps[name] = {
+            "fastopt.torch.Adam": fot.Adam(params(dtype), lr=1e-3).step,
+            "torch.optim.Adam(fused=True)": torch.optim.Adam(
+                params(dtype), lr=1e-3, fused=True
+            ).step,
+        }
+    for opt_name in step_optimizers:
+        mode, peer = _torch_best(opt_name, params(torch.float32))
+        steps[f"step-{opt_name}"] = {
+            f"fastopt.torch.{opt_name}": getattr(fot, opt_name)(
+                params(torch.float32), lr=1e-3
+            ).step,
+            f"torch.optim.{opt_name}({mode}=True)": peer.step,
+        }
+    for fns in steps.values():
+        for fn in fns.values():
             for _ in range(3):
                 fn()
 
@@ -130,9 +164,9 @@ def main(argv=None):
         f"threads); load {load0:.2f} -> {load1:.2f}"
     )
     for what, m in med.items():
-        f, t = m["fastopt.torch.Adam"], m["torch.optim.Adam(fused=True)"]
+        (fl, f), (tl, t) = m.items()
         print(
-            f"{what:<14} fastopt.torch {f * 1e3:8.2f} ms  torch fused {t * 1e3:8.2f} ms  "
+            f"{what:<14} {fl} {f * 1e3:8.2f} ms  {tl} {t * 1e3:8.2f} ms  "
             f"torch/fastopt {t / f:5.2f}x"
         )
     if args.json:
