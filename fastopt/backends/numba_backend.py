@@ -172,27 +172,25 @@ else:
     def _is32(w):
         return isinstance(w, types.Integer) and w.bitwidth == 32
 
-    @intrinsic
-    def _bf16_lo_ir(typingctx, w):
-        # the low half shifted up: storage.bf16_lo
-        if _is32(w):
+    def _word_half(take):
+        """An intrinsic ``uint32 word -> float32``: ``take(builder, word)``, then a bit cast."""
 
-            def codegen(context, builder, sig, args):
-                return builder.bitcast(builder.shl(args[0], _ir.Constant(_I32, 16)), _F32)
+        @intrinsic
+        def half_ir(typingctx, w):
+            if _is32(w):
 
-            return types.float32(w), codegen
-        return None
+                def codegen(context, builder, sig, args):
+                    return builder.bitcast(take(builder, args[0]), _F32)
 
-    @intrinsic
-    def _bf16_hi_ir(typingctx, w):
-        # the high half in place, the low half cleared: storage.bf16_hi
-        if _is32(w):
+                return types.float32(w), codegen
+            return None
 
-            def codegen(context, builder, sig, args):
-                return builder.bitcast(builder.and_(args[0], _ir.Constant(_I32, 0xFFFF0000)), _F32)
+        return half_ir
 
-            return types.float32(w), codegen
-        return None
+    # storage.bf16_lo: the low half shifted up; storage.bf16_hi: the high half in place, the
+    # low half cleared
+    _bf16_lo_ir = _word_half(lambda b, w: b.shl(w, _ir.Constant(_I32, 16)))
+    _bf16_hi_ir = _word_half(lambda b, w: b.and_(w, _ir.Constant(_I32, 0xFFFF0000)))
 
     @intrinsic
     def _bf16_pair_store_ir(typingctx, a, b):
