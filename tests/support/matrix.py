@@ -211,35 +211,11 @@ def rule_config_id(cfg):
 
 
 def slots_read(rule, flags):
-    """The state slots the ``flags`` variant of ``rule`` reads, found by running its rule in
-    plain Python on random inputs with another value (of either sign) in one slot at a time: a
-    slot it reads changes an output (or fails it: a root of a negative square) in some trial;
-    one it only writes never does (ASGD's ``ax`` while it copies p: a compiler drops its
-    load)."""
-    import random
-
+    """The names of the state slots the ``flags`` variant of ``rule`` reads (the rule spec's
+    ``Rule.slots_read``, derived from the rule: ASGD's ``ax`` is only written while it copies
+    p, and a compiler drops its load)."""
     spec = RULES[rule]
-    elem = spec.make_rule(**flags)
-    rng = random.Random(rule)
-    n = len(spec.slots)
-    out = []
-    for j, (slot, used) in enumerate(zip(spec.state, spec.slots_used(flags))):
-        if not used:
-            continue
-        for _ in range(8):
-            k = tuple(rng.uniform(0.1, 0.9) for _ in spec.scalars)
-            args = [rng.uniform(0.5, 2.0) for _ in range(n)]
-            p, g = rng.uniform(-2.0, 2.0), rng.uniform(-2.0, 2.0)
-            other = list(args)
-            other[j] = -args[j] if rng.random() < 0.5 else args[j] * rng.uniform(0.1, 3.0)
-            try:
-                changed = elem(p, g, *other, k) != elem(p, g, *args, k)
-            except (ValueError, ZeroDivisionError):
-                changed = True
-            if changed:
-                out.append(slot)
-                break
-    return tuple(out)
+    return tuple(s for s, read in zip(spec.state, spec.slots_read(flags)) if read)
 
 
 def _check():
