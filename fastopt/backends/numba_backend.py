@@ -309,6 +309,26 @@ def why_unavailable():
     return "" if numba is not None else f"numba cannot be imported: {_import_error}"
 
 
+#: the closure cells of a storage plan's loops: its loads and stores (``io_cells``)
+IO_CELLS = ("lp", "lg", "ls", "sp", "sg", "ss")
+#: the closure cells of the word loops: a word's two halves and their join
+PAIR_CELLS = ("lo", "hi", "join")
+
+
+def _factory_source(cells, args, index, body):
+    """Python source of ``factory(elem, rng, *cells)`` returning ``loop(*args)``, whose loop
+    runs ``index`` over ``rng(p.shape[0])`` through the ``body`` lines: the frame every
+    one-array loop generator below fills."""
+    lines = [
+        f"def factory(elem, rng{''.join(', ' + c for c in cells)}):",
+        f"    def loop({', '.join(args)}):",
+        f"        for {index} in rng(p.shape[0]):",
+        *("            " + b for b in body),
+        "    return loop",
+    ]
+    return "\n".join(lines) + "\n"
+
+
 def loop_source(nslots, writes):
     """Python source of the loop factory for a rule with ``nslots`` state slots, of which the
     ones marked in ``writes`` are present (read and written back); an absent slot's argument is
@@ -316,17 +336,13 @@ def loop_source(nslots, writes):
     per (slot count, present slots): rules of any arity share the generator."""
     slots = [f"s{j}" for j in range(nslots)]
     outs = ["pi"] + [f"o{j}" for j in range(nslots)]
-    lines = [
-        "def factory(elem, rng):",
-        f"    def loop(p, g, {''.join(s + ', ' for s in slots)}k):",
-        "        for i in rng(p.shape[0]):",
-        f"            {', '.join(outs)}{',' if nslots == 0 else ''} = elem("
+    body = [
+        f"{', '.join(outs)}{',' if nslots == 0 else ''} = elem("
         f"p[i], g[i], {''.join(s + '[i], ' for s in slots)}k)",
-        "            p[i] = pi",
+        "p[i] = pi",
     ]
-    lines += [f"            {s}[i] = o{j}" for j, s in enumerate(slots) if writes[j]]
-    lines += ["    return loop"]
-    return "\n".join(lines) + "\n"
+    body += [f"{s}[i] = o{j}" for j, s in enumerate(slots) if writes[j]]
+    return _factory_source((), ["p", "g", *slots, "k"], "i", body)
 
 
 def mixed_loop_source(nslots, writes, io):
@@ -337,14 +353,8 @@ def mixed_loop_source(nslots, writes, io):
     ``sp``/``sg``/``ss`` store: closure cells, so the disk cache tells storage plans apart).
     Absent slots are placeholders holding the param's value, never read or written."""
     slots = [f"s{j}" for j in range(nslots)]
-    lines = [
-        "def factory(elem, rng, lp, lg, ls, sp, sg, ss):",
-        f"    def loop(p, g, {''.join(s + ', ' for s in slots)}m, k, x):",
-        "        for i in rng(p.shape[0]):",
-        *storage.element_source(nslots, writes, io, "x[0]", "x[2]", 12),
-        "    return loop",
-    ]
-    return "\n".join(lines) + "\n"
+    body = storage.element_source(nslots, writes, io, "x[0]", "x[2]", 0)
+    return _factory_source(IO_CELLS, ["p", "g", *slots, "m", "k", "x"], "i", body)
 
 
 def pairs_fit(io, writes):
@@ -397,14 +407,33 @@ def pair_loop_source(nslots, writes, io):
     the conversions' instructions off a compute-bound step. Results are bit for bit the
     element loop's (the index ``i`` is used by stochastic rounding only, which is excluded)."""
     slots = [f"s{j}" for j in range(nslots)]
-    lines = [
-        "def factory(elem, rng, lo, hi, join):",
-        f"    def loop(p, g, {''.join(s + ', ' for s in slots)}k, x):",
-        "        for w in rng(p.shape[0]):",
-        *("            " + b for b in pair_body(nslots, writes, io)),
-        "    return loop",
-    ]
-    return "\n".join(lines) + "\n"
+    body = pair_body(nslots, writes, io)
+    return _factory_source(PAIR_CELLS, ["p", "g", *slots, "k", "x"], "w", body)
+
+
+def io_cells(io):
+    """The jitable loads and stores of ``IO_CELLS`` for the storage plan ``io``."""
+    c = io.compute
+    return (
+        _loader(io.param, c),
+        _loader(io.grad, c),
+        _loader(io.state, c),
+        _param_storer(io.param, c, io.sr),
+        _storer(io.grad, c),
+        _storer(io.state, c),
+    )
+
+
+def pair_cells():
+    """The jitable conversions of ``PAIR_CELLS``."""
+    return storage.bf16_lo, storage.bf16_hi, storage.bf16_pair_store
+
+
+def jitable_rule(elem, pairs):
+    """The rule as the loops call it: inlined by numba, or, in a word loop (which calls it
+    more than once), left to LLVM's inliner: numba's IR inlining of a rule twice into one
+    function trips its SSA checks' warnings, and the loop vectorises the same."""
+    return register_jitable(elem) if pairs else register_jitable(inline="always")(elem)
 
 
 def python_loop(elem, writes, parallel, io=None, pairs=False):
@@ -413,28 +442,15 @@ def python_loop(elem, writes, parallel, io=None, pairs=False):
     by their cell contents (the flags live in the rule's own closure)."""
     ns = {"__name__": __name__}  # the cache resolves the function's module by this name
     rng = numba.prange if parallel else range
+    elem = jitable_rule(elem, pairs)
     if pairs:
-        # called twice per word: left to LLVM's inliner (numba's IR inlining of a rule twice into
-        # one function trips its SSA checks' warnings); the loop vectorises the same
-        elem = register_jitable(elem)
         exec(compile(pair_loop_source(len(writes), writes, io), __file__, "exec"), ns)
-        return ns["factory"](elem, rng, storage.bf16_lo, storage.bf16_hi, storage.bf16_pair_store)
-    elem = register_jitable(inline="always")(elem)
+        return ns["factory"](elem, rng, *pair_cells())
     if io is None or io.plain:
         exec(compile(loop_source(len(writes), writes), __file__, "exec"), ns)
         return ns["factory"](elem, rng)
     exec(compile(mixed_loop_source(len(writes), writes, io), __file__, "exec"), ns)
-    c = io.compute
-    return ns["factory"](
-        elem,
-        rng,
-        _loader(io.param, c),
-        _loader(io.grad, c),
-        _loader(io.state, c),
-        _param_storer(io.param, c, io.sr),
-        _storer(io.grad, c),
-        _storer(io.state, c),
-    )
+    return ns["factory"](elem, rng, *io_cells(io))
 
 
 def kernel(rule, flags, writes, parallel, io=None, pairs=False):
@@ -533,35 +549,30 @@ def many_kernel(rule, flags, writes, parallel):
     return fn
 
 
-def _add_at(addresses, like, value):
+def _scalars_at(addresses, like, value, add):
     for i in range(addresses.shape[0]):
         x = numba.carray(_address_as(addresses[i], like), 1)
-        x[0] += value
+        x[0] = x[0] + value if add else value
+
+
+def _at(addresses, value, add):
+    fn = _compiled.get("scalars_at")
+    if fn is None:
+        fn = _compiled["scalars_at"] = njit_cached(nogil=True)(_scalars_at)
+    fn(addresses, np.empty(1, np.float32), np.float32(value), add)
 
 
 def add_at(addresses, value):
     """``x += value`` for the float32 scalar at each int64 address of ``addresses``: the 0-d
     step counts of a many-tensor step (``fastopt.torch``), in one call instead of one torch op
     per tensor. Unchecked, like ``launch_many``: the caller guarantees float32 scalars, alive."""
-    fn = _compiled.get("add_at")
-    if fn is None:
-        fn = _compiled["add_at"] = njit_cached(nogil=True)(_add_at)
-    fn(addresses, np.empty(1, np.float32), np.float32(value))
-
-
-def _fill_at(addresses, like, value):
-    for i in range(addresses.shape[0]):
-        x = numba.carray(_address_as(addresses[i], like), 1)
-        x[0] = value
+    _at(addresses, value, True)
 
 
 def fill_at(addresses, value):
     """``x = value`` for the float32 scalar at each int64 address of ``addresses`` (a
     many-tensor step's host state, ``fastopt.torch``); unchecked, like ``add_at``."""
-    fn = _compiled.get("fill_at")
-    if fn is None:
-        fn = _compiled["fill_at"] = njit_cached(nogil=True)(_fill_at)
-    fn(addresses, np.empty(1, np.float32), np.float32(value))
+    _at(addresses, value, False)
 
 
 def chunks_for(lengths, chunk=CHUNK):
@@ -595,7 +606,7 @@ def many_io_source(nslots, writes, io, pairs):
     walks 32-bit words like ``pair_loop_source`` and its odd last element, if any, goes
     through the element body."""
     lines = [
-        "def factory(elem, rng, lp, lg, ls, sp, sg, ss, lo, hi, join):",
+        f"def factory(elem, rng, {', '.join(IO_CELLS + PAIR_CELLS)}):",
         "    def loop(table, chunks, k, x, p_like, g_like, s_like, m_like, w_like):",
         "        for c in rng(chunks.shape[0]):",
         "            j = chunks[c, 0]",
@@ -644,23 +655,11 @@ def many_io_kernel(rule, flags, writes, io, parallel, pairs):
     if fn is None:
         ns = {"__name__": __name__, "carray": numba.carray, "address_as": _address_as}
         exec(compile(many_io_source(len(writes), writes, io, pairs), __file__, "exec"), ns)
-        elem = RULES[rule].make_rule(**flags)
-        # with pairs the rule is called three times: inlined by LLVM, not numba (see
-        # python_loop)
-        elem = register_jitable(elem) if pairs else register_jitable(inline="always")(elem)
-        c = io.compute
         py = ns["factory"](
-            elem,
+            jitable_rule(RULES[rule].make_rule(**flags), pairs),
             numba.prange if parallel else range,
-            _loader(io.param, c),
-            _loader(io.grad, c),
-            _loader(io.state, c),
-            _param_storer(io.param, c, io.sr),
-            _storer(io.grad, c),
-            _storer(io.state, c),
-            storage.bf16_lo,
-            storage.bf16_hi,
-            storage.bf16_pair_store,
+            *io_cells(io),
+            *pair_cells(),
         )
         fn = _compiled[key] = njit_cached(parallel=parallel, nogil=True, error_model="numpy")(py)
     return fn
