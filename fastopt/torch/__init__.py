@@ -281,12 +281,14 @@ class FusedOptimizer(torch.optim.Optimizer):
                 self._launch(spec, hp, t, hs, device, dtype, used, tensors, cache_as)
             else:  # 16-bit storage, a master copy or the loss scale: the storage-plan kernels
                 self._launch_io(spec, hp, t, hs, device, used, tensors, io, inv_scale, cache_as)
-            _increment([state["step"] for _, _, state, _ in items if "step" in state])
+            _set_scalars(
+                [state["step"] for _, _, state, _ in items if "step" in state], 1, add=True
+            )
             if spec.host_state:
                 # float32 values (torch's scalar dtype), whatever dtype a loaded state dict
                 # left the 0-d tensors in
                 for n, v in spec.advance_host_state(hp, t, hs).items():
-                    _fill([state[n] for _, _, state, _ in items], v)
+                    _set_scalars([state[n] for _, _, state, _ in items], v)
 
     def _launch(self, spec, hp, step, hs, device, dtype, used, tensors, cache_as=None):
         be = get_backend(self._backend_for(device))
@@ -426,29 +428,21 @@ def float32_scalars(tensors):
     )
 
 
-def _increment(steps):
-    """``step += 1`` for each of torch's 0-d step tensors: float32 CPU ones through their
-    addresses in one Numba call, others one by one."""
-    if not steps:
-        return
-    if len(steps) > 1 and float32_scalars(steps):
-        from ..backends.numba_backend import add_at
-
-        add_at(np.array([t.data_ptr() for t in steps], dtype=np.int64), 1.0)
-        return
-    for t in steps:
-        t += 1
-
-
-def _fill(tensors, value):
-    """``t.fill_(value)`` for each 0-d host-state tensor, float32 CPU ones in one Numba call."""
+def _set_scalars(tensors, value, add=False):
+    """``t += value`` (``add``) or ``t.fill_(value)`` for each of torch's 0-d tensors (step
+    counts, host state): float32 CPU ones through their addresses in one Numba call, others one
+    by one."""
     if len(tensors) > 1 and float32_scalars(tensors):
-        from ..backends.numba_backend import fill_at
+        from ..backends.numba_backend import add_at, fill_at
 
-        fill_at(np.array([t.data_ptr() for t in tensors], dtype=np.int64), value)
+        addresses = np.array([t.data_ptr() for t in tensors], dtype=np.int64)
+        (add_at if add else fill_at)(addresses, value)
         return
     for t in tensors:
-        t.fill_(value)
+        if add:
+            t += value
+        else:
+            t.fill_(value)
 
 
 def _plain(t):
