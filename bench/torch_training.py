@@ -29,7 +29,8 @@ import itertools
 import torch
 
 import fastopt.torch as fot
-from fastopt.bench.measure import device_info, transformer_shapes, versions
+from fastopt.bench import torch_peers
+from fastopt.bench.measure import CASES, device_info, transformer_shapes, versions
 
 SIZES = (512, 2048, 1280, 10)
 BATCH = 128
@@ -72,15 +73,10 @@ def _time(fns, reps, block=3):
 
 def _torch_best(name, ps):
     """``(mode, optimizer)``: torch.optim's ``name`` over ``ps``, fused where this torch has a
-    fused CPU version of it, else foreach."""
-    cls = getattr(torch.optim, name)
-    probe = torch.nn.Parameter(torch.ones(4))
-    probe.grad = torch.ones(4)
-    try:
-        cls([probe], lr=1e-3, fused=True).step()
-    except (RuntimeError, TypeError, ValueError):
-        return "foreach", cls(ps, lr=1e-3, foreach=True)
-    return "fused", cls(ps, lr=1e-3, fused=True)
+    fused CPU version of it, else foreach (the benchmark's own choice of torch peer,
+    ``torch_peers.modes``)."""
+    (mode,) = torch_peers.modes(CASES[name.lower()], "cpu")
+    return mode, getattr(torch.optim, name)(ps, lr=1e-3, **{mode: True})
 
 
 def main(argv=None):
