@@ -589,12 +589,12 @@ from fastopt import textbook
 for dtype in (np.float64, np.float32):
     for name in {names!r}:
         rng = np.random.default_rng(11)
-        p0 = rng.standard_normal(70).astype(dtype)
+        p0 = rng.standard_normal(40).astype(dtype)
         dev, host = {{"p": p0.copy(), "x": 1.5}}, {{"p": p0.copy(), "x": 1.5}}
         a = getattr(textbook, name)(lr=0.05, backend="numba-cuda")
         b = getattr(textbook, name)(lr=0.05, backend="numba")
-        for _ in range(3):
-            g = {{"p": rng.standard_normal(70).astype(dtype), "x": 0.25}}
+        for _ in range(2):
+            g = {{"p": rng.standard_normal(40).astype(dtype), "x": 0.25}}
             a.update(dev, g)
             b.update(host, g)
         np.testing.assert_array_equal(dev["p"], host["p"], strict=True)
