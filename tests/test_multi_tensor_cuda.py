@@ -787,6 +787,51 @@ def test_kernels_compile_under_the_register_and_spill_gates():
             assert re.search(VST, ptx), f"{name}: no 16-byte stores"
 
 
+def test_numba_cuda_kernels_compile_under_the_gates():
+    """The numba-cuda forms (``numba_cuda_backend.table_kernel``, the norm's two kernels) of a
+    capturable, clipped AdamW step on bf16 params with an fp32 master, through NVVM for sm_80
+    and sm_90 (and nvJitLink's resource report where installed): no float64, at most 64
+    registers, no spills (the simulator proves their indexing: tests/cudasim_multi_tensor.py)."""
+    tc = pytest.importorskip("test_numba_cuda_compile")
+    if isinstance(tc._TC, str):
+        pytest.skip(tc._TC)
+    cuda, ncb, nvjitlink = tc._TC
+    from numba import types
+
+    io = IO("bfloat16", "bfloat16", "float32", True, scale="device", found_inf=True, kbuf=True)
+    flags, _ = _plan("adam", _hp("adam", ADAMW), 2)
+    writes = tuple(RULES["adam"].slots_used(flags))
+    sumsq, finish = ncb._norm_factory(
+        storage.make_converters(lambda f: cuda.jit(device=True, inline="always")(f), "float32")[
+            "load"
+        ]["bfloat16"],
+        np.float32,
+        ncb._view_fn(),
+        "device",
+        _launch.THREADS,
+    )
+    f32 = types.float32[::1]
+    table = (types.int64[:, ::1], types.int64, types.int64[::1], types.int64, types.int64)
+    jobs = {
+        "update": (
+            ncb.table_python_kernel("adam", flags, writes, io, clip=True),
+            ncb.table_signature("adam", writes, io, clip=True),
+        ),
+        "sumsq": (
+            sumsq,
+            table + (types.uint16[::1], types.int64, types.UniTuple(types.float32, 1), f32, f32),
+        ),
+        "finish": (finish, (f32, types.int64, types.float32, f32, f32)),
+    }
+    for name, (kernel, sig) in jobs.items():
+        for cc, ptx in zip(tc.CCS, tc._ptx_per_cc(cuda, kernel, sig)):
+            body = tc._instructions(ptx)
+            assert not [ln for ln in body if F64.search(ln)], f"{name} {cc}: float64"
+            if nvjitlink is not None:
+                regs, *rest = tc.resources(tc._assemble(nvjitlink, ptx, cc)[1])
+                assert regs <= MAX_REGISTERS and rest == [0, 0, 0], f"{name} {cc}: {regs} {rest}"
+
+
 # -- the table builder and the CuPy launch logic --------------------------------------------------
 
 
