@@ -1051,5 +1051,78 @@ def test_grad_norm_logic_against_a_fake_cupy(fake_cupy):
     assert args[3] is norm.out and args[4] is norm.out_f
 
 
+class FakeNumbaCuda:
+    """What numba_cuda_backend asks of numba.cuda for a multi-tensor launch, recorded."""
+
+    def __init__(self):
+        self.copies, self.configs, self.launches = [], [], []
+
+    def get_current_device(self):
+        return types.SimpleNamespace(id=0, MULTIPROCESSOR_COUNT=132)
+
+    def to_device(self, a, stream=None):
+        self.copies.append((a.shape, stream))
+        return np.array(a)
+
+    def default_stream(self):
+        return ("stream", 0)
+
+    def external_stream(self, ptr):
+        return ("stream", ptr)
+
+    def from_cuda_array_interface(self, cai, owner=None, sync=True):
+        return ("view", cai["data"][0])
+
+    def is_cuda_array(self, a):
+        return False
+
+    def kernel(self):
+        fake = self
+
+        class Kernel:
+            def __getitem__(self, config):
+                fake.configs.append(config)
+                return lambda *args: fake.launches.append((config, args))
+
+        return Kernel()
+
+
+def test_numba_cuda_launch_table_logic_against_a_fake(monkeypatch):
+    from fastopt.backends import numba_cuda_backend as ncb
+
+    fake = FakeNumbaCuda()
+    kern = fake.kernel()
+    monkeypatch.setattr(ncb, "cuda", fake)
+    monkeypatch.setattr(ncb, "SIMULATOR", False)
+    monkeypatch.setattr(ncb, "table_kernel", lambda *a: kern)
+    for cache in ("_streams", "_views", "_configs", "_placeholders"):
+        monkeypatch.setattr(ncb, cache, {})
+    rng = np.random.default_rng(3)
+    host = _f32_tensors(rng, [5, 0, 1 << 13])
+    rows = [
+        (CAI(p), CAI(g), [None if s is None else CAI(s) for s in sl], None) for p, g, sl, _ in host
+    ]
+    io = IO(scale="device", found_inf=True)
+    table = _launch.TensorTable("adam", io, rows, blocks=528)
+    flags = dict(maximize=False, decay=True, decoupled=True, amsgrad=False)
+    _, k = _plan("adam", _hp("adam", ADAMW), 2)
+    gs, fi = CAI(np.ones(1, np.float32)), CAI(np.zeros(1, np.float32))
+    with pytest.raises(ValueError, match="found_inf"):
+        ncb.launch_table("adam", flags, io, table, k, {"scale": gs}, stream=0xCAFE)
+    assert not fake.launches and not fake.copies  # refused before any copy or launch
+    ncb.launch_table("adam", flags, io, table, k, {"scale": gs, "found_inf": fi}, stream=0xCAFE)
+    ncb.launch_table("adam", flags, io, table, k, {"scale": gs, "found_inf": fi}, stream=0xCAFE)
+    # the table copied once (rows, chunks) on the step's stream; one block per chunk
+    assert [c for c, _ in fake.copies if c != (1,)] == [table.rows.shape, table.chunks.shape]
+    assert all(st == ("stream", 0xCAFE) for c, st in fake.copies if c != (1,))
+    assert fake.configs[-1] == (table.nchunks, 256, ("stream", 0xCAFE)) and len(fake.launches) == 2
+    args = fake.launches[-1][1]
+    np.testing.assert_array_equal(args[0], table.rows)
+    np.testing.assert_array_equal(args[1], table.chunks.view(np.int64))
+    assert args[2:4] == (table.nchunks, table.chunk)
+    assert args[8] == tuple(np.float32(x) for x in k) and type(args[8][0]) is np.float32
+    assert args[11] == ("view", gs.host.ctypes.data) and args[12] == ("view", fi.host.ctypes.data)
+
+
 if __name__ == "__main__":  # pragma: no cover
     sys.exit(pytest.main([__file__, "-q"]))

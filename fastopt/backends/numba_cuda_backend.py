@@ -869,7 +869,10 @@ def _upload(table, ptr):
 
 
 def _arg(a, dev, name):
-    return a if SIMULATOR else _device_view(a, name)
+    """A device array argument; a 0-d one (GradScaler's scale and found-inf tensors) as its
+    1-element view, which the kernels index."""
+    v = a if SIMULATOR else _device_view(a, name)
+    return v.reshape(1) if getattr(v, "ndim", 1) == 0 else v
 
 
 def _table_blocks(nchunks):
