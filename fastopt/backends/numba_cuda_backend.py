@@ -842,6 +842,23 @@ def norm_kernels(grad, acc, scale):
 _placeholders = {}
 
 
+def tensor_table(rule, io, tensors, chunk=None):
+    """``cupy_backend.tensor_table`` on this backend: the checked ``_launch.TensorTable`` of
+    ``tensors`` (``[(param, grad, slots, master)]`` on one GPU; host arrays under the
+    simulator), for ``launch_table``."""
+    if not tensors:
+        raise ValueError("an empty list of tensors")
+    kind, _ = _launch.describe(tensors[0][0], "tensor 0 param")[3]
+    if SIMULATOR:
+        blocks = _SIM_BLOCKS
+    else:
+        if kind != "cuda":
+            raise ValueError(f"tensor 0 is on {kind}; the numba-cuda backend steps CUDA arrays")
+        sms = int(cuda.get_current_device().MULTIPROCESSOR_COUNT)
+        blocks = sms * _launch.blocks_per_sm(64, THREADS)
+    return _launch.TensorTable(rule, io, tensors, chunk=chunk, blocks=blocks)
+
+
 def _small(dtype, dev):
     """A one-element device array of ``dtype`` (a typed placeholder; host under the
     simulator), one per (dtype, device)."""

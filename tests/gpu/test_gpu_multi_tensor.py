@@ -17,22 +17,24 @@ from fastopt.kernels import RULES
 from fastopt.kernels.storage import IO
 from gpu_common import needs_gpu
 
+import fastopt
 from fastopt.bench.measure import transformer_shapes
 
 pytestmark = needs_gpu
 torch = pytest.importorskip("torch")
+_AVAIL = set(fastopt.available_backends())
 
 N_LIST = (1 << 20) + 3  # transformer_shapes: 196 tensors, the last a 1-D tail
 ADAMW = dict(lr=1e-3, weight_decay=0.01, decoupled_weight_decay=True)
 TORCH = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
-def _cuda():
+def _cuda(backend="cupy"):
     if not torch.cuda.is_available():
         pytest.skip("torch has no CUDA here")
-    from fastopt.backends import cupy_backend
+    from fastopt.backends import get_backend
 
-    return cupy_backend
+    return get_backend(backend)
 
 
 def _hp(rule, hp):
@@ -77,16 +79,29 @@ def _ulps16(a, b):
     return (o[0] - o[1]).abs()
 
 
+BF16_MASTER = IO("bfloat16", "bfloat16", "float32", True, scale="host")
+
+
 @pytest.mark.parametrize(
-    "io",
-    [IO(), IO("bfloat16", "bfloat16", "float32", True, scale="host")],
-    ids=["float32", "bf16-master-scaled"],
+    "backend,io",
+    [
+        pytest.param("cupy", IO(), id="cupy-float32"),
+        pytest.param("cupy", BF16_MASTER, id="cupy-bf16-master-scaled"),
+        pytest.param(
+            "numba-cuda",
+            BF16_MASTER,
+            id="numba-cuda-bf16-master-scaled",
+            marks=pytest.mark.skipif(
+                "numba-cuda" not in _AVAIL, reason="numba-cuda is not available here"
+            ),
+        ),
+    ],
 )
-def test_multi_tensor_launch_equals_per_tensor_launches(io):
+def test_multi_tensor_launch_equals_per_tensor_launches(backend, io):
     """AdamW over the 196-tensor list, three steps: one multi-tensor launch per step against
     one single-tensor launch per tensor (the same element body), params, state and master
     copies equal to within a rounding (the two kernels may contract multiply-adds apart)."""
-    cb = _cuda()
+    cb = _cuda(backend)
     from fastopt._arrays import as_xp_array
 
     gen = torch.Generator(device="cuda").manual_seed(0)
