@@ -884,6 +884,16 @@ def test_table_builder_checks_every_array():
     assert table.stale and not table.stale_chunks
     assert not table.set_column("grad", [t[1].ctypes.data for t in new_g])
     assert table.set_column("grad", [t[1].ctypes.data for t in good])
+    with pytest.raises(ValueError, match="null"):
+        table.set_column("grad", [0, 0, 0])
+    # a slot gone from a tensor: the variant that uses it is refused again
+    ams = dict(maximize=False, decay=False, decoupled=False, amsgrad=True)
+    full = _f32_tensors(rng, [3, 0, 70], present=(True, True, True))
+    assert table.update(full)
+    table.check("adam", ams, io)
+    assert table.update([full[0], full[1], (*full[2][:2], [*full[2][2][:2], None], None)])
+    with pytest.raises(ValueError, match="max_exp_avg_sq"):
+        table.check("adam", ams, io)
     longer = _f32_tensors(rng, [3, 0, 200])
     assert table.update(longer) and table.stale_chunks and table.nchunks == 5
 
@@ -1005,6 +1015,8 @@ def test_launch_table_logic_against_a_fake_cupy(fake_cupy):
         cb.launch_table("adam", flags, io, table, k, clip=np.zeros(2, np.float64))
     with pytest.raises(ValueError, match="found_inf"):
         cb.launch_table("adam", flags, dataclasses.replace(io, found_inf=True), table, k)
+    with pytest.raises(ValueError, match="scalars"):
+        cb.launch_table("adam", flags, io, table, k[:-1])
     assert len(fake.launches) == n
     # the clip buffer and device extras go last, in the kernel's order
     dev = dataclasses.replace(io, kbuf=True, found_inf=True, scale="device")

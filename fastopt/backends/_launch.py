@@ -298,22 +298,25 @@ class TensorTable:
         if rows.shape != self.rows.shape or not np.array_equal(rows[:, 0], self.rows[:, 0]):
             self.chunks = multi_tensor.chunk_table(rows[:, 0], self.chunk)
             self.stale_chunks = True
-            self._ok.clear()
         self.rows, self.stale = rows, True
+        self._ok.clear()  # a slot may have gone: every variant is checked again
         return True
 
     def set_column(self, name, addresses):
         """Write one column of addresses (``"grad"``: a step's new gradients), unchecked
-        beyond the count: for a caller that has checked the arrays itself (as
-        ``fastopt.torch``'s steady step does). Returns whether it changed."""
+        beyond their count and a null address of a non-empty tensor: for a caller that has
+        checked the arrays themselves (as ``fastopt.torch``'s steady step does). Returns
+        whether it changed."""
         j = self.columns.index(name)
+        if j == 0:
+            raise ValueError("lengths change through update(), which cuts the chunks again")
         new = np.asarray(addresses, dtype=np.int64).reshape(-1)
         if new.shape[0] != self.rows.shape[0]:
             raise ValueError(f"{new.shape[0]} addresses for a table of {self.rows.shape[0]}")
         if np.array_equal(new, self.rows[:, j]):
             return False
-        if j == 0:
-            raise ValueError("lengths change through update(), which cuts the chunks again")
+        if ((new == 0) & (self.rows[:, 0] > 0)).any():
+            raise ValueError(f"{name}: a null address for a non-empty tensor")
         self.rows[:, j] = new
         self.stale = True
         return True

@@ -580,6 +580,8 @@ def launch_table(rule, flags, io, table, k, extras=None, clip=None, stream=None)
     launch writes nothing. One stochastic-rounding salt serves every tensor (the index is
     counted from each tensor's start), as on the CPU (``numba_backend.launch_many_io``)."""
     table.check(rule, flags, io)
+    if not io.kbuf and len(k) != len(RULES[rule].SCALARS):
+        raise ValueError(f"k: {len(k)} scalars; {rule} takes {len(RULES[rule].SCALARS)}")
     ex = dict(extras or {})
     for d in ("kbuf", "scale", "found_inf", "keyp"):
         if ex.get(d) is not None:

@@ -913,6 +913,8 @@ def launch_table(rule, flags, io, table, k, extras=None, clip=None, stream=None)
     CUDA stream handle (None: the default stream). Under the simulator the tensors are host
     arrays."""
     table.check(rule, flags, io)
+    if not io.kbuf and len(k) != len(RULES[rule].SCALARS):
+        raise ValueError(f"k: {len(k)} scalars; {rule} takes {len(RULES[rule].SCALARS)}")
     writes = tuple(RULES[rule].slots_used(flags))
     ex = extras or {}
     if clip is not None:
