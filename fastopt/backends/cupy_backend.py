@@ -19,6 +19,10 @@ buffer dtype, so float32 kernels stay float32), so a new lr or step never recomp
 runs on the array's device and on its producer's stream: CuPy's current stream for CuPy arrays,
 PyTorch's current stream for tensors (``_launch.producer_stream``).
 
+A list of tensors steps in one launch (``tensor_table``, ``launch_table``: the multi-tensor
+kernels of ``kernels.multi_tensor`` over a checked table of the tensors' addresses in device
+memory), optionally clipped by the global gradient norm computed on the device (``GradNorm``).
+
 Arrays must already be on the GPU: CuPy arrays, or any ``__cuda_array_interface__`` / DLPack
 producer (Numba device arrays, PyTorch CUDA tensors, also ones that require grad), viewed by
 CuPy without a copy and updated in place.
@@ -36,13 +40,19 @@ __all__ = [
     "DEVICE",
     "KERNEL_FORM",
     "KERNEL_FORMS",
+    "MAX_TABLE_BLOCKS",
     "NAME",
+    "GradNorm",
     "Plan",
     "available",
     "cuda_source_for",
     "kernel",
     "launch",
+    "launch_table",
     "raw_kernel",
+    "table_arguments",
+    "table_kernel",
+    "tensor_table",
     "why_unavailable",
 ]
 

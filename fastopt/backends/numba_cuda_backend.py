@@ -16,6 +16,10 @@ device-held scalars (capturable steps), runs a kernel generated for its storage 
 (``mixed_kernel_source``): 16-bit arrays are passed as uint16 views and converted on their bits
 by ``kernels/storage.py``'s functions compiled as device functions (bit casts lowered here).
 
+A list of tensors steps in one launch (``tensor_table``, ``launch_table``, ``GradNorm``: the
+CuPy backend's entry points, over the same table of addresses and chunks), the element body
+strided over each chunk's elements.
+
 Arrays must already live on the GPU (CuPy, Numba device arrays, PyTorch CUDA tensors, also ones
 that require grad, anything with ``__cuda_array_interface__``): a launch copies nothing between
 host and device. Kernels run on the producer's stream (``_launch.producer_stream``: CuPy's
@@ -44,11 +48,19 @@ __all__ = [
     "NAME",
     "SIMULATOR",
     "THREADS",
+    "GradNorm",
     "available",
     "kernel",
     "launch",
     "launch_config",
+    "launch_table",
+    "norm_kernels",
     "python_kernel",
+    "table_kernel",
+    "table_kernel_source",
+    "table_python_kernel",
+    "table_signature",
+    "tensor_table",
     "variants",
     "why_unavailable",
 ]
