@@ -81,7 +81,7 @@ def _hp(rule, hp):
 
 
 def _plan(rule, hp, step):
-    """(flags, k, host state) of ``step`` (host state replayed from step 1)."""
+    """(flags, k) of ``step`` (the host state replayed from step 1)."""
     spec = RULES[rule]
     hs = spec.replay_host_state(hp, step) if spec.host_state else None
     flags, k = spec.plan(hp, step, hs)
@@ -91,21 +91,17 @@ def _plan(rule, hp, step):
 # -- the harness library --------------------------------------------------------------------------
 
 
-def _cast(t, j, where):
-    base = t.replace("__restrict__", "").strip()
-    return f"({base})ptrs[{j}]" if "*" in t else f"({base.replace('const ', '')}){where}[{j}]"
-
-
 def _bind(scalars):
     """C expressions of the kernel arguments ``scalars`` (``[(type, name)]``): pointers from
     ``ptrs``, values from ``k`` (a double array), each in order."""
     out, pi, ki = [], 0, 0
     for t, _ in scalars:
+        base = t.replace("__restrict__", "").strip()
         if "*" in t:
-            out.append(_cast(t, pi, "k"))
+            out.append(f"({base})ptrs[{pi}]")
             pi += 1
         else:
-            out.append(_cast(t, ki, "k"))
+            out.append(f"({base.replace('const ', '')})k[{ki}]")
             ki += 1
     return out
 
