@@ -3,10 +3,17 @@
 The first step over a set of arrays validates everything (``fastopt._validate``, the checks
 ``fastopt.functional`` makes too) and records what it established in a cache; later steps
 re-check, per array, only what can change without the optimizer seeing it (the identity of each
-array, its shape and dtype, its flags, the state buffers the user may have rebound) and fall
-back to the full validation when anything differs: O(1) host work per array. Then one
-``functional.Launch`` per step runs the rule over every parameter (dict API) or every dtype
-group (``FlatBuffer``). A mixin of ``fastopt.base.Optimizer``.
+array, its shape and dtype, its flags, the state buffers the user may have rebound, and the
+address and size of the memory that owns each array: ``_arrays.pin``/``unmoved``, since a
+cached flat view of an array resized in place would point at freed memory) and fall back to the
+full validation when anything differs: O(1) host work per array.
+
+Then one ``functional.Launch`` per step plans the whole step before anything is written: the
+variant, the host scalars, the host state after the step and the next step count (any of them
+can fail: an overflow, a step count too large for a float); then every runner is prepared, the
+rule runs over every parameter (dict API) or every dtype group (``FlatBuffer``), and only then
+are the step count and the host state committed (``_commit``). A mixin of
+``fastopt.base.Optimizer``.
 """
 
 import bisect
@@ -17,7 +24,17 @@ from dataclasses import replace
 import numpy as np
 
 from . import _capture, backends, precision
-from ._arrays import array_module, as_xp_array, as_xp_dicts, on_device, to_numpy
+from ._arrays import (
+    address,
+    array_module,
+    as_xp_array,
+    as_xp_dicts,
+    backing_error,
+    on_device,
+    pin,
+    to_numpy,
+    unmoved,
+)
 from ._validate import (
     SUPPORTED_DTYPES,
     NonFiniteGradientError,
@@ -66,6 +83,7 @@ class _Entry:
         "nst",
         "p",
         "pflat",
+        "pins",
         "ptr",
         "salt",
         "sarrs",
@@ -73,7 +91,9 @@ class _Entry:
         "shape",
         "src",
         "st",
+        "tbytes",
         "tdtype",
+        "tpins",
     )
 
     def io_for(self, ls, kbuf=False):
@@ -163,10 +183,22 @@ class _FlatCache:
         "host",
         "masters",
         "n",
+        "pins",
         "shapes",
         "states",
         "writes",
     )
+
+
+def _pins(arrays):
+    """``(plain, with_torch)``: the ``_arrays.pin`` of each host array, split into those whose
+    memory NumPy owns (compared inline: address and size of the owner) and those seen through
+    a torch tensor (``unmoved`` also compares the tensor's storage)."""
+    plain, torch = [], []
+    for a in arrays:
+        p = pin(a)
+        (plain if len(p) == 3 else torch).append(p)
+    return tuple(plain), tuple(torch)
 
 
 class StepMachinery:
@@ -205,13 +237,17 @@ class StepMachinery:
             p = params.get(name)
             if p is not e.src:
                 return None
-            if e.ptr is not None:  # a host tensor: still the same memory, shape and dtype?
-                if (
-                    p.data_ptr() != e.ptr
-                    or p.shape != e.shape
-                    or p.dtype is not e.tdtype
-                    or not p.is_contiguous()
-                ):
+            if p is not e.p:  # a host tensor or an ndarray subclass, stepped through e.p
+                if e.ptr is not None:  # a tensor: still the same memory, shape and dtype?
+                    if (
+                        p.data_ptr() != e.ptr
+                        or p.shape != e.shape
+                        or p.dtype is not e.tdtype
+                        or not p.is_contiguous()
+                        or p.untyped_storage().nbytes() != e.tbytes
+                    ):
+                        return None
+                elif p.shape != e.shape or not p.flags.carray:  # a subclass: its own flags
                     return None
                 p = e.p
             if p.shape != e.shape or p.dtype is not e.dtype or not p.flags.carray:
@@ -222,11 +258,21 @@ class StepMachinery:
             for s, a in e.sarrs:
                 if st.get(s) is not a or not a.flags.carray:
                     return None
+            # the memory behind the cached flat views: still where it was, as large (an array
+            # resized in place with refcheck=False moves; its old views point at freed memory)
+            for r, addr, nbytes in e.pins:
+                if address(r) != addr or r.nbytes != nbytes:
+                    return None
+            for pn in e.tpins:
+                if not unmoved(pn):
+                    return None
             g = grads.get(name)
             if type(g) is not np.ndarray:
-                g = as_xp_array(g, f"grad of parameter {name!r}")
+                g = as_xp_array(g, f"grad of parameter {name!r}")  # checks its memory
                 if type(g) is not np.ndarray:
                     return None
+            elif g.base is not None and backing_error(g) is not None:
+                return None  # a view of freed memory: the full validation says so
             if g.shape != e.shape or (g.dtype is not e.gdtype and g.dtype != e.gdtype):
                 return None
             if roots is None:
@@ -263,8 +309,11 @@ class StepMachinery:
 
     def _launch(self, be, hp, ls, like):
         """The ``Launch`` of this step, and whether its scalars live on the device (a
-        capturable step on a GPU backend: the scalar kernel has been launched). The step count
-        advances here (on the host, or on the device)."""
+        capturable step on a GPU backend: the scalar kernel has been launched). The whole
+        plan is computed here, before anything is written: the variant, the host scalars and
+        the host state after the step (``Launch``; a value that cannot be computed is a
+        ``ValueError``); the step count and host state are committed by ``_commit`` once the
+        launches have run."""
         if ls.scale_dev is not None and getattr(be, "DEVICE", "cpu") == "cpu":
             raise TypeError(
                 f"grad_scale is a device array but backend {be.NAME!r} runs on the CPU; pass a "
@@ -277,13 +326,10 @@ class StepMachinery:
                 ds = self._dev = _capture.DeviceScalars(
                     be, self._rule, rhp, self._step_count, self._host, self.seed, like
                 )
-            ds.upload(rhp)
-            ds.advance(like, ls.found_dev)
-            self._step_count += 1  # the steps issued (the device holds the steps taken)
             launch = Launch(
                 be,
                 self._rule,
-                self._step_count,
+                self._step_count + 1,  # the steps issued (the device holds the steps taken)
                 rhp,
                 self._host,  # the variant only: the device holds and advances the host state
                 inv_scale=ls.inv_scale,
@@ -292,21 +338,20 @@ class StepMachinery:
                 device=ds,
                 found_inf=ls.found_dev,
             )
+            ds.upload(rhp)
+            ds.advance(like, ls.found_dev)
             return launch, True
-        self.step_count += 1
-        return (
-            Launch(
-                be,
-                self._rule,
-                self.step_count,
-                rhp,
-                self._host,
-                inv_scale=ls.inv_scale,
-                scale=ls.scale_dev,
-                seed=self.seed,
-            ),
-            False,
+        launch = Launch(
+            be,
+            self._rule,
+            self.step_count + 1,
+            rhp,
+            self._host,
+            inv_scale=ls.inv_scale,
+            scale=ls.scale_dev,
+            seed=self.seed,
         )
+        return launch, False
 
     def _apply_dict(self, todo, hp=None, ls=NO_LOSS):
         if hp is None:
@@ -320,19 +365,37 @@ class StepMachinery:
             return False
         launch, kbuf = self._launch(c.be, hp, ls, todo[0][0].pflat)
         writes = c.writes
-        for e, g in todo:
-            io = e.io_for(ls, kbuf)
-            if io is None:
-                launch.runner(e.dtype, writes)(e.pflat, g, e.sflat)
-            else:
-                launch.runner(e.dtype, writes, io)(e.pflat, g, e.sflat, e.mflat, e.salt)
-        self._advance_host(launch, kbuf)
+        runs = [launch.runner(e.dtype, writes, e.io_for(ls, kbuf)) for e, _ in todo]
+        for run, (e, g) in zip(runs, todo):
+            run(e.pflat, g, e.sflat, e.mflat, e.salt)
+        self._commit(launch, kbuf)
         return True
 
-    def _advance_host(self, launch, on_device):
-        """The host state after an applied step (a capturable step advances it on the device)."""
-        if self._host and not on_device:
-            self._host = RULES[self._rule].advance_host_state(launch.hp, launch.step, self._host)
+    def _check_plan(self, be, hp):
+        """Plan the next step (``Rule.plan`` and the host state after it) with the host state a
+        first step would create, and raise its ``ValueError`` now: before the state is created
+        and bound, so that a first step that cannot be planned leaves the optimizer as it was.
+        (Later steps plan in ``_launch``, before their first write.)"""
+        if self.capturable and _capture.supports(be):
+            return  # the device computes the scalars
+        spec, rhp = self._spec, self._rule_hp(hp)
+        hs = self._host if self._host is not None else self._pending_host
+        if hs is None:
+            hs = spec.initial_host_state(rhp)
+        step = self.step_count + 1
+        spec.plan(rhp, step, hs)
+        spec.advance_host_state(rhp, step, hs)
+
+    def _commit(self, launch, on_device):
+        """After an applied step's launches: the step count and the host state (both computed
+        by the ``Launch``, before anything was written; a capturable step advances the host
+        state on the device)."""
+        if on_device:
+            self._step_count = launch.step  # the steps issued
+            return
+        self.step_count = launch.step
+        if self._host:
+            self._host = launch.hs_after
 
     def _update_full(self, params, grads, ls=NO_LOSS):
         if not isinstance(params, Mapping) or not isinstance(grads, Mapping):
@@ -356,6 +419,7 @@ class StepMachinery:
             if not self._finite((n, g) for n, _, g in pairs):
                 return False
             if self._layout is None:
+                self._check_plan(be, hp)  # a step that cannot be planned creates no state
                 self._bind(
                     ("dict", tuple((n, tuple(p.shape), str(dtype_of(p))) for n, p, _ in pairs)),
                     {n: p for n, p, _ in pairs},
@@ -381,6 +445,14 @@ class StepMachinery:
             e.pflat, e.st, e.nst = p.reshape(-1), st, len(st)
             pk = precision.kind(p.dtype)
             e.sarrs = tuple((s, st[s]) for s in self._names_for(pk))
+            e.tbytes = None
+            if e.ptr is not None:  # the tensor's storage stands for the param's memory
+                e.tbytes = e.src.untyped_storage().nbytes()
+            e.pins = e.tpins = ()
+            host = [] if e.ptr is not None else [p]  # (a tensor's memory: its storage, above)
+            host += [a for _, a in e.sarrs]
+            if all(type(a) is np.ndarray for a in host):  # device arrays: validated every step
+                e.pins, e.tpins = _pins(host)
             e.sflat = tuple(st[s].reshape(-1) if s in st else None for s in slots)
             m = st.get(precision.MASTER) if self.master_weights else None
             e.mflat = None if m is None else m.reshape(-1)
@@ -482,6 +554,9 @@ class StepMachinery:
         groups = c.buf.groups
         if len(groups) != c.n:
             return False
+        for r, addr, nbytes in c.pins:  # the memory behind every array (see _recheck_dict)
+            if address(r) != addr or r.nbytes != nbytes:
+                return False
         for i, g in enumerate(groups):
             d, gr = g.data, g.grad
             if (
@@ -512,13 +587,12 @@ class StepMachinery:
         if ls.skip or self._device_flag_set(c.be, ls):
             return False
         launch, kbuf = self._launch(c.be, hp, ls, c.datas[0])
-        for d, gr, states, m, e in zip(c.datas, c.grads, c.states, c.masters, c.entries):
-            io = e.io_for(ls, kbuf)
-            if io is None:
-                launch.runner(d.dtype, c.writes)(d, gr, states)
-            else:
-                launch.runner(d.dtype, c.writes, io)(d, gr, states, m, e.salt)
-        self._advance_host(launch, kbuf)
+        runs = [
+            launch.runner(d.dtype, c.writes, e.io_for(ls, kbuf)) for d, e in zip(c.datas, c.entries)
+        ]
+        for run, d, gr, states, m, e in zip(runs, c.datas, c.grads, c.states, c.masters, c.entries):
+            run(d, gr, states, m, e.salt)
+        self._commit(launch, kbuf)
         return True
 
     def _build_flat_cache(self, buf, be):
@@ -544,6 +618,13 @@ class StepMachinery:
         # the cheap re-checks read NumPy or CuPy flags; other kinds are validated in full
         cp = sys.modules.get("cupy")
         c.fast = c.host or (cp is not None and all(type(a) is cp.ndarray for a in arrays))
+        c.pins = ()
+        if c.host:  # the flat state is the optimizer's own, the data and grads the buffer's
+            flat = [a for f in self._flat_state for a in f.values()]
+            plain, torch = _pins(list(arrays) + flat)
+            # a buffer's data is NumPy's memory; a rebound group seen through a torch tensor
+            # takes the full validation at every step
+            c.fast, c.pins = not torch, plain
         return c
 
     def _validate_flat(self, buf, write_grad=False):
