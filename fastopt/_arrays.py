@@ -11,11 +11,12 @@ against what backs it (``check_backing``): a torch tensor's storage must hold ev
 offset, shape and strides reach (a storage freed or shrunk with ``resize_`` is refused, as is a
 meta tensor, which has none), and a NumPy view must lie inside the buffer of the array that owns
 its memory (a view of an array since resized with ``refcheck=False`` points at freed memory).
-``pin``/``unmoved`` let a cached launch re-check the same in O(1) per array.
+``Pins`` lets a cached launch re-check the same in O(1) per array.
 """
 
 import contextlib
 import ctypes
+import operator
 import sys
 from collections.abc import Mapping
 
@@ -24,6 +25,7 @@ import numpy as np
 from .backends import is_device_array
 
 __all__ = [
+    "Pins",
     "address",
     "array_module",
     "as_xp_array",
@@ -36,9 +38,7 @@ __all__ = [
     "is_device_array",
     "on_device",
     "owner",
-    "pin",
     "to_numpy",
-    "unmoved",
 ]
 
 # DLPack device types (dlpack.h): kDLCPU, kDLCUDA, kDLCUDAHost, kDLCUDAManaged
@@ -159,29 +159,54 @@ def _plain(a, label):
 # -- the memory behind an array -------------------------------------------------------------------
 
 
-def _address_reader():
-    """``address(a)``: the data pointer of an ndarray. ``a.ctypes.data`` takes microseconds, too
-    slow for a check per array per step; NumPy's ``PyArrayObject`` holds the pointer as its
-    first field after the object header, read here directly — once that read has been proven
-    to agree with ``ctypes.data`` on owners, offset views and subclasses, else ``ctypes.data``
-    (another interpreter, another layout)."""
+class _CtypesField:
+    """``.value``: the data pointer of one ndarray through ``ctypes.data`` (the slow reading,
+    where the direct one is not proven)."""
+
+    __slots__ = ("a",)
+
+    def __init__(self, a):
+        self.a = a
+
+    @property
+    def value(self):
+        return self.a.ctypes.data
+
+
+def _address_readers():
+    """``(address, field)``. ``address(a)``: the data pointer of an ndarray; ``field(a)``: an
+    object whose ``.value`` reads it again at every access (a ``ctypes.c_void_p`` over the
+    pointer's slot in ``a``'s object: valid while ``a`` lives, so its holder keeps ``a``).
+    ``a.ctypes.data`` takes microseconds, too slow for a check per array per step; NumPy's
+    ``PyArrayObject`` holds the pointer as its first field after the object header, read here
+    directly — once that read has been proven to agree with ``ctypes.data`` on owners, offset
+    views, subclasses and an array resized in place, else through ``ctypes.data`` (another
+    interpreter, another layout)."""
     read, off = ctypes.c_void_p.from_address, object.__basicsize__
-    base = np.arange(16, dtype=np.float64)
-    probes = (base, base[3:], base[::2][1:], np.zeros((2, 3), np.float32)[1], base.view(np.matrix))
 
     def fast(a):
         return read(id(a) + off).value or 0
 
+    def fast_field(a):
+        return read(id(a) + off)
+
     try:
-        if all(fast(p) == p.ctypes.data for p in probes):
-            return fast
+        base = np.arange(16, dtype=np.float64)
+        probes = (base, base[3:], base[::2][1:], np.zeros((2, 3), "f4")[1], base.view(np.matrix))
+        ok = all(fast(p) == p.ctypes.data for p in probes)
+        moved = np.zeros(8)
+        f = fast_field(moved)
+        moved.resize(1 << 16, refcheck=False)
+        if ok and f.value == moved.ctypes.data:
+            return fast, fast_field
     except (ValueError, OverflowError, TypeError):  # pragma: no cover - an unknown layout
         pass
-    return lambda a: a.ctypes.data  # pragma: no cover
+    return (lambda a: a.ctypes.data), _CtypesField  # pragma: no cover
 
 
-#: ``address(a)``: the data pointer of ndarray ``a`` (an int), in about 0.1 us
-address = _address_reader()
+#: ``address(a)``: the data pointer of ndarray ``a`` (an int), in about 0.1 us;
+#: ``_field(a)``: its live reading (``.value``), in about 0.04 us
+address, _field = _address_readers()
 
 
 def _span(a):
@@ -290,27 +315,48 @@ def check_backing(a, label=None):
         )
 
 
-def pin(a):
-    """What ``unmoved`` compares later for ndarray ``a``: the array that owns its memory, that
-    array's address and size now, and (a view of a torch tensor) the tensor's storage address
-    and size."""
-    root = owner(a)
-    t = root.base
-    if _is_torch(t):
-        st = t.untyped_storage()
-        return (root, address(root), root.nbytes, t, st.data_ptr(), st.nbytes())
-    return (root, address(root), root.nbytes)
+_VALUE, _NBYTES = operator.attrgetter("value"), operator.attrgetter("nbytes")
 
 
-def unmoved(p):
-    """Is the memory ``pin`` saw still where it was, as large as it was? (O(1): a cached
-    launch made views of it, which would otherwise point at freed memory.)"""
-    if address(p[0]) != p[1] or p[0].nbytes != p[2]:
-        return False
-    if len(p) > 3:
-        st = p[3].untyped_storage()
-        return st.data_ptr() == p[4] and st.nbytes() == p[5]
-    return True
+class Pins:
+    """The memory behind a set of host arrays, as it is now, to re-check in O(1) per array:
+    for each array that owns some of their memory (``owner``, once per owner), a live reading
+    of its data pointer (``_field``), that pointer and its size; for one seen through a torch
+    tensor, also the tensor's storage address and size. A cached launch keeps flat views of
+    the arrays: if an owner is resized in place (``refcheck=False``), they point at freed
+    memory, and ``unmoved()`` says so. Holding the owners keeps the readings valid."""
+
+    __slots__ = ("addrs", "fields", "roots", "sizes", "torch")
+
+    def __init__(self, arrays):
+        roots, seen = [], set()
+        for a in arrays:
+            root = owner(a)
+            if id(root) not in seen:
+                seen.add(id(root))
+                roots.append(root)
+        self.roots = tuple(roots)
+        self.fields = tuple(_field(r) for r in roots)
+        self.addrs = tuple(map(_VALUE, self.fields))
+        self.sizes = tuple(map(_NBYTES, roots))
+        self.torch = tuple(
+            (r.base, st.data_ptr(), st.nbytes())
+            for r in roots
+            if _is_torch(r.base) and (st := r.base.untyped_storage()) is not None
+        )
+
+    def unmoved(self):
+        """Is every owner's memory still where it was, as large as it was? (Two C-level passes
+        over the readings; a torch storage is read through torch.)"""
+        if tuple(map(_VALUE, self.fields)) != self.addrs:
+            return False
+        if tuple(map(_NBYTES, self.roots)) != self.sizes:
+            return False
+        for t, ptr, nbytes in self.torch:
+            st = t.untyped_storage()
+            if st.data_ptr() != ptr or st.nbytes() != nbytes:
+                return False
+        return True
 
 
 def _torch_bf16(a, label):

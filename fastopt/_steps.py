@@ -4,9 +4,10 @@ The first step over a set of arrays validates everything (``fastopt._validate``,
 ``fastopt.functional`` makes too) and records what it established in a cache; later steps
 re-check, per array, only what can change without the optimizer seeing it (the identity of each
 array, its shape and dtype, its flags, the state buffers the user may have rebound, and the
-address and size of the memory that owns each array: ``_arrays.pin``/``unmoved``, since a
-cached flat view of an array resized in place would point at freed memory) and fall back to the
-full validation when anything differs: O(1) host work per array.
+address and size of the memory that owns each array: ``_arrays.Pins``, since a cached flat
+view of an array resized in place would point at freed memory; and the memory behind each grad
+that is a view) and fall back to the full validation when anything differs: O(1) host work per
+array.
 
 Then one ``functional.Launch`` per step plans the whole step before anything is written: the
 variant, the host scalars, the host state after the step and the next step count (any of them
@@ -25,15 +26,13 @@ import numpy as np
 
 from . import _capture, backends, precision
 from ._arrays import (
-    address,
+    Pins,
     array_module,
     as_xp_array,
     as_xp_dicts,
     backing_error,
     on_device,
-    pin,
     to_numpy,
-    unmoved,
 )
 from ._validate import (
     SUPPORTED_DTYPES,
@@ -93,7 +92,6 @@ class _Entry:
         "st",
         "tbytes",
         "tdtype",
-        "tpins",
     )
 
     def io_for(self, ls, kbuf=False):
@@ -128,7 +126,18 @@ NO_LOSS = _Loss(None, None, None, False, None, False)
 class _DictCache:
     """What a full validation of ``update()`` established, to re-check cheaply next step."""
 
-    __slots__ = ("be", "entries", "fast", "los", "n", "roots", "spans", "state", "writes")
+    __slots__ = (
+        "be",
+        "entries",
+        "fast",
+        "los",
+        "n",
+        "pins",
+        "roots",
+        "spans",
+        "state",
+        "writes",
+    )
 
     def __init__(self, entries, state, be, writes):
         self.entries, self.n, self.state, self.be = entries, len(entries), state, be
@@ -142,6 +151,7 @@ class _DictCache:
         self.fast = all(type(a) is np.ndarray for a in written)
         if not self.fast:
             return
+        self.pins = Pins([a for e in entries for a in e.pins])
         roots = [_root(a) for a in written]
         # memory NumPy owns can be shared only through views of its owner, so a grad whose
         # owner is no parameter's or state's owner needs no byte-range check; with any other
@@ -190,17 +200,6 @@ class _FlatCache:
     )
 
 
-def _pins(arrays):
-    """``(plain, with_torch)``: the ``_arrays.pin`` of each host array, split into those whose
-    memory NumPy owns (compared inline: address and size of the owner) and those seen through
-    a torch tensor (``unmoved`` also compares the tensor's storage)."""
-    plain, torch = [], []
-    for a in arrays:
-        p = pin(a)
-        (plain if len(p) == 3 else torch).append(p)
-    return tuple(plain), tuple(torch)
-
-
 class StepMachinery:
     """``update``/``step``'s checks and launches (see the module docstring)."""
 
@@ -230,6 +229,10 @@ class StepMachinery:
             or len(grads) != c.n
         ):
             return None
+        # the memory behind the cached flat views: still where it was, as large (an array
+        # resized in place with refcheck=False moves; its old views point at freed memory)
+        if not c.pins.unmoved():
+            return None
         state, roots = c.state, c.roots
         todo = []
         for e in c.entries:
@@ -257,14 +260,6 @@ class StepMachinery:
                 return None
             for s, a in e.sarrs:
                 if st.get(s) is not a or not a.flags.carray:
-                    return None
-            # the memory behind the cached flat views: still where it was, as large (an array
-            # resized in place with refcheck=False moves; its old views point at freed memory)
-            for r, addr, nbytes in e.pins:
-                if address(r) != addr or r.nbytes != nbytes:
-                    return None
-            for pn in e.tpins:
-                if not unmoved(pn):
                     return None
             g = grads.get(name)
             if type(g) is not np.ndarray:
@@ -448,11 +443,8 @@ class StepMachinery:
             e.tbytes = None
             if e.ptr is not None:  # the tensor's storage stands for the param's memory
                 e.tbytes = e.src.untyped_storage().nbytes()
-            e.pins = e.tpins = ()
-            host = [] if e.ptr is not None else [p]  # (a tensor's memory: its storage, above)
-            host += [a for _, a in e.sarrs]
-            if all(type(a) is np.ndarray for a in host):  # device arrays: validated every step
-                e.pins, e.tpins = _pins(host)
+            # what the cached views are made of (a tensor param's memory: its storage, above)
+            e.pins = ([] if e.ptr is not None else [p]) + [a for _, a in e.sarrs]
             e.sflat = tuple(st[s].reshape(-1) if s in st else None for s in slots)
             m = st.get(precision.MASTER) if self.master_weights else None
             e.mflat = None if m is None else m.reshape(-1)
@@ -554,9 +546,8 @@ class StepMachinery:
         groups = c.buf.groups
         if len(groups) != c.n:
             return False
-        for r, addr, nbytes in c.pins:  # the memory behind every array (see _recheck_dict)
-            if address(r) != addr or r.nbytes != nbytes:
-                return False
+        if c.pins is not None and not c.pins.unmoved():  # the memory behind every host array
+            return False  # (see _recheck_dict)
         for i, g in enumerate(groups):
             d, gr = g.data, g.grad
             if (
@@ -618,13 +609,9 @@ class StepMachinery:
         # the cheap re-checks read NumPy or CuPy flags; other kinds are validated in full
         cp = sys.modules.get("cupy")
         c.fast = c.host or (cp is not None and all(type(a) is cp.ndarray for a in arrays))
-        c.pins = ()
+        c.pins = None  # device memory is never resized in place
         if c.host:  # the flat state is the optimizer's own, the data and grads the buffer's
-            flat = [a for f in self._flat_state for a in f.values()]
-            plain, torch = _pins(list(arrays) + flat)
-            # a buffer's data is NumPy's memory; a rebound group seen through a torch tensor
-            # takes the full validation at every step
-            c.fast, c.pins = not torch, plain
+            c.pins = Pins(list(arrays) + [a for f in self._flat_state for a in f.values()])
         return c
 
     def _validate_flat(self, buf, write_grad=False):

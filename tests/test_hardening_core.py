@@ -5,7 +5,7 @@ Four families, each closed at its root (ARCHITECTURE.md, "How a step flows"):
 
 1. the memory behind an array: a torch tensor whose storage was freed or shrunk, a meta tensor, a
    NumPy view of an array resized since, and an array resized in place between cached steps
-   (``_arrays.check_backing``, ``pin``/``unmoved``);
+   (``_arrays.check_backing``, ``_arrays.Pins``);
 2. a call refused after it wrote: every fallible computation (host scalars, the host state
    after the step, the step count) is planned before the first write (``Launch``, ``Rule.plan``),
    and the step count and host state are committed after the launches;
