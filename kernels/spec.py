@@ -50,9 +50,10 @@ __all__ = [
 ]
 
 #: the most host-state advances ``Rule.replay_host_state`` runs (a functional call at step ``t``
-#: without ``host_state=`` replays ``t - 1`` of them, about 2.5 us each): past it, the host
-#: state must be passed (what torch's functional API asks for at every step)
-REPLAY_LIMIT = 100_000
+#: without ``host_state=`` replays ``t - 1`` of them, 3 to 25 us each: at most a quarter of a
+#: second): past it, the host state must be passed (what torch's functional API asks for at
+#: every step)
+REPLAY_LIMIT = 10_000
 
 #: hyperparameter domains: name -> (description, predicate on a normalised value)
 DOMAINS = {

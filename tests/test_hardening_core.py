@@ -493,6 +493,16 @@ def test_masked_arrays_are_refused_at_every_door(backend):
     with pytest.raises(TypeError, match="MaskedArray"):
         fastopt.FlatBuffer({"w": masked})
     assert not m.any()
+    # a FlatBuffer group's grad rebound to a subclass after cached steps
+    buf = fastopt.FlatBuffer(params)
+    opt = fastopt.Adam(backend=backend)
+    for _ in range(2):
+        buf.grad[...] = 0.5
+        assert opt.step(buf) is True
+    good, buf.groups[0].grad = buf.groups[0].grad, np.asmatrix(buf.grad)
+    _refused(opt, lambda: opt.step(buf), [buf.params], TypeError, "subclass")
+    buf.groups[0].grad = good
+    assert opt.step(buf) is True and opt.step_count == 3
 
 
 # -- 4: a master-weights optimizer over bfloat16 and float32 params ---------------------------
