@@ -16,7 +16,7 @@ dict whose parameters disagree is refused).
 import numpy as np
 
 from . import precision
-from ._arrays import array_module, to_numpy
+from ._arrays import array_module, as_xp_array, to_numpy
 from ._validate import (
     SUPPORTED_DTYPES,
     check_array,
@@ -90,6 +90,8 @@ class StateMachinery:
             host[name] = {}
             for s in want:
                 a = st[s]
+                if isinstance(a, np.ndarray):  # a subclass as a plain view; freed memory refused
+                    a = as_xp_array(a, f"state {s!r} of parameter {name!r}")
                 check_array(name, f"state {s!r}", a, SUPPORTED_DTYPES)
                 host[name][s] = np.array(to_numpy(a), copy=True)
             if hnames:
@@ -110,8 +112,10 @@ class StateMachinery:
             )
             for name, st in host.items():
                 cur_st = self._state[name]
+                # this parameter's own names (a 16-bit one keeps a master copy, an fp32 one not)
+                mine = self._names_for(precision.kind(self._bound[name][1]))
                 check_names(
-                    cur_st, want, f"state buffers of parameter {name!r}", f"those {kind} keeps"
+                    cur_st, mine, f"state buffers of parameter {name!r}", f"those {kind} keeps"
                 )
                 for s, a in st.items():
                     cur = cur_st[s]

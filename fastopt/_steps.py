@@ -3,10 +3,18 @@
 The first step over a set of arrays validates everything (``fastopt._validate``, the checks
 ``fastopt.functional`` makes too) and records what it established in a cache; later steps
 re-check, per array, only what can change without the optimizer seeing it (the identity of each
-array, its shape and dtype, its flags, the state buffers the user may have rebound) and fall
-back to the full validation when anything differs: O(1) host work per array. Then one
-``functional.Launch`` per step runs the rule over every parameter (dict API) or every dtype
-group (``FlatBuffer``). A mixin of ``fastopt.base.Optimizer``.
+array, its shape and dtype, its flags, the state buffers the user may have rebound, and the
+address and size of the memory that owns each array: ``_arrays.Pins``, since a cached flat
+view of an array resized in place would point at freed memory; and the memory behind each grad
+that is a view) and fall back to the full validation when anything differs: O(1) host work per
+array.
+
+Then one ``functional.Launch`` per step plans the whole step before anything is written: the
+variant, the host scalars, the host state after the step and the next step count (any of them
+can fail: an overflow, a step count too large for a float); then every runner is prepared, the
+rule runs over every parameter (dict API) or every dtype group (``FlatBuffer``), and only then
+are the step count and the host state committed (``_commit``). A mixin of
+``fastopt.base.Optimizer``.
 """
 
 import bisect
@@ -17,7 +25,15 @@ from dataclasses import replace
 import numpy as np
 
 from . import _capture, backends, precision
-from ._arrays import array_module, as_xp_array, as_xp_dicts, on_device, to_numpy
+from ._arrays import (
+    Pins,
+    array_module,
+    as_xp_array,
+    as_xp_dicts,
+    backing_error,
+    on_device,
+    to_numpy,
+)
 from ._validate import (
     SUPPORTED_DTYPES,
     NonFiniteGradientError,
@@ -66,6 +82,7 @@ class _Entry:
         "nst",
         "p",
         "pflat",
+        "pins",
         "ptr",
         "salt",
         "sarrs",
@@ -73,6 +90,7 @@ class _Entry:
         "shape",
         "src",
         "st",
+        "tbytes",
         "tdtype",
     )
 
@@ -108,7 +126,18 @@ NO_LOSS = _Loss(None, None, None, False, None, False)
 class _DictCache:
     """What a full validation of ``update()`` established, to re-check cheaply next step."""
 
-    __slots__ = ("be", "entries", "fast", "los", "n", "roots", "spans", "state", "writes")
+    __slots__ = (
+        "be",
+        "entries",
+        "fast",
+        "los",
+        "n",
+        "pins",
+        "roots",
+        "spans",
+        "state",
+        "writes",
+    )
 
     def __init__(self, entries, state, be, writes):
         self.entries, self.n, self.state, self.be = entries, len(entries), state, be
@@ -122,6 +151,7 @@ class _DictCache:
         self.fast = all(type(a) is np.ndarray for a in written)
         if not self.fast:
             return
+        self.pins = Pins([a for e in entries for a in e.pins])
         roots = [_root(a) for a in written]
         # memory NumPy owns can be shared only through views of its owner, so a grad whose
         # owner is no parameter's or state's owner needs no byte-range check; with any other
@@ -163,6 +193,7 @@ class _FlatCache:
         "host",
         "masters",
         "n",
+        "pins",
         "shapes",
         "states",
         "writes",
@@ -198,6 +229,10 @@ class StepMachinery:
             or len(grads) != c.n
         ):
             return None
+        # the memory behind the cached flat views: still where it was, as large (an array
+        # resized in place with refcheck=False moves; its old views point at freed memory)
+        if not c.pins.unmoved():
+            return None
         state, roots = c.state, c.roots
         todo = []
         for e in c.entries:
@@ -205,13 +240,17 @@ class StepMachinery:
             p = params.get(name)
             if p is not e.src:
                 return None
-            if e.ptr is not None:  # a host tensor: still the same memory, shape and dtype?
-                if (
-                    p.data_ptr() != e.ptr
-                    or p.shape != e.shape
-                    or p.dtype is not e.tdtype
-                    or not p.is_contiguous()
-                ):
+            if p is not e.p:  # a host tensor or an ndarray subclass, stepped through e.p
+                if e.ptr is not None:  # a tensor: still the same memory, shape and dtype?
+                    if (
+                        p.data_ptr() != e.ptr
+                        or p.shape != e.shape
+                        or p.dtype is not e.tdtype
+                        or not p.is_contiguous()
+                        or p.untyped_storage().nbytes() != e.tbytes
+                    ):
+                        return None
+                elif p.shape != e.shape or not p.flags.carray:  # a subclass: its own flags
                     return None
                 p = e.p
             if p.shape != e.shape or p.dtype is not e.dtype or not p.flags.carray:
@@ -224,9 +263,11 @@ class StepMachinery:
                     return None
             g = grads.get(name)
             if type(g) is not np.ndarray:
-                g = as_xp_array(g, f"grad of parameter {name!r}")
+                g = as_xp_array(g, f"grad of parameter {name!r}")  # checks its memory
                 if type(g) is not np.ndarray:
                     return None
+            elif g.base is not None and backing_error(g) is not None:
+                return None  # a view of freed memory: the full validation says so
             if g.shape != e.shape or (g.dtype is not e.gdtype and g.dtype != e.gdtype):
                 return None
             if roots is None:
@@ -263,8 +304,11 @@ class StepMachinery:
 
     def _launch(self, be, hp, ls, like):
         """The ``Launch`` of this step, and whether its scalars live on the device (a
-        capturable step on a GPU backend: the scalar kernel has been launched). The step count
-        advances here (on the host, or on the device)."""
+        capturable step on a GPU backend: the scalar kernel has been launched). The whole
+        plan is computed here, before anything is written: the variant, the host scalars and
+        the host state after the step (``Launch``; a value that cannot be computed is a
+        ``ValueError``); the step count and host state are committed by ``_commit`` once the
+        launches have run."""
         if ls.scale_dev is not None and getattr(be, "DEVICE", "cpu") == "cpu":
             raise TypeError(
                 f"grad_scale is a device array but backend {be.NAME!r} runs on the CPU; pass a "
@@ -277,13 +321,10 @@ class StepMachinery:
                 ds = self._dev = _capture.DeviceScalars(
                     be, self._rule, rhp, self._step_count, self._host, self.seed, like
                 )
-            ds.upload(rhp)
-            ds.advance(like, ls.found_dev)
-            self._step_count += 1  # the steps issued (the device holds the steps taken)
             launch = Launch(
                 be,
                 self._rule,
-                self._step_count,
+                self._step_count + 1,  # the steps issued (the device holds the steps taken)
                 rhp,
                 self._host,  # the variant only: the device holds and advances the host state
                 inv_scale=ls.inv_scale,
@@ -292,21 +333,20 @@ class StepMachinery:
                 device=ds,
                 found_inf=ls.found_dev,
             )
+            ds.upload(rhp)
+            ds.advance(like, ls.found_dev)
             return launch, True
-        self.step_count += 1
-        return (
-            Launch(
-                be,
-                self._rule,
-                self.step_count,
-                rhp,
-                self._host,
-                inv_scale=ls.inv_scale,
-                scale=ls.scale_dev,
-                seed=self.seed,
-            ),
-            False,
+        launch = Launch(
+            be,
+            self._rule,
+            self.step_count + 1,
+            rhp,
+            self._host,
+            inv_scale=ls.inv_scale,
+            scale=ls.scale_dev,
+            seed=self.seed,
         )
+        return launch, False
 
     def _apply_dict(self, todo, hp=None, ls=NO_LOSS):
         if hp is None:
@@ -320,19 +360,37 @@ class StepMachinery:
             return False
         launch, kbuf = self._launch(c.be, hp, ls, todo[0][0].pflat)
         writes = c.writes
-        for e, g in todo:
-            io = e.io_for(ls, kbuf)
-            if io is None:
-                launch.runner(e.dtype, writes)(e.pflat, g, e.sflat)
-            else:
-                launch.runner(e.dtype, writes, io)(e.pflat, g, e.sflat, e.mflat, e.salt)
-        self._advance_host(launch, kbuf)
+        runs = [launch.runner(e.dtype, writes, e.io_for(ls, kbuf)) for e, _ in todo]
+        for run, (e, g) in zip(runs, todo):
+            run(e.pflat, g, e.sflat, e.mflat, e.salt)
+        self._commit(launch, kbuf)
         return True
 
-    def _advance_host(self, launch, on_device):
-        """The host state after an applied step (a capturable step advances it on the device)."""
-        if self._host and not on_device:
-            self._host = RULES[self._rule].advance_host_state(launch.hp, launch.step, self._host)
+    def _check_plan(self, be, hp):
+        """Plan the next step (``Rule.plan`` and the host state after it) with the host state a
+        first step would create, and raise its ``ValueError`` now: before the state is created
+        and bound, so that a first step that cannot be planned leaves the optimizer as it was.
+        (Later steps plan in ``_launch``, before their first write.)"""
+        if self.capturable and _capture.supports(be):
+            return  # the device computes the scalars
+        spec, rhp = self._spec, self._rule_hp(hp)
+        hs = self._host if self._host is not None else self._pending_host
+        if hs is None:
+            hs = spec.initial_host_state(rhp)
+        step = self.step_count + 1
+        spec.plan(rhp, step, hs)
+        spec.advance_host_state(rhp, step, hs)
+
+    def _commit(self, launch, on_device):
+        """After an applied step's launches: the step count and the host state (both computed
+        by the ``Launch``, before anything was written; a capturable step advances the host
+        state on the device)."""
+        if on_device:
+            self._step_count = launch.step  # the steps issued
+            return
+        self.step_count = launch.step
+        if self._host:
+            self._host = launch.hs_after
 
     def _update_full(self, params, grads, ls=NO_LOSS):
         if not isinstance(params, Mapping) or not isinstance(grads, Mapping):
@@ -356,6 +414,7 @@ class StepMachinery:
             if not self._finite((n, g) for n, _, g in pairs):
                 return False
             if self._layout is None:
+                self._check_plan(be, hp)  # a step that cannot be planned creates no state
                 self._bind(
                     ("dict", tuple((n, tuple(p.shape), str(dtype_of(p))) for n, p, _ in pairs)),
                     {n: p for n, p, _ in pairs},
@@ -381,6 +440,11 @@ class StepMachinery:
             e.pflat, e.st, e.nst = p.reshape(-1), st, len(st)
             pk = precision.kind(p.dtype)
             e.sarrs = tuple((s, st[s]) for s in self._names_for(pk))
+            e.tbytes = None
+            if e.ptr is not None:  # the tensor's storage stands for the param's memory
+                e.tbytes = e.src.untyped_storage().nbytes()
+            # what the cached views are made of (a tensor param's memory: its storage, above)
+            e.pins = ([] if e.ptr is not None else [p]) + [a for _, a in e.sarrs]
             e.sflat = tuple(st[s].reshape(-1) if s in st else None for s in slots)
             m = st.get(precision.MASTER) if self.master_weights else None
             e.mflat = None if m is None else m.reshape(-1)
@@ -482,6 +546,8 @@ class StepMachinery:
         groups = c.buf.groups
         if len(groups) != c.n:
             return False
+        if c.pins is not None and not c.pins.unmoved():  # the memory behind every host array
+            return False  # (see _recheck_dict)
         for i, g in enumerate(groups):
             d, gr = g.data, g.grad
             if (
@@ -512,13 +578,12 @@ class StepMachinery:
         if ls.skip or self._device_flag_set(c.be, ls):
             return False
         launch, kbuf = self._launch(c.be, hp, ls, c.datas[0])
-        for d, gr, states, m, e in zip(c.datas, c.grads, c.states, c.masters, c.entries):
-            io = e.io_for(ls, kbuf)
-            if io is None:
-                launch.runner(d.dtype, c.writes)(d, gr, states)
-            else:
-                launch.runner(d.dtype, c.writes, io)(d, gr, states, m, e.salt)
-        self._advance_host(launch, kbuf)
+        runs = [
+            launch.runner(d.dtype, c.writes, e.io_for(ls, kbuf)) for d, e in zip(c.datas, c.entries)
+        ]
+        for run, d, gr, states, m, e in zip(runs, c.datas, c.grads, c.states, c.masters, c.entries):
+            run(d, gr, states, m, e.salt)
+        self._commit(launch, kbuf)
         return True
 
     def _build_flat_cache(self, buf, be):
@@ -544,6 +609,9 @@ class StepMachinery:
         # the cheap re-checks read NumPy or CuPy flags; other kinds are validated in full
         cp = sys.modules.get("cupy")
         c.fast = c.host or (cp is not None and all(type(a) is cp.ndarray for a in arrays))
+        c.pins = None  # device memory is never resized in place
+        if c.host:  # the flat state is the optimizer's own, the data and grads the buffer's
+            c.pins = Pins(list(arrays) + [a for f in self._flat_state for a in f.values()])
         return c
 
     def _validate_flat(self, buf, write_grad=False):

@@ -537,6 +537,7 @@ class Optimizer(StepMachinery, StateMachinery):
             if not self._finite_flat(buf):
                 return False
             if self._layout is None:
+                self._check_plan(be, self._step_hp())  # refused: no state created
                 self._bind_flat(buf)
             c = self._flat_cache = self._build_flat_cache(buf, be)
             return self._apply_flat(buf, c, ls)

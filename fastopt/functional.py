@@ -33,7 +33,7 @@ import inspect
 import numpy as np
 
 from . import precision, reference
-from ._arrays import as_xp_array
+from ._arrays import as_xp_array, check_torch_storage
 from ._validate import (
     SUPPORTED_DTYPES,
     check_no_overlap,
@@ -60,10 +60,13 @@ def plan(rule, step, hp, hs=None):
 
 
 class Launch:
-    """One step of one rule on one backend: the variant and host scalars are computed once,
-    then ``runner(dtype, writes, io)(param, grad, states, master, salt)`` launches it on any
-    number of flat arrays. Trusts its caller: the arrays must already have passed
-    ``check_param_arrays``.
+    """One step of one rule on one backend: the whole plan is computed once, before anything is
+    written — the variant and host scalars (``Rule.plan``) and the host state after the step
+    (``hs_after``, ``Rule.advance_host_state``; not for a step whose host state lives on the
+    device) — so that a value that cannot be computed (an overflow, a step too large for a
+    float) is a ``ValueError`` with nothing changed; then ``runner(dtype, writes, io)(param,
+    grad, states, master, salt)`` launches it on any number of flat arrays. Trusts its caller:
+    the arrays must already have passed ``check_param_arrays``.
 
     ``io`` (``kernels.storage.IO``, None: every array in ``dtype``) is a launch's storage plan;
     ``inv_scale`` the host value of 1/grad_scale (``io.scale == "host"``), ``scale`` the device
@@ -78,6 +81,7 @@ class Launch:
         "found_inf",
         "hp",
         "hs",
+        "hs_after",
         "inv_scale",
         "k",
         "key",
@@ -105,6 +109,7 @@ class Launch:
             hs = spec.replay_host_state(hp, step)
         self.be, self.rule, self.step, self.hp, self.hs = be, rule, step, hp, hs
         self.flags, self.k = spec.plan(hp, step, hs)
+        self.hs_after = spec.advance_host_state(hp, step, hs) if hs and device is None else hs
         self.inv_scale, self.scale = inv_scale, scale
         self.key = storage.step_key(int(seed), step)
         # a capturable step: the scalars in device memory (fastopt._capture.DeviceScalars)
@@ -239,7 +244,12 @@ def loss_scale(grad_scale, what="grad_scale"):
     v = float(grad_scale)
     if not np.isfinite(v) or v <= 0:
         raise ValueError(f"invalid {what}: {v!r}; expected a finite number > 0")
-    return "host", 1.0 / v, None
+    inv = 1.0 / v
+    if not np.isfinite(inv):  # a subnormal scale: 1/scale overflows
+        raise ValueError(
+            f"invalid {what}: {v!r}; its reciprocal overflows to inf (expected a scale > 5.6e-309)"
+        )
+    return "host", inv, None
 
 
 def device_flag(found_inf):
@@ -277,23 +287,29 @@ def found(found_inf):
 # -- the checked public door ----------------------------------------------------------------------
 
 
-def _array(a):
+def _array(a, label=None):
     """Host DLPack producers (PyTorch CPU tensors) as NumPy views; a torch tensor that requires
-    grad is detached first (a view of the same memory). Device arrays go to the backend as they
-    are (each GPU backend views them without a copy)."""
+    grad is detached first (a view of the same memory), once its storage is found to hold what
+    it spans; an ndarray subclass as a plain ndarray view (a masked array refused:
+    ``as_xp_array``). Device arrays go to the backend as they are (each GPU backend views them
+    without a copy)."""
     if type(a) is np.ndarray or a is None:
-        return a
+        return a  # its memory is checked with the rest (check_param_arrays)
+    if isinstance(a, np.ndarray):
+        return as_xp_array(a, label)
     if type(a).__module__.startswith("torch") and hasattr(a, "detach"):
+        check_torch_storage(a, label)
         a = a.detach()
-    return a if is_array(a) else as_xp_array(a)
+    return a if is_array(a) else as_xp_array(a, label)
 
 
 def _checked(rule, flags, backend, param, grad, states, master=None, grad_written=False):
     """Validate one functional call; returns ``(be, param, grad, states, master, io)`` ready to
     launch (``io`` from the arrays' storage dtypes)."""
     who = f"fastopt.functional.{rule}()"
-    param, grad, master = _array(param), _array(grad), _array(master)
-    states = {n: _array(a) for n, a in states.items()}
+    param, grad = _array(param, f"param of {who}"), _array(grad, f"grad of {who}")
+    master = _array(master, f"master_param of {who}")
+    states = {n: _array(a, f"state {n!r} of {who}") for n, a in states.items()}
     be = resolve(backend, param if is_array(param) else None)
     spec = RULES[rule]
     for (name, a), slot, used in zip(states.items(), spec.slots, spec.slots_used(flags)):
@@ -434,10 +450,11 @@ def run(
     if found(found_inf):
         return False
     writes = tuple(a is not None for a in arrays)
+    # the whole plan (variant, scalars, host state after the step) before the one write
     launch = Launch(be, rule, step, hp, hs, inv_scale=inv_scale, scale=scale_dev, seed=seed)
     launch.runner(dtype_of(param), writes, io)(param, grad, arrays, master, salt)
     if host_state is not None:
-        for name, value in spec.advance_host_state(hp, step, hs).items():
+        for name, value in launch.hs_after.items():
             if isinstance(host_state[name], np.ndarray):
                 host_state[name][...] = value
             else:
