@@ -47,6 +47,7 @@ from ..base import PRECISION_DEFAULTS
 from ..functional import Launch
 from ..kernels import RULES
 from ..kernels.storage import io_for
+from ._compat import TorchContract, advances_host_state_as_loaded, hp_value
 from ._steady import Steady
 
 __all__ = ["FusedOptimizer", *_optimizers.CLASSES, "Adagrad", "RMSprop"]
@@ -77,7 +78,7 @@ def _torch_defaults(cls):
     return dict(probe.defaults)
 
 
-class FusedOptimizer(torch.optim.Optimizer):
+class FusedOptimizer(TorchContract, torch.optim.Optimizer):
     """The ``torch.optim.Optimizer`` face of a fastopt optimizer class (``_fastopt``)."""
 
     _fastopt = None
@@ -110,8 +111,7 @@ class FusedOptimizer(torch.optim.Optimizer):
             if h in fo._pinned:
                 hp[h] = fo._pinned[h]
             elif h in group:
-                v = group[h]
-                hp[h] = float(v) if isinstance(v, torch.Tensor) else v
+                hp[h] = hp_value(h, group[h])  # tensor lr, betas, ... as floats
         return spec.validate(hp)
 
     def _check_group(self, group, what):
@@ -154,6 +154,7 @@ class FusedOptimizer(torch.optim.Optimizer):
         return new
 
     # -- the step --------------------------------------------------------------------------------
+    @torch._disable_dynamo  # opaque to torch.compile: a graph break, the step run eagerly
     @torch.no_grad()
     def step(self, closure=None):
         """One fused step over every parameter with a gradient (``closure`` as in torch)."""
@@ -250,6 +251,7 @@ class FusedOptimizer(torch.optim.Optimizer):
             )
         return bufs
 
+    @advances_host_state_as_loaded  # NAdam's mu_product loaded as float64
     def _run_group(self, spec, hp, buckets, inv_scale, index=None):
         names = spec.state
         # a group launched whole (one bucket) may cache its launch
