@@ -47,6 +47,7 @@ from ..base import PRECISION_DEFAULTS
 from ..functional import Launch
 from ..kernels import RULES
 from ..kernels.storage import io_for
+from . import _dtensor
 from ._compat import TorchContract, advances_host_state_as_loaded, hp_value
 from ._steady import Steady
 
@@ -217,6 +218,7 @@ class FusedOptimizer(TorchContract, torch.optim.Optimizer):
                 fresh = [x.name for x in spec.slots if x.fresh]
                 step = 1 if any(state.get(n) is None for n in fresh) else 2
             bufs = self._check_state(p, state, names)
+            _dtensor.check(p, g, bufs, state.get("master_param"), cls.__name__)
             # with or without a master copy (a loaded state dict may mix them): one storage
             # plan per launch, which its address table's loop trusts
             key = (p.device, p.dtype, step, "master_param" in state)
@@ -278,7 +280,13 @@ class FusedOptimizer(TorchContract, torch.optim.Optimizer):
                         slots[j] = self.state[p][names[j]] = torch.zeros_like(
                             p, dtype=torch.float32 if master else p.dtype
                         )
-                tensors.append((p, g, slots, state.get("master_param")))
+                # DTensors: their local shards (``_dtensor``); the state above is created
+                # from ``p`` itself, a DTensor like it
+                m = state.get("master_param")
+                tensors.append(
+                    tuple(_dtensor.local(x) for x in (p, g))
+                    + ([_dtensor.local(x) for x in slots], _dtensor.local(m))
+                )
             if io.plain:
                 self._launch(spec, hp, t, hs, device, dtype, used, tensors, cache_as)
             else:  # 16-bit storage, a master copy or the loss scale: the storage-plan kernels
