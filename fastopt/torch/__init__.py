@@ -51,7 +51,7 @@ from . import _dtensor
 from ._compat import TorchContract, advances_host_state_as_loaded, hp_value
 from ._steady import Steady
 
-__all__ = ["FusedOptimizer", *_optimizers.CLASSES, "Adagrad", "RMSprop"]
+__all__ = ["CPUOffload", "FusedOptimizer", *_optimizers.CLASSES, "Adagrad", "RMSprop"]
 
 #: torch dtypes the kernels run on, and their storage kinds (``kernels.storage``)
 _KINDS = {
@@ -522,3 +522,5 @@ def _make(cls):
 globals().update({name: _make(cls) for name, cls in _optimizers.CLASSES.items()})
 Adagrad = globals()["AdaGrad"]
 RMSprop = globals()["RMSProp"]
+
+from .offload import CPUOffload  # noqa: E402  (it subclasses the classes above)
