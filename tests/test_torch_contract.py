@@ -268,3 +268,73 @@ def test_torch_compile_breaks_the_graph_at_step_with_the_eager_result():
         assert torch.equal(a, b)
     assert _same(oc.state_dict(), oe.state_dict())
     assert float(oc.state[pc[0]]["step"]) == 3
+
+
+class _Marked(torch.Tensor):
+    """A tensor subclass the kernels know nothing about."""
+
+
+@pytest.mark.parametrize("what", ["subclass param", "subclass grad", "meta param"])
+def test_tensor_subclasses_and_unaddressable_tensors_are_refused_before_anything_is_written(
+    what,
+):
+    params = _params()
+    opt = fot.Adam(params, lr=1e-2)
+    _steps(opt, params, 0, 1)
+    _grads(params, 1)
+    if what == "subclass param":
+        odd = torch.nn.Parameter(torch.randn(2, dtype=torch.float64).as_subclass(_Marked))
+        odd.grad = torch.randn(2, dtype=torch.float64)
+    elif what == "subclass grad":
+        odd = torch.nn.Parameter(torch.randn(2, dtype=torch.float64))
+        odd.grad = torch.randn(2, dtype=torch.float64).as_subclass(_Marked)
+    else:
+        odd = torch.nn.Parameter(torch.empty(2, dtype=torch.float64, device="meta"))
+        odd.grad = torch.empty(2, dtype=torch.float64, device="meta")
+    opt.add_param_group({"params": [odd]})
+    before = [p.detach().clone() for p in params]
+    state = [copy.deepcopy(dict(opt.state[p])) for p in params]
+    with pytest.raises(TypeError):
+        opt.step()
+    for a, b in zip(params, before):
+        assert torch.equal(a, b)
+    for p, st in zip(params, state):
+        assert _same(dict(opt.state[p]), st)
+
+
+def test_a_dtensor_parameter_is_stepped_through_its_shard_with_dtensor_state():
+    """One process, a one-rank mesh (the two-process runs are in test_torch_distributed.py)."""
+    import torch.distributed as dist
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.tensor import DTensor, Shard, distribute_tensor
+
+    if not dist.is_available() or dist.is_initialized():
+        pytest.skip("torch.distributed unavailable or already initialised")
+    dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
+    try:
+        mesh = init_device_mesh("cpu", (1,))
+        plain = _params()
+        sharded = [
+            torch.nn.Parameter(distribute_tensor(p.detach().clone(), mesh, [Shard(0)]))
+            for p in plain
+        ]
+        oa, ob = fot.NAdam(plain, lr=1e-2), fot.NAdam(sharded, lr=1e-2)
+        for t in range(4):
+            _grads(plain, t)
+            for p, q in zip(plain, sharded):
+                q.grad = distribute_tensor(p.grad.clone(), mesh, [Shard(0)])
+            oa.step()
+            ob.step()
+        for p, q in zip(plain, sharded):
+            assert isinstance(q, DTensor) and torch.equal(q.full_tensor(), p)
+            st = ob.state[q]
+            assert isinstance(st["exp_avg"], DTensor) and st["exp_avg"].placements == q.placements
+            assert torch.equal(st["exp_avg"].full_tensor(), oa.state[p]["exp_avg"])
+            assert not isinstance(st["step"], DTensor) and float(st["step"]) == 4
+        ob.state[sharded[0]]["exp_avg"] = oa.state[plain[0]]["exp_avg"].clone()  # unsharded
+        before = sharded[0].full_tensor().clone()
+        with pytest.raises(TypeError, match="DTensor"):
+            ob.step()
+        assert torch.equal(sharded[0].full_tensor(), before)
+    finally:
+        dist.destroy_process_group()
