@@ -214,6 +214,22 @@ def reference_lines(doc, n):
                     "same-traffic kernel"
                 )
         return "\n".join(lines)
+    copies = {}
+    for r in doc["records"]:
+        if r["n"] == n and r["backend"] in ("cupy", "numba-cuda") and r.get("copy_gbps"):
+            copies.setdefault(r["backend"], []).append(r["copy_gbps"])
+    if copies:
+        what = {
+            "cupy": "cupy.copyto (a copy kernel)",
+            "numba-cuda": "numba-cuda's scalar copy loop",
+        }
+        lines.append(
+            "- copies measured in each group: "
+            + "; ".join(
+                f"{what[b]} {min(v):.0f}-{max(v):.0f} GB/s across {len(v)} groups"
+                for b, v in copies.items()
+            )
+        )
     label = {
         "cupy": "CuPy ElementwiseKernel same-traffic kernel (one multiply-add per buffer)",
         "numba-cuda": "numba-cuda scalar same-traffic loop",
@@ -244,21 +260,22 @@ def torch_list_penalty(doc, mode="torch-fused"):
         "| n | tensors | one tensor, ms (range) | the list, ms (range) | list over one tensor |",
         "|---|---:|---:|---:|---:|",
     ]
-    found = False
+    pairs = []
     for group in _groups(doc).values():
         flat = next((r for r in group if r["backend"] == mode and r["layout"] == "flat"), None)
         lst = next((r for r in group if r["backend"] == mode and r["layout"] == "list"), None)
         if flat is None or lst is None or flat["optimizer"] != "adam":
             continue
-        if flat["dtype"] != "float32":
-            continue
-        found = True
+        if flat["dtype"] == "float32":
+            pairs.append((flat["n"], flat, lst))
+    for _, flat, lst in sorted(pairs, key=lambda x: x[0]):
         fr, lr = _times(flat), _times(lst)
         rows.append(
             f"| {_fmt_n(flat['n'])} | {lst['n_tensors']} | {flat['median_s'] * 1e3:.3f} "
             f"({fr[0] * 1e3:.3f}-{fr[1] * 1e3:.3f}) | {lst['median_s'] * 1e3:.3f} "
             f"({lr[0] * 1e3:.3f}-{lr[1] * 1e3:.3f}) | {lst['median_s'] / flat['median_s']:.2f} |"
         )
+    found = bool(pairs)
     return "\n".join(rows) if found else ""
 
 
@@ -321,9 +338,10 @@ def latency_table(run):
     from fastopt.bench.measure import spread
 
     empty = lat["empty-launch"]["event_s"]
+    calls = len(lat["empty-launch"]["event_times_s"])
     rows = [
-        "| 2^20 float32 | event time, us (IQR) | x empty launch | back to back, us (range) | "
-        "host issue, us |",
+        f"| 2^20 float32 | event time, us (IQR of {calls} calls) | x empty launch | back to "
+        "back, us (range) | host issue, us |",
         "|---|---:|---:|---:|---:|",
     ]
     for label, r in lat.items():
@@ -350,9 +368,12 @@ def report(doc, n, run=None, source=None):
         else f"medians of {doc['config'].get('reps')} repetitions timed back to back, one "
         "runner after another (not interleaved); ranges: those repetitions' fastest and slowest"
     )
+    facts = ((run or {}).get("steps", {}).get("facts") or {}).get("result") or {}
+    driver = f", driver {facts['driver']}" if facts.get("driver") else ""
     out = [
-        f"{dev.get('gpu')}, n = {n:,} float32; CuPy {cupy}, numba-cuda {v.get('numba-cuda')}, "
-        f"torch {v.get('torch')}; {how}." + (f" Source: `{source}`." if source else ""),
+        f"{dev.get('gpu')}{driver}, n = {n:,} float32; CuPy {cupy}, numba-cuda "
+        f"{v.get('numba-cuda')}, torch {v.get('torch')}; {how}."
+        + (f" Source: `{source}`." if source else ""),
         "",
     ]
     if rated:

@@ -399,10 +399,10 @@ def measure_group(
     None when that runner cannot exist here). Each runner is timed in contiguous blocks of
     repetitions: interleaving single calls of different runners would time their thread pools
     fighting (an OpenMP pool spins for a while after its parallel region), not the runners.
-    ``together`` (the CPU default): all runners are built first and timed in two passes, the
+    ``together`` (the default): all runners are built first and timed in two passes, the
     second in reverse order, so that slow drifts of a shared machine hit them alike. Otherwise
-    (the GPU default, where memory for all of them at once may lack and the device is not
-    shared) each is built, timed in one pass and freed in turn. A runner gets ``reps``
+    each is built, timed in one pass and freed in turn (for runners that cannot all be held in
+    memory at once). GPU groups are timed by ``measure_rounds`` instead. A runner gets ``reps``
     repetitions, fewer when they would exceed its share of ``budget_s`` (never fewer than
     ``min_reps``). Returns ``{key: (runner, times)}``.
     """

@@ -460,7 +460,15 @@ def list_group(
 
 
 def graph_group(
-    case, n=1 << 20, device="cuda", rounds=7, per_round=3, warmup=3, budget_s=None, step="graph"
+    case,
+    n=1 << 20,
+    device="cuda",
+    backend=None,
+    rounds=7,
+    per_round=3,
+    warmup=3,
+    budget_s=None,
+    step="graph",
 ):
     """At ``n`` (float32): a ``capturable=True`` ``fastopt.torch`` step over the list replayed
     from a CUDA graph (when ``features()["capturable"]``), the flat capturable step replayed
@@ -490,13 +498,14 @@ def graph_group(
 
         facs[("graph", "fastopt.torch", "list", "graph")] = fot_graph
     p0, g0 = _as_cupy(p), _as_cupy(g)
+    flat_backend = backend or ("cupy" if device == "cuda" else "numba")
 
     def flat_graph():
-        r = gpu.graph_runner(case, p0, g0)
+        r = gpu.graph_runner(case, p0, g0, backend=flat_backend)
         r.info.update(layout="flat", n_tensors=1, graph=True)
         return r
 
-    facs[("graph", "cupy", "flat", "graph")] = flat_graph
+    facs[("graph", flat_backend, "flat", "graph")] = flat_graph
     if case.torch_cls:
 
         def torch_graph():
@@ -525,7 +534,7 @@ def graph_group(
     by = {(k[1], k[2]): r for k, r in recs.items()}
     lst = by.get(("fastopt.torch", "list"))
     if lst is not None:
-        relate(lst, by.get(("cupy", "flat")), "x_flat_graph", invert=True)
+        relate(lst, by.get((flat_backend, "flat")), "x_flat_graph", invert=True)
         relate(lst, by.get(("torch-fused", "list")), "speedup_vs_torch")
     return list(recs.values())
 
