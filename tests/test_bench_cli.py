@@ -679,3 +679,98 @@ def test_fastopt_rows_are_compared_with_torch_on_the_same_layout():
     assert lst["speedup_vs_torch_spread"]["min"] == pytest.approx(1.0)
     assert other["speedup_vs_torch"] == pytest.approx(1.2)  # another group: no per-round pairs
     assert other["speedup_vs_torch_spread"] is None
+
+
+def _fake_cupy(monkeypatch, calls):
+    """A stand-in for CuPy with what ``gpu.memcpy_runner`` and ``gpu.bytes_traffic_runner``
+    touch, recording the driver calls and kernel launches."""
+    import types
+
+    class Arr:
+        def __init__(self, nbytes, ptr, dtype=np.uint8):
+            self.nbytes, self.data, self.dtype = nbytes, types.SimpleNamespace(ptr=ptr), dtype
+
+        def view(self, dtype):
+            return Arr(self.nbytes, self.data.ptr, dtype)
+
+    class Kernel:
+        num_regs = 16
+
+        def __init__(self, src, name):
+            self.src, self.name = src, name
+
+        def __call__(self, grid, block, args):
+            calls.append(("launch", self.name, grid, block, args))
+
+    ptrs = iter(range(1 << 20, 1 << 30, 1 << 20))
+    rng = types.SimpleNamespace(random=lambda size, dtype: Arr(4 * size, next(ptrs), dtype))
+    cuda = types.SimpleNamespace(
+        runtime=types.SimpleNamespace(
+            memcpyAsync=lambda *a: calls.append(("memcpy", *a)), memcpyDeviceToDevice=3
+        ),
+        get_current_stream=lambda: types.SimpleNamespace(ptr=77),
+        Event=object,
+        get_elapsed_time=None,
+        Device=lambda: types.SimpleNamespace(
+            synchronize=None, attributes={"MultiProcessorCount": 2}
+        ),
+    )
+    fake = types.SimpleNamespace(
+        cuda=cuda,
+        array=lambda a, copy: Arr(a.nbytes, next(ptrs)),
+        empty_like=lambda a: Arr(a.nbytes, next(ptrs)),
+        random=types.SimpleNamespace(default_rng=lambda seed: rng),
+        RawKernel=Kernel,
+        uint32=np.uint32,
+        float32=np.float32,
+    )
+    monkeypatch.setitem(sys.modules, "cupy", fake)
+    from fastopt.bench import gpu
+
+    monkeypatch.setattr(gpu, "_cupy_kernels", {})
+    return fake
+
+
+def test_memcpy_runner_is_a_device_to_device_memcpy(monkeypatch):
+    """The GPU's copy is one ``cudaMemcpyAsync`` device to device of the param's bytes, from a
+    copy of it into a fresh buffer, on CuPy's current stream; it moves twice those bytes."""
+    from fastopt.bench.gpu import memcpy_runner
+
+    calls = []
+    _fake_cupy(monkeypatch, calls)
+    p0 = np.zeros(1000, np.float32)
+    r = memcpy_runner(p0)
+    src, dst = r.keep
+    r.fn()
+    assert calls == [("memcpy", dst.data.ptr, src.data.ptr, 4000, 3, 77)]
+    assert r.bytes == 8000 and "device to device" in r.info["kind"]
+
+
+def test_same_traffic_runner_binds_what_the_kernel_declares(monkeypatch):
+    """The same-traffic runner launches the kernel of its arrays' modes with (c, nmax, then
+    each array and its length in 16-byte vectors), in the order the kernel declares them; each
+    array is rounded up to whole vectors and its bytes count once per read and per write."""
+    import re
+
+    from fastopt.bench.gpu import bytes_traffic_runner, traffic_source
+
+    calls = []
+    _fake_cupy(monkeypatch, calls)
+    arrays = [("param", 4000, "rw"), ("grad", 4000, "r"), ("state0", 1001, "w")]
+    r = bytes_traffic_runner(arrays)
+    r.fn()
+    ((_, name, grid, block, args),) = calls
+    modes = ("rw", "r", "w")
+    want_name, src = traffic_source(modes)
+    assert name == want_name
+    params = re.findall(r"(uint4 \*__restrict__ a\d|long long n\d|long long nmax|int c)", src)
+    assert params == ["int c", "long long nmax"] + [
+        x for j in range(3) for x in (f"uint4 *__restrict__ a{j}", f"long long n{j}")
+    ]
+    nvec = [250, 250, 63]  # 1001 bytes: 63 vectors
+    assert isinstance(args[0], np.uint32) and args[1] == np.int64(250)
+    for j, n in enumerate(nvec):
+        buf, length = args[2 + 2 * j], args[3 + 2 * j]
+        assert isinstance(length, np.int64) and length == n and buf.nbytes == 16 * n
+    assert r.bytes == 16 * (2 * 250 + 250 + 63)
+    assert block == (256,) and grid[0] >= 1

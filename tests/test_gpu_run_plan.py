@@ -358,3 +358,39 @@ def test_readme_gpu_figures_are_the_reports():
     assert len(figures) >= 10
     for fig in figures:
         assert fig in report, fig
+
+
+def test_report_of_an_interleaved_run():
+    """A run in the new schema (records from the list and clip groups run here on the CPU,
+    and one flat row scored as a GPU group would be): the report prints the list rows with x
+    torch on the same list and % of the flat step, each with its per-round range, the
+    clipping rows, the host syncs, and the device's rated bandwidth by its name."""
+    tr = _tr()
+    import gpu_report
+
+    from fastopt.bench.groups import score_gpu_group
+    from fastopt.bench.measure import CASES, Runner
+
+    kw = dict(device="cpu", rounds=2, per_round=1, warmup=1)
+    recs = tr.list_group("adam", 4096, "float32", **kw) + tr.clip_group("adam", 4096, **kw)
+    flat = dict(next(r for r in recs if r["backend"] == "numba"), backend="cupy", step="headline")
+    flat.update(n=1 << 12, optimizer="adam", device="cuda")
+    traffic = Runner("t", None, None, flat["bytes"], info={"kind": "same-traffic kernel"})
+    score_gpu_group([flat], {"traffic": (traffic, [1e-4], [[1e-4], [1e-4]])}, "H100 80GB HBM3")
+    doc = {
+        "schema": "fastopt-bench/2",
+        "device": {"gpu": "NVIDIA H100 80GB HBM3"},
+        "versions": {},
+        "config": {},
+        "records": recs + [flat],
+        "syncs": tr.sync_rows(CASES["adam"], 4096, device="cpu", steps=1, set_mode=lambda m: None),
+    }
+    text = gpu_report.report(doc, 1 << 12)
+    assert "interleaved rounds" in text and "Rated bandwidth: 3350 GB/s" in text
+    lst = next(r for r in recs if r["backend"] == "fastopt.torch" and r["step"] == "torch-list")
+    sp = lst["speedup_vs_torch_spread"]
+    assert f"{lst['speedup_vs_torch']:.2f} ({sp['min']:.2f}-{sp['max']:.2f})" in text
+    assert f"{lst['pct_of_flat']:.0f} (" in text
+    assert "| adam | cupy | 28 |" in text and "fastopt.torch over the list:" in text
+    assert "Clipping inside the step:" in text and "torch-fused, clip" in text
+    assert "Host synchronisations with GradScaler:" in text and "[0] host" in text
