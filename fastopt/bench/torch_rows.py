@@ -301,13 +301,13 @@ def flat_runner(case, p_flat, g_flat, device, nbytes, kwargs=(), backend=None):
 
 def _ceilings(facs, device, arrays_of, p_flat, io=None, n_state=0):
     """Add the group's ceilings to ``facs``: on a GPU the same-traffic kernel of
-    ``arrays_of()`` and a memcpy of the param; on the CPU numba's same-traffic kernel of the
-    storage plan ``io``."""
+    ``arrays_of()`` and a memcpy of the param's elements as float32 (4 bytes each, whatever
+    the plan stores); on the CPU numba's same-traffic kernel of the storage plan ``io``."""
     if device == "cuda":
         from . import gpu
 
         facs[("ceiling", "traffic")] = lambda: gpu.bytes_traffic_runner(arrays_of())
-        facs[("memcpy",)] = lambda: gpu.memcpy_runner(_as_cupy(p_flat))
+        facs[("memcpy",)] = lambda: gpu.memcpy_runner(_as_cupy(p_flat.float()))
         return
     from . import ceilings_cpu
 
