@@ -14,11 +14,14 @@ its memory (a view of an array since resized with ``refcheck=False`` points at f
 ``Pins`` lets a cached launch re-check the same in O(1) per array.
 """
 
+from __future__ import annotations
+
 import contextlib
 import ctypes
 import operator
 import sys
 from collections.abc import Mapping
+from typing import Any
 
 import numpy as np
 
@@ -412,7 +415,7 @@ def as_xp_dicts(params, grads):
 
 def check_one_device(labelled):
     """Raise ``ValueError`` if the device arrays of ``[(label, array), ...]`` span two GPUs."""
-    seen = {}
+    seen: dict[Any, str] = {}
     for label, a in labelled:
         dev = device_id(a)
         if dev is not None:

@@ -10,6 +10,12 @@ update kernels read them from ``k32``/``k64``. ``step_count``, ``state_dict`` an
 read the count back (one synchronisation, outside any graph).
 """
 
+from __future__ import annotations
+
+from collections.abc import Mapping
+from types import ModuleType
+from typing import Any
+
 import numpy as np
 
 from ._arrays import array_module
@@ -18,7 +24,7 @@ from .kernels import RULES, device_scalars
 __all__ = ["DeviceScalars", "supports"]
 
 
-def supports(be):
+def supports(be: ModuleType) -> bool:
     """Can backend module ``be`` run capturable steps (a scalar kernel on its device)?"""
     return hasattr(be, "scalar_kernel")
 
@@ -26,7 +32,16 @@ def supports(be):
 class DeviceScalars:
     """See the module docstring. ``like``: an array on the device the optimizer steps."""
 
-    def __init__(self, be, rule, hp, step, hs, seed, like):
+    def __init__(
+        self,
+        be: ModuleType,
+        rule: str,
+        hp: Mapping[str, Any],
+        step: int,
+        hs: Mapping[str, float] | None,
+        seed: int,
+        like: Any,
+    ) -> None:
         spec = RULES[rule]
         self.program = device_scalars.trace(rule, hp)  # NotCapturable for a rule it cannot do
         self.be, self.rule, self.seed = be, rule, np.uint32(seed)
@@ -42,14 +57,14 @@ class DeviceScalars:
         self.kernel = be.scalar_kernel(self.program)
 
     @staticmethod
-    def _nhp(spec):
+    def _nhp(spec: Any) -> int:
         return sum(
             2 if h.domain in ("betas", "etas", "range") else 1
             for h in spec.hyper
             if h.domain != "bool"
         )
 
-    def upload(self, hp):
+    def upload(self, hp: Mapping[str, Any]) -> None:
         """Write the numeric hyperparameters that changed since the last step into ``ctl``."""
         values = device_scalars.ctl_values(self.rule, hp, 0)[1 : 1 + len(self._hp)]
         for j, (old, new) in enumerate(zip(self._hp, values)):
@@ -57,37 +72,37 @@ class DeviceScalars:
                 self.ctl[1 + j] = new
         self._hp = values
 
-    def advance(self, like, found_inf=None):
+    def advance(self, like: Any, found_inf: Any = None) -> None:
         """Launch the scalar kernel on ``like``'s stream (skipped on the device when
         ``found_inf`` holds a nonzero value)."""
         fi = self.no_inf if found_inf is None else found_inf
         self.kernel(like, self.ctl, self.k32, self.k64, self.keyp, fi, self.seed)
 
-    def extras(self, compute, found_inf=None):
+    def extras(self, compute: str, found_inf: Any = None) -> dict[str, Any]:
         """The device arrays an update kernel of ``compute`` dtype reads."""
         kbuf = self.k64 if compute == "float64" else self.k32
         return {"kbuf": kbuf, "keyp": self.keyp, "found_inf": found_inf}
 
-    def step(self):
+    def step(self) -> int:
         """The steps taken (read back: one synchronisation)."""
         return int(_host(self.ctl)[0])
 
-    def set_step(self, step):
+    def set_step(self, step: int) -> None:
         self.ctl[0] = float(step)
 
-    def set_host_state(self, hs):
+    def set_host_state(self, hs: Mapping[str, float]) -> None:
         """Write the host state ``hs`` (a loaded state dict's) into ``ctl``."""
         for n, v in hs.items():
             self.ctl[self.program.hs_index[n]] = float(v)
 
-    def host_state(self):
+    def host_state(self) -> dict[str, float]:
         """The rule's host state after the steps taken (read back)."""
         spec = RULES[self.rule]
         ctl = _host(self.ctl)
         return {n: float(ctl[self.program.hs_index[n]]) for n, _ in spec.host_state}
 
 
-def _host(a):
+def _host(a: Any) -> np.ndarray[Any, Any]:
     if isinstance(a, np.ndarray):
         return a
     return array_module(a).asnumpy(a)

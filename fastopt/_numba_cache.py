@@ -16,17 +16,21 @@ from (the ``kernels`` package, the backends and the library version): a change t
 starts a fresh cache, and the old one is never read again.
 """
 
+from __future__ import annotations
+
 import contextlib
 import functools
 import hashlib
 import os
+from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 __all__ = ["cache_dir", "njit_cached"]
 
 
 @functools.cache
-def source_digest():
+def source_digest() -> str:
     """A digest of the sources fastopt's compiled CPU code is generated from: the ``kernels``
     package (rules, storage conversions), the backends, the textbook's rules and the version."""
     from . import __version__, kernels
@@ -41,7 +45,7 @@ def source_digest():
     return h.hexdigest()[:16]
 
 
-def cache_dir():
+def cache_dir() -> str:
     """The directory fastopt's kernels are cached in: under ``NUMBA_CACHE_DIR`` when set,
     else the per-user cache; in both, a subdirectory per ``source_digest()``."""
     base = os.environ.get("NUMBA_CACHE_DIR")
@@ -52,7 +56,7 @@ def cache_dir():
 
 
 @contextlib.contextmanager
-def _cache_in(path):
+def _cache_in(path: str | None) -> Iterator[None]:
     from numba.core import config
 
     if path is None:
@@ -66,12 +70,12 @@ def _cache_in(path):
         config.CACHE_DIR = old
 
 
-def njit_cached(fn=None, **options):
+def njit_cached(fn: Callable[..., Any] | None = None, **options: Any) -> Any:
     """``numba.njit(cache=True, **options)``, cached in ``cache_dir()``; usable as
     ``@njit_cached`` or ``njit_cached(**options)(fn)``."""
     import numba
 
-    def decorate(f):
+    def decorate(f: Callable[..., Any]) -> Any:
         with _cache_in(cache_dir()):
             return numba.njit(cache=True, **options)(f)
 

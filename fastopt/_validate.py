@@ -7,7 +7,10 @@ memory, value) or ``KeyError`` (wrong names); each names the parameter, what it 
 was expected.
 """
 
+from __future__ import annotations
+
 import math
+from typing import Any
 
 import numpy as np
 
@@ -271,7 +274,7 @@ def check_state_arrays(name, param, states, who=None, state_dtype=None):
 def check_reach(be, arrays, what, exc=ValueError):
     """All of ``arrays`` (``(label, array)``) live in one address space that backend module
     ``be`` can reach (host arrays for a CPU backend, device arrays for a GPU one)."""
-    spaces = {}
+    spaces: dict[str, str] = {}
     for label, a in arrays:
         spaces.setdefault(where(a), label)
     if len(spaces) > 1:
@@ -350,7 +353,7 @@ def check_no_overlap(entries):
         if ext is not None:
             spans.append((where(a), ext[0], ext[1], label, a, written))
     spans.sort(key=lambda s: (s[0], s[1]))
-    active = []
+    active: list[tuple[Any, ...]] = []
     for span in spans:
         space, lo, _, label, a, written = span
         active = [s for s in active if s[0] == space and s[2] > lo]

@@ -429,7 +429,8 @@ def _read(path, expect=None, budget=None):
                         f"{where_} is corrupted: sha256 checksum mismatch"
                     ) from None
                 raise
-        params, state = {}, {}
+        params: dict[str, Any] = {}
+        state: dict[str, Any] = {}
         for e in entries:
             a = _read_exact(f, np.empty(e.count, e.file_dtype), where_, f"array {e.name!r}")
             h.update(memoryview(a).cast("B"))
@@ -512,11 +513,11 @@ def _entries(header, payload_len, where_):
         slot = e.get("slot")
         if e["role"] == "state" and not isinstance(slot, str):
             raise bad(f"bad state entry {_short(e)}")
-        key = (e["role"], e["name"], slot if e["role"] == "state" else None)
-        if key in seen:
+        entry_key = (e["role"], e["name"], slot if e["role"] == "state" else None)
+        if entry_key in seen:
             raise bad(f"{e['role']} {e['name']!r}{'' if slot is None else f' {slot!r}'} twice")
-        seen.add(key)
-        entry = _Entry(e["role"], e["name"], key[2], e["dtype"], tuple(shape))
+        seen.add(entry_key)
+        entry = _Entry(e["role"], e["name"], entry_key[2], e["dtype"], tuple(shape))
         nbytes = entry.count * entry.file_dtype.itemsize
         if e.get("offset") != end or e.get("nbytes") != nbytes or end + nbytes > payload_len:
             raise bad(f"array {e['name']!r} does not fit the payload")
@@ -577,7 +578,7 @@ def _check_fits(header, entries, optimizer, named):
                 f"optimizer was first stepped with {dtype_name(was)}{list(shape)}; load into "
                 "a new optimizer or into the parameters it steps"
             )
-    state = {}
+    state: dict[str, Any] = {}
     for e in entries:
         if e.role == "state":
             state.setdefault(e.name, {})[e.slot] = e

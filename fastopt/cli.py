@@ -1,6 +1,9 @@
 """``fastopt`` command line: ``fastopt bench`` (the main job) and ``fastopt demo``."""
 
+from __future__ import annotations
+
 import sys
+from collections.abc import Sequence
 
 __all__ = ["main"]
 
@@ -11,7 +14,7 @@ USAGE = """usage: fastopt {bench,demo} [options]
 """
 
 
-def main(argv=None):
+def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if not argv or argv[0] in ("-h", "--help"):
         print(USAGE, end="")

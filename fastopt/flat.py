@@ -8,7 +8,7 @@ in params, grads and state, which every optimizer maps to zero again.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -23,39 +23,39 @@ __all__ = ["ALIGN", "FlatBuffer", "ReadOnlyViews"]
 ALIGN = 64
 
 
-class ReadOnlyViews(Mapping):
+class ReadOnlyViews(Mapping[str, Any]):
     """A read-only mapping name -> array view: the views are live (write *into* them), the
     mapping cannot be rebound, since a new array under a name would silently not be the memory
     that is stepped."""
 
     __slots__ = ("_d", "_what")
 
-    def __init__(self, d, what):
+    def __init__(self, d: dict[str, Any], what: str) -> None:
         self._d, self._what = d, what
 
-    def __getitem__(self, name):
+    def __getitem__(self, name: str) -> Any:
         return self._d[name]
 
-    def __iter__(self):
+    def __iter__(self) -> Iterator[str]:
         return iter(self._d)
 
-    def __len__(self):
+    def __len__(self) -> int:
         return len(self._d)
 
-    def __contains__(self, name):
+    def __contains__(self, name: object) -> bool:
         return name in self._d
 
-    def __setitem__(self, name, value):
+    def __setitem__(self, name: str, value: Any) -> None:
         raise TypeError(
             f"{self._what} is read-only: its arrays are views into the memory that "
             f"is stepped; write into the view instead of rebinding it "
             f"({self._what}[{name!r}][...] = value)"
         )
 
-    def __delitem__(self, name):
+    def __delitem__(self, name: str) -> None:
         raise TypeError(f"{self._what} is read-only: its names are fixed")
 
-    def __repr__(self):
+    def __repr__(self) -> str:
         return f"{type(self).__name__}({self._d!r})"
 
 
@@ -63,11 +63,13 @@ class ReadOnlyViews(Mapping):
 class Group:
     """One dtype's flat buffers and where each parameter lives in them."""
 
-    dtype: np.dtype
-    data: object
-    grad: object
+    dtype: np.dtype[Any]
+    #: the flat parameter buffer (NumPy or CuPy)
+    data: Any
+    #: the flat gradient buffer
+    grad: Any
     #: name -> (offset, size, shape), in elements
-    slots: dict = field(default_factory=dict)
+    slots: dict[str, tuple[int, int, tuple[int, ...]]] = field(default_factory=dict)
 
 
 class FlatBuffer:
@@ -109,7 +111,7 @@ class FlatBuffer:
             raise ValueError(
                 f"grad_dtype={grad_dtype!r}; expected None (the params' dtype) or 'float32'"
             )
-        order = {}
+        order: dict[np.dtype[Any], list[str]] = {}
         for name, a in arrays.items():
             if not hasattr(a, "shape") or not hasattr(a, "dtype"):
                 raise TypeError(f"parameter {name!r} is a {type(a).__name__}; expected an array")
@@ -118,11 +120,13 @@ class FlatBuffer:
                 raise TypeError(f"parameter {name!r} has dtype {dt}; expected a floating dtype")
             # the buffers are native-endian whatever the input (the values are copied in)
             order.setdefault(dt.newbyteorder("="), []).append(name)
-        self.groups = []
-        self.params, self.grads = {}, {}
+        self.groups: list[Group] = []
+        params_: dict[str, Any] = {}
+        grads_: dict[str, Any] = {}
         for dt, names in order.items():
             step = max(1, align // dt.itemsize)
-            offset, slots = 0, {}
+            offset = 0
+            slots: dict[str, tuple[int, int, tuple[int, ...]]] = {}
             for name in names:
                 shape = tuple(arrays[name].shape)
                 size = int(np.prod(shape, dtype=np.int64))
@@ -137,12 +141,12 @@ class FlatBuffer:
             self.groups.append(group)
         for group in self.groups:
             for name, (off, size, shape) in group.slots.items():
-                self.params[name] = group.data[off : off + size].reshape(shape)
-                self.grads[name] = group.grad[off : off + size].reshape(shape)
-        self.params = ReadOnlyViews({n: self.params[n] for n in arrays}, "buf.params")
-        self.grads = ReadOnlyViews({n: self.grads[n] for n in arrays}, "buf.grads")
+                params_[name] = group.data[off : off + size].reshape(shape)
+                grads_[name] = group.grad[off : off + size].reshape(shape)
+        self.params = ReadOnlyViews({n: params_[n] for n in arrays}, "buf.params")
+        self.grads = ReadOnlyViews({n: grads_[n] for n in arrays}, "buf.grads")
 
-    def _single(self, attr):
+    def _single(self, attr: str) -> Any:
         if len(self.groups) != 1:
             raise ValueError(
                 f"this FlatBuffer holds {len(self.groups)} dtypes "
@@ -151,32 +155,32 @@ class FlatBuffer:
         return getattr(self.groups[0], attr)
 
     @property
-    def data(self):
+    def data(self) -> Any:
         """The flat parameter buffer (one dtype only; else see ``groups``)."""
         return self._single("data")
 
     @property
-    def grad(self):
+    def grad(self) -> Any:
         """The flat gradient buffer (one dtype only; else see ``groups``)."""
         return self._single("grad")
 
     @property
-    def names(self):
+    def names(self) -> list[str]:
         return list(self.params)
 
     @property
-    def layout(self):
+    def layout(self) -> tuple[tuple[Any, ...], ...]:
         """(dtype, name, offset, size, shape) of every parameter: what an optimizer binds to."""
         return tuple((str(g.dtype), n, *s) for g in self.groups for n, s in g.slots.items())
 
-    def zero_grad(self):
+    def zero_grad(self) -> None:
         for g in self.groups:
             g.grad.fill(0)
 
-    def __len__(self):
+    def __len__(self) -> int:
         return len(self.params)
 
-    def __repr__(self):
+    def __repr__(self) -> str:
         parts = ", ".join(
             f"{g.dtype}: {len(g.slots)} params / {g.data.size} elements" for g in self.groups
         )

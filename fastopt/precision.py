@@ -19,9 +19,14 @@ dtype on widened copies, its results rounded to the storage dtypes. Every backen
 precision is tested against it.
 """
 
+from __future__ import annotations
+
 import zlib
+from collections.abc import Mapping
+from typing import Any
 
 import numpy as np
+import numpy.typing as npt
 
 from .kernels import storage
 from .kernels.storage import COMPUTE, IO
@@ -50,7 +55,7 @@ MASTER = "master_param"
 STATE_DTYPES = (None, "float32", "bfloat16")
 
 
-def bfloat16():
+def bfloat16() -> np.dtype[Any]:
     """The NumPy dtype of bfloat16 (``ml_dtypes.bfloat16``); ImportError with the fix when
     ml_dtypes is not installed."""
     try:
@@ -63,12 +68,12 @@ def bfloat16():
     return np.dtype(ml_dtypes.bfloat16)
 
 
-def storage_dtype(name):
+def storage_dtype(name: str) -> np.dtype[Any]:
     """The NumPy dtype of a storage dtype name (``"bfloat16"`` through ml_dtypes)."""
     return bfloat16() if name == "bfloat16" else np.dtype(name)
 
 
-def kind(dtype):
+def kind(dtype: Any) -> str | None:
     """The storage dtype name of a NumPy dtype (native byte order), or None when it is none of
     float16, bfloat16, float32, float64."""
     try:
@@ -82,12 +87,12 @@ def kind(dtype):
     return None
 
 
-def grad_kinds(param_kind):
+def grad_kinds(param_kind: str) -> tuple[str, ...]:
     """The grad storage dtypes a param of ``param_kind`` accepts: its own, or float32."""
     return (param_kind,) if param_kind == "float32" else (param_kind, "float32")
 
 
-def state_kinds(param_kind):
+def state_kinds(param_kind: str) -> tuple[str, ...]:
     """The state storage dtypes a param of ``param_kind`` can keep: its own, float32, and
     bfloat16 unless the math is float64 (bfloat16 from float64 would round twice)."""
     out = [param_kind, "float32"]
@@ -96,7 +101,7 @@ def state_kinds(param_kind):
     return tuple(dict.fromkeys(out))
 
 
-def check_state_dtype(value):
+def check_state_dtype(value: Any) -> str | None:
     """``state_dtype=`` normalised (None, "float32" or "bfloat16"); NumPy dtypes accepted."""
     if value is None:
         return None
@@ -109,7 +114,7 @@ def check_state_dtype(value):
     return name
 
 
-def resolve_state_kind(policy, param_kind, master=False):
+def resolve_state_kind(policy: str | None, param_kind: str, master: bool = False) -> str:
     """The storage dtype of the state buffers of a param: ``policy`` (``state_dtype=``), or
     the param dtype when None (float32 when a master copy is kept: the stepped param is fp32).
     Raises TypeError for bfloat16 state of float64 params."""
@@ -123,7 +128,14 @@ def resolve_state_kind(policy, param_kind, master=False):
     return policy
 
 
-def io_of(param_kind, grad_kind, state_kind, master=False, sr=False, **extras):
+def io_of(
+    param_kind: str,
+    grad_kind: str,
+    state_kind: str,
+    master: bool = False,
+    sr: bool = False,
+    **extras: Any,
+) -> IO:
     """The ``kernels.storage.IO`` of a launch (master and stochastic rounding only where
     they apply: a 16-bit param; a bfloat16 param without a master)."""
     master = bool(master) and param_kind in storage.BITS16
@@ -131,7 +143,7 @@ def io_of(param_kind, grad_kind, state_kind, master=False, sr=False, **extras):
     return IO(param_kind, grad_kind, state_kind, master=master, sr=sr, **extras)
 
 
-def param_salt(name):
+def param_salt(name: object) -> int:
     """The per-parameter salt of stochastic rounding's hash (a stable function of the name)."""
     return zlib.crc32(str(name).encode()) & 0xFFFFFFFF
 
@@ -139,19 +151,19 @@ def param_salt(name):
 # -- host conversions (the oracle's loads and stores) ----------------------------------------------
 
 
-def widen(a, compute):
+def widen(a: npt.ArrayLike, compute: npt.DTypeLike) -> npt.NDArray[Any]:
     """A compute-dtype copy of ``a`` (exact: every float16/bfloat16/float32 value is a
     float32 value, every float32 value a float64 one)."""
     return np.asarray(a).astype(compute)
 
 
-def round_to(x, dtype):
+def round_to(x: npt.ArrayLike, dtype: npt.DTypeLike) -> npt.NDArray[Any]:
     """``x`` rounded to nearest even into ``dtype`` (NumPy's and ml_dtypes' casts)."""
     with np.errstate(over="ignore", invalid="ignore"):
         return np.asarray(x).astype(dtype)
 
 
-def _mix32(x):
+def _mix32(x: Any) -> Any:
     x = x & 0xFFFFFFFF
     x = x ^ (x >> 16)
     x = (x * 0x21F0AAAD) & 0xFFFFFFFF
@@ -160,7 +172,7 @@ def _mix32(x):
     return x ^ (x >> 15)
 
 
-def sr_round_bf16(x, salt, key):
+def sr_round_bf16(x: npt.ArrayLike, salt: int, key: int) -> npt.NDArray[np.uint16]:
     """float32 array ``x`` rounded stochastically to bfloat16 bits (uint16), the random bits
     of element ``i`` being ``storage.sr_bits(i, salt, key)``: ``kernels/storage.py`` array at a
     time."""
@@ -176,8 +188,20 @@ def sr_round_bf16(x, salt, key):
 
 
 def oracle_step(
-    rule, param, grad, state, *, io, step, hp, hs=None, master=None, salt=0, inv_scale=None, key=0
-):
+    rule: str,
+    param: npt.NDArray[Any],
+    grad: npt.NDArray[Any],
+    state: Mapping[str, npt.NDArray[Any]],
+    *,
+    io: IO,
+    step: int,
+    hp: Mapping[str, Any],
+    hs: Mapping[str, Any] | None = None,
+    master: npt.NDArray[Any] | None = None,
+    salt: int = 0,
+    inv_scale: float | None = None,
+    key: int = 0,
+) -> None:
     """One step of ``rule`` with the storage plan ``io``: the NumPy oracle
     (``fastopt.reference.<rule>``, in the compute dtype on widened copies), its results
     rounded back into ``param``, ``state`` (name -> array) and ``master`` in place.
@@ -191,7 +215,7 @@ def oracle_step(
 
     c = np.dtype(io.compute)
     oracle = getattr(reference, rule)
-    p = master.astype(np.float32) if io.master else widen(param, c)
+    p = master.astype(np.float32) if io.master and master is not None else widen(param, c)
     g = widen(grad, c)
     if inv_scale is not None:
         g = g * c.type(inv_scale)
@@ -202,7 +226,7 @@ def oracle_step(
     takes = inspect.signature(oracle).parameters
     kw = {h: v for h, v in hp.items() if h in takes}
     oracle(p, g, st, step=step, **kw)
-    if io.master:
+    if io.master and master is not None:
         master[...] = p
     if io.sr:
         param.view(np.uint16)[...] = sr_round_bf16(p, salt, key).reshape(param.shape)

@@ -48,8 +48,12 @@ key (kind, dtype, shape, device, writability, overlap), the hyperparameters and 
 ``ValueError`` or ``KeyError`` and leaves ``params``, the state and ``iter`` as they were.
 """
 
+from __future__ import annotations
+
 import math
 import numbers
+from collections.abc import Callable, Mapping
+from typing import Any, ClassVar
 
 import numpy as np
 
@@ -66,17 +70,17 @@ EPS = 1e-7
 HOST, DEVICE = "numba", "numba-cuda"
 
 
-def _number(name, value):
+def _number(name: str, value: object) -> float:
     if isinstance(value, (bool, np.bool_)) or not isinstance(value, numbers.Real):
         raise TypeError(f"{name} must be a real number, got {value!r} ({type(value).__name__})")
     return float(value)
 
 
-def _is_number(a):
+def _is_number(a: object) -> bool:
     return isinstance(a, (numbers.Number, np.generic)) and not isinstance(a, np.ndarray)
 
 
-def _plain(what, a):
+def _plain(what: str, a: Any) -> Any:
     """``a`` without an ``ndarray`` subclass: ``np.matrix`` and masked arrays are refused (their
     arithmetic is not the chapter's elementwise NumPy), any other subclass becomes a plain
     ``ndarray`` view of the same memory (so the flat view the kernel walks is the array's)."""
@@ -92,11 +96,11 @@ def _plain(what, a):
 
 
 # -- the compiled passes ------------------------------------------------------------------------
-_host_loops = {}  # (class name, parallel) -> compiled loop
-_device_kernels = {}  # class name -> cuda.jit kernel
+_host_loops: dict[tuple[str, bool], Any] = {}  # (class name, parallel) -> compiled loop
+_device_kernels: dict[str, Any] = {}  # class name -> cuda.jit kernel
 
 
-def _host_loop(cls, parallel):
+def _host_loop(cls: type[_Textbook], parallel: bool) -> Any:
     """The compiled host loop of ``cls._rule()`` (Numba compiles it per dtype, once; cached on
     disk like every fastopt kernel)."""
     key = (cls.__name__, parallel)
@@ -112,7 +116,7 @@ def _host_loop(cls, parallel):
     return fn
 
 
-def _device_kernel(cls):
+def _device_kernel(cls: type[_Textbook]) -> Any:
     """The numba-cuda grid-stride kernel of ``cls._rule()``: ``numba_cuda_backend``'s generator
     (every slot present) around the same statements, compiled as a device function."""
     fn = _device_kernels.get(cls.__name__)
@@ -120,7 +124,7 @@ def _device_kernel(cls):
         from .backends import numba_cuda_backend as nc
 
         elem = nc.cuda.jit(device=True, inline="always")(cls._rule())
-        ns = {"__name__": nc.__name__, "cuda": nc.cuda}
+        ns: dict[str, Any] = {"__name__": nc.__name__, "cuda": nc.cuda}
         n = len(cls._state)
         src = nc.kernel_source(f"textbook_{cls.__name__.lower()}", n, (True,) * n)
         exec(compile(src, nc.__file__, "exec"), ns)
@@ -128,7 +132,9 @@ def _device_kernel(cls):
     return fn
 
 
-def _run_host(cls, param, grad, states, k):
+def _run_host(
+    cls: type[_Textbook], param: Any, grad: Any, states: tuple[Any, ...], k: tuple[Any, ...]
+) -> None:
     from .backends.numba_backend import PARALLEL_MIN
 
     n = param.shape[0]
@@ -136,7 +142,9 @@ def _run_host(cls, param, grad, states, k):
         _host_loop(cls, n >= PARALLEL_MIN)(param, grad, *states, k)
 
 
-def _run_device(cls, param, grad, states, k):
+def _run_device(
+    cls: type[_Textbook], param: Any, grad: Any, states: tuple[Any, ...], k: tuple[Any, ...]
+) -> None:
     from .backends import _launch
     from .backends import numba_cuda_backend as nc
 
@@ -159,6 +167,10 @@ def _run_device(cls, param, grad, states, k):
         nc._launch_device(fn, key, n, param, grad, states, k)
 
 
+#: ``_run_host`` or ``_run_device``
+_Runner = Callable[[type["_Textbook"], Any, Any, tuple[Any, ...], tuple[Any, ...]], None]
+
+
 class _Entry:
     """One parameter of one update: its arrays, checked; flattened just before its launch."""
 
@@ -175,7 +187,18 @@ class _Entry:
         "xp",
     )
 
-    def __init__(self, key, p, g):
+    key: Any
+    states: tuple[Any, ...]
+    scalar: bool
+    shape: tuple[int, ...]
+    dtype: np.dtype[Any]
+    xp: Any
+    array: Any
+    grad: Any
+    python: bool
+    run: _Runner
+
+    def __init__(self, key: Any, p: Any, g: Any) -> None:
         self.key = key
         self.states = ()
         self.scalar = _is_number(p)
@@ -213,7 +236,7 @@ class _Entry:
             isinstance(x, numbers.Real) and not isinstance(x, np.generic) for x in (p, g)
         )
 
-    def _grad(self, g):
+    def _grad(self, g: Any) -> Any:
         """The grad as an array of the caller's memory, checked: real, broadcastable."""
         key, xp = self.key, self.xp
         if g is None or isinstance(g, (bool, np.bool_, str, bytes)):
@@ -243,7 +266,7 @@ class _Entry:
                 f"not broadcast to the parameter's shape {list(self.shape)}"
             ) from None
 
-    def check_state(self, name, table, others):
+    def check_state(self, name: str, table: Any, others: list[tuple[str, Any]]) -> Any:
         """``table[key]`` (the state dict ``name``) is an array the kernel may write: the
         parameter's shape, dtype and device, writable, sharing memory with neither the
         parameter, nor the grad, nor ``others`` (this key's state arrays checked before it)."""
@@ -284,15 +307,15 @@ class _Entry:
                 )
         return s
 
-    def zeros(self):
+    def zeros(self) -> Any:
         return self.xp.zeros(self.shape, dtype=self.dtype)
 
-    def launch(self, cls, params, k):
+    def launch(self, cls: type[_Textbook], params: dict[Any, Any], k: tuple[Any, ...]) -> None:
         """Flatten (contiguous copies where needed, made now: after the launches of the keys
         before this one, as the chapter's loop reads them), run, write back."""
         xp, back = self.xp, []
 
-        def flat(a):
+        def flat(a: Any) -> Any:
             if a.flags.c_contiguous:
                 return a.reshape(-1)
             c = xp.ascontiguousarray(a)
@@ -315,14 +338,14 @@ class _Textbook:
     """The chapter's ``update(params, grads)``: one fused pass per parameter of ``_rule()``."""
 
     #: names of the attributes that hold per-key state dicts (None until the first update)
-    _state = ()
+    _state: ClassVar[tuple[str, ...]] = ()
     #: names of the numeric hyperparameters, checked at every update
-    _hyper = ()
+    _hyper: ClassVar[tuple[str, ...]] = ()
     #: indices of the scalars that are ``np.float64`` in the chapter's expressions (not Python
     #: floats): they stay float64 next to float32 arrays, as NumPy's promotion keeps them
-    _wide = ()
+    _wide: ClassVar[tuple[int, ...]] = ()
 
-    def __init__(self, backend):
+    def __init__(self, backend: str) -> None:
         if not isinstance(backend, str):
             raise TypeError(f"backend must be a string, got {type(backend).__name__}")
         if backend not in BACKENDS and backend != "auto":
@@ -343,7 +366,7 @@ class _Textbook:
         for name in self._state:
             setattr(self, name, None)
 
-    def update(self, params, grads):
+    def update(self, params: dict[Any, Any], grads: Mapping[Any, Any]) -> None:
         """Step every key of ``params`` with ``grads[key]``, by the chapter's statements."""
         if not isinstance(params, dict) or not hasattr(grads, "__getitem__"):
             raise TypeError(
@@ -372,7 +395,7 @@ class _Textbook:
             for name in self._state
         }
         for e in entries:  # every key's state, checked before the first launch
-            checked = []
+            checked: list[tuple[str, Any]] = []
             for name in self._state:
                 s = e.check_state(name, tables[name], checked)
                 checked.append((f"state {name}[{e.key!r}]", s))
@@ -385,7 +408,7 @@ class _Textbook:
         for e in entries:
             e.launch(type(self), params, typed[e.dtype])
 
-    def _runner(self, e):
+    def _runner(self, e: _Entry) -> _Runner:
         """``_run_host`` or ``_run_device`` for an entry's arrays, after checking that the
         backend can run and reaches them."""
         name = self.backend
@@ -406,19 +429,19 @@ class _Textbook:
             )
         return _run_host if name == HOST else _run_device
 
-    def _scalars(self, hp):
+    def _scalars(self, hp: dict[str, float]) -> tuple[Any, ...]:
         """The host scalars of one update (Python floats), in ``_rule()``'s order."""
         raise NotImplementedError
 
-    def _begin(self):
+    def _begin(self) -> None:
         """Per-update counters (Adam's ``iter``), once everything is checked."""
 
     @staticmethod
-    def _rule():
+    def _rule() -> Callable[..., Any]:
         """``rule(p, g, *state, k) -> (p, *state)``: the chapter's statements for one element."""
         raise NotImplementedError
 
-    def __repr__(self):
+    def __repr__(self) -> str:
         hp = ", ".join(f"{h}={getattr(self, h)!r}" for h in self._hyper)
         be = "" if self.backend == "auto" else f", backend={self.backend!r}"
         return f"{type(self).__name__}({hp}{be})"
@@ -433,15 +456,15 @@ class SGD(_Textbook):
 
     _hyper = ("lr",)
 
-    def __init__(self, lr=0.01, *, backend="auto"):
+    def __init__(self, lr: float = 0.01, *, backend: str = "auto") -> None:
         self.lr = lr
         super().__init__(backend)
 
-    def _scalars(self, hp):
+    def _scalars(self, hp: dict[str, float]) -> tuple[Any, ...]:
         return (hp["lr"],)
 
     @staticmethod
-    def _rule():
+    def _rule() -> Callable[..., Any]:
         def sgd(p, g, k):
             (lr,) = k
             p = p - lr * g
@@ -461,15 +484,15 @@ class Momentum(_Textbook):
     _hyper = ("lr", "momentum")
     _state = ("v",)
 
-    def __init__(self, lr=0.01, momentum=0.9, *, backend="auto"):
+    def __init__(self, lr: float = 0.01, momentum: float = 0.9, *, backend: str = "auto") -> None:
         self.lr, self.momentum = lr, momentum
         super().__init__(backend)
 
-    def _scalars(self, hp):
+    def _scalars(self, hp: dict[str, float]) -> tuple[Any, ...]:
         return (hp["momentum"], hp["lr"])
 
     @staticmethod
-    def _rule():
+    def _rule() -> Callable[..., Any]:
         def momentum(p, g, v, k):
             mu, lr = k
             v = mu * v - lr * g
@@ -497,16 +520,16 @@ class Nesterov(_Textbook):
     _hyper = ("lr", "momentum")
     _state = ("v",)
 
-    def __init__(self, lr=0.01, momentum=0.9, *, backend="auto"):
+    def __init__(self, lr: float = 0.01, momentum: float = 0.9, *, backend: str = "auto") -> None:
         self.lr, self.momentum = lr, momentum
         super().__init__(backend)
 
-    def _scalars(self, hp):
+    def _scalars(self, hp: dict[str, float]) -> tuple[Any, ...]:
         mu, lr = hp["momentum"], hp["lr"]
         return (mu * mu, (1 + mu) * lr, mu, lr)
 
     @staticmethod
-    def _rule():
+    def _rule() -> Callable[..., Any]:
         def nesterov(p, g, v, k):
             mu_mu, c, mu, lr = k
             p = p + mu_mu * v
@@ -529,15 +552,15 @@ class AdaGrad(_Textbook):
     _hyper = ("lr",)
     _state = ("h",)
 
-    def __init__(self, lr=0.01, *, backend="auto"):
+    def __init__(self, lr: float = 0.01, *, backend: str = "auto") -> None:
         self.lr = lr
         super().__init__(backend)
 
-    def _scalars(self, hp):
+    def _scalars(self, hp: dict[str, float]) -> tuple[Any, ...]:
         return (hp["lr"], EPS)
 
     @staticmethod
-    def _rule():
+    def _rule() -> Callable[..., Any]:
         def adagrad(p, g, h, k):
             lr, eps = k
             h = h + g * g
@@ -559,16 +582,18 @@ class RMSprop(_Textbook):
     _hyper = ("lr", "decay_rate")
     _state = ("h",)
 
-    def __init__(self, lr=0.01, decay_rate=0.99, *, backend="auto"):
+    def __init__(
+        self, lr: float = 0.01, decay_rate: float = 0.99, *, backend: str = "auto"
+    ) -> None:
         self.lr, self.decay_rate = lr, decay_rate
         super().__init__(backend)
 
-    def _scalars(self, hp):
+    def _scalars(self, hp: dict[str, float]) -> tuple[Any, ...]:
         dr = hp["decay_rate"]
         return (dr, 1 - dr, hp["lr"], EPS)
 
     @staticmethod
-    def _rule():
+    def _rule() -> Callable[..., Any]:
         def rmsprop(p, g, h, k):
             dr, omd, lr, eps = k
             h = h * dr
@@ -599,12 +624,14 @@ class Adam(_Textbook):
     _state = ("m", "v")
     _wide = (3,)  # lr_t
 
-    def __init__(self, lr=0.001, beta1=0.9, beta2=0.999, *, backend="auto"):
+    def __init__(
+        self, lr: float = 0.001, beta1: float = 0.9, beta2: float = 0.999, *, backend: str = "auto"
+    ) -> None:
         self.lr, self.beta1, self.beta2 = lr, beta1, beta2
         self.iter = 0
         super().__init__(backend)
 
-    def _scalars(self, hp):
+    def _scalars(self, hp: dict[str, float]) -> tuple[Any, ...]:
         lr, b1, b2, it = hp["lr"], hp["beta1"], hp["beta2"], self.iter
         if isinstance(it, (bool, np.bool_)) or not isinstance(it, numbers.Integral) or it < 0:
             raise TypeError(f"iter must be an integer >= 0 (updates so far), got {it!r}")
@@ -623,11 +650,11 @@ class Adam(_Textbook):
             )
         return (1 - b1, 1 - b2, EPS, lr_t)
 
-    def _begin(self):
+    def _begin(self) -> None:
         self.iter += 1
 
     @staticmethod
-    def _rule():
+    def _rule() -> Callable[..., Any]:
         def adam(p, g, m, v, k):
             omb1, omb2, eps, lr_t = k
             m = m + omb1 * (g - m)

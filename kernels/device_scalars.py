@@ -19,8 +19,11 @@ whose ``flags_of`` depends on the step or the host state, cannot be recorded: ``
 ``NotCapturable`` naming the rule.
 """
 
+from __future__ import annotations
+
 import math
 from dataclasses import dataclass, field
+from typing import Any
 
 from . import RULES
 
@@ -117,7 +120,7 @@ class _Sym:
     def __ne__(self, o):
         return self._op("!=", self, o)
 
-    __hash__ = None
+    __hash__ = None  # type: ignore[assignment]
 
     def __fastopt_sqrt__(self):
         return self._op("sqrt", self)
@@ -149,7 +152,7 @@ def _operand(a):
 
 def _inputs(spec, prog):
     """Symbols of the numeric hyperparameters (pairs as two) and host state, in ctl order."""
-    hp = {}
+    hp: dict[str, Any] = {}
     for h in spec.hyper:
         if h.domain == "bool":
             continue

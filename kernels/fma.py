@@ -13,13 +13,14 @@ float32 ties).
 
 from fractions import Fraction
 from math import isfinite
+from typing import Any
 
 import numpy as np
 
 __all__ = ["fma"]
 
 
-def fma(a, b, c):
+def fma(a: Any, b: Any, c: Any) -> Any:
     """``a*b + c`` with a single rounding, in the dtype of the arguments."""
     to = np.result_type(a, b, c).type
     if not (isfinite(a) and isfinite(b)):

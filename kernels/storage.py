@@ -35,6 +35,8 @@ Integers are int64 holding unsigned 32-bit values (the compilers promote small i
 bits anyway); every product of the hash stays below 2**63.
 """
 
+from __future__ import annotations
+
 from dataclasses import dataclass
 
 import numpy as np
@@ -274,7 +276,7 @@ class IO:
     #: the param store rounds stochastically (bfloat16 params without a master)
     sr: bool = False
     #: the grad is multiplied by 1/scale first: None, "host" (a scalar), "device" (a pointer)
-    scale: str = None
+    scale: str | None = None
     #: a device flag read in the kernel: nonzero leaves every array as it was
     found_inf: bool = False
     #: the host scalars come from a device buffer (capturable steps)

@@ -7,6 +7,10 @@ arithmetic, not memory. Both use ``prange`` like the backend, and are cached on 
 (``fastopt._numba_cache``).
 """
 
+from __future__ import annotations
+
+from typing import Any
+
 import numba
 import numpy as np
 
@@ -114,7 +118,7 @@ def _cvt(src, dst):
     return {"float32": _to_f32, "float64": _to_f64}.get(dst, _to_u16)
 
 
-_mixed = {}
+_mixed: dict[Any, Any] = {}
 
 
 def _mixed_source(n_state, master):
@@ -146,7 +150,7 @@ def mixed_traffic_kernel(io, n_state):
     if fn is None:
         from .._numba_cache import njit_cached
 
-        ns = {"__name__": __name__, "numba": numba}
+        ns: dict[str, Any] = {"__name__": __name__, "numba": numba}
         exec(compile(_mixed_source(n_state, io.master), __file__, "exec"), ns)
         master_src = "float32"
         py = ns["factory"](

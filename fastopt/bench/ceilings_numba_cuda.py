@@ -4,6 +4,8 @@ Like ``_bench_cpu``'s loops: one multiply-add per buffer over param, grad and ``
 state buffers, written as grid-stride loops so that any launch covers any ``n``.
 """
 
+from __future__ import annotations
+
 from numba import cuda
 
 __all__ = ["KERNELS", "launcher"]

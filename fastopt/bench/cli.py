@@ -15,6 +15,8 @@ the raw timings as JSON and a bar chart as PNG. Progress goes to stderr, the tab
     fastopt bench --optimizers adam --sizes 1e7 --dtypes float32 --backends numba --reps 40
 """
 
+from __future__ import annotations
+
 import argparse
 import datetime
 import importlib.util
@@ -22,6 +24,7 @@ import json
 import os
 import sys
 import time
+from typing import Any
 
 import numpy as np
 
@@ -209,7 +212,7 @@ def _plan(args, ap):
                 except RuntimeError as exc:
                     ap.error(str(exc))
     fast = [b for b in chosen if b != PEER]
-    devices = {}
+    devices: dict[Any, Any] = {}
     for b in fast:
         devices.setdefault(get_backend(b).DEVICE, []).append(b)
     if PEER in chosen and torch_peers.cuda_available():
@@ -334,7 +337,7 @@ def _ceiling_lines(records):
     own, next to its rows, and groups of different traffic are never pooled."""
     import statistics
 
-    seen = {}
+    seen: dict[Any, Any] = {}
     for r in records:
         if r.get("copy_gbps") is None or r["backend"].startswith("torch-"):
             continue
@@ -360,7 +363,7 @@ def _plot(records, path):
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    blocks = {}
+    blocks: dict[Any, Any] = {}
     for r in records:
         blocks.setdefault((r["device"], r["dtype"], r["n"]), []).append(r)
     fig, axes = plt.subplots(
@@ -495,7 +498,9 @@ def main(argv=None):
     from .groups import finalize, run_group, run_precision_group
 
     load_start = _loadavg()
-    records, host_path, t_start = [], [], time.perf_counter()
+    records: list[Any] = []
+    host_path: list[Any] = []
+    t_start = time.perf_counter()
     command = "fastopt bench " + " ".join(argv if argv is not None else sys.argv[1:])
 
     def write_json(complete):

@@ -29,8 +29,11 @@ Data for GPU groups is drawn on the device (``device_data``) and cached per size
 group does not spend seconds drawing 2^28 normal numbers on the host.
 """
 
+from __future__ import annotations
+
 import statistics
 import time
+from typing import Any
 
 from .measure import Runner, bytes_per_step
 
@@ -53,8 +56,8 @@ __all__ = [
     "traffic_source",
 ]
 
-_cupy_kernels = {}
-_data = {}
+_cupy_kernels: dict[Any, Any] = {}
+_data: dict[Any, Any] = {}
 
 
 class EventTimer:
@@ -266,9 +269,9 @@ def latency(runners, calls=30, rounds=7):
         for _ in range(10):
             r.fn()
         r.timer.sync()
-    ev = {k: [] for k in runners}
-    piped = {k: [] for k in runners}
-    host = {k: [] for k in runners}
+    ev: dict[Any, list[Any]] = {k: [] for k in runners}
+    piped: dict[Any, list[Any]] = {k: [] for k in runners}
+    host: dict[Any, list[Any]] = {k: [] for k in runners}
     for rnd in range(rounds):
         keys = list(runners) if rnd % 2 == 0 else list(reversed(list(runners)))
         for label in keys:

@@ -12,7 +12,11 @@ round (``*_spread``). Records are plain dicts, the schema of ``bench/results/*.j
 ``finalize`` adds the ratios across rows (× NumPy oracle, × torch on the same layout).
 """
 
+from __future__ import annotations
+
 import uuid
+from collections.abc import Callable
+from typing import Any
 
 import numpy as np
 
@@ -150,7 +154,7 @@ def group_factories(
         p0, g0 = device_data(n, dtype, seed)
     else:
         p0, g0 = host_data(n, dtype, seed)
-    facs = {}
+    facs: dict[tuple[str, ...], Callable[..., Any]] = {}
     for b in backends:
         facs[("step", b)] = lambda b=b: fastopt_runner(case, b, p0, g0)
     if device == "cuda":
@@ -362,7 +366,8 @@ def finalize(records):
     the same layout (one flat tensor, or the very same list: the same work) ÷ this time, the
     peer's name in ``torch_peer``; with ``speedup_vs_torch_spread`` (one ratio per round) when
     both were timed in the same interleaved rounds. Returns ``records``."""
-    oracle, torch_best = {}, {}
+    oracle: dict[Any, float] = {}
+    torch_best: dict[Any, Any] = {}
     for r in records:
         key = (r["optimizer"], r["dtype"], r["n"])
         if r["backend"] == "numpy" and r["layout"] == "flat":
@@ -381,7 +386,7 @@ def finalize(records):
             same_rounds = peer is not None and peer.get("group") == r.get("group") is not None
             r["speedup_vs_torch_spread"] = (
                 ratio_spread(peer.get("round_median_s"), r.get("round_median_s"))
-                if same_rounds
+                if same_rounds and peer is not None
                 else None
             )
     return records
@@ -395,7 +400,7 @@ def precision_factories(case, n, precisions, backend="numba", seed=0):
     name of ``measure.PRECISIONS`` (CPU: the numba backend and its same-traffic kernels)."""
     from . import ceilings_cpu
 
-    facs = {}
+    facs: dict[tuple[str, ...], Callable[..., Any]] = {}
     for name in precisions:
         pr = PRECISIONS[name]
         io = pr.io()

@@ -8,6 +8,8 @@ launches nothing, so ``host_runner`` times exactly the Python path of ``step(buf
 ``update()`` over a dict of arrays) with the same optimizer code a real backend goes through.
 """
 
+from __future__ import annotations
+
 import contextlib
 
 from .measure import HostTimer, Runner
@@ -68,7 +70,7 @@ def host_runner(case, n_params=1, size=256, api="step", dtype="float32"):
             buf.grads[k][...] = g
         fn, keep = (lambda: opt.step(buf)), (buf, opt)
     elif api == "update":
-        fn, keep = (lambda: opt.update(params, grads)), (params, grads, opt)
+        fn, keep = (lambda: opt.update(params, grads)), (params, grads, opt)  # type: ignore[assignment]
     else:
         raise ValueError(f"api={api!r}; expected 'step' or 'update'")
     return Runner(

@@ -30,6 +30,8 @@ spread of its own, one value per round (``ratio_spread``). CPU runners are timed
 blocks (``measure_group``: two passes, the second in reverse order).
 """
 
+from __future__ import annotations
+
 import contextlib
 import inspect
 import os
@@ -37,6 +39,7 @@ import platform
 import statistics
 import time
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 
@@ -78,10 +81,10 @@ class Case:
     #: state buffers written per element (the traffic beyond param and grad)
     n_state: int = 0
     #: ``torch.optim`` class name and kwargs, or None when torch has no such optimizer
-    torch_cls: str = None
+    torch_cls: str | None = None
     torch_kwargs: tuple = ()
     #: of those, the ones the benchmark's steps read first (None: every one)
-    n_read: int = None
+    n_read: int | None = None
 
     def __post_init__(self):
         if self.n_read is None:
@@ -97,12 +100,13 @@ def _torch_name(cls):
     matched case-insensitively (AdaGrad -> Adagrad, Momentum -> SGD), else None (Lion)."""
     import importlib.util
 
+    names: tuple[str, ...]
     if importlib.util.find_spec("torch") is None:
         names = _TORCH_OPTIM
     else:
         import torch.optim
 
-        names = [n for n in dir(torch.optim) if n[:1].isupper()]
+        names = tuple(n for n in dir(torch.optim) if n[:1].isupper())
     lower = {n.lower(): n for n in names}
     for klass in cls.__mro__:
         if klass.__name__ == "Optimizer":  # fastopt's base: no optimizer of its own
@@ -153,7 +157,7 @@ def derive_cases():
             h: min(order.index(x) for x in cls.slots_for(**{h: on}) if x not in base)
             for h, on in adds.items()
         }
-        adds = {h: adds[h] for h in sorted(adds, key=first_new.get)}
+        adds = {h: adds[h] for h in sorted(adds, key=first_new.__getitem__)}
         slots = cls.slots_for(**adds)
         if (cls._rule, slots) in seen:
             continue
@@ -414,7 +418,8 @@ def measure_group(
                 runners[key] = runner
     share = None if budget_s is None else budget_s / max(1, len(runners or factories))
     passes = 2 if together else 1
-    times, count = {}, {}
+    times: dict[Any, Any] = {}
+    count: dict[Any, tuple[int, int]] = {}
     for pass_ in range(passes):
         keys = list(runners or factories) if pass_ == 0 else list(reversed(list(runners)))
         for key in keys:
@@ -507,7 +512,7 @@ def measure_rounds(
             runners[key] = runner
             if progress:
                 progress(key, runner)
-    per_key = {key: [] for key in runners}
+    per_key: dict[Any, list[list[float]]] = {key: [] for key in runners}
     t0 = time.perf_counter()
     for r in range(rounds):
         keys = list(runners) if r % 2 == 0 else list(reversed(list(runners)))

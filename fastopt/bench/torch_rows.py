@@ -25,10 +25,14 @@ function takes ``device="cpu"`` too (the ``numba`` backend, host timers, numba's
 the machinery runs in the default test run without a GPU.
 """
 
+from __future__ import annotations
+
 import contextlib
 import importlib.util
 import uuid
 import warnings
+from collections.abc import Callable
+from typing import Any
 
 import numpy as np
 
@@ -146,8 +150,9 @@ def features(device="cuda", backend=None):
         put(name, *_try(make))
     import fastopt
 
+    adam: Any = fastopt.Adam  # probed with keywords it may not take
     for sd in LOWBIT_STATES:
-        put(f"state_dtype:{sd}", *_try(lambda sd=sd: fastopt.Adam(state_dtype=sd)))
+        put(f"state_dtype:{sd}", *_try(lambda sd=sd: adam(state_dtype=sd)))
         if not out["fastopt.torch"]["available"]:
             put(f"torch_state_dtype:{sd}", False, "fastopt.torch does not import")
             continue
@@ -384,7 +389,7 @@ def relate(rec, other, field, invert=False):
 def _measure(facs, device, rounds, per_round, warmup, budget_s):
     """``measure_rounds`` of the group; a runner that fails to build or warm up is left out,
     its error kept (``_records`` puts the group's errors into every record)."""
-    errors = {}
+    errors: dict[str, Any] = {}
     res = measure_rounds(
         facs, rounds=rounds, per_round=per_round, warmup=warmup, budget_s=budget_s, errors=errors
     )
@@ -418,7 +423,7 @@ def list_group(
     p, g = list_data(n, precision, device)
     nbytes = bytes_per_step(case.n_state, n, io=io, n_read=case.n_read)
     kw = pr.kwargs
-    facs = {
+    facs: dict[tuple[str, ...], Callable[..., Any]] = {
         ("adapter", "fastopt.torch", "list"): lambda: adapter_runner(
             case, p, g, "list", device, nbytes, kw, backend
         ),
@@ -482,7 +487,7 @@ def graph_group(
     p, g = list_data(n, "float32", device)
     nbytes = bytes_per_step(case.n_state, n, "float32", n_read=case.n_read)
     feats = features(device)
-    facs = {}
+    facs: dict[tuple[str, ...], Callable[..., Any]] = {}
     if feats["capturable"]["available"]:
 
         def fot_graph():
@@ -563,7 +568,7 @@ def clip_group(
     p, g = list_data(n, "float32", device)
     max_norm = max_norm_fraction * float(torch.linalg.vector_norm(g.float()))
     nbytes = bytes_per_step(case.n_state, n, "float32", n_read=case.n_read)
-    facs = {
+    facs: dict[tuple[str, ...], Callable[..., Any]] = {
         ("adapter", "fastopt.torch", "list"): lambda: adapter_runner(
             case, p, g, "list", device, nbytes, backend=backend
         ),
@@ -677,7 +682,7 @@ def lowbit_group(
         r.info.update(state_dtype=sd, state_bytes_per_param=state / n)
         return r
 
-    facs = {}
+    facs: dict[tuple[str, ...], Callable[..., Any]] = {}
     for sd in dtypes:
         facs[("step", backend or ("cupy" if device == "cuda" else "numba"), "flat", sd)] = (
             lambda sd=sd: flat(sd)

@@ -16,6 +16,8 @@
 Nothing here imports matplotlib or scikit-learn; ``fastopt.demo`` loads the data and draws.
 """
 
+from __future__ import annotations
+
 import itertools
 import time
 from dataclasses import dataclass
@@ -170,7 +172,7 @@ def textbook_valley_path(name, steps=30, backend="auto", xp=np):
     opt = getattr(textbook, name)(**TEXTBOOK_VALLEY[name], backend=backend)
     x0, y0 = VALLEY_START
     params = {"x": x0, "y": y0} if xp is np else {"x": xp.asarray([x0]), "y": xp.asarray([y0])}
-    path = [(x0, y0)]
+    path: list[tuple[float, ...]] = [(x0, y0)]
     for _ in range(steps):
         opt.update(params, {"x": params["x"] / 10.0, "y": 2.0 * params["y"]})
         path.append(
@@ -291,12 +293,12 @@ def train_mlp(
             progress(i + 1, float(loss))
     losses = to_numpy(xp.stack(losses)).astype(np.float64)
     # the first step compiles (or loads) the kernel: leave it out of the timings
-    t_step, t_iter = (np.array(t[1:] or t) * 1e3 for t in (t_step, t_iter))
+    step_ms, iter_ms = (np.array(t[1:] or t) * 1e3 for t in (t_step, t_iter))
     return TrainResult(
         spec.name,
         losses,
         float(mlp_loss(buf.params, X_tr, y_tr)),
         mlp_accuracy(buf.params, X_te, y_te),
-        float(np.median(t_step)),
-        float(np.median(t_iter)),
+        float(np.median(step_ms)),
+        float(np.median(iter_ms)),
     )

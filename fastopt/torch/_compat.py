@@ -26,10 +26,14 @@ state dtypes, tensor hyperparameters and ``torch.compile``.
   takes them, 1-element as torch requires.
 """
 
+from __future__ import annotations
+
 import copy
 import functools
 import math
+from collections.abc import Callable
 from itertools import chain
+from typing import TYPE_CHECKING, Any
 
 import torch
 
@@ -47,7 +51,7 @@ __all__ = [
 OPTIONS = ("backend", "master_weights")
 
 
-def hp_value(name, value):
+def hp_value(name: str, value: Any) -> Any:
     """A hyperparameter as the rule takes it: a tensor (1-element, as torch requires) as its
     float, a pair holding tensors as a pair of floats; anything else unchanged."""
     if isinstance(value, torch.Tensor):
@@ -61,13 +65,13 @@ def hp_value(name, value):
     return value
 
 
-def scalar_dtype():
+def scalar_dtype() -> torch.dtype:
     """torch's dtype of step counts and host state (``optimizer._get_scalar_dtype``)."""
     return torch.float64 if torch.get_default_dtype() == torch.float64 else torch.float32
 
 
 @functools.cache
-def legacy_group_defaults(cls):
+def legacy_group_defaults(cls: Any) -> dict[str, Any]:
     """The group keys ``cls``'s torch counterpart fills into a legacy state dict on load, with
     their values: found by running torch's own ``__setstate__`` over a bare group. The class's
     pinned values (Nesterov's ``nesterov=True``) stand over torch's. Empty without a
@@ -86,7 +90,7 @@ def legacy_group_defaults(cls):
     return out
 
 
-def upgrade(cls, groups, state):
+def upgrade(cls: Any, groups: list[dict[str, Any]], state: Any) -> None:
     """Upgrade ``groups`` and ``state`` (a state dict's, keyed like them) in place as torch's
     counterpart does: missing group keys filled in, Python-number step counts and host state
     as 0-d tensors of torch's scalar dtype."""
@@ -103,7 +107,7 @@ def upgrade(cls, groups, state):
                 st[n] = torch.tensor(float(v), dtype=scalar_dtype())
 
 
-def _number(v):
+def _number(v: object) -> float | None:
     """``v`` as a float if it is a real number or a 1-element real tensor, else None."""
     if isinstance(v, torch.Tensor):
         if v.numel() != 1 or v.is_complex() or v.dtype is torch.bool:
@@ -114,12 +118,12 @@ def _number(v):
     return float(v)
 
 
-def check_state_dict(opt, state_dict):
+def check_state_dict(opt: Any, state_dict: dict[str, Any]) -> dict[Any, torch.Tensor]:
     """Refuse (ValueError/TypeError, nothing written) a state dict ``opt`` cannot step from: a
     group count or size unlike ``opt``'s, a group hyperparameter outside its domain, and per
     parameter a state buffer or master copy shaped unlike its parameter, a step count or host
     scalar that is not a finite real number. Returns the map saved id -> parameter."""
-    cls = type(opt)
+    cls: Any = type(opt)
     spec = RULES[cls._fastopt._rule]
     saved = state_dict.get("param_groups")
     state = state_dict.get("state")
@@ -181,19 +185,21 @@ def check_state_dict(opt, state_dict):
     return id_map
 
 
-def _describe(v):
+def _describe(v: object) -> str:
     if isinstance(v, torch.Tensor):
         return f"a {v.dtype} tensor of shape {list(v.shape)}"
     return repr(v) if isinstance(v, (int, float)) else f"a {type(v).__name__}"
 
 
-def master_keeps(cls, state_dict, id_map):
+def master_keeps(
+    cls: Any, state_dict: dict[str, Any], id_map: dict[Any, torch.Tensor]
+) -> dict[torch.Tensor, dict[str, torch.Tensor]]:
     """``{param: {key: tensor}}``: for each parameter whose saved state holds an fp32 master
     copy, the float32 tensors (master, state buffers, host state) that must keep float32 where
     torch's load would cast them to the parameter's 16-bit dtype."""
     spec = RULES[cls._fastopt._rule]
     names = ("master_param", *spec.state, *spec.host_names)
-    keep = {}
+    keep: dict[torch.Tensor, dict[str, torch.Tensor]] = {}
     for key, st in state_dict["state"].items():
         p = id_map.get(key)
         if p is None or not isinstance(st, dict) or "master_param" not in st:
@@ -210,18 +216,24 @@ def master_keeps(cls, state_dict, id_map):
     return keep
 
 
-class TorchContract:
+if TYPE_CHECKING:  # the class it is mixed into
+    _Optimizer = torch.optim.Optimizer
+else:
+    _Optimizer = object
+
+
+class TorchContract(_Optimizer):
     """The mixin of ``FusedOptimizer`` that keeps ``torch.optim``'s contract around the step
     (see the module docstring)."""
 
-    def __getstate__(self):
+    def __getstate__(self) -> dict[str, Any]:
         state = super().__getstate__()
         for name in OPTIONS:
             if name in self.__dict__:
                 state[name] = self.__dict__[name]
         return state
 
-    def __setstate__(self, state):
+    def __setstate__(self, state: dict[str, Any]) -> None:
         state = dict(state)
         keep = self.__dict__.pop("_load_keep", None)
         super().__setstate__(state)
@@ -238,12 +250,12 @@ class TorchContract:
                     st[n] = v.to(device=p.device if v.dim() else v.device, copy=False)
 
     @torch._disable_dynamo
-    def load_state_dict(self, state_dict):
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         """torch's ``load_state_dict``, after the checks of ``check_state_dict`` (on the state
         dict as the pre-hooks leave it) and with fp32 master state kept in float32."""
         cls = type(self)
 
-        def check(opt, sd):
+        def check(opt: Any, sd: dict[str, Any]) -> dict[str, Any]:
             sd = dict(sd)
             sd["param_groups"] = [dict(g) for g in sd.get("param_groups", ())]
             id_map = check_state_dict(opt, sd)
@@ -258,12 +270,12 @@ class TorchContract:
             self.__dict__.pop("_load_keep", None)
 
 
-def advances_host_state_as_loaded(run_group):
+def advances_host_state_as_loaded(run_group: Callable[..., Any]) -> Callable[..., Any]:
     """``_run_group`` with host state advanced in float64 where a bucket's 0-d host state is
     float64 (torch's load policy widened it: ``host_precision``), else as torch keeps it."""
 
     @functools.wraps(run_group)
-    def run(self, spec, hp, buckets, *args, **kwargs):
+    def run(self: Any, spec: Any, hp: Any, buckets: Any, *args: Any, **kwargs: Any) -> Any:
         wide = any(
             isinstance(st.get(n), torch.Tensor) and st[n].dtype is torch.float64
             for items in buckets.values()

@@ -30,7 +30,10 @@ parameters). Sparse gradients, closures that need the parameters updated in betw
 ``torch.amp.GradScaler``'s fused path are not offered: GradScaler unscales the gradients itself.
 """
 
+from __future__ import annotations
+
 import contextlib
+from typing import Any
 
 import torch
 
@@ -86,7 +89,9 @@ class CudaStreams:
 def _buckets(params, bucket_bytes):
     """``params`` in order, cut into lists of about ``bucket_bytes`` of fp32 (one parameter
     larger than that is a bucket of its own)."""
-    out, cur, size = [], [], 0
+    out: list[Any] = []
+    cur: list[Any] = []
+    size = 0
     for p in params:
         n = 4 * p.numel()
         if cur and size + n > bucket_bytes:
@@ -140,8 +145,9 @@ class CPUOffload(torch.optim.Optimizer):
                 self.host_grads[p] = self._host(p)
                 group_of[p] = gi
         params = [p for g in self.param_groups for p in g["params"]]
-        self.buckets = []  # (device params, the optimizer over their masters, its groups' index)
-        self.bucket_of = {}
+        # (device params, the optimizer over their masters, its groups' index)
+        self.buckets: list[tuple[Any, ...]] = []
+        self.bucket_of: dict[Any, Any] = {}
         for bucket in _buckets(params, self.bucket_bytes):
             self.bucket_of.update((p, len(self.buckets)) for p in bucket)
             index = sorted({group_of[p] for p in bucket})
@@ -224,7 +230,7 @@ class CPUOffload(torch.optim.Optimizer):
             len(s["params"]) != len(g["params"]) for s, g in zip(saved, self.param_groups)
         ):
             raise ValueError("loaded state dict does not match the optimizer's param groups")
-        index = {}
+        index: dict[Any, Any] = {}
         for s, g in zip(saved, self.param_groups):
             index.update(zip(g["params"], s["params"]))
         masters = {}
