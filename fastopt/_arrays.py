@@ -20,7 +20,7 @@ import contextlib
 import ctypes
 import operator
 import sys
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from typing import Any
 
 import numpy as np
@@ -60,14 +60,14 @@ def _cupy():
     return cupy
 
 
-def array_module(a):
+def array_module(a: Any) -> Any:
     """``numpy`` for host arrays, ``cupy`` for device arrays."""
     if is_device_array(a) and not isinstance(a, np.ndarray):
         return _cupy()
     return np
 
 
-def to_numpy(a):
+def to_numpy(a: Any) -> np.ndarray[Any, Any]:
     """A host copy of ``a`` (NumPy, CuPy or any __cuda_array_interface__ array); a plain
     ndarray, once ``check_backing`` has found its memory alive (a view of freed memory is a
     ``ValueError``, not a copy of whatever lies there)."""
@@ -93,7 +93,7 @@ def _is_torch(a):
 _TORCH_FLOATS = ("torch.float32", "torch.float64", "torch.float16", "torch.bfloat16")
 
 
-def as_xp_array(a, label=None):
+def as_xp_array(a: Any, label: str | None = None) -> Any:
     """``a`` as a NumPy array (host) or a CuPy array (device) sharing its memory.
 
     NumPy arrays come back as they are, once ``check_backing`` has found their memory alive; an
@@ -227,7 +227,7 @@ def _span(a):
     return lo, hi + a.itemsize
 
 
-def owner(a):
+def owner(a: Any) -> Any:
     """The ndarray at the end of ``a``'s chain of bases: the one that owns its memory (or wraps
     a foreign buffer: ``owner(a).base`` is then not an ndarray); ``a`` itself when it owns it."""
     b = a.base
@@ -245,7 +245,7 @@ def _torch_span(t):
     return t.untyped_storage().nbytes(), (last + 1) * t.element_size()
 
 
-def check_torch_storage(t, label=None):
+def check_torch_storage(t: Any, label: str | None = None) -> None:
     """A strided tensor with memory behind every element it reaches: a meta tensor (no memory:
     its address is 0) or a sparse one is a ``TypeError``, a storage freed or shrunk
     (``untyped_storage().resize_``: what a sharded model does to a gathered parameter) a
@@ -270,7 +270,7 @@ def check_torch_storage(t, label=None):
         )
 
 
-def backing_error(a):
+def backing_error(a: Any) -> str | None:
     """None when every byte ndarray ``a`` reaches lies in live memory, else why not: a view
     outside the buffer of the array that owns its memory (that array resized since, with
     ``refcheck=False``), or a view of a torch tensor whose storage no longer holds it. An array
@@ -307,7 +307,7 @@ def _range(span):
     return "no bytes" if span is None else f"[{span[0]:#x}, {span[1]:#x})"
 
 
-def check_backing(a, label=None):
+def check_backing(a: Any, label: str | None = None) -> None:
     """Raise ``ValueError`` (naming ``label``) when ndarray ``a`` reaches memory that no longer
     backs it (``backing_error``)."""
     why = backing_error(a)
@@ -331,7 +331,7 @@ class Pins:
 
     __slots__ = ("addrs", "fields", "roots", "sizes", "torch")
 
-    def __init__(self, arrays):
+    def __init__(self, arrays: Iterable[Any]) -> None:
         roots, seen = [], set()
         for a in arrays:
             root = owner(a)
@@ -348,7 +348,7 @@ class Pins:
             if _is_torch(r.base) and (st := r.base.untyped_storage()) is not None
         )
 
-    def unmoved(self):
+    def unmoved(self) -> bool:
         """Is every owner's memory still where it was, as large as it was? (Two C-level passes
         over the readings; a torch storage is read through torch.)"""
         if tuple(map(_VALUE, self.fields)) != self.addrs:
@@ -389,14 +389,14 @@ def _view(a):
     return a
 
 
-def device_id(a):
+def device_id(a: Any) -> int | None:
     """The CUDA device ordinal of a CuPy array, or None for host arrays and other objects."""
     if isinstance(a, np.ndarray) or not is_device_array(a):
         return None
     return getattr(getattr(a, "device", None), "id", None)
 
 
-def as_xp_dicts(params, grads):
+def as_xp_dicts(params: Any, grads: Any) -> tuple[Any, Any]:
     """``(params, grads)`` with every array normalised by ``as_xp_array`` (no copies).
 
     Raises ``ValueError`` when the arrays live on more than one GPU, naming one array on each;
@@ -413,7 +413,7 @@ def as_xp_dicts(params, grads):
     return params, grads
 
 
-def check_one_device(labelled):
+def check_one_device(labelled: Iterable[tuple[str, Any]]) -> None:
     """Raise ``ValueError`` if the device arrays of ``[(label, array), ...]`` span two GPUs."""
     seen: dict[Any, str] = {}
     for label, a in labelled:
@@ -428,7 +428,7 @@ def check_one_device(labelled):
         )
 
 
-def on_device(a):
+def on_device(a: Any) -> contextlib.AbstractContextManager[Any]:
     """A context that makes ``a``'s GPU current (CuPy allocations and launches go there);
     a no-op for host arrays."""
     dev = device_id(a)

@@ -10,6 +10,7 @@ was expected.
 from __future__ import annotations
 
 import math
+from collections.abc import Iterable, Sequence
 from typing import Any
 
 import numpy as np
@@ -45,6 +46,9 @@ __all__ = [
 #: runs in float32 for the 16-bit ones (``fastopt.precision``)
 SUPPORTED_DTYPES = ("float16", "bfloat16", "float32", "float64")
 #: what ``check_array`` accepts unless told otherwise (callers without mixed precision)
+#: ``(label, array, written)``: one buffer of a step, for ``check_no_overlap``
+Overlap = tuple[str, Any, bool]
+
 FULL_PRECISION = ("float32", "float64")
 
 
@@ -56,16 +60,16 @@ class NonFiniteGradientError(FloatingPointError, ValueError):
     """
 
 
-def is_array(a):
+def is_array(a: object) -> bool:
     return isinstance(a, np.ndarray) or is_device_array(a)
 
 
-def where(a):
+def where(a: Any) -> str:
     """``"host"`` or ``"device"``: the address space an array's pointer lives in."""
     return "device" if is_device_array(a) and not isinstance(a, np.ndarray) else "host"
 
 
-def dtype_of(a):
+def dtype_of(a: Any) -> np.dtype[Any]:
     try:
         return np.dtype(a.dtype)
     except (TypeError, AttributeError):  # e.g. a framework dtype object: use the interface
@@ -77,7 +81,7 @@ def _is_float(dt):
     return dt.kind == "f" or (dt.name == "bfloat16" and dt.itemsize == 2)
 
 
-def dtype_name(dt):
+def dtype_name(dt: Any) -> str:
     """``float32``; a non-native byte order is spelled out: ``>f4 (big-endian float32)``."""
     dt = np.dtype(dt)
     if dt.isnative:
@@ -86,7 +90,7 @@ def dtype_name(dt):
     return f"{dt.str} ({order} {dt.name})"
 
 
-def describe(a):
+def describe(a: Any) -> str:
     """``float32[3, 4] on host``: what an error message says an array is."""
     if not is_array(a):
         return f"a {type(a).__name__}"
@@ -128,7 +132,13 @@ def _check_plain(role, who, a):
         )
 
 
-def check_array(name, role, a, supported=FULL_PRECISION, who=None):
+def check_array(
+    name: Any,
+    role: str,
+    a: Any,
+    supported: tuple[str, ...] = FULL_PRECISION,
+    who: str | None = None,
+) -> np.dtype[Any]:
     """``a`` is a plain NumPy or a device array of a supported float dtype in native byte
     order (``role``: param/grad/...; ``who``: what the message names, by default the
     parameter)."""
@@ -168,7 +178,7 @@ def _c_contiguous(a):
     )
 
 
-def check_backed(name, role, a, who=None):
+def check_backed(name: Any, role: str, a: Any, who: str | None = None) -> None:
     """Every byte host array ``a`` reaches lies in live memory (``_arrays.backing_error``): not
     a view of an array resized or freed since, nor of a torch tensor whose storage shrank."""
     if isinstance(a, np.ndarray):
@@ -177,7 +187,7 @@ def check_backed(name, role, a, who=None):
             raise ValueError(f"{role} of {_who(name, who)} ({describe(a)}) {why}")
 
 
-def check_writable(name, role, a, who=None):
+def check_writable(name: Any, role: str, a: Any, who: str | None = None) -> None:
     """``a`` can be updated in place by a flat kernel: C-contiguous, writeable, and backed by
     live memory (``check_backed``)."""
     who = _who(name, who)
@@ -194,7 +204,15 @@ def check_writable(name, role, a, who=None):
         )
 
 
-def check_like(name, role, a, param, who=None, exc=ValueError, dtype=None):
+def check_like(
+    name: Any,
+    role: str,
+    a: Any,
+    param: Any,
+    who: str | None = None,
+    exc: type[Exception] = ValueError,
+    dtype: Any = None,
+) -> None:
     """``a`` (a state buffer) has its parameter's shape and dtype (byte order included), or
     the storage dtype ``dtype`` when one is given."""
     want = dtype_of(param) if dtype is None else np.dtype(dtype)
@@ -210,15 +228,15 @@ def check_like(name, role, a, param, who=None, exc=ValueError, dtype=None):
 
 
 def check_param_arrays(
-    name,
-    param,
-    grad,
-    states,
-    supported=SUPPORTED_DTYPES,
-    who=None,
-    state_dtype=None,
-    grad_written=False,
-):
+    name: Any,
+    param: Any,
+    grad: Any,
+    states: Iterable[tuple[str, Any]],
+    supported: tuple[str, ...] = SUPPORTED_DTYPES,
+    who: str | None = None,
+    state_dtype: Any = None,
+    grad_written: bool = False,
+) -> tuple[np.dtype[Any], list[Overlap]]:
     """Everything one parameter's fused launch needs of its arrays, before anything runs.
 
     ``param`` and every present state buffer (``states``: ``(state name, array or None)``) are
@@ -253,13 +271,19 @@ def check_param_arrays(
     return pd, entries + check_state_arrays(name, param, states, who, state_dtype)
 
 
-def check_state_arrays(name, param, states, who=None, state_dtype=None):
+def check_state_arrays(
+    name: Any,
+    param: Any,
+    states: Iterable[tuple[str, Any]],
+    who: str | None = None,
+    state_dtype: Any = None,
+) -> list[Overlap]:
     """Each present state buffer (``(state name, array or None)``) shaped like its (already
     checked) param and typed ``state_dtype`` (default: the param's dtype; the fp32 master copy
     ``"master_param"`` always float32), C-contiguous and writeable; returns their overlap
     entries."""
     who = _who(name, who)
-    entries = []
+    entries: list[Overlap] = []
     for s, a in states:
         if a is None:
             continue
@@ -271,7 +295,9 @@ def check_state_arrays(name, param, states, who=None, state_dtype=None):
     return entries
 
 
-def check_reach(be, arrays, what, exc=ValueError):
+def check_reach(
+    be: Any, arrays: Sequence[tuple[str, Any]], what: str, exc: type[Exception] = ValueError
+) -> None:
     """All of ``arrays`` (``(label, array)``) live in one address space that backend module
     ``be`` can reach (host arrays for a CPU backend, device arrays for a GPU one)."""
     spaces: dict[str, str] = {}
@@ -328,7 +354,7 @@ def _shares(a, b):
     return True  # device arrays: bounds are all we can know without touching the device
 
 
-def check_no_overlap(entries):
+def check_no_overlap(entries: Sequence[Overlap]) -> None:
     """Refuse when a buffer that the step writes shares memory with any other buffer of it.
 
     ``entries``: ``(label, array, written)``. Reads may overlap reads (two grads viewing the same
@@ -357,9 +383,9 @@ def check_no_overlap(entries):
     for span in spans:
         space, lo, _, label, a, written = span
         active = [s for s in active if s[0] == space and s[2] > lo]
-        for other in active:
-            if (written or other[5]) and _shares(a, other[4]):
-                _overlap_error(other[3], other[5], label)
+        for prev in active:
+            if (written or prev[5]) and _shares(a, prev[4]):
+                _overlap_error(prev[3], prev[5], label)
         active.append(span)
 
 
@@ -372,7 +398,7 @@ def _overlap_error(first, first_written, second):
     )
 
 
-def all_finite(a):
+def all_finite(a: Any) -> bool:
     """One fused reduction: True when ``a`` holds no NaN and no ±inf."""
     if where(a) == "host":
         return bool(np.isfinite(a).all())
@@ -381,7 +407,7 @@ def all_finite(a):
     return bool(cupy.isfinite(cupy.asarray(a)).all())
 
 
-def check_names(got, expected, what, where_):
+def check_names(got: Iterable[Any], expected: Iterable[Any], what: str, where_: str) -> None:
     """Same names, or a ``KeyError`` listing the missing and the unexpected ones."""
     got, expected = set(got), set(expected)
     if got != expected:
@@ -391,7 +417,7 @@ def check_names(got, expected, what, where_):
         )
 
 
-def check_str_names(names, what):
+def check_str_names(names: Iterable[Any], what: str) -> None:
     """Every parameter name is a ``str`` (state dicts and checkpoints are keyed by them)."""
     for n in names:
         if not isinstance(n, str):
@@ -401,7 +427,14 @@ def check_str_names(names, what):
             )
 
 
-def check_number(name, value, lo=None, hi=None, lo_open=False, hi_open=False):
+def check_number(
+    name: str,
+    value: object,
+    lo: float | None = None,
+    hi: float | None = None,
+    lo_open: bool = False,
+    hi_open: bool = False,
+) -> float:
     """A real, non-NaN number inside the given bounds, as a float."""
     if isinstance(value, (bool, np.bool_)) or not isinstance(
         value, (int, float, np.integer, np.floating)
@@ -428,7 +461,7 @@ def check_number(name, value, lo=None, hi=None, lo_open=False, hi_open=False):
     return v
 
 
-def check_step(step):
+def check_step(step: object) -> int:
     """The 1-based step count of a functional call, as an int."""
     if isinstance(step, (bool, np.bool_)) or not isinstance(step, (int, np.integer)):
         raise TypeError(
@@ -443,7 +476,7 @@ def check_step(step):
     return int(step)
 
 
-def normalise_hyper(value):
+def normalise_hyper(value: Any) -> Any:
     """A hyperparameter as a host value: real numbers (NumPy scalars too) become Python floats,
     a sequence of them (betas) a tuple of floats; anything else is returned unchanged for the
     validation to refuse with a message."""

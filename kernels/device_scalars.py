@@ -22,6 +22,7 @@ whose ``flags_of`` depends on the step or the host state, cannot be recorded: ``
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -49,11 +50,11 @@ class Program:
     ``hs_out`` the host state after the step, each an operand (a variable or a constant)."""
 
     rule: str
-    inputs: list = field(default_factory=list)
-    ops: list = field(default_factory=list)
-    outputs: dict = field(default_factory=dict)
-    hs_out: dict = field(default_factory=dict)
-    hs_index: dict = field(default_factory=dict)
+    inputs: list[str] = field(default_factory=list)
+    ops: list[tuple[str, str, tuple[Any, ...]]] = field(default_factory=list)
+    outputs: dict[str, Any] = field(default_factory=dict)
+    hs_out: dict[str, Any] = field(default_factory=dict)
+    hs_index: dict[str, int] = field(default_factory=dict)
 
 
 class _Sym:
@@ -176,7 +177,7 @@ def _var(name):
     return "in_" + name.replace("[", "_").replace("]", "").replace(":", "_")
 
 
-def trace(rule, hp):
+def trace(rule: str, hp: Mapping[str, Any]) -> Program:
     """The ``Program`` of ``rule``'s host scalars with the boolean hyperparameters of ``hp``
     (any numeric values: they are inputs). Raises ``NotCapturable``."""
     spec = RULES[rule]
@@ -207,7 +208,7 @@ def trace(rule, hp):
     return prog
 
 
-def capturable(rule, hp):
+def capturable(rule: str, hp: Mapping[str, Any]) -> bool:
     """Can the device compute ``rule``'s host scalars with the flags of ``hp``?"""
     try:
         trace(rule, hp)
@@ -216,7 +217,9 @@ def capturable(rule, hp):
     return True
 
 
-def ctl_values(rule, hp, step, hs=None):
+def ctl_values(
+    rule: str, hp: Mapping[str, Any], step: int, hs: Mapping[str, float] | None = None
+) -> list[float]:
     """The host values of ``ctl``: the steps taken, the numeric hyperparameters (pairs as two),
     the host state (None: its initial values)."""
     spec = RULES[rule]
@@ -248,7 +251,7 @@ def _lit(a, c=False):
     return a
 
 
-def python_source(prog, name="fastopt_scalars"):
+def python_source(prog: Program, name: str = "fastopt_scalars") -> str:
     """Python source of ``factory(mix32)`` returning the scalar kernel
     ``name(ctl, k32, k64, keyp, fi, seed)`` (numba-cuda; plain Python under the simulator)."""
     lines = [
@@ -277,7 +280,7 @@ def python_source(prog, name="fastopt_scalars"):
     return "\n".join(lines) + "\n"
 
 
-def c_source(prog, name="fastopt_scalars"):
+def c_source(prog: Program, name: str = "fastopt_scalars") -> str:
     """CUDA C of the scalar kernel ``name(ctl, k32, k64, keyp, fi, seed)`` (one thread; the
     conversions of ``kernels/storage.cuh`` pasted in for the rounding key)."""
     from pathlib import Path

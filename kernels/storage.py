@@ -37,7 +37,9 @@ bits anyway); every product of the hash stays below 2**63.
 
 from __future__ import annotations
 
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 
@@ -77,41 +79,41 @@ _F16_DENORM = np.float32(0.5)
 _F16_DENORM_BITS = 0x3F000000
 
 
-def f32_bits(x):
+def f32_bits(x: Any) -> Any:
     """The bit pattern of float32 ``x`` as a non-negative integer (each compiler lowers this
     to a bit cast)."""
     return int(np.float32(x).view(np.uint32))
 
 
-def bits_f32(u):
+def bits_f32(u: Any) -> Any:
     """The float32 whose bit pattern is the low 32 bits of ``u`` (a bit cast when compiled)."""
     return np.uint32(int(u) & 0xFFFFFFFF).view(np.float32)
 
 
-def bf16_load(h):
+def bf16_load(h: Any) -> Any:
     """bfloat16 bits -> float32, exactly."""
     return bits_f32(np.int64(h) << 16)
 
 
-def bf16_store(x):
+def bf16_store(x: Any) -> Any:
     """float32 -> bfloat16 bits, round to nearest even; NaN stays NaN (quiet, payload kept)."""
     u = f32_bits(x)
     nan = (u & 0x7FFFFFFF) > 0x7F800000
     return ((u >> 16) | 0x40) if nan else ((u + 0x7FFF + ((u >> 16) & 1)) >> 16)
 
 
-def bf16_lo(w):
+def bf16_lo(w: Any) -> Any:
     """The bfloat16 in the low half of the 32-bit word ``w`` (the first of two neighbouring
     elements on a little-endian machine) -> float32, exactly."""
     return bits_f32((np.int64(w) & 0xFFFF) << 16)
 
 
-def bf16_hi(w):
+def bf16_hi(w: Any) -> Any:
     """The bfloat16 in the high half of ``w`` (the second element) -> float32, exactly."""
     return bits_f32(np.int64(w) & 0xFFFF0000)
 
 
-def bf16_pair_store(a, b):
+def bf16_pair_store(a: Any, b: Any) -> Any:
     """Two float32 -> one 32-bit word of two bfloat16, ``a`` in the low half: exactly
     ``bf16_store(a) | bf16_store(b) << 16``. The CPU lowering rounds both in 32-bit lanes and
     keeps their high halves (no narrowing shuffle): the loop over word pairs that uses it
@@ -119,7 +121,7 @@ def bf16_pair_store(a, b):
     return bf16_store(a) | (bf16_store(b) << 16)
 
 
-def bf16_store_sr(x, r):
+def bf16_store_sr(x: Any, r: Any) -> Any:
     """float32 -> bfloat16 bits, rounded stochastically with the 16 random bits ``r``: up
     (away from zero) with probability (dropped bits) / 2**16, else down; NaN as ``bf16_store``.
     """
@@ -128,7 +130,7 @@ def bf16_store_sr(x, r):
     return ((u >> 16) | 0x40) if nan else ((u + r) >> 16)
 
 
-def f16_load(h):
+def f16_load(h: Any) -> Any:
     """float16 bits -> float32, exactly (subnormals, ±0, ±inf, NaN payloads)."""
     h = np.int64(h)
     o = ((h & 0x7FFF) << 13) + 0x38000000  # exponent rebiased from 15 to 127
@@ -140,7 +142,7 @@ def f16_load(h):
     return bits_f32(o | ((h & 0x8000) << 16))
 
 
-def f16_store(x):
+def f16_store(x: Any) -> Any:
     """float32 -> float16 bits, round to nearest even (overflow to ±inf, subnormals exact);
     NaN stays NaN (quiet, the top of its payload kept)."""
     u = f32_bits(x)
@@ -158,7 +160,7 @@ def f16_store(x):
     return o | ((u >> 16) & 0x8000)
 
 
-def mix32(x):
+def mix32(x: Any) -> Any:
     """A 32-bit integer hash (bijective, full avalanche: C. Wellons' lowbias32 family)."""
     x = x & 0xFFFFFFFF
     x = x ^ (x >> 16)
@@ -168,12 +170,12 @@ def mix32(x):
     return x ^ (x >> 15)
 
 
-def step_key(seed, step):
+def step_key(seed: Any, step: Any) -> Any:
     """The per-step key of the rounding hash: one value per (seed, step)."""
     return mix32((seed & 0xFFFFFFFF) ^ mix32(step))
 
 
-def sr_bits(i, salt, key):
+def sr_bits(i: Any, salt: Any, key: Any) -> Any:
     """16 random bits for element ``i`` of the array with ``salt`` under the step ``key``:
     ``mix32(mix32(i_lo ^ salt) + i_hi ^ key) >> 16`` (``mix32`` written out twice, so that
     the function calls nothing a compiler must resolve)."""
@@ -192,7 +194,9 @@ def sr_bits(i, salt, key):
     return x >> 16
 
 
-def make_converters(dev, compute):
+def make_converters(
+    dev: Callable[[Callable[..., Any]], Any], compute: str
+) -> dict[str, dict[str, Any]]:
     """The per-array loads and stores of a compiled loop, for a compiler that compiles a Python
     function with ``dev`` (``numba.cuda.jit(device=True)``, or the identity where the functions
     are registered already): ``{"load": {kind: fn(bits or value)}, "store": {kind: fn(value)},
@@ -285,11 +289,11 @@ class IO:
     write_grad: bool = False
 
     @property
-    def compute(self):
+    def compute(self) -> str:
         return COMPUTE[self.param]
 
     @property
-    def plain(self):
+    def plain(self) -> bool:
         c = self.compute
         return (
             self.param == self.grad == self.state == c
@@ -297,20 +301,28 @@ class IO:
             and not self.write_grad
         )
 
-    def kind(self, role):
+    def kind(self, role: str) -> str:
         """Storage dtype of ``role``: "param", "grad", "state" or "master"."""
         return "float32" if role == "master" else getattr(self, role)
 
-    def itemsizes(self):
+    def itemsizes(self) -> dict[str, int]:
         return {r: ITEMSIZE[self.kind(r)] for r in ("param", "grad", "state", "master")}
 
 
-def io_for(param, grad=None, state=None, **extras):
+def io_for(param: str, grad: str | None = None, state: str | None = None, **extras: Any) -> IO:
     """The ``IO`` of a launch from storage dtype names (grad and state default to the param's)."""
     return IO(param=param, grad=grad or param, state=state or param, **extras)
 
 
-def element_source(nslots, writes, io, scale, key, indent, index="i"):
+def element_source(
+    nslots: int,
+    writes: Sequence[bool],
+    io: IO,
+    scale: str,
+    key: str,
+    indent: int,
+    index: str = "i",
+) -> list[str]:
     """The per-element body of a launch with the storage plan ``io``, as Python source lines
     at ``indent``: each array loaded once into a compute-dtype local (``lp``/``lg``/``ls``), the
     rule (``elem``) called, each result stored once (``sp``/``sg``/``ss``). ``scale``: the

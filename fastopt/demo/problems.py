@@ -291,12 +291,12 @@ def train_mlp(
         losses.append(loss)
         if progress is not None and (i + 1) % max(1, iters // 10) == 0:
             progress(i + 1, float(loss))
-    losses = to_numpy(xp.stack(losses)).astype(np.float64)
+    loss_curve = to_numpy(xp.stack(losses)).astype(np.float64)
     # the first step compiles (or loads) the kernel: leave it out of the timings
     step_ms, iter_ms = (np.array(t[1:] or t) * 1e3 for t in (t_step, t_iter))
     return TrainResult(
         spec.name,
-        losses,
+        loss_curve,
         float(mlp_loss(buf.params, X_tr, y_tr)),
         mlp_accuracy(buf.params, X_te, y_te),
         float(np.median(step_ms)),
