@@ -26,6 +26,7 @@ loops' source and compilation) and this one (the launches: ``prepare``, ``launch
 ``launch_many``, ``launch_many_io``), which also re-exports the other two's public names.
 """
 
+import numba
 import numpy as np
 
 from .._numba_cache import njit_cached
@@ -50,9 +51,7 @@ from .numba_codegen import (  # noqa: F401  (re-exported: the backend's public n
     python_loop,
 )
 from .numba_intrinsics import (
-    _address_as,
-    _import_error,
-    numba,
+    address_as,
 )
 
 NAME = "numba"
@@ -64,11 +63,11 @@ PARALLEL_MIN = 1 << 15
 
 
 def available():
-    return numba is not None
+    return True  # numba is a core dependency (a broken install fails this module's import)
 
 
 def why_unavailable():
-    return "" if numba is not None else f"numba cannot be imported: {_import_error}"
+    return ""
 
 
 # -- many tensors in one launch ---------------------------------------------------------------
@@ -88,7 +87,7 @@ CHUNK = 1 << 14
 
 def _scalars_at(addresses, like, value, add):
     for i in range(addresses.shape[0]):
-        x = numba.carray(_address_as(addresses[i], like), 1)
+        x = numba.carray(address_as(addresses[i], like), 1)
         x[0] = x[0] + value if add else value
 
 
@@ -264,3 +263,41 @@ def _prepare_mixed(rule, flags, writes, k, io, extras):
 def launch(rule, flags, param, grad, states, k):
     """One fused pass over flat arrays, unchecked (see ``prepare``)."""
     prepare(rule, flags, tuple(s is not None for s in states), k, param.dtype)(param, grad, states)
+
+
+def step_runner(plan, dtype, writes, io):
+    """The backend protocol's runner (``backends.protocol``): ``prepare`` for the plan's
+    variant and scalars, with its loss-scale and rounding extras for a storage plan ``io``."""
+    if io is None:
+        return prepare(plan.rule, plan.flags, writes, plan.k, dtype)
+    return prepare(
+        plan.rule, plan.flags, writes, plan.k, dtype, io=io, extras=(plan.inv_scale, plan.key)
+    )
+
+
+#: (name, parallel) -> the compiled loop of a per-element function that is no spec rule
+_element_loops = {}
+
+
+def element_runner(name, make_elem, nslots):
+    """``run(param, grad, states, k)`` for a per-element function that is no spec rule (the
+    textbook's chapters: ``make_elem()`` gives ``elem(p, g, s0, .., k) -> (p, s0, ..)``) over
+    flat arrays with all ``nslots`` slots present; ``k`` arrives typed as the caller wants
+    it. The serial or parallel loop is picked by length; ``name`` keys the compiled loops.
+    Unchecked, like ``prepare``."""
+
+    def run(param, grad, states, k):
+        n = param.shape[0]
+        if n == 0:
+            return
+        par = n >= PARALLEL_MIN
+        fn = _element_loops.get((name, par))
+        if fn is None:
+            py = python_loop(make_elem(), (True,) * nslots, par)
+            # error_model="numpy": x/0 is inf/nan as in NumPy (no exception)
+            fn = _element_loops[(name, par)] = njit_cached(
+                parallel=par, nogil=True, error_model="numpy"
+            )(py)
+        fn(param, grad, *states, k)
+
+    return run

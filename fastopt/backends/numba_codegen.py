@@ -8,11 +8,12 @@ conversions (``numba_intrinsics``), and compiled once (``kernel``, ``many_kernel
 ``many_io_kernel``; on disk through ``fastopt._numba_cache``). ``numba_backend`` launches them.
 """
 
-import numpy as np  # noqa: F401
+import numba
+from numba.extending import register_jitable
 
 from .._numba_cache import njit_cached
 from ..kernels import RULES, storage
-from .numba_intrinsics import _address_as, _loader, _param_storer, _storer, numba, register_jitable
+from .numba_intrinsics import address_as, loader, param_storer, storer
 
 _compiled = {}
 
@@ -123,12 +124,12 @@ def io_cells(io):
     """The jitable loads and stores of ``IO_CELLS`` for the storage plan ``io``."""
     c = io.compute
     return (
-        _loader(io.param, c),
-        _loader(io.grad, c),
-        _loader(io.state, c),
-        _param_storer(io.param, c, io.sr),
-        _storer(io.grad, c),
-        _storer(io.state, c),
+        loader(io.param, c),
+        loader(io.grad, c),
+        loader(io.state, c),
+        param_storer(io.param, c, io.sr),
+        storer(io.grad, c),
+        storer(io.state, c),
     )
 
 
@@ -218,7 +219,7 @@ def many_kernel(rule, flags, writes, parallel):
     key = ("many", rule, tuple(sorted(flags.items())), writes, parallel)
     fn = _compiled.get(key)
     if fn is None:
-        ns = {"__name__": __name__, "carray": numba.carray, "address_as": _address_as}
+        ns = {"__name__": __name__, "carray": numba.carray, "address_as": address_as}
         exec(compile(many_source(len(writes), writes), __file__, "exec"), ns)
         py = ns["factory"](
             register_jitable(inline="always")(RULES[rule].make_rule(**flags)),
@@ -285,7 +286,7 @@ def many_io_kernel(rule, flags, writes, io, parallel, pairs):
     key = ("many-io", rule, tuple(sorted(flags.items())), writes, io, parallel, pairs)
     fn = _compiled.get(key)
     if fn is None:
-        ns = {"__name__": __name__, "carray": numba.carray, "address_as": _address_as}
+        ns = {"__name__": __name__, "carray": numba.carray, "address_as": address_as}
         exec(compile(many_io_source(len(writes), writes, io, pairs), __file__, "exec"), ns)
         py = ns["factory"](
             jitable_rule(RULES[rule].make_rule(**flags), pairs),
