@@ -31,6 +31,8 @@ and the tests' matrices read these fields; only the CUDA C body (``kernels/<name
 written beside the rule, and a test holds its signature to ``slots`` and ``scalars``.
 """
 
+import contextlib
+import contextvars
 import inspect
 import itertools
 import math
@@ -99,15 +101,40 @@ def maximum(a, b):
     return where(a >= b, a, b)
 
 
+#: set by ``host_precision``: host state held in float64
+_WIDE_HOST_STATE = contextvars.ContextVar("fastopt_wide_host_state", default=False)
+
+
+@contextlib.contextmanager
+def host_precision(wide):
+    """Within it, ``host_round`` rounds nothing when ``wide``: host state held in float64, as
+    torch holds it for a float64 parameter whose state dict it loaded (its load policy casts
+    0-d state to the parameter's dtype)."""
+    token = _WIDE_HOST_STATE.set(bool(wide))
+    try:
+        yield
+    finally:
+        _WIDE_HOST_STATE.reset(token)
+
+
 def f32(x):
-    """``x`` rounded to float32 (torch's default scalar dtype, that of the host state), as a
-    Python float; recordable."""
+    """``x`` rounded to float32 (torch's default scalar dtype: what ``torch.as_tensor`` of a
+    Python float holds), as a Python float; recordable."""
     f = getattr(x, "__fastopt_f32__", None)
     if f is not None:
         return f()
     import numpy as np
 
     return float(np.float32(x))
+
+
+def host_round(x):
+    """``x`` rounded to the host state's dtype: float32 (``f32``) as torch creates it, nothing
+    inside ``host_precision(True)`` (float64 host state, where torch's in-place arithmetic on
+    it, NAdam's ``mu_product *= mu``, runs in float64); recordable."""
+    if _WIDE_HOST_STATE.get() and getattr(x, "__fastopt_f32__", None) is None:
+        return float(x)
+    return f32(x)
 
 
 def check_value(name, value, domain):
@@ -309,14 +336,14 @@ class Rule:
         return {n: f32(hp[v] if isinstance(v, str) else v) for n, v in self.host_state}
 
     def advance_host_state(self, hp, step, hs):
-        """The host state after step ``step`` (float32 values): ``advance``, rounded. A value
-        that cannot be computed (``ASGD(lambd=1e6, alpha=100)``: ``(1 + lambd·lr·t)^alpha``
-        overflows) is a ``ValueError`` (``_arithmetic``)."""
+        """The host state after step ``step``: ``advance``, rounded to the host state's dtype
+        (``host_round``). A value that cannot be computed (``ASGD(lambd=1e6, alpha=100)``:
+        ``(1 + lambd·lr·t)^alpha`` overflows) is a ``ValueError`` (``_arithmetic``)."""
         if not self.host_state:
             return {}
         try:
             out = self.advance(hp, step, dict(hs))
-            return {n: f32(out[n]) for n in self.host_names}
+            return {n: host_round(out[n]) for n in self.host_names}
         except (ArithmeticError, ValueError) as exc:
             raise _arithmetic_error(self.name, "the host state after", step, exc) from exc
 

@@ -254,15 +254,16 @@ def test_views_whose_array_is_resized_between_cached_steps_are_refused(backend, 
 
 @pytest.mark.parametrize("what", ["param", "exp_avg"])
 def test_arrays_resized_in_place_between_cached_steps_are_followed(backend, what):
-    # resized up then back: same object, shape, dtype and flags, new memory (grown past the
-    # allocator's mapping threshold, the block moves out of the heap for good). The cached flat
-    # views pointed at the freed block (a write after free); the address re-check rebuilds
-    # them, and the step lands where its twin's does, bit for bit.
+    # resized up then back: same object, shape, dtype and flags, new memory (grown to 64 MiB,
+    # past glibc's largest dynamic mmap threshold (32 MiB), the block moves out of the heap for
+    # good; at 8 MiB a long-lived process had raised the threshold and realloc stayed put).
+    # The cached flat views pointed at the freed block (a write after free); the address
+    # re-check rebuilds them, and the step lands where its twin's does, bit for bit.
     (a, b), g = _twins(backend)
     (opt, params) = a
     arr = params["w"] if what == "param" else opt.state["w"]["exp_avg"]
     address = arr.ctypes.data
-    arr.resize((1 << 17, 8), refcheck=False)
+    arr.resize((1 << 20, 8), refcheck=False)
     arr.resize((8, 8), refcheck=False)
     assert arr.ctypes.data != address  # moved (else the case tests nothing)
     for _ in range(2):
@@ -284,7 +285,7 @@ def test_flatbuffer_arrays_resized_or_rebound_between_cached_steps(backend):
     group = bufs[0].groups[0]
     n = group.data.shape[0]
     address = group.data.ctypes.data
-    group.data.resize(1 << 20, refcheck=False)
+    group.data.resize(1 << 23, refcheck=False)
     group.data.resize(n, refcheck=False)
     assert group.data.ctypes.data != address
     for buf, opt in zip(bufs, opts):

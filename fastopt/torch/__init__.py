@@ -47,9 +47,11 @@ from ..base import PRECISION_DEFAULTS
 from ..functional import Launch
 from ..kernels import RULES
 from ..kernels.storage import io_for
+from . import _dtensor
+from ._compat import TorchContract, advances_host_state_as_loaded, hp_value
 from ._steady import Steady
 
-__all__ = ["FusedOptimizer", *_optimizers.CLASSES, "Adagrad", "RMSprop"]
+__all__ = ["CPUOffload", "FusedOptimizer", *_optimizers.CLASSES, "Adagrad", "RMSprop"]
 
 #: torch dtypes the kernels run on, and their storage kinds (``kernels.storage``)
 _KINDS = {
@@ -77,7 +79,7 @@ def _torch_defaults(cls):
     return dict(probe.defaults)
 
 
-class FusedOptimizer(torch.optim.Optimizer):
+class FusedOptimizer(TorchContract, torch.optim.Optimizer):
     """The ``torch.optim.Optimizer`` face of a fastopt optimizer class (``_fastopt``)."""
 
     _fastopt = None
@@ -110,8 +112,7 @@ class FusedOptimizer(torch.optim.Optimizer):
             if h in fo._pinned:
                 hp[h] = fo._pinned[h]
             elif h in group:
-                v = group[h]
-                hp[h] = float(v) if isinstance(v, torch.Tensor) else v
+                hp[h] = hp_value(h, group[h])  # tensor lr, betas, ... as floats
         return spec.validate(hp)
 
     def _check_group(self, group, what):
@@ -154,6 +155,7 @@ class FusedOptimizer(torch.optim.Optimizer):
         return new
 
     # -- the step --------------------------------------------------------------------------------
+    @torch._disable_dynamo  # opaque to torch.compile: a graph break, the step run eagerly
     @torch.no_grad()
     def step(self, closure=None):
         """One fused step over every parameter with a gradient (``closure`` as in torch)."""
@@ -216,6 +218,7 @@ class FusedOptimizer(torch.optim.Optimizer):
                 fresh = [x.name for x in spec.slots if x.fresh]
                 step = 1 if any(state.get(n) is None for n in fresh) else 2
             bufs = self._check_state(p, state, names)
+            _dtensor.check(p, g, bufs, state.get("master_param"), cls.__name__)
             # with or without a master copy (a loaded state dict may mix them): one storage
             # plan per launch, which its address table's loop trusts
             key = (p.device, p.dtype, step, "master_param" in state)
@@ -250,6 +253,7 @@ class FusedOptimizer(torch.optim.Optimizer):
             )
         return bufs
 
+    @advances_host_state_as_loaded  # NAdam's mu_product loaded as float64
     def _run_group(self, spec, hp, buckets, inv_scale, index=None):
         names = spec.state
         # a group launched whole (one bucket) may cache its launch
@@ -276,7 +280,13 @@ class FusedOptimizer(torch.optim.Optimizer):
                         slots[j] = self.state[p][names[j]] = torch.zeros_like(
                             p, dtype=torch.float32 if master else p.dtype
                         )
-                tensors.append((p, g, slots, state.get("master_param")))
+                # DTensors: their local shards (``_dtensor``); the state above is created
+                # from ``p`` itself, a DTensor like it
+                m = state.get("master_param")
+                tensors.append(
+                    tuple(_dtensor.local(x) for x in (p, g))
+                    + ([_dtensor.local(x) for x in slots], _dtensor.local(m))
+                )
             if io.plain:
                 self._launch(spec, hp, t, hs, device, dtype, used, tensors, cache_as)
             else:  # 16-bit storage, a master copy or the loss scale: the storage-plan kernels
@@ -512,3 +522,5 @@ def _make(cls):
 globals().update({name: _make(cls) for name, cls in _optimizers.CLASSES.items()})
 Adagrad = globals()["AdaGrad"]
 RMSprop = globals()["RMSProp"]
+
+from .offload import CPUOffload  # noqa: E402  (it subclasses the classes above)
