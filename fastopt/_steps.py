@@ -430,7 +430,7 @@ class StepMachinery:
             return self._apply_dict(todo, hp, ls)
 
     def _build_dict_cache(self, pairs, sources, be):
-        names, slots = self._slots, RULES[self._rule].STATE
+        names, slots = self._slots, RULES[self._rule].state
         entries = []
         for name, p, g in pairs:
             e = _Entry()
@@ -561,7 +561,7 @@ class StepMachinery:
 
     def _build_flat_cache(self, buf, be):
         c = _FlatCache()
-        names, slots = self._slots, RULES[self._rule].STATE
+        names, slots = self._slots, RULES[self._rule].state
         c.buf, c.n, c.groups = buf, len(buf.groups), tuple(buf.groups)
         c.datas = tuple(g.data for g in buf.groups)
         c.grads = tuple(g.grad for g in buf.groups)
