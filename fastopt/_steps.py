@@ -9,12 +9,13 @@ view of an array resized in place would point at freed memory; and the memory be
 that is a view) and fall back to the full validation when anything differs: O(1) host work per
 array.
 
-Then one ``functional.Launch`` per step plans the whole step before anything is written: the
+Then one ``functional.StepPlan`` per step plans the whole step before anything is written: the
 variant, the host scalars, the host state after the step and the next step count (any of them
 can fail: an overflow, a step count too large for a float); then every runner is prepared, the
 rule runs over every parameter (dict API) or every dtype group (``FlatBuffer``), and only then
 are the step count and the host state committed (``_commit``). A mixin of
-``fastopt.base.Optimizer``.
+``fastopt.base.Optimizer``: it reads and changes the state only through ``OptimizerState``
+(``self._st``).
 """
 
 import bisect
@@ -51,7 +52,7 @@ from ._validate import (
     dtype_of,
     is_array,
 )
-from .functional import Launch, device_flag, found, loss_scale
+from .functional import StepPlan, device_flag, found, loss_scale
 from .kernels import RULES
 
 __all__ = ["StepMachinery"]
@@ -222,7 +223,7 @@ class StepMachinery:
         in what cannot break it — or None, and the full validation decides."""
         c = self._dict_cache
         if (
-            self._state is not c.state
+            self._st.arrays is not c.state
             or not isinstance(params, Mapping)
             or not isinstance(grads, Mapping)
             or len(params) != c.n
@@ -303,10 +304,10 @@ class StepMachinery:
         return ls.found_dev is not None and not _capture.supports(be) and found(ls.found_dev)
 
     def _launch(self, be, hp, ls, like):
-        """The ``Launch`` of this step, and whether its scalars live on the device (a
+        """The ``StepPlan`` of this step, and whether its scalars live on the device (a
         capturable step on a GPU backend: the scalar kernel has been launched). The whole
         plan is computed here, before anything is written: the variant, the host scalars and
-        the host state after the step (``Launch``; a value that cannot be computed is a
+        the host state after the step (``StepPlan``; a value that cannot be computed is a
         ``ValueError``); the step count and host state are committed by ``_commit`` once the
         launches have run."""
         if ls.scale_dev is not None and getattr(be, "DEVICE", "cpu") == "cpu":
@@ -319,14 +320,14 @@ class StepMachinery:
             ds = self.__dict__.get("_dev")
             if ds is None:
                 ds = self._dev = _capture.DeviceScalars(
-                    be, self._rule, rhp, self._step_count, self._host, self.seed, like
+                    be, self._rule, rhp, self._step_count, self._st.host, self.seed, like
                 )
-            launch = Launch(
+            launch = StepPlan(
                 be,
                 self._rule,
                 self._step_count + 1,  # the steps issued (the device holds the steps taken)
                 rhp,
-                self._host,  # the variant only: the device holds and advances the host state
+                self._st.host,  # the variant only: the device holds and advances the host state
                 inv_scale=ls.inv_scale,
                 scale=ls.scale_dev,
                 seed=self.seed,
@@ -336,12 +337,12 @@ class StepMachinery:
             ds.upload(rhp)
             ds.advance(like, ls.found_dev)
             return launch, True
-        launch = Launch(
+        launch = StepPlan(
             be,
             self._rule,
             self.step_count + 1,
             rhp,
-            self._host,
+            self._st.host,
             inv_scale=ls.inv_scale,
             scale=ls.scale_dev,
             seed=self.seed,
@@ -374,7 +375,7 @@ class StepMachinery:
         if self.capturable and _capture.supports(be):
             return  # the device computes the scalars
         spec, rhp = self._spec, self._rule_hp(hp)
-        hs = self._host if self._host is not None else self._pending_host
+        hs = self._st.host_now()
         if hs is None:
             hs = spec.initial_host_state(rhp)
         step = self.step_count + 1
@@ -383,14 +384,13 @@ class StepMachinery:
 
     def _commit(self, launch, on_device):
         """After an applied step's launches: the step count and the host state (both computed
-        by the ``Launch``, before anything was written; a capturable step advances the host
+        by the ``StepPlan``, before anything was written; a capturable step advances the host
         state on the device)."""
         if on_device:
             self._step_count = launch.step  # the steps issued
             return
         self.step_count = launch.step
-        if self._host:
-            self._host = launch.hs_after
+        self._st.advance_host(launch.hs_after)
 
     def _update_full(self, params, grads, ls=NO_LOSS):
         if not isinstance(params, Mapping) or not isinstance(grads, Mapping):
@@ -413,11 +413,14 @@ class StepMachinery:
                 be, pairs, hp = self._validate_dict(params, grads)
             if not self._finite((n, g) for n, _, g in pairs):
                 return False
-            if self._layout is None:
+            if not self._st.bound:
                 self._check_plan(be, hp)  # a step that cannot be planned creates no state
-                self._bind(
+                self._st.bind_dict(
                     ("dict", tuple((n, tuple(p.shape), str(dtype_of(p))) for n, p, _ in pairs)),
                     {n: p for n, p, _ in pairs},
+                    self._kinds(),
+                    self._state_fill,
+                    self._initial_host,
                 )
             c = self._dict_cache = self._build_dict_cache(pairs, sources, be)
             todo = []
@@ -427,11 +430,11 @@ class StepMachinery:
             return self._apply_dict(todo, hp, ls)
 
     def _build_dict_cache(self, pairs, sources, be):
-        names, slots = self._state_names(), RULES[self._rule].STATE
+        names, slots = self._slots, RULES[self._rule].state
         entries = []
         for name, p, g in pairs:
             e = _Entry()
-            st = self._state[name]
+            st = self._st.arrays[name]
             e.name, e.p, e.shape, e.dtype, e.src = name, p, p.shape, p.dtype, sources[name]
             e.gdtype = g.dtype
             e.ptr = e.tdtype = None
@@ -439,7 +442,7 @@ class StepMachinery:
                 e.ptr, e.tdtype = e.src.data_ptr(), e.src.dtype  # a torch tensor's NumPy view
             e.pflat, e.st, e.nst = p.reshape(-1), st, len(st)
             pk = precision.kind(p.dtype)
-            e.sarrs = tuple((s, st[s]) for s in self._names_for(pk))
+            e.sarrs = tuple((s, st[s]) for s in self._kinds().names_for(pk))
             e.tbytes = None
             if e.ptr is not None:  # the tensor's storage stands for the param's memory
                 e.tbytes = e.src.untyped_storage().nbytes()
@@ -448,10 +451,10 @@ class StepMachinery:
             e.sflat = tuple(st[s].reshape(-1) if s in st else None for s in slots)
             m = st.get(precision.MASTER) if self.master_weights else None
             e.mflat = None if m is None else m.reshape(-1)
-            e.io = self._io_base(pk, precision.kind(g.dtype))
+            e.io = self._kinds().io_base(pk, precision.kind(g.dtype))
             e.ios, e.salt = {}, precision.param_salt(name)
             entries.append(e)
-        return _DictCache(entries, self._state, be, tuple(s in names for s in slots))
+        return _DictCache(entries, self._st.arrays, be, tuple(s in names for s in slots))
 
     def _backend_for(self, arrays, what):
         """The backend module that will run, after checking it can reach ``arrays``."""
@@ -459,50 +462,20 @@ class StepMachinery:
         check_reach(be, arrays, what)
         return be
 
-    def _check_against(self, name, shape, dtype):
-        """Shape/dtype of parameter ``name`` against the bound layout or the loaded state."""
-        if self._bound is not None:
-            ref = self._bound[name]
-            if (shape, dtype) != ref:
-                raise ValueError(
-                    f"parameter {name!r} is {dtype_name(dtype)}{list(shape)} but "
-                    f"this optimizer was first stepped with "
-                    f"{dtype_name(ref[1])}{list(ref[0])}; create a new optimizer "
-                    "or load a matching state_dict"
-                )
-        elif self._pending is not None:
-            pk = precision.kind(dtype)
-            check_names(
-                self._pending[name],
-                self._names_for(pk),
-                f"loaded state buffers of parameter {name!r}",
-                f"those {type(self).__name__} keeps for a {pk} parameter",
-            )
-            sk = precision.storage_dtype(self._state_kind(pk))
-            for s, a in self._pending[name].items():
-                want = np.dtype(np.float32) if s == precision.MASTER else sk
-                if a.shape != shape or a.dtype != want:
-                    raise ValueError(
-                        f"loaded state {s!r} of parameter {name!r} is "
-                        f"{dtype_name(a.dtype)}{list(a.shape)}, but the parameter "
-                        f"is {dtype_name(dtype)}{list(shape)}, its state "
-                        f"{dtype_name(want)}{list(shape)}"
-                    )
-
     def _validate_dict(self, params, grads, write_grad=False):
         check_names(grads, params, "the names of grads", "the names of params")
-        bound = self._layout is not None
+        bound = self._st.layout is not None
         if bound:
-            if self._layout[0] != "dict":
+            if self._st.layout[0] != "dict":
                 raise ValueError("this optimizer steps a FlatBuffer; call step(buf), not update()")
             check_names(
                 params,
-                self._state,
+                self._st.arrays,
                 "parameter names",
                 "those of the first step (create a new optimizer for other parameters)",
             )
-        elif self._pending is not None:
-            check_names(params, self._pending, "parameter names", "those of the loaded state")
+        elif self._st.pending is not None:
+            check_names(params, self._st.pending, "parameter names", "those of the loaded state")
         hp = self._step_hp()  # schedules may have changed them since the last step
         arrays = []
         for name, p in params.items():
@@ -520,17 +493,17 @@ class StepMachinery:
         for name, p in params.items():
             g = grads[name]
             pd, ents = check_param_arrays(name, p, g, (), supported, grad_written=write_grad)
-            self._check_against(name, tuple(p.shape), pd)
+            self._st.check_against(name, tuple(p.shape), pd, self._kinds(), type(self).__name__)
             pk = precision.kind(pd)
-            sk = self._state_kind(pk)  # refuses a state dtype this param cannot keep
+            sk = self._kinds().state_kind(pk)  # refuses a state dtype this param cannot keep
             if bound:
-                st = self._state[name]
+                st = self._st.arrays[name]
                 if not isinstance(st, Mapping):
                     raise ValueError(
                         f"opt.state[{name!r}] is a {type(st).__name__}; expected "
                         "a dict state name -> array"
                     )
-                want = self._names_for(pk)
+                want = self._kinds().names_for(pk)
                 check_names(st, want, f"state buffers of parameter {name!r}", f"those {kind} keeps")
                 ents += check_state_arrays(
                     name, p, [(s, st[s]) for s in want], state_dtype=precision.storage_dtype(sk)
@@ -588,19 +561,19 @@ class StepMachinery:
 
     def _build_flat_cache(self, buf, be):
         c = _FlatCache()
-        names, slots = self._state_names(), RULES[self._rule].STATE
+        names, slots = self._slots, RULES[self._rule].state
         c.buf, c.n, c.groups = buf, len(buf.groups), tuple(buf.groups)
         c.datas = tuple(g.data for g in buf.groups)
         c.grads = tuple(g.grad for g in buf.groups)
         c.shapes = tuple(d.shape for d in c.datas)
         c.dtypes = tuple(d.dtype for d in c.datas)
         c.gdtypes = tuple(g.dtype for g in c.grads)
-        c.states = tuple(tuple(f.get(s, None) for s in slots) for f in self._flat_state)
-        c.masters = tuple(f.get(precision.MASTER) for f in self._flat_state)
+        c.states = tuple(tuple(f.get(s, None) for s in slots) for f in self._st.flat)
+        c.masters = tuple(f.get(precision.MASTER) for f in self._st.flat)
         c.entries = []
         for i, (d, g) in enumerate(zip(c.datas, c.grads)):
             e = _Entry()  # the group's storage plan and salt
-            e.io = self._io_base(precision.kind(d.dtype), precision.kind(g.dtype))
+            e.io = self._kinds().io_base(precision.kind(d.dtype), precision.kind(g.dtype))
             e.ios, e.salt = {}, precision.param_salt(f"group {i}")
             c.entries.append(e)
         c.be, c.writes = be, tuple(s in names for s in slots)
@@ -611,26 +584,27 @@ class StepMachinery:
         c.fast = c.host or (cp is not None and all(type(a) is cp.ndarray for a in arrays))
         c.pins = None  # device memory is never resized in place
         if c.host:  # the flat state is the optimizer's own, the data and grads the buffer's
-            c.pins = Pins(list(arrays) + [a for f in self._flat_state for a in f.values()])
+            c.pins = Pins(list(arrays) + [a for f in self._st.flat for a in f.values()])
         return c
 
     def _validate_flat(self, buf, write_grad=False):
         layout = buf.layout
-        if self._layout is not None:
-            if self._layout[0] != "flat":
+        if self._st.layout is not None:
+            if self._st.layout[0] != "flat":
                 raise ValueError(
                     "this optimizer steps dicts of arrays; call update(params, "
                     "grads), not step(buf)"
                 )
-            if self._layout[1] != layout:
+            if self._st.layout[1] != layout:
                 check_names(
                     buf.params,
-                    self._state,
+                    self._st.arrays,
                     "the FlatBuffer's parameter names",
                     "those of the first step",
                 )
                 old = {
-                    n: (dt, off, size, tuple(shape)) for dt, n, off, size, shape in self._layout[1]
+                    n: (dt, off, size, tuple(shape))
+                    for dt, n, off, size, shape in self._st.layout[1]
                 }
                 for dt, n, off, size, shape in layout:
                     if old[n] != (dt, off, size, tuple(shape)):
@@ -642,15 +616,17 @@ class StepMachinery:
                             "optimizer or load a matching state_dict"
                         )
                 raise ValueError("this FlatBuffer's layout differs from the first step's")
-        elif self._pending is not None:
+        elif self._st.pending is not None:
             check_names(
                 buf.params,
-                self._pending,
+                self._st.pending,
                 "the FlatBuffer's parameter names",
                 "those of the loaded state",
             )
             for dt, n, _, _, shape in layout:
-                self._check_against(n, tuple(shape), np.dtype(dt))
+                self._st.check_against(
+                    n, tuple(shape), np.dtype(dt), self._kinds(), type(self).__name__
+                )
         self._step_hp()
         arrays = []
         for i, g in enumerate(buf.groups):
@@ -676,9 +652,9 @@ class StepMachinery:
                         f"{' or '.join(dtype_name(d) for d in ok)} array of at least {n} elements"
                     )
             states = ()
-            if self._flat_state is not None:
-                states = tuple(self._flat_state[i].items())
-                size = next(iter(self._flat_state[i].values())).shape[0] if states else None
+            if self._st.flat is not None:
+                states = tuple(self._st.flat[i].items())
+                size = next(iter(self._st.flat[i].values())).shape[0] if states else None
                 if size is not None and group.data.shape[0] != size:
                     raise ValueError(
                         f"data of {who} is {describe(group.data)} but this "
@@ -686,7 +662,7 @@ class StepMachinery:
                         "(sized at the first step); a FlatBuffer's buffers cannot "
                         "be resized: create a new FlatBuffer and optimizer"
                     )
-            sk = precision.storage_dtype(self._state_kind(precision.kind(dt)))
+            sk = precision.storage_dtype(self._kinds().state_kind(precision.kind(dt)))
             _, ents = check_param_arrays(
                 None,
                 group.data,

@@ -16,9 +16,10 @@ docstring quotes them). Those are not ``torch.optim``'s formulas: for those, use
 How it runs: each class's ``_rule()`` is the body of the chapter's ``for key in params`` loop
 for one element, statement by statement (``p = p + s`` for ``params[key] += s``), with the
 chapter's constants as host scalars. It is compiled as one fused pass per parameter by the loop
-generators every rule uses: on the host Numba's (``numba_backend.python_loop``: a ``prange`` loop
-from 2^15 elements), on a GPU numba-cuda's grid-stride kernel (``numba_cuda_backend.
-kernel_source``) for any device array (CuPy's included). The scalars take the types NumPy gives
+generators every rule uses, through the backends' ``element_runner``: on the host Numba's
+(``numba_backend.python_loop``: a ``prange`` loop from 2^15 elements), on a GPU numba-cuda's
+grid-stride kernel (``numba_cuda_backend.kernel_source``) for any device array (CuPy's
+included). The scalars take the types NumPy gives
 the chapter's expressions (NumPy 2's promotion rules): a Python float next to a float32 array is
 rounded to float32 and the math stays float32, except Adam's ``lr_t``, a ``np.float64`` (from
 ``np.sqrt``), which makes its parameter step float64 math rounded once into a float32 array, as
@@ -53,6 +54,7 @@ from __future__ import annotations
 import math
 import numbers
 from collections.abc import Callable, Mapping
+from types import ModuleType
 from typing import Any, ClassVar
 
 import numpy as np
@@ -96,79 +98,18 @@ def _plain(what: str, a: Any) -> Any:
 
 
 # -- the compiled passes ------------------------------------------------------------------------
-_host_loops: dict[tuple[str, bool], Any] = {}  # (class name, parallel) -> compiled loop
-_device_kernels: dict[str, Any] = {}  # class name -> cuda.jit kernel
-
-
-def _host_loop(cls: type[_Textbook], parallel: bool) -> Any:
-    """The compiled host loop of ``cls._rule()`` (Numba compiles it per dtype, once; cached on
-    disk like every fastopt kernel)."""
-    key = (cls.__name__, parallel)
-    fn = _host_loops.get(key)
-    if fn is None:
-        from ._numba_cache import njit_cached
-        from .backends import numba_backend as nb
-
-        py = nb.python_loop(cls._rule(), (True,) * len(cls._state), parallel)
-        # error_model="numpy": x/0 is inf/nan as in the chapter's NumPy (no exception)
-        fn = njit_cached(parallel=parallel, nogil=True, error_model="numpy")(py)
-        _host_loops[key] = fn
-    return fn
-
-
-def _device_kernel(cls: type[_Textbook]) -> Any:
-    """The numba-cuda grid-stride kernel of ``cls._rule()``: ``numba_cuda_backend``'s generator
-    (every slot present) around the same statements, compiled as a device function."""
-    fn = _device_kernels.get(cls.__name__)
-    if fn is None:
-        from .backends import numba_cuda_backend as nc
-
-        elem = nc.cuda.jit(device=True, inline="always")(cls._rule())
-        ns: dict[str, Any] = {"__name__": nc.__name__, "cuda": nc.cuda}
-        n = len(cls._state)
-        src = nc.kernel_source(f"textbook_{cls.__name__.lower()}", n, (True,) * n)
-        exec(compile(src, nc.__file__, "exec"), ns)
-        fn = _device_kernels[cls.__name__] = nc.cuda.jit(ns["factory"](elem))
-    return fn
-
-
-def _run_host(
-    cls: type[_Textbook], param: Any, grad: Any, states: tuple[Any, ...], k: tuple[Any, ...]
+def _run(
+    be: ModuleType,
+    cls: type[_Textbook],
+    param: Any,
+    grad: Any,
+    states: tuple[Any, ...],
+    k: tuple[Any, ...],
 ) -> None:
-    from .backends.numba_backend import PARALLEL_MIN
-
-    n = param.shape[0]
-    if n:
-        _host_loop(cls, n >= PARALLEL_MIN)(param, grad, *states, k)
-
-
-def _run_device(
-    cls: type[_Textbook], param: Any, grad: Any, states: tuple[Any, ...], k: tuple[Any, ...]
-) -> None:
-    from .backends import _launch
-    from .backends import numba_cuda_backend as nc
-
-    n = int(param.shape[0])
-    if n == 0:
-        return
-    fn = _device_kernel(cls)
-    if nc.SIMULATOR and isinstance(param, np.ndarray):  # CI: host arrays in the simulator
-        blocks, threads = nc.launch_config(n)  # (it copies every argument back: a writable grad)
-        fn[blocks, threads](param, grad if grad.flags.writeable else grad.copy(), *states, k)
-        return
-    param, grad = _launch.plain_view(param), _launch.plain_view(grad)
-    states = tuple(_launch.plain_view(s) for s in states)
-    key = (f"textbook.{cls.__name__}", (), (True,) * len(states), np.dtype(param.dtype).name)
-    dev = nc._device_index(param)
-    if isinstance(dev, int) and dev != nc.cuda.get_current_device().id:
-        with nc.cuda.gpus[dev]:  # where the arrays live, whatever device is current
-            nc._launch_device(fn, key, n, param, grad, states, k)
-    else:
-        nc._launch_device(fn, key, n, param, grad, states, k)
-
-
-#: ``_run_host`` or ``_run_device``
-_Runner = Callable[[type["_Textbook"], Any, Any, tuple[Any, ...], tuple[Any, ...]], None]
+    """One fused pass of ``cls._rule()`` over flat arrays: the backend's ``element_runner``
+    (``numba_backend`` on the host, ``numba_cuda_backend`` on a GPU; compiled once per class)."""
+    run = be.element_runner(f"textbook.{cls.__name__}", cls._rule, len(cls._state))
+    run(param, grad, states, k)
 
 
 class _Entry:
@@ -176,11 +117,11 @@ class _Entry:
 
     __slots__ = (
         "array",
+        "be",
         "dtype",
         "grad",
         "key",
         "python",
-        "run",
         "scalar",
         "shape",
         "states",
@@ -196,7 +137,7 @@ class _Entry:
     array: Any
     grad: Any
     python: bool
-    run: _Runner
+    be: ModuleType
 
     def __init__(self, key: Any, p: Any, g: Any) -> None:
         self.key = key
@@ -326,7 +267,7 @@ class _Entry:
         grad = xp.ascontiguousarray(self.grad, dtype=self.dtype).reshape(-1)
         if xp.may_share_memory(grad, param):
             grad = grad.copy()  # the kernel writes the param while it reads the grad
-        self.run(cls, param, grad, tuple(flat(s) for s in self.states), k)
+        _run(self.be, cls, param, grad, tuple(flat(s) for s in self.states), k)
         for orig, copy in back:
             orig[...] = copy
         if self.scalar:  # a new value in the dict, of the type the chapter's expression gives
@@ -382,7 +323,7 @@ class _Textbook:
                 raise KeyError(f"grads has no entry for parameter {key!r}") from None
             entries.append(_Entry(key, p, g))
         for e in entries:
-            e.run = self._runner(e)
+            e.be = self._backend_for(e)
         k = self._scalars(hp)  # before anything changes: a refused scalar writes nothing
         with np.errstate(over="ignore"):  # a scalar beyond float32 is inf, as in NumPy
             typed = {
@@ -408,9 +349,9 @@ class _Textbook:
         for e in entries:
             e.launch(type(self), params, typed[e.dtype])
 
-    def _runner(self, e: _Entry) -> _Runner:
-        """``_run_host`` or ``_run_device`` for an entry's arrays, after checking that the
-        backend can run and reaches them."""
+    def _backend_for(self, e: _Entry) -> ModuleType:
+        """The backend module that runs an entry (numba for host arrays, numba-cuda for device
+        arrays), after checking that it can run and reaches them."""
         name = self.backend
         if name == "auto":
             name = DEVICE if where(e.array) == "device" else HOST
@@ -427,7 +368,7 @@ class _Textbook:
                 f"the {where(e.array)}; pass arrays where the backend runs or use "
                 "backend='auto'"
             )
-        return _run_host if name == HOST else _run_device
+        return be
 
     def _scalars(self, hp: dict[str, float]) -> tuple[Any, ...]:
         """The host scalars of one update (Python floats), in ``_rule()``'s order."""

@@ -34,7 +34,7 @@ import warnings
 import numpy as np
 
 from ..kernels import RULES, cuda_source
-from . import _launch
+from . import _launch, protocol
 
 __all__ = [
     "DEVICE",
@@ -678,3 +678,8 @@ class GradNorm:
                 (self.partials, np.int64(offset), dt(max_norm), self.out, self.out_f),
             )
         return self.out
+
+
+def step_runner(plan, dtype, writes, io):
+    """The backend protocol's runner (``backends.protocol``): ``launch`` per call."""
+    return protocol.launch_runner(launch, plan, io)

@@ -41,7 +41,7 @@ import numpy as np
 from ..kernels import RULES, storage
 from ..kernels.fma import fma
 from ..kernels.storage import bits_f32, f32_bits
-from . import _launch
+from . import _launch, protocol
 
 __all__ = [
     "DEVICE",
@@ -1033,3 +1033,46 @@ class GradNorm:
 
         _on_table_device(self.tables[0], run)
         return self.out
+
+
+def step_runner(plan, dtype, writes, io):
+    """The backend protocol's runner (``backends.protocol``): ``launch`` per call."""
+    return protocol.launch_runner(launch, plan, io)
+
+
+#: name -> the cuda.jit kernel of a per-element function that is no spec rule
+_element_kernels = {}
+
+
+def element_runner(name, make_elem, nslots):
+    """``run(param, grad, states, k)`` for a per-element function that is no spec rule (the
+    textbook's chapters; see ``numba_backend.element_runner``): this backend's grid-stride
+    kernel (``kernel_source``, every slot present) around ``make_elem()`` compiled as a device
+    function, launched on the arrays' device. Unchecked, like ``launch``."""
+
+    def run(param, grad, states, k):
+        n = int(param.shape[0])
+        if n == 0:
+            return
+        fn = _element_kernels.get(name)
+        if fn is None:
+            elem = cuda.jit(device=True, inline="always")(make_elem())
+            ns = {"__name__": __name__, "cuda": cuda}
+            kname = name.replace(".", "_").lower()
+            exec(compile(kernel_source(kname, nslots, (True,) * nslots), __file__, "exec"), ns)
+            fn = _element_kernels[name] = cuda.jit(ns["factory"](elem))
+        if SIMULATOR and isinstance(param, np.ndarray):  # CI: host arrays in the simulator
+            blocks, threads = launch_config(n)  # (it copies every argument back: a writable grad)
+            fn[blocks, threads](param, grad if grad.flags.writeable else grad.copy(), *states, k)
+            return
+        param, grad = _launch.plain_view(param), _launch.plain_view(grad)
+        states = tuple(_launch.plain_view(s) for s in states)
+        key = (name, (), (True,) * len(states), np.dtype(param.dtype).name)
+        dev = _device_index(param)
+        if isinstance(dev, int) and dev != cuda.get_current_device().id:
+            with cuda.gpus[dev]:  # where the arrays live, whatever device is current
+                _launch_device(fn, key, n, param, grad, states, k)
+        else:
+            _launch_device(fn, key, n, param, grad, states, k)
+
+    return run

@@ -43,6 +43,8 @@ from typing import Any
 
 import numpy as np
 
+from .._torch_names import torch_name as _torch_name
+
 __all__ = [
     "CASES",
     "CASE_NAMES",
@@ -93,46 +95,6 @@ class Case:
     @property
     def fastopt_kwargs(self):
         return dict(self.kwargs)
-
-
-def _torch_name(cls):
-    """The ``torch.optim`` class an optimizer class stands for: its own name or an ancestor's,
-    matched case-insensitively (AdaGrad -> Adagrad, Momentum -> SGD), else None (Lion)."""
-    import importlib.util
-
-    names: tuple[str, ...]
-    if importlib.util.find_spec("torch") is None:
-        names = _TORCH_OPTIM
-    else:
-        import torch.optim
-
-        names = tuple(n for n in dir(torch.optim) if n[:1].isupper())
-    lower = {n.lower(): n for n in names}
-    for klass in cls.__mro__:
-        if klass.__name__ == "Optimizer":  # fastopt's base: no optimizer of its own
-            break
-        if klass.__name__.lower() in lower:
-            return lower[klass.__name__.lower()]
-    return None
-
-
-#: torch.optim's optimizer classes, for naming peers when torch is not installed
-_TORCH_OPTIM = (
-    "ASGD",
-    "Adadelta",
-    "Adafactor",
-    "Adagrad",
-    "Adam",
-    "AdamW",
-    "Adamax",
-    "LBFGS",
-    "NAdam",
-    "RAdam",
-    "RMSprop",
-    "Rprop",
-    "SGD",
-    "SparseAdam",
-)
 
 
 def derive_cases():

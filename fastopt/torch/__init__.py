@@ -69,7 +69,7 @@ _TORCH_IMPL = ("foreach", "fused", "capturable", "differentiable")
 def _torch_defaults(cls):
     """The param-group keys torch's counterpart of ``cls`` keeps that fastopt's has not
     (``foreach``, ``fused``, ...), with torch's defaults: so state dicts load both ways."""
-    from ..bench.measure import _torch_name
+    from .._torch_names import torch_name as _torch_name
 
     name = _torch_name(cls)
     if name is None:

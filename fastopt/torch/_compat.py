@@ -76,7 +76,7 @@ def legacy_group_defaults(cls: Any) -> dict[str, Any]:
     their values: found by running torch's own ``__setstate__`` over a bare group. The class's
     pinned values (Nesterov's ``nesterov=True``) stand over torch's. Empty without a
     counterpart (Lion)."""
-    from ..bench.measure import _torch_name
+    from .._torch_names import torch_name as _torch_name
 
     fo = cls._fastopt
     name = _torch_name(fo)
