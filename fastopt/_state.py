@@ -19,7 +19,11 @@ per parameter, under torch's names, as 0-d float32 arrays (every parameter holds
 values; a loaded state dict whose parameters disagree is refused).
 """
 
+from __future__ import annotations
+
+from collections.abc import Mapping
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 
@@ -80,11 +84,11 @@ class OptimizerState:
 
     def __init__(self) -> None:
         #: name -> {state name -> array} (views into ``flat`` for a FlatBuffer, read-only maps)
-        self.arrays: dict = {}
+        self.arrays: Mapping[str, Any] = {}
         #: ("dict", ((name, shape, dtype), ...)) or ("flat", buf.layout); None before binding
-        self.layout = None
+        self.layout: tuple[str, Any] | None = None
         #: name -> (shape, dtype) of the first step; None before binding
-        self.shapes: dict | None = None
+        self.shapes: dict[str, tuple[tuple[int, ...], np.dtype[Any]]] | None = None
         #: per FlatBuffer group: {state name -> flat array}
         self.flat: list | None = None
         #: state loaded before the first step (name -> {state name -> host array})
@@ -107,7 +111,8 @@ class OptimizerState:
 
     def names_of(self, name: str, kinds: StateKinds) -> tuple[str, ...]:
         """The state buffer names of bound parameter ``name``."""
-        return kinds.names_for(precision.kind(self.shapes[name][1]))
+        assert self.shapes is not None, "names_of a bound state"
+        return kinds.names_for(precision.known_kind(self.shapes[name][1]))
 
     def snapshot(self, host) -> dict:
         """The ``state`` of a state dict: host copies of every buffer (a pending state's before
@@ -135,7 +140,7 @@ class OptimizerState:
                     "or load a matching state_dict"
                 )
         elif self.pending is not None:
-            pk = precision.kind(dtype)
+            pk = precision.known_kind(dtype)
             check_names(
                 self.pending[name],
                 kinds.names_for(pk),
@@ -167,7 +172,7 @@ class OptimizerState:
         xp = array_module(like)
         out = {}
         pending = (self.pending or {}).get(name)
-        pk = precision.kind(dtype_of(like))
+        pk = precision.known_kind(dtype_of(like))
         sdt = precision.storage_dtype(kinds.state_kind(pk))
         for s in kinds.names_for(pk):
             if pending is not None:
@@ -195,7 +200,7 @@ class OptimizerState:
         flat_state, state = [], {}
         for group in buf.groups:
             xp = array_module(group.data)
-            pk = precision.kind(group.dtype)
+            pk = precision.known_kind(group.dtype)
             sdt = precision.storage_dtype(kinds.state_kind(pk))
             flat = {
                 s: group.data.astype(np.float32)
@@ -235,7 +240,8 @@ class OptimizerState:
             raise TypeError(f"state_dict state is a {type(state).__name__}; expected a dict")
         check_str_names(state, "state_dict parameter names")
         hnames = spec.host_names
-        loaded, hs, first = {}, None, None
+        loaded: dict[str, Any] = {}
+        hs, first = None, None
         for name, st in state.items():
             if not isinstance(st, dict):
                 raise TypeError(

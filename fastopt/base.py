@@ -33,7 +33,7 @@ import functools
 import inspect
 import threading
 from collections.abc import Mapping
-from typing import Any
+from typing import Any, ClassVar
 
 import numpy as np
 
@@ -112,7 +112,9 @@ def _with_precision(init):
     params = [p for p in sig.parameters.values() if p.kind is not P.VAR_KEYWORD]
     var_kw = [p for p in sig.parameters.values() if p.kind is P.VAR_KEYWORD]
     extra = [P(n, P.KEYWORD_ONLY, default=d) for n, d in PRECISION_DEFAULTS.items()]
-    __init__.__signature__ = sig.replace(parameters=params + extra + var_kw)
+    __init__.__signature__ = sig.replace(  # type: ignore[attr-defined]
+        parameters=params + extra + var_kw
+    )
     return __init__
 
 
@@ -137,15 +139,15 @@ class Optimizer(StepMachinery):
     """
 
     #: numeric hyperparameters (changeable between steps) and structural flags (fixed)
-    _hyper = ()
-    _flags = ()
+    _hyper: ClassVar[tuple[str, ...]] = ()
+    _flags: ClassVar[tuple[str, ...]] = ()
     #: the per-element rule this optimizer runs (a name in ``kernels.RULES``) and the rule's
     #: hyperparameters this class pins (AdamW: ``decoupled_weight_decay=True``); ``_hyper`` and
     #: ``_flags`` are derived from the rule spec (``__init_subclass__``)
-    _rule = None
-    _pinned = {}
+    _rule: ClassVar[Any] = None
+    _pinned: ClassVar[dict[str, Any]] = {}
 
-    def __init__(self, backend="auto", nonfinite=None):
+    def __init__(self, backend: str = "auto", nonfinite: str | None = None) -> None:
         self._lock = threading.Lock()
         self.backend = backend
         self.nonfinite = nonfinite
@@ -158,10 +160,10 @@ class Optimizer(StepMachinery):
         self._set_precision(**PRECISION_DEFAULTS)
         self._frozen = True
 
-    def __init_subclass__(cls, **kwargs):
+    def __init_subclass__(cls, **kwargs: Any) -> None:
         super().__init_subclass__(**kwargs)
         if "__init__" in cls.__dict__:
-            cls.__init__ = _with_precision(cls.__dict__["__init__"])
+            cls.__init__ = _with_precision(cls.__dict__["__init__"])  # type: ignore[method-assign]
         if cls._rule is not None:  # hyperparameters and flags: the rule's, less the pinned
             spec = RULES[cls._rule]
             cls._hyper = tuple(
@@ -233,35 +235,35 @@ class Optimizer(StepMachinery):
         return self._step_count if ds is None else ds.step()
 
     @step_count.setter
-    def step_count(self, value):
+    def step_count(self, value: int) -> None:
         object.__setattr__(self, "_step_count", value)
         ds = self.__dict__.get("_dev")
         if ds is not None:
             ds.set_step(value)
 
     @property
-    def state_dtype(self):
+    def state_dtype(self) -> str | None:
         """The state dtype policy: None (the param dtype; float32 with a master copy),
         "float32" or "bfloat16" (fixed at construction)."""
         return self._prec["state_dtype"]
 
     @property
-    def master_weights(self):
+    def master_weights(self) -> bool:
         """Does every 16-bit param keep an fp32 master copy (state ``"master_param"``)?"""
         return self._prec["master_weights"]
 
     @property
-    def stochastic_rounding(self):
+    def stochastic_rounding(self) -> bool:
         """Are bfloat16 params (without a master) rounded stochastically?"""
         return self._prec["stochastic_rounding"]
 
     @property
-    def seed(self):
+    def seed(self) -> int:
         """The seed of stochastic rounding's hash."""
         return self._prec["seed"]
 
     @property
-    def capturable(self):
+    def capturable(self) -> bool:
         """Are the step count and lr kept on the device (CUDA-graph capturable steps)?"""
         return self._prec["capturable"]
 
@@ -311,7 +313,7 @@ class Optimizer(StepMachinery):
         return RULES[self._rule]
 
     @classmethod
-    def probes(cls):
+    def probes(cls) -> dict[str, tuple[Any, Any]]:
         """``{hyperparameter: (off, on)}`` for this class's hyperparameters whose spec names a
         probe value: the rule's default and the value that switches a variant or brings a term
         into play (tests and benchmarks sweep them)."""
@@ -324,7 +326,7 @@ class Optimizer(StepMachinery):
         }
 
     @classmethod
-    def slots_for(cls, **kwargs):
+    def slots_for(cls, **kwargs: Any) -> tuple[str, ...]:
         """The state buffers an instance built with ``kwargs`` (else the defaults) keeps."""
         import inspect
 
@@ -375,7 +377,7 @@ class Optimizer(StepMachinery):
         self._slots = self._spec.state_names(self._rule_hp(hp))
         self.__dict__.pop("_kinds_memo", None)
 
-    def __setattr__(self, name, value):
+    def __setattr__(self, name: str, value: Any) -> None:
         if name[0] == "_":
             object.__setattr__(self, name, value)
             return
@@ -423,7 +425,7 @@ class Optimizer(StepMachinery):
             value = int(value)
         object.__setattr__(self, name, value)
 
-    def __getattr__(self, name):
+    def __getattr__(self, name: str) -> Any:
         # the rule hyperparameters a class pins (Nesterov's nesterov=True) read as attributes
         pinned = type(self)._pinned
         if name in pinned:
@@ -484,7 +486,7 @@ class Optimizer(StepMachinery):
         finally:
             self._lock.release()
 
-    def __getstate__(self):
+    def __getstate__(self) -> dict[str, Any]:
         d = dict(self.__dict__)
         del d["_lock"]
         d["_dict_cache"] = d["_flat_cache"] = None
@@ -495,7 +497,7 @@ class Optimizer(StepMachinery):
                 st.host = self._current_host()
         return d
 
-    def __setstate__(self, d):
+    def __setstate__(self, d: dict[str, Any]) -> None:
         if "step_count" in d:  # pickled before the count became a property
             d["_step_count"] = d.pop("step_count")
         d.setdefault("_prec", dict(PRECISION_DEFAULTS))
@@ -649,7 +651,7 @@ class Optimizer(StepMachinery):
         self._hyper_ok = True  # validated by _check_state_dict
         self.step_count = step
 
-    def __repr__(self):
+    def __repr__(self) -> str:
         hp = ", ".join(f"{k}={v!r}" for k, v in self.hyperparams.items())
         extra = f", nonfinite={self.nonfinite!r}" if self.nonfinite is not None else ""
         extra += "".join(

@@ -28,7 +28,11 @@ The classes validate once per parameter and then only re-check what can change, 
 through ``StepPlan`` (the same scalars and kernels, without the per-call checks).
 """
 
+from __future__ import annotations
+
 import inspect
+from collections.abc import Callable, Mapping
+from typing import Any
 
 import numpy as np
 
@@ -53,7 +57,9 @@ from .kernels import RULES, storage
 __all__ = ["Launch", "StepPlan", "plan", "run", *RULES]
 
 
-def plan(rule, step, hp, hs=None):
+def plan(
+    rule: str, step: int, hp: Mapping[str, Any], hs: Mapping[str, float] | None = None
+) -> tuple[dict[str, bool], tuple[Any, ...]]:
     """``(flags, k)``: the compiled variant and the host scalars of one step of ``rule`` with
     the (already validated) hyperparameters ``hp`` and host state ``hs`` (the rule spec's
     ``flags_of`` and ``scalars_of``)."""
@@ -95,18 +101,18 @@ class StepPlan:
 
     def __init__(
         self,
-        be,
-        rule,
-        step,
-        hp,
-        hs=None,
+        be: Any,
+        rule: str,
+        step: int,
+        hp: Mapping[str, Any],
+        hs: Mapping[str, float] | None = None,
         *,
-        inv_scale=None,
-        scale=None,
-        seed=0,
-        device=None,
-        found_inf=None,
-    ):
+        inv_scale: float | None = None,
+        scale: str | None = None,
+        seed: int = 0,
+        device: Any = None,
+        found_inf: Any = None,
+    ) -> None:
         spec = RULES[rule]
         if hs is None and spec.host_state:
             hs = spec.replay_host_state(hp, step)
@@ -117,9 +123,9 @@ class StepPlan:
         self.key = storage.step_key(int(seed), step)
         # a capturable step: the scalars in device memory (fastopt._capture.DeviceScalars)
         self.device, self.found_inf = device, found_inf
-        self._runners = {}
+        self._runners: dict[tuple[Any, ...], Callable[..., Any]] = {}
 
-    def runner(self, dtype, writes, io=None):
+    def runner(self, dtype: Any, writes: tuple[bool, ...], io: Any = None) -> Callable[..., Any]:
         """``run(param, grad, states, master=None, salt=0)`` for arrays of ``dtype`` whose
         present state slots are ``writes`` (one bool per slot of the rule), stored as ``io``
         says."""
@@ -169,7 +175,7 @@ Launch = StepPlan
 # -- loss scaling ----------------------------------------------------------------------------------
 
 
-def loss_scale(grad_scale, what="grad_scale"):
+def loss_scale(grad_scale: Any, what: str = "grad_scale") -> tuple[str | None, float | None, Any]:
     """``(io.scale, inv_scale, device array)`` of a ``grad_scale=`` argument: None (no
     scaling); a positive finite number or 1-element host array (1/scale computed once, in
     float64, here); a 1-element device array (read in the kernel: no host synchronisation)."""
@@ -202,7 +208,7 @@ def loss_scale(grad_scale, what="grad_scale"):
     return "host", inv, None
 
 
-def device_flag(found_inf):
+def device_flag(found_inf: Any) -> Any:
     """A ``found_inf=`` given as a 1-element float32 device array, as that array (read in the
     kernels of a capturable step); None for anything else."""
     if found_inf is None or isinstance(found_inf, (bool, int, float, np.number)):
@@ -213,7 +219,7 @@ def device_flag(found_inf):
     return None
 
 
-def found(found_inf):
+def found(found_inf: Any) -> bool:
     """True when a ``found_inf=`` argument (None, a number, a 1-element host or device array)
     says the gradients hold a non-finite value. A device array is read here: one host
     synchronisation (capturable optimizers read it in the kernel instead)."""
@@ -323,23 +329,23 @@ def _checked(rule, flags, backend, param, grad, states, master=None, grad_writte
 
 
 def run(
-    rule,
-    param,
-    grad,
-    states,
+    rule: str,
+    param: Any,
+    grad: Any,
+    states: Mapping[str, Any],
     *,
-    step,
-    hp,
-    backend="auto",
-    host_state=None,
-    master_param=None,
-    stochastic_rounding=False,
-    seed=0,
-    salt=0,
-    grad_scale=None,
-    found_inf=None,
-    unscale_grads=False,
-):
+    step: int,
+    hp: Mapping[str, Any],
+    backend: str = "auto",
+    host_state: dict[str, Any] | None = None,
+    master_param: Any = None,
+    stochastic_rounding: bool = False,
+    seed: int = 0,
+    salt: int = 0,
+    grad_scale: Any = None,
+    found_inf: Any = None,
+    unscale_grads: bool = False,
+) -> bool:
     """One checked, fused step of ``rule`` over flat arrays: ``states`` maps each of the rule's
     slots to its array (or None where the variant does not use it), ``hp`` holds every
     hyperparameter of the rule, ``host_state`` (rules with host state only) a dict of the
@@ -403,7 +409,7 @@ def run(
     # the whole plan (variant, scalars, host state after the step) before the one write
     planned = StepPlan(be, rule, step, hp, hs, inv_scale=inv_scale, scale=scale_dev, seed=seed)
     planned.runner(dtype_of(param), writes, io)(param, grad, arrays, master, salt)
-    if host_state is not None:
+    if host_state is not None and planned.hs_after is not None:
         for name, value in planned.hs_after.items():
             if isinstance(host_state[name], np.ndarray):
                 host_state[name][...] = value
@@ -490,7 +496,7 @@ def _entry(spec):
         )
 
     entry.__name__ = entry.__qualname__ = spec.name
-    entry.__signature__ = sig
+    entry.__signature__ = sig  # type: ignore[attr-defined]
     slots = ", ".join(f"``{s.name}``" + (f" (with {s.when})" if s.when else "") for s in spec.slots)
     host = ""
     if spec.host_state:

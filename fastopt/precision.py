@@ -39,6 +39,7 @@ __all__ = [
     "grad_kinds",
     "io_of",
     "kind",
+    "known_kind",
     "oracle_step",
     "param_salt",
     "resolve_state_kind",
@@ -85,6 +86,15 @@ def kind(dtype: Any) -> str | None:
     if dt.kind == "f" and dt.isnative and dt.name in storage.ITEMSIZE:
         return dt.name
     return None
+
+
+def known_kind(dtype: Any) -> str:
+    """``kind(dtype)`` of a dtype already checked to be a storage dtype (``TypeError`` for any
+    other: a bug in the caller, not a user error)."""
+    k = kind(dtype)
+    if k is None:
+        raise TypeError(f"{dtype!r} is not a storage dtype (float16, bfloat16, float32, float64)")
+    return k
 
 
 def grad_kinds(param_kind: str) -> tuple[str, ...]:

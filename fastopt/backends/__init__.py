@@ -9,7 +9,10 @@ backends also run per-element functions that are no spec rule (``element_runner`
 no optional dependency.
 """
 
+from __future__ import annotations
+
 import importlib
+from typing import Any
 
 __all__ = ["BACKENDS", "available_backends", "get_backend", "is_device_array", "resolve"]
 
@@ -20,7 +23,7 @@ BACKENDS = {
     "numba-cuda": "fastopt.backends.numba_cuda_backend",
     "cupy": "fastopt.backends.cupy_backend",
 }
-_loaded = {}
+_loaded: dict[Any, Any] = {}
 
 
 def _module(name):

@@ -28,8 +28,11 @@ producer (Numba device arrays, PyTorch CUDA tensors, also ones that require grad
 CuPy without a copy and updated in place.
 """
 
+from __future__ import annotations
+
 import os
 import warnings
+from typing import Any
 
 import numpy as np
 
@@ -73,10 +76,10 @@ KERNEL_FORM = os.environ.get("FASTOPT_CUPY_KERNEL", "raw")
 if KERNEL_FORM not in KERNEL_FORMS:
     raise ImportError(f"FASTOPT_CUPY_KERNEL={KERNEL_FORM!r}; expected one of {KERNEL_FORMS}")
 
-_kernels = {}
-_raw = {}
-_grid = {}  # (raw kernel key, device id) -> resident blocks per SM x SMs
-_streams = {}  # stream handle -> cupy.cuda.ExternalStream
+_kernels: dict[Any, Any] = {}
+_raw: dict[Any, Any] = {}
+_grid: dict[Any, Any] = {}  # (raw kernel key, device id) -> resident blocks per SM x SMs
+_streams: dict[Any, Any] = {}  # stream handle -> cupy.cuda.ExternalStream
 _device_error = None
 
 
@@ -197,8 +200,8 @@ def _stream_for(ptr):
     return st
 
 
-_mixed = {}
-_scalar = {}
+_mixed: dict[Any, Any] = {}
+_scalar: dict[Any, Any] = {}
 
 
 def scalar_kernel(program):
@@ -397,7 +400,7 @@ try:
 except ImportError:  # cuda-python absent: every launch goes through CuPy
     _driver = None
 _ndarray = cupy.ndarray if cupy is not None else None
-_plans = {}
+_plans: dict[Any, Any] = {}
 _MAX_PLANS = 4096
 
 
@@ -473,7 +476,7 @@ def _plan_for(rule, flags, p, arrays, stream_ptr):
 # block per chunk; ``GradNorm`` computes the global gradient norm and the clip coefficient
 # into device memory, where a launch with ``clip=`` reads it: no host synchronisation.
 
-_mt = {}
+_mt: dict[Any, Any] = {}
 #: blocks of one multi-tensor launch at most (one per chunk below it; a grid-stride loop above)
 MAX_TABLE_BLOCKS = 1 << 20
 

@@ -26,6 +26,10 @@ loops' source and compilation) and this one (the launches: ``prepare``, ``launch
 ``launch_many``, ``launch_many_io``), which also re-exports the other two's public names.
 """
 
+from __future__ import annotations
+
+from typing import Any
+
 import numba
 import numpy as np
 
@@ -276,7 +280,7 @@ def step_runner(plan, dtype, writes, io):
 
 
 #: (name, parallel) -> the compiled loop of a per-element function that is no spec rule
-_element_loops = {}
+_element_loops: dict[Any, Any] = {}
 
 
 def element_runner(name, make_elem, nslots):

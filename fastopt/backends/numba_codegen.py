@@ -8,6 +8,10 @@ conversions (``numba_intrinsics``), and compiled once (``kernel``, ``many_kernel
 ``many_io_kernel``; on disk through ``fastopt._numba_cache``). ``numba_backend`` launches them.
 """
 
+from __future__ import annotations
+
+from typing import Any
+
 import numba
 from numba.extending import register_jitable
 
@@ -15,7 +19,7 @@ from .._numba_cache import njit_cached
 from ..kernels import RULES, storage
 from .numba_intrinsics import address_as, loader, param_storer, storer
 
-_compiled = {}
+_compiled: dict[Any, Any] = {}
 
 
 #: the closure cells of a storage plan's loops: its loads and stores (``io_cells``)
@@ -149,7 +153,8 @@ def python_loop(elem, writes, parallel, io=None, pairs=False):
     """The uncompiled loop of one variant: the generated source, with the rule and the range
     (``prange`` or ``range``) as closure cells, so that numba's disk cache tells variants apart
     by their cell contents (the flags live in the rule's own closure)."""
-    ns = {"__name__": __name__}  # the cache resolves the function's module by this name
+    # the cache resolves the function's module by this name
+    ns: dict[str, Any] = {"__name__": __name__}
     rng = numba.prange if parallel else range
     elem = jitable_rule(elem, pairs)
     if pairs:

@@ -32,9 +32,12 @@ instead of failing every launch. Under the Numba CUDA simulator (``NUMBA_ENABLE_
 NumPy arrays are accepted, which is how CI checks these kernels without a GPU.
 """
 
+from __future__ import annotations
+
 import contextlib
 import os
 import warnings
+from typing import Any
 
 import numpy as np
 
@@ -151,11 +154,15 @@ else:
     if not SIMULATOR:  # the simulator runs the rules as Python: kernels/fma.py itself
         _register_fma()
 
-_compiled = {}
-_sm_count = {}
-_grid = {}  # (variant key, dtype, device id) -> (specialised kernel, blocks of one wave)
-_streams = {}
-_views = {}  # (pointer, shape, strides, typestr) -> numba device array view, no owner
+_compiled: dict[Any, Any] = {}
+_sm_count: dict[Any, Any] = {}
+_grid: dict[
+    Any, Any
+] = {}  # (variant key, dtype, device id) -> (specialised kernel, blocks of one wave)
+_streams: dict[Any, Any] = {}
+_views: dict[
+    Any, Any
+] = {}  # (pointer, shape, strides, typestr) -> numba device array view, no owner
 _probe_error = None
 
 
@@ -322,7 +329,7 @@ def mixed_signature(rule, writes, io):
     return sig
 
 
-_scalar = {}
+_scalar: dict[Any, Any] = {}
 
 
 def scalar_kernel(program):
@@ -394,7 +401,9 @@ def _stream(ptr):
     return st
 
 
-_configs = {}  # (kernel, blocks, threads, stream handle, device) -> launch configuration
+_configs: dict[
+    Any, Any
+] = {}  # (kernel, blocks, threads, stream handle, device) -> launch configuration
 
 
 def _configured(fn, blocks, threads, ptr, dev=None):
@@ -751,7 +760,7 @@ def table_signature(rule, writes, io, clip=False):
     return sig
 
 
-_tables = {}
+_tables: dict[Any, Any] = {}
 
 
 def table_kernel(rule, flags, writes, io, clip=False):
@@ -835,7 +844,7 @@ def _norm_factory(lg, CT, view, scale, threads):
     return sumsq, finish
 
 
-_norms = {}
+_norms: dict[Any, Any] = {}
 
 
 def norm_kernels(grad, acc, scale):
@@ -851,7 +860,7 @@ def norm_kernels(grad, acc, scale):
     return fns
 
 
-_placeholders = {}
+_placeholders: dict[Any, Any] = {}
 
 
 def tensor_table(rule, io, tensors, chunk=None):
@@ -1041,7 +1050,7 @@ def step_runner(plan, dtype, writes, io):
 
 
 #: name -> the cuda.jit kernel of a per-element function that is no spec rule
-_element_kernels = {}
+_element_kernels: dict[Any, Any] = {}
 
 
 def element_runner(name, make_elem, nslots):
