@@ -21,7 +21,7 @@ values; a loaded state dict whose parameters disagree is refused).
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -40,7 +40,7 @@ from ._validate import (
     dtype_of,
     is_array,
 )
-from .flat import ReadOnlyViews
+from .flat import FlatBuffer, ReadOnlyViews
 
 __all__ = ["OptimizerState", "StateKinds"]
 
@@ -67,7 +67,7 @@ class StateKinds:
             return self.slots + (precision.MASTER,)
         return self.slots
 
-    def io_base(self, param_kind: str, grad_kind: str):
+    def io_base(self, param_kind: str, grad_kind: str) -> precision.IO:
         """The storage plan of a param's launches (without a step's loss-scale extras)."""
         return precision.io_of(
             param_kind,
@@ -105,7 +105,7 @@ class OptimizerState:
         """Has a first step created the state buffers?"""
         return self.layout is not None
 
-    def host_now(self):
+    def host_now(self) -> dict[str, Any] | None:
         """The host state held on the host: the bound one, else a pending one (else None)."""
         return self.host if self.host is not None else self.pending_host
 
@@ -114,7 +114,7 @@ class OptimizerState:
         assert self.shapes is not None, "names_of a bound state"
         return kinds.names_for(precision.known_kind(self.shapes[name][1]))
 
-    def snapshot(self, host) -> dict:
+    def snapshot(self, host: Mapping[str, Any] | None) -> dict[str, Any]:
         """The ``state`` of a state dict: host copies of every buffer (a pending state's before
         the first step), and the host state ``host`` as 0-d float32 arrays in each."""
         state = {n: {s: to_numpy(a) for s, a in st.items()} for n, st in self.arrays.items()}
@@ -127,7 +127,9 @@ class OptimizerState:
 
     # -- checks before a step -------------------------------------------------------------------
 
-    def check_against(self, name, shape, dtype, kinds: StateKinds, who: str) -> None:
+    def check_against(
+        self, name: str, shape: tuple[int, ...], dtype: Any, kinds: StateKinds, who: str
+    ) -> None:
         """Shape/dtype of parameter ``name`` against the bound layout or the loaded state
         (``who``: the optimizer's class name, for messages)."""
         if self.shapes is not None:
@@ -160,7 +162,7 @@ class OptimizerState:
 
     # -- binding (the first step) ---------------------------------------------------------------
 
-    def _bind_host(self, initial_host) -> None:
+    def _bind_host(self, initial_host: Callable[[], dict[str, Any]]) -> None:
         """The host state, created with the state buffers: the loaded one, else the rule's
         initial values (``initial_host()``)."""
         hs = self.pending_host
@@ -168,7 +170,9 @@ class OptimizerState:
             hs = initial_host()
         self.host, self.pending_host = dict(hs), None
 
-    def _new_buffers(self, name, like, kinds: StateKinds, fill):
+    def _new_buffers(
+        self, name: str, like: Any, kinds: StateKinds, fill: Callable[[str], float]
+    ) -> dict[str, Any]:
         xp = array_module(like)
         out = {}
         pending = (self.pending or {}).get(name)
@@ -183,7 +187,14 @@ class OptimizerState:
                 out[s] = xp.full(like.shape, fill(s), dtype=sdt)
         return out
 
-    def bind_dict(self, layout, params, kinds: StateKinds, fill, initial_host) -> None:
+    def bind_dict(
+        self,
+        layout: tuple[str, Any],
+        params: Mapping[str, Any],
+        kinds: StateKinds,
+        fill: Callable[[str], float],
+        initial_host: Callable[[], dict[str, Any]],
+    ) -> None:
         """Create the state of the dict API's first step over ``params`` (validated already:
         a pending state's names, shapes and dtypes match): ``fill(slot)`` gives a slot's
         initial value, ``initial_host()`` the rule's initial host state."""
@@ -193,7 +204,13 @@ class OptimizerState:
         self.layout = layout
         self.pending = None
 
-    def bind_flat(self, buf, kinds: StateKinds, fill, initial_host) -> None:
+    def bind_flat(
+        self,
+        buf: FlatBuffer,
+        kinds: StateKinds,
+        fill: Callable[[str], float],
+        initial_host: Callable[[], dict[str, Any]],
+    ) -> None:
         """``bind_dict`` for a ``FlatBuffer``: one flat buffer per state per dtype group, and
         per parameter read-only maps of views into them."""
         self._bind_host(initial_host)
@@ -225,14 +242,16 @@ class OptimizerState:
 
     # -- after a step ---------------------------------------------------------------------------
 
-    def advance_host(self, hs_after) -> None:
+    def advance_host(self, hs_after: dict[str, Any] | None) -> None:
         """After an applied step: the host state it computed (a rule without one keeps {})."""
         if self.host:
             self.host = hs_after
 
     # -- state dicts ----------------------------------------------------------------------------
 
-    def check_loaded(self, state, kinds: StateKinds, spec, who: str):
+    def check_loaded(
+        self, state: Any, kinds: StateKinds, spec: Any, who: str
+    ) -> tuple[dict[str, Any], dict[str, Any] | None]:
         """Check the ``state`` of a state dict against this state (names, shapes, dtypes) and
         the rule ``spec``'s host state; returns ``(buffers, host state)`` as host copies, for
         ``load``. Writes nothing."""
@@ -292,7 +311,7 @@ class OptimizerState:
                     )
         return loaded, hs
 
-    def _check_fits_bound(self, loaded, kinds: StateKinds, who: str) -> None:
+    def _check_fits_bound(self, loaded: dict[str, Any], kinds: StateKinds, who: str) -> None:
         check_names(loaded, self.arrays, "state_dict parameter names", "those this optimizer steps")
         for name, st in loaded.items():
             cur_st = self.arrays[name]
@@ -312,7 +331,7 @@ class OptimizerState:
                     )
                 check_writable(name, f"state {s!r}", cur)
 
-    def load(self, loaded, hs) -> None:
+    def load(self, loaded: dict[str, Any], hs: dict[str, Any] | None) -> None:
         """Apply what ``check_loaded`` returned: into the bound buffers, or kept pending for the
         first step."""
         if self.bound:

@@ -17,6 +17,11 @@ subclass, and any tensor without addressable memory (a meta tensor, a fake or fu
 tensor, storage that is not there), is refused with a TypeError naming it.
 """
 
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
 import torch
 
 __all__ = ["check", "is_dtensor", "local"]
@@ -35,13 +40,13 @@ def _dtensor_type():
     return DTensor
 
 
-def is_dtensor(t):
+def is_dtensor(t: object) -> bool:
     """Is ``t`` a ``torch.distributed.tensor.DTensor``?"""
     cls = _dtensor_type()
     return cls is not None and isinstance(t, cls)
 
 
-def local(t):
+def local(t: Any) -> Any:
     """The tensor a kernel steps for ``t``: a DTensor's local shard, anything else itself (None
     stays None)."""
     if t is not None and is_dtensor(t):
@@ -73,7 +78,13 @@ def _addressable(t, what, who):
             raise TypeError(f"{who}: {what} reaches past its storage")
 
 
-def check(p, g, bufs, master, who):
+def check(
+    p: Any,
+    g: Any,
+    bufs: Sequence[Any],
+    master: Any,
+    who: str,
+) -> None:
     """Refuse (TypeError, nothing written) a parameter the kernels cannot step: see the module
     docstring. ``bufs`` are its state buffers (None where absent), ``master`` its fp32 master
     copy or None."""

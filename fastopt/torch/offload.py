@@ -33,6 +33,7 @@ parameters). Sparse gradients, closures that need the parameters updated in betw
 from __future__ import annotations
 
 import contextlib
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -45,44 +46,44 @@ __all__ = ["CPUOffload", "CudaStreams", "HostStreams"]
 class HostStreams:
     """No streams: CPU parameters (or a test) run every copy inline."""
 
-    def on(self, which):
+    def on(self, which: str) -> contextlib.AbstractContextManager[Any]:
         return contextlib.nullcontext()
 
-    def record(self, which):
+    def record(self, which: str) -> None:
         return None
 
-    def synchronize(self, event):
+    def synchronize(self, event: Any) -> None:
         pass
 
-    def side_waits_for_current(self, which):
+    def side_waits_for_current(self, which: str) -> None:
         pass
 
-    def current_waits_for_side(self, which):
+    def current_waits_for_side(self, which: str) -> None:
         pass
 
 
 class CudaStreams:
     """The two side streams of a CUDA device (``d2h``, ``h2d``) and their events."""
 
-    def __init__(self, device):
+    def __init__(self, device: Any) -> None:
         self.device = device
         self.streams = {"d2h": torch.cuda.Stream(device), "h2d": torch.cuda.Stream(device)}
 
-    def on(self, which):
+    def on(self, which: str) -> Any:
         return torch.cuda.stream(self.streams[which])
 
-    def record(self, which):
+    def record(self, which: str) -> torch.cuda.Event:
         event = torch.cuda.Event()
         event.record(self.streams[which])
         return event
 
-    def synchronize(self, event):
+    def synchronize(self, event: Any) -> None:
         event.synchronize()
 
-    def side_waits_for_current(self, which):
+    def side_waits_for_current(self, which: str) -> None:
         self.streams[which].wait_stream(torch.cuda.current_stream(self.device))
 
-    def current_waits_for_side(self, which):
+    def current_waits_for_side(self, which: str) -> None:
         torch.cuda.current_stream(self.device).wait_stream(self.streams[which])
 
 
@@ -108,7 +109,15 @@ class CPUOffload(torch.optim.Optimizer):
     """``opt_cls`` (a ``fastopt.torch`` class) stepped on the host over fp32 master copies of
     ``params``, bucket by bucket, transfers overlapped (see the module docstring)."""
 
-    def __init__(self, opt_cls, params, *, bucket_bytes=32 << 20, pin_memory=None, **kwargs):
+    def __init__(
+        self,
+        opt_cls: type[torch.optim.Optimizer],
+        params: Any,
+        *,
+        bucket_bytes: int = 32 << 20,
+        pin_memory: bool | None = None,
+        **kwargs: Any,
+    ) -> None:
         from . import FusedOptimizer
 
         if not (isinstance(opt_cls, type) and issubclass(opt_cls, FusedOptimizer)):
@@ -166,7 +175,7 @@ class CPUOffload(torch.optim.Optimizer):
 
     @torch._disable_dynamo
     @torch.no_grad()
-    def step(self, closure=None):
+    def step(self, closure: Callable[[], Any] | None = None) -> Any:
         loss = None
         if closure is not None:
             with torch.enable_grad():
@@ -207,7 +216,7 @@ class CPUOffload(torch.optim.Optimizer):
         opt = self.buckets[self.bucket_of[p]][1]
         return opt.state.get(self.masters[p], {})
 
-    def state_dict(self):
+    def state_dict(self) -> dict[str, Any]:
         """torch's format: per parameter index the bucket optimizer's state of its master and
         ``master_param`` (the fp32 master, on the host)."""
         state, groups, i = {}, [], 0
@@ -222,7 +231,7 @@ class CPUOffload(torch.optim.Optimizer):
             groups.append(packed)
         return {"state": state, "param_groups": groups}
 
-    def load_state_dict(self, state_dict):
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         """Take ``state_dict`` (``state_dict()``'s format): the bucket optimizers load (and
         check) their parts first, then the masters are copied and stored to the parameters."""
         saved = state_dict["param_groups"]
