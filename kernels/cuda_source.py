@@ -13,10 +13,17 @@ AMSGRAD, ...) is not a kernel parameter at all, so it costs no memory traffic. N
 imports CuPy: the CPU harness and the compile checks build the same text.
 """
 
+from __future__ import annotations
+
 import re
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 from . import RULES
+
+if TYPE_CHECKING:
+    from .storage import IO
 
 __all__ = [
     "CTYPES",
@@ -47,27 +54,27 @@ __all__ = [
 ]
 
 
-def flag_names(rule):
+def flag_names(rule: str) -> tuple[str, ...]:
     """The variant flags of ``rule`` (its spec's ``flags``)."""
     return RULES[rule].flags
 
 
-def variants(rule):
+def variants(rule: str) -> list[dict[str, bool]]:
     """Every flag combination of ``rule`` that can be launched, each its own kernel."""
     return RULES[rule].variants()
 
 
-def slots_used(rule, flags):
+def slots_used(rule: str, flags: Mapping[str, bool]) -> tuple[bool, ...]:
     """One bool per state slot of ``rule``: does the ``flags`` variant read and write it?"""
     return RULES[rule].slots_used(flags)
 
 
-def body(rule):
+def body(rule: str) -> str:
     """The text of ``kernels/<rule>.cu``."""
     return Path(__file__).with_name(f"{rule}.cu").read_text()
 
 
-def body_signature(rule):
+def body_signature(rule: str) -> tuple[list[str], list[str]]:
     """``(state slot parameters, scalar parameters)`` of ``<rule>_elem`` in ``<rule>.cu``, as
     written: the names a test holds to the spec's ``slots`` (count) and ``scalars`` (names,
     order)."""
@@ -81,7 +88,7 @@ def body_signature(rule):
     return slots, scalars
 
 
-def defines(rule, flags):
+def defines(rule: str, flags: Mapping[str, bool]) -> dict[str, int]:
     """``{MACRO: 0 or 1}`` for every flag of ``rule`` (unknown flags are an error)."""
     names = flag_names(rule)
     unknown = set(flags) - set(names)
@@ -90,24 +97,24 @@ def defines(rule, flags):
     return {n.upper(): int(bool(flags.get(n, False))) for n in names}
 
 
-def preamble(rule, flags):
+def preamble(rule: str, flags: Mapping[str, bool]) -> str:
     """The ``ElementwiseKernel`` preamble of one variant: its ``#define``s, then the body."""
     lines = [f"#define {k} {v}" for k, v in defines(rule, flags).items()]
     return "\n".join(lines) + "\n" + body(rule)
 
 
-def in_params(rule):
+def in_params(rule: str) -> str:
     """``"T grad, T wd, ..."``: the gradient, then the host scalars of the rule."""
     return ", ".join(f"T {n}" for n in ("grad",) + tuple(RULES[rule].SCALARS))
 
 
-def out_params(rule, used):
+def out_params(rule: str, used: Sequence[bool]) -> str:
     """``"T param, T exp_avg, ..."``: param and the state slots marked in ``used``."""
     slots = [s for s, u in zip(RULES[rule].STATE, used) if u]
     return ", ".join(f"T {n}" for n in ["param"] + slots)
 
 
-def operation(rule, used):
+def operation(rule: str, used: Sequence[bool]) -> str:
     """The per-element code: one load per array into a local, the rule, one store per output.
 
     Locals rather than the kernel's references to global memory: a store through one reference
@@ -124,12 +131,12 @@ def operation(rule, used):
     return "\n".join(lines)
 
 
-def kernel_name(rule):
+def kernel_name(rule: str) -> str:
     """``fastopt_<rule>``."""
     return f"fastopt_{rule}"
 
 
-def elementwise_args(rule, flags):
+def elementwise_args(rule: str, flags: Mapping[str, bool]) -> tuple[str, str, str, str, str]:
     """``(in_params, out_params, operation, name, preamble)`` for ``cupy.ElementwiseKernel``."""
     used = slots_used(rule, flags)
     return (
@@ -157,7 +164,14 @@ _VECTOR_TYPE = {("float", 4): "float4", ("double", 2): "double2"}
 _LANES = ("x", "y", "z", "w")
 
 
-def grid_stride_kernel(name, ctype, width, arrays, scalars, lane):
+def grid_stride_kernel(
+    name: str | None,
+    ctype: str,
+    width: int,
+    arrays: Sequence[tuple[str, bool]],
+    scalars: Sequence[str],
+    lane: Callable[..., list[str]],
+) -> str:
     """CUDA C text of ``extern "C" __global__ void name(...)``: a grid-stride loop over ``n``
     elements, ``width`` at a time through vector loads, then a scalar tail.
 
@@ -197,7 +211,9 @@ def grid_stride_kernel(name, ctype, width, arrays, scalars, lane):
     return "\n".join(out)
 
 
-def raw_args(rule, flags):
+def raw_args(
+    rule: str, flags: Mapping[str, bool]
+) -> tuple[list[tuple[str, bool]], tuple[str, ...]]:
     """``(arrays, scalars)`` of the raw kernel of one variant: ``[(name, written)]`` for grad,
     param and the state slots it uses, then the host scalars (all of type ``T``), then ``n``."""
     used = slots_used(rule, flags)
@@ -206,7 +222,9 @@ def raw_args(rule, flags):
     return arrays, tuple(RULES[rule].SCALARS)
 
 
-def raw_source(rule, flags, ctype, width, name=None):
+def raw_source(
+    rule: str, flags: Mapping[str, bool], ctype: str, width: int, name: str | None = None
+) -> str:
     """The complete CUDA C translation unit of one variant, element type and vector width:
     ``typedef`` of ``T``, the flag ``#define``s, the rule's body, and the kernel ``name``
     (default ``fastopt_<rule>``) with arguments ``raw_args(rule, flags)`` and ``n``."""
@@ -249,7 +267,7 @@ STORAGE_CTYPES = {
 }
 
 
-def storage_source():
+def storage_source() -> str:
     """The text of ``kernels/storage.cuh`` (pasted into each mixed kernel)."""
     return Path(__file__).with_name("storage.cuh").read_text()
 
@@ -270,7 +288,9 @@ def _st(kind, compute, value, sr=None):
     return value if kind == compute else f"({STORAGE_CTYPES[kind]})({value})"
 
 
-def mixed_args(rule, flags, io):
+def mixed_args(
+    rule: str, flags: Mapping[str, bool], io: IO
+) -> tuple[list[tuple[str, str, bool]], list[tuple[str, str]]]:
     """``(arrays, scalars)`` of the mixed kernel of one variant and storage plan ``io``:
     ``arrays`` is ``[(name, storage dtype, written)]`` (grad, param, the used state slots, the
     master), ``scalars`` is ``[(C type, name)]`` in argument order (the rule's host scalars or
@@ -302,7 +322,7 @@ def mixed_args(rule, flags, io):
     return arrays, scalars
 
 
-def mixed_width(io, rule, flags):
+def mixed_width(io: IO, rule: str, flags: Mapping[str, bool]) -> int:
     """Elements per trip of the vector loop: 16 bytes over the narrowest array's element."""
     from .storage import ITEMSIZE
 
@@ -310,7 +330,7 @@ def mixed_width(io, rule, flags):
     return 16 // min(ITEMSIZE[k] for _, k, _ in arrays)
 
 
-def mixed_prologue(rule, io):
+def mixed_prologue(rule: str, io: IO) -> list[str]:
     """The statements a mixed kernel of ``io`` runs once, before its loops (unindented): a set
     found-inf flag returns before anything is written; the scalars come out of ``kbuf``
     (``<scalar>_``), the loss scale becomes ``inv_scale_`` and the rounding key ``key_``."""
@@ -328,7 +348,14 @@ def mixed_prologue(rule, io):
     return out
 
 
-def mixed_lane(rule, flags, io, ref, index, grad_factors=()):
+def mixed_lane(
+    rule: str,
+    flags: Mapping[str, bool],
+    io: IO,
+    ref: Callable[[str], str],
+    index: str,
+    grad_factors: Sequence[str] = (),
+) -> list[str]:
     """The statements updating one element under ``io`` (unindented): each array loaded once
     into a ``C`` local (widened from its storage type), the rule, each result stored once
     (rounded to its storage type). ``ref(name)`` is the expression of that array's element,
@@ -362,7 +389,7 @@ def mixed_lane(rule, flags, io, ref, index, grad_factors=()):
     return lines
 
 
-def vector_loads(arrays, width, v):
+def vector_loads(arrays: Sequence[tuple[Any, ...]], width: int, v: str) -> list[str]:
     """Unindented statements loading vector ``v`` (``width`` elements) of each of ``arrays``
     (``[(name, storage dtype, written)]``) into ``<name>_v[width]`` as aligned 16-byte loads."""
     from .storage import ITEMSIZE
@@ -381,7 +408,7 @@ def vector_loads(arrays, width, v):
     return out
 
 
-def vector_stores(arrays, width, v):
+def vector_stores(arrays: Sequence[tuple[Any, ...]], width: int, v: str) -> list[str]:
     """Unindented statements storing ``<name>_v`` back as vector ``v`` of each written array."""
     from .storage import ITEMSIZE
 
@@ -400,7 +427,9 @@ def vector_stores(arrays, width, v):
     return out
 
 
-def mixed_source(rule, flags, io, vector=True, name=None):
+def mixed_source(
+    rule: str, flags: Mapping[str, bool], io: IO, vector: bool = True, name: str | None = None
+) -> str:
     """The complete CUDA C translation unit of one variant under storage plan ``io``: the
     compute type ``C``, the flag ``#define``s, the rule's body, the storage conversions and the
     kernel ``name`` (default ``fastopt_<rule>``) with arguments ``mixed_args``; ``vector``:

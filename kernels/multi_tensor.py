@@ -44,12 +44,20 @@ inf), the update kernel writes nothing.
 Nothing here imports CuPy: the CPU harness and the compile checks build the same text.
 """
 
+from __future__ import annotations
+
+from collections.abc import Mapping
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
+import numpy.typing as npt
 
 from . import RULES, cuda_source
 from .storage import ITEMSIZE
+
+if TYPE_CHECKING:
+    from .storage import IO
 
 __all__ = [
     "CHUNK",
@@ -84,13 +92,13 @@ _MAX_CHUNKS = 1 << 32
 _ACC = {"float32": "float", "float64": "double"}
 
 
-def columns(rule, master):
+def columns(rule: str, master: bool) -> tuple[str, ...]:
     """The table's column names for ``rule``: ``n``, ``param``, ``grad``, every state slot of
     the rule (present or not), and ``master`` with a master copy."""
     return ("n", "param", "grad", *RULES[rule].STATE) + (("master",) if master else ())
 
 
-def chunk_size(total, blocks):
+def chunk_size(total: int, blocks: int) -> int:
     """The chunk size of a table of ``total`` elements on a device holding ``blocks`` resident
     blocks at once: the largest power of two in [``MIN_CHUNK``, ``CHUNK``] that still gives
     ``CHUNKS_PER_BLOCK`` chunks per resident block (tables of 2^20 elements get 2^11, tables
@@ -102,7 +110,7 @@ def chunk_size(total, blocks):
     return size
 
 
-def chunk_table(lengths, chunk=CHUNK):
+def chunk_table(lengths: npt.ArrayLike, chunk: int = CHUNK) -> npt.NDArray[np.uint64]:
     """The uint64 chunk entries ``(tensor << 32) | chunk number`` covering every element of
     tensors of ``lengths`` once, in tensor order (none for an empty tensor)."""
     _check_chunk(chunk)
@@ -119,7 +127,9 @@ def chunk_table(lengths, chunk=CHUNK):
     return (t << np.uint64(32)) | c.astype(np.uint64)
 
 
-def decode(entries, lengths, chunk=CHUNK):
+def decode(
+    entries: npt.ArrayLike, lengths: npt.ArrayLike, chunk: int = CHUNK
+) -> tuple[npt.NDArray[np.int64], npt.NDArray[np.int64], npt.NDArray[np.int64]]:
     """``(tensor, lo, hi)`` int64 arrays of chunk ``entries``: the host's reading of
     ``fastopt_mt_chunk`` (``kernels/multi_tensor.cuh``)."""
     e = np.asarray(entries, dtype=np.uint64)
@@ -134,17 +144,19 @@ def _check_chunk(chunk):
         raise ValueError(f"chunk={chunk!r}: expected a multiple of 8 in [8, 2^30]")
 
 
-def header():
+def header() -> str:
     """The text of ``kernels/multi_tensor.cuh`` (pasted into each multi-tensor kernel)."""
     return Path(__file__).with_name("multi_tensor.cuh").read_text()
 
 
-def kernel_name(rule):
+def kernel_name(rule: str) -> str:
     """``fastopt_mt_<rule>``."""
     return f"fastopt_mt_{rule}"
 
 
-def arguments(rule, flags, io, clip=False):
+def arguments(
+    rule: str, flags: Mapping[str, bool], io: IO, clip: bool = False
+) -> list[tuple[str, str]]:
     """``[(C type, name)]`` of the update kernel's arguments: the table, the chunk entries and
     their count, then ``cuda_source.mixed_args``' scalars (host scalars or ``kbuf``, the loss
     scale, ``found_inf``, ``salt`` and ``key`` or ``keyp``), then ``clip`` (the device
@@ -172,7 +184,9 @@ def _row_pointers(arrays, col):
     return out
 
 
-def source(rule, flags, io, clip=False, name=None):
+def source(
+    rule: str, flags: Mapping[str, bool], io: IO, clip: bool = False, name: str | None = None
+) -> str:
     """The complete CUDA C translation unit of the multi-tensor kernel of one variant under the
     storage plan ``io`` (``kernels.storage.IO``), with the clip coefficient when ``clip``:
     the compute type ``C``, the flag ``#define``s, the rule's body, the storage conversions,
@@ -235,13 +249,15 @@ def source(rule, flags, io, clip=False, name=None):
 # -- the global gradient norm ---------------------------------------------------------------------
 
 
-def norm_name(grad, acc, scale):
+def norm_name(grad: str, acc: str, scale: str | None) -> str:
     """The name of the partial-sum kernel of one gradient storage dtype, accumulation dtype and
     loss-scale form."""
     return f"fastopt_mt_sumsq_{grad}_{acc}_{scale or 'none'}"
 
 
-def norm_source(grad, acc="float32", scale=None, name=None):
+def norm_source(
+    grad: str, acc: str = "float32", scale: str | None = None, name: str | None = None
+) -> str:
     """The CUDA C translation unit of the partial sums of the squared unscaled gradients of one
     table: ``name(table, width, chunks, nchunks, chunk, [inv_scale | gscale], partials)``, the
     table cut into chunks of ``chunk`` elements, writes the sum over the chunks block ``b``
@@ -319,12 +335,12 @@ def norm_source(grad, acc="float32", scale=None, name=None):
     )
 
 
-def finish_name(acc):
+def finish_name(acc: str) -> str:
     """The name of the one-block kernel that turns partial sums into ``[norm, clip_coef]``."""
     return f"fastopt_mt_norm_{acc}"
 
 
-def finish_source(acc="float32", name=None):
+def finish_source(acc: str = "float32", name: str | None = None) -> str:
     """The CUDA C translation unit of ``name(partials, count, max_norm, out, out_f)``, launched
     as one block: the ``count`` partial sums added in a fixed order, then ``out[0] = norm``,
     ``out[1] = clip_coef`` in the accumulation dtype, and the same rounded to float32 into
