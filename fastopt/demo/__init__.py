@@ -5,10 +5,14 @@
 - ``cli``: the command line.
 """
 
+from __future__ import annotations
+
+from collections.abc import Sequence
+
 __all__ = ["main"]
 
 
-def main(argv=None):
+def main(argv: Sequence[str] | None = None) -> int:
     """``fastopt demo``: see ``fastopt.demo.cli``."""
     from .cli import main as run
 

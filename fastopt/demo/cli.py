@@ -14,10 +14,14 @@ valley script (params as Python floats) with the classes of ``fastopt.textbook``
 formulas on the same kernels), and prints where each path ends; it needs matplotlib only.
 """
 
+from __future__ import annotations
+
 import argparse
 import importlib
 import os
 import sys
+from collections.abc import Sequence
+from typing import Any
 
 import numpy as np
 
@@ -42,7 +46,7 @@ def _missing_deps(textbook=False):
     return missing
 
 
-def load_data(seed=0, test_size=0.2):
+def load_data(seed: int = 0, test_size: float = 0.2) -> tuple[Any, Any, Any, Any]:
     """scikit-learn's bundled 8×8 digits (no download): pixels scaled to [0, 1], a stratified
     train/test split. Returns ``(X_train, y_train, X_test, y_test)`` as NumPy arrays."""
     from sklearn.datasets import load_digits
@@ -176,7 +180,7 @@ def _textbook(args, plt, xp, be_name, say):
     return 0
 
 
-def main(argv=None):
+def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     iters = args.steps if args.steps is not None else (100 if args.quick else 2000)
     if iters < 1 or args.valley_steps < 1 or args.batch < 1:

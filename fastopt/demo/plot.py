@@ -1,9 +1,15 @@
 """The demo's two figures (matplotlib is imported by the caller, never at ``import fastopt``)."""
 
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from typing import Any
+
 import numpy as np
+import numpy.typing as npt
 
 from .. import optimizers
-from .problems import VALLEY_START, valley
+from .problems import VALLEY_START, Spec, TrainResult, valley
 
 __all__ = ["fmt_lr", "plot_textbook_valley", "plot_training", "plot_valley", "smooth"]
 
@@ -30,7 +36,7 @@ PALETTE = (
 )
 
 
-def colors(n):
+def colors(n: int) -> list[str]:
     """``n`` colors from ``PALETTE``, in order."""
     return [PALETTE[i % len(PALETTE)] for i in range(n)]
 
@@ -57,7 +63,7 @@ def _num(v, digits=2):
     return out[1:] if float(out) == 0 and out.startswith("-") else out
 
 
-def fmt_lr(lr):
+def fmt_lr(lr: float) -> str:
     """0.95 -> '0.95', 0.001 -> '1e-3': short and exact for the values the demo uses."""
     if lr >= 0.01:
         return f"{lr:g}"
@@ -65,7 +71,7 @@ def fmt_lr(lr):
     return f"{mant}e{int(exp)}"
 
 
-def smooth(y, window):
+def smooth(y: Sequence[float] | npt.NDArray[Any], window: int) -> npt.NDArray[np.float64]:
     """Trailing moving average (the first points average what exists so far)."""
     c = np.cumsum(np.insert(np.asarray(y, dtype=np.float64), 0, 0.0))
     n = np.arange(1, len(y) + 1)
@@ -73,7 +79,15 @@ def smooth(y, window):
     return (c[n] - c[lo]) / (n - lo)
 
 
-def plot_valley(plt, paths, specs, path, *, backend="", dpi=120):
+def plot_valley(
+    plt: Any,
+    paths: Mapping[str, npt.NDArray[np.float64]],
+    specs: Sequence[Spec],
+    path: str,
+    *,
+    backend: str = "",
+    dpi: int = 120,
+) -> Any:
     """One panel per optimizer: its path over the contours of f(x, y) = x²/20 + y²."""
     xs, ys = np.linspace(*XLIM, 400), np.linspace(*YLIM, 160)
     X, Y = np.meshgrid(xs, ys)
@@ -122,7 +136,15 @@ def plot_valley(plt, paths, specs, path, *, backend="", dpi=120):
     return fig
 
 
-def plot_textbook_valley(plt, paths, lrs, path, *, backend="", dpi=120):
+def plot_textbook_valley(
+    plt: Any,
+    paths: Mapping[str, npt.NDArray[np.float64]],
+    lrs: Mapping[str, float],
+    path: str,
+    *,
+    backend: str = "",
+    dpi: int = 120,
+) -> Any:
     """The chapter's figure: each optimizer's path (red) over the contour lines of the valley,
     on the chapter's window x, y in [−10, 10], one panel each."""
     xs, ys = np.arange(-10, 10, 0.01), np.arange(-5, 5, 0.01)
@@ -157,7 +179,16 @@ def plot_textbook_valley(plt, paths, lrs, path, *, backend="", dpi=120):
     return fig
 
 
-def plot_training(plt, results, specs, path, *, title, window=20, dpi=120):
+def plot_training(
+    plt: Any,
+    results: Mapping[str, TrainResult],
+    specs: Sequence[Spec],
+    path: str,
+    *,
+    title: str,
+    window: int = 20,
+    dpi: int = 120,
+) -> Any:
     """Training loss per iteration (moving average) of every optimizer, in one axes."""
     fig, ax = plt.subplots(figsize=(10, 6))
     # an optimizer that runs an earlier one's rule (Nesterov, AdamW) can lie on top of it: dash

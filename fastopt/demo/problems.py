@@ -20,12 +20,16 @@ from __future__ import annotations
 
 import itertools
 import time
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
+import numpy.typing as npt
 
 from .. import optimizers
 from .._arrays import array_module, to_numpy
+from ..base import Optimizer
 from ..flat import FlatBuffer
 
 __all__ = [
@@ -63,7 +67,7 @@ class Spec:
     #: where the valley lr comes from: "chapter", "tuned" (chosen by hand) or "searched"
     source: str = "tuned"
 
-    def make(self, problem, backend):
+    def make(self, problem: str, backend: str) -> Optimizer:
         cls = getattr(optimizers, self.name)
         return cls(**(self.valley if problem == "valley" else self.mlp), backend=backend)
 
@@ -93,7 +97,7 @@ CHOSEN = {
 VALLEY_LRS = tuple(float(f"{x:.3g}") for x in np.geomspace(1e-3, 3.0, 22))
 
 
-def auto_spec(name, steps=30):
+def auto_spec(name: str, steps: int = 30) -> Spec:
     """Settings for an optimizer nobody chose them for: on the valley, the lr of ``VALLEY_LRS``
     that ends closest to the minimum after ``steps`` steps (the NumPy oracle runs the search);
     on the MLP, the class's own default lr (``torch.optim``'s)."""
@@ -112,25 +116,27 @@ def auto_spec(name, steps=30):
     return Spec(name, dict(lr=best[1] if best else VALLEY_LRS[0]), dict(lr=lr_default), "searched")
 
 
-def specs():
+def specs() -> tuple[Spec, ...]:
     """The demo's optimizers: every class of the registry, in its order; chosen settings where
     they exist, searched ones (``auto_spec``) elsewhere."""
     return tuple(CHOSEN.get(name) or auto_spec(name) for name in optimizers.CLASSES)
 
 
 # -- the valley ---------------------------------------------------------------------------------
-def valley(x, y):
+def valley(x: Any, y: Any) -> Any:
     """f(x, y) = x²/20 + y² (works on scalars and arrays)."""
     return x * x / 20.0 + y * y
 
 
-def valley_grad(xy, out):
+def valley_grad(xy: Any, out: Any) -> Any:
     """Write ∇f = (x/10, 2y) of the point ``xy`` (shape (2,)) into ``out``."""
     out[0] = xy[0] / 10.0
     out[1] = 2.0 * xy[1]
 
 
-def valley_path(spec, steps=30, backend="auto", xp=np, dtype=np.float64):
+def valley_path(
+    spec: Spec, steps: int = 30, backend: str = "auto", xp: Any = np, dtype: Any = np.float64
+) -> npt.NDArray[np.float64]:
     """The ``steps + 1`` points (host array, shape (steps + 1, 2)) of ``spec`` on the valley.
 
     The point is a 2-element parameter in a ``FlatBuffer`` on ``xp``'s device; each step writes
@@ -160,7 +166,9 @@ TEXTBOOK_VALLEY = {
 }
 
 
-def textbook_valley_path(name, steps=30, backend="auto", xp=np):
+def textbook_valley_path(
+    name: str, steps: int = 30, backend: str = "auto", xp: Any = np
+) -> npt.NDArray[np.float64]:
     """The chapter's script with ``fastopt.textbook.<name>``: the ``steps + 1`` points (shape
     (steps + 1, 2)) from (−7, 2).
 
@@ -182,7 +190,12 @@ def textbook_valley_path(name, steps=30, backend="auto", xp=np):
 
 
 # -- the MLP ------------------------------------------------------------------------------------
-def init_mlp(sizes=(64, 100, 10), seed=0, xp=np, dtype=np.float32):
+def init_mlp(
+    sizes: tuple[int, int, int] = (64, 100, 10),
+    seed: int = 0,
+    xp: Any = np,
+    dtype: Any = np.float32,
+) -> dict[str, Any]:
     """He-initialised weights (``W1, b1, W2, b2``), the same for every optimizer."""
     rng = np.random.default_rng(seed)
     params = {}
@@ -207,12 +220,12 @@ def _cross_entropy(z, y):
     return z, lse, (lse - z[xp.arange(z.shape[0]), y]).mean()
 
 
-def mlp_loss(params, X, y):
+def mlp_loss(params: Mapping[str, Any], X: Any, y: Any) -> Any:
     """Mean softmax cross-entropy (a 0-d array on ``X``'s device)."""
     return _cross_entropy(_logits(params, X)[2], y)[2]
 
 
-def mlp_loss_and_grad(params, X, y, grads):
+def mlp_loss_and_grad(params: Mapping[str, Any], X: Any, y: Any, grads: Mapping[str, Any]) -> Any:
     """The loss, with the gradient of every weight written into ``grads`` (same names)."""
     xp = array_module(X)
     h, a, z = _logits(params, X)
@@ -229,7 +242,7 @@ def mlp_loss_and_grad(params, X, y, grads):
     return loss
 
 
-def mlp_accuracy(params, X, y):
+def mlp_accuracy(params: Mapping[str, Any], X: Any, y: Any) -> float:
     """Fraction of ``X`` classified correctly (a Python float)."""
     return float((_logits(params, X)[2].argmax(axis=1) == y).mean())
 
@@ -250,16 +263,16 @@ class TrainResult:
 
 
 def train_mlp(
-    spec,
-    data,
-    iters=1000,
-    batch=128,
-    backend="auto",
-    xp=np,
-    dtype=np.float32,
-    seed=0,
-    progress=None,
-):
+    spec: Spec,
+    data: Sequence[Any],
+    iters: int = 1000,
+    batch: int = 128,
+    backend: str = "auto",
+    xp: Any = np,
+    dtype: Any = np.float32,
+    seed: int = 0,
+    progress: Callable[..., None] | None = None,
+) -> TrainResult:
     """Train the MLP on ``data = (X_train, y_train, X_test, y_test)`` with ``spec``.
 
     Every optimizer gets the same initial weights and the same sequence of mini-batches.
