@@ -15,10 +15,15 @@ the repository's ``bench/`` folder and by ``scripts/gpu_run.sh``).
 - ``cli``: the command line.
 """
 
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
 __all__ = ["main"]
 
 
-def main(argv=None):
+def main(argv: Sequence[str] | None = None) -> Any:
     """``fastopt bench``: see ``fastopt.bench.cli``."""
     from .cli import main as run
 

@@ -63,7 +63,7 @@ def _traffic3(p, g, s0, s1, s2, c):
 TRAFFIC = {0: _traffic0, 1: _traffic1, 2: _traffic2, 3: _traffic3}
 
 
-def traffic_runner(n_state, p0, g0):
+def traffic_runner(n_state: int, p0: Any, g0: Any) -> Runner:
     """The same-traffic kernel over copies of ``p0``/``g0`` and ``n_state`` zeroed state buffers."""
     p, g = p0.copy(), g0.copy()
     states = [np.zeros_like(p) for _ in range(n_state)]
@@ -78,7 +78,7 @@ def traffic_runner(n_state, p0, g0):
     )
 
 
-def copy_runner(p0):
+def copy_runner(p0: Any) -> Runner:
     """A parallel copy of ``p0`` into another buffer (bytes = read + written)."""
     src, dst = p0.copy(), np.zeros_like(p0)
     return Runner(
@@ -142,7 +142,7 @@ def _mixed_source(n_state, master):
     return "\n".join(lines) + "\n"
 
 
-def mixed_traffic_kernel(io, n_state):
+def mixed_traffic_kernel(io: Any, n_state: int) -> Any:
     """The compiled same-traffic loop of a storage plan: the buffers the optimizer touches, in
     their storage dtypes (16-bit ones as uint16), read and written as the optimizer does."""
     key = (io.param, io.grad, io.state, io.master, n_state)
@@ -162,7 +162,7 @@ def mixed_traffic_kernel(io, n_state):
     return fn
 
 
-def mixed_traffic_runner(io, n_state, n):
+def mixed_traffic_runner(io: Any, n_state: int, n: int) -> Any:
     """The same-traffic kernel of storage plan ``io`` over fresh buffers of ``n`` elements."""
 
     def buf(kind, fill=0):

@@ -6,6 +6,8 @@ state buffers, written as grid-stride loops so that any launch covers any ``n``.
 
 from __future__ import annotations
 
+from typing import Any
+
 from numba import cuda
 
 __all__ = ["KERNELS", "launcher"]
@@ -64,7 +66,7 @@ def _copy(dst, src):
 KERNELS = {0: _traffic0, 1: _traffic1, 2: _traffic2, 3: _traffic3, "copy": _copy}
 
 
-def launcher(kind, n, *args):
+def launcher(kind: int | str, n: int, *args: Any) -> Any:
     """A zero-argument call launching ``KERNELS[kind]`` over ``n`` elements: 256 threads a
     block, at most 32 blocks per SM (the grid-stride loop covers the rest)."""
     # (the CUDA simulator's device has no SM count: one SM then)

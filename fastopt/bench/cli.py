@@ -24,13 +24,14 @@ import json
 import os
 import sys
 import time
+from collections.abc import Iterable, Sequence
 from typing import Any
 
 import numpy as np
 
 from ..backends import BACKENDS, get_backend
 from . import measure
-from .measure import CASE_NAMES, CASES, GRID, PRECISIONS, fmt_n
+from .measure import CASE_NAMES, CASES, GRID, PRECISIONS, Case, fmt_n
 
 __all__ = ["build_parser", "format_table", "main", "write_json_atomic"]
 
@@ -108,7 +109,7 @@ def _positive(kind):
     return parse
 
 
-def build_parser():
+def build_parser() -> Any:
     ap = argparse.ArgumentParser(
         prog="fastopt bench",
         description=__doc__.split("\n\n")[0].replace("``", ""),
@@ -291,7 +292,7 @@ def _fmt(x, spec, none="-"):
     return none if x is None else format(x, spec)
 
 
-def format_table(records):
+def format_table(records: list[dict[str, Any]]) -> Any:
     """The human-readable table: one row per record, grouped by device, size and dtype."""
     cols = ("optimizer", "backend", "n", "dtype", "ms/step", "GB/s", "% ceil", "x numpy", "x torch")
     rows = []
@@ -423,7 +424,7 @@ def _progress(i, total, device, case, dtype, n):
     )
 
 
-def measure_host_path(cases, reps=300):
+def measure_host_path(cases: Iterable[Case], reps: int = 300) -> Any:
     """Host time of ``opt.step(buf)`` (one parameter) and ``opt.update()`` (one array) for each
     case on the null backend (``_bench_host``): the Python path alone. Returns records."""
     from .host import host_runner, null_backend
@@ -447,7 +448,7 @@ def measure_host_path(cases, reps=300):
     return out
 
 
-def write_json_atomic(path, doc):
+def write_json_atomic(path: str, doc: Any) -> None:
     """Write ``doc`` as JSON to ``path`` through a temporary file and a rename, so a reader (or a
     run killed mid-write) never sees half a file."""
     path = os.path.abspath(path)
@@ -465,7 +466,7 @@ def _loadavg():
         return None
 
 
-def main(argv=None):
+def main(argv: Sequence[str] | None = None) -> int:
     ap = build_parser()
     args = ap.parse_args(argv)
     if args.plot:

@@ -33,9 +33,10 @@ from __future__ import annotations
 
 import statistics
 import time
+from collections.abc import Callable, Mapping
 from typing import Any
 
-from .measure import Runner, bytes_per_step
+from .measure import Case, Runner, bytes_per_step
 
 __all__ = [
     "RATED_BANDWIDTH",
@@ -74,11 +75,11 @@ class EventTimer:
     BATCH_S = 1e-3
     MAX_BATCH = 64
 
-    def __init__(self, new_event, elapsed_ms, synchronize):
+    def __init__(self, new_event: Any, elapsed_ms: Any, synchronize: Any) -> None:
         self._new, self._elapsed, self.sync = new_event, elapsed_ms, synchronize
         self.batch = 1
 
-    def time(self, fn):
+    def time(self, fn: Callable[[], Any]) -> Any:
         start, end = self._new(), self._new()
         batch = self.batch
         start.record()
@@ -91,7 +92,7 @@ class EventTimer:
             self.batch = max(1, min(self.MAX_BATCH, int(self.BATCH_S / t)))
         return t
 
-    def time_one(self, fn):
+    def time_one(self, fn: Callable[[], Any]) -> Any:
         """Events around exactly one call (host issue time included)."""
         start, end = self._new(), self._new()
         start.record()
@@ -101,7 +102,7 @@ class EventTimer:
         return self._elapsed(start, end) / 1e3
 
 
-def timer_for(kind):
+def timer_for(kind: str) -> Any:
     """An ``EventTimer`` using the events of ``kind``: "cupy", "numba-cuda" or "torch"."""
     if kind == "cupy":
         import cupy
@@ -128,7 +129,7 @@ def timer_for(kind):
     raise ValueError(f"no GPU timer for {kind!r}; expected 'cupy', 'numba-cuda' or 'torch'")
 
 
-def gpu_name():
+def gpu_name() -> Any:
     """Name of the current CUDA device, or None when no GPU is usable."""
     try:
         import cupy
@@ -148,14 +149,14 @@ def gpu_name():
     return None
 
 
-def to_device(a):
+def to_device(a: Any) -> Any:
     """A CuPy copy of ``a`` (host or device; never the same memory)."""
     import cupy
 
     return cupy.array(a, copy=True)
 
 
-def device_data(n, dtype, seed=0):
+def device_data(n: int, dtype: Any, seed: int = 0) -> Any:
     """Random params and grads on the GPU (as ``measure.host_data``: standard normal params,
     grads scaled by 1e-2; never zeros), drawn once per (n, dtype, seed) and cached; callers
     copy them (``to_device``) before writing."""
@@ -180,7 +181,7 @@ def _cupy_traffic(n_state):
     return cupy.ElementwiseKernel("T g, T c", outs, body, f"fastopt_traffic{n_state}")
 
 
-def traffic_runner(backend, n_state, p0, g0):
+def traffic_runner(backend: Any, n_state: int, p0: Any, g0: Any) -> Runner:
     """Same-traffic kernel on ``backend`` ("cupy" or "numba-cuda") over device copies of the
     host arrays ``p0``/``g0`` and ``n_state`` zeroed state buffers."""
     import cupy
@@ -212,7 +213,7 @@ def traffic_runner(backend, n_state, p0, g0):
     )
 
 
-def empty_runner(backend="cupy"):
+def empty_runner(backend: Any = "cupy") -> Runner:
     """An empty kernel, one block of one thread: the floor of any launch."""
     import cupy
 
@@ -224,7 +225,7 @@ def empty_runner(backend="cupy"):
     return Runner(f"empty:{backend}", lambda: kern((1,), (1,), ()), timer_for("cupy"), 0)
 
 
-def graph_runner(case, p0, g0, backend="cupy"):
+def graph_runner(case: Case, p0: Any, g0: Any, backend: Any = "cupy") -> Runner:
     """One ``capturable=True`` step of ``case`` over a FlatBuffer of ``p0``, captured in a CUDA
     graph (on a side stream, after two eager warm-up steps) and replayed on the current stream:
     a whole step issued with one graph launch, its scalars computed on the device. What a
@@ -255,7 +256,7 @@ def graph_runner(case, p0, g0, backend="cupy"):
     )
 
 
-def latency(runners, calls=30, rounds=7):
+def latency(runners: Mapping[Any, Runner], calls: Any = 30, rounds: int = 7) -> Any:
     """Small-step latency of each ``Runner`` (label -> runner), in ``rounds`` interleaved rounds
     (each visits every runner, in reverse order every other round), three ways: ``event_s``
     (device time between events around one call, which includes any time the GPU waited for
@@ -288,7 +289,7 @@ def latency(runners, calls=30, rounds=7):
             r.fn()
             host[label].append(time.perf_counter() - t0)
             r.timer.sync()
-    out = {}
+    out: dict[Any, dict[str, Any]] = {}
     for label, r in runners.items():
         out[label] = {"bytes": r.bytes, "rounds": rounds}
         for name, vals in (("event", ev), ("pipelined", piped), ("host_issue", host)):
@@ -298,7 +299,7 @@ def latency(runners, calls=30, rounds=7):
     return out
 
 
-def copy_runner(backend, p0):
+def copy_runner(backend: Any, p0: Any) -> Runner:
     """A device-to-device copy on ``backend`` (bytes = read + written)."""
     import cupy
 
@@ -331,7 +332,7 @@ RATED_BANDWIDTH = (
 )
 
 
-def rated_bandwidth(name):
+def rated_bandwidth(name: str) -> Any:
     """``(bytes/s, source)`` NVIDIA rates the device called ``name`` at, or ``(None, None)``
     for a device not in ``RATED_BANDWIDTH``."""
     if name:
@@ -347,7 +348,7 @@ MODES = ("r", "w", "rw")
 VECTOR_BYTES = 16
 
 
-def traffic_source(modes, name=None):
+def traffic_source(modes: Any, name: str | None = None) -> Any:
     """CUDA C of the same-traffic kernel for arrays of ``modes`` (each "r", "w" or "rw"): one
     grid-stride loop over 16-byte vectors, array j of ``n<j>`` vectors (arrays of different
     sizes: each is touched while the index is inside it). Every array read is folded into an
@@ -410,7 +411,7 @@ def _traffic_kernel(modes):
     return _cupy_kernels[key]
 
 
-def bytes_traffic_runner(arrays, label="same-traffic"):
+def bytes_traffic_runner(arrays: Any, label: Any = "same-traffic") -> Runner:
     """The same-traffic kernel over fresh device arrays of ``arrays`` (``[(name, nbytes,
     mode)]``, as ``measure.traffic_arrays`` gives them), each rounded up to whole 16-byte
     vectors and filled with random bytes. Its bytes are what it moves: each array's
@@ -444,7 +445,7 @@ def bytes_traffic_runner(arrays, label="same-traffic"):
     )
 
 
-def memcpy_runner(p0):
+def memcpy_runner(p0: Any) -> Runner:
     """A device-to-device ``cudaMemcpyAsync`` of ``p0``'s bytes (a copy of ``p0`` into a fresh
     buffer, on CuPy's current stream); bytes = read + written."""
     import cupy
@@ -467,7 +468,7 @@ def memcpy_runner(p0):
     )
 
 
-def release_memory():
+def release_memory() -> None:
     """Give the memory pools' cached blocks back to the driver (CuPy's and torch's): a group's
     buffers freed, the next group's find the device's memory free."""
     import contextlib
@@ -482,7 +483,9 @@ def release_memory():
             sys.modules["torch"].cuda.empty_cache()
 
 
-def torch_graph_runner(label, step, nbytes, warmup=3, keep=None, info=None):
+def torch_graph_runner(
+    label: Any, step: Any, nbytes: int, warmup: int = 3, keep: Any = None, info: Any = None
+) -> Runner:
     """``step`` (a zero-argument call launching CUDA work through torch) captured once in a
     CUDA graph with ``torch.cuda.graph`` after ``warmup`` eager calls on a side stream, as
     torch documents whole-network capture; the runner replays the graph."""

@@ -14,8 +14,13 @@ round (``*_spread``). Records are plain dicts, the schema of ``bench/results/*.j
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from .measure import Case, Runner
+
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import numpy as np
@@ -55,12 +60,12 @@ __all__ = [
 ROUNDS, PER_ROUND = 7, 3
 
 
-def device_of(backend):
+def device_of(backend: Any) -> Any:
     """ "cpu" or "cuda" for a fastopt backend name."""
     return get_backend(backend).DEVICE
 
 
-def ceiling_backend(device, backends):
+def ceiling_backend(device: str, backends: Sequence[str]) -> Any:
     """The backend whose kernels measure ``device``'s ceilings: ``numba`` on the CPU, the first
     GPU backend present on CUDA (CuPy before Numba CUDA)."""
     if device == "cpu":
@@ -71,7 +76,9 @@ def ceiling_backend(device, backends):
     return None
 
 
-def fastopt_runner(case, backend, p0, g0, kwargs=(), io=None):
+def fastopt_runner(
+    case: Case, backend: Any, p0: Any, g0: Any, kwargs: Any = (), io: Any = None
+) -> Runner:
     """``opt.step(buf)`` of the fastopt optimizer of ``case`` on ``backend``, over a FlatBuffer
     holding one parameter of ``p0.size`` elements (the fused one-launch path users call);
     ``kwargs``: mixed-precision keywords of the optimizer, ``io`` its storage plan (the bytes
@@ -97,7 +104,7 @@ def fastopt_runner(case, backend, p0, g0, kwargs=(), io=None):
     return Runner(backend, lambda: opt.step(buf), timer, nbytes, keep=(buf, opt))
 
 
-def ceiling_runner(backend, n_state, p0, g0):
+def ceiling_runner(backend: Any, n_state: int, p0: Any, g0: Any) -> Any:
     """Same-traffic kernel with ``n_state`` state buffers on ``backend``."""
     if backend == "numba":
         from . import ceilings_cpu
@@ -108,7 +115,7 @@ def ceiling_runner(backend, n_state, p0, g0):
     return gpu.traffic_runner(backend, n_state, p0, g0)
 
 
-def copy_runner(backend, p0):
+def copy_runner(backend: Any, p0: Any) -> Any:
     """Copy of an ``p0``-sized buffer on ``backend``."""
     if backend == "numba":
         from . import ceilings_cpu
@@ -119,7 +126,7 @@ def copy_runner(backend, p0):
     return gpu.copy_runner(backend, p0)
 
 
-def ceiling_backends(device, backends):
+def ceiling_backends(device: str, backends: Sequence[str]) -> Any:
     """The backends whose ceilings a group measures: on a GPU each GPU backend measured gets its
     own (its rows are scored against kernels of the same compiler), else the device's default
     (``ceiling_backend``), e.g. numba's for the CPU rows and the NumPy oracle."""
@@ -132,16 +139,16 @@ def ceiling_backends(device, backends):
 
 
 def group_factories(
-    case,
-    device,
-    n,
-    dtype,
-    backends,
-    torch_modes=(),
-    layouts=("flat", "list"),
-    seed=0,
-    references=False,
-):
+    case: Case,
+    device: str,
+    n: int,
+    dtype: Any,
+    backends: Sequence[str],
+    torch_modes: Sequence[str] = (),
+    layouts: Sequence[str] = ("flat", "list"),
+    seed: int = 0,
+    references: bool = False,
+) -> Any:
     """Factories for the group's timing: keys ("step", backend), ("torch", mode, layout),
     ("adapter", "list") (fastopt.torch on the list), and the ceilings: on the CPU ("ceiling",
     "numba") and ("copy", "numba"); on a GPU ("ceiling", "traffic") (the same-traffic kernel of
@@ -186,7 +193,17 @@ def group_factories(
     return facs
 
 
-def record(case, device, n, dtype, runner, times, backend, layout="flat", round_times=None):
+def record(
+    case: Case,
+    device: str,
+    n: int,
+    dtype: Any,
+    runner: Runner,
+    times: Sequence[float],
+    backend: Any,
+    layout: str = "flat",
+    round_times: Any = None,
+) -> Any:
     """One JSON record: the row's identity, its bytes and GB/s (of the median), every timed call
     (``times_s``) and their ``spread``; with ``round_times`` (interleaved rounds) the median of
     each round (``round_median_s``) and how it was timed (``timing``)."""
@@ -217,7 +234,7 @@ def record(case, device, n, dtype, runner, times, backend, layout="flat", round_
     return rec
 
 
-def score_gpu_group(records, ceilings, device_name=None):
+def score_gpu_group(records: list[dict[str, Any]], ceilings: Any, device_name: Any = None) -> Any:
     """Hold every record of one GPU group against the ceilings measured in it. ``ceilings``
     maps "traffic" and "memcpy" to ``(runner, times, round_times)``. Each record gets
     ``ceiling_gbps`` (the same-traffic kernel: ``ceiling_kind``, ``ceiling_bytes``),
@@ -262,21 +279,21 @@ def score_gpu_group(records, ceilings, device_name=None):
 
 
 def run_group(
-    case,
-    device,
-    n,
-    dtype,
-    backends,
-    torch_modes=(),
-    layouts=("flat", "list"),
-    reps=30,
-    warmup=3,
-    budget_s=None,
-    progress=None,
-    references=False,
-    rounds=ROUNDS,
-    per_round=PER_ROUND,
-):
+    case: Case,
+    device: str,
+    n: int,
+    dtype: Any,
+    backends: Sequence[str],
+    torch_modes: Sequence[str] = (),
+    layouts: Sequence[str] = ("flat", "list"),
+    reps: int = 30,
+    warmup: int = 3,
+    budget_s: float | None = None,
+    progress: Callable[..., Any] | None = None,
+    references: bool = False,
+    rounds: int = ROUNDS,
+    per_round: int = PER_ROUND,
+) -> Any:
     """Measure one group; returns its records (fastopt backends first, then torch peers and
     references), each carrying the ceilings measured alongside. On the CPU ``reps`` and
     ``budget_s`` size the two passes; on a GPU ``rounds`` interleaved rounds of ``per_round``
@@ -360,7 +377,7 @@ def run_group(
     return records
 
 
-def finalize(records):
+def finalize(records: list[dict[str, Any]]) -> Any:
     """Add ``speedup_vs_numpy`` (NumPy oracle time ÷ this time, same optimizer, dtype and n)
     and, for fastopt rows, ``speedup_vs_torch``: the fastest torch peer on the same device and
     the same layout (one flat tensor, or the very same list: the same work) ÷ this time, the
@@ -395,7 +412,9 @@ def finalize(records):
 # -- mixed-precision rows: one optimizer across storage plans, side by side ----------------------
 
 
-def precision_factories(case, n, precisions, backend="numba", seed=0):
+def precision_factories(
+    case: Case, n: int, precisions: Sequence[str], backend: Any = "numba", seed: int = 0
+) -> Any:
     """Factories for ``measure_group``: ("step", precision) and ("ceiling", precision) for each
     name of ``measure.PRECISIONS`` (CPU: the numba backend and its same-traffic kernels)."""
     from . import ceilings_cpu
@@ -420,8 +439,15 @@ def precision_factories(case, n, precisions, backend="numba", seed=0):
 
 
 def run_precision_group(
-    case, n, precisions, backend="numba", reps=60, warmup=3, budget_s=None, progress=None
-):
+    case: Case,
+    n: int,
+    precisions: Sequence[str],
+    backend: Any = "numba",
+    reps: int = 60,
+    warmup: int = 3,
+    budget_s: float | None = None,
+    progress: Callable[..., Any] | None = None,
+) -> Any:
     """Measure one optimizer at size ``n`` in each storage plan of ``precisions``, with each
     plan's same-traffic ceiling, all in one group (built together, timed in two passes, the
     second in reverse order: the ratios compare runs of the same minutes). Returns records

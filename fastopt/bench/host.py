@@ -11,8 +11,10 @@ launches nothing, so ``host_runner`` times exactly the Python path of ``step(buf
 from __future__ import annotations
 
 import contextlib
+from collections.abc import Iterator
+from typing import Any
 
-from .measure import HostTimer, Runner
+from .measure import Case, HostTimer, Runner
 
 __all__ = ["NAME", "host_runner", "null_backend"]
 
@@ -39,7 +41,7 @@ class _Null:
 
 
 @contextlib.contextmanager
-def null_backend():
+def null_backend() -> Iterator[type]:
     """Make ``backend="null"`` resolvable inside the block (and only there)."""
     from .. import backends
 
@@ -52,7 +54,9 @@ def null_backend():
         backends._loaded.pop(NAME, None)
 
 
-def host_runner(case, n_params=1, size=256, api="step", dtype="float32"):
+def host_runner(
+    case: Case, n_params: int = 1, size: int = 256, api: str = "step", dtype: Any = "float32"
+) -> Runner:
     """Host time of one step of ``case`` over ``n_params`` parameters of ``size`` elements,
     through ``opt.step(buf)`` (``api="step"``) or ``opt.update(params, grads)`` (``"update"``),
     on the null backend. Call inside ``null_backend()``."""

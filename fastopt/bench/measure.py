@@ -38,6 +38,7 @@ import os
 import platform
 import statistics
 import time
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -88,16 +89,16 @@ class Case:
     #: of those, the ones the benchmark's steps read first (None: every one)
     n_read: int | None = None
 
-    def __post_init__(self):
+    def __post_init__(self) -> None:
         if self.n_read is None:
             object.__setattr__(self, "n_read", self.n_state)
 
     @property
-    def fastopt_kwargs(self):
+    def fastopt_kwargs(self) -> Any:
         return dict(self.kwargs)
 
 
-def derive_cases():
+def derive_cases() -> Any:
     """The sweep, from the optimizer registry: every class with its defaults, then the variant
     with every hyperparameter probe that adds a state buffer switched on (AMSGrad, centered
     RMSProp with momentum, ...) unless a case with the same rule and state buffers exists."""
@@ -176,7 +177,9 @@ GRID = {
 }
 
 
-def bytes_per_step(n_state, n, dtype=None, io=None, n_read=None):
+def bytes_per_step(
+    n_state: int, n: int, dtype: Any = None, io: Any = None, n_read: int | None = None
+) -> Any:
     """Bytes one step moves: param, grad and ``n_read`` state buffers read (default: all
     ``n_state``); param and the ``n_state`` state buffers written; all in ``dtype``, or each
     array in its storage dtype of ``io`` (``kernels.storage.IO``)."""
@@ -189,7 +192,9 @@ def bytes_per_step(n_state, n, dtype=None, io=None, n_read=None):
     return per * int(n)
 
 
-def traffic_arrays(n, n_state, dtype=None, io=None, n_read=None):
+def traffic_arrays(
+    n: int, n_state: int, dtype: Any = None, io: Any = None, n_read: int | None = None
+) -> Any:
     """The arrays one step moves, ``[(name, bytes, mode)]`` with mode "r" (read), "w" (written)
     or "rw": the param (written only when an fp32 master is read instead), the grad (written
     back too when unscaled in place), ``n_read`` state buffers read and written and the rest
@@ -222,7 +227,7 @@ class Precision:
     grad: str
     kwargs: tuple = ()
 
-    def io(self, n_state=None):
+    def io(self, n_state: int | None = None) -> Any:
         """The storage plan (``kernels.storage.IO``) of this precision's launches."""
         from ..precision import io_of, resolve_state_kind
 
@@ -248,7 +253,7 @@ PRECISIONS = {
 }
 
 
-def transformer_shapes(n, layers=16):
+def transformer_shapes(n: int, layers: Any = 16) -> Any:
     """~200 parameter shapes of a small pre-LN transformer whose sizes add up to exactly ``n``.
 
     Per layer: two LayerNorms (weight, bias), fused QKV (weight, bias), output projection, a
@@ -293,7 +298,7 @@ def transformer_shapes(n, layers=16):
     return shapes
 
 
-def host_data(n, dtype, seed=0, grad_dtype=None):
+def host_data(n: int, dtype: Any, seed: int = 0, grad_dtype: Any = None) -> Any:
     """Random params and grads (never zeros: denormal-free, realistic magnitudes); 16-bit
     dtypes (``"bfloat16"`` through ml_dtypes) are drawn in float32 and rounded."""
     from ..precision import storage_dtype
@@ -316,10 +321,10 @@ class HostTimer:
 
     device = "cpu"
 
-    def sync(self):
+    def sync(self) -> None:
         pass
 
-    def time(self, fn):
+    def time(self, fn: Callable[[], Any]) -> Any:
         t0 = time.perf_counter()
         fn()
         return time.perf_counter() - t0
@@ -330,10 +335,10 @@ class Runner:
     """Something to time: ``fn`` moves ``bytes`` per call, timed by ``timer``."""
 
     label: str
-    fn: object
-    timer: object
+    fn: Callable[[], Any]
+    timer: Any
     bytes: int
-    info: dict = field(default_factory=dict)
+    info: dict[str, Any] = field(default_factory=dict)
     #: objects the call needs alive (buffers, optimizers)
     keep: object = None
 
@@ -344,7 +349,13 @@ def _reps_for(t_first, reps, min_reps, budget_s):
     return max(min_reps, min(reps, int(budget_s / t_first)))
 
 
-def measure(runner, reps=30, warmup=3, min_reps=5, budget_s=None):
+def measure(
+    runner: Runner,
+    reps: int = 30,
+    warmup: int = 3,
+    min_reps: int = 5,
+    budget_s: float | None = None,
+) -> Any:
     """Warm up, then time ``reps`` calls one by one (fewer when one call would blow
     ``budget_s``, never fewer than ``min_reps``); returns the list of seconds per call."""
     for _ in range(warmup):
@@ -357,8 +368,14 @@ def measure(runner, reps=30, warmup=3, min_reps=5, budget_s=None):
 
 
 def measure_group(
-    factories, reps=30, warmup=3, min_reps=5, budget_s=None, together=True, progress=None
-):
+    factories: Mapping[Any, Callable[[], Any]],
+    reps: int = 30,
+    warmup: int = 3,
+    min_reps: int = 5,
+    budget_s: float | None = None,
+    together: bool = True,
+    progress: Callable[..., Any] | None = None,
+) -> Any:
     """Time several runners that will be compared with each other.
 
     ``factories`` maps a key to a zero-argument callable building a ``Runner`` (or returning
@@ -408,7 +425,7 @@ def measure_group(
     return {key: (runners[key], times[key]) for key in times}
 
 
-def spread(times):
+def spread(times: Sequence[float]) -> Any:
     """The spread of a list of seconds: ``min_s``, ``q1_s``, ``median_s``, ``q3_s``, ``max_s``
     (quartiles by linear interpolation, the median as ``statistics.median``)."""
     a = np.sort(np.asarray(times, dtype=np.float64))
@@ -424,7 +441,7 @@ def spread(times):
     }
 
 
-def ratio_spread(num, den):
+def ratio_spread(num: Sequence[float] | None, den: Sequence[float] | None) -> Any:
     """Per-round ratios of two runners timed in the same rounds (``measure_rounds``): ``num``
     and ``den`` hold one median per round; round r gives ``num[r] / den[r]``. Returns ``min``,
     ``median``, ``max`` and ``rounds``, or None when the rounds do not pair up."""
@@ -435,15 +452,15 @@ def ratio_spread(num, den):
 
 
 def measure_rounds(
-    factories,
-    rounds=7,
-    per_round=3,
-    warmup=3,
-    min_rounds=3,
-    budget_s=None,
-    progress=None,
-    errors=None,
-):
+    factories: Mapping[Any, Callable[[], Any]],
+    rounds: int = 7,
+    per_round: int = 3,
+    warmup: int = 3,
+    min_rounds: int = 3,
+    budget_s: float | None = None,
+    progress: Callable[..., Any] | None = None,
+    errors: Any = None,
+) -> Any:
     """Time runners against each other in interleaved, repeated rounds (the GPU's way).
 
     ``factories`` maps a key to a zero-argument callable building a ``Runner`` (or None when it
@@ -495,7 +512,7 @@ def measure_rounds(
     return out
 
 
-def timed_call(runner, warmup=3):
+def timed_call(runner: Runner, warmup: int = 3) -> Any:
     """Warm ``runner`` up (compilation, first-touch), then return what an outside timer such as
     pytest-benchmark should time: the call, followed on a GPU by a synchronize inside the timed
     region, so that the device work is counted and not just its launch."""
@@ -513,15 +530,15 @@ def timed_call(runner, warmup=3):
     return call
 
 
-def median(times):
+def median(times: Sequence[float]) -> Any:
     return statistics.median(times)
 
 
-def percent(x, ceiling):
+def percent(x: Any, ceiling: Any) -> Any:
     return None if not ceiling else 100.0 * x / ceiling
 
 
-def fmt_n(n):
+def fmt_n(n: int) -> Any:
     """``2^20`` for powers of two, ``10^7`` for powers of ten, else the plain number."""
     n = int(n)
     if n >= 1024 and n & (n - 1) == 0:
@@ -532,7 +549,7 @@ def fmt_n(n):
     return str(n)
 
 
-def cpu_model():
+def cpu_model() -> Any:
     """The CPU's model name (from /proc/cpuinfo on Linux)."""
     try:
         with open("/proc/cpuinfo") as f:
@@ -544,7 +561,7 @@ def cpu_model():
     return platform.processor() or platform.machine()
 
 
-def device_info(gpu_name=None):
+def device_info(gpu_name: Any = None) -> Any:
     """Where the numbers come from: CPU model and cores, memory, and the GPU when one was used."""
     info = {
         "cpu": cpu_model(),
@@ -568,7 +585,7 @@ def device_info(gpu_name=None):
     return info
 
 
-def versions():
+def versions() -> Any:
     """Versions of everything that shaped the numbers (optional packages only when present)."""
     from importlib import metadata
 

@@ -6,20 +6,23 @@ on the ~200 parameter tensors of a small transformer with the same total size
 (``measure.transformer_shapes``), the list a training loop really hands torch.
 """
 
+from __future__ import annotations
+
 import importlib.util
+from typing import Any
 
 import numpy as np
 
-from .measure import HostTimer, Runner, bytes_per_step, transformer_shapes
+from .measure import Case, HostTimer, Runner, bytes_per_step, transformer_shapes
 
 __all__ = ["available", "cuda_available", "modes", "torch_runner"]
 
 
-def available():
+def available() -> bool:
     return importlib.util.find_spec("torch") is not None
 
 
-def cuda_available():
+def cuda_available() -> Any:
     if not available():
         return False
     import torch
@@ -42,7 +45,7 @@ def _make(case, params, mode):
     return getattr(torch.optim, case.torch_cls)(params, **dict(case.torch_kwargs), **{mode: True})
 
 
-def modes(case, device):
+def modes(case: Case, device: str) -> Any:
     """The torch implementations to compare with, best first (none: torch lacks the optimizer)."""
     if case.torch_cls is None or not available():
         return []
@@ -69,7 +72,7 @@ def _tensor(torch, a, device):
     return torch.as_tensor(a, device=device).clone()
 
 
-def torch_runner(case, mode, device, p0, g0, layout="flat"):
+def torch_runner(case: Case, mode: str, device: str, p0: Any, g0: Any, layout: str = "flat") -> Any:
     """``torch.optim`` (``mode`` = "fused" or "foreach") stepping copies of ``p0``/``g0`` on
     ``device``, as one tensor (``layout="flat"``) or as a transformer's parameter list
     (``"list"``; None when ``p0`` is too small to hold one)."""

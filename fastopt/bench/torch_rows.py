@@ -27,6 +27,11 @@ the machinery runs in the default test run without a GPU.
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from .measure import Case, Runner
+
 import contextlib
 import importlib.util
 import uuid
@@ -109,7 +114,7 @@ def _try(make):
     return True, ""
 
 
-def features(device="cuda", backend=None):
+def features(device: str = "cuda", backend: Any = None) -> Any:
     """Which planned rows the code here can run: name -> ``{"available": bool, "why": str}``.
 
     - ``fastopt.torch``: the adapter imports (torch is installed);
@@ -183,7 +188,7 @@ def _dtype(name):
     return getattr(_torch(), name)
 
 
-def list_data(n, precision, device, seed=0):
+def list_data(n: int, precision: str, device: str, seed: int = 0) -> Any:
     """A flat param and grad of ``n`` elements as torch tensors on ``device`` in the storage of
     ``precision`` (a ``measure.PRECISIONS`` name): standard normal params, grads scaled by
     1e-2, drawn in float32 and rounded."""
@@ -225,7 +230,7 @@ def _timer(device, kind="torch"):
     return timer_for(kind)
 
 
-def same_work_in_torch(precision, kwargs=()):
+def same_work_in_torch(precision: str, kwargs: Any = ()) -> bool:
     """Whether ``torch.optim``'s fused step keeps the same bytes as fastopt in ``precision``:
     params, grads and state in one dtype, no master copy (torch.optim has none), no other
     state dtype."""
@@ -234,7 +239,16 @@ def same_work_in_torch(precision, kwargs=()):
     return pr.param == pr.grad and not kw.get("master_weights") and not kw.get("state_dtype")
 
 
-def adapter_runner(case, p_flat, g_flat, layout, device, nbytes, kwargs=(), backend=None):
+def adapter_runner(
+    case: Case,
+    p_flat: Any,
+    g_flat: Any,
+    layout: str,
+    device: str,
+    nbytes: int,
+    kwargs: Any = (),
+    backend: Any = None,
+) -> Runner:
     """``fastopt.torch.<cls>`` stepping copies of ``p_flat`` as one tensor or as the list."""
     params = _params(p_flat, g_flat, layout)
     kw = dict(case.fastopt_kwargs, **dict(kwargs))
@@ -251,13 +265,22 @@ def adapter_runner(case, p_flat, g_flat, layout, device, nbytes, kwargs=(), back
     )
 
 
-def torch_fused_runner(case, p_flat, g_flat, layout, device, nbytes, clip=None, **extra):
+def torch_fused_runner(
+    case: Case,
+    p_flat: Any,
+    g_flat: Any,
+    layout: str,
+    device: str,
+    nbytes: int,
+    clip: Any = None,
+    **extra: Any,
+) -> Runner:
     """``torch.optim.<cls>(fused=True, **extra)`` over copies of ``p_flat``; with ``clip`` a
     ``clip_grad_norm_(params, clip)`` (torch's default: its foreach kernels on a GPU) before
     each step."""
     torch = _torch()
     params = _params(p_flat, g_flat, layout)
-    opt = getattr(torch.optim, case.torch_cls)(
+    opt = getattr(torch.optim, case.torch_cls)(  # type: ignore[arg-type]  # rows of cases torch has
         params, **dict(case.torch_kwargs), fused=True, **extra
     )
     peer = f"torch.optim.{case.torch_cls}(fused=True" + "".join(
@@ -283,7 +306,15 @@ def torch_fused_runner(case, p_flat, g_flat, layout, device, nbytes, clip=None, 
     )
 
 
-def flat_runner(case, p_flat, g_flat, device, nbytes, kwargs=(), backend=None):
+def flat_runner(
+    case: Case,
+    p_flat: Any,
+    g_flat: Any,
+    device: str,
+    nbytes: int,
+    kwargs: Any = (),
+    backend: Any = None,
+) -> Runner:
     """fastopt's flat step: ``opt.step(buf)`` over one FlatBuffer holding a copy of
     ``p_flat`` (on its device), the grads copied in."""
     import fastopt
@@ -371,7 +402,7 @@ def _records(res, case, device, n, dtype, step, extra=None, errors=None):
     return out, ceilings
 
 
-def relate(rec, other, field, invert=False):
+def relate(rec: Any, other: Any, field: Any, invert: Any = False) -> Any:
     """``rec[field]``: ``other``'s time over ``rec``'s (``invert``: ``rec``'s over ``other``'s),
     the two timed in the same rounds, with ``field + "_spread"`` (one ratio per round) and
     ``field + "_vs"`` naming ``other``. Nothing when ``other`` is None."""
@@ -400,17 +431,17 @@ def _measure(facs, device, rounds, per_round, warmup, budget_s):
 
 
 def list_group(
-    case,
-    n,
-    precision="float32",
-    device="cuda",
-    backend=None,
-    rounds=7,
-    per_round=3,
-    warmup=3,
-    budget_s=None,
-    step="torch-list",
-):
+    case: Case,
+    n: int,
+    precision: str = "float32",
+    device: str = "cuda",
+    backend: Any = None,
+    rounds: int = 7,
+    per_round: int = 3,
+    warmup: int = 3,
+    budget_s: float | None = None,
+    step: Any = "torch-list",
+) -> Any:
     """``fastopt.torch`` over the transformer's list in storage plan ``precision`` beside torch
     fused on the same list, fastopt's flat step and torch fused on one flat tensor (torch only
     where it keeps the same bytes: ``same_work_in_torch``), all moving the same bytes. The
@@ -465,16 +496,16 @@ def list_group(
 
 
 def graph_group(
-    case,
-    n=1 << 20,
-    device="cuda",
-    backend=None,
-    rounds=7,
-    per_round=3,
-    warmup=3,
-    budget_s=None,
-    step="graph",
-):
+    case: Case,
+    n: int = 1 << 20,
+    device: str = "cuda",
+    backend: Any = None,
+    rounds: int = 7,
+    per_round: int = 3,
+    warmup: int = 3,
+    budget_s: float | None = None,
+    step: Any = "graph",
+) -> Any:
     """At ``n`` (float32): a ``capturable=True`` ``fastopt.torch`` step over the list replayed
     from a CUDA graph (when ``features()["capturable"]``), the flat capturable step replayed
     from one (``gpu.graph_runner``) and torch's ``capturable=True`` fused step over the same
@@ -516,7 +547,7 @@ def graph_group(
         def torch_graph():
             torch = _torch()
             params = _params(p, g, "list")
-            opt = getattr(torch.optim, case.torch_cls)(
+            opt = getattr(torch.optim, case.torch_cls)(  # type: ignore[arg-type]  # rows of cases torch has
                 params, **dict(case.torch_kwargs), fused=True, capturable=True
             )
             return gpu.torch_graph_runner(
@@ -545,17 +576,17 @@ def graph_group(
 
 
 def clip_group(
-    case,
-    n,
-    device="cuda",
-    backend=None,
-    rounds=7,
-    per_round=3,
-    warmup=3,
-    budget_s=None,
-    step="clip",
-    max_norm_fraction=0.5,
-):
+    case: Case,
+    n: int,
+    device: str = "cuda",
+    backend: Any = None,
+    rounds: int = 7,
+    per_round: int = 3,
+    warmup: int = 3,
+    budget_s: float | None = None,
+    step: Any = "clip",
+    max_norm_fraction: float = 0.5,
+) -> Any:
     """float32 over the list: ``fastopt.torch`` with ``max_grad_norm`` (when
     ``features()["max_grad_norm"]``) and without, torch's ``clip_grad_norm_`` + fused step and
     torch's fused step alone. ``max_grad_norm`` is ``max_norm_fraction`` of the grads' norm, so
@@ -646,17 +677,17 @@ def _list_state_runner(label, opt, params, device, n, state_dtype):
 
 
 def lowbit_group(
-    case,
-    n,
-    state_dtypes=LOWBIT_STATES,
-    device="cuda",
-    backend=None,
-    rounds=7,
-    per_round=3,
-    warmup=3,
-    budget_s=None,
-    step="lowbit",
-):
+    case: Case,
+    n: int,
+    state_dtypes: Any = LOWBIT_STATES,
+    device: str = "cuda",
+    backend: Any = None,
+    rounds: int = 7,
+    per_round: int = 3,
+    warmup: int = 3,
+    budget_s: float | None = None,
+    step: Any = "lowbit",
+) -> Any:
     """fastopt's flat step (float32 params) with each of ``state_dtypes`` fastopt accepts
     (``features``) against the same step with float32 state. Bytes and the ceiling's traffic are
     read from the state after a first step: the param read and written, the grad read, every
@@ -751,7 +782,7 @@ def lowbit_group(
 SYNC_WARNING = "synchroniz"
 
 
-def count_syncs(step, steps=5, warmup=3, set_mode=None):
+def count_syncs(step: Any, steps: Any = 5, warmup: int = 3, set_mode: Any = None) -> Any:
     """Host synchronisations per call of ``step`` once steady: ``warmup`` calls, then
     ``steps`` calls under torch's sync debug mode "warn", each warning counted
     (``torch.cuda.set_sync_debug_mode``; ``set_mode`` stands in for it); then one call under
@@ -800,7 +831,9 @@ def _amp_step(opt, scaler, device):
     return step
 
 
-def sync_rows(case, n=1 << 20, device="cuda", steps=5, set_mode=None):
+def sync_rows(
+    case: Case, n: int = 1 << 20, device: str = "cuda", steps: Any = 5, set_mode: Any = None
+) -> Any:
     """Host synchronisations per steady step with ``torch.amp.GradScaler``, over the list in
     float32: ``fastopt.torch`` and torch's fused step (its peer). Returns one dict per
     optimizer: ``optimizer``, ``backend``, ``layout``, ``n``, ``n_tensors``, ``per_step``,
@@ -812,7 +845,7 @@ def sync_rows(case, n=1 << 20, device="cuda", steps=5, set_mode=None):
     out = []
     makers = {"fastopt.torch": lambda ps: getattr(_fot(), case.cls)(ps, **case.fastopt_kwargs)}
     if case.torch_cls:
-        makers["torch-fused"] = lambda ps: getattr(torch.optim, case.torch_cls)(
+        makers["torch-fused"] = lambda ps: getattr(torch.optim, case.torch_cls)(  # type: ignore[arg-type]  # rows of cases torch has
             ps, **dict(case.torch_kwargs), fused=True
         )
     for label, make in makers.items():
