@@ -18,12 +18,11 @@ the repository's ``bench/`` folder and by ``scripts/gpu_run.sh``).
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Any
 
 __all__ = ["main"]
 
 
-def main(argv: Sequence[str] | None = None) -> Any:
+def main(argv: Sequence[str] | None = None) -> int:
     """``fastopt bench``: see ``fastopt.bench.cli``."""
     from .cli import main as run
 

@@ -109,7 +109,7 @@ def _positive(kind):
     return parse
 
 
-def build_parser() -> Any:
+def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(
         prog="fastopt bench",
         description=__doc__.split("\n\n")[0].replace("``", ""),
@@ -292,7 +292,7 @@ def _fmt(x, spec, none="-"):
     return none if x is None else format(x, spec)
 
 
-def format_table(records: list[dict[str, Any]]) -> Any:
+def format_table(records: list[dict[str, Any]]) -> str:
     """The human-readable table: one row per record, grouped by device, size and dtype."""
     cols = ("optimizer", "backend", "n", "dtype", "ms/step", "GB/s", "% ceil", "x numpy", "x torch")
     rows = []
@@ -424,7 +424,7 @@ def _progress(i, total, device, case, dtype, n):
     )
 
 
-def measure_host_path(cases: Iterable[Case], reps: int = 300) -> Any:
+def measure_host_path(cases: Iterable[Case], reps: int = 300) -> list[dict[str, Any]]:
     """Host time of ``opt.step(buf)`` (one parameter) and ``opt.update()`` (one array) for each
     case on the null backend (``_bench_host``): the Python path alone. Returns records."""
     from .host import host_runner, null_backend

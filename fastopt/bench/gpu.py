@@ -79,7 +79,7 @@ class EventTimer:
         self._new, self._elapsed, self.sync = new_event, elapsed_ms, synchronize
         self.batch = 1
 
-    def time(self, fn: Callable[[], Any]) -> Any:
+    def time(self, fn: Callable[[], Any]) -> float:
         start, end = self._new(), self._new()
         batch = self.batch
         start.record()
@@ -92,7 +92,7 @@ class EventTimer:
             self.batch = max(1, min(self.MAX_BATCH, int(self.BATCH_S / t)))
         return t
 
-    def time_one(self, fn: Callable[[], Any]) -> Any:
+    def time_one(self, fn: Callable[[], Any]) -> float:
         """Events around exactly one call (host issue time included)."""
         start, end = self._new(), self._new()
         start.record()
@@ -129,7 +129,7 @@ def timer_for(kind: str) -> Any:
     raise ValueError(f"no GPU timer for {kind!r}; expected 'cupy', 'numba-cuda' or 'torch'")
 
 
-def gpu_name() -> Any:
+def gpu_name() -> str | None:
     """Name of the current CUDA device, or None when no GPU is usable."""
     try:
         import cupy
@@ -348,7 +348,7 @@ MODES = ("r", "w", "rw")
 VECTOR_BYTES = 16
 
 
-def traffic_source(modes: Any, name: str | None = None) -> Any:
+def traffic_source(modes: Any, name: str | None = None) -> tuple[str, str]:
     """CUDA C of the same-traffic kernel for arrays of ``modes`` (each "r", "w" or "rw"): one
     grid-stride loop over 16-byte vectors, array j of ``n<j>`` vectors (arrays of different
     sizes: each is touched while the index is inside it). Every array read is folded into an

@@ -60,7 +60,7 @@ __all__ = [
 ROUNDS, PER_ROUND = 7, 3
 
 
-def device_of(backend: Any) -> Any:
+def device_of(backend: Any) -> str:
     """ "cpu" or "cuda" for a fastopt backend name."""
     return get_backend(backend).DEVICE
 
@@ -377,7 +377,7 @@ def run_group(
     return records
 
 
-def finalize(records: list[dict[str, Any]]) -> Any:
+def finalize(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
     """Add ``speedup_vs_numpy`` (NumPy oracle time ÷ this time, same optimizer, dtype and n)
     and, for fastopt rows, ``speedup_vs_torch``: the fastest torch peer on the same device and
     the same layout (one flat tensor, or the very same list: the same work) ÷ this time, the

@@ -94,7 +94,7 @@ class Case:
             object.__setattr__(self, "n_read", self.n_state)
 
     @property
-    def fastopt_kwargs(self) -> Any:
+    def fastopt_kwargs(self) -> dict[str, Any]:
         return dict(self.kwargs)
 
 
