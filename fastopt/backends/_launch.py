@@ -15,7 +15,10 @@
   re-checks a steady step makes (``describe`` reads one array of any producer).
 """
 
+from __future__ import annotations
+
 import sys
+from typing import Any
 
 import numpy as np
 
@@ -271,7 +274,7 @@ class TensorTable:
         used = RULES[rule].slots_used(flags)
         live = self.rows[:, 0] > 0
         for j, (name, u) in enumerate(zip(RULES[rule].STATE, used)):
-            missing = np.flatnonzero(live & (self.rows[:, 3 + j] == 0)) if u else ()
+            missing: Any = np.flatnonzero(live & (self.rows[:, 3 + j] == 0)) if u else ()
             if len(missing):
                 raise ValueError(
                     f"state {name!r}: required by {rule} with {flags}, absent from tensor "

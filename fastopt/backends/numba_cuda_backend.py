@@ -628,7 +628,7 @@ def _view_fn():
         from numba.extending import intrinsic
         from numba.np.arrayobj import np_cfarray
 
-    @intrinsic
+    @intrinsic  # type: ignore[no-redef]
     def view(typingctx, address, n, like):
         if not isinstance(address, types.Integer) or not isinstance(like, types.Array):
             return None
@@ -751,7 +751,7 @@ def table_signature(rule, writes, io, clip=False):
 
     c = getattr(types, io.compute)
     p = arr(io.param)
-    sig = (types.int64[:, ::1], types.int64[::1], types.int64, types.int64)
+    sig: tuple[Any, ...] = (types.int64[:, ::1], types.int64[::1], types.int64, types.int64)
     sig += (p, arr(io.grad), arr(io.state), types.float32[::1])
     sig += (types.UniTuple(c, len(RULES[rule].scalars)), types.Tuple((c, types.int64, types.int64)))
     sig += (c[::1] if io.kbuf else p, types.float32[::1] if io.scale == "device" else p)
@@ -957,7 +957,7 @@ def launch_table(rule, flags, io, table, k, extras=None, clip=None, stream=None)
         ct = np.dtype(io.compute).type
         scalars = tuple(ct(x) for x in k)
         inv = ex.get("inv_scale")
-        x = (ct(1.0 if inv is None else inv), np.int64(ex.get("salt", 0)))
+        x: tuple[Any, ...] = (ct(1.0 if inv is None else inv), np.int64(ex.get("salt", 0)))
         x += (np.int64(ex.get("key", 0)),)
         likes = [_small(_like_dtype(kd), dev) for kd in (io.param, io.grad, io.state)]
         likes.append(_small(np.float32, dev))
@@ -999,6 +999,9 @@ class GradNorm:
         dt = np.dtype(self.acc)
         host = [np.zeros(max(1, sum(self.grids)), dt), np.zeros(2, dt), np.zeros(2, np.float32)]
         arrays = host if SIMULATOR else [cuda.to_device(a) for a in host]
+        self.partials: Any
+        self.out: Any
+        self.out_f: Any
         self.partials, self.out, self.out_f = arrays
 
     def coef(self, compute):
@@ -1026,7 +1029,7 @@ class GradNorm:
                 gl = _small(_like_dtype(t.io.grad), dev)
                 isz = np.int64(storage.ITEMSIZE[t.io.grad])
                 part = self.partials[offset : offset + grid]
-                args = (t.device_rows, np.int64(len(t.columns)), t.device_chunks)
+                args: tuple[Any, ...] = (t.device_rows, np.int64(len(t.columns)), t.device_chunks)
                 args += (np.int64(t.nchunks), np.int64(t.chunk), gl, isz, x, gs, part)
                 if SIMULATOR:
                     sumsq[grid, threads](*args)

@@ -55,7 +55,7 @@ def step_runner(plan, dtype, writes, io):
     kw = {h: v for h, v in plan.hp.items() if h in takes}
     kw["step"] = plan.step
 
-    def run(param, grad, states, master=None, salt=0):
+    def run(param, grad, states, master=None, salt=0):  # type: ignore[no-redef]
         st = {n: s for n, s in zip(names, states) if s is not None}
         # host state as the oracle keeps it (torch's 0-d tensors), this step's copy
         st.update({n: np.array(v, dtype=np.float32) for n, v in hs.items()})

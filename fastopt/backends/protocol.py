@@ -43,7 +43,7 @@ def launch_runner(launch: Callable[..., Any], plan: Any, io: Any) -> Runner:
     if plan.device is not None and io.kbuf:
         extras.update(plan.device.extras(io.compute, plan.found_inf))
 
-    def run(param, grad, states, master=None, salt=0):
+    def run(param, grad, states, master=None, salt=0):  # type: ignore[no-redef]
         launch(
             rule,
             flags,
