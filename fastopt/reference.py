@@ -6,7 +6,12 @@ give the float64 reference the tests compare against). Every function updates ``
 arrays of ``state`` in place; ``step`` is the 1-based step count (incremented before use).
 """
 
+from __future__ import annotations
+
+from typing import Any
+
 import numpy as np
+import numpy.typing as npt
 
 __all__ = [
     "adadelta",
@@ -31,18 +36,18 @@ def _grad(grad, param, weight_decay, maximize):
 
 
 def sgd(
-    param,
-    grad,
-    state,
+    param: npt.NDArray[Any],
+    grad: npt.NDArray[Any],
+    state: dict[str, Any],
     *,
-    step,
-    lr,
-    momentum=0.0,
-    dampening=0.0,
-    weight_decay=0.0,
-    nesterov=False,
-    maximize=False,
-):
+    step: int,
+    lr: float,
+    momentum: float = 0.0,
+    dampening: float = 0.0,
+    weight_decay: float = 0.0,
+    nesterov: bool = False,
+    maximize: bool = False,
+) -> None:
     g = _grad(grad, param, weight_decay, maximize)
     if momentum != 0:
         buf = state["momentum_buffer"]
@@ -55,8 +60,17 @@ def sgd(
 
 
 def adagrad(
-    param, grad, state, *, step, lr, lr_decay=0.0, weight_decay=0.0, eps=1e-10, maximize=False
-):
+    param: npt.NDArray[Any],
+    grad: npt.NDArray[Any],
+    state: dict[str, Any],
+    *,
+    step: int,
+    lr: float,
+    lr_decay: float = 0.0,
+    weight_decay: float = 0.0,
+    eps: float = 1e-10,
+    maximize: bool = False,
+) -> None:
     g = _grad(grad, param, weight_decay, maximize)
     clr = lr / (1 + (step - 1) * lr_decay)
     s = state["sum"]
@@ -81,19 +95,19 @@ def _minus_square(v, ga):
 
 
 def rmsprop(
-    param,
-    grad,
-    state,
+    param: npt.NDArray[Any],
+    grad: npt.NDArray[Any],
+    state: dict[str, Any],
     *,
-    step,
-    lr,
-    alpha=0.99,
-    eps=1e-8,
-    weight_decay=0.0,
-    momentum=0.0,
-    centered=False,
-    maximize=False,
-):
+    step: int,
+    lr: float,
+    alpha: float = 0.99,
+    eps: float = 1e-8,
+    weight_decay: float = 0.0,
+    momentum: float = 0.0,
+    centered: bool = False,
+    maximize: bool = False,
+) -> None:
     g = _grad(grad, param, weight_decay, maximize)
     v = state["square_avg"]
     v[...] = alpha * v + (1 - alpha) * g * g
@@ -112,19 +126,19 @@ def rmsprop(
 
 
 def adam(
-    param,
-    grad,
-    state,
+    param: npt.NDArray[Any],
+    grad: npt.NDArray[Any],
+    state: dict[str, Any],
     *,
-    step,
-    lr,
-    betas=(0.9, 0.999),
-    eps=1e-8,
-    weight_decay=0.0,
-    amsgrad=False,
-    maximize=False,
-    decoupled_weight_decay=False,
-):
+    step: int,
+    lr: float,
+    betas: tuple[float, float] = (0.9, 0.999),
+    eps: float = 1e-8,
+    weight_decay: float = 0.0,
+    amsgrad: bool = False,
+    maximize: bool = False,
+    decoupled_weight_decay: bool = False,
+) -> None:
     beta1, beta2 = betas
     if decoupled_weight_decay:
         param *= 1 - lr * weight_decay
@@ -144,7 +158,17 @@ def adam(
     param -= (lr / bc1) * m / denom
 
 
-def lion(param, grad, state, *, step, lr, betas=(0.9, 0.99), weight_decay=0.0, maximize=False):
+def lion(
+    param: npt.NDArray[Any],
+    grad: npt.NDArray[Any],
+    state: dict[str, Any],
+    *,
+    step: int,
+    lr: float,
+    betas: tuple[float, float] = (0.9, 0.99),
+    weight_decay: float = 0.0,
+    maximize: bool = False,
+) -> None:
     beta1, beta2 = betas
     g = -grad if maximize else grad
     param *= 1 - lr * weight_decay
@@ -154,8 +178,17 @@ def lion(param, grad, state, *, step, lr, betas=(0.9, 0.99), weight_decay=0.0, m
 
 
 def adamax(
-    param, grad, state, *, step, lr, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0, maximize=False
-):
+    param: npt.NDArray[Any],
+    grad: npt.NDArray[Any],
+    state: dict[str, Any],
+    *,
+    step: int,
+    lr: float,
+    betas: tuple[float, float] = (0.9, 0.999),
+    eps: float = 1e-8,
+    weight_decay: float = 0.0,
+    maximize: bool = False,
+) -> None:
     beta1, beta2 = betas
     g = _grad(grad, param, weight_decay, maximize)
     m, u = state["exp_avg"], state["exp_inf"]
@@ -169,19 +202,19 @@ def _nadam_mu(beta1, momentum_decay, step):
 
 
 def nadam(
-    param,
-    grad,
-    state,
+    param: npt.NDArray[Any],
+    grad: npt.NDArray[Any],
+    state: dict[str, Any],
     *,
-    step,
-    lr,
-    betas=(0.9, 0.999),
-    eps=1e-8,
-    weight_decay=0.0,
-    momentum_decay=4e-3,
-    decoupled_weight_decay=False,
-    maximize=False,
-):
+    step: int,
+    lr: float,
+    betas: tuple[float, float] = (0.9, 0.999),
+    eps: float = 1e-8,
+    weight_decay: float = 0.0,
+    momentum_decay: float = 4e-3,
+    decoupled_weight_decay: bool = False,
+    maximize: bool = False,
+) -> None:
     """``state["mu_product"]`` is a 0-d array: the product of the momentum schedule so far, in
     torch's scalar dtype (float32 unless torch's default dtype is float64), as torch keeps it."""
     beta1, beta2 = betas
@@ -204,18 +237,18 @@ def nadam(
 
 
 def radam(
-    param,
-    grad,
-    state,
+    param: npt.NDArray[Any],
+    grad: npt.NDArray[Any],
+    state: dict[str, Any],
     *,
-    step,
-    lr,
-    betas=(0.9, 0.999),
-    eps=1e-8,
-    weight_decay=0.0,
-    decoupled_weight_decay=False,
-    maximize=False,
-):
+    step: int,
+    lr: float,
+    betas: tuple[float, float] = (0.9, 0.999),
+    eps: float = 1e-8,
+    weight_decay: float = 0.0,
+    decoupled_weight_decay: bool = False,
+    maximize: bool = False,
+) -> None:
     beta1, beta2 = betas
     if decoupled_weight_decay:
         param *= 1 - lr * weight_decay
@@ -237,7 +270,18 @@ def radam(
         param -= (m / bc1) * lr
 
 
-def adadelta(param, grad, state, *, step, lr, rho=0.9, eps=1e-6, weight_decay=0.0, maximize=False):
+def adadelta(
+    param: npt.NDArray[Any],
+    grad: npt.NDArray[Any],
+    state: dict[str, Any],
+    *,
+    step: int,
+    lr: float,
+    rho: float = 0.9,
+    eps: float = 1e-6,
+    weight_decay: float = 0.0,
+    maximize: bool = False,
+) -> None:
     g = _grad(grad, param, weight_decay, maximize)
     v, acc = state["square_avg"], state["acc_delta"]
     v[...] = rho * v + (1 - rho) * g * g
@@ -247,8 +291,16 @@ def adadelta(param, grad, state, *, step, lr, rho=0.9, eps=1e-6, weight_decay=0.
 
 
 def rprop(
-    param, grad, state, *, step, lr, etas=(0.5, 1.2), step_sizes=(1e-6, 50.0), maximize=False
-):
+    param: npt.NDArray[Any],
+    grad: npt.NDArray[Any],
+    state: dict[str, Any],
+    *,
+    step: int,
+    lr: float,
+    etas: tuple[float, float] = (0.5, 1.2),
+    step_sizes: tuple[float, float] = (1e-6, 50.0),
+    maximize: bool = False,
+) -> None:
     """``state["step_size"]`` starts at lr, ``state["prev"]`` at 0 (torch fills them when it
     creates the state, at the first step)."""
     dt = param.dtype.type  # torch writes the etas and clamps with the bounds in the param dtype
@@ -272,18 +324,18 @@ def _torch_sign(x):
 
 
 def asgd(
-    param,
-    grad,
-    state,
+    param: npt.NDArray[Any],
+    grad: npt.NDArray[Any],
+    state: dict[str, Any],
     *,
-    step,
-    lr,
-    lambd=1e-4,
-    alpha=0.75,
-    t0=1e6,
-    weight_decay=0.0,
-    maximize=False,
-):
+    step: int,
+    lr: float,
+    lambd: float = 1e-4,
+    alpha: float = 0.75,
+    t0: float = 1e6,
+    weight_decay: float = 0.0,
+    maximize: bool = False,
+) -> None:
     """``state["eta"]`` and ``state["mu"]`` are 0-d arrays (lr and 1 before the first step) in
     torch's scalar dtype (float32 by default), rewritten at the end of each step as torch does;
     ``state["ax"]`` is the average."""

@@ -832,7 +832,7 @@ def _amp_step(opt, scaler, device):
 
 
 def sync_rows(
-    case: Case, n: int = 1 << 20, device: str = "cuda", steps: Any = 5, set_mode: Any = None
+    case: Case, n: int = 1 << 20, device: str = "cuda", steps: int = 5, set_mode: Any = None
 ) -> Any:
     """Host synchronisations per steady step with ``torch.amp.GradScaler``, over the list in
     float32: ``fastopt.torch`` and torch's fused step (its peer). Returns one dict per
