@@ -22,6 +22,7 @@ import bisect
 import sys
 from collections.abc import Mapping
 from dataclasses import replace
+from typing import TYPE_CHECKING, Any, ClassVar
 
 import numpy as np
 
@@ -54,6 +55,9 @@ from ._validate import (
 )
 from .functional import StepPlan, device_flag, found, loss_scale
 from .kernels import RULES
+
+if TYPE_CHECKING:
+    from ._state import OptimizerState, StateKinds
 
 __all__ = ["StepMachinery"]
 
@@ -95,6 +99,26 @@ class _Entry:
         "tdtype",
     )
 
+    dtype: Any
+    gdtype: Any
+    io: Any
+    ios: Any
+    mflat: Any
+    name: Any
+    nst: Any
+    p: Any
+    pflat: Any
+    pins: Any
+    ptr: Any
+    salt: Any
+    sarrs: Any
+    sflat: Any
+    shape: Any
+    src: Any
+    st: Any
+    tbytes: Any
+    tdtype: Any
+
     def io_for(self, ls, kbuf=False):
         """This parameter's storage plan with the loss-scale extras of a step (None: plain,
         every array in the compute dtype and nothing extra); ``kbuf``: a capturable step (the
@@ -114,6 +138,13 @@ class _Loss:
     """The loss-scale keywords of one ``update``/``step`` call, checked."""
 
     __slots__ = ("found_dev", "inv_scale", "scale", "scale_dev", "skip", "write_grad")
+
+    found_dev: Any
+    inv_scale: Any
+    scale: Any
+    scale_dev: Any
+    skip: Any
+    write_grad: Any
 
     def __init__(self, scale, inv_scale, scale_dev, skip, found_dev, write_grad):
         self.scale, self.inv_scale, self.scale_dev = scale, inv_scale, scale_dev
@@ -139,6 +170,17 @@ class _DictCache:
         "state",
         "writes",
     )
+
+    be: Any
+    entries: Any
+    fast: Any
+    los: Any
+    n: Any
+    pins: Any
+    roots: Any
+    spans: Any
+    state: Any
+    writes: Any
 
     def __init__(self, entries, state, be, writes):
         self.entries, self.n, self.state, self.be = entries, len(entries), state, be
@@ -200,9 +242,50 @@ class _FlatCache:
         "writes",
     )
 
+    be: Any
+    buf: Any
+    datas: Any
+    dtypes: Any
+    entries: Any
+    fast: Any
+    gdtypes: Any
+    grads: Any
+    groups: Any
+    host: Any
+    masters: Any
+    n: Any
+    pins: Any
+    shapes: Any
+    states: Any
+    writes: Any
+
 
 class StepMachinery:
     """``update``/``step``'s checks and launches (see the module docstring)."""
+
+    if TYPE_CHECKING:  # what the optimizer class it is mixed into (``base.Optimizer``) provides
+        _st: OptimizerState
+        _rule: ClassVar[Any]
+        _hyper: ClassVar[tuple[str, ...]]
+        _flags: ClassVar[tuple[str, ...]]
+        _slots: tuple[str, ...]
+        _hyper_ok: bool
+        backend: str
+        nonfinite: str | None
+
+        @property
+        def _spec(self) -> Any: ...
+        @property
+        def capturable(self) -> bool: ...
+        @property
+        def master_weights(self) -> bool: ...
+        @property
+        def seed(self) -> int: ...
+        def _check_hyper(self, hp: dict[str, Any]) -> dict[str, Any]: ...
+        def _rule_hp(self, hp: Mapping[str, Any]) -> dict[str, Any]: ...
+        def _state_fill(self, name: str) -> float: ...
+        def _initial_host(self) -> dict[str, Any]: ...
+        def _kinds(self) -> StateKinds: ...
 
     def _step_hp(self):
         """This step's hyperparameters: a snapshot, validated when any was set since the last
@@ -441,7 +524,7 @@ class StepMachinery:
             if e.src is not p and hasattr(e.src, "data_ptr") and type(p) is np.ndarray:
                 e.ptr, e.tdtype = e.src.data_ptr(), e.src.dtype  # a torch tensor's NumPy view
             e.pflat, e.st, e.nst = p.reshape(-1), st, len(st)
-            pk = precision.kind(p.dtype)
+            pk = precision.known_kind(p.dtype)
             e.sarrs = tuple((s, st[s]) for s in self._kinds().names_for(pk))
             e.tbytes = None
             if e.ptr is not None:  # the tensor's storage stands for the param's memory
@@ -451,7 +534,7 @@ class StepMachinery:
             e.sflat = tuple(st[s].reshape(-1) if s in st else None for s in slots)
             m = st.get(precision.MASTER) if self.master_weights else None
             e.mflat = None if m is None else m.reshape(-1)
-            e.io = self._kinds().io_base(pk, precision.kind(g.dtype))
+            e.io = self._kinds().io_base(pk, precision.known_kind(g.dtype))
             e.ios, e.salt = {}, precision.param_salt(name)
             entries.append(e)
         return _DictCache(entries, self._st.arrays, be, tuple(s in names for s in slots))
@@ -466,6 +549,7 @@ class StepMachinery:
         check_names(grads, params, "the names of grads", "the names of params")
         bound = self._st.layout is not None
         if bound:
+            assert self._st.layout is not None
             if self._st.layout[0] != "dict":
                 raise ValueError("this optimizer steps a FlatBuffer; call step(buf), not update()")
             check_names(
@@ -494,7 +578,7 @@ class StepMachinery:
             g = grads[name]
             pd, ents = check_param_arrays(name, p, g, (), supported, grad_written=write_grad)
             self._st.check_against(name, tuple(p.shape), pd, self._kinds(), type(self).__name__)
-            pk = precision.kind(pd)
+            pk = precision.known_kind(pd)
             sk = self._kinds().state_kind(pk)  # refuses a state dtype this param cannot keep
             if bound:
                 st = self._st.arrays[name]
@@ -568,12 +652,15 @@ class StepMachinery:
         c.shapes = tuple(d.shape for d in c.datas)
         c.dtypes = tuple(d.dtype for d in c.datas)
         c.gdtypes = tuple(g.dtype for g in c.grads)
+        assert self._st.flat is not None, "the flat state is bound before its cache is built"
         c.states = tuple(tuple(f.get(s, None) for s in slots) for f in self._st.flat)
         c.masters = tuple(f.get(precision.MASTER) for f in self._st.flat)
         c.entries = []
         for i, (d, g) in enumerate(zip(c.datas, c.grads)):
             e = _Entry()  # the group's storage plan and salt
-            e.io = self._kinds().io_base(precision.kind(d.dtype), precision.kind(g.dtype))
+            e.io = self._kinds().io_base(
+                precision.known_kind(d.dtype), precision.known_kind(g.dtype)
+            )
             e.ios, e.salt = {}, precision.param_salt(f"group {i}")
             c.entries.append(e)
         c.be, c.writes = be, tuple(s in names for s in slots)
@@ -662,7 +749,7 @@ class StepMachinery:
                         "(sized at the first step); a FlatBuffer's buffers cannot "
                         "be resized: create a new FlatBuffer and optimizer"
                     )
-            sk = precision.storage_dtype(self._kinds().state_kind(precision.kind(dt)))
+            sk = precision.storage_dtype(self._kinds().state_kind(precision.known_kind(dt)))
             _, ents = check_param_arrays(
                 None,
                 group.data,
