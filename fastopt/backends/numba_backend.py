@@ -27,6 +27,7 @@ import numpy as np
 from .._numba_cache import njit_cached
 from ..kernels import RULES, storage
 from ..kernels.fma import fma
+from ..kernels.spec import HELPERS
 from ..kernels.storage import BITS16, bits_f32, f32_bits
 
 NAME = "numba"
@@ -266,6 +267,7 @@ else:
         _p_bf16,
         _p_bf16_sr,
         _p_f16,
+        *HELPERS,  # the rules' shared per-element pieces (kernels/shared.py)
     ):
         register_jitable(inline="always")(_f)
     if not F16C:

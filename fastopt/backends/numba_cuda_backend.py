@@ -259,7 +259,8 @@ def python_kernel(rule, flags, writes, io=None):
             f"rule {rule!r} has {len(spec.state)} state slots {spec.state}, "
             f"got {len(writes)} write flags"
         )
-    elem = cuda.jit(device=True, inline="always")(spec.make_rule(**flags))
+    jit = cuda.jit(device=True, inline="always")
+    elem = jit(spec.element(flags, jit))  # the rule's helpers as device functions too
     # ``cuda`` is a global of the kernel, not a cell: the simulator swaps a kernel's globals
     ns = {"__name__": __name__, "cuda": cuda}
     name = f"fastopt_{rule}"
