@@ -1,9 +1,11 @@
-"""The NumPy oracle: PyTorch's ``torch.optim`` formulas, array at a time.
+"""The NumPy oracle: PyTorch's ``torch.optim`` formulas (optax's for the optimizers torch.optim
+lacks), array at a time.
 
 Written independently of the per-element rules in ``kernels/``: whole-array NumPy expressions
-in the order ``torch.optim``'s single-tensor code uses, in the arrays' own dtype (float64 inputs
-give the float64 reference the tests compare against). Every function updates ``param`` and the
-arrays of ``state`` in place; ``step`` is the 1-based step count (incremented before use).
+in the order ``torch.optim``'s single-tensor code (or optax's) uses, in the arrays' own dtype
+(float64 inputs give the float64 reference the tests compare against). Every function updates
+``param`` and the arrays of ``state`` in place; ``step`` is the 1-based step count (incremented
+before use).
 """
 
 import numpy as np
