@@ -11,6 +11,7 @@ before use).
 import numpy as np
 
 __all__ = [
+    "adabelief",
     "adadelta",
     "adagrad",
     "adam",
@@ -299,3 +300,32 @@ def asgd(
         ax[...] = param
     eta[...] = lr / ((1 + lambd * lr * step) ** alpha)
     mu[...] = 1 / max(1, step - t0)
+
+
+def adabelief(
+    param,
+    grad,
+    state,
+    *,
+    step,
+    lr,
+    betas=(0.9, 0.999),
+    eps=1e-16,
+    eps_root=1e-16,
+    nesterov=False,
+    maximize=False,
+):
+    """``optax.adabelief`` (0.2.8): ``scale_by_belief`` then ``-lr``; ``exp_avg`` is optax's
+    ``mu``, ``exp_avg_var`` its ``nu``."""
+    b1, b2 = betas
+    g = -grad if maximize else grad
+    mu, nu = state["exp_avg"], state["exp_avg_var"]
+    mu[...] = (1 - b1) * g + b1 * mu
+    nu[...] = (1 - b2) * (g - mu) ** 2 + b2 * nu  # the prediction error of the updated mean
+    nu += eps_root
+    if nesterov:
+        mu_hat = b1 * (mu / (1 - b1 ** (step + 1))) + (1 - b1) * (g / (1 - b1**step))
+    else:
+        mu_hat = mu / (1 - b1**step)
+    nu_hat = nu / (1 - b2**step)
+    param += -lr * (mu_hat / (np.sqrt(nu_hat) + eps))

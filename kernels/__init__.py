@@ -36,6 +36,7 @@ MODULES = (
     "adadelta",
     "rprop",
     "asgd",
+    "adabelief",
 )
 
 

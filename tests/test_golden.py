@@ -429,6 +429,47 @@ CASES = {
         ],
         wrong=[1.0 * (1 - 0.5 * 0.4) - 0.4],
     ),
+    # AdaBelief, β = (0.5, 0.75): s takes (g − m)² of the updated mean m, e = 2 − 1 at step 1;
+    # bc1 = 0.5, 0.75; bc2 = 0.25, 0.4375. trap: Adam's g² (or g − m of the old mean, 2 − 0)
+    # would give s = 1, √(s/bc2) = 2
+    "adabelief": Case(
+        "AdaBelief",
+        dict(lr=0.1, betas=(0.5, 0.75), eps=0.0, eps_root=0.0),
+        1.0,
+        [2.0, 1.0],
+        [
+            (1 - 0.1 * (1.0 / 0.5) / sqrt(0.25 / 0.25), {"exp_avg": 1.0, "exp_avg_var": 0.25}),
+            (
+                0.8 - 0.1 * (1.0 / 0.75) / sqrt(0.75 * 0.25 / 0.4375),
+                {"exp_avg": 0.5 * 1.0 + 0.5 * 1.0, "exp_avg_var": 0.75 * 0.25 + 0.25 * 0.0},
+            ),
+        ],
+        wrong=[1 - 0.1 * (1.0 / 0.5) / sqrt(1.0 / 0.25)],
+    ),
+    # trap: eps_root is added to s, which keeps it (0.25 + 0.75), and eps outside the root after
+    # the bias correction: an eps_root inside the root only would give √(0.25/0.25 + 0.75)
+    "adabelief_eps": Case(
+        "AdaBelief",
+        dict(lr=0.1, betas=(0.5, 0.75), eps=0.5, eps_root=0.75),
+        1.0,
+        [2.0],
+        [(1 - 0.1 * (1.0 / 0.5) / (sqrt(1.0 / 0.25) + 0.5), {"exp_avg": 1.0, "exp_avg_var": 1.0})],
+        wrong=[1 - 0.1 * (1.0 / 0.5) / (sqrt(0.25 / 0.25 + 0.75) + 0.5)],
+    ),
+    # Nesterov: m̂ = β1·m/(1 − β1²) + (1 − β1)·g/(1 − β1) = 0.5/0.75 + 0.5·2/0.5; trap: m/bc1
+    "adabelief_nesterov": Case(
+        "AdaBelief",
+        dict(lr=0.1, betas=(0.5, 0.75), eps=0.0, eps_root=0.0, nesterov=True),
+        1.0,
+        [2.0],
+        [
+            (
+                1 - 0.1 * (0.5 * 1.0 / 0.75 + 0.5 * 2.0 / 0.5) / 1.0,
+                {"exp_avg": 1.0, "exp_avg_var": 0.25},
+            )
+        ],
+        wrong=[0.8],
+    ),
 }
 
 

@@ -33,7 +33,9 @@ jnp = pytest.importorskip("jax.numpy")
 contrib = pytest.importorskip("optax.contrib")
 
 #: class -> (optax's function, {optax's state field: fastopt's state name})
-OPTAX = {}
+OPTAX = {
+    "AdaBelief": (optax.adabelief, {"mu": "exp_avg", "nu": "exp_avg_var"}),
+}
 
 STEPS = 100
 N = 257
