@@ -16,6 +16,7 @@ __all__ = [
     "adagrad",
     "adam",
     "adamax",
+    "adan",
     "asgd",
     "lion",
     "nadam",
@@ -329,3 +330,34 @@ def adabelief(
         mu_hat = mu / (1 - b1**step)
     nu_hat = nu / (1 - b2**step)
     param += -lr * (mu_hat / (np.sqrt(nu_hat) + eps))
+
+
+def adan(
+    param,
+    grad,
+    state,
+    *,
+    step,
+    lr,
+    betas=(0.98, 0.92, 0.99),
+    eps=1e-8,
+    eps_root=1e-8,
+    weight_decay=0.0,
+    maximize=False,
+):
+    """``optax.adan`` (0.2.8): ``scale_by_adan``, ``add_decayed_weights``, then ``-lr``;
+    ``exp_avg``, ``exp_avg_diff``, ``exp_avg_sq``, ``prev_grad`` are optax's ``m``, ``v``,
+    ``n``, ``g``."""
+    b1, b2, b3 = betas
+    g = -grad if maximize else grad
+    m, v, n, prev = (state[s] for s in ("exp_avg", "exp_avg_diff", "exp_avg_sq", "prev_grad"))
+    diff = np.zeros_like(g) if step == 1 else g - prev  # no previous gradient at step 1
+    m[...] = (1 - b1) * g + b1 * m
+    v[...] = (1 - b2) * diff + b2 * v
+    n[...] = (1 - b3) * (g + (1 - b2) * diff) ** 2 + b3 * n
+    m_hat = m / (1 - b1**step)
+    v_hat = v / (1 - b2**step)
+    n_hat = n / (1 - b3**step)
+    u = (m_hat + (1 - b2) * v_hat) / (np.sqrt(n_hat + eps_root) + eps)
+    param += -lr * (u + weight_decay * param)
+    prev[...] = g

@@ -37,6 +37,7 @@ MODULES = (
     "rprop",
     "asgd",
     "adabelief",
+    "adan",
 )
 
 

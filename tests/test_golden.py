@@ -470,6 +470,66 @@ CASES = {
         ],
         wrong=[0.8],
     ),
+    # Adan, β = (0.5, 0.75, 0.5): Δ = 0 at step 1 (no previous gradient), then 1 − 2; bc1 = bc3
+    # = 0.5, 0.75 and bc2 = 0.25, 0.4375. trap: Δ = g − 0 at step 1 (the state's prev = 0)
+    # moves p alike at step 1 (u = sign(g) either way) but leaves v = 0.5, n = 3.125 behind
+    "adan": Case(
+        "Adan",
+        dict(lr=0.1, betas=(0.5, 0.75, 0.5), eps=0.0, eps_root=0.0),
+        1.0,
+        [2.0, 1.0],
+        [
+            (
+                1 - 0.1 * (1.0 / 0.5) / sqrt(2.0 / 0.5),
+                {"exp_avg": 1.0, "exp_avg_diff": 0.0, "exp_avg_sq": 2.0, "prev_grad": 2.0},
+            ),
+            (
+                0.9
+                - 0.1 * (1.0 / 0.75 + 0.25 * -0.25 / 0.4375) / sqrt((0.5 * 0.75**2 + 1.0) / 0.75),
+                {
+                    "exp_avg": 0.5 * 1.0 + 0.5 * 1.0,
+                    "exp_avg_diff": 0.25 * -1.0,
+                    "exp_avg_sq": 0.5 * (1.0 + 0.25 * -1.0) ** 2 + 0.5 * 2.0,
+                    "prev_grad": 1.0,
+                },
+            ),
+        ],
+        wrong=[
+            None,
+            0.9
+            - 0.1 * (1.0 / 0.75 + 0.25 * 0.125 / 0.4375) / sqrt((0.5 * 0.75**2 + 1.5625) / 0.75),
+        ],
+    ),
+    # trap: Adan's decay is added to the update before lr scales it (p −= lr·(u + wd·p)); as L2
+    # (g + wd·p) it would vanish into u = sign(g) at step 1
+    "adan_weight_decay": Case(
+        "Adan",
+        dict(lr=0.1, betas=(0.5, 0.75, 0.5), eps=0.0, eps_root=0.0, weight_decay=0.5),
+        1.0,
+        [2.0],
+        [
+            (
+                1 - 0.1 * (2.0 / 2.0 + 0.5 * 1.0),
+                {"exp_avg": 1.0, "exp_avg_diff": 0.0, "exp_avg_sq": 2.0, "prev_grad": 2.0},
+            )
+        ],
+        wrong=[0.9],
+    ),
+    # trap: eps_root inside the root after the bias correction, eps outside: n̂ = 4 → √(4 + 5)
+    # + 0.5; before the bias correction it would be √((2 + 5)/0.5) + 0.5
+    "adan_eps": Case(
+        "Adan",
+        dict(lr=0.1, betas=(0.5, 0.75, 0.5), eps=0.5, eps_root=5.0),
+        1.0,
+        [2.0],
+        [
+            (
+                1 - 0.1 * 2.0 / (sqrt(2.0 / 0.5 + 5.0) + 0.5),
+                {"exp_avg": 1.0, "exp_avg_diff": 0.0, "exp_avg_sq": 2.0, "prev_grad": 2.0},
+            )
+        ],
+        wrong=[1 - 0.1 * 2.0 / (sqrt((2.0 + 5.0) / 0.5) + 0.5)],
+    ),
 }
 
 

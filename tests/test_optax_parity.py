@@ -35,6 +35,7 @@ contrib = pytest.importorskip("optax.contrib")
 #: class -> (optax's function, {optax's state field: fastopt's state name})
 OPTAX = {
     "AdaBelief": (optax.adabelief, {"mu": "exp_avg", "nu": "exp_avg_var"}),
+    "Adan": (optax.adan, dict(m="exp_avg", v="exp_avg_diff", n="exp_avg_sq", g="prev_grad")),
 }
 
 STEPS = 100
