@@ -17,6 +17,7 @@ __all__ = [
     "adam",
     "adamax",
     "adan",
+    "ademamix",
     "asgd",
     "lion",
     "nadam",
@@ -361,3 +362,32 @@ def adan(
     u = (m_hat + (1 - b2) * v_hat) / (np.sqrt(n_hat + eps_root) + eps)
     param += -lr * (u + weight_decay * param)
     prev[...] = g
+
+
+def ademamix(
+    param,
+    grad,
+    state,
+    *,
+    step,
+    lr,
+    betas=(0.9, 0.999, 0.9999),
+    alpha=5.0,
+    eps=1e-8,
+    eps_root=0.0,
+    weight_decay=0.0,
+    maximize=False,
+):
+    """``optax.contrib.ademamix`` (0.2.8) with constant ``b3`` and ``alpha``:
+    ``scale_by_ademamix``, ``add_decayed_weights``, then ``-lr``; ``exp_avg_fast``,
+    ``exp_avg_slow``, ``exp_avg_sq`` are optax's ``m1``, ``m2``, ``nu``."""
+    b1, b2, b3 = betas
+    g = -grad if maximize else grad
+    m1, m2, nu = state["exp_avg_fast"], state["exp_avg_slow"], state["exp_avg_sq"]
+    m1[...] = (1 - b1) * g + b1 * m1
+    m2[...] = (1 - b3) * g + b3 * m2
+    nu[...] = (1 - b2) * g**2 + b2 * nu
+    m1_hat = m1 / (1 - b1**step)
+    nu_hat = nu / (1 - b2**step)  # the slow average m2 is not bias-corrected
+    u = (m1_hat + alpha * m2) / (np.sqrt(nu_hat + eps_root) + eps)
+    param += -lr * (u + weight_decay * param)

@@ -38,6 +38,7 @@ MODULES = (
     "asgd",
     "adabelief",
     "adan",
+    "ademamix",
 )
 
 

@@ -530,6 +530,60 @@ CASES = {
         ],
         wrong=[1 - 0.1 * 2.0 / (sqrt((2.0 + 5.0) / 0.5) + 0.5)],
     ),
+    # AdEMAMix, β = (0.5, 0.75, 0.5), α = 2: bc1 = 0.5, 0.75 and bc2 = 0.25, 0.4375 for the fast
+    # average and ν; trap: the slow average m2 is not bias-corrected (m2/(1 − β3) = 2 would
+    # give u = (2 + 2·2)/2 = 3)
+    "ademamix": Case(
+        "AdEMAMix",
+        dict(lr=0.1, betas=(0.5, 0.75, 0.5), alpha=2.0, eps=0.0, eps_root=0.0),
+        1.0,
+        [2.0, 1.0],
+        [
+            (
+                1 - 0.1 * (1.0 / 0.5 + 2.0 * 1.0) / sqrt(1.0 / 0.25),
+                {"exp_avg_fast": 1.0, "exp_avg_slow": 1.0, "exp_avg_sq": 1.0},
+            ),
+            (
+                0.8 - 0.1 * (1.0 / 0.75 + 2.0 * 1.0) / sqrt(1.0 / 0.4375),
+                {
+                    "exp_avg_fast": 0.5 * 1.0 + 0.5 * 1.0,
+                    "exp_avg_slow": 0.5 * 1.0 + 0.5 * 1.0,
+                    "exp_avg_sq": 0.75 * 1.0 + 0.25 * 1.0,
+                },
+            ),
+        ],
+        wrong=[1 - 0.1 * (1.0 / 0.5 + 2.0 * 1.0 / 0.5) / sqrt(1.0 / 0.25)],
+    ),
+    # trap: the decay is added to the update before lr scales it, p −= lr·(u + wd·p); as L2
+    # (g + wd·p) it would scale away: u = (2.5 + 2·1.25)/2.5 = 2
+    "ademamix_weight_decay": Case(
+        "AdEMAMix",
+        dict(lr=0.1, betas=(0.5, 0.75, 0.5), alpha=2.0, eps=0.0, eps_root=0.0, weight_decay=0.5),
+        1.0,
+        [2.0],
+        [
+            (
+                1 - 0.1 * ((1.0 / 0.5 + 2.0 * 1.0) / sqrt(1.0 / 0.25) + 0.5 * 1.0),
+                {"exp_avg_fast": 1.0, "exp_avg_slow": 1.0, "exp_avg_sq": 1.0},
+            )
+        ],
+        wrong=[0.8],
+    ),
+    # trap: eps_root inside the root after the bias correction, eps outside: ν̂ = 4 → √(4 + 5)
+    # + 0.5; before the bias correction it would be √((1 + 5)/0.25) + 0.5
+    "ademamix_eps": Case(
+        "AdEMAMix",
+        dict(lr=0.1, betas=(0.5, 0.75, 0.5), alpha=2.0, eps=0.5, eps_root=5.0),
+        1.0,
+        [2.0],
+        [
+            (
+                1 - 0.1 * 4.0 / (sqrt(1.0 / 0.25 + 5.0) + 0.5),
+                {"exp_avg_fast": 1.0, "exp_avg_slow": 1.0, "exp_avg_sq": 1.0},
+            )
+        ],
+        wrong=[1 - 0.1 * 4.0 / (sqrt((1.0 + 5.0) / 0.25) + 0.5)],
+    ),
 }
 
 

@@ -36,6 +36,7 @@ contrib = pytest.importorskip("optax.contrib")
 OPTAX = {
     "AdaBelief": (optax.adabelief, {"mu": "exp_avg", "nu": "exp_avg_var"}),
     "Adan": (optax.adan, dict(m="exp_avg", v="exp_avg_diff", n="exp_avg_sq", g="prev_grad")),
+    "AdEMAMix": (contrib.ademamix, dict(m1="exp_avg_fast", m2="exp_avg_slow", nu="exp_avg_sq")),
 }
 
 STEPS = 100
