@@ -129,7 +129,7 @@ def f32(x):
 # whose helpers are device functions (``bind_helpers``).
 
 #: the per-element helpers rules call, in declaration order
-HELPERS = []
+HELPERS: list = []
 
 
 def helper(fn):
@@ -242,7 +242,7 @@ class Slot:
     variant) and its value before the first step (a number, or a hyperparameter's name)."""
 
     name: str
-    when: str = None
+    when: str | None = None
     init: object = 0.0
     #: reset to ``init`` right before step 1 (the rule reads it on step 1, where torch has
     #: no such buffer yet: whatever a caller's array held must not leak into the result)
@@ -272,10 +272,10 @@ class Rule:
     #: flag -> values of the variant that are never launched (e.g. nesterov without momentum)
     excluded: tuple = field(default=())
     #: the optimizer class's name (``fastopt.<class_name>``), generated from this spec
-    class_name: str = None
+    class_name: str | None = None
     #: hyperparameters under which every term of the update shows within a few steps (lr large
     #: enough to move p, betas small enough that the moments change); the tests run with them
-    test_hp: dict = field(default=None, hash=False, compare=False)
+    test_hp: dict | None = field(default=None, hash=False, compare=False)
 
     def __post_init__(self):
         flags = self.flags

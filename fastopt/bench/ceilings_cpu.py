@@ -104,7 +104,7 @@ def _cvt(src, dst):
     return {"float32": _to_f32, "float64": _to_f64}.get(dst, _to_u16)
 
 
-_mixed = {}
+_mixed: dict = {}
 
 
 def _mixed_source(n_state, master):

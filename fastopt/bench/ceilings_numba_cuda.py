@@ -42,7 +42,9 @@ def _copy(dst, src):
 
 
 #: number of state buffers (every count a rule has), or "copy" -> kernel
-KERNELS = {n: _traffic_kernel(n) for n in range(1 + max(len(r.slots) for r in RULES.values()))}
+KERNELS: dict = {
+    n: _traffic_kernel(n) for n in range(1 + max(len(r.slots) for r in RULES.values()))
+}
 KERNELS["copy"] = _copy
 
 
