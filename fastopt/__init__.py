@@ -11,50 +11,23 @@ from .backends import available_backends
 from .base import Optimizer
 from .checkpoint import CheckpointError, load_checkpoint, save_checkpoint
 from .flat import FlatBuffer
-from .optimizers import (
-    ASGD,
-    SGD,
-    Adadelta,
-    AdaGrad,
-    Adagrad,
-    Adam,
-    Adamax,
-    AdamW,
-    Lion,
-    Momentum,
-    NAdam,
-    Nesterov,
-    RAdam,
-    RMSProp,
-    RMSprop,
-    Rprop,
-)
+from .optimizers import ALIASES, CLASSES
+
+# every optimizer class (generated from its rule spec) and alias, under its name
+globals().update(CLASSES)
+globals().update({alias: CLASSES[name] for alias, name in ALIASES.items()})
 
 __version__ = "0.1.0"
 
 __all__ = [
-    "ASGD",
-    "SGD",
-    "AdaGrad",
-    "Adadelta",
-    "Adagrad",
-    "Adam",
-    "AdamW",
-    "Adamax",
     "CheckpointError",
     "FlatBuffer",
-    "Lion",
-    "Momentum",
-    "NAdam",
-    "Nesterov",
     "NonFiniteGradientError",
     "Optimizer",
-    "RAdam",
-    "RMSProp",
-    "RMSprop",
-    "Rprop",
     "__version__",
     "available_backends",
     "load_checkpoint",
     "save_checkpoint",
+    *CLASSES,
+    *ALIASES,
 ]
