@@ -58,11 +58,7 @@ class DeviceScalars:
 
     @staticmethod
     def _nhp(spec: Any) -> int:
-        return sum(
-            2 if h.domain in ("betas", "etas", "range") else 1
-            for h in spec.hyper
-            if h.domain != "bool"
-        )
+        return sum(h.size for h in spec.hyper)  # a tuple as its entries, no bools
 
     def upload(self, hp: Mapping[str, Any]) -> None:
         """Write the numeric hyperparameters that changed since the last step into ``ctl``."""

@@ -1,550 +1,184 @@
-"""The optimizers, with ``torch.optim``'s names, defaults and formulas.
+"""The optimizer classes, generated from the rule specs (``kernels/<name>.py``).
 
-Each class holds hyperparameters and state; the math runs in ``fastopt.functional`` (host
-scalars) and ``kernels/`` (the per-element rule). ``t`` counts steps from 1. With
-``maximize=True`` the gradient is negated first.
+Every rule of ``kernels.RULES`` gives one class, ``fastopt.<Rule.class_name>``
+(``optimizer_class``): its constructor takes the rule's hyperparameters under their names, with
+their defaults and type annotations (positional in the spec's order, then keyword-only after
+``*`` the ones the spec marks so, as torch's ``maximize``), then ``backend`` and ``nonfinite``
+(``base.Optimizer`` adds the mixed-precision keywords); its docstring is the rule module's, with
+the defaults. Each class holds hyperparameters and state; the math runs in
+``fastopt.functional`` (host scalars) and ``kernels/`` (the per-element rule). ``t`` counts
+steps from 1. With ``maximize=True`` the gradient is negated first.
+
+What cannot be derived from a spec is written here: the classes that pin some of a rule's
+hyperparameters or change its defaults (``DERIVED``: Momentum, Nesterov, AdamW) and the aliases
+(``ALIASES``: Adagrad, RMSprop). ``CLASSES`` lists every class by its own name (aliases left out),
+in the order of ``kernels.MODULES``, each derived class after its rule's.
 """
 
-from ._validate import check_number
+from __future__ import annotations
+
+import inspect
+import sys
+import textwrap
+from collections.abc import Mapping
+from typing import Any, Protocol
+
 from .base import Optimizer
-
-__all__ = [
-    "ASGD",
-    "CLASSES",
-    "SGD",
-    "AdaGrad",
-    "Adadelta",
-    "Adagrad",
-    "Adam",
-    "AdamW",
-    "Adamax",
-    "Lion",
-    "Momentum",
-    "NAdam",
-    "Nesterov",
-    "RAdam",
-    "RMSProp",
-    "RMSprop",
-    "Rprop",
-]
-
-
-class SGD(Optimizer):
-    """Stochastic gradient descent, with optional momentum and Nesterov momentum.
-
-        g = grad + wd·p
-        b = g (first step);  b = μ·b + (1−τ)·g (later)
-        g = g + μ·b (nesterov)  or  g = b
-        p = p − lr·g
-
-    Defaults: lr=1e-3, momentum=0, dampening=0, weight_decay=0, nesterov=False
-    (``torch.optim.SGD``; Nesterov form of Sutskever et al. 2013 as PyTorch writes it).
-    """
-
-    _rule = "sgd"
-
-    def __init__(
-        self,
-        lr: float = 1e-3,
-        momentum: float = 0.0,
-        dampening: float = 0.0,
-        weight_decay: float = 0.0,
-        nesterov: bool = False,
-        *,
-        maximize: bool = False,
-        backend: str = "auto",
-        nonfinite: str | None = None,
-    ) -> None:
-        self._init(
-            {
-                "lr": lr,
-                "momentum": momentum,
-                "dampening": dampening,
-                "weight_decay": weight_decay,
-                "nesterov": nesterov,
-                "maximize": maximize,
-            }
-        )
-        super().__init__(backend, nonfinite=nonfinite)
-
-
-class Momentum(SGD):
-    """SGD with heavy-ball momentum (the textbook ``v = μv − ηg; p += v``, PyTorch's form).
-
-        b = μ·b + g;  p = p − lr·b      (b = g on the first step)
-
-    Defaults: lr=0.01, momentum=0.9. Same trajectory as the textbook form at constant lr.
-    """
-
-    _pinned = {"nesterov": False}
-
-    def __init__(
-        self,
-        lr: float = 0.01,
-        momentum: float = 0.9,
-        dampening: float = 0.0,
-        weight_decay: float = 0.0,
-        *,
-        maximize: bool = False,
-        backend: str = "auto",
-        nonfinite: str | None = None,
-    ) -> None:
-        check_number("momentum", momentum, lo=0, lo_open=True)
-        super().__init__(
-            lr,
-            momentum,
-            dampening,
-            weight_decay,
-            False,
-            maximize=maximize,
-            backend=backend,
-            nonfinite=nonfinite,
-        )
-
-
-class Nesterov(SGD):
-    """Nesterov accelerated gradient, in PyTorch's form (SGD with ``nesterov=True``).
-
-        b = μ·b + g;  p = p − lr·(g + μ·b)      (b = g on the first step)
-
-    Defaults: lr=0.01, momentum=0.9.
-    """
-
-    _pinned = {"nesterov": True, "dampening": 0.0}
-
-    def __init__(
-        self,
-        lr: float = 0.01,
-        momentum: float = 0.9,
-        weight_decay: float = 0.0,
-        *,
-        maximize: bool = False,
-        backend: str = "auto",
-        nonfinite: str | None = None,
-    ) -> None:
-        check_number("momentum", momentum, lo=0, lo_open=True)
-        super().__init__(
-            lr,
-            momentum,
-            0.0,
-            weight_decay,
-            True,
-            maximize=maximize,
-            backend=backend,
-            nonfinite=nonfinite,
-        )
-
-
-class AdaGrad(Optimizer):
-    """AdaGrad (Duchi et al. 2011): per-coordinate steps that shrink with the squared history.
-
-        g = grad + wd·p;  clr = lr / (1 + (t−1)·lr_decay)
-        s = s + g²
-        p = p − clr · g / (√s + eps)
-
-    Defaults: lr=1e-2, lr_decay=0, weight_decay=0, initial_accumulator_value=0, eps=1e-10.
-    """
-
-    _rule = "adagrad"
-
-    def __init__(
-        self,
-        lr: float = 1e-2,
-        lr_decay: float = 0.0,
-        weight_decay: float = 0.0,
-        initial_accumulator_value: float = 0.0,
-        eps: float = 1e-10,
-        *,
-        maximize: bool = False,
-        backend: str = "auto",
-        nonfinite: str | None = None,
-    ) -> None:
-        self._init(
-            {
-                "lr": lr,
-                "lr_decay": lr_decay,
-                "weight_decay": weight_decay,
-                "eps": eps,
-                "initial_accumulator_value": initial_accumulator_value,
-                "maximize": maximize,
-            }
-        )
-        super().__init__(backend, nonfinite=nonfinite)
-
-
-Adagrad = AdaGrad
-
-
-class RMSProp(Optimizer):
-    """RMSProp (Hinton 2012): AdaGrad that forgets, with optional centering and momentum.
-
-        g = grad + wd·p;  v = α·v + (1−α)·g²
-        centered: ḡ = ḡ + (1−α)(g − ḡ);  d = √(v − ḡ²) + eps    else d = √v + eps
-        μ > 0: b = μ·b + g/d; p = p − lr·b                     else p = p − lr·g/d
-
-    Defaults: lr=1e-2, alpha=0.99, eps=1e-8, weight_decay=0, momentum=0, centered=False.
-    """
-
-    _rule = "rmsprop"
-
-    def __init__(
-        self,
-        lr: float = 1e-2,
-        alpha: float = 0.99,
-        eps: float = 1e-8,
-        weight_decay: float = 0.0,
-        momentum: float = 0.0,
-        centered: bool = False,
-        *,
-        maximize: bool = False,
-        backend: str = "auto",
-        nonfinite: str | None = None,
-    ) -> None:
-        self._init(
-            {
-                "lr": lr,
-                "alpha": alpha,
-                "eps": eps,
-                "weight_decay": weight_decay,
-                "momentum": momentum,
-                "centered": centered,
-                "maximize": maximize,
-            }
-        )
-        super().__init__(backend, nonfinite=nonfinite)
-
-
-RMSprop = RMSProp
-
-
-class Adam(Optimizer):
-    """Adam (Kingma & Ba 2015): momentum plus RMSProp, with bias correction; AMSGrad optional.
-
-        g = grad + wd·p;  m = β1·m + (1−β1)·g;  v = β2·v + (1−β2)·g²
-        amsgrad: v̂ = max(v̂, v)  (of the raw v)
-        p = p − (lr / (1−β1^t)) · m / (√(v̂ or v) / √(1−β2^t) + eps)
-
-    Defaults: lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=0, amsgrad=False,
-    decoupled_weight_decay=False (True: AdamW). eps is added after the bias correction, outside
-    the root, as PyTorch does.
-    """
-
-    _rule = "adam"
-
-    def __init__(
-        self,
-        lr: float = 1e-3,
-        betas: tuple[float, float] = (0.9, 0.999),
-        eps: float = 1e-8,
-        weight_decay: float = 0.0,
-        amsgrad: bool = False,
-        *,
-        maximize: bool = False,
-        decoupled_weight_decay: bool = False,
-        backend: str = "auto",
-        nonfinite: str | None = None,
-    ) -> None:
-        self._init(
-            {
-                "lr": lr,
-                "betas": betas,
-                "eps": eps,
-                "weight_decay": weight_decay,
-                "amsgrad": amsgrad,
-                "maximize": maximize,
-                "decoupled_weight_decay": decoupled_weight_decay,
-            }
-        )
-        super().__init__(backend, nonfinite=nonfinite)
-
-
-class AdamW(Adam):
-    """AdamW (Loshchilov & Hutter 2019): Adam with decoupled weight decay.
-
-        p = p · (1 − lr·wd)      then Adam without the L2 term
-
-    Defaults: lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=1e-2, amsgrad=False.
-    """
-
-    _pinned = {"decoupled_weight_decay": True}
-
-    def __init__(
-        self,
-        lr: float = 1e-3,
-        betas: tuple[float, float] = (0.9, 0.999),
-        eps: float = 1e-8,
-        weight_decay: float = 1e-2,
-        amsgrad: bool = False,
-        *,
-        maximize: bool = False,
-        backend: str = "auto",
-        nonfinite: str | None = None,
-    ) -> None:
-        super().__init__(
-            lr,
-            betas,
-            eps,
-            weight_decay,
-            amsgrad,
-            maximize=maximize,
-            backend=backend,
-            nonfinite=nonfinite,
-        )
-
-
-class Lion(Optimizer):
-    """Lion (Chen et al. 2023): the sign of interpolated momentum; one state buffer.
-
-        p = p · (1 − lr·wd)
-        p = p − lr · sign(β1·m + (1−β1)·g)
-        m = β2·m + (1−β2)·g
-
-    Defaults: lr=1e-4, betas=(0.9, 0.99), weight_decay=0.
-    """
-
-    _rule = "lion"
-
-    def __init__(
-        self,
-        lr: float = 1e-4,
-        betas: tuple[float, float] = (0.9, 0.99),
-        weight_decay: float = 0.0,
-        *,
-        maximize: bool = False,
-        backend: str = "auto",
-        nonfinite: str | None = None,
-    ) -> None:
-        self._init({"lr": lr, "betas": betas, "weight_decay": weight_decay, "maximize": maximize})
-        super().__init__(backend, nonfinite=nonfinite)
-
-
-class Adamax(Optimizer):
-    """Adamax (Kingma & Ba 2015, §7.1): Adam with the infinity norm in place of the second moment.
-
-        g = grad + wd·p;  m = β1·m + (1−β1)·g
-        u = max(β2·u, |g| + eps)
-        p = p − (lr / (1−β1^t)) · m / u
-
-    Defaults: lr=2e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=0 (``torch.optim.Adamax``).
-    """
-
-    _rule = "adamax"
-
-    def __init__(
-        self,
-        lr=2e-3,
-        betas=(0.9, 0.999),
-        eps=1e-8,
-        weight_decay=0.0,
-        *,
-        maximize=False,
-        backend="auto",
-        nonfinite=None,
-    ):
-        self._init(
-            {
-                "lr": lr,
-                "betas": betas,
-                "eps": eps,
-                "weight_decay": weight_decay,
-                "maximize": maximize,
-            }
-        )
-        super().__init__(backend, nonfinite=nonfinite)
-
-
-class NAdam(Optimizer):
-    """NAdam (Dozat 2016, "Incorporating Nesterov Momentum into Adam"): Adam with Nesterov
-    momentum through a warming-up momentum schedule μ_t.
-
-        g = grad + wd·p   (decoupled_weight_decay: p = p·(1 − lr·wd) instead)
-        m = β1·m + (1−β1)·g;  v = β2·v + (1−β2)·g²;  d = √(v / (1−β2^t)) + eps
-        μ_t = β1·(1 − 0.96^(t·ψ)/2);  Π_t = Π_{t−1}·μ_t   (``mu_product``, float32 as torch)
-        p = p − lr·(1−μ_t)/(1−Π_t) · g/d − lr·μ_{t+1}/(1−Π_t·μ_{t+1}) · m/d
-
-    Defaults: lr=2e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=0, momentum_decay=4e-3 (ψ),
-    decoupled_weight_decay=False (``torch.optim.NAdam``).
-    """
-
-    _rule = "nadam"
-
-    def __init__(
-        self,
-        lr=2e-3,
-        betas=(0.9, 0.999),
-        eps=1e-8,
-        weight_decay=0.0,
-        momentum_decay=4e-3,
-        decoupled_weight_decay=False,
-        *,
-        maximize=False,
-        backend="auto",
-        nonfinite=None,
-    ):
-        self._init(
-            {
-                "lr": lr,
-                "betas": betas,
-                "eps": eps,
-                "weight_decay": weight_decay,
-                "momentum_decay": momentum_decay,
-                "decoupled_weight_decay": decoupled_weight_decay,
-                "maximize": maximize,
-            }
-        )
-        super().__init__(backend, nonfinite=nonfinite)
-
-
-class RAdam(Optimizer):
-    """RAdam (Liu et al. 2020, "On the Variance of the Adaptive Learning Rate and Beyond"): Adam
-    whose adaptive step is rectified, and used only once its variance is tractable.
-
-        g = grad + wd·p   (decoupled_weight_decay: p = p·(1 − lr·wd) instead)
-        m = β1·m + (1−β1)·g;  v = β2·v + (1−β2)·g²;  ρ_t = ρ∞ − 2t·β2^t/(1−β2^t)
-        ρ_t > 5: p = p − lr · m/(1−β1^t) · r_t · √(1−β2^t) / (√v + eps)
-        else:    p = p − lr · m/(1−β1^t)
-
-    with ρ∞ = 2/(1−β2) − 1 and r_t = √((ρ_t−4)(ρ_t−2)ρ∞ / ((ρ∞−4)(ρ∞−2)ρ_t)). Defaults:
-    lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=0, decoupled_weight_decay=False
-    (``torch.optim.RAdam``).
-    """
-
-    _rule = "radam"
-
-    def __init__(
-        self,
-        lr=1e-3,
-        betas=(0.9, 0.999),
-        eps=1e-8,
-        weight_decay=0.0,
-        decoupled_weight_decay=False,
-        *,
-        maximize=False,
-        backend="auto",
-        nonfinite=None,
-    ):
-        self._init(
-            {
-                "lr": lr,
-                "betas": betas,
-                "eps": eps,
-                "weight_decay": weight_decay,
-                "decoupled_weight_decay": decoupled_weight_decay,
-                "maximize": maximize,
-            }
-        )
-        super().__init__(backend, nonfinite=nonfinite)
-
-
-class Adadelta(Optimizer):
-    """Adadelta (Zeiler 2012): steps scaled by the ratio of two running RMS, no tuned lr needed.
-
-        g = grad + wd·p;  v = ρ·v + (1−ρ)·g²
-        Δ = √(a + eps) / √(v + eps) · g
-        a = ρ·a + (1−ρ)·Δ²;  p = p − lr·Δ
-
-    Defaults: lr=1.0, rho=0.9, eps=1e-6, weight_decay=0 (``torch.optim.Adadelta``; state
-    ``square_avg`` = v, ``acc_delta`` = a).
-    """
-
-    _rule = "adadelta"
-
-    def __init__(
-        self,
-        lr=1.0,
-        rho=0.9,
-        eps=1e-6,
-        weight_decay=0.0,
-        *,
-        maximize=False,
-        backend="auto",
-        nonfinite=None,
-    ):
-        self._init(
-            {"lr": lr, "rho": rho, "eps": eps, "weight_decay": weight_decay, "maximize": maximize}
-        )
-        super().__init__(backend, nonfinite=nonfinite)
-
-
-class Rprop(Optimizer):
-    """Rprop (Riedmiller & Braun 1993): per-element step sizes driven by gradient signs only.
-
-        s = sign(g·prev):  η = η+ (s > 0), η− (s < 0), 1 (s = 0)
-        step_size = clamp(step_size·η, step_size_min, step_size_max);  g = 0 where s < 0
-        p = p − sign(g)·step_size;  prev = g
-
-    Defaults: lr=1e-2 (every step size's first value), etas=(0.5, 1.2), step_sizes=(1e-6, 50)
-    (``torch.optim.Rprop``).
-    """
-
-    _rule = "rprop"
-
-    def __init__(
-        self,
-        lr=1e-2,
-        etas=(0.5, 1.2),
-        step_sizes=(1e-6, 50.0),
-        *,
-        maximize=False,
-        backend="auto",
-        nonfinite=None,
-    ):
-        self._init({"lr": lr, "etas": etas, "step_sizes": step_sizes, "maximize": maximize})
-        super().__init__(backend, nonfinite=nonfinite)
-
-
-class ASGD(Optimizer):
-    """Averaged SGD (Polyak & Juditsky 1992): SGD with a decaying step and an average of the
-    iterates, kept as state ``ax``.
-
-        g = grad + wd·p;  p = p·(1 − λ·η_t) − η_t·g
-        ax = ax + μ_t·(p − ax)   (ax = p while μ_t = 1)
-        η_{t+1} = lr / (1 + λ·lr·t)^α;  μ_{t+1} = 1 / max(1, t − t0)
-
-    η (``eta``, lr before the first step) and μ (``mu``, 1) are float32 host state, as torch
-    keeps them. Defaults: lr=1e-2, lambd=1e-4, alpha=0.75, t0=1e6, weight_decay=0
-    (``torch.optim.ASGD``).
-    """
-
-    _rule = "asgd"
-
-    def __init__(
-        self,
-        lr=1e-2,
-        lambd=1e-4,
-        alpha=0.75,
-        t0=1e6,
-        weight_decay=0.0,
-        *,
-        maximize=False,
-        backend="auto",
-        nonfinite=None,
-    ):
-        self._init(
-            {
-                "lr": lr,
-                "lambd": lambd,
-                "alpha": alpha,
-                "t0": t0,
-                "weight_decay": weight_decay,
-                "maximize": maximize,
-            }
-        )
-        super().__init__(backend, nonfinite=nonfinite)
-
-
-def _registry():
-    """Every optimizer class of this module by its own name (aliases such as ``Adagrad`` are
-    left out): what the benchmark, the demo and the tests sweep."""
-    return {
-        name: obj
-        for name, obj in globals().items()
-        if isinstance(obj, type)
-        and issubclass(obj, Optimizer)
-        and obj.__name__ == name
-        and obj._rule is not None
+from .kernels import RULES
+from .kernels.spec import check_value
+
+_P = inspect.Parameter
+#: the core's own keywords, after the hyperparameters
+_OWN = (
+    _P("backend", _P.KEYWORD_ONLY, default="auto", annotation=str),
+    _P("nonfinite", _P.KEYWORD_ONLY, default=None, annotation=str | None),
+)
+
+#: per rule: the classes derived from its class (each subclasses it), with what sets them apart:
+#: ``pinned`` hyperparameters (not in the signature), other ``defaults``, narrower ``domains``
+#: (checked at construction) and their docstring (the defaults are appended)
+DERIVED: dict[str, tuple[dict[str, Any], ...]] = {
+    "sgd": (
+        dict(
+            name="Momentum",
+            pinned={"nesterov": False},
+            defaults={"lr": 0.01, "momentum": 0.9},
+            domains={"momentum": "positive"},
+            doc="""SGD with heavy-ball momentum (textbook: ``v = μv − ηg; p += v``), as PyTorch.
+
+                b = μ·b + g;  p = p − lr·b      (b = g on the first step)
+
+            Same trajectory as the textbook form at constant lr (``torch.optim.SGD`` with
+            ``momentum > 0``).""",
+        ),
+        dict(
+            name="Nesterov",
+            pinned={"nesterov": True, "dampening": 0.0},
+            defaults={"lr": 0.01, "momentum": 0.9},
+            domains={"momentum": "positive"},
+            doc="""Nesterov accelerated gradient, in PyTorch's form.
+
+                b = μ·b + g;  p = p − lr·(g + μ·b)      (b = g on the first step)
+
+            ``torch.optim.SGD`` with ``nesterov=True``.""",
+        ),
+    ),
+    "adam": (
+        dict(
+            name="AdamW",
+            pinned={"decoupled_weight_decay": True},
+            defaults={"weight_decay": 1e-2},
+            doc="""AdamW (Loshchilov & Hutter 2019): Adam with decoupled weight decay.
+
+                p = p · (1 − lr·wd)      then Adam without the L2 term
+
+            ``torch.optim.AdamW``: the decay is scaled by lr.""",
+        ),
+    ),
+}
+
+
+class OptimizerClass(Protocol):
+    """A class of ``CLASSES`` as a type checker sees it: generated from the spec, its
+    keywords (the rule's hyperparameters, ``backend``, ...) are checked when it is called, and
+    it returns an ``Optimizer``."""
+
+    __name__: str
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Optimizer: ...
+
+
+#: other names of some classes (torch.optim's spelling)
+ALIASES = {"Adagrad": "AdaGrad", "RMSprop": "RMSProp"}
+
+
+def _signature(
+    spec: Any, pinned: Mapping[str, Any], defaults: Mapping[str, Any]
+) -> inspect.Signature:
+    """The constructor's signature: the rule's hyperparameters less ``pinned``, ``defaults``
+    overriding the spec's, keyword-only ones after ``*``, then ``backend`` and ``nonfinite``."""
+    hyper = [h for h in spec.hyper if h.name not in pinned]
+    params = [_P("self", _P.POSITIONAL_OR_KEYWORD)]
+    for kind in (_P.POSITIONAL_OR_KEYWORD, _P.KEYWORD_ONLY):
+        params += [
+            _P(h.name, kind, default=defaults.get(h.name, h.default), annotation=h.annotation)
+            for h in hyper
+            if h.keyword_only is (kind is _P.KEYWORD_ONLY)
+        ]
+    return inspect.Signature(params + list(_OWN), return_annotation=None)
+
+
+def _docstring(text: str, sig: inspect.Signature) -> str:
+    """``text`` (dedented) and a last paragraph naming the constructor's defaults."""
+    values = [
+        f"{p.name}={p.default!r}"
+        for p in sig.parameters.values()
+        if p.name != "self" and p not in _OWN
+    ]
+    defaults = textwrap.fill("Defaults: " + ", ".join(values) + ".", width=96)
+    return inspect.cleandoc(text) + "\n\n" + defaults + "\n"
+
+
+def optimizer_class(
+    rule: str,
+    name: str | None = None,
+    *,
+    base: type[Optimizer] = Optimizer,
+    pinned: Mapping[str, Any] | None = None,
+    defaults: Mapping[str, Any] | None = None,
+    domains: Mapping[str, str] | None = None,
+    doc: str | None = None,
+) -> type[Optimizer]:
+    """The class of ``rule`` (a name in ``kernels.RULES``), generated from its spec: called
+    ``name`` (default: the spec's ``class_name``), subclassing ``base``, with the rule's
+    hyperparameters ``pinned`` (a dict of values: not in the signature), other ``defaults``,
+    narrower ``domains`` (a dict of ``kernels.spec.DOMAINS`` keys, checked at construction)
+    and the docstring ``doc`` (default: the rule module's)."""
+    spec = RULES[rule]
+    name = name or spec.class_name
+    pinned, defaults, domains = dict(pinned or {}), dict(defaults or {}), dict(domains or {})
+    sig = _signature(spec, pinned, defaults)
+    hyper = [h.name for h in spec.hyper if h.name not in pinned]
+
+    def __init__(self, *args, **kwargs):
+        try:
+            bound = sig.bind(self, *args, **kwargs)
+        except TypeError as exc:
+            raise TypeError(f"{name}(): {exc}") from None
+        bound.apply_defaults()
+        a = bound.arguments
+        for h, domain in domains.items():
+            check_value(h, a[h], domain)
+        self._init({h: a[h] for h in hyper})
+        Optimizer.__init__(self, a["backend"], nonfinite=a["nonfinite"])
+
+    __init__.__signature__ = sig  # type: ignore[attr-defined]
+    __init__.__qualname__ = f"{name}.__init__"
+    text = doc if doc is not None else sys.modules[spec.make_rule.__module__].__doc__ or ""
+    namespace = {
+        "__init__": __init__,
+        "__doc__": _docstring(text, sig),
+        "__module__": __name__,
+        "_rule": rule,
+        "_pinned": pinned,
     }
+    return type(name, (base,), namespace)
 
 
-#: class name -> class, in definition order
-CLASSES = _registry()
+def _classes() -> dict[str, type[Optimizer]]:
+    out: dict[str, type[Optimizer]] = {}
+    for rule, spec in RULES.items():
+        if spec.class_name is None:
+            continue
+        cls = out[spec.class_name] = optimizer_class(rule)
+        for derived in DERIVED.get(rule, ()):
+            out[derived["name"]] = optimizer_class(rule, base=cls, **derived)
+    return out
+
+
+#: class name -> class: every rule's, each followed by the classes derived from it
+CLASSES = _classes()
+globals().update(CLASSES)
+globals().update({alias: CLASSES[name] for alias, name in ALIASES.items()})
+
+__all__ = ["ALIASES", "CLASSES", "DERIVED", "optimizer_class", *CLASSES, *ALIASES]

@@ -1,9 +1,11 @@
-"""The NumPy oracle: PyTorch's ``torch.optim`` formulas, array at a time.
+"""The NumPy oracle: PyTorch's ``torch.optim`` formulas (optax's for the optimizers torch.optim
+lacks), array at a time.
 
 Written independently of the per-element rules in ``kernels/``: whole-array NumPy expressions
-in the order ``torch.optim``'s single-tensor code uses, in the arrays' own dtype (float64 inputs
-give the float64 reference the tests compare against). Every function updates ``param`` and the
-arrays of ``state`` in place; ``step`` is the 1-based step count (incremented before use).
+in the order ``torch.optim``'s single-tensor code (or optax's) uses, in the arrays' own dtype
+(float64 inputs give the float64 reference the tests compare against). Every function updates
+``param`` and the arrays of ``state`` in place; ``step`` is the 1-based step count (incremented
+before use).
 """
 
 from __future__ import annotations
@@ -14,10 +16,13 @@ import numpy as np
 import numpy.typing as npt
 
 __all__ = [
+    "adabelief",
     "adadelta",
     "adagrad",
     "adam",
     "adamax",
+    "adan",
+    "ademamix",
     "asgd",
     "lion",
     "nadam",
@@ -349,3 +354,92 @@ def asgd(
         ax[...] = param
     eta[...] = lr / ((1 + lambd * lr * step) ** alpha)
     mu[...] = 1 / max(1, step - t0)
+
+
+def adabelief(
+    param: npt.NDArray[Any],
+    grad: npt.NDArray[Any],
+    state: dict[str, Any],
+    *,
+    step: int,
+    lr: float,
+    betas: tuple[float, float] = (0.9, 0.999),
+    eps: float = 1e-16,
+    eps_root: float = 1e-16,
+    nesterov: bool = False,
+    maximize: bool = False,
+) -> None:
+    """``optax.adabelief`` (0.2.8): ``scale_by_belief`` then ``-lr``; ``exp_avg`` is optax's
+    ``mu``, ``exp_avg_var`` its ``nu``."""
+    b1, b2 = betas
+    g = -grad if maximize else grad
+    mu, nu = state["exp_avg"], state["exp_avg_var"]
+    mu[...] = (1 - b1) * g + b1 * mu
+    nu[...] = (1 - b2) * (g - mu) ** 2 + b2 * nu  # the prediction error of the updated mean
+    nu += eps_root
+    if nesterov:
+        mu_hat = b1 * (mu / (1 - b1 ** (step + 1))) + (1 - b1) * (g / (1 - b1**step))
+    else:
+        mu_hat = mu / (1 - b1**step)
+    nu_hat = nu / (1 - b2**step)
+    param += -lr * (mu_hat / (np.sqrt(nu_hat) + eps))
+
+
+def adan(
+    param: npt.NDArray[Any],
+    grad: npt.NDArray[Any],
+    state: dict[str, Any],
+    *,
+    step: int,
+    lr: float,
+    betas: tuple[float, float, float] = (0.98, 0.92, 0.99),
+    eps: float = 1e-8,
+    eps_root: float = 1e-8,
+    weight_decay: float = 0.0,
+    maximize: bool = False,
+) -> None:
+    """``optax.adan`` (0.2.8): ``scale_by_adan``, ``add_decayed_weights``, then ``-lr``;
+    ``exp_avg``, ``exp_avg_diff``, ``exp_avg_sq``, ``prev_grad`` are optax's ``m``, ``v``,
+    ``n``, ``g``."""
+    b1, b2, b3 = betas
+    g = -grad if maximize else grad
+    m, v, n, prev = (state[s] for s in ("exp_avg", "exp_avg_diff", "exp_avg_sq", "prev_grad"))
+    diff = np.zeros_like(g) if step == 1 else g - prev  # no previous gradient at step 1
+    m[...] = (1 - b1) * g + b1 * m
+    v[...] = (1 - b2) * diff + b2 * v
+    n[...] = (1 - b3) * (g + (1 - b2) * diff) ** 2 + b3 * n
+    m_hat = m / (1 - b1**step)
+    v_hat = v / (1 - b2**step)
+    n_hat = n / (1 - b3**step)
+    u = (m_hat + (1 - b2) * v_hat) / (np.sqrt(n_hat + eps_root) + eps)
+    param += -lr * (u + weight_decay * param)
+    prev[...] = g
+
+
+def ademamix(
+    param: npt.NDArray[Any],
+    grad: npt.NDArray[Any],
+    state: dict[str, Any],
+    *,
+    step: int,
+    lr: float,
+    betas: tuple[float, float, float] = (0.9, 0.999, 0.9999),
+    alpha: float = 5.0,
+    eps: float = 1e-8,
+    eps_root: float = 0.0,
+    weight_decay: float = 0.0,
+    maximize: bool = False,
+) -> None:
+    """``optax.contrib.ademamix`` (0.2.8) with constant ``b3`` and ``alpha``:
+    ``scale_by_ademamix``, ``add_decayed_weights``, then ``-lr``; ``exp_avg_fast``,
+    ``exp_avg_slow``, ``exp_avg_sq`` are optax's ``m1``, ``m2``, ``nu``."""
+    b1, b2, b3 = betas
+    g = -grad if maximize else grad
+    m1, m2, nu = state["exp_avg_fast"], state["exp_avg_slow"], state["exp_avg_sq"]
+    m1[...] = (1 - b1) * g + b1 * m1
+    m2[...] = (1 - b3) * g + b3 * m2
+    nu[...] = (1 - b2) * g**2 + b2 * nu
+    m1_hat = m1 / (1 - b1**step)
+    nu_hat = nu / (1 - b2**step)  # the slow average m2 is not bias-corrected
+    u = (m1_hat + alpha * m2) / (np.sqrt(nu_hat + eps_root) + eps)
+    param += -lr * (u + weight_decay * param)

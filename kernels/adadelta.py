@@ -1,24 +1,31 @@
-"""Adadelta (PyTorch's form: eps inside both square roots, lr scaling the step).
+"""Adadelta (Zeiler 2012): steps scaled by the ratio of two running RMS, no tuned lr needed.
 
-g = -g if maximize;  g = g + wd*p
-v = rho*v + omr*g*g                      (omr = 1 - rho)
-delta = sqrt(acc + eps) / sqrt(v + eps) * g
-acc = rho*acc + omr*delta*delta
-p = p - lr*delta
+    g = grad + wd·p;  v = ρ·v + (1−ρ)·g²
+    Δ = √(a + eps) / √(v + eps) · g
+    a = ρ·a + (1−ρ)·Δ²;  p = p − lr·Δ
+
+``torch.optim.Adadelta`` (eps inside both roots, lr scaling the step); state ``square_avg`` = v,
+``acc_delta`` = a.
 """
 
 import math
 
+from .shared import MAXIMIZE, WEIGHT_DECAY, prologue, prologue_flags, prologue_scalars
 from .spec import Hyper, Rule, Slot
 
 
 def make_rule(maximize=False, decay=False):
+    """Per element, after the prologue (maximize, L2 decay):
+
+    v = rho*v + omr*g*g                      (omr = 1 - rho)
+    delta = sqrt(acc + eps) / sqrt(v + eps) * g
+    acc = rho*acc + omr*delta*delta
+    p = p - lr*delta
+    """
+
     def adadelta_elem(p, g, v, acc, k):
         wd, rho, omr, eps, lr = k
-        if maximize:
-            g = -g
-        if decay:
-            g = g + wd * p
+        p, g = prologue(p, g, wd, wd, maximize, decay, False)
         v = rho * v + omr * g * g
         denom = math.sqrt(v + eps)
         delta = math.sqrt(acc + eps) / denom * g
@@ -30,12 +37,12 @@ def make_rule(maximize=False, decay=False):
 
 
 def _flags_of(hp, step, hs):
-    return {"maximize": hp["maximize"], "decay": hp["weight_decay"] != 0}
+    return prologue_flags(hp)
 
 
 def _scalars_of(hp, step, hs):
     return {
-        "wd": hp["weight_decay"],
+        **prologue_scalars(hp),
         "rho": hp["rho"],
         "omr": 1.0 - hp["rho"],
         "eps": hp["eps"],
@@ -45,16 +52,18 @@ def _scalars_of(hp, step, hs):
 
 RULE = Rule(
     name="adadelta",
+    class_name="Adadelta",
     hyper=(
         Hyper("lr", 1.0),
         Hyper("rho", 0.9, "closed_unit"),
         Hyper("eps", 1e-6),
-        Hyper("weight_decay", 0.0, probe=0.1),
-        Hyper("maximize", False, "bool", fixed=True),
+        WEIGHT_DECAY,
+        MAXIMIZE,
     ),
-    slots=(Slot("square_avg"), Slot("acc_delta")),
+    slots=(Slot("square_avg", even=True), Slot("acc_delta", even=True)),
     scalars=("wd", "rho", "omr", "eps", "lr"),
     make_rule=make_rule,
     flags_of=_flags_of,
     scalars_of=_scalars_of,
+    test_hp=dict(lr=0.5, rho=0.8),
 )

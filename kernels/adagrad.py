@@ -1,22 +1,28 @@
-"""AdaGrad (PyTorch's form: eps outside the square root, clr = lr / (1 + (t-1)*lr_decay)).
+"""AdaGrad (Duchi et al. 2011): per-coordinate steps that shrink with the squared history.
 
-g = -g if maximize;  g = g + wd*p
-s = s + g*g
-p = p - clr * (g / (sqrt(s) + eps))
+    g = grad + wd·p;  clr = lr / (1 + (t−1)·lr_decay)
+    s = s + g²
+    p = p − clr · g / (√s + eps)
+
+``torch.optim.Adagrad``: eps outside the square root, and the first step takes the full lr.
 """
 
 import math
 
+from .shared import MAXIMIZE, WEIGHT_DECAY, prologue, prologue_flags, prologue_scalars
 from .spec import Hyper, Rule, Slot
 
 
 def make_rule(maximize=False, decay=False):
+    """Per element, after the prologue (maximize, L2 decay), with ``clr`` from the host:
+
+    s = s + g*g
+    p = p - clr * (g / (sqrt(s) + eps))
+    """
+
     def adagrad_elem(p, g, s, k):
         wd, clr, eps = k
-        if maximize:
-            g = -g
-        if decay:
-            g = g + wd * p
+        p, g = prologue(p, g, wd, wd, maximize, decay, False)
         s = s + g * g
         d = math.sqrt(s) + eps
         p = p - clr * (g / d)
@@ -26,12 +32,12 @@ def make_rule(maximize=False, decay=False):
 
 
 def _flags_of(hp, step, hs):
-    return {"maximize": hp["maximize"], "decay": hp["weight_decay"] != 0}
+    return prologue_flags(hp)
 
 
 def _scalars_of(hp, step, hs):
     return {
-        "wd": hp["weight_decay"],
+        **prologue_scalars(hp),
         "clr": hp["lr"] / (1.0 + (step - 1) * hp["lr_decay"]),
         "eps": hp["eps"],
     }
@@ -39,17 +45,19 @@ def _scalars_of(hp, step, hs):
 
 RULE = Rule(
     name="adagrad",
+    class_name="AdaGrad",
     hyper=(
         Hyper("lr", 1e-2),
         Hyper("lr_decay", 0.0, probe=0.3),
-        Hyper("weight_decay", 0.0, probe=0.1),
+        WEIGHT_DECAY,
         Hyper("initial_accumulator_value", 0.0, fixed=True, probe=0.2),
         Hyper("eps", 1e-10),
-        Hyper("maximize", False, "bool", fixed=True),
+        MAXIMIZE,
     ),
-    slots=(Slot("sum", init="initial_accumulator_value"),),
+    slots=(Slot("sum", init="initial_accumulator_value", even=True),),
     scalars=("wd", "clr", "eps"),
     make_rule=make_rule,
     flags_of=_flags_of,
     scalars_of=_scalars_of,
+    test_hp=dict(lr=0.05),
 )

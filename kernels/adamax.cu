@@ -1,16 +1,12 @@
 // Adamax: the body of the CuPy kernel fastopt_adamax. Same statements, names and order as
-// adamax_elem in adamax.py; clr = lr / (1 - beta1^t) comes from the host.
+// adamax_elem in adamax.py; step_size = lr / (1 - beta1^t) comes from the host.
+#include "shared.cuh"
 template <typename T>
 __device__ __forceinline__ void adamax_elem(T &p, T g, T &m, T &u,
                                             const T wd, const T omb1, const T beta2,
-                                            const T eps, const T clr)
+                                            const T eps, const T step_size)
 {
-#if MAXIMIZE
-    g = -g;
-#endif
-#if DECAY
-    g = g + wd * p;
-#endif
+    prologue<MAXIMIZE, DECAY, 0>(p, g, wd, wd);
     m = m + omb1 * (g - m);
     const T a = beta2 * u;
     const T b = abs(g) + eps;
@@ -21,5 +17,5 @@ __device__ __forceinline__ void adamax_elem(T &p, T g, T &m, T &u,
     } else {
         u = a;
     }
-    p = p - clr * m / u;
+    p = p - step_size * m / u;
 }

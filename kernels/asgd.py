@@ -1,23 +1,31 @@
-"""ASGD (PyTorch's form: SGD with a decaying step eta and a running average ax of the iterates).
+"""Averaged SGD (Polyak & Juditsky 1992): SGD with a decaying step and an average of the
+iterates, kept as state ``ax``.
 
-g = -g if maximize;  g = g + wd*p
-p = p * decay  (decay = 1 - lambd*eta);  p = p - eta*g
-average (mu != 1): ax = ax + (p - ax)*mu    else ax = p
-(eta and mu are torch's float32 host state: eta = lr before step 1, then
-lr / (1 + lambd*lr*t)^alpha; mu = 1, then 1 / max(1, t - t0); whether a step averages is a
-flag from the host, so each step runs a branch-free variant)
+    g = grad + wd·p;  p = p·(1 − λ·η_t) − η_t·g
+    ax = ax + μ_t·(p − ax)   (ax = p while μ_t = 1)
+    η_{t+1} = lr / (1 + λ·lr·t)^α;  μ_{t+1} = 1 / max(1, t − t0)
+
+η (``eta``, lr before the first step) and μ (``mu``, 1) are float32 host state, as
+``torch.optim.ASGD`` keeps them.
 """
 
+from .shared import MAXIMIZE, WEIGHT_DECAY, prologue, prologue_flags
 from .spec import Hyper, Rule, Slot, f32
 
 
 def make_rule(maximize=False, decay=False, average=False):
+    """Per element, after the prologue (maximize, L2 decay), with ``eta``, ``mu`` (the host
+    state) and ``decay_f = 1 - lambd*eta`` from the host:
+
+    p = p * decay_f;  p = p - eta*g
+    average (mu != 1): ax = ax + (p - ax)*mu    else ax = p
+
+    Whether a step averages is a flag from the host, so each step runs a branch-free variant.
+    """
+
     def asgd_elem(p, g, ax, k):
         wd, decay_f, eta, mu = k
-        if maximize:
-            g = -g
-        if decay:
-            g = g + wd * p
+        p, g = prologue(p, g, wd, wd, maximize, decay, False)
         p = p * decay_f
         p = p - eta * g
         if average:
@@ -30,11 +38,7 @@ def make_rule(maximize=False, decay=False, average=False):
 
 
 def _flags_of(hp, step, hs):
-    return {
-        "maximize": hp["maximize"],
-        "decay": hp["weight_decay"] != 0,
-        "average": hs["mu"] != 1.0,
-    }
+    return {**prologue_flags(hp), "average": hs["mu"] != 1.0}
 
 
 def _scalars_of(hp, step, hs):
@@ -57,14 +61,15 @@ def _advance(hp, step, hs):
 
 RULE = Rule(
     name="asgd",
+    class_name="ASGD",
     hyper=(
         Hyper("lr", 1e-2),
         Hyper("lambd", 1e-4),
         Hyper("alpha", 0.75, "real"),
         # t0 = 0 (the probe) averages from step 3 on: every variant within a few steps
         Hyper("t0", 1e6, "real", probe=0.0),
-        Hyper("weight_decay", 0.0, probe=0.1),
-        Hyper("maximize", False, "bool", fixed=True),
+        WEIGHT_DECAY,
+        MAXIMIZE,
     ),
     slots=(Slot("ax"),),
     scalars=("wd", "decay_f", "eta", "mu"),
@@ -73,4 +78,5 @@ RULE = Rule(
     scalars_of=_scalars_of,
     host_state=(("eta", "lr"), ("mu", 1.0)),
     advance=_advance,
+    test_hp=dict(lr=0.05, lambd=0.1, alpha=0.6),
 )

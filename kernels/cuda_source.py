@@ -69,9 +69,16 @@ def slots_used(rule: str, flags: Mapping[str, bool]) -> tuple[bool, ...]:
     return RULES[rule].slots_used(flags)
 
 
+#: ``#include "<name>.cuh"`` of a header beside the bodies (``shared.cuh``: the gradient prologue)
+_INCLUDE = re.compile(r'^#include "(\w+\.cuh)"\n', flags=re.M)
+
+
 def body(rule: str) -> str:
-    """The text of ``kernels/<rule>.cu``."""
-    return Path(__file__).with_name(f"{rule}.cu").read_text()
+    """The text of ``kernels/<rule>.cu``, each ``#include`` of a header beside it replaced by
+    the header's text (CuPy and NVRTC compile the text, not the file)."""
+    here = Path(__file__)
+    text = here.with_name(f"{rule}.cu").read_text()
+    return _INCLUDE.sub(lambda m: here.with_name(m.group(1)).read_text(), text)
 
 
 def body_signature(rule: str) -> tuple[list[str], list[str]]:

@@ -27,6 +27,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from . import RULES
+from .spec import TUPLES
 
 __all__ = [
     "NotCapturable",
@@ -152,13 +153,14 @@ def _operand(a):
 
 
 def _inputs(spec, prog):
-    """Symbols of the numeric hyperparameters (pairs as two) and host state, in ctl order."""
+    """Symbols of the numeric hyperparameters (a tuple as its entries) and host state, in ctl
+    order."""
     hp: dict[str, Any] = {}
     for h in spec.hyper:
         if h.domain == "bool":
             continue
-        if h.domain in ("betas", "etas", "range"):
-            names = [f"{h.name}[0]", f"{h.name}[1]"]
+        if h.domain in TUPLES:
+            names = [f"{h.name}[{i}]" for i in range(h.size)]
             prog.inputs += names
             hp[h.name] = tuple(_Sym(prog, _var(n)) for n in names)
         else:

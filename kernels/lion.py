@@ -1,21 +1,32 @@
-"""Lion (Chen et al. 2023, "Symbolic Discovery of Optimization Algorithms").
+"""Lion (Chen et al. 2023, "Symbolic Discovery of Optimization Algorithms"): the sign of
+interpolated momentum; one state buffer.
 
-g = -g if maximize
-p = p * decay                      (decay = 1 - lr*wd)
-c = beta1*m + omb1*g;  p = p - lr*sign(c)
-m = beta2*m + omb2*g
+    p = p · (1 − lr·wd)
+    p = p − lr · sign(β1·m + (1−β1)·g)
+    m = β2·m + (1−β2)·g
 """
 
+from .shared import (
+    MAXIMIZE,
+    WEIGHT_DECAY,
+    betas_scalars,
+    prologue,
+    prologue_flags,
+    prologue_scalars,
+)
 from .spec import Hyper, Rule, Slot
 
 
 def make_rule(maximize=False, decay=False):
+    """Per element, after the prologue (maximize, decoupled decay):
+
+    c = beta1*m + omb1*g;  p = p - lr*sign(c)
+    m = beta2*m + omb2*g
+    """
+
     def lion_elem(p, g, m, k):
         decay_f, beta1, omb1, beta2, omb2, lr = k
-        if maximize:
-            g = -g
-        if decay:
-            p = p * decay_f
+        p, g = prologue(p, g, decay_f, decay_f, maximize, decay, True)
         c = beta1 * m + omb1 * g
         # sign(c) without a literal: +-lr, and lr*c (0 or NaN, like sign) when c is 0 or NaN
         if c > 0:
@@ -31,32 +42,28 @@ def make_rule(maximize=False, decay=False):
 
 
 def _flags_of(hp, step, hs):
-    return {"maximize": hp["maximize"], "decay": hp["weight_decay"] != 0}
+    return prologue_flags(hp)
 
 
 def _scalars_of(hp, step, hs):
-    beta1, beta2 = hp["betas"]
-    return {
-        "decay_f": 1.0 - hp["lr"] * hp["weight_decay"],
-        "beta1": beta1,
-        "omb1": 1.0 - beta1,
-        "beta2": beta2,
-        "omb2": 1.0 - beta2,
-        "lr": hp["lr"],
-    }
+    out = betas_scalars(hp["betas"])
+    out.update(prologue_scalars(hp), lr=hp["lr"])
+    return out
 
 
 RULE = Rule(
     name="lion",
+    class_name="Lion",
     hyper=(
         Hyper("lr", 1e-4),
         Hyper("betas", (0.9, 0.99), "betas"),
-        Hyper("weight_decay", 0.0, probe=0.1),
-        Hyper("maximize", False, "bool", fixed=True),
+        WEIGHT_DECAY,
+        MAXIMIZE,
     ),
     slots=(Slot("exp_avg"),),
     scalars=("decay_f", "beta1", "omb1", "beta2", "omb2", "lr"),
     make_rule=make_rule,
     flags_of=_flags_of,
     scalars_of=_scalars_of,
+    test_hp=dict(lr=0.01, betas=(0.8, 0.95)),
 )

@@ -2,22 +2,14 @@
 // radam_elem in radam.py; whether this step rectifies (rho_t > 5) is the RECTIFY macro, chosen
 // on the host per step, and step_size (lr, the bias corrections and the rectification term
 // folded) comes from the host: one division per element.
+#include "shared.cuh"
 template <typename T>
 __device__ __forceinline__ void radam_elem(T &p, T g, T &m, T &v,
                                            const T wd, const T decay_f, const T omb1,
                                            const T beta2, const T omb2, const T step_size,
                                            const T eps)
 {
-#if MAXIMIZE
-    g = -g;
-#endif
-#if DECAY
-#if DECOUPLED
-    p = p * decay_f;
-#else
-    g = g + wd * p;
-#endif
-#endif
+    prologue<MAXIMIZE, DECAY, DECOUPLED>(p, g, wd, decay_f);
     m = m + omb1 * (g - m);
     v = beta2 * v + omb2 * g * g;
 #if RECTIFY

@@ -1,17 +1,13 @@
 // RMSProp (eps outside the square root, optional centering and momentum): the body of the CuPy
 // kernel fastopt_rmsprop. Same statements, names and order as rmsprop_elem in rmsprop.py; v - ga*ga
 // is one fused multiply-add, as torch's addcmul (inf stays inf where ga*ga overflows).
+#include "shared.cuh"
 template <typename T>
 __device__ __forceinline__ void rmsprop_elem(T &p, T g, T &v, T &ga, T &b,
                                              const T wd, const T alpha, const T oma, const T eps,
                                              const T mu, const T lr)
 {
-#if MAXIMIZE
-    g = -g;
-#endif
-#if DECAY
-    g = g + wd * p;
-#endif
+    prologue<MAXIMIZE, DECAY, 0>(p, g, wd, wd);
     v = alpha * v + oma * g * g;
 #if CENTERED
     ga = ga + oma * (g - ga);

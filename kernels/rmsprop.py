@@ -1,28 +1,34 @@
-"""RMSProp (PyTorch's form: eps outside the square root, optional centering and momentum).
+"""RMSProp (Hinton 2012): AdaGrad that forgets, with optional centering and momentum.
 
-    g = -g if maximize;  g = g + wd*p
-    v = alpha*v + oma*g*g                       (oma = 1 - alpha)
-    centered: ga = ga + oma*(g - ga);  d = sqrt(v - ga*ga) + eps   else d = sqrt(v) + eps
-    momentum: b = mu*b + g/d;  p = p - lr*b     else p = p - lr*(g/d)
+    g = grad + wd·p;  v = α·v + (1−α)·g²
+    centered: ḡ = ḡ + (1−α)(g − ḡ);  d = √(v − ḡ²) + eps    else d = √v + eps
+    μ > 0: b = μ·b + g/d; p = p − lr·b                     else p = p − lr·g/d
 
-``v - ga*ga`` is one fused multiply-add, ``fma(-ga, ga, v)``, as torch's
-``addcmul(v, ga, ga, value=-1)`` is on FMA hardware: where ``ga*ga`` overflows, ``v = inf``
-gives ``d = inf`` (the param stays finite), not ``inf - inf = NaN``.
+``torch.optim.RMSprop``: eps outside the square root.
 """
 
 import math
 
 from .fma import fma
+from .shared import MAXIMIZE, WEIGHT_DECAY, prologue, prologue_flags, prologue_scalars
 from .spec import Hyper, Rule, Slot
 
 
 def make_rule(maximize=False, decay=False, centered=False, momentum=False):
+    """Per element, after the prologue (maximize, L2 decay):
+
+    v = alpha*v + oma*g*g                       (oma = 1 - alpha)
+    centered: ga = ga + oma*(g - ga);  d = sqrt(v - ga*ga) + eps   else d = sqrt(v) + eps
+    momentum: b = mu*b + g/d;  p = p - lr*b     else p = p - lr*(g/d)
+
+    ``v - ga*ga`` is one fused multiply-add, ``fma(-ga, ga, v)``, as torch's
+    ``addcmul(v, ga, ga, value=-1)`` is on FMA hardware: where ``ga*ga`` overflows, ``v = inf``
+    gives ``d = inf`` (the param stays finite), not ``inf - inf = NaN``.
+    """
+
     def rmsprop_elem(p, g, v, ga, b, k):
         wd, alpha, oma, eps, mu, lr = k
-        if maximize:
-            g = -g
-        if decay:
-            g = g + wd * p
+        p, g = prologue(p, g, wd, wd, maximize, decay, False)
         v = alpha * v + oma * g * g
         if centered:
             ga = ga + oma * (g - ga)
@@ -40,17 +46,12 @@ def make_rule(maximize=False, decay=False, centered=False, momentum=False):
 
 
 def _flags_of(hp, step, hs):
-    return {
-        "maximize": hp["maximize"],
-        "decay": hp["weight_decay"] != 0,
-        "centered": hp["centered"],
-        "momentum": hp["momentum"] > 0,
-    }
+    return {**prologue_flags(hp), "centered": hp["centered"], "momentum": hp["momentum"] > 0}
 
 
 def _scalars_of(hp, step, hs):
     return {
-        "wd": hp["weight_decay"],
+        **prologue_scalars(hp),
         "alpha": hp["alpha"],
         "oma": 1.0 - hp["alpha"],
         "eps": hp["eps"],
@@ -61,17 +62,18 @@ def _scalars_of(hp, step, hs):
 
 RULE = Rule(
     name="rmsprop",
+    class_name="RMSProp",
     hyper=(
         Hyper("lr", 1e-2),
         Hyper("alpha", 0.99, "unit"),
         Hyper("eps", 1e-8),
-        Hyper("weight_decay", 0.0, probe=0.1),
+        WEIGHT_DECAY,
         Hyper("momentum", 0.0, probe=0.8),
         Hyper("centered", False, "bool", fixed=True),
-        Hyper("maximize", False, "bool", fixed=True),
+        MAXIMIZE,
     ),
     slots=(
-        Slot("square_avg"),
+        Slot("square_avg", even=True),
         Slot("grad_avg", when="centered"),
         Slot("momentum_buffer", when="momentum"),
     ),
@@ -79,4 +81,5 @@ RULE = Rule(
     make_rule=make_rule,
     flags_of=_flags_of,
     scalars_of=_scalars_of,
+    test_hp=dict(lr=0.01, alpha=0.9),
 )

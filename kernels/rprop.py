@@ -1,18 +1,29 @@
-"""Rprop (PyTorch's form: per-element step sizes grown or shrunk by the sign of g*prev).
+"""Rprop (Riedmiller & Braun 1993): per-element step sizes driven by gradient signs only.
 
-g = -g if maximize
-s = g*prev
-s > 0: size = size*etaplus;  s < 0: size = size*etaminus, g = 0;  s = 0: size unchanged
-size = clamp(size, step_size_min, step_size_max)
-p = p - sign(g)*size;  prev = g
-(torch's sign(NaN) is 0: a NaN product leaves the step size, a NaN gradient leaves p, and prev
-keeps the NaN)
+    s = sign(g·prev):  η = η+ (s > 0), η− (s < 0), 1 (s = 0)
+    step_size = clamp(step_size·η, step_size_min, step_size_max);  g = 0 where s < 0
+    p = p − sign(g)·step_size;  prev = g
+
+lr is every step size's first value (``torch.optim.Rprop``).
 """
 
+from .shared import MAXIMIZE
 from .spec import Hyper, Rule, Slot
 
 
 def make_rule(maximize=False):
+    """Per element (``zero`` from the host: a literal in the rule would be a float64):
+
+    g = -g if maximize
+    s = g*prev
+    s > 0: size = size*etaplus;  s < 0: size = size*etaminus, g = 0;  s = 0: size unchanged
+    size = clamp(size, step_size_min, step_size_max)
+    p = p - sign(g)*size;  prev = g
+
+    torch's sign(NaN) is 0: a NaN product leaves the step size, a NaN gradient leaves p, and
+    prev keeps the NaN.
+    """
+
     def rprop_elem(p, g, prev, size, k):
         etaminus, etaplus, step_size_min, step_size_max, zero = k
         if maximize:
@@ -56,16 +67,18 @@ def _scalars_of(hp, step, hs):
 
 RULE = Rule(
     name="rprop",
+    class_name="Rprop",
     hyper=(
         Hyper("lr", 1e-2),
         Hyper("etas", (0.5, 1.2), "etas"),
         Hyper("step_sizes", (1e-6, 50.0), "range"),
-        Hyper("maximize", False, "bool", fixed=True),
+        MAXIMIZE,
     ),
     # every step size starts at lr (torch fills it when it creates the state, at the first step)
-    slots=(Slot("prev"), Slot("step_size", init="lr")),
+    slots=(Slot("prev"), Slot("step_size", init="lr", even=True)),
     scalars=("etaminus", "etaplus", "step_size_min", "step_size_max", "zero"),
     make_rule=make_rule,
     flags_of=_flags_of,
     scalars_of=_scalars_of,
+    test_hp=dict(lr=0.05, etas=(0.4, 1.3), step_sizes=(0.005, 0.08)),
 )

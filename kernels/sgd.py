@@ -1,21 +1,28 @@
-"""SGD with optional momentum / Nesterov (PyTorch's form).
+"""Stochastic gradient descent, with optional momentum and Nesterov momentum.
 
-g = -g if maximize;  g = g + wd*p
-b = mu_b*b + omd_b*g          (mu_b = 0, omd_b = 1 on the first step: b = g)
-g = g + mu*b if nesterov else b
-p = p - lr*g
+    g = grad + wd·p
+    b = g (first step);  b = μ·b + (1−τ)·g (later)
+    g = g + μ·b (nesterov)  or  g = b
+    p = p − lr·g
+
+``torch.optim.SGD``; the Nesterov form of Sutskever et al. 2013 as PyTorch writes it.
 """
 
+from .shared import MAXIMIZE, WEIGHT_DECAY, prologue, prologue_flags, prologue_scalars
 from .spec import Hyper, Rule, Slot, where
 
 
 def make_rule(maximize=False, decay=False, momentum=False, nesterov=False):
+    """Per element, after the prologue (maximize, L2 decay):
+
+    b = mu_b*b + omd_b*g          (mu_b = 0, omd_b = 1 on the first step: b = g)
+    g = g + mu*b if nesterov else b
+    p = p - lr*g
+    """
+
     def sgd_elem(p, g, b, k):
         wd, mu_b, omd_b, mu, lr = k
-        if maximize:
-            g = -g
-        if decay:
-            g = g + wd * p
+        p, g = prologue(p, g, wd, wd, maximize, decay, False)
         if momentum:
             b = mu_b * b + omd_b * g
             if nesterov:
@@ -29,18 +36,13 @@ def make_rule(maximize=False, decay=False, momentum=False, nesterov=False):
 
 
 def _flags_of(hp, step, hs):
-    return {
-        "maximize": hp["maximize"],
-        "decay": hp["weight_decay"] != 0,
-        "momentum": hp["momentum"] != 0,
-        "nesterov": hp["nesterov"],
-    }
+    return {**prologue_flags(hp), "momentum": hp["momentum"] != 0, "nesterov": hp["nesterov"]}
 
 
 def _scalars_of(hp, step, hs):
     first = step == 1  # torch's first momentum step copies the gradient: no dampening
     return {
-        "wd": hp["weight_decay"],
+        **prologue_scalars(hp),
         "mu_b": where(first, 0.0, hp["momentum"]),
         "omd_b": where(first, 1.0, 1.0 - hp["dampening"]),
         "mu": hp["momentum"],
@@ -59,13 +61,14 @@ def _check(hp):
 
 RULE = Rule(
     name="sgd",
+    class_name="SGD",
     hyper=(
         Hyper("lr", 1e-3),
         Hyper("momentum", 0.0, probe=0.9),
         Hyper("dampening", 0.0, probe=0.3),
-        Hyper("weight_decay", 0.0, probe=0.1),
+        WEIGHT_DECAY,
         Hyper("nesterov", False, "bool", fixed=True),
-        Hyper("maximize", False, "bool", fixed=True),
+        MAXIMIZE,
     ),
     # b = 0*b + g on step 1: the buffer is reset first, so whatever it held (NaN) cannot leak
     slots=(Slot("momentum_buffer", when="momentum", fresh=True),),
@@ -75,4 +78,5 @@ RULE = Rule(
     scalars_of=_scalars_of,
     check=_check,
     excluded=((("nesterov", True), ("momentum", False)),),
+    test_hp=dict(lr=0.05),
 )

@@ -5,7 +5,7 @@ Each ``kernels/<name>.py`` declares ``RULE = Rule(...)``:
 - ``hyper``: the hyperparameters (``torch.optim``'s names), each with its default and domain,
   and whether it is fixed at construction (it decides a state slot or the math's form);
 - ``slots``: the per-element state buffers (``torch.optim``'s state names), each with the flag
-  whose variants keep it and its value before the first step;
+  whose variants keep it, its value before the first step and whether it is even in (p, g);
 - ``make_rule(**flags)``: the per-element rule, ``rule(p, g, s0, .., s{k-1}, k) -> (p, s0, ..)``
   over scalars, one argument per slot (an absent slot's argument is a placeholder it never
   uses), ``k`` the host scalars as one tuple; its keyword arguments are the rule's flags, each
@@ -26,6 +26,17 @@ Each ``kernels/<name>.py`` declares ``RULE = Rule(...)``:
   an ``advance`` that multiplies two of them rounds the factor first, as torch's in-place
   arithmetic on a float32 tensor does (``f32(f32(a) * f32(b))``).
 
+- ``class_name``: the name of its optimizer class (``fastopt.<class_name>``, generated from the
+  spec with the rule module's docstring), and ``test_hp``: hyperparameters under which every
+  term of the update shows within a few steps (the tests run with them).
+
+The pieces several rules share are declared once, in ``kernels/shared.py``: the gradient
+prologue (maximize, then L2 or decoupled weight decay: the per-element helper, its flags and
+host scalars; ``kernels/shared.cuh`` for the CUDA C bodies), the Adam family's bias-corrected
+scalars and the hyperparameters every rule spells alike. A per-element helper is plain Python
+marked with ``helper``; ``Rule.element(flags, jit)`` is the rule with its helpers compiled by
+``jit`` (a target that cannot call plain Python: numba-cuda).
+
 The backends, the classes, ``fastopt.functional``, the benchmark's byte counts, the demo's list
 and the tests' matrices read these fields; only the CUDA C body (``kernels/<name>.cu``) is
 written beside the rule, and a test holds its signature to ``slots`` and ``scalars``.
@@ -36,16 +47,20 @@ import contextvars
 import inspect
 import itertools
 import math
+import types
 from dataclasses import dataclass, field
 
 __all__ = [
     "DOMAINS",
+    "HELPERS",
     "REPLAY_LIMIT",
     "Hyper",
     "Rule",
     "Slot",
+    "bind_helpers",
     "check_value",
     "f32",
+    "helper",
     "maximum",
     "sqrt",
     "where",
@@ -64,7 +79,8 @@ DOMAINS = {
     "unit": ("a real number in [0, 1)", lambda v: 0 <= v < 1),
     "closed_unit": ("a real number in [0, 1]", lambda v: 0 <= v <= 1),
     "real": ("a finite real number", lambda v: True),
-    "betas": ("a pair (beta1, beta2) with 0 <= beta < 1", lambda v: all(0 <= b < 1 for b in v)),
+    # as many betas as the hyperparameter's default has (Adam's pair, Adan's triple)
+    "betas": ("a {n} ({names}) with 0 <= beta < 1", lambda v: all(0 <= b < 1 for b in v)),
     "etas": (
         "a pair (etaminus, etaplus) with 0 < etaminus < 1 < etaplus",
         lambda v: 0 < v[0] < 1 < v[1],
@@ -72,7 +88,8 @@ DOMAINS = {
     "range": ("a pair (min, max) with 0 <= min <= max", lambda v: 0 <= v[0] <= v[1]),
     "bool": ("True or False", None),
 }
-_PAIRS = ("betas", "etas", "range")
+#: the domains whose values are tuples of reals
+TUPLES = ("betas", "etas", "range")
 
 
 # -- the math ``scalars_of`` and ``advance`` may use --------------------------------------------
@@ -137,12 +154,48 @@ def host_round(x):
     return f32(x)
 
 
-def check_value(name, value, domain):
+# -- per-element helpers ------------------------------------------------------------------------
+#
+# A rule may call a helper (``kernels/shared.py``'s ``prologue``): plain Python like the rule,
+# so the simulator, the tests and ``Rule.slots_read`` run it as it is. The Numba CPU backend
+# registers every helper to be inlined where a rule calls it; numba-cuda cannot call plain
+# Python from a device function, so it compiles a rule through ``Rule.element(flags, jit)``,
+# whose helpers are device functions (``bind_helpers``).
+
+#: the per-element helpers rules call, in declaration order
+HELPERS: list = []
+
+
+def helper(fn):
+    """Declare ``fn`` a per-element rule helper (see above); returns ``fn``."""
+    HELPERS.append(fn)
+    return fn
+
+
+def bind_helpers(fn, jit):
+    """``fn`` with every rule helper among the globals it calls replaced by ``jit`` of it (its
+    own helpers bound first): a copy sharing ``fn``'s code and closure, over a copy of its
+    globals. ``fn`` itself when it calls no helper."""
+    glb = fn.__globals__
+    names = [n for n in fn.__code__.co_names if any(glb.get(n) is h for h in HELPERS)]
+    if not names:
+        return fn
+    glb = dict(glb, **{n: jit(bind_helpers(glb[n], jit)) for n in names})
+    out = types.FunctionType(fn.__code__, glb, fn.__name__, fn.__defaults__, fn.__closure__)
+    out.__qualname__, out.__kwdefaults__ = fn.__qualname__, fn.__kwdefaults__
+    return out
+
+
+def check_value(name, value, domain, size=2):
     """``value`` normalised (Python float, tuple of floats or bool) and checked against
-    ``domain``; raises TypeError/ValueError naming ``name`` and what was expected."""
+    ``domain`` (a tuple domain's values have ``size`` entries); raises TypeError/ValueError
+    naming ``name`` and what was expected."""
     import numpy as np
 
     what, ok = DOMAINS[domain]
+    if domain == "betas":
+        names = ", ".join(f"beta{i}" for i in range(1, size + 1))
+        what = what.format(n={2: "pair", 3: "triple"}.get(size, f"{size}-tuple"), names=names)
     if domain == "bool":
         if not isinstance(value, (bool, np.bool_)):
             raise TypeError(f"invalid {name}: {value!r}; expected True or False")
@@ -162,8 +215,8 @@ def check_value(name, value, domain):
             )
         return f
 
-    if domain in _PAIRS:
-        if not isinstance(value, (tuple, list)) or len(value) != 2:
+    if domain in TUPLES:
+        if not isinstance(value, (tuple, list)) or len(value) != size:
             raise ValueError(f"invalid {name}: {value!r}; expected {what}")
         v = tuple(real(x, name) for x in value)
     else:
@@ -185,12 +238,36 @@ class Hyper:
     #: a value that switches the rule to another variant or brings a term into play (tests and
     #: benchmarks sweep default and probe); None for a bool: its negation
     probe: object = None
+    #: keyword-only in the class's constructor (after ``*``), as torch's ``maximize`` is
+    keyword_only: bool = False
 
     def __post_init__(self):
         if self.domain not in DOMAINS:
             raise ValueError(f"hyperparameter {self.name}: unknown domain {self.domain!r}")
         if self.probe is None and self.domain == "bool":
             object.__setattr__(self, "probe", not self.default)
+        if self.domain in ("etas", "range") and len(self.default) != 2:
+            raise ValueError(f"hyperparameter {self.name}: a {self.domain} is a pair")
+
+    @property
+    def size(self):
+        """How many reals the hyperparameter holds: 0 for a bool, a tuple's length, else 1."""
+        if self.domain == "bool":
+            return 0
+        return len(self.default) if self.domain in TUPLES else 1
+
+    @property
+    def annotation(self):
+        """The constructor's type annotation of the hyperparameter."""
+        if self.domain == "bool":
+            return bool
+        if self.domain in TUPLES:
+            return tuple[(float,) * self.size]
+        return float
+
+    def check(self, value):
+        """``value`` normalised and checked against the domain (``check_value``)."""
+        return check_value(self.name, value, self.domain, self.size or 2)
 
 
 @dataclass(frozen=True)
@@ -199,11 +276,14 @@ class Slot:
     variant) and its value before the first step (a number, or a hyperparameter's name)."""
 
     name: str
-    when: str = None
+    when: str | None = None
     init: object = 0.0
     #: reset to ``init`` right before step 1 (the rule reads it on step 1, where torch has
     #: no such buffer yet: whatever a caller's array held must not leak into the result)
     fresh: bool = False
+    #: an even function of (p, g): negating the param and every gradient leaves it unchanged
+    #: (squares, magnitudes, step sizes); else it is odd (negated with them)
+    even: bool = False
 
 
 @dataclass(frozen=True)
@@ -225,6 +305,11 @@ class Rule:
     check: object = None
     #: flag -> values of the variant that are never launched (e.g. nesterov without momentum)
     excluded: tuple = field(default=())
+    #: the optimizer class's name (``fastopt.<class_name>``), generated from this spec
+    class_name: str | None = None
+    #: hyperparameters under which every term of the update shows within a few steps (lr large
+    #: enough to move p, betas small enough that the moments change); the tests run with them
+    test_hp: dict | None = field(default=None, hash=False, compare=False)
 
     def __post_init__(self):
         flags = self.flags
@@ -272,6 +357,19 @@ class Rule:
             if h.name == name:
                 return h
         raise KeyError(f"rule {self.name} has no hyperparameter {name!r}")
+
+    def slot(self, name):
+        """The ``Slot`` called ``name``."""
+        for s in self.slots:
+            if s.name == name:
+                return s
+        raise KeyError(f"rule {self.name} has no state slot {name!r}")
+
+    def element(self, flags, jit=None):
+        """The per-element function of the ``flags`` variant (``make_rule(**flags)``); with
+        ``jit``, the rule helpers it calls compiled by ``jit`` first (``bind_helpers``)."""
+        elem = self.make_rule(**flags)
+        return elem if jit is None else bind_helpers(elem, jit)
 
     # -- variants and slots ------------------------------------------------------------------
     def variants(self):
@@ -427,7 +525,7 @@ class Rule:
         """``hp`` (any subset of the rule's hyperparameters) normalised and checked."""
         out = {}
         for name, value in hp.items():
-            out[name] = check_value(name, value, self.hyper_spec(name).domain)
+            out[name] = self.hyper_spec(name).check(value)
         if self.check is not None:
             self.check(out)
         return out

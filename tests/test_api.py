@@ -379,17 +379,3 @@ def test_functional_entry_points(cfg, backend, dtype, rng):
         assert_close(states[s], ref, dtype, f"functional {spec.name} {s}")
     if extra:
         assert extra["host_state"] == h_ref, "host state advanced in place"
-
-
-@pytest.mark.parametrize("name", [n for n, c in CLASSES.items() if not c._pinned])
-def test_class_defaults_are_the_rule_specs(name):
-    # the typed constructor restates its rule's defaults (for readers and type checkers); the
-    # rule spec is the source (fastopt.functional's entry points take theirs from it)
-    import inspect
-
-    from fastopt.kernels import RULES
-
-    cls = CLASSES[name]
-    sig = inspect.signature(cls.__init__).parameters
-    for h in RULES[cls._rule].hyper:
-        assert sig[h.name].default == h.default, f"{name}.{h.name}"

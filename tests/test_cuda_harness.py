@@ -40,6 +40,8 @@ N = 1001
 FORMS = ("elementwise", "raw-scalar", "raw-vector")
 #: the small grid the raw kernels run on: 3 blocks of 32 threads, far fewer threads than N
 GRID, BLOCK = 3, 32
+#: the arrays a launch passes (param, grad and the state slots of the rule with the most)
+ARRAYS = 2 + max(len(spec.slots) for spec in RULES.values())
 
 
 def _key(rule, flags):
@@ -158,10 +160,10 @@ class HarnessBackend:
         dtype = param.dtype
         used = cuda_source.slots_used(rule, flags)
         arrays = [param, grad] + [s if u else None for s, u in zip(states, used)]
-        arrays += [None] * (5 - len(arrays))
+        arrays += [None] * (ARRAYS - len(arrays))
         for a in arrays:
             assert a is None or (a.dtype == dtype and a.flags.c_contiguous)
-        ptrs = (ctypes.c_void_p * 5)(*[None if a is None else a.ctypes.data for a in arrays])
+        ptrs = (ctypes.c_void_p * ARRAYS)(*[None if a is None else a.ctypes.data for a in arrays])
         ks = np.array(k, dtype=dtype)  # one cast of the float64 host scalars, as the GPU gets
         if self.form == "elementwise":
             fn = getattr(self.libs[dtype], f"run_v{i}")
@@ -176,18 +178,15 @@ class HarnessBackend:
         fn(ctypes.cast(ptrs, ctypes.c_void_p), ks.ctypes.data, param.shape[0])
 
 
-#: state slots whose values may take either sign (moments, momentum, the previous gradient,
-#: the average of the iterates); every other slot is a square, a maximum of magnitudes or a step
-#: size and starts positive
-SIGNED = ("exp_avg", "momentum_buffer", "grad_avg", "prev", "ax")
-
-
 def _initial_state(rule, rng):
-    """Random non-zero state: positive where a slot must be, v >= ga^2 so centered RMSProp
-    stays real, AMSGrad's running max above v."""
+    """Random non-zero state: either sign in an odd slot (moments, momentum, the previous
+    gradient, the average of the iterates), positive in an even one (a square, a maximum of
+    magnitudes, a step size: the spec's ``Slot.even``); v >= ga^2 so centered RMSProp stays
+    real, AMSGrad's running max above v."""
     st = {}
-    for s in RULES[rule].STATE:
-        st[s] = rng.standard_normal(N) if s in SIGNED else rng.uniform(0.1, 2.0, N)
+    spec = RULES[rule]
+    for s in spec.STATE:
+        st[s] = rng.uniform(0.1, 2.0, N) if spec.slot(s).even else rng.standard_normal(N)
     if rule == "rmsprop":
         st["grad_avg"] = 0.5 * rng.standard_normal(N)
         st["square_avg"] = st["grad_avg"] ** 2 + rng.uniform(0.1, 2.0, N)

@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import pytest
 from conftest import backend_params
-from support.oracle import run_oracle
+from support.oracle import run_oracle, spec_of
 from support.tolerances import tol
 
 import fastopt
@@ -32,10 +32,6 @@ _RECT6 = sqrt((_RHO6 - 4) * (_RHO6 - 2) * 19 / ((19 - 4) * (19 - 2) * _RHO6))
 #: ASGD's params after steps 2 and 3 (η of float32, see the case)
 _ASGD_P2 = 0.25 * (1 - 0.5 * _f32(0.5 / 1.25)) - _f32(0.5 / 1.25) * 2.0
 _ASGD_P3 = _ASGD_P2 * (1 - 0.5 * _f32(0.5 / 1.5)) - _f32(0.5 / 1.5) * -1.0
-
-
-#: the state buffers even in (p, g) (the rest are odd): squares, maxima of magnitudes, step sizes
-EVEN = ("sum", "square_avg", "exp_avg_sq", "max_exp_avg_sq", "exp_inf", "acc_delta", "step_size")
 
 
 @dataclass
@@ -433,6 +429,161 @@ CASES = {
         ],
         wrong=[1.0 * (1 - 0.5 * 0.4) - 0.4],
     ),
+    # AdaBelief, β = (0.5, 0.75): s takes (g − m)² of the updated mean m, e = 2 − 1 at step 1;
+    # bc1 = 0.5, 0.75; bc2 = 0.25, 0.4375. trap: Adam's g² (or g − m of the old mean, 2 − 0)
+    # would give s = 1, √(s/bc2) = 2
+    "adabelief": Case(
+        "AdaBelief",
+        dict(lr=0.1, betas=(0.5, 0.75), eps=0.0, eps_root=0.0),
+        1.0,
+        [2.0, 1.0],
+        [
+            (1 - 0.1 * (1.0 / 0.5) / sqrt(0.25 / 0.25), {"exp_avg": 1.0, "exp_avg_var": 0.25}),
+            (
+                0.8 - 0.1 * (1.0 / 0.75) / sqrt(0.75 * 0.25 / 0.4375),
+                {"exp_avg": 0.5 * 1.0 + 0.5 * 1.0, "exp_avg_var": 0.75 * 0.25 + 0.25 * 0.0},
+            ),
+        ],
+        wrong=[1 - 0.1 * (1.0 / 0.5) / sqrt(1.0 / 0.25)],
+    ),
+    # trap: eps_root is added to s, which keeps it (0.25 + 0.75), and eps outside the root after
+    # the bias correction: an eps_root inside the root only would give √(0.25/0.25 + 0.75)
+    "adabelief_eps": Case(
+        "AdaBelief",
+        dict(lr=0.1, betas=(0.5, 0.75), eps=0.5, eps_root=0.75),
+        1.0,
+        [2.0],
+        [(1 - 0.1 * (1.0 / 0.5) / (sqrt(1.0 / 0.25) + 0.5), {"exp_avg": 1.0, "exp_avg_var": 1.0})],
+        wrong=[1 - 0.1 * (1.0 / 0.5) / (sqrt(0.25 / 0.25 + 0.75) + 0.5)],
+    ),
+    # Nesterov: m̂ = β1·m/(1 − β1²) + (1 − β1)·g/(1 − β1) = 0.5/0.75 + 0.5·2/0.5; trap: m/bc1
+    "adabelief_nesterov": Case(
+        "AdaBelief",
+        dict(lr=0.1, betas=(0.5, 0.75), eps=0.0, eps_root=0.0, nesterov=True),
+        1.0,
+        [2.0],
+        [
+            (
+                1 - 0.1 * (0.5 * 1.0 / 0.75 + 0.5 * 2.0 / 0.5) / 1.0,
+                {"exp_avg": 1.0, "exp_avg_var": 0.25},
+            )
+        ],
+        wrong=[0.8],
+    ),
+    # Adan, β = (0.5, 0.75, 0.5): Δ = 0 at step 1 (no previous gradient), then 1 − 2; bc1 = bc3
+    # = 0.5, 0.75 and bc2 = 0.25, 0.4375. trap: Δ = g − 0 at step 1 (the state's prev = 0)
+    # moves p alike at step 1 (u = sign(g) either way) but leaves v = 0.5, n = 3.125 behind
+    "adan": Case(
+        "Adan",
+        dict(lr=0.1, betas=(0.5, 0.75, 0.5), eps=0.0, eps_root=0.0),
+        1.0,
+        [2.0, 1.0],
+        [
+            (
+                1 - 0.1 * (1.0 / 0.5) / sqrt(2.0 / 0.5),
+                {"exp_avg": 1.0, "exp_avg_diff": 0.0, "exp_avg_sq": 2.0, "prev_grad": 2.0},
+            ),
+            (
+                0.9
+                - 0.1 * (1.0 / 0.75 + 0.25 * -0.25 / 0.4375) / sqrt((0.5 * 0.75**2 + 1.0) / 0.75),
+                {
+                    "exp_avg": 0.5 * 1.0 + 0.5 * 1.0,
+                    "exp_avg_diff": 0.25 * -1.0,
+                    "exp_avg_sq": 0.5 * (1.0 + 0.25 * -1.0) ** 2 + 0.5 * 2.0,
+                    "prev_grad": 1.0,
+                },
+            ),
+        ],
+        wrong=[
+            None,
+            0.9
+            - 0.1 * (1.0 / 0.75 + 0.25 * 0.125 / 0.4375) / sqrt((0.5 * 0.75**2 + 1.5625) / 0.75),
+        ],
+    ),
+    # trap: Adan's decay is added to the update before lr scales it (p −= lr·(u + wd·p)); as L2
+    # (g + wd·p) it would vanish into u = sign(g) at step 1
+    "adan_weight_decay": Case(
+        "Adan",
+        dict(lr=0.1, betas=(0.5, 0.75, 0.5), eps=0.0, eps_root=0.0, weight_decay=0.5),
+        1.0,
+        [2.0],
+        [
+            (
+                1 - 0.1 * (2.0 / 2.0 + 0.5 * 1.0),
+                {"exp_avg": 1.0, "exp_avg_diff": 0.0, "exp_avg_sq": 2.0, "prev_grad": 2.0},
+            )
+        ],
+        wrong=[0.9],
+    ),
+    # trap: eps_root inside the root after the bias correction, eps outside: n̂ = 4 → √(4 + 5)
+    # + 0.5; before the bias correction it would be √((2 + 5)/0.5) + 0.5
+    "adan_eps": Case(
+        "Adan",
+        dict(lr=0.1, betas=(0.5, 0.75, 0.5), eps=0.5, eps_root=5.0),
+        1.0,
+        [2.0],
+        [
+            (
+                1 - 0.1 * 2.0 / (sqrt(2.0 / 0.5 + 5.0) + 0.5),
+                {"exp_avg": 1.0, "exp_avg_diff": 0.0, "exp_avg_sq": 2.0, "prev_grad": 2.0},
+            )
+        ],
+        wrong=[1 - 0.1 * 2.0 / (sqrt((2.0 + 5.0) / 0.5) + 0.5)],
+    ),
+    # AdEMAMix, β = (0.5, 0.75, 0.5), α = 2: bc1 = 0.5, 0.75 and bc2 = 0.25, 0.4375 for the fast
+    # average and ν; trap: the slow average m2 is not bias-corrected (m2/(1 − β3) = 2 would
+    # give u = (2 + 2·2)/2 = 3)
+    "ademamix": Case(
+        "AdEMAMix",
+        dict(lr=0.1, betas=(0.5, 0.75, 0.5), alpha=2.0, eps=0.0, eps_root=0.0),
+        1.0,
+        [2.0, 1.0],
+        [
+            (
+                1 - 0.1 * (1.0 / 0.5 + 2.0 * 1.0) / sqrt(1.0 / 0.25),
+                {"exp_avg_fast": 1.0, "exp_avg_slow": 1.0, "exp_avg_sq": 1.0},
+            ),
+            (
+                0.8 - 0.1 * (1.0 / 0.75 + 2.0 * 1.0) / sqrt(1.0 / 0.4375),
+                {
+                    "exp_avg_fast": 0.5 * 1.0 + 0.5 * 1.0,
+                    "exp_avg_slow": 0.5 * 1.0 + 0.5 * 1.0,
+                    "exp_avg_sq": 0.75 * 1.0 + 0.25 * 1.0,
+                },
+            ),
+        ],
+        wrong=[1 - 0.1 * (1.0 / 0.5 + 2.0 * 1.0 / 0.5) / sqrt(1.0 / 0.25)],
+    ),
+    # trap: the decay is added to the update before lr scales it, p −= lr·(u + wd·p); as L2
+    # (g + wd·p) it would scale away: u = (2.5 + 2·1.25)/2.5 = 2
+    "ademamix_weight_decay": Case(
+        "AdEMAMix",
+        dict(lr=0.1, betas=(0.5, 0.75, 0.5), alpha=2.0, eps=0.0, eps_root=0.0, weight_decay=0.5),
+        1.0,
+        [2.0],
+        [
+            (
+                1 - 0.1 * ((1.0 / 0.5 + 2.0 * 1.0) / sqrt(1.0 / 0.25) + 0.5 * 1.0),
+                {"exp_avg_fast": 1.0, "exp_avg_slow": 1.0, "exp_avg_sq": 1.0},
+            )
+        ],
+        wrong=[0.8],
+    ),
+    # trap: eps_root inside the root after the bias correction, eps outside: ν̂ = 4 → √(4 + 5)
+    # + 0.5; before the bias correction it would be √((1 + 5)/0.25) + 0.5
+    "ademamix_eps": Case(
+        "AdEMAMix",
+        dict(lr=0.1, betas=(0.5, 0.75, 0.5), alpha=2.0, eps=0.5, eps_root=5.0),
+        1.0,
+        [2.0],
+        [
+            (
+                1 - 0.1 * 4.0 / (sqrt(1.0 / 0.25 + 5.0) + 0.5),
+                {"exp_avg_fast": 1.0, "exp_avg_slow": 1.0, "exp_avg_sq": 1.0},
+            )
+        ],
+        wrong=[1 - 0.1 * 4.0 / (sqrt((1.0 + 5.0) / 0.25) + 0.5)],
+    ),
 }
 
 
@@ -482,5 +633,5 @@ def test_optimizer_matches_hand_computation(key, backend):
         want_p, want_state = case.expected[t]
         _close(p[1], -want_p, "mirrored param")
         for s, v in want_state.items():
-            even = s in EVEN
+            even = spec_of(case.name).slot(s).even  # the spec says which buffers keep a sign
             _close(state[s][1], v if even else -v, f"mirrored {s}")

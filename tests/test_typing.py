@@ -130,3 +130,18 @@ def test_mypy_reports_no_error():
     )
     assert done.returncode == 0, done.stdout + done.stderr
     assert "Success: no issues found" in done.stdout
+
+
+def test_the_generated_classes_are_named_for_type_checkers():
+    # fastopt/__init__.py binds CLASSES and ALIASES at run time (globals().update); its
+    # `if TYPE_CHECKING:` block names the same classes for mypy
+    from fastopt.optimizers import ALIASES, CLASSES
+
+    tree = ast.parse((ROOT / "fastopt" / "__init__.py").read_text())
+    block = next(
+        n
+        for n in tree.body
+        if isinstance(n, ast.If) and isinstance(n.test, ast.Name) and n.test.id == "TYPE_CHECKING"
+    )
+    declared = {n.target.id for n in block.body if isinstance(n, ast.AnnAssign)}
+    assert declared == set(CLASSES) | set(ALIASES)

@@ -278,7 +278,8 @@ def python_kernel(rule, flags, writes, io=None):
             f"rule {rule!r} has {len(spec.state)} state slots {spec.state}, "
             f"got {len(writes)} write flags"
         )
-    elem = cuda.jit(device=True, inline="always")(spec.make_rule(**flags))
+    jit = cuda.jit(device=True, inline="always")
+    elem = jit(spec.element(flags, jit))  # the rule's helpers as device functions too
     # ``cuda`` is a global of the kernel, not a cell: the simulator swaps a kernel's globals
     ns = {"__name__": __name__, "cuda": cuda}
     name = f"fastopt_{rule}"
@@ -718,7 +719,8 @@ def table_python_kernel(rule, flags, writes, io, clip=False):
     """The uncompiled multi-tensor kernel of one variant under ``io`` (see
     ``table_kernel_source``)."""
     spec = RULES[rule]
-    elem = cuda.jit(device=True, inline="always")(spec.make_rule(**flags))
+    jit = cuda.jit(device=True, inline="always")
+    elem = jit(spec.element(flags, jit))  # the rule's helpers as device functions too
     ns = {"__name__": __name__, "cuda": cuda}
     name = f"fastopt_mt_{rule}"
     src = table_kernel_source(name, len(writes), tuple(writes), io, len(spec.scalars), clip)

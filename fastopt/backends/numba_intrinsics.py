@@ -15,6 +15,7 @@ from numba.extending import intrinsic, overload, register_jitable
 
 from ..kernels import storage
 from ..kernels.fma import fma
+from ..kernels.spec import HELPERS
 from ..kernels.storage import BITS16, bits_f32, f32_bits
 
 
@@ -267,6 +268,7 @@ for _f in (
     _p_bf16,
     _p_bf16_sr,
     _p_f16,
+    *HELPERS,  # the rules' shared per-element pieces (kernels/shared.py)
 ):
     register_jitable(inline="always")(_f)
 if not F16C:

@@ -15,6 +15,7 @@ import numba
 import numpy as np
 
 from .._numba_cache import njit_cached
+from ..kernels import RULES
 from .measure import HostTimer, Runner, bytes_per_step
 
 __all__ = ["TRAFFIC", "copy_runner", "mixed_traffic_runner", "traffic_runner"]
@@ -26,41 +27,30 @@ def _copy(dst, src):
         dst[i] = src[i]
 
 
-@njit_cached(parallel=True, nogil=True)
-def _traffic0(p, g, c):
-    for i in numba.prange(p.shape[0]):
-        p[i] = p[i] + c * g[i]
+def _traffic_source(n_state):
+    """Python source of the same-traffic loop over param, grad and ``n_state`` state buffers."""
+    slots = "".join(f"s{j}, " for j in range(n_state))
+    lines = [
+        "def factory():",
+        f"    def traffic(p, g, {slots}c):",
+        "        for i in numba.prange(p.shape[0]):",
+        "            gi = g[i]",
+        "            p[i] = p[i] + c * gi",
+        *(f"            s{j}[i] = s{j}[i] + c * gi" for j in range(n_state)),
+        "    return traffic",
+    ]
+    return "\n".join(lines) + "\n"
 
 
-@njit_cached(parallel=True, nogil=True)
-def _traffic1(p, g, s0, c):
-    for i in numba.prange(p.shape[0]):
-        gi = g[i]
-        p[i] = p[i] + c * gi
-        s0[i] = s0[i] + c * gi
+def _traffic_kernel(n_state):
+    ns = {"__name__": __name__, "numba": numba}
+    exec(compile(_traffic_source(n_state), __file__, "exec"), ns)
+    return njit_cached(parallel=True, nogil=True)(ns["factory"]())
 
 
-@njit_cached(parallel=True, nogil=True)
-def _traffic2(p, g, s0, s1, c):
-    for i in numba.prange(p.shape[0]):
-        gi = g[i]
-        p[i] = p[i] + c * gi
-        s0[i] = s0[i] + c * gi
-        s1[i] = s1[i] + c * gi
-
-
-@njit_cached(parallel=True, nogil=True)
-def _traffic3(p, g, s0, s1, s2, c):
-    for i in numba.prange(p.shape[0]):
-        gi = g[i]
-        p[i] = p[i] + c * gi
-        s0[i] = s0[i] + c * gi
-        s1[i] = s1[i] + c * gi
-        s2[i] = s2[i] + c * gi
-
-
-#: number of state buffers -> same-traffic kernel
-TRAFFIC = {0: _traffic0, 1: _traffic1, 2: _traffic2, 3: _traffic3}
+#: number of state buffers -> same-traffic kernel, for every count a rule has (compiled, or
+#: loaded from the disk cache, at its first call)
+TRAFFIC = {n: _traffic_kernel(n) for n in range(1 + max(len(r.slots) for r in RULES.values()))}
 
 
 def traffic_runner(n_state: int, p0: Any, g0: Any) -> Runner:

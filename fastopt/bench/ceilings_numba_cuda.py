@@ -1,6 +1,6 @@
 """Same-traffic and copy kernels for the ``numba-cuda`` backend (imported only when measured).
 
-Like ``_bench_cpu``'s loops: one multiply-add per buffer over param, grad and ``n_state``
+Like ``ceilings_cpu``'s loops: one multiply-add per buffer over param, grad and ``n_state``
 state buffers, written as grid-stride loops so that any launch covers any ``n``.
 """
 
@@ -10,48 +10,31 @@ from typing import Any
 
 from numba import cuda
 
+from ..kernels import RULES
+
 __all__ = ["KERNELS", "launcher"]
 
 
-@cuda.jit
-def _traffic0(p, g, c):
-    i, step = cuda.grid(1), cuda.gridsize(1)
-    while i < p.shape[0]:
-        p[i] = p[i] + c * g[i]
-        i += step
+def _traffic_source(n_state):
+    """Python source of the grid-stride same-traffic kernel over ``n_state`` state buffers."""
+    slots = "".join(f"s{j}, " for j in range(n_state))
+    lines = [
+        f"def traffic(p, g, {slots}c):",
+        "    i, step = cuda.grid(1), cuda.gridsize(1)",
+        "    while i < p.shape[0]:",
+        "        gi = g[i]",
+        "        p[i] = p[i] + c * gi",
+        *(f"        s{j}[i] = s{j}[i] + c * gi" for j in range(n_state)),
+        "        i += step",
+    ]
+    return "\n".join(lines) + "\n"
 
 
-@cuda.jit
-def _traffic1(p, g, s0, c):
-    i, step = cuda.grid(1), cuda.gridsize(1)
-    while i < p.shape[0]:
-        gi = g[i]
-        p[i] = p[i] + c * gi
-        s0[i] = s0[i] + c * gi
-        i += step
-
-
-@cuda.jit
-def _traffic2(p, g, s0, s1, c):
-    i, step = cuda.grid(1), cuda.gridsize(1)
-    while i < p.shape[0]:
-        gi = g[i]
-        p[i] = p[i] + c * gi
-        s0[i] = s0[i] + c * gi
-        s1[i] = s1[i] + c * gi
-        i += step
-
-
-@cuda.jit
-def _traffic3(p, g, s0, s1, s2, c):
-    i, step = cuda.grid(1), cuda.gridsize(1)
-    while i < p.shape[0]:
-        gi = g[i]
-        p[i] = p[i] + c * gi
-        s0[i] = s0[i] + c * gi
-        s1[i] = s1[i] + c * gi
-        s2[i] = s2[i] + c * gi
-        i += step
+def _traffic_kernel(n_state):
+    # ``cuda`` is a global of the kernel, not a cell: the simulator swaps a kernel's globals
+    ns = {"__name__": __name__, "cuda": cuda}
+    exec(compile(_traffic_source(n_state), __file__, "exec"), ns)
+    return cuda.jit(ns["traffic"])
 
 
 @cuda.jit
@@ -62,8 +45,11 @@ def _copy(dst, src):
         i += step
 
 
-#: number of state buffers (or "copy") -> kernel
-KERNELS = {0: _traffic0, 1: _traffic1, 2: _traffic2, 3: _traffic3, "copy": _copy}
+#: number of state buffers (every count a rule has), or "copy" -> kernel
+KERNELS: dict = {
+    n: _traffic_kernel(n) for n in range(1 + max(len(r.slots) for r in RULES.values()))
+}
+KERNELS["copy"] = _copy
 
 
 def launcher(kind: int | str, n: int, *args: Any) -> Any:

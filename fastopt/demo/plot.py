@@ -13,9 +13,8 @@ from .problems import VALLEY_START, Spec, TrainResult, valley
 
 __all__ = ["fmt_lr", "plot_textbook_valley", "plot_training", "plot_valley", "smooth"]
 
-#: one colour per optimizer, the same in both figures
-#: a qualitative palette (matplotlib's tab10, then tab20's lighter shades): one color per
-#: optimizer, cycling if there are ever more
+#: one colour per optimizer, the same in both figures: a qualitative palette (matplotlib's tab10,
+#: then tab20's lighter shades)
 PALETTE = (
     "#1f77b4",
     "#ff7f0e",
@@ -33,12 +32,27 @@ PALETTE = (
     "#ff9896",
     "#c5b0d5",
     "#c49c94",
+    "#f7b6d2",
+    "#c7c7c7",
+    "#dbdb8d",
+    "#9edae5",
 )
 
 
 def colors(n: int) -> list[str]:
-    """``n`` colors from ``PALETTE``, in order."""
-    return [PALETTE[i % len(PALETTE)] for i in range(n)]
+    """``n`` distinct colors: ``PALETTE`` in order, then (for a registry that outgrows it)
+    hues a golden angle apart, skipping any color already given."""
+    import colorsys
+
+    out = list(PALETTE[:n])
+    i = 0
+    while len(out) < n:
+        r, g, b = colorsys.hsv_to_rgb((0.1 + i * 0.381966) % 1.0, 0.75, 0.8 - 0.15 * (i % 2))
+        color = f"#{round(r * 255):02x}{round(g * 255):02x}{round(b * 255):02x}"
+        if color not in out:
+            out.append(color)
+        i += 1
+    return out
 
 
 #: the window of the valley figure: the paths stay well inside it

@@ -2,10 +2,11 @@
 
 ``MATRIX``: for every class of ``fastopt.optimizers.CLASSES``, the product of its probes
 (``cls.probes()``: each hyperparameter's off and on values, from the rule spec) on top of the
-rule's test settings (``SETTINGS``), less the combinations the class refuses (its constructor
-raises ValueError: Nesterov with dampening, Momentum without momentum). ``RULE_MATRIX`` is the
-same over a rule's own hyperparameters, for tests that call ``fastopt.functional`` or the
-kernels directly. The selections below derive from them; a new optimizer shows up in all of them.
+rule's test settings (``SETTINGS``: the spec's ``test_hp``), less the combinations the class
+refuses (its constructor raises ValueError: Nesterov with dampening, Momentum without
+momentum). ``RULE_MATRIX`` is the same over a rule's own hyperparameters, for tests that call
+``fastopt.functional`` or the kernels directly. The selections below derive from them; a new
+optimizer shows up in all of them.
 """
 
 import functools
@@ -38,20 +39,9 @@ __all__ = [
 
 #: per rule: hyperparameters that make every term of the update visible in a few steps (lr
 #: large enough to move p; betas small enough that the moments change; ASGD's decay and step
-#: schedule, Rprop's step-size clamps within reach). A rule absent here runs with its defaults.
-SETTINGS = {
-    "sgd": dict(lr=0.05),
-    "adagrad": dict(lr=0.05),
-    "rmsprop": dict(lr=0.01, alpha=0.9),
-    "adam": dict(lr=0.01, betas=(0.8, 0.95)),
-    "lion": dict(lr=0.01, betas=(0.8, 0.95)),
-    "adamax": dict(lr=0.01, betas=(0.8, 0.95)),
-    "nadam": dict(lr=0.01, betas=(0.8, 0.95), momentum_decay=0.05),
-    "radam": dict(lr=0.01, betas=(0.8, 0.95)),
-    "adadelta": dict(lr=0.5, rho=0.8),
-    "rprop": dict(lr=0.05, etas=(0.4, 1.3), step_sizes=(0.005, 0.08)),
-    "asgd": dict(lr=0.05, lambd=0.1, alpha=0.6),
-}
+#: schedule, Rprop's step-size clamps within reach): each rule spec's ``test_hp``. A rule
+#: without them runs with its defaults.
+SETTINGS = {rule: dict(spec.test_hp or {}) for rule, spec in RULES.items()}
 
 #: how many steps the multi-step tests take: enough for every per-step variant (RAdam
 #: rectifies from step 6, ASGD with t0 = 0 averages from step 3)
