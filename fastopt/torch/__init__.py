@@ -36,9 +36,11 @@ the parameter stored from the copy in the same pass.
 """
 
 import inspect
+import math
 
 import numpy as np
 import torch
+from torch.autograd.graph import increment_version
 
 from .. import optimizers as _optimizers
 from .._arrays import as_xp_array
@@ -47,6 +49,7 @@ from ..base import PRECISION_DEFAULTS
 from ..functional import Launch
 from ..kernels import RULES
 from ..kernels.storage import io_for
+from ._memory import check_backed, check_no_overlap, check_written, plain_type
 from ._steady import Steady
 
 __all__ = ["FusedOptimizer", *_optimizers.CLASSES, "Adagrad", "RMSprop"]
@@ -126,14 +129,11 @@ class FusedOptimizer(torch.optim.Optimizer):
         super().add_param_group(param_group)
 
     # -- state -----------------------------------------------------------------------------------
-    def _init_state(self, p, spec, hp, slots, master=False):
+    def _new_state(self, p, spec, hp, slots, master=False):
         """``state[p]`` as torch creates it on a parameter's first step (torch's keys: a step
         count where torch keeps one, the state buffers ``slots``, host scalars as 0-d
-        tensors); a parameter that needs none gets no entry, as in torch (SGD without
-        momentum)."""
-        state = self.state.get(p)
-        if state:
-            return state
+        tensors), not yet stored: ``_run_plan`` stores it once every check of the step has
+        passed. Empty for a parameter that needs none, as in torch (SGD without momentum)."""
         new = {}
         if type(self)._keeps_step:
             new["step"] = torch.tensor(0.0, dtype=torch.float32)
@@ -148,15 +148,62 @@ class FusedOptimizer(torch.optim.Optimizer):
             new[name] = torch.tensor(value, dtype=torch.float32)
         if master:  # the fp32 copy a 16-bit parameter is stepped through
             new["master_param"] = p.detach().to(torch.float32, copy=True)
-        if new:
-            self.state[p].update(new)
-            return self.state[p]
         return new
+
+    def __setstate__(self, state):
+        """What torch.optim's Adam, NAdam, ASGD, ... do when a state dict is loaded (or an
+        optimizer unpickled): a step count or host scalar left as a Python number (older
+        state dicts) becomes a float32 0-d tensor, and a parameter's state without its step
+        count or host state is refused (KeyError, as torch's classes refuse it at load). Every
+        value is checked before the optimizer changes: a refused load changes nothing."""
+        names = (("step",) if type(self)._keeps_step else ()) + RULES[
+            type(self)._fastopt._rule
+        ].host_names
+        converted = []
+        for gi, group in enumerate(state.get("param_groups", ())):
+            for j, p in enumerate(group["params"]):
+                st = state.get("state", {}).get(p)
+                if not st:
+                    continue
+                for name in names:
+                    if name not in st:
+                        raise KeyError(
+                            f"{type(self).__name__}.load_state_dict: the state of parameter "
+                            f"{j} of param group {gi} has no {name!r} (keys {sorted(st)}); "
+                            f"torch.optim.{type(self).__name__} refuses it at load too"
+                        )
+                    v = st[name]
+                    if isinstance(v, torch.Tensor):
+                        continue
+                    if isinstance(v, bool) or not isinstance(
+                        v, (int, float, np.integer, np.floating)
+                    ):
+                        raise TypeError(
+                            f"{type(self).__name__}.load_state_dict: state {name!r} of parameter "
+                            f"{j} of param group {gi} is {v!r}; expected a number or a 0-d tensor"
+                        )
+                    try:
+                        value = float(v)
+                    except OverflowError:
+                        value = math.inf
+                    if not math.isfinite(float(np.float32(value))):
+                        raise ValueError(
+                            f"{type(self).__name__}.load_state_dict: state {name!r} of parameter "
+                            f"{j} of param group {gi} is {v!r}, which float32 (torch's scalar "
+                            "dtype) cannot hold"
+                        )
+                    converted.append((st, name, value))
+        for st, name, value in converted:
+            st[name] = torch.tensor(value, dtype=torch.float32)
+        super().__setstate__(state)
 
     # -- the step --------------------------------------------------------------------------------
     @torch.no_grad()
     def step(self, closure=None):
-        """One fused step over every parameter with a gradient (``closure`` as in torch)."""
+        """One fused step over every parameter with a gradient (``closure`` as in torch).
+
+        Every group is checked (its cached launch re-checked, or every tensor checked in full)
+        and every host value computed before the first write; a refused step changes nothing."""
         loss = None
         if closure is not None:
             with torch.enable_grad():
@@ -164,180 +211,270 @@ class FusedOptimizer(torch.optim.Optimizer):
         found_inf = getattr(self, "found_inf", None)
         if found_inf is not None and float(found_inf) != 0:
             return loss  # GradScaler found inf/NaN: nothing changes, as torch's fused step
-        grad_scale = getattr(self, "grad_scale", None)
-        inv_scale = None if grad_scale is None else 1.0 / float(grad_scale)
+        inv_scale = _inv_scale(getattr(self, "grad_scale", None), type(self).__name__)
+        spec = RULES[type(self)._fastopt._rule]
         steady = self.__dict__.setdefault("_steady", {})
         plans = []
         for i, group in enumerate(self.param_groups):
+            hp = type(self)._rule_hp(group)
             cached = steady.get(i)
             if cached is not None:  # the same tensors as a checked step before: re-checks only
-                spec = RULES[type(self)._fastopt._rule]
-                hp = type(self)._rule_hp(group)
                 checked = cached.check(self, group, spec, hp, inv_scale)
                 if checked is not None:
-                    plans.append((cached.run, (spec, hp, *checked, inv_scale)))
+                    plans.append((cached, hp, checked))
                     continue
-            steady.pop(i, None)
-            plans.append((self._run_group, (*self._plan_group(group, inv_scale), i)))
-        for run, args in plans:  # every group checked before any is stepped
-            run(*args)
+                del steady[i]
+            plans.append(self._plan_group(group, i, spec, hp, inv_scale))
+        self._check_overlap(plans, spec, inv_scale)
+        for plan in plans:  # every group checked before any is stepped
+            if isinstance(plan, _Plan):
+                self._run_plan(plan)
+            else:
+                cached, hp, checked = plan
+                cached.run(spec, hp, *checked, inv_scale)
         return loss
 
-    def _plan_group(self, group, inv_scale):
-        """Check one group's tensors and state; returns what ``_run_group`` launches."""
+    def _check_overlap(self, plans, spec, inv_scale):
+        """No tensor the step writes shares memory with another tensor of the step, across
+        every group (``_memory.check_no_overlap``). When every group rides its cached launch,
+        only the gradients can have moved: their spans are checked against the cached written
+        spans in one vectorised search (``Steady.grads_clear``); any doubt takes every group
+        through its full checks, whose sweep names what overlaps."""
+        if all(not isinstance(p, _Plan) for p in plans):
+            cached = tuple(p[0] for p in plans)
+            written = self.__dict__.get("_written")
+            if written is None or written[0] != cached:
+                spans = Steady.written_spans(cached)
+                written = self.__dict__["_written"] = (cached, spans)
+            if written[1] is not None and all(c.grads_clear(*written[1]) for c in cached):
+                return
+            self._steady.clear()
+            plans[:] = [
+                self._plan_group(group, i, spec, type(self)._rule_hp(group), inv_scale)
+                for i, group in enumerate(self.param_groups)
+            ]
+        entries = []
+        for plan in plans:
+            entries += plan.entries if isinstance(plan, _Plan) else plan[0].entries()
+        check_no_overlap(entries)
+
+    def _plan_group(self, group, index, spec, hp, inv_scale):
+        """Check one group's tensors and state and compute each launch's host values, writing
+        nothing (``_Plan``; ``_run_plan`` writes)."""
         cls = type(self)
-        spec = RULES[cls._fastopt._rule]
-        hp = cls._rule_hp(group)
         slots = spec.state_names(hp)
         want_master = getattr(self, "master_weights", False)
         names = spec.state
+        plan = _Plan(index, spec, hp, inv_scale)
+        masters = self.__dict__.setdefault("_masters", {})
         buckets = {}
-        for p in group["params"]:
+        for j, p in enumerate(group["params"]):
             g = p.grad
             if g is None:
                 continue
-            if g.is_sparse:
-                raise RuntimeError(f"{cls.__name__} does not support sparse gradients")
-            if p.dtype not in _KINDS:
-                raise TypeError(
-                    f"{cls.__name__}: a parameter is {p.dtype}; fastopt.torch steps "
-                    f"{', '.join(str(d) for d in _KINDS)} parameters"
-                )
-            if g.dtype != p.dtype or g.shape != p.shape or g.device != p.device:
-                raise ValueError(
-                    f"{cls.__name__}: a gradient is {g.dtype}{list(g.shape)} on {g.device}, its "
-                    f"parameter {p.dtype}{list(p.shape)} on {p.device}; expected them alike"
-                )
+            label = f"{cls.__name__}: parameter {j} of param group {index}"
+            g = _check_param(p, g, label)
+            meta = p.device.type == "meta"
             master = want_master and _KINDS[p.dtype] in ("float16", "bfloat16")
-            state = self._init_state(p, spec, hp, slots, master)
+            state = self.state.get(p) or plan.new.get(p)
+            fresh = not state
+            if fresh:
+                state = self._new_state(p, spec, hp, slots, master)
+                if state:
+                    plan.new[p] = state
+            else:
+                _check_keys(state, spec, slots, cls._keeps_step, label)
             if "step" in state:
-                step = int(state["step"]) + 1
+                step = _step_of(state["step"], label) + 1
             else:  # torch keeps no step count (SGD): step 1 is the one without a fresh buffer
-                fresh = [x.name for x in spec.slots if x.fresh]
-                step = 1 if any(state.get(n) is None for n in fresh) else 2
-            bufs = self._check_state(p, state, names)
-            # with or without a master copy (a loaded state dict may mix them): one storage
-            # plan per launch, which its address table's loop trusts
-            key = (p.device, p.dtype, step, "master_param" in state)
-            bucket = buckets.setdefault(key, [])
-            bucket.append((p, g, state, bufs))
-        return spec, hp, buckets, inv_scale
+                step = 1 if any(state.get(x.name) is None for x in spec.slots if x.fresh) else 2
+            bufs = self._check_state(p, state, names, label, fresh)
+            hs = None
+            if spec.host_state:
+                hs = _host_state(state, spec, label, fresh)
+            m = state.get("master_param")
+            if m is not None and not fresh and not meta:
+                rec = masters.get(p)
+                if rec is None or rec[0] is not m or rec[1] != p.data_ptr() or rec[2] != p._version:
+                    # the parameter was written since the step that stored it from ``m``
+                    # (or ``m`` was loaded): the 16-bit value the user wrote wins
+                    stale = m.to(p.dtype) != p
+                    if bool(stale.any()):
+                        plan.resync.append((m, p, stale))
+            # one storage plan per launch (with or without a master copy: a loaded state dict
+            # may mix them), one step count, one host state (ASGD under a schedule where one
+            # parameter skipped a step keeps its own eta)
+            key = (p.device, p.dtype, step, m is not None, hs)
+            buckets.setdefault(key, []).append((p, g, state, bufs))
+            plan.entries.append((label, p, True))
+            plan.entries.append((f"{label}: .grad", p.grad, False))
+            if not fresh:
+                for name, buf in zip(names, bufs):
+                    if buf is not None:
+                        plan.entries.append((f"{label}: state {name!r}", buf, True))
+                for name in ("master_param", "step", *spec.host_names):
+                    if state.get(name) is not None:
+                        plan.entries.append((f"{label}: state {name!r}", state[name], True))
+        for (device, dtype, t, master, hs), items in buckets.items():
+            hsd = None if hs is None else dict(zip(spec.host_names, hs))
+            try:  # every host value of the step, before anything is written
+                flags, k = spec.plan(hp, t, hsd)
+                new_hs = spec.advance_host_state(hp, t, hsd) if spec.host_state else None
+            except (ArithmeticError, ValueError) as exc:
+                raise ValueError(
+                    f"{cls.__name__}: param group {index}: the host scalars of step {t} "
+                    f"({', '.join(f'{h}={v}' for h, v in hp.items())}"
+                    f"{'' if hsd is None else f', host state {hsd}'}) cannot be computed "
+                    f"({type(exc).__name__}: {exc}); nothing was stepped"
+                ) from None
+            plan.buckets.append(
+                _Bucket(spec.name, device, dtype, t, master, hsd, new_hs, flags, k, items)
+            )
+        return plan
 
     @staticmethod
-    def _check_state(p, state, names):
+    def _check_state(p, state, names, label, fresh=False):
         """Every state tensor a kernel will touch is shaped and placed like its parameter and
-        typed like it (float32 beside an fp32 master copy): a state dict from elsewhere may not
-        be. Returns the state tensors of ``names`` (None where absent)."""
+        typed like it (float32 beside an fp32 master copy), and backed by its storage, with no
+        internal overlap (``_memory.check_written``): a state dict from elsewhere may not be.
+        Returns the state tensors of ``names`` (None where absent)."""
         m = state.get("master_param")
         sdtype = p.dtype if m is None else torch.float32
         shape, device = p.shape, p.device
         bufs = [state.get(name) for name in names]
+        if fresh:  # made by ``_new_state`` just now
+            return bufs
         for name, buf in zip(names, bufs):
             if buf is None:
                 continue
+            if not isinstance(buf, torch.Tensor):
+                raise TypeError(
+                    f"{label}: state {name!r} is a {type(buf).__name__}; expected a tensor"
+                )
             if buf.shape != shape or buf.dtype is not sdtype or buf.device != device:
                 raise ValueError(
-                    f"state {name!r} of a parameter is {buf.dtype}{list(buf.shape)} on "
+                    f"{label}: state {name!r} is {buf.dtype}{list(buf.shape)} on "
                     f"{buf.device}; expected {sdtype}{list(shape)} on {device} (a state "
                     "dict of another model?)"
                 )
-        if m is not None and (
-            m.shape != shape or m.dtype is not torch.float32 or m.device != device
-        ):
-            raise ValueError(
-                f"state 'master_param' of a parameter is {m.dtype}{list(m.shape)} on "
-                f"{m.device}; expected float32{list(shape)} on {device}"
-            )
+            check_written(buf, f"{label}: state {name!r}")
+        if m is not None:
+            if not isinstance(m, torch.Tensor) or (
+                m.shape != shape or m.dtype is not torch.float32 or m.device != device
+            ):
+                raise ValueError(
+                    f"{label}: state 'master_param' is "
+                    + (
+                        f"{m.dtype}{list(m.shape)} on {m.device}"
+                        if isinstance(m, torch.Tensor)
+                        else f"a {type(m).__name__}"
+                    )
+                    + f"; expected float32{list(shape)} on {device}"
+                )
+            check_written(m, f"{label}: state 'master_param'")
         return bufs
 
-    def _run_group(self, spec, hp, buckets, inv_scale, index=None):
+    def _run_plan(self, plan):
+        """The writes of one checked group (``_plan_group``): new state stored, master copies
+        re-synced from parameters written since, then per bucket the launch, the step counts
+        and host state advanced and the version counters of everything written bumped."""
+        spec, hp, inv_scale = plan.spec, plan.hp, plan.inv_scale
         names = spec.state
+        for p, new in plan.new.items():
+            self.state[p].update(new)
+        for m, p, stale in plan.resync:
+            m.copy_(torch.where(stale, p.to(torch.float32), m))
+        masters = self.__dict__.setdefault("_masters", {})
         # a group launched whole (one bucket) may cache its launch
-        cache_as = index if len(buckets) == 1 else None
-        for (device, dtype, t, master), items in buckets.items():
-            hs = None
-            if spec.host_state:
-                hs = {n: float(items[0][2][n]) for n, _ in spec.host_state}
-            flags, _ = spec.plan(hp, t, hs)
-            used = spec.slots_used(flags)
-            kind = _KINDS[dtype]
-            io = io_for(
-                kind,
-                kind,
-                "float32" if master else kind,  # beside a master copy the state is float32
-                master=master,
-                scale=None if inv_scale is None else "host",
-            )
+        cache_as = plan.index if len(plan.buckets) == 1 else None
+        for b in plan.buckets:
+            used = spec.slots_used(b.flags)
             tensors = []
-            for p, g, state, bufs in items:
-                slots = [b if u else None for b, u in zip(bufs, used)]
+            for p, g, state, bufs in b.items:
+                slots = [x if u else None for x, u in zip(bufs, used)]
                 for j, u in enumerate(used):
                     if u and slots[j] is None:  # a fresh slot (SGD's momentum buffer), step 1
                         slots[j] = self.state[p][names[j]] = torch.zeros_like(
-                            p, dtype=torch.float32 if master else p.dtype
+                            p, dtype=torch.float32 if b.master else p.dtype
                         )
                 tensors.append((p, g, slots, state.get("master_param")))
-            if io.plain:
-                self._launch(spec, hp, t, hs, device, dtype, used, tensors, cache_as)
-            else:  # 16-bit storage, a master copy or the loss scale: the storage-plan kernels
-                self._launch_io(spec, hp, t, hs, device, used, tensors, io, inv_scale, cache_as)
-            _set_scalars(
-                [state["step"] for _, _, state, _ in items if "step" in state], 1, add=True
-            )
+            launched = None
+            if b.device.type != "meta":  # meta tensors have no memory: nothing to compute
+                kind = _KINDS[b.dtype]
+                io = io_for(
+                    kind,
+                    kind,
+                    "float32" if b.master else kind,  # beside a master copy the state is float32
+                    master=b.master,
+                    scale=None if inv_scale is None else "host",
+                )
+                if io.plain:
+                    launched = self._launch(b, hp, used, tensors)
+                else:  # 16-bit storage, a master copy or the loss scale: the storage-plan kernels
+                    launched = self._launch_io(b, hp, used, tensors, io, inv_scale)
+            steps = [state["step"] for _, _, state, _ in b.items if "step" in state]
+            _set_scalars(steps, 1, add=True)
+            hosts = []
             if spec.host_state:
                 # float32 values (torch's scalar dtype), whatever dtype a loaded state dict
                 # left the 0-d tensors in
-                for n, v in spec.advance_host_state(hp, t, hs).items():
-                    _set_scalars([state[n] for _, _, state, _ in items], v)
+                for n, v in b.new_hs.items():
+                    ts = [state[n] for _, _, state, _ in b.items]
+                    _set_scalars(ts, v)
+                    hosts += ts
+            written = [t for p, _, slots, m in tensors for t in (p, *slots, m) if t is not None]
+            increment_version(written + steps + hosts)
+            for p, _, _, m in tensors:
+                if m is not None:
+                    masters[p] = (m, p.data_ptr(), p._version)
+            if launched is not None and cache_as is not None:
+                self._cache(cache_as, spec, b, used, tensors, *launched)
 
-    def _launch(self, spec, hp, step, hs, device, dtype, used, tensors, cache_as=None):
-        be = get_backend(self._backend_for(device))
-        table = _address_table(tensors, len(spec.slots)) if be.NAME == "numba" else None
+    def _launch(self, b, hp, used, tensors):
+        """One plain launch (every array in the parameters' dtype); ``(table, chunks, None)``
+        when it went through one address table (the numba backend), else None."""
+        be = get_backend(self._backend_for(b.device))
+        table = _address_table(tensors, len(used)) if be.NAME == "numba" else None
         if table is not None:
             # one launch over every tensor: a table of their lengths and addresses (checked
-            # above: same device, dtype and shape as their parameter; contiguous, alive)
-            launch = Launch(be, spec.name, step, hp, hs)
+            # by ``_plan_group``: alike, contiguous, backed by their storage, no overlap)
             chunks = be.chunks_for(table[:, 0].tolist())
-            be.launch_many(spec.name, launch.flags, used, _DTYPES[dtype], table, chunks, launch.k)
-            self._cache(cache_as, spec, step, launch.flags, used, tensors, table, chunks, dtype)
-            return
+            be.launch_many(b.spec_name, b.flags, used, _DTYPES[b.dtype], table, chunks, b.k)
+            return table, chunks, None
         views = [
             [_plain(p), _plain(g)] + [None if a is None else _plain(a) for a in slots]
             for p, g, slots, _ in tensors
         ]
-        self._launch_each(be, spec, hp, step, hs, dtype, used, views)
+        self._launch_each(be, b, hp, views)
+        return None
 
-    def _launch_io(self, spec, hp, step, hs, device, used, tensors, io, inv_scale, cache_as=None):
+    def _launch_io(self, b, hp, used, tensors, io, inv_scale):
         """The launch of a storage plan (``kernels.storage.IO``): 16-bit storage, an fp32
         master copy, the gradient unscaled by ``inv_scale`` in the same pass (``p.grad`` stays
         as GradScaler left it). On the CPU one launch over every tensor (cached like
         ``_launch``'s), else one per tensor."""
-        be = get_backend(self._backend_for(device))
-        launch = Launch(be, spec.name, step, hp, hs, inv_scale=inv_scale)
+        be = get_backend(self._backend_for(b.device))
+        launch = Launch(be, b.spec_name, b.t, hp, b.hs, inv_scale=inv_scale)
         writes = tuple(a is not None for a in tensors[0][2])
-        table = (
-            _address_table(tensors, len(spec.slots), master=io.master)
-            if be.NAME == "numba"
-            else None
-        )
+        table = _address_table(tensors, len(used), master=io.master) if be.NAME == "numba" else None
         if table is not None:  # one launch over every tensor, as _launch
             chunks = be.chunks_for(table[:, 0].tolist())
             be.launch_many_io(
-                spec.name,
-                launch.flags,
+                b.spec_name,
+                b.flags,
                 writes,
                 io,
                 table,
                 chunks,
-                launch.k,
+                b.k,
                 inv_scale=1.0 if inv_scale is None else inv_scale,
                 key=launch.key,
             )
-            self._cache(cache_as, spec, step, launch.flags, used, tensors, table, chunks, None, io)
-            return
-        with _torch_stream(device):
+            return table, chunks, io
+        with _torch_stream(b.device):
             for p, g, slots, master in tensors:
                 row = [p, g, *slots, master]
+                # the gradient is contiguous (``_check_param``) and never written back
                 arrays = [a if a is None or a.is_contiguous() else a.contiguous() for a in row]
                 flat = [None if a is None else as_xp_array(_plain(a).view(-1)) for a in arrays]
                 run = launch.runner(flat[0].dtype, writes, io)
@@ -345,29 +482,28 @@ class FusedOptimizer(torch.optim.Optimizer):
                 for orig, a in zip(row, arrays):
                     if orig is not None and a is not orig:
                         orig.copy_(a)
+        return None
 
-    def _cache(self, index, spec, step, flags, used, tensors, table, chunks, dtype, io=None):
+    def _cache(self, index, spec, b, used, tensors, table, chunks, io):
         """Keep the launch just made over ``table`` for param group ``index``'s next step
-        (``Steady``), when the group was launched whole (``index`` not None) and can be."""
-        if index is None:
-            return
-        np_dtype = None if dtype is None else _DTYPES[dtype]
+        (``Steady``), when the group was launched whole and can be."""
         group = self.param_groups[index]
+        np_dtype = None if io is not None else _DTYPES[b.dtype]
         cached = Steady.build(
-            self, group, spec, step, flags, used, tensors, table, chunks, np_dtype, io
+            self, group, index, spec, b.t, b.flags, used, tensors, table, chunks, np_dtype, io
         )
         if cached is not None:
             self.__dict__.setdefault("_steady", {})[index] = cached
 
-    def _launch_each(self, be, spec, hp, step, hs, dtype, used, views):
-        """One launch per tensor (GPU backends; non-contiguous tensors through contiguous
-        copies written back). CUDA tensors are stepped on torch's current stream of their
-        device, so the step is ordered after the backward that wrote the gradients."""
-        launch = Launch(be, spec.name, step, hp, hs)
+    def _launch_each(self, be, b, hp, views):
+        """One launch per tensor (GPU backends, the numpy backend, non-contiguous tensors
+        through contiguous copies written back; the gradient, contiguous, is only read). CUDA
+        tensors are stepped on torch's current stream of their device, so the step is ordered
+        after the backward that wrote the gradients."""
+        launch = Launch(be, b.spec_name, b.t, hp, b.hs)
         writes = tuple(a is not None for a in views[0][2:])
-        run = launch.runner(_DTYPES[dtype], writes)
-        device = views[0][0].device
-        with _torch_stream(device):
+        run = launch.runner(_DTYPES[b.dtype], writes)
+        with _torch_stream(b.device):
             for row in views:
                 arrays = [a if a is None or a.is_contiguous() else a.contiguous() for a in row]
                 flat = [None if a is None else _array(a.view(-1)) for a in arrays]
@@ -380,6 +516,152 @@ class FusedOptimizer(torch.optim.Optimizer):
         if self.backend != "auto":
             return self.backend
         return "cupy" if device.type == "cuda" else "numba"
+
+
+class _Bucket:
+    """One launch of a checked step: parameters alike in device, dtype, step count, master copy
+    and host state, with the variant ``flags``, host scalars ``k`` and host state after it
+    (``new_hs``), all computed before anything is written."""
+
+    __slots__ = (
+        "device",
+        "dtype",
+        "flags",
+        "hs",
+        "items",
+        "k",
+        "master",
+        "new_hs",
+        "spec_name",
+        "t",
+    )
+
+    def __init__(self, spec_name, device, dtype, t, master, hs, new_hs, flags, k, items):
+        self.spec_name, self.device, self.dtype, self.t, self.master = (
+            spec_name,
+            device,
+            dtype,
+            t,
+            master,
+        )
+        self.hs, self.new_hs, self.flags, self.k, self.items = hs, new_hs, flags, k, items
+
+
+class _Plan:
+    """One param group's checked step (``FusedOptimizer._plan_group``): the launches
+    (``buckets``), the overlap entries of every tensor it touches, state to store (``new``) and
+    master copies to re-sync (``resync``), for ``_run_plan`` to write."""
+
+    __slots__ = ("buckets", "entries", "hp", "index", "inv_scale", "new", "resync", "spec")
+
+    def __init__(self, index, spec, hp, inv_scale):
+        self.index, self.spec, self.hp, self.inv_scale = index, spec, hp, inv_scale
+        self.buckets, self.entries, self.new, self.resync = [], [], {}, []
+
+
+def _inv_scale(grad_scale, who):
+    """1/grad_scale, or None without a loss scale. A scale of zero (GradScaler's scale
+    underflowed), negative or non-finite is refused before anything is written: torch's fused
+    Adam divides by it and steps every parameter to inf/NaN."""
+    if grad_scale is None:
+        return None
+    v = float(grad_scale)
+    if not (math.isfinite(v) and v > 0):
+        raise ValueError(
+            f"{who}: grad_scale is {v}; expected a finite loss scale > 0 (a GradScaler whose "
+            "scale underflowed to 0?); nothing was stepped"
+        )
+    return 1.0 / v
+
+
+def _check_param(p, g, label):
+    """Refuse a parameter or gradient a kernel cannot step in place (``_memory``); returns the
+    gradient to read: ``g`` itself, or a contiguous copy of a strided, expanded or lazily
+    negated one (read once, never written back, as torch reads it)."""
+    check_backed(p, label)
+    if p.dtype not in _KINDS:
+        raise TypeError(
+            f"{label} is {p.dtype}; fastopt.torch steps "
+            f"{', '.join(str(d) for d in _KINDS)} parameters"
+        )
+    if not plain_type(g):
+        check_backed(g, f"{label}: .grad")  # names the subclass
+    if g.is_sparse or g.layout is not torch.strided:
+        raise RuntimeError(f"{label}: fastopt.torch does not support sparse gradients")
+    if g.dtype != p.dtype or g.shape != p.shape or g.device != p.device:
+        raise ValueError(
+            f"{label}: its gradient is {g.dtype}{list(g.shape)} on {g.device}, the parameter "
+            f"{p.dtype}{list(p.shape)} on {p.device}; expected them alike"
+        )
+    check_written(p, label)
+    check_backed(g, f"{label}: .grad", read_only=True)
+    if g.device.type != "meta" and (g.is_neg() or not g.is_contiguous()):
+        g = g.resolve_neg().contiguous()
+    return g
+
+
+def _check_keys(state, spec, slots, keeps_step, label):
+    """A parameter's existing state holds what its step reads: the step count (where torch
+    keeps one), every state buffer of the variant that is not made on step 1, the host state.
+    torch.optim raises KeyError for these too (at load for ``step``, in its step for a
+    buffer); recreating them would step from the wrong count or from zeros."""
+    need = (
+        (("step",) if keeps_step else ())
+        + tuple(s.name for s in spec.slots if s.name in slots and not s.fresh)
+        + spec.host_names
+    )
+    missing = [n for n in need if n not in state]
+    if missing:
+        raise KeyError(
+            f"{label}: its state has no {', '.join(map(repr, missing))} (keys {sorted(state)}); "
+            "a state dict edited or from another optimizer? (torch.optim raises KeyError too)"
+        )
+
+
+def _step_of(s, label):
+    """A parameter's step count as an int: a 0-d real tensor holding a whole number >= 0 (a
+    fractional, negative, inf or NaN count is refused: torch.optim would step on with it, here
+    each step's host scalars and the launches' grouping are keyed on whole counts)."""
+    if not isinstance(s, torch.Tensor) or not plain_type(s):
+        raise TypeError(
+            f"{label}: state 'step' is {s!r}; expected a 0-d tensor (load_state_dict converts "
+            "a number, as torch.optim does)"
+        )
+    if s.numel() != 1 or s.dtype.is_complex or s.dtype is torch.bool or s.device.type == "meta":
+        raise ValueError(
+            f"{label}: state 'step' is {s.dtype}{list(s.shape)} on {s.device}; expected a 0-d "
+            "real tensor"
+        )
+    check_written(s, f"{label}: state 'step'")
+    v = float(s)
+    if not (math.isfinite(v) and v >= 0 and v == int(v)):
+        raise ValueError(
+            f"{label}: state 'step' is {v}; expected a whole number >= 0 (torch.optim steps on "
+            "with a non-finite or fractional count; fastopt.torch refuses it, nothing stepped)"
+        )
+    return int(v)
+
+
+def _host_state(state, spec, label, fresh):
+    """A parameter's host state (NAdam's ``mu_product``, ASGD's ``eta`` and ``mu``): 0-d real
+    tensors holding finite values, as float32 values in ``spec.host_names`` order."""
+    for name in spec.host_names:
+        t = state[name]
+        if fresh:
+            continue
+        if not isinstance(t, torch.Tensor) or not plain_type(t):
+            raise TypeError(
+                f"{label}: state {name!r} is {t!r}; expected a 0-d tensor (load_state_dict "
+                "converts a number, as torch.optim does)"
+            )
+        if t.numel() != 1 or not t.dtype.is_floating_point or t.device.type == "meta":
+            raise ValueError(
+                f"{label}: state {name!r} is {t.dtype}{list(t.shape)} on {t.device}; expected "
+                "a 0-d floating-point tensor"
+            )
+        check_written(t, f"{label}: state {name!r}")
+    hs = spec.check_host_state({n: float(state[n]) for n in spec.host_names}, f"{label}: state")
+    return tuple(hs[n] for n in spec.host_names)
 
 
 def _torch_stream(device):
@@ -420,6 +702,7 @@ def float32_scalars(tensors):
     and what a state dict loads as), which Numba may write through their addresses?"""
     return all(
         t is not None
+        and plain_type(t)
         and t.dtype is torch.float32
         and t.is_cpu
         and t.numel() == 1

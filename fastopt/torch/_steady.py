@@ -7,15 +7,29 @@ many-tensor launch (the numba backend; every parameter had a gradient), the grou
 ``Steady``: its parameters, their state dicts, state tensors and master copies, each tensor's
 address, shape and dtype, the step count, the host state's 0-d tensors (NAdam's ``mu_product``,
 ASGD's ``eta`` and ``mu``), the variant and the storage plan (16-bit storage, a master copy, a
-loss scale: ``kernels.storage.IO``, None for plain float32/float64).
+loss scale: ``kernels.storage.IO``, None for plain float32/float64), and the byte spans of
+everything the launch writes.
+
 The next step re-checks every one of these by identity, address, shape, dtype and contiguity,
-and each gradient by dtype, shape, layout, contiguity and device (its address goes into the
-table); the step count is read back from each step tensor and the host state from the first
-parameter's (as the full path reads it), so an edit in place is seen; a step
-with a loss scale only follows one with a loss scale (the scale's value is the step's own). Any
-difference and ``check`` returns None: the step takes the full path, which rebuilds the cache.
-A state dict loaded, a parameter moved (``.to()``), a gradient set to None, a hyperparameter
-that changes the variant: each ends the steady state.
+and every tensor against the storage that backs it (``untyped_storage().nbytes()`` still holds
+``storage_offset`` and the tensor's bytes: a storage shrunk by ``resize_`` is seen); each
+gradient by type, dtype, shape, contiguity, device, sign bit and storage (its address goes into
+the table; its span is checked against the written spans of every group in one vectorised
+search, ``grads_clear``). The step counts and host state are read back through their addresses
+in one call (``_memory.read_at``): every step count must be the cached one and every parameter's
+host state the same (a parameter whose host state drifted, ASGD under a schedule where it skipped
+a step, takes the full path, which launches it with its own). With master copies, each
+parameter's version counter must be the one recorded after the last step (a write between steps
+makes the full path re-sync the master from it). A step with a loss scale only follows one with
+a loss scale (the scale's value is the step's own). Any difference and ``check`` returns None:
+the step takes the full path, which rebuilds the cache or refuses with a clear error. A state
+dict loaded, a parameter moved (``.to()``), a gradient set to None, a hyperparameter that
+changes the variant: each ends the steady state.
+
+Every host value of the step (the variant, the scalars, the host state after it) is computed
+in ``check``, before anything is written; ``run`` launches, advances the step counts and host
+state through their addresses and bumps the version counters of everything it wrote (one call),
+as torch's in-place ops do.
 """
 
 import numpy as np
@@ -23,6 +37,7 @@ import torch
 
 from ..backends import numba_backend
 from ..kernels import storage
+from ._memory import read_at
 
 
 class Steady:
@@ -31,12 +46,16 @@ class Steady:
     __slots__ = (
         "chunks",
         "container",
-        "device",
         "dtype",
         "flags",
         "group",
         "host",
+        "host_ptrs",
+        "index",
         "io",
+        "isz",
+        "masters",
+        "nbytes",
         "np_dtype",
         "params",
         "plist",
@@ -49,39 +68,50 @@ class Steady:
         "t",
         "table",
         "used",
+        "whi",
+        "wlo",
+        "written",
     )
 
     @classmethod
-    def build(cls, opt, group, spec, t, flags, used, tensors, table, chunks, np_dtype, io=None):
-        """The cache of a group just launched through ``table`` (with the storage plan ``io``,
-        None for a plain launch), or None where the group's step cannot be repeated this way (a
-        parameter without a gradient, step counts or host state that are not float32 CPU
-        scalars)."""
+    def build(
+        cls, opt, group, index, spec, t, flags, used, tensors, table, chunks, np_dtype, io=None
+    ):
+        """The cache of group ``index`` just launched through ``table`` (with the storage plan
+        ``io``, None for a plain launch), or None where the group's step cannot be repeated
+        this way (a parameter without a gradient, step counts or host state that are not
+        float32 CPU scalars)."""
         from . import float32_scalars
 
         plist = group["params"]
         if len(tensors) != len(plist):
             return None
         self = cls()
-        self.group, self.plist, self.container = group, plist, opt.state
+        self.group, self.plist, self.container, self.index = group, plist, opt.state, index
         self.params = tuple(p for p, _, _, _ in tensors)
         if any(a is not b for a, b in zip(self.params, plist)):
             return None
         p0 = self.params[0]
-        self.dtype, self.device, self.np_dtype = p0.dtype, p0.device, np_dtype
+        self.dtype, self.np_dtype = p0.dtype, np_dtype
+        self.isz = p0.element_size()
         self.shapes = tuple(p.shape for p in self.params)
+        self.nbytes = np.array([p.numel() * self.isz for p in self.params], dtype=np.int64)
         self.pptrs = tuple(int(r) for r in table[:, 1])
         self.states = tuple(opt.state.get(p) for p in self.params)  # None: no state (SGD)
         names = spec.state
-        # (state key, tensor, address, dtype) of every state tensor the launch touches
+        # (state key, tensor, address, dtype, bytes of one element) of every state tensor the
+        # launch touches
         self.slots = tuple(
             tuple(
-                (names[j], a, a.data_ptr(), a.dtype) for j, a in enumerate(slots) if a is not None
+                (names[j], a, a.data_ptr(), a.dtype, a.element_size())
+                for j, a in enumerate(slots)
+                if a is not None
             )
-            + (() if m is None else (("master_param", m, m.data_ptr(), m.dtype),))
+            + (() if m is None else (("master_param", m, m.data_ptr(), m.dtype, 4),))
             for _, _, slots, m in tensors
         )
         self.io = io
+        self.masters = opt.__dict__.get("_masters") if io is not None and io.master else None
         steps = [None if st is None else st.get("step") for st in self.states]
         if all(s is None for s in steps):
             # no step count (SGD): every step after the first is step 2 (its fresh buffers
@@ -100,14 +130,70 @@ class Steady:
                 return None
             host.append((name, tuple(ts), np.array([x.data_ptr() for x in ts], dtype=np.int64)))
         self.host = tuple(host)
+        self.host_ptrs = np.concatenate([h[2] for h in host]) if host else None
         self.t, self.flags, self.used = t, flags, used
         self.table, self.chunks = table, chunks
+        # everything a step writes (version counters bumped after it) and its byte spans
+        self.written = [
+            *self.params,
+            *(x[1] for row in self.slots for x in row),
+            *(self.steps or ()),
+            *(x for h in self.host for x in h[1]),
+        ]
+        spans = [
+            (x.data_ptr(), x.data_ptr() + x.numel() * x.element_size())
+            for x in self.written
+            if x.numel()
+        ]
+        self.wlo = np.array([s[0] for s in spans], dtype=np.int64)
+        self.whi = np.array([s[1] for s in spans], dtype=np.int64)
         return self
 
+    @staticmethod
+    def written_spans(cached):
+        """``(lo, hi)``: the byte spans written by the cached groups ``cached``, sorted, or
+        None when two of them overlap (then the full checks say which)."""
+        if not cached:
+            return np.empty(0, np.int64), np.empty(0, np.int64)
+        lo = np.concatenate([c.wlo for c in cached])
+        hi = np.concatenate([c.whi for c in cached])
+        order = np.argsort(lo, kind="stable")
+        lo, hi = lo[order], hi[order]
+        if (hi[:-1] > lo[1:]).any():
+            return None
+        return lo, hi
+
+    def grads_clear(self, lo, hi):
+        """Does no gradient of this group (its addresses in the table, checked by ``check``)
+        share a byte with a written span ``[lo, hi)`` (sorted, disjoint)?"""
+        if lo.size == 0:
+            return True
+        glo = self.table[:, 2]
+        ghi = glo + self.nbytes
+        j = np.searchsorted(hi, glo, side="right")  # the first span ending after each start
+        inside = j < lo.size
+        return not (inside & (lo[np.minimum(j, lo.size - 1)] < ghi) & (self.nbytes > 0)).any()
+
+    def entries(self):
+        """The overlap entries (``_memory.check_no_overlap``) of this group's next step."""
+        out = []
+        for i, p in enumerate(self.params):
+            label = f"parameter {i} of param group {self.index}"
+            out.append((label, p, True))
+            if p.grad is not None:
+                out.append((f"{label}: .grad", p.grad, False))
+            for name, buf, _, _, _ in self.slots[i]:
+                out.append((f"{label}: state {name!r}", buf, True))
+            if self.steps is not None:
+                out.append((f"{label}: state 'step'", self.steps[i], True))
+            for name, ts, _ in self.host:
+                out.append((f"{label}: state {name!r}", ts[i], True))
+        return out
+
     def check(self, opt, group, spec, hp, inv_scale=None):
-        """``(k, hs)``, this step's host scalars and host state before it, when every tensor is
-        still the one cached (see the module docstring), else None. Writes the gradients'
-        addresses into the table."""
+        """``(k, hs, new_hs)``, this step's host scalars, host state before it and after it,
+        when every tensor is still the one cached and still backed by its storage (see the
+        module docstring), else None. Writes the gradients' addresses into the table."""
         plist = group["params"]
         scaled = self.io is not None and self.io.scale is not None
         if (
@@ -119,66 +205,93 @@ class Steady:
         ):
             return None
         t = self.t + 1 if self.steps is not None else self.t
-        if not self.host:  # without host state the variant is known before the tensors
-            flags, k = spec.plan(hp, t, None)
-            if flags != self.flags:
-                return None
-        dt, dev, state = self.dtype, self.device, opt.state
-        master = self.io is not None and self.io.master
+        dt, state, isz = self.dtype, opt.state, self.isz
+        nbytes, masters = self.nbytes, self.masters
+        plain = (torch.Tensor, torch.nn.Parameter)
         gptrs = []
-        for i, p in enumerate(plist):
-            shape = self.shapes[i]
-            g = p.grad
-            if (
-                p is not self.params[i]
-                or g is None
-                or g.dtype is not dt
-                or g.shape != shape
-                or g.layout is not torch.strided
-                or not g.is_contiguous()
-                or g.device != dev
-                or p.data_ptr() != self.pptrs[i]
-                or p.shape != shape
-                or p.dtype is not dt
-                or not p.is_contiguous()
-            ):
-                return None
-            st = self.states[i]
-            if state.get(p) is not st or (st is not None and ("master_param" in st) != master):
-                return None
-            for name, buf, ptr, bdt in self.slots[i]:
+        try:  # an opaque tensor (sparse, MKL-DNN) raises on its storage: the full path says so
+            for i, p in enumerate(plist):
+                shape = self.shapes[i]
+                nb = int(nbytes[i])
+                g = p.grad
                 if (
-                    st.get(name) is not buf
-                    or buf.data_ptr() != ptr
-                    or buf.shape != shape
-                    or buf.dtype is not bdt
-                    or not buf.is_contiguous()
+                    p is not self.params[i]
+                    or g is None
+                    or type(g) not in plain
+                    or g.dtype is not dt
+                    or g.shape != shape
+                    or not g.is_contiguous()
+                    or not g.is_cpu
+                    or g.is_neg()
+                    or g.untyped_storage().nbytes() < g.storage_offset() * isz + nb
+                    or p.data_ptr() != self.pptrs[i]
+                    or p.shape != shape
+                    or p.dtype is not dt
+                    or not p.is_contiguous()
+                    or p.untyped_storage().nbytes() < p.storage_offset() * isz + nb
                 ):
                     return None
-            if self.steps is not None:
-                s = self.steps[i]
-                if (
-                    st.get("step") is not s
-                    or s.data_ptr() != self.step_ptrs[i]
-                    or float(s) != self.t
-                ):
+                st = self.states[i]
+                if state.get(p) is not st:
                     return None
-            for name, ts, ptrs in self.host:
-                x = ts[i]
-                if st.get(name) is not x or x.data_ptr() != ptrs[i]:
+                for name, buf, ptr, bdt, bsz in self.slots[i]:
+                    if (
+                        st.get(name) is not buf
+                        or buf.data_ptr() != ptr
+                        or buf.shape != shape
+                        or buf.dtype is not bdt
+                        or not buf.is_contiguous()
+                        or buf.untyped_storage().nbytes() < (buf.storage_offset() + nb // isz) * bsz
+                    ):
+                        return None
+                if masters is not None:
+                    rec = masters.get(p)
+                    if rec is None or rec[0] is not st.get("master_param") or rec[2] != p._version:
+                        return None  # written since our step: the full path re-syncs the master
+                elif st is not None and "master_param" in st:
                     return None
-            gptrs.append(g.data_ptr())
-        hs = None
+                if self.steps is not None:
+                    s = self.steps[i]
+                    if (
+                        st.get("step") is not s
+                        or s.data_ptr() != self.step_ptrs[i]
+                        or s.untyped_storage().nbytes() < s.storage_offset() * 4 + 4
+                    ):
+                        return None
+                for name, ts, ptrs in self.host:
+                    x = ts[i]
+                    if (
+                        st.get(name) is not x
+                        or x.data_ptr() != ptrs[i]
+                        or x.untyped_storage().nbytes() < x.storage_offset() * 4 + 4
+                    ):
+                        return None
+                gptrs.append(g.data_ptr())
+        except (NotImplementedError, RuntimeError):
+            return None
+        # the step counts and host state, read back through their (re-checked) addresses
+        if self.steps is not None and not (read_at(self.step_ptrs) == self.t).all():
+            return None
+        hs = new_hs = None
         if self.host:
-            hs = {name: float(ts[0]) for name, ts, _ in self.host}
+            values = read_at(self.host_ptrs).reshape(len(self.host), -1)
+            if not (values == values[:, :1]).all():
+                return None  # not every parameter's own (or NaN): the full path buckets them
+            hs = {name: float(values[j, 0]) for j, (name, _, _) in enumerate(self.host)}
+        try:
             flags, k = spec.plan(hp, t, hs)
-            if flags != self.flags:
-                return None
+            if self.host:
+                new_hs = spec.advance_host_state(hp, t, hs)
+        except (ArithmeticError, ValueError):
+            return None  # the full path refuses it with a clear error
+        if flags != self.flags:
+            return None
         self.table[:, 2] = gptrs
-        return k, hs
+        return k, hs, new_hs
 
-    def run(self, spec, hp, k, hs, inv_scale=None):
-        """The launch ``check`` cleared, then the step counts and the host state advanced."""
+    def run(self, spec, hp, k, hs, new_hs, inv_scale=None):
+        """The launch ``check`` cleared, then the step counts and the host state advanced and
+        the version counters of everything written bumped."""
         t = self.t + 1 if self.steps is not None else self.t
         if self.io is None:
             numba_backend.launch_many(
@@ -200,6 +313,9 @@ class Steady:
             numba_backend.add_at(self.step_ptrs, 1.0)
             self.t += 1
         if self.host:
-            new = spec.advance_host_state(hp, t, hs)
             for name, _, ptrs in self.host:
-                numba_backend.fill_at(ptrs, new[name])
+                numba_backend.fill_at(ptrs, new_hs[name])
+        torch.autograd.graph.increment_version(self.written)
+        if self.masters is not None:
+            for p, st in zip(self.params, self.states):
+                self.masters[p] = (st["master_param"], p.data_ptr(), p._version)
