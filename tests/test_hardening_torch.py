@@ -196,7 +196,7 @@ class _Sub(torch.Tensor):
     """A plain Python subclass."""
 
 
-@pytest.mark.parametrize("which", ["wrapper param", "subclass param", "wrapper grad"])
+@pytest.mark.parametrize("which", ["wrapper_param", "subclass_param", "wrapper_grad"])
 def test_tensor_subclasses_are_refused_naming_the_parameter(which):
     """A tensor subclass (DTensor, a fake or functional tensor, any ``__torch_dispatch__``
     wrapper) may keep its data anywhere: refused with a TypeError that names the parameter and
@@ -207,10 +207,10 @@ def test_tensor_subclasses_are_refused_naming_the_parameter(which):
     a.step()
     _grads(ps, qs, 1)
     snap = _snap(a, ps)
-    if which == "wrapper param":
+    if which == "wrapper_param":
         bad = torch.nn.Parameter(_Wrapped(torch.randn(4)))
         bad.grad = torch.randn(4)
-    elif which == "subclass param":
+    elif which == "subclass_param":
         bad = torch.nn.Parameter(torch.randn(4).as_subclass(_Sub))
         bad.grad = torch.randn(4)
     else:
@@ -470,7 +470,7 @@ OVERLAPS = [
 
 
 @pytest.mark.parametrize("backend", ["numba", "numpy"])
-@pytest.mark.parametrize("case", OVERLAPS)
+@pytest.mark.parametrize("case", OVERLAPS, ids=lambda c: c.replace(" ", "_").replace("'", ""))
 def test_overlapping_tensors_are_refused(case, backend):
     """Tensors a step writes that share memory with another tensor of the step race in the
     parallel loop (up to 41.6 off torch before): refused as the dict door refuses them
@@ -600,7 +600,7 @@ def test_a_state_without_its_step_or_a_buffer_is_refused(key):
     _unchanged(a, ps, snap)
 
 
-@pytest.mark.parametrize("write", ["whole", "one element"])
+@pytest.mark.parametrize("write", ["whole", "one_element"])
 def test_master_weights_see_the_parameter_written_between_steps(write):
     """``master_weights=True`` and a bfloat16 weight written between steps (``w.fill_(3.0)``,
     ``w[0] = 3.0``): the write is seen (the weight's version counter is no longer the one
@@ -619,7 +619,7 @@ def test_master_weights_see_the_parameter_written_between_steps(write):
         w.grad, q.grad = gr, gr.float()
         if s == 3:  # after two cached steps
             with torch.no_grad():
-                if write == "whole":
+                if write == "whole":  # else one element
                     w.fill_(3.0)
                     q.fill_(3.0)
                 else:

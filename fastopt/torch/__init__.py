@@ -17,13 +17,32 @@ The state is torch's: ``state[p]`` holds the same keys, shapes and dtypes (``ste
 0-d tensor where torch keeps one), so ``state_dict()`` loads into ``torch.optim`` and the
 reverse, mid-run. Parameters whose ``.grad`` is None are skipped and keep their state and step.
 
-A step launches once per (device, dtype, variant, step count, master copy or not) over all the
-parameters of a param group that have a gradient, in place: on the CPU one parallel loop walks
-a table of the tensors' addresses (``numba_backend.launch_many``, or ``launch_many_io`` for
-16-bit storage, master copies and loss scales); on a GPU each tensor is one launch of the CuPy
-kernel. Parameters stay where they are: nothing is repacked, so ``zero_grad``,
-``.to()``, ``load_state_dict`` and parameters added later need no care. Every tensor is
-checked (device, dtype, shape, contiguity) before anything is written.
+A step launches once per (device, dtype, variant, step count, master copy or not, host state)
+over all the parameters of a param group that have a gradient, in place: on the CPU one
+parallel loop walks a table of the tensors' addresses (``numba_backend.launch_many``, or
+``launch_many_io`` for 16-bit storage, master copies and loss scales); on a GPU each tensor is
+one launch of the CuPy kernel. Parameters stay where they are: nothing is repacked, so
+``zero_grad``, ``.to()``, ``load_state_dict`` and parameters added later need no care. Like
+torch's in-place ops, a step bumps the autograd version counters of everything it writes, so
+a graph built on the old weights refuses ``backward()``. Meta tensors are not launched: the
+state is created on the meta device and the step counts advance, as torch.optim does.
+
+Nothing is written before every group is checked (``_memory``, ``_plan_group``, ``_steady``):
+each tensor a kernel touches (parameter, gradient, state, master copy, the 0-d step counts and
+host state written through their addresses) is a plain ``torch.Tensor``/``nn.Parameter``
+(subclasses such as DTensor are refused), strided, alike in device, dtype and shape, and backed
+by its storage (``untyped_storage().nbytes()`` holds ``storage_offset`` and the tensor: a
+storage freed or shrunk by ``resize_`` is refused); no written tensor shares memory with another
+tensor of the step, in any group (the same tensor twice, a gradient that is a parameter, a state
+tensor that is its parameter). A gradient that is not contiguous (expanded, transposed) is read
+through a contiguous copy and never written. A parameter's state must hold what its step reads:
+a step count that is a whole number >= 0, its buffers and host state (KeyError, TypeError or
+ValueError, as torch.optim raises at load or in its step); numbers that an older state dict
+holds are converted at load, as torch.optim converts them. Every host value (the variant, the
+scalars, the host state after the step) is computed before the first write: a step that cannot
+be computed (ASGD's ``eta`` overflowing, a zero or non-finite loss scale) is refused with
+nothing changed. A group stepped before over the same tensors re-checks all of this in a few
+attribute reads per tensor (``_steady``).
 
 AMP: the classes declare ``_step_supports_amp_scaling``, so ``torch.amp.GradScaler`` hands
 them its scale and found-inf flag instead of unscaling the gradients itself; a step with
@@ -32,7 +51,10 @@ unscaled in the same pass as the update (``p.grad`` keeps GradScaler's scale, as
 fused optimizers). float16 and bfloat16 parameters are stepped in their storage dtype (math in
 float32, round to nearest even) with state in the parameter's dtype, or, with
 ``master_weights=True``, through an fp32 copy (``state[p]["master_param"]``) with fp32 state,
-the parameter stored from the copy in the same pass.
+the parameter stored from the copy in the same pass. A 16-bit parameter written between steps
+(``w.fill_(3.0)``: its version counter moved) is seen: where it no longer equals its master
+rounded, the master takes the written value. A write that bypasses the version counter
+(through ``w.data`` or a NumPy view) is not seen, and the master's value wins.
 """
 
 import inspect
