@@ -287,7 +287,10 @@ class FusedOptimizer(torch.optim.Optimizer):
         slots = spec.state_names(hp)
         want_master = getattr(self, "master_weights", False)
         names = spec.state
+        # the error names of a parameter's tensors (``_memory.name_of``)
+        what = {n: f"state {n!r}" for n in (*names, "master_param", "step", *spec.host_names)}
         plan = _Plan(index, spec, hp, inv_scale)
+        entries = plan.entries
         masters = self.__dict__.setdefault("_masters", {})
         buckets = {}
         for j, p in enumerate(group["params"]):
@@ -295,8 +298,7 @@ class FusedOptimizer(torch.optim.Optimizer):
             if g is None:
                 continue
             label = f"{cls.__name__}: parameter {j} of param group {index}"
-            g = _check_param(p, g, label)
-            meta = p.device.type == "meta"
+            g = _check_param(p, g, label, entries)
             master = want_master and _KINDS[p.dtype] in ("float16", "bfloat16")
             state = self.state.get(p) or plan.new.get(p)
             fresh = not state
@@ -307,15 +309,15 @@ class FusedOptimizer(torch.optim.Optimizer):
             else:
                 _check_keys(state, spec, slots, cls._keeps_step, label)
             if "step" in state:
-                step = _step_of(state["step"], label) + 1
+                step = _step_of(state["step"], label, None if fresh else entries) + 1
             else:  # torch keeps no step count (SGD): step 1 is the one without a fresh buffer
                 step = 1 if any(state.get(x.name) is None for x in spec.slots if x.fresh) else 2
-            bufs = self._check_state(p, state, names, label, fresh)
+            bufs = self._check_state(p, state, names, label, None if fresh else entries, what)
             hs = None
             if spec.host_state:
-                hs = _host_state(state, spec, label, fresh)
+                hs = _host_state(state, spec, label, None if fresh else entries, what)
             m = state.get("master_param")
-            if m is not None and not fresh and not meta:
+            if m is not None and not fresh and not p.is_meta:
                 rec = masters.get(p)
                 if rec is None or rec[0] is not m or rec[1] != p.data_ptr() or rec[2] != p._version:
                     # the parameter was written since the step that stored it from ``m``
@@ -328,15 +330,6 @@ class FusedOptimizer(torch.optim.Optimizer):
             # parameter skipped a step keeps its own eta)
             key = (p.device, p.dtype, step, m is not None, hs)
             buckets.setdefault(key, []).append((p, g, state, bufs))
-            plan.entries.append((label, p, True))
-            plan.entries.append((f"{label}: .grad", p.grad, False))
-            if not fresh:
-                for name, buf in zip(names, bufs):
-                    if buf is not None:
-                        plan.entries.append((f"{label}: state {name!r}", buf, True))
-                for name in ("master_param", "step", *spec.host_names):
-                    if state.get(name) is not None:
-                        plan.entries.append((f"{label}: state {name!r}", state[name], True))
         for (device, dtype, t, master, hs), items in buckets.items():
             hsd = None if hs is None else dict(zip(spec.host_names, hs))
             try:  # every host value of the step, before anything is written
@@ -355,16 +348,17 @@ class FusedOptimizer(torch.optim.Optimizer):
         return plan
 
     @staticmethod
-    def _check_state(p, state, names, label, fresh=False):
+    def _check_state(p, state, names, label, entries, what):
         """Every state tensor a kernel will touch is shaped and placed like its parameter and
         typed like it (float32 beside an fp32 master copy), and backed by its storage, with no
         internal overlap (``_memory.check_written``): a state dict from elsewhere may not be.
-        Returns the state tensors of ``names`` (None where absent)."""
+        Returns the state tensors of ``names`` (None where absent) and adds each to the
+        overlap ``entries`` (None: a state made just now, which needs no check)."""
         m = state.get("master_param")
         sdtype = p.dtype if m is None else torch.float32
         shape, device = p.shape, p.device
         bufs = [state.get(name) for name in names]
-        if fresh:  # made by ``_new_state`` just now
+        if entries is None:
             return bufs
         for name, buf in zip(names, bufs):
             if buf is None:
@@ -379,7 +373,8 @@ class FusedOptimizer(torch.optim.Optimizer):
                     f"{buf.device}; expected {sdtype}{list(shape)} on {device} (a state "
                     "dict of another model?)"
                 )
-            check_written(buf, f"{label}: state {name!r}")
+            lbl = (label, what[name])
+            entries.append((lbl, buf, True, check_written(buf, lbl)))
         if m is not None:
             if not isinstance(m, torch.Tensor) or (
                 m.shape != shape or m.dtype is not torch.float32 or m.device != device
@@ -393,7 +388,8 @@ class FusedOptimizer(torch.optim.Optimizer):
                     )
                     + f"; expected float32{list(shape)} on {device}"
                 )
-            check_written(m, f"{label}: state 'master_param'")
+            lbl = (label, what["master_param"])
+            entries.append((lbl, m, True, check_written(m, lbl)))
         return bufs
 
     def _run_plan(self, plan):
@@ -596,18 +592,20 @@ def _inv_scale(grad_scale, who):
     return 1.0 / v
 
 
-def _check_param(p, g, label):
-    """Refuse a parameter or gradient a kernel cannot step in place (``_memory``); returns the
-    gradient to read: ``g`` itself, or a contiguous copy of a strided, expanded or lazily
-    negated one (read once, never written back, as torch reads it)."""
-    check_backed(p, label)
+def _check_param(p, g, label, entries):
+    """Refuse a parameter or gradient a kernel cannot step in place (``_memory``), adding both
+    to the overlap ``entries``; returns the gradient to read: ``g`` itself, or a contiguous
+    copy of a strided, expanded or lazily negated one (read once, never written back, as torch
+    reads it)."""
+    span = check_written(p, label)
     if p.dtype not in _KINDS:
         raise TypeError(
             f"{label} is {p.dtype}; fastopt.torch steps "
             f"{', '.join(str(d) for d in _KINDS)} parameters"
         )
+    glabel = (label, ".grad")
     if not plain_type(g):
-        check_backed(g, f"{label}: .grad")  # names the subclass
+        check_backed(g, glabel)  # names the subclass
     if g.is_sparse or g.layout is not torch.strided:
         raise RuntimeError(f"{label}: fastopt.torch does not support sparse gradients")
     if g.dtype != p.dtype or g.shape != p.shape or g.device != p.device:
@@ -615,9 +613,9 @@ def _check_param(p, g, label):
             f"{label}: its gradient is {g.dtype}{list(g.shape)} on {g.device}, the parameter "
             f"{p.dtype}{list(p.shape)} on {p.device}; expected them alike"
         )
-    check_written(p, label)
-    check_backed(g, f"{label}: .grad", read_only=True)
-    if g.device.type != "meta" and (g.is_neg() or not g.is_contiguous()):
+    entries.append((label, p, True, span))
+    entries.append((glabel, g, False, check_backed(g, glabel, read_only=True)))
+    if not g.is_meta and (g.is_neg() or not g.is_contiguous()):
         g = g.resolve_neg().contiguous()
     return g
 
@@ -640,21 +638,24 @@ def _check_keys(state, spec, slots, keeps_step, label):
         )
 
 
-def _step_of(s, label):
+def _step_of(s, label, entries):
     """A parameter's step count as an int: a 0-d real tensor holding a whole number >= 0 (a
     fractional, negative, inf or NaN count is refused: torch.optim would step on with it, here
-    each step's host scalars and the launches' grouping are keyed on whole counts)."""
-    if not isinstance(s, torch.Tensor) or not plain_type(s):
-        raise TypeError(
-            f"{label}: state 'step' is {s!r}; expected a 0-d tensor (load_state_dict converts "
-            "a number, as torch.optim does)"
-        )
-    if s.numel() != 1 or s.dtype.is_complex or s.dtype is torch.bool or s.device.type == "meta":
-        raise ValueError(
-            f"{label}: state 'step' is {s.dtype}{list(s.shape)} on {s.device}; expected a 0-d "
-            "real tensor"
-        )
-    check_written(s, f"{label}: state 'step'")
+    each step's host scalars and the launches' grouping are keyed on whole counts). Added to
+    the overlap ``entries`` unless None (a count made just now)."""
+    if entries is not None:
+        if not isinstance(s, torch.Tensor) or not plain_type(s):
+            raise TypeError(
+                f"{label}: state 'step' is {s!r}; expected a 0-d tensor (load_state_dict "
+                "converts a number, as torch.optim does)"
+            )
+        if s.numel() != 1 or s.dtype.is_complex or s.dtype is torch.bool or s.is_meta:
+            raise ValueError(
+                f"{label}: state 'step' is {s.dtype}{list(s.shape)} on {s.device}; expected a "
+                "0-d real tensor"
+            )
+        lbl = (label, "state 'step'")
+        entries.append((lbl, s, True, check_written(s, lbl)))
     v = float(s)
     if not (math.isfinite(v) and v >= 0 and v == int(v)):
         raise ValueError(
@@ -664,24 +665,25 @@ def _step_of(s, label):
     return int(v)
 
 
-def _host_state(state, spec, label, fresh):
+def _host_state(state, spec, label, entries, what):
     """A parameter's host state (NAdam's ``mu_product``, ASGD's ``eta`` and ``mu``): 0-d real
-    tensors holding finite values, as float32 values in ``spec.host_names`` order."""
-    for name in spec.host_names:
-        t = state[name]
-        if fresh:
-            continue
-        if not isinstance(t, torch.Tensor) or not plain_type(t):
-            raise TypeError(
-                f"{label}: state {name!r} is {t!r}; expected a 0-d tensor (load_state_dict "
-                "converts a number, as torch.optim does)"
-            )
-        if t.numel() != 1 or not t.dtype.is_floating_point or t.device.type == "meta":
-            raise ValueError(
-                f"{label}: state {name!r} is {t.dtype}{list(t.shape)} on {t.device}; expected "
-                "a 0-d floating-point tensor"
-            )
-        check_written(t, f"{label}: state {name!r}")
+    tensors holding finite values, as float32 values in ``spec.host_names`` order; each added
+    to the overlap ``entries`` unless None (host state made just now)."""
+    if entries is not None:
+        for name in spec.host_names:
+            t = state[name]
+            if not isinstance(t, torch.Tensor) or not plain_type(t):
+                raise TypeError(
+                    f"{label}: state {name!r} is {t!r}; expected a 0-d tensor (load_state_dict "
+                    "converts a number, as torch.optim does)"
+                )
+            if t.numel() != 1 or not t.dtype.is_floating_point or t.is_meta:
+                raise ValueError(
+                    f"{label}: state {name!r} is {t.dtype}{list(t.shape)} on {t.device}; "
+                    "expected a 0-d floating-point tensor"
+                )
+            lbl = (label, what[name])
+            entries.append((lbl, t, True, check_written(t, lbl)))
     hs = spec.check_host_state({n: float(state[n]) for n in spec.host_names}, f"{label}: state")
     return tuple(hs[n] for n in spec.host_names)
 

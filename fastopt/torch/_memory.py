@@ -35,6 +35,7 @@ __all__ = [
     "check_backed",
     "check_no_overlap",
     "check_written",
+    "name_of",
     "plain_type",
     "read_at",
 ]
@@ -48,8 +49,16 @@ def plain_type(t):
     return type(t) in _PLAIN
 
 
+def name_of(label):
+    """An error's name for a tensor: ``label`` itself, or ``base: what`` for a pair (labels
+    are pairs where they are made for every tensor of a step and shown only on an error)."""
+    return label if isinstance(label, str) else f"{label[0]}: {label[1]}"
+
+
 def _extent(t):
     """The elements a strided tensor can reach from its first one (0 when it has none)."""
+    if t.is_contiguous():
+        return t.numel()
     if t.numel() == 0:
         return 0
     return 1 + sum((n - 1) * s for n, s in zip(t.shape, t.stride()))
@@ -58,7 +67,7 @@ def _extent(t):
 def byte_span(t):
     """``(lo, hi)``: the half-open byte range a strided, addressable tensor can touch, or None
     when it touches none (no element, or the meta device)."""
-    if t.device.type == "meta":
+    if t.is_meta:
         return None
     n = _extent(t)
     if n == 0:
@@ -68,65 +77,70 @@ def byte_span(t):
 
 
 def check_backed(t, label, read_only=False):
-    """Refuse ``t`` (named ``label`` in the error) unless its data lies at its address, backed
-    by its storage (see the module docstring). Meta tensors pass: they have no memory. A tensor
-    only read (``read_only``: a gradient, read through a resolved copy) may be a lazily negated
-    view."""
-    if not plain_type(t):
+    """Refuse ``t`` (named by ``label``, see ``name_of``) unless its data lies at its address,
+    backed by its storage (see the module docstring); returns its byte span (``byte_span``).
+    Meta tensors pass: they have no memory. A tensor only read (``read_only``: a gradient, read
+    through a resolved copy) may be a lazily negated view."""
+    if type(t) not in _PLAIN:
         raise TypeError(
-            f"{label} is a {type(t).__module__}.{type(t).__qualname__}; fastopt.torch steps "
-            "plain torch.Tensor/nn.Parameter data in place through its address (a subclass "
-            "such as DTensor keeps its data elsewhere: step its local tensors, or use torch.optim)"
+            f"{name_of(label)} is a {type(t).__module__}.{type(t).__qualname__}; fastopt.torch "
+            "steps plain torch.Tensor/nn.Parameter data in place through its address (a "
+            "subclass such as DTensor keeps its data elsewhere: step its local tensors, or use "
+            "torch.optim)"
         )
     if t.layout is not torch.strided:
         raise TypeError(
-            f"{label} has layout {t.layout}; fastopt.torch steps strided (dense) tensors only"
+            f"{name_of(label)} has layout {t.layout}; fastopt.torch steps strided (dense) "
+            "tensors only"
         )
-    if t.device.type == "meta":
-        return
+    if t.is_meta:
+        return None
     if not read_only and (t.is_neg() or t.is_conj()):
         raise TypeError(
-            f"{label} is a lazily negated or conjugated view (its memory holds other values); "
-            "pass t.resolve_neg() / t.resolve_conj()"
+            f"{name_of(label)} is a lazily negated or conjugated view (its memory holds other "
+            "values); pass t.resolve_neg() / t.resolve_conj()"
         )
     try:
         nbytes = t.untyped_storage().nbytes()
     except (NotImplementedError, RuntimeError) as exc:
         raise TypeError(
-            f"{label} has no addressable storage ({exc}); fastopt.torch steps tensors in place "
-            "through their addresses"
+            f"{name_of(label)} has no addressable storage ({exc}); fastopt.torch steps tensors "
+            "in place through their addresses"
         ) from None
     n = _extent(t)
     if n == 0:
-        return
+        return None
     size = t.element_size()
     need = (t.storage_offset() + n) * size
-    if t.data_ptr() == 0 or nbytes < need:
+    ptr = t.data_ptr()
+    if ptr == 0 or nbytes < need:
         raise ValueError(
-            f"{label} ({t.dtype}{list(t.shape)} on {t.device}) reaches {need} bytes of its "
-            f"storage, which holds {nbytes} (address {t.data_ptr():#x}): its storage was "
-            "freed or shrunk (untyped_storage().resize_()); nothing was stepped"
+            f"{name_of(label)} ({t.dtype}{list(t.shape)} on {t.device}) reaches {need} bytes "
+            f"of its storage, which holds {nbytes} (address {ptr:#x}): its storage was freed "
+            "or shrunk (untyped_storage().resize_()); nothing was stepped"
         )
+    return ptr, ptr + n * size
 
 
 def check_written(t, label):
-    """``check_backed``, and what a tensor the step writes must also be: no inference tensor,
-    no two elements at one address."""
-    check_backed(t, label)
-    if t.device.type == "meta":
-        return
+    """``check_backed`` (its span returned), and what a tensor the step writes must also be:
+    no inference tensor, no two elements at one address."""
+    span = check_backed(t, label)
+    if t.is_meta:
+        return None
     if t.is_inference():
         raise RuntimeError(
-            f"{label} is an inference tensor (made under torch.inference_mode()); it cannot "
-            "be updated in place outside inference mode (torch.optim refuses it too)"
+            f"{name_of(label)} is an inference tensor (made under torch.inference_mode()); it "
+            "cannot be updated in place outside inference mode (torch.optim refuses it too)"
         )
     # 1: YES (an expanded tensor); 2: too hard to tell, which torch's in-place ops accept too
     if not t.is_contiguous() and torch._debug_has_internal_overlap(t) == 1:
         raise ValueError(
-            f"{label} ({t.dtype}{list(t.shape)}, strides {t.stride()}) has elements that share "
-            "memory (an expanded tensor?); a step writes it in place (torch's in-place ops "
-            "refuse it too): pass a tensor with its own memory (.clone())"
+            f"{name_of(label)} ({t.dtype}{list(t.shape)}, strides {t.stride()}) has elements "
+            "that share memory (an expanded tensor?); a step writes it in place (torch's "
+            "in-place ops refuse it too): pass a tensor with its own memory (.clone())"
         )
+    return span
 
 
 def _numpy_view(t):
@@ -152,29 +166,42 @@ def _shares(a, b):
 def check_no_overlap(entries):
     """Refuse when a tensor that the step writes shares memory with another tensor of it.
 
-    ``entries``: ``(label, tensor, written)``. A sweep over the byte spans sorted by start
-    finds the candidates in O(n log n); on the CPU a candidate is confirmed exactly. The
-    error names both tensors."""
-    spans = []
-    for label, t, written in entries:
-        span = byte_span(t)
-        if span is not None:
-            spans.append((t.device, span[0], span[1], label, t, written))
-    spans.sort(key=lambda s: (str(s[0]), s[1]))
+    ``entries``: ``(label, tensor, written, span)``, ``span`` the tensor's byte span (None:
+    it touches no memory). The spans of each device, sorted by start, show in one vectorised
+    pass whether any two overlap at all (a span starting before the furthest end of those
+    before it); only then does a sweep look at the candidates, each confirmed exactly on the
+    CPU. The error names both tensors."""
+    by_device = {}
+    for e in entries:
+        if e[3] is not None:
+            by_device.setdefault(e[1].device, []).append(e)
+    for group in by_device.values():
+        if len(group) < 2:
+            continue
+        lo = np.fromiter((e[3][0] for e in group), np.int64, len(group))
+        hi = np.fromiter((e[3][1] for e in group), np.int64, len(group))
+        order = np.argsort(lo, kind="stable")
+        if not (lo[order][1:] < np.maximum.accumulate(hi[order])[:-1]).any():
+            continue
+        _sweep([group[i] for i in order])
+
+
+def _sweep(spans):
+    """The exact check of ``check_no_overlap`` over entries sorted by start."""
     active = []
-    for span in spans:
-        device, lo, _, label, t, written = span
-        active = [s for s in active if s[0] == device and s[2] > lo]
+    for label, t, written, (lo, hi) in spans:
+        active = [s for s in active if s[3][1] > lo]
         for other in active:
-            if (written or other[5]) and _shares(t, other[4]):
+            if (written or other[2]) and _shares(t, other[1]):
+                first, second = name_of(other[0]), name_of(label)
                 raise ValueError(
-                    f"{other[3]} and {label} share memory; a step writes "
-                    f"{other[3] if other[5] else label} in place, so every parameter, gradient "
+                    f"{first} and {second} share memory; a step writes "
+                    f"{first if other[2] else second} in place, so every parameter, gradient "
                     "and state tensor must have its own memory (the same tensor twice, a "
                     "gradient that is a parameter, a state tensor that is its parameter?): "
                     "nothing was stepped"
                 )
-        active.append(span)
+        active.append((label, t, written, (lo, hi)))
 
 
 def _read_float32_at(addresses, like, out):

@@ -37,7 +37,9 @@ import torch
 
 from ..backends import numba_backend
 from ..kernels import storage
-from ._memory import read_at
+from ._memory import byte_span, read_at
+
+_PLAIN = (torch.Tensor, torch.nn.Parameter)
 
 
 class Steady:
@@ -60,6 +62,7 @@ class Steady:
         "params",
         "plist",
         "pptrs",
+        "rows",
         "shapes",
         "slots",
         "states",
@@ -147,6 +150,24 @@ class Steady:
         ]
         self.wlo = np.array([s[0] for s in spans], dtype=np.int64)
         self.whi = np.array([s[1] for s in spans], dtype=np.int64)
+        # what ``check`` reads per parameter, as Python values: (param, shape, bytes, address,
+        # state, slots as (key, tensor, address, dtype, itemsize, bytes), step count and its
+        # address, host state as (key, tensor, address))
+        step_ptrs = [None] * len(self.params) if self.steps is None else self.step_ptrs.tolist()
+        self.rows = tuple(
+            (
+                p,
+                self.shapes[i],
+                int(self.nbytes[i]),
+                self.pptrs[i],
+                self.states[i],
+                tuple((n, a, ptr, dt, sz, sz * p.numel()) for n, a, ptr, dt, sz in self.slots[i]),
+                None if self.steps is None else self.steps[i],
+                step_ptrs[i],
+                tuple((name, ts[i], int(ptrs[i])) for name, ts, ptrs in self.host),
+            )
+            for i, p in enumerate(self.params)
+        )
         return self
 
     @staticmethod
@@ -179,15 +200,14 @@ class Steady:
         out = []
         for i, p in enumerate(self.params):
             label = f"parameter {i} of param group {self.index}"
-            out.append((label, p, True))
+            tensors = [(label, p, True)]
             if p.grad is not None:
-                out.append((f"{label}: .grad", p.grad, False))
-            for name, buf, _, _, _ in self.slots[i]:
-                out.append((f"{label}: state {name!r}", buf, True))
+                tensors.append(((label, ".grad"), p.grad, False))
+            tensors += [((label, f"state {x[0]!r}"), x[1], True) for x in self.slots[i]]
             if self.steps is not None:
-                out.append((f"{label}: state 'step'", self.steps[i], True))
-            for name, ts, _ in self.host:
-                out.append((f"{label}: state {name!r}", ts[i], True))
+                tensors.append(((label, "state 'step'"), self.steps[i], True))
+            tensors += [((label, f"state {name!r}"), ts[i], True) for name, ts, _ in self.host]
+            out += [(lbl, t, w, byte_span(t)) for lbl, t, w in tensors]
         return out
 
     def check(self, opt, group, spec, hp, inv_scale=None):
@@ -205,69 +225,61 @@ class Steady:
         ):
             return None
         t = self.t + 1 if self.steps is not None else self.t
-        dt, state, isz = self.dtype, opt.state, self.isz
-        nbytes, masters = self.nbytes, self.masters
-        plain = (torch.Tensor, torch.nn.Parameter)
+        dt, state, isz, masters = self.dtype, opt.state, self.isz, self.masters
+        plain = _PLAIN
         gptrs = []
-        try:  # an opaque tensor (sparse, MKL-DNN) raises on its storage: the full path says so
-            for i, p in enumerate(plist):
-                shape = self.shapes[i]
-                nb = int(nbytes[i])
+        try:  # an opaque tensor (sparse, MKL-DNN) raises on its storage; a key deleted from
+            # the state raises KeyError: the full path says what is wrong
+            for p, (q, shape, nb, pptr, st, slots, s, sptr, hosts) in zip(plist, self.rows):
                 g = p.grad
                 if (
-                    p is not self.params[i]
-                    or g is None
-                    or type(g) not in plain
+                    p is not q
+                    or type(g) not in plain  # None too
                     or g.dtype is not dt
                     or g.shape != shape
                     or not g.is_contiguous()
                     or not g.is_cpu
                     or g.is_neg()
                     or g.untyped_storage().nbytes() < g.storage_offset() * isz + nb
-                    or p.data_ptr() != self.pptrs[i]
+                    or p.data_ptr() != pptr
                     or p.shape != shape
                     or p.dtype is not dt
                     or not p.is_contiguous()
                     or p.untyped_storage().nbytes() < p.storage_offset() * isz + nb
+                    or state.get(p) is not st
                 ):
                     return None
-                st = self.states[i]
-                if state.get(p) is not st:
-                    return None
-                for name, buf, ptr, bdt, bsz in self.slots[i]:
+                for name, buf, ptr, bdt, bsz, bnb in slots:
                     if (
-                        st.get(name) is not buf
+                        st[name] is not buf
                         or buf.data_ptr() != ptr
                         or buf.shape != shape
                         or buf.dtype is not bdt
                         or not buf.is_contiguous()
-                        or buf.untyped_storage().nbytes() < (buf.storage_offset() + nb // isz) * bsz
+                        or buf.untyped_storage().nbytes() < buf.storage_offset() * bsz + bnb
                     ):
                         return None
                 if masters is not None:
                     rec = masters.get(p)
-                    if rec is None or rec[0] is not st.get("master_param") or rec[2] != p._version:
+                    if rec is None or rec[0] is not st["master_param"] or rec[2] != p._version:
                         return None  # written since our step: the full path re-syncs the master
                 elif st is not None and "master_param" in st:
                     return None
-                if self.steps is not None:
-                    s = self.steps[i]
+                if s is not None and (
+                    st["step"] is not s
+                    or s.data_ptr() != sptr
+                    or s.untyped_storage().nbytes() < s.storage_offset() * 4 + 4
+                ):
+                    return None
+                for name, x, ptr in hosts:
                     if (
-                        st.get("step") is not s
-                        or s.data_ptr() != self.step_ptrs[i]
-                        or s.untyped_storage().nbytes() < s.storage_offset() * 4 + 4
-                    ):
-                        return None
-                for name, ts, ptrs in self.host:
-                    x = ts[i]
-                    if (
-                        st.get(name) is not x
-                        or x.data_ptr() != ptrs[i]
+                        st[name] is not x
+                        or x.data_ptr() != ptr
                         or x.untyped_storage().nbytes() < x.storage_offset() * 4 + 4
                     ):
                         return None
                 gptrs.append(g.data_ptr())
-        except (NotImplementedError, RuntimeError):
+        except (KeyError, NotImplementedError, RuntimeError):
             return None
         # the step counts and host state, read back through their (re-checked) addresses
         if self.steps is not None and not (read_at(self.step_ptrs) == self.t).all():
