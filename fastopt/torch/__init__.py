@@ -292,6 +292,13 @@ class FusedOptimizer(torch.optim.Optimizer):
         plan = _Plan(index, spec, hp, inv_scale)
         entries = plan.entries
         masters = self.__dict__.setdefault("_masters", {})
+        # what an existing state must hold: the step count (where torch keeps one), every
+        # state buffer of the variant that is not made on step 1, the host state
+        need = (
+            (("step",) if cls._keeps_step else ())
+            + tuple(s.name for s in spec.slots if s.name in slots and not s.fresh)
+            + spec.host_names
+        )
         buckets = {}
         for j, p in enumerate(group["params"]):
             g = p.grad
@@ -307,7 +314,7 @@ class FusedOptimizer(torch.optim.Optimizer):
                 if state:
                     plan.new[p] = state
             else:
-                _check_keys(state, spec, slots, cls._keeps_step, label)
+                _check_keys(state, need, label)
             if "step" in state:
                 step = _step_of(state["step"], label, None if fresh else entries) + 1
             else:  # torch keeps no step count (SGD): step 1 is the one without a fresh buffer
@@ -363,18 +370,15 @@ class FusedOptimizer(torch.optim.Optimizer):
         for name, buf in zip(names, bufs):
             if buf is None:
                 continue
-            if not isinstance(buf, torch.Tensor):
-                raise TypeError(
-                    f"{label}: state {name!r} is a {type(buf).__name__}; expected a tensor"
-                )
+            lbl = (label, what[name])
+            span = check_written(buf, lbl)  # a tensor, backed by its storage
             if buf.shape != shape or buf.dtype is not sdtype or buf.device != device:
                 raise ValueError(
                     f"{label}: state {name!r} is {buf.dtype}{list(buf.shape)} on "
                     f"{buf.device}; expected {sdtype}{list(shape)} on {device} (a state "
                     "dict of another model?)"
                 )
-            lbl = (label, what[name])
-            entries.append((lbl, buf, True, check_written(buf, lbl)))
+            entries.append((lbl, buf, True, span))
         if m is not None:
             if not isinstance(m, torch.Tensor) or (
                 m.shape != shape or m.dtype is not torch.float32 or m.device != device
@@ -620,22 +624,19 @@ def _check_param(p, g, label, entries):
     return g
 
 
-def _check_keys(state, spec, slots, keeps_step, label):
-    """A parameter's existing state holds what its step reads: the step count (where torch
-    keeps one), every state buffer of the variant that is not made on step 1, the host state.
-    torch.optim raises KeyError for these too (at load for ``step``, in its step for a
+def _check_keys(state, need, label):
+    """A parameter's existing state holds what its step reads (``need``: the step count where
+    torch keeps one, every state buffer of the variant that is not made on step 1, the host
+    state). torch.optim raises KeyError for these too (at load for ``step``, in its step for a
     buffer); recreating them would step from the wrong count or from zeros."""
-    need = (
-        (("step",) if keeps_step else ())
-        + tuple(s.name for s in spec.slots if s.name in slots and not s.fresh)
-        + spec.host_names
-    )
-    missing = [n for n in need if n not in state]
-    if missing:
-        raise KeyError(
-            f"{label}: its state has no {', '.join(map(repr, missing))} (keys {sorted(state)}); "
-            "a state dict edited or from another optimizer? (torch.optim raises KeyError too)"
-        )
+    for n in need:
+        if n not in state:
+            missing = [x for x in need if x not in state]
+            raise KeyError(
+                f"{label}: its state has no {', '.join(map(repr, missing))} (keys "
+                f"{sorted(state)}); a state dict edited or from another optimizer? (torch.optim "
+                "raises KeyError too)"
+            )
 
 
 def _step_of(s, label, entries):
@@ -649,7 +650,8 @@ def _step_of(s, label, entries):
                 f"{label}: state 'step' is {s!r}; expected a 0-d tensor (load_state_dict "
                 "converts a number, as torch.optim does)"
             )
-        if s.numel() != 1 or s.dtype.is_complex or s.dtype is torch.bool or s.is_meta:
+        dt = s.dtype
+        if s.numel() != 1 or dt.is_complex or dt is torch.bool or s.is_meta:
             raise ValueError(
                 f"{label}: state 'step' is {s.dtype}{list(s.shape)} on {s.device}; expected a "
                 "0-d real tensor"

@@ -81,6 +81,16 @@ def check_backed(t, label, read_only=False):
     backed by its storage (see the module docstring); returns its byte span (``byte_span``).
     Meta tensors pass: they have no memory. A tensor only read (``read_only``: a gradient, read
     through a resolved copy) may be a lazily negated view."""
+    return _check(t, label, False, read_only)
+
+
+def check_written(t, label):
+    """``check_backed`` (its span returned), and what a tensor the step writes must also be:
+    no inference tensor, no two elements at one address."""
+    return _check(t, label, True, False)
+
+
+def _check(t, label, written, read_only):
     if type(t) not in _PLAIN:
         raise TypeError(
             f"{name_of(label)} is a {type(t).__module__}.{type(t).__qualname__}; fastopt.torch "
@@ -100,6 +110,11 @@ def check_backed(t, label, read_only=False):
             f"{name_of(label)} is a lazily negated or conjugated view (its memory holds other "
             "values); pass t.resolve_neg() / t.resolve_conj()"
         )
+    if written and t.is_inference():
+        raise RuntimeError(
+            f"{name_of(label)} is an inference tensor (made under torch.inference_mode()); it "
+            "cannot be updated in place outside inference mode (torch.optim refuses it too)"
+        )
     try:
         nbytes = t.untyped_storage().nbytes()
     except (NotImplementedError, RuntimeError) as exc:
@@ -107,7 +122,18 @@ def check_backed(t, label, read_only=False):
             f"{name_of(label)} has no addressable storage ({exc}); fastopt.torch steps tensors "
             "in place through their addresses"
         ) from None
-    n = _extent(t)
+    if t.is_contiguous():
+        n = t.numel()
+    else:
+        n = _extent(t)
+        # 1: YES (an expanded tensor); 2: too hard to tell, which torch's in-place ops accept
+        if written and torch._debug_has_internal_overlap(t) == 1:
+            raise ValueError(
+                f"{name_of(label)} ({t.dtype}{list(t.shape)}, strides {t.stride()}) has "
+                "elements that share memory (an expanded tensor?); a step writes it in place "
+                "(torch's in-place ops refuse it too): pass a tensor with its own memory "
+                "(.clone())"
+            )
     if n == 0:
         return None
     size = t.element_size()
@@ -120,27 +146,6 @@ def check_backed(t, label, read_only=False):
             "or shrunk (untyped_storage().resize_()); nothing was stepped"
         )
     return ptr, ptr + n * size
-
-
-def check_written(t, label):
-    """``check_backed`` (its span returned), and what a tensor the step writes must also be:
-    no inference tensor, no two elements at one address."""
-    span = check_backed(t, label)
-    if t.is_meta:
-        return None
-    if t.is_inference():
-        raise RuntimeError(
-            f"{name_of(label)} is an inference tensor (made under torch.inference_mode()); it "
-            "cannot be updated in place outside inference mode (torch.optim refuses it too)"
-        )
-    # 1: YES (an expanded tensor); 2: too hard to tell, which torch's in-place ops accept too
-    if not t.is_contiguous() and torch._debug_has_internal_overlap(t) == 1:
-        raise ValueError(
-            f"{name_of(label)} ({t.dtype}{list(t.shape)}, strides {t.stride()}) has elements "
-            "that share memory (an expanded tensor?); a step writes it in place (torch's "
-            "in-place ops refuse it too): pass a tensor with its own memory (.clone())"
-        )
-    return span
 
 
 def _numpy_view(t):

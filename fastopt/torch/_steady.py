@@ -143,13 +143,10 @@ class Steady:
             *(self.steps or ()),
             *(x for h in self.host for x in h[1]),
         ]
-        spans = [
-            (x.data_ptr(), x.data_ptr() + x.numel() * x.element_size())
-            for x in self.written
-            if x.numel()
-        ]
-        self.wlo = np.array([s[0] for s in spans], dtype=np.int64)
-        self.whi = np.array([s[1] for s in spans], dtype=np.int64)
+        w = self.written
+        lo = np.fromiter((x.data_ptr() for x in w), np.int64, len(w))
+        size = np.fromiter((x.nbytes for x in w), np.int64, len(w))
+        self.wlo, self.whi = lo[size > 0], (lo + size)[size > 0]
         # what ``check`` reads per parameter, as Python values: (param, shape, bytes, address,
         # state, slots as (key, tensor, address, dtype, itemsize, bytes), step count and its
         # address, host state as (key, tensor, address))
