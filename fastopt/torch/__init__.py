@@ -448,7 +448,7 @@ class FusedOptimizer(torch.optim.Optimizer):
             increment_version(written + steps + hosts)
             for p, _, _, m in tensors:
                 if m is not None:
-                    masters[p] = (m, p.data_ptr(), p._version)
+                    masters[p] = [m, p.data_ptr(), p._version]  # the cached path updates it
             if launched is not None and cache_as is not None:
                 self._cache(cache_as, spec, b, used, tensors, *launched)
 
@@ -610,7 +610,7 @@ def _check_param(p, g, label, entries):
     glabel = (label, ".grad")
     if not plain_type(g):
         check_backed(g, glabel)  # names the subclass
-    if g.is_sparse or g.layout is not torch.strided:
+    if g.layout is not torch.strided:
         raise RuntimeError(f"{label}: fastopt.torch does not support sparse gradients")
     if g.dtype != p.dtype or g.shape != p.shape or g.device != p.device:
         raise ValueError(

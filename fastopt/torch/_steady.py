@@ -114,7 +114,13 @@ class Steady:
             for _, _, slots, m in tensors
         )
         self.io = io
-        self.masters = opt.__dict__.get("_masters") if io is not None and io.master else None
+        # with master copies: each parameter's record ``[master, address, version]`` of the
+        # optimizer's ``_masters`` (made by the full path's step), kept current by ``run``
+        self.masters = None
+        if io is not None and io.master:
+            self.masters = tuple(opt.__dict__.get("_masters", {}).get(p) for p in self.params)
+            if None in self.masters:
+                return None
         steps = [None if st is None else st.get("step") for st in self.states]
         if all(s is None for s in steps):
             # no step count (SGD): every step after the first is step 2 (its fresh buffers
@@ -227,7 +233,9 @@ class Steady:
         gptrs = []
         try:  # an opaque tensor (sparse, MKL-DNN) raises on its storage; a key deleted from
             # the state raises KeyError: the full path says what is wrong
-            for p, (q, shape, nb, pptr, st, slots, s, sptr, hosts) in zip(plist, self.rows):
+            for i, (p, (q, shape, nb, pptr, st, slots, s, sptr, hosts)) in enumerate(
+                zip(plist, self.rows)
+            ):
                 g = p.grad
                 if (
                     p is not q
@@ -257,8 +265,8 @@ class Steady:
                     ):
                         return None
                 if masters is not None:
-                    rec = masters.get(p)
-                    if rec is None or rec[0] is not st["master_param"] or rec[2] != p._version:
+                    rec = masters[i]
+                    if rec[0] is not st["master_param"] or rec[2] != p._version:
                         return None  # written since our step: the full path re-syncs the master
                 elif st is not None and "master_param" in st:
                     return None
@@ -326,5 +334,5 @@ class Steady:
                 numba_backend.fill_at(ptrs, new_hs[name])
         torch.autograd.graph.increment_version(self.written)
         if self.masters is not None:
-            for p, st in zip(self.params, self.states):
-                self.masters[p] = (st["master_param"], p.data_ptr(), p._version)
+            for p, rec in zip(self.params, self.masters):
+                rec[2] = p._version
