@@ -307,18 +307,28 @@ def test_a_number_step_set_directly_is_refused_before_writes():
 
 
 @pytest.mark.parametrize(
-    "backend,dtype",
-    [("numba", torch.float32), ("numpy", torch.float32), ("numba", torch.bfloat16)],
-    ids=["numba", "numpy", "numba-bf16"],
+    "backend,dtype,strided",
+    [
+        ("numba", torch.float32, False),
+        ("numpy", torch.float32, False),
+        ("numba", torch.bfloat16, False),
+        ("numba", torch.bfloat16, True),
+    ],
+    ids=["numba", "numpy", "numba-bf16", "numba-bf16-strided-param"],
 )
-def test_expanded_and_strided_gradients_are_read_through_a_copy(backend, dtype):
+def test_expanded_and_strided_gradients_are_read_through_a_copy(backend, dtype, strided):
     """An expanded (stride-0) gradient and a transposed one are read through contiguous
     copies and never written (the old code wrote the copies back after the launch, and an
     expanded gradient cannot be written, so it failed halfway). The result is torch.optim's, on
     the many-tensor launch (numba) and the per-tensor one (numpy, as the GPU backends launch);
-    in bfloat16 through the storage-plan kernels (against torch in float32: one rounding)."""
+    in bfloat16 through the storage-plan kernels, and with a transposed parameter through their
+    per-tensor launch (as on a GPU), against torch in float32 (one rounding apart)."""
     g = torch.Generator().manual_seed(3)
-    ps = [torch.nn.Parameter(torch.randn(s, generator=g).to(dtype)) for s in [(N,), (6, 4), (5,)]]
+    ws = [torch.randn(N, generator=g), torch.randn(6, 4, generator=g), torch.randn(5, generator=g)]
+    if strided:
+        ws[1] = torch.randn(4, 6, generator=g).t()
+    ps = [torch.nn.Parameter(w.to(dtype)) for w in ws]
+    assert ps[1].is_contiguous() != strided
     qs = [torch.nn.Parameter(p.detach().float()) for p in ps]
     a = fot.Adam(ps, lr=1e-2, backend=backend)
     b = torch.optim.Adam(qs, lr=1e-2, foreach=False)
