@@ -1,6 +1,7 @@
 """What the numba CPU loops cost per element when memory is not the limit.
 
     python bench/cpu_loop_cost.py [--optimizer adam] [--n 65536] [--reps 400] [--rounds 5]
+                                  [--cpu znver2]
 
 The serial loop of one optimizer (its default hyperparameters, step 2) in each storage plan,
 over ``n`` elements that stay in the L2 cache, called ``reps`` times per round; the rounds
@@ -9,10 +10,18 @@ of each round's median, in ns per element and core. Plans: float32; bfloat16 par
 state through the element loop and through the word loop (two elements per 32-bit word, what
 an aligned all-bfloat16 step runs); float16; bfloat16 with float32 state. A plan whose cost is
 above its bytes' time at the machine's bandwidth per core is compute-bound on this CPU.
+
+``--cpu NAME`` compiles the loops for the LLVM CPU ``NAME`` with that CPU's own instruction set
+instead of the host's (``NUMBA_CPU_NAME=NAME NUMBA_CPU_FEATURES=""``, then the script runs
+again): ``--cpu znver2`` or ``--cpu haswell`` on an AVX-512 host times the AVX2 code an AVX2
+machine would run, on this machine's cores (``tests/test_cpu_codegen.py`` checks that such a
+build holds no 512-bit register and that its conversions stay packed). The code generator is
+printed with the figures.
 """
 
 import argparse
 import os
+import sys
 import time
 
 import numpy as np
@@ -66,13 +75,33 @@ def runner(optimizer, plan, n, seed=0):
     return lambda: fn(p, g, *st, p, kc, x)
 
 
+def codegen():
+    """What the loops were compiled for: numba's target CPU and its features."""
+    from numba.core import config
+
+    if config.CPU_NAME is None:
+        return "compiled for this host's CPU"
+    if config.CPU_FEATURES is None:
+        return f"compiled for {config.CPU_NAME} with this host's features"
+    return f"compiled for {config.CPU_NAME} ({config.CPU_FEATURES or 'its own features'})"
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--optimizer", default="adam", choices=sorted(RULES))
     ap.add_argument("--n", type=int, default=1 << 16, help="elements (even; default 65536)")
     ap.add_argument("--reps", type=int, default=400, help="calls per round")
     ap.add_argument("--rounds", type=int, default=5)
+    ap.add_argument(
+        "--cpu",
+        help="compile for this LLVM CPU (e.g. znver2, haswell: AVX2) with its own features",
+    )
     args = ap.parse_args(argv)
+    if args.cpu and os.environ.get("NUMBA_CPU_NAME") != args.cpu:
+        # numba reads its target when it is imported: run again with the target set
+        env = dict(os.environ, NUMBA_CPU_NAME=args.cpu, NUMBA_CPU_FEATURES="")
+        args_in = sys.argv[1:] if argv is None else list(argv)
+        os.execve(sys.executable, [sys.executable, os.path.abspath(__file__), *args_in], env)
     calls = {}
     for plan in PLANS:
         print(f"compiling {plan} ...", flush=True)
@@ -89,7 +118,7 @@ def main(argv=None):
             res[plan].append(float(np.median(ts)))
         print(f"round {r + 1}/{args.rounds}", flush=True)
     load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
-    print(f"\n{args.optimizer}, serial loop, n={args.n}, load average {load:.2f}")
+    print(f"\n{args.optimizer}, serial loop, n={args.n}, load average {load:.2f}, {codegen()}")
     base = np.median(res["float32"])
     for plan, v in res.items():
         t = np.median(v)

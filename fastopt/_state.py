@@ -1,22 +1,30 @@
-"""The optimizer's state: creating it (bound to the first step's arrays), ``state_dict`` checks
-and restores. A mixin of ``fastopt.base.Optimizer``.
+"""An optimizer's state, owned by one object: ``OptimizerState``.
 
-State buffers are created at the first step, shaped and typed like their parameters (views
-into flat per-group buffers for a ``FlatBuffer``), filled with the rule's initial values or
-with a state loaded before the first step. ``load_state_dict`` checks everything first (kind,
-flags, hyperparameters, step, names, shapes, dtypes) and only then writes.
+What an optimizer keeps between steps, apart from its hyperparameters:
 
-A rule's host state (``Rule.host_state``: NAdam's ``mu_product``, ASGD's ``eta`` and ``mu``) is
-one set of float32 values per optimizer (``_host``), created with the state buffers and
-advanced after every applied step. A state dict carries it as torch does: per parameter, under
-torch's names, as 0-d float32 arrays (every parameter holds the same values; a loaded state
-dict whose parameters disagree is refused).
+- the state buffers, created at the first step (``bind_dict`` / ``bind_flat``) shaped and typed
+  like their parameters (views into flat per-group buffers for a ``FlatBuffer``), filled with
+  the rule's initial values or with a state loaded before the first step;
+- the layout they were bound to (``layout``, ``shapes``), which every later step must match;
+- a state loaded before the first step (``pending``, ``pending_host``), applied at binding;
+- the rule's host state (``Rule.host_state``: NAdam's ``mu_product``, ASGD's ``eta`` and
+  ``mu``): one set of float32 values per optimizer (``host``), created with the state buffers
+  and advanced after every applied step (``advance_host``).
+
+Which buffers a parameter keeps, and in which dtype, is the optimizer's storage policy
+(``StateKinds``: the rule's slots, ``state_dtype``, ``master_weights``). The step machinery
+(``fastopt._steps``) and ``state_dict``/``load_state_dict`` (``fastopt.base``) read and change
+the state only through this class's methods. A state dict carries the host state as torch does:
+per parameter, under torch's names, as 0-d float32 arrays (every parameter holds the same
+values; a loaded state dict whose parameters disagree is refused).
 """
+
+from dataclasses import dataclass
 
 import numpy as np
 
 from . import precision
-from ._arrays import array_module, to_numpy
+from ._arrays import array_module, as_xp_array, to_numpy
 from ._validate import (
     SUPPORTED_DTYPES,
     check_array,
@@ -27,73 +35,231 @@ from ._validate import (
     dtype_name,
     dtype_of,
     is_array,
-    normalise_hyper,
 )
 from .flat import ReadOnlyViews
 
-__all__ = ["StateMachinery"]
+__all__ = ["OptimizerState", "StateKinds"]
 
 
-class StateMachinery:
-    """State creation, binding and ``state_dict`` checks (see the module docstring)."""
+@dataclass(frozen=True)
+class StateKinds:
+    """Which state buffers a parameter keeps and how they are stored: the rule's slots (fixed at
+    construction), plus an fp32 master copy of a 16-bit param with ``master_weights``, in the
+    dtype ``state_dtype`` resolves to (``precision.resolve_state_kind``)."""
 
-    def _check_state_dict(self, sd):
-        keys = {"optimizer", "step", "hyperparams", "state"}
-        if not isinstance(sd, dict) or set(sd) != keys:
-            got = sorted(sd, key=str) if isinstance(sd, dict) else type(sd).__name__
-            raise ValueError(
-                f"not a fastopt state_dict: got {got}, expected a dict with keys {sorted(keys)}"
-            )
-        kind = type(self).__name__
-        if sd["optimizer"] != kind:
-            raise ValueError(f"state_dict is for optimizer {sd['optimizer']!r}, this is {kind}")
-        step = sd["step"]
-        if (
-            isinstance(step, (bool, np.bool_))
-            or not isinstance(step, (int, np.integer))
-            or step < 0
-        ):
-            raise ValueError(f"state_dict step is {step!r}; expected an integer >= 0")
-        hp = sd["hyperparams"]
-        if not isinstance(hp, dict):
-            raise TypeError(f"state_dict hyperparams is a {type(hp).__name__}; expected a dict")
-        check_names(hp, self._hyper + self._flags, "state_dict hyperparameters", f"those of {kind}")
-        hp = {k: normalise_hyper(v) for k, v in hp.items()}
-        for f in self._flags:
-            if hp[f] != getattr(self, f):
+    slots: tuple[str, ...]
+    state_dtype: str | None = None
+    master_weights: bool = False
+    stochastic_rounding: bool = False
+
+    def state_kind(self, param_kind: str) -> str:
+        """The storage dtype of the state buffers of a param of ``param_kind``."""
+        return precision.resolve_state_kind(self.state_dtype, param_kind, self.master_weights)
+
+    def names_for(self, param_kind: str) -> tuple[str, ...]:
+        """The state buffer names of a param of ``param_kind``: the rule's, and the master copy
+        of a 16-bit param when ``master_weights``."""
+        if self.master_weights and param_kind in precision.storage.BITS16:
+            return self.slots + (precision.MASTER,)
+        return self.slots
+
+    def io_base(self, param_kind: str, grad_kind: str):
+        """The storage plan of a param's launches (without a step's loss-scale extras)."""
+        return precision.io_of(
+            param_kind,
+            grad_kind,
+            self.state_kind(param_kind),
+            self.master_weights,
+            self.stochastic_rounding,
+        )
+
+
+class OptimizerState:
+    """The state buffers, their layout, a pending loaded state and the host state of one
+    optimizer (see the module docstring)."""
+
+    def __init__(self) -> None:
+        #: name -> {state name -> array} (views into ``flat`` for a FlatBuffer, read-only maps)
+        self.arrays: dict = {}
+        #: ("dict", ((name, shape, dtype), ...)) or ("flat", buf.layout); None before binding
+        self.layout = None
+        #: name -> (shape, dtype) of the first step; None before binding
+        self.shapes: dict | None = None
+        #: per FlatBuffer group: {state name -> flat array}
+        self.flat: list | None = None
+        #: state loaded before the first step (name -> {state name -> host array})
+        self.pending: dict | None = None
+        #: host state loaded before the first step
+        self.pending_host: dict | None = None
+        #: the rule's host state ({} without one), created with the state buffers
+        self.host: dict | None = None
+
+    # -- reading --------------------------------------------------------------------------------
+
+    @property
+    def bound(self) -> bool:
+        """Has a first step created the state buffers?"""
+        return self.layout is not None
+
+    def host_now(self):
+        """The host state held on the host: the bound one, else a pending one (else None)."""
+        return self.host if self.host is not None else self.pending_host
+
+    def names_of(self, name: str, kinds: StateKinds) -> tuple[str, ...]:
+        """The state buffer names of bound parameter ``name``."""
+        return kinds.names_for(precision.kind(self.shapes[name][1]))
+
+    def snapshot(self, host) -> dict:
+        """The ``state`` of a state dict: host copies of every buffer (a pending state's before
+        the first step), and the host state ``host`` as 0-d float32 arrays in each."""
+        state = {n: {s: to_numpy(a) for s, a in st.items()} for n, st in self.arrays.items()}
+        if self.pending is not None and not state:
+            state = {n: {s: a.copy() for s, a in st.items()} for n, st in self.pending.items()}
+            host = self.pending_host
+        for st in state.values():  # torch's form: 0-d float32 tensors in every parameter's state
+            st.update({h: np.array(v, dtype=np.float32) for h, v in (host or {}).items()})
+        return state
+
+    # -- checks before a step -------------------------------------------------------------------
+
+    def check_against(self, name, shape, dtype, kinds: StateKinds, who: str) -> None:
+        """Shape/dtype of parameter ``name`` against the bound layout or the loaded state
+        (``who``: the optimizer's class name, for messages)."""
+        if self.shapes is not None:
+            ref = self.shapes[name]
+            if (shape, dtype) != ref:
                 raise ValueError(
-                    f"state_dict has {f}={hp[f]!r} but this optimizer has "
-                    f"{f}={getattr(self, f)!r}; flags decide the state buffers "
-                    "and the math, so they must match"
+                    f"parameter {name!r} is {dtype_name(dtype)}{list(shape)} but "
+                    f"this optimizer was first stepped with "
+                    f"{dtype_name(ref[1])}{list(ref[0])}; create a new optimizer "
+                    "or load a matching state_dict"
                 )
-        hp = self._check_hyper(hp)
-        state = sd["state"]
+        elif self.pending is not None:
+            pk = precision.kind(dtype)
+            check_names(
+                self.pending[name],
+                kinds.names_for(pk),
+                f"loaded state buffers of parameter {name!r}",
+                f"those {who} keeps for a {pk} parameter",
+            )
+            sk = precision.storage_dtype(kinds.state_kind(pk))
+            for s, a in self.pending[name].items():
+                want = np.dtype(np.float32) if s == precision.MASTER else sk
+                if a.shape != shape or a.dtype != want:
+                    raise ValueError(
+                        f"loaded state {s!r} of parameter {name!r} is "
+                        f"{dtype_name(a.dtype)}{list(a.shape)}, but the parameter "
+                        f"is {dtype_name(dtype)}{list(shape)}, its state "
+                        f"{dtype_name(want)}{list(shape)}"
+                    )
+
+    # -- binding (the first step) ---------------------------------------------------------------
+
+    def _bind_host(self, initial_host) -> None:
+        """The host state, created with the state buffers: the loaded one, else the rule's
+        initial values (``initial_host()``)."""
+        hs = self.pending_host
+        if hs is None:
+            hs = initial_host()
+        self.host, self.pending_host = dict(hs), None
+
+    def _new_buffers(self, name, like, kinds: StateKinds, fill):
+        xp = array_module(like)
+        out = {}
+        pending = (self.pending or {}).get(name)
+        pk = precision.kind(dtype_of(like))
+        sdt = precision.storage_dtype(kinds.state_kind(pk))
+        for s in kinds.names_for(pk):
+            if pending is not None:
+                out[s] = xp.asarray(pending[s]).reshape(like.shape).copy()
+            elif s == precision.MASTER:
+                out[s] = like.astype(np.float32)  # the fp32 copy: exact
+            else:
+                out[s] = xp.full(like.shape, fill(s), dtype=sdt)
+        return out
+
+    def bind_dict(self, layout, params, kinds: StateKinds, fill, initial_host) -> None:
+        """Create the state of the dict API's first step over ``params`` (validated already:
+        a pending state's names, shapes and dtypes match): ``fill(slot)`` gives a slot's
+        initial value, ``initial_host()`` the rule's initial host state."""
+        self._bind_host(initial_host)
+        self.arrays = {n: self._new_buffers(n, p, kinds, fill) for n, p in params.items()}
+        self.shapes = {n: (shape, np.dtype(dt)) for n, shape, dt in layout[1]}
+        self.layout = layout
+        self.pending = None
+
+    def bind_flat(self, buf, kinds: StateKinds, fill, initial_host) -> None:
+        """``bind_dict`` for a ``FlatBuffer``: one flat buffer per state per dtype group, and
+        per parameter read-only maps of views into them."""
+        self._bind_host(initial_host)
+        flat_state, state = [], {}
+        for group in buf.groups:
+            xp = array_module(group.data)
+            pk = precision.kind(group.dtype)
+            sdt = precision.storage_dtype(kinds.state_kind(pk))
+            flat = {
+                s: group.data.astype(np.float32)
+                if s == precision.MASTER
+                else xp.full(group.data.shape, fill(s), dtype=sdt)
+                for s in kinds.names_for(pk)
+            }
+            for name, (off, size, shape) in group.slots.items():
+                views = {s: a[off : off + size].reshape(shape) for s, a in flat.items()}
+                if self.pending is not None:
+                    for s, v in views.items():
+                        v[...] = array_module(v).asarray(self.pending[name][s])
+                state[name] = ReadOnlyViews(
+                    views, f"opt.state[{name!r}] (views into the optimizer's flat state)"
+                )
+            flat_state.append(flat)
+        self.flat = flat_state
+        self.arrays = ReadOnlyViews(state, "opt.state of an optimizer stepping a FlatBuffer")
+        self.layout = ("flat", buf.layout)
+        self.shapes = {n: (tuple(shape), np.dtype(dt)) for dt, n, _, _, shape in buf.layout}
+        self.pending = None
+
+    # -- after a step ---------------------------------------------------------------------------
+
+    def advance_host(self, hs_after) -> None:
+        """After an applied step: the host state it computed (a rule without one keeps {})."""
+        if self.host:
+            self.host = hs_after
+
+    # -- state dicts ----------------------------------------------------------------------------
+
+    def check_loaded(self, state, kinds: StateKinds, spec, who: str):
+        """Check the ``state`` of a state dict against this state (names, shapes, dtypes) and
+        the rule ``spec``'s host state; returns ``(buffers, host state)`` as host copies, for
+        ``load``. Writes nothing."""
         if not isinstance(state, dict):
             raise TypeError(f"state_dict state is a {type(state).__name__}; expected a dict")
         check_str_names(state, "state_dict parameter names")
-        hnames = self._spec.host_names
-        host, hs, first = {}, None, None
+        hnames = spec.host_names
+        loaded, hs, first = {}, None, None
         for name, st in state.items():
             if not isinstance(st, dict):
                 raise TypeError(
                     f"state of parameter {name!r} is a {type(st).__name__}; "
                     "expected a dict state name -> array"
                 )
-            want = self._state_names()
-            if self._bound is not None and name in self._bound:
-                want = self._names_for(precision.kind(self._bound[name][1]))
-            elif self.master_weights and precision.MASTER in st:
-                want = want + (precision.MASTER,)  # a 16-bit param's: checked at binding
+            if self.shapes is not None and name in self.shapes:
+                want = self.names_of(name, kinds)
+            elif kinds.master_weights and precision.MASTER in st:
+                want = kinds.slots + (precision.MASTER,)  # a 16-bit param's: checked at binding
+            else:
+                want = kinds.slots
             check_names(
-                st, want + hnames, f"state buffers of parameter {name!r}", f"those {kind} keeps"
+                st, want + hnames, f"state buffers of parameter {name!r}", f"those {who} keeps"
             )
-            host[name] = {}
+            loaded[name] = {}
             for s in want:
                 a = st[s]
+                if isinstance(a, np.ndarray):  # a subclass as a plain view; freed memory refused
+                    a = as_xp_array(a, f"state {s!r} of parameter {name!r}")
                 check_array(name, f"state {s!r}", a, SUPPORTED_DTYPES)
-                host[name][s] = np.array(to_numpy(a), copy=True)
+                loaded[name][s] = np.array(to_numpy(a), copy=True)
             if hnames:
-                mine = self._spec.check_host_state(
+                mine = spec.check_host_state(
                     {h: to_numpy(st[h]) if is_array(st[h]) else st[h] for h in hnames},
                     who=f"host state of parameter {name!r}",
                 )
@@ -102,113 +268,53 @@ class StateMachinery:
                 elif mine != hs:
                     raise ValueError(
                         f"host state of parameter {name!r} is {mine} but that of parameter "
-                        f"{first!r} is {hs}; {kind} steps every parameter with one host state"
+                        f"{first!r} is {hs}; {who} steps every parameter with one host state"
                     )
-        if self._layout is not None:
-            check_names(
-                state, self._state, "state_dict parameter names", "those this optimizer steps"
-            )
-            for name, st in host.items():
-                cur_st = self._state[name]
-                check_names(
-                    cur_st, want, f"state buffers of parameter {name!r}", f"those {kind} keeps"
-                )
-                for s, a in st.items():
-                    cur = cur_st[s]
-                    if not is_array(cur) or a.shape != tuple(cur.shape) or a.dtype != dtype_of(cur):
-                        raise ValueError(
-                            f"state {s!r} of parameter {name!r} is "
-                            f"{dtype_name(a.dtype)}{list(a.shape)}, expected "
-                            f"{describe(cur)}"
-                        )
-                    check_writable(name, f"state {s!r}", cur)
+        if self.bound:
+            self._check_fits_bound(loaded, kinds, who)
         else:
-            for name, st in host.items():
-                kinds = {(a.shape, a.dtype) for s, a in st.items() if s != precision.MASTER}
-                kinds |= {(a.shape, None) for s, a in st.items() if s == precision.MASTER}
+            for name, st in loaded.items():
+                kinds_of = {(a.shape, a.dtype) for s, a in st.items() if s != precision.MASTER}
+                kinds_of |= {(a.shape, None) for s, a in st.items() if s == precision.MASTER}
                 if (
-                    len({shape for shape, _ in kinds}) > 1
-                    or len({d for _, d in kinds} - {None}) > 1
+                    len({shape for shape, _ in kinds_of}) > 1
+                    or len({d for _, d in kinds_of} - {None}) > 1
                 ):
                     got = sorted((s, a.dtype.name, a.shape) for s, a in st.items())
                     raise ValueError(
                         f"state buffers of parameter {name!r} differ in shape or dtype: {got}"
                     )
-        return hp, int(step), host, hs
+        return loaded, hs
 
-    def _commit_state_dict(self, hp, step, host, hs):
-        if self._layout is not None:
-            for name, st in host.items():
+    def _check_fits_bound(self, loaded, kinds: StateKinds, who: str) -> None:
+        check_names(loaded, self.arrays, "state_dict parameter names", "those this optimizer steps")
+        for name, st in loaded.items():
+            cur_st = self.arrays[name]
+            # this parameter's own names (a 16-bit one keeps a master copy, an fp32 one not)
+            check_names(
+                cur_st,
+                self.names_of(name, kinds),
+                f"state buffers of parameter {name!r}",
+                f"those {who} keeps",
+            )
+            for s, a in st.items():
+                cur = cur_st[s]
+                if not is_array(cur) or a.shape != tuple(cur.shape) or a.dtype != dtype_of(cur):
+                    raise ValueError(
+                        f"state {s!r} of parameter {name!r} is "
+                        f"{dtype_name(a.dtype)}{list(a.shape)}, expected {describe(cur)}"
+                    )
+                check_writable(name, f"state {s!r}", cur)
+
+    def load(self, loaded, hs) -> None:
+        """Apply what ``check_loaded`` returned: into the bound buffers, or kept pending for the
+        first step."""
+        if self.bound:
+            for name, st in loaded.items():
                 for s, a in st.items():
-                    cur = self._state[name][s]
+                    cur = self.arrays[name][s]
                     cur[...] = array_module(cur).asarray(a)
-            self._host = hs if hs is not None else self._host
-            ds = self.__dict__.get("_dev")
-            if ds is not None and hs:  # a capturable optimizer's host state lives on the device
-                ds.set_host_state(hs)
+            self.host = hs if hs is not None else self.host
         else:
-            self._pending = host if host else None
-            self._pending_host = hs
-        for h in self._hyper:
-            setattr(self, h, hp[h])
-        self._hyper_ok = True  # validated by _check_state_dict
-        self.step_count = step
-
-    def _new_state(self, name, like):
-        xp = array_module(like)
-        out = {}
-        pending = (self._pending or {}).get(name)
-        pk = precision.kind(dtype_of(like))
-        sdt = precision.storage_dtype(self._state_kind(pk))
-        for s in self._names_for(pk):
-            if pending is not None:
-                out[s] = xp.asarray(pending[s]).reshape(like.shape).copy()
-            elif s == precision.MASTER:
-                out[s] = like.astype(np.float32)  # the fp32 copy: exact
-            else:
-                out[s] = xp.full(like.shape, self._state_fill(s), dtype=sdt)
-        return out
-
-    def _bind_host(self):
-        """The host state, created with the state buffers: the loaded one, else the rule's
-        initial values from the hyperparameters of this (first) step."""
-        hs = self._pending_host
-        if hs is None:
-            hs = self._spec.initial_host_state(self._rule_hp(self.hyperparams))
-        self._host, self._pending_host = dict(hs), None
-
-    def _bind(self, layout, params):
-        # validated already: the pending state's names, shapes and dtypes match ``params``
-        self._bind_host()
-        self._state = {n: self._new_state(n, p) for n, p in params.items()}
-        self._bound = {n: (shape, np.dtype(dt)) for n, shape, dt in layout[1]}
-        self._layout = layout
-        self._pending = None
-
-    def _bind_flat(self, buf):
-        self._bind_host()
-        flat_state, state = [], {}
-        for group in buf.groups:
-            xp = array_module(group.data)
-            pk = precision.kind(group.dtype)
-            sdt = precision.storage_dtype(self._state_kind(pk))
-            flat = {
-                s: group.data.astype(np.float32)
-                if s == precision.MASTER
-                else xp.full(group.data.shape, self._state_fill(s), dtype=sdt)
-                for s in self._names_for(pk)
-            }
-            for name, (off, size, shape) in group.slots.items():
-                views = {s: a[off : off + size].reshape(shape) for s, a in flat.items()}
-                if self._pending is not None:
-                    for s, v in views.items():
-                        v[...] = array_module(v).asarray(self._pending[name][s])
-                state[name] = ReadOnlyViews(
-                    views, f"opt.state[{name!r}] (views into the optimizer's flat state)"
-                )
-            flat_state.append(flat)
-        self._flat_state = flat_state
-        self._state = ReadOnlyViews(state, "opt.state of an optimizer stepping a FlatBuffer")
-        self._layout = ("flat", buf.layout)
-        self._bound = {n: (tuple(shape), np.dtype(dt)) for dt, n, _, _, shape in buf.layout}
-        self._pending = None
+            self.pending = loaded if loaded else None
+            self.pending_host = hs

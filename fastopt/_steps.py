@@ -3,10 +3,19 @@
 The first step over a set of arrays validates everything (``fastopt._validate``, the checks
 ``fastopt.functional`` makes too) and records what it established in a cache; later steps
 re-check, per array, only what can change without the optimizer seeing it (the identity of each
-array, its shape and dtype, its flags, the state buffers the user may have rebound) and fall
-back to the full validation when anything differs: O(1) host work per array. Then one
-``functional.Launch`` per step runs the rule over every parameter (dict API) or every dtype
-group (``FlatBuffer``). A mixin of ``fastopt.base.Optimizer``.
+array, its shape and dtype, its flags, the state buffers the user may have rebound, and the
+address and size of the memory that owns each array: ``_arrays.Pins``, since a cached flat
+view of an array resized in place would point at freed memory; and the memory behind each grad
+that is a view) and fall back to the full validation when anything differs: O(1) host work per
+array.
+
+Then one ``functional.StepPlan`` per step plans the whole step before anything is written: the
+variant, the host scalars, the host state after the step and the next step count (any of them
+can fail: an overflow, a step count too large for a float); then every runner is prepared, the
+rule runs over every parameter (dict API) or every dtype group (``FlatBuffer``), and only then
+are the step count and the host state committed (``_commit``). A mixin of
+``fastopt.base.Optimizer``: it reads and changes the state only through ``OptimizerState``
+(``self._st``).
 """
 
 import bisect
@@ -17,7 +26,15 @@ from dataclasses import replace
 import numpy as np
 
 from . import _capture, backends, precision
-from ._arrays import array_module, as_xp_array, as_xp_dicts, on_device, to_numpy
+from ._arrays import (
+    Pins,
+    array_module,
+    as_xp_array,
+    as_xp_dicts,
+    backing_error,
+    on_device,
+    to_numpy,
+)
 from ._validate import (
     SUPPORTED_DTYPES,
     NonFiniteGradientError,
@@ -35,7 +52,7 @@ from ._validate import (
     dtype_of,
     is_array,
 )
-from .functional import Launch, device_flag, found, loss_scale
+from .functional import StepPlan, device_flag, found, loss_scale
 from .kernels import RULES
 
 __all__ = ["StepMachinery"]
@@ -66,6 +83,7 @@ class _Entry:
         "nst",
         "p",
         "pflat",
+        "pins",
         "ptr",
         "salt",
         "sarrs",
@@ -73,6 +91,7 @@ class _Entry:
         "shape",
         "src",
         "st",
+        "tbytes",
         "tdtype",
     )
 
@@ -108,7 +127,18 @@ NO_LOSS = _Loss(None, None, None, False, None, False)
 class _DictCache:
     """What a full validation of ``update()`` established, to re-check cheaply next step."""
 
-    __slots__ = ("be", "entries", "fast", "los", "n", "roots", "spans", "state", "writes")
+    __slots__ = (
+        "be",
+        "entries",
+        "fast",
+        "los",
+        "n",
+        "pins",
+        "roots",
+        "spans",
+        "state",
+        "writes",
+    )
 
     def __init__(self, entries, state, be, writes):
         self.entries, self.n, self.state, self.be = entries, len(entries), state, be
@@ -122,6 +152,7 @@ class _DictCache:
         self.fast = all(type(a) is np.ndarray for a in written)
         if not self.fast:
             return
+        self.pins = Pins([a for e in entries for a in e.pins])
         roots = [_root(a) for a in written]
         # memory NumPy owns can be shared only through views of its owner, so a grad whose
         # owner is no parameter's or state's owner needs no byte-range check; with any other
@@ -163,6 +194,7 @@ class _FlatCache:
         "host",
         "masters",
         "n",
+        "pins",
         "shapes",
         "states",
         "writes",
@@ -191,12 +223,16 @@ class StepMachinery:
         in what cannot break it — or None, and the full validation decides."""
         c = self._dict_cache
         if (
-            self._state is not c.state
+            self._st.arrays is not c.state
             or not isinstance(params, Mapping)
             or not isinstance(grads, Mapping)
             or len(params) != c.n
             or len(grads) != c.n
         ):
+            return None
+        # the memory behind the cached flat views: still where it was, as large (an array
+        # resized in place with refcheck=False moves; its old views point at freed memory)
+        if not c.pins.unmoved():
             return None
         state, roots = c.state, c.roots
         todo = []
@@ -205,13 +241,17 @@ class StepMachinery:
             p = params.get(name)
             if p is not e.src:
                 return None
-            if e.ptr is not None:  # a host tensor: still the same memory, shape and dtype?
-                if (
-                    p.data_ptr() != e.ptr
-                    or p.shape != e.shape
-                    or p.dtype is not e.tdtype
-                    or not p.is_contiguous()
-                ):
+            if p is not e.p:  # a host tensor or an ndarray subclass, stepped through e.p
+                if e.ptr is not None:  # a tensor: still the same memory, shape and dtype?
+                    if (
+                        p.data_ptr() != e.ptr
+                        or p.shape != e.shape
+                        or p.dtype is not e.tdtype
+                        or not p.is_contiguous()
+                        or p.untyped_storage().nbytes() != e.tbytes
+                    ):
+                        return None
+                elif p.shape != e.shape or not p.flags.carray:  # a subclass: its own flags
                     return None
                 p = e.p
             if p.shape != e.shape or p.dtype is not e.dtype or not p.flags.carray:
@@ -224,9 +264,11 @@ class StepMachinery:
                     return None
             g = grads.get(name)
             if type(g) is not np.ndarray:
-                g = as_xp_array(g, f"grad of parameter {name!r}")
+                g = as_xp_array(g, f"grad of parameter {name!r}")  # checks its memory
                 if type(g) is not np.ndarray:
                     return None
+            elif g.base is not None and backing_error(g) is not None:
+                return None  # a view of freed memory: the full validation says so
             if g.shape != e.shape or (g.dtype is not e.gdtype and g.dtype != e.gdtype):
                 return None
             if roots is None:
@@ -262,9 +304,12 @@ class StepMachinery:
         return ls.found_dev is not None and not _capture.supports(be) and found(ls.found_dev)
 
     def _launch(self, be, hp, ls, like):
-        """The ``Launch`` of this step, and whether its scalars live on the device (a
-        capturable step on a GPU backend: the scalar kernel has been launched). The step count
-        advances here (on the host, or on the device)."""
+        """The ``StepPlan`` of this step, and whether its scalars live on the device (a
+        capturable step on a GPU backend: the scalar kernel has been launched). The whole
+        plan is computed here, before anything is written: the variant, the host scalars and
+        the host state after the step (``StepPlan``; a value that cannot be computed is a
+        ``ValueError``); the step count and host state are committed by ``_commit`` once the
+        launches have run."""
         if ls.scale_dev is not None and getattr(be, "DEVICE", "cpu") == "cpu":
             raise TypeError(
                 f"grad_scale is a device array but backend {be.NAME!r} runs on the CPU; pass a "
@@ -275,38 +320,34 @@ class StepMachinery:
             ds = self.__dict__.get("_dev")
             if ds is None:
                 ds = self._dev = _capture.DeviceScalars(
-                    be, self._rule, rhp, self._step_count, self._host, self.seed, like
+                    be, self._rule, rhp, self._step_count, self._st.host, self.seed, like
                 )
-            ds.upload(rhp)
-            ds.advance(like, ls.found_dev)
-            self._step_count += 1  # the steps issued (the device holds the steps taken)
-            launch = Launch(
+            launch = StepPlan(
                 be,
                 self._rule,
-                self._step_count,
+                self._step_count + 1,  # the steps issued (the device holds the steps taken)
                 rhp,
-                self._host,  # the variant only: the device holds and advances the host state
+                self._st.host,  # the variant only: the device holds and advances the host state
                 inv_scale=ls.inv_scale,
                 scale=ls.scale_dev,
                 seed=self.seed,
                 device=ds,
                 found_inf=ls.found_dev,
             )
+            ds.upload(rhp)
+            ds.advance(like, ls.found_dev)
             return launch, True
-        self.step_count += 1
-        return (
-            Launch(
-                be,
-                self._rule,
-                self.step_count,
-                rhp,
-                self._host,
-                inv_scale=ls.inv_scale,
-                scale=ls.scale_dev,
-                seed=self.seed,
-            ),
-            False,
+        launch = StepPlan(
+            be,
+            self._rule,
+            self.step_count + 1,
+            rhp,
+            self._st.host,
+            inv_scale=ls.inv_scale,
+            scale=ls.scale_dev,
+            seed=self.seed,
         )
+        return launch, False
 
     def _apply_dict(self, todo, hp=None, ls=NO_LOSS):
         if hp is None:
@@ -320,19 +361,36 @@ class StepMachinery:
             return False
         launch, kbuf = self._launch(c.be, hp, ls, todo[0][0].pflat)
         writes = c.writes
-        for e, g in todo:
-            io = e.io_for(ls, kbuf)
-            if io is None:
-                launch.runner(e.dtype, writes)(e.pflat, g, e.sflat)
-            else:
-                launch.runner(e.dtype, writes, io)(e.pflat, g, e.sflat, e.mflat, e.salt)
-        self._advance_host(launch, kbuf)
+        runs = [launch.runner(e.dtype, writes, e.io_for(ls, kbuf)) for e, _ in todo]
+        for run, (e, g) in zip(runs, todo):
+            run(e.pflat, g, e.sflat, e.mflat, e.salt)
+        self._commit(launch, kbuf)
         return True
 
-    def _advance_host(self, launch, on_device):
-        """The host state after an applied step (a capturable step advances it on the device)."""
-        if self._host and not on_device:
-            self._host = RULES[self._rule].advance_host_state(launch.hp, launch.step, self._host)
+    def _check_plan(self, be, hp):
+        """Plan the next step (``Rule.plan`` and the host state after it) with the host state a
+        first step would create, and raise its ``ValueError`` now: before the state is created
+        and bound, so that a first step that cannot be planned leaves the optimizer as it was.
+        (Later steps plan in ``_launch``, before their first write.)"""
+        if self.capturable and _capture.supports(be):
+            return  # the device computes the scalars
+        spec, rhp = self._spec, self._rule_hp(hp)
+        hs = self._st.host_now()
+        if hs is None:
+            hs = spec.initial_host_state(rhp)
+        step = self.step_count + 1
+        spec.plan(rhp, step, hs)
+        spec.advance_host_state(rhp, step, hs)
+
+    def _commit(self, launch, on_device):
+        """After an applied step's launches: the step count and the host state (both computed
+        by the ``StepPlan``, before anything was written; a capturable step advances the host
+        state on the device)."""
+        if on_device:
+            self._step_count = launch.step  # the steps issued
+            return
+        self.step_count = launch.step
+        self._st.advance_host(launch.hs_after)
 
     def _update_full(self, params, grads, ls=NO_LOSS):
         if not isinstance(params, Mapping) or not isinstance(grads, Mapping):
@@ -355,10 +413,14 @@ class StepMachinery:
                 be, pairs, hp = self._validate_dict(params, grads)
             if not self._finite((n, g) for n, _, g in pairs):
                 return False
-            if self._layout is None:
-                self._bind(
+            if not self._st.bound:
+                self._check_plan(be, hp)  # a step that cannot be planned creates no state
+                self._st.bind_dict(
                     ("dict", tuple((n, tuple(p.shape), str(dtype_of(p))) for n, p, _ in pairs)),
                     {n: p for n, p, _ in pairs},
+                    self._kinds(),
+                    self._state_fill,
+                    self._initial_host,
                 )
             c = self._dict_cache = self._build_dict_cache(pairs, sources, be)
             todo = []
@@ -368,11 +430,11 @@ class StepMachinery:
             return self._apply_dict(todo, hp, ls)
 
     def _build_dict_cache(self, pairs, sources, be):
-        names, slots = self._state_names(), RULES[self._rule].STATE
+        names, slots = self._slots, RULES[self._rule].state
         entries = []
         for name, p, g in pairs:
             e = _Entry()
-            st = self._state[name]
+            st = self._st.arrays[name]
             e.name, e.p, e.shape, e.dtype, e.src = name, p, p.shape, p.dtype, sources[name]
             e.gdtype = g.dtype
             e.ptr = e.tdtype = None
@@ -380,14 +442,19 @@ class StepMachinery:
                 e.ptr, e.tdtype = e.src.data_ptr(), e.src.dtype  # a torch tensor's NumPy view
             e.pflat, e.st, e.nst = p.reshape(-1), st, len(st)
             pk = precision.kind(p.dtype)
-            e.sarrs = tuple((s, st[s]) for s in self._names_for(pk))
+            e.sarrs = tuple((s, st[s]) for s in self._kinds().names_for(pk))
+            e.tbytes = None
+            if e.ptr is not None:  # the tensor's storage stands for the param's memory
+                e.tbytes = e.src.untyped_storage().nbytes()
+            # what the cached views are made of (a tensor param's memory: its storage, above)
+            e.pins = ([] if e.ptr is not None else [p]) + [a for _, a in e.sarrs]
             e.sflat = tuple(st[s].reshape(-1) if s in st else None for s in slots)
             m = st.get(precision.MASTER) if self.master_weights else None
             e.mflat = None if m is None else m.reshape(-1)
-            e.io = self._io_base(pk, precision.kind(g.dtype))
+            e.io = self._kinds().io_base(pk, precision.kind(g.dtype))
             e.ios, e.salt = {}, precision.param_salt(name)
             entries.append(e)
-        return _DictCache(entries, self._state, be, tuple(s in names for s in slots))
+        return _DictCache(entries, self._st.arrays, be, tuple(s in names for s in slots))
 
     def _backend_for(self, arrays, what):
         """The backend module that will run, after checking it can reach ``arrays``."""
@@ -395,50 +462,20 @@ class StepMachinery:
         check_reach(be, arrays, what)
         return be
 
-    def _check_against(self, name, shape, dtype):
-        """Shape/dtype of parameter ``name`` against the bound layout or the loaded state."""
-        if self._bound is not None:
-            ref = self._bound[name]
-            if (shape, dtype) != ref:
-                raise ValueError(
-                    f"parameter {name!r} is {dtype_name(dtype)}{list(shape)} but "
-                    f"this optimizer was first stepped with "
-                    f"{dtype_name(ref[1])}{list(ref[0])}; create a new optimizer "
-                    "or load a matching state_dict"
-                )
-        elif self._pending is not None:
-            pk = precision.kind(dtype)
-            check_names(
-                self._pending[name],
-                self._names_for(pk),
-                f"loaded state buffers of parameter {name!r}",
-                f"those {type(self).__name__} keeps for a {pk} parameter",
-            )
-            sk = precision.storage_dtype(self._state_kind(pk))
-            for s, a in self._pending[name].items():
-                want = np.dtype(np.float32) if s == precision.MASTER else sk
-                if a.shape != shape or a.dtype != want:
-                    raise ValueError(
-                        f"loaded state {s!r} of parameter {name!r} is "
-                        f"{dtype_name(a.dtype)}{list(a.shape)}, but the parameter "
-                        f"is {dtype_name(dtype)}{list(shape)}, its state "
-                        f"{dtype_name(want)}{list(shape)}"
-                    )
-
     def _validate_dict(self, params, grads, write_grad=False):
         check_names(grads, params, "the names of grads", "the names of params")
-        bound = self._layout is not None
+        bound = self._st.layout is not None
         if bound:
-            if self._layout[0] != "dict":
+            if self._st.layout[0] != "dict":
                 raise ValueError("this optimizer steps a FlatBuffer; call step(buf), not update()")
             check_names(
                 params,
-                self._state,
+                self._st.arrays,
                 "parameter names",
                 "those of the first step (create a new optimizer for other parameters)",
             )
-        elif self._pending is not None:
-            check_names(params, self._pending, "parameter names", "those of the loaded state")
+        elif self._st.pending is not None:
+            check_names(params, self._st.pending, "parameter names", "those of the loaded state")
         hp = self._step_hp()  # schedules may have changed them since the last step
         arrays = []
         for name, p in params.items():
@@ -456,17 +493,17 @@ class StepMachinery:
         for name, p in params.items():
             g = grads[name]
             pd, ents = check_param_arrays(name, p, g, (), supported, grad_written=write_grad)
-            self._check_against(name, tuple(p.shape), pd)
+            self._st.check_against(name, tuple(p.shape), pd, self._kinds(), type(self).__name__)
             pk = precision.kind(pd)
-            sk = self._state_kind(pk)  # refuses a state dtype this param cannot keep
+            sk = self._kinds().state_kind(pk)  # refuses a state dtype this param cannot keep
             if bound:
-                st = self._state[name]
+                st = self._st.arrays[name]
                 if not isinstance(st, Mapping):
                     raise ValueError(
                         f"opt.state[{name!r}] is a {type(st).__name__}; expected "
                         "a dict state name -> array"
                     )
-                want = self._names_for(pk)
+                want = self._kinds().names_for(pk)
                 check_names(st, want, f"state buffers of parameter {name!r}", f"those {kind} keeps")
                 ents += check_state_arrays(
                     name, p, [(s, st[s]) for s in want], state_dtype=precision.storage_dtype(sk)
@@ -482,6 +519,8 @@ class StepMachinery:
         groups = c.buf.groups
         if len(groups) != c.n:
             return False
+        if c.pins is not None and not c.pins.unmoved():  # the memory behind every host array
+            return False  # (see _recheck_dict)
         for i, g in enumerate(groups):
             d, gr = g.data, g.grad
             if (
@@ -512,30 +551,29 @@ class StepMachinery:
         if ls.skip or self._device_flag_set(c.be, ls):
             return False
         launch, kbuf = self._launch(c.be, hp, ls, c.datas[0])
-        for d, gr, states, m, e in zip(c.datas, c.grads, c.states, c.masters, c.entries):
-            io = e.io_for(ls, kbuf)
-            if io is None:
-                launch.runner(d.dtype, c.writes)(d, gr, states)
-            else:
-                launch.runner(d.dtype, c.writes, io)(d, gr, states, m, e.salt)
-        self._advance_host(launch, kbuf)
+        runs = [
+            launch.runner(d.dtype, c.writes, e.io_for(ls, kbuf)) for d, e in zip(c.datas, c.entries)
+        ]
+        for run, d, gr, states, m, e in zip(runs, c.datas, c.grads, c.states, c.masters, c.entries):
+            run(d, gr, states, m, e.salt)
+        self._commit(launch, kbuf)
         return True
 
     def _build_flat_cache(self, buf, be):
         c = _FlatCache()
-        names, slots = self._state_names(), RULES[self._rule].STATE
+        names, slots = self._slots, RULES[self._rule].state
         c.buf, c.n, c.groups = buf, len(buf.groups), tuple(buf.groups)
         c.datas = tuple(g.data for g in buf.groups)
         c.grads = tuple(g.grad for g in buf.groups)
         c.shapes = tuple(d.shape for d in c.datas)
         c.dtypes = tuple(d.dtype for d in c.datas)
         c.gdtypes = tuple(g.dtype for g in c.grads)
-        c.states = tuple(tuple(f.get(s, None) for s in slots) for f in self._flat_state)
-        c.masters = tuple(f.get(precision.MASTER) for f in self._flat_state)
+        c.states = tuple(tuple(f.get(s, None) for s in slots) for f in self._st.flat)
+        c.masters = tuple(f.get(precision.MASTER) for f in self._st.flat)
         c.entries = []
         for i, (d, g) in enumerate(zip(c.datas, c.grads)):
             e = _Entry()  # the group's storage plan and salt
-            e.io = self._io_base(precision.kind(d.dtype), precision.kind(g.dtype))
+            e.io = self._kinds().io_base(precision.kind(d.dtype), precision.kind(g.dtype))
             e.ios, e.salt = {}, precision.param_salt(f"group {i}")
             c.entries.append(e)
         c.be, c.writes = be, tuple(s in names for s in slots)
@@ -544,25 +582,29 @@ class StepMachinery:
         # the cheap re-checks read NumPy or CuPy flags; other kinds are validated in full
         cp = sys.modules.get("cupy")
         c.fast = c.host or (cp is not None and all(type(a) is cp.ndarray for a in arrays))
+        c.pins = None  # device memory is never resized in place
+        if c.host:  # the flat state is the optimizer's own, the data and grads the buffer's
+            c.pins = Pins(list(arrays) + [a for f in self._st.flat for a in f.values()])
         return c
 
     def _validate_flat(self, buf, write_grad=False):
         layout = buf.layout
-        if self._layout is not None:
-            if self._layout[0] != "flat":
+        if self._st.layout is not None:
+            if self._st.layout[0] != "flat":
                 raise ValueError(
                     "this optimizer steps dicts of arrays; call update(params, "
                     "grads), not step(buf)"
                 )
-            if self._layout[1] != layout:
+            if self._st.layout[1] != layout:
                 check_names(
                     buf.params,
-                    self._state,
+                    self._st.arrays,
                     "the FlatBuffer's parameter names",
                     "those of the first step",
                 )
                 old = {
-                    n: (dt, off, size, tuple(shape)) for dt, n, off, size, shape in self._layout[1]
+                    n: (dt, off, size, tuple(shape))
+                    for dt, n, off, size, shape in self._st.layout[1]
                 }
                 for dt, n, off, size, shape in layout:
                     if old[n] != (dt, off, size, tuple(shape)):
@@ -574,15 +616,17 @@ class StepMachinery:
                             "optimizer or load a matching state_dict"
                         )
                 raise ValueError("this FlatBuffer's layout differs from the first step's")
-        elif self._pending is not None:
+        elif self._st.pending is not None:
             check_names(
                 buf.params,
-                self._pending,
+                self._st.pending,
                 "the FlatBuffer's parameter names",
                 "those of the loaded state",
             )
             for dt, n, _, _, shape in layout:
-                self._check_against(n, tuple(shape), np.dtype(dt))
+                self._st.check_against(
+                    n, tuple(shape), np.dtype(dt), self._kinds(), type(self).__name__
+                )
         self._step_hp()
         arrays = []
         for i, g in enumerate(buf.groups):
@@ -608,9 +652,9 @@ class StepMachinery:
                         f"{' or '.join(dtype_name(d) for d in ok)} array of at least {n} elements"
                     )
             states = ()
-            if self._flat_state is not None:
-                states = tuple(self._flat_state[i].items())
-                size = next(iter(self._flat_state[i].values())).shape[0] if states else None
+            if self._st.flat is not None:
+                states = tuple(self._st.flat[i].items())
+                size = next(iter(self._st.flat[i].values())).shape[0] if states else None
                 if size is not None and group.data.shape[0] != size:
                     raise ValueError(
                         f"data of {who} is {describe(group.data)} but this "
@@ -618,7 +662,7 @@ class StepMachinery:
                         "(sized at the first step); a FlatBuffer's buffers cannot "
                         "be resized: create a new FlatBuffer and optimizer"
                     )
-            sk = precision.storage_dtype(self._state_kind(precision.kind(dt)))
+            sk = precision.storage_dtype(self._kinds().state_kind(precision.kind(dt)))
             _, ents = check_param_arrays(
                 None,
                 group.data,

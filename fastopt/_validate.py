@@ -11,6 +11,7 @@ import math
 
 import numpy as np
 
+from ._arrays import _span, backing_error
 from .backends import is_device_array
 
 __all__ = [
@@ -18,6 +19,7 @@ __all__ = [
     "NonFiniteGradientError",
     "all_finite",
     "check_array",
+    "check_backed",
     "check_like",
     "check_names",
     "check_no_overlap",
@@ -107,15 +109,33 @@ def _who(name, who):
     return f"parameter {name!r}" if who is None else who
 
 
+def _check_plain(role, who, a):
+    """Not an ndarray subclass: ``np.matrix`` stays 2-D under ``reshape(-1)``, a masked array
+    carries a mask the kernels cannot see, any other may index differently. The doors hand
+    their inputs through ``fastopt._arrays.as_xp_array`` first, which views such an array as a
+    plain ndarray (and refuses a masked one); what reaches a check unconverted (a state buffer
+    rebound by the user, say) is refused here."""
+    if isinstance(a, np.ndarray) and type(a) is not np.ndarray:
+        kind = f"{type(a).__module__}.{type(a).__name__}"
+        raise TypeError(
+            f"{role} of {who} is a {kind} (an ndarray subclass); expected a plain "
+            "numpy.ndarray: a subclass may index differently (np.matrix stays 2-D) or carry a "
+            "mask the kernels would ignore (pass a.view(np.ndarray), or a.filled(...) for a "
+            "masked array)"
+        )
+
+
 def check_array(name, role, a, supported=FULL_PRECISION, who=None):
-    """``a`` is a NumPy or device array of a supported float dtype in native byte order
-    (``role``: param/grad/...; ``who``: what the message names, by default the parameter)."""
+    """``a`` is a plain NumPy or a device array of a supported float dtype in native byte
+    order (``role``: param/grad/...; ``who``: what the message names, by default the
+    parameter)."""
     who = _who(name, who)
     if not is_array(a):
         raise TypeError(
             f"{role} of {who} is a {type(a).__name__}; expected a NumPy array or a "
             "device (__cuda_array_interface__) array"
         )
+    _check_plain(role, who, a)
     dt = dtype_of(a)
     if not _is_float(dt):
         raise TypeError(
@@ -145,9 +165,20 @@ def _c_contiguous(a):
     )
 
 
+def check_backed(name, role, a, who=None):
+    """Every byte host array ``a`` reaches lies in live memory (``_arrays.backing_error``): not
+    a view of an array resized or freed since, nor of a torch tensor whose storage shrank."""
+    if isinstance(a, np.ndarray):
+        why = backing_error(a)
+        if why is not None:
+            raise ValueError(f"{role} of {_who(name, who)} ({describe(a)}) {why}")
+
+
 def check_writable(name, role, a, who=None):
-    """``a`` can be updated in place by a flat kernel: C-contiguous and writeable."""
+    """``a`` can be updated in place by a flat kernel: C-contiguous, writeable, and backed by
+    live memory (``check_backed``)."""
     who = _who(name, who)
+    check_backed(name, role, a, who)
     if not _c_contiguous(a):
         raise ValueError(
             f"{role} of {who} ({describe(a)}) is not C-contiguous; "
@@ -164,6 +195,8 @@ def check_like(name, role, a, param, who=None, exc=ValueError, dtype=None):
     """``a`` (a state buffer) has its parameter's shape and dtype (byte order included), or
     the storage dtype ``dtype`` when one is given."""
     want = dtype_of(param) if dtype is None else np.dtype(dtype)
+    if is_array(a):
+        _check_plain(role, _who(name, who), a)
     if not is_array(a) or tuple(a.shape) != tuple(param.shape) or dtype_of(a) != want:
         expected = describe(param) if dtype is None else f"{dtype_name(want)}{list(param.shape)}"
         raise exc(
@@ -211,6 +244,8 @@ def check_param_arrays(
     check_writable(name, "param", param, who)
     if grad_written:
         check_writable(name, "grad", grad, who)
+    else:
+        check_backed(name, "grad", grad, who)
     entries = [(who, param, True), (f"grad of {who}", grad, grad_written)]
     return pd, entries + check_state_arrays(name, param, states, who, state_dtype)
 
@@ -266,12 +301,7 @@ def _c_strides(shape, itemsize):
 def _extent(a):
     """``(lo, hi)``: the half-open byte range ``a`` can touch, or None when it is empty."""
     if isinstance(a, np.ndarray):
-        if a.size == 0:
-            return None
-        if a.flags.c_contiguous:
-            lo = a.ctypes.data
-            return lo, lo + a.nbytes
-        return tuple(int(x) for x in np.lib.array_utils.byte_bounds(a))
+        return _span(a)
     cai = a.__cuda_array_interface__
     shape = tuple(int(n) for n in cai["shape"])
     if math.prod(shape) == 0:

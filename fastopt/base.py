@@ -28,6 +28,7 @@ step's host cost O(1) per array.
 from __future__ import annotations
 
 import contextlib
+import copy
 import functools
 import inspect
 import threading
@@ -37,16 +38,25 @@ from typing import Any
 import numpy as np
 
 from . import backends, precision
-from ._arrays import on_device, to_numpy
-from ._state import StateMachinery
+from ._arrays import on_device
+from ._state import OptimizerState, StateKinds
 from ._steps import StepMachinery
-from ._validate import (
-    normalise_hyper,
-)
+from ._validate import check_names, normalise_hyper
 from .flat import FlatBuffer
 from .kernels import RULES
 
 __all__ = ["NONFINITE_POLICIES", "Optimizer"]
+
+#: the attributes older pickles kept the state's parts in -> ``OptimizerState``'s names
+_OLD_STATE_NAMES = {
+    "_state": "arrays",
+    "_layout": "layout",
+    "_bound": "shapes",
+    "_flat_state": "flat",
+    "_pending": "pending",
+    "_pending_host": "pending_host",
+    "_host": "host",
+}
 
 #: what ``nonfinite=`` accepts: None (PyTorch: NaN/inf flow through), "raise", "skip"
 NONFINITE_POLICIES = (None, "raise", "skip")
@@ -106,7 +116,7 @@ def _with_precision(init):
     return __init__
 
 
-class Optimizer(StepMachinery, StateMachinery):
+class Optimizer(StepMachinery):
     """Base class. Numeric hyperparameters are plain attributes: change them between steps
     (for schedules) and the next step uses them, without recompiling anything. A value set is
     normalised at once (NumPy scalars become Python floats, betas a tuple) and validated before
@@ -140,13 +150,8 @@ class Optimizer(StepMachinery, StateMachinery):
         self.backend = backend
         self.nonfinite = nonfinite
         self.step_count = 0
-        self._state = {}  # name -> {state name -> array view}
-        self._layout = None  # ("dict", ((name, shape, dtype), ...)) or ("flat", buf.layout)
-        self._bound = None  # name -> (shape, dtype name) of the first step
-        self._flat_state = None  # per FlatBuffer group: {state name -> flat array}
-        self._pending = None  # state loaded before the first step
-        self._host = None  # the rule's host state ({} without one), created with the state
-        self._pending_host = None  # host state loaded before the first step
+        self._st = OptimizerState()  # buffers, layout, pending loads, host state
+        # what the last full validation of update()/step() established (fastopt._steps)
         self._dict_cache = None
         self._flat_cache = None
         self._hyper_ok = True  # the constructor validated every hyperparameter
@@ -172,7 +177,8 @@ class Optimizer(StepMachinery, StateMachinery):
         seed=0,
         capturable=False,
     ):
-        if self.__dict__.get("_layout") is not None:
+        st = self.__dict__.get("_st")
+        if st is not None and st.bound:
             raise RuntimeError("the precision settings are fixed once an optimizer has stepped")
         state_dtype = precision.check_state_dtype(state_dtype)
         for name, v in (
@@ -200,6 +206,7 @@ class Optimizer(StepMachinery, StateMachinery):
                 device_scalars.trace(self._rule, hp)
             except device_scalars.NotCapturable as exc:
                 raise ValueError(f"{type(self).__name__}(capturable=True): {exc}") from None
+        self.__dict__.pop("_kinds_memo", None)
         self._prec = {
             "state_dtype": state_dtype,
             "master_weights": bool(master_weights),
@@ -258,26 +265,46 @@ class Optimizer(StepMachinery, StateMachinery):
         """Are the step count and lr kept on the device (CUDA-graph capturable steps)?"""
         return self._prec["capturable"]
 
+    def _kinds(self) -> StateKinds:
+        """Which state buffers a parameter keeps, in which dtype (fixed at construction)."""
+        k = self.__dict__.get("_kinds_memo")
+        if k is None:
+            k = self._kinds_memo = StateKinds(
+                self._slots,
+                self.state_dtype,
+                self.master_weights,
+                self.stochastic_rounding,
+            )
+        return k
+
     def _state_kind(self, param_kind):
         """The storage dtype of the state buffers of a param of ``param_kind``."""
-        return precision.resolve_state_kind(self.state_dtype, param_kind, self.master_weights)
+        return self._kinds().state_kind(param_kind)
 
     def _names_for(self, param_kind):
-        """The state buffer names of a param of ``param_kind``: the rule's, and the master
-        copy of a 16-bit param when ``master_weights``."""
-        if self.master_weights and param_kind in precision.storage.BITS16:
-            return self._slots + (precision.MASTER,)
-        return self._slots
+        """The state buffer names of a param of ``param_kind`` (``StateKinds.names_for``)."""
+        return self._kinds().names_for(param_kind)
 
-    def _io_base(self, param_kind, grad_kind):
-        """The storage plan of a param's launches (without a step's loss-scale extras)."""
-        return precision.io_of(
-            param_kind,
-            grad_kind,
-            self._state_kind(param_kind),
-            self.master_weights,
-            self.stochastic_rounding,
-        )
+    # the state's parts under their older names (checkpoint.py and tests read them)
+    @property
+    def _bound(self):
+        return self._st.shapes
+
+    @property
+    def _layout(self):
+        return self._st.layout
+
+    @property
+    def _flat_state(self):
+        return self._st.flat
+
+    @property
+    def _host(self):
+        return self._st.host
+
+    @property
+    def _pending(self):
+        return self._st.pending
 
     @property
     def _spec(self):
@@ -330,11 +357,13 @@ class Optimizer(StepMachinery, StateMachinery):
                 )
         return {k: full[k] for k in hp}
 
-    def _state_names(self):
-        return self._slots
-
     def _state_fill(self, name):
+        """The initial value of state slot ``name`` (the rule's, from the hyperparameters)."""
         return self._spec.initial(name, self._rule_hp(self.hyperparams))
+
+    def _initial_host(self):
+        """The rule's initial host state, from the hyperparameters."""
+        return self._spec.initial_host_state(self._rule_hp(self.hyperparams))
 
     def _init(self, hp):
         """Validate the constructor's hyperparameters, set them as attributes, and fix the
@@ -344,6 +373,7 @@ class Optimizer(StepMachinery, StateMachinery):
         for k, v in hp.items():
             setattr(self, k, v)
         self._slots = self._spec.state_names(self._rule_hp(hp))
+        self.__dict__.pop("_kinds_memo", None)
 
     def __setattr__(self, name, value):
         if name[0] == "_":
@@ -421,7 +451,7 @@ class Optimizer(StepMachinery, StateMachinery):
     def state(self) -> Mapping[str, Mapping[str, Any]]:
         """Per-parameter state, ``{name: {state name: array}}`` under PyTorch's names (views
         into the flat state buffers for a ``FlatBuffer``, where the mappings are read-only)."""
-        return self._state
+        return self._st.arrays
 
     @property
     def host_state(self) -> dict[str, float]:
@@ -434,9 +464,9 @@ class Optimizer(StepMachinery, StateMachinery):
         """The host state now: the device's for a capturable optimizer stepping on a GPU (read
         back: one synchronisation), else the host's (a pending one before the first step)."""
         ds = self.__dict__.get("_dev")
-        if ds is not None and self._host:
+        if ds is not None and self._st.host:
             return ds.host_state()
-        return self._host if self._host is not None else self._pending_host
+        return self._st.host_now()
 
     @property
     def hyperparams(self) -> dict[str, Any]:
@@ -460,14 +490,20 @@ class Optimizer(StepMachinery, StateMachinery):
         d["_dict_cache"] = d["_flat_cache"] = None
         if d.pop("_dev", None) is not None:  # device-held count: pickled as the host value
             d["_step_count"] = self.step_count
-            if d.get("_host"):  # and so is the host state
-                d["_host"] = self._current_host()
+            if self._st.host:  # and so is the host state
+                st = d["_st"] = copy.copy(self._st)
+                st.host = self._current_host()
         return d
 
     def __setstate__(self, d):
         if "step_count" in d:  # pickled before the count became a property
             d["_step_count"] = d.pop("step_count")
         d.setdefault("_prec", dict(PRECISION_DEFAULTS))
+        if "_st" not in d:  # pickled when the state's parts were the optimizer's attributes
+            st = d["_st"] = OptimizerState()
+            for old, new in _OLD_STATE_NAMES.items():
+                if old in d:
+                    setattr(st, new, d.pop(old))
         self.__dict__.update(d)
         self.__dict__["_lock"] = threading.Lock()
 
@@ -536,8 +572,9 @@ class Optimizer(StepMachinery, StateMachinery):
             be = self._validate_flat(buf, ls.write_grad)
             if not self._finite_flat(buf):
                 return False
-            if self._layout is None:
-                self._bind_flat(buf)
+            if not self._st.bound:
+                self._check_plan(be, self._step_hp())  # refused: no state created
+                self._st.bind_flat(buf, self._kinds(), self._state_fill, self._initial_host)
             c = self._flat_cache = self._build_flat_cache(buf, be)
             return self._apply_flat(buf, c, ls)
 
@@ -546,13 +583,7 @@ class Optimizer(StepMachinery, StateMachinery):
         """Plain data: optimizer kind, step count, hyperparameters and per-parameter state
         (``{name: {state name: numpy array}}``, host copies shaped like the parameters, plus
         the rule's host state as 0-d float32 arrays, as torch keeps it)."""
-        state = {n: {s: to_numpy(a) for s, a in st.items()} for n, st in self._state.items()}
-        hs = self._current_host()
-        if self._pending is not None and not state:
-            state = {n: {s: a.copy() for s, a in st.items()} for n, st in self._pending.items()}
-            hs = self._pending_host
-        for st in state.values():  # torch's form: 0-d float32 tensors in every parameter's state
-            st.update({h: np.array(v, dtype=np.float32) for h, v in (hs or {}).items()})
+        state = self._st.snapshot(self._current_host())
         return {
             "optimizer": type(self).__name__,
             "step": self.step_count,
@@ -570,6 +601,53 @@ class Optimizer(StepMachinery, StateMachinery):
         state dict changes nothing.
         """
         self._commit_state_dict(*self._check_state_dict(sd))
+
+    def _check_state_dict(self, sd):
+        """Check a state dict whole (kind, step, flags, hyperparameter values, then the state
+        through ``OptimizerState.check_loaded``) and return what ``_commit_state_dict``
+        applies; writes nothing."""
+        keys = {"optimizer", "step", "hyperparams", "state"}
+        if not isinstance(sd, dict) or set(sd) != keys:
+            got = sorted(sd, key=str) if isinstance(sd, dict) else type(sd).__name__
+            raise ValueError(
+                f"not a fastopt state_dict: got {got}, expected a dict with keys {sorted(keys)}"
+            )
+        kind = type(self).__name__
+        if sd["optimizer"] != kind:
+            raise ValueError(f"state_dict is for optimizer {sd['optimizer']!r}, this is {kind}")
+        step = sd["step"]
+        if (
+            isinstance(step, (bool, np.bool_))
+            or not isinstance(step, (int, np.integer))
+            or step < 0
+        ):
+            raise ValueError(f"state_dict step is {step!r}; expected an integer >= 0")
+        hp = sd["hyperparams"]
+        if not isinstance(hp, dict):
+            raise TypeError(f"state_dict hyperparams is a {type(hp).__name__}; expected a dict")
+        check_names(hp, self._hyper + self._flags, "state_dict hyperparameters", f"those of {kind}")
+        hp = {k: normalise_hyper(v) for k, v in hp.items()}
+        for f in self._flags:
+            if hp[f] != getattr(self, f):
+                raise ValueError(
+                    f"state_dict has {f}={hp[f]!r} but this optimizer has "
+                    f"{f}={getattr(self, f)!r}; flags decide the state buffers "
+                    "and the math, so they must match"
+                )
+        hp = self._check_hyper(hp)
+        loaded, hs = self._st.check_loaded(sd["state"], self._kinds(), self._spec, kind)
+        return hp, int(step), loaded, hs
+
+    def _commit_state_dict(self, hp, step, loaded, hs):
+        """Apply a checked state dict (``_check_state_dict``): nothing here is refused."""
+        self._st.load(loaded, hs)
+        ds = self.__dict__.get("_dev")
+        if self._st.bound and ds is not None and hs:  # a capturable optimizer's host state
+            ds.set_host_state(hs)  # lives on the device
+        for h in self._hyper:
+            setattr(self, h, hp[h])
+        self._hyper_ok = True  # validated by _check_state_dict
+        self.step_count = step
 
     def __repr__(self):
         hp = ", ".join(f"{k}={v!r}" for k, v in self.hyperparams.items())

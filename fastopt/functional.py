@@ -25,15 +25,15 @@ array) nonzero makes the call change nothing. Each entry point returns True when
 applied, False when ``found_inf`` skipped it.
 
 The classes validate once per parameter and then only re-check what can change, so they launch
-through ``Launch`` (the same scalars and kernels, without the per-call checks).
+through ``StepPlan`` (the same scalars and kernels, without the per-call checks).
 """
 
 import inspect
 
 import numpy as np
 
-from . import precision, reference
-from ._arrays import as_xp_array
+from . import precision
+from ._arrays import as_xp_array, check_torch_storage
 from ._validate import (
     SUPPORTED_DTYPES,
     check_no_overlap,
@@ -47,9 +47,10 @@ from ._validate import (
     where,
 )
 from .backends import resolve
+from .backends.protocol import step_runner_of
 from .kernels import RULES, storage
 
-__all__ = ["Launch", "plan", "run", *RULES]
+__all__ = ["Launch", "StepPlan", "plan", "run", *RULES]
 
 
 def plan(rule, step, hp, hs=None):
@@ -59,11 +60,16 @@ def plan(rule, step, hp, hs=None):
     return RULES[rule].plan(hp, step, hs)
 
 
-class Launch:
-    """One step of one rule on one backend: the variant and host scalars are computed once,
-    then ``runner(dtype, writes, io)(param, grad, states, master, salt)`` launches it on any
-    number of flat arrays. Trusts its caller: the arrays must already have passed
-    ``check_param_arrays``.
+class StepPlan:
+    """One step of one rule on one backend, planned before anything is written: the variant
+    and host scalars (``Rule.plan``) and the host state after the step (``hs_after``,
+    ``Rule.advance_host_state``; not for a step whose host state lives on the device), so that
+    a value that cannot be computed (an overflow, a step too large for a float) is a
+    ``ValueError`` with nothing changed. ``runner(dtype, writes, io)`` then gives the
+    ``run(param, grad, states, master, salt)`` that launches the step on any number of flat
+    arrays of one dtype and storage plan: the backend's ``step_runner`` (the one protocol of
+    ``fastopt.backends.protocol``), cached per ``(dtype, writes, io)``. Trusts its caller: the
+    arrays must already have passed ``check_param_arrays``.
 
     ``io`` (``kernels.storage.IO``, None: every array in ``dtype``) is a launch's storage plan;
     ``inv_scale`` the host value of 1/grad_scale (``io.scale == "host"``), ``scale`` the device
@@ -78,6 +84,7 @@ class Launch:
         "found_inf",
         "hp",
         "hs",
+        "hs_after",
         "inv_scale",
         "k",
         "key",
@@ -105,6 +112,7 @@ class Launch:
             hs = spec.replay_host_state(hp, step)
         self.be, self.rule, self.step, self.hp, self.hs = be, rule, step, hp, hs
         self.flags, self.k = spec.plan(hp, step, hs)
+        self.hs_after = spec.advance_host_state(hp, step, hs) if hs and device is None else hs
         self.inv_scale, self.scale = inv_scale, scale
         self.key = storage.step_key(int(seed), step)
         # a capturable step: the scalars in device memory (fastopt._capture.DeviceScalars)
@@ -124,71 +132,14 @@ class Launch:
         return run
 
     def _make(self, dtype, writes, io):
-        be, rule, flags, k = self.be, self.rule, self.flags, self.k
-        spec = RULES[rule]
-        if be.NAME == "numpy":
-            oracle, names = getattr(reference, rule), spec.state
-            # the oracle takes the hyperparameters that shape a step (not, say, the initial
-            # accumulator value, which only shapes the state it is handed)
-            takes = inspect.signature(oracle).parameters
-            kw = {h: v for h, v in self.hp.items() if h in takes}
-            kw["step"] = self.step
-            hs = self.hs or {}
+        run = step_runner_of(self.be)(self, dtype, writes, io)
+        return self._with_fresh_slots(writes, run)
 
-            if io is None:
-
-                def run(param, grad, states, master=None, salt=0):
-                    st = {n: s for n, s in zip(names, states) if s is not None}
-                    # host state as the oracle keeps it (torch's 0-d tensors), this step's copy
-                    st.update({n: np.array(v, dtype=np.float32) for n, v in hs.items()})
-                    oracle(param, grad, st, **kw)
-            else:
-                step, hp, inv, key = self.step, self.hp, self.inv_scale, self.key
-
-                def run(param, grad, states, master=None, salt=0):
-                    precision.oracle_step(
-                        rule,
-                        param,
-                        grad,
-                        {n: s for n, s in zip(names, states) if s is not None},
-                        io=io,
-                        step=step,
-                        hp=hp,
-                        hs=hs,
-                        master=master,
-                        salt=salt,
-                        inv_scale=inv,
-                        key=key,
-                    )
-        elif hasattr(be, "prepare"):
-            if io is None:
-                run = be.prepare(rule, flags, writes, k, dtype)
-            else:
-                run = be.prepare(
-                    rule, flags, writes, k, dtype, io=io, extras=(self.inv_scale, self.key)
-                )
-        else:
-            extras = {"inv_scale": self.inv_scale, "key": self.key, "scale": self.scale}
-            if self.device is not None and io is not None and io.kbuf:
-                extras.update(self.device.extras(io.compute, self.found_inf))
-
-            def run(param, grad, states, master=None, salt=0):
-                if io is None:
-                    be.launch(rule, flags, param, grad, tuple(states), k)
-                else:
-                    be.launch(
-                        rule,
-                        flags,
-                        param,
-                        grad,
-                        tuple(states),
-                        k,
-                        io=io,
-                        master=master,
-                        extras=dict(extras, salt=salt),
-                    )
-
-        used = spec.slots_used(flags)
+    def _with_fresh_slots(self, writes, run):
+        """``run``, first resetting the slots a first step reads where torch creates the
+        buffer fresh (``Slot.fresh``)."""
+        spec = RULES[self.rule]
+        used = spec.slots_used(self.flags)
         fresh = (
             [
                 (j, spec.initial(s.name, self.hp))
@@ -209,6 +160,10 @@ class Launch:
                 inner(param, grad, states, master, salt)
 
         return run
+
+
+#: the older name of ``StepPlan``
+Launch = StepPlan
 
 
 # -- loss scaling ----------------------------------------------------------------------------------
@@ -239,7 +194,12 @@ def loss_scale(grad_scale, what="grad_scale"):
     v = float(grad_scale)
     if not np.isfinite(v) or v <= 0:
         raise ValueError(f"invalid {what}: {v!r}; expected a finite number > 0")
-    return "host", 1.0 / v, None
+    inv = 1.0 / v
+    if not np.isfinite(inv):  # a subnormal scale: 1/scale overflows
+        raise ValueError(
+            f"invalid {what}: {v!r}; its reciprocal overflows to inf (expected a scale > 5.6e-309)"
+        )
+    return "host", inv, None
 
 
 def device_flag(found_inf):
@@ -277,23 +237,29 @@ def found(found_inf):
 # -- the checked public door ----------------------------------------------------------------------
 
 
-def _array(a):
+def _array(a, label=None):
     """Host DLPack producers (PyTorch CPU tensors) as NumPy views; a torch tensor that requires
-    grad is detached first (a view of the same memory). Device arrays go to the backend as they
-    are (each GPU backend views them without a copy)."""
+    grad is detached first (a view of the same memory), once its storage is found to hold what
+    it spans; an ndarray subclass as a plain ndarray view (a masked array refused:
+    ``as_xp_array``). Device arrays go to the backend as they are (each GPU backend views them
+    without a copy)."""
     if type(a) is np.ndarray or a is None:
-        return a
+        return a  # its memory is checked with the rest (check_param_arrays)
+    if isinstance(a, np.ndarray):
+        return as_xp_array(a, label)
     if type(a).__module__.startswith("torch") and hasattr(a, "detach"):
+        check_torch_storage(a, label)
         a = a.detach()
-    return a if is_array(a) else as_xp_array(a)
+    return a if is_array(a) else as_xp_array(a, label)
 
 
 def _checked(rule, flags, backend, param, grad, states, master=None, grad_written=False):
     """Validate one functional call; returns ``(be, param, grad, states, master, io)`` ready to
     launch (``io`` from the arrays' storage dtypes)."""
     who = f"fastopt.functional.{rule}()"
-    param, grad, master = _array(param), _array(grad), _array(master)
-    states = {n: _array(a) for n, a in states.items()}
+    param, grad = _array(param, f"param of {who}"), _array(grad, f"grad of {who}")
+    master = _array(master, f"master_param of {who}")
+    states = {n: _array(a, f"state {n!r} of {who}") for n, a in states.items()}
     be = resolve(backend, param if is_array(param) else None)
     spec = RULES[rule]
     for (name, a), slot, used in zip(states.items(), spec.slots, spec.slots_used(flags)):
@@ -434,10 +400,11 @@ def run(
     if found(found_inf):
         return False
     writes = tuple(a is not None for a in arrays)
-    launch = Launch(be, rule, step, hp, hs, inv_scale=inv_scale, scale=scale_dev, seed=seed)
-    launch.runner(dtype_of(param), writes, io)(param, grad, arrays, master, salt)
+    # the whole plan (variant, scalars, host state after the step) before the one write
+    planned = StepPlan(be, rule, step, hp, hs, inv_scale=inv_scale, scale=scale_dev, seed=seed)
+    planned.runner(dtype_of(param), writes, io)(param, grad, arrays, master, salt)
     if host_state is not None:
-        for name, value in spec.advance_host_state(hp, step, hs).items():
+        for name, value in planned.hs_after.items():
             if isinstance(host_state[name], np.ndarray):
                 host_state[name][...] = value
             else:

@@ -1,33 +1,52 @@
-"""The chapter's optimizer classes, with the chapter's names, defaults, state and formulas.
+"""The chapter's optimizer classes, with the chapter's names, defaults, state and statements.
 
     from fastopt.textbook import SGD, Momentum, Nesterov, AdaGrad, RMSprop, Adam
 
     opt = Adam(lr=0.001, beta1=0.9, beta2=0.999)
     opt.update(params, grads)      # dicts key -> array (or number); same call as the chapter's
 
-The classic "Deep Learning from Scratch" chapter on optimizers writes six small classes with an
-``update(params, grads)`` method over dicts. These classes keep its constructor signatures and
-defaults, its state attributes (``v`` for Momentum and Nesterov, ``h`` for AdaGrad and RMSprop,
-``m``, ``v`` and ``iter`` for Adam: dicts keyed like ``params``, created on the first update) and
-its formulas (eps = 1e-7, outside the square root; Adam's ``lr_t``; Momentum's velocity;
-Nesterov as the chapter writes it), which are not ``torch.optim``'s: for those, use
+"Deep Learning from Scratch" (O'Reilly Japan) writes six small optimizer classes in its
+``common/optimizer.py``, each with an ``update(params, grads)`` method over dicts. These classes
+keep its constructor signatures and defaults, its state attributes (``v`` for Momentum and
+Nesterov, ``h`` for AdaGrad and RMSprop, ``m``, ``v`` and ``iter`` for Adam: dicts keyed like
+``params``, created on the first update) and its update statements, in its order (each class's
+docstring quotes them). Those are not ``torch.optim``'s formulas: for those, use
 ``fastopt.Adam`` and the other top-level classes.
 
-Every update runs on fastopt's fused kernels: each formula is an existing per-element rule
-(``kernels/``) with host scalars chosen so that the rule computes the chapter's expression
-(see each class). ``backend="auto"`` runs Numba on NumPy arrays and CuPy on device arrays.
+How it runs: each class's ``_rule()`` is the body of the chapter's ``for key in params`` loop
+for one element, statement by statement (``p = p + s`` for ``params[key] += s``), with the
+chapter's constants as host scalars. It is compiled as one fused pass per parameter by the loop
+generators every rule uses, through the backends' ``element_runner``: on the host Numba's
+(``numba_backend.python_loop``: a ``prange`` loop from 2^15 elements), on a GPU numba-cuda's
+grid-stride kernel (``numba_cuda_backend.kernel_source``) for any device array (CuPy's
+included). The scalars take the types NumPy gives
+the chapter's expressions (NumPy 2's promotion rules): a Python float next to a float32 array is
+rounded to float32 and the math stays float32, except Adam's ``lr_t``, a ``np.float64`` (from
+``np.sqrt``), which makes its parameter step float64 math rounded once into a float32 array, as
+the chapter's ``params[key] -= lr_t * m / ...`` does. Compiled without ``fastmath``, the host
+results equal the chapter's NumPy code bit for bit on float32 and float64 arrays and Python
+floats; a GPU compiler may contract a multiply and an add into one fused multiply-add (one
+rounding instead of two), so there they agree to rounding.
 
 ``params`` values may be:
 
 * arrays (NumPy, or device arrays such as CuPy's): float32 or float64, updated in place, so
   the network layers that hold references to them see the new values. Arrays that are not
-  C-contiguous are stepped through a contiguous copy that is written back.
+  C-contiguous are stepped through a contiguous copy that is written back. ``np.matrix`` and
+  masked arrays are refused (the chapter's ``*`` is a matrix product on the one and skips masked
+  elements on the other); other ``ndarray`` subclasses are stepped through a plain view.
 * numbers (Python floats and ints, NumPy scalars): replaced in the dict by the new value, as the
   chapter's ``params[key] -= ...`` does; Python numbers are stepped in float64.
 
 ``grads`` values may be arrays or numbers; they are broadcast to the parameter's shape and cast
-to its dtype, as the chapter's NumPy expressions do. Everything is checked before anything is
-written: a refused call leaves ``params`` and the state as they were.
+to its dtype (where a grad's dtype differs from its parameter's, the chapter's NumPy computes in
+the wider one: pass grads of the parameter's dtype to match it bit for bit). Hyperparameters are
+Python numbers (converted with ``float``), as the chapter's defaults are.
+
+Everything is checked before anything is written: every parameter, grad and state array of every
+key (kind, dtype, shape, device, writability, overlap), the hyperparameters and the host scalars
+(Adam's ``lr_t``, computed before ``iter`` advances). A refused call raises ``TypeError``,
+``ValueError`` or ``KeyError`` and leaves ``params``, the state and ``iter`` as they were.
 """
 
 import math
@@ -37,38 +56,15 @@ import numpy as np
 
 from ._arrays import array_module, as_xp_array
 from ._validate import check_array, where
-from .backends import get_backend, resolve
-from .kernels import RULES
+from .backends import BACKENDS, get_backend
 
 __all__ = ["EPS", "SGD", "AdaGrad", "Adam", "Momentum", "Nesterov", "RMSprop"]
 
 #: the chapter's epsilon, added outside the square root (AdaGrad, RMSprop, Adam)
 EPS = 1e-7
 
-
-def _scalars(rule, **values):
-    """The host scalars of ``rule`` in the order its module declares (``SCALARS``)."""
-    names = RULES[rule].SCALARS
-    if set(values) != set(names):
-        raise AssertionError(f"rule {rule!r} takes scalars {names}, got {sorted(values)}")
-    return tuple(float(values[n]) for n in names)
-
-
-def _launch(backend, rule, flags, param, grad, states, k):
-    """One fused pass of ``rule`` over flat arrays with explicit host scalars ``k``."""
-    be = resolve(backend, param)
-    if be.NAME == "numpy":  # "auto" falls back to the oracle only when numba cannot run
-        raise RuntimeError(
-            "fastopt.textbook runs on the per-element kernels, and no kernel "
-            f"backend can run here: {get_backend('numba').why_unavailable()}"
-        )
-    if (be.DEVICE == "cpu") != (where(param) == "host"):
-        raise ValueError(
-            f"backend {be.NAME!r} runs on the {be.DEVICE} but the parameter is on "
-            f"the {where(param)}; pass arrays where the backend runs or use "
-            "backend='auto'"
-        )
-    be.launch(rule, flags, param, grad, states, k)
+#: the backends the chapter's statements compile for: host arrays, device arrays
+HOST, DEVICE = "numba", "numba-cuda"
 
 
 def _number(name, value):
@@ -81,14 +77,48 @@ def _is_number(a):
     return isinstance(a, (numbers.Number, np.generic)) and not isinstance(a, np.ndarray)
 
 
-class _Entry:
-    """One parameter of one update, checked and flattened: what the kernel reads and writes."""
+def _plain(what, a):
+    """``a`` without an ``ndarray`` subclass: ``np.matrix`` and masked arrays are refused (their
+    arithmetic is not the chapter's elementwise NumPy), any other subclass becomes a plain
+    ``ndarray`` view of the same memory (so the flat view the kernel walks is the array's)."""
+    if isinstance(a, np.ndarray) and type(a) is not np.ndarray:
+        if isinstance(a, (np.matrix, np.ma.MaskedArray)):
+            raise TypeError(
+                f"{what} is a {type(a).__module__}.{type(a).__name__}; expected a plain "
+                "ndarray (np.matrix multiplies as matrices and masked arrays skip masked "
+                "elements: convert it with np.asarray first)"
+            )
+        return a.view(np.ndarray)
+    return a
 
-    __slots__ = ("back", "dtype", "grad", "key", "param", "scalar", "shape", "xp")
+
+# -- the compiled passes ------------------------------------------------------------------------
+def _run(be, cls, param, grad, states, k):
+    """One fused pass of ``cls._rule()`` over flat arrays: the backend's ``element_runner``
+    (``numba_backend`` on the host, ``numba_cuda_backend`` on a GPU; compiled once per class)."""
+    run = be.element_runner(f"textbook.{cls.__name__}", cls._rule, len(cls._state))
+    run(param, grad, states, k)
+
+
+class _Entry:
+    """One parameter of one update: its arrays, checked; flattened just before its launch."""
+
+    __slots__ = (
+        "array",
+        "be",
+        "dtype",
+        "grad",
+        "key",
+        "python",
+        "scalar",
+        "shape",
+        "states",
+        "xp",
+    )
 
     def __init__(self, key, p, g):
         self.key = key
-        self.back = []  # (original array, contiguous copy) pairs to write back after the step
+        self.states = ()
         self.scalar = _is_number(p)
         if self.scalar:
             if (
@@ -107,9 +137,9 @@ class _Entry:
                     "steps float32 and float64 (pass float(x) or an array)"
                 )
             self.shape, self.dtype, self.xp = (), dt, np
-            self.param = np.array([p], dtype=dt)
+            self.array = np.array([p], dtype=dt)
         else:
-            p = as_xp_array(p)
+            p = _plain(f"parameter {key!r}", as_xp_array(p))
             check_array(key, "param", p)
             if isinstance(p, np.ndarray) and not p.flags.writeable:
                 raise ValueError(
@@ -117,14 +147,19 @@ class _Entry:
                     "it is updated in place"
                 )
             self.shape, self.dtype, self.xp = tuple(p.shape), np.dtype(p.dtype), array_module(p)
-            self.param = self.flat(p)
+            self.array = p
         self.grad = self._grad(g)
+        # Python numbers both: the chapter's arithmetic without an array stays a Python float
+        self.python = all(
+            isinstance(x, numbers.Real) and not isinstance(x, np.generic) for x in (p, g)
+        )
 
     def _grad(self, g):
+        """The grad as an array of the caller's memory, checked: real, broadcastable."""
         key, xp = self.key, self.xp
         if g is None or isinstance(g, (bool, np.bool_, str, bytes)):
             raise TypeError(f"grad of parameter {key!r} is {g!r}; expected a number or an array")
-        g = as_xp_array(g)
+        g = _plain(f"grad of parameter {key!r}", as_xp_array(g))
         try:
             g = xp.asarray(g)
         except (TypeError, ValueError) as exc:
@@ -142,73 +177,107 @@ class _Entry:
                 )
             g = g.reshape(())
         try:
-            g = xp.broadcast_to(g, self.shape)
+            return xp.broadcast_to(g, self.shape)
         except ValueError:
             raise ValueError(
                 f"grad of parameter {key!r} has shape {tuple(g.shape)}, which does "
                 f"not broadcast to the parameter's shape {list(self.shape)}"
             ) from None
-        g = xp.ascontiguousarray(g, dtype=self.dtype).reshape(-1)
-        if g is self.param or xp.may_share_memory(g, self.param):
-            g = g.copy()  # the kernel writes the param while it reads the grad
-        return g
 
-    def flat(self, a):
-        """A 1-D view of ``a``, or of a contiguous copy that ``write_back`` copies back."""
-        if a.flags.c_contiguous:
-            return a.reshape(-1)
-        c = self.xp.ascontiguousarray(a)
-        self.back.append((a, c))
-        return c.reshape(-1)
-
-    def check_state(self, name, s):
+    def check_state(self, name, table, others):
+        """``table[key]`` (the state dict ``name``) is an array the kernel may write: the
+        parameter's shape, dtype and device, writable, sharing memory with neither the
+        parameter, nor the grad, nor ``others`` (this key's state arrays checked before it)."""
+        what = f"state {name}[{self.key!r}]"
+        if not isinstance(table, dict):
+            raise TypeError(
+                f"state {name} is a {type(table).__name__}; expected the dict key -> array "
+                "that the first update created"
+            )
+        s = table.get(self.key)
         if s is None:
             raise KeyError(
                 f"no state {name}[{self.key!r}]: the state is created on the first "
                 "update for the keys of that update's params; create a new "
                 "optimizer to step other keys"
             )
+        if _is_number(s) or not hasattr(s, "shape") or not hasattr(s, "dtype"):
+            raise TypeError(f"{what} is a {type(s).__name__}; expected an array")
+        s = _plain(what, s)
         if tuple(s.shape) != self.shape or np.dtype(s.dtype) != self.dtype:
             raise ValueError(
-                f"state {name}[{self.key!r}] is {np.dtype(s.dtype)}"
-                f"{list(s.shape)} but the parameter is {self.dtype}"
-                f"{list(self.shape)}; create a new optimizer"
+                f"{what} is {np.dtype(s.dtype)}{list(s.shape)} but the parameter is "
+                f"{self.dtype}{list(self.shape)}; create a new optimizer"
             )
-        if where(s) != where(self.param):
+        if where(s) != where(self.array):
             raise ValueError(
-                f"state {name}[{self.key!r}] is on the {where(s)} but the "
-                f"parameter is on the {where(self.param)}"
+                f"{what} is on the {where(s)} but the parameter is on the {where(self.array)}"
             )
+        if isinstance(s, np.ndarray) and not s.flags.writeable:
+            raise ValueError(
+                f"{what} ({s.dtype}{list(s.shape)}) is read-only; it is updated in place"
+            )
+        for role, other in (("the parameter", self.array), ("the grad", self.grad), *others):
+            if self.xp.may_share_memory(s, other):
+                raise ValueError(
+                    f"{what} shares memory with {role}; each state array must be memory of "
+                    "its own (the chapter's np.zeros_like)"
+                )
+        return s
 
     def zeros(self):
         return self.xp.zeros(self.shape, dtype=self.dtype)
 
-    def write_back(self, params):
-        for orig, copy in self.back:
+    def launch(self, cls, params, k):
+        """Flatten (contiguous copies where needed, made now: after the launches of the keys
+        before this one, as the chapter's loop reads them), run, write back."""
+        xp, back = self.xp, []
+
+        def flat(a):
+            if a.flags.c_contiguous:
+                return a.reshape(-1)
+            c = xp.ascontiguousarray(a)
+            back.append((a, c))
+            return c.reshape(-1)
+
+        param = flat(self.array)
+        grad = xp.ascontiguousarray(self.grad, dtype=self.dtype).reshape(-1)
+        if xp.may_share_memory(grad, param):
+            grad = grad.copy()  # the kernel writes the param while it reads the grad
+        _run(self.be, cls, param, grad, tuple(flat(s) for s in self.states), k)
+        for orig, copy in back:
             orig[...] = copy
-        if self.scalar:
-            params[self.key] = self.dtype.type(self.param[0])
+        if self.scalar:  # a new value in the dict, of the type the chapter's expression gives
+            new = self.dtype.type(self.array[0])
+            params[self.key] = float(new) if self.python and not cls._state else new
 
 
 class _Textbook:
-    """The chapter's ``update(params, grads)`` around one fused launch per parameter."""
+    """The chapter's ``update(params, grads)``: one fused pass per parameter of ``_rule()``."""
 
     #: names of the attributes that hold per-key state dicts (None until the first update)
     _state = ()
     #: names of the numeric hyperparameters, checked at every update
     _hyper = ()
+    #: indices of the scalars that are ``np.float64`` in the chapter's expressions (not Python
+    #: floats): they stay float64 next to float32 arrays, as NumPy's promotion keeps them
+    _wide = ()
 
     def __init__(self, backend):
         if not isinstance(backend, str):
             raise TypeError(f"backend must be a string, got {type(backend).__name__}")
-        if backend == "numpy":
+        if backend not in BACKENDS and backend != "auto":
+            get_backend(backend)  # an unknown name: its own message
+        if backend not in ("auto", HOST, DEVICE):
+            numpy = " ('numpy' runs torch.optim's formulas, fastopt.reference)"
             raise ValueError(
-                "backend 'numpy' runs torch.optim's formulas (fastopt.reference); "
-                "fastopt.textbook runs the chapter's formulas on the kernels: use "
-                "'auto', 'numba', 'cupy' or 'numba-cuda'"
+                f"backend {backend!r}: fastopt.textbook compiles the chapter's statements "
+                f"with Numba, '{HOST}' for host arrays and '{DEVICE}' for device arrays "
+                f"(CuPy's included): use 'auto' (it picks by the arrays), '{HOST}' or "
+                f"'{DEVICE}'{numpy if backend == 'numpy' else ''}"
             )
         if backend != "auto":
-            get_backend(backend)  # unknown or unavailable: raise now, not at the first update
+            get_backend(backend)  # unavailable: raise now, not at the first update
         self.backend = backend
         for h in self._hyper:
             _number(h, getattr(self, h))
@@ -216,7 +285,7 @@ class _Textbook:
             setattr(self, name, None)
 
     def update(self, params, grads):
-        """Step every key of ``params`` with ``grads[key]``, by the chapter's formula."""
+        """Step every key of ``params`` with ``grads[key]``, by the chapter's statements."""
         if not isinstance(params, dict) or not hasattr(grads, "__getitem__"):
             raise TypeError(
                 "update() expects dicts key -> array or number (params, grads), "
@@ -230,40 +299,64 @@ class _Textbook:
             except KeyError:
                 raise KeyError(f"grads has no entry for parameter {key!r}") from None
             entries.append(_Entry(key, p, g))
-        if self._state and getattr(self, self._state[0]) is None:
-            for name in self._state:  # the chapter's `if self.v is None: ...`
-                setattr(self, name, {e.key: e.zeros() for e in entries})
-        states = []
         for e in entries:
-            row = []
+            e.be = self._backend_for(e)
+        k = self._scalars(hp)  # before anything changes: a refused scalar writes nothing
+        with np.errstate(over="ignore"):  # a scalar beyond float32 is inf, as in NumPy
+            typed = {
+                dt: tuple(np.float64(x) if i in self._wide else dt.type(x) for i, x in enumerate(k))
+                for dt in {e.dtype for e in entries}
+            }
+        fresh = bool(self._state) and getattr(self, self._state[0]) is None
+        tables = {
+            name: {e.key: e.zeros() for e in entries} if fresh else getattr(self, name)
+            for name in self._state
+        }
+        for e in entries:  # every key's state, checked before the first launch
+            checked = []
             for name in self._state:
-                s = getattr(self, name).get(e.key)
-                e.check_state(name, s)
-                row.append(e.flat(s))
-            states.append(row)
+                s = e.check_state(name, tables[name], checked)
+                checked.append((f"state {name}[{e.key!r}]", s))
+            e.states = tuple(s for _, s in checked)
+        # everything is checked: from here on nothing is refused
+        if fresh:
+            for name in self._state:  # the chapter's `if self.v is None: ...`
+                setattr(self, name, tables[name])
         self._begin()
-        launches = self._launches(hp)
-        for e, row in zip(entries, states):
-            for rule, flags, slots, k in launches:
-                _launch(
-                    self.backend,
-                    rule,
-                    flags,
-                    e.param,
-                    e.grad,
-                    tuple(None if i is None else row[i] for i in slots),
-                    k,
-                )
-            e.write_back(params)
+        for e in entries:
+            e.launch(type(self), params, typed[e.dtype])
+
+    def _backend_for(self, e):
+        """The backend module that runs an entry (numba for host arrays, numba-cuda for device
+        arrays), after checking that it can run and reaches them."""
+        name = self.backend
+        if name == "auto":
+            name = DEVICE if where(e.array) == "device" else HOST
+        try:
+            be = get_backend(name)
+        except RuntimeError as exc:
+            raise RuntimeError(
+                f"fastopt.textbook runs the chapter's statements compiled by Numba ({name!r} "
+                f"for parameter {e.key!r}), which cannot run here: {exc}"
+            ) from None
+        if (be.DEVICE == "cpu") != (where(e.array) == "host"):
+            raise ValueError(
+                f"backend {be.NAME!r} runs on the {be.DEVICE} but parameter {e.key!r} is on "
+                f"the {where(e.array)}; pass arrays where the backend runs or use "
+                "backend='auto'"
+            )
+        return be
+
+    def _scalars(self, hp):
+        """The host scalars of one update (Python floats), in ``_rule()``'s order."""
+        raise NotImplementedError
 
     def _begin(self):
-        """Per-update counters (Adam's ``iter``), once all inputs are checked."""
+        """Per-update counters (Adam's ``iter``), once everything is checked."""
 
-    def _launches(self, hp):
-        """``[(rule, flags, slots, k), ...]``: the launches of one parameter's step.
-
-        ``slots`` maps each state slot of the rule to an index into this class's ``_state``
-        (or None: a slot the variant never touches)."""
+    @staticmethod
+    def _rule():
+        """``rule(p, g, *state, k) -> (p, *state)``: the chapter's statements for one element."""
         raise NotImplementedError
 
     def __repr__(self):
@@ -272,21 +365,11 @@ class _Textbook:
         return f"{type(self).__name__}({hp}{be})"
 
 
-_SGD = {"maximize": False, "decay": False, "momentum": False, "nesterov": False}
-_MOMENTUM = dict(_SGD, momentum=True)
-_NESTEROV = dict(_SGD, momentum=True, nesterov=True)
-_ADAGRAD = {"maximize": False, "decay": False}
-_RMSPROP = {"maximize": False, "decay": False, "centered": False, "momentum": False}
-_ADAM = {"maximize": False, "decay": False, "decoupled": False, "amsgrad": False}
-
-
 class SGD(_Textbook):
-    """Stochastic gradient descent, the chapter's ``SGD(lr=0.01)``.
+    """Stochastic gradient descent, the chapter's ``SGD(lr=0.01)``::
 
-        p -= lr·g
-
-    Kernel: the ``sgd`` rule without momentum, ``lr`` as its lr (exactly the chapter's
-    arithmetic).
+    for key in params.keys():
+        params[key] -= self.lr * grads[key]
     """
 
     _hyper = ("lr",)
@@ -295,20 +378,25 @@ class SGD(_Textbook):
         self.lr = lr
         super().__init__(backend)
 
-    def _launches(self, hp):
-        k = _scalars("sgd", wd=0, mu_b=0, omd_b=0, mu=0, lr=hp["lr"])
-        return [("sgd", _SGD, (None,), k)]
+    def _scalars(self, hp):
+        return (hp["lr"],)
+
+    @staticmethod
+    def _rule():
+        def sgd(p, g, k):
+            (lr,) = k
+            p = p - lr * g
+            return (p,)
+
+        return sgd
 
 
 class Momentum(_Textbook):
-    """Momentum SGD, the chapter's ``Momentum(lr=0.01, momentum=0.9)``; state ``v``.
+    """Momentum SGD, the chapter's ``Momentum(lr=0.01, momentum=0.9)``; state ``v``::
 
-        v = momentum·v − lr·g
-        p += v
-
-    Kernel: the ``sgd`` rule with momentum, whose buffer ``b = mu_b·b + omd_b·g`` *is* the
-    velocity (``mu_b = momentum``, ``omd_b = −lr``), then ``p = p − lr_k·b`` with
-    ``lr_k = −1``: exactly the chapter's arithmetic.
+    for key in params.keys():
+        self.v[key] = self.momentum*self.v[key] - self.lr*grads[key]
+        params[key] += self.v[key]
     """
 
     _hyper = ("lr", "momentum")
@@ -318,23 +406,33 @@ class Momentum(_Textbook):
         self.lr, self.momentum = lr, momentum
         super().__init__(backend)
 
-    def _launches(self, hp):
-        k = _scalars("sgd", wd=0, mu_b=hp["momentum"], omd_b=-hp["lr"], mu=0, lr=-1)
-        return [("sgd", _MOMENTUM, (0,), k)]
+    def _scalars(self, hp):
+        return (hp["momentum"], hp["lr"])
+
+    @staticmethod
+    def _rule():
+        def momentum(p, g, v, k):
+            mu, lr = k
+            v = mu * v - lr * g
+            p = p + v
+            return p, v
+
+        return momentum
 
 
 class Nesterov(_Textbook):
-    """Nesterov momentum as the chapter writes it, ``Nesterov(lr=0.01, momentum=0.9)``; state
-    ``v``.
+    """Nesterov's accelerated gradient as the chapter writes it, ``Nesterov(lr=0.01,
+    momentum=0.9)``; state ``v``. The parameter moves with the *previous* velocity, then the
+    velocity is updated::
 
-        v = momentum·v − lr·g
-        p += momentum²·v − (1 + momentum)·lr·g
+        for key in params.keys():
+            params[key] += self.momentum * self.momentum * self.v[key]
+            params[key] -= (1 + self.momentum) * self.lr * grads[key]
+            self.v[key] *= self.momentum
+            self.v[key] -= self.lr * grads[key]
 
-    Kernel: the ``sgd`` rule with Nesterov momentum, ``b = mu_b·b + omd_b·g`` (the velocity, as
-    in ``Momentum``), ``p = p − c·(g + mu_k·b)`` with ``c = (1 + momentum)·lr`` and
-    ``mu_k = −momentum²/c``: the chapter's update, rounded once differently. When ``c`` is 0
-    (or ``mu_k`` overflows), the step takes two launches instead: the momentum variant with
-    ``lr_k = −momentum²`` (``p += momentum²·v``), then plain SGD with lr ``c``.
+    that is ``p += μ²·v − (1 + μ)·lr·g``, then ``v = μ·v − lr·g``: one pass (``μ²`` and
+    ``(1 + μ)·lr`` are the chapter's Python-float products, the host scalars).
     """
 
     _hyper = ("lr", "momentum")
@@ -344,33 +442,29 @@ class Nesterov(_Textbook):
         self.lr, self.momentum = lr, momentum
         super().__init__(backend)
 
-    def _launches(self, hp):
-        lr, mu = hp["lr"], hp["momentum"]
-        c = (1 + mu) * lr
-        mu_k = -(mu * mu) / c if c != 0 else math.inf
-        if math.isfinite(mu_k):
-            return [
-                ("sgd", _NESTEROV, (0,), _scalars("sgd", wd=0, mu_b=mu, omd_b=-lr, mu=mu_k, lr=c))
-            ]
-        return [
-            (
-                "sgd",
-                _MOMENTUM,
-                (0,),
-                _scalars("sgd", wd=0, mu_b=mu, omd_b=-lr, mu=0, lr=-(mu * mu)),
-            ),
-            ("sgd", _SGD, (None,), _scalars("sgd", wd=0, mu_b=0, omd_b=0, mu=0, lr=c)),
-        ]
+    def _scalars(self, hp):
+        mu, lr = hp["momentum"], hp["lr"]
+        return (mu * mu, (1 + mu) * lr, mu, lr)
+
+    @staticmethod
+    def _rule():
+        def nesterov(p, g, v, k):
+            mu_mu, c, mu, lr = k
+            p = p + mu_mu * v
+            p = p - c * g
+            v = v * mu
+            v = v - lr * g
+            return p, v
+
+        return nesterov
 
 
 class AdaGrad(_Textbook):
-    """AdaGrad, the chapter's ``AdaGrad(lr=0.01)``; state ``h``.
+    """AdaGrad, the chapter's ``AdaGrad(lr=0.01)``; state ``h``::
 
-        h += g·g
-        p −= lr·g / (√h + 1e-7)
-
-    Kernel: the ``adagrad`` rule with ``clr = lr`` and ``eps = 1e-7`` (it rounds
-    ``lr·(g/d)`` where the chapter rounds ``(lr·g)/d``).
+    for key in params.keys():
+        self.h[key] += grads[key] * grads[key]
+        params[key] -= self.lr * grads[key] / (np.sqrt(self.h[key]) + 1e-7)
     """
 
     _hyper = ("lr",)
@@ -380,20 +474,27 @@ class AdaGrad(_Textbook):
         self.lr = lr
         super().__init__(backend)
 
-    def _launches(self, hp):
-        k = _scalars("adagrad", wd=0, clr=hp["lr"], eps=EPS)
-        return [("adagrad", _ADAGRAD, (0,), k)]
+    def _scalars(self, hp):
+        return (hp["lr"], EPS)
+
+    @staticmethod
+    def _rule():
+        def adagrad(p, g, h, k):
+            lr, eps = k
+            h = h + g * g
+            p = p - lr * g / (math.sqrt(h) + eps)
+            return p, h
+
+        return adagrad
 
 
 class RMSprop(_Textbook):
-    """RMSprop, the chapter's ``RMSprop(lr=0.01, decay_rate=0.99)``; state ``h``.
+    """RMSprop, the chapter's ``RMSprop(lr=0.01, decay_rate=0.99)``; state ``h``::
 
-        h = decay_rate·h + (1 − decay_rate)·g·g
-        p −= lr·g / (√h + 1e-7)
-
-    Kernel: the ``rmsprop`` rule (not centered, no momentum) with ``alpha = decay_rate``,
-    ``oma = 1 − decay_rate`` and ``eps = 1e-7``; ``h`` is the chapter's arithmetic, the step
-    rounds ``lr·(g/d)`` where the chapter rounds ``(lr·g)/d``.
+    for key in params.keys():
+        self.h[key] *= self.decay_rate
+        self.h[key] += (1 - self.decay_rate) * grads[key] * grads[key]
+        params[key] -= self.lr * grads[key] / (np.sqrt(self.h[key]) + 1e-7)
     """
 
     _hyper = ("lr", "decay_rate")
@@ -403,49 +504,76 @@ class RMSprop(_Textbook):
         self.lr, self.decay_rate = lr, decay_rate
         super().__init__(backend)
 
-    def _launches(self, hp):
+    def _scalars(self, hp):
         dr = hp["decay_rate"]
-        k = _scalars("rmsprop", wd=0, alpha=dr, oma=1 - dr, eps=EPS, mu=0, lr=hp["lr"])
-        return [("rmsprop", _RMSPROP, (0, None, None), k)]
+        return (dr, 1 - dr, hp["lr"], EPS)
+
+    @staticmethod
+    def _rule():
+        def rmsprop(p, g, h, k):
+            dr, omd, lr, eps = k
+            h = h * dr
+            h = h + omd * g * g
+            p = p - lr * g / (math.sqrt(h) + eps)
+            return p, h
+
+        return rmsprop
 
 
 class Adam(_Textbook):
     """Adam as the chapter writes it, ``Adam(lr=0.001, beta1=0.9, beta2=0.999)``; state ``m``,
-    ``v`` and the update counter ``iter``.
+    ``v`` and the update counter ``iter``::
 
-        iter += 1;  lr_t = lr·√(1 − beta2^iter) / (1 − beta1^iter)
-        m += (1 − beta1)·(g − m);  v += (1 − beta2)·(g² − v)
-        p −= lr_t·m / (√v + 1e-7)
+        self.iter += 1
+        lr_t = self.lr * np.sqrt(1.0 - self.beta2**self.iter) / (1.0 - self.beta1**self.iter)
+        for key in params.keys():
+            self.m[key] += (1 - self.beta1) * (grads[key] - self.m[key])
+            self.v[key] += (1 - self.beta2) * (grads[key]**2 - self.v[key])
+            params[key] -= lr_t * self.m[key] / (np.sqrt(self.v[key]) + 1e-7)
 
-    Kernel: the ``adam`` rule with ``step_size = lr_t``, ``inv_sqrt_bc2 = 1`` and
-    ``eps = 1e-7``, so the step is the chapter's arithmetic; its moments
-    ``m = beta1·m + (1 − beta1)·g`` equal the chapter's up to rounding.
+    ``lr_t`` is computed with that very expression (a ``np.float64``) before ``iter`` advances:
+    betas whose powers overflow (``beta1=1e200``) are refused with ``iter`` and everything else
+    unchanged.
     """
 
     _hyper = ("lr", "beta1", "beta2")
     _state = ("m", "v")
+    _wide = (3,)  # lr_t
 
     def __init__(self, lr=0.001, beta1=0.9, beta2=0.999, *, backend="auto"):
         self.lr, self.beta1, self.beta2 = lr, beta1, beta2
         self.iter = 0
         super().__init__(backend)
 
+    def _scalars(self, hp):
+        lr, b1, b2, it = hp["lr"], hp["beta1"], hp["beta2"], self.iter
+        if isinstance(it, (bool, np.bool_)) or not isinstance(it, numbers.Integral) or it < 0:
+            raise TypeError(f"iter must be an integer >= 0 (updates so far), got {it!r}")
+        t = int(it) + 1
+        try:
+            lr_t = lr * np.sqrt(1.0 - b2**t) / (1.0 - b1**t)
+        except (ArithmeticError, TypeError, ValueError) as exc:
+            raise ValueError(
+                f"Adam(lr={lr!r}, beta1={b1!r}, beta2={b2!r}): lr_t at iter {t} cannot be "
+                f"computed ({type(exc).__name__}: {exc}); nothing was updated"
+            ) from None
+        if not isinstance(lr_t, (float, np.floating)):
+            raise ValueError(
+                f"Adam(lr={lr!r}, beta1={b1!r}, beta2={b2!r}): lr_t at iter {t} is {lr_t!r}, "
+                "not a real number; nothing was updated"
+            )
+        return (1 - b1, 1 - b2, EPS, lr_t)
+
     def _begin(self):
         self.iter += 1
 
-    def _launches(self, hp):
-        lr, b1, b2, t = hp["lr"], hp["beta1"], hp["beta2"], self.iter
-        lr_t = lr * np.sqrt(1.0 - b2**t) / (1.0 - b1**t)
-        k = _scalars(
-            "adam",
-            wd=0,
-            decay_f=1,
-            beta1=b1,
-            omb1=1 - b1,
-            beta2=b2,
-            omb2=1 - b2,
-            step_size=lr_t,
-            inv_sqrt_bc2=1,
-            eps=EPS,
-        )
-        return [("adam", _ADAM, (0, 1, None), k)]
+    @staticmethod
+    def _rule():
+        def adam(p, g, m, v, k):
+            omb1, omb2, eps, lr_t = k
+            m = m + omb1 * (g - m)
+            v = v + omb2 * (g * g - v)
+            p = p - lr_t * m / (math.sqrt(v) + eps)
+            return p, m, v
+
+        return adam

@@ -8,7 +8,7 @@ lr / (1 + lambd*lr*t)^alpha; mu = 1, then 1 / max(1, t - t0); whether a step ave
 flag from the host, so each step runs a branch-free variant)
 """
 
-from .spec import Hyper, Rule, Slot
+from .spec import Hyper, Rule, Slot, f32
 
 
 def make_rule(maximize=False, decay=False, average=False):
@@ -48,9 +48,10 @@ def _scalars_of(hp, step, hs):
 
 def _advance(hp, step, hs):
     lr, lambd = hp["lr"], hp["lambd"]
+    # torch.as_tensor of Python floats: float32, whatever dtype the state tensors hold
     return {
-        "eta": lr / ((1.0 + lambd * lr * step) ** hp["alpha"]),
-        "mu": 1.0 / max(1.0, step - hp["t0"]),
+        "eta": f32(lr / ((1.0 + lambd * lr * step) ** hp["alpha"])),
+        "mu": f32(1.0 / max(1.0, step - hp["t0"])),
     }
 
 

@@ -30,6 +30,8 @@ __all__ = [
     "in_params",
     "kernel_name",
     "mixed_args",
+    "mixed_lane",
+    "mixed_prologue",
     "mixed_source",
     "mixed_width",
     "operation",
@@ -40,6 +42,8 @@ __all__ = [
     "slots_used",
     "storage_source",
     "variants",
+    "vector_loads",
+    "vector_stores",
 ]
 
 
@@ -306,60 +310,115 @@ def mixed_width(io, rule, flags):
     return 16 // min(ITEMSIZE[k] for _, k, _ in arrays)
 
 
+def mixed_prologue(rule, io):
+    """The statements a mixed kernel of ``io`` runs once, before its loops (unindented): a set
+    found-inf flag returns before anything is written; the scalars come out of ``kbuf``
+    (``<scalar>_``), the loss scale becomes ``inv_scale_`` and the rounding key ``key_``."""
+    out = []
+    if io.found_inf:
+        out.append("if (*found_inf != 0.0f) return;  // a skipped step changes nothing")
+    if io.kbuf:
+        out += [f"const C {x}_ = kbuf[{j}];" for j, x in enumerate(RULES[rule].SCALARS)]
+    if io.scale == "device":
+        out.append("const C inv_scale_ = C(1) / (C)(*gscale);")
+    elif io.scale == "host":
+        out.append("const C inv_scale_ = inv_scale;")
+    if io.sr:
+        out.append(f"const unsigned int key_ = {'*keyp' if io.kbuf else 'key'};")
+    return out
+
+
+def mixed_lane(rule, flags, io, ref, index, grad_factors=()):
+    """The statements updating one element under ``io`` (unindented): each array loaded once
+    into a ``C`` local (widened from its storage type), the rule, each result stored once
+    (rounded to its storage type). ``ref(name)`` is the expression of that array's element,
+    ``index`` the element's index in its array (hashed by stochastic rounding);
+    ``grad_factors`` multiply the gradient after the loss scale, left to right (a multi-tensor
+    launch's clip coefficient)."""
+    used = slots_used(rule, flags)
+    state = RULES[rule].STATE
+    compute = io.compute
+    sr_ref = "fastopt_sr_bits(i_, salt, key_)" if io.sr else None
+    p_src = ref("master") if io.master else _ld(io.param, compute, ref("param"))
+    g_src = _ld(io.grad, compute, ref("grad")) + (" * inv_scale_" if io.scale else "")
+    g_src += "".join(f" * {f}" for f in grad_factors)
+    lines = [f"const long long i_ = {index};"] if io.sr else []
+    lines += [f"C p_ = {p_src};", f"C g_ = {g_src};"]
+    if io.write_grad:
+        lines.append(f"{ref('grad')} = {_st(io.grad, compute, 'g_')};")
+    for j, (s, u) in enumerate(zip(state, used)):
+        lines.append(f"C s{j}_ = {_ld(io.state, compute, ref(s))};" if u else f"C s{j}_ = C(0);")
+    args = ["p_", "g_"] + [f"s{j}_" for j in range(len(state))]
+    args += [f"{x}_" if io.kbuf else x for x in RULES[rule].SCALARS]
+    lines.append(f"{rule}_elem<C>({', '.join(args)});")
+    if io.master:
+        lines.append(f"{ref('master')} = p_;")
+    lines.append(f"{ref('param')} = {_st(io.param, compute, 'p_', sr_ref)};")
+    lines += [
+        f"{ref(s)} = {_st(io.state, compute, f's{j}_')};"
+        for j, (s, u) in enumerate(zip(state, used))
+        if u
+    ]
+    return lines
+
+
+def vector_loads(arrays, width, v):
+    """Unindented statements loading vector ``v`` (``width`` elements) of each of ``arrays``
+    (``[(name, storage dtype, written)]``) into ``<name>_v[width]`` as aligned 16-byte loads."""
+    from .storage import ITEMSIZE
+
+    out = []
+    for a, k, _ in arrays:
+        q = ITEMSIZE[k] * width // 16
+        out += [
+            f"alignas(16) {STORAGE_CTYPES[k]} {a}_v[{width}];",
+            "FASTOPT_UNROLL",
+            f"for (int q = 0; q < {q}; ++q) {{",
+            f"    reinterpret_cast<uint4 *>({a}_v)[q] = "
+            f"reinterpret_cast<const uint4 *>({a})[{v} * {q} + q];",
+            "}",
+        ]
+    return out
+
+
+def vector_stores(arrays, width, v):
+    """Unindented statements storing ``<name>_v`` back as vector ``v`` of each written array."""
+    from .storage import ITEMSIZE
+
+    out = []
+    for a, k, w in arrays:
+        if not w:
+            continue
+        q = ITEMSIZE[k] * width // 16
+        out += [
+            "FASTOPT_UNROLL",
+            f"for (int q = 0; q < {q}; ++q) {{",
+            f"    reinterpret_cast<uint4 *>({a})[{v} * {q} + q] = "
+            f"reinterpret_cast<const uint4 *>({a}_v)[q];",
+            "}",
+        ]
+    return out
+
+
 def mixed_source(rule, flags, io, vector=True, name=None):
     """The complete CUDA C translation unit of one variant under storage plan ``io``: the
     compute type ``C``, the flag ``#define``s, the rule's body, the storage conversions and the
     kernel ``name`` (default ``fastopt_<rule>``) with arguments ``mixed_args``; ``vector``:
     with the 16-byte vector loop (every array 16-byte aligned), else the scalar loop alone."""
-    from .storage import ITEMSIZE
-
-    used = slots_used(rule, flags)
-    state = RULES[rule].STATE
     compute = io.compute
     arrays, scalars = mixed_args(rule, flags, io)
     params = [f"{'' if w else 'const '}{STORAGE_CTYPES[k]} *__restrict__ {a}" for a, k, w in arrays]
     params += [f"{t} {n}" for t, n in scalars] + ["const long long n"]
     width = mixed_width(io, rule, flags) if vector else 1
-    sr_ref = "fastopt_sr_bits(i_, salt, key_)" if io.sr else None
 
     def lane(ref, index):
-        p_src = ref("master") if io.master else _ld(io.param, compute, ref("param"))
-        g_src = _ld(io.grad, compute, ref("grad")) + (" * inv_scale_" if io.scale else "")
-        lines = [f"const long long i_ = {index};"] if io.sr else []
-        lines += [f"C p_ = {p_src};", f"C g_ = {g_src};"]
-        if io.write_grad:
-            lines.append(f"{ref('grad')} = {_st(io.grad, compute, 'g_')};")
-        for j, (s, u) in enumerate(zip(state, used)):
-            lines.append(
-                f"C s{j}_ = {_ld(io.state, compute, ref(s))};" if u else f"C s{j}_ = C(0);"
-            )
-        args = ["p_", "g_"] + [f"s{j}_" for j in range(len(state))]
-        args += [f"{x}_" if io.kbuf else x for x in RULES[rule].SCALARS]
-        lines.append(f"{rule}_elem<C>({', '.join(args)});")
-        if io.master:
-            lines.append(f"{ref('master')} = p_;")
-        lines.append(f"{ref('param')} = {_st(io.param, compute, 'p_', sr_ref)};")
-        lines += [
-            f"{ref(s)} = {_st(io.state, compute, f's{j}_')};"
-            for j, (s, u) in enumerate(zip(state, used))
-            if u
-        ]
-        return lines
+        return mixed_lane(rule, flags, io, ref, index)
 
     out = [
         f'extern "C" __global__ void {name or kernel_name(rule)}({", ".join(params)})',
         "{",
     ]
-    if io.found_inf:
-        out.append("    if (*found_inf != 0.0f) return;  // a skipped step changes nothing")
-    if io.kbuf:
-        out += [f"    const C {x}_ = kbuf[{j}];" for j, x in enumerate(RULES[rule].SCALARS)]
-    if io.scale == "device":
-        out.append("    const C inv_scale_ = C(1) / (C)(*gscale);")
-    elif io.scale == "host":
-        out.append("    const C inv_scale_ = inv_scale;")
-    if io.sr:
-        out.append(f"    const unsigned int key_ = {'*keyp' if io.kbuf else 'key'};")
+    out += [f"    {ln}" for ln in mixed_prologue(rule, io)]
     out += [
         "    const long long stride = (long long)gridDim.x * blockDim.x;",
         "    const long long first = (long long)blockIdx.x * blockDim.x + threadIdx.x;",
@@ -370,30 +429,11 @@ def mixed_source(rule, flags, io, vector=True, name=None):
             f"    const long long nv = n / {width};",
             "    for (long long v = first; v < nv; v += stride) {",
         ]
-        for a, k, _ in arrays:
-            q = ITEMSIZE[k] * width // 16
-            out += [
-                f"        alignas(16) {STORAGE_CTYPES[k]} {a}_v[{width}];",
-                "        FASTOPT_UNROLL",
-                f"        for (int q = 0; q < {q}; ++q) {{",
-                f"            reinterpret_cast<uint4 *>({a}_v)[q] = "
-                f"reinterpret_cast<const uint4 *>({a})[v * {q} + q];",
-                "        }",
-            ]
+        out += [f"        {ln}" for ln in vector_loads(arrays, width, "v")]
         out += ["        FASTOPT_UNROLL", f"        for (int l = 0; l < {width}; ++l) {{"]
         out += [f"            {ln}" for ln in lane(lambda a: f"{a}_v[l]", f"v * {width} + l")]
         out.append("        }")
-        for a, k, w in arrays:
-            if not w:
-                continue
-            q = ITEMSIZE[k] * width // 16
-            out += [
-                "        FASTOPT_UNROLL",
-                f"        for (int q = 0; q < {q}; ++q) {{",
-                f"            reinterpret_cast<uint4 *>({a})[v * {q} + q] = "
-                f"reinterpret_cast<const uint4 *>({a}_v)[q];",
-                "        }",
-            ]
+        out += [f"        {ln}" for ln in vector_stores(arrays, width, "v")]
         out += ["    }", f"    tail = nv * {width};"]
     out.append("    for (long long i = tail + first; i < n; i += stride) {")
     out += [f"        {ln}" for ln in lane(lambda a: f"{a}[i]", "i")]

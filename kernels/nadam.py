@@ -11,7 +11,7 @@ p = p - c_g*g / d;  p = p - c_m*m / d
 
 import math
 
-from .spec import Hyper, Rule, Slot, f32
+from .spec import Hyper, Rule, Slot, host_round
 
 
 def make_rule(maximize=False, decay=False, decoupled=False):
@@ -39,8 +39,9 @@ def _mu(hp, step):
 
 
 def _mu_product(hp, step, hs):
-    """``mu_product`` after step ``step``: torch's float32 ``mu_product *= mu``."""
-    return f32(f32(hs["mu_product"]) * f32(_mu(hp, step)))
+    """``mu_product`` after step ``step``: torch's ``mu_product *= mu`` in the host state's
+    dtype (float32, or float64 where torch's load widened it: ``spec.host_round``)."""
+    return host_round(host_round(hs["mu_product"]) * host_round(_mu(hp, step)))
 
 
 def _flags_of(hp, step, hs):

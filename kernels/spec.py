@@ -31,12 +31,31 @@ and the tests' matrices read these fields; only the CUDA C body (``kernels/<name
 written beside the rule, and a test holds its signature to ``slots`` and ``scalars``.
 """
 
+import contextlib
+import contextvars
 import inspect
 import itertools
 import math
 from dataclasses import dataclass, field
 
-__all__ = ["DOMAINS", "Hyper", "Rule", "Slot", "check_value", "f32", "maximum", "sqrt", "where"]
+__all__ = [
+    "DOMAINS",
+    "REPLAY_LIMIT",
+    "Hyper",
+    "Rule",
+    "Slot",
+    "check_value",
+    "f32",
+    "maximum",
+    "sqrt",
+    "where",
+]
+
+#: the most host-state advances ``Rule.replay_host_state`` runs (a functional call at step ``t``
+#: without ``host_state=`` replays ``t - 1`` of them, 3 to 25 us each: at most a quarter of a
+#: second): past it, the host state must be passed (what torch's functional API asks for at
+#: every step)
+REPLAY_LIMIT = 10_000
 
 #: hyperparameter domains: name -> (description, predicate on a normalised value)
 DOMAINS = {
@@ -82,15 +101,40 @@ def maximum(a, b):
     return where(a >= b, a, b)
 
 
+#: set by ``host_precision``: host state held in float64
+_WIDE_HOST_STATE = contextvars.ContextVar("fastopt_wide_host_state", default=False)
+
+
+@contextlib.contextmanager
+def host_precision(wide):
+    """Within it, ``host_round`` rounds nothing when ``wide``: host state held in float64, as
+    torch holds it for a float64 parameter whose state dict it loaded (its load policy casts
+    0-d state to the parameter's dtype)."""
+    token = _WIDE_HOST_STATE.set(bool(wide))
+    try:
+        yield
+    finally:
+        _WIDE_HOST_STATE.reset(token)
+
+
 def f32(x):
-    """``x`` rounded to float32 (torch's default scalar dtype, that of the host state), as a
-    Python float; recordable."""
+    """``x`` rounded to float32 (torch's default scalar dtype: what ``torch.as_tensor`` of a
+    Python float holds), as a Python float; recordable."""
     f = getattr(x, "__fastopt_f32__", None)
     if f is not None:
         return f()
     import numpy as np
 
     return float(np.float32(x))
+
+
+def host_round(x):
+    """``x`` rounded to the host state's dtype: float32 (``f32``) as torch creates it, nothing
+    inside ``host_precision(True)`` (float64 host state, where torch's in-place arithmetic on
+    it, NAdam's ``mu_product *= mu``, runs in float64); recordable."""
+    if _WIDE_HOST_STATE.get() and getattr(x, "__fastopt_f32__", None) is None:
+        return float(x)
+    return f32(x)
 
 
 def check_value(name, value, domain):
@@ -292,11 +336,16 @@ class Rule:
         return {n: f32(hp[v] if isinstance(v, str) else v) for n, v in self.host_state}
 
     def advance_host_state(self, hp, step, hs):
-        """The host state after step ``step`` (float32 values): ``advance``, rounded."""
+        """The host state after step ``step``: ``advance``, rounded to the host state's dtype
+        (``host_round``). A value that cannot be computed (``ASGD(lambd=1e6, alpha=100)``:
+        ``(1 + lambd·lr·t)^alpha`` overflows) is a ``ValueError`` (``_arithmetic``)."""
         if not self.host_state:
             return {}
-        out = self.advance(hp, step, dict(hs))
-        return {n: f32(out[n]) for n in self.host_names}
+        try:
+            out = self.advance(hp, step, dict(hs))
+            return {n: host_round(out[n]) for n in self.host_names}
+        except (ArithmeticError, ValueError) as exc:
+            raise _arithmetic_error(self.name, "the host state after", step, exc) from exc
 
     def check_host_state(self, hs, who="host_state"):
         """``hs`` (a mapping of every host-state name to a finite real, a NumPy scalar or a
@@ -324,19 +373,55 @@ class Rule:
     # -- one step ----------------------------------------------------------------------------
     def plan(self, hp, step, hs=None):
         """``(flags, k)``: the variant and the host scalars (a tuple in ``scalars`` order) of
-        step ``step`` with the validated hyperparameters ``hp`` and host state ``hs``."""
+        step ``step`` with the validated hyperparameters ``hp`` and host state ``hs``. A value
+        that cannot be computed (a step count too large for a float: ``beta2**step`` of step
+        ``10**400``; an overflow) is a ``ValueError`` naming the rule and the step: the callers
+        plan a step before they write anything."""
         if hs is None and self.host_state:
             hs = self.replay_host_state(hp, step)
-        values = self.scalars_of(hp, step, hs)
-        return self.flags_of(hp, step, hs), tuple(float(values[n]) for n in self.scalars)
+        try:
+            values = self.scalars_of(hp, step, hs)
+            return self.flags_of(hp, step, hs), tuple(float(values[n]) for n in self.scalars)
+        except (ArithmeticError, ValueError) as exc:
+            raise _arithmetic_error(self.name, "the host scalars of", step, exc) from exc
 
     def replay_host_state(self, hp, step):
         """The host state before step ``step`` of a run with constant ``hp`` (what a
-        functional call without an explicit host state assumes)."""
+        functional call without an explicit host state assumes): ``step - 1`` advances from the
+        initial values, at most ``REPLAY_LIMIT`` of them — past that, at once when ``advance``
+        reads no host state (ASGD's ``eta`` and ``mu`` are functions of the step alone:
+        ``reads_host_state``), else a ``ValueError`` asking for ``host_state=`` (NAdam's
+        ``mu_product`` is a running product rounded to float32 at every step: no closed
+        form gives the same bits)."""
         hs = self.initial_host_state(hp)
+        if step - 1 > REPLAY_LIMIT:
+            if self.reads_host_state(hp, step - 1):
+                raise ValueError(
+                    f"{self.name}: step {step} without host_state would replay {step - 1} "
+                    f"host-state advances from step 1 (more than {REPLAY_LIMIT}); pass "
+                    f"host_state= ({', '.join(self.host_names)} before this step: the "
+                    "optimizer's host_state, or torch's state)"
+                )
+            return self.advance_host_state(hp, step - 1, hs)
         for t in range(1, step):
             hs = self.advance_host_state(hp, t, hs)
         return hs
+
+    def reads_host_state(self, hp, step):
+        """Does ``advance`` at ``step`` (and at step 1) read the host state it is given? Derived
+        as ``slots_read`` is, from running it: on the initial host state and on other values;
+        any output that differs is a read."""
+        base = self.initial_host_state(hp)
+        other = {n: f32(0.5 * v + 0.25) for n, v in base.items()}
+        if other == base:
+            other = {n: f32(v + 1.0) for n, v in base.items()}
+        try:
+            return any(
+                self.advance(hp, t, dict(base)) != self.advance(hp, t, dict(other))
+                for t in {1, step}
+            )
+        except (ArithmeticError, ValueError) as exc:
+            raise _arithmetic_error(self.name, "the host state after", step, exc) from exc
 
     def validate(self, hp):
         """``hp`` (any subset of the rule's hyperparameters) normalised and checked."""
@@ -346,3 +431,14 @@ class Rule:
         if self.check is not None:
             self.check(out)
         return out
+
+
+def _arithmetic_error(name, what, step, exc):
+    """The ``ValueError`` of host arithmetic that failed (an ``ArithmeticError``: an overflow,
+    a division by zero, an integer too large for a float; or a math domain error), naming the
+    rule, what was computed and the step."""
+    at = step if abs(step) < 10**30 else f"{str(step)[:6]}... ({len(str(step))} digits)"
+    return ValueError(
+        f"{name}: {what} step {at} cannot be computed with these hyperparameters "
+        f"({type(exc).__name__}: {exc})"
+    )

@@ -1,12 +1,17 @@
-"""The one prepared GPU run: facts, the headline benchmarks, latency, the GPU test suite.
+"""The one prepared GPU run: facts, the rows of the targets, the GPU tests, the older benchmarks.
 
-A GPU machine is lent rarely and briefly (15 minutes of device time, its start included; one
-command at most 10 minutes), so everything worth knowing is planned here, on the CPU, as steps
-ordered by value. Each step runs in its own process with its own time limit, and a step whose
-estimate no longer fits the remaining budget is skipped (and says so), so a run never loses what
-it already measured: ``gpu_run.json`` (facts, every step's status and results) and
-``bench-gpu.json`` (benchmark records in the ``bench/results`` schema) are rewritten after every
-step and every benchmark group.
+A GPU machine is lent rarely and briefly (15 minutes of device time, its start of about 2
+minutes included; one command at most 10 minutes), so everything worth knowing is planned here,
+on the CPU, as steps ordered by value. Each step runs in its own process with its own time
+limit, and a step whose estimate no longer fits the remaining budget is skipped (and says so),
+so a run never loses what it already measured: ``gpu_run.json`` (facts, every step's status and
+results) and ``bench-gpu.json`` (benchmark records in the ``bench/results`` schema) are
+rewritten after every step and every benchmark group.
+
+Rows for code that may not exist yet (a ``fastopt.torch`` step captured in a CUDA graph,
+clipping inside the step, quantized state) are guarded: ``fastopt.bench.torch_rows.features``
+probes for each on the GPU machine, the facts step records what it found, and a row whose code
+is missing is left out of its group (its peers still run).
 
     python3 scripts/gpu_run.py --out DIR            # on a GPU machine (scripts/gpu_run.sh)
     python3 scripts/gpu_run.py --dry-run            # anywhere: the plan, checked
@@ -26,8 +31,10 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-#: seconds of command time the plan may take (the window: 10 min per command, 15 min in all
-#: with the machine's start and a possible rerun after a fix)
+#: the device window: 15 minutes, of which the machine's start takes about 2
+WINDOW_S, START_S = 900, 120
+#: seconds of command time the plan may take: one command (at most 600 s), leaving room in
+#: the window for a rerun of what failed after a fix
 BUDGET_S = 400
 #: output files the device tool brings back at most
 MAX_FILES = 8
@@ -35,74 +42,157 @@ GPU_BACKENDS = ("cupy", "numba-cuda")
 HEADLINE = ("adam", "adamw", "adam-amsgrad")
 HEADLINE_N = 1 << 28
 SIZES = (1 << 20, 1 << 24, 1 << 28)
+#: the storage plans of the list rows (``fastopt.bench.measure.PRECISIONS``)
+LIST_PRECISIONS = ("float32", "bfloat16", "bfloat16+master")
+#: seconds of timed rounds one benchmark group may take
+GROUP_BUDGET_S = 4.0
 
 
 def _step(name, est_s, limit_s, what, files=()):
     return {"name": name, "est_s": est_s, "limit_s": limit_s, "what": what, "files": files}
 
 
-#: the plan, by value: what a first GPU run must not come back without comes first
+#: The plan, by value. Estimates are about 1.5x the command time each step took on the H200
+#: run of 2026-11-26 (bench/results/gpu-run-h200-2026-11-26-run3.json: facts 14 s, headline
+#: 14 s, latency 11 s, parity 27 s, sweep 26 s, ncu 5 s; the gpu tests 44 s in run 4); the new
+#: steps' (torch-list, amp-sync, graph, clip, lowbit) are sized from their groups' step times
+#: at those sizes in the same run, plus process start and kernel compilation, unmeasured.
 PLAN = [
     _step(
         "facts",
-        35,
+        25,
         90,
-        "device, driver, versions, backends and why not; a probe step of "
-        "every optimizer on both GPU backends against the oracle",
+        "device, driver, versions, backends and why not, the commit, the rated bandwidth, "
+        "which guarded rows the code here can run; a probe step of every optimizer on both "
+        "GPU backends against the oracle",
+    ),
+    _step(
+        "torch-list",
+        70,
+        150,
+        "fastopt.torch Adam over the transformer's 195/196-tensor list at 2^28, 2^24, 2^20 in "
+        "float32, bf16 and bf16 + fp32 master, beside torch fused on the same list, fastopt's "
+        "flat step and torch fused on one flat tensor; x torch on the same list, % of the flat "
+        "step's GB/s, the group's same-traffic kernel, memcpy and rated bandwidth",
+        files=("bench-gpu.json",),
+    ),
+    _step(
+        "amp-sync",
+        15,
+        60,
+        "host synchronisations per steady step with GradScaler (torch's sync debug mode, "
+        "'warn' counted, then 'error'): fastopt.torch and torch fused over the list at 2^20",
+    ),
+    _step(
+        "graph",
+        20,
+        60,
+        "at 2^20: a capturable fastopt.torch step over the list replayed from a CUDA graph "
+        "[guard: capturable], the flat capturable step replayed, torch's capturable fused Adam "
+        "over the same list replayed (its peer)",
+        files=("bench-gpu.json",),
+    ),
+    _step(
+        "clip",
+        20,
+        60,
+        "over the list at 2^24 and 2^28: fastopt.torch with max_grad_norm [guard: "
+        "max_grad_norm] against unclipped, and against torch's clip_grad_norm_ + fused step",
+        files=("bench-gpu.json",),
+    ),
+    _step(
+        "interop",
+        75,
+        200,
+        "pytest -m gpu: every GPU test but the parity matrix (interop, streams, "
+        "nn.Parameter, 2^31+7 elements, fastopt.torch, textbook, mixed precision on both "
+        "backends, a whole capturable step in a CUDA graph, multi-tensor launches over a "
+        "196-tensor list and clipping inside the step against torch)",
+        files=("pytest-interop.xml",),
     ),
     _step(
         "headline",
-        45,
+        30,
         120,
-        f"{', '.join(HEADLINE)} at 2^28 float32 on both backends, each "
-        "with its own same-traffic ceiling (CuPy also vectorised) and copy; torch fused and "
-        "foreach on one flat tensor and on a ~200-tensor list; CuPy's ElementwiseKernel form "
-        "of Adam beside its vectorised form",
+        f"{', '.join(HEADLINE)} at 2^28 float32 on both backends against the group's "
+        "same-traffic kernel, memcpy and rated bandwidth; torch fused and foreach on one flat "
+        "tensor; for Adam the older reference kernels (CuPy ElementwiseKernel and numba-cuda "
+        "scalar same-traffic kernels, cupy.copyto) and CuPy's ElementwiseKernel form of Adam",
+        files=("bench-gpu.json",),
+    ),
+    _step(
+        "lowbit",
+        20,
+        60,
+        "Adam at 2^28 with int8 and float8_e4m3 state [guards: state_dtype:int8, "
+        "state_dtype:float8_e4m3] against float32 state and each plan's same-traffic kernel, "
+        "bytes of state per parameter; bitsandbytes' Adam8bit over the list when installed",
         files=("bench-gpu.json",),
     ),
     _step(
         "latency",
         15,
         60,
-        "2^20 Adam step vs an empty kernel launch: event time, "
+        "2^20 Adam step vs an empty kernel launch in interleaved rounds: event time, "
         "back-to-back time, host issue time (cupy, numba-cuda, torch fused, a CuPy step "
-        "captured in a CUDA graph)",
-    ),
-    _step(
-        "interop",
-        60,
-        150,
-        "pytest -m gpu: every GPU test but the parity matrix (interop, streams, "
-        "nn.Parameter, 2^31+7 elements, fastopt.torch, textbook, mixed precision on both "
-        "backends, a whole capturable step in a CUDA graph)",
-        files=("pytest-interop.xml",),
+        "captured in a CUDA graph, the dict API)",
     ),
     _step(
         "parity",
-        110,
+        45,
         200,
-        "pytest -m gpu: the parity matrix on both backends, parallel "
-        "workers, --tb=line, capped failures",
+        "pytest -m gpu: the parity matrix on both backends, parallel workers, --tb=line, "
+        "capped failures",
         files=("pytest-parity.xml",),
     ),
     _step(
         "sweep",
-        100,
+        45,
         150,
-        "every optimizer at 2^20, 2^24, 2^28 float32 on both backends "
-        "with ceilings and torch peers",
+        "every optimizer at 2^20, 2^24, 2^28 float32 on both backends against each group's "
+        "same-traffic kernel and memcpy, torch peers on one flat tensor (at 2^28, and Adam at "
+        "every size)",
         files=("bench-gpu.json",),
     ),
     _step(
         "ncu",
-        30,
+        10,
         60,
-        "Nsight Compute on one Adam step (2^24, cupy): DRAM throughput and "
-        "achieved occupancy, if ncu can read the counters",
+        "Nsight Compute on one Adam step (2^24, cupy): DRAM throughput and achieved "
+        "occupancy, if ncu can read the counters",
         files=("ncu.txt",),
     ),
 ]
 ALWAYS_FILES = ("gpu_run.json", "run.log", "summary.txt")
+
+#: The rows of the targets, per step, by value: the groups each step measures. ``guard``: the
+#: feature (``torch_rows.features``) a row needs; its group's other rows run without it.
+TORCH_ROWS = {
+    "torch-list": [
+        dict(case="adam", n=n, precision=pr)
+        for n, pr in (
+            (1 << 28, "float32"),
+            (1 << 28, "bfloat16"),
+            (1 << 24, "float32"),
+            (1 << 24, "bfloat16"),
+            (1 << 28, "bfloat16+master"),
+            (1 << 24, "bfloat16+master"),
+            (1 << 20, "float32"),
+            (1 << 20, "bfloat16"),
+            (1 << 20, "bfloat16+master"),
+        )
+    ],
+    "amp-sync": [dict(case="adam", n=1 << 20, precision="float32", guard="sync_debug_mode")],
+    "graph": [dict(case="adam", n=1 << 20, precision="float32", guard="capturable")],
+    "clip": [
+        dict(case="adam", n=n, precision="float32", guard="max_grad_norm")
+        for n in (1 << 28, 1 << 24)
+    ],
+    "lowbit": [
+        dict(case="adam", n=1 << 28, precision="float32", guard=f"state_dtype:{sd}", state=sd)
+        for sd in ("int8", "float8_e4m3")
+    ],
+}
 
 
 # -- the parent: runs the plan --------------------------------------------------------------------
@@ -121,6 +211,8 @@ def check_plan():
     total = sum(s["est_s"] for s in PLAN)
     if total > BUDGET_S:
         problems.append(f"estimated {total} s > budget {BUDGET_S} s")
+    if BUDGET_S > 600 or START_S + BUDGET_S > WINDOW_S:
+        problems.append(f"budget {BUDGET_S} s does not fit one command and the window")
     files = _out_files()
     if len(files) > MAX_FILES:
         problems.append(f"{len(files)} output files > {MAX_FILES}: {files}")
@@ -134,7 +226,7 @@ def check_plan():
             problems.append(f"step {s['name']!r}: limit {s['limit_s']} s < estimate")
     # nothing CPU-only or undersized in the benchmark groups
     from fastopt.backends import BACKENDS, get_backend  # noqa: F401  (importable here)
-    from fastopt.bench.measure import CASES
+    from fastopt.bench.measure import CASES, PRECISIONS
 
     for group in bench_groups("headline") + bench_groups("sweep"):
         case, n, backends = group["case"], group["n"], group["backends"]
@@ -145,6 +237,19 @@ def check_plan():
             problems.append(f"{case} n={n}: CPU backends {bad} in a GPU group")
         if n < 1 << 20:
             problems.append(f"{case} n={n}: below 2^20, launch-bound")
+    guards = set(_feature_names())
+    for step, rows in TORCH_ROWS.items():
+        if step not in names:
+            problems.append(f"rows of {step!r} belong to no step of the plan")
+        for row in rows:
+            if row["case"] not in CASES:
+                problems.append(f"{step}: unknown optimizer case {row['case']!r}")
+            if row["precision"] not in PRECISIONS:
+                problems.append(f"{step}: unknown precision {row['precision']!r}")
+            if row.get("guard") and row["guard"] not in guards:
+                problems.append(f"{step}: guard {row['guard']!r} is no feature {sorted(guards)}")
+            if row["n"] < 1 << 20:
+                problems.append(f"{step} n={row['n']}: below 2^20")
     for path in (
         "tests/gpu/test_gpu_parity.py",
         "tests/gpu/test_gpu_interop.py",
@@ -155,15 +260,39 @@ def check_plan():
     return problems
 
 
+def _feature_names():
+    """The names of the guards (``torch_rows.FEATURES``; nothing is probed here)."""
+    from fastopt.bench.torch_rows import FEATURES
+
+    return FEATURES
+
+
 def bench_groups(step):
-    """The benchmark groups of a step: dicts case, n, backends, torch, form."""
+    """The benchmark groups of a step: dicts case, n, backends, torch, form, layouts,
+    references."""
     if step == "headline":
         out = [
-            dict(case=c, n=HEADLINE_N, backends=list(GPU_BACKENDS), torch=True, form="raw")
+            dict(
+                case=c,
+                n=HEADLINE_N,
+                backends=list(GPU_BACKENDS),
+                torch=True,
+                form="raw",
+                layouts=("flat",),
+                references=c == "adam",
+            )
             for c in HEADLINE
         ]
         out.append(
-            dict(case="adam", n=HEADLINE_N, backends=["cupy"], torch=False, form="elementwise")
+            dict(
+                case="adam",
+                n=HEADLINE_N,
+                backends=["cupy"],
+                torch=False,
+                form="elementwise",
+                layouts=("flat",),
+                references=False,
+            )
         )
         return out
     if step == "sweep":
@@ -176,6 +305,8 @@ def bench_groups(step):
                 backends=list(GPU_BACKENDS),
                 torch=n == SIZES[-1] or c == "adam",
                 form="raw",
+                layouts=("flat",),
+                references=False,
             )
             for n in SIZES
             for c in CASE_NAMES
@@ -186,15 +317,30 @@ def bench_groups(step):
 
 def print_plan():
     t = 0
-    print(f"gpu_run plan (budget {BUDGET_S} s of command time, {MAX_FILES} output files):")
+    print(
+        f"gpu_run plan (budget {BUDGET_S} s of command time, {MAX_FILES} output files; the "
+        f"window: {WINDOW_S} s with about {START_S} s of machine start):"
+    )
     for s in PLAN:
         t += s["est_s"]
         print(
-            f"  {s['name']:<9} ~{s['est_s']:>3} s (limit {s['limit_s']:>3} s, cumulative "
+            f"  {s['name']:<10} ~{s['est_s']:>3} s (limit {s['limit_s']:>3} s, cumulative "
             f"{t:>3} s)  {s['what']}"
         )
+        for row in TORCH_ROWS.get(s["name"], ()):
+            extra = f" state {row['state']}" if "state" in row else ""
+            guard = f"  [guard: {row['guard']}]" if row.get("guard") else ""
+            print(
+                f"      row: {row['case']} n=2^{row['n'].bit_length() - 1} "
+                f"{row['precision']}{extra}{guard}"
+            )
     groups = bench_groups("headline") + bench_groups("sweep")
-    print(f"  benchmark groups: {len(groups)}; output files: {', '.join(_out_files())}")
+    rows = sum(len(v) for v in TORCH_ROWS.values())
+    print(
+        f"  benchmark groups: {len(groups)} older + {rows} rows of the targets; estimated "
+        f"{t} s of command time, {START_S + t} s of the {WINDOW_S} s window with the start; "
+        f"output files: {', '.join(_out_files())}"
+    )
 
 
 class Run:
@@ -371,6 +517,7 @@ def child_facts(out):
             versions[m] = f"missing ({type(exc).__name__})"
     res["versions"] = versions
     res["cuda_home"] = os.environ.get("CUDA_HOME")
+    res["commit"] = _commit()
     res["backends"] = fastopt.available_backends()
     res["unavailable"] = {}
     for b in B.BACKENDS:
@@ -395,6 +542,17 @@ def child_facts(out):
         }
     except Exception as exc:
         res["device"] = f"cupy sees no GPU: {exc}"
+    from fastopt.bench.gpu import gpu_name, rated_bandwidth
+
+    rated, source = rated_bandwidth(gpu_name())
+    res["rated_gbps"] = None if rated is None else rated / 1e9
+    res["rated_source"] = source
+    try:  # which guarded rows the code here can run, on the GPU when there is one
+        from fastopt.bench.torch_rows import features
+
+        res["features"] = features("cuda" if res.get("gpu") else "cpu")
+    except Exception as exc:
+        res["features"] = f"{type(exc).__name__}: {exc}"
     # probe: one optimizer of each rule and its main flags, both backends, vs the oracle
     from fastopt.bench.measure import CASES
 
@@ -424,7 +582,11 @@ def child_facts(out):
                 errs[name] = f"{type(exc).__name__}: {str(exc)[:300]}"
         probe[b] = errs
     res["probe"] = probe
+    feats = res["features"] if isinstance(res["features"], dict) else {}
     res["summary"] = [
+        "guarded rows: "
+        + ", ".join(f"{k} {'yes' if v['available'] else 'no'}" for k, v in feats.items()),
+    ] + [
         f"{b}: "
         + ", ".join(f"{k} {v:.1e}" if isinstance(v, float) else f"{k} FAILED" for k, v in e.items())
         for b, e in probe.items()
@@ -433,29 +595,92 @@ def child_facts(out):
     print(json.dumps({k: v for k, v in res.items() if k != "summary"}, indent=1, default=str))
 
 
-def _bench_child(out, step):
-    """Run the benchmark groups of ``step``, appending records to bench-gpu.json after each."""
-    from fastopt.backends import available_backends, cupy_backend
+def _commit():
+    """The checkout's commit (None when it is no git checkout)."""
+    try:
+        proc = subprocess.run(
+            ["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True, timeout=10
+        )
+        return proc.stdout.strip() or None
+    except Exception:
+        return None
+
+
+def _bench_doc(out):
+    """bench-gpu.json as it stands (a fresh document on the step that starts it)."""
     from fastopt.bench import measure as _bench
-    from fastopt.bench.cli import write_json_atomic
     from fastopt.bench.gpu import gpu_name
-    from fastopt.bench.groups import finalize, run_group
-    from fastopt.bench.measure import CASES
-    from fastopt.bench.torch_peers import modes
 
     path = Path(out) / "bench-gpu.json"
     if path.exists():
-        doc = json.loads(path.read_text())
-    else:
-        doc = {
-            "schema": "fastopt-bench/1",
-            "created": _utc(),
-            "command": "scripts/gpu_run.sh",
-            "device": _bench.device_info(gpu_name()),
-            "versions": _bench.versions(),
-            "config": {"reps": 20},
-            "records": [],
-        }
+        return path, json.loads(path.read_text())
+    return path, {
+        "schema": "fastopt-bench/2",
+        "created": _utc(),
+        "command": "scripts/gpu_run.sh",
+        "commit": _commit(),
+        "device": _bench.device_info(gpu_name()),
+        "versions": _bench.versions(),
+        "config": {
+            "timing": "interleaved rounds (fastopt.bench.measure.measure_rounds)",
+            "group_budget_s": GROUP_BUDGET_S,
+        },
+        "records": [],
+    }
+
+
+def _save_records(path, doc, recs, step):
+    from fastopt.bench.cli import write_json_atomic
+    from fastopt.bench.groups import finalize
+
+    for r in recs:
+        r["step"] = step
+    doc["records"] += recs
+    finalize(doc["records"])
+    write_json_atomic(path, doc)
+
+
+def _range(spread, scale=1.0, fmt=".2f"):
+    if not spread:
+        return ""
+    return f" ({spread['min'] * scale:{fmt}}-{spread['max'] * scale:{fmt}})"
+
+
+def _line(r):
+    """One record in a summary line: GB/s with the range of its timed calls, its ratios."""
+    sp = r.get("spread") or {}
+    gb = r["bytes"] / 1e9
+    text = f"{r['backend']}[{r['layout']}{', ' + r['variant'] if r.get('variant') else ''}] "
+    text += f"{r['median_s'] * 1e3:.3f} ms"
+    if r["bytes"]:
+        text += f" {r['gbps']:.0f} GB/s"
+        if sp:
+            text += f" ({gb / sp['max_s']:.0f}-{gb / sp['min_s']:.0f})"
+    if r.get("pct_of_ceiling") is not None:
+        text += f", {r['pct_of_ceiling']:.0f}% of same-traffic"
+    for key, label in (
+        ("speedup_vs_torch", "x torch"),
+        ("pct_of_flat", "% of flat"),
+        ("x_flat_graph", "x flat graph"),
+        ("x_unclipped", "x unclipped"),
+        ("speedup_vs_float32_state", "x fp32 state"),
+        ("speedup_vs_bitsandbytes", "x bitsandbytes"),
+    ):
+        if r.get(key) is not None:
+            fmt = ".0f" if key == "pct_of_flat" else ".2f"
+            text += f", {label} {r[key]:{fmt}}{_range(r.get(key + '_spread'), fmt=fmt)}"
+    return text
+
+
+def _bench_child(out, step):
+    """Run the benchmark groups of ``step``, appending records to bench-gpu.json after each."""
+    from fastopt.backends import available_backends, cupy_backend
+    from fastopt.bench.gpu import release_memory
+    from fastopt.bench.groups import run_group
+    from fastopt.bench.measure import CASES, fmt_n
+    from fastopt.bench.torch_peers import modes
+
+    path, doc = _bench_doc(out)
     avail = available_backends()
     summary = []
     for g in bench_groups(step):
@@ -474,40 +699,29 @@ def _bench_child(out, step):
                 "float32",
                 backends,
                 torch_modes,
-                reps=20,
+                layouts=g["layouts"],
                 warmup=3,
-                budget_s=4.0,
+                budget_s=GROUP_BUDGET_S,
+                references=g["references"],
             )
         except Exception as exc:
             print(f"group {g['case']} n={g['n']}: {type(exc).__name__}: {exc}", flush=True)
-            doc.setdefault("errors", []).append(f"{g['case']} n={g['n']}: {exc}")
+            doc.setdefault("errors", []).append(f"{step} {g['case']} n={g['n']}: {exc}")
             continue
         finally:
             cupy_backend.KERNEL_FORM = "raw"
+            release_memory()
         for r in recs:
-            r["step"] = step
             if g["form"] != "raw" and r["backend"] == "cupy":
                 r["backend"] = f"cupy-{g['form']}"
-        doc["records"] += recs
-        finalize(doc["records"])
-        write_json_atomic(path, doc)
-        line = f"{g['case']} 2^{g['n'].bit_length() - 1}: " + ", ".join(
-            f"{r['backend']}{'' if r['layout'] == 'flat' else '[list]'} {r['gbps']:.0f} GB/s"
-            + (f" ({r['pct_of_ceiling']:.0f}% ceil" if r.get("pct_of_ceiling") else " (")
-            + (f", {r['pct_of_vec_ceiling']:.0f}% vec" if r.get("pct_of_vec_ceiling") else "")
-            + (f", {r['pct_of_copy']:.0f}% copy)" if r.get("pct_of_copy") else ")")
-            for r in recs
-        )
-        ceil = {
-            r["ceiling_backend"]: (r["ceiling_gbps"], r.get("ceiling_vec_gbps"), r["copy_gbps"])
-            for r in recs
-            if r.get("ceiling_backend")
-        }
-        line += " | ceilings " + ", ".join(
-            f"{b}: same {c[0]:.0f}" + (f" vec {c[1]:.0f}" if c[1] else "") + f" copy {c[2]:.0f}"
-            for b, c in ceil.items()
-            if c[0]
-        )
+        _save_records(path, doc, recs, step)
+        head = recs[0] if recs else {}
+        line = f"{g['case']} {fmt_n(g['n'])}: " + "; ".join(_line(r) for r in recs)
+        if head.get("ceiling_gbps"):
+            line += (
+                f" | same-traffic {head['ceiling_gbps']:.0f}, memcpy "
+                f"{head.get('memcpy_gbps') or 0:.0f}, rated {head.get('rated_gbps') or '-'} GB/s"
+            )
         summary.append(line)
         print(line + f"  [{time.monotonic() - t:.1f} s]", flush=True)
     _save_result(out, step, {"summary": summary})
@@ -519,6 +733,105 @@ def child_headline(out):
 
 def child_sweep(out):
     _bench_child(out, "sweep")
+
+
+def _rows_child(out, step, run):
+    """The rows of ``step`` (``TORCH_ROWS``): ``run(row)`` measures one group and returns its
+    records; they are written after each group."""
+    from fastopt.bench.gpu import release_memory
+    from fastopt.bench.measure import fmt_n
+
+    path, doc = _bench_doc(out)
+    summary = []
+    for row in TORCH_ROWS[step]:
+        t = time.monotonic()
+        what = f"{step} {row['case']} {fmt_n(row['n'])} {row['precision']}"
+        try:
+            recs = run(row)
+        except Exception as exc:
+            print(f"{what}: {type(exc).__name__}: {exc}", flush=True)
+            doc.setdefault("errors", []).append(f"{what}: {type(exc).__name__}: {exc}")
+            _save_records(path, doc, [], step)
+            continue
+        finally:
+            release_memory()
+        if recs is None:
+            continue
+        _save_records(path, doc, recs, step)
+        line = f"{what}: " + "; ".join(_line(r) for r in recs)
+        if recs and recs[0].get("group_errors"):
+            line += f" | left out: {recs[0]['group_errors']}"
+        summary.append(line)
+        print(line + f"  [{time.monotonic() - t:.1f} s]", flush=True)
+    _save_result(out, step, {"summary": summary})
+
+
+def child_torch_list(out):
+    from fastopt.bench.torch_rows import features, list_group
+
+    feats = features("cuda")
+    if not feats["fastopt.torch"]["available"]:
+        _save_result(out, "torch-list", {"summary": ["fastopt.torch does not import"]})
+        return
+
+    def run(row):
+        if "bfloat16" in row["precision"] and not feats["bfloat16"]["available"]:
+            return None
+        return list_group(row["case"], row["n"], row["precision"], budget_s=GROUP_BUDGET_S)
+
+    _rows_child(out, "torch-list", run)
+
+
+def child_graph(out):
+    from fastopt.bench.torch_rows import graph_group
+
+    _rows_child(out, "graph", lambda row: graph_group(row["case"], row["n"], budget_s=2.0))
+
+
+def child_clip(out):
+    from fastopt.bench.torch_rows import clip_group
+
+    _rows_child(out, "clip", lambda row: clip_group(row["case"], row["n"], budget_s=GROUP_BUDGET_S))
+
+
+def child_lowbit(out):
+    from fastopt.bench.torch_rows import features, lowbit_group
+
+    feats = features("cuda")
+    states = tuple(r["state"] for r in TORCH_ROWS["lowbit"] if feats[r["guard"]]["available"])
+    if not states:
+        why = {r["guard"]: feats[r["guard"]]["why"] for r in TORCH_ROWS["lowbit"]}
+        _save_result(out, "lowbit", {"summary": [f"no low-bit state here: {why}"]})
+        return
+    row = TORCH_ROWS["lowbit"][0]
+    _rows_child(
+        out,
+        "lowbit",
+        lambda r: (
+            lowbit_group(r["case"], r["n"], states, budget_s=GROUP_BUDGET_S) if r is row else None
+        ),
+    )
+
+
+def child_amp_sync(out):
+    from fastopt.bench.torch_rows import features, sync_rows
+
+    feats = features("cuda")
+    row = TORCH_ROWS["amp-sync"][0]
+    if not feats[row["guard"]]["available"]:
+        _save_result(out, "amp-sync", {"summary": [feats[row["guard"]]["why"]]})
+        return
+    rows = sync_rows(row["case"], row["n"])
+    path, doc = _bench_doc(out)
+    doc.setdefault("syncs", []).extend(rows)
+    _save_records(path, doc, [], "amp-sync")
+    summary = [
+        f"{r['backend']} over {r['n_tensors']} tensors, GradScaler: {r['per_step']} host syncs "
+        f"per steady step; sync debug mode 'error': {r['error_mode']}"
+        for r in rows
+    ]
+    print("\n".join(summary), flush=True)
+    _save_result(out, "amp-sync", {"syncs": rows, "summary": summary})
 
 
 def child_latency(out):
@@ -560,10 +873,11 @@ def child_latency(out):
     empty = res["empty-launch"]
     summary = []
     for label, r in res.items():
+        ev = r["event_spread"]
         summary.append(
-            f"{label}: event {r['event_s'] * 1e6:.1f} us, back-to-back "
-            f"{r['pipelined_s'] * 1e6:.1f} us, host issue {r['host_issue_s'] * 1e6:.1f}"
-            f" us"
+            f"{label}: event {r['event_s'] * 1e6:.1f} us (IQR {ev['q1_s'] * 1e6:.1f}-"
+            f"{ev['q3_s'] * 1e6:.1f}), back-to-back {r['pipelined_s'] * 1e6:.1f} us, host "
+            f"issue {r['host_issue_s'] * 1e6:.1f} us"
             + (
                 ""
                 if label == "empty-launch"
@@ -571,11 +885,20 @@ def child_latency(out):
             )
         )
         print(summary[-1], flush=True)
-    slim = {k: dict(v.items()) for k, v in res.items()}
+    from fastopt.bench.gpu import gpu_name, rated_bandwidth
+
+    rated, source = rated_bandwidth(gpu_name())
     _save_result(
         out,
         "latency",
-        {"n": n, "runs": slim, "summary": summary, "floor_s": float(np.float64(28 * n) / 3.0e12)},
+        {
+            "n": n,
+            "runs": res,
+            "summary": summary,
+            # the device time of Adam's 28 B/element at the rated bandwidth (a data-sheet figure)
+            "rated_floor_s": None if rated is None else float(np.float64(28 * n) / rated),
+            "rated_source": source,
+        },
     )
 
 
@@ -689,6 +1012,11 @@ def child_ncu(out):
 
 CHILDREN = {
     "facts": child_facts,
+    "torch-list": child_torch_list,
+    "amp-sync": child_amp_sync,
+    "graph": child_graph,
+    "clip": child_clip,
+    "lowbit": child_lowbit,
     "headline": child_headline,
     "latency": child_latency,
     "interop": child_interop,

@@ -82,3 +82,14 @@ def rng(request):
 @pytest.fixture
 def oracle():
     return run_oracle
+
+
+def pytest_collection_modifyitems(config, items):
+    """Tests marked ``distributed`` (process groups spawned on the CPU, tens of seconds) run
+    only when ``-m`` names them: ``python -m pytest -q -m distributed``."""
+    if "distributed" in (config.getoption("markexpr") or ""):
+        return
+    skip = pytest.mark.skip(reason="distributed: run with -m distributed")
+    for item in items:
+        if "distributed" in item.keywords:
+            item.add_marker(skip)

@@ -13,7 +13,7 @@ from fastopt.kernels.storage import IO
 from fastopt import cli
 from fastopt.bench import cli as bench_cli
 from fastopt.bench.ceilings_cpu import mixed_traffic_runner
-from fastopt.bench.measure import CASES, PRECISIONS, bytes_per_step
+from fastopt.bench.measure import CASES, PRECISIONS, bytes_per_step, transformer_shapes
 
 pytest.importorskip("ml_dtypes")
 
@@ -70,3 +70,52 @@ def test_mixed_precision_rows_in_fastopt_bench(tmp_path):
         assert r["pct_of_ceiling"] == pytest.approx(100 * r["gbps"] / r["ceiling_gbps"])
     text = out.getvalue()
     assert "mixed precision" in text and "bfloat16+master" in text and "load average" in text
+
+
+# -- fastopt.torch over a model's list, beside torch and the flat step (CPU run of the GPU rows) --
+
+
+def _tr():
+    pytest.importorskip("torch")
+    from fastopt.bench import torch_rows
+
+    return torch_rows
+
+
+@pytest.mark.parametrize("precision", ["float32", "bfloat16+master"])
+def test_list_group_compares_the_same_work(precision):
+    """The list group of the GPU run, on the CPU: fastopt.torch over the transformer's list,
+    fastopt's flat step, torch fused on the same list and on one tensor (only where torch keeps
+    the same bytes: no master copy), each moving the plan's bytes; the list row's x torch and %
+    of the flat step are the group's own medians' ratios, with one value per round."""
+    tr = _tr()
+    n, rounds = 4096, 2
+    recs = tr.list_group("adam", n, precision, device="cpu", rounds=rounds, per_round=1, warmup=1)
+    by = {(r["backend"], r["layout"]): r for r in recs}
+    same_work = precision == "float32"
+    want = {("fastopt.torch", "list"), ("numba", "flat")}
+    if same_work:
+        want |= {("torch-fused", "list"), ("torch-fused", "flat")}
+    assert set(by) == want
+    io_ = PRECISIONS[precision].io()
+    lst, flat = by["fastopt.torch", "list"], by["numba", "flat"]
+    assert lst["n_tensors"] == len(transformer_shapes(n))
+    for r in recs:
+        assert r["bytes"] == bytes_per_step(CASES["adam"].n_state, n, io=io_)
+        assert r["dtype"] == precision and r["step"] == "torch-list"
+        assert len(r["round_median_s"]) == rounds and len(r["times_s"]) == rounds
+        assert r["spread"]["median_s"] == pytest.approx(statistics.median(r["times_s"]))
+        assert r["group"] == lst["group"]
+    assert lst["pct_of_flat"] == pytest.approx(100 * flat["median_s"] / lst["median_s"])
+    assert lst["pct_of_flat_spread"]["rounds"] == rounds
+    assert lst["pct_of_ceiling"] == pytest.approx(100 * lst["gbps"] / lst["ceiling_gbps"])
+    if same_work:
+        peer = by["torch-fused", "list"]
+        assert lst["speedup_vs_torch"] == pytest.approx(peer["median_s"] / lst["median_s"])
+        assert lst["speedup_vs_torch_vs"] == "torch-fused (list)"
+        assert peer["peer"] == "torch.optim.Adam(fused=True)"
+        assert flat["speedup_vs_torch"] == pytest.approx(
+            by["torch-fused", "flat"]["median_s"] / flat["median_s"]
+        )
+    else:
+        assert "speedup_vs_torch" not in lst  # torch.optim keeps no master copy: no peer

@@ -6,9 +6,22 @@ torch's float32 arithmetic), and a loop LLVM could not vectorise would run sever
 Each loop here is compiled afresh (inspection needs a compile, not the disk cache) from the
 same generated source the backend compiles, and its LLVM IR is read: the loop function itself,
 not numba's Python wrapper (whose argument unboxing goes through double).
+
+A vectorised loop can still leave part of its body scalar: a lane is taken out of the vector,
+run through scalar code and put back, which is what a 16-bit conversion the compiler cannot
+widen would cost. In the IR that is ``extractelement``/``insertelement``, scalar operations or
+scalar stores in the vector body; an operation the IR keeps packed but the target has no
+instruction for is split into lanes only in the machine code (``vpextrd``, ``vpinsrd``, moves
+between vector and general registers in the vector loop). The loops hold neither, on this CPU
+and in an AVX2 build (what a CPU without AVX-512 runs; compiled for ``AVX2_CPU`` in a child
+process, numba reading its target when it is imported).
 """
 
+import json
+import os
 import re
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -31,8 +44,76 @@ PACKED_SQRT = {
 }
 
 
-def _loop_ir(plan):
-    """LLVM IR of the serial Adam loop of ``plan``: the loop function's body only."""
+#: an LLVM CPU with AVX2, FMA and F16C and no AVX-512, compiled for with its own features
+AVX2_CPU = "haswell"
+#: arithmetic, comparisons, casts and calls on one lane's value (not on the i64 loop index)
+SCALAR_OP = re.compile(
+    r"=\s+(?:tail\s+)?(?:add|sub|mul|and|or|xor|shl|lshr|ashr|select|icmp|fcmp|bitcast|zext|sext"
+    r"|trunc|fpext|fptrunc|fadd|fsub|fmul|fdiv|call)\b(?:\s+\w+)*\s+(?:i1|i8|i16|i32|half|float)\b"
+)
+SCALAR_STORE = re.compile(r"^\s*store\s+(?:i8|i16|i32|half|float)\b")
+LANE_MOVES = re.compile(r"\b(?:extractelement|insertelement)\b")
+
+
+def vector_body(body):
+    """The block of the loop's body that LLVM's loop vectorizer emitted (``vector.body``), or
+    None when the loop was not vectorised."""
+    m = re.search(r"^vector\.body:.*?\n(.*?)(?=^\S|\Z)", body, re.M | re.S)
+    return m.group(1) if m else None
+
+
+def scalar_lines(block):
+    """The lines of a vector body that work on single lanes."""
+    return [
+        ln.strip()
+        for ln in block.splitlines()
+        if SCALAR_OP.search(ln) or SCALAR_STORE.search(ln) or LANE_MOVES.search(ln)
+    ]
+
+
+#: x86 instructions that move one lane between a vector register and a general one
+ASM_LANE_MOVES = re.compile(
+    r"^\s+(?:v?pextr[bwdq]|v?pinsr[bwdq]|v?extractps|v?insertps)\s"
+    r"|^\s+v?mov[dq]\s+(?:%xmm\d+,\s*%[re]\w+|%[re]\w+,\s*%xmm\d+)"
+)
+#: a packed square root in a 256- or 512-bit register: the vector loop's math
+ASM_PACKED_SQRT = re.compile(r"^\s+vsqrtps\s+[^\n]*%[yz]mm")
+
+
+def vector_loop(asm):
+    """The instructions of the vector loop in ``asm``: the shortest span from a label to a
+    jump back to it that holds a packed square root (None when there is none)."""
+    lines = asm.splitlines()
+    labels = {}
+    best = None
+    for i, ln in enumerate(lines):
+        m = re.match(r"^(\.LBB\w+):", ln)
+        if m:
+            labels[m.group(1)] = i
+            continue
+        m = re.match(r"^\s+j\w+\s+(\.LBB\w+)", ln)
+        if m and m.group(1) in labels:
+            span = [x for x in lines[labels[m.group(1)] + 1 : i + 1] if x.startswith("\t")]
+            has_math = any(ASM_PACKED_SQRT.search(x) for x in span)
+            if has_math and (best is None or len(span) < len(best)):
+                best = span
+    return best
+
+
+def assert_packed(what, body, asm):
+    """The loop ``what`` (its IR ``body`` and the module's assembly ``asm``) is vectorised and
+    no lane of it leaves the vector registers."""
+    block = vector_body(body)
+    assert block is not None and PACKED_SQRT["float"].search(block), f"{what}: not vectorised"
+    assert not scalar_lines(block), f"scalar code in {what}: {scalar_lines(block)[:5]}"
+    loop = vector_loop(asm)
+    assert loop is not None, f"{what}: no packed 256- or 512-bit loop in the machine code"
+    moves = [x.strip() for x in loop if ASM_LANE_MOVES.search(x)]
+    assert not moves, f"lanes split in the machine code of {what}: {moves[:5]}"
+
+
+def _compiled_loop(plan):
+    """The serial Adam loop of ``plan``, compiled afresh (no disk cache) and called once."""
     io, pairs = {
         "float32": (None, False),
         "float64": (None, False),
@@ -57,6 +138,12 @@ def _loop_ir(plan):
         k = tuple(np.float32(1) for _ in range(9))
         x = (np.float32(1), np.int64(0), np.int64(0))
         fn(p, g, m, v, p, k, x) if pairs else fn(p, g, m, v, p, p, k, x)
+    return fn
+
+
+def _loop_ir(plan, fn=None):
+    """LLVM IR of the serial Adam loop of ``plan``: the loop function's body only."""
+    fn = fn or _compiled_loop(plan)
     (ir,) = fn.inspect_llvm().values()
     body = re.search(r"^define [^\n]*@_ZN7fastopt[^\n]*\n(.*?)^}", ir, re.M | re.S)
     assert body, "the loop function is not in the module"
@@ -67,10 +154,50 @@ def _loop_ir(plan):
     "plan", ["float32", "bfloat16", "bfloat16-words", "float16", "bfloat16-fp32-state"]
 )
 def test_float32_math_loops_are_packed_and_hold_no_double(plan):
-    body = _loop_ir(plan)
+    fn = _compiled_loop(plan)
+    body = _loop_ir(plan, fn)
     doubles = [ln.strip() for ln in body.splitlines() if DOUBLE.search(ln)]
     assert not doubles, f"float64 in the {plan} loop: {doubles[:5]}"
     assert PACKED_SQRT["float"].search(body), f"the {plan} loop did not vectorise"
+    (asm,) = fn.inspect_asm().values()
+    assert_packed(f"the {plan} loop", body, asm)
+
+
+#: what the child process reports of each loop it compiles for ``AVX2_CPU``
+_AVX2_CHILD = """
+import json, sys
+sys.path.insert(0, {tests!r})
+import test_cpu_codegen as t
+out = {{}}
+for plan in {plans!r}:
+    fn = t._compiled_loop(plan)
+    (asm,) = fn.inspect_asm().values()
+    out[plan] = {{"body": t._loop_ir(plan, fn), "asm": asm}}
+print(json.dumps(out))
+"""
+
+
+def avx2_build(plans, cpu=AVX2_CPU):
+    """``{plan: {"body": loop IR, "asm": module assembly}}`` of the serial Adam loops of
+    ``plans`` compiled for ``cpu`` with that CPU's own features (a child process: numba reads
+    its target when it is imported)."""
+    code = _AVX2_CHILD.format(tests=os.path.dirname(os.path.abspath(__file__)), plans=plans)
+    env = dict(os.environ, NUMBA_CPU_NAME=cpu, NUMBA_CPU_FEATURES="")
+    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env)
+    assert res.returncode == 0, res.stderr[-3000:]
+    return json.loads(res.stdout.splitlines()[-1])
+
+
+def test_avx2_builds_of_the_16_bit_loops_are_packed():
+    """Compiled for an AVX2 CPU (no AVX-512: no zmm register anywhere), the bfloat16 element
+    and word loops and the float16 loop run 256-bit packed math and convert every lane in
+    vector registers, in the IR and in the machine code. Without AVX-512's masked operations
+    the NaN select of the bfloat16 rounding becomes a compare and a blend (``vcmpunordps``,
+    ``vblendvps``), still packed."""
+    plans = ["bfloat16", "bfloat16-words", "float16"]
+    for plan, built in avx2_build(plans).items():
+        assert "zmm" not in built["asm"], f"AVX-512 code in the AVX2 build of {plan}"
+        assert_packed(f"the AVX2 build of the {plan} loop", built["body"], built["asm"])
 
 
 def test_the_double_detector_sees_double():

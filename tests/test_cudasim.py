@@ -2,7 +2,9 @@
 
 ``NUMBA_ENABLE_CUDASIM=1`` swaps ``numba.cuda`` for a Python simulator for the whole process, so
 ``tests/cudasim_parity.py`` (every optimizer and flag variant through ``backend="numba-cuda"``
-against the float64 oracle, params and every state buffer, n <= 1001) runs in a child pytest.
+against the float64 oracle, params and every state buffer, n <= 1001) and
+``tests/cudasim_multi_tensor.py`` (the multi-tensor launch and the gradient norm) run in a child
+pytest.
 Needs a ``numba.cuda`` with a simulator: numba <= 0.6x's built-in target or the ``numba-cuda``
 package (``pip install numba-cuda``); no GPU, driver or CUDA toolkit.
 """
@@ -46,6 +48,7 @@ def test_numba_cuda_kernels_under_the_simulator():
             "--rootdir",
             str(ROOT),
             str(HERE / "cudasim_parity.py"),
+            str(HERE / "cudasim_multi_tensor.py"),
         ],
         cwd=ROOT,
         env=env,

@@ -105,12 +105,12 @@ def test_valley_updates_run_through_the_kernels(monkeypatch):
     calls = []
     real = numba_backend.prepare
 
-    def counting(rule, flags, writes, k, dtype):
-        run = real(rule, flags, writes, k, dtype)
+    def counting(rule, flags, writes, k, dtype, **kw):
+        run = real(rule, flags, writes, k, dtype, **kw)
 
-        def counted(param, grad, states):
+        def counted(param, grad, states, master=None, salt=0):
             calls.append((rule, param.shape))
-            return run(param, grad, states)
+            return run(param, grad, states, master, salt)
 
         return counted
 

@@ -144,33 +144,34 @@ def test_storage_shrunk_is_refused_by_the_per_tensor_launch_too():
 
 
 @pytest.mark.parametrize("name", ["Adam", "NAdam", "SGD"])
-def test_meta_parameters_step_like_torch(name):
-    """Meta tensors (no memory; the address table would hold 0) are never launched: the step
-    creates the state on the meta device and advances the step counts, as torch.optim does
-    (tools such as distributed checkpointing build optimizer state this way)."""
+def test_meta_parameters_are_refused_naming_the_parameter(name):
+    """A meta tensor has no memory: its address (0) in the table was a SIGSEGV. torch.optim
+    steps meta parameters (state made on the meta device, step counts advanced, nothing
+    computed); fastopt.torch refuses them with a TypeError naming the parameter, nothing
+    written, as ``tests/test_torch_contract.py`` holds for the whole door: its kernels write
+    memory, and a model still on the meta device is one to materialise (``to_empty()``) first,
+    whose state would otherwise be made for tensors that are about to be replaced."""
     kw = {"momentum": 0.9} if name == "SGD" else {}
-    opts = []
-    for cls in (getattr(fot, name), getattr(torch.optim, name)):
-        ps = [torch.nn.Parameter(torch.empty(s, device="meta")) for s in [(4, 3), (5,)]]
-        opt = cls(ps, lr=1e-2, **kw)
-        for _ in range(2):
-            for p in ps:
-                p.grad = torch.empty_like(p)
-            opt.step()
-        opts.append((opt, ps))
-    (a, ps), (b, qs) = opts
-    for p, q in zip(ps, qs):
-        assert set(a.state[p]) == set(b.state[q])
-        for k, v in b.state[q].items():
-            mine = a.state[p][k]
-            assert (mine.device, mine.shape, mine.dtype) == (v.device, v.shape, v.dtype), k
-            if v.device.type != "meta":  # step counts, host state
-                torch.testing.assert_close(mine, v, rtol=1e-6, atol=0)
+    meta = torch.nn.Parameter(torch.empty(4, 3, device="meta"))
+    meta.grad = torch.empty_like(meta)
+    theirs = getattr(torch.optim, name)([meta], lr=1e-2, **kw)
+    theirs.step()  # torch.optim steps it
+    ps, qs, a, _ = _pair(name, [(5,), (6,)], lr=1e-2, **kw)
+    _grads(ps, qs, 0)
+    a.step()
+    _grads(ps, qs, 1)
+    snap = _snap(a, ps)
+    a.param_groups[0]["params"].append(meta)
+    with pytest.raises(TypeError, match="parameter 2 of param group 0 is a meta tensor"):
+        a.step()
+    a.param_groups[0]["params"].pop()
+    _unchanged(a, ps, snap)
+    assert meta not in a.state
 
 
 class _Wrapped(torch.Tensor):
-    """A wrapper subclass (as DTensor is): its data lives in an inner tensor, not at its own
-    address (``data_ptr()`` is 0)."""
+    """A wrapper subclass (as DTensor, a fake or a functional tensor are): its data lives in an
+    inner tensor, not at its own address (``data_ptr()`` is 0)."""
 
     @staticmethod
     def __new__(cls, inner):
@@ -198,10 +199,11 @@ class _Sub(torch.Tensor):
 
 @pytest.mark.parametrize("which", ["wrapper_param", "subclass_param", "wrapper_grad"])
 def test_tensor_subclasses_are_refused_naming_the_parameter(which):
-    """A tensor subclass (DTensor, a fake or functional tensor, any ``__torch_dispatch__``
-    wrapper) may keep its data anywhere: refused with a TypeError that names the parameter and
-    the type, nothing written (the first parameter, valid, is not stepped either). torch.optim
-    steps them through their own dispatch; fastopt.torch writes memory at an address."""
+    """A tensor subclass (a fake or functional tensor, any ``__torch_dispatch__`` wrapper) may
+    keep its data anywhere: refused with a TypeError that names the parameter and the type,
+    nothing written (the first parameter, valid, is not stepped either). torch.optim steps them
+    through their own dispatch; fastopt.torch writes memory at an address (a DTensor is stepped
+    through its local shard, ``fastopt/torch/_dtensor.py``, tests/test_torch_contract.py)."""
     ps, qs, a, _ = _pair("Adam", [(5,), (6,)], lr=1e-2)
     _grads(ps, qs, 0)
     a.step()

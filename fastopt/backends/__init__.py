@@ -1,11 +1,12 @@
 """Backend registry.
 
-A backend module defines ``NAME``, ``DEVICE`` (``"cpu"`` or ``"cuda"``), ``available()``,
-``why_unavailable()`` and ``launch(rule, flags, param, grad, states, k)`` running the
-per-element rule ``rule`` (a name in ``kernels.RULES``) with the variant ``flags`` over flat
-arrays in one fused pass; ``states`` holds one array or ``None`` per rule slot, ``k`` the
-host scalars as Python floats. Modules are imported only when asked for, so ``import fastopt``
-imports no optional dependency.
+A backend module speaks one protocol (``fastopt.backends.protocol``): ``NAME``, ``DEVICE``
+(``"cpu"`` or ``"cuda"``), ``available()``, ``why_unavailable()`` and ``step_runner(plan,
+dtype, writes, io)``, which gives the ``run(param, grad, states, master=None, salt=0)`` of one
+planned step (``fastopt.functional.StepPlan``) over flat arrays in one fused pass. The numba
+backends also run per-element functions that are no spec rule (``element_runner``, for
+``fastopt.textbook``). Modules are imported only when asked for, so ``import fastopt`` imports
+no optional dependency.
 """
 
 import importlib

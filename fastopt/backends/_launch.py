@@ -10,11 +10,25 @@
   stream is asked instead).
 - ``plain_view``: a tensor that requires grad as the plain tensor of the same memory (PyTorch's
   optimizers update parameters under ``no_grad``; the interchange protocols refuse them).
+- ``TensorTable``: the host side of a multi-tensor launch (``kernels.multi_tensor``): the
+  checked table of a list of tensors' lengths and addresses, its chunk entries, and the cheap
+  re-checks a steady step makes (``describe`` reads one array of any producer).
 """
 
 import sys
 
-__all__ = ["LIMITS", "THREADS", "blocks_per_sm", "grid_size", "plain_view", "producer_stream"]
+import numpy as np
+
+__all__ = [
+    "LIMITS",
+    "THREADS",
+    "TensorTable",
+    "blocks_per_sm",
+    "describe",
+    "grid_size",
+    "plain_view",
+    "producer_stream",
+]
 
 #: threads per block of every fastopt kernel: a multiple of the warp, 8 warps
 THREADS = 256
@@ -83,3 +97,226 @@ def plain_view(a):
     if getattr(a, "requires_grad", False) and hasattr(a, "detach"):
         return a.detach()
     return a
+
+
+# -- multi-tensor launches: the table of a list of tensors -----------------------------------------
+
+#: torch dtypes a table holds, as storage kinds (``kernels.storage``)
+_TORCH_KINDS = {
+    "torch.float32": "float32",
+    "torch.float64": "float64",
+    "torch.float16": "float16",
+    "torch.bfloat16": "bfloat16",
+}
+
+
+def describe(a, what):
+    """``(storage kind, elements, address, device)`` of one C-contiguous array: a PyTorch
+    tensor, a CuPy or NumPy array, or any ``__cuda_array_interface__`` producer (its device
+    ``("cuda", index)``, ``("cuda", None)`` where the producer names none, ``("host", None)``
+    for NumPy). Raises ``TypeError``/``ValueError`` naming ``what`` for anything a multi-tensor
+    kernel cannot address: another dtype, a strided view, an unknown producer."""
+    from ..precision import kind as _kind
+
+    mod = type(a).__module__
+    if mod.startswith("torch") and hasattr(a, "data_ptr"):
+        k = _TORCH_KINDS.get(str(a.dtype))
+        contiguous, n, ptr = a.is_contiguous(), a.numel(), a.data_ptr()
+        dev = a.device
+        device = ("cuda", dev.index) if dev.type == "cuda" else (dev.type, None)
+        dtype = a.dtype
+    elif isinstance(a, np.ndarray):
+        k, dtype = _kind(a.dtype), a.dtype
+        contiguous, n, ptr, device = a.flags.c_contiguous, a.size, a.ctypes.data, ("host", None)
+    elif mod.startswith("cupy"):
+        k, dtype = _kind(a.dtype), a.dtype
+        contiguous, n, ptr, device = a.flags.c_contiguous, a.size, a.data.ptr, ("cuda", a.device.id)
+    elif hasattr(a, "__cuda_array_interface__"):
+        desc = a.__cuda_array_interface__
+        dtype = np.dtype(desc["typestr"])
+        k = _kind(dtype)
+        shape = tuple(desc["shape"])
+        n = int(np.prod(shape, dtype=np.int64))
+        strides = desc.get("strides")
+        contiguous = strides is None or tuple(strides) == _c_strides(shape, dtype.itemsize)
+        ptr, device = int(desc["data"][0]), ("cuda", None)
+    else:
+        raise TypeError(f"{what}: a {type(a).__name__}; expected a tensor or a device array")
+    if k is None:
+        raise TypeError(f"{what}: dtype {dtype}; expected float16, bfloat16, float32 or float64")
+    if not contiguous:
+        raise ValueError(f"{what}: not C-contiguous; a multi-tensor step addresses flat memory")
+    return k, int(n), int(ptr), device
+
+
+def _c_strides(shape, itemsize):
+    out, step = [], itemsize
+    for d in reversed(shape):
+        out.append(step)
+        step *= d
+    return tuple(reversed(out))
+
+
+class TensorTable:
+    """The table of one multi-tensor launch (``kernels.multi_tensor``), built and checked on
+    the host: ``rows`` (int64, one row ``(n, param, grad, slot..., master)`` per tensor, 0 for
+    an absent slot), ``chunks`` (the uint64 chunk entries) and ``chunk`` (their size).
+
+    ``tensors`` is a list of ``(param, grad, slots, master)``: ``slots`` one array or None per
+    state slot of ``rule``, ``master`` the fp32 master copy (None without one). Every array is
+    checked (``describe``): storage dtypes as the plan ``io`` says (param ``io.param``, grad
+    ``io.grad``, slots ``io.state``, master float32 exactly when ``io.master``), as many
+    elements as its param, C-contiguous, on the param's device. Nothing is launched from a
+    table that failed a check (the constructor raises). The kernels trust the table; so the
+    arrays must stay alive, unmoved, for as long as it is launched: ``same``/``update`` are the
+    cheap re-checks of a later step (``fastopt.torch`` holds the tensors).
+
+    ``blocks``: the blocks the device holds at once (``chunk_size``); ``device_rows`` and
+    ``device_chunks`` are the device copies, made by the backend (``stale``/``stale_chunks``:
+    the host copy changed since)."""
+
+    def __init__(self, rule, io, tensors, chunk=None, blocks=None):
+        from ..kernels import multi_tensor
+
+        self.rule, self.io = rule, io
+        self.columns = multi_tensor.columns(rule, io.master)
+        self.blocks = blocks
+        self.rows, self.device = self._rows(tensors)
+        total = int(self.rows[:, 0].sum())
+        self.chunk = chunk or multi_tensor.chunk_size(total, blocks or 1)
+        self.chunks = multi_tensor.chunk_table(self.rows[:, 0], self.chunk)
+        self.device_rows = self.device_chunks = None
+        self.stale = self.stale_chunks = True
+        self._ok = set()  # flag variants whose slots have been found present
+
+    @property
+    def nchunks(self):
+        return int(self.chunks.shape[0])
+
+    @property
+    def total(self):
+        """Elements over every tensor (may exceed 2^31)."""
+        return int(self.rows[:, 0].sum())
+
+    def _rows(self, tensors):
+        from ..kernels import RULES
+
+        io, nslots = self.io, len(RULES[self.rule].STATE)
+        if not len(tensors):
+            raise ValueError("an empty list of tensors")
+        rows = np.zeros((len(tensors), len(self.columns)), dtype=np.int64)
+        device = None
+        for i, item in enumerate(tensors):
+            if len(item) != 4:
+                raise ValueError(f"tensor {i}: expected (param, grad, slots, master)")
+            p, g, slots, m = item
+            slots = list(slots)
+            if len(slots) != nslots:
+                raise ValueError(f"tensor {i}: {len(slots)} slots; {self.rule} has {nslots}")
+            pk, n, pp, device_i = describe(p, f"tensor {i} param")
+            if device is None:
+                device = device_i
+            if pk != io.param:
+                raise TypeError(f"tensor {i} param: {pk}; the plan {io} stores it as {io.param}")
+            if device_i != device:
+                raise ValueError(f"tensor {i} param: on {device_i}; tensor 0's on {device}")
+            if n and pp == 0:
+                raise ValueError(f"tensor {i} param: a null address")
+            cells = [("grad", g, io.grad)]
+            cells += [(name, s, io.state) for name, s in zip(RULES[self.rule].STATE, slots)]
+            if io.master:
+                if m is None:
+                    raise ValueError(f"tensor {i}: the plan {io} keeps a master copy; got None")
+                cells.append(("master", m, "float32"))
+            elif m is not None:
+                raise ValueError(f"tensor {i}: a master copy, but the plan {io} keeps none")
+            row = [n, pp]
+            for name, a, want in cells:
+                if a is None:  # an absent slot (a variant that needs it is refused at launch)
+                    if name in ("grad", "master"):
+                        raise ValueError(f"tensor {i}: no {name}")
+                    row.append(0)
+                    continue
+                k, na, ptr, d = describe(a, f"tensor {i} {name}")
+                if k != want:
+                    raise TypeError(f"tensor {i} {name}: {k}; the plan {io} stores it as {want}")
+                if na != n:
+                    raise ValueError(f"tensor {i} {name}: {na} elements; its param has {n}")
+                if d != device:
+                    raise ValueError(f"tensor {i} {name}: on {d}; tensor 0's param on {device}")
+                if n and ptr == 0:
+                    raise ValueError(f"tensor {i} {name}: a null address")
+                row.append(ptr)
+            rows[i] = row
+        return rows, device
+
+    def check(self, rule, flags, io):
+        """Refuse a launch the table cannot serve: another rule, another storage plan (the
+        extras aside), or a variant that uses a slot some non-empty tensor lacks."""
+        mine, theirs = self.io, io
+        if rule != self.rule or (mine.param, mine.grad, mine.state, mine.master) != (
+            theirs.param,
+            theirs.grad,
+            theirs.state,
+            theirs.master,
+        ):
+            raise ValueError(
+                f"a table of {self.rule} under {mine} launched as {rule} under {theirs}"
+            )
+        key = tuple(sorted(flags.items()))
+        if key in self._ok:
+            return
+        from ..kernels import RULES
+
+        used = RULES[rule].slots_used(flags)
+        live = self.rows[:, 0] > 0
+        for j, (name, u) in enumerate(zip(RULES[rule].STATE, used)):
+            missing = np.flatnonzero(live & (self.rows[:, 3 + j] == 0)) if u else ()
+            if len(missing):
+                raise ValueError(
+                    f"state {name!r}: required by {rule} with {flags}, absent from tensor "
+                    f"{int(missing[0])}"
+                )
+        self._ok.add(key)
+
+    def same(self, tensors):
+        """Do ``tensors`` give this very table (lengths and addresses)? Checked as the
+        constructor checks them."""
+        rows, device = self._rows(tensors)
+        return device == self.device and np.array_equal(rows, self.rows)
+
+    def update(self, tensors):
+        """Take ``tensors``' rows (checked) as the table's; the chunks are cut again when a
+        length changed. Returns whether anything changed (then the device copy is stale)."""
+        rows, device = self._rows(tensors)
+        if device != self.device:
+            raise ValueError(f"the tensors moved from {self.device} to {device}")
+        if rows.shape == self.rows.shape and np.array_equal(rows, self.rows):
+            return False
+        from ..kernels import multi_tensor
+
+        if rows.shape != self.rows.shape or not np.array_equal(rows[:, 0], self.rows[:, 0]):
+            self.chunks = multi_tensor.chunk_table(rows[:, 0], self.chunk)
+            self.stale_chunks = True
+        self.rows, self.stale = rows, True
+        self._ok.clear()  # a slot may have gone: every variant is checked again
+        return True
+
+    def set_column(self, name, addresses):
+        """Write one column of addresses (``"grad"``: a step's new gradients), unchecked
+        beyond their count and a null address of a non-empty tensor: for a caller that has
+        checked the arrays themselves (as ``fastopt.torch``'s steady step does). Returns
+        whether it changed."""
+        j = self.columns.index(name)
+        if j == 0:
+            raise ValueError("lengths change through update(), which cuts the chunks again")
+        new = np.asarray(addresses, dtype=np.int64).reshape(-1)
+        if new.shape[0] != self.rows.shape[0]:
+            raise ValueError(f"{new.shape[0]} addresses for a table of {self.rows.shape[0]}")
+        if np.array_equal(new, self.rows[:, j]):
+            return False
+        if ((new == 0) & (self.rows[:, 0] > 0)).any():
+            raise ValueError(f"{name}: a null address for a non-empty tensor")
+        self.rows[:, j] = new
+        self.stale = True
+        return True

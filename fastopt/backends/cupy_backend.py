@@ -19,6 +19,10 @@ buffer dtype, so float32 kernels stay float32), so a new lr or step never recomp
 runs on the array's device and on its producer's stream: CuPy's current stream for CuPy arrays,
 PyTorch's current stream for tensors (``_launch.producer_stream``).
 
+A list of tensors steps in one launch (``tensor_table``, ``launch_table``: the multi-tensor
+kernels of ``kernels.multi_tensor`` over a checked table of the tensors' addresses in device
+memory), optionally clipped by the global gradient norm computed on the device (``GradNorm``).
+
 Arrays must already be on the GPU: CuPy arrays, or any ``__cuda_array_interface__`` / DLPack
 producer (Numba device arrays, PyTorch CUDA tensors, also ones that require grad), viewed by
 CuPy without a copy and updated in place.
@@ -30,19 +34,25 @@ import warnings
 import numpy as np
 
 from ..kernels import RULES, cuda_source
-from . import _launch
+from . import _launch, protocol
 
 __all__ = [
     "DEVICE",
     "KERNEL_FORM",
     "KERNEL_FORMS",
+    "MAX_TABLE_BLOCKS",
     "NAME",
+    "GradNorm",
     "Plan",
     "available",
     "cuda_source_for",
     "kernel",
     "launch",
+    "launch_table",
     "raw_kernel",
+    "table_arguments",
+    "table_kernel",
+    "tensor_table",
     "why_unavailable",
 ]
 
@@ -231,6 +241,17 @@ def mixed_arguments(rule, flags, io, named, k, extras):
     declares them (``extras``: host ``inv_scale``, ``salt``, ``key``; device ``kbuf``,
     ``scale``, ``found_inf``, ``keyp``). Built without a GPU (the arrays are passed through)."""
     arrays, scalars = cuda_source.mixed_args(rule, flags, io)
+    args = []
+    for a, _, _ in arrays:
+        if named.get(a) is None:
+            raise ValueError(f"{a}: required by {rule} with {flags} and {io}, got None")
+        args.append(named[a])
+    return args + _scalar_arguments(rule, io, scalars, k, extras)
+
+
+def _scalar_arguments(rule, io, scalars, k, extras):
+    """The values of the kernel arguments ``scalars`` (``[(C type, name)]`` from
+    ``cuda_source.mixed_args``), typed as declared (see ``mixed_arguments``)."""
     ct = np.float64 if io.compute == "float64" else np.float32
     host = {
         "inv_scale": lambda: ct(extras["inv_scale"]),
@@ -240,16 +261,14 @@ def mixed_arguments(rule, flags, io, named, k, extras):
     device = {"kbuf": "kbuf", "gscale": "scale", "found_inf": "found_inf", "keyp": "keyp"}
     rule_scalars = dict(zip(RULES[rule].SCALARS, k))
     args = []
-    for a, _, _ in arrays:
-        if named.get(a) is None:
-            raise ValueError(f"{a}: required by {rule} with {flags} and {io}, got None")
-        args.append(named[a])
     for _, n in scalars:
         if n in rule_scalars:
             args.append(ct(rule_scalars[n]))
         elif n in host:
             args.append(host[n]())
         else:
+            if extras.get(device[n]) is None:
+                raise ValueError(f"{device[n]}: the storage plan {io} reads it from the device")
             args.append(extras[device[n]])
     return args
 
@@ -443,3 +462,224 @@ def _plan_for(rule, flags, p, arrays, stream_ptr):
         _driver.CUstream(stream_ptr),
         p.data.device_id,
     )
+
+
+# -- multi-tensor launches: one kernel over a table of tensors -----------------------------------
+#
+# ``kernels.multi_tensor``: the table of a list of tensors (``_launch.TensorTable``: lengths and
+# addresses, checked on the host once, kept by the caller with its steady step) and its chunk
+# entries live in device memory (any number of tensors: nothing goes through the kernel's
+# argument block but the two pointers). ``launch_table`` steps every tensor in one launch, one
+# block per chunk; ``GradNorm`` computes the global gradient norm and the clip coefficient
+# into device memory, where a launch with ``clip=`` reads it: no host synchronisation.
+
+_mt = {}
+#: blocks of one multi-tensor launch at most (one per chunk below it; a grid-stride loop above)
+MAX_TABLE_BLOCKS = 1 << 20
+
+
+def table_kernel(rule, flags, io, clip=False):
+    """The ``cupy.RawKernel`` of one variant's multi-tensor kernel under ``io`` (built once)."""
+    from ..kernels import multi_tensor
+
+    key = ("update",) + _key(rule, flags) + (io, bool(clip))
+    k = _mt.get(key)
+    if k is None:
+        src = multi_tensor.source(rule, flags, io, clip=clip)
+        k = _mt[key] = cupy.RawKernel(src, multi_tensor.kernel_name(rule))
+    return k
+
+
+def _norm_kernels(grad, acc, scale):
+    from ..kernels import multi_tensor
+
+    key = ("norm", grad, acc, scale)
+    k = _mt.get(key)
+    if k is None:
+        src = multi_tensor.norm_source(grad, acc, scale)
+        k = _mt[key] = cupy.RawKernel(src, multi_tensor.norm_name(grad, acc, scale))
+    return k
+
+
+def _finish_kernel(acc):
+    from ..kernels import multi_tensor
+
+    key = ("finish", acc)
+    k = _mt.get(key)
+    if k is None:
+        k = _mt[key] = cupy.RawKernel(
+            multi_tensor.finish_source(acc), multi_tensor.finish_name(acc)
+        )
+    return k
+
+
+def _resident_blocks(device_id):
+    """Blocks of 256 threads the device holds at once at the 64-register budget of the
+    compile checks (4 per multiprocessor): what a table's chunk size is chosen for."""
+    sms = cupy.cuda.Device(device_id).attributes["MultiProcessorCount"]
+    return sms * _launch.blocks_per_sm(64, _launch.THREADS)
+
+
+def tensor_table(rule, io, tensors, chunk=None):
+    """The checked ``_launch.TensorTable`` of ``tensors`` (``[(param, grad, slots, master)]``,
+    CUDA tensors or CuPy arrays of one GPU, stored as the plan ``io`` says), for
+    ``launch_table``. Its device copy is made by the first launch; keep the table with the
+    step that launches it and re-check it with ``same``/``update``/``set_column``."""
+    if not tensors:
+        raise ValueError("an empty list of tensors")
+    kind, index = _launch.describe(tensors[0][0], "tensor 0 param")[3]
+    if kind != "cuda":
+        raise ValueError(f"tensor 0 is on {kind}; the cupy backend steps CUDA arrays")
+    dev = cupy.cuda.Device() if index is None else cupy.cuda.Device(index)
+    return _launch.TensorTable(rule, io, tensors, chunk=chunk, blocks=_resident_blocks(dev.id))
+
+
+def _device_id(table):
+    index = table.device[1]
+    return cupy.cuda.Device().id if index is None else index
+
+
+def _upload(table):
+    """The table's device copies, made or refreshed on the current device and stream when the
+    host copy changed (a steady step with unchanged addresses copies nothing)."""
+    if table.stale or table.device_rows is None:
+        table.device_rows = cupy.asarray(table.rows)
+        table.stale = False
+    if table.stale_chunks or table.device_chunks is None:
+        table.device_chunks = cupy.asarray(table.chunks)
+        table.stale_chunks = False
+
+
+def table_arguments(rule, flags, io, table, k, extras=None, clip=None):
+    """The argument tuple of the multi-tensor kernel (``multi_tensor.arguments``): the device
+    table and chunk entries, their count and size, the scalars and extras as
+    ``mixed_arguments`` types them, then the clip buffer. Built without a GPU (the device
+    arrays are passed through)."""
+    from ..kernels import multi_tensor
+
+    spec = multi_tensor.arguments(rule, flags, io, clip is not None)
+    head = [
+        table.device_rows,
+        table.device_chunks,
+        np.int64(table.nchunks),
+        np.int64(table.chunk),
+    ]
+    scalars = [(t, n) for t, n in spec[4:] if n != "clip"]
+    args = head + _scalar_arguments(rule, io, scalars, k, extras or {})
+    if clip is not None:
+        args.append(clip)
+    return args
+
+
+def _stream_context(stream):
+    """A context running on the stream handle ``stream`` (None: CuPy's current stream)."""
+    import contextlib
+
+    st = _stream_for(stream)
+    return st if st is not None else contextlib.nullcontext()
+
+
+def launch_table(rule, flags, io, table, k, extras=None, clip=None, stream=None):
+    """One launch of the ``flags`` variant of ``rule`` under the storage plan ``io`` over every
+    tensor of ``table`` (``tensor_table``), in place: ``k`` the host scalars (ignored with
+    ``io.kbuf``), ``extras`` as ``launch_mixed`` takes them (host ``inv_scale``, ``salt``,
+    ``key``; device ``kbuf``, ``scale``, ``found_inf``, ``keyp``), ``clip`` the device
+    ``[norm, clip_coef]`` of ``GradNorm`` (``GradNorm.coef``) or None, ``stream`` a CUDA
+    stream handle (None: CuPy's current stream; ``fastopt.torch`` passes torch's). The table
+    is checked against the variant and the plan first (``TensorTable.check``): a refused
+    launch writes nothing. One stochastic-rounding salt serves every tensor (the index is
+    counted from each tensor's start), as on the CPU (``numba_backend.launch_many_io``)."""
+    table.check(rule, flags, io)
+    if not io.kbuf and len(k) != len(RULES[rule].SCALARS):
+        raise ValueError(f"k: {len(k)} scalars; {rule} takes {len(RULES[rule].SCALARS)}")
+    ex = dict(extras or {})
+    for d in ("kbuf", "scale", "found_inf", "keyp"):
+        if ex.get(d) is not None:
+            ex[d] = _as_cupy(ex[d], d)
+    if clip is not None:
+        clip = _as_cupy(clip, "clip")
+        want = np.float64 if io.compute == "float64" else np.float32
+        if clip.dtype != want or clip.size < 2:
+            raise ValueError(f"clip: {clip.dtype}[{clip.size}]; expected {np.dtype(want)}[2]")
+    if table.nchunks == 0:
+        return
+    with cupy.cuda.Device(_device_id(table)), _stream_context(stream):
+        _upload(table)
+        args = table_arguments(rule, flags, io, table, k, ex, clip)
+        kern = table_kernel(rule, flags, io, clip is not None)
+        blocks = min(table.nchunks, MAX_TABLE_BLOCKS)
+        kern((blocks,), (_launch.THREADS,), tuple(args))
+
+
+class GradNorm:
+    """The global L2 norm of the (unscaled) gradients of ``tables`` and torch's clip
+    coefficient, computed on the device (``kernels.multi_tensor``): per table, one grid-stride
+    pass writing a partial sum per block; then one block adds the partials in a fixed order
+    (deterministic) and writes ``out = [norm, clip_coef]`` (float64 when any table computes in
+    float64, else float32) and its float32 copy ``out_f``. ``scale``: None,
+    "host" or "device", as the step's loss scale is given (``extras`` of ``__call__``).
+    Buffers and grids are made once: keep the object with the tables."""
+
+    def __init__(self, tables, scale=None):
+        if not tables:
+            raise ValueError("GradNorm of no tables")
+        self.tables, self.scale = list(tables), scale
+        self.acc = "float64" if any(t.io.compute == "float64" for t in tables) else "float32"
+        self.device = _device_id(tables[0])
+        if any(_device_id(t) != self.device for t in tables):
+            raise ValueError("GradNorm: tables on more than one device")
+        dt = np.dtype(self.acc)
+        with cupy.cuda.Device(self.device):
+            self.grids = []
+            for t in self.tables:
+                kern = _norm_kernels(t.io.grad, self.acc, scale)
+                wave = _waves(("norm", t.io.grad, self.acc, scale), kern)
+                self.grids.append(min(t.nchunks, wave))
+            self.partials = cupy.zeros(max(1, sum(self.grids)), dtype=dt)
+            self.out = cupy.zeros(2, dtype=dt)
+            self.out_f = cupy.zeros(2, dtype=np.float32)
+
+    def coef(self, compute):
+        """The ``clip=`` buffer of a launch computing in ``compute``."""
+        return self.out if compute == self.acc else self.out_f
+
+    def __call__(self, max_norm, extras=None, stream=None):
+        """Launch the passes on ``stream`` (a handle; None: CuPy's current stream); returns
+        ``out``. ``extras``: ``inv_scale`` (host) or ``scale`` (device grad_scale)."""
+        ex = extras or {}
+        dt = np.dtype(self.acc).type
+        if self.scale == "host":
+            unscale = [dt(ex["inv_scale"])]
+        elif self.scale == "device":
+            unscale = [_as_cupy(ex["scale"], "scale")]
+        else:
+            unscale = []
+        with cupy.cuda.Device(self.device), _stream_context(stream):
+            offset = 0
+            for t, grid in zip(self.tables, self.grids):
+                if grid == 0:
+                    continue
+                _upload(t)
+                kern = _norm_kernels(t.io.grad, self.acc, self.scale)
+                args = (
+                    t.device_rows,
+                    np.int32(len(t.columns)),
+                    t.device_chunks,
+                    np.int64(t.nchunks),
+                    np.int64(t.chunk),
+                    *unscale,
+                    self.partials[offset : offset + grid],
+                )
+                kern((grid,), (_launch.THREADS,), args)
+                offset += grid
+            _finish_kernel(self.acc)(
+                (1,),
+                (_launch.THREADS,),
+                (self.partials, np.int64(offset), dt(max_norm), self.out, self.out_f),
+            )
+        return self.out
+
+
+def step_runner(plan, dtype, writes, io):
+    """The backend protocol's runner (``backends.protocol``): ``launch`` per call."""
+    return protocol.launch_runner(launch, plan, io)

@@ -16,6 +16,10 @@ device-held scalars (capturable steps), runs a kernel generated for its storage 
 (``mixed_kernel_source``): 16-bit arrays are passed as uint16 views and converted on their bits
 by ``kernels/storage.py``'s functions compiled as device functions (bit casts lowered here).
 
+A list of tensors steps in one launch (``tensor_table``, ``launch_table``, ``GradNorm``: the
+CuPy backend's entry points, over the same table of addresses and chunks), the element body
+strided over each chunk's elements.
+
 Arrays must already live on the GPU (CuPy, Numba device arrays, PyTorch CUDA tensors, also ones
 that require grad, anything with ``__cuda_array_interface__``): a launch copies nothing between
 host and device. Kernels run on the producer's stream (``_launch.producer_stream``: CuPy's
@@ -37,18 +41,26 @@ import numpy as np
 from ..kernels import RULES, storage
 from ..kernels.fma import fma
 from ..kernels.storage import bits_f32, f32_bits
-from . import _launch
+from . import _launch, protocol
 
 __all__ = [
     "DEVICE",
     "NAME",
     "SIMULATOR",
     "THREADS",
+    "GradNorm",
     "available",
     "kernel",
     "launch",
     "launch_config",
+    "launch_table",
+    "norm_kernels",
     "python_kernel",
+    "table_kernel",
+    "table_kernel_source",
+    "table_python_kernel",
+    "table_signature",
+    "tensor_table",
     "variants",
     "why_unavailable",
 ]
@@ -562,3 +574,505 @@ def _launch_device(fn, key, n, param, grad, states, scalars):
         _configured(spec, blocks, THREADS, ptr, dev)(*arrays, scalars)
     except TypeError:  # other array types than the specialisation's (layout, readonly): generic
         _configured(fn, blocks, THREADS, ptr, dev)(*arrays, scalars)
+
+
+# -- multi-tensor launches: one kernel over a table of tensors -----------------------------------
+#
+# The numba-cuda form of ``kernels.multi_tensor`` (the CuPy backend's ``launch_table`` and
+# ``GradNorm``): the same table (``_launch.TensorTable``: int64 rows ``(n, param, grad, slot...,
+# master)`` and uint64 chunk entries, read here as int64: a tensor index stays below 2^31), the
+# same chunks, one block per chunk, the element body of ``mixed_kernel_source``
+# (``storage.element_source``) over 1-D views of each chunk made from the table's addresses
+# (``_view``: an intrinsic on the GPU, a ctypes view of host memory under the simulator),
+# the index stochastic rounding hashes counted from the tensor's start. The elements of a chunk
+# are strided over the block's threads one at a time (numba-cuda has no 16-byte vector access
+# to say it with). The norm: a grid-stride pass writing one partial sum per block (a fixed tree
+# in shared memory), then one block over the partials, as in ``kernels/multi_tensor.cuh``.
+
+_VIEW = None
+
+
+def _view_fn():
+    """``view(address, n, like)``: the 1-D C-contiguous array of ``like``'s dtype of ``n``
+    elements at ``address`` (no check: the table was checked on the host)."""
+    global _VIEW
+    if _VIEW is not None:
+        return _VIEW
+    if SIMULATOR:
+        import ctypes
+
+        def view(address, n, like):
+            size = int(n) * like.dtype.itemsize
+            buf = (ctypes.c_char * size).from_address(int(address))
+            return np.frombuffer(buf, dtype=like.dtype, count=int(n))
+
+        _VIEW = view
+        return view
+    from numba.core.typing.templates import signature
+
+    try:
+        from numba.cuda import types
+        from numba.cuda.extending import intrinsic
+        from numba.cuda.np.arrayobj import np_cfarray
+    except ImportError:  # numba's built-in CUDA target
+        from numba.core import types
+        from numba.extending import intrinsic
+        from numba.np.arrayobj import np_cfarray
+
+    @intrinsic
+    def view(typingctx, address, n, like):
+        if not isinstance(address, types.Integer) or not isinstance(like, types.Array):
+            return None
+        arr = types.Array(like.dtype, 1, "C")
+        ptr = types.CPointer(like.dtype)
+
+        def codegen(context, builder, sig, args):
+            p = builder.inttoptr(args[0], context.get_value_type(ptr))
+            return np_cfarray(context, builder, signature(arr, ptr, sig.args[1]), (p, args[1]))
+
+        return arr(address, n, like), codegen
+
+    _VIEW = view
+    return view
+
+
+def table_kernel_source(name, nslots, writes, io, nscalars, clip=False):
+    """Python source of the multi-tensor kernel factory of a rule with ``nslots`` state slots
+    (the present ones ``writes``) under the storage plan ``io``: the kernel takes ``(table,
+    chunks, nchunks, chunk, pl, gl, sl, ml, k, x, kb, gs, fi, kp, cl)``, ``pl``..``ml`` one-
+    element arrays of the storage types of param, grad, state and master (what each chunk
+    view is typed as), ``k``..``kp`` as ``mixed_kernel_source`` takes them and ``cl`` the
+    device ``[norm, clip_coef]`` (placeholders where unused)."""
+    from ..kernels.storage import ITEMSIZE
+
+    item = {
+        "p": ITEMSIZE[io.param],
+        "g": ITEMSIZE[io.grad],
+        "s": ITEMSIZE[io.state],
+        "m": 4,
+    }
+    lines = [
+        "def factory(elem, lp, lg, ls, sp, sg, ss, CT, view):",
+        f"    def {name}(table, chunks, nchunks, chunk, pl, gl, sl, ml, k, x, kb, gs, fi, kp, cl):",
+    ]
+    if io.found_inf:
+        lines += ["        if fi[0] != 0:", "            return"]
+    if io.kbuf:
+        lines.append(f"        k = ({''.join(f'kb[{j}], ' for j in range(nscalars))})")
+    if io.scale == "device":
+        lines.append("        inv = CT(1) / CT(gs[0])")
+    elif io.scale == "host":
+        lines.append("        inv = x[0]")
+    lines.append(f"        key = {'kp[0]' if io.kbuf and io.sr else 'x[2]'}")
+    if clip:
+        lines.append("        cf = cl[1]")
+    lines += [
+        "        c = cuda.blockIdx.x",
+        "        while c < nchunks:",
+        "            e = chunks[c]",
+        "            j = e >> 32",
+        "            base = (e & 0xFFFFFFFF) * chunk",
+        "            cnt = min(base + chunk, table[j, 0]) - base",
+        f"            p = view(table[j, 1] + base * {item['p']}, cnt, pl)",
+        f"            g = view(table[j, 2] + base * {item['g']}, cnt, gl)",
+    ]
+    lines += [
+        f"            s{j} = view(table[j, {3 + j}] + base * {item['s']}, cnt, sl)"
+        if w
+        else f"            s{j} = p"
+        for j, w in enumerate(writes)
+    ]
+    lines.append(
+        f"            m = view(table[j, {3 + nslots}] + base * 4, cnt, ml)"
+        if io.master
+        else "            m = p"
+    )
+    lines += [
+        "            i = cuda.threadIdx.x",
+        "            while i < cnt:",
+    ]
+    body = storage.element_source(nslots, writes, io, "inv", "key", 16, index="base + i")
+    if clip:  # the unscaled gradient times the clip coefficient, as the CUDA C lane does
+        at = [n for n, ln in enumerate(body) if ln.strip().startswith("gv = ")]
+        assert len(at) == 1, "storage.element_source: one line loads the gradient"
+        body[at[0]] += " * cf"
+    lines += body
+    lines += [
+        "                i += cuda.blockDim.x",
+        "            c += cuda.gridDim.x",
+        f"    return {name}",
+    ]
+    return "\n".join(lines) + "\n"
+
+
+def table_python_kernel(rule, flags, writes, io, clip=False):
+    """The uncompiled multi-tensor kernel of one variant under ``io`` (see
+    ``table_kernel_source``)."""
+    spec = RULES[rule]
+    elem = cuda.jit(device=True, inline="always")(spec.make_rule(**flags))
+    ns = {"__name__": __name__, "cuda": cuda}
+    name = f"fastopt_mt_{rule}"
+    src = table_kernel_source(name, len(writes), tuple(writes), io, len(spec.scalars), clip)
+    exec(compile(src, __file__, "exec"), ns)
+    conv = storage.make_converters(lambda f: cuda.jit(device=True, inline="always")(f), io.compute)
+    param = "bfloat16-sr" if io.sr else io.param
+    return ns["factory"](
+        elem,
+        conv["load"][io.param],
+        conv["load"][io.grad],
+        conv["load"][io.state],
+        conv["param"][param],
+        conv["store"][io.grad],
+        conv["store"][io.state],
+        getattr(np, io.compute),
+        _view_fn(),
+    )
+
+
+def _like_dtype(kind):
+    return np.dtype(np.uint16) if kind in storage.BITS16 else np.dtype(kind)
+
+
+def table_signature(rule, writes, io, clip=False):
+    """The numba argument types of the multi-tensor kernel (``cuda.compile_ptx`` checks)."""
+    from numba import types
+
+    def arr(kind):
+        return getattr(types, _like_dtype(kind).name)[::1]
+
+    c = getattr(types, io.compute)
+    p = arr(io.param)
+    sig = (types.int64[:, ::1], types.int64[::1], types.int64, types.int64)
+    sig += (p, arr(io.grad), arr(io.state), types.float32[::1])
+    sig += (types.UniTuple(c, len(RULES[rule].scalars)), types.Tuple((c, types.int64, types.int64)))
+    sig += (c[::1] if io.kbuf else p, types.float32[::1] if io.scale == "device" else p)
+    sig += (types.float32[::1] if io.found_inf else p, types.uint32[::1] if io.kbuf else p)
+    sig += (c[::1] if clip else p,)
+    return sig
+
+
+_tables = {}
+
+
+def table_kernel(rule, flags, writes, io, clip=False):
+    """The cached ``cuda.jit`` multi-tensor kernel of one variant under ``io``."""
+    key = (rule, tuple(sorted(flags.items())), tuple(writes), io, bool(clip))
+    fn = _tables.get(key)
+    if fn is None:
+        fn = _tables[key] = cuda.jit(table_python_kernel(rule, flags, tuple(writes), io, clip))
+    return fn
+
+
+def _norm_factory(lg, CT, view, scale, threads):
+    """The partial-sum kernel and the finish kernel of the gradient norm (accumulating in
+    ``CT``; ``scale``: None, "host" or "device")."""
+    import math
+
+    device_scale, host_scale = scale == "device", scale == "host"
+
+    def sumsq(table, width, chunks, nchunks, chunk, gl, isz, x, gs, partials):
+        if device_scale:
+            inv = CT(1) / CT(gs[0])
+        elif host_scale:
+            inv = x[0]
+        else:
+            inv = CT(1)
+        acc = CT(0)
+        c = cuda.blockIdx.x
+        while c < nchunks:
+            e = chunks[c]
+            j = e >> 32
+            base = (e & 0xFFFFFFFF) * chunk
+            cnt = min(base + chunk, table[j, 0]) - base
+            g = view(table[j, 2] + base * isz, cnt, gl)
+            part = CT(0)
+            i = cuda.threadIdx.x
+            while i < cnt:
+                v = CT(lg(g[i])) * inv
+                part += v * v
+                i += cuda.blockDim.x
+            acc += part
+            c += cuda.gridDim.x
+        red = cuda.shared.array(threads, CT)
+        t = cuda.threadIdx.x
+        red[t] = acc
+        cuda.syncthreads()
+        s = cuda.blockDim.x // 2
+        while s > 0:
+            if t < s:
+                red[t] += red[t + s]
+            cuda.syncthreads()
+            s //= 2
+        if t == 0:
+            partials[cuda.blockIdx.x] = red[0]
+
+    def finish(partials, count, max_norm, out, out_f):
+        t = cuda.threadIdx.x
+        acc = CT(0)
+        i = t
+        while i < count:
+            acc += partials[i]
+            i += cuda.blockDim.x
+        red = cuda.shared.array(threads, CT)
+        red[t] = acc
+        cuda.syncthreads()
+        s = cuda.blockDim.x // 2
+        while s > 0:
+            if t < s:
+                red[t] += red[t + s]
+            cuda.syncthreads()
+            s //= 2
+        if t == 0:
+            norm = CT(math.sqrt(red[0]))
+            coef = (CT(1) / (norm + CT(1e-6))) * max_norm
+            if coef > CT(1):  # clamp(max=1): NaN stays NaN
+                coef = CT(1)
+            out[0] = norm
+            out[1] = coef
+            out_f[0] = np.float32(norm)
+            out_f[1] = np.float32(coef)
+
+    return sumsq, finish
+
+
+_norms = {}
+
+
+def norm_kernels(grad, acc, scale):
+    """The cached ``cuda.jit`` (partial sums, finish) of the gradient norm."""
+    key = (grad, acc, scale)
+    fns = _norms.get(key)
+    if fns is None:
+        conv = storage.make_converters(lambda f: cuda.jit(device=True, inline="always")(f), acc)
+        sumsq, finish = _norm_factory(
+            conv["load"][grad], getattr(np, acc), _view_fn(), scale, THREADS
+        )
+        fns = _norms[key] = (cuda.jit(sumsq), cuda.jit(finish))
+    return fns
+
+
+_placeholders = {}
+
+
+def tensor_table(rule, io, tensors, chunk=None):
+    """``cupy_backend.tensor_table`` on this backend: the checked ``_launch.TensorTable`` of
+    ``tensors`` (``[(param, grad, slots, master)]`` on one GPU; host arrays under the
+    simulator), for ``launch_table``."""
+    if not tensors:
+        raise ValueError("an empty list of tensors")
+    kind, _ = _launch.describe(tensors[0][0], "tensor 0 param")[3]
+    if SIMULATOR:
+        blocks = _SIM_BLOCKS
+    else:
+        if kind != "cuda":
+            raise ValueError(f"tensor 0 is on {kind}; the numba-cuda backend steps CUDA arrays")
+        sms = int(cuda.get_current_device().MULTIPROCESSOR_COUNT)
+        blocks = sms * _launch.blocks_per_sm(64, THREADS)
+    return _launch.TensorTable(rule, io, tensors, chunk=chunk, blocks=blocks)
+
+
+def _small(dtype, dev):
+    """A one-element device array of ``dtype`` (a typed placeholder; host under the
+    simulator), one per (dtype, device)."""
+    key = (np.dtype(dtype).str, dev)
+    a = _placeholders.get(key)
+    if a is None:
+        host = np.zeros(1, dtype)
+        a = _placeholders[key] = host if SIMULATOR else cuda.to_device(host)
+    return a
+
+
+def _upload(table, ptr):
+    """The table's device copies on the current device (host arrays under the simulator)."""
+    if SIMULATOR:
+        table.device_rows, table.device_chunks = table.rows, table.chunks.view(np.int64)
+        table.stale = table.stale_chunks = False
+        return
+    st = _stream(ptr)
+    if table.stale or table.device_rows is None:
+        table.device_rows = cuda.to_device(table.rows, stream=st)
+        table.stale = False
+    if table.stale_chunks or table.device_chunks is None:
+        table.device_chunks = cuda.to_device(table.chunks.view(np.int64), stream=st)
+        table.stale_chunks = False
+
+
+def _arg(a, dev, name):
+    """A device array argument; a 0-d one (GradScaler's scale and found-inf tensors) as its
+    1-element view, which the kernels index."""
+    v = a if SIMULATOR else _device_view(a, name)
+    return v.reshape(1) if getattr(v, "ndim", 1) == 0 else v
+
+
+def _table_blocks(nchunks):
+    if SIMULATOR:
+        return min(nchunks, _SIM_BLOCKS), _SIM_THREADS
+    return min(nchunks, 1 << 20), THREADS
+
+
+def _on_table_device(table, fn):
+    index = table.device[1]
+    if not SIMULATOR and index is not None and index != cuda.get_current_device().id:
+        with cuda.gpus[index]:
+            return fn()
+    return fn()
+
+
+def launch_table(rule, flags, io, table, k, extras=None, clip=None, stream=None):
+    """``cupy_backend.launch_table`` on this backend: one launch of the ``flags`` variant of
+    ``rule`` under ``io`` over every tensor of ``table`` (``_launch.TensorTable``), checked
+    against the variant and the plan first; ``extras`` and ``clip`` as there, ``stream`` a
+    CUDA stream handle (None: the default stream). Under the simulator the tensors are host
+    arrays."""
+    table.check(rule, flags, io)
+    if not io.kbuf and len(k) != len(RULES[rule].SCALARS):
+        raise ValueError(f"k: {len(k)} scalars; {rule} takes {len(RULES[rule].SCALARS)}")
+    writes = tuple(RULES[rule].slots_used(flags))
+    ex = extras or {}
+    if clip is not None:
+        want = np.dtype(io.compute)
+        if _dtype(clip) != want or int(np.prod(clip.shape)) < 2:
+            raise ValueError(f"clip: {_dtype(clip)}{tuple(clip.shape)}; expected {want}[2]")
+    needed = {"kbuf": io.kbuf, "scale": io.scale == "device", "found_inf": io.found_inf}
+    needed["keyp"] = io.kbuf and io.sr
+    for name, need in needed.items():
+        if need and ex.get(name) is None:
+            raise ValueError(f"{name}: the storage plan {io} reads it from the device")
+    if table.nchunks == 0:
+        return
+
+    def run():
+        dev = None if SIMULATOR else cuda.get_current_device().id
+        ptr = 0 if stream is None else stream
+        _upload(table, ptr)
+        ct = np.dtype(io.compute).type
+        scalars = tuple(ct(x) for x in k)
+        inv = ex.get("inv_scale")
+        x = (ct(1.0 if inv is None else inv), np.int64(ex.get("salt", 0)))
+        x += (np.int64(ex.get("key", 0)),)
+        likes = [_small(_like_dtype(kd), dev) for kd in (io.param, io.grad, io.state)]
+        likes.append(_small(np.float32, dev))
+        hole = likes[0]
+        devs = [
+            hole if ex.get(n) is None else _arg(ex[n], dev, n)
+            for n in ("kbuf", "scale", "found_inf", "keyp")
+        ]
+        cl = hole if clip is None else _arg(clip, dev, "clip")
+        args = (table.device_rows, table.device_chunks, np.int64(table.nchunks))
+        args += (np.int64(table.chunk), *likes, scalars, x, *devs, cl)
+        fn = table_kernel(rule, flags, writes, io, clip is not None)
+        blocks, threads = _table_blocks(table.nchunks)
+        if SIMULATOR:
+            fn[blocks, threads](*args)
+        else:
+            _configured(fn, blocks, threads, ptr, dev)(*args)
+
+    _on_table_device(table, run)
+
+
+class GradNorm:
+    """``cupy_backend.GradNorm`` on this backend: the global L2 norm of the unscaled gradients
+    of ``tables`` and the clip coefficient in device memory (``out``, and its float32 copy
+    ``out_f``), deterministic (per-block partials, then one block in a fixed order)."""
+
+    def __init__(self, tables, scale=None):
+        if not tables:
+            raise ValueError("GradNorm of no tables")
+        self.tables, self.scale = list(tables), scale
+        self.acc = "float64" if any(t.io.compute == "float64" for t in tables) else "float32"
+        if len({t.device for t in self.tables}) > 1:
+            raise ValueError("GradNorm: tables on more than one device")
+        if SIMULATOR:
+            wave = _SIM_BLOCKS
+        else:
+            wave = launch_config(1 << 62, 32)[0]
+        self.grids = [min(t.nchunks, wave) for t in self.tables]
+        dt = np.dtype(self.acc)
+        host = [np.zeros(max(1, sum(self.grids)), dt), np.zeros(2, dt), np.zeros(2, np.float32)]
+        arrays = host if SIMULATOR else [cuda.to_device(a) for a in host]
+        self.partials, self.out, self.out_f = arrays
+
+    def coef(self, compute):
+        """The ``clip=`` buffer of a launch computing in ``compute``."""
+        return self.out if compute == self.acc else self.out_f
+
+    def __call__(self, max_norm, extras=None, stream=None):
+        ex = extras or {}
+        ct = np.dtype(self.acc).type
+        ptr = 0 if stream is None else stream
+        threads = _SIM_THREADS if SIMULATOR else THREADS
+
+        def run():
+            dev = None if SIMULATOR else cuda.get_current_device().id
+            x = (ct(ex.get("inv_scale", 1.0)),)
+            gs = _small(np.float32, dev)
+            if self.scale == "device":
+                gs = _arg(ex["scale"], dev, "scale")
+            offset = 0
+            for t, grid in zip(self.tables, self.grids):
+                if grid == 0:
+                    continue
+                _upload(t, ptr)
+                sumsq, _ = norm_kernels(t.io.grad, self.acc, self.scale)
+                gl = _small(_like_dtype(t.io.grad), dev)
+                isz = np.int64(storage.ITEMSIZE[t.io.grad])
+                part = self.partials[offset : offset + grid]
+                args = (t.device_rows, np.int64(len(t.columns)), t.device_chunks)
+                args += (np.int64(t.nchunks), np.int64(t.chunk), gl, isz, x, gs, part)
+                if SIMULATOR:
+                    sumsq[grid, threads](*args)
+                else:
+                    _configured(sumsq, grid, threads, ptr, dev)(*args)
+                offset += grid
+            _, finish = norm_kernels(self.tables[0].io.grad, self.acc, self.scale)
+            args = (self.partials, np.int64(offset), ct(max_norm), self.out, self.out_f)
+            if SIMULATOR:
+                finish[1, threads](*args)
+            else:
+                _configured(finish, 1, threads, ptr, dev)(*args)
+
+        _on_table_device(self.tables[0], run)
+        return self.out
+
+
+def step_runner(plan, dtype, writes, io):
+    """The backend protocol's runner (``backends.protocol``): ``launch`` per call."""
+    return protocol.launch_runner(launch, plan, io)
+
+
+#: name -> the cuda.jit kernel of a per-element function that is no spec rule
+_element_kernels = {}
+
+
+def element_runner(name, make_elem, nslots):
+    """``run(param, grad, states, k)`` for a per-element function that is no spec rule (the
+    textbook's chapters; see ``numba_backend.element_runner``): this backend's grid-stride
+    kernel (``kernel_source``, every slot present) around ``make_elem()`` compiled as a device
+    function, launched on the arrays' device. Unchecked, like ``launch``."""
+
+    def run(param, grad, states, k):
+        n = int(param.shape[0])
+        if n == 0:
+            return
+        fn = _element_kernels.get(name)
+        if fn is None:
+            elem = cuda.jit(device=True, inline="always")(make_elem())
+            ns = {"__name__": __name__, "cuda": cuda}
+            kname = name.replace(".", "_").lower()
+            exec(compile(kernel_source(kname, nslots, (True,) * nslots), __file__, "exec"), ns)
+            fn = _element_kernels[name] = cuda.jit(ns["factory"](elem))
+        if SIMULATOR and isinstance(param, np.ndarray):  # CI: host arrays in the simulator
+            blocks, threads = launch_config(n)  # (it copies every argument back: a writable grad)
+            fn[blocks, threads](param, grad if grad.flags.writeable else grad.copy(), *states, k)
+            return
+        param, grad = _launch.plain_view(param), _launch.plain_view(grad)
+        states = tuple(_launch.plain_view(s) for s in states)
+        key = (name, (), (True,) * len(states), np.dtype(param.dtype).name)
+        dev = _device_index(param)
+        if isinstance(dev, int) and dev != cuda.get_current_device().id:
+            with cuda.gpus[dev]:  # where the arrays live, whatever device is current
+                _launch_device(fn, key, n, param, grad, states, k)
+        else:
+            _launch_device(fn, key, n, param, grad, states, k)
+
+    return run

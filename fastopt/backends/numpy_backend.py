@@ -1,4 +1,13 @@
-"""The NumPy oracle as a backend: ``fastopt.reference``, array at a time (also the fallback)."""
+"""The NumPy oracle as a backend: ``fastopt.reference``, array at a time (also the fallback).
+
+Its ``step_runner`` (``backends.protocol``) runs the rule's oracle function over whole arrays:
+``reference.<rule>`` for arrays stored in the compute dtype, ``precision.oracle_step`` for a
+storage plan (16-bit storage, a master copy, a loss scale, stochastic rounding).
+"""
+
+import inspect
+
+import numpy as np
 
 NAME = "numpy"
 DEVICE = "cpu"
@@ -12,5 +21,44 @@ def why_unavailable():
     return ""
 
 
-def launch(rule, flags, param, grad, states, k):  # pragma: no cover - dispatch goes to reference
-    raise NotImplementedError("the numpy backend runs fastopt.reference, not per-element rules")
+def step_runner(plan, dtype, writes, io):
+    """``run(param, grad, states, master=None, salt=0)``: one step of ``plan`` by the oracle."""
+    from .. import precision, reference
+    from ..kernels import RULES
+
+    rule, names = plan.rule, RULES[plan.rule].state
+    hs = plan.hs or {}
+    if io is not None:
+        step, hp, inv, key = plan.step, plan.hp, plan.inv_scale, plan.key
+
+        def run(param, grad, states, master=None, salt=0):
+            precision.oracle_step(
+                rule,
+                param,
+                grad,
+                {n: s for n, s in zip(names, states) if s is not None},
+                io=io,
+                step=step,
+                hp=hp,
+                hs=hs,
+                master=master,
+                salt=salt,
+                inv_scale=inv,
+                key=key,
+            )
+
+        return run
+    oracle = getattr(reference, rule)
+    # the oracle takes the hyperparameters that shape a step (not, say, the initial
+    # accumulator value, which only shapes the state it is handed)
+    takes = inspect.signature(oracle).parameters
+    kw = {h: v for h, v in plan.hp.items() if h in takes}
+    kw["step"] = plan.step
+
+    def run(param, grad, states, master=None, salt=0):
+        st = {n: s for n, s in zip(names, states) if s is not None}
+        # host state as the oracle keeps it (torch's 0-d tensors), this step's copy
+        st.update({n: np.array(v, dtype=np.float32) for n, v in hs.items()})
+        oracle(param, grad, st, **kw)
+
+    return run

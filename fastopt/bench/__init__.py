@@ -8,6 +8,9 @@ the repository's ``bench/`` folder and by ``scripts/gpu_run.sh``).
 - ``ceilings_cpu``, ``ceilings_numba_cuda``, ``gpu``: the same-traffic and copy kernels and the
   GPU timing;
 - ``torch_peers``: ``torch.optim`` on the same data, when torch is installed;
+- ``torch_rows``: ``fastopt.torch`` over a model's parameter list beside torch on the same list
+  and fastopt's flat step, graph-replayed, clipped and low-bit steps, host syncs with
+  GradScaler (the GPU run's rows, guarded by what the code here can run);
 - ``host``: the host path of a step alone (the null backend);
 - ``cli``: the command line.
 """

@@ -329,8 +329,9 @@ def format_table(records):
 
 
 def _ceiling_lines(records):
-    """One line per (backend, dtype, n): the median over the run's groups of the copy and of
-    each same-traffic ceiling (each group measured its own, next to the optimizers)."""
+    """One line per (ceiling backend, dtype, n): the median over the run's groups of the copy,
+    and of the same-traffic ceiling per traffic (bytes per element): each group measured its
+    own, next to its rows, and groups of different traffic are never pooled."""
     import statistics
 
     seen = {}
@@ -550,8 +551,8 @@ def main(argv=None):
     lines = _ceiling_lines(records)
     if lines:
         print(
-            "\nceilings (median over the groups; each measured beside its optimizers, "
-            "on the same backend):"
+            "\nceilings (median over the groups of the same traffic; each measured beside its "
+            "rows: numba's kernels on the CPU, one CuPy kernel and a memcpy on a GPU):"
         )
         print("\n".join(lines))
     lines = _precision_lines(records)

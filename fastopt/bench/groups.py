@@ -1,11 +1,18 @@
 """Runners for every measured thing, and the sweep that turns them into JSON records.
 
 A *group* is one (device, optimizer case, dtype, n): the fastopt backends on that device, the
-ceilings of each (same-traffic kernel and copy, on the same backend) and the torch peers, timed
-together (``measure.measure_group``) so that the ratios between them are fair. Records are plain
-dicts, the schema of ``bench/results/*.json``; ``finalize`` adds the cross-group ratios
-(× NumPy oracle, × torch).
+ceilings measured beside them and the torch peers, timed together so that the ratios between
+them are fair. On the CPU the ceilings are numba's same-traffic kernel and copy, and the group
+is timed in two passes (``measure.measure_group``). On a GPU the ceiling is one same-traffic
+kernel of the group's own traffic (``gpu.bytes_traffic_runner``), beside a device-to-device
+memcpy and the device's rated bandwidth, and the group is timed in interleaved rounds
+(``measure.measure_rounds``): every record carries its spread (``spread``: min, quartiles,
+max; ``round_median_s``: one median per round) and every ratio within a group one value per
+round (``*_spread``). Records are plain dicts, the schema of ``bench/results/*.json``;
+``finalize`` adds the ratios across rows (× NumPy oracle, × torch on the same layout).
 """
+
+import uuid
 
 import numpy as np
 
@@ -17,8 +24,12 @@ from .measure import (
     bytes_per_step,
     host_data,
     measure_group,
+    measure_rounds,
     median,
     percent,
+    ratio_spread,
+    spread,
+    traffic_arrays,
 )
 
 __all__ = [
@@ -30,9 +41,14 @@ __all__ = [
     "finalize",
     "group_factories",
     "precision_factories",
+    "record",
     "run_group",
     "run_precision_group",
+    "score_gpu_group",
 ]
+
+#: how a GPU group is timed: interleaved rounds, each runner timed ``PER_ROUND`` times a round
+ROUNDS, PER_ROUND = 7, 3
 
 
 def device_of(backend):
@@ -112,10 +128,22 @@ def ceiling_backends(device, backends):
 
 
 def group_factories(
-    case, device, n, dtype, backends, torch_modes=(), layouts=("flat", "list"), seed=0
+    case,
+    device,
+    n,
+    dtype,
+    backends,
+    torch_modes=(),
+    layouts=("flat", "list"),
+    seed=0,
+    references=False,
 ):
-    """Factories for ``measure_group``: keys ("step", backend), ("ceiling", backend),
-    ("ceiling-vec", "cupy"), ("copy", backend), ("torch", mode, layout)."""
+    """Factories for the group's timing: keys ("step", backend), ("torch", mode, layout),
+    ("adapter", "list") (fastopt.torch on the list), and the ceilings: on the CPU ("ceiling",
+    "numba") and ("copy", "numba"); on a GPU ("ceiling", "traffic") (the same-traffic kernel of
+    this case's arrays) and ("memcpy",), plus with ``references`` the older kernels of each
+    GPU backend, ("reference", "traffic:<backend>") and ("reference", "copy:<backend>"),
+    labelled references and never ceilings."""
     if device == "cuda":
         from .gpu import device_data
 
@@ -125,13 +153,22 @@ def group_factories(
     facs = {}
     for b in backends:
         facs[("step", b)] = lambda b=b: fastopt_runner(case, b, p0, g0)
-    for ceil in ceiling_backends(device, backends):
-        facs[("ceiling", ceil)] = lambda c=ceil: ceiling_runner(c, case.n_state, p0, g0)
-        facs[("copy", ceil)] = lambda c=ceil: copy_runner(c, p0)
-        if ceil == "cupy":
-            from .gpu import vector_traffic_runner
+    if device == "cuda":
+        from . import gpu
 
-            facs[("ceiling-vec", ceil)] = lambda: vector_traffic_runner(case.n_state, p0, g0)
+        arrays = traffic_arrays(n, case.n_state, p0.dtype, n_read=case.n_read)
+        facs[("ceiling", "traffic")] = lambda: gpu.bytes_traffic_runner(arrays)
+        facs[("memcpy",)] = lambda: gpu.memcpy_runner(p0)
+        if references:
+            for b in (b for b in backends if get_backend(b).DEVICE == "cuda"):
+                facs[("reference", f"traffic:{b}")] = lambda b=b: ceiling_runner(
+                    b, case.n_state, p0, g0
+                )
+                facs[("reference", f"copy:{b}")] = lambda b=b: copy_runner(b, p0)
+    else:
+        for ceil in ceiling_backends(device, backends):
+            facs[("ceiling", ceil)] = lambda c=ceil: ceiling_runner(c, case.n_state, p0, g0)
+            facs[("copy", ceil)] = lambda c=ceil: copy_runner(c, p0)
     if torch_modes:
         from .torch_peers import ADAPTER, torch_runner
 
@@ -140,12 +177,15 @@ def group_factories(
                 facs[("torch", mode, layout)] = lambda m=mode, lay=layout: torch_runner(
                     case, m, device, p0, g0, lay
                 )
-        if device == "cpu" and "list" in layouts:  # fastopt's torch.optim face, same list
+        if "list" in layouts:  # fastopt's torch.optim face, on the same list
             facs[("adapter", "list")] = lambda: torch_runner(case, ADAPTER, device, p0, g0, "list")
     return facs
 
 
-def _record(case, device, n, dtype, runner, times, backend, layout="flat"):
+def record(case, device, n, dtype, runner, times, backend, layout="flat", round_times=None):
+    """One JSON record: the row's identity, its bytes and GB/s (of the median), every timed call
+    (``times_s``) and their ``spread``; with ``round_times`` (interleaved rounds) the median of
+    each round (``round_median_s``) and how it was timed (``timing``)."""
     med = median(times)
     rec = {
         "optimizer": case.name,
@@ -161,12 +201,60 @@ def _record(case, device, n, dtype, runner, times, backend, layout="flat"):
         "median_s": med,
         "min_s": min(times),
         "times_s": [float(t) for t in times],
+        "spread": spread(times),
         "bytes": runner.bytes,
         "gbps": runner.bytes / med / 1e9,
     }
+    if round_times is not None:
+        rec["round_median_s"] = [median(rt) for rt in round_times]
+        rec["timing"] = f"interleaved rounds: {len(round_times)} rounds"
     if "peer" in runner.info:
         rec["peer"] = runner.info["peer"]
     return rec
+
+
+def score_gpu_group(records, ceilings, device_name=None):
+    """Hold every record of one GPU group against the ceilings measured in it. ``ceilings``
+    maps "traffic" and "memcpy" to ``(runner, times, round_times)``. Each record gets
+    ``ceiling_gbps`` (the same-traffic kernel: ``ceiling_kind``, ``ceiling_bytes``),
+    ``pct_of_ceiling`` with its per-round ``pct_of_ceiling_spread``, ``memcpy_gbps`` and
+    ``pct_of_memcpy`` (also as ``copy_gbps``/``pct_of_copy``, ``copy_kind``), and the device's
+    rated bandwidth (``rated_gbps``, ``pct_of_rated``, ``rated_source``), None where unknown."""
+    from .gpu import rated_bandwidth
+
+    rated, source = rated_bandwidth(device_name)
+    traffic = ceilings.get("traffic")
+    copy = ceilings.get("memcpy")
+    for rec in records:
+        own = rec.get("round_median_s")
+        if traffic is not None:
+            runner, times, rounds = traffic
+            t = median(times)
+            rec["ceiling_backend"], rec["ceiling_kind"] = "cupy", runner.info["kind"]
+            rec["ceiling_s"], rec["ceiling_bytes"] = t, runner.bytes
+            rec["ceiling_gbps"] = runner.bytes / t / 1e9
+            rec["ceiling_spread"] = spread(times)
+            rec["pct_of_ceiling"] = percent(rec["gbps"], rec["ceiling_gbps"])
+            # per round: (bytes / own time) / (ceiling bytes / ceiling time)
+            r = ratio_spread([median(x) for x in rounds], own) if own else None
+            scale = 100.0 * rec["bytes"] / runner.bytes
+            rec["pct_of_ceiling_spread"] = (
+                None if r is None else {k: v * scale if k != "rounds" else v for k, v in r.items()}
+            )
+        else:
+            rec["ceiling_gbps"] = rec["pct_of_ceiling"] = None
+        if copy is not None:
+            runner, times, _ = copy
+            rec["memcpy_gbps"] = rec["copy_gbps"] = runner.bytes / median(times) / 1e9
+            rec["memcpy_spread"] = spread(times)
+            rec["copy_kind"] = runner.info["kind"]
+            rec["pct_of_memcpy"] = rec["pct_of_copy"] = percent(rec["gbps"], rec["memcpy_gbps"])
+        else:
+            rec["memcpy_gbps"] = rec["copy_gbps"] = rec["pct_of_copy"] = None
+        rec["rated_gbps"] = None if rated is None else rated / 1e9
+        rec["rated_source"] = source
+        rec["pct_of_rated"] = percent(rec["gbps"], rec["rated_gbps"])
+    return records
 
 
 def run_group(
@@ -181,35 +269,74 @@ def run_group(
     warmup=3,
     budget_s=None,
     progress=None,
+    references=False,
+    rounds=ROUNDS,
+    per_round=PER_ROUND,
 ):
-    """Measure one group; returns its records (fastopt backends first, then torch peers), each
-    carrying the ceilings measured alongside."""
-    facs = group_factories(case, device, n, dtype, backends, torch_modes, layouts)
+    """Measure one group; returns its records (fastopt backends first, then torch peers and
+    references), each carrying the ceilings measured alongside. On the CPU ``reps`` and
+    ``budget_s`` size the two passes; on a GPU ``rounds`` interleaved rounds of ``per_round``
+    timed calls each (fewer rounds when ``budget_s`` would be exceeded, never under 3)."""
+    facs = group_factories(
+        case, device, n, dtype, backends, torch_modes, layouts, references=references
+    )
+    if device == "cuda":
+        res = measure_rounds(
+            facs,
+            rounds=rounds,
+            per_round=per_round,
+            warmup=warmup,
+            budget_s=budget_s,
+            progress=progress,
+        )
+        from .gpu import gpu_name
+
+        group = uuid.uuid4().hex[:12]
+        records = []
+        for key, (runner, times, rts) in res.items():
+            if key[0] == "step":
+                backend, layout = key[1], "flat"
+            elif key[0] == "torch":
+                backend, layout = f"torch-{key[1]}", key[2]
+            elif key[0] == "adapter":
+                backend, layout = "fastopt.torch", key[1]
+            elif key[0] == "reference":
+                backend, layout = f"reference:{key[1]}", "flat"
+            else:
+                continue
+            rec = record(case, device, n, dtype, runner, times, backend, layout, rts)
+            rec["group"] = group
+            if key[0] == "reference":
+                rec["role"] = "reference"
+                rec["reference_kind"] = runner.info.get("kind", runner.label)
+            records.append(rec)
+        ceilings = {"traffic": res.get(("ceiling", "traffic")), "memcpy": res.get(("memcpy",))}
+        return score_gpu_group(records, {k: v for k, v in ceilings.items() if v}, gpu_name())
     res = measure_group(
         facs,
         reps=reps,
         warmup=warmup,
         budget_s=budget_s,
-        together=device == "cpu",
+        together=True,
         progress=progress,
     )
     ceil = {}  # (kind, backend) -> (median s, GB/s)
     ceil_bytes = {}  # (kind, backend) -> bytes the ceiling kernel moves
     for key, (runner, times) in res.items():
-        if key[0] in ("ceiling", "ceiling-vec", "copy"):
+        if key[0] in ("ceiling", "copy"):
             ceil[key] = (median(times), runner.bytes / median(times) / 1e9)
             ceil_bytes[key] = runner.bytes
     own = [k[1] for k in ceil if k[0] == "ceiling"]
     records = []
     for key, (runner, times) in res.items():
         if key[0] == "step":
-            rec = _record(case, device, n, dtype, runner, times, key[1])
+            rec = record(case, device, n, dtype, runner, times, key[1])
             scored = key[1] if ("ceiling", key[1]) in ceil else (own[0] if own else None)
         elif key[0] == "torch":
-            rec = _record(case, device, n, dtype, runner, times, f"torch-{key[1]}", key[2])
+            rec = record(case, device, n, dtype, runner, times, f"torch-{key[1]}", key[2])
             scored = own[0] if own else None
         elif key[0] == "adapter":
-            rec = _record(case, device, n, dtype, runner, times, "fastopt.torch", key[1])
+            rec = record(case, device, n, dtype, runner, times, "fastopt.torch", key[1])
             scored = own[0] if own else None
         else:
             continue
@@ -223,41 +350,40 @@ def run_group(
         # overwrites one (ASGD before t0) moves, so its bytes are its own
         rec["ceiling_bytes"] = ceil_bytes.get(("ceiling", scored))
         rec["copy_gbps"] = ceil.get(("copy", scored), (None, None))[1]
-        rec["ceiling_vec_gbps"] = ceil.get(("ceiling-vec", scored), (None, None))[1]
         rec["pct_of_ceiling"] = percent(rec["gbps"], rec["ceiling_gbps"])
         rec["pct_of_copy"] = percent(rec["gbps"], rec["copy_gbps"])
-        rec["pct_of_vec_ceiling"] = percent(rec["gbps"], rec["ceiling_vec_gbps"])
         records.append(rec)
     return records
 
 
 def finalize(records):
     """Add ``speedup_vs_numpy`` (NumPy oracle time ÷ this time, same optimizer, dtype and n)
-    and, for fastopt rows, ``speedup_vs_torch`` (the fastest torch peer on the same device ÷
-    this time) with the peer's name in ``torch_peer``. Returns ``records``."""
+    and, for fastopt rows, ``speedup_vs_torch``: the fastest torch peer on the same device and
+    the same layout (one flat tensor, or the very same list: the same work) ÷ this time, the
+    peer's name in ``torch_peer``; with ``speedup_vs_torch_spread`` (one ratio per round) when
+    both were timed in the same interleaved rounds. Returns ``records``."""
     oracle, torch_best = {}, {}
     for r in records:
         key = (r["optimizer"], r["dtype"], r["n"])
         if r["backend"] == "numpy" and r["layout"] == "flat":
             oracle[key] = r["median_s"]
         if r["backend"].startswith("torch-"):
-            for k in (key + (r["device"],), key + (r["device"], r["layout"])):
-                if k not in torch_best or r["median_s"] < torch_best[k]["median_s"]:
-                    torch_best[k] = r
+            k = key + (r["device"], r["layout"])
+            if k not in torch_best or r["median_s"] < torch_best[k]["median_s"]:
+                torch_best[k] = r
     for r in records:
         key = (r["optimizer"], r["dtype"], r["n"])
         r["speedup_vs_numpy"] = oracle[key] / r["median_s"] if key in oracle else None
-        # fastopt's flat rows against torch's best on any layout; fastopt.torch's list rows
-        # against torch on the very same list
-        peer_key = None
-        if r["backend"] in BACKENDS:
-            peer_key = key + (r["device"],)
-        elif r["backend"] == "fastopt.torch":
-            peer_key = key + (r["device"], r["layout"])
-        if peer_key is not None:
-            peer = torch_best.get(peer_key)
+        if r["backend"] in BACKENDS or r["backend"] == "fastopt.torch":
+            peer = torch_best.get(key + (r["device"], r["layout"]))
             r["speedup_vs_torch"] = peer["median_s"] / r["median_s"] if peer else None
             r["torch_peer"] = f"{peer['backend']} ({peer['layout']})" if peer else None
+            same_rounds = peer is not None and peer.get("group") == r.get("group") is not None
+            r["speedup_vs_torch_spread"] = (
+                ratio_spread(peer.get("round_median_s"), r.get("round_median_s"))
+                if same_rounds
+                else None
+            )
     return records
 
 
@@ -309,7 +435,7 @@ def run_precision_group(
         if ("step", name) not in res:
             continue
         runner, times = res[("step", name)]
-        rec = _record(case, "cpu", n, name, runner, times, backend)
+        rec = record(case, "cpu", n, name, runner, times, backend)
         rec["precision"] = dict(PRECISIONS[name].kwargs, param=PRECISIONS[name].param)
         ceil = res.get(("ceiling", name))
         if ceil is not None:

@@ -21,8 +21,13 @@ same run on the same backend: a copy (``2·itemsize·n`` bytes) and a same-traff
 touches exactly the optimizer's buffers with trivial math (``_bench_cpu`` / ``_bench_gpu``).
 
 Timing: after a warm-up that absorbs compilation and first-touch page faults, each repetition
-is timed alone and the median is reported. Host work uses ``time.perf_counter``; GPU work uses
-device events recorded around the call (``gpu.EventTimer``).
+is timed alone and the median is reported with its spread (``spread``: min, quartiles, max).
+Host work uses ``time.perf_counter``; GPU work uses device events recorded around the call
+(``gpu.EventTimer``). The runners a GPU figure is compared with are timed in interleaved rounds
+(``measure_rounds``): every round visits every runner, so a drift of the device's clocks or
+temperature during the run hits all of them alike, and every ratio between two of them has a
+spread of its own, one value per round (``ratio_spread``). CPU runners are timed in contiguous
+blocks (``measure_group``: two passes, the second in reverse order).
 """
 
 import contextlib
@@ -34,6 +39,8 @@ import time
 from dataclasses import dataclass, field
 
 import numpy as np
+
+from .._torch_names import torch_name as _torch_name
 
 __all__ = [
     "CASES",
@@ -51,9 +58,13 @@ __all__ = [
     "host_data",
     "measure",
     "measure_group",
+    "measure_rounds",
     "median",
     "percent",
+    "ratio_spread",
+    "spread",
     "timed_call",
+    "traffic_arrays",
     "transformer_shapes",
     "versions",
 ]
@@ -81,45 +92,6 @@ class Case:
     @property
     def fastopt_kwargs(self):
         return dict(self.kwargs)
-
-
-def _torch_name(cls):
-    """The ``torch.optim`` class an optimizer class stands for: its own name or an ancestor's,
-    matched case-insensitively (AdaGrad -> Adagrad, Momentum -> SGD), else None (Lion)."""
-    import importlib.util
-
-    if importlib.util.find_spec("torch") is None:
-        names = _TORCH_OPTIM
-    else:
-        import torch.optim
-
-        names = [n for n in dir(torch.optim) if n[:1].isupper()]
-    lower = {n.lower(): n for n in names}
-    for klass in cls.__mro__:
-        if klass.__name__ == "Optimizer":  # fastopt's base: no optimizer of its own
-            break
-        if klass.__name__.lower() in lower:
-            return lower[klass.__name__.lower()]
-    return None
-
-
-#: torch.optim's optimizer classes, for naming peers when torch is not installed
-_TORCH_OPTIM = (
-    "ASGD",
-    "Adadelta",
-    "Adafactor",
-    "Adagrad",
-    "Adam",
-    "AdamW",
-    "Adamax",
-    "LBFGS",
-    "NAdam",
-    "RAdam",
-    "RMSprop",
-    "Rprop",
-    "SGD",
-    "SparseAdam",
-)
 
 
 def derive_cases():
@@ -212,6 +184,29 @@ def bytes_per_step(n_state, n, dtype=None, io=None, n_read=None):
     per = size["param"] * (1 if io.master else 2) + size["grad"] * (2 if io.write_grad else 1)
     per += (n_state + n_read) * size["state"] + (2 * size["master"] if io.master else 0)
     return per * int(n)
+
+
+def traffic_arrays(n, n_state, dtype=None, io=None, n_read=None):
+    """The arrays one step moves, ``[(name, bytes, mode)]`` with mode "r" (read), "w" (written)
+    or "rw": the param (written only when an fp32 master is read instead), the grad (written
+    back too when unscaled in place), ``n_read`` state buffers read and written and the rest
+    written only, and the master copy. The same model as ``bytes_per_step``: the bytes times the
+    length of the mode add up to it. The GPU's same-traffic kernel moves exactly these."""
+    n_read = n_state if n_read is None else n_read
+    if io is None:
+        size = dict.fromkeys(("param", "grad", "state"), np.dtype(dtype).itemsize)
+        master = write_grad = False
+    else:
+        size, master, write_grad = io.itemsizes(), io.master, io.write_grad
+    n = int(n)
+    out = [
+        ("param", size["param"] * n, "w" if master else "rw"),
+        ("grad", size["grad"] * n, "rw" if write_grad else "r"),
+    ]
+    out += [(f"state{j}", size["state"] * n, "rw" if j < n_read else "w") for j in range(n_state)]
+    if master:
+        out.append(("master", size["master"] * n, "rw"))
+    return out
 
 
 @dataclass(frozen=True)
@@ -367,10 +362,10 @@ def measure_group(
     None when that runner cannot exist here). Each runner is timed in contiguous blocks of
     repetitions: interleaving single calls of different runners would time their thread pools
     fighting (an OpenMP pool spins for a while after its parallel region), not the runners.
-    ``together`` (the CPU default): all runners are built first and timed in two passes, the
+    ``together`` (the default): all runners are built first and timed in two passes, the
     second in reverse order, so that slow drifts of a shared machine hit them alike. Otherwise
-    (the GPU default, where memory for all of them at once may lack and the device is not
-    shared) each is built, timed in one pass and freed in turn. A runner gets ``reps``
+    each is built, timed in one pass and freed in turn (for runners that cannot all be held in
+    memory at once). GPU groups are timed by ``measure_rounds`` instead. A runner gets ``reps``
     repetitions, fewer when they would exceed its share of ``budget_s`` (never fewer than
     ``min_reps``). Returns ``{key: (runner, times)}``.
     """
@@ -407,6 +402,93 @@ def measure_group(
     for runner in runners.values():
         runner.keep, runner.fn = None, None
     return {key: (runners[key], times[key]) for key in times}
+
+
+def spread(times):
+    """The spread of a list of seconds: ``min_s``, ``q1_s``, ``median_s``, ``q3_s``, ``max_s``
+    (quartiles by linear interpolation, the median as ``statistics.median``)."""
+    a = np.sort(np.asarray(times, dtype=np.float64))
+    if a.size == 0:
+        raise ValueError("no times to summarise")
+    q1, med, q3 = np.quantile(a, [0.25, 0.5, 0.75])
+    return {
+        "min_s": float(a[0]),
+        "q1_s": float(q1),
+        "median_s": float(med),
+        "q3_s": float(q3),
+        "max_s": float(a[-1]),
+    }
+
+
+def ratio_spread(num, den):
+    """Per-round ratios of two runners timed in the same rounds (``measure_rounds``): ``num``
+    and ``den`` hold one median per round; round r gives ``num[r] / den[r]``. Returns ``min``,
+    ``median``, ``max`` and ``rounds``, or None when the rounds do not pair up."""
+    if not num or not den or len(num) != len(den):
+        return None
+    r = [a / b for a, b in zip(num, den)]
+    return {"min": min(r), "median": statistics.median(r), "max": max(r), "rounds": len(r)}
+
+
+def measure_rounds(
+    factories,
+    rounds=7,
+    per_round=3,
+    warmup=3,
+    min_rounds=3,
+    budget_s=None,
+    progress=None,
+    errors=None,
+):
+    """Time runners against each other in interleaved, repeated rounds (the GPU's way).
+
+    ``factories`` maps a key to a zero-argument callable building a ``Runner`` (or None when it
+    cannot exist here). Every runner is built first and warmed up (``warmup`` calls). Then
+    ``rounds`` rounds: each visits every runner in turn (in order in even rounds, in reverse in
+    odd ones, so that every runner's mean position is the same), makes one untimed call (each
+    runner finds the caches as the previous runner left them and starts from its own data) and
+    ``per_round`` timed calls. The first round's wall time sizes the rest: the rounds stop when
+    the next one would end past ``budget_s`` seconds from the first, never before
+    ``min_rounds``. Returns ``{key: (runner, times, round_times)}``: every timed call in order,
+    and the same calls per round (the input of ``ratio_spread``). With ``errors`` (a dict), a
+    runner that fails to build or to warm up is left out and its error recorded there under its
+    key; without, the error propagates."""
+    runners = {}
+    for key, make in factories.items():
+        try:
+            runner = make()
+            if runner is not None:
+                for _ in range(warmup):
+                    runner.fn()
+                runner.timer.sync()
+        except Exception as exc:
+            if errors is None:
+                raise
+            errors[key] = f"{type(exc).__name__}: {str(exc)[:300]}"
+            continue
+        if runner is not None:
+            runners[key] = runner
+            if progress:
+                progress(key, runner)
+    per_key = {key: [] for key in runners}
+    t0 = time.perf_counter()
+    for r in range(rounds):
+        keys = list(runners) if r % 2 == 0 else list(reversed(list(runners)))
+        for key in keys:
+            runner = runners[key]
+            runner.fn()
+            runner.timer.sync()
+            per_key[key].append([runner.timer.time(runner.fn) for _ in range(per_round)])
+        done = r + 1
+        next_end = (time.perf_counter() - t0) / done * (done + 1)  # if one more round ran
+        if budget_s is not None and min_rounds <= done < rounds and next_end > budget_s:
+            break
+    out = {}
+    for key, runner in runners.items():
+        times = [t for rt in per_key[key] for t in rt]
+        out[key] = (runner, times, per_key[key])
+        runner.keep, runner.fn = None, None
+    return out
 
 
 def timed_call(runner, warmup=3):

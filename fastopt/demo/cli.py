@@ -188,10 +188,11 @@ def main(argv=None):
         except (ValueError, RuntimeError) as exc:
             print(f"fastopt demo: {exc}", file=sys.stderr)
             return 2
-    if args.textbook and args.backend == "numpy":
+    if args.textbook and args.backend in ("numpy", "cupy"):
         print(
-            "fastopt demo: --textbook runs the chapter's formulas on the kernels; backend "
-            "'numpy' is the torch.optim oracle (use auto, numba, cupy or numba-cuda)",
+            "fastopt demo: --textbook runs the chapter's statements compiled by Numba "
+            "(numba on the host, numba-cuda on a GPU); backend 'numpy' is the torch.optim "
+            "oracle and 'cupy' has no compiled textbook kernels (use auto, numba or numba-cuda)",
             file=sys.stderr,
         )
         return 2

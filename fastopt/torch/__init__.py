@@ -24,25 +24,26 @@ parallel loop walks a table of the tensors' addresses (``numba_backend.launch_ma
 one launch of the CuPy kernel. Parameters stay where they are: nothing is repacked, so
 ``zero_grad``, ``.to()``, ``load_state_dict`` and parameters added later need no care. Like
 torch's in-place ops, a step bumps the autograd version counters of everything it writes, so
-a graph built on the old weights refuses ``backward()``. Meta tensors are not launched: the
-state is created on the meta device and the step counts advance, as torch.optim does.
+a graph built on the old weights refuses ``backward()``. DTensor parameters (FSDP2) are
+stepped through their local shards, with DTensor state (``_dtensor``).
 
-Nothing is written before every group is checked (``_memory``, ``_plan_group``, ``_steady``):
-each tensor a kernel touches (parameter, gradient, state, master copy, the 0-d step counts and
-host state written through their addresses) is a plain ``torch.Tensor``/``nn.Parameter``
-(subclasses such as DTensor are refused), strided, alike in device, dtype and shape, and backed
-by its storage (``untyped_storage().nbytes()`` holds ``storage_offset`` and the tensor: a
-storage freed or shrunk by ``resize_`` is refused); no written tensor shares memory with another
-tensor of the step, in any group (the same tensor twice, a gradient that is a parameter, a state
-tensor that is its parameter). A gradient that is not contiguous (expanded, transposed) is read
-through a contiguous copy and never written. A parameter's state must hold what its step reads:
-a step count that is a whole number >= 0, its buffers and host state (KeyError, TypeError or
-ValueError, as torch.optim raises at load or in its step); numbers that an older state dict
-holds are converted at load, as torch.optim converts them. Every host value (the variant, the
-scalars, the host state after the step) is computed before the first write: a step that cannot
-be computed (ASGD's ``eta`` overflowing, a zero or non-finite loss scale) is refused with
-nothing changed. A group stepped before over the same tensors re-checks all of this in a few
-attribute reads per tensor (``_steady``).
+Nothing is written before every group is checked (``_memory``, ``_plan_group``, ``_steady``; a
+state dict at load: ``_compat``): each tensor a kernel touches (parameter, gradient, state,
+master copy, the 0-d step counts and host state written through their addresses) is a plain
+``torch.Tensor``/``nn.Parameter`` (a DTensor's local shard; other subclasses and meta tensors,
+which have no memory, are refused with a TypeError naming the parameter), strided, alike in
+device, dtype and shape, and backed by its storage (``untyped_storage().nbytes()`` holds
+``storage_offset`` and the tensor: a storage freed or shrunk by ``resize_`` is refused); no
+written tensor shares memory with another tensor of the step, in any group (the same tensor
+twice, a gradient that is a parameter, a state tensor that is its parameter). A gradient that is
+not contiguous (expanded, transposed) is read through a contiguous copy and never written. A
+parameter's state must hold what its step reads: a step count that is a whole number >= 0, its
+buffers and host state (KeyError, TypeError or ValueError, as torch.optim raises at load or in
+its step); numbers that an older state dict holds are converted at load, as torch.optim converts
+them. Every host value (the variant, the scalars, the host state after the step) is computed
+before the first write: a step that cannot be computed (ASGD's ``eta`` overflowing, a zero or
+non-finite loss scale) is refused with nothing changed. A group stepped before over the same
+tensors re-checks all of this in a few attribute reads per tensor (``_steady``).
 
 AMP: the classes declare ``_step_supports_amp_scaling``, so ``torch.amp.GradScaler`` hands
 them its scale and found-inf flag instead of unscaling the gradients itself; a step with
@@ -70,11 +71,14 @@ from ..backends import get_backend
 from ..base import PRECISION_DEFAULTS
 from ..functional import Launch
 from ..kernels import RULES
+from ..kernels.spec import host_precision, host_round
 from ..kernels.storage import io_for
+from . import _dtensor
+from ._compat import TorchContract, hp_value
 from ._memory import check_backed, check_no_overlap, check_written, plain_type
 from ._steady import Steady
 
-__all__ = ["FusedOptimizer", *_optimizers.CLASSES, "Adagrad", "RMSprop"]
+__all__ = ["CPUOffload", "FusedOptimizer", *_optimizers.CLASSES, "Adagrad", "RMSprop"]
 
 #: torch dtypes the kernels run on, and their storage kinds (``kernels.storage``)
 _KINDS = {
@@ -92,7 +96,7 @@ _TORCH_IMPL = ("foreach", "fused", "capturable", "differentiable")
 def _torch_defaults(cls):
     """The param-group keys torch's counterpart of ``cls`` keeps that fastopt's has not
     (``foreach``, ``fused``, ...), with torch's defaults: so state dicts load both ways."""
-    from ..bench.measure import _torch_name
+    from .._torch_names import torch_name as _torch_name
 
     name = _torch_name(cls)
     if name is None:
@@ -102,7 +106,7 @@ def _torch_defaults(cls):
     return dict(probe.defaults)
 
 
-class FusedOptimizer(torch.optim.Optimizer):
+class FusedOptimizer(TorchContract, torch.optim.Optimizer):
     """The ``torch.optim.Optimizer`` face of a fastopt optimizer class (``_fastopt``)."""
 
     _fastopt = None
@@ -135,8 +139,7 @@ class FusedOptimizer(torch.optim.Optimizer):
             if h in fo._pinned:
                 hp[h] = fo._pinned[h]
             elif h in group:
-                v = group[h]
-                hp[h] = float(v) if isinstance(v, torch.Tensor) else v
+                hp[h] = hp_value(h, group[h])  # tensor lr, betas, ... as floats
         return spec.validate(hp)
 
     def _check_group(self, group, what):
@@ -172,54 +175,8 @@ class FusedOptimizer(torch.optim.Optimizer):
             new["master_param"] = p.detach().to(torch.float32, copy=True)
         return new
 
-    def __setstate__(self, state):
-        """What torch.optim's Adam, NAdam, ASGD, ... do when a state dict is loaded (or an
-        optimizer unpickled): a step count or host scalar left as a Python number (older
-        state dicts) becomes a float32 0-d tensor, and a parameter's state without its step
-        count or host state is refused (KeyError, as torch's classes refuse it at load). Every
-        value is checked before the optimizer changes: a refused load changes nothing."""
-        names = (("step",) if type(self)._keeps_step else ()) + RULES[
-            type(self)._fastopt._rule
-        ].host_names
-        converted = []
-        for gi, group in enumerate(state.get("param_groups", ())):
-            for j, p in enumerate(group["params"]):
-                st = state.get("state", {}).get(p)
-                if not st:
-                    continue
-                for name in names:
-                    if name not in st:
-                        raise KeyError(
-                            f"{type(self).__name__}.load_state_dict: the state of parameter "
-                            f"{j} of param group {gi} has no {name!r} (keys {sorted(st)}); "
-                            f"torch.optim.{type(self).__name__} refuses it at load too"
-                        )
-                    v = st[name]
-                    if isinstance(v, torch.Tensor):
-                        continue
-                    if isinstance(v, bool) or not isinstance(
-                        v, (int, float, np.integer, np.floating)
-                    ):
-                        raise TypeError(
-                            f"{type(self).__name__}.load_state_dict: state {name!r} of parameter "
-                            f"{j} of param group {gi} is {v!r}; expected a number or a 0-d tensor"
-                        )
-                    try:
-                        value = float(v)
-                    except OverflowError:
-                        value = math.inf
-                    if not math.isfinite(float(np.float32(value))):
-                        raise ValueError(
-                            f"{type(self).__name__}.load_state_dict: state {name!r} of parameter "
-                            f"{j} of param group {gi} is {v!r}, which float32 (torch's scalar "
-                            "dtype) cannot hold"
-                        )
-                    converted.append((st, name, value))
-        for st, name, value in converted:
-            st[name] = torch.tensor(value, dtype=torch.float32)
-        super().__setstate__(state)
-
     # -- the step --------------------------------------------------------------------------------
+    @torch._disable_dynamo  # opaque to torch.compile: a graph break, the step run eagerly
     @torch.no_grad()
     def step(self, closure=None):
         """One fused step over every parameter with a gradient (``closure`` as in torch).
@@ -305,7 +262,11 @@ class FusedOptimizer(torch.optim.Optimizer):
             if g is None:
                 continue
             label = f"{cls.__name__}: parameter {j} of param group {index}"
-            g = _check_param(p, g, label, entries)
+            # DTensors are stepped through their local shards (``_dtensor``): the kernels, and
+            # so every check of memory, see ``local(x)``; plain tensors are their own
+            _dtensor.check(p, g, (), None, label)
+            lp = _dtensor.local(p)
+            lg = _check_param(lp, _dtensor.local(g), label, entries)
             master = want_master and _KINDS[p.dtype] in ("float16", "bfloat16")
             state = self.state.get(p) or plan.new.get(p)
             fresh = not state
@@ -315,33 +276,41 @@ class FusedOptimizer(torch.optim.Optimizer):
                     plan.new[p] = state
             else:
                 _check_keys(state, need, label)
+                m = state.get("master_param")
+                _dtensor.check(p, g, [state.get(n) for n in names], m, label)
+            checks = None if fresh else entries
             if "step" in state:
-                step = _step_of(state["step"], label, None if fresh else entries) + 1
+                step = _step_of(state["step"], label, checks) + 1
             else:  # torch keeps no step count (SGD): step 1 is the one without a fresh buffer
                 step = 1 if any(state.get(x.name) is None for x in spec.slots if x.fresh) else 2
-            bufs = self._check_state(p, state, names, label, None if fresh else entries, what)
-            hs = None
+            bufs, lm = self._check_state(lp, state, names, label, checks, what)
+            hs, wide = None, False
             if spec.host_state:
-                hs = _host_state(state, spec, label, None if fresh else entries, what)
-            m = state.get("master_param")
-            if m is not None and not fresh and not p.is_meta:
+                hs, wide = _host_state(state, spec, label, checks, what)
+            if lm is not None and not fresh:
                 rec = masters.get(p)
-                if rec is None or rec[0] is not m or rec[1] != p.data_ptr() or rec[2] != p._version:
-                    # the parameter was written since the step that stored it from ``m``
-                    # (or ``m`` was loaded): the 16-bit value the user wrote wins
-                    stale = m.to(p.dtype) != p
+                if (
+                    rec is None
+                    or rec[0] is not lm
+                    or rec[1] != lp.data_ptr()
+                    or (rec[2] != p._version)
+                ):
+                    # the parameter was written since the step that stored it from its master
+                    # (or the master was loaded): the 16-bit value the user wrote wins
+                    stale = lm.to(lp.dtype) != lp
                     if bool(stale.any()):
-                        plan.resync.append((m, p, stale))
+                        plan.resync.append((lm, lp, stale))
             # one storage plan per launch (with or without a master copy: a loaded state dict
             # may mix them), one step count, one host state (ASGD under a schedule where one
-            # parameter skipped a step keeps its own eta)
-            key = (p.device, p.dtype, step, m is not None, hs)
-            buckets.setdefault(key, []).append((p, g, state, bufs))
-        for (device, dtype, t, master, hs), items in buckets.items():
+            # parameter skipped a step keeps its own eta) in one precision
+            key = (lp.device, lp.dtype, step, lm is not None, hs, wide)
+            buckets.setdefault(key, []).append((p, lp, lg, state, bufs))
+        for (device, dtype, t, master, hs, wide), items in buckets.items():
             hsd = None if hs is None else dict(zip(spec.host_names, hs))
             try:  # every host value of the step, before anything is written
-                flags, k = spec.plan(hp, t, hsd)
-                new_hs = spec.advance_host_state(hp, t, hsd) if spec.host_state else None
+                with host_precision(wide):  # float64 host state (torch's load widened it)
+                    flags, k = spec.plan(hp, t, hsd)
+                    new_hs = spec.advance_host_state(hp, t, hsd) if spec.host_state else None
             except (ArithmeticError, ValueError) as exc:
                 raise ValueError(
                     f"{cls.__name__}: param group {index}: the host scalars of step {t} "
@@ -350,23 +319,25 @@ class FusedOptimizer(torch.optim.Optimizer):
                     f"({type(exc).__name__}: {exc}); nothing was stepped"
                 ) from None
             plan.buckets.append(
-                _Bucket(spec.name, device, dtype, t, master, hsd, new_hs, flags, k, items)
+                _Bucket(spec.name, device, dtype, t, master, hsd, new_hs, flags, k, items, wide)
             )
         return plan
 
     @staticmethod
     def _check_state(p, state, names, label, entries, what):
-        """Every state tensor a kernel will touch is shaped and placed like its parameter and
-        typed like it (float32 beside an fp32 master copy), and backed by its storage, with no
-        internal overlap (``_memory.check_written``): a state dict from elsewhere may not be.
-        Returns the state tensors of ``names`` (None where absent) and adds each to the
-        overlap ``entries`` (None: a state made just now, which needs no check)."""
-        m = state.get("master_param")
+        """Every state tensor a kernel will touch is shaped and placed like its parameter ``p``
+        (a DTensor's local shard) and typed like it (float32 beside an fp32 master copy), and
+        backed by its storage, with no internal overlap (``_memory.check_written``): a state
+        dict from elsewhere may not be. Returns the tensors the kernels see (local shards) of
+        the state buffers ``names`` (None where absent) and of the master copy, and adds each
+        to the overlap ``entries`` (None: a state made just now, which needs no check)."""
+        local = _dtensor.local
+        m = local(state.get("master_param"))
         sdtype = p.dtype if m is None else torch.float32
         shape, device = p.shape, p.device
-        bufs = [state.get(name) for name in names]
+        bufs = [local(state.get(name)) for name in names]
         if entries is None:
-            return bufs
+            return bufs, m
         for name, buf in zip(names, bufs):
             if buf is None:
                 continue
@@ -380,21 +351,15 @@ class FusedOptimizer(torch.optim.Optimizer):
                 )
             entries.append((lbl, buf, True, span))
         if m is not None:
-            if not isinstance(m, torch.Tensor) or (
-                m.shape != shape or m.dtype is not torch.float32 or m.device != device
-            ):
-                raise ValueError(
-                    f"{label}: state 'master_param' is "
-                    + (
-                        f"{m.dtype}{list(m.shape)} on {m.device}"
-                        if isinstance(m, torch.Tensor)
-                        else f"a {type(m).__name__}"
-                    )
-                    + f"; expected float32{list(shape)} on {device}"
-                )
             lbl = (label, what["master_param"])
-            entries.append((lbl, m, True, check_written(m, lbl)))
-        return bufs
+            span = check_written(m, lbl)
+            if m.shape != shape or m.dtype is not torch.float32 or m.device != device:
+                raise ValueError(
+                    f"{label}: state 'master_param' is {m.dtype}{list(m.shape)} on {m.device}; "
+                    f"expected float32{list(shape)} on {device}"
+                )
+            entries.append((lbl, m, True, span))
+        return bufs, m
 
     def _run_plan(self, plan):
         """The writes of one checked group (``_plan_group``): new state stored, master copies
@@ -402,6 +367,7 @@ class FusedOptimizer(torch.optim.Optimizer):
         and host state advanced and the version counters of everything written bumped."""
         spec, hp, inv_scale = plan.spec, plan.hp, plan.inv_scale
         names = spec.state
+        local = _dtensor.local
         for p, new in plan.new.items():
             self.state[p].update(new)
         for m, p, stale in plan.resync:
@@ -411,44 +377,47 @@ class FusedOptimizer(torch.optim.Optimizer):
         cache_as = plan.index if len(plan.buckets) == 1 else None
         for b in plan.buckets:
             used = spec.slots_used(b.flags)
-            tensors = []
-            for p, g, state, bufs in b.items:
+            tensors, wrappers = [], []
+            for p, lp, lg, state, bufs in b.items:
                 slots = [x if u else None for x, u in zip(bufs, used)]
                 for j, u in enumerate(used):
                     if u and slots[j] is None:  # a fresh slot (SGD's momentum buffer), step 1
-                        slots[j] = self.state[p][names[j]] = torch.zeros_like(
+                        x = self.state[p][names[j]] = torch.zeros_like(
                             p, dtype=torch.float32 if b.master else p.dtype
                         )
-                tensors.append((p, g, slots, state.get("master_param")))
-            launched = None
-            if b.device.type != "meta":  # meta tensors have no memory: nothing to compute
-                kind = _KINDS[b.dtype]
-                io = io_for(
-                    kind,
-                    kind,
-                    "float32" if b.master else kind,  # beside a master copy the state is float32
-                    master=b.master,
-                    scale=None if inv_scale is None else "host",
-                )
+                        slots[j] = local(x)
+                tensors.append((lp, lg, slots, local(state.get("master_param"))))
+                if lp is not p:  # a DTensor: its own version counter, and its state's
+                    wrappers.append(p)
+                    wrappers += [state[n] for n, u in zip(names, used) if u]
+            kind = _KINDS[b.dtype]
+            io = io_for(
+                kind,
+                kind,
+                "float32" if b.master else kind,  # beside a master copy the state is float32
+                master=b.master,
+                scale=None if inv_scale is None else "host",
+            )
+            with host_precision(b.wide):
                 if io.plain:
                     launched = self._launch(b, hp, used, tensors)
-                else:  # 16-bit storage, a master copy or the loss scale: the storage-plan kernels
+                else:  # 16-bit storage, a master copy or the loss scale: the storage plans
                     launched = self._launch_io(b, hp, used, tensors, io, inv_scale)
-            steps = [state["step"] for _, _, state, _ in b.items if "step" in state]
+            steps = [state["step"] for *_, state, _ in b.items if "step" in state]
             _set_scalars(steps, 1, add=True)
             hosts = []
             if spec.host_state:
-                # float32 values (torch's scalar dtype), whatever dtype a loaded state dict
-                # left the 0-d tensors in
+                # the values of the host state's dtype (float32 as torch makes it; float64 where
+                # torch's load widened it), whatever dtype the 0-d tensors are in
                 for n, v in b.new_hs.items():
-                    ts = [state[n] for _, _, state, _ in b.items]
+                    ts = [state[n] for *_, state, _ in b.items]
                     _set_scalars(ts, v)
                     hosts += ts
             written = [t for p, _, slots, m in tensors for t in (p, *slots, m) if t is not None]
-            increment_version(written + steps + hosts)
-            for p, _, _, m in tensors:
-                if m is not None:
-                    masters[p] = [m, p.data_ptr(), p._version]  # the cached path updates it
+            increment_version(written + wrappers + steps + hosts)
+            for (p, *_), (lp, _, _, lm) in zip(b.items, tensors):
+                if lm is not None:
+                    masters[p] = [lm, lp.data_ptr(), p._version]  # the cached path updates it
             if launched is not None and cache_as is not None:
                 self._cache(cache_as, spec, b, used, tensors, *launched)
 
@@ -542,8 +511,9 @@ class FusedOptimizer(torch.optim.Optimizer):
 
 class _Bucket:
     """One launch of a checked step: parameters alike in device, dtype, step count, master copy
-    and host state, with the variant ``flags``, host scalars ``k`` and host state after it
-    (``new_hs``), all computed before anything is written."""
+    and host state (its values, and ``wide``: held in float64), with the variant ``flags``, host
+    scalars ``k`` and host state after it (``new_hs``), all computed before anything is
+    written. ``items``: ``(param, its local tensor, gradient to read, state, state tensors)``."""
 
     __slots__ = (
         "device",
@@ -556,9 +526,10 @@ class _Bucket:
         "new_hs",
         "spec_name",
         "t",
+        "wide",
     )
 
-    def __init__(self, spec_name, device, dtype, t, master, hs, new_hs, flags, k, items):
+    def __init__(self, spec_name, device, dtype, t, master, hs, new_hs, flags, k, items, wide):
         self.spec_name, self.device, self.dtype, self.t, self.master = (
             spec_name,
             device,
@@ -567,6 +538,7 @@ class _Bucket:
             master,
         )
         self.hs, self.new_hs, self.flags, self.k, self.items = hs, new_hs, flags, k, items
+        self.wide = wide
 
 
 class _Plan:
@@ -669,11 +641,13 @@ def _step_of(s, label, entries):
 
 def _host_state(state, spec, label, entries, what):
     """A parameter's host state (NAdam's ``mu_product``, ASGD's ``eta`` and ``mu``): 0-d real
-    tensors holding finite values, as float32 values in ``spec.host_names`` order; each added
-    to the overlap ``entries`` unless None (host state made just now)."""
+    tensors holding finite values, each added to the overlap ``entries`` unless None (host state
+    made just now). Returns ``(values, wide)``: the values in ``spec.host_names`` order, rounded
+    to the host state's dtype, and whether that is float64 (torch's load policy widens 0-d
+    state to a float64 parameter's dtype, and torch then advances it in float64)."""
+    ts = [state[n] for n in spec.host_names]
     if entries is not None:
-        for name in spec.host_names:
-            t = state[name]
+        for name, t in zip(spec.host_names, ts):
             if not isinstance(t, torch.Tensor) or not plain_type(t):
                 raise TypeError(
                     f"{label}: state {name!r} is {t!r}; expected a 0-d tensor (load_state_dict "
@@ -686,8 +660,18 @@ def _host_state(state, spec, label, entries, what):
                 )
             lbl = (label, what[name])
             entries.append((lbl, t, True, check_written(t, lbl)))
-    hs = spec.check_host_state({n: float(state[n]) for n in spec.host_names}, f"{label}: state")
-    return tuple(hs[n] for n in spec.host_names)
+    wide = any(t.dtype is torch.float64 for t in ts)
+    values = []
+    with host_precision(wide):
+        for name, t in zip(spec.host_names, ts):
+            v = float(t)
+            if not math.isfinite(v):
+                raise ValueError(
+                    f"{label}: state {name!r} is {v}; expected a finite number (torch.optim would "
+                    "step on with it; nothing stepped)"
+                )
+            values.append(host_round(v))
+    return tuple(values), wide
 
 
 def _torch_stream(device):
@@ -821,3 +805,5 @@ def _make(cls):
 globals().update({name: _make(cls) for name, cls in _optimizers.CLASSES.items()})
 Adagrad = globals()["AdaGrad"]
 RMSprop = globals()["RMSProp"]
+
+from .offload import CPUOffload  # noqa: E402  (it subclasses the classes above)

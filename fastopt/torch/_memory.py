@@ -5,8 +5,10 @@ The kernels reach torch's tensors through their addresses (the CPU address table
 ``fill_at``, the GPU launches' views), so an address that no storage backs is a write into freed
 or foreign memory. Before anything is written, every tensor of a step is held to what backs it:
 
-- it is a plain ``torch.Tensor`` or ``torch.nn.Parameter``: a subclass (DTensor, a fake or
-  functional tensor) may keep its data anywhere but behind its own address, so it is refused;
+- it is a plain ``torch.Tensor`` or ``torch.nn.Parameter``: a subclass (a fake or functional
+  tensor, any ``__torch_dispatch__`` wrapper) may keep its data anywhere but behind its own
+  address, so it is refused (a DTensor is checked through its local shard, ``_dtensor``); a
+  meta tensor has no memory at all: refused too;
 - it is strided and its storage is addressable (sparse, MKL-DNN and other opaque tensors are
   refused), not a lazily negated view (``is_neg``: its bytes hold the values un-negated);
 - its address is not null (unless it has no element), and its storage holds every byte the
@@ -18,9 +20,6 @@ or foreign memory. Before anything is written, every tensor of a step is held to
   param group (``check_no_overlap``): the same tensor twice, a gradient that is a parameter,
   a state tensor that is its parameter would race in the parallel loop. Reads may overlap reads
   (two gradients viewing the same memory are harmless).
-
-Meta tensors have no memory and are never launched (``FusedOptimizer`` steps them as torch does:
-state created on the meta device, step counts advanced), so they skip the storage checks.
 """
 
 import numba
@@ -28,7 +27,7 @@ import numpy as np
 import torch
 
 from .._numba_cache import njit_cached
-from ..backends.numba_backend import _address_as
+from ..backends.numba_intrinsics import address_as
 
 __all__ = [
     "byte_span",
@@ -79,8 +78,8 @@ def byte_span(t):
 def check_backed(t, label, read_only=False):
     """Refuse ``t`` (named by ``label``, see ``name_of``) unless its data lies at its address,
     backed by its storage (see the module docstring); returns its byte span (``byte_span``).
-    Meta tensors pass: they have no memory. A tensor only read (``read_only``: a gradient, read
-    through a resolved copy) may be a lazily negated view."""
+    A tensor only read (``read_only``: a gradient, read through a resolved copy) may be a
+    lazily negated view."""
     return _check(t, label, False, read_only)
 
 
@@ -94,9 +93,9 @@ def _check(t, label, written, read_only):
     if type(t) not in _PLAIN:
         raise TypeError(
             f"{name_of(label)} is a {type(t).__module__}.{type(t).__qualname__}; fastopt.torch "
-            "steps plain torch.Tensor/nn.Parameter data in place through its address (a "
-            "subclass such as DTensor keeps its data elsewhere: step its local tensors, or use "
-            "torch.optim)"
+            "steps plain torch.Tensor/nn.Parameter data in place through its address, and "
+            "DTensors through their local shards (any other subclass may keep its data "
+            "elsewhere: use torch.optim)"
         )
     if t.layout is not torch.strided:
         raise TypeError(
@@ -104,7 +103,10 @@ def _check(t, label, written, read_only):
             "tensors only"
         )
     if t.is_meta:
-        return None
+        raise TypeError(
+            f"{name_of(label)} is a meta tensor: it has no memory to step (torch.optim steps "
+            "nothing either; materialise the parameters, e.g. with to_empty(), before a step)"
+        )
     if not read_only and (t.is_neg() or t.is_conj()):
         raise TypeError(
             f"{name_of(label)} is a lazily negated or conjugated view (its memory holds other "
@@ -211,7 +213,7 @@ def _sweep(spans):
 
 def _read_float32_at(addresses, like, out):
     for i in range(addresses.shape[0]):
-        out[i] = numba.carray(_address_as(addresses[i], like), 1)[0]
+        out[i] = numba.carray(address_as(addresses[i], like), 1)[0]
 
 
 _compiled = {}

@@ -1,19 +1,33 @@
-"""``fastopt.textbook`` on device arrays: both GPU backends against the same classes on the host.
+"""``fastopt.textbook`` on device arrays (CuPy's): the numba-cuda kernels of the chapter's
+statements against the same classes on the host.
 
-The host run (numba) is held to the chapter's formulas by ``tests/test_textbook.py``; here the
-GPU run must follow it (float64; the CUDA compilers may contract a multiply-add into one FMA,
-so the two agree to rounding, not bit for bit), update the CuPy arrays in place (a strided view
-included) and keep its state on the GPU.
+The host run (numba) is held to the chapter's code bit for bit by ``tests/test_textbook.py``
+(and the device kernels to the host run under Numba's CUDA simulator); here the GPU run must
+follow it (float64; the CUDA compiler may contract a multiply and an add into one fused
+multiply-add, so the two agree to rounding, not bit for bit), update the CuPy arrays in place (a
+strided view included) and keep its state on the GPU. ``backend="auto"`` picks numba-cuda for
+device arrays.
 """
 
 import numpy as np
 import pytest
-from gpu_common import gpu_backend_params, needs_gpu, to_device, to_host
+from gpu_common import _AVAIL, needs_gpu, to_device, to_host
 
 from fastopt import textbook
 from fastopt.demo.problems import textbook_valley_path
 
 pytestmark = needs_gpu
+#: the textbook's device path: numba-cuda, chosen by name or by "auto" for device arrays
+DEVICE_BACKENDS = [
+    pytest.param(
+        b,
+        id=b,
+        marks=pytest.mark.skipif(
+            "numba-cuda" not in _AVAIL, reason="backend 'numba-cuda' is not available here"
+        ),
+    )
+    for b in ("numba-cuda", "auto")
+]
 
 NAMES = ("SGD", "Momentum", "Nesterov", "AdaGrad", "RMSprop", "Adam")
 STATE = {
@@ -26,7 +40,7 @@ STATE = {
 }
 
 
-@pytest.mark.parametrize("backend", gpu_backend_params())
+@pytest.mark.parametrize("backend", DEVICE_BACKENDS)
 @pytest.mark.parametrize("name", NAMES)
 def test_device_arrays_follow_the_host_run(name, backend):
     import cupy
@@ -56,7 +70,7 @@ def test_device_arrays_follow_the_host_run(name, backend):
     np.testing.assert_array_equal(to_host(base[:, 1::2]), s0)  # outside the view: untouched
 
 
-@pytest.mark.parametrize("backend", gpu_backend_params())
+@pytest.mark.parametrize("backend", DEVICE_BACKENDS)
 @pytest.mark.parametrize("name", NAMES)
 def test_valley_on_device_arrays_follows_the_host(name, backend):
     import cupy

@@ -1,0 +1,313 @@
+"""Numba lowerings the CPU loops call: fused multiply-add and the 16-bit float conversions.
+
+``kernels/fma.py`` and ``kernels/storage.py`` define these operations in plain Python (the
+oracle's and the simulator's); here each gets an LLVM lowering for numba (``llvm.fma``, bit
+casts, rounding a float32 to bfloat16 nearest-even, ``fptrunc``/``fpext`` for float16) and the
+per-storage-kind loads and stores that ``numba_codegen`` closes its loops over (``loader``,
+``storer``, ``param_storer``), plus ``address_as`` (an int64 address as a typed pointer) for the
+many-tensor loops.
+"""
+
+import numpy as np
+from llvmlite import ir as _ir
+from numba.core import types
+from numba.extending import intrinsic, overload, register_jitable
+
+from ..kernels import storage
+from ..kernels.fma import fma
+from ..kernels.storage import BITS16, bits_f32, f32_bits
+
+
+def _cpu_has(flag):
+    """Does this CPU report ``flag`` (Linux /proc/cpuinfo; False where unknown)?"""
+    try:
+        with open("/proc/cpuinfo") as f:
+            return any(line.startswith("flags") and flag in line.split() for line in f)
+    except OSError:
+        return False
+
+
+@intrinsic
+def _llvm_fma(typingctx, a, b, c):
+    if isinstance(a, types.Float) and a == b == c:
+
+        def codegen(context, builder, sig, args):
+            return builder.fma(*args)
+
+        return a(a, b, c), codegen
+    return None
+
+
+@overload(fma, target="cpu", inline="always")
+def _fma_cpu(a, b, c):
+    # the rules' fused multiply-add (kernels/fma.py): llvm.fma, one rounding
+    if isinstance(a, types.Float) and a == b == c:
+        return lambda a, b, c: _llvm_fma(a, b, c)
+    return None
+
+
+@intrinsic
+def _f32_to_bits(typingctx, x):
+    if x == types.float32:
+
+        def codegen(context, builder, sig, args):
+            i32 = builder.bitcast(args[0], context.get_value_type(types.int32))
+            return builder.zext(i32, context.get_value_type(types.int64))
+
+        return types.int64(x), codegen
+    return None
+
+
+@intrinsic
+def _bits_to_f32(typingctx, u):
+    if isinstance(u, types.Integer):
+
+        def codegen(context, builder, sig, args):
+            v = context.cast(builder, args[0], sig.args[0], types.int64)
+            i32 = builder.trunc(v, context.get_value_type(types.int32))
+            return builder.bitcast(i32, context.get_value_type(types.float32))
+
+        return types.float32(u), codegen
+    return None
+
+
+@overload(f32_bits, target="cpu", inline="always")
+def _f32_bits_cpu(x):
+    # kernels/storage.py's bit casts: no instruction, the register read as the other type
+    if x == types.float32:
+        return lambda x: _f32_to_bits(x)
+    return None
+
+
+@overload(bits_f32, target="cpu", inline="always")
+def _bits_f32_cpu(u):
+    if isinstance(u, types.Integer):
+        return lambda u: _bits_to_f32(u)
+    return None
+
+
+def _same(x):
+    return x
+
+
+def _to_f32(x):
+    return np.float32(x)
+
+
+def _to_f64(x):
+    return np.float64(x)
+
+
+def _p_same(x, i, salt, key):
+    return x
+
+
+def _p_f32(x, i, salt, key):
+    return np.float32(x)
+
+
+def _p_bf16(x, i, salt, key):
+    return storage.bf16_store(x)
+
+
+def _p_bf16_sr(x, i, salt, key):
+    return storage.bf16_store_sr(x, storage.sr_bits(i, salt, key))
+
+
+def _p_f16(x, i, salt, key):
+    return storage.f16_store(x)
+
+
+_I16, _I32, _F32, _F16 = _ir.IntType(16), _ir.IntType(32), _ir.FloatType(), _ir.HalfType()
+
+
+@intrinsic
+def _bf16_load_ir(typingctx, h):
+    # zero-extend, shift up 16, reinterpret: what storage.bf16_load computes, in 32 bits
+    if isinstance(h, types.Integer) and h.bitwidth == 16:
+
+        def codegen(context, builder, sig, args):
+            u = builder.shl(builder.zext(args[0], _I32), _ir.Constant(_I32, 16))
+            return builder.bitcast(u, _F32)
+
+        return types.float32(h), codegen
+    return None
+
+
+def _bf16_round_ir(builder, x):
+    # storage.bf16_store's rounding left in place: the result's high 16 bits are the
+    # bfloat16 (round half to even; a NaN gets its quiet bit, payload kept). Vectorised,
+    # this is a shift, an and and two adds, and the NaN select: a compare into a mask
+    # register and a masked or with AVX-512, a compare, an or and a blend (vcmpunordps,
+    # vblendvps) with AVX2; packed on both (tests/test_cpu_codegen.py)
+    u = builder.bitcast(x, _I32)
+    nan = builder.fcmp_unordered("uno", x, x)
+    lsb = builder.and_(builder.lshr(u, _ir.Constant(_I32, 16)), _ir.Constant(_I32, 1))
+    up = builder.add(builder.add(u, _ir.Constant(_I32, 0x7FFF)), lsb)
+    return builder.select(nan, builder.or_(u, _ir.Constant(_I32, 0x400000)), up)
+
+
+@intrinsic
+def _bf16_store_ir(typingctx, x):
+    # storage.bf16_store in 32-bit lanes: round half to even on the bits, NaN made quiet
+    if x == types.float32:
+
+        def codegen(context, builder, sig, args):
+            r = _bf16_round_ir(builder, args[0])
+            return builder.trunc(builder.lshr(r, _ir.Constant(_I32, 16)), _I16)
+
+        return types.uint16(x), codegen
+    return None
+
+
+def _is32(w):
+    return isinstance(w, types.Integer) and w.bitwidth == 32
+
+
+def _word_half(take):
+    """An intrinsic ``uint32 word -> float32``: ``take(builder, word)``, then a bit cast."""
+
+    @intrinsic
+    def half_ir(typingctx, w):
+        if _is32(w):
+
+            def codegen(context, builder, sig, args):
+                return builder.bitcast(take(builder, args[0]), _F32)
+
+            return types.float32(w), codegen
+        return None
+
+    return half_ir
+
+
+# storage.bf16_lo: the low half shifted up; storage.bf16_hi: the high half in place, the
+# low half cleared
+_bf16_lo_ir = _word_half(lambda b, w: b.shl(w, _ir.Constant(_I32, 16)))
+_bf16_hi_ir = _word_half(lambda b, w: b.and_(w, _ir.Constant(_I32, 0xFFFF0000)))
+
+
+@intrinsic
+def _bf16_pair_store_ir(typingctx, a, b):
+    # storage.bf16_pair_store: both rounded in 32-bit lanes, the high halves joined
+    if a == b == types.float32:
+
+        def codegen(context, builder, sig, args):
+            lo = builder.lshr(_bf16_round_ir(builder, args[0]), _ir.Constant(_I32, 16))
+            hi = builder.and_(_bf16_round_ir(builder, args[1]), _ir.Constant(_I32, 0xFFFF0000))
+            return builder.or_(lo, hi)
+
+        return types.uint32(a, b), codegen
+    return None
+
+
+@intrinsic
+def _f16_load_ir(typingctx, h):
+    # the hardware conversion (F16C: vcvtph2ps), exact like storage.f16_load
+    if isinstance(h, types.Integer) and h.bitwidth == 16:
+
+        def codegen(context, builder, sig, args):
+            return builder.fpext(builder.bitcast(args[0], _F16), _F32)
+
+        return types.float32(h), codegen
+    return None
+
+
+@intrinsic
+def _f16_store_ir(typingctx, x):
+    # the hardware conversion (F16C: vcvtps2ph), round to nearest even like storage.f16_store
+    if x == types.float32:
+
+        def codegen(context, builder, sig, args):
+            return builder.bitcast(builder.fptrunc(args[0], _F16), _I16)
+
+        return types.uint16(x), codegen
+    return None
+
+
+def _overload_with(fn, impl, arg_ok):
+    @overload(fn, target="cpu", inline="always")
+    def _ov(a):
+        if arg_ok(a):
+            return lambda a: impl(a)
+        return None
+
+
+def _is16(a):
+    return isinstance(a, types.Integer) and a.bitwidth == 16
+
+
+_overload_with(storage.bf16_load, _bf16_load_ir, _is16)
+_overload_with(storage.bf16_lo, _bf16_lo_ir, _is32)
+_overload_with(storage.bf16_hi, _bf16_hi_ir, _is32)
+
+
+@overload(storage.bf16_pair_store, target="cpu", inline="always")
+def _bf16_pair_store_cpu(a, b):
+    if a == b == types.float32:
+        return lambda a, b: _bf16_pair_store_ir(a, b)
+    return None
+
+
+_overload_with(storage.bf16_store, _bf16_store_ir, lambda a: a == types.float32)
+#: x86 CPUs with F16C convert float16 in hardware (exactly, round to nearest even); others
+#: run kernels/storage.py's bit form
+F16C = _cpu_has("f16c")
+if F16C:
+    _overload_with(storage.f16_load, _f16_load_ir, _is16)
+    _overload_with(storage.f16_store, _f16_store_ir, lambda a: a == types.float32)
+for _f in (
+    storage.bf16_store_sr,
+    storage.mix32,
+    storage.sr_bits,
+    _same,
+    _to_f32,
+    _to_f64,
+    _p_same,
+    _p_f32,
+    _p_bf16,
+    _p_bf16_sr,
+    _p_f16,
+):
+    register_jitable(inline="always")(_f)
+if not F16C:
+    register_jitable(inline="always")(storage.f16_load)
+    register_jitable(inline="always")(storage.f16_store)
+
+
+def loader(kind, compute):
+    """The jitable load of one element of storage ``kind`` as a compute-dtype scalar."""
+    if kind == compute:
+        return _same
+    return {
+        "bfloat16": storage.bf16_load,
+        "float16": storage.f16_load,
+        "float32": _to_f32,
+        "float64": _to_f64,
+    }[kind if kind in BITS16 else compute]
+
+
+def storer(kind, compute):
+    if kind == compute:
+        return _same
+    return {"bfloat16": storage.bf16_store, "float16": storage.f16_store, "float32": _to_f32}[kind]
+
+
+def param_storer(kind, compute, sr):
+    if kind == compute:
+        return _p_same
+    if sr:
+        return _p_bf16_sr
+    return {"bfloat16": _p_bf16, "float16": _p_f16, "float32": _p_f32}[kind]
+
+
+@intrinsic
+def address_as(typingctx, address, like):
+    # an int64 address as a typed pointer to ``like``'s element type
+    if not isinstance(like, types.Array) or not isinstance(address, types.Integer):
+        return None
+    ptr = types.CPointer(like.dtype)
+
+    def codegen(context, builder, sig, args):
+        return builder.inttoptr(args[0], context.get_value_type(ptr))
+
+    return ptr(address, like), codegen

@@ -1,0 +1,269 @@
+"""``torch.optim``'s contract around the step: pickling, legacy state dicts, the load policy of
+state dtypes, tensor hyperparameters and ``torch.compile``.
+
+``TorchContract`` is a mixin of ``FusedOptimizer`` (``fastopt/torch/__init__.py``):
+
+- ``__getstate__``/``__setstate__``: torch keeps ``defaults``, ``state`` and ``param_groups``;
+  fastopt's own options (``backend``, ``master_weights``) travel too, so ``copy.deepcopy`` and
+  ``pickle`` give an optimizer that steps as the original. Caches of tensor addresses (the
+  steady launches) never travel.
+- Legacy state dicts are upgraded as the ``torch.optim`` counterpart's ``__setstate__``
+  upgrades them: each group gains the keys torch fills in (``maximize``, ``foreach``,
+  ``decoupled_weight_decay``, ...; the values found by running torch's own ``__setstate__``
+  on a bare group, ``legacy_group_defaults``), with the class's pinned values on top; a step
+  count or a host-state scalar saved as a Python number becomes a 0-d tensor of torch's scalar
+  dtype.
+- ``load_state_dict`` checks the state dict against the optimizer before anything is written
+  (the group count and sizes, every group's hyperparameters, and per parameter: the state
+  buffers' shapes, the step count and the host state), then lets torch load it. torch casts
+  every floating state tensor to its parameter's dtype; beside an fp32 master copy
+  (``master_weights=True``) that would round the master and the moments to 16 bits, so for a
+  parameter whose saved state holds ``master_param`` the float32 master, state buffers and
+  host state keep float32. Everything else follows torch's policy, which also widens 0-d host
+  state to a float64 parameter's dtype (NAdam's ``mu_product``): the step then advances it in
+  float64, as torch does (``FusedOptimizer._plan_group`` computes it under
+  ``kernels.spec.host_precision``).
+- ``hp_value``: tensor hyperparameters (``lr``, ``betas``, ``weight_decay``, ...) as the rule
+  takes them, 1-element as torch requires.
+"""
+
+import copy
+import functools
+import math
+from itertools import chain
+
+import torch
+
+from ..kernels import RULES
+
+__all__ = [
+    "TorchContract",
+    "hp_value",
+    "legacy_group_defaults",
+]
+
+#: instance attributes that are fastopt's options (not torch's): they travel with pickles
+OPTIONS = ("backend", "master_weights")
+
+
+def hp_value(name, value):
+    """A hyperparameter as the rule takes it: a tensor (1-element, as torch requires) as its
+    float, a pair holding tensors as a pair of floats; anything else unchanged."""
+    if isinstance(value, torch.Tensor):
+        if value.numel() != 1:
+            raise ValueError(f"Tensor {name} must be 1-element, got shape {list(value.shape)}")
+        if value.is_complex():
+            raise TypeError(f"Tensor {name} must be real, got {value.dtype}")
+        return value.item()
+    if isinstance(value, (tuple, list)) and any(isinstance(v, torch.Tensor) for v in value):
+        return tuple(hp_value(f"{name}[{i}]", v) for i, v in enumerate(value))
+    return value
+
+
+def scalar_dtype():
+    """torch's dtype of step counts and host state (``optimizer._get_scalar_dtype``)."""
+    return torch.float64 if torch.get_default_dtype() == torch.float64 else torch.float32
+
+
+@functools.cache
+def legacy_group_defaults(cls):
+    """The group keys ``cls``'s torch counterpart fills into a legacy state dict on load, with
+    their values: found by running torch's own ``__setstate__`` over a bare group. The class's
+    pinned values (Nesterov's ``nesterov=True``) stand over torch's. Empty without a
+    counterpart (Lion)."""
+    from .._torch_names import torch_name as _torch_name
+
+    fo = cls._fastopt
+    name = _torch_name(fo)
+    out = {}
+    if name is not None:
+        tcls = getattr(torch.optim, name)
+        probe = tcls([torch.nn.Parameter(torch.zeros(1))])
+        probe.__setstate__({"state": {}, "param_groups": [{"params": []}]})
+        out = {k: v for k, v in probe.param_groups[0].items() if k != "params"}
+    out.update({k: v for k, v in fo._pinned.items() if k in out})
+    return out
+
+
+def upgrade(cls, groups, state):
+    """Upgrade ``groups`` and ``state`` (a state dict's, keyed like them) in place as torch's
+    counterpart does: missing group keys filled in, Python-number step counts and host state
+    as 0-d tensors of torch's scalar dtype."""
+    for group in groups:
+        for k, v in legacy_group_defaults(cls).items():
+            group.setdefault(k, copy.copy(v))
+    names = ("step", *RULES[cls._fastopt._rule].host_names)
+    for st in state.values():
+        if not isinstance(st, dict):
+            continue
+        for n in names:
+            v = st.get(n)
+            if v is not None and not isinstance(v, torch.Tensor):
+                st[n] = torch.tensor(float(v), dtype=scalar_dtype())
+
+
+def _number(v):
+    """``v`` as a float if it is a real number or a 1-element real tensor, else None."""
+    if isinstance(v, torch.Tensor):
+        if v.numel() != 1 or v.is_complex() or v.dtype is torch.bool:
+            return None
+        return float(v.detach().reshape(()).to("cpu", torch.float64).item())
+    if isinstance(v, bool) or not isinstance(v, (int, float)):
+        return None
+    try:
+        return float(v)
+    except OverflowError:  # an int past float's range (step = 10**400)
+        return math.inf
+
+
+def check_state_dict(opt, state_dict):
+    """Refuse (ValueError/TypeError, nothing written) a state dict ``opt`` cannot step from: a
+    group count or size unlike ``opt``'s, a group hyperparameter outside its domain, and per
+    parameter a state buffer or master copy shaped unlike its parameter, a step count or host
+    scalar that is not a finite real number, or missing (KeyError, as torch's counterpart
+    raises at load). Returns the map saved id -> parameter."""
+    cls = type(opt)
+    spec = RULES[cls._fastopt._rule]
+    saved = state_dict.get("param_groups")
+    state = state_dict.get("state")
+    if not isinstance(saved, (list, tuple)) or not isinstance(state, dict):
+        raise TypeError(
+            f"{cls.__name__}.load_state_dict: expected a dict with 'state' (a dict) and "
+            "'param_groups' (a list)"
+        )
+    if len(saved) != len(opt.param_groups):
+        raise ValueError("loaded state dict has a different number of parameter groups")
+    for g, s in zip(opt.param_groups, saved):
+        if not isinstance(s, dict) or len(s.get("params", ())) != len(g["params"]):
+            raise ValueError(
+                "loaded state dict contains a parameter group that doesn't match the size of "
+                "optimizer's group"
+            )
+    defaults = legacy_group_defaults(cls)
+    for i, s in enumerate(saved):
+        merged = {**opt.defaults, **defaults, **{k: v for k, v in s.items() if k != "params"}}
+        opt._check_group(merged, f"param group {i} of the loaded state dict")
+    id_map = dict(
+        zip(
+            chain.from_iterable(s["params"] for s in saved),
+            chain.from_iterable(g["params"] for g in opt.param_groups),
+        )
+    )
+    buffers = (*spec.state, "master_param")
+    scalars = ("step", *spec.host_names)
+    required = (("step",) if cls._keeps_step else ()) + spec.host_names
+    for key, st in state.items():
+        p = id_map.get(key)
+        if p is None:
+            continue  # torch keeps state of unknown ids as it is
+        if not isinstance(st, dict):
+            raise TypeError(f"state of parameter {key!r} is a {type(st).__name__}; expected a dict")
+        for name in buffers:
+            buf = st.get(name)
+            if buf is None:
+                continue
+            if not isinstance(buf, torch.Tensor) or not buf.is_floating_point():
+                raise TypeError(
+                    f"state {name!r} of parameter {key!r} is {_describe(buf)}; expected a "
+                    "floating-point tensor"
+                )
+            if buf.shape != p.shape:
+                raise ValueError(
+                    f"state {name!r} of parameter {key!r} has shape {list(buf.shape)}; its "
+                    f"parameter has {list(p.shape)} (a state dict of another model?)"
+                )
+        for name in scalars:
+            if name not in st:
+                if st and name in required:
+                    # torch's counterpart reads it at load too (its __setstate__): KeyError
+                    raise KeyError(
+                        f"{cls.__name__}.load_state_dict: the state of parameter {key!r} has "
+                        f"no {name!r} (keys {sorted(st)}); torch.optim raises KeyError for it "
+                        "at load too"
+                    )
+                continue
+            v = _number(st[name])
+            if v is None or not math.isfinite(v) or (name == "step" and v < 0):
+                raise ValueError(
+                    f"state {name!r} of parameter {key!r} is {_describe(st[name])}; expected a "
+                    f"finite real number{' >= 0' if name == 'step' else ''} (or a 1-element "
+                    "tensor of one)"
+                )
+    return id_map
+
+
+def _describe(v):
+    if isinstance(v, torch.Tensor):
+        return f"a {v.dtype} tensor of shape {list(v.shape)}"
+    return repr(v) if isinstance(v, (int, float)) else f"a {type(v).__name__}"
+
+
+def master_keeps(cls, state_dict, id_map):
+    """``{param: {key: tensor}}``: for each parameter whose saved state holds an fp32 master
+    copy, the float32 tensors (master, state buffers, host state) that must keep float32 where
+    torch's load would cast them to the parameter's 16-bit dtype."""
+    spec = RULES[cls._fastopt._rule]
+    names = ("master_param", *spec.state, *spec.host_names)
+    keep = {}
+    for key, st in state_dict["state"].items():
+        p = id_map.get(key)
+        if p is None or not isinstance(st, dict) or "master_param" not in st:
+            continue
+        if p.dtype not in (torch.float16, torch.bfloat16):
+            continue
+        kept = {
+            n: st[n]
+            for n in names
+            if isinstance(st.get(n), torch.Tensor) and st[n].dtype is torch.float32
+        }
+        if kept:
+            keep[p] = kept
+    return keep
+
+
+class TorchContract:
+    """The mixin of ``FusedOptimizer`` that keeps ``torch.optim``'s contract around the step
+    (see the module docstring)."""
+
+    def __getstate__(self):
+        state = super().__getstate__()
+        for name in OPTIONS:
+            if name in self.__dict__:
+                state[name] = self.__dict__[name]
+        return state
+
+    def __setstate__(self, state):
+        state = dict(state)
+        keep = self.__dict__.pop("_load_keep", None)
+        super().__setstate__(state)
+        self.__dict__.pop("_steady", None)  # cached addresses belong to the old tensors
+        for name, default in (("backend", "auto"), ("master_weights", False)):
+            self.__dict__.setdefault(name, default)
+        upgrade(type(self), self.param_groups, self.state)
+        if keep:  # torch's load cast them to 16 bits: the saved float32 values instead
+            for p, kept in keep.items():
+                st = self.state.get(p)
+                if st is None:
+                    continue
+                for n, v in kept.items():
+                    st[n] = v.to(device=p.device if v.dim() else v.device, copy=False)
+
+    @torch._disable_dynamo
+    def load_state_dict(self, state_dict):
+        """torch's ``load_state_dict``, after the checks of ``check_state_dict`` (on the state
+        dict as the pre-hooks leave it) and with fp32 master state kept in float32."""
+        cls = type(self)
+
+        def check(opt, sd):
+            sd = dict(sd)
+            sd["param_groups"] = [dict(g) for g in sd.get("param_groups", ())]
+            id_map = check_state_dict(opt, sd)
+            opt.__dict__["_load_keep"] = master_keeps(cls, sd, id_map)
+            return sd
+
+        handle = self.register_load_state_dict_pre_hook(check)  # last: after the user's
+        try:
+            super().load_state_dict(state_dict)
+        finally:
+            handle.remove()
+            self.__dict__.pop("_load_keep", None)

@@ -1,0 +1,104 @@
+"""One owner of an optimizer's state (``fastopt._state.OptimizerState``, ARCHITECTURE.md "The
+state: one owner"): the step machinery reads and changes it only through its methods, state
+dicts round-trip through it, and older pickles (the state's parts as the optimizer's own
+attributes) load into it."""
+
+import ast
+import pickle
+from pathlib import Path
+
+import ml_dtypes
+import numpy as np
+
+import fastopt
+from fastopt._state import OptimizerState
+
+ROOT = Path(__file__).resolve().parents[1]
+#: the attributes the state's parts lived in before ``OptimizerState`` owned them
+OLD = {"_state", "_layout", "_bound", "_pending", "_host", "_flat_state", "_pending_host"}
+
+
+def _self_attrs(tree):
+    """``(attribute chain)`` of every ``self.<a>`` and ``self.<a>.<b>`` read or written."""
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Attribute) and isinstance(node.value, ast.Name):
+            if node.value.id == "self":
+                yield (node.attr,)
+        elif isinstance(node, ast.Attribute) and isinstance(node.value, ast.Attribute):
+            inner = node.value
+            if isinstance(inner.value, ast.Name) and inner.value.id == "self":
+                yield (inner.attr, node.attr)
+
+
+def test_the_step_machinery_uses_only_the_state_objects_interface():
+    for rel in ("fastopt/_steps.py", "fastopt/base.py"):
+        attrs = set(_self_attrs(ast.parse((ROOT / rel).read_text())))
+        private = sorted(a for a in attrs if len(a) == 2 and a[0] == "_st" and a[1][0] == "_")
+        assert not private, f"{rel} reaches into OptimizerState: {private}"
+    steps = {a[0] for a in _self_attrs(ast.parse((ROOT / "fastopt/_steps.py").read_text()))}
+    assert not steps & OLD, sorted(steps & OLD)
+
+
+def _data(rng, shapes):
+    p = {
+        "w": rng.standard_normal(shapes[0]).astype(ml_dtypes.bfloat16),
+        "b": rng.standard_normal(shapes[1]).astype(np.float32),
+    }
+    grads = [
+        {k: rng.standard_normal(v.shape).astype(v.dtype) for k, v in p.items()} for _ in range(4)
+    ]
+    return p, grads
+
+
+def test_master_weights_over_mixed_dtypes_round_trips_its_state_dict():
+    """bfloat16 params keep an fp32 master copy, float32 ones do not: the state dict holds
+    both kinds, loads into a fresh optimizer before its first step, and the resumed run
+    equals the uninterrupted one (params and every state buffer, bit for bit)."""
+    rng = np.random.default_rng(21)
+    p, grads = _data(rng, [(5, 3), (7,)])
+    a = fastopt.Adam(lr=1e-2, weight_decay=0.1, master_weights=True, backend="numpy")
+    pa = {k: v.copy() for k, v in p.items()}
+    for g in grads[:2]:
+        a.update(pa, g)
+    sd = a.state_dict()
+    assert set(sd["state"]["w"]) == {"exp_avg", "exp_avg_sq", "master_param"}
+    assert set(sd["state"]["b"]) == {"exp_avg", "exp_avg_sq"}
+    b = fastopt.Adam(lr=1e-2, weight_decay=0.1, master_weights=True, backend="numpy")
+    b.load_state_dict(sd)
+    pb = {k: v.copy() for k, v in pa.items()}
+    for g in grads[2:]:
+        a.update(pa, g)
+        b.update(pb, g)
+    for k in pa:
+        np.testing.assert_array_equal(pb[k], pa[k])
+        for s, arr in a.state[k].items():
+            np.testing.assert_array_equal(b.state[k][s], arr, err_msg=f"{k}.{s}")
+    assert b.step_count == a.step_count == 4
+
+
+def test_an_older_pickle_loads_into_the_state_object():
+    rng = np.random.default_rng(5)
+    p = {"x": rng.standard_normal(6)}
+    opt = fastopt.NAdam(lr=1e-2, backend="numpy")
+    opt.update(p, {"x": rng.standard_normal(6)})
+    d = opt.__getstate__()
+    st = d.pop("_st")
+    d.update(  # the attributes an optimizer pickled before the state had one owner
+        _state=st.arrays,
+        _layout=st.layout,
+        _bound=st.shapes,
+        _flat_state=st.flat,
+        _pending=st.pending,
+        _pending_host=st.pending_host,
+        _host=st.host,
+    )
+    old = object.__new__(fastopt.NAdam)
+    old.__setstate__(d)
+    assert isinstance(old._st, OptimizerState) and not OLD & set(old.__dict__)
+    new = pickle.loads(pickle.dumps(opt))
+    g = {"x": rng.standard_normal(6)}
+    p_old, p_new = {"x": p["x"].copy()}, {"x": p["x"].copy()}
+    old.update(p_old, g)
+    new.update(p_new, g)
+    np.testing.assert_array_equal(p_old["x"], p_new["x"])
+    assert old.host_state == new.host_state and old.host_state  # NAdam's mu_product advanced
