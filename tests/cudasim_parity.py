@@ -6,6 +6,10 @@ Not collected by a plain ``pytest`` run (the name does not start with ``test_``)
 Every optimizer and flag variant runs through the public classes with
 ``backend="numba-cuda"`` on host arrays, which the simulator executes thread by thread: the
 grid (4 blocks of 32 threads) is smaller than n, so the grid-stride loop takes several trips.
+
+The default run keeps the configurations of the pairwise cover (``support.cover``) and a pairwise
+cover of each rule's kernel variants; the others carry the ``exhaustive`` marker, and
+``tests/test_cudasim.py`` runs them in a test of that group.
 """
 
 import os
@@ -13,7 +17,8 @@ import os
 import numpy as np
 import pytest
 from fastopt.kernels import device_scalars
-from support.matrix import FULL, config_id, steps_to_reach, variant_cover
+from support.cover import marks, matrix_cover, pairwise_by
+from support.matrix import FULL, MATRIX, config_id, steps_to_reach, variant_cover
 from support.oracle import class_of, resolve, rule_hp, run_oracle, spec_of, state_names
 from support.parity import inputs
 from support.tolerances import assert_close
@@ -43,10 +48,17 @@ def _inputs(rng, name, kw, n, dtype):
 #: (4 x 32), so the grid-stride loop takes three trips, the last one partial; each class's
 #: fullest configuration at n = 1 too (a one-thread launch)
 SIZED = [(c, 301) for c in CASES] + [(c, 1) for c in FULL]
+_KEPT = [MATRIX[i] for i in matrix_cover()]
 
 
 @pytest.mark.parametrize("dtype", [np.float32, np.float64], ids=["f32", "f64"])
-@pytest.mark.parametrize("case, n", SIZED, ids=[f"{config_id(c)}-{n}" for c, n in SIZED])
+@pytest.mark.parametrize(
+    "case, n",
+    [
+        pytest.param(c, n, marks=marks(n == 1 or c in _KEPT), id=f"{config_id(c)}-{n}")
+        for c, n in SIZED
+    ],
+)
 def test_dict_update_matches_oracle(case, n, dtype, rng):
     name, kw = case
     p0, grads = _inputs(rng, name, kw, n, dtype)
@@ -88,7 +100,16 @@ def test_flat_buffer_step_matches_oracle(rng):
             assert_close(opt.state[k][s], ref, p0.dtype, f"state {s} of {k}")
 
 
-@pytest.mark.parametrize("variant", ncb.variants(), ids=lambda v: f"{v[0]}-{v[1]}")
+_VARIANT_COVER = set(pairwise_by(ncb.variants(), lambda v: v[0], lambda v: v[1]))
+
+
+@pytest.mark.parametrize(
+    "variant",
+    [
+        pytest.param(v, marks=marks(i in _VARIANT_COVER), id=f"{v[0]}-{v[1]}")
+        for i, v in enumerate(ncb.variants())
+    ],
+)
 def test_every_kernel_variant_writes_every_element(variant):
     # each compiled variant, straight through the backend, against the same rule run
     # element by element in plain Python: every element's expected value differs from its input,

@@ -6,6 +6,11 @@ CuPy's code generator, headers and compiler options), compiled by NVRTC from the
 hold no float64 instruction (a stray double literal or ``pow`` would show as ``.f64`` / ``cvt``);
 the float64 variants must, which proves the check can see one. Needs ``pip install
 cupy-cuda13x numba-cuda[cu13]`` (or ``fastopt[cuda13]``); skipped when the compiler is missing.
+
+The default run compiles a pairwise cover of each rule's flag variants (``support.cover``: every
+flag on and off beside every other flag on and off, none and all among them), every program for
+both architectures and element types; the ``exhaustive`` group compiles the other variants the
+same way. Each group's programs compile once, for all the tests of the module (one xdist worker).
 """
 
 import functools
@@ -20,6 +25,7 @@ cupy = pytest.importorskip("cupy")
 nvrtc = pytest.importorskip("cuda.bindings.nvrtc")
 
 from fastopt.kernels import RULES, cuda_source  # noqa: E402
+from support.cover import marks, pairwise_by  # noqa: E402
 from support.matrix import slots_read  # noqa: E402
 
 from fastopt.backends import cupy_backend  # noqa: E402
@@ -27,6 +33,20 @@ from fastopt.backends import cupy_backend  # noqa: E402
 ARCHS = ("sm_80", "sm_90")
 DTYPES = (np.float32, np.float64)
 VARIANTS = [(rule, flags) for rule in RULES for flags in cuda_source.variants(rule)]
+_COVER = pairwise_by(VARIANTS, lambda v: v[0], lambda v: v[1])
+#: indices into VARIANTS per group: the default run's cover, and the rest (exhaustive)
+GROUPS = {"cover": _COVER, "rest": [i for i in range(len(VARIANTS)) if i not in set(_COVER)]}
+
+
+def _group_params(axes):
+    """``pytest.param((*axis values, group))`` for every combination, the rest group marked
+    exhaustive."""
+    return [
+        pytest.param((*a, g), marks=marks(g == "cover"), id="-".join((*a, g)))
+        for a in axes
+        for g in GROUPS
+    ]
+
 
 #: PTX that computes in double: f64 arithmetic, or any conversion to or from f64
 F64 = re.compile(r"\.f64\b")
@@ -44,12 +64,13 @@ def _tag(i):
     return f"__v{i}"
 
 
-def _program(dtype, index_32_bits=True):
-    """One translation unit holding every variant for ``dtype``: each in its own namespace (its
-    rule template is redefined per variant), its kernel renamed ``fastopt_<rule>__v<i>``, its
-    flag macros undefined after it."""
+def _program(dtype, group, index_32_bits=True):
+    """One translation unit holding every variant of ``group`` for ``dtype``: each in its own
+    namespace (its rule template is redefined per variant), its kernel renamed
+    ``fastopt_<rule>__v<i>``, its flag macros undefined after it."""
     parts, options = [], None
-    for i, (rule, flags) in enumerate(VARIANTS):
+    for i in GROUPS[group]:
+        rule, flags = VARIANTS[i]
         src, options = cupy_backend.cuda_source_for(rule, flags, dtype, index_32_bits)
         head, sep, code = src.partition("typedef ")  # the CuPy headers, included once
         if not parts:
@@ -89,19 +110,20 @@ def _check(result, prog, what):
 
 
 @functools.cache
-def _all_programs():
-    """Every program this module checks, compiled at once: the all-variant ElementwiseKernel
-    program and the all-variant raw program, per arch and element type. NVRTC releases the
-    GIL, so one thread per core compiles them side by side. ``{key: result or exception}``."""
+def _all_programs(group):
+    """Every program this module checks for ``group``, compiled at once: the ElementwiseKernel
+    program and the raw program of the group's variants, per arch and element type. NVRTC
+    releases the GIL, so one thread per core compiles them side by side. ``{key: result or
+    exception}``."""
     jobs = {}
     for a in ARCHS:
         for d in DTYPES:
             name = np.dtype(d).name
             jobs[("elementwise", a, name)] = lambda a=a, name=name: _compile(
-                *_program(name), a, f"NVRTC {a} {name}"
+                *_program(name, group), a, f"NVRTC {a} {name} ({group})"
             )
         for c in ("float", "double"):
-            jobs[("raw", a, c)] = lambda a=a, c=c: _raw_compile(a, c)
+            jobs[("raw", a, c)] = lambda a=a, c=c: _raw_compile(a, c, group)
 
     def run(job):
         try:
@@ -113,26 +135,24 @@ def _all_programs():
         return dict(zip(jobs, pool.map(run, jobs.values())))
 
 
-def _result(key):
-    out = _all_programs()[key]
+def _result(key, group):
+    out = _all_programs(group)[key]
     if isinstance(out, BaseException):
         raise out
     return out
 
 
 @pytest.fixture(
-    scope="module",
-    params=[(a, np.dtype(d).name) for a in ARCHS for d in DTYPES],
-    ids=lambda p: f"{p[0]}-{p[1]}",
+    scope="module", params=_group_params([(a, np.dtype(d).name) for a in ARCHS for d in DTYPES])
 )
 def compiled(request):
-    """``(arch, dtype, ptx, cubin size)`` of the all-variant program."""
+    """``(arch, dtype, group, ptx, cubin size)`` of the group's program."""
     reason = _nvrtc_ok()
     if reason:
         pytest.skip(reason)
-    arch, dtype = request.param
-    ptx, cubin = _result(("elementwise", arch, dtype))
-    return arch, dtype, ptx, cubin
+    arch, dtype, group = request.param
+    ptx, cubin = _result(("elementwise", arch, dtype), group)
+    return arch, dtype, group, ptx, cubin
 
 
 def _entries(ptx):
@@ -148,17 +168,25 @@ def _describe(entry):
     return f"{rule} {flags}"
 
 
+def test_groups_hold_every_variant_once():
+    assert sorted(GROUPS["cover"] + GROUPS["rest"]) == list(range(len(VARIANTS)))
+    for rule in RULES:  # the cover holds every flag of every rule on and off
+        kept = [VARIANTS[i][1] for i in GROUPS["cover"] if VARIANTS[i][0] == rule]
+        for flag in RULES[rule].flags:
+            assert {f[flag] for f in kept} == {False, True}, (rule, flag)
+
+
 def test_every_variant_compiles(compiled):
-    arch, dtype, ptx, cubin = compiled
+    arch, dtype, group, ptx, cubin = compiled
     assert cubin > 0, f"no {arch} cubin for {dtype}"
     entries = _entries(ptx)
-    want = {f"{cuda_source.kernel_name(r)}{_tag(i)}" for i, (r, _) in enumerate(VARIANTS)}
+    want = {f"{cuda_source.kernel_name(VARIANTS[i][0])}{_tag(i)}" for i in GROUPS[group]}
     assert set(entries) == want, f"{arch} {dtype}: kernels missing {sorted(want - set(entries))}"
     assert f".target {arch}" in ptx
 
 
 def test_float32_kernels_hold_no_float64(compiled):
-    arch, dtype, ptx, _ = compiled
+    arch, dtype, _, ptx, _ = compiled
     entries = _entries(ptx)
     f64 = {name: F64.findall(text) for name, text in entries.items()}
     if dtype == "float32":
@@ -197,14 +225,16 @@ def test_source_depends_on_variant_not_on_scalars():
         assert re.search(rf"const float {name}\b", src), f"scalar {name} is not a float parameter"
 
 
-def test_64_bit_indexing_variants_compile():
+@pytest.mark.parametrize("group", _group_params([()]))
+def test_64_bit_indexing_variants_compile(group):
     """Arrays of 2**31 elements or more get CuPy's 64-bit index form: it compiles too, and its
     float32 kernels stay free of float64."""
     reason = _nvrtc_ok()
     if reason:
         pytest.skip(reason)
-    ptx, cubin = _compile(*_program("float32", index_32_bits=False), "sm_90", "NVRTC 64-bit")
-    assert cubin > 0 and len(_entries(ptx)) == len(VARIANTS)
+    (group,) = group
+    ptx, cubin = _compile(*_program("float32", group, False), "sm_90", "NVRTC 64-bit")
+    assert cubin > 0 and len(_entries(ptx)) == len(GROUPS[group])
     assert not F64.search(ptx), "float64 instructions in 64-bit-index float32 kernels"
 
 
@@ -215,10 +245,12 @@ def test_64_bit_indexing_variants_compile():
 MAX_REGISTERS = 64
 
 
-def _raw_program(ctype):
-    """Every variant's raw kernel in both widths, for element type ``ctype``, in one unit."""
+def _raw_program(ctype, group):
+    """The raw kernel of every variant of ``group`` in both widths, for element type ``ctype``,
+    in one unit."""
     parts, names = [], {}
-    for i, (rule, flags) in enumerate(VARIANTS):
+    for i in GROUPS[group]:
+        rule, flags = VARIANTS[i]
         for width in sorted({1, cuda_source.VECTOR_WIDTH[ctype]}):
             name = f"fastopt_{rule}__r{i}_w{width}"
             names[name] = (rule, flags, width)
@@ -261,21 +293,19 @@ def _report(log):
 
 
 @pytest.fixture(
-    scope="module",
-    params=[(a, c) for a in ARCHS for c in ("float", "double")],
-    ids=lambda p: f"{p[0]}-{p[1]}",
+    scope="module", params=_group_params([(a, c) for a in ARCHS for c in ("float", "double")])
 )
 def raw_compiled(request):
     reason = _nvrtc_ok()
     if reason:
         pytest.skip(reason)
-    arch, ctype = request.param
-    names, ptx, log = _result(("raw", arch, ctype))
+    arch, ctype, group = request.param
+    names, ptx, log = _result(("raw", arch, ctype), group)
     return arch, ctype, names, ptx, log
 
 
-def _raw_compile(arch, ctype):
-    source, names = _raw_program(ctype)
+def _raw_compile(arch, ctype, group):
+    source, names = _raw_program(ctype, group)
     ptx, log = _compile_log(source, arch, f"NVRTC raw {arch} {ctype}")
     return names, ptx, log
 

@@ -8,6 +8,11 @@ steps through ``fastopt.functional`` (so scalars, flags and the storage plan are
 launch gets) in two forms: host scalars, and the capturable form, where the scalars come from a
 device buffer, the loss scale and a zero found-inf flag from device pointers (a found-inf flag
 of one must change nothing). Skipped only when g++ is missing.
+
+The cases cross every rule (defaults and every probe on) with the storage plans and both launch
+forms. The default run keeps a pairwise cover of that product (``support.cover``: every rule
+under every plan, every rule and every plan in both forms, ...) and builds and compiles only
+their kernels; the other cases, with a build of every kernel, are the ``exhaustive`` group.
 """
 
 import ctypes
@@ -19,6 +24,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 from fastopt.kernels import RULES, cuda_source, device_scalars, storage
+from support.cover import marks, pairwise
 from support.tolerances import assert_close
 
 from fastopt import functional, precision
@@ -134,17 +140,16 @@ def _kernel_code(i, rule, flags, io):
     )
 
 
-@pytest.fixture(scope="module")
-def harness(tmp_path_factory):
-    """(ctypes library, index (rule, flags, io) -> kernel number) of every case's kernels."""
+def _build(tmp_path_factory, cases):
+    """(ctypes library, index (rule, flags, io) -> kernel number) of the kernels of ``cases``
+    ((rule, probes, plan, device) tuples)."""
     out = tmp_path_factory.mktemp("cuda_mixed")
     index = {}
-    for rule, probes, plan in CASES:
+    for rule, probes, plan, device in cases:
         hp = _hp(rule, probes)
-        for device in _devices(rule, hp):
-            for step in range(2, 2 + STEPS):  # every variant _run's steps reach
-                key = _key(rule, *_io(rule, hp, plan, device, step))
-                index.setdefault(key, len(index))
+        for step in range(2, 2 + STEPS):  # every variant _run's steps reach
+            key = _key(rule, *_io(rule, hp, plan, device, step))
+            index.setdefault(key, len(index))
     code = [_kernel_code(i, r, dict(f), io) for (r, f, io), i in index.items()]
     (out / "variants.inc").write_text("\n")
     (out / "mixed.inc").write_text("\n\n".join(code) + "\n")
@@ -292,16 +297,46 @@ DEVICE_CASES = [
     for device in _devices(rule, _hp(rule, probes))
 ]
 
+#: the cases the tests below run besides the matrix (in the default run's build)
+FIXED = [("adam", True, "bf16-master-f32grad-scaled", True)] + [
+    ("adam", True, plan, False)
+    for plan in ("bf16", "bf16-sr-f32state", "bf16-master-f32grad-scaled")
+]
+_OPTIONS = [dict(rule=r, probes=p, plan=pl, device=d) for r, p, pl, d in DEVICE_CASES]
+#: the default run's cases: a pairwise cover of (rule, probes, plan, launch form), FIXED among them
+KEPT = [
+    DEVICE_CASES[i] for i in pairwise(_OPTIONS, seeds=[0] + [DEVICE_CASES.index(c) for c in FIXED])
+]
+
+
+@pytest.fixture(scope="module")
+def harness(tmp_path_factory):
+    """The default run's build: the kernels of ``KEPT``."""
+    return _build(tmp_path_factory, KEPT)
+
+
+@pytest.fixture(scope="module")
+def harness_every(tmp_path_factory):
+    """The exhaustive build: the kernels of every case."""
+    return _build(tmp_path_factory, DEVICE_CASES)
+
 
 @pytest.mark.parametrize(
     "rule,probes,plan,device",
-    DEVICE_CASES,
-    ids=[
-        f"{r}-{'probes' if p else 'defaults'}-{pl}-{'capturable' if d else 'host-scalars'}"
-        for r, p, pl, d in DEVICE_CASES
+    [
+        pytest.param(
+            *c,
+            marks=marks(c in KEPT),
+            id=f"{c[0]}-{'probes' if c[1] else 'defaults'}-{c[2]}-"
+            f"{'capturable' if c[3] else 'host-scalars'}",
+        )
+        for c in DEVICE_CASES
     ],
 )
-def test_mixed_kernel_matches_the_oracle(harness, rule, probes, plan, device):
+def test_mixed_kernel_matches_the_oracle(request, rule, probes, plan, device):
+    harness = request.getfixturevalue(
+        "harness" if (rule, probes, plan, device) in KEPT else "harness_every"
+    )
     hp = _hp(rule, probes)
     arrs, grads = _inputs(rule, plan, seed=len(rule) + 10 * probes)
     ref, _ = _inputs(rule, plan, seed=len(rule) + 10 * probes)
@@ -369,14 +404,18 @@ def _nvrtc(source, arch):
     return ptx.decode().rstrip("\x00 ")
 
 
-def test_mixed_kernels_compile_without_float64_and_with_16_byte_loads(harness):
+@pytest.mark.parametrize(
+    "build",
+    [pytest.param(b, marks=marks(b == "harness"), id=b) for b in ("harness", "harness_every")],
+)
+def test_mixed_kernels_compile_without_float64_and_with_16_byte_loads(request, build):
     """Every kernel of the harness matrix (vector forms; scalar forms of a few), for sm_90: the
     float32-math ones (float16, bfloat16, float32 storage) hold no float64 instruction (the
     float64 ones do: the check sees them), the vector forms load 16 bytes at a time."""
     import re
 
     arch = "sm_90"
-    _, index = harness
+    _, index = request.getfixturevalue(build)
     parts, names = [], {}
     for (rule, flags, io), i in index.items():
         # the vector form holds the scalar tail too; the scalar-only form of a few suffices

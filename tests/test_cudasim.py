@@ -31,8 +31,9 @@ def _has_simulator():
     )
 
 
-@pytest.mark.skipif(not _has_simulator(), reason="no Numba CUDA simulator: pip install numba-cuda")
-def test_numba_cuda_kernels_under_the_simulator():
+def _run_child(select):
+    """``tests/cudasim_parity.py`` in a child pytest under the simulator, its cases chosen by
+    the marker expression ``select``; it must pass and run cases, skipping none."""
     env = dict(os.environ, NUMBA_ENABLE_CUDASIM="1")
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), env.get("PYTHONPATH")]))
     proc = subprocess.run(
@@ -47,6 +48,8 @@ def test_numba_cuda_kernels_under_the_simulator():
             "no:randomly",
             "--rootdir",
             str(ROOT),
+            "-m",
+            select,
             str(HERE / "cudasim_parity.py"),
             str(HERE / "cudasim_multi_tensor.py"),
         ],
@@ -60,3 +63,21 @@ def test_numba_cuda_kernels_under_the_simulator():
     assert proc.returncode == 0, f"simulator suite failed (exit {proc.returncode}):\n{out[-6000:]}"
     # the child must have run the matrix, not skipped it (a missing simulator would skip all)
     assert " passed" in out and " skipped" not in out, out[-3000:]
+
+
+_needs_simulator = pytest.mark.skipif(
+    not _has_simulator(), reason="no Numba CUDA simulator: pip install numba-cuda"
+)
+
+
+@_needs_simulator
+def test_numba_cuda_kernels_under_the_simulator():
+    _run_child("not exhaustive")
+
+
+@_needs_simulator
+@pytest.mark.exhaustive
+def test_numba_cuda_kernels_under_the_simulator_every_variant():
+    """The simulator cases beyond the default run's pairwise cover (every configuration of the
+    variant cover, every kernel variant)."""
+    _run_child("exhaustive")

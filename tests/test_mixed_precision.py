@@ -5,6 +5,11 @@ copies, its results rounded to nearest even into the storage dtypes. The convers
 are held bit for bit to NumPy's float16 and ml_dtypes' bfloat16 casts (every 16-bit pattern
 widened, a large sample of float32 patterns narrowed), in both their Python form
 (``kernels/storage.py``: what the simulator runs) and as the numba CPU backend compiles them.
+
+The loops around a rule depend on its state layout (how many slots, which ones a step writes),
+not on its arithmetic, which the parity matrix holds to the oracle: where a test sweeps every
+class only to reach every loop, the default run keeps one class per layout (``LAYOUTS``) and the
+others are the ``exhaustive`` group (each class is a compile per loop).
 """
 
 import inspect
@@ -12,12 +17,34 @@ import inspect
 import numpy as np
 import pytest
 from conftest import backend_params
-from fastopt.kernels import storage
+from fastopt.kernels import RULES, storage
+from support.cover import marks
+from support.oracle import resolve, rule_hp
 
 import fastopt
 from fastopt import functional as F
 from fastopt import precision
 from fastopt.optimizers import CLASSES
+
+
+def _layout(name):
+    """(number of state slots, the slots written) of class ``name``'s first step at its
+    defaults: what the generated loops around its rule depend on."""
+    spec = RULES[CLASSES[name]._rule]
+    hp = rule_hp(name, resolve(name, {}))
+    return len(spec.slots), tuple(
+        spec.slots_used(spec.flags_of(hp, 1, spec.initial_host_state(hp)))
+    )
+
+
+#: the first class of each state layout
+LAYOUTS = list({_layout(name): name for name in reversed(CLASSES)}.values())
+
+
+def _by_layout(names):
+    """``pytest.param`` per class, those beside the first of their layout marked exhaustive."""
+    return [pytest.param(n, marks=marks(n in LAYOUTS), id=n) for n in names]
+
 
 ml_dtypes = pytest.importorskip("ml_dtypes")
 BF16 = np.dtype(ml_dtypes.bfloat16)
@@ -171,7 +198,7 @@ def _bf16_wild(rng, n):
     return bits.view(BF16)
 
 
-@pytest.mark.parametrize("name", list(CLASSES))
+@pytest.mark.parametrize("name", _by_layout(CLASSES))
 def test_bf16_word_loop_matches_the_element_loop(name, monkeypatch):
     """All-bfloat16 steps on the CPU walk the arrays a 32-bit word (two elements) at a time;
     arrays that do not start on a 4-byte boundary take the element loop. Both give the same
@@ -241,11 +268,18 @@ def _run(cls, backend, kind, steps=STEPS, n=N, seed=0, **kw):
 
 
 @pytest.mark.parametrize("backend", backend_params())
-@pytest.mark.parametrize("kind", ["bfloat16", "float16"])
-@pytest.mark.parametrize("name", list(CLASSES))
+@pytest.mark.parametrize(
+    "name,kind",
+    [pytest.param(n, "bfloat16", id=f"{n}-bfloat16") for n in CLASSES]
+    + [
+        pytest.param(*p.values, "float16", marks=p.marks, id=f"{p.id}-float16")
+        for p in _by_layout(CLASSES)
+    ],
+)
 def test_16_bit_params_and_state_agree_with_the_oracle(name, kind, backend):
     """States in the param dtype (the default): within 4 ulps of the fp32-math oracle with
-    low-precision storage after 30 steps, params and every state buffer."""
+    low-precision storage after 30 steps, params and every state buffer. Every class in
+    bfloat16 (the word loop), one class per state layout in float16 (the element loop)."""
     cls = CLASSES[name]
     p, opt = _run(cls, backend, kind)
     ref, ref_opt = _run(cls, "numpy", kind)

@@ -9,6 +9,12 @@ traffic. The sm_90 assembly's resource report gates registers and spills (``MAX_
 Needs NVVM and nvJitLink from PyPI, no GPU or driver: ``pip install "numba-cuda[cu13]"``
 (nvidia-nvvm, nvidia-nvjitlink, cuda-bindings 13) or ``pip install "numba-cuda[cu12]"``
 (the CUDA 12 toolkit wheels, NVVM inside nvidia-cuda-nvcc). Skips cleanly without them.
+
+The default run compiles, per rule, a pairwise cover of its flag variants in float32
+(``support.cover``: every flag on and off beside every other flag on and off) and the variants
+with no flag and with every flag in float64 (the most registers); the ``exhaustive`` group
+compiles every other (variant, dtype). Each group compiles at once, for all its tests, in one
+xdist worker.
 """
 
 import functools
@@ -18,6 +24,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 from fastopt.kernels import RULES
+from support.cover import fullest, marks, pairwise_by
 from support.matrix import slots_read
 
 CCS = [(8, 0), (9, 0)]
@@ -65,6 +72,24 @@ def _toolchain():
 _TC = _toolchain()
 pytestmark = pytest.mark.skipif(isinstance(_TC, str), reason=str(_TC))
 VARIANTS = [] if isinstance(_TC, str) else _TC[1].variants()
+DTYPES = ("float32", "float64")
+
+
+def _bare_and_fullest():
+    """Indices of each rule's variant with no flag on and its variant with the most on."""
+    out = set()
+    for rule in dict.fromkeys(r for r, _, _ in VARIANTS):
+        idx = [i for i, (r, _, _) in enumerate(VARIANTS) if r == rule]
+        on = [sum(VARIANTS[i][1].values()) for i in idx]
+        out |= {idx[on.index(min(on))], idx[fullest([VARIANTS[i][1] for i in idx])]}
+    return out
+
+
+#: (variant index, dtype) of the default run: a pairwise cover of each rule's flags in float32,
+#: each rule's bare and fullest variants in float64
+DEFAULT = {(i, "float32") for i in pairwise_by(VARIANTS, lambda v: v[0], lambda v: v[1])} | {
+    (i, "float64") for i in _bare_and_fullest()
+}
 
 
 def _assemble(nvjitlink, ptx, cc):
@@ -119,14 +144,12 @@ def _ptx_per_cc(cuda, kernel, sig):
     return [p[0] for p in out]
 
 
-DTYPES = ("float32", "float64")
-
-
 @functools.cache
-def _compiled():
+def _compiled(default):
     """``{(variant index, dtype): ([ptx per cc], [(cubin, log) per cc or None]) or the
-    exception}`` for every variant: numba's front end runs under its compiler lock, NVVM and
-    nvJitLink release the GIL, so one thread per core overlaps them."""
+    exception}`` for every (variant, dtype) in ``DEFAULT`` (``default``) or not in it: numba's
+    front end runs under its compiler lock, NVVM and nvJitLink release the GIL, so one thread
+    per core overlaps them."""
     cuda, ncb, nvjitlink = _TC
 
     def job(i, dtype):
@@ -142,16 +165,22 @@ def _compiled():
         except Exception as exc:  # re-raised by the variant's own test
             return exc
 
-    keys = [(i, d) for i in range(len(VARIANTS)) for d in DTYPES]
+    keys = [(i, d) for i in range(len(VARIANTS)) for d in DTYPES if ((i, d) in DEFAULT) == default]
     with ThreadPoolExecutor(max_workers=os.cpu_count() or 1) as pool:
         return dict(zip(keys, pool.map(lambda key: job(*key), keys)))
 
 
-@pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("variant", range(len(VARIANTS)), ids=[_variant_id(v) for v in VARIANTS])
+@pytest.mark.parametrize(
+    "variant,dtype",
+    [
+        pytest.param(i, d, marks=marks((i, d) in DEFAULT), id=f"{_variant_id(v)}-{d}")
+        for d in DTYPES
+        for i, v in enumerate(VARIANTS)
+    ],
+)
 def test_variant_compiles_for_sm80_and_sm90(variant, dtype):
     rule, flags, writes = VARIANTS[variant]
-    out = _compiled()[(variant, dtype)]
+    out = _compiled((variant, dtype) in DEFAULT)[(variant, dtype)]
     if isinstance(out, Exception):
         raise out
     ptxs, links = out

@@ -7,6 +7,11 @@ parameter sliced out of a guarded array (the guard cells must stay untouched: no
 the parameter); the flat API packs the parameter in two segments of a FlatBuffer, so the padding
 between segments must stay zero too. The largest size runs only where a backend has a parallel
 loop for it to reach (numba's ``PARALLEL_MIN``), for each class's fullest configuration.
+
+Each configuration that reaches a new flag variant costs a compile per dtype. The default run
+keeps a pairwise cover of each class's probe combinations (``support.cover``: every probe on and
+off beside every other probe on and off, the defaults and the fullest configuration among them);
+the rest of the product is the ``exhaustive`` sweep.
 """
 
 import importlib
@@ -14,6 +19,7 @@ import importlib
 import numpy as np
 import pytest
 from conftest import backend_params
+from support.cover import marks, matrix_cover
 from support.matrix import FULL, MATRIX, config_id
 from support.oracle import resolve, run_oracle, state_names
 from support.parity import DTYPES, SIZES_STEPS, case
@@ -28,6 +34,10 @@ def _parallel_min(backend):
         return getattr(importlib.import_module(BACKENDS[backend]), "PARALLEL_MIN", None)
     except ImportError:
         return None
+
+
+#: indices into MATRIX of the configurations the default run keeps (support.cover)
+COVER = matrix_cover()
 
 
 def _params():
@@ -54,7 +64,7 @@ def _params():
                             n,
                             steps,
                             backend,
-                            marks=p.marks,
+                            marks=p.marks + marks(cfg in COVER),
                             id=f"{config_id(c)}-{np.dtype(dtype).name}-{n}-{steps}-{p.id}",
                         )
                     )
@@ -118,6 +128,20 @@ def test_parity(cfg, dtype, n, steps, backend, api):
         assert state[s].dtype == dtype, f"{s} dtype"
         assert_close(state[s], ref, dtype, f"{name} {s}")
     assert host == host_ref, "host state"  # float32 values, computed alike: exactly equal
+
+
+def test_default_run_covers_every_pair_of_probes():
+    """Within each class, every two probes appear among the kept configurations in each on/off
+    combination the class accepts, and every class keeps its fullest configuration."""
+    for name in {n for n, _ in MATRIX}:
+        probes = fastopt.optimizers.CLASSES[name].probes()
+        configs = [(i, kw) for i, (n, kw) in enumerate(MATRIX) if n == name]
+        for a, b in [(a, b) for a in probes for b in probes if a < b]:
+            every = {(kw[a], kw[b]) for _, kw in configs}
+            kept = {(kw[a], kw[b]) for i, kw in configs if i in COVER}
+            assert kept == every, f"{name}: {a} x {b} lacks {every - kept}"
+    assert {i for i, c in enumerate(MATRIX) if c in FULL} <= COVER
+    assert {MATRIX[i][0] for i in COVER} == {n for n, _ in MATRIX}
 
 
 @pytest.mark.parametrize("backend", backend_params())

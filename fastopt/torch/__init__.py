@@ -17,13 +17,33 @@ The state is torch's: ``state[p]`` holds the same keys, shapes and dtypes (``ste
 0-d tensor where torch keeps one), so ``state_dict()`` loads into ``torch.optim`` and the
 reverse, mid-run. Parameters whose ``.grad`` is None are skipped and keep their state and step.
 
-A step launches once per (device, dtype, variant, step count, master copy or not) over all the
-parameters of a param group that have a gradient, in place: on the CPU one parallel loop walks
-a table of the tensors' addresses (``numba_backend.launch_many``, or ``launch_many_io`` for
-16-bit storage, master copies and loss scales); on a GPU each tensor is one launch of the CuPy
-kernel. Parameters stay where they are: nothing is repacked, so ``zero_grad``,
-``.to()``, ``load_state_dict`` and parameters added later need no care. Every tensor is
-checked (device, dtype, shape, contiguity) before anything is written.
+A step launches once per (device, dtype, variant, step count, master copy or not, host state)
+over all the parameters of a param group that have a gradient, in place: on the CPU one
+parallel loop walks a table of the tensors' addresses (``numba_backend.launch_many``, or
+``launch_many_io`` for 16-bit storage, master copies and loss scales); on a GPU each tensor is
+one launch of the CuPy kernel. Parameters stay where they are: nothing is repacked, so
+``zero_grad``, ``.to()``, ``load_state_dict`` and parameters added later need no care. Like
+torch's in-place ops, a step bumps the autograd version counters of everything it writes, so
+a graph built on the old weights refuses ``backward()``. DTensor parameters (FSDP2) are
+stepped through their local shards, with DTensor state (``_dtensor``).
+
+Nothing is written before every group is checked (``_memory``, ``_plan_group``, ``_steady``; a
+state dict at load: ``_compat``): each tensor a kernel touches (parameter, gradient, state,
+master copy, the 0-d step counts and host state written through their addresses) is a plain
+``torch.Tensor``/``nn.Parameter`` (a DTensor's local shard; other subclasses and meta tensors,
+which have no memory, are refused with a TypeError naming the parameter), strided, alike in
+device, dtype and shape, and backed by its storage (``untyped_storage().nbytes()`` holds
+``storage_offset`` and the tensor: a storage freed or shrunk by ``resize_`` is refused); no
+written tensor shares memory with another tensor of the step, in any group (the same tensor
+twice, a gradient that is a parameter, a state tensor that is its parameter). A gradient that is
+not contiguous (expanded, transposed) is read through a contiguous copy and never written. A
+parameter's state must hold what its step reads: a step count that is a whole number >= 0, its
+buffers and host state (KeyError, TypeError or ValueError, as torch.optim raises at load or in
+its step); numbers that an older state dict holds are converted at load, as torch.optim converts
+them. Every host value (the variant, the scalars, the host state after the step) is computed
+before the first write: a step that cannot be computed (ASGD's ``eta`` overflowing, a zero or
+non-finite loss scale) is refused with nothing changed. A group stepped before over the same
+tensors re-checks all of this in a few attribute reads per tensor (``_steady``).
 
 AMP: the classes declare ``_step_supports_amp_scaling``, so ``torch.amp.GradScaler`` hands
 them its scale and found-inf flag instead of unscaling the gradients itself; a step with
@@ -32,13 +52,18 @@ unscaled in the same pass as the update (``p.grad`` keeps GradScaler's scale, as
 fused optimizers). float16 and bfloat16 parameters are stepped in their storage dtype (math in
 float32, round to nearest even) with state in the parameter's dtype, or, with
 ``master_weights=True``, through an fp32 copy (``state[p]["master_param"]``) with fp32 state,
-the parameter stored from the copy in the same pass.
+the parameter stored from the copy in the same pass. A 16-bit parameter written between steps
+(``w.fill_(3.0)``: its version counter moved) is seen: where it no longer equals its master
+rounded, the master takes the written value. A write that bypasses the version counter
+(through ``w.data`` or a NumPy view) is not seen, and the master's value wins.
 """
 
 import inspect
+import math
 
 import numpy as np
 import torch
+from torch.autograd.graph import increment_version
 
 from .. import optimizers as _optimizers
 from .._arrays import as_xp_array
@@ -46,9 +71,11 @@ from ..backends import get_backend
 from ..base import PRECISION_DEFAULTS
 from ..functional import Launch
 from ..kernels import RULES
+from ..kernels.spec import host_precision, host_round
 from ..kernels.storage import io_for
 from . import _dtensor
-from ._compat import TorchContract, advances_host_state_as_loaded, hp_value
+from ._compat import TorchContract, hp_value
+from ._memory import check_backed, check_no_overlap, check_written, plain_type
 from ._steady import Steady
 
 __all__ = ["CPUOffload", "FusedOptimizer", *_optimizers.CLASSES, "Adagrad", "RMSprop"]
@@ -127,14 +154,11 @@ class FusedOptimizer(TorchContract, torch.optim.Optimizer):
         super().add_param_group(param_group)
 
     # -- state -----------------------------------------------------------------------------------
-    def _init_state(self, p, spec, hp, slots, master=False):
+    def _new_state(self, p, spec, hp, slots, master=False):
         """``state[p]`` as torch creates it on a parameter's first step (torch's keys: a step
         count where torch keeps one, the state buffers ``slots``, host scalars as 0-d
-        tensors); a parameter that needs none gets no entry, as in torch (SGD without
-        momentum)."""
-        state = self.state.get(p)
-        if state:
-            return state
+        tensors), not yet stored: ``_run_plan`` stores it once every check of the step has
+        passed. Empty for a parameter that needs none, as in torch (SGD without momentum)."""
         new = {}
         if type(self)._keeps_step:
             new["step"] = torch.tensor(0.0, dtype=torch.float32)
@@ -149,16 +173,16 @@ class FusedOptimizer(TorchContract, torch.optim.Optimizer):
             new[name] = torch.tensor(value, dtype=torch.float32)
         if master:  # the fp32 copy a 16-bit parameter is stepped through
             new["master_param"] = p.detach().to(torch.float32, copy=True)
-        if new:
-            self.state[p].update(new)
-            return self.state[p]
         return new
 
     # -- the step --------------------------------------------------------------------------------
     @torch._disable_dynamo  # opaque to torch.compile: a graph break, the step run eagerly
     @torch.no_grad()
     def step(self, closure=None):
-        """One fused step over every parameter with a gradient (``closure`` as in torch)."""
+        """One fused step over every parameter with a gradient (``closure`` as in torch).
+
+        Every group is checked (its cached launch re-checked, or every tensor checked in full)
+        and every host value computed before the first write; a refused step changes nothing."""
         loss = None
         if closure is not None:
             with torch.enable_grad():
@@ -166,188 +190,282 @@ class FusedOptimizer(TorchContract, torch.optim.Optimizer):
         found_inf = getattr(self, "found_inf", None)
         if found_inf is not None and float(found_inf) != 0:
             return loss  # GradScaler found inf/NaN: nothing changes, as torch's fused step
-        grad_scale = getattr(self, "grad_scale", None)
-        inv_scale = None if grad_scale is None else 1.0 / float(grad_scale)
+        inv_scale = _inv_scale(getattr(self, "grad_scale", None), type(self).__name__)
+        spec = RULES[type(self)._fastopt._rule]
         steady = self.__dict__.setdefault("_steady", {})
         plans = []
         for i, group in enumerate(self.param_groups):
+            hp = type(self)._rule_hp(group)
             cached = steady.get(i)
             if cached is not None:  # the same tensors as a checked step before: re-checks only
-                spec = RULES[type(self)._fastopt._rule]
-                hp = type(self)._rule_hp(group)
                 checked = cached.check(self, group, spec, hp, inv_scale)
                 if checked is not None:
-                    plans.append((cached.run, (spec, hp, *checked, inv_scale)))
+                    plans.append((cached, hp, checked))
                     continue
-            steady.pop(i, None)
-            plans.append((self._run_group, (*self._plan_group(group, inv_scale), i)))
-        for run, args in plans:  # every group checked before any is stepped
-            run(*args)
+                del steady[i]
+            plans.append(self._plan_group(group, i, spec, hp, inv_scale))
+        self._check_overlap(plans, spec, inv_scale)
+        for plan in plans:  # every group checked before any is stepped
+            if isinstance(plan, _Plan):
+                self._run_plan(plan)
+            else:
+                cached, hp, checked = plan
+                cached.run(spec, hp, *checked, inv_scale)
         return loss
 
-    def _plan_group(self, group, inv_scale):
-        """Check one group's tensors and state; returns what ``_run_group`` launches."""
+    def _check_overlap(self, plans, spec, inv_scale):
+        """No tensor the step writes shares memory with another tensor of the step, across
+        every group (``_memory.check_no_overlap``). When every group rides its cached launch,
+        only the gradients can have moved: their spans are checked against the cached written
+        spans in one vectorised search (``Steady.grads_clear``); any doubt takes every group
+        through its full checks, whose sweep names what overlaps."""
+        if all(not isinstance(p, _Plan) for p in plans):
+            cached = tuple(p[0] for p in plans)
+            written = self.__dict__.get("_written")
+            if written is None or written[0] != cached:
+                spans = Steady.written_spans(cached)
+                written = self.__dict__["_written"] = (cached, spans)
+            if written[1] is not None and all(c.grads_clear(*written[1]) for c in cached):
+                return
+            self._steady.clear()
+            plans[:] = [
+                self._plan_group(group, i, spec, type(self)._rule_hp(group), inv_scale)
+                for i, group in enumerate(self.param_groups)
+            ]
+        entries = []
+        for plan in plans:
+            entries += plan.entries if isinstance(plan, _Plan) else plan[0].entries()
+        check_no_overlap(entries)
+
+    def _plan_group(self, group, index, spec, hp, inv_scale):
+        """Check one group's tensors and state and compute each launch's host values, writing
+        nothing (``_Plan``; ``_run_plan`` writes)."""
         cls = type(self)
-        spec = RULES[cls._fastopt._rule]
-        hp = cls._rule_hp(group)
         slots = spec.state_names(hp)
         want_master = getattr(self, "master_weights", False)
         names = spec.state
+        # the error names of a parameter's tensors (``_memory.name_of``)
+        what = {n: f"state {n!r}" for n in (*names, "master_param", "step", *spec.host_names)}
+        plan = _Plan(index, spec, hp, inv_scale)
+        entries = plan.entries
+        masters = self.__dict__.setdefault("_masters", {})
+        # what an existing state must hold: the step count (where torch keeps one), every
+        # state buffer of the variant that is not made on step 1, the host state
+        need = (
+            (("step",) if cls._keeps_step else ())
+            + tuple(s.name for s in spec.slots if s.name in slots and not s.fresh)
+            + spec.host_names
+        )
         buckets = {}
-        for p in group["params"]:
+        for j, p in enumerate(group["params"]):
             g = p.grad
             if g is None:
                 continue
-            if g.is_sparse:
-                raise RuntimeError(f"{cls.__name__} does not support sparse gradients")
-            if p.dtype not in _KINDS:
-                raise TypeError(
-                    f"{cls.__name__}: a parameter is {p.dtype}; fastopt.torch steps "
-                    f"{', '.join(str(d) for d in _KINDS)} parameters"
-                )
-            if g.dtype != p.dtype or g.shape != p.shape or g.device != p.device:
-                raise ValueError(
-                    f"{cls.__name__}: a gradient is {g.dtype}{list(g.shape)} on {g.device}, its "
-                    f"parameter {p.dtype}{list(p.shape)} on {p.device}; expected them alike"
-                )
+            label = f"{cls.__name__}: parameter {j} of param group {index}"
+            # DTensors are stepped through their local shards (``_dtensor``): the kernels, and
+            # so every check of memory, see ``local(x)``; plain tensors are their own
+            _dtensor.check(p, g, (), None, label)
+            lp = _dtensor.local(p)
+            lg = _check_param(lp, _dtensor.local(g), label, entries)
             master = want_master and _KINDS[p.dtype] in ("float16", "bfloat16")
-            state = self._init_state(p, spec, hp, slots, master)
+            state = self.state.get(p) or plan.new.get(p)
+            fresh = not state
+            if fresh:
+                state = self._new_state(p, spec, hp, slots, master)
+                if state:
+                    plan.new[p] = state
+            else:
+                _check_keys(state, need, label)
+                m = state.get("master_param")
+                _dtensor.check(p, g, [state.get(n) for n in names], m, label)
+            checks = None if fresh else entries
             if "step" in state:
-                step = int(state["step"]) + 1
+                step = _step_of(state["step"], label, checks) + 1
             else:  # torch keeps no step count (SGD): step 1 is the one without a fresh buffer
-                fresh = [x.name for x in spec.slots if x.fresh]
-                step = 1 if any(state.get(n) is None for n in fresh) else 2
-            bufs = self._check_state(p, state, names)
-            _dtensor.check(p, g, bufs, state.get("master_param"), cls.__name__)
-            # with or without a master copy (a loaded state dict may mix them): one storage
-            # plan per launch, which its address table's loop trusts
-            key = (p.device, p.dtype, step, "master_param" in state)
-            bucket = buckets.setdefault(key, [])
-            bucket.append((p, g, state, bufs))
-        return spec, hp, buckets, inv_scale
+                step = 1 if any(state.get(x.name) is None for x in spec.slots if x.fresh) else 2
+            bufs, lm = self._check_state(lp, state, names, label, checks, what)
+            hs, wide = None, False
+            if spec.host_state:
+                hs, wide = _host_state(state, spec, label, checks, what)
+            if lm is not None and not fresh:
+                rec = masters.get(p)
+                if (
+                    rec is None
+                    or rec[0] is not lm
+                    or rec[1] != lp.data_ptr()
+                    or (rec[2] != p._version)
+                ):
+                    # the parameter was written since the step that stored it from its master
+                    # (or the master was loaded): the 16-bit value the user wrote wins
+                    stale = lm.to(lp.dtype) != lp
+                    if bool(stale.any()):
+                        plan.resync.append((lm, lp, stale))
+            # one storage plan per launch (with or without a master copy: a loaded state dict
+            # may mix them), one step count, one host state (ASGD under a schedule where one
+            # parameter skipped a step keeps its own eta) in one precision
+            key = (lp.device, lp.dtype, step, lm is not None, hs, wide)
+            buckets.setdefault(key, []).append((p, lp, lg, state, bufs))
+        for (device, dtype, t, master, hs, wide), items in buckets.items():
+            hsd = None if hs is None else dict(zip(spec.host_names, hs))
+            try:  # every host value of the step, before anything is written
+                with host_precision(wide):  # float64 host state (torch's load widened it)
+                    flags, k = spec.plan(hp, t, hsd)
+                    new_hs = spec.advance_host_state(hp, t, hsd) if spec.host_state else None
+            except (ArithmeticError, ValueError) as exc:
+                raise ValueError(
+                    f"{cls.__name__}: param group {index}: the host scalars of step {t} "
+                    f"({', '.join(f'{h}={v}' for h, v in hp.items())}"
+                    f"{'' if hsd is None else f', host state {hsd}'}) cannot be computed "
+                    f"({type(exc).__name__}: {exc}); nothing was stepped"
+                ) from None
+            plan.buckets.append(
+                _Bucket(spec.name, device, dtype, t, master, hsd, new_hs, flags, k, items, wide)
+            )
+        return plan
 
     @staticmethod
-    def _check_state(p, state, names):
-        """Every state tensor a kernel will touch is shaped and placed like its parameter and
-        typed like it (float32 beside an fp32 master copy): a state dict from elsewhere may not
-        be. Returns the state tensors of ``names`` (None where absent)."""
-        m = state.get("master_param")
+    def _check_state(p, state, names, label, entries, what):
+        """Every state tensor a kernel will touch is shaped and placed like its parameter ``p``
+        (a DTensor's local shard) and typed like it (float32 beside an fp32 master copy), and
+        backed by its storage, with no internal overlap (``_memory.check_written``): a state
+        dict from elsewhere may not be. Returns the tensors the kernels see (local shards) of
+        the state buffers ``names`` (None where absent) and of the master copy, and adds each
+        to the overlap ``entries`` (None: a state made just now, which needs no check)."""
+        local = _dtensor.local
+        m = local(state.get("master_param"))
         sdtype = p.dtype if m is None else torch.float32
         shape, device = p.shape, p.device
-        bufs = [state.get(name) for name in names]
+        bufs = [local(state.get(name)) for name in names]
+        if entries is None:
+            return bufs, m
         for name, buf in zip(names, bufs):
             if buf is None:
                 continue
+            lbl = (label, what[name])
+            span = check_written(buf, lbl)  # a tensor, backed by its storage
             if buf.shape != shape or buf.dtype is not sdtype or buf.device != device:
                 raise ValueError(
-                    f"state {name!r} of a parameter is {buf.dtype}{list(buf.shape)} on "
+                    f"{label}: state {name!r} is {buf.dtype}{list(buf.shape)} on "
                     f"{buf.device}; expected {sdtype}{list(shape)} on {device} (a state "
                     "dict of another model?)"
                 )
-        if m is not None and (
-            m.shape != shape or m.dtype is not torch.float32 or m.device != device
-        ):
-            raise ValueError(
-                f"state 'master_param' of a parameter is {m.dtype}{list(m.shape)} on "
-                f"{m.device}; expected float32{list(shape)} on {device}"
-            )
-        return bufs
+            entries.append((lbl, buf, True, span))
+        if m is not None:
+            lbl = (label, what["master_param"])
+            span = check_written(m, lbl)
+            if m.shape != shape or m.dtype is not torch.float32 or m.device != device:
+                raise ValueError(
+                    f"{label}: state 'master_param' is {m.dtype}{list(m.shape)} on {m.device}; "
+                    f"expected float32{list(shape)} on {device}"
+                )
+            entries.append((lbl, m, True, span))
+        return bufs, m
 
-    @advances_host_state_as_loaded  # NAdam's mu_product loaded as float64
-    def _run_group(self, spec, hp, buckets, inv_scale, index=None):
+    def _run_plan(self, plan):
+        """The writes of one checked group (``_plan_group``): new state stored, master copies
+        re-synced from parameters written since, then per bucket the launch, the step counts
+        and host state advanced and the version counters of everything written bumped."""
+        spec, hp, inv_scale = plan.spec, plan.hp, plan.inv_scale
         names = spec.state
+        local = _dtensor.local
+        for p, new in plan.new.items():
+            self.state[p].update(new)
+        for m, p, stale in plan.resync:
+            m.copy_(torch.where(stale, p.to(torch.float32), m))
+        masters = self.__dict__.setdefault("_masters", {})
         # a group launched whole (one bucket) may cache its launch
-        cache_as = index if len(buckets) == 1 else None
-        for (device, dtype, t, master), items in buckets.items():
-            hs = None
-            if spec.host_state:
-                hs = {n: float(items[0][2][n]) for n, _ in spec.host_state}
-            flags, _ = spec.plan(hp, t, hs)
-            used = spec.slots_used(flags)
-            kind = _KINDS[dtype]
+        cache_as = plan.index if len(plan.buckets) == 1 else None
+        for b in plan.buckets:
+            used = spec.slots_used(b.flags)
+            tensors, wrappers = [], []
+            for p, lp, lg, state, bufs in b.items:
+                slots = [x if u else None for x, u in zip(bufs, used)]
+                for j, u in enumerate(used):
+                    if u and slots[j] is None:  # a fresh slot (SGD's momentum buffer), step 1
+                        x = self.state[p][names[j]] = torch.zeros_like(
+                            p, dtype=torch.float32 if b.master else p.dtype
+                        )
+                        slots[j] = local(x)
+                tensors.append((lp, lg, slots, local(state.get("master_param"))))
+                if lp is not p:  # a DTensor: its own version counter, and its state's
+                    wrappers.append(p)
+                    wrappers += [state[n] for n, u in zip(names, used) if u]
+            kind = _KINDS[b.dtype]
             io = io_for(
                 kind,
                 kind,
-                "float32" if master else kind,  # beside a master copy the state is float32
-                master=master,
+                "float32" if b.master else kind,  # beside a master copy the state is float32
+                master=b.master,
                 scale=None if inv_scale is None else "host",
             )
-            tensors = []
-            for p, g, state, bufs in items:
-                slots = [b if u else None for b, u in zip(bufs, used)]
-                for j, u in enumerate(used):
-                    if u and slots[j] is None:  # a fresh slot (SGD's momentum buffer), step 1
-                        slots[j] = self.state[p][names[j]] = torch.zeros_like(
-                            p, dtype=torch.float32 if master else p.dtype
-                        )
-                # DTensors: their local shards (``_dtensor``); the state above is created
-                # from ``p`` itself, a DTensor like it
-                m = state.get("master_param")
-                tensors.append(
-                    tuple(_dtensor.local(x) for x in (p, g))
-                    + ([_dtensor.local(x) for x in slots], _dtensor.local(m))
-                )
-            if io.plain:
-                self._launch(spec, hp, t, hs, device, dtype, used, tensors, cache_as)
-            else:  # 16-bit storage, a master copy or the loss scale: the storage-plan kernels
-                self._launch_io(spec, hp, t, hs, device, used, tensors, io, inv_scale, cache_as)
-            _set_scalars(
-                [state["step"] for _, _, state, _ in items if "step" in state], 1, add=True
-            )
+            with host_precision(b.wide):
+                if io.plain:
+                    launched = self._launch(b, hp, used, tensors)
+                else:  # 16-bit storage, a master copy or the loss scale: the storage plans
+                    launched = self._launch_io(b, hp, used, tensors, io, inv_scale)
+            steps = [state["step"] for *_, state, _ in b.items if "step" in state]
+            _set_scalars(steps, 1, add=True)
+            hosts = []
             if spec.host_state:
-                # float32 values (torch's scalar dtype), whatever dtype a loaded state dict
-                # left the 0-d tensors in
-                for n, v in spec.advance_host_state(hp, t, hs).items():
-                    _set_scalars([state[n] for _, _, state, _ in items], v)
+                # the values of the host state's dtype (float32 as torch makes it; float64 where
+                # torch's load widened it), whatever dtype the 0-d tensors are in
+                for n, v in b.new_hs.items():
+                    ts = [state[n] for *_, state, _ in b.items]
+                    _set_scalars(ts, v)
+                    hosts += ts
+            written = [t for p, _, slots, m in tensors for t in (p, *slots, m) if t is not None]
+            increment_version(written + wrappers + steps + hosts)
+            for (p, *_), (lp, _, _, lm) in zip(b.items, tensors):
+                if lm is not None:
+                    masters[p] = [lm, lp.data_ptr(), p._version]  # the cached path updates it
+            if launched is not None and cache_as is not None:
+                self._cache(cache_as, spec, b, used, tensors, *launched)
 
-    def _launch(self, spec, hp, step, hs, device, dtype, used, tensors, cache_as=None):
-        be = get_backend(self._backend_for(device))
-        table = _address_table(tensors, len(spec.slots)) if be.NAME == "numba" else None
+    def _launch(self, b, hp, used, tensors):
+        """One plain launch (every array in the parameters' dtype); ``(table, chunks, None)``
+        when it went through one address table (the numba backend), else None."""
+        be = get_backend(self._backend_for(b.device))
+        table = _address_table(tensors, len(used)) if be.NAME == "numba" else None
         if table is not None:
             # one launch over every tensor: a table of their lengths and addresses (checked
-            # above: same device, dtype and shape as their parameter; contiguous, alive)
-            launch = Launch(be, spec.name, step, hp, hs)
+            # by ``_plan_group``: alike, contiguous, backed by their storage, no overlap)
             chunks = be.chunks_for(table[:, 0].tolist())
-            be.launch_many(spec.name, launch.flags, used, _DTYPES[dtype], table, chunks, launch.k)
-            self._cache(cache_as, spec, step, launch.flags, used, tensors, table, chunks, dtype)
-            return
+            be.launch_many(b.spec_name, b.flags, used, _DTYPES[b.dtype], table, chunks, b.k)
+            return table, chunks, None
         views = [
             [_plain(p), _plain(g)] + [None if a is None else _plain(a) for a in slots]
             for p, g, slots, _ in tensors
         ]
-        self._launch_each(be, spec, hp, step, hs, dtype, used, views)
+        self._launch_each(be, b, hp, views)
+        return None
 
-    def _launch_io(self, spec, hp, step, hs, device, used, tensors, io, inv_scale, cache_as=None):
+    def _launch_io(self, b, hp, used, tensors, io, inv_scale):
         """The launch of a storage plan (``kernels.storage.IO``): 16-bit storage, an fp32
         master copy, the gradient unscaled by ``inv_scale`` in the same pass (``p.grad`` stays
         as GradScaler left it). On the CPU one launch over every tensor (cached like
         ``_launch``'s), else one per tensor."""
-        be = get_backend(self._backend_for(device))
-        launch = Launch(be, spec.name, step, hp, hs, inv_scale=inv_scale)
+        be = get_backend(self._backend_for(b.device))
+        launch = Launch(be, b.spec_name, b.t, hp, b.hs, inv_scale=inv_scale)
         writes = tuple(a is not None for a in tensors[0][2])
-        table = (
-            _address_table(tensors, len(spec.slots), master=io.master)
-            if be.NAME == "numba"
-            else None
-        )
+        table = _address_table(tensors, len(used), master=io.master) if be.NAME == "numba" else None
         if table is not None:  # one launch over every tensor, as _launch
             chunks = be.chunks_for(table[:, 0].tolist())
             be.launch_many_io(
-                spec.name,
-                launch.flags,
+                b.spec_name,
+                b.flags,
                 writes,
                 io,
                 table,
                 chunks,
-                launch.k,
+                b.k,
                 inv_scale=1.0 if inv_scale is None else inv_scale,
                 key=launch.key,
             )
-            self._cache(cache_as, spec, step, launch.flags, used, tensors, table, chunks, None, io)
-            return
-        with _torch_stream(device):
+            return table, chunks, io
+        with _torch_stream(b.device):
             for p, g, slots, master in tensors:
                 row = [p, g, *slots, master]
+                # the gradient is contiguous (``_check_param``) and never written back
                 arrays = [a if a is None or a.is_contiguous() else a.contiguous() for a in row]
                 flat = [None if a is None else as_xp_array(_plain(a).view(-1)) for a in arrays]
                 run = launch.runner(flat[0].dtype, writes, io)
@@ -355,29 +473,28 @@ class FusedOptimizer(TorchContract, torch.optim.Optimizer):
                 for orig, a in zip(row, arrays):
                     if orig is not None and a is not orig:
                         orig.copy_(a)
+        return None
 
-    def _cache(self, index, spec, step, flags, used, tensors, table, chunks, dtype, io=None):
+    def _cache(self, index, spec, b, used, tensors, table, chunks, io):
         """Keep the launch just made over ``table`` for param group ``index``'s next step
-        (``Steady``), when the group was launched whole (``index`` not None) and can be."""
-        if index is None:
-            return
-        np_dtype = None if dtype is None else _DTYPES[dtype]
+        (``Steady``), when the group was launched whole and can be."""
         group = self.param_groups[index]
+        np_dtype = None if io is not None else _DTYPES[b.dtype]
         cached = Steady.build(
-            self, group, spec, step, flags, used, tensors, table, chunks, np_dtype, io
+            self, group, index, spec, b.t, b.flags, used, tensors, table, chunks, np_dtype, io
         )
         if cached is not None:
             self.__dict__.setdefault("_steady", {})[index] = cached
 
-    def _launch_each(self, be, spec, hp, step, hs, dtype, used, views):
-        """One launch per tensor (GPU backends; non-contiguous tensors through contiguous
-        copies written back). CUDA tensors are stepped on torch's current stream of their
-        device, so the step is ordered after the backward that wrote the gradients."""
-        launch = Launch(be, spec.name, step, hp, hs)
+    def _launch_each(self, be, b, hp, views):
+        """One launch per tensor (GPU backends, the numpy backend, non-contiguous tensors
+        through contiguous copies written back; the gradient, contiguous, is only read). CUDA
+        tensors are stepped on torch's current stream of their device, so the step is ordered
+        after the backward that wrote the gradients."""
+        launch = Launch(be, b.spec_name, b.t, hp, b.hs)
         writes = tuple(a is not None for a in views[0][2:])
-        run = launch.runner(_DTYPES[dtype], writes)
-        device = views[0][0].device
-        with _torch_stream(device):
+        run = launch.runner(_DTYPES[b.dtype], writes)
+        with _torch_stream(b.device):
             for row in views:
                 arrays = [a if a is None or a.is_contiguous() else a.contiguous() for a in row]
                 flat = [None if a is None else _array(a.view(-1)) for a in arrays]
@@ -390,6 +507,171 @@ class FusedOptimizer(TorchContract, torch.optim.Optimizer):
         if self.backend != "auto":
             return self.backend
         return "cupy" if device.type == "cuda" else "numba"
+
+
+class _Bucket:
+    """One launch of a checked step: parameters alike in device, dtype, step count, master copy
+    and host state (its values, and ``wide``: held in float64), with the variant ``flags``, host
+    scalars ``k`` and host state after it (``new_hs``), all computed before anything is
+    written. ``items``: ``(param, its local tensor, gradient to read, state, state tensors)``."""
+
+    __slots__ = (
+        "device",
+        "dtype",
+        "flags",
+        "hs",
+        "items",
+        "k",
+        "master",
+        "new_hs",
+        "spec_name",
+        "t",
+        "wide",
+    )
+
+    def __init__(self, spec_name, device, dtype, t, master, hs, new_hs, flags, k, items, wide):
+        self.spec_name, self.device, self.dtype, self.t, self.master = (
+            spec_name,
+            device,
+            dtype,
+            t,
+            master,
+        )
+        self.hs, self.new_hs, self.flags, self.k, self.items = hs, new_hs, flags, k, items
+        self.wide = wide
+
+
+class _Plan:
+    """One param group's checked step (``FusedOptimizer._plan_group``): the launches
+    (``buckets``), the overlap entries of every tensor it touches, state to store (``new``) and
+    master copies to re-sync (``resync``), for ``_run_plan`` to write."""
+
+    __slots__ = ("buckets", "entries", "hp", "index", "inv_scale", "new", "resync", "spec")
+
+    def __init__(self, index, spec, hp, inv_scale):
+        self.index, self.spec, self.hp, self.inv_scale = index, spec, hp, inv_scale
+        self.buckets, self.entries, self.new, self.resync = [], [], {}, []
+
+
+def _inv_scale(grad_scale, who):
+    """1/grad_scale, or None without a loss scale. A scale of zero (GradScaler's scale
+    underflowed), negative or non-finite is refused before anything is written: torch's fused
+    Adam divides by it and steps every parameter to inf/NaN."""
+    if grad_scale is None:
+        return None
+    v = float(grad_scale)
+    if not (math.isfinite(v) and v > 0):
+        raise ValueError(
+            f"{who}: grad_scale is {v}; expected a finite loss scale > 0 (a GradScaler whose "
+            "scale underflowed to 0?); nothing was stepped"
+        )
+    return 1.0 / v
+
+
+def _check_param(p, g, label, entries):
+    """Refuse a parameter or gradient a kernel cannot step in place (``_memory``), adding both
+    to the overlap ``entries``; returns the gradient to read: ``g`` itself, or a contiguous
+    copy of a strided, expanded or lazily negated one (read once, never written back, as torch
+    reads it)."""
+    span = check_written(p, label)
+    if p.dtype not in _KINDS:
+        raise TypeError(
+            f"{label} is {p.dtype}; fastopt.torch steps "
+            f"{', '.join(str(d) for d in _KINDS)} parameters"
+        )
+    glabel = (label, ".grad")
+    if not plain_type(g):
+        check_backed(g, glabel)  # names the subclass
+    if g.layout is not torch.strided:
+        raise RuntimeError(f"{label}: fastopt.torch does not support sparse gradients")
+    if g.dtype != p.dtype or g.shape != p.shape or g.device != p.device:
+        raise ValueError(
+            f"{label}: its gradient is {g.dtype}{list(g.shape)} on {g.device}, the parameter "
+            f"{p.dtype}{list(p.shape)} on {p.device}; expected them alike"
+        )
+    entries.append((label, p, True, span))
+    entries.append((glabel, g, False, check_backed(g, glabel, read_only=True)))
+    if not g.is_meta and (g.is_neg() or not g.is_contiguous()):
+        g = g.resolve_neg().contiguous()
+    return g
+
+
+def _check_keys(state, need, label):
+    """A parameter's existing state holds what its step reads (``need``: the step count where
+    torch keeps one, every state buffer of the variant that is not made on step 1, the host
+    state). torch.optim raises KeyError for these too (at load for ``step``, in its step for a
+    buffer); recreating them would step from the wrong count or from zeros."""
+    for n in need:
+        if n not in state:
+            missing = [x for x in need if x not in state]
+            raise KeyError(
+                f"{label}: its state has no {', '.join(map(repr, missing))} (keys "
+                f"{sorted(state)}); a state dict edited or from another optimizer? (torch.optim "
+                "raises KeyError too)"
+            )
+
+
+def _step_of(s, label, entries):
+    """A parameter's step count as an int: a 0-d real tensor holding a whole number >= 0 (a
+    fractional, negative, inf or NaN count is refused: torch.optim would step on with it, here
+    each step's host scalars and the launches' grouping are keyed on whole counts). Added to
+    the overlap ``entries`` unless None (a count made just now)."""
+    if entries is not None:
+        if not isinstance(s, torch.Tensor) or not plain_type(s):
+            raise TypeError(
+                f"{label}: state 'step' is {s!r}; expected a 0-d tensor (load_state_dict "
+                "converts a number, as torch.optim does)"
+            )
+        dt = s.dtype
+        if s.numel() != 1 or dt.is_complex or dt is torch.bool or s.is_meta:
+            raise ValueError(
+                f"{label}: state 'step' is {s.dtype}{list(s.shape)} on {s.device}; expected a "
+                "0-d real tensor"
+            )
+        lbl = (label, "state 'step'")
+        entries.append((lbl, s, True, check_written(s, lbl)))
+    v = float(s)
+    if not (math.isfinite(v) and v >= 0 and v == int(v)):
+        raise ValueError(
+            f"{label}: state 'step' is {v}; expected a whole number >= 0 (torch.optim steps on "
+            "with a non-finite or fractional count; fastopt.torch refuses it, nothing stepped)"
+        )
+    return int(v)
+
+
+def _host_state(state, spec, label, entries, what):
+    """A parameter's host state (NAdam's ``mu_product``, ASGD's ``eta`` and ``mu``): 0-d real
+    tensors holding finite values, each added to the overlap ``entries`` unless None (host state
+    made just now). Returns ``(values, wide)``: the values in ``spec.host_names`` order, rounded
+    to the host state's dtype, and whether that is float64 (torch's load policy widens 0-d
+    state to a float64 parameter's dtype, and torch then advances it in float64)."""
+    ts = [state[n] for n in spec.host_names]
+    if entries is not None:
+        for name, t in zip(spec.host_names, ts):
+            if not isinstance(t, torch.Tensor) or not plain_type(t):
+                raise TypeError(
+                    f"{label}: state {name!r} is {t!r}; expected a 0-d tensor (load_state_dict "
+                    "converts a number, as torch.optim does)"
+                )
+            if t.numel() != 1 or not t.dtype.is_floating_point or t.is_meta:
+                raise ValueError(
+                    f"{label}: state {name!r} is {t.dtype}{list(t.shape)} on {t.device}; "
+                    "expected a 0-d floating-point tensor"
+                )
+            lbl = (label, what[name])
+            entries.append((lbl, t, True, check_written(t, lbl)))
+    wide = any(t.dtype is torch.float64 for t in ts)
+    values = []
+    with host_precision(wide):
+        for name, t in zip(spec.host_names, ts):
+            v = float(t)
+            if not math.isfinite(v):
+                raise ValueError(
+                    f"{label}: state {name!r} is {v}; expected a finite number (torch.optim would "
+                    "step on with it; nothing stepped)"
+                )
+            values.append(host_round(v))
+    return tuple(values), wide
 
 
 def _torch_stream(device):
@@ -430,6 +712,7 @@ def float32_scalars(tensors):
     and what a state dict loads as), which Numba may write through their addresses?"""
     return all(
         t is not None
+        and plain_type(t)
         and t.dtype is torch.float32
         and t.is_cpu
         and t.numel() == 1

@@ -21,7 +21,8 @@ state dtypes, tensor hyperparameters and ``torch.compile``.
   parameter whose saved state holds ``master_param`` the float32 master, state buffers and
   host state keep float32. Everything else follows torch's policy, which also widens 0-d host
   state to a float64 parameter's dtype (NAdam's ``mu_product``): the step then advances it in
-  float64, as torch does (``host_precision``).
+  float64, as torch does (``FusedOptimizer._plan_group`` computes it under
+  ``kernels.spec.host_precision``).
 - ``hp_value``: tensor hyperparameters (``lr``, ``betas``, ``weight_decay``, ...) as the rule
   takes them, 1-element as torch requires.
 """
@@ -31,18 +32,15 @@ from __future__ import annotations
 import copy
 import functools
 import math
-from collections.abc import Callable
 from itertools import chain
 from typing import TYPE_CHECKING, Any
 
 import torch
 
 from ..kernels import RULES
-from ..kernels import spec as _spec
 
 __all__ = [
     "TorchContract",
-    "advances_host_state_as_loaded",
     "hp_value",
     "legacy_group_defaults",
 ]
@@ -115,14 +113,18 @@ def _number(v: object) -> float | None:
         return float(v.detach().reshape(()).to("cpu", torch.float64).item())
     if isinstance(v, bool) or not isinstance(v, (int, float)):
         return None
-    return float(v)
+    try:
+        return float(v)
+    except OverflowError:  # an int past float's range (step = 10**400)
+        return math.inf
 
 
 def check_state_dict(opt: Any, state_dict: dict[str, Any]) -> dict[Any, torch.Tensor]:
     """Refuse (ValueError/TypeError, nothing written) a state dict ``opt`` cannot step from: a
     group count or size unlike ``opt``'s, a group hyperparameter outside its domain, and per
     parameter a state buffer or master copy shaped unlike its parameter, a step count or host
-    scalar that is not a finite real number. Returns the map saved id -> parameter."""
+    scalar that is not a finite real number, or missing (KeyError, as torch's counterpart
+    raises at load). Returns the map saved id -> parameter."""
     cls: Any = type(opt)
     spec = RULES[cls._fastopt._rule]
     saved = state_dict.get("param_groups")
@@ -152,6 +154,7 @@ def check_state_dict(opt: Any, state_dict: dict[str, Any]) -> dict[Any, torch.Te
     )
     buffers = (*spec.state, "master_param")
     scalars = ("step", *spec.host_names)
+    required = (("step",) if cls._keeps_step else ()) + spec.host_names
     for key, st in state.items():
         p = id_map.get(key)
         if p is None:
@@ -174,6 +177,13 @@ def check_state_dict(opt: Any, state_dict: dict[str, Any]) -> dict[Any, torch.Te
                 )
         for name in scalars:
             if name not in st:
+                if st and name in required:
+                    # torch's counterpart reads it at load too (its __setstate__): KeyError
+                    raise KeyError(
+                        f"{cls.__name__}.load_state_dict: the state of parameter {key!r} has "
+                        f"no {name!r} (keys {sorted(st)}); torch.optim raises KeyError for it "
+                        "at load too"
+                    )
                 continue
             v = _number(st[name])
             if v is None or not math.isfinite(v) or (name == "step" and v < 0):
@@ -268,21 +278,3 @@ class TorchContract(_Optimizer):
         finally:
             handle.remove()
             self.__dict__.pop("_load_keep", None)
-
-
-def advances_host_state_as_loaded(run_group: Callable[..., Any]) -> Callable[..., Any]:
-    """``_run_group`` with host state advanced in float64 where a bucket's 0-d host state is
-    float64 (torch's load policy widened it: ``host_precision``), else as torch keeps it."""
-
-    @functools.wraps(run_group)
-    def run(self: Any, spec: Any, hp: Any, buckets: Any, *args: Any, **kwargs: Any) -> Any:
-        wide = any(
-            isinstance(st.get(n), torch.Tensor) and st[n].dtype is torch.float64
-            for items in buckets.values()
-            for _, _, st, _ in items[:1]
-            for n in spec.host_names
-        )
-        with _spec.host_precision(wide):
-            return run_group(self, spec, hp, buckets, *args, **kwargs)
-
-    return run

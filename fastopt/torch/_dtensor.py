@@ -12,13 +12,15 @@ The step is elementwise, so a shard is stepped on its own: the kernels see ``loc
 local tensor of each DTensor (``DTensor._local_tensor``, what ``to_local()`` returns outside
 autograd), plain tensors unchanged. ``check`` runs on every parameter before anything is
 written: a parameter, its gradient and its state buffers are all DTensors with one mesh and
-placements (their local shards then have one shape), or all plain tensors; any other tensor
-subclass, and any tensor without addressable memory (a meta tensor, a fake or functional
-tensor, storage that is not there), is refused with a TypeError naming it.
+placements (their local shards then have one shape), or all plain tensors. What the kernels
+then see, the local tensors, is held to the memory behind it by ``_memory`` (any other tensor
+subclass, a meta tensor, a fake or functional tensor, storage that is not there: refused with a
+TypeError naming it).
 """
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Sequence
 from typing import Any
 
@@ -26,10 +28,8 @@ import torch
 
 __all__ = ["check", "is_dtensor", "local"]
 
-#: the classes whose instances are plain strided tensors a kernel may address
-_PLAIN = (torch.Tensor, torch.nn.Parameter)
 
-
+@functools.cache
 def _dtensor_type():
     if not torch.distributed.is_available():
         return None
@@ -54,40 +54,10 @@ def local(t: Any) -> Any:
     return t
 
 
-def _addressable(t, what, who):
-    """Refuse ``t`` unless it is a plain strided tensor with memory behind it."""
-    if type(t) not in _PLAIN and type(t).__name__ != "Buffer":
-        raise TypeError(
-            f"{who}: {what} is a {type(t).__module__}.{type(t).__qualname__}; fastopt.torch "
-            "steps plain tensors and DTensors (through their local shards) only"
-        )
-    if t.layout is not torch.strided or t.device.type == "meta":
-        raise TypeError(
-            f"{who}: {what} is a {t.layout} tensor on {t.device}; expected a strided tensor "
-            "with memory"
-        )
-    if t.numel() and t.data_ptr() == 0:
-        raise TypeError(f"{who}: {what} has no addressable memory (data_ptr() is 0)")
-    try:
-        storage = t.untyped_storage()
-    except (RuntimeError, NotImplementedError):
-        raise TypeError(f"{who}: {what} has no storage a kernel can address") from None
-    if t.numel():
-        end = t.storage_offset() + sum((s - 1) * st for s, st in zip(t.shape, t.stride())) + 1
-        if end * t.element_size() > storage.nbytes():
-            raise TypeError(f"{who}: {what} reaches past its storage")
-
-
-def check(
-    p: Any,
-    g: Any,
-    bufs: Sequence[Any],
-    master: Any,
-    who: str,
-) -> None:
-    """Refuse (TypeError, nothing written) a parameter the kernels cannot step: see the module
-    docstring. ``bufs`` are its state buffers (None where absent), ``master`` its fp32 master
-    copy or None."""
+def check(p: Any, g: Any, bufs: Sequence[Any], master: Any, who: str) -> None:
+    """Refuse (TypeError, nothing written) a parameter whose gradient and state are not all
+    DTensors sharded alike or all plain tensors: see the module docstring. ``bufs`` are its
+    state buffers (None where absent), ``master`` its fp32 master copy or None."""
     sharded = is_dtensor(p)
     named = [("its gradient", g), ("its master copy", master)]
     named += [(f"its state buffer {i}", b) for i, b in enumerate(bufs)]
@@ -107,13 +77,13 @@ def check(
                 f"{who}: {what} is sharded as {t.placements} over {t.device_mesh}, the "
                 f"parameter as {p.placements} over {p.device_mesh}; expected the same"
             )
+    if not sharded:  # plain tensors: shapes checked with the rest (``FusedOptimizer``)
+        return
     lp = local(p)
-    _addressable(lp, "a parameter" + (" (local shard)" if sharded else ""), who)
     for what, t in named:
         if t is None:
             continue
         lt = local(t)
-        _addressable(lt, what, who)
         if lt.shape != lp.shape:
             raise TypeError(
                 f"{who}: the local shard of {what} is {list(lt.shape)}, the parameter's "

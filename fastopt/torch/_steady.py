@@ -7,15 +7,29 @@ many-tensor launch (the numba backend; every parameter had a gradient), the grou
 ``Steady``: its parameters, their state dicts, state tensors and master copies, each tensor's
 address, shape and dtype, the step count, the host state's 0-d tensors (NAdam's ``mu_product``,
 ASGD's ``eta`` and ``mu``), the variant and the storage plan (16-bit storage, a master copy, a
-loss scale: ``kernels.storage.IO``, None for plain float32/float64).
+loss scale: ``kernels.storage.IO``, None for plain float32/float64), and the byte spans of
+everything the launch writes.
+
 The next step re-checks every one of these by identity, address, shape, dtype and contiguity,
-and each gradient by dtype, shape, layout, contiguity and device (its address goes into the
-table); the step count is read back from each step tensor and the host state from the first
-parameter's (as the full path reads it), so an edit in place is seen; a step
-with a loss scale only follows one with a loss scale (the scale's value is the step's own). Any
-difference and ``check`` returns None: the step takes the full path, which rebuilds the cache.
-A state dict loaded, a parameter moved (``.to()``), a gradient set to None, a hyperparameter
-that changes the variant: each ends the steady state.
+and every tensor against the storage that backs it (``untyped_storage().nbytes()`` still holds
+``storage_offset`` and the tensor's bytes: a storage shrunk by ``resize_`` is seen); each
+gradient by type, dtype, shape, contiguity, device, sign bit and storage (its address goes into
+the table; its span is checked against the written spans of every group in one vectorised
+search, ``grads_clear``). The step counts and host state are read back through their addresses
+in one call (``_memory.read_at``): every step count must be the cached one and every parameter's
+host state the same (a parameter whose host state drifted, ASGD under a schedule where it skipped
+a step, takes the full path, which launches it with its own). With master copies, each
+parameter's version counter must be the one recorded after the last step (a write between steps
+makes the full path re-sync the master from it). A step with a loss scale only follows one with
+a loss scale (the scale's value is the step's own). Any difference and ``check`` returns None:
+the step takes the full path, which rebuilds the cache or refuses with a clear error. A state
+dict loaded, a parameter moved (``.to()``), a gradient set to None, a hyperparameter that
+changes the variant: each ends the steady state.
+
+Every host value of the step (the variant, the scalars, the host state after it) is computed
+in ``check``, before anything is written; ``run`` launches, advances the step counts and host
+state through their addresses and bumps the version counters of everything it wrote (one call),
+as torch's in-place ops do.
 """
 
 import numpy as np
@@ -23,6 +37,9 @@ import torch
 
 from ..backends import numba_backend
 from ..kernels import storage
+from ._memory import byte_span, read_at
+
+_PLAIN = (torch.Tensor, torch.nn.Parameter)
 
 
 class Steady:
@@ -31,16 +48,21 @@ class Steady:
     __slots__ = (
         "chunks",
         "container",
-        "device",
         "dtype",
         "flags",
         "group",
         "host",
+        "host_ptrs",
+        "index",
         "io",
+        "isz",
+        "masters",
+        "nbytes",
         "np_dtype",
         "params",
         "plist",
         "pptrs",
+        "rows",
         "shapes",
         "slots",
         "states",
@@ -49,39 +71,56 @@ class Steady:
         "t",
         "table",
         "used",
+        "whi",
+        "wlo",
+        "written",
     )
 
     @classmethod
-    def build(cls, opt, group, spec, t, flags, used, tensors, table, chunks, np_dtype, io=None):
-        """The cache of a group just launched through ``table`` (with the storage plan ``io``,
-        None for a plain launch), or None where the group's step cannot be repeated this way (a
-        parameter without a gradient, step counts or host state that are not float32 CPU
-        scalars)."""
+    def build(
+        cls, opt, group, index, spec, t, flags, used, tensors, table, chunks, np_dtype, io=None
+    ):
+        """The cache of group ``index`` just launched through ``table`` (with the storage plan
+        ``io``, None for a plain launch), or None where the group's step cannot be repeated
+        this way (a parameter without a gradient, step counts or host state that are not
+        float32 CPU scalars)."""
         from . import float32_scalars
 
         plist = group["params"]
         if len(tensors) != len(plist):
             return None
         self = cls()
-        self.group, self.plist, self.container = group, plist, opt.state
+        self.group, self.plist, self.container, self.index = group, plist, opt.state, index
         self.params = tuple(p for p, _, _, _ in tensors)
         if any(a is not b for a, b in zip(self.params, plist)):
             return None
         p0 = self.params[0]
-        self.dtype, self.device, self.np_dtype = p0.dtype, p0.device, np_dtype
+        self.dtype, self.np_dtype = p0.dtype, np_dtype
+        self.isz = p0.element_size()
         self.shapes = tuple(p.shape for p in self.params)
+        self.nbytes = np.array([p.numel() * self.isz for p in self.params], dtype=np.int64)
         self.pptrs = tuple(int(r) for r in table[:, 1])
         self.states = tuple(opt.state.get(p) for p in self.params)  # None: no state (SGD)
         names = spec.state
-        # (state key, tensor, address, dtype) of every state tensor the launch touches
+        # (state key, tensor, address, dtype, bytes of one element) of every state tensor the
+        # launch touches
         self.slots = tuple(
             tuple(
-                (names[j], a, a.data_ptr(), a.dtype) for j, a in enumerate(slots) if a is not None
+                (names[j], a, a.data_ptr(), a.dtype, a.element_size())
+                for j, a in enumerate(slots)
+                if a is not None
             )
-            + (() if m is None else (("master_param", m, m.data_ptr(), m.dtype),))
+            + (() if m is None else (("master_param", m, m.data_ptr(), m.dtype, 4),))
             for _, _, slots, m in tensors
         )
         self.io = io
+        # with master copies: each parameter's record ``[master, address, version]`` of the
+        # optimizer's ``_masters`` (made by the full path's step), kept current by ``run``
+        self.masters = None
+        if io is not None and io.master:
+            self.masters = tuple(opt.__dict__.get("_masters", {}).get(p) for p in self.params)
+            if None in self.masters:
+                return None
         steps = [None if st is None else st.get("step") for st in self.states]
         if all(s is None for s in steps):
             # no step count (SGD): every step after the first is step 2 (its fresh buffers
@@ -100,14 +139,84 @@ class Steady:
                 return None
             host.append((name, tuple(ts), np.array([x.data_ptr() for x in ts], dtype=np.int64)))
         self.host = tuple(host)
+        self.host_ptrs = np.concatenate([h[2] for h in host]) if host else None
         self.t, self.flags, self.used = t, flags, used
         self.table, self.chunks = table, chunks
+        # everything a step writes (version counters bumped after it) and its byte spans
+        self.written = [
+            *self.params,
+            *(x[1] for row in self.slots for x in row),
+            *(self.steps or ()),
+            *(x for h in self.host for x in h[1]),
+        ]
+        w = self.written
+        lo = np.fromiter((x.data_ptr() for x in w), np.int64, len(w))
+        size = np.fromiter((x.nbytes for x in w), np.int64, len(w))
+        self.wlo, self.whi = lo[size > 0], (lo + size)[size > 0]
+        # what ``check`` reads per parameter, as Python values: (param, shape, bytes, address,
+        # state, slots as (key, tensor, address, dtype, itemsize, bytes), step count and its
+        # address, host state as (key, tensor, address))
+        step_ptrs = [None] * len(self.params) if self.steps is None else self.step_ptrs.tolist()
+        self.rows = tuple(
+            (
+                p,
+                self.shapes[i],
+                int(self.nbytes[i]),
+                self.pptrs[i],
+                self.states[i],
+                tuple((n, a, ptr, dt, sz, sz * p.numel()) for n, a, ptr, dt, sz in self.slots[i]),
+                None if self.steps is None else self.steps[i],
+                step_ptrs[i],
+                tuple((name, ts[i], int(ptrs[i])) for name, ts, ptrs in self.host),
+            )
+            for i, p in enumerate(self.params)
+        )
         return self
 
+    @staticmethod
+    def written_spans(cached):
+        """``(lo, hi)``: the byte spans written by the cached groups ``cached``, sorted, or
+        None when two of them overlap (then the full checks say which)."""
+        if not cached:
+            return np.empty(0, np.int64), np.empty(0, np.int64)
+        lo = np.concatenate([c.wlo for c in cached])
+        hi = np.concatenate([c.whi for c in cached])
+        order = np.argsort(lo, kind="stable")
+        lo, hi = lo[order], hi[order]
+        if (hi[:-1] > lo[1:]).any():
+            return None
+        return lo, hi
+
+    def grads_clear(self, lo, hi):
+        """Does no gradient of this group (its addresses in the table, checked by ``check``)
+        share a byte with a written span ``[lo, hi)`` (sorted, disjoint)?"""
+        if lo.size == 0:
+            return True
+        glo = self.table[:, 2]
+        ghi = glo + self.nbytes
+        j = np.searchsorted(hi, glo, side="right")  # the first span ending after each start
+        inside = j < lo.size
+        return not (inside & (lo[np.minimum(j, lo.size - 1)] < ghi) & (self.nbytes > 0)).any()
+
+    def entries(self):
+        """The overlap entries (``_memory.check_no_overlap``) of this group's next step."""
+        out = []
+        for i, p in enumerate(self.params):
+            label = f"parameter {i} of param group {self.index}"
+            tensors = [(label, p, True)]
+            if p.grad is not None:
+                tensors.append(((label, ".grad"), p.grad, False))
+            tensors += [((label, f"state {x[0]!r}"), x[1], True) for x in self.slots[i]]
+            if self.steps is not None:
+                tensors.append(((label, "state 'step'"), self.steps[i], True))
+            tensors += [((label, f"state {name!r}"), ts[i], True) for name, ts, _ in self.host]
+            out += [(lbl, t, w, byte_span(t)) for lbl, t, w in tensors]
+        return out
+
     def check(self, opt, group, spec, hp, inv_scale=None):
-        """``(k, hs)``, this step's host scalars and host state before it, when every tensor is
-        still the one cached (see the module docstring), else None. Writes the gradients'
-        addresses into the table."""
+        """``(k, hs, new_hs)``, this step's host scalars, host state before it and after it,
+        when every tensor is still the one cached and still backed by its storage (see the
+        module docstring), else None. Writes the gradients' addresses into the table."""
         plist = group["params"]
         scaled = self.io is not None and self.io.scale is not None
         if (
@@ -119,66 +228,87 @@ class Steady:
         ):
             return None
         t = self.t + 1 if self.steps is not None else self.t
-        if not self.host:  # without host state the variant is known before the tensors
-            flags, k = spec.plan(hp, t, None)
-            if flags != self.flags:
-                return None
-        dt, dev, state = self.dtype, self.device, opt.state
-        master = self.io is not None and self.io.master
+        dt, state, isz, masters = self.dtype, opt.state, self.isz, self.masters
+        plain = _PLAIN
         gptrs = []
-        for i, p in enumerate(plist):
-            shape = self.shapes[i]
-            g = p.grad
-            if (
-                p is not self.params[i]
-                or g is None
-                or g.dtype is not dt
-                or g.shape != shape
-                or g.layout is not torch.strided
-                or not g.is_contiguous()
-                or g.device != dev
-                or p.data_ptr() != self.pptrs[i]
-                or p.shape != shape
-                or p.dtype is not dt
-                or not p.is_contiguous()
+        try:  # an opaque tensor (sparse, MKL-DNN) raises on its storage; a key deleted from
+            # the state raises KeyError: the full path says what is wrong
+            for i, (p, (q, shape, nb, pptr, st, slots, s, sptr, hosts)) in enumerate(
+                zip(plist, self.rows)
             ):
-                return None
-            st = self.states[i]
-            if state.get(p) is not st or (st is not None and ("master_param" in st) != master):
-                return None
-            for name, buf, ptr, bdt in self.slots[i]:
+                g = p.grad
                 if (
-                    st.get(name) is not buf
-                    or buf.data_ptr() != ptr
-                    or buf.shape != shape
-                    or buf.dtype is not bdt
-                    or not buf.is_contiguous()
+                    p is not q
+                    or type(g) not in plain  # None too
+                    or g.dtype is not dt
+                    or g.shape != shape
+                    or not g.is_contiguous()
+                    or not g.is_cpu
+                    or g.is_neg()
+                    or g.untyped_storage().nbytes() < g.storage_offset() * isz + nb
+                    or p.data_ptr() != pptr
+                    or p.shape != shape
+                    or p.dtype is not dt
+                    or not p.is_contiguous()
+                    or p.untyped_storage().nbytes() < p.storage_offset() * isz + nb
+                    or state.get(p) is not st
                 ):
                     return None
-            if self.steps is not None:
-                s = self.steps[i]
-                if (
-                    st.get("step") is not s
-                    or s.data_ptr() != self.step_ptrs[i]
-                    or float(s) != self.t
+                for name, buf, ptr, bdt, bsz, bnb in slots:
+                    if (
+                        st[name] is not buf
+                        or buf.data_ptr() != ptr
+                        or buf.shape != shape
+                        or buf.dtype is not bdt
+                        or not buf.is_contiguous()
+                        or buf.untyped_storage().nbytes() < buf.storage_offset() * bsz + bnb
+                    ):
+                        return None
+                if masters is not None:
+                    rec = masters[i]
+                    if rec[0] is not st["master_param"] or rec[2] != p._version:
+                        return None  # written since our step: the full path re-syncs the master
+                elif st is not None and "master_param" in st:
+                    return None
+                if s is not None and (
+                    st["step"] is not s
+                    or s.data_ptr() != sptr
+                    or s.untyped_storage().nbytes() < s.storage_offset() * 4 + 4
                 ):
                     return None
-            for name, ts, ptrs in self.host:
-                x = ts[i]
-                if st.get(name) is not x or x.data_ptr() != ptrs[i]:
-                    return None
-            gptrs.append(g.data_ptr())
-        hs = None
+                for name, x, ptr in hosts:
+                    if (
+                        st[name] is not x
+                        or x.data_ptr() != ptr
+                        or x.untyped_storage().nbytes() < x.storage_offset() * 4 + 4
+                    ):
+                        return None
+                gptrs.append(g.data_ptr())
+        except (KeyError, NotImplementedError, RuntimeError):
+            return None
+        # the step counts and host state, read back through their (re-checked) addresses
+        if self.steps is not None and not (read_at(self.step_ptrs) == self.t).all():
+            return None
+        hs = new_hs = None
         if self.host:
-            hs = {name: float(ts[0]) for name, ts, _ in self.host}
+            values = read_at(self.host_ptrs).reshape(len(self.host), -1)
+            if not (values == values[:, :1]).all():
+                return None  # not every parameter's own (or NaN): the full path buckets them
+            hs = {name: float(values[j, 0]) for j, (name, _, _) in enumerate(self.host)}
+        try:
             flags, k = spec.plan(hp, t, hs)
-            if flags != self.flags:
-                return None
+            if self.host:
+                new_hs = spec.advance_host_state(hp, t, hs)
+        except (ArithmeticError, ValueError):
+            return None  # the full path refuses it with a clear error
+        if flags != self.flags:
+            return None
         self.table[:, 2] = gptrs
-        return k, hs
+        return k, hs, new_hs
 
-    def run(self, spec, hp, k, hs, inv_scale=None):
-        """The launch ``check`` cleared, then the step counts and the host state advanced."""
+    def run(self, spec, hp, k, hs, new_hs, inv_scale=None):
+        """The launch ``check`` cleared, then the step counts and the host state advanced and
+        the version counters of everything written bumped."""
         t = self.t + 1 if self.steps is not None else self.t
         if self.io is None:
             numba_backend.launch_many(
@@ -200,6 +330,9 @@ class Steady:
             numba_backend.add_at(self.step_ptrs, 1.0)
             self.t += 1
         if self.host:
-            new = spec.advance_host_state(hp, t, hs)
             for name, _, ptrs in self.host:
-                numba_backend.fill_at(ptrs, new[name])
+                numba_backend.fill_at(ptrs, new_hs[name])
+        torch.autograd.graph.increment_version(self.written)
+        if self.masters is not None:
+            for p, rec in zip(self.params, self.masters):
+                rec[2] = p._version
