@@ -32,6 +32,10 @@ state through their addresses and bumps the version counters of everything it wr
 as torch's in-place ops do.
 """
 
+from __future__ import annotations
+
+from typing import Any
+
 import numpy as np
 import torch
 
@@ -75,6 +79,35 @@ class Steady:
         "wlo",
         "written",
     )
+
+    chunks: Any
+    container: Any
+    dtype: Any
+    flags: Any
+    group: Any
+    host: Any
+    host_ptrs: Any
+    index: Any
+    io: Any
+    isz: Any
+    masters: Any
+    nbytes: Any
+    np_dtype: Any
+    params: Any
+    plist: Any
+    pptrs: Any
+    rows: Any
+    shapes: Any
+    slots: Any
+    states: Any
+    step_ptrs: Any
+    steps: Any
+    t: Any
+    table: Any
+    used: Any
+    whi: Any
+    wlo: Any
+    written: Any
 
     @classmethod
     def build(
