@@ -162,7 +162,7 @@ class _Entry:
             self.shape, self.dtype, self.xp = (), dt, np
             self.array = np.array([p], dtype=dt)
         else:
-            p = _plain(f"parameter {key!r}", as_xp_array(p))
+            p = as_xp_array(_plain(f"parameter {key!r}", p))
             check_array(key, "param", p)
             if isinstance(p, np.ndarray) and not p.flags.writeable:
                 raise ValueError(
@@ -182,7 +182,7 @@ class _Entry:
         key, xp = self.key, self.xp
         if g is None or isinstance(g, (bool, np.bool_, str, bytes)):
             raise TypeError(f"grad of parameter {key!r} is {g!r}; expected a number or an array")
-        g = _plain(f"grad of parameter {key!r}", as_xp_array(g))
+        g = as_xp_array(_plain(f"grad of parameter {key!r}", g))
         try:
             g = xp.asarray(g)
         except (TypeError, ValueError) as exc:

@@ -82,6 +82,7 @@ def _tr():
     return torch_rows
 
 
+@pytest.mark.torch  # torch is imported by the code under test
 @pytest.mark.parametrize("precision", ["float32", "bfloat16+master"])
 def test_list_group_compares_the_same_work(precision):
     """The list group of the GPU run, on the CPU: fastopt.torch over the transformer's list,

@@ -243,6 +243,9 @@ def test_64_bit_indexing_variants_compile(group):
 #: at most 64 registers per thread: 4 resident blocks of 256 threads per SM (half the threads an
 #: SM holds), ample for a streaming kernel with one 16-byte load per buffer in flight per thread
 MAX_REGISTERS = 64
+#: double kernels: each value takes two registers, and Adan's (six arrays, three betas) hold
+#: 66-72 on sm_80/sm_90 with no spill; 80 still keeps 3 blocks of 256 threads per SM resident
+MAX_REGISTERS_DOUBLE = 80
 
 
 def _raw_program(ctype, group):
@@ -317,7 +320,8 @@ def test_raw_kernels_compile_without_spills(raw_compiled):
     assert set(entries) == set(names), f"missing: {sorted(set(names) - set(entries))}"
     report = _report(log)
     assert set(report) == set(names), f"no ptxas report for {sorted(set(names) - set(report))}"
-    bad = {n: r for n, r in report.items() if r[0] > MAX_REGISTERS or r[1:] != (0, 0, 0)}
+    budget = MAX_REGISTERS_DOUBLE if ctype == "double" else MAX_REGISTERS
+    bad = {n: r for n, r in report.items() if r[0] > budget or r[1:] != (0, 0, 0)}
     assert not bad, f"{arch} {ctype}: (registers, spill st, spill ld, stack) over budget: {bad}"
 
 

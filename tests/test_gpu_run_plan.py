@@ -227,6 +227,7 @@ def test_graph_group_wiring_with_fakes(monkeypatch):
     assert "capturable=True" in by["torch-fused", "list"]["peer"]
 
 
+@pytest.mark.torch  # torch is imported by the code under test
 def test_clip_group_without_the_feature_keeps_its_peers(monkeypatch):
     """Without ``max_grad_norm`` in fastopt.torch the clip group still measures its peers
     (torch's clip_grad_norm_ + fused step against its fused step alone); a guarded row whose
@@ -252,6 +253,7 @@ def test_clip_group_without_the_feature_keeps_its_peers(monkeypatch):
     assert len(recs) == 3 and "max_grad_norm" in str(recs[0]["group_errors"])
 
 
+@pytest.mark.torch  # torch is imported by the code under test
 def test_sync_rows_count_with_torchs_protocol():
     """Host syncs of a steady GradScaler step, counted through a stand-in for torch's sync
     debug mode (the CPU has none): GradScaler drives fastopt.torch and torch fused alike, the
@@ -266,6 +268,7 @@ def test_sync_rows_count_with_torchs_protocol():
     assert modes == ["warn", "default", "error", "default"] * 2
 
 
+@pytest.mark.torch  # torch is imported by the code under test
 def test_count_syncs_counts_torchs_warnings():
     tr = _tr()
     import warnings
@@ -284,6 +287,7 @@ def test_count_syncs_counts_torchs_warnings():
     assert modes[-1] == "default"
 
 
+@pytest.mark.torch  # torch is imported by the code under test
 def test_lowbit_group_reads_its_bytes_from_the_state(monkeypatch):
     """Without any low-bit state the group is the float32-state step alone; its bytes and
     bytes of state per parameter come from the optimizer's state arrays (Adam: two float32
@@ -360,6 +364,7 @@ def test_readme_gpu_figures_are_the_reports():
         assert fig in report, fig
 
 
+@pytest.mark.torch  # torch is imported by the code under test
 def test_report_of_an_interleaved_run():
     """A run in the new schema (records from the list and clip groups run here on the CPU,
     and one flat row scored as a GPU group would be): the report prints the list rows with x

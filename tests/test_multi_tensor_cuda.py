@@ -620,6 +620,7 @@ def _torch_coef(norm, max_norm):
     return float(torch.clamp(max_norm / (total + 1e-6), max=1.0))
 
 
+@pytest.mark.torch  # torch is imported by the code under test
 @needs_gxx
 def test_global_norm_and_clip_coefficient(lib):
     """The norm of the unscaled gradients over two tables (fp32 grads, host scale; bf16 grads,
