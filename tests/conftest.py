@@ -23,7 +23,7 @@ Test groups (markers declared in ``pyproject.toml``; README, "Two commands"):
 Under pytest-xdist (``-n``, no ``--dist``) the tests go to the workers in units
 (``pytest_xdist_make_scheduler``): each module of ``ONE_WORKER`` whole (each compiles all its
 kernels once for all its tests: the NVRTC, NVVM and g++ checks), every other test function in
-runs of consecutive cases (one configuration's cases share its compiled kernels).
+runs of consecutive cases with the same first parameter (they share compiled kernels).
 """
 
 import functools
@@ -152,24 +152,25 @@ ONE_WORKER = (
 )
 
 
-#: at most this many consecutive tests of one test function go to a worker as one unit: the
-#: cases of one configuration, which share its compiled kernels, stay together (two workers
-#: would each compile them), and the units stay small enough to even out the workers' ends
-UNIT = 32
+#: at most this many consecutive tests go to a worker as one unit
+UNIT = 64
 
 
 def _units(nodeids):
-    """nodeid -> its unit of work: its module for an ``ONE_WORKER`` module, else its run of at
-    most ``UNIT`` consecutive tests of one test function."""
+    """nodeid -> its unit of work: its module for an ``ONE_WORKER`` module, else its run of
+    consecutive tests (at most ``UNIT``) of one test function with the same first parameter
+    (a configuration, a rule, a class: the cases that share compiled kernels, which two workers
+    running them side by side would each compile)."""
     out, current, count, run = {}, None, 0, 0
     for nodeid in nodeids:
         path = nodeid.split("::", 1)[0]
         if Path(path).stem in ONE_WORKER:
             out[nodeid] = path
             continue
-        function = nodeid.split("[", 1)[0]
-        if function != current or count == UNIT:
-            current, count, run = function, 0, run + 1
+        function, _, params = nodeid.partition("[")
+        key = (function, params.split("-", 1)[0])
+        if key != current or count == UNIT:
+            current, count, run = key, 0, run + 1
         out[nodeid] = f"{function}#{run}"
         count += 1
     return out
