@@ -2,7 +2,7 @@
 
 ``backend_params()`` lists the host backends by default: these tests feed NumPy arrays, which a
 GPU backend rightly refuses. ``backend_params(names)`` with CUDA backends named (as ``tests/gpu/``
-does, on device arrays) marks them ``gpu`` and skips them cleanly when they cannot run here.
+does, on device arrays) marks them ``gpu`` and skips them when they cannot run here.
 
 The oracle runner, the tolerance table and the optimizer matrix live in ``tests/support/``
 (``from support.matrix import MATRIX``): this directory is on ``sys.path``, put there below so
@@ -17,16 +17,18 @@ Test groups (markers declared in ``pyproject.toml``; README, "Two commands"):
   neither CI step).
 - ``exhaustive``: the full cross-products of a sweep beyond the pairwise cover the default run
   keeps (``support.cover``); deselected by default, run by ``pytest -m exhaustive``.
+- ``gpu``: the test needs a real GPU; where its skip is decided at collection (no GPU usable) it
+  is deselected instead, not skipped test by test.
 
-Under pytest-xdist (``-n``, no ``--dist``) the tests are balanced one at a time, as xdist's
-``load`` does, except the modules of ``ONE_WORKER``: each compiles all its kernels once for all
-its tests (the NVRTC, NVVM and g++ checks), so each runs whole on one worker.
+Under pytest-xdist (``-n``, no ``--dist``) the tests go to the workers in units
+(``pytest_xdist_make_scheduler``): each module of ``ONE_WORKER`` whole (each compiles all its
+kernels once for all its tests: the NVRTC, NVVM and g++ checks), every other test function in
+runs of consecutive cases with the same first parameter (they share compiled kernels).
 """
 
 import functools
 import importlib
 import inspect
-import itertools
 import os
 import re
 import sys
@@ -46,6 +48,7 @@ import pytest
 if str(Path(__file__).parent) not in sys.path:  # tests/: the ``support`` package
     sys.path.insert(0, str(Path(__file__).parent))
 
+from support.numba_cache import serialize_cache_saves
 from support.oracle import run_oracle
 
 import fastopt
@@ -108,59 +111,9 @@ def oracle():
     return run_oracle
 
 
-# --- numba's disk cache, shared by the xdist workers -----------------------------------------
+# --- numba's disk cache, shared by the xdist workers (tests/support/numba_cache.py) ---------------
 
-
-def _serialize_numba_cache_saves():
-    """Make numba's cache saves safe across the processes that share one cache directory.
-
-    Every generated loop of the numba backend is one function to numba's cache (one source
-    file, one qualified name), so all variants share one index file, and numba's
-    ``IndexDataCacheFile.save`` reads the index, picks the first free data file number, writes
-    the index, then the data, with no lock: two workers saving two variants at once both pick
-    the same number, and one variant's key ends up pointing at the other's machine code (a
-    later load runs the wrong variant, or fails to unbox its arguments). Here a save holds an
-    exclusive ``flock`` on a file beside the index, and writes the data before the index entry
-    that names it. A test-suite guard only: the library's own use of the cache across processes
-    is not changed by it."""
-    try:
-        import fcntl
-
-        from numba.core import caching
-    except ImportError:
-        return
-    cls = getattr(caching, "IndexDataCacheFile", None)
-    needed = ("_load_index", "_save_index", "_save_data", "_data_name")
-    if cls is None or getattr(cls.save, "_serialized", False):
-        return
-    if not all(hasattr(cls, n) for n in needed):
-        return
-
-    def save(self, key, data):
-        with open(self._index_path + ".lock", "a") as lock:
-            fcntl.flock(lock, fcntl.LOCK_EX)
-            try:
-                overloads = self._load_index()
-                name = overloads.get(key)
-                if name is None:
-                    used = set(overloads.values())
-                    name = next(
-                        self._data_name(i)
-                        for i in itertools.count(1)
-                        if self._data_name(i) not in used
-                    )
-                self._save_data(name, data)
-                if overloads.get(key) != name:
-                    overloads[key] = name
-                    self._save_index(overloads)
-            finally:
-                fcntl.flock(lock, fcntl.LOCK_UN)
-
-    save._serialized = True
-    cls.save = save
-
-
-_serialize_numba_cache_saves()
+serialize_cache_saves()
 
 
 # --- test groups: the torch marker, the distribution mode ---------------------------------------
@@ -199,20 +152,59 @@ ONE_WORKER = (
 )
 
 
+#: at most this many consecutive tests go to a worker as one unit
+UNIT = 64
+
+
+def _units(nodeids):
+    """nodeid -> its unit of work: its module for an ``ONE_WORKER`` module, else its run of
+    consecutive tests (at most ``UNIT``) of one test function with the same first parameter
+    (a configuration, a rule, a class: the cases that share compiled kernels, which two workers
+    running them side by side would each compile)."""
+    out, current, count, run = {}, None, 0, 0
+    for nodeid in nodeids:
+        path = nodeid.split("::", 1)[0]
+        if Path(path).stem in ONE_WORKER:
+            out[nodeid] = path
+            continue
+        function, _, params = nodeid.partition("[")
+        key = (function, params.split("-", 1)[0])
+        if key != current or count == UNIT:
+            current, count, run = key, 0, run + 1
+        out[nodeid] = f"{function}#{run}"
+        count += 1
+    return out
+
+
 @pytest.hookimpl(tryfirst=True, optionalhook=True)
 def pytest_xdist_make_scheduler(config, log):
-    """``-n`` without ``--dist``: xdist's load balancing, one test at a time, except that the
-    tests of an ``ONE_WORKER`` module go to one worker together (first, as the largest units)."""
+    """``-n`` without ``--dist``: xdist's scope scheduling over the units of ``_units`` (the
+    largest first: the ``ONE_WORKER`` modules)."""
     if config.getvalue("dist") != "load":
         return None
     from xdist.scheduler import LoadScopeScheduling
 
     class Scheduling(LoadScopeScheduling):
+        unit = {}
+
+        def schedule(self):
+            if self.collection is None and self.collection_is_completed:
+                self.unit = _units(next(iter(self.registered_collections.values())))
+            super().schedule()
+
         def _split_scope(self, nodeid):
-            path = nodeid.split("::", 1)[0]
-            return path if Path(path).stem in ONE_WORKER else nodeid
+            return self.unit.get(nodeid, nodeid)
 
     return Scheduling(config, log)
+
+
+def _skipped_here(item):
+    """Whether the item carries a skip decided at collection (a ``skip`` marker, or a
+    ``skipif`` whose condition is True)."""
+    return any(
+        m.name == "skip" or (m.name == "skipif" and m.args and m.args[0] is True)
+        for m in item.iter_markers()
+    )
 
 
 @pytest.hookimpl(tryfirst=True)  # before -m selects by the markers
@@ -227,6 +219,13 @@ def pytest_collection_modifyitems(config, items):
             item.add_marker(pytest.mark.torch)
         if not distributed and "distributed" in item.keywords:
             item.add_marker(skip)
+    # GPU tests that cannot run here are left out rather than skipped one by one (thousands of
+    # parity cases: their reports alone cost more than many real tests)
+    idle = [item for item in items if item.get_closest_marker("gpu") and _skipped_here(item)]
+    if idle:
+        config.hook.pytest_deselected(items=idle)
+        left = set(map(id, idle))
+        items[:] = [item for item in items if id(item) not in left]
 
 
 @pytest.hookimpl(hookwrapper=True)

@@ -12,9 +12,10 @@ Needs NVVM and nvJitLink from PyPI, no GPU or driver: ``pip install "numba-cuda[
 
 The default run compiles, per rule, a pairwise cover of its flag variants in float32
 (``support.cover``: every flag on and off beside every other flag on and off) and the variants
-with no flag and with every flag in float64 (the most registers); the ``exhaustive`` group
-compiles every other (variant, dtype). Each group compiles at once, for all its tests, in one
-xdist worker.
+with no flag and with every flag in float64 (the most registers), and the mixed-precision
+kernels of Adam under every plan and of the first rule of each state layout under the 16-bit
+and capturable plans; the ``exhaustive`` group compiles every other case. The variants of a
+group compile at once, for all its tests, on one xdist worker (``tests/conftest.py``).
 """
 
 import functools
@@ -250,7 +251,21 @@ MIXED_CASES = [
 ]
 
 
-@pytest.mark.parametrize("rule,plan", MIXED_CASES, ids=[f"{r}-{p}" for r, p in MIXED_CASES])
+def _layout(rule):
+    spec = RULES[rule]
+    return len(spec.slots), tuple(spec.slots_used(dict.fromkeys(spec.flags, False)))
+
+
+#: the rules the default run compiles under every plan it compiles: Adam, and the first rule of
+#: each state layout (the loads and stores a plan generates depend on the layout; the rule's
+#: own code is the one the float32 variants above hold free of float64)
+MIXED_RULES = {"adam"} | set({_layout(r): r for r in reversed(RULES)}.values())
+
+
+@pytest.mark.parametrize(
+    "rule,plan",
+    [pytest.param(r, p, marks=marks(r in MIXED_RULES), id=f"{r}-{p}") for r, p in MIXED_CASES],
+)
 def test_mixed_kernels_compile_without_float64(rule, plan):
     """The kernels generated per storage plan compile for sm_90; where the math is float32
     (16-bit and float32 storage) no float64 instruction appears, and each trip loads param,

@@ -1,6 +1,6 @@
 """The test suite's own machinery: the pairwise covers of the default run, the modules kept on
 one xdist worker, and the guard on numba's disk cache shared by the workers (tests/conftest.py,
-tests/support/cover.py)."""
+tests/support/cover.py, tests/support/numba_cache.py)."""
 
 import itertools
 import subprocess
@@ -50,7 +50,9 @@ _SAVER = r"""
 import sys
 sys.path.insert(0, sys.argv[4])
 if sys.argv[3] == "guarded":
-    import conftest  # noqa: F401  (serializes numba's cache saves)
+    from support.numba_cache import serialize_cache_saves
+
+    serialize_cache_saves()
 from numba.core import caching
 index = caching.IndexDataCacheFile(sys.argv[1], "probe", "stamp")
 who = int(sys.argv[2])
@@ -78,5 +80,5 @@ def _race(tmp_path, mode):
 def test_numba_cache_saves_from_two_workers_keep_every_entry(tmp_path):
     """Numba's own save, unguarded, loses entries and points keys at other entries' data when
     two processes save at once (as two xdist workers compiling two variants do); the guard in
-    tests/conftest.py keeps every entry with its own data."""
+    tests/support/numba_cache.py keeps every entry with its own data."""
     assert _race(tmp_path, "guarded") == (0, 0)
