@@ -120,6 +120,8 @@ def test_fully_typed_modules_have_complete_public_signatures():
 
 @pytest.mark.skipif(importlib.util.find_spec("mypy") is None, reason="mypy is not installed")
 def test_mypy_reports_no_error():
+    # torch's own types are part of the check (fastopt.torch subclasses its Optimizer)
+    pytest.importorskip("torch")
     # the repository's mypy.ini (files, strictness); the cache makes a second run incremental
     done = subprocess.run(
         [sys.executable, "-m", "mypy", "--config-file", str(CONFIG)],
