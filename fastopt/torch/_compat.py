@@ -110,6 +110,16 @@ def _number(v: object) -> float | None:
     if isinstance(v, torch.Tensor):
         if v.numel() != 1 or v.is_complex() or v.dtype is torch.bool:
             return None
+        if not v.is_meta and v.layout is torch.strided:
+            # its one element must lie inside its storage before it is read (a storage freed
+            # by resize_ would be read past its end)
+            need = (v.storage_offset() + 1) * v.element_size()
+            if v.untyped_storage().nbytes() < need:
+                raise ValueError(
+                    f"a 1-element {v.dtype} tensor in the state dict has a storage of "
+                    f"{v.untyped_storage().nbytes()} bytes; its element needs {need} (a storage "
+                    "freed or shrunk with resize_?)"
+                )
         return float(v.detach().reshape(()).to("cpu", torch.float64).item())
     if isinstance(v, bool) or not isinstance(v, (int, float)):
         return None
