@@ -9,8 +9,9 @@ between segments must stay zero too. The largest size runs only where a backend 
 loop for it to reach (numba's ``PARALLEL_MIN``), for each class's fullest configuration.
 
 Each configuration that reaches a new flag variant costs a compile per dtype. The default run
-keeps a pairwise cover of each class's probe combinations (``support.cover``: every probe on and
-off beside every other probe on and off, the defaults and the fullest configuration among them);
+keeps, at float32, a pairwise cover of each class's probe combinations (``support.cover``: every
+probe on and off beside every other probe on and off, the defaults and the fullest configuration
+among them) and, at float64, each class's two ends (its defaults and its fullest configuration);
 the rest of the product is the ``exhaustive`` sweep.
 """
 
@@ -19,8 +20,8 @@ import importlib
 import numpy as np
 import pytest
 from conftest import backend_params
-from support.cover import marks, matrix_cover
-from support.matrix import FULL, MATRIX, config_id
+from support.cover import marks, matrix_cover, matrix_ends
+from support.matrix import FULL, MATRIX, config_id, full_config
 from support.oracle import resolve, run_oracle, state_names
 from support.parity import DTYPES, SIZES_STEPS, case
 from support.tolerances import assert_close
@@ -36,8 +37,14 @@ def _parallel_min(backend):
         return None
 
 
-#: indices into MATRIX of the configurations the default run keeps (support.cover)
+#: indices into MATRIX of the configurations the default run keeps (support.cover): the
+#: pairwise cover at float32, each class's ends at float64
 COVER = matrix_cover()
+ENDS = matrix_ends()
+
+
+def _kept(cfg, dtype):
+    return cfg in (COVER if np.dtype(dtype) == np.float32 else ENDS)
 
 
 def _params():
@@ -64,7 +71,7 @@ def _params():
                             n,
                             steps,
                             backend,
-                            marks=p.marks + marks(cfg in COVER),
+                            marks=p.marks + marks(_kept(cfg, dtype)),
                             id=f"{config_id(c)}-{np.dtype(dtype).name}-{n}-{steps}-{p.id}",
                         )
                     )
@@ -140,8 +147,11 @@ def test_default_run_covers_every_pair_of_probes():
             every = {(kw[a], kw[b]) for _, kw in configs}
             kept = {(kw[a], kw[b]) for i, kw in configs if i in COVER}
             assert kept == every, f"{name}: {a} x {b} lacks {every - kept}"
-    assert {i for i, c in enumerate(MATRIX) if c in FULL} <= COVER
+    assert {i for i, c in enumerate(MATRIX) if c in FULL} <= ENDS <= COVER
     assert {MATRIX[i][0] for i in COVER} == {n for n, _ in MATRIX}
+    for name in {n for n, _ in MATRIX}:  # at float64: each class's defaults and fullest
+        first = next(i for i, (n, _) in enumerate(MATRIX) if n == name)
+        assert first in ENDS and MATRIX.index(full_config(name)) in ENDS
 
 
 @pytest.mark.parametrize("backend", backend_params())
