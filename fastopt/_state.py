@@ -68,7 +68,7 @@ class StateKinds:
         return self.slots
 
     def io_base(self, param_kind: str, grad_kind: str) -> precision.IO:
-        """The storage plan of a param's launches (without a step's loss-scale extras)."""
+        """The storage format of a param's launches (without a step's loss-scale extras)."""
         return precision.io_of(
             param_kind,
             grad_kind,

@@ -120,7 +120,7 @@ class _Entry:
     tdtype: Any
 
     def io_for(self, ls, kbuf=False):
-        """This parameter's storage plan with the loss-scale extras of a step (None: plain,
+        """This parameter's storage format with the loss-scale extras of a step (None: plain,
         every array in the compute dtype and nothing extra); ``kbuf``: a capturable step (the
         scalars in device memory)."""
         key = (ls.scale, ls.write_grad, ls.found_dev is not None, kbuf)
@@ -451,8 +451,9 @@ class StepMachinery:
         return True
 
     def _check_plan(self, be, hp):
-        """Plan the next step (``Rule.plan`` and the host state after it) with the host state a
-        first step would create, and raise its ``ValueError`` now: before the state is created
+        """Plan the next step (``Rule.variant_and_scalars`` and the host state after it) with the
+        host state a first step would create, and raise its ``ValueError`` now: before the state is
+        created
         and bound, so that a first step that cannot be planned leaves the optimizer as it was.
         (Later steps plan in ``_launch``, before their first write.)"""
         if self.capturable and _capture.supports(be):
@@ -462,7 +463,7 @@ class StepMachinery:
         if hs is None:
             hs = spec.initial_host_state(rhp)
         step = self.step_count + 1
-        spec.plan(rhp, step, hs)
+        spec.variant_and_scalars(rhp, step, hs)
         spec.advance_host_state(rhp, step, hs)
 
     def _commit(self, launch, on_device):
@@ -657,7 +658,7 @@ class StepMachinery:
         c.masters = tuple(f.get(precision.MASTER) for f in self._st.flat)
         c.entries = []
         for i, (d, g) in enumerate(zip(c.datas, c.grads)):
-            e = _Entry()  # the group's storage plan and salt
+            e = _Entry()  # the group's storage format and salt
             e.io = self._kinds().io_base(
                 precision.known_kind(d.dtype), precision.known_kind(g.dtype)
             )

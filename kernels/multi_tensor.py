@@ -15,7 +15,7 @@ range would straddle tensors; the chunk table costs one load, and its 8 bytes pe
 nothing beside the chunk's data.)
 
 Inside a chunk the element body is the single-tensor kernels' (``cuda_source.mixed_lane``: the
-same storage plan, loads, rule and rounded stores, the stochastic-rounding index counted from
+same storage format, loads, rule and rounded stores, the stochastic-rounding index counted from
 the tensor's start, the loss scale and the found-inf flag read as ``mixed_prologue`` reads
 them). A tensor whose used addresses are all 16-byte aligned is walked in 16-byte vectors
 (``cuda_source.mixed_width`` elements) with a scalar tail at its end (chunks start at multiples
@@ -95,7 +95,7 @@ _ACC = {"float32": "float", "float64": "double"}
 def columns(rule: str, master: bool) -> tuple[str, ...]:
     """The table's column names for ``rule``: ``n``, ``param``, ``grad``, every state slot of
     the rule (present or not), and ``master`` with a master copy."""
-    return ("n", "param", "grad", *RULES[rule].STATE) + (("master",) if master else ())
+    return ("n", "param", "grad", *RULES[rule].state) + (("master",) if master else ())
 
 
 def chunk_size(total: int, blocks: int) -> int:
@@ -188,7 +188,7 @@ def source(
     rule: str, flags: Mapping[str, bool], io: IO, clip: bool = False, name: str | None = None
 ) -> str:
     """The complete CUDA C translation unit of the multi-tensor kernel of one variant under the
-    storage plan ``io`` (``kernels.storage.IO``), with the clip coefficient when ``clip``:
+    storage format ``io`` (``kernels.storage.IO``), with the clip coefficient when ``clip``:
     the compute type ``C``, the flag ``#define``s, the rule's body, the storage conversions,
     ``multi_tensor.cuh`` and ``extern "C" __global__ void name(arguments(...))`` (default name
     ``fastopt_mt_<rule>``)."""

@@ -337,13 +337,6 @@ class Rule:
         """Every slot name, in the rule's argument order."""
         return tuple(s.name for s in self.slots)
 
-    # the names older code reads from a rule module
-    STATE = state
-
-    @property
-    def SCALARS(self):
-        return self.scalars
-
     @property
     def hyper_names(self):
         return tuple(h.name for h in self.hyper)
@@ -469,7 +462,7 @@ class Rule:
         return out
 
     # -- one step ----------------------------------------------------------------------------
-    def plan(self, hp, step, hs=None):
+    def variant_and_scalars(self, hp, step, hs=None):
         """``(flags, k)``: the variant and the host scalars (a tuple in ``scalars`` order) of
         step ``step`` with the validated hyperparameters ``hp`` and host state ``hs``. A value
         that cannot be computed (a step count too large for a float: ``beta2**step`` of step
@@ -482,6 +475,9 @@ class Rule:
             return self.flags_of(hp, step, hs), tuple(float(values[n]) for n in self.scalars)
         except (ArithmeticError, ValueError) as exc:
             raise _arithmetic_error(self.name, "the host scalars of", step, exc) from exc
+
+    #: the older name of ``variant_and_scalars`` (``fastopt.torch`` still calls it)
+    plan = variant_and_scalars
 
     def replay_host_state(self, hp, step):
         """The host state before step ``step`` of a run with constant ``hp`` (what a

@@ -167,8 +167,9 @@ class TensorTable:
 
     ``tensors`` is a list of ``(param, grad, slots, master)``: ``slots`` one array or None per
     state slot of ``rule``, ``master`` the fp32 master copy (None without one). Every array is
-    checked (``describe``): storage dtypes as the plan ``io`` says (param ``io.param``, grad
-    ``io.grad``, slots ``io.state``, master float32 exactly when ``io.master``), as many
+    checked (``describe``): storage dtypes as the storage format ``io`` says (param
+    ``io.param``, grad ``io.grad``, slots ``io.state``, master float32 exactly when
+    ``io.master``), as many
     elements as its param, C-contiguous, on the param's device. Nothing is launched from a
     table that failed a check (the constructor raises). The kernels trust the table; so the
     arrays must stay alive, unmoved, for as long as it is launched: ``same``/``update`` are the
@@ -204,7 +205,7 @@ class TensorTable:
     def _rows(self, tensors):
         from ..kernels import RULES
 
-        io, nslots = self.io, len(RULES[self.rule].STATE)
+        io, nslots = self.io, len(RULES[self.rule].state)
         if not len(tensors):
             raise ValueError("an empty list of tensors")
         rows = np.zeros((len(tensors), len(self.columns)), dtype=np.int64)
@@ -220,19 +221,25 @@ class TensorTable:
             if device is None:
                 device = device_i
             if pk != io.param:
-                raise TypeError(f"tensor {i} param: {pk}; the plan {io} stores it as {io.param}")
+                raise TypeError(
+                    f"tensor {i} param: {pk}; the storage format {io} stores it as {io.param}"
+                )
             if device_i != device:
                 raise ValueError(f"tensor {i} param: on {device_i}; tensor 0's on {device}")
             if n and pp == 0:
                 raise ValueError(f"tensor {i} param: a null address")
             cells = [("grad", g, io.grad)]
-            cells += [(name, s, io.state) for name, s in zip(RULES[self.rule].STATE, slots)]
+            cells += [(name, s, io.state) for name, s in zip(RULES[self.rule].state, slots)]
             if io.master:
                 if m is None:
-                    raise ValueError(f"tensor {i}: the plan {io} keeps a master copy; got None")
+                    raise ValueError(
+                        f"tensor {i}: the storage format {io} keeps a master copy; got None"
+                    )
                 cells.append(("master", m, "float32"))
             elif m is not None:
-                raise ValueError(f"tensor {i}: a master copy, but the plan {io} keeps none")
+                raise ValueError(
+                    f"tensor {i}: a master copy, but the storage format {io} keeps none"
+                )
             row = [n, pp]
             for name, a, want in cells:
                 if a is None:  # an absent slot (a variant that needs it is refused at launch)
@@ -242,7 +249,9 @@ class TensorTable:
                     continue
                 k, na, ptr, d = describe(a, f"tensor {i} {name}")
                 if k != want:
-                    raise TypeError(f"tensor {i} {name}: {k}; the plan {io} stores it as {want}")
+                    raise TypeError(
+                        f"tensor {i} {name}: {k}; the storage format {io} stores it as {want}"
+                    )
                 if na != n:
                     raise ValueError(f"tensor {i} {name}: {na} elements; its param has {n}")
                 if d != device:
@@ -254,7 +263,7 @@ class TensorTable:
         return rows, device
 
     def check(self, rule, flags, io):
-        """Refuse a launch the table cannot serve: another rule, another storage plan (the
+        """Refuse a launch the table cannot serve: another rule, another storage format (the
         extras aside), or a variant that uses a slot some non-empty tensor lacks."""
         mine, theirs = self.io, io
         if rule != self.rule or (mine.param, mine.grad, mine.state, mine.master) != (
@@ -273,7 +282,7 @@ class TensorTable:
 
         used = RULES[rule].slots_used(flags)
         live = self.rows[:, 0] > 0
-        for j, (name, u) in enumerate(zip(RULES[rule].STATE, used)):
+        for j, (name, u) in enumerate(zip(RULES[rule].state, used)):
             missing: Any = np.flatnonzero(live & (self.rows[:, 3 + j] == 0)) if u else ()
             if len(missing):
                 raise ValueError(

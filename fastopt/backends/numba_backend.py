@@ -11,8 +11,8 @@ compute dtype, or that carries a master copy, stochastic rounding, a loss scale 
 write-back, ``loop_source`` generates the loads and stores per array: 16-bit arrays arrive as
 ``uint16`` views and are converted on their bits (``kernels/storage.py``, exact), float32/float64
 arrays are cast; the rule itself sees compute-dtype scalars only. The extras arrive as one tuple
-``x = (1/grad_scale, salt, step key)``. A plan that stores every array as bfloat16 (no master,
-no stochastic rounding) walks 4-byte-aligned arrays a 32-bit word, two elements, at a time
+``x = (1/grad_scale, salt, step key)``. A storage format that stores every array as bfloat16 (no
+master, no stochastic rounding) walks 4-byte-aligned arrays a 32-bit word, two elements, at a time
 (``pair_loop_source``): the same bits with fewer conversion instructions, which is what a
 compute-bound bfloat16 step costs.
 
@@ -79,10 +79,10 @@ def why_unavailable():
 # ``launch_many`` runs one variant over many separate tensors (a model's parameter list) in one
 # parallel loop: a table holds, per tensor, its length and the addresses of its param, grad and
 # state buffers; the loop walks chunks of (tensor, start, stop), so big and small tensors share
-# the threads. ``launch_many_io`` does the same for a storage plan (16-bit storage, master
+# the threads. ``launch_many_io`` does the same for a storage format (16-bit storage, master
 # copies, a loss scale), each array read in its own storage dtype. The caller guarantees every
-# address (validated, contiguous, native buffers of that length and of the dtypes the plan says,
-# alive for the call): the table is built only by fastopt's own checked code.
+# address (validated, contiguous, native buffers of that length and of the dtypes the storage
+# format says, alive for the call): the table is built only by fastopt's own checked code.
 
 #: elements per chunk of ``launch_many``: big enough to amortise the table lookups, small
 #: enough to balance the threads over tensors of very different sizes
@@ -142,10 +142,10 @@ def _like(kind):
 
 
 def launch_many_io(rule, flags, writes, io, table, chunks, k, inv_scale=1.0, key=0, salt=0):
-    """``launch_many`` with the storage plan ``io``: one fused pass over every tensor of
+    """``launch_many`` with the storage format ``io``: one fused pass over every tensor of
     ``table`` (int64 rows ``(n, param, grad, slot..., master)`` of addresses, 0 where absent)
     in ``chunks``; ``inv_scale`` is 1/grad_scale, ``key`` the step key and ``salt`` the salt
-    of stochastic rounding (one for every tensor). All-bfloat16 plans walk 32-bit words when
+    of stochastic rounding (one for every tensor). All-bfloat16 formats walk 32-bit words when
     every address is 4-byte aligned. Unchecked, like ``launch_many``."""
     if chunks.shape[0] == 0:
         return
@@ -174,7 +174,7 @@ def prepare(rule, flags, writes, k, dtype, io=None, extras=None):
     (``fastopt.functional`` and the optimizer classes check lengths, dtypes and writability
     before any launch): a loop indexes every array by the param's length.
 
-    With a storage plan ``io`` that is not plain, ``run(param, grad, states, master=None,
+    With a storage format ``io`` that is not plain, ``run(param, grad, states, master=None,
     salt=0)`` takes the arrays in their storage dtypes (16-bit ones are viewed as uint16 here)
     and ``extras`` is ``(1/grad_scale, step key)`` of this step (host values)."""
     if io is not None and not io.plain:
@@ -271,7 +271,7 @@ def launch(rule, flags, param, grad, states, k):
 
 def step_runner(plan, dtype, writes, io):
     """The backend protocol's runner (``backends.protocol``): ``prepare`` for the plan's
-    variant and scalars, with its loss-scale and rounding extras for a storage plan ``io``."""
+    variant and scalars, with its loss-scale and rounding extras for a storage format ``io``."""
     if io is None:
         return prepare(plan.rule, plan.flags, writes, plan.k, dtype)
     return prepare(

@@ -1,7 +1,7 @@
 """Code generation of the CPU backend: the Python source of each loop, compiled by numba.
 
 A loop is generated per (rule, flag variant, state slots written, parallel or serial, storage
-plan, word pairs) as Python source (``loop_source``, ``mixed_loop_source``,
+format, word pairs) as Python source (``loop_source``, ``mixed_loop_source``,
 ``pair_loop_source``, and the many-tensor ``many_source``/``many_io_source``), executed into a
 factory whose closure cells are the rule, the range (``prange`` or ``range``) and the storage
 conversions (``numba_intrinsics``), and compiled once (``kernel``, ``many_kernel``,
@@ -22,7 +22,7 @@ from .numba_intrinsics import address_as, loader, param_storer, storer
 _compiled: dict[Any, Any] = {}
 
 
-#: the closure cells of a storage plan's loops: its loads and stores (``io_cells``)
+#: the closure cells of a storage format's loops: its loads and stores (``io_cells``)
 IO_CELLS = ("lp", "lg", "ls", "sp", "sg", "ss")
 #: the closure cells of the word loops: a word's two halves and their join
 PAIR_CELLS = ("lo", "hi", "join")
@@ -59,11 +59,11 @@ def loop_source(nslots, writes):
 
 
 def mixed_loop_source(nslots, writes, io):
-    """``loop_source`` for a launch with the storage plan ``io`` (``kernels.storage.IO``): the
+    """``loop_source`` for a launch with the storage format ``io`` (``kernels.storage.IO``): the
     loop takes ``(p, g, s0.., m, k, x)``, ``m`` the fp32 master (the param array when there is
     none), ``x = (1/grad_scale, salt, step key)``; each array is loaded into a compute-dtype
     local once and stored once through the factory's conversions (``lp``/``lg``/``ls`` load,
-    ``sp``/``sg``/``ss`` store: closure cells, so the disk cache tells storage plans apart).
+    ``sp``/``sg``/``ss`` store: closure cells, so the disk cache tells storage formats apart).
     Absent slots are placeholders holding the param's value, never read or written."""
     slots = [f"s{j}" for j in range(nslots)]
     body = storage.element_source(nslots, writes, io, "x[0]", "x[2]", 0)
@@ -71,9 +71,9 @@ def mixed_loop_source(nslots, writes, io):
 
 
 def pairs_fit(io, writes):
-    """Does the plan ``io`` store every array the loop touches as bfloat16 (param, grad and the
-    present state slots), with no master and no stochastic rounding? Then the loop may walk the
-    arrays a 32-bit word (two elements) at a time (``pair_loop_source``)."""
+    """Does the storage format ``io`` store every array the loop touches as bfloat16 (param,
+    grad and the present state slots), with no master and no stochastic rounding? Then the loop
+    may walk the arrays a 32-bit word (two elements) at a time (``pair_loop_source``)."""
     return (
         io.param == io.grad == "bfloat16"
         and (io.state == "bfloat16" or not any(writes))
@@ -82,7 +82,7 @@ def pairs_fit(io, writes):
 
 
 def pair_body(nslots, writes, io, suffix=""):
-    """The body of one 32-bit word of an all-bfloat16 plan (``pair_loop_source``), as source
+    """The body of one 32-bit word of an all-bfloat16 format (``pair_loop_source``), as source
     lines: word ``w`` of the uint32 arrays ``p{suffix}``, ``g{suffix}``, ``s0{suffix}``.. split
     into its two elements (``lo``/``hi``), the rule (``elem``) run on each, the results joined
     (``join``)."""
@@ -111,7 +111,7 @@ def pair_body(nslots, writes, io, suffix=""):
 
 
 def pair_loop_source(nslots, writes, io):
-    """``mixed_loop_source`` for an all-bfloat16 plan (``pairs_fit``), a word at a time: the
+    """``mixed_loop_source`` for an all-bfloat16 format (``pairs_fit``), a word at a time: the
     loop takes the arrays as ``uint32`` views (``(p, g, s0.., k, x)``; no master), splits each
     word into its two elements (``lo``/``hi``: a shift and a mask, no shuffle), runs the rule on
     each and joins the two rounded results (``join``: ``storage.bf16_pair_store``). The
@@ -125,7 +125,7 @@ def pair_loop_source(nslots, writes, io):
 
 
 def io_cells(io):
-    """The jitable loads and stores of ``IO_CELLS`` for the storage plan ``io``."""
+    """The jitable loads and stores of ``IO_CELLS`` for the storage format ``io``."""
     c = io.compute
     return (
         loader(io.param, c),
@@ -169,11 +169,11 @@ def python_loop(elem, writes, parallel, io=None, pairs=False):
 
 def kernel(rule, flags, writes, parallel, io=None, pairs=False):
     """The compiled loop for one variant (compiled, or loaded from the disk cache, once);
-    ``pairs``: the word-at-a-time loop of an all-bfloat16 plan (``pair_loop_source``)."""
+    ``pairs``: the word-at-a-time loop of an all-bfloat16 format (``pair_loop_source``)."""
     if io is not None and io.plain:
         io = None
     if pairs and (io is None or not pairs_fit(io, writes)):
-        raise ValueError(f"no word-pair loop for the storage plan {io}")
+        raise ValueError(f"no word-pair loop for the storage format {io}")
     key = (rule, tuple(sorted(flags.items())), writes, parallel, io, pairs)
     fn = _compiled.get(key)
     if fn is None:
@@ -235,12 +235,12 @@ def many_kernel(rule, flags, writes, parallel):
 
 
 def many_io_source(nslots, writes, io, pairs):
-    """``many_source`` for a storage plan ``io`` (``kernels.storage.IO``): the table's row of
+    """``many_source`` for a storage format ``io`` (``kernels.storage.IO``): the table's row of
     a tensor is ``(n, param, grad, slot..., master)`` (addresses; 0 where absent) and each
     array is read through a typed pointer of its storage dtype (``p_like``.. ``m_like``:
     1-element arrays of the dtypes the loop is compiled for); the per-element body is
     ``storage.element_source``'s (the index stochastic rounding hashes is the element's index
-    in its tensor). With ``pairs`` (an all-bfloat16 plan, every address 4-byte aligned) a chunk
+    in its tensor). With ``pairs`` (an all-bfloat16 format, every address 4-byte aligned) a chunk
     walks 32-bit words like ``pair_loop_source`` and its odd last element, if any, goes
     through the element body."""
     lines = [
@@ -286,7 +286,7 @@ def many_io_source(nslots, writes, io, pairs):
 
 
 def many_io_kernel(rule, flags, writes, io, parallel, pairs):
-    """The compiled many-tensor loop of one variant and storage plan (compiled, or loaded from
+    """The compiled many-tensor loop of one variant and storage format (compiled, or loaded from
     the cache, once)."""
     key = ("many-io", rule, tuple(sorted(flags.items())), writes, io, parallel, pairs)
     fn = _compiled.get(key)

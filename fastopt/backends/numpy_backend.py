@@ -2,7 +2,7 @@
 
 Its ``step_runner`` (``backends.protocol``) runs the rule's oracle function over whole arrays:
 ``reference.<rule>`` for arrays stored in the compute dtype, ``precision.oracle_step`` for a
-storage plan (16-bit storage, a master copy, a loss scale, stochastic rounding).
+storage format (16-bit storage, a master copy, a loss scale, stochastic rounding).
 """
 
 import inspect

@@ -10,7 +10,7 @@ Every backend module (``numpy_backend``, ``numba_backend``, ``numba_cuda_backend
 scalars ``k``, the hyperparameters, step and host state, and the loss-scale and stochastic
 rounding extras: ``inv_scale``, ``scale``, ``key``, and for a capturable step ``device`` and
 ``found_inf``); ``dtype`` the param dtype, ``writes`` one bool per rule slot (is the slot
-present), ``io`` the storage plan (``kernels.storage.IO``; None: every array in ``dtype``).
+present), ``io`` the storage format (``kernels.storage.IO``; None: every array in ``dtype``).
 ``run`` takes flat arrays and trusts its caller: they passed ``check_param_arrays``.
 
 A backend that only launches per call (``launch(rule, flags, param, grad, states, k, io=None,
@@ -30,7 +30,7 @@ Runner = Callable[..., None]
 
 def launch_runner(launch: Callable[..., Any], plan: Any, io: Any) -> Runner:
     """The runner of a backend whose ``launch`` does one step per call: the plan's scalars,
-    and for a storage plan ``io`` its extras (1/grad_scale, the device grad_scale, the step
+    and for a storage format ``io`` its extras (1/grad_scale, the device grad_scale, the step
     key, the salt; a capturable step's device scalars)."""
     rule, flags, k = plan.rule, plan.flags, plan.k
     if io is None:
