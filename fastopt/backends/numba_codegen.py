@@ -10,7 +10,8 @@ conversions (``numba_intrinsics``), and compiled once (``kernel``, ``many_kernel
 
 from __future__ import annotations
 
-from typing import Any
+from collections.abc import Callable, Mapping, Sequence
+from typing import TYPE_CHECKING, Any
 
 import numba
 from numba.extending import register_jitable
@@ -18,6 +19,9 @@ from numba.extending import register_jitable
 from .._numba_cache import njit_cached
 from ..kernels import RULES, storage
 from .numba_intrinsics import address_as, loader, param_storer, storer
+
+if TYPE_CHECKING:
+    from ..kernels.storage import IO
 
 _compiled: dict[Any, Any] = {}
 
@@ -28,7 +32,9 @@ IO_CELLS = ("lp", "lg", "ls", "sp", "sg", "ss")
 PAIR_CELLS = ("lo", "hi", "join")
 
 
-def _factory_source(cells, args, index, body):
+def _factory_source(
+    cells: Sequence[str], args: Sequence[str], index: str, body: Sequence[str]
+) -> str:
     """Python source of ``factory(elem, rng, *cells)`` returning ``loop(*args)``, whose loop
     runs ``index`` over ``rng(p.shape[0])`` through the ``body`` lines: the frame every
     one-array loop generator below fills."""
@@ -42,7 +48,7 @@ def _factory_source(cells, args, index, body):
     return "\n".join(lines) + "\n"
 
 
-def loop_source(nslots, writes):
+def loop_source(nslots: int, writes: Sequence[bool]) -> str:
     """Python source of the loop factory for a rule with ``nslots`` state slots, of which the
     ones marked in ``writes`` are present (read and written back); an absent slot's argument is
     the param array, read as a placeholder the rule never uses and never written. One source
@@ -58,7 +64,7 @@ def loop_source(nslots, writes):
     return _factory_source((), ["p", "g", *slots, "k"], "i", body)
 
 
-def mixed_loop_source(nslots, writes, io):
+def mixed_loop_source(nslots: int, writes: Sequence[bool], io: IO) -> str:
     """``loop_source`` for a launch with the storage format ``io`` (``kernels.storage.IO``): the
     loop takes ``(p, g, s0.., m, k, x)``, ``m`` the fp32 master (the param array when there is
     none), ``x = (1/grad_scale, salt, step key)``; each array is loaded into a compute-dtype
@@ -70,7 +76,7 @@ def mixed_loop_source(nslots, writes, io):
     return _factory_source(IO_CELLS, ["p", "g", *slots, "m", "k", "x"], "i", body)
 
 
-def pairs_fit(io, writes):
+def pairs_fit(io: IO, writes: Sequence[bool]) -> bool:
     """Does the storage format ``io`` store every array the loop touches as bfloat16 (param,
     grad and the present state slots), with no master and no stochastic rounding? Then the loop
     may walk the arrays a 32-bit word (two elements) at a time (``pair_loop_source``)."""
@@ -81,7 +87,7 @@ def pairs_fit(io, writes):
     )
 
 
-def pair_body(nslots, writes, io, suffix=""):
+def pair_body(nslots: int, writes: Sequence[bool], io: IO, suffix: str = "") -> list[str]:
     """The body of one 32-bit word of an all-bfloat16 format (``pair_loop_source``), as source
     lines: word ``w`` of the uint32 arrays ``p{suffix}``, ``g{suffix}``, ``s0{suffix}``.. split
     into its two elements (``lo``/``hi``), the rule (``elem``) run on each, the results joined
@@ -110,7 +116,7 @@ def pair_body(nslots, writes, io, suffix=""):
     return body
 
 
-def pair_loop_source(nslots, writes, io):
+def pair_loop_source(nslots: int, writes: Sequence[bool], io: IO) -> str:
     """``mixed_loop_source`` for an all-bfloat16 format (``pairs_fit``), a word at a time: the
     loop takes the arrays as ``uint32`` views (``(p, g, s0.., k, x)``; no master), splits each
     word into its two elements (``lo``/``hi``: a shift and a mask, no shuffle), runs the rule on
@@ -124,7 +130,7 @@ def pair_loop_source(nslots, writes, io):
     return _factory_source(PAIR_CELLS, ["p", "g", *slots, "k", "x"], "w", body)
 
 
-def io_cells(io):
+def io_cells(io: IO) -> tuple[Callable[..., Any], ...]:
     """The jitable loads and stores of ``IO_CELLS`` for the storage format ``io``."""
     c = io.compute
     return (
@@ -137,19 +143,25 @@ def io_cells(io):
     )
 
 
-def pair_cells():
+def pair_cells() -> tuple[Callable[..., Any], ...]:
     """The jitable conversions of ``PAIR_CELLS``."""
     return storage.bf16_lo, storage.bf16_hi, storage.bf16_pair_store
 
 
-def jitable_rule(elem, pairs):
+def jitable_rule(elem: Callable[..., Any], pairs: bool) -> Callable[..., Any]:
     """The rule as the loops call it: inlined by numba, or, in a word loop (which calls it
     more than once), left to LLVM's inliner: numba's IR inlining of a rule twice into one
     function trips its SSA checks' warnings, and the loop vectorises the same."""
     return register_jitable(elem) if pairs else register_jitable(inline="always")(elem)
 
 
-def python_loop(elem, writes, parallel, io=None, pairs=False):
+def python_loop(
+    elem: Callable[..., Any],
+    writes: Sequence[bool],
+    parallel: bool,
+    io: IO | None = None,
+    pairs: bool = False,
+) -> Callable[..., Any]:
     """The uncompiled loop of one variant: the generated source, with the rule and the range
     (``prange`` or ``range``) as closure cells, so that numba's disk cache tells variants apart
     by their cell contents (the flags live in the rule's own closure)."""
@@ -167,7 +179,14 @@ def python_loop(elem, writes, parallel, io=None, pairs=False):
     return ns["factory"](elem, rng, *io_cells(io))
 
 
-def kernel(rule, flags, writes, parallel, io=None, pairs=False):
+def kernel(
+    rule: str,
+    flags: Mapping[str, bool],
+    writes: tuple[bool, ...],
+    parallel: bool,
+    io: IO | None = None,
+    pairs: bool = False,
+) -> Any:
     """The compiled loop for one variant (compiled, or loaded from the disk cache, once);
     ``pairs``: the word-at-a-time loop of an all-bfloat16 format (``pair_loop_source``)."""
     if io is not None and io.plain:
@@ -186,7 +205,7 @@ def kernel(rule, flags, writes, parallel, io=None, pairs=False):
     return fn
 
 
-def many_source(nslots, writes):
+def many_source(nslots: int, writes: Sequence[bool]) -> str:
     """Python source of the many-tensor loop factory (see ``loop_source``): the table's row of
     a tensor is ``(n, param address, grad address, slot addresses...)``."""
     # each chunk is viewed as arrays that start at 0, so the element loop runs over
@@ -219,7 +238,9 @@ def many_source(nslots, writes):
     return "\n".join(lines) + "\n"
 
 
-def many_kernel(rule, flags, writes, parallel):
+def many_kernel(
+    rule: str, flags: Mapping[str, bool], writes: tuple[bool, ...], parallel: bool
+) -> Any:
     """The compiled many-tensor loop of one variant (compiled, or loaded from the cache, once)."""
     key = ("many", rule, tuple(sorted(flags.items())), writes, parallel)
     fn = _compiled.get(key)
@@ -234,7 +255,7 @@ def many_kernel(rule, flags, writes, parallel):
     return fn
 
 
-def many_io_source(nslots, writes, io, pairs):
+def many_io_source(nslots: int, writes: Sequence[bool], io: IO, pairs: bool) -> str:
     """``many_source`` for a storage format ``io`` (``kernels.storage.IO``): the table's row of
     a tensor is ``(n, param, grad, slot..., master)`` (addresses; 0 where absent) and each
     array is read through a typed pointer of its storage dtype (``p_like``.. ``m_like``:
@@ -252,7 +273,7 @@ def many_io_source(nslots, writes, io, pairs):
         "            cnt = chunks[c, 2] - base",
     ]
 
-    def view(col, like, size="cnt", item=None):
+    def view(col: int | str, like: str, size: str = "cnt", item: str | None = None) -> str:
         item = item or f"{like}.itemsize"
         return f"carray(address_as(table[j, {col}] + base * {item}, {like}), {size})"
 
@@ -285,7 +306,14 @@ def many_io_source(nslots, writes, io, pairs):
     return "\n".join(lines) + "\n"
 
 
-def many_io_kernel(rule, flags, writes, io, parallel, pairs):
+def many_io_kernel(
+    rule: str,
+    flags: Mapping[str, bool],
+    writes: tuple[bool, ...],
+    io: IO,
+    parallel: bool,
+    pairs: bool,
+) -> Any:
     """The compiled many-tensor loop of one variant and storage format (compiled, or loaded from
     the cache, once)."""
     key = ("many-io", rule, tuple(sorted(flags.items())), writes, io, parallel, pairs)

@@ -19,7 +19,7 @@ master=None, extras=None)``: the GPU backends) gets its ``step_runner`` from
 double, the benchmark's null backend).
 """
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any
 
 __all__ = ["Runner", "launch_runner", "step_runner_of"]
@@ -35,7 +35,9 @@ def launch_runner(launch: Callable[..., Any], plan: Any, io: Any) -> Runner:
     rule, flags, k = plan.rule, plan.flags, plan.k
     if io is None:
 
-        def run(param, grad, states, master=None, salt=0):
+        def run(
+            param: Any, grad: Any, states: Sequence[Any], master: Any = None, salt: int = 0
+        ) -> None:
             launch(rule, flags, param, grad, tuple(states), k)
 
         return run
@@ -43,7 +45,9 @@ def launch_runner(launch: Callable[..., Any], plan: Any, io: Any) -> Runner:
     if plan.device is not None and io.kbuf:
         extras.update(plan.device.extras(io.compute, plan.found_inf))
 
-    def run(param, grad, states, master=None, salt=0):  # type: ignore[no-redef]
+    def run(  # type: ignore[no-redef]
+        param: Any, grad: Any, states: Sequence[Any], master: Any = None, salt: int = 0
+    ) -> None:
         launch(
             rule,
             flags,
