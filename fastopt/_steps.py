@@ -28,7 +28,7 @@ from __future__ import annotations
 import bisect
 import functools
 import sys
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, replace
 from types import ModuleType
 from typing import TYPE_CHECKING, Any, Protocol
@@ -72,7 +72,7 @@ if TYPE_CHECKING:
 __all__ = ["StepHooks", "StepOwner", "Stepper"]
 
 
-def _root(a):
+def _root(a: np.ndarray) -> np.ndarray | None:
     """The NumPy array that owns ``a``'s memory, or None when the memory belongs to something
     else (a buffer, a memory map, a DLPack producer): two host arrays can share memory only if
     they have the same owner, or a foreign one."""
@@ -129,7 +129,7 @@ class _Entry:
     tbytes: Any
     tdtype: Any
 
-    def io_for(self, ls, kbuf=False):
+    def io_for(self, ls: _Loss, kbuf: bool = False) -> precision.IO | None:
         """This parameter's storage format with the loss-scale extras of a step (None: plain,
         every array in the compute dtype and nothing extra); ``kbuf``: a capturable step (the
         scalars in device memory)."""
@@ -156,10 +156,21 @@ class _Loss:
     skip: Any
     write_grad: Any
 
-    def __init__(self, scale, inv_scale, scale_dev, skip, found_dev, write_grad):
+    def __init__(
+        self,
+        scale: str | None,
+        inv_scale: float | None,
+        scale_dev: Any,
+        skip: bool,
+        found_dev: Any,
+        write_grad: bool,
+    ) -> None:
         self.scale, self.inv_scale, self.scale_dev = scale, inv_scale, scale_dev
         self.skip, self.found_dev, self.write_grad = skip, found_dev, write_grad
 
+
+#: one parameter of a dict step: its cache entry and its flat grad
+_Todo = tuple["_Entry", Any]
 
 #: no loss scaling: what a call without the keywords carries
 NO_LOSS = _Loss(None, None, None, False, None, False)
@@ -192,7 +203,13 @@ class _DictCache:
     state: Any
     writes: Any
 
-    def __init__(self, entries, state, be, writes):
+    def __init__(
+        self,
+        entries: list[_Entry],
+        state: Mapping[str, Any],
+        be: ModuleType,
+        writes: tuple[bool, ...],
+    ) -> None:
         self.entries, self.n, self.state, self.be = entries, len(entries), state, be
         self.writes = writes
         written = []
@@ -214,7 +231,7 @@ class _DictCache:
         self.los = [s[0] for s in spans]
         self.spans = spans
 
-    def overlaps(self, g):
+    def overlaps(self, g: np.ndarray) -> bool:
         """Does grad ``g`` share memory with a parameter or state buffer (exact)?"""
         ext = _extent(g)
         if ext is None:
@@ -390,7 +407,7 @@ class Stepper:
             c = self.flat_cache = self._build_flat_cache(owner, buf, be)
             return self._apply_flat(owner, buf, c, ls)
 
-    def _recheck_dict(self, c, params, grads):
+    def _recheck_dict(self, c: _DictCache, params: Any, grads: Any) -> list[_Todo] | None:
         """The launches of a step whose inputs differ from the last fully validated step (the
         cache ``c``) only in what cannot break it — or None, and the full validation decides."""
         if (
@@ -454,7 +471,9 @@ class Stepper:
             todo.append((e, g if g.ndim == 1 else g.reshape(-1)))
         return todo
 
-    def _loss_scale(self, owner, grad_scale, found_inf, unscale_grads):
+    def _loss_scale(
+        self, owner: StepOwner, grad_scale: Any, found_inf: Any, unscale_grads: Any
+    ) -> _Loss:
         """The loss-scale keywords of a call, checked before anything runs. A device
         ``found_inf`` of a capturable optimizer is read in the kernels (no synchronisation);
         otherwise it is read here."""
@@ -469,12 +488,14 @@ class Stepper:
         skip = False if found_dev is not None else found(found_inf)
         return _Loss(scale, inv_scale, scale_dev, skip, found_dev, bool(unscale_grads))
 
-    def _device_flag_set(self, be, ls):
+    def _device_flag_set(self, be: ModuleType, ls: _Loss) -> bool:
         """A device found-inf flag that no kernel will read (the backend keeps no scalars on
         the device): read here, on the host."""
         return ls.found_dev is not None and not _capture.supports(be) and found(ls.found_dev)
 
-    def _launch(self, owner, be, hp, ls, like):
+    def _launch(
+        self, owner: StepOwner, be: ModuleType, hp: dict[str, Any], ls: _Loss, like: Any
+    ) -> tuple[StepPlan, bool]:
         """The ``StepPlan`` of this step, and whether its scalars live on the device (a
         capturable step on a GPU backend: the scalar kernel has been launched). The whole
         plan is computed here, before anything is written: the variant, the host scalars and
@@ -516,7 +537,13 @@ class Stepper:
         )
         return launch, False
 
-    def _apply_dict(self, owner, todo, hp=None, ls=NO_LOSS):
+    def _apply_dict(
+        self,
+        owner: StepOwner,
+        todo: list[_Todo],
+        hp: dict[str, Any] | None = None,
+        ls: _Loss = NO_LOSS,
+    ) -> bool:
         if hp is None:
             hp = self.hooks.hyperparams(owner)
         if owner.nonfinite is not None:
@@ -535,7 +562,7 @@ class Stepper:
         self._commit(owner, launch, kbuf)
         return True
 
-    def _check_plan(self, owner, be, hp):
+    def _check_plan(self, owner: StepOwner, be: ModuleType, hp: dict[str, Any]) -> None:
         """Plan the next step (``Rule.variant_and_scalars`` and the host state after it) with the
         host state a first step would create, and raise its ``ValueError`` now: before the state is
         created
@@ -551,7 +578,7 @@ class Stepper:
         spec.variant_and_scalars(rhp, step, hs)
         spec.advance_host_state(rhp, step, hs)
 
-    def _commit(self, owner, launch, on_device):
+    def _commit(self, owner: StepOwner, launch: StepPlan, on_device: bool) -> None:
         """After an applied step's launches: the step count and the host state (both computed
         by the ``StepPlan``, before anything was written; a capturable step advances the host
         state on the device)."""
@@ -559,7 +586,7 @@ class Stepper:
         if not on_device:
             self.state.advance_host(launch.hs_after)
 
-    def _update_full(self, owner, params, grads, ls=NO_LOSS):
+    def _update_full(self, owner: StepOwner, params: Any, grads: Any, ls: _Loss = NO_LOSS) -> bool:
         if not isinstance(params, Mapping) or not isinstance(grads, Mapping):
             raise TypeError(
                 "update() expects two dicts name -> array (params, grads), got "
@@ -596,7 +623,13 @@ class Stepper:
                 todo.append((e, g.reshape(-1)))
             return self._apply_dict(owner, todo, hp, ls)
 
-    def _build_dict_cache(self, owner, pairs, sources, be):
+    def _build_dict_cache(
+        self,
+        owner: StepOwner,
+        pairs: list[tuple[str, Any, Any]],
+        sources: Mapping[str, Any],
+        be: ModuleType,
+    ) -> _DictCache:
         kinds = self.hooks.kinds(owner)
         names, slots = kinds.slots, RULES[self.rule].state
         entries = []
@@ -624,13 +657,21 @@ class Stepper:
             entries.append(e)
         return _DictCache(entries, self.state.arrays, be, tuple(s in names for s in slots))
 
-    def _backend_for(self, owner, arrays, what):
+    def _backend_for(
+        self, owner: StepOwner, arrays: list[tuple[str, Any]], what: str
+    ) -> ModuleType:
         """The backend module that will run, after checking it can reach ``arrays``."""
         be = backends.resolve(owner.backend, arrays[0][1] if arrays else None)
         check_reach(be, arrays, what)
         return be
 
-    def _validate_dict(self, owner, params, grads, write_grad=False):
+    def _validate_dict(
+        self,
+        owner: StepOwner,
+        params: Mapping[str, Any],
+        grads: Mapping[str, Any],
+        write_grad: bool = False,
+    ) -> tuple[ModuleType, list[tuple[str, Any, Any]], dict[str, Any]]:
         kinds = self.hooks.kinds(owner)
         check_names(grads, params, "the names of grads", "the names of params")
         bound = self.state.layout is not None
@@ -683,7 +724,7 @@ class Stepper:
         check_no_overlap(entries)
         return be, pairs, hp
 
-    def _recheck_flat(self, c):
+    def _recheck_flat(self, c: _FlatCache) -> bool:
         """Are the FlatBuffer's groups the arrays the last full validation saw, with the same
         lengths and flags?"""
         groups = c.buf.groups
@@ -714,7 +755,9 @@ class Stepper:
                 return False
         return True
 
-    def _apply_flat(self, owner, buf, c, ls=NO_LOSS):
+    def _apply_flat(
+        self, owner: StepOwner, buf: FlatBuffer, c: _FlatCache, ls: _Loss = NO_LOSS
+    ) -> bool:
         hp = self.hooks.hyperparams(owner)
         if not self._finite_flat(owner, buf):
             return False
@@ -729,7 +772,7 @@ class Stepper:
         self._commit(owner, launch, kbuf)
         return True
 
-    def _build_flat_cache(self, owner, buf, be):
+    def _build_flat_cache(self, owner: StepOwner, buf: FlatBuffer, be: ModuleType) -> _FlatCache:
         c = _FlatCache()
         kinds = self.hooks.kinds(owner)
         names, slots = kinds.slots, RULES[self.rule].state
@@ -759,7 +802,9 @@ class Stepper:
             c.pins = Pins(list(arrays) + [a for f in self.state.flat for a in f.values()])
         return c
 
-    def _validate_flat(self, owner, buf, write_grad=False):
+    def _validate_flat(
+        self, owner: StepOwner, buf: FlatBuffer, write_grad: bool = False
+    ) -> ModuleType:
         kinds = self.hooks.kinds(owner)
         layout = buf.layout
         if self.state.layout is not None:
@@ -848,7 +893,7 @@ class Stepper:
         check_no_overlap(entries)
         return be
 
-    def _finite(self, owner, named_grads):
+    def _finite(self, owner: StepOwner, named_grads: Iterable[tuple[str, Any]]) -> bool:
         """Apply the non-finite policy: True to go on, False to skip, or raise."""
         if owner.nonfinite is None:
             return True
@@ -857,7 +902,7 @@ class Stepper:
                 return self._nonfinite_found(owner, name, g)
         return True
 
-    def _finite_flat(self, owner, buf):
+    def _finite_flat(self, owner: StepOwner, buf: FlatBuffer) -> bool:
         if owner.nonfinite is None:
             return True
         for group in buf.groups:
@@ -873,7 +918,7 @@ class Stepper:
                 return self._nonfinite_found(owner, bad, buf.grads.get(bad, group.grad))
         return True
 
-    def _nonfinite_found(self, owner, name, g):
+    def _nonfinite_found(self, owner: StepOwner, name: str, g: Any) -> bool:
         if owner.nonfinite == "skip":
             return False
         h = to_numpy(g)

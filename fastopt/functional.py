@@ -122,7 +122,11 @@ class StepPlan:
             hs = spec.replay_host_state(hp, step)
         self.be, self.rule, self.step, self.hp, self.hs = be, rule, step, hp, hs
         self.flags, self.k = spec.variant_and_scalars(hp, step, hs)
-        self.hs_after = spec.advance_host_state(hp, step, hs) if hs and device is None else hs
+        self.hs_after: dict[str, Any] | None = (
+            spec.advance_host_state(hp, step, hs)
+            if hs and device is None
+            else (None if hs is None else dict(hs))
+        )
         self.inv_scale, self.scale = inv_scale, scale
         self.key = storage.step_key(int(seed), step)
         # a capturable step: the scalars in device memory (fastopt._capture.DeviceScalars)

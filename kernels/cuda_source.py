@@ -239,7 +239,7 @@ def raw_source(
     state = RULES[rule].state
     arrays, scalars = raw_args(rule, flags)
 
-    def lane(ref):
+    def lane(ref: Callable[[str], str]) -> list[str]:
         lines = [f"T p_ = {ref('param')};"]
         for i, (s, u) in enumerate(zip(state, used)):
             # an unused slot is a dead local: the variant's body never reads or writes it
@@ -279,7 +279,7 @@ def storage_source() -> str:
     return Path(__file__).with_name("storage.cuh").read_text()
 
 
-def _ld(kind, compute, ref):
+def _ld(kind: str, compute: str, ref: str) -> str:
     if kind == "bfloat16":
         return f"fastopt_bf16_load({ref})"
     if kind == "float16":
@@ -287,7 +287,7 @@ def _ld(kind, compute, ref):
     return ref if kind == compute else f"(C)({ref})"
 
 
-def _st(kind, compute, value, sr=None):
+def _st(kind: str, compute: str, value: str, sr: str | None = None) -> str:
     if kind == "bfloat16":
         return f"fastopt_bf16_store_sr({value}, {sr})" if sr else f"fastopt_bf16_store({value})"
     if kind == "float16":
@@ -447,7 +447,7 @@ def mixed_source(
     params += [f"{t} {n}" for t, n in scalars] + ["const long long n"]
     width = mixed_width(io, rule, flags) if vector else 1
 
-    def lane(ref, index):
+    def lane(ref: Callable[[str], str], index: str) -> list[str]:
         return mixed_lane(rule, flags, io, ref, index)
 
     out = [

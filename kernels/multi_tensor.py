@@ -46,7 +46,7 @@ Nothing here imports CuPy: the CPU harness and the compile checks build the same
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -139,7 +139,7 @@ def decode(
     return t, lo, np.minimum(lo + chunk, n)
 
 
-def _check_chunk(chunk):
+def _check_chunk(chunk: object) -> None:
     if not (isinstance(chunk, int) and 8 <= chunk <= 1 << 30 and chunk % 8 == 0):
         raise ValueError(f"chunk={chunk!r}: expected a multiple of 8 in [8, 2^30]")
 
@@ -174,7 +174,7 @@ def arguments(
     return out
 
 
-def _row_pointers(arrays, col):
+def _row_pointers(arrays: Sequence[tuple[str, str, bool]], col: Mapping[str, int]) -> list[str]:
     """Unindented declarations of each array's chunk pointer from the row ``row_``."""
     out = []
     for a, k, w in arrays:
@@ -198,7 +198,7 @@ def source(
     width = cuda_source.mixed_width(io, rule, flags)
     factors = ("clip_",) if clip else ()
 
-    def lane(ref, index):
+    def lane(ref: Callable[[str], str], index: str) -> list[str]:
         return cuda_source.mixed_lane(rule, flags, io, ref, index, factors)
 
     params = ", ".join(f"{t} {n}" for t, n in arguments(rule, flags, io, clip))
