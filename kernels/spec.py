@@ -58,6 +58,7 @@ __all__ = [
     "DOMAINS",
     "HELPERS",
     "REPLAY_LIMIT",
+    "Elem",
     "Hyper",
     "Rule",
     "Slot",
@@ -89,8 +90,10 @@ FlagsOf = Callable[[Hyperparams, Real, HostState | None], dict[str, bool]]
 ScalarsOf = Callable[[Hyperparams, Real, HostState | None], Mapping[str, Real]]
 #: ``advance(hp, step, hs)``: the host state after step ``step``
 Advance = Callable[[Hyperparams, Real, dict[str, Real]], Mapping[str, Real]]
+#: the per-element function of a variant: ``rule(p, g, s0, .., k) -> (p, s0, ..)``
+Elem = Callable[..., tuple[Real, ...]]
 #: ``make_rule(**flags)``: the per-element function of a variant
-MakeRule = Callable[..., Callable[..., Any]]
+MakeRule = Callable[..., Elem]
 #: ``check(hp)``: constraints between hyperparameters (raises ValueError)
 Check = Callable[[dict[str, Any]], None]
 
