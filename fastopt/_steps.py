@@ -802,10 +802,9 @@ class Stepper:
             c.pins = Pins(list(arrays) + [a for f in self.state.flat for a in f.values()])
         return c
 
-    def _validate_flat(
-        self, owner: StepOwner, buf: FlatBuffer, write_grad: bool = False
-    ) -> ModuleType:
-        kinds = self.hooks.kinds(owner)
+    def _check_flat_layout(self, owner: StepOwner, buf: FlatBuffer, kinds: StateKinds) -> None:
+        """The FlatBuffer's layout against the one the state was bound to, or against a state
+        loaded before the first step."""
         layout = buf.layout
         if self.state.layout is not None:
             if self.state.layout[0] != "flat":
@@ -843,6 +842,12 @@ class Stepper:
             )
             for dt, n, _, _, shape in layout:
                 self.state.check_against(n, tuple(shape), np.dtype(dt), kinds, type(owner).__name__)
+
+    def _validate_flat(
+        self, owner: StepOwner, buf: FlatBuffer, write_grad: bool = False
+    ) -> ModuleType:
+        kinds = self.hooks.kinds(owner)
+        self._check_flat_layout(owner, buf, kinds)
         self.hooks.hyperparams(owner)
         arrays = []
         for i, g in enumerate(buf.groups):
