@@ -5,7 +5,8 @@ A subclass names the rule it runs (``_rule``, a name in ``kernels.RULES``), the 
 hyperparameters it pins (``_pinned``, e.g. AdamW's ``decoupled_weight_decay=True``) and its
 constructor with ``torch.optim``'s signature; its hyperparameters, fixed flags, domains, state
 buffers and their initial values all come from the rule spec. How a step checks and launches lives
-in ``fastopt._steps``; state creation and ``state_dict`` checks in ``fastopt._state``.
+in ``fastopt._steps`` (a ``Stepper`` the optimizer owns, handed ``STEP_HOOKS``); state creation
+and ``state_dict`` checks in ``fastopt._state``.
 
 Every optimizer also takes the mixed-precision keywords (``fastopt.precision``):
 ``state_dtype`` (None: the param dtype; "float32"; "bfloat16"), ``master_weights`` (an fp32
