@@ -15,8 +15,7 @@ Which buffers a parameter keeps, and in which dtype, is the optimizer's storage 
 (``StateKinds``: the rule's slots, ``state_dtype``, ``master_weights``). The step machinery
 (``fastopt._steps.Stepper``) and ``state_dict``/``load_state_dict`` (``fastopt.base``) read and
 change the state only through this class's methods. A state dict carries the host state as torch
-does:
-per parameter, under torch's names, as 0-d float32 arrays (every parameter holds the same
+does: per parameter, under torch's names, as 0-d float32 arrays (every parameter holds the same
 values; a loaded state dict whose parameters disagree is refused).
 """
 
