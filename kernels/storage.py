@@ -6,8 +6,8 @@ widen each value to the compute dtype before the rule sees it and their stores r
 result back to the array's storage dtype, so every rule gets mixed precision without an edit.
 
 ``IO`` is the storage format of one launch: the storage dtype of the param, the grad and the
-state slots, whether an fp32 master copy of the param is kept (``master``), whether the param store
-rounds stochastically (``sr``), and the extras a launch may carry: the gradient's loss scale
+state slots, whether an fp32 master copy of the param is kept (``master``), whether the param
+store rounds stochastically (``sr``), and the extras a launch may carry: the gradient's loss scale
 (``scale``: a host scalar, or a device scalar read in the kernel), a device ``found_inf`` flag
 read in the kernel, host scalars read from a device buffer (``kbuf``, capturable steps), and a
 write-back of the unscaled gradient (``write_grad``). ``IO()`` with every array in the compute

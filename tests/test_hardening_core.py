@@ -9,8 +9,8 @@ Four families, each closed at its root (ARCHITECTURE.md, "How a step flows"):
 2. a call refused after it wrote: every fallible computation (host scalars, the host state
    after the step, the step count) is planned before the first write (``StepPlan``,
    ``Rule.variant_and_scalars``), and the step count and host state are committed after the
-launches; 3. ndarray subclasses: viewed as plain arrays (``np.matrix``, ``np.memmap``, any subclass)
-or
+   launches;
+3. ndarray subclasses: viewed as plain arrays (``np.matrix``, ``np.memmap``, any subclass) or
    refused (a masked array) at every door;
 4. valid input refused: the state dict and checkpoint of a master-weights optimizer over mixed
    bfloat16 and float32 params.
