@@ -493,7 +493,7 @@ class Stepper:
         the device): read here, on the host."""
         return ls.found_dev is not None and not _capture.supports(be) and found(ls.found_dev)
 
-    def _launch(
+    def _plan(
         self, owner: StepOwner, be: ModuleType, hp: dict[str, Any], ls: _Loss, like: Any
     ) -> tuple[StepPlan, bool]:
         """The ``StepPlan`` of this step, and whether its scalars live on the device (a
@@ -510,7 +510,7 @@ class Stepper:
         rhp = self.hooks.rule_hp(owner, hp)
         if owner.capturable and _capture.supports(be):
             ds, issued = self.hooks.device(owner, be, rhp, like)
-            launch = StepPlan(
+            plan = StepPlan(
                 be,
                 self.rule,
                 issued + 1,  # the steps issued (the device holds the steps taken)
@@ -524,8 +524,8 @@ class Stepper:
             )
             ds.upload(rhp)
             ds.advance(like, ls.found_dev)
-            return launch, True
-        launch = StepPlan(
+            return plan, True
+        plan = StepPlan(
             be,
             self.rule,
             owner.step_count + 1,
@@ -535,7 +535,7 @@ class Stepper:
             scale=ls.scale_dev,
             seed=owner.seed,
         )
-        return launch, False
+        return plan, False
 
     def _apply_dict(
         self,
@@ -554,12 +554,12 @@ class Stepper:
         assert c is not None, "a dict step launches after its cache is built"
         if ls.skip or self._device_flag_set(c.be, ls):
             return False
-        launch, kbuf = self._launch(owner, c.be, hp, ls, todo[0][0].pflat)
+        plan, kbuf = self._plan(owner, c.be, hp, ls, todo[0][0].pflat)
         writes = c.writes
-        runs = [launch.runner(e.dtype, writes, e.io_for(ls, kbuf)) for e, _ in todo]
+        runs = [plan.runner(e.dtype, writes, e.io_for(ls, kbuf)) for e, _ in todo]
         for run, (e, g) in zip(runs, todo):
             run(e.pflat, g, e.sflat, e.mflat, e.salt)
-        self._commit(owner, launch, kbuf)
+        self._commit(owner, plan, kbuf)
         return True
 
     def _check_plan(self, owner: StepOwner, be: ModuleType, hp: dict[str, Any]) -> None:
@@ -567,7 +567,7 @@ class Stepper:
         host state a first step would create, and raise its ``ValueError`` now: before the state is
         created
         and bound, so that a first step that cannot be planned leaves the optimizer as it was.
-        (Later steps plan in ``_launch``, before their first write.)"""
+        (Later steps plan in ``_plan``, before their first write.)"""
         if owner.capturable and _capture.supports(be):
             return  # the device computes the scalars
         spec, rhp = RULES[self.rule], self.hooks.rule_hp(owner, hp)
@@ -578,13 +578,13 @@ class Stepper:
         spec.variant_and_scalars(rhp, step, hs)
         spec.advance_host_state(rhp, step, hs)
 
-    def _commit(self, owner: StepOwner, launch: StepPlan, on_device: bool) -> None:
+    def _commit(self, owner: StepOwner, plan: StepPlan, on_device: bool) -> None:
         """After an applied step's launches: the step count and the host state (both computed
         by the ``StepPlan``, before anything was written; a capturable step advances the host
         state on the device)."""
-        self.hooks.commit_count(owner, launch.step, on_device)  # on the device: the steps issued
+        self.hooks.commit_count(owner, plan.step, on_device)  # on the device: the steps issued
         if not on_device:
-            self.state.advance_host(launch.hs_after)
+            self.state.advance_host(plan.hs_after)
 
     def _update_full(self, owner: StepOwner, params: Any, grads: Any, ls: _Loss = NO_LOSS) -> bool:
         if not isinstance(params, Mapping) or not isinstance(grads, Mapping):
@@ -763,13 +763,13 @@ class Stepper:
             return False
         if ls.skip or self._device_flag_set(c.be, ls):
             return False
-        launch, kbuf = self._launch(owner, c.be, hp, ls, c.datas[0])
+        plan, kbuf = self._plan(owner, c.be, hp, ls, c.datas[0])
         runs = [
-            launch.runner(d.dtype, c.writes, e.io_for(ls, kbuf)) for d, e in zip(c.datas, c.entries)
+            plan.runner(d.dtype, c.writes, e.io_for(ls, kbuf)) for d, e in zip(c.datas, c.entries)
         ]
         for run, d, gr, states, m, e in zip(runs, c.datas, c.grads, c.states, c.masters, c.entries):
             run(d, gr, states, m, e.salt)
-        self._commit(owner, launch, kbuf)
+        self._commit(owner, plan, kbuf)
         return True
 
     def _build_flat_cache(self, owner: StepOwner, buf: FlatBuffer, be: ModuleType) -> _FlatCache:
