@@ -82,6 +82,12 @@ def test_a_pickled_optimizer_gets_a_fresh_stepper():
     new = pickle.loads(pickle.dumps(opt))
     assert new._stepper is not opt._stepper and new._stepper.dict_cache is None
     assert new._stepper.state is new._st
+    d = opt.__getstate__()
+    d["_dict_cache"] = d["_flat_cache"] = None  # pickled when the caches were the optimizer's
+    older = object.__new__(fastopt.Adam)
+    older.__setstate__(d)
+    assert not {"_dict_cache", "_flat_cache"} & set(older.__dict__)
+    assert older._stepper.state is older._st
     g = {"x": rng.standard_normal(6)}
     p_old, p_new = {"x": p["x"].copy()}, {"x": p["x"].copy()}
     opt.update(p_old, g)
