@@ -65,6 +65,7 @@ import numpy as np
 import torch
 from torch.autograd.graph import increment_version
 
+from .. import _capture
 from .. import optimizers as _optimizers
 from .._arrays import as_xp_array
 from ..backends import get_backend
@@ -73,9 +74,10 @@ from ..functional import Launch
 from ..kernels import RULES
 from ..kernels.spec import host_precision, host_round
 from ..kernels.storage import io_for
-from . import _dtensor
+from . import _device, _dtensor
 from ._compat import TorchContract, hp_value
 from ._memory import check_backed, check_no_overlap, check_written, plain_type
+from ._device import Amp, is_device_tensor, stream_of
 from ._steady import Steady
 
 __all__ = ["CPUOffload", "FusedOptimizer", *_optimizers.CLASSES, "Adagrad", "RMSprop"]
@@ -112,19 +114,19 @@ class FusedOptimizer(TorchContract, torch.optim.Optimizer):
     _fastopt = None
     _step_supports_amp_scaling = True
 
-    def __init__(self, params, defaults, backend="auto"):
+    def __init__(self, params, defaults, backend="auto", max_grad_norm=None):
         if not isinstance(backend, str):
             raise TypeError(f"backend must be a string, got {type(backend).__name__}")
         if backend != "auto":
             get_backend(backend)  # unknown or unavailable: refuse now
-        for key in ("differentiable", "capturable"):
-            if defaults.get(key):
-                raise NotImplementedError(
-                    f"{type(self).__name__}({key}=True) is not supported by fastopt.torch; "
-                    f"use torch.optim.{type(self).__name__} for {key} steps"
-                )
+        if defaults.get("differentiable"):
+            raise NotImplementedError(
+                f"{type(self).__name__}(differentiable=True) is not supported by fastopt.torch; "
+                f"use torch.optim.{type(self).__name__} for differentiable steps"
+            )
         self._check_group(defaults, "the defaults")
         self.backend = backend
+        self.max_grad_norm = _check_max_norm(max_grad_norm, type(self).__name__)
         super().__init__(params, defaults)
 
     # -- hyperparameters -------------------------------------------------------------------------
@@ -144,9 +146,11 @@ class FusedOptimizer(TorchContract, torch.optim.Optimizer):
 
     def _check_group(self, group, what):
         try:
-            type(self)._rule_hp(group)
+            hp = type(self)._rule_hp(group)
         except (TypeError, ValueError) as exc:
             raise type(exc)(f"{type(self).__name__}: {what}: {exc}") from None
+        if group.get("capturable"):
+            _check_capturable(type(self), hp, what)
 
     def add_param_group(self, param_group):
         merged = dict(self.defaults, **{k: v for k, v in param_group.items() if k != "params"})
@@ -154,14 +158,16 @@ class FusedOptimizer(TorchContract, torch.optim.Optimizer):
         super().add_param_group(param_group)
 
     # -- state -----------------------------------------------------------------------------------
-    def _new_state(self, p, spec, hp, slots, master=False):
+    def _new_state(self, p, spec, hp, slots, master=False, step_device=None):
         """``state[p]`` as torch creates it on a parameter's first step (torch's keys: a step
         count where torch keeps one, the state buffers ``slots``, host scalars as 0-d
         tensors), not yet stored: ``_run_plan`` stores it once every check of the step has
-        passed. Empty for a parameter that needs none, as in torch (SGD without momentum)."""
+        passed. Empty for a parameter that needs none, as in torch (SGD without momentum).
+        ``step_device``: where the step count lives (a capturable group's on a GPU: the
+        parameter's device, as torch's capturable optimizers keep it; else the CPU)."""
         new = {}
         if type(self)._keeps_step:
-            new["step"] = torch.tensor(0.0, dtype=torch.float32)
+            new["step"] = torch.tensor(0.0, dtype=torch.float32, device=step_device)
         # with a master copy the state is float32 too (16-bit states would undo the master)
         sdtype = torch.float32 if master else p.dtype
         for s in spec.slots:
@@ -178,8 +184,14 @@ class FusedOptimizer(TorchContract, torch.optim.Optimizer):
     # -- the step --------------------------------------------------------------------------------
     @torch._disable_dynamo  # opaque to torch.compile: a graph break, the step run eagerly
     @torch.no_grad()
-    def step(self, closure=None):
+    def step(self, closure=None, grad_scale=None, found_inf=None):
         """One fused step over every parameter with a gradient (``closure`` as in torch).
+
+        ``grad_scale`` and ``found_inf``: torch's protocol for fused optimizers
+        (``_step_supports_amp_scaling``; ``torch.amp.GradScaler`` sets them as attributes of
+        the optimizer, or pass them here): the gradients are unscaled in the update pass and a
+        nonzero ``found_inf`` skips the step. On a GPU in a ``capturable=True`` optimizer both
+        are read by the kernels, never on the host.
 
         Every group is checked (its cached launch re-checked, or every tensor checked in full)
         and every host value computed before the first write; a refused step changes nothing."""
@@ -187,33 +199,162 @@ class FusedOptimizer(TorchContract, torch.optim.Optimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
-        found_inf = getattr(self, "found_inf", None)
-        if found_inf is not None and float(found_inf) != 0:
-            return loss  # GradScaler found inf/NaN: nothing changes, as torch's fused step
-        inv_scale = _inv_scale(getattr(self, "grad_scale", None), type(self).__name__)
+        if grad_scale is None:
+            grad_scale = getattr(self, "grad_scale", None)
+        if found_inf is None:
+            found_inf = getattr(self, "found_inf", None)
+        who = type(self).__name__
+        # on the device: every group capturable on a GPU (the step counts live there too)
+        on_device = self._device_scalars_only()
+        amp = Amp()
+        if found_inf is not None:
+            if on_device and is_device_tensor(found_inf):
+                amp.found_inf = found_inf
+            elif float(found_inf) != 0:
+                return loss  # GradScaler found inf/NaN: nothing changes, as torch's fused step
+        if grad_scale is not None:
+            if on_device and is_device_tensor(grad_scale):
+                amp.scale = grad_scale
+            else:
+                amp.inv_scale = _inv_scale(grad_scale, who)
+        # a CPU launch scales the gradient by one host factor (1/grad_scale, the clip
+        # coefficient): whether it has one is known now, its value once the grads are checked
+        scaled = amp.inv_scale is not None or self.max_grad_norm is not None
         spec = RULES[type(self)._fastopt._rule]
         steady = self.__dict__.setdefault("_steady", {})
         plans = []
         for i, group in enumerate(self.param_groups):
-            hp = type(self)._rule_hp(group)
+            hp = self._group_hp(i, group)
             cached = steady.get(i)
             if cached is not None:  # the same tensors as a checked step before: re-checks only
-                checked = cached.check(self, group, spec, hp, inv_scale)
+                checked = cached.check(self, group, spec, hp, scaled)
                 if checked is not None:
                     plans.append((cached, hp, checked))
                     continue
                 del steady[i]
-            plans.append(self._plan_group(group, i, spec, hp, inv_scale))
-        self._check_overlap(plans, spec, inv_scale)
+            plans.append(self._plan_group(group, i, spec, hp, amp))
+        self._check_overlap(plans, spec, amp)
+        if self.max_grad_norm is not None:
+            self._clip(plans, amp)
         for plan in plans:  # every group checked before any is stepped
             if isinstance(plan, _Plan):
                 self._run_plan(plan)
             else:
                 cached, hp, checked = plan
-                cached.run(spec, hp, *checked, inv_scale)
+                cached.run(spec, hp, *checked, amp)
         return loss
 
-    def _check_overlap(self, plans, spec, inv_scale):
+    def _group_hp(self, index, group):
+        """``_rule_hp`` of a param group; a capturable group's learning rate held in a device
+        tensor is read once (its first step) and never again: the step copies it into the
+        device scalars on the device (``_device.DeviceLaunch``)."""
+        lr = group.get("lr")
+        if group.get("capturable") and is_device_tensor(lr):
+            seen = self.__dict__.setdefault("_lr_seen", {})
+            key = (index, id(lr))
+            if key not in seen:
+                seen.clear() if len(seen) > 64 else None
+                seen[key] = float(lr)
+            return type(self)._rule_hp(dict(group, lr=seen[key]))
+        return type(self)._rule_hp(group)
+
+    def _device_scalars_only(self):
+        """Does every parameter with a gradient sit in a capturable group on a backend that
+        computes the scalars on the device (``_capture.supports``)? Then the step reads
+        ``grad_scale`` and ``found_inf`` in its kernels."""
+        seen = False
+        for group in self.param_groups:
+            for p in group["params"]:
+                if p.grad is None:
+                    continue
+                if not group.get("capturable") or not self._on_device(p.device):
+                    return False
+                seen = True
+        return seen
+
+    def _on_device(self, device):
+        """Does ``device``'s backend launch tables and compute scalars on the device?"""
+        be = self._backend_module(device)
+        return hasattr(be, "launch_table") and _capture.supports(be)
+
+    def _backend_module(self, device):
+        """The backend module that steps tensors on ``device``."""
+        return get_backend(self._backend_for(device))
+
+    def _clip(self, plans, amp):
+        """The clip coefficient of ``max_grad_norm`` from the global norm of the step's
+        (unscaled) gradients: on the CPU one ``torch._foreach_norm`` per gradient dtype, folded
+        into the launches' host factor; on a GPU ``GradNorm`` over tables of the gradients (one
+        reduction pass per dtype and one block to finish), read by the update kernels
+        (``Amp.norm``), no synchronisation."""
+        grads = []
+        for plan in plans:
+            if isinstance(plan, _Plan):
+                grads += [lg for b in plan.buckets for _, _, lg, _, _ in b.items]
+            else:
+                grads += [p.grad for p in plan[0].params]
+        if not grads:
+            return
+        devices = {g.device for g in grads}
+        if len(devices) > 1:
+            raise NotImplementedError(
+                f"{type(self).__name__}(max_grad_norm=...): gradients on {sorted(map(str, devices))}"
+                "; the global norm is taken on one device"
+            )
+        device = next(iter(devices))
+        if self._table_backend(device) is not None:
+            amp.norm = self._device_norm(grads, device, amp)
+            return
+        by_dtype = {}
+        for g in grads:
+            by_dtype.setdefault(g.dtype, []).append(g)
+        norms = []
+        for dt, gs in by_dtype.items():
+            acc = torch.float64 if dt is torch.float64 else torch.float32
+            norms += torch._foreach_norm(gs, 2, dtype=acc)
+        total = float(torch.linalg.vector_norm(torch.stack([n.double() for n in norms])))
+        inv = 1.0 if amp.inv_scale is None else amp.inv_scale
+        total *= inv  # the norm of the unscaled gradients
+        coef = min(self.max_grad_norm / (total + 1e-6), 1.0) if total == total else total
+        amp.inv_scale = inv * coef
+
+    def _table_backend(self, device):
+        """The backend module of ``device`` when it launches multi-tensor tables, else None."""
+        be = self._backend_module(device)
+        return be if hasattr(be, "launch_table") else None
+
+    def _device_norm(self, grads, device, amp):
+        """The ``GradNorm`` of ``grads`` on ``device`` (cached with its tables, their gradient
+        column refreshed), launched on torch's current stream."""
+        be = self._table_backend(device)
+        spec = RULES[type(self)._fastopt._rule]
+        nslots = len(spec.state)
+        scale = "device" if amp.scale is not None else "host" if amp.inv_scale is not None else None
+        by_dtype = {}
+        for g in grads:
+            by_dtype.setdefault(g.dtype, []).append(g)
+        key = (device, scale, tuple((dt, len(gs)) for dt, gs in by_dtype.items()))
+        cached = self.__dict__.get("_norm")
+        if cached is None or cached[0] != key:
+            tables = [
+                be.tensor_table(
+                    spec.name, io_for(_KINDS[dt]), [(g, g, [None] * nslots, None) for g in gs]
+                )
+                for dt, gs in by_dtype.items()
+            ]
+            cached = self.__dict__["_norm"] = (key, tables, be.GradNorm(tables, scale))
+        _, tables, gn = cached
+        for t, gs in zip(tables, by_dtype.values()):
+            t.set_column("grad", [g.data_ptr() for g in gs])
+        extras = {}
+        if amp.scale is not None:
+            extras["scale"] = amp.scale
+        elif amp.inv_scale is not None:
+            extras["inv_scale"] = amp.inv_scale
+        gn(self.max_grad_norm, extras, stream_of(device))
+        return gn
+
+    def _check_overlap(self, plans, spec, amp):
         """No tensor the step writes shares memory with another tensor of the step, across
         every group (``_memory.check_no_overlap``). When every group rides its cached launch,
         only the gradients can have moved: their spans are checked against the cached written
@@ -229,7 +370,7 @@ class FusedOptimizer(TorchContract, torch.optim.Optimizer):
                 return
             self._steady.clear()
             plans[:] = [
-                self._plan_group(group, i, spec, type(self)._rule_hp(group), inv_scale)
+                self._plan_group(group, i, spec, self._group_hp(i, group), amp)
                 for i, group in enumerate(self.param_groups)
             ]
         entries = []
@@ -237,7 +378,7 @@ class FusedOptimizer(TorchContract, torch.optim.Optimizer):
             entries += plan.entries if isinstance(plan, _Plan) else plan[0].entries()
         check_no_overlap(entries)
 
-    def _plan_group(self, group, index, spec, hp, inv_scale):
+    def _plan_group(self, group, index, spec, hp, amp):
         """Check one group's tensors and state and compute each launch's host values, writing
         nothing (``_Plan``; ``_run_plan`` writes)."""
         cls = type(self)
@@ -246,7 +387,7 @@ class FusedOptimizer(TorchContract, torch.optim.Optimizer):
         names = spec.state
         # the error names of a parameter's tensors (``_memory.name_of``)
         what = {n: f"state {n!r}" for n in (*names, "master_param", "step", *spec.host_names)}
-        plan = _Plan(index, spec, hp, inv_scale)
+        plan = _Plan(index, spec, hp, amp)
         entries = plan.entries
         masters = self.__dict__.setdefault("_masters", {})
         # what an existing state must hold: the step count (where torch keeps one), every
@@ -271,7 +412,10 @@ class FusedOptimizer(TorchContract, torch.optim.Optimizer):
             state = self.state.get(p) or plan.new.get(p)
             fresh = not state
             if fresh:
-                state = self._new_state(p, spec, hp, slots, master)
+                on_dev = group.get("capturable") and self._on_device(lp.device)
+                state = self._new_state(
+                    p, spec, hp, slots, master, lp.device if on_dev else None
+                )
                 if state:
                     plan.new[p] = state
             else:
@@ -365,8 +509,10 @@ class FusedOptimizer(TorchContract, torch.optim.Optimizer):
         """The writes of one checked group (``_plan_group``): new state stored, master copies
         re-synced from parameters written since, then per bucket the launch, the step counts
         and host state advanced and the version counters of everything written bumped."""
-        spec, hp, inv_scale = plan.spec, plan.hp, plan.inv_scale
+        spec, hp, amp = plan.spec, plan.hp, plan.amp
+        inv_scale = amp.inv_scale
         names = spec.state
+        group = self.param_groups[plan.index]
         local = _dtensor.local
         for p, new in plan.new.items():
             self.state[p].update(new)
@@ -391,6 +537,32 @@ class FusedOptimizer(TorchContract, torch.optim.Optimizer):
                     wrappers.append(p)
                     wrappers += [state[n] for n, u in zip(names, used) if u]
             kind = _KINDS[b.dtype]
+            steps = [state["step"] for *_, state, _ in b.items if "step" in state]
+            be = self._table_backend(b.device)
+            dl = None
+            if be is not None and _address_table(tensors, len(used), b.master) is not None:
+                # a GPU: one launch over a table of the tensors (``_device``)
+                capturable = bool(group.get("capturable")) and _capture.supports(be)
+                if group.get("capturable") and not capturable:
+                    raise NotImplementedError(
+                        f"{type(self).__name__}(capturable=True): backend {be.NAME!r} computes "
+                        "no scalars on the device"
+                    )
+                base = io_for(kind, kind, "float32" if b.master else kind, master=b.master)
+                with host_precision(b.wide):
+                    dl = _device.launch(
+                        be, spec, b.flags, b.k, b.t, hp, group.get("lr"), base, tensors, amp,
+                        steps if capturable else [], b.device, capturable, b.t - 1, b.hs,
+                    )  # fmt: skip
+                launched = (dl.mt.rows, None, base)
+                if capturable:
+                    steps_on_device = steps
+                    steps = []
+            elif group.get("capturable") and b.device.type != "cpu":
+                raise NotImplementedError(
+                    f"{type(self).__name__}(capturable=True): parameters on {b.device} need a "
+                    "GPU backend that launches tables of contiguous tensors (cupy, numba-cuda)"
+                )
             io = io_for(
                 kind,
                 kind,
@@ -398,12 +570,13 @@ class FusedOptimizer(TorchContract, torch.optim.Optimizer):
                 master=b.master,
                 scale=None if inv_scale is None else "host",
             )
-            with host_precision(b.wide):
-                if io.plain:
-                    launched = self._launch(b, hp, used, tensors)
-                else:  # 16-bit storage, a master copy or the loss scale: the storage plans
-                    launched = self._launch_io(b, hp, used, tensors, io, inv_scale)
-            steps = [state["step"] for *_, state, _ in b.items if "step" in state]
+            if dl is None:
+                steps_on_device = []
+                with host_precision(b.wide):
+                    if io.plain:
+                        launched = self._launch(b, hp, used, tensors)
+                    else:  # 16-bit storage, a master copy or the loss scale: the storage plans
+                        launched = self._launch_io(b, hp, used, tensors, io, inv_scale)
             _set_scalars(steps, 1, add=True)
             hosts = []
             if spec.host_state:
@@ -414,17 +587,17 @@ class FusedOptimizer(TorchContract, torch.optim.Optimizer):
                     _set_scalars(ts, v)
                     hosts += ts
             written = [t for p, _, slots, m in tensors for t in (p, *slots, m) if t is not None]
-            increment_version(written + wrappers + steps + hosts)
+            increment_version(written + wrappers + steps + steps_on_device + hosts)
             for (p, *_), (lp, _, _, lm) in zip(b.items, tensors):
                 if lm is not None:
                     masters[p] = [lm, lp.data_ptr(), p._version]  # the cached path updates it
             if launched is not None and cache_as is not None:
-                self._cache(cache_as, spec, b, used, tensors, *launched)
+                self._cache(cache_as, spec, b, used, tensors, *launched, dl=dl)
 
     def _launch(self, b, hp, used, tensors):
         """One plain launch (every array in the parameters' dtype); ``(table, chunks, None)``
         when it went through one address table (the numba backend), else None."""
-        be = get_backend(self._backend_for(b.device))
+        be = self._backend_module(b.device)
         table = _address_table(tensors, len(used)) if be.NAME == "numba" else None
         if table is not None:
             # one launch over every tensor: a table of their lengths and addresses (checked
@@ -444,7 +617,7 @@ class FusedOptimizer(TorchContract, torch.optim.Optimizer):
         master copy, the gradient unscaled by ``inv_scale`` in the same pass (``p.grad`` stays
         as GradScaler left it). On the CPU one launch over every tensor (cached like
         ``_launch``'s), else one per tensor."""
-        be = get_backend(self._backend_for(b.device))
+        be = self._backend_module(b.device)
         launch = Launch(be, b.spec_name, b.t, hp, b.hs, inv_scale=inv_scale)
         writes = tuple(a is not None for a in tensors[0][2])
         table = _address_table(tensors, len(used), master=io.master) if be.NAME == "numba" else None
@@ -475,13 +648,14 @@ class FusedOptimizer(TorchContract, torch.optim.Optimizer):
                         orig.copy_(a)
         return None
 
-    def _cache(self, index, spec, b, used, tensors, table, chunks, io):
+    def _cache(self, index, spec, b, used, tensors, table, chunks, io, dl=None):
         """Keep the launch just made over ``table`` for param group ``index``'s next step
-        (``Steady``), when the group was launched whole and can be."""
+        (``Steady``; ``dl`` the GPU's ``_device.DeviceLaunch``), when the group was launched
+        whole and can be."""
         group = self.param_groups[index]
         np_dtype = None if io is not None else _DTYPES[b.dtype]
         cached = Steady.build(
-            self, group, index, spec, b.t, b.flags, used, tensors, table, chunks, np_dtype, io
+            self, group, index, spec, b.t, b.flags, used, tensors, table, chunks, np_dtype, io, dl
         )
         if cached is not None:
             self.__dict__.setdefault("_steady", {})[index] = cached
@@ -546,10 +720,10 @@ class _Plan:
     (``buckets``), the overlap entries of every tensor it touches, state to store (``new``) and
     master copies to re-sync (``resync``), for ``_run_plan`` to write."""
 
-    __slots__ = ("buckets", "entries", "hp", "index", "inv_scale", "new", "resync", "spec")
+    __slots__ = ("amp", "buckets", "entries", "hp", "index", "new", "resync", "spec")
 
-    def __init__(self, index, spec, hp, inv_scale):
-        self.index, self.spec, self.hp, self.inv_scale = index, spec, hp, inv_scale
+    def __init__(self, index, spec, hp, amp):
+        self.index, self.spec, self.hp, self.amp = index, spec, hp, amp
         self.buckets, self.entries, self.new, self.resync = [], [], {}, []
 
 
@@ -566,6 +740,36 @@ def _inv_scale(grad_scale, who):
             "scale underflowed to 0?); nothing was stepped"
         )
     return 1.0 / v
+
+
+def _check_max_norm(max_grad_norm, who):
+    """``max_grad_norm`` as a float (None: no clipping): finite and > 0."""
+    if max_grad_norm is None:
+        return None
+    if isinstance(max_grad_norm, bool) or not isinstance(max_grad_norm, (int, float)):
+        raise TypeError(f"{who}: max_grad_norm={max_grad_norm!r}; expected a number or None")
+    v = float(max_grad_norm)
+    if not (math.isfinite(v) and v > 0):
+        raise ValueError(f"{who}: max_grad_norm={v}; expected a finite number > 0")
+    return v
+
+
+def _check_capturable(cls, hp, what):
+    """A ``capturable=True`` group needs a rule whose host scalars the device computes
+    (``kernels.device_scalars``) and no host state carried per parameter."""
+    from ..kernels import device_scalars
+
+    spec = RULES[cls._fastopt._rule]
+    try:
+        device_scalars.trace(spec.name, hp)
+    except device_scalars.NotCapturable as exc:
+        raise NotImplementedError(f"{cls.__name__}(capturable=True): {what}: {exc}") from None
+    if spec.host_state:
+        raise NotImplementedError(
+            f"{cls.__name__}(capturable=True): {what}: fastopt.torch keeps "
+            f"{', '.join(spec.host_names)} per parameter on the host; use torch.optim."
+            f"{cls.__name__}(capturable=True)"
+        )
 
 
 def _check_param(p, g, label, entries):
@@ -770,6 +974,7 @@ def _make(cls):
         + extra
         + [
             inspect.Parameter("master_weights", inspect.Parameter.KEYWORD_ONLY, default=False),
+            inspect.Parameter("max_grad_norm", inspect.Parameter.KEYWORD_ONLY, default=None),
             inspect.Parameter("backend", inspect.Parameter.KEYWORD_ONLY, default="auto"),
         ]
     )
@@ -783,8 +988,9 @@ def _make(cls):
         params_, backend = a.pop("params"), a.pop("backend")
         # not a param-group key: the groups stay torch's, so state dicts load both ways
         self.master_weights = bool(a.pop("master_weights"))
+        max_grad_norm = a.pop("max_grad_norm")
         defaults = {**torch_defaults, **dict(cls._pinned), **a}
-        FusedOptimizer.__init__(self, params_, defaults, backend)
+        FusedOptimizer.__init__(self, params_, defaults, backend, max_grad_norm)
 
     __init__.__signature__ = new_sig
     doc = (cls.__doc__ or "").split("\n\n")

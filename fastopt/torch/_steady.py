@@ -52,6 +52,8 @@ class Steady:
     __slots__ = (
         "chunks",
         "container",
+        "device",
+        "dl",
         "dtype",
         "flags",
         "group",
@@ -71,6 +73,7 @@ class Steady:
         "slots",
         "states",
         "step_ptrs",
+        "step_vers",
         "steps",
         "t",
         "table",
@@ -82,6 +85,8 @@ class Steady:
 
     chunks: Any
     container: Any
+    device: Any
+    dl: Any
     dtype: Any
     flags: Any
     group: Any
@@ -101,6 +106,7 @@ class Steady:
     slots: Any
     states: Any
     step_ptrs: Any
+    step_vers: Any
     steps: Any
     t: Any
     table: Any
@@ -111,12 +117,14 @@ class Steady:
 
     @classmethod
     def build(
-        cls, opt, group, index, spec, t, flags, used, tensors, table, chunks, np_dtype, io=None
-    ):
+        cls, opt, group, index, spec, t, flags, used, tensors, table, chunks, np_dtype, io=None,
+        dl=None,
+    ):  # fmt: skip
         """The cache of group ``index`` just launched through ``table`` (with the storage plan
-        ``io``, None for a plain launch), or None where the group's step cannot be repeated
-        this way (a parameter without a gradient, step counts or host state that are not
-        float32 CPU scalars)."""
+        ``io``, None for a plain launch; ``dl`` a GPU's ``_device.DeviceLaunch``, whose table
+        ``table`` is), or None where the group's step cannot be repeated this way (a parameter
+        without a gradient, step counts or host state that are not float32 CPU scalars, or
+        device step counts of a capturable group)."""
         from . import float32_scalars
 
         plist = group["params"]
@@ -128,7 +136,7 @@ class Steady:
         if any(a is not b for a, b in zip(self.params, plist)):
             return None
         p0 = self.params[0]
-        self.dtype, self.np_dtype = p0.dtype, np_dtype
+        self.dtype, self.np_dtype, self.device, self.dl = p0.dtype, np_dtype, p0.device, dl
         self.isz = p0.element_size()
         self.shapes = tuple(p.shape for p in self.params)
         self.nbytes = np.array([p.numel() * self.isz for p in self.params], dtype=np.int64)
@@ -155,10 +163,17 @@ class Steady:
             if None in self.masters:
                 return None
         steps = [None if st is None else st.get("step") for st in self.states]
+        self.step_vers = None
         if all(s is None for s in steps):
             # no step count (SGD): every step after the first is step 2 (its fresh buffers
             # exist), as ``_plan_group`` counts
             self.steps, self.step_ptrs, t = None, None, 2
+        elif dl is not None and dl.ds is not None:
+            # a capturable group: the counts live on the device, advanced there; re-checked
+            # by identity, address and version counter, never read
+            if any(s is None or s.device != p0.device for s in steps):
+                return None
+            self.steps, self.step_ptrs = tuple(steps), None
         elif float32_scalars(steps):
             self.steps = tuple(steps)
             self.step_ptrs = np.array([s.data_ptr() for s in steps], dtype=np.int64)
@@ -175,6 +190,8 @@ class Steady:
         self.host_ptrs = np.concatenate([h[2] for h in host]) if host else None
         self.t, self.flags, self.used = t, flags, used
         self.table, self.chunks = table, chunks
+        if dl is not None and dl.ds is not None and self.steps is not None:
+            self.step_vers = [s._version for s in self.steps]
         # everything a step writes (version counters bumped after it) and its byte spans
         self.written = [
             *self.params,
@@ -189,7 +206,9 @@ class Steady:
         # what ``check`` reads per parameter, as Python values: (param, shape, bytes, address,
         # state, slots as (key, tensor, address, dtype, itemsize, bytes), step count and its
         # address, host state as (key, tensor, address))
-        step_ptrs = [None] * len(self.params) if self.steps is None else self.step_ptrs.tolist()
+        step_ptrs = (
+            [None] * len(self.params) if self.step_ptrs is None else self.step_ptrs.tolist()
+        )
         self.rows = tuple(
             (
                 p,
@@ -246,14 +265,15 @@ class Steady:
             out += [(lbl, t, w, byte_span(t)) for lbl, t, w in tensors]
         return out
 
-    def check(self, opt, group, spec, hp, inv_scale=None):
+    def check(self, opt, group, spec, hp, scaled=False):
         """``(k, hs, new_hs)``, this step's host scalars, host state before it and after it,
         when every tensor is still the one cached and still backed by its storage (see the
-        module docstring), else None. Writes the gradients' addresses into the table."""
+        module docstring), else None. Writes the gradients' addresses into the table.
+        ``scaled``: the step's CPU launch multiplies the gradients by a host factor."""
         plist = group["params"]
-        scaled = self.io is not None and self.io.scale is not None
+        was_scaled = self.io is not None and self.io.scale is not None
         if (
-            (inv_scale is not None) != scaled
+            (self.dl is None and scaled != was_scaled)
             or group is not self.group
             or plist is not self.plist
             or len(plist) != len(self.params)
@@ -262,6 +282,7 @@ class Steady:
             return None
         t = self.t + 1 if self.steps is not None else self.t
         dt, state, isz, masters = self.dtype, opt.state, self.isz, self.masters
+        device, vers = self.device, self.step_vers
         plain = _PLAIN
         gptrs = []
         try:  # an opaque tensor (sparse, MKL-DNN) raises on its storage; a key deleted from
@@ -276,7 +297,7 @@ class Steady:
                     or g.dtype is not dt
                     or g.shape != shape
                     or not g.is_contiguous()
-                    or not g.is_cpu
+                    or g.device != device
                     or g.is_neg()
                     or g.untyped_storage().nbytes() < g.storage_offset() * isz + nb
                     or p.data_ptr() != pptr
@@ -305,7 +326,8 @@ class Steady:
                     return None
                 if s is not None and (
                     st["step"] is not s
-                    or s.data_ptr() != sptr
+                    or (sptr is not None and s.data_ptr() != sptr)
+                    or (vers is not None and s._version != vers[i])
                     or s.untyped_storage().nbytes() < s.storage_offset() * 4 + 4
                 ):
                     return None
@@ -320,7 +342,7 @@ class Steady:
         except (KeyError, NotImplementedError, RuntimeError):
             return None
         # the step counts and host state, read back through their (re-checked) addresses
-        if self.steps is not None and not (read_at(self.step_ptrs) == self.t).all():
+        if self.step_ptrs is not None and not (read_at(self.step_ptrs) == self.t).all():
             return None
         hs = new_hs = None
         if self.host:
@@ -336,14 +358,25 @@ class Steady:
             return None  # the full path refuses it with a clear error
         if flags != self.flags:
             return None
-        self.table[:, 2] = gptrs
+        if self.dl is not None:
+            self.dl.mt.set_column("grad", gptrs)  # the device copy refreshed if one moved
+        else:
+            self.table[:, 2] = gptrs
         return k, hs, new_hs
 
-    def run(self, spec, hp, k, hs, new_hs, inv_scale=None):
+    def run(self, spec, hp, k, hs, new_hs, amp):
         """The launch ``check`` cleared, then the step counts and the host state advanced and
-        the version counters of everything written bumped."""
+        the version counters of everything written bumped. ``amp``: the step's
+        ``_device.Amp`` (the host factor of a CPU launch; a GPU launch's device inputs)."""
         t = self.t + 1 if self.steps is not None else self.t
-        if self.io is None:
+        inv_scale = amp.inv_scale
+        on_device = self.dl is not None and self.dl.ds is not None
+        if self.dl is not None:
+            self.dl(
+                spec, self.flags, k, t, hp, self.group.get("lr"), amp,
+                list(self.steps) if on_device and self.steps else [], self.device,
+            )  # fmt: skip
+        elif self.io is None:
             numba_backend.launch_many(
                 spec.name, self.flags, self.used, self.np_dtype, self.table, self.chunks, k
             )
@@ -360,12 +393,15 @@ class Steady:
                 key=storage.step_key(0, t),
             )
         if self.steps is not None:
-            numba_backend.add_at(self.step_ptrs, 1.0)
+            if self.step_ptrs is not None:
+                numba_backend.add_at(self.step_ptrs, 1.0)
             self.t += 1
         if self.host:
             for name, _, ptrs in self.host:
                 numba_backend.fill_at(ptrs, new_hs[name])
         torch.autograd.graph.increment_version(self.written)
+        if on_device:
+            self.step_vers = [s._version for s in self.steps]
         if self.masters is not None:
             for p, rec in zip(self.params, self.masters):
                 rec[2] = p._version
