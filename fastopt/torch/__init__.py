@@ -77,7 +77,7 @@ from ..kernels.storage import io_for
 from . import _device, _dtensor
 from ._compat import TorchContract, hp_value
 from ._memory import check_backed, check_no_overlap, check_written, plain_type
-from ._device import Amp, is_device_tensor, stream_of
+from ._device import Amp, stream_of
 from ._steady import Steady
 
 __all__ = ["CPUOffload", "FusedOptimizer", *_optimizers.CLASSES, "Adagrad", "RMSprop"]
@@ -208,12 +208,12 @@ class FusedOptimizer(TorchContract, torch.optim.Optimizer):
         on_device = self._device_scalars_only()
         amp = Amp()
         if found_inf is not None:
-            if on_device and is_device_tensor(found_inf):
+            if on_device and self._device_tensor(found_inf):
                 amp.found_inf = found_inf
             elif float(found_inf) != 0:
                 return loss  # GradScaler found inf/NaN: nothing changes, as torch's fused step
         if grad_scale is not None:
-            if on_device and is_device_tensor(grad_scale):
+            if on_device and self._device_tensor(grad_scale):
                 amp.scale = grad_scale
             else:
                 amp.inv_scale = _inv_scale(grad_scale, who)
@@ -249,7 +249,7 @@ class FusedOptimizer(TorchContract, torch.optim.Optimizer):
         tensor is read once (its first step) and never again: the step copies it into the
         device scalars on the device (``_device.DeviceLaunch``)."""
         lr = group.get("lr")
-        if group.get("capturable") and is_device_tensor(lr):
+        if group.get("capturable") and self._device_tensor(lr):
             seen = self.__dict__.setdefault("_lr_seen", {})
             key = (index, id(lr))
             if key not in seen:
@@ -271,6 +271,10 @@ class FusedOptimizer(TorchContract, torch.optim.Optimizer):
                     return False
                 seen = True
         return seen
+
+    def _device_tensor(self, x):
+        """A tensor on a device whose step reads it in its kernels (``_on_device``)."""
+        return isinstance(x, torch.Tensor) and self._on_device(x.device)
 
     def _on_device(self, device):
         """Does ``device``'s backend launch tables and compute scalars on the device?"""
@@ -539,7 +543,7 @@ class FusedOptimizer(TorchContract, torch.optim.Optimizer):
             kind = _KINDS[b.dtype]
             steps = [state["step"] for *_, state, _ in b.items if "step" in state]
             be = self._table_backend(b.device)
-            dl = None
+            dl, steps_on_device = None, []
             if be is not None and _address_table(tensors, len(used), b.master) is not None:
                 # a GPU: one launch over a table of the tensors (``_device``)
                 capturable = bool(group.get("capturable")) and _capture.supports(be)
@@ -571,7 +575,6 @@ class FusedOptimizer(TorchContract, torch.optim.Optimizer):
                 scale=None if inv_scale is None else "host",
             )
             if dl is None:
-                steps_on_device = []
                 with host_precision(b.wide):
                     if io.plain:
                         launched = self._launch(b, hp, used, tensors)

@@ -29,11 +29,12 @@ from __future__ import annotations
 import dataclasses
 from typing import Any
 
+import numpy as np
 import torch
 
 from ..kernels import storage
 
-__all__ = ["Amp", "DeviceLaunch", "is_device_tensor", "launch", "stream_of"]
+__all__ = ["Amp", "DeviceLaunch", "flat", "is_device_tensor", "launch", "stream_context", "stream_of"]
 
 
 def is_device_tensor(x: Any) -> bool:
@@ -53,6 +54,26 @@ class Amp:
 
     def clip_for(self, compute: str) -> Any:
         return None if self.norm is None else self.norm.coef(compute)
+
+
+def flat(t: torch.Tensor) -> Any:
+    """A 1-element view of a 0-d or 1-element tensor (the kernels index ``[0]``): the tensor
+    on a GPU, a NumPy view on the CPU (a fake's device, the simulator)."""
+    v = t.detach().reshape(-1)
+    return v.numpy() if v.device.type == "cpu" else v
+
+
+def stream_context(device: torch.device) -> Any:
+    """CuPy's current stream set to torch's current stream on a CUDA ``device`` (the scalar
+    kernel and ``ctl`` writes follow it); a no-op elsewhere."""
+    import contextlib
+
+    if device.type != "cuda":
+        return contextlib.nullcontext()
+    from ..backends.cupy_backend import _stream_for
+
+    st = _stream_for(torch.cuda.current_stream(device).cuda_stream)
+    return st if st is not None else contextlib.nullcontext()
 
 
 def stream_of(device: torch.device) -> int | None:
@@ -109,19 +130,22 @@ class DeviceLaunch:
         ds = self.ds
         stream = stream_of(device)
         io = io_of(self.base, amp, ds is not None)
+        found = None if amp.found_inf is None else flat(amp.found_inf)
         extras: dict[str, Any] = {}
         if amp.inv_scale is not None:
             extras["inv_scale"] = amp.inv_scale
         if amp.scale is not None:
-            extras["scale"] = amp.scale
-        if amp.found_inf is not None:
-            extras["found_inf"] = amp.found_inf
+            extras["scale"] = flat(amp.scale)
+        if found is not None:
+            extras["found_inf"] = found
         if ds is not None:
-            ds.upload(hp)
-            if isinstance(lr, torch.Tensor):  # a device lr: copied on the device, never read
-                self.ctl_view()[self.lr_at].copy_(lr.reshape(()), non_blocking=True)
-            ds.advance(self.like, amp.found_inf)
-            extras.update(ds.extras(io.compute, amp.found_inf))
+            with stream_context(device):  # CuPy's current stream: torch's
+                ds.upload(hp)
+                if isinstance(lr, torch.Tensor) and lr.device == device:
+                    # a device lr: copied on the device (ctl is float64), never read
+                    self.ctl_view()[self.lr_at].copy_(lr.reshape(()), non_blocking=True)
+                ds.advance(self.like, found)
+            extras.update(ds.extras(io.compute, found))
         else:
             extras["key"] = storage.step_key(0, t)
         self.be.launch_table(
@@ -157,9 +181,10 @@ def launch(
 
     mt = be.tensor_table(spec.name, base, tensors)
     ds, lr_at = None, -1
-    like = tensors[0][0]
+    like = _cupy_like(tensors[0][0])
     if capturable:
-        ds = DeviceScalars(be, spec.name, hp, step0, hs, 0, _cupy_like(like))
+        with stream_context(device):
+            ds = DeviceScalars(be, spec.name, hp, step0, hs, 0, like)
         lr_at = 1 + _offset(spec, "lr")
     dl = DeviceLaunch(be, mt, base, like, ds, lr_at)
     dl(spec, flags, k, t, hp, lr, amp, steps, device)
@@ -167,13 +192,13 @@ def launch(
 
 
 def _cupy_like(t: torch.Tensor) -> Any:
-    """An array of ``t``'s memory of the array module ``DeviceScalars`` allocates with (NumPy
-    for a CPU tensor, a fake's device; CuPy for a CUDA tensor)."""
+    """A small float32 array on ``t``'s device, of the array module ``DeviceScalars``
+    allocates with (NumPy for a CPU tensor: a fake's device, the simulator; CuPy on a GPU)."""
     if t.device.type == "cpu":
-        return t.detach().numpy()
+        return np.zeros(1, np.float32)
     import cupy
 
-    return cupy.from_dlpack(t.detach())
+    return cupy.from_dlpack(torch.zeros(1, dtype=torch.float32, device=t.device))
 
 
 def _offset(spec: Any, name: str) -> int:
