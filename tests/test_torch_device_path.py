@@ -16,14 +16,14 @@ from __future__ import annotations
 
 import contextlib
 
-import numpy as np
 import pytest
 
 torch = pytest.importorskip("torch")
 pytestmark = pytest.mark.torch
 
-import fastopt.torch as fot  # noqa: E402
 from support import fake_table  # noqa: E402
+
+import fastopt.torch as fot  # noqa: E402
 
 SIZES = (0, 1, 7, 130, 4099)
 
@@ -71,7 +71,11 @@ def test_one_table_launch_per_group_and_plan_reused_by_the_steady_step(fake):
     each on step 1; later steps build no table and launch once per group; gradients replaced
     by new tensors move only the table's grad column; a state tensor replaced takes its group
     through the full checks (a new table). Params and state equal the CPU path's."""
-    groups = [_params(torch.float32), _params(torch.float64, seed=1), _params(torch.bfloat16, seed=2)]
+    groups = [
+        _params(torch.float32),
+        _params(torch.float64, seed=1),
+        _params(torch.bfloat16, seed=2),
+    ]
     twins = [[torch.nn.Parameter(p.detach().clone()) for p in g] for g in groups]
     kw = dict(lr=1e-2, weight_decay=0.1, master_weights=True)
     ours = fot.AdamW([{"params": g} for g in groups], **kw)
@@ -104,7 +108,8 @@ def test_one_table_launch_per_group_and_plan_reused_by_the_steady_step(fake):
     fake.clear()
     ours.step()
     ref.step()
-    assert len(fake.tables) == 1 and fake.tables[0].rows[2, 3] == ours.state[p]["exp_avg"].data_ptr()
+    assert len(fake.tables) == 1
+    assert fake.tables[0].rows[2, 3] == ours.state[p]["exp_avg"].data_ptr()
     _same_state(ours, ref, flat_ours, flat_ref, 1e-6, 1e-7)
 
 

@@ -76,8 +76,8 @@ from ..kernels.spec import host_precision, host_round
 from ..kernels.storage import io_for
 from . import _device, _dtensor
 from ._compat import TorchContract, hp_value
-from ._memory import check_backed, check_no_overlap, check_written, plain_type
 from ._device import Amp, stream_of
+from ._memory import check_backed, check_no_overlap, check_written, plain_type
 from ._steady import Steady
 
 __all__ = ["CPUOffload", "FusedOptimizer", *_optimizers.CLASSES, "Adagrad", "RMSprop"]
@@ -302,8 +302,8 @@ class FusedOptimizer(TorchContract, torch.optim.Optimizer):
         devices = {g.device for g in grads}
         if len(devices) > 1:
             raise NotImplementedError(
-                f"{type(self).__name__}(max_grad_norm=...): gradients on {sorted(map(str, devices))}"
-                "; the global norm is taken on one device"
+                f"{type(self).__name__}(max_grad_norm=...): gradients on "
+                f"{sorted(map(str, devices))}; the global norm is taken on one device"
             )
         device = next(iter(devices))
         if self._table_backend(device) is not None:
@@ -417,9 +417,7 @@ class FusedOptimizer(TorchContract, torch.optim.Optimizer):
             fresh = not state
             if fresh:
                 on_dev = group.get("capturable") and self._on_device(lp.device)
-                state = self._new_state(
-                    p, spec, hp, slots, master, lp.device if on_dev else None
-                )
+                state = self._new_state(p, spec, hp, slots, master, lp.device if on_dev else None)
                 if state:
                     plan.new[p] = state
             else:

@@ -258,7 +258,7 @@ class TorchContract(_Optimizer):
         keep = self.__dict__.pop("_load_keep", None)
         super().__setstate__(state)
         self.__dict__.pop("_steady", None)  # cached addresses belong to the old tensors
-        for name, default in (("backend", "auto"), ("master_weights", False), ("max_grad_norm", None)):
+        for name, default in zip(OPTIONS, ("auto", False, None)):
             self.__dict__.setdefault(name, default)
         upgrade(type(self), self.param_groups, self.state)
         if keep:  # torch's load cast them to 16 bits: the saved float32 values instead

@@ -34,12 +34,7 @@ import torch
 
 from ..kernels import storage
 
-__all__ = ["Amp", "DeviceLaunch", "flat", "is_device_tensor", "launch", "stream_context", "stream_of"]
-
-
-def is_device_tensor(x: Any) -> bool:
-    """A torch tensor in GPU memory (GradScaler's ``grad_scale``/``found_inf`` on CUDA)."""
-    return isinstance(x, torch.Tensor) and x.device.type != "cpu"
+__all__ = ["Amp", "DeviceLaunch", "flat", "launch", "stream_context", "stream_of"]
 
 
 @dataclasses.dataclass

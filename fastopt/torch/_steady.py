@@ -206,9 +206,7 @@ class Steady:
         # what ``check`` reads per parameter, as Python values: (param, shape, bytes, address,
         # state, slots as (key, tensor, address, dtype, itemsize, bytes), step count and its
         # address, host state as (key, tensor, address))
-        step_ptrs = (
-            [None] * len(self.params) if self.step_ptrs is None else self.step_ptrs.tolist()
-        )
+        step_ptrs = [None] * len(self.params) if self.step_ptrs is None else self.step_ptrs.tolist()
         self.rows = tuple(
             (
                 p,

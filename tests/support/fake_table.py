@@ -25,9 +25,9 @@ import types
 from typing import Any
 
 import numpy as np
+from fastopt.kernels import device_scalars, storage
 
 from fastopt.backends import _launch, numba_backend
-from fastopt.kernels import device_scalars, storage
 
 NAME = "fake-gpu"
 DEVICE = "cuda"
@@ -71,7 +71,7 @@ def _read(a: Any) -> np.ndarray[Any, Any]:
     return np.asarray(a).reshape(-1)
 
 
-def launch_table(rule, flags, io, table, k, extras=None, clip=None, stream=None):  # noqa: ANN001, ANN201
+def launch_table(rule, flags, io, table, k, extras=None, clip=None, stream=None):
     table.check(rule, flags, io)
     ex = dict(extras or {})
     calls.launches.append(
@@ -161,7 +161,7 @@ def scalar_kernel(program: Any) -> Any:
     exec(compile(src, "<fake scalar kernel>", "exec"), ns)
     fn = ns["factory"](storage.mix32)
 
-    def run(like, ctl, k32, k64, keyp, fi, seed):  # noqa: ANN001, ANN202
+    def run(like, ctl, k32, k64, keyp, fi, seed):
         calls.scalar_runs += 1
         fn(ctl, k32, k64, keyp, _read(fi), seed)
 
