@@ -60,6 +60,7 @@ rounded, the master takes the written value. A write that bypasses the version c
 
 import inspect
 import math
+from typing import Any
 
 import numpy as np
 import torch
@@ -111,8 +112,12 @@ def _torch_defaults(cls):
 class FusedOptimizer(TorchContract, torch.optim.Optimizer):
     """The ``torch.optim.Optimizer`` face of a fastopt optimizer class (``_fastopt``)."""
 
-    _fastopt = None
+    #: the fastopt class (set on each generated class, ``_make``)
+    _fastopt: Any = None
+    #: torch keeps a step count for the rule (no fresh slot), set by ``_make``
+    _keeps_step: bool = True
     _step_supports_amp_scaling = True
+    _steady: dict[int, Steady]
 
     def __init__(self, params, defaults, backend="auto", max_grad_norm=None):
         if not isinstance(backend, str):
@@ -309,10 +314,10 @@ class FusedOptimizer(TorchContract, torch.optim.Optimizer):
         if self._table_backend(device) is not None:
             amp.norm = self._device_norm(grads, device, amp)
             return
-        by_dtype = {}
+        by_dtype: dict[Any, list[Any]] = {}
         for g in grads:
             by_dtype.setdefault(g.dtype, []).append(g)
-        norms = []
+        norms: list[Any] = []
         for dt, gs in by_dtype.items():
             acc = torch.float64 if dt is torch.float64 else torch.float32
             norms += torch._foreach_norm(gs, 2, dtype=acc)
@@ -334,7 +339,7 @@ class FusedOptimizer(TorchContract, torch.optim.Optimizer):
         spec = RULES[type(self)._fastopt._rule]
         nslots = len(spec.state)
         scale = "device" if amp.scale is not None else "host" if amp.inv_scale is not None else None
-        by_dtype = {}
+        by_dtype: dict[Any, list[Any]] = {}
         for g in grads:
             by_dtype.setdefault(g.dtype, []).append(g)
         key = (device, scale, tuple((dt, len(gs)) for dt, gs in by_dtype.items()))
@@ -377,7 +382,7 @@ class FusedOptimizer(TorchContract, torch.optim.Optimizer):
                 self._plan_group(group, i, spec, self._group_hp(i, group), amp)
                 for i, group in enumerate(self.param_groups)
             ]
-        entries = []
+        entries: list[Any] = []
         for plan in plans:
             entries += plan.entries if isinstance(plan, _Plan) else plan[0].entries()
         check_no_overlap(entries)
@@ -401,7 +406,7 @@ class FusedOptimizer(TorchContract, torch.optim.Optimizer):
             + tuple(s.name for s in spec.slots if s.name in slots and not s.fresh)
             + spec.host_names
         )
-        buckets = {}
+        buckets: dict[Any, list[Any]] = {}
         for j, p in enumerate(group["params"]):
             g = p.grad
             if g is None:
@@ -413,7 +418,7 @@ class FusedOptimizer(TorchContract, torch.optim.Optimizer):
             lp = _dtensor.local(p)
             lg = _check_param(lp, _dtensor.local(g), label, entries)
             master = want_master and _KINDS[p.dtype] in ("float16", "bfloat16")
-            state = self.state.get(p) or plan.new.get(p)
+            state: Any = self.state.get(p) or plan.new.get(p)
             fresh = not state
             if fresh:
                 on_dev = group.get("capturable") and self._on_device(lp.device)
@@ -641,7 +646,9 @@ class FusedOptimizer(TorchContract, torch.optim.Optimizer):
                 row = [p, g, *slots, master]
                 # the gradient is contiguous (``_check_param``) and never written back
                 arrays = [a if a is None or a.is_contiguous() else a.contiguous() for a in row]
-                flat = [None if a is None else as_xp_array(_plain(a).view(-1)) for a in arrays]
+                flat: list[Any] = [
+                    None if a is None else as_xp_array(_plain(a).view(-1)) for a in arrays
+                ]
                 run = launch.runner(flat[0].dtype, writes, io)
                 run(flat[0], flat[1], tuple(flat[2:-1]), flat[-1], 0)
                 for orig, a in zip(row, arrays):
@@ -993,7 +1000,7 @@ def _make(cls):
         defaults = {**torch_defaults, **dict(cls._pinned), **a}
         FusedOptimizer.__init__(self, params_, defaults, backend, max_grad_norm)
 
-    __init__.__signature__ = new_sig
+    __init__.__signature__ = new_sig  # type: ignore[attr-defined]
     doc = (cls.__doc__ or "").split("\n\n")
     return type(
         cls.__name__,

@@ -162,7 +162,7 @@ class Steady:
             self.masters = tuple(opt.__dict__.get("_masters", {}).get(p) for p in self.params)
             if None in self.masters:
                 return None
-        steps = [None if st is None else st.get("step") for st in self.states]
+        steps: list[Any] = [None if st is None else st.get("step") for st in self.states]
         self.step_vers = None
         if all(s is None for s in steps):
             # no step count (SGD): every step after the first is step 2 (its fresh buffers
@@ -182,7 +182,7 @@ class Steady:
         # the host state: (name, each parameter's 0-d tensor, their addresses)
         host = []
         for name in spec.host_names:
-            ts = [None if st is None else st.get(name) for st in self.states]
+            ts: list[Any] = [None if st is None else st.get(name) for st in self.states]
             if not float32_scalars(ts):
                 return None
             host.append((name, tuple(ts), np.array([x.data_ptr() for x in ts], dtype=np.int64)))
@@ -253,7 +253,7 @@ class Steady:
         out = []
         for i, p in enumerate(self.params):
             label = f"parameter {i} of param group {self.index}"
-            tensors = [(label, p, True)]
+            tensors: list[tuple[Any, Any, bool]] = [(label, p, True)]
             if p.grad is not None:
                 tensors.append(((label, ".grad"), p.grad, False))
             tensors += [((label, f"state {x[0]!r}"), x[1], True) for x in self.slots[i]]
