@@ -20,8 +20,8 @@ reverse, mid-run. Parameters whose ``.grad`` is None are skipped and keep their 
 A step launches once per (device, dtype, variant, step count, master copy or not, host state)
 over all the parameters of a param group that have a gradient, in place: on the CPU one
 parallel loop walks a table of the tensors' addresses (``numba_backend.launch_many``, or
-``launch_many_io`` for 16-bit storage, master copies and loss scales); on a GPU each tensor is
-one launch of the CuPy kernel. Parameters stay where they are: nothing is repacked, so
+``launch_many_io`` for 16-bit storage, master copies and loss scales); on a GPU one
+multi-tensor kernel walks a device table of them (``_device``; CuPy or numba-cuda). Parameters stay where they are: nothing is repacked, so
 ``zero_grad``, ``.to()``, ``load_state_dict`` and parameters added later need no care. Like
 torch's in-place ops, a step bumps the autograd version counters of everything it writes, so
 a graph built on the old weights refuses ``backward()``. DTensor parameters (FSDP2) are
@@ -49,7 +49,10 @@ AMP: the classes declare ``_step_supports_amp_scaling``, so ``torch.amp.GradScal
 them its scale and found-inf flag instead of unscaling the gradients itself; a step with
 ``found_inf`` set changes nothing (params, state, step counts), and the gradients are
 unscaled in the same pass as the update (``p.grad`` keeps GradScaler's scale, as with torch's
-fused optimizers). float16 and bfloat16 parameters are stepped in their storage dtype (math in
+fused optimizers). With ``capturable=True`` on a GPU, the scale and the flag are read by the
+kernels and the step counts live on the device: no host synchronisation, and the step can be
+captured in a CUDA graph. ``max_grad_norm=`` clips by the global gradient norm inside the step
+(the norm of the unscaled gradients under GradScaler). float16 and bfloat16 parameters are stepped in their storage dtype (math in
 float32, round to nearest even) with state in the parameter's dtype, or, with
 ``master_weights=True``, through an fp32 copy (``state[p]["master_param"]``) with fp32 state,
 the parameter stored from the copy in the same pass. A 16-bit parameter written between steps
