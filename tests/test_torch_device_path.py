@@ -177,6 +177,44 @@ def test_capturable_step_reads_nothing_on_the_host_and_matches_torch_fused(fake,
     assert all(ours.state[p]["step"].item() == 6 for p in ps)
 
 
+CAPTURABLE = [
+    ("NAdam", dict(lr=1e-2, weight_decay=0.1, decoupled_weight_decay=True)),
+    ("RMSprop", dict(lr=1e-3, centered=True, momentum=0.5)),
+    ("Adamax", dict(lr=1e-2)),
+    ("Adadelta", dict(lr=0.5)),
+    ("Rprop", dict(lr=1e-2)),
+]
+
+
+@pytest.mark.parametrize("name,kw", CAPTURABLE, ids=[c[0] for c in CAPTURABLE])
+def test_capturable_rules_with_a_device_loss_scale_match_torch(fake, name, kw):
+    """Every capturable rule (NAdam's ``mu_product`` advanced on the device and copied into
+    its per-parameter tensors) stepped with a device loss scale and found-inf flag, one step
+    skipped: no host read in a steady step, the cached table kept, params and state equal
+    torch.optim's step of the unscaled gradients (the skipped step not taken)."""
+    ps = _params(torch.float32, (3, 130, 4099))
+    qs = [torch.nn.Parameter(p.detach().clone()) for p in ps]
+    ours = getattr(fot, name)(ps, capturable=True, **kw)
+    ref = getattr(torch.optim, name)(qs, **kw)
+    scale = torch.tensor(512.0)
+    for step in range(1, 7):
+        found = torch.tensor(1.0 if step == 3 else 0.0)
+        gs = _grads(ps, step)
+        for p, q, g in zip(ps, qs, gs):
+            p.grad, q.grad = g * 512.0, g.clone()
+        if step != 3:
+            ref.step()
+        fake.clear()
+        watched = [scale, found]
+        if step > 1:
+            watched += [t for p in ps for t in ours.state[p].values() if t.dim() == 0]
+        with _no_host_reads(watched) if step > 1 else contextlib.nullcontext():
+            ours.step(grad_scale=scale, found_inf=found)
+        assert len(fake.launches) == 1 and len(fake.tables) == (1 if step == 1 else 0)
+        # float32 rounding: fastopt's fused element body against torch's op-by-op steps
+        _same_state(ours, ref, ps, qs, 1e-5, 1e-6)
+
+
 def test_capturable_on_cpu_is_torch_fused_capturable_on_cpu():
     """CPU parameters with ``capturable=True`` step as torch's fused capturable Adam does on
     the CPU (its foreach/single-tensor forms refuse CPU params; the fused one steps them, the
@@ -289,6 +327,8 @@ def test_max_grad_norm_is_checked():
             fot.Adam([p], max_grad_norm=bad)
     opt = fot.Adam([p], max_grad_norm=1.0)
     assert opt.max_grad_norm == 1.0
+    with pytest.raises(NotImplementedError, match="max_grad_norm"):
+        fot.CPUOffload(fot.Adam, [p], max_grad_norm=1.0)
     import pickle
 
     assert pickle.loads(pickle.dumps(opt)).max_grad_norm == 1.0

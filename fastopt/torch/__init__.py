@@ -21,8 +21,9 @@ A step launches once per (device, dtype, variant, step count, master copy or not
 over all the parameters of a param group that have a gradient, in place: on the CPU one
 parallel loop walks a table of the tensors' addresses (``numba_backend.launch_many``, or
 ``launch_many_io`` for 16-bit storage, master copies and loss scales); on a GPU one
-multi-tensor kernel walks a device table of them (``_device``; CuPy or numba-cuda). Parameters stay where they are: nothing is repacked, so
-``zero_grad``, ``.to()``, ``load_state_dict`` and parameters added later need no care. Like
+multi-tensor kernel walks a device table of them (``_device``; CuPy or numba-cuda).
+Parameters stay where they are: nothing is repacked, so ``zero_grad``, ``.to()``,
+``load_state_dict`` and parameters added later need no care. Like
 torch's in-place ops, a step bumps the autograd version counters of everything it writes, so
 a graph built on the old weights refuses ``backward()``. DTensor parameters (FSDP2) are
 stepped through their local shards, with DTensor state (``_dtensor``).
@@ -52,8 +53,10 @@ unscaled in the same pass as the update (``p.grad`` keeps GradScaler's scale, as
 fused optimizers). With ``capturable=True`` on a GPU, the scale and the flag are read by the
 kernels and the step counts live on the device: no host synchronisation, and the step can be
 captured in a CUDA graph. ``max_grad_norm=`` clips by the global gradient norm inside the step
-(the norm of the unscaled gradients under GradScaler). float16 and bfloat16 parameters are stepped in their storage dtype (math in
-float32, round to nearest even) with state in the parameter's dtype, or, with
+(the norm of the unscaled gradients under GradScaler).
+
+float16 and bfloat16 parameters are stepped in their storage dtype (math in float32, round to
+nearest even) with state in the parameter's dtype, or, with
 ``master_weights=True``, through an fp32 copy (``state[p]["master_param"]``) with fp32 state,
 the parameter stored from the copy in the same pass. A 16-bit parameter written between steps
 (``w.fill_(3.0)``: its version counter moved) is seen: where it no longer equals its master
@@ -184,7 +187,7 @@ class FusedOptimizer(TorchContract, torch.optim.Optimizer):
                     p, spec.initial(s.name, hp), dtype=sdtype, memory_format=torch.preserve_format
                 )
         for name, value in spec.initial_host_state(hp).items():
-            new[name] = torch.tensor(value, dtype=torch.float32)
+            new[name] = torch.tensor(value, dtype=torch.float32, device=step_device)
         if master:  # the fp32 copy a 16-bit parameter is stepped through
             new["master_param"] = p.detach().to(torch.float32, copy=True)
         return new
@@ -549,7 +552,7 @@ class FusedOptimizer(TorchContract, torch.optim.Optimizer):
             kind = _KINDS[b.dtype]
             steps = [state["step"] for *_, state, _ in b.items if "step" in state]
             be = self._table_backend(b.device)
-            dl, steps_on_device = None, []
+            dl, steps_on_device, on_device = None, [], False
             if be is not None and _address_table(tensors, len(used), b.master) is not None:
                 # a GPU: one launch over a table of the tensors (``_device``)
                 capturable = bool(group.get("capturable")) and _capture.supports(be)
@@ -559,33 +562,42 @@ class FusedOptimizer(TorchContract, torch.optim.Optimizer):
                         "no scalars on the device"
                     )
                 base = io_for(kind, kind, "float32" if b.master else kind, master=b.master)
+                dev_hosts = None
+                if capturable and spec.host_state:  # advanced on the device, copied from there
+                    dev_hosts = {n: [st[n] for *_, st, _ in b.items] for n in spec.host_names}
                 with host_precision(b.wide):
                     dl = _device.launch(
                         be, spec, b.flags, b.k, b.t, hp, group.get("lr"), base, tensors, amp,
                         steps if capturable else [], b.device, capturable, b.t - 1, b.hs,
+                        dev_hosts,
                     )  # fmt: skip
                 launched = (dl.mt.rows, None, base)
                 if capturable:
-                    steps_on_device = steps
-                    steps = []
+                    steps_on_device, steps, on_device = steps, [], True
             elif group.get("capturable") and b.device.type != "cpu":
                 raise NotImplementedError(
                     f"{type(self).__name__}(capturable=True): parameters on {b.device} need a "
                     "GPU backend that launches tables of contiguous tensors (cupy, numba-cuda)"
                 )
+            factor = inv_scale
+            if dl is None and amp.norm is not None:
+                # a GPU bucket outside the tables (a tensor that is not contiguous): the clip
+                # coefficient is read here (one synchronisation) and joins the host factor
+                coef = amp.norm.coef("float64" if kind == "float64" else "float32")
+                factor = (1.0 if factor is None else factor) * float(coef[1])
             io = io_for(
                 kind,
                 kind,
                 "float32" if b.master else kind,  # beside a master copy the state is float32
                 master=b.master,
-                scale=None if inv_scale is None else "host",
+                scale=None if factor is None else "host",
             )
             if dl is None:
                 with host_precision(b.wide):
                     if io.plain:
                         launched = self._launch(b, hp, used, tensors)
                     else:  # 16-bit storage, a master copy or the loss scale: the storage plans
-                        launched = self._launch_io(b, hp, used, tensors, io, inv_scale)
+                        launched = self._launch_io(b, hp, used, tensors, io, factor)
             _set_scalars(steps, 1, add=True)
             hosts = []
             if spec.host_state:
@@ -593,7 +605,8 @@ class FusedOptimizer(TorchContract, torch.optim.Optimizer):
                 # torch's load widened it), whatever dtype the 0-d tensors are in
                 for n, v in b.new_hs.items():
                     ts = [state[n] for *_, state, _ in b.items]
-                    _set_scalars(ts, v)
+                    if not on_device:  # a capturable step's are written on the device
+                        _set_scalars(ts, v)
                     hosts += ts
             written = [t for p, _, slots, m in tensors for t in (p, *slots, m) if t is not None]
             increment_version(written + wrappers + steps + steps_on_device + hosts)
@@ -666,8 +679,9 @@ class FusedOptimizer(TorchContract, torch.optim.Optimizer):
         group = self.param_groups[index]
         np_dtype = None if io is not None else _DTYPES[b.dtype]
         cached = Steady.build(
-            self, group, index, spec, b.t, b.flags, used, tensors, table, chunks, np_dtype, io, dl
-        )
+            self, group, index, spec, b.t, b.flags, used, tensors, table, chunks, np_dtype, io, dl,
+            b.hs,
+        )  # fmt: skip
         if cached is not None:
             self.__dict__.setdefault("_steady", {})[index] = cached
 
@@ -767,7 +781,7 @@ def _check_max_norm(max_grad_norm, who):
 
 def _check_capturable(cls, hp, what):
     """A ``capturable=True`` group needs a rule whose host scalars the device computes
-    (``kernels.device_scalars``) and no host state carried per parameter."""
+    (``kernels.device_scalars``: not one whose variant depends on the step or host state)."""
     from ..kernels import device_scalars
 
     spec = RULES[cls._fastopt._rule]
@@ -775,12 +789,6 @@ def _check_capturable(cls, hp, what):
         device_scalars.trace(spec.name, hp)
     except device_scalars.NotCapturable as exc:
         raise NotImplementedError(f"{cls.__name__}(capturable=True): {what}: {exc}") from None
-    if spec.host_state:
-        raise NotImplementedError(
-            f"{cls.__name__}(capturable=True): {what}: fastopt.torch keeps "
-            f"{', '.join(spec.host_names)} per parameter on the host; use torch.optim."
-            f"{cls.__name__}(capturable=True)"
-        )
 
 
 def _check_param(p, g, label, entries):

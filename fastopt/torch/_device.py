@@ -119,9 +119,12 @@ class DeviceLaunch:
         amp: Amp,
         steps: list[torch.Tensor],
         device: torch.device,
+        hosts: dict[str, list[torch.Tensor]] | None = None,
     ) -> None:
         """One step: (capturable) the scalars on the device, then the update launch, then the
-        device step tensors advanced unless found-inf (the host step counts are the caller's)."""
+        device step tensors advanced unless found-inf and the host state tensors ``hosts``
+        (NAdam's ``mu_product``) copied from the device scalars (the host step counts and
+        host state of a step that is not capturable are the caller's)."""
         ds = self.ds
         stream = stream_of(device)
         io = io_of(self.base, amp, ds is not None)
@@ -140,6 +143,9 @@ class DeviceLaunch:
                     # a device lr: copied on the device (ctl is float64), never read
                     self.ctl_view()[self.lr_at].copy_(lr.reshape(()), non_blocking=True)
                 ds.advance(self.like, found)
+            for name, ts in (hosts or {}).items():  # the host state after the step (or kept)
+                src = self.ctl_view()[ds.program.hs_index[name]]
+                torch._foreach_copy_(ts, [src] * len(ts))
             extras.update(ds.extras(io.compute, found))
         else:
             extras["key"] = storage.step_key(0, t)
@@ -169,6 +175,7 @@ def launch(
     capturable: bool,
     step0: int,
     hs: Any,
+    hosts: dict[str, list[torch.Tensor]] | None = None,
 ) -> DeviceLaunch:
     """The first launch of a GPU bucket: its table (and device scalars), then the step;
     returns the ``DeviceLaunch`` for the group's cache."""
@@ -182,7 +189,7 @@ def launch(
             ds = DeviceScalars(be, spec.name, hp, step0, hs, 0, like)
         lr_at = 1 + _offset(spec, "lr")
     dl = DeviceLaunch(be, mt, base, like, ds, lr_at)
-    dl(spec, flags, k, t, hp, lr, amp, steps, device)
+    dl(spec, flags, k, t, hp, lr, amp, steps, device, hosts)
     return dl
 
 

@@ -59,6 +59,8 @@ class Steady:
         "group",
         "host",
         "host_ptrs",
+        "host_vers",
+        "hs0",
         "index",
         "io",
         "isz",
@@ -90,8 +92,10 @@ class Steady:
     dtype: Any
     flags: Any
     group: Any
+    hs0: Any
     host: Any
     host_ptrs: Any
+    host_vers: Any
     index: Any
     io: Any
     isz: Any
@@ -118,7 +122,7 @@ class Steady:
     @classmethod
     def build(
         cls, opt, group, index, spec, t, flags, used, tensors, table, chunks, np_dtype, io=None,
-        dl=None,
+        dl=None, hs0=None,
     ):  # fmt: skip
         """The cache of group ``index`` just launched through ``table`` (with the storage plan
         ``io``, None for a plain launch; ``dl`` a GPU's ``_device.DeviceLaunch``, whose table
@@ -179,19 +183,26 @@ class Steady:
             self.step_ptrs = np.array([s.data_ptr() for s in steps], dtype=np.int64)
         else:
             return None
-        # the host state: (name, each parameter's 0-d tensor, their addresses)
+        # the host state: (name, each parameter's 0-d tensor, their addresses); a capturable
+        # group's lives on the device (advanced there, re-checked by version, never read)
+        dev = dl is not None and dl.ds is not None
+        self.hs0 = hs0
         host = []
         for name in spec.host_names:
             ts: list[Any] = [None if st is None else st.get(name) for st in self.states]
-            if not float32_scalars(ts):
+            if dev:
+                if any(x is None or x.device != p0.device for x in ts):
+                    return None
+            elif not float32_scalars(ts):
                 return None
             host.append((name, tuple(ts), np.array([x.data_ptr() for x in ts], dtype=np.int64)))
         self.host = tuple(host)
-        self.host_ptrs = np.concatenate([h[2] for h in host]) if host else None
+        self.host_ptrs = np.concatenate([h[2] for h in host]) if host and not dev else None
+        self.host_vers = None
         self.t, self.flags, self.used = t, flags, used
         self.table, self.chunks = table, chunks
-        if dl is not None and dl.ds is not None and self.steps is not None:
-            self.step_vers = [s._version for s in self.steps]
+        if dev:
+            self._record_versions()
         # everything a step writes (version counters bumped after it) and its byte spans
         self.written = [
             *self.params,
@@ -222,6 +233,12 @@ class Steady:
             for i, p in enumerate(self.params)
         )
         return self
+
+    def _record_versions(self):
+        """The version counters of the device step counts and host state after our step."""
+        if self.steps is not None:
+            self.step_vers = [s._version for s in self.steps]
+        self.host_vers = [x._version for _, ts, _ in self.host for x in ts]
 
     @staticmethod
     def written_spans(cached):
@@ -343,14 +360,19 @@ class Steady:
         if self.step_ptrs is not None and not (read_at(self.step_ptrs) == self.t).all():
             return None
         hs = new_hs = None
-        if self.host:
+        if self.host_vers is not None:
+            # on the device: unwritten since our step, the values the device scalars hold
+            if [x._version for _, ts, _ in self.host for x in ts] != self.host_vers:
+                return None
+            hs = self.hs0
+        elif self.host:
             values = read_at(self.host_ptrs).reshape(len(self.host), -1)
             if not (values == values[:, :1]).all():
                 return None  # not every parameter's own (or NaN): the full path buckets them
             hs = {name: float(values[j, 0]) for j, (name, _, _) in enumerate(self.host)}
         try:
             flags, k = spec.plan(hp, t, hs)
-            if self.host:
+            if self.host and self.host_vers is None:
                 new_hs = spec.advance_host_state(hp, t, hs)
         except (ArithmeticError, ValueError):
             return None  # the full path refuses it with a clear error
@@ -370,9 +392,10 @@ class Steady:
         inv_scale = amp.inv_scale
         on_device = self.dl is not None and self.dl.ds is not None
         if self.dl is not None:
+            hosts = {name: list(ts) for name, ts, _ in self.host} if on_device else None
             self.dl(
                 spec, self.flags, k, t, hp, self.group.get("lr"), amp,
-                list(self.steps) if on_device and self.steps else [], self.device,
+                list(self.steps) if on_device and self.steps else [], self.device, hosts,
             )  # fmt: skip
         elif self.io is None:
             numba_backend.launch_many(
@@ -394,12 +417,12 @@ class Steady:
             if self.step_ptrs is not None:
                 numba_backend.add_at(self.step_ptrs, 1.0)
             self.t += 1
-        if self.host:
+        if self.host and not on_device:
             for name, _, ptrs in self.host:
                 numba_backend.fill_at(ptrs, new_hs[name])
         torch.autograd.graph.increment_version(self.written)
         if on_device:
-            self.step_vers = [s._version for s in self.steps]
+            self._record_versions()
         if self.masters is not None:
             for p, rec in zip(self.params, self.masters):
                 rec[2] = p._version
