@@ -113,6 +113,29 @@ def test_one_table_launch_per_group_and_plan_reused_by_the_steady_step(fake):
     _same_state(ours, ref, flat_ours, flat_ref, 1e-6, 1e-7)
 
 
+def test_grad_scaler_on_the_table_path_without_capturable(fake):
+    """Without ``capturable`` the table path takes GradScaler's scale as a host factor and
+    skips a found-inf step on the host (the step counts are host tensors): the same params,
+    state and step counts as the CPU path given the same inputs."""
+    ps = _params(torch.bfloat16, (3, 130, 4099))
+    qs = [torch.nn.Parameter(p.detach().clone()) for p in ps]
+    ours = fot.Adam(ps, lr=1e-2, master_weights=True)
+    ref = fot.Adam(qs, lr=1e-2, master_weights=True)
+    ref._backend_module = _numba
+    for step in range(1, 6):
+        found = torch.tensor(1.0 if step == 2 else 0.0)
+        for p, q, g in zip(ps, qs, _grads(ps, step, 256.0)):
+            p.grad, q.grad = g.clone(), g.clone()
+        fake.clear()
+        ours.step(grad_scale=torch.tensor(256.0), found_inf=found)
+        ref.step(grad_scale=torch.tensor(256.0), found_inf=found)
+        assert len(fake.launches) == (0 if step == 2 else 1)
+        if fake.launches:
+            assert fake.launches[0]["io"].scale == "host" and not fake.launches[0]["io"].kbuf
+        _same_state(ours, ref, ps, qs, 0, 0)
+    assert all(ours.state[p]["step"].item() == 4 for p in ps)
+
+
 # -- capturable: nothing read on the host --------------------------------------------------------
 @contextlib.contextmanager
 def _no_host_reads(tensors):
