@@ -41,15 +41,16 @@ def _same(oa, ob, pa, pb, rtol, atol):
             torch.testing.assert_close(x.double(), y.double(), rtol=rtol, atol=atol, msg=(i, k))
 
 
+@pytest.mark.parametrize("name", ["AdamW", "RAdam"])  # device scalars; host scalars
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16-master"])
-def test_table_path_equals_the_cpu_path(dtype, monkeypatch):
+def test_table_path_equals_the_cpu_path(dtype, name, monkeypatch):
     calls = []
     orig = ncb.launch_table
     monkeypatch.setattr(ncb, "launch_table", lambda *a, **k: (calls.append(a[3]), orig(*a, **k)))
     ps, qs = _params(dtype), _params(dtype)
     kw = dict(lr=1e-2, weight_decay=0.1, master_weights=True, max_grad_norm=3.0)
-    ours = fot.AdamW(ps, backend="numba-cuda", **kw)
-    ref = fot.AdamW(qs, backend="numba", **kw)
+    ours = getattr(fot, name)(ps, backend="numba-cuda", **kw)
+    ref = getattr(fot, name)(qs, backend="numba", **kw)
     for step in range(1, 4):
         for p, q, g in zip(ps, qs, _grads(ps, step, (0.1, 2.0, 1.0)[step - 1])):
             p.grad, q.grad = g.clone(), g.clone()

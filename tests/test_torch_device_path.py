@@ -113,14 +113,15 @@ def test_one_table_launch_per_group_and_plan_reused_by_the_steady_step(fake):
     _same_state(ours, ref, flat_ours, flat_ref, 1e-6, 1e-7)
 
 
-def test_grad_scaler_on_the_table_path_without_capturable(fake):
-    """Without ``capturable`` the table path takes GradScaler's scale as a host factor and
-    skips a found-inf step on the host (the step counts are host tensors): the same params,
-    state and step counts as the CPU path given the same inputs."""
+def test_grad_scaler_on_the_table_path_of_a_rule_the_device_cannot_plan(fake):
+    """RAdam (its variant depends on the step: no device scalars) on the table path takes
+    GradScaler's scale as a host factor and skips a found-inf step on the host (its step
+    counts are host tensors): the same params, state and step counts as the CPU path given
+    the same inputs, bit for bit."""
     ps = _params(torch.bfloat16, (3, 130, 4099))
     qs = [torch.nn.Parameter(p.detach().clone()) for p in ps]
-    ours = fot.Adam(ps, lr=1e-2, master_weights=True)
-    ref = fot.Adam(qs, lr=1e-2, master_weights=True)
+    ours = fot.RAdam(ps, lr=1e-2, master_weights=True)
+    ref = fot.RAdam(qs, lr=1e-2, master_weights=True)
     ref._backend_module = _numba
     for step in range(1, 6):
         found = torch.tensor(1.0 if step == 2 else 0.0)
@@ -164,9 +165,11 @@ def _no_host_reads(tensors):
             setattr(torch.Tensor, n, f)
 
 
+@pytest.mark.parametrize("capturable", [False, True])
 @pytest.mark.parametrize("amsgrad", [False, True])
-def test_capturable_step_reads_nothing_on_the_host_and_matches_torch_fused(fake, amsgrad):
-    """A capturable AdamW with a tensor lr under StepLR, stepped with GradScaler's
+def test_device_step_reads_nothing_on_the_host_and_matches_torch_fused(fake, amsgrad, capturable):
+    """An AdamW on the device (capturable or not: its step counts live on the device as in
+    torch's fused step) with a tensor lr under StepLR, stepped with GradScaler's
     ``grad_scale``/``found_inf`` (one step with found-inf set): after the first step (which
     reads the step counts and lr once) no step reads the loss scale, the flag, the lr or a step
     count on the host; one scalar-kernel run, one launch and no table per step; params, state
@@ -174,8 +177,8 @@ def test_capturable_step_reads_nothing_on_the_host_and_matches_torch_fused(fake,
     ps = _params(torch.float32, (3, 130, 4099))
     qs = [torch.nn.Parameter(p.detach().clone()) for p in ps]
     kw = dict(weight_decay=0.1, amsgrad=amsgrad)
-    ours = fot.AdamW(ps, lr=torch.tensor(0.01), capturable=True, **kw)
-    ref = torch.optim.AdamW(qs, lr=torch.tensor(0.01), fused=True, capturable=True, **kw)
+    ours = fot.AdamW(ps, lr=torch.tensor(0.01), capturable=capturable, **kw)
+    ref = torch.optim.AdamW(qs, lr=torch.tensor(0.01), fused=True, capturable=capturable, **kw)
     sched = [torch.optim.lr_scheduler.StepLR(o, step_size=2, gamma=0.5) for o in (ours, ref)]
     scale = torch.tensor(1024.0)
     for step in range(1, 8):

@@ -50,18 +50,19 @@ AMP: the classes declare ``_step_supports_amp_scaling``, so ``torch.amp.GradScal
 them its scale and found-inf flag instead of unscaling the gradients itself; a step with
 ``found_inf`` set changes nothing (params, state, step counts), and the gradients are
 unscaled in the same pass as the update (``p.grad`` keeps GradScaler's scale, as with torch's
-fused optimizers). With ``capturable=True`` on a GPU, the scale and the flag are read by the
-kernels and the step counts live on the device: no host synchronisation, and the step can be
-captured in a CUDA graph. ``max_grad_norm=`` clips by the global gradient norm inside the step
-(the norm of the unscaled gradients under GradScaler).
+fused optimizers). On a GPU the step counts live on the device and the scale and the flag are
+read by the kernels: no host synchronisation (not for RAdam, Adan, ASGD, whose variant depends
+on the step); with ``capturable=True`` the step can be captured in a CUDA graph.
+``max_grad_norm=`` clips by the global gradient norm inside the step (the norm of the unscaled
+gradients under GradScaler).
 
 float16 and bfloat16 parameters are stepped in their storage dtype (math in float32, round to
-nearest even) with state in the parameter's dtype, or, with
-``master_weights=True``, through an fp32 copy (``state[p]["master_param"]``) with fp32 state,
-the parameter stored from the copy in the same pass. A 16-bit parameter written between steps
-(``w.fill_(3.0)``: its version counter moved) is seen: where it no longer equals its master
-rounded, the master takes the written value. A write that bypasses the version counter
-(through ``w.data`` or a NumPy view) is not seen, and the master's value wins.
+nearest even) with state in the parameter's dtype, or, with ``master_weights=True``, through an
+fp32 copy (``state[p]["master_param"]``) with fp32 state, the parameter stored from the copy in
+the same pass. A 16-bit parameter written between steps (``w.fill_(3.0)``: its version counter
+moved) is seen: where it no longer equals its master rounded, the master takes the written
+value. A write that bypasses the version counter (through ``w.data`` or a NumPy view) is not
+seen, and the master's value wins.
 """
 
 import inspect
@@ -98,6 +99,8 @@ _KINDS = {
 }
 #: the plain dtypes: one many-tensor launch on the CPU
 _DTYPES = {torch.float32: np.float32, torch.float64: np.float64}
+#: (rule, its bool hyperparameters) -> can the device compute its scalars (``_device_scalars``)
+_DEVICE_RULES: dict[Any, bool] = {}
 #: keyword arguments of torch.optim constructors that select torch's own implementation
 _TORCH_IMPL = ("foreach", "fused", "capturable", "differentiable")
 
@@ -174,8 +177,9 @@ class FusedOptimizer(TorchContract, torch.optim.Optimizer):
         count where torch keeps one, the state buffers ``slots``, host scalars as 0-d
         tensors), not yet stored: ``_run_plan`` stores it once every check of the step has
         passed. Empty for a parameter that needs none, as in torch (SGD without momentum).
-        ``step_device``: where the step count lives (a capturable group's on a GPU: the
-        parameter's device, as torch's capturable optimizers keep it; else the CPU)."""
+        ``step_device``: where the step count lives (on a GPU whose scalars live there,
+        ``_device_scalars``: the parameter's device, as torch's fused and capturable
+        optimizers keep it; else the CPU)."""
         new = {}
         if type(self)._keeps_step:
             new["step"] = torch.tensor(0.0, dtype=torch.float32, device=step_device)
@@ -201,8 +205,8 @@ class FusedOptimizer(TorchContract, torch.optim.Optimizer):
         ``grad_scale`` and ``found_inf``: torch's protocol for fused optimizers
         (``_step_supports_amp_scaling``; ``torch.amp.GradScaler`` sets them as attributes of
         the optimizer, or pass them here): the gradients are unscaled in the update pass and a
-        nonzero ``found_inf`` skips the step. On a GPU in a ``capturable=True`` optimizer both
-        are read by the kernels, never on the host.
+        nonzero ``found_inf`` skips the step. On a GPU (``_device_scalars``) both are read by
+        the kernels, never on the host.
 
         Every group is checked (its cached launch re-checked, or every tensor checked in full)
         and every host value computed before the first write; a refused step changes nothing."""
@@ -215,7 +219,7 @@ class FusedOptimizer(TorchContract, torch.optim.Optimizer):
         if found_inf is None:
             found_inf = getattr(self, "found_inf", None)
         who = type(self).__name__
-        # on the device: every group capturable on a GPU (the step counts live there too)
+        # on the device: every group's scalars on a GPU (the step counts live there too)
         on_device = self._device_scalars_only()
         amp = Amp()
         if found_inf is not None:
@@ -256,11 +260,12 @@ class FusedOptimizer(TorchContract, torch.optim.Optimizer):
         return loss
 
     def _group_hp(self, index, group):
-        """``_rule_hp`` of a param group; a capturable group's learning rate held in a device
-        tensor is read once (its first step) and never again: the step copies it into the
-        device scalars on the device (``_device.DeviceLaunch``)."""
+        """``_rule_hp`` of a param group; the learning rate of a group whose scalars live on
+        the device (``_device_scalars``), held in a device tensor, is read once (its first
+        step) and never again: the step copies it into the device scalars on the device
+        (``_device.DeviceLaunch``)."""
         lr = group.get("lr")
-        if group.get("capturable") and self._device_tensor(lr):
+        if self._device_tensor(lr) and self._device_scalars(group, lr.device):
             seen = self.__dict__.setdefault("_lr_seen", {})
             key = (index, id(lr))
             if key not in seen:
@@ -270,18 +275,44 @@ class FusedOptimizer(TorchContract, torch.optim.Optimizer):
         return type(self)._rule_hp(group)
 
     def _device_scalars_only(self):
-        """Does every parameter with a gradient sit in a capturable group on a backend that
-        computes the scalars on the device (``_capture.supports``)? Then the step reads
-        ``grad_scale`` and ``found_inf`` in its kernels."""
+        """Does every parameter with a gradient sit in a group whose scalars are computed on
+        its device (``_device_scalars``)? Then the step reads ``grad_scale`` and ``found_inf``
+        in its kernels."""
         seen = False
         for group in self.param_groups:
-            for p in group["params"]:
-                if p.grad is None:
-                    continue
-                if not group.get("capturable") or not self._on_device(p.device):
-                    return False
-                seen = True
+            devices = {p.device for p in group["params"] if p.grad is not None}
+            if any(not self._device_scalars(group, d) for d in devices):
+                return False
+            seen = seen or bool(devices)
         return seen
+
+    def _device_scalars(self, group, device):
+        """Does ``group`` step on ``device`` with its step counts and scalars on the device?
+        On a GPU backend that computes scalars there (``_on_device``): a ``capturable=True``
+        group, and any group whose rule and flags the device can compute (as torch's fused
+        optimizers keep their step counts on the device); not RAdam, Adan, ASGD."""
+        if not self._on_device(device):
+            return False
+        if group.get("capturable"):
+            return True
+        cls = type(self)
+        fo = cls._fastopt
+        spec = RULES[fo._rule]
+        flags = tuple(
+            bool(fo._pinned[h.name] if h.name in fo._pinned else group.get(h.name, h.default))
+            for h in spec.hyper
+            if h.domain == "bool"
+        )
+        key = (spec.name, flags)
+        ok = _DEVICE_RULES.get(key)
+        if ok is None:
+            from ..kernels import device_scalars
+
+            hp = spec.validate(
+                dict(spec.defaults, **{h.name: f for h, f in zip(_bools(spec), flags)})
+            )
+            ok = _DEVICE_RULES[key] = device_scalars.capturable(spec.name, hp)
+        return ok
 
     def _device_tensor(self, x):
         """A tensor on a device whose step reads it in its kernels (``_on_device``)."""
@@ -427,12 +458,23 @@ class FusedOptimizer(TorchContract, torch.optim.Optimizer):
             state: Any = self.state.get(p) or plan.new.get(p)
             fresh = not state
             if fresh:
-                on_dev = group.get("capturable") and self._on_device(lp.device)
+                on_dev = self._device_scalars(group, lp.device)
                 state = self._new_state(p, spec, hp, slots, master, lp.device if on_dev else None)
                 if state:
                     plan.new[p] = state
             else:
                 _check_keys(state, need, label)
+                if self._device_scalars(group, lp.device):
+                    # step counts and host state live on the device: a state from a step that
+                    # kept them on the host (torch's foreach step, a state dict) is moved there
+                    # when the step writes (``_run_plan``), as torch's fused load moves them
+                    moved = {
+                        n: state[n].to(lp.device, torch.float32)
+                        for n in ("step", *spec.host_names)
+                        if isinstance(state.get(n), torch.Tensor) and state[n].device != lp.device
+                    }
+                    if moved:
+                        plan.new[p] = moved
                 m = state.get("master_param")
                 _dtensor.check(p, g, [state.get(n) for n in names], m, label)
             checks = None if fresh else entries
@@ -555,7 +597,7 @@ class FusedOptimizer(TorchContract, torch.optim.Optimizer):
             dl, steps_on_device, on_device = None, [], False
             if be is not None and _address_table(tensors, len(used), b.master) is not None:
                 # a GPU: one launch over a table of the tensors (``_device``)
-                capturable = bool(group.get("capturable")) and _capture.supports(be)
+                capturable = self._device_scalars(group, b.device) and _capture.supports(be)
                 if group.get("capturable") and not capturable:
                     raise NotImplementedError(
                         f"{type(self).__name__}(capturable=True): backend {be.NAME!r} computes "
@@ -777,6 +819,11 @@ def _check_max_norm(max_grad_norm, who):
     if not (math.isfinite(v) and v > 0):
         raise ValueError(f"{who}: max_grad_norm={v}; expected a finite number > 0")
     return v
+
+
+def _bools(spec):
+    """The rule's bool hyperparameters."""
+    return [h for h in spec.hyper if h.domain == "bool"]
 
 
 def _check_capturable(cls, hp, what):
