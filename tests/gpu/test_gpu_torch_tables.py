@@ -97,10 +97,11 @@ def test_bf16_master_list_is_the_rounding_of_an_fp32_fused_run(backend):
 
 
 @pytest.mark.parametrize("backend", gpu_backend_params())
-def test_grad_scaler_steady_steps_do_not_synchronise(backend):
+@pytest.mark.parametrize("capturable", [False, True])
+def test_grad_scaler_steady_steps_do_not_synchronise(backend, capturable):
     _cuda()
     ps = _list()
-    opt = fot.Adam(ps, lr=1e-3, capturable=True, backend=backend)
+    opt = fot.Adam(ps, lr=1e-3, capturable=capturable, backend=backend)
     scaler = torch.amp.GradScaler("cuda", init_scale=2.0**10, growth_interval=10**6)
     x = torch.randn(len(ps), device="cuda")
 
@@ -122,6 +123,33 @@ def test_grad_scaler_steady_steps_do_not_synchronise(backend):
         torch.cuda.set_sync_debug_mode("default")
     torch.cuda.synchronize()
     assert all(int(opt.state[p]["step"]) == 6 for p in ps)
+    assert all(opt.state[p]["step"].device == p.device for p in ps)
+
+
+@pytest.mark.parametrize("backend", gpu_backend_params())
+def test_host_step_counts_of_a_torch_state_dict_move_to_the_device(backend):
+    """A state dict of torch's foreach Adam (step counts on the host) loaded mid-run: the next
+    step moves the counts to the device and goes on as torch does."""
+    _cuda()
+    ps = _list()[:8]
+    qs = _twins(ps)
+    ref = torch.optim.Adam(qs, lr=1e-3, foreach=True)
+    for p, q, g in zip(ps, qs, _grads(ps, 1)):
+        p.grad, q.grad = g.clone(), g.clone()
+    ref.step()
+    with torch.no_grad():
+        for p, q in zip(ps, qs):
+            p.copy_(q)
+    ours = fot.Adam(ps, lr=1e-3, backend=backend)
+    ours.load_state_dict(ref.state_dict())
+    assert ours.state[ps[0]]["step"].device.type == "cpu"
+    for step in (2, 3):
+        for p, q, g in zip(ps, qs, _grads(ps, step)):
+            p.grad, q.grad = g.clone(), g.clone()
+        ours.step()
+        ref.step()
+    assert all(ours.state[p]["step"].device == p.device for p in ps)
+    _close(ours, ref, ps, qs, 1e-5, 1e-6)
 
 
 @pytest.mark.parametrize("backend", gpu_backend_params())
