@@ -551,7 +551,7 @@ def _upload(table):
         table.device_rows = cupy.asarray(table.rows)
         table.stale = False
     elif table.stale:
-        table.device_rows.set(table.rows)
+        table.device_rows[...] = table.rows
         table.stale = False
     if table.stale_chunks or table.device_chunks is None:
         table.device_chunks = cupy.asarray(table.chunks)
