@@ -379,7 +379,11 @@ class FusedOptimizer(TorchContract, torch.optim.Optimizer):
         by_dtype: dict[Any, list[Any]] = {}
         for g in grads:
             by_dtype.setdefault(g.dtype, []).append(g)
-        key = (device, scale, tuple((dt, len(gs)) for dt, gs in by_dtype.items()))
+        key = (
+            device,
+            scale,
+            tuple((dt, tuple(g.numel() for g in gs)) for dt, gs in by_dtype.items()),
+        )
         cached = self.__dict__.get("_norm")
         if cached is None or cached[0] != key:
             tables = [
