@@ -203,6 +203,32 @@ def test_device_step_reads_nothing_on_the_host_and_matches_torch_fused(fake, ams
     assert all(ours.state[p]["step"].item() == 6 for p in ps)
 
 
+def test_device_state_written_between_steps_takes_the_full_path(fake):
+    """On the device path the step counts are never read by a steady step: one written
+    between steps (``fill_``: its version counter moved), or a new gradient tensor, or a state
+    tensor replaced, is seen by the re-checks, and the full path rebuilds the table and the
+    device scalars from the counts now held: the result equals torch's fused AdamW given the
+    same writes."""
+    ps = _params(torch.float32, (3, 130, 4099))
+    qs = [torch.nn.Parameter(p.detach().clone()) for p in ps]
+    ours = fot.AdamW(ps, lr=1e-2, weight_decay=0.1)
+    ref = torch.optim.AdamW(qs, lr=1e-2, weight_decay=0.1, fused=True)
+    for step in range(1, 7):
+        for p, q, g in zip(ps, qs, _grads(ps, step)):
+            p.grad, q.grad = g.clone(), g.clone()
+        if step == 4:  # both optimizers' counts rewound to 1
+            for opt, params in ((ours, ps), (ref, qs)):
+                for p in params:
+                    opt.state[p]["step"].fill_(1.0)
+        fake.clear()
+        ours.step()
+        ref.step()
+        assert len(fake.tables) == (1 if step in (1, 4) else 0), step
+        assert fake.scalar_runs == 1
+        _same_state(ours, ref, ps, qs, 2e-6, 1e-7)
+    assert all(ours.state[p]["step"].item() == 4 for p in ps)  # 1, then steps 4, 5, 6
+
+
 CAPTURABLE = [
     ("NAdam", dict(lr=1e-2, weight_decay=0.1, decoupled_weight_decay=True)),
     ("RMSprop", dict(lr=1e-3, centered=True, momentum=0.5)),
