@@ -61,16 +61,24 @@ def flat(t: torch.Tensor) -> Any:
 
 
 def stream_context(device: torch.device) -> Any:
-    """CuPy's current stream set to torch's current stream on a CUDA ``device`` (the scalar
-    kernel and ``ctl`` writes follow it); a no-op elsewhere."""
+    """CuPy's current device and stream set to ``device`` and torch's current stream on it
+    (the device scalars are made there, the scalar kernel and ``ctl`` writes follow the
+    stream); a no-op elsewhere."""
     import contextlib
 
     if device.type != "cuda":
         return contextlib.nullcontext()
+    import cupy
+
     from ..backends.cupy_backend import _stream_for
 
+    stack = contextlib.ExitStack()
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    stack.enter_context(cupy.cuda.Device(index))
     st = _stream_for(torch.cuda.current_stream(device).cuda_stream)
-    return st if st is not None else contextlib.nullcontext()
+    if st is not None:
+        stack.enter_context(st)
+    return stack
 
 
 def stream_of(device: torch.device) -> int | None:
