@@ -515,8 +515,6 @@ class Rule:
         except (ArithmeticError, ValueError) as exc:
             raise _arithmetic_error(self.name, "the host scalars of", step, exc) from exc
 
-    #: the older name of ``variant_and_scalars`` (``fastopt.torch`` still calls it)
-    plan = variant_and_scalars
 
     def replay_host_state(self, hp: Hyperparams, step: int) -> dict[str, Real]:
         """The host state before step ``step`` of a run with constant ``hp`` (what a

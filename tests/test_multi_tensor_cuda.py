@@ -998,12 +998,16 @@ def test_launch_table_logic_against_a_fake_cupy(fake_cupy):
     assert args[2] == table.nchunks and args[3] == table.chunk
     assert [type(a) for a in args[4:]] == [np.float32] * len(k)
     assert list(args[4:]) == [np.float32(x) for x in k]
-    # the steady step: no copy; new gradient addresses: the rows again, not the chunks
+    # the steady step: no copy; new gradient addresses: the rows again, written into the same
+    # device array (a captured launch keeps its address), not the chunks
     cb.launch_table("adam", flags, io, table, k)
     assert len(fake.copies) == 2 and len(fake.launches) == 2
+    rows = table.device_rows
     table.set_column("grad", [1 + t[1].ctypes.data for t in host])
     cb.launch_table("adam", flags, io, table, k)
-    assert fake.copies[2:] == [table.rows.shape]
+    assert len(fake.copies) == 2 and table.device_rows is rows and not table.stale
+    assert fake.launches[-1][3][0] is rows
+    np.testing.assert_array_equal(rows, table.rows)
     # refused before anything: a variant needing an absent slot, a wrong clip buffer
     n = len(fake.launches)
     with pytest.raises(ValueError, match="max_exp_avg_sq"):

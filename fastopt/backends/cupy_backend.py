@@ -545,9 +545,14 @@ def _device_id(table):
 
 def _upload(table):
     """The table's device copies, made or refreshed on the current device and stream when the
-    host copy changed (a steady step with unchanged addresses copies nothing)."""
-    if table.stale or table.device_rows is None:
+    host copy changed (a steady step with unchanged addresses copies nothing). A refresh of
+    the same shape writes the existing device array in place: a CUDA graph that captured a
+    launch keeps reading the table at its address."""
+    if table.device_rows is None or table.device_rows.shape != table.rows.shape:
         table.device_rows = cupy.asarray(table.rows)
+        table.stale = False
+    elif table.stale:
+        table.device_rows[...] = table.rows
         table.stale = False
     if table.stale_chunks or table.device_chunks is None:
         table.device_chunks = cupy.asarray(table.chunks)

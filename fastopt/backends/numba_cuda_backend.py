@@ -900,8 +900,11 @@ def _upload(table, ptr):
         table.stale = table.stale_chunks = False
         return
     st = _stream(ptr)
-    if table.stale or table.device_rows is None:
+    if table.device_rows is None or table.device_rows.shape != table.rows.shape:
         table.device_rows = cuda.to_device(table.rows, stream=st)
+        table.stale = False
+    elif table.stale:  # in place: a captured launch keeps reading the table at its address
+        table.device_rows.copy_to_device(table.rows, stream=st)
         table.stale = False
     if table.stale_chunks or table.device_chunks is None:
         table.device_chunks = cuda.to_device(table.chunks.view(np.int64), stream=st)

@@ -835,7 +835,8 @@ def sync_rows(
     case: Case, n: int = 1 << 20, device: str = "cuda", steps: int = 5, set_mode: Any = None
 ) -> Any:
     """Host synchronisations per steady step with ``torch.amp.GradScaler``, over the list in
-    float32: ``fastopt.torch`` and torch's fused step (its peer). Returns one dict per
+    float32: ``fastopt.torch`` (as built by default, and with ``capturable=True`` when the
+    feature is there: the sync-free step) and torch's fused step (its peer). Returns one dict per
     optimizer: ``optimizer``, ``backend``, ``layout``, ``n``, ``n_tensors``, ``per_step``,
     ``syncs_per_step`` (the most in any steady step), ``error_mode``."""
     if isinstance(case, str):
@@ -844,6 +845,11 @@ def sync_rows(
     p, g = list_data(n, "float32", device)
     out = []
     makers = {"fastopt.torch": lambda ps: getattr(_fot(), case.cls)(ps, **case.fastopt_kwargs)}
+    if features(device)["capturable"]["available"]:
+        # the step that keeps its counts, scalars, loss scale and found-inf flag on the device
+        makers["fastopt.torch-capturable"] = lambda ps: getattr(_fot(), case.cls)(
+            ps, **case.fastopt_kwargs, capturable=True
+        )
     if case.torch_cls:
         makers["torch-fused"] = lambda ps: getattr(torch.optim, case.torch_cls)(  # type: ignore[arg-type]  # rows of cases torch has
             ps, **dict(case.torch_kwargs), fused=True
