@@ -515,7 +515,6 @@ class Rule:
         except (ArithmeticError, ValueError) as exc:
             raise _arithmetic_error(self.name, "the host scalars of", step, exc) from exc
 
-
     def replay_host_state(self, hp: Hyperparams, step: int) -> dict[str, Real]:
         """The host state before step ``step`` of a run with constant ``hp`` (what a
         functional call without an explicit host state assumes): ``step - 1`` advances from the
