@@ -11,8 +11,8 @@ loop for it to reach (numba's ``PARALLEL_MIN``), for each class's fullest config
 Each configuration that reaches a new flag variant costs a compile per dtype. The default run
 keeps, at float32, a pairwise cover of each class's probe combinations (``support.cover``: every
 probe on and off beside every other probe on and off, the defaults and the fullest configuration
-among them) and, at float64, each class's two ends (its defaults and its fullest configuration);
-the rest of the product is the ``exhaustive`` sweep.
+among them) and, at float64, each class's two ends (its defaults and its fullest configuration)
+on the serial loop; the rest of the product is the ``exhaustive`` sweep.
 """
 
 import importlib
@@ -43,8 +43,13 @@ COVER = matrix_cover()
 ENDS = matrix_ends()
 
 
-def _kept(cfg, dtype):
-    return cfg in (COVER if np.dtype(dtype) == np.float32 else ENDS)
+def _kept(cfg, dtype, n):
+    """Whether the default run keeps a case: the cover at float32, the ends at float64, and the
+    parallel loop (n > 1001) at float32 only (its float64 build is the same loop as the float32
+    one at another width, and the float64 serial loop of the same configuration runs)."""
+    if np.dtype(dtype) == np.float32:
+        return cfg in COVER
+    return cfg in ENDS and n <= 1001
 
 
 def _params():
@@ -71,7 +76,7 @@ def _params():
                             n,
                             steps,
                             backend,
-                            marks=p.marks + marks(_kept(cfg, dtype)),
+                            marks=p.marks + marks(_kept(cfg, dtype, n)),
                             id=f"{config_id(c)}-{np.dtype(dtype).name}-{n}-{steps}-{p.id}",
                         )
                     )
