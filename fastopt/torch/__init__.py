@@ -67,6 +67,7 @@ seen, and the master's value wins.
 
 import inspect
 import math
+from collections.abc import Callable, Iterable
 from typing import Any
 
 import numpy as np
@@ -128,7 +129,13 @@ class FusedOptimizer(TorchContract, torch.optim.Optimizer):
     _step_supports_amp_scaling = True
     _steady: dict[int, Steady]
 
-    def __init__(self, params, defaults, backend="auto", max_grad_norm=None):
+    def __init__(
+        self,
+        params: Any,
+        defaults: dict[str, Any],
+        backend: str = "auto",
+        max_grad_norm: float | None = None,
+    ) -> None:
         if not isinstance(backend, str):
             raise TypeError(f"backend must be a string, got {type(backend).__name__}")
         if backend != "auto":
@@ -166,7 +173,7 @@ class FusedOptimizer(TorchContract, torch.optim.Optimizer):
         if group.get("capturable"):
             _check_capturable(type(self), hp, what)
 
-    def add_param_group(self, param_group):
+    def add_param_group(self, param_group: dict[str, Any]) -> None:
         merged = dict(self.defaults, **{k: v for k, v in param_group.items() if k != "params"})
         self._check_group(merged, "a param group")
         super().add_param_group(param_group)
@@ -199,7 +206,12 @@ class FusedOptimizer(TorchContract, torch.optim.Optimizer):
     # -- the step --------------------------------------------------------------------------------
     @torch._disable_dynamo  # opaque to torch.compile: a graph break, the step run eagerly
     @torch.no_grad()
-    def step(self, closure=None, grad_scale=None, found_inf=None):
+    def step(
+        self,
+        closure: Callable[[], Any] | None = None,
+        grad_scale: torch.Tensor | None = None,
+        found_inf: torch.Tensor | None = None,
+    ) -> Any:
         """One fused step over every parameter with a gradient (``closure`` as in torch).
 
         ``grad_scale`` and ``found_inf``: torch's protocol for fused optimizers
@@ -981,7 +993,7 @@ def _address_table(tensors, nslots, master=False):
     return np.array(rows, dtype=np.int64).reshape(len(tensors), 3 + nslots + master)
 
 
-def float32_scalars(tensors):
+def float32_scalars(tensors: Iterable[torch.Tensor | None]) -> bool:
     """Are ``tensors`` all float32 CPU scalars (torch's format of step counts and host state,
     and what a state dict loads as), which Numba may write through their addresses?"""
     return all(

@@ -34,6 +34,7 @@ as torch's in-place ops do.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
@@ -41,6 +42,7 @@ import torch
 
 from ..backends import numba_backend
 from ..kernels import storage
+from ..kernels.spec import Rule
 from ._memory import byte_span, read_at
 
 _PLAIN = (torch.Tensor, torch.nn.Parameter)
@@ -121,9 +123,11 @@ class Steady:
 
     @classmethod
     def build(
-        cls, opt, group, index, spec, t, flags, used, tensors, table, chunks, np_dtype, io=None,
-        dl=None, hs0=None,
-    ):  # fmt: skip
+        cls, opt: Any, group: dict[str, Any], index: int, spec: Rule, t: int,
+        flags: dict[str, bool], used: tuple[bool, ...], tensors: list[Any], table: Any,
+        chunks: Any, np_dtype: Any, io: storage.IO | None = None, dl: Any = None,
+        hs0: dict[str, float] | None = None,
+    ) -> Steady | None:  # fmt: skip
         """The cache of group ``index`` just launched through ``table`` (with the storage format
         ``io``, None for a plain launch; ``dl`` a GPU's ``_device.DeviceLaunch``, whose table
         ``table`` is), or None where the group's step cannot be repeated this way (a parameter
@@ -234,14 +238,14 @@ class Steady:
         )
         return self
 
-    def _record_versions(self):
+    def _record_versions(self) -> None:
         """The version counters of the device step counts and host state after our step."""
         if self.steps is not None:
             self.step_vers = [s._version for s in self.steps]
         self.host_vers = [x._version for _, ts, _ in self.host for x in ts]
 
     @staticmethod
-    def written_spans(cached):
+    def written_spans(cached: Sequence[Steady]) -> tuple[np.ndarray, np.ndarray] | None:
         """``(lo, hi)``: the byte spans written by the cached groups ``cached``, sorted, or
         None when two of them overlap (then the full checks say which)."""
         if not cached:
@@ -254,7 +258,7 @@ class Steady:
             return None
         return lo, hi
 
-    def grads_clear(self, lo, hi):
+    def grads_clear(self, lo: np.ndarray, hi: np.ndarray) -> bool:
         """Does no gradient of this group (its addresses in the table, checked by ``check``)
         share a byte with a written span ``[lo, hi)`` (sorted, disjoint)?"""
         if lo.size == 0:
@@ -265,7 +269,7 @@ class Steady:
         inside = j < lo.size
         return not (inside & (lo[np.minimum(j, lo.size - 1)] < ghi) & (self.nbytes > 0)).any()
 
-    def entries(self):
+    def entries(self) -> list[tuple[Any, torch.Tensor, bool, tuple[int, int]]]:
         """The overlap entries (``_memory.check_no_overlap``) of this group's next step."""
         out = []
         for i, p in enumerate(self.params):
@@ -280,7 +284,9 @@ class Steady:
             out += [(lbl, t, w, byte_span(t)) for lbl, t, w in tensors]
         return out
 
-    def check(self, opt, group, spec, hp, scaled=False):
+    def check(
+        self, opt: Any, group: dict[str, Any], spec: Rule, hp: dict[str, Any], scaled: bool = False
+    ) -> tuple[Any, Any, Any] | None:
         """``(k, hs, new_hs)``, this step's host scalars, host state before it and after it,
         when every tensor is still the one cached and still backed by its storage (see the
         module docstring), else None. Writes the gradients' addresses into the table.
@@ -384,7 +390,7 @@ class Steady:
             self.table[:, 2] = gptrs
         return k, hs, new_hs
 
-    def run(self, spec, hp, k, hs, new_hs, amp):
+    def run(self, spec: Rule, hp: dict[str, Any], k: Any, hs: Any, new_hs: Any, amp: Any) -> None:
         """The launch ``check`` cleared, then the step counts and the host state advanced and
         the version counters of everything written bumped. ``amp``: the step's
         ``_device.Amp`` (the host factor of a CPU launch; a GPU launch's device inputs)."""
