@@ -13,10 +13,9 @@ import math
 from .shared import (
     MAXIMIZE,
     WEIGHT_DECAY,
-    adam_scalars,
+    adam_step_scalars,
     prologue,
     prologue_flags,
-    prologue_scalars,
 )
 from .spec import Elem, Hyper, Rule, Slot
 
@@ -59,12 +58,6 @@ def _flags_of(hp, step, hs):
     }
 
 
-def _scalars_of(hp, step, hs):
-    out = adam_scalars(hp["lr"], hp["betas"], step)
-    out.update(prologue_scalars(hp), eps=hp["eps"])
-    return out
-
-
 RULE = Rule(
     name="adam",
     class_name="Adam",
@@ -85,6 +78,6 @@ RULE = Rule(
     scalars=("wd", "decay_f", "beta1", "omb1", "beta2", "omb2", "step_size", "inv_sqrt_bc2", "eps"),
     make_rule=make_rule,
     flags_of=_flags_of,
-    scalars_of=_scalars_of,
+    scalars_of=adam_step_scalars,
     test_hp=dict(lr=0.01, betas=(0.8, 0.95)),
 )

@@ -12,10 +12,9 @@ import math
 from .shared import (
     MAXIMIZE,
     WEIGHT_DECAY,
-    adam_scalars,
+    adam_step_scalars,
     prologue,
     prologue_flags,
-    prologue_scalars,
 )
 from .spec import Elem, Hyper, Rule, Slot
 
@@ -51,12 +50,6 @@ def _flags_of(hp, step, hs):
     return prologue_flags(hp)
 
 
-def _scalars_of(hp, step, hs):
-    out = adam_scalars(hp["lr"], hp["betas"], step)
-    out.update(prologue_scalars(hp), eps=hp["eps"])
-    return out
-
-
 RULE = Rule(
     name="adamax",
     class_name="Adamax",
@@ -71,6 +64,6 @@ RULE = Rule(
     scalars=("wd", "omb1", "beta2", "eps", "step_size"),
     make_rule=make_rule,
     flags_of=_flags_of,
-    scalars_of=_scalars_of,
+    scalars_of=adam_step_scalars,
     test_hp=dict(lr=0.01, betas=(0.8, 0.95)),
 )

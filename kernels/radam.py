@@ -14,10 +14,9 @@ import math
 from .shared import (
     MAXIMIZE,
     WEIGHT_DECAY,
-    adam_scalars,
+    adam_step_scalars,
     prologue,
     prologue_flags,
-    prologue_scalars,
 )
 from .spec import Elem, Hyper, Rule, Slot
 
@@ -68,8 +67,7 @@ def _flags_of(hp, step, hs):
 
 
 def _scalars_of(hp, step, hs):
-    out = adam_scalars(hp["lr"], hp["betas"], step)
-    out.update(prologue_scalars(hp), eps=hp["eps"])
+    out = adam_step_scalars(hp, step, hs)
     rho_inf, rho_t = _rho(hp, step)
     if rho_t > 5.0:
         rect = (

@@ -25,12 +25,13 @@ alone, for a rule without bias correction).
 
 from collections.abc import Sequence
 
-from .spec import Hyper, Hyperparams, Real, helper, sqrt
+from .spec import HostState, Hyper, Hyperparams, Real, helper, sqrt
 
 __all__ = [
     "MAXIMIZE",
     "WEIGHT_DECAY",
     "adam_scalars",
+    "adam_step_scalars",
     "betas_scalars",
     "prologue",
     "prologue_flags",
@@ -102,4 +103,12 @@ def adam_scalars(lr: Real, betas: Sequence[Real], step: Real) -> dict[str, Real]
         out["beta3"] = beta3
         out["omb3"] = 1.0 - beta3
         out["bc3"] = 1.0 - beta3**step
+    return out
+
+
+def adam_step_scalars(hp: Hyperparams, step: Real, hs: HostState | None) -> dict[str, Real]:
+    """``scalars_of`` of the Adam-family rules whose kernels take ``adam_scalars``, the
+    prologue's scalars and ``eps`` (Adam, Adamax; RAdam adds its rectification to these)."""
+    out = adam_scalars(hp["lr"], hp["betas"], step)
+    out.update(prologue_scalars(hp), eps=hp["eps"])
     return out
