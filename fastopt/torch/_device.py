@@ -101,9 +101,18 @@ class DeviceLaunch:
     ``ds``, the step tensors ``steps`` and the index of ``lr`` in ``ds.ctl``."""
 
     def __init__(
-        self, be: Any, mt: Any, base: storage.IO, like: Any, ds: Any = None, lr_at: int = -1
+        self,
+        be: Any,
+        mt: Any,
+        base: storage.IO,
+        like: Any,
+        ds: Any = None,
+        lr_at: int = -1,
+        seed: int = 0,
     ) -> None:
         self.be, self.mt, self.base, self.ds, self.lr_at = be, mt, base, ds, lr_at
+        #: stochastic rounding's seed (the step key of a launch whose scalars are the host's)
+        self.seed = seed
         #: a tensor on the table's device: its producer (torch's current stream) orders the
         #: scalar kernel
         self.like = like
@@ -158,7 +167,7 @@ class DeviceLaunch:
                 torch._foreach_copy_(ts, [src] * len(ts))
             extras.update(ds.extras(io.compute, found))
         else:
-            extras["key"] = storage.step_key(0, t)
+            extras["key"] = storage.step_key(self.seed, t)
         self.be.launch_table(
             spec.name, flags, io, self.mt, k, extras=extras, clip=amp.clip_for(io.compute),
             stream=stream,
@@ -186,6 +195,7 @@ def launch(
     step0: int,
     hs: Any,
     hosts: dict[str, list[torch.Tensor]] | None = None,
+    seed: int = 0,
 ) -> DeviceLaunch:
     """The first launch of a GPU bucket: its table (and device scalars), then the step;
     returns the ``DeviceLaunch`` for the group's cache."""
@@ -196,9 +206,9 @@ def launch(
     like = _cupy_like(tensors[0][0])
     if capturable:
         with stream_context(device):
-            ds = DeviceScalars(be, spec.name, hp, step0, hs, 0, like)
+            ds = DeviceScalars(be, spec.name, hp, step0, hs, seed, like)
         lr_at = 1 + _offset(spec, "lr")
-    dl = DeviceLaunch(be, mt, base, like, ds, lr_at)
+    dl = DeviceLaunch(be, mt, base, like, ds, lr_at, seed)
     dl(spec, flags, k, t, hp, lr, amp, steps, device, hosts)
     return dl
 
