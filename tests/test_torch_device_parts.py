@@ -181,8 +181,8 @@ def test_a_part_whose_tensor_moved_takes_the_full_path(fake):
 
 NO_TORCH_PEER = [
     ("Lion", dict(lr=1e-3, weight_decay=0.1)),
-    ("AdaBelief", dict(lr=1e-2, weight_decay=0.1)),
-    ("AdEMAMix", dict(lr=1e-2)),
+    ("AdaBelief", dict(lr=1e-2, eps=1e-3, eps_root=1e-3)),
+    ("AdEMAMix", dict(lr=1e-2, weight_decay=0.1)),
 ]
 
 

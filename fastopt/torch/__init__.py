@@ -281,8 +281,23 @@ class FusedOptimizer(TorchContract, torch.optim.Optimizer):
                 self._run_plan(plan)
             else:
                 cached, hp, checked = plan
-                cached.run(spec, hp, *checked, amp)
+                cached.run(spec, hp, *checked, amp, self._key_step(cached.index))
+        if not type(self)._keeps_step:  # the steps each group took (the rounding key's count)
+            counts = self.__dict__.setdefault("_key_steps", {})
+            for plan in plans:
+                i = plan.index if isinstance(plan, _Plan) else plan[0].index
+                counts[i] = counts.get(i, 0) + 1
         return loss
+
+    def _key_step(self, index, t=None):
+        """The step that stochastic rounding's key hashes (``storage.step_key(seed, step)``):
+        the parameters' step count ``t`` where torch keeps one; else (SGD) the steps this
+        optimizer object took for param group ``index`` plus one (a count torch's state has no
+        place for: it restarts with a new object), so every step draws new random bits.
+        None for a cached launch of a rule with step counts (its own count)."""
+        if type(self)._keeps_step:
+            return t
+        return self.__dict__.get("_key_steps", {}).get(index, 0) + 1
 
     def _group_hp(self, index, group):
         """``_rule_hp`` of a param group; the learning rate of a group whose scalars live on
@@ -551,7 +566,20 @@ class FusedOptimizer(TorchContract, torch.optim.Optimizer):
                     f"({type(exc).__name__}: {exc}); nothing was stepped"
                 ) from None
             plan.buckets.append(
-                _Bucket(spec.name, device, dtype, t, master, hsd, new_hs, flags, k, items, wide)
+                _Bucket(
+                    spec.name,
+                    device,
+                    dtype,
+                    t,
+                    master,
+                    hsd,
+                    new_hs,
+                    flags,
+                    k,
+                    items,
+                    wide,
+                    self._key_step(index, t),
+                )
             )
         return plan
 
@@ -642,8 +670,8 @@ class FusedOptimizer(TorchContract, torch.optim.Optimizer):
                     dev_hosts = {n: [st[n] for *_, st, _ in b.items] for n in spec.host_names}
                 with host_precision(b.wide):
                     dl = _device.launch(
-                        be, spec, b.flags, b.k, b.t, hp, group.get("lr"), base, tensors, amp,
-                        steps if capturable else [], b.device, capturable, b.t - 1, b.hs,
+                        be, spec, b.flags, b.k, b.kt, hp, group.get("lr"), base, tensors, amp,
+                        steps if capturable else [], b.device, capturable, b.kt - 1, b.hs,
                         dev_hosts, self.seed,
                     )  # fmt: skip
                 launched = (dl.mt.rows, None, base)
@@ -720,6 +748,7 @@ class FusedOptimizer(TorchContract, torch.optim.Optimizer):
         ``_launch``'s), else one per tensor."""
         be = self._backend_module(b.device)
         launch = Launch(be, b.spec_name, b.t, hp, b.hs, inv_scale=inv_scale, seed=self.seed)
+        launch.key = storage.step_key(self.seed, b.kt)  # stochastic rounding's (``_key_step``)
         writes = tuple(a is not None for a in tensors[0][2])
         table = _address_table(tensors, len(used), master=io.master) if be.NAME == "numba" else None
         if table is not None:  # one launch over every tensor, as _launch
@@ -790,7 +819,8 @@ class _Bucket:
     """One launch of a checked step: parameters alike in device, dtype, step count, master copy
     and host state (its values, and ``wide``: held in float64), with the variant ``flags``, host
     scalars ``k`` and host state after it (``new_hs``), all computed before anything is
-    written. ``items``: ``(param, its local tensor, gradient to read, state, state tensors)``."""
+    written; ``kt`` the step stochastic rounding's key hashes (``_key_step``). ``items``:
+    ``(param, its local tensor, gradient to read, state, state tensors)``."""
 
     __slots__ = (
         "device",
@@ -799,6 +829,7 @@ class _Bucket:
         "hs",
         "items",
         "k",
+        "kt",
         "master",
         "new_hs",
         "spec_name",
@@ -806,7 +837,7 @@ class _Bucket:
         "wide",
     )
 
-    def __init__(self, spec_name, device, dtype, t, master, hs, new_hs, flags, k, items, wide):
+    def __init__(self, spec_name, device, dtype, t, master, hs, new_hs, flags, k, items, wide, kt):
         self.spec_name, self.device, self.dtype, self.t, self.master = (
             spec_name,
             device,
@@ -815,7 +846,7 @@ class _Bucket:
             master,
         )
         self.hs, self.new_hs, self.flags, self.k, self.items = hs, new_hs, flags, k, items
-        self.wide = wide
+        self.wide, self.kt = wide, kt
 
 
 class _Plan:

@@ -400,17 +400,20 @@ class Steady:
             self.table[:, 2] = gptrs
         return k, hs, new_hs
 
-    def run(self, spec, hp, k, hs, new_hs, amp):
+    def run(self, spec, hp, k, hs, new_hs, amp, kt=None):
         """The launch ``check`` cleared, then the step counts and the host state advanced and
         the version counters of everything written bumped. ``amp``: the step's
-        ``_device.Amp`` (the host factor of a CPU launch; a GPU launch's device inputs)."""
+        ``_device.Amp`` (the host factor of a CPU launch; a GPU launch's device inputs);
+        ``kt``: the step stochastic rounding's key hashes where it is not the step count
+        (``FusedOptimizer._key_step``)."""
         t = self.t + 1 if self.steps is not None else self.t
+        kt = t if kt is None else kt
         inv_scale = amp.inv_scale
         on_device = self.dl is not None and self.dl.ds is not None
         if self.dl is not None:
             hosts = {name: list(ts) for name, ts, _ in self.host} if on_device else None
             self.dl(
-                spec, self.flags, k, t, hp, self.group.get("lr"), amp,
+                spec, self.flags, k, kt, hp, self.group.get("lr"), amp,
                 list(self.steps) if on_device and self.steps else [], self.device, hosts,
             )  # fmt: skip
         elif self.io is None:
@@ -427,7 +430,7 @@ class Steady:
                 self.chunks,
                 k,
                 inv_scale=1.0 if inv_scale is None else inv_scale,
-                key=storage.step_key(self.seed, t),
+                key=storage.step_key(self.seed, kt),
             )
         if self.steps is not None:
             if self.step_ptrs is not None:
@@ -494,6 +497,6 @@ class SteadyParts:
             out.append(c)
         return (out,)
 
-    def run(self, spec: Any, hp: Any, checks: Any, amp: Any) -> None:
+    def run(self, spec: Any, hp: Any, checks: Any, amp: Any, kt: Any = None) -> None:
         for s, c in zip(self.parts, checks):
-            s.run(spec, hp, *c, amp)
+            s.run(spec, hp, *c, amp, kt)
