@@ -1136,7 +1136,7 @@ def _make(cls):
         for k, v in torch_defaults.items()
         if k in _TORCH_IMPL and k not in {p.name for p in own}
     ]
-    if "capturable" not in torch_defaults:
+    if not torch_defaults:
         # no torch.optim counterpart (Lion, AdaBelief, Adan, AdEMAMix): ``capturable`` as torch
         # spells it elsewhere, a param-group key, refused where the rule's scalars cannot be
         # computed on the device (``_check_capturable``)
