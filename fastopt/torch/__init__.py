@@ -52,7 +52,9 @@ them its scale and found-inf flag instead of unscaling the gradients itself; a s
 unscaled in the same pass as the update (``p.grad`` keeps GradScaler's scale, as with torch's
 fused optimizers). On a GPU the step counts live on the device and the scale and the flag are
 read by the kernels: no host synchronisation (not for RAdam, Adan, ASGD, whose variant depends
-on the step); with ``capturable=True`` the step can be captured in a CUDA graph.
+on the step); with ``capturable=True`` the step can be captured in a CUDA graph (a keyword of
+the classes torch lacks too: Lion, AdaBelief, AdEMAMix). A group whose parameters fall into
+several launches keeps one cached launch per part (``_steady.SteadyParts``).
 ``max_grad_norm=`` clips by the global gradient norm inside the step (the norm of the unscaled
 gradients under GradScaler).
 
@@ -63,6 +65,16 @@ the same pass. A 16-bit parameter written between steps (``w.fill_(3.0)``: its v
 moved) is seen: where it no longer equals its master rounded, the master takes the written
 value. A write that bypasses the version counter (through ``w.data`` or a NumPy view) is not
 seen, and the master's value wins.
+
+The core classes' other precision keywords are taken as the core checks them
+(``_check_precision``): ``state_dtype`` ("float32" or "bfloat16": the state buffers' storage
+dtype, ``precision.resolve_state_kind``; a value the core accepts beyond the storage dtypes is
+refused until this path keeps it), ``stochastic_rounding`` and ``seed`` (bfloat16 parameters
+without a master copy rounded from a hash of (seed, step, index), the index counted from each
+tensor's start, salt 0, on the CPU and GPU paths alike; SGD, which keeps no step count in
+torch's state, hashes the steps this object took for the group). ``state_dict`` carries the
+state in its storage dtype; ``load_state_dict`` converts each saved state buffer to it
+(``_compat.state_keeps``).
 """
 
 import inspect

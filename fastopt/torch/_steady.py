@@ -8,7 +8,10 @@ many-tensor launch (the numba backend; every parameter had a gradient), the grou
 address, shape and dtype, the step count, the host state's 0-d tensors (NAdam's ``mu_product``,
 ASGD's ``eta`` and ``mu``), the variant and the storage format (16-bit storage, a master copy, a
 loss scale: ``kernels.storage.IO``, None for plain float32/float64), and the byte spans of
-everything the launch writes.
+everything the launch writes. A group that went through several launches (parameters of several
+dtypes, step counts, master copies or host states) keeps one ``Steady`` per launch, each with
+its parameters' places in the group (``idx``), together as a ``SteadyParts`` that holds every
+parameter of the group once: a steady step re-checks and relaunches each part as above.
 
 The next step re-checks every one of these by identity, address, shape, dtype and contiguity,
 and every tensor against the storage that backs it (``untyped_storage().nbytes()`` still holds
@@ -498,5 +501,5 @@ class SteadyParts:
         return (out,)
 
     def run(self, spec: Any, hp: Any, checks: Any, amp: Any, kt: Any = None) -> None:
-        for s, c in zip(self.parts, checks):
-            s.run(spec, hp, *c, amp, kt)
+        for s, (k, hs, new_hs) in zip(self.parts, checks):
+            s.run(spec, hp, k, hs, new_hs, amp, kt)
