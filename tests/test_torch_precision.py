@@ -285,3 +285,27 @@ def test_bfloat16_state_of_float64_params_is_refused_before_anything_is_written(
     with pytest.raises(TypeError, match="parameter 0 of param group 0.*float64"):
         opt.step()
     assert all(torch.equal(p, b) for p, b in zip(ps, before)) and not opt.state
+
+
+def test_sgd_rounding_key_follows_the_steps_on_both_paths(fake):
+    """SGD keeps no step count in torch's state: its rounding key hashes the steps the
+    optimizer took for the group, so each step draws new bits; the device path (its scalar
+    kernel's key) and the CPU path agree bit for bit, a steady step included."""
+    ps = _params(torch.bfloat16, (3, 130, 4099), seed=6)
+    qs = [torch.nn.Parameter(p.detach().clone()) for p in ps]
+    kw = dict(lr=0.3, momentum=0.9, stochastic_rounding=True, seed=2)
+    ours, ref = fot.SGD(ps, **kw), fot.SGD(qs, **kw)
+    ref._backend_module = _numba
+    keys = []
+    for t in range(1, 5):
+        for p, q, g in zip(ps, qs, _grads(ps, t)):
+            p.grad, q.grad = g.clone(), g.clone()
+        fake.clear()
+        ours.step()
+        ref.step()
+        assert len(fake.launches) == 1 and fake.launches[0]["io"].sr
+        keys.append(ref._key_step(0))
+        for p, q in zip(ps, qs):
+            assert torch.equal(p, q)
+            assert torch.equal(ours.state[p]["momentum_buffer"], ref.state[q]["momentum_buffer"])
+    assert keys == [2, 3, 4, 5]
