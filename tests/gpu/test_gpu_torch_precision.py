@@ -18,11 +18,12 @@ import numpy as np
 import pytest
 from gpu_common import gpu_backend_params, needs_gpu
 
-import fastopt.torch as fot
 from fastopt.bench.measure import transformer_shapes
 
 pytestmark = needs_gpu
 torch = pytest.importorskip("torch")
+import fastopt.torch as fot  # noqa: E402  (imports torch)
+
 N = (1 << 18) + 3
 
 
