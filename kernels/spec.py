@@ -341,6 +341,13 @@ class Rule:
     #: hyperparameters under which every term of the update shows within a few steps (lr large
     #: enough to move p, betas small enough that the moments change); the tests run with them
     test_hp: dict[str, Any] | None = field(default=None, hash=False, compare=False)
+    #: ``device_flags(hp) -> flags``: for a rule whose ``flags_of`` depends on the step, the one
+    #: variant a device runs at every step, its host scalars selecting the terms per step
+    #: (``where``: RAdam's rectification); None where there is none. Only the callers that
+    #: launch it ask for it (``device_scalars.trace(..., select=True)``)
+    device_flags: Callable[[Mapping[str, Any]], dict[str, bool]] | None = field(
+        default=None, hash=False, compare=False
+    )
 
     def __post_init__(self) -> None:
         flags = self.flags

@@ -363,7 +363,7 @@ class FusedOptimizer(TorchContract, torch.optim.Optimizer):
             hp = spec.validate(
                 dict(spec.defaults, **{h.name: f for h, f in zip(_bools(spec), flags)})
             )
-            ok = _DEVICE_RULES[key] = device_scalars.capturable(spec.name, hp)
+            ok = _DEVICE_RULES[key] = device_scalars.capturable(spec.name, hp, select=True)
         return ok
 
     def _device_tensor(self, x):
@@ -687,6 +687,8 @@ class FusedOptimizer(TorchContract, torch.optim.Optimizer):
                         dev_hosts, self.seed,
                     )  # fmt: skip
                 launched = (dl.mt.rows, None, base)
+                if dl.ds is not None:  # the variant launched: the device's (``_device``)
+                    b.flags = dl.ds.program.flags
                 if capturable:
                     steps_on_device, steps, on_device = steps, [], True
             elif group.get("capturable") and b.device.type != "cpu":
@@ -948,7 +950,7 @@ def _check_capturable(cls, hp, what):
 
     spec = RULES[cls._fastopt._rule]
     try:
-        device_scalars.trace(spec.name, hp)
+        device_scalars.trace(spec.name, hp, select=True)
     except device_scalars.NotCapturable as exc:
         raise NotImplementedError(f"{cls.__name__}(capturable=True): {what}: {exc}") from None
 

@@ -166,6 +166,7 @@ class DeviceLaunch:
                 src = self.ctl_view()[ds.program.hs_index[name]]
                 torch._foreach_copy_(ts, [src] * len(ts))
             extras.update(ds.extras(io.compute, found))
+            flags = ds.program.flags  # the device's variant (RAdam's: both terms, selected)
         else:
             extras["key"] = storage.step_key(self.seed, t)
         self.be.launch_table(
@@ -206,7 +207,7 @@ def launch(
     like = _cupy_like(tensors[0][0])
     if capturable:
         with stream_context(device):
-            ds = DeviceScalars(be, spec.name, hp, step0, hs, seed, like)
+            ds = DeviceScalars(be, spec.name, hp, step0, hs, seed, like, select=True)
         lr_at = 1 + _offset(spec, "lr")
     dl = DeviceLaunch(be, mt, base, like, ds, lr_at, seed)
     dl(spec, flags, k, t, hp, lr, amp, steps, device, hosts)

@@ -395,6 +395,8 @@ class Steady:
                 new_hs = spec.advance_host_state(hp, t, hs)
         except (ArithmeticError, ValueError):
             return None  # the full path refuses it with a clear error
+        if self.dl is not None and self.dl.ds is not None and spec.device_flags is not None:
+            flags = spec.device_flags(hp)  # the device's variant, whatever the step
         if flags != self.flags:
             return None
         if self.dl is not None:

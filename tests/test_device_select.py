@@ -1,0 +1,159 @@
+"""A rule whose variant depends on the step, stepped with its scalars on the device: its
+``Rule.device_flags`` variant holds every term and the step's scalars select one (RAdam's
+rectification, ``rho_t > 5``), so no host picks a compiled variant per step.
+
+- The recorded scalar program (``device_scalars.trace(..., select=True)``) computes
+  ``scalars_of`` bit for bit over many steps (the selecting scalars included), for the defaults,
+  the probes and betas that never rectify, and launches ``Rule.device_flags``'s variant.
+- The device variant, fed each step's scalars, equals the host's variant of that step bit for
+  bit (a division by 1 is exact), element by element.
+- ``fastopt.torch.RAdam`` on the GPU path (the fake backend of ``tests/support/fake_table.py``)
+  keeps its step counts on the device, reads no loss scale, found-inf flag or step count on the
+  host in a steady step (one step skipped by found-inf), accepts ``capturable=True``, and equals
+  the CPU path (the host's variants) given the same inputs.
+- Without ``select`` (the core classes' capturable steps) such a rule stays refused.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import types
+
+import numpy as np
+import pytest
+from fastopt.kernels import RULES, device_scalars, storage
+
+RULES_WITH_DEVICE_FLAGS = [n for n, r in RULES.items() if r.device_flags is not None]
+
+
+def _hps(rule):
+    spec = RULES[rule]
+    out = [spec.validate(dict(spec.defaults)), spec.validate(dict(spec.defaults, **spec.test_hp))]
+    if "betas" in spec.hyper_names:  # a beta2 whose rho_inf stays below 5: never rectified
+        b = spec.defaults["betas"]
+        out.append(spec.validate(dict(spec.defaults, betas=(b[0], 0.6, *b[2:]))))
+    return out
+
+
+def test_some_rule_declares_a_device_variant():
+    assert "radam" in RULES_WITH_DEVICE_FLAGS
+
+
+@pytest.mark.parametrize("rule", RULES_WITH_DEVICE_FLAGS)
+def test_recorded_program_with_select_computes_the_host_scalars_bit_for_bit(rule):
+    spec = RULES[rule]
+    shim = types.SimpleNamespace(grid=lambda n: 0)
+    for hp in _hps(rule):
+        with pytest.raises(device_scalars.NotCapturable, match="depends on the step"):
+            device_scalars.trace(rule, hp)  # the core's capturable steps: still refused
+        prog = device_scalars.trace(rule, hp, select=True)
+        assert prog.flags == spec.device_flags(hp)
+        ns = {"cuda": shim, "math": math}
+        exec(device_scalars.python_source(prog), ns)
+        kernel = ns["factory"](storage.mix32)
+        ctl = np.array(device_scalars.ctl_values(rule, hp, 0), np.float64)
+        m = len(spec.scalars)
+        k32, k64 = np.zeros(m, np.float32), np.zeros(m)
+        keyp, no_inf = np.zeros(1, np.uint32), np.zeros(1, np.float32)
+        switched = set()
+        for t in range(1, 60):
+            kernel(ctl, k32, k64, keyp, no_inf, np.uint32(3))
+            flags, k = spec.variant_and_scalars(hp, t, None)
+            switched.add(tuple(flags.items()))
+            assert np.array_equal(k64, np.array(k)), (rule, t, k64, k)
+            assert np.array_equal(k32, np.array(k, np.float32)), (rule, t)
+        if hp["betas"][1] > 0.6:  # both of the host's variants were met
+            assert len(switched) == 2
+
+
+@pytest.mark.parametrize("rule", RULES_WITH_DEVICE_FLAGS)
+def test_device_variant_equals_the_host_variant_of_each_step(rule):
+    """Element by element in float32 (the rule's Python statements on NumPy scalars): the
+    device's variant with step ``t``'s scalars gives the host variant's values, bit for bit."""
+    spec = RULES[rule]
+    hp = spec.validate(dict(spec.defaults, **spec.test_hp))
+    rng = np.random.default_rng(1)
+    n = 64
+    p0 = rng.standard_normal(n).astype(np.float32)
+    states = [rng.random(n).astype(np.float32) for _ in spec.slots]
+    dev = spec.element(spec.device_flags(hp))
+    for t in range(1, 12):
+        flags, k = spec.variant_and_scalars(hp, t, None)
+        host = spec.element(flags)
+        k32 = tuple(np.float32(x) for x in k)
+        g = rng.standard_normal(n).astype(np.float32)
+        for i in range(n):
+            a = host(p0[i], g[i], *(s[i] for s in states), k32)
+            b = dev(p0[i], g[i], *(s[i] for s in states), k32)
+            assert [x.tobytes() for x in a] == [x.tobytes() for x in b], (t, i, flags)
+
+
+# -- fastopt.torch ------------------------------------------------------------------------------
+@contextlib.contextmanager
+def _no_host_reads(torch, tensors):
+    ids = {id(t) for t in tensors}
+    names = ("item", "__float__", "__int__", "__bool__", "__index__", "tolist")
+    saved = {n: getattr(torch.Tensor, n) for n in names}
+
+    def guard(name):
+        orig = saved[name]
+
+        def f(self, *a, **k):
+            if id(self) in ids:
+                raise AssertionError(f"host read: {name} of a watched tensor")
+            return orig(self, *a, **k)
+
+        return f
+
+    for n in names:
+        setattr(torch.Tensor, n, guard(n))
+    try:
+        yield
+    finally:
+        for n, f in saved.items():
+            setattr(torch.Tensor, n, f)
+
+
+@pytest.mark.torch
+@pytest.mark.parametrize("capturable", [False, True])
+def test_torch_radam_on_the_device_path(monkeypatch, capturable):
+    torch = pytest.importorskip("torch")
+    from support import fake_table
+
+    import fastopt.torch as fot
+    from fastopt.backends import get_backend
+
+    monkeypatch.setattr(fot.FusedOptimizer, "_backend_module", lambda self, device: fake_table)
+    gen = torch.Generator().manual_seed(2)
+    ps = [torch.nn.Parameter(torch.randn(n, generator=gen)) for n in (3, 130, 4099)]
+    qs = [torch.nn.Parameter(p.detach().clone()) for p in ps]
+    kw = dict(lr=1e-2, betas=(0.8, 0.95), weight_decay=0.1)
+    ours = fot.RAdam(ps, capturable=capturable, **kw)
+    ref = fot.RAdam(qs, **kw)
+    ref._backend_module = lambda device: get_backend("numba")
+    scale = torch.tensor(128.0)
+    calls = fake_table.calls
+    for step in range(1, 12):  # rho_t passes 5 at step 6 with beta2 = 0.95
+        found = torch.tensor(1.0 if step == 4 else 0.0)
+        g_gen = torch.Generator().manual_seed(100 + step)
+        for p, q in zip(ps, qs):
+            g = torch.randn(p.shape, generator=g_gen)
+            p.grad, q.grad = g * 128.0, g.clone()
+        calls.clear()
+        watched = [scale, found]
+        if step > 1:
+            watched += [ours.state[p]["step"] for p in ps]
+        with _no_host_reads(torch, watched) if step > 1 else contextlib.nullcontext():
+            ours.step(grad_scale=scale, found_inf=found)
+        if step != 4:
+            ref.step()
+        assert len(calls.launches) == 1 and len(calls.tables) == (1 if step == 1 else 0), step
+        assert calls.launches[0]["flags"]["select"] and calls.launches[0]["io"].kbuf
+        for a, b in zip(ps, qs):
+            torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7)
+            for key, v in ref.state[b].items():
+                torch.testing.assert_close(
+                    ours.state[a][key].float(), v.float(), rtol=1e-6, atol=1e-7
+                )
+    assert all(int(ours.state[p]["step"]) == 10 for p in ps)
