@@ -7,9 +7,10 @@ fake GPU backend (``tests/support/fake_table.py``) and the numba CPU path.
   build no table, launch once per part, read no step count on the host (the device path) or
   re-use every address table (the CPU path), and equal the same parameters stepped one group
   per launch.
-- ``capturable=True`` on Lion, AdaBelief and AdEMAMix steps with the scalars on the device (no
-  host read of the loss scale, found-inf flag or step counts in a steady step) and equals the
-  CPU path; Adan, whose variant depends on the step, is refused with the reason.
+- ``capturable=True`` on Lion, AdaBelief, AdEMAMix and Adan (whose first step's form the device
+  selects by its scalars, ``Rule.device_flags``) steps with the scalars on the device (no host
+  read of the loss scale, found-inf flag or step counts in a steady step) and equals the CPU
+  path.
 """
 
 from __future__ import annotations
@@ -183,6 +184,8 @@ NO_TORCH_PEER = [
     ("Lion", dict(lr=1e-3, weight_decay=0.1)),
     ("AdaBelief", dict(lr=1e-2, eps=1e-3, eps_root=1e-3)),
     ("AdEMAMix", dict(lr=1e-2, weight_decay=0.1)),
+    # its first step's form is a variant of its own on the host; the device selects it
+    ("Adan", dict(lr=1e-2, betas=(0.8, 0.7, 0.9), eps=1e-3, eps_root=1e-3, weight_decay=0.1)),
 ]
 
 
@@ -221,8 +224,6 @@ def test_capturable_without_a_torch_counterpart(fake, name, kw):
                 )
 
 
-def test_capturable_adan_is_refused_with_the_reason():
+def test_capturable_defaults_to_false_without_a_torch_counterpart():
     p = torch.nn.Parameter(torch.zeros(3))
-    with pytest.raises(NotImplementedError, match=r"Adan\(capturable=True\)"):
-        fot.Adan([p], capturable=True)
     assert fot.Adan([p]).param_groups[0]["capturable"] is False
