@@ -19,9 +19,10 @@ Groups on a GPU (``FusedOptimizer._device_scalars``) keep their step counts on t
 (float32 0-d tensors on the parameter's device, as torch's fused and capturable optimizers do)
 and compute the host scalars there (``fastopt._capture.DeviceScalars``, one per cached launch;
 a rule whose host variant depends on the step or the host state launches its
-``Rule.device_flags`` variant, ``Program.flags``, which selects per step by those scalars): the step advances unless the found-inf flag is set, torch's step tensors are
-advanced by ``_foreach_add_``/``_foreach_sub_`` on the device as torch's fused step does, and a
-learning rate held in a device tensor is copied into the scalars' control array on the device.
+``Rule.device_flags`` variant, ``Program.flags``, which selects per step by those scalars):
+the step advances unless the found-inf flag is set, torch's step tensors are advanced by
+``_foreach_add_``/``_foreach_sub_`` on the device as torch's fused step does, and a learning
+rate held in a device tensor is copied into the scalars' control array on the device.
 Nothing in such a step reads device memory on the host, so it can be captured by
 ``torch.cuda.graph`` and replayed.
 """
