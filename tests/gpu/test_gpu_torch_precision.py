@@ -11,7 +11,9 @@ The CPU proofs are ``tests/test_torch_precision.py`` and ``tests/test_torch_devi
 - a param group of float32 and bfloat16 parameters (two launches) stepped with GradScaler
   under ``torch.cuda.set_sync_debug_mode("error")``: its steady steps never synchronise, and
   equal the same parameters in one group per dtype;
-- a ``capturable=True`` Lion captured with ``torch.cuda.graph``: replays equal eager steps.
+- a ``capturable=True`` Lion captured with ``torch.cuda.graph``: replays equal eager steps;
+- RAdam, Adan and ASGD (their device variants, ``Rule.device_flags``) with GradScaler: steady
+  steps never synchronise, and equal the CPU path.
 """
 
 import numpy as np
@@ -151,3 +153,45 @@ def test_capturable_lion_graph_replays_equal_eager_steps(backend):
     for p, q in zip(ps, qs):
         assert torch.equal(p, q)
         assert torch.equal(ours.state[p]["exp_avg"], eager.state[q]["exp_avg"])
+
+
+SELECTING = [
+    ("RAdam", dict(lr=1e-3, betas=(0.8, 0.95), weight_decay=0.01)),
+    ("Adan", dict(lr=1e-3, weight_decay=0.01)),
+    ("ASGD", dict(lr=1e-3, t0=0.0)),
+]
+
+
+@pytest.mark.parametrize("backend", gpu_backend_params())
+@pytest.mark.parametrize("name,kw", SELECTING, ids=[c[0] for c in SELECTING])
+def test_step_dependent_rules_do_not_synchronise_and_equal_the_cpu_path(backend, name, kw):
+    """RAdam, Adan and ASGD (their device variant selecting per step) with GradScaler: steady
+    steps under ``set_sync_debug_mode("error")`` across RAdam's rectification switch (step 6)
+    and ASGD's averaging start (step 3), then params and state against the CPU path given the
+    same gradients (float32: 1e-5)."""
+    _cuda()
+    ps = _list()[:16]
+    qs = [torch.nn.Parameter(p.detach().cpu().clone()) for p in ps]
+    ours = getattr(fot, name)(ps, capturable=True, backend=backend, **kw)
+    ref = getattr(fot, name)(qs, backend="numba", **kw)
+    scale = torch.tensor(256.0, device="cuda")
+    found = torch.zeros((), device="cuda")
+    for step in range(1, 9):
+        gs = _grads(qs, step)
+        for p, q, g in zip(ps, qs, gs):
+            p.grad, q.grad = (g * 256.0).to("cuda"), g.clone()
+        if step > 2:
+            torch.cuda.synchronize()
+            torch.cuda.set_sync_debug_mode("error")
+        try:
+            ours.step(grad_scale=scale, found_inf=found)
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+        ref.step()
+    torch.cuda.synchronize()
+    for p, q in zip(ps, qs):
+        torch.testing.assert_close(p.detach().cpu(), q.detach(), rtol=1e-5, atol=1e-6)
+        for k, v in ref.state[q].items():
+            torch.testing.assert_close(
+                ours.state[p][k].cpu().float(), v.float(), rtol=1e-5, atol=1e-6
+            )
