@@ -10,12 +10,10 @@ iterates, kept as state ``ax``.
 """
 
 from .shared import MAXIMIZE, WEIGHT_DECAY, prologue, prologue_flags
-from .spec import Elem, Hyper, Rule, Slot, f32, maximum, where
+from .spec import Elem, Hyper, Rule, Slot, f32
 
 
-def make_rule(
-    maximize: bool = False, decay: bool = False, average: bool = False, select: bool = False
-) -> Elem:
+def make_rule(maximize: bool = False, decay: bool = False, average: bool = False) -> Elem:
     """Per element, after the prologue (maximize, L2 decay), with ``eta``, ``mu`` (the host
     state) and ``decay_f = 1 - lambd*eta`` from the host:
 
@@ -23,21 +21,14 @@ def make_rule(
     average (mu != 1): ax = ax + (p - ax)*mu    else ax = p
 
     Whether a step averages is a flag from the host, so each step runs a branch-free variant.
-    The device's variant (``select``, ``Rule.device_flags``: eta and mu advanced on the device,
-    where no host picks a variant per step) computes both and keeps the average where the
-    step's scalars say so (``avg > avg0``: avg = 1, avg0 = 0 while mu != 1), the same values
-    as either host variant.
     """
 
     def asgd_elem(p, g, ax, k):
-        wd, decay_f, eta, mu, avg, avg0 = k
+        wd, decay_f, eta, mu = k
         p, g = prologue(p, g, wd, wd, maximize, decay, False)
         p = p * decay_f
         p = p - eta * g
-        if select:  # the step's scalars choose (one value for every element)
-            mean = ax + (p - ax) * mu
-            ax = mean if avg > avg0 else p
-        elif average:
+        if average:
             ax = ax + (p - ax) * mu
         else:
             ax = p
@@ -47,23 +38,15 @@ def make_rule(
 
 
 def _flags_of(hp, step, hs):
-    return {**prologue_flags(hp), "average": hs["mu"] != 1.0, "select": False}
-
-
-def _device_flags(hp):
-    """The device's variant: the average kept where ``avg > avg0``."""
-    return {**prologue_flags(hp), "average": False, "select": True}
+    return {**prologue_flags(hp), "average": hs["mu"] != 1.0}
 
 
 def _scalars_of(hp, step, hs):
-    on = hs["mu"] != 1.0
     return {
         "wd": hp["weight_decay"],
         "decay_f": 1.0 - hp["lambd"] * hs["eta"],
         "eta": hs["eta"],
         "mu": hs["mu"],
-        "avg": where(on, 1.0, 0.0),
-        "avg0": where(on, 0.0, 1.0),
     }
 
 
@@ -72,7 +55,7 @@ def _advance(hp, step, hs):
     # torch.as_tensor of Python floats: float32, whatever dtype the state tensors hold
     return {
         "eta": f32(lr / ((1.0 + lambd * lr * step) ** hp["alpha"])),
-        "mu": f32(1.0 / maximum(1.0, step - hp["t0"])),
+        "mu": f32(1.0 / max(1.0, step - hp["t0"])),
     }
 
 
@@ -89,9 +72,7 @@ RULE = Rule(
         MAXIMIZE,
     ),
     slots=(Slot("ax"),),
-    scalars=("wd", "decay_f", "eta", "mu", "avg", "avg0"),
-    excluded=((("average", True), ("select", True)),),
-    device_flags=_device_flags,
+    scalars=("wd", "decay_f", "eta", "mu"),
     make_rule=make_rule,
     flags_of=_flags_of,
     scalars_of=_scalars_of,

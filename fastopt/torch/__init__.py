@@ -51,11 +51,12 @@ them its scale and found-inf flag instead of unscaling the gradients itself; a s
 ``found_inf`` set changes nothing (params, state, step counts), and the gradients are
 unscaled in the same pass as the update (``p.grad`` keeps GradScaler's scale, as with torch's
 fused optimizers). On a GPU the step counts live on the device and the scale and the flag are
-read by the kernels: no host synchronisation (RAdam, Adan and ASGD, whose host variant depends
-on the step or the host state, run their ``Rule.device_flags`` variant there, selecting per
-step); with ``capturable=True`` the step can be captured in a CUDA graph (a keyword of the
-classes torch lacks too: Lion, AdaBelief, Adan, AdEMAMix). A group whose parameters fall into
-several launches keeps one cached launch per part (``_steady.SteadyParts``).
+read by the kernels: no host synchronisation (RAdam and Adan, whose host variant depends on
+the step, run their ``Rule.device_flags`` variant there, selecting per step; not ASGD, whose
+variant depends on its host state); with ``capturable=True`` the step can be captured in a
+CUDA graph (a keyword of the classes torch lacks too: Lion, AdaBelief, Adan, AdEMAMix). A
+group whose parameters fall into several launches keeps one cached launch per part
+(``_steady.SteadyParts``).
 ``max_grad_norm=`` clips by the global gradient norm inside the step (the norm of the unscaled
 gradients under GradScaler).
 
@@ -343,8 +344,8 @@ class FusedOptimizer(TorchContract, torch.optim.Optimizer):
         """Does ``group`` step on ``device`` with its step counts and scalars on the device?
         On a GPU backend that computes scalars there (``_on_device``): a ``capturable=True``
         group, and any group whose rule and flags the device can compute (as torch's fused
-        optimizers keep their step counts on the device); RAdam, Adan and ASGD through their
-        device variant (``Rule.device_flags``, ``device_scalars.trace(..., select=True)``)."""
+        optimizers keep their step counts on the device); RAdam and Adan through their device
+        variant (``Rule.device_flags``, ``device_scalars.trace(..., select=True)``); not ASGD."""
         if not self._on_device(device):
             return False
         if group.get("capturable"):

@@ -12,7 +12,7 @@ The CPU proofs are ``tests/test_torch_precision.py`` and ``tests/test_torch_devi
   under ``torch.cuda.set_sync_debug_mode("error")``: its steady steps never synchronise, and
   equal the same parameters in one group per dtype;
 - a ``capturable=True`` Lion captured with ``torch.cuda.graph``: replays equal eager steps;
-- RAdam, Adan and ASGD (their device variants, ``Rule.device_flags``) with GradScaler: steady
+- RAdam and Adan (their device variants, ``Rule.device_flags``) with GradScaler: steady
   steps never synchronise, and equal the CPU path.
 """
 
@@ -158,17 +158,15 @@ def test_capturable_lion_graph_replays_equal_eager_steps(backend):
 SELECTING = [
     ("RAdam", dict(lr=1e-3, betas=(0.8, 0.95), weight_decay=0.01)),
     ("Adan", dict(lr=1e-3, weight_decay=0.01)),
-    ("ASGD", dict(lr=1e-3, t0=0.0)),
 ]
 
 
 @pytest.mark.parametrize("backend", gpu_backend_params())
 @pytest.mark.parametrize("name,kw", SELECTING, ids=[c[0] for c in SELECTING])
 def test_step_dependent_rules_do_not_synchronise_and_equal_the_cpu_path(backend, name, kw):
-    """RAdam, Adan and ASGD (their device variant selecting per step) with GradScaler: steady
-    steps under ``set_sync_debug_mode("error")`` across RAdam's rectification switch (step 6)
-    and ASGD's averaging start (step 3), then params and state against the CPU path given the
-    same gradients (float32: 1e-5)."""
+    """RAdam and Adan (their device variant selecting per step) with GradScaler: steady steps
+    under ``set_sync_debug_mode("error")`` across RAdam's rectification switch (step 6), then
+    params and state against the CPU path given the same gradients (float32: 1e-5)."""
     _cuda()
     ps = _list()[:16]
     qs = [torch.nn.Parameter(p.detach().cpu().clone()) for p in ps]
