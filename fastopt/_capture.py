@@ -41,9 +41,12 @@ class DeviceScalars:
         hs: Mapping[str, float] | None,
         seed: int,
         like: Any,
+        select: bool = False,
     ) -> None:
         spec = RULES[rule]
-        self.program = device_scalars.trace(rule, hp)  # NotCapturable for a rule it cannot do
+        # NotCapturable for a rule it cannot do; ``select``: a rule's device variant too
+        # (``Rule.device_flags``), which the caller launches (``program.flags``)
+        self.program = device_scalars.trace(rule, hp, select)
         self.be, self.rule, self.seed = be, rule, np.uint32(seed)
         xp = array_module(like)
         values = device_scalars.ctl_values(rule, hp, step, hs)

@@ -56,6 +56,9 @@ class Program:
     outputs: dict[str, Any] = field(default_factory=dict)
     hs_out: dict[str, Any] = field(default_factory=dict)
     hs_index: dict[str, int] = field(default_factory=dict)
+    #: the variant the update kernels run with these scalars (``Rule.device_flags`` where the
+    #: rule's host variant depends on the step, else ``flags_of``'s)
+    flags: dict[str, bool] = field(default_factory=dict)
 
 
 class _Sym:
@@ -179,9 +182,11 @@ def _var(name):
     return "in_" + name.replace("[", "_").replace("]", "").replace(":", "_")
 
 
-def trace(rule: str, hp: Mapping[str, Any]) -> Program:
+def trace(rule: str, hp: Mapping[str, Any], select: bool = False) -> Program:
     """The ``Program`` of ``rule``'s host scalars with the boolean hyperparameters of ``hp``
-    (any numeric values: they are inputs). Raises ``NotCapturable``."""
+    (any numeric values: they are inputs). With ``select``, a rule whose variant depends on the
+    step but that declares ``device_flags`` is recorded too, for that one variant (its caller
+    launches ``Program.flags``). Raises ``NotCapturable``."""
     spec = RULES[rule]
     prog = Program(rule)
     sym_hp, sym_hs = _inputs(spec, prog)
@@ -192,7 +197,10 @@ def trace(rule: str, hp: Mapping[str, Any]) -> Program:
         # ASGD's averaging switch variants per step: the device cannot pick a compiled one)
         flags = spec.flags_of({**hp, **bools}, step, sym_hs)
         if not all(isinstance(v, bool) for v in flags.values()):
-            raise NotCapturable("a variant that depends on the step or the host state")
+            if not (select and spec.device_flags is not None):
+                raise NotCapturable("a variant that depends on the step or the host state")
+            flags = spec.device_flags({**hp, **bools})
+        prog.flags = {n: bool(v) for n, v in flags.items()}
         full = {**sym_hp, **bools}
         values = spec.scalars_of(full, step, sym_hs or None)
         prog.outputs = {n: _operand(values[n]) for n in spec.scalars}
@@ -210,10 +218,11 @@ def trace(rule: str, hp: Mapping[str, Any]) -> Program:
     return prog
 
 
-def capturable(rule: str, hp: Mapping[str, Any]) -> bool:
-    """Can the device compute ``rule``'s host scalars with the flags of ``hp``?"""
+def capturable(rule: str, hp: Mapping[str, Any], select: bool = False) -> bool:
+    """Can the device compute ``rule``'s host scalars with the flags of ``hp``? (``select``: as
+    ``trace`` takes it.)"""
     try:
-        trace(rule, hp)
+        trace(rule, hp, select)
     except NotCapturable:
         return False
     return True

@@ -18,11 +18,15 @@ from .shared import (
     prologue,
     prologue_flags,
 )
-from .spec import Elem, Hyper, Rule, Slot
+from .spec import Elem, Hyper, Rule, Slot, maximum, where
 
 
 def make_rule(
-    maximize: bool = False, decay: bool = False, decoupled: bool = False, rectify: bool = False
+    maximize: bool = False,
+    decay: bool = False,
+    decoupled: bool = False,
+    rectify: bool = False,
+    select: bool = False,
 ) -> Elem:
     """Per element, after the prologue (maximize, L2 or decoupled decay):
 
@@ -31,6 +35,11 @@ def make_rule(
     otherwise:           p = p - step_size*m                      (step_size = lr/bc1)
 
     Whether a step rectifies is a flag from the host, so each step runs a branch-free variant.
+    The device's variant (``select``, ``Rule.device_flags``: its scalars computed on the
+    device, where no host picks a variant per step) holds both terms and takes the one the
+    step's scalars choose: ``p = p - step_size*m / d`` with ``d = sqrt(v) + eps`` where
+    ``rect > den0`` (rect = 1, den0 = 0: a rectified step) and ``d = den0 = 1`` otherwise, the
+    same values as either host variant (a division by 1 is exact).
     torch multiplies m/bc1, lr, sqrt(bc2)/(sqrt(v) + eps) and rect element by element; the host
     folds them into one step size, as Adam's rule does, which leaves one division per element:
     float64 divisions are long instruction sequences, and three of them cost the double
@@ -38,11 +47,14 @@ def make_rule(
     """
 
     def radam_elem(p, g, m, v, k):
-        wd, decay_f, omb1, beta2, omb2, step_size, eps = k
+        wd, decay_f, omb1, beta2, omb2, step_size, eps, rect, den0 = k
         p, g = prologue(p, g, wd, decay_f, maximize, decay, decoupled)
         m = m + omb1 * (g - m)
         v = beta2 * v + omb2 * g * g
-        if rectify:
+        if select:  # the step's scalars choose the term (one value for every element)
+            d = (math.sqrt(v) + eps) if rect > den0 else den0
+            p = p - step_size * m / d
+        elif rectify:
             p = p - step_size * m / (math.sqrt(v) + eps)
         else:
             p = p - step_size * m
@@ -63,17 +75,27 @@ def _flags_of(hp, step, hs):
         **prologue_flags(hp),
         "decoupled": hp["decoupled_weight_decay"],
         "rectify": _rho(hp, step)[1] > 5.0,
+        "select": False,
     }
+
+
+def _device_flags(hp):
+    """The device's variant: both terms, chosen by the scalars ``rect`` and ``den0``."""
+    flags = {**prologue_flags(hp), "decoupled": hp["decoupled_weight_decay"]}
+    return {**flags, "rectify": False, "select": True}
 
 
 def _scalars_of(hp, step, hs):
     out = adam_step_scalars(hp, step, hs)
     rho_inf, rho_t = _rho(hp, step)
-    if rho_t > 5.0:
-        rect = (
-            (rho_t - 4.0) * (rho_t - 2.0) * rho_inf / ((rho_inf - 4.0) * (rho_inf - 2.0) * rho_t)
-        ) ** 0.5
-        out["step_size"] = hp["lr"] * rect * out["bc2"] ** 0.5 / out["bc1"]
+    # written with ``where`` so that the device computes it too (both sides are evaluated:
+    # the rectification term's denominator and root kept finite where it is not taken)
+    on = rho_t > 5.0
+    den = where(on, (rho_inf - 4.0) * (rho_inf - 2.0) * rho_t, 1.0)
+    rect = maximum((rho_t - 4.0) * (rho_t - 2.0) * rho_inf / den, 0.0) ** 0.5
+    out["step_size"] = where(on, hp["lr"] * rect * out["bc2"] ** 0.5 / out["bc1"], out["step_size"])
+    out["rect"] = where(on, 1.0, 0.0)
+    out["den0"] = where(on, 0.0, 1.0)
     return out
 
 
@@ -89,9 +111,12 @@ RULE = Rule(
         MAXIMIZE,
     ),
     slots=(Slot("exp_avg"), Slot("exp_avg_sq", even=True)),
-    scalars=("wd", "decay_f", "omb1", "beta2", "omb2", "step_size", "eps"),
+    scalars=("wd", "decay_f", "omb1", "beta2", "omb2", "step_size", "eps", "rect", "den0"),
     make_rule=make_rule,
     flags_of=_flags_of,
     scalars_of=_scalars_of,
+    # the device's variant takes both terms: never with the host's rectified one
+    excluded=((("rectify", True), ("select", True)),),
+    device_flags=_device_flags,
     test_hp=dict(lr=0.01, betas=(0.8, 0.95)),
 )

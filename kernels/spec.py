@@ -341,6 +341,13 @@ class Rule:
     #: hyperparameters under which every term of the update shows within a few steps (lr large
     #: enough to move p, betas small enough that the moments change); the tests run with them
     test_hp: dict[str, Any] | None = field(default=None, hash=False, compare=False)
+    #: ``device_flags(hp) -> flags``: for a rule whose ``flags_of`` depends on the step, the one
+    #: variant a device runs at every step, its host scalars selecting the terms per step
+    #: (``where``: RAdam's rectification); None where there is none. Only the callers that
+    #: launch it ask for it (``device_scalars.trace(..., select=True)``)
+    device_flags: Callable[[Mapping[str, Any]], dict[str, bool]] | None = field(
+        default=None, hash=False, compare=False
+    )
 
     def __post_init__(self) -> None:
         flags = self.flags
@@ -420,24 +427,28 @@ class Rule:
         p``)? Derived from the rule itself, run in plain Python on probe values: a slot is read
         when some output changes with its input (or the rule raises on one, as a root of a
         negative value does). A read the probes cannot reach would have to hide behind a
-        comparison with a value none of them crosses. The benchmark's byte counts use it."""
+        comparison with a value none of them crosses. The scalars run in increasing and in
+        decreasing order, so that a device variant selecting by a comparison of two scalars
+        (``device_flags``) shows the reads of both its terms, as its kernel loads them. The
+        benchmark's byte counts use it."""
         rule = self.make_rule(**flags)
-        k = tuple(0.1 + 0.07 * i for i in range(len(self.scalars)))
+        up = tuple(0.1 + 0.07 * i for i in range(len(self.scalars)))
         probes = (-2.0, 1e-3, 3.0, 1e30, -1e30, math.nan, math.inf)
 
-        def outputs(args: list[float]) -> tuple[str, ...] | None:
+        def outputs(args: list[float], k: tuple[float, ...]) -> tuple[str, ...] | None:
             try:
                 return tuple(repr(float(x)) for x in rule(*args, k))
             except (ArithmeticError, ValueError):
                 return None
 
         def reads(j: int) -> bool:
-            for p, g in ((0.75, 0.5), (-0.75, -0.5)):
-                base = [p, g] + [0.25] * len(self.slots)
-                ref = outputs(base)
-                for v in probes:
-                    if outputs(base[: 2 + j] + [v] + base[3 + j :]) != ref:
-                        return True
+            for k in (up, up[::-1]):
+                for p, g in ((0.75, 0.5), (-0.75, -0.5)):
+                    base = [p, g] + [0.25] * len(self.slots)
+                    ref = outputs(base, k)
+                    for v in probes:
+                        if outputs(base[: 2 + j] + [v] + base[3 + j :], k) != ref:
+                            return True
             return False
 
         return tuple(u and reads(j) for j, u in enumerate(self.slots_used(flags)))

@@ -79,3 +79,27 @@ def test_capturable_step_with_device_loss_scale_matches_torch_fused():
         ref.step()
         _same(ours, ref, ps, qs, 2e-6, 1e-7)
     assert all(float(ours.state[p]["step"]) == 3 for p in ps)
+
+
+@pytest.mark.parametrize("capturable", [False, True])
+def test_state_dtype_and_stochastic_rounding_equal_the_cpu_path(capturable):
+    """bfloat16 parameters rounded stochastically with bfloat16 state, and float32 parameters
+    with bfloat16 state, in one group (two launches, cached as parts): the numba-cuda table
+    kernels give the numba CPU path's params and state (the same index, salt and key; float32
+    arithmetic of the same statements: within one bfloat16 unit)."""
+    ps = _params(torch.bfloat16) + _params(torch.float32, seed=1)
+    qs = [torch.nn.Parameter(p.detach().clone()) for p in ps]
+    kw = dict(lr=1e-2, weight_decay=0.1, state_dtype="bfloat16", stochastic_rounding=True, seed=5)
+    ours = fot.AdamW(ps, backend="numba-cuda", capturable=capturable, **kw)
+    ref = fot.AdamW(qs, backend="numba", **kw)
+    for step in range(1, 4):
+        for p, q, g in zip(ps, qs, _grads(ps, step)):
+            p.grad, q.grad = g.clone(), g.clone()
+        ours.step()
+        ref.step()
+        for p in ps:
+            assert ours.state[p]["exp_avg"].dtype is torch.bfloat16
+        _same(ours, ref, ps, qs, 2.0**-7, 1e-6)
+    parts = ours._steady[0].parts
+    assert sorted(part.dl.base.param for part in parts) == ["bfloat16", "float32"]
+    assert [part.dl.base.sr for part in parts if part.dl.base.param == "bfloat16"] == [True]

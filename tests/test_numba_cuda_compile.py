@@ -199,9 +199,17 @@ def test_variant_compiles_for_sm80_and_sm90(variant, dtype):
         stores = sum(bool(re.search(r"\bst\.global\.", ln)) for ln in body)
         w, r = sum(writes), len(slots_read(rule, flags))
         assert loads and stores
-        assert loads * (1 + w) == stores * (2 + r), (
-            f"{loads} loads / {stores} stores: not (2 + {r}) loads per (1 + {w}) stores"
-        )
+        if flags.get("select"):
+            # a device variant (``Rule.device_flags``) selects its term by a comparison of two
+            # scalars, one value for every element: NVVM may unswitch the loop into one copy
+            # per term, and a slot only one term reads is loaded in that copy only
+            assert stores * (1 + r) <= loads * (1 + w) <= stores * (2 + r), (
+                f"{loads} loads / {stores} stores: not (1..2 + {r}) loads per (1 + {w}) stores"
+            )
+        else:
+            assert loads * (1 + w) == stores * (2 + r), (
+                f"{loads} loads / {stores} stores: not (2 + {r}) loads per (1 + {w}) stores"
+            )
         if link is not None:
             cubin, log = link
             assert cubin[:4] == b"\x7fELF"

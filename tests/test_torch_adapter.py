@@ -18,6 +18,7 @@ torch = pytest.importorskip("torch")
 import fastopt.torch as fot  # noqa: E402
 from fastopt.bench.measure import _torch_name  # noqa: E402
 from fastopt.optimizers import CLASSES  # noqa: E402
+from fastopt.torch._steady import SteadyParts  # noqa: E402
 
 #: (class name, torch class, main options) for every registered optimizer torch has; the
 #: options are the class's probes switched on (the variants torch exposes), one at a time
@@ -350,8 +351,8 @@ def test_refusals_change_nothing():
         fot.Adam(model.parameters(), lr=-1.0)
     with pytest.raises(NotImplementedError):
         fot.Adam(model.parameters(), differentiable=True)
-    with pytest.raises(NotImplementedError, match="capturable"):
-        fot.RAdam(model.parameters(), capturable=True)  # its variant depends on the step
+    # its variant depends on the step: the device runs the variant that selects per step
+    assert fot.RAdam(model.parameters(), capturable=True).param_groups[0]["capturable"]
     with pytest.raises(ValueError, match="unknown backend"):
         fot.Adam(model.parameters(), backend="nope")
 
@@ -493,10 +494,13 @@ def test_steady_steps_see_every_change_torch_would():
         step()  # the change is seen: a full step, which caches the group anew
         assert a._steady[0] is not cached, what
         cached = a._steady[0]
-    a.state[ps[2]]["step"].fill_(30.0)  # one step count apart: two launches, nothing cached
+    a.state[ps[2]]["step"].fill_(30.0)  # one step count apart: two launches, cached as parts
     b.state[qs[2]]["step"].fill_(30.0)
     step()
-    assert 0 not in a._steady
+    parts = a._steady[0]
+    assert isinstance(parts, SteadyParts) and len(parts.parts) == 2
+    step()  # the parts re-checked and relaunched, each with its own step count
+    assert a._steady[0] is parts and float(a.state[ps[2]]["step"]) == 32
     steps_to(40.0)
     step()
     step(skip=1)  # a parameter without a gradient keeps its state and step count

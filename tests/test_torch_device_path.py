@@ -114,14 +114,14 @@ def test_one_table_launch_per_group_and_plan_reused_by_the_steady_step(fake):
 
 
 def test_grad_scaler_on_the_table_path_of_a_rule_the_device_cannot_plan(fake):
-    """RAdam (its variant depends on the step: no device scalars) on the table path takes
+    """ASGD (its variant depends on the host state: no device scalars) on the table path takes
     GradScaler's scale as a host factor and skips a found-inf step on the host (its step
     counts are host tensors): the same params, state and step counts as the CPU path given
     the same inputs, bit for bit."""
     ps = _params(torch.bfloat16, (3, 130, 4099))
     qs = [torch.nn.Parameter(p.detach().clone()) for p in ps]
-    ours = fot.RAdam(ps, lr=1e-2, master_weights=True)
-    ref = fot.RAdam(qs, lr=1e-2, master_weights=True)
+    ours = fot.ASGD(ps, lr=1e-2, t0=0.0, master_weights=True)
+    ref = fot.ASGD(qs, lr=1e-2, t0=0.0, master_weights=True)
     ref._backend_module = _numba
     for step in range(1, 6):
         found = torch.tensor(1.0 if step == 2 else 0.0)

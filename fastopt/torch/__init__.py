@@ -51,8 +51,12 @@ them its scale and found-inf flag instead of unscaling the gradients itself; a s
 ``found_inf`` set changes nothing (params, state, step counts), and the gradients are
 unscaled in the same pass as the update (``p.grad`` keeps GradScaler's scale, as with torch's
 fused optimizers). On a GPU the step counts live on the device and the scale and the flag are
-read by the kernels: no host synchronisation (not for RAdam, Adan, ASGD, whose variant depends
-on the step); with ``capturable=True`` the step can be captured in a CUDA graph.
+read by the kernels: no host synchronisation (RAdam and Adan, whose host variant depends on
+the step, run their ``Rule.device_flags`` variant there, selecting per step; not ASGD, whose
+variant depends on its host state); with ``capturable=True`` the step can be captured in a
+CUDA graph (a keyword of the classes torch lacks too: Lion, AdaBelief, Adan, AdEMAMix). A
+group whose parameters fall into several launches keeps one cached launch per part
+(``_steady.SteadyParts``).
 ``max_grad_norm=`` clips by the global gradient norm inside the step (the norm of the unscaled
 gradients under GradScaler).
 
@@ -63,6 +67,16 @@ the same pass. A 16-bit parameter written between steps (``w.fill_(3.0)``: its v
 moved) is seen: where it no longer equals its master rounded, the master takes the written
 value. A write that bypasses the version counter (through ``w.data`` or a NumPy view) is not
 seen, and the master's value wins.
+
+The core classes' other precision keywords are taken as the core checks them
+(``_check_precision``): ``state_dtype`` ("float32" or "bfloat16": the state buffers' storage
+dtype, ``precision.resolve_state_kind``; a value the core accepts beyond the storage dtypes is
+refused until this path keeps it), ``stochastic_rounding`` and ``seed`` (bfloat16 parameters
+without a master copy rounded from a hash of (seed, step, index), the index counted from each
+tensor's start, salt 0, on the CPU and GPU paths alike; SGD, which keeps no step count in
+torch's state, hashes the steps this object took for the group). ``state_dict`` carries the
+state in its storage dtype; ``load_state_dict`` converts each saved state buffer to it
+(``_compat.state_keeps``).
 """
 
 import inspect
@@ -80,14 +94,14 @@ from .._arrays import as_xp_array
 from ..backends import get_backend
 from ..base import PRECISION_DEFAULTS
 from ..functional import Launch
-from ..kernels import RULES
+from ..kernels import RULES, storage
 from ..kernels.spec import host_precision, host_round
 from ..kernels.storage import io_for
 from . import _device, _dtensor
 from ._compat import TorchContract, hp_value
 from ._device import Amp, stream_of
 from ._memory import check_backed, check_no_overlap, check_written, plain_type
-from ._steady import Steady
+from ._steady import Steady, SteadyParts
 
 __all__ = ["CPUOffload", "FusedOptimizer", *_optimizers.CLASSES, "Adagrad", "RMSprop"]
 
@@ -98,6 +112,8 @@ _KINDS = {
     torch.float16: "float16",
     torch.bfloat16: "bfloat16",
 }
+#: the torch dtype of a storage kind
+_TORCH = {v: k for k, v in _KINDS.items()}
 #: the plain dtypes: one many-tensor launch on the CPU
 _DTYPES = {torch.float32: np.float32, torch.float64: np.float64}
 #: (rule, its bool hyperparameters) -> can the device compute its scalars (``_device_scalars``)
@@ -127,7 +143,13 @@ class FusedOptimizer(TorchContract, torch.optim.Optimizer):
     #: torch keeps a step count for the rule (no fresh slot), set by ``_make``
     _keeps_step: bool = True
     _step_supports_amp_scaling = True
-    _steady: dict[int, Steady]
+    _steady: dict[int, Steady | SteadyParts]
+    #: the precision settings (``_check_precision``; set per instance by the generated
+    #: constructors, these defaults serve optimizers pickled before they existed)
+    master_weights: bool = False
+    state_dtype: str | None = None
+    stochastic_rounding: bool = False
+    seed: int = 0
 
     def __init__(
         self,
@@ -179,6 +201,22 @@ class FusedOptimizer(TorchContract, torch.optim.Optimizer):
         super().add_param_group(param_group)
 
     # -- state -----------------------------------------------------------------------------------
+    def _state_kind(self, param_dtype, master, label=None):
+        """The storage dtype name of the state buffers of a parameter of ``param_dtype``
+        (``precision.resolve_state_kind``: ``state_dtype``, else the parameter's dtype, float32
+        beside a master copy); TypeError (naming ``label``) for bfloat16 state of float64
+        parameters."""
+        from ..precision import resolve_state_kind
+
+        try:
+            return resolve_state_kind(self.state_dtype, _KINDS[param_dtype], master)
+        except TypeError as exc:
+            raise TypeError(f"{label or type(self).__name__}: {exc}") from None
+
+    def _sr(self, param_dtype, master):
+        """Does a launch of ``param_dtype`` parameters round their stores stochastically?"""
+        return self.stochastic_rounding and param_dtype is torch.bfloat16 and not master
+
     def _new_state(self, p, spec, hp, slots, master=False, step_device=None):
         """``state[p]`` as torch creates it on a parameter's first step (torch's keys: a step
         count where torch keeps one, the state buffers ``slots``, host scalars as 0-d
@@ -190,8 +228,9 @@ class FusedOptimizer(TorchContract, torch.optim.Optimizer):
         new = {}
         if type(self)._keeps_step:
             new["step"] = torch.tensor(0.0, dtype=torch.float32, device=step_device)
-        # with a master copy the state is float32 too (16-bit states would undo the master)
-        sdtype = torch.float32 if master else p.dtype
+        # ``state_dtype``, or the parameter's dtype (float32 beside a master copy: 16-bit
+        # states would undo the master)
+        sdtype = _TORCH[self._state_kind(p.dtype, master)]
         for s in spec.slots:
             if s.name in slots and not s.fresh:
                 new[s.name] = torch.full_like(
@@ -268,8 +307,23 @@ class FusedOptimizer(TorchContract, torch.optim.Optimizer):
                 self._run_plan(plan)
             else:
                 cached, hp, checked = plan
-                cached.run(spec, hp, *checked, amp)
+                cached.run(spec, hp, *checked, amp, self._key_step(cached.index))
+        if not type(self)._keeps_step:  # the steps each group took (the rounding key's count)
+            counts = self.__dict__.setdefault("_key_steps", {})
+            for plan in plans:
+                i = plan.index if isinstance(plan, _Plan) else plan[0].index
+                counts[i] = counts.get(i, 0) + 1
         return loss
+
+    def _key_step(self, index, t=None):
+        """The step that stochastic rounding's key hashes (``storage.step_key(seed, step)``):
+        the parameters' step count ``t`` where torch keeps one; else (SGD) the steps this
+        optimizer object took for param group ``index`` plus one (a count torch's state has no
+        place for: it restarts with a new object), so every step draws new random bits.
+        None for a cached launch of a rule with step counts (its own count)."""
+        if type(self)._keeps_step:
+            return t
+        return self.__dict__.get("_key_steps", {}).get(index, 0) + 1
 
     def _group_hp(self, index, group):
         """``_rule_hp`` of a param group; the learning rate of a group whose scalars live on
@@ -302,7 +356,8 @@ class FusedOptimizer(TorchContract, torch.optim.Optimizer):
         """Does ``group`` step on ``device`` with its step counts and scalars on the device?
         On a GPU backend that computes scalars there (``_on_device``): a ``capturable=True``
         group, and any group whose rule and flags the device can compute (as torch's fused
-        optimizers keep their step counts on the device); not RAdam, Adan, ASGD."""
+        optimizers keep their step counts on the device); RAdam and Adan through their device
+        variant (``Rule.device_flags``, ``device_scalars.trace(..., select=True)``); not ASGD."""
         if not self._on_device(device):
             return False
         if group.get("capturable"):
@@ -323,7 +378,7 @@ class FusedOptimizer(TorchContract, torch.optim.Optimizer):
             hp = spec.validate(
                 dict(spec.defaults, **{h.name: f for h, f in zip(_bools(spec), flags)})
             )
-            ok = _DEVICE_RULES[key] = device_scalars.capturable(spec.name, hp)
+            ok = _DEVICE_RULES[key] = device_scalars.capturable(spec.name, hp, select=True)
         return ok
 
     def _device_tensor(self, x):
@@ -472,6 +527,9 @@ class FusedOptimizer(TorchContract, torch.optim.Optimizer):
             lg = _check_param(lp, _dtensor.local(g), label, entries)
             master = want_master and _KINDS[p.dtype] in ("float16", "bfloat16")
             state: Any = self.state.get(p) or plan.new.get(p)
+            # the state's storage dtype (a master copy in the state decides, as at load)
+            has_master = master if not state else "master_param" in state
+            self._state_kind(p.dtype, has_master, label)  # refused before anything is made
             fresh = not state
             if fresh:
                 on_dev = self._device_scalars(group, lp.device)
@@ -498,7 +556,8 @@ class FusedOptimizer(TorchContract, torch.optim.Optimizer):
                 step = _step_of(state["step"], label, checks) + 1
             else:  # torch keeps no step count (SGD): step 1 is the one without a fresh buffer
                 step = 1 if any(state.get(x.name) is None for x in spec.slots if x.fresh) else 2
-            bufs, lm = self._check_state(lp, state, names, label, checks, what)
+            sdtype = _TORCH[self._state_kind(p.dtype, has_master, label)]
+            bufs, lm = self._check_state(lp, state, names, label, checks, what, sdtype)
             hs, wide = None, False
             if spec.host_state:
                 hs, wide = _host_state(state, spec, label, checks, what)
@@ -534,21 +593,33 @@ class FusedOptimizer(TorchContract, torch.optim.Optimizer):
                     f"({type(exc).__name__}: {exc}); nothing was stepped"
                 ) from None
             plan.buckets.append(
-                _Bucket(spec.name, device, dtype, t, master, hsd, new_hs, flags, k, items, wide)
+                _Bucket(
+                    spec.name,
+                    device,
+                    dtype,
+                    t,
+                    master,
+                    hsd,
+                    new_hs,
+                    flags,
+                    k,
+                    items,
+                    wide,
+                    self._key_step(index, t),
+                )
             )
         return plan
 
     @staticmethod
-    def _check_state(p, state, names, label, entries, what):
+    def _check_state(p, state, names, label, entries, what, sdtype):
         """Every state tensor a kernel will touch is shaped and placed like its parameter ``p``
-        (a DTensor's local shard) and typed like it (float32 beside an fp32 master copy), and
+        (a DTensor's local shard) and of the state's storage dtype ``sdtype``, and
         backed by its storage, with no internal overlap (``_memory.check_written``): a state
         dict from elsewhere may not be. Returns the tensors the kernels see (local shards) of
         the state buffers ``names`` (None where absent) and of the master copy, and adds each
         to the overlap ``entries`` (None: a state made just now, which needs no check)."""
         local = _dtensor.local
         m = local(state.get("master_param"))
-        sdtype = p.dtype if m is None else torch.float32
         shape, device = p.shape, p.device
         bufs = [local(state.get(name)) for name in names]
         if entries is None:
@@ -590,18 +661,19 @@ class FusedOptimizer(TorchContract, torch.optim.Optimizer):
         for m, p, stale in plan.resync:
             m.copy_(torch.where(stale, p.to(torch.float32), m))
         masters = self.__dict__.setdefault("_masters", {})
-        # a group launched whole (one bucket) may cache its launch
-        cache_as = plan.index if len(plan.buckets) == 1 else None
+        # each launch may be cached (``Steady``; a group of several: ``SteadyParts``)
+        whole = len(plan.buckets) == 1
+        parts: list[Any] = []
         for b in plan.buckets:
             used = spec.slots_used(b.flags)
+            skind = self._state_kind(b.dtype, b.master)
+            sr = self._sr(b.dtype, b.master)
             tensors, wrappers = [], []
             for p, lp, lg, state, bufs in b.items:
                 slots = [x if u else None for x, u in zip(bufs, used)]
                 for j, u in enumerate(used):
                     if u and slots[j] is None:  # a fresh slot (SGD's momentum buffer), step 1
-                        x = self.state[p][names[j]] = torch.zeros_like(
-                            p, dtype=torch.float32 if b.master else p.dtype
-                        )
+                        x = self.state[p][names[j]] = torch.zeros_like(p, dtype=_TORCH[skind])
                         slots[j] = local(x)
                 tensors.append((lp, lg, slots, local(state.get("master_param"))))
                 if lp is not p:  # a DTensor: its own version counter, and its state's
@@ -619,17 +691,19 @@ class FusedOptimizer(TorchContract, torch.optim.Optimizer):
                         f"{type(self).__name__}(capturable=True): backend {be.NAME!r} computes "
                         "no scalars on the device"
                     )
-                base = io_for(kind, kind, "float32" if b.master else kind, master=b.master)
+                base = io_for(kind, kind, skind, master=b.master, sr=sr)
                 dev_hosts = None
                 if capturable and spec.host_state:  # advanced on the device, copied from there
                     dev_hosts = {n: [st[n] for *_, st, _ in b.items] for n in spec.host_names}
                 with host_precision(b.wide):
                     dl = _device.launch(
-                        be, spec, b.flags, b.k, b.t, hp, group.get("lr"), base, tensors, amp,
-                        steps if capturable else [], b.device, capturable, b.t - 1, b.hs,
-                        dev_hosts,
+                        be, spec, b.flags, b.k, b.kt, hp, group.get("lr"), base, tensors, amp,
+                        steps if capturable else [], b.device, capturable, b.kt - 1, b.hs,
+                        dev_hosts, self.seed,
                     )  # fmt: skip
                 launched = (dl.mt.rows, None, base)
+                if dl.ds is not None:  # the variant launched: the device's (``_device``)
+                    b.flags = dl.ds.program.flags
                 if capturable:
                     steps_on_device, steps, on_device = steps, [], True
             elif group.get("capturable") and b.device.type != "cpu":
@@ -644,11 +718,7 @@ class FusedOptimizer(TorchContract, torch.optim.Optimizer):
                 coef = amp.norm.coef("float64" if kind == "float64" else "float32")
                 factor = (1.0 if factor is None else factor) * float(coef[1])
             io = io_for(
-                kind,
-                kind,
-                "float32" if b.master else kind,  # beside a master copy the state is float32
-                master=b.master,
-                scale=None if factor is None else "host",
+                kind, kind, skind, master=b.master, sr=sr, scale=None if factor is None else "host"
             )
             if dl is None:
                 with host_precision(b.wide):
@@ -671,8 +741,16 @@ class FusedOptimizer(TorchContract, torch.optim.Optimizer):
             for (p, *_), (lp, _, _, lm) in zip(b.items, tensors):
                 if lm is not None:
                     masters[p] = [lm, lp.data_ptr(), p._version]  # the cached path updates it
-            if launched is not None and cache_as is not None:
-                self._cache(cache_as, spec, b, used, tensors, *launched, dl=dl)
+            parts.append(
+                None
+                if launched is None
+                else self._cache(
+                    plan.index, spec, b, used, tensors, *launched, dl=dl, part=not whole
+                )
+            )
+        cached = parts[0] if whole else SteadyParts.build(parts, group["params"])
+        if cached is not None:
+            self.__dict__.setdefault("_steady", {})[plan.index] = cached
 
     def _launch(self, b, hp, used, tensors):
         """One plain launch (every array in the parameters' dtype); ``(table, chunks, None)``
@@ -698,7 +776,8 @@ class FusedOptimizer(TorchContract, torch.optim.Optimizer):
         as GradScaler left it). On the CPU one launch over every tensor (cached like
         ``_launch``'s), else one per tensor."""
         be = self._backend_module(b.device)
-        launch = Launch(be, b.spec_name, b.t, hp, b.hs, inv_scale=inv_scale)
+        launch = Launch(be, b.spec_name, b.t, hp, b.hs, inv_scale=inv_scale, seed=self.seed)
+        launch.key = storage.step_key(self.seed, b.kt)  # stochastic rounding's (``_key_step``)
         writes = tuple(a is not None for a in tensors[0][2])
         table = _address_table(tensors, len(used), master=io.master) if be.NAME == "numba" else None
         if table is not None:  # one launch over every tensor, as _launch
@@ -730,18 +809,17 @@ class FusedOptimizer(TorchContract, torch.optim.Optimizer):
                         orig.copy_(a)
         return None
 
-    def _cache(self, index, spec, b, used, tensors, table, chunks, io, dl=None):
-        """Keep the launch just made over ``table`` for param group ``index``'s next step
-        (``Steady``; ``dl`` the GPU's ``_device.DeviceLaunch``), when the group was launched
-        whole and can be."""
+    def _cache(self, index, spec, b, used, tensors, table, chunks, io, dl=None, part=False):
+        """The cache of the launch just made over ``table`` for param group ``index``'s next
+        step (``Steady``; ``dl`` the GPU's ``_device.DeviceLaunch``; ``part``: one of the
+        group's several launches), or None where it cannot be kept."""
         group = self.param_groups[index]
         np_dtype = None if io is not None else _DTYPES[b.dtype]
         cached = Steady.build(
             self, group, index, spec, b.t, b.flags, used, tensors, table, chunks, np_dtype, io, dl,
-            b.hs,
+            b.hs, self.seed, part,
         )  # fmt: skip
-        if cached is not None:
-            self.__dict__.setdefault("_steady", {})[index] = cached
+        return cached
 
     def _launch_each(self, be, b, hp, views):
         """One launch per tensor (GPU backends, the numpy backend, non-contiguous tensors
@@ -770,7 +848,8 @@ class _Bucket:
     """One launch of a checked step: parameters alike in device, dtype, step count, master copy
     and host state (its values, and ``wide``: held in float64), with the variant ``flags``, host
     scalars ``k`` and host state after it (``new_hs``), all computed before anything is
-    written. ``items``: ``(param, its local tensor, gradient to read, state, state tensors)``."""
+    written; ``kt`` the step stochastic rounding's key hashes (``_key_step``). ``items``:
+    ``(param, its local tensor, gradient to read, state, state tensors)``."""
 
     __slots__ = (
         "device",
@@ -779,6 +858,7 @@ class _Bucket:
         "hs",
         "items",
         "k",
+        "kt",
         "master",
         "new_hs",
         "spec_name",
@@ -786,7 +866,7 @@ class _Bucket:
         "wide",
     )
 
-    def __init__(self, spec_name, device, dtype, t, master, hs, new_hs, flags, k, items, wide):
+    def __init__(self, spec_name, device, dtype, t, master, hs, new_hs, flags, k, items, wide, kt):
         self.spec_name, self.device, self.dtype, self.t, self.master = (
             spec_name,
             device,
@@ -795,7 +875,7 @@ class _Bucket:
             master,
         )
         self.hs, self.new_hs, self.flags, self.k, self.items = hs, new_hs, flags, k, items
-        self.wide = wide
+        self.wide, self.kt = wide, kt
 
 
 class _Plan:
@@ -825,6 +905,42 @@ def _inv_scale(grad_scale, who):
     return 1.0 / v
 
 
+def _check_precision(who, master_weights, state_dtype, stochastic_rounding, seed):
+    """``(master_weights, state_dtype, stochastic_rounding, seed)`` checked as the core's
+    optimizers check them (``base.Optimizer._set_precision``, ``precision.check_state_dtype``):
+    ``state_dtype`` one the core accepts that is also a storage dtype of the kernels
+    (``kernels.storage.KINDS``: the state tensors are plain torch tensors of it); a value the
+    core accepts beyond those (a quantized state of blocks and scales) is refused here with
+    NotImplementedError until ``fastopt.torch`` keeps it."""
+    from .. import precision
+
+    flags = (("master_weights", master_weights), ("stochastic_rounding", stochastic_rounding))
+    for name, v in flags:
+        if not isinstance(v, (bool, np.bool_)):
+            raise TypeError(f"{who}: invalid {name}={v!r}; expected True or False")
+    try:
+        sd = precision.check_state_dtype(state_dtype)
+    except ValueError as exc:
+        raise ValueError(f"{who}: {exc}") from None
+    if sd is not None and sd not in storage.KINDS:
+        raise NotImplementedError(
+            f"{who}: state_dtype={sd!r} is not kept by fastopt.torch yet (its state tensors "
+            f"are plain tensors of one of {', '.join(storage.KINDS)}); use the core class "
+            f"fastopt.{who}, or state_dtype=None, 'float32' or 'bfloat16'"
+        )
+    if isinstance(seed, (bool, np.bool_)) or not isinstance(seed, (int, np.integer)):
+        raise TypeError(f"{who}: invalid seed={seed!r}; expected an integer in [0, 2**32)")
+    if not 0 <= int(seed) < 1 << 32:
+        raise ValueError(f"{who}: invalid seed={seed!r}; expected an integer in [0, 2**32)")
+    if master_weights and stochastic_rounding:
+        raise ValueError(
+            f"{who}: stochastic_rounding=True rounds bfloat16 params that have no master copy; "
+            "with master_weights=True each param is the nearest rounding of its fp32 master: "
+            "choose one"
+        )
+    return bool(master_weights), sd, bool(stochastic_rounding), int(seed)
+
+
 def _check_max_norm(max_grad_norm, who):
     """``max_grad_norm`` as a float (None: no clipping): finite and > 0."""
     if max_grad_norm is None:
@@ -849,7 +965,7 @@ def _check_capturable(cls, hp, what):
 
     spec = RULES[cls._fastopt._rule]
     try:
-        device_scalars.trace(spec.name, hp)
+        device_scalars.trace(spec.name, hp, select=True)
     except device_scalars.NotCapturable as exc:
         raise NotImplementedError(f"{cls.__name__}(capturable=True): {what}: {exc}") from None
 
@@ -1049,6 +1165,11 @@ def _make(cls):
         for k, v in torch_defaults.items()
         if k in _TORCH_IMPL and k not in {p.name for p in own}
     ]
+    if not torch_defaults:
+        # no torch.optim counterpart (Lion, AdaBelief, Adan, AdEMAMix): ``capturable`` as torch
+        # spells it elsewhere, a param-group key, refused where the rule's scalars cannot be
+        # computed on the device (``_check_capturable``)
+        extra.append(inspect.Parameter("capturable", inspect.Parameter.KEYWORD_ONLY, default=False))
     params = (
         [inspect.Parameter("self", inspect.Parameter.POSITIONAL_OR_KEYWORD)]
         + [inspect.Parameter("params", inspect.Parameter.POSITIONAL_OR_KEYWORD)]
@@ -1056,6 +1177,9 @@ def _make(cls):
         + extra
         + [
             inspect.Parameter("master_weights", inspect.Parameter.KEYWORD_ONLY, default=False),
+            inspect.Parameter("state_dtype", inspect.Parameter.KEYWORD_ONLY, default=None),
+            inspect.Parameter("stochastic_rounding", inspect.Parameter.KEYWORD_ONLY, default=False),
+            inspect.Parameter("seed", inspect.Parameter.KEYWORD_ONLY, default=0),
             inspect.Parameter("max_grad_norm", inspect.Parameter.KEYWORD_ONLY, default=None),
             inspect.Parameter("backend", inspect.Parameter.KEYWORD_ONLY, default="auto"),
         ]
@@ -1069,7 +1193,14 @@ def _make(cls):
         a.pop("self")
         params_, backend = a.pop("params"), a.pop("backend")
         # not a param-group key: the groups stay torch's, so state dicts load both ways
-        self.master_weights = bool(a.pop("master_weights"))
+        prec = _check_precision(
+            cls.__name__,
+            a.pop("master_weights"),
+            a.pop("state_dtype"),
+            a.pop("stochastic_rounding"),
+            a.pop("seed"),
+        )
+        self.master_weights, self.state_dtype, self.stochastic_rounding, self.seed = prec
         max_grad_norm = a.pop("max_grad_norm")
         defaults = {**torch_defaults, **dict(cls._pinned), **a}
         FusedOptimizer.__init__(self, params_, defaults, backend, max_grad_norm)

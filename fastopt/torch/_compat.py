@@ -18,8 +18,12 @@ state dtypes, tensor hyperparameters and ``torch.compile``.
   buffers' shapes, the step count and the host state), then lets torch load it. torch casts
   every floating state tensor to its parameter's dtype; beside an fp32 master copy
   (``master_weights=True``) that would round the master and the moments to 16 bits, so for a
-  parameter whose saved state holds ``master_param`` the float32 master, state buffers and
-  host state keep float32. Everything else follows torch's policy, which also widens 0-d host
+  parameter whose saved state holds ``master_param`` the float32 master and host state keep
+  float32; and every state buffer is converted from its saved value to the dtype the optimizer
+  keeps it in (``state_dtype=``, else the parameter's dtype, float32 beside a master copy:
+  ``state_keeps``), whatever dtype it was saved in, so a state dict of ``torch.optim`` loads
+  into ``state_dtype="bfloat16"`` (rounded to nearest even once) and the reverse (widened
+  exactly). Everything else follows torch's policy, which also widens 0-d host
   state to a float64 parameter's dtype (NAdam's ``mu_product``): the step then advances it in
   float64, as torch does (``FusedOptimizer._plan_group`` computes it under
   ``kernels.spec.host_precision``).
@@ -46,7 +50,16 @@ __all__ = [
 ]
 
 #: instance attributes that are fastopt's options (not torch's): they travel with pickles
-OPTIONS = ("backend", "master_weights", "max_grad_norm")
+OPTIONS = (
+    "backend",
+    "master_weights",
+    "max_grad_norm",
+    "state_dtype",
+    "stochastic_rounding",
+    "seed",
+)
+#: their values in an optimizer pickled before they existed
+OPTION_DEFAULTS = ("auto", False, None, None, False, 0)
 
 
 def hp_value(name: str, value: Any) -> Any:
@@ -211,29 +224,58 @@ def _describe(v: object) -> str:
     return repr(v) if isinstance(v, (int, float)) else f"a {type(v).__name__}"
 
 
-def master_keeps(
-    cls: Any, state_dict: dict[str, Any], id_map: dict[Any, torch.Tensor]
+def state_keeps(
+    opt: Any, state_dict: dict[str, Any], id_map: dict[Any, torch.Tensor]
 ) -> dict[torch.Tensor, dict[str, torch.Tensor]]:
-    """``{param: {key: tensor}}``: for each parameter whose saved state holds an fp32 master
-    copy, the float32 tensors (master, state buffers, host state) that must keep float32 where
-    torch's load would cast them to the parameter's 16-bit dtype."""
-    spec = RULES[cls._fastopt._rule]
-    names = ("master_param", *spec.state, *spec.host_names)
+    """``{param: {key: tensor}}``: the saved tensors that must not take torch's load policy
+    (a cast to the parameter's dtype), converted from the saved values themselves:
+
+    - every state buffer, to the storage dtype ``opt`` keeps it in for that parameter
+      (``FusedOptimizer._state_kind``: ``state_dtype=``, else the parameter's dtype, float32
+      beside a master copy), whatever dtype it was saved in (a float32 moment of
+      ``torch.optim`` loaded with ``state_dtype="bfloat16"`` is rounded to nearest even once);
+    - with a saved master copy (a 16-bit parameter), the master in float32 and the host state
+      that was saved in float32."""
+    spec = RULES[type(opt)._fastopt._rule]
+    bits16 = (torch.float16, torch.bfloat16)
     keep: dict[torch.Tensor, dict[str, torch.Tensor]] = {}
     for key, st in state_dict["state"].items():
         p = id_map.get(key)
-        if p is None or not isinstance(st, dict) or "master_param" not in st:
+        if p is None or not isinstance(st, dict) or not p.is_floating_point():
             continue
-        if p.dtype not in (torch.float16, torch.bfloat16):
-            continue
+        master = "master_param" in st and p.dtype in bits16
+        try:
+            want = _STORAGE[opt._state_kind(p.dtype, master)]
+        except (KeyError, TypeError):
+            continue  # a dtype fastopt does not step, bfloat16 state of float64: the step says
+        # torch's cast is right only where both the saved and the kept dtype are the param's
         kept = {
-            n: st[n]
-            for n in names
-            if isinstance(st.get(n), torch.Tensor) and st[n].dtype is torch.float32
+            n: st[n].to(device=p.device, dtype=want)
+            for n in spec.state
+            if isinstance(st.get(n), torch.Tensor)
+            and st[n].is_floating_point()
+            and not (st[n].dtype is p.dtype and want is p.dtype)
         }
+        if master:
+            kept.update(
+                {
+                    n: st[n]
+                    for n in ("master_param", *spec.host_names)
+                    if isinstance(st.get(n), torch.Tensor) and st[n].dtype is torch.float32
+                }
+            )
         if kept:
             keep[p] = kept
     return keep
+
+
+#: torch dtypes of the storage kinds
+_STORAGE = {
+    "float64": torch.float64,
+    "float32": torch.float32,
+    "float16": torch.float16,
+    "bfloat16": torch.bfloat16,
+}
 
 
 if TYPE_CHECKING:  # the class it is mixed into
@@ -258,7 +300,7 @@ class TorchContract(_Optimizer):
         keep = self.__dict__.pop("_load_keep", None)
         super().__setstate__(state)
         self.__dict__.pop("_steady", None)  # cached addresses belong to the old tensors
-        for name, default in zip(OPTIONS, ("auto", False, None)):
+        for name, default in zip(OPTIONS, OPTION_DEFAULTS):
             self.__dict__.setdefault(name, default)
         upgrade(type(self), self.param_groups, self.state)
         if keep:  # torch's load cast them to 16 bits: the saved float32 values instead
@@ -272,14 +314,14 @@ class TorchContract(_Optimizer):
     @torch._disable_dynamo
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         """torch's ``load_state_dict``, after the checks of ``check_state_dict`` (on the state
-        dict as the pre-hooks leave it) and with fp32 master state kept in float32."""
-        cls = type(self)
+        dict as the pre-hooks leave it), the state buffers converted to the dtypes this
+        optimizer keeps them in and fp32 master state kept in float32 (``state_keeps``)."""
 
         def check(opt: Any, sd: dict[str, Any]) -> dict[str, Any]:
             sd = dict(sd)
             sd["param_groups"] = [dict(g) for g in sd.get("param_groups", ())]
             id_map = check_state_dict(opt, sd)
-            opt.__dict__["_load_keep"] = master_keeps(cls, sd, id_map)
+            opt.__dict__["_load_keep"] = state_keeps(opt, sd, id_map)
             return sd
 
         handle = self.register_load_state_dict_pre_hook(check)  # last: after the user's

@@ -15,13 +15,14 @@ GradScaler's ``grad_scale`` and ``found_inf`` tensors (read inside the kernels: 
 synchronisation), and the device ``[norm, clip_coef]`` of ``max_grad_norm`` (``GradNorm`` over
 the step's gradients, one reduction pass per gradient dtype before the updates).
 
-Groups on a GPU whose rule's variant does not depend on the step (and every
-``capturable=True`` group; ``FusedOptimizer._device_scalars``) keep their step counts on the
-device (float32 0-d tensors on the parameter's device, as torch's fused and capturable
-optimizers do) and compute the host scalars there (``fastopt._capture.DeviceScalars``, one per
-cached launch): the step advances unless the found-inf flag is set, torch's step tensors are
-advanced by ``_foreach_add_``/``_foreach_sub_`` on the device as torch's fused step does, and a
-learning rate held in a device tensor is copied into the scalars' control array on the device.
+Groups on a GPU (``FusedOptimizer._device_scalars``) keep their step counts on the device
+(float32 0-d tensors on the parameter's device, as torch's fused and capturable optimizers do)
+and compute the host scalars there (``fastopt._capture.DeviceScalars``, one per cached launch;
+a rule whose host variant depends on the step or the host state launches its
+``Rule.device_flags`` variant, ``Program.flags``, which selects per step by those scalars):
+the step advances unless the found-inf flag is set, torch's step tensors are advanced by
+``_foreach_add_``/``_foreach_sub_`` on the device as torch's fused step does, and a learning
+rate held in a device tensor is copied into the scalars' control array on the device.
 Nothing in such a step reads device memory on the host, so it can be captured by
 ``torch.cuda.graph`` and replayed.
 """
@@ -101,9 +102,18 @@ class DeviceLaunch:
     ``ds``, the step tensors ``steps`` and the index of ``lr`` in ``ds.ctl``."""
 
     def __init__(
-        self, be: Any, mt: Any, base: storage.IO, like: Any, ds: Any = None, lr_at: int = -1
+        self,
+        be: Any,
+        mt: Any,
+        base: storage.IO,
+        like: Any,
+        ds: Any = None,
+        lr_at: int = -1,
+        seed: int = 0,
     ) -> None:
         self.be, self.mt, self.base, self.ds, self.lr_at = be, mt, base, ds, lr_at
+        #: stochastic rounding's seed (the step key of a launch whose scalars are the host's)
+        self.seed = seed
         #: a tensor on the table's device: its producer (torch's current stream) orders the
         #: scalar kernel
         self.like = like
@@ -157,8 +167,9 @@ class DeviceLaunch:
                 src = self.ctl_view()[ds.program.hs_index[name]]
                 torch._foreach_copy_(ts, [src] * len(ts))
             extras.update(ds.extras(io.compute, found))
+            flags = ds.program.flags  # the device's variant (RAdam's: both terms, selected)
         else:
-            extras["key"] = storage.step_key(0, t)
+            extras["key"] = storage.step_key(self.seed, t)
         self.be.launch_table(
             spec.name, flags, io, self.mt, k, extras=extras, clip=amp.clip_for(io.compute),
             stream=stream,
@@ -186,6 +197,7 @@ def launch(
     step0: int,
     hs: Any,
     hosts: dict[str, list[torch.Tensor]] | None = None,
+    seed: int = 0,
 ) -> DeviceLaunch:
     """The first launch of a GPU bucket: its table (and device scalars), then the step;
     returns the ``DeviceLaunch`` for the group's cache."""
@@ -196,9 +208,9 @@ def launch(
     like = _cupy_like(tensors[0][0])
     if capturable:
         with stream_context(device):
-            ds = DeviceScalars(be, spec.name, hp, step0, hs, 0, like)
+            ds = DeviceScalars(be, spec.name, hp, step0, hs, seed, like, select=True)
         lr_at = 1 + _offset(spec, "lr")
-    dl = DeviceLaunch(be, mt, base, like, ds, lr_at)
+    dl = DeviceLaunch(be, mt, base, like, ds, lr_at, seed)
     dl(spec, flags, k, t, hp, lr, amp, steps, device, hosts)
     return dl
 

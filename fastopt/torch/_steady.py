@@ -8,7 +8,10 @@ many-tensor launch (the numba backend; every parameter had a gradient), the grou
 address, shape and dtype, the step count, the host state's 0-d tensors (NAdam's ``mu_product``,
 ASGD's ``eta`` and ``mu``), the variant and the storage format (16-bit storage, a master copy, a
 loss scale: ``kernels.storage.IO``, None for plain float32/float64), and the byte spans of
-everything the launch writes.
+everything the launch writes. A group that went through several launches (parameters of several
+dtypes, step counts, master copies or host states) keeps one ``Steady`` per launch, each with
+its parameters' places in the group (``idx``), together as a ``SteadyParts`` that holds every
+parameter of the group once: a steady step re-checks and relaunches each part as above.
 
 The next step re-checks every one of these by identity, address, shape, dtype and contiguity,
 and every tensor against the storage that backs it (``untyped_storage().nbytes()`` still holds
@@ -63,6 +66,7 @@ class Steady:
         "host_ptrs",
         "host_vers",
         "hs0",
+        "idx",
         "index",
         "io",
         "isz",
@@ -73,6 +77,7 @@ class Steady:
         "plist",
         "pptrs",
         "rows",
+        "seed",
         "shapes",
         "slots",
         "states",
@@ -95,6 +100,7 @@ class Steady:
     flags: Any
     group: Any
     hs0: Any
+    idx: Any
     host: Any
     host_ptrs: Any
     host_vers: Any
@@ -108,6 +114,7 @@ class Steady:
     plist: Any
     pptrs: Any
     rows: Any
+    seed: Any
     shapes: Any
     slots: Any
     states: Any
@@ -126,7 +133,7 @@ class Steady:
         cls, opt: Any, group: dict[str, Any], index: int, spec: Rule, t: int,
         flags: dict[str, bool], used: tuple[bool, ...], tensors: list[Any], table: Any,
         chunks: Any, np_dtype: Any, io: storage.IO | None = None, dl: Any = None,
-        hs0: dict[str, float] | None = None,
+        hs0: dict[str, float] | None = None, seed: int = 0, part: bool = False,
     ) -> Steady | None:  # fmt: skip
         """The cache of group ``index`` just launched through ``table`` (with the storage format
         ``io``, None for a plain launch; ``dl`` a GPU's ``_device.DeviceLaunch``, whose table
@@ -136,13 +143,18 @@ class Steady:
         from . import float32_scalars
 
         plist = group["params"]
-        if len(tensors) != len(plist):
-            return None
         self = cls()
         self.group, self.plist, self.container, self.index = group, plist, opt.state, index
         self.params = tuple(p for p, _, _, _ in tensors)
-        if any(a is not b for a, b in zip(self.params, plist)):
-            return None
+        if part:  # one launch of several (``SteadyParts``): its parameters' places in the group
+            pos = {id(p): j for j, p in enumerate(plist)}
+            self.idx = tuple(pos.get(id(p), -1) for p in self.params)
+            if -1 in self.idx or len(set(self.idx)) != len(self.idx):
+                return None
+        else:
+            self.idx = None
+            if len(tensors) != len(plist) or any(a is not b for a, b in zip(self.params, plist)):
+                return None
         p0 = self.params[0]
         self.dtype, self.np_dtype, self.device, self.dl = p0.dtype, np_dtype, p0.device, dl
         self.isz = p0.element_size()
@@ -162,7 +174,7 @@ class Steady:
             + (() if m is None else (("master_param", m, m.data_ptr(), m.dtype, 4),))
             for _, _, slots, m in tensors
         )
-        self.io = io
+        self.io, self.seed = io, seed
         # with master copies: each parameter's record ``[master, address, version]`` of the
         # optimizer's ``_masters`` (made by the full path's step), kept current by ``run``
         self.masters = None
@@ -273,7 +285,9 @@ class Steady:
         """The overlap entries (``_memory.check_no_overlap``) of this group's next step."""
         out = []
         for i, p in enumerate(self.params):
-            label = f"parameter {i} of param group {self.index}"
+            label = (
+                f"parameter {i if self.idx is None else self.idx[i]} of param group {self.index}"
+            )
             tensors: list[tuple[Any, Any, bool]] = [(label, p, True)]
             if p.grad is not None:
                 tensors.append(((label, ".grad"), p.grad, False))
@@ -297,10 +311,15 @@ class Steady:
             (self.dl is None and scaled != was_scaled)
             or group is not self.group
             or plist is not self.plist
-            or len(plist) != len(self.params)
+            or (self.idx is None and len(plist) != len(self.params))
             or opt.state is not self.container
         ):
             return None
+        if self.idx is not None:  # a part: its parameters, by their places in the group
+            try:
+                plist = [plist[j] for j in self.idx]
+            except IndexError:
+                return None
         t = self.t + 1 if self.steps is not None else self.t
         dt, state, isz, masters = self.dtype, opt.state, self.isz, self.masters
         device, vers = self.device, self.step_vers
@@ -382,6 +401,8 @@ class Steady:
                 new_hs = spec.advance_host_state(hp, t, hs)
         except (ArithmeticError, ValueError):
             return None  # the full path refuses it with a clear error
+        if self.dl is not None and self.dl.ds is not None and spec.device_flags is not None:
+            flags = spec.device_flags(hp)  # the device's variant, whatever the step
         if flags != self.flags:
             return None
         if self.dl is not None:
@@ -390,17 +411,29 @@ class Steady:
             self.table[:, 2] = gptrs
         return k, hs, new_hs
 
-    def run(self, spec: Rule, hp: dict[str, Any], k: Any, hs: Any, new_hs: Any, amp: Any) -> None:
+    def run(
+        self,
+        spec: Rule,
+        hp: dict[str, Any],
+        k: Any,
+        hs: Any,
+        new_hs: Any,
+        amp: Any,
+        kt: int | None = None,
+    ) -> None:
         """The launch ``check`` cleared, then the step counts and the host state advanced and
         the version counters of everything written bumped. ``amp``: the step's
-        ``_device.Amp`` (the host factor of a CPU launch; a GPU launch's device inputs)."""
+        ``_device.Amp`` (the host factor of a CPU launch; a GPU launch's device inputs);
+        ``kt``: the step stochastic rounding's key hashes where it is not the step count
+        (``FusedOptimizer._key_step``)."""
         t = self.t + 1 if self.steps is not None else self.t
+        kt = t if kt is None else kt
         inv_scale = amp.inv_scale
         on_device = self.dl is not None and self.dl.ds is not None
         if self.dl is not None:
             hosts = {name: list(ts) for name, ts, _ in self.host} if on_device else None
             self.dl(
-                spec, self.flags, k, t, hp, self.group.get("lr"), amp,
+                spec, self.flags, k, kt, hp, self.group.get("lr"), amp,
                 list(self.steps) if on_device and self.steps else [], self.device, hosts,
             )  # fmt: skip
         elif self.io is None:
@@ -417,7 +450,7 @@ class Steady:
                 self.chunks,
                 k,
                 inv_scale=1.0 if inv_scale is None else inv_scale,
-                key=storage.step_key(0, t),
+                key=storage.step_key(self.seed, kt),
             )
         if self.steps is not None:
             if self.step_ptrs is not None:
@@ -432,3 +465,58 @@ class Steady:
         if self.masters is not None:
             for p, rec in zip(self.params, self.masters):
                 rec[2] = p._version
+
+
+class SteadyParts:
+    """A param group stepped in several launches (parameters of several dtypes, step counts,
+    master copies or host states: one per ``_Bucket`` of its checked step), cached as one
+    ``Steady`` per launch (``Steady.build(..., part=True)``: each knows its parameters' places
+    in the group) that together hold every parameter of the group once. A steady step re-checks
+    each part as a whole group's is re-checked (its table kept, its step counts read back or,
+    on the device, re-checked by version) and runs them in order: no table is rebuilt."""
+
+    __slots__ = ("index", "params", "parts", "whi", "wlo")
+
+    def __init__(self, parts: tuple[Steady, ...]) -> None:
+        self.parts = parts
+        self.index = parts[0].index
+        self.params = tuple(p for s in parts for p in s.params)
+        self.wlo = np.concatenate([s.wlo for s in parts])
+        self.whi = np.concatenate([s.whi for s in parts])
+
+    @classmethod
+    def build(cls, parts: list[Steady | None], plist: list[Any]) -> SteadyParts | None:
+        """The parts, or None when one could not be cached or they do not hold every
+        parameter of the group exactly once (one had no gradient)."""
+        if any(p is None for p in parts):
+            return None
+        done = tuple(p for p in parts if p is not None)
+        if not done:
+            return None
+        places = sorted(j for p in done for j in p.idx)
+        if places != list(range(len(plist))):
+            return None
+        return cls(done)
+
+    def grads_clear(self, lo: Any, hi: Any) -> bool:
+        return all(s.grads_clear(lo, hi) for s in self.parts)
+
+    def entries(self) -> list[Any]:
+        return [e for s in self.parts for e in s.entries()]
+
+    def check(self, opt: Any, group: Any, spec: Any, hp: Any, scaled: bool = False) -> Any:
+        """``(checks,)``: each part's ``Steady.check``, or None when one fails (or the group
+        holds other parameters now)."""
+        if len(group["params"]) != len(self.params):
+            return None
+        out = []
+        for s in self.parts:
+            c = s.check(opt, group, spec, hp, scaled)
+            if c is None:
+                return None
+            out.append(c)
+        return (out,)
+
+    def run(self, spec: Any, hp: Any, checks: Any, amp: Any, kt: Any = None) -> None:
+        for s, (k, hs, new_hs) in zip(self.parts, checks):
+            s.run(spec, hp, k, hs, new_hs, amp, kt)
