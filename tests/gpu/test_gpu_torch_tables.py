@@ -24,6 +24,7 @@ from fastopt.bench.measure import transformer_shapes
 pytestmark = needs_gpu
 torch = pytest.importorskip("torch")
 import fastopt.torch as fot  # noqa: E402  (imports torch)
+
 N = (1 << 20) + 3
 
 
