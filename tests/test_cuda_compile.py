@@ -8,9 +8,14 @@ the float64 variants must, which proves the check can see one. Needs ``pip insta
 cupy-cuda13x numba-cuda[cu13]`` (or ``fastopt[cuda13]``); skipped when the compiler is missing.
 
 The default run compiles a pairwise cover of each rule's flag variants (``support.cover``: every
-flag on and off beside every other flag on and off, none and all among them), every program for
-both architectures and element types; the ``exhaustive`` group compiles the other variants the
-same way. Each group's programs compile once, for all the tests of the module (one xdist worker).
+flag on and off beside every other flag on and off, none and all among them): the raw float
+program (the backend's default form) for both architectures, whose register budgets differ,
+and the raw double program and the ElementwiseKernel programs for sm_90 alone. That is enough:
+the same source, PTX checks (float64 instructions, vector loads) do not depend on the target, and
+sm_80's ptxas accepts whatever NVRTC emits for it; the double register budget and the sm_80
+ElementwiseKernel cubins are the ``exhaustive`` group's, with the other variants (every program,
+both architectures). Each group's programs compile once, for all the tests of the module (one
+xdist worker).
 """
 
 import functools
@@ -38,11 +43,25 @@ _COVER = pairwise_by(VARIANTS, lambda v: v[0], lambda v: v[1])
 GROUPS = {"cover": _COVER, "rest": [i for i in range(len(VARIANTS)) if i not in set(_COVER)]}
 
 
-def _group_params(axes):
-    """``pytest.param((*axis values, group))`` for every combination, the rest group marked
-    exhaustive."""
+#: the programs the default run compiles for the cover group, by (form, arch, element type):
+#: the raw float program for each architecture, everything else for sm_90 (module docstring)
+DEFAULT = {("raw", a, "float") for a in ARCHS} | {
+    (form, ARCHS[-1], t)
+    for form, types in (("elementwise", ("float32", "float64")), ("raw", ("double",)))
+    for t in types
+}
+
+
+def _group_params(form, axes):
+    """``pytest.param((*axis values, group))`` for every combination of ``form``'s programs
+    (``axes``: ``(arch, element type)`` pairs, or ``()``), marked exhaustive unless the cover
+    group's program is in ``DEFAULT``."""
     return [
-        pytest.param((*a, g), marks=marks(g == "cover"), id="-".join((*a, g)))
+        pytest.param(
+            (*a, g),
+            marks=marks(g == "cover" and (not a or (form, *a) in DEFAULT)),
+            id="-".join((*a, g)),
+        )
         for a in axes
         for g in GROUPS
     ]
@@ -109,9 +128,15 @@ def _check(result, prog, what):
     return result[1:]
 
 
+def _default(key, group):
+    """Is ``key``'s program compiled by the default run for ``group``?"""
+    return group == "cover" and key in DEFAULT
+
+
 @functools.cache
-def _all_programs(group):
-    """Every program this module checks for ``group``, compiled at once: the ElementwiseKernel
+def _all_programs(group, default):
+    """Every program this module checks for ``group`` that the default run compiles
+    (``default``) or that only the exhaustive run does, compiled at once: the ElementwiseKernel
     program and the raw program of the group's variants, per arch and element type. NVRTC
     releases the GIL, so one thread per core compiles them side by side. ``{key: result or
     exception}``."""
@@ -124,6 +149,7 @@ def _all_programs(group):
             )
         for c in ("float", "double"):
             jobs[("raw", a, c)] = lambda a=a, c=c: _raw_compile(a, c, group)
+    jobs = {k: job for k, job in jobs.items() if _default(k, group) == default}
 
     def run(job):
         try:
@@ -136,14 +162,15 @@ def _all_programs(group):
 
 
 def _result(key, group):
-    out = _all_programs(group)[key]
+    out = _all_programs(group, _default(key, group))[key]
     if isinstance(out, BaseException):
         raise out
     return out
 
 
 @pytest.fixture(
-    scope="module", params=_group_params([(a, np.dtype(d).name) for a in ARCHS for d in DTYPES])
+    scope="module",
+    params=_group_params("elementwise", [(a, np.dtype(d).name) for a in ARCHS for d in DTYPES]),
 )
 def compiled(request):
     """``(arch, dtype, group, ptx, cubin size)`` of the group's program."""
@@ -225,7 +252,7 @@ def test_source_depends_on_variant_not_on_scalars():
         assert re.search(rf"const float {name}\b", src), f"scalar {name} is not a float parameter"
 
 
-@pytest.mark.parametrize("group", _group_params([()]))
+@pytest.mark.parametrize("group", _group_params("elementwise", [()]))
 def test_64_bit_indexing_variants_compile(group):
     """Arrays of 2**31 elements or more get CuPy's 64-bit index form: it compiles too, and its
     float32 kernels stay free of float64."""
@@ -296,7 +323,8 @@ def _report(log):
 
 
 @pytest.fixture(
-    scope="module", params=_group_params([(a, c) for a in ARCHS for c in ("float", "double")])
+    scope="module",
+    params=_group_params("raw", [(a, c) for a in ARCHS for c in ("float", "double")]),
 )
 def raw_compiled(request):
     reason = _nvrtc_ok()

@@ -149,10 +149,14 @@ def pair_cells() -> tuple[Callable[..., Any], ...]:
 
 
 def jitable_rule(elem: Callable[..., Any], pairs: bool) -> Callable[..., Any]:
-    """The rule as the loops call it: inlined by numba, or, in a word loop (which calls it
-    more than once), left to LLVM's inliner: numba's IR inlining of a rule twice into one
-    function trips its SSA checks' warnings, and the loop vectorises the same."""
-    return register_jitable(elem) if pairs else register_jitable(inline="always")(elem)
+    """The rule as the loops call it: a numba function of its own, which LLVM's inliner puts
+    into the loop (the machine code is the same as numba's IR inlining gives:
+    tests/test_cpu_codegen.py). Numba's IR inlining (``inline="always"``) would re-type the
+    rule and every helper it calls at each call site of each loop, which took about a third of
+    a loop's compile; a word loop calls the rule twice, where IR inlining also trips numba's SSA
+    checks' warnings. ``pairs`` is kept for the callers' symmetry."""
+    del pairs
+    return register_jitable(elem)
 
 
 def python_loop(
@@ -248,7 +252,7 @@ def many_kernel(
         ns = {"__name__": __name__, "carray": numba.carray, "address_as": address_as}
         exec(compile(many_source(len(writes), writes), __file__, "exec"), ns)
         py = ns["factory"](
-            register_jitable(inline="always")(RULES[rule].make_rule(**flags)),
+            register_jitable(RULES[rule].make_rule(**flags)),
             numba.prange if parallel else range,
         )
         fn = _compiled[key] = njit_cached(parallel=parallel, nogil=True, error_model="numpy")(py)

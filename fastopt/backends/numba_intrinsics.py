@@ -273,7 +273,9 @@ for _f in (
     _p_f16,
     *HELPERS,  # the rules' shared per-element pieces (kernels/shared.py)
 ):
-    register_jitable(inline="always")(_f)
+    # compiled once per signature and process, inlined by LLVM: numba's IR inlining would
+    # re-type each of them at every call site of every loop (numba_codegen.jitable_rule)
+    register_jitable(_f)
 if not F16C:
     register_jitable(inline="always")(storage.f16_load)
     register_jitable(inline="always")(storage.f16_store)
