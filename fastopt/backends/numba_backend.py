@@ -274,6 +274,12 @@ def step_runner(plan, dtype, writes, io):
     variant and scalars, with its loss-scale and rounding extras for a storage plan ``io``."""
     if io is None:
         return prepare(plan.rule, plan.flags, writes, plan.k, dtype)
+    if io.quant:
+        from .numba_quant import prepare_quant
+
+        return prepare_quant(
+            plan.rule, plan.flags, writes, plan.k, io, extras=(plan.inv_scale, plan.key)
+        )
     return prepare(
         plan.rule, plan.flags, writes, plan.k, dtype, io=io, extras=(plan.inv_scale, plan.key)
     )

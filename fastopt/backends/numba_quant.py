@@ -1,0 +1,213 @@
+"""The CPU loop of a step with quantized state slots (``kernels/quant.py``).
+
+One loop per (rule, variant, slots present, quantized slots, storage plan, parallel), generated
+as Python source like ``numba_codegen``'s and compiled once (cached on disk). It walks a table
+of blocks (``blocks[b] = (first, stop)`` element indices; block ``b``'s scale is ``absmax[b]``
+of every quantized slot), in chunks of ``CHUNK_BLOCKS`` blocks per thread (``prange`` from
+``numba_backend.PARALLEL_MIN`` elements). Per block: each quantized slot is dequantized
+(``dec[code] * (absmax / top)``), the rule runs, the param and the float32 slots are stored
+as the storage plan says, each quantized slot's new float32 values go to a per-thread scratch
+row and their absmax is taken; then the scratch is encoded (``kernels.quant.encode`` or
+``encode_signmag``) and the new absmax stored: one pass over memory.
+
+A quantized slot arrives as ``(codes, absmax)`` (a parameter's: its blocks start at 0, every
+``BLOCK`` elements) or ``(codes, absmax, blocks)`` (a ``FlatBuffer`` group's, whose blocks start
+at each parameter's offset). Unchecked, like ``numba_backend.prepare``: the callers validate
+lengths, dtypes and writability first.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Any
+
+import numba
+import numpy as np
+from numba.extending import register_jitable
+
+from .._numba_cache import njit_cached
+from ..kernels import RULES, quant
+from .numba_codegen import io_cells, jitable_rule
+
+#: blocks per chunk of the loop (one scratch allocation per chunk)
+CHUNK_BLOCKS = 64
+
+register_jitable(quant.encode)
+register_jitable(quant.encode_signmag)
+
+_compiled: dict[Any, Any] = {}
+
+
+def quant_loop_source(nslots, writes, qslots, io):
+    """Python source of the factory of the loop over blocks (see the module docstring):
+    ``loop(p, g, s0.., a0.., d0.., t0.., tops, m, k, x, blocks)`` where ``s{j}`` is slot
+    ``j``'s array (codes when ``qslots[j]``), ``a{j}``/``d{j}``/``t{j}`` its absmax, value
+    table and thresholds (placeholders for a slot that is not quantized), ``tops`` the tables'
+    largest values, ``m`` the master copy (the param when none)."""
+    q = [j for j in range(nslots) if qslots[j]]
+    row = {j: r for r, j in enumerate(q)}
+    args = ["p", "g"]
+    args += [f"s{j}" for j in range(nslots)]
+    args += [f"a{j}" for j in range(nslots)]
+    args += [f"d{j}" for j in range(nslots)]
+    args += [f"t{j}" for j in range(nslots)]
+    args += ["tops", "m", "k", "x", "blocks"]
+    cells = ["lp", "lg", "ls", "sp", "sg", "ss"] + [f"enc{j}" for j in range(nslots)]
+    L = [
+        f"def factory(elem, rng, {', '.join(cells)}):",
+        f"    def loop({', '.join(args)}):",
+        "        nb = blocks.shape[0]",
+        f"        for c in rng((nb + {CHUNK_BLOCKS - 1}) // {CHUNK_BLOCKS}):",
+        f"            buf = np.empty(({max(len(q), 1)}, {quant.BLOCK}), np.float32)",
+        f"            for b in range(c * {CHUNK_BLOCKS}, min(nb, (c + 1) * {CHUNK_BLOCKS})):",
+        "                lo = blocks[b, 0]",
+        "                hi = blocks[b, 1]",
+    ]
+    pad = " " * 16
+    for j in q:
+        L += [
+            f"{pad}f{j} = a{j}[b] / tops[{j}]",
+            f"{pad}n{j} = np.float32(0)",
+        ]
+    L.append(f"{pad}for i in range(lo, hi):")
+    pad2 = pad + "    "
+    L.append(f"{pad2}pv = {'m[i]' if io.master else 'lp(p[i])'}")
+    L.append(f"{pad2}gv = lg(g[i]){' * x[0]' if io.scale else ''}")
+    if io.write_grad:
+        L.append(f"{pad2}g[i] = sg(gv)")
+    for j in range(nslots):
+        if not writes[j]:
+            L.append(f"{pad2}v{j} = pv")
+        elif qslots[j]:
+            L.append(f"{pad2}v{j} = d{j}[s{j}[i]] * f{j}")
+        else:
+            L.append(f"{pad2}v{j} = ls(s{j}[i])")
+    outs = ", ".join(["pi"] + [f"o{j}" for j in range(nslots)])
+    L.append(
+        f"{pad2}{outs}{',' if nslots == 0 else ''} = elem("
+        f"pv, gv, {''.join(f'v{j}, ' for j in range(nslots))}k)"
+    )
+    if io.master:
+        L.append(f"{pad2}m[i] = pi")
+    L.append(f"{pad2}p[i] = sp(pi, i, x[1], x[2])")
+    for j in range(nslots):
+        if not writes[j]:
+            continue
+        if qslots[j]:
+            L += [
+                f"{pad2}buf[{row[j]}, i - lo] = o{j}",
+                f"{pad2}w{j} = abs(o{j})",
+                f"{pad2}if w{j} > n{j} or w{j} != w{j}:",
+                f"{pad2}    n{j} = w{j}",
+            ]
+        else:
+            L.append(f"{pad2}s{j}[i] = ss(o{j})")
+    for j in q:
+        L += [
+            f"{pad}a{j}[b] = n{j}",
+            f"{pad}e{j} = tops[{j}] / n{j} if n{j} > 0 else np.float32(0)",
+            f"{pad}for i in range(lo, hi):",
+            f"{pad}    s{j}[i] = enc{j}(buf[{row[j]}, i - lo] * e{j}, t{j})",
+        ]
+    L.append("    return loop")
+    return "\n".join(L) + "\n"
+
+
+def quant_kernel(rule, flags, writes, qslots, signmag, io, parallel):
+    """The compiled loop (compiled, or loaded from the disk cache, once)."""
+    key = (rule, tuple(sorted(flags.items())), writes, qslots, signmag, io, parallel)
+    fn = _compiled.get(key)
+    if fn is None:
+        ns: dict[str, Any] = {"__name__": __name__, "np": np}
+        src = quant_loop_source(len(writes), writes, qslots, io)
+        exec(compile(src, __file__, "exec"), ns)
+        encs = [quant.encode_signmag if sm else quant.encode for sm in signmag]
+        py = ns["factory"](
+            jitable_rule(RULES[rule].make_rule(**flags), False),
+            numba.prange if parallel else range,
+            *io_cells(io),
+            *encs,
+        )
+        fn = _compiled[key] = njit_cached(parallel=parallel, nogil=True, error_model="numpy")(py)
+    return fn
+
+
+@functools.lru_cache(maxsize=256)
+def blocks_for(n: int) -> np.ndarray:
+    """The block table of one tensor of ``n`` elements: ``(first, stop)`` rows (read-only)."""
+    lo = np.arange(0, n, quant.BLOCK, dtype=np.int64)
+    out = np.stack([lo, np.minimum(lo + quant.BLOCK, n)], axis=1).reshape(-1, 2)
+    out.setflags(write=False)
+    return out
+
+
+def blocks_of_segments(segments) -> np.ndarray:
+    """The block table of ``(offset, size)`` segments of one buffer (a ``FlatBuffer`` group's
+    parameters, in order): each segment's blocks start at its offset."""
+    parts = [blocks_for(size) + off for off, size in segments if size > 0]
+    if not parts:
+        return np.zeros((0, 2), np.int64)
+    return np.ascontiguousarray(np.concatenate(parts))
+
+
+def _bits(a):
+    return a.view(np.uint16) if a.dtype.itemsize == 2 else a
+
+
+def prepare_quant(rule, flags, writes, k, io, extras):
+    """``run(param, grad, states, master=None, salt=0)`` of one step over quantized state
+    (``io.quant``): a quantized slot's entry in ``states`` is ``(codes, absmax)`` or
+    ``(codes, absmax, blocks)``, any other present slot an array of ``io.state``."""
+    from .numba_backend import PARALLEL_MIN
+
+    spec = RULES[rule]
+    writes = tuple(writes)
+    qslots = tuple(bool(w and s.quantize) for s, w in zip(spec.slots, writes))
+    tabs = [quant.table(io.quant, s.quant_map) for s in spec.slots]
+    signmag = tuple(bool(t.signmag and q) for t, q in zip(tabs, qslots))
+    ct = np.dtype(io.compute).type
+    kc = tuple(ct(v) for v in k)
+    inv_scale, key = extras if extras is not None else (1.0, 0)
+    tops = tuple(np.float32(t.top) for t in tabs)
+    fns: list[Any] = [None, None]
+
+    def run(param, grad, states, master=None, salt=0):
+        n = param.shape[0]
+        if n == 0:
+            return
+        p = _bits(param)
+        arrs, absm, blocks = [], [], None
+        for s, qd in zip(states, qslots):
+            if qd:
+                arrs.append(s[0].reshape(-1))
+                absm.append(s[1])
+                if len(s) > 2:
+                    blocks = s[2]
+            else:
+                arrs.append(p if s is None else _bits(s))
+                absm.append(tops_placeholder)
+        if blocks is None:
+            blocks = blocks_for(n)
+        par = n >= PARALLEL_MIN
+        fn = fns[par]
+        if fn is None:
+            fn = fns[par] = quant_kernel(rule, flags, writes, qslots, signmag, io, par)
+        fn(
+            p,
+            _bits(grad),
+            *arrs,
+            *absm,
+            *[t.dec for t in tabs],
+            *[t.thr for t in tabs],
+            tops,
+            p if master is None else master,
+            kc,
+            (ct(inv_scale), np.int64(salt), np.int64(key)),
+            blocks,
+        )
+
+    return run
+
+
+#: the absmax argument of a slot that is not quantized (never read)
+tops_placeholder = np.zeros(1, np.float32)
