@@ -276,6 +276,7 @@ class Optimizer(StepMachinery):
                 self.state_dtype,
                 self.master_weights,
                 self.stochastic_rounding,
+                tuple((s.name, s.quant_map) for s in self._spec.slots if s.quantize),
             )
         return k
 

@@ -74,7 +74,7 @@ def test_even_slots_never_go_negative():
     """``Slot.quant_map`` takes every even slot for non-negative (the unsigned map): every
     quantizable even slot of every rule stays >= 0 over steps of the oracle on random data,
     with its probes on."""
-    from tests.support import matrix, oracle
+    from support import matrix, oracle
 
     checked = 0
     for name, kwargs in matrix.MATRIX:
