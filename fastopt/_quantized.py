@@ -21,6 +21,7 @@ __all__ = [
     "check_pair",
     "constant",
     "dequantize",
+    "full_precision_state",
     "names_of",
     "quantize",
     "split_name",
@@ -106,3 +107,24 @@ def check_pair(pair: Any, param: Any, role: str, who: str) -> list[tuple[str, An
             )
         check_writable(None, label, a, who)
     return [(f"{role} codes of {who}", codes, True), (f"{role} absmax of {who}", absmax, True)]
+
+
+def full_precision_state(sd: dict[str, Any], rule: str, fmt: str) -> dict[str, Any]:
+    """A copy of state dict ``sd`` of an optimizer of ``rule`` with ``state_dtype=fmt`` whose
+    quantized slots are float32 arrays again (dequantized, shaped like their codes): what a
+    float32 optimizer, or torch, loads."""
+    from .kernels import RULES
+
+    maps = {s.name: s.quant_map for s in RULES[rule].slots if s.quantize}
+    state = {}
+    for name, st in sd["state"].items():
+        out = {}
+        for s, a in st.items():
+            base, part = split_name(s)
+            if part is None:
+                out[s] = a
+            elif part == CODES:
+                absmax = st[names_of(base)[1]]
+                out[base] = dequantize(a, absmax, fmt, maps[base]).reshape(np.shape(a))
+        state[name] = out
+    return dict(sd, state=state)

@@ -69,6 +69,16 @@ class StateKinds:
             return None
         return dict(self.quantizable).get(slot)
 
+    def expand(self, names: tuple[str, ...]) -> tuple[str, ...]:
+        """``names`` with each quantized slot as its two buffers (``s.codes``, ``s.absmax``)."""
+        if self.quant is None:
+            return names
+        from ._quantized import names_of
+
+        return tuple(
+            n for s in names for n in (names_of(s) if self.quant_map(s) is not None else (s,))
+        )
+
     def buffers_for(self, param_kind: str, shape: tuple[int, ...]) -> dict[str, Any]:
         """Every state buffer of a param of ``param_kind`` and ``shape``: name -> (shape,
         dtype). A quantized slot ``s`` is two buffers, ``s.codes`` (uint8, the param's shape)
@@ -119,6 +129,47 @@ class StateKinds:
             self.stochastic_rounding,
             quant=self.quant if any(self.quant_map(s) for s in self.slots) else None,
         )
+
+
+def _quantize_loaded(st: dict[str, Any], kinds: StateKinds, what: str) -> dict[str, Any]:
+    """A loaded parameter state with each full-precision slot a quantized policy stores
+    quantized (an fp32 state dict, torch's or a float32 optimizer's) as its codes and absmax,
+    quantized as a step would store them; anything else as it is."""
+    from . import _quantized
+
+    out = dict(st)
+    for s, qm in kinds.quantizable:
+        codes, absmax = _quantized.names_of(s)
+        if s in out and codes not in out and absmax not in out:
+            a = out.pop(s)
+            if not is_array(a) or dtype_of(a).kind != "f":
+                raise TypeError(f"{what}: {s!r} is {describe(a)}; expected a float array")
+            a = np.asarray(to_numpy(a), dtype=np.float32)
+            assert kinds.quant is not None
+            c, m = _quantized.quantize(a, kinds.quant, qm)
+            out[codes], out[absmax] = c.reshape(a.shape), m
+    return out
+
+
+def _check_quant_buffer(name: str, s: str, a: Any, st: Mapping[str, Any]) -> None:
+    """A loaded quantized slot's buffer: codes uint8, absmax float32 with one scale per block
+    of the codes."""
+    from . import _quantized
+    from .kernels import quant
+
+    base, part = _quantized.split_name(s)
+    if not is_array(a):
+        raise TypeError(f"state {s!r} of parameter {name!r} is a {type(a).__name__}")
+    if part == _quantized.CODES:
+        ok = dtype_of(a) == np.uint8
+        want = "uint8 codes"
+    else:
+        codes = st.get(_quantized.names_of(base)[0])
+        n = int(np.prod(codes.shape)) if is_array(codes) else -1
+        ok = dtype_of(a) == np.float32 and tuple(a.shape) == (quant.nblocks(n),)
+        want = f"float32[{quant.nblocks(n)}] (one scale per block of {quant.BLOCK} codes)"
+    if not ok:
+        raise ValueError(f"state {s!r} of parameter {name!r} is {describe(a)}; expected {want}")
 
 
 def _block_offsets(slots: Mapping[str, Any]) -> tuple[dict[str, tuple[int, int]], int]:
@@ -346,12 +397,15 @@ class OptimizerState:
                     f"state of parameter {name!r} is a {type(st).__name__}; "
                     "expected a dict state name -> array"
                 )
+            if kinds.quant is not None:  # full-precision slots quantized on load
+                st = _quantize_loaded(st, kinds, f"state of parameter {name!r}")
             if self.shapes is not None and name in self.shapes:
                 want = self.names_of(name, kinds)
             elif kinds.master_weights and precision.MASTER in st:
                 want = kinds.slots + (precision.MASTER,)  # a 16-bit param's: checked at binding
             else:
                 want = kinds.slots
+            want = kinds.expand(want)
             check_names(
                 st, want + hnames, f"state buffers of parameter {name!r}", f"those {who} keeps"
             )
@@ -360,7 +414,10 @@ class OptimizerState:
                 a = st[s]
                 if isinstance(a, np.ndarray):  # a subclass as a plain view; freed memory refused
                     a = as_xp_array(a, f"state {s!r} of parameter {name!r}")
-                check_array(name, f"state {s!r}", a, SUPPORTED_DTYPES)
+                if kinds.quant is not None and s.endswith((".codes", ".absmax")):
+                    _check_quant_buffer(name, s, a, st)
+                else:
+                    check_array(name, f"state {s!r}", a, SUPPORTED_DTYPES)
                 loaded[name][s] = np.array(to_numpy(a), copy=True)
             if hnames:
                 mine = spec.check_host_state(
@@ -378,7 +435,13 @@ class OptimizerState:
             self._check_fits_bound(loaded, kinds, who)
         else:
             for name, st in loaded.items():
-                kinds_of = {(a.shape, a.dtype) for s, a in st.items() if s != precision.MASTER}
+                st = {s: a for s, a in st.items() if not s.endswith(".absmax")}
+                kinds_of = {
+                    (a.shape, a.dtype)
+                    for s, a in st.items()
+                    if s != precision.MASTER and not s.endswith(".codes")
+                }
+                kinds_of |= {(a.shape, None) for s, a in st.items() if s.endswith(".codes")}
                 kinds_of |= {(a.shape, None) for s, a in st.items() if s == precision.MASTER}
                 if (
                     len({shape for shape, _ in kinds_of}) > 1
