@@ -15,7 +15,7 @@ def test_adam_figures():
     assert state_bytes_per_param("adam", state_dtype="bfloat16") == 4
     assert state_bytes_per_param("adam", {"amsgrad": True}, state_dtype="int8") == 3 * 1.015625
     assert state_bytes_per_param("adam", param_dtype="bfloat16", master_weights=True) == 12
-    assert state_bytes_per_param("lion", state_dtype="int8") == 1.03125
+    assert state_bytes_per_param("lion", state_dtype="int8") == 1.015625
     # slots a rule keeps in full precision: ASGD's ax stays float32
     assert state_bytes_per_param("asgd", state_dtype="int8") == 4
 

@@ -94,7 +94,11 @@ def _quant_runner(plan, io):
     def run(param, grad, states, master=None, salt=0):
         blocks = next((s[2] for s in states if isinstance(s, tuple) and len(s) > 2), None)
         if blocks is None:
-            st = {n: s[:2] if isinstance(s, tuple) else s for n, s in zip(names, states) if s is not None}
+            st = {
+                n: s[:2] if isinstance(s, tuple) else s
+                for n, s in zip(names, states)
+                if s is not None
+            }
             quant_reference.oracle_step(
                 plan.rule, param, grad, st, io=io, master=master, salt=salt, **kw
             )
