@@ -165,7 +165,7 @@ def _check_quant_buffer(name: str, s: str, a: Any, st: Mapping[str, Any]) -> Non
         want = "uint8 codes"
     else:
         codes = st.get(_quantized.names_of(base)[0])
-        n = int(np.prod(codes.shape)) if is_array(codes) else -1
+        n = int(np.prod(getattr(codes, "shape", (-1,)))) if is_array(codes) else -1
         ok = dtype_of(a) == np.float32 and tuple(a.shape) == (quant.nblocks(n),)
         want = f"float32[{quant.nblocks(n)}] (one scale per block of {quant.BLOCK} codes)"
     if not ok:

@@ -3,7 +3,6 @@
 import numpy as np
 import pytest
 
-import fastopt
 from fastopt.memory import state_bytes_per_param
 from fastopt.optimizers import CLASSES
 

@@ -16,8 +16,8 @@ import pytest
 
 pytest.importorskip("sklearn")
 
-from fastopt.demo.cli import load_data  # noqa: E402
-from fastopt.demo.problems import CHOSEN, train_mlp  # noqa: E402
+from fastopt.demo.cli import load_data
+from fastopt.demo.problems import CHOSEN, train_mlp
 
 ITERS = 200
 

@@ -11,14 +11,13 @@
 
 import numpy as np
 import pytest
+from fastopt.kernels import RULES, quant
+from support.matrix import RULE_FULL
 
 from fastopt import _quantized as Q
 from fastopt import functional as F
 from fastopt import precision
 from fastopt import quant_reference as qr
-from fastopt.kernels import RULES, quant
-
-from support.matrix import RULE_FULL
 
 N = 1000  # 3 full blocks and a short one
 STEPS = 3

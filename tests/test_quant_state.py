@@ -5,11 +5,11 @@ quantized as a step would store it; ``full_precision_state`` dequantizes for an 
 
 import numpy as np
 import pytest
+from fastopt.kernels import quant
 
 import fastopt
 from fastopt import _quantized as Q
 from fastopt.checkpoint import load_checkpoint, save_checkpoint
-from fastopt.kernels import quant
 
 SHAPES = {"w": (30, 20), "b": (300,), "s": (7,)}
 
