@@ -56,7 +56,7 @@ def quantize(x: Any, fmt: str, quant_map: str) -> tuple[np.ndarray, np.ndarray]:
     with np.errstate(invalid="ignore"):
         absmax = mag.reshape(nb, quant.BLOCK).max(axis=1).astype(np.float32)
     with np.errstate(divide="ignore", invalid="ignore", over="ignore"):
-        efac = np.where(absmax > 0, t.top / absmax, np.float32(0)).astype(np.float32)
+        efac = np.where(absmax >= t.tiny, t.top / absmax, np.float32(0)).astype(np.float32)
         y = (x * efac[np.arange(n) // quant.BLOCK]).astype(np.float32)
     mag_y = np.abs(y) if t.signmag else y
     codes = np.searchsorted(t.thr, mag_y, side="left").astype(np.int64)

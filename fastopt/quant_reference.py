@@ -9,7 +9,7 @@ holds to bitsandbytes' ``create_dynamic_map`` (and to its definition evaluated b
 
 Semantics (``kernels/quant.py``'s docstring): blocks of ``BLOCK`` elements from each tensor's
 first element; ``absmax`` the largest magnitude of a block's float32 values (NaN if any is);
-``code = nearest(x * (top / absmax))`` (0 when absmax is 0); ``value = table[code] * (absmax /
+``code = nearest(x * (top / absmax))`` (the code of 0 when absmax is below ``top · 2^-126``); ``value = table[code] * (absmax /
 top)``, every product and quotient rounded to float32. ``oracle_step`` is one step: each
 quantized slot dequantized, the low-precision oracle (``precision.oracle_step``, float32
 state) run, each quantized slot requantized.
@@ -69,7 +69,9 @@ def quantize(
         absmax = pad.reshape(nb, quant.BLOCK).max(axis=1).astype(np.float32)
     t = top(fmt, quant_map)
     with np.errstate(divide="ignore", invalid="ignore", over="ignore"):
-        efac = np.where(absmax > 0, t / absmax, np.float32(0)).astype(np.float32)
+        # a block under top * 2^-126 (where top / absmax could overflow) holds zeros
+        tiny = np.float32(t * np.float32(np.ldexp(1.0, -126)))
+        efac = np.where(absmax >= tiny, t / absmax, np.float32(0)).astype(np.float32)
         y = (x * efac[_blocks(n)]).astype(np.float32)
     if fmt == "int8":
         v = values(fmt, quant_map).astype(np.float64)

@@ -10,8 +10,9 @@ straddles two tensors; the last block of a tensor may be short. A value is
 with the format's 256-entry ``table`` and its largest finite value ``top``. A step dequantizes
 a block, runs the rule in float32, takes the new block's absmax (the largest magnitude of the
 new float32 values, NaN if any is NaN) and requantizes every new value ``x`` as the code of the
-table value nearest to ``x * (top / absmax)`` (0 when the absmax is 0): two passes over the
-block in registers and cache, one over memory.
+table value nearest to ``x * (top / absmax)`` (the code of 0 when the absmax is below
+``Table.tiny = top·2^-126``, where the quotient could overflow: such a block holds zeros): two
+passes over the block in registers and cache, one over memory.
 
 Formats (``state_dtype=``), per slot by the slot's sign (``Slot.quant_map``):
 
@@ -31,8 +32,9 @@ for the first half, ``end - step·(n - 1 - i)`` for the second, one rounding eac
 midpoints of neighbours (``(a + b) / 2``) scaled by ``10^(i - 6)`` for exponent ``i`` of
 0..6, negated for the signed map, then 0 and 1.
 
-Encoding is a search over 255 float32 thresholds (``Table.thr``, ascending): ``code = #{k :
-y > thr[k]}``. ``thr[k]`` is the exact midpoint of values ``k`` and ``k+1`` rounded down to
+Encoding counts the float32 thresholds below a value (``Table.thr``, ascending): ``code = #{k :
+y > thr[k]}``, found by one lookup and one comparison (``encode``: the value's float32 bit
+pattern picks a bucket that holds at most one threshold). ``thr[k]`` is the exact midpoint of values ``k`` and ``k+1`` rounded down to
 float32 (ties then go to the lower code: for a float32 ``y``, ``y > m`` exactly iff ``y >
 round_down(m)``), or, where a tie goes up (float8's round-to-even), the float32 just below the
 midpoint. float8 encodes ``|y|`` over its positive codes and sets the sign bit from ``y``'s
@@ -170,14 +172,67 @@ def _thresholds(values: np.ndarray, ties_up: np.ndarray) -> np.ndarray:
 @dataclass(frozen=True)
 class Table:
     """One format's codec: ``dec`` (256 float32: the value of each code), ``thr`` (255
-    float32 thresholds of the search), ``top`` (the largest finite value), ``signmag`` (the
-    code is a float8 byte: sign bit and the magnitude's search)."""
+    float32 thresholds, ascending: ``code = #{k : y > thr[k]}``), ``top`` (the largest finite
+    value), ``signmag`` (the code is a float8 byte: sign bit and the magnitude's code), and
+    the lookup of ``encode``: ``base``/``bthr`` (per bucket of float32 bit patterns: the code
+    of its smallest value and the one threshold inside it, +inf where none), ``e_lo``/``e_hi``
+    (the exponent fields clamped to: every value below ``2^(e_lo - 126)`` shares a code; a
+    value at or above ``2^(e_hi - 127)`` is never encoded but NaN, which takes code 0) and
+    ``mb`` (mantissa bits of a bucket)."""
 
     name: str
     dec: np.ndarray
     thr: np.ndarray
     top: np.float32
     signmag: bool
+    base: np.ndarray
+    bthr: np.ndarray
+    e_lo: int
+    e_hi: int
+    mb: int
+
+    @property
+    def tiny(self) -> np.float32:
+        """The smallest absmax a block is encoded under (``top · 2^-126``): below it,
+        ``top / absmax`` could overflow, and the block's values are stored as zero."""
+        return np.float32(self.top * np.float32(2.0**-126))
+
+
+def _exp_field(x: float) -> int:
+    return int((np.array(x, np.float32).view(np.uint32) >> 23) & 0xFF)
+
+
+def _lookup(thr: np.ndarray, top: float) -> tuple[np.ndarray, np.ndarray, int, int, int]:
+    """The bucket tables of ``encode`` for the ascending thresholds ``thr`` (+inf padding
+    ignored): the fewest mantissa bits with at most one threshold per bucket."""
+    t = thr[np.isfinite(thr)].astype(np.float32)
+    e_lo = _exp_field(np.abs(t[t != 0]).min()) - 1  # below 2^(e_lo-126): no threshold
+    e_hi = _exp_field(top) + 1  # reached by NaN only
+    ne = e_hi - e_lo + 1
+    for mb in range(12):
+        nb = 2 * ne << mb
+        idx = np.arange(nb, dtype=np.int64)
+        sign = idx >= (ne << mb)
+        e = ((idx >> mb) % ne) + e_lo
+        m = idx & ((1 << mb) - 1)
+        lo_bits = (e << 23) | (m << (23 - mb))
+        hi_bits = lo_bits + (1 << (23 - mb)) - 1
+        lo_bits = np.where(e == e_lo, 0, lo_bits)  # the lowest bucket holds every smaller value
+        a = lo_bits.astype(np.uint32).view(np.float32).astype(np.float64)
+        b = hi_bits.astype(np.uint32).view(np.float32).astype(np.float64)
+        ymin = np.where(sign, -b, a)
+        ymax = np.where(sign, -a, b)
+        c_lo = np.searchsorted(t, ymin, side="left")  # #thr < ymin
+        c_hi = np.searchsorted(t, ymax, side="left")
+        inside = c_hi - c_lo
+        top_bucket = e == e_hi
+        if np.all(inside[~top_bucket] <= 1):
+            base = np.where(top_bucket, 0, c_lo).astype(np.uint8)
+            cut = np.full(nb, np.inf, np.float32)
+            one = (inside == 1) & ~top_bucket
+            cut[one] = t[c_lo[one]]
+            return base, cut, e_lo, e_hi, mb
+    raise ValueError("no bucket width holds at most one threshold")
 
 
 @functools.cache
@@ -185,9 +240,9 @@ def table(fmt: str, quant_map: str) -> Table:
     """The codec of format ``fmt`` (``FORMATS``) for a slot of map ``quant_map``."""
     name = TABLES[(fmt, quant_map)]
     if fmt == "int8":
-        vals = dynamic_map(quant_map == "signed")
-        thr = _thresholds(vals, np.zeros(255, bool))
-        t = Table(name, vals, thr, np.float32(1.0), False)
+        dec = dynamic_map(quant_map == "signed")
+        thr = _thresholds(dec, np.zeros(255, bool))
+        top, signmag = np.float32(1.0), False
     else:
         dec = fp8_values(name)
         pos = dec[:128]
@@ -195,8 +250,9 @@ def table(fmt: str, quant_map: str) -> Table:
         codes = np.arange(pos.size)
         # round half to even: a tie goes up when the upper code is even
         thr = _thresholds(pos, (codes[1:] & 1) == 0)
-        t = Table(name, dec, thr, np.float32(pos[-1]), True)
-    for a in (t.dec, t.thr):
+        top, signmag = np.float32(pos[-1]), True
+    t = Table(name, dec, thr, top, signmag, *_lookup(thr, float(top)))
+    for a in (t.dec, t.thr, t.base, t.bthr):
         a.setflags(write=False)
     return t
 
@@ -204,30 +260,19 @@ def table(fmt: str, quant_map: str) -> Table:
 # -- per-element codec (compiled by the backends) ---------------------------------------------
 
 
-def encode(y: Any, thr: Any) -> Any:
-    """The code of float32 ``y`` in a sorted table: the number of thresholds below it (an
-    unrolled binary search over the 255 ascending ``thr``; NaN gives 0)."""
-    i = 0
-    if y > thr[i + 127]:
-        i += 128
-    if y > thr[i + 63]:
-        i += 64
-    if y > thr[i + 31]:
-        i += 32
-    if y > thr[i + 15]:
-        i += 16
-    if y > thr[i + 7]:
-        i += 8
-    if y > thr[i + 3]:
-        i += 4
-    if y > thr[i + 1]:
-        i += 2
-    if y > thr[i]:
-        i += 1
-    return i
+def encode(y: Any, base: Any, bthr: Any, e_lo: Any, e_hi: Any, mb: Any) -> Any:
+    """The code of float32 ``y`` in a sorted table (``Table``'s lookup): its bucket, from the
+    sign, the exponent field clamped to ``[e_lo, e_hi]`` and the top ``mb`` mantissa bits,
+    gives the code of the bucket's smallest value and the one threshold inside it; one
+    comparison finishes. No branch on the value (the loop vectorises, loads as gathers); NaN
+    gives 0."""
+    u = f32_bits(y)
+    e = min(max((u >> 23) & 0xFF, e_lo), e_hi) - e_lo
+    i = ((((u >> 31) * (e_hi - e_lo + 1)) + e) << mb) | ((u >> (23 - mb)) & ((1 << mb) - 1))
+    return base[i] + (y > bthr[i])
 
 
-def encode_signmag(y: Any, thr: Any) -> Any:
+def encode_signmag(y: Any, base: Any, bthr: Any, e_lo: Any, e_hi: Any, mb: Any) -> Any:
     """The float8 byte of float32 ``y``: ``encode(|y|)`` over the positive codes, with ``y``'s
     sign bit (``-0.0`` gives the byte of -0)."""
-    return encode(abs(y), thr) | ((f32_bits(y) >> 24) & 0x80)
+    return encode(abs(y), base, bthr, e_lo, e_hi, mb) | ((f32_bits(y) >> 24) & 0x80)

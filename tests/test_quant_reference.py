@@ -105,7 +105,9 @@ def _probe_values(fmt, qm, rng):
     pts = np.concatenate([v, mids]).astype(np.float32)
     near = np.concatenate([pts, np.nextafter(pts, np.float32(np.inf)), np.nextafter(pts, -pts)])
     rand = rng.uniform(-1, 1, 4000).astype(np.float32) * t.top
-    y = np.concatenate([near, rand])
+    tiny = (rng.uniform(-1, 1, 500) * np.exp2(rng.uniform(-149, -10, 500))).astype(np.float32)
+    zeros = np.array([0.0, -0.0, t.top], np.float32)
+    y = np.concatenate([near, rand, tiny, zeros])
     if qm == "unsigned":
         y = np.abs(y)
     return y[np.abs(y) <= t.top]
@@ -113,12 +115,15 @@ def _probe_values(fmt, qm, rng):
 
 @pytest.mark.parametrize(("fmt", "qm"), CASES)
 def test_threshold_search_is_the_nearest_value(fmt, qm):
-    """The kernels' search (``encode``/``encode_signmag``, run here as plain Python) gives the
-    oracle's code for values at, beside and between every pair of table values."""
+    """The kernels' lookup (``encode``/``encode_signmag``, run here as plain Python) gives the
+    oracle's code for values at, beside and between every pair of table values, and for
+    values far below the smallest (down to subnormals, both signs)."""
     t = quant.table(fmt, qm)
     y = _probe_values(fmt, qm, _rng())
     enc = quant.encode_signmag if t.signmag else quant.encode
-    got = np.array([enc(np.float32(x), t.thr) for x in y], dtype=np.uint8)
+    got = np.array(
+        [enc(np.float32(x), t.base, t.bthr, t.e_lo, t.e_hi, t.mb) for x in y], dtype=np.uint8
+    )
     # the oracle with absmax = top (efac = 1): its own nearest search / ml_dtypes' cast
     block = np.zeros(quant.BLOCK, np.float32)
     want = np.empty(y.size, np.uint8)

@@ -26,7 +26,7 @@ import numpy as np
 from numba.extending import register_jitable
 
 from .._numba_cache import njit_cached
-from ..kernels import RULES, quant
+from ..kernels import RULES, quant, storage
 from .numba_codegen import io_cells, jitable_rule
 
 #: blocks per chunk of the loop (one scratch allocation per chunk)
@@ -40,18 +40,22 @@ _compiled: dict[Any, Any] = {}
 
 def quant_loop_source(nslots, writes, qslots, io):
     """Python source of the factory of the loop over blocks (see the module docstring):
-    ``loop(p, g, s0.., a0.., d0.., t0.., tops, m, k, x, blocks)`` where ``s{j}`` is slot
-    ``j``'s array (codes when ``qslots[j]``), ``a{j}``/``d{j}``/``t{j}`` its absmax, value
-    table and thresholds (placeholders for a slot that is not quantized), ``tops`` the tables'
-    largest values, ``m`` the master copy (the param when none)."""
+    ``loop(p, g, s0.., a0.., d0.., d0b.., t0.., tops, luts, m, k, x, blocks)`` where ``s{j}``
+    is slot ``j``'s array (codes when ``qslots[j]``), ``a{j}`` its absmax, ``d{j}`` its value
+    table, ``d{j}b``/``t{j}`` its encoding lookup (``kernels.quant.Table``'s ``base``/``bthr``;
+    placeholders for a slot that is not quantized), ``tops`` the tables' largest values,
+    ``luts`` their ``(e_lo, e_hi, mb)`` (arguments, not constants of the source: the disk
+    cache tells loops apart by their code and cells), ``m`` the master copy (the param when
+    none)."""
     q = [j for j in range(nslots) if qslots[j]]
     row = {j: r for r, j in enumerate(q)}
     args = ["p", "g"]
     args += [f"s{j}" for j in range(nslots)]
     args += [f"a{j}" for j in range(nslots)]
     args += [f"d{j}" for j in range(nslots)]
+    args += [f"d{j}b" for j in range(nslots)]
     args += [f"t{j}" for j in range(nslots)]
-    args += ["tops", "m", "k", "x", "blocks"]
+    args += ["tops", "tinys", "luts", "m", "k", "x", "blocks"]
     cells = ["lp", "lg", "ls", "sp", "sg", "ss"] + [f"enc{j}" for j in range(nslots)]
     L = [
         f"def factory(elem, rng, {', '.join(cells)}):",
@@ -65,10 +69,7 @@ def quant_loop_source(nslots, writes, qslots, io):
     ]
     pad = " " * 16
     for j in q:
-        L += [
-            f"{pad}f{j} = a{j}[b] / tops[{j}]",
-            f"{pad}n{j} = np.float32(0)",
-        ]
+        L.append(f"{pad}f{j} = a{j}[b] / tops[{j}]")
     L.append(f"{pad}for i in range(lo, hi):")
     pad2 = pad + "    "
     L.append(f"{pad2}pv = {'m[i]' if io.master else 'lp(p[i])'}")
@@ -94,20 +95,23 @@ def quant_loop_source(nslots, writes, qslots, io):
         if not writes[j]:
             continue
         if qslots[j]:
-            L += [
-                f"{pad2}buf[{row[j]}, i - lo] = o{j}",
-                f"{pad2}w{j} = abs(o{j})",
-                f"{pad2}if w{j} > n{j} or w{j} != w{j}:",
-                f"{pad2}    n{j} = w{j}",
-            ]
+            L.append(f"{pad2}buf[{row[j]}, i - lo] = o{j}")
         else:
             L.append(f"{pad2}s{j}[i] = ss(o{j})")
     for j in q:
+        # the absmax as an integer maximum of the magnitudes' bit patterns: the same order for
+        # non-negative floats, NaN above every number (so a NaN wins), and a reduction LLVM
+        # vectorises without fast-math
         L += [
+            f"{pad}h{j} = 0",
+            f"{pad}for i in range(hi - lo):",
+            f"{pad}    h{j} = max(h{j}, f32_bits(buf[{row[j]}, i]) & 0x7FFFFFFF)",
+            f"{pad}n{j} = bits_f32(h{j})",
             f"{pad}a{j}[b] = n{j}",
-            f"{pad}e{j} = tops[{j}] / n{j} if n{j} > 0 else np.float32(0)",
+            f"{pad}e{j} = tops[{j}] / n{j} if n{j} >= tinys[{j}] else np.float32(0)",
             f"{pad}for i in range(lo, hi):",
-            f"{pad}    s{j}[i] = enc{j}(buf[{row[j]}, i - lo] * e{j}, t{j})",
+            f"{pad}    s{j}[i] = enc{j}(buf[{row[j]}, i - lo] * e{j}, d{j}b, t{j}, "
+            f"luts[{j}, 0], luts[{j}, 1], luts[{j}, 2])",
         ]
     L.append("    return loop")
     return "\n".join(L) + "\n"
@@ -118,7 +122,12 @@ def quant_kernel(rule, flags, writes, qslots, signmag, io, parallel):
     key = (rule, tuple(sorted(flags.items())), writes, qslots, signmag, io, parallel)
     fn = _compiled.get(key)
     if fn is None:
-        ns: dict[str, Any] = {"__name__": __name__, "np": np}
+        ns: dict[str, Any] = {
+            "__name__": __name__,
+            "np": np,
+            "f32_bits": storage.f32_bits,
+            "bits_f32": storage.bits_f32,
+        }
         src = quant_loop_source(len(writes), writes, qslots, io)
         exec(compile(src, __file__, "exec"), ns)
         encs = [quant.encode_signmag if sm else quant.encode for sm in signmag]
@@ -169,6 +178,8 @@ def prepare_quant(rule, flags, writes, k, io, extras):
     kc = tuple(ct(v) for v in k)
     inv_scale, key = extras if extras is not None else (1.0, 0)
     tops = tuple(np.float32(t.top) for t in tabs)
+    tinys = tuple(t.tiny for t in tabs)
+    luts = np.array([(t.e_lo, t.e_hi, t.mb) for t in tabs], np.int64).reshape(-1, 3)
     fns: list[Any] = [None, None]
 
     def run(param, grad, states, master=None, salt=0):
@@ -198,8 +209,11 @@ def prepare_quant(rule, flags, writes, k, io, extras):
             *arrs,
             *absm,
             *[t.dec for t in tabs],
-            *[t.thr for t in tabs],
+            *[t.base for t in tabs],
+            *[t.bthr for t in tabs],
             tops,
+            tinys,
+            luts,
             p if master is None else master,
             kc,
             (ct(inv_scale), np.int64(salt), np.int64(key)),
