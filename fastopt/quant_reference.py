@@ -10,9 +10,9 @@ holds to bitsandbytes' ``create_dynamic_map`` (and to its definition evaluated b
 Semantics (``kernels/quant.py``'s docstring): blocks of ``BLOCK`` elements from each tensor's
 first element; ``absmax`` the largest magnitude of a block's float32 values (NaN if any is);
 ``code = nearest(x * (top / absmax))`` (the code of 0 when absmax is below ``top · 2^-126``);
-``value = table[code] * (absmax / top)``, every product and quotient rounded to float32. ``oracle_step`` is one step: each
-quantized slot dequantized, the low-precision oracle (``precision.oracle_step``, float32
-state) run, each quantized slot requantized.
+``value = table[code] * (absmax / top)``, every product and quotient rounded to float32.
+``oracle_step`` is one step: each quantized slot dequantized, the low-precision oracle
+(``precision.oracle_step``, float32 state) run, each quantized slot requantized.
 """
 
 from __future__ import annotations
