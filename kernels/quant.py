@@ -38,8 +38,9 @@ pattern picks a bucket that holds at most one threshold). ``thr[k]`` is the exac
 of values ``k`` and ``k+1`` rounded down to float32 (ties then go to the lower code: for a
 float32 ``y``, ``y > m`` exactly iff ``y > round_down(m)``), or, where a tie goes up (float8's
 round-to-even), the float32 just below the midpoint. float8 encodes ``|y|`` over its positive
-codes and sets the sign bit from ``y``'s (thresholds past the largest finite value are +inf). The per-element functions ``encode`` and
-``encode_signmag`` are plain Python over scalars, compiled by the backends like the rules.
+codes and sets the sign bit from ``y``'s (thresholds past the largest finite value are +inf).
+The per-element functions ``encode`` and ``encode_signmag`` are plain Python over scalars,
+compiled by the backends like the rules.
 """
 
 from __future__ import annotations
