@@ -67,50 +67,68 @@ def quant_loop_source(nslots, writes, qslots, io):
         "                lo = blocks[b, 0]",
         "                hi = blocks[b, 1]",
     ]
+    # rows of the scratch, one per quantized slot
+    L[5:5] = [f"            r{j} = buf[{row[j]}]" for j in q]
     pad = " " * 16
+    # each block's arrays as views starting at 0: indices the loops can prove non-negative
+    # (no wraparound select), so they vectorise like the one-array loops
+    L.append(f"{pad}cnt = hi - lo")
+    L.append(f"{pad}pb = p[lo:hi]")
+    L.append(f"{pad}gb = g[lo:hi]")
+    if io.master:
+        L.append(f"{pad}mb_ = m[lo:hi]")
+    for j in range(nslots):
+        if writes[j]:
+            L.append(f"{pad}sb{j} = s{j}[lo:hi]")
     for j in q:
-        L.append(f"{pad}f{j} = a{j}[b] / tops[{j}]")
-    L.append(f"{pad}for i in range(lo, hi):")
+        # decoded first, in a loop of its own: the table lookups (gathers) stay out of the
+        # rule's loop, which reads and writes plain arrays
+        L += [
+            f"{pad}f{j} = a{j}[b] / tops[{j}]",
+            f"{pad}for i in range(cnt):",
+            f"{pad}    r{j}[i] = d{j}[sb{j}[i]] * f{j}",
+        ]
+    L.append(f"{pad}for i in range(cnt):")
     pad2 = pad + "    "
-    L.append(f"{pad2}pv = {'m[i]' if io.master else 'lp(p[i])'}")
-    L.append(f"{pad2}gv = lg(g[i]){' * x[0]' if io.scale else ''}")
+    L.append(f"{pad2}pv = {'mb_[i]' if io.master else 'lp(pb[i])'}")
+    L.append(f"{pad2}gv = lg(gb[i]){' * x[0]' if io.scale else ''}")
     if io.write_grad:
-        L.append(f"{pad2}g[i] = sg(gv)")
+        L.append(f"{pad2}gb[i] = sg(gv)")
     for j in range(nslots):
         if not writes[j]:
             L.append(f"{pad2}v{j} = pv")
         elif qslots[j]:
-            L.append(f"{pad2}v{j} = d{j}[s{j}[i]] * f{j}")
+            L.append(f"{pad2}v{j} = r{j}[i]")
         else:
-            L.append(f"{pad2}v{j} = ls(s{j}[i])")
+            L.append(f"{pad2}v{j} = ls(sb{j}[i])")
     outs = ", ".join(["pi"] + [f"o{j}" for j in range(nslots)])
     L.append(
         f"{pad2}{outs}{',' if nslots == 0 else ''} = elem("
         f"pv, gv, {''.join(f'v{j}, ' for j in range(nslots))}k)"
     )
     if io.master:
-        L.append(f"{pad2}m[i] = pi")
-    L.append(f"{pad2}p[i] = sp(pi, i, x[1], x[2])")
+        L.append(f"{pad2}mb_[i] = pi")
+    L.append(f"{pad2}pb[i] = sp(pi, lo + i, x[1], x[2])")
     for j in range(nslots):
         if not writes[j]:
             continue
         if qslots[j]:
-            L.append(f"{pad2}buf[{row[j]}, i - lo] = o{j}")
+            L.append(f"{pad2}r{j}[i] = o{j}")
         else:
-            L.append(f"{pad2}s{j}[i] = ss(o{j})")
+            L.append(f"{pad2}sb{j}[i] = ss(o{j})")
     for j in q:
         # the absmax as an integer maximum of the magnitudes' bit patterns: the same order for
         # non-negative floats, NaN above every number (so a NaN wins), and a reduction LLVM
         # vectorises without fast-math
         L += [
             f"{pad}h{j} = 0",
-            f"{pad}for i in range(hi - lo):",
-            f"{pad}    h{j} = max(h{j}, f32_bits(buf[{row[j]}, i]) & 0x7FFFFFFF)",
+            f"{pad}for i in range(cnt):",
+            f"{pad}    h{j} = max(h{j}, f32_bits(r{j}[i]) & 0x7FFFFFFF)",
             f"{pad}n{j} = bits_f32(h{j})",
             f"{pad}a{j}[b] = n{j}",
             f"{pad}e{j} = tops[{j}] / n{j} if n{j} >= tinys[{j}] else np.float32(0)",
-            f"{pad}for i in range(lo, hi):",
-            f"{pad}    s{j}[i] = enc{j}(buf[{row[j]}, i - lo] * e{j}, d{j}b, t{j}, "
+            f"{pad}for i in range(cnt):",
+            f"{pad}    sb{j}[i] = enc{j}(r{j}[i] * e{j}, d{j}b, t{j}, "
             f"luts[{j}, 0], luts[{j}, 1], luts[{j}, 2])",
         ]
     L.append("    return loop")
