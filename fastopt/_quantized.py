@@ -18,6 +18,7 @@ from .kernels import quant
 __all__ = [
     "ABSMAX",
     "CODES",
+    "check_backend",
     "check_pair",
     "constant",
     "dequantize",
@@ -128,3 +129,13 @@ def full_precision_state(sd: dict[str, Any], rule: str, fmt: str) -> dict[str, A
                 out[base] = dequantize(a, absmax, fmt, maps[base]).reshape(np.shape(a))
         state[name] = out
     return dict(sd, state=state)
+
+
+def check_backend(be: Any, fmt: str | None) -> None:
+    """Quantized state on a backend that steps it (a backend module with ``QUANT_STATE``: the
+    numba CPU backend and the NumPy oracle); TypeError before anything is written otherwise."""
+    if fmt is not None and not getattr(be, "QUANT_STATE", False):
+        raise TypeError(
+            f"state_dtype={fmt!r}: backend {getattr(be, 'NAME', be)!r} does not step quantized "
+            "state yet (the numba and numpy backends do)"
+        )

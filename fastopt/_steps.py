@@ -85,6 +85,13 @@ def _flat_slot(st, s, kinds):
     return st[s].reshape(-1) if s in st else None
 
 
+def _check_quant_backend(be, kinds):
+    if kinds.quant is not None:
+        from ._quantized import check_backend
+
+        check_backend(be, kinds.quant)
+
+
 def _check_quant_state(name, p, st, kinds, pk):
     """The state buffers of a parameter of a quantized optimizer: each shaped and typed as
     ``StateKinds.buffers_for`` says, C-contiguous and writeable; their overlap entries."""
@@ -600,6 +607,7 @@ class StepMachinery:
                     )
                 arrays.append((f"{role} of parameter {name!r}", a))
         be = self._backend_for(arrays, "params and grads")
+        _check_quant_backend(be, self._kinds())
         supported = tuple(getattr(be, "DTYPES", SUPPORTED_DTYPES))
         kind = type(self).__name__
         pairs, entries = [], []
@@ -778,6 +786,7 @@ class StepMachinery:
                     )
                 arrays.append((f"FlatBuffer group {i} {role}", a))
         be = self._backend_for(arrays, "the FlatBuffer's groups")
+        _check_quant_backend(be, self._kinds())
         supported = tuple(getattr(be, "DTYPES", SUPPORTED_DTYPES))
         entries = []
         for i, group in enumerate(buf.groups):

@@ -340,7 +340,9 @@ def _checked(
         check_writable(None, "master_param", master, who)
         entries.append((f"master_param of {who}", master, True))
     if pairs:
-        from ._quantized import check_pair
+        from ._quantized import check_backend, check_pair
+
+        check_backend(be, quant)
 
         if pk not in ("float32", *storage.BITS16):
             raise TypeError(

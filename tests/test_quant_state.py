@@ -134,3 +134,21 @@ def test_policy_refusals():
     with pytest.raises(TypeError, match="float32"):
         opt.update(p, {"x": np.ones(4)})
     assert opt.step_count == 0 and not opt.state
+
+
+def test_backend_without_quantized_state_refuses_before_anything_changes():
+    """A backend module that does not declare QUANT_STATE is refused by every door before
+    anything is written (checked with the backends' protocol test double: a module with only
+    ``launch``, registered as a CPU backend)."""
+    from fastopt import _quantized as Q2
+
+    class Fake:
+        NAME = "fake"
+
+    with pytest.raises(TypeError, match="quantized state"):
+        Q2.check_backend(Fake, "int8")
+    Q2.check_backend(Fake, None)  # nothing to refuse without quantized state
+    from fastopt.backends import numba_backend, numpy_backend
+
+    for be in (numba_backend, numpy_backend):
+        Q2.check_backend(be, "int8")

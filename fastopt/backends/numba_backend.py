@@ -60,6 +60,8 @@ from .numba_intrinsics import (
 
 NAME = "numba"
 DEVICE = "cpu"
+#: steps quantized state slots (``kernels/quant.py``, ``IO.quant``)
+QUANT_STATE = True
 
 #: below this many elements a serial loop beats waking the thread pool (measured on 2 cores:
 #: the two break even near 2**14 elements for Adam and 2**15 for SGD with momentum)

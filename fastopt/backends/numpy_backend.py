@@ -11,6 +11,8 @@ import numpy as np
 
 NAME = "numpy"
 DEVICE = "cpu"
+#: steps quantized state slots (``kernels/quant.py``, ``IO.quant``)
+QUANT_STATE = True
 
 
 def available():

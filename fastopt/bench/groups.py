@@ -489,7 +489,9 @@ def run_precision_group(
         rec["precision"] = dict(PRECISIONS[name].kwargs, param=PRECISIONS[name].param)
         rec["state_bytes_per_param"] = state_bytes(case, PRECISIONS[name])
         ceil = res.get(("ceiling", name))
-        if ceil is not None:
+        if ceil is None:  # quantized state: no same-traffic kernel yet
+            rec["ceiling_gbps"] = rec["pct_of_ceiling"] = None
+        else:
             t = median(ceil[1])
             rec["ceiling_backend"], rec["ceiling_s"] = "numba", t
             rec["ceiling_gbps"] = ceil[0].bytes / t / 1e9

@@ -237,9 +237,7 @@ class Precision:
 
     def io(self, n_state: int | None = None) -> Any:
         """The storage plan (``kernels.storage.IO``) of this precision's launches."""
-        from ..precision import io_of, resolve_state_kind
-
-        from ..precision import QUANTIZED
+        from ..precision import QUANTIZED, io_of, resolve_state_kind
 
         kw = dict(self.kwargs)
         master = kw.get("master_weights", False)
