@@ -191,7 +191,7 @@ def bytes_per_step(
     # a quantized slot: a byte of code per element and a float32 scale per block
     state = size["state"] if not io.quant else 1 + 4 / _block()
     per += (n_state + n_read) * state + (2 * size["master"] if io.master else 0)
-    return int(round(per * int(n)))
+    return round(per * int(n))
 
 
 def _block() -> int:
