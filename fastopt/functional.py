@@ -486,15 +486,15 @@ def _check_quant(value):
     format (``kernels.quant.FORMATS``)."""
     if value is None:
         return None
-    if not isinstance(value, str) or value not in quant_formats():
+    if not isinstance(value, str) or value not in _quant_formats():
         raise ValueError(
             f"invalid state_dtype={value!r}; expected None (the state arrays' dtype) or one of "
-            f"{list(quant_formats())} (quantized slots given as (codes, absmax) pairs)"
+            f"{list(_quant_formats())} (quantized slots given as (codes, absmax) pairs)"
         )
     return value
 
 
-def quant_formats():
+def __quant_formats() -> tuple[str, ...]:
     """The quantized state formats (``kernels.quant.FORMATS``)."""
     from .kernels import quant
 
