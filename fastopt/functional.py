@@ -494,7 +494,7 @@ def _check_quant(value):
     return value
 
 
-def __quant_formats() -> tuple[str, ...]:
+def _quant_formats() -> tuple[str, ...]:
     """The quantized state formats (``kernels.quant.FORMATS``)."""
     from .kernels import quant
 
