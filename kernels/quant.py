@@ -51,10 +51,11 @@ from typing import Any
 
 import numpy as np
 
-from .storage import f32_bits
+from .storage import bits_f32, f32_bits
 
 __all__ = [
     "BLOCK",
+    "CODECS",
     "FORMATS",
     "Table",
     "dynamic_map",
@@ -277,3 +278,81 @@ def encode_signmag(y: Any, base: Any, bthr: Any, e_lo: Any, e_hi: Any, mb: Any) 
     """The float8 byte of float32 ``y``: ``encode(|y|)`` over the positive codes, with ``y``'s
     sign bit (``-0.0`` gives the byte of -0)."""
     return encode(abs(y), base, bthr, e_lo, e_hi, mb) | ((f32_bits(y) >> 24) & 0x80)
+
+
+# -- float8 by arithmetic (no table: the loops that use them vectorise) -------------------------
+#
+# The same bytes as the lookup above (``encode_signmag`` over the float8 tables; a test holds
+# them equal on every byte and around every threshold): round to nearest even on the float32
+# bits for normal results, one float addition for subnormal ones (the sum's rounding is the
+# hardware's round-to-nearest-even at the float8 subnormal spacing, as ``storage.f16_store``
+# does for float16); NaN gives the byte 0 with its sign, as the lookup does.
+
+#: float32 constants of the float8 conversions (NumPy scalars: float32 in compiled code)
+_E4M3_SUB = np.float32(2.0**-9)  # e4m3fn subnormal spacing
+_E4M3_MAGIC = np.float32(2.0**14)  # ulp 2^-9: adding it rounds to the subnormal spacing
+_E4M3_MAGIC_BITS = 0x46800000
+_E5M2_SUB = np.float32(2.0**-16)
+_E5M2_MAGIC = np.float32(2.0**7)  # ulp 2^-16
+_E5M2_MAGIC_BITS = 0x43000000
+_NAN = np.float32(np.nan)
+_INF = np.float32(np.inf)
+
+
+def e4m3_decode(c: Any, dec: Any) -> Any:
+    """The float32 value of float8 e4m3fn byte ``c`` (``dec``, the table, is not read)."""
+    c = np.int64(c)
+    em = c & 0x7F
+    sign = (c & 0x80) << 24
+    norm = bits_f32(sign | ((em << 20) + 0x3C000000))  # exponent rebiased 7 -> 127
+    sub = bits_f32(f32_bits(np.float32(em) * _E4M3_SUB) | sign)
+    out = norm if em >= 8 else sub
+    return _NAN if em == 0x7F else out
+
+
+def e4m3_encode(y: Any, base: Any, bthr: Any, e_lo: Any, e_hi: Any, mb: Any) -> Any:
+    """The e4m3fn byte of float32 ``y``, ``|y| <= 448`` (the lookup's arguments unread)."""
+    u = f32_bits(y)
+    a = u & 0x7FFFFFFF
+    norm = ((a + 0x7FFFF + ((a >> 20) & 1)) >> 20) - 960  # 3 mantissa bits, RNE; bias 7
+    sub = f32_bits(bits_f32(a) + _E4M3_MAGIC) - _E4M3_MAGIC_BITS
+    code = sub if a < 0x3C800000 else norm  # below 2^-6: subnormal
+    code = 0 if a > 0x7F800000 else code
+    return code | ((u >> 24) & 0x80)
+
+
+def e5m2_decode(c: Any, dec: Any) -> Any:
+    """The float32 value of float8 e5m2 byte ``c``."""
+    c = np.int64(c)
+    em = c & 0x7F
+    sign = (c & 0x80) << 24
+    norm = bits_f32(sign | ((em << 21) + 0x38000000))  # exponent rebiased 15 -> 127
+    sub = bits_f32(f32_bits(np.float32(em) * _E5M2_SUB) | sign)
+    out = norm if em >= 4 else sub
+    special = bits_f32(f32_bits(_INF) | sign) if em == 0x7C else _NAN
+    return special if em >= 0x7C else out
+
+
+def e5m2_encode(y: Any, base: Any, bthr: Any, e_lo: Any, e_hi: Any, mb: Any) -> Any:
+    """The e5m2 byte of float32 ``y``, ``|y| <= 57344``."""
+    u = f32_bits(y)
+    a = u & 0x7FFFFFFF
+    norm = ((a + 0xFFFFF + ((a >> 21) & 1)) >> 21) - 448  # 2 mantissa bits, RNE; bias 15
+    sub = f32_bits(bits_f32(a) + _E5M2_MAGIC) - _E5M2_MAGIC_BITS
+    code = sub if a < 0x38800000 else norm  # below 2^-14: subnormal
+    code = 0 if a > 0x7F800000 else code
+    return code | ((u >> 24) & 0x80)
+
+
+def table_decode(c: Any, dec: Any) -> Any:
+    """The value of code ``c`` in the table ``dec`` (the int8 maps)."""
+    return dec[c]
+
+
+#: per table: (decode, encode) as the loops call them
+CODECS = {
+    "dynamic_signed": (table_decode, encode),
+    "dynamic_unsigned": (table_decode, encode),
+    "float8_e4m3fn": (e4m3_decode, e4m3_encode),
+    "float8_e5m2": (e5m2_decode, e5m2_encode),
+}

@@ -253,3 +253,22 @@ def test_oracle_step_adam(fmt):
     for s in st:
         c, a = qr.quantize(full[s], fmt, qm[s])
         assert np.array_equal(st[s][0], c) and np.array_equal(st[s][1], a)
+
+
+@pytest.mark.parametrize("qm", ["signed", "unsigned"])
+def test_float8_arithmetic_codec_equals_the_lookup(qm):
+    """The float8 decode and encode the loops run (``kernels.quant.CODECS``: arithmetic on the
+    bits, no table) give the table's value of every byte and the lookup's byte of values at,
+    beside and between every pair of table values, far below them and of either sign."""
+    t = quant.table("float8_e4m3", qm)
+    dec, enc = quant.CODECS[t.name]
+    d = np.array([dec(np.uint8(c), t.dec) for c in range(256)], np.float32)
+    assert np.array_equal(d.view(np.uint32), t.dec.view(np.uint32)) or (
+        np.array_equal(np.isnan(d), np.isnan(t.dec))
+        and np.array_equal(d[~np.isnan(d)].view(np.uint32), t.dec[~np.isnan(d)].view(np.uint32))
+    )
+    y = _probe_values("float8_e4m3", qm, _rng(4))
+    y = np.concatenate([y, -y])
+    got = [enc(np.float32(x), t.base, t.bthr, t.e_lo, t.e_hi, t.mb) for x in y]
+    want = [quant.encode_signmag(np.float32(x), t.base, t.bthr, t.e_lo, t.e_hi, t.mb) for x in y]
+    assert got == want

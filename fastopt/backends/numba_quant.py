@@ -4,11 +4,14 @@ One loop per (rule, variant, slots present, quantized slots, storage plan, paral
 as Python source like ``numba_codegen``'s and compiled once (cached on disk). It walks a table
 of blocks (``blocks[b] = (first, stop)`` element indices; block ``b``'s scale is ``absmax[b]``
 of every quantized slot), in chunks of ``CHUNK_BLOCKS`` blocks per thread (``prange`` from
-``numba_backend.PARALLEL_MIN`` elements). Per block: each quantized slot is dequantized
-(``dec[code] * (absmax / top)``), the rule runs, the param and the float32 slots are stored
-as the storage plan says, each quantized slot's new float32 values go to a per-thread scratch
-row and their absmax is taken; then the scratch is encoded (``kernels.quant.encode`` or
-``encode_signmag``) and the new absmax stored: one pass over memory.
+``numba_backend.PARALLEL_MIN`` elements). Per block, over views of the block's elements (so
+that every index is provably non-negative and the loops vectorise): each quantized slot is
+decoded into a per-thread scratch row (``dec(code) * (absmax / top)``: a table lookup for the
+int8 maps, arithmetic for float8, ``kernels.quant.CODECS``), the rule runs over plain arrays
+(the param and the float32 slots stored as the storage plan says, the quantized slots' new
+values back into their rows), each row's absmax is taken (an integer maximum of bit
+patterns), and the row is encoded (``encode``: one lookup and one comparison for int8,
+arithmetic for float8) with its new absmax stored: one pass over memory.
 
 A quantized slot arrives as ``(codes, absmax)`` (a parameter's: its blocks start at 0, every
 ``BLOCK`` elements) or ``(codes, absmax, blocks)`` (a ``FlatBuffer`` group's, whose blocks start
@@ -32,8 +35,8 @@ from .numba_codegen import io_cells, jitable_rule
 #: blocks per chunk of the loop (one scratch allocation per chunk)
 CHUNK_BLOCKS = 64
 
-register_jitable(quant.encode)
-register_jitable(quant.encode_signmag)
+for _fn in {f for pair in quant.CODECS.values() for f in pair} | {quant.encode_signmag}:
+    register_jitable(_fn)
 
 _compiled: dict[Any, Any] = {}
 
@@ -56,7 +59,8 @@ def quant_loop_source(nslots, writes, qslots, io):
     args += [f"d{j}b" for j in range(nslots)]
     args += [f"t{j}" for j in range(nslots)]
     args += ["tops", "tinys", "luts", "m", "k", "x", "blocks"]
-    cells = ["lp", "lg", "ls", "sp", "sg", "ss"] + [f"enc{j}" for j in range(nslots)]
+    cells = ["lp", "lg", "ls", "sp", "sg", "ss"]
+    cells += [f"dec{j}" for j in range(nslots)] + [f"enc{j}" for j in range(nslots)]
     L = [
         f"def factory(elem, rng, {', '.join(cells)}):",
         f"    def loop({', '.join(args)}):",
@@ -86,7 +90,7 @@ def quant_loop_source(nslots, writes, qslots, io):
         L += [
             f"{pad}f{j} = a{j}[b] / tops[{j}]",
             f"{pad}for i in range(cnt):",
-            f"{pad}    r{j}[i] = d{j}[sb{j}[i]] * f{j}",
+            f"{pad}    r{j}[i] = dec{j}(sb{j}[i], d{j}) * f{j}",
         ]
     L.append(f"{pad}for i in range(cnt):")
     pad2 = pad + "    "
@@ -135,9 +139,10 @@ def quant_loop_source(nslots, writes, qslots, io):
     return "\n".join(L) + "\n"
 
 
-def quant_kernel(rule, flags, writes, qslots, signmag, io, parallel):
-    """The compiled loop (compiled, or loaded from the disk cache, once)."""
-    key = (rule, tuple(sorted(flags.items())), writes, qslots, signmag, io, parallel)
+def quant_kernel(rule, flags, writes, qslots, codecs, io, parallel):
+    """The compiled loop (compiled, or loaded from the disk cache, once); ``codecs``: each
+    slot's table name (``kernels.quant.CODECS``: its decode and encode)."""
+    key = (rule, tuple(sorted(flags.items())), writes, qslots, codecs, io, parallel)
     fn = _compiled.get(key)
     if fn is None:
         ns: dict[str, Any] = {
@@ -148,12 +153,12 @@ def quant_kernel(rule, flags, writes, qslots, signmag, io, parallel):
         }
         src = quant_loop_source(len(writes), writes, qslots, io)
         exec(compile(src, __file__, "exec"), ns)
-        encs = [quant.encode_signmag if sm else quant.encode for sm in signmag]
         py = ns["factory"](
             jitable_rule(RULES[rule].make_rule(**flags), False),
             numba.prange if parallel else range,
             *io_cells(io),
-            *encs,
+            *[quant.CODECS[c][0] for c in codecs],
+            *[quant.CODECS[c][1] for c in codecs],
         )
         fn = _compiled[key] = njit_cached(parallel=parallel, nogil=True, error_model="numpy")(py)
     return fn
@@ -191,7 +196,7 @@ def prepare_quant(rule, flags, writes, k, io, extras):
     writes = tuple(writes)
     qslots = tuple(bool(w and s.quantize) for s, w in zip(spec.slots, writes))
     tabs = [quant.table(io.quant, s.quant_map) for s in spec.slots]
-    signmag = tuple(bool(t.signmag and q) for t, q in zip(tabs, qslots))
+    codecs = tuple(t.name for t in tabs)
     ct = np.dtype(io.compute).type
     kc = tuple(ct(v) for v in k)
     inv_scale, key = extras if extras is not None else (1.0, 0)
@@ -220,7 +225,7 @@ def prepare_quant(rule, flags, writes, k, io, extras):
         par = n >= PARALLEL_MIN
         fn = fns[par]
         if fn is None:
-            fn = fns[par] = quant_kernel(rule, flags, writes, qslots, signmag, io, par)
+            fn = fns[par] = quant_kernel(rule, flags, writes, qslots, codecs, io, par)
         fn(
             p,
             _bits(grad),
