@@ -25,11 +25,14 @@ STEPS = 3
 DEFAULT_RULES = ("adam", "lion", "sgd")
 
 
-def _cases():
+def _cases(default=None):
+    """(rule, format) cases: by default every rule in int8 and ``DEFAULT_RULES`` in every
+    format (``default``: only these rules); the rest under -m exhaustive."""
     out = []
     for rule in RULES:
         for fmt in quant.FORMATS:
-            marks = () if rule in DEFAULT_RULES or fmt == "int8" else (pytest.mark.exhaustive,)
+            on = rule in DEFAULT_RULES or (fmt == "int8" and default is None)
+            marks = () if on else (pytest.mark.exhaustive,)
             out.append(pytest.param(rule, fmt, id=f"{rule}-{fmt}", marks=marks))
     return out
 
@@ -103,7 +106,7 @@ def test_bit_exact_against_float32_state_then_oracle_quantization(rule, fmt):
                 assert np.array_equal(a, full[s.name], equal_nan=True), (t, s.name)
 
 
-@pytest.mark.parametrize(("rule", "fmt"), _cases())
+@pytest.mark.parametrize(("rule", "fmt"), _cases(default=DEFAULT_RULES))
 def test_against_the_oracle(rule, fmt):
     spec, hp = RULES[rule], RULE_FULL[rule]
     rng = np.random.default_rng(9)
