@@ -349,10 +349,27 @@ def table_decode(c: Any, dec: Any) -> Any:
     return dec[c]
 
 
+def _frozen_lookup(fmt: str, quant_map: str) -> tuple[Any, Any]:
+    """``(decode, encode)`` of a table whose arrays are closure constants: a compiler freezes
+    them into the code as read-only data, which no store can alias, so the loops that look
+    them up may vectorise (as gathers) where loads from argument arrays may not."""
+    t = table(fmt, quant_map)
+    dec, base, bthr = t.dec, t.base, t.bthr
+    e_lo, e_hi, mb = t.e_lo, t.e_hi, t.mb
+
+    def frozen_decode(c: Any, d: Any) -> Any:
+        return dec[c]
+
+    def frozen_encode(y: Any, b: Any, th: Any, lo: Any, hi: Any, m: Any) -> Any:
+        return encode(y, base, bthr, e_lo, e_hi, mb)
+
+    return frozen_decode, frozen_encode
+
+
 #: per table: (decode, encode) as the loops call them
 CODECS = {
-    "dynamic_signed": (table_decode, encode),
-    "dynamic_unsigned": (table_decode, encode),
+    "dynamic_signed": _frozen_lookup("int8", "signed"),
+    "dynamic_unsigned": _frozen_lookup("int8", "unsigned"),
     "float8_e4m3fn": (e4m3_decode, e4m3_encode),
     "float8_e5m2": (e5m2_decode, e5m2_encode),
 }

@@ -6,8 +6,8 @@ of blocks (``blocks[b] = (first, stop)`` element indices; block ``b``'s scale is
 of every quantized slot), in chunks of ``CHUNK_BLOCKS`` blocks per thread (``prange`` from
 ``numba_backend.PARALLEL_MIN`` elements). Per block, over views of the block's elements (so
 that every index is provably non-negative and the loops vectorise): each quantized slot is
-decoded into a per-thread scratch row (``dec(code) * (absmax / top)``: a table lookup for the
-int8 maps, arithmetic for float8, ``kernels.quant.CODECS``), the rule runs over plain arrays
+decoded into a per-thread scratch row (``dec(code) * (absmax / top)``: a lookup in a table
+frozen into the code for the int8 maps, arithmetic for float8, ``kernels.quant.CODECS``), the rule runs over plain arrays
 (the param and the float32 slots stored as the storage plan says, the quantized slots' new
 values back into their rows), each row's absmax is taken (an integer maximum of bit
 patterns), and the row is encoded (``encode``: one lookup and one comparison for int8,
@@ -35,7 +35,10 @@ from .numba_codegen import io_cells, jitable_rule
 #: blocks per chunk of the loop (one scratch allocation per chunk)
 CHUNK_BLOCKS = 64
 
-for _fn in {f for pair in quant.CODECS.values() for f in pair} | {quant.encode_signmag}:
+for _fn in {f for pair in quant.CODECS.values() for f in pair} | {
+    quant.encode,
+    quant.encode_signmag,
+}:
     register_jitable(_fn)
 
 _compiled: dict[Any, Any] = {}
