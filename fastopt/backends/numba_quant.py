@@ -10,8 +10,8 @@ decoded into a per-thread scratch row (``dec(code) * (absmax / top)``: a lookup 
 frozen into the code for the int8 maps, arithmetic for float8, ``kernels.quant.CODECS``),
 the rule runs over plain arrays (the param and the float32 slots stored as the storage plan
 says, the quantized slots' new values back into their rows), each row's absmax is taken (an
-integer maximum of bit patterns), and the row is encoded (``encode``: one lookup and one comparison for int8,
-arithmetic for float8) with its new absmax stored: one pass over memory.
+integer maximum of bit patterns), and the row is encoded (``encode``: one lookup and one
+comparison for int8, arithmetic for float8) with its new absmax stored: one pass over memory.
 
 A quantized slot arrives as ``(codes, absmax)`` (a parameter's: its blocks start at 0, every
 ``BLOCK`` elements) or ``(codes, absmax, blocks)`` (a ``FlatBuffer`` group's, whose blocks start
