@@ -152,3 +152,28 @@ def test_backend_without_quantized_state_refuses_before_anything_changes():
 
     for be in (numba_backend, numpy_backend):
         Q2.check_backend(be, "int8")
+
+
+def test_a_step_refuses_bad_quantized_buffers_before_writing():
+    """A state buffer rebound to the wrong dtype or length (the dict API re-checks rebound
+    state) is refused by the next step, which changes nothing."""
+    rng = np.random.default_rng(4)
+    params = _params(rng)
+    opt = fastopt.Adam(lr=0.01, state_dtype="int8")
+    opt.update(params, _grads(rng))
+    good = {k: v.copy() for k, v in params.items()}
+    saved = {k: {s: a.copy() for s, a in st.items()} for k, st in opt.state.items()}
+    for s, bad in (
+        ("exp_avg.codes", saved["b"]["exp_avg.codes"].astype(np.int8)),
+        ("exp_avg_sq.absmax", np.zeros(3, np.float32)),
+        ("exp_avg.absmax", np.zeros((2, 1), np.float32)),
+    ):
+        opt.state["b"][s] = bad
+        with pytest.raises(ValueError, match=s.replace(".", r"\.")):
+            opt.update(params, _grads(rng))
+        opt.state["b"][s] = saved["b"][s].copy()
+        assert opt.step_count == 1
+        for k in params:
+            assert np.array_equal(params[k], good[k])
+            for t, a in opt.state[k].items():
+                assert np.array_equal(a, saved[k][t])
