@@ -177,3 +177,22 @@ def test_a_step_refuses_bad_quantized_buffers_before_writing():
             assert np.array_equal(params[k], good[k])
             for t, a in opt.state[k].items():
                 assert np.array_equal(a, saved[k][t])
+
+
+def test_bfloat16_params_with_a_master_and_int8_state_follow_the_float32_run():
+    """bfloat16 params with an fp32 master and int8 state: the master steps exactly as float32
+    params with int8 state do (the same codes), and the param is the master rounded."""
+    bf16 = pytest.importorskip("ml_dtypes").bfloat16
+    rng = np.random.default_rng(5)
+    p0 = rng.standard_normal(1000).astype(bf16)
+    a = fastopt.Adam(lr=1e-2, state_dtype="int8", master_weights=True)
+    b = fastopt.Adam(lr=1e-2, state_dtype="int8")
+    pa, pb = {"w": p0.copy()}, {"w": p0.astype(np.float32)}
+    for _ in range(3):
+        g = rng.standard_normal(1000).astype(bf16)
+        a.update(pa, {"w": g})
+        b.update(pb, {"w": g.astype(np.float32)})
+    assert np.array_equal(a.state["w"]["master_param"], pb["w"])
+    assert np.array_equal(pa["w"], pb["w"].astype(bf16))
+    for s in b.state["w"]:
+        assert np.array_equal(a.state["w"][s], b.state["w"][s])
