@@ -3,7 +3,7 @@
     python bench/cpu_loop_cost.py [--optimizer adam] [--n 65536] [--reps 400] [--rounds 5]
                                   [--cpu znver2]
 
-The serial loop of one optimizer (its default hyperparameters, step 2) in each storage plan,
+The serial loop of one optimizer (its default hyperparameters, step 2) in each storage format,
 over ``n`` elements that stay in the L2 cache, called ``reps`` times per round; the rounds
 interleave the plans (so a busy minute hits them all) and the figure is the median over rounds
 of each round's median, in ns per element and core. Plans: float32; bfloat16 params, grads and
@@ -30,7 +30,7 @@ from fastopt.kernels.storage import IO
 
 from fastopt.backends import numba_backend as nb
 
-#: plan name -> (storage plan or None for plain float32, word loop?)
+#: plan name -> (storage format or None for plain float32, word loop?)
 PLANS = {
     "float32": (None, False),
     "bfloat16 (element loop)": (IO(param="bfloat16", grad="bfloat16", state="bfloat16"), False),
@@ -51,7 +51,7 @@ def _bits(kind, values):
 def runner(optimizer, plan, n, seed=0):
     """A no-argument call of the serial loop of ``optimizer`` in ``plan`` over ``n`` elements."""
     rule = RULES[optimizer]
-    flags, k = rule.plan(rule.validate(rule.defaults), 2)
+    flags, k = rule.variant_and_scalars(rule.validate(rule.defaults), 2)
     writes = rule.slots_used(flags)
     io, pairs = PLANS[plan]
     rng = np.random.default_rng(seed)

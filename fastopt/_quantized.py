@@ -12,7 +12,7 @@ from typing import Any
 
 import numpy as np
 
-from ._validate import check_writable, describe, dtype_of, is_array, where
+from ._validate import check_writable, describe, dtype_of, is_array, residence
 from .kernels import quant
 
 __all__ = [
@@ -100,7 +100,7 @@ def check_pair(pair: Any, param: Any, role: str, who: str) -> list[tuple[str, An
         label = f"{role} {part}"
         if not is_array(a):
             raise TypeError(f"{label} of {who} is a {type(a).__name__}; expected an array")
-        if where(a) != where(param):
+        if residence(a) != residence(param):
             raise TypeError(f"{label} of {who} ({describe(a)}) is not where the param is")
         if dtype_of(a) != dt or tuple(a.shape) != shape:
             raise ValueError(

@@ -13,9 +13,9 @@ What an optimizer keeps between steps, apart from its hyperparameters:
 
 Which buffers a parameter keeps, and in which dtype, is the optimizer's storage policy
 (``StateKinds``: the rule's slots, ``state_dtype``, ``master_weights``). The step machinery
-(``fastopt._steps``) and ``state_dict``/``load_state_dict`` (``fastopt.base``) read and change
-the state only through this class's methods. A state dict carries the host state as torch does:
-per parameter, under torch's names, as 0-d float32 arrays (every parameter holds the same
+(``fastopt._steps.Stepper``) and ``state_dict``/``load_state_dict`` (``fastopt.base``) read and
+change the state only through this class's methods. A state dict carries the host state as torch
+does: per parameter, under torch's names, as 0-d float32 arrays (every parameter holds the same
 values; a loaded state dict whose parameters disagree is refused).
 """
 
@@ -120,7 +120,7 @@ class StateKinds:
         return out
 
     def io_base(self, param_kind: str, grad_kind: str) -> precision.IO:
-        """The storage plan of a param's launches (without a step's loss-scale extras)."""
+        """The storage format of a param's launches (without a step's loss-scale extras)."""
         return precision.io_of(
             param_kind,
             grad_kind,

@@ -1,4 +1,5 @@
-"""How a step's inputs are checked and launched: the machinery behind ``update`` and ``step``.
+"""How a step's inputs are checked and launched: ``Stepper``, the machinery behind
+``Optimizer.update`` and ``Optimizer.step``.
 
 The first step over a set of arrays validates everything (``fastopt._validate``, the checks
 ``fastopt.functional`` makes too) and records what it established in a cache; later steps
@@ -13,16 +14,24 @@ Then one ``functional.StepPlan`` per step plans the whole step before anything i
 variant, the host scalars, the host state after the step and the next step count (any of them
 can fail: an overflow, a step count too large for a float); then every runner is prepared, the
 rule runs over every parameter (dict API) or every dtype group (``FlatBuffer``), and only then
-are the step count and the host state committed (``_commit``). A mixin of
-``fastopt.base.Optimizer``: it reads and changes the state only through ``OptimizerState``
-(``self._st``).
+are the step count and the host state committed (``_commit``).
+
+A ``Stepper`` is its own object, owned by the optimizer (``Optimizer._stepper``). It talks to
+the optimizer through an explicit interface: the optimizer's public settings (``StepOwner``:
+backend, nonfinite policy, step count, capturable, seed), passed to every call, and the
+functions the optimizer class hands it (``StepHooks``); and to the state only through
+``OptimizerState``'s methods. It reads no private attribute of either.
 """
 
+from __future__ import annotations
+
 import bisect
+import functools
 import sys
-from collections.abc import Mapping
-from dataclasses import replace
-from typing import TYPE_CHECKING, Any, ClassVar
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass, replace
+from types import ModuleType
+from typing import TYPE_CHECKING, Any, Protocol
 
 import numpy as np
 
@@ -53,16 +62,17 @@ from ._validate import (
     dtype_of,
     is_array,
 )
+from .flat import FlatBuffer
 from .functional import StepPlan, device_flag, found, loss_scale
 from .kernels import RULES
 
 if TYPE_CHECKING:
     from ._state import OptimizerState, StateKinds
 
-__all__ = ["StepMachinery"]
+__all__ = ["StepHooks", "StepOwner", "Stepper"]
 
 
-def _root(a):
+def _root(a: np.ndarray) -> np.ndarray | None:
     """The NumPy array that owns ``a``'s memory, or None when the memory belongs to something
     else (a buffer, a memory map, a DLPack producer): two host arrays can share memory only if
     they have the same owner, or a foreign one."""
@@ -74,7 +84,7 @@ def _root(a):
     return a
 
 
-def _flat_slot(st, s, kinds):
+def _flat_slot(st: Mapping[str, Any], s: str, kinds: StateKinds) -> Any:
     """A step's argument for slot ``s`` of a parameter's state ``st``: its flat view, a
     quantized slot's ``(flat codes, absmax)``, or None when the parameter keeps no such slot."""
     if kinds.quant_map(s) is not None:
@@ -85,14 +95,16 @@ def _flat_slot(st, s, kinds):
     return st[s].reshape(-1) if s in st else None
 
 
-def _check_quant_backend(be, kinds):
+def _check_quant_backend(be: ModuleType, kinds: StateKinds) -> None:
     if kinds.quant is not None:
         from ._quantized import check_backend
 
         check_backend(be, kinds.quant)
 
 
-def _check_quant_state(name, p, st, kinds, pk):
+def _check_quant_state(
+    name: str, p: Any, st: Mapping[str, Any], kinds: StateKinds, pk: str
+) -> list[tuple[str, Any, bool]]:
     """The state buffers of a parameter of a quantized optimizer: each shaped and typed as
     ``StateKinds.buffers_for`` says, C-contiguous and writeable; their overlap entries."""
     from ._validate import check_writable
@@ -155,8 +167,8 @@ class _Entry:
     tbytes: Any
     tdtype: Any
 
-    def io_for(self, ls, kbuf=False):
-        """This parameter's storage plan with the loss-scale extras of a step (None: plain,
+    def io_for(self, ls: _Loss, kbuf: bool = False) -> precision.IO | None:
+        """This parameter's storage format with the loss-scale extras of a step (None: plain,
         every array in the compute dtype and nothing extra); ``kbuf``: a capturable step (the
         scalars in device memory)."""
         key = (ls.scale, ls.write_grad, ls.found_dev is not None, kbuf)
@@ -182,10 +194,21 @@ class _Loss:
     skip: Any
     write_grad: Any
 
-    def __init__(self, scale, inv_scale, scale_dev, skip, found_dev, write_grad):
+    def __init__(
+        self,
+        scale: str | None,
+        inv_scale: float | None,
+        scale_dev: Any,
+        skip: bool,
+        found_dev: Any,
+        write_grad: bool,
+    ) -> None:
         self.scale, self.inv_scale, self.scale_dev = scale, inv_scale, scale_dev
         self.skip, self.found_dev, self.write_grad = skip, found_dev, write_grad
 
+
+#: one parameter of a dict step: its cache entry and its flat grad
+_Todo = tuple["_Entry", Any]
 
 #: no loss scaling: what a call without the keywords carries
 NO_LOSS = _Loss(None, None, None, False, None, False)
@@ -218,7 +241,13 @@ class _DictCache:
     state: Any
     writes: Any
 
-    def __init__(self, entries, state, be, writes):
+    def __init__(
+        self,
+        entries: list[_Entry],
+        state: Mapping[str, Any],
+        be: ModuleType,
+        writes: tuple[bool, ...],
+    ) -> None:
         self.entries, self.n, self.state, self.be = entries, len(entries), state, be
         self.writes = writes
         written = []
@@ -240,7 +269,7 @@ class _DictCache:
         self.los = [s[0] for s in spans]
         self.spans = spans
 
-    def overlaps(self, g):
+    def overlaps(self, g: np.ndarray) -> bool:
         """Does grad ``g`` share memory with a parameter or state buffer (exact)?"""
         ext = _extent(g)
         if ext is None:
@@ -296,53 +325,131 @@ class _FlatCache:
     writes: Any
 
 
-class StepMachinery:
-    """``update``/``step``'s checks and launches (see the module docstring)."""
+class StepOwner(Protocol):
+    """What a ``Stepper`` reads of the optimizer it steps: the optimizer's public settings,
+    read at every step (they may change between steps). ``base.Optimizer`` is one."""
 
-    if TYPE_CHECKING:  # what the optimizer class it is mixed into (``base.Optimizer``) provides
-        _st: OptimizerState
-        _rule: ClassVar[Any]
-        _hyper: ClassVar[tuple[str, ...]]
-        _flags: ClassVar[tuple[str, ...]]
-        _slots: tuple[str, ...]
-        _hyper_ok: bool
-        backend: str
-        nonfinite: str | None
+    backend: str
+    nonfinite: str | None
+    step_count: int
 
-        @property
-        def _spec(self) -> Any: ...
-        @property
-        def capturable(self) -> bool: ...
-        @property
-        def master_weights(self) -> bool: ...
-        @property
-        def seed(self) -> int: ...
-        def _check_hyper(self, hp: dict[str, Any]) -> dict[str, Any]: ...
-        def _rule_hp(self, hp: Mapping[str, Any]) -> dict[str, Any]: ...
-        def _state_fill(self, name: str) -> float: ...
-        def _initial_host(self) -> dict[str, Any]: ...
-        def _kinds(self) -> StateKinds: ...
+    @property
+    def capturable(self) -> bool: ...
+    @property
+    def seed(self) -> int: ...
 
-    def _step_hp(self):
-        """This step's hyperparameters: a snapshot, validated when any was set since the last
-        validation (a refused value raises before anything changes)."""
-        dirty = not self._hyper_ok
-        self._hyper_ok = True
-        hp = {h: getattr(self, h) for h in self._hyper + self._flags}
-        if dirty:
-            try:
-                hp = self._check_hyper(hp)
-            except BaseException:
-                self._hyper_ok = False
-                raise
-        return hp
 
-    def _recheck_dict(self, params, grads):
-        """The launches of a step whose inputs differ from the last fully validated step only
-        in what cannot break it — or None, and the full validation decides."""
-        c = self._dict_cache
+@dataclass(frozen=True)
+class StepHooks:
+    """What a ``Stepper`` asks of the optimizer it steps beyond its public settings: functions
+    the optimizer class hands it (``base.Optimizer``'s, once for every instance), each called
+    with the optimizer as its first argument. The stepper reads nothing else of the optimizer."""
+
+    #: this step's hyperparameters: a snapshot, validated when any was set since the last
+    #: validation (a refused value raises before anything changes)
+    hyperparams: Callable[[Any], dict[str, Any]]
+    #: ``(owner, hp)``: the rule's hyperparameters (``hp`` and the ones the class pins)
+    rule_hp: Callable[[Any, Mapping[str, Any]], dict[str, Any]]
+    #: which state buffers a parameter keeps, in which dtype (``StateKinds``)
+    kinds: Callable[[Any], StateKinds]
+    #: ``(owner, slot)``: a state slot's initial value
+    state_fill: Callable[[Any, str], float]
+    #: the rule's initial host state
+    initial_host: Callable[[Any], dict[str, Any]]
+    #: ``(owner, be, rule_hp, like)``: the device scalars of a capturable step on a GPU (created
+    #: at the first one) and the steps issued so far (the host's count; the device holds the
+    #: steps taken)
+    device: Callable[[Any, ModuleType, dict[str, Any], Any], tuple[_capture.DeviceScalars, int]]
+    #: ``(owner, step, on_device)``: an applied step's count, committed after its launches
+    commit_count: Callable[[Any, int, bool], None]
+
+
+class Stepper:
+    """``update``/``step``'s checks and launches for one optimizer (see the module docstring):
+    owned by the optimizer (``Optimizer._stepper``), it keeps what the last full validation
+    established (``dict_cache``, ``flat_cache``) and changes the state only through
+    ``OptimizerState``'s methods (``state``)."""
+
+    __slots__ = ("dict_cache", "flat_cache", "hooks", "rule", "state")
+
+    def __init__(self, rule: str, state: OptimizerState, hooks: StepHooks) -> None:
+        self.rule = rule
+        self.state = state
+        self.hooks = hooks
+        #: what the last full validation of ``update()`` / ``step()`` established
+        self.dict_cache: _DictCache | None = None
+        self.flat_cache: _FlatCache | None = None
+
+    def forget(self) -> None:
+        """Drop what the last full validations established (the next step validates in full)."""
+        self.dict_cache = self.flat_cache = None
+
+    def update(
+        self,
+        owner: StepOwner,
+        params: Any,
+        grads: Any,
+        grad_scale: Any = None,
+        found_inf: Any = None,
+        unscale_grads: Any = False,
+    ) -> bool:
+        """``Optimizer.update``: the cheap re-checks when the last full validation still holds,
+        else the full path."""
+        ls = self._loss_scale(owner, grad_scale, found_inf, unscale_grads)
+        c = self.dict_cache
+        if c is not None and c.fast and not ls.write_grad:
+            todo = self._recheck_dict(c, params, grads)
+            if todo is not None:
+                return self._apply_dict(owner, todo, ls=ls)
+        return self._update_full(owner, params, grads, ls)
+
+    def step(
+        self,
+        owner: StepOwner,
+        buf: Any,
+        grad_scale: Any = None,
+        found_inf: Any = None,
+        unscale_grads: Any = False,
+    ) -> bool:
+        """``Optimizer.step``: the cheap re-checks when the last full validation still holds,
+        else the full path."""
+        ls = self._loss_scale(owner, grad_scale, found_inf, unscale_grads)
+        c = self.flat_cache
         if (
-            self._st.arrays is not c.state
+            c is not None
+            and c.fast
+            and buf is c.buf
+            and not ls.write_grad
+            and self._recheck_flat(c)
+        ):
+            with on_device(None if c.host else c.datas[0]):
+                return self._apply_flat(owner, buf, c, ls)
+        if not isinstance(buf, FlatBuffer):
+            raise TypeError(
+                f"step() expects a fastopt.FlatBuffer, got {type(buf).__name__}; "
+                "use update(params, grads) for dicts of arrays"
+            )
+        groups = buf.groups
+        with on_device(groups[0].data if groups else None):
+            be = self._validate_flat(owner, buf, ls.write_grad)
+            if not self._finite_flat(owner, buf):
+                return False
+            if not self.state.bound:
+                self._check_plan(owner, be, self.hooks.hyperparams(owner))  # refused: no state
+                self.state.bind_flat(
+                    buf,
+                    self.hooks.kinds(owner),
+                    functools.partial(self.hooks.state_fill, owner),
+                    functools.partial(self.hooks.initial_host, owner),
+                )
+            c = self.flat_cache = self._build_flat_cache(owner, buf, be)
+            return self._apply_flat(owner, buf, c, ls)
+
+    def _recheck_dict(self, c: _DictCache, params: Any, grads: Any) -> list[_Todo] | None:
+        """The launches of a step whose inputs differ from the last fully validated step (the
+        cache ``c``) only in what cannot break it — or None, and the full validation decides."""
+        if (
+            self.state.arrays is not c.state
             or not isinstance(params, Mapping)
             or not isinstance(grads, Mapping)
             or len(params) != c.n
@@ -402,7 +509,9 @@ class StepMachinery:
             todo.append((e, g if g.ndim == 1 else g.reshape(-1)))
         return todo
 
-    def _loss_scale(self, grad_scale, found_inf, unscale_grads):
+    def _loss_scale(
+        self, owner: StepOwner, grad_scale: Any, found_inf: Any, unscale_grads: Any
+    ) -> _Loss:
         """The loss-scale keywords of a call, checked before anything runs. A device
         ``found_inf`` of a capturable optimizer is read in the kernels (no synchronisation);
         otherwise it is read here."""
@@ -413,16 +522,18 @@ class StepMachinery:
         scale, inv_scale, scale_dev = loss_scale(grad_scale)
         if unscale_grads and scale is None:
             raise ValueError("unscale_grads=True needs a grad_scale (there is nothing to unscale)")
-        found_dev = device_flag(found_inf) if self.capturable else None
+        found_dev = device_flag(found_inf) if owner.capturable else None
         skip = False if found_dev is not None else found(found_inf)
         return _Loss(scale, inv_scale, scale_dev, skip, found_dev, bool(unscale_grads))
 
-    def _device_flag_set(self, be, ls):
+    def _device_flag_set(self, be: ModuleType, ls: _Loss) -> bool:
         """A device found-inf flag that no kernel will read (the backend keeps no scalars on
         the device): read here, on the host."""
         return ls.found_dev is not None and not _capture.supports(be) and found(ls.found_dev)
 
-    def _launch(self, be, hp, ls, like):
+    def _plan(
+        self, owner: StepOwner, be: ModuleType, hp: dict[str, Any], ls: _Loss, like: Any
+    ) -> tuple[StepPlan, bool]:
         """The ``StepPlan`` of this step, and whether its scalars live on the device (a
         capturable step on a GPU backend: the scalar kernel has been launched). The whole
         plan is computed here, before anything is written: the variant, the host scalars and
@@ -434,84 +545,86 @@ class StepMachinery:
                 f"grad_scale is a device array but backend {be.NAME!r} runs on the CPU; pass a "
                 "number or a host array"
             )
-        rhp = self._rule_hp(hp)
-        if self.capturable and _capture.supports(be):
-            ds = self.__dict__.get("_dev")
-            if ds is None:
-                ds = self._dev = _capture.DeviceScalars(
-                    be, self._rule, rhp, self._step_count, self._st.host, self.seed, like
-                )
-            launch = StepPlan(
+        rhp = self.hooks.rule_hp(owner, hp)
+        if owner.capturable and _capture.supports(be):
+            ds, issued = self.hooks.device(owner, be, rhp, like)
+            plan = StepPlan(
                 be,
-                self._rule,
-                self._step_count + 1,  # the steps issued (the device holds the steps taken)
+                self.rule,
+                issued + 1,  # the steps issued (the device holds the steps taken)
                 rhp,
-                self._st.host,  # the variant only: the device holds and advances the host state
+                self.state.host,  # the variant only: the device holds and advances the host state
                 inv_scale=ls.inv_scale,
                 scale=ls.scale_dev,
-                seed=self.seed,
+                seed=owner.seed,
                 device=ds,
                 found_inf=ls.found_dev,
             )
             ds.upload(rhp)
             ds.advance(like, ls.found_dev)
-            return launch, True
-        launch = StepPlan(
+            return plan, True
+        plan = StepPlan(
             be,
-            self._rule,
-            self.step_count + 1,
+            self.rule,
+            owner.step_count + 1,
             rhp,
-            self._st.host,
+            self.state.host,
             inv_scale=ls.inv_scale,
             scale=ls.scale_dev,
-            seed=self.seed,
+            seed=owner.seed,
         )
-        return launch, False
+        return plan, False
 
-    def _apply_dict(self, todo, hp=None, ls=NO_LOSS):
+    def _apply_dict(
+        self,
+        owner: StepOwner,
+        todo: list[_Todo],
+        hp: dict[str, Any] | None = None,
+        ls: _Loss = NO_LOSS,
+    ) -> bool:
         if hp is None:
-            hp = self._step_hp()
-        if self.nonfinite is not None:
+            hp = self.hooks.hyperparams(owner)
+        if owner.nonfinite is not None:
             for e, g in todo:
                 if not all_finite(g):
-                    return self._nonfinite_found(e.name, g)
-        c = self._dict_cache
+                    return self._nonfinite_found(owner, e.name, g)
+        c = self.dict_cache
+        assert c is not None, "a dict step launches after its cache is built"
         if ls.skip or self._device_flag_set(c.be, ls):
             return False
-        launch, kbuf = self._launch(c.be, hp, ls, todo[0][0].pflat)
+        plan, kbuf = self._plan(owner, c.be, hp, ls, todo[0][0].pflat)
         writes = c.writes
-        runs = [launch.runner(e.dtype, writes, e.io_for(ls, kbuf)) for e, _ in todo]
+        runs = [plan.runner(e.dtype, writes, e.io_for(ls, kbuf)) for e, _ in todo]
         for run, (e, g) in zip(runs, todo):
             run(e.pflat, g, e.sflat, e.mflat, e.salt)
-        self._commit(launch, kbuf)
+        self._commit(owner, plan, kbuf)
         return True
 
-    def _check_plan(self, be, hp):
-        """Plan the next step (``Rule.plan`` and the host state after it) with the host state a
-        first step would create, and raise its ``ValueError`` now: before the state is created
+    def _check_plan(self, owner: StepOwner, be: ModuleType, hp: dict[str, Any]) -> None:
+        """Plan the next step (``Rule.variant_and_scalars`` and the host state after it) with the
+        host state a first step would create, and raise its ``ValueError`` now: before the state is
+        created
         and bound, so that a first step that cannot be planned leaves the optimizer as it was.
-        (Later steps plan in ``_launch``, before their first write.)"""
-        if self.capturable and _capture.supports(be):
+        (Later steps plan in ``_plan``, before their first write.)"""
+        if owner.capturable and _capture.supports(be):
             return  # the device computes the scalars
-        spec, rhp = self._spec, self._rule_hp(hp)
-        hs = self._st.host_now()
+        spec, rhp = RULES[self.rule], self.hooks.rule_hp(owner, hp)
+        hs = self.state.host_now()
         if hs is None:
             hs = spec.initial_host_state(rhp)
-        step = self.step_count + 1
-        spec.plan(rhp, step, hs)
+        step = owner.step_count + 1
+        spec.variant_and_scalars(rhp, step, hs)
         spec.advance_host_state(rhp, step, hs)
 
-    def _commit(self, launch, on_device):
+    def _commit(self, owner: StepOwner, plan: StepPlan, on_device: bool) -> None:
         """After an applied step's launches: the step count and the host state (both computed
         by the ``StepPlan``, before anything was written; a capturable step advances the host
         state on the device)."""
-        if on_device:
-            self._step_count = launch.step  # the steps issued
-            return
-        self.step_count = launch.step
-        self._st.advance_host(launch.hs_after)
+        self.hooks.commit_count(owner, plan.step, on_device)  # on the device: the steps issued
+        if not on_device:
+            self.state.advance_host(plan.hs_after)
 
-    def _update_full(self, params, grads, ls=NO_LOSS):
+    def _update_full(self, owner: StepOwner, params: Any, grads: Any, ls: _Loss = NO_LOSS) -> bool:
         if not isinstance(params, Mapping) or not isinstance(grads, Mapping):
             raise TypeError(
                 "update() expects two dicts name -> array (params, grads), got "
@@ -527,33 +640,40 @@ class StepMachinery:
         params, grads = as_xp_dicts(params, grads)
         with on_device(next(iter(params.values()))):
             if ls.write_grad:  # the grads are written too: checked like the params
-                be, pairs, hp = self._validate_dict(params, grads, True)
+                be, pairs, hp = self._validate_dict(owner, params, grads, True)
             else:
-                be, pairs, hp = self._validate_dict(params, grads)
-            if not self._finite((n, g) for n, _, g in pairs):
+                be, pairs, hp = self._validate_dict(owner, params, grads)
+            if not self._finite(owner, ((n, g) for n, _, g in pairs)):
                 return False
-            if not self._st.bound:
-                self._check_plan(be, hp)  # a step that cannot be planned creates no state
-                self._st.bind_dict(
+            if not self.state.bound:
+                self._check_plan(owner, be, hp)  # a step that cannot be planned creates no state
+                self.state.bind_dict(
                     ("dict", tuple((n, tuple(p.shape), str(dtype_of(p))) for n, p, _ in pairs)),
                     {n: p for n, p, _ in pairs},
-                    self._kinds(),
-                    self._state_fill,
-                    self._initial_host,
+                    self.hooks.kinds(owner),
+                    functools.partial(self.hooks.state_fill, owner),
+                    functools.partial(self.hooks.initial_host, owner),
                 )
-            c = self._dict_cache = self._build_dict_cache(pairs, sources, be)
+            c = self.dict_cache = self._build_dict_cache(owner, pairs, sources, be)
             todo = []
             for e, (_, _, g) in zip(c.entries, pairs):
                 g = array_module(g).ascontiguousarray(g)
                 todo.append((e, g.reshape(-1)))
-            return self._apply_dict(todo, hp, ls)
+            return self._apply_dict(owner, todo, hp, ls)
 
-    def _build_dict_cache(self, pairs, sources, be):
-        names, slots = self._slots, RULES[self._rule].state
+    def _build_dict_cache(
+        self,
+        owner: StepOwner,
+        pairs: list[tuple[str, Any, Any]],
+        sources: Mapping[str, Any],
+        be: ModuleType,
+    ) -> _DictCache:
+        kinds = self.hooks.kinds(owner)
+        names, slots = kinds.slots, RULES[self.rule].state
         entries = []
         for name, p, g in pairs:
             e = _Entry()
-            st = self._st.arrays[name]
+            st = self.state.arrays[name]
             e.name, e.p, e.shape, e.dtype, e.src = name, p, p.shape, p.dtype, sources[name]
             e.gdtype = g.dtype
             e.ptr = e.tdtype = None
@@ -561,42 +681,51 @@ class StepMachinery:
                 e.ptr, e.tdtype = e.src.data_ptr(), e.src.dtype  # a torch tensor's NumPy view
             e.pflat, e.st, e.nst = p.reshape(-1), st, len(st)
             pk = precision.known_kind(p.dtype)
-            e.sarrs = tuple((s, st[s]) for s in self._kinds().names_for(pk))
+            e.sarrs = tuple((s, st[s]) for s in kinds.names_for(pk))
             e.tbytes = None
             if e.ptr is not None:  # the tensor's storage stands for the param's memory
                 e.tbytes = e.src.untyped_storage().nbytes()
             # what the cached views are made of (a tensor param's memory: its storage, above)
             e.pins = ([] if e.ptr is not None else [p]) + [a for _, a in e.sarrs]
-            e.sflat = tuple(_flat_slot(st, s, self._kinds()) for s in slots)
-            m = st.get(precision.MASTER) if self.master_weights else None
+            e.sflat = tuple(_flat_slot(st, s, kinds) for s in slots)
+            m = st.get(precision.MASTER) if kinds.master_weights else None
             e.mflat = None if m is None else m.reshape(-1)
-            e.io = self._kinds().io_base(pk, precision.known_kind(g.dtype))
+            e.io = kinds.io_base(pk, precision.known_kind(g.dtype))
             e.ios, e.salt = {}, precision.param_salt(name)
             entries.append(e)
-        return _DictCache(entries, self._st.arrays, be, tuple(s in names for s in slots))
+        return _DictCache(entries, self.state.arrays, be, tuple(s in names for s in slots))
 
-    def _backend_for(self, arrays, what):
+    def _backend_for(
+        self, owner: StepOwner, arrays: list[tuple[str, Any]], what: str
+    ) -> ModuleType:
         """The backend module that will run, after checking it can reach ``arrays``."""
-        be = backends.resolve(self.backend, arrays[0][1] if arrays else None)
+        be = backends.resolve(owner.backend, arrays[0][1] if arrays else None)
         check_reach(be, arrays, what)
         return be
 
-    def _validate_dict(self, params, grads, write_grad=False):
+    def _validate_dict(
+        self,
+        owner: StepOwner,
+        params: Mapping[str, Any],
+        grads: Mapping[str, Any],
+        write_grad: bool = False,
+    ) -> tuple[ModuleType, list[tuple[str, Any, Any]], dict[str, Any]]:
+        kinds = self.hooks.kinds(owner)
         check_names(grads, params, "the names of grads", "the names of params")
-        bound = self._st.layout is not None
+        bound = self.state.layout is not None
         if bound:
-            assert self._st.layout is not None
-            if self._st.layout[0] != "dict":
+            assert self.state.layout is not None
+            if self.state.layout[0] != "dict":
                 raise ValueError("this optimizer steps a FlatBuffer; call step(buf), not update()")
             check_names(
                 params,
-                self._st.arrays,
+                self.state.arrays,
                 "parameter names",
                 "those of the first step (create a new optimizer for other parameters)",
             )
-        elif self._st.pending is not None:
-            check_names(params, self._st.pending, "parameter names", "those of the loaded state")
-        hp = self._step_hp()  # schedules may have changed them since the last step
+        elif self.state.pending is not None:
+            check_names(params, self.state.pending, "parameter names", "those of the loaded state")
+        hp = self.hooks.hyperparams(owner)  # schedules may have changed them since the last step
         arrays = []
         for name, p in params.items():
             for role, a in (("param", p), ("grad", grads[name])):
@@ -606,38 +735,38 @@ class StepMachinery:
                         "expected a NumPy array or a device array"
                     )
                 arrays.append((f"{role} of parameter {name!r}", a))
-        be = self._backend_for(arrays, "params and grads")
-        _check_quant_backend(be, self._kinds())
+        be = self._backend_for(owner, arrays, "params and grads")
+        _check_quant_backend(be, kinds)
         supported = tuple(getattr(be, "DTYPES", SUPPORTED_DTYPES))
-        kind = type(self).__name__
+        kind = type(owner).__name__
         pairs, entries = [], []
         for name, p in params.items():
             g = grads[name]
             pd, ents = check_param_arrays(name, p, g, (), supported, grad_written=write_grad)
-            self._st.check_against(name, tuple(p.shape), pd, self._kinds(), type(self).__name__)
+            self.state.check_against(name, tuple(p.shape), pd, kinds, type(owner).__name__)
             pk = precision.known_kind(pd)
-            sk = self._kinds().state_kind(pk)  # refuses a state dtype this param cannot keep
+            sk = kinds.state_kind(pk)  # refuses a state dtype this param cannot keep
             if bound:
-                st = self._st.arrays[name]
+                st = self.state.arrays[name]
                 if not isinstance(st, Mapping):
                     raise ValueError(
                         f"opt.state[{name!r}] is a {type(st).__name__}; expected "
                         "a dict state name -> array"
                     )
-                want = self._kinds().names_for(pk)
+                want = kinds.names_for(pk)
                 check_names(st, want, f"state buffers of parameter {name!r}", f"those {kind} keeps")
-                if self._kinds().quant is None:
+                if kinds.quant is None:
                     ents += check_state_arrays(
                         name, p, [(s, st[s]) for s in want], state_dtype=precision.storage_dtype(sk)
                     )
                 else:
-                    ents += _check_quant_state(name, p, st, self._kinds(), pk)
+                    ents += _check_quant_state(name, p, st, kinds, pk)
             pairs.append((name, p, g))
             entries += ents
         check_no_overlap(entries)
         return be, pairs, hp
 
-    def _recheck_flat(self, c):
+    def _recheck_flat(self, c: _FlatCache) -> bool:
         """Are the FlatBuffer's groups the arrays the last full validation saw, with the same
         lengths and flags?"""
         groups = c.buf.groups
@@ -674,38 +803,41 @@ class StepMachinery:
                 return False
         return True
 
-    def _apply_flat(self, buf, c, ls=NO_LOSS):
-        hp = self._step_hp()
-        if not self._finite_flat(buf):
+    def _apply_flat(
+        self, owner: StepOwner, buf: FlatBuffer, c: _FlatCache, ls: _Loss = NO_LOSS
+    ) -> bool:
+        hp = self.hooks.hyperparams(owner)
+        if not self._finite_flat(owner, buf):
             return False
         if ls.skip or self._device_flag_set(c.be, ls):
             return False
-        launch, kbuf = self._launch(c.be, hp, ls, c.datas[0])
+        plan, kbuf = self._plan(owner, c.be, hp, ls, c.datas[0])
         runs = [
-            launch.runner(d.dtype, c.writes, e.io_for(ls, kbuf)) for d, e in zip(c.datas, c.entries)
+            plan.runner(d.dtype, c.writes, e.io_for(ls, kbuf)) for d, e in zip(c.datas, c.entries)
         ]
         for run, d, gr, states, m, e in zip(runs, c.datas, c.grads, c.states, c.masters, c.entries):
             run(d, gr, states, m, e.salt)
-        self._commit(launch, kbuf)
+        self._commit(owner, plan, kbuf)
         return True
 
-    def _build_flat_cache(self, buf, be):
+    def _build_flat_cache(self, owner: StepOwner, buf: FlatBuffer, be: ModuleType) -> _FlatCache:
         c = _FlatCache()
-        names, slots = self._slots, RULES[self._rule].state
+        kinds = self.hooks.kinds(owner)
+        names, slots = kinds.slots, RULES[self.rule].state
         c.buf, c.n, c.groups = buf, len(buf.groups), tuple(buf.groups)
         c.datas = tuple(g.data for g in buf.groups)
         c.grads = tuple(g.grad for g in buf.groups)
         c.shapes = tuple(d.shape for d in c.datas)
         c.dtypes = tuple(d.dtype for d in c.datas)
         c.gdtypes = tuple(g.dtype for g in c.grads)
-        assert self._st.flat is not None, "the flat state is bound before its cache is built"
-        c.states = tuple(tuple(f.get(s, None) for s in slots) for f in self._st.flat)
-        if self._kinds().quant is not None:  # quantized slots: (codes, absmax, block table)
+        assert self.state.flat is not None, "the flat state is bound before its cache is built"
+        c.states = tuple(tuple(f.get(s, None) for s in slots) for f in self.state.flat)
+        if kinds.quant is not None:  # quantized slots: (codes, absmax, block table)
             from ._quantized import names_of
             from .backends.numba_quant import blocks_of_segments
 
             qs = []
-            for f, group in zip(self._st.flat, buf.groups):
+            for f, group in zip(self.state.flat, buf.groups):
                 blocks = blocks_of_segments([(o, n) for o, n, _ in group.slots.values()])
                 qs.append(
                     tuple(
@@ -716,13 +848,11 @@ class StepMachinery:
                     )
                 )
             c.states = tuple(qs)
-        c.masters = tuple(f.get(precision.MASTER) for f in self._st.flat)
+        c.masters = tuple(f.get(precision.MASTER) for f in self.state.flat)
         c.entries = []
         for i, (d, g) in enumerate(zip(c.datas, c.grads)):
-            e = _Entry()  # the group's storage plan and salt
-            e.io = self._kinds().io_base(
-                precision.known_kind(d.dtype), precision.known_kind(g.dtype)
-            )
+            e = _Entry()  # the group's storage format and salt
+            e.io = kinds.io_base(precision.known_kind(d.dtype), precision.known_kind(g.dtype))
             e.ios, e.salt = {}, precision.param_salt(f"group {i}")
             c.entries.append(e)
         c.be, c.writes = be, tuple(s in names for s in slots)
@@ -733,27 +863,29 @@ class StepMachinery:
         c.fast = c.host or (cp is not None and all(type(a) is cp.ndarray for a in arrays))
         c.pins = None  # device memory is never resized in place
         if c.host:  # the flat state is the optimizer's own, the data and grads the buffer's
-            c.pins = Pins(list(arrays) + [a for f in self._st.flat for a in f.values()])
+            c.pins = Pins(list(arrays) + [a for f in self.state.flat for a in f.values()])
         return c
 
-    def _validate_flat(self, buf, write_grad=False):
+    def _check_flat_layout(self, owner: StepOwner, buf: FlatBuffer, kinds: StateKinds) -> None:
+        """The FlatBuffer's layout against the one the state was bound to, or against a state
+        loaded before the first step."""
         layout = buf.layout
-        if self._st.layout is not None:
-            if self._st.layout[0] != "flat":
+        if self.state.layout is not None:
+            if self.state.layout[0] != "flat":
                 raise ValueError(
                     "this optimizer steps dicts of arrays; call update(params, "
                     "grads), not step(buf)"
                 )
-            if self._st.layout[1] != layout:
+            if self.state.layout[1] != layout:
                 check_names(
                     buf.params,
-                    self._st.arrays,
+                    self.state.arrays,
                     "the FlatBuffer's parameter names",
                     "those of the first step",
                 )
                 old = {
                     n: (dt, off, size, tuple(shape))
-                    for dt, n, off, size, shape in self._st.layout[1]
+                    for dt, n, off, size, shape in self.state.layout[1]
                 }
                 for dt, n, off, size, shape in layout:
                     if old[n] != (dt, off, size, tuple(shape)):
@@ -765,18 +897,22 @@ class StepMachinery:
                             "optimizer or load a matching state_dict"
                         )
                 raise ValueError("this FlatBuffer's layout differs from the first step's")
-        elif self._st.pending is not None:
+        elif self.state.pending is not None:
             check_names(
                 buf.params,
-                self._st.pending,
+                self.state.pending,
                 "the FlatBuffer's parameter names",
                 "those of the loaded state",
             )
             for dt, n, _, _, shape in layout:
-                self._st.check_against(
-                    n, tuple(shape), np.dtype(dt), self._kinds(), type(self).__name__
-                )
-        self._step_hp()
+                self.state.check_against(n, tuple(shape), np.dtype(dt), kinds, type(owner).__name__)
+
+    def _validate_flat(
+        self, owner: StepOwner, buf: FlatBuffer, write_grad: bool = False
+    ) -> ModuleType:
+        kinds = self.hooks.kinds(owner)
+        self._check_flat_layout(owner, buf, kinds)
+        self.hooks.hyperparams(owner)
         arrays = []
         for i, g in enumerate(buf.groups):
             for role, a in (("data", g.data), ("grad", g.grad)):
@@ -785,8 +921,8 @@ class StepMachinery:
                         f"{role} of FlatBuffer group {i} is a {type(a).__name__}; expected an array"
                     )
                 arrays.append((f"FlatBuffer group {i} {role}", a))
-        be = self._backend_for(arrays, "the FlatBuffer's groups")
-        _check_quant_backend(be, self._kinds())
+        be = self._backend_for(owner, arrays, "the FlatBuffer's groups")
+        _check_quant_backend(be, kinds)
         supported = tuple(getattr(be, "DTYPES", SUPPORTED_DTYPES))
         entries = []
         for i, group in enumerate(buf.groups):
@@ -802,9 +938,9 @@ class StepMachinery:
                         f"{' or '.join(dtype_name(d) for d in ok)} array of at least {n} elements"
                     )
             states = ()
-            if self._st.flat is not None:
-                states = tuple(self._st.flat[i].items())
-                size = next(iter(self._st.flat[i].values())).shape[0] if states else None
+            if self.state.flat is not None:
+                states = tuple(self.state.flat[i].items())
+                size = next(iter(self.state.flat[i].values())).shape[0] if states else None
                 if size is not None and group.data.shape[0] != size:
                     raise ValueError(
                         f"data of {who} is {describe(group.data)} but this "
@@ -812,8 +948,8 @@ class StepMachinery:
                         "(sized at the first step); a FlatBuffer's buffers cannot "
                         "be resized: create a new FlatBuffer and optimizer"
                     )
-            sk = precision.storage_dtype(self._kinds().state_kind(precision.known_kind(dt)))
-            if self._kinds().quant is not None and states:
+            sk = precision.storage_dtype(kinds.state_kind(precision.known_kind(dt)))
+            if kinds.quant is not None and states:
                 from ._validate import check_writable
 
                 full = []
@@ -838,17 +974,17 @@ class StepMachinery:
         check_no_overlap(entries)
         return be
 
-    def _finite(self, named_grads):
+    def _finite(self, owner: StepOwner, named_grads: Iterable[tuple[str, Any]]) -> bool:
         """Apply the non-finite policy: True to go on, False to skip, or raise."""
-        if self.nonfinite is None:
+        if owner.nonfinite is None:
             return True
         for name, g in named_grads:
             if not all_finite(g):
-                return self._nonfinite_found(name, g)
+                return self._nonfinite_found(owner, name, g)
         return True
 
-    def _finite_flat(self, buf):
-        if self.nonfinite is None:
+    def _finite_flat(self, owner: StepOwner, buf: FlatBuffer) -> bool:
+        if owner.nonfinite is None:
             return True
         for group in buf.groups:
             if not all_finite(group.grad):  # one reduction over the whole dtype group
@@ -860,11 +996,11 @@ class StepMachinery:
                     ),
                     "(padding between parameters)",
                 )
-                return self._nonfinite_found(bad, buf.grads.get(bad, group.grad))
+                return self._nonfinite_found(owner, bad, buf.grads.get(bad, group.grad))
         return True
 
-    def _nonfinite_found(self, name, g):
-        if self.nonfinite == "skip":
+    def _nonfinite_found(self, owner: StepOwner, name: str, g: Any) -> bool:
+        if owner.nonfinite == "skip":
             return False
         h = to_numpy(g)
         raise NonFiniteGradientError(

@@ -39,7 +39,7 @@ __all__ = [
     "dtype_of",
     "is_array",
     "normalise_hyper",
-    "where",
+    "residence",
 ]
 
 #: param dtypes every backend steps (a backend module may narrow this with ``DTYPES``); the math
@@ -64,8 +64,9 @@ def is_array(a: object) -> bool:
     return isinstance(a, np.ndarray) or is_device_array(a)
 
 
-def where(a: Any) -> str:
-    """``"host"`` or ``"device"``: the address space an array's pointer lives in."""
+def residence(a: Any) -> str:
+    """``"host"`` or ``"device"``: where an array's memory resides (the address space its
+    pointer lives in; ``kernels.spec.where`` is another thing, the recordable select)."""
     return "device" if is_device_array(a) and not isinstance(a, np.ndarray) else "host"
 
 
@@ -94,7 +95,7 @@ def describe(a: Any) -> str:
     """``float32[3, 4] on host``: what an error message says an array is."""
     if not is_array(a):
         return f"a {type(a).__name__}"
-    return f"{dtype_name(dtype_of(a))}{list(a.shape)} on {where(a)}"
+    return f"{dtype_name(dtype_of(a))}{list(a.shape)} on {residence(a)}"
 
 
 _KIND = {
@@ -302,7 +303,7 @@ def check_reach(
     ``be`` can reach (host arrays for a CPU backend, device arrays for a GPU one)."""
     spaces: dict[str, str] = {}
     for label, a in arrays:
-        spaces.setdefault(where(a), label)
+        spaces.setdefault(residence(a), label)
     if len(spaces) > 1:
         raise exc(
             f"{spaces['host']} is a host array but {spaces['device']} is a device array; "
@@ -311,7 +312,7 @@ def check_reach(
     if arrays:
         device = getattr(be, "DEVICE", "cpu")
         label, first = arrays[0]
-        if (device == "cpu") != (where(first) == "host"):
+        if (device == "cpu") != (residence(first) == "host"):
             raise exc(
                 f"backend {be.NAME!r} runs on the {device} but {label} is "
                 f"{describe(first)}; pass arrays where the backend runs or use "
@@ -377,7 +378,7 @@ def check_no_overlap(entries: Sequence[Overlap]) -> None:
     for label, a, written in entries:
         ext = _extent(a)
         if ext is not None:
-            spans.append((where(a), ext[0], ext[1], label, a, written))
+            spans.append((residence(a), ext[0], ext[1], label, a, written))
     spans.sort(key=lambda s: (s[0], s[1]))
     active: list[tuple[Any, ...]] = []
     for span in spans:
@@ -400,7 +401,7 @@ def _overlap_error(first, first_written, second):
 
 def all_finite(a: Any) -> bool:
     """One fused reduction: True when ``a`` holds no NaN and no ±inf."""
-    if where(a) == "host":
+    if residence(a) == "host":
         return bool(np.isfinite(a).all())
     import cupy  # device arrays are reduced on the device; only the boolean comes back
 

@@ -5,7 +5,8 @@ A subclass names the rule it runs (``_rule``, a name in ``kernels.RULES``), the 
 hyperparameters it pins (``_pinned``, e.g. AdamW's ``decoupled_weight_decay=True``) and its
 constructor with ``torch.optim``'s signature; its hyperparameters, fixed flags, domains, state
 buffers and their initial values all come from the rule spec. How a step checks and launches lives
-in ``fastopt._steps``; state creation and ``state_dict`` checks in ``fastopt._state``.
+in ``fastopt._steps`` (a ``Stepper`` the optimizer owns, handed ``STEP_HOOKS``); state creation
+and ``state_dict`` checks in ``fastopt._state``.
 
 Every optimizer also takes the mixed-precision keywords (``fastopt.precision``):
 ``state_dtype`` (None: the param dtype; "float32"; "bfloat16"), ``master_weights`` (an fp32
@@ -37,10 +38,9 @@ from typing import Any, ClassVar
 
 import numpy as np
 
-from . import backends, precision
-from ._arrays import on_device
+from . import _capture, backends, precision
 from ._state import OptimizerState, StateKinds
-from ._steps import StepMachinery
+from ._steps import StepHooks, Stepper
 from ._validate import check_names, normalise_hyper
 from .flat import FlatBuffer
 from .kernels import RULES
@@ -118,7 +118,7 @@ def _with_precision(init):
     return __init__
 
 
-class Optimizer(StepMachinery):
+class Optimizer:
     """Base class. Numeric hyperparameters are plain attributes: change them between steps
     (for schedules) and the next step uses them, without recompiling anything. A value set is
     normalised at once (NumPy scalars become Python floats, betas a tuple) and validated before
@@ -149,13 +149,12 @@ class Optimizer(StepMachinery):
 
     def __init__(self, backend: str = "auto", nonfinite: str | None = None) -> None:
         self._lock = threading.Lock()
+        self._st = OptimizerState()  # buffers, layout, pending loads, host state
+        # update()/step()'s checks, caches and launches (fastopt._steps)
+        self._stepper = Stepper(self._rule, self._st, STEP_HOOKS)
         self.backend = backend
         self.nonfinite = nonfinite
         self.step_count = 0
-        self._st = OptimizerState()  # buffers, layout, pending loads, host state
-        # what the last full validation of update()/step() established (fastopt._steps)
-        self._dict_cache = None
-        self._flat_cache = None
         self._hyper_ok = True  # the constructor validated every hyperparameter
         self._set_precision(**PRECISION_DEFAULTS)
         self._frozen = True
@@ -360,6 +359,38 @@ class Optimizer(StepMachinery):
                 )
         return {k: full[k] for k in hp}
 
+    def _step_hp(self):
+        """This step's hyperparameters: a snapshot, validated when any was set since the last
+        validation (a refused value raises before anything changes)."""
+        dirty = not self._hyper_ok
+        self._hyper_ok = True
+        hp = {h: getattr(self, h) for h in self._hyper + self._flags}
+        if dirty:
+            try:
+                hp = self._check_hyper(hp)
+            except BaseException:
+                self._hyper_ok = False
+                raise
+        return hp
+
+    def _device_scalars(self, be, rhp, like):
+        """A capturable step on a GPU: the device scalars (created at the first such step)
+        and the steps issued so far (the host's count: the device holds the steps taken)."""
+        ds = self.__dict__.get("_dev")
+        if ds is None:
+            ds = self._dev = _capture.DeviceScalars(
+                be, self._rule, rhp, self._step_count, self._st.host, self.seed, like
+            )
+        return ds, self._step_count
+
+    def _commit_count(self, step, on_device):
+        """An applied step's count, after its launches (``on_device``: a capturable step on a
+        GPU, whose device holds the count taken; the host keeps the count issued)."""
+        if on_device:
+            self._step_count = step
+        else:
+            self.step_count = step
+
     def _state_fill(self, name):
         """The initial value of state slot ``name`` (the rule's, from the hyperparameters)."""
         return self._spec.initial(name, self._rule_hp(self.hyperparams))
@@ -412,7 +443,9 @@ class Optimizer(StepMachinery):
                 raise TypeError(f"backend must be a string, got {type(value).__name__}")
             if value != "auto":
                 backends.get_backend(value)  # unknown or unavailable: raise now, not at a step
-            self._dict_cache = self._flat_cache = None
+            stepper = self.__dict__.get("_stepper")
+            if stepper is not None:
+                stepper.forget()
         elif name == "nonfinite":
             if value not in NONFINITE_POLICIES:
                 raise ValueError(
@@ -490,7 +523,7 @@ class Optimizer(StepMachinery):
     def __getstate__(self) -> dict[str, Any]:
         d = dict(self.__dict__)
         del d["_lock"]
-        d["_dict_cache"] = d["_flat_cache"] = None
+        del d["_stepper"]  # caches of live arrays: rebuilt by the first step after loading
         if d.pop("_dev", None) is not None:  # device-held count: pickled as the host value
             d["_step_count"] = self.step_count
             if self._st.host:  # and so is the host state
@@ -507,8 +540,11 @@ class Optimizer(StepMachinery):
             for old, new in _OLD_STATE_NAMES.items():
                 if old in d:
                     setattr(st, new, d.pop(old))
+        d.pop("_dict_cache", None)  # pickled when the step caches were the optimizer's own
+        d.pop("_flat_cache", None)
         self.__dict__.update(d)
         self.__dict__["_lock"] = threading.Lock()
+        self.__dict__["_stepper"] = Stepper(self._rule, d["_st"], STEP_HOOKS)
 
     @_exclusive
     def update(
@@ -532,13 +568,7 @@ class Optimizer(StepMachinery):
         the unscaled grads. ``found_inf`` (a number or 1-element array) nonzero makes the step
         change nothing: params, state and step count.
         """
-        ls = self._loss_scale(grad_scale, found_inf, unscale_grads)
-        c = self._dict_cache
-        if c is not None and c.fast and not ls.write_grad:
-            todo = self._recheck_dict(params, grads)
-            if todo is not None:
-                return self._apply_dict(todo, ls=ls)
-        return self._update_full(params, grads, ls)
+        return self._stepper.update(self, params, grads, grad_scale, found_inf, unscale_grads)
 
     @_exclusive
     def step(
@@ -554,32 +584,7 @@ class Optimizer(StepMachinery):
         Returns True when the step was applied, False when ``nonfinite="skip"`` or
         ``found_inf`` skipped it. The loss-scale keywords are ``update``'s.
         """
-        ls = self._loss_scale(grad_scale, found_inf, unscale_grads)
-        c = self._flat_cache
-        if (
-            c is not None
-            and c.fast
-            and buf is c.buf
-            and not ls.write_grad
-            and self._recheck_flat(c)
-        ):
-            with on_device(None if c.host else c.datas[0]):
-                return self._apply_flat(buf, c, ls)
-        if not isinstance(buf, FlatBuffer):
-            raise TypeError(
-                f"step() expects a fastopt.FlatBuffer, got {type(buf).__name__}; "
-                "use update(params, grads) for dicts of arrays"
-            )
-        groups = buf.groups
-        with on_device(groups[0].data if groups else None):
-            be = self._validate_flat(buf, ls.write_grad)
-            if not self._finite_flat(buf):
-                return False
-            if not self._st.bound:
-                self._check_plan(be, self._step_hp())  # refused: no state created
-                self._st.bind_flat(buf, self._kinds(), self._state_fill, self._initial_host)
-            c = self._flat_cache = self._build_flat_cache(buf, be)
-            return self._apply_flat(buf, c, ls)
+        return self._stepper.step(self, buf, grad_scale, found_inf, unscale_grads)
 
     @_exclusive
     def state_dict(self) -> dict[str, Any]:
@@ -659,3 +664,15 @@ class Optimizer(StepMachinery):
             f", {k}={v!r}" for k, v in self._prec.items() if v != PRECISION_DEFAULTS[k]
         )
         return f"{type(self).__name__}({hp}, backend={self.backend!r}{extra})"
+
+
+#: what a ``Stepper`` asks of the optimizer beyond its public settings (``fastopt._steps``)
+STEP_HOOKS = StepHooks(
+    hyperparams=Optimizer._step_hp,
+    rule_hp=Optimizer._rule_hp,
+    kinds=Optimizer._kinds,
+    state_fill=Optimizer._state_fill,
+    initial_host=Optimizer._initial_host,
+    device=Optimizer._device_scalars,
+    commit_count=Optimizer._commit_count,
+)

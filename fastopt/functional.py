@@ -48,36 +48,40 @@ from ._validate import (
     describe,
     dtype_of,
     is_array,
-    where,
+    residence,
 )
 from .backends import resolve
 from .backends.protocol import step_runner_of
 from .kernels import RULES, storage
 
-__all__ = ["Launch", "StepPlan", "plan", "run", *RULES]
+__all__ = ["Launch", "StepPlan", "plan", "run", "variant_and_scalars", *RULES]
 
 
-def plan(
+def variant_and_scalars(
     rule: str, step: int, hp: Mapping[str, Any], hs: Mapping[str, float] | None = None
 ) -> tuple[dict[str, bool], tuple[Any, ...]]:
     """``(flags, k)``: the compiled variant and the host scalars of one step of ``rule`` with
     the (already validated) hyperparameters ``hp`` and host state ``hs`` (the rule spec's
-    ``flags_of`` and ``scalars_of``)."""
-    return RULES[rule].plan(hp, step, hs)
+    ``flags_of`` and ``scalars_of``: ``Rule.variant_and_scalars``)."""
+    return RULES[rule].variant_and_scalars(hp, step, hs)
+
+
+#: the older name of ``variant_and_scalars``, kept for callers written against it
+plan = variant_and_scalars
 
 
 class StepPlan:
     """One step of one rule on one backend, planned before anything is written: the variant
-    and host scalars (``Rule.plan``) and the host state after the step (``hs_after``,
-    ``Rule.advance_host_state``; not for a step whose host state lives on the device), so that
-    a value that cannot be computed (an overflow, a step too large for a float) is a
-    ``ValueError`` with nothing changed. ``runner(dtype, writes, io)`` then gives the
+    and host scalars (``Rule.variant_and_scalars``) and the host state after the step
+    (``hs_after``, ``Rule.advance_host_state``; not for a step whose host state lives on the
+    device), so that a value that cannot be computed (an overflow, a step too large for a float) is
+    a ``ValueError`` with nothing changed. ``runner(dtype, writes, io)`` then gives the
     ``run(param, grad, states, master, salt)`` that launches the step on any number of flat
-    arrays of one dtype and storage plan: the backend's ``step_runner`` (the one protocol of
+    arrays of one dtype and storage format: the backend's ``step_runner`` (the one protocol of
     ``fastopt.backends.protocol``), cached per ``(dtype, writes, io)``. Trusts its caller: the
     arrays must already have passed ``check_param_arrays``.
 
-    ``io`` (``kernels.storage.IO``, None: every array in ``dtype``) is a launch's storage plan;
+    ``io`` (``kernels.storage.IO``, None: every array in ``dtype``) is a launch's storage format;
     ``inv_scale`` the host value of 1/grad_scale (``io.scale == "host"``), ``scale`` the device
     array holding grad_scale (``io.scale == "device"``), ``seed`` the stochastic rounding seed
     (the step's hash key follows from it and the step)."""
@@ -117,8 +121,12 @@ class StepPlan:
         if hs is None and spec.host_state:
             hs = spec.replay_host_state(hp, step)
         self.be, self.rule, self.step, self.hp, self.hs = be, rule, step, hp, hs
-        self.flags, self.k = spec.plan(hp, step, hs)
-        self.hs_after = spec.advance_host_state(hp, step, hs) if hs and device is None else hs
+        self.flags, self.k = spec.variant_and_scalars(hp, step, hs)
+        self.hs_after: dict[str, Any] | None = (
+            spec.advance_host_state(hp, step, hs)
+            if hs and device is None
+            else (None if hs is None else dict(hs))
+        )
         self.inv_scale, self.scale = inv_scale, scale
         self.key = storage.step_key(int(seed), step)
         # a capturable step: the scalars in device memory (fastopt._capture.DeviceScalars)
@@ -175,7 +183,7 @@ class StepPlan:
         return run
 
 
-#: the older name of ``StepPlan``
+#: the older name of ``StepPlan``, kept for callers written against it
 Launch = StepPlan
 
 
@@ -194,7 +202,7 @@ def loss_scale(grad_scale: Any, what: str = "grad_scale") -> tuple[str | None, f
             raise ValueError(
                 f"invalid {what}: {describe(a)}; expected a number or a 1-element float array"
             )
-        if where(a) == "device":
+        if residence(a) == "device":
             return "device", None, a.reshape(1)
         grad_scale = a.reshape(-1)[0]
     if isinstance(grad_scale, (bool, np.bool_)) or not isinstance(
@@ -221,7 +229,7 @@ def device_flag(found_inf: Any) -> Any:
     if found_inf is None or isinstance(found_inf, (bool, int, float, np.number)):
         return None
     a = _array(found_inf)
-    if is_array(a) and where(a) == "device" and a.size == 1 and dtype_of(a) == np.float32:
+    if is_array(a) and residence(a) == "device" and a.size == 1 and dtype_of(a) == np.float32:
         return a.reshape(1)
     return None
 
@@ -240,7 +248,7 @@ def found(found_inf: Any) -> bool:
             f"invalid found_inf: {describe(a) if is_array(a) else repr(found_inf)}; expected "
             "a number or a 1-element array"
         )
-    if where(a) == "device":
+    if residence(a) == "device":
         import cupy
 
         return bool(cupy.asnumpy(cupy.asarray(a)).reshape(-1)[0] != 0)
@@ -424,7 +432,7 @@ def run(
     scale, inv_scale, scale_dev = loss_scale(grad_scale)
     if unscale_grads and scale is None:
         raise ValueError("unscale_grads=True needs a grad_scale (there is nothing to unscale)")
-    flags, _ = spec.plan(hp, step, hs)
+    flags, _ = spec.variant_and_scalars(hp, step, hs)
     be, param, grad, arrays, master, io = _checked(
         rule,
         flags,

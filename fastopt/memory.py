@@ -1,4 +1,4 @@
-"""Bytes of optimizer state per parameter, derived from the rule spec and the storage plan.
+"""Bytes of optimizer state per parameter, derived from the rule spec and the storage format.
 
 ``state_bytes_per_param(rule, hp, state_dtype, param_dtype, master_weights)``: every slot the
 step-1 variant keeps (``Rule.state_names``), at its storage: a quantized slot

@@ -140,7 +140,7 @@ def optimizer_class(
     sig = _signature(spec, pinned, defaults)
     hyper = [h.name for h in spec.hyper if h.name not in pinned]
 
-    def __init__(self, *args, **kwargs):
+    def __init__(self: Any, *args: Any, **kwargs: Any) -> None:
         try:
             bound = sig.bind(self, *args, **kwargs)
         except TypeError as exc:

@@ -225,7 +225,7 @@ def oracle_step(
     inv_scale: float | None = None,
     key: int = 0,
 ) -> None:
-    """One step of ``rule`` with the storage plan ``io``: the NumPy oracle
+    """One step of ``rule`` with the storage format ``io``: the NumPy oracle
     (``fastopt.reference.<rule>``, in the compute dtype on widened copies), its results
     rounded back into ``param``, ``state`` (name -> array) and ``master`` in place.
 

@@ -116,7 +116,7 @@ def oracle_step(
 ) -> None:
     """One step of ``rule`` with quantized state, in place: ``state`` maps each present slot
     to a float32 array, or, for a quantized slot, to ``(codes, absmax)`` (written in place);
-    ``io`` is the storage plan of the other arrays (its state dtype float32)."""
+    ``io`` is the storage format of the other arrays (its state dtype float32)."""
     spec = RULES[rule]
     full: dict[str, Any] = {}
     quantized: dict[str, tuple[Any, Any, str]] = {}

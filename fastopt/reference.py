@@ -33,7 +33,9 @@ __all__ = [
 ]
 
 
-def _grad(grad, param, weight_decay, maximize):
+def _grad(
+    grad: npt.NDArray[Any], param: npt.NDArray[Any], weight_decay: float, maximize: bool
+) -> npt.NDArray[Any]:
     g = -grad if maximize else grad.copy()
     if weight_decay != 0:
         g = g + weight_decay * param
@@ -83,7 +85,7 @@ def adagrad(
     param -= clr * (g / (np.sqrt(s) + eps))
 
 
-def _minus_square(v, ga):
+def _minus_square(v: npt.NDArray[Any], ga: npt.NDArray[Any]) -> npt.NDArray[Any]:
     """``v - ga*ga`` rounded once, as torch's ``v.addcmul(ga, ga, value=-1)`` is (one fused
     multiply-add on FMA hardware): ``inf`` stays ``inf`` where ``ga*ga`` overflows."""
     if v.dtype == np.float32:  # float64 holds the exact square of a float32 and its range
@@ -202,7 +204,7 @@ def adamax(
     param -= (lr / (1 - beta1**step)) * m / u
 
 
-def _nadam_mu(beta1, momentum_decay, step):
+def _nadam_mu(beta1: float, momentum_decay: float, step: int) -> float:
     return beta1 * (1.0 - 0.5 * 0.96 ** (step * momentum_decay))
 
 
@@ -322,7 +324,7 @@ def rprop(
     prev[...] = g
 
 
-def _torch_sign(x):
+def _torch_sign(x: npt.NDArray[Any]) -> npt.NDArray[Any]:
     """``torch.sign``: NumPy's, except that the sign of NaN is 0."""
     with np.errstate(invalid="ignore"):
         return np.where(np.isnan(x), 0, np.sign(x)).astype(x.dtype)

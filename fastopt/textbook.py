@@ -60,7 +60,7 @@ from typing import Any, ClassVar
 import numpy as np
 
 from ._arrays import array_module, as_xp_array
-from ._validate import check_array, where
+from ._validate import check_array, residence
 from .backends import BACKENDS, get_backend
 
 __all__ = ["EPS", "SGD", "AdaGrad", "Adam", "Momentum", "Nesterov", "RMSprop"]
@@ -232,9 +232,10 @@ class _Entry:
                 f"{what} is {np.dtype(s.dtype)}{list(s.shape)} but the parameter is "
                 f"{self.dtype}{list(self.shape)}; create a new optimizer"
             )
-        if where(s) != where(self.array):
+        if residence(s) != residence(self.array):
             raise ValueError(
-                f"{what} is on the {where(s)} but the parameter is on the {where(self.array)}"
+                f"{what} is on the {residence(s)} but the parameter is on the "
+                f"{residence(self.array)}"
             )
         if isinstance(s, np.ndarray) and not s.flags.writeable:
             raise ValueError(
@@ -354,7 +355,7 @@ class _Textbook:
         arrays), after checking that it can run and reaches them."""
         name = self.backend
         if name == "auto":
-            name = DEVICE if where(e.array) == "device" else HOST
+            name = DEVICE if residence(e.array) == "device" else HOST
         try:
             be = get_backend(name)
         except RuntimeError as exc:
@@ -362,10 +363,10 @@ class _Textbook:
                 f"fastopt.textbook runs the chapter's statements compiled by Numba ({name!r} "
                 f"for parameter {e.key!r}), which cannot run here: {exc}"
             ) from None
-        if (be.DEVICE == "cpu") != (where(e.array) == "host"):
+        if (be.DEVICE == "cpu") != (residence(e.array) == "host"):
             raise ValueError(
                 f"backend {be.NAME!r} runs on the {be.DEVICE} but parameter {e.key!r} is on "
-                f"the {where(e.array)}; pass arrays where the backend runs or use "
+                f"the {residence(e.array)}; pass arrays where the backend runs or use "
                 "backend='auto'"
             )
         return be

@@ -15,10 +15,10 @@ difference ``g − m`` takes the updated mean, and eps_root is added to s, which
 import math
 
 from .shared import MAXIMIZE, adam_scalars
-from .spec import Hyper, Rule, Slot
+from .spec import Elem, Hyper, Rule, Slot
 
 
-def make_rule(maximize=False, nesterov=False):
+def make_rule(maximize: bool = False, nesterov: bool = False) -> Elem:
     """Per element, with ``inv_sqrt_bc2 = 1/sqrt(1 - beta2^t)`` and the step sizes from the
     host (``c_m = lr/(1 - beta1^t)``; with nesterov ``c_m = lr*beta1/(1 - beta1^(t+1))`` and
     ``c_g = lr*(1 - beta1)/(1 - beta1^t)``):

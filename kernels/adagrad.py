@@ -10,10 +10,10 @@
 import math
 
 from .shared import MAXIMIZE, WEIGHT_DECAY, prologue, prologue_flags, prologue_scalars
-from .spec import Hyper, Rule, Slot
+from .spec import Elem, Hyper, Rule, Slot
 
 
-def make_rule(maximize=False, decay=False):
+def make_rule(maximize: bool = False, decay: bool = False) -> Elem:
     """Per element, after the prologue (maximize, L2 decay), with ``clr`` from the host:
 
     s = s + g*g

@@ -18,10 +18,12 @@ from .shared import (
     prologue_flags,
     prologue_scalars,
 )
-from .spec import Hyper, Rule, Slot
+from .spec import Elem, Hyper, Rule, Slot
 
 
-def make_rule(maximize=False, decay=False, decoupled=False, amsgrad=False):
+def make_rule(
+    maximize: bool = False, decay: bool = False, decoupled: bool = False, amsgrad: bool = False
+) -> Elem:
     """Per element, after the prologue (maximize, L2 or decoupled decay), with
     ``step_size = lr / (1 - beta1^t)`` and ``inv_sqrt_bc2 = 1/sqrt(1 - beta2^t)`` from the host:
 

@@ -17,10 +17,10 @@ from .shared import (
     prologue_flags,
     prologue_scalars,
 )
-from .spec import Hyper, Rule, Slot
+from .spec import Elem, Hyper, Rule, Slot
 
 
-def make_rule(maximize=False, decay=False):
+def make_rule(maximize: bool = False, decay: bool = False) -> Elem:
     """Per element, after the prologue (maximize, L2 decay), with
     ``step_size = lr / (1 - beta1^t)`` from the host:
 

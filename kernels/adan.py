@@ -16,10 +16,10 @@ by lr. State ``exp_avg``, ``exp_avg_diff``, ``exp_avg_sq`` and ``prev_grad`` are
 import math
 
 from .shared import MAXIMIZE, WEIGHT_DECAY, adam_scalars, prologue_flags
-from .spec import Hyper, Rule, Slot
+from .spec import Elem, Hyper, Rule, Slot
 
 
-def make_rule(maximize=False, decay=False, first=False):
+def make_rule(maximize: bool = False, decay: bool = False, first: bool = False) -> Elem:
     """Per element, with ``inv_bc1 = 1/(1 - beta1^t)``, ``c_v = (1 - beta2)/(1 - beta2^t)`` and
     ``inv_bc3 = 1/(1 - beta3^t)`` from the host:
 

@@ -17,10 +17,10 @@ and ``nu``.
 import math
 
 from .shared import MAXIMIZE, WEIGHT_DECAY, adam_scalars, prologue_flags
-from .spec import Hyper, Rule, Slot
+from .spec import Elem, Hyper, Rule, Slot
 
 
-def make_rule(maximize=False, decay=False):
+def make_rule(maximize: bool = False, decay: bool = False) -> Elem:
     """Per element, with ``inv_bc1 = 1/(1 - beta1^t)`` and ``inv_bc2 = 1/(1 - beta2^t)`` from
     the host:
 

@@ -10,10 +10,10 @@ iterates, kept as state ``ax``.
 """
 
 from .shared import MAXIMIZE, WEIGHT_DECAY, prologue, prologue_flags
-from .spec import Hyper, Rule, Slot, f32
+from .spec import Elem, Hyper, Rule, Slot, f32
 
 
-def make_rule(maximize=False, decay=False, average=False):
+def make_rule(maximize: bool = False, decay: bool = False, average: bool = False) -> Elem:
     """Per element, after the prologue (maximize, L2 decay), with ``eta``, ``mu`` (the host
     state) and ``decay_f = 1 - lambd*eta`` from the host:
 

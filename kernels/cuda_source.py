@@ -5,7 +5,7 @@ the statements of the Python rule in the same order, with every flag a 0/1 macro
 variant is the body behind one ``#define`` per flag; its kernel reads each array once into a
 local, calls the rule, and writes param and the used state slots back once:
 
-    in_params  = "T grad, T <scalar>, ..."          (SCALARS of the rule, in the buffer type)
+    in_params  = "T grad, T <scalar>, ..."          (the rule's scalars, in the buffer type)
     out_params = "T param, T <slot>, ..."           (only the slots this variant touches)
 
 A slot the variant never touches (the momentum buffer of plain SGD, ``max_exp_avg_sq`` without
@@ -112,12 +112,12 @@ def preamble(rule: str, flags: Mapping[str, bool]) -> str:
 
 def in_params(rule: str) -> str:
     """``"T grad, T wd, ..."``: the gradient, then the host scalars of the rule."""
-    return ", ".join(f"T {n}" for n in ("grad",) + tuple(RULES[rule].SCALARS))
+    return ", ".join(f"T {n}" for n in ("grad",) + tuple(RULES[rule].scalars))
 
 
 def out_params(rule: str, used: Sequence[bool]) -> str:
     """``"T param, T exp_avg, ..."``: param and the state slots marked in ``used``."""
-    slots = [s for s, u in zip(RULES[rule].STATE, used) if u]
+    slots = [s for s, u in zip(RULES[rule].state, used) if u]
     return ", ".join(f"T {n}" for n in ["param"] + slots)
 
 
@@ -126,12 +126,12 @@ def operation(rule: str, used: Sequence[bool]) -> str:
 
     Locals rather than the kernel's references to global memory: a store through one reference
     could alias a later load through another, which would force extra memory traffic."""
-    state = RULES[rule].STATE
+    state = RULES[rule].state
     lines = ["T p_ = param;"]
     for i, (s, u) in enumerate(zip(state, used)):
         # an unused slot is a dead local: the variant's body never reads or writes it
         lines.append(f"T s{i}_ = {s};" if u else f"T s{i}_ = T(0);")
-    args = ["p_", "grad"] + [f"s{i}_" for i in range(len(state))] + list(RULES[rule].SCALARS)
+    args = ["p_", "grad"] + [f"s{i}_" for i in range(len(state))] + list(RULES[rule].scalars)
     lines.append(f"{rule}_elem<T>({', '.join(args)});")
     lines.append("param = p_;")
     lines += [f"{s} = s{i}_;" for i, (s, u) in enumerate(zip(state, used)) if u]
@@ -225,8 +225,8 @@ def raw_args(
     param and the state slots it uses, then the host scalars (all of type ``T``), then ``n``."""
     used = slots_used(rule, flags)
     arrays = [("grad", False), ("param", True)]
-    arrays += [(s, True) for s, u in zip(RULES[rule].STATE, used) if u]
-    return arrays, tuple(RULES[rule].SCALARS)
+    arrays += [(s, True) for s, u in zip(RULES[rule].state, used) if u]
+    return arrays, tuple(RULES[rule].scalars)
 
 
 def raw_source(
@@ -236,10 +236,10 @@ def raw_source(
     ``typedef`` of ``T``, the flag ``#define``s, the rule's body, and the kernel ``name``
     (default ``fastopt_<rule>``) with arguments ``raw_args(rule, flags)`` and ``n``."""
     used = slots_used(rule, flags)
-    state = RULES[rule].STATE
+    state = RULES[rule].state
     arrays, scalars = raw_args(rule, flags)
 
-    def lane(ref):
+    def lane(ref: Callable[[str], str]) -> list[str]:
         lines = [f"T p_ = {ref('param')};"]
         for i, (s, u) in enumerate(zip(state, used)):
             # an unused slot is a dead local: the variant's body never reads or writes it
@@ -279,7 +279,7 @@ def storage_source() -> str:
     return Path(__file__).with_name("storage.cuh").read_text()
 
 
-def _ld(kind, compute, ref):
+def _ld(kind: str, compute: str, ref: str) -> str:
     if kind == "bfloat16":
         return f"fastopt_bf16_load({ref})"
     if kind == "float16":
@@ -287,7 +287,7 @@ def _ld(kind, compute, ref):
     return ref if kind == compute else f"(C)({ref})"
 
 
-def _st(kind, compute, value, sr=None):
+def _st(kind: str, compute: str, value: str, sr: str | None = None) -> str:
     if kind == "bfloat16":
         return f"fastopt_bf16_store_sr({value}, {sr})" if sr else f"fastopt_bf16_store({value})"
     if kind == "float16":
@@ -298,7 +298,7 @@ def _st(kind, compute, value, sr=None):
 def mixed_args(
     rule: str, flags: Mapping[str, bool], io: IO
 ) -> tuple[list[tuple[str, str, bool]], list[tuple[str, str]]]:
-    """``(arrays, scalars)`` of the mixed kernel of one variant and storage plan ``io``:
+    """``(arrays, scalars)`` of the mixed kernel of one variant and storage format ``io``:
     ``arrays`` is ``[(name, storage dtype, written)]`` (grad, param, the used state slots, the
     master), ``scalars`` is ``[(C type, name)]`` in argument order (the rule's host scalars or
     the device buffer ``kbuf`` holding them; ``inv_scale`` or the device ``gscale``; the device
@@ -306,14 +306,14 @@ def mixed_args(
     used = slots_used(rule, flags)
     c = "C"
     arrays = [("grad", io.grad, io.write_grad), ("param", io.param, True)]
-    arrays += [(s, io.state, True) for s, u in zip(RULES[rule].STATE, used) if u]
+    arrays += [(s, io.state, True) for s, u in zip(RULES[rule].state, used) if u]
     if io.master:
         arrays.append(("master", "float32", True))
     scalars = []
     if io.kbuf:
         scalars.append(("const C *__restrict__", "kbuf"))
     else:
-        scalars += [(f"const {c}", n) for n in RULES[rule].SCALARS]
+        scalars += [(f"const {c}", n) for n in RULES[rule].scalars]
     if io.scale == "host":
         scalars.append((f"const {c}", "inv_scale"))
     elif io.scale == "device":
@@ -345,7 +345,7 @@ def mixed_prologue(rule: str, io: IO) -> list[str]:
     if io.found_inf:
         out.append("if (*found_inf != 0.0f) return;  // a skipped step changes nothing")
     if io.kbuf:
-        out += [f"const C {x}_ = kbuf[{j}];" for j, x in enumerate(RULES[rule].SCALARS)]
+        out += [f"const C {x}_ = kbuf[{j}];" for j, x in enumerate(RULES[rule].scalars)]
     if io.scale == "device":
         out.append("const C inv_scale_ = C(1) / (C)(*gscale);")
     elif io.scale == "host":
@@ -370,7 +370,7 @@ def mixed_lane(
     ``grad_factors`` multiply the gradient after the loss scale, left to right (a multi-tensor
     launch's clip coefficient)."""
     used = slots_used(rule, flags)
-    state = RULES[rule].STATE
+    state = RULES[rule].state
     compute = io.compute
     sr_ref = "fastopt_sr_bits(i_, salt, key_)" if io.sr else None
     p_src = ref("master") if io.master else _ld(io.param, compute, ref("param"))
@@ -383,7 +383,7 @@ def mixed_lane(
     for j, (s, u) in enumerate(zip(state, used)):
         lines.append(f"C s{j}_ = {_ld(io.state, compute, ref(s))};" if u else f"C s{j}_ = C(0);")
     args = ["p_", "g_"] + [f"s{j}_" for j in range(len(state))]
-    args += [f"{x}_" if io.kbuf else x for x in RULES[rule].SCALARS]
+    args += [f"{x}_" if io.kbuf else x for x in RULES[rule].scalars]
     lines.append(f"{rule}_elem<C>({', '.join(args)});")
     if io.master:
         lines.append(f"{ref('master')} = p_;")
@@ -437,7 +437,7 @@ def vector_stores(arrays: Sequence[tuple[Any, ...]], width: int, v: str) -> list
 def mixed_source(
     rule: str, flags: Mapping[str, bool], io: IO, vector: bool = True, name: str | None = None
 ) -> str:
-    """The complete CUDA C translation unit of one variant under storage plan ``io``: the
+    """The complete CUDA C translation unit of one variant under storage format ``io``: the
     compute type ``C``, the flag ``#define``s, the rule's body, the storage conversions and the
     kernel ``name`` (default ``fastopt_<rule>``) with arguments ``mixed_args``; ``vector``:
     with the 16-byte vector loop (every array 16-byte aligned), else the scalar loop alone."""
@@ -447,7 +447,7 @@ def mixed_source(
     params += [f"{t} {n}" for t, n in scalars] + ["const long long n"]
     width = mixed_width(io, rule, flags) if vector else 1
 
-    def lane(ref, index):
+    def lane(ref: Callable[[str], str], index: str) -> list[str]:
         return mixed_lane(rule, flags, io, ref, index)
 
     out = [

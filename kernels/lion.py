@@ -14,10 +14,10 @@ from .shared import (
     prologue_flags,
     prologue_scalars,
 )
-from .spec import Hyper, Rule, Slot
+from .spec import Elem, Hyper, Rule, Slot
 
 
-def make_rule(maximize=False, decay=False):
+def make_rule(maximize: bool = False, decay: bool = False) -> Elem:
     """Per element, after the prologue (maximize, decoupled decay):
 
     c = beta1*m + omb1*g;  p = p - lr*sign(c)

@@ -15,7 +15,7 @@ range would straddle tensors; the chunk table costs one load, and its 8 bytes pe
 nothing beside the chunk's data.)
 
 Inside a chunk the element body is the single-tensor kernels' (``cuda_source.mixed_lane``: the
-same storage plan, loads, rule and rounded stores, the stochastic-rounding index counted from
+same storage format, loads, rule and rounded stores, the stochastic-rounding index counted from
 the tensor's start, the loss scale and the found-inf flag read as ``mixed_prologue`` reads
 them). A tensor whose used addresses are all 16-byte aligned is walked in 16-byte vectors
 (``cuda_source.mixed_width`` elements) with a scalar tail at its end (chunks start at multiples
@@ -46,7 +46,7 @@ Nothing here imports CuPy: the CPU harness and the compile checks build the same
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -95,7 +95,7 @@ _ACC = {"float32": "float", "float64": "double"}
 def columns(rule: str, master: bool) -> tuple[str, ...]:
     """The table's column names for ``rule``: ``n``, ``param``, ``grad``, every state slot of
     the rule (present or not), and ``master`` with a master copy."""
-    return ("n", "param", "grad", *RULES[rule].STATE) + (("master",) if master else ())
+    return ("n", "param", "grad", *RULES[rule].state) + (("master",) if master else ())
 
 
 def chunk_size(total: int, blocks: int) -> int:
@@ -139,7 +139,7 @@ def decode(
     return t, lo, np.minimum(lo + chunk, n)
 
 
-def _check_chunk(chunk):
+def _check_chunk(chunk: object) -> None:
     if not (isinstance(chunk, int) and 8 <= chunk <= 1 << 30 and chunk % 8 == 0):
         raise ValueError(f"chunk={chunk!r}: expected a multiple of 8 in [8, 2^30]")
 
@@ -174,7 +174,7 @@ def arguments(
     return out
 
 
-def _row_pointers(arrays, col):
+def _row_pointers(arrays: Sequence[tuple[str, str, bool]], col: Mapping[str, int]) -> list[str]:
     """Unindented declarations of each array's chunk pointer from the row ``row_``."""
     out = []
     for a, k, w in arrays:
@@ -188,7 +188,7 @@ def source(
     rule: str, flags: Mapping[str, bool], io: IO, clip: bool = False, name: str | None = None
 ) -> str:
     """The complete CUDA C translation unit of the multi-tensor kernel of one variant under the
-    storage plan ``io`` (``kernels.storage.IO``), with the clip coefficient when ``clip``:
+    storage format ``io`` (``kernels.storage.IO``), with the clip coefficient when ``clip``:
     the compute type ``C``, the flag ``#define``s, the rule's body, the storage conversions,
     ``multi_tensor.cuh`` and ``extern "C" __global__ void name(arguments(...))`` (default name
     ``fastopt_mt_<rule>``)."""
@@ -198,7 +198,7 @@ def source(
     width = cuda_source.mixed_width(io, rule, flags)
     factors = ("clip_",) if clip else ()
 
-    def lane(ref, index):
+    def lane(ref: Callable[[str], str], index: str) -> list[str]:
         return cuda_source.mixed_lane(rule, flags, io, ref, index, factors)
 
     params = ", ".join(f"{t} {n}" for t, n in arguments(rule, flags, io, clip))

@@ -19,10 +19,10 @@ from .shared import (
     prologue_flags,
     prologue_scalars,
 )
-from .spec import Hyper, Rule, Slot, host_round
+from .spec import Elem, Hyper, Rule, Slot, host_round
 
 
-def make_rule(maximize=False, decay=False, decoupled=False):
+def make_rule(maximize: bool = False, decay: bool = False, decoupled: bool = False) -> Elem:
     """Per element, after the prologue (maximize, L2 or decoupled decay), with
     ``bc2 = 1 - beta2^t`` and the two step sizes from the host:
 

@@ -19,10 +19,12 @@ from .shared import (
     prologue_flags,
     prologue_scalars,
 )
-from .spec import Hyper, Rule, Slot
+from .spec import Elem, Hyper, Rule, Slot
 
 
-def make_rule(maximize=False, decay=False, decoupled=False, rectify=False):
+def make_rule(
+    maximize: bool = False, decay: bool = False, decoupled: bool = False, rectify: bool = False
+) -> Elem:
     """Per element, after the prologue (maximize, L2 or decoupled decay):
 
     m = m + omb1*(g - m);  v = beta2*v + omb2*g*g       (torch's lerp for m)

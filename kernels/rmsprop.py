@@ -11,10 +11,12 @@ import math
 
 from .fma import fma
 from .shared import MAXIMIZE, WEIGHT_DECAY, prologue, prologue_flags, prologue_scalars
-from .spec import Hyper, Rule, Slot
+from .spec import Elem, Hyper, Rule, Slot
 
 
-def make_rule(maximize=False, decay=False, centered=False, momentum=False):
+def make_rule(
+    maximize: bool = False, decay: bool = False, centered: bool = False, momentum: bool = False
+) -> Elem:
     """Per element, after the prologue (maximize, L2 decay):
 
     v = alpha*v + oma*g*g                       (oma = 1 - alpha)

@@ -8,10 +8,10 @@ lr is every step size's first value (``torch.optim.Rprop``).
 """
 
 from .shared import MAXIMIZE
-from .spec import Hyper, Rule, Slot
+from .spec import Elem, Hyper, Rule, Slot
 
 
-def make_rule(maximize=False):
+def make_rule(maximize: bool = False) -> Elem:
     """Per element (``zero`` from the host: a literal in the rule would be a float64):
 
     g = -g if maximize

@@ -9,10 +9,12 @@
 """
 
 from .shared import MAXIMIZE, WEIGHT_DECAY, prologue, prologue_flags, prologue_scalars
-from .spec import Hyper, Rule, Slot, where
+from .spec import Elem, Hyper, Rule, Slot, where
 
 
-def make_rule(maximize=False, decay=False, momentum=False, nesterov=False):
+def make_rule(
+    maximize: bool = False, decay: bool = False, momentum: bool = False, nesterov: bool = False
+) -> Elem:
     """Per element, after the prologue (maximize, L2 decay):
 
     b = mu_b*b + omd_b*g          (mu_b = 0, omd_b = 1 on the first step: b = g)

@@ -23,7 +23,9 @@ alone, for a rule without bias correction).
 ``WEIGHT_DECAY``.
 """
 
-from .spec import Hyper, helper, sqrt
+from collections.abc import Sequence
+
+from .spec import Hyper, Hyperparams, Real, helper, sqrt
 
 __all__ = [
     "MAXIMIZE",
@@ -42,7 +44,9 @@ WEIGHT_DECAY = Hyper("weight_decay", 0.0, probe=0.1)
 
 
 @helper
-def prologue(p, g, wd, decay_f, maximize, decay, decoupled):
+def prologue(
+    p: Real, g: Real, wd: Real, decay_f: Real, maximize: bool, decay: bool, decoupled: bool
+) -> tuple[Real, Real]:
     """``(p, g)`` after the gradient prologue (see the module docstring); the flags are the
     variant's constants, so each variant compiles branch-free."""
     if maximize:
@@ -55,18 +59,18 @@ def prologue(p, g, wd, decay_f, maximize, decay, decoupled):
     return p, g
 
 
-def prologue_flags(hp):
+def prologue_flags(hp: Hyperparams) -> dict[str, bool]:
     """The prologue's flags of the hyperparameters ``hp``: ``maximize`` and ``decay``."""
     return {"maximize": hp["maximize"], "decay": hp["weight_decay"] != 0}
 
 
-def prologue_scalars(hp):
+def prologue_scalars(hp: Hyperparams) -> dict[str, Real]:
     """The prologue's host scalars: ``wd`` (L2) and ``decay_f = 1 - lr*weight_decay``
     (decoupled); a rule's ``scalars`` name the ones its kernels take."""
     return {"wd": hp["weight_decay"], "decay_f": 1.0 - hp["lr"] * hp["weight_decay"]}
 
 
-def betas_scalars(betas):
+def betas_scalars(betas: Sequence[Real]) -> dict[str, Real]:
     """``beta<i>`` and ``omb<i> = 1 - beta<i>`` for each of ``betas`` (a pair or a triple)."""
     beta1, beta2 = betas[0], betas[1]
     out = {"beta1": beta1, "omb1": 1.0 - beta1, "beta2": beta2, "omb2": 1.0 - beta2}
@@ -76,7 +80,7 @@ def betas_scalars(betas):
     return out
 
 
-def adam_scalars(lr, betas, step):
+def adam_scalars(lr: Real, betas: Sequence[Real], step: Real) -> dict[str, Real]:
     """The Adam family's host scalars of step ``step`` (see the module docstring), as a new
     dict the rule adds its own to. Written out rather than built from ``betas_scalars``: it
     runs on every step's host path."""

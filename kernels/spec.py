@@ -42,18 +42,23 @@ and the tests' matrices read these fields; only the CUDA C body (``kernels/<name
 written beside the rule, and a test holds its signature to ``slots`` and ``scalars``.
 """
 
+from __future__ import annotations
+
 import contextlib
 import contextvars
 import inspect
 import itertools
 import math
 import types
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
+from typing import Any, TypeVar
 
 __all__ = [
     "DOMAINS",
     "HELPERS",
     "REPLAY_LIMIT",
+    "Elem",
     "Hyper",
     "Rule",
     "Slot",
@@ -72,8 +77,28 @@ __all__ = [
 #: every step)
 REPLAY_LIMIT = 10_000
 
+#: a number the host computes with: a Python float, or (capturable steps) a symbol that
+#: ``kernels.device_scalars`` records arithmetic on
+Real = Any
+#: hyperparameters by name (validated: Python floats, tuples of floats, bools)
+Hyperparams = Mapping[str, Any]
+#: host state by name (float32 values as Python floats, or recorded symbols)
+HostState = Mapping[str, Real]
+#: ``flags_of(hp, step, hs)``: the compiled variant of a step
+FlagsOf = Callable[[Hyperparams, Real, HostState | None], dict[str, bool]]
+#: ``scalars_of(hp, step, hs)``: the host scalars of a step by name
+ScalarsOf = Callable[[Hyperparams, Real, HostState | None], Mapping[str, Real]]
+#: ``advance(hp, step, hs)``: the host state after step ``step``
+Advance = Callable[[Hyperparams, Real, dict[str, Real]], Mapping[str, Real]]
+#: the per-element function of a variant: ``rule(p, g, s0, .., k) -> (p, s0, ..)``
+Elem = Callable[..., tuple[Real, ...]]
+#: ``make_rule(**flags)``: the per-element function of a variant
+MakeRule = Callable[..., Elem]
+#: ``check(hp)``: constraints between hyperparameters (raises ValueError)
+Check = Callable[[dict[str, Any]], None]
+
 #: hyperparameter domains: name -> (description, predicate on a normalised value)
-DOMAINS = {
+DOMAINS: dict[str, tuple[str, Callable[[Any], bool] | None]] = {
     "nonneg": ("a real number >= 0", lambda v: v >= 0),
     "positive": ("a real number > 0", lambda v: v > 0),
     "unit": ("a real number in [0, 1)", lambda v: 0 <= v < 1),
@@ -101,19 +126,19 @@ TUPLES = ("betas", "etas", "range")
 # float32 (host state) with ``f32``.
 
 
-def sqrt(x):
+def sqrt(x: Real) -> Real:
     """``math.sqrt`` (correctly rounded), recordable."""
     f = getattr(x, "__fastopt_sqrt__", None)
     return f() if f is not None else math.sqrt(x)
 
 
-def where(cond, a, b):
+def where(cond: Any, a: Real, b: Real) -> Real:
     """``a if cond else b``, recordable."""
     f = getattr(cond, "__fastopt_where__", None)
     return f(a, b) if f is not None else (a if cond else b)
 
 
-def maximum(a, b):
+def maximum(a: Real, b: Real) -> Real:
     """``max(a, b)``, recordable."""
     return where(a >= b, a, b)
 
@@ -123,7 +148,7 @@ _WIDE_HOST_STATE = contextvars.ContextVar("fastopt_wide_host_state", default=Fal
 
 
 @contextlib.contextmanager
-def host_precision(wide):
+def host_precision(wide: bool) -> Iterator[None]:
     """Within it, ``host_round`` rounds nothing when ``wide``: host state held in float64, as
     torch holds it for a float64 parameter whose state dict it loaded (its load policy casts
     0-d state to the parameter's dtype)."""
@@ -134,7 +159,7 @@ def host_precision(wide):
         _WIDE_HOST_STATE.reset(token)
 
 
-def f32(x):
+def f32(x: Real) -> Real:
     """``x`` rounded to float32 (torch's default scalar dtype: what ``torch.as_tensor`` of a
     Python float holds), as a Python float; recordable."""
     f = getattr(x, "__fastopt_f32__", None)
@@ -145,7 +170,7 @@ def f32(x):
     return float(np.float32(x))
 
 
-def host_round(x):
+def host_round(x: Real) -> Real:
     """``x`` rounded to the host state's dtype: float32 (``f32``) as torch creates it, nothing
     inside ``host_precision(True)`` (float64 host state, where torch's in-place arithmetic on
     it, NAdam's ``mu_product *= mu``, runs in float64); recordable."""
@@ -163,16 +188,18 @@ def host_round(x):
 # whose helpers are device functions (``bind_helpers``).
 
 #: the per-element helpers rules call, in declaration order
-HELPERS: list = []
+HELPERS: list[Callable[..., Any]] = []
+
+_F = TypeVar("_F", bound=Callable[..., Any])
 
 
-def helper(fn):
+def helper(fn: _F) -> _F:
     """Declare ``fn`` a per-element rule helper (see above); returns ``fn``."""
     HELPERS.append(fn)
     return fn
 
 
-def bind_helpers(fn, jit):
+def bind_helpers(fn: _F, jit: Callable[[Callable[..., Any]], Any]) -> _F:
     """``fn`` with every rule helper among the globals it calls replaced by ``jit`` of it (its
     own helpers bound first): a copy sharing ``fn``'s code and closure, over a copy of its
     globals. ``fn`` itself when it calls no helper."""
@@ -183,10 +210,10 @@ def bind_helpers(fn, jit):
     glb = dict(glb, **{n: jit(bind_helpers(glb[n], jit)) for n in names})
     out = types.FunctionType(fn.__code__, glb, fn.__name__, fn.__defaults__, fn.__closure__)
     out.__qualname__, out.__kwdefaults__ = fn.__qualname__, fn.__kwdefaults__
-    return out
+    return out  # type: ignore[return-value]
 
 
-def check_value(name, value, domain, size=2):
+def check_value(name: str, value: Any, domain: str, size: int = 2) -> Any:
     """``value`` normalised (Python float, tuple of floats or bool) and checked against
     ``domain`` (a tuple domain's values have ``size`` entries); raises TypeError/ValueError
     naming ``name`` and what was expected."""
@@ -201,7 +228,7 @@ def check_value(name, value, domain, size=2):
             raise TypeError(f"invalid {name}: {value!r}; expected True or False")
         return bool(value)
 
-    def real(v, label):
+    def real(v: Any, label: str) -> float:
         if isinstance(v, (bool, np.bool_)) or not isinstance(
             v, (int, float, np.integer, np.floating)
         ):
@@ -215,12 +242,14 @@ def check_value(name, value, domain, size=2):
             )
         return f
 
+    v: float | tuple[float, ...]
     if domain in TUPLES:
         if not isinstance(value, (tuple, list)) or len(value) != size:
             raise ValueError(f"invalid {name}: {value!r}; expected {what}")
         v = tuple(real(x, name) for x in value)
     else:
         v = real(value, name)
+    assert ok is not None  # only "bool" has no predicate
     if not ok(v):
         raise ValueError(f"invalid {name}: {value!r}; expected {what}")
     return v
@@ -232,16 +261,16 @@ class Hyper:
     ``DOMAINS``) and whether it is fixed once an optimizer is built."""
 
     name: str
-    default: object
+    default: Any
     domain: str = "nonneg"
     fixed: bool = False
     #: a value that switches the rule to another variant or brings a term into play (tests and
     #: benchmarks sweep default and probe); None for a bool: its negation
-    probe: object = None
+    probe: Any = None
     #: keyword-only in the class's constructor (after ``*``), as torch's ``maximize`` is
     keyword_only: bool = False
 
-    def __post_init__(self):
+    def __post_init__(self) -> None:
         if self.domain not in DOMAINS:
             raise ValueError(f"hyperparameter {self.name}: unknown domain {self.domain!r}")
         if self.probe is None and self.domain == "bool":
@@ -250,22 +279,22 @@ class Hyper:
             raise ValueError(f"hyperparameter {self.name}: a {self.domain} is a pair")
 
     @property
-    def size(self):
+    def size(self) -> int:
         """How many reals the hyperparameter holds: 0 for a bool, a tuple's length, else 1."""
         if self.domain == "bool":
             return 0
         return len(self.default) if self.domain in TUPLES else 1
 
     @property
-    def annotation(self):
+    def annotation(self) -> type | types.GenericAlias:
         """The constructor's type annotation of the hyperparameter."""
         if self.domain == "bool":
             return bool
         if self.domain in TUPLES:
-            return tuple[(float,) * self.size]
+            return types.GenericAlias(tuple, (float,) * self.size)
         return float
 
-    def check(self, value):
+    def check(self, value: Any) -> Any:
         """``value`` normalised and checked against the domain (``check_value``)."""
         return check_value(self.name, value, self.domain, self.size or 2)
 
@@ -277,7 +306,7 @@ class Slot:
 
     name: str
     when: str | None = None
-    init: object = 0.0
+    init: float | str = 0.0
     #: reset to ``init`` right before step 1 (the rule reads it on step 1, where torch has
     #: no such buffer yet: whatever a caller's array held must not leak into the result)
     fresh: bool = False
@@ -304,27 +333,29 @@ class Rule:
     """One optimizer rule (see the module docstring)."""
 
     name: str
-    hyper: tuple
-    slots: tuple
-    scalars: tuple
-    make_rule: object
-    flags_of: object
-    scalars_of: object
-    #: per-optimizer host scalars carried between steps: ((name, initial value), ...)
-    host_state: tuple = ()
+    hyper: tuple[Hyper, ...]
+    slots: tuple[Slot, ...]
+    scalars: tuple[str, ...]
+    make_rule: MakeRule
+    flags_of: FlagsOf
+    scalars_of: ScalarsOf
+    #: per-optimizer host scalars carried between steps: ((name, initial value), ...), the
+    #: initial value a number or a hyperparameter's name
+    host_state: tuple[tuple[str, float | str], ...] = ()
     #: ``advance(hp, step, hs) -> hs``: the host state after step ``step`` (rules with host state)
-    advance: object = None
+    advance: Advance | None = None
     #: ``check(hp)``: constraints between hyperparameters (raise ValueError), or None
-    check: object = None
-    #: flag -> values of the variant that are never launched (e.g. nesterov without momentum)
-    excluded: tuple = field(default=())
+    check: Check | None = None
+    #: the variants that are never launched, each as ((flag, value), ...) pairs that all hold
+    #: (e.g. nesterov without momentum)
+    excluded: tuple[tuple[tuple[str, bool], ...], ...] = field(default=())
     #: the optimizer class's name (``fastopt.<class_name>``), generated from this spec
     class_name: str | None = None
     #: hyperparameters under which every term of the update shows within a few steps (lr large
     #: enough to move p, betas small enough that the moments change); the tests run with them
-    test_hp: dict | None = field(default=None, hash=False, compare=False)
+    test_hp: dict[str, Any] | None = field(default=None, hash=False, compare=False)
 
-    def __post_init__(self):
+    def __post_init__(self) -> None:
         flags = self.flags
         for s in self.slots:
             if s.when is not None and s.when not in flags:
@@ -341,51 +372,49 @@ class Rule:
 
     # -- derived names -----------------------------------------------------------------------
     @property
-    def flags(self):
+    def flags(self) -> tuple[str, ...]:
         """The compiled-variant flags: ``make_rule``'s keyword arguments, in order."""
         return tuple(inspect.signature(self.make_rule).parameters)
 
     @property
-    def state(self):
+    def state(self) -> tuple[str, ...]:
         """Every slot name, in the rule's argument order."""
         return tuple(s.name for s in self.slots)
 
-    # the names older code reads from a rule module
-    STATE = state
-
     @property
-    def SCALARS(self):
-        return self.scalars
-
-    @property
-    def hyper_names(self):
+    def hyper_names(self) -> tuple[str, ...]:
+        """Every hyperparameter's name, in declaration order."""
         return tuple(h.name for h in self.hyper)
 
     @property
-    def defaults(self):
+    def defaults(self) -> dict[str, Any]:
+        """Every hyperparameter's default, by name."""
         return {h.name: h.default for h in self.hyper}
 
-    def hyper_spec(self, name):
+    def hyper_spec(self, name: str) -> Hyper:
+        """The ``Hyper`` called ``name``."""
         for h in self.hyper:
             if h.name == name:
                 return h
         raise KeyError(f"rule {self.name} has no hyperparameter {name!r}")
 
-    def slot(self, name):
+    def slot(self, name: str) -> Slot:
         """The ``Slot`` called ``name``."""
         for s in self.slots:
             if s.name == name:
                 return s
         raise KeyError(f"rule {self.name} has no state slot {name!r}")
 
-    def element(self, flags, jit=None):
+    def element(
+        self, flags: Mapping[str, bool], jit: Callable[[Callable[..., Any]], Any] | None = None
+    ) -> Callable[..., Any]:
         """The per-element function of the ``flags`` variant (``make_rule(**flags)``); with
         ``jit``, the rule helpers it calls compiled by ``jit`` first (``bind_helpers``)."""
         elem = self.make_rule(**flags)
         return elem if jit is None else bind_helpers(elem, jit)
 
     # -- variants and slots ------------------------------------------------------------------
-    def variants(self):
+    def variants(self) -> list[dict[str, bool]]:
         """Every flag combination that can be launched (dicts, in ``flags`` order)."""
         out = []
         for bits in itertools.product((False, True), repeat=len(self.flags)):
@@ -394,11 +423,11 @@ class Rule:
                 out.append(flags)
         return out
 
-    def slots_used(self, flags):
+    def slots_used(self, flags: Mapping[str, bool]) -> tuple[bool, ...]:
         """One bool per slot: does the ``flags`` variant read and write it?"""
         return tuple(s.when is None or bool(flags.get(s.when, False)) for s in self.slots)
 
-    def slots_read(self, flags):
+    def slots_read(self, flags: Mapping[str, bool]) -> tuple[bool, ...]:
         """One bool per slot: does the ``flags`` variant read the slot's value from before the
         step, rather than only overwrite it (ASGD's ``ax`` while it does not average: ``ax =
         p``)? Derived from the rule itself, run in plain Python on probe values: a slot is read
@@ -409,13 +438,13 @@ class Rule:
         k = tuple(0.1 + 0.07 * i for i in range(len(self.scalars)))
         probes = (-2.0, 1e-3, 3.0, 1e30, -1e30, math.nan, math.inf)
 
-        def outputs(args):
+        def outputs(args: list[float]) -> tuple[str, ...] | None:
             try:
                 return tuple(repr(float(x)) for x in rule(*args, k))
             except (ArithmeticError, ValueError):
                 return None
 
-        def reads(j):
+        def reads(j: int) -> bool:
             for p, g in ((0.75, 0.5), (-0.75, -0.5)):
                 base = [p, g] + [0.25] * len(self.slots)
                 ref = outputs(base)
@@ -426,39 +455,40 @@ class Rule:
 
         return tuple(u and reads(j) for j, u in enumerate(self.slots_used(flags)))
 
-    def state_names(self, hp):
+    def state_names(self, hp: Hyperparams) -> tuple[str, ...]:
         """The slots an optimizer with hyperparameters ``hp`` keeps (the step-1 variant's)."""
         flags = self.flags_of(hp, 1, self.initial_host_state(hp))
         return tuple(s.name for s, u in zip(self.slots, self.slots_used(flags)) if u)
 
-    def initial(self, slot, hp):
+    def initial(self, slot: str, hp: Hyperparams) -> float:
         """A slot's value before the first step, from ``hp`` where it names a hyperparameter."""
         s = next(x for x in self.slots if x.name == slot)
         return float(hp[s.init]) if isinstance(s.init, str) else float(s.init)
 
     @property
-    def host_names(self):
+    def host_names(self) -> tuple[str, ...]:
         """The names of the host state, in declaration order (torch's state names)."""
         return tuple(n for n, _ in self.host_state)
 
-    def initial_host_state(self, hp):
+    def initial_host_state(self, hp: Hyperparams) -> dict[str, Real]:
         """The host state before step 1 (float32 values, from ``hp`` where one names a
         hyperparameter); ``{}`` for a rule without host state."""
         return {n: f32(hp[v] if isinstance(v, str) else v) for n, v in self.host_state}
 
-    def advance_host_state(self, hp, step, hs):
+    def advance_host_state(self, hp: Hyperparams, step: Real, hs: HostState) -> dict[str, Real]:
         """The host state after step ``step``: ``advance``, rounded to the host state's dtype
         (``host_round``). A value that cannot be computed (``ASGD(lambd=1e6, alpha=100)``:
         ``(1 + lambd·lr·t)^alpha`` overflows) is a ``ValueError`` (``_arithmetic``)."""
         if not self.host_state:
             return {}
+        assert self.advance is not None, f"rule {self.name} has host state but no advance"
         try:
             out = self.advance(hp, step, dict(hs))
             return {n: host_round(out[n]) for n in self.host_names}
         except (ArithmeticError, ValueError) as exc:
             raise _arithmetic_error(self.name, "the host state after", step, exc) from exc
 
-    def check_host_state(self, hs, who="host_state"):
+    def check_host_state(self, hs: Any, who: str = "host_state") -> dict[str, float]:
         """``hs`` (a mapping of every host-state name to a finite real, a NumPy scalar or a
         0-d array) as a dict of float32 values; raises TypeError/ValueError naming what is
         wrong."""
@@ -468,7 +498,7 @@ class Rule:
         if not hasattr(hs, "keys") or set(hs.keys()) != set(names):
             got = sorted(hs.keys()) if hasattr(hs, "keys") else type(hs).__name__
             raise TypeError(f"{who}: got {got}; expected a dict with the keys {list(names)}")
-        out = {}
+        out: dict[str, float] = {}
         for n in names:
             v = hs[n]
             if isinstance(v, np.ndarray):
@@ -482,7 +512,9 @@ class Rule:
         return out
 
     # -- one step ----------------------------------------------------------------------------
-    def plan(self, hp, step, hs=None):
+    def variant_and_scalars(
+        self, hp: Hyperparams, step: Real, hs: HostState | None = None
+    ) -> tuple[dict[str, bool], tuple[float, ...]]:
         """``(flags, k)``: the variant and the host scalars (a tuple in ``scalars`` order) of
         step ``step`` with the validated hyperparameters ``hp`` and host state ``hs``. A value
         that cannot be computed (a step count too large for a float: ``beta2**step`` of step
@@ -496,7 +528,7 @@ class Rule:
         except (ArithmeticError, ValueError) as exc:
             raise _arithmetic_error(self.name, "the host scalars of", step, exc) from exc
 
-    def replay_host_state(self, hp, step):
+    def replay_host_state(self, hp: Hyperparams, step: int) -> dict[str, Real]:
         """The host state before step ``step`` of a run with constant ``hp`` (what a
         functional call without an explicit host state assumes): ``step - 1`` advances from the
         initial values, at most ``REPLAY_LIMIT`` of them — past that, at once when ``advance``
@@ -518,7 +550,7 @@ class Rule:
             hs = self.advance_host_state(hp, t, hs)
         return hs
 
-    def reads_host_state(self, hp, step):
+    def reads_host_state(self, hp: Hyperparams, step: int) -> bool:
         """Does ``advance`` at ``step`` (and at step 1) read the host state it is given? Derived
         as ``slots_read`` is, from running it: on the initial host state and on other values;
         any output that differs is a read."""
@@ -526,17 +558,17 @@ class Rule:
         other = {n: f32(0.5 * v + 0.25) for n, v in base.items()}
         if other == base:
             other = {n: f32(v + 1.0) for n, v in base.items()}
+        advance = self.advance
+        if advance is None:
+            return False
         try:
-            return any(
-                self.advance(hp, t, dict(base)) != self.advance(hp, t, dict(other))
-                for t in {1, step}
-            )
+            return any(advance(hp, t, dict(base)) != advance(hp, t, dict(other)) for t in {1, step})
         except (ArithmeticError, ValueError) as exc:
             raise _arithmetic_error(self.name, "the host state after", step, exc) from exc
 
-    def validate(self, hp):
+    def validate(self, hp: Hyperparams) -> dict[str, Any]:
         """``hp`` (any subset of the rule's hyperparameters) normalised and checked."""
-        out = {}
+        out: dict[str, Any] = {}
         for name, value in hp.items():
             out[name] = self.hyper_spec(name).check(value)
         if self.check is not None:
@@ -544,7 +576,7 @@ class Rule:
         return out
 
 
-def _arithmetic_error(name, what, step, exc):
+def _arithmetic_error(name: str, what: str, step: Real, exc: BaseException) -> ValueError:
     """The ``ValueError`` of host arithmetic that failed (an ``ArithmeticError``: an overflow,
     a division by zero, an integer too large for a float; or a math domain error), naming the
     rule, what was computed and the step."""

@@ -5,9 +5,9 @@ The arrays of a step may be stored narrower or wider than that; the backends' ge
 widen each value to the compute dtype before the rule sees it and their stores round the rule's
 result back to the array's storage dtype, so every rule gets mixed precision without an edit.
 
-``IO`` is the plan of one launch: the storage dtype of the param, the grad and the state slots,
-whether an fp32 master copy of the param is kept (``master``), whether the param store rounds
-stochastically (``sr``), and the extras a launch may carry: the gradient's loss scale
+``IO`` is the storage format of one launch: the storage dtype of the param, the grad and the
+state slots, whether an fp32 master copy of the param is kept (``master``), whether the param
+store rounds stochastically (``sr``), and the extras a launch may carry: the gradient's loss scale
 (``scale``: a host scalar, or a device scalar read in the kernel), a device ``found_inf`` flag
 read in the kernel, host scalars read from a device buffer (``kbuf``, capturable steps), and a
 write-back of the unscaled gradient (``write_grad``). ``IO()`` with every array in the compute
@@ -265,7 +265,7 @@ def make_converters(
     }
 
 
-# -- the plan of one launch ------------------------------------------------------------------------
+# -- the storage format of one launch -----------------------------------------------------------
 
 
 @dataclass(frozen=True)
@@ -327,7 +327,7 @@ def element_source(
     indent: int,
     index: str = "i",
 ) -> list[str]:
-    """The per-element body of a launch with the storage plan ``io``, as Python source lines
+    """The per-element body of a launch with the storage format ``io``, as Python source lines
     at ``indent``: each array loaded once into a compute-dtype local (``lp``/``lg``/``ls``), the
     rule (``elem``) called, each result stored once (``sp``/``sg``/``ss``). ``scale``: the
     expression of 1/grad_scale, ``key``: that of the step key (the loop variable is ``i``, the

@@ -42,7 +42,7 @@ GPU_BACKENDS = ("cupy", "numba-cuda")
 HEADLINE = ("adam", "adamw", "adam-amsgrad")
 HEADLINE_N = 1 << 28
 SIZES = (1 << 20, 1 << 24, 1 << 28)
-#: the storage plans of the list rows (``fastopt.bench.measure.PRECISIONS``)
+#: the storage formats of the list rows (``fastopt.bench.measure.PRECISIONS``)
 LIST_PRECISIONS = ("float32", "bfloat16", "bfloat16+master")
 #: seconds of timed rounds one benchmark group may take
 GROUP_BUDGET_S = 4.0

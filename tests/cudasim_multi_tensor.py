@@ -45,7 +45,7 @@ def _arrays(rng, rule, io, n, misalign, scale=1.0):
     when ``misalign``."""
     out = {"param": rng.standard_normal(n).astype(NP[io.param])}
     out["grad"] = (rng.standard_normal(n) * scale).astype(NP[io.grad])
-    for j, s in enumerate(RULES[rule].STATE):
+    for j, s in enumerate(RULES[rule].state):
         a = rng.uniform(0.1, 1.0, n + 1).astype(NP[io.state])
         out[s] = a[1:] if misalign and j == 0 else a[:n]
     if io.master:
@@ -55,7 +55,7 @@ def _arrays(rng, rule, io, n, misalign, scale=1.0):
 
 def _table(rule, io, tensors):
     rows = [
-        (t["param"], t["grad"], [t[s] for s in RULES[rule].STATE], t.get("master")) for t in tensors
+        (t["param"], t["grad"], [t[s] for s in RULES[rule].state], t.get("master")) for t in tensors
     ]
     return _launch.TensorTable(rule, io, rows, chunk=CHUNK)
 
@@ -90,13 +90,13 @@ def test_table_launch_equals_single_tensor_launches(case):
     table = _table(rule, io, tensors)
     assert table.nchunks > 4  # more chunks than the simulated grid has blocks
     for step in (2, 3):
-        flags, k = RULES[rule].plan(hp, step, None)
+        flags, k = RULES[rule].variant_and_scalars(hp, step, None)
         ex = {"inv_scale": 1 / scale, "salt": 9, "key": storage.step_key(1, step)}
         ncb.launch_table(rule, flags, io, table, k, ex)
         for r in refs:
-            states = tuple(r[s] for s in RULES[rule].STATE)
+            states = tuple(r[s] for s in RULES[rule].state)
             states = tuple(s if u else None for s, u in zip(states, RULES[rule].slots_used(flags)))
-            # the backend's single-tensor launch (a plain plan runs its plain kernel)
+            # the backend's single-tensor launch (a plain format runs its plain kernel)
             ncb.launch(rule, flags, r["param"], r["grad"], states, k, io, r.get("master"), ex)
     for i, (t, r) in enumerate(zip(tensors, refs)):
         for name in t:
@@ -119,7 +119,7 @@ def test_norm_clip_and_found_inf():
     assert coef == min(np.float32(1) / (np.float32(out[0]) + np.float32(1e-6)) * np.float32(0.5), 1)
     # a found-inf flag: nothing written
     before = [_copy(t) for t in tensors]
-    flags, k = RULES[rule].plan(hp, 2, None)
+    flags, k = RULES[rule].variant_and_scalars(hp, 2, None)
     fi[0] = 1.0
     ncb.launch_table(rule, flags, io, table, k, {"scale": gs, "found_inf": fi}, clip=out)
     for t, b in zip(tensors, before):

@@ -117,7 +117,7 @@ def test_every_kernel_variant_writes_every_element(variant):
     rule, flags, writes = variant
     rng = np.random.default_rng(len(ncb.variants()) + ncb.variants().index(variant))
     n = 300
-    k = tuple(float(x) for x in rng.uniform(0.1, 0.9, len(fastopt.kernels.RULES[rule].SCALARS)))
+    k = tuple(float(x) for x in rng.uniform(0.1, 0.9, len(fastopt.kernels.RULES[rule].scalars)))
     p = rng.standard_normal(n).astype(np.float32)
     # small gradients and non-negative states keep every square root real (|grad_avg| <= 0.2,
     # square_avg >= 0.05), so the plain-Python run below never hits a math domain error
@@ -253,7 +253,7 @@ def test_nonfinite_values_like_the_oracle():
         np.testing.assert_allclose(a[~np.isnan(a)], b[~np.isnan(b)], rtol=1e-6)
 
 
-# -- mixed precision: the numba-cuda kernels generated per storage plan ---------------------------
+# -- mixed precision: the numba-cuda kernels generated per storage format -------------------------
 
 #: (rule, hyperparameters, param, grad, state, master, stochastic rounding, grad_scale)
 MIXED = [
@@ -347,7 +347,7 @@ def test_capturable_form_reads_scalars_scale_and_found_inf_from_device_memory():
 
     rule, spec = "adam", fastopt.kernels.RULES["adam"]
     hp = dict(spec.defaults, lr=0.05, weight_decay=0.1)
-    flags, k = spec.plan(hp, 3)
+    flags, k = spec.variant_and_scalars(hp, 3)
     writes = spec.slots_used(flags)
     host = storage.IO("bfloat16", "bfloat16", "float32", sr=True, scale="host")
     dev = dataclasses.replace(host, kbuf=True, found_inf=True, scale="device")

@@ -196,9 +196,9 @@ def _lr_matters_after_step_one(name, kwargs):
     spec, hp = spec_of(name), rule_hp(name, resolve(name, kwargs))
     other = dict(hp, lr=hp["lr"] * 0.5)
     hs = spec.initial_host_state(hp)
-    return spec.plan(hp, 2, hs) != spec.plan(other, 2, hs) or spec.advance_host_state(
-        hp, 2, hs
-    ) != spec.advance_host_state(other, 2, hs)
+    return spec.variant_and_scalars(hp, 2, hs) != spec.variant_and_scalars(
+        other, 2, hs
+    ) or spec.advance_host_state(hp, 2, hs) != spec.advance_host_state(other, 2, hs)
 
 
 @pytest.mark.parametrize("backend", backend_params())

@@ -58,7 +58,7 @@ def test_step_plan_runs_any_backend_like_the_oracle(backend, dtype):
 
 def test_a_launch_only_backend_is_adapted():
     """A module that defines only ``launch`` (a test double, the benchmark's null backend) gets
-    the plan's variant and scalars per call; with a storage plan, its extras too."""
+    the plan's variant and scalars per call; with a storage format, its extras too."""
     calls = []
 
     class LaunchOnly:
@@ -75,7 +75,7 @@ def test_a_launch_only_backend_is_adapted():
     run(p, p.copy(), [p.copy()])
     assert calls == [("sgd", plan.flags, plan.k, {})]
 
-    class IO:  # the fields launch_runner reads of a storage plan
+    class IO:  # the fields launch_runner reads of a storage format
         kbuf, compute = False, "float32"
 
     run = protocol.launch_runner(LaunchOnly.launch, plan, IO())

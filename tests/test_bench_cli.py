@@ -88,7 +88,7 @@ def test_slots_a_rule_does_not_read_are_not_read_by_its_kernel():
             assert all(u or not r for u, r in zip(used, read)), (name, flags)
             if read == used and flags != variants[-1]:
                 continue
-            _, k = spec.plan(spec.validate(spec.defaults), 3)
+            _, k = spec.variant_and_scalars(spec.validate(spec.defaults), 3)
             kc = tuple(np.float32(v) for v in k)
             for j in (j for j, u in enumerate(used) if u):
                 if read[j] and j != 0:
@@ -393,7 +393,7 @@ def test_host_path_rows_use_the_null_backend():
 
 
 def test_cpu_loop_cost_script_times_every_plan(capsys):
-    """``bench/cpu_loop_cost.py`` (quoted in the README) runs every storage plan's loop and
+    """``bench/cpu_loop_cost.py`` (quoted in the README) runs every storage format's loop and
     prints one positive cost per plan."""
     pytest.importorskip("numba")
     import runpy

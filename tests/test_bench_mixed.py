@@ -1,5 +1,5 @@
 """The mixed-precision rows of ``fastopt bench``: the per-array bytes model, the same-traffic
-kernels of each storage plan, and the side-by-side group (timings never asserted)."""
+kernels of each storage format, and the side-by-side group (timings never asserted)."""
 
 import contextlib
 import io

@@ -66,7 +66,7 @@ def test_recorded_program_computes_the_host_scalars_bit_for_bit(rule):
         hs = spec.initial_host_state(hp) if spec.host_state else None
         for t in range(1, 40):
             kernel(ctl, k32, k64, keyp, no_inf, np.uint32(5))
-            _, k = spec.plan(hp, t, hs)
+            _, k = spec.variant_and_scalars(hp, t, hs)
             assert np.array_equal(k64, np.array(k)), (rule, t)
             assert np.array_equal(k32, np.array(k, np.float32)), (rule, t)
             assert keyp[0] == storage.step_key(5, t)

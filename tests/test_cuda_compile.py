@@ -208,7 +208,7 @@ def test_slots_unused_by_a_variant_are_not_parameters(rule):
     for flags in cuda_source.variants(rule):
         used = cuda_source.slots_used(rule, flags)
         src, _ = cupy_backend.cuda_source_for(rule, flags, np.float32)
-        for slot, u in zip(RULES[rule].STATE, used):
+        for slot, u in zip(RULES[rule].state, used):
             assert (f"_raw_{slot}" in src) == u, (rule, flags, slot)
 
 
@@ -221,7 +221,7 @@ def test_source_depends_on_variant_not_on_scalars():
     }
     assert len(sources) == len(cuda_source.variants(rule))
     src = cupy_backend.cuda_source_for(rule, dict(amsgrad=True), np.float32)[0]
-    for name in RULES[rule].SCALARS:
+    for name in RULES[rule].scalars:
         assert re.search(rf"const float {name}\b", src), f"scalar {name} is not a float parameter"
 
 

@@ -54,8 +54,8 @@ def _variant_code(i, rule, flags):
     used = cuda_source.slots_used(rule, flags)
     macros = cuda_source.defines(rule, flags)
     bind = ["const T &grad = a[1][i];", "T &param = a[0][i];"]
-    bind += [f"T &{s} = a[{2 + j}][i];" for j, (s, u) in enumerate(zip(mod.STATE, used)) if u]
-    bind += [f"const T {s} = k[{j}];" for j, s in enumerate(mod.SCALARS)]
+    bind += [f"T &{s} = a[{2 + j}][i];" for j, (s, u) in enumerate(zip(mod.state, used)) if u]
+    bind += [f"const T {s} = k[{j}];" for j, s in enumerate(mod.scalars)]
     body = "\n".join(bind + [cuda_source.operation(rule, used)])
     return "\n".join(
         [f"#define {m} {v}" for m, v in macros.items()]
@@ -82,7 +82,7 @@ def _raw_code(i, rule, flags, ctype, width):
     name = f"fastopt_{rule}__r{i}_w{width}"
     arrays, scalars = cuda_source.raw_args(rule, flags)
     slot = {"param": 0, "grad": 1}
-    slot.update({s: 2 + j for j, s in enumerate(RULES[rule].STATE)})
+    slot.update({s: 2 + j for j, s in enumerate(RULES[rule].state)})
     args = [f"a[{slot[a]}]" for a, _ in arrays] + [f"k[{j}]" for j in range(len(scalars))]
     return "\n".join(
         [
@@ -185,7 +185,7 @@ def _initial_state(rule, rng):
     real, AMSGrad's running max above v."""
     st = {}
     spec = RULES[rule]
-    for s in spec.STATE:
+    for s in spec.state:
         st[s] = rng.uniform(0.1, 2.0, N) if spec.slot(s).even else rng.standard_normal(N)
     if rule == "rmsprop":
         st["grad_avg"] = 0.5 * rng.standard_normal(N)
@@ -224,11 +224,11 @@ def test_body_matches_oracle(harness, rule, hp, dtype, form):
     for t in range(1, STEPS + 1):
         kw = dict(hp, lr=hp["lr"] * (1 + 0.1 * t))  # a new lr each step: no stale scalar
         g = grads[t - 1].astype(dtype)
-        fn(p, g, *(st[s] for s in spec.STATE), step=t, backend=be, **kw, **extra)
+        fn(p, g, *(st[s] for s in spec.state), step=t, backend=be, **kw, **extra)
         ref(rp, g.astype(np.float64), rst, step=t, **_oracle_kwargs(rule, kw))
     assert be.seen, "the harness never ran"
     assert_close(p, rp, dtype, f"{rule} param")
-    for s in spec.STATE:
+    for s in spec.state:
         assert_close(st[s], rst[s], dtype, f"{rule} {s}")
     assert hs == {h: float(rst[h]) for h in hs}, "host state"
 
@@ -247,7 +247,7 @@ def test_cases_reach_every_variant(harness):
             getattr(functional, rule)(
                 p,
                 rng.standard_normal(N),
-                *(st[s] for s in RULES[rule].STATE),
+                *(st[s] for s in RULES[rule].state),
                 step=t,
                 backend=be,
                 **hp,

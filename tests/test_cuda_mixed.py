@@ -4,12 +4,12 @@ CPU, against the fp32-math oracle with low-precision storage and, bit for bit, t
 The kernel text is the one the CuPy backend compiles (the rule's ``.cu`` body, the conversions
 of ``kernels/storage.cuh``, the 16-byte vector loop and the scalar tail), run over every
 (block, thread) of a grid smaller than the data by ``tests/harness/harness.cpp``. Each case
-steps through ``fastopt.functional`` (so scalars, flags and the storage plan are the ones a GPU
+steps through ``fastopt.functional`` (so scalars, flags and the storage format are the ones a GPU
 launch gets) in two forms: host scalars, and the capturable form, where the scalars come from a
 device buffer, the loss scale and a zero found-inf flag from device pointers (a found-inf flag
 of one must change nothing). Skipped only when g++ is missing.
 
-The cases cross every rule (defaults and every probe on) with the storage plans and both launch
+The cases cross every rule (defaults and every probe on) with the storage formats and both launch
 forms. The default run keeps a pairwise cover of that product (``support.cover``: every rule
 under every plan, every rule and every plan in both forms, ...) and builds and compiles only
 their kernels; the other cases, with a build of every kernel, are the ``exhaustive`` group.
@@ -43,7 +43,7 @@ NP = {
 }
 N, STEPS, GRID, BLOCK = 1001, 3, 3, 32
 
-#: storage plans: (param, grad, state, master, stochastic rounding, grad_scale, unscale_grads)
+#: storage formats: (param, grad, state, master, stochastic rounding, grad_scale, unscale_grads)
 PLANS = {
     "bf16": ("bfloat16", "bfloat16", "bfloat16", False, False, None, False),
     "f16": ("float16", "float16", "float16", False, False, None, False),
@@ -81,7 +81,7 @@ CASES = [
 
 
 def _io(rule, hp, plan, device, step=2):
-    """The storage plan of a case's launches (as functional.run derives it), and the flags of
+    """The storage format of a case's launches (as functional.run derives it), and the flags of
     its step ``step``."""
     pk, gk, sk, master, sr, scale, unscale = PLANS[plan]
     spec = RULES[rule]
@@ -197,7 +197,7 @@ class MixedHarness:
         self.seen.add(i)
         arrays, scalars = cuda_source.mixed_args(rule, flags, io)
         named = {"grad": grad, "param": param, "master": master}
-        named.update({s: a for s, a in zip(RULES[rule].STATE, states) if a is not None})
+        named.update({s: a for s, a in zip(RULES[rule].state, states) if a is not None})
         bufs = [named[a] for a, _, _ in arrays]
         for b in bufs:
             assert b.flags.c_contiguous and b.ctypes.data % 16 == 0, "16-byte aligned buffers"
@@ -215,7 +215,7 @@ class MixedHarness:
         for t, n in scalars:
             if "*" in t:
                 ptrs.append(values[n])
-            elif n not in RULES[rule].SCALARS:
+            elif n not in RULES[rule].scalars:
                 ks.append(values[n])
         pa = (ctypes.c_void_p * len(bufs))(*[b.ctypes.data for b in bufs])
         pp = (ctypes.c_void_p * max(1, len(ptrs)))(*[p.ctypes.data for p in ptrs])
@@ -243,7 +243,7 @@ def _inputs(rule, plan, seed):
     pk, gk, sk, master, *_ = PLANS[plan]
     rng = np.random.default_rng(seed)
     p = rng.standard_normal(N)
-    st = {s: rng.uniform(0.1, 1.0, N) for s in RULES[rule].STATE}
+    st = {s: rng.uniform(0.1, 1.0, N) for s in RULES[rule].state}
     if "grad_avg" in st:  # centered RMSProp: square_avg >= grad_avg**2 keeps the root real
         st["grad_avg"] = 0.3 * rng.standard_normal(N)
         st["square_avg"] = st["grad_avg"] ** 2 + rng.uniform(0.1, 1.0, N)
@@ -497,7 +497,7 @@ def test_scalar_kernel_in_c_computes_the_host_scalars(tmp_path):
             if fi:
                 assert ctl[0] == 24, f"{rule}: a skipped step counted"
                 continue
-            _, k = spec.plan(hp, t, hs)
+            _, k = spec.variant_and_scalars(hp, t, hs)
             # glibc's pow/sqrt: the same functions as Python's, so the same bits
             assert np.array_equal(k64, np.array(k)), (rule, t, k64, k)
             assert np.array_equal(k32, np.array(k, np.float32)), (rule, t)

@@ -31,7 +31,7 @@ def _has_simulator():
     )
 
 
-def _run_child(select):
+def _run_child(select, files=("cudasim_parity.py", "cudasim_multi_tensor.py")):
     """``tests/cudasim_parity.py`` in a child pytest under the simulator, its cases chosen by
     the marker expression ``select``; it must pass and run cases, skipping none."""
     env = dict(os.environ, NUMBA_ENABLE_CUDASIM="1")
@@ -50,8 +50,7 @@ def _run_child(select):
             str(ROOT),
             "-m",
             select,
-            str(HERE / "cudasim_parity.py"),
-            str(HERE / "cudasim_multi_tensor.py"),
+            *(str(HERE / f) for f in files),
         ],
         cwd=ROOT,
         env=env,
@@ -81,3 +80,11 @@ def test_numba_cuda_kernels_under_the_simulator_every_variant():
     """The simulator cases beyond the default run's pairwise cover (every configuration of the
     variant cover, every kernel variant)."""
     _run_child("exhaustive")
+
+
+@_needs_simulator
+def test_fastopt_torch_gpu_path_under_the_simulator():
+    """``fastopt.torch``'s GPU path (tables, clipping, capturable steps) through numba-cuda
+    (``tests/cudasim_torch.py``)."""
+    pytest.importorskip("torch")
+    _run_child("not exhaustive", ("cudasim_torch.py",))

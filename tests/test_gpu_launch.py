@@ -337,12 +337,12 @@ def test_numba_cuda_refuses_host_arrays_with_a_clear_message(ncb):
         )
 
 
-# -- the CuPy backend's launch plan: the argument block cuLaunchKernel reads --------------------
+# -- the CuPy backend's fixed launch: the argument block cuLaunchKernel reads --------------------
 
 
 @pytest.mark.parametrize("dtype,ctype", [(np.float32, "c_float"), (np.float64, "c_double")])
-def test_cupy_launch_plan_argument_block(monkeypatch, dtype, ctype):
-    """Every kernel argument is read back through the pointer the plan hands the driver: the
+def test_cupy_fixed_launch_argument_block(monkeypatch, dtype, ctype):
+    """Every kernel argument is read back through the pointer the fixed launch hands the driver: the
     buffers' device pointers, each host scalar cast once to the buffer dtype, then n; a second
     call with new scalars launches the same buffers with the new values."""
     import ctypes
@@ -371,11 +371,11 @@ def test_cupy_launch_plan_argument_block(monkeypatch, dtype, ctype):
     monkeypatch.setattr(cb, "cupy", fake_cupy)
     ptrs = [0x7F0000001000, 0x7F0000002000, 0x7F0000003000, 0x7F0000004000]
     n = (1 << 28) + 3
-    plan = cb.Plan("fn", 660, ptrs, 9, dtype, n, "stream", 0)
+    fixed = cb.FixedLaunch("fn", 660, ptrs, 9, dtype, n, "stream", 0)
     k1 = (0.0, 0.99999, 0.9, 0.1, 0.999, 1e-3, 0.01, 31.6227766, 1e-8)
-    plan(k1)
+    fixed(k1)
     k2 = tuple(x * 1.5 for x in k1)
-    plan(k2)
+    fixed(k2)
     for call, k in zip(seen, (k1, k2)):
         f, grid, block, shmem, stream, arrays, scalars, got_n, extra = call
         assert (f, grid, block, shmem, stream, extra) == (
@@ -390,7 +390,7 @@ def test_cupy_launch_plan_argument_block(monkeypatch, dtype, ctype):
         assert scalars == [float(dtype(x)) for x in k]  # one rounding, to the buffer dtype
 
 
-def test_cupy_launch_plan_refuses_a_failed_launch(monkeypatch):
+def test_cupy_fixed_launch_refuses_a_failed_launch(monkeypatch):
     cb = pytest.importorskip("fastopt.backends.cupy_backend")
     if cb.cupy is None:
         pytest.skip("CuPy is not installed")
@@ -406,9 +406,9 @@ def test_cupy_launch_plan_refuses_a_failed_launch(monkeypatch):
             cuda=types.SimpleNamespace(runtime=types.SimpleNamespace(getDevice=lambda: 0))
         ),
     )
-    plan = cb.Plan("fn", 1, [1, 2], 5, np.float32, 10, "s", 0)
+    fixed = cb.FixedLaunch("fn", 1, [1, 2], 5, np.float32, 10, "s", 0)
     with pytest.raises(RuntimeError, match="cuLaunchKernel failed"):
-        plan((0.0,) * 5)
+        fixed((0.0,) * 5)
 
 
 def test_numba_cuda_small_grids_do_not_warn_and_configurations_are_reused(ncb, fake_torch):

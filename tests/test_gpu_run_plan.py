@@ -229,9 +229,9 @@ def test_graph_group_wiring_with_fakes(monkeypatch):
 
 @pytest.mark.torch  # torch is imported by the code under test
 def test_clip_group_without_the_feature_keeps_its_peers(monkeypatch):
-    """Without ``max_grad_norm`` in fastopt.torch the clip group still measures its peers
-    (torch's clip_grad_norm_ + fused step against its fused step alone); a guarded row whose
-    code fails is left out with its error, the rest measured."""
+    """Without the ``max_grad_norm`` feature the clip group still measures its peers
+    (torch's clip_grad_norm_ + fused step against its fused step alone); with it, fastopt.torch's
+    clipped step is measured too, against its unclipped step and torch's clip + step."""
     tr = _tr()
     from fastopt.bench.measure import CASES
 
@@ -250,7 +250,11 @@ def test_clip_group_without_the_feature_keeps_its_peers(monkeypatch):
         tr, "features", lambda *a, **k: {"max_grad_norm": {"available": True, "why": ""}}
     )
     recs = tr.clip_group(CASES["adam"], 4096, **kw)
-    assert len(recs) == 3 and "max_grad_norm" in str(recs[0]["group_errors"])
+    # fastopt.torch has max_grad_norm: its clipped row is measured beside the others
+    by = {(r["backend"], r["variant"]): r for r in recs}
+    assert set(by) == rows | {("fastopt.torch", "clip")}
+    ours = by["fastopt.torch", "clip"]
+    assert ours["clip"] > 0 and ours["x_unclipped"] > 0 and ours["speedup_vs_torch"] > 0
 
 
 @pytest.mark.torch  # torch is imported by the code under test
@@ -261,11 +265,15 @@ def test_sync_rows_count_with_torchs_protocol():
     tr = _tr()
     modes = []
     rows = tr.sync_rows("adam", 4096, device="cpu", steps=2, set_mode=modes.append)
-    assert [r["backend"] for r in rows] == ["fastopt.torch", "torch-fused"]
+    assert [r["backend"] for r in rows] == [
+        "fastopt.torch",
+        "fastopt.torch-capturable",
+        "torch-fused",
+    ]
     for r in rows:
         assert r["per_step"] == [0, 0] and r["syncs_per_step"] == 0
         assert r["error_mode"] == "passed" and r["n_tensors"] > 100
-    assert modes == ["warn", "default", "error", "default"] * 2
+    assert modes == ["warn", "default", "error", "default"] * 3
 
 
 @pytest.mark.torch  # torch is imported by the code under test

@@ -869,12 +869,12 @@ def test_12_concurrent_steps_never_tear_a_step():
 
 
 def test_update_revalidates_only_what_changed(monkeypatch):
-    from fastopt.base import Optimizer
+    from fastopt._steps import Stepper
 
     calls = []
-    real = Optimizer._validate_dict
+    real = Stepper._validate_dict
     monkeypatch.setattr(
-        Optimizer, "_validate_dict", lambda self, p, g: calls.append(1) or real(self, p, g)
+        Stepper, "_validate_dict", lambda self, o, p, g: calls.append(1) or real(self, o, p, g)
     )
     opt, params, grads = _dict_setup("numba", kw={}, steps=1)
     assert len(calls) == 1

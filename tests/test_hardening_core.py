@@ -7,8 +7,9 @@ Four families, each closed at its root (ARCHITECTURE.md, "How a step flows"):
    NumPy view of an array resized since, and an array resized in place between cached steps
    (``_arrays.check_backing``, ``_arrays.Pins``);
 2. a call refused after it wrote: every fallible computation (host scalars, the host state
-   after the step, the step count) is planned before the first write (``Launch``, ``Rule.plan``),
-   and the step count and host state are committed after the launches;
+   after the step, the step count) is planned before the first write (``StepPlan``,
+   ``Rule.variant_and_scalars``), and the step count and host state are committed after the
+   launches;
 3. ndarray subclasses: viewed as plain arrays (``np.matrix``, ``np.memmap``, any subclass) or
    refused (a masked array) at every door;
 4. valid input refused: the state dict and checkpoint of a master-weights optimizer over mixed

@@ -66,7 +66,7 @@ def test_many_equals_one_by_one(rule, dtype):
         hp = spec.validate(spec.defaults)
     for flags in spec.variants()[-1:]:
         used = spec.slots_used(flags)
-        _, k = spec.plan(hp, 3)
+        _, k = spec.variant_and_scalars(hp, 3)
         stores = [_buffers(rng, n, dtype, len(spec.slots)) for n in SIZES]
         twins = [[s.copy() for s in st] for st in stores]
         table = np.array(
@@ -108,7 +108,7 @@ def test_add_at_adds_to_each_address_and_nothing_else():
     assert np.array_equal(buf, want)
 
 
-# -- storage plans (mixed precision): launch_many_io ---------------------------------------------
+# -- storage formats (mixed precision): launch_many_io ---------------------------------------------
 
 POISON16 = 0x7E01  # a bfloat16 NaN pattern: any write over a guard shows
 
@@ -132,7 +132,7 @@ def _store(rng, n, kind, lead, positive=False):
     return store
 
 
-#: (name, rule, IO keywords, first-element offset): every storage plan fastopt.torch launches,
+#: (name, rule, IO keywords, first-element offset): every storage format fastopt.torch launches,
 #: stochastic rounding (its hash index counts from the tensor's start, not the chunk's), the
 #: loss scale with the grads stored back, and arrays that are not 4-byte aligned (no word loop)
 IO_CASES = [
@@ -163,7 +163,7 @@ def test_many_io_equals_one_by_one(name, rule, kw, lead):
     flags = spec.variants()[-1] if rule == "adam" else spec.variants()[0]
     used = spec.slots_used(flags)
     nslots = len(spec.slots)
-    _, k = spec.plan(spec.validate(spec.defaults), 3)
+    _, k = spec.variant_and_scalars(spec.validate(spec.defaults), 3)
     inv_scale, key, salt = (0.5 if io.scale else 1.0), 0x5EED1234, 77
     # one case runs the parallel loops (SIZES, over PARALLEL_MIN elements); the others the
     # serial ones, still over tensors split into chunks and odd lengths (fewer compiles)

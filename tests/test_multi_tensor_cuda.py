@@ -5,7 +5,7 @@
   backend's own checked builder (``_launch.TensorTable``): empty, one-element and misaligned
   tensors, lengths that are no multiple of the vector width, tensors straddling chunk
   boundaries, thousands of tiny tensors. Every tensor must come out bit for bit as the
-  single-tensor kernel of the same storage plan leaves it (``cuda_source.mixed_source``, itself
+  single-tensor kernel of the same storage format leaves it (``cuda_source.mixed_source``, itself
   held to the oracle by ``tests/test_cuda_mixed.py``; the float32 case against the float64
   oracle here too), and guard bytes around every buffer must be untouched.
 - The chunk mapping and address arithmetic in 64 bits: a table whose lengths sum past 2^31
@@ -54,7 +54,7 @@ NP = {
 }
 ADAMW = dict(lr=0.01, weight_decay=0.1, decoupled_weight_decay=True)
 
-#: (rule, hyperparameters, storage plan): fp32 Adam (AMSGrad, L2 decay); AdamW on bf16 params
+#: (rule, hyperparameters, storage format): fp32 Adam (AMSGrad, L2 decay); AdamW on bf16 params
 #: with an fp32 master and a host loss scale; Adam on bf16 params rounded stochastically; SGD
 #: with Nesterov momentum on fp16, capturable (scalars, loss scale and found-inf flag read
 #: from device memory); NAdam (host state) on float64 params with float32 grads and state
@@ -84,7 +84,7 @@ def _plan(rule, hp, step):
     """(flags, k) of ``step`` (the host state replayed from step 1)."""
     spec = RULES[rule]
     hs = spec.replay_host_state(hp, step) if spec.host_state else None
-    flags, k = spec.plan(hp, step, hs)
+    flags, k = spec.variant_and_scalars(hp, step, hs)
     return flags, k
 
 
@@ -296,7 +296,7 @@ def _values(rule, io, scalars, k, key, clip=None, found_inf=0.0):
         "keyp": lambda: np.array([key], np.uint32),
         "clip": lambda: np.asarray(clip, dtype=c),
     }
-    host = dict(zip(RULES[rule].SCALARS, k), inv_scale=1.0 / SCALE, salt=SALT, key=key)
+    host = dict(zip(RULES[rule].scalars, k), inv_scale=1.0 / SCALE, salt=SALT, key=key)
     ptrs, ks = [], []
     for t, n in scalars:
         if "*" in t:
@@ -353,7 +353,7 @@ def _tensor(rng, rule, io, n):
     """One tensor's arrays (name -> values), master from the param."""
     p = rng.standard_normal(n)
     out = {"param": p.astype(NP[io.param])}
-    for s in RULES[rule].STATE:
+    for s in RULES[rule].state:
         out[s] = rng.uniform(0.1, 1.0, n).astype(NP[io.state])
     if io.master:
         out["master"] = out["param"].astype(np.float32)
@@ -375,7 +375,7 @@ def _place(arena, arrays, misalign):
 
 
 def _row(rule, io, placed):
-    slots = [placed.get(s) for s in RULES[rule].STATE]
+    slots = [placed.get(s) for s in RULES[rule].state]
     return (placed["param"], placed["grad"], slots, placed.get("master"))
 
 
@@ -421,10 +421,10 @@ def test_multi_tensor_kernel_equals_the_single_tensor_kernel(lib, case, capfd):
     for i, (pl, r) in enumerate(zip(placed, refs)):
         for name in pl:
             _same_bits(pl[name], r[name], f"{case} tensor {i} (n={LENGTHS[i]}) {name}")
-    if case == "adam-f32":  # the plain plan against the float64 oracle as well
+    if case == "adam-f32":  # the plain format against the float64 oracle as well
         for i, t in enumerate(tensors):
             p = t["param"].astype(np.float64)
-            st = {s: t[s].astype(np.float64) for s in RULES[rule].STATE}
+            st = {s: t[s].astype(np.float64) for s in RULES[rule].state}
             for step in (2, 3):
                 g = grads[i][step - 2].astype(np.float64)
                 reference.adam(p, g, st, step=step, lr=0.01, weight_decay=0.1, amsgrad=True)
@@ -443,10 +443,10 @@ def test_thousands_of_tiny_tensors(lib):
     lengths = rng.integers(0, 7, 3000)
     starts = np.concatenate([[0], np.cumsum(lengths + 1)[:-1]])
     total = int(starts[-1] + lengths[-1] + 1)
-    names = ["param", "grad", *RULES[rule].STATE]
+    names = ["param", "grad", *RULES[rule].state]
     arena = Arena()
     packed = {n: rng.standard_normal(int(lengths.sum())).astype(np.float32) for n in names}
-    for s in RULES[rule].STATE:
+    for s in RULES[rule].state:
         packed[s] = np.abs(packed[s]) + np.float32(0.1)
     gapped = {}
     for n in names:
@@ -459,7 +459,7 @@ def test_thousands_of_tiny_tensors(lib):
         (
             gapped["param"][s : s + m],
             gapped["grad"][s : s + m],
-            [gapped[x][s : s + m] for x in RULES[rule].STATE],
+            [gapped[x][s : s + m] for x in RULES[rule].state],
             None,
         )
         for s, m in zip(starts, lengths)
@@ -998,12 +998,16 @@ def test_launch_table_logic_against_a_fake_cupy(fake_cupy):
     assert args[2] == table.nchunks and args[3] == table.chunk
     assert [type(a) for a in args[4:]] == [np.float32] * len(k)
     assert list(args[4:]) == [np.float32(x) for x in k]
-    # the steady step: no copy; new gradient addresses: the rows again, not the chunks
+    # the steady step: no copy; new gradient addresses: the rows again, written into the same
+    # device array (a captured launch keeps its address), not the chunks
     cb.launch_table("adam", flags, io, table, k)
     assert len(fake.copies) == 2 and len(fake.launches) == 2
+    rows = table.device_rows
     table.set_column("grad", [1 + t[1].ctypes.data for t in host])
     cb.launch_table("adam", flags, io, table, k)
-    assert fake.copies[2:] == [table.rows.shape]
+    assert len(fake.copies) == 2 and table.device_rows is rows and not table.stale
+    assert fake.launches[-1][3][0] is rows
+    np.testing.assert_array_equal(rows, table.rows)
     # refused before anything: a variant needing an absent slot, a wrong clip buffer
     n = len(fake.launches)
     with pytest.raises(ValueError, match="max_exp_avg_sq"):

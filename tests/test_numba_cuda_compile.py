@@ -39,7 +39,7 @@ def _signature(rule, writes, dtype):
     from numba import types
 
     t = getattr(types, dtype)
-    return (t[::1],) * (2 + len(writes)) + (types.UniTuple(t, len(RULES[rule].SCALARS)),)
+    return (t[::1],) * (2 + len(writes)) + (types.UniTuple(t, len(RULES[rule].scalars)),)
 
 
 def _toolchain():
@@ -221,7 +221,7 @@ def test_every_rule_and_flag_has_a_variant():
         ), rule
 
 
-#: storage plans of the mixed-precision kernels (kernels.storage.IO keyword arguments)
+#: storage formats of the mixed-precision kernels (kernels.storage.IO keyword arguments)
 MIXED_PLANS = {
     "bf16": dict(param="bfloat16", grad="bfloat16", state="bfloat16"),
     "f16": dict(param="float16", grad="float16", state="float16"),
@@ -267,7 +267,7 @@ MIXED_RULES = {"adam"} | set({_layout(r): r for r in reversed(RULES)}.values())
     [pytest.param(r, p, marks=marks(r in MIXED_RULES), id=f"{r}-{p}") for r, p in MIXED_CASES],
 )
 def test_mixed_kernels_compile_without_float64(rule, plan):
-    """The kernels generated per storage plan compile for sm_90; where the math is float32
+    """The kernels generated per storage format compile for sm_90; where the math is float32
     (16-bit and float32 storage) no float64 instruction appears, and each trip loads param,
     grad and every present slot (and the master) once."""
     from fastopt.kernels.storage import IO

@@ -1,5 +1,6 @@
 """One owner of an optimizer's state (``fastopt._state.OptimizerState``, ARCHITECTURE.md "The
-state: one owner"): the step machinery reads and changes it only through its methods, state
+state: one owner"): the step machinery (``fastopt._steps.Stepper``, an object of its own) reads
+and changes it only through its methods and reads no private attribute of the optimizer, state
 dicts round-trip through it, and older pickles (the state's parts as the optimizer's own
 attributes) load into it."""
 
@@ -37,6 +38,64 @@ def test_the_step_machinery_uses_only_the_state_objects_interface():
         assert not private, f"{rel} reaches into OptimizerState: {private}"
     steps = {a[0] for a in _self_attrs(ast.parse((ROOT / "fastopt/_steps.py").read_text()))}
     assert not steps & OLD, sorted(steps & OLD)
+
+
+def _foreign_private_reads(tree):
+    """``(line, expression)`` of every read of a private attribute (``x._name``, not a dunder)
+    of anything but ``self``, ``cls``, ``type(self)`` or a class of the same module."""
+    own = {n.name for n in tree.body if isinstance(n, ast.ClassDef)}
+    for node in ast.walk(tree):
+        if not isinstance(node, ast.Attribute) or node.attr[0] != "_" or node.attr[-2:] == "__":
+            continue
+        v = node.value
+        if isinstance(v, ast.Name) and (v.id in ("self", "cls") or v.id in own):
+            continue
+        if isinstance(v, ast.Call) and isinstance(v.func, ast.Name) and v.func.id == "type":
+            continue
+        yield node.lineno, ast.unparse(node)
+
+
+def test_the_stepper_and_the_optimizer_read_no_private_attribute_of_each_other():
+    # the step cache is its own object (fastopt._steps.Stepper), no mixin of the optimizer: it
+    # talks to the optimizer through StepOwner (public settings) and StepHooks, to the state
+    # through OptimizerState's methods
+    from fastopt._steps import Stepper
+    from fastopt.base import Optimizer
+
+    assert Optimizer.__bases__ == (object,)
+    assert not issubclass(Optimizer, Stepper)
+    for rel in ("fastopt/_steps.py", "fastopt/base.py"):
+        found = list(_foreign_private_reads(ast.parse((ROOT / rel).read_text())))
+        assert not found, f"{rel} reads private attributes of other objects: {found}"
+    # the check finds one
+    src = "class A:\n    def f(self, o):\n        return o._x + self._y + A._z\n"
+    assert [e for _, e in _foreign_private_reads(ast.parse(src))] == ["o._x"]
+
+
+def test_a_pickled_optimizer_gets_a_fresh_stepper():
+    rng = np.random.default_rng(8)
+    p = {"x": rng.standard_normal(6)}
+    opt = fastopt.Adam(lr=1e-2, backend="numpy")
+    opt.update(p, {"x": rng.standard_normal(6)})
+    assert opt._stepper.dict_cache is not None
+    assert "_stepper" not in opt.__getstate__()  # the caches hold live arrays: not pickled
+    new = pickle.loads(pickle.dumps(opt))
+    assert new._stepper is not opt._stepper and new._stepper.dict_cache is None
+    assert new._stepper.state is new._st
+    d = opt.__getstate__()
+    d["_dict_cache"] = d["_flat_cache"] = None  # pickled when the caches were the optimizer's
+    older = object.__new__(fastopt.Adam)
+    older.__setstate__(d)
+    assert not {"_dict_cache", "_flat_cache"} & set(older.__dict__)
+    assert older._stepper.state is older._st
+    g = {"x": rng.standard_normal(6)}
+    p_old, p_new = {"x": p["x"].copy()}, {"x": p["x"].copy()}
+    opt.update(p_old, g)
+    new.update(p_new, g)
+    np.testing.assert_array_equal(p_old["x"], p_new["x"])
+    for s, a in opt.state["x"].items():
+        np.testing.assert_array_equal(new.state["x"][s], a, err_msg=s)
+    assert new.step_count == opt.step_count == 2
 
 
 def _data(rng, shapes):

@@ -9,9 +9,10 @@ between segments must stay zero too. The largest size runs only where a backend 
 loop for it to reach (numba's ``PARALLEL_MIN``), for each class's fullest configuration.
 
 Each configuration that reaches a new flag variant costs a compile per dtype. The default run
-keeps a pairwise cover of each class's probe combinations (``support.cover``: every probe on and
-off beside every other probe on and off, the defaults and the fullest configuration among them);
-the rest of the product is the ``exhaustive`` sweep.
+keeps, at float32, a pairwise cover of each class's probe combinations (``support.cover``: every
+probe on and off beside every other probe on and off, the defaults and the fullest configuration
+among them) and, at float64, each class's two ends (its defaults and its fullest configuration)
+on the serial loop; the rest of the product is the ``exhaustive`` sweep.
 """
 
 import importlib
@@ -19,8 +20,8 @@ import importlib
 import numpy as np
 import pytest
 from conftest import backend_params
-from support.cover import marks, matrix_cover
-from support.matrix import FULL, MATRIX, config_id
+from support.cover import marks, matrix_cover, matrix_ends
+from support.matrix import FULL, MATRIX, config_id, full_config
 from support.oracle import resolve, run_oracle, state_names
 from support.parity import DTYPES, SIZES_STEPS, case
 from support.tolerances import assert_close
@@ -36,8 +37,19 @@ def _parallel_min(backend):
         return None
 
 
-#: indices into MATRIX of the configurations the default run keeps (support.cover)
+#: indices into MATRIX of the configurations the default run keeps (support.cover): the
+#: pairwise cover at float32, each class's ends at float64
 COVER = matrix_cover()
+ENDS = matrix_ends()
+
+
+def _kept(cfg, dtype, n):
+    """Whether the default run keeps a case: the cover at float32, the ends at float64, and the
+    parallel loop (n > 1001) at float32 only (its float64 build is the same loop as the float32
+    one at another width, and the float64 serial loop of the same configuration runs)."""
+    if np.dtype(dtype) == np.float32:
+        return cfg in COVER
+    return cfg in ENDS and n <= 1001
 
 
 def _params():
@@ -64,7 +76,7 @@ def _params():
                             n,
                             steps,
                             backend,
-                            marks=p.marks + marks(cfg in COVER),
+                            marks=p.marks + marks(_kept(cfg, dtype, n)),
                             id=f"{config_id(c)}-{np.dtype(dtype).name}-{n}-{steps}-{p.id}",
                         )
                     )
@@ -140,8 +152,11 @@ def test_default_run_covers_every_pair_of_probes():
             every = {(kw[a], kw[b]) for _, kw in configs}
             kept = {(kw[a], kw[b]) for i, kw in configs if i in COVER}
             assert kept == every, f"{name}: {a} x {b} lacks {every - kept}"
-    assert {i for i, c in enumerate(MATRIX) if c in FULL} <= COVER
+    assert {i for i, c in enumerate(MATRIX) if c in FULL} <= ENDS <= COVER
     assert {MATRIX[i][0] for i in COVER} == {n for n, _ in MATRIX}
+    for name in {n for n, _ in MATRIX}:  # at float64: each class's defaults and fullest
+        first = next(i for i, (n, _) in enumerate(MATRIX) if n == name)
+        assert first in ENDS and MATRIX.index(full_config(name)) in ENDS
 
 
 @pytest.mark.parametrize("backend", backend_params())

@@ -349,7 +349,9 @@ def test_refusals_change_nothing():
     with pytest.raises((TypeError, ValueError)):
         fot.Adam(model.parameters(), lr=-1.0)
     with pytest.raises(NotImplementedError):
-        fot.Adam(model.parameters(), capturable=True)
+        fot.Adam(model.parameters(), differentiable=True)
+    with pytest.raises(NotImplementedError, match="capturable"):
+        fot.RAdam(model.parameters(), capturable=True)  # its variant depends on the step
     with pytest.raises(ValueError, match="unknown backend"):
         fot.Adam(model.parameters(), backend="nope")
 

@@ -1,9 +1,11 @@
 """Type checking: ``python -m mypy`` (configured by ``mypy.ini``) reports no error, and every
-public function and method of the modules ``mypy.ini`` marks as fully typed has a complete
-signature (every parameter but ``self``/``cls`` annotated, and the return type).
+public function and method of the modules ``mypy.ini`` marks as typed has a complete signature
+(every parameter but ``self``/``cls`` annotated, and the return type); in the modules it marks
+fully typed, every function, private and nested ones too.
 
-The fully typed modules are the ones ``mypy.ini``'s section with ``disallow_incomplete_defs``
-names: that section is the one list, read here."""
+The typed modules are the ones ``mypy.ini``'s sections with ``disallow_incomplete_defs`` name,
+the fully typed ones those with ``disallow_untyped_defs``: those sections are the one list, read
+here."""
 
 import ast
 import configparser
@@ -18,15 +20,13 @@ ROOT = Path(__file__).resolve().parent.parent
 CONFIG = ROOT / "mypy.ini"
 
 
-def _fully_typed_modules():
-    """The module names of the ``[mypy-...]`` sections that set ``disallow_incomplete_defs``."""
+def _fully_typed_modules(option="disallow_incomplete_defs"):
+    """The module names of the ``[mypy-...]`` sections that set ``option``."""
     cfg = configparser.ConfigParser()
     cfg.read(CONFIG)
     out = []
     for section in cfg.sections():
-        if section.startswith("mypy-") and cfg[section].getboolean(
-            "disallow_incomplete_defs", fallback=False
-        ):
+        if section.startswith("mypy-") and cfg[section].getboolean(option, fallback=False):
             out += [m.strip() for m in section[len("mypy-") :].split(",") if m.strip()]
     return out
 
@@ -44,10 +44,11 @@ def _is_public(name):
     return not name.startswith("_") or (name.startswith("__") and name.endswith("__"))
 
 
-def missing_annotations(source):
+def missing_annotations(source, every=False):
     """``[(qualified name, [what is missing])]`` for the public functions and methods of
     ``source`` (module level and in public classes, nested classes included; functions nested
-    in functions are implementation) whose signatures are incomplete."""
+    in functions are implementation) whose signatures are incomplete; with ``every``, for every
+    function (private ones, and those nested in functions and private classes, too)."""
     out = []
 
     def check(fn, qual, method):
@@ -70,11 +71,13 @@ def missing_annotations(source):
 
     def visit(body, prefix, method):
         for node in body:
-            if isinstance(node, ast.ClassDef) and _is_public(node.name):
+            if isinstance(node, ast.ClassDef) and (every or _is_public(node.name)):
                 visit(node.body, f"{prefix}{node.name}.", True)
             elif isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
-                if _is_public(node.name):
+                if every or _is_public(node.name):
                     check(node, prefix + node.name, method)
+                if every:
+                    visit(node.body, f"{prefix}{node.name}.<locals>.", False)
             elif isinstance(node, ast.If):  # TYPE_CHECKING / optional-import branches
                 visit(node.body, prefix, method)
                 visit(node.orelse, prefix, method)
@@ -101,6 +104,15 @@ def test_the_checker_finds_an_incomplete_signature():
         ("A.static", ["x"]),
         ("f", ["b", "*args"]),
     ]
+    nested = "def f() -> None:\n    def g(x): ...\n"
+    assert missing_annotations(src + nested, every=True) == [
+        ("A.no_return", ["return"]),
+        ("A._private", ["x", "return"]),
+        ("A.static", ["x"]),
+        ("f", ["b", "*args"]),
+        ("_Hidden.g", ["x", "return"]),
+        ("f.<locals>.g", ["x", "return"]),
+    ]
 
 
 def test_fully_typed_modules_have_complete_public_signatures():
@@ -116,6 +128,18 @@ def test_fully_typed_modules_have_complete_public_signatures():
             if found:
                 incomplete[str(path.relative_to(ROOT))] = found
     assert not incomplete, f"incomplete signatures in fully typed modules: {incomplete}"
+
+
+def test_fully_typed_modules_annotate_every_function():
+    modules = _fully_typed_modules("disallow_untyped_defs")
+    assert "kernels.spec" in modules and "fastopt.backends.protocol" in modules
+    incomplete = {}
+    for module in modules:
+        for path in _paths_of(module):
+            found = missing_annotations(path.read_text(), every=True)
+            if found:
+                incomplete[str(path.relative_to(ROOT))] = found
+    assert not incomplete, f"unannotated functions in fully typed modules: {incomplete}"
 
 
 @pytest.mark.skipif(importlib.util.find_spec("mypy") is None, reason="mypy is not installed")

@@ -12,6 +12,7 @@ no optional dependency.
 from __future__ import annotations
 
 import importlib
+from types import ModuleType
 from typing import Any
 
 __all__ = ["BACKENDS", "available_backends", "get_backend", "is_device_array", "resolve"]
@@ -23,10 +24,12 @@ BACKENDS = {
     "numba-cuda": "fastopt.backends.numba_cuda_backend",
     "cupy": "fastopt.backends.cupy_backend",
 }
-_loaded: dict[Any, Any] = {}
+#: name -> its module, the ImportError that kept it from loading, or a stand-in registered in
+#: its place (the benchmark's null backend, ``fastopt.bench.host``)
+_loaded: dict[str, Any] = {}
 
 
-def _module(name):
+def _module(name: str) -> Any:
     if name not in _loaded:
         try:
             _loaded[name] = importlib.import_module(BACKENDS[name])
@@ -45,7 +48,7 @@ def available_backends() -> list[str]:
     return out
 
 
-def get_backend(name):
+def get_backend(name: str) -> ModuleType:
     """The backend module called ``name``; raises if it is unknown or cannot run here."""
     if name not in BACKENDS:
         raise ValueError(f"unknown backend {name!r}; expected 'auto' or one of {list(BACKENDS)}")
@@ -57,12 +60,12 @@ def get_backend(name):
     return mod
 
 
-def is_device_array(a):
+def is_device_array(a: object) -> bool:
     """True for GPU arrays (CuPy, Numba device arrays, anything with __cuda_array_interface__)."""
     return hasattr(a, "__cuda_array_interface__")
 
 
-def resolve(backend, array=None):
+def resolve(backend: str | ModuleType, array: object = None) -> ModuleType:
     """A backend module from a name, ``"auto"`` (chosen from the array's type) or a module."""
     if not isinstance(backend, str):
         return backend

@@ -18,9 +18,13 @@
 from __future__ import annotations
 
 import sys
-from typing import Any
+from collections.abc import Mapping, Sequence
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
+
+if TYPE_CHECKING:
+    from ..kernels.storage import IO
 
 __all__ = [
     "LIMITS",
@@ -48,8 +52,12 @@ LIMITS = dict(
 
 
 def blocks_per_sm(
-    regs_per_thread, threads=THREADS, limits=None, shared_per_block=0, shared_per_sm=228 * 1024
-):
+    regs_per_thread: int,
+    threads: int = THREADS,
+    limits: Mapping[str, int] | None = None,
+    shared_per_block: int = 0,
+    shared_per_sm: int = 228 * 1024,
+) -> int:
     """Resident blocks of ``threads`` threads per multiprocessor for a kernel that uses
     ``regs_per_thread`` registers (registers are allocated per warp in units of 256)."""
     lim = dict(LIMITS, **(limits or {}))
@@ -68,13 +76,13 @@ def blocks_per_sm(
     return min(by_regs, by_threads, by_shared, lim["max_blocks_per_sm"])
 
 
-def grid_size(items, sms, per_sm, threads=THREADS):
+def grid_size(items: int, sms: int, per_sm: int, threads: int = THREADS) -> int:
     """Blocks for ``items`` work items (elements or vectors): one full wave of resident blocks
     (``sms * per_sm``), fewer when the work needs fewer; a grid-stride loop covers the rest."""
     return max(1, min(sms * per_sm, -(-int(items) // threads)))
 
 
-def producer_stream(a):
+def producer_stream(a: Any) -> int | None:
     """The stream handle (int) work on ``a`` must be ordered on, or None when the producer
     names none (then the default stream, which orders itself with every blocking stream).
 
@@ -95,7 +103,7 @@ def producer_stream(a):
     return s if isinstance(s, int) and not isinstance(s, bool) and s > 0 else None
 
 
-def plain_view(a):
+def plain_view(a: Any) -> Any:
     """``a.detach()`` for a tensor that requires grad (same memory, no copy), else ``a``."""
     if getattr(a, "requires_grad", False) and hasattr(a, "detach"):
         return a.detach()
@@ -113,7 +121,7 @@ _TORCH_KINDS = {
 }
 
 
-def describe(a, what):
+def describe(a: Any, what: str) -> tuple[str, int, int, tuple[str, int | None]]:
     """``(storage kind, elements, address, device)`` of one C-contiguous array: a PyTorch
     tensor, a CuPy or NumPy array, or any ``__cuda_array_interface__`` producer (its device
     ``("cuda", index)``, ``("cuda", None)`` where the producer names none, ``("host", None)``
@@ -152,7 +160,7 @@ def describe(a, what):
     return k, int(n), int(ptr), device
 
 
-def _c_strides(shape, itemsize):
+def _c_strides(shape: tuple[int, ...], itemsize: int) -> tuple[int, ...]:
     out, step = [], itemsize
     for d in reversed(shape):
         out.append(step)
@@ -167,18 +175,26 @@ class TensorTable:
 
     ``tensors`` is a list of ``(param, grad, slots, master)``: ``slots`` one array or None per
     state slot of ``rule``, ``master`` the fp32 master copy (None without one). Every array is
-    checked (``describe``): storage dtypes as the plan ``io`` says (param ``io.param``, grad
-    ``io.grad``, slots ``io.state``, master float32 exactly when ``io.master``), as many
-    elements as its param, C-contiguous, on the param's device. Nothing is launched from a
-    table that failed a check (the constructor raises). The kernels trust the table; so the
-    arrays must stay alive, unmoved, for as long as it is launched: ``same``/``update`` are the
-    cheap re-checks of a later step (``fastopt.torch`` holds the tensors).
+    checked (``describe``): storage dtypes as the storage format ``io`` says (param
+    ``io.param``, grad ``io.grad``, slots ``io.state``, master float32 exactly when
+    ``io.master``), as many elements as its param, C-contiguous, on the param's device.
+    Nothing is launched from a table that failed a check (the constructor raises). The kernels
+    trust the table; so the arrays must stay alive, unmoved, for as long as it is launched:
+    ``same``/``update`` are the cheap re-checks of a later step (``fastopt.torch`` holds the
+    tensors).
 
     ``blocks``: the blocks the device holds at once (``chunk_size``); ``device_rows`` and
     ``device_chunks`` are the device copies, made by the backend (``stale``/``stale_chunks``:
     the host copy changed since)."""
 
-    def __init__(self, rule, io, tensors, chunk=None, blocks=None):
+    def __init__(
+        self,
+        rule: str,
+        io: IO,
+        tensors: Sequence[Any],
+        chunk: int | None = None,
+        blocks: int | None = None,
+    ) -> None:
         from ..kernels import multi_tensor
 
         self.rule, self.io = rule, io
@@ -190,21 +206,24 @@ class TensorTable:
         self.chunks = multi_tensor.chunk_table(self.rows[:, 0], self.chunk)
         self.device_rows = self.device_chunks = None
         self.stale = self.stale_chunks = True
-        self._ok = set()  # flag variants whose slots have been found present
+        self._ok: set[tuple[tuple[str, bool], ...]] = (
+            set()
+        )  # flag variants whose slots have been found present
 
     @property
-    def nchunks(self):
+    def nchunks(self) -> int:
+        """How many chunk entries the table holds."""
         return int(self.chunks.shape[0])
 
     @property
-    def total(self):
+    def total(self) -> int:
         """Elements over every tensor (may exceed 2^31)."""
         return int(self.rows[:, 0].sum())
 
-    def _rows(self, tensors):
+    def _rows(self, tensors: Sequence[Any]) -> tuple[np.ndarray, Any]:
         from ..kernels import RULES
 
-        io, nslots = self.io, len(RULES[self.rule].STATE)
+        io, nslots = self.io, len(RULES[self.rule].state)
         if not len(tensors):
             raise ValueError("an empty list of tensors")
         rows = np.zeros((len(tensors), len(self.columns)), dtype=np.int64)
@@ -220,19 +239,25 @@ class TensorTable:
             if device is None:
                 device = device_i
             if pk != io.param:
-                raise TypeError(f"tensor {i} param: {pk}; the plan {io} stores it as {io.param}")
+                raise TypeError(
+                    f"tensor {i} param: {pk}; the storage format {io} stores it as {io.param}"
+                )
             if device_i != device:
                 raise ValueError(f"tensor {i} param: on {device_i}; tensor 0's on {device}")
             if n and pp == 0:
                 raise ValueError(f"tensor {i} param: a null address")
             cells = [("grad", g, io.grad)]
-            cells += [(name, s, io.state) for name, s in zip(RULES[self.rule].STATE, slots)]
+            cells += [(name, s, io.state) for name, s in zip(RULES[self.rule].state, slots)]
             if io.master:
                 if m is None:
-                    raise ValueError(f"tensor {i}: the plan {io} keeps a master copy; got None")
+                    raise ValueError(
+                        f"tensor {i}: the storage format {io} keeps a master copy; got None"
+                    )
                 cells.append(("master", m, "float32"))
             elif m is not None:
-                raise ValueError(f"tensor {i}: a master copy, but the plan {io} keeps none")
+                raise ValueError(
+                    f"tensor {i}: a master copy, but the storage format {io} keeps none"
+                )
             row = [n, pp]
             for name, a, want in cells:
                 if a is None:  # an absent slot (a variant that needs it is refused at launch)
@@ -242,7 +267,9 @@ class TensorTable:
                     continue
                 k, na, ptr, d = describe(a, f"tensor {i} {name}")
                 if k != want:
-                    raise TypeError(f"tensor {i} {name}: {k}; the plan {io} stores it as {want}")
+                    raise TypeError(
+                        f"tensor {i} {name}: {k}; the storage format {io} stores it as {want}"
+                    )
                 if na != n:
                     raise ValueError(f"tensor {i} {name}: {na} elements; its param has {n}")
                 if d != device:
@@ -253,8 +280,8 @@ class TensorTable:
             rows[i] = row
         return rows, device
 
-    def check(self, rule, flags, io):
-        """Refuse a launch the table cannot serve: another rule, another storage plan (the
+    def check(self, rule: str, flags: Mapping[str, bool], io: IO) -> None:
+        """Refuse a launch the table cannot serve: another rule, another storage format (the
         extras aside), or a variant that uses a slot some non-empty tensor lacks."""
         mine, theirs = self.io, io
         if rule != self.rule or (mine.param, mine.grad, mine.state, mine.master) != (
@@ -273,7 +300,7 @@ class TensorTable:
 
         used = RULES[rule].slots_used(flags)
         live = self.rows[:, 0] > 0
-        for j, (name, u) in enumerate(zip(RULES[rule].STATE, used)):
+        for j, (name, u) in enumerate(zip(RULES[rule].state, used)):
             missing: Any = np.flatnonzero(live & (self.rows[:, 3 + j] == 0)) if u else ()
             if len(missing):
                 raise ValueError(
@@ -282,13 +309,13 @@ class TensorTable:
                 )
         self._ok.add(key)
 
-    def same(self, tensors):
+    def same(self, tensors: Sequence[Any]) -> bool:
         """Do ``tensors`` give this very table (lengths and addresses)? Checked as the
         constructor checks them."""
         rows, device = self._rows(tensors)
         return device == self.device and np.array_equal(rows, self.rows)
 
-    def update(self, tensors):
+    def update(self, tensors: Sequence[Any]) -> bool:
         """Take ``tensors``' rows (checked) as the table's; the chunks are cut again when a
         length changed. Returns whether anything changed (then the device copy is stale)."""
         rows, device = self._rows(tensors)
@@ -305,7 +332,7 @@ class TensorTable:
         self._ok.clear()  # a slot may have gone: every variant is checked again
         return True
 
-    def set_column(self, name, addresses):
+    def set_column(self, name: str, addresses: Any) -> bool:
         """Write one column of addresses (``"grad"``: a step's new gradients), unchecked
         beyond their count and a null address of a non-empty tensor: for a caller that has
         checked the arrays themselves (as ``fastopt.torch``'s steady step does). Returns

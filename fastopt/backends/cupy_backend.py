@@ -10,9 +10,9 @@ reading each array once and writing param and the state it uses once. Two kernel
 - ``"elementwise"``: a ``cupy.ElementwiseKernel`` around the same body (scalar loads).
 
 ``KERNEL_FORM`` (from ``FASTOPT_CUPY_KERNEL``, default ``"raw"``) picks one. A launch with a
-mixed-precision storage plan (``kernels.storage.IO``: 16-bit or mixed storage dtypes, a master
+mixed-precision storage format (``kernels.storage.IO``: 16-bit or mixed storage dtypes, a master
 copy, stochastic rounding, a loss scale, device-held scalars of a capturable step) always runs
-the raw form generated for that plan (``cuda_source.mixed_source``: W elements per trip, W = 16
+the raw form generated for that format (``cuda_source.mixed_source``: W elements per trip, W = 16
 bytes over the narrowest element, 8 for any 16-bit array). Kernels are compiled
 once per (variant, dtype, width); the host scalars are kernel arguments (NumPy scalars of the
 buffer dtype, so float32 kernels stay float32), so a new lr or step never recompiles. A launch
@@ -45,8 +45,8 @@ __all__ = [
     "KERNEL_FORMS",
     "MAX_TABLE_BLOCKS",
     "NAME",
+    "FixedLaunch",
     "GradNorm",
-    "Plan",
     "available",
     "cuda_source_for",
     "kernel",
@@ -138,7 +138,7 @@ def cuda_source_for(rule, flags, dtype, index_32_bits=True):
     ndarray, indexer, scalar = 1, 2, 3  # CuPy's _ArgInfo kinds
     infos = []
     for p in ek.params[:-1]:
-        if p.name in RULES[rule].SCALARS:
+        if p.name in RULES[rule].scalars:
             infos.append(_kernel._ArgInfo(scalar, dtype.type, dtype, 0, True, index_32_bits))
         else:
             infos.append(_kernel._ArgInfo(ndarray, cupy.ndarray, dtype, 1, True, index_32_bits))
@@ -229,7 +229,7 @@ def scalar_kernel(program):
 
 
 def mixed_kernel(rule, flags, io, vector):
-    """The ``cupy.RawKernel`` of one variant under the storage plan ``io`` (built once)."""
+    """The ``cupy.RawKernel`` of one variant under the storage format ``io`` (built once)."""
     key = _key(rule, flags) + (io, vector)
     k = _mixed.get(key)
     if k is None:
@@ -262,7 +262,7 @@ def _scalar_arguments(rule, io, scalars, k, extras):
         "key": lambda: np.uint32(extras.get("key", 0)),
     }
     device = {"kbuf": "kbuf", "gscale": "scale", "found_inf": "found_inf", "keyp": "keyp"}
-    rule_scalars = dict(zip(RULES[rule].SCALARS, k))
+    rule_scalars = dict(zip(RULES[rule].scalars, k))
     args = []
     for _, n in scalars:
         if n in rule_scalars:
@@ -271,20 +271,20 @@ def _scalar_arguments(rule, io, scalars, k, extras):
             args.append(host[n]())
         else:
             if extras.get(device[n]) is None:
-                raise ValueError(f"{device[n]}: the storage plan {io} reads it from the device")
+                raise ValueError(f"{device[n]}: the storage format {io} reads it from the device")
             args.append(extras[device[n]])
     return args
 
 
 def launch_mixed(rule, flags, param, grad, states, k, io, master=None, extras=None):
-    """One launch under the storage plan ``io`` (see ``mixed_arguments`` for ``extras``)."""
+    """One launch under the storage format ``io`` (see ``mixed_arguments`` for ``extras``)."""
     extras = extras or {}
     p = _as_cupy(param, "param")
     if p.size == 0:
         return
     named = {"param": p, "grad": _as_cupy(grad, "grad")}
     named["master"] = None if master is None else _as_cupy(master, "master")
-    for name, s in zip(RULES[rule].STATE, states):
+    for name, s in zip(RULES[rule].state, states):
         named[name] = None if s is None else _as_cupy(s, name)
     ex = dict(extras)
     for d in ("kbuf", "scale", "found_inf", "keyp"):
@@ -311,17 +311,17 @@ def launch(rule, flags, param, grad, states, k, io=None, master=None, extras=Non
         launch_mixed(rule, flags, param, grad, states, k, io, master, extras)
         return
     if KERNEL_FORM == "raw" and _driver is not None and type(param) is _ndarray:
-        plan = _plans.get(_plan_key(rule, flags, param, grad, states))
-        if plan is not None:  # the same buffers as a checked launch before: scalars and go
-            plan(k)
+        fixed = _fixed.get(_fixed_key(rule, flags, param, grad, states))
+        if fixed is not None:  # the same buffers as a checked launch before: scalars and go
+            fixed(k)
             return
-    names = RULES[rule].STATE
+    names = RULES[rule].state
     used = cuda_source.slots_used(rule, flags)
     p = _as_cupy(param, "param")
     if p.dtype not in (np.float32, np.float64):
         raise TypeError(
             f"param: dtype {p.dtype}, expected float32 or float64 (16-bit params run with a "
-            "storage plan: launch(..., io=...))"
+            "storage format: launch(..., io=...))"
         )
     arrays = [_as_cupy(grad, "grad")]
     for name, s, u in zip(names, states, used):
@@ -354,12 +354,13 @@ def launch(rule, flags, param, grad, states, k, io=None, master=None, extras=Non
         else:
             _launch_on_device(rule, flags, p, arrays, scalars)
         if KERNEL_FORM == "raw" and _driver is not None and type(param) is _ndarray:
-            # checked and launched once: later launches over the same buffers skip to the plan
-            if len(_plans) >= _MAX_PLANS:
-                _plans.clear()
+            # checked and launched once: later launches over the same buffers take its fixed
+            # launch
+            if len(_fixed) >= _MAX_FIXED:
+                _fixed.clear()
             if stream_ptr is None:
                 stream_ptr = cupy.cuda.get_current_stream().ptr
-            _plans[_plan_key(rule, flags, param, grad, states)] = _plan_for(
+            _fixed[_fixed_key(rule, flags, param, grad, states)] = _fixed_for(
                 rule, flags, p, arrays, stream_ptr
             )
 
@@ -384,14 +385,14 @@ def _raw_for(rule, flags, p, arrays):
     return k, blocks, width
 
 
-# -- launch plans: the steady state of a step --------------------------------------------------
+# -- fixed launches: the steady state of a step ------------------------------------------------
 #
 # A step over the same buffers as an earlier, fully checked launch needs nothing but the new
-# host scalars. A plan holds the kernel's argument block (the buffers' device pointers, the
-# scalars, n) and a pointer to each argument, and launches with one driver call
-# (``cuLaunchKernel``), skipping CuPy's per-argument handling. Plans are keyed by everything
-# they depend on: the variant, and each buffer's device pointer, size, strides and dtype, the
-# device and the stream; so a key can only match buffers the plan is right for. Plans hold no
+# host scalars. A fixed launch holds the kernel's argument block (the buffers' device pointers,
+# the scalars, n) and a pointer to each argument, and launches with one driver call
+# (``cuLaunchKernel``), skipping CuPy's per-argument handling. Fixed launches are keyed by
+# everything they depend on: the variant, and each buffer's device pointer, size, strides and dtype,
+# the device and the stream; so a key can only match buffers the launch is right for. They hold no
 # reference to any array (a freed buffer cannot be reached through a key that no live array
 # produces).
 
@@ -400,22 +401,22 @@ try:
 except ImportError:  # cuda-python absent: every launch goes through CuPy
     _driver = None
 _ndarray = cupy.ndarray if cupy is not None else None
-_plans: dict[Any, Any] = {}
-_MAX_PLANS = 4096
+_fixed: dict[Any, Any] = {}
+_MAX_FIXED = 4096
 
 
-def _plan_key(rule, flags, param, grad, states):
+def _fixed_key(rule, flags, param, grad, states):
     arrays = (param, grad) + tuple(s for s in states if s is not None)
     try:
         bufs = tuple((a.data.ptr, a.size, a.strides, a.dtype.char) for a in arrays)
         dev = param.data.device_id
         stream = cupy.cuda.get_current_stream(dev).ptr
-    except AttributeError:  # a foreign array: no plan, the checked path converts it
+    except AttributeError:  # a foreign array: no fixed launch, the checked path converts it
         return None
     return (rule, tuple(flags.items()), dev, stream) + bufs
 
 
-class Plan:
+class FixedLaunch:
     """One raw-kernel launch with everything fixed but the host scalars (see above).
 
     The argument block is one array of 8-byte slots: the device pointers of the buffers (in
@@ -452,14 +453,14 @@ class Plan:
             raise RuntimeError(f"cuLaunchKernel failed: {err}")
 
 
-def _plan_for(rule, flags, p, arrays, stream_ptr):
+def _fixed_for(rule, flags, p, arrays, stream_ptr):
     k, blocks, _ = _raw_for(rule, flags, p, arrays)
     ptrs = [arrays[0].data.ptr, p.data.ptr] + [a.data.ptr for a in arrays[1:]]
-    return Plan(
+    return FixedLaunch(
         _driver.CUfunction(k.kernel.ptr),
         blocks,
         ptrs,
-        len(RULES[rule].SCALARS),
+        len(RULES[rule].scalars),
         p.dtype,
         p.size,
         _driver.CUstream(stream_ptr),
@@ -525,7 +526,7 @@ def _resident_blocks(device_id):
 
 def tensor_table(rule, io, tensors, chunk=None):
     """The checked ``_launch.TensorTable`` of ``tensors`` (``[(param, grad, slots, master)]``,
-    CUDA tensors or CuPy arrays of one GPU, stored as the plan ``io`` says), for
+    CUDA tensors or CuPy arrays of one GPU, stored as the storage format ``io`` says), for
     ``launch_table``. Its device copy is made by the first launch; keep the table with the
     step that launches it and re-check it with ``same``/``update``/``set_column``."""
     if not tensors:
@@ -544,9 +545,14 @@ def _device_id(table):
 
 def _upload(table):
     """The table's device copies, made or refreshed on the current device and stream when the
-    host copy changed (a steady step with unchanged addresses copies nothing)."""
-    if table.stale or table.device_rows is None:
+    host copy changed (a steady step with unchanged addresses copies nothing). A refresh of
+    the same shape writes the existing device array in place: a CUDA graph that captured a
+    launch keeps reading the table at its address."""
+    if table.device_rows is None or table.device_rows.shape != table.rows.shape:
         table.device_rows = cupy.asarray(table.rows)
+        table.stale = False
+    elif table.stale:
+        table.device_rows[...] = table.rows
         table.stale = False
     if table.stale_chunks or table.device_chunks is None:
         table.device_chunks = cupy.asarray(table.chunks)
@@ -583,18 +589,18 @@ def _stream_context(stream):
 
 
 def launch_table(rule, flags, io, table, k, extras=None, clip=None, stream=None):
-    """One launch of the ``flags`` variant of ``rule`` under the storage plan ``io`` over every
+    """One launch of the ``flags`` variant of ``rule`` under the storage format ``io`` over every
     tensor of ``table`` (``tensor_table``), in place: ``k`` the host scalars (ignored with
     ``io.kbuf``), ``extras`` as ``launch_mixed`` takes them (host ``inv_scale``, ``salt``,
     ``key``; device ``kbuf``, ``scale``, ``found_inf``, ``keyp``), ``clip`` the device
     ``[norm, clip_coef]`` of ``GradNorm`` (``GradNorm.coef``) or None, ``stream`` a CUDA
     stream handle (None: CuPy's current stream; ``fastopt.torch`` passes torch's). The table
-    is checked against the variant and the plan first (``TensorTable.check``): a refused
+    is checked against the variant and the storage format first (``TensorTable.check``): a refused
     launch writes nothing. One stochastic-rounding salt serves every tensor (the index is
     counted from each tensor's start), as on the CPU (``numba_backend.launch_many_io``)."""
     table.check(rule, flags, io)
-    if not io.kbuf and len(k) != len(RULES[rule].SCALARS):
-        raise ValueError(f"k: {len(k)} scalars; {rule} takes {len(RULES[rule].SCALARS)}")
+    if not io.kbuf and len(k) != len(RULES[rule].scalars):
+        raise ValueError(f"k: {len(k)} scalars; {rule} takes {len(RULES[rule].scalars)}")
     ex = dict(extras or {})
     for d in ("kbuf", "scale", "found_inf", "keyp"):
         if ex.get(d) is not None:

@@ -11,8 +11,8 @@ compute dtype, or that carries a master copy, stochastic rounding, a loss scale 
 write-back, ``loop_source`` generates the loads and stores per array: 16-bit arrays arrive as
 ``uint16`` views and are converted on their bits (``kernels/storage.py``, exact), float32/float64
 arrays are cast; the rule itself sees compute-dtype scalars only. The extras arrive as one tuple
-``x = (1/grad_scale, salt, step key)``. A plan that stores every array as bfloat16 (no master,
-no stochastic rounding) walks 4-byte-aligned arrays a 32-bit word, two elements, at a time
+``x = (1/grad_scale, salt, step key)``. A storage format that stores every array as bfloat16 (no
+master, no stochastic rounding) walks 4-byte-aligned arrays a 32-bit word, two elements, at a time
 (``pair_loop_source``): the same bits with fewer conversion instructions, which is what a
 compute-bound bfloat16 step costs.
 
@@ -28,7 +28,8 @@ loops' source and compilation) and this one (the launches: ``prepare``, ``launch
 
 from __future__ import annotations
 
-from typing import Any
+from collections.abc import Callable, Mapping, Sequence
+from typing import TYPE_CHECKING, Any
 
 import numba
 import numpy as np
@@ -57,6 +58,11 @@ from .numba_codegen import (  # noqa: F401  (re-exported: the backend's public n
 from .numba_intrinsics import (
     address_as,
 )
+from .protocol import Runner
+
+if TYPE_CHECKING:
+    from ..functional import StepPlan
+    from ..kernels.storage import IO
 
 NAME = "numba"
 DEVICE = "cpu"
@@ -68,11 +74,11 @@ QUANT_STATE = True
 PARALLEL_MIN = 1 << 15
 
 
-def available():
+def available() -> bool:
     return True  # numba is a core dependency (a broken install fails this module's import)
 
 
-def why_unavailable():
+def why_unavailable() -> str:
     return ""
 
 
@@ -81,43 +87,43 @@ def why_unavailable():
 # ``launch_many`` runs one variant over many separate tensors (a model's parameter list) in one
 # parallel loop: a table holds, per tensor, its length and the addresses of its param, grad and
 # state buffers; the loop walks chunks of (tensor, start, stop), so big and small tensors share
-# the threads. ``launch_many_io`` does the same for a storage plan (16-bit storage, master
+# the threads. ``launch_many_io`` does the same for a storage format (16-bit storage, master
 # copies, a loss scale), each array read in its own storage dtype. The caller guarantees every
-# address (validated, contiguous, native buffers of that length and of the dtypes the plan says,
-# alive for the call): the table is built only by fastopt's own checked code.
+# address (validated, contiguous, native buffers of that length and of the dtypes the storage
+# format says, alive for the call): the table is built only by fastopt's own checked code.
 
 #: elements per chunk of ``launch_many``: big enough to amortise the table lookups, small
 #: enough to balance the threads over tensors of very different sizes
 CHUNK = 1 << 14
 
 
-def _scalars_at(addresses, like, value, add):
+def _scalars_at(addresses: Any, like: Any, value: Any, add: bool) -> None:
     for i in range(addresses.shape[0]):
         x = numba.carray(address_as(addresses[i], like), 1)
         x[0] = x[0] + value if add else value
 
 
-def _at(addresses, value, add):
+def _at(addresses: np.ndarray, value: float, add: bool) -> None:
     fn = _compiled.get("scalars_at")
     if fn is None:
         fn = _compiled["scalars_at"] = njit_cached(nogil=True)(_scalars_at)
     fn(addresses, np.empty(1, np.float32), np.float32(value), add)
 
 
-def add_at(addresses, value):
+def add_at(addresses: np.ndarray, value: float) -> None:
     """``x += value`` for the float32 scalar at each int64 address of ``addresses``: the 0-d
     step counts of a many-tensor step (``fastopt.torch``), in one call instead of one torch op
     per tensor. Unchecked, like ``launch_many``: the caller guarantees float32 scalars, alive."""
     _at(addresses, value, True)
 
 
-def fill_at(addresses, value):
+def fill_at(addresses: np.ndarray, value: float) -> None:
     """``x = value`` for the float32 scalar at each int64 address of ``addresses`` (a
     many-tensor step's host state, ``fastopt.torch``); unchecked, like ``add_at``."""
     _at(addresses, value, False)
 
 
-def chunks_for(lengths, chunk=CHUNK):
+def chunks_for(lengths: Any, chunk: int = CHUNK) -> np.ndarray:
     """``(tensor, start, stop)`` rows covering every element of tensors of ``lengths``."""
     n = np.asarray(lengths, dtype=np.int64).reshape(-1)
     per = -(-n // chunk)  # chunks of each tensor (none for an empty one)
@@ -126,7 +132,15 @@ def chunks_for(lengths, chunk=CHUNK):
     return np.stack([t, lo, np.minimum(lo + chunk, n[t])], axis=1).reshape(-1, 3)
 
 
-def launch_many(rule, flags, writes, dtype, table, chunks, k):
+def launch_many(
+    rule: str,
+    flags: Mapping[str, bool],
+    writes: Sequence[bool],
+    dtype: Any,
+    table: np.ndarray,
+    chunks: np.ndarray,
+    k: Sequence[float],
+) -> None:
     """One fused pass of one variant over every tensor of ``table`` (int64 rows ``(n, param,
     grad, slot...)`` of addresses; absent slots' columns are ignored) in ``chunks`` (from
     ``chunks_for``). Unchecked: the caller owns the table's validity (see above)."""
@@ -138,16 +152,27 @@ def launch_many(rule, flags, writes, dtype, table, chunks, k):
     fn(table, chunks, np.empty(1, dtype), tuple(dtype.type(x) for x in k))
 
 
-def _like(kind):
+def _like(kind: str) -> np.ndarray:
     """A 1-element array of the dtype a loop reads storage ``kind`` as (16-bit: uint16)."""
     return np.empty(1, np.uint16 if kind in BITS16 else np.dtype(kind))
 
 
-def launch_many_io(rule, flags, writes, io, table, chunks, k, inv_scale=1.0, key=0, salt=0):
-    """``launch_many`` with the storage plan ``io``: one fused pass over every tensor of
+def launch_many_io(
+    rule: str,
+    flags: Mapping[str, bool],
+    writes: Sequence[bool],
+    io: IO,
+    table: np.ndarray,
+    chunks: np.ndarray,
+    k: Sequence[float],
+    inv_scale: float = 1.0,
+    key: int = 0,
+    salt: int = 0,
+) -> None:
+    """``launch_many`` with the storage format ``io``: one fused pass over every tensor of
     ``table`` (int64 rows ``(n, param, grad, slot..., master)`` of addresses, 0 where absent)
     in ``chunks``; ``inv_scale`` is 1/grad_scale, ``key`` the step key and ``salt`` the salt
-    of stochastic rounding (one for every tensor). All-bfloat16 plans walk 32-bit words when
+    of stochastic rounding (one for every tensor). All-bfloat16 formats walk 32-bit words when
     every address is 4-byte aligned. Unchecked, like ``launch_many``."""
     if chunks.shape[0] == 0:
         return
@@ -169,22 +194,32 @@ def launch_many_io(rule, flags, writes, io, table, chunks, k, inv_scale=1.0, key
     )
 
 
-def prepare(rule, flags, writes, k, dtype, io=None, extras=None):
+def prepare(
+    rule: str,
+    flags: Mapping[str, bool],
+    writes: tuple[bool, ...],
+    k: Sequence[float],
+    dtype: Any,
+    io: IO | None = None,
+    extras: tuple[Any, ...] | None = None,
+) -> Runner:
     """``run(param, grad, states)`` for one step of one variant on flat ``dtype`` arrays whose
     present state slots are ``writes``: the host scalars are cast once, the serial or parallel
     loop is picked per array by its length. Like ``launch``, it trusts its caller
     (``fastopt.functional`` and the optimizer classes check lengths, dtypes and writability
     before any launch): a loop indexes every array by the param's length.
 
-    With a storage plan ``io`` that is not plain, ``run(param, grad, states, master=None,
+    With a storage format ``io`` that is not plain, ``run(param, grad, states, master=None,
     salt=0)`` takes the arrays in their storage dtypes (16-bit ones are viewed as uint16 here)
     and ``extras`` is ``(1/grad_scale, step key)`` of this step (host values)."""
     if io is not None and not io.plain:
         return _prepare_mixed(rule, flags, writes, k, io, extras)
     kc = tuple(np.dtype(dtype).type(x) for x in k)
-    fns = [None, None]
+    fns: list[Any] = [None, None]
 
-    def run(param, grad, states, master=None, salt=0):
+    def run(
+        param: Any, grad: Any, states: Sequence[Any], master: Any = None, salt: int = 0
+    ) -> None:
         n = param.shape[0]
         if n == 0:
             return
@@ -197,12 +232,12 @@ def prepare(rule, flags, writes, k, dtype, io=None, extras=None):
     return run
 
 
-def _bits(a):
+def _bits(a: np.ndarray) -> np.ndarray:
     """A 16-bit float array as the uint16 view the loops convert; others as they are."""
     return a.view(np.uint16) if a.dtype.itemsize == 2 else a
 
 
-def _words(arrays, n):
+def _words(arrays: Sequence[np.ndarray], n: int) -> list[np.ndarray] | None:
     """The first ``n`` (even) elements of each 16-bit array as ``uint32`` words, or None when
     one of them does not start on a 4-byte boundary (the word loop's loads are aligned)."""
     out = []
@@ -214,14 +249,23 @@ def _words(arrays, n):
     return out
 
 
-def _prepare_mixed(rule, flags, writes, k, io, extras):
+def _prepare_mixed(
+    rule: str,
+    flags: Mapping[str, bool],
+    writes: tuple[bool, ...],
+    k: Sequence[float],
+    io: IO,
+    extras: tuple[Any, ...] | None,
+) -> Runner:
     ct = np.dtype(io.compute).type
     kc = tuple(ct(x) for x in k)
     inv_scale, key = extras if extras is not None else (1.0, 0)
-    fns = [None, None]
-    pair_fns = [None, None] if pairs_fit(io, writes) else None
+    fns: list[Any] = [None, None]
+    pair_fns: list[Any] | None = [None, None] if pairs_fit(io, writes) else None
 
-    def run(param, grad, states, master=None, salt=0):
+    def run(
+        param: Any, grad: Any, states: Sequence[Any], master: Any = None, salt: int = 0
+    ) -> None:
         n = param.shape[0]
         if n == 0:
             return
@@ -266,14 +310,21 @@ def _prepare_mixed(rule, flags, writes, k, io, extras):
     return run
 
 
-def launch(rule, flags, param, grad, states, k):
+def launch(
+    rule: str,
+    flags: Mapping[str, bool],
+    param: Any,
+    grad: Any,
+    states: Sequence[Any],
+    k: Sequence[float],
+) -> None:
     """One fused pass over flat arrays, unchecked (see ``prepare``)."""
     prepare(rule, flags, tuple(s is not None for s in states), k, param.dtype)(param, grad, states)
 
 
-def step_runner(plan, dtype, writes, io):
+def step_runner(plan: StepPlan, dtype: Any, writes: tuple[bool, ...], io: IO | None) -> Runner:
     """The backend protocol's runner (``backends.protocol``): ``prepare`` for the plan's
-    variant and scalars, with its loss-scale and rounding extras for a storage plan ``io``."""
+    variant and scalars, with its loss-scale and rounding extras for a storage format ``io``."""
     if io is None:
         return prepare(plan.rule, plan.flags, writes, plan.k, dtype)
     if io.quant:
@@ -291,14 +342,16 @@ def step_runner(plan, dtype, writes, io):
 _element_loops: dict[Any, Any] = {}
 
 
-def element_runner(name, make_elem, nslots):
+def element_runner(
+    name: str, make_elem: Callable[[], Callable[..., Any]], nslots: int
+) -> Callable[..., None]:
     """``run(param, grad, states, k)`` for a per-element function that is no spec rule (the
     textbook's chapters: ``make_elem()`` gives ``elem(p, g, s0, .., k) -> (p, s0, ..)``) over
     flat arrays with all ``nslots`` slots present; ``k`` arrives typed as the caller wants
     it. The serial or parallel loop is picked by length; ``name`` keys the compiled loops.
     Unchecked, like ``prepare``."""
 
-    def run(param, grad, states, k):
+    def run(param: Any, grad: Any, states: Sequence[Any], k: Any) -> None:
         n = param.shape[0]
         if n == 0:
             return

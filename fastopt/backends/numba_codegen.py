@@ -1,7 +1,7 @@
 """Code generation of the CPU backend: the Python source of each loop, compiled by numba.
 
 A loop is generated per (rule, flag variant, state slots written, parallel or serial, storage
-plan, word pairs) as Python source (``loop_source``, ``mixed_loop_source``,
+format, word pairs) as Python source (``loop_source``, ``mixed_loop_source``,
 ``pair_loop_source``, and the many-tensor ``many_source``/``many_io_source``), executed into a
 factory whose closure cells are the rule, the range (``prange`` or ``range``) and the storage
 conversions (``numba_intrinsics``), and compiled once (``kernel``, ``many_kernel``,
@@ -10,7 +10,8 @@ conversions (``numba_intrinsics``), and compiled once (``kernel``, ``many_kernel
 
 from __future__ import annotations
 
-from typing import Any
+from collections.abc import Callable, Mapping, Sequence
+from typing import TYPE_CHECKING, Any
 
 import numba
 from numba.extending import register_jitable
@@ -19,16 +20,21 @@ from .._numba_cache import njit_cached
 from ..kernels import RULES, storage
 from .numba_intrinsics import address_as, loader, param_storer, storer
 
+if TYPE_CHECKING:
+    from ..kernels.storage import IO
+
 _compiled: dict[Any, Any] = {}
 
 
-#: the closure cells of a storage plan's loops: its loads and stores (``io_cells``)
+#: the closure cells of a storage format's loops: its loads and stores (``io_cells``)
 IO_CELLS = ("lp", "lg", "ls", "sp", "sg", "ss")
 #: the closure cells of the word loops: a word's two halves and their join
 PAIR_CELLS = ("lo", "hi", "join")
 
 
-def _factory_source(cells, args, index, body):
+def _factory_source(
+    cells: Sequence[str], args: Sequence[str], index: str, body: Sequence[str]
+) -> str:
     """Python source of ``factory(elem, rng, *cells)`` returning ``loop(*args)``, whose loop
     runs ``index`` over ``rng(p.shape[0])`` through the ``body`` lines: the frame every
     one-array loop generator below fills."""
@@ -42,7 +48,7 @@ def _factory_source(cells, args, index, body):
     return "\n".join(lines) + "\n"
 
 
-def loop_source(nslots, writes):
+def loop_source(nslots: int, writes: Sequence[bool]) -> str:
     """Python source of the loop factory for a rule with ``nslots`` state slots, of which the
     ones marked in ``writes`` are present (read and written back); an absent slot's argument is
     the param array, read as a placeholder the rule never uses and never written. One source
@@ -58,22 +64,22 @@ def loop_source(nslots, writes):
     return _factory_source((), ["p", "g", *slots, "k"], "i", body)
 
 
-def mixed_loop_source(nslots, writes, io):
-    """``loop_source`` for a launch with the storage plan ``io`` (``kernels.storage.IO``): the
+def mixed_loop_source(nslots: int, writes: Sequence[bool], io: IO) -> str:
+    """``loop_source`` for a launch with the storage format ``io`` (``kernels.storage.IO``): the
     loop takes ``(p, g, s0.., m, k, x)``, ``m`` the fp32 master (the param array when there is
     none), ``x = (1/grad_scale, salt, step key)``; each array is loaded into a compute-dtype
     local once and stored once through the factory's conversions (``lp``/``lg``/``ls`` load,
-    ``sp``/``sg``/``ss`` store: closure cells, so the disk cache tells storage plans apart).
+    ``sp``/``sg``/``ss`` store: closure cells, so the disk cache tells storage formats apart).
     Absent slots are placeholders holding the param's value, never read or written."""
     slots = [f"s{j}" for j in range(nslots)]
     body = storage.element_source(nslots, writes, io, "x[0]", "x[2]", 0)
     return _factory_source(IO_CELLS, ["p", "g", *slots, "m", "k", "x"], "i", body)
 
 
-def pairs_fit(io, writes):
-    """Does the plan ``io`` store every array the loop touches as bfloat16 (param, grad and the
-    present state slots), with no master and no stochastic rounding? Then the loop may walk the
-    arrays a 32-bit word (two elements) at a time (``pair_loop_source``)."""
+def pairs_fit(io: IO, writes: Sequence[bool]) -> bool:
+    """Does the storage format ``io`` store every array the loop touches as bfloat16 (param,
+    grad and the present state slots), with no master and no stochastic rounding? Then the loop
+    may walk the arrays a 32-bit word (two elements) at a time (``pair_loop_source``)."""
     return (
         io.param == io.grad == "bfloat16"
         and (io.state == "bfloat16" or not any(writes))
@@ -81,8 +87,8 @@ def pairs_fit(io, writes):
     )
 
 
-def pair_body(nslots, writes, io, suffix=""):
-    """The body of one 32-bit word of an all-bfloat16 plan (``pair_loop_source``), as source
+def pair_body(nslots: int, writes: Sequence[bool], io: IO, suffix: str = "") -> list[str]:
+    """The body of one 32-bit word of an all-bfloat16 format (``pair_loop_source``), as source
     lines: word ``w`` of the uint32 arrays ``p{suffix}``, ``g{suffix}``, ``s0{suffix}``.. split
     into its two elements (``lo``/``hi``), the rule (``elem``) run on each, the results joined
     (``join``)."""
@@ -110,8 +116,8 @@ def pair_body(nslots, writes, io, suffix=""):
     return body
 
 
-def pair_loop_source(nslots, writes, io):
-    """``mixed_loop_source`` for an all-bfloat16 plan (``pairs_fit``), a word at a time: the
+def pair_loop_source(nslots: int, writes: Sequence[bool], io: IO) -> str:
+    """``mixed_loop_source`` for an all-bfloat16 format (``pairs_fit``), a word at a time: the
     loop takes the arrays as ``uint32`` views (``(p, g, s0.., k, x)``; no master), splits each
     word into its two elements (``lo``/``hi``: a shift and a mask, no shuffle), runs the rule on
     each and joins the two rounded results (``join``: ``storage.bf16_pair_store``). The
@@ -124,8 +130,8 @@ def pair_loop_source(nslots, writes, io):
     return _factory_source(PAIR_CELLS, ["p", "g", *slots, "k", "x"], "w", body)
 
 
-def io_cells(io):
-    """The jitable loads and stores of ``IO_CELLS`` for the storage plan ``io``."""
+def io_cells(io: IO) -> tuple[Callable[..., Any], ...]:
+    """The jitable loads and stores of ``IO_CELLS`` for the storage format ``io``."""
     c = io.compute
     return (
         loader(io.param, c),
@@ -137,19 +143,25 @@ def io_cells(io):
     )
 
 
-def pair_cells():
+def pair_cells() -> tuple[Callable[..., Any], ...]:
     """The jitable conversions of ``PAIR_CELLS``."""
     return storage.bf16_lo, storage.bf16_hi, storage.bf16_pair_store
 
 
-def jitable_rule(elem, pairs):
+def jitable_rule(elem: Callable[..., Any], pairs: bool) -> Callable[..., Any]:
     """The rule as the loops call it: inlined by numba, or, in a word loop (which calls it
     more than once), left to LLVM's inliner: numba's IR inlining of a rule twice into one
     function trips its SSA checks' warnings, and the loop vectorises the same."""
     return register_jitable(elem) if pairs else register_jitable(inline="always")(elem)
 
 
-def python_loop(elem, writes, parallel, io=None, pairs=False):
+def python_loop(
+    elem: Callable[..., Any],
+    writes: Sequence[bool],
+    parallel: bool,
+    io: IO | None = None,
+    pairs: bool = False,
+) -> Callable[..., Any]:
     """The uncompiled loop of one variant: the generated source, with the rule and the range
     (``prange`` or ``range``) as closure cells, so that numba's disk cache tells variants apart
     by their cell contents (the flags live in the rule's own closure)."""
@@ -167,13 +179,20 @@ def python_loop(elem, writes, parallel, io=None, pairs=False):
     return ns["factory"](elem, rng, *io_cells(io))
 
 
-def kernel(rule, flags, writes, parallel, io=None, pairs=False):
+def kernel(
+    rule: str,
+    flags: Mapping[str, bool],
+    writes: tuple[bool, ...],
+    parallel: bool,
+    io: IO | None = None,
+    pairs: bool = False,
+) -> Any:
     """The compiled loop for one variant (compiled, or loaded from the disk cache, once);
-    ``pairs``: the word-at-a-time loop of an all-bfloat16 plan (``pair_loop_source``)."""
+    ``pairs``: the word-at-a-time loop of an all-bfloat16 format (``pair_loop_source``)."""
     if io is not None and io.plain:
         io = None
     if pairs and (io is None or not pairs_fit(io, writes)):
-        raise ValueError(f"no word-pair loop for the storage plan {io}")
+        raise ValueError(f"no word-pair loop for the storage format {io}")
     key = (rule, tuple(sorted(flags.items())), writes, parallel, io, pairs)
     fn = _compiled.get(key)
     if fn is None:
@@ -186,7 +205,7 @@ def kernel(rule, flags, writes, parallel, io=None, pairs=False):
     return fn
 
 
-def many_source(nslots, writes):
+def many_source(nslots: int, writes: Sequence[bool]) -> str:
     """Python source of the many-tensor loop factory (see ``loop_source``): the table's row of
     a tensor is ``(n, param address, grad address, slot addresses...)``."""
     # each chunk is viewed as arrays that start at 0, so the element loop runs over
@@ -219,7 +238,9 @@ def many_source(nslots, writes):
     return "\n".join(lines) + "\n"
 
 
-def many_kernel(rule, flags, writes, parallel):
+def many_kernel(
+    rule: str, flags: Mapping[str, bool], writes: tuple[bool, ...], parallel: bool
+) -> Any:
     """The compiled many-tensor loop of one variant (compiled, or loaded from the cache, once)."""
     key = ("many", rule, tuple(sorted(flags.items())), writes, parallel)
     fn = _compiled.get(key)
@@ -234,13 +255,13 @@ def many_kernel(rule, flags, writes, parallel):
     return fn
 
 
-def many_io_source(nslots, writes, io, pairs):
-    """``many_source`` for a storage plan ``io`` (``kernels.storage.IO``): the table's row of
+def many_io_source(nslots: int, writes: Sequence[bool], io: IO, pairs: bool) -> str:
+    """``many_source`` for a storage format ``io`` (``kernels.storage.IO``): the table's row of
     a tensor is ``(n, param, grad, slot..., master)`` (addresses; 0 where absent) and each
     array is read through a typed pointer of its storage dtype (``p_like``.. ``m_like``:
     1-element arrays of the dtypes the loop is compiled for); the per-element body is
     ``storage.element_source``'s (the index stochastic rounding hashes is the element's index
-    in its tensor). With ``pairs`` (an all-bfloat16 plan, every address 4-byte aligned) a chunk
+    in its tensor). With ``pairs`` (an all-bfloat16 format, every address 4-byte aligned) a chunk
     walks 32-bit words like ``pair_loop_source`` and its odd last element, if any, goes
     through the element body."""
     lines = [
@@ -252,7 +273,7 @@ def many_io_source(nslots, writes, io, pairs):
         "            cnt = chunks[c, 2] - base",
     ]
 
-    def view(col, like, size="cnt", item=None):
+    def view(col: int | str, like: str, size: str = "cnt", item: str | None = None) -> str:
         item = item or f"{like}.itemsize"
         return f"carray(address_as(table[j, {col}] + base * {item}, {like}), {size})"
 
@@ -285,8 +306,15 @@ def many_io_source(nslots, writes, io, pairs):
     return "\n".join(lines) + "\n"
 
 
-def many_io_kernel(rule, flags, writes, io, parallel, pairs):
-    """The compiled many-tensor loop of one variant and storage plan (compiled, or loaded from
+def many_io_kernel(
+    rule: str,
+    flags: Mapping[str, bool],
+    writes: tuple[bool, ...],
+    io: IO,
+    parallel: bool,
+    pairs: bool,
+) -> Any:
+    """The compiled many-tensor loop of one variant and storage format (compiled, or loaded from
     the cache, once)."""
     key = ("many-io", rule, tuple(sorted(flags.items())), writes, io, parallel, pairs)
     fn = _compiled.get(key)

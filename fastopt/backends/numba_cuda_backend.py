@@ -12,7 +12,7 @@ one launch.
 
 Mixed precision (``kernels.storage.IO``): a launch whose arrays are not all in the compute dtype,
 or that carries a master copy, stochastic rounding, a loss scale, a device found-inf flag or
-device-held scalars (capturable steps), runs a kernel generated for its storage plan
+device-held scalars (capturable steps), runs a kernel generated for its storage format
 (``mixed_kernel_source``): 16-bit arrays are passed as uint16 views and converted on their bits
 by ``kernels/storage.py``'s functions compiled as device functions (bit casts lowered here).
 
@@ -181,7 +181,7 @@ def _probe():
 
                 rule, flags, writes = variants(["sgd"])[0]
                 t = types.float32
-                sig = (t[::1],) * (2 + len(writes)) + (types.UniTuple(t, len(RULES[rule].SCALARS)),)
+                sig = (t[::1],) * (2 + len(writes)) + (types.UniTuple(t, len(RULES[rule].scalars)),)
                 cc = cuda.get_current_device().compute_capability
                 cuda.compile_ptx(python_kernel(rule, flags, writes), sig, cc=cc)
                 _probe_error = ""
@@ -237,13 +237,13 @@ def kernel_source(name, nslots, writes):
 
 
 def mixed_kernel_source(name, nslots, writes, io, nscalars):
-    """``kernel_source`` for a launch with the storage plan ``io``: the kernel takes ``(p, g,
+    """``kernel_source`` for a launch with the storage format ``io``: the kernel takes ``(p, g,
     s0.., m, k, x, kb, gs, fi, kp)``: ``m`` the fp32 master, ``k`` the host scalars, ``x =
     (1/grad_scale, salt, step key)`` (host values), ``kb`` the scalars in device memory
     (capturable), ``gs`` the device grad_scale, ``fi`` the device found-inf flag, ``kp`` the
-    device step key; the arguments a plan does not use are placeholders never read. Each array
-    is loaded once into a compute-dtype local and stored once, converted by its storage dtype
-    (``lp``/``lg``/``ls`` load, ``sp``/``sg``/``ss`` store: the factory's arguments)."""
+    device step key; the arguments a storage format does not use are placeholders never read.
+    Each array is loaded once into a compute-dtype local and stored once, converted by its storage
+    dtype (``lp``/``lg``/``ls`` load, ``sp``/``sg``/``ss`` store: the factory's arguments)."""
     slots = [f"s{j}" for j in range(nslots)]
     lines = [
         "def factory(elem, lp, lg, ls, sp, sg, ss, CT):",
@@ -271,7 +271,7 @@ def mixed_kernel_source(name, nslots, writes, io, nscalars):
 
 def python_kernel(rule, flags, writes, io=None):
     """The uncompiled kernel function of one variant (what ``kernel`` hands to ``cuda.jit``),
-    for the storage plan ``io`` when it is not plain."""
+    for the storage format ``io`` when it is not plain."""
     spec = RULES[rule]
     if len(writes) != len(spec.state):
         raise ValueError(
@@ -486,7 +486,7 @@ def _bits16(a):
 
 
 def launch_mixed(rule, flags, param, grad, states, k, io, master=None, extras=None):
-    """One launch under the storage plan ``io`` (``kernels.storage.IO``): ``extras`` holds the
+    """One launch under the storage format ``io`` (``kernels.storage.IO``): ``extras`` holds the
     host values ``inv_scale``, ``salt``, ``key`` and the device arrays ``scale`` (grad_scale),
     ``found_inf``, ``kbuf`` (the scalars, in the compute dtype) and ``keyp`` (the step key)."""
     n = int(param.shape[0])
@@ -648,7 +648,7 @@ def _view_fn():
 
 def table_kernel_source(name, nslots, writes, io, nscalars, clip=False):
     """Python source of the multi-tensor kernel factory of a rule with ``nslots`` state slots
-    (the present ones ``writes``) under the storage plan ``io``: the kernel takes ``(table,
+    (the present ones ``writes``) under the storage format ``io``: the kernel takes ``(table,
     chunks, nchunks, chunk, pl, gl, sl, ml, k, x, kb, gs, fi, kp, cl)``, ``pl``..``ml`` one-
     element arrays of the storage types of param, grad, state and master (what each chunk
     view is typed as), ``k``..``kp`` as ``mixed_kernel_source`` takes them and ``cl`` the
@@ -900,8 +900,11 @@ def _upload(table, ptr):
         table.stale = table.stale_chunks = False
         return
     st = _stream(ptr)
-    if table.stale or table.device_rows is None:
+    if table.device_rows is None or table.device_rows.shape != table.rows.shape:
         table.device_rows = cuda.to_device(table.rows, stream=st)
+        table.stale = False
+    elif table.stale:  # in place: a captured launch keeps reading the table at its address
+        table.device_rows.copy_to_device(table.rows, stream=st)
         table.stale = False
     if table.stale_chunks or table.device_chunks is None:
         table.device_chunks = cuda.to_device(table.chunks.view(np.int64), stream=st)
@@ -932,12 +935,12 @@ def _on_table_device(table, fn):
 def launch_table(rule, flags, io, table, k, extras=None, clip=None, stream=None):
     """``cupy_backend.launch_table`` on this backend: one launch of the ``flags`` variant of
     ``rule`` under ``io`` over every tensor of ``table`` (``_launch.TensorTable``), checked
-    against the variant and the plan first; ``extras`` and ``clip`` as there, ``stream`` a
+    against the variant and the storage format first; ``extras`` and ``clip`` as there, ``stream`` a
     CUDA stream handle (None: the default stream). Under the simulator the tensors are host
     arrays."""
     table.check(rule, flags, io)
-    if not io.kbuf and len(k) != len(RULES[rule].SCALARS):
-        raise ValueError(f"k: {len(k)} scalars; {rule} takes {len(RULES[rule].SCALARS)}")
+    if not io.kbuf and len(k) != len(RULES[rule].scalars):
+        raise ValueError(f"k: {len(k)} scalars; {rule} takes {len(RULES[rule].scalars)}")
     writes = tuple(RULES[rule].slots_used(flags))
     ex = extras or {}
     if clip is not None:
@@ -948,7 +951,7 @@ def launch_table(rule, flags, io, table, k, extras=None, clip=None, stream=None)
     needed["keyp"] = io.kbuf and io.sr
     for name, need in needed.items():
         if need and ex.get(name) is None:
-            raise ValueError(f"{name}: the storage plan {io} reads it from the device")
+            raise ValueError(f"{name}: the storage format {io} reads it from the device")
     if table.nchunks == 0:
         return
 

@@ -8,6 +8,9 @@ per-storage-kind loads and stores that ``numba_codegen`` closes its loops over (
 many-tensor loops.
 """
 
+from collections.abc import Callable
+from typing import Any
+
 import numpy as np
 from llvmlite import ir as _ir
 from numba.core import types
@@ -276,7 +279,7 @@ if not F16C:
     register_jitable(inline="always")(storage.f16_store)
 
 
-def loader(kind, compute):
+def loader(kind: str, compute: str) -> Callable[..., Any]:
     """The jitable load of one element of storage ``kind`` as a compute-dtype scalar."""
     if kind == compute:
         return _same
@@ -288,13 +291,16 @@ def loader(kind, compute):
     }[kind if kind in BITS16 else compute]
 
 
-def storer(kind, compute):
+def storer(kind: str, compute: str) -> Callable[..., Any]:
+    """The jitable store of a compute-dtype scalar as storage ``kind``."""
     if kind == compute:
         return _same
     return {"bfloat16": storage.bf16_store, "float16": storage.f16_store, "float32": _to_f32}[kind]
 
 
-def param_storer(kind, compute, sr):
+def param_storer(kind: str, compute: str, sr: bool) -> Callable[..., Any]:
+    """The jitable store of a param element as storage ``kind`` (``sr``: bfloat16 rounded
+    stochastically), taking ``(x, i, salt, key)``."""
     if kind == compute:
         return _p_same
     if sr:
@@ -303,7 +309,7 @@ def param_storer(kind, compute, sr):
 
 
 @intrinsic
-def address_as(typingctx, address, like):
+def address_as(typingctx: Any, address: Any, like: Any) -> Any:
     # an int64 address as a typed pointer to ``like``'s element type
     if not isinstance(like, types.Array) or not isinstance(address, types.Integer):
         return None

@@ -1,6 +1,6 @@
 """The CPU loop of a step with quantized state slots (``kernels/quant.py``).
 
-One loop per (rule, variant, slots present, quantized slots, storage plan, parallel), generated
+One loop per (rule, variant, slots present, quantized slots, storage format, parallel), generated
 as Python source like ``numba_codegen``'s and compiled once (cached on disk). It walks a table
 of blocks (``blocks[b] = (first, stop)`` element indices; block ``b``'s scale is ``absmax[b]``
 of every quantized slot), in chunks of ``CHUNK_BLOCKS`` blocks per thread (``prange`` from
@@ -8,7 +8,7 @@ of every quantized slot), in chunks of ``CHUNK_BLOCKS`` blocks per thread (``pra
 that every index is provably non-negative and the loops vectorise): each quantized slot is
 decoded into a per-thread scratch row (``dec(code) * (absmax / top)``: a lookup in a table
 frozen into the code for the int8 maps, arithmetic for float8, ``kernels.quant.CODECS``),
-the rule runs over plain arrays (the param and the float32 slots stored as the storage plan
+the rule runs over plain arrays (the param and the float32 slots stored as the storage format
 says, the quantized slots' new values back into their rows), each row's absmax is taken (an
 integer maximum of bit patterns), and the row is encoded (``encode``: one lookup and one
 comparison for int8, arithmetic for float8) with its new absmax stored: one pass over memory.
@@ -22,6 +22,7 @@ lengths, dtypes and writability first.
 from __future__ import annotations
 
 import functools
+from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
 import numba
@@ -31,6 +32,7 @@ from numba.extending import register_jitable
 from .._numba_cache import njit_cached
 from ..kernels import RULES, quant, storage
 from .numba_codegen import io_cells, jitable_rule
+from .protocol import Runner
 
 #: blocks per chunk of the loop (one scratch allocation per chunk)
 CHUNK_BLOCKS = 64
@@ -44,7 +46,9 @@ for _fn in {f for pair in quant.CODECS.values() for f in pair} | {
 _compiled: dict[Any, Any] = {}
 
 
-def quant_loop_source(nslots, writes, qslots, io):
+def quant_loop_source(
+    nslots: int, writes: tuple[bool, ...], qslots: tuple[bool, ...], io: storage.IO
+) -> str:
     """Python source of the factory of the loop over blocks (see the module docstring):
     ``loop(p, g, s0.., a0.., d0.., d0b.., t0.., tops, luts, m, k, x, blocks)`` where ``s{j}``
     is slot ``j``'s array (codes when ``qslots[j]``), ``a{j}`` its absmax, ``d{j}`` its value
@@ -142,7 +146,15 @@ def quant_loop_source(nslots, writes, qslots, io):
     return "\n".join(L) + "\n"
 
 
-def quant_kernel(rule, flags, writes, qslots, codecs, io, parallel):
+def quant_kernel(
+    rule: str,
+    flags: Mapping[str, Any],
+    writes: tuple[bool, ...],
+    qslots: tuple[bool, ...],
+    codecs: tuple[str, ...],
+    io: storage.IO,
+    parallel: bool,
+) -> Any:
     """The compiled loop (compiled, or loaded from the disk cache, once); ``codecs``: each
     slot's table name (``kernels.quant.CODECS``: its decode and encode)."""
     key = (rule, tuple(sorted(flags.items())), writes, qslots, codecs, io, parallel)
@@ -176,7 +188,7 @@ def blocks_for(n: int) -> np.ndarray:
     return out
 
 
-def blocks_of_segments(segments) -> np.ndarray:
+def blocks_of_segments(segments: Iterable[tuple[int, int]]) -> np.ndarray:
     """The block table of ``(offset, size)`` segments of one buffer (a ``FlatBuffer`` group's
     parameters, in order): each segment's blocks start at its offset."""
     parts = [blocks_for(size) + off for off, size in segments if size > 0]
@@ -185,11 +197,18 @@ def blocks_of_segments(segments) -> np.ndarray:
     return np.ascontiguousarray(np.concatenate(parts))
 
 
-def _bits(a):
+def _bits(a: Any) -> Any:
     return a.view(np.uint16) if a.dtype.itemsize == 2 else a
 
 
-def prepare_quant(rule, flags, writes, k, io, extras):
+def prepare_quant(
+    rule: str,
+    flags: Mapping[str, Any],
+    writes: Sequence[bool],
+    k: Sequence[Any],
+    io: storage.IO,
+    extras: tuple[Any, Any] | None,
+) -> Runner:
     """``run(param, grad, states, master=None, salt=0)`` of one step over quantized state
     (``io.quant``): a quantized slot's entry in ``states`` is ``(codes, absmax)`` or
     ``(codes, absmax, blocks)``, any other present slot an array of ``io.state``."""
@@ -208,7 +227,9 @@ def prepare_quant(rule, flags, writes, k, io, extras):
     luts = np.array([(t.e_lo, t.e_hi, t.mb) for t in tabs], np.int64).reshape(-1, 3)
     fns: list[Any] = [None, None]
 
-    def run(param, grad, states, master=None, salt=0):
+    def run(
+        param: Any, grad: Any, states: Sequence[Any], master: Any = None, salt: int = 0
+    ) -> None:
         n = param.shape[0]
         if n == 0:
             return

@@ -2,12 +2,22 @@
 
 Its ``step_runner`` (``backends.protocol``) runs the rule's oracle function over whole arrays:
 ``reference.<rule>`` for arrays stored in the compute dtype, ``precision.oracle_step`` for a
-storage plan (16-bit storage, a master copy, a loss scale, stochastic rounding).
+storage format (16-bit storage, a master copy, a loss scale, stochastic rounding).
 """
 
+from __future__ import annotations
+
 import inspect
+from collections.abc import Sequence
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
+
+from .protocol import Runner
+
+if TYPE_CHECKING:
+    from ..functional import StepPlan
+    from ..kernels.storage import IO
 
 NAME = "numpy"
 DEVICE = "cpu"
@@ -15,15 +25,15 @@ DEVICE = "cpu"
 QUANT_STATE = True
 
 
-def available():
+def available() -> bool:
     return True
 
 
-def why_unavailable():
+def why_unavailable() -> str:
     return ""
 
 
-def step_runner(plan, dtype, writes, io):
+def step_runner(plan: StepPlan, dtype: Any, writes: tuple[bool, ...], io: IO | None) -> Runner:
     """``run(param, grad, states, master=None, salt=0)``: one step of ``plan`` by the oracle."""
     from .. import precision, reference
     from ..kernels import RULES
@@ -35,7 +45,9 @@ def step_runner(plan, dtype, writes, io):
     if io is not None:
         step, hp, inv, key = plan.step, plan.hp, plan.inv_scale, plan.key
 
-        def run(param, grad, states, master=None, salt=0):
+        def run(
+            param: Any, grad: Any, states: Sequence[Any], master: Any = None, salt: int = 0
+        ) -> None:
             precision.oracle_step(
                 rule,
                 param,
@@ -59,7 +71,9 @@ def step_runner(plan, dtype, writes, io):
     kw = {h: v for h, v in plan.hp.items() if h in takes}
     kw["step"] = plan.step
 
-    def run(param, grad, states, master=None, salt=0):  # type: ignore[no-redef]
+    def run(  # type: ignore[no-redef]
+        param: Any, grad: Any, states: Sequence[Any], master: Any = None, salt: int = 0
+    ) -> None:
         st = {n: s for n, s in zip(names, states) if s is not None}
         # host state as the oracle keeps it (torch's 0-d tensors), this step's copy
         st.update({n: np.array(v, dtype=np.float32) for n, v in hs.items()})
@@ -68,7 +82,7 @@ def step_runner(plan, dtype, writes, io):
     return run
 
 
-def _segments(blocks):
+def _segments(blocks: np.ndarray) -> list[tuple[int, int, int, int]]:
     """Runs of adjacent blocks of a block table, as ``(first, stop, first block, stop block)``
     (a run is stepped as one tensor: its blocks are the same)."""
     out = []
@@ -80,7 +94,7 @@ def _segments(blocks):
     return out
 
 
-def _quant_runner(plan, io):
+def _quant_runner(plan: StepPlan, io: IO) -> Runner:
     """The oracle's step over quantized state (``fastopt.quant_reference.oracle_step``); a
     ``FlatBuffer`` group's quantized slots (``(codes, absmax, blocks)``) run per run of
     adjacent blocks."""
@@ -93,7 +107,9 @@ def _quant_runner(plan, io):
         fmt=io.quant, step=plan.step, hp=plan.hp, hs=hs, inv_scale=plan.inv_scale, key=plan.key
     )
 
-    def run(param, grad, states, master=None, salt=0):
+    def run(
+        param: Any, grad: Any, states: Sequence[Any], master: Any = None, salt: int = 0
+    ) -> None:
         blocks = next((s[2] for s in states if isinstance(s, tuple) and len(s) > 2), None)
         if blocks is None:
             st = {

@@ -10,7 +10,7 @@ Every backend module (``numpy_backend``, ``numba_backend``, ``numba_cuda_backend
 scalars ``k``, the hyperparameters, step and host state, and the loss-scale and stochastic
 rounding extras: ``inv_scale``, ``scale``, ``key``, and for a capturable step ``device`` and
 ``found_inf``); ``dtype`` the param dtype, ``writes`` one bool per rule slot (is the slot
-present), ``io`` the storage plan (``kernels.storage.IO``; None: every array in ``dtype``).
+present), ``io`` the storage format (``kernels.storage.IO``; None: every array in ``dtype``).
 ``run`` takes flat arrays and trusts its caller: they passed ``check_param_arrays``.
 
 A backend that only launches per call (``launch(rule, flags, param, grad, states, k, io=None,
@@ -19,7 +19,7 @@ master=None, extras=None)``: the GPU backends) gets its ``step_runner`` from
 double, the benchmark's null backend).
 """
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any
 
 __all__ = ["Runner", "launch_runner", "step_runner_of"]
@@ -30,12 +30,14 @@ Runner = Callable[..., None]
 
 def launch_runner(launch: Callable[..., Any], plan: Any, io: Any) -> Runner:
     """The runner of a backend whose ``launch`` does one step per call: the plan's scalars,
-    and for a storage plan ``io`` its extras (1/grad_scale, the device grad_scale, the step
+    and for a storage format ``io`` its extras (1/grad_scale, the device grad_scale, the step
     key, the salt; a capturable step's device scalars)."""
     rule, flags, k = plan.rule, plan.flags, plan.k
     if io is None:
 
-        def run(param, grad, states, master=None, salt=0):
+        def run(
+            param: Any, grad: Any, states: Sequence[Any], master: Any = None, salt: int = 0
+        ) -> None:
             launch(rule, flags, param, grad, tuple(states), k)
 
         return run
@@ -43,7 +45,9 @@ def launch_runner(launch: Callable[..., Any], plan: Any, io: Any) -> Runner:
     if plan.device is not None and io.kbuf:
         extras.update(plan.device.extras(io.compute, plan.found_inf))
 
-    def run(param, grad, states, master=None, salt=0):  # type: ignore[no-redef]
+    def run(  # type: ignore[no-redef]
+        param: Any, grad: Any, states: Sequence[Any], master: Any = None, salt: int = 0
+    ) -> None:
         launch(
             rule,
             flags,

@@ -133,7 +133,7 @@ def _mixed_source(n_state, master):
 
 
 def mixed_traffic_kernel(io: Any, n_state: int) -> Any:
-    """The compiled same-traffic loop of a storage plan: the buffers the optimizer touches, in
+    """The compiled same-traffic loop of a storage format: the buffers the optimizer touches, in
     their storage dtypes (16-bit ones as uint16), read and written as the optimizer does."""
     key = (io.param, io.grad, io.state, io.master, n_state)
     fn = _mixed.get(key)
@@ -153,7 +153,7 @@ def mixed_traffic_kernel(io: Any, n_state: int) -> Any:
 
 
 def mixed_traffic_runner(io: Any, n_state: int, n: int) -> Any:
-    """The same-traffic kernel of storage plan ``io`` over fresh buffers of ``n`` elements."""
+    """The same-traffic kernel of storage format ``io`` over fresh buffers of ``n`` elements."""
 
     def buf(kind, fill=0):
         dt = np.uint16 if kind in ("float16", "bfloat16") else np.dtype(kind)

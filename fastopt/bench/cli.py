@@ -3,7 +3,7 @@
 For each optimizer, dtype and size it times one fused step (``opt.step(buf)`` on a FlatBuffer),
 the NumPy oracle, ``torch.optim`` when torch is installed, and two ceilings on the same backend:
 a copy and a same-traffic kernel. On the CPU it adds mixed-precision rows: Adam (of the chosen
-optimizers, those in ``--precision-optimizers``) in each storage plan of ``--precisions``
+optimizers, those in ``--precision-optimizers``) in each storage format of ``--precisions``
 (float32; bfloat16 params, grads and state; bfloat16 with float32 state; with float32 state and
 an fp32 master), timed side by side in one group, each against the same-traffic kernel of its
 own byte count, with its speed-up and bytes relative to float32. It prints a table (ms/step,
@@ -39,7 +39,7 @@ __all__ = ["build_parser", "format_table", "main", "write_json_atomic"]
 QUICK = {"cpu": (1 << 20,), "cuda": (1 << 24,)}
 DTYPES = ("float32", "float64")
 PEER = "torch"
-#: the mixed-precision rows by default: these optimizers, these storage plans (CPU)
+#: the mixed-precision rows by default: these optimizers, these storage formats (CPU)
 PRECISION_OPTIMIZERS = ("adam",)
 DEFAULT_PRECISIONS = (
     "float32",
@@ -158,7 +158,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--precisions",
         type=_csv(tuple(PRECISIONS) + ("none",), "precision"),
         metavar="LIST",
-        help="storage plans of the CPU mixed-precision rows, from: "
+        help="storage formats of the CPU mixed-precision rows, from: "
         f"{', '.join(PRECISIONS)}; 'none' for no such rows (default: "
         f"{','.join(DEFAULT_PRECISIONS)})",
     )
@@ -196,7 +196,7 @@ def build_parser() -> argparse.ArgumentParser:
     return ap
 
 
-def _plan(args, ap):
+def _schedule(args, ap):
     """[(device, case, dtype, n, fastopt backends, torch modes)], after checking availability."""
     from ..backends import available_backends
     from . import torch_peers
@@ -233,7 +233,7 @@ def _plan(args, ap):
             "pip install 'fastopt[cuda12]' (or [cuda13])"
         )
     cases = [CASES[c] for c in (args.optimizers or CASE_NAMES)]
-    plan = []
+    schedule = []
     for device in ("cpu", "cuda"):
         if device not in devices:
             continue
@@ -244,13 +244,13 @@ def _plan(args, ap):
                 for case in cases:
                     modes = torch_peers.modes(case, device) if PEER in chosen else []
                     if devices[device] or modes:
-                        plan.append((device, case, dtype, n, devices[device], modes))
-    return plan
+                        schedule.append((device, case, dtype, n, devices[device], modes))
+    return schedule
 
 
-def _precision_plan(args, plan):
-    """[(case, n, precisions)] of the CPU mixed-precision groups (after the main plan's)."""
-    if not any(device == "cpu" and backends for device, _, _, _, backends, _ in plan):
+def _precision_schedule(args, schedule):
+    """[(case, n, precisions)] of the CPU mixed-precision groups (after the main schedule's)."""
+    if not any(device == "cpu" and backends for device, _, _, _, backends, _ in schedule):
         return []
     if args.precisions == ["none"]:
         return []
@@ -488,19 +488,19 @@ def main(argv: Sequence[str] | None = None) -> int:
                 file=sys.stderr,
             )
             return 2
-    plan = _plan(args, ap)
-    mixed = _precision_plan(args, plan)
-    if not plan and not mixed:
+    schedule = _schedule(args, ap)
+    mixed = _precision_schedule(args, schedule)
+    if not schedule and not mixed:
         ap.error("nothing to measure: no selected backend can run these optimizers here")
     reps = args.reps or (10 if args.quick else 30)
     budget = args.budget or (1.0 if args.quick else 6.0)
     gpu_name = None
-    if any(device == "cuda" for device, *_ in plan):
+    if any(device == "cuda" for device, *_ in schedule):
         from .gpu import gpu_name as _gpu_name
 
         gpu_name = _gpu_name()
     print(
-        f"fastopt bench: {len(plan)} groups on {measure.cpu_model()}"
+        f"fastopt bench: {len(schedule)} groups on {measure.cpu_model()}"
         + (f" + {gpu_name}" if gpu_name else "")
         + f", {reps} reps",
         file=sys.stderr,
@@ -534,8 +534,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         }
         write_json_atomic(args.json, doc)
 
-    for i, (device, case, dtype, n, backends, modes) in enumerate(plan, 1):
-        _progress(i, len(plan) + len(mixed), device, case, dtype, n)
+    for i, (device, case, dtype, n, backends, modes) in enumerate(schedule, 1):
+        _progress(i, len(schedule) + len(mixed), device, case, dtype, n)
         t0 = time.perf_counter()
         recs = run_group(case, device, n, dtype, backends, modes, reps=reps, budget_s=budget)
         summary = "  ".join(
@@ -547,9 +547,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         records += recs
         if args.json:  # after every group: a run cut short still leaves what it measured
             finalize(records)
-            write_json(complete=i == len(plan) + len(mixed))
-    for i, (case, n, precisions) in enumerate(mixed, len(plan) + 1):
-        _progress(i, len(plan) + len(mixed), "cpu", case, "mixed", n)
+            write_json(complete=i == len(schedule) + len(mixed))
+    for i, (case, n, precisions) in enumerate(mixed, len(schedule) + 1):
+        _progress(i, len(schedule) + len(mixed), "cpu", case, "mixed", n)
         t0 = time.perf_counter()
         # side by side in one group, twice the repetitions: the ratios are the point
         recs = run_precision_group(case, n, precisions, reps=2 * reps, budget_s=2 * budget)
@@ -558,10 +558,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         records += recs
         if args.json:
             finalize(records)
-            write_json(complete=i == len(plan) + len(mixed))
+            write_json(complete=i == len(schedule) + len(mixed))
     finalize(records)
-    if any(device == "cpu" for device, *_ in plan):
-        host_path += measure_host_path(dict.fromkeys(case for _, case, *_ in plan))
+    if any(device == "cpu" for device, *_ in schedule):
+        host_path += measure_host_path(dict.fromkeys(case for _, case, *_ in schedule))
     print(format_table(records))
     lines = _ceiling_lines(records)
     if lines:

@@ -81,7 +81,7 @@ def fastopt_runner(
 ) -> Runner:
     """``opt.step(buf)`` of the fastopt optimizer of ``case`` on ``backend``, over a FlatBuffer
     holding one parameter of ``p0.size`` elements (the fused one-launch path users call);
-    ``kwargs``: mixed-precision keywords of the optimizer, ``io`` its storage plan (the bytes
+    ``kwargs``: mixed-precision keywords of the optimizer, ``io`` its storage format (the bytes
     moved count each array's own dtype)."""
     import fastopt
 
@@ -409,7 +409,7 @@ def finalize(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
     return records
 
 
-# -- mixed-precision rows: one optimizer across storage plans, side by side ----------------------
+# -- mixed-precision rows: one optimizer across storage formats, side by side ----------------------
 
 
 def precision_factories(
@@ -442,7 +442,7 @@ def precision_factories(
 
 def state_bytes(case: Case, pr: Any) -> float:
     """Bytes of optimizer state per parameter of ``case`` in precision ``pr``
-    (``fastopt.memory``, derived from the rule spec and the storage plan)."""
+    (``fastopt.memory``, derived from the rule spec and the storage format)."""
     import fastopt
     from fastopt.memory import state_bytes_per_param
 
@@ -467,10 +467,10 @@ def run_precision_group(
     budget_s: float | None = None,
     progress: Callable[..., Any] | None = None,
 ) -> Any:
-    """Measure one optimizer at size ``n`` in each storage plan of ``precisions``, with each
-    plan's same-traffic ceiling, all in one group (built together, timed in two passes, the
+    """Measure one optimizer at size ``n`` in each storage format of ``precisions``, with each
+    format's same-traffic ceiling, all in one group (built together, timed in two passes, the
     second in reverse order: the ratios compare runs of the same minutes). Returns records
-    (``dtype`` holds the plan's name) with ``ceiling_gbps``, ``pct_of_ceiling`` and, against
+    (``dtype`` holds the format's name) with ``ceiling_gbps``, ``pct_of_ceiling`` and, against
     the float32 row when there is one, ``speedup_vs_float32`` and ``bytes_vs_float32``."""
     res = measure_group(
         precision_factories(case, n, precisions, backend),

@@ -14,11 +14,12 @@ benchmark's steps run.
 With mixed precision each array counts its own itemsize (``bytes_per_step(..., io=)``): param
 read (not when an fp32 master is read instead) and written, grad read (and written back when
 unscaled in place), the state buffers read and written, the master read and written. The
-mixed-precision rows (``PRECISIONS``) compare one optimizer across storage plans side by side.
+mixed-precision rows (``PRECISIONS``) compare one optimizer across storage formats side by side.
 
 Effective bandwidth = bytes ÷ median step time; it is compared with two ceilings measured in the
 same run on the same backend: a copy (``2·itemsize·n`` bytes) and a same-traffic kernel that
-touches exactly the optimizer's buffers with trivial math (``_bench_cpu`` / ``_bench_gpu``).
+touches exactly the optimizer's buffers with trivial math (``fastopt.bench.ceilings_cpu``;
+on a GPU ``fastopt.bench.gpu``, ``fastopt.bench.ceilings_numba_cuda`` for numba-cuda).
 
 Timing: after a warm-up that absorbs compilation and first-touch page faults, each repetition
 is timed alone and the median is reported with its spread (``spread``: min, quartiles, max).
@@ -158,7 +159,7 @@ def _case(name, cls, kwargs, slots):
     torch_cls = _torch_name(cls)
     torch_kwargs = tuple(_torch_kwargs(cls, torch_cls, hp).items()) if torch_cls else ()
     spec = RULES[cls._rule]
-    flags, _ = spec.plan(spec.validate({**spec.defaults, **hp}), STEADY_STEP)
+    flags, _ = spec.variant_and_scalars(spec.validate({**spec.defaults, **hp}), STEADY_STEP)
     n_read = sum(spec.slots_read(flags))
     return Case(
         name, cls.__name__, tuple(kwargs.items()), len(slots), torch_cls, torch_kwargs, n_read
@@ -227,7 +228,7 @@ def traffic_arrays(
 
 @dataclass(frozen=True)
 class Precision:
-    """One storage plan of the mixed-precision rows: the params' and grads' dtypes and the
+    """One storage format of the mixed-precision rows: the params' and grads' dtypes and the
     optimizer keywords that choose the state dtype and the master copy."""
 
     name: str
@@ -236,7 +237,7 @@ class Precision:
     kwargs: tuple = ()
 
     def io(self, n_state: int | None = None) -> Any:
-        """The storage plan (``kernels.storage.IO``) of this precision's launches."""
+        """The storage format (``kernels.storage.IO``) of this precision's launches."""
         from ..precision import QUANTIZED, io_of, resolve_state_kind
 
         kw = dict(self.kwargs)

@@ -7,7 +7,7 @@ value per round:
 - ``list_group``: ``fastopt.torch`` over a transformer's parameter list (195 or 196 tensors,
   ``measure.transformer_shapes``), torch's fused step on the very same list, fastopt's flat
   step (``opt.step(buf)``, one FlatBuffer) and torch's fused step on one flat tensor of the
-  same size, in one storage plan (``measure.PRECISIONS``); torch peers only where torch keeps
+  same size, in one storage format (``measure.PRECISIONS``); torch peers only where torch keeps
   the same bytes (no master copy: torch.optim has none);
 - ``graph_group``: the same list stepped by a ``capturable=True`` ``fastopt.torch`` optimizer
   replayed from a CUDA graph, the flat capturable step replayed from one, and torch's
@@ -19,7 +19,7 @@ value per round:
 - ``count_syncs``: host synchronisations in a steady step with ``torch.amp.GradScaler``, from
   torch's sync debug mode.
 
-A row whose code does not exist in this checkout is not planned: ``features`` probes for each
+A row whose code does not exist in this checkout is not scheduled: ``features`` probes for each
 (a keyword a constructor refuses, a module that does not import) and says why not. Every
 function takes ``device="cpu"`` too (the ``numba`` backend, host timers, numba's ceilings), so
 the machinery runs in the default test run without a GPU.
@@ -68,7 +68,7 @@ __all__ = [
     "sync_rows",
 ]
 
-#: the quantized state dtypes whose rows are planned (each only where fastopt accepts it)
+#: the quantized state dtypes whose rows are scheduled (each only where fastopt accepts it)
 LOWBIT_STATES = ("int8", "float8_e4m3")
 #: the guards ``features`` reports, by name
 FEATURES = (
@@ -80,7 +80,7 @@ FEATURES = (
     "sync_debug_mode",
     "bitsandbytes",
 )
-#: what a constructor says when it does not take a keyword (or value) of a planned row
+#: what a constructor says when it does not take a keyword (or value) of a scheduled row
 _REFUSED = (TypeError, ValueError, NotImplementedError, RuntimeError)
 
 
@@ -115,7 +115,7 @@ def _try(make):
 
 
 def features(device: str = "cuda", backend: Any = None) -> Any:
-    """Which planned rows the code here can run: name -> ``{"available": bool, "why": str}``.
+    """Which scheduled rows the code here can run: name -> ``{"available": bool, "why": str}``.
 
     - ``fastopt.torch``: the adapter imports (torch is installed);
     - ``bfloat16``: bfloat16 tensors can be viewed (``ml_dtypes``);
@@ -348,7 +348,7 @@ def flat_runner(
 def _ceilings(facs, device, arrays_of, p_flat, io=None, n_state=0):
     """Add the group's ceilings to ``facs``: on a GPU the same-traffic kernel of
     ``arrays_of()`` and a memcpy of the param's elements as float32 (4 bytes each, whatever
-    the plan stores); on the CPU numba's same-traffic kernel of the storage plan ``io``."""
+    the plan stores); on the CPU numba's same-traffic kernel of the storage format ``io``."""
     if device == "cuda":
         from . import gpu
 
@@ -452,7 +452,7 @@ def list_group(
     budget_s: float | None = None,
     step: Any = "torch-list",
 ) -> Any:
-    """``fastopt.torch`` over the transformer's list in storage plan ``precision`` beside torch
+    """``fastopt.torch`` over the transformer's list in storage format ``precision`` beside torch
     fused on the same list, fastopt's flat step and torch fused on one flat tensor (torch only
     where it keeps the same bytes: ``same_work_in_torch``), all moving the same bytes. The
     list row gets ``speedup_vs_torch`` (torch fused on the list over it) and ``pct_of_flat``
@@ -701,7 +701,7 @@ def lowbit_group(
     """fastopt's flat step (float32 params) with each of ``state_dtypes`` fastopt accepts
     (``features``) against the same step with float32 state. Bytes and the ceiling's traffic are
     read from the state after a first step: the param read and written, the grad read, every
-    state array (codes, scales, whatever the plan keeps) read and written once; each row
+    state array (codes, scales, whatever the format keeps) read and written once; each row
     carries ``state_bytes_per_param`` (bytes of state over parameters, master copies aside)
     and ``speedup_vs_float32_state``. With ``bitsandbytes`` installed, its 8-bit Adam over
     the list beside ``fastopt.torch`` on the same list in the same state dtype."""
@@ -845,7 +845,8 @@ def sync_rows(
     case: Case, n: int = 1 << 20, device: str = "cuda", steps: int = 5, set_mode: Any = None
 ) -> Any:
     """Host synchronisations per steady step with ``torch.amp.GradScaler``, over the list in
-    float32: ``fastopt.torch`` and torch's fused step (its peer). Returns one dict per
+    float32: ``fastopt.torch`` (as built by default, and with ``capturable=True`` when the
+    feature is there: the sync-free step) and torch's fused step (its peer). Returns one dict per
     optimizer: ``optimizer``, ``backend``, ``layout``, ``n``, ``n_tensors``, ``per_step``,
     ``syncs_per_step`` (the most in any steady step), ``error_mode``."""
     if isinstance(case, str):
@@ -854,6 +855,11 @@ def sync_rows(
     p, g = list_data(n, "float32", device)
     out = []
     makers = {"fastopt.torch": lambda ps: getattr(_fot(), case.cls)(ps, **case.fastopt_kwargs)}
+    if features(device)["capturable"]["available"]:
+        # the step that keeps its counts, scalars, loss scale and found-inf flag on the device
+        makers["fastopt.torch-capturable"] = lambda ps: getattr(_fot(), case.cls)(
+            ps, **case.fastopt_kwargs, capturable=True
+        )
     if case.torch_cls:
         makers["torch-fused"] = lambda ps: getattr(torch.optim, case.torch_cls)(  # type: ignore[arg-type]  # rows of cases torch has
             ps, **dict(case.torch_kwargs), fused=True

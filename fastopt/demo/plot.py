@@ -62,7 +62,7 @@ XLIM, YLIM = (-8, 8), (-3, 3)
 _NAMES = {"momentum": "momentum", "alpha": "α", "weight_decay": "wd", "betas": "β"}
 
 
-def _extras(kwargs):
+def _extras(kwargs: Mapping[str, Any]) -> str:
     parts = [
         f"{_NAMES.get(k, k)} {v if not isinstance(v, tuple) else '/'.join(map(str, v))}"
         for k, v in kwargs.items()
@@ -71,7 +71,7 @@ def _extras(kwargs):
     return ", " + ", ".join(parts) if parts else ""
 
 
-def _num(v, digits=2):
+def _num(v: float, digits: int = 2) -> str:
     """``v`` rounded, without the "-0.00" of a tiny negative."""
     out = f"{v:.{digits}f}"
     return out[1:] if float(out) == 0 and out.startswith("-") else out

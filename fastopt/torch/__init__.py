@@ -20,9 +20,10 @@ reverse, mid-run. Parameters whose ``.grad`` is None are skipped and keep their 
 A step launches once per (device, dtype, variant, step count, master copy or not, host state)
 over all the parameters of a param group that have a gradient, in place: on the CPU one
 parallel loop walks a table of the tensors' addresses (``numba_backend.launch_many``, or
-``launch_many_io`` for 16-bit storage, master copies and loss scales); on a GPU each tensor is
-one launch of the CuPy kernel. Parameters stay where they are: nothing is repacked, so
-``zero_grad``, ``.to()``, ``load_state_dict`` and parameters added later need no care. Like
+``launch_many_io`` for 16-bit storage, master copies and loss scales); on a GPU one
+multi-tensor kernel walks a device table of them (``_device``; CuPy or numba-cuda).
+Parameters stay where they are: nothing is repacked, so ``zero_grad``, ``.to()``,
+``load_state_dict`` and parameters added later need no care. Like
 torch's in-place ops, a step bumps the autograd version counters of everything it writes, so
 a graph built on the old weights refuses ``backward()``. DTensor parameters (FSDP2) are
 stepped through their local shards, with DTensor state (``_dtensor``).
@@ -49,22 +50,31 @@ AMP: the classes declare ``_step_supports_amp_scaling``, so ``torch.amp.GradScal
 them its scale and found-inf flag instead of unscaling the gradients itself; a step with
 ``found_inf`` set changes nothing (params, state, step counts), and the gradients are
 unscaled in the same pass as the update (``p.grad`` keeps GradScaler's scale, as with torch's
-fused optimizers). float16 and bfloat16 parameters are stepped in their storage dtype (math in
-float32, round to nearest even) with state in the parameter's dtype, or, with
-``master_weights=True``, through an fp32 copy (``state[p]["master_param"]``) with fp32 state,
-the parameter stored from the copy in the same pass. A 16-bit parameter written between steps
-(``w.fill_(3.0)``: its version counter moved) is seen: where it no longer equals its master
-rounded, the master takes the written value. A write that bypasses the version counter
-(through ``w.data`` or a NumPy view) is not seen, and the master's value wins.
+fused optimizers). On a GPU the step counts live on the device and the scale and the flag are
+read by the kernels: no host synchronisation (not for RAdam, Adan, ASGD, whose variant depends
+on the step); with ``capturable=True`` the step can be captured in a CUDA graph.
+``max_grad_norm=`` clips by the global gradient norm inside the step (the norm of the unscaled
+gradients under GradScaler).
+
+float16 and bfloat16 parameters are stepped in their storage dtype (math in float32, round to
+nearest even) with state in the parameter's dtype, or, with ``master_weights=True``, through an
+fp32 copy (``state[p]["master_param"]``) with fp32 state, the parameter stored from the copy in
+the same pass. A 16-bit parameter written between steps (``w.fill_(3.0)``: its version counter
+moved) is seen: where it no longer equals its master rounded, the master takes the written
+value. A write that bypasses the version counter (through ``w.data`` or a NumPy view) is not
+seen, and the master's value wins.
 """
 
 import inspect
 import math
+from collections.abc import Callable, Iterable
+from typing import Any
 
 import numpy as np
 import torch
 from torch.autograd.graph import increment_version
 
+from .. import _capture
 from .. import optimizers as _optimizers
 from .._arrays import as_xp_array
 from ..backends import get_backend
@@ -73,8 +83,9 @@ from ..functional import Launch
 from ..kernels import RULES
 from ..kernels.spec import host_precision, host_round
 from ..kernels.storage import io_for
-from . import _dtensor
+from . import _device, _dtensor
 from ._compat import TorchContract, hp_value
+from ._device import Amp, stream_of
 from ._memory import check_backed, check_no_overlap, check_written, plain_type
 from ._steady import Steady
 
@@ -89,6 +100,8 @@ _KINDS = {
 }
 #: the plain dtypes: one many-tensor launch on the CPU
 _DTYPES = {torch.float32: np.float32, torch.float64: np.float64}
+#: (rule, its bool hyperparameters) -> can the device compute its scalars (``_device_scalars``)
+_DEVICE_RULES: dict[Any, bool] = {}
 #: keyword arguments of torch.optim constructors that select torch's own implementation
 _TORCH_IMPL = ("foreach", "fused", "capturable", "differentiable")
 
@@ -109,22 +122,32 @@ def _torch_defaults(cls):
 class FusedOptimizer(TorchContract, torch.optim.Optimizer):
     """The ``torch.optim.Optimizer`` face of a fastopt optimizer class (``_fastopt``)."""
 
-    _fastopt = None
+    #: the fastopt class (set on each generated class, ``_make``)
+    _fastopt: Any = None
+    #: torch keeps a step count for the rule (no fresh slot), set by ``_make``
+    _keeps_step: bool = True
     _step_supports_amp_scaling = True
+    _steady: dict[int, Steady]
 
-    def __init__(self, params, defaults, backend="auto"):
+    def __init__(
+        self,
+        params: Any,
+        defaults: dict[str, Any],
+        backend: str = "auto",
+        max_grad_norm: float | None = None,
+    ) -> None:
         if not isinstance(backend, str):
             raise TypeError(f"backend must be a string, got {type(backend).__name__}")
         if backend != "auto":
             get_backend(backend)  # unknown or unavailable: refuse now
-        for key in ("differentiable", "capturable"):
-            if defaults.get(key):
-                raise NotImplementedError(
-                    f"{type(self).__name__}({key}=True) is not supported by fastopt.torch; "
-                    f"use torch.optim.{type(self).__name__} for {key} steps"
-                )
+        if defaults.get("differentiable"):
+            raise NotImplementedError(
+                f"{type(self).__name__}(differentiable=True) is not supported by fastopt.torch; "
+                f"use torch.optim.{type(self).__name__} for differentiable steps"
+            )
         self._check_group(defaults, "the defaults")
         self.backend = backend
+        self.max_grad_norm = _check_max_norm(max_grad_norm, type(self).__name__)
         super().__init__(params, defaults)
 
     # -- hyperparameters -------------------------------------------------------------------------
@@ -144,24 +167,29 @@ class FusedOptimizer(TorchContract, torch.optim.Optimizer):
 
     def _check_group(self, group, what):
         try:
-            type(self)._rule_hp(group)
+            hp = type(self)._rule_hp(group)
         except (TypeError, ValueError) as exc:
             raise type(exc)(f"{type(self).__name__}: {what}: {exc}") from None
+        if group.get("capturable"):
+            _check_capturable(type(self), hp, what)
 
-    def add_param_group(self, param_group):
+    def add_param_group(self, param_group: dict[str, Any]) -> None:
         merged = dict(self.defaults, **{k: v for k, v in param_group.items() if k != "params"})
         self._check_group(merged, "a param group")
         super().add_param_group(param_group)
 
     # -- state -----------------------------------------------------------------------------------
-    def _new_state(self, p, spec, hp, slots, master=False):
+    def _new_state(self, p, spec, hp, slots, master=False, step_device=None):
         """``state[p]`` as torch creates it on a parameter's first step (torch's keys: a step
         count where torch keeps one, the state buffers ``slots``, host scalars as 0-d
         tensors), not yet stored: ``_run_plan`` stores it once every check of the step has
-        passed. Empty for a parameter that needs none, as in torch (SGD without momentum)."""
+        passed. Empty for a parameter that needs none, as in torch (SGD without momentum).
+        ``step_device``: where the step count lives (on a GPU whose scalars live there,
+        ``_device_scalars``: the parameter's device, as torch's fused and capturable
+        optimizers keep it; else the CPU)."""
         new = {}
         if type(self)._keeps_step:
-            new["step"] = torch.tensor(0.0, dtype=torch.float32)
+            new["step"] = torch.tensor(0.0, dtype=torch.float32, device=step_device)
         # with a master copy the state is float32 too (16-bit states would undo the master)
         sdtype = torch.float32 if master else p.dtype
         for s in spec.slots:
@@ -170,7 +198,7 @@ class FusedOptimizer(TorchContract, torch.optim.Optimizer):
                     p, spec.initial(s.name, hp), dtype=sdtype, memory_format=torch.preserve_format
                 )
         for name, value in spec.initial_host_state(hp).items():
-            new[name] = torch.tensor(value, dtype=torch.float32)
+            new[name] = torch.tensor(value, dtype=torch.float32, device=step_device)
         if master:  # the fp32 copy a 16-bit parameter is stepped through
             new["master_param"] = p.detach().to(torch.float32, copy=True)
         return new
@@ -178,8 +206,19 @@ class FusedOptimizer(TorchContract, torch.optim.Optimizer):
     # -- the step --------------------------------------------------------------------------------
     @torch._disable_dynamo  # opaque to torch.compile: a graph break, the step run eagerly
     @torch.no_grad()
-    def step(self, closure=None):
+    def step(
+        self,
+        closure: Callable[[], Any] | None = None,
+        grad_scale: torch.Tensor | None = None,
+        found_inf: torch.Tensor | None = None,
+    ) -> Any:
         """One fused step over every parameter with a gradient (``closure`` as in torch).
+
+        ``grad_scale`` and ``found_inf``: torch's protocol for fused optimizers
+        (``_step_supports_amp_scaling``; ``torch.amp.GradScaler`` sets them as attributes of
+        the optimizer, or pass them here): the gradients are unscaled in the update pass and a
+        nonzero ``found_inf`` skips the step. On a GPU (``_device_scalars``) both are read by
+        the kernels, never on the host.
 
         Every group is checked (its cached launch re-checked, or every tensor checked in full)
         and every host value computed before the first write; a refused step changes nothing."""
@@ -187,33 +226,197 @@ class FusedOptimizer(TorchContract, torch.optim.Optimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
-        found_inf = getattr(self, "found_inf", None)
-        if found_inf is not None and float(found_inf) != 0:
-            return loss  # GradScaler found inf/NaN: nothing changes, as torch's fused step
-        inv_scale = _inv_scale(getattr(self, "grad_scale", None), type(self).__name__)
+        if grad_scale is None:
+            grad_scale = getattr(self, "grad_scale", None)
+        if found_inf is None:
+            found_inf = getattr(self, "found_inf", None)
+        who = type(self).__name__
+        # on the device: every group's scalars on a GPU (the step counts live there too)
+        on_device = self._device_scalars_only()
+        amp = Amp()
+        if found_inf is not None:
+            if on_device and self._device_tensor(found_inf):
+                amp.found_inf = found_inf
+            elif float(found_inf) != 0:
+                return loss  # GradScaler found inf/NaN: nothing changes, as torch's fused step
+        if grad_scale is not None:
+            if on_device and self._device_tensor(grad_scale):
+                amp.scale = grad_scale
+            else:
+                amp.inv_scale = _inv_scale(grad_scale, who)
+        # a CPU launch scales the gradient by one host factor (1/grad_scale, the clip
+        # coefficient): whether it has one is known now, its value once the grads are checked
+        scaled = amp.inv_scale is not None or self.max_grad_norm is not None
         spec = RULES[type(self)._fastopt._rule]
         steady = self.__dict__.setdefault("_steady", {})
         plans = []
         for i, group in enumerate(self.param_groups):
-            hp = type(self)._rule_hp(group)
+            hp = self._group_hp(i, group)
             cached = steady.get(i)
             if cached is not None:  # the same tensors as a checked step before: re-checks only
-                checked = cached.check(self, group, spec, hp, inv_scale)
+                checked = cached.check(self, group, spec, hp, scaled)
                 if checked is not None:
                     plans.append((cached, hp, checked))
                     continue
                 del steady[i]
-            plans.append(self._plan_group(group, i, spec, hp, inv_scale))
-        self._check_overlap(plans, spec, inv_scale)
+            plans.append(self._plan_group(group, i, spec, hp, amp))
+        self._check_overlap(plans, spec, amp)
+        if self.max_grad_norm is not None:
+            self._clip(plans, amp)
         for plan in plans:  # every group checked before any is stepped
             if isinstance(plan, _Plan):
                 self._run_plan(plan)
             else:
                 cached, hp, checked = plan
-                cached.run(spec, hp, *checked, inv_scale)
+                cached.run(spec, hp, *checked, amp)
         return loss
 
-    def _check_overlap(self, plans, spec, inv_scale):
+    def _group_hp(self, index, group):
+        """``_rule_hp`` of a param group; the learning rate of a group whose scalars live on
+        the device (``_device_scalars``), held in a device tensor, is read once (its first
+        step) and never again: the step copies it into the device scalars on the device
+        (``_device.DeviceLaunch``)."""
+        lr = group.get("lr")
+        if self._device_tensor(lr) and self._device_scalars(group, lr.device):
+            seen = self.__dict__.setdefault("_lr_seen", {})
+            key = (index, id(lr))
+            if key not in seen:
+                seen.clear() if len(seen) > 64 else None
+                seen[key] = float(lr)
+            return type(self)._rule_hp(dict(group, lr=seen[key]))
+        return type(self)._rule_hp(group)
+
+    def _device_scalars_only(self):
+        """Does every parameter with a gradient sit in a group whose scalars are computed on
+        its device (``_device_scalars``)? Then the step reads ``grad_scale`` and ``found_inf``
+        in its kernels."""
+        seen = False
+        for group in self.param_groups:
+            devices = {p.device for p in group["params"] if p.grad is not None}
+            if any(not self._device_scalars(group, d) for d in devices):
+                return False
+            seen = seen or bool(devices)
+        return seen
+
+    def _device_scalars(self, group, device):
+        """Does ``group`` step on ``device`` with its step counts and scalars on the device?
+        On a GPU backend that computes scalars there (``_on_device``): a ``capturable=True``
+        group, and any group whose rule and flags the device can compute (as torch's fused
+        optimizers keep their step counts on the device); not RAdam, Adan, ASGD."""
+        if not self._on_device(device):
+            return False
+        if group.get("capturable"):
+            return True
+        cls = type(self)
+        fo = cls._fastopt
+        spec = RULES[fo._rule]
+        flags = tuple(
+            bool(fo._pinned[h.name] if h.name in fo._pinned else group.get(h.name, h.default))
+            for h in spec.hyper
+            if h.domain == "bool"
+        )
+        key = (spec.name, flags)
+        ok = _DEVICE_RULES.get(key)
+        if ok is None:
+            from ..kernels import device_scalars
+
+            hp = spec.validate(
+                dict(spec.defaults, **{h.name: f for h, f in zip(_bools(spec), flags)})
+            )
+            ok = _DEVICE_RULES[key] = device_scalars.capturable(spec.name, hp)
+        return ok
+
+    def _device_tensor(self, x):
+        """A tensor on a device whose step reads it in its kernels (``_on_device``)."""
+        return isinstance(x, torch.Tensor) and self._on_device(x.device)
+
+    def _on_device(self, device):
+        """Does ``device``'s backend launch tables and compute scalars on the device?"""
+        be = self._backend_module(device)
+        return hasattr(be, "launch_table") and _capture.supports(be)
+
+    def _backend_module(self, device):
+        """The backend module that steps tensors on ``device``."""
+        return get_backend(self._backend_for(device))
+
+    def _clip(self, plans, amp):
+        """The clip coefficient of ``max_grad_norm`` from the global norm of the step's
+        (unscaled) gradients: on the CPU one ``torch._foreach_norm`` per gradient dtype, folded
+        into the launches' host factor; on a GPU ``GradNorm`` over tables of the gradients (one
+        reduction pass per dtype and one block to finish), read by the update kernels
+        (``Amp.norm``), no synchronisation."""
+        grads = []
+        for plan in plans:
+            if isinstance(plan, _Plan):
+                grads += [lg for b in plan.buckets for _, _, lg, _, _ in b.items]
+            else:
+                grads += [p.grad for p in plan[0].params]
+        if not grads:
+            return
+        devices = {g.device for g in grads}
+        if len(devices) > 1:
+            raise NotImplementedError(
+                f"{type(self).__name__}(max_grad_norm=...): gradients on "
+                f"{sorted(map(str, devices))}; the global norm is taken on one device"
+            )
+        device = next(iter(devices))
+        if self._table_backend(device) is not None:
+            amp.norm = self._device_norm(grads, device, amp)
+            return
+        by_dtype: dict[Any, list[Any]] = {}
+        for g in grads:
+            by_dtype.setdefault(g.dtype, []).append(g)
+        norms: list[Any] = []
+        for dt, gs in by_dtype.items():
+            acc = torch.float64 if dt is torch.float64 else torch.float32
+            norms += torch._foreach_norm(gs, 2, dtype=acc)
+        total = float(torch.linalg.vector_norm(torch.stack([n.double() for n in norms])))
+        inv = 1.0 if amp.inv_scale is None else amp.inv_scale
+        total *= inv  # the norm of the unscaled gradients
+        coef = min(self.max_grad_norm / (total + 1e-6), 1.0) if total == total else total
+        amp.inv_scale = inv * coef
+
+    def _table_backend(self, device):
+        """The backend module of ``device`` when it launches multi-tensor tables, else None."""
+        be = self._backend_module(device)
+        return be if hasattr(be, "launch_table") else None
+
+    def _device_norm(self, grads, device, amp):
+        """The ``GradNorm`` of ``grads`` on ``device`` (cached with its tables, their gradient
+        column refreshed), launched on torch's current stream."""
+        be = self._table_backend(device)
+        spec = RULES[type(self)._fastopt._rule]
+        nslots = len(spec.state)
+        scale = "device" if amp.scale is not None else "host" if amp.inv_scale is not None else None
+        by_dtype: dict[Any, list[Any]] = {}
+        for g in grads:
+            by_dtype.setdefault(g.dtype, []).append(g)
+        key = (
+            device,
+            scale,
+            tuple((dt, tuple(g.numel() for g in gs)) for dt, gs in by_dtype.items()),
+        )
+        cached = self.__dict__.get("_norm")
+        if cached is None or cached[0] != key:
+            tables = [
+                be.tensor_table(
+                    spec.name, io_for(_KINDS[dt]), [(g, g, [None] * nslots, None) for g in gs]
+                )
+                for dt, gs in by_dtype.items()
+            ]
+            cached = self.__dict__["_norm"] = (key, tables, be.GradNorm(tables, scale))
+        _, tables, gn = cached
+        for t, gs in zip(tables, by_dtype.values()):
+            t.set_column("grad", [g.data_ptr() for g in gs])
+        extras = {}
+        if amp.scale is not None:
+            extras["scale"] = amp.scale
+        elif amp.inv_scale is not None:
+            extras["inv_scale"] = amp.inv_scale
+        gn(self.max_grad_norm, extras, stream_of(device))
+        return gn
+
+    def _check_overlap(self, plans, spec, amp):
         """No tensor the step writes shares memory with another tensor of the step, across
         every group (``_memory.check_no_overlap``). When every group rides its cached launch,
         only the gradients can have moved: their spans are checked against the cached written
@@ -229,15 +432,15 @@ class FusedOptimizer(TorchContract, torch.optim.Optimizer):
                 return
             self._steady.clear()
             plans[:] = [
-                self._plan_group(group, i, spec, type(self)._rule_hp(group), inv_scale)
+                self._plan_group(group, i, spec, self._group_hp(i, group), amp)
                 for i, group in enumerate(self.param_groups)
             ]
-        entries = []
+        entries: list[Any] = []
         for plan in plans:
             entries += plan.entries if isinstance(plan, _Plan) else plan[0].entries()
         check_no_overlap(entries)
 
-    def _plan_group(self, group, index, spec, hp, inv_scale):
+    def _plan_group(self, group, index, spec, hp, amp):
         """Check one group's tensors and state and compute each launch's host values, writing
         nothing (``_Plan``; ``_run_plan`` writes)."""
         cls = type(self)
@@ -246,7 +449,7 @@ class FusedOptimizer(TorchContract, torch.optim.Optimizer):
         names = spec.state
         # the error names of a parameter's tensors (``_memory.name_of``)
         what = {n: f"state {n!r}" for n in (*names, "master_param", "step", *spec.host_names)}
-        plan = _Plan(index, spec, hp, inv_scale)
+        plan = _Plan(index, spec, hp, amp)
         entries = plan.entries
         masters = self.__dict__.setdefault("_masters", {})
         # what an existing state must hold: the step count (where torch keeps one), every
@@ -256,7 +459,7 @@ class FusedOptimizer(TorchContract, torch.optim.Optimizer):
             + tuple(s.name for s in spec.slots if s.name in slots and not s.fresh)
             + spec.host_names
         )
-        buckets = {}
+        buckets: dict[Any, list[Any]] = {}
         for j, p in enumerate(group["params"]):
             g = p.grad
             if g is None:
@@ -268,14 +471,26 @@ class FusedOptimizer(TorchContract, torch.optim.Optimizer):
             lp = _dtensor.local(p)
             lg = _check_param(lp, _dtensor.local(g), label, entries)
             master = want_master and _KINDS[p.dtype] in ("float16", "bfloat16")
-            state = self.state.get(p) or plan.new.get(p)
+            state: Any = self.state.get(p) or plan.new.get(p)
             fresh = not state
             if fresh:
-                state = self._new_state(p, spec, hp, slots, master)
+                on_dev = self._device_scalars(group, lp.device)
+                state = self._new_state(p, spec, hp, slots, master, lp.device if on_dev else None)
                 if state:
                     plan.new[p] = state
             else:
                 _check_keys(state, need, label)
+                if self._device_scalars(group, lp.device):
+                    # step counts and host state live on the device: a state from a step that
+                    # kept them on the host (torch's foreach step, a state dict) is moved there
+                    # when the step writes (``_run_plan``), as torch's fused load moves them
+                    moved = {
+                        n: state[n].to(lp.device, torch.float32)
+                        for n in ("step", *spec.host_names)
+                        if isinstance(state.get(n), torch.Tensor) and state[n].device != lp.device
+                    }
+                    if moved:
+                        plan.new[p] = moved
                 m = state.get("master_param")
                 _dtensor.check(p, g, [state.get(n) for n in names], m, label)
             checks = None if fresh else entries
@@ -300,7 +515,7 @@ class FusedOptimizer(TorchContract, torch.optim.Optimizer):
                     stale = lm.to(lp.dtype) != lp
                     if bool(stale.any()):
                         plan.resync.append((lm, lp, stale))
-            # one storage plan per launch (with or without a master copy: a loaded state dict
+            # one storage format per launch (with or without a master copy: a loaded state dict
             # may mix them), one step count, one host state (ASGD under a schedule where one
             # parameter skipped a step keeps its own eta) in one precision
             key = (lp.device, lp.dtype, step, lm is not None, hs, wide)
@@ -309,7 +524,7 @@ class FusedOptimizer(TorchContract, torch.optim.Optimizer):
             hsd = None if hs is None else dict(zip(spec.host_names, hs))
             try:  # every host value of the step, before anything is written
                 with host_precision(wide):  # float64 host state (torch's load widened it)
-                    flags, k = spec.plan(hp, t, hsd)
+                    flags, k = spec.variant_and_scalars(hp, t, hsd)
                     new_hs = spec.advance_host_state(hp, t, hsd) if spec.host_state else None
             except (ArithmeticError, ValueError) as exc:
                 raise ValueError(
@@ -365,8 +580,10 @@ class FusedOptimizer(TorchContract, torch.optim.Optimizer):
         """The writes of one checked group (``_plan_group``): new state stored, master copies
         re-synced from parameters written since, then per bucket the launch, the step counts
         and host state advanced and the version counters of everything written bumped."""
-        spec, hp, inv_scale = plan.spec, plan.hp, plan.inv_scale
+        spec, hp, amp = plan.spec, plan.hp, plan.amp
+        inv_scale = amp.inv_scale
         names = spec.state
+        group = self.param_groups[plan.index]
         local = _dtensor.local
         for p, new in plan.new.items():
             self.state[p].update(new)
@@ -391,19 +608,54 @@ class FusedOptimizer(TorchContract, torch.optim.Optimizer):
                     wrappers.append(p)
                     wrappers += [state[n] for n, u in zip(names, used) if u]
             kind = _KINDS[b.dtype]
+            steps = [state["step"] for *_, state, _ in b.items if "step" in state]
+            be = self._table_backend(b.device)
+            dl, steps_on_device, on_device = None, [], False
+            if be is not None and _address_table(tensors, len(used), b.master) is not None:
+                # a GPU: one launch over a table of the tensors (``_device``)
+                capturable = self._device_scalars(group, b.device) and _capture.supports(be)
+                if group.get("capturable") and not capturable:
+                    raise NotImplementedError(
+                        f"{type(self).__name__}(capturable=True): backend {be.NAME!r} computes "
+                        "no scalars on the device"
+                    )
+                base = io_for(kind, kind, "float32" if b.master else kind, master=b.master)
+                dev_hosts = None
+                if capturable and spec.host_state:  # advanced on the device, copied from there
+                    dev_hosts = {n: [st[n] for *_, st, _ in b.items] for n in spec.host_names}
+                with host_precision(b.wide):
+                    dl = _device.launch(
+                        be, spec, b.flags, b.k, b.t, hp, group.get("lr"), base, tensors, amp,
+                        steps if capturable else [], b.device, capturable, b.t - 1, b.hs,
+                        dev_hosts,
+                    )  # fmt: skip
+                launched = (dl.mt.rows, None, base)
+                if capturable:
+                    steps_on_device, steps, on_device = steps, [], True
+            elif group.get("capturable") and b.device.type != "cpu":
+                raise NotImplementedError(
+                    f"{type(self).__name__}(capturable=True): parameters on {b.device} need a "
+                    "GPU backend that launches tables of contiguous tensors (cupy, numba-cuda)"
+                )
+            factor = inv_scale
+            if dl is None and amp.norm is not None:
+                # a GPU bucket outside the tables (a tensor that is not contiguous): the clip
+                # coefficient is read here (one synchronisation) and joins the host factor
+                coef = amp.norm.coef("float64" if kind == "float64" else "float32")
+                factor = (1.0 if factor is None else factor) * float(coef[1])
             io = io_for(
                 kind,
                 kind,
                 "float32" if b.master else kind,  # beside a master copy the state is float32
                 master=b.master,
-                scale=None if inv_scale is None else "host",
+                scale=None if factor is None else "host",
             )
-            with host_precision(b.wide):
-                if io.plain:
-                    launched = self._launch(b, hp, used, tensors)
-                else:  # 16-bit storage, a master copy or the loss scale: the storage plans
-                    launched = self._launch_io(b, hp, used, tensors, io, inv_scale)
-            steps = [state["step"] for *_, state, _ in b.items if "step" in state]
+            if dl is None:
+                with host_precision(b.wide):
+                    if io.plain:
+                        launched = self._launch(b, hp, used, tensors)
+                    else:  # 16-bit storage, a master copy or the loss scale: the storage formats
+                        launched = self._launch_io(b, hp, used, tensors, io, factor)
             _set_scalars(steps, 1, add=True)
             hosts = []
             if spec.host_state:
@@ -411,20 +663,21 @@ class FusedOptimizer(TorchContract, torch.optim.Optimizer):
                 # torch's load widened it), whatever dtype the 0-d tensors are in
                 for n, v in b.new_hs.items():
                     ts = [state[n] for *_, state, _ in b.items]
-                    _set_scalars(ts, v)
+                    if not on_device:  # a capturable step's are written on the device
+                        _set_scalars(ts, v)
                     hosts += ts
             written = [t for p, _, slots, m in tensors for t in (p, *slots, m) if t is not None]
-            increment_version(written + wrappers + steps + hosts)
+            increment_version(written + wrappers + steps + steps_on_device + hosts)
             for (p, *_), (lp, _, _, lm) in zip(b.items, tensors):
                 if lm is not None:
                     masters[p] = [lm, lp.data_ptr(), p._version]  # the cached path updates it
             if launched is not None and cache_as is not None:
-                self._cache(cache_as, spec, b, used, tensors, *launched)
+                self._cache(cache_as, spec, b, used, tensors, *launched, dl=dl)
 
     def _launch(self, b, hp, used, tensors):
         """One plain launch (every array in the parameters' dtype); ``(table, chunks, None)``
         when it went through one address table (the numba backend), else None."""
-        be = get_backend(self._backend_for(b.device))
+        be = self._backend_module(b.device)
         table = _address_table(tensors, len(used)) if be.NAME == "numba" else None
         if table is not None:
             # one launch over every tensor: a table of their lengths and addresses (checked
@@ -440,11 +693,11 @@ class FusedOptimizer(TorchContract, torch.optim.Optimizer):
         return None
 
     def _launch_io(self, b, hp, used, tensors, io, inv_scale):
-        """The launch of a storage plan (``kernels.storage.IO``): 16-bit storage, an fp32
+        """The launch of a storage format (``kernels.storage.IO``): 16-bit storage, an fp32
         master copy, the gradient unscaled by ``inv_scale`` in the same pass (``p.grad`` stays
         as GradScaler left it). On the CPU one launch over every tensor (cached like
         ``_launch``'s), else one per tensor."""
-        be = get_backend(self._backend_for(b.device))
+        be = self._backend_module(b.device)
         launch = Launch(be, b.spec_name, b.t, hp, b.hs, inv_scale=inv_scale)
         writes = tuple(a is not None for a in tensors[0][2])
         table = _address_table(tensors, len(used), master=io.master) if be.NAME == "numba" else None
@@ -467,7 +720,9 @@ class FusedOptimizer(TorchContract, torch.optim.Optimizer):
                 row = [p, g, *slots, master]
                 # the gradient is contiguous (``_check_param``) and never written back
                 arrays = [a if a is None or a.is_contiguous() else a.contiguous() for a in row]
-                flat = [None if a is None else as_xp_array(_plain(a).view(-1)) for a in arrays]
+                flat: list[Any] = [
+                    None if a is None else as_xp_array(_plain(a).view(-1)) for a in arrays
+                ]
                 run = launch.runner(flat[0].dtype, writes, io)
                 run(flat[0], flat[1], tuple(flat[2:-1]), flat[-1], 0)
                 for orig, a in zip(row, arrays):
@@ -475,14 +730,16 @@ class FusedOptimizer(TorchContract, torch.optim.Optimizer):
                         orig.copy_(a)
         return None
 
-    def _cache(self, index, spec, b, used, tensors, table, chunks, io):
+    def _cache(self, index, spec, b, used, tensors, table, chunks, io, dl=None):
         """Keep the launch just made over ``table`` for param group ``index``'s next step
-        (``Steady``), when the group was launched whole and can be."""
+        (``Steady``; ``dl`` the GPU's ``_device.DeviceLaunch``), when the group was launched
+        whole and can be."""
         group = self.param_groups[index]
         np_dtype = None if io is not None else _DTYPES[b.dtype]
         cached = Steady.build(
-            self, group, index, spec, b.t, b.flags, used, tensors, table, chunks, np_dtype, io
-        )
+            self, group, index, spec, b.t, b.flags, used, tensors, table, chunks, np_dtype, io, dl,
+            b.hs,
+        )  # fmt: skip
         if cached is not None:
             self.__dict__.setdefault("_steady", {})[index] = cached
 
@@ -546,10 +803,10 @@ class _Plan:
     (``buckets``), the overlap entries of every tensor it touches, state to store (``new``) and
     master copies to re-sync (``resync``), for ``_run_plan`` to write."""
 
-    __slots__ = ("buckets", "entries", "hp", "index", "inv_scale", "new", "resync", "spec")
+    __slots__ = ("amp", "buckets", "entries", "hp", "index", "new", "resync", "spec")
 
-    def __init__(self, index, spec, hp, inv_scale):
-        self.index, self.spec, self.hp, self.inv_scale = index, spec, hp, inv_scale
+    def __init__(self, index, spec, hp, amp):
+        self.index, self.spec, self.hp, self.amp = index, spec, hp, amp
         self.buckets, self.entries, self.new, self.resync = [], [], {}, []
 
 
@@ -566,6 +823,35 @@ def _inv_scale(grad_scale, who):
             "scale underflowed to 0?); nothing was stepped"
         )
     return 1.0 / v
+
+
+def _check_max_norm(max_grad_norm, who):
+    """``max_grad_norm`` as a float (None: no clipping): finite and > 0."""
+    if max_grad_norm is None:
+        return None
+    if isinstance(max_grad_norm, bool) or not isinstance(max_grad_norm, (int, float)):
+        raise TypeError(f"{who}: max_grad_norm={max_grad_norm!r}; expected a number or None")
+    v = float(max_grad_norm)
+    if not (math.isfinite(v) and v > 0):
+        raise ValueError(f"{who}: max_grad_norm={v}; expected a finite number > 0")
+    return v
+
+
+def _bools(spec):
+    """The rule's bool hyperparameters."""
+    return [h for h in spec.hyper if h.domain == "bool"]
+
+
+def _check_capturable(cls, hp, what):
+    """A ``capturable=True`` group needs a rule whose host scalars the device computes
+    (``kernels.device_scalars``: not one whose variant depends on the step or host state)."""
+    from ..kernels import device_scalars
+
+    spec = RULES[cls._fastopt._rule]
+    try:
+        device_scalars.trace(spec.name, hp)
+    except device_scalars.NotCapturable as exc:
+        raise NotImplementedError(f"{cls.__name__}(capturable=True): {what}: {exc}") from None
 
 
 def _check_param(p, g, label, entries):
@@ -707,7 +993,7 @@ def _address_table(tensors, nslots, master=False):
     return np.array(rows, dtype=np.int64).reshape(len(tensors), 3 + nslots + master)
 
 
-def float32_scalars(tensors):
+def float32_scalars(tensors: Iterable[torch.Tensor | None]) -> bool:
     """Are ``tensors`` all float32 CPU scalars (torch's format of step counts and host state,
     and what a state dict loads as), which Numba may write through their addresses?"""
     return all(
@@ -770,6 +1056,7 @@ def _make(cls):
         + extra
         + [
             inspect.Parameter("master_weights", inspect.Parameter.KEYWORD_ONLY, default=False),
+            inspect.Parameter("max_grad_norm", inspect.Parameter.KEYWORD_ONLY, default=None),
             inspect.Parameter("backend", inspect.Parameter.KEYWORD_ONLY, default="auto"),
         ]
     )
@@ -783,10 +1070,11 @@ def _make(cls):
         params_, backend = a.pop("params"), a.pop("backend")
         # not a param-group key: the groups stay torch's, so state dicts load both ways
         self.master_weights = bool(a.pop("master_weights"))
+        max_grad_norm = a.pop("max_grad_norm")
         defaults = {**torch_defaults, **dict(cls._pinned), **a}
-        FusedOptimizer.__init__(self, params_, defaults, backend)
+        FusedOptimizer.__init__(self, params_, defaults, backend, max_grad_norm)
 
-    __init__.__signature__ = new_sig
+    __init__.__signature__ = new_sig  # type: ignore[attr-defined]
     doc = (cls.__doc__ or "").split("\n\n")
     return type(
         cls.__name__,

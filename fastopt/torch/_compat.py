@@ -46,7 +46,7 @@ __all__ = [
 ]
 
 #: instance attributes that are fastopt's options (not torch's): they travel with pickles
-OPTIONS = ("backend", "master_weights")
+OPTIONS = ("backend", "master_weights", "max_grad_norm")
 
 
 def hp_value(name: str, value: Any) -> Any:
@@ -258,7 +258,7 @@ class TorchContract(_Optimizer):
         keep = self.__dict__.pop("_load_keep", None)
         super().__setstate__(state)
         self.__dict__.pop("_steady", None)  # cached addresses belong to the old tensors
-        for name, default in (("backend", "auto"), ("master_weights", False)):
+        for name, default in zip(OPTIONS, ("auto", False, None)):
             self.__dict__.setdefault(name, default)
         upgrade(type(self), self.param_groups, self.state)
         if keep:  # torch's load cast them to 16 bits: the saved float32 values instead

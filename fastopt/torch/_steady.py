@@ -6,7 +6,7 @@ After a fully checked step of a group (``FusedOptimizer._plan_group``) that went
 many-tensor launch (the numba backend; every parameter had a gradient), the group keeps a
 ``Steady``: its parameters, their state dicts, state tensors and master copies, each tensor's
 address, shape and dtype, the step count, the host state's 0-d tensors (NAdam's ``mu_product``,
-ASGD's ``eta`` and ``mu``), the variant and the storage plan (16-bit storage, a master copy, a
+ASGD's ``eta`` and ``mu``), the variant and the storage format (16-bit storage, a master copy, a
 loss scale: ``kernels.storage.IO``, None for plain float32/float64), and the byte spans of
 everything the launch writes.
 
@@ -34,6 +34,7 @@ as torch's in-place ops do.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
@@ -41,6 +42,7 @@ import torch
 
 from ..backends import numba_backend
 from ..kernels import storage
+from ..kernels.spec import Rule
 from ._memory import byte_span, read_at
 
 _PLAIN = (torch.Tensor, torch.nn.Parameter)
@@ -52,11 +54,15 @@ class Steady:
     __slots__ = (
         "chunks",
         "container",
+        "device",
+        "dl",
         "dtype",
         "flags",
         "group",
         "host",
         "host_ptrs",
+        "host_vers",
+        "hs0",
         "index",
         "io",
         "isz",
@@ -71,6 +77,7 @@ class Steady:
         "slots",
         "states",
         "step_ptrs",
+        "step_vers",
         "steps",
         "t",
         "table",
@@ -82,11 +89,15 @@ class Steady:
 
     chunks: Any
     container: Any
+    device: Any
+    dl: Any
     dtype: Any
     flags: Any
     group: Any
+    hs0: Any
     host: Any
     host_ptrs: Any
+    host_vers: Any
     index: Any
     io: Any
     isz: Any
@@ -101,6 +112,7 @@ class Steady:
     slots: Any
     states: Any
     step_ptrs: Any
+    step_vers: Any
     steps: Any
     t: Any
     table: Any
@@ -111,12 +123,16 @@ class Steady:
 
     @classmethod
     def build(
-        cls, opt, group, index, spec, t, flags, used, tensors, table, chunks, np_dtype, io=None
-    ):
-        """The cache of group ``index`` just launched through ``table`` (with the storage plan
-        ``io``, None for a plain launch), or None where the group's step cannot be repeated
-        this way (a parameter without a gradient, step counts or host state that are not
-        float32 CPU scalars)."""
+        cls, opt: Any, group: dict[str, Any], index: int, spec: Rule, t: int,
+        flags: dict[str, bool], used: tuple[bool, ...], tensors: list[Any], table: Any,
+        chunks: Any, np_dtype: Any, io: storage.IO | None = None, dl: Any = None,
+        hs0: dict[str, float] | None = None,
+    ) -> Steady | None:  # fmt: skip
+        """The cache of group ``index`` just launched through ``table`` (with the storage format
+        ``io``, None for a plain launch; ``dl`` a GPU's ``_device.DeviceLaunch``, whose table
+        ``table`` is), or None where the group's step cannot be repeated this way (a parameter
+        without a gradient, step counts or host state that are not float32 CPU scalars, or
+        device step counts of a capturable group)."""
         from . import float32_scalars
 
         plist = group["params"]
@@ -128,7 +144,7 @@ class Steady:
         if any(a is not b for a, b in zip(self.params, plist)):
             return None
         p0 = self.params[0]
-        self.dtype, self.np_dtype = p0.dtype, np_dtype
+        self.dtype, self.np_dtype, self.device, self.dl = p0.dtype, np_dtype, p0.device, dl
         self.isz = p0.element_size()
         self.shapes = tuple(p.shape for p in self.params)
         self.nbytes = np.array([p.numel() * self.isz for p in self.params], dtype=np.int64)
@@ -154,27 +170,43 @@ class Steady:
             self.masters = tuple(opt.__dict__.get("_masters", {}).get(p) for p in self.params)
             if None in self.masters:
                 return None
-        steps = [None if st is None else st.get("step") for st in self.states]
+        steps: list[Any] = [None if st is None else st.get("step") for st in self.states]
+        self.step_vers = None
         if all(s is None for s in steps):
             # no step count (SGD): every step after the first is step 2 (its fresh buffers
             # exist), as ``_plan_group`` counts
             self.steps, self.step_ptrs, t = None, None, 2
+        elif dl is not None and dl.ds is not None:
+            # a capturable group: the counts live on the device, advanced there; re-checked
+            # by identity, address and version counter, never read
+            if any(s is None or s.device != p0.device for s in steps):
+                return None
+            self.steps, self.step_ptrs = tuple(steps), None
         elif float32_scalars(steps):
             self.steps = tuple(steps)
             self.step_ptrs = np.array([s.data_ptr() for s in steps], dtype=np.int64)
         else:
             return None
-        # the host state: (name, each parameter's 0-d tensor, their addresses)
+        # the host state: (name, each parameter's 0-d tensor, their addresses); a capturable
+        # group's lives on the device (advanced there, re-checked by version, never read)
+        dev = dl is not None and dl.ds is not None
+        self.hs0 = hs0
         host = []
         for name in spec.host_names:
-            ts = [None if st is None else st.get(name) for st in self.states]
-            if not float32_scalars(ts):
+            ts: list[Any] = [None if st is None else st.get(name) for st in self.states]
+            if dev:
+                if any(x is None or x.device != p0.device for x in ts):
+                    return None
+            elif not float32_scalars(ts):
                 return None
             host.append((name, tuple(ts), np.array([x.data_ptr() for x in ts], dtype=np.int64)))
         self.host = tuple(host)
-        self.host_ptrs = np.concatenate([h[2] for h in host]) if host else None
+        self.host_ptrs = np.concatenate([h[2] for h in host]) if host and not dev else None
+        self.host_vers = None
         self.t, self.flags, self.used = t, flags, used
         self.table, self.chunks = table, chunks
+        if dev:
+            self._record_versions()
         # everything a step writes (version counters bumped after it) and its byte spans
         self.written = [
             *self.params,
@@ -189,7 +221,7 @@ class Steady:
         # what ``check`` reads per parameter, as Python values: (param, shape, bytes, address,
         # state, slots as (key, tensor, address, dtype, itemsize, bytes), step count and its
         # address, host state as (key, tensor, address))
-        step_ptrs = [None] * len(self.params) if self.steps is None else self.step_ptrs.tolist()
+        step_ptrs = [None] * len(self.params) if self.step_ptrs is None else self.step_ptrs.tolist()
         self.rows = tuple(
             (
                 p,
@@ -206,8 +238,14 @@ class Steady:
         )
         return self
 
+    def _record_versions(self) -> None:
+        """The version counters of the device step counts and host state after our step."""
+        if self.steps is not None:
+            self.step_vers = [s._version for s in self.steps]
+        self.host_vers = [x._version for _, ts, _ in self.host for x in ts]
+
     @staticmethod
-    def written_spans(cached):
+    def written_spans(cached: Sequence[Steady]) -> tuple[np.ndarray, np.ndarray] | None:
         """``(lo, hi)``: the byte spans written by the cached groups ``cached``, sorted, or
         None when two of them overlap (then the full checks say which)."""
         if not cached:
@@ -220,7 +258,7 @@ class Steady:
             return None
         return lo, hi
 
-    def grads_clear(self, lo, hi):
+    def grads_clear(self, lo: np.ndarray, hi: np.ndarray) -> bool:
         """Does no gradient of this group (its addresses in the table, checked by ``check``)
         share a byte with a written span ``[lo, hi)`` (sorted, disjoint)?"""
         if lo.size == 0:
@@ -231,12 +269,12 @@ class Steady:
         inside = j < lo.size
         return not (inside & (lo[np.minimum(j, lo.size - 1)] < ghi) & (self.nbytes > 0)).any()
 
-    def entries(self):
+    def entries(self) -> list[tuple[Any, torch.Tensor, bool, tuple[int, int]]]:
         """The overlap entries (``_memory.check_no_overlap``) of this group's next step."""
         out = []
         for i, p in enumerate(self.params):
             label = f"parameter {i} of param group {self.index}"
-            tensors = [(label, p, True)]
+            tensors: list[tuple[Any, Any, bool]] = [(label, p, True)]
             if p.grad is not None:
                 tensors.append(((label, ".grad"), p.grad, False))
             tensors += [((label, f"state {x[0]!r}"), x[1], True) for x in self.slots[i]]
@@ -246,14 +284,17 @@ class Steady:
             out += [(lbl, t, w, byte_span(t)) for lbl, t, w in tensors]
         return out
 
-    def check(self, opt, group, spec, hp, inv_scale=None):
+    def check(
+        self, opt: Any, group: dict[str, Any], spec: Rule, hp: dict[str, Any], scaled: bool = False
+    ) -> tuple[Any, Any, Any] | None:
         """``(k, hs, new_hs)``, this step's host scalars, host state before it and after it,
         when every tensor is still the one cached and still backed by its storage (see the
-        module docstring), else None. Writes the gradients' addresses into the table."""
+        module docstring), else None. Writes the gradients' addresses into the table.
+        ``scaled``: the step's CPU launch multiplies the gradients by a host factor."""
         plist = group["params"]
-        scaled = self.io is not None and self.io.scale is not None
+        was_scaled = self.io is not None and self.io.scale is not None
         if (
-            (inv_scale is not None) != scaled
+            (self.dl is None and scaled != was_scaled)
             or group is not self.group
             or plist is not self.plist
             or len(plist) != len(self.params)
@@ -262,6 +303,7 @@ class Steady:
             return None
         t = self.t + 1 if self.steps is not None else self.t
         dt, state, isz, masters = self.dtype, opt.state, self.isz, self.masters
+        device, vers = self.device, self.step_vers
         plain = _PLAIN
         gptrs = []
         try:  # an opaque tensor (sparse, MKL-DNN) raises on its storage; a key deleted from
@@ -276,7 +318,7 @@ class Steady:
                     or g.dtype is not dt
                     or g.shape != shape
                     or not g.is_contiguous()
-                    or not g.is_cpu
+                    or g.device != device
                     or g.is_neg()
                     or g.untyped_storage().nbytes() < g.storage_offset() * isz + nb
                     or p.data_ptr() != pptr
@@ -305,7 +347,8 @@ class Steady:
                     return None
                 if s is not None and (
                     st["step"] is not s
-                    or s.data_ptr() != sptr
+                    or (sptr is not None and s.data_ptr() != sptr)
+                    or (vers is not None and s._version != vers[i])
                     or s.untyped_storage().nbytes() < s.storage_offset() * 4 + 4
                 ):
                     return None
@@ -320,30 +363,47 @@ class Steady:
         except (KeyError, NotImplementedError, RuntimeError):
             return None
         # the step counts and host state, read back through their (re-checked) addresses
-        if self.steps is not None and not (read_at(self.step_ptrs) == self.t).all():
+        if self.step_ptrs is not None and not (read_at(self.step_ptrs) == self.t).all():
             return None
         hs = new_hs = None
-        if self.host:
+        if self.host_vers is not None:
+            # on the device: unwritten since our step, the values the device scalars hold
+            if [x._version for _, ts, _ in self.host for x in ts] != self.host_vers:
+                return None
+            hs = self.hs0
+        elif self.host:
             values = read_at(self.host_ptrs).reshape(len(self.host), -1)
             if not (values == values[:, :1]).all():
                 return None  # not every parameter's own (or NaN): the full path buckets them
             hs = {name: float(values[j, 0]) for j, (name, _, _) in enumerate(self.host)}
         try:
-            flags, k = spec.plan(hp, t, hs)
-            if self.host:
+            flags, k = spec.variant_and_scalars(hp, t, hs)
+            if self.host and self.host_vers is None:
                 new_hs = spec.advance_host_state(hp, t, hs)
         except (ArithmeticError, ValueError):
             return None  # the full path refuses it with a clear error
         if flags != self.flags:
             return None
-        self.table[:, 2] = gptrs
+        if self.dl is not None:
+            self.dl.mt.set_column("grad", gptrs)  # the device copy refreshed if one moved
+        else:
+            self.table[:, 2] = gptrs
         return k, hs, new_hs
 
-    def run(self, spec, hp, k, hs, new_hs, inv_scale=None):
+    def run(self, spec: Rule, hp: dict[str, Any], k: Any, hs: Any, new_hs: Any, amp: Any) -> None:
         """The launch ``check`` cleared, then the step counts and the host state advanced and
-        the version counters of everything written bumped."""
+        the version counters of everything written bumped. ``amp``: the step's
+        ``_device.Amp`` (the host factor of a CPU launch; a GPU launch's device inputs)."""
         t = self.t + 1 if self.steps is not None else self.t
-        if self.io is None:
+        inv_scale = amp.inv_scale
+        on_device = self.dl is not None and self.dl.ds is not None
+        if self.dl is not None:
+            hosts = {name: list(ts) for name, ts, _ in self.host} if on_device else None
+            self.dl(
+                spec, self.flags, k, t, hp, self.group.get("lr"), amp,
+                list(self.steps) if on_device and self.steps else [], self.device, hosts,
+            )  # fmt: skip
+        elif self.io is None:
             numba_backend.launch_many(
                 spec.name, self.flags, self.used, self.np_dtype, self.table, self.chunks, k
             )
@@ -360,12 +420,15 @@ class Steady:
                 key=storage.step_key(0, t),
             )
         if self.steps is not None:
-            numba_backend.add_at(self.step_ptrs, 1.0)
+            if self.step_ptrs is not None:
+                numba_backend.add_at(self.step_ptrs, 1.0)
             self.t += 1
-        if self.host:
+        if self.host and not on_device:
             for name, _, ptrs in self.host:
                 numba_backend.fill_at(ptrs, new_hs[name])
         torch.autograd.graph.increment_version(self.written)
+        if on_device:
+            self._record_versions()
         if self.masters is not None:
             for p, rec in zip(self.params, self.masters):
                 rec[2] = p._version

@@ -124,6 +124,11 @@ class CPUOffload(torch.optim.Optimizer):
             raise TypeError(f"opt_cls must be a fastopt.torch class, got {opt_cls!r}")
         if not isinstance(bucket_bytes, int) or bucket_bytes <= 0:
             raise ValueError(f"bucket_bytes must be a positive int, got {bucket_bytes!r}")
+        for key in ("max_grad_norm", "capturable"):
+            if kwargs.get(key):
+                # the buckets step apart: a norm per bucket would not be the global one, and
+                # the host step is no CUDA graph
+                raise NotImplementedError(f"CPUOffload does not support {key}={kwargs[key]!r}")
         probe = opt_cls([torch.nn.Parameter(torch.zeros(1))], **kwargs)  # checks kwargs
         super().__init__(params, dict(probe.defaults))
         self.opt_cls, self.kwargs, self.bucket_bytes = opt_cls, kwargs, bucket_bytes

@@ -113,7 +113,7 @@ def test_multi_tensor_launch_equals_per_tensor_launches(backend, io):
     inv = {"inv_scale": 1 / 64} if io.scale else {}
     stream = torch.cuda.current_stream().cuda_stream
     for step in (1, 2, 3):
-        flags, k = RULES["adam"].plan(hp, step, None)
+        flags, k = RULES["adam"].variant_and_scalars(hp, step, None)
         cb.launch_table("adam", flags, io, table, k, extras=inv, stream=stream)
         for p, g, sl, m in b:
             views = [as_xp_array(x) for x in (p, g, *sl[:2])]
@@ -185,7 +185,7 @@ def test_clipping_inside_the_step_equals_torch():
         for (_, g, _, _), x in zip(tensors, gs):
             g.copy_(x * scale)
         norm(max_norm, {"scale": gscale}, stream=stream)
-        flags, k = RULES["adam"].plan(hp, step, None)
+        flags, k = RULES["adam"].variant_and_scalars(hp, step, None)
         extras = {"scale": gscale, "found_inf": found}
         cb.launch_table(
             "adam", flags, io, table, k, extras, clip=norm.coef("float32"), stream=stream
@@ -200,7 +200,7 @@ def test_clipping_inside_the_step_equals_torch():
         torch.testing.assert_close(sl[1], st["exp_avg_sq"], rtol=1e-5, atol=1e-9)
     before = [p.clone() for p, _, _, _ in tensors]
     found.fill_(1.0)
-    flags, k = RULES["adam"].plan(hp, 4, None)
+    flags, k = RULES["adam"].variant_and_scalars(hp, 4, None)
     norm(max_norm, {"scale": gscale}, stream=stream)
     cb.launch_table(
         "adam",
@@ -229,7 +229,7 @@ def test_clipped_step_is_captured_in_a_cuda_graph():
     a = _list(dataclasses.replace(io, kbuf=False, found_inf=False, scale=None), gen)
     b = _clone(a)
     hp = _hp("adam", ADAMW)
-    flags, k = RULES["adam"].plan(hp, 2, None)
+    flags, k = RULES["adam"].variant_and_scalars(hp, 2, None)
     # device buffers viewed once, before any capture (as a steady step keeps them)
     kbuf = cupy.asarray(torch.tensor(k, dtype=torch.float32, device="cuda"))
     gscale = cupy.asarray(torch.full((1,), 64.0, device="cuda"))

@@ -19,7 +19,15 @@ import itertools
 
 import pytest
 
-__all__ = ["EXHAUSTIVE", "fullest", "marks", "matrix_cover", "pairwise", "pairwise_by"]
+__all__ = [
+    "EXHAUSTIVE",
+    "fullest",
+    "marks",
+    "matrix_cover",
+    "matrix_ends",
+    "pairwise",
+    "pairwise_by",
+]
 
 #: the marker of the cases only the exhaustive sweep runs
 EXHAUSTIVE = pytest.mark.exhaustive
@@ -99,3 +107,18 @@ def matrix_cover():
         return [0, sub.index((name, full[name]))]
 
     return frozenset(pairwise_by(MATRIX, lambda c: c[0], lambda c: c[1], seeds=seeds))
+
+
+@functools.cache
+def matrix_ends():
+    """Indices into ``support.matrix.MATRIX`` of each class's two ends: its defaults (its first
+    configuration) and its fullest configuration (``support.matrix.FULL``). The parity matrix
+    keeps the pairwise cover at float32 and these ends at float64: a flag's term is the same
+    generated statement at either width, so the cover proves the terms once, and the ends prove
+    the float64 build of every class (its plainest and its every-buffer loop)."""
+    from .matrix import FULL, MATRIX
+
+    first = {}
+    for i, (name, _) in enumerate(MATRIX):
+        first.setdefault(name, i)
+    return frozenset(first.values()) | {MATRIX.index(c) for c in FULL}

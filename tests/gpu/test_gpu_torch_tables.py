@@ -1,0 +1,233 @@
+"""``fastopt.torch``'s GPU path on a real GPU (``-m gpu``; skipped without one).
+
+The launch logic, the sync-free protocol and the clipping are proven on the CPU
+(``tests/test_torch_device_path.py`` with a fake backend, ``tests/cudasim_torch.py`` through
+numba-cuda under the simulator); what only a GPU confirms is here, over a transformer's
+196-tensor list (``bench.measure.transformer_shapes``) on both GPU backends:
+
+- one multi-tensor launch per group and plan: params and state against torch's fused step on
+  the same list (float32; bfloat16 with fp32 masters against an fp32 fused run, rounded);
+- steady GradScaler steps of a ``capturable=True`` optimizer under
+  ``torch.cuda.set_sync_debug_mode("error")`` (any host synchronisation raises);
+- a whole ``optimizer.step()`` captured with ``torch.cuda.graph``: its replays equal eager
+  steps, an LR scheduler's writes into the device lr reach the replays;
+- ``max_grad_norm`` against ``scaler.unscale_`` + ``clip_grad_norm_`` + fused step, and the
+  cost of the clipped step against the unclipped one (recorded, the target is in the GPU run).
+"""
+
+import numpy as np
+import pytest
+from gpu_common import gpu_backend_params, needs_gpu
+
+from fastopt.bench.measure import transformer_shapes
+
+pytestmark = needs_gpu
+torch = pytest.importorskip("torch")
+import fastopt.torch as fot  # noqa: E402  (imports torch)
+
+N = (1 << 20) + 3
+
+
+def _cuda():
+    if not torch.cuda.is_available():
+        pytest.skip("torch has no CUDA here")
+
+
+def _list(dtype=torch.float32, seed=0):
+    gen = torch.Generator(device="cuda").manual_seed(seed)
+    return [
+        torch.nn.Parameter(torch.randn(int(np.prod(s)), generator=gen, device="cuda").to(dtype))
+        for s in transformer_shapes(N)
+    ]
+
+
+def _twins(ps, dtype=None):
+    return [torch.nn.Parameter(p.detach().clone().to(dtype or p.dtype)) for p in ps]
+
+
+def _grads(ps, seed, scale=1.0):
+    gen = torch.Generator(device="cuda").manual_seed(seed)
+    return [torch.randn(p.shape, generator=gen, device="cuda") * scale for p in ps]
+
+
+def _close(ours, ref, pa, pb, rtol, atol):
+    for a, b in zip(pa, pb):
+        torch.testing.assert_close(a.detach().float(), b.detach().float(), rtol=rtol, atol=atol)
+        for k, v in ref.state[b].items():
+            torch.testing.assert_close(
+                ours.state[a][k].float().reshape(-1),
+                v.float().reshape(-1).to(ours.state[a][k].device),
+                rtol=rtol,
+                atol=atol,
+            )
+
+
+@pytest.mark.parametrize("backend", gpu_backend_params())
+@pytest.mark.parametrize("capturable", [False, True])
+def test_list_step_matches_torch_fused(backend, capturable):
+    _cuda()
+    ps = _list()
+    qs = _twins(ps)
+    ours = fot.AdamW(ps, lr=1e-3, weight_decay=0.01, capturable=capturable, backend=backend)
+    ref = torch.optim.AdamW(qs, lr=1e-3, weight_decay=0.01, fused=True, capturable=capturable)
+    for step in range(1, 5):
+        for p, q, g in zip(ps, qs, _grads(ps, step)):
+            p.grad, q.grad = g.clone(), g.clone()
+        ours.step()
+        ref.step()
+    _close(ours, ref, ps, qs, 1e-5, 1e-6)
+    cached = ours._steady[0]
+    assert cached.dl is not None and cached.dl.mt.rows.shape[0] == len(ps)
+
+
+@pytest.mark.parametrize("backend", gpu_backend_params())
+def test_bf16_master_list_is_the_rounding_of_an_fp32_fused_run(backend):
+    _cuda()
+    ps = _list(torch.bfloat16)
+    qs = _twins(ps, torch.float32)
+    ours = fot.Adam(ps, lr=1e-3, master_weights=True, backend=backend)
+    ref = torch.optim.Adam(qs, lr=1e-3, fused=True)
+    for step in range(1, 4):
+        for p, q, g in zip(ps, qs, _grads(ps, step)):
+            p.grad, q.grad = g.to(torch.bfloat16), g.to(torch.bfloat16).float()
+        ours.step()
+        ref.step()
+    for p, q in zip(ps, qs):
+        torch.testing.assert_close(ours.state[p]["master_param"], q.detach(), rtol=1e-5, atol=1e-6)
+        assert torch.equal(p.detach(), ours.state[p]["master_param"].to(torch.bfloat16))
+
+
+@pytest.mark.parametrize("backend", gpu_backend_params())
+@pytest.mark.parametrize("capturable", [False, True])
+def test_grad_scaler_steady_steps_do_not_synchronise(backend, capturable):
+    _cuda()
+    ps = _list()
+    opt = fot.Adam(ps, lr=1e-3, capturable=capturable, backend=backend)
+    scaler = torch.amp.GradScaler("cuda", init_scale=2.0**10, growth_interval=10**6)
+    x = torch.randn(len(ps), device="cuda")
+
+    def step():
+        loss = sum((p.sum() * x[i]) for i, p in enumerate(ps))
+        scaler.scale(loss).backward()
+        scaler.step(opt)
+        scaler.update()
+        opt.zero_grad(set_to_none=False)
+
+    for _ in range(3):  # the first step checks everything (reads the step counts once)
+        step()
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        for _ in range(3):
+            step()
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    torch.cuda.synchronize()
+    assert all(int(opt.state[p]["step"]) == 6 for p in ps)
+    assert all(opt.state[p]["step"].device == p.device for p in ps)
+
+
+@pytest.mark.parametrize("backend", gpu_backend_params())
+def test_host_step_counts_of_a_torch_state_dict_move_to_the_device(backend):
+    """A state dict of torch's foreach Adam (step counts on the host) loaded mid-run: the next
+    step moves the counts to the device and goes on as torch does."""
+    _cuda()
+    ps = _list()[:8]
+    qs = _twins(ps)
+    ref = torch.optim.Adam(qs, lr=1e-3, foreach=True)
+    for p, q, g in zip(ps, qs, _grads(ps, 1)):
+        p.grad, q.grad = g.clone(), g.clone()
+    ref.step()
+    with torch.no_grad():
+        for p, q in zip(ps, qs):
+            p.copy_(q)
+    ours = fot.Adam(ps, lr=1e-3, backend=backend)
+    ours.load_state_dict(ref.state_dict())
+    assert ours.state[ps[0]]["step"].device.type == "cpu"
+    for step in (2, 3):
+        for p, q, g in zip(ps, qs, _grads(ps, step)):
+            p.grad, q.grad = g.clone(), g.clone()
+        ours.step()
+        ref.step()
+    assert all(ours.state[p]["step"].device == p.device for p in ps)
+    _close(ours, ref, ps, qs, 1e-5, 1e-6)
+
+
+@pytest.mark.parametrize("backend", gpu_backend_params())
+def test_cuda_graph_replays_equal_eager_steps(backend):
+    _cuda()
+    ps, qs = _list(), None
+    qs = _twins(ps)
+    lr = torch.tensor(1e-3, device="cuda")
+    ours = fot.Adam(ps, lr=lr, capturable=True, backend=backend)
+    eager = fot.Adam(qs, lr=torch.tensor(1e-3, device="cuda"), capturable=True, backend=backend)
+    scheds = [torch.optim.lr_scheduler.StepLR(o, step_size=2, gamma=0.5) for o in (ours, eager)]
+    grads = _grads(ps, 1)
+    for p, q, g in zip(ps, qs, grads):
+        p.grad, q.grad = g.clone(), g.clone()
+    s = torch.cuda.Stream()
+    s.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(s):
+        for _ in range(3):  # warm-up steps on a side stream, as torch's capture recipe asks
+            ours.step()
+            eager.step()
+    torch.cuda.current_stream().wait_stream(s)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        ours.step()
+    for i in range(6):
+        new = _grads(ps, 10 + i)
+        for p, q, g in zip(ps, qs, new):
+            p.grad.copy_(g)
+            q.grad.copy_(g)
+        graph.replay()
+        eager.step()
+        for sc in scheds:
+            sc.step()
+    torch.cuda.synchronize()
+    _close(ours, eager, ps, qs, 1e-6, 1e-7)
+
+
+@pytest.mark.parametrize("backend", gpu_backend_params())
+def test_max_grad_norm_matches_unscale_clip_step_and_costs_little(backend):
+    _cuda()
+    ps = _list()
+    qs = _twins(ps)
+    ours = fot.Adam(ps, lr=1e-3, max_grad_norm=1.0, capturable=True, backend=backend)
+    ref = torch.optim.Adam(qs, lr=1e-3, fused=True, capturable=True)
+    scalers = [torch.amp.GradScaler("cuda", init_scale=256.0) for _ in range(2)]
+    for sc in scalers:
+        sc.scale(torch.ones((), device="cuda"))
+    for step in range(1, 5):
+        s = float(scalers[0].get_scale())
+        gs = _grads(ps, step, s * (0.0001 if step == 2 else 1.0))
+        if step == 3:
+            gs[7][0] = float("inf")
+        for p, q, g in zip(ps, qs, gs):
+            p.grad, q.grad = g.clone(), g.clone()
+        scalers[1].unscale_(ref)
+        torch.nn.utils.clip_grad_norm_(qs, 1.0)
+        scalers[1].step(ref)
+        scalers[1].update()
+        scalers[0].step(ours)
+        scalers[0].update()
+    _close(ours, ref, ps, qs, 2e-5, 1e-6)
+    # the cost of clipping inside the step (recorded; the GPU run measures it properly)
+    plain = fot.Adam(_twins(ps), lr=1e-3, capturable=True, backend=backend)
+    for p in plain.param_groups[0]["params"]:
+        p.grad = torch.randn_like(p)
+    for p in ps:
+        p.grad = torch.randn_like(p)
+    times = []
+    for opt in (plain, ours):
+        for _ in range(3):
+            opt.step()
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        for _ in range(10):
+            opt.step()
+        end.record()
+        torch.cuda.synchronize()
+        times.append(start.elapsed_time(end) / 10)
+    print(f"clipped/unclipped step time: {times[1] / times[0]:.3f} ({times})")
+    assert times[1] < 3 * times[0]
