@@ -21,7 +21,8 @@ from fastopt import quant_reference as qr
 
 N = 1000  # 3 full blocks and a short one
 STEPS = 3
-#: the rules every format runs by default; the rest under -m exhaustive
+#: the rules every format runs by default; the rest under -m exhaustive (a cold numba cache
+#: compiles two loops per case)
 DEFAULT_RULES = ("adam", "lion", "sgd")
 
 
@@ -68,7 +69,7 @@ def _hs_kw(rule, hp, step):
     return {"host_state": spec.replay_host_state(hp, step)} if spec.host_state else {}
 
 
-@pytest.mark.parametrize(("rule", "fmt"), _cases())
+@pytest.mark.parametrize(("rule", "fmt"), _cases(default=DEFAULT_RULES))
 def test_bit_exact_against_float32_state_then_oracle_quantization(rule, fmt):
     spec, hp = RULES[rule], RULE_FULL[rule]
     rng = np.random.default_rng(5)
@@ -138,7 +139,10 @@ def test_against_the_oracle(rule, fmt):
         p_o[...] = p
 
 
-@pytest.mark.parametrize("fmt", quant.FORMATS)
+@pytest.mark.parametrize(
+    "fmt",
+    [f if f == "int8" else pytest.param(f, marks=pytest.mark.exhaustive) for f in quant.FORMATS],
+)
 def test_bfloat16_params_and_parallel_loop(fmt):
     """bfloat16 params (the param rounded from the float32 result, as for float32 state) and a
     length that takes the parallel loop: bit for bit against float32 state then the oracle's
@@ -207,3 +211,41 @@ def test_functional_refuses_before_writing():
         F.adam(p, g, (p.view(np.uint8)[:300], m[1]), v, step=1, state_dtype="int8")
     assert np.array_equal(p, before[0]) and np.array_equal(m[0], before[1])
     assert np.array_equal(v[1], before[2])
+
+
+@pytest.mark.parametrize(
+    ("name", "how"),
+    [(n, "loops") for n in sorted(quant.CODECS)]
+    + [(n, "arithmetic") for n in sorted(quant.ARITHMETIC_DECODE)],
+)
+def test_compiled_decode_equals_the_table(name, how):
+    """Each decode as numba compiles it (the loops': a lookup for the dynamic maps, float8's
+    bit fields; and the dynamic maps' by arithmetic: their linspace means and decades) gives
+    the table's float32 of all 256 codes, bit for bit (NaN where the table has NaN), compiled
+    and as plain Python."""
+    import numba
+
+    import fastopt.backends.numba_quant  # noqa: F401  (registers the codec for numba)
+
+    dec = quant.CODECS[name][0] if how == "loops" else quant.ARITHMETIC_DECODE[name]
+    t = next(
+        quant.table(f, m)
+        for f in quant.FORMATS
+        for m in ("signed", "unsigned")
+        if quant.TABLES[(f, m)] == name
+    )
+
+    @numba.njit
+    def decode_all(codes, d):
+        out = np.empty(codes.size, np.float32)
+        for i in range(codes.size):
+            out[i] = dec(codes[i], d)
+        return out
+
+    codes = np.arange(256, dtype=np.uint8)
+    got = decode_all(codes, t.dec)
+    nan = np.isnan(t.dec)
+    assert np.array_equal(np.isnan(got), nan)
+    assert np.array_equal(got[~nan].view(np.uint32), t.dec[~nan].view(np.uint32))
+    py = np.array([dec(np.uint8(c), t.dec) for c in range(256)], np.float32)
+    assert np.array_equal(py[~nan].view(np.uint32), t.dec[~nan].view(np.uint32))

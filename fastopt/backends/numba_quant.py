@@ -40,6 +40,9 @@ CHUNK_BLOCKS = 64
 for _fn in {f for pair in quant.CODECS.values() for f in pair} | {
     quant.encode,
     quant.encode_signmag,
+    quant._dynamic_value,
+    quant._linspace_at,
+    *quant.ARITHMETIC_DECODE.values(),
 }:
     register_jitable(_fn)
 
