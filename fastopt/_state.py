@@ -55,17 +55,69 @@ class StateKinds:
     state_dtype: str | None = None
     master_weights: bool = False
     stochastic_rounding: bool = False
+    #: the slots the rule lets be quantized (``Slot.quantize``), with their maps
+    quantizable: tuple[tuple[str, str], ...] = ()
+
+    @property
+    def quant(self) -> str | None:
+        """The quantized format of the policy ("int8", "float8_e4m3"), or None."""
+        return self.state_dtype if self.state_dtype in precision.QUANTIZED else None
+
+    def quant_map(self, slot: str) -> str | None:
+        """The map of ``slot`` when it is stored quantized, else None."""
+        if self.quant is None:
+            return None
+        return dict(self.quantizable).get(slot)
+
+    def expand(self, names: tuple[str, ...]) -> tuple[str, ...]:
+        """``names`` with each quantized slot as its two buffers (``s.codes``, ``s.absmax``)."""
+        if self.quant is None:
+            return names
+        from ._quantized import names_of
+
+        return tuple(
+            n for s in names for n in (names_of(s) if self.quant_map(s) is not None else (s,))
+        )
+
+    def buffers_for(self, param_kind: str, shape: tuple[int, ...]) -> dict[str, Any]:
+        """Every state buffer of a param of ``param_kind`` and ``shape``: name -> (shape,
+        dtype). A quantized slot ``s`` is two buffers, ``s.codes`` (uint8, the param's shape)
+        and ``s.absmax`` (float32, one per block: ``kernels/quant.py``)."""
+        from . import _quantized
+        from .kernels import quant
+
+        sk = precision.storage_dtype(self.state_kind(param_kind))
+        out: dict[str, Any] = {}
+        for s in self.names_for(param_kind, expand=False):
+            if s == precision.MASTER:
+                out[s] = (tuple(shape), np.dtype(np.float32))
+            elif self.quant_map(s) is not None:
+                codes, absmax = _quantized.names_of(s)
+                out[codes] = (tuple(shape), np.dtype(np.uint8))
+                n = int(np.prod(shape)) if shape else 1
+                out[absmax] = ((quant.nblocks(n),), np.dtype(np.float32))
+            else:
+                out[s] = (tuple(shape), sk)
+        return out
 
     def state_kind(self, param_kind: str) -> str:
         """The storage dtype of the state buffers of a param of ``param_kind``."""
         return precision.resolve_state_kind(self.state_dtype, param_kind, self.master_weights)
 
-    def names_for(self, param_kind: str) -> tuple[str, ...]:
+    def names_for(self, param_kind: str, expand: bool = True) -> tuple[str, ...]:
         """The state buffer names of a param of ``param_kind``: the rule's, and the master copy
-        of a 16-bit param when ``master_weights``."""
+        of a 16-bit param when ``master_weights``; a quantized slot as its two buffers
+        (``s.codes``, ``s.absmax``) unless ``expand`` is false."""
+        out = self.slots
         if self.master_weights and param_kind in precision.storage.BITS16:
-            return self.slots + (precision.MASTER,)
-        return self.slots
+            out = out + (precision.MASTER,)
+        if expand and self.quant is not None:
+            from ._quantized import names_of
+
+            out = tuple(
+                n for s in out for n in (names_of(s) if self.quant_map(s) is not None else (s,))
+            )
+        return out
 
     def io_base(self, param_kind: str, grad_kind: str) -> precision.IO:
         """The storage format of a param's launches (without a step's loss-scale extras)."""
@@ -75,7 +127,75 @@ class StateKinds:
             self.state_kind(param_kind),
             self.master_weights,
             self.stochastic_rounding,
+            quant=self.quant if any(self.quant_map(s) for s in self.slots) else None,
         )
+
+
+def _quantize_loaded(st: dict[str, Any], kinds: StateKinds, what: str) -> dict[str, Any]:
+    """A loaded parameter state with each full-precision slot a quantized policy stores
+    quantized (an fp32 state dict, torch's or a float32 optimizer's) as its codes and absmax,
+    quantized as a step would store them; anything else as it is."""
+    from . import _quantized
+
+    out = dict(st)
+    for s, qm in kinds.quantizable:
+        codes, absmax = _quantized.names_of(s)
+        if s in out and codes not in out and absmax not in out:
+            a = out.pop(s)
+            if not is_array(a) or dtype_of(a).kind != "f":
+                raise TypeError(f"{what}: {s!r} is {describe(a)}; expected a float array")
+            a = np.asarray(to_numpy(a), dtype=np.float32)
+            assert kinds.quant is not None
+            c, m = _quantized.quantize(a, kinds.quant, qm)
+            out[codes], out[absmax] = c.reshape(a.shape), m
+    return out
+
+
+def _check_quant_buffer(name: str, s: str, a: Any, st: Mapping[str, Any]) -> None:
+    """A loaded quantized slot's buffer: codes uint8, absmax float32 with one scale per block
+    of the codes."""
+    from . import _quantized
+    from .kernels import quant
+
+    base, part = _quantized.split_name(s)
+    if not is_array(a):
+        raise TypeError(f"state {s!r} of parameter {name!r} is a {type(a).__name__}")
+    if part == _quantized.CODES:
+        ok = dtype_of(a) == np.uint8
+        want = "uint8 codes"
+    else:
+        codes = st.get(_quantized.names_of(base)[0])
+        n = int(np.prod(getattr(codes, "shape", (-1,)))) if is_array(codes) else -1
+        ok = dtype_of(a) == np.float32 and tuple(a.shape) == (quant.nblocks(n),)
+        want = f"float32[{quant.nblocks(n)}] (one scale per block of {quant.BLOCK} codes)"
+    if not ok:
+        raise ValueError(f"state {s!r} of parameter {name!r} is {describe(a)}; expected {want}")
+
+
+def _block_offsets(slots: Mapping[str, Any]) -> tuple[dict[str, tuple[int, int]], int]:
+    """Per parameter of a ``FlatBuffer`` group (``name -> (offset, size, shape)``, in order):
+    its range of blocks in the group's absmax buffers, and the group's number of blocks."""
+    from .kernels import quant
+
+    out, b = {}, 0
+    for name, (_, size, _) in slots.items():
+        out[name] = (b, b + quant.nblocks(size))
+        b += quant.nblocks(size)
+    return out, b
+
+
+def _fill_value(kinds: StateKinds, name: str, fill: Callable[[str], float]) -> Any:
+    """The initial value of state buffer ``name``: a slot's value, a quantized slot's code of
+    it and its absmax."""
+    from . import _quantized
+
+    base, part = _quantized.split_name(name)
+    qm = kinds.quant_map(base) if part is not None else None
+    if qm is None:
+        return fill(name)
+    assert kinds.quant is not None
+    code, amax = _quantized.constant(fill(base), kinds.quant, qm)
+    return code if part == _quantized.CODES else amax
 
 
 class OptimizerState:
@@ -149,15 +269,15 @@ class OptimizerState:
                 f"loaded state buffers of parameter {name!r}",
                 f"those {who} keeps for a {pk} parameter",
             )
-            sk = precision.storage_dtype(kinds.state_kind(pk))
+            specs = kinds.buffers_for(pk, shape)
             for s, a in self.pending[name].items():
-                want = np.dtype(np.float32) if s == precision.MASTER else sk
-                if a.shape != shape or a.dtype != want:
+                wshape, want = specs[s]
+                if a.shape != wshape or a.dtype != want:
                     raise ValueError(
                         f"loaded state {s!r} of parameter {name!r} is "
                         f"{dtype_name(a.dtype)}{list(a.shape)}, but the parameter "
                         f"is {dtype_name(dtype)}{list(shape)}, its state "
-                        f"{dtype_name(want)}{list(shape)}"
+                        f"{dtype_name(want)}{list(wshape)}"
                     )
 
     # -- binding (the first step) ---------------------------------------------------------------
@@ -177,14 +297,13 @@ class OptimizerState:
         out = {}
         pending = (self.pending or {}).get(name)
         pk = precision.known_kind(dtype_of(like))
-        sdt = precision.storage_dtype(kinds.state_kind(pk))
-        for s in kinds.names_for(pk):
+        for s, (shape, dt) in kinds.buffers_for(pk, tuple(like.shape)).items():
             if pending is not None:
-                out[s] = xp.asarray(pending[s]).reshape(like.shape).copy()
+                out[s] = xp.asarray(pending[s]).reshape(shape).copy()
             elif s == precision.MASTER:
                 out[s] = like.astype(np.float32)  # the fp32 copy: exact
             else:
-                out[s] = xp.full(like.shape, fill(s), dtype=sdt)
+                out[s] = xp.full(shape, _fill_value(kinds, s, fill), dtype=dt)
         return out
 
     def bind_dict(
@@ -218,15 +337,26 @@ class OptimizerState:
         for group in buf.groups:
             xp = array_module(group.data)
             pk = precision.known_kind(group.dtype)
-            sdt = precision.storage_dtype(kinds.state_kind(pk))
+            specs = kinds.buffers_for(pk, tuple(group.data.shape))
+            # a quantized slot's absmax: every parameter's blocks, one after the other
+            bstart, nb = _block_offsets(group.slots)
             flat = {
                 s: group.data.astype(np.float32)
                 if s == precision.MASTER
-                else xp.full(group.data.shape, fill(s), dtype=sdt)
-                for s in kinds.names_for(pk)
+                else xp.full(
+                    (nb,) if s.endswith(".absmax") and kinds.quant else shape,
+                    _fill_value(kinds, s, fill),
+                    dtype=dt,
+                )
+                for s, (shape, dt) in specs.items()
             }
             for name, (off, size, shape) in group.slots.items():
-                views = {s: a[off : off + size].reshape(shape) for s, a in flat.items()}
+                views = {
+                    s: a[bstart[name][0] : bstart[name][1]]
+                    if s.endswith(".absmax") and kinds.quant
+                    else a[off : off + size].reshape(shape)
+                    for s, a in flat.items()
+                }
                 if self.pending is not None:
                     for s, v in views.items():
                         v[...] = array_module(v).asarray(self.pending[name][s])
@@ -267,12 +397,15 @@ class OptimizerState:
                     f"state of parameter {name!r} is a {type(st).__name__}; "
                     "expected a dict state name -> array"
                 )
+            if kinds.quant is not None:  # full-precision slots quantized on load
+                st = _quantize_loaded(st, kinds, f"state of parameter {name!r}")
             if self.shapes is not None and name in self.shapes:
                 want = self.names_of(name, kinds)
             elif kinds.master_weights and precision.MASTER in st:
                 want = kinds.slots + (precision.MASTER,)  # a 16-bit param's: checked at binding
             else:
                 want = kinds.slots
+            want = kinds.expand(want)
             check_names(
                 st, want + hnames, f"state buffers of parameter {name!r}", f"those {who} keeps"
             )
@@ -281,7 +414,10 @@ class OptimizerState:
                 a = st[s]
                 if isinstance(a, np.ndarray):  # a subclass as a plain view; freed memory refused
                     a = as_xp_array(a, f"state {s!r} of parameter {name!r}")
-                check_array(name, f"state {s!r}", a, SUPPORTED_DTYPES)
+                if kinds.quant is not None and s.endswith((".codes", ".absmax")):
+                    _check_quant_buffer(name, s, a, st)
+                else:
+                    check_array(name, f"state {s!r}", a, SUPPORTED_DTYPES)
                 loaded[name][s] = np.array(to_numpy(a), copy=True)
             if hnames:
                 mine = spec.check_host_state(
@@ -299,7 +435,13 @@ class OptimizerState:
             self._check_fits_bound(loaded, kinds, who)
         else:
             for name, st in loaded.items():
-                kinds_of = {(a.shape, a.dtype) for s, a in st.items() if s != precision.MASTER}
+                st = {s: a for s, a in st.items() if not s.endswith(".absmax")}
+                kinds_of = {
+                    (a.shape, a.dtype)
+                    for s, a in st.items()
+                    if s != precision.MASTER and not s.endswith(".codes")
+                }
+                kinds_of |= {(a.shape, None) for s, a in st.items() if s.endswith(".codes")}
                 kinds_of |= {(a.shape, None) for s, a in st.items() if s == precision.MASTER}
                 if (
                     len({shape for shape, _ in kinds_of}) > 1

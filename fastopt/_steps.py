@@ -84,6 +84,44 @@ def _root(a: np.ndarray) -> np.ndarray | None:
     return a
 
 
+def _flat_slot(st: Mapping[str, Any], s: str, kinds: StateKinds) -> Any:
+    """A step's argument for slot ``s`` of a parameter's state ``st``: its flat view, a
+    quantized slot's ``(flat codes, absmax)``, or None when the parameter keeps no such slot."""
+    if kinds.quant_map(s) is not None:
+        from ._quantized import names_of
+
+        codes, absmax = names_of(s)
+        return (st[codes].reshape(-1), st[absmax]) if codes in st else None
+    return st[s].reshape(-1) if s in st else None
+
+
+def _check_quant_backend(be: ModuleType, kinds: StateKinds) -> None:
+    if kinds.quant is not None:
+        from ._quantized import check_backend
+
+        check_backend(be, kinds.quant)
+
+
+def _check_quant_state(
+    name: str, p: Any, st: Mapping[str, Any], kinds: StateKinds, pk: str
+) -> list[tuple[str, Any, bool]]:
+    """The state buffers of a parameter of a quantized optimizer: each shaped and typed as
+    ``StateKinds.buffers_for`` says, C-contiguous and writeable; their overlap entries."""
+    from ._validate import check_writable
+
+    entries = []
+    for s, (shape, dt) in kinds.buffers_for(pk, tuple(p.shape)).items():
+        a = st[s]
+        if not is_array(a) or tuple(a.shape) != shape or dtype_of(a) != dt:
+            raise ValueError(
+                f"state {s!r} of parameter {name!r} is {describe(a)}; expected "
+                f"{dtype_name(dt)}{list(shape)}"
+            )
+        check_writable(name, f"state {s!r}", a)
+        entries.append((f"state {s!r} of parameter {name!r}", a, True))
+    return entries
+
+
 class _Entry:
     """One parameter of the dict API as the last full validation saw it."""
 
@@ -649,7 +687,7 @@ class Stepper:
                 e.tbytes = e.src.untyped_storage().nbytes()
             # what the cached views are made of (a tensor param's memory: its storage, above)
             e.pins = ([] if e.ptr is not None else [p]) + [a for _, a in e.sarrs]
-            e.sflat = tuple(st[s].reshape(-1) if s in st else None for s in slots)
+            e.sflat = tuple(_flat_slot(st, s, kinds) for s in slots)
             m = st.get(precision.MASTER) if kinds.master_weights else None
             e.mflat = None if m is None else m.reshape(-1)
             e.io = kinds.io_base(pk, precision.known_kind(g.dtype))
@@ -698,6 +736,7 @@ class Stepper:
                     )
                 arrays.append((f"{role} of parameter {name!r}", a))
         be = self._backend_for(owner, arrays, "params and grads")
+        _check_quant_backend(be, kinds)
         supported = tuple(getattr(be, "DTYPES", SUPPORTED_DTYPES))
         kind = type(owner).__name__
         pairs, entries = [], []
@@ -716,9 +755,12 @@ class Stepper:
                     )
                 want = kinds.names_for(pk)
                 check_names(st, want, f"state buffers of parameter {name!r}", f"those {kind} keeps")
-                ents += check_state_arrays(
-                    name, p, [(s, st[s]) for s in want], state_dtype=precision.storage_dtype(sk)
-                )
+                if kinds.quant is None:
+                    ents += check_state_arrays(
+                        name, p, [(s, st[s]) for s in want], state_dtype=precision.storage_dtype(sk)
+                    )
+                else:
+                    ents += _check_quant_state(name, p, st, kinds, pk)
             pairs.append((name, p, g))
             entries += ents
         check_no_overlap(entries)
@@ -748,7 +790,13 @@ class Stepper:
                 if (
                     not d.flags.carray
                     or not gr.flags.c_contiguous
-                    or not all(s.flags.carray for s in c.states[i] if s is not None)
+                    or not all(
+                        (s[0].flags.carray and s[1].flags.carray)
+                        if isinstance(s, tuple)
+                        else s.flags.carray
+                        for s in c.states[i]
+                        if s is not None
+                    )
                 ):
                     return False
             elif not d.flags.c_contiguous or not gr.flags.c_contiguous:
@@ -784,6 +832,22 @@ class Stepper:
         c.gdtypes = tuple(g.dtype for g in c.grads)
         assert self.state.flat is not None, "the flat state is bound before its cache is built"
         c.states = tuple(tuple(f.get(s, None) for s in slots) for f in self.state.flat)
+        if kinds.quant is not None:  # quantized slots: (codes, absmax, block table)
+            from ._quantized import names_of
+            from .backends.numba_quant import blocks_of_segments
+
+            qs = []
+            for f, group in zip(self.state.flat, buf.groups):
+                blocks = blocks_of_segments([(o, n) for o, n, _ in group.slots.values()])
+                qs.append(
+                    tuple(
+                        (f[names_of(s)[0]], f[names_of(s)[1]], blocks)
+                        if names_of(s)[0] in f
+                        else f.get(s, None)
+                        for s in slots
+                    )
+                )
+            c.states = tuple(qs)
         c.masters = tuple(f.get(precision.MASTER) for f in self.state.flat)
         c.entries = []
         for i, (d, g) in enumerate(zip(c.datas, c.grads)):
@@ -858,6 +922,7 @@ class Stepper:
                     )
                 arrays.append((f"FlatBuffer group {i} {role}", a))
         be = self._backend_for(owner, arrays, "the FlatBuffer's groups")
+        _check_quant_backend(be, kinds)
         supported = tuple(getattr(be, "DTYPES", SUPPORTED_DTYPES))
         entries = []
         for i, group in enumerate(buf.groups):
@@ -884,6 +949,17 @@ class Stepper:
                         "be resized: create a new FlatBuffer and optimizer"
                     )
             sk = precision.storage_dtype(kinds.state_kind(precision.known_kind(dt)))
+            if kinds.quant is not None and states:
+                from ._validate import check_writable
+
+                full = []
+                for s, a in states:
+                    if s.endswith((".codes", ".absmax")):
+                        check_writable(None, f"state {s!r}", a, who)
+                        entries.append((f"state {s!r} of {who}", a, True))
+                    else:
+                        full.append((s, a))
+                states = tuple(full)
             _, ents = check_param_arrays(
                 None,
                 group.data,

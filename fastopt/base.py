@@ -275,6 +275,7 @@ class Optimizer:
                 self.state_dtype,
                 self.master_weights,
                 self.stochastic_rounding,
+                tuple((s.name, s.quant_map) for s in self._spec.slots if s.quantize),
             )
         return k
 

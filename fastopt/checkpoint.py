@@ -84,6 +84,7 @@ _DTYPES = {
     if d != "bfloat16"
 }
 _DTYPES["bfloat16"] = "bfloat16"  # ml_dtypes' dtype, resolved when a file holds one
+_DTYPES["|u1"] = np.dtype(np.uint8)  # quantized state's codes (kernels/quant.py)
 
 
 def _file_dtype(name):
@@ -601,12 +602,10 @@ def _check_fits(header, entries, optimizer, named):
             f"checkpoint state buffers of parameter {name!r}",
             f"those {kind} keeps for a {pk} parameter",
         )
-        sk = precision.storage_dtype(optimizer._state_kind(pk))
+        specs = optimizer._kinds().buffers_for(pk, pshape)
         for s, e in slots.items():
             dt = e.resolved_dtype()
-            need = (
-                ((), None) if s in host else (pshape, np.float32 if s == precision.MASTER else sk)
-            )
+            need = ((), None) if s in host else specs[s]
             if e.shape != need[0] or (need[1] is not None and dt != need[1]):
                 shown = "a 0-d array" if s in host else f"{dtype_name(need[1])}{list(need[0])}"
                 raise ValueError(

@@ -147,9 +147,9 @@ class StepPlan:
 
     def _make(self, dtype, writes, io):
         run = step_runner_of(self.be)(self, dtype, writes, io)
-        return self._with_fresh_slots(writes, run)
+        return self._with_fresh_slots(writes, run, io)
 
-    def _with_fresh_slots(self, writes, run):
+    def _with_fresh_slots(self, writes, run, io=None):
         """``run``, first resetting the slots a first step reads where torch creates the
         buffer fresh (``Slot.fresh``)."""
         spec = RULES[self.rule]
@@ -170,7 +170,14 @@ class StepPlan:
                 # a slot the rule reads on step 1, where torch has no such buffer yet: reset to
                 # its initial value (0·NaN is NaN), whatever the caller's array held
                 for j, value in fresh:
-                    states[j][...] = value
+                    if isinstance(states[j], tuple):  # a quantized slot: (codes, absmax, ..)
+                        from ._quantized import constant
+
+                        code, amax = constant(value, io.quant, spec.slots[j].quant_map)
+                        states[j][0][...] = code
+                        states[j][1][...] = amax
+                    else:
+                        states[j][...] = value
                 inner(param, grad, states, master, salt)
 
         return run
@@ -267,17 +274,33 @@ def _array(a, label=None):
     return a if is_array(a) else as_xp_array(a, label)
 
 
-def _checked(rule, flags, backend, param, grad, states, master=None, grad_written=False):
+def _checked(
+    rule, flags, backend, param, grad, states, master=None, grad_written=False, quant=None
+):
     """Validate one functional call; returns ``(be, param, grad, states, master, io)`` ready to
-    launch (``io`` from the arrays' storage dtypes)."""
+    launch (``io`` from the arrays' storage dtypes). With ``quant`` (``state_dtype="int8"`` /
+    ``"float8_e4m3"``), a present slot the rule lets be quantized is a pair ``(codes,
+    absmax)`` (``fastopt._quantized.check_pair``), the others float32 arrays."""
     who = f"fastopt.functional.{rule}()"
     param, grad = _array(param, f"param of {who}"), _array(grad, f"grad of {who}")
     master = _array(master, f"master_param of {who}")
+    pairs = {}
+    if quant is not None:
+        for s in RULES[rule].slots:
+            a = states[s.name]
+            if s.quantize and a is not None:
+                if not isinstance(a, (tuple, list)) or len(a) != 2:
+                    raise TypeError(
+                        f"{who}: state {s.name!r} is a {type(a).__name__}; with "
+                        f"state_dtype={quant!r} it is a pair (codes, absmax)"
+                    )
+                pairs[s.name] = tuple(_array(x, f"state {s.name!r} of {who}") for x in a)
+        states = {n: None if n in pairs else a for n, a in states.items()}
     states = {n: _array(a, f"state {n!r} of {who}") for n, a in states.items()}
     be = resolve(backend, param if is_array(param) else None)
     spec = RULES[rule]
     for (name, a), slot, used in zip(states.items(), spec.slots, spec.slots_used(flags)):
-        if used and a is None:
+        if used and a is None and name not in pairs:
             why = "always" if slot.when is None else f"with {slot.when} on"
             raise ValueError(
                 f"{who}: state {name!r} is required {why} "
@@ -286,6 +309,8 @@ def _checked(rule, flags, backend, param, grad, states, master=None, grad_writte
     supported = tuple(getattr(be, "DTYPES", SUPPORTED_DTYPES))
     present = [a for a in states.values() if is_array(a)]
     state_dtype = dtype_of(present[0]) if present else None
+    if quant is not None:
+        state_dtype = np.dtype(np.float32)  # the slots kept in full precision
     pk = precision.kind(dtype_of(param)) if is_array(param) else None
     if state_dtype is not None and pk is not None:
         sk = precision.kind(state_dtype)
@@ -322,6 +347,18 @@ def _checked(rule, flags, backend, param, grad, states, master=None, grad_writte
             )
         check_writable(None, "master_param", master, who)
         entries.append((f"master_param of {who}", master, True))
+    if pairs:
+        from ._quantized import check_backend, check_pair
+
+        check_backend(be, quant)
+
+        if pk not in ("float32", *storage.BITS16):
+            raise TypeError(
+                f"{who}: state_dtype={quant!r} is for float32, float16 and bfloat16 params; the "
+                f"param is {describe(param)}"
+            )
+        for name, pair in pairs.items():
+            entries += check_pair(pair, param, f"state {name!r}", who)
     check_reach(
         be, [(label, a) for label, a, _ in entries], "the arrays of one step", exc=TypeError
     )
@@ -332,8 +369,11 @@ def _checked(rule, flags, backend, param, grad, states, master=None, grad_writte
         master = None if master is None else master.reshape(-1)
     gk = precision.kind(dtype_of(grad))
     sk = precision.kind(state_dtype) if state_dtype is not None else pk
-    io = storage.IO(pk, gk, sk, master=master is not None)
-    return be, param, grad, tuple(states.values()), master, io
+    io = storage.IO(pk, gk, sk, master=master is not None, quant=quant if pairs else None)
+    flat = {
+        n: (pairs[n][0].reshape(-1), pairs[n][1]) if n in pairs else a for n, a in states.items()
+    }
+    return be, param, grad, tuple(flat.values()), master, io
 
 
 def run(
@@ -353,6 +393,7 @@ def run(
     grad_scale: Any = None,
     found_inf: Any = None,
     unscale_grads: bool = False,
+    state_dtype: str | None = None,
 ) -> bool:
     """One checked, fused step of ``rule`` over flat arrays: ``states`` maps each of the rule's
     slots to its array (or None where the variant does not use it), ``hp`` holds every
@@ -384,6 +425,7 @@ def run(
     else:
         hs = spec.check_host_state(host_state, who=f"{who}: host_state")
         _check_writable_host_state(host_state, who)
+    quant = _check_quant(state_dtype)
     sr = _check_bool("stochastic_rounding", stochastic_rounding)
     unscale_grads = _check_bool("unscale_grads", unscale_grads)
     seed, salt = _check_u32("seed", seed), _check_u32("salt", salt)
@@ -400,6 +442,7 @@ def run(
         {s: states[s] for s in spec.state},
         master_param,
         grad_written=unscale_grads,
+        quant=quant,
     )
     if sr and (io.param != "bfloat16" or io.master):
         raise ValueError(
@@ -409,7 +452,14 @@ def run(
     if scale_dev is not None:
         check_reach(be, [("grad_scale", scale_dev), ("param", param)], "grad_scale and the params")
     io = precision.io_of(
-        io.param, io.grad, io.state, io.master, sr, scale=scale, write_grad=unscale_grads
+        io.param,
+        io.grad,
+        io.state,
+        io.master,
+        sr,
+        scale=scale,
+        write_grad=unscale_grads,
+        quant=io.quant,
     )
     if found(found_inf):
         return False
@@ -439,6 +489,26 @@ def _check_writable_host_state(host_state, who):
             raise ValueError(f"{who}: host_state[{name!r}] is a read-only array")
 
 
+def _check_quant(value):
+    """``state_dtype=`` of a functional call: None (the state arrays' own dtype) or a quantized
+    format (``kernels.quant.FORMATS``)."""
+    if value is None:
+        return None
+    if not isinstance(value, str) or value not in _quant_formats():
+        raise ValueError(
+            f"invalid state_dtype={value!r}; expected None (the state arrays' dtype) or one of "
+            f"{list(_quant_formats())} (quantized slots given as (codes, absmax) pairs)"
+        )
+    return value
+
+
+def _quant_formats() -> tuple[str, ...]:
+    """The quantized state formats (``kernels.quant.FORMATS``)."""
+    from .kernels import quant
+
+    return quant.FORMATS
+
+
 def _check_bool(name, value):
     if not isinstance(value, (bool, np.bool_)):
         raise TypeError(f"invalid {name}: {value!r}; expected True or False")
@@ -462,6 +532,7 @@ _MIXED_KW = {
     "grad_scale": None,
     "found_inf": None,
     "unscale_grads": False,
+    "state_dtype": None,
 }
 
 

@@ -33,6 +33,7 @@ from .kernels.storage import COMPUTE, IO
 
 __all__ = [
     "MASTER",
+    "QUANTIZED",
     "STATE_DTYPES",
     "bfloat16",
     "check_state_dtype",
@@ -52,8 +53,12 @@ __all__ = [
 
 #: the state buffer name of the fp32 master copy of a 16-bit param
 MASTER = "master_param"
-#: what ``state_dtype=`` accepts (None: the param dtype; float32 with a master copy)
-STATE_DTYPES = (None, "float32", "bfloat16")
+#: what ``state_dtype=`` accepts (None: the param dtype; float32 with a master copy; the
+#: quantized formats of ``kernels/quant.py``: the slots a rule lets be quantized as codes and
+#: block scales, the others float32)
+STATE_DTYPES = (None, "float32", "bfloat16", "int8", "float8_e4m3")
+#: the quantized policies among them
+QUANTIZED = ("int8", "float8_e4m3")
 
 
 def bfloat16() -> np.dtype[Any]:
@@ -112,14 +117,15 @@ def state_kinds(param_kind: str) -> tuple[str, ...]:
 
 
 def check_state_dtype(value: Any) -> str | None:
-    """``state_dtype=`` normalised (None, "float32" or "bfloat16"); NumPy dtypes accepted."""
+    """``state_dtype=`` normalised (None, "float32", "bfloat16", or a quantized format:
+    "int8", "float8_e4m3"); NumPy dtypes accepted."""
     if value is None:
         return None
     name = kind(value) if not isinstance(value, str) else value
     if name not in STATE_DTYPES[1:]:
         raise ValueError(
-            f"invalid state_dtype={value!r}; expected None (the param dtype), 'float32' or "
-            "'bfloat16'"
+            f"invalid state_dtype={value!r}; expected None (the param dtype), 'float32', "
+            "'bfloat16', 'int8' or 'float8_e4m3'"
         )
     return name
 
@@ -130,6 +136,13 @@ def resolve_state_kind(policy: str | None, param_kind: str, master: bool = False
     Raises TypeError for bfloat16 state of float64 params."""
     if policy is None:
         return "float32" if master and param_kind in storage.BITS16 else param_kind
+    if policy in QUANTIZED:  # the slots kept in full precision: float32
+        if COMPUTE[param_kind] != "float32":
+            raise TypeError(
+                f"state_dtype={policy!r} with {param_kind} params: quantized state is stepped in "
+                "float32; use it with float32, float16 or bfloat16 params"
+            )
+        return "float32"
     if policy not in state_kinds(param_kind):
         raise TypeError(
             f"state_dtype={policy!r} with {param_kind} params: their math is float64, and "

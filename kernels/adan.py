@@ -114,7 +114,7 @@ RULE = Rule(
         Slot("exp_avg"),
         Slot("exp_avg_diff"),
         Slot("exp_avg_sq", even=True),
-        Slot("prev_grad"),
+        Slot("prev_grad", quantize=False),
     ),
     scalars=(
         "beta1",

@@ -71,7 +71,7 @@ RULE = Rule(
         WEIGHT_DECAY,
         MAXIMIZE,
     ),
-    slots=(Slot("ax"),),
+    slots=(Slot("ax", quantize=False),),
     scalars=("wd", "decay_f", "eta", "mu"),
     make_rule=make_rule,
     flags_of=_flags_of,

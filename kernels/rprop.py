@@ -75,7 +75,10 @@ RULE = Rule(
         MAXIMIZE,
     ),
     # every step size starts at lr (torch fills it when it creates the state, at the first step)
-    slots=(Slot("prev"), Slot("step_size", init="lr", even=True)),
+    slots=(
+        Slot("prev", quantize=False),
+        Slot("step_size", init="lr", even=True, quantize=False),
+    ),
     scalars=("etaminus", "etaplus", "step_size_min", "step_size_max", "zero"),
     make_rule=make_rule,
     flags_of=_flags_of,

@@ -313,6 +313,19 @@ class Slot:
     #: an even function of (p, g): negating the param and every gradient leaves it unchanged
     #: (squares, magnitudes, step sizes); else it is odd (negated with them)
     even: bool = False
+    #: may be stored quantized (``state_dtype="int8"``/``"float8_e4m3"``, ``kernels/quant.py``):
+    #: a running moment. False for a copy of the param or of a gradient (ASGD's ``ax``, Adan's
+    #: ``prev_grad``, Rprop's ``prev``) and for a multiplicative step size (Rprop's
+    #: ``step_size``), where the rounding enters the update directly or compounds; such a slot
+    #: is kept in float32 under a quantized policy
+    quantize: bool = True
+
+    @property
+    def quant_map(self) -> str:
+        """The quantization map of the slot: ``"unsigned"`` for an even slot (every even slot
+        is a square, a magnitude or a maximum of them, never negative: held by
+        ``tests/test_quant_reference.py`` over every rule), else ``"signed"``."""
+        return "unsigned" if self.even else "signed"
 
 
 @dataclass(frozen=True)

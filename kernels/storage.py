@@ -287,6 +287,9 @@ class IO:
     kbuf: bool = False
     #: the unscaled grad is stored back into the grad array
     write_grad: bool = False
+    #: quantized state slots (``kernels/quant.py``): None, "int8" or "float8_e4m3"; the slots
+    #: a rule does not let be quantized are stored as ``state`` says (float32)
+    quant: str | None = None
 
     @property
     def compute(self) -> str:
@@ -299,6 +302,7 @@ class IO:
             self.param == self.grad == self.state == c
             and not (self.master or self.sr or self.scale or self.found_inf or self.kbuf)
             and not self.write_grad
+            and not self.quant
         )
 
     def kind(self, role: str) -> str:

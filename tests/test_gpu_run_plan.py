@@ -297,17 +297,26 @@ def test_count_syncs_counts_torchs_warnings():
 
 @pytest.mark.torch  # torch is imported by the code under test
 def test_lowbit_group_reads_its_bytes_from_the_state(monkeypatch):
-    """Without any low-bit state the group is the float32-state step alone; its bytes and
-    bytes of state per parameter come from the optimizer's state arrays (Adam: two float32
-    moments)."""
+    """On the CPU the group is the float32-state step and a step with each low-bit state the
+    CPU backend steps (``features``); each row's bytes and bytes of state per parameter come
+    from the optimizer's state arrays (Adam: two float32 moments, 8 B; int8 and float8: two
+    byte codes and a float32 scale per 256 elements, 2.03125 B, what ``fastopt.memory``
+    derives from the spec)."""
     tr = _tr()
     from fastopt.bench.measure import CASES, bytes_per_step
+    from fastopt.memory import state_bytes_per_param
 
-    recs = tr.lowbit_group("adam", 4096, device="cpu", rounds=2, per_round=1, warmup=1)
-    (r,) = recs
-    assert r["state_dtype"] == "float32" and r["variant"] == "float32"
+    n = 4096
+    recs = tr.lowbit_group("adam", n, device="cpu", rounds=2, per_round=1, warmup=1)
+    assert [r["state_dtype"] for r in recs] == ["float32", *tr.LOWBIT_STATES]
+    r = recs[0]
+    assert r["variant"] == "float32"
     assert r["state_bytes_per_param"] == CASES["adam"].n_state * 4
-    assert r["bytes"] == bytes_per_step(CASES["adam"].n_state, 4096, "float32")
+    assert r["bytes"] == bytes_per_step(CASES["adam"].n_state, n, "float32")
+    for r in recs[1:]:
+        want = state_bytes_per_param("adam", state_dtype=r["state_dtype"])
+        assert r["state_bytes_per_param"] == want == 2.03125
+        assert r["bytes"] == 3 * 4 * n + 2 * want * n
 
 
 # -- the report: what the README and GPU_NOTES quote ---------------------------------------------

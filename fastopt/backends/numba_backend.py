@@ -66,6 +66,8 @@ if TYPE_CHECKING:
 
 NAME = "numba"
 DEVICE = "cpu"
+#: steps quantized state slots (``kernels/quant.py``, ``IO.quant``)
+QUANT_STATE = True
 
 #: below this many elements a serial loop beats waking the thread pool (measured on 2 cores:
 #: the two break even near 2**14 elements for Adam and 2**15 for SGD with momentum)
@@ -325,6 +327,12 @@ def step_runner(plan: StepPlan, dtype: Any, writes: tuple[bool, ...], io: IO | N
     variant and scalars, with its loss-scale and rounding extras for a storage format ``io``."""
     if io is None:
         return prepare(plan.rule, plan.flags, writes, plan.k, dtype)
+    if io.quant:
+        from .numba_quant import prepare_quant
+
+        return prepare_quant(
+            plan.rule, plan.flags, writes, plan.k, io, extras=(plan.inv_scale, plan.key)
+        )
     return prepare(
         plan.rule, plan.flags, writes, plan.k, dtype, io=io, extras=(plan.inv_scale, plan.key)
     )

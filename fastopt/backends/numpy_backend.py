@@ -21,6 +21,8 @@ if TYPE_CHECKING:
 
 NAME = "numpy"
 DEVICE = "cpu"
+#: steps quantized state slots (``kernels/quant.py``, ``IO.quant``)
+QUANT_STATE = True
 
 
 def available() -> bool:
@@ -38,6 +40,8 @@ def step_runner(plan: StepPlan, dtype: Any, writes: tuple[bool, ...], io: IO | N
 
     rule, names = plan.rule, RULES[plan.rule].state
     hs = plan.hs or {}
+    if io is not None and io.quant:
+        return _quant_runner(plan, io)
     if io is not None:
         step, hp, inv, key = plan.step, plan.hp, plan.inv_scale, plan.key
 
@@ -74,5 +78,64 @@ def step_runner(plan: StepPlan, dtype: Any, writes: tuple[bool, ...], io: IO | N
         # host state as the oracle keeps it (torch's 0-d tensors), this step's copy
         st.update({n: np.array(v, dtype=np.float32) for n, v in hs.items()})
         oracle(param, grad, st, **kw)
+
+    return run
+
+
+def _segments(blocks: np.ndarray) -> list[tuple[int, int, int, int]]:
+    """Runs of adjacent blocks of a block table, as ``(first, stop, first block, stop block)``
+    (a run is stepped as one tensor: its blocks are the same)."""
+    out = []
+    start = 0
+    for b in range(1, blocks.shape[0] + 1):
+        if b == blocks.shape[0] or blocks[b, 0] != blocks[b - 1, 1]:
+            out.append((int(blocks[start, 0]), int(blocks[b - 1, 1]), start, b))
+            start = b
+    return out
+
+
+def _quant_runner(plan: StepPlan, io: IO) -> Runner:
+    """The oracle's step over quantized state (``fastopt.quant_reference.oracle_step``); a
+    ``FlatBuffer`` group's quantized slots (``(codes, absmax, blocks)``) run per run of
+    adjacent blocks."""
+    from .. import quant_reference
+    from ..kernels import RULES
+
+    names = RULES[plan.rule].state
+    hs = plan.hs or {}
+    kw = dict(
+        fmt=io.quant, step=plan.step, hp=plan.hp, hs=hs, inv_scale=plan.inv_scale, key=plan.key
+    )
+
+    def run(
+        param: Any, grad: Any, states: Sequence[Any], master: Any = None, salt: int = 0
+    ) -> None:
+        blocks = next((s[2] for s in states if isinstance(s, tuple) and len(s) > 2), None)
+        if blocks is None:
+            st = {
+                n: s[:2] if isinstance(s, tuple) else s
+                for n, s in zip(names, states)
+                if s is not None
+            }
+            quant_reference.oracle_step(
+                plan.rule, param, grad, st, io=io, master=master, salt=salt, **kw
+            )
+            return
+        for lo, hi, b0, b1 in _segments(blocks):
+            st = {
+                n: (s[0][lo:hi], s[1][b0:b1]) if isinstance(s, tuple) else s[lo:hi]
+                for n, s in zip(names, states)
+                if s is not None
+            }
+            quant_reference.oracle_step(
+                plan.rule,
+                param[lo:hi],
+                grad[lo:hi],
+                st,
+                io=io,
+                master=None if master is None else master[lo:hi],
+                salt=salt,
+                **kw,
+            )
 
     return run

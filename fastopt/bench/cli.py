@@ -41,7 +41,14 @@ DTYPES = ("float32", "float64")
 PEER = "torch"
 #: the mixed-precision rows by default: these optimizers, these storage formats (CPU)
 PRECISION_OPTIMIZERS = ("adam",)
-DEFAULT_PRECISIONS = ("float32", "bfloat16", "bfloat16+fp32-state", "bfloat16+master")
+DEFAULT_PRECISIONS = (
+    "float32",
+    "bfloat16",
+    "bfloat16+fp32-state",
+    "bfloat16+master",
+    "int8-state",
+    "float8-state",
+)
 
 
 def _csv(choices, what):
@@ -279,8 +286,10 @@ def _precision_lines(records):
                 f", {r['bytes_vs_float32']:.2f}x float32's bytes, "
                 f"{r['speedup_vs_float32']:.2f}x float32's speed"
             )
+        state = r.get("state_bytes_per_param")
         out.append(
-            f"  {r['optimizer']} n={fmt_n(r['n'])} {r['dtype']}: {r['bytes'] // r['n']} B/elem, "
+            f"  {r['optimizer']} n={fmt_n(r['n'])} {r['dtype']}: {r['bytes'] // r['n']} B/elem "
+            f"moved, {_fmt(state, '.5g')} B/param of state, "
             f"{r['median_s'] * 1e3:.3f} ms ({r['reps']} reps){vs}; "
             f"{_fmt(r.get('pct_of_ceiling'), '.0f')} % of its same-traffic ceiling "
             f"({_fmt(r.get('ceiling_gbps'), '.1f')} GB/s)"

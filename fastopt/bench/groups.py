@@ -427,6 +427,8 @@ def precision_factories(
         facs[("step", name)] = lambda p0=p0, g0=g0, pr=pr, io=io: fastopt_runner(
             case, backend, p0, g0, pr.kwargs, io
         )
+        if io.quant:
+            continue  # no same-traffic kernel for quantized state yet: no ceiling column
         if io.plain:
             facs[("ceiling", name)] = lambda p0=p0, g0=g0: ceilings_cpu.traffic_runner(
                 case.n_state, p0, g0
@@ -436,6 +438,23 @@ def precision_factories(
                 io, case.n_state, n
             )
     return facs
+
+
+def state_bytes(case: Case, pr: Any) -> float:
+    """Bytes of optimizer state per parameter of ``case`` in precision ``pr``
+    (``fastopt.memory``, derived from the rule spec and the storage format)."""
+    import fastopt
+    from fastopt.memory import state_bytes_per_param
+
+    opt = getattr(fastopt, case.cls)(**case.fastopt_kwargs)
+    kw = dict(pr.kwargs)
+    return state_bytes_per_param(
+        opt._rule,
+        opt._rule_hp(opt.hyperparams),
+        state_dtype=kw.get("state_dtype"),
+        param_dtype=pr.param,
+        master_weights=kw.get("master_weights", False),
+    )
 
 
 def run_precision_group(
@@ -468,8 +487,11 @@ def run_precision_group(
         runner, times = res[("step", name)]
         rec = record(case, "cpu", n, name, runner, times, backend)
         rec["precision"] = dict(PRECISIONS[name].kwargs, param=PRECISIONS[name].param)
+        rec["state_bytes_per_param"] = state_bytes(case, PRECISIONS[name])
         ceil = res.get(("ceiling", name))
-        if ceil is not None:
+        if ceil is None:  # quantized state: no same-traffic kernel yet
+            rec["ceiling_gbps"] = rec["pct_of_ceiling"] = None
+        else:
             t = median(ceil[1])
             rec["ceiling_backend"], rec["ceiling_s"] = "numba", t
             rec["ceiling_gbps"] = ceil[0].bytes / t / 1e9

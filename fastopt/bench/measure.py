@@ -189,8 +189,16 @@ def bytes_per_step(
         return (3 + n_state + n_read) * np.dtype(dtype).itemsize * int(n)
     size = io.itemsizes()
     per = size["param"] * (1 if io.master else 2) + size["grad"] * (2 if io.write_grad else 1)
-    per += (n_state + n_read) * size["state"] + (2 * size["master"] if io.master else 0)
-    return per * int(n)
+    # a quantized slot: a byte of code per element and a float32 scale per block
+    state = size["state"] if not io.quant else 1 + 4 / _block()
+    per += (n_state + n_read) * state + (2 * size["master"] if io.master else 0)
+    return round(per * int(n))
+
+
+def _block() -> int:
+    from ..kernels.quant import BLOCK
+
+    return BLOCK
 
 
 def traffic_arrays(
@@ -230,17 +238,21 @@ class Precision:
 
     def io(self, n_state: int | None = None) -> Any:
         """The storage format (``kernels.storage.IO``) of this precision's launches."""
-        from ..precision import io_of, resolve_state_kind
+        from ..precision import QUANTIZED, io_of, resolve_state_kind
 
         kw = dict(self.kwargs)
         master = kw.get("master_weights", False)
         state = resolve_state_kind(kw.get("state_dtype"), self.param, master)
-        return io_of(self.param, self.grad, state, master, kw.get("stochastic_rounding", False))
+        quant = kw.get("state_dtype") if kw.get("state_dtype") in QUANTIZED else None
+        return io_of(
+            self.param, self.grad, state, master, kw.get("stochastic_rounding", False), quant=quant
+        )
 
 
 #: the mixed-precision rows: float32 (the baseline), bfloat16 params and grads with bfloat16
 #: state (torch's fused default for bf16 models), with float32 state, and with float32 state and
-#: an fp32 master copy (what mixed-precision training keeps); float16 likewise
+#: an fp32 master copy (what mixed-precision training keeps); float32 params with quantized
+#: state (``state_dtype="int8"``, ``"float8_e4m3"``); float16 likewise
 PRECISIONS = {
     p.name: p
     for p in (
@@ -248,6 +260,8 @@ PRECISIONS = {
         Precision("bfloat16", "bfloat16", "bfloat16"),
         Precision("bfloat16+fp32-state", "bfloat16", "bfloat16", (("state_dtype", "float32"),)),
         Precision("bfloat16+master", "bfloat16", "bfloat16", (("master_weights", True),)),
+        Precision("int8-state", "float32", "float32", (("state_dtype", "int8"),)),
+        Precision("float8-state", "float32", "float32", (("state_dtype", "float8_e4m3"),)),
         Precision("float16", "float16", "float16"),
         Precision("float16+master", "float16", "float16", (("master_weights", True),)),
     )

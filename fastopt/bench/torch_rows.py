@@ -122,7 +122,8 @@ def features(device: str = "cuda", backend: Any = None) -> Any:
     - ``capturable``: ``fastopt.torch.Adam(..., capturable=True)`` constructs and steps;
     - ``max_grad_norm``: ``fastopt.torch.Adam(..., max_grad_norm=1.0)`` constructs and steps;
     - ``state_dtype:<dtype>`` for each of ``LOWBIT_STATES``: ``fastopt.Adam(state_dtype=...)``
-      constructs; ``torch_state_dtype:<dtype>``: ``fastopt.torch.Adam(..., state_dtype=...)``
+      steps a ``FlatBuffer`` on the device (the CPU backend steps quantized state, the GPU
+      backends not yet); ``torch_state_dtype:<dtype>``: ``fastopt.torch.Adam(..., state_dtype=...)``
       constructs and steps;
     - ``sync_debug_mode``: torch has ``torch.cuda.set_sync_debug_mode``;
     - ``bitsandbytes``: ``bitsandbytes`` imports (its 8-bit Adam is the low-bit peer).
@@ -156,8 +157,17 @@ def features(device: str = "cuda", backend: Any = None) -> Any:
     import fastopt
 
     adam: Any = fastopt.Adam  # probed with keywords it may not take
+
+    def flat_step(sd):  # a step on the device: a backend may construct but not step the plan
+        if device == "cuda":
+            import cupy as xp
+        else:
+            xp = np
+        buf = fastopt.FlatBuffer({"w": xp.zeros(256, dtype=xp.float32)})
+        adam(state_dtype=sd, backend=backend).step(buf)
+
     for sd in LOWBIT_STATES:
-        put(f"state_dtype:{sd}", *_try(lambda sd=sd: adam(state_dtype=sd)))
+        put(f"state_dtype:{sd}", *_try(lambda sd=sd: flat_step(sd)))
         if not out["fastopt.torch"]["available"]:
             put(f"torch_state_dtype:{sd}", False, "fastopt.torch does not import")
             continue

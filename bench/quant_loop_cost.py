@@ -1,0 +1,97 @@
+"""What the numba CPU loop of a step with quantized state costs per element, beside float32.
+
+    python bench/quant_loop_cost.py [--optimizer adam] [--n 65536] [--reps 200] [--rounds 5]
+                                    [--cpu znver2]
+
+As ``bench/cpu_loop_cost.py`` (serial loops over ``n`` elements in the L2 cache, rounds that
+interleave the plans, the median over rounds of each round's median, ns per element and
+core; ``--cpu`` compiles for an LLVM CPU with its own instruction set, e.g. AVX2 on an
+AVX-512 host). Plans: float32 state; int8 state as the loops run it (``kernels.quant.CODECS``:
+decode and encode by lookup); int8 state decoded by arithmetic (``ARITHMETIC_DECODE``); float8
+state (arithmetic both ways).
+"""
+
+import argparse
+import os
+import sys
+import time
+
+import numpy as np
+from fastopt.kernels import RULES, quant
+from fastopt.kernels.storage import IO
+
+from fastopt import _quantized as Q
+from fastopt.backends import numba_backend as nb
+from fastopt.backends import numba_quant as nq
+
+PLANS = ("float32", "int8", "int8 (decode by arithmetic)", "float8_e4m3")
+
+
+def runner(optimizer, plan, n, seed=0):
+    """A no-argument call of the serial loop of ``optimizer`` in ``plan`` over ``n`` elements."""
+    rule = RULES[optimizer]
+    flags, k = rule.variant_and_scalars(rule.validate(rule.defaults), 2)
+    writes = rule.slots_used(flags)
+    rng = np.random.default_rng(seed)
+    p = rng.standard_normal(n).astype(np.float32)
+    g = (rng.standard_normal(n) * 1e-2).astype(np.float32)
+    states = [(np.abs(rng.standard_normal(n)) * 1e-3).astype(np.float32) for _ in writes]
+    kc = tuple(np.float32(x) for x in k)
+    if plan == "float32":
+        fn = nb.kernel(optimizer, flags, writes, False)
+        st = [s if w else p for s, w in zip(states, writes)]
+        return lambda: fn(p, g, *st, kc)
+    fmt = "int8" if plan.startswith("int8") else plan
+    saved = dict(quant.CODECS)
+    if plan == "int8 (decode by arithmetic)":
+        for name, dec in quant.ARITHMETIC_DECODE.items():
+            quant.CODECS[name] = (dec, quant.CODECS[name][1])
+    try:
+        io = IO(quant=fmt)
+        run = nq.prepare_quant(optimizer, flags, writes, kc, io, None)
+        st = [
+            Q.quantize(s, fmt, sl.quant_map) if w and sl.quantize else (s if w else None)
+            for s, sl, w in zip(states, rule.slots, writes)
+        ]
+        run(p, g, st)  # compiles with the codecs of this plan
+    finally:
+        quant.CODECS.clear()
+        quant.CODECS.update(saved)
+    nq._compiled.clear()  # the next plan compiles its own loop
+    return lambda: run(p, g, st)
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--optimizer", default="adam", choices=sorted(RULES))
+    ap.add_argument("--n", type=int, default=1 << 16)
+    ap.add_argument("--reps", type=int, default=200)
+    ap.add_argument("--rounds", type=int, default=5)
+    ap.add_argument("--cpu", help="compile for this LLVM CPU (e.g. znver2: AVX2)")
+    args = ap.parse_args(argv)
+    if args.cpu and os.environ.get("NUMBA_CPU_NAME") != args.cpu:
+        env = dict(os.environ, NUMBA_CPU_NAME=args.cpu, NUMBA_CPU_FEATURES="")
+        args_in = sys.argv[1:] if argv is None else list(argv)
+        os.execve(sys.executable, [sys.executable, os.path.abspath(__file__), *args_in], env)
+    nb.PARALLEL_MIN = 1 << 62  # the serial loops, as the float32 plan's (one core each)
+    calls = {plan: runner(args.optimizer, plan, args.n) for plan in PLANS}
+    res = {plan: [] for plan in calls}
+    for _ in range(args.rounds):
+        for plan, call in calls.items():
+            ts = []
+            for _ in range(args.reps):
+                t = time.perf_counter()
+                call()
+                ts.append(time.perf_counter() - t)
+            res[plan].append(float(np.median(ts)))
+    load = os.getloadavg()[0]
+    cpu = os.environ.get("NUMBA_CPU_NAME") or "host"
+    print(f"{args.optimizer}, serial loop, n={args.n}, load average {load:.2f}, cpu {cpu}")
+    base = np.median(res["float32"])
+    for plan, v in res.items():
+        t = np.median(v)
+        print(f"  {plan:26s} {t * 1e9 / args.n:6.3f} ns/element  ({t / base:.2f}x float32's time)")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,141 @@
+"""Quantized state on the host side: the checks of a slot's (codes, absmax) pair, array-wide
+conversions between float32 and quantized state (loading a full-precision state dict into a
+quantized optimizer and back), and the state names (``<slot>.codes``, ``<slot>.absmax``).
+
+The conversions are the kernels' codec (``kernels/quant.py``: the same thresholds, searched
+with ``np.searchsorted``), so a state quantized here is what a step would have stored.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+
+from ._validate import check_writable, describe, dtype_of, is_array, residence
+from .kernels import quant
+
+__all__ = [
+    "ABSMAX",
+    "CODES",
+    "check_backend",
+    "check_pair",
+    "constant",
+    "dequantize",
+    "full_precision_state",
+    "names_of",
+    "quantize",
+    "split_name",
+]
+
+CODES = "codes"
+ABSMAX = "absmax"
+
+
+def names_of(slot: str) -> tuple[str, str]:
+    """The state names of a quantized slot's two buffers."""
+    return f"{slot}.{CODES}", f"{slot}.{ABSMAX}"
+
+
+def split_name(name: str) -> tuple[str, str | None]:
+    """``("exp_avg", "codes")`` of ``"exp_avg.codes"``; ``(name, None)`` for any other."""
+    base, dot, part = name.rpartition(".")
+    if dot and part in (CODES, ABSMAX):
+        return base, part
+    return name, None
+
+
+def quantize(x: Any, fmt: str, quant_map: str) -> tuple[np.ndarray, np.ndarray]:
+    """``(codes, absmax)`` of float32 values ``x`` (one tensor: blocks from its first
+    element), as a step stores them."""
+    t = quant.table(fmt, quant_map)
+    x = np.asarray(x, dtype=np.float32).reshape(-1)
+    n = x.size
+    nb = quant.nblocks(n)
+    mag = np.zeros(nb * quant.BLOCK, np.float32)
+    mag[:n] = np.abs(x)
+    with np.errstate(invalid="ignore"):
+        absmax = mag.reshape(nb, quant.BLOCK).max(axis=1).astype(np.float32)
+    with np.errstate(divide="ignore", invalid="ignore", over="ignore"):
+        efac = np.where(absmax >= t.tiny, t.top / absmax, np.float32(0)).astype(np.float32)
+        y = (x * efac[np.arange(n) // quant.BLOCK]).astype(np.float32)
+    mag_y = np.abs(y) if t.signmag else y
+    codes = np.searchsorted(t.thr, mag_y, side="left").astype(np.int64)
+    codes[np.isnan(y)] = 0
+    if t.signmag:
+        codes |= (y.view(np.uint32) >> 24).astype(np.int64) & 0x80
+    return codes.astype(np.uint8), absmax
+
+
+def dequantize(codes: Any, absmax: Any, fmt: str, quant_map: str) -> np.ndarray:
+    """The float32 values of ``codes`` (flattened) under the block scales ``absmax``."""
+    t = quant.table(fmt, quant_map)
+    c = np.asarray(codes).reshape(-1)
+    with np.errstate(invalid="ignore", over="ignore"):
+        f = (np.asarray(absmax, np.float32) / t.top).astype(np.float32)
+        return (t.dec[c] * f[np.arange(c.size) // quant.BLOCK]).astype(np.float32)
+
+
+def constant(value: float, fmt: str, quant_map: str) -> tuple[int, np.float32]:
+    """``(code, absmax)`` of a slot filled with ``value`` (its initial value)."""
+    c, a = quantize(np.full(1, value, np.float32), fmt, quant_map)
+    return int(c[0]), a[0]
+
+
+def check_pair(pair: Any, param: Any, role: str, who: str) -> list[tuple[str, Any, bool]]:
+    """A quantized slot given as ``(codes, absmax)``: codes uint8 shaped like the (checked)
+    param, absmax float32 of ``ceil(n / BLOCK)`` elements, both C-contiguous, writeable and
+    where the param is; returns their overlap entries."""
+    if not isinstance(pair, (tuple, list)) or len(pair) != 2:
+        raise TypeError(
+            f"{role} of {who} is a {type(pair).__name__}; a quantized slot is a pair "
+            "(codes, absmax): uint8 codes shaped like the param and float32 block scales"
+        )
+    codes, absmax = pair
+    n = int(np.prod(param.shape))
+    for part, a, dt, shape in (
+        ("codes", codes, np.uint8, tuple(param.shape)),
+        ("absmax", absmax, np.float32, (quant.nblocks(n),)),
+    ):
+        label = f"{role} {part}"
+        if not is_array(a):
+            raise TypeError(f"{label} of {who} is a {type(a).__name__}; expected an array")
+        if residence(a) != residence(param):
+            raise TypeError(f"{label} of {who} ({describe(a)}) is not where the param is")
+        if dtype_of(a) != dt or tuple(a.shape) != shape:
+            raise ValueError(
+                f"{label} of {who} is {describe(a)}; expected {np.dtype(dt).name}{list(shape)}"
+            )
+        check_writable(None, label, a, who)
+    return [(f"{role} codes of {who}", codes, True), (f"{role} absmax of {who}", absmax, True)]
+
+
+def full_precision_state(sd: dict[str, Any], rule: str, fmt: str) -> dict[str, Any]:
+    """A copy of state dict ``sd`` of an optimizer of ``rule`` with ``state_dtype=fmt`` whose
+    quantized slots are float32 arrays again (dequantized, shaped like their codes): what a
+    float32 optimizer, or torch, loads."""
+    from .kernels import RULES
+
+    maps = {s.name: s.quant_map for s in RULES[rule].slots if s.quantize}
+    state = {}
+    for name, st in sd["state"].items():
+        out = {}
+        for s, a in st.items():
+            base, part = split_name(s)
+            if part is None:
+                out[s] = a
+            elif part == CODES:
+                absmax = st[names_of(base)[1]]
+                out[base] = dequantize(a, absmax, fmt, maps[base]).reshape(np.shape(a))
+        state[name] = out
+    return dict(sd, state=state)
+
+
+def check_backend(be: Any, fmt: str | None) -> None:
+    """Quantized state on a backend that steps it (a backend module with ``QUANT_STATE``: the
+    numba CPU backend and the NumPy oracle); TypeError before anything is written otherwise."""
+    if fmt is not None and not getattr(be, "QUANT_STATE", False):
+        raise TypeError(
+            f"state_dtype={fmt!r}: backend {getattr(be, 'NAME', be)!r} does not step quantized "
+            "state yet (the numba and numpy backends do)"
+        )

@@ -1,0 +1,277 @@
+"""The CPU loop of a step with quantized state slots (``kernels/quant.py``).
+
+One loop per (rule, variant, slots present, quantized slots, storage format, parallel), generated
+as Python source like ``numba_codegen``'s and compiled once (cached on disk). It walks a table
+of blocks (``blocks[b] = (first, stop)`` element indices; block ``b``'s scale is ``absmax[b]``
+of every quantized slot), in chunks of ``CHUNK_BLOCKS`` blocks per thread (``prange`` from
+``numba_backend.PARALLEL_MIN`` elements). Per block, over views of the block's elements (so
+that every index is provably non-negative and the loops vectorise): each quantized slot is
+decoded into a per-thread scratch row (``dec(code) * (absmax / top)``: a lookup in a table
+frozen into the code for the int8 maps, arithmetic for float8, ``kernels.quant.CODECS``),
+the rule runs over plain arrays (the param and the float32 slots stored as the storage format
+says, the quantized slots' new values back into their rows), each row's absmax is taken (an
+integer maximum of bit patterns), and the row is encoded (``encode``: one lookup and one
+comparison for int8, arithmetic for float8) with its new absmax stored: one pass over memory.
+
+A quantized slot arrives as ``(codes, absmax)`` (a parameter's: its blocks start at 0, every
+``BLOCK`` elements) or ``(codes, absmax, blocks)`` (a ``FlatBuffer`` group's, whose blocks start
+at each parameter's offset). Unchecked, like ``numba_backend.prepare``: the callers validate
+lengths, dtypes and writability first.
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Iterable, Mapping, Sequence
+from typing import Any
+
+import numba
+import numpy as np
+from numba.extending import register_jitable
+
+from .._numba_cache import njit_cached
+from ..kernels import RULES, quant, storage
+from .numba_codegen import io_cells, jitable_rule
+from .protocol import Runner
+
+#: blocks per chunk of the loop (one scratch allocation per chunk)
+CHUNK_BLOCKS = 64
+
+for _fn in {f for pair in quant.CODECS.values() for f in pair} | {
+    quant.encode,
+    quant.encode_signmag,
+    quant._dynamic_value,
+    quant._linspace_at,
+    *quant.ARITHMETIC_DECODE.values(),
+}:
+    register_jitable(_fn)
+
+_compiled: dict[Any, Any] = {}
+
+
+def quant_loop_source(
+    nslots: int, writes: tuple[bool, ...], qslots: tuple[bool, ...], io: storage.IO
+) -> str:
+    """Python source of the factory of the loop over blocks (see the module docstring):
+    ``loop(p, g, s0.., a0.., d0.., d0b.., t0.., tops, luts, m, k, x, blocks)`` where ``s{j}``
+    is slot ``j``'s array (codes when ``qslots[j]``), ``a{j}`` its absmax, ``d{j}`` its value
+    table, ``d{j}b``/``t{j}`` its encoding lookup (``kernels.quant.Table``'s ``base``/``bthr``;
+    placeholders for a slot that is not quantized), ``tops`` the tables' largest values,
+    ``luts`` their ``(e_lo, e_hi, mb)`` (arguments, not constants of the source: the disk
+    cache tells loops apart by their code and cells), ``m`` the master copy (the param when
+    none)."""
+    q = [j for j in range(nslots) if qslots[j]]
+    row = {j: r for r, j in enumerate(q)}
+    args = ["p", "g"]
+    args += [f"s{j}" for j in range(nslots)]
+    args += [f"a{j}" for j in range(nslots)]
+    args += [f"d{j}" for j in range(nslots)]
+    args += [f"d{j}b" for j in range(nslots)]
+    args += [f"t{j}" for j in range(nslots)]
+    args += ["tops", "tinys", "luts", "m", "k", "x", "blocks"]
+    cells = ["lp", "lg", "ls", "sp", "sg", "ss"]
+    cells += [f"dec{j}" for j in range(nslots)] + [f"enc{j}" for j in range(nslots)]
+    L = [
+        f"def factory(elem, rng, {', '.join(cells)}):",
+        f"    def loop({', '.join(args)}):",
+        "        nb = blocks.shape[0]",
+        f"        for c in rng((nb + {CHUNK_BLOCKS - 1}) // {CHUNK_BLOCKS}):",
+        f"            buf = np.empty(({max(len(q), 1)}, {quant.BLOCK}), np.float32)",
+        f"            for b in range(c * {CHUNK_BLOCKS}, min(nb, (c + 1) * {CHUNK_BLOCKS})):",
+        "                lo = blocks[b, 0]",
+        "                hi = blocks[b, 1]",
+    ]
+    # rows of the scratch, one per quantized slot
+    L[5:5] = [f"            r{j} = buf[{row[j]}]" for j in q]
+    pad = " " * 16
+    # each block's arrays as views starting at 0: indices the loops can prove non-negative
+    # (no wraparound select), so they vectorise like the one-array loops
+    L.append(f"{pad}cnt = hi - lo")
+    L.append(f"{pad}pb = p[lo:hi]")
+    L.append(f"{pad}gb = g[lo:hi]")
+    if io.master:
+        L.append(f"{pad}mb_ = m[lo:hi]")
+    for j in range(nslots):
+        if writes[j]:
+            L.append(f"{pad}sb{j} = s{j}[lo:hi]")
+    for j in q:
+        # decoded first, in a loop of its own: the table lookups (gathers) stay out of the
+        # rule's loop, which reads and writes plain arrays
+        L += [
+            f"{pad}f{j} = a{j}[b] / tops[{j}]",
+            f"{pad}for i in range(cnt):",
+            f"{pad}    r{j}[i] = dec{j}(sb{j}[i], d{j}) * f{j}",
+        ]
+    L.append(f"{pad}for i in range(cnt):")
+    pad2 = pad + "    "
+    L.append(f"{pad2}pv = {'mb_[i]' if io.master else 'lp(pb[i])'}")
+    L.append(f"{pad2}gv = lg(gb[i]){' * x[0]' if io.scale else ''}")
+    if io.write_grad:
+        L.append(f"{pad2}gb[i] = sg(gv)")
+    for j in range(nslots):
+        if not writes[j]:
+            L.append(f"{pad2}v{j} = pv")
+        elif qslots[j]:
+            L.append(f"{pad2}v{j} = r{j}[i]")
+        else:
+            L.append(f"{pad2}v{j} = ls(sb{j}[i])")
+    outs = ", ".join(["pi"] + [f"o{j}" for j in range(nslots)])
+    L.append(
+        f"{pad2}{outs}{',' if nslots == 0 else ''} = elem("
+        f"pv, gv, {''.join(f'v{j}, ' for j in range(nslots))}k)"
+    )
+    if io.master:
+        L.append(f"{pad2}mb_[i] = pi")
+    L.append(f"{pad2}pb[i] = sp(pi, lo + i, x[1], x[2])")
+    for j in range(nslots):
+        if not writes[j]:
+            continue
+        if qslots[j]:
+            L.append(f"{pad2}r{j}[i] = o{j}")
+        else:
+            L.append(f"{pad2}sb{j}[i] = ss(o{j})")
+    for j in q:
+        # the absmax as an integer maximum of the magnitudes' bit patterns: the same order for
+        # non-negative floats, NaN above every number (so a NaN wins), and a reduction LLVM
+        # vectorises without fast-math
+        L += [
+            f"{pad}h{j} = 0",
+            f"{pad}for i in range(cnt):",
+            f"{pad}    h{j} = max(h{j}, f32_bits(r{j}[i]) & 0x7FFFFFFF)",
+            f"{pad}n{j} = bits_f32(h{j})",
+            f"{pad}a{j}[b] = n{j}",
+            f"{pad}e{j} = tops[{j}] / n{j} if n{j} >= tinys[{j}] else np.float32(0)",
+            f"{pad}for i in range(cnt):",
+            f"{pad}    sb{j}[i] = enc{j}(r{j}[i] * e{j}, d{j}b, t{j}, "
+            f"luts[{j}, 0], luts[{j}, 1], luts[{j}, 2])",
+        ]
+    L.append("    return loop")
+    return "\n".join(L) + "\n"
+
+
+def quant_kernel(
+    rule: str,
+    flags: Mapping[str, Any],
+    writes: tuple[bool, ...],
+    qslots: tuple[bool, ...],
+    codecs: tuple[str, ...],
+    io: storage.IO,
+    parallel: bool,
+) -> Any:
+    """The compiled loop (compiled, or loaded from the disk cache, once); ``codecs``: each
+    slot's table name (``kernels.quant.CODECS``: its decode and encode)."""
+    key = (rule, tuple(sorted(flags.items())), writes, qslots, codecs, io, parallel)
+    fn = _compiled.get(key)
+    if fn is None:
+        ns: dict[str, Any] = {
+            "__name__": __name__,
+            "np": np,
+            "f32_bits": storage.f32_bits,
+            "bits_f32": storage.bits_f32,
+        }
+        src = quant_loop_source(len(writes), writes, qslots, io)
+        exec(compile(src, __file__, "exec"), ns)
+        py = ns["factory"](
+            jitable_rule(RULES[rule].make_rule(**flags), False),
+            numba.prange if parallel else range,
+            *io_cells(io),
+            *[quant.CODECS[c][0] for c in codecs],
+            *[quant.CODECS[c][1] for c in codecs],
+        )
+        fn = _compiled[key] = njit_cached(parallel=parallel, nogil=True, error_model="numpy")(py)
+    return fn
+
+
+@functools.lru_cache(maxsize=256)
+def blocks_for(n: int) -> np.ndarray:
+    """The block table of one tensor of ``n`` elements: ``(first, stop)`` rows (read-only)."""
+    lo = np.arange(0, n, quant.BLOCK, dtype=np.int64)
+    out = np.stack([lo, np.minimum(lo + quant.BLOCK, n)], axis=1).reshape(-1, 2)
+    out.setflags(write=False)
+    return out
+
+
+def blocks_of_segments(segments: Iterable[tuple[int, int]]) -> np.ndarray:
+    """The block table of ``(offset, size)`` segments of one buffer (a ``FlatBuffer`` group's
+    parameters, in order): each segment's blocks start at its offset."""
+    parts = [blocks_for(size) + off for off, size in segments if size > 0]
+    if not parts:
+        return np.zeros((0, 2), np.int64)
+    return np.ascontiguousarray(np.concatenate(parts))
+
+
+def _bits(a: Any) -> Any:
+    return a.view(np.uint16) if a.dtype.itemsize == 2 else a
+
+
+def prepare_quant(
+    rule: str,
+    flags: Mapping[str, Any],
+    writes: Sequence[bool],
+    k: Sequence[Any],
+    io: storage.IO,
+    extras: tuple[Any, Any] | None,
+) -> Runner:
+    """``run(param, grad, states, master=None, salt=0)`` of one step over quantized state
+    (``io.quant``): a quantized slot's entry in ``states`` is ``(codes, absmax)`` or
+    ``(codes, absmax, blocks)``, any other present slot an array of ``io.state``."""
+    from .numba_backend import PARALLEL_MIN
+
+    spec = RULES[rule]
+    writes = tuple(writes)
+    qslots = tuple(bool(w and s.quantize) for s, w in zip(spec.slots, writes))
+    tabs = [quant.table(io.quant, s.quant_map) for s in spec.slots]
+    codecs = tuple(t.name for t in tabs)
+    ct = np.dtype(io.compute).type
+    kc = tuple(ct(v) for v in k)
+    inv_scale, key = extras if extras is not None else (1.0, 0)
+    tops = tuple(np.float32(t.top) for t in tabs)
+    tinys = tuple(t.tiny for t in tabs)
+    luts = np.array([(t.e_lo, t.e_hi, t.mb) for t in tabs], np.int64).reshape(-1, 3)
+    fns: list[Any] = [None, None]
+
+    def run(
+        param: Any, grad: Any, states: Sequence[Any], master: Any = None, salt: int = 0
+    ) -> None:
+        n = param.shape[0]
+        if n == 0:
+            return
+        p = _bits(param)
+        arrs, absm, blocks = [], [], None
+        for s, qd in zip(states, qslots):
+            if qd:
+                arrs.append(s[0].reshape(-1))
+                absm.append(s[1])
+                if len(s) > 2:
+                    blocks = s[2]
+            else:
+                arrs.append(p if s is None else _bits(s))
+                absm.append(tops_placeholder)
+        if blocks is None:
+            blocks = blocks_for(n)
+        par = n >= PARALLEL_MIN
+        fn = fns[par]
+        if fn is None:
+            fn = fns[par] = quant_kernel(rule, flags, writes, qslots, codecs, io, par)
+        fn(
+            p,
+            _bits(grad),
+            *arrs,
+            *absm,
+            *[t.dec for t in tabs],
+            *[t.base for t in tabs],
+            *[t.bthr for t in tabs],
+            tops,
+            tinys,
+            luts,
+            p if master is None else master,
+            kc,
+            (ct(inv_scale), np.int64(salt), np.int64(key)),
+            blocks,
+        )
+
+    return run
+
+
+#: the absmax argument of a slot that is not quantized (never read)
+tops_placeholder = np.zeros(1, np.float32)

@@ -1,0 +1,249 @@
+"""Quantized state on the Numba CPU backend, through ``fastopt.functional``:
+
+- bit for bit against its definition: the float32-state step of the same backend on the
+  dequantized state, then the oracle's quantization (``fastopt.quant_reference``): codes,
+  scales and params identical;
+- against the full oracle (``backend="numpy"``: the reference formulas on dequantized state,
+  then the oracle's quantization): params within float32 rounding, and a code different only
+  where the reference's float32 math rounds a value across a threshold (one code apart, a
+  small fraction of them).
+"""
+
+import numpy as np
+import pytest
+from fastopt.kernels import RULES, quant
+from support.matrix import RULE_FULL
+
+from fastopt import _quantized as Q
+from fastopt import functional as F
+from fastopt import precision
+from fastopt import quant_reference as qr
+
+N = 1000  # 3 full blocks and a short one
+STEPS = 3
+#: the rules every format runs by default; the rest under -m exhaustive (a cold numba cache
+#: compiles two loops per case)
+DEFAULT_RULES = ("adam", "lion")
+
+
+def _cases(default=None):
+    """(rule, format) cases: by default every rule in int8 and ``DEFAULT_RULES`` in every
+    format (``default``: only these rules); the rest under -m exhaustive."""
+    out = []
+    for rule in RULES:
+        for fmt in quant.FORMATS:
+            on = rule in DEFAULT_RULES or (fmt == "int8" and default is None)
+            marks = () if on else (pytest.mark.exhaustive,)
+            out.append(pytest.param(rule, fmt, id=f"{rule}-{fmt}", marks=marks))
+    return out
+
+
+def _initial(rule, hp, fmt, n, rng):
+    """Slot arrays for a run: quantized pairs (from random values, so that step 1 starts from
+    non-trivial state where the rule reads it) and float32 arrays; None where unused."""
+    spec = RULES[rule]
+    flags = spec.flags_of(hp, 1, spec.initial_host_state(hp))
+    out = {}
+    for s, used in zip(spec.slots, spec.slots_used(flags)):
+        if not used:
+            out[s.name] = None
+            continue
+        x = rng.standard_normal(n).astype(np.float32) * np.float32(0.1)
+        if s.even:
+            x = np.abs(x) + np.float32(spec.initial(s.name, hp))
+        if s.fresh:
+            x[:] = spec.initial(s.name, hp)
+        out[s.name] = Q.quantize(x, fmt, s.quant_map) if s.quantize else x
+    return out
+
+
+def _copy(state):
+    return {
+        k: None if v is None else (v[0].copy(), v[1].copy()) if isinstance(v, tuple) else v.copy()
+        for k, v in state.items()
+    }
+
+
+def _hs_kw(rule, hp, step):
+    spec = RULES[rule]
+    return {"host_state": spec.replay_host_state(hp, step)} if spec.host_state else {}
+
+
+@pytest.mark.parametrize(("rule", "fmt"), _cases(default=DEFAULT_RULES))
+def test_bit_exact_against_float32_state_then_oracle_quantization(rule, fmt):
+    spec, hp = RULES[rule], RULE_FULL[rule]
+    rng = np.random.default_rng(5)
+    p = rng.standard_normal(N).astype(np.float32)
+    st = _initial(rule, hp, fmt, N, rng)
+    for t in range(1, STEPS + 1):
+        g = rng.standard_normal(N).astype(np.float32)
+        # the definition: float32 state from the codes, the float32 step, then quantized
+        p32 = p.copy()
+        full = {}
+        for s in spec.slots:
+            a = st[s.name]
+            full[s.name] = (
+                qr.dequantize(a[0], a[1], fmt, s.quant_map)
+                if isinstance(a, tuple)
+                else None
+                if a is None
+                else a.copy()
+            )
+        F.run(rule, p32, g, full, step=t, hp=hp, backend="numba", **_hs_kw(rule, hp, t))
+        F.run(
+            rule, p, g, st, step=t, hp=hp, backend="numba", state_dtype=fmt, **_hs_kw(rule, hp, t)
+        )
+        assert np.array_equal(p, p32, equal_nan=True), t
+        for s in spec.slots:
+            a = st[s.name]
+            if isinstance(a, tuple):
+                codes, absmax = qr.quantize(full[s.name], fmt, s.quant_map)
+                # (centered RMSprop's v - grad_avg^2 can go negative once both are rounded
+                # apart: NaN, as torch's formula gives; the NaN blocks must match too)
+                assert np.array_equal(a[1], absmax, equal_nan=True), (t, s.name)
+                ok = ~np.isnan(absmax[np.arange(N) // quant.BLOCK])
+                assert np.array_equal(a[0][ok], codes[ok]), (t, s.name)
+            elif a is not None:
+                assert np.array_equal(a, full[s.name], equal_nan=True), (t, s.name)
+
+
+@pytest.mark.parametrize(("rule", "fmt"), _cases(default=DEFAULT_RULES))
+def test_against_the_oracle(rule, fmt):
+    spec, hp = RULES[rule], RULE_FULL[rule]
+    rng = np.random.default_rng(9)
+    p = rng.standard_normal(N).astype(np.float32)
+    st = _initial(rule, hp, fmt, N, rng)
+    p_o, st_o = p.copy(), _copy(st)
+    for t in range(1, STEPS + 1):
+        g = rng.standard_normal(N).astype(np.float32)
+        kw = dict(step=t, hp=hp, state_dtype=fmt, **_hs_kw(rule, hp, t))
+        F.run(rule, p, g, st, backend="numba", **kw)
+        kw = dict(step=t, hp=hp, state_dtype=fmt, **_hs_kw(rule, hp, t))
+        F.run(rule, p_o, g, st_o, backend="numpy", **kw)
+        np.testing.assert_allclose(p, p_o, rtol=2e-5, atol=2e-6)
+        for s in spec.slots:
+            a, b = st[s.name], st_o[s.name]
+            if isinstance(a, tuple):
+                np.testing.assert_allclose(a[1], b[1], rtol=1e-5)
+                d = a[0].astype(int) - b[0].astype(int)
+                if quant.table(fmt, s.quant_map).signmag:  # sign-magnitude: compare values
+                    va = Q.dequantize(a[0], a[1], fmt, s.quant_map)
+                    vb = Q.dequantize(b[0], b[1], fmt, s.quant_map)
+                    d = (va != vb).astype(int)
+                assert np.abs(d).max() <= 1 and np.count_nonzero(d) <= 0.01 * N, (t, s.name)
+                # keep the two runs on one trajectory: the next step starts from the same codes
+                b[0][...], b[1][...] = a[0], a[1]
+            elif a is not None:
+                np.testing.assert_allclose(a, b, rtol=2e-5, atol=1e-6)
+                b[...] = a
+        p_o[...] = p
+
+
+@pytest.mark.exhaustive  # the parallel loop's compile is most of a cold run's cost
+@pytest.mark.parametrize("fmt", quant.FORMATS)
+def test_bfloat16_params_and_parallel_loop(fmt):
+    """bfloat16 params (the param rounded from the float32 result, as for float32 state) and a
+    length that takes the parallel loop: bit for bit against float32 state then the oracle's
+    quantization."""
+    bf16 = precision.bfloat16()
+    hp = RULE_FULL["adam"]
+    n = 70_001
+    rng = np.random.default_rng(2)
+    for dt in (bf16, np.float32):
+        p = rng.standard_normal(n).astype(dt)
+        m = Q.quantize(rng.standard_normal(n).astype(np.float32) * 0.1, fmt, "signed")
+        v = Q.quantize(np.abs(rng.standard_normal(n)).astype(np.float32) * 0.01, fmt, "unsigned")
+        g = rng.standard_normal(n).astype(dt)
+        p32 = p.copy()
+        full = {
+            "exp_avg": qr.dequantize(*m, fmt, "signed"),
+            "exp_avg_sq": qr.dequantize(*v, fmt, "unsigned"),
+            "max_exp_avg_sq": None,
+        }
+        if hp["amsgrad"]:
+            mx = Q.quantize(
+                np.abs(rng.standard_normal(n)).astype(np.float32) * 0.02, fmt, "unsigned"
+            )
+            full["max_exp_avg_sq"] = qr.dequantize(*mx, fmt, "unsigned")
+        else:
+            mx = None
+        F.run("adam", p32, g, full, step=2, hp=hp, backend="numba")
+        F.run(
+            "adam",
+            p,
+            g,
+            {"exp_avg": m, "exp_avg_sq": v, "max_exp_avg_sq": mx},
+            step=2,
+            hp=hp,
+            backend="numba",
+            state_dtype=fmt,
+        )
+        assert np.array_equal(
+            p.view(np.uint16 if dt is bf16 else np.uint32),
+            p32.view(np.uint16 if dt is bf16 else np.uint32),
+        )
+        for name, pair, qm in (("exp_avg", m, "signed"), ("exp_avg_sq", v, "unsigned")):
+            c, a = qr.quantize(full[name], fmt, qm)
+            assert np.array_equal(pair[0], c) and np.array_equal(pair[1], a)
+
+
+def test_functional_refuses_before_writing():
+    rng = np.random.default_rng(0)
+    p = rng.standard_normal(300).astype(np.float32)
+    g = rng.standard_normal(300).astype(np.float32)
+    m = Q.quantize(np.zeros(300, np.float32), "int8", "signed")
+    v = Q.quantize(np.zeros(300, np.float32), "int8", "unsigned")
+    before = p.copy(), m[0].copy(), v[1].copy()
+    bad = [
+        ((m[0], m[1][:1]), v, ValueError),  # absmax too short
+        ((m[0].astype(np.int8), m[1]), v, ValueError),  # codes not uint8
+        (m[0], v, TypeError),  # not a pair
+        (m, (v[0], v[1].astype(np.float64)), ValueError),
+    ]
+    for mm, vv, exc in bad:
+        with pytest.raises(exc):
+            F.adam(p, g, mm, vv, step=1, state_dtype="int8", backend="numba")
+    with pytest.raises(ValueError, match="state_dtype"):
+        F.adam(p, g, m, v, step=1, state_dtype="int4", backend="numba")
+    with pytest.raises(ValueError):  # codes sharing memory with absmax's owner... or the param
+        F.adam(p, g, (p.view(np.uint8)[:300], m[1]), v, step=1, state_dtype="int8")
+    assert np.array_equal(p, before[0]) and np.array_equal(m[0], before[1])
+    assert np.array_equal(v[1], before[2])
+
+
+@pytest.mark.parametrize(
+    ("name", "how"),
+    [(n, "loops") for n in sorted(quant.CODECS)]
+    + [(n, "arithmetic") for n in sorted(quant.ARITHMETIC_DECODE)],
+)
+def test_compiled_decode_equals_the_table(name, how):
+    """Each decode as numba compiles it (the loops': a lookup for the dynamic maps, float8's
+    bit fields; and the dynamic maps' by arithmetic: their linspace means and decades) gives
+    the table's float32 of all 256 codes, bit for bit (NaN where the table has NaN), compiled
+    and as plain Python."""
+    import numba
+
+    import fastopt.backends.numba_quant  # noqa: F401  (registers the codec for numba)
+
+    dec = quant.CODECS[name][0] if how == "loops" else quant.ARITHMETIC_DECODE[name]
+    t = next(
+        quant.table(f, m)
+        for f in quant.FORMATS
+        for m in ("signed", "unsigned")
+        if quant.TABLES[(f, m)] == name
+    )
+
+    @numba.njit
+    def decode_all(codes, d):
+        out = np.empty(codes.size, np.float32)
+        for i in range(codes.size):
+            out[i] = dec(codes[i], d)
+        return out
+
+    codes = np.arange(256, dtype=np.uint8)
+    got = decode_all(codes, t.dec)
+    nan = np.isnan(t.dec)
+    assert np.array_equal(np.isnan(got), nan)
+    assert np.array_equal(got[~nan].view(np.uint32), t.dec[~nan].view(np.uint32))
+    py = np.array([dec(np.uint8(c), t.dec) for c in range(256)], np.float32)
+    assert np.array_equal(py[~nan].view(np.uint32), t.dec[~nan].view(np.uint32))
