@@ -367,8 +367,18 @@ def test_raw_kernels_use_16_byte_loads_and_no_float64_in_float(raw_compiled):
             # grad, each slot the variant reads) and one 16-byte store per written buffer
             read = 2 + len(slots_read(rule, flags))
             written = sum(w for _, w in arrays)
-            assert loads and loads % read == 0, f"{rule} {flags}: {loads} vector loads"
-            assert stores * read == loads * written, f"{rule} {flags}: {stores} stores"
+            if flags.get("select"):
+                # a device variant (``Rule.device_flags``) selects its term by a comparison of
+                # two scalars, one value for every element: NVRTC may unswitch the loop into
+                # one copy per term, and a slot only one term reads is loaded in that copy only
+                assert loads and stores, f"{rule} {flags}: {loads} loads, {stores} stores"
+                assert stores * (read - 1) <= loads * written <= stores * read, (
+                    f"{rule} {flags}: {loads} loads / {stores} stores, not {read - 1}..{read} "
+                    f"loads per {written} stores"
+                )
+            else:
+                assert loads and loads % read == 0, f"{rule} {flags}: {loads} vector loads"
+                assert stores * read == loads * written, f"{rule} {flags}: {stores} stores"
         else:
             assert loads == stores == 0, f"{rule} {flags}: vector access in the scalar form"
         if ctype == "float":

@@ -253,8 +253,37 @@ def test_cases_reach_every_variant(harness):
                 **hp,
                 **extra,
             )
+    _device_variants_equal_the_host_variants(be, rng)
     missing = [VARIANTS[i] for i in range(len(VARIANTS)) if i not in be.seen]
     assert not missing, f"variants never exercised: {missing}"
+
+
+def _device_variants_equal_the_host_variants(be, rng):
+    """A rule's device variant (``Rule.device_flags``: every term, selected per step by its
+    scalars, which only a device's recorded scalar program launches) is driven here directly:
+    at each step of each case, its compiled body with that step's host scalars gives the host
+    variant's bits, params and every state buffer, in float32 and float64."""
+    for rule, hp in CASES:
+        spec = RULES[rule]
+        if spec.device_flags is None:
+            continue
+        hp = spec.validate({**spec.defaults, **hp})
+        dev = spec.device_flags(hp)
+        hs = spec.initial_host_state(hp) if spec.host_state else None
+        for dtype in (np.float32, np.float64):
+            p = rng.standard_normal(N).astype(dtype)
+            st = [a.astype(dtype) for a in _initial_state(rule, rng).values()]
+            for t in range(1, STEPS + 1):
+                flags, k = spec.variant_and_scalars(hp, t, hs)
+                g = rng.standard_normal(N).astype(dtype)
+                host_p, host_st = p.copy(), [a.copy() for a in st]
+                be.launch(rule, flags, host_p, g, host_st, k)
+                be.launch(rule, dev, p, g, st, k)
+                assert p.tobytes() == host_p.tobytes(), (rule, hp, t, "param")
+                for name, a, b in zip(spec.state, st, host_st):
+                    assert a.tobytes() == b.tobytes(), (rule, hp, t, name)
+                if spec.host_state:
+                    hs = spec.advance_host_state(hp, t, hs)
 
 
 def test_first_sgd_momentum_step_ignores_dampening(harness):
