@@ -54,6 +54,16 @@ def _initial(rule, hp, fmt, n, rng):
         if s.fresh:
             x[:] = spec.initial(s.name, hp)
         out[s.name] = Q.quantize(x, fmt, s.quant_map) if s.quantize else x
+    if out.get("grad_avg") is not None:
+        # centered RMSprop takes sqrt(v - ga²): keep v above ga² (decoded) by a margin wider than
+        # the coarsest code's rounding, or a NaN makes its block's absmax, and so the whole
+        # block, NaN on both sides and the comparison proves nothing
+        ga = out["grad_avg"]
+        gm = spec.slot("grad_avg").quant_map
+        ga = Q.dequantize(ga[0], ga[1], fmt, gm) if isinstance(ga, tuple) else ga
+        v = ga * ga + np.float32(0.05) + np.abs(rng.standard_normal(n).astype(np.float32)) * 0.1
+        sq = spec.slot("square_avg")
+        out["square_avg"] = Q.quantize(v, fmt, sq.quant_map) if sq.quantize else v
     return out
 
 
