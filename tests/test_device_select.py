@@ -26,6 +26,7 @@ import types
 import numpy as np
 import pytest
 from fastopt.kernels import RULES, device_scalars, storage
+from support.host_reads import no_host_reads
 
 RULES_WITH_DEVICE_FLAGS = [n for n, r in RULES.items() if r.device_flags is not None]
 
@@ -107,31 +108,6 @@ def test_device_variant_equals_the_host_variant_of_each_step(rule):
 
 
 # -- fastopt.torch ------------------------------------------------------------------------------
-@contextlib.contextmanager
-def _no_host_reads(torch, tensors):
-    ids = {id(t) for t in tensors}
-    names = ("item", "__float__", "__int__", "__bool__", "__index__", "tolist")
-    saved = {n: getattr(torch.Tensor, n) for n in names}
-
-    def guard(name):
-        orig = saved[name]
-
-        def f(self, *a, **k):
-            if id(self) in ids:
-                raise AssertionError(f"host read: {name} of a watched tensor")
-            return orig(self, *a, **k)
-
-        return f
-
-    for n in names:
-        setattr(torch.Tensor, n, guard(n))
-    try:
-        yield
-    finally:
-        for n, f in saved.items():
-            setattr(torch.Tensor, n, f)
-
-
 TORCH_CASES = [
     # rho_t passes 5 at step 6 with beta2 = 0.95
     ("RAdam", dict(lr=1e-2, betas=(0.8, 0.95), weight_decay=0.1)),
@@ -168,7 +144,7 @@ def test_torch_rule_on_the_device_path(monkeypatch, name, kw, capturable):
         watched = [scale, found]
         if step > 1:  # the step counts
             watched += [t for p in ps for t in ours.state[p].values() if t.dim() == 0]
-        with _no_host_reads(torch, watched) if step > 1 else contextlib.nullcontext():
+        with no_host_reads(watched) if step > 1 else contextlib.nullcontext():
             ours.step(grad_scale=scale, found_inf=found)
         if step != 4:
             ref.step()

@@ -18,6 +18,7 @@ from __future__ import annotations
 import contextlib
 
 import pytest
+from support.host_reads import no_host_reads
 
 torch = pytest.importorskip("torch")
 pytestmark = pytest.mark.torch
@@ -44,32 +45,6 @@ def _numba(device):
 def _grads(params, seed, scale=1.0):
     gen = torch.Generator().manual_seed(seed)
     return [(torch.randn(p.shape, generator=gen) * scale).to(p.dtype) for p in params]
-
-
-@contextlib.contextmanager
-def _no_host_reads(tensors):
-    """``.item()``, ``float()``, ``bool()``, ... of any of ``tensors`` raise."""
-    ids = {id(t) for t in tensors}
-    names = ("item", "__float__", "__int__", "__bool__", "__index__", "tolist")
-    saved = {n: getattr(torch.Tensor, n) for n in names}
-
-    def guard(name):
-        orig = saved[name]
-
-        def f(self, *a, **k):
-            if id(self) in ids:
-                raise AssertionError(f"host read: {name} of a watched tensor")
-            return orig(self, *a, **k)
-
-        return f
-
-    for n in names:
-        setattr(torch.Tensor, n, guard(n))
-    try:
-        yield
-    finally:
-        for n, f in saved.items():
-            setattr(torch.Tensor, n, f)
 
 
 def _mixed():
@@ -121,7 +96,7 @@ def test_mixed_group_steady_steps_on_the_device_path(fake, capturable):
         watched = [scale, found]
         if step > 2:
             watched += [ours.state[p]["step"] for p in ps]
-        with _no_host_reads(watched) if step > 2 else contextlib.nullcontext():
+        with no_host_reads(watched) if step > 2 else contextlib.nullcontext():
             ours.step(grad_scale=scale, found_inf=found)
         if step > 2:
             assert isinstance(ours._steady[0], SteadyParts)
@@ -210,7 +185,7 @@ def test_capturable_without_a_torch_counterpart(fake, name, kw):
         watched = [scale, found]
         if step > 1:
             watched += [t for p in ps for t in ours.state[p].values() if t.dim() == 0]
-        with _no_host_reads(watched) if step > 1 else contextlib.nullcontext():
+        with no_host_reads(watched) if step > 1 else contextlib.nullcontext():
             ours.step(grad_scale=scale, found_inf=found)
         if step != 3:
             ref.step()

@@ -17,6 +17,7 @@ from __future__ import annotations
 import contextlib
 
 import pytest
+from support.host_reads import no_host_reads
 
 torch = pytest.importorskip("torch")
 pytestmark = pytest.mark.torch
@@ -138,33 +139,6 @@ def test_grad_scaler_on_the_table_path_of_a_rule_the_device_cannot_plan(fake):
 
 
 # -- capturable: nothing read on the host --------------------------------------------------------
-@contextlib.contextmanager
-def _no_host_reads(tensors):
-    """``.item()``, ``float()``, ``int()``, ``bool()``, ``.tolist()`` of any of ``tensors``
-    raise (a host synchronisation on a GPU)."""
-    ids = {id(t) for t in tensors}
-    names = ("item", "__float__", "__int__", "__bool__", "__index__", "tolist")
-    saved = {n: getattr(torch.Tensor, n) for n in names}
-
-    def guard(name):
-        orig = saved[name]
-
-        def f(self, *a, **k):
-            if id(self) in ids:
-                raise AssertionError(f"host read: {name} of a device tensor")
-            return orig(self, *a, **k)
-
-        return f
-
-    for n in names:
-        setattr(torch.Tensor, n, guard(n))
-    try:
-        yield
-    finally:
-        for n, f in saved.items():
-            setattr(torch.Tensor, n, f)
-
-
 @pytest.mark.parametrize("capturable", [False, True])
 @pytest.mark.parametrize("amsgrad", [False, True])
 def test_device_step_reads_nothing_on_the_host_and_matches_torch_fused(fake, amsgrad, capturable):
@@ -192,7 +166,7 @@ def test_device_step_reads_nothing_on_the_host_and_matches_torch_fused(fake, ams
         watched = [scale, found, ours.param_groups[0]["lr"]]
         if step > 1:
             watched += [ours.state[p]["step"] for p in ps]
-        with _no_host_reads(watched) if step > 1 else contextlib.nullcontext():
+        with no_host_reads(watched) if step > 1 else contextlib.nullcontext():
             ours.step(grad_scale=scale, found_inf=found)
         assert len(fake.launches) == 1 and fake.scalar_runs == 1
         assert len(fake.tables) == (1 if step == 1 else 0)
@@ -260,7 +234,7 @@ def test_capturable_rules_with_a_device_loss_scale_match_torch(fake, name, kw):
         watched = [scale, found]
         if step > 1:
             watched += [t for p in ps for t in ours.state[p].values() if t.dim() == 0]
-        with _no_host_reads(watched) if step > 1 else contextlib.nullcontext():
+        with no_host_reads(watched) if step > 1 else contextlib.nullcontext():
             ours.step(grad_scale=scale, found_inf=found)
         assert len(fake.launches) == 1 and len(fake.tables) == (1 if step == 1 else 0)
         # float32 rounding: fastopt's fused element body against torch's op-by-op steps
