@@ -31,15 +31,7 @@ from fastopt.torch._steady import Steady, SteadyParts  # noqa: E402
 
 @pytest.fixture
 def fake(monkeypatch):
-    monkeypatch.setattr(fot.FusedOptimizer, "_backend_module", lambda self, device: fake_table)
-    fake_table.calls.clear()
-    return fake_table.calls
-
-
-def _numba(device):
-    from fastopt.backends import get_backend
-
-    return get_backend("numba")
+    return fake_table.use_fake(monkeypatch)
 
 
 def _grads(params, seed, scale=1.0):
@@ -175,7 +167,7 @@ def test_capturable_without_a_torch_counterpart(fake, name, kw):
     ours = getattr(fot, name)(ps, capturable=True, **kw)
     assert ours.param_groups[0]["capturable"] is True
     ref = getattr(fot, name)(qs, **kw)
-    ref._backend_module = _numba
+    ref._backend_module = fake_table.cpu_path
     scale = torch.tensor(32.0)
     for step in range(1, 6):
         found = torch.tensor(1.0 if step == 3 else 0.0)

@@ -32,15 +32,7 @@ SIZES = (0, 1, 7, 130, 4099)
 @pytest.fixture
 def fake(monkeypatch):
     """Every device steps through the fake GPU backend."""
-    monkeypatch.setattr(fot.FusedOptimizer, "_backend_module", lambda self, device: fake_table)
-    fake_table.calls.clear()
-    return fake_table.calls
-
-
-def _numba(device):
-    from fastopt.backends import get_backend
-
-    return get_backend("numba")
+    return fake_table.use_fake(monkeypatch)
 
 
 def _params(dtype, sizes=SIZES, seed=0):
@@ -81,7 +73,7 @@ def test_one_table_launch_per_group_and_plan_reused_by_the_steady_step(fake):
     kw = dict(lr=1e-2, weight_decay=0.1, master_weights=True)
     ours = fot.AdamW([{"params": g} for g in groups], **kw)
     ref = fot.AdamW([{"params": g} for g in twins], **kw)
-    ref._backend_module = _numba  # the reference: the real CPU path
+    ref._backend_module = fake_table.cpu_path  # the reference: the real CPU path
     flat_ours = [p for g in groups for p in g]
     flat_ref = [p for g in twins for p in g]
     for step in range(1, 6):
@@ -123,7 +115,7 @@ def test_grad_scaler_on_the_table_path_of_a_rule_the_device_cannot_plan(fake):
     qs = [torch.nn.Parameter(p.detach().clone()) for p in ps]
     ours = fot.ASGD(ps, lr=1e-2, t0=0.0, master_weights=True)
     ref = fot.ASGD(qs, lr=1e-2, t0=0.0, master_weights=True)
-    ref._backend_module = _numba
+    ref._backend_module = fake_table.cpu_path
     for step in range(1, 6):
         found = torch.tensor(1.0 if step == 2 else 0.0)
         for p, q, g in zip(ps, qs, _grads(ps, step, 256.0)):
@@ -330,7 +322,7 @@ def test_max_grad_norm_on_the_device_path_equals_the_cpu_path(fake):
         qs = [torch.nn.Parameter(p.detach().clone()) for p in ps]
         ours = fot.Adam(ps, lr=1e-2, max_grad_norm=2.0, capturable=capturable)
         ref = fot.Adam(qs, lr=1e-2, max_grad_norm=2.0)
-        ref._backend_module = _numba
+        ref._backend_module = fake_table.cpu_path
         for step in range(1, 5):
             gs = _grads(ps, step, (0.01, 1.0, 3.0, 0.5)[step - 1])
             for p, q, g in zip(ps, qs, gs):

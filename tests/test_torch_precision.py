@@ -156,15 +156,7 @@ def test_stochastic_rounding_index_counts_from_each_tensor_start():
 
 @pytest.fixture
 def fake(monkeypatch):
-    monkeypatch.setattr(fot.FusedOptimizer, "_backend_module", lambda self, device: fake_table)
-    fake_table.calls.clear()
-    return fake_table.calls
-
-
-def _numba(device):
-    from fastopt.backends import get_backend
-
-    return get_backend("numba")
+    return fake_table.use_fake(monkeypatch)
 
 
 @pytest.mark.parametrize("capturable", [False, True])
@@ -183,7 +175,7 @@ def test_device_path_equals_the_cpu_path(fake, dtype, state_dtype, sr, capturabl
     kw = dict(lr=1e-2, weight_decay=0.1, state_dtype=state_dtype, stochastic_rounding=sr, seed=9)
     ours = fot.AdamW(ps, capturable=capturable, **kw)
     ref = fot.AdamW(qs, **kw)
-    ref._backend_module = _numba
+    ref._backend_module = fake_table.cpu_path
     for t in range(1, 6):
         for p, q, g in zip(ps, qs, _grads(ps, t)):
             p.grad, q.grad = g.clone(), g.clone()
@@ -298,7 +290,7 @@ def test_sgd_rounding_key_follows_the_steps_on_both_paths(fake):
     qs = [torch.nn.Parameter(p.detach().clone()) for p in ps]
     kw = dict(lr=0.3, momentum=0.9, stochastic_rounding=True, seed=2)
     ours, ref = fot.SGD(ps, **kw), fot.SGD(qs, **kw)
-    ref._backend_module = _numba
+    ref._backend_module = fake_table.cpu_path
     keys = []
     for t in range(1, 5):
         for p, q, g in zip(ps, qs, _grads(ps, t)):

@@ -166,3 +166,22 @@ def scalar_kernel(program: Any) -> Any:
         fn(ctl, k32, k64, keyp, _read(fi), seed)
 
     return run
+
+
+def use_fake(monkeypatch: Any) -> Recorder:
+    """Every device of ``fastopt.torch`` steps through this fake GPU backend (undone with
+    ``monkeypatch``); the call log, cleared, is returned."""
+    import sys
+
+    import fastopt.torch as fot
+
+    me = sys.modules[__name__]
+    monkeypatch.setattr(fot.FusedOptimizer, "_backend_module", lambda self, device: me)
+    calls.clear()
+    return calls
+
+
+def cpu_path(device: Any) -> Any:
+    """A ``_backend_module`` for a reference optimizer: the real CPU path (numba) on any
+    device."""
+    return numba_backend
