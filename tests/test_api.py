@@ -9,6 +9,7 @@ import sys
 import numpy as np
 import pytest
 from conftest import backend_params
+from support.cover import marks
 from support.matrix import FULL, config_id
 from support.oracle import (
     TORCH_DEFAULTS,
@@ -54,7 +55,15 @@ def _make(name, kwargs, backend):
 
 
 @pytest.mark.parametrize(
-    "dtypes", [(np.float32,), (np.float64,), (np.float32, np.float64)], ids=["f32", "f64", "mixed"]
+    "dtypes",
+    [
+        pytest.param((np.float32,), id="f32"),
+        # the packed float64 buffer reaches the float64 build of the parallel loop, the same loop
+        # as the float32 one at another width (test_parity keeps the parallel loop at float32);
+        # "mixed" keeps a float64 group beside a float32 one, on the serial float64 loop
+        pytest.param((np.float64,), id="f64", marks=marks(False)),
+        pytest.param((np.float32, np.float64), id="mixed"),
+    ],
 )
 @pytest.mark.parametrize("backend", backend_params())
 @pytest.mark.parametrize("cfg", FULL, ids=FULL_IDS)

@@ -123,7 +123,7 @@ def harness(tmp_path_factory):
         cmd = [
             GXX,
             "-std=c++17",
-            "-O1",
+            "-O0",
             "-shared",
             "-fPIC",
             "-ffp-contract=off",

@@ -154,7 +154,7 @@ def _build(tmp_path_factory, cases):
     (out / "variants.inc").write_text("\n")
     (out / "mixed.inc").write_text("\n\n".join(code) + "\n")
     so = out / "mixed.so"
-    cmd = [GXX, "-std=c++17", "-O1", "-shared", "-fPIC", "-ffp-contract=off", "-Wall", "-Werror"]
+    cmd = [GXX, "-std=c++17", "-O0", "-shared", "-fPIC", "-ffp-contract=off", "-Wall", "-Werror"]
     cmd += [
         "-DFASTOPT_T=float",
         '-DFASTOPT_RAW="mixed.inc"',
@@ -475,7 +475,7 @@ def test_scalar_kernel_in_c_computes_the_host_scalars(tmp_path):
     (out / "variants.inc").write_text("\n")
     (out / "scalars.inc").write_text("\n\n".join(code) + "\n")
     so = out / "scalars.so"
-    cmd = [GXX, "-std=c++17", "-O1", "-shared", "-fPIC", "-ffp-contract=off", "-Wall", "-Werror"]
+    cmd = [GXX, "-std=c++17", "-O0", "-shared", "-fPIC", "-ffp-contract=off", "-Wall", "-Werror"]
     cmd += ["-Wno-unused-variable", "-DFASTOPT_T=float", '-DFASTOPT_RAW="scalars.inc"']
     cmd += [f"-I{out}", str(HARNESS), "-o", str(so)]
     res = subprocess.run(cmd, capture_output=True, text=True, check=False)
