@@ -19,6 +19,15 @@ Test groups (markers declared in ``pyproject.toml``; README, "Two commands"):
   keeps (``support.cover``); deselected by default, run by ``pytest -m exhaustive``.
 - ``gpu``: the test needs a real GPU; where its skip is decided at collection (no GPU usable) it
   is deselected instead, not skipped test by test.
+- ``gpu_proofs``: the GPU kernels proved on the CPU (``GPU_PROOFS``: NVRTC and NVVM compile
+  checks, the g++ harness of the CUDA C bodies, the numba-cuda simulator; the ``cuda13`` extra
+  brings the compilers). Deselected by default (``pyproject.toml``), run by
+  ``pytest -m gpu_proofs``: these compiles are most of the suite's time, so the README's test
+  command leaves them to a group of their own, which CI runs in its own step.
+
+A test of a sweep's ``exhaustive`` cases runs only when ``-m`` names ``exhaustive`` (or ``gpu``:
+the device run keeps every case): ``-m torch`` or ``-m gpu_proofs`` selects the group's default
+cases, not its sweeps.
 
 Under pytest-xdist (``-n``, no ``--dist``) the tests go to the workers in units
 (``pytest_xdist_make_scheduler``): each module of ``ONE_WORKER`` whole (each compiles all its
@@ -142,6 +151,38 @@ def _needs_torch(item):
     return fn is not None and _imports_torch(fn)
 
 
+#: modules that prove the GPU kernels on the CPU, every test of them in the ``gpu_proofs`` group
+#: (tests elsewhere that need the CUDA compilers or the simulator carry the marker themselves)
+GPU_PROOFS = (
+    "test_cuda_compile",
+    "test_numba_cuda_compile",
+    "test_cuda_harness",
+    "test_cuda_mixed",
+    "test_cudasim",
+    "test_multi_tensor_cuda",
+)
+
+
+def _selects_gpu_proofs(config):
+    """Could ``-m`` select a test of ``GPU_PROOFS`` (marked ``gpu_proofs``, and perhaps
+    ``exhaustive`` or ``torch``)? If not, those modules are not even imported: their imports
+    (CuPy, NVRTC) would otherwise turn into module skips in a run without the cuda13 extra."""
+    from _pytest.mark.expression import Expression
+
+    markexpr = config.getoption("markexpr") or ""
+    if not markexpr:
+        return True
+    expr = Expression.compile(markexpr)
+    extra = ({"exhaustive"}, {"torch"}, {"exhaustive", "torch"}, set())
+    return any(expr.evaluate(lambda name, m=m: name in {"gpu_proofs", *m}) for m in extra)
+
+
+def pytest_ignore_collect(collection_path, config):
+    if collection_path.stem in GPU_PROOFS and not _selects_gpu_proofs(config):
+        return True
+    return None
+
+
 #: modules that compile every kernel they check at once, for all their tests (NVRTC, NVVM, g++):
 #: under pytest-xdist each runs whole on one worker, so that one worker compiles, not each
 ONE_WORKER = (
@@ -209,16 +250,27 @@ def _skipped_here(item):
 
 @pytest.hookimpl(tryfirst=True)  # before -m selects by the markers
 def pytest_collection_modifyitems(config, items):
-    """Tests that import torch get the ``torch`` marker. Tests marked ``distributed`` (process
-    groups spawned on the CPU, tens of seconds) run only when ``-m`` names them:
-    ``python -m pytest -q -m distributed``."""
-    distributed = "distributed" in (config.getoption("markexpr") or "")
+    """Tests that import torch get the ``torch`` marker, the tests of ``GPU_PROOFS`` the
+    ``gpu_proofs`` marker. Tests marked ``distributed`` (process groups spawned on the CPU, tens
+    of seconds) run only when ``-m`` names them: ``python -m pytest -q -m distributed``; the
+    ``exhaustive`` cases only when ``-m`` names ``exhaustive``."""
+    markexpr = config.getoption("markexpr") or ""
+    distributed = "distributed" in markexpr
     skip = pytest.mark.skip(reason="distributed: run with -m distributed")
     for item in items:
         if _needs_torch(item):
             item.add_marker(pytest.mark.torch)
+        if Path(str(item.fspath)).stem in GPU_PROOFS:
+            item.add_marker(pytest.mark.gpu_proofs)
         if not distributed and "distributed" in item.keywords:
             item.add_marker(skip)
+    # a group's sweeps run only when -m names them (the device run, -m gpu, keeps every case)
+    if not {"exhaustive", "gpu"} & set(re.findall(r"\w+", markexpr)):
+        sweeps = [item for item in items if item.get_closest_marker("exhaustive")]
+        if sweeps:
+            config.hook.pytest_deselected(items=sweeps)
+            left = set(map(id, sweeps))
+            items[:] = [item for item in items if id(item) not in left]
     # GPU tests that cannot run here are left out rather than skipped one by one (thousands of
     # parity cases: their reports alone cost more than many real tests)
     idle = [item for item in items if item.get_closest_marker("gpu") and _skipped_here(item)]
@@ -228,10 +280,26 @@ def pytest_collection_modifyitems(config, items):
         items[:] = [item for item in items if id(item) not in left]
 
 
+#: what a skip for want of the cuda13 extra's packages says (``importorskip`` or the tests' own)
+_CUDA_TOOLS = re.compile(r"cupy|numba.cuda|numba_cuda|cuda\.bindings|simulator|nvrtc|nvvm", re.I)
+
+
 @pytest.hookimpl(hookwrapper=True)
 def pytest_runtest_makereport(item, call):
     outcome = yield
     report = outcome.get_result()
+    if (
+        report.skipped
+        and call.excinfo is not None
+        and _CUDA_TOOLS.search(str(call.excinfo.value))
+        and item.get_closest_marker("gpu_proofs") is None
+        and item.get_closest_marker("gpu") is None
+    ):
+        report.outcome = "failed"
+        report.longrepr = (
+            f"{item.nodeid} skips without the CUDA compilers or the simulator but does not carry "
+            "the gpu_proofs marker, so no CI step would run it: mark it (tests/conftest.py)"
+        )
     if (
         report.skipped
         and call.excinfo is not None

@@ -354,6 +354,7 @@ print("sim-ok")
 """
 
 
+@pytest.mark.gpu_proofs  # needs the cuda13 extra
 def test_numba_cuda_ceiling_kernels_in_simulator():
     """The Numba CUDA ceiling kernels' indexing, under the CUDA simulator (no GPU needed)."""
     pytest.importorskip("numba.cuda")
@@ -590,6 +591,7 @@ def test_same_traffic_kernel_through_gxx():
     assert not np.array_equal(arrays[0][:4], want[0][:4] - want[0][:4])  # changed at all
 
 
+@pytest.mark.gpu_proofs  # needs the cuda13 extra
 def test_same_traffic_kernel_compiles_with_16_byte_accesses():
     """NVRTC compiles the same-traffic kernel for sm_90 with 16-byte loads and stores only
     (``ld.global.v4`` / ``st.global.v4``): the access width of the optimizers' vector kernels."""

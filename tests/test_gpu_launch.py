@@ -340,6 +340,7 @@ def test_numba_cuda_refuses_host_arrays_with_a_clear_message(ncb):
 # -- the CuPy backend's fixed launch: the argument block cuLaunchKernel reads --------------------
 
 
+@pytest.mark.gpu_proofs  # needs the cuda13 extra
 @pytest.mark.parametrize("dtype,ctype", [(np.float32, "c_float"), (np.float64, "c_double")])
 def test_cupy_fixed_launch_argument_block(monkeypatch, dtype, ctype):
     """Every kernel argument is read back through the pointer the fixed launch hands the driver: the
@@ -390,6 +391,7 @@ def test_cupy_fixed_launch_argument_block(monkeypatch, dtype, ctype):
         assert scalars == [float(dtype(x)) for x in k]  # one rounding, to the buffer dtype
 
 
+@pytest.mark.gpu_proofs  # needs the cuda13 extra
 def test_cupy_fixed_launch_refuses_a_failed_launch(monkeypatch):
     cb = pytest.importorskip("fastopt.backends.cupy_backend")
     if cb.cupy is None:

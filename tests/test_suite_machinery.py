@@ -7,7 +7,8 @@ import subprocess
 import sys
 from pathlib import Path
 
-from conftest import ONE_WORKER
+import pytest
+from conftest import _CUDA_TOOLS, GPU_PROOFS, ONE_WORKER, _selects_gpu_proofs
 from support.cover import pairwise, pairwise_by
 
 HERE = Path(__file__).resolve().parent
@@ -44,6 +45,44 @@ def test_pairwise_by_covers_each_group_on_its_own():
 
 def test_one_worker_modules_exist():
     assert all((HERE / f"{name}.py").is_file() for name in ONE_WORKER)
+    assert all((HERE / f"{name}.py").is_file() for name in GPU_PROOFS)
+    assert set(ONE_WORKER) <= set(GPU_PROOFS)  # the compile checks are GPU proofs
+
+
+class _Config:
+    def __init__(self, markexpr):
+        self.markexpr = markexpr
+
+    def getoption(self, name):
+        assert name == "markexpr"
+        return self.markexpr
+
+
+@pytest.mark.parametrize(
+    "markexpr, imported",
+    [
+        ("not exhaustive and not gpu_proofs", False),  # the README's command (pyproject addopts)
+        ("gpu_proofs", True),
+        ("exhaustive", True),
+        ("torch and not exhaustive", True),  # the simulator's run of fastopt.torch's GPU path
+        ("gpu", False),  # the device run
+        ("distributed", False),
+        ("", True),
+    ],
+)
+def test_gpu_proof_modules_are_imported_only_when_selectable(markexpr, imported):
+    assert _selects_gpu_proofs(_Config(markexpr)) is imported
+
+
+def test_a_skip_for_want_of_the_cuda_tools_is_recognised():
+    for reason in (
+        "could not import 'cupy': No module named 'cupy'",
+        "could not import 'cuda.bindings.nvrtc': No module named 'cuda'",
+        "no Numba CUDA simulator: pip install numba-cuda",
+        "CuPy is not installed",
+    ):
+        assert _CUDA_TOOLS.search(reason), reason
+    assert not _CUDA_TOOLS.search("could not import 'torch': No module named 'torch'")
 
 
 _SAVER = r"""

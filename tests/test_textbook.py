@@ -606,6 +606,7 @@ print("ok", flush=True)
 """
 
 
+@pytest.mark.gpu_proofs  # needs the cuda13 extra
 def test_device_kernels_equal_the_host_under_the_simulator():
     import importlib.util
 
