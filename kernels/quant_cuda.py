@@ -197,7 +197,10 @@ def quant_source(rule: str, flags: Mapping[str, bool], io: IO, name: str | None 
             f"            {s}_absmax[b] = n{j}_;",
             "        }",
         ]
-    out += ["        __syncthreads();  // qred_ is read by every thread before it is reused", "    }"]
+    out += [
+        "        __syncthreads();  // qred_ is read by every thread before it is reused",
+        "    }",
+    ]
     out.append("}")
     head = "typedef float C;\n"
     return (

@@ -100,9 +100,7 @@ def _step(rule, hp, fmt, p, g, st, t):
     bufs = [named[a] for a, _, _ in arrays]
     assert all(b is not None for b in bufs)
     ptrs = (ctypes.c_void_p * len(bufs))(*[b.ctypes.data for b in bufs])
-    qmaps = tuple(
-        s.quant_map for s, q in zip(spec.slots, quant_cuda.qslots(rule, flags)) if q
-    )
+    qmaps = tuple(s.quant_map for s, q in zip(spec.slots, quant_cuda.qslots(rule, flags)) if q)
     qtab = quant_cuda.tables(fmt, qmaps)
     blocks = qc.block_table()
     ks = np.array(k, np.float64)

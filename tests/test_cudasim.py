@@ -31,9 +31,7 @@ def _has_simulator():
     )
 
 
-def _run_child(
-    select, files=("cudasim_parity.py", "cudasim_multi_tensor.py", "cudasim_quant.py")
-):
+def _run_child(select, files=("cudasim_parity.py", "cudasim_multi_tensor.py", "cudasim_quant.py")):
     """``tests/cudasim_parity.py`` in a child pytest under the simulator, its cases chosen by
     the marker expression ``select``; it must pass and run cases, skipping none."""
     env = dict(os.environ, NUMBA_ENABLE_CUDASIM="1")

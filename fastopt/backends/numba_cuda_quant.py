@@ -27,7 +27,14 @@ from ..kernels.storage import bits_f32, f32_bits
 from . import _launch
 from . import numba_cuda_backend as ncb
 
-__all__ = ["kernel", "launch_quant", "python_kernel", "q_encode", "quant_kernel_source", "signature"]
+__all__ = [
+    "kernel",
+    "launch_quant",
+    "python_kernel",
+    "q_encode",
+    "quant_kernel_source",
+    "signature",
+]
 
 
 def q_encode(y: Any, thr: Any, r: Any, signmag: Any) -> Any:
@@ -77,7 +84,10 @@ def quant_kernel_source(
         "        t = cuda.threadIdx.x",
     ]
     for r in range(len(qs)):
-        L += [f"        dec[{r}, t] = qtab[{r}, t]", f"        thr[{r}, t] = qtab[{r}, {QBLOCK} + t]"]
+        L += [
+            f"        dec[{r}, t] = qtab[{r}, t]",
+            f"        thr[{r}, t] = qtab[{r}, {QBLOCK} + t]",
+        ]
     L += [
         "        cuda.syncthreads()",
         "        nb = blocks.shape[0]",

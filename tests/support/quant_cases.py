@@ -127,7 +127,14 @@ def expected(
                 full[s.name] = a[sl].copy()
         ps = p[sl].copy()
         F.run(
-            rule, ps, g[sl], full, step=step, hp=hp, backend=backend, **host_state_kw(rule, hp, step)
+            rule,
+            ps,
+            g[sl],
+            full,
+            step=step,
+            hp=hp,
+            backend=backend,
+            **host_state_kw(rule, hp, step),
         )
         p_out[sl] = ps
         for s in spec.slots:
