@@ -146,16 +146,19 @@ def quant_source(rule: str, flags: Mapping[str, bool], io: IO, name: str | None 
     consts = {j: constants(io.quant, spec.slots[j].quant_map) for j in qs}
     out = [f'extern "C" __global__ void {name or kernel_name(rule)}({", ".join(params)})', "{"]
     out += [f"    {ln}" for ln in cuda_source.mixed_prologue(rule, plain)]
+    out.append("    const int t = threadIdx.x;")
+    if qs:  # (a variant that uses no quantized slot keeps only the element loop)
+        out += [
+            f"    __shared__ float qdec_[{nq}][{QBLOCK}];",
+            f"    __shared__ float qthr_[{nq}][{QBLOCK}];",
+            f"    __shared__ unsigned int qred_[{nq}][{QBLOCK}];",
+            f"    for (int j = 0; j < {len(qs)}; ++j) {{",
+            f"        qdec_[j][t] = qtab[j * {2 * QBLOCK} + t];",
+            f"        qthr_[j][t] = qtab[j * {2 * QBLOCK} + {QBLOCK} + t];",
+            "    }",
+            "    __syncthreads();",
+        ]
     out += [
-        f"    __shared__ float qdec_[{nq}][{QBLOCK}];",
-        f"    __shared__ float qthr_[{nq}][{QBLOCK}];",
-        f"    __shared__ unsigned int qred_[{nq}][{QBLOCK}];",
-        "    const int t = threadIdx.x;",
-        f"    for (int j = 0; j < {len(qs)}; ++j) {{",
-        f"        qdec_[j][t] = qtab[j * {2 * QBLOCK} + t];",
-        f"        qthr_[j][t] = qtab[j * {2 * QBLOCK} + {QBLOCK} + t];",
-        "    }",
-        "    __syncthreads();",
         "    for (long long b = blockIdx.x; b < nb; b += gridDim.x) {",
         "        const long long i = blocks[2 * b] + t;",
         "        const bool act = i < blocks[2 * b + 1];",
@@ -171,18 +174,20 @@ def quant_source(rule: str, flags: Mapping[str, bool], io: IO, name: str | None 
     out.append("        }")
     for j in qs:
         out.append(f"        qred_[{row[j]}][t] = act ? fastopt_q_magnitude(q{j}_) : 0u;")
-    out += [
-        f"        for (int s = {QBLOCK // 2}; s > 0; s >>= 1) {{",
-        "            __syncthreads();",
-        "            if (t < s) {",
-    ]
+    if qs:
+        out += [
+            f"        for (int s = {QBLOCK // 2}; s > 0; s >>= 1) {{",
+            "            __syncthreads();",
+            "            if (t < s) {",
+        ]
     for j in qs:
         r = row[j]
         out.append(
             f"                qred_[{r}][t] = qred_[{r}][t] > qred_[{r}][t + s] ? "
             f"qred_[{r}][t] : qred_[{r}][t + s];"
         )
-    out += ["            }", "        }", "        __syncthreads();"]
+    if qs:
+        out += ["            }", "        }", "        __syncthreads();"]
     for j in qs:
         s, r = state[j], row[j]
         top, tiny, signmag = consts[j]
@@ -197,10 +202,9 @@ def quant_source(rule: str, flags: Mapping[str, bool], io: IO, name: str | None 
             f"            {s}_absmax[b] = n{j}_;",
             "        }",
         ]
-    out += [
-        "        __syncthreads();  // qred_ is read by every thread before it is reused",
-        "    }",
-    ]
+    if qs:
+        out.append("        __syncthreads();  // qred_ is read by every thread before it is reused")
+    out.append("    }")
     out.append("}")
     head = "typedef float C;\n"
     return (

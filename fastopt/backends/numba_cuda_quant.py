@@ -77,19 +77,21 @@ def quant_kernel_source(
     elif io.scale == "host":
         L.append("        inv = x[0]")
     L.append(f"        key = {'kp[0]' if io.kbuf and io.sr else 'x[2]'}")
-    L += [
-        f"        dec = cuda.shared.array(({nq}, {QBLOCK}), F32)",
-        f"        thr = cuda.shared.array(({nq}, {QBLOCK}), F32)",
-        f"        red = cuda.shared.array(({nq}, {QBLOCK}), U32)",
-        "        t = cuda.threadIdx.x",
-    ]
+    L.append("        t = cuda.threadIdx.x")
+    if qs:  # (a variant that uses no quantized slot keeps only the element loop)
+        L += [
+            f"        dec = cuda.shared.array(({nq}, {QBLOCK}), F32)",
+            f"        thr = cuda.shared.array(({nq}, {QBLOCK}), F32)",
+            f"        red = cuda.shared.array(({nq}, {QBLOCK}), U32)",
+        ]
     for r in range(len(qs)):
         L += [
             f"        dec[{r}, t] = qtab[{r}, t]",
             f"        thr[{r}, t] = qtab[{r}, {QBLOCK} + t]",
         ]
+    if qs:
+        L.append("        cuda.syncthreads()")
     L += [
-        "        cuda.syncthreads()",
         "        nb = blocks.shape[0]",
         "        b = cuda.blockIdx.x",
         "        while b < nb:",
@@ -123,17 +125,18 @@ def quant_kernel_source(
             L.append(f"{pad}s{j}[i] = ss(o{j})")
     for j in qs:
         L.append(f"            red[{row[j]}, t] = (f32_bits(q{j}) & 0x7FFFFFFF) if act else 0")
-    L += [
-        f"            h = {QBLOCK // 2}",
-        "            while h > 0:",
-        "                cuda.syncthreads()",
-        "                if t < h:",
-    ]
-    L += [
-        f"                    red[{row[j]}, t] = max(red[{row[j]}, t], red[{row[j]}, t + h])"
-        for j in qs
-    ]
-    L += ["                h //= 2", "            cuda.syncthreads()"]
+    if qs:
+        L += [
+            f"            h = {QBLOCK // 2}",
+            "            while h > 0:",
+            "                cuda.syncthreads()",
+            "                if t < h:",
+        ]
+        L += [
+            f"                    red[{row[j]}, t] = max(red[{row[j]}, t], red[{row[j]}, t + h])"
+            for j in qs
+        ]
+        L += ["                h //= 2", "            cuda.syncthreads()"]
     for j in qs:
         r = row[j]
         L += [
@@ -144,7 +147,9 @@ def quant_kernel_source(
             "            if t == 0:",
             f"                a{j}[b] = n{j}",
         ]
-    L += ["            cuda.syncthreads()", "            b += cuda.gridDim.x", f"    return {name}"]
+    if qs:
+        L.append("            cuda.syncthreads()")
+    L += ["            b += cuda.gridDim.x", f"    return {name}"]
     return "\n".join(L) + "\n"
 
 
