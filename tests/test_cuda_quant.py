@@ -7,8 +7,8 @@ quantization), bit for bit: params, codes and scales; two tensors in one buffer,
 in a short block, and the gap between them untouched.
 
 The default run keeps one small case per format (Adam with every probe on: three quantized
-slots, signed and unsigned maps) and Lion in float8; every rule in both formats is the
-``exhaustive`` group. Skipped only when g++ is missing.
+slots, signed and unsigned maps); every rule in both formats is the ``exhaustive`` group.
+Skipped only when g++ is missing.
 """
 
 from __future__ import annotations
@@ -32,7 +32,7 @@ pytestmark = pytest.mark.skipif(GXX is None, reason="g++ is not installed")
 HARNESS = Path(__file__).with_name("harness") / "grid.cpp"
 GRID = 2  # CUDA blocks: fewer than the 5 blocks of codes, so the block loop takes trips
 STEPS = 3
-DEFAULT = {("adam", "int8"), ("adam", "float8_e4m3"), ("lion", "float8_e4m3")}
+DEFAULT = {("adam", "int8"), ("adam", "float8_e4m3")}
 _BUILD = Path(tempfile.mkdtemp(prefix="fastopt_quant_"))
 
 

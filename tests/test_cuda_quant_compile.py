@@ -3,8 +3,8 @@
 numba-cuda kernel (``backends/numba_cuda_quant.py``) by NVVM for sm_90, each free of float64
 instructions (the math is float32: a stray double literal would show as ``.f64``) and with its
 shared-memory tables present. By default Adam with every probe on (three quantized slots) in
-each format and a bfloat16-param plan; every rule under ``exhaustive``. Skipped when NVRTC or
-numba-cuda's NVVM is missing.
+each format (numba-cuda: int8) and a bfloat16-param plan; every rule under ``exhaustive``.
+Skipped when NVRTC or numba-cuda's NVVM is missing.
 """
 
 from __future__ import annotations
@@ -74,7 +74,18 @@ def test_nvrtc_compiles_the_cuda_c_kernel(rule, io):
     assert not [ln for ln in _instructions(text) if F64.search(ln)], "float64 in a float32 kernel"
 
 
-@pytest.mark.parametrize(("rule", "io"), _cases())
+def _numba_cases():
+    """``_cases`` with Adam's float8 kernel under ``exhaustive`` too (the int8 one differs
+    only in its tables; a numba-cuda compile is most of this module's time)."""
+    out = []
+    for c in _cases():
+        if c.id == "adam-float8_e4m3":
+            c = pytest.param(*c.values, id=c.id, marks=(pytest.mark.exhaustive,))
+        out.append(c)
+    return out
+
+
+@pytest.mark.parametrize(("rule", "io"), _numba_cases())
 def test_numba_cuda_compiles_the_kernel(rule, io):
     if os.environ.get("NUMBA_ENABLE_CUDASIM", "0") not in ("", "0"):
         pytest.skip("the CUDA simulator is on: it compiles nothing")
