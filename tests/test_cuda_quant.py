@@ -56,9 +56,10 @@ def _kernel(rule: str, flags: tuple[tuple[str, bool], ...], io: storage.IO):
     tag = f"k{abs(hash((rule, flags, io))) % 10**12}"
     name = f"{quant_cuda.kernel_name(rule)}_{tag}"
     arrays, scalars = quant_cuda.quant_args(rule, fl, io)
-    assert all(t.startswith("const C") for t, _ in scalars), scalars  # host scalars only
+    assert all(" *" not in t for t, _ in scalars), scalars  # host values only
     args = [f"({t} *)a[{j}]" for j, (_, t, _) in enumerate(arrays)]
-    args += ["qtab", "blocks", "nb"] + [f"(C)k[{j}]" for j in range(len(scalars))]
+    args += ["qtab", "blocks", "nb"]
+    args += [f"({t.replace('const ', '')})k[{j}]" for j, (t, _) in enumerate(scalars)]
     code = "\n".join(
         [
             f"namespace {tag} {{",
@@ -83,12 +84,14 @@ def _kernel(rule: str, flags: tuple[tuple[str, bool], ...], io: storage.IO):
     return fn, arrays
 
 
-def _step(rule, hp, fmt, p, g, st, t):
-    """One quantized step of the g++-built kernel over the buffer (in place)."""
+def _step(rule, hp, fmt, p, g, st, t, io=None, extras=()):
+    """One quantized step of the g++-built kernel over the buffer (in place); ``io``: the
+    storage format (default float32 params), ``extras``: the values of its scalars after the
+    rule's (``inv_scale``, ``salt``, ``key`` as it declares them)."""
     spec = RULES[rule]
     hs = spec.replay_host_state(hp, t)
     flags, k = spec.variant_and_scalars(hp, t, hs)
-    io = storage.IO(quant=fmt)
+    io = io or storage.IO(quant=fmt)
     fn, arrays = _kernel(rule, tuple(sorted(flags.items())), io)
     named = {"grad": g, "param": p}
     for s in spec.slots:
@@ -103,7 +106,7 @@ def _step(rule, hp, fmt, p, g, st, t):
     qmaps = tuple(s.quant_map for s, q in zip(spec.slots, quant_cuda.qslots(rule, flags)) if q)
     qtab = quant_cuda.tables(fmt, qmaps)
     blocks = qc.block_table()
-    ks = np.array(k, np.float64)
+    ks = np.array([*k, *extras], np.float64)
     fn(ptrs, ks.ctypes.data, qtab.ctypes.data, blocks.ctypes.data, blocks.shape[0], GRID)
 
 
@@ -120,3 +123,34 @@ def test_cuda_c_kernel_equals_float32_step_then_oracle_quantization(rule, fmt):
         _step(rule, hp, fmt, p, g, st, t)
         qc.assert_same(p, st, want_p, want, f"{rule} {fmt} step {t}")
     assert np.all(p[600:640] == qc.POISON)
+
+
+@pytest.mark.exhaustive  # a numba compile of the CPU loop of this format besides g++
+def test_bfloat16_params_stochastic_rounding_and_loss_scale_equal_the_cpu_loop():
+    """bfloat16 params and grads, stochastic rounding and a host loss scale (the storage
+    format's loads and stores around the same codec): the CPU backend's quantized loop over
+    the same buffer and block table, bit for bit."""
+    import ml_dtypes
+
+    from fastopt.backends.numba_quant import prepare_quant
+
+    bf16 = np.dtype(ml_dtypes.bfloat16)
+    rule, fmt, hp = "adam", "int8", RULE_FULL["adam"]
+    spec = RULES[rule]
+    io = storage.IO(param="bfloat16", grad="bfloat16", quant=fmt, sr=True, scale="host")
+    rng = np.random.default_rng(4)
+    p = rng.standard_normal(qc.LENGTH).astype(bf16)
+    st = qc.initial(rule, hp, fmt, rng)
+    p_c, st_c = p.copy(), qc.copy(st)
+    blocks = qc.block_table()
+    for t in (1, 2):
+        g = (rng.standard_normal(qc.LENGTH) * 8).astype(bf16)
+        flags, k = spec.variant_and_scalars(hp, t, spec.replay_host_state(hp, t))
+        key, salt, inv = storage.step_key(7, t), 3, 0.125
+        run = prepare_quant(rule, flags, spec.slots_used(flags), k, io, extras=(inv, key))
+        states = [(*st_c[s.name], blocks) if st_c[s.name] is not None else None for s in spec.slots]
+        run(p_c, g, states, None, salt)
+        _step(rule, hp, fmt, p.view(np.uint16), g.view(np.uint16), st, t, io, (inv, salt, key))
+        assert np.array_equal(p.view(np.uint16), p_c.view(np.uint16)), f"param, step {t}"
+        none = np.zeros(1, np.float32)
+        qc.assert_same(none, st, none, st_c, f"bfloat16 sr step {t}")
