@@ -789,6 +789,8 @@ def lowbit_group(
         base = bases.get(key[1])
         if base is not None and rec is not base:
             relate(rec, base, "speedup_vs_float32_state")
+        if sd == "int8":  # the same parameters and state dtype in bitsandbytes' 8-bit Adam
+            relate(rec, bnb, "speedup_vs_bitsandbytes")
     return list(recs.values())
 
 
