@@ -56,16 +56,22 @@ def _kernel(rule: str, flags: tuple[tuple[str, bool], ...], io: storage.IO):
     tag = f"k{abs(hash((rule, flags, io))) % 10**12}"
     name = f"{quant_cuda.kernel_name(rule)}_{tag}"
     arrays, scalars = quant_cuda.quant_args(rule, fl, io)
-    assert all(" *" not in t for t, _ in scalars), scalars  # host values only
     args = [f"({t} *)a[{j}]" for j, (_, t, _) in enumerate(arrays)]
     args += ["qtab", "blocks", "nb"]
-    args += [f"({t.replace('const ', '')})k[{j}]" for j, (t, _) in enumerate(scalars)]
+    nk = nd = 0
+    for t, _ in scalars:  # host values from k, device buffers from d, in declared order
+        if "*" in t:
+            args.append(f"({t.split('*')[0]} *)d[{nd}]")
+            nd += 1
+        else:
+            args.append(f"({t.replace('const ', '')})k[{nk}]")
+            nk += 1
     code = "\n".join(
         [
             f"namespace {tag} {{",
             quant_cuda.quant_source(rule, fl, io, name=name),
-            f'extern "C" void run_{tag}(void *const *a, const double *k, const float *qtab, '
-            "const long long *blocks, long long nb, unsigned grid) {",
+            f'extern "C" void run_{tag}(void *const *a, const double *k, void *const *d, '
+            "const float *qtab, const long long *blocks, long long nb, unsigned grid) {",
             f"    fastopt_grid_threads(grid, {quant_cuda.QBLOCK}, [&] "
             f"{{ {name}({', '.join(args)}); }});",
             "}",
@@ -80,14 +86,16 @@ def _kernel(rule: str, flags: tuple[tuple[str, bool], ...], io: storage.IO):
     res = subprocess.run(cmd + ["-o", str(so)], capture_output=True, text=True, check=False)
     assert res.returncode == 0, f"g++ failed:\n{res.stderr[:4000]}"
     fn = getattr(ctypes.CDLL(str(so)), f"run_{tag}")
-    fn.argtypes = [ctypes.c_void_p] * 4 + [ctypes.c_longlong, ctypes.c_uint]
+    fn.argtypes = [ctypes.c_void_p] * 5 + [ctypes.c_longlong, ctypes.c_uint]
     return fn, arrays
 
 
-def _step(rule, hp, fmt, p, g, st, t, io=None, extras=()):
+def _step(rule, hp, fmt, p, g, st, t, io=None, extras=(), dev=()):
     """One quantized step of the g++-built kernel over the buffer (in place); ``io``: the
-    storage format (default float32 params), ``extras``: the values of its scalars after the
-    rule's (``inv_scale``, ``salt``, ``key`` as it declares them)."""
+    storage format (default float32 params), ``extras``: the values of its host scalars after
+    the rule's (``inv_scale``, ``salt``, ``key`` as it declares them; none with ``io.kbuf``
+    but these), ``dev``: its device buffers in declared order (``kbuf``, ``gscale``,
+    ``found_inf``)."""
     spec = RULES[rule]
     hs = spec.replay_host_state(hp, t)
     flags, k = spec.variant_and_scalars(hp, t, hs)
@@ -106,8 +114,9 @@ def _step(rule, hp, fmt, p, g, st, t, io=None, extras=()):
     qmaps = tuple(s.quant_map for s, q in zip(spec.slots, quant_cuda.qslots(rule, flags)) if q)
     qtab = quant_cuda.tables(fmt, qmaps)
     blocks = qc.block_table()
-    ks = np.array([*k, *extras], np.float64)
-    fn(ptrs, ks.ctypes.data, qtab.ctypes.data, blocks.ctypes.data, blocks.shape[0], GRID)
+    ks = np.array([*([] if io.kbuf else k), *extras, 0.0], np.float64)
+    dp = (ctypes.c_void_p * max(1, len(dev)))(*[a.ctypes.data for a in dev])
+    fn(ptrs, ks.ctypes.data, dp, qtab.ctypes.data, blocks.ctypes.data, blocks.shape[0], GRID)
 
 
 @pytest.mark.parametrize(("rule", "fmt"), _cases())
@@ -154,3 +163,29 @@ def test_bfloat16_params_stochastic_rounding_and_loss_scale_equal_the_cpu_loop()
         assert np.array_equal(p.view(np.uint16), p_c.view(np.uint16)), f"param, step {t}"
         none = np.zeros(1, np.float32)
         qc.assert_same(none, st, none, st_c, f"bfloat16 sr step {t}")
+
+
+@pytest.mark.exhaustive  # two more g++ builds
+def test_capturable_form_equals_the_host_form():
+    """The capturable form (the scalars from a device buffer, the loss scale and a found-inf
+    flag from device pointers): with the flag clear, the host form's codes, scales and params
+    bit for bit; with it set, nothing written."""
+    import dataclasses
+
+    rule, fmt, hp = "adam", "float8_e4m3", RULE_FULL["adam"]
+    spec = RULES[rule]
+    host = storage.IO(quant=fmt, scale="host")
+    cap = dataclasses.replace(host, scale="device", found_inf=True, kbuf=True)
+    rng = np.random.default_rng(6)
+    p = rng.standard_normal(qc.LENGTH).astype(np.float32)
+    st = qc.initial(rule, hp, fmt, rng)
+    p2, st2 = p.copy(), qc.copy(st)
+    g = rng.standard_normal(qc.LENGTH).astype(np.float32) * 8
+    k = spec.variant_and_scalars(hp, 2, spec.replay_host_state(hp, 2))[1]
+    kbuf, scale = np.array(k, np.float32), np.array([8.0], np.float32)
+    _step(rule, hp, fmt, p, g, st, 2, host, (0.125,))
+    _step(rule, hp, fmt, p2, g, st2, 2, cap, (), (kbuf, scale, np.array([0.0], np.float32)))
+    qc.assert_same(p2, st2, p, st, "capturable")
+    before = p2.copy(), qc.copy(st2)
+    _step(rule, hp, fmt, p2, g, st2, 3, cap, (), (kbuf, scale, np.array([1.0], np.float32)))
+    qc.assert_same(p2, st2, *before, "found inf")
