@@ -13,6 +13,7 @@ Skipped only when g++ is missing.
 
 from __future__ import annotations
 
+import atexit
 import ctypes
 import functools
 import shutil
@@ -33,7 +34,9 @@ HARNESS = Path(__file__).with_name("harness") / "grid.cpp"
 GRID = 2  # CUDA blocks: fewer than the 5 blocks of codes, so the block loop takes trips
 STEPS = 3
 DEFAULT = {("adam", "int8"), ("adam", "float8_e4m3")}
+#: the g++ builds of this process (removed at exit)
 _BUILD = Path(tempfile.mkdtemp(prefix="fastopt_quant_"))
+atexit.register(shutil.rmtree, _BUILD, True)
 
 
 def _cases():
