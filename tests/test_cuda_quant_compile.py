@@ -3,8 +3,8 @@
 numba-cuda kernel (``backends/numba_cuda_quant.py``) by NVVM for sm_90, each free of float64
 instructions (the math is float32: a stray double literal would show as ``.f64``) and with its
 shared-memory tables present. By default Adam with every probe on (three quantized slots) in
-each format and a bfloat16-param plan (numba-cuda: that plan alone); every rule under ``exhaustive``.
-Skipped when NVRTC or numba-cuda's NVVM is missing.
+each format and a bfloat16-param plan (numba-cuda: that plan alone); every rule under
+``exhaustive``. Skipped when NVRTC or numba-cuda's NVVM is missing.
 """
 
 from __future__ import annotations
