@@ -319,9 +319,13 @@ def launch_quant(
     devi = ncb._device_index(param)
     if isinstance(devi, int) and devi != cuda.get_current_device().id:
         with cuda.gpus[devi]:
-            _launch_device(fn, nb, p, grad, arrs, absm, master, qtab, blocks, tq, scalars, x, dev)
+            _launch_device(
+                fn, nb, p, grad, arrs, absm, master, qtab, blocks, tq, scalars, x, dev, param
+            )
     else:
-        _launch_device(fn, nb, p, grad, arrs, absm, master, qtab, blocks, tq, scalars, x, dev)
+        _launch_device(
+            fn, nb, p, grad, arrs, absm, master, qtab, blocks, tq, scalars, x, dev, param
+        )
 
 
 def _launch_device(
@@ -338,8 +342,9 @@ def _launch_device(
     scalars: tuple[Any, ...],
     x: tuple[Any, ...],
     dev: list[Any],
+    param: Any,
 ) -> None:
-    ptr = ncb._stream_ptr(p)
+    ptr = ncb._stream_ptr(param)  # the producer's stream, as the other launches take it
     pv = ncb._device_view(p, "param")
     args = [pv, ncb._device_view(ncb._bits16(grad), "grad")]
     args += [
