@@ -133,9 +133,10 @@ def full_precision_state(sd: dict[str, Any], rule: str, fmt: str) -> dict[str, A
 
 def check_backend(be: Any, fmt: str | None) -> None:
     """Quantized state on a backend that steps it (a backend module with ``QUANT_STATE``: the
-    numba CPU backend and the NumPy oracle); TypeError before anything is written otherwise."""
+    numba CPU backend, the NumPy oracle and both CUDA backends); TypeError before anything is
+    written otherwise."""
     if fmt is not None and not getattr(be, "QUANT_STATE", False):
         raise TypeError(
             f"state_dtype={fmt!r}: backend {getattr(be, 'NAME', be)!r} does not step quantized "
-            "state yet (the numba and numpy backends do)"
+            "state (a backend module declaring QUANT_STATE does)"
         )

@@ -56,7 +56,8 @@ def _step(name, est_s, limit_s, what, files=()):
 #: run of 2026-11-26 (bench/results/gpu-run-h200-2026-11-26-run3.json: facts 14 s, headline
 #: 14 s, latency 11 s, parity 27 s, sweep 26 s, ncu 5 s; the gpu tests 44 s in run 4); the new
 #: steps' (torch-list, amp-sync, graph, clip, lowbit) are sized from their groups' step times
-#: at those sizes in the same run, plus process start and kernel compilation, unmeasured.
+#: at those sizes in the same run, plus process start and kernel compilation, unmeasured;
+#: interop's 5 s more and lowbit's second backend (5 s) for the quantized kernels, unmeasured.
 PLAN = [
     _step(
         "facts",
@@ -102,12 +103,13 @@ PLAN = [
     ),
     _step(
         "interop",
-        75,
+        80,
         200,
         "pytest -m gpu: every GPU test but the parity matrix (interop, streams, "
         "nn.Parameter, 2^31+7 elements, fastopt.torch, textbook, mixed precision on both "
         "backends, a whole capturable step in a CUDA graph, multi-tensor launches over a "
-        "196-tensor list and clipping inside the step against torch)",
+        "196-tensor list and clipping inside the step against torch, quantized state on both "
+        "backends against the oracle and bitsandbytes' Adam8bit when it imports)",
         files=("pytest-interop.xml",),
     ),
     _step(
@@ -122,11 +124,13 @@ PLAN = [
     ),
     _step(
         "lowbit",
-        20,
+        25,
         60,
         "Adam at 2^28 with int8 and float8_e4m3 state [guards: state_dtype:int8, "
-        "state_dtype:float8_e4m3] against float32 state and each plan's same-traffic kernel, "
-        "bytes of state per parameter; bitsandbytes' Adam8bit over the list when installed",
+        "state_dtype:float8_e4m3] on both GPU backends (the quantized kernels: one CUDA block "
+        "per block of codes) against float32 state and each plan's same-traffic kernel (the "
+        "param and grad, each slot's codes and block scales read and written), bytes of state "
+        "per parameter; bitsandbytes' Adam8bit over the 196-tensor list when installed",
         files=("bench-gpu.json",),
     ),
     _step(
@@ -808,7 +812,9 @@ def child_lowbit(out):
         out,
         "lowbit",
         lambda r: (
-            lowbit_group(r["case"], r["n"], states, budget_s=GROUP_BUDGET_S) if r is row else None
+            lowbit_group(r["case"], r["n"], states, backend=GPU_BACKENDS, budget_s=GROUP_BUDGET_S)
+            if r is row
+            else None
         ),
     )
 

@@ -74,10 +74,8 @@ def test_mixed_precision_rows_in_fastopt_bench(tmp_path):
         assert r["median_s"] == pytest.approx(statistics.median(r["times_s"]))
         assert r["speedup_vs_float32"] == pytest.approx(base["median_s"] / r["median_s"])
         assert r["bytes_vs_float32"] == pytest.approx(r["bytes"] / base["bytes"])
-        if io_.quant:  # no same-traffic kernel for quantized state yet
-            assert r["pct_of_ceiling"] is None
-        else:
-            assert r["pct_of_ceiling"] == pytest.approx(100 * r["gbps"] / r["ceiling_gbps"])
+        # every format has its same-traffic ceiling (a quantized one's moves codes and scales)
+        assert r["pct_of_ceiling"] == pytest.approx(100 * r["gbps"] / r["ceiling_gbps"])
         want = {"float32": 8, "bfloat16+master": 12, "int8-state": 2.03125}.get(r["dtype"])
         assert want is None or r["state_bytes_per_param"] == want
     text = out.getvalue()
@@ -132,3 +130,23 @@ def test_list_group_compares_the_same_work(precision):
         )
     else:
         assert "speedup_vs_torch" not in lst  # torch.optim keeps no master copy: no peer
+
+
+def test_quantized_traffic_is_the_byte_model():
+    """A quantized format's same-traffic arrays (each slot's codes and block scales) add up to
+    ``bytes_per_step`` where the length is whole blocks, and the CPU ceiling moves them."""
+    from fastopt.bench.ceilings_cpu import mixed_traffic_runner
+    from fastopt.bench.measure import traffic_arrays
+
+    io_ = PRECISIONS["int8-state"].io()
+    assert io_.quant == "int8"
+    arrays = traffic_arrays(4096, 2, io=io_)
+    assert sum(b * len(m) for _, b, m in arrays) == bytes_per_step(2, 4096, io=io_)
+    assert [(a, b) for a, b, _ in arrays if a.startswith("state0")] == [
+        ("state0.codes", 4096),
+        ("state0.absmax", 4 * 16),
+    ]
+    r = mixed_traffic_runner(io_, 2, 4096)
+    codes = r.keep[2][0].copy()
+    r.fn()
+    assert r.bytes == bytes_per_step(2, 4096, io=io_) and not np.array_equal(r.keep[2][0], codes)

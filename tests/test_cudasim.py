@@ -3,8 +3,8 @@
 ``NUMBA_ENABLE_CUDASIM=1`` swaps ``numba.cuda`` for a Python simulator for the whole process, so
 ``tests/cudasim_parity.py`` (every optimizer and flag variant through ``backend="numba-cuda"``
 against the float64 oracle, params and every state buffer, n <= 1001) and
-``tests/cudasim_multi_tensor.py`` (the multi-tensor launch and the gradient norm) run in a child
-pytest.
+``tests/cudasim_multi_tensor.py`` (the multi-tensor launch and the gradient norm) and
+``tests/cudasim_quant.py`` (quantized state) run in a child pytest.
 Needs a ``numba.cuda`` with a simulator: numba <= 0.6x's built-in target or the ``numba-cuda``
 package (``pip install numba-cuda``); no GPU, driver or CUDA toolkit.
 """
@@ -31,7 +31,7 @@ def _has_simulator():
     )
 
 
-def _run_child(select, files=("cudasim_parity.py", "cudasim_multi_tensor.py")):
+def _run_child(select, files=("cudasim_parity.py", "cudasim_multi_tensor.py", "cudasim_quant.py")):
     """``tests/cudasim_parity.py`` in a child pytest under the simulator, its cases chosen by
     the marker expression ``select``; it must pass and run cases, skipping none."""
     env = dict(os.environ, NUMBA_ENABLE_CUDASIM="1")

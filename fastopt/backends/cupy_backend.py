@@ -61,6 +61,8 @@ __all__ = [
 
 NAME = "cupy"
 DEVICE = "cuda"
+#: steps quantized state slots (``kernels/quant.py``, ``IO.quant``: ``cupy_quant``)
+QUANT_STATE = True
 
 try:
     import cupy
@@ -307,6 +309,11 @@ def launch_mixed(rule, flags, param, grad, states, k, io, master=None, extras=No
 
 
 def launch(rule, flags, param, grad, states, k, io=None, master=None, extras=None):
+    if io is not None and io.quant:
+        from .cupy_quant import launch_quant
+
+        launch_quant(rule, flags, param, grad, states, k, io, master, extras)
+        return
     if io is not None and not io.plain:
         launch_mixed(rule, flags, param, grad, states, k, io, master, extras)
         return

@@ -69,6 +69,8 @@ __all__ = [
 ]
 
 NAME = "numba-cuda"
+#: steps quantized state slots (``kernels/quant.py``, ``IO.quant``: ``numba_cuda_quant``)
+QUANT_STATE = True
 
 #: threads per block (shared with the CuPy backend)
 THREADS = _launch.THREADS
@@ -538,6 +540,11 @@ def _launch_mixed_device(fn, n, param, grad, states, master, scalars, x, dev):
 
 
 def launch(rule, flags, param, grad, states, k, io=None, master=None, extras=None):
+    if io is not None and io.quant:
+        from .numba_cuda_quant import launch_quant
+
+        launch_quant(rule, flags, param, grad, states, k, io, master, extras)
+        return
     if io is not None and not io.plain:
         launch_mixed(rule, flags, param, grad, states, k, io, master, extras)
         return

@@ -152,16 +152,77 @@ def mixed_traffic_kernel(io: Any, n_state: int) -> Any:
     return fn
 
 
+def _quant_source(n_state, master):
+    """A quantized format's same-traffic loop: param (or master and param) and grad as
+    ``_mixed_source`` moves them, each slot's byte of code read and written per element, then
+    each slot's block scales read and written."""
+    codes = "".join(f"c{j}, " for j in range(n_state))
+    scales = "".join(f"a{j}, " for j in range(n_state))
+    lines = [
+        "def factory(cp, cm):",
+        f"    def traffic(p, g, {codes}{scales}m):",
+        "        for i in numba.prange(p.shape[0]):",
+        "            gi = g[i]",
+    ]
+    if master:
+        lines += [
+            "            mi = m[i] + cm(gi)",
+            "            m[i] = mi",
+            "            p[i] = cp(mi)",
+        ]
+    else:
+        lines.append("            p[i] = p[i] + cp(gi)")
+    lines += [f"            c{j}[i] = c{j}[i] ^ (gi > 0)" for j in range(n_state)]
+    for j in range(n_state):
+        lines += [
+            f"        for b in numba.prange(a{j}.shape[0]):",
+            f"            a{j}[b] = a{j}[b] * 2",
+        ]
+    lines.append("    return traffic")
+    return "\n".join(lines) + "\n"
+
+
+def quant_traffic_kernel(io: Any, n_state: int) -> Any:
+    """The compiled same-traffic loop of a quantized storage format (``io.quant``): the
+    param, grad and master as the optimizer moves them, each slot's uint8 codes and float32
+    block scales read and written."""
+    key = ("quant", io.param, io.grad, io.master, n_state)
+    fn = _mixed.get(key)
+    if fn is None:
+        ns: dict[str, Any] = {"__name__": __name__, "numba": numba}
+        exec(compile(_quant_source(n_state, io.master), __file__, "exec"), ns)
+        py = ns["factory"](
+            _cvt("float32" if io.master else io.grad, io.param), _cvt(io.grad, "float32")
+        )
+        fn = _mixed[key] = njit_cached(parallel=True, nogil=True)(py)
+    return fn
+
+
 def mixed_traffic_runner(io: Any, n_state: int, n: int) -> Any:
-    """The same-traffic kernel of storage format ``io`` over fresh buffers of ``n`` elements."""
+    """The same-traffic kernel of storage format ``io`` over fresh buffers of ``n`` elements
+    (a quantized format's: ``quant_traffic_kernel``, its bytes ``measure.traffic_arrays``')."""
 
     def buf(kind, fill=0):
         dt = np.uint16 if kind in ("float16", "bfloat16") else np.dtype(kind)
         return np.full(n, fill, dtype=dt)
 
     p, g = buf(io.param, 0 if io.master else 1), buf(io.grad, 1)
-    states = [buf(io.state) for _ in range(n_state)]
     m = buf("float32") if io.master else p
+    if io.quant:
+        from ..kernels.quant import nblocks
+        from .measure import traffic_arrays
+
+        codes = [np.full(n, 7, np.uint8) for _ in range(n_state)]
+        scales = [np.ones(nblocks(n), np.float32) for _ in range(n_state)]
+        qkern = quant_traffic_kernel(io, n_state)
+        return Runner(
+            "ceiling:numba",
+            lambda: qkern(p, g, *codes, *scales, m),
+            HostTimer(),
+            sum(b * len(mode) for _, b, mode in traffic_arrays(n, n_state, io=io)),
+            keep=(p, g, codes, scales, m),
+        )
+    states = [buf(io.state) for _ in range(n_state)]
     kern = mixed_traffic_kernel(io, n_state)
     return Runner(
         "ceiling:numba",

@@ -427,8 +427,6 @@ def precision_factories(
         facs[("step", name)] = lambda p0=p0, g0=g0, pr=pr, io=io: fastopt_runner(
             case, backend, p0, g0, pr.kwargs, io
         )
-        if io.quant:
-            continue  # no same-traffic kernel for quantized state yet: no ceiling column
         if io.plain:
             facs[("ceiling", name)] = lambda p0=p0, g0=g0: ceilings_cpu.traffic_runner(
                 case.n_state, p0, g0
@@ -489,7 +487,7 @@ def run_precision_group(
         rec["precision"] = dict(PRECISIONS[name].kwargs, param=PRECISIONS[name].param)
         rec["state_bytes_per_param"] = state_bytes(case, PRECISIONS[name])
         ceil = res.get(("ceiling", name))
-        if ceil is None:  # quantized state: no same-traffic kernel yet
+        if ceil is None:  # (every format has its same-traffic kernel; kept for a missing one)
             rec["ceiling_gbps"] = rec["pct_of_ceiling"] = None
         else:
             t = median(ceil[1])

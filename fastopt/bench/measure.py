@@ -207,7 +207,8 @@ def traffic_arrays(
     """The arrays one step moves, ``[(name, bytes, mode)]`` with mode "r" (read), "w" (written)
     or "rw": the param (written only when an fp32 master is read instead), the grad (written
     back too when unscaled in place), ``n_read`` state buffers read and written and the rest
-    written only, and the master copy. The same model as ``bytes_per_step``: the bytes times the
+    written only (a quantized slot, ``io.quant``: its codes and its block scales), and the
+    master copy. The same model as ``bytes_per_step``: the bytes times the
     length of the mode add up to it. The GPU's same-traffic kernel moves exactly these."""
     n_read = n_state if n_read is None else n_read
     if io is None:
@@ -220,7 +221,13 @@ def traffic_arrays(
         ("param", size["param"] * n, "w" if master else "rw"),
         ("grad", size["grad"] * n, "rw" if write_grad else "r"),
     ]
-    out += [(f"state{j}", size["state"] * n, "rw" if j < n_read else "w") for j in range(n_state)]
+    quant = getattr(io, "quant", None)
+    for j in range(n_state):
+        mode = "rw" if j < n_read else "w"
+        if quant:  # a quantized slot: a byte of code per element, a float32 scale per block
+            out += [(f"state{j}.codes", n, mode), (f"state{j}.absmax", 4 * -(-n // _block()), mode)]
+        else:
+            out.append((f"state{j}", size["state"] * n, mode))
     if master:
         out.append(("master", size["master"] * n, "rw"))
     return out

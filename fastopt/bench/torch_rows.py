@@ -122,9 +122,9 @@ def features(device: str = "cuda", backend: Any = None) -> Any:
     - ``capturable``: ``fastopt.torch.Adam(..., capturable=True)`` constructs and steps;
     - ``max_grad_norm``: ``fastopt.torch.Adam(..., max_grad_norm=1.0)`` constructs and steps;
     - ``state_dtype:<dtype>`` for each of ``LOWBIT_STATES``: ``fastopt.Adam(state_dtype=...)``
-      steps a ``FlatBuffer`` on the device (the CPU backend steps quantized state, the GPU
-      backends not yet); ``torch_state_dtype:<dtype>``: ``fastopt.torch.Adam(..., state_dtype=...)``
-      constructs and steps;
+      steps a ``FlatBuffer`` on the device (every backend with ``QUANT_STATE``: the CPU
+      backend, both GPU backends); ``torch_state_dtype:<dtype>``:
+      ``fastopt.torch.Adam(..., state_dtype=...)`` constructs and steps;
     - ``sync_debug_mode``: torch has ``torch.cuda.set_sync_debug_mode``;
     - ``bitsandbytes``: ``bitsandbytes`` imports (its 8-bit Adam is the low-bit peer).
     """
@@ -699,22 +699,26 @@ def lowbit_group(
     step: Any = "lowbit",
 ) -> Any:
     """fastopt's flat step (float32 params) with each of ``state_dtypes`` fastopt accepts
-    (``features``) against the same step with float32 state. Bytes and the ceiling's traffic are
-    read from the state after a first step: the param read and written, the grad read, every
-    state array (codes, scales, whatever the format keeps) read and written once; each row
-    carries ``state_bytes_per_param`` (bytes of state over parameters, master copies aside)
-    and ``speedup_vs_float32_state``. With ``bitsandbytes`` installed, its 8-bit Adam over
-    the list beside ``fastopt.torch`` on the same list in the same state dtype."""
+    (``features``) against the same step with float32 state, on ``backend`` (or on each of a
+    tuple of backends: the GPU run's cupy and numba-cuda rows in one group). Bytes and the
+    ceiling's traffic are read from the state after a first step: the param read and written,
+    the grad read, every state array (codes, scales, whatever the format keeps) read and written
+    once; each row carries ``state_bytes_per_param`` (bytes of state over parameters, master
+    copies aside) and ``speedup_vs_float32_state``. With ``bitsandbytes`` installed, its 8-bit
+    Adam over the list beside ``fastopt.torch`` on the same list in the same state dtype."""
     if isinstance(case, str):
         case = CASES[case]
+    # ``backend`` may name several (the GPU run: both GPU backends' flat steps in one group)
+    backends = tuple(backend) if isinstance(backend, (tuple, list)) else (backend,)
+    backend = backends[0]
     p, g = list_data(n, "float32", device)
     feats = features(device, backend)
     dtypes = ["float32"] + [sd for sd in state_dtypes if feats[f"state_dtype:{sd}"]["available"]]
     shapes = {}
 
-    def flat(sd):
+    def flat(sd, be=backend):
         kw = {} if sd == "float32" else {"state_dtype": sd}
-        r = flat_runner(case, p, g, device, 0, kw, backend)
+        r = flat_runner(case, p, g, device, 0, kw, be)
         r.fn()  # the state exists from the first step on
         arrays = _state_arrays(r.info["opt"])
         shapes[sd] = arrays
@@ -724,10 +728,11 @@ def lowbit_group(
         return r
 
     facs: dict[tuple[str, ...], Callable[..., Any]] = {}
-    for sd in dtypes:
-        facs[("step", backend or ("cupy" if device == "cuda" else "numba"), "flat", sd)] = (
-            lambda sd=sd: flat(sd)
-        )
+    for be in backends:
+        for sd in dtypes:
+            facs[("step", be or ("cupy" if device == "cuda" else "numba"), "flat", sd)] = (
+                lambda sd=sd, be=be: flat(sd, be)
+            )
     if device == "cuda":
         from . import gpu
 
@@ -767,7 +772,7 @@ def lowbit_group(
     ceil = {k[1]: v for k, v in res.items() if k[0] == "ceiling"}
     res = {k: v for k, v in res.items() if k[0] != "ceiling"}
     recs, _ = _records(res, case, device, n, "float32", step, errors=errors)
-    base = next((r for k, r in recs.items() if k[-1] == "float32"), None)
+    bases = {k[1]: r for k, r in recs.items() if k[0] == "step" and k[-1] == "float32"}
     bnb = recs.get(("peer", "bitsandbytes", "list", "int8"))
     fot8 = recs.get(("adapter", "fastopt.torch", "list", "int8"))
     if fot8 is not None:
@@ -781,8 +786,11 @@ def lowbit_group(
             from .groups import score_gpu_group
 
             score_gpu_group([rec], {"traffic": ceil[sd]}, gpu_name())
+        base = bases.get(key[1])
         if base is not None and rec is not base:
             relate(rec, base, "speedup_vs_float32_state")
+        if sd == "int8":  # the same parameters and state dtype in bitsandbytes' 8-bit Adam
+            relate(rec, bnb, "speedup_vs_bitsandbytes")
     return list(recs.values())
 
 

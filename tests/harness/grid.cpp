@@ -31,7 +31,10 @@ inline float __uint_as_float(unsigned int u) { float x; std::memcpy(&x, &u, 4); 
 std::barrier<> *fastopt_block_barrier;  // the running block's (set by fastopt_grid_threads)
 inline void __syncthreads() { fastopt_block_barrier->arrive_and_wait(); }
 
+using std::abs;
+using std::fma;
 using std::isnan;
+using std::max;
 using std::sqrt;
 
 // every (block, thread) of a grid, the threads of a block one after another

@@ -1,0 +1,220 @@
+"""The CUDA kernel of a step over quantized state slots (``kernels/quant.py``): its CUDA C text
+(the CuPy backend, the C++ harness, the compile checks) and the pieces the numba-cuda kernel
+shares (the slots it quantizes, their packed tables and constants).
+
+One CUDA block of ``QBLOCK`` (= ``quant.BLOCK``) threads per block of codes, grid-striding over
+a table of blocks (``blocks[b] = (first, stop)``: a block never straddles two tensors, the last
+of a tensor may be short), thread ``t`` on element ``first + t``: each quantized slot is decoded
+(``dec[code] · (absmax / top)``), the rule runs in float32 on the element (the storage format's
+loads and stores for param, grad, master and the float32 slots: ``cuda_source.mixed_lane``, the
+rule's own body), the new values' absmax is reduced over the block in shared memory
+(``kernels/quant.cuh``), thread 0 stores it, and every thread encodes its value (nearest code,
+the CPU's thresholds: ties to the lower code for int8, to even for float8). One pass over
+memory, no host synchronisation; the same float32 operations as the CPU loop
+(``backends/numba_quant.py``) on every value but the rule's, which a GPU compiler may contract
+into fused multiply-adds as it does in the float32-state kernels.
+
+Kernel arguments (``quant_args``): grad, param, per used slot its array (``unsigned char``
+codes for a quantized slot, then its float32 ``<slot>_absmax``), the master, ``qtab`` (float32,
+per quantized slot 256 decoded values then 256 thresholds: ``tables``), ``blocks`` (int64
+pairs), ``nb``, then the scalars of ``cuda_source.mixed_args``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable, Mapping
+from functools import cache
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import numpy as np
+
+from . import RULES, cuda_source, quant
+
+if TYPE_CHECKING:
+    from .storage import IO
+
+__all__ = [
+    "QBLOCK",
+    "constants",
+    "header",
+    "kernel_name",
+    "plain_io",
+    "qslots",
+    "quant_args",
+    "quant_source",
+    "tables",
+]
+
+#: threads per CUDA block: one per element of a block of codes
+QBLOCK = quant.BLOCK
+
+
+def qslots(rule: str, flags: Mapping[str, bool]) -> tuple[bool, ...]:
+    """Per slot of ``rule``: is it quantized in the ``flags`` variant (used and
+    ``Slot.quantize``)?"""
+    used = RULES[rule].slots_used(flags)
+    return tuple(bool(u and s.quantize) for s, u in zip(RULES[rule].slots, used))
+
+
+def plain_io(io: IO) -> IO:
+    """``io`` without its quantized state: the storage format of the rest of the arrays."""
+    return dataclasses.replace(io, quant=None)
+
+
+@cache
+def tables(fmt: str, maps: tuple[str, ...]) -> np.ndarray:
+    """The packed tables of the quantized slots whose maps are ``maps``: float32 ``(len(maps),
+    512)``, per slot its 256 decoded values, then its 255 thresholds and +inf (read-only)."""
+    out = np.empty((max(len(maps), 1), 2 * QBLOCK), np.float32)
+    out[:] = np.inf
+    for j, m in enumerate(maps):
+        t = quant.table(fmt, m)
+        out[j, :QBLOCK] = t.dec
+        out[j, QBLOCK : QBLOCK + t.thr.size] = t.thr
+    out.setflags(write=False)
+    return out
+
+
+def constants(fmt: str, quant_map: str) -> tuple[np.float32, np.float32, bool]:
+    """``(top, tiny, signmag)`` of a slot's table (``quant.Table``)."""
+    t = quant.table(fmt, quant_map)
+    return np.float32(t.top), np.float32(t.tiny), bool(t.signmag)
+
+
+def kernel_name(rule: str) -> str:
+    return f"fastopt_{rule}_quant"
+
+
+def header() -> str:
+    """The text of ``kernels/quant.cuh``."""
+    return Path(__file__).with_name("quant.cuh").read_text()
+
+
+def quant_args(
+    rule: str, flags: Mapping[str, bool], io: IO
+) -> tuple[list[tuple[str, str, bool]], list[tuple[str, str]]]:
+    """``(arrays, scalars)`` of the kernel (see the module docstring): ``arrays`` as
+    ``[(name, C element type, written)]`` in argument order, ``scalars`` as ``[(C type,
+    name)]`` after ``qtab``, ``blocks`` and ``nb``."""
+    plain = plain_io(io)
+    arrays, scalars = cuda_source.mixed_args(rule, flags, plain)
+    q = dict(zip(RULES[rule].state, qslots(rule, flags)))
+    out: list[tuple[str, str, bool]] = []
+    for a, kind, w in arrays:
+        if q.get(a):
+            out += [(a, "unsigned char", True), (f"{a}_absmax", "float", True)]
+        else:
+            out.append((a, cuda_source.STORAGE_CTYPES[kind], w))
+    return out, scalars
+
+
+def _f32(x: np.float32) -> str:
+    """A float32 constant, exactly: its bit pattern."""
+    return f"__uint_as_float({int(np.float32(x).view(np.uint32)):#x}u)"
+
+
+def quant_source(rule: str, flags: Mapping[str, bool], io: IO, name: str | None = None) -> str:
+    """The complete CUDA C translation unit of one variant under storage format ``io``
+    (``io.quant`` set): compute type ``C`` (float32), the flag ``#define``s, the rule's body,
+    the storage conversions, the codec (``quant.cuh``) and the kernel ``name`` (default
+    ``fastopt_<rule>_quant``)."""
+    if io.quant is None or io.compute != "float32":
+        raise ValueError(f"quantized state needs float32 compute and io.quant; got {io}")
+    spec = RULES[rule]
+    plain = plain_io(io)
+    arrays, scalars = quant_args(rule, flags, io)
+    qs = [j for j, q in enumerate(qslots(rule, flags)) if q]
+    row = {j: r for r, j in enumerate(qs)}
+    nq = max(len(qs), 1)
+    state = spec.state
+    qname = {state[j]: f"q{j}_" for j in qs}
+    params = [f"{'' if w else 'const '}{t} *__restrict__ {a}" for a, t, w in arrays]
+    params += [
+        "const float *__restrict__ qtab",
+        "const long long *__restrict__ blocks",
+        "const long long nb",
+    ]
+    params += [f"{t} {n}" for t, n in scalars]
+
+    def ref(a: str) -> str:
+        return qname.get(a, f"{a}[i]")
+
+    lane: Callable[..., list[str]] = cuda_source.mixed_lane
+    body = lane(rule, flags, plain, ref, "i")
+    consts = {j: constants(io.quant, spec.slots[j].quant_map) for j in qs}
+    out = [f'extern "C" __global__ void {name or kernel_name(rule)}({", ".join(params)})', "{"]
+    out += [f"    {ln}" for ln in cuda_source.mixed_prologue(rule, plain)]
+    out.append("    const int t = threadIdx.x;")
+    if qs:  # (a variant that uses no quantized slot keeps only the element loop)
+        out += [
+            f"    __shared__ float qdec_[{nq}][{QBLOCK}];",
+            f"    __shared__ float qthr_[{nq}][{QBLOCK}];",
+            f"    __shared__ unsigned int qred_[{nq}][{QBLOCK}];",
+            f"    for (int j = 0; j < {len(qs)}; ++j) {{",
+            f"        qdec_[j][t] = qtab[j * {2 * QBLOCK} + t];",
+            f"        qthr_[j][t] = qtab[j * {2 * QBLOCK} + {QBLOCK} + t];",
+            "    }",
+            "    __syncthreads();",
+        ]
+    out += [
+        "    for (long long b = blockIdx.x; b < nb; b += gridDim.x) {",
+        "        const long long i = blocks[2 * b] + t;",
+        "        const bool act = i < blocks[2 * b + 1];",
+    ]
+    out += [f"        C q{j}_ = C(0);" for j in qs]
+    out.append("        if (act) {")
+    for j in qs:
+        s = state[j]
+        out.append(
+            f"            q{j}_ = qdec_[{row[j]}][{s}[i]] * ({s}_absmax[b] / {_f32(consts[j][0])});"
+        )
+    out += [f"            {ln}" for ln in body]
+    out.append("        }")
+    for j in qs:
+        out.append(f"        qred_[{row[j]}][t] = act ? fastopt_q_magnitude(q{j}_) : 0u;")
+    if qs:
+        out += [
+            f"        for (int s = {QBLOCK // 2}; s > 0; s >>= 1) {{",
+            "            __syncthreads();",
+            "            if (t < s) {",
+        ]
+    for j in qs:
+        r = row[j]
+        out.append(
+            f"                qred_[{r}][t] = qred_[{r}][t] > qred_[{r}][t + s] ? "
+            f"qred_[{r}][t] : qred_[{r}][t + s];"
+        )
+    if qs:
+        out += ["            }", "        }", "        __syncthreads();"]
+    for j in qs:
+        s, r = state[j], row[j]
+        top, tiny, signmag = consts[j]
+        out += [
+            f"        const float n{j}_ = __uint_as_float(qred_[{r}][0]);",
+            f"        const float e{j}_ = n{j}_ >= {_f32(tiny)} ? {_f32(top)} / n{j}_ : 0.0f;",
+            "        if (act) {",
+            f"            {s}[i] = (unsigned char)fastopt_q_encode(q{j}_ * e{j}_, qthr_[{r}], "
+            f"{int(signmag)});",
+            "        }",
+            "        if (t == 0) {",
+            f"            {s}_absmax[b] = n{j}_;",
+            "        }",
+        ]
+    if qs:
+        out.append("        __syncthreads();  // qred_ is read by every thread before it is reused")
+    out.append("    }")
+    out.append("}")
+    head = "typedef float C;\n"
+    return (
+        head
+        + cuda_source.preamble(rule, flags)
+        + "\n"
+        + cuda_source.storage_source()
+        + "\n"
+        + header()
+        + "\n"
+        + "\n".join(out)
+        + "\n"
+    )

@@ -1,0 +1,166 @@
+"""Cases for the GPU kernels of quantized state (``kernels/quant_cuda.py``: the CUDA C kernel
+under g++, the numba-cuda kernel under the simulator and on a GPU).
+
+A case is one buffer holding two tensors (``SEGMENTS``: ``(offset, size)``, each ending in a
+short block, a gap between them that no step may touch), its quantized slots laid out as a
+``FlatBuffer`` group's (codes over the whole buffer, the tensors' block scales one after the
+other, the block table of ``numba_quant.blocks_of_segments``). ``expected`` is the definition a
+quantized step is held to (``tests/test_quant_numba.py``): per tensor, the float32-state step
+of a backend on the dequantized state, then the oracle's quantization.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+from fastopt.kernels import RULES, quant
+
+from fastopt import _quantized as Q
+from fastopt import functional as F
+from fastopt import quant_reference as qr
+
+#: two tensors of one buffer: 2 full blocks and 88 elements, then 1 and 44 after a gap of 40
+SEGMENTS = ((0, 600), (640, 300))
+LENGTH = 940
+#: a value no step writes (the gap between the tensors must keep it)
+POISON = np.float32(-7.25)
+
+
+def block_table() -> np.ndarray:
+    from fastopt.backends.numba_quant import blocks_of_segments
+
+    return blocks_of_segments(SEGMENTS)
+
+
+def _block_ranges() -> list[tuple[int, int]]:
+    out, b = [], 0
+    for _, n in SEGMENTS:
+        out.append((b, b + quant.nblocks(n)))
+        b += quant.nblocks(n)
+    return out
+
+
+def initial(rule: str, hp: dict[str, Any], fmt: str, rng: Any) -> dict[str, Any]:
+    """Slot states over the buffer: ``(codes, absmax)`` for a quantized slot, float32 for
+    another used one, None where the variant of step 1 uses none. Random non-trivial values
+    (a slot's initial value where it is ``fresh``; non-negative where the slot is even; centered
+    RMSprop's ``v`` above ``ga²`` by a margin, as in ``tests/test_quant_numba.py``)."""
+    spec = RULES[rule]
+    flags = spec.flags_of(hp, 1, spec.initial_host_state(hp))
+    out: dict[str, Any] = {}
+    for s, used in zip(spec.slots, spec.slots_used(flags)):
+        if not used:
+            out[s.name] = None
+            continue
+        x = rng.standard_normal(LENGTH).astype(np.float32) * np.float32(0.1)
+        if s.even:
+            x = np.abs(x) + np.float32(spec.initial(s.name, hp))
+        if s.fresh:
+            x[:] = spec.initial(s.name, hp)
+        out[s.name] = _quantize(x, fmt, s.quant_map) if s.quantize else x
+    if out.get("grad_avg") is not None:
+        # centered RMSprop takes sqrt(v - ga²): v above ga² (decoded) by a margin
+        ga = _values(out["grad_avg"], fmt, spec.slot("grad_avg").quant_map)
+        v = ga * ga + np.float32(0.05) + np.abs(rng.standard_normal(LENGTH)).astype(np.float32)
+        sq = spec.slot("square_avg")
+        out["square_avg"] = _quantize(v, fmt, sq.quant_map) if sq.quantize else v
+    return out
+
+
+def _quantize(x: np.ndarray, fmt: str, qm: str) -> tuple[np.ndarray, np.ndarray]:
+    codes = np.full(LENGTH, 0xA5, np.uint8)  # the gap's codes: never written
+    scales = []
+    for off, n in SEGMENTS:
+        c, a = Q.quantize(x[off : off + n], fmt, qm)
+        codes[off : off + n] = c
+        scales.append(a)
+    return codes, np.concatenate(scales)
+
+
+def _values(pair: Any, fmt: str, qm: str) -> np.ndarray:
+    if not isinstance(pair, tuple):
+        return np.asarray(pair)
+    out = np.zeros(LENGTH, np.float32)
+    for (off, n), (b0, b1) in zip(SEGMENTS, _block_ranges()):
+        out[off : off + n] = qr.dequantize(pair[0][off : off + n], pair[1][b0:b1], fmt, qm)
+    return out
+
+
+def copy(state: dict[str, Any]) -> dict[str, Any]:
+    return {
+        k: None if v is None else (v[0].copy(), v[1].copy()) if isinstance(v, tuple) else v.copy()
+        for k, v in state.items()
+    }
+
+
+def host_state_kw(rule: str, hp: dict[str, Any], step: int) -> dict[str, Any]:
+    spec = RULES[rule]
+    return {"host_state": spec.replay_host_state(hp, step)} if spec.host_state else {}
+
+
+def expected(
+    rule: str,
+    hp: dict[str, Any],
+    fmt: str,
+    p: np.ndarray,
+    g: np.ndarray,
+    state: dict[str, Any],
+    step: int,
+    backend: str = "numba",
+) -> tuple[np.ndarray, dict[str, Any]]:
+    """``(param, state)`` after the step by definition: per tensor, ``backend``'s float32-state
+    step on the dequantized state, then the oracle's quantization (the gap unchanged)."""
+    spec = RULES[rule]
+    p_out = p.copy()
+    st_out = copy(state)
+    for (off, n), (b0, b1) in zip(SEGMENTS, _block_ranges()):
+        sl = slice(off, off + n)
+        full: dict[str, Any] = {}
+        for s in spec.slots:
+            a = state[s.name]
+            if a is None:
+                full[s.name] = None
+            elif isinstance(a, tuple):
+                full[s.name] = qr.dequantize(a[0][sl], a[1][b0:b1], fmt, s.quant_map)
+            else:
+                full[s.name] = a[sl].copy()
+        ps = p[sl].copy()
+        F.run(
+            rule,
+            ps,
+            g[sl],
+            full,
+            step=step,
+            hp=hp,
+            backend=backend,
+            **host_state_kw(rule, hp, step),
+        )
+        p_out[sl] = ps
+        for s in spec.slots:
+            a = st_out[s.name]
+            if isinstance(a, tuple):
+                c, m = qr.quantize(full[s.name], fmt, s.quant_map)
+                a[0][sl], a[1][b0:b1] = c, m
+            elif a is not None:
+                a[sl] = full[s.name]
+    return p_out, st_out
+
+
+def assert_same(
+    got_p: np.ndarray, got: dict[str, Any], want_p: np.ndarray, want: dict[str, Any], what: str
+) -> None:
+    """Bit for bit: params, every float32 slot, every code and scale (codes compared where
+    their block's scale is not NaN: a NaN block's codes are the rule's NaNs either way)."""
+    assert np.array_equal(got_p.view(np.uint32), want_p.view(np.uint32)), f"{what}: param"
+    for name, w in want.items():
+        g = got[name]
+        if isinstance(w, tuple):
+            assert np.array_equal(g[1], w[1], equal_nan=True), f"{what}: {name}.absmax"
+            ok = np.ones(LENGTH, bool)
+            for (off, n), (b0, b1) in zip(SEGMENTS, _block_ranges()):
+                nan = np.isnan(w[1][b0:b1])
+                ok[off : off + n] = ~nan[np.arange(n) // quant.BLOCK]
+            assert np.array_equal(g[0][ok], w[0][ok]), f"{what}: {name}.codes"
+        elif w is not None:
+            assert np.array_equal(g, w, equal_nan=True), f"{what}: {name}"

@@ -1,0 +1,194 @@
+"""The CUDA C kernel of quantized state (``kernels/quant_cuda.py``: what the CuPy backend
+compiles) built by g++ as C++ (``tests/harness/grid.cpp``: every thread of a block a thread of
+its own, ``__syncthreads`` a barrier, ``-ffp-contract=off``) and run over a grid smaller than
+the block table, against the definition of a quantized step (``tests/support/quant_cases.py``:
+the numba CPU backend's float32-state step on the dequantized state, then the oracle's
+quantization), bit for bit: params, codes and scales; two tensors in one buffer, each ending
+in a short block, and the gap between them untouched.
+
+The default run keeps one small case per format (Adam with every probe on: three quantized
+slots, signed and unsigned maps); every rule in both formats is the ``exhaustive`` group.
+Skipped only when g++ is missing.
+"""
+
+from __future__ import annotations
+
+import atexit
+import ctypes
+import functools
+import shutil
+import subprocess
+import tempfile
+from pathlib import Path
+
+import numpy as np
+import pytest
+from fastopt.kernels import RULES, cuda_source, quant, quant_cuda, storage
+from support import quant_cases as qc
+from support.matrix import RULE_FULL
+
+GXX = shutil.which("g++")
+pytestmark = pytest.mark.skipif(GXX is None, reason="g++ is not installed")
+
+HARNESS = Path(__file__).with_name("harness") / "grid.cpp"
+GRID = 2  # CUDA blocks: fewer than the 5 blocks of codes, so the block loop takes trips
+STEPS = 3
+DEFAULT = {("adam", "int8"), ("adam", "float8_e4m3")}
+#: the g++ builds of this process (removed at exit)
+_BUILD = Path(tempfile.mkdtemp(prefix="fastopt_quant_"))
+atexit.register(shutil.rmtree, _BUILD, True)
+
+
+def _cases():
+    return [
+        pytest.param(
+            rule,
+            fmt,
+            id=f"{rule}-{fmt}",
+            marks=() if (rule, fmt) in DEFAULT else (pytest.mark.exhaustive,),
+        )
+        for rule in RULES
+        for fmt in quant.FORMATS
+    ]
+
+
+@functools.cache
+def _kernel(rule: str, flags: tuple[tuple[str, bool], ...], io: storage.IO):
+    """The g++-built kernel of one variant: ``run(arrays, k, qtab, blocks, nb, grid)``."""
+    fl = dict(flags)
+    tag = f"k{abs(hash((rule, flags, io))) % 10**12}"
+    name = f"{quant_cuda.kernel_name(rule)}_{tag}"
+    arrays, scalars = quant_cuda.quant_args(rule, fl, io)
+    args = [f"({t} *)a[{j}]" for j, (_, t, _) in enumerate(arrays)]
+    args += ["qtab", "blocks", "nb"]
+    nk = nd = 0
+    for t, _ in scalars:  # host values from k, device buffers from d, in declared order
+        if "*" in t:
+            args.append(f"({t.split('*')[0]} *)d[{nd}]")
+            nd += 1
+        else:
+            args.append(f"({t.replace('const ', '')})k[{nk}]")
+            nk += 1
+    code = "\n".join(
+        [
+            f"namespace {tag} {{",
+            quant_cuda.quant_source(rule, fl, io, name=name),
+            f'extern "C" void run_{tag}(void *const *a, const double *k, void *const *d, '
+            "const float *qtab, const long long *blocks, long long nb, unsigned grid) {",
+            f"    fastopt_grid_threads(grid, {quant_cuda.QBLOCK}, [&] "
+            f"{{ {name}({', '.join(args)}); }});",
+            "}",
+            "}",
+        ]
+        + [f"#undef {m}" for m in cuda_source.defines(rule, fl)]
+    )
+    (_BUILD / f"{tag}.inc").write_text(code + "\n")
+    so = _BUILD / f"{tag}.so"
+    cmd = [GXX, "-std=c++20", "-O1", "-shared", "-fPIC", "-pthread", "-ffp-contract=off"]
+    cmd += ["-Wall", "-Werror", f'-DFASTOPT_KERNELS="{tag}.inc"', f"-I{_BUILD}", str(HARNESS)]
+    res = subprocess.run(cmd + ["-o", str(so)], capture_output=True, text=True, check=False)
+    assert res.returncode == 0, f"g++ failed:\n{res.stderr[:4000]}"
+    fn = getattr(ctypes.CDLL(str(so)), f"run_{tag}")
+    fn.argtypes = [ctypes.c_void_p] * 5 + [ctypes.c_longlong, ctypes.c_uint]
+    return fn, arrays
+
+
+def _step(rule, hp, fmt, p, g, st, t, io=None, extras=(), dev=()):
+    """One quantized step of the g++-built kernel over the buffer (in place); ``io``: the
+    storage format (default float32 params), ``extras``: the values of its host scalars after
+    the rule's (``inv_scale``, ``salt``, ``key`` as it declares them; none with ``io.kbuf``
+    but these), ``dev``: its device buffers in declared order (``kbuf``, ``gscale``,
+    ``found_inf``)."""
+    spec = RULES[rule]
+    hs = spec.replay_host_state(hp, t)
+    flags, k = spec.variant_and_scalars(hp, t, hs)
+    io = io or storage.IO(quant=fmt)
+    fn, arrays = _kernel(rule, tuple(sorted(flags.items())), io)
+    named = {"grad": g, "param": p}
+    for s in spec.slots:
+        a = st[s.name]
+        if isinstance(a, tuple):
+            named[s.name], named[f"{s.name}_absmax"] = a
+        else:
+            named[s.name] = a
+    bufs = [named[a] for a, _, _ in arrays]
+    assert all(b is not None for b in bufs)
+    ptrs = (ctypes.c_void_p * len(bufs))(*[b.ctypes.data for b in bufs])
+    qmaps = tuple(s.quant_map for s, q in zip(spec.slots, quant_cuda.qslots(rule, flags)) if q)
+    qtab = quant_cuda.tables(fmt, qmaps)
+    blocks = qc.block_table()
+    ks = np.array([*([] if io.kbuf else k), *extras, 0.0], np.float64)
+    dp = (ctypes.c_void_p * max(1, len(dev)))(*[a.ctypes.data for a in dev])
+    fn(ptrs, ks.ctypes.data, dp, qtab.ctypes.data, blocks.ctypes.data, blocks.shape[0], GRID)
+
+
+@pytest.mark.parametrize(("rule", "fmt"), _cases())
+def test_cuda_c_kernel_equals_float32_step_then_oracle_quantization(rule, fmt):
+    hp = RULE_FULL[rule]
+    rng = np.random.default_rng(11)
+    p = rng.standard_normal(qc.LENGTH).astype(np.float32)
+    p[600:640] = qc.POISON
+    st = qc.initial(rule, hp, fmt, rng)
+    for t in range(1, STEPS + 1):
+        g = rng.standard_normal(qc.LENGTH).astype(np.float32)
+        want_p, want = qc.expected(rule, hp, fmt, p, g, st, t)
+        _step(rule, hp, fmt, p, g, st, t)
+        qc.assert_same(p, st, want_p, want, f"{rule} {fmt} step {t}")
+    assert np.all(p[600:640] == qc.POISON)
+
+
+@pytest.mark.exhaustive  # a numba compile of the CPU loop of this format besides g++
+def test_bfloat16_params_stochastic_rounding_and_loss_scale_equal_the_cpu_loop():
+    """bfloat16 params and grads, stochastic rounding and a host loss scale (the storage
+    format's loads and stores around the same codec): the CPU backend's quantized loop over
+    the same buffer and block table, bit for bit."""
+    import ml_dtypes
+
+    from fastopt.backends.numba_quant import prepare_quant
+
+    bf16 = np.dtype(ml_dtypes.bfloat16)
+    rule, fmt, hp = "adam", "int8", RULE_FULL["adam"]
+    spec = RULES[rule]
+    io = storage.IO(param="bfloat16", grad="bfloat16", quant=fmt, sr=True, scale="host")
+    rng = np.random.default_rng(4)
+    p = rng.standard_normal(qc.LENGTH).astype(bf16)
+    st = qc.initial(rule, hp, fmt, rng)
+    p_c, st_c = p.copy(), qc.copy(st)
+    blocks = qc.block_table()
+    for t in (1, 2):
+        g = (rng.standard_normal(qc.LENGTH) * 8).astype(bf16)
+        flags, k = spec.variant_and_scalars(hp, t, spec.replay_host_state(hp, t))
+        key, salt, inv = storage.step_key(7, t), 3, 0.125
+        run = prepare_quant(rule, flags, spec.slots_used(flags), k, io, extras=(inv, key))
+        states = [(*st_c[s.name], blocks) if st_c[s.name] is not None else None for s in spec.slots]
+        run(p_c, g, states, None, salt)
+        _step(rule, hp, fmt, p.view(np.uint16), g.view(np.uint16), st, t, io, (inv, salt, key))
+        assert np.array_equal(p.view(np.uint16), p_c.view(np.uint16)), f"param, step {t}"
+        none = np.zeros(1, np.float32)
+        qc.assert_same(none, st, none, st_c, f"bfloat16 sr step {t}")
+
+
+@pytest.mark.exhaustive  # two more g++ builds
+def test_capturable_form_equals_the_host_form():
+    """The capturable form (the scalars from a device buffer, the loss scale and a found-inf
+    flag from device pointers): with the flag clear, the host form's codes, scales and params
+    bit for bit; with it set, nothing written."""
+    import dataclasses
+
+    rule, fmt, hp = "adam", "float8_e4m3", RULE_FULL["adam"]
+    spec = RULES[rule]
+    host = storage.IO(quant=fmt, scale="host")
+    cap = dataclasses.replace(host, scale="device", found_inf=True, kbuf=True)
+    rng = np.random.default_rng(6)
+    p = rng.standard_normal(qc.LENGTH).astype(np.float32)
+    st = qc.initial(rule, hp, fmt, rng)
+    p2, st2 = p.copy(), qc.copy(st)
+    g = rng.standard_normal(qc.LENGTH).astype(np.float32) * 8
+    k = spec.variant_and_scalars(hp, 2, spec.replay_host_state(hp, 2))[1]
+    kbuf, scale = np.array(k, np.float32), np.array([8.0], np.float32)
+    _step(rule, hp, fmt, p, g, st, 2, host, (0.125,))
+    _step(rule, hp, fmt, p2, g, st2, 2, cap, (), (kbuf, scale, np.array([0.0], np.float32)))
+    qc.assert_same(p2, st2, p, st, "capturable")
+    before = p2.copy(), qc.copy(st2)
+    _step(rule, hp, fmt, p2, g, st2, 3, cap, (), (kbuf, scale, np.array([1.0], np.float32)))
+    qc.assert_same(p2, st2, *before, "found inf")

@@ -1,0 +1,109 @@
+"""Compile checks of the quantized-state kernels without a GPU: the CUDA C kernel
+(``kernels/quant_cuda.py``, what the CuPy backend builds) by NVRTC for sm_90 and the
+numba-cuda kernel (``backends/numba_cuda_quant.py``) by NVVM for sm_90, each free of float64
+instructions (the math is float32: a stray double literal would show as ``.f64``) and with its
+shared-memory tables present. By default Adam with every probe on (three quantized slots) in
+each format and a bfloat16-param plan (numba-cuda: that plan alone); every rule under
+``exhaustive``. Skipped when NVRTC or numba-cuda's NVVM is missing.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+
+import pytest
+from fastopt.kernels import RULES, quant, quant_cuda, storage
+from support.matrix import RULE_FULL
+
+F64 = re.compile(r"\.f64\b")
+BF16 = storage.IO(param="bfloat16", grad="bfloat16", quant="int8", sr=True)
+
+
+def _flags(rule):
+    spec = RULES[rule]
+    hp = RULE_FULL[rule]
+    return spec.variant_and_scalars(hp, 2, spec.replay_host_state(hp, 2))[0]
+
+
+def _cases():
+    out = []
+    for rule in RULES:
+        for fmt in quant.FORMATS:
+            on = rule == "adam"
+            out.append(
+                pytest.param(
+                    rule,
+                    storage.IO(quant=fmt),
+                    id=f"{rule}-{fmt}",
+                    marks=() if on else (pytest.mark.exhaustive,),
+                )
+            )
+    out.append(pytest.param("adam", BF16, id="adam-bf16-sr-int8"))
+    return out
+
+
+def _instructions(ptx):
+    return [ln.split("//")[0] for ln in ptx.splitlines() if ln.startswith("\t")]
+
+
+@pytest.mark.parametrize(("rule", "io"), _cases())
+def test_nvrtc_compiles_the_cuda_c_kernel(rule, io):
+    nvrtc = pytest.importorskip("cuda.bindings.nvrtc")
+    try:
+        nvrtc.nvrtcVersion()
+    except Exception as exc:
+        pytest.skip(f"NVRTC cannot be loaded: {exc}")
+    src = quant_cuda.quant_source(rule, _flags(rule), io)
+    _, prog = nvrtc.nvrtcCreateProgram(src.encode(), b"quant.cu", 0, [], [])
+    opts = [b"-arch=sm_90", b"--std=c++17"]
+    (res,) = nvrtc.nvrtcCompileProgram(prog, len(opts), opts)
+    if res != nvrtc.nvrtcResult.NVRTC_SUCCESS:
+        _, size = nvrtc.nvrtcGetProgramLogSize(prog)
+        log = b" " * size
+        nvrtc.nvrtcGetProgramLog(prog, log)
+        pytest.fail(f"NVRTC: {res}\n{log.decode(errors='replace')[:4000]}")
+    _, n = nvrtc.nvrtcGetPTXSize(prog)
+    ptx = b" " * n
+    nvrtc.nvrtcGetPTX(prog, ptx)
+    nvrtc.nvrtcDestroyProgram(prog)
+    text = ptx.decode().rstrip("\x00 ")
+    assert f".entry {quant_cuda.kernel_name(rule)}(" in text
+    if any(quant_cuda.qslots(rule, _flags(rule))):  # the tables and the block's reduction
+        assert ".shared" in text and "bar.sync" in text
+    assert not [ln for ln in _instructions(text) if F64.search(ln)], "float64 in a float32 kernel"
+
+
+def _numba_cases():
+    """``_cases`` with only the bfloat16-param plan by default (its int8 codec and storage
+    conversions in one compile; a numba-cuda compile is most of this module's time)."""
+    out = []
+    for c in _cases():
+        if c.id in ("adam-int8", "adam-float8_e4m3"):
+            c = pytest.param(*c.values, id=c.id, marks=(pytest.mark.exhaustive,))
+        out.append(c)
+    return out
+
+
+@pytest.mark.parametrize(("rule", "io"), _numba_cases())
+def test_numba_cuda_compiles_the_kernel(rule, io):
+    if os.environ.get("NUMBA_ENABLE_CUDASIM", "0") not in ("", "0"):
+        pytest.skip("the CUDA simulator is on: it compiles nothing")
+    try:
+        from numba import cuda
+
+        from fastopt.backends import numba_cuda_quant as ncq
+    except Exception as exc:
+        pytest.skip(f"numba-cuda cannot be imported: {exc}")
+    flags = _flags(rule)
+    try:
+        ptx, _ = cuda.compile_ptx(
+            ncq.python_kernel(rule, flags, io), ncq.signature(rule, flags, io), cc=(9, 0)
+        )
+    except Exception as exc:
+        if "NVVM" in str(exc) or "libdevice" in str(exc):
+            pytest.skip(f"numba-cuda needs NVVM: {exc}")
+        raise
+    if any(quant_cuda.qslots(rule, flags)):
+        assert ".shared" in ptx and "bar.sync" in ptx
+    assert not [ln for ln in _instructions(ptx) if F64.search(ln)], "float64 in a float32 kernel"
