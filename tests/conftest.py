@@ -160,6 +160,8 @@ GPU_PROOFS = (
     "test_cuda_mixed",
     "test_cudasim",
     "test_multi_tensor_cuda",
+    "test_cuda_quant",
+    "test_cuda_quant_compile",
 )
 
 
