@@ -688,7 +688,8 @@ class Stepper:
             # what the cached views are made of (a tensor param's memory: its storage, above)
             e.pins = ([] if e.ptr is not None else [p]) + [a for _, a in e.sarrs]
             e.sflat = tuple(_flat_slot(st, s, kinds) for s in slots)
-            m = st.get(precision.MASTER) if kinds.master_weights else None
+            master = kinds.master_name(pk)
+            m = None if master is None else st.get(master)
             e.mflat = None if m is None else m.reshape(-1)
             e.io = kinds.io_base(pk, precision.known_kind(g.dtype))
             e.ios, e.salt = {}, precision.param_salt(name)
@@ -848,7 +849,9 @@ class Stepper:
                     )
                 )
             c.states = tuple(qs)
-        c.masters = tuple(f.get(precision.MASTER) for f in self.state.flat)
+        c.masters = tuple(
+            f.get(precision.MASTER, f.get(precision.MASTER_REMAINDER)) for f in self.state.flat
+        )
         c.entries = []
         for i, (d, g) in enumerate(zip(c.datas, c.grads)):
             e = _Entry()  # the group's storage format and salt

@@ -281,7 +281,7 @@ def check_state_arrays(
 ) -> list[Overlap]:
     """Each present state buffer (``(state name, array or None)``) shaped like its (already
     checked) param and typed ``state_dtype`` (default: the param's dtype; the fp32 master copy
-    ``"master_param"`` always float32), C-contiguous and writeable; returns their overlap
+    ``"master_param"`` always float32, a remainder ``"master_remainder"`` int16), C-contiguous and writeable; returns their overlap
     entries."""
     who = _who(name, who)
     entries: list[Overlap] = []
@@ -289,7 +289,7 @@ def check_state_arrays(
         if a is None:
             continue
         role = f"state {s!r}"
-        dt = np.float32 if s == "master_param" else state_dtype
+        dt = {"master_param": np.float32, "master_remainder": np.int16}.get(s, state_dtype)
         check_like(name, role, a, param, who, dtype=dt)
         check_writable(name, role, a, who)
         entries.append((f"{role} of {who}", a, True))
