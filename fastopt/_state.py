@@ -172,6 +172,8 @@ def _loaded_names(st: Mapping[str, Any], kinds: StateKinds, pk: str) -> tuple[st
     master in the form the state holds it (converted at binding, ``_loaded_buffer``)."""
     want = kinds.names_for(pk)
     own = kinds.master_name(pk)
+    if own is None:
+        return want
     held = next((m for m in kinds.master_names(pk) if m in st), own)
     return tuple(held if n == own else n for n in want)
 

@@ -281,8 +281,8 @@ def check_state_arrays(
 ) -> list[Overlap]:
     """Each present state buffer (``(state name, array or None)``) shaped like its (already
     checked) param and typed ``state_dtype`` (default: the param's dtype; the fp32 master copy
-    ``"master_param"`` always float32, a remainder ``"master_remainder"`` int16), C-contiguous and writeable; returns their overlap
-    entries."""
+    ``"master_param"`` always float32, a remainder ``"master_remainder"`` int16), C-contiguous
+    and writeable; returns their overlap entries."""
     who = _who(name, who)
     entries: list[Overlap] = []
     for s, a in states:

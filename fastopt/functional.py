@@ -18,9 +18,10 @@ Mixed precision (``fastopt.precision``): the param may be float16, bfloat16, flo
 float64, the grad in the param dtype or float32, the state buffers (all in one dtype) in the
 param dtype, float32 or bfloat16; ``master_param=`` (an fp32 array) keeps the master copy of a
 16-bit param, or ``master_remainder=`` (an int16 array) the low half of a bfloat16 param's fp32
-master (the param its high half, ``fastopt.precision.split_master``), ``stochastic_rounding=True`` (with ``seed=``, ``salt=``) rounds a bfloat16 param
-stochastically. Loss scaling: ``grad_scale=`` (a number, or a 1-element array: host, or device
-for the GPU backends, read in the kernel) multiplies the grad by 1/scale inside the pass
+master (the param its high half, ``fastopt.precision.split_master``);
+``stochastic_rounding=True`` (with ``seed=``, ``salt=``) rounds a bfloat16 param stochastically.
+Loss scaling: ``grad_scale=`` (a number, or a 1-element array: host, or device for the GPU
+backends, read in the kernel) multiplies the grad by 1/scale inside the pass
 (``unscale_grads=True`` also stores the unscaled grad); ``found_inf=`` (a number or 1-element
 array) nonzero makes the call change nothing. Each entry point returns True when the step was
 applied, False when ``found_inf`` skipped it.

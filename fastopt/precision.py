@@ -189,8 +189,7 @@ def join_master(param: npt.ArrayLike, remainder: npt.ArrayLike) -> npt.NDArray[n
     r = np.ascontiguousarray(remainder)
     if r.dtype != np.int16 or r.shape != p.shape:
         raise TypeError(
-            f"join_master: the remainder is {r.dtype}{list(r.shape)}; expected "
-            f"int16{list(p.shape)}"
+            f"join_master: the remainder is {r.dtype}{list(r.shape)}; expected int16{list(p.shape)}"
         )
     rr = r.astype(np.int64)
     hi = (p.view(np.uint16).astype(np.int64) - (rr < 0)) % 65536
@@ -198,7 +197,7 @@ def join_master(param: npt.ArrayLike, remainder: npt.ArrayLike) -> npt.NDArray[n
     return u.astype(np.uint32).view(np.float32)
 
 
-def resolve_state_kind(policy: str | None, param_kind: str, master: bool = False) -> str:
+def resolve_state_kind(policy: str | None, param_kind: str, master: bool | str = False) -> str:
     """The storage dtype of the state buffers of a param: ``policy`` (``state_dtype=``), or
     the param dtype when None (float32 when a master copy is kept: the stepped param is fp32).
     Raises TypeError for bfloat16 state of float64 params."""
@@ -235,7 +234,9 @@ def io_of(
         check_remainder_param(param_kind)
     master = bool(master) and param_kind in storage.BITS16
     sr = bool(sr) and param_kind == "bfloat16" and not master
-    return IO(param_kind, grad_kind, state_kind, master=master, sr=sr, remainder=remainder, **extras)
+    return IO(
+        param_kind, grad_kind, state_kind, master=master, sr=sr, remainder=remainder, **extras
+    )
 
 
 def param_salt(name: object) -> int:

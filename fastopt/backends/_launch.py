@@ -181,7 +181,8 @@ class TensorTable:
     state slot of ``rule``, ``master`` the fp32 master copy (None without one). Every array is
     checked (``describe``): storage dtypes as the storage format ``io`` says (param
     ``io.param``, grad ``io.grad``, slots ``io.state``, master ``io.kind("master")``
-    (float32, or int16 for a remainder) exactly when ``io.master``), as many elements as its param, C-contiguous, on the param's device.
+    (float32, or int16 for a remainder) exactly when ``io.master``), as many elements as its
+    param, C-contiguous, on the param's device.
     Nothing is launched from a table that failed a check (the constructor raises). The kernels
     trust the table; so the arrays must stay alive, unmoved, for as long as it is launched:
     ``same``/``update`` are the cheap re-checks of a later step (``fastopt.torch`` holds the

@@ -265,9 +265,7 @@ PRECISIONS = {
         Precision("bfloat16", "bfloat16", "bfloat16"),
         Precision("bfloat16+fp32-state", "bfloat16", "bfloat16", (("state_dtype", "float32"),)),
         Precision("bfloat16+master", "bfloat16", "bfloat16", (("master_weights", True),)),
-        Precision(
-            "bfloat16+remainder", "bfloat16", "bfloat16", (("master_weights", "remainder"),)
-        ),
+        Precision("bfloat16+remainder", "bfloat16", "bfloat16", (("master_weights", "remainder"),)),
         Precision("int8-state", "float32", "float32", (("state_dtype", "int8"),)),
         Precision("float8-state", "float32", "float32", (("state_dtype", "float8_e4m3"),)),
         Precision("float16", "float16", "float16"),
