@@ -324,3 +324,24 @@ def test_bytes_per_param_follow_from_the_spec(rule):
     assert mw - rem == np.dtype(np.float32).itemsize - np.dtype(np.int16).itemsize
     assert rem - none == np.dtype(np.int16).itemsize
     assert state_bytes_per_param(rule, master_weights="remainder") == state_bytes_per_param(rule)
+
+
+@pytest.mark.parametrize("backend", ["numpy", pytest.param("numba", marks=pytest.mark.exhaustive)])
+def test_with_quantized_state(backend):
+    """Quantized moments (``state_dtype="int8"``) beside a remainder master: the master is the
+    fp32-master optimizer's bit for bit (the quantized loop joins and splits it too)."""
+    rng = np.random.default_rng(9)
+    p0 = rng.standard_normal(700).astype(BF16)
+    kw = dict(lr=1e-2, state_dtype="int8", backend=backend)
+    A, B = fastopt.Adam(master_weights=True, **kw), fastopt.Adam(master_weights="remainder", **kw)
+    pa, pb = {"w": p0.copy()}, {"w": p0.copy()}
+    for _ in range(3):
+        g = {"w": rng.standard_normal(700).astype(BF16)}
+        A.update(pa, g)
+        B.update(pb, g)
+        joined = precision.join_master(pb["w"], B.state["w"][REM])
+        assert np.array_equal(
+            joined.view(np.uint32), A.state["w"][precision.MASTER].view(np.uint32)
+        )
+        for s in ("exp_avg.codes", "exp_avg_sq.absmax"):
+            assert np.array_equal(B.state["w"][s], A.state["w"][s]), s
