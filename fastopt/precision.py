@@ -45,6 +45,7 @@ __all__ = [
     "STATE_DTYPES",
     "bfloat16",
     "check_master_weights",
+    "check_remainder_param",
     "check_state_dtype",
     "grad_kinds",
     "io_of",
