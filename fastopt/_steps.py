@@ -95,6 +95,15 @@ def _flat_slot(st: Mapping[str, Any], s: str, kinds: StateKinds) -> Any:
     return st[s].reshape(-1) if s in st else None
 
 
+def _check_master(kinds: StateKinds, pk: str, who: str) -> None:
+    """A master the params of ``pk`` can keep (``master_weights="remainder"`` refuses float16
+    params), named by ``who``; before anything is written."""
+    try:
+        kinds.master_name(pk)
+    except ValueError as exc:
+        raise ValueError(f"{who}: {exc}") from None
+
+
 def _check_quant_backend(be: ModuleType, kinds: StateKinds) -> None:
     if kinds.quant is not None:
         from ._quantized import check_backend
@@ -744,8 +753,9 @@ class Stepper:
         for name, p in params.items():
             g = grads[name]
             pd, ents = check_param_arrays(name, p, g, (), supported, grad_written=write_grad)
-            self.state.check_against(name, tuple(p.shape), pd, kinds, type(owner).__name__)
             pk = precision.known_kind(pd)
+            _check_master(kinds, pk, f"parameter {name!r} ({describe(p)})")
+            self.state.check_against(name, tuple(p.shape), pd, kinds, type(owner).__name__)
             sk = kinds.state_kind(pk)  # refuses a state dtype this param cannot keep
             if bound:
                 st = self.state.arrays[name]
@@ -931,6 +941,7 @@ class Stepper:
         for i, group in enumerate(buf.groups):
             dt = np.dtype(group.dtype)
             who = f"the FlatBuffer {dtype_name(dt)} group"
+            _check_master(kinds, precision.known_kind(dt), f"{who} ({', '.join(group.slots)})")
             n = max((off + size for off, size, _ in group.slots.values()), default=0)
             for role, a in (("data", group.data), ("grad", group.grad)):
                 ok = (dt,) if role == "data" else (dt, np.dtype(np.float32))
