@@ -193,7 +193,8 @@ def _loaded_buffer(st: Mapping[str, Any], s: str, param: Any) -> Any:
         param.view(xp.uint16)[...] = xp.asarray(bits.view(np.uint16).reshape(param.shape))
         return rem
     assert s == precision.MASTER, s
-    return precision.join_master(to_numpy(param), st[precision.MASTER_REMAINDER])
+    bits = np.asarray(to_numpy(param.view(xp.uint16))).view(precision.bfloat16())
+    return precision.join_master(bits, st[precision.MASTER_REMAINDER])
 
 
 def _quantize_loaded(st: dict[str, Any], kinds: StateKinds, what: str) -> dict[str, Any]:
