@@ -57,6 +57,31 @@ class StateKinds:
     stochastic_rounding: bool = False
     #: the slots the rule lets be quantized (``Slot.quantize``), with their maps
     quantizable: tuple[tuple[str, str], ...] = ()
+    #: the master of a bfloat16 param kept as the param plus an int16 remainder
+    #: (``master_weights="remainder"``)
+    remainder: bool = False
+
+    def master_name(self, param_kind: str) -> str | None:
+        """The state buffer of a param's master: ``"master_param"`` (fp32),
+        ``"master_remainder"`` (int16, a bfloat16 param's with ``remainder``), or None (no
+        master: a 32/64-bit param, or no master weights). A float16 param with ``remainder``
+        is refused (``ValueError``)."""
+        if not self.master_weights or param_kind not in precision.storage.BITS16:
+            return None
+        if self.remainder:
+            precision.check_remainder_param(param_kind)
+            return precision.MASTER_REMAINDER
+        return precision.MASTER
+
+    def master_names(self, param_kind: str) -> tuple[str, ...]:
+        """The master buffers a loaded state of a param may hold: its own form, and the other
+        (a float32-master state into a remainder optimizer and back), converted at binding."""
+        own = self.master_name(param_kind)
+        if own is None:
+            return ()
+        if param_kind != "bfloat16":
+            return (own,)
+        return (own, precision.MASTER if self.remainder else precision.MASTER_REMAINDER)
 
     @property
     def quant(self) -> str | None:
@@ -91,6 +116,8 @@ class StateKinds:
         for s in self.names_for(param_kind, expand=False):
             if s == precision.MASTER:
                 out[s] = (tuple(shape), np.dtype(np.float32))
+            elif s == precision.MASTER_REMAINDER:
+                out[s] = (tuple(shape), np.dtype(np.int16))
             elif self.quant_map(s) is not None:
                 codes, absmax = _quantized.names_of(s)
                 out[codes] = (tuple(shape), np.dtype(np.uint8))
@@ -109,8 +136,9 @@ class StateKinds:
         of a 16-bit param when ``master_weights``; a quantized slot as its two buffers
         (``s.codes``, ``s.absmax``) unless ``expand`` is false."""
         out = self.slots
-        if self.master_weights and param_kind in precision.storage.BITS16:
-            out = out + (precision.MASTER,)
+        master = self.master_name(param_kind)
+        if master is not None:
+            out = out + (master,)
         if expand and self.quant is not None:
             from ._quantized import names_of
 
@@ -125,10 +153,48 @@ class StateKinds:
             param_kind,
             grad_kind,
             self.state_kind(param_kind),
-            self.master_weights,
+            "remainder" if self.remainder and self.master_weights else self.master_weights,
             self.stochastic_rounding,
             quant=self.quant if any(self.quant_map(s) for s in self.slots) else None,
         )
+
+
+def _MASTER_SPECS(shape: tuple[int, ...]) -> dict[str, Any]:
+    """(shape, dtype) of either form of a master a loaded state may hold."""
+    return {
+        precision.MASTER: (tuple(shape), np.dtype(np.float32)),
+        precision.MASTER_REMAINDER: (tuple(shape), np.dtype(np.int16)),
+    }
+
+
+def _loaded_names(st: Mapping[str, Any], kinds: StateKinds, pk: str) -> tuple[str, ...]:
+    """The buffer names a loaded state of a ``pk`` param must hold: ``kinds``' own, with the
+    master in the form the state holds it (converted at binding, ``_loaded_buffer``)."""
+    want = kinds.names_for(pk)
+    own = kinds.master_name(pk)
+    if own is None:
+        return want
+    held = next((m for m in kinds.master_names(pk) if m in st), own)
+    return tuple(held if n == own else n for n in want)
+
+
+def _loaded_buffer(st: Mapping[str, Any], s: str, param: Any) -> Any:
+    """State buffer ``s`` of a loaded (host) state ``st`` of ``param``: as loaded, or the
+    master converted from the other form. A float32 master into a remainder: its split, the
+    param written with the split's bfloat16 (which differs from the saved param only where the
+    master sits on a tie of nearest-even rounding: one unit further from zero), so that the
+    pair holds the loaded master bit for bit; a remainder into a float32 master: joined with
+    the param."""
+    if s in st:
+        return st[s]
+    xp = array_module(param)
+    if s == precision.MASTER_REMAINDER:
+        bits, rem = precision.split_master(st[precision.MASTER])
+        param.view(xp.uint16)[...] = xp.asarray(bits.view(np.uint16).reshape(param.shape))
+        return rem
+    assert s == precision.MASTER, s
+    bits = np.asarray(to_numpy(param.view(xp.uint16))).view(precision.bfloat16())
+    return precision.join_master(bits, st[precision.MASTER_REMAINDER])
 
 
 def _quantize_loaded(st: dict[str, Any], kinds: StateKinds, what: str) -> dict[str, Any]:
@@ -265,11 +331,11 @@ class OptimizerState:
             pk = precision.known_kind(dtype)
             check_names(
                 self.pending[name],
-                kinds.names_for(pk),
+                _loaded_names(self.pending[name], kinds, pk),
                 f"loaded state buffers of parameter {name!r}",
                 f"those {who} keeps for a {pk} parameter",
             )
-            specs = kinds.buffers_for(pk, shape)
+            specs = dict(_MASTER_SPECS(shape), **kinds.buffers_for(pk, shape))
             for s, a in self.pending[name].items():
                 wshape, want = specs[s]
                 if a.shape != wshape or a.dtype != want:
@@ -299,9 +365,11 @@ class OptimizerState:
         pk = precision.known_kind(dtype_of(like))
         for s, (shape, dt) in kinds.buffers_for(pk, tuple(like.shape)).items():
             if pending is not None:
-                out[s] = xp.asarray(pending[s]).reshape(shape).copy()
+                out[s] = xp.asarray(_loaded_buffer(pending, s, like)).reshape(shape).copy()
             elif s == precision.MASTER:
                 out[s] = like.astype(np.float32)  # the fp32 copy: exact
+            elif s == precision.MASTER_REMAINDER:
+                out[s] = xp.zeros(shape, dtype=dt)  # the param is the master's high half: exact
             else:
                 out[s] = xp.full(shape, _fill_value(kinds, s, fill), dtype=dt)
         return out
@@ -343,6 +411,8 @@ class OptimizerState:
             flat = {
                 s: group.data.astype(np.float32)
                 if s == precision.MASTER
+                else xp.zeros(shape, dtype=dt)  # the param is the master's high half: exact
+                if s == precision.MASTER_REMAINDER
                 else xp.full(
                     (nb,) if s.endswith(".absmax") and kinds.quant else shape,
                     _fill_value(kinds, s, fill),
@@ -358,8 +428,11 @@ class OptimizerState:
                     for s, a in flat.items()
                 }
                 if self.pending is not None:
+                    p = group.data[off : off + size].reshape(shape)
                     for s, v in views.items():
-                        v[...] = array_module(v).asarray(self.pending[name][s])
+                        v[...] = array_module(v).asarray(
+                            _loaded_buffer(self.pending[name], s, p).reshape(v.shape)
+                        )
                 state[name] = ReadOnlyViews(
                     views, f"opt.state[{name!r}] (views into the optimizer's flat state)"
                 )
@@ -401,8 +474,11 @@ class OptimizerState:
                 st = _quantize_loaded(st, kinds, f"state of parameter {name!r}")
             if self.shapes is not None and name in self.shapes:
                 want = self.names_of(name, kinds)
-            elif kinds.master_weights and precision.MASTER in st:
-                want = kinds.slots + (precision.MASTER,)  # a 16-bit param's: checked at binding
+            elif kinds.master_weights and (
+                precision.MASTER in st or precision.MASTER_REMAINDER in st
+            ):  # a 16-bit param's master, in either form: checked and converted at binding
+                held = precision.MASTER if precision.MASTER in st else precision.MASTER_REMAINDER
+                want = kinds.slots + (held,)
             else:
                 want = kinds.slots
             want = kinds.expand(want)
@@ -416,6 +492,12 @@ class OptimizerState:
                     a = as_xp_array(a, f"state {s!r} of parameter {name!r}")
                 if kinds.quant is not None and s.endswith((".codes", ".absmax")):
                     _check_quant_buffer(name, s, a, st)
+                elif s == precision.MASTER_REMAINDER:
+                    if not is_array(a) or dtype_of(a) != np.int16:
+                        raise ValueError(
+                            f"state {s!r} of parameter {name!r} is {describe(a)}; expected an "
+                            "int16 array (the low half of the fp32 master)"
+                        )
                 else:
                     check_array(name, f"state {s!r}", a, SUPPORTED_DTYPES)
                 loaded[name][s] = np.array(to_numpy(a), copy=True)
@@ -436,13 +518,14 @@ class OptimizerState:
         else:
             for name, st in loaded.items():
                 st = {s: a for s, a in st.items() if not s.endswith(".absmax")}
+                masters = (precision.MASTER, precision.MASTER_REMAINDER)
                 kinds_of = {
                     (a.shape, a.dtype)
                     for s, a in st.items()
-                    if s != precision.MASTER and not s.endswith(".codes")
+                    if s not in masters and not s.endswith(".codes")
                 }
                 kinds_of |= {(a.shape, None) for s, a in st.items() if s.endswith(".codes")}
-                kinds_of |= {(a.shape, None) for s, a in st.items() if s == precision.MASTER}
+                kinds_of |= {(a.shape, None) for s, a in st.items() if s in masters}
                 if (
                     len({shape for shape, _ in kinds_of}) > 1
                     or len({d for _, d in kinds_of} - {None}) > 1

@@ -95,6 +95,15 @@ def _flat_slot(st: Mapping[str, Any], s: str, kinds: StateKinds) -> Any:
     return st[s].reshape(-1) if s in st else None
 
 
+def _check_master(kinds: StateKinds, pk: str, who: str) -> None:
+    """A master the params of ``pk`` can keep (``master_weights="remainder"`` refuses float16
+    params), named by ``who``; before anything is written."""
+    try:
+        kinds.master_name(pk)
+    except ValueError as exc:
+        raise ValueError(f"{who}: {exc}") from None
+
+
 def _check_quant_backend(be: ModuleType, kinds: StateKinds) -> None:
     if kinds.quant is not None:
         from ._quantized import check_backend
@@ -688,7 +697,8 @@ class Stepper:
             # what the cached views are made of (a tensor param's memory: its storage, above)
             e.pins = ([] if e.ptr is not None else [p]) + [a for _, a in e.sarrs]
             e.sflat = tuple(_flat_slot(st, s, kinds) for s in slots)
-            m = st.get(precision.MASTER) if kinds.master_weights else None
+            master = kinds.master_name(pk)
+            m = None if master is None else st.get(master)
             e.mflat = None if m is None else m.reshape(-1)
             e.io = kinds.io_base(pk, precision.known_kind(g.dtype))
             e.ios, e.salt = {}, precision.param_salt(name)
@@ -743,8 +753,9 @@ class Stepper:
         for name, p in params.items():
             g = grads[name]
             pd, ents = check_param_arrays(name, p, g, (), supported, grad_written=write_grad)
-            self.state.check_against(name, tuple(p.shape), pd, kinds, type(owner).__name__)
             pk = precision.known_kind(pd)
+            _check_master(kinds, pk, f"parameter {name!r} ({describe(p)})")
+            self.state.check_against(name, tuple(p.shape), pd, kinds, type(owner).__name__)
             sk = kinds.state_kind(pk)  # refuses a state dtype this param cannot keep
             if bound:
                 st = self.state.arrays[name]
@@ -848,7 +859,9 @@ class Stepper:
                     )
                 )
             c.states = tuple(qs)
-        c.masters = tuple(f.get(precision.MASTER) for f in self.state.flat)
+        c.masters = tuple(
+            f.get(precision.MASTER, f.get(precision.MASTER_REMAINDER)) for f in self.state.flat
+        )
         c.entries = []
         for i, (d, g) in enumerate(zip(c.datas, c.grads)):
             e = _Entry()  # the group's storage format and salt
@@ -928,6 +941,7 @@ class Stepper:
         for i, group in enumerate(buf.groups):
             dt = np.dtype(group.dtype)
             who = f"the FlatBuffer {dtype_name(dt)} group"
+            _check_master(kinds, precision.known_kind(dt), f"{who} ({', '.join(group.slots)})")
             n = max((off + size for off, size, _ in group.slots.values()), default=0)
             for role, a in (("data", group.data), ("grad", group.grad)):
                 ok = (dt,) if role == "data" else (dt, np.dtype(np.float32))

@@ -281,15 +281,15 @@ def check_state_arrays(
 ) -> list[Overlap]:
     """Each present state buffer (``(state name, array or None)``) shaped like its (already
     checked) param and typed ``state_dtype`` (default: the param's dtype; the fp32 master copy
-    ``"master_param"`` always float32), C-contiguous and writeable; returns their overlap
-    entries."""
+    ``"master_param"`` always float32, a remainder ``"master_remainder"`` int16), C-contiguous
+    and writeable; returns their overlap entries."""
     who = _who(name, who)
     entries: list[Overlap] = []
     for s, a in states:
         if a is None:
             continue
         role = f"state {s!r}"
-        dt = np.float32 if s == "master_param" else state_dtype
+        dt = {"master_param": np.float32, "master_remainder": np.int16}.get(s, state_dtype)
         check_like(name, role, a, param, who, dtype=dt)
         check_writable(name, role, a, who)
         entries.append((f"{role} of {who}", a, True))

@@ -9,8 +9,9 @@ in ``fastopt._steps`` (a ``Stepper`` the optimizer owns, handed ``STEP_HOOKS``);
 and ``state_dict`` checks in ``fastopt._state``.
 
 Every optimizer also takes the mixed-precision keywords (``fastopt.precision``):
-``state_dtype`` (None: the param dtype; "float32"; "bfloat16"), ``master_weights`` (an fp32
-master copy of every 16-bit param, kept as the state buffer ``"master_param"``),
+``state_dtype`` (None: the param dtype; "float32"; "bfloat16"), ``master_weights`` (True: an
+fp32 master copy of every 16-bit param, kept as the state buffer ``"master_param"``;
+"remainder": the same master as a bfloat16 param plus the int16 ``"master_remainder"``),
 ``stochastic_rounding`` and ``seed`` (bfloat16 params without a master), and ``capturable``
 (the step count and lr on the device, so a step can be captured in a CUDA graph; on the CPU
 accepted and equivalent). Every subclass's constructor accepts them (``__init_subclass__``
@@ -182,8 +183,8 @@ class Optimizer:
         if st is not None and st.bound:
             raise RuntimeError("the precision settings are fixed once an optimizer has stepped")
         state_dtype = precision.check_state_dtype(state_dtype)
+        master_weights = precision.check_master_weights(master_weights)
         for name, v in (
-            ("master_weights", master_weights),
             ("stochastic_rounding", stochastic_rounding),
             ("capturable", capturable),
         ):
@@ -196,7 +197,7 @@ class Optimizer:
         if master_weights and stochastic_rounding:
             raise ValueError(
                 "stochastic_rounding=True rounds bfloat16 params that have no master copy; "
-                "with master_weights=True each param is the nearest rounding of its fp32 "
+                f"with master_weights={master_weights!r} each param is rounded from its fp32 "
                 "master: choose one"
             )
         if capturable and self._rule is not None:
@@ -210,7 +211,7 @@ class Optimizer:
         self.__dict__.pop("_kinds_memo", None)
         self._prec = {
             "state_dtype": state_dtype,
-            "master_weights": bool(master_weights),
+            "master_weights": master_weights,
             "stochastic_rounding": bool(stochastic_rounding),
             "seed": int(seed),
             "capturable": bool(capturable),
@@ -247,8 +248,10 @@ class Optimizer:
         return self._prec["state_dtype"]
 
     @property
-    def master_weights(self) -> bool:
-        """Does every 16-bit param keep an fp32 master copy (state ``"master_param"``)?"""
+    def master_weights(self) -> bool | str:
+        """False; True: every 16-bit param keeps an fp32 master copy (state
+        ``"master_param"``); "remainder": every bfloat16 param keeps its fp32 master as the
+        param plus an int16 remainder (state ``"master_remainder"``)."""
         return self._prec["master_weights"]
 
     @property
@@ -273,9 +276,10 @@ class Optimizer:
             k = self._kinds_memo = StateKinds(
                 self._slots,
                 self.state_dtype,
-                self.master_weights,
+                bool(self.master_weights),
                 self.stochastic_rounding,
                 tuple((s.name, s.quant_map) for s in self._spec.slots if s.quantize),
+                remainder=self.master_weights == "remainder",
             )
         return k
 

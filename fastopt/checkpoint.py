@@ -85,6 +85,7 @@ _DTYPES = {
 }
 _DTYPES["bfloat16"] = "bfloat16"  # ml_dtypes' dtype, resolved when a file holds one
 _DTYPES["|u1"] = np.dtype(np.uint8)  # quantized state's codes (kernels/quant.py)
+_DTYPES["<i2"] = np.dtype("<i2")  # a master kept as a remainder ("master_remainder")
 
 
 def _file_dtype(name):

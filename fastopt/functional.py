@@ -17,9 +17,11 @@ raises ``TypeError``/``ValueError`` and changes nothing.
 Mixed precision (``fastopt.precision``): the param may be float16, bfloat16, float32 or
 float64, the grad in the param dtype or float32, the state buffers (all in one dtype) in the
 param dtype, float32 or bfloat16; ``master_param=`` (an fp32 array) keeps the master copy of a
-16-bit param, ``stochastic_rounding=True`` (with ``seed=``, ``salt=``) rounds a bfloat16 param
-stochastically. Loss scaling: ``grad_scale=`` (a number, or a 1-element array: host, or device
-for the GPU backends, read in the kernel) multiplies the grad by 1/scale inside the pass
+16-bit param, or ``master_remainder=`` (an int16 array) the low half of a bfloat16 param's fp32
+master (the param its high half, ``fastopt.precision.split_master``);
+``stochastic_rounding=True`` (with ``seed=``, ``salt=``) rounds a bfloat16 param stochastically.
+Loss scaling: ``grad_scale=`` (a number, or a 1-element array: host, or device for the GPU
+backends, read in the kernel) multiplies the grad by 1/scale inside the pass
 (``unscale_grads=True`` also stores the unscaled grad); ``found_inf=`` (a number or 1-element
 array) nonzero makes the call change nothing. Each entry point returns True when the step was
 applied, False when ``found_inf`` skipped it.
@@ -275,7 +277,16 @@ def _array(a, label=None):
 
 
 def _checked(
-    rule, flags, backend, param, grad, states, master=None, grad_written=False, quant=None
+    rule,
+    flags,
+    backend,
+    param,
+    grad,
+    states,
+    master=None,
+    grad_written=False,
+    quant=None,
+    remainder=None,
 ):
     """Validate one functional call; returns ``(be, param, grad, states, master, io)`` ready to
     launch (``io`` from the arrays' storage dtypes). With ``quant`` (``state_dtype="int8"`` /
@@ -284,6 +295,7 @@ def _checked(
     who = f"fastopt.functional.{rule}()"
     param, grad = _array(param, f"param of {who}"), _array(grad, f"grad of {who}")
     master = _array(master, f"master_param of {who}")
+    remainder = _array(remainder, f"master_remainder of {who}")
     pairs = {}
     if quant is not None:
         for s in RULES[rule].slots:
@@ -347,6 +359,28 @@ def _checked(
             )
         check_writable(None, "master_param", master, who)
         entries.append((f"master_param of {who}", master, True))
+    if remainder is not None:
+        if master is not None:
+            raise ValueError(
+                f"{who}: master_param and master_remainder are two forms of one master; pass one"
+            )
+        if pk != "bfloat16":
+            precision.check_remainder_param(pk or "", f"{who}: master_remainder")
+            raise ValueError(
+                f"{who}: master_remainder is the low half of a bfloat16 param's fp32 master; the "
+                f"param is {describe(param)}"
+            )
+        if (
+            not is_array(remainder)
+            or tuple(remainder.shape) != tuple(param.shape)
+            or dtype_of(remainder) != np.int16
+        ):
+            raise ValueError(
+                f"{who}: master_remainder is {describe(remainder)}; expected "
+                f"int16{list(param.shape)}, the low half of the param's fp32 master"
+            )
+        check_writable(None, "master_remainder", remainder, who)
+        entries.append((f"master_remainder of {who}", remainder, True))
     if pairs:
         from ._quantized import check_backend, check_pair
 
@@ -367,9 +401,18 @@ def _checked(
         param, grad = param.reshape(-1), grad.reshape(-1)
         states = {n: None if a is None else a.reshape(-1) for n, a in states.items()}
         master = None if master is None else master.reshape(-1)
+        remainder = None if remainder is None else remainder.reshape(-1)
     gk = precision.kind(dtype_of(grad))
     sk = precision.kind(state_dtype) if state_dtype is not None else pk
-    io = storage.IO(pk, gk, sk, master=master is not None, quant=quant if pairs else None)
+    io = storage.IO(
+        pk,
+        gk,
+        sk,
+        master=master is not None or remainder is not None,
+        remainder=remainder is not None,
+        quant=quant if pairs else None,
+    )
+    master = remainder if remainder is not None else master
     flat = {
         n: (pairs[n][0].reshape(-1), pairs[n][1]) if n in pairs else a for n, a in states.items()
     }
@@ -387,6 +430,7 @@ def run(
     backend: str = "auto",
     host_state: dict[str, Any] | None = None,
     master_param: Any = None,
+    master_remainder: Any = None,
     stochastic_rounding: bool = False,
     seed: int = 0,
     salt: int = 0,
@@ -443,11 +487,12 @@ def run(
         master_param,
         grad_written=unscale_grads,
         quant=quant,
+        remainder=master_remainder,
     )
     if sr and (io.param != "bfloat16" or io.master):
         raise ValueError(
             "stochastic_rounding=True rounds bfloat16 params without a master copy; the "
-            f"param is {io.param}" + (" with a master_param" if io.master else "")
+            f"param is {io.param}" + (" with a master" if io.master else "")
         )
     if scale_dev is not None:
         check_reach(be, [("grad_scale", scale_dev), ("param", param)], "grad_scale and the params")
@@ -455,7 +500,7 @@ def run(
         io.param,
         io.grad,
         io.state,
-        io.master,
+        "remainder" if io.remainder else io.master,
         sr,
         scale=scale,
         write_grad=unscale_grads,
@@ -526,6 +571,7 @@ def _check_u32(name, value):
 #: the mixed-precision and loss-scale keywords of every entry point, with their defaults
 _MIXED_KW = {
     "master_param": None,
+    "master_remainder": None,
     "stochastic_rounding": False,
     "seed": 0,
     "salt": 0,

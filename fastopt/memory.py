@@ -3,8 +3,9 @@
 ``state_bytes_per_param(rule, hp, state_dtype, param_dtype, master_weights)``: every slot the
 step-1 variant keeps (``Rule.state_names``), at its storage: a quantized slot
 (``kernels/quant.py``) one byte of code plus one float32 scale per ``BLOCK`` elements, any
-other slot its dtype's size; plus a float32 master copy of a 16-bit param with
-``master_weights``. Adam with ``state_dtype="int8"``: 2 · (1 + 4/256) = 2.03125 B (float32
+other slot its dtype's size; plus the master of a 16-bit param with ``master_weights``: a
+float32 copy (4 B), or with ``master_weights="remainder"`` a bfloat16 param's int16 remainder
+(2 B; ``IO.kind("master")``). Adam with ``state_dtype="int8"``: 2 · (1 + 4/256) = 2.03125 B (float32
 state: 8 B).
 """
 
@@ -24,7 +25,7 @@ def state_bytes_per_param(
     hp: Mapping[str, Any] | None = None,
     state_dtype: str | None = None,
     param_dtype: str = "float32",
-    master_weights: bool = False,
+    master_weights: bool | str = False,
 ) -> float:
     """Bytes of state per parameter element (see the module docstring); ``hp`` defaults to
     the rule's defaults."""
@@ -39,6 +40,7 @@ def state_bytes_per_param(
             total += 1 + 4 / quant.BLOCK
         else:
             total += storage.ITEMSIZE[kind]
-    if master_weights and param_dtype in storage.BITS16:
-        total += 4
+    io = precision.io_of(param_dtype, param_dtype, kind, master_weights)
+    if io.master:  # float32, or a bfloat16 param's int16 remainder
+        total += storage.ITEMSIZE[io.kind("master")]
     return total

@@ -6,7 +6,13 @@ does), in float32 or in bfloat16 (``state_dtype=``). The math of a step runs in 
 float64 for float64 params; each value is widened exactly when loaded and rounded to nearest
 even when stored. ``master_weights=True`` keeps an fp32 copy of every 16-bit param as a state
 buffer (``"master_param"``): the step updates the copy and stores the param rounded from it,
-in the same pass. ``stochastic_rounding=True`` rounds bfloat16 params (without a master)
+in the same pass. ``master_weights="remainder"`` keeps the same fp32 master in 2 bytes instead
+of 4: a bfloat16 param and an int16 remainder (``"master_remainder"``) together hold its 32 bits
+(``split_master``/``join_master``; ``kernels/storage.py``: Transformer Engine's
+``store_param_remainders``), so the master follows the float32-master trajectory bit for bit,
+and the param is the master rounded half away from zero in its last bit instead of to nearest
+even (they differ only where the master sits exactly on a tie whose lower neighbour is even).
+``stochastic_rounding=True`` rounds bfloat16 params (without a master)
 stochastically instead, from a counter-based hash of (seed, step, element index)
 (``kernels/storage.py``).
 
@@ -33,18 +39,24 @@ from .kernels.storage import COMPUTE, IO
 
 __all__ = [
     "MASTER",
+    "MASTER_REMAINDER",
+    "MASTER_WEIGHTS",
     "QUANTIZED",
     "STATE_DTYPES",
     "bfloat16",
+    "check_master_weights",
+    "check_remainder_param",
     "check_state_dtype",
     "grad_kinds",
     "io_of",
+    "join_master",
     "kind",
     "known_kind",
     "oracle_step",
     "param_salt",
     "resolve_state_kind",
     "round_to",
+    "split_master",
     "sr_round_bf16",
     "state_kinds",
     "storage_dtype",
@@ -53,6 +65,10 @@ __all__ = [
 
 #: the state buffer name of the fp32 master copy of a 16-bit param
 MASTER = "master_param"
+#: the state buffer name of the int16 remainder that, with its bfloat16 param, is the master
+MASTER_REMAINDER = "master_remainder"
+#: what ``master_weights=`` accepts: no master, an fp32 copy, or the bfloat16 param + remainder
+MASTER_WEIGHTS = (False, True, "remainder")
 #: what ``state_dtype=`` accepts (None: the param dtype; float32 with a master copy; the
 #: quantized formats of ``kernels/quant.py``: the slots a rule lets be quantized as codes and
 #: block scales, the others float32)
@@ -130,7 +146,59 @@ def check_state_dtype(value: Any) -> str | None:
     return name
 
 
-def resolve_state_kind(policy: str | None, param_kind: str, master: bool = False) -> str:
+def check_master_weights(value: Any) -> bool | str:
+    """``master_weights=`` normalised: False, True (an fp32 master copy of every 16-bit param)
+    or "remainder" (the master of a bfloat16 param kept as the param plus an int16 remainder)."""
+    if isinstance(value, (bool, np.bool_)):
+        return bool(value)
+    if isinstance(value, str) and value == "remainder":
+        return value
+    raise TypeError(f"invalid master_weights={value!r}; expected True, False or 'remainder'")
+
+
+def check_remainder_param(param_kind: str, who: str = "master_weights='remainder'") -> None:
+    """A master kept as a remainder is the low half of a float32 whose high half is a
+    bfloat16 param: a float16 param (which keeps a master copy otherwise) is refused
+    (``ValueError``); float32 and float64 params are their own master and keep none."""
+    if param_kind == "float16":
+        raise ValueError(
+            f"{who} keeps the fp32 master of a bfloat16 param as the param plus a 16-bit "
+            "remainder; a float16 param cannot hold a float32's high half: use "
+            "master_weights=True (an fp32 copy) for float16 params"
+        )
+
+
+def split_master(master: npt.ArrayLike) -> tuple[npt.NDArray[Any], npt.NDArray[np.int16]]:
+    """A float32 master as ``(bfloat16 param, int16 remainder)``: the remainder is the low 16
+    bits as a signed value, the param the high 16 bits plus one where the remainder is
+    negative (half away from zero in magnitude), modulo 2**16 (``kernels/storage.py``'s
+    ``rem_hi``/``rem_lo``, written here as integer division, independently)."""
+    m = np.ascontiguousarray(master, dtype=np.float32)
+    hi, lo = np.divmod(m.view(np.uint32).astype(np.int64), 65536)
+    up = lo >= 32768
+    rem = (lo - 65536 * up).astype(np.int16)
+    bits = ((hi + up) % 65536).astype(np.uint16)
+    return bits.view(bfloat16()), rem
+
+
+def join_master(param: npt.ArrayLike, remainder: npt.ArrayLike) -> npt.NDArray[np.float32]:
+    """The float32 master of a bfloat16 param and its int16 remainder (``split_master``
+    undone, bit for bit)."""
+    p = np.ascontiguousarray(param)
+    if kind(p.dtype) != "bfloat16":
+        raise TypeError(f"join_master: the param is {p.dtype}; expected bfloat16")
+    r = np.ascontiguousarray(remainder)
+    if r.dtype != np.int16 or r.shape != p.shape:
+        raise TypeError(
+            f"join_master: the remainder is {r.dtype}{list(r.shape)}; expected int16{list(p.shape)}"
+        )
+    rr = r.astype(np.int64)
+    hi = (p.view(np.uint16).astype(np.int64) - (rr < 0)) % 65536
+    u = hi * 65536 + rr % 65536
+    return u.astype(np.uint32).view(np.float32)
+
+
+def resolve_state_kind(policy: str | None, param_kind: str, master: bool | str = False) -> str:
     """The storage dtype of the state buffers of a param: ``policy`` (``state_dtype=``), or
     the param dtype when None (float32 when a master copy is kept: the stepped param is fp32).
     Raises TypeError for bfloat16 state of float64 params."""
@@ -155,15 +223,21 @@ def io_of(
     param_kind: str,
     grad_kind: str,
     state_kind: str,
-    master: bool = False,
+    master: bool | str = False,
     sr: bool = False,
     **extras: Any,
 ) -> IO:
     """The ``kernels.storage.IO`` of a launch (master and stochastic rounding only where
-    they apply: a 16-bit param; a bfloat16 param without a master)."""
+    they apply: a 16-bit param; a bfloat16 param without a master; ``master="remainder"``:
+    a bfloat16 param's master kept as a remainder, a float16 param refused)."""
+    remainder = master == "remainder" and param_kind in storage.BITS16
+    if remainder:
+        check_remainder_param(param_kind)
     master = bool(master) and param_kind in storage.BITS16
     sr = bool(sr) and param_kind == "bfloat16" and not master
-    return IO(param_kind, grad_kind, state_kind, master=master, sr=sr, **extras)
+    return IO(
+        param_kind, grad_kind, state_kind, master=master, sr=sr, remainder=remainder, **extras
+    )
 
 
 def param_salt(name: object) -> int:
@@ -227,7 +301,9 @@ def oracle_step(
 ) -> None:
     """One step of ``rule`` with the storage format ``io``: the NumPy oracle
     (``fastopt.reference.<rule>``, in the compute dtype on widened copies), its results
-    rounded back into ``param``, ``state`` (name -> array) and ``master`` in place.
+    rounded back into ``param``, ``state`` (name -> array) and ``master`` in place (with
+    ``io.remainder``, ``master`` is the int16 remainder: joined with the param before, split
+    into both after).
 
     ``inv_scale`` multiplies the widened grad first (and the product is stored back when
     ``io.write_grad``); ``salt``/``key`` seed stochastic rounding; ``hs``: the rule's host
@@ -238,7 +314,12 @@ def oracle_step(
 
     c = np.dtype(io.compute)
     oracle = getattr(reference, rule)
-    p = master.astype(np.float32) if io.master and master is not None else widen(param, c)
+    if io.remainder and master is not None:
+        p = join_master(param, master)
+    elif io.master and master is not None:
+        p = master.astype(np.float32)
+    else:
+        p = widen(param, c)
     g = widen(grad, c)
     if inv_scale is not None:
         g = g * c.type(inv_scale)
@@ -249,9 +330,15 @@ def oracle_step(
     takes = inspect.signature(oracle).parameters
     kw = {h: v for h, v in hp.items() if h in takes}
     oracle(p, g, st, step=step, **kw)
-    if io.master and master is not None:
+    if io.remainder and master is not None:
+        bits, rem = split_master(p)
+        master[...] = rem
+        param.view(np.uint16)[...] = bits.view(np.uint16)
+    elif io.master and master is not None:
         master[...] = p
-    if io.sr:
+    if io.remainder and master is not None:
+        pass  # the param is the split's, above
+    elif io.sr:
         param.view(np.uint16)[...] = sr_round_bf16(p, salt, key).reshape(param.shape)
     else:
         param[...] = round_to(p, param.dtype)

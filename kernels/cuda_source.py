@@ -271,6 +271,7 @@ STORAGE_CTYPES = {
     "float32": "float",
     "float16": "unsigned short",
     "bfloat16": "unsigned short",
+    "int16": "short",  # a master kept as a remainder beside its bfloat16 param
 }
 
 
@@ -308,7 +309,7 @@ def mixed_args(
     arrays = [("grad", io.grad, io.write_grad), ("param", io.param, True)]
     arrays += [(s, io.state, True) for s, u in zip(RULES[rule].state, used) if u]
     if io.master:
-        arrays.append(("master", "float32", True))
+        arrays.append(("master", io.kind("master"), True))
     scalars = []
     if io.kbuf:
         scalars.append(("const C *__restrict__", "kbuf"))
@@ -373,7 +374,10 @@ def mixed_lane(
     state = RULES[rule].state
     compute = io.compute
     sr_ref = "fastopt_sr_bits(i_, salt, key_)" if io.sr else None
-    p_src = ref("master") if io.master else _ld(io.param, compute, ref("param"))
+    if io.remainder:  # the master joined from the bfloat16 param and its remainder
+        p_src = f"fastopt_rem_join({ref('param')}, {ref('master')})"
+    else:
+        p_src = ref("master") if io.master else _ld(io.param, compute, ref("param"))
     g_src = _ld(io.grad, compute, ref("grad")) + (" * inv_scale_" if io.scale else "")
     g_src += "".join(f" * {f}" for f in grad_factors)
     lines = [f"const long long i_ = {index};"] if io.sr else []
@@ -385,9 +389,13 @@ def mixed_lane(
     args = ["p_", "g_"] + [f"s{j}_" for j in range(len(state))]
     args += [f"{x}_" if io.kbuf else x for x in RULES[rule].scalars]
     lines.append(f"{rule}_elem<C>({', '.join(args)});")
-    if io.master:
-        lines.append(f"{ref('master')} = p_;")
-    lines.append(f"{ref('param')} = {_st(io.param, compute, 'p_', sr_ref)};")
+    if io.remainder:
+        lines.append(f"{ref('master')} = fastopt_rem_lo(p_);")
+        lines.append(f"{ref('param')} = fastopt_rem_hi(p_);")
+    else:
+        if io.master:
+            lines.append(f"{ref('master')} = p_;")
+        lines.append(f"{ref('param')} = {_st(io.param, compute, 'p_', sr_ref)};")
     lines += [
         f"{ref(s)} = {_st(io.state, compute, f's{j}_')};"
         for j, (s, u) in enumerate(zip(state, used))

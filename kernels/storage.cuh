@@ -3,7 +3,9 @@
 // bfloat16 arrays are `unsigned short` arrays; these convert their bits exactly:
 //   bf16 -> f32: shift up; f32 -> bf16: round to nearest even on the bits, NaN kept quiet;
 //   f16 <-> f32: exact on every value (subnormals, +-0, +-inf), round to nearest even;
-//   stochastic rounding to bf16 from a counter-based hash of (salt, step key, index).
+//   stochastic rounding to bf16 from a counter-based hash of (salt, step key, index);
+//   a float32 master as bf16 bits + an int16 remainder and back (rem_hi/rem_lo/rem_join:
+//   the high half rounded half away from zero, the low half kept; a bijection of the bits).
 // No header is included (the text is pasted into each kernel's translation unit, also inside
 // namespaces by the CPU harness, which defines __float_as_uint / __uint_as_float itself).
 #ifndef FASTOPT_UNROLL
@@ -27,6 +29,26 @@ __device__ __forceinline__ unsigned short fastopt_bf16_store_sr(const float x, c
     const unsigned int u = __float_as_uint(x);
     const bool nan = (u & 0x7FFFFFFFu) > 0x7F800000u;
     return (unsigned short)(nan ? ((u >> 16) | 0x40u) : ((u + r) >> 16));
+}
+
+// the float32 master of bf16 bits h and remainder r: the high half less one where r < 0
+__device__ __forceinline__ float fastopt_rem_join(const unsigned short h, const short r)
+{
+    const unsigned int hi = ((unsigned int)h - (r < 0 ? 1u : 0u)) & 0xFFFFu;
+    return __uint_as_float((hi << 16) | (unsigned int)(unsigned short)r);
+}
+
+// the bf16 bits beside the remainder: the high half, plus one where the low half >= 0x8000
+__device__ __forceinline__ unsigned short fastopt_rem_hi(const float x)
+{
+    const unsigned int u = __float_as_uint(x);
+    return (unsigned short)((u >> 16) + ((u >> 15) & 1u));
+}
+
+// the remainder: the low half as a signed 16-bit value
+__device__ __forceinline__ short fastopt_rem_lo(const float x)
+{
+    return (short)(unsigned short)(__float_as_uint(x) & 0xFFFFu);
 }
 
 __device__ __forceinline__ float fastopt_f16_load(const unsigned short h)

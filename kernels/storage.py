@@ -22,6 +22,14 @@ work on bit patterns (the backends hand 16-bit arrays to them as ``uint16``), ex
   the same conversions, for the CPU loop that walks all-bfloat16 arrays a word at a time;
 - float16 <-> float32: exact both ways on every value (subnormals, ±0, ±inf), round to nearest
   even, NaN kept quiet (F. Giesen's branch-light forms);
+- a float32 master as a bfloat16 param and a 16-bit remainder (``rem_hi``/``rem_lo``, joined by
+  ``rem_join``; Transformer Engine's ``store_param_remainders``): the remainder is the low 16
+  bits as an int16, the param the high 16 bits plus one where the remainder is negative (low
+  bits >= 0x8000: half away from zero in magnitude, ties included), all modulo 2**16; the join
+  undoes it, so (param, remainder) <-> master is a bijection of 32-bit patterns and the master
+  comes back bit for bit. The param differs from ``bf16_store``'s (nearest even) only where the
+  low bits are exactly 0x8000 and bit 16 is clear (a tie with an even lower neighbour: one unit
+  further from zero here), and on NaN (kept as bits, not made quiet);
 - stochastic rounding to bfloat16: 16 random bits added below the kept bits, then truncated
   (unbiased: a value rounds up with probability equal to its distance from the lower
   neighbour); the random bits are a counter-based hash of (seed, step, element index), so no
@@ -48,6 +56,7 @@ __all__ = [
     "IO",
     "ITEMSIZE",
     "KINDS",
+    "REMAINDER",
     "bf16_hi",
     "bf16_lo",
     "bf16_load",
@@ -61,13 +70,18 @@ __all__ = [
     "io_for",
     "make_converters",
     "mix32",
+    "rem_hi",
+    "rem_join",
+    "rem_lo",
     "sr_bits",
     "step_key",
 ]
 
 #: storage dtype names, widest first
 KINDS = ("float64", "float32", "float16", "bfloat16")
-ITEMSIZE = {"float64": 8, "float32": 4, "float16": 2, "bfloat16": 2}
+ITEMSIZE = {"float64": 8, "float32": 4, "float16": 2, "bfloat16": 2, "int16": 2}
+#: the storage dtype of a master copy kept as a remainder beside its bfloat16 param
+REMAINDER = "int16"
 #: 16-bit kinds are handed to the compiled loops as uint16 views
 BITS16 = ("float16", "bfloat16")
 #: compute dtype of a param storage dtype
@@ -128,6 +142,27 @@ def bf16_store_sr(x: Any, r: Any) -> Any:
     u = f32_bits(x)
     nan = (u & 0x7FFFFFFF) > 0x7F800000
     return ((u >> 16) | 0x40) if nan else ((u + r) >> 16)
+
+
+def rem_join(h: Any, r: Any) -> Any:
+    """The float32 master of bfloat16 bits ``h`` and int16 remainder ``r``, exactly: the high
+    half is ``h`` less one where ``r < 0`` (``rem_hi`` rounded it up), modulo 2**16, the low
+    half ``r``'s bits."""
+    r = np.int64(r)
+    hi = (np.int64(h) - ((r >> 15) & 1)) & 0xFFFF
+    return bits_f32((hi << 16) | (r & 0xFFFF))
+
+
+def rem_hi(x: Any) -> Any:
+    """The bfloat16 bits kept beside the remainder of float32 ``x``: its high 16 bits, plus
+    one where its low 16 bits are >= 0x8000 (half away from zero in magnitude), modulo 2**16."""
+    u = f32_bits(x)
+    return ((u >> 16) + ((u >> 15) & 1)) & 0xFFFF
+
+
+def rem_lo(x: Any) -> Any:
+    """The int16 remainder of float32 ``x``: its low 16 bits as a signed 16-bit value."""
+    return ((f32_bits(x) & 0xFFFF) ^ 0x8000) - 0x8000
 
 
 def f16_load(h: Any) -> Any:
@@ -200,13 +235,26 @@ def make_converters(
     """The per-array loads and stores of a compiled loop, for a compiler that compiles a Python
     function with ``dev`` (``numba.cuda.jit(device=True)``, or the identity where the functions
     are registered already): ``{"load": {kind: fn(bits or value)}, "store": {kind: fn(value)},
-    "param": {kind or "bfloat16-sr": fn(value, i, salt, key)}}``, each a closure over the leaf
-    conversions above (no call resolved by global name)."""
+    "param": {kind or "bfloat16-sr" or "bfloat16-remainder": fn(value, i, salt, key)},
+    "master": {master kind: (load, store)}}``, each a closure over the leaf conversions above
+    (no call resolved by global name); a float32 master's pair is never called (the loop reads
+    and writes the master as it is), a remainder's is ``(rem_join, rem_lo)``."""
     np_c = np.float64 if compute == "float64" else np.float32
     leaf = {
         n: dev(globals()[n])
-        for n in ("bf16_load", "bf16_store", "bf16_store_sr", "f16_load", "f16_store", "sr_bits")
+        for n in (
+            "bf16_load",
+            "bf16_store",
+            "bf16_store_sr",
+            "f16_load",
+            "f16_store",
+            "sr_bits",
+            "rem_join",
+            "rem_hi",
+            "rem_lo",
+        )
     }
+    rem_hi_ = leaf["rem_hi"]
     bf16_store, bf16_store_sr, f16_store = (
         leaf["bf16_store"],
         leaf["bf16_store_sr"],
@@ -238,9 +286,12 @@ def make_converters(
     def p_f16(x, i, salt, key):
         return f16_store(x)
 
+    def p_rem(x, i, salt, key):
+        return rem_hi_(x)
+
     w = {
         f.__name__: dev(f)
-        for f in (same, to_compute, to_f32, p_same, p_f32, p_bf16, p_bf16_sr, p_f16)
+        for f in (same, to_compute, to_f32, p_same, p_f32, p_bf16, p_bf16_sr, p_f16, p_rem)
     }
     return {
         "load": {
@@ -260,7 +311,13 @@ def make_converters(
             "float32": w["p_f32"] if compute == "float64" else w["p_same"],
             "bfloat16": w["p_bf16"],
             "bfloat16-sr": w["p_bf16_sr"],
+            "bfloat16-remainder": w["p_rem"],
             "float16": w["p_f16"],
+        },
+        # a master copy's load (param bits, master element) and store (the master's element)
+        "master": {
+            "float32": (w["same"], w["same"]),
+            "int16": (leaf["rem_join"], leaf["rem_lo"]),
         },
     }
 
@@ -277,6 +334,9 @@ class IO:
     state: str = "float32"
     #: an fp32 master copy of the param is read, stepped and written, the param stored from it
     master: bool = False
+    #: the master is kept as the bfloat16 param and an int16 remainder (``rem_join``/``rem_hi``/
+    #: ``rem_lo``) instead of a float32 array; only with ``master`` and a bfloat16 param
+    remainder: bool = False
     #: the param store rounds stochastically (bfloat16 params without a master)
     sr: bool = False
     #: the grad is multiplied by 1/scale first: None, "host" (a scalar), "device" (a pointer)
@@ -291,9 +351,24 @@ class IO:
     #: a rule does not let be quantized are stored as ``state`` says (float32)
     quant: str | None = None
 
+    def __post_init__(self) -> None:
+        if self.remainder and not (self.master and self.param == "bfloat16"):
+            raise ValueError(
+                f"a master kept as a remainder needs a bfloat16 param with a master copy; got "
+                f"param={self.param!r}, master={self.master}"
+            )
+
     @property
     def compute(self) -> str:
         return COMPUTE[self.param]
+
+    @property
+    def param_store(self) -> str:
+        """The param store's conversion: the param kind, "bfloat16-sr" (stochastic) or
+        "bfloat16-remainder" (``rem_hi``)."""
+        if self.remainder:
+            return "bfloat16-remainder"
+        return "bfloat16-sr" if self.sr else self.param
 
     @property
     def plain(self) -> bool:
@@ -306,8 +381,11 @@ class IO:
         )
 
     def kind(self, role: str) -> str:
-        """Storage dtype of ``role``: "param", "grad", "state" or "master"."""
-        return "float32" if role == "master" else getattr(self, role)
+        """Storage dtype of ``role``: "param", "grad", "state" or "master" (float32, or int16
+        for a remainder)."""
+        if role == "master":
+            return REMAINDER if self.remainder else "float32"
+        return getattr(self, role)
 
     def itemsizes(self) -> dict[str, int]:
         return {r: ITEMSIZE[self.kind(r)] for r in ("param", "grad", "state", "master")}
@@ -328,8 +406,9 @@ def element_source(
     index: str = "i",
 ) -> list[str]:
     """The per-element body of a launch with the storage format ``io``, as Python source lines
-    at ``indent``: each array loaded once into a compute-dtype local (``lp``/``lg``/``ls``), the
-    rule (``elem``) called, each result stored once (``sp``/``sg``/``ss``). ``scale``: the
+    at ``indent``: each array loaded once into a compute-dtype local (``lp``/``lg``/``ls``; a
+    master kept as a remainder joined with its param by ``lm``), the rule (``elem``) called,
+    each result stored once (``sp``/``sg``/``ss``; the remainder by ``sm``). ``scale``: the
     expression of 1/grad_scale, ``key``: that of the step key (the loop variable is ``i``, the
     salt ``x[1]``; ``index``: the element's index in its array, which stochastic rounding
     hashes, when the loop runs over a slice of it). The numba CPU loops and the numba-cuda
@@ -337,8 +416,9 @@ def element_source(
     pad = " " * indent
     slots = [f"s{j}" for j in range(nslots)]
     outs = ", ".join(["pi"] + [f"o{j}" for j in range(nslots)])
+    pv = "lm(p[i], m[i])" if io.remainder else "m[i]" if io.master else "lp(p[i])"
     lines = [
-        f"pv = {'m[i]' if io.master else 'lp(p[i])'}",
+        f"pv = {pv}",
         f"gv = lg(g[i]){' * ' + scale if io.scale else ''}",
     ]
     if io.write_grad:
@@ -349,7 +429,7 @@ def element_source(
         f"pv, gv, {''.join(f'a{j}, ' for j in range(nslots))}k)"
     )
     if io.master:
-        lines.append("m[i] = pi")
+        lines.append("m[i] = sm(pi)" if io.remainder else "m[i] = pi")
     lines.append(f"p[i] = sp(pi, {index}, x[1], {key})")
     lines += [f"{s}[i] = ss(o{j})" for j, s in enumerate(slots) if writes[j]]
     return [pad + line for line in lines]

@@ -279,6 +279,16 @@ MIXED = [
         None,
     ),
     ("adam", dict(lr=0.05), "bfloat16", "float32", "float32", True, False, 8.0),
+    (
+        "adam",
+        dict(lr=0.05, weight_decay=0.1),
+        "bfloat16",
+        "bfloat16",
+        "float32",
+        "remainder",
+        False,
+        None,
+    ),
     ("sgd", dict(lr=0.05, momentum=0.9), "bfloat16", "bfloat16", "float32", False, True, None),
     ("rmsprop", dict(lr=0.01, centered=True), "float16", "float16", "float16", False, False, None),
     ("lion", dict(lr=0.01), "float64", "float32", "float32", False, False, 0.5),
@@ -303,6 +313,8 @@ def _mixed_arrays(rule, pk, gk, sk, master, rng, n=257):
     st = {s: a.astype(dt[sk]) for s, a in st.items()}
     grads = [rng.standard_normal(n).astype(dt[gk]) for _ in range(3)]
     m = p.astype(np.float32) if master else None
+    if master == "remainder":  # the master's low half; the bfloat16 param is its high half
+        p, m = fastopt.precision.split_master(rng.standard_normal(n).astype(np.float32))
     return p, st, grads, m
 
 
@@ -330,7 +342,7 @@ def test_mixed_precision_kernels_match_the_oracle(case):
                 step=t,
                 hp=dict(spec.defaults, **hp),
                 backend=backend,
-                master_param=m,
+                **{"master_remainder" if master == "remainder" else "master_param": m},
                 stochastic_rounding=sr,
                 seed=4,
                 salt=1,
@@ -338,6 +350,8 @@ def test_mixed_precision_kernels_match_the_oracle(case):
             )
         out[backend] = (p, st, m)
     (p, st, m), (rp, rst, rm) = out["numba-cuda"], out["numpy"]
+    if master == "remainder":  # the masters the pairs hold
+        m, rm = fastopt.precision.join_master(p, m), fastopt.precision.join_master(rp, rm)
     for a, b, what in [(p, rp, "param")] + [(st[s], rst[s], s) for s in st] + [(m, rm, "master")]:
         if a is None:
             continue

@@ -25,6 +25,8 @@ def test_bytes_per_element_of_each_storage_plan():
         "bfloat16": 14,  # half of it
         "bfloat16+fp32-state": 2 + 2 + 2 + 16,
         "bfloat16+master": 2 + 2 + 16 + 8,  # the param written only, the master read and written
+        # the param read and written (the master's high half), the int16 remainder too
+        "bfloat16+remainder": 2 + 2 + 2 + 16 + 2 + 2,
         "float16": 14,
         "float16+master": 28,
         # float32 param and grad, 2 slots read and written as a byte each (+ 4 B per 256)

@@ -121,6 +121,10 @@ def _compiled_loop(plan):
         "bfloat16-words": (IO(param="bfloat16", grad="bfloat16", state="bfloat16"), True),
         "float16": (IO(param="float16", grad="float16", state="float16"), False),
         "bfloat16-fp32-state": (IO(param="bfloat16", grad="bfloat16", state="float32"), False),
+        "bfloat16-remainder": (
+            IO(param="bfloat16", grad="bfloat16", state="float32", master=True, remainder=True),
+            False,
+        ),
     }[plan]
     fn = numba.njit(error_model="numpy")(
         numba_backend.python_loop(RULES["adam"].make_rule(**ADAM), WRITES, False, io, pairs)
@@ -137,7 +141,8 @@ def _compiled_loop(plan):
         m, v = np.zeros(n, state), np.zeros(n, state)
         k = tuple(np.float32(1) for _ in range(9))
         x = (np.float32(1), np.int64(0), np.int64(0))
-        fn(p, g, m, v, p, k, x) if pairs else fn(p, g, m, v, p, p, k, x)
+        master = np.zeros(n, np.int16) if io.remainder else p
+        fn(p, g, m, v, p, k, x) if pairs else fn(p, g, m, v, p, master, k, x)
     return fn
 
 
@@ -151,7 +156,15 @@ def _loop_ir(plan, fn=None):
 
 
 @pytest.mark.parametrize(
-    "plan", ["float32", "bfloat16", "bfloat16-words", "float16", "bfloat16-fp32-state"]
+    "plan",
+    [
+        "float32",
+        "bfloat16",
+        "bfloat16-words",
+        "float16",
+        "bfloat16-fp32-state",
+        "bfloat16-remainder",
+    ],
 )
 def test_float32_math_loops_are_packed_and_hold_no_double(plan):
     fn = _compiled_loop(plan)

@@ -48,6 +48,7 @@ PLANS = {
     "bf16": ("bfloat16", "bfloat16", "bfloat16", False, False, None, False),
     "f16": ("float16", "float16", "float16", False, False, None, False),
     "bf16-master-f32grad-scaled": ("bfloat16", "float32", "float32", True, False, 8.0, True),
+    "bf16-remainder": ("bfloat16", "bfloat16", "float32", "remainder", False, None, False),
     "bf16-sr-f32state": ("bfloat16", "bfloat16", "float32", False, True, None, False),
     "f32-bf16state": ("float32", "float32", "bfloat16", False, False, None, False),
     "f64-f32grad-f32state-scaled": ("float64", "float32", "float32", False, False, 0.25, False),
@@ -250,14 +251,20 @@ def _inputs(rule, plan, seed):
     grads = [rng.standard_normal(N) for _ in range(STEPS)]
     arrs = {"param": _aligned(p.astype(NP[pk]))}
     arrs.update({s: _aligned(a.astype(NP[sk])) for s, a in st.items()})
-    arrs["master"] = _aligned(arrs["param"].astype(np.float32)) if master else None
+    arrs["master"] = None
+    if master == "remainder":  # the low half of the fp32 master, the param its high half
+        arrs["master"] = _aligned(precision.split_master(p.astype(np.float32))[1])
+        arrs["param"][...] = precision.split_master(p.astype(np.float32))[0]
+    elif master:
+        arrs["master"] = _aligned(arrs["param"].astype(np.float32))
     return arrs, [g.astype(NP[gk]) for g in grads]
 
 
 def _run(rule, hp, plan, backend, arrs, grads):
-    _, _, _, _, sr, scale, unscale = PLANS[plan]
+    _, _, _, master, sr, scale, unscale = PLANS[plan]
     spec = RULES[rule]
     out = []
+    key = "master_remainder" if master == "remainder" else "master_param"
     for t, g0 in enumerate(grads, start=2):  # from step 2: no fresh-slot reset
         g = _aligned(g0 * (scale or 1.0)) if scale else _aligned(g0)
         ok = functional.run(
@@ -268,7 +275,7 @@ def _run(rule, hp, plan, backend, arrs, grads):
             step=t,
             hp=dict(hp, lr=hp["lr"] * (1 + 0.1 * t)),
             backend=backend,
-            master_param=arrs["master"],
+            **{key: arrs["master"]},
             stochastic_rounding=sr,
             seed=7,
             salt=3,
@@ -280,7 +287,9 @@ def _run(rule, hp, plan, backend, arrs, grads):
     return out
 
 
-def _compare(a, b, what):
+def _compare(a, b, what, pa=None, pb=None):
+    if a.dtype == np.int16:  # a remainder: the fp32 masters it holds with its params
+        a, b = precision.join_master(pa, a), precision.join_master(pb, b)
     kind = precision.kind(a.dtype)
     assert not np.isnan(a.astype(np.float32)).any(), f"{what}: NaN"
     if kind in storage.BITS16:
@@ -300,7 +309,7 @@ DEVICE_CASES = [
 #: the cases the tests below run besides the matrix (in the default run's build)
 FIXED = [("adam", True, "bf16-master-f32grad-scaled", True)] + [
     ("adam", True, plan, False)
-    for plan in ("bf16", "bf16-sr-f32state", "bf16-master-f32grad-scaled")
+    for plan in ("bf16", "bf16-sr-f32state", "bf16-master-f32grad-scaled", "bf16-remainder")
 ]
 _OPTIONS = [dict(rule=r, probes=p, plan=pl, device=d) for r, p, pl, d in DEVICE_CASES]
 #: the default run's cases: a pairwise cover of (rule, probes, plan, launch form), FIXED among them
@@ -346,7 +355,7 @@ def test_mixed_kernel_matches_the_oracle(request, rule, probes, plan, device):
     assert be.seen, "the harness never ran"
     for name in arrs:
         if arrs[name] is not None:
-            _compare(arrs[name], ref[name], f"{rule} {plan} {name}")
+            _compare(arrs[name], ref[name], f"{rule} {plan} {name}", arrs["param"], ref["param"])
     for a, b in zip(got_g, want_g):  # the unscaled grads, where they were written back
         _compare(a, b, f"{rule} {plan} grad")
 
@@ -363,7 +372,9 @@ def test_found_inf_on_the_device_changes_nothing(harness):
     assert all(np.array_equal(g, g0 * 8.0) for g, g0 in zip(got, grads))  # grads untouched
 
 
-@pytest.mark.parametrize("plan", ["bf16", "bf16-sr-f32state", "bf16-master-f32grad-scaled"])
+@pytest.mark.parametrize(
+    "plan", ["bf16", "bf16-sr-f32state", "bf16-master-f32grad-scaled", "bf16-remainder"]
+)
 def test_mixed_kernel_is_bit_identical_to_the_cpu_loop(harness, plan):
     """The C body and the Python rule run the same operations in the same order, and the
     conversions are exact: the CUDA C kernel and the numba CPU loop agree bit for bit."""

@@ -35,7 +35,7 @@ from fastopt.kernels import RULES, cuda_source, multi_tensor, storage
 from fastopt.kernels.storage import IO
 from support.tolerances import assert_close
 
-from fastopt import reference
+from fastopt import precision, reference
 from fastopt.backends import _launch
 
 ml_dtypes = pytest.importorskip("ml_dtypes")
@@ -62,6 +62,11 @@ CASES = {
     "adam-f32": ("adam", dict(lr=0.01, weight_decay=0.1, amsgrad=True), IO()),
     "adamw-bf16-master": ("adam", ADAMW, IO("bfloat16", "bfloat16", "float32", True, scale="host")),
     "adam-bf16-sr": ("adam", dict(lr=0.01), IO("bfloat16", "bfloat16", "bfloat16", sr=True)),
+    "adamw-bf16-remainder": (
+        "adam",
+        ADAMW,
+        IO("bfloat16", "bfloat16", "float32", True, remainder=True),
+    ),
     "sgd-f16-capturable": (
         "sgd",
         dict(lr=0.05, momentum=0.9, nesterov=True, weight_decay=0.01),
@@ -355,7 +360,10 @@ def _tensor(rng, rule, io, n):
     out = {"param": p.astype(NP[io.param])}
     for s in RULES[rule].state:
         out[s] = rng.uniform(0.1, 1.0, n).astype(NP[io.state])
-    if io.master:
+    if io.remainder:  # the param the high half of an fp32 master, the int16 remainder its low
+        bits, rem = precision.split_master(p.astype(np.float32))
+        out["param"], out["master"] = bits, rem
+    elif io.master:
         out["master"] = out["param"].astype(np.float32)
     return out
 

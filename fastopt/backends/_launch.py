@@ -118,6 +118,7 @@ _TORCH_KINDS = {
     "torch.float64": "float64",
     "torch.float16": "float16",
     "torch.bfloat16": "bfloat16",
+    "torch.int16": "int16",  # a master kept as a remainder (kernels/storage.py)
 }
 
 
@@ -127,7 +128,10 @@ def describe(a: Any, what: str) -> tuple[str, int, int, tuple[str, int | None]]:
     ``("cuda", index)``, ``("cuda", None)`` where the producer names none, ``("host", None)``
     for NumPy). Raises ``TypeError``/``ValueError`` naming ``what`` for anything a multi-tensor
     kernel cannot address: another dtype, a strided view, an unknown producer."""
-    from ..precision import kind as _kind
+    from ..precision import kind as _precision_kind
+
+    def _kind(dt: Any) -> str | None:
+        return "int16" if np.dtype(dt) == np.int16 else _precision_kind(dt)
 
     mod = type(a).__module__
     if mod.startswith("torch") and hasattr(a, "data_ptr"):
@@ -176,8 +180,9 @@ class TensorTable:
     ``tensors`` is a list of ``(param, grad, slots, master)``: ``slots`` one array or None per
     state slot of ``rule``, ``master`` the fp32 master copy (None without one). Every array is
     checked (``describe``): storage dtypes as the storage format ``io`` says (param
-    ``io.param``, grad ``io.grad``, slots ``io.state``, master float32 exactly when
-    ``io.master``), as many elements as its param, C-contiguous, on the param's device.
+    ``io.param``, grad ``io.grad``, slots ``io.state``, master ``io.kind("master")``
+    (float32, or int16 for a remainder) exactly when ``io.master``), as many elements as its
+    param, C-contiguous, on the param's device.
     Nothing is launched from a table that failed a check (the constructor raises). The kernels
     trust the table; so the arrays must stay alive, unmoved, for as long as it is launched:
     ``same``/``update`` are the cheap re-checks of a later step (``fastopt.torch`` holds the
@@ -253,7 +258,7 @@ class TensorTable:
                     raise ValueError(
                         f"tensor {i}: the storage format {io} keeps a master copy; got None"
                     )
-                cells.append(("master", m, "float32"))
+                cells.append(("master", m, io.kind("master")))
             elif m is not None:
                 raise ValueError(
                     f"tensor {i}: a master copy, but the storage format {io} keeps none"

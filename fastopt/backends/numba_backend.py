@@ -189,7 +189,7 @@ def launch_many_io(
         _like(io.param),
         _like(io.grad),
         _like(io.state),
-        _like("float32"),
+        _like(io.kind("master")),
         np.empty(1, np.uint32),
     )
 

@@ -18,7 +18,7 @@ from numba.extending import register_jitable
 
 from .._numba_cache import njit_cached
 from ..kernels import RULES, storage
-from .numba_intrinsics import address_as, loader, param_storer, storer
+from .numba_intrinsics import address_as, loader, master_cells, param_storer, storer
 
 if TYPE_CHECKING:
     from ..kernels.storage import IO
@@ -27,7 +27,7 @@ _compiled: dict[Any, Any] = {}
 
 
 #: the closure cells of a storage format's loops: its loads and stores (``io_cells``)
-IO_CELLS = ("lp", "lg", "ls", "sp", "sg", "ss")
+IO_CELLS = ("lp", "lg", "ls", "sp", "sg", "ss", "lm", "sm")
 #: the closure cells of the word loops: a word's two halves and their join
 PAIR_CELLS = ("lo", "hi", "join")
 
@@ -66,10 +66,11 @@ def loop_source(nslots: int, writes: Sequence[bool]) -> str:
 
 def mixed_loop_source(nslots: int, writes: Sequence[bool], io: IO) -> str:
     """``loop_source`` for a launch with the storage format ``io`` (``kernels.storage.IO``): the
-    loop takes ``(p, g, s0.., m, k, x)``, ``m`` the fp32 master (the param array when there is
-    none), ``x = (1/grad_scale, salt, step key)``; each array is loaded into a compute-dtype
-    local once and stored once through the factory's conversions (``lp``/``lg``/``ls`` load,
-    ``sp``/``sg``/``ss`` store: closure cells, so the disk cache tells storage formats apart).
+    loop takes ``(p, g, s0.., m, k, x)``, ``m`` the fp32 master or a remainder's int16 array (the
+    param array when there is none), ``x = (1/grad_scale, salt, step key)``; each array is loaded
+    into a compute-dtype local once and stored once through the factory's conversions
+    (``lp``/``lg``/``ls`` load, ``sp``/``sg``/``ss`` store, ``lm``/``sm`` a remainder's join and
+    split: closure cells, so the disk cache tells storage formats apart).
     Absent slots are placeholders holding the param's value, never read or written."""
     slots = [f"s{j}" for j in range(nslots)]
     body = storage.element_source(nslots, writes, io, "x[0]", "x[2]", 0)
@@ -137,9 +138,10 @@ def io_cells(io: IO) -> tuple[Callable[..., Any], ...]:
         loader(io.param, c),
         loader(io.grad, c),
         loader(io.state, c),
-        param_storer(io.param, c, io.sr),
+        param_storer(io.param, c, io.sr, io.remainder),
         storer(io.grad, c),
         storer(io.state, c),
+        *master_cells(io.remainder),
     )
 
 

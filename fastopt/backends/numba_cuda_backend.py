@@ -248,7 +248,7 @@ def mixed_kernel_source(name, nslots, writes, io, nscalars):
     dtype (``lp``/``lg``/``ls`` load, ``sp``/``sg``/``ss`` store: the factory's arguments)."""
     slots = [f"s{j}" for j in range(nslots)]
     lines = [
-        "def factory(elem, lp, lg, ls, sp, sg, ss, CT):",
+        "def factory(elem, lp, lg, ls, sp, sg, ss, CT, lm, sm):",
         f"    def {name}(p, g, {''.join(s + ', ' for s in slots)}m, k, x, kb, gs, fi, kp):",
     ]
     if io.found_inf:
@@ -291,16 +291,16 @@ def python_kernel(rule, flags, writes, io=None):
     src = mixed_kernel_source(name, len(writes), writes, io, len(spec.scalars))
     exec(compile(src, __file__, "exec"), ns)
     conv = storage.make_converters(lambda f: cuda.jit(device=True, inline="always")(f), io.compute)
-    param = "bfloat16-sr" if io.sr else io.param
     return ns["factory"](
         elem,
         conv["load"][io.param],
         conv["load"][io.grad],
         conv["load"][io.state],
-        conv["param"][param],
+        conv["param"][io.param_store],
         conv["store"][io.grad],
         conv["store"][io.state],
         getattr(np, io.compute),
+        *conv["master"][io.kind("master")],
     )
 
 
@@ -325,7 +325,7 @@ def mixed_signature(rule, writes, io):
     p = arr(io.param)
     c = getattr(types, io.compute)
     sig = (p, arr(io.grad)) + tuple(arr(io.state) if w else p for w in writes)
-    sig += (types.float32[::1] if io.master else p,)
+    sig += ((types.int16 if io.remainder else types.float32)[::1] if io.master else p,)
     sig += (types.UniTuple(c, len(RULES[rule].scalars)), types.Tuple((c, types.int64, types.int64)))
     sig += (c[::1] if io.kbuf else p, types.float32[::1] if io.scale == "device" else p)
     sig += (types.float32[::1] if io.found_inf else p, types.uint32[::1] if io.kbuf else p)
@@ -666,10 +666,10 @@ def table_kernel_source(name, nslots, writes, io, nscalars, clip=False):
         "p": ITEMSIZE[io.param],
         "g": ITEMSIZE[io.grad],
         "s": ITEMSIZE[io.state],
-        "m": 4,
+        "m": ITEMSIZE[io.kind("master")],
     }
     lines = [
-        "def factory(elem, lp, lg, ls, sp, sg, ss, CT, view):",
+        "def factory(elem, lp, lg, ls, sp, sg, ss, CT, view, lm, sm):",
         f"    def {name}(table, chunks, nchunks, chunk, pl, gl, sl, ml, k, x, kb, gs, fi, kp, cl):",
     ]
     if io.found_inf:
@@ -700,7 +700,7 @@ def table_kernel_source(name, nslots, writes, io, nscalars, clip=False):
         for j, w in enumerate(writes)
     ]
     lines.append(
-        f"            m = view(table[j, {3 + nslots}] + base * 4, cnt, ml)"
+        f"            m = view(table[j, {3 + nslots}] + base * {item['m']}, cnt, ml)"
         if io.master
         else "            m = p"
     )
@@ -733,17 +733,17 @@ def table_python_kernel(rule, flags, writes, io, clip=False):
     src = table_kernel_source(name, len(writes), tuple(writes), io, len(spec.scalars), clip)
     exec(compile(src, __file__, "exec"), ns)
     conv = storage.make_converters(lambda f: cuda.jit(device=True, inline="always")(f), io.compute)
-    param = "bfloat16-sr" if io.sr else io.param
     return ns["factory"](
         elem,
         conv["load"][io.param],
         conv["load"][io.grad],
         conv["load"][io.state],
-        conv["param"][param],
+        conv["param"][io.param_store],
         conv["store"][io.grad],
         conv["store"][io.state],
         getattr(np, io.compute),
         _view_fn(),
+        *conv["master"][io.kind("master")],
     )
 
 
@@ -761,7 +761,7 @@ def table_signature(rule, writes, io, clip=False):
     c = getattr(types, io.compute)
     p = arr(io.param)
     sig: tuple[Any, ...] = (types.int64[:, ::1], types.int64[::1], types.int64, types.int64)
-    sig += (p, arr(io.grad), arr(io.state), types.float32[::1])
+    sig += (p, arr(io.grad), arr(io.state), arr(io.kind("master")))
     sig += (types.UniTuple(c, len(RULES[rule].scalars)), types.Tuple((c, types.int64, types.int64)))
     sig += (c[::1] if io.kbuf else p, types.float32[::1] if io.scale == "device" else p)
     sig += (types.float32[::1] if io.found_inf else p, types.uint32[::1] if io.kbuf else p)
@@ -972,7 +972,7 @@ def launch_table(rule, flags, io, table, k, extras=None, clip=None, stream=None)
         x: tuple[Any, ...] = (ct(1.0 if inv is None else inv), np.int64(ex.get("salt", 0)))
         x += (np.int64(ex.get("key", 0)),)
         likes = [_small(_like_dtype(kd), dev) for kd in (io.param, io.grad, io.state)]
-        likes.append(_small(np.float32, dev))
+        likes.append(_small(np.dtype(io.kind("master")), dev))
         hole = likes[0]
         devs = [
             hole if ex.get(n) is None else _arg(ex[n], dev, n)

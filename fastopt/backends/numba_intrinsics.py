@@ -118,6 +118,10 @@ def _p_bf16_sr(x, i, salt, key):
     return storage.bf16_store_sr(x, storage.sr_bits(i, salt, key))
 
 
+def _p_rem(x, i, salt, key):
+    return storage.rem_hi(x)
+
+
 def _p_f16(x, i, salt, key):
     return storage.f16_store(x)
 
@@ -271,6 +275,10 @@ for _f in (
     _p_bf16,
     _p_bf16_sr,
     _p_f16,
+    _p_rem,
+    storage.rem_join,
+    storage.rem_hi,
+    storage.rem_lo,
     *HELPERS,  # the rules' shared per-element pieces (kernels/shared.py)
 ):
     # compiled once per signature and process, inlined by LLVM: numba's IR inlining would
@@ -300,11 +308,14 @@ def storer(kind: str, compute: str) -> Callable[..., Any]:
     return {"bfloat16": storage.bf16_store, "float16": storage.f16_store, "float32": _to_f32}[kind]
 
 
-def param_storer(kind: str, compute: str, sr: bool) -> Callable[..., Any]:
+def param_storer(kind: str, compute: str, sr: bool, remainder: bool = False) -> Callable[..., Any]:
     """The jitable store of a param element as storage ``kind`` (``sr``: bfloat16 rounded
-    stochastically), taking ``(x, i, salt, key)``."""
+    stochastically; ``remainder``: the bfloat16 beside a remainder, ``storage.rem_hi``),
+    taking ``(x, i, salt, key)``."""
     if kind == compute:
         return _p_same
+    if remainder:
+        return _p_rem
     if sr:
         return _p_bf16_sr
     return {"bfloat16": _p_bf16, "float16": _p_f16, "float32": _p_f32}[kind]
@@ -321,3 +332,10 @@ def address_as(typingctx: Any, address: Any, like: Any) -> Any:
         return builder.inttoptr(args[0], context.get_value_type(ptr))
 
     return ptr(address, like), codegen
+
+
+def master_cells(remainder: bool) -> tuple[Callable[..., Any], Callable[..., Any]]:
+    """The jitable load ``(param bits, master element) -> float32`` and store ``float32 ->
+    master element`` of a master kept as a remainder (``storage.rem_join``, ``rem_lo``); a
+    float32 master is read and written as it is and never calls them (placeholders)."""
+    return (storage.rem_join, storage.rem_lo) if remainder else (_same, _same)

@@ -31,7 +31,7 @@ from numba.extending import register_jitable
 
 from .._numba_cache import njit_cached
 from ..kernels import RULES, quant, storage
-from .numba_codegen import io_cells, jitable_rule
+from .numba_codegen import IO_CELLS, io_cells, jitable_rule
 from .protocol import Runner
 
 #: blocks per chunk of the loop (one scratch allocation per chunk)
@@ -69,7 +69,7 @@ def quant_loop_source(
     args += [f"d{j}b" for j in range(nslots)]
     args += [f"t{j}" for j in range(nslots)]
     args += ["tops", "tinys", "luts", "m", "k", "x", "blocks"]
-    cells = ["lp", "lg", "ls", "sp", "sg", "ss"]
+    cells = list(IO_CELLS)
     cells += [f"dec{j}" for j in range(nslots)] + [f"enc{j}" for j in range(nslots)]
     L = [
         f"def factory(elem, rng, {', '.join(cells)}):",
@@ -104,7 +104,8 @@ def quant_loop_source(
         ]
     L.append(f"{pad}for i in range(cnt):")
     pad2 = pad + "    "
-    L.append(f"{pad2}pv = {'mb_[i]' if io.master else 'lp(pb[i])'}")
+    pv = "lm(pb[i], mb_[i])" if io.remainder else "mb_[i]" if io.master else "lp(pb[i])"
+    L.append(f"{pad2}pv = {pv}")
     L.append(f"{pad2}gv = lg(gb[i]){' * x[0]' if io.scale else ''}")
     if io.write_grad:
         L.append(f"{pad2}gb[i] = sg(gv)")
@@ -121,7 +122,7 @@ def quant_loop_source(
         f"pv, gv, {''.join(f'v{j}, ' for j in range(nslots))}k)"
     )
     if io.master:
-        L.append(f"{pad2}mb_[i] = pi")
+        L.append(f"{pad2}mb_[i] = {'sm(pi)' if io.remainder else 'pi'}")
     L.append(f"{pad2}pb[i] = sp(pi, lo + i, x[1], x[2])")
     for j in range(nslots):
         if not writes[j]:

@@ -111,7 +111,7 @@ def _cvt(src, dst):
 _mixed: dict[Any, Any] = {}
 
 
-def _mixed_source(n_state, master):
+def _mixed_source(n_state, master, remainder=False):
     slots = "".join(f"s{j}, " for j in range(n_state))
     lines = [
         "def factory(cp, cs, cm):",
@@ -119,7 +119,12 @@ def _mixed_source(n_state, master):
         "        for i in numba.prange(p.shape[0]):",
         "            gi = g[i]",
     ]
-    if master:  # the master read and written, the param written only (as the optimizer)
+    if remainder:  # the param and its int16 remainder both read and written (as the optimizer)
+        lines += [
+            "            p[i] = p[i] + cp(gi)",
+            "            m[i] = m[i] + cp(gi)",
+        ]
+    elif master:  # the master read and written, the param written only (as the optimizer)
         lines += [
             "            mi = m[i] + cm(gi)",
             "            m[i] = mi",
@@ -135,13 +140,13 @@ def _mixed_source(n_state, master):
 def mixed_traffic_kernel(io: Any, n_state: int) -> Any:
     """The compiled same-traffic loop of a storage format: the buffers the optimizer touches, in
     their storage dtypes (16-bit ones as uint16), read and written as the optimizer does."""
-    key = (io.param, io.grad, io.state, io.master, n_state)
+    key = (io.param, io.grad, io.state, io.master, io.remainder, n_state)
     fn = _mixed.get(key)
     if fn is None:
         from .._numba_cache import njit_cached
 
         ns: dict[str, Any] = {"__name__": __name__, "numba": numba}
-        exec(compile(_mixed_source(n_state, io.master), __file__, "exec"), ns)
+        exec(compile(_mixed_source(n_state, io.master, io.remainder), __file__, "exec"), ns)
         master_src = "float32"
         py = ns["factory"](
             _cvt(master_src if io.master else io.grad, io.param),
@@ -206,8 +211,8 @@ def mixed_traffic_runner(io: Any, n_state: int, n: int) -> Any:
         dt = np.uint16 if kind in ("float16", "bfloat16") else np.dtype(kind)
         return np.full(n, fill, dtype=dt)
 
-    p, g = buf(io.param, 0 if io.master else 1), buf(io.grad, 1)
-    m = buf("float32") if io.master else p
+    p, g = buf(io.param, 0 if io.master and not io.remainder else 1), buf(io.grad, 1)
+    m = buf(io.kind("master")) if io.master else p
     if io.quant:
         from ..kernels.quant import nblocks
         from .measure import traffic_arrays

@@ -46,6 +46,7 @@ DEFAULT_PRECISIONS = (
     "bfloat16",
     "bfloat16+fp32-state",
     "bfloat16+master",
+    "bfloat16+remainder",
     "int8-state",
     "float8-state",
 )

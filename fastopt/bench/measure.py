@@ -188,7 +188,9 @@ def bytes_per_step(
     if io is None:
         return (3 + n_state + n_read) * np.dtype(dtype).itemsize * int(n)
     size = io.itemsizes()
-    per = size["param"] * (1 if io.master else 2) + size["grad"] * (2 if io.write_grad else 1)
+    # the param is written only beside an fp32 master; a remainder is joined with it: read too
+    p_reads = 0 if io.master and not io.remainder else 1
+    per = size["param"] * (1 + p_reads) + size["grad"] * (2 if io.write_grad else 1)
     # a quantized slot: a byte of code per element and a float32 scale per block
     state = size["state"] if not io.quant else 1 + 4 / _block()
     per += (n_state + n_read) * state + (2 * size["master"] if io.master else 0)
@@ -205,7 +207,8 @@ def traffic_arrays(
     n: int, n_state: int, dtype: Any = None, io: Any = None, n_read: int | None = None
 ) -> Any:
     """The arrays one step moves, ``[(name, bytes, mode)]`` with mode "r" (read), "w" (written)
-    or "rw": the param (written only when an fp32 master is read instead), the grad (written
+    or "rw": the param (written only when an fp32 master is read instead; read and written beside
+    a remainder), the grad (written
     back too when unscaled in place), ``n_read`` state buffers read and written and the rest
     written only (a quantized slot, ``io.quant``: its codes and its block scales), and the
     master copy. The same model as ``bytes_per_step``: the bytes times the
@@ -217,8 +220,9 @@ def traffic_arrays(
     else:
         size, master, write_grad = io.itemsizes(), io.master, io.write_grad
     n = int(n)
+    p_written_only = master and not (io is not None and io.remainder)
     out = [
-        ("param", size["param"] * n, "w" if master else "rw"),
+        ("param", size["param"] * n, "w" if p_written_only else "rw"),
         ("grad", size["grad"] * n, "rw" if write_grad else "r"),
     ]
     quant = getattr(io, "quant", None)
@@ -258,7 +262,8 @@ class Precision:
 
 #: the mixed-precision rows: float32 (the baseline), bfloat16 params and grads with bfloat16
 #: state (torch's fused default for bf16 models), with float32 state, and with float32 state and
-#: an fp32 master copy (what mixed-precision training keeps); float32 params with quantized
+#: an fp32 master copy (what mixed-precision training keeps), and with that master as the param
+#: plus an int16 remainder (``master_weights="remainder"``); float32 params with quantized
 #: state (``state_dtype="int8"``, ``"float8_e4m3"``); float16 likewise
 PRECISIONS = {
     p.name: p
@@ -267,6 +272,7 @@ PRECISIONS = {
         Precision("bfloat16", "bfloat16", "bfloat16"),
         Precision("bfloat16+fp32-state", "bfloat16", "bfloat16", (("state_dtype", "float32"),)),
         Precision("bfloat16+master", "bfloat16", "bfloat16", (("master_weights", True),)),
+        Precision("bfloat16+remainder", "bfloat16", "bfloat16", (("master_weights", "remainder"),)),
         Precision("int8-state", "float32", "float32", (("state_dtype", "int8"),)),
         Precision("float8-state", "float32", "float32", (("state_dtype", "float8_e4m3"),)),
         Precision("float16", "float16", "float16"),

@@ -914,6 +914,12 @@ def _check_precision(who, master_weights, state_dtype, stochastic_rounding, seed
     NotImplementedError until ``fastopt.torch`` keeps it."""
     from .. import precision
 
+    if isinstance(master_weights, str) and master_weights == "remainder":
+        raise NotImplementedError(
+            f"{who}: master_weights='remainder' (a bfloat16 param + int16 remainder as the fp32 "
+            f"master) is not kept by fastopt.torch yet; use the core class fastopt.{who}, or "
+            "master_weights=True"
+        )
     flags = (("master_weights", master_weights), ("stochastic_rounding", stochastic_rounding))
     for name, v in flags:
         if not isinstance(v, (bool, np.bool_)):

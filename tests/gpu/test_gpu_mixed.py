@@ -181,3 +181,37 @@ def test_device_grad_scale_and_found_inf_without_capturable(backend):
     assert not oa.update(a, {"w": to_device(g)}, grad_scale=scale, found_inf=flag)
     assert oa.step_count == ob.step_count == 1
     np.testing.assert_array_equal(to_host(a["w"]), to_host(b["w"]))
+
+
+@pytest.mark.parametrize("backend", gpu_backend_params())
+def test_remainder_master_is_the_fp32_master_on_the_device(backend):
+    """``master_weights="remainder"`` on the device: the bfloat16 param and its int16
+    remainder hold, bit for bit, the fp32 master the same backend keeps with
+    ``master_weights=True`` over the same gradients (the same rule, the same compiler); the
+    params differ exactly where that master sits on a tie above an even bfloat16 (one unit
+    further from zero); and the master is within float32 rounding of the CPU loop's."""
+    from fastopt import precision
+
+    n, rng = (1 << 20) + 7, np.random.default_rng(4)
+    p0 = rng.standard_normal(n).astype(BF16)
+    grads = [rng.standard_normal(n).astype(BF16) for _ in range(4)]
+    dev_m, dev_r, host = {"w": to_device(p0)}, {"w": to_device(p0)}, {"w": p0.copy()}
+    fp32 = fastopt.AdamW(lr=1e-2, backend=backend, master_weights=True)
+    rem = fastopt.AdamW(lr=1e-2, backend=backend, master_weights="remainder")
+    cpu = fastopt.AdamW(lr=1e-2, backend="numba", master_weights="remainder")
+    for g in grads:
+        fp32.update(dev_m, {"w": to_device(g)})
+        rem.update(dev_r, {"w": to_device(g)})
+        cpu.update(host, {"w": g})
+        master = to_host(fp32.state["w"]["master_param"])
+        joined = precision.join_master(
+            to_host(dev_r["w"]), to_host(rem.state["w"]["master_remainder"])
+        )
+        assert np.array_equal(joined.view(np.uint32), master.view(np.uint32))
+        u = master.view(np.uint32)
+        tie = ((u & 0xFFFF) == 0x8000) & (((u >> 16) & 1) == 0)
+        pr, pm = (to_host(d["w"]).view(np.uint16) for d in (dev_r, dev_m))
+        assert np.array_equal(pr != pm, tie)
+        assert np.all(pr[tie] == pm[tie] + 1)
+    want = precision.join_master(host["w"], cpu.state["w"]["master_remainder"])
+    np.testing.assert_allclose(joined, want, rtol=1e-5, atol=1e-6)
