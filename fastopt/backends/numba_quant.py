@@ -38,6 +38,8 @@ from .protocol import Runner
 CHUNK_BLOCKS = 64
 
 for _fn in {f for pair in quant.CODECS.values() for f in pair} | {
+    *quant.FAST_ENCODE.values(),
+    quant._dynamic_u,
     quant.encode,
     quant.encode_signmag,
     quant._dynamic_value,
@@ -71,6 +73,11 @@ def quant_loop_source(
     args += ["tops", "tinys", "luts", "m", "k", "x", "blocks"]
     cells = ["lp", "lg", "ls", "sp", "sg", "ss"]
     cells += [f"dec{j}" for j in range(nslots)] + [f"enc{j}" for j in range(nslots)]
+    cells += [f"fenc{j}" for j in range(nslots)]
+
+    def lut(j: int) -> str:
+        return f"d{j}b, t{j}, luts[{j}, 0], luts[{j}, 1], luts[{j}, 2]"
+
     L = [
         f"def factory(elem, rng, {', '.join(cells)}):",
         f"    def loop({', '.join(args)}):",
@@ -141,9 +148,15 @@ def quant_loop_source(
             f"{pad}n{j} = bits_f32(h{j})",
             f"{pad}a{j}[b] = n{j}",
             f"{pad}e{j} = tops[{j}] / n{j} if n{j} >= tinys[{j}] else np.float32(0)",
+            f"{pad}z{j} = 0",
             f"{pad}for i in range(cnt):",
-            f"{pad}    sb{j}[i] = enc{j}(r{j}[i] * e{j}, d{j}b, t{j}, "
-            f"luts[{j}, 0], luts[{j}, 1], luts[{j}, 2])",
+            f"{pad}    c{j}, w{j} = fenc{j}(r{j}[i] * e{j}, {lut(j)})",
+            f"{pad}    sb{j}[i] = c{j}",
+            f"{pad}    z{j} += w{j}",
+            # a value the arithmetic encode flags (near a threshold): the block by the lookup
+            f"{pad}if z{j}:",
+            f"{pad}    for i in range(cnt):",
+            f"{pad}        sb{j}[i] = enc{j}(r{j}[i] * e{j}, {lut(j)})",
         ]
     L.append("    return loop")
     return "\n".join(L) + "\n"
@@ -177,6 +190,7 @@ def quant_kernel(
             *io_cells(io),
             *[quant.CODECS[c][0] for c in codecs],
             *[quant.CODECS[c][1] for c in codecs],
+            *[quant.FAST_ENCODE[c] for c in codecs],
         )
         fn = _compiled[key] = njit_cached(parallel=parallel, nogil=True, error_model="numpy")(py)
     return fn
