@@ -502,7 +502,13 @@ def _make_dynamic_encode(signed: bool) -> Any:
     ``flagged`` is false."""
     bp, bn = _dynamic_pieces(signed)
     p0, p1, p2, p3, p4, p5, p6, p7 = bp
-    n0, n1, n2, n3, n4, n5, n6, n7 = bn
+    # a negative y compares with the same boundaries but for ``|y|`` equal to one whose
+    # negative twin is a float below it (a midpoint exactly representable): flagged
+    ties = [x for x, xn in zip(bp[:7], bn[:7]) if xn != x]
+    if len(ties) > 2:
+        raise ValueError(f"{len(ties)} decade boundaries tie; the encode checks two")
+    t0, t1 = (*ties, _NAN, _NAN)[:2]  # NaN: equal to nothing
+    inf = np.float32(np.inf)
     s0, s1, s2, s3, s4, s5, s6 = (np.float32(10.0 ** (6 - i)) for i in range(7))
     g0 = np.float32(1.0 if signed else 2.0)  # values in decade 0
     first = np.float32(0.0 if signed else -1.0)  # the first's magnitude index, less G
@@ -514,14 +520,14 @@ def _make_dynamic_encode(signed: bool) -> Any:
         a = abs(y) if signed else y
         ng = y < _ZERO if signed else False
         # the piece: past the threshold into decade i (the comparisons nest)
-        b0 = a > pick(ng, n0, p0)
-        b1 = a > pick(ng, n1, p1)
-        b2 = a > pick(ng, n2, p2)
-        b3 = a > pick(ng, n3, p3)
-        b4 = a > pick(ng, n4, p4)
-        b5 = a > pick(ng, n5, p5)
-        b6 = a > pick(ng, n6, p6)
-        b7 = a > pick(ng, n7, p7)
+        b0 = a > p0
+        b1 = a > p1
+        b2 = a > p2
+        b3 = a > p3
+        b4 = a > p4
+        b5 = a > p5
+        b6 = a > p6
+        b7 = a > pick(ng, inf, p7)  # the negative half has no -1
         g = pick(b1, g0 * two, g0)
         s = pick(b1, s1, s0)
         g = pick(b2, g * two, g)
@@ -543,8 +549,8 @@ def _make_dynamic_encode(signed: bool) -> Any:
         code = pick(ng, mid - m, mid + m)
         inside = a < two
         code = pick(inside, code, _ZERO)  # NaN, ±inf, |y| >= 2: code 0, as the lookup
-        near = abs(u - np.floor(u + _HALF)) < _AMB
-        return np.int32(code), near & b0 & ~b7 & inside
+        near = (abs(u - np.floor(u + _HALF)) < _AMB) & b0 & (b7 < inside)
+        return np.int32(code), near | (a == t0) | (a == t1)
 
     return dynamic_encode
 

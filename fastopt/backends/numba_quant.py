@@ -148,11 +148,11 @@ def quant_loop_source(
             f"{pad}n{j} = bits_f32(h{j})",
             f"{pad}a{j}[b] = n{j}",
             f"{pad}e{j} = tops[{j}] / n{j} if n{j} >= tinys[{j}] else np.float32(0)",
-            f"{pad}z{j} = 0",
+            f"{pad}z{j} = False",
             f"{pad}for i in range(cnt):",
             f"{pad}    c{j}, w{j} = fenc{j}(r{j}[i] * e{j}, {lut(j)})",
             f"{pad}    sb{j}[i] = c{j}",
-            f"{pad}    z{j} += w{j}",
+            f"{pad}    z{j} |= w{j}",
             # a value the arithmetic encode flags (near a threshold): the block by the lookup
             f"{pad}if z{j}:",
             f"{pad}    for i in range(cnt):",
