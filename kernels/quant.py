@@ -510,7 +510,8 @@ def _make_dynamic_encode(signed: bool) -> Any:
     t0, t1 = (*ties, _NAN, _NAN)[:2]  # NaN: equal to nothing
     inf = np.float32(np.inf)
     s0, s1, s2, s3, s4, s5, s6 = (np.float32(10.0 ** (6 - i)) for i in range(7))
-    g0 = np.float32(1.0 if signed else 2.0)  # values in decade 0
+    # values in decade i: 2^i (signed), 2^(i+1) (unsigned)
+    g0, g1, g2, g3, g4, g5, g6 = (np.float32(2.0 ** (i if signed else i + 1)) for i in range(7))
     first = np.float32(0.0 if signed else -1.0)  # the first's magnitude index, less G
     mid = np.float32(127.0 if signed else 0.0)  # the code of zero
     top = np.float32(128.0 if signed else 255.0)  # magnitude index of 1.0
@@ -528,20 +529,21 @@ def _make_dynamic_encode(signed: bool) -> Any:
         b5 = a > p5
         b6 = a > p6
         b7 = a > pick(ng, inf, p7)  # the negative half has no -1
-        g = pick(b1, g0 * two, g0)
+        g = pick(b1, g1, g0)
         s = pick(b1, s1, s0)
-        g = pick(b2, g * two, g)
+        g = pick(b2, g2, g)
         s = pick(b2, s2, s)
-        g = pick(b3, g * two, g)
+        g = pick(b3, g3, g)
         s = pick(b3, s3, s)
-        g = pick(b4, g * two, g)
+        g = pick(b4, g4, g)
         s = pick(b4, s4, s)
-        g = pick(b5, g * two, g)
+        g = pick(b5, g5, g)
         s = pick(b5, s5, s)
-        g = pick(b6, g * two, g)
+        g = pick(b6, g6, g)
         s = pick(b6, s6, s)
         u = _dynamic_u(a, g, s)
         fl = np.floor(u)
+        frac = u - fl
         last = g - _ONE
         m = g + first + pick(fl < last, fl, last)
         m = pick(b0, m, _ZERO)
@@ -549,7 +551,7 @@ def _make_dynamic_encode(signed: bool) -> Any:
         code = pick(ng, mid - m, mid + m)
         inside = a < two
         code = pick(inside, code, _ZERO)  # NaN, ±inf, |y| >= 2: code 0, as the lookup
-        near = (abs(u - np.floor(u + _HALF)) < _AMB) & b0 & (b7 < inside)
+        near = ((frac < _AMB) | (frac > _ONE - _AMB)) & b0 & (b7 < inside)
         return np.int32(code), near | (a == t0) | (a == t1)
 
     return dynamic_encode
