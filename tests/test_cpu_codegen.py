@@ -120,8 +120,9 @@ def assert_packed(what, body, asm):
 def _encode_loop():
     """The int8 encode as the quantized loops run it (``numba_quant``: the arithmetic encode of
     the signed dynamic map over a block's row, its flags or-reduced), compiled afresh."""
-    from fastopt.backends import numba_quant  # noqa: F401  (registers the codec)
     from fastopt.kernels import quant
+
+    from fastopt.backends import numba_quant  # noqa: F401  (registers the codec)
 
     enc = quant.FAST_ENCODE["dynamic_signed"]
 
