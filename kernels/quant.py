@@ -59,6 +59,7 @@ __all__ = [
     "CODECS",
     "FAST_ENCODE",
     "FORMATS",
+    "LOOKUP_ENCODE",
     "Table",
     "dynamic_map",
     "encode",
@@ -608,3 +609,7 @@ FAST_ENCODE = {
     "float8_e4m3fn": _flag_none(e4m3_encode),
     "float8_e5m2": _flag_none(e5m2_encode),
 }
+
+#: the int8 maps' lookup in ``FAST_ENCODE``'s form (never flagged): the encode the loops ran
+#: before the arithmetic one, kept for ``bench/quant_loop_cost.py`` to time beside it
+LOOKUP_ENCODE = {name: _flag_none(CODECS[name][1]) for name in ARITHMETIC_DECODE}

@@ -39,6 +39,7 @@ CHUNK_BLOCKS = 64
 
 for _fn in {f for pair in quant.CODECS.values() for f in pair} | {
     *quant.FAST_ENCODE.values(),
+    *quant.LOOKUP_ENCODE.values(),
     quant._dynamic_u,
     quant.encode,
     quant.encode_signmag,
