@@ -10,8 +10,9 @@ decoded into a per-thread scratch row (``dec(code) * (absmax / top)``: a lookup 
 frozen into the code for the int8 maps, arithmetic for float8, ``kernels.quant.CODECS``),
 the rule runs over plain arrays (the param and the float32 slots stored as the storage format
 says, the quantized slots' new values back into their rows), each row's absmax is taken (an
-integer maximum of bit patterns), and the row is encoded (``encode``: one lookup and one
-comparison for int8, arithmetic for float8) with its new absmax stored: one pass over memory.
+integer maximum of bit patterns), and the row is encoded by arithmetic
+(``kernels.quant.FAST_ENCODE``; an int8 row holding a value it flags, one near a threshold,
+is encoded again by the lookup, ``CODECS``) with its new absmax stored: one pass over memory.
 
 A quantized slot arrives as ``(codes, absmax)`` (a parameter's: its blocks start at 0, every
 ``BLOCK`` elements) or ``(codes, absmax, blocks)`` (a ``FlatBuffer`` group's, whose blocks start
