@@ -144,9 +144,9 @@ def quant_loop_source(
         # non-negative floats, NaN above every number (so a NaN wins), and a reduction LLVM
         # vectorises without fast-math
         L += [
-            f"{pad}h{j} = 0",
+            f"{pad}h{j} = np.int32(0)",
             f"{pad}for i in range(cnt):",
-            f"{pad}    h{j} = max(h{j}, f32_bits(r{j}[i]) & 0x7FFFFFFF)",
+            f"{pad}    h{j} = max(h{j}, np.int32(f32_bits(r{j}[i]) & 0x7FFFFFFF))",
             f"{pad}n{j} = bits_f32(h{j})",
             f"{pad}a{j}[b] = n{j}",
             f"{pad}e{j} = tops[{j}] / n{j} if n{j} >= tinys[{j}] else np.float32(0)",
