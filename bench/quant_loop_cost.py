@@ -6,9 +6,10 @@
 As ``bench/cpu_loop_cost.py`` (serial loops over ``n`` elements in the L2 cache, rounds that
 interleave the plans, the median over rounds of each round's median, ns per element and
 core; ``--cpu`` compiles for an LLVM CPU with its own instruction set, e.g. AVX2 on an
-AVX-512 host). Plans: float32 state; int8 state as the loops run it (``kernels.quant.CODECS``:
-decode and encode by lookup); int8 state decoded by arithmetic (``ARITHMETIC_DECODE``); float8
-state (arithmetic both ways).
+AVX-512 host). Plans: float32 state; int8 state as the loops run it (decode by lookup,
+``kernels.quant.CODECS``; encode by arithmetic, ``FAST_ENCODE``); int8 state encoded by the
+lookup (``LOOKUP_ENCODE``: the loops before the arithmetic encode); int8 state decoded by
+arithmetic (``ARITHMETIC_DECODE``); float8 state (arithmetic both ways).
 """
 
 import argparse
@@ -24,7 +25,13 @@ from fastopt import _quantized as Q
 from fastopt.backends import numba_backend as nb
 from fastopt.backends import numba_quant as nq
 
-PLANS = ("float32", "int8", "int8 (decode by arithmetic)", "float8_e4m3")
+PLANS = (
+    "float32",
+    "int8",
+    "int8 (encode by lookup)",
+    "int8 (decode by arithmetic)",
+    "float8_e4m3",
+)
 
 
 def runner(optimizer, plan, n, seed=0):
@@ -42,10 +49,12 @@ def runner(optimizer, plan, n, seed=0):
         st = [s if w else p for s, w in zip(states, writes)]
         return lambda: fn(p, g, *st, kc)
     fmt = "int8" if plan.startswith("int8") else plan
-    saved = dict(quant.CODECS)
+    saved, saved_fast = dict(quant.CODECS), dict(quant.FAST_ENCODE)
     if plan == "int8 (decode by arithmetic)":
         for name, dec in quant.ARITHMETIC_DECODE.items():
             quant.CODECS[name] = (dec, quant.CODECS[name][1])
+    if plan == "int8 (encode by lookup)":
+        quant.FAST_ENCODE.update(quant.LOOKUP_ENCODE)
     try:
         io = IO(quant=fmt)
         run = nq.prepare_quant(optimizer, flags, writes, kc, io, None)
@@ -57,6 +66,8 @@ def runner(optimizer, plan, n, seed=0):
     finally:
         quant.CODECS.clear()
         quant.CODECS.update(saved)
+        quant.FAST_ENCODE.clear()
+        quant.FAST_ENCODE.update(saved_fast)
     nq._compiled.clear()  # the next plan compiles its own loop
     return lambda: run(p, g, st)
 

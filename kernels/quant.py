@@ -57,13 +57,16 @@ from .storage import bits_f32, f32_bits
 __all__ = [
     "BLOCK",
     "CODECS",
+    "FAST_ENCODE",
     "FORMATS",
+    "LOOKUP_ENCODE",
     "Table",
     "dynamic_map",
     "encode",
     "encode_signmag",
     "fp8_values",
     "nblocks",
+    "pick",
     "table",
 ]
 
@@ -437,6 +440,150 @@ def _frozen_lookup(fmt: str, quant_map: str) -> tuple[Any, Any]:
     return frozen_decode, frozen_encode
 
 
+# -- the dynamic maps' encode by arithmetic (``FAST_ENCODE``) ------------------------------------
+#
+# The code ``#{thr < y}`` without a lookup (a lookup is a gather: scalar on AVX2, and the one
+# above gathers bytes, scalar everywhere), from the maps' decade structure: the positive values
+# of exponent ``i`` are ``10^(i-6)`` times the ``G`` means of ``linspace(0.1, 1, G + 1)``, so
+# the threshold between means ``j - 1`` and ``j`` of a decade sits at ``u = j`` (up to
+# rounding) for ``u = (|y|·10^(6-i) − 0.1)·G/0.9``. The decade is the piece ``|y|`` falls in
+# between the thresholds that cross from one decade into the next (exact float32 comparisons,
+# so no estimate there), the offset in it is ``floor(u)``. ``u`` is a monotone float32 function
+# of ``|y|`` within a piece, so ``u`` above (below) the ``u`` of a threshold puts ``y`` above
+# (below) that threshold: every interior threshold's ``u`` lies within ``_AMB`` of its integer
+# (``dynamic_encode_margins``, checked by a test), and a value whose ``u`` lies that close to an
+# integer is flagged instead: the loops encode a block holding a flagged value by the lookup
+# (about one block in thirty). The result is the lookup's code (a test holds the two equal on a
+# dense sweep of float32; the exhaustive one runs every float32).
+
+#: half-width of the band of ``u`` around an integer where the arithmetic encode defers to the
+#: lookup (the thresholds' ``u`` lie within 2^-17 of their integers)
+_AMB = np.float32(2.0**-14)
+_ZERO = np.float32(0.0)
+_TWO = np.float32(2.0)
+_NINTH = np.float32(1.0 / 0.9)  # G/0.9 = G·_NINTH exactly (G a power of two)
+
+
+def _decade_starts(signed: bool) -> list[int]:
+    """The magnitude index (positive values counted from 1 up) of each decade's first value,
+    and of 1.0 (decade 7)."""
+    return [2**i if signed else 2 ** (i + 1) - 1 for i in range(8)]
+
+
+def _dynamic_pieces(signed: bool) -> tuple[list[np.float32], list[np.float32]]:
+    """The float32 boundaries of the decade pieces of ``|y|``, for positive and for negative
+    ``y``: ``|y| > b[i]`` iff ``y`` is past the threshold that enters decade ``i`` (``i = 7``:
+    the value 1.0; +inf where none). Negative ``y`` counts thresholds ``<= |y|`` (a threshold
+    ``t`` below zero is passed by ``-|y| > t``), hence the float below ``-t``."""
+    thr = table("int8", "signed" if signed else "unsigned").thr
+    pos = thr[127:] if signed else thr
+    starts = _decade_starts(signed)
+    bp = [np.float32(pos[c - 1]) for c in starts]
+    if not signed:
+        return bp, bp
+    neg = -thr[:127][::-1]  # the negative half's thresholds, negated, ascending
+    bn = [np.nextafter(np.float32(neg[c - 1]), np.float32(0)) for c in starts[:7]]
+    return bp, [*bn, np.float32(np.inf)]
+
+
+def pick(c: Any, a: Any, b: Any) -> Any:
+    """``a if c else b``, lowered by the CPU backend to one select (a ternary compiles to
+    branches, which a chain of them leaves in place and the loop does not vectorise)."""
+    return a if c else b
+
+
+def _dynamic_u(a: Any, g: Any, s: Any) -> Any:
+    """``u`` of ``|y| = a`` in the decade of ``G = g`` and ``10^(6-i) = s`` (float32)."""
+    return (a * s - _TENTH) * (g * _NINTH)
+
+
+def _make_dynamic_encode(signed: bool) -> Any:
+    """``encode(y, *lookup args) -> (code, flagged)`` of a dynamic map by arithmetic (see
+    above; the lookup's arguments unread): ``code`` (an int32) is the lookup's code where
+    ``flagged`` is false."""
+    bp, bn = _dynamic_pieces(signed)
+    p0, p1, p2, p3, p4, p5, p6, p7 = bp
+    # a negative y compares with the same boundaries but for ``|y|`` equal to one whose
+    # negative twin is a float below it (a midpoint exactly representable): flagged
+    ties = [x for x, xn in zip(bp[:7], bn[:7]) if xn != x]
+    if len(ties) > 2:
+        raise ValueError(f"{len(ties)} decade boundaries tie; the encode checks two")
+    t0, t1 = (*ties, _NAN, _NAN)[:2]  # NaN: equal to nothing
+    inf = np.float32(np.inf)
+    s0, s1, s2, s3, s4, s5, s6 = (np.float32(10.0 ** (6 - i)) for i in range(7))
+    # values in decade i: 2^i (signed), 2^(i+1) (unsigned)
+    g0, g1, g2, g3, g4, g5, g6 = (np.float32(2.0 ** (i if signed else i + 1)) for i in range(7))
+    first = np.float32(0.0 if signed else -1.0)  # the first's magnitude index, less G
+    mid = np.float32(127.0 if signed else 0.0)  # the code of zero
+    top = np.float32(128.0 if signed else 255.0)  # magnitude index of 1.0
+    two = _TWO
+
+    def dynamic_encode(y: Any, b: Any, th: Any, lo: Any, hi: Any, mb: Any) -> Any:
+        a = abs(y) if signed else y
+        ng = y < _ZERO if signed else False
+        # the piece: past the threshold into decade i (the comparisons nest)
+        b0 = a > p0
+        b1 = a > p1
+        b2 = a > p2
+        b3 = a > p3
+        b4 = a > p4
+        b5 = a > p5
+        b6 = a > p6
+        b7 = a > pick(ng, inf, p7)  # the negative half has no -1
+        g = pick(b1, g1, g0)
+        s = pick(b1, s1, s0)
+        g = pick(b2, g2, g)
+        s = pick(b2, s2, s)
+        g = pick(b3, g3, g)
+        s = pick(b3, s3, s)
+        g = pick(b4, g4, g)
+        s = pick(b4, s4, s)
+        g = pick(b5, g5, g)
+        s = pick(b5, s5, s)
+        g = pick(b6, g6, g)
+        s = pick(b6, s6, s)
+        u = _dynamic_u(a, g, s)
+        fl = np.floor(u)
+        frac = u - fl
+        last = g - _ONE
+        m = g + first + pick(fl < last, fl, last)
+        m = pick(b0, m, _ZERO)
+        m = pick(b7, top, m)
+        code = pick(ng, mid - m, mid + m)
+        inside = a < two
+        code = pick(inside, code, _ZERO)  # NaN, ±inf, |y| >= 2: code 0, as the lookup
+        near = ((frac < _AMB) | (frac > _ONE - _AMB)) & b0 & (b7 < inside)
+        return np.int32(code), near | (a == t0) | (a == t1)
+
+    return dynamic_encode
+
+
+def dynamic_encode_margins(signed: bool) -> np.ndarray:
+    """How far each interior threshold's ``u`` lies from its integer (both signs): the band
+    ``_AMB`` must hold every one of them."""
+    thr = table("int8", "signed" if signed else "unsigned").thr
+    starts = _decade_starts(signed)
+    halves = [thr[127:], -thr[:127][::-1]] if signed else [thr]
+    out = []
+    for th in halves:
+        for i in range(7):
+            g = np.float32(2.0 ** (i if signed else i + 1))
+            lo, hi = starts[i], min(starts[i + 1] - 1, th.size)
+            t = th[lo:hi].astype(np.float32)
+            u = _dynamic_u(t, g, np.float32(10.0 ** (6 - i)))
+            out.append(np.abs(u.astype(np.float64) - np.arange(1, 1 + t.size)))
+    return np.concatenate(out)
+
+
+def _flag_none(enc: Any) -> Any:
+    """``encode``'s arguments, ``(code, False)``: a codec whose encode needs no lookup."""
+
+    def never_flagged(y: Any, b: Any, th: Any, lo: Any, hi: Any, m: Any) -> Any:
+        return enc(y, b, th, lo, hi, m), False
+
+    return never_flagged
+
+
 #: per table: (decode, encode) as the loops call them
 CODECS = {
     "dynamic_signed": _frozen_lookup("int8", "signed"),
@@ -452,3 +599,17 @@ ARITHMETIC_DECODE = {
     "dynamic_signed": dynamic_signed_decode,
     "dynamic_unsigned": dynamic_unsigned_decode,
 }
+
+#: per table: the loops' first encode, ``(y, *lookup args) -> (code, flagged)``: by arithmetic
+#: (the int8 maps: a block with a flagged value is encoded again by ``CODECS``' lookup) or the
+#: ``CODECS`` encode itself, never flagged (float8)
+FAST_ENCODE = {
+    "dynamic_signed": _make_dynamic_encode(True),
+    "dynamic_unsigned": _make_dynamic_encode(False),
+    "float8_e4m3fn": _flag_none(e4m3_encode),
+    "float8_e5m2": _flag_none(e5m2_encode),
+}
+
+#: the int8 maps' lookup in ``FAST_ENCODE``'s form (never flagged): the encode the loops ran
+#: before the arithmetic one, kept for ``bench/quant_loop_cost.py`` to time beside it
+LOOKUP_ENCODE = {name: _flag_none(CODECS[name][1]) for name in ARITHMETIC_DECODE}

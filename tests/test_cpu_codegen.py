@@ -80,9 +80,14 @@ ASM_LANE_MOVES = re.compile(
 ASM_PACKED_SQRT = re.compile(r"^\s+vsqrtps\s+[^\n]*%[yz]mm")
 
 
-def vector_loop(asm):
+#: a packed rounding (floor) in a 256- or 512-bit register: the int8 encode's vector loop
+ASM_PACKED_ROUND = re.compile(r"^\s+vround\w*ps\s+[^\n]*%[yz]mm|^\s+vrndscaleps\s+[^\n]*%[yz]mm")
+
+
+def vector_loop(asm, marker=ASM_PACKED_SQRT):
     """The instructions of the vector loop in ``asm``: the shortest span from a label to a
-    jump back to it that holds a packed square root (None when there is none)."""
+    jump back to it that holds a packed square root (or another ``marker``; None when there
+    is none)."""
     lines = asm.splitlines()
     labels = {}
     best = None
@@ -94,7 +99,7 @@ def vector_loop(asm):
         m = re.match(r"^\s+j\w+\s+(\.LBB\w+)", ln)
         if m and m.group(1) in labels:
             span = [x for x in lines[labels[m.group(1)] + 1 : i + 1] if x.startswith("\t")]
-            has_math = any(ASM_PACKED_SQRT.search(x) for x in span)
+            has_math = any(marker.search(x) for x in span)
             if has_math and (best is None or len(span) < len(best)):
                 best = span
     return best
@@ -112,8 +117,32 @@ def assert_packed(what, body, asm):
     assert not moves, f"lanes split in the machine code of {what}: {moves[:5]}"
 
 
+def _encode_loop():
+    """The int8 encode as the quantized loops run it (``numba_quant``: the arithmetic encode of
+    the signed dynamic map over a block's row, its flags or-reduced), compiled afresh."""
+    from fastopt.kernels import quant
+
+    from fastopt.backends import numba_quant  # noqa: F401  (registers the codec)
+
+    enc = quant.FAST_ENCODE["dynamic_signed"]
+
+    @numba.njit(error_model="numpy")
+    def encode_row(r, e, out):
+        z = False
+        for i in range(r.shape[0]):
+            c, w = enc(r[i] * e, None, None, 0, 0, 0)
+            out[i] = c
+            z |= w
+        return z
+
+    encode_row(np.zeros(64, np.float32), np.float32(1), np.zeros(64, np.uint8))
+    return encode_row
+
+
 def _compiled_loop(plan):
     """The serial Adam loop of ``plan``, compiled afresh (no disk cache) and called once."""
+    if plan == "int8-encode":
+        return _encode_loop()
     io, pairs = {
         "float32": (None, False),
         "float64": (None, False),
@@ -150,7 +179,9 @@ def _loop_ir(plan, fn=None):
     """LLVM IR of the serial Adam loop of ``plan``: the loop function's body only."""
     fn = fn or _compiled_loop(plan)
     (ir,) = fn.inspect_llvm().values()
-    body = re.search(r"^define [^\n]*@_ZN7fastopt[^\n]*\n(.*?)^}", ir, re.M | re.S)
+    body = re.search(
+        r"^define [^\n]*@_ZN(?:7fastopt|16test_cpu_codegen)[^\n]*\n(.*?)^}", ir, re.M | re.S
+    )
     assert body, "the loop function is not in the module"
     return body.group(1)
 
@@ -201,16 +232,31 @@ def avx2_build(plans, cpu=AVX2_CPU):
     return json.loads(res.stdout.splitlines()[-1])
 
 
+def assert_packed_encode(what, body, asm):
+    """The encode loop ``what`` is vectorised (packed floor in the IR's vector body, nothing
+    there on one lane) and its machine-code loop keeps every lane in vector registers."""
+    block = vector_body(body)
+    assert block is not None and re.search(r"@llvm\.floor\.v\d+f32", block), f"{what}: scalar"
+    assert not scalar_lines(block), f"scalar code in {what}: {scalar_lines(block)[:5]}"
+    loop = vector_loop(asm, ASM_PACKED_ROUND)
+    assert loop is not None, f"{what}: no packed 256- or 512-bit loop in the machine code"
+    moves = [x.strip() for x in loop if ASM_LANE_MOVES.search(x)]
+    assert not moves, f"lanes split in the machine code of {what}: {moves[:5]}"
+
+
 def test_avx2_builds_of_the_16_bit_loops_are_packed():
     """Compiled for an AVX2 CPU (no AVX-512: no zmm register anywhere), the bfloat16 element
     and word loops and the float16 loop run 256-bit packed math and convert every lane in
     vector registers, in the IR and in the machine code. Without AVX-512's masked operations
     the NaN select of the bfloat16 rounding becomes a compare and a blend (``vcmpunordps``,
-    ``vblendvps``), still packed."""
-    plans = ["bfloat16", "bfloat16-words", "float16"]
+    ``vblendvps``), still packed. So does the int8 encode the quantized loops run
+    (``kernels.quant.FAST_ENCODE``: no lookup, whose gathers AVX2 code would split into
+    lanes)."""
+    plans = ["bfloat16", "bfloat16-words", "float16", "int8-encode"]
     for plan, built in avx2_build(plans).items():
         assert "zmm" not in built["asm"], f"AVX-512 code in the AVX2 build of {plan}"
-        assert_packed(f"the AVX2 build of the {plan} loop", built["body"], built["asm"])
+        check = assert_packed_encode if plan == "int8-encode" else assert_packed
+        check(f"the AVX2 build of the {plan} loop", built["body"], built["asm"])
 
 
 def test_the_double_detector_sees_double():

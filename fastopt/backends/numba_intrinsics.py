@@ -16,7 +16,7 @@ from llvmlite import ir as _ir
 from numba.core import types
 from numba.extending import intrinsic, overload, register_jitable
 
-from ..kernels import storage
+from ..kernels import quant, storage
 from ..kernels.fma import fma
 from ..kernels.spec import HELPERS
 from ..kernels.storage import BITS16, bits_f32, f32_bits
@@ -229,6 +229,25 @@ def _f16_store_ir(typingctx, x):
             return builder.bitcast(builder.fptrunc(args[0], _F16), _I16)
 
         return types.uint16(x), codegen
+    return None
+
+
+@intrinsic
+def _select_ir(typingctx, c, a, b):
+    # kernels.quant.pick: one select, no branch
+    if isinstance(c, types.Boolean) and a == b and isinstance(a, (types.Float, types.Integer)):
+
+        def codegen(context, builder, sig, args):
+            return builder.select(args[0], args[1], args[2])
+
+        return a(c, a, b), codegen
+    return None
+
+
+@overload(quant.pick, target="cpu", inline="always")
+def _pick_cpu(c, a, b):
+    if isinstance(c, types.Boolean) and a == b:
+        return lambda c, a, b: _select_ir(c, a, b)
     return None
 
 

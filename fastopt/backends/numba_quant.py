@@ -10,8 +10,9 @@ decoded into a per-thread scratch row (``dec(code) * (absmax / top)``: a lookup 
 frozen into the code for the int8 maps, arithmetic for float8, ``kernels.quant.CODECS``),
 the rule runs over plain arrays (the param and the float32 slots stored as the storage format
 says, the quantized slots' new values back into their rows), each row's absmax is taken (an
-integer maximum of bit patterns), and the row is encoded (``encode``: one lookup and one
-comparison for int8, arithmetic for float8) with its new absmax stored: one pass over memory.
+integer maximum of bit patterns), and the row is encoded by arithmetic
+(``kernels.quant.FAST_ENCODE``; an int8 row holding a value it flags, one near a threshold,
+is encoded again by the lookup, ``CODECS``) with its new absmax stored: one pass over memory.
 
 A quantized slot arrives as ``(codes, absmax)`` (a parameter's: its blocks start at 0, every
 ``BLOCK`` elements) or ``(codes, absmax, blocks)`` (a ``FlatBuffer`` group's, whose blocks start
@@ -38,6 +39,9 @@ from .protocol import Runner
 CHUNK_BLOCKS = 64
 
 for _fn in {f for pair in quant.CODECS.values() for f in pair} | {
+    *quant.FAST_ENCODE.values(),
+    *quant.LOOKUP_ENCODE.values(),
+    quant._dynamic_u,
     quant.encode,
     quant.encode_signmag,
     quant._dynamic_value,
@@ -71,6 +75,11 @@ def quant_loop_source(
     args += ["tops", "tinys", "luts", "m", "k", "x", "blocks"]
     cells = list(IO_CELLS)
     cells += [f"dec{j}" for j in range(nslots)] + [f"enc{j}" for j in range(nslots)]
+    cells += [f"fenc{j}" for j in range(nslots)]
+
+    def lut(j: int) -> str:
+        return f"d{j}b, t{j}, luts[{j}, 0], luts[{j}, 1], luts[{j}, 2]"
+
     L = [
         f"def factory(elem, rng, {', '.join(cells)}):",
         f"    def loop({', '.join(args)}):",
@@ -136,15 +145,21 @@ def quant_loop_source(
         # non-negative floats, NaN above every number (so a NaN wins), and a reduction LLVM
         # vectorises without fast-math
         L += [
-            f"{pad}h{j} = 0",
+            f"{pad}h{j} = np.int32(0)",
             f"{pad}for i in range(cnt):",
-            f"{pad}    h{j} = max(h{j}, f32_bits(r{j}[i]) & 0x7FFFFFFF)",
+            f"{pad}    h{j} = max(h{j}, np.int32(f32_bits(r{j}[i]) & 0x7FFFFFFF))",
             f"{pad}n{j} = bits_f32(h{j})",
             f"{pad}a{j}[b] = n{j}",
             f"{pad}e{j} = tops[{j}] / n{j} if n{j} >= tinys[{j}] else np.float32(0)",
+            f"{pad}z{j} = False",
             f"{pad}for i in range(cnt):",
-            f"{pad}    sb{j}[i] = enc{j}(r{j}[i] * e{j}, d{j}b, t{j}, "
-            f"luts[{j}, 0], luts[{j}, 1], luts[{j}, 2])",
+            f"{pad}    c{j}, w{j} = fenc{j}(r{j}[i] * e{j}, {lut(j)})",
+            f"{pad}    sb{j}[i] = c{j}",
+            f"{pad}    z{j} |= w{j}",
+            # a value the arithmetic encode flags (near a threshold): the block by the lookup
+            f"{pad}if z{j}:",
+            f"{pad}    for i in range(cnt):",
+            f"{pad}        sb{j}[i] = enc{j}(r{j}[i] * e{j}, {lut(j)})",
         ]
     L.append("    return loop")
     return "\n".join(L) + "\n"
@@ -178,6 +193,7 @@ def quant_kernel(
             *io_cells(io),
             *[quant.CODECS[c][0] for c in codecs],
             *[quant.CODECS[c][1] for c in codecs],
+            *[quant.FAST_ENCODE[c] for c in codecs],
         )
         fn = _compiled[key] = njit_cached(parallel=parallel, nogil=True, error_model="numpy")(py)
     return fn
