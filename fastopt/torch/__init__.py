@@ -101,9 +101,17 @@ from . import _device, _dtensor, _quantized
 from ._compat import TorchContract, hp_value
 from ._device import Amp, stream_of
 from ._memory import check_backed, check_no_overlap, check_written, plain_type
+from ._quantized import full_precision_state_dict
 from ._steady import Steady, SteadyParts
 
-__all__ = ["CPUOffload", "FusedOptimizer", *_optimizers.CLASSES, "Adagrad", "RMSprop"]
+__all__ = [
+    "CPUOffload",
+    "FusedOptimizer",
+    *_optimizers.CLASSES,
+    "Adagrad",
+    "RMSprop",
+    "full_precision_state_dict",
+]
 
 #: torch dtypes the kernels run on, and their storage kinds (``kernels.storage``)
 _KINDS = {
