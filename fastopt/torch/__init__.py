@@ -851,7 +851,7 @@ class FusedOptimizer(TorchContract, torch.optim.Optimizer):
                 ]
                 states = tuple(flat[2:-1])
                 if io.quant:  # the quantized slots as (codes, absmax) arrays
-                    states = _quantized.runner_states(slots, lambda a: as_xp_array(_plain(a)))
+                    states = _quantized.runner_states(slots, lambda a: _array(_plain(a)))
                 run = launch.runner(flat[0].dtype, writes, io)
                 run(flat[0], flat[1], states, flat[-1], 0)
                 for orig, a in zip(row, arrays):
