@@ -158,6 +158,27 @@ def test_against_the_oracle(name, fmt):
             r.data.copy_(p.data)
 
 
+def test_a_fresh_slot_kept_quantized_counts_as_made():
+    """SGD keeps no step count: its step 1 is the one without a momentum buffer, which a
+    quantized state holds as ``momentum_buffer.codes``. On the oracle's per-tensor path (no
+    cached launch: every step plans in full) steps 2 and 3 equal the core's, bit for bit."""
+    kw = dict(lr=0.05, momentum=0.9, dampening=0.5, weight_decay=0.1)
+    ps = _params()
+    opt = fot.SGD(ps, state_dtype="int8", backend="numpy", **kw)
+    core = fastopt.SGD(state_dtype="int8", backend="numpy", **kw)
+    cp = {str(i): p.detach().numpy().copy() for i, p in enumerate(ps)}
+    for t in range(STEPS):
+        gs = _grads(ps, t)
+        for p, g in zip(ps, gs):
+            p.grad = g
+        opt.step()
+        core.update(cp, {str(i): g.numpy() for i, g in enumerate(gs)})
+        for i, p in enumerate(ps):
+            assert np.array_equal(p.detach().numpy(), cp[str(i)]), (t, i)
+            for k, v in core.state[str(i)].items():
+                assert np.array_equal(opt.state[p][k].numpy().reshape(-1), np.ravel(v)), (t, k)
+
+
 def _trained(fmt="int8", steps=2, shapes=SHAPES, **kw):
     ps = _params(shapes)
     opt = fot.Adam(ps, lr=1e-2, state_dtype=fmt, **kw)

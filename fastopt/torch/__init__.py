@@ -572,7 +572,8 @@ class FusedOptimizer(TorchContract, torch.optim.Optimizer):
             if "step" in state:
                 step = _step_of(state["step"], label, checks) + 1
             else:  # torch keeps no step count (SGD): step 1 is the one without a fresh buffer
-                step = 1 if any(state.get(x.name) is None for x in spec.slots if x.fresh) else 2
+                fresh_slots = [x.name for x in spec.slots if x.fresh]
+                step = 1 if not all(_quantized.has_slot(state, n) for n in fresh_slots) else 2
             sdtype = _TORCH[self._state_kind(p.dtype, has_master, label)]
             bufs, lm = self._check_state(lp, state, names, label, checks, what, sdtype)
             if fmt:  # each quantized slot as its (codes, absmax) pair

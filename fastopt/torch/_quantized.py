@@ -42,6 +42,7 @@ __all__ = [
     "check_slots",
     "fmt_of",
     "full_precision_state_dict",
+    "has_slot",
     "launch",
     "load_keeps",
     "need",
@@ -67,6 +68,11 @@ def need(names: tuple[str, ...], spec: Any, fmt: str | None) -> tuple[str, ...]:
     """The state keys of ``names`` (slots, step, host state): a quantized slot's two."""
     q = quantized(spec, fmt)
     return tuple(n for s in names for n in (Q.names_of(s) if s in q else (s,)))
+
+
+def has_slot(state: dict[str, Any], slot: str) -> bool:
+    """Does a parameter's ``state`` hold ``slot`` (a tensor, or a quantized slot's codes)?"""
+    return state.get(slot) is not None or Q.names_of(slot)[0] in state
 
 
 def new_slot(p: torch.Tensor, spec: Any, hp: Any, slot: str, fmt: str) -> dict[str, torch.Tensor]:
@@ -221,13 +227,13 @@ def launch(
 
 def runner_states(slots: list[Any], as_array: Any) -> tuple[Any, ...]:
     """A per-tensor runner's ``states`` (``protocol.Runner``): a quantized slot as its
-    ``(codes, absmax)`` arrays (flat codes), any other as ``as_array`` makes it."""
+    ``(codes, absmax)`` arrays, any other as a flat array (``as_array`` of each tensor)."""
     return tuple(
         None
         if a is None
         else (as_array(a[0].view(-1)), as_array(a[1]))
         if isinstance(a, tuple)
-        else as_array(a)
+        else as_array(a.view(-1))
         for a in slots
     )
 
