@@ -28,9 +28,9 @@ from typing import Any
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
-import torch  # noqa: E402
+import torch
 
-import fastopt.torch as fot  # noqa: E402
+import fastopt.torch as fot
 
 VOCAB = 64
 CONTEXT = 32

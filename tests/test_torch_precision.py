@@ -28,7 +28,6 @@ pytestmark = pytest.mark.torch
 from fastopt.kernels import RULES, storage  # noqa: E402
 from support import fake_table  # noqa: E402
 
-import fastopt  # noqa: E402
 import fastopt.torch as fot  # noqa: E402
 from fastopt import precision  # noqa: E402
 

@@ -262,20 +262,27 @@ def test_bfloat16_params_keep_float32_scales_through_a_load():
 
 def _bad_loads(sd):
     """State dicts with a bad quantized slot (in parameter 3, 1000 elements: 4 blocks)."""
+
     def edit(fn):
         d = copy.deepcopy(sd)
         fn(d["state"][3])
         return d
 
-    yield "expected torch.float32\\[4\\]", edit(lambda s: s.update({"exp_avg.absmax": torch.ones(3)}))
-    yield "expected torch.float32\\[4\\]", edit(
-        lambda s: s.update({"exp_avg.absmax": torch.ones(4, dtype=torch.float64)})
+    yield (
+        "expected torch.float32\\[4\\]",
+        edit(lambda s: s.update({"exp_avg.absmax": torch.ones(3)})),
     )
-    yield "expected torch.uint8\\[1000\\]", edit(
-        lambda s: s.update({"exp_avg.codes": torch.zeros(1001, dtype=torch.uint8)})
+    yield (
+        "expected torch.float32\\[4\\]",
+        edit(lambda s: s.update({"exp_avg.absmax": torch.ones(4, dtype=torch.float64)})),
     )
-    yield "expected torch.uint8\\[1000\\]", edit(
-        lambda s: s.update({"exp_avg.codes": torch.zeros(1000, dtype=torch.int8)})
+    yield (
+        "expected torch.uint8\\[1000\\]",
+        edit(lambda s: s.update({"exp_avg.codes": torch.zeros(1001, dtype=torch.uint8)})),
+    )
+    yield (
+        "expected torch.uint8\\[1000\\]",
+        edit(lambda s: s.update({"exp_avg.codes": torch.zeros(1000, dtype=torch.int8)})),
     )
     yield "no 'exp_avg.absmax'", edit(lambda s: s.pop("exp_avg.absmax"))
     yield "both 'exp_avg' and", edit(lambda s: s.update({"exp_avg": torch.zeros(1000)}))
@@ -305,6 +312,7 @@ def test_bad_quantized_state_is_refused_by_the_step_before_anything_is_written()
         ("exp_avg_sq.codes", torch.zeros(2000, dtype=torch.uint8)[::2], "not contiguous"),
         ("exp_avg.codes", codes_storage, "storage"),
     ]
+
     def snap():  # every param and every other parameter's state, and the good tensors
         others = [opt.state[p] for p in ps if p is not ps[3] and p in opt.state]
         return [p.detach().clone() for p in ps], [
@@ -368,7 +376,7 @@ def test_a_gpu_backend_with_quantized_tables_is_asked_for_them(monkeypatch):
     opt = fot.Adam(ps, lr=1e-2, state_dtype="int8")
     with pytest.raises(RuntimeError, match="stop"):
         opt.step()
-    (io, tensors), = seen
+    ((io, tensors),) = seen
     assert io.quant == "int8"
     for p, (lp, _, slots, _) in zip(ps, tensors):
         st = opt.state[p]

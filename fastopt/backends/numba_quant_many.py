@@ -72,8 +72,7 @@ def many_quant_source(
         else:
             L.append(f"{pad}a{j} = tinys")
     L.append(
-        f"{pad}m = "
-        + (f"carray(address_as(table[j, {3 + nslots}], m_like), n)" if master else "p")
+        f"{pad}m = " + (f"carray(address_as(table[j, {3 + nslots}], m_like), n)" if master else "p")
     )
     # the chunk's blocks as in-tensor (first, stop) rows: the one-buffer loop's table
     L += [

@@ -171,7 +171,9 @@ class Steady:
                 (key, a, a.data_ptr(), a.dtype, a.element_size(), a.shape)
                 for j, x in enumerate(slots)
                 if x is not None
-                for key, a in (zip(names_of(names[j]), x) if isinstance(x, tuple) else [(names[j], x)])
+                for key, a in (
+                    zip(names_of(names[j]), x) if isinstance(x, tuple) else [(names[j], x)]
+                )
             )
             + (() if m is None else (("master_param", m, m.data_ptr(), m.dtype, 4, m.shape),))
             for _, _, slots, m in tensors
