@@ -81,7 +81,7 @@ state in its storage dtype; ``load_state_dict`` converts each saved state buffer
 
 import inspect
 import math
-from collections.abc import Callable, Iterable
+from collections.abc import Callable
 from typing import Any
 
 import numpy as np
@@ -100,7 +100,9 @@ from ..kernels.storage import io_for
 from . import _device, _dtensor, _quantized
 from ._compat import TorchContract, hp_value
 from ._device import Amp, stream_of
+from ._memory import address_table as _address_table
 from ._memory import check_backed, check_no_overlap, check_written, plain_type
+from ._memory import set_scalars as _set_scalars
 from ._quantized import full_precision_state_dict
 from ._steady import Steady, SteadyParts
 
@@ -694,7 +696,7 @@ class FusedOptimizer(TorchContract, torch.optim.Optimizer):
             for p, lp, lg, state, bufs in b.items:
                 slots = [x if u else None for x, u in zip(bufs, used)]
                 for j, u in enumerate(used):
-                    if u and slots[j] is None and names[j] in qslots:  # fresh, quantized
+                    if u and slots[j] is None and fmt and names[j] in qslots:  # fresh, quantized
                         new = _quantized.new_slot(lp, spec, hp, names[j], fmt)
                         self.state[p].update(new)
                         slots[j] = tuple(new.values())
@@ -1133,58 +1135,6 @@ def _torch_stream(device):
 
     stream = _stream_for(torch.cuda.current_stream(device).cuda_stream)
     return stream if stream is not None else contextlib.nullcontext()
-
-
-def _address_table(tensors, nslots, master=False):
-    """int64 rows ``(n, param, grad, slot...)`` of the tensors' lengths and addresses (0 for an
-    absent slot), with ``master`` the fp32 master copy's last, or None when one of them is not
-    contiguous (the per-tensor path takes it)."""
-    rows = []
-    for p, g, slots, m in tensors:
-        if not (p.is_contiguous() and g.is_contiguous()):
-            return None
-        row = [p.numel(), p.data_ptr(), g.data_ptr()]
-        for a in (*slots, m) if master else slots:
-            a = a[0] if isinstance(a, tuple) else a  # a quantized slot's codes (checked)
-            if a is None:
-                row.append(0)
-            elif a.is_contiguous():
-                row.append(a.data_ptr())
-            else:
-                return None
-        rows.append(row)
-    return np.array(rows, dtype=np.int64).reshape(len(tensors), 3 + nslots + master)
-
-
-def float32_scalars(tensors: Iterable[torch.Tensor | None]) -> bool:
-    """Are ``tensors`` all float32 CPU scalars (torch's format of step counts and host state,
-    and what a state dict loads as), which Numba may write through their addresses?"""
-    return all(
-        t is not None
-        and plain_type(t)
-        and t.dtype is torch.float32
-        and t.is_cpu
-        and t.numel() == 1
-        and not t.requires_grad
-        for t in tensors
-    )
-
-
-def _set_scalars(tensors, value, add=False):
-    """``t += value`` (``add``) or ``t.fill_(value)`` for each of torch's 0-d tensors (step
-    counts, host state): float32 CPU ones through their addresses in one Numba call, others one
-    by one."""
-    if len(tensors) > 1 and float32_scalars(tensors):
-        from ..backends.numba_backend import add_at, fill_at
-
-        addresses = np.array([t.data_ptr() for t in tensors], dtype=np.int64)
-        (add_at if add else fill_at)(addresses, value)
-        return
-    for t in tensors:
-        if add:
-            t += value
-        else:
-            t.fill_(value)
 
 
 def _plain(t):

@@ -141,7 +141,7 @@ class Steady:
         ``table`` is), or None where the group's step cannot be repeated this way (a parameter
         without a gradient, step counts or host state that are not float32 CPU scalars, or
         device step counts of a capturable group)."""
-        from . import float32_scalars
+        from ._memory import float32_scalars
 
         plist = group["params"]
         self = cls()
