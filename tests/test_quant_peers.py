@@ -67,10 +67,10 @@ def test_torchao_adamw8bit_against_fastopt_torch_int8(monkeypatch):
     code)."""
     torch = pytest.importorskip("torch")
     ao = pytest.importorskip("torchao.optim")
+    from fastopt.kernels import quant
     from torchao.optim.quant_utils import create_dynamic_map
 
     import fastopt.torch as fot
-    from fastopt.kernels import quant
 
     for qm in ("signed", "unsigned"):
         theirs = np.array(sorted(create_dynamic_map(signed=qm == "signed")), np.float32)
