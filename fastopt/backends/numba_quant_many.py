@@ -20,6 +20,7 @@ Unchecked, like ``launch_many_io``: the caller (``fastopt.torch``) guarantees ev
 
 from __future__ import annotations
 
+import hashlib
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -107,6 +108,11 @@ def _kernel(
             # the serial one-buffer loop, compiled inside this one (numpy's error model: x/0 is
             # inf, as in every loop of the backend)
             py = python_quant_loop(rule, flags, writes, qslots, codecs, io, False)
+            # a name of its own per variant: numba's parallel lowering of the calling loop
+            # tells the functions it calls apart by name (two variants named alike, Adam's
+            # and AdamW's, ran the first one compiled in both)
+            tag = hashlib.sha256(repr(ikey).encode()).hexdigest()[:16]
+            py.__name__ = py.__qualname__ = f"quant_loop_{tag}"
             inner = _inner[ikey] = register_jitable(error_model="numpy")(py)
         ns: dict[str, Any] = {
             "__name__": __name__,
