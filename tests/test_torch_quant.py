@@ -410,25 +410,36 @@ def test_bfloat16_master_and_loss_scale_equal_the_core(fmt):
                     assert np.array_equal(opt.state[p][k].numpy().reshape(-1), np.ravel(v)), k
 
 
-@pytest.mark.exhaustive  # the parallel loop's compile
-def test_parallel_loop_equals_the_core():
+@pytest.mark.exhaustive  # the parallel loop's compiles
+def test_parallel_loops_of_several_variants_in_one_process_equal_the_core():
+    """The parallel many-tensor loop (over 2^15 elements), several variants and formats one
+    after the other in one process (Adam, then AdamW: the same loop but for its flags; numba's
+    parallel lowering once ran the first one compiled for the second): each bit for bit the
+    core's."""
     shapes = ((70_001,), (300,))
-    ps = _params(shapes)
-    opt = fot.Lion(ps, lr=1e-3, state_dtype="int8")
-    core = fastopt.Lion(lr=1e-3, state_dtype="int8", backend="numba")
-    cp = {str(i): p.detach().numpy().copy() for i, p in enumerate(ps)}
-    for t in range(2):
-        gs = _grads(ps, t)
-        for p, g in zip(ps, gs):
-            p.grad = g
-        opt.step()
-        core.update(cp, {str(i): g.numpy() for i, g in enumerate(gs)})
-        for i, p in enumerate(ps):
-            assert np.array_equal(p.detach().numpy(), cp[str(i)])
-            for k in ("exp_avg.codes", "exp_avg.absmax"):
-                assert np.array_equal(
-                    opt.state[p][k].numpy().reshape(-1), np.ravel(core.state[str(i)][k])
-                )
+    cases = [
+        ("Adam", dict(lr=1e-2)),
+        ("AdamW", dict(lr=1e-2, weight_decay=0.1)),
+        ("Lion", dict(lr=1e-3)),
+    ]
+    for fmt in quant.FORMATS:
+        for name, kw in cases:
+            ps = _params(shapes)
+            opt = getattr(fot, name)(ps, state_dtype=fmt, **kw)
+            core = getattr(fastopt, name)(state_dtype=fmt, backend="numba", **kw)
+            cp = {str(i): p.detach().numpy().copy() for i, p in enumerate(ps)}
+            for t in range(2):
+                gs = _grads(ps, t)
+                for p, g in zip(ps, gs):
+                    p.grad = g
+                opt.step()
+                core.update(cp, {str(i): g.numpy() for i, g in enumerate(gs)})
+                for i, p in enumerate(ps):
+                    assert np.array_equal(p.detach().numpy(), cp[str(i)]), (fmt, name, t, i)
+                    for k, v in core.state[str(i)].items():
+                        if k != "step":
+                            got = opt.state[p][k].numpy().reshape(-1)
+                            assert np.array_equal(got, np.ravel(v)), (fmt, name, t, k)
 
 
 def _convergence():
