@@ -12,8 +12,7 @@
   (on the device, the scalar kernel's ``keyp``).
 - State dicts carry the state in its storage dtype; a state dict loads into any storage
   policy by one conversion from the saved values (``_compat.state_keeps``).
-- Settings the core refuses are refused, and ``state_dtype`` values the core accepts beyond
-  the storage dtypes (quantized state) are refused by ``fastopt.torch`` until it keeps them.
+- Settings the core refuses are refused (quantized state: ``tests/test_torch_quant.py``).
 """
 
 from __future__ import annotations
@@ -29,7 +28,6 @@ pytestmark = pytest.mark.torch
 from fastopt.kernels import RULES, storage  # noqa: E402
 from support import fake_table  # noqa: E402
 
-import fastopt  # noqa: E402
 import fastopt.torch as fot  # noqa: E402
 from fastopt import precision  # noqa: E402
 
@@ -263,12 +261,6 @@ def test_settings_are_checked_as_the_core_checks_them():
         fot.Adam(ps, seed=-1)
     with pytest.raises(TypeError, match="stochastic_rounding"):
         fot.Adam(ps, stochastic_rounding="yes")
-    # the quantized states the core accepts (fastopt.Adam(state_dtype="int8")): refused here,
-    # naming the core class that keeps them
-    for sd in ("int8", "float8_e4m3"):
-        fastopt.Adam(state_dtype=sd)
-        with pytest.raises(NotImplementedError, match=f"state_dtype='{sd}' is not kept by fastopt"):
-            fot.Adam(ps, state_dtype=sd)
 
 
 def test_bfloat16_state_of_float64_params_is_refused_before_anything_is_written():

@@ -179,24 +179,38 @@ def quant_kernel(
     key = (rule, tuple(sorted(flags.items())), writes, qslots, codecs, io, parallel)
     fn = _compiled.get(key)
     if fn is None:
-        ns: dict[str, Any] = {
-            "__name__": __name__,
-            "np": np,
-            "f32_bits": storage.f32_bits,
-            "bits_f32": storage.bits_f32,
-        }
-        src = quant_loop_source(len(writes), writes, qslots, io)
-        exec(compile(src, __file__, "exec"), ns)
-        py = ns["factory"](
-            jitable_rule(RULES[rule].make_rule(**flags), False),
-            numba.prange if parallel else range,
-            *io_cells(io),
-            *[quant.CODECS[c][0] for c in codecs],
-            *[quant.CODECS[c][1] for c in codecs],
-            *[quant.FAST_ENCODE[c] for c in codecs],
-        )
+        py = python_quant_loop(rule, flags, writes, qslots, codecs, io, parallel)
         fn = _compiled[key] = njit_cached(parallel=parallel, nogil=True, error_model="numpy")(py)
     return fn
+
+
+def python_quant_loop(
+    rule: str,
+    flags: Mapping[str, Any],
+    writes: tuple[bool, ...],
+    qslots: tuple[bool, ...],
+    codecs: tuple[str, ...],
+    io: storage.IO,
+    parallel: bool,
+) -> Any:
+    """The uncompiled loop of ``quant_kernel`` (the many-tensor loop of
+    ``numba_quant_many`` calls the serial one per chunk of blocks)."""
+    ns: dict[str, Any] = {
+        "__name__": __name__,
+        "np": np,
+        "f32_bits": storage.f32_bits,
+        "bits_f32": storage.bits_f32,
+    }
+    src = quant_loop_source(len(writes), writes, qslots, io)
+    exec(compile(src, __file__, "exec"), ns)
+    return ns["factory"](
+        jitable_rule(RULES[rule].make_rule(**flags), False),
+        numba.prange if parallel else range,
+        *io_cells(io),
+        *[quant.CODECS[c][0] for c in codecs],
+        *[quant.CODECS[c][1] for c in codecs],
+        *[quant.FAST_ENCODE[c] for c in codecs],
+    )
 
 
 @functools.lru_cache(maxsize=256)

@@ -81,7 +81,7 @@ state in its storage dtype; ``load_state_dict`` converts each saved state buffer
 
 import inspect
 import math
-from collections.abc import Callable, Iterable
+from collections.abc import Callable
 from typing import Any
 
 import numpy as np
@@ -97,13 +97,23 @@ from ..functional import Launch
 from ..kernels import RULES, storage
 from ..kernels.spec import host_precision, host_round
 from ..kernels.storage import io_for
-from . import _device, _dtensor
+from . import _device, _dtensor, _quantized
 from ._compat import TorchContract, hp_value
 from ._device import Amp, stream_of
+from ._memory import address_table as _address_table
 from ._memory import check_backed, check_no_overlap, check_written, plain_type
+from ._memory import set_scalars as _set_scalars
+from ._quantized import full_precision_state_dict
 from ._steady import Steady, SteadyParts
 
-__all__ = ["CPUOffload", "FusedOptimizer", *_optimizers.CLASSES, "Adagrad", "RMSprop"]
+__all__ = [
+    "CPUOffload",
+    "FusedOptimizer",
+    *_optimizers.CLASSES,
+    "Adagrad",
+    "RMSprop",
+    "full_precision_state_dict",
+]
 
 #: torch dtypes the kernels run on, and their storage kinds (``kernels.storage``)
 _KINDS = {
@@ -231,8 +241,11 @@ class FusedOptimizer(TorchContract, torch.optim.Optimizer):
         # ``state_dtype``, or the parameter's dtype (float32 beside a master copy: 16-bit
         # states would undo the master)
         sdtype = _TORCH[self._state_kind(p.dtype, master)]
+        fmt = _quantized.fmt_of(self)
         for s in spec.slots:
-            if s.name in slots and not s.fresh:
+            if s.name in slots and not s.fresh and fmt and s.quantize:  # codes and scales
+                new.update(_quantized.new_slot(p, spec, hp, s.name, fmt))
+            elif s.name in slots and not s.fresh:
                 new[s.name] = torch.full_like(
                     p, spec.initial(s.name, hp), dtype=sdtype, memory_format=torch.preserve_format
                 )
@@ -509,11 +522,13 @@ class FusedOptimizer(TorchContract, torch.optim.Optimizer):
         masters = self.__dict__.setdefault("_masters", {})
         # what an existing state must hold: the step count (where torch keeps one), every
         # state buffer of the variant that is not made on step 1, the host state
+        fmt = _quantized.fmt_of(self)
         need = (
             (("step",) if cls._keeps_step else ())
             + tuple(s.name for s in spec.slots if s.name in slots and not s.fresh)
             + spec.host_names
         )
+        need = _quantized.need(need, spec, fmt)
         buckets: dict[Any, list[Any]] = {}
         for j, p in enumerate(group["params"]):
             g = p.grad
@@ -525,6 +540,10 @@ class FusedOptimizer(TorchContract, torch.optim.Optimizer):
             _dtensor.check(p, g, (), None, label)
             lp = _dtensor.local(p)
             lg = _check_param(lp, _dtensor.local(g), label, entries)
+            if fmt:  # a backend that steps quantized state here, plain tensors
+                _quantized.check_device(self._backend_module(lp.device), fmt, label)
+                if lp is not p:
+                    raise NotImplementedError(f"{label}: state_dtype={fmt!r} with DTensors")
             master = want_master and _KINDS[p.dtype] in ("float16", "bfloat16")
             state: Any = self.state.get(p) or plan.new.get(p)
             # the state's storage dtype (a master copy in the state decides, as at load)
@@ -555,9 +574,12 @@ class FusedOptimizer(TorchContract, torch.optim.Optimizer):
             if "step" in state:
                 step = _step_of(state["step"], label, checks) + 1
             else:  # torch keeps no step count (SGD): step 1 is the one without a fresh buffer
-                step = 1 if any(state.get(x.name) is None for x in spec.slots if x.fresh) else 2
+                fresh_slots = [x.name for x in spec.slots if x.fresh]
+                step = 1 if not all(_quantized.has_slot(state, n) for n in fresh_slots) else 2
             sdtype = _TORCH[self._state_kind(p.dtype, has_master, label)]
             bufs, lm = self._check_state(lp, state, names, label, checks, what, sdtype)
+            if fmt:  # each quantized slot as its (codes, absmax) pair
+                bufs = _quantized.check_slots(lp, state, spec, fmt, bufs, label, checks)
             hs, wide = None, False
             if spec.host_state:
                 hs, wide = _host_state(state, spec, label, checks, what)
@@ -661,6 +683,8 @@ class FusedOptimizer(TorchContract, torch.optim.Optimizer):
         for m, p, stale in plan.resync:
             m.copy_(torch.where(stale, p.to(torch.float32), m))
         masters = self.__dict__.setdefault("_masters", {})
+        fmt = _quantized.fmt_of(self)
+        qslots = _quantized.quantized(spec, fmt)
         # each launch may be cached (``Steady``; a group of several: ``SteadyParts``)
         whole = len(plan.buckets) == 1
         parts: list[Any] = []
@@ -672,14 +696,20 @@ class FusedOptimizer(TorchContract, torch.optim.Optimizer):
             for p, lp, lg, state, bufs in b.items:
                 slots = [x if u else None for x, u in zip(bufs, used)]
                 for j, u in enumerate(used):
-                    if u and slots[j] is None:  # a fresh slot (SGD's momentum buffer), step 1
+                    if u and slots[j] is None and fmt and names[j] in qslots:  # fresh, quantized
+                        new = _quantized.new_slot(lp, spec, hp, names[j], fmt)
+                        self.state[p].update(new)
+                        slots[j] = tuple(new.values())
+                    elif u and slots[j] is None:  # a fresh slot (SGD's momentum buffer), step 1
                         x = self.state[p][names[j]] = torch.zeros_like(p, dtype=_TORCH[skind])
                         slots[j] = local(x)
                 tensors.append((lp, lg, slots, local(state.get("master_param"))))
                 if lp is not p:  # a DTensor: its own version counter, and its state's
                     wrappers.append(p)
-                    wrappers += [state[n] for n, u in zip(names, used) if u]
+                    wrappers += [state[n] for n, u in zip(names, used) if u]  # never quantized
             kind = _KINDS[b.dtype]
+            # quantized slots among the variant's (None: the launch stores none)
+            quant = fmt if any(u and n in qslots for n, u in zip(names, used)) else None
             steps = [state["step"] for *_, state, _ in b.items if "step" in state]
             be = self._table_backend(b.device)
             dl, steps_on_device, on_device = None, [], False
@@ -691,7 +721,7 @@ class FusedOptimizer(TorchContract, torch.optim.Optimizer):
                         f"{type(self).__name__}(capturable=True): backend {be.NAME!r} computes "
                         "no scalars on the device"
                     )
-                base = io_for(kind, kind, skind, master=b.master, sr=sr)
+                base = io_for(kind, kind, skind, master=b.master, sr=sr, quant=quant)
                 dev_hosts = None
                 if capturable and spec.host_state:  # advanced on the device, copied from there
                     dev_hosts = {n: [st[n] for *_, st, _ in b.items] for n in spec.host_names}
@@ -718,8 +748,9 @@ class FusedOptimizer(TorchContract, torch.optim.Optimizer):
                 coef = amp.norm.coef("float64" if kind == "float64" else "float32")
                 factor = (1.0 if factor is None else factor) * float(coef[1])
             io = io_for(
-                kind, kind, skind, master=b.master, sr=sr, scale=None if factor is None else "host"
-            )
+                kind, kind, skind, master=b.master, sr=sr, scale=None if factor is None else "host",
+                quant=quant,
+            )  # fmt: skip
             if dl is None:
                 with host_precision(b.wide):
                     if io.plain:
@@ -736,7 +767,12 @@ class FusedOptimizer(TorchContract, torch.optim.Optimizer):
                     if not on_device:  # a capturable step's are written on the device
                         _set_scalars(ts, v)
                     hosts += ts
-            written = [t for p, _, slots, m in tensors for t in (p, *slots, m) if t is not None]
+            written = [
+                t
+                for p, _, slots, m in tensors
+                for t in (p, *_quantized.flat_tensors(slots), m)
+                if t is not None
+            ]
             increment_version(written + wrappers + steps + steps_on_device + hosts)
             for (p, *_), (lp, _, _, lm) in zip(b.items, tensors):
                 if lm is not None:
@@ -779,7 +815,16 @@ class FusedOptimizer(TorchContract, torch.optim.Optimizer):
         launch = Launch(be, b.spec_name, b.t, hp, b.hs, inv_scale=inv_scale, seed=self.seed)
         launch.key = storage.step_key(self.seed, b.kt)  # stochastic rounding's (``_key_step``)
         writes = tuple(a is not None for a in tensors[0][2])
-        table = _address_table(tensors, len(used), master=io.master) if be.NAME == "numba" else None
+        if io.quant and be.NAME == "numba":  # codes and scales: their own table (_quantized)
+            table = _quantized.address_table(tensors, len(used), io.master)
+            if table is not None:
+                chunks = _quantized.chunks(table)
+                args = (b.spec_name, b.flags, writes, io, table, chunks, b.k, inv_scale)
+                _quantized.launch(*args, key=launch.key)
+                return table, chunks, io
+        table = None
+        if be.NAME == "numba" and not io.quant:
+            table = _address_table(tensors, len(used), master=io.master)
         if table is not None:  # one launch over every tensor, as _launch
             chunks = be.chunks_for(table[:, 0].tolist())
             be.launch_many_io(
@@ -797,13 +842,21 @@ class FusedOptimizer(TorchContract, torch.optim.Optimizer):
         with _torch_stream(b.device):
             for p, g, slots, master in tensors:
                 row = [p, g, *slots, master]
-                # the gradient is contiguous (``_check_param``) and never written back
-                arrays = [a if a is None or a.is_contiguous() else a.contiguous() for a in row]
-                flat: list[Any] = [
-                    None if a is None else as_xp_array(_plain(a).view(-1)) for a in arrays
+                # the gradient is contiguous (``_check_param``) and never written back; a
+                # quantized slot's pair is contiguous (``_quantized.check_slots``)
+                arrays = [
+                    a if a is None or isinstance(a, tuple) or a.is_contiguous() else a.contiguous()
+                    for a in row
                 ]
+                flat: list[Any] = [
+                    None if a is None or isinstance(a, tuple) else as_xp_array(_plain(a).view(-1))
+                    for a in arrays
+                ]
+                states = tuple(flat[2:-1])
+                if io.quant:  # the quantized slots as (codes, absmax) arrays
+                    states = _quantized.runner_states(slots, lambda a: _array(_plain(a)))
                 run = launch.runner(flat[0].dtype, writes, io)
-                run(flat[0], flat[1], tuple(flat[2:-1]), flat[-1], 0)
+                run(flat[0], flat[1], states, flat[-1], 0)
                 for orig, a in zip(row, arrays):
                     if orig is not None and a is not orig:
                         orig.copy_(a)
@@ -908,10 +961,9 @@ def _inv_scale(grad_scale, who):
 def _check_precision(who, master_weights, state_dtype, stochastic_rounding, seed):
     """``(master_weights, state_dtype, stochastic_rounding, seed)`` checked as the core's
     optimizers check them (``base.Optimizer._set_precision``, ``precision.check_state_dtype``):
-    ``state_dtype`` one the core accepts that is also a storage dtype of the kernels
-    (``kernels.storage.KINDS``: the state tensors are plain torch tensors of it); a value the
-    core accepts beyond those (a quantized state of blocks and scales) is refused here with
-    NotImplementedError until ``fastopt.torch`` keeps it."""
+    ``state_dtype`` one the core accepts: a storage dtype of the kernels
+    (``kernels.storage.KINDS``: the state tensors are plain torch tensors of it) or a quantized
+    format (``_quantized``: codes and block scales)."""
     from .. import precision
 
     if isinstance(master_weights, str) and master_weights == "remainder":
@@ -928,12 +980,8 @@ def _check_precision(who, master_weights, state_dtype, stochastic_rounding, seed
         sd = precision.check_state_dtype(state_dtype)
     except ValueError as exc:
         raise ValueError(f"{who}: {exc}") from None
-    if sd is not None and sd not in storage.KINDS:
-        raise NotImplementedError(
-            f"{who}: state_dtype={sd!r} is not kept by fastopt.torch yet (its state tensors "
-            f"are plain tensors of one of {', '.join(storage.KINDS)}); use the core class "
-            f"fastopt.{who}, or state_dtype=None, 'float32' or 'bfloat16'"
-        )
+    if sd is not None and sd not in storage.KINDS and sd not in precision.QUANTIZED:
+        raise NotImplementedError(f"{who}: state_dtype={sd!r} is not kept by fastopt.torch")
     if isinstance(seed, (bool, np.bool_)) or not isinstance(seed, (int, np.integer)):
         raise TypeError(f"{who}: invalid seed={seed!r}; expected an integer in [0, 2**32)")
     if not 0 <= int(seed) < 1 << 32:
@@ -1093,57 +1141,6 @@ def _torch_stream(device):
 
     stream = _stream_for(torch.cuda.current_stream(device).cuda_stream)
     return stream if stream is not None else contextlib.nullcontext()
-
-
-def _address_table(tensors, nslots, master=False):
-    """int64 rows ``(n, param, grad, slot...)`` of the tensors' lengths and addresses (0 for an
-    absent slot), with ``master`` the fp32 master copy's last, or None when one of them is not
-    contiguous (the per-tensor path takes it)."""
-    rows = []
-    for p, g, slots, m in tensors:
-        if not (p.is_contiguous() and g.is_contiguous()):
-            return None
-        row = [p.numel(), p.data_ptr(), g.data_ptr()]
-        for a in (*slots, m) if master else slots:
-            if a is None:
-                row.append(0)
-            elif a.is_contiguous():
-                row.append(a.data_ptr())
-            else:
-                return None
-        rows.append(row)
-    return np.array(rows, dtype=np.int64).reshape(len(tensors), 3 + nslots + master)
-
-
-def float32_scalars(tensors: Iterable[torch.Tensor | None]) -> bool:
-    """Are ``tensors`` all float32 CPU scalars (torch's format of step counts and host state,
-    and what a state dict loads as), which Numba may write through their addresses?"""
-    return all(
-        t is not None
-        and plain_type(t)
-        and t.dtype is torch.float32
-        and t.is_cpu
-        and t.numel() == 1
-        and not t.requires_grad
-        for t in tensors
-    )
-
-
-def _set_scalars(tensors, value, add=False):
-    """``t += value`` (``add``) or ``t.fill_(value)`` for each of torch's 0-d tensors (step
-    counts, host state): float32 CPU ones through their addresses in one Numba call, others one
-    by one."""
-    if len(tensors) > 1 and float32_scalars(tensors):
-        from ..backends.numba_backend import add_at, fill_at
-
-        addresses = np.array([t.data_ptr() for t in tensors], dtype=np.int64)
-        (add_at if add else fill_at)(addresses, value)
-        return
-    for t in tensors:
-        if add:
-            t += value
-        else:
-            t.fill_(value)
 
 
 def _plain(t):

@@ -42,6 +42,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from ..kernels import RULES
+from . import _quantized
 
 __all__ = [
     "TorchContract",
@@ -184,6 +185,7 @@ def check_state_dict(opt: Any, state_dict: dict[str, Any]) -> dict[Any, torch.Te
             continue  # torch keeps state of unknown ids as it is
         if not isinstance(st, dict):
             raise TypeError(f"state of parameter {key!r} is a {type(st).__name__}; expected a dict")
+        _quantized.check_loaded(opt, key, st, p)  # codes and block scales
         for name in buffers:
             buf = st.get(name)
             if buf is None:
@@ -226,7 +228,7 @@ def _describe(v: object) -> str:
 
 def state_keeps(
     opt: Any, state_dict: dict[str, Any], id_map: dict[Any, torch.Tensor]
-) -> dict[torch.Tensor, dict[str, torch.Tensor]]:
+) -> dict[torch.Tensor, dict[str, torch.Tensor | None]]:
     """``{param: {key: tensor}}``: the saved tensors that must not take torch's load policy
     (a cast to the parameter's dtype), converted from the saved values themselves:
 
@@ -235,10 +237,13 @@ def state_keeps(
       beside a master copy), whatever dtype it was saved in (a float32 moment of
       ``torch.optim`` loaded with ``state_dtype="bfloat16"`` is rounded to nearest even once);
     - with a saved master copy (a 16-bit parameter), the master in float32 and the host state
-      that was saved in float32."""
+      that was saved in float32;
+    - with quantized state (``_quantized.load_keeps``): each slot's codes and float32 block
+      scales as saved, a full-precision slot quantized as a step would store it (its float key
+      mapped to None: dropped)."""
     spec = RULES[type(opt)._fastopt._rule]
     bits16 = (torch.float16, torch.bfloat16)
-    keep: dict[torch.Tensor, dict[str, torch.Tensor]] = {}
+    keep: dict[torch.Tensor, dict[str, torch.Tensor | None]] = {}
     for key, st in state_dict["state"].items():
         p = id_map.get(key)
         if p is None or not isinstance(st, dict) or not p.is_floating_point():
@@ -249,13 +254,14 @@ def state_keeps(
         except (KeyError, TypeError):
             continue  # a dtype fastopt does not step, bfloat16 state of float64: the step says
         # torch's cast is right only where both the saved and the kept dtype are the param's
-        kept = {
+        kept: dict[str, torch.Tensor | None] = {
             n: st[n].to(device=p.device, dtype=want)
             for n in spec.state
             if isinstance(st.get(n), torch.Tensor)
             and st[n].is_floating_point()
             and not (st[n].dtype is p.dtype and want is p.dtype)
         }
+        kept.update(_quantized.load_keeps(opt, st, p))  # None: a key not kept
         if master:
             kept.update(
                 {
@@ -309,6 +315,9 @@ class TorchContract(_Optimizer):
                 if st is None:
                     continue
                 for n, v in kept.items():
+                    if v is None:  # a full-precision slot kept quantized (``_quantized``)
+                        st.pop(n, None)
+                        continue
                     st[n] = v.to(device=p.device if v.dim() else v.device, copy=False)
 
     @torch._disable_dynamo

@@ -24,6 +24,7 @@ or foreign memory. Before anything is written, every tensor of a step is held to
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from typing import Any
 
 import numba
@@ -34,13 +35,16 @@ from .._numba_cache import njit_cached
 from ..backends.numba_intrinsics import address_as
 
 __all__ = [
+    "address_table",
     "byte_span",
     "check_backed",
     "check_no_overlap",
     "check_written",
+    "float32_scalars",
     "name_of",
     "plain_type",
     "read_at",
+    "set_scalars",
 ]
 
 #: the tensor types whose data lies at ``data_ptr()`` as the strides say
@@ -233,3 +237,55 @@ def read_at(addresses):
     out = np.empty(addresses.shape[0], np.float32)
     fn(addresses, np.empty(1, np.float32), out)
     return out
+
+
+def address_table(tensors: Any, nslots: int, master: bool = False) -> np.ndarray | None:
+    """int64 rows ``(n, param, grad, slot...)`` of the tensors' lengths and addresses (0 for an
+    absent slot), with ``master`` the fp32 master copy's last, or None when one of them is not
+    contiguous (the per-tensor path takes it)."""
+    rows = []
+    for p, g, slots, m in tensors:
+        if not (p.is_contiguous() and g.is_contiguous()):
+            return None
+        row = [p.numel(), p.data_ptr(), g.data_ptr()]
+        for a in (*slots, m) if master else slots:
+            a = a[0] if isinstance(a, tuple) else a  # a quantized slot's codes (checked)
+            if a is None:
+                row.append(0)
+            elif a.is_contiguous():
+                row.append(a.data_ptr())
+            else:
+                return None
+        rows.append(row)
+    return np.array(rows, dtype=np.int64).reshape(len(tensors), 3 + nslots + master)
+
+
+def float32_scalars(tensors: Iterable[torch.Tensor | None]) -> bool:
+    """Are ``tensors`` all float32 CPU scalars (torch's format of step counts and host state,
+    and what a state dict loads as), which Numba may write through their addresses?"""
+    return all(
+        t is not None
+        and plain_type(t)
+        and t.dtype is torch.float32
+        and t.is_cpu
+        and t.numel() == 1
+        and not t.requires_grad
+        for t in tensors
+    )
+
+
+def set_scalars(tensors: Any, value: float, add: bool = False) -> None:
+    """``t += value`` (``add``) or ``t.fill_(value)`` for each of torch's 0-d tensors (step
+    counts, host state): float32 CPU ones through their addresses in one Numba call, others one
+    by one."""
+    if len(tensors) > 1 and float32_scalars(tensors):
+        from ..backends.numba_backend import add_at, fill_at
+
+        addresses = np.array([t.data_ptr() for t in tensors], dtype=np.int64)
+        (add_at if add else fill_at)(addresses, value)
+        return
+    for t in tensors:
+        if add:
+            t += value
+        else:
+            t.fill_(value)

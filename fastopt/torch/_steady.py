@@ -43,6 +43,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from .._quantized import names_of
 from ..backends import numba_backend
 from ..kernels import storage
 from ..kernels.spec import Rule
@@ -140,7 +141,7 @@ class Steady:
         ``table`` is), or None where the group's step cannot be repeated this way (a parameter
         without a gradient, step counts or host state that are not float32 CPU scalars, or
         device step counts of a capturable group)."""
-        from . import float32_scalars
+        from ._memory import float32_scalars
 
         plist = group["params"]
         self = cls()
@@ -163,15 +164,18 @@ class Steady:
         self.pptrs = tuple(int(r) for r in table[:, 1])
         self.states = tuple(opt.state.get(p) for p in self.params)  # None: no state (SGD)
         names = spec.state
-        # (state key, tensor, address, dtype, bytes of one element) of every state tensor the
-        # launch touches
+        # (state key, tensor, address, dtype, bytes of one element, shape) of every state
+        # tensor the launch touches (a quantized slot's codes and absmax: ``_quantized``)
         self.slots = tuple(
             tuple(
-                (names[j], a, a.data_ptr(), a.dtype, a.element_size())
-                for j, a in enumerate(slots)
-                if a is not None
+                (key, a, a.data_ptr(), a.dtype, a.element_size(), a.shape)
+                for j, x in enumerate(slots)
+                if x is not None
+                for key, a in (
+                    zip(names_of(names[j]), x) if isinstance(x, tuple) else [(names[j], x)]
+                )
             )
-            + (() if m is None else (("master_param", m, m.data_ptr(), m.dtype, 4),))
+            + (() if m is None else (("master_param", m, m.data_ptr(), m.dtype, 4, m.shape),))
             for _, _, slots, m in tensors
         )
         self.io, self.seed = io, seed
@@ -241,7 +245,10 @@ class Steady:
                 int(self.nbytes[i]),
                 self.pptrs[i],
                 self.states[i],
-                tuple((n, a, ptr, dt, sz, sz * p.numel()) for n, a, ptr, dt, sz in self.slots[i]),
+                tuple(
+                    (n, a, ptr, dt, sz, shp, sz * a.numel())
+                    for n, a, ptr, dt, sz, shp in self.slots[i]
+                ),
                 None if self.steps is None else self.steps[i],
                 step_ptrs[i],
                 tuple((name, ts[i], int(ptrs[i])) for name, ts, ptrs in self.host),
@@ -348,11 +355,11 @@ class Steady:
                     or state.get(p) is not st
                 ):
                     return None
-                for name, buf, ptr, bdt, bsz, bnb in slots:
+                for name, buf, ptr, bdt, bsz, bshape, bnb in slots:
                     if (
                         st[name] is not buf
                         or buf.data_ptr() != ptr
-                        or buf.shape != shape
+                        or buf.shape != bshape
                         or buf.dtype is not bdt
                         or not buf.is_contiguous()
                         or buf.untyped_storage().nbytes() < buf.storage_offset() * bsz + bnb
@@ -440,6 +447,12 @@ class Steady:
             numba_backend.launch_many(
                 spec.name, self.flags, self.used, self.np_dtype, self.table, self.chunks, k
             )
+        elif self.io.quant:
+            from ._quantized import launch
+
+            key = storage.step_key(self.seed, kt)
+            args = (spec.name, self.flags, self.used, self.io, self.table, self.chunks, k)
+            launch(*args, inv_scale, key)
         else:
             numba_backend.launch_many_io(
                 spec.name,
