@@ -86,11 +86,13 @@ def codegen():
     return f"compiled for {config.CPU_NAME} ({config.CPU_FEATURES or 'its own features'})"
 
 
-def main(argv=None):
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+def arguments(doc, argv, reps):
+    """The command line both loop-cost scripts take; with ``--cpu`` the calling script runs
+    again under that code generator (numba reads its target when it is imported)."""
+    ap = argparse.ArgumentParser(description=doc.split("\n\n")[0])
     ap.add_argument("--optimizer", default="adam", choices=sorted(RULES))
     ap.add_argument("--n", type=int, default=1 << 16, help="elements (even; default 65536)")
-    ap.add_argument("--reps", type=int, default=400, help="calls per round")
+    ap.add_argument("--reps", type=int, default=reps, help="calls per round")
     ap.add_argument("--rounds", type=int, default=5)
     ap.add_argument(
         "--cpu",
@@ -98,15 +100,15 @@ def main(argv=None):
     )
     args = ap.parse_args(argv)
     if args.cpu and os.environ.get("NUMBA_CPU_NAME") != args.cpu:
-        # numba reads its target when it is imported: run again with the target set
         env = dict(os.environ, NUMBA_CPU_NAME=args.cpu, NUMBA_CPU_FEATURES="")
         args_in = sys.argv[1:] if argv is None else list(argv)
-        os.execve(sys.executable, [sys.executable, os.path.abspath(__file__), *args_in], env)
-    calls = {}
-    for plan in PLANS:
-        print(f"compiling {plan} ...", flush=True)
-        calls[plan] = runner(args.optimizer, plan, args.n)
-        calls[plan]()
+        os.execve(sys.executable, [sys.executable, os.path.abspath(sys.argv[0]), *args_in], env)
+    return args
+
+
+def time_plans(calls, args):
+    """Each plan's calls timed in rounds that interleave the plans; prints the table: the
+    median over rounds of each round's median, ns per element, and the ratio to float32."""
     res = {plan: [] for plan in calls}
     for r in range(args.rounds):
         for plan, call in calls.items():
@@ -123,6 +125,17 @@ def main(argv=None):
     for plan, v in res.items():
         t = np.median(v)
         print(f"  {plan:26s} {t * 1e9 / args.n:6.3f} ns/element  ({t / base:.2f}x float32's time)")
+    return res
+
+
+def main(argv=None):
+    args = arguments(__doc__, argv, reps=400)
+    calls = {}
+    for plan in PLANS:
+        print(f"compiling {plan} ...", flush=True)
+        calls[plan] = runner(args.optimizer, plan, args.n)
+        calls[plan]()
+    time_plans(calls, args)
 
 
 if __name__ == "__main__":

@@ -3,19 +3,17 @@
     python bench/quant_loop_cost.py [--optimizer adam] [--n 65536] [--reps 200] [--rounds 5]
                                     [--cpu znver2]
 
-As ``bench/cpu_loop_cost.py`` (serial loops over ``n`` elements in the L2 cache, rounds that
-interleave the plans, the median over rounds of each round's median, ns per element and
-core; ``--cpu`` compiles for an LLVM CPU with its own instruction set, e.g. AVX2 on an
-AVX-512 host). Plans: float32 state; int8 state as the loops run it (decode by lookup,
-``kernels.quant.CODECS``; encode by arithmetic, ``FAST_ENCODE``); int8 state encoded by the
-lookup (``LOOKUP_ENCODE``: the loops before the arithmetic encode); int8 state decoded by
-arithmetic (``ARITHMETIC_DECODE``); float8 state (arithmetic both ways).
+As ``bench/cpu_loop_cost.py``, whose command line and timing it takes (serial loops over ``n``
+elements in the L2 cache, rounds that interleave the plans, the median over rounds of each
+round's median, ns per element and core; ``--cpu`` compiles for an LLVM CPU with its own
+instruction set, e.g. AVX2 on an AVX-512 host). Plans: float32 state; int8 state as the loops
+run it (decode by lookup, ``kernels.quant.CODECS``; encode by arithmetic, ``FAST_ENCODE``);
+int8 state encoded by the lookup (``LOOKUP_ENCODE``: the loops before the arithmetic encode);
+int8 state decoded by arithmetic (``ARITHMETIC_DECODE``); float8 state (arithmetic both ways).
 """
 
-import argparse
-import os
 import sys
-import time
+from pathlib import Path
 
 import numpy as np
 from fastopt.kernels import RULES, quant
@@ -24,6 +22,9 @@ from fastopt.kernels.storage import IO
 from fastopt import _quantized as Q
 from fastopt.backends import numba_backend as nb
 from fastopt.backends import numba_quant as nq
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from cpu_loop_cost import arguments, time_plans  # this directory's script
 
 PLANS = (
     "float32",
@@ -73,35 +74,10 @@ def runner(optimizer, plan, n, seed=0):
 
 
 def main(argv=None):
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--optimizer", default="adam", choices=sorted(RULES))
-    ap.add_argument("--n", type=int, default=1 << 16)
-    ap.add_argument("--reps", type=int, default=200)
-    ap.add_argument("--rounds", type=int, default=5)
-    ap.add_argument("--cpu", help="compile for this LLVM CPU (e.g. znver2: AVX2)")
-    args = ap.parse_args(argv)
-    if args.cpu and os.environ.get("NUMBA_CPU_NAME") != args.cpu:
-        env = dict(os.environ, NUMBA_CPU_NAME=args.cpu, NUMBA_CPU_FEATURES="")
-        args_in = sys.argv[1:] if argv is None else list(argv)
-        os.execve(sys.executable, [sys.executable, os.path.abspath(__file__), *args_in], env)
+    args = arguments(__doc__, argv, reps=200)
     nb.PARALLEL_MIN = 1 << 62  # the serial loops, as the float32 plan's (one core each)
     calls = {plan: runner(args.optimizer, plan, args.n) for plan in PLANS}
-    res = {plan: [] for plan in calls}
-    for _ in range(args.rounds):
-        for plan, call in calls.items():
-            ts = []
-            for _ in range(args.reps):
-                t = time.perf_counter()
-                call()
-                ts.append(time.perf_counter() - t)
-            res[plan].append(float(np.median(ts)))
-    load = os.getloadavg()[0]
-    cpu = os.environ.get("NUMBA_CPU_NAME") or "host"
-    print(f"{args.optimizer}, serial loop, n={args.n}, load average {load:.2f}, cpu {cpu}")
-    base = np.median(res["float32"])
-    for plan, v in res.items():
-        t = np.median(v)
-        print(f"  {plan:26s} {t * 1e9 / args.n:6.3f} ns/element  ({t / base:.2f}x float32's time)")
+    return time_plans(calls, args)
 
 
 if __name__ == "__main__":

@@ -407,6 +407,26 @@ def test_cpu_loop_cost_script_times_every_plan(capsys):
         assert float(line.split(" ns/element")[0].split()[-1]) > 0, line
 
 
+@pytest.mark.exhaustive  # compiles five quantized loops
+def test_quant_loop_cost_script_times_every_plan(capsys):
+    """``bench/quant_loop_cost.py`` (quoted in the README) takes ``cpu_loop_cost``'s command line
+    and timing and prints one positive cost per plan, float32's ratio 1."""
+    import runpy
+
+    mod = runpy.run_path(os.path.join(ROOT, "bench", "quant_loop_cost.py"))
+    res = mod["main"](["--optimizer", "adam", "--n", "512", "--reps", "2", "--rounds", "1"])
+    assert set(res) == set(mod["PLANS"])
+    out = capsys.readouterr().out
+    rows = {}
+    for ln in out.splitlines():
+        if " ns/element" in ln:
+            name, cost = ln.split(" ns/element")[0].rsplit(None, 1)
+            rows[name.strip()] = (float(cost), ln)
+    assert set(rows) == set(mod["PLANS"])
+    assert all(cost > 0 for cost, _ in rows.values()), rows
+    assert "(1.00x float32's time)" in rows["float32"][1]
+
+
 # -- GPU measurement: timing in rounds, spreads, ceilings per group (all on the CPU) -------------
 
 
