@@ -101,29 +101,12 @@ def test_bfloat16_params_stochastic_rounding_and_loss_scale_equal_the_cpu_loop()
     """bfloat16 params and grads, stochastic rounding and a host loss scale through the
     kernel's storage conversions: the CPU backend's quantized loop over the same buffer and
     block table, bit for bit (Adam: the simulator's Python math and the CPU loop agree)."""
-    import ml_dtypes
-
     from fastopt.backends.numba_cuda_quant import launch_quant
-    from fastopt.backends.numba_quant import prepare_quant
 
-    bf16 = np.dtype(ml_dtypes.bfloat16)
-    rule, fmt, hp = "adam", "int8", RULE_FULL["adam"]
-    spec = RULES[rule]
-    io = storage.IO(param="bfloat16", grad="bfloat16", quant=fmt, sr=True, scale="host")
-    rng = np.random.default_rng(4)
-    p = rng.standard_normal(qc.LENGTH).astype(bf16)
-    st = qc.initial(rule, hp, fmt, rng)
-    p_c, st_c = p.copy(), qc.copy(st)
-    blocks = qc.block_table()
-    for t in (1, 2):
-        g = (rng.standard_normal(qc.LENGTH) * 8).astype(bf16)
-        flags, k = spec.variant_and_scalars(hp, t, spec.replay_host_state(hp, t))
-        key, salt, inv = storage.step_key(7, t), 3, 0.125
-        run = prepare_quant(rule, flags, spec.slots_used(flags), k, io, extras=(inv, key))
-        run(p_c, g, [(*st_c[s.name], blocks) for s in spec.slots], None, salt)
+    def device_step(rule, hp, fmt, t, flags, k, io, p, g, st, blocks, x):
+        inv, salt, key = x
+        states = [(*st[s.name], blocks) for s in RULES[rule].slots]
         extras = {"inv_scale": inv, "salt": salt, "key": key}
-        states = [(*st[s.name], blocks) for s in spec.slots]
         launch_quant(rule, flags, p, g, states, k, io, extras=extras)
-        assert np.array_equal(p.view(np.uint16), p_c.view(np.uint16)), f"param, step {t}"
-        none = np.zeros(1, np.float32)
-        qc.assert_same(none, st, none, st_c, f"bfloat16 sr step {t}")
+
+    qc.bf16_sr_scale_against_the_cpu_loop(device_step)

@@ -142,30 +142,11 @@ def test_bfloat16_params_stochastic_rounding_and_loss_scale_equal_the_cpu_loop()
     """bfloat16 params and grads, stochastic rounding and a host loss scale (the storage
     format's loads and stores around the same codec): the CPU backend's quantized loop over
     the same buffer and block table, bit for bit."""
-    import ml_dtypes
 
-    from fastopt.backends.numba_quant import prepare_quant
+    def device_step(rule, hp, fmt, t, flags, k, io, p, g, st, blocks, x):
+        _step(rule, hp, fmt, p.view(np.uint16), g.view(np.uint16), st, t, io, x)
 
-    bf16 = np.dtype(ml_dtypes.bfloat16)
-    rule, fmt, hp = "adam", "int8", RULE_FULL["adam"]
-    spec = RULES[rule]
-    io = storage.IO(param="bfloat16", grad="bfloat16", quant=fmt, sr=True, scale="host")
-    rng = np.random.default_rng(4)
-    p = rng.standard_normal(qc.LENGTH).astype(bf16)
-    st = qc.initial(rule, hp, fmt, rng)
-    p_c, st_c = p.copy(), qc.copy(st)
-    blocks = qc.block_table()
-    for t in (1, 2):
-        g = (rng.standard_normal(qc.LENGTH) * 8).astype(bf16)
-        flags, k = spec.variant_and_scalars(hp, t, spec.replay_host_state(hp, t))
-        key, salt, inv = storage.step_key(7, t), 3, 0.125
-        run = prepare_quant(rule, flags, spec.slots_used(flags), k, io, extras=(inv, key))
-        states = [(*st_c[s.name], blocks) if st_c[s.name] is not None else None for s in spec.slots]
-        run(p_c, g, states, None, salt)
-        _step(rule, hp, fmt, p.view(np.uint16), g.view(np.uint16), st, t, io, (inv, salt, key))
-        assert np.array_equal(p.view(np.uint16), p_c.view(np.uint16)), f"param, step {t}"
-        none = np.zeros(1, np.float32)
-        qc.assert_same(none, st, none, st_c, f"bfloat16 sr step {t}")
+    qc.bf16_sr_scale_against_the_cpu_loop(device_step)
 
 
 @pytest.mark.exhaustive  # two more g++ builds

@@ -164,3 +164,37 @@ def assert_same(
             assert np.array_equal(g[0][ok], w[0][ok]), f"{what}: {name}.codes"
         elif w is not None:
             assert np.array_equal(g, w, equal_nan=True), f"{what}: {name}"
+
+
+def bf16_sr_scale_against_the_cpu_loop(device_step: Any) -> None:
+    """bfloat16 params and grads, stochastic rounding and a host loss scale (the storage
+    format's loads and stores around the same codec), Adam in int8 for two steps:
+    ``device_step(rule, hp, fmt, t, flags, k, io, p, g, state, blocks, (inv_scale, salt, key))``
+    steps ``p``/``state`` in place, and must equal the CPU backend's quantized loop over the
+    same buffer and block table bit for bit."""
+    import ml_dtypes
+    from fastopt.kernels import storage
+
+    from fastopt.backends.numba_quant import prepare_quant
+    from support.matrix import RULE_FULL
+
+    bf16 = np.dtype(ml_dtypes.bfloat16)
+    rule, fmt, hp = "adam", "int8", RULE_FULL["adam"]
+    spec = RULES[rule]
+    io = storage.IO(param="bfloat16", grad="bfloat16", quant=fmt, sr=True, scale="host")
+    rng = np.random.default_rng(4)
+    p = rng.standard_normal(LENGTH).astype(bf16)
+    st = initial(rule, hp, fmt, rng)
+    p_c, st_c = p.copy(), copy(st)
+    blocks = block_table()
+    for t in (1, 2):
+        g = (rng.standard_normal(LENGTH) * 8).astype(bf16)
+        flags, k = spec.variant_and_scalars(hp, t, spec.replay_host_state(hp, t))
+        key, salt, inv = storage.step_key(7, t), 3, 0.125
+        run = prepare_quant(rule, flags, spec.slots_used(flags), k, io, extras=(inv, key))
+        states = [(*st_c[s.name], blocks) if st_c[s.name] is not None else None for s in spec.slots]
+        run(p_c, g, states, None, salt)
+        device_step(rule, hp, fmt, t, flags, k, io, p, g, st, blocks, (inv, salt, key))
+        assert np.array_equal(p.view(np.uint16), p_c.view(np.uint16)), f"param, step {t}"
+        none = np.zeros(1, np.float32)
+        assert_same(none, st, none, st_c, f"bfloat16 sr step {t}")
