@@ -238,6 +238,25 @@ def kernel_source(name, nslots, writes):
     return "\n".join(lines) + "\n"
 
 
+def prologue_source(io, nscalars):
+    """The first lines of every kernel of a storage format ``io`` (the single-tensor, table and
+    quantized kernels), as source at the body's indent: nothing written when the device
+    found-inf flag ``fi`` is set, the scalars ``k`` from device memory ``kb`` (capturable),
+    ``inv`` the reciprocal grad scale (device ``gs`` or host ``x[0]``), ``key`` the step key
+    (device ``kp`` or host ``x[2]``)."""
+    lines = []
+    if io.found_inf:
+        lines += ["        if fi[0] != 0:", "            return"]
+    if io.kbuf:
+        lines.append(f"        k = ({''.join(f'kb[{j}], ' for j in range(nscalars))})")
+    if io.scale == "device":
+        lines.append("        inv = CT(1) / CT(gs[0])")
+    elif io.scale == "host":
+        lines.append("        inv = x[0]")
+    lines.append(f"        key = {'kp[0]' if io.kbuf and io.sr else 'x[2]'}")
+    return lines
+
+
 def mixed_kernel_source(name, nslots, writes, io, nscalars):
     """``kernel_source`` for a launch with the storage format ``io``: the kernel takes ``(p, g,
     s0.., m, k, x, kb, gs, fi, kp)``: ``m`` the fp32 master, ``k`` the host scalars, ``x =
@@ -251,16 +270,7 @@ def mixed_kernel_source(name, nslots, writes, io, nscalars):
         "def factory(elem, lp, lg, ls, sp, sg, ss, CT, lm, sm):",
         f"    def {name}(p, g, {''.join(s + ', ' for s in slots)}m, k, x, kb, gs, fi, kp):",
     ]
-    if io.found_inf:
-        lines.append("        if fi[0] != 0:")
-        lines.append("            return")
-    if io.kbuf:
-        lines.append(f"        k = ({''.join(f'kb[{j}], ' for j in range(nscalars))})")
-    if io.scale == "device":
-        lines.append("        inv = CT(1) / CT(gs[0])")
-    elif io.scale == "host":
-        lines.append("        inv = x[0]")
-    lines.append(f"        key = {'kp[0]' if io.kbuf and io.sr else 'x[2]'}")
+    lines += prologue_source(io, nscalars)
     lines += [
         "        start = cuda.grid(1)",
         "        stride = cuda.gridsize(1)",
@@ -672,15 +682,7 @@ def table_kernel_source(name, nslots, writes, io, nscalars, clip=False):
         "def factory(elem, lp, lg, ls, sp, sg, ss, CT, view, lm, sm):",
         f"    def {name}(table, chunks, nchunks, chunk, pl, gl, sl, ml, k, x, kb, gs, fi, kp, cl):",
     ]
-    if io.found_inf:
-        lines += ["        if fi[0] != 0:", "            return"]
-    if io.kbuf:
-        lines.append(f"        k = ({''.join(f'kb[{j}], ' for j in range(nscalars))})")
-    if io.scale == "device":
-        lines.append("        inv = CT(1) / CT(gs[0])")
-    elif io.scale == "host":
-        lines.append("        inv = x[0]")
-    lines.append(f"        key = {'kp[0]' if io.kbuf and io.sr else 'x[2]'}")
+    lines += prologue_source(io, nscalars)
     if clip:
         lines.append("        cf = cl[1]")
     lines += [

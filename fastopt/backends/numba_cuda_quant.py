@@ -68,15 +68,7 @@ def quant_kernel_source(
         "def factory(elem, lp, lg, ls, sp, sg, ss, CT, enc, F32, U32, SIGNMAG):",
         f"    def {name}(p, g, {slots}m, qtab, blocks, tq, k, x, kb, gs, fi, kp):",
     ]
-    if io.found_inf:
-        L += ["        if fi[0] != 0:", "            return"]
-    if io.kbuf:
-        L.append(f"        k = ({''.join(f'kb[{j}], ' for j in range(nsc))})")
-    if io.scale == "device":
-        L.append("        inv = CT(1) / CT(gs[0])")
-    elif io.scale == "host":
-        L.append("        inv = x[0]")
-    L.append(f"        key = {'kp[0]' if io.kbuf and io.sr else 'x[2]'}")
+    L += ncb.prologue_source(io, nsc)
     L.append("        t = cuda.threadIdx.x")
     if qs:  # (a variant that uses no quantized slot keeps only the element loop)
         L += [
