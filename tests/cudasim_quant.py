@@ -17,7 +17,7 @@ import os
 
 import numpy as np
 import pytest
-from fastopt.kernels import RULES, quant, storage
+from fastopt.kernels import RULES, storage
 from support import quant_cases as qc
 from support.matrix import RULE_FULL
 
@@ -35,22 +35,11 @@ STEPS = 2
 DEFAULT = {("adam", "int8")}
 
 
-def _cases():
-    return [
-        pytest.param(
-            rule,
-            fmt,
-            id=f"{rule}-{fmt}",
-            marks=() if (rule, fmt) in DEFAULT else (pytest.mark.exhaustive,),
-        )
-        for rule in RULES
-        for fmt in quant.FORMATS
-        # (a rule without a quantizable slot never launches this kernel: no state is quantized)
-        if any(s.quantize for s in RULES[rule].slots)
-    ]
-
-
-@pytest.mark.parametrize(("rule", "fmt"), _cases())
+@pytest.mark.parametrize(
+    ("rule", "fmt"),
+    # (a rule without a quantizable slot never launches this kernel: no state is quantized)
+    qc.rule_format_params(DEFAULT, [r for r in RULES if any(s.quantize for s in RULES[r].slots)]),
+)
 def test_kernel_equals_float32_step_then_oracle_quantization(rule, fmt):
     from fastopt.backends.numba_cuda_quant import launch_quant
 

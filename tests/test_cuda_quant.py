@@ -23,7 +23,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from fastopt.kernels import RULES, cuda_source, quant, quant_cuda, storage
+from fastopt.kernels import RULES, cuda_source, quant_cuda, storage
 from support import quant_cases as qc
 from support.matrix import RULE_FULL
 
@@ -37,19 +37,6 @@ DEFAULT = {("adam", "int8"), ("adam", "float8_e4m3")}
 #: the g++ builds of this process (removed at exit)
 _BUILD = Path(tempfile.mkdtemp(prefix="fastopt_quant_"))
 atexit.register(shutil.rmtree, _BUILD, True)
-
-
-def _cases():
-    return [
-        pytest.param(
-            rule,
-            fmt,
-            id=f"{rule}-{fmt}",
-            marks=() if (rule, fmt) in DEFAULT else (pytest.mark.exhaustive,),
-        )
-        for rule in RULES
-        for fmt in quant.FORMATS
-    ]
 
 
 @functools.cache
@@ -122,7 +109,7 @@ def _step(rule, hp, fmt, p, g, st, t, io=None, extras=(), dev=()):
     fn(ptrs, ks.ctypes.data, dp, qtab.ctypes.data, blocks.ctypes.data, blocks.shape[0], GRID)
 
 
-@pytest.mark.parametrize(("rule", "fmt"), _cases())
+@pytest.mark.parametrize(("rule", "fmt"), qc.rule_format_params(DEFAULT))
 def test_cuda_c_kernel_equals_float32_step_then_oracle_quantization(rule, fmt):
     hp = RULE_FULL[rule]
     rng = np.random.default_rng(11)

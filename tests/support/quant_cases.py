@@ -14,6 +14,7 @@ from __future__ import annotations
 from typing import Any
 
 import numpy as np
+import pytest
 from fastopt.kernels import RULES, quant
 
 from fastopt import _quantized as Q
@@ -25,6 +26,21 @@ SEGMENTS = ((0, 600), (640, 300))
 LENGTH = 940
 #: a value no step writes (the gap between the tensors must keep it)
 POISON = np.float32(-7.25)
+
+
+def rule_format_params(default: set[tuple[str, str]], rules: Any = RULES) -> list[Any]:
+    """``(rule, fmt)`` pytest params over ``rules`` and every quantized format, each marked
+    ``exhaustive`` unless in ``default``."""
+    return [
+        pytest.param(
+            rule,
+            fmt,
+            id=f"{rule}-{fmt}",
+            marks=() if (rule, fmt) in default else (pytest.mark.exhaustive,),
+        )
+        for rule in rules
+        for fmt in quant.FORMATS
+    ]
 
 
 def block_table() -> np.ndarray:
