@@ -268,17 +268,18 @@ def pytest_collection_modifyitems(config, items):
             item.add_marker(skip)
     # a group's sweeps run only when -m names them (the device run, -m gpu, keeps every case)
     if not {"exhaustive", "gpu"} & set(re.findall(r"\w+", markexpr)):
-        sweeps = [item for item in items if item.get_closest_marker("exhaustive")]
-        if sweeps:
-            config.hook.pytest_deselected(items=sweeps)
-            left = set(map(id, sweeps))
-            items[:] = [item for item in items if id(item) not in left]
+        _deselect(config, items, lambda item: item.get_closest_marker("exhaustive"))
     # GPU tests that cannot run here are left out rather than skipped one by one (thousands of
     # parity cases: their reports alone cost more than many real tests)
-    idle = [item for item in items if item.get_closest_marker("gpu") and _skipped_here(item)]
-    if idle:
-        config.hook.pytest_deselected(items=idle)
-        left = set(map(id, idle))
+    _deselect(config, items, lambda item: item.get_closest_marker("gpu") and _skipped_here(item))
+
+
+def _deselect(config, items, drop):
+    """Leave out (deselect, as ``-m`` does) the items for which ``drop`` is true."""
+    out = [item for item in items if drop(item)]
+    if out:
+        config.hook.pytest_deselected(items=out)
+        left = set(map(id, out))
         items[:] = [item for item in items if id(item) not in left]
 
 
