@@ -42,6 +42,22 @@ def _grad(
     return g
 
 
+def _decayed_grad(
+    grad: npt.NDArray[Any],
+    param: npt.NDArray[Any],
+    lr: float,
+    weight_decay: float,
+    decoupled: bool,
+    maximize: bool,
+) -> npt.NDArray[Any]:
+    """The gradient an Adam-family step uses: decoupled, ``p ← p·(1 − lr·λ)`` first (in
+    place) and ``g`` as it is; coupled, ``g + λ·p`` (``_grad``)."""
+    if decoupled:
+        param *= 1 - lr * weight_decay
+        return _grad(grad, param, 0.0, maximize)
+    return _grad(grad, param, weight_decay, maximize)
+
+
 def sgd(
     param: npt.NDArray[Any],
     grad: npt.NDArray[Any],
@@ -147,11 +163,7 @@ def adam(
     decoupled_weight_decay: bool = False,
 ) -> None:
     beta1, beta2 = betas
-    if decoupled_weight_decay:
-        param *= 1 - lr * weight_decay
-        g = _grad(grad, param, 0.0, maximize)
-    else:
-        g = _grad(grad, param, weight_decay, maximize)
+    g = _decayed_grad(grad, param, lr, weight_decay, decoupled_weight_decay, maximize)
     m, v = state["exp_avg"], state["exp_avg_sq"]
     m[...] = beta1 * m + (1 - beta1) * g
     v[...] = beta2 * v + (1 - beta2) * g * g
@@ -225,11 +237,7 @@ def nadam(
     """``state["mu_product"]`` is a 0-d array: the product of the momentum schedule so far, in
     torch's scalar dtype (float32 unless torch's default dtype is float64), as torch keeps it."""
     beta1, beta2 = betas
-    if decoupled_weight_decay:
-        param *= 1 - lr * weight_decay
-        g = _grad(grad, param, 0.0, maximize)
-    else:
-        g = _grad(grad, param, weight_decay, maximize)
+    g = _decayed_grad(grad, param, lr, weight_decay, decoupled_weight_decay, maximize)
     mu = _nadam_mu(beta1, momentum_decay, step)
     mu_next = _nadam_mu(beta1, momentum_decay, step + 1)
     mu_product = state["mu_product"]
@@ -257,11 +265,7 @@ def radam(
     maximize: bool = False,
 ) -> None:
     beta1, beta2 = betas
-    if decoupled_weight_decay:
-        param *= 1 - lr * weight_decay
-        g = _grad(grad, param, 0.0, maximize)
-    else:
-        g = _grad(grad, param, weight_decay, maximize)
+    g = _decayed_grad(grad, param, lr, weight_decay, decoupled_weight_decay, maximize)
     m, v = state["exp_avg"], state["exp_avg_sq"]
     m += (1 - beta1) * (g - m)  # torch's lerp (weight 1 - beta1 < 0.5 for beta1 > 0.5)
     v[...] = beta2 * v + (1 - beta2) * g * g
