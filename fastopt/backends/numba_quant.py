@@ -104,13 +104,11 @@ def quant_loop_source(
         if writes[j]:
             L.append(f"{pad}sb{j} = s{j}[lo:hi]")
     for j in q:
-        # decoded first, in a loop of its own: the table lookups (gathers) stay out of the
-        # rule's loop, which reads and writes plain arrays
-        L += [
-            f"{pad}f{j} = a{j}[b] / tops[{j}]",
-            f"{pad}for i in range(cnt):",
-            f"{pad}    r{j}[i] = dec{j}(sb{j}[i], d{j}) * f{j}",
-        ]
+        L.append(f"{pad}f{j} = a{j}[b] / tops[{j}]")
+        L.append(f"{pad}h{j} = np.int32(0)")
+    # one loop: decode, the rule, the new values into the scratch rows and their absmax (an
+    # integer maximum of the magnitudes' bit patterns: the same order for non-negative floats,
+    # NaN above every number, so a NaN wins, and a reduction LLVM vectorises without fast-math)
     L.append(f"{pad}for i in range(cnt):")
     pad2 = pad + "    "
     pv = "lm(pb[i], mb_[i])" if io.remainder else "mb_[i]" if io.master else "lp(pb[i])"
@@ -122,7 +120,7 @@ def quant_loop_source(
         if not writes[j]:
             L.append(f"{pad2}v{j} = pv")
         elif qslots[j]:
-            L.append(f"{pad2}v{j} = r{j}[i]")
+            L.append(f"{pad2}v{j} = dec{j}(sb{j}[i], d{j}) * f{j}")
         else:
             L.append(f"{pad2}v{j} = ls(sb{j}[i])")
     outs = ", ".join(["pi"] + [f"o{j}" for j in range(nslots)])
@@ -138,16 +136,11 @@ def quant_loop_source(
             continue
         if qslots[j]:
             L.append(f"{pad2}r{j}[i] = o{j}")
+            L.append(f"{pad2}h{j} = max(h{j}, np.int32(f32_bits(o{j}) & 0x7FFFFFFF))")
         else:
             L.append(f"{pad2}sb{j}[i] = ss(o{j})")
     for j in q:
-        # the absmax as an integer maximum of the magnitudes' bit patterns: the same order for
-        # non-negative floats, NaN above every number (so a NaN wins), and a reduction LLVM
-        # vectorises without fast-math
         L += [
-            f"{pad}h{j} = np.int32(0)",
-            f"{pad}for i in range(cnt):",
-            f"{pad}    h{j} = max(h{j}, np.int32(f32_bits(r{j}[i]) & 0x7FFFFFFF))",
             f"{pad}n{j} = bits_f32(h{j})",
             f"{pad}a{j}[b] = n{j}",
             f"{pad}e{j} = tops[{j}] / n{j} if n{j} >= tinys[{j}] else np.float32(0)",
