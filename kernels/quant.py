@@ -542,17 +542,23 @@ def _make_dynamic_encode(signed: bool) -> Any:
         s = pick(b5, s5, s)
         g = pick(b6, g6, g)
         s = pick(b6, s6, s)
+        # u clamped to [1/2, G - 1/2]: the decade's first (last) value below (above) its
+        # first (last) interior threshold, whose u lies near 1 (G - 1); only the interior
+        # thresholds are found through u (the decade's ends are the exact comparisons above),
+        # so only a u near one of 1..G-1 is flagged, and NaN gives 1/2 (masked below)
         u = _dynamic_u(a, g, s)
+        u = pick(u > _HALF, u, _HALF)
+        gh = g - _HALF
+        u = pick(u < gh, u, gh)
         fl = np.floor(u)
         frac = u - fl
-        last = g - _ONE
-        m = g + first + pick(fl < last, fl, last)
+        m = g + first + fl
         m = pick(b0, m, _ZERO)
         m = pick(b7, top, m)
         code = pick(ng, mid - m, mid + m)
         inside = a < two
         code = pick(inside, code, _ZERO)  # NaN, ±inf, |y| >= 2: code 0, as the lookup
-        near = ((frac < _AMB) | (frac > _ONE - _AMB)) & b0 & (b7 < inside)
+        near = (frac < _AMB) | (frac > _ONE - _AMB)
         return np.int32(code), near | (a == t0) | (a == t1)
 
     return dynamic_encode

@@ -33,6 +33,7 @@ from numba.extending import register_jitable
 from .._numba_cache import njit_cached
 from ..kernels import RULES, quant, storage
 from .numba_codegen import IO_CELLS, io_cells, jitable_rule
+from .numba_intrinsics import FP8_LOWERED
 from .protocol import Runner
 
 #: blocks per chunk of the loop (one scratch allocation per chunk)
@@ -47,7 +48,7 @@ for _fn in {f for pair in quant.CODECS.values() for f in pair} | {
     quant._dynamic_value,
     quant._linspace_at,
     *quant.ARITHMETIC_DECODE.values(),
-}:
+} - set(FP8_LOWERED):
     register_jitable(_fn)
 
 _compiled: dict[Any, Any] = {}
