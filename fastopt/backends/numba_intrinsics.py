@@ -1,10 +1,12 @@
-"""Numba lowerings the CPU loops call: fused multiply-add and the 16-bit float conversions.
+"""Numba lowerings the CPU loops call: fused multiply-add, the 16-bit float conversions and
+the float8 codec.
 
 ``kernels/fma.py`` and ``kernels/storage.py`` define these operations in plain Python (the
 oracle's and the simulator's); here each gets an LLVM lowering for numba (``llvm.fma``, bit
-casts, rounding a float32 to bfloat16 nearest-even, ``fptrunc``/``fpext`` for float16) and the
-per-storage-kind loads and stores that ``numba_codegen`` closes its loops over (``loader``,
-``storer``, ``param_storer``), plus ``address_as`` (an int64 address as a typed pointer) for the
+casts, rounding a float32 to bfloat16 nearest-even, ``fptrunc``/``fpext`` for float16,
+``kernels/quant.py``'s float8 bit arithmetic in 32-bit lanes) and the per-storage-kind loads
+and stores that ``numba_codegen`` closes its loops over (``loader``, ``storer``,
+``param_storer``), plus ``address_as`` (an int64 address as a typed pointer) for the
 many-tensor loops.
 """
 

@@ -5,14 +5,16 @@ as Python source like ``numba_codegen``'s and compiled once (cached on disk). It
 of blocks (``blocks[b] = (first, stop)`` element indices; block ``b``'s scale is ``absmax[b]``
 of every quantized slot), in chunks of ``CHUNK_BLOCKS`` blocks per thread (``prange`` from
 ``numba_backend.PARALLEL_MIN`` elements). Per block, over views of the block's elements (so
-that every index is provably non-negative and the loops vectorise): each quantized slot is
-decoded into a per-thread scratch row (``dec(code) * (absmax / top)``: a lookup in a table
-frozen into the code for the int8 maps, arithmetic for float8, ``kernels.quant.CODECS``),
-the rule runs over plain arrays (the param and the float32 slots stored as the storage format
-says, the quantized slots' new values back into their rows), each row's absmax is taken (an
-integer maximum of bit patterns), and the row is encoded by arithmetic
-(``kernels.quant.FAST_ENCODE``; an int8 row holding a value it flags, one near a threshold,
-is encoded again by the lookup, ``CODECS``) with its new absmax stored: one pass over memory.
+that every index is provably non-negative and the loops vectorise), one loop decodes each
+quantized slot's code (``dec(code) * (absmax / top)``: a lookup in a table frozen into the
+code for the int8 maps, arithmetic for float8, ``kernels.quant.CODECS``), runs the rule (the
+param and the float32 slots loaded and stored as the storage format says), writes each
+quantized slot's new value into a per-thread scratch row and keeps the row's absmax (an
+integer maximum of the magnitudes' bit patterns); then, per quantized slot, one loop encodes
+the row by arithmetic (``kernels.quant.FAST_ENCODE``; an int8 row holding a value it flags,
+one near an interior threshold, is encoded again by the lookup, ``CODECS``) after its new
+absmax is stored: one pass over memory (codes read once and written once), the float32
+values in cache.
 
 A quantized slot arrives as ``(codes, absmax)`` (a parameter's: its blocks start at 0, every
 ``BLOCK`` elements) or ``(codes, absmax, blocks)`` (a ``FlatBuffer`` group's, whose blocks start
