@@ -11,10 +11,10 @@ code for the int8 maps, arithmetic for float8, ``kernels.quant.CODECS``), runs t
 param and the float32 slots loaded and stored as the storage format says), writes each
 quantized slot's new value into a per-thread scratch row and keeps the row's absmax (an
 integer maximum of the magnitudes' bit patterns); then, per quantized slot, one loop encodes
-the row by arithmetic (``kernels.quant.FAST_ENCODE``; an int8 row holding a value it flags,
-one near an interior threshold, is encoded again by the lookup, ``CODECS``) after its new
-absmax is stored: one pass over memory (codes read once and written once), the float32
-values in cache.
+the row, its two halves side by side (two independent chains per iteration), by arithmetic
+(``kernels.quant.FAST_ENCODE``; an int8 row holding a value it flags, one near an interior
+threshold, is encoded again by the lookup, ``CODECS``) after its new absmax is stored: one
+pass over memory (codes read once and written once), the float32 values in cache.
 
 A quantized slot arrives as ``(codes, absmax)`` (a parameter's: its blocks start at 0, every
 ``BLOCK`` elements) or ``(codes, absmax, blocks)`` (a ``FlatBuffer`` group's, whose blocks start
