@@ -548,10 +548,10 @@ def _make_dynamic_encode(signed: bool) -> Any:
         s = pick(b5, s5, s)
         g = pick(b6, g6, g)
         s = pick(b6, s6, s)
-        # u clamped to [1/2, G - 1/2]: the decade's first (last) value below (above) its
-        # first (last) interior threshold, whose u lies near 1 (G - 1); only the interior
-        # thresholds are found through u (the decade's ends are the exact comparisons above),
-        # so only a u near one of 1..G-1 is flagged, and NaN gives 1/2 (masked below)
+        # u clamped to [1/2, G - 1/2]: a u below 1/2 (above G - 1/2) is below (above) the
+        # decade's first (last) interior threshold, whose u lies near 1 (G - 1), and gets the
+        # decade's first (last) value either way; the decade's ends are the exact comparisons
+        # above, so only a u near one of 1..G-1 is flagged (NaN gives 1/2, masked below)
         u = _dynamic_u(a, g, s)
         u = pick(u > _HALF, u, _HALF)
         gh = g - _HALF

@@ -148,6 +148,7 @@ def quant_loop_source(
             f"{pad}a{j}[b] = n{j}",
             f"{pad}e{j} = tops[{j}] / n{j} if n{j} >= tinys[{j}] else np.float32(0)",
             f"{pad}z{j} = False",
+            # the row's two halves side by side: two independent chains of the long encode
             f"{pad}hh = cnt >> 1",
             f"{pad}for i in range(hh):",
             f"{pad}    c{j}, w{j} = fenc{j}(r{j}[i] * e{j}, {lut(j)})",
