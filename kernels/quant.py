@@ -291,6 +291,8 @@ def encode_signmag(y: Any, base: Any, bthr: Any, e_lo: Any, e_hi: Any, mb: Any) 
 # bits for normal results, one float addition for subnormal ones (the sum's rounding is the
 # hardware's round-to-nearest-even at the float8 subnormal spacing, as ``storage.f16_store``
 # does for float16); NaN gives the byte 0 with its sign, as the lookup does.
+# The CPU loops run these as written but in 32-bit lanes (``backends/numba_intrinsics.py``
+# lowers each one's bit arithmetic on i32: numba types it as int64).
 
 #: float32 constants of the float8 conversions (NumPy scalars: float32 in compiled code)
 _E4M3_SUB = np.float32(2.0**-9)  # e4m3fn subnormal spacing
@@ -451,10 +453,14 @@ def _frozen_lookup(fmt: str, quant_map: str) -> tuple[Any, Any]:
 # so no estimate there), the offset in it is ``floor(u)``. ``u`` is a monotone float32 function
 # of ``|y|`` within a piece, so ``u`` above (below) the ``u`` of a threshold puts ``y`` above
 # (below) that threshold: every interior threshold's ``u`` lies within ``_AMB`` of its integer
-# (``dynamic_encode_margins``, checked by a test), and a value whose ``u`` lies that close to an
-# integer is flagged instead: the loops encode a block holding a flagged value by the lookup
-# (about one block in thirty). The result is the lookup's code (a test holds the two equal on a
-# dense sweep of float32; the exhaustive one runs every float32).
+# (``dynamic_encode_margins``, checked by a test), and a value whose ``u`` lies that close to one
+# of ``1..G-1`` is flagged instead: the loops encode a block holding a flagged value by the
+# lookup. ``u`` is clamped to ``[1/2, G - 1/2]`` first: the decade's ends are its piece's exact
+# comparisons, not integers of ``u``, so a value at a decade's edge (a block's largest
+# magnitude, ``|y| = 1``, among them: half the blocks of a signed slot) is never flagged, and
+# few blocks are (``u`` within ``_AMB`` of an interior integer: about 1.2·10^-4 of uniform or
+# normal values, some 3 % of 256-element blocks). The result is the lookup's code (a test
+# holds the two equal on a dense sweep of float32; the exhaustive one runs every float32).
 
 #: half-width of the band of ``u`` around an integer where the arithmetic encode defers to the
 #: lookup (the thresholds' ``u`` lie within 2^-17 of their integers)
@@ -542,17 +548,23 @@ def _make_dynamic_encode(signed: bool) -> Any:
         s = pick(b5, s5, s)
         g = pick(b6, g6, g)
         s = pick(b6, s6, s)
+        # u clamped to [1/2, G - 1/2]: a u below 1/2 (above G - 1/2) is below (above) the
+        # decade's first (last) interior threshold, whose u lies near 1 (G - 1), and gets the
+        # decade's first (last) value either way; the decade's ends are the exact comparisons
+        # above, so only a u near one of 1..G-1 is flagged (NaN gives 1/2, masked below)
         u = _dynamic_u(a, g, s)
+        u = pick(u > _HALF, u, _HALF)
+        gh = g - _HALF
+        u = pick(u < gh, u, gh)
         fl = np.floor(u)
         frac = u - fl
-        last = g - _ONE
-        m = g + first + pick(fl < last, fl, last)
+        m = g + first + fl
         m = pick(b0, m, _ZERO)
         m = pick(b7, top, m)
         code = pick(ng, mid - m, mid + m)
         inside = a < two
         code = pick(inside, code, _ZERO)  # NaN, ±inf, |y| >= 2: code 0, as the lookup
-        near = ((frac < _AMB) | (frac > _ONE - _AMB)) & b0 & (b7 < inside)
+        near = (frac < _AMB) | (frac > _ONE - _AMB)
         return np.int32(code), near | (a == t0) | (a == t1)
 
     return dynamic_encode

@@ -139,10 +139,33 @@ def _encode_loop():
     return encode_row
 
 
+def _float8_loop():
+    """The float8 codec as the quantized loops run it (``kernels.quant.CODECS``, lowered in
+    32-bit lanes by ``numba_intrinsics``): a row of e4m3fn and one of e5m2 bytes decoded,
+    scaled and encoded again, compiled afresh."""
+    from fastopt.kernels import quant
+
+    from fastopt.backends import numba_quant  # noqa: F401  (registers the codec)
+
+    dec4, enc4 = quant.CODECS["float8_e4m3fn"]
+    dec5, enc5 = quant.CODECS["float8_e5m2"]
+
+    @numba.njit(error_model="numpy")
+    def float8_rows(a, b, e):
+        for i in range(a.shape[0]):
+            a[i] = enc4(dec4(a[i], None) * e, None, None, 0, 0, 0)
+            b[i] = enc5(dec5(b[i], None) * e, None, None, 0, 0, 0)
+
+    float8_rows(np.zeros(64, np.uint8), np.zeros(64, np.uint8), np.float32(1))
+    return float8_rows
+
+
 def _compiled_loop(plan):
     """The serial Adam loop of ``plan``, compiled afresh (no disk cache) and called once."""
     if plan == "int8-encode":
         return _encode_loop()
+    if plan == "float8-codec":
+        return _float8_loop()
     io, pairs = {
         "float32": (None, False),
         "float64": (None, False),
@@ -244,6 +267,26 @@ def assert_packed_encode(what, body, asm):
     assert not moves, f"lanes split in the machine code of {what}: {moves[:5]}"
 
 
+#: a packed int32 -> float32 conversion in a 256- or 512-bit register: the float8 decode's
+#: subnormals, in the codec's vector loop
+ASM_PACKED_CVT = re.compile(r"^\s+vcvtdq2ps\s+[^\n]*%[yz]mm")
+
+
+def assert_packed_float8(what, body, asm):
+    """The float8 codec loop ``what`` is vectorised in 32-bit lanes (no 64-bit integer vector,
+    nothing on one lane) and its machine-code loop keeps every lane in vector registers."""
+    block = vector_body(body)
+    packed_cvt = block and re.search(r"[su]itofp [^\n]*<\d+ x i(?:8|16|32)>", block)
+    assert packed_cvt, f"{what}: scalar"
+    assert not scalar_lines(block), f"scalar code in {what}: {scalar_lines(block)[:5]}"
+    wide = [ln.strip() for ln in block.splitlines() if re.search(r"x i64>", ln)]
+    assert not wide, f"64-bit lanes in {what}: {wide[:5]}"
+    loop = vector_loop(asm, ASM_PACKED_CVT)
+    assert loop is not None, f"{what}: no packed 256- or 512-bit loop in the machine code"
+    moves = [x.strip() for x in loop if ASM_LANE_MOVES.search(x)]
+    assert not moves, f"lanes split in the machine code of {what}: {moves[:5]}"
+
+
 def test_avx2_builds_of_the_16_bit_loops_are_packed():
     """Compiled for an AVX2 CPU (no AVX-512: no zmm register anywhere), the bfloat16 element
     and word loops and the float16 loop run 256-bit packed math and convert every lane in
@@ -251,11 +294,13 @@ def test_avx2_builds_of_the_16_bit_loops_are_packed():
     the NaN select of the bfloat16 rounding becomes a compare and a blend (``vcmpunordps``,
     ``vblendvps``), still packed. So does the int8 encode the quantized loops run
     (``kernels.quant.FAST_ENCODE``: no lookup, whose gathers AVX2 code would split into
-    lanes)."""
-    plans = ["bfloat16", "bfloat16-words", "float16", "int8-encode"]
+    lanes), and the float8 decode and encode, in eight 32-bit lanes (the bit arithmetic as
+    numba types it, in int64, held four 64-bit lanes and an int64 conversion AVX2 lacks)."""
+    plans = ["bfloat16", "bfloat16-words", "float16", "int8-encode", "float8-codec"]
+    checks = {"int8-encode": assert_packed_encode, "float8-codec": assert_packed_float8}
     for plan, built in avx2_build(plans).items():
         assert "zmm" not in built["asm"], f"AVX-512 code in the AVX2 build of {plan}"
-        check = assert_packed_encode if plan == "int8-encode" else assert_packed
+        check = checks.get(plan, assert_packed)
         check(f"the AVX2 build of the {plan} loop", built["body"], built["asm"])
 
 

@@ -292,3 +292,44 @@ def test_compiled_arithmetic_encode_equals_the_lookup_on_every_float32(name):
         bad, flagged = bad + b, flagged + f
     assert bad == 0
     assert flagged < (1 << 32) // 1000
+
+
+@pytest.mark.parametrize("name", ["float8_e4m3fn", "float8_e5m2"])
+def test_compiled_float8_encode_equals_its_definition(name):
+    """The float8 encode as the CPU loops compile it (``numba_intrinsics``: the bit arithmetic
+    on 32-bit lanes) gives the byte of its plain-Python definition (``kernels.quant.CODECS``)
+    at, beside and two ulps from every threshold, at every table value, on random values of
+    the format's range and far below it (subnormal results), and for ±0, ±inf and NaN."""
+    import numba
+
+    import fastopt.backends.numba_quant  # noqa: F401  (registers the codec for numba)
+
+    enc = quant.CODECS[name][1]
+    t = next(
+        quant.table(f, m)
+        for f in quant.FORMATS
+        for m in ("signed", "unsigned")
+        if quant.TABLES[(f, m)] == name
+    )
+
+    @numba.njit(error_model="numpy")
+    def encode_all(y, out):
+        for i in range(y.size):
+            out[i] = enc(y[i], None, None, 0, 0, 0)
+
+    thr = t.thr[np.isfinite(t.thr)]
+    up, down = np.float32(np.inf), np.float32(-np.inf)
+    near = [thr, np.nextafter(thr, up), np.nextafter(thr, down)]
+    near += [np.nextafter(near[1], up), np.nextafter(near[2], down)]
+    rng = np.random.default_rng(7)
+    rand = rng.uniform(-1, 1, 4000).astype(np.float32) * t.top
+    tiny = (rng.uniform(-1, 1, 1000) * np.exp2(rng.uniform(-149, -5, 1000))).astype(np.float32)
+    special = np.array([0.0, np.inf, np.nan, t.top], np.float32)
+    dec = t.dec[np.isfinite(t.dec)]
+    y = np.concatenate([*near, dec, rand, tiny, special])
+    y = np.concatenate([y, -y])
+    got = np.empty(y.size, np.uint8)
+    encode_all(y, got)
+    with np.errstate(invalid="ignore", over="ignore"):
+        want = np.array([enc(x, None, None, 0, 0, 0) & 0xFF for x in y], np.uint8)
+    assert np.array_equal(got, want)

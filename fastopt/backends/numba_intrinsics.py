@@ -1,10 +1,12 @@
-"""Numba lowerings the CPU loops call: fused multiply-add and the 16-bit float conversions.
+"""Numba lowerings the CPU loops call: fused multiply-add, the 16-bit float conversions and
+the float8 codec.
 
 ``kernels/fma.py`` and ``kernels/storage.py`` define these operations in plain Python (the
 oracle's and the simulator's); here each gets an LLVM lowering for numba (``llvm.fma``, bit
-casts, rounding a float32 to bfloat16 nearest-even, ``fptrunc``/``fpext`` for float16) and the
-per-storage-kind loads and stores that ``numba_codegen`` closes its loops over (``loader``,
-``storer``, ``param_storer``), plus ``address_as`` (an int64 address as a typed pointer) for the
+casts, rounding a float32 to bfloat16 nearest-even, ``fptrunc``/``fpext`` for float16,
+``kernels/quant.py``'s float8 bit arithmetic in 32-bit lanes) and the per-storage-kind loads
+and stores that ``numba_codegen`` closes its loops over (``loader``, ``storer``,
+``param_storer``), plus ``address_as`` (an int64 address as a typed pointer) for the
 many-tensor loops.
 """
 
@@ -266,6 +268,116 @@ def _is16(a):
 _overload_with(storage.bf16_load, _bf16_load_ir, _is16)
 _overload_with(storage.bf16_lo, _bf16_lo_ir, _is32)
 _overload_with(storage.bf16_hi, _bf16_hi_ir, _is32)
+
+
+# -- float8 codec in 32-bit lanes (kernels/quant.py's e4m3/e5m2 functions) --------------------
+#
+# The same bit arithmetic as the Python definitions, each operation on i32: numba types every
+# integer operation of theirs as int64, which LLVM keeps, so the loops' vectors held four
+# 64-bit lanes (and an int64 -> float32 conversion AVX2 has no instruction for) instead of
+# eight 32-bit ones. (exponent bits, mantissa bits, bias offset of the bits, smallest normal
+# bits, subnormal spacing, magic addend) per format; tests hold both equal to the tables.
+
+
+def _c32(v):
+    return _ir.Constant(_I32, v)
+
+
+def _fp8_encode_ir(builder, y, mbits, off, norm_lo, magic):
+    # storage of float32 y as a float8 byte (quant.e4m3_encode / e5m2_encode)
+    u = builder.bitcast(y, _I32)
+    a = builder.and_(u, _c32(0x7FFFFFFF))
+    sh = _c32(23 - mbits)
+    odd = builder.and_(builder.lshr(a, sh), _c32(1))
+    rnd = builder.add(builder.add(a, _c32((1 << (23 - mbits - 1)) - 1)), odd)
+    norm = builder.sub(builder.lshr(rnd, sh), _c32(off))
+    mg = _ir.Constant(_F32, float(magic))
+    sub = builder.sub(
+        builder.bitcast(builder.fadd(builder.bitcast(a, _F32), mg), _I32),
+        _c32(int(np.float32(magic).view(np.uint32))),
+    )
+    # a is non-negative as a signed i32: signed comparisons, one instruction each on AVX2
+    # (which has no unsigned one)
+    code = builder.select(builder.icmp_signed("<", a, _c32(norm_lo)), sub, norm)
+    code = builder.select(builder.icmp_signed(">", a, _c32(0x7F800000)), _c32(0), code)
+    return builder.or_(code, builder.and_(builder.lshr(u, _c32(24)), _c32(0x80)))
+
+
+def _fp8_decode_ir(builder, c, mbits, rebias, first_norm, spacing, special):
+    # the float32 of float8 byte c (quant.e4m3_decode / e5m2_decode)
+    w = builder.zext(c, _I32) if c.type.width < 32 else builder.trunc(c, _I32)
+    em = builder.and_(w, _c32(0x7F))
+    sign = builder.shl(builder.and_(w, _c32(0x80)), _c32(24))
+    norm = builder.or_(sign, builder.add(builder.shl(em, _c32(23 - mbits)), _c32(rebias)))
+    sp = builder.fmul(builder.sitofp(em, _F32), _ir.Constant(_F32, float(spacing)))
+    sub = builder.or_(builder.bitcast(sp, _I32), sign)
+    out = builder.select(builder.icmp_unsigned(">=", em, _c32(first_norm)), norm, sub)
+    out = builder.bitcast(out, _F32)
+    nan = _ir.Constant(_F32, float("nan"))
+    if special == "fn":  # e4m3fn: 0x7F is NaN, no infinity
+        return builder.select(builder.icmp_unsigned("==", em, _c32(0x7F)), nan, out)
+    inf = builder.bitcast(builder.or_(sign, _c32(0x7F800000)), _F32)  # e5m2: 0x7C is inf
+    spec = builder.select(builder.icmp_unsigned("==", em, _c32(0x7C)), inf, nan)
+    return builder.select(builder.icmp_unsigned(">=", em, _c32(0x7C)), spec, out)
+
+
+def _fp8_intrinsics(encode_args, decode_args):
+    @intrinsic
+    def enc_ir(typingctx, y):
+        if y == types.float32:
+
+            def codegen(context, builder, sig, args):
+                return _fp8_encode_ir(builder, args[0], *encode_args)
+
+            return types.int32(y), codegen
+        return None
+
+    @intrinsic
+    def dec_ir(typingctx, c):
+        if isinstance(c, types.Integer):
+
+            def codegen(context, builder, sig, args):
+                return _fp8_decode_ir(builder, args[0], *decode_args)
+
+            return types.float32(c), codegen
+        return None
+
+    return enc_ir, dec_ir
+
+
+_e4m3_ir = _fp8_intrinsics((3, 960, 0x3C800000, 2.0**14), (3, 0x3C000000, 8, 2.0**-9, "fn"))
+_e5m2_ir = _fp8_intrinsics((2, 448, 0x38800000, 2.0**7), (2, 0x38000000, 4, 2.0**-16, "ieee"))
+
+
+def _python_copy(fn):
+    """``fn`` as a distinct function object (numba compiles it as plain Python, not through
+    the overload that ``fn`` itself has)."""
+    import types as pytypes
+
+    return pytypes.FunctionType(fn.__code__, fn.__globals__, fn.__name__, fn.__defaults__)
+
+
+def _overload_fp8(encode, decode, irs):
+    enc_ir, dec_ir = irs
+    enc_py, dec_py = _python_copy(encode), _python_copy(decode)
+
+    @overload(encode, target="cpu", inline="always")
+    def _enc(y, b, th, lo, hi, mb):
+        if y == types.float32:
+            return lambda y, b, th, lo, hi, mb: enc_ir(y)
+        return enc_py
+
+    @overload(decode, target="cpu", inline="always")
+    def _dec(c, d):
+        if isinstance(c, types.Integer):
+            return lambda c, d: dec_ir(c)
+        return dec_py
+
+
+#: the float8 codec functions lowered here (``numba_quant`` registers every other one)
+FP8_LOWERED = (quant.e4m3_encode, quant.e4m3_decode, quant.e5m2_encode, quant.e5m2_decode)
+_overload_fp8(quant.e4m3_encode, quant.e4m3_decode, _e4m3_ir)
+_overload_fp8(quant.e5m2_encode, quant.e5m2_decode, _e5m2_ir)
 
 
 @overload(storage.bf16_pair_store, target="cpu", inline="always")

@@ -5,14 +5,16 @@ as Python source like ``numba_codegen``'s and compiled once (cached on disk). It
 of blocks (``blocks[b] = (first, stop)`` element indices; block ``b``'s scale is ``absmax[b]``
 of every quantized slot), in chunks of ``CHUNK_BLOCKS`` blocks per thread (``prange`` from
 ``numba_backend.PARALLEL_MIN`` elements). Per block, over views of the block's elements (so
-that every index is provably non-negative and the loops vectorise): each quantized slot is
-decoded into a per-thread scratch row (``dec(code) * (absmax / top)``: a lookup in a table
-frozen into the code for the int8 maps, arithmetic for float8, ``kernels.quant.CODECS``),
-the rule runs over plain arrays (the param and the float32 slots stored as the storage format
-says, the quantized slots' new values back into their rows), each row's absmax is taken (an
-integer maximum of bit patterns), and the row is encoded by arithmetic
-(``kernels.quant.FAST_ENCODE``; an int8 row holding a value it flags, one near a threshold,
-is encoded again by the lookup, ``CODECS``) with its new absmax stored: one pass over memory.
+that every index is provably non-negative and the loops vectorise), one loop decodes each
+quantized slot's code (``dec(code) * (absmax / top)``: a lookup in a table frozen into the
+code for the int8 maps, arithmetic for float8, ``kernels.quant.CODECS``), runs the rule (the
+param and the float32 slots loaded and stored as the storage format says), writes each
+quantized slot's new value into a per-thread scratch row and keeps the row's absmax (an
+integer maximum of the magnitudes' bit patterns); then, per quantized slot, one loop encodes
+the row, its two halves side by side (two independent chains per iteration), by arithmetic
+(``kernels.quant.FAST_ENCODE``; an int8 row holding a value it flags, one near an interior
+threshold, is encoded again by the lookup, ``CODECS``) after its new absmax is stored: one
+pass over memory (codes read once and written once), the float32 values in cache.
 
 A quantized slot arrives as ``(codes, absmax)`` (a parameter's: its blocks start at 0, every
 ``BLOCK`` elements) or ``(codes, absmax, blocks)`` (a ``FlatBuffer`` group's, whose blocks start
@@ -33,6 +35,7 @@ from numba.extending import register_jitable
 from .._numba_cache import njit_cached
 from ..kernels import RULES, quant, storage
 from .numba_codegen import IO_CELLS, io_cells, jitable_rule
+from .numba_intrinsics import FP8_LOWERED
 from .protocol import Runner
 
 #: blocks per chunk of the loop (one scratch allocation per chunk)
@@ -47,7 +50,7 @@ for _fn in {f for pair in quant.CODECS.values() for f in pair} | {
     quant._dynamic_value,
     quant._linspace_at,
     *quant.ARITHMETIC_DECODE.values(),
-}:
+} - set(FP8_LOWERED):
     register_jitable(_fn)
 
 _compiled: dict[Any, Any] = {}
@@ -104,13 +107,11 @@ def quant_loop_source(
         if writes[j]:
             L.append(f"{pad}sb{j} = s{j}[lo:hi]")
     for j in q:
-        # decoded first, in a loop of its own: the table lookups (gathers) stay out of the
-        # rule's loop, which reads and writes plain arrays
-        L += [
-            f"{pad}f{j} = a{j}[b] / tops[{j}]",
-            f"{pad}for i in range(cnt):",
-            f"{pad}    r{j}[i] = dec{j}(sb{j}[i], d{j}) * f{j}",
-        ]
+        L.append(f"{pad}f{j} = a{j}[b] / tops[{j}]")
+        L.append(f"{pad}h{j} = np.int32(0)")
+    # one loop: decode, the rule, the new values into the scratch rows and their absmax (an
+    # integer maximum of the magnitudes' bit patterns: the same order for non-negative floats,
+    # NaN above every number, so a NaN wins, and a reduction LLVM vectorises without fast-math)
     L.append(f"{pad}for i in range(cnt):")
     pad2 = pad + "    "
     pv = "lm(pb[i], mb_[i])" if io.remainder else "mb_[i]" if io.master else "lp(pb[i])"
@@ -122,7 +123,7 @@ def quant_loop_source(
         if not writes[j]:
             L.append(f"{pad2}v{j} = pv")
         elif qslots[j]:
-            L.append(f"{pad2}v{j} = r{j}[i]")
+            L.append(f"{pad2}v{j} = dec{j}(sb{j}[i], d{j}) * f{j}")
         else:
             L.append(f"{pad2}v{j} = ls(sb{j}[i])")
     outs = ", ".join(["pi"] + [f"o{j}" for j in range(nslots)])
@@ -138,21 +139,24 @@ def quant_loop_source(
             continue
         if qslots[j]:
             L.append(f"{pad2}r{j}[i] = o{j}")
+            L.append(f"{pad2}h{j} = max(h{j}, np.int32(f32_bits(o{j}) & 0x7FFFFFFF))")
         else:
             L.append(f"{pad2}sb{j}[i] = ss(o{j})")
     for j in q:
-        # the absmax as an integer maximum of the magnitudes' bit patterns: the same order for
-        # non-negative floats, NaN above every number (so a NaN wins), and a reduction LLVM
-        # vectorises without fast-math
         L += [
-            f"{pad}h{j} = np.int32(0)",
-            f"{pad}for i in range(cnt):",
-            f"{pad}    h{j} = max(h{j}, np.int32(f32_bits(r{j}[i]) & 0x7FFFFFFF))",
             f"{pad}n{j} = bits_f32(h{j})",
             f"{pad}a{j}[b] = n{j}",
             f"{pad}e{j} = tops[{j}] / n{j} if n{j} >= tinys[{j}] else np.float32(0)",
             f"{pad}z{j} = False",
-            f"{pad}for i in range(cnt):",
+            # the row's two halves side by side: two independent chains of the long encode
+            f"{pad}hh = cnt >> 1",
+            f"{pad}for i in range(hh):",
+            f"{pad}    c{j}, w{j} = fenc{j}(r{j}[i] * e{j}, {lut(j)})",
+            f"{pad}    cb{j}, wb{j} = fenc{j}(r{j}[i + hh] * e{j}, {lut(j)})",
+            f"{pad}    sb{j}[i] = c{j}",
+            f"{pad}    sb{j}[i + hh] = cb{j}",
+            f"{pad}    z{j} |= w{j} | wb{j}",
+            f"{pad}for i in range(2 * hh, cnt):",
             f"{pad}    c{j}, w{j} = fenc{j}(r{j}[i] * e{j}, {lut(j)})",
             f"{pad}    sb{j}[i] = c{j}",
             f"{pad}    z{j} |= w{j}",
