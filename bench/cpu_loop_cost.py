@@ -1,7 +1,7 @@
 """What the numba CPU loops cost per element when memory is not the limit.
 
     python bench/cpu_loop_cost.py [--optimizer adam] [--n 65536] [--reps 400] [--rounds 5]
-                                  [--cpu znver2]
+                                  [--cpu znver2] [--bounds]
 
 The serial loop of one optimizer (its default hyperparameters, step 2) in each storage format,
 over ``n`` elements that stay in the L2 cache, called ``reps`` times per round; the rounds
@@ -17,9 +17,15 @@ again): ``--cpu znver2`` or ``--cpu haswell`` on an AVX-512 host times the AVX2 
 machine would run, on this machine's cores (``tests/test_cpu_codegen.py`` checks that such a
 build holds no 512-bit register and that its conversions stay packed). The code generator is
 printed with the figures.
+
+``--bounds`` adds two word loops that give wrong bits, timed only to show what the exact rounding
+costs: one that truncates each result to bfloat16 (no rounding: the word loop's loads, math,
+joins and stores alone) and one that rounds to nearest even without the NaN case
+(``storage.bf16_store`` less its NaN select). Each is compiled here, never cached.
 """
 
 import argparse
+import contextlib
 import os
 import sys
 import time
@@ -29,6 +35,7 @@ from fastopt.kernels import RULES
 from fastopt.kernels.storage import IO
 
 from fastopt.backends import numba_backend as nb
+from fastopt.backends import numba_codegen, numba_intrinsics
 
 #: plan name -> (storage format or None for plain float32, word loop?)
 PLANS = {
@@ -40,6 +47,52 @@ PLANS = {
 }
 
 
+def _truncated(builder, x):
+    # the float32's bits as they are: their high half, truncated, is stored
+    return builder.bitcast(x, numba_intrinsics._I32)
+
+
+def _nearest_even_no_nan(builder, x):
+    # numba_intrinsics._bf16_round_ir without the NaN select
+    return numba_intrinsics._bf16_nearest_ir(builder, builder.bitcast(x, numba_intrinsics._I32))
+
+
+#: ``--bounds`` plans (inexact word loops, their names indented under the word loop's row in the
+#: table) -> the rounding (``numba_intrinsics._bf16_round_ir``'s signature) compiled into them
+BOUNDS = {
+    "  word loop, truncated": _truncated,
+    "  word loop, no NaN case": _nearest_even_no_nan,
+}
+
+
+@contextlib.contextmanager
+def _rounding(ir):
+    """``numba_intrinsics._bf16_round_ir`` replaced by ``ir`` (for the loops compiled inside)."""
+    real = numba_intrinsics._bf16_round_ir
+    numba_intrinsics._bf16_round_ir = ir
+    try:
+        yield
+    finally:
+        numba_intrinsics._bf16_round_ir = real
+
+
+def bound_runner(optimizer, plan, n):
+    """``runner`` for a ``--bounds`` plan: the word loop with ``BOUNDS[plan]``'s rounding,
+    compiled afresh (no disk cache) and called once."""
+    import numba
+
+    rule = RULES[optimizer]
+    flags, _ = rule.variant_and_scalars(rule.validate(rule.defaults), 2)
+    writes = rule.slots_used(flags)
+    io = PLANS["bfloat16 (word loop)"][0]
+    py = numba_codegen.python_loop(rule.make_rule(**flags), writes, False, io, pairs=True)
+    fn = numba.njit(error_model="numpy")(py)
+    with _rounding(BOUNDS[plan]):
+        call = runner(optimizer, "bfloat16 (word loop)", n, fn=fn)
+        call()
+    return call
+
+
 def _bits(kind, values):
     if kind == "float32":
         return values.astype(np.float32)
@@ -48,8 +101,9 @@ def _bits(kind, values):
     return ((values.astype(np.float32).view(np.uint32) + 0x8000) >> 16).astype(np.uint16)
 
 
-def runner(optimizer, plan, n, seed=0):
-    """A no-argument call of the serial loop of ``optimizer`` in ``plan`` over ``n`` elements."""
+def runner(optimizer, plan, n, seed=0, fn=None):
+    """A no-argument call of the serial loop of ``optimizer`` in ``plan`` over ``n`` elements
+    (``fn``: that loop compiled otherwise)."""
     rule = RULES[optimizer]
     flags, k = rule.variant_and_scalars(rule.validate(rule.defaults), 2)
     writes = rule.slots_used(flags)
@@ -63,7 +117,8 @@ def runner(optimizer, plan, n, seed=0):
         st = [s.astype(np.float32) if w else p for s, w in zip(states, writes)]
         kc = tuple(np.float32(x) for x in k)
         return lambda: fn(p, g, *st, kc)
-    fn = nb.kernel(optimizer, flags, writes, False, io, pairs=pairs)
+    if fn is None:
+        fn = nb.kernel(optimizer, flags, writes, False, io, pairs=pairs)
     p, g = _bits(io.param, p), _bits(io.grad, g)
     st = [_bits(io.state, s) if w else p for s, w in zip(states, writes)]
     kc = tuple(np.float32(x) for x in k)
@@ -86,9 +141,10 @@ def codegen():
     return f"compiled for {config.CPU_NAME} ({config.CPU_FEATURES or 'its own features'})"
 
 
-def arguments(doc, argv, reps):
-    """The command line both loop-cost scripts take; with ``--cpu`` the calling script runs
-    again under that code generator (numba reads its target when it is imported)."""
+def arguments(doc, argv, reps, bounds=False):
+    """The command line both loop-cost scripts take (``bounds``: and ``--bounds``); with ``--cpu``
+    the calling script runs again under that code generator (numba reads its target when it is
+    imported)."""
     ap = argparse.ArgumentParser(description=doc.split("\n\n")[0])
     ap.add_argument("--optimizer", default="adam", choices=sorted(RULES))
     ap.add_argument("--n", type=int, default=1 << 16, help="elements (even; default 65536)")
@@ -98,6 +154,12 @@ def arguments(doc, argv, reps):
         "--cpu",
         help="compile for this LLVM CPU (e.g. znver2, haswell: AVX2) with its own features",
     )
+    if bounds:
+        ap.add_argument(
+            "--bounds",
+            action="store_true",
+            help="also time the word loop truncating, and rounding without the NaN case (inexact)",
+        )
     args = ap.parse_args(argv)
     if args.cpu and os.environ.get("NUMBA_CPU_NAME") != args.cpu:
         env = dict(os.environ, NUMBA_CPU_NAME=args.cpu, NUMBA_CPU_FEATURES="")
@@ -129,13 +191,17 @@ def time_plans(calls, args):
 
 
 def main(argv=None):
-    args = arguments(__doc__, argv, reps=400)
+    args = arguments(__doc__, argv, reps=400, bounds=True)
     calls = {}
     for plan in PLANS:
         print(f"compiling {plan} ...", flush=True)
         calls[plan] = runner(args.optimizer, plan, args.n)
         calls[plan]()
-    time_plans(calls, args)
+        if plan == "bfloat16 (word loop)" and args.bounds:
+            for bound in BOUNDS:
+                print(f"compiling {bound.strip()} (inexact) ...", flush=True)
+                calls[bound] = bound_runner(args.optimizer, bound, args.n)
+    return time_plans(calls, args)
 
 
 if __name__ == "__main__":

@@ -407,6 +407,26 @@ def test_cpu_loop_cost_script_times_every_plan(capsys):
         assert float(line.split(" ns/element")[0].split()[-1]) > 0, line
 
 
+@pytest.mark.exhaustive  # compiles the word loop twice more
+def test_cpu_loop_cost_bounds_time_inexact_word_loops_and_restore_the_rounding(capsys):
+    """``bench/cpu_loop_cost.py --bounds`` times the word loop truncating and rounding without
+    the NaN case beside every plan, and the exact rounding is back for what compiles after."""
+    pytest.importorskip("numba")
+    import runpy
+
+    from fastopt.backends import numba_intrinsics
+
+    exact = numba_intrinsics._bf16_round_ir
+    mod = runpy.run_path(os.path.join(ROOT, "bench", "cpu_loop_cost.py"))
+    res = mod["main"](["--n", "256", "--reps", "2", "--rounds", "1", "--bounds"])
+    assert set(res) == set(mod["PLANS"]) | set(mod["BOUNDS"])
+    assert numba_intrinsics._bf16_round_ir is exact
+    out = capsys.readouterr().out
+    for plan in mod["BOUNDS"]:
+        (line,) = [ln for ln in out.splitlines() if ln.startswith("  " + plan + " ")]
+        assert float(line.split(" ns/element")[0].split()[-1]) > 0, line
+
+
 @pytest.mark.exhaustive  # compiles five quantized loops
 def test_quant_loop_cost_script_times_every_plan(capsys):
     """``bench/quant_loop_cost.py`` (quoted in the README) takes ``cpu_loop_cost``'s command line

@@ -144,6 +144,13 @@ def _bf16_load_ir(typingctx, h):
     return None
 
 
+def _bf16_nearest_ir(builder, u):
+    # storage.bf16_store's rounding of a float32 that is not a NaN (its bits ``u``), left in
+    # place: plus 0x7FFF and its bit 16, the high 16 bits the bfloat16 (round half to even)
+    lsb = builder.and_(builder.lshr(u, _ir.Constant(_I32, 16)), _ir.Constant(_I32, 1))
+    return builder.add(builder.add(u, _ir.Constant(_I32, 0x7FFF)), lsb)
+
+
 def _bf16_round_ir(builder, x):
     # storage.bf16_store's rounding left in place: the result's high 16 bits are the
     # bfloat16 (round half to even; a NaN gets its quiet bit, payload kept). Vectorised,
@@ -152,8 +159,7 @@ def _bf16_round_ir(builder, x):
     # vblendvps) with AVX2; packed on both (tests/test_cpu_codegen.py)
     u = builder.bitcast(x, _I32)
     nan = builder.fcmp_unordered("uno", x, x)
-    lsb = builder.and_(builder.lshr(u, _ir.Constant(_I32, 16)), _ir.Constant(_I32, 1))
-    up = builder.add(builder.add(u, _ir.Constant(_I32, 0x7FFF)), lsb)
+    up = _bf16_nearest_ir(builder, u)
     return builder.select(nan, builder.or_(u, _ir.Constant(_I32, 0x400000)), up)
 
 
