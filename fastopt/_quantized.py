@@ -113,10 +113,13 @@ def constant(value: float, fmt: str, quant_map: str) -> tuple[int, np.float32]:
     return int(c[0]), a[0]
 
 
-def check_pair(pair: Any, param: Any, role: str, who: str) -> list[tuple[str, Any, bool]]:
+def check_pair(
+    pair: Any, param: Any, role: str, who: str, fmt: str = "int8"
+) -> list[tuple[str, Any, bool]]:
     """A quantized slot given as ``(codes, absmax)``: codes uint8 shaped like the (checked)
-    param, absmax float32 of ``ceil(n / BLOCK)`` elements, both C-contiguous, writeable and
-    where the param is; returns their overlap entries."""
+    param (``(ceil(n / 2),)`` for a packed ``fmt``), absmax float32 of ``ceil(n / block)``
+    elements, both C-contiguous, writeable and where the param is; returns their overlap
+    entries."""
     if not isinstance(pair, (tuple, list)) or len(pair) != 2:
         raise TypeError(
             f"{role} of {who} is a {type(pair).__name__}; a quantized slot is a pair "
@@ -125,8 +128,8 @@ def check_pair(pair: Any, param: Any, role: str, who: str) -> list[tuple[str, An
     codes, absmax = pair
     n = int(np.prod(param.shape))
     for part, a, dt, shape in (
-        ("codes", codes, np.uint8, tuple(param.shape)),
-        ("absmax", absmax, np.float32, (quant.nblocks(n),)),
+        ("codes", codes, np.uint8, codes_shape(fmt, tuple(param.shape))),
+        ("absmax", absmax, np.float32, (quant.nblocks(n, fmt),)),
     ):
         label = f"{role} {part}"
         if not is_array(a):
@@ -141,13 +144,21 @@ def check_pair(pair: Any, param: Any, role: str, who: str) -> list[tuple[str, An
     return [(f"{role} codes of {who}", codes, True), (f"{role} absmax of {who}", absmax, True)]
 
 
-def full_precision_state(sd: dict[str, Any], rule: str, fmt: str) -> dict[str, Any]:
+def full_precision_state(
+    sd: dict[str, Any], rule: str, fmt: str, shapes: Any = None
+) -> dict[str, Any]:
     """A copy of state dict ``sd`` of an optimizer of ``rule`` with ``state_dtype=fmt`` whose
-    quantized slots are float32 arrays again (dequantized, shaped like their codes): what a
-    float32 optimizer, or torch, loads."""
+    quantized slots are float32 arrays again (dequantized, shaped like their codes; a packed
+    format's shaped by ``shapes``, parameter name -> shape, which it needs): what a float32
+    optimizer, or torch, loads."""
     from .kernels import RULES
 
     maps = {s.name: s.quant_map for s in RULES[rule].slots if s.quantize}
+    if fmt in quant.PACKED and shapes is None:
+        raise ValueError(
+            f"full_precision_state of state_dtype={fmt!r}: packed codes do not keep the "
+            "parameters' shapes; pass shapes (parameter name -> shape)"
+        )
     state = {}
     for name, st in sd["state"].items():
         out = {}
@@ -157,17 +168,26 @@ def full_precision_state(sd: dict[str, Any], rule: str, fmt: str) -> dict[str, A
                 out[s] = a
             elif part == CODES:
                 absmax = st[names_of(base)[1]]
-                out[base] = dequantize(a, absmax, fmt, maps[base]).reshape(np.shape(a))
+                shape = np.shape(a) if shapes is None else tuple(shapes[name])
+                n = int(np.prod(shape))
+                out[base] = dequantize(a, absmax, fmt, maps[base], n).reshape(shape)
         state[name] = out
     return dict(sd, state=state)
 
 
 def check_backend(be: Any, fmt: str | None) -> None:
     """Quantized state on a backend that steps it (a backend module with ``QUANT_STATE``: the
-    numba CPU backend, the NumPy oracle and both CUDA backends); TypeError before anything is
-    written otherwise."""
+    numba CPU backend, the NumPy oracle and both CUDA backends), a packed format
+    (``kernels.quant.PACKED``: ``"int4"``) on one that also declares ``QUANT_PACKED`` (the
+    numba CPU backend and the NumPy oracle); TypeError before anything is written otherwise."""
     if fmt is not None and not getattr(be, "QUANT_STATE", False):
         raise TypeError(
             f"state_dtype={fmt!r}: backend {getattr(be, 'NAME', be)!r} does not step quantized "
             "state (a backend module declaring QUANT_STATE does)"
+        )
+    if fmt in quant.PACKED and not getattr(be, "QUANT_PACKED", False):
+        raise TypeError(
+            f"state_dtype={fmt!r}: backend {getattr(be, 'NAME', be)!r} does not step packed "
+            "4-bit state (the CPU backends do: 'numba' and 'numpy', modules declaring "
+            "QUANT_PACKED)"
         )
