@@ -550,8 +550,8 @@ class OptimizerState:
                     (a.shape, None) for s, a in st.items() if s.endswith(".codes") and not packed
                 }
                 if packed and len({a.shape for s, a in st.items() if s.endswith(".codes")}) > 1:
-                    got = sorted((s, a.shape) for s, a in st.items() if s.endswith(".codes"))
-                    raise ValueError(f"codes of parameter {name!r} differ in shape: {got}")
+                    shapes = sorted((s, a.shape) for s, a in st.items() if s.endswith(".codes"))
+                    raise ValueError(f"codes of parameter {name!r} differ in shape: {shapes}")
                 kinds_of |= {(a.shape, None) for s, a in st.items() if s in masters}
                 if (
                     len({shape for shape, _ in kinds_of}) > 1

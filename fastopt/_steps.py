@@ -846,7 +846,6 @@ class Stepper:
         if kinds.quant is not None:  # quantized slots: (codes, absmax, block table)
             from ._quantized import names_of
             from .backends.numba_quant import blocks_of_segments
-
             from .kernels import quant
 
             qs = []

@@ -245,9 +245,7 @@ def blocks_for(n: int, block: int = quant.BLOCK) -> np.ndarray:
     return out
 
 
-def blocks_of_segments(
-    segments: Iterable[tuple[int, int]], block: int = quant.BLOCK
-) -> np.ndarray:
+def blocks_of_segments(segments: Iterable[tuple[int, int]], block: int = quant.BLOCK) -> np.ndarray:
     """The block table of ``(offset, size)`` segments of one buffer (a ``FlatBuffer`` group's
     parameters, in order): each segment's blocks start at its offset."""
     parts = [blocks_for(size, block) + off for off, size in segments if size > 0]
