@@ -343,3 +343,25 @@ def test_state_bytes_per_param():
 
     assert state_bytes_per_param("adam", state_dtype="int4") == 2 * (0.5 + 4 / 128)
     assert state_bytes_per_param("lion", state_dtype="int4") == 0.5 + 4 / 128
+
+
+@pytest.mark.torch
+@pytest.mark.exhaustive  # 1000 training steps of a transformer
+def test_int4_adam_trains_a_transformer_like_float32():
+    """``bench/quant_convergence.py --int4``: the 2-layer transformer, 500 steps of Adam through
+    the core optimizer; the held-out loss with int4 state within 1 % of float32 state's.
+    Measured (seed 0, torch 2.13.0 on the CPU, one thread): float32 1.53356, int4 1.53529
+    (+0.11 %)."""
+    import importlib.util
+    from pathlib import Path
+
+    torch = pytest.importorskip("torch")
+    path = Path(__file__).resolve().parents[1] / "bench" / "quant_convergence.py"
+    spec = importlib.util.spec_from_file_location("quant_convergence", path)
+    assert spec is not None and spec.loader is not None
+    qc = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(qc)
+    torch.set_num_threads(1)
+    base = qc.train_core("Adam", None)
+    got = qc.train_core("Adam", "int4")
+    assert abs(got / base - 1) <= 0.01, (got, base)
