@@ -296,7 +296,7 @@ def test_state_dict_checkpoint_and_full_precision_round_trips(tmp_path):
 
 def test_refusals_before_anything_changes():
     """int4 is refused by a backend that does not declare ``QUANT_PACKED`` (both CUDA
-    backends), by fastopt.torch at construction, and int4 buffers of the wrong size at load
+    backends; fastopt.torch's check too), and int4 buffers of the wrong size at load
     and at a step, each before anything is written."""
     import fastopt
     from fastopt.backends import cupy_backend, numba_backend, numba_cuda_backend, numpy_backend
@@ -307,11 +307,16 @@ def test_refusals_before_anything_changes():
         _quantized.check_backend(be, "int8")
         with pytest.raises(TypeError, match="4-bit"):
             _quantized.check_backend(be, "int4")
-    torch = pytest.importorskip("torch")
-    import fastopt.torch as fot
+    pytest.importorskip("torch")
+    from fastopt.torch import _quantized as TQ
 
+    class NoPacked:  # a CPU backend stepping the byte formats only
+        NAME = "fake"
+        QUANT_STATE = True
+
+    TQ.check_device(NoPacked, "int8", "fake")
     with pytest.raises(NotImplementedError, match="int4"):
-        fot.Adam([torch.nn.Parameter(torch.zeros(3))], state_dtype="int4")
+        TQ.check_device(NoPacked, "int4", "fake")
     rng = np.random.default_rng(3)
     params = _params(rng)
     opt = fastopt.Adam(lr=0.01, state_dtype="int4")
@@ -365,3 +370,85 @@ def test_int4_adam_trains_a_transformer_like_float32():
     base = qc.train_core("Adam", None)
     got = qc.train_core("Adam", "int4")
     assert abs(got / base - 1) <= 0.01, (got, base)
+
+
+@pytest.mark.torch
+def test_fastopt_torch_steps_int4_like_the_core_and_converts_its_state_dicts():
+    """``fastopt.torch`` on the CPU (one launch over the group's table, ``numba_quant_many``):
+    Adam with int4 state equals the core dict API's step bit for bit (params, packed codes,
+    scales; an empty tensor, an odd one with a short block); its state dict round-trips (the
+    next step equal), codes of one per element are refused at load before anything is
+    written, ``torch.optim.Adam``'s state loads quantized as a step would store it, and
+    ``full_precision_state_dict`` gives back tensors of the parameters' shapes that
+    ``torch.optim.Adam`` loads."""
+    import copy
+
+    torch = pytest.importorskip("torch")
+    import fastopt
+    import fastopt.torch as fot
+
+    shapes = ((1,), (17, 19), (0,), (300,))
+    gen = torch.Generator().manual_seed(0)
+    ps = [torch.nn.Parameter(torch.randn(s, generator=gen)) for s in shapes]
+    opt = fot.Adam(ps, lr=1e-2, state_dtype="int4")
+    core = fastopt.Adam(lr=1e-2, state_dtype="int4", backend="numba")
+    cp = {str(i): p.detach().numpy().copy() for i, p in enumerate(ps)}
+
+    def grads(t):
+        g = torch.Generator().manual_seed(100 + t)
+        return [torch.randn(s, generator=g) for s in shapes]
+
+    for t in range(3):
+        gs = grads(t)
+        for p, g in zip(ps, gs):
+            p.grad = g.clone()
+        opt.step()
+        core.update(cp, {str(i): g.numpy() for i, g in enumerate(gs)})
+        for i, p in enumerate(ps):
+            assert np.array_equal(p.detach().numpy(), cp[str(i)]), (t, i)
+            for k, a in core.state[str(i)].items():
+                assert np.array_equal(opt.state[p][k].numpy(), a), (t, i, k)
+    assert opt.state[ps[1]]["exp_avg.codes"].shape == (162,)  # ceil(323 / 2)
+    sd = copy.deepcopy(opt.state_dict())
+    qs = [torch.nn.Parameter(p.detach().clone()) for p in ps]
+    other = fot.Adam(qs, lr=1e-2, state_dtype="int4")
+    other.load_state_dict(copy.deepcopy(sd))
+    gs = grads(9)
+    for p, q, g in zip(ps, qs, gs):
+        p.grad, q.grad = g.clone(), g.clone()
+    opt.step()
+    other.step()
+    for p, q in zip(ps, qs):
+        assert torch.equal(p, q)
+        for k, v in opt.state[p].items():
+            assert torch.equal(v, other.state[q][k]), k
+    bad = copy.deepcopy(sd)
+    bad["state"][3]["exp_avg.codes"] = torch.zeros(300, dtype=torch.uint8)
+    before = {k: v.clone() for k, v in other.state[qs[3]].items()}
+    with pytest.raises(ValueError, match="two codes per byte"):
+        other.load_state_dict(bad)
+    for k, v in before.items():
+        assert torch.equal(other.state[qs[3]][k], v)
+    ta = torch.optim.Adam([torch.nn.Parameter(p.detach().clone()) for p in ps], lr=1e-2)
+    for p in ta.param_groups[0]["params"]:
+        p.grad = torch.ones_like(p)
+    ta.step()
+    rs = [torch.nn.Parameter(p.detach().clone()) for p in ps]
+    q4 = fot.Adam(rs, lr=1e-2, state_dtype="int4")
+    q4.load_state_dict(ta.state_dict())
+    for i, r in enumerate(rs):
+        for s, qm in (("exp_avg", "signed"), ("exp_avg_sq", "unsigned")):
+            c, a = _quantized.quantize(ta.state_dict()["state"][i][s].numpy(), "int4", qm)
+            assert np.array_equal(q4.state[r][f"{s}.codes"].numpy(), c)
+            assert np.array_equal(q4.state[r][f"{s}.absmax"].numpy(), a)
+    full = fot.full_precision_state_dict(opt)
+    tb = torch.optim.Adam([torch.nn.Parameter(p.detach().clone()) for p in ps], lr=1e-2)
+    tb.load_state_dict(full)
+    for p, r in zip(ps, tb.param_groups[0]["params"]):
+        st = opt.state[p]
+        for s, qm in (("exp_avg", "signed"), ("exp_avg_sq", "unsigned")):
+            want = _quantized.dequantize(
+                st[f"{s}.codes"].numpy(), st[f"{s}.absmax"].numpy(), "int4", qm, p.numel()
+            )
+            got = tb.state[r][s]
+            assert got.shape == p.shape and np.array_equal(got.numpy().reshape(-1), want)

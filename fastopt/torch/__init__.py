@@ -818,7 +818,7 @@ class FusedOptimizer(TorchContract, torch.optim.Optimizer):
         if io.quant and be.NAME == "numba":  # codes and scales: their own table (_quantized)
             table = _quantized.address_table(tensors, len(used), io.master)
             if table is not None:
-                chunks = _quantized.chunks(table)
+                chunks = _quantized.chunks(table, str(io.quant))
                 args = (b.spec_name, b.flags, writes, io, table, chunks, b.k, inv_scale)
                 _quantized.launch(*args, key=launch.key)
                 return table, chunks, io
@@ -982,11 +982,6 @@ def _check_precision(who, master_weights, state_dtype, stochastic_rounding, seed
         raise ValueError(f"{who}: {exc}") from None
     if sd is not None and sd not in storage.KINDS and sd not in precision.QUANTIZED:
         raise NotImplementedError(f"{who}: state_dtype={sd!r} is not kept by fastopt.torch")
-    if sd in precision.PACKED:
-        raise NotImplementedError(
-            f"{who}: state_dtype={sd!r} (two 4-bit codes per byte) is not kept by fastopt.torch "
-            "yet; the core optimizers step it on the CPU (backend 'numba' or 'numpy')"
-        )
     if isinstance(seed, (bool, np.bool_)) or not isinstance(seed, (int, np.integer)):
         raise TypeError(f"{who}: invalid seed={seed!r}; expected an integer in [0, 2**32)")
     if not 0 <= int(seed) < 1 << 32:
