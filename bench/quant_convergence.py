@@ -15,10 +15,8 @@ elements in float32 by default, here the biases and norms are quantized too).
     python bench/quant_convergence.py --steps 100 --optimizers Adam
     python bench/quant_convergence.py --int4 --optimizers Adam
 
-``--int4``: float32 against int4 state (torchao's 4-bit maps, ``kernels/quant.py``), which
-``fastopt.torch`` does not keep yet: both runs step the model's parameters through the core
-optimizer (``fastopt.Adam(backend="numba")`` over NumPy views of the CPU tensors and their
-gradients; the same update as ``fastopt.torch``'s, which steps the same loops).
+``--int4``: float32 against int4 state (torchao's 4-bit maps and blocks of 128,
+``kernels/quant.py``), a table of its own.
 
 ``tests/test_torch_quant.py::test_quantized_state_trains_a_transformer_like_float32`` runs it
 under -m exhaustive and records the figures (every case within 1 % of float32 state, but SGD
@@ -36,10 +34,8 @@ from typing import Any
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
-import numpy as np
 import torch
 
-import fastopt
 import fastopt.torch as fot
 
 VOCAB = 64
@@ -156,37 +152,13 @@ def train(name: str, fmt: str | None, steps: int = STEPS, seed: int = 0) -> floa
         return float(loss_fn(logits.reshape(-1, VOCAB), held[:, 1:].reshape(-1)))
 
 
-def train_core(name: str, fmt: str | None, steps: int = STEPS, seed: int = 0) -> float:
-    """``train`` through the core optimizer (``fastopt.<cls>(backend="numba")``) over NumPy
-    views of the parameters and their gradients: for the formats ``fastopt.torch`` does not
-    keep (``"int4"``)."""
-    cls, kw = OPTIMIZERS[name]
-    torch.manual_seed(seed)
-    model = LM()
-    opt = getattr(fastopt, cls)(state_dtype=fmt, backend="numba", **kw)
-    named = dict(model.named_parameters())
-    params = {n: p.detach().numpy() for n, p in named.items()}  # the tensors' own memory
-    batches, held = dataset(steps, seed)
-    loss_fn = torch.nn.CrossEntropyLoss()
-    for batch in batches:
-        logits = model(batch[:, :-1])
-        loss = loss_fn(logits.reshape(-1, VOCAB), batch[:, 1:].reshape(-1))
-        model.zero_grad()
-        loss.backward()
-        grads = {n: np.ascontiguousarray(p.grad.numpy()) for n, p in named.items()}
-        opt.update(params, grads)
-    with torch.no_grad():
-        logits = model(held[:, :-1])
-        return float(loss_fn(logits.reshape(-1, VOCAB), held[:, 1:].reshape(-1)))
-
-
 def table_int4(names: list[str], steps: int = STEPS) -> dict[str, dict[str, float]]:
-    """``{optimizer: {"float32": loss, "int4": loss}}`` through the core optimizer."""
+    """``{optimizer: {"float32": loss, "int4": loss}}``, printed as it goes."""
     out: dict[str, dict[str, float]] = {}
-    print(f"{'optimizer':<14} {'float32':>9} {'int4':>19}   ({steps} steps, core optimizer)")
+    print(f"{'optimizer':<14} {'float32':>9} {'int4':>19}   ({steps} steps)")
     for name in names:
         t0 = time.perf_counter()
-        row = {"float32": train_core(name, None, steps), "int4": train_core(name, "int4", steps)}
+        row = {"float32": train(name, None, steps), "int4": train(name, "int4", steps)}
         base = row["float32"]
         cells = f"{base:8.5f} {row['int4']:8.5f} ({100 * (row['int4'] / base - 1):+6.3f} %)"
         print(f"{name:<14} {cells}   [{time.perf_counter() - t0:.0f} s]", flush=True)

@@ -353,10 +353,13 @@ def test_state_bytes_per_param():
 @pytest.mark.torch
 @pytest.mark.exhaustive  # 1000 training steps of a transformer
 def test_int4_adam_trains_a_transformer_like_float32():
-    """``bench/quant_convergence.py --int4``: the 2-layer transformer, 500 steps of Adam through
-    the core optimizer; the held-out loss with int4 state within 1 % of float32 state's.
-    Measured (seed 0, torch 2.13.0 on the CPU, one thread): float32 1.53356, int4 1.53529
-    (+0.11 %)."""
+    """``bench/quant_convergence.py --int4``: the 2-layer transformer, 500 steps of Adam with
+    ``fastopt.torch``; the held-out loss with int4 state within 1 % of float32 state's.
+    Measured (seed 0, torch 2.13.0 on the CPU, one thread; held-out loss, float32 / int4):
+    Adam 1.53356 / 1.53529 (+0.11 %), AdamW 1.55258 / 1.55525 (+0.17 %), SGD with momentum
+    1.62584 / 1.62917 (+0.20 %); Lion 1.85584 / 2.30352 (+24 %): its momentum (beta2 0.99)
+    moves by 1 % of the gradient a step, under the spacing of 16 codes, and stalls (torchao
+    offers 4-bit state for Adam and AdamW only)."""
     import importlib.util
     from pathlib import Path
 
@@ -367,8 +370,8 @@ def test_int4_adam_trains_a_transformer_like_float32():
     qc = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(qc)
     torch.set_num_threads(1)
-    base = qc.train_core("Adam", None)
-    got = qc.train_core("Adam", "int4")
+    base = qc.train("Adam", None)
+    got = qc.train("Adam", "int4")
     assert abs(got / base - 1) <= 0.01, (got, base)
 
 
