@@ -155,7 +155,7 @@ def test_against_the_oracle(rule, fmt):
 
 
 @pytest.mark.exhaustive  # the parallel loop's compile is most of a cold run's cost
-@pytest.mark.parametrize("fmt", quant.FORMATS)
+@pytest.mark.parametrize("fmt", quant.ALL_FORMATS)
 def test_bfloat16_params_and_parallel_loop(fmt):
     """bfloat16 params (the param rounded from the float32 result, as for float32 state) and a
     length that takes the parallel loop: bit for bit against float32 state then the oracle's
@@ -171,15 +171,15 @@ def test_bfloat16_params_and_parallel_loop(fmt):
         g = rng.standard_normal(n).astype(dt)
         p32 = p.copy()
         full = {
-            "exp_avg": qr.dequantize(*m, fmt, "signed"),
-            "exp_avg_sq": qr.dequantize(*v, fmt, "unsigned"),
+            "exp_avg": qr.dequantize(*m, fmt, "signed", n),
+            "exp_avg_sq": qr.dequantize(*v, fmt, "unsigned", n),
             "max_exp_avg_sq": None,
         }
         if hp["amsgrad"]:
             mx = Q.quantize(
                 np.abs(rng.standard_normal(n)).astype(np.float32) * 0.02, fmt, "unsigned"
             )
-            full["max_exp_avg_sq"] = qr.dequantize(*mx, fmt, "unsigned")
+            full["max_exp_avg_sq"] = qr.dequantize(*mx, fmt, "unsigned", n)
         else:
             mx = None
         F.run("adam", p32, g, full, step=2, hp=hp, backend="numba")
