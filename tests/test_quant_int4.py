@@ -195,7 +195,7 @@ def _grads(rng):
 
 
 def test_dict_flatbuffer_and_oracle_agree_and_state_layout():
-    """AdamW with int4 state: the dict API and a ``FlatBuffer`` step the same params and codes
+    """Adam with int4 state: the dict API and a ``FlatBuffer`` step the same params and codes
     bit for bit on the numba backend, and so do the oracle backend's two (its runs of blocks
     end at a short block); each slot's codes are ``ceil(n / 2)`` bytes, its scales one per 128
     elements; numba against the oracle: params within float32 rounding, scales equal, codes
@@ -211,8 +211,8 @@ def test_dict_flatbuffer_and_oracle_agree_and_state_layout():
         buf = fastopt.FlatBuffer({k: v.copy() for k, v in params.items()})
         offs = [off for _, _, off, _, _ in buf.layout]
         assert all(off % 2 == 0 for off in offs)
-        a = fastopt.AdamW(lr=0.01, state_dtype="int4", backend=be)
-        b = fastopt.AdamW(lr=0.01, state_dtype="int4", backend=be)
+        a = fastopt.Adam(lr=0.01, state_dtype="int4", backend=be)
+        b = fastopt.Adam(lr=0.01, state_dtype="int4", backend=be)
         for g in grads:
             a.update(p, g)
             for k in g:
