@@ -35,7 +35,8 @@ Formats (``state_dtype=``), per slot by the slot's sign (``Slot.quant_map``):
   (torchao's ``quantize_4bit_with_qmap``: ``residual >= gap / 2``). Element ``i`` of a
   tensor is the high nibble of byte ``i // 2`` when ``i`` is even, the low one when odd
   (torchao's packing ``codes[::2] << 4 | codes[1::2]``); the codes of ``n`` elements are
-  ``ceil(n / 2)`` bytes, the unused low nibble of an odd tensor's last byte 0.
+  ``ceil(n / 2)`` bytes, the unused low nibble of an odd tensor's last byte never read
+  (a step and the conversions write it 0; a fresh state holds the fill byte there).
 
 The maps are built here from their definition, in float32 as bitsandbytes builds them with
 torch on the CPU: ``linspace(0.1, 1, n)`` (``step = (1 - 0.1) / (n - 1)``, ``start + step·i``
