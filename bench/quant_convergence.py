@@ -13,6 +13,10 @@ elements in float32 by default, here the biases and norms are quantized too).
 
     python bench/quant_convergence.py            # the table (500 steps)
     python bench/quant_convergence.py --steps 100 --optimizers Adam
+    python bench/quant_convergence.py --int4 --optimizers Adam
+
+``--int4``: float32 against int4 state (torchao's 4-bit maps and blocks of 128,
+``kernels/quant.py``), a table of its own.
 
 ``tests/test_torch_quant.py::test_quantized_state_trains_a_transformer_like_float32`` runs it
 under -m exhaustive and records the figures (every case within 1 % of float32 state, but SGD
@@ -148,6 +152,20 @@ def train(name: str, fmt: str | None, steps: int = STEPS, seed: int = 0) -> floa
         return float(loss_fn(logits.reshape(-1, VOCAB), held[:, 1:].reshape(-1)))
 
 
+def table_int4(names: list[str], steps: int = STEPS) -> dict[str, dict[str, float]]:
+    """``{optimizer: {"float32": loss, "int4": loss}}``, printed as it goes."""
+    out: dict[str, dict[str, float]] = {}
+    print(f"{'optimizer':<14} {'float32':>9} {'int4':>19}   ({steps} steps)")
+    for name in names:
+        t0 = time.perf_counter()
+        row = {"float32": train(name, None, steps), "int4": train(name, "int4", steps)}
+        base = row["float32"]
+        cells = f"{base:8.5f} {row['int4']:8.5f} ({100 * (row['int4'] / base - 1):+6.3f} %)"
+        print(f"{name:<14} {cells}   [{time.perf_counter() - t0:.0f} s]", flush=True)
+        out[name] = row
+    return out
+
+
 def table(names: list[str], steps: int = STEPS) -> dict[str, dict[str, float]]:
     """``{optimizer: {format: loss}}`` (format "float32" for float32 state), printed as it
     goes."""
@@ -171,13 +189,17 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--steps", type=int, default=STEPS)
     ap.add_argument("--optimizers", nargs="*", default=list(OPTIMIZERS))
+    ap.add_argument("--int4", action="store_true", help="float32 against int4 state (core)")
     args = ap.parse_args()
     torch.set_num_threads(1)  # the same figures on any machine (and no oversubscription)
     probs = chain()
     ent = -(probs * torch.log(probs.clamp_min(1e-30))).sum(-1).mean()
     print(f"entropy floor of the task (mean over contexts): {float(ent):.4f} nats; "
           f"uniform: {math.log(VOCAB):.4f}")  # fmt: skip
-    table(args.optimizers, args.steps)
+    if args.int4:
+        table_int4(args.optimizers, args.steps)
+    else:
+        table(args.optimizers, args.steps)
 
 
 if __name__ == "__main__":

@@ -85,7 +85,7 @@ class StateKinds:
 
     @property
     def quant(self) -> str | None:
-        """The quantized format of the policy ("int8", "float8_e4m3"), or None."""
+        """The quantized format of the policy ("int8", "float8_e4m3", "int4"), or None."""
         return self.state_dtype if self.state_dtype in precision.QUANTIZED else None
 
     def quant_map(self, slot: str) -> str | None:
@@ -106,8 +106,9 @@ class StateKinds:
 
     def buffers_for(self, param_kind: str, shape: tuple[int, ...]) -> dict[str, Any]:
         """Every state buffer of a param of ``param_kind`` and ``shape``: name -> (shape,
-        dtype). A quantized slot ``s`` is two buffers, ``s.codes`` (uint8, the param's shape)
-        and ``s.absmax`` (float32, one per block: ``kernels/quant.py``)."""
+        dtype). A quantized slot ``s`` is two buffers, ``s.codes`` (uint8, the param's shape;
+        ``(ceil(n / 2),)`` for a packed format) and ``s.absmax`` (float32, one per block:
+        ``kernels/quant.py``)."""
         from . import _quantized
         from .kernels import quant
 
@@ -120,9 +121,10 @@ class StateKinds:
                 out[s] = (tuple(shape), np.dtype(np.int16))
             elif self.quant_map(s) is not None:
                 codes, absmax = _quantized.names_of(s)
-                out[codes] = (tuple(shape), np.dtype(np.uint8))
+                assert self.quant is not None
+                out[codes] = (_quantized.codes_shape(self.quant, tuple(shape)), np.dtype(np.uint8))
                 n = int(np.prod(shape)) if shape else 1
-                out[absmax] = ((quant.nblocks(n),), np.dtype(np.float32))
+                out[absmax] = ((quant.nblocks(n, self.quant),), np.dtype(np.float32))
             else:
                 out[s] = (tuple(shape), sk)
         return out
@@ -213,41 +215,55 @@ def _quantize_loaded(st: dict[str, Any], kinds: StateKinds, what: str) -> dict[s
             a = np.asarray(to_numpy(a), dtype=np.float32)
             assert kinds.quant is not None
             c, m = _quantized.quantize(a, kinds.quant, qm)
-            out[codes], out[absmax] = c.reshape(a.shape), m
+            out[codes], out[absmax] = c.reshape(_quantized.codes_shape(kinds.quant, a.shape)), m
     return out
 
 
-def _check_quant_buffer(name: str, s: str, a: Any, st: Mapping[str, Any]) -> None:
-    """A loaded quantized slot's buffer: codes uint8, absmax float32 with one scale per block
-    of the codes."""
+def _check_quant_buffer(name: str, s: str, a: Any, st: Mapping[str, Any], fmt: str) -> None:
+    """A loaded quantized slot's buffer: codes uint8 (one-dimensional for a packed format),
+    absmax float32 with one scale per block of the codes."""
     from . import _quantized
     from .kernels import quant
 
     base, part = _quantized.split_name(s)
     if not is_array(a):
         raise TypeError(f"state {s!r} of parameter {name!r} is a {type(a).__name__}")
+    packed = fmt in quant.PACKED
     if part == _quantized.CODES:
-        ok = dtype_of(a) == np.uint8
-        want = "uint8 codes"
+        ok = dtype_of(a) == np.uint8 and (not packed or len(a.shape) == 1)
+        want = "uint8[ceil(n / 2)] codes (two per byte)" if packed else "uint8 codes"
     else:
         codes = st.get(_quantized.names_of(base)[0])
         n = int(np.prod(getattr(codes, "shape", (-1,)))) if is_array(codes) else -1
-        ok = dtype_of(a) == np.float32 and tuple(a.shape) == (quant.nblocks(n),)
-        want = f"float32[{quant.nblocks(n)}] (one scale per block of {quant.BLOCK} codes)"
+        n = 2 * n if packed else n  # ceil(2 ceil(n / 2) / 128) = ceil(n / 128)
+        nb = quant.nblocks(n, fmt)
+        ok = dtype_of(a) == np.float32 and tuple(a.shape) == (nb,)
+        want = f"float32[{nb}] (one scale per block of {quant.BLOCKS[fmt]} codes)"
     if not ok:
         raise ValueError(f"state {s!r} of parameter {name!r} is {describe(a)}; expected {want}")
 
 
-def _block_offsets(slots: Mapping[str, Any]) -> tuple[dict[str, tuple[int, int]], int]:
+def _block_offsets(
+    slots: Mapping[str, Any], fmt: str | None
+) -> tuple[dict[str, tuple[int, int]], int]:
     """Per parameter of a ``FlatBuffer`` group (``name -> (offset, size, shape)``, in order):
     its range of blocks in the group's absmax buffers, and the group's number of blocks."""
     from .kernels import quant
 
     out, b = {}, 0
     for name, (_, size, _) in slots.items():
-        out[name] = (b, b + quant.nblocks(size))
-        b += quant.nblocks(size)
+        out[name] = (b, b + quant.nblocks(size, fmt))
+        b += quant.nblocks(size, fmt)
     return out, b
+
+
+def packed_view(a: Any, off: int, size: int) -> Any:
+    """The codes of a parameter at element ``off`` (even: ``FlatBuffer`` segments start on
+    ``ALIGN``-byte boundaries of 2- or 4-byte elements) of ``size`` elements in a group's
+    packed codes: bytes ``off / 2`` to ``off / 2 + ceil(size / 2)``, which no other parameter
+    shares."""
+    assert off % 2 == 0, f"a packed parameter's codes start at an odd element {off}"
+    return a[off // 2 : off // 2 + -(-size // 2)]
 
 
 def _fill_value(kinds: StateKinds, name: str, fill: Callable[[str], float]) -> Any:
@@ -407,7 +423,10 @@ class OptimizerState:
             pk = precision.known_kind(group.dtype)
             specs = kinds.buffers_for(pk, tuple(group.data.shape))
             # a quantized slot's absmax: every parameter's blocks, one after the other
-            bstart, nb = _block_offsets(group.slots)
+            from .kernels import quant
+
+            bstart, nb = _block_offsets(group.slots, kinds.quant)
+            packed = kinds.quant in quant.PACKED
             flat = {
                 s: group.data.astype(np.float32)
                 if s == precision.MASTER
@@ -424,6 +443,8 @@ class OptimizerState:
                 views = {
                     s: a[bstart[name][0] : bstart[name][1]]
                     if s.endswith(".absmax") and kinds.quant
+                    else packed_view(a, off, size)
+                    if packed and s.endswith(".codes")
                     else a[off : off + size].reshape(shape)
                     for s, a in flat.items()
                 }
@@ -491,7 +512,7 @@ class OptimizerState:
                 if isinstance(a, np.ndarray):  # a subclass as a plain view; freed memory refused
                     a = as_xp_array(a, f"state {s!r} of parameter {name!r}")
                 if kinds.quant is not None and s.endswith((".codes", ".absmax")):
-                    _check_quant_buffer(name, s, a, st)
+                    _check_quant_buffer(name, s, a, st, kinds.quant)
                 elif s == precision.MASTER_REMAINDER:
                     if not is_array(a) or dtype_of(a) != np.int16:
                         raise ValueError(
@@ -524,7 +545,13 @@ class OptimizerState:
                     for s, a in st.items()
                     if s not in masters and not s.endswith(".codes")
                 }
-                kinds_of |= {(a.shape, None) for s, a in st.items() if s.endswith(".codes")}
+                packed = kinds.quant is not None and kinds.quant in precision.PACKED
+                kinds_of |= {
+                    (a.shape, None) for s, a in st.items() if s.endswith(".codes") and not packed
+                }
+                if packed and len({a.shape for s, a in st.items() if s.endswith(".codes")}) > 1:
+                    shapes = sorted((s, a.shape) for s, a in st.items() if s.endswith(".codes"))
+                    raise ValueError(f"codes of parameter {name!r} differ in shape: {shapes}")
                 kinds_of |= {(a.shape, None) for s, a in st.items() if s in masters}
                 if (
                     len({shape for shape, _ in kinds_of}) > 1

@@ -846,10 +846,14 @@ class Stepper:
         if kinds.quant is not None:  # quantized slots: (codes, absmax, block table)
             from ._quantized import names_of
             from .backends.numba_quant import blocks_of_segments
+            from .kernels import quant
 
             qs = []
             for f, group in zip(self.state.flat, buf.groups):
-                blocks = blocks_of_segments([(o, n) for o, n, _ in group.slots.values()])
+                segs = [(o, n) for o, n, _ in group.slots.values()]
+                # packed codes start at a byte: every offset even (FlatBuffer's alignment)
+                assert kinds.quant not in quant.PACKED or all(o % 2 == 0 for o, _ in segs)
+                blocks = blocks_of_segments(segs, quant.BLOCKS[kinds.quant])
                 qs.append(
                     tuple(
                         (f[names_of(s)[0]], f[names_of(s)[1]], blocks)

@@ -392,7 +392,7 @@ def _checked(
                 f"param is {describe(param)}"
             )
         for name, pair in pairs.items():
-            entries += check_pair(pair, param, f"state {name!r}", who)
+            entries += check_pair(pair, param, f"state {name!r}", who, quant)
     check_reach(
         be, [(label, a) for label, a, _ in entries], "the arrays of one step", exc=TypeError
     )
@@ -536,7 +536,7 @@ def _check_writable_host_state(host_state, who):
 
 def _check_quant(value):
     """``state_dtype=`` of a functional call: None (the state arrays' own dtype) or a quantized
-    format (``kernels.quant.FORMATS``)."""
+    format (``kernels.quant.ALL_FORMATS``)."""
     if value is None:
         return None
     if not isinstance(value, str) or value not in _quant_formats():
@@ -548,10 +548,10 @@ def _check_quant(value):
 
 
 def _quant_formats() -> tuple[str, ...]:
-    """The quantized state formats (``kernels.quant.FORMATS``)."""
+    """The quantized state formats (``kernels.quant.ALL_FORMATS``)."""
     from .kernels import quant
 
-    return quant.FORMATS
+    return quant.ALL_FORMATS
 
 
 def _check_bool(name, value):

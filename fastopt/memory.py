@@ -2,11 +2,12 @@
 
 ``state_bytes_per_param(rule, hp, state_dtype, param_dtype, master_weights)``: every slot the
 step-1 variant keeps (``Rule.state_names``), at its storage: a quantized slot
-(``kernels/quant.py``) one byte of code plus one float32 scale per ``BLOCK`` elements, any
+(``kernels/quant.py``) one byte of code (half a byte for a packed format) plus one float32
+scale per block (``BLOCKS``: 256 elements, 128 for ``"int4"``), any
 other slot its dtype's size; plus the master of a 16-bit param with ``master_weights``: a
 float32 copy (4 B), or with ``master_weights="remainder"`` a bfloat16 param's int16 remainder
-(2 B; ``IO.kind("master")``). Adam with ``state_dtype="int8"``: 2 · (1 + 4/256) = 2.03125 B (float32
-state: 8 B).
+(2 B; ``IO.kind("master")``). Adam with ``state_dtype="int8"``: 2 · (1 + 4/256) = 2.03125 B,
+with ``"int4"``: 2 · (1/2 + 4/128) = 1.0625 B (float32 state: 8 B).
 """
 
 from __future__ import annotations
@@ -37,7 +38,7 @@ def state_bytes_per_param(
     for name in spec.state_names(full):
         slot = spec.slot(name)
         if policy in precision.QUANTIZED and slot.quantize:
-            total += 1 + 4 / quant.BLOCK
+            total += quant.code_bytes(2, policy) / 2 + 4 / quant.BLOCKS[policy]
         else:
             total += storage.ITEMSIZE[kind]
     io = precision.io_of(param_dtype, param_dtype, kind, master_weights)

@@ -34,13 +34,14 @@ from typing import Any
 import numpy as np
 import numpy.typing as npt
 
-from .kernels import storage
+from .kernels import quant, storage
 from .kernels.storage import COMPUTE, IO
 
 __all__ = [
     "MASTER",
     "MASTER_REMAINDER",
     "MASTER_WEIGHTS",
+    "PACKED",
     "QUANTIZED",
     "STATE_DTYPES",
     "bfloat16",
@@ -72,9 +73,11 @@ MASTER_WEIGHTS = (False, True, "remainder")
 #: what ``state_dtype=`` accepts (None: the param dtype; float32 with a master copy; the
 #: quantized formats of ``kernels/quant.py``: the slots a rule lets be quantized as codes and
 #: block scales, the others float32)
-STATE_DTYPES = (None, "float32", "bfloat16", "int8", "float8_e4m3")
+STATE_DTYPES = (None, "float32", "bfloat16", *quant.ALL_FORMATS)
 #: the quantized policies among them
-QUANTIZED = ("int8", "float8_e4m3")
+QUANTIZED = quant.ALL_FORMATS
+#: the quantized policies of two codes per byte (stepped by the CPU backends only)
+PACKED = quant.PACKED
 
 
 def bfloat16() -> np.dtype[Any]:
@@ -134,14 +137,14 @@ def state_kinds(param_kind: str) -> tuple[str, ...]:
 
 def check_state_dtype(value: Any) -> str | None:
     """``state_dtype=`` normalised (None, "float32", "bfloat16", or a quantized format:
-    "int8", "float8_e4m3"); NumPy dtypes accepted."""
+    "int8", "float8_e4m3", "int4"); NumPy dtypes accepted."""
     if value is None:
         return None
     name = kind(value) if not isinstance(value, str) else value
     if name not in STATE_DTYPES[1:]:
         raise ValueError(
             f"invalid state_dtype={value!r}; expected None (the param dtype), 'float32', "
-            "'bfloat16', 'int8' or 'float8_e4m3'"
+            f"'bfloat16' or a quantized format {', '.join(map(repr, QUANTIZED))}"
         )
     return name
 

@@ -25,6 +25,18 @@ Formats (``state_dtype=``), per slot by the slot's sign (``Slot.quant_map``):
 - ``"float8_e4m3"``: the codes are float8 bit patterns, round to nearest even: e4m3fn (top
   448) for signed slots, e5m2 (top 57344) for non-negative ones, whose range is that of a
   square.
+- ``"int4"``: torchao's 4-bit optimizer state (``torchao.optim``, after Li et al., "Memory
+  Efficient Optimizers with 4-bit States"): blocks of ``BLOCKS["int4"]`` = 128 elements, two
+  codes per byte (``PACKED``), ``top = 1``. Signed slots take the dynamic map of 3 exponent
+  bits in 4 (``dynamic_map(True, 3, 4)``: 7 negative values, 0, 8 positive, the largest 1);
+  non-negative ones the linear map without zero, ``k / 16`` for ``k = 1..16`` (code ``k - 1``:
+  a value below a block's ``absmax / 32`` is stored as ``absmax / 16``, never as zero, which
+  keeps a second moment's square root away from zero). Nearest value, ties to the upper code
+  (torchao's ``quantize_4bit_with_qmap``: ``residual >= gap / 2``). Element ``i`` of a
+  tensor is the high nibble of byte ``i // 2`` when ``i`` is even, the low one when odd
+  (torchao's packing ``codes[::2] << 4 | codes[1::2]``); the codes of ``n`` elements are
+  ``ceil(n / 2)`` bytes, the unused low nibble of an odd tensor's last byte never read
+  (a step and the conversions write it 0; a fresh state holds the fill byte there).
 
 The maps are built here from their definition, in float32 as bitsandbytes builds them with
 torch on the CPU: ``linspace(0.1, 1, n)`` (``step = (1 - 0.1) / (n - 1)``, ``start + step·i``
@@ -55,39 +67,62 @@ from .fma import fma
 from .storage import bits_f32, f32_bits
 
 __all__ = [
+    "ALL_FORMATS",
     "BLOCK",
+    "BLOCKS",
     "CODECS",
     "FAST_ENCODE",
     "FORMATS",
     "LOOKUP_ENCODE",
+    "PACKED",
     "Table",
+    "code_bytes",
     "dynamic_map",
     "encode",
     "encode_signmag",
     "fp8_values",
+    "linear4_map",
     "nblocks",
     "pick",
     "table",
 ]
 
-#: elements per block (one float32 scale each): bitsandbytes' blocksize for 8-bit optimizers
+#: elements per block (one float32 scale each) of the byte formats: bitsandbytes' blocksize
+#: for 8-bit optimizers, and the largest block of any format (the loops' scratch rows)
 BLOCK = 256
-#: the quantized state formats ``state_dtype=`` accepts
+#: the quantized formats of one code per byte (every backend that steps quantized state)
 FORMATS = ("int8", "float8_e4m3")
+#: the formats of two 4-bit codes per byte (the CPU backends only: ``_quantized.check_backend``)
+PACKED = ("int4",)
+#: every quantized state format ``state_dtype=`` accepts
+ALL_FORMATS = FORMATS + PACKED
+#: elements per block of each format: torchao's block size for its 4-bit optimizers
+BLOCKS = {"int8": BLOCK, "float8_e4m3": BLOCK, "int4": 128}
 #: the value table of each (format, slot map): "signed" or "unsigned"
 TABLES = {
     ("int8", "signed"): "dynamic_signed",
     ("int8", "unsigned"): "dynamic_unsigned",
     ("float8_e4m3", "signed"): "float8_e4m3fn",
     ("float8_e4m3", "unsigned"): "float8_e5m2",
+    ("int4", "signed"): "dynamic4_signed",
+    ("int4", "unsigned"): "linear4_unsigned",
 }
+#: the tables of the packed formats (their codes are nibbles)
+PACKED_TABLES = frozenset(TABLES[(f, m)] for f in PACKED for m in ("signed", "unsigned"))
 #: float8 layouts: (exponent bits, mantissa bits, bias, "fn" (no inf, one NaN) or "ieee")
 _FP8 = {"float8_e4m3fn": (4, 3, 7, "fn"), "float8_e5m2": (5, 2, 15, "ieee")}
 
 
-def nblocks(n: int) -> int:
-    """Blocks (scales) of a tensor of ``n`` elements."""
-    return -(-int(n) // BLOCK)
+def nblocks(n: int, fmt: str | None = None) -> int:
+    """Blocks (scales) of a tensor of ``n`` elements in format ``fmt`` (the byte formats'
+    ``BLOCK`` when None)."""
+    return -(-int(n) // (BLOCK if fmt is None else BLOCKS[fmt]))
+
+
+def code_bytes(n: int, fmt: str) -> int:
+    """Bytes of codes of a tensor of ``n`` elements in format ``fmt``: ``n``, or ``ceil(n /
+    2)`` for a packed format."""
+    return -(-int(n) // 2) if fmt in PACKED else int(n)
 
 
 def _linspace_f32(start: float, end: float, steps: int) -> np.ndarray:
@@ -122,12 +157,18 @@ def dynamic_map(signed: bool, max_exponent_bits: int = 7, total_bits: int = 8) -
         if signed:
             data += (-scale * means).astype(np.float32).tolist()
     extra = 2 ** (non_sign - max_exponent_bits) - 1
-    if extra > 0:  # not reached with 7 exponent bits of 8
+    if extra > 0:  # not reached with 7 exponent bits of 8, nor 3 of 4
         raise NotImplementedError("maps with a linear region are not used")
     data += [0.0, 1.0]
     if len(data) != 2**total_bits:
         raise ValueError(f"dynamic map of {len(data)} values; expected {2**total_bits}")
     return np.sort(np.array(data, dtype=np.float32))
+
+
+def linear4_map() -> np.ndarray:
+    """torchao's 4-bit map of non-negative slots: ``linspace(0, 1, 17)[1:]`` (``k / 16`` for
+    ``k = 1..16``, exact in float32: no zero)."""
+    return (np.arange(1, 17, dtype=np.float32) / np.float32(16)).astype(np.float32)
 
 
 def fp8_values(name: str) -> np.ndarray:
@@ -177,8 +218,9 @@ def _thresholds(values: np.ndarray, ties_up: np.ndarray) -> np.ndarray:
 
 @dataclass(frozen=True)
 class Table:
-    """One format's codec: ``dec`` (256 float32: the value of each code), ``thr`` (255
-    float32 thresholds, ascending: ``code = #{k : y > thr[k]}``), ``top`` (the largest finite
+    """One format's codec: ``dec`` (256 float32, 16 for a packed format: the value of each
+    code), ``thr`` (255 float32 thresholds, ascending, +inf past the last code's: ``code =
+    #{k : y > thr[k]}``), ``top`` (the largest finite
     value), ``signmag`` (the code is a float8 byte: sign bit and the magnitude's code), and
     the lookup of ``encode``: ``base``/``bthr`` (per bucket of float32 bit patterns: the code
     of its smallest value and the one threshold inside it, +inf where none), ``e_lo``/``e_hi``
@@ -248,6 +290,10 @@ def table(fmt: str, quant_map: str) -> Table:
     if fmt == "int8":
         dec = dynamic_map(quant_map == "signed")
         thr = _thresholds(dec, np.zeros(255, bool))
+        top, signmag = np.float32(1.0), False
+    elif fmt == "int4":  # 16 values, ties to the upper code (torchao's rounding)
+        dec = dynamic_map(True, 3, 4) if quant_map == "signed" else linear4_map()
+        thr = _thresholds(dec, np.ones(15, bool))
         top, signmag = np.float32(1.0), False
     else:
         dec = fp8_values(name)
@@ -596,10 +642,13 @@ def _flag_none(enc: Any) -> Any:
     return never_flagged
 
 
-#: per table: (decode, encode) as the loops call them
+#: per table: (decode, encode) as the loops call them (a packed table's of one nibble: the
+#: loops unpack and pack)
 CODECS = {
     "dynamic_signed": _frozen_lookup("int8", "signed"),
     "dynamic_unsigned": _frozen_lookup("int8", "unsigned"),
+    "dynamic4_signed": _frozen_lookup("int4", "signed"),
+    "linear4_unsigned": _frozen_lookup("int4", "unsigned"),
     "float8_e4m3fn": (e4m3_decode, e4m3_encode),
     "float8_e5m2": (e5m2_decode, e5m2_encode),
 }
@@ -620,6 +669,8 @@ FAST_ENCODE = {
     "dynamic_unsigned": _make_dynamic_encode(False),
     "float8_e4m3fn": _flag_none(e4m3_encode),
     "float8_e5m2": _flag_none(e5m2_encode),
+    "dynamic4_signed": _flag_none(CODECS["dynamic4_signed"][1]),
+    "linear4_unsigned": _flag_none(CODECS["linear4_unsigned"][1]),
 }
 
 #: the int8 maps' lookup in ``FAST_ENCODE``'s form (never flagged): the encode the loops ran

@@ -13,7 +13,13 @@ from fastopt.kernels.storage import IO
 from fastopt import cli
 from fastopt.bench import cli as bench_cli
 from fastopt.bench.ceilings_cpu import mixed_traffic_runner
-from fastopt.bench.measure import CASES, PRECISIONS, bytes_per_step, transformer_shapes
+from fastopt.bench.measure import (
+    CASES,
+    PRECISIONS,
+    bytes_per_step,
+    traffic_arrays,
+    transformer_shapes,
+)
 
 pytest.importorskip("ml_dtypes")
 
@@ -32,9 +38,16 @@ def test_bytes_per_element_of_each_storage_plan():
         # float32 param and grad, 2 slots read and written as a byte each (+ 4 B per 256)
         "int8-state": 4 + 4 + 4 + 4,
         "float8-state": 4 + 4 + 4 + 4,
+        # half a byte of code each (+ 4 B per 128)
+        "int4-state": 4 + 4 + 4 + 2,
     }
     quant = PRECISIONS["int8-state"].io()
     assert bytes_per_step(adam, 256, io=quant) == 256 * (4 + 4 + 4) + 4 * (4 + 256)
+    int4 = PRECISIONS["int4-state"].io()
+    assert bytes_per_step(adam, 256, io=int4) == 256 * (4 + 4 + 4) + 4 * (8 + 128)
+    assert sum(b * len(m) for _, b, m in traffic_arrays(256, adam, io=int4)) == bytes_per_step(
+        adam, 256, io=int4
+    )
     assert bytes_per_step(adam, 10, io=IO("float32")) == bytes_per_step(adam, 10, np.float32)
     both = IO("bfloat16", "float32", "float32", scale="host", write_grad=True)
     assert bytes_per_step(0, 1, io=both) == 2 + 2 + 4 + 4  # the grad read and written back
@@ -78,7 +91,8 @@ def test_mixed_precision_rows_in_fastopt_bench(tmp_path):
         assert r["bytes_vs_float32"] == pytest.approx(r["bytes"] / base["bytes"])
         # every format has its same-traffic ceiling (a quantized one's moves codes and scales)
         assert r["pct_of_ceiling"] == pytest.approx(100 * r["gbps"] / r["ceiling_gbps"])
-        want = {"float32": 8, "bfloat16+master": 12, "int8-state": 2.03125}.get(r["dtype"])
+        want = {"float32": 8, "bfloat16+master": 12, "int8-state": 2.03125, "int4-state": 1.0625}
+        want = want.get(r["dtype"])
         assert want is None or r["state_bytes_per_param"] == want
     text = out.getvalue()
     assert "mixed precision" in text and "bfloat16+master" in text and "load average" in text

@@ -31,7 +31,7 @@ def _cases(default=None):
     format (``default``: only these rules); the rest under -m exhaustive."""
     out = []
     for rule in RULES:
-        for fmt in quant.FORMATS:
+        for fmt in quant.ALL_FORMATS:
             on = rule in DEFAULT_RULES or (fmt == "int8" and default is None)
             marks = () if on else (pytest.mark.exhaustive,)
             out.append(pytest.param(rule, fmt, id=f"{rule}-{fmt}", marks=marks))
@@ -65,6 +65,11 @@ def _initial(rule, hp, fmt, n, rng):
         sq = spec.slot("square_avg")
         out["square_avg"] = Q.quantize(v, fmt, sq.quant_map) if sq.quantize else v
     return out
+
+
+def _codes(codes, fmt):
+    """One code per element (a packed format's unpacked)."""
+    return qr.unpack(codes, N) if fmt in quant.PACKED else codes
 
 
 def _copy(state):
@@ -111,8 +116,8 @@ def test_bit_exact_against_float32_state_then_oracle_quantization(rule, fmt):
                 # (centered RMSprop's v - grad_avg^2 can go negative once both are rounded
                 # apart: NaN, as torch's formula gives; the NaN blocks must match too)
                 assert np.array_equal(a[1], absmax, equal_nan=True), (t, s.name)
-                ok = ~np.isnan(absmax[np.arange(N) // quant.BLOCK])
-                assert np.array_equal(a[0][ok], codes[ok]), (t, s.name)
+                ok = ~np.isnan(absmax[np.arange(N) // quant.BLOCKS[fmt]])
+                assert np.array_equal(_codes(a[0], fmt)[ok], _codes(codes, fmt)[ok]), (t, s.name)
             elif a is not None:
                 assert np.array_equal(a, full[s.name], equal_nan=True), (t, s.name)
 
@@ -135,7 +140,7 @@ def test_against_the_oracle(rule, fmt):
             a, b = st[s.name], st_o[s.name]
             if isinstance(a, tuple):
                 np.testing.assert_allclose(a[1], b[1], rtol=1e-5)
-                d = a[0].astype(int) - b[0].astype(int)
+                d = _codes(a[0], fmt).astype(int) - _codes(b[0], fmt).astype(int)
                 if quant.table(fmt, s.quant_map).signmag:  # sign-magnitude: compare values
                     va = Q.dequantize(a[0], a[1], fmt, s.quant_map)
                     vb = Q.dequantize(b[0], b[1], fmt, s.quant_map)
@@ -150,7 +155,7 @@ def test_against_the_oracle(rule, fmt):
 
 
 @pytest.mark.exhaustive  # the parallel loop's compile is most of a cold run's cost
-@pytest.mark.parametrize("fmt", quant.FORMATS)
+@pytest.mark.parametrize("fmt", quant.ALL_FORMATS)
 def test_bfloat16_params_and_parallel_loop(fmt):
     """bfloat16 params (the param rounded from the float32 result, as for float32 state) and a
     length that takes the parallel loop: bit for bit against float32 state then the oracle's
@@ -166,15 +171,15 @@ def test_bfloat16_params_and_parallel_loop(fmt):
         g = rng.standard_normal(n).astype(dt)
         p32 = p.copy()
         full = {
-            "exp_avg": qr.dequantize(*m, fmt, "signed"),
-            "exp_avg_sq": qr.dequantize(*v, fmt, "unsigned"),
+            "exp_avg": qr.dequantize(*m, fmt, "signed", n),
+            "exp_avg_sq": qr.dequantize(*v, fmt, "unsigned", n),
             "max_exp_avg_sq": None,
         }
         if hp["amsgrad"]:
             mx = Q.quantize(
                 np.abs(rng.standard_normal(n)).astype(np.float32) * 0.02, fmt, "unsigned"
             )
-            full["max_exp_avg_sq"] = qr.dequantize(*mx, fmt, "unsigned")
+            full["max_exp_avg_sq"] = qr.dequantize(*mx, fmt, "unsigned", n)
         else:
             mx = None
         F.run("adam", p32, g, full, step=2, hp=hp, backend="numba")
@@ -214,6 +219,8 @@ def test_functional_refuses_before_writing():
         with pytest.raises(exc):
             F.adam(p, g, mm, vv, step=1, state_dtype="int8", backend="numba")
     with pytest.raises(ValueError, match="state_dtype"):
+        F.adam(p, g, m, v, step=1, state_dtype="int2", backend="numba")
+    with pytest.raises(ValueError, match="codes"):  # int8 codes given as int4 ones
         F.adam(p, g, m, v, step=1, state_dtype="int4", backend="numba")
     with pytest.raises(ValueError):  # codes sharing memory with absmax's owner... or the param
         F.adam(p, g, (p.view(np.uint8)[:300], m[1]), v, step=1, state_dtype="int8")
@@ -238,7 +245,7 @@ def test_compiled_decode_equals_the_table(name, how):
     dec = quant.CODECS[name][0] if how == "loops" else quant.ARITHMETIC_DECODE[name]
     t = next(
         quant.table(f, m)
-        for f in quant.FORMATS
+        for f in quant.ALL_FORMATS
         for m in ("signed", "unsigned")
         if quant.TABLES[(f, m)] == name
     )
@@ -250,12 +257,12 @@ def test_compiled_decode_equals_the_table(name, how):
             out[i] = dec(codes[i], d)
         return out
 
-    codes = np.arange(256, dtype=np.uint8)
+    codes = np.arange(t.dec.size, dtype=np.uint8)  # 16 codes for a packed format's
     got = decode_all(codes, t.dec)
     nan = np.isnan(t.dec)
     assert np.array_equal(np.isnan(got), nan)
     assert np.array_equal(got[~nan].view(np.uint32), t.dec[~nan].view(np.uint32))
-    py = np.array([dec(np.uint8(c), t.dec) for c in range(256)], np.float32)
+    py = np.array([dec(np.uint8(c), t.dec) for c in range(t.dec.size)], np.float32)
     assert np.array_equal(py[~nan].view(np.uint32), t.dec[~nan].view(np.uint32))
 
 

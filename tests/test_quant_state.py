@@ -128,7 +128,7 @@ def test_load_refuses_bad_quantized_buffers():
 
 def test_policy_refusals():
     with pytest.raises(ValueError, match="state_dtype"):
-        fastopt.Adam(state_dtype="int4")
+        fastopt.Adam(state_dtype="int2")
     opt = fastopt.Adam(state_dtype="int8")
     p = {"x": np.ones(4)}  # float64 params: quantized state is float32 math
     with pytest.raises(TypeError, match="float32"):

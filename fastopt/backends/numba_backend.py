@@ -68,6 +68,8 @@ NAME = "numba"
 DEVICE = "cpu"
 #: steps quantized state slots (``kernels/quant.py``, ``IO.quant``)
 QUANT_STATE = True
+#: and the packed ones (``kernels.quant.PACKED``: two codes per byte, ``numba_quant``)
+QUANT_PACKED = True
 
 #: below this many elements a serial loop beats waking the thread pool (measured on 2 cores:
 #: the two break even near 2**14 elements for Adam and 2**15 for SGD with momentum)

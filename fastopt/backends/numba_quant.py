@@ -57,7 +57,11 @@ _compiled: dict[Any, Any] = {}
 
 
 def quant_loop_source(
-    nslots: int, writes: tuple[bool, ...], qslots: tuple[bool, ...], io: storage.IO
+    nslots: int,
+    writes: tuple[bool, ...],
+    qslots: tuple[bool, ...],
+    io: storage.IO,
+    packed: tuple[bool, ...] = (),
 ) -> str:
     """Python source of the factory of the loop over blocks (see the module docstring):
     ``loop(p, g, s0.., a0.., d0.., d0b.., t0.., tops, luts, m, k, x, blocks)`` where ``s{j}``
@@ -66,7 +70,10 @@ def quant_loop_source(
     placeholders for a slot that is not quantized), ``tops`` the tables' largest values,
     ``luts`` their ``(e_lo, e_hi, mb)`` (arguments, not constants of the source: the disk
     cache tells loops apart by their code and cells), ``m`` the master copy (the param when
-    none)."""
+    none). A slot of ``packed`` (a packed format, ``kernels.quant.PACKED``) has two codes per
+    byte: the block's bytes from ``lo // 2`` (``lo`` even), decoded from its nibbles and
+    encoded into a scratch row of codes, then packed."""
+    packed = packed or (False,) * nslots
     q = [j for j in range(nslots) if qslots[j]]
     row = {j: r for r, j in enumerate(q)}
     args = ["p", "g"]
@@ -95,6 +102,9 @@ def quant_loop_source(
     ]
     # rows of the scratch, one per quantized slot
     L[5:5] = [f"            r{j} = buf[{row[j]}]" for j in q]
+    if any(packed[j] for j in q):  # a packed slot's codes before they are packed
+        L[5:5] = [f"            qb = np.empty(({len(q)}, {quant.BLOCK}), np.uint8)"]
+        L[6:6] = [f"            q{j} = qb[{row[j]}]" for j in q if packed[j]]
     pad = " " * 16
     # each block's arrays as views starting at 0: indices the loops can prove non-negative
     # (no wraparound select), so they vectorise like the one-array loops
@@ -104,7 +114,9 @@ def quant_loop_source(
     if io.master:
         L.append(f"{pad}mb_ = m[lo:hi]")
     for j in range(nslots):
-        if writes[j]:
+        if writes[j] and qslots[j] and packed[j]:
+            L.append(f"{pad}sb{j} = s{j}[lo >> 1 : (hi + 1) >> 1]")
+        elif writes[j]:
             L.append(f"{pad}sb{j} = s{j}[lo:hi]")
     for j in q:
         L.append(f"{pad}f{j} = a{j}[b] / tops[{j}]")
@@ -123,7 +135,8 @@ def quant_loop_source(
         if not writes[j]:
             L.append(f"{pad2}v{j} = pv")
         elif qslots[j]:
-            L.append(f"{pad2}v{j} = dec{j}(sb{j}[i], d{j}) * f{j}")
+            code = f"(sb{j}[i >> 1] >> (4 - ((i & 1) << 2))) & 15" if packed[j] else f"sb{j}[i]"
+            L.append(f"{pad2}v{j} = dec{j}({code}, d{j}) * f{j}")
         else:
             L.append(f"{pad2}v{j} = ls(sb{j}[i])")
     outs = ", ".join(["pi"] + [f"o{j}" for j in range(nslots)])
@@ -143,6 +156,7 @@ def quant_loop_source(
         else:
             L.append(f"{pad2}sb{j}[i] = ss(o{j})")
     for j in q:
+        out = f"q{j}" if packed[j] else f"sb{j}"  # where the codes go, one per element
         L += [
             f"{pad}n{j} = bits_f32(h{j})",
             f"{pad}a{j}[b] = n{j}",
@@ -153,18 +167,25 @@ def quant_loop_source(
             f"{pad}for i in range(hh):",
             f"{pad}    c{j}, w{j} = fenc{j}(r{j}[i] * e{j}, {lut(j)})",
             f"{pad}    cb{j}, wb{j} = fenc{j}(r{j}[i + hh] * e{j}, {lut(j)})",
-            f"{pad}    sb{j}[i] = c{j}",
-            f"{pad}    sb{j}[i + hh] = cb{j}",
+            f"{pad}    {out}[i] = c{j}",
+            f"{pad}    {out}[i + hh] = cb{j}",
             f"{pad}    z{j} |= w{j} | wb{j}",
             f"{pad}for i in range(2 * hh, cnt):",
             f"{pad}    c{j}, w{j} = fenc{j}(r{j}[i] * e{j}, {lut(j)})",
-            f"{pad}    sb{j}[i] = c{j}",
+            f"{pad}    {out}[i] = c{j}",
             f"{pad}    z{j} |= w{j}",
             # a value the arithmetic encode flags (near a threshold): the block by the lookup
             f"{pad}if z{j}:",
             f"{pad}    for i in range(cnt):",
-            f"{pad}        sb{j}[i] = enc{j}(r{j}[i] * e{j}, {lut(j)})",
+            f"{pad}        {out}[i] = enc{j}(r{j}[i] * e{j}, {lut(j)})",
         ]
+        if packed[j]:  # two codes per byte: element 2i the high nibble
+            L += [
+                f"{pad}for i in range(cnt >> 1):",
+                f"{pad}    sb{j}[i] = (q{j}[2 * i] << 4) | q{j}[2 * i + 1]",
+                f"{pad}if cnt & 1:",
+                f"{pad}    sb{j}[cnt >> 1] = q{j}[cnt - 1] << 4",
+            ]
     L.append("    return loop")
     return "\n".join(L) + "\n"
 
@@ -205,7 +226,8 @@ def python_quant_loop(
         "f32_bits": storage.f32_bits,
         "bits_f32": storage.bits_f32,
     }
-    src = quant_loop_source(len(writes), writes, qslots, io)
+    packed = tuple(c in quant.PACKED_TABLES for c in codecs)
+    src = quant_loop_source(len(writes), writes, qslots, io, packed)
     exec(compile(src, __file__, "exec"), ns)
     return ns["factory"](
         jitable_rule(RULES[rule].make_rule(**flags), False),
@@ -218,18 +240,19 @@ def python_quant_loop(
 
 
 @functools.lru_cache(maxsize=256)
-def blocks_for(n: int) -> np.ndarray:
-    """The block table of one tensor of ``n`` elements: ``(first, stop)`` rows (read-only)."""
-    lo = np.arange(0, n, quant.BLOCK, dtype=np.int64)
-    out = np.stack([lo, np.minimum(lo + quant.BLOCK, n)], axis=1).reshape(-1, 2)
+def blocks_for(n: int, block: int = quant.BLOCK) -> np.ndarray:
+    """The block table of one tensor of ``n`` elements in blocks of ``block``: ``(first,
+    stop)`` rows (read-only)."""
+    lo = np.arange(0, n, block, dtype=np.int64)
+    out = np.stack([lo, np.minimum(lo + block, n)], axis=1).reshape(-1, 2)
     out.setflags(write=False)
     return out
 
 
-def blocks_of_segments(segments: Iterable[tuple[int, int]]) -> np.ndarray:
+def blocks_of_segments(segments: Iterable[tuple[int, int]], block: int = quant.BLOCK) -> np.ndarray:
     """The block table of ``(offset, size)`` segments of one buffer (a ``FlatBuffer`` group's
     parameters, in order): each segment's blocks start at its offset."""
-    parts = [blocks_for(size) + off for off, size in segments if size > 0]
+    parts = [blocks_for(size, block) + off for off, size in segments if size > 0]
     if not parts:
         return np.zeros((0, 2), np.int64)
     return np.ascontiguousarray(np.concatenate(parts))
@@ -283,7 +306,7 @@ def prepare_quant(
                 arrs.append(p if s is None else _bits(s))
                 absm.append(tops_placeholder)
         if blocks is None:
-            blocks = blocks_for(n)
+            blocks = blocks_for(n, quant.BLOCKS[io.quant])
         par = n >= PARALLEL_MIN
         fn = fns[par]
         if fn is None:

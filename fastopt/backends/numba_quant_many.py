@@ -2,17 +2,18 @@
 fused pass over every tensor of a param group (``fastopt.torch``), as ``numba_backend``'s
 ``launch_many_io`` is for full-precision state.
 
-A quantized slot of a tensor is its codes (uint8, one per element) and its block scales
-(float32, one per ``quant.BLOCK`` elements from the tensor's first element: a block never
-straddles two tensors). The table holds per tensor ``(n, param, grad, slot..., master,
-absmax...)``: its length, the addresses of its param, grad, each slot (the codes of a quantized
-one), the fp32 master copy (0 where none) and each slot's absmax (0 where the slot is not
-quantized). The loop walks chunks ``(tensor, first block, stop block)`` of at most
-``numba_quant.CHUNK_BLOCKS`` blocks (``numba_backend.chunks_for`` over the tensors' block
-counts) in parallel; each chunk views its tensor's arrays through their addresses and runs the
-serial one-buffer loop of ``numba_quant`` over its blocks (compiled into this loop, not called
-through Python): the same per-block pass, the same bits as a step of each tensor alone (the
-dict API's), and the index stochastic rounding hashes counted from each tensor's start.
+A quantized slot of a tensor is its codes (uint8, one per element; two per byte for a packed
+format) and its block scales (float32, one per ``quant.BLOCKS[fmt]`` elements from the
+tensor's first element: a block never straddles two tensors). The table holds per tensor
+``(n, param, grad, slot..., master, absmax...)``: its length, the addresses of its param,
+grad, each slot (the codes of a quantized one), the fp32 master copy (0 where none) and each
+slot's absmax (0 where the slot is not quantized). The loop walks chunks ``(tensor, first
+block, stop block)`` of at most ``numba_quant.CHUNK_BLOCKS`` blocks
+(``numba_backend.chunks_for`` over the tensors' block counts) in parallel; each chunk views
+its tensor's arrays through their addresses and runs the serial one-buffer loop of
+``numba_quant`` over its blocks (compiled into this loop, not called through Python): the
+same per-block pass, the same bits as a step of each tensor alone (the dict API's), and the
+index stochastic rounding hashes counted from each tensor's start.
 
 Unchecked, like ``launch_many_io``: the caller (``fastopt.torch``) guarantees every address
 (checked tensors of the dtypes and lengths the format says, contiguous, alive for the call).
@@ -40,11 +41,17 @@ _inner: dict[Any, Any] = {}
 
 
 def many_quant_source(
-    nslots: int, writes: Sequence[bool], qslots: Sequence[bool], master: bool
+    nslots: int,
+    writes: Sequence[bool],
+    qslots: Sequence[bool],
+    master: bool,
+    block: int = quant.BLOCK,
+    packed: bool = False,
 ) -> str:
     """Python source of the many-tensor loop's factory (see the module docstring):
     ``loop(table, chunks, p_like, g_like, s_like, c_like, m_like, d0.., d0b.., t0.., tops,
-    tinys, luts, k, x)``, ``inner`` the one-buffer loop (``numba_quant.quant_loop_source``)."""
+    tinys, luts, k, x)``, ``inner`` the one-buffer loop (``numba_quant.quant_loop_source``);
+    blocks of ``block`` elements, ``packed`` codes ``ceil(n / 2)`` bytes."""
     tabs = [f"d{j}" for j in range(nslots)]
     tabs += [f"d{j}b" for j in range(nslots)]
     tabs += [f"t{j}" for j in range(nslots)]
@@ -66,7 +73,8 @@ def many_quant_source(
             L.append(f"{pad}s{j} = p")
         else:
             like = "c_like" if qslots[j] else "s_like"
-            L.append(f"{pad}s{j} = carray(address_as(table[j, {3 + j}], {like}), n)")
+            size = "(n + 1) >> 1" if qslots[j] and packed else "n"
+            L.append(f"{pad}s{j} = carray(address_as(table[j, {3 + j}], {like}), {size})")
         if qslots[j]:
             col = 4 + nslots + j
             L.append(f"{pad}a{j} = carray(address_as(table[j, {col}] + b0 * 4, tinys), nb)")
@@ -79,9 +87,9 @@ def many_quant_source(
     L += [
         f"{pad}blocks = np.empty((nb, 2), np.int64)",
         f"{pad}for b in range(nb):",
-        f"{pad}    lo = (b0 + b) * {quant.BLOCK}",
+        f"{pad}    lo = (b0 + b) * {block}",
         f"{pad}    blocks[b, 0] = lo",
-        f"{pad}    blocks[b, 1] = min(lo + {quant.BLOCK}, n)",
+        f"{pad}    blocks[b, 1] = min(lo + {block}, n)",
         f"{pad}inner(p, g, {''.join(f's{j}, ' for j in range(nslots))}"
         f"{''.join(f'a{j}, ' for j in range(nslots))}{''.join(a + ', ' for a in tabs)}"
         "tops, tinys, luts, m, k, x, blocks)",
@@ -120,19 +128,22 @@ def _kernel(
             "carray": numba.carray,
             "address_as": address_as,
         }
-        src = many_quant_source(len(writes), writes, qslots, io.master)
+        fmt = str(io.quant)
+        src = many_quant_source(
+            len(writes), writes, qslots, io.master, quant.BLOCKS[fmt], fmt in quant.PACKED
+        )
         exec(compile(src, __file__, "exec"), ns)
         py = ns["factory"](inner, numba.prange if parallel else range)
         fn = _compiled[key] = njit_cached(parallel=parallel, nogil=True, error_model="numpy")(py)
     return fn
 
 
-def block_chunks(lengths: Sequence[int]) -> np.ndarray:
-    """``(tensor, first block, stop block)`` rows covering every block of tensors of
-    ``lengths`` elements, at most ``CHUNK_BLOCKS`` blocks each."""
+def block_chunks(lengths: Sequence[int], fmt: str | None = None) -> np.ndarray:
+    """``(tensor, first block, stop block)`` rows covering every block (of format ``fmt``'s
+    size) of tensors of ``lengths`` elements, at most ``CHUNK_BLOCKS`` blocks each."""
     from .numba_backend import chunks_for
 
-    return chunks_for([quant.nblocks(n) for n in lengths], CHUNK_BLOCKS)
+    return chunks_for([quant.nblocks(n, fmt) for n in lengths], CHUNK_BLOCKS)
 
 
 def _like(kind: str) -> np.ndarray:

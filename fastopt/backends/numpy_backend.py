@@ -23,6 +23,8 @@ NAME = "numpy"
 DEVICE = "cpu"
 #: steps quantized state slots (``kernels/quant.py``, ``IO.quant``)
 QUANT_STATE = True
+#: and the packed ones (``kernels.quant.PACKED``: two codes per byte)
+QUANT_PACKED = True
 
 
 def available() -> bool:
@@ -82,13 +84,19 @@ def step_runner(plan: StepPlan, dtype: Any, writes: tuple[bool, ...], io: IO | N
     return run
 
 
-def _segments(blocks: np.ndarray) -> list[tuple[int, int, int, int]]:
+def _segments(blocks: np.ndarray, size: int) -> list[tuple[int, int, int, int]]:
     """Runs of adjacent blocks of a block table, as ``(first, stop, first block, stop block)``
-    (a run is stepped as one tensor: its blocks are the same)."""
+    (a run is stepped as one tensor: its blocks are the same): a run ends where the next block
+    does not follow or the last is short (a tensor's last block of fewer than ``size``
+    elements, whose neighbour starts the next tensor's blocks)."""
     out = []
     start = 0
     for b in range(1, blocks.shape[0] + 1):
-        if b == blocks.shape[0] or blocks[b, 0] != blocks[b - 1, 1]:
+        if (
+            b == blocks.shape[0]
+            or blocks[b, 0] != blocks[b - 1, 1]
+            or blocks[b - 1, 1] - blocks[b - 1, 0] < size
+        ):
             out.append((int(blocks[start, 0]), int(blocks[b - 1, 1]), start, b))
             start = b
     return out
@@ -99,9 +107,10 @@ def _quant_runner(plan: StepPlan, io: IO) -> Runner:
     ``FlatBuffer`` group's quantized slots (``(codes, absmax, blocks)``) run per run of
     adjacent blocks."""
     from .. import quant_reference
-    from ..kernels import RULES
+    from ..kernels import RULES, quant
 
     names = RULES[plan.rule].state
+    packed = io.quant in quant.PACKED
     hs = plan.hs or {}
     kw = dict(
         fmt=io.quant, step=plan.step, hp=plan.hp, hs=hs, inv_scale=plan.inv_scale, key=plan.key
@@ -121,9 +130,11 @@ def _quant_runner(plan: StepPlan, io: IO) -> Runner:
                 plan.rule, param, grad, st, io=io, master=master, salt=salt, **kw
             )
             return
-        for lo, hi, b0, b1 in _segments(blocks):
+        for lo, hi, b0, b1 in _segments(blocks, quant.BLOCKS[io.quant]):
+            # packed codes: bytes lo / 2 .. ceil(hi / 2) (lo even: kernels/quant.py)
+            c0, c1 = (lo // 2, (hi + 1) // 2) if packed else (lo, hi)
             st = {
-                n: (s[0][lo:hi], s[1][b0:b1]) if isinstance(s, tuple) else s[lo:hi]
+                n: (s[0][c0:c1], s[1][b0:b1]) if isinstance(s, tuple) else s[lo:hi]
                 for n, s in zip(names, states)
                 if s is not None
             }

@@ -157,10 +157,11 @@ def mixed_traffic_kernel(io: Any, n_state: int) -> Any:
     return fn
 
 
-def _quant_source(n_state, master):
+def _quant_source(n_state, master, packed=False):
     """A quantized format's same-traffic loop: param (or master and param) and grad as
-    ``_mixed_source`` moves them, each slot's byte of code read and written per element, then
-    each slot's block scales read and written."""
+    ``_mixed_source`` moves them, each slot's byte of code read and written per element (a
+    packed format's half a byte: its bytes in a loop of their own), then each slot's block
+    scales read and written."""
     codes = "".join(f"c{j}, " for j in range(n_state))
     scales = "".join(f"a{j}, " for j in range(n_state))
     lines = [
@@ -177,7 +178,13 @@ def _quant_source(n_state, master):
         ]
     else:
         lines.append("            p[i] = p[i] + cp(gi)")
-    lines += [f"            c{j}[i] = c{j}[i] ^ (gi > 0)" for j in range(n_state)]
+    if not packed:
+        lines += [f"            c{j}[i] = c{j}[i] ^ (gi > 0)" for j in range(n_state)]
+    for j in range(n_state if packed else 0):
+        lines += [
+            f"        for k in numba.prange(c{j}.shape[0]):",
+            f"            c{j}[k] = c{j}[k] ^ 1",
+        ]
     for j in range(n_state):
         lines += [
             f"        for b in numba.prange(a{j}.shape[0]):",
@@ -191,11 +198,14 @@ def quant_traffic_kernel(io: Any, n_state: int) -> Any:
     """The compiled same-traffic loop of a quantized storage format (``io.quant``): the
     param, grad and master as the optimizer moves them, each slot's uint8 codes and float32
     block scales read and written."""
-    key = ("quant", io.param, io.grad, io.master, n_state)
+    from ..kernels.quant import PACKED
+
+    packed = io.quant in PACKED
+    key = ("quant", io.param, io.grad, io.master, n_state, packed)
     fn = _mixed.get(key)
     if fn is None:
         ns: dict[str, Any] = {"__name__": __name__, "numba": numba}
-        exec(compile(_quant_source(n_state, io.master), __file__, "exec"), ns)
+        exec(compile(_quant_source(n_state, io.master, packed), __file__, "exec"), ns)
         py = ns["factory"](
             _cvt("float32" if io.master else io.grad, io.param), _cvt(io.grad, "float32")
         )
@@ -214,11 +224,11 @@ def mixed_traffic_runner(io: Any, n_state: int, n: int) -> Any:
     p, g = buf(io.param, 0 if io.master and not io.remainder else 1), buf(io.grad, 1)
     m = buf(io.kind("master")) if io.master else p
     if io.quant:
-        from ..kernels.quant import nblocks
+        from ..kernels.quant import code_bytes, nblocks
         from .measure import traffic_arrays
 
-        codes = [np.full(n, 7, np.uint8) for _ in range(n_state)]
-        scales = [np.ones(nblocks(n), np.float32) for _ in range(n_state)]
+        codes = [np.full(code_bytes(n, io.quant), 7, np.uint8) for _ in range(n_state)]
+        scales = [np.ones(nblocks(n, io.quant), np.float32) for _ in range(n_state)]
         qkern = quant_traffic_kernel(io, n_state)
         return Runner(
             "ceiling:numba",

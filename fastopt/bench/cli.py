@@ -49,6 +49,7 @@ DEFAULT_PRECISIONS = (
     "bfloat16+remainder",
     "int8-state",
     "float8-state",
+    "int4-state",
 )
 
 

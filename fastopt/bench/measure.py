@@ -191,16 +191,17 @@ def bytes_per_step(
     # the param is written only beside an fp32 master; a remainder is joined with it: read too
     p_reads = 0 if io.master and not io.remainder else 1
     per = size["param"] * (1 + p_reads) + size["grad"] * (2 if io.write_grad else 1)
-    # a quantized slot: a byte of code per element and a float32 scale per block
-    state = size["state"] if not io.quant else 1 + 4 / _block()
+    # a quantized slot: a byte (half a byte packed) of code per element, a float32 per block
+    state = size["state"] if not io.quant else sum(_quant_bytes(256, io.quant)) / 256
     per += (n_state + n_read) * state + (2 * size["master"] if io.master else 0)
     return round(per * int(n))
 
 
-def _block() -> int:
-    from ..kernels.quant import BLOCK
+def _quant_bytes(n: int, fmt: str) -> tuple[int, int]:
+    """Bytes of one quantized slot of ``n`` elements in format ``fmt``: codes, block scales."""
+    from ..kernels.quant import code_bytes, nblocks
 
-    return BLOCK
+    return code_bytes(n, fmt), 4 * nblocks(n, fmt)
 
 
 def traffic_arrays(
@@ -228,8 +229,9 @@ def traffic_arrays(
     quant = getattr(io, "quant", None)
     for j in range(n_state):
         mode = "rw" if j < n_read else "w"
-        if quant:  # a quantized slot: a byte of code per element, a float32 scale per block
-            out += [(f"state{j}.codes", n, mode), (f"state{j}.absmax", 4 * -(-n // _block()), mode)]
+        if quant:  # a quantized slot: a byte (or half) of code per element, a scale per block
+            cb, sb = _quant_bytes(n, quant)
+            out += [(f"state{j}.codes", cb, mode), (f"state{j}.absmax", sb, mode)]
         else:
             out.append((f"state{j}", size["state"] * n, mode))
     if master:
@@ -264,7 +266,8 @@ class Precision:
 #: state (torch's fused default for bf16 models), with float32 state, and with float32 state and
 #: an fp32 master copy (what mixed-precision training keeps), and with that master as the param
 #: plus an int16 remainder (``master_weights="remainder"``); float32 params with quantized
-#: state (``state_dtype="int8"``, ``"float8_e4m3"``); float16 likewise
+#: state (``state_dtype="int8"``, ``"float8_e4m3"``, ``"int4"``: the CPU backends only); float16
+#: likewise
 PRECISIONS = {
     p.name: p
     for p in (
@@ -275,6 +278,7 @@ PRECISIONS = {
         Precision("bfloat16+remainder", "bfloat16", "bfloat16", (("master_weights", "remainder"),)),
         Precision("int8-state", "float32", "float32", (("state_dtype", "int8"),)),
         Precision("float8-state", "float32", "float32", (("state_dtype", "float8_e4m3"),)),
+        Precision("int4-state", "float32", "float32", (("state_dtype", "int4"),)),
         Precision("float16", "float16", "float16"),
         Precision("float16+master", "float16", "float16", (("master_weights", True),)),
     )

@@ -818,7 +818,7 @@ class FusedOptimizer(TorchContract, torch.optim.Optimizer):
         if io.quant and be.NAME == "numba":  # codes and scales: their own table (_quantized)
             table = _quantized.address_table(tensors, len(used), io.master)
             if table is not None:
-                chunks = _quantized.chunks(table)
+                chunks = _quantized.chunks(table, str(io.quant))
                 args = (b.spec_name, b.flags, writes, io, table, chunks, b.k, inv_scale)
                 _quantized.launch(*args, key=launch.key)
                 return table, chunks, io

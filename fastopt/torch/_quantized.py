@@ -52,7 +52,7 @@ __all__ = [
 
 
 def fmt_of(opt: Any) -> str | None:
-    """The quantized format of ``opt`` ("int8", "float8_e4m3"), or None."""
+    """The quantized format of ``opt`` ("int8", "float8_e4m3", "int4"), or None."""
     sd = getattr(opt, "state_dtype", None)
     return sd if sd in precision.QUANTIZED else None
 
@@ -81,17 +81,19 @@ def new_slot(p: torch.Tensor, spec: Any, hp: Any, slot: str, fmt: str) -> dict[s
     code, amax = Q.constant(spec.initial(slot, hp), fmt, spec.slot(slot).quant_map)
     codes_name, absmax_name = Q.names_of(slot)
     return {
-        codes_name: torch.full(p.shape, code, dtype=torch.uint8, device=p.device),
+        codes_name: torch.full(
+            Q.codes_shape(fmt, tuple(p.shape)), code, dtype=torch.uint8, device=p.device
+        ),
         absmax_name: torch.full(
-            (quant.nblocks(p.numel()),), float(amax), dtype=torch.float32, device=p.device
+            (quant.nblocks(p.numel(), fmt),), float(amax), dtype=torch.float32, device=p.device
         ),
     }
 
 
-def _expect(p: Any, part: str) -> tuple[torch.dtype, tuple[int, ...]]:
+def _expect(p: Any, part: str, fmt: str) -> tuple[torch.dtype, tuple[int, ...]]:
     if part == Q.CODES:
-        return torch.uint8, tuple(p.shape)
-    return torch.float32, (quant.nblocks(p.numel()),)
+        return torch.uint8, Q.codes_shape(fmt, tuple(p.shape))
+    return torch.float32, (quant.nblocks(p.numel(), fmt),)
 
 
 def check_slots(
@@ -129,7 +131,7 @@ def check_slots(
             for key, t in zip(keys, pair):
                 lbl = (label, f"state {key!r}")
                 span = check_written(t, lbl)  # a plain tensor, backed by its storage
-                dt, shape = _expect(p, Q.split_name(key)[1] or "")
+                dt, shape = _expect(p, Q.split_name(key)[1] or "", fmt)
                 if (
                     t.dtype is not dt
                     or tuple(t.shape) != shape
@@ -151,12 +153,15 @@ def check_device(be: Any, fmt: str | None, label: str) -> None:
     """Refuse (NotImplementedError, before anything is written) quantized state on a backend
     that does not step it on this path: every backend must declare ``QUANT_STATE``
     (``fastopt._quantized.check_backend``), a GPU backend (one with ``launch_table``) also
-    ``QUANT_TABLE`` (its tables take ``(codes, absmax)`` pairs)."""
+    ``QUANT_TABLE`` (its tables take ``(codes, absmax)`` pairs), and for a packed format
+    (``"int4"``) ``QUANT_PACKED``."""
     if fmt is None:
         return
     name = getattr(be, "NAME", be)
-    if not getattr(be, "QUANT_STATE", False) or (
-        hasattr(be, "launch_table") and not getattr(be, "QUANT_TABLE", False)
+    if (
+        not getattr(be, "QUANT_STATE", False)
+        or (hasattr(be, "launch_table") and not getattr(be, "QUANT_TABLE", False))
+        or (fmt in quant.PACKED and not getattr(be, "QUANT_PACKED", False))
     ):
         raise NotImplementedError(
             f"{label}: state_dtype={fmt!r}: backend {name!r} does not step quantized state in "
@@ -191,11 +196,11 @@ def address_table(tensors: list[Any], nslots: int, master: bool) -> np.ndarray |
     return np.array(rows, dtype=np.int64).reshape(len(tensors), 4 + 2 * nslots)
 
 
-def chunks(table: np.ndarray) -> np.ndarray:
-    """The block chunks of a quantized launch over ``table``."""
+def chunks(table: np.ndarray, fmt: str) -> np.ndarray:
+    """The block chunks of a quantized launch of format ``fmt`` over ``table``."""
     from ..backends.numba_quant_many import block_chunks
 
-    return block_chunks(table[:, 0].tolist())
+    return block_chunks(table[:, 0].tolist(), fmt)
 
 
 def launch(
@@ -284,7 +289,8 @@ def check_loaded(opt: Any, key: Any, st: dict[str, Any], p: torch.Tensor) -> Non
                 f"{name!r}; expected one form of the slot"
             )
         t = st[name]
-        dt, shape = _expect(p, part)
+        assert fmt is not None
+        dt, shape = _expect(p, part, fmt)
         if (
             not isinstance(t, torch.Tensor)
             or not plain_type(t)
@@ -295,9 +301,11 @@ def check_loaded(opt: Any, key: Any, st: dict[str, Any], p: torch.Tensor) -> Non
                 f"{who}.load_state_dict: state {name!r} of parameter {key!r} is "
                 f"{_describe(t)}; expected {dt}{list(shape)} ("
                 + (
-                    "one code per element of the parameter"
+                    "two codes per byte"
+                    if part == Q.CODES and fmt in quant.PACKED
+                    else "one code per element of the parameter"
                     if part == Q.CODES
-                    else f"one scale per block of {quant.BLOCK} elements"
+                    else f"one scale per block of {quant.BLOCKS[fmt]} elements"
                 )
                 + ")"
             )
@@ -325,7 +333,7 @@ def load_keeps(opt: Any, st: dict[str, Any], p: torch.Tensor) -> dict[str, Any]:
         elif isinstance(st.get(name), torch.Tensor) and st[name].is_floating_point():
             x = st[name].detach().to("cpu", torch.float32).contiguous()
             c, a = Q.quantize(x.numpy(), fmt, qm)
-            out[codes_name] = torch.from_numpy(c).reshape(x.shape).to(p.device)
+            out[codes_name] = torch.from_numpy(c).reshape(Q.codes_shape(fmt, x.shape)).to(p.device)
             out[absmax_name] = torch.from_numpy(a).to(p.device)
             out[name] = None  # the float slot is not kept
     return out
@@ -334,7 +342,8 @@ def load_keeps(opt: Any, st: dict[str, Any], p: torch.Tensor) -> dict[str, Any]:
 def full_precision_state_dict(opt: Any, state_dict: dict[str, Any] | None = None) -> dict[str, Any]:
     """``state_dict`` (default ``opt.state_dict()``) of the quantized ``fastopt.torch``
     optimizer ``opt`` with every quantized slot as one float32 tensor again (dequantized,
-    shaped like its codes, under the slot's own name): what ``torch.optim`` (``Adam``,
+    shaped like its codes, or for packed codes like ``opt``'s parameter of that index, under
+    the slot's own name): what ``torch.optim`` (``Adam``,
     ``AdamW``, ...) or a float32 ``fastopt.torch`` optimizer loads. A state dict that holds no
     quantized slot is returned as it is (a shallow copy)."""
     fmt = fmt_of(opt)
@@ -344,6 +353,8 @@ def full_precision_state_dict(opt: Any, state_dict: dict[str, Any] | None = None
         return out
     spec = RULES[type(opt)._fastopt._rule]
     q = quantized(spec, fmt)
+    # a state dict's keys index the parameters in the order of the groups
+    shapes = [tuple(p.shape) for g in opt.param_groups for p in g["params"]]
     state = {}
     for key, st in sd["state"].items():
         new = {}
@@ -353,10 +364,15 @@ def full_precision_state_dict(opt: Any, state_dict: dict[str, Any] | None = None
                 new[name] = v
             elif part == Q.CODES:
                 absmax = st[Q.names_of(base)[1]]
+                shape = shapes[key] if fmt in quant.PACKED else tuple(v.shape)
                 x = Q.dequantize(
-                    v.detach().cpu().numpy(), absmax.detach().cpu().float().numpy(), fmt, q[base]
+                    v.detach().cpu().numpy(),
+                    absmax.detach().cpu().float().numpy(),
+                    fmt,
+                    q[base],
+                    int(np.prod(shape)),
                 )
-                new[base] = torch.from_numpy(x).reshape(v.shape).to(v.device)
+                new[base] = torch.from_numpy(x).reshape(shape).to(v.device)
         state[key] = new
     out["state"] = state
     return out
