@@ -537,8 +537,9 @@ def _resident_blocks(device_id):
 def tensor_table(rule, io, tensors, chunk=None):
     """The checked ``_launch.TensorTable`` of ``tensors`` (``[(param, grad, slots, master)]``,
     CUDA tensors or CuPy arrays of one GPU, stored as the storage format ``io`` says; with
-    ``io.quant`` a quantized slot as its ``(codes, absmax)`` pair), for ``launch_table``. Its device copy is made by the first launch; keep the table with the
-    step that launches it and re-check it with ``same``/``update``/``set_column``."""
+    ``io.quant`` a quantized slot as its ``(codes, absmax)`` pair), for ``launch_table``. Its
+    device copy is made by the first launch; keep the table with the step that launches it
+    and re-check it with ``same``/``update``/``set_column``."""
     if not tensors:
         raise ValueError("an empty list of tensors")
     kind, index = _launch.describe(tensors[0][0], "tensor 0 param")[3]
