@@ -158,21 +158,14 @@ def table_kernel_name(rule: str) -> str:
 def table_arguments(
     rule: str, flags: Mapping[str, bool], io: IO, clip: bool = False
 ) -> list[tuple[str, str]]:
-    """``[(C type, name)]`` of the multi-tensor kernel: the table (``table_columns``), the
-    chunk entries of one block of codes each (``multi_tensor.chunk_table`` with chunk
-    ``QBLOCK``) and their count, ``qtab``, the scalars of ``quant_args``, then ``clip`` (the
-    device ``[norm, clip_coef]``) when ``clip``."""
-    _, scalars = quant_args(rule, flags, io)
-    out = [
-        ("const long long *__restrict__", "table"),
-        ("const unsigned long long *__restrict__", "chunks"),
-        ("const long long", "nchunks"),
-        ("const float *__restrict__", "qtab"),
-    ]
-    out += list(scalars)
-    if clip:
-        out.append(("const C *__restrict__", "clip"))
-    return out
+    """``[(C type, name)]`` of the multi-tensor kernel: ``multi_tensor.arguments`` with
+    ``qtab`` in the place of the chunk size (the chunk is one block of codes, ``QBLOCK``): the
+    table (``table_columns``), the chunk entries and their count, ``qtab``, the scalars of
+    ``quant_args``, then ``clip`` (the device ``[norm, clip_coef]``) when ``clip``."""
+    from . import multi_tensor
+
+    out = multi_tensor.arguments(rule, flags, plain_io(io), clip)  # the chunk size is QBLOCK
+    return [("const float *__restrict__", "qtab") if n == "chunk" else (t, n) for t, n in out]
 
 
 def table_source(

@@ -45,13 +45,21 @@ def _same(oa, ob, pa, pb, rtol, atol):
 @pytest.mark.parametrize("name", ["AdamW", "RAdam"])  # device scalars; host scalars
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16-master"])
 def test_table_path_equals_the_cpu_path(dtype, name, monkeypatch):
-    calls = []
-    orig = ncb.launch_table
-    monkeypatch.setattr(ncb, "launch_table", lambda *a, **k: (calls.append(a[3]), orig(*a, **k)))
     ps, qs = _params(dtype), _params(dtype)
     kw = dict(lr=1e-2, weight_decay=0.1, master_weights=True, max_grad_norm=3.0)
     ours = getattr(fot, name)(ps, backend="numba-cuda", **kw)
     ref = getattr(fot, name)(qs, backend="numba", **kw)
+    tol = (1e-6, 1e-7) if dtype is torch.float32 else (1e-2, 1e-3)
+    _one_launch_per_step(monkeypatch, ours, ref, ps, qs, lambda table, step: None, tol)
+
+
+def _one_launch_per_step(monkeypatch, ours, ref, ps, qs, check, tol=None):
+    """Three steps of ``ours`` (numba-cuda) and ``ref`` on the same gradients: each of ours one
+    ``launch_table`` (the group's cached table from the second on), then ``check(table,
+    step)`` and, with ``tol``, ``_same``."""
+    calls = []
+    orig = ncb.launch_table
+    monkeypatch.setattr(ncb, "launch_table", lambda *a, **k: (calls.append(a[3]), orig(*a, **k)))
     for step in range(1, 4):
         for p, q, g in zip(ps, qs, _grads(ps, step, (0.1, 2.0, 1.0)[step - 1])):
             p.grad, q.grad = g.clone(), g.clone()
@@ -61,8 +69,9 @@ def test_table_path_equals_the_cpu_path(dtype, name, monkeypatch):
         assert len(calls) == 1  # one table launch for the group
         if step > 1:  # the cached table, re-used
             assert calls[0] is ours._steady[0].dl.mt
-        tol = (1e-6, 1e-7) if dtype is torch.float32 else (1e-2, 1e-3)
-        _same(ours, ref, ps, qs, *tol)
+        check(calls[0], step)
+        if tol is not None:
+            _same(ours, ref, ps, qs, *tol)
 
 
 def test_capturable_step_with_device_loss_scale_matches_torch_fused():
@@ -120,23 +129,14 @@ def test_quantized_state_on_the_table_path_equals_the_cpu_path(fmt, dtype, kw, m
     codes and scales bit for bit (capturable: the scalars computed on the device), or with the
     gradient norm taken on the device (a clip coefficient rounded apart from the CPU's) within
     float32 rounding of it, codes at most one apart in under 1 % of elements."""
-    calls = []
-    orig = ncb.launch_table
-    monkeypatch.setattr(ncb, "launch_table", lambda *a, **k: (calls.append(a[3]), orig(*a, **k)))
     ps, qs = _params(dtype), _params(dtype)
     ours = fot.AdamW(ps, backend="numba-cuda", lr=1e-2, weight_decay=0.1, state_dtype=fmt, **kw)
     kw.pop("capturable", None)
     ref = fot.AdamW(qs, backend="numba", lr=1e-2, weight_decay=0.1, state_dtype=fmt, **kw)
     exact = "max_grad_norm" not in kw
-    for step in range(1, 4):
-        for p, q, g in zip(ps, qs, _grads(ps, step, (0.1, 2.0, 1.0)[step - 1])):
-            p.grad, q.grad = g.clone(), g.clone()
-        calls.clear()
-        ours.step()
-        ref.step()
-        assert len(calls) == 1 and calls[0].io.quant == fmt  # one launch, codes in the table
-        if step > 1:
-            assert calls[0] is ours._steady[0].dl.mt
+
+    def check(table, step):
+        assert table.io.quant == fmt  # the codes and scales in the table
         for i, (a, b) in enumerate(zip(ps, qs)):
             assert set(ours.state[a]) == set(ref.state[b])
             pairs = [("param", a.detach(), b.detach())]
@@ -150,3 +150,5 @@ def test_quantized_state_on_the_table_path_equals_the_cpu_path(fmt, dtype, kw, m
                 elif k != "step":  # float32 scales and masters; bfloat16 params by an ulp
                     tol = (1e-5, 1e-7) if x.dtype is torch.float32 else (1e-2, 1e-3)
                     torch.testing.assert_close(x.double(), y.double(), rtol=tol[0], atol=tol[1])
+
+    _one_launch_per_step(monkeypatch, ours, ref, ps, qs, check)

@@ -148,17 +148,25 @@ def _table_step(rule, hp, fmt, p, g, st, t, clip=None):
 
 @pytest.mark.parametrize(("rule", "fmt"), qc.rule_format_params(DEFAULT))
 def test_cuda_c_kernel_equals_float32_step_then_oracle_quantization(rule, fmt):
+    _held_to_the_definition(rule, fmt, 11, _step)
+
+
+def _held_to_the_definition(rule, fmt, seed, step):
+    """``STEPS`` steps of ``step(rule, hp, fmt, p, g, state, t)`` over the case's buffer, each
+    bit for bit the definition (``qc.expected``), the gap untouched; returns ``(rng, p,
+    state)`` for more."""
     hp = RULE_FULL[rule]
-    rng = np.random.default_rng(11)
+    rng = np.random.default_rng(seed)
     p = rng.standard_normal(qc.LENGTH).astype(np.float32)
     p[600:640] = qc.POISON
     st = qc.initial(rule, hp, fmt, rng)
     for t in range(1, STEPS + 1):
         g = rng.standard_normal(qc.LENGTH).astype(np.float32)
         want_p, want = qc.expected(rule, hp, fmt, p, g, st, t)
-        _step(rule, hp, fmt, p, g, st, t)
+        step(rule, hp, fmt, p, g, st, t)
         qc.assert_same(p, st, want_p, want, f"{rule} {fmt} step {t}")
     assert np.all(p[600:640] == qc.POISON)
+    return rng, p, st
 
 
 @pytest.mark.parametrize(("rule", "fmt"), qc.rule_format_params({("adam", "int8")}))
@@ -169,16 +177,7 @@ def test_multi_tensor_kernel_equals_float32_step_then_oracle_quantization(rule, 
     bit (params, codes, scales; the gap untouched); then a step reading a clip coefficient
     equals the step on the gradients times it."""
     hp = RULE_FULL[rule]
-    rng = np.random.default_rng(12)
-    p = rng.standard_normal(qc.LENGTH).astype(np.float32)
-    p[600:640] = qc.POISON
-    st = qc.initial(rule, hp, fmt, rng)
-    for t in range(1, STEPS + 1):
-        g = rng.standard_normal(qc.LENGTH).astype(np.float32)
-        want_p, want = qc.expected(rule, hp, fmt, p, g, st, t)
-        _table_step(rule, hp, fmt, p, g, st, t)
-        qc.assert_same(p, st, want_p, want, f"{rule} {fmt} step {t}")
-    assert np.all(p[600:640] == qc.POISON)
+    rng, p, st = _held_to_the_definition(rule, fmt, 12, _table_step)
     coef = np.float32(0.375)
     g = rng.standard_normal(qc.LENGTH).astype(np.float32)
     want_p, want = qc.expected(rule, hp, fmt, p, g * coef, st, STEPS + 1)

@@ -161,6 +161,32 @@ def test_host_step_counts_of_a_torch_state_dict_move_to_the_device(backend):
     _close(ours, ref, ps, qs, 1e-5, 1e-6)
 
 
+def _copy_grads(ps, qs, seed):
+    """New gradients into both lists' ``.grad`` tensors, in place (a captured step reads
+    them at their addresses)."""
+    for p, q, g in zip(ps, qs, _grads(ps, seed)):
+        p.grad.copy_(g)
+        q.grad.copy_(g)
+
+
+def _captured(ours, eager, ps, qs):
+    """Gradients set, three warm-up steps of both optimizers on a side stream (torch's capture
+    recipe), then ``ours.step()`` captured: the ``torch.cuda.CUDAGraph``."""
+    for p, q, g in zip(ps, qs, _grads(ps, 1)):
+        p.grad, q.grad = g.clone(), g.clone()
+    s = torch.cuda.Stream()
+    s.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(s):
+        for _ in range(3):
+            ours.step()
+            eager.step()
+    torch.cuda.current_stream().wait_stream(s)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        ours.step()
+    return graph
+
+
 @pytest.mark.parametrize("backend", gpu_backend_params())
 def test_cuda_graph_replays_equal_eager_steps(backend):
     _cuda()
@@ -170,24 +196,9 @@ def test_cuda_graph_replays_equal_eager_steps(backend):
     ours = fot.Adam(ps, lr=lr, capturable=True, backend=backend)
     eager = fot.Adam(qs, lr=torch.tensor(1e-3, device="cuda"), capturable=True, backend=backend)
     scheds = [torch.optim.lr_scheduler.StepLR(o, step_size=2, gamma=0.5) for o in (ours, eager)]
-    grads = _grads(ps, 1)
-    for p, q, g in zip(ps, qs, grads):
-        p.grad, q.grad = g.clone(), g.clone()
-    s = torch.cuda.Stream()
-    s.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(s):
-        for _ in range(3):  # warm-up steps on a side stream, as torch's capture recipe asks
-            ours.step()
-            eager.step()
-    torch.cuda.current_stream().wait_stream(s)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        ours.step()
+    graph = _captured(ours, eager, ps, qs)
     for i in range(6):
-        new = _grads(ps, 10 + i)
-        for p, q, g in zip(ps, qs, new):
-            p.grad.copy_(g)
-            q.grad.copy_(g)
+        _copy_grads(ps, qs, 10 + i)
         graph.replay()
         eager.step()
         for sc in scheds:
@@ -328,23 +339,9 @@ def test_quantized_cuda_graph_replays_equal_eager_steps(backend):
     qs = _twins(ps)
     kw = dict(lr=1e-3, weight_decay=0.01, state_dtype="int8", capturable=True, backend=backend)
     ours, eager = fot.AdamW(ps, **kw), fot.AdamW(qs, **kw)
-    for p, q, g in zip(ps, qs, _grads(ps, 1)):
-        p.grad, q.grad = g.clone(), g.clone()
-    s = torch.cuda.Stream()
-    s.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(s):
-        for _ in range(3):  # warm-up steps on a side stream, as torch's capture recipe asks
-            ours.step()
-            eager.step()
-    torch.cuda.current_stream().wait_stream(s)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        ours.step()
+    graph = _captured(ours, eager, ps, qs)
     for i in range(4):
-        new = _grads(ps, 10 + i)
-        for p, q, g in zip(ps, qs, new):
-            p.grad.copy_(g)
-            q.grad.copy_(g)
+        _copy_grads(ps, qs, 10 + i)
         graph.replay()
         torch.cuda.synchronize()
         torch.cuda.set_sync_debug_mode("error" if i else "default")  # the first: back on
