@@ -299,9 +299,8 @@ def _source(
         out.append("        __syncthreads();  // qred_ is read by every thread before it is reused")
     out.append("    }")
     out.append("}")
-    head = "typedef float C;\n"
     return (
-        head
+        "typedef float C;\n"
         + cuda_source.preamble(rule, flags)
         + "\n"
         + cuda_source.storage_source()

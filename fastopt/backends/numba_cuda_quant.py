@@ -498,8 +498,11 @@ def launch_table(
     qtab, tq = tables(io.quant, maps), _tq(io.quant, maps)
     scalars = tuple(np.float32(v) for v in k)
     inv = extras.get("inv_scale")
-    x = (np.float32(1.0 if inv is None else inv), np.int64(extras.get("salt", 0)))
-    x += (np.int64(extras.get("key", 0)),)
+    x = (
+        np.float32(1.0 if inv is None else inv),
+        np.int64(extras.get("salt", 0)),
+        np.int64(extras.get("key", 0)),
+    )
     fn = kernel(rule, flags, io, True, clip is not None)
 
     def run() -> None:
@@ -516,7 +519,7 @@ def launch_table(
             for n in ("kbuf", "scale", "found_inf", "keyp")
         ]
         cl = hole if clip is None else ncb._arg(clip, dev, "clip")
-        q = qtab.copy() if sim else _on_device(qtab, dev)
+        q = qtab.copy() if dev is None else _on_device(qtab, dev)
         args = (table.device_rows, table.device_chunks, np.int64(table.nchunks), *likes, q)
         args += (tq, scalars, x, *devs, cl)
         if sim:
