@@ -41,9 +41,12 @@ atexit.register(shutil.rmtree, _BUILD, True)
 
 @functools.cache
 def _kernel(
-    rule: str, flags: tuple[tuple[str, bool], ...], io: storage.IO, table: bool = False,
+    rule: str,
+    flags: tuple[tuple[str, bool], ...],
+    io: storage.IO,
+    table: bool = False,
     clip: bool = False,
-):  # fmt: skip
+):
     """The g++-built kernel of one variant: ``run(arrays, k, d, qtab, blocks, nb, grid)``;
     with ``table`` the multi-tensor kernel (``quant_cuda.table_source``): ``arrays[0]`` the
     table's rows, ``blocks`` its chunk entries, ``nb`` their count, and with ``clip`` the clip

@@ -240,8 +240,9 @@ def _source(
 _compiled: dict[Any, Any] = {}
 
 
-def python_kernel(rule: str, flags: dict[str, bool], io: storage.IO, table: bool = False,
-                  clip: bool = False) -> Any:  # fmt: skip
+def python_kernel(
+    rule: str, flags: dict[str, bool], io: storage.IO, table: bool = False, clip: bool = False
+) -> Any:
     """The uncompiled kernel of one variant under ``io`` (``io.quant`` set): the one-buffer
     kernel, or with ``table`` the multi-tensor one (``table_kernel_source``)."""
     cuda = ncb.cuda
