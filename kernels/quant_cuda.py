@@ -40,6 +40,7 @@ __all__ = [
     "constants",
     "header",
     "kernel_name",
+    "maps",
     "plain_io",
     "qslots",
     "quant_args",
@@ -60,6 +61,12 @@ def qslots(rule: str, flags: Mapping[str, bool]) -> tuple[bool, ...]:
     ``Slot.quantize``)?"""
     used = RULES[rule].slots_used(flags)
     return tuple(bool(u and s.quantize) for s, u in zip(RULES[rule].slots, used))
+
+
+def maps(rule: str, flags: Mapping[str, bool]) -> tuple[str, ...]:
+    """The maps of the ``flags`` variant's quantized slots, in slot order (what ``tables``
+    packs)."""
+    return tuple(s.quant_map for s, q in zip(RULES[rule].slots, qslots(rule, flags)) if q)
 
 
 def plain_io(io: IO) -> IO:

@@ -247,7 +247,7 @@ class TensorTable:
 
     def _rows(self, tensors: Sequence[Any]) -> tuple[np.ndarray, Any]:
         from ..kernels import RULES
-        from ..kernels.quant import BLOCK as QBLOCK
+        from ..kernels.quant import nblocks
 
         io, nslots = self.io, len(RULES[self.rule].state)
         quantized = self._quantized()
@@ -285,7 +285,7 @@ class TensorTable:
                         )
                     codes, absmax = (None, None) if a is None else a
                     cells.append((name, codes, "uint8", n))
-                    scales.append((f"{name}_absmax", absmax, "float32", -(-n // QBLOCK)))
+                    scales.append((f"{name}_absmax", absmax, "float32", nblocks(n)))
                     continue
                 if isinstance(a, tuple):
                     raise TypeError(

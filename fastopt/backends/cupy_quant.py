@@ -56,12 +56,6 @@ def table_kernel(rule: str, flags: Mapping[str, bool], io: IO, clip: bool = Fals
     return k
 
 
-def _maps(rule: str, flags: Mapping[str, bool]) -> tuple[str, ...]:
-    """The maps of the variant's quantized slots, in slot order (``quant_cuda.tables``)."""
-    q = quant_cuda.qslots(rule, flags)
-    return tuple(s.quant_map for s, qd in zip(RULES[rule].slots, q) if qd)
-
-
 def table_arguments(
     rule: str,
     flags: Mapping[str, bool],
@@ -94,7 +88,7 @@ def launch_table(
     """One launch over every tensor of ``table`` on the current device and stream, its device
     copy up to date (``cupy_backend.launch_table`` checks and calls it): one CUDA block of
     ``QBLOCK`` threads per block of codes, a grid of one wave grid-striding over them."""
-    qtab = _on_device(quant_cuda.tables(io.quant, _maps(rule, flags)))
+    qtab = _on_device(quant_cuda.tables(io.quant, quant_cuda.maps(rule, flags)))
     args = table_arguments(rule, flags, io, table, qtab, k, extras, clip)
     kern = table_kernel(rule, flags, io, clip is not None)
     key = ("table", rule, tuple(sorted(flags.items())), io, clip is not None)
@@ -181,7 +175,7 @@ def launch_quant(
             ex[d] = cb._as_cupy(ex[d], d)
     stream = cb._stream_for(_launch.producer_stream(param))
     with p.device:
-        qtab = _on_device(quant_cuda.tables(io.quant, _maps(rule, flags)))
+        qtab = _on_device(quant_cuda.tables(io.quant, quant_cuda.maps(rule, flags)))
         dblocks = _on_device(np.asarray(blocks, np.int64))
         args = quant_arguments(rule, flags, io, named, (qtab, dblocks, nb), k, ex)
         kern = quant_kernel(rule, flags, io)

@@ -22,7 +22,7 @@ from typing import Any
 import numpy as np
 
 from ..kernels import RULES, quant, storage
-from ..kernels.quant_cuda import QBLOCK, constants, qslots, tables
+from ..kernels.quant_cuda import QBLOCK, constants, maps, qslots, tables
 from ..kernels.storage import bits_f32, f32_bits
 from . import _launch
 from . import numba_cuda_backend as ncb
@@ -294,10 +294,6 @@ def kernel(
     return fn
 
 
-def _maps(rule: str, flags: dict[str, bool]) -> tuple[str, ...]:
-    return tuple(s.quant_map for s, q in zip(RULES[rule].slots, qslots(rule, flags)) if q)
-
-
 def _tq(fmt: str, maps: tuple[str, ...]) -> tuple[np.float32, ...]:
     out: list[np.float32] = []
     for m in maps:
@@ -410,8 +406,8 @@ def launch_quant(
     nb = int(blocks.shape[0])
     if nb == 0:
         return
-    qtab = tables(io.quant, _maps(rule, flags))
-    tq = _tq(io.quant, _maps(rule, flags))
+    qtab = tables(io.quant, maps(rule, flags))
+    tq = _tq(io.quant, maps(rule, flags))
     scalars = tuple(np.float32(v) for v in k)
     inv = extras.get("inv_scale")
     x = (
@@ -494,9 +490,9 @@ def launch_table(
     ``QBLOCK`` threads per block of codes, a grid of one wave grid-striding over them, on
     ``stream`` (a handle; None: the default stream). Under the simulator the tensors are host
     arrays."""
-    maps = _maps(rule, flags)
+    qm = maps(rule, flags)
     assert io.quant is not None
-    qtab, tq = tables(io.quant, maps), _tq(io.quant, maps)
+    qtab, tq = tables(io.quant, qm), _tq(io.quant, qm)
     scalars = tuple(np.float32(v) for v in k)
     inv = extras.get("inv_scale")
     x = (
