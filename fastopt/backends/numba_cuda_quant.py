@@ -302,6 +302,22 @@ def _tq(fmt: str, maps: tuple[str, ...]) -> tuple[np.float32, ...]:
     return tuple(out) or (np.float32(1), np.float32(1))
 
 
+def _host_inputs(
+    rule: str, flags: dict[str, bool], io: storage.IO, k: Sequence[float], extras: dict[str, Any]
+) -> tuple[np.ndarray, tuple[Any, ...], tuple[Any, ...], tuple[Any, ...]]:
+    """``(qtab, tq, k, x)`` of a launch: the packed tables and ``(top, tiny)`` of the variant's
+    quantized slots, the host scalars in float32, ``x = (1/grad_scale, salt, step key)``."""
+    qm = maps(rule, flags)
+    assert io.quant is not None
+    inv = extras.get("inv_scale")
+    x = (
+        np.float32(1.0 if inv is None else inv),
+        np.int64(extras.get("salt", 0)),
+        np.int64(extras.get("key", 0)),
+    )
+    return tables(io.quant, qm), _tq(io.quant, qm), tuple(np.float32(v) for v in k), x
+
+
 def signature(rule: str, flags: dict[str, bool], io: storage.IO) -> tuple[Any, ...]:
     """The numba argument types of the kernel (placeholders typed as the param), for
     ``cuda.compile_ptx`` without a GPU."""
@@ -406,15 +422,7 @@ def launch_quant(
     nb = int(blocks.shape[0])
     if nb == 0:
         return
-    qtab = tables(io.quant, maps(rule, flags))
-    tq = _tq(io.quant, maps(rule, flags))
-    scalars = tuple(np.float32(v) for v in k)
-    inv = extras.get("inv_scale")
-    x = (
-        np.float32(1.0 if inv is None else inv),
-        np.int64(extras.get("salt", 0)),
-        np.int64(extras.get("key", 0)),
-    )
+    qtab, tq, scalars, x = _host_inputs(rule, flags, io, k, extras)
     dev = [extras.get(d) for d in ("kbuf", "scale", "found_inf", "keyp")]
     fn = kernel(rule, flags, io)
     p = ncb._bits16(param)
@@ -490,16 +498,7 @@ def launch_table(
     ``QBLOCK`` threads per block of codes, a grid of one wave grid-striding over them, on
     ``stream`` (a handle; None: the default stream). Under the simulator the tensors are host
     arrays."""
-    qm = maps(rule, flags)
-    assert io.quant is not None
-    qtab, tq = tables(io.quant, qm), _tq(io.quant, qm)
-    scalars = tuple(np.float32(v) for v in k)
-    inv = extras.get("inv_scale")
-    x = (
-        np.float32(1.0 if inv is None else inv),
-        np.int64(extras.get("salt", 0)),
-        np.int64(extras.get("key", 0)),
-    )
+    qtab, tq, scalars, x = _host_inputs(rule, flags, io, k, extras)
     fn = kernel(rule, flags, io, True, clip is not None)
 
     def run() -> None:
