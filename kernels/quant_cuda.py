@@ -40,10 +40,15 @@ __all__ = [
     "constants",
     "header",
     "kernel_name",
+    "maps",
     "plain_io",
     "qslots",
     "quant_args",
     "quant_source",
+    "table_arguments",
+    "table_columns",
+    "table_kernel_name",
+    "table_source",
     "tables",
 ]
 
@@ -56,6 +61,12 @@ def qslots(rule: str, flags: Mapping[str, bool]) -> tuple[bool, ...]:
     ``Slot.quantize``)?"""
     used = RULES[rule].slots_used(flags)
     return tuple(bool(u and s.quantize) for s, u in zip(RULES[rule].slots, used))
+
+
+def maps(rule: str, flags: Mapping[str, bool]) -> tuple[str, ...]:
+    """The maps of the ``flags`` variant's quantized slots, in slot order (what ``tables``
+    packs)."""
+    return tuple(s.quant_map for s, q in zip(RULES[rule].slots, qslots(rule, flags)) if q)
 
 
 def plain_io(io: IO) -> IO:
@@ -120,16 +131,7 @@ def quant_source(rule: str, flags: Mapping[str, bool], io: IO, name: str | None 
     (``io.quant`` set): compute type ``C`` (float32), the flag ``#define``s, the rule's body,
     the storage conversions, the codec (``quant.cuh``) and the kernel ``name`` (default
     ``fastopt_<rule>_quant``)."""
-    if io.quant is None or io.compute != "float32":
-        raise ValueError(f"quantized state needs float32 compute and io.quant; got {io}")
-    spec = RULES[rule]
-    plain = plain_io(io)
     arrays, scalars = quant_args(rule, flags, io)
-    qs = [j for j, q in enumerate(qslots(rule, flags)) if q]
-    row = {j: r for r, j in enumerate(qs)}
-    nq = max(len(qs), 1)
-    state = spec.state
-    qname = {state[j]: f"q{j}_" for j in qs}
     params = [f"{'' if w else 'const '}{t} *__restrict__ {a}" for a, t, w in arrays]
     params += [
         "const float *__restrict__ qtab",
@@ -137,15 +139,116 @@ def quant_source(rule: str, flags: Mapping[str, bool], io: IO, name: str | None 
         "const long long nb",
     ]
     params += [f"{t} {n}" for t, n in scalars]
+    head = [
+        "    for (long long b = blockIdx.x; b < nb; b += gridDim.x) {",
+        "        const long long i = blocks[2 * b] + t;",
+        "        const bool act = i < blocks[2 * b + 1];",
+    ]
+    kernel = name or kernel_name(rule)
+    return _source(rule, flags, io, kernel, params, head, "i", "b")
+
+
+def table_columns(rule: str, master: bool) -> tuple[str, ...]:
+    """The columns of a quantized multi-tensor table: ``multi_tensor.columns`` (a quantized
+    slot's column holds its codes' address), then ``<slot>_absmax`` for every state slot (its
+    block scales' address; 0 where the slot is not quantized)."""
+    from . import multi_tensor
+
+    state = RULES[rule].state
+    return multi_tensor.columns(rule, master) + tuple(f"{s}_absmax" for s in state)
+
+
+def table_kernel_name(rule: str) -> str:
+    return f"fastopt_mt_{rule}_quant"
+
+
+def table_arguments(
+    rule: str, flags: Mapping[str, bool], io: IO, clip: bool = False
+) -> list[tuple[str, str]]:
+    """``[(C type, name)]`` of the multi-tensor kernel: ``multi_tensor.arguments`` with
+    ``qtab`` in the place of the chunk size (the chunk is one block of codes, ``QBLOCK``): the
+    table (``table_columns``), the chunk entries and their count, ``qtab``, the scalars of
+    ``quant_args``, then ``clip`` (the device ``[norm, clip_coef]``) when ``clip``."""
+    from . import multi_tensor
+
+    out = multi_tensor.arguments(rule, flags, plain_io(io), clip)  # the chunk size is QBLOCK
+    return [("const float *__restrict__", "qtab") if n == "chunk" else (t, n) for t, n in out]
+
+
+def table_source(
+    rule: str, flags: Mapping[str, bool], io: IO, clip: bool = False, name: str | None = None
+) -> str:
+    """The CUDA C translation unit of the multi-tensor kernel of one variant under ``io``
+    (``io.quant`` set): the one-buffer kernel's block (``quant_source``) over a table of
+    tensors, one CUDA block per entry of the chunk table (a block of codes of one tensor:
+    ``multi_tensor.cuh``'s ``fastopt_mt_chunk`` with chunk ``QBLOCK``), each array addressed
+    from the tensor's row at the block's first element, its scales at the block's number; the
+    stochastic-rounding index counted from the tensor's start, the gradient times the clip
+    coefficient when ``clip``."""
+    from . import multi_tensor
+
+    arrays, _ = quant_args(rule, flags, io)
+    col = {c: j for j, c in enumerate(table_columns(rule, io.master))}
+    params = [f"{t} {n}" for t, n in table_arguments(rule, flags, io, clip)]
+    head = [
+        "    for (long long b = blockIdx.x; b < nchunks; b += gridDim.x) {",
+        "        long long lo_, hi_;",
+        f"        const long long *const row_ = fastopt_mt_chunk(table, {len(col)}, chunks[b], "
+        f"{QBLOCK}, &lo_, &hi_);",
+    ]
+    scales = {f"{s}_absmax" for s in RULES[rule].state}
+    for a, t, w in arrays:
+        t = t if w else f"const {t}"
+        at = f"lo_ / {QBLOCK}" if a in scales else "lo_"  # a block's scale, an element
+        head.append(f"        {t} *const {a} = fastopt_mt_ptr<{t}>(row_[{col[a]}], {at});")
+    head += [
+        "        const long long i = lo_ + t;",
+        "        const bool act = i < hi_;",
+    ]
+    factors = ("clip_",) if clip else ()
+    kernel = name or table_kernel_name(rule)
+    lib = multi_tensor.header() + "\n"
+    return _source(rule, flags, io, kernel, params, head, "t", "0", factors, clip, lib)
+
+
+def _source(
+    rule: str,
+    flags: Mapping[str, bool],
+    io: IO,
+    kernel: str,
+    params: list[str],
+    head: list[str],
+    at: str,
+    blk: str,
+    factors: tuple[str, ...] = (),
+    clip: bool = False,
+    lib: str = "",
+) -> str:
+    """The translation unit of a quantized kernel ``kernel(params)``: ``head`` opens the loop
+    over blocks of codes (declaring ``i``, the element's index in its tensor, and ``act``),
+    ``at`` indexes the element in its arrays and ``blk`` the block in its scales; ``factors``
+    multiply the gradient (``cuda_source.mixed_lane``), ``clip`` reads ``clip_`` from the
+    argument ``clip``, ``lib`` is pasted before the kernel."""
+    if io.quant is None or io.compute != "float32":
+        raise ValueError(f"quantized state needs float32 compute and io.quant; got {io}")
+    spec = RULES[rule]
+    plain = plain_io(io)
+    qs = [j for j, q in enumerate(qslots(rule, flags)) if q]
+    row = {j: r for r, j in enumerate(qs)}
+    nq = max(len(qs), 1)
+    state = spec.state
+    qname = {state[j]: f"q{j}_" for j in qs}
 
     def ref(a: str) -> str:
-        return qname.get(a, f"{a}[i]")
+        return qname.get(a, f"{a}[{at}]")
 
     lane: Callable[..., list[str]] = cuda_source.mixed_lane
-    body = lane(rule, flags, plain, ref, "i")
+    body = lane(rule, flags, plain, ref, "i", factors)
     consts = {j: constants(io.quant, spec.slots[j].quant_map) for j in qs}
-    out = [f'extern "C" __global__ void {name or kernel_name(rule)}({", ".join(params)})', "{"]
+    out = [f'extern "C" __global__ void {kernel}({", ".join(params)})', "{"]
     out += [f"    {ln}" for ln in cuda_source.mixed_prologue(rule, plain)]
+    if clip:
+        out.append("    const C clip_ = clip[1];")
     out.append("    const int t = threadIdx.x;")
     if qs:  # (a variant that uses no quantized slot keeps only the element loop)
         out += [
@@ -158,17 +261,14 @@ def quant_source(rule: str, flags: Mapping[str, bool], io: IO, name: str | None 
             "    }",
             "    __syncthreads();",
         ]
-    out += [
-        "    for (long long b = blockIdx.x; b < nb; b += gridDim.x) {",
-        "        const long long i = blocks[2 * b] + t;",
-        "        const bool act = i < blocks[2 * b + 1];",
-    ]
+    out += head
     out += [f"        C q{j}_ = C(0);" for j in qs]
     out.append("        if (act) {")
     for j in qs:
         s = state[j]
         out.append(
-            f"            q{j}_ = qdec_[{row[j]}][{s}[i]] * ({s}_absmax[b] / {_f32(consts[j][0])});"
+            f"            q{j}_ = qdec_[{row[j]}][{s}[{at}]] * ({s}_absmax[{blk}] / "
+            f"{_f32(consts[j][0])});"
         )
     out += [f"            {ln}" for ln in body]
     out.append("        }")
@@ -195,26 +295,26 @@ def quant_source(rule: str, flags: Mapping[str, bool], io: IO, name: str | None 
             f"        const float n{j}_ = __uint_as_float(qred_[{r}][0]);",
             f"        const float e{j}_ = n{j}_ >= {_f32(tiny)} ? {_f32(top)} / n{j}_ : 0.0f;",
             "        if (act) {",
-            f"            {s}[i] = (unsigned char)fastopt_q_encode(q{j}_ * e{j}_, qthr_[{r}], "
-            f"{int(signmag)});",
+            f"            {s}[{at}] = (unsigned char)fastopt_q_encode(q{j}_ * e{j}_, "
+            f"qthr_[{r}], {int(signmag)});",
             "        }",
             "        if (t == 0) {",
-            f"            {s}_absmax[b] = n{j}_;",
+            f"            {s}_absmax[{blk}] = n{j}_;",
             "        }",
         ]
     if qs:
         out.append("        __syncthreads();  // qred_ is read by every thread before it is reused")
     out.append("    }")
     out.append("}")
-    head = "typedef float C;\n"
     return (
-        head
+        "typedef float C;\n"
         + cuda_source.preamble(rule, flags)
         + "\n"
         + cuda_source.storage_source()
         + "\n"
         + header()
         + "\n"
+        + lib
         + "\n".join(out)
         + "\n"
     )

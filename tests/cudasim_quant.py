@@ -5,7 +5,8 @@ state, then the oracle's quantization; the simulator runs the rules as Python, w
 ``math.sqrt`` rounds some rules' results apart from the compiled CPU loop's, so the CPU loop is
 the reference only where both agree: the door's Adam): params, codes and scales, over two tensors
 in one buffer (each ending in a short block; the gap between them untouched), on a grid of
-fewer CUDA blocks than blocks of codes; and through ``fastopt.functional`` (the door a
+fewer CUDA blocks than blocks of codes; the multi-tensor kernel (``launch_table`` over a
+``tensor_table`` of the two tensors) likewise; and through ``fastopt.functional`` (the door a
 numba-cuda step with ``state_dtype=`` takes) against the CPU backend's quantized step.
 
 Run by ``tests/test_cudasim.py`` in a child pytest with ``NUMBA_ENABLE_CUDASIM=1``. One small
@@ -58,6 +59,33 @@ def test_kernel_equals_float32_step_then_oracle_quantization(rule, fmt):
             for s in spec.slots
         ]
         launch_quant(rule, flags, p, g, states, k, storage.IO(quant=fmt))
+        qc.assert_same(p, st, want_p, want, f"{rule} {fmt} step {t}")
+    assert np.all(p[600:640] == qc.POISON)
+
+
+@pytest.mark.parametrize(
+    ("rule", "fmt"),
+    qc.rule_format_params(
+        {("adam", "float8_e4m3")}, [r for r in RULES if any(s.quantize for s in RULES[r].slots)]
+    ),
+)
+def test_table_kernel_equals_float32_step_then_oracle_quantization(rule, fmt):
+    """``launch_table`` over a ``tensor_table`` of the buffer's two tensors (the second first,
+    each quantized slot a ``(codes, absmax)`` pair of views): per tensor the definition, bit
+    for bit, the gap untouched."""
+    spec, hp = RULES[rule], RULE_FULL[rule]
+    io = storage.IO(quant=fmt)
+    rng = np.random.default_rng(4)
+    p = rng.standard_normal(qc.LENGTH).astype(np.float32)
+    p[600:640] = qc.POISON
+    st = qc.initial(rule, hp, fmt, rng)
+    g = np.zeros(qc.LENGTH, np.float32)
+    table = ncb.tensor_table(rule, io, qc.tensors(rule, p, g, st))
+    for t in range(1, STEPS + 1):
+        g[:] = rng.standard_normal(qc.LENGTH).astype(np.float32)
+        want_p, want = qc.expected(rule, hp, fmt, p, g, st, t, backend="numba-cuda")
+        flags, k = spec.variant_and_scalars(hp, t, spec.replay_host_state(hp, t))
+        ncb.launch_table(rule, flags, io, table, k)
         qc.assert_same(p, st, want_p, want, f"{rule} {fmt} step {t}")
     assert np.all(p[600:640] == qc.POISON)
 

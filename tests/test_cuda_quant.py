@@ -40,14 +40,31 @@ atexit.register(shutil.rmtree, _BUILD, True)
 
 
 @functools.cache
-def _kernel(rule: str, flags: tuple[tuple[str, bool], ...], io: storage.IO):
-    """The g++-built kernel of one variant: ``run(arrays, k, qtab, blocks, nb, grid)``."""
+def _kernel(
+    rule: str,
+    flags: tuple[tuple[str, bool], ...],
+    io: storage.IO,
+    table: bool = False,
+    clip: bool = False,
+):
+    """The g++-built kernel of one variant: ``run(arrays, k, d, qtab, blocks, nb, grid)``;
+    with ``table`` the multi-tensor kernel (``quant_cuda.table_source``): ``arrays[0]`` the
+    table's rows, ``blocks`` its chunk entries, ``nb`` their count, and with ``clip`` the clip
+    buffer the last of ``d``."""
     fl = dict(flags)
-    tag = f"k{abs(hash((rule, flags, io))) % 10**12}"
-    name = f"{quant_cuda.kernel_name(rule)}_{tag}"
+    tag = f"k{abs(hash((rule, flags, io, table, clip))) % 10**12}"
     arrays, scalars = quant_cuda.quant_args(rule, fl, io)
-    args = [f"({t} *)a[{j}]" for j, (_, t, _) in enumerate(arrays)]
-    args += ["qtab", "blocks", "nb"]
+    if table:
+        name = f"{quant_cuda.table_kernel_name(rule)}_{tag}"
+        src = quant_cuda.table_source(rule, fl, io, clip, name=name)
+        args = ["(const long long *)a[0]", "(const unsigned long long *)blocks", "nb", "qtab"]
+    else:
+        name = f"{quant_cuda.kernel_name(rule)}_{tag}"
+        src = quant_cuda.quant_source(rule, fl, io, name=name)
+        args = [f"({t} *)a[{j}]" for j, (_, t, _) in enumerate(arrays)]
+        args += ["qtab", "blocks", "nb"]
+    if clip:
+        scalars = [*scalars, ("const C *", "clip")]
     nk = nd = 0
     for t, _ in scalars:  # host values from k, device buffers from d, in declared order
         if "*" in t:
@@ -59,7 +76,7 @@ def _kernel(rule: str, flags: tuple[tuple[str, bool], ...], io: storage.IO):
     code = "\n".join(
         [
             f"namespace {tag} {{",
-            quant_cuda.quant_source(rule, fl, io, name=name),
+            src,
             f'extern "C" void run_{tag}(void *const *a, const double *k, void *const *d, '
             "const float *qtab, const long long *blocks, long long nb, unsigned grid) {",
             f"    fastopt_grid_threads(grid, {quant_cuda.QBLOCK}, [&] "
@@ -109,19 +126,66 @@ def _step(rule, hp, fmt, p, g, st, t, io=None, extras=(), dev=()):
     fn(ptrs, ks.ctypes.data, dp, qtab.ctypes.data, blocks.ctypes.data, blocks.shape[0], GRID)
 
 
+def _table_step(rule, hp, fmt, p, g, st, t, clip=None):
+    """One step of the g++-built multi-tensor kernel over the buffer's tensors as a table
+    holds them (``qc.tensors``: the table and its chunk entries made and checked by
+    ``_launch.TensorTable``), in place; ``clip``: the ``[norm, clip_coef]`` it reads."""
+    from fastopt.backends._launch import TensorTable
+
+    spec = RULES[rule]
+    flags, k = spec.variant_and_scalars(hp, t, spec.replay_host_state(hp, t))
+    io = storage.IO(quant=fmt)
+    table = TensorTable(rule, io, qc.tensors(rule, p, g, st))
+    table.check(rule, flags, io)
+    key = tuple(sorted(flags.items()))
+    fn, _ = _kernel(rule, key, io, True, clip is not None)
+    ptrs = (ctypes.c_void_p * 1)(table.rows.ctypes.data)
+    qmaps = tuple(s.quant_map for s, q in zip(spec.slots, quant_cuda.qslots(rule, flags)) if q)
+    qtab = quant_cuda.tables(fmt, qmaps)
+    ks = np.array([*k, 0.0], np.float64)
+    dev = [] if clip is None else [clip]
+    dp = (ctypes.c_void_p * max(1, len(dev)))(*[a.ctypes.data for a in dev])
+    chunks = table.chunks
+    fn(ptrs, ks.ctypes.data, dp, qtab.ctypes.data, chunks.ctypes.data, table.nchunks, GRID)
+
+
 @pytest.mark.parametrize(("rule", "fmt"), qc.rule_format_params(DEFAULT))
 def test_cuda_c_kernel_equals_float32_step_then_oracle_quantization(rule, fmt):
+    _held_to_the_definition(rule, fmt, 11, _step)
+
+
+def _held_to_the_definition(rule, fmt, seed, step):
+    """``STEPS`` steps of ``step(rule, hp, fmt, p, g, state, t)`` over the case's buffer, each
+    bit for bit the definition (``qc.expected``), the gap untouched; returns ``(rng, p,
+    state)`` for more."""
     hp = RULE_FULL[rule]
-    rng = np.random.default_rng(11)
+    rng = np.random.default_rng(seed)
     p = rng.standard_normal(qc.LENGTH).astype(np.float32)
     p[600:640] = qc.POISON
     st = qc.initial(rule, hp, fmt, rng)
     for t in range(1, STEPS + 1):
         g = rng.standard_normal(qc.LENGTH).astype(np.float32)
         want_p, want = qc.expected(rule, hp, fmt, p, g, st, t)
-        _step(rule, hp, fmt, p, g, st, t)
+        step(rule, hp, fmt, p, g, st, t)
         qc.assert_same(p, st, want_p, want, f"{rule} {fmt} step {t}")
     assert np.all(p[600:640] == qc.POISON)
+    return rng, p, st
+
+
+@pytest.mark.parametrize(("rule", "fmt"), qc.rule_format_params({("adam", "int8")}))
+def test_multi_tensor_kernel_equals_float32_step_then_oracle_quantization(rule, fmt):
+    """The multi-tensor kernel (``quant_cuda.table_source``: one launch over a table of
+    tensors, a CUDA block per block of codes, each tensor's scales from its own row) over the
+    buffer's two tensors, the second first in the table: per tensor the definition, bit for
+    bit (params, codes, scales; the gap untouched); then a step reading a clip coefficient
+    equals the step on the gradients times it."""
+    hp = RULE_FULL[rule]
+    rng, p, st = _held_to_the_definition(rule, fmt, 12, _table_step)
+    coef = np.float32(0.375)
+    g = rng.standard_normal(qc.LENGTH).astype(np.float32)
+    want_p, want = qc.expected(rule, hp, fmt, p, g * coef, st, STEPS + 1)
+    _table_step(rule, hp, fmt, p, g, st, STEPS + 1, clip=np.array([9.0, coef], np.float32))
+    qc.assert_same(p, st, want_p, want, f"{rule} {fmt} clipped")
 
 
 @pytest.mark.exhaustive  # a numba compile of the CPU loop of this format besides g++

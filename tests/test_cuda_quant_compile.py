@@ -4,7 +4,10 @@ numba-cuda kernel (``backends/numba_cuda_quant.py``) by NVVM for sm_90, each fre
 instructions (the math is float32: a stray double literal would show as ``.f64``) and with its
 shared-memory tables present. By default Adam with every probe on (three quantized slots) in
 each format and a bfloat16-param plan (numba-cuda: that plan alone); every rule under
-``exhaustive``. Skipped when NVRTC or numba-cuda's NVVM is missing.
+``exhaustive``. Each in two forms: the one-buffer kernel and the multi-tensor one
+(``quant_cuda.table_source``, ``numba_cuda_quant.table_kernel_source``, reading the clip
+coefficient), the latter by default for the bfloat16-param plan. Skipped when NVRTC or
+numba-cuda's NVVM is missing.
 """
 
 from __future__ import annotations
@@ -40,6 +43,17 @@ def _cases():
                 )
             )
     out.append(pytest.param("adam", BF16, id="adam-bf16-sr-int8"))
+    return _with_forms(out)
+
+
+def _with_forms(cases):
+    """Each case in the one-buffer form (``table=False``) and the multi-tensor form, the
+    latter beyond the bfloat16-param plan ``exhaustive``."""
+    out = []
+    for c in cases:
+        out.append(pytest.param(*c.values, False, id=c.id, marks=c.marks))
+        marks = c.marks if c.id == "adam-bf16-sr-int8" else (pytest.mark.exhaustive,)
+        out.append(pytest.param(*c.values, True, id=f"{c.id}-table", marks=marks))
     return out
 
 
@@ -47,14 +61,18 @@ def _instructions(ptx):
     return [ln.split("//")[0] for ln in ptx.splitlines() if ln.startswith("\t")]
 
 
-@pytest.mark.parametrize(("rule", "io"), _cases())
-def test_nvrtc_compiles_the_cuda_c_kernel(rule, io):
+@pytest.mark.parametrize(("rule", "io", "table"), _cases())
+def test_nvrtc_compiles_the_cuda_c_kernel(rule, io, table):
     nvrtc = pytest.importorskip("cuda.bindings.nvrtc")
     try:
         nvrtc.nvrtcVersion()
     except Exception as exc:
         pytest.skip(f"NVRTC cannot be loaded: {exc}")
-    src = quant_cuda.quant_source(rule, _flags(rule), io)
+    if table:
+        src = quant_cuda.table_source(rule, _flags(rule), io, clip=True)
+        name = quant_cuda.table_kernel_name(rule)
+    else:
+        src, name = quant_cuda.quant_source(rule, _flags(rule), io), quant_cuda.kernel_name(rule)
     _, prog = nvrtc.nvrtcCreateProgram(src.encode(), b"quant.cu", 0, [], [])
     opts = [b"-arch=sm_90", b"--std=c++17"]
     (res,) = nvrtc.nvrtcCompileProgram(prog, len(opts), opts)
@@ -68,7 +86,7 @@ def test_nvrtc_compiles_the_cuda_c_kernel(rule, io):
     nvrtc.nvrtcGetPTX(prog, ptx)
     nvrtc.nvrtcDestroyProgram(prog)
     text = ptx.decode().rstrip("\x00 ")
-    assert f".entry {quant_cuda.kernel_name(rule)}(" in text
+    assert f".entry {name}(" in text
     if any(quant_cuda.qslots(rule, _flags(rule))):  # the tables and the block's reduction
         assert ".shared" in text and "bar.sync" in text
     assert not [ln for ln in _instructions(text) if F64.search(ln)], "float64 in a float32 kernel"
@@ -81,12 +99,14 @@ def _numba_cases():
     for c in _cases():
         if c.id in ("adam-int8", "adam-float8_e4m3"):
             c = pytest.param(*c.values, id=c.id, marks=(pytest.mark.exhaustive,))
+        if c.id == "adam-bf16-sr-int8":  # one default compile: the multi-tensor form
+            c = pytest.param(*c.values, id=c.id, marks=(pytest.mark.exhaustive,))
         out.append(c)
     return out
 
 
-@pytest.mark.parametrize(("rule", "io"), _numba_cases())
-def test_numba_cuda_compiles_the_kernel(rule, io):
+@pytest.mark.parametrize(("rule", "io", "table"), _numba_cases())
+def test_numba_cuda_compiles_the_kernel(rule, io, table):
     if os.environ.get("NUMBA_ENABLE_CUDASIM", "0") not in ("", "0"):
         pytest.skip("the CUDA simulator is on: it compiles nothing")
     try:
@@ -97,9 +117,12 @@ def test_numba_cuda_compiles_the_kernel(rule, io):
         pytest.skip(f"numba-cuda cannot be imported: {exc}")
     flags = _flags(rule)
     try:
-        ptx, _ = cuda.compile_ptx(
-            ncq.python_kernel(rule, flags, io), ncq.signature(rule, flags, io), cc=(9, 0)
-        )
+        if table:
+            fn = ncq.python_kernel(rule, flags, io, table=True, clip=True)
+            sig = ncq.table_signature(rule, flags, io, clip=True)
+        else:
+            fn, sig = ncq.python_kernel(rule, flags, io), ncq.signature(rule, flags, io)
+        ptx, _ = cuda.compile_ptx(fn, sig, cc=(9, 0))
     except Exception as exc:
         if "NVVM" in str(exc) or "libdevice" in str(exc):
             pytest.skip(f"numba-cuda needs NVVM: {exc}")

@@ -1039,6 +1039,110 @@ def test_launch_table_logic_against_a_fake_cupy(fake_cupy):
     assert len(args) == 8
 
 
+def _quant_tensors(rng, lengths, slots=(True, True, False)):
+    """Adam's tensors with int8 state: ``(codes, absmax)`` pairs where ``slots`` says."""
+    out = []
+    for n in lengths:
+        p, g = rng.standard_normal(n).astype(np.float32), rng.standard_normal(n).astype(np.float32)
+        pairs = [
+            (np.zeros(n, np.uint8), np.zeros(-(-n // 256), np.float32)) if on else None
+            for on in slots
+        ]
+        out.append((p, g, pairs, None))
+    return out
+
+
+def test_quantized_table_checks_codes_and_scales():
+    """A table of quantized state (``io.quant``): each quantized slot a ``(codes, absmax)``
+    pair, its codes' and scales' addresses in the row (``quant_cuda.table_columns``), one chunk
+    per block of codes; every wrong pair refused when the table is built."""
+    from fastopt.kernels import quant_cuda
+
+    rng = np.random.default_rng(3)
+    io = IO(quant="int8")
+    good = _quant_tensors(rng, [300, 0, 1, 512])
+    table = _launch.TensorTable("adam", io, good)
+    assert table.columns == quant_cuda.table_columns("adam", False)
+    col = {c: j for j, c in enumerate(table.columns)}
+    assert table.chunk == 256 and table.nchunks == 2 + 0 + 1 + 2
+    t, lo, hi = multi_tensor.decode(table.chunks, table.rows[:, 0], table.chunk)
+    assert t.tolist() == [0, 0, 2, 3, 3] and lo.tolist() == [0, 256, 0, 0, 256]
+    assert hi.tolist() == [256, 300, 1, 256, 512]
+    codes, absmax = good[3][2][1]
+    assert table.rows[3, col["exp_avg_sq"]] == codes.ctypes.data
+    assert table.rows[3, col["exp_avg_sq_absmax"]] == absmax.ctypes.data
+    assert table.rows[3, col["max_exp_avg_sq"]] == table.rows[3, col["max_exp_avg_sq_absmax"]] == 0
+    table.check("adam", dict(maximize=False, decay=False, decoupled=False, amsgrad=False), io)
+    with pytest.raises(ValueError, match="launched as"):
+        table.check("adam", {}, IO(quant="float8_e4m3"))
+    p0, g0, (m0, v0, _), _ = good[0]
+    bad = {
+        "codes of another dtype": ((m0[0].astype(np.int8), m0[1]), TypeError),
+        "short codes": ((m0[0][:299], m0[1]), ValueError),
+        "one scale for 300 elements": ((m0[0], m0[1][:1]), ValueError),
+        "float64 scales": ((m0[0], m0[1].astype(np.float64)), TypeError),
+        "a float32 slot": (np.zeros(300, np.float32), TypeError),
+        "a triple": ((*m0, m0[1]), TypeError),
+    }
+    for what, (slot, exc) in bad.items():
+        with pytest.raises(exc):
+            _launch.TensorTable("adam", io, [(p0, g0, [slot, v0, None], None), *good[1:]])
+            pytest.fail(what)
+    with pytest.raises(TypeError, match="pair"):  # a pair where the format keeps floats
+        _launch.TensorTable("adam", IO(), good)
+    with pytest.raises(ValueError, match="chunk"):
+        _launch.TensorTable("adam", io, good, chunk=512)
+    # a new gradient column, a new length: the chunks follow the blocks
+    assert table.set_column("grad", [1 + x[1].ctypes.data for x in good])
+    longer = _quant_tensors(rng, [300, 0, 1, 513])
+    assert table.update(longer) and table.stale_chunks and table.nchunks == 6
+
+
+def test_quantized_launch_table_logic_against_a_fake_cupy(fake_cupy):
+    """``cupy_backend.launch_table`` on a quantized table: ``cupy_quant``'s multi-tensor kernel,
+    one block of ``QBLOCK`` threads per block of codes (a grid of one wave at most), the
+    table, its chunks and the packed codec tables copied once: a steady step copies nothing."""
+    from fastopt.kernels import quant_cuda
+
+    cb, fake = fake_cupy
+    from fastopt.backends import cupy_quant
+
+    rng = np.random.default_rng(4)
+    host = _quant_tensors(rng, [300, 0, 1, 1 << 12])
+    cai = [
+        (CAI(p), CAI(g), [None if x is None else (CAI(x[0]), CAI(x[1])) for x in sl], None)
+        for p, g, sl, _ in host
+    ]
+    io = IO(quant="int8")
+    table = cb.tensor_table("adam", io, cai)
+    flags = dict(maximize=False, decay=True, decoupled=True, amsgrad=False)
+    _, k = _plan("adam", _hp("adam", ADAMW), 3)
+    uploads = dict(cupy_quant._uploads)
+    try:
+        cb.launch_table("adam", flags, io, table, k, stream=0xBEEF)
+        name, grid, block, args = fake.launches[-1]
+        assert name == quant_cuda.table_kernel_name("adam") and block == (quant_cuda.QBLOCK,)
+        assert grid == (min(table.nchunks, 132 * _launch.blocks_per_sm(40)),)
+        assert table.nchunks == 2 + 1 + 16
+        np.testing.assert_array_equal(args[0], table.rows)
+        assert args[2] == table.nchunks
+        np.testing.assert_array_equal(args[3], quant_cuda.tables("int8", ("signed", "unsigned")))
+        assert list(args[4:]) == [np.float32(x) for x in k] and fake.streams == [0xBEEF]
+        copies = len(fake.copies)
+        assert copies == 3  # the rows, the chunks, the codec tables
+        cb.launch_table("adam", flags, io, table, k, stream=0xBEEF)
+        assert len(fake.copies) == copies and len(fake.launches) == 2
+        clip = np.zeros(2, np.float32)
+        cb.launch_table("adam", flags, io, table, k, clip=clip)
+        assert fake.launches[-1][3][-1] is clip and len(fake.copies) == copies
+        with pytest.raises(ValueError, match="launched as"):
+            cb.launch_table("adam", flags, IO(quant="float8_e4m3"), table, k)
+        assert len(fake.launches) == 3
+    finally:
+        cupy_quant._uploads.clear()
+        cupy_quant._uploads.update(uploads)
+
+
 def test_grad_norm_logic_against_a_fake_cupy(fake_cupy):
     cb, fake = fake_cupy
     rng = np.random.default_rng(2)

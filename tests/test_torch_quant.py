@@ -11,7 +11,9 @@
   ``full_precision_state_dict`` loads into ``torch.optim.Adam``; bad codes/absmax refused at
   load and at the step before anything is written;
 - the GPU path (the fake table backend) refuses quantized state before anything is written
-  until a GPU backend's tables take it (``QUANT_TABLE``).
+  where a backend's tables do not take it (no ``QUANT_TABLE``), and hands a backend that
+  declares it the ``(codes, absmax)`` pairs (both GPU backends do: ``tests/cudasim_torch.py``
+  runs the path under the simulator, ``tests/gpu/test_gpu_torch_tables.py`` on a GPU).
 
 By default one rule in int8 (one many-tensor loop compiled); every other rule and format,
 bfloat16 params with a master copy, a loss scale and the parallel loop under -m exhaustive.

@@ -119,7 +119,10 @@ _TORCH_KINDS = {
     "torch.float16": "float16",
     "torch.bfloat16": "bfloat16",
     "torch.int16": "int16",  # a master kept as a remainder (kernels/storage.py)
+    "torch.uint8": "uint8",  # a quantized slot's codes (kernels/quant.py)
 }
+#: NumPy dtypes a table holds besides the float storage dtypes
+_NUMPY_KINDS = {np.dtype(np.int16): "int16", np.dtype(np.uint8): "uint8"}
 
 
 def describe(a: Any, what: str) -> tuple[str, int, int, tuple[str, int | None]]:
@@ -131,7 +134,7 @@ def describe(a: Any, what: str) -> tuple[str, int, int, tuple[str, int | None]]:
     from ..precision import kind as _precision_kind
 
     def _kind(dt: Any) -> str | None:
-        return "int16" if np.dtype(dt) == np.int16 else _precision_kind(dt)
+        return _NUMPY_KINDS.get(np.dtype(dt)) or _precision_kind(dt)
 
     mod = type(a).__module__
     if mod.startswith("torch") and hasattr(a, "data_ptr"):
@@ -158,7 +161,10 @@ def describe(a: Any, what: str) -> tuple[str, int, int, tuple[str, int | None]]:
     else:
         raise TypeError(f"{what}: a {type(a).__name__}; expected a tensor or a device array")
     if k is None:
-        raise TypeError(f"{what}: dtype {dtype}; expected float16, bfloat16, float32 or float64")
+        raise TypeError(
+            f"{what}: dtype {dtype}; expected float16, bfloat16, float32 or float64 (uint8 "
+            "codes, int16 remainders)"
+        )
     if not contiguous:
         raise ValueError(f"{what}: not C-contiguous; a multi-tensor step addresses flat memory")
     return k, int(n), int(ptr), device
@@ -188,6 +194,13 @@ class TensorTable:
     ``same``/``update`` are the cheap re-checks of a later step (``fastopt.torch`` holds the
     tensors).
 
+    Quantized state (``io.quant`` set, ``kernels/quant_cuda.py``'s multi-tensor kernel): a
+    slot the rule lets be quantized (``Slot.quantize``) is a ``(codes, absmax)`` pair, codes
+    uint8 of the param's length, absmax float32 of one scale per block of ``quant.BLOCK``
+    elements; its column holds the codes' address, the ``<slot>_absmax`` column
+    (``quant_cuda.table_columns``) the scales'; the chunks are the tensors' blocks of codes
+    (chunk ``quant.BLOCK``: entry ``(tensor << 32) | block``, the block's scale at that index).
+
     ``blocks``: the blocks the device holds at once (``chunk_size``); ``device_rows`` and
     ``device_chunks`` are the device copies, made by the backend (``stale``/``stale_chunks``:
     the host copy changed since)."""
@@ -204,6 +217,13 @@ class TensorTable:
 
         self.rule, self.io = rule, io
         self.columns = multi_tensor.columns(rule, io.master)
+        if io.quant is not None:
+            from ..kernels import quant, quant_cuda
+
+            self.columns = quant_cuda.table_columns(rule, io.master)
+            if chunk not in (None, quant.BLOCK):
+                raise ValueError(f"chunk={chunk}: a quantized table's chunk is {quant.BLOCK}")
+            chunk = quant.BLOCK  # one block of codes per chunk
         self.blocks = blocks
         self.rows, self.device = self._rows(tensors)
         total = int(self.rows[:, 0].sum())
@@ -227,8 +247,10 @@ class TensorTable:
 
     def _rows(self, tensors: Sequence[Any]) -> tuple[np.ndarray, Any]:
         from ..kernels import RULES
+        from ..kernels.quant import nblocks
 
         io, nslots = self.io, len(RULES[self.rule].state)
+        quantized = self._quantized()
         if not len(tensors):
             raise ValueError("an empty list of tensors")
         rows = np.zeros((len(tensors), len(self.columns)), dtype=np.int64)
@@ -251,20 +273,40 @@ class TensorTable:
                 raise ValueError(f"tensor {i} param: on {device_i}; tensor 0's on {device}")
             if n and pp == 0:
                 raise ValueError(f"tensor {i} param: a null address")
-            cells = [("grad", g, io.grad)]
-            cells += [(name, s, io.state) for name, s in zip(RULES[self.rule].state, slots)]
+            # (name, array, storage kind, elements) of every column after the param's
+            cells: list[tuple[str, Any, str, int]] = [("grad", g, io.grad, n)]
+            scales: list[tuple[str, Any, str, int]] = []
+            for name, a in zip(RULES[self.rule].state, slots):
+                if name in quantized:  # codes in the slot's column, scales in <slot>_absmax
+                    if a is not None and not (isinstance(a, tuple) and len(a) == 2):
+                        raise TypeError(
+                            f"tensor {i} {name}: the storage format {io} stores it quantized; "
+                            "expected a (codes, absmax) pair"
+                        )
+                    codes, absmax = (None, None) if a is None else a
+                    cells.append((name, codes, "uint8", n))
+                    scales.append((f"{name}_absmax", absmax, "float32", nblocks(n)))
+                    continue
+                if isinstance(a, tuple):
+                    raise TypeError(
+                        f"tensor {i} {name}: a (codes, absmax) pair; the storage format {io} "
+                        "stores it as one array"
+                    )
+                cells.append((name, a, io.state, n))
+                if io.quant is not None:
+                    scales.append((f"{name}_absmax", None, "float32", 0))
             if io.master:
                 if m is None:
                     raise ValueError(
                         f"tensor {i}: the storage format {io} keeps a master copy; got None"
                     )
-                cells.append(("master", m, io.kind("master")))
+                cells.append(("master", m, io.kind("master"), n))
             elif m is not None:
                 raise ValueError(
                     f"tensor {i}: a master copy, but the storage format {io} keeps none"
                 )
             row = [n, pp]
-            for name, a, want in cells:
+            for name, a, want, size in cells + scales:
                 if a is None:  # an absent slot (a variant that needs it is refused at launch)
                     if name in ("grad", "master"):
                         raise ValueError(f"tensor {i}: no {name}")
@@ -275,25 +317,37 @@ class TensorTable:
                     raise TypeError(
                         f"tensor {i} {name}: {k}; the storage format {io} stores it as {want}"
                     )
-                if na != n:
-                    raise ValueError(f"tensor {i} {name}: {na} elements; its param has {n}")
+                if na != size:
+                    raise ValueError(
+                        f"tensor {i} {name}: {na} elements; its param has {n}"
+                        + (f" ({size} blocks of codes)" if size != n else "")
+                    )
                 if d != device:
                     raise ValueError(f"tensor {i} {name}: on {d}; tensor 0's param on {device}")
-                if n and ptr == 0:
+                if size and ptr == 0:
                     raise ValueError(f"tensor {i} {name}: a null address")
                 row.append(ptr)
             rows[i] = row
         return rows, device
 
+    def _quantized(self) -> set[str]:
+        """The slots stored as ``(codes, absmax)`` pairs (none without ``io.quant``)."""
+        from ..kernels import RULES
+
+        if self.io.quant is None:
+            return set()
+        return {s.name for s in RULES[self.rule].slots if s.quantize}
+
     def check(self, rule: str, flags: Mapping[str, bool], io: IO) -> None:
         """Refuse a launch the table cannot serve: another rule, another storage format (the
         extras aside), or a variant that uses a slot some non-empty tensor lacks."""
         mine, theirs = self.io, io
-        if rule != self.rule or (mine.param, mine.grad, mine.state, mine.master) != (
+        if rule != self.rule or (mine.param, mine.grad, mine.state, mine.master, mine.quant) != (
             theirs.param,
             theirs.grad,
             theirs.state,
             theirs.master,
+            theirs.quant,
         ):
             raise ValueError(
                 f"a table of {self.rule} under {mine} launched as {rule} under {theirs}"

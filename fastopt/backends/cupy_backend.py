@@ -63,6 +63,9 @@ NAME = "cupy"
 DEVICE = "cuda"
 #: steps quantized state slots (``kernels/quant.py``, ``IO.quant``: ``cupy_quant``)
 QUANT_STATE = True
+#: ``tensor_table`` takes a quantized slot as a ``(codes, absmax)`` pair, ``launch_table``
+#: steps it (``cupy_quant.launch_table``)
+QUANT_TABLE = True
 
 try:
     import cupy
@@ -533,9 +536,10 @@ def _resident_blocks(device_id):
 
 def tensor_table(rule, io, tensors, chunk=None):
     """The checked ``_launch.TensorTable`` of ``tensors`` (``[(param, grad, slots, master)]``,
-    CUDA tensors or CuPy arrays of one GPU, stored as the storage format ``io`` says), for
-    ``launch_table``. Its device copy is made by the first launch; keep the table with the
-    step that launches it and re-check it with ``same``/``update``/``set_column``."""
+    CUDA tensors or CuPy arrays of one GPU, stored as the storage format ``io`` says; with
+    ``io.quant`` a quantized slot as its ``(codes, absmax)`` pair), for ``launch_table``. Its
+    device copy is made by the first launch; keep the table with the step that launches it
+    and re-check it with ``same``/``update``/``set_column``."""
     if not tensors:
         raise ValueError("an empty list of tensors")
     kind, index = _launch.describe(tensors[0][0], "tensor 0 param")[3]
@@ -604,7 +608,9 @@ def launch_table(rule, flags, io, table, k, extras=None, clip=None, stream=None)
     stream handle (None: CuPy's current stream; ``fastopt.torch`` passes torch's). The table
     is checked against the variant and the storage format first (``TensorTable.check``): a refused
     launch writes nothing. One stochastic-rounding salt serves every tensor (the index is
-    counted from each tensor's start), as on the CPU (``numba_backend.launch_many_io``)."""
+    counted from each tensor's start), as on the CPU (``numba_backend.launch_many_io``).
+    A table of quantized state (``io.quant``: ``(codes, absmax)`` pairs, ``tensor_table``)
+    launches ``cupy_quant``'s kernel, one CUDA block per block of codes."""
     table.check(rule, flags, io)
     if not io.kbuf and len(k) != len(RULES[rule].scalars):
         raise ValueError(f"k: {len(k)} scalars; {rule} takes {len(RULES[rule].scalars)}")
@@ -621,6 +627,11 @@ def launch_table(rule, flags, io, table, k, extras=None, clip=None, stream=None)
         return
     with cupy.cuda.Device(_device_id(table)), _stream_context(stream):
         _upload(table)
+        if io.quant is not None:  # quantized state: a block of codes per chunk (cupy_quant)
+            from . import cupy_quant
+
+            cupy_quant.launch_table(rule, flags, io, table, k, ex, clip)
+            return
         args = table_arguments(rule, flags, io, table, k, ex, clip)
         kern = table_kernel(rule, flags, io, clip is not None)
         blocks = min(table.nchunks, MAX_TABLE_BLOCKS)

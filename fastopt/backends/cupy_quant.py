@@ -4,6 +4,10 @@ docstring says how) as a ``cupy.RawKernel``, built once per (rule, variant, stor
 
 The packed tables and the block table are copied to the device once per table and device
 (cached); a step is one launch on the param's producer stream, no host synchronisation.
+
+A list of tensors steps in one launch (``launch_table``, what ``cupy_backend.launch_table``
+runs for a table whose storage format quantizes: ``quant_cuda.table_source``'s kernel over a
+``_launch.TensorTable`` of the tensors, one chunk entry per block of codes).
 """
 
 from __future__ import annotations
@@ -18,7 +22,14 @@ from ..kernels.storage import IO
 from . import _launch
 from . import cupy_backend as cb
 
-__all__ = ["launch_quant", "quant_arguments", "quant_kernel"]
+__all__ = [
+    "launch_quant",
+    "launch_table",
+    "quant_arguments",
+    "quant_kernel",
+    "table_arguments",
+    "table_kernel",
+]
 
 _kernels: dict[Any, Any] = {}
 #: (id of a host table, device id) -> (the host table, its device copy)
@@ -33,6 +44,56 @@ def quant_kernel(rule: str, flags: Mapping[str, bool], io: IO) -> Any:
         src = quant_cuda.quant_source(rule, flags, io)
         k = _kernels[key] = cb.cupy.RawKernel(src, quant_cuda.kernel_name(rule))
     return k
+
+
+def table_kernel(rule: str, flags: Mapping[str, bool], io: IO, clip: bool = False) -> Any:
+    """The ``cupy.RawKernel`` of one variant's multi-tensor kernel under ``io`` (built once)."""
+    key = ("table", rule, tuple(sorted(flags.items())), io, bool(clip))
+    k = _kernels.get(key)
+    if k is None:
+        src = quant_cuda.table_source(rule, flags, io, clip)
+        k = _kernels[key] = cb.cupy.RawKernel(src, quant_cuda.table_kernel_name(rule))
+    return k
+
+
+def table_arguments(
+    rule: str,
+    flags: Mapping[str, bool],
+    io: IO,
+    table: Any,
+    qtab: Any,
+    k: Sequence[float],
+    extras: Mapping[str, Any],
+    clip: Any = None,
+) -> list[Any]:
+    """The multi-tensor kernel's arguments (``quant_cuda.table_arguments``): the device table
+    and chunk entries of ``table`` (``_launch.TensorTable``), their count, ``qtab``, the
+    scalars and extras typed as declared, then ``clip``. Built without a GPU (the device
+    arrays are passed through)."""
+    _, scalars = quant_cuda.quant_args(rule, flags, io)
+    args = [table.device_rows, table.device_chunks, np.int64(table.nchunks), qtab]
+    args += cb._scalar_arguments(rule, quant_cuda.plain_io(io), scalars, k, extras)
+    return args + ([] if clip is None else [clip])
+
+
+def launch_table(
+    rule: str,
+    flags: Mapping[str, bool],
+    io: IO,
+    table: Any,
+    k: Sequence[float],
+    extras: Mapping[str, Any],
+    clip: Any = None,
+) -> None:
+    """One launch over every tensor of ``table`` on the current device and stream, its device
+    copy up to date (``cupy_backend.launch_table`` checks and calls it): one CUDA block of
+    ``QBLOCK`` threads per block of codes, a grid of one wave grid-striding over them."""
+    qtab = _on_device(quant_cuda.tables(io.quant, quant_cuda.maps(rule, flags)))
+    args = table_arguments(rule, flags, io, table, qtab, k, extras, clip)
+    kern = table_kernel(rule, flags, io, clip is not None)
+    key = ("table", rule, tuple(sorted(flags.items())), io, clip is not None)
+    grid = max(1, min(table.nchunks, cb._waves(key, kern)))
+    kern((grid,), (quant_cuda.QBLOCK,), tuple(args))
 
 
 def quant_arguments(
@@ -95,12 +156,10 @@ def launch_quant(
     named: dict[str, Any] = {"param": p, "grad": cb._as_cupy(grad, "grad")}
     named["master"] = None if master is None else cb._as_cupy(master, "master")
     blocks = None
-    maps = []
     for s, a, qd in zip(RULES[rule].slots, states, q):
         if qd:
             named[s.name] = cb._as_cupy(a[0], s.name).reshape(-1)
             named[f"{s.name}_absmax"] = cb._as_cupy(a[1], f"{s.name} absmax")
-            maps.append(s.quant_map)
             if len(a) > 2:
                 blocks = a[2]
         else:
@@ -116,7 +175,7 @@ def launch_quant(
             ex[d] = cb._as_cupy(ex[d], d)
     stream = cb._stream_for(_launch.producer_stream(param))
     with p.device:
-        qtab = _on_device(quant_cuda.tables(io.quant, tuple(maps)))
+        qtab = _on_device(quant_cuda.tables(io.quant, quant_cuda.maps(rule, flags)))
         dblocks = _on_device(np.asarray(blocks, np.int64))
         args = quant_arguments(rule, flags, io, named, (qtab, dblocks, nb), k, ex)
         kern = quant_kernel(rule, flags, io)

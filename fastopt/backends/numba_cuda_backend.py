@@ -71,6 +71,9 @@ __all__ = [
 NAME = "numba-cuda"
 #: steps quantized state slots (``kernels/quant.py``, ``IO.quant``: ``numba_cuda_quant``)
 QUANT_STATE = True
+#: ``tensor_table`` takes a quantized slot as a ``(codes, absmax)`` pair, ``launch_table``
+#: steps it (``numba_cuda_quant.launch_table``)
+QUANT_TABLE = True
 
 #: threads per block (shared with the CuPy backend)
 THREADS = _launch.THREADS
@@ -946,7 +949,7 @@ def launch_table(rule, flags, io, table, k, extras=None, clip=None, stream=None)
     ``rule`` under ``io`` over every tensor of ``table`` (``_launch.TensorTable``), checked
     against the variant and the storage format first; ``extras`` and ``clip`` as there, ``stream`` a
     CUDA stream handle (None: the default stream). Under the simulator the tensors are host
-    arrays."""
+    arrays. A table of quantized state (``io.quant``) launches ``numba_cuda_quant``'s kernel."""
     table.check(rule, flags, io)
     if not io.kbuf and len(k) != len(RULES[rule].scalars):
         raise ValueError(f"k: {len(k)} scalars; {rule} takes {len(RULES[rule].scalars)}")
@@ -962,6 +965,11 @@ def launch_table(rule, flags, io, table, k, extras=None, clip=None, stream=None)
         if need and ex.get(name) is None:
             raise ValueError(f"{name}: the storage format {io} reads it from the device")
     if table.nchunks == 0:
+        return
+    if io.quant is not None:  # quantized state: a block of codes per chunk (numba_cuda_quant)
+        from . import numba_cuda_quant
+
+        numba_cuda_quant.launch_table(rule, flags, io, table, k, ex, clip, stream)
         return
 
     def run():

@@ -22,7 +22,7 @@ from typing import Any
 import numpy as np
 
 from ..kernels import RULES, quant, storage
-from ..kernels.quant_cuda import QBLOCK, constants, qslots, tables
+from ..kernels.quant_cuda import QBLOCK, constants, maps, qslots, tables
 from ..kernels.storage import bits_f32, f32_bits
 from . import _launch
 from . import numba_cuda_backend as ncb
@@ -30,10 +30,13 @@ from . import numba_cuda_backend as ncb
 __all__ = [
     "kernel",
     "launch_quant",
+    "launch_table",
     "python_kernel",
     "q_encode",
     "quant_kernel_source",
     "signature",
+    "table_kernel_source",
+    "table_signature",
 ]
 
 
@@ -60,15 +63,110 @@ def quant_kernel_source(
     ``a{j}`` its absmax (a placeholder when not quantized), ``qtab`` the packed tables
     (``quant_cuda.tables``), ``tq`` per quantized slot ``(top, tiny)``, and the rest as in
     ``numba_cuda_backend.mixed_kernel_source``."""
+    slots = "".join(f"s{j}, " for j in range(nslots)) + "".join(f"a{j}, " for j in range(nslots))
+    head = [
+        "def factory(elem, lp, lg, ls, sp, sg, ss, CT, enc, F32, U32, SIGNMAG):",
+        f"    def {name}(p, g, {slots}m, qtab, blocks, tq, k, x, kb, gs, fi, kp):",
+        *ncb.prologue_source(io, nsc),
+    ]
+    loop = [
+        "        nb = blocks.shape[0]",
+        "        b = cuda.blockIdx.x",
+        "        while b < nb:",
+        "            i = blocks[b, 0] + t",
+        "            act = i < blocks[b, 1]",
+    ]
+    tail = ["            b += cuda.gridDim.x", f"    return {name}"]
+    return _source(nslots, writes, q, io, head, loop, tail, "i", "b")
+
+
+def table_kernel_source(
+    name: str, rule: str, flags: dict[str, bool], io: storage.IO, clip: bool = False
+) -> str:
+    """Python source of the multi-tensor kernel factory of one variant (``quant_cuda.
+    table_source``'s kernel): ``kernel(table, chunks, nchunks, pl, gl, sl, ml, cl8, al, qtab,
+    tq, k, x, kb, gs, fi, kp, cl)``: the table (``quant_cuda.table_columns``) and its chunk
+    entries (one block of codes each), one-element arrays of the types each view is made as
+    (param, grad, float state, master, codes, scales), ``qtab`` and ``tq`` as
+    ``quant_kernel_source`` takes them, the scalars and device arrays as
+    ``numba_cuda_backend.table_kernel_source`` takes them (``cl`` the device ``[norm,
+    clip_coef]``, read when ``clip``). Per chunk every array is viewed from the tensor's row at
+    the block's first element (its scale at the block's number): the one-buffer kernel's
+    block body over those views; the stochastic-rounding index is counted from the tensor's
+    start."""
+    from ..kernels.quant_cuda import table_columns
+    from ..kernels.storage import ITEMSIZE
+
+    spec = RULES[rule]
+    writes, q = spec.slots_used(flags), qslots(rule, flags)
+    nslots = len(writes)
+    col = {c: j for j, c in enumerate(table_columns(rule, io.master))}
+
+    def at(column: str, size: int) -> str:  # the address of the block's first element
+        return f"table[r, {col[column]}] + base * {size}"
+
+    head = [
+        "def factory(elem, lp, lg, ls, sp, sg, ss, CT, enc, F32, U32, SIGNMAG, view):",
+        f"    def {name}(table, chunks, nchunks, pl, gl, sl, ml, cl8, al, qtab, tq, k, x, kb, "
+        "gs, fi, kp, cl):",
+        *ncb.prologue_source(io, len(spec.scalars)),
+    ]
+    if clip:
+        head.append("        cf = cl[1]")
+    loop = [
+        "        c = cuda.blockIdx.x",
+        "        while c < nchunks:",
+        "            e = chunks[c]",
+        "            r = e >> 32",
+        "            nblk = e & 0xFFFFFFFF",
+        f"            base = nblk * {QBLOCK}",
+        f"            cnt = min(base + {QBLOCK}, table[r, 0]) - base",
+        f"            p = view({at('param', ITEMSIZE[io.param])}, cnt, pl)",
+        f"            g = view({at('grad', ITEMSIZE[io.grad])}, cnt, gl)",
+    ]
+    for j, (s, w) in enumerate(zip(spec.state, writes)):
+        if q[j]:
+            loop += [
+                f"            s{j} = view({at(s, 1)}, cnt, cl8)",
+                f"            a{j} = view(table[r, {col[f'{s}_absmax']}] + nblk * 4, 1, al)",
+            ]
+        else:
+            loop.append(
+                f"            s{j} = view({at(s, ITEMSIZE[io.state])}, cnt, sl)"
+                if w
+                else f"            s{j} = p"
+            )
+            loop.append(f"            a{j} = p")
+    loop.append(
+        f"            m = view({at('master', ITEMSIZE[io.kind('master')])}, cnt, ml)"
+        if io.master
+        else "            m = p"
+    )
+    loop += ["            i = base + t", "            act = t < cnt"]
+    tail = ["            c += cuda.gridDim.x", f"    return {name}"]
+    return _source(nslots, writes, q, io, head, loop, tail, "t", "0", clip)
+
+
+def _source(
+    nslots: int,
+    writes: Sequence[bool],
+    q: Sequence[bool],
+    io: storage.IO,
+    head: list[str],
+    loop: list[str],
+    tail: list[str],
+    at: str,
+    blk: str,
+    clip: bool = False,
+) -> str:
+    """A quantized kernel's source: ``head`` (the factory and kernel lines, the prologue),
+    ``loop`` (opening the loop over blocks of codes, setting ``i``, the element's index in its
+    tensor, and ``act``), the block's body (``at`` indexes the element in its arrays, ``blk``
+    the block in its scales; the gradient times ``cf`` when ``clip``), then ``tail``."""
     qs = [j for j in range(nslots) if q[j]]
     row = {j: r for r, j in enumerate(qs)}
     nq = max(len(qs), 1)
-    slots = "".join(f"s{j}, " for j in range(nslots)) + "".join(f"a{j}, " for j in range(nslots))
-    L = [
-        "def factory(elem, lp, lg, ls, sp, sg, ss, CT, enc, F32, U32, SIGNMAG):",
-        f"    def {name}(p, g, {slots}m, qtab, blocks, tq, k, x, kb, gs, fi, kp):",
-    ]
-    L += ncb.prologue_source(io, nsc)
+    L = list(head)
     L.append("        t = cuda.threadIdx.x")
     if qs:  # (a variant that uses no quantized slot keeps only the element loop)
         L += [
@@ -83,24 +181,18 @@ def quant_kernel_source(
         ]
     if qs:
         L.append("        cuda.syncthreads()")
-    L += [
-        "        nb = blocks.shape[0]",
-        "        b = cuda.blockIdx.x",
-        "        while b < nb:",
-        "            i = blocks[b, 0] + t",
-        "            act = i < blocks[b, 1]",
-    ]
+    L += loop
     L += [f"            q{j} = CT(0)" for j in qs]
     L.append("            if act:")
     pad = " " * 16
     for j in qs:
-        L.append(f"{pad}q{j} = dec[{row[j]}, s{j}[i]] * (a{j}[b] / tq[{2 * row[j]}])")
-    L.append(f"{pad}pv = {'m[i]' if io.master else 'lp(p[i])'}")
-    L.append(f"{pad}gv = lg(g[i]){' * inv' if io.scale else ''}")
+        L.append(f"{pad}q{j} = dec[{row[j]}, s{j}[{at}]] * (a{j}[{blk}] / tq[{2 * row[j]}])")
+    L.append(f"{pad}pv = {f'm[{at}]' if io.master else f'lp(p[{at}])'}")
+    L.append(f"{pad}gv = lg(g[{at}]){' * inv' if io.scale else ''}{' * cf' if clip else ''}")
     if io.write_grad:
-        L.append(f"{pad}g[i] = sg(gv)")
+        L.append(f"{pad}g[{at}] = sg(gv)")
     for j in range(nslots):
-        v = f"q{j}" if q[j] else f"ls(s{j}[i])" if writes[j] else "pv"
+        v = f"q{j}" if q[j] else f"ls(s{j}[{at}])" if writes[j] else "pv"
         L.append(f"{pad}v{j} = {v}")
     outs = ", ".join(["pi"] + [f"o{j}" for j in range(nslots)])
     L.append(
@@ -108,13 +200,13 @@ def quant_kernel_source(
         f"{''.join(f'v{j}, ' for j in range(nslots))}k)"
     )
     if io.master:
-        L.append(f"{pad}m[i] = pi")
-    L.append(f"{pad}p[i] = sp(pi, i, x[1], key)")
+        L.append(f"{pad}m[{at}] = pi")
+    L.append(f"{pad}p[{at}] = sp(pi, i, x[1], key)")
     for j in range(nslots):
         if q[j]:
             L.append(f"{pad}q{j} = o{j}")
         elif writes[j]:
-            L.append(f"{pad}s{j}[i] = ss(o{j})")
+            L.append(f"{pad}s{j}[{at}] = ss(o{j})")
     for j in qs:
         L.append(f"            red[{row[j]}, t] = (f32_bits(q{j}) & 0x7FFFFFFF) if act else 0")
     if qs:
@@ -135,21 +227,24 @@ def quant_kernel_source(
             f"            n{j} = bits_f32(red[{r}, 0])",
             f"            e{j} = tq[{2 * r}] / n{j} if n{j} >= tq[{2 * r + 1}] else CT(0)",
             "            if act:",
-            f"                s{j}[i] = enc(q{j} * e{j}, thr, {r}, SIGNMAG[{r}])",
+            f"                s{j}[{at}] = enc(q{j} * e{j}, thr, {r}, SIGNMAG[{r}])",
             "            if t == 0:",
-            f"                a{j}[b] = n{j}",
+            f"                a{j}[{blk}] = n{j}",
         ]
     if qs:
         L.append("            cuda.syncthreads()")
-    L += ["            b += cuda.gridDim.x", f"    return {name}"]
+    L += tail
     return "\n".join(L) + "\n"
 
 
 _compiled: dict[Any, Any] = {}
 
 
-def python_kernel(rule: str, flags: dict[str, bool], io: storage.IO) -> Any:
-    """The uncompiled kernel of one variant under ``io`` (``io.quant`` set)."""
+def python_kernel(
+    rule: str, flags: dict[str, bool], io: storage.IO, table: bool = False, clip: bool = False
+) -> Any:
+    """The uncompiled kernel of one variant under ``io`` (``io.quant`` set): the one-buffer
+    kernel, or with ``table`` the multi-tensor one (``table_kernel_source``)."""
     cuda = ncb.cuda
     spec = RULES[rule]
     writes = spec.slots_used(flags)
@@ -157,8 +252,12 @@ def python_kernel(rule: str, flags: dict[str, bool], io: storage.IO) -> Any:
     jit = cuda.jit(device=True, inline="always")
     elem = jit(spec.element(flags, jit))
     ns = {"__name__": __name__, "cuda": cuda, "f32_bits": f32_bits, "bits_f32": bits_f32}
-    name = f"fastopt_{rule}_quant"
-    src = quant_kernel_source(name, len(writes), writes, q, io, len(spec.scalars))
+    if table:
+        name = f"fastopt_mt_{rule}_quant"
+        src = table_kernel_source(name, rule, flags, io, clip)
+    else:
+        name = f"fastopt_{rule}_quant"
+        src = quant_kernel_source(name, len(writes), writes, q, io, len(spec.scalars))
     exec(compile(src, __file__, "exec"), ns)
     conv = storage.make_converters(lambda f: cuda.jit(device=True, inline="always")(f), "float32")
     param = "bfloat16-sr" if io.sr else io.param
@@ -179,20 +278,20 @@ def python_kernel(rule: str, flags: dict[str, bool], io: storage.IO) -> Any:
         np.float32,
         np.uint32,
         signmag,
+        *((ncb._view_fn(),) if table else ()),
     )
 
 
-def kernel(rule: str, flags: dict[str, bool], io: storage.IO) -> Any:
-    """The cached ``cuda.jit`` kernel of one variant under ``io``."""
-    key = (rule, tuple(sorted(flags.items())), io)
+def kernel(
+    rule: str, flags: dict[str, bool], io: storage.IO, table: bool = False, clip: bool = False
+) -> Any:
+    """The cached ``cuda.jit`` kernel of one variant under ``io`` (``table``: the multi-tensor
+    one, reading the clip coefficient when ``clip``)."""
+    key = (rule, tuple(sorted(flags.items())), io, table, clip)
     fn = _compiled.get(key)
     if fn is None:
-        fn = _compiled[key] = ncb.cuda.jit(python_kernel(rule, flags, io))
+        fn = _compiled[key] = ncb.cuda.jit(python_kernel(rule, flags, io, table, clip))
     return fn
-
-
-def _maps(rule: str, flags: dict[str, bool]) -> tuple[str, ...]:
-    return tuple(s.quant_map for s, q in zip(RULES[rule].slots, qslots(rule, flags)) if q)
 
 
 def _tq(fmt: str, maps: tuple[str, ...]) -> tuple[np.float32, ...]:
@@ -201,6 +300,22 @@ def _tq(fmt: str, maps: tuple[str, ...]) -> tuple[np.float32, ...]:
         top, tiny, _ = constants(fmt, m)
         out += [top, tiny]
     return tuple(out) or (np.float32(1), np.float32(1))
+
+
+def _host_inputs(
+    rule: str, flags: dict[str, bool], io: storage.IO, k: Sequence[float], extras: dict[str, Any]
+) -> tuple[np.ndarray, tuple[Any, ...], tuple[Any, ...], tuple[Any, ...]]:
+    """``(qtab, tq, k, x)`` of a launch: the packed tables and ``(top, tiny)`` of the variant's
+    quantized slots, the host scalars in float32, ``x = (1/grad_scale, salt, step key)``."""
+    qm = maps(rule, flags)
+    assert io.quant is not None
+    inv = extras.get("inv_scale")
+    x = (
+        np.float32(1.0 if inv is None else inv),
+        np.int64(extras.get("salt", 0)),
+        np.int64(extras.get("key", 0)),
+    )
+    return tables(io.quant, qm), _tq(io.quant, qm), tuple(np.float32(v) for v in k), x
 
 
 def signature(rule: str, flags: dict[str, bool], io: storage.IO) -> tuple[Any, ...]:
@@ -225,6 +340,29 @@ def signature(rule: str, flags: dict[str, bool], io: storage.IO) -> tuple[Any, .
     sig += (c[::1] if io.kbuf else p, types.float32[::1] if io.scale == "device" else p)
     sig += (types.float32[::1] if io.found_inf else p, types.uint32[::1] if io.kbuf else p)
     return sig
+
+
+def table_signature(
+    rule: str, flags: dict[str, bool], io: storage.IO, clip: bool = False
+) -> tuple[Any, ...]:
+    """The numba argument types of the multi-tensor kernel (``table_kernel_source``), for
+    ``cuda.compile_ptx`` without a GPU."""
+    from numba import types
+
+    def arr(kind: str) -> Any:
+        return getattr(types, ncb._like_dtype(kind).name)[::1]
+
+    q = qslots(rule, flags)
+    c = types.float32
+    p = arr(io.param)
+    sig: tuple[Any, ...] = (types.int64[:, ::1], types.int64[::1], types.int64)
+    sig += (p, arr(io.grad), arr(io.state), arr(io.kind("master")))
+    sig += (types.uint8[::1], types.float32[::1], types.float32[:, ::1])
+    sig += (types.UniTuple(c, 2 * max(1, sum(q))),)
+    sig += (types.UniTuple(c, len(RULES[rule].scalars)), types.Tuple((c, types.int64, types.int64)))
+    sig += (c[::1] if io.kbuf else p, types.float32[::1] if io.scale == "device" else p)
+    sig += (types.float32[::1] if io.found_inf else p, types.uint32[::1] if io.kbuf else p)
+    return sig + (c[::1] if clip else p,)
 
 
 #: (id of a host table, device id) -> (the host table, its device copy)
@@ -284,15 +422,7 @@ def launch_quant(
     nb = int(blocks.shape[0])
     if nb == 0:
         return
-    qtab = tables(io.quant, _maps(rule, flags))
-    tq = _tq(io.quant, _maps(rule, flags))
-    scalars = tuple(np.float32(v) for v in k)
-    inv = extras.get("inv_scale")
-    x = (
-        np.float32(1.0 if inv is None else inv),
-        np.int64(extras.get("salt", 0)),
-        np.int64(extras.get("key", 0)),
-    )
+    qtab, tq, scalars, x = _host_inputs(rule, flags, io, k, extras)
     dev = [extras.get(d) for d in ("kbuf", "scale", "found_inf", "keyp")]
     fn = kernel(rule, flags, io)
     p = ncb._bits16(param)
@@ -351,6 +481,50 @@ def _launch_device(
     args += [pv if a is None else ncb._device_view(a, "device scalar") for a in dev]
     blocks_n, _ = ncb.launch_config(nb * QBLOCK)
     ncb._configured(fn, min(blocks_n, nb), QBLOCK, ptr, d)(*args)
+
+
+def launch_table(
+    rule: str,
+    flags: dict[str, bool],
+    io: storage.IO,
+    table: Any,
+    k: Sequence[float],
+    extras: dict[str, Any],
+    clip: Any = None,
+    stream: int | None = None,
+) -> None:
+    """One launch over every tensor of ``table`` (``_launch.TensorTable`` of quantized state),
+    checked by ``numba_cuda_backend.launch_table``, which calls it: one CUDA block of
+    ``QBLOCK`` threads per block of codes, a grid of one wave grid-striding over them, on
+    ``stream`` (a handle; None: the default stream). Under the simulator the tensors are host
+    arrays."""
+    qtab, tq, scalars, x = _host_inputs(rule, flags, io, k, extras)
+    fn = kernel(rule, flags, io, True, clip is not None)
+
+    def run() -> None:
+        sim = ncb.SIMULATOR
+        dev = None if sim else ncb.cuda.get_current_device().id
+        ptr = 0 if stream is None else stream
+        ncb._upload(table, ptr)
+        kinds = [ncb._like_dtype(kd) for kd in (io.param, io.grad, io.state)]
+        kinds += [np.dtype(io.kind("master")), np.dtype(np.uint8), np.dtype(np.float32)]
+        likes = [ncb._small(kd, dev) for kd in kinds]
+        hole = likes[0]
+        devs = [
+            hole if extras.get(n) is None else ncb._arg(extras[n], dev, n)
+            for n in ("kbuf", "scale", "found_inf", "keyp")
+        ]
+        cl = hole if clip is None else ncb._arg(clip, dev, "clip")
+        q = qtab.copy() if dev is None else _on_device(qtab, dev)
+        args = (table.device_rows, table.device_chunks, np.int64(table.nchunks), *likes, q)
+        args += (tq, scalars, x, *devs, cl)
+        if sim:
+            fn[max(1, min(table.nchunks, 4)), QBLOCK](*args)
+        else:
+            blocks, _ = ncb.launch_config(table.nchunks * QBLOCK)
+            ncb._configured(fn, min(blocks, table.nchunks), QBLOCK, ptr, dev)(*args)
+
+    ncb._on_table_device(table, run)
 
 
 #: the BLOCK the kernels assume (one thread per element of a block of codes)

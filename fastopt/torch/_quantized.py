@@ -9,11 +9,15 @@ are the core's (``kernels/quant.py``).
 
 A CPU step launches once per bucket (``numba_quant_many.launch_many_quant``: one fused pass over
 a table of the tensors' addresses, codes and scales included), bit for bit the core's
-per-parameter step (the dict API). Other backends step each tensor through their runner with
-``(codes, absmax)`` pairs (the NumPy oracle among them). A GPU backend steps quantized state on
-this path once it declares ``QUANT_TABLE = True`` (its ``tensor_table`` takes a slot as a
-``(codes, absmax)`` pair of tensors, the ``IO`` carrying ``quant``) besides ``QUANT_STATE``;
-until then ``check_device`` refuses it before anything is written.
+per-parameter step (the dict API). A GPU bucket is one launch too: the backend's
+``tensor_table`` takes each quantized slot as its ``(codes, absmax)`` pair of tensors (the
+``IO`` carrying ``quant``; the table holds the codes' and the scales' addresses, one chunk per
+block of codes) and ``launch_table`` runs the multi-tensor quantized kernel
+(``kernels/quant_cuda.py``), cached and re-checked like a float table, no host
+synchronisation; a backend does so where it declares ``QUANT_TABLE = True`` (CuPy,
+numba-cuda) besides ``QUANT_STATE``, and ``check_device`` refuses quantized state on any other
+table backend before anything is written. Other backends step each tensor through their runner
+with ``(codes, absmax)`` pairs (the NumPy oracle among them).
 
 State dicts carry the two tensors per slot as they are (a round trip is bit-exact). A state dict
 of full-precision slots (``torch.optim.Adam``'s, a float32 ``fastopt.torch`` one's) loads into a
@@ -153,8 +157,8 @@ def check_device(be: Any, fmt: str | None, label: str) -> None:
     """Refuse (NotImplementedError, before anything is written) quantized state on a backend
     that does not step it on this path: every backend must declare ``QUANT_STATE``
     (``fastopt._quantized.check_backend``), a GPU backend (one with ``launch_table``) also
-    ``QUANT_TABLE`` (its tables take ``(codes, absmax)`` pairs), and for a packed format
-    (``"int4"``) ``QUANT_PACKED``."""
+    ``QUANT_TABLE`` (its tables take ``(codes, absmax)`` pairs; CuPy's and numba-cuda's do),
+    and for a packed format (``"int4"``) ``QUANT_PACKED``."""
     if fmt is None:
         return
     name = getattr(be, "NAME", be)

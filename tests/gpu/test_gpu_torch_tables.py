@@ -12,7 +12,13 @@ numba-cuda under the simulator); what only a GPU confirms is here, over a transf
 - a whole ``optimizer.step()`` captured with ``torch.cuda.graph``: its replays equal eager
   steps, an LR scheduler's writes into the device lr reach the replays;
 - ``max_grad_norm`` against ``scaler.unscale_`` + ``clip_grad_norm_`` + fused step, and the
-  cost of the clipped step against the unclipped one (recorded, the target is in the GPU run).
+  cost of the clipped step against the unclipped one (recorded, the target is in the GPU run);
+- quantized state (``state_dtype="int8"``/``"float8_e4m3"``, the codes and scales in the
+  table): one launch per step over a 196-tensor list (``QN`` elements), step by step from the
+  same state against the CPU path of the NumPy oracle (``backend="numpy"``: nothing to compile
+  on the GPU machine) within the tolerances ``tests/gpu/test_gpu_quant.py`` holds the GPU
+  kernels to; a capturable quantized step captured with ``torch.cuda.graph``, its replays
+  equal to eager steps (the same tolerances), the eager steps free of host synchronisation.
 """
 
 import numpy as np
@@ -26,6 +32,8 @@ torch = pytest.importorskip("torch")
 import fastopt.torch as fot  # noqa: E402  (imports torch)
 
 N = (1 << 20) + 3
+#: the quantized list: 196 tensors, many of them shorter than a block of codes
+QN = (1 << 18) + 3
 
 
 def _cuda():
@@ -153,6 +161,32 @@ def test_host_step_counts_of_a_torch_state_dict_move_to_the_device(backend):
     _close(ours, ref, ps, qs, 1e-5, 1e-6)
 
 
+def _copy_grads(ps, qs, seed):
+    """New gradients into both lists' ``.grad`` tensors, in place (a captured step reads
+    them at their addresses)."""
+    for p, q, g in zip(ps, qs, _grads(ps, seed)):
+        p.grad.copy_(g)
+        q.grad.copy_(g)
+
+
+def _captured(ours, eager, ps, qs):
+    """Gradients set, three warm-up steps of both optimizers on a side stream (torch's capture
+    recipe), then ``ours.step()`` captured: the ``torch.cuda.CUDAGraph``."""
+    for p, q, g in zip(ps, qs, _grads(ps, 1)):
+        p.grad, q.grad = g.clone(), g.clone()
+    s = torch.cuda.Stream()
+    s.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(s):
+        for _ in range(3):
+            ours.step()
+            eager.step()
+    torch.cuda.current_stream().wait_stream(s)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        ours.step()
+    return graph
+
+
 @pytest.mark.parametrize("backend", gpu_backend_params())
 def test_cuda_graph_replays_equal_eager_steps(backend):
     _cuda()
@@ -162,24 +196,9 @@ def test_cuda_graph_replays_equal_eager_steps(backend):
     ours = fot.Adam(ps, lr=lr, capturable=True, backend=backend)
     eager = fot.Adam(qs, lr=torch.tensor(1e-3, device="cuda"), capturable=True, backend=backend)
     scheds = [torch.optim.lr_scheduler.StepLR(o, step_size=2, gamma=0.5) for o in (ours, eager)]
-    grads = _grads(ps, 1)
-    for p, q, g in zip(ps, qs, grads):
-        p.grad, q.grad = g.clone(), g.clone()
-    s = torch.cuda.Stream()
-    s.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(s):
-        for _ in range(3):  # warm-up steps on a side stream, as torch's capture recipe asks
-            ours.step()
-            eager.step()
-    torch.cuda.current_stream().wait_stream(s)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        ours.step()
+    graph = _captured(ours, eager, ps, qs)
     for i in range(6):
-        new = _grads(ps, 10 + i)
-        for p, q, g in zip(ps, qs, new):
-            p.grad.copy_(g)
-            q.grad.copy_(g)
+        _copy_grads(ps, qs, 10 + i)
         graph.replay()
         eager.step()
         for sc in scheds:
@@ -231,3 +250,109 @@ def test_max_grad_norm_matches_unscale_clip_step_and_costs_little(backend):
         times.append(start.elapsed_time(end) / 10)
     print(f"clipped/unclipped step time: {times[1] / times[0]:.3f} ({times})")
     assert times[1] < 3 * times[0]
+
+
+def _quant_list(seed=0):
+    gen = torch.Generator(device="cuda").manual_seed(seed)
+    return [
+        torch.nn.Parameter(torch.randn(int(np.prod(s)), generator=gen, device="cuda"))
+        for s in transformer_shapes(QN)
+    ]
+
+
+def _count_launches(monkeypatch, backend):
+    """The table launches of ``backend`` (a list the patched ``launch_table`` appends to)."""
+    from fastopt.backends import get_backend
+
+    be = get_backend(backend)
+    calls = []
+    orig = be.launch_table
+    # launch_table(rule, flags, io, table, k, ...): the table
+    monkeypatch.setattr(be, "launch_table", lambda *a, **k: (calls.append(a[3]), orig(*a, **k)))
+    return calls
+
+
+def _close_quantized(ours, ref, pa, pb, fmt):
+    """Params and scales within float32 rounding, codes one apart (one float8 value apart) in
+    under 1 % of elements: ``test_gpu_quant.py``'s tolerances against the oracle (``ref`` on
+    any device)."""
+    from fastopt.kernels import RULES, quant
+
+    from fastopt import _quantized as Q
+
+    maps = {s.name: s.quant_map for s in RULES[type(ours)._fastopt._rule].slots}
+    off = 0
+    for a, b in zip(pa, pb):
+        torch.testing.assert_close(a.detach().cpu(), b.detach().cpu(), rtol=2e-5, atol=2e-6)
+        for k, v in ref.state[b].items():
+            base, part = Q.split_name(k)
+            x, v = ours.state[a][k].cpu(), v.cpu()
+            if part == Q.ABSMAX:
+                torch.testing.assert_close(x, v, rtol=1e-5, atol=0)
+            elif part == Q.CODES:
+                amax, qm = ref.state[b][Q.names_of(base)[1]].cpu().numpy(), maps[base]
+                xa = Q.dequantize(x.numpy(), amax, fmt, qm)
+                off += int(np.count_nonzero(xa != Q.dequantize(v.numpy(), amax, fmt, qm)))
+                if not quant.table(fmt, qm).signmag:  # int8: the codes are ordered
+                    d = np.abs(x.numpy().astype(int) - v.numpy().astype(int))
+                    assert d.max(initial=0) <= 1, (k, d.max())
+    assert off <= 0.01 * sum(p.numel() for p in pa), off
+
+
+@pytest.mark.parametrize("backend", gpu_backend_params())
+@pytest.mark.parametrize("fmt", ["int8", "float8_e4m3"])
+def test_quantized_list_steps_match_the_oracle_path(backend, fmt, monkeypatch):
+    """One launch per step over the 196-tensor list with quantized state, three steps, each
+    from the state the GPU left (copied into the CPU twin: a code one apart would otherwise
+    compound), against ``fastopt.torch``'s CPU path through the NumPy oracle."""
+    _cuda()
+    calls = _count_launches(monkeypatch, backend)
+    ps = _quant_list()
+    qs = [torch.nn.Parameter(p.detach().cpu()) for p in ps]
+    kw = dict(lr=1e-3, weight_decay=0.01, state_dtype=fmt)
+    ours = fot.AdamW(ps, backend=backend, **kw)
+    ref = fot.AdamW(qs, backend="numpy", **kw)
+    for step in range(1, 4):
+        calls.clear()
+        for p, q, g in zip(ps, qs, _grads(ps, step)):
+            p.grad, q.grad = g.clone(), g.cpu()
+        ours.step()
+        ref.step()
+        torch.cuda.synchronize()
+        assert len(calls) == 1 and calls[0].io.quant == fmt  # one launch, the codes in it
+        assert calls[0].rows.shape[0] == len(ps)
+        _close_quantized(ours, ref, ps, qs, fmt)
+        with torch.no_grad():  # the next step from the GPU's state on both sides
+            for p, q in zip(ps, qs):
+                q.copy_(p.cpu())
+                for k, v in ref.state[q].items():
+                    v.copy_(ours.state[p][k].cpu())
+    assert ours._steady[0].dl.mt is calls[0]  # the cached table, re-used
+
+
+@pytest.mark.parametrize("backend", gpu_backend_params())
+def test_quantized_cuda_graph_replays_equal_eager_steps(backend):
+    """A capturable AdamW with int8 state captured with ``torch.cuda.graph``: replays over new
+    gradients equal eager steps of a twin (the same kernels: params, codes and scales held to
+    ``_close_quantized``, the device step counts equal), and the eager steps after the first
+    run under ``set_sync_debug_mode("error")``."""
+    _cuda()
+    ps = _quant_list()
+    qs = _twins(ps)
+    kw = dict(lr=1e-3, weight_decay=0.01, state_dtype="int8", capturable=True, backend=backend)
+    ours, eager = fot.AdamW(ps, **kw), fot.AdamW(qs, **kw)
+    graph = _captured(ours, eager, ps, qs)
+    for i in range(4):
+        _copy_grads(ps, qs, 10 + i)
+        graph.replay()
+        torch.cuda.synchronize()
+        torch.cuda.set_sync_debug_mode("error" if i else "default")  # the first: back on
+        try:  # the current stream after the side stream's warm-up
+            eager.step()
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+    torch.cuda.synchronize()
+    _close_quantized(ours, eager, ps, qs, "int8")
+    for p, q in zip(ps, qs):
+        assert set(ours.state[p]) == set(eager.state[q])
+        assert torch.equal(ours.state[p]["step"], eager.state[q]["step"])  # on the device

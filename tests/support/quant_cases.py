@@ -103,6 +103,21 @@ def _values(pair: Any, fmt: str, qm: str) -> np.ndarray:
     return out
 
 
+def tensors(rule: str, p: np.ndarray, g: np.ndarray, state: dict[str, Any]) -> list[Any]:
+    """The buffer's tensors as a multi-tensor table takes them (``_launch.TensorTable``:
+    ``(param, grad, slots, None)`` of views, a quantized slot as its ``(codes, absmax)``
+    views), the second tensor first: each row's scales are found from its own row."""
+    out = []
+    for (off, n), (b0, b1) in reversed(list(zip(SEGMENTS, _block_ranges()))):
+        sl = slice(off, off + n)
+        slots = [
+            None if a is None else (a[0][sl], a[1][b0:b1]) if isinstance(a, tuple) else a[sl]
+            for a in (state[s] for s in RULES[rule].state)
+        ]
+        out.append((p[sl], g[sl], slots, None))
+    return out
+
+
 def copy(state: dict[str, Any]) -> dict[str, Any]:
     return {
         k: None if v is None else (v[0].copy(), v[1].copy()) if isinstance(v, tuple) else v.copy()
