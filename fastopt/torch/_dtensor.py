@@ -26,7 +26,7 @@ from typing import Any
 
 import torch
 
-__all__ = ["check", "is_dtensor", "local"]
+__all__ = ["check", "is_dtensor", "like", "local"]
 
 
 @functools.cache
@@ -52,6 +52,17 @@ def local(t: Any) -> Any:
     if t is not None and is_dtensor(t):
         return t._local_tensor
     return t
+
+
+def like(p: Any, t: torch.Tensor) -> Any:
+    """``t`` (a local tensor shaped like ``p``'s local shard) as ``p`` holds it: a DTensor
+    with ``p``'s mesh, placements and global shape when ``p`` is one, else ``t`` itself."""
+    if not is_dtensor(p):
+        return t
+    cls = _dtensor_type()
+    return cls.from_local(
+        t, p.device_mesh, p.placements, run_check=False, shape=p.shape, stride=p.stride()
+    )
 
 
 def check(p: Any, g: Any, bufs: Sequence[Any], master: Any, who: str) -> None:
