@@ -95,6 +95,7 @@ from ..backends import get_backend
 from ..base import PRECISION_DEFAULTS
 from ..functional import Launch
 from ..kernels import RULES, storage
+from ..kernels.quant import nblocks
 from ..kernels.spec import host_precision, host_round
 from ..kernels.storage import io_for
 from . import _device, _dtensor, _master, _quantized
@@ -241,7 +242,8 @@ class FusedOptimizer(TorchContract, torch.optim.Optimizer):
         count where torch keeps one, the state buffers ``slots``, host scalars as 0-d
         tensors), not yet stored: ``_run_plan`` stores it once every check of the step has
         passed. Empty for a parameter that needs none, as in torch (SGD without momentum).
-        ``master``: the master form (``_master``: False, True or "remainder"). ``step_device``: where the step count lives (on a GPU whose scalars live there,
+        ``master``: the master form (``_master``: False, True or "remainder").
+        ``step_device``: where the step count lives (on a GPU whose scalars live there,
         ``_device_scalars``: the parameter's device, as torch's fused and capturable
         optimizers keep it; else the CPU)."""
         new = {}
@@ -555,8 +557,6 @@ class FusedOptimizer(TorchContract, torch.optim.Optimizer):
             lg = _check_param(lp, _dtensor.local(g), label, entries)
             if fmt:  # a backend that steps quantized state here, plain tensors
                 _quantized.check_device(self._backend_module(lp.device), fmt, label)
-                if lp is not p:
-                    raise NotImplementedError(f"{label}: state_dtype={fmt!r} with DTensors")
             kind = _KINDS[p.dtype]
             if kind == "float16" and want_master == "remainder":
                 precision.check_remainder_param(kind, f"{label}: {_REM}")
@@ -603,7 +603,9 @@ class FusedOptimizer(TorchContract, torch.optim.Optimizer):
             sdtype = _TORCH[self._state_kind(p.dtype, has_master, label)]
             bufs, lm = self._check_state(lp, state, names, label, checks, what, sdtype)
             if fmt:  # each quantized slot as its (codes, absmax) pair
-                bufs = _quantized.check_slots(lp, state, spec, fmt, bufs, label, checks)
+                bufs = _quantized.check_slots(
+                    lp, state, spec, fmt, bufs, label, checks, p if lp is not p else None
+                )
             hs, wide = None, False
             if spec.host_state:
                 hs, wide = _host_state(state, spec, label, checks, what)
@@ -757,13 +759,16 @@ class FusedOptimizer(TorchContract, torch.optim.Optimizer):
             skind = self._state_kind(b.dtype, mb)
             sr = self._sr(b.dtype, mb)
             tensors, wrappers = [], []
-            for p, lp, lg, state, bufs in b.items:
+            for p, lp, lg, _, bufs in b.items:
                 slots = [x if u else None for x, u in zip(bufs, used)]
                 for j, u in enumerate(used):
                     if u and slots[j] is None and fmt and names[j] in qslots:  # fresh, quantized
-                        new = _quantized.new_slot(lp, spec, hp, names[j], fmt)
+                        new = _quantized.new_slot(p, spec, hp, names[j], fmt)
                         self.state[p].update(new)
-                        slots[j] = tuple(new.values())
+                        codes, absmax = new.values()
+                        if lp is not p:  # the local codes, the local shard's scales
+                            absmax = local(absmax).view(-1)[: nblocks(lp.numel())]
+                        slots[j] = (local(codes), absmax)
                     elif u and slots[j] is None:  # a fresh slot (SGD's momentum buffer), step 1
                         x = self.state[p][names[j]] = torch.zeros_like(p, dtype=_TORCH[skind])
                         slots[j] = local(x)
@@ -771,7 +776,12 @@ class FusedOptimizer(TorchContract, torch.optim.Optimizer):
                 tensors.append((lp, lg, slots, local(master)))
                 if lp is not p:  # a DTensor: its own version counter, and its state's
                     wrappers.append(p)
-                    wrappers += [state[n] for n, u in zip(names, used) if u]  # never quantized
+                    wrappers += [  # the quantized slots' codes and scales
+                        self.state[p][k]
+                        for n, u in zip(names, used)
+                        if u
+                        for k in _quantized.need((n,), spec, fmt)
+                    ]
             kind = _KINDS[b.dtype]
             # quantized slots among the variant's (None: the launch stores none)
             quant = fmt if any(u and n in qslots for n, u in zip(names, used)) else None

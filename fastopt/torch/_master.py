@@ -60,7 +60,7 @@ def form_of(want: bool | str, state: Any, fresh: bool) -> bool | str:
     if want == "remainder":
         return "remainder"
     if want is True:
-        return True if have else False
+        return bool(have)
     return have
 
 

@@ -34,6 +34,7 @@ import torch
 from .. import _quantized as Q
 from .. import precision
 from ..kernels import RULES, quant
+from . import _dtensor
 from ._memory import check_backed, check_written, plain_type
 
 __all__ = [
@@ -80,6 +81,13 @@ def new_slot(p: torch.Tensor, spec: Any, hp: Any, slot: str, fmt: str) -> dict[s
     ``{"<slot>.codes": uint8 like p (contiguous), "<slot>.absmax": float32 scales}``."""
     code, amax = Q.constant(spec.initial(slot, hp), fmt, spec.slot(slot).quant_map)
     codes_name, absmax_name = Q.names_of(slot)
+    if _dtensor.is_dtensor(p):  # codes like the parameter, a row of scales per shard
+        lp = _dtensor.local(p)
+        codes = torch.full(lp.shape, code, dtype=torch.uint8, device=lp.device)
+        return {
+            codes_name: _dtensor.like(p, codes),
+            absmax_name: _dtensor.new_absmax(p, float(amax), f"state {absmax_name!r}"),
+        }
     return {
         codes_name: torch.full(p.shape, code, dtype=torch.uint8, device=p.device),
         absmax_name: torch.full(
@@ -102,13 +110,15 @@ def check_slots(
     bufs: list[Any],
     label: str,
     entries: list[Any] | None,
+    param: Any = None,
 ) -> list[Any]:
     """``bufs`` (the state tensors of ``spec.state``, None where absent) with each quantized
     slot present in ``state`` as its ``(codes, absmax)`` pair, both checked (unless ``entries``
     is None: made just now): plain tensors on ``p``'s device, codes uint8 of ``p``'s shape and
     absmax float32 of one scale per block, contiguous, backed by their storage, without internal
     overlap; each added to the overlap ``entries``. A slot with one half only is refused
-    (KeyError)."""
+    (KeyError). ``param``: the DTensor ``p`` is the local shard of (its slots' codes a DTensor
+    like it, their scales one of ``_dtensor.absmax_layout``), else None."""
     q = quantized(spec, fmt)
     out = list(bufs)
     for j, name in enumerate(spec.state):
@@ -125,6 +135,8 @@ def check_slots(
                 f"{keys[have.index(False)]!r}; a quantized slot is both"
             )
         pair = (state[keys[0]], state[keys[1]])
+        if _dtensor.is_dtensor(param):  # the local shard's codes and its row of scales
+            pair = _local_pair(param, pair, keys, label)
         if entries is not None:
             for key, t in zip(keys, pair):
                 lbl = (label, f"state {key!r}")
@@ -145,6 +157,24 @@ def check_slots(
                 entries.append((lbl, t, True, span))
         out[j] = pair
     return out
+
+
+def _local_pair(param: Any, pair: tuple[Any, Any], keys: tuple[str, str], label: str) -> Any:
+    """A DTensor parameter's slot ``pair`` as the kernels see it: the local codes (the codes a
+    DTensor placed like ``param``) and the local shard's scales (``_dtensor.check_absmax``)."""
+    codes, absmax = pair
+    if (
+        not _dtensor.is_dtensor(codes)
+        or codes.device_mesh != param.device_mesh
+        or codes.placements != param.placements
+        or codes.shape != param.shape
+    ):
+        raise ValueError(
+            f"{label}: state {keys[0]!r} is {_describe(codes)}; expected a DTensor uint8"
+            f"{list(param.shape)} placed like the parameter, {param.placements}"
+        )
+    lt = _dtensor.check_absmax(param, absmax, f"{label}: state {keys[1]!r}")
+    return _dtensor.local(codes), lt
 
 
 def check_device(be: Any, fmt: str | None, label: str) -> None:
@@ -284,6 +314,9 @@ def check_loaded(opt: Any, key: Any, st: dict[str, Any], p: torch.Tensor) -> Non
                 f"{name!r}; expected one form of the slot"
             )
         t = st[name]
+        if _dtensor.is_dtensor(p) or _dtensor.is_dtensor(t):  # a sharded parameter's slot
+            _check_loaded_dtensor(who, key, name, part, t, p)
+            continue
         dt, shape = _expect(p, part)
         if (
             not isinstance(t, torch.Tensor)
@@ -302,6 +335,35 @@ def check_loaded(opt: Any, key: Any, st: dict[str, Any], p: torch.Tensor) -> Non
                 + ")"
             )
         check_backed(t, (f"parameter {key!r}", f"state {name!r}"), read_only=True)
+
+
+def _check_loaded_dtensor(who: str, key: Any, name: str, part: str, t: Any, p: Any) -> None:
+    """A saved codes or absmax tensor ``t`` of DTensor parameter ``p`` (or a DTensor saved for a
+    plain one): laid out as this optimizer keeps it (``_dtensor.absmax_layout``)."""
+    what = f"{who}.load_state_dict: state {name!r} of parameter {key!r}"
+    if not _dtensor.is_dtensor(p):
+        raise ValueError(
+            f"{what} is a DTensor; the parameter is not (a state dict of a sharded run: "
+            "convert it with full_precision_state_dict by the optimizer that saved it)"
+        )
+    want = torch.uint8 if part == Q.CODES else torch.float32
+    if not isinstance(t, torch.Tensor) or t.dtype is not want:
+        raise ValueError(f"{what} is {_describe(t)}; expected a {want} DTensor")
+    if part == Q.CODES:
+        if (
+            not _dtensor.is_dtensor(t)
+            or t.device_mesh != p.device_mesh
+            or t.placements != p.placements
+            or t.shape != p.shape
+        ):
+            raise ValueError(
+                f"{what} is {_describe(t)}; expected a DTensor uint8{list(p.shape)} placed like "
+                f"the parameter, {p.placements} (a state of another sharding?)"
+            )
+        lt = _dtensor.local(t)
+    else:
+        lt = _dtensor.check_absmax(p, t, what)
+    check_backed(lt, (f"parameter {key!r}", f"state {name!r}"), read_only=True)
 
 
 def load_keeps(opt: Any, st: dict[str, Any], p: torch.Tensor) -> dict[str, Any]:
@@ -323,12 +385,39 @@ def load_keeps(opt: Any, st: dict[str, Any], p: torch.Tensor) -> dict[str, Any]:
             out[absmax_name] = st[absmax_name].to(device=p.device, dtype=torch.float32)
             out[absmax_name] = out[absmax_name].contiguous()
         elif isinstance(st.get(name), torch.Tensor) and st[name].is_floating_point():
+            if _dtensor.is_dtensor(p):  # each shard quantized on its own, as its step stores
+                out.update(_quantize_shard(st[name], p, name, fmt, qm))
+                out[name] = None
+                continue
             x = st[name].detach().to("cpu", torch.float32).contiguous()
             c, a = Q.quantize(x.numpy(), fmt, qm)
             out[codes_name] = torch.from_numpy(c).reshape(x.shape).to(p.device)
             out[absmax_name] = torch.from_numpy(a).to(p.device)
             out[name] = None  # the float slot is not kept
     return out
+
+
+def _quantize_shard(x: Any, p: Any, slot: str, fmt: str, qm: str) -> dict[str, Any]:
+    """A full-precision slot ``x`` of DTensor parameter ``p`` (a DTensor placed like it) as the
+    codes and scales of its local shard (``_dtensor.absmax_layout``)."""
+    codes_name, absmax_name = Q.names_of(slot)
+    if not _dtensor.is_dtensor(x) or x.placements != p.placements or x.shape != p.shape:
+        raise ValueError(
+            f"state {slot!r} is {_describe(x)}; expected a DTensor{list(p.shape)} placed like "
+            f"its parameter, {p.placements}"
+        )
+    lx = _dtensor.local(x).detach().to("cpu", torch.float32).contiguous()
+    c, a = Q.quantize(lx.numpy(), fmt, qm)
+    lp = _dtensor.local(p)
+    shape, _, blocks = _dtensor.absmax_layout(p, f"state {absmax_name!r}")
+    row = torch.zeros(blocks, dtype=torch.float32)
+    row[: quant.nblocks(lx.numel())] = torch.from_numpy(a)
+    return {
+        codes_name: _dtensor.like(p, torch.from_numpy(c).reshape(lx.shape).to(lp.device)),
+        absmax_name: _dtensor.as_absmax(
+            p, row.reshape((1,) * (len(shape) - 1) + (blocks,)).to(lp.device), absmax_name
+        ),
+    }
 
 
 def full_precision_state_dict(opt: Any, state_dict: dict[str, Any] | None = None) -> dict[str, Any]:
@@ -351,6 +440,14 @@ def full_precision_state_dict(opt: Any, state_dict: dict[str, Any] | None = None
             base, part = Q.split_name(name) if isinstance(name, str) else (name, None)
             if part is None or base not in q:
                 new[name] = v
+            elif part == Q.CODES and _dtensor.is_dtensor(v):  # each shard with its scales
+                lv = _dtensor.local(v)
+                absmax = _dtensor.local(st[Q.names_of(base)[1]]).reshape(-1)
+                absmax = absmax[: quant.nblocks(lv.numel())]
+                x = Q.dequantize(
+                    lv.detach().cpu().numpy(), absmax.detach().cpu().float().numpy(), fmt, q[base]
+                )
+                new[base] = _dtensor.like(v, torch.from_numpy(x).reshape(lv.shape).to(lv.device))
             elif part == Q.CODES:
                 absmax = st[Q.names_of(base)[1]]
                 x = Q.dequantize(

@@ -44,10 +44,10 @@ import numpy as np
 import torch
 
 from .._quantized import names_of
-from ..precision import MASTER, MASTER_REMAINDER
 from ..backends import numba_backend
 from ..kernels import storage
 from ..kernels.spec import Rule
+from ..precision import MASTER, MASTER_REMAINDER
 from ._memory import byte_span, read_at
 
 _PLAIN = (torch.Tensor, torch.nn.Parameter)
