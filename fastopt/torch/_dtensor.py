@@ -103,7 +103,8 @@ def absmax_layout(p: Any, who: str) -> tuple[tuple[int, ...], tuple[Any, ...], i
 
     mesh = p.device_mesh
     size = list(p.shape)
-    shape, placements = [], []
+    shape: list[int] = []
+    placements: list[Any] = []
     for i, pl in enumerate(p.placements):
         if type(pl) is Shard:
             n = mesh.size(i)

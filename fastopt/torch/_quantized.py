@@ -349,12 +349,13 @@ def _check_loaded_dtensor(who: str, key: Any, name: str, part: str, t: Any, p: A
     want = torch.uint8 if part == Q.CODES else torch.float32
     if not isinstance(t, torch.Tensor) or t.dtype is not want:
         raise ValueError(f"{what} is {_describe(t)}; expected a {want} DTensor")
+    d: Any = t  # a DTensor, checked below
     if part == Q.CODES:
         if (
-            not _dtensor.is_dtensor(t)
-            or t.device_mesh != p.device_mesh
-            or t.placements != p.placements
-            or t.shape != p.shape
+            not _dtensor.is_dtensor(d)
+            or d.device_mesh != p.device_mesh
+            or d.placements != p.placements
+            or d.shape != p.shape
         ):
             raise ValueError(
                 f"{what} is {_describe(t)}; expected a DTensor uint8{list(p.shape)} placed like "

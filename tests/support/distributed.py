@@ -179,8 +179,9 @@ def _quant_model():
 
 
 def _quant_fsdp(name, opt_kw):
-    import fastopt.torch as fot
     from torch.distributed.fsdp import fully_shard
+
+    import fastopt.torch as fot
 
     model = _quant_model()
     for m in (model[0], model[2]):
@@ -228,12 +229,13 @@ def phase_quant(rank, world, port, folder, name, opt_kw):
     ``full_precision_state_dict`` loads into the float32 optimizer as the dequantized values."""
     import copy
 
-    import fastopt.torch as fot
     import torch.distributed.checkpoint as dcp
-    from fastopt import _quantized as Q
     from fastopt.kernels import RULES
     from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
     from torch.distributed.tensor import DTensor, Replicate
+
+    import fastopt.torch as fot
+    from fastopt import _quantized as Q
 
     _init(rank, world, port)
     fmt = opt_kw["state_dtype"]
