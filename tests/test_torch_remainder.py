@@ -269,3 +269,53 @@ def test_a_torch_optim_state_steps_from_a_remainder_of_zeros():
                            "exp_avg_sq": torch.zeros(7), REM: torch.zeros(7, dtype=torch.int16)}},
              "param_groups": copy.deepcopy(opt.state_dict()["param_groups"])}
         )  # fmt: skip
+
+
+def test_a_dtensor_parameter_keeps_a_dtensor_remainder():
+    """One process, a one-rank mesh: the remainder is a DTensor like its parameter, the steps
+    equal the plain tensors' bit for bit, and an fp32-master DTensor state converts at the
+    next step as a plain one does."""
+    import torch.distributed as dist
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.tensor import DTensor, Shard, distribute_tensor
+
+    if not dist.is_available() or dist.is_initialized():
+        pytest.skip("torch.distributed unavailable or already initialised")
+    dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
+    try:
+        mesh = init_device_mesh("cpu", (1,))
+
+        def shard(ps):
+            return [
+                torch.nn.Parameter(distribute_tensor(p.detach().clone(), mesh, [Shard(0)]))
+                for p in ps
+            ]
+
+        kw = dict(lr=1e-2, weight_decay=0.1)
+        plain, pt = _params(seed=9), _params(seed=9)
+        sr, st = shard(plain), shard(pt)
+        oa = fot.AdamW(plain, master_weights="remainder", **kw)
+        ob = fot.AdamW(sr, master_weights="remainder", **kw)
+        ot = fot.AdamW(st, master_weights=True, **kw)
+        for t in range(3):
+            for p, q, s, g in zip(plain, sr, st, _grads(plain, t)):
+                p.grad = g
+                q.grad = distribute_tensor(g.clone(), mesh, [Shard(0)])
+                s.grad = distribute_tensor(g.clone(), mesh, [Shard(0)])
+            oa.step()
+            ob.step()
+            if t == 1:  # the fp32-master DTensor state into a remainder optimizer
+                sd = copy.deepcopy(ot.state_dict())
+                ot = fot.AdamW(st, master_weights="remainder", **kw)
+                ot.load_state_dict(sd)
+            ot.step()
+        for p, q, s in zip(plain, sr, st):
+            for x in (q, s):
+                assert torch.equal(x.full_tensor(), p)
+            for o, x in ((ob, q), (ot, s)):
+                rem = o.state[x][REM]
+                assert isinstance(rem, DTensor) and rem.placements == x.placements
+                assert torch.equal(rem.full_tensor(), oa.state[p][REM])
+                assert MASTER not in o.state[x]
+    finally:
+        dist.destroy_process_group()
