@@ -66,7 +66,10 @@ fp32 copy (``state[p]["master_param"]``) with fp32 state, the parameter stored f
 the same pass. A 16-bit parameter written between steps (``w.fill_(3.0)``: its version counter
 moved) is seen: where it no longer equals its master rounded, the master takes the written
 value. A write that bypasses the version counter (through ``w.data`` or a NumPy view) is not
-seen, and the master's value wins.
+seen, and the master's value wins. ``master_weights="remainder"`` keeps that master of a
+bfloat16 parameter as the parameter (its high half) and an int16 ``state[p]["master_remainder"]``
+(its low half), the same master bit for bit in 2 bytes instead of 4 (``_master``; float16
+parameters refused, state dicts of either form converted).
 
 The core classes' other precision keywords are taken as the core checks them
 (``_check_precision``): ``state_dtype`` ("float32" or "bfloat16": the state buffers' storage
