@@ -15,6 +15,11 @@ this path once it declares ``QUANT_TABLE = True`` (its ``tensor_table`` takes a 
 ``(codes, absmax)`` pair of tensors, the ``IO`` carrying ``quant``) besides ``QUANT_STATE``;
 until then ``check_device`` refuses it before anything is written.
 
+A DTensor parameter's slot (FSDP2) is its local shard's: blocks start at each shard's first
+element, the codes a DTensor like the parameter, the scales a DTensor of one row per shard
+(``_dtensor.absmax_layout``); ``check_slots`` hands the kernels the local codes and the local
+row's scales, and a state of another sharding is refused (``_dtensor.check_absmax``).
+
 State dicts carry the two tensors per slot as they are (a round trip is bit-exact). A state dict
 of full-precision slots (``torch.optim.Adam``'s, a float32 ``fastopt.torch`` one's) loads into a
 quantized optimizer quantized as a step would store it (``load_keeps``);
