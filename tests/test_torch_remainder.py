@@ -7,7 +7,7 @@ bfloat16 parameter's fp32 master kept as the parameter (the high half) and an in
   joined by the oracle's ``precision.join_master``) equals ``master_weights=True``'s fp32 master
   bit for bit, the state too, the parameters differ only where that master's low half is a tie;
   parameter, remainder and state equal the core's remainder step (the dict API) bit for bit.
-  AdamW and SGD by default; Lion and AdamW with int8 state under -m exhaustive.
+  AdamW by default; SGD, Lion and AdamW with int8 state under -m exhaustive.
 - The GPU path (the fake table backend of ``tests/support/fake_table.py``): one table launch
   whose master column is the int16 remainder (``IO.remainder``), the CPU path's bits.
 - float16 parameters are refused at construction, in ``add_param_group`` and at the step
@@ -80,12 +80,14 @@ def _same_as_true(pr, r, pt, t, state_keys):
         assert ((_bits(m)[differ] & 0xFFFF) == 0x8000).all()
 
 
-#: each case compiles its loops for both master forms and the core's: two by default
+#: each case compiles its loops for both master forms and the core's: one by default
 EXHAUSTIVE = pytest.mark.exhaustive
 CASES = [
     # (class, hyperparameters, state keys); the int8 case runs the quantized many-tensor loop
     ("AdamW", dict(lr=1e-2, weight_decay=0.1), ("exp_avg", "exp_avg_sq", "step")),
-    ("SGD", dict(lr=0.1, momentum=0.9, nesterov=True), ("momentum_buffer",)),
+    pytest.param(
+        "SGD", dict(lr=0.1, momentum=0.9, nesterov=True), ("momentum_buffer",), marks=EXHAUSTIVE
+    ),
     pytest.param("Lion", dict(lr=1e-3, weight_decay=0.1), ("exp_avg",), marks=EXHAUSTIVE),
     pytest.param(
         "AdamW",
