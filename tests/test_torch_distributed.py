@@ -3,7 +3,10 @@
 and FSDP2 (``fully_shard``: DTensor parameters stepped through their local shards, state as
 DTensors) with a ``torch.distributed.checkpoint`` save, new processes, load and continue. The
 workers (``tests/support/distributed.py``) compare each fastopt run with the same run with
-``torch.optim`` and the resumed FSDP2 run with the uninterrupted one.
+``torch.optim`` and the resumed FSDP2 run with the uninterrupted one. FSDP2 with quantized
+state (``phase_quant``) is compared with one process stepping the full tensors with the same
+gradients (every shard holds whole blocks), bit for bit, through a state dict and a DCP round
+trip; a state of another layout is refused.
 
 Marked ``distributed``: the spawns take tens of seconds on two slow cores, so the default run
 skips them; ``python -m pytest -q -m distributed tests/test_torch_distributed.py`` runs them.
