@@ -7,7 +7,10 @@ Phase 1 (``phase_train``): DDP; ``ZeroRedundancyOptimizer(optimizer_class=...)``
 with ``torch.distributed.checkpoint`` (DCP, via ``get_state_dict``), then trained on: the
 uninterrupted result is saved beside. Phase 2 (``phase_resume``, new processes): the same model
 built and sharded again, DCP loaded (``set_state_dict``), trained on: equal to the uninterrupted
-run bit for bit. Each rank writes what it measured to ``<dir>/<phase>-<rank>.json``.
+run bit for bit. ``phase_quant``: FSDP2 with quantized state against one process stepping
+the full tensors with the sharded run's gradients, a state dict and a DCP round trip, a state
+of another layout refused, ``full_precision_state_dict`` (see its docstring). Each rank writes
+what it measured to ``<dir>/<phase>-<rank>.json``.
 """
 
 import json
