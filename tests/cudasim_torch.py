@@ -5,7 +5,8 @@ host memory, so CPU tensors stepped with ``backend="numba-cuda"`` take the GPU p
 ``GradNorm`` for ``max_grad_norm``, the scalar kernel of a ``capturable=True`` step with the
 loss scale and found-inf flag read by the kernels) with the real numba-cuda kernels, quantized
 state included (``state_dtype=``: the codes and scales in the table). Each is held to the numba
-CPU path, and the capturable step to torch's fused capturable AdamW.
+CPU path, the capturable step to torch's fused capturable AdamW, and the remainder form of
+master weights to the same kernel's fp32 master.
 """
 
 import os
@@ -152,3 +153,31 @@ def test_quantized_state_on_the_table_path_equals_the_cpu_path(fmt, dtype, kw, m
                     torch.testing.assert_close(x.double(), y.double(), rtol=tol[0], atol=tol[1])
 
     _one_launch_per_step(monkeypatch, ours, ref, ps, qs, check)
+
+
+def test_remainder_master_in_the_table_equals_the_fp32_master():
+    """``master_weights="remainder"`` through the numba-cuda table kernel (the int16 remainder
+    as the master column): one launch per step, and the bfloat16 parameter and remainder
+    joined equal the same kernel's fp32 master (``master_weights=True``) bit for bit."""
+    import numpy as np
+
+    from fastopt import precision
+
+    ps = _params(torch.bfloat16)
+    qs = [torch.nn.Parameter(p.detach().clone()) for p in ps]
+    kw = dict(lr=1e-2, weight_decay=0.1, backend="numba-cuda")
+    rem = fot.AdamW(ps, master_weights="remainder", **kw)
+    ref = fot.AdamW(qs, master_weights=True, **kw)
+    for step in range(1, 4):
+        for p, q, g in zip(ps, qs, _grads(ps, step)):
+            p.grad, q.grad = g.clone(), g.clone()
+        rem.step()
+        ref.step()
+        assert rem._steady[0].dl.base.remainder
+    for p, q in zip(ps, qs):
+        bits = p.detach().view(torch.int16).numpy().view(precision.bfloat16())
+        joined = precision.join_master(bits, rem.state[p][precision.MASTER_REMAINDER].numpy())
+        want = ref.state[q]["master_param"].numpy()
+        assert np.array_equal(joined.view(np.uint32), want.view(np.uint32))
+        for n in ("exp_avg", "exp_avg_sq"):
+            assert torch.equal(rem.state[p][n], ref.state[q][n])

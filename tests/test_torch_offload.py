@@ -7,7 +7,9 @@ several buckets, two param groups and a scheduler, and float32 equals ``torch.op
 dicts round-trip mid-run into another bucketing; a refused state dict changes nothing; and the
 order of the pipeline's operations is checked against fake streams (every gradient copy queued
 before the first wait, each bucket stepped after its own event only, its parameter copies queued
-before the next bucket is stepped). The real CUDA path is marked ``gpu``.
+before the next bucket is stepped). With quantized state (``state_dtype="int8"``) the host
+state is codes and block scales per master, bit for bit the same optimizer's step over float32
+parameters holding the masters' values. The real CUDA path is marked ``gpu``.
 """
 
 import copy
@@ -98,6 +100,60 @@ def test_state_dict_round_trip_into_another_bucketing_and_refusals_change_nothin
     for x, y in zip(net.parameters(), ref.parameters()):
         assert torch.equal(x, y)
     _equal_state(b.state_dict(), r.state_dict())
+
+
+def test_quantized_state_offloaded_equals_the_step_on_the_masters():
+    """``state_dtype="int8"``: the host state of the offloaded masters is quantized (codes and
+    block scales per master, blocks from each one's first element); over bucketed bfloat16
+    parameters it equals the same optimizer stepping float32 parameters that hold the masters'
+    values, params (rounded to bfloat16) and state bit for bit; its state dict round-trips
+    mid-run into another bucketing and steps on alike."""
+    from support.matrix import RULE_FULL
+
+    import fastopt
+
+    # the settings (so the compiled loop) of tests/test_torch_quant.py's default case
+    cls = fastopt.optimizers.CLASSES["Adam"]
+    own = set(cls._hyper + cls._flags)
+    kw = {k: v for k, v in RULE_FULL[cls._rule].items() if k in own and k not in cls._pinned}
+    kw["state_dtype"] = "int8"
+    net, ref = _net(torch.bfloat16), _net(torch.float32)
+    with torch.no_grad():
+        for a, b in zip(net.parameters(), ref.parameters()):
+            b.copy_(a)  # the masters' values: exact
+    off = CPUOffload(fot.Adam, net.parameters(), bucket_bytes=1200, **kw)
+    assert len(off.buckets) >= 3
+    opt = fot.Adam(ref.parameters(), **kw)
+
+    def step(t):
+        g = torch.Generator().manual_seed(t)
+        x = torch.randn(6, 8, generator=g)
+        off.zero_grad()
+        net(x.to(torch.bfloat16)).float().pow(2).mean().backward()
+        for p, q in zip(net.parameters(), ref.parameters()):
+            q.grad = p.grad.float()  # the offloaded step's host gradients: exact
+        off.step()
+        opt.step()
+
+    for t in range(4):
+        step(t)
+    sd_off, sd_ref = off.state_dict(), opt.state_dict()
+    for i, (a, b) in enumerate(zip(net.parameters(), ref.parameters())):
+        assert torch.equal(a, b.to(torch.bfloat16))
+        st = sd_off["state"][i]
+        assert torch.equal(st.pop("master_param"), b.detach())
+        assert st.keys() == sd_ref["state"][i].keys() and "exp_avg.codes" in st
+        for n, v in sd_ref["state"][i].items():
+            assert st[n].dtype is v.dtype and torch.equal(st[n], v), (i, n)
+    again = CPUOffload(fot.Adam, net.parameters(), bucket_bytes=100_000, **kw)
+    again.load_state_dict(copy.deepcopy(off.state_dict()))
+    _equal_state(again.state_dict(), off.state_dict())
+    off, twin = again, off
+    for t in range(4, 6):
+        step(t)
+    for a, b in zip(net.parameters(), ref.parameters()):
+        assert torch.equal(a, b.to(torch.bfloat16))
+    assert twin is not off
 
 
 class FakeStreams:

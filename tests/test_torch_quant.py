@@ -14,6 +14,8 @@
   where a backend's tables do not take it (no ``QUANT_TABLE``), and hands a backend that
   declares it the ``(codes, absmax)`` pairs (both GPU backends do: ``tests/cudasim_torch.py``
   runs the path under the simulator, ``tests/gpu/test_gpu_torch_tables.py`` on a GPU).
+- DTensor parameters on a one-rank mesh: codes like the parameter, a row of scales per shard,
+  the plain tensors' steps bit for bit (two ranks: ``tests/test_torch_distributed.py``).
 
 By default one rule in int8 (one many-tensor loop compiled); every other rule and format,
 bfloat16 params with a master copy, a loss scale and the parallel loop under -m exhaustive.
@@ -328,6 +330,63 @@ def test_bad_quantized_state_is_refused_by_the_step_before_anything_is_written()
     with pytest.raises(KeyError, match="exp_avg.absmax"):
         opt.step()
     _assert_same(snap(), before)
+
+
+def test_a_dtensor_parameter_keeps_codes_like_it_and_a_row_of_scales_per_shard():
+    """One process, a one-rank mesh (two ranks against the full tensors, DCP and another
+    world's layout: ``tests/test_torch_distributed.py``): the codes a DTensor like the
+    parameter, the scales a DTensor ``(1, blocks)`` sharded on its first dimension; the steps
+    equal the plain tensors' bit for bit; ``full_precision_state_dict`` gives float32 DTensors;
+    a plain state loaded for a DTensor parameter and scales of another layout are refused at
+    load, nothing changed."""
+    import torch.distributed as dist
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.tensor import DTensor, Replicate, Shard, distribute_tensor
+
+    if not dist.is_available() or dist.is_initialized():
+        pytest.skip("torch.distributed unavailable or already initialised")
+    dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
+    try:
+        mesh = init_device_mesh("cpu", (1,))
+        plain = _params()
+        sharded = [
+            torch.nn.Parameter(distribute_tensor(p.detach().clone(), mesh, [Shard(0)]))
+            for p in plain
+        ]
+        kw = _kw("Adam")
+        oa = fot.Adam(plain, state_dtype="int8", **kw)
+        ob = fot.Adam(sharded, state_dtype="int8", **kw)
+        for t in range(STEPS):
+            for p, q, g in zip(plain, sharded, _grads(plain, t)):
+                p.grad, q.grad = g, distribute_tensor(g.clone(), mesh, [Shard(0)])
+            oa.step()
+            ob.step()
+        for p, q in zip(plain, sharded):
+            assert torch.equal(q.full_tensor(), p)
+            for k, v in oa.state[p].items():
+                w = ob.state[q][k]
+                if k.endswith(".codes"):
+                    assert isinstance(w, DTensor) and w.placements == q.placements
+                elif k.endswith(".absmax"):
+                    assert isinstance(w, DTensor) and tuple(w.placements) == (Shard(0),)
+                    assert tuple(w.shape) == (1, v.numel())
+                w = w.full_tensor().reshape(v.shape) if isinstance(w, DTensor) else w
+                assert w.dtype is v.dtype and torch.equal(w, v), k
+        fp = fot.full_precision_state_dict(ob)["state"][1]["exp_avg"]
+        want = fot.full_precision_state_dict(oa)["state"][1]["exp_avg"]
+        assert isinstance(fp, DTensor) and torch.equal(fp.full_tensor(), want)
+        before = copy.deepcopy(ob.state_dict())
+        wrong = copy.deepcopy(before)
+        wrong["state"][3]["exp_avg.absmax"] = DTensor.from_local(
+            torch.zeros(1, 8), mesh, [Replicate()]
+        )
+        with pytest.raises(ValueError, match="another sharding or world size"):
+            ob.load_state_dict(wrong)
+        with pytest.raises(ValueError, match="DTensor"):
+            oa.load_state_dict(copy.deepcopy(before))
+        _assert_same(ob.state_dict()["state"], before["state"])
+    finally:
+        dist.destroy_process_group()
 
 
 def test_quantized_state_of_float64_params_is_refused():

@@ -6,7 +6,8 @@ A quantized slot of a tensor is its codes (uint8, one per element; two per byte 
 format) and its block scales (float32, one per ``quant.BLOCKS[fmt]`` elements from the
 tensor's first element: a block never straddles two tensors). The table holds per tensor
 ``(n, param, grad, slot..., master, absmax...)``: its length, the addresses of its param,
-grad, each slot (the codes of a quantized one), the fp32 master copy (0 where none) and each
+grad, each slot (the codes of a quantized one), the master (the fp32 copy, or a bfloat16
+param's int16 remainder, ``IO.remainder``; 0 where none) and each
 slot's absmax (0 where the slot is not quantized). The loop walks chunks ``(tensor, first
 block, stop block)`` of at most ``numba_quant.CHUNK_BLOCKS`` blocks
 (``numba_backend.chunks_for`` over the tensors' block counts) in parallel; each chunk views
@@ -185,7 +186,7 @@ def launch_many_quant(
         _like(io.grad),
         _like(io.state),
         np.empty(1, np.uint8),
-        np.empty(1, np.float32),
+        _like(io.kind("master")),  # float32, or a remainder's int16
         *[t.dec for t in tabs],
         *[t.base for t in tabs],
         *[t.bthr for t in tabs],

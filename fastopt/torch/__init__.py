@@ -66,7 +66,10 @@ fp32 copy (``state[p]["master_param"]``) with fp32 state, the parameter stored f
 the same pass. A 16-bit parameter written between steps (``w.fill_(3.0)``: its version counter
 moved) is seen: where it no longer equals its master rounded, the master takes the written
 value. A write that bypasses the version counter (through ``w.data`` or a NumPy view) is not
-seen, and the master's value wins.
+seen, and the master's value wins. ``master_weights="remainder"`` keeps that master of a
+bfloat16 parameter as the parameter (its high half) and an int16 ``state[p]["master_remainder"]``
+(its low half), the same master bit for bit in 2 bytes instead of 4 (``_master``; float16
+parameters refused, state dicts of either form converted).
 
 The core classes' other precision keywords are taken as the core checks them
 (``_check_precision``): ``state_dtype`` ("float32" or "bfloat16": the state buffers' storage
@@ -88,16 +91,17 @@ import numpy as np
 import torch
 from torch.autograd.graph import increment_version
 
-from .. import _capture
+from .. import _capture, precision
 from .. import optimizers as _optimizers
 from .._arrays import as_xp_array
 from ..backends import get_backend
 from ..base import PRECISION_DEFAULTS
 from ..functional import Launch
 from ..kernels import RULES, storage
+from ..kernels.quant import nblocks
 from ..kernels.spec import host_precision, host_round
 from ..kernels.storage import io_for
-from . import _device, _dtensor, _quantized
+from . import _device, _dtensor, _master, _quantized
 from ._compat import TorchContract, hp_value
 from ._device import Amp, stream_of
 from ._memory import address_table as _address_table
@@ -128,6 +132,8 @@ _TORCH = {v: k for k, v in _KINDS.items()}
 _DTYPES = {torch.float32: np.float32, torch.float64: np.float64}
 #: (rule, its bool hyperparameters) -> can the device compute its scalars (``_device_scalars``)
 _DEVICE_RULES: dict[Any, bool] = {}
+#: how errors name the remainder form of master weights (``_master``)
+_REM = "master_weights='remainder'"
 #: keyword arguments of torch.optim constructors that select torch's own implementation
 _TORCH_IMPL = ("foreach", "fused", "capturable", "differentiable")
 
@@ -156,7 +162,7 @@ class FusedOptimizer(TorchContract, torch.optim.Optimizer):
     _steady: dict[int, Steady | SteadyParts]
     #: the precision settings (``_check_precision``; set per instance by the generated
     #: constructors, these defaults serve optimizers pickled before they existed)
-    master_weights: bool = False
+    master_weights: bool | str = False
     state_dtype: str | None = None
     stochastic_rounding: bool = False
     seed: int = 0
@@ -208,6 +214,13 @@ class FusedOptimizer(TorchContract, torch.optim.Optimizer):
     def add_param_group(self, param_group: dict[str, Any]) -> None:
         merged = dict(self.defaults, **{k: v for k, v in param_group.items() if k != "params"})
         self._check_group(merged, "a param group")
+        if self.master_weights == "remainder":  # float16 params refused before any is added
+            ps = param_group.get("params")
+            if ps is not None and not isinstance(ps, (torch.Tensor, set)):
+                ps = param_group["params"] = list(ps)  # a generator is read once
+            for p in [ps] if isinstance(ps, torch.Tensor) else ps or ():
+                if isinstance(p, torch.Tensor) and p.dtype is torch.float16:
+                    precision.check_remainder_param("float16", f"{type(self).__name__}: {_REM}")
         super().add_param_group(param_group)
 
     # -- state -----------------------------------------------------------------------------------
@@ -232,6 +245,7 @@ class FusedOptimizer(TorchContract, torch.optim.Optimizer):
         count where torch keeps one, the state buffers ``slots``, host scalars as 0-d
         tensors), not yet stored: ``_run_plan`` stores it once every check of the step has
         passed. Empty for a parameter that needs none, as in torch (SGD without momentum).
+        ``master``: the master form (``_master``: False, True or "remainder").
         ``step_device``: where the step count lives (on a GPU whose scalars live there,
         ``_device_scalars``: the parameter's device, as torch's fused and capturable
         optimizers keep it; else the CPU)."""
@@ -251,7 +265,9 @@ class FusedOptimizer(TorchContract, torch.optim.Optimizer):
                 )
         for name, value in spec.initial_host_state(hp).items():
             new[name] = torch.tensor(value, dtype=torch.float32, device=step_device)
-        if master:  # the fp32 copy a 16-bit parameter is stepped through
+        if master == "remainder":  # the low half of the fp32 master: the param is it exactly
+            new[precision.MASTER_REMAINDER] = torch.zeros_like(p, dtype=torch.int16)
+        elif master:  # the fp32 copy a 16-bit parameter is stepped through
             new["master_param"] = p.detach().to(torch.float32, copy=True)
         return new
 
@@ -516,7 +532,9 @@ class FusedOptimizer(TorchContract, torch.optim.Optimizer):
         want_master = getattr(self, "master_weights", False)
         names = spec.state
         # the error names of a parameter's tensors (``_memory.name_of``)
-        what = {n: f"state {n!r}" for n in (*names, "master_param", "step", *spec.host_names)}
+        what = {
+            n: f"state {n!r}" for n in (*names, *_master.MASTERS.values(), "step", *spec.host_names)
+        }
         plan = _Plan(index, spec, hp, amp)
         entries = plan.entries
         masters = self.__dict__.setdefault("_masters", {})
@@ -542,17 +560,27 @@ class FusedOptimizer(TorchContract, torch.optim.Optimizer):
             lg = _check_param(lp, _dtensor.local(g), label, entries)
             if fmt:  # a backend that steps quantized state here, plain tensors
                 _quantized.check_device(self._backend_module(lp.device), fmt, label)
-                if lp is not p:
-                    raise NotImplementedError(f"{label}: state_dtype={fmt!r} with DTensors")
-            master = want_master and _KINDS[p.dtype] in ("float16", "bfloat16")
+                _quantized.check_sharded(p, fmt, label)
+            kind = _KINDS[p.dtype]
+            if kind == "float16" and want_master == "remainder":
+                precision.check_remainder_param(kind, f"{label}: {_REM}")
+            want = want_master if kind in ("float16", "bfloat16") else False
             state: Any = self.state.get(p) or plan.new.get(p)
-            # the state's storage dtype (a master copy in the state decides, as at load)
-            has_master = master if not state else "master_param" in state
-            self._state_kind(p.dtype, has_master, label)  # refused before anything is made
             fresh = not state
+            # the master form it steps with (``_master``: a held one converted to the
+            # optimizer's), which decides the state's storage dtype, as at load
+            form = _master.form_of(want, state, fresh)
+            held = _master.held(state)
+            if held == "remainder" and kind != "bfloat16":
+                raise ValueError(
+                    f"{label}: its state holds 'master_remainder' (the low half of a bfloat16 "
+                    f"param's fp32 master); the parameter is {p.dtype}"
+                )
+            has_master = bool(form)
+            self._state_kind(p.dtype, has_master, label)  # refused before anything is made
             if fresh:
                 on_dev = self._device_scalars(group, lp.device)
-                state = self._new_state(p, spec, hp, slots, master, lp.device if on_dev else None)
+                state = self._new_state(p, spec, hp, slots, form, lp.device if on_dev else None)
                 if state:
                     plan.new[p] = state
             else:
@@ -568,7 +596,7 @@ class FusedOptimizer(TorchContract, torch.optim.Optimizer):
                     }
                     if moved:
                         plan.new[p] = moved
-                m = state.get("master_param")
+                m = state.get(_master.MASTERS[held]) if held else None
                 _dtensor.check(p, g, [state.get(n) for n in names], m, label)
             checks = None if fresh else entries
             if "step" in state:
@@ -579,11 +607,13 @@ class FusedOptimizer(TorchContract, torch.optim.Optimizer):
             sdtype = _TORCH[self._state_kind(p.dtype, has_master, label)]
             bufs, lm = self._check_state(lp, state, names, label, checks, what, sdtype)
             if fmt:  # each quantized slot as its (codes, absmax) pair
-                bufs = _quantized.check_slots(lp, state, spec, fmt, bufs, label, checks)
+                bufs = _quantized.check_slots(
+                    lp, state, spec, fmt, bufs, label, checks, p if lp is not p else None
+                )
             hs, wide = None, False
             if spec.host_state:
                 hs, wide = _host_state(state, spec, label, checks, what)
-            if lm is not None and not fresh:
+            if lm is not None and not fresh and held is True:
                 rec = masters.get(p)
                 if (
                     rec is None
@@ -592,14 +622,21 @@ class FusedOptimizer(TorchContract, torch.optim.Optimizer):
                     or (rec[2] != p._version)
                 ):
                     # the parameter was written since the step that stored it from its master
-                    # (or the master was loaded): the 16-bit value the user wrote wins
+                    # (or the master was loaded): the 16-bit value the user wrote wins (a
+                    # remainder needs none: the parameter is its master's high half)
                     stale = lm.to(lp.dtype) != lp
                     if bool(stale.any()):
-                        plan.resync.append((lm, lp, stale))
-            # one storage format per launch (with or without a master copy: a loaded state dict
-            # may mix them), one step count, one host state (ASGD under a schedule where one
-            # parameter skipped a step keeps its own eta) in one precision
-            key = (lp.device, lp.dtype, step, lm is not None, hs, wide)
+                        if form == "remainder":  # split below: the master it would hold
+                            lm = torch.where(stale, lp.to(torch.float32), lm)
+                        else:
+                            plan.resync.append((lm, lp, stale))
+            if not fresh and form != held:  # the held master converted (``_master``)
+                lm = self._convert_master(plan, p, lp, lm, held, form)
+            # one storage format per launch (with or without a master copy, as an fp32 copy or
+            # a remainder: a loaded state dict may mix them), one step count, one host state
+            # (ASGD under a schedule where one parameter skipped a step keeps its own eta) in
+            # one precision
+            key = (lp.device, lp.dtype, step, form, hs, wide)
             buckets.setdefault(key, []).append((p, lp, lg, state, bufs))
         for (device, dtype, t, master, hs, wide), items in buckets.items():
             hsd = None if hs is None else dict(zip(spec.host_names, hs))
@@ -633,15 +670,40 @@ class FusedOptimizer(TorchContract, torch.optim.Optimizer):
         return plan
 
     @staticmethod
+    def _convert_master(plan, p, lp, lm, held, form):
+        """The master of parameter ``p`` (local tensor ``lp``) converted from the form its
+        state holds (``held``, its local tensor ``lm``) to ``form`` (``_master``), written by
+        ``_run_plan``: the new master stored, the old one dropped and, for a split, the
+        parameter written with the split's bfloat16. Returns the new master's local tensor."""
+        new = plan.new.setdefault(p, {})
+        if form == "remainder" and held is True:
+            bits, rem = _master.split(lm)
+            plan.params.append((lp, bits))
+        elif form == "remainder":  # no master: the param is one, its remainder zero
+            rem = torch.zeros_like(lp, dtype=torch.int16)
+        else:
+            assert form is True and held == "remainder", (form, held)
+            m = _master.join(lp, lm)
+            plan.drop.append((p, precision.MASTER_REMAINDER))
+            new[precision.MASTER] = _dtensor.like(p, m)
+            return m
+        if held is True:
+            plan.drop.append((p, precision.MASTER))
+        new[precision.MASTER_REMAINDER] = _dtensor.like(p, rem)
+        return rem
+
+    @staticmethod
     def _check_state(p, state, names, label, entries, what, sdtype):
         """Every state tensor a kernel will touch is shaped and placed like its parameter ``p``
         (a DTensor's local shard) and of the state's storage dtype ``sdtype``, and
         backed by its storage, with no internal overlap (``_memory.check_written``): a state
         dict from elsewhere may not be. Returns the tensors the kernels see (local shards) of
-        the state buffers ``names`` (None where absent) and of the master copy, and adds each
+        the state buffers ``names`` (None where absent) and of the master the state holds (an
+        fp32 copy, or a bfloat16 parameter's int16 remainder: ``_master``), and adds each
         to the overlap ``entries`` (None: a state made just now, which needs no check)."""
         local = _dtensor.local
-        m = local(state.get("master_param"))
+        mname = _master.MASTERS.get(_master.held(state))
+        m = local(state.get(mname)) if mname else None
         shape, device = p.shape, p.device
         bufs = [local(state.get(name)) for name in names]
         if entries is None:
@@ -659,12 +721,13 @@ class FusedOptimizer(TorchContract, torch.optim.Optimizer):
                 )
             entries.append((lbl, buf, True, span))
         if m is not None:
-            lbl = (label, what["master_param"])
+            lbl = (label, what[mname])
             span = check_written(m, lbl)
-            if m.shape != shape or m.dtype is not torch.float32 or m.device != device:
+            mdt = torch.int16 if mname == precision.MASTER_REMAINDER else torch.float32
+            if m.shape != shape or m.dtype is not mdt or m.device != device:
                 raise ValueError(
-                    f"{label}: state 'master_param' is {m.dtype}{list(m.shape)} on {m.device}; "
-                    f"expected float32{list(shape)} on {device}"
+                    f"{label}: state {mname!r} is {m.dtype}{list(m.shape)} on {m.device}; "
+                    f"expected {mdt}{list(shape)} on {device}"
                 )
             entries.append((lbl, m, True, span))
         return bufs, m
@@ -680,6 +743,10 @@ class FusedOptimizer(TorchContract, torch.optim.Optimizer):
         local = _dtensor.local
         for p, new in plan.new.items():
             self.state[p].update(new)
+        for p, key in plan.drop:
+            del self.state[p][key]
+        for lp, bits in plan.params:  # a split master's high half (``_master``)
+            lp.copy_(bits)
         for m, p, stale in plan.resync:
             m.copy_(torch.where(stale, p.to(torch.float32), m))
         masters = self.__dict__.setdefault("_masters", {})
@@ -690,30 +757,42 @@ class FusedOptimizer(TorchContract, torch.optim.Optimizer):
         parts: list[Any] = []
         for b in plan.buckets:
             used = spec.slots_used(b.flags)
-            skind = self._state_kind(b.dtype, b.master)
-            sr = self._sr(b.dtype, b.master)
+            # the master form (``_master``): an fp32 copy, or a remainder (an int16 master
+            # column beside the bfloat16 param: ``IO.remainder``)
+            mb, rem = bool(b.master), b.master == "remainder"
+            skind = self._state_kind(b.dtype, mb)
+            sr = self._sr(b.dtype, mb)
             tensors, wrappers = [], []
-            for p, lp, lg, state, bufs in b.items:
+            for p, lp, lg, _, bufs in b.items:
                 slots = [x if u else None for x, u in zip(bufs, used)]
                 for j, u in enumerate(used):
                     if u and slots[j] is None and fmt and names[j] in qslots:  # fresh, quantized
-                        new = _quantized.new_slot(lp, spec, hp, names[j], fmt)
+                        new = _quantized.new_slot(p, spec, hp, names[j], fmt)
                         self.state[p].update(new)
-                        slots[j] = tuple(new.values())
+                        codes, absmax = new.values()
+                        if lp is not p:  # the local codes, the local shard's scales
+                            absmax = local(absmax).view(-1)[: nblocks(lp.numel())]
+                        slots[j] = (local(codes), absmax)
                     elif u and slots[j] is None:  # a fresh slot (SGD's momentum buffer), step 1
                         x = self.state[p][names[j]] = torch.zeros_like(p, dtype=_TORCH[skind])
                         slots[j] = local(x)
-                tensors.append((lp, lg, slots, local(state.get("master_param"))))
+                master = self.state[p].get(_master.MASTERS[b.master]) if mb else None
+                tensors.append((lp, lg, slots, local(master)))
                 if lp is not p:  # a DTensor: its own version counter, and its state's
                     wrappers.append(p)
-                    wrappers += [state[n] for n, u in zip(names, used) if u]  # never quantized
+                    wrappers += [  # the quantized slots' codes and scales
+                        self.state[p][k]
+                        for n, u in zip(names, used)
+                        if u
+                        for k in _quantized.need((n,), spec, fmt)
+                    ]
             kind = _KINDS[b.dtype]
             # quantized slots among the variant's (None: the launch stores none)
             quant = fmt if any(u and n in qslots for n, u in zip(names, used)) else None
             steps = [state["step"] for *_, state, _ in b.items if "step" in state]
             be = self._table_backend(b.device)
             dl, steps_on_device, on_device = None, [], False
-            if be is not None and _address_table(tensors, len(used), b.master) is not None:
+            if be is not None and _address_table(tensors, len(used), mb) is not None:
                 # a GPU: one launch over a table of the tensors (``_device``)
                 capturable = self._device_scalars(group, b.device) and _capture.supports(be)
                 if group.get("capturable") and not capturable:
@@ -721,7 +800,7 @@ class FusedOptimizer(TorchContract, torch.optim.Optimizer):
                         f"{type(self).__name__}(capturable=True): backend {be.NAME!r} computes "
                         "no scalars on the device"
                     )
-                base = io_for(kind, kind, skind, master=b.master, sr=sr, quant=quant)
+                base = io_for(kind, kind, skind, master=mb, remainder=rem, sr=sr, quant=quant)
                 dev_hosts = None
                 if capturable and spec.host_state:  # advanced on the device, copied from there
                     dev_hosts = {n: [st[n] for *_, st, _ in b.items] for n in spec.host_names}
@@ -748,8 +827,8 @@ class FusedOptimizer(TorchContract, torch.optim.Optimizer):
                 coef = amp.norm.coef("float64" if kind == "float64" else "float32")
                 factor = (1.0 if factor is None else factor) * float(coef[1])
             io = io_for(
-                kind, kind, skind, master=b.master, sr=sr, scale=None if factor is None else "host",
-                quant=quant,
+                kind, kind, skind, master=mb, remainder=rem, sr=sr,
+                scale=None if factor is None else "host", quant=quant,
             )  # fmt: skip
             if dl is None:
                 with host_precision(b.wide):
@@ -933,14 +1012,20 @@ class _Bucket:
 
 class _Plan:
     """One param group's checked step (``FusedOptimizer._plan_group``): the launches
-    (``buckets``), the overlap entries of every tensor it touches, state to store (``new``) and
-    master copies to re-sync (``resync``), for ``_run_plan`` to write."""
+    (``buckets``), the overlap entries of every tensor it touches, state to store (``new``),
+    master copies to re-sync (``resync``) and masters converted (``drop``, ``params``), for
+    ``_run_plan`` to write."""
 
-    __slots__ = ("amp", "buckets", "entries", "hp", "index", "new", "resync", "spec")
+    __slots__ = (
+        "amp", "buckets", "drop", "entries", "hp", "index", "new", "params", "resync", "spec",
+    )  # fmt: skip
 
     def __init__(self, index, spec, hp, amp):
         self.index, self.spec, self.hp, self.amp = index, spec, hp, amp
         self.buckets, self.entries, self.new, self.resync = [], [], {}, []
+        #: a master converted from the form its state held (``_master``): the old one's key
+        #: ``(param, key)``, and the bfloat16 written into a parameter ``(local, values)``
+        self.drop, self.params = [], []
 
 
 def _inv_scale(grad_scale, who):
@@ -961,21 +1046,20 @@ def _inv_scale(grad_scale, who):
 def _check_precision(who, master_weights, state_dtype, stochastic_rounding, seed):
     """``(master_weights, state_dtype, stochastic_rounding, seed)`` checked as the core's
     optimizers check them (``base.Optimizer._set_precision``, ``precision.check_state_dtype``):
-    ``state_dtype`` one the core accepts: a storage dtype of the kernels
+    ``master_weights`` False, True or "remainder" (``_master``); ``state_dtype`` one the core
+    accepts: a storage dtype of the kernels
     (``kernels.storage.KINDS``: the state tensors are plain torch tensors of it) or a quantized
     format (``_quantized``: codes and block scales)."""
     from .. import precision
 
-    if isinstance(master_weights, str) and master_weights == "remainder":
-        raise NotImplementedError(
-            f"{who}: master_weights='remainder' (a bfloat16 param + int16 remainder as the fp32 "
-            f"master) is not kept by fastopt.torch yet; use the core class fastopt.{who}, or "
-            "master_weights=True"
+    try:
+        master_weights = precision.check_master_weights(master_weights)
+    except TypeError as exc:
+        raise TypeError(f"{who}: {exc}") from None
+    if not isinstance(stochastic_rounding, (bool, np.bool_)):
+        raise TypeError(
+            f"{who}: invalid stochastic_rounding={stochastic_rounding!r}; expected True or False"
         )
-    flags = (("master_weights", master_weights), ("stochastic_rounding", stochastic_rounding))
-    for name, v in flags:
-        if not isinstance(v, (bool, np.bool_)):
-            raise TypeError(f"{who}: invalid {name}={v!r}; expected True or False")
     try:
         sd = precision.check_state_dtype(state_dtype)
     except ValueError as exc:
@@ -989,10 +1073,10 @@ def _check_precision(who, master_weights, state_dtype, stochastic_rounding, seed
     if master_weights and stochastic_rounding:
         raise ValueError(
             f"{who}: stochastic_rounding=True rounds bfloat16 params that have no master copy; "
-            "with master_weights=True each param is the nearest rounding of its fp32 master: "
+            f"with master_weights={master_weights!r} each param is stored from its fp32 master: "
             "choose one"
         )
-    return bool(master_weights), sd, bool(stochastic_rounding), int(seed)
+    return master_weights, sd, bool(stochastic_rounding), int(seed)
 
 
 def _check_max_norm(max_grad_norm, who):

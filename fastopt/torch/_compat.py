@@ -42,6 +42,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from ..kernels import RULES
+from ..precision import MASTER, MASTER_REMAINDER
 from . import _quantized
 
 __all__ = [
@@ -186,6 +187,7 @@ def check_state_dict(opt: Any, state_dict: dict[str, Any]) -> dict[Any, torch.Te
         if not isinstance(st, dict):
             raise TypeError(f"state of parameter {key!r} is a {type(st).__name__}; expected a dict")
         _quantized.check_loaded(opt, key, st, p)  # codes and block scales
+        _check_remainder(opt, key, st, p)
         for name in buffers:
             buf = st.get(name)
             if buf is None:
@@ -220,6 +222,30 @@ def check_state_dict(opt: Any, state_dict: dict[str, Any]) -> dict[Any, torch.Te
     return id_map
 
 
+def _check_remainder(opt: Any, key: Any, st: dict[str, Any], p: torch.Tensor) -> None:
+    """A saved ``master_remainder`` (``_master``) is an int16 tensor shaped like its
+    parameter, which is bfloat16, and the only master of the state."""
+    rem = st.get(MASTER_REMAINDER)
+    if rem is None:
+        return
+    who = f"{type(opt).__name__}.load_state_dict"
+    if not isinstance(rem, torch.Tensor) or rem.dtype is not torch.int16 or rem.shape != p.shape:
+        raise ValueError(
+            f"{who}: state {MASTER_REMAINDER!r} of parameter {key!r} is {_describe(rem)}; "
+            f"expected int16{list(p.shape)} (the low half of its fp32 master)"
+        )
+    if p.dtype is not torch.bfloat16:
+        raise ValueError(
+            f"{who}: state {MASTER_REMAINDER!r} of parameter {key!r} is the low half of a "
+            f"bfloat16 parameter's fp32 master; the parameter is {p.dtype}"
+        )
+    if MASTER in st:
+        raise ValueError(
+            f"{who}: the state of parameter {key!r} has both {MASTER!r} and "
+            f"{MASTER_REMAINDER!r}; expected one form of its master"
+        )
+
+
 def _describe(v: object) -> str:
     if isinstance(v, torch.Tensor):
         return f"a {v.dtype} tensor of shape {list(v.shape)}"
@@ -237,7 +263,9 @@ def state_keeps(
       beside a master copy), whatever dtype it was saved in (a float32 moment of
       ``torch.optim`` loaded with ``state_dtype="bfloat16"`` is rounded to nearest even once);
     - with a saved master copy (a 16-bit parameter), the master in float32 and the host state
-      that was saved in float32;
+      that was saved in float32; a saved remainder (``master_remainder``) as its int16; a
+      bfloat16 parameter of a ``master_weights="remainder"`` optimizer's state buffers in
+      float32 whatever the state holds (it gets a remainder at its next step: ``_master``);
     - with quantized state (``_quantized.load_keeps``): each slot's codes and float32 block
       scales as saved, a full-precision slot quantized as a step would store it (its float key
       mapped to None: dropped)."""
@@ -248,7 +276,12 @@ def state_keeps(
         p = id_map.get(key)
         if p is None or not isinstance(st, dict) or not p.is_floating_point():
             continue
-        master = "master_param" in st and p.dtype in bits16
+        # a master in the state (either form), or one a remainder optimizer will make
+        master = p.dtype in bits16 and (
+            MASTER in st
+            or MASTER_REMAINDER in st
+            or (opt.master_weights == "remainder" and p.dtype is torch.bfloat16)
+        )
         try:
             want = _STORAGE[opt._state_kind(p.dtype, master)]
         except (KeyError, TypeError):
@@ -262,6 +295,8 @@ def state_keeps(
             and not (st[n].dtype is p.dtype and want is p.dtype)
         }
         kept.update(_quantized.load_keeps(opt, st, p))  # None: a key not kept
+        if isinstance(st.get(MASTER_REMAINDER), torch.Tensor):  # int16, as saved
+            kept[MASTER_REMAINDER] = st[MASTER_REMAINDER].to(device=p.device)
         if master:
             kept.update(
                 {

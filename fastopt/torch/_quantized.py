@@ -19,6 +19,11 @@ numba-cuda) besides ``QUANT_STATE``, and ``check_device`` refuses quantized stat
 table backend before anything is written. Other backends step each tensor through their runner
 with ``(codes, absmax)`` pairs (the NumPy oracle among them).
 
+A DTensor parameter's slot (FSDP2) is its local shard's: blocks start at each shard's first
+element, the codes a DTensor like the parameter, the scales a DTensor of one row per shard
+(``_dtensor.absmax_layout``); ``check_slots`` hands the kernels the local codes and the local
+row's scales, and a state of another sharding is refused (``_dtensor.check_absmax``).
+
 State dicts carry the two tensors per slot as they are (a round trip is bit-exact). A state dict
 of full-precision slots (``torch.optim.Adam``'s, a float32 ``fastopt.torch`` one's) loads into a
 quantized optimizer quantized as a step would store it (``load_keeps``);
@@ -38,6 +43,7 @@ import torch
 from .. import _quantized as Q
 from .. import precision
 from ..kernels import RULES, quant
+from . import _dtensor
 from ._memory import check_backed, check_written, plain_type
 
 __all__ = [
@@ -84,6 +90,13 @@ def new_slot(p: torch.Tensor, spec: Any, hp: Any, slot: str, fmt: str) -> dict[s
     ``{"<slot>.codes": uint8 like p (contiguous), "<slot>.absmax": float32 scales}``."""
     code, amax = Q.constant(spec.initial(slot, hp), fmt, spec.slot(slot).quant_map)
     codes_name, absmax_name = Q.names_of(slot)
+    if _dtensor.is_dtensor(p):  # codes like the parameter, a row of scales per shard
+        lp = _dtensor.local(p)
+        codes = torch.full(lp.shape, code, dtype=torch.uint8, device=lp.device)
+        return {
+            codes_name: _dtensor.like(p, codes),
+            absmax_name: _dtensor.new_absmax(p, float(amax), f"state {absmax_name!r}"),
+        }
     return {
         codes_name: torch.full(
             Q.codes_shape(fmt, tuple(p.shape)), code, dtype=torch.uint8, device=p.device
@@ -108,13 +121,15 @@ def check_slots(
     bufs: list[Any],
     label: str,
     entries: list[Any] | None,
+    param: Any = None,
 ) -> list[Any]:
     """``bufs`` (the state tensors of ``spec.state``, None where absent) with each quantized
     slot present in ``state`` as its ``(codes, absmax)`` pair, both checked (unless ``entries``
     is None: made just now): plain tensors on ``p``'s device, codes uint8 of ``p``'s shape and
     absmax float32 of one scale per block, contiguous, backed by their storage, without internal
     overlap; each added to the overlap ``entries``. A slot with one half only is refused
-    (KeyError)."""
+    (KeyError). ``param``: the DTensor ``p`` is the local shard of (its slots' codes a DTensor
+    like it, their scales one of ``_dtensor.absmax_layout``), else None."""
     q = quantized(spec, fmt)
     out = list(bufs)
     for j, name in enumerate(spec.state):
@@ -131,6 +146,8 @@ def check_slots(
                 f"{keys[have.index(False)]!r}; a quantized slot is both"
             )
         pair = (state[keys[0]], state[keys[1]])
+        if _dtensor.is_dtensor(param):  # the local shard's codes and its row of scales
+            pair = _local_pair(param, pair, keys, label)
         if entries is not None:
             for key, t in zip(keys, pair):
                 lbl = (label, f"state {key!r}")
@@ -153,6 +170,24 @@ def check_slots(
     return out
 
 
+def _local_pair(param: Any, pair: tuple[Any, Any], keys: tuple[str, str], label: str) -> Any:
+    """A DTensor parameter's slot ``pair`` as the kernels see it: the local codes (the codes a
+    DTensor placed like ``param``) and the local shard's scales (``_dtensor.check_absmax``)."""
+    codes, absmax = pair
+    if (
+        not _dtensor.is_dtensor(codes)
+        or codes.device_mesh != param.device_mesh
+        or codes.placements != param.placements
+        or codes.shape != param.shape
+    ):
+        raise ValueError(
+            f"{label}: state {keys[0]!r} is {_describe(codes)}; expected a DTensor uint8"
+            f"{list(param.shape)} placed like the parameter, {param.placements}"
+        )
+    lt = _dtensor.check_absmax(param, absmax, f"{label}: state {keys[1]!r}")
+    return _dtensor.local(codes), lt
+
+
 def check_device(be: Any, fmt: str | None, label: str) -> None:
     """Refuse (NotImplementedError, before anything is written) quantized state on a backend
     that does not step it on this path: every backend must declare ``QUANT_STATE``
@@ -170,6 +205,17 @@ def check_device(be: Any, fmt: str | None, label: str) -> None:
         raise NotImplementedError(
             f"{label}: state_dtype={fmt!r}: backend {name!r} does not step quantized state in "
             "fastopt.torch yet (the numba CPU backend does); nothing was stepped"
+        )
+
+
+def check_sharded(p: Any, fmt: str, label: str) -> None:
+    """Refuse (NotImplementedError, before anything is written) a packed format (``"int4"``)
+    for a DTensor parameter: the sharded layout (``_dtensor.absmax_layout``) is the byte
+    formats' (codes like the parameter, blocks of ``quant.BLOCK``)."""
+    if fmt in quant.PACKED and _dtensor.is_dtensor(p):
+        raise NotImplementedError(
+            f"{label}: state_dtype={fmt!r} with a DTensor parameter: the sharded layout holds "
+            "the byte formats (int8, float8_e4m3) only; nothing was stepped"
         )
 
 
@@ -293,6 +339,9 @@ def check_loaded(opt: Any, key: Any, st: dict[str, Any], p: torch.Tensor) -> Non
                 f"{name!r}; expected one form of the slot"
             )
         t = st[name]
+        if _dtensor.is_dtensor(p) or _dtensor.is_dtensor(t):  # a sharded parameter's slot
+            _check_loaded_dtensor(who, key, name, part, t, p)
+            continue
         assert fmt is not None
         dt, shape = _expect(p, part, fmt)
         if (
@@ -316,6 +365,36 @@ def check_loaded(opt: Any, key: Any, st: dict[str, Any], p: torch.Tensor) -> Non
         check_backed(t, (f"parameter {key!r}", f"state {name!r}"), read_only=True)
 
 
+def _check_loaded_dtensor(who: str, key: Any, name: str, part: str, t: Any, p: Any) -> None:
+    """A saved codes or absmax tensor ``t`` of DTensor parameter ``p`` (or a DTensor saved for a
+    plain one): laid out as this optimizer keeps it (``_dtensor.absmax_layout``)."""
+    what = f"{who}.load_state_dict: state {name!r} of parameter {key!r}"
+    if not _dtensor.is_dtensor(p):
+        raise ValueError(
+            f"{what} is a DTensor; the parameter is not (a state dict of a sharded run: "
+            "convert it with full_precision_state_dict by the optimizer that saved it)"
+        )
+    want = torch.uint8 if part == Q.CODES else torch.float32
+    if not isinstance(t, torch.Tensor) or t.dtype is not want:
+        raise ValueError(f"{what} is {_describe(t)}; expected a {want} DTensor")
+    d: Any = t  # a DTensor, checked below
+    if part == Q.CODES:
+        if (
+            not _dtensor.is_dtensor(d)
+            or d.device_mesh != p.device_mesh
+            or d.placements != p.placements
+            or d.shape != p.shape
+        ):
+            raise ValueError(
+                f"{what} is {_describe(t)}; expected a DTensor uint8{list(p.shape)} placed like "
+                f"the parameter, {p.placements} (a state of another sharding?)"
+            )
+        lt = _dtensor.local(t)
+    else:
+        lt = _dtensor.check_absmax(p, t, what)
+    check_backed(lt, (f"parameter {key!r}", f"state {name!r}"), read_only=True)
+
+
 def load_keeps(opt: Any, st: dict[str, Any], p: torch.Tensor) -> dict[str, Any]:
     """What a parameter's loaded state keeps instead of torch's load policy (a cast of every
     floating tensor to the parameter's dtype), for a quantized ``opt``: each quantized slot's
@@ -335,12 +414,39 @@ def load_keeps(opt: Any, st: dict[str, Any], p: torch.Tensor) -> dict[str, Any]:
             out[absmax_name] = st[absmax_name].to(device=p.device, dtype=torch.float32)
             out[absmax_name] = out[absmax_name].contiguous()
         elif isinstance(st.get(name), torch.Tensor) and st[name].is_floating_point():
+            if _dtensor.is_dtensor(p):  # each shard quantized on its own, as its step stores
+                out.update(_quantize_shard(st[name], p, name, fmt, qm))
+                out[name] = None
+                continue
             x = st[name].detach().to("cpu", torch.float32).contiguous()
             c, a = Q.quantize(x.numpy(), fmt, qm)
             out[codes_name] = torch.from_numpy(c).reshape(Q.codes_shape(fmt, x.shape)).to(p.device)
             out[absmax_name] = torch.from_numpy(a).to(p.device)
             out[name] = None  # the float slot is not kept
     return out
+
+
+def _quantize_shard(x: Any, p: Any, slot: str, fmt: str, qm: str) -> dict[str, Any]:
+    """A full-precision slot ``x`` of DTensor parameter ``p`` (a DTensor placed like it) as the
+    codes and scales of its local shard (``_dtensor.absmax_layout``)."""
+    codes_name, absmax_name = Q.names_of(slot)
+    if not _dtensor.is_dtensor(x) or x.placements != p.placements or x.shape != p.shape:
+        raise ValueError(
+            f"state {slot!r} is {_describe(x)}; expected a DTensor{list(p.shape)} placed like "
+            f"its parameter, {p.placements}"
+        )
+    lx = _dtensor.local(x).detach().to("cpu", torch.float32).contiguous()
+    c, a = Q.quantize(lx.numpy(), fmt, qm)
+    lp = _dtensor.local(p)
+    shape, _, blocks = _dtensor.absmax_layout(p, f"state {absmax_name!r}")
+    row = torch.zeros(blocks, dtype=torch.float32)
+    row[: quant.nblocks(lx.numel())] = torch.from_numpy(a)
+    return {
+        codes_name: _dtensor.like(p, torch.from_numpy(c).reshape(lx.shape).to(lp.device)),
+        absmax_name: _dtensor.as_absmax(
+            p, row.reshape((1,) * (len(shape) - 1) + (blocks,)).to(lp.device), absmax_name
+        ),
+    }
 
 
 def full_precision_state_dict(opt: Any, state_dict: dict[str, Any] | None = None) -> dict[str, Any]:
@@ -366,6 +472,14 @@ def full_precision_state_dict(opt: Any, state_dict: dict[str, Any] | None = None
             base, part = Q.split_name(name) if isinstance(name, str) else (name, None)
             if part is None or base not in q:
                 new[name] = v
+            elif part == Q.CODES and _dtensor.is_dtensor(v):  # each shard with its scales
+                lv = _dtensor.local(v)
+                absmax = _dtensor.local(st[Q.names_of(base)[1]]).reshape(-1)
+                absmax = absmax[: quant.nblocks(lv.numel())]
+                x = Q.dequantize(
+                    lv.detach().cpu().numpy(), absmax.detach().cpu().float().numpy(), fmt, q[base]
+                )
+                new[base] = _dtensor.like(v, torch.from_numpy(x).reshape(lv.shape).to(lv.device))
             elif part == Q.CODES:
                 absmax = st[Q.names_of(base)[1]]
                 shape = shapes[key] if fmt in quant.PACKED else tuple(v.shape)

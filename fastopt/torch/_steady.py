@@ -47,9 +47,12 @@ from .._quantized import names_of
 from ..backends import numba_backend
 from ..kernels import storage
 from ..kernels.spec import Rule
+from ..precision import MASTER, MASTER_REMAINDER
 from ._memory import byte_span, read_at
 
 _PLAIN = (torch.Tensor, torch.nn.Parameter)
+#: the state key of a master by its dtype: an fp32 copy, or a bfloat16 param's int16 remainder
+_MASTER = {torch.float32: MASTER, torch.int16: MASTER_REMAINDER}
 
 
 class Steady:
@@ -175,7 +178,11 @@ class Steady:
                     zip(names_of(names[j]), x) if isinstance(x, tuple) else [(names[j], x)]
                 )
             )
-            + (() if m is None else (("master_param", m, m.data_ptr(), m.dtype, 4, m.shape),))
+            + (
+                ()
+                if m is None
+                else ((_MASTER[m.dtype], m, m.data_ptr(), m.dtype, m.element_size(), m.shape),)
+            )
             for _, _, slots, m in tensors
         )
         self.io, self.seed = io, seed
@@ -329,6 +336,7 @@ class Steady:
                 return None
         t = self.t + 1 if self.steps is not None else self.t
         dt, state, isz, masters = self.dtype, opt.state, self.isz, self.masters
+        mkey = MASTER_REMAINDER if self.io is not None and self.io.remainder else MASTER
         device, vers = self.device, self.step_vers
         plain = _PLAIN
         gptrs = []
@@ -367,9 +375,9 @@ class Steady:
                         return None
                 if masters is not None:
                     rec = masters[i]
-                    if rec[0] is not st["master_param"] or rec[2] != p._version:
+                    if rec[0] is not st.get(mkey) or rec[2] != p._version:
                         return None  # written since our step: the full path re-syncs the master
-                elif st is not None and "master_param" in st:
+                elif st is not None and (MASTER in st or MASTER_REMAINDER in st):
                     return None
                 if s is not None and (
                     st["step"] is not s

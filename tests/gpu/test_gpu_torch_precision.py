@@ -13,7 +13,9 @@ The CPU proofs are ``tests/test_torch_precision.py`` and ``tests/test_torch_devi
   equal the same parameters in one group per dtype;
 - a ``capturable=True`` Lion captured with ``torch.cuda.graph``: replays equal eager steps;
 - RAdam and Adan (their device variants, ``Rule.device_flags``) with GradScaler: steady
-  steps never synchronise, and equal the CPU path.
+  steps never synchronise, and equal the CPU path;
+- ``master_weights="remainder"``: the joined master equals ``master_weights=True``'s on the
+  same backend bit for bit.
 """
 
 import numpy as np
@@ -193,3 +195,35 @@ def test_step_dependent_rules_do_not_synchronise_and_equal_the_cpu_path(backend,
             torch.testing.assert_close(
                 ours.state[p][k].cpu().float(), v.float(), rtol=1e-5, atol=1e-6
             )
+
+
+@pytest.mark.parametrize("backend", gpu_backend_params())
+@pytest.mark.parametrize("capturable", [False, True])
+def test_remainder_master_is_the_fp32_master_on_the_device(backend, capturable):
+    """``master_weights="remainder"`` in the multi-tensor launch (the int16 remainder as the
+    table's master column): over a transformer's tensor list, the bfloat16 parameter and its
+    remainder joined (``precision.join_master``) equal, bit for bit, the fp32 master the same
+    backend keeps with ``master_weights=True`` given the same gradients; the state too."""
+    from fastopt import precision
+
+    _cuda()
+    pr = _list(torch.bfloat16, seed=8)
+    pt = [torch.nn.Parameter(p.detach().clone()) for p in pr]
+    kw = dict(lr=1e-2, weight_decay=0.1, backend=backend, capturable=capturable)
+    r = fot.AdamW(pr, master_weights="remainder", **kw)
+    t = fot.AdamW(pt, master_weights=True, **kw)
+    for s in range(1, 4):
+        for p, q, g in zip(pr, pt, _grads(pr, s)):
+            p.grad, q.grad = g.cuda(), g.cuda()
+        r.step()
+        t.step()
+    torch.cuda.synchronize()
+    for p, q in zip(pr, pt):
+        bits = p.detach().cpu().view(torch.int16).numpy().view(precision.bfloat16())
+        rem = r.state[p][precision.MASTER_REMAINDER]
+        assert rem.dtype is torch.int16 and rem.device == p.device
+        joined = precision.join_master(bits, rem.cpu().numpy())
+        want = t.state[q]["master_param"].cpu().numpy()
+        assert np.array_equal(joined.view(np.uint32), want.view(np.uint32))
+        for n in ("exp_avg", "exp_avg_sq"):
+            assert torch.equal(r.state[p][n], t.state[q][n])
