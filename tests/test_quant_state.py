@@ -49,7 +49,7 @@ def test_dict_and_flatbuffer_agree_and_state_names(fmt):
             assert np.array_equal(st[s], b.state[k][s])
 
 
-@pytest.mark.parametrize("fmt", quant.FORMATS)
+@pytest.mark.parametrize("fmt", quant.ALL_FORMATS)
 def test_state_dict_and_checkpoint_round_trip(fmt, tmp_path):
     rng = np.random.default_rng(1)
     params = _params(rng)
