@@ -170,16 +170,21 @@ def check_slots(
     return out
 
 
+def _placed_like(codes: Any, param: Any) -> bool:
+    """Are ``codes`` a DTensor on ``param``'s mesh, with its placements and global shape?"""
+    return bool(
+        _dtensor.is_dtensor(codes)
+        and codes.device_mesh == param.device_mesh
+        and codes.placements == param.placements
+        and codes.shape == param.shape
+    )
+
+
 def _local_pair(param: Any, pair: tuple[Any, Any], keys: tuple[str, str], label: str) -> Any:
     """A DTensor parameter's slot ``pair`` as the kernels see it: the local codes (the codes a
     DTensor placed like ``param``) and the local shard's scales (``_dtensor.check_absmax``)."""
     codes, absmax = pair
-    if (
-        not _dtensor.is_dtensor(codes)
-        or codes.device_mesh != param.device_mesh
-        or codes.placements != param.placements
-        or codes.shape != param.shape
-    ):
+    if not _placed_like(codes, param):
         raise ValueError(
             f"{label}: state {keys[0]!r} is {_describe(codes)}; expected a DTensor uint8"
             f"{list(param.shape)} placed like the parameter, {param.placements}"
@@ -379,12 +384,7 @@ def _check_loaded_dtensor(who: str, key: Any, name: str, part: str, t: Any, p: A
         raise ValueError(f"{what} is {_describe(t)}; expected a {want} DTensor")
     d: Any = t  # a DTensor, checked below
     if part == Q.CODES:
-        if (
-            not _dtensor.is_dtensor(d)
-            or d.device_mesh != p.device_mesh
-            or d.placements != p.placements
-            or d.shape != p.shape
-        ):
+        if not _placed_like(d, p):
             raise ValueError(
                 f"{what} is {_describe(t)}; expected a DTensor uint8{list(p.shape)} placed like "
                 f"the parameter, {p.placements} (a state of another sharding?)"
