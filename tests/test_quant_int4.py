@@ -34,9 +34,8 @@ def test_maps_and_block_equal_torchao(qm):
     the float32 tensor torchao builds from them), and its 4-bit Adam's block size is 128."""
     import inspect
 
+    s4 = _torchao()  # skips without torch or torchao
     import torch
-
-    s4 = _torchao()
     from torchao.optim import Adam4bit
 
     want = s4.get_qmap_signed() if qm == "signed" else s4.get_qmap_unsigned()
