@@ -9,7 +9,9 @@ round's median, ns per element and core; ``--cpu`` compiles for an LLVM CPU with
 instruction set, e.g. AVX2 on an AVX-512 host). Plans: float32 state; int8 state as the loops
 run it (decode by lookup, ``kernels.quant.CODECS``; encode by arithmetic, ``FAST_ENCODE``);
 int8 state encoded by the lookup (``LOOKUP_ENCODE``: the loops before the arithmetic encode);
-int8 state decoded by arithmetic (``ARITHMETIC_DECODE``); float8 state (arithmetic both ways).
+int8 state decoded by arithmetic (``ARITHMETIC_DECODE``); float8 state (arithmetic both ways);
+int4 state as the loops run it (decode by lookup, encode by comparisons, ``FAST_ENCODE``) and
+encoded by the lookup (``LOOKUP_ENCODE``: the loops before the comparisons).
 """
 
 import sys
@@ -32,6 +34,8 @@ PLANS = (
     "int8 (encode by lookup)",
     "int8 (decode by arithmetic)",
     "float8_e4m3",
+    "int4",
+    "int4 (encode by lookup)",
 )
 
 
@@ -49,12 +53,12 @@ def runner(optimizer, plan, n, seed=0):
         fn = nb.kernel(optimizer, flags, writes, False)
         st = [s if w else p for s, w in zip(states, writes)]
         return lambda: fn(p, g, *st, kc)
-    fmt = "int8" if plan.startswith("int8") else plan
+    fmt = plan.split(" ")[0]
     saved, saved_fast = dict(quant.CODECS), dict(quant.FAST_ENCODE)
     if plan == "int8 (decode by arithmetic)":
         for name, dec in quant.ARITHMETIC_DECODE.items():
             quant.CODECS[name] = (dec, quant.CODECS[name][1])
-    if plan == "int8 (encode by lookup)":
+    if plan.endswith("(encode by lookup)"):
         quant.FAST_ENCODE.update(quant.LOOKUP_ENCODE)
     try:
         io = IO(quant=fmt)

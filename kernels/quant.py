@@ -633,6 +633,44 @@ def dynamic_encode_margins(signed: bool) -> np.ndarray:
     return np.concatenate(out)
 
 
+# -- the 4-bit maps' encode by comparisons (``FAST_ENCODE``) ------------------------------------
+#
+# Sixteen codes leave fifteen thresholds: ``code = #{k : y > thr[k]}`` is the sum of fifteen
+# comparisons against float32 constants frozen into the code (the table's thresholds, whose
+# ties already go to the upper code), each a select of 1 or 0, summed in float32 (exact) as a
+# tree; no lookup, so the loop vectorises (the lookup gathers bytes: scalar everywhere). The
+# lookup's edges are kept: ``|y|`` at or above ``2^(e_hi - 127)`` (2), ±inf and NaN give code 0
+# (NaN passes no comparison either). A test holds it equal to the lookup around every
+# threshold and on random and special values; the exhaustive one runs every float32.
+
+
+def _make_int4_encode(quant_map: str) -> Any:
+    """``encode(y, *lookup args) -> (code, False)`` of the int4 table of ``quant_map`` by
+    comparisons (see above; the lookup's arguments unread): the lookup's code of every
+    float32, never flagged."""
+    t = table("int4", quant_map)
+    thr = t.thr[np.isfinite(t.thr)]
+    if thr.size != 15:
+        raise ValueError(f"{thr.size} finite thresholds; the encode sums 15")
+    k0, k1, k2, k3, k4, k5, k6, k7, k8, k9, k10, k11, k12, k13, k14 = (np.float32(x) for x in thr)
+    lim = np.float32(2.0 ** (t.e_hi - 127))  # |y| at or above: code 0, as the lookup
+
+    def int4_encode(y: Any, b: Any, th: Any, lo: Any, hi: Any, mb: Any) -> Any:
+        c0 = pick(y > k0, _ONE, _ZERO) + pick(y > k1, _ONE, _ZERO)
+        c1 = pick(y > k2, _ONE, _ZERO) + pick(y > k3, _ONE, _ZERO)
+        c2 = pick(y > k4, _ONE, _ZERO) + pick(y > k5, _ONE, _ZERO)
+        c3 = pick(y > k6, _ONE, _ZERO) + pick(y > k7, _ONE, _ZERO)
+        c4 = pick(y > k8, _ONE, _ZERO) + pick(y > k9, _ONE, _ZERO)
+        c5 = pick(y > k10, _ONE, _ZERO) + pick(y > k11, _ONE, _ZERO)
+        c6 = pick(y > k12, _ONE, _ZERO) + pick(y > k13, _ONE, _ZERO)
+        c7 = pick(y > k14, _ONE, _ZERO)
+        code = ((c0 + c1) + (c2 + c3)) + ((c4 + c5) + (c6 + c7))
+        code = pick(abs(y) < lim, code, _ZERO)  # NaN, ±inf, |y| >= 2: code 0
+        return np.int32(code), False
+
+    return int4_encode
+
+
 def _flag_none(enc: Any) -> Any:
     """``encode``'s arguments, ``(code, False)``: a codec whose encode needs no lookup."""
 
@@ -662,17 +700,19 @@ ARITHMETIC_DECODE = {
 }
 
 #: per table: the loops' first encode, ``(y, *lookup args) -> (code, flagged)``: by arithmetic
-#: (the int8 maps: a block with a flagged value is encoded again by ``CODECS``' lookup) or the
-#: ``CODECS`` encode itself, never flagged (float8)
+#: (the int8 maps: a block with a flagged value is encoded again by ``CODECS``' lookup), by
+#: comparisons (the int4 maps, never flagged) or the ``CODECS`` encode itself, never flagged
+#: (float8)
 FAST_ENCODE = {
     "dynamic_signed": _make_dynamic_encode(True),
     "dynamic_unsigned": _make_dynamic_encode(False),
     "float8_e4m3fn": _flag_none(e4m3_encode),
     "float8_e5m2": _flag_none(e5m2_encode),
-    "dynamic4_signed": _flag_none(CODECS["dynamic4_signed"][1]),
-    "linear4_unsigned": _flag_none(CODECS["linear4_unsigned"][1]),
+    "dynamic4_signed": _make_int4_encode("signed"),
+    "linear4_unsigned": _make_int4_encode("unsigned"),
 }
 
-#: the int8 maps' lookup in ``FAST_ENCODE``'s form (never flagged): the encode the loops ran
-#: before the arithmetic one, kept for ``bench/quant_loop_cost.py`` to time beside it
-LOOKUP_ENCODE = {name: _flag_none(CODECS[name][1]) for name in ARITHMETIC_DECODE}
+#: the dynamic and 4-bit maps' lookup in ``FAST_ENCODE``'s form (never flagged): the encode the
+#: loops ran before the arithmetic one and the comparisons, kept for ``bench/quant_loop_cost.py``
+#: to time beside them
+LOOKUP_ENCODE = {name: _flag_none(CODECS[name][1]) for name in (*ARITHMETIC_DECODE, *PACKED_TABLES)}

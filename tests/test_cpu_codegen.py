@@ -160,12 +160,34 @@ def _float8_loop():
     return float8_rows
 
 
+def _int4_loop():
+    """The int4 encode as the quantized loops run it (``kernels.quant.FAST_ENCODE``: fifteen
+    comparisons) over a row of each 4-bit map, a code per element, compiled afresh."""
+    from fastopt.kernels import quant
+
+    from fastopt.backends import numba_quant  # noqa: F401  (registers the codec)
+
+    es, eu = quant.FAST_ENCODE["dynamic4_signed"], quant.FAST_ENCODE["linear4_unsigned"]
+
+    @numba.njit(error_model="numpy")
+    def int4_rows(a, b, e, qa, qb):
+        for i in range(a.shape[0]):
+            qa[i] = es(a[i] * e, None, None, 0, 0, 0)[0]
+            qb[i] = eu(b[i] * e, None, None, 0, 0, 0)[0]
+
+    z, q = np.zeros(64, np.float32), np.zeros(64, np.uint8)
+    int4_rows(z, z, np.float32(1), q, q)
+    return int4_rows
+
+
 def _compiled_loop(plan):
     """The serial Adam loop of ``plan``, compiled afresh (no disk cache) and called once."""
     if plan == "int8-encode":
         return _encode_loop()
     if plan == "float8-codec":
         return _float8_loop()
+    if plan == "int4-encode":
+        return _int4_loop()
     io, pairs = {
         "float32": (None, False),
         "float64": (None, False),
@@ -267,6 +289,23 @@ def assert_packed_encode(what, body, asm):
     assert not moves, f"lanes split in the machine code of {what}: {moves[:5]}"
 
 
+#: a packed float32 comparison in a 256- or 512-bit register: the int4 encode's vector loop
+ASM_PACKED_CMP = re.compile(r"^\s+vcmp\w*ps\s+[^\n]*%[yz]mm")
+
+
+def assert_packed_int4(what, body, asm):
+    """The int4 encode loop ``what`` is vectorised (packed float32 comparisons in the IR's
+    vector body, nothing there on one lane) and its machine-code loop keeps every lane in
+    vector registers."""
+    block = vector_body(body)
+    assert block is not None and re.search(r"fcmp \w+ <\d+ x float>", block), f"{what}: scalar"
+    assert not scalar_lines(block), f"scalar code in {what}: {scalar_lines(block)[:5]}"
+    loop = vector_loop(asm, ASM_PACKED_CMP)
+    assert loop is not None, f"{what}: no packed 256- or 512-bit loop in the machine code"
+    moves = [x.strip() for x in loop if ASM_LANE_MOVES.search(x)]
+    assert not moves, f"lanes split in the machine code of {what}: {moves[:5]}"
+
+
 #: a packed int32 -> float32 conversion in a 256- or 512-bit register: the float8 decode's
 #: subnormals, in the codec's vector loop
 ASM_PACKED_CVT = re.compile(r"^\s+vcvtdq2ps\s+[^\n]*%[yz]mm")
@@ -294,10 +333,15 @@ def test_avx2_builds_of_the_16_bit_loops_are_packed():
     the NaN select of the bfloat16 rounding becomes a compare and a blend (``vcmpunordps``,
     ``vblendvps``), still packed. So does the int8 encode the quantized loops run
     (``kernels.quant.FAST_ENCODE``: no lookup, whose gathers AVX2 code would split into
-    lanes), and the float8 decode and encode, in eight 32-bit lanes (the bit arithmetic as
-    numba types it, in int64, held four 64-bit lanes and an int64 conversion AVX2 lacks)."""
-    plans = ["bfloat16", "bfloat16-words", "float16", "int8-encode", "float8-codec"]
-    checks = {"int8-encode": assert_packed_encode, "float8-codec": assert_packed_float8}
+    lanes), the float8 decode and encode, in eight 32-bit lanes (the bit arithmetic as
+    numba types it, in int64, held four 64-bit lanes and an int64 conversion AVX2 lacks), and
+    the int4 encode (fifteen packed comparisons, no lookup)."""
+    plans = ["bfloat16", "bfloat16-words", "float16", "int8-encode", "float8-codec", "int4-encode"]
+    checks = {
+        "int8-encode": assert_packed_encode,
+        "float8-codec": assert_packed_float8,
+        "int4-encode": assert_packed_int4,
+    }
     for plan, built in avx2_build(plans).items():
         assert "zmm" not in built["asm"], f"AVX-512 code in the AVX2 build of {plan}"
         check = checks.get(plan, assert_packed)

@@ -301,6 +301,69 @@ def test_compiled_arithmetic_encode_equals_the_lookup_on_every_float32(name):
     assert flagged < (1 << 32) // 1000
 
 
+def _int4_mismatches():
+    """A compiled count, over float32 values (a range of bit patterns or an array), of where
+    the int4 encode the loops run (``kernels.quant.FAST_ENCODE``: comparisons) differs from
+    the lookup (``CODECS``) or flags, for both 4-bit maps in one loop."""
+    import numba
+
+    import fastopt.backends.numba_quant  # noqa: F401  (registers the codec for numba)
+
+    fs, ls = quant.FAST_ENCODE["dynamic4_signed"], quant.CODECS["dynamic4_signed"][1]
+    fu, lu = quant.FAST_ENCODE["linear4_unsigned"], quant.CODECS["linear4_unsigned"][1]
+    bits_f32 = storage.bits_f32
+
+    @numba.njit(error_model="numpy")
+    def mismatches(first, count, y):
+        bad = 0
+        for i in range(count if y.size == 0 else y.size):
+            x = bits_f32(first + i) if y.size == 0 else y[i]
+            c, f = fs(x, None, None, 0, 0, 0)
+            bad += f or c != ls(x, None, None, 0, 0, 0)
+            c, f = fu(x, None, None, 0, 0, 0)
+            bad += f or c != lu(x, None, None, 0, 0, 0)
+        return bad
+
+    return mismatches
+
+
+def test_compiled_int4_encode_equals_the_lookup():
+    """The int4 encode the loops run (``kernels.quant.FAST_ENCODE``: fifteen comparisons)
+    gives the lookup's code, never flagged, at, beside and two ulps from every threshold of
+    both maps, at every table value and its negation, on random values of every magnitude
+    and sign, and for ±0, ±inf, NaN, ±2 and the floats around them (both maps on every value:
+    a signed slot's encode never sees a negative scaled value past -1, an unsigned one none
+    below 0, but the encode answers the lookup's code on all of them)."""
+    up, down = np.float32(np.inf), np.float32(-np.inf)
+    vals = [np.zeros(0, np.float32)]
+    for m in ("signed", "unsigned"):
+        t = quant.table("int4", m)
+        thr = t.thr[np.isfinite(t.thr)]
+        near = [thr, np.nextafter(thr, up), np.nextafter(thr, down)]
+        near += [np.nextafter(near[1], up), np.nextafter(near[2], down)]
+        vals += [*near, t.dec, -t.dec]
+    rng = np.random.default_rng(11)
+    vals.append(rng.uniform(-1.5, 1.5, 200_000).astype(np.float32))
+    mag = np.exp2(rng.uniform(-150, 127.9, 200_000)) * rng.choice([-1.0, 1.0], 200_000)
+    vals.append(mag.astype(np.float32))
+    edge = np.array([0.0, np.inf, np.nan, 2.0, 1.0, 2.0**-149, 2.0**-126], np.float32)
+    edge = np.concatenate([edge, np.nextafter(edge, up), np.nextafter(edge, down)])
+    vals += [edge, -edge]
+    y = np.concatenate(vals).astype(np.float32)
+    assert _int4_mismatches()(0, 0, y) == 0
+
+
+@pytest.mark.exhaustive
+def test_compiled_int4_encode_equals_the_lookup_on_every_float32():
+    """The int4 encode the loops run (comparisons) gives the lookup's code of all 2^32 float32
+    bit patterns, both maps, never flagging one."""
+    mismatches = _int4_mismatches()
+    none = np.zeros(0, np.float32)
+    step = 1 << 28
+    bad = sum(mismatches(first, step, none) for first in range(0, 1 << 32, step))
+    assert bad == 0
+
+
 @pytest.mark.parametrize("name", ["float8_e4m3fn", "float8_e5m2"])
 def test_compiled_float8_encode_equals_its_definition(name):
     """The float8 encode as the CPU loops compile it (``numba_intrinsics``: the bit arithmetic

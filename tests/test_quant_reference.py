@@ -275,6 +275,26 @@ def test_float8_arithmetic_codec_equals_the_lookup(qm):
 
 
 @pytest.mark.parametrize("qm", ["signed", "unsigned"])
+def test_int4_encode_by_comparisons_equals_the_lookup(qm):
+    """The int4 encode the loops run (``kernels.quant.FAST_ENCODE``: fifteen comparisons with
+    the thresholds; run here as plain Python) gives the lookup's code, never flagged: at and
+    beside every threshold, at every table value, both signs, and values the lookup sends to
+    0 (NaN, ±inf, |y| >= 2)."""
+    t = quant.table("int4", qm)
+    fast, look = quant.FAST_ENCODE[t.name], quant.CODECS[t.name][1]
+    thr = t.thr[np.isfinite(t.thr)]
+    up, down = np.float32(np.inf), np.float32(-np.inf)
+    near = np.concatenate([thr, np.nextafter(thr, up), np.nextafter(thr, down)])
+    special = np.array([np.nan, np.inf, 2.0, 1.999, 1.0, 0.0, 1e-30, 1e-45], np.float32)
+    y = np.concatenate([near, t.dec, special, _rng(7).uniform(-2, 2, 500).astype(np.float32)])
+    y = np.concatenate([y, -y])
+    got = [fast(np.float32(x), None, None, 0, 0, 0) for x in y]
+    want = [look(np.float32(x), None, None, 0, 0, 0) for x in y]
+    assert [int(c) for c, _ in got] == [int(c) for c in want]
+    assert not any(f for _, f in got)
+
+
+@pytest.mark.parametrize("qm", ["signed", "unsigned"])
 def test_dynamic_map_arithmetic_encode_equals_the_lookup(qm):
     """The int8 encode the loops run first (``kernels.quant.FAST_ENCODE``: the code from the
     decade and ``floor(u)``, no lookup; run here as plain Python) gives the lookup's code of
