@@ -613,6 +613,7 @@ def _make_dynamic_encode(signed: bool) -> Any:
         near = (frac < _AMB) | (frac > _ONE - _AMB)
         return np.int32(code), near | (a == t0) | (a == t1)
 
+    dynamic_encode.may_flag = True  # type: ignore[attr-defined]
     return dynamic_encode
 
 
@@ -668,6 +669,7 @@ def _make_int4_encode(quant_map: str) -> Any:
         code = pick(abs(y) < lim, code, _ZERO)  # NaN, ±inf, |y| >= 2: code 0
         return np.int32(code), False
 
+    int4_encode.may_flag = False  # type: ignore[attr-defined]
     return int4_encode
 
 
@@ -677,6 +679,7 @@ def _flag_none(enc: Any) -> Any:
     def never_flagged(y: Any, b: Any, th: Any, lo: Any, hi: Any, m: Any) -> Any:
         return enc(y, b, th, lo, hi, m), False
 
+    never_flagged.may_flag = False  # type: ignore[attr-defined]
     return never_flagged
 
 
@@ -711,6 +714,13 @@ FAST_ENCODE = {
     "dynamic4_signed": _make_int4_encode("signed"),
     "linear4_unsigned": _make_int4_encode("unsigned"),
 }
+
+
+def may_flag(table_name: str) -> bool:
+    """Whether ``FAST_ENCODE[table_name]`` can flag a value (then a loop keeps the lookup to
+    encode a flagged block again; a codec never flagged needs none)."""
+    return bool(FAST_ENCODE[table_name].may_flag)  # type: ignore[attr-defined]
+
 
 #: the dynamic and 4-bit maps' lookup in ``FAST_ENCODE``'s form (never flagged): the encode the
 #: loops ran before the arithmetic one and the comparisons, kept for ``bench/quant_loop_cost.py``

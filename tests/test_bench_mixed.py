@@ -73,15 +73,29 @@ def test_mixed_traffic_kernels_touch_every_buffer(name):
     assert r.bytes == bytes_per_step(2, 1000, io=io_)
 
 
-def test_mixed_precision_rows_in_fastopt_bench(tmp_path):
+#: the rows the default run asks for by name: the float32 base, a master copy, a byte and a
+#: packed quantized format (each row's step loop and same-traffic kernel are compiles of their
+#: own); every default row, by asking for none, under -m exhaustive
+SOME_ROWS = ("float32", "bfloat16+master", "int8-state", "int4-state")
+
+
+@pytest.mark.parametrize(
+    "rows",
+    [
+        pytest.param(SOME_ROWS, id="some"),
+        pytest.param(None, id="defaults", marks=pytest.mark.exhaustive),
+    ],
+)
+def test_mixed_precision_rows_in_fastopt_bench(rows, tmp_path):
     path = tmp_path / "mixed.json"
     argv = ["bench", "--optimizers", "adam", "--sizes", "4096", "--dtypes", "float32"]
     argv += ["--backends", "numba", "--reps", "3", "--json", str(path)]
+    argv += ["--precisions", ",".join(rows)] if rows else []
     out = io.StringIO()
     with contextlib.redirect_stdout(out), contextlib.redirect_stderr(io.StringIO()):
         assert cli.main(argv) == 0
     recs = [r for r in json.loads(path.read_text())["records"] if "precision" in r]
-    assert [r["dtype"] for r in recs] == list(bench_cli.DEFAULT_PRECISIONS)
+    assert [r["dtype"] for r in recs] == list(rows or bench_cli.DEFAULT_PRECISIONS)
     base = recs[0]
     for r in recs:
         io_ = PRECISIONS[r["dtype"]].io()

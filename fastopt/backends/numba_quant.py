@@ -62,6 +62,7 @@ def quant_loop_source(
     qslots: tuple[bool, ...],
     io: storage.IO,
     packed: tuple[bool, ...] = (),
+    flagging: tuple[bool, ...] = (),
 ) -> str:
     """Python source of the factory of the loop over blocks (see the module docstring):
     ``loop(p, g, s0.., a0.., d0.., d0b.., t0.., tops, luts, m, k, x, blocks)`` where ``s{j}``
@@ -72,8 +73,11 @@ def quant_loop_source(
     cache tells loops apart by their code and cells), ``m`` the master copy (the param when
     none). A slot of ``packed`` (a packed format, ``kernels.quant.PACKED``) has two codes per
     byte: the block's bytes from ``lo // 2`` (``lo`` even), decoded from its nibbles and
-    encoded into a scratch row of codes, then packed."""
+    encoded into a scratch row of codes, then packed. A slot of ``flagging`` has an encode that
+    can flag a value (``kernels.quant.may_flag``): its block is then encoded again by the
+    lookup; the others' loops carry no flag and no lookup encode."""
     packed = packed or (False,) * nslots
+    flagging = flagging or (True,) * nslots
     q = [j for j in range(nslots) if qslots[j]]
     row = {j: r for r, j in enumerate(q)}
     args = ["p", "g"]
@@ -157,28 +161,33 @@ def quant_loop_source(
             L.append(f"{pad2}sb{j}[i] = ss(o{j})")
     for j in q:
         out = f"q{j}" if packed[j] else f"sb{j}"  # where the codes go, one per element
+        enc = f"fenc{j}(r{j}[i] * e{j}, {lut(j)})"
+        enc_b = f"fenc{j}(r{j}[i + hh] * e{j}, {lut(j)})"
+        fl = flagging[j]
         L += [
             f"{pad}n{j} = bits_f32(h{j})",
             f"{pad}a{j}[b] = n{j}",
             f"{pad}e{j} = tops[{j}] / n{j} if n{j} >= tinys[{j}] else np.float32(0)",
-            f"{pad}z{j} = False",
+            *([f"{pad}z{j} = False"] if fl else []),
             # the row's two halves side by side: two independent chains of the long encode
             f"{pad}hh = cnt >> 1",
             f"{pad}for i in range(hh):",
-            f"{pad}    c{j}, w{j} = fenc{j}(r{j}[i] * e{j}, {lut(j)})",
-            f"{pad}    cb{j}, wb{j} = fenc{j}(r{j}[i + hh] * e{j}, {lut(j)})",
+            f"{pad}    c{j}, w{j} = {enc}",
+            f"{pad}    cb{j}, wb{j} = {enc_b}",
             f"{pad}    {out}[i] = c{j}",
             f"{pad}    {out}[i + hh] = cb{j}",
-            f"{pad}    z{j} |= w{j} | wb{j}",
+            *([f"{pad}    z{j} |= w{j} | wb{j}"] if fl else []),
             f"{pad}for i in range(2 * hh, cnt):",
-            f"{pad}    c{j}, w{j} = fenc{j}(r{j}[i] * e{j}, {lut(j)})",
+            f"{pad}    c{j}, w{j} = {enc}",
             f"{pad}    {out}[i] = c{j}",
-            f"{pad}    z{j} |= w{j}",
-            # a value the arithmetic encode flags (near a threshold): the block by the lookup
-            f"{pad}if z{j}:",
-            f"{pad}    for i in range(cnt):",
-            f"{pad}        {out}[i] = enc{j}(r{j}[i] * e{j}, {lut(j)})",
+            *([f"{pad}    z{j} |= w{j}"] if fl else []),
         ]
+        if fl:  # a value the arithmetic encode flags (near a threshold): the block by the lookup
+            L += [
+                f"{pad}if z{j}:",
+                f"{pad}    for i in range(cnt):",
+                f"{pad}        {out}[i] = enc{j}(r{j}[i] * e{j}, {lut(j)})",
+            ]
         if packed[j]:  # two codes per byte: element 2i the high nibble
             L += [
                 f"{pad}for i in range(cnt >> 1):",
@@ -227,7 +236,8 @@ def python_quant_loop(
         "bits_f32": storage.bits_f32,
     }
     packed = tuple(c in quant.PACKED_TABLES for c in codecs)
-    src = quant_loop_source(len(writes), writes, qslots, io, packed)
+    flagging = tuple(quant.may_flag(c) for c in codecs)
+    src = quant_loop_source(len(writes), writes, qslots, io, packed, flagging)
     exec(compile(src, __file__, "exec"), ns)
     return ns["factory"](
         jitable_rule(RULES[rule].make_rule(**flags), False),
