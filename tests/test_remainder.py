@@ -304,17 +304,6 @@ def test_refusals_before_any_write():
     assert not m.any() and not v.any()
 
 
-def test_fastopt_torch_refuses_it_for_now():
-    pytest.importorskip("torch")
-    import torch
-
-    import fastopt.torch as fot
-
-    w = torch.nn.Parameter(torch.zeros(3, dtype=torch.bfloat16))
-    with pytest.raises(NotImplementedError, match="remainder"):
-        fot.AdamW([w], master_weights="remainder")
-
-
 @pytest.mark.parametrize("rule", sorted(RULES))
 def test_bytes_per_param_follow_from_the_spec(rule):
     """The remainder's master costs its int16 (2 B) where the fp32 copy costs 4, for every
