@@ -2,7 +2,8 @@
 
 An AST scan of every module under ``fastopt/`` (but ``bench/``, ``demo/`` and the command line
 that runs them) and ``kernels/``: no ``import fastopt.bench`` / ``fastopt.demo``, absolute or
-relative, at module level or inside a function.
+relative, at module level or inside a function. And ``fastopt.torch``'s modules import each other
+at module level without a cycle, never the package face that re-exports them.
 """
 
 import ast
@@ -82,3 +83,65 @@ def test_library_does_not_import_bench_or_demo():
         tree = ast.parse((ROOT / rel).read_text(), str(rel))
         offenders += [f"{rel}: {n}" for n in _imported(rel, tree) if _outside(n)]
     assert not offenders, offenders
+
+
+#: ``fastopt.torch``'s package face, which imports its modules (and they not it)
+TORCH = ROOT / "fastopt" / "torch"
+
+
+def _torch_imports(tree: ast.Module) -> set[str]:
+    """The ``fastopt.torch`` modules that ``tree`` imports at module level (``from . import
+    _x``, ``from ._x import y``); ``"__init__"`` for a name taken from the package face."""
+    out = set()
+    for node in tree.body:
+        if isinstance(node, ast.ImportFrom) and node.level == 1:
+            if node.module:
+                out.add(node.module.split(".")[0])
+            else:  # ``from . import _device``; ``from . import FusedOptimizer``: the face
+                out |= {
+                    a.name if (TORCH / f"{a.name}.py").exists() else "__init__" for a in node.names
+                }
+    return out
+
+
+def _cycle(graph: dict[str, set[str]]) -> list[str] | None:
+    """A cycle of ``graph`` (module -> the modules it imports) as a path, or None."""
+    state: dict[str, int] = {}  # 1: on the path, 2: done
+
+    def visit(m, path):
+        state[m] = 1
+        for d in sorted(graph.get(m, ())):
+            if state.get(d) == 1:
+                return [*path[path.index(d) :], d]
+            if d not in state and (found := visit(d, [*path, d])):
+                return found
+        state[m] = 2
+        return None
+
+    for m in sorted(graph):
+        if m not in state and (found := visit(m, [m])):
+            return found
+    return None
+
+
+def test_cycle_finder():
+    """The finder sees a cycle through three modules, and none in a chain."""
+    assert _cycle({"a": {"b"}, "b": {"c"}, "c": {"a"}}) == ["a", "b", "c", "a"]
+    assert _cycle({"a": {"b"}, "b": {"c"}, "c": set()}) is None
+    tree = ast.parse("from . import _device, FusedOptimizer\nfrom ._plan import Planner")
+    assert _torch_imports(tree) == {"_device", "__init__", "_plan"}
+
+
+def test_torch_modules_import_no_cycle():
+    """``fastopt.torch``'s modules (``_groups`` < ``_checks`` < ``_plan``, ``_launch`` < ``_run``
+    < ``_optimizer`` < ``_classes``, beside ``_memory``, ``_steady``, ``_device``, ...) import
+    each other at module level without a cycle, and none imports the package face, which
+    imports them."""
+    graph = {
+        p.stem: _torch_imports(ast.parse(p.read_text(), str(p)))
+        for p in sorted(TORCH.glob("*.py"))
+        if p.stem != "__init__"
+    }
+    assert {"_groups", "_plan", "_run", "_optimizer", "_classes"} <= set(graph)
+    assert not [m for m, deps in graph.items() if "__init__" in deps]
+    assert _cycle(graph) is None, _cycle(graph)

@@ -1,7 +1,7 @@
 """``torch.optim``'s contract around the step: pickling, legacy state dicts, the load policy of
 state dtypes, tensor hyperparameters and ``torch.compile``.
 
-``TorchContract`` is a mixin of ``FusedOptimizer`` (``fastopt/torch/__init__.py``):
+``TorchContract`` is a mixin of ``FusedOptimizer`` (``fastopt/torch/_optimizer.py``):
 
 - ``__getstate__``/``__setstate__``: torch keeps ``defaults``, ``state`` and ``param_groups``;
   fastopt's own options (``backend``, ``master_weights``) travel too, so ``copy.deepcopy`` and

@@ -118,7 +118,7 @@ class CPUOffload(torch.optim.Optimizer):
         pin_memory: bool | None = None,
         **kwargs: Any,
     ) -> None:
-        from . import FusedOptimizer
+        from ._optimizer import FusedOptimizer
 
         if not (isinstance(opt_cls, type) and issubclass(opt_cls, FusedOptimizer)):
             raise TypeError(f"opt_cls must be a fastopt.torch class, got {opt_cls!r}")
