@@ -23,7 +23,6 @@ is deterministic) and the momentum lags; the transformer of ``bench/quant_conver
 measured gaps with headroom: 1 % where the quantized run reached float32's loss. Under
 -m exhaustive (each run trains 500 steps and compiles the demo's loops)."""
 
-
 import dataclasses
 
 import pytest
