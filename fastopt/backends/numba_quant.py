@@ -72,10 +72,11 @@ def quant_loop_source(
     ``luts`` their ``(e_lo, e_hi, mb)`` (arguments, not constants of the source: the disk
     cache tells loops apart by their code and cells), ``m`` the master copy (the param when
     none). A slot of ``packed`` (a packed format, ``kernels.quant.PACKED``) has two codes per
-    byte: the block's bytes from ``lo // 2`` (``lo`` even), decoded from its nibbles and
-    encoded into a scratch row of codes, then packed. A slot of ``flagging`` has an encode that
-    can flag a value (``kernels.quant.may_flag``): its block is then encoded again by the
-    lookup; the others' loops carry no flag and no lookup encode."""
+    byte: the block's bytes from ``lo // 2`` (``lo`` even), unpacked into a scratch row of
+    codes (one per element) that the loop decodes, encoded into that row, then packed. A
+    slot of ``flagging`` has an encode that can flag a value (``kernels.quant.may_flag``):
+    its block is then encoded again by the lookup; the others' loops carry no flag and no
+    lookup encode."""
     packed = packed or (False,) * nslots
     flagging = flagging or (True,) * nslots
     q = [j for j in range(nslots) if qslots[j]]
@@ -125,6 +126,14 @@ def quant_loop_source(
     for j in q:
         L.append(f"{pad}f{j} = a{j}[b] / tops[{j}]")
         L.append(f"{pad}h{j} = np.int32(0)")
+        if packed[j]:  # the block's nibbles into the row of codes first: one code per element
+            L += [
+                f"{pad}for i in range(cnt >> 1):",
+                f"{pad}    q{j}[2 * i] = sb{j}[i] >> 4",
+                f"{pad}    q{j}[2 * i + 1] = sb{j}[i] & 15",
+                f"{pad}if cnt & 1:",
+                f"{pad}    q{j}[cnt - 1] = sb{j}[cnt >> 1] >> 4",
+            ]
     # one loop: decode, the rule, the new values into the scratch rows and their absmax (an
     # integer maximum of the magnitudes' bit patterns: the same order for non-negative floats,
     # NaN above every number, so a NaN wins, and a reduction LLVM vectorises without fast-math)
@@ -139,7 +148,7 @@ def quant_loop_source(
         if not writes[j]:
             L.append(f"{pad2}v{j} = pv")
         elif qslots[j]:
-            code = f"(sb{j}[i >> 1] >> (4 - ((i & 1) << 2))) & 15" if packed[j] else f"sb{j}[i]"
+            code = f"q{j}[i]" if packed[j] else f"sb{j}[i]"
             L.append(f"{pad2}v{j} = dec{j}({code}, d{j}) * f{j}")
         else:
             L.append(f"{pad2}v{j} = ls(sb{j}[i])")
