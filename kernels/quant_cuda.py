@@ -178,9 +178,10 @@ def quant_source(rule: str, flags: Mapping[str, bool], io: IO, name: str | None 
     ]
     params += [f"{t} {n}" for t, n in scalars]
     head = ["    for (long long b = blockIdx.x; b < nb; b += gridDim.x) {"]
-    if io.quant in quant.PACKED:  # the thread's byte and its two elements
+    if io.quant in quant.PACKED:  # the thread's byte (of codes, if any) and its two elements
+        if any(qslots(rule, flags)):
+            head.append("        const long long y_ = (blocks[2 * b] >> 1) + t;")
         head += [
-            "        const long long y_ = (blocks[2 * b] >> 1) + t;",
             "        const long long i0_ = blocks[2 * b] + 2 * t;",
             "        const long long stop_ = blocks[2 * b + 1];",
         ]
@@ -251,9 +252,9 @@ def table_source(
         # a block's scale, a packed slot's byte (lo_ is even), an element
         at = f"lo_ / {block}" if a in scales else "lo_ / 2" if packed and a in codes else "lo_"
         head.append(f"        {t} *const {a} = fastopt_mt_ptr<{t}>(row_[{col[a]}], {at});")
-    if packed:  # the thread's byte of the block's codes and its two elements
+    if packed:  # the thread's byte of the block's codes (if any) and its two elements
+        head += ["        const long long y_ = t;"] if codes else []
         head += [
-            "        const long long y_ = t;",
             "        const long long i0_ = lo_ + 2 * t;",
             "        const long long stop_ = hi_;",
         ]

@@ -87,15 +87,21 @@ def _kernel(
         ]
         + [f"#undef {m}" for m in cuda_source.defines(rule, fl)]
     )
+    fn = _build(tag, code)
+    fn.argtypes = [ctypes.c_void_p] * 5 + [ctypes.c_longlong, ctypes.c_uint]
+    return fn, arrays
+
+
+def _build(tag: str, code: str):
+    """``run_<tag>`` of ``code`` (a namespace and its extern "C" driver) built into the harness
+    by g++."""
     (_BUILD / f"{tag}.inc").write_text(code + "\n")
     so = _BUILD / f"{tag}.so"
     cmd = [GXX, "-std=c++20", "-O1", "-shared", "-fPIC", "-pthread", "-ffp-contract=off"]
     cmd += ["-Wall", "-Werror", f'-DFASTOPT_KERNELS="{tag}.inc"', f"-I{_BUILD}", str(HARNESS)]
     res = subprocess.run(cmd + ["-o", str(so)], capture_output=True, text=True, check=False)
     assert res.returncode == 0, f"g++ failed:\n{res.stderr[:4000]}"
-    fn = getattr(ctypes.CDLL(str(so)), f"run_{tag}")
-    fn.argtypes = [ctypes.c_void_p] * 5 + [ctypes.c_longlong, ctypes.c_uint]
-    return fn, arrays
+    return getattr(ctypes.CDLL(str(so)), f"run_{tag}")
 
 
 def _step(rule, hp, fmt, p, g, st, t, io=None, extras=(), dev=()):
@@ -227,3 +233,46 @@ def test_capturable_form_equals_the_host_form():
     before = p2.copy(), qc.copy(st2)
     _step(rule, hp, fmt, p2, g, st2, 3, cap, (), (kbuf, scale, np.array([1.0], np.float32)))
     qc.assert_same(p2, st2, *before, "found inf", fmt)
+
+
+@pytest.mark.parametrize("qm", ["signed", "unsigned"])
+def test_int4_encode_source_equals_the_lookup(qm):
+    """The int4 encode of the CUDA C kernels (``quant_cuda.encode4_source``: the CPU loops'
+    fifteen comparisons, from ``quant.int4_encode_constants``) built by g++ gives the lookup's
+    code (``quant.encode``, the definition the CPU's encodes are held to) of every threshold
+    and its 4 float32 neighbours each way, every value of the map and its neighbours, ±0,
+    ±inf, NaN, the lookup's limit (2) and its neighbours, subnormals, and 20000 random float32
+    of every sign and exponent."""
+    from fastopt.kernels import quant
+
+    t = quant.table("int4", qm)
+    tag = f"enc4_{qm}"
+    code = "\n".join(
+        [
+            f"namespace {tag} {{",
+            quant_cuda.encode4_source(qm),
+            f'extern "C" void run_{tag}(const float *y, unsigned int *out, long long n) {{',
+            f"    for (long long i = 0; i < n; ++i) out[i] = {quant_cuda.encode4_name(qm)}(y[i]);",
+            "}",
+            "}",
+        ]
+    )
+    fn = _build(tag, code)
+    fn.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_longlong]
+    f = np.float32
+    thr = t.thr[np.isfinite(t.thr)]
+    pts = np.concatenate([thr, t.dec, [f(2), f(1), f(0)]]).astype(np.float32)
+    near = [pts]
+    up, down = pts.copy(), pts.copy()
+    for _ in range(4):
+        up, down = np.nextafter(up, f(np.inf)), np.nextafter(down, f(-np.inf))
+        near += [up, down]
+    rng = np.random.default_rng(5)
+    bits = rng.integers(0, 2**32, 20000, dtype=np.uint64).astype(np.uint32).view(np.float32)
+    special = np.array([np.inf, -np.inf, np.nan, 1e-45, -1e-45, 1e-39, 3.0, 1e30], np.float32)
+    y = np.concatenate([*near, -np.concatenate(near), bits, special]).astype(np.float32)
+    got = np.zeros(y.size, np.uint32)
+    fn(y.ctypes.data, got.ctypes.data, y.size)
+    want = np.array([quant.encode(v, t.base, t.bthr, t.e_lo, t.e_hi, t.mb) for v in y], np.uint32)
+    bad = np.flatnonzero(got != want)
+    assert bad.size == 0, f"{bad.size} codes differ, first at {y[bad[:5]]}: {got[bad[:5]]}"
