@@ -10,8 +10,8 @@ float32 step then the oracle's quantization); what only a GPU confirms:
   element, a thread per byte of them on the GPU; the tolerances the CPU backend is
   held to against the oracle): the oracle's float32 math rounds differently, and the GPU
   compilers contract the rule's multiply-adds into fused ones, as for float32 state;
-- the optimizer classes over two tensors (the dict API) and a ``FlatBuffer`` (a block table of
-  both parameters; int8 and int4) against the oracle the same way;
+- the optimizer classes over two tensors (the dict API; the byte formats) and a ``FlatBuffer``
+  (a block table of both parameters; int8 and int4) against the oracle the same way;
 - against bitsandbytes' 8-bit blockwise Adam (``bnb.optim.Adam8bit``, when ``bitsandbytes``
   imports): one step from the same codes and scales, the same maps and block size; its
   quantizer is not exact nearest (``tests/test_quant_reference.py``) and its update rounds
@@ -30,6 +30,9 @@ from fastopt import functional as F
 
 pytestmark = needs_gpu
 FORMATS = quant.ALL_FORMATS
+#: the optimizer classes' formats: the byte formats (int4's step is the functional one's
+#: kernel, and its FlatBuffer layout ``test_flat_buffer_matches_the_oracle``'s)
+CLASS_FORMATS = quant.FORMATS
 #: the reference: the NumPy oracle (``quant_reference.oracle_step``: no compilation on the GPU
 #: machine), within the tolerances the CPU backend is held to against it
 #: (``tests/test_quant_numba.py``)
@@ -79,7 +82,7 @@ def _sync(gpu, cpu):
 
 
 @pytest.mark.parametrize("backend", gpu_backend_params())
-@pytest.mark.parametrize("fmt", FORMATS)
+@pytest.mark.parametrize("fmt", CLASS_FORMATS)
 def test_optimizer_classes_match_the_oracle(backend, fmt):
     rng = np.random.default_rng(2)
     shapes = {"w": (300, 513), "b": (300,)}

@@ -17,9 +17,9 @@ numba-cuda under the simulator); what only a GPU confirms is here, over a transf
   in the table; int4's packed, a thread per byte): one launch per step over a 196-tensor list
   (``QN`` elements), step by step from the same state against the CPU path of the NumPy oracle
   (``backend="numpy"``: nothing to compile on the GPU machine) within the tolerances
-  ``tests/gpu/test_gpu_quant.py`` holds the GPU kernels to; a capturable quantized step (int8,
-  int4) captured with ``torch.cuda.graph``, its replays equal to eager steps (the same
-  tolerances), the eager steps free of host synchronisation.
+  ``tests/gpu/test_gpu_quant.py`` holds the GPU kernels to; a capturable quantized step (int8)
+  captured with ``torch.cuda.graph``, its replays equal to eager steps (the same tolerances),
+  the eager steps free of host synchronisation.
 """
 
 import numpy as np
@@ -336,12 +336,12 @@ def test_quantized_list_steps_match_the_oracle_path(backend, fmt, monkeypatch):
 
 
 @pytest.mark.parametrize("backend", gpu_backend_params())
-@pytest.mark.parametrize("fmt", ["int8", "int4"])
-def test_quantized_cuda_graph_replays_equal_eager_steps(backend, fmt):
-    """A capturable AdamW with int8 (int4) state captured with ``torch.cuda.graph``: replays
-    over new gradients equal eager steps of a twin (the same kernels: params, codes and scales
-    held to ``_close_quantized``, the device step counts equal), and the eager steps after the
-    first run under ``set_sync_debug_mode("error")``."""
+def test_quantized_cuda_graph_replays_equal_eager_steps(backend):
+    """A capturable AdamW with int8 state captured with ``torch.cuda.graph``: replays over new
+    gradients equal eager steps of a twin (the same kernels: params, codes and scales held to
+    ``_close_quantized``, the device step counts equal), and the eager steps after the first
+    run under ``set_sync_debug_mode("error")``."""
+    fmt = "int8"
     _cuda()
     ps = _quant_list()
     qs = _twins(ps)
