@@ -386,24 +386,42 @@ def _byte_block(
     for j in qs:
         out.append(f"        qred_[{row[j]}][t] = act ? fastopt_q_magnitude(q{j}_) : 0u;")
     out += _reduce(qs, QBLOCK)
-    for j in qs:
-        s, r = state[j], row[j]
-        top, tiny, signmag = consts[j]
+
+    def store(j: int, s: str, r: int) -> list[str]:
+        return [
+            "        if (act) {",
+            f"            {s}[{at}] = (unsigned char)fastopt_q_encode(q{j}_ * e{j}_, "
+            f"qthr_[{r}], {int(consts[j][2])});",
+            "        }",
+        ]
+
+    return out + _encode_tail(rule, io, blk, qs, store)
+
+
+def _encode_tail(
+    rule: str, io: IO, blk: str, qs: list[int], store: Callable[[int, str, int], list[str]]
+) -> list[str]:
+    """The end of the loop's body: per quantized slot ``j`` (row ``r``) the block's absmax
+    ``n{j}_`` (the reduction's result), the factor ``e{j}_ = top / n{j}_`` (0 below ``tiny``),
+    the codes stored by ``store(j, slot, r)``'s lines, the absmax by thread 0; then the
+    barrier before ``qred_`` is reused and the loop's closing brace."""
+    assert io.quant is not None
+    spec = RULES[rule]
+    out: list[str] = []
+    for r, j in enumerate(qs):
+        top, tiny, _ = constants(io.quant, spec.slots[j].quant_map)
+        s = spec.state[j]
         out += [
             f"        const float n{j}_ = __uint_as_float(qred_[{r}][0]);",
             f"        const float e{j}_ = n{j}_ >= {_f32(tiny)} ? {_f32(top)} / n{j}_ : 0.0f;",
-            "        if (act) {",
-            f"            {s}[{at}] = (unsigned char)fastopt_q_encode(q{j}_ * e{j}_, "
-            f"qthr_[{r}], {int(signmag)});",
-            "        }",
+            *store(j, s, r),
             "        if (t == 0) {",
             f"            {s}_absmax[{blk}] = n{j}_;",
             "        }",
         ]
     if qs:
         out.append("        __syncthreads();  // qred_ is read by every thread before it is reused")
-    out.append("    }")
-    return out
+    return out + ["    }"]
 
 
 def _packed_block(
@@ -471,23 +489,15 @@ def _packed_block(
             f"        qred_[{row[j]}][t] = m{j}_ > w{j}_ ? m{j}_ : w{j}_;",
         ]
     out += _reduce(qs, nt)
-    for j in qs:
-        s, r = state[j], row[j]
-        top, tiny, _ = constants(io.quant, spec.slots[j].quant_map)
+
+    def store(j: int, s: str, r: int) -> list[str]:
         enc = encode4_name(spec.slots[j].quant_map)
-        out += [
-            f"        const float n{j}_ = __uint_as_float(qred_[{r}][0]);",
-            f"        const float e{j}_ = n{j}_ >= {_f32(tiny)} ? {_f32(top)} / n{j}_ : 0.0f;",
+        return [
             "        if (act0_) {",
             f"            const unsigned int c{j}_ = {enc}(q{j}_0 * e{j}_) << 4;",
             f"            const unsigned int d{j}_ = act1_ ? {enc}(q{j}_1 * e{j}_) : 0u;",
             f"            {s}[y_] = (unsigned char)(c{j}_ | d{j}_);",
             "        }",
-            "        if (t == 0) {",
-            f"            {s}_absmax[{blk}] = n{j}_;",
-            "        }",
         ]
-    if qs:
-        out.append("        __syncthreads();  // qred_ is read by every thread before it is reused")
-    out.append("    }")
-    return out
+
+    return out + _encode_tail(rule, io, blk, qs, store)

@@ -19,7 +19,7 @@ and a step launches one kernel on the param's producer stream, no host synchroni
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from types import FunctionType
 from typing import Any
 
@@ -233,54 +233,51 @@ def _source(
     pad = " " * 16
     for j in qs:
         L.append(f"{pad}q{j} = dec[{row[j]}, s{j}[{at}]] * (a{j}[{blk}] / tq[{2 * row[j]}])")
-    L.append(f"{pad}pv = {f'm[{at}]' if io.master else f'lp(p[{at}])'}")
-    L.append(f"{pad}gv = lg(g[{at}]){' * inv' if io.scale else ''}{' * cf' if clip else ''}")
-    if io.write_grad:
-        L.append(f"{pad}g[{at}] = sg(gv)")
-    for j in range(nslots):
-        v = f"q{j}" if q[j] else f"ls(s{j}[{at}])" if writes[j] else "pv"
-        L.append(f"{pad}v{j} = {v}")
-    outs = ", ".join(["pi"] + [f"o{j}" for j in range(nslots)])
-    L.append(
-        f"{pad}{outs}{',' if nslots == 0 else ''} = elem(pv, gv, "
-        f"{''.join(f'v{j}, ' for j in range(nslots))}k)"
-    )
-    if io.master:
-        L.append(f"{pad}m[{at}] = pi")
-    L.append(f"{pad}p[{at}] = sp(pi, i, x[1], key)")
-    for j in range(nslots):
-        if q[j]:
-            L.append(f"{pad}q{j} = o{j}")
-        elif writes[j]:
-            L.append(f"{pad}s{j}[{at}] = ss(o{j})")
+    L += _element_lines(nslots, writes, q, io, at, [f"q{j}" for j in qs], clip, pad)
     for j in qs:
         L.append(f"            red[{row[j]}, t] = (f32_bits(q{j}) & 0x7FFFFFFF) if act else 0")
-    if qs:
-        L += [
-            f"            h = {QBLOCK // 2}",
-            "            while h > 0:",
-            "                cuda.syncthreads()",
-            "                if t < h:",
+
+    def store(j: int, r: int) -> list[str]:
+        return [
+            "            if act:",
+            f"                s{j}[{at}] = enc(q{j} * e{j}, thr, {r}, SIGNMAG[{r}])",
         ]
-        L += [
-            f"                    red[{row[j]}, t] = max(red[{row[j]}, t], red[{row[j]}, t + h])"
-            for j in qs
-        ]
-        L += ["                h //= 2", "            cuda.syncthreads()"]
-    for j in qs:
-        r = row[j]
+
+    L += _reduce_and_store(qs, QBLOCK, blk, store)
+    L += tail
+    return "\n".join(L) + "\n"
+
+
+def _reduce_and_store(
+    qs: Sequence[int], nt: int, blk: str, store: Callable[[int, int], list[str]]
+) -> list[str]:
+    """The end of a block's body: the absmax of every quantized slot ``j`` (row ``r`` of
+    ``red``, ``nt`` entries) by a tree of maxima, ``n{j}``, the factor ``e{j} = top / n{j}``
+    (0 below ``tiny``), the codes stored by ``store(j, r)``'s lines, the absmax by thread 0,
+    then a barrier before ``red`` is reused."""
+    L: list[str] = []
+    if not qs:
+        return L
+    L += [
+        f"            h = {nt // 2}",
+        "            while h > 0:",
+        "                cuda.syncthreads()",
+        "                if t < h:",
+    ]
+    L += [
+        f"                    red[{r}, t] = max(red[{r}, t], red[{r}, t + h])"
+        for r in range(len(qs))
+    ]
+    L += ["                h //= 2", "            cuda.syncthreads()"]
+    for r, j in enumerate(qs):
         L += [
             f"            n{j} = bits_f32(red[{r}, 0])",
             f"            e{j} = tq[{2 * r}] / n{j} if n{j} >= tq[{2 * r + 1}] else CT(0)",
-            "            if act:",
-            f"                s{j}[{at}] = enc(q{j} * e{j}, thr, {r}, SIGNMAG[{r}])",
+            *store(j, r),
             "            if t == 0:",
             f"                a{j}[{blk}] = n{j}",
         ]
-    if qs:
-        L.append("            cuda.syncthreads()")
-    L += tail
-    return "\n".join(L) + "\n"
+    return L + ["            cuda.syncthreads()"]
 
 
 def _element_lines(
@@ -374,33 +371,17 @@ def _packed_source(
             f"            w{j} = (f32_bits(q{j}_1) & 0x7FFFFFFF) if act1 else 0",
             f"            red[{row[j]}, t] = max(m{j}, w{j})",
         ]
-    if qs:
-        L += [
-            f"            h = {nt // 2}",
-            "            while h > 0:",
-            "                cuda.syncthreads()",
-            "                if t < h:",
-        ]
-        L += [
-            f"                    red[{row[j]}, t] = max(red[{row[j]}, t], red[{row[j]}, t + h])"
-            for j in qs
-        ]
-        L += ["                h //= 2", "            cuda.syncthreads()"]
-    for j in qs:
-        r = row[j]
-        L += [
-            f"            n{j} = bits_f32(red[{r}, 0])",
-            f"            e{j} = tq[{2 * r}] / n{j} if n{j} >= tq[{2 * r + 1}] else CT(0)",
+
+    def store(j: int, r: int) -> list[str]:
+        return [
             "            if act0:",
             f"                c{j} = enc4_{r}(q{j}_0 * e{j}, 0, 0, 0, 0, 0)[0] << 4",
             "                if act1:",
             f"                    c{j} |= enc4_{r}(q{j}_1 * e{j}, 0, 0, 0, 0, 0)[0]",
             f"                s{j}[y] = c{j}",
-            "            if t == 0:",
-            f"                a{j}[{blk}] = n{j}",
         ]
-    if qs:
-        L.append("            cuda.syncthreads()")
+
+    L += _reduce_and_store(qs, nt, blk, store)
     L += tail
     return "\n".join(L) + "\n"
 
