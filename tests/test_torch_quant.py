@@ -425,25 +425,25 @@ def test_a_gpu_backend_with_quantized_tables_is_asked_for_them(fmt, monkeypatch)
     fake_table.use_fake(monkeypatch)
     monkeypatch.setattr(fake_table, "QUANT_STATE", True, raising=False)
     monkeypatch.setattr(fake_table, "QUANT_TABLE", True, raising=False)
-    if fmt in quant.PACKED:
-        ps = _params()
-        for p, g in zip(ps, _grads(ps, 0)):
-            p.grad = g
-        opt = fot.Adam(ps, lr=1e-2, state_dtype=fmt)
-        with pytest.raises(NotImplementedError, match="does not step quantized state"):
-            opt.step()
-        assert not seen and not opt.state
-        monkeypatch.setattr(fake_table, "QUANT_PACKED", True, raising=False)
 
     def tensor_table(rule, io, tensors, chunk=None):
         seen.append((io, tensors))
         raise RuntimeError("stop")
 
+    def adam():
+        ps = _params()
+        for p, g in zip(ps, _grads(ps, 0)):
+            p.grad = g
+        return ps, fot.Adam(ps, lr=1e-2, state_dtype=fmt)
+
     monkeypatch.setattr(fake_table, "tensor_table", tensor_table)
-    ps = _params()
-    for p, g in zip(ps, _grads(ps, 0)):
-        p.grad = g
-    opt = fot.Adam(ps, lr=1e-2, state_dtype=fmt)
+    if fmt in quant.PACKED:
+        ps, opt = adam()
+        with pytest.raises(NotImplementedError, match="does not step quantized state"):
+            opt.step()
+        assert not seen and not opt.state
+        monkeypatch.setattr(fake_table, "QUANT_PACKED", True, raising=False)
+    ps, opt = adam()
     with pytest.raises(RuntimeError, match="stop"):
         opt.step()
     ((io, tensors),) = seen
