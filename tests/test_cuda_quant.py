@@ -276,3 +276,48 @@ def test_int4_encode_source_equals_the_lookup(qm):
     want = np.array([quant.encode(v, t.base, t.bthr, t.e_lo, t.e_hi, t.mb) for v in y], np.uint32)
     bad = np.flatnonzero(got != want)
     assert bad.size == 0, f"{bad.size} codes differ, first at {y[bad[:5]]}: {got[bad[:5]]}"
+
+
+@pytest.mark.exhaustive  # 2^32 codes per map by g++ and by the compiled lookup, ~1 min
+def test_int4_encode_source_equals_the_lookup_on_every_float32():
+    """The CUDA C int4 encode (``quant_cuda.encode4_source``, built by g++) gives the lookup's
+    code (``quant.CODECS``' encode, compiled by numba) of all 2^32 float32 bit patterns, both
+    maps."""
+    import numba
+    from fastopt.kernels import quant
+
+    import fastopt.backends.numba_quant  # noqa: F401  (registers the codec for numba)
+
+    bits_f32 = storage.bits_f32
+    for qm in ("signed", "unsigned"):
+        tag = f"enc4_all_{qm}"
+        code = "\n".join(
+            [
+                f"namespace {tag} {{",
+                quant_cuda.encode4_source(qm),
+                f'extern "C" void run_{tag}(unsigned int first, long long n, unsigned char *out) '
+                "{",
+                "    for (long long i = 0; i < n; ++i) out[i] = (unsigned char)"
+                f"{quant_cuda.encode4_name(qm)}(__uint_as_float(first + (unsigned int)i));",
+                "}",
+                "}",
+            ]
+        )
+        fn = _build(tag, code)
+        fn.argtypes = [ctypes.c_uint, ctypes.c_longlong, ctypes.c_void_p]
+        lookup = quant.CODECS[quant.table("int4", qm).name][1]
+
+        @numba.njit(error_model="numpy")
+        def mismatches(first, got, lookup=lookup):
+            bad = 0
+            for i in range(got.size):
+                bad += got[i] != lookup(bits_f32(first + i), None, None, 0, 0, 0)
+            return bad
+
+        step = 1 << 26
+        got = np.empty(step, np.uint8)
+        bad = 0
+        for first in range(0, 1 << 32, step):
+            fn(first, step, got.ctypes.data)
+            bad += mismatches(first, got)
+        assert bad == 0, (qm, bad)
