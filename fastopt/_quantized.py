@@ -178,8 +178,8 @@ def full_precision_state(
 def check_backend(be: Any, fmt: str | None) -> None:
     """Quantized state on a backend that steps it (a backend module with ``QUANT_STATE``: the
     numba CPU backend, the NumPy oracle and both CUDA backends), a packed format
-    (``kernels.quant.PACKED``: ``"int4"``) on one that also declares ``QUANT_PACKED`` (the
-    numba CPU backend and the NumPy oracle); TypeError before anything is written otherwise."""
+    (``kernels.quant.PACKED``: ``"int4"``) on one that also declares ``QUANT_PACKED`` (all
+    four do); TypeError before anything is written otherwise."""
     if fmt is not None and not getattr(be, "QUANT_STATE", False):
         raise TypeError(
             f"state_dtype={fmt!r}: backend {getattr(be, 'NAME', be)!r} does not step quantized "
@@ -188,6 +188,5 @@ def check_backend(be: Any, fmt: str | None) -> None:
     if fmt in quant.PACKED and not getattr(be, "QUANT_PACKED", False):
         raise TypeError(
             f"state_dtype={fmt!r}: backend {getattr(be, 'NAME', be)!r} does not step packed "
-            "4-bit state (the CPU backends do: 'numba' and 'numpy', modules declaring "
-            "QUANT_PACKED)"
+            "4-bit state (a backend module declaring QUANT_PACKED does)"
         )

@@ -76,7 +76,7 @@ MASTER_WEIGHTS = (False, True, "remainder")
 STATE_DTYPES = (None, "float32", "bfloat16", *quant.ALL_FORMATS)
 #: the quantized policies among them
 QUANTIZED = quant.ALL_FORMATS
-#: the quantized policies of two codes per byte (stepped by the CPU backends only)
+#: the quantized policies of two codes per byte (stepped by a backend declaring ``QUANT_PACKED``)
 PACKED = quant.PACKED
 
 

@@ -5,7 +5,8 @@
 //   decode: dec[code] * (absmax / top), as the CPU loop computes it;
 //   encode: code = #{k : thr[k] < y}, by a branch-free binary search over the 256 entries
 //           (the CPU finds the same count by a bucket lookup; NaN gives 0), for a float8 slot
-//           over |y| with y's sign bit set on the byte;
+//           over |y| with y's sign bit set on the byte (int4's encode is not here: the CPU's
+//           15 comparisons, generated per map by quant_cuda.encode4_source);
 //   absmax: the maximum of the magnitudes' bit patterns (NaN above every number), a tree in
 //           shared memory over the block's threads, the same value in any order.
 // No header is included (the text is pasted into each kernel's translation unit, also inside

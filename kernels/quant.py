@@ -81,6 +81,7 @@ __all__ = [
     "encode",
     "encode_signmag",
     "fp8_values",
+    "int4_encode_constants",
     "linear4_map",
     "nblocks",
     "pick",
@@ -92,7 +93,8 @@ __all__ = [
 BLOCK = 256
 #: the quantized formats of one code per byte (every backend that steps quantized state)
 FORMATS = ("int8", "float8_e4m3")
-#: the formats of two 4-bit codes per byte (the CPU backends only: ``_quantized.check_backend``)
+#: the formats of two 4-bit codes per byte (a backend declaring ``QUANT_PACKED`` steps them:
+#: ``_quantized.check_backend``)
 PACKED = ("int4",)
 #: every quantized state format ``state_dtype=`` accepts
 ALL_FORMATS = FORMATS + PACKED
@@ -645,16 +647,24 @@ def dynamic_encode_margins(signed: bool) -> np.ndarray:
 # threshold and on random and special values; the exhaustive one runs every float32.
 
 
-def _make_int4_encode(quant_map: str) -> Any:
-    """``encode(y, *lookup args) -> (code, False)`` of the int4 table of ``quant_map`` by
-    comparisons (see above; the lookup's arguments unread): the lookup's code of every
-    float32, never flagged."""
+def int4_encode_constants(quant_map: str) -> tuple[tuple[np.float32, ...], np.float32]:
+    """``(thr, lim)`` of the int4 encode by comparisons of ``quant_map``'s table: its 15
+    finite thresholds (ascending; ``code = #{k : y > thr[k]}``) and the magnitude at or above
+    which a value takes code 0 as in the lookup (``2^(e_hi - 127)``). The CPU loops' encode
+    (``FAST_ENCODE``) and the CUDA kernels' (``quant_cuda``) are built from these."""
     t = table("int4", quant_map)
     thr = t.thr[np.isfinite(t.thr)]
     if thr.size != 15:
         raise ValueError(f"{thr.size} finite thresholds; the encode sums 15")
-    k0, k1, k2, k3, k4, k5, k6, k7, k8, k9, k10, k11, k12, k13, k14 = (np.float32(x) for x in thr)
-    lim = np.float32(2.0 ** (t.e_hi - 127))  # |y| at or above: code 0, as the lookup
+    return tuple(np.float32(x) for x in thr), np.float32(2.0 ** (t.e_hi - 127))
+
+
+def _make_int4_encode(quant_map: str) -> Any:
+    """``encode(y, *lookup args) -> (code, False)`` of the int4 table of ``quant_map`` by
+    comparisons (see above; the lookup's arguments unread): the lookup's code of every
+    float32, never flagged."""
+    thr, lim = int4_encode_constants(quant_map)  # lim: |y| at or above it gives code 0
+    k0, k1, k2, k3, k4, k5, k6, k7, k8, k9, k10, k11, k12, k13, k14 = thr
 
     def int4_encode(y: Any, b: Any, th: Any, lo: Any, hi: Any, mb: Any) -> Any:
         c0 = pick(y > k0, _ONE, _ZERO) + pick(y > k1, _ONE, _ZERO)

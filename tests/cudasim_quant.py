@@ -4,14 +4,16 @@ simulator, bit for bit against the definition of a quantized step
 state, then the oracle's quantization; the simulator runs the rules as Python, whose
 ``math.sqrt`` rounds some rules' results apart from the compiled CPU loop's, so the CPU loop is
 the reference only where both agree: the door's Adam): params, codes and scales, over two tensors
-in one buffer (each ending in a short block; the gap between them untouched), on a grid of
+of odd lengths in one buffer (each ending in a short block; the elements outside them
+untouched), on a grid of
 fewer CUDA blocks than blocks of codes; the multi-tensor kernel (``launch_table`` over a
 ``tensor_table`` of the two tensors) likewise; and through ``fastopt.functional`` (the door a
 numba-cuda step with ``state_dtype=`` takes) against the CPU backend's quantized step.
 
 Run by ``tests/test_cudasim.py`` in a child pytest with ``NUMBA_ENABLE_CUDASIM=1``. One small
-case per format by default (the kernel on Adam in int8, the door in float8; every rule and
-format under ``exhaustive``): each simulated launch runs 256 Python threads per block.
+case per format by default (the kernel on Adam in int8, the table kernel in float8, both
+kernels and the door in int4, the door in float8; every rule and format under ``exhaustive``):
+each simulated launch runs 256 Python threads per block (int4: 64, a thread per byte).
 """
 
 import os
@@ -32,8 +34,8 @@ pytestmark = pytest.mark.skipif(
 )
 
 STEPS = 2
-#: the default run: the kernel on Adam in int8 (three slots, both maps), the door in float8
-DEFAULT = {("adam", "int8")}
+#: the default run: the kernel on Adam in int8 and in int4 (three slots, both maps)
+DEFAULT = {("adam", "int8"), ("adam", "int4")}
 
 
 @pytest.mark.parametrize(
@@ -47,9 +49,9 @@ def test_kernel_equals_float32_step_then_oracle_quantization(rule, fmt):
     spec, hp = RULES[rule], RULE_FULL[rule]
     rng = np.random.default_rng(3)
     p = rng.standard_normal(qc.LENGTH).astype(np.float32)
-    p[600:640] = qc.POISON
+    p[qc.OUTSIDE] = qc.POISON
     st = qc.initial(rule, hp, fmt, rng)
-    blocks = qc.block_table()
+    blocks = qc.block_table(fmt)
     for t in range(1, STEPS + 1):
         g = rng.standard_normal(qc.LENGTH).astype(np.float32)
         want_p, want = qc.expected(rule, hp, fmt, p, g, st, t, backend="numba-cuda")
@@ -59,44 +61,47 @@ def test_kernel_equals_float32_step_then_oracle_quantization(rule, fmt):
             for s in spec.slots
         ]
         launch_quant(rule, flags, p, g, states, k, storage.IO(quant=fmt))
-        qc.assert_same(p, st, want_p, want, f"{rule} {fmt} step {t}")
-    assert np.all(p[600:640] == qc.POISON)
+        qc.assert_same(p, st, want_p, want, f"{rule} {fmt} step {t}", fmt)
+    assert np.all(p[qc.OUTSIDE] == qc.POISON)
 
 
 @pytest.mark.parametrize(
     ("rule", "fmt"),
     qc.rule_format_params(
-        {("adam", "float8_e4m3")}, [r for r in RULES if any(s.quantize for s in RULES[r].slots)]
+        {("adam", "float8_e4m3"), ("adam", "int4")},
+        [r for r in RULES if any(s.quantize for s in RULES[r].slots)],
     ),
 )
 def test_table_kernel_equals_float32_step_then_oracle_quantization(rule, fmt):
     """``launch_table`` over a ``tensor_table`` of the buffer's two tensors (the second first,
     each quantized slot a ``(codes, absmax)`` pair of views): per tensor the definition, bit
-    for bit, the gap untouched."""
+    for bit, the elements outside the tensors untouched."""
     spec, hp = RULES[rule], RULE_FULL[rule]
     io = storage.IO(quant=fmt)
     rng = np.random.default_rng(4)
     p = rng.standard_normal(qc.LENGTH).astype(np.float32)
-    p[600:640] = qc.POISON
+    p[qc.OUTSIDE] = qc.POISON
     st = qc.initial(rule, hp, fmt, rng)
     g = np.zeros(qc.LENGTH, np.float32)
-    table = ncb.tensor_table(rule, io, qc.tensors(rule, p, g, st))
+    table = ncb.tensor_table(rule, io, qc.tensors(rule, fmt, p, g, st))
     for t in range(1, STEPS + 1):
         g[:] = rng.standard_normal(qc.LENGTH).astype(np.float32)
         want_p, want = qc.expected(rule, hp, fmt, p, g, st, t, backend="numba-cuda")
         flags, k = spec.variant_and_scalars(hp, t, spec.replay_host_state(hp, t))
         ncb.launch_table(rule, flags, io, table, k)
-        qc.assert_same(p, st, want_p, want, f"{rule} {fmt} step {t}")
-    assert np.all(p[600:640] == qc.POISON)
+        qc.assert_same(p, st, want_p, want, f"{rule} {fmt} step {t}", fmt)
+    assert np.all(p[qc.OUTSIDE] == qc.POISON)
 
 
-@pytest.mark.parametrize("fmt", [pytest.param("int8", marks=pytest.mark.exhaustive), "float8_e4m3"])
+@pytest.mark.parametrize(
+    "fmt", [pytest.param("int8", marks=pytest.mark.exhaustive), "float8_e4m3", "int4"]
+)
 def test_functional_door_equals_the_cpu_backend(fmt):
     """``fastopt.functional.adam(..., state_dtype=fmt, backend="numba-cuda")`` on one tensor
-    of 300 elements (a full block and a short one): the CPU backend's codes, scales and
-    params, bit for bit."""
+    of 301 elements (a full block and a short one; int4: two full and an odd short one): the
+    CPU backend's codes, scales and params, bit for bit."""
     rng = np.random.default_rng(8)
-    n = 300
+    n = 301
     p = rng.standard_normal(n).astype(np.float32)
     g = rng.standard_normal(n).astype(np.float32)
     m = Q.quantize(rng.standard_normal(n).astype(np.float32) * 0.1, fmt, "signed")

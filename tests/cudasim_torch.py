@@ -121,13 +121,15 @@ def test_state_dtype_and_stochastic_rounding_equal_the_cpu_path(capturable):
     [
         ("int8", torch.float32, dict(capturable=True)),
         ("float8_e4m3", torch.bfloat16, dict(master_weights=True, max_grad_norm=3.0)),
+        ("int4", torch.bfloat16, dict(master_weights=True)),
     ],
-    ids=["int8-fp32-capturable", "float8-bf16-master-clip"],
+    ids=["int8-fp32-capturable", "float8-bf16-master-clip", "int4-bf16-master"],
 )
 def test_quantized_state_on_the_table_path_equals_the_cpu_path(fmt, dtype, kw, monkeypatch):
     """Quantized state through the GPU path: one ``launch_table`` per step over the cached
     table (codes and scales in it), held to the numba CPU path (``launch_many_quant``): params,
-    codes and scales bit for bit (capturable: the scalars computed on the device), or with the
+    codes and scales bit for bit (capturable: the scalars computed on the device; int4's
+    packed codes over tensors of odd lengths, a thread per byte), or with the
     gradient norm taken on the device (a clip coefficient rounded apart from the CPU's) within
     float32 rounding of it, codes at most one apart in under 1 % of elements."""
     ps, qs = _params(dtype), _params(dtype)

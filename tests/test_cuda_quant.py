@@ -3,11 +3,12 @@ compiles) built by g++ as C++ (``tests/harness/grid.cpp``: every thread of a blo
 its own, ``__syncthreads`` a barrier, ``-ffp-contract=off``) and run over a grid smaller than
 the block table, against the definition of a quantized step (``tests/support/quant_cases.py``:
 the numba CPU backend's float32-state step on the dequantized state, then the oracle's
-quantization), bit for bit: params, codes and scales; two tensors in one buffer, each ending
-in a short block, and the gap between them untouched.
+quantization), bit for bit: params, codes and scales; two tensors of odd lengths in one buffer,
+each ending in a short block, and the elements outside them untouched.
 
 The default run keeps one small case per format (Adam with every probe on: three quantized
-slots, signed and unsigned maps); every rule in both formats is the ``exhaustive`` group.
+slots, signed and unsigned maps; int4's packed codes, a thread per byte, in both kernels);
+every rule in every format is the ``exhaustive`` group.
 Skipped only when g++ is missing.
 """
 
@@ -33,7 +34,7 @@ pytestmark = pytest.mark.skipif(GXX is None, reason="g++ is not installed")
 HARNESS = Path(__file__).with_name("harness") / "grid.cpp"
 GRID = 2  # CUDA blocks: fewer than the 5 blocks of codes, so the block loop takes trips
 STEPS = 3
-DEFAULT = {("adam", "int8"), ("adam", "float8_e4m3")}
+DEFAULT = {("adam", "int8"), ("adam", "float8_e4m3"), ("adam", "int4")}
 #: the g++ builds of this process (removed at exit)
 _BUILD = Path(tempfile.mkdtemp(prefix="fastopt_quant_"))
 atexit.register(shutil.rmtree, _BUILD, True)
@@ -79,22 +80,28 @@ def _kernel(
             src,
             f'extern "C" void run_{tag}(void *const *a, const double *k, void *const *d, '
             "const float *qtab, const long long *blocks, long long nb, unsigned grid) {",
-            f"    fastopt_grid_threads(grid, {quant_cuda.QBLOCK}, [&] "
+            f"    fastopt_grid_threads(grid, {quant_cuda.threads(io.quant)}, [&] "
             f"{{ {name}({', '.join(args)}); }});",
             "}",
             "}",
         ]
         + [f"#undef {m}" for m in cuda_source.defines(rule, fl)]
     )
+    fn = _build(tag, code)
+    fn.argtypes = [ctypes.c_void_p] * 5 + [ctypes.c_longlong, ctypes.c_uint]
+    return fn, arrays
+
+
+def _build(tag: str, code: str):
+    """``run_<tag>`` of ``code`` (a namespace and its extern "C" driver) built into the harness
+    by g++."""
     (_BUILD / f"{tag}.inc").write_text(code + "\n")
     so = _BUILD / f"{tag}.so"
     cmd = [GXX, "-std=c++20", "-O1", "-shared", "-fPIC", "-pthread", "-ffp-contract=off"]
     cmd += ["-Wall", "-Werror", f'-DFASTOPT_KERNELS="{tag}.inc"', f"-I{_BUILD}", str(HARNESS)]
     res = subprocess.run(cmd + ["-o", str(so)], capture_output=True, text=True, check=False)
     assert res.returncode == 0, f"g++ failed:\n{res.stderr[:4000]}"
-    fn = getattr(ctypes.CDLL(str(so)), f"run_{tag}")
-    fn.argtypes = [ctypes.c_void_p] * 5 + [ctypes.c_longlong, ctypes.c_uint]
-    return fn, arrays
+    return getattr(ctypes.CDLL(str(so)), f"run_{tag}")
 
 
 def _step(rule, hp, fmt, p, g, st, t, io=None, extras=(), dev=()):
@@ -120,7 +127,7 @@ def _step(rule, hp, fmt, p, g, st, t, io=None, extras=(), dev=()):
     ptrs = (ctypes.c_void_p * len(bufs))(*[b.ctypes.data for b in bufs])
     qmaps = tuple(s.quant_map for s, q in zip(spec.slots, quant_cuda.qslots(rule, flags)) if q)
     qtab = quant_cuda.tables(fmt, qmaps)
-    blocks = qc.block_table()
+    blocks = qc.block_table(fmt)
     ks = np.array([*([] if io.kbuf else k), *extras, 0.0], np.float64)
     dp = (ctypes.c_void_p * max(1, len(dev)))(*[a.ctypes.data for a in dev])
     fn(ptrs, ks.ctypes.data, dp, qtab.ctypes.data, blocks.ctypes.data, blocks.shape[0], GRID)
@@ -135,7 +142,7 @@ def _table_step(rule, hp, fmt, p, g, st, t, clip=None):
     spec = RULES[rule]
     flags, k = spec.variant_and_scalars(hp, t, spec.replay_host_state(hp, t))
     io = storage.IO(quant=fmt)
-    table = TensorTable(rule, io, qc.tensors(rule, p, g, st))
+    table = TensorTable(rule, io, qc.tensors(rule, fmt, p, g, st))
     table.check(rule, flags, io)
     key = tuple(sorted(flags.items()))
     fn, _ = _kernel(rule, key, io, True, clip is not None)
@@ -156,23 +163,25 @@ def test_cuda_c_kernel_equals_float32_step_then_oracle_quantization(rule, fmt):
 
 def _held_to_the_definition(rule, fmt, seed, step):
     """``STEPS`` steps of ``step(rule, hp, fmt, p, g, state, t)`` over the case's buffer, each
-    bit for bit the definition (``qc.expected``), the gap untouched; returns ``(rng, p,
-    state)`` for more."""
+    bit for bit the definition (``qc.expected``), the elements outside the tensors untouched;
+    returns ``(rng, p, state)`` for more."""
     hp = RULE_FULL[rule]
     rng = np.random.default_rng(seed)
     p = rng.standard_normal(qc.LENGTH).astype(np.float32)
-    p[600:640] = qc.POISON
+    p[qc.OUTSIDE] = qc.POISON
     st = qc.initial(rule, hp, fmt, rng)
     for t in range(1, STEPS + 1):
         g = rng.standard_normal(qc.LENGTH).astype(np.float32)
         want_p, want = qc.expected(rule, hp, fmt, p, g, st, t)
         step(rule, hp, fmt, p, g, st, t)
-        qc.assert_same(p, st, want_p, want, f"{rule} {fmt} step {t}")
-    assert np.all(p[600:640] == qc.POISON)
+        qc.assert_same(p, st, want_p, want, f"{rule} {fmt} step {t}", fmt)
+    assert np.all(p[qc.OUTSIDE] == qc.POISON)
     return rng, p, st
 
 
-@pytest.mark.parametrize(("rule", "fmt"), qc.rule_format_params({("adam", "int8")}))
+@pytest.mark.parametrize(
+    ("rule", "fmt"), qc.rule_format_params({("adam", "int8"), ("adam", "int4")})
+)
 def test_multi_tensor_kernel_equals_float32_step_then_oracle_quantization(rule, fmt):
     """The multi-tensor kernel (``quant_cuda.table_source``: one launch over a table of
     tensors, a CUDA block per block of codes, each tensor's scales from its own row) over the
@@ -185,7 +194,7 @@ def test_multi_tensor_kernel_equals_float32_step_then_oracle_quantization(rule, 
     g = rng.standard_normal(qc.LENGTH).astype(np.float32)
     want_p, want = qc.expected(rule, hp, fmt, p, g * coef, st, STEPS + 1)
     _table_step(rule, hp, fmt, p, g, st, STEPS + 1, clip=np.array([9.0, coef], np.float32))
-    qc.assert_same(p, st, want_p, want, f"{rule} {fmt} clipped")
+    qc.assert_same(p, st, want_p, want, f"{rule} {fmt} clipped", fmt)
 
 
 @pytest.mark.exhaustive  # a numba compile of the CPU loop of this format besides g++
@@ -220,7 +229,95 @@ def test_capturable_form_equals_the_host_form():
     kbuf, scale = np.array(k, np.float32), np.array([8.0], np.float32)
     _step(rule, hp, fmt, p, g, st, 2, host, (0.125,))
     _step(rule, hp, fmt, p2, g, st2, 2, cap, (), (kbuf, scale, np.array([0.0], np.float32)))
-    qc.assert_same(p2, st2, p, st, "capturable")
+    qc.assert_same(p2, st2, p, st, "capturable", fmt)
     before = p2.copy(), qc.copy(st2)
     _step(rule, hp, fmt, p2, g, st2, 3, cap, (), (kbuf, scale, np.array([1.0], np.float32)))
-    qc.assert_same(p2, st2, *before, "found inf")
+    qc.assert_same(p2, st2, *before, "found inf", fmt)
+
+
+@pytest.mark.parametrize("qm", ["signed", "unsigned"])
+def test_int4_encode_source_equals_the_lookup(qm):
+    """The int4 encode of the CUDA C kernels (``quant_cuda.encode4_source``: the CPU loops'
+    fifteen comparisons, from ``quant.int4_encode_constants``) built by g++ gives the lookup's
+    code (``quant.encode``, the definition the CPU's encodes are held to) of every threshold
+    and its 4 float32 neighbours each way, every value of the map and its neighbours, ±0,
+    ±inf, NaN, the lookup's limit (2) and its neighbours, subnormals, and 20000 random float32
+    of every sign and exponent."""
+    from fastopt.kernels import quant
+
+    t = quant.table("int4", qm)
+    tag = f"enc4_{qm}"
+    code = "\n".join(
+        [
+            f"namespace {tag} {{",
+            quant_cuda.encode4_source(qm),
+            f'extern "C" void run_{tag}(const float *y, unsigned int *out, long long n) {{',
+            f"    for (long long i = 0; i < n; ++i) out[i] = {quant_cuda.encode4_name(qm)}(y[i]);",
+            "}",
+            "}",
+        ]
+    )
+    fn = _build(tag, code)
+    fn.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_longlong]
+    f = np.float32
+    thr = t.thr[np.isfinite(t.thr)]
+    pts = np.concatenate([thr, t.dec, [f(2), f(1), f(0)]]).astype(np.float32)
+    near = [pts]
+    up, down = pts.copy(), pts.copy()
+    for _ in range(4):
+        up, down = np.nextafter(up, f(np.inf)), np.nextafter(down, f(-np.inf))
+        near += [up, down]
+    rng = np.random.default_rng(5)
+    bits = rng.integers(0, 2**32, 20000, dtype=np.uint64).astype(np.uint32).view(np.float32)
+    special = np.array([np.inf, -np.inf, np.nan, 1e-45, -1e-45, 1e-39, 3.0, 1e30], np.float32)
+    y = np.concatenate([*near, -np.concatenate(near), bits, special]).astype(np.float32)
+    got = np.zeros(y.size, np.uint32)
+    fn(y.ctypes.data, got.ctypes.data, y.size)
+    want = np.array([quant.encode(v, t.base, t.bthr, t.e_lo, t.e_hi, t.mb) for v in y], np.uint32)
+    bad = np.flatnonzero(got != want)
+    assert bad.size == 0, f"{bad.size} codes differ, first at {y[bad[:5]]}: {got[bad[:5]]}"
+
+
+@pytest.mark.exhaustive  # 2^32 codes per map by g++ and by the compiled lookup, ~1 min
+def test_int4_encode_source_equals_the_lookup_on_every_float32():
+    """The CUDA C int4 encode (``quant_cuda.encode4_source``, built by g++) gives the lookup's
+    code (``quant.CODECS``' encode, compiled by numba) of all 2^32 float32 bit patterns, both
+    maps."""
+    import numba
+    from fastopt.kernels import quant
+
+    import fastopt.backends.numba_quant  # noqa: F401  (registers the codec for numba)
+
+    bits_f32 = storage.bits_f32
+    for qm in ("signed", "unsigned"):
+        tag = f"enc4_all_{qm}"
+        code = "\n".join(
+            [
+                f"namespace {tag} {{",
+                quant_cuda.encode4_source(qm),
+                f'extern "C" void run_{tag}(unsigned int first, long long n, unsigned char *out) '
+                "{",
+                "    for (long long i = 0; i < n; ++i) out[i] = (unsigned char)"
+                f"{quant_cuda.encode4_name(qm)}(__uint_as_float(first + (unsigned int)i));",
+                "}",
+                "}",
+            ]
+        )
+        fn = _build(tag, code)
+        fn.argtypes = [ctypes.c_uint, ctypes.c_longlong, ctypes.c_void_p]
+        lookup = quant.CODECS[quant.table("int4", qm).name][1]
+
+        @numba.njit(error_model="numpy")
+        def mismatches(first, got, lookup=lookup):
+            bad = 0
+            for i in range(got.size):
+                bad += got[i] != lookup(bits_f32(first + i), None, None, 0, 0, 0)
+            return bad
+
+        step = 1 << 26
+        got = np.empty(step, np.uint8)
+        bad = 0
+        for first in range(0, 1 << 32, step):
+            fn(first, step, got.ctypes.data)
+            bad += mismatches(first, got)
+        assert bad == 0, (qm, bad)

@@ -3,11 +3,11 @@
 numba-cuda kernel (``backends/numba_cuda_quant.py``) by NVVM for sm_90, each free of float64
 instructions (the math is float32: a stray double literal would show as ``.f64``) and with its
 shared-memory tables present. By default Adam with every probe on (three quantized slots) in
-each format and a bfloat16-param plan (numba-cuda: that plan alone); every rule under
-``exhaustive``. Each in two forms: the one-buffer kernel and the multi-tensor one
-(``quant_cuda.table_source``, ``numba_cuda_quant.table_kernel_source``, reading the clip
-coefficient), the latter by default for the bfloat16-param plan. Skipped when NVRTC or
-numba-cuda's NVVM is missing.
+each format and a bfloat16-param plan (numba-cuda: that plan and int4's multi-tensor kernel);
+every rule under ``exhaustive``. Each in two forms: the one-buffer kernel and the multi-tensor
+one (``quant_cuda.table_source``, ``numba_cuda_quant.table_kernel_source``, reading the clip
+coefficient), the latter by default for the bfloat16-param plan and int4 (a thread per byte:
+both kernels of a packed format by NVRTC). Skipped when NVRTC or numba-cuda's NVVM is missing.
 """
 
 from __future__ import annotations
@@ -32,7 +32,7 @@ def _flags(rule):
 def _cases():
     out = []
     for rule in RULES:
-        for fmt in quant.FORMATS:
+        for fmt in quant.ALL_FORMATS:
             on = rule == "adam"
             out.append(
                 pytest.param(
@@ -52,7 +52,7 @@ def _with_forms(cases):
     out = []
     for c in cases:
         out.append(pytest.param(*c.values, False, id=c.id, marks=c.marks))
-        marks = c.marks if c.id == "adam-bf16-sr-int8" else (pytest.mark.exhaustive,)
+        marks = c.marks if c.id in ("adam-bf16-sr-int8", "adam-int4") else (pytest.mark.exhaustive,)
         out.append(pytest.param(*c.values, True, id=f"{c.id}-table", marks=marks))
     return out
 
@@ -93,11 +93,12 @@ def test_nvrtc_compiles_the_cuda_c_kernel(rule, io, table):
 
 
 def _numba_cases():
-    """``_cases`` with only the bfloat16-param plan by default (its int8 codec and storage
-    conversions in one compile; a numba-cuda compile is most of this module's time)."""
+    """``_cases`` with only the bfloat16-param plan and int4's multi-tensor kernel by default
+    (the int8 codec and storage conversions in one compile, the packed codec, a thread per
+    byte, in another; a numba-cuda compile is most of this module's time)."""
     out = []
     for c in _cases():
-        if c.id in ("adam-int8", "adam-float8_e4m3"):
+        if c.id in ("adam-int8", "adam-float8_e4m3", "adam-int4"):
             c = pytest.param(*c.values, id=c.id, marks=(pytest.mark.exhaustive,))
         if c.id == "adam-bf16-sr-int8":  # one default compile: the multi-tensor form
             c = pytest.param(*c.values, id=c.id, marks=(pytest.mark.exhaustive,))

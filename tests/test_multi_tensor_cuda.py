@@ -1039,13 +1039,20 @@ def test_launch_table_logic_against_a_fake_cupy(fake_cupy):
     assert len(args) == 8
 
 
-def _quant_tensors(rng, lengths, slots=(True, True, False)):
-    """Adam's tensors with int8 state: ``(codes, absmax)`` pairs where ``slots`` says."""
+def _quant_tensors(rng, lengths, slots=(True, True, False), fmt="int8"):
+    """Adam's tensors with ``fmt`` state: ``(codes, absmax)`` pairs where ``slots`` says."""
+    from fastopt.kernels import quant
+
     out = []
     for n in lengths:
         p, g = rng.standard_normal(n).astype(np.float32), rng.standard_normal(n).astype(np.float32)
         pairs = [
-            (np.zeros(n, np.uint8), np.zeros(-(-n // 256), np.float32)) if on else None
+            (
+                np.zeros(quant.code_bytes(n, fmt), np.uint8),
+                np.zeros(quant.nblocks(n, fmt), np.float32),
+            )
+            if on
+            else None
             for on in slots
         ]
         out.append((p, g, pairs, None))
@@ -1138,6 +1145,53 @@ def test_quantized_launch_table_logic_against_a_fake_cupy(fake_cupy):
         with pytest.raises(ValueError, match="launched as"):
             cb.launch_table("adam", flags, IO(quant="float8_e4m3"), table, k)
         assert len(fake.launches) == 3
+    finally:
+        cupy_quant._uploads.clear()
+        cupy_quant._uploads.update(uploads)
+
+
+def test_int4_table_takes_packed_codes_and_launches_a_thread_per_byte(fake_cupy):
+    """A table of int4 state: codes of ``ceil(n/2)`` bytes and a scale per 128 elements (one
+    code per byte refused, as are scales per 256), one chunk per block of 128; its launch is
+    ``cupy_quant``'s multi-tensor kernel with ``quant_cuda.threads("int4")`` = 64 threads per
+    block (a thread per byte), a grid of one wave of such blocks at most."""
+    from fastopt.kernels import quant_cuda
+
+    cb, fake = fake_cupy
+    from fastopt.backends import cupy_quant
+
+    rng = np.random.default_rng(5)
+    io = IO(quant="int4")
+    good = _quant_tensors(rng, [301, 0, 1, 1 << 12], fmt="int4")
+    table = _launch.TensorTable("adam", io, good)
+    assert table.chunk == 128 and table.nchunks == 3 + 0 + 1 + 32
+    t, lo, hi = multi_tensor.decode(table.chunks, table.rows[:, 0], table.chunk)
+    assert t.tolist()[:5] == [0, 0, 0, 2, 3] and lo.tolist()[:5] == [0, 128, 256, 0, 0]
+    assert hi.tolist()[:5] == [128, 256, 301, 1, 128]
+    p0, g0, (m0, v0, _), _ = good[0]
+    for slot in (
+        (np.zeros(301, np.uint8), m0[1]),  # a code per byte
+        (m0[0], np.zeros(2, np.float32)),  # scales per 256 elements
+    ):
+        with pytest.raises(ValueError, match="exp_avg"):
+            _launch.TensorTable("adam", io, [(p0, g0, [slot, v0, None], None), *good[1:]])
+    with pytest.raises(ValueError, match="chunk"):
+        _launch.TensorTable("adam", io, good, chunk=256)
+    cai = [
+        (CAI(p), CAI(g), [None if x is None else (CAI(x[0]), CAI(x[1])) for x in sl], None)
+        for p, g, sl, _ in good
+    ]
+    dev = cb.tensor_table("adam", io, cai)
+    flags = dict(maximize=False, decay=True, decoupled=True, amsgrad=False)
+    _, k = _plan("adam", _hp("adam", ADAMW), 3)
+    uploads = dict(cupy_quant._uploads)
+    try:
+        cb.launch_table("adam", flags, io, dev, k)
+        name, grid, block, args = fake.launches[-1]
+        assert name == quant_cuda.table_kernel_name("adam") and block == (64,)
+        assert quant_cuda.threads("int4") == 64
+        assert grid == (min(dev.nchunks, 132 * _launch.blocks_per_sm(40, 64)),)
+        np.testing.assert_array_equal(args[3], quant_cuda.tables("int4", ("signed", "unsigned")))
     finally:
         cupy_quant._uploads.clear()
         cupy_quant._uploads.update(uploads)

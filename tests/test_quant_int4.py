@@ -273,24 +273,27 @@ def test_full_precision_round_trips():
 
 
 def test_refusals_before_anything_changes():
-    """int4 is refused by a backend that does not declare ``QUANT_PACKED`` (both CUDA
-    backends; fastopt.torch's check too), and int4 buffers of the wrong size at load
-    and at a step, each before anything is written."""
+    """int4 is stepped by every backend (each declares ``QUANT_PACKED``) and refused by one
+    that does not declare it (the core's check and fastopt.torch's), and int4 buffers of the
+    wrong size at load and at a step, each before anything is written."""
     import fastopt
     from fastopt.backends import cupy_backend, numba_backend, numba_cuda_backend, numpy_backend
 
-    for be in (numba_backend, numpy_backend):
+    for be in (numba_backend, numpy_backend, cupy_backend, numba_cuda_backend):
         _quantized.check_backend(be, "int4")
-    for be in (cupy_backend, numba_cuda_backend):
-        _quantized.check_backend(be, "int8")
-        with pytest.raises(TypeError, match="4-bit"):
-            _quantized.check_backend(be, "int4")
+
+    class NoPacked:  # a backend stepping the byte formats only
+        NAME = "fake"
+        QUANT_STATE = True
+
+    _quantized.check_backend(NoPacked, "int8")
+    with pytest.raises(TypeError, match="4-bit"):
+        _quantized.check_backend(NoPacked, "int4")
     pytest.importorskip("torch")
     from fastopt.torch import _quantized as TQ
 
-    class NoPacked:  # a CPU backend stepping the byte formats only
-        NAME = "fake"
-        QUANT_STATE = True
+    for be in (cupy_backend, numba_cuda_backend):  # their tables step int4 too
+        TQ.check_device(be, "int4", "gpu")
 
     TQ.check_device(NoPacked, "int8", "fake")
     with pytest.raises(NotImplementedError, match="int4"):

@@ -11,9 +11,10 @@
   ``full_precision_state_dict`` loads into ``torch.optim.Adam``; bad codes/absmax refused at
   load and at the step before anything is written;
 - the GPU path (the fake table backend) refuses quantized state before anything is written
-  where a backend's tables do not take it (no ``QUANT_TABLE``), and hands a backend that
-  declares it the ``(codes, absmax)`` pairs (both GPU backends do: ``tests/cudasim_torch.py``
-  runs the path under the simulator, ``tests/gpu/test_gpu_torch_tables.py`` on a GPU).
+  where a backend's tables do not take it (no ``QUANT_TABLE``; int4 without ``QUANT_PACKED``),
+  and hands a backend that declares it the ``(codes, absmax)`` pairs (both GPU backends do,
+  int4 included: ``tests/cudasim_torch.py`` runs the path under the simulator,
+  ``tests/gpu/test_gpu_torch_tables.py`` on a GPU).
 - DTensor parameters on a one-rank mesh: codes like the parameter, a row of scales per shard,
   the plain tensors' steps bit for bit (two ranks: ``tests/test_torch_distributed.py``).
 
@@ -414,10 +415,12 @@ def test_the_gpu_path_refuses_before_anything_is_written(monkeypatch):
     _assert_same([p.detach() for p in ps], before)
 
 
-def test_a_gpu_backend_with_quantized_tables_is_asked_for_them(monkeypatch):
+@pytest.mark.parametrize("fmt", ["int8", "int4"])
+def test_a_gpu_backend_with_quantized_tables_is_asked_for_them(fmt, monkeypatch):
     """Where a GPU backend declares ``QUANT_TABLE`` (its tables take ``(codes, absmax)``
-    pairs), the step hands it one table of the group with the format in its ``IO``: enabling
-    the GPU path is the backend's declaration."""
+    pairs; for int4 also ``QUANT_PACKED``, without which int4 is refused first, nothing
+    written), the step hands it one table of the group with the format in its ``IO``:
+    enabling the GPU path is the backend's declaration."""
     seen = []
     fake_table.use_fake(monkeypatch)
     monkeypatch.setattr(fake_table, "QUANT_STATE", True, raising=False)
@@ -427,15 +430,24 @@ def test_a_gpu_backend_with_quantized_tables_is_asked_for_them(monkeypatch):
         seen.append((io, tensors))
         raise RuntimeError("stop")
 
+    def adam():
+        ps = _params()
+        for p, g in zip(ps, _grads(ps, 0)):
+            p.grad = g
+        return ps, fot.Adam(ps, lr=1e-2, state_dtype=fmt)
+
     monkeypatch.setattr(fake_table, "tensor_table", tensor_table)
-    ps = _params()
-    for p, g in zip(ps, _grads(ps, 0)):
-        p.grad = g
-    opt = fot.Adam(ps, lr=1e-2, state_dtype="int8")
+    if fmt in quant.PACKED:
+        ps, opt = adam()
+        with pytest.raises(NotImplementedError, match="does not step quantized state"):
+            opt.step()
+        assert not seen and not opt.state
+        monkeypatch.setattr(fake_table, "QUANT_PACKED", True, raising=False)
+    ps, opt = adam()
     with pytest.raises(RuntimeError, match="stop"):
         opt.step()
     ((io, tensors),) = seen
-    assert io.quant == "int8"
+    assert io.quant == fmt
     for p, (lp, _, slots, _) in zip(ps, tensors):
         st = opt.state[p]
         assert lp is p

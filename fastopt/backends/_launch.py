@@ -196,10 +196,12 @@ class TensorTable:
 
     Quantized state (``io.quant`` set, ``kernels/quant_cuda.py``'s multi-tensor kernel): a
     slot the rule lets be quantized (``Slot.quantize``) is a ``(codes, absmax)`` pair, codes
-    uint8 of the param's length, absmax float32 of one scale per block of ``quant.BLOCK``
+    uint8 of the param's length (``ceil(n / 2)`` bytes for a packed format,
+    ``quant.code_bytes``), absmax float32 of one scale per block of ``quant.BLOCKS[io.quant]``
     elements; its column holds the codes' address, the ``<slot>_absmax`` column
     (``quant_cuda.table_columns``) the scales'; the chunks are the tensors' blocks of codes
-    (chunk ``quant.BLOCK``: entry ``(tensor << 32) | block``, the block's scale at that index).
+    (chunk ``quant.BLOCKS[io.quant]``: entry ``(tensor << 32) | block``, the block's scale at
+    that index).
 
     ``blocks``: the blocks the device holds at once (``chunk_size``); ``device_rows`` and
     ``device_chunks`` are the device copies, made by the backend (``stale``/``stale_chunks``:
@@ -221,9 +223,10 @@ class TensorTable:
             from ..kernels import quant, quant_cuda
 
             self.columns = quant_cuda.table_columns(rule, io.master)
-            if chunk not in (None, quant.BLOCK):
-                raise ValueError(f"chunk={chunk}: a quantized table's chunk is {quant.BLOCK}")
-            chunk = quant.BLOCK  # one block of codes per chunk
+            block = quant.BLOCKS[io.quant]
+            if chunk not in (None, block):
+                raise ValueError(f"chunk={chunk}: a {io.quant} table's chunk is {block}")
+            chunk = block  # one block of codes per chunk
         self.blocks = blocks
         self.rows, self.device = self._rows(tensors)
         total = int(self.rows[:, 0].sum())
@@ -247,7 +250,7 @@ class TensorTable:
 
     def _rows(self, tensors: Sequence[Any]) -> tuple[np.ndarray, Any]:
         from ..kernels import RULES
-        from ..kernels.quant import nblocks
+        from ..kernels.quant import code_bytes, nblocks
 
         io, nslots = self.io, len(RULES[self.rule].state)
         quantized = self._quantized()
@@ -284,8 +287,9 @@ class TensorTable:
                             "expected a (codes, absmax) pair"
                         )
                     codes, absmax = (None, None) if a is None else a
-                    cells.append((name, codes, "uint8", n))
-                    scales.append((f"{name}_absmax", absmax, "float32", nblocks(n)))
+                    assert io.quant is not None
+                    cells.append((name, codes, "uint8", code_bytes(n, io.quant)))
+                    scales.append((f"{name}_absmax", absmax, "float32", nblocks(n, io.quant)))
                     continue
                 if isinstance(a, tuple):
                     raise TypeError(
@@ -318,9 +322,10 @@ class TensorTable:
                         f"tensor {i} {name}: {k}; the storage format {io} stores it as {want}"
                     )
                 if na != size:
+                    what = "blocks of codes" if name.endswith("_absmax") else "bytes of codes"
                     raise ValueError(
                         f"tensor {i} {name}: {na} elements; its param has {n}"
-                        + (f" ({size} blocks of codes)" if size != n else "")
+                        + (f" ({size} {what})" if size != n else "")
                     )
                 if d != device:
                     raise ValueError(f"tensor {i} {name}: on {d}; tensor 0's param on {device}")

@@ -1,6 +1,7 @@
 """The CuPy launch of a step over quantized state slots: the CUDA C kernel of
-``kernels/quant_cuda.py`` (one CUDA block of ``QBLOCK`` threads per block of codes; its
-docstring says how) as a ``cupy.RawKernel``, built once per (rule, variant, storage format).
+``kernels/quant_cuda.py`` (one CUDA block of ``quant_cuda.threads(fmt)`` threads per block of
+codes: one per element, or per byte of a packed format; its docstring says how) as a
+``cupy.RawKernel``, built once per (rule, variant, storage format).
 
 The packed tables and the block table are copied to the device once per table and device
 (cached); a step is one launch on the param's producer stream, no host synchronisation.
@@ -17,7 +18,7 @@ from typing import Any
 
 import numpy as np
 
-from ..kernels import RULES, quant_cuda
+from ..kernels import RULES, quant, quant_cuda
 from ..kernels.storage import IO
 from . import _launch
 from . import cupy_backend as cb
@@ -32,6 +33,8 @@ __all__ = [
 ]
 
 _kernels: dict[Any, Any] = {}
+#: (kernel key, device id) -> its grid of one wave (``_wave``)
+_grids: dict[Any, int] = {}
 #: (id of a host table, device id) -> (the host table, its device copy)
 _uploads: dict[Any, Any] = {}
 
@@ -87,13 +90,30 @@ def launch_table(
 ) -> None:
     """One launch over every tensor of ``table`` on the current device and stream, its device
     copy up to date (``cupy_backend.launch_table`` checks and calls it): one CUDA block of
-    ``QBLOCK`` threads per block of codes, a grid of one wave grid-striding over them."""
+    ``quant_cuda.threads(io.quant)`` threads per block of codes, a grid of one wave
+    grid-striding over them."""
+    assert io.quant is not None
     qtab = _on_device(quant_cuda.tables(io.quant, quant_cuda.maps(rule, flags)))
     args = table_arguments(rule, flags, io, table, qtab, k, extras, clip)
     kern = table_kernel(rule, flags, io, clip is not None)
     key = ("table", rule, tuple(sorted(flags.items())), io, clip is not None)
-    grid = max(1, min(table.nchunks, cb._waves(key, kern)))
-    kern((grid,), (quant_cuda.QBLOCK,), tuple(args))
+    nt = quant_cuda.threads(io.quant)
+    grid = max(1, min(table.nchunks, _wave(key, kern, nt)))
+    kern((grid,), (nt,), tuple(args))
+
+
+def _wave(key: Any, kern: Any, nt: int) -> int:
+    """CUDA blocks of ``nt`` threads of ``kern`` the current device holds at once (one wave:
+    ``cupy_backend._waves`` for blocks of ``_launch.THREADS``; made once per key and device)."""
+    if nt == _launch.THREADS:
+        return int(cb._waves(key, kern))
+    dev = cb.cupy.cuda.Device()
+    slot = (key, dev.id)
+    grid = _grids.get(slot)
+    if grid is None:
+        sms = dev.attributes["MultiProcessorCount"]
+        grid = _grids[slot] = sms * _launch.blocks_per_sm(kern.num_regs, nt)
+    return grid
 
 
 def quant_arguments(
@@ -165,7 +185,7 @@ def launch_quant(
         else:
             named[s.name] = None if a is None else cb._as_cupy(a, s.name)
     if blocks is None:
-        blocks = blocks_for(int(p.size))
+        blocks = blocks_for(int(p.size), quant.BLOCKS[io.quant])
     nb = int(blocks.shape[0])
     if nb == 0:
         return
@@ -180,9 +200,10 @@ def launch_quant(
         args = quant_arguments(rule, flags, io, named, (qtab, dblocks, nb), k, ex)
         kern = quant_kernel(rule, flags, io)
         key = (rule, tuple(sorted(flags.items())), io)
-        grid = max(1, min(nb, cb._waves(key, kern)))
+        nt = quant_cuda.threads(io.quant)
+        grid = max(1, min(nb, _wave(key, kern, nt)))
         if stream is not None:
             with stream:
-                kern((grid,), (quant_cuda.QBLOCK,), tuple(args))
+                kern((grid,), (nt,), tuple(args))
         else:
-            kern((grid,), (quant_cuda.QBLOCK,), tuple(args))
+            kern((grid,), (nt,), tuple(args))

@@ -74,6 +74,9 @@ QUANT_STATE = True
 #: ``tensor_table`` takes a quantized slot as a ``(codes, absmax)`` pair, ``launch_table``
 #: steps it (``numba_cuda_quant.launch_table``)
 QUANT_TABLE = True
+#: and the packed ones (``kernels.quant.PACKED``: two codes per byte, a thread per byte:
+#: ``numba_cuda_quant``), in a step and in a table
+QUANT_PACKED = True
 
 #: threads per block (shared with the CuPy backend)
 THREADS = _launch.THREADS

@@ -266,8 +266,7 @@ class Precision:
 #: state (torch's fused default for bf16 models), with float32 state, and with float32 state and
 #: an fp32 master copy (what mixed-precision training keeps), and with that master as the param
 #: plus an int16 remainder (``master_weights="remainder"``); float32 params with quantized
-#: state (``state_dtype="int8"``, ``"float8_e4m3"``, ``"int4"``: the CPU backends only); float16
-#: likewise
+#: state (``state_dtype="int8"``, ``"float8_e4m3"``, ``"int4"``); float16 likewise
 PRECISIONS = {
     p.name: p
     for p in (

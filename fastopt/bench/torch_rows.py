@@ -14,8 +14,9 @@ value per round:
   ``capturable=True`` fused step replayed from one (its peer);
 - ``clip_group``: a step with ``max_grad_norm`` against the unclipped step and against torch's
   ``clip_grad_norm_`` followed by its fused step;
-- ``lowbit_group``: quantized optimizer state (``state_dtype="int8"``, ``"float8_e4m3"``)
-  against float32 state, with the bytes of state per parameter read from the state itself;
+- ``lowbit_group``: quantized optimizer state (``state_dtype="int8"``, ``"float8_e4m3"``,
+  ``"int4"``) against float32 state, with the bytes of state per parameter read from the
+  state itself;
 - ``count_syncs``: host synchronisations in a steady step with ``torch.amp.GradScaler``, from
   torch's sync debug mode.
 
@@ -69,7 +70,7 @@ __all__ = [
 ]
 
 #: the quantized state dtypes whose rows are scheduled (each only where fastopt accepts it)
-LOWBIT_STATES = ("int8", "float8_e4m3")
+LOWBIT_STATES = ("int8", "float8_e4m3", "int4")
 #: the guards ``features`` reports, by name
 FEATURES = (
     "fastopt.torch",

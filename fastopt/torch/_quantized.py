@@ -209,7 +209,7 @@ def check_device(be: Any, fmt: str | None, label: str) -> None:
     ):
         raise NotImplementedError(
             f"{label}: state_dtype={fmt!r}: backend {name!r} does not step quantized state in "
-            "fastopt.torch yet (the numba CPU backend does); nothing was stepped"
+            "fastopt.torch (the numba CPU backend does); nothing was stepped"
         )
 
 

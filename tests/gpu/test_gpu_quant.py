@@ -1,16 +1,17 @@
-"""Quantized state (``state_dtype="int8"`` / ``"float8_e4m3"``) on a real GPU (``-m gpu``;
-skipped without one). The kernels' math is proven on the CPU (the g++ harness runs the CuPy
-kernel's CUDA C and the simulator the numba-cuda kernel, bit for bit against the float32 step
-then the oracle's quantization); what only a GPU confirms:
+"""Quantized state (``state_dtype="int8"`` / ``"float8_e4m3"`` / ``"int4"``) on a real GPU
+(``-m gpu``; skipped without one). The kernels' math is proven on the CPU (the g++ harness runs
+the CuPy kernel's CUDA C and the simulator the numba-cuda kernel, bit for bit against the
+float32 step then the oracle's quantization); what only a GPU confirms:
 
 - both GPU backends' quantized steps on device arrays of real size (many blocks, a short
   last one) against the NumPy oracle from the same state, step by step: params within
   float32 rounding, scales within float32 rounding, and a code different only where a value
-  sits on a threshold (one code apart, under 1 % of them; the tolerances the CPU backend is
+  sits on a threshold (one code apart, under 1 % of them; int4's packed codes compared per
+  element, a thread per byte of them on the GPU; the tolerances the CPU backend is
   held to against the oracle): the oracle's float32 math rounds differently, and the GPU
   compilers contract the rule's multiply-adds into fused ones, as for float32 state;
-- the optimizer classes over two tensors (the dict API) and a ``FlatBuffer`` (a block table of
-  both parameters) against the oracle the same way;
+- the optimizer classes over two tensors (the dict API; the byte formats) and a ``FlatBuffer``
+  (a block table of both parameters; int8 and int4) against the oracle the same way;
 - against bitsandbytes' 8-bit blockwise Adam (``bnb.optim.Adam8bit``, when ``bitsandbytes``
   imports): one step from the same codes and scales, the same maps and block size; its
   quantizer is not exact nearest (``tests/test_quant_reference.py``) and its update rounds
@@ -28,7 +29,10 @@ from fastopt import _quantized as Q
 from fastopt import functional as F
 
 pytestmark = needs_gpu
-FORMATS = quant.FORMATS
+FORMATS = quant.ALL_FORMATS
+#: the optimizer classes' formats: the byte formats (int4's step is the functional one's
+#: kernel, and its FlatBuffer layout ``test_flat_buffer_matches_the_oracle``'s)
+CLASS_FORMATS = quant.FORMATS
 #: the reference: the NumPy oracle (``quant_reference.oracle_step``: no compilation on the GPU
 #: machine), within the tolerances the CPU backend is held to against it
 #: (``tests/test_quant_numba.py``)
@@ -37,7 +41,10 @@ REF = "numpy"
 
 def _close_codes(a, b, fmt, qm, absmax, n, what):
     """Codes of one step from the same state: equal but where a value sits on a threshold
-    (one code apart, or one float8 value apart, under 1 % of them)."""
+    (one code apart, or one float8 value apart, under 1 % of them; ``n`` elements, a packed
+    format's codes unpacked first)."""
+    if fmt in quant.PACKED:
+        a, b = Q.unpack(a, n), Q.unpack(b, n)
     if quant.table(fmt, qm).signmag:
         va, vb = Q.dequantize(a, absmax, fmt, qm), Q.dequantize(b, absmax, fmt, qm)
         d = (va != vb).astype(int)
@@ -75,7 +82,7 @@ def _sync(gpu, cpu):
 
 
 @pytest.mark.parametrize("backend", gpu_backend_params())
-@pytest.mark.parametrize("fmt", FORMATS)
+@pytest.mark.parametrize("fmt", CLASS_FORMATS)
 def test_optimizer_classes_match_the_oracle(backend, fmt):
     rng = np.random.default_rng(2)
     shapes = {"w": (300, 513), "b": (300,)}
@@ -100,13 +107,15 @@ def test_optimizer_classes_match_the_oracle(backend, fmt):
                 np.testing.assert_allclose(to_host(gpu.state[k][a]), want_a, rtol=1e-5)
                 got_c = to_host(gpu.state[k][c]).reshape(-1)
                 want_c = np.asarray(cpu.state[k][c]).reshape(-1)
-                _close_codes(got_c, want_c, fmt, qm, want_a, got_c.size, (k, s, t))
+                _close_codes(got_c, want_c, fmt, qm, want_a, host[k].size, (k, s, t))
 
 
 @pytest.mark.parametrize("backend", gpu_backend_params())
-def test_flat_buffer_matches_the_oracle(backend):
+@pytest.mark.parametrize("fmt", ["int8", "int4"])
+def test_flat_buffer_matches_the_oracle(backend, fmt):
     """A ``FlatBuffer`` group of two parameters (each one's blocks from its own offset: the
-    block table) on the GPU against the same on the CPU, one step from a fresh state."""
+    block table; int4's codes from the offset's byte) on the GPU against the same on the CPU,
+    one step from a fresh state: params, scales and codes."""
     import cupy
 
     rng = np.random.default_rng(3)
@@ -118,8 +127,8 @@ def test_flat_buffer_matches_the_oracle(backend):
     }
     grads = {k: rng.standard_normal(s).astype(np.float32) for k, s in shapes.items()}
     opts = {
-        "cpu": fastopt.Adam(lr=1e-2, state_dtype="int8", backend=REF),
-        "gpu": fastopt.Adam(lr=1e-2, state_dtype="int8", backend=backend),
+        "cpu": fastopt.Adam(lr=1e-2, state_dtype=fmt, backend=REF),
+        "gpu": fastopt.Adam(lr=1e-2, state_dtype=fmt, backend=backend),
     }
     for where, xp in (("cpu", np), ("gpu", cupy)):
         for k, g in grads.items():
@@ -129,10 +138,14 @@ def test_flat_buffer_matches_the_oracle(backend):
         np.testing.assert_allclose(
             to_host(bufs["gpu"].params[k]), bufs["cpu"].params[k], rtol=2e-5, atol=2e-6
         )
-        for s in ("exp_avg.absmax", "exp_avg_sq.absmax"):
-            np.testing.assert_allclose(
-                to_host(opts["gpu"].state[k][s]), opts["cpu"].state[k][s], rtol=1e-5
-            )
+        for s, qm in (("exp_avg", "signed"), ("exp_avg_sq", "unsigned")):
+            c, a = Q.names_of(s)
+            want_a = np.asarray(opts["cpu"].state[k][a])
+            np.testing.assert_allclose(to_host(opts["gpu"].state[k][a]), want_a, rtol=1e-5)
+            got_c = to_host(opts["gpu"].state[k][c]).reshape(-1)
+            want_c = np.asarray(opts["cpu"].state[k][c]).reshape(-1)
+            n = int(np.prod(shapes[k]))
+            _close_codes(got_c, want_c, fmt, qm, want_a, n, (k, s))
 
 
 def test_against_bitsandbytes_adam8bit():

@@ -13,12 +13,13 @@ numba-cuda under the simulator); what only a GPU confirms is here, over a transf
   steps, an LR scheduler's writes into the device lr reach the replays;
 - ``max_grad_norm`` against ``scaler.unscale_`` + ``clip_grad_norm_`` + fused step, and the
   cost of the clipped step against the unclipped one (recorded, the target is in the GPU run);
-- quantized state (``state_dtype="int8"``/``"float8_e4m3"``, the codes and scales in the
-  table): one launch per step over a 196-tensor list (``QN`` elements), step by step from the
-  same state against the CPU path of the NumPy oracle (``backend="numpy"``: nothing to compile
-  on the GPU machine) within the tolerances ``tests/gpu/test_gpu_quant.py`` holds the GPU
-  kernels to; a capturable quantized step captured with ``torch.cuda.graph``, its replays
-  equal to eager steps (the same tolerances), the eager steps free of host synchronisation.
+- quantized state (``state_dtype="int8"``/``"float8_e4m3"``/``"int4"``, the codes and scales
+  in the table; int4's packed, a thread per byte): one launch per step over a 196-tensor list
+  (``QN`` elements), step by step from the same state against the CPU path of the NumPy oracle
+  (``backend="numpy"``: nothing to compile on the GPU machine) within the tolerances
+  ``tests/gpu/test_gpu_quant.py`` holds the GPU kernels to; a capturable quantized step (int8)
+  captured with ``torch.cuda.graph``, its replays equal to eager steps (the same tolerances),
+  the eager steps free of host synchronisation.
 """
 
 import numpy as np
@@ -274,8 +275,8 @@ def _count_launches(monkeypatch, backend):
 
 def _close_quantized(ours, ref, pa, pb, fmt):
     """Params and scales within float32 rounding, codes one apart (one float8 value apart) in
-    under 1 % of elements: ``test_gpu_quant.py``'s tolerances against the oracle (``ref`` on
-    any device)."""
+    under 1 % of elements (int4's unpacked first): ``test_gpu_quant.py``'s tolerances against
+    the oracle (``ref`` on any device)."""
     from fastopt.kernels import RULES, quant
 
     from fastopt import _quantized as Q
@@ -291,16 +292,20 @@ def _close_quantized(ours, ref, pa, pb, fmt):
                 torch.testing.assert_close(x, v, rtol=1e-5, atol=0)
             elif part == Q.CODES:
                 amax, qm = ref.state[b][Q.names_of(base)[1]].cpu().numpy(), maps[base]
-                xa = Q.dequantize(x.numpy(), amax, fmt, qm)
-                off += int(np.count_nonzero(xa != Q.dequantize(v.numpy(), amax, fmt, qm)))
-                if not quant.table(fmt, qm).signmag:  # int8: the codes are ordered
-                    d = np.abs(x.numpy().astype(int) - v.numpy().astype(int))
+                n = a.numel()
+                xa = Q.dequantize(x.numpy(), amax, fmt, qm, n)
+                off += int(np.count_nonzero(xa != Q.dequantize(v.numpy(), amax, fmt, qm, n)))
+                if not quant.table(fmt, qm).signmag:  # int8, int4: the codes are ordered
+                    xc, vc = x.numpy().reshape(-1), v.numpy().reshape(-1)
+                    if fmt in quant.PACKED:
+                        xc, vc = Q.unpack(xc, n), Q.unpack(vc, n)
+                    d = np.abs(xc.astype(int) - vc.astype(int))
                     assert d.max(initial=0) <= 1, (k, d.max())
     assert off <= 0.01 * sum(p.numel() for p in pa), off
 
 
 @pytest.mark.parametrize("backend", gpu_backend_params())
-@pytest.mark.parametrize("fmt", ["int8", "float8_e4m3"])
+@pytest.mark.parametrize("fmt", ["int8", "float8_e4m3", "int4"])
 def test_quantized_list_steps_match_the_oracle_path(backend, fmt, monkeypatch):
     """One launch per step over the 196-tensor list with quantized state, three steps, each
     from the state the GPU left (copied into the CPU twin: a code one apart would otherwise
@@ -336,10 +341,11 @@ def test_quantized_cuda_graph_replays_equal_eager_steps(backend):
     gradients equal eager steps of a twin (the same kernels: params, codes and scales held to
     ``_close_quantized``, the device step counts equal), and the eager steps after the first
     run under ``set_sync_debug_mode("error")``."""
+    fmt = "int8"
     _cuda()
     ps = _quant_list()
     qs = _twins(ps)
-    kw = dict(lr=1e-3, weight_decay=0.01, state_dtype="int8", capturable=True, backend=backend)
+    kw = dict(lr=1e-3, weight_decay=0.01, state_dtype=fmt, capturable=True, backend=backend)
     ours, eager = fot.AdamW(ps, **kw), fot.AdamW(qs, **kw)
     graph = _captured(ours, eager, ps, qs)
     for i in range(4):
@@ -352,7 +358,7 @@ def test_quantized_cuda_graph_replays_equal_eager_steps(backend):
         finally:
             torch.cuda.set_sync_debug_mode("default")
     torch.cuda.synchronize()
-    _close_quantized(ours, eager, ps, qs, "int8")
+    _close_quantized(ours, eager, ps, qs, fmt)
     for p, q in zip(ps, qs):
         assert set(ours.state[p]) == set(eager.state[q])
         assert torch.equal(ours.state[p]["step"], eager.state[q]["step"])  # on the device
