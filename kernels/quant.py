@@ -729,7 +729,7 @@ FAST_ENCODE = {
 def may_flag(table_name: str) -> bool:
     """Whether ``FAST_ENCODE[table_name]`` can flag a value (then a loop keeps the lookup to
     encode a flagged block again; a codec never flagged needs none)."""
-    return bool(FAST_ENCODE[table_name].may_flag)  # type: ignore[attr-defined]
+    return bool(FAST_ENCODE[table_name].may_flag)
 
 
 #: the dynamic and 4-bit maps' lookup in ``FAST_ENCODE``'s form (never flagged): the encode the
