@@ -252,6 +252,45 @@ def test_float32_math_loops_are_packed_and_hold_no_double(plan):
     assert_packed(f"the {plan} loop", body, asm)
 
 
+@pytest.mark.parametrize(
+    "fmt",
+    [
+        pytest.param(f, marks=() if f == "int4" else (pytest.mark.exhaustive,))
+        for f in ("int8", "float8_e4m3", "int4")
+    ],
+)
+def test_quantized_fused_loop_is_packed(fmt, monkeypatch):
+    """The quantized step's loop over a block (``numba_quant``: decode, Adam's math, the new
+    absmax) vectorises: its IR holds a packed square root. A packed format's codes are
+    unpacked into a row first for this: decoding ``byte[i >> 1]`` by the index's parity inside
+    the loop kept it scalar (int4 runs by default, the byte formats under -m exhaustive)."""
+    from fastopt.kernels import quant
+
+    from fastopt import functional as F
+    from fastopt import quant_reference as qr
+    from fastopt.backends import numba_quant as nq
+
+    spec = RULES["adam"]
+    qslots = tuple(w and s.quantize for s, w in zip(spec.slots, WRITES))
+    codecs = tuple(quant.table(fmt, s.quant_map).name for s in spec.slots)
+    fn = numba.njit(error_model="numpy")(
+        nq.python_quant_loop("adam", ADAM, WRITES, qslots, codecs, IO(quant=fmt), False)
+    )
+    monkeypatch.setattr(nq, "quant_kernel", lambda *a, **k: fn)  # compiled afresh: inspectable
+    n = 300
+    p = np.zeros(n, np.float32)
+    state = {s.name: None for s in spec.slots}
+    for s, w in zip(spec.slots, WRITES):
+        if w:
+            state[s.name] = qr.quantize(np.zeros(n, np.float32), fmt, s.quant_map)
+    F.run(
+        "adam", p, p.copy(), state, step=1, hp=dict(spec.defaults), backend="numba", state_dtype=fmt
+    )
+    assert fn.signatures, "the loop under inspection was not the one the step ran"
+    (ir,) = fn.inspect_llvm().values()
+    assert PACKED_SQRT["float"].search(ir), f"the {fmt} loop over a block did not vectorise"
+
+
 #: what the child process reports of each loop it compiles for ``AVX2_CPU``
 _AVX2_CHILD = """
 import json, sys
